@@ -1,0 +1,76 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Language mode 5: the proxy's per-loop state is confined to its EventLoop by design
+// (DESIGN.md §3), which Swift 6's static checking cannot see without locks we must not add.
+let v5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+
+let package = Package(
+    name: "Moonlet",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "moonlet", targets: ["moonlet"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLua", pkgConfig: "lua5.4", providers: [.apt(["liblua5.4-dev"])]),
+        .systemLibrary(name: "CPCRE2", pkgConfig: "libpcre2-8", providers: [.apt(["libpcre2-dev"])]),
+        .target(name: "MoonletHTTP", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+        ], swiftSettings: v5),
+        .target(name: "MoonletCore", dependencies: [
+            "MoonletHTTP",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ], swiftSettings: v5),
+        .target(name: "MoonletRegex", dependencies: ["CPCRE2", "MoonletCore"], swiftSettings: v5),
+        .target(name: "MoonletConfig", dependencies: [
+            "MoonletCore",
+            .product(name: "Yams", package: "Yams"),
+        ], swiftSettings: v5),
+        .target(name: "MoonletTelemetry", dependencies: [
+            "MoonletCore",
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+        ], swiftSettings: v5),
+        .target(name: "MoonletLua", dependencies: [
+            "CLua", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: v5),
+        .target(name: "MoonletProxy", dependencies: [
+            "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: v5),
+        .executableTarget(name: "moonlet", dependencies: [
+            "MoonletProxy", "MoonletConfig", "MoonletLua",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: v5),
+        .testTarget(name: "MoonletHTTPTests", dependencies: [
+            "MoonletHTTP",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ], swiftSettings: v5),
+        .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
+        .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig"], swiftSettings: v5),
+        .testTarget(name: "MoonletProxyTests", dependencies: [
+            "MoonletProxy", "MoonletLua", "MoonletConfig",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ], swiftSettings: v5),
+    ]
+)

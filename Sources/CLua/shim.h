@@ -1,0 +1,179 @@
+/* Lua 5.4 for Swift: the API's function-like macros as inline functions, plus the
+ * pieces that must stay in C because they longjmp (lua_error) or run inside Lua's
+ * allocator and hooks. Swift code never lets a Lua error unwind through Swift frames:
+ * Swift C functions return MOONLET_LUA_RAISE with the message on the stack and the
+ * C trampoline below raises it. */
+#ifndef MOONLET_CLUA_SHIM_H
+#define MOONLET_CLUA_SHIM_H
+#include <lua.h>
+#include <lualib.h>
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MOONLET_LUA_RAISE (-1)
+
+static inline int ml_pcall(lua_State *L, int nargs, int nresults, int msgh) { return lua_pcall(L, nargs, nresults, msgh); }
+static inline const char *ml_tostring(lua_State *L, int idx) { return lua_tolstring(L, idx, NULL); }
+static inline void ml_pop(lua_State *L, int n) { lua_settop(L, -(n)-1); }
+static inline void ml_newtable(lua_State *L) { lua_createtable(L, 0, 0); }
+static inline int ml_isnil(lua_State *L, int idx) { return lua_type(L, idx) == LUA_TNIL; }
+static inline int ml_isnoneornil(lua_State *L, int idx) { return lua_type(L, idx) <= 0; }
+static inline int ml_isfunction(lua_State *L, int idx) { return lua_type(L, idx) == LUA_TFUNCTION; }
+static inline int ml_istable(lua_State *L, int idx) { return lua_type(L, idx) == LUA_TTABLE; }
+static inline void ml_pushcfunction(lua_State *L, lua_CFunction f) { lua_pushcclosure(L, f, 0); }
+static inline int ml_upvalueindex(int i) { return LUA_REGISTRYINDEX - i; }
+static inline int ml_registryindex(void) { return LUA_REGISTRYINDEX; }
+static inline void *ml_newuserdata(lua_State *L, size_t sz) { return lua_newuserdatauv(L, sz, 1); }
+static inline lua_Integer ml_tointeger(lua_State *L, int idx) { return lua_tointegerx(L, idx, NULL); }
+static inline lua_Number ml_tonumber(lua_State *L, int idx) { return lua_tonumberx(L, idx, NULL); }
+static inline void ml_getregistry_ref(lua_State *L, int ref) { lua_rawgeti(L, LUA_REGISTRYINDEX, ref); }
+static inline int ml_ref(lua_State *L) { return luaL_ref(L, LUA_REGISTRYINDEX); }
+static inline void ml_unref(lua_State *L, int ref) { luaL_unref(L, LUA_REGISTRYINDEX, ref); }
+static inline void ml_pushglobaltable(lua_State *L) { lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); }
+
+/* Calls the Swift function stored as light userdata in upvalue 1. A negative return
+ * raises the value on top of the stack as a Lua error, from C. */
+static inline int ml_trampoline(lua_State *L) {
+    lua_CFunction f = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(1));
+    int r = f(L);
+    if (r < 0) return lua_error(L);
+    return r;
+}
+static inline void ml_pushswiftfunction(lua_State *L, lua_CFunction f) {
+    lua_pushlightuserdata(L, (void *)f);
+    lua_pushcclosure(L, ml_trampoline, 1);
+}
+
+/* ---- Limits: memory cap through the allocator, instruction and wall-clock budget through a hook ---- */
+
+typedef struct ml_limits {
+    size_t used;          /* bytes allocated by this VM */
+    size_t cap;           /* 0 = unlimited */
+    int over;             /* set when an allocation was refused */
+    struct timespec deadline; /* wall-clock budget of the running call; tv_sec 0 = none */
+    long long instr_left; /* instruction budget of the running call (in units of ML_HOOK_COUNT) */
+    int aborted;          /* 1 = instruction budget, 2 = wall clock */
+} ml_limits;
+
+#define ML_HOOK_COUNT 1000
+
+static inline void *ml_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    ml_limits *lim = (ml_limits *)ud;
+    if (ptr == NULL) osize = 0;
+    if (nsize == 0) {
+        free(ptr);
+        lim->used -= osize;
+        return NULL;
+    }
+    if (lim->cap && nsize > osize && lim->used - osize + nsize > lim->cap + lim->cap / 4 + (1u << 20)) {
+        lim->over = 1;
+        return NULL;
+    }
+    void *np = realloc(ptr, nsize);
+    if (np) lim->used = lim->used - osize + nsize;
+    return np;
+}
+
+static inline lua_State *ml_newstate(ml_limits *lim) {
+    lua_State *L = lua_newstate(ml_alloc, lim);
+    return L;
+}
+
+static inline void ml_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    ml_limits *lim = (ml_limits *)ud;
+    if (lim->cap && lim->used > lim->cap) {
+        lim->aborted = 3;
+        lua_gc(L, LUA_GCCOLLECT);
+        if (lim->used > lim->cap) { luaL_error(L, "memory cap of %d bytes exceeded", (int)lim->cap); return; }
+    }
+    if (--lim->instr_left < 0) {
+        lim->aborted = 1;
+        luaL_error(L, "instruction budget exceeded (runaway code aborted)");
+        return;
+    }
+    if (lim->deadline.tv_sec != 0) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > lim->deadline.tv_sec ||
+            (now.tv_sec == lim->deadline.tv_sec && now.tv_nsec > lim->deadline.tv_nsec)) {
+            lim->aborted = 2;
+            luaL_error(L, "wall-clock budget exceeded");
+        }
+    }
+}
+
+static inline void ml_sethook(lua_State *L) { lua_sethook(L, ml_hook, LUA_MASKCOUNT, ML_HOOK_COUNT); }
+
+/* Arms the budget for one call: instructions (rounded to ML_HOOK_COUNT) and milliseconds. */
+static inline void ml_arm(ml_limits *lim, long long instructions, long ms) {
+    lim->instr_left = instructions / ML_HOOK_COUNT;
+    lim->aborted = 0;
+    if (ms > 0) {
+        clock_gettime(CLOCK_MONOTONIC, &lim->deadline);
+        lim->deadline.tv_sec += ms / 1000;
+        lim->deadline.tv_nsec += (ms % 1000) * 1000000L;
+        if (lim->deadline.tv_nsec >= 1000000000L) { lim->deadline.tv_sec += 1; lim->deadline.tv_nsec -= 1000000000L; }
+    } else {
+        lim->deadline.tv_sec = 0;
+    }
+}
+
+/* Loads text only (mode "t"): precompiled bytecode is refused. */
+static inline int ml_loadtext(lua_State *L, const char *buf, size_t len, const char *chunkname) {
+    return luaL_loadbufferx(L, buf, len, chunkname, "t");
+}
+
+/* A traceback message handler for pcall. */
+static inline int ml_msgh(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    lua_pushstring(L, msg);
+    return 1;
+}
+
+#endif
+
+/* Extra space of a state (and every thread it creates): the owning VM's pointer. */
+static inline void *ml_getvm(lua_State *L) { return *(void **)lua_getextraspace(L); }
+static inline void ml_setvm(lua_State *L, void *vm) { *(void **)lua_getextraspace(L) = vm; }
+
+/* Calls f(L) and, on a negative result, raises the message on top with the Lua
+ * position of the caller prepended. Used by ml_trampoline2 for API functions. */
+static inline int ml_trampoline_where(lua_State *L) {
+    lua_CFunction f = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(1));
+    int r = f(L);
+    if (r < 0) {
+        luaL_where(L, 1);
+        lua_insert(L, -2);
+        lua_concat(L, 2);
+        return lua_error(L);
+    }
+    return r;
+}
+static inline void ml_pushapifunction(lua_State *L, lua_CFunction f) {
+    lua_pushlightuserdata(L, (void *)f);
+    lua_pushcclosure(L, ml_trampoline_where, 1);
+}
+static inline int ml_resume(lua_State *co, lua_State *from, int nargs, int *nres) { return lua_resume(co, from, nargs, nres); }
+static inline int ml_resetthread(lua_State *co) { return lua_resetthread(co); }
+static inline void ml_pushlight(lua_State *L, uintptr_t v) { lua_pushlightuserdata(L, (void *)v); }
+static inline uintptr_t ml_tolight(lua_State *L, int idx) { return (uintptr_t)lua_touserdata(L, idx); }
+static inline int ml_islight(lua_State *L, int idx) { return lua_type(L, idx) == LUA_TLIGHTUSERDATA; }
+/* Soft memory cap, checked from the count hook (C frame) so the error never unwinds Swift. */
+static inline int ml_over_soft(lua_State *L) {
+    void *ud = NULL; lua_getallocf(L, &ud);
+    ml_limits *lim = (ml_limits *)ud;
+    return lim->cap && lim->used > lim->cap;
+}
+static inline void ml_insert(lua_State *L, int idx) { lua_rotate(L, idx, 1); }
+static inline void ml_gc_collect(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }
+static inline void ml_gc_generational(lua_State *L) { lua_gc(L, LUA_GCGEN, 0, 0); }
+static inline void ml_pushbytes(lua_State *L, const void *p, size_t n) { lua_pushlstring(L, n ? (const char *)p : "", n); }

@@ -1,0 +1,203 @@
+import Yams
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// Reads a directory (or files) of YAML, multi-document, into a validated snapshot.
+/// Every error of every file is collected; any error rejects the whole load.
+public struct ConfigLoader {
+    public static let istioKinds: Set<String> = [
+        "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
+        "PeerAuthentication", "AuthorizationPolicy", "Telemetry",
+    ]
+    public static let unsupportedIstioKinds: Set<String> = [
+        "Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
+        "RequestAuthentication",
+    ]
+    static let istioGroups = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
+    static let istioVersions: Set<String> = ["v1alpha3", "v1beta1", "v1", "v1alpha1"]
+
+    public init() {}
+
+    /// The YAML files a path stands for: the file itself, or every *.yaml / *.yml below
+    /// a directory (sorted, so load order is stable).
+    public static func yamlFiles(at path: String) -> [String] {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return [] }
+        if !isDir.boolValue { return [path] }
+        guard let e = FileManager.default.enumerator(atPath: path) else { return [] }
+        var out: [String] = []
+        for case let rel as String in e where rel.hasSuffix(".yaml") || rel.hasSuffix(".yml") {
+            out.append((path as NSString).appendingPathComponent(rel))
+        }
+        return out.sorted()
+    }
+
+    /// Loads every YAML file under `paths`. `version` labels the snapshot.
+    public func load(paths: [String], version: Int = 1) -> Result<ConfigSnapshot, ConfigErrors> {
+        var errors: [ConfigError] = []
+        var plugins: [LuaPluginSpec] = []
+        var istio: [IstioResource] = []
+        var skipped: [String] = []
+        var files: [String] = []
+        for root in paths {
+            let list = Self.yamlFiles(at: root)
+            if list.isEmpty && !FileManager.default.fileExists(atPath: root) {
+                errors.append(ConfigError(file: root, line: 0, column: 0, message: "no such file or directory"))
+            }
+            for file in list {
+                files.append(file)
+                guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
+                    errors.append(ConfigError(file: file, line: 0, column: 0, message: "cannot read file as UTF-8"))
+                    continue
+                }
+                let r = loadText(text, file: file, baseDir: (file as NSString).deletingLastPathComponent)
+                errors += r.errors; plugins += r.plugins; istio += r.istio; skipped += r.skipped
+            }
+        }
+        if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
+        return .success(ConfigSnapshot(version: version, plugins: plugins, istio: istio, skipped: skipped, files: files))
+    }
+
+    public struct TextResult {
+        public var plugins: [LuaPluginSpec] = []
+        public var istio: [IstioResource] = []
+        public var skipped: [String] = []
+        public var errors: [ConfigError] = []
+    }
+
+    /// Decodes one file's text (all its documents).
+    public func loadText(_ text: String, file: String, baseDir: String) -> TextResult {
+        var out = TextResult()
+        let docs: [Node]
+        do {
+            docs = try Array(Yams.compose_all(yaml: text))
+        } catch let e as YamlError {
+            out.errors.append(Self.yamlError(e, file: file))
+            return out
+        } catch {
+            out.errors.append(ConfigError(file: file, line: 0, column: 0, message: "\(error)"))
+            return out
+        }
+        for d in docs {
+            let doc = PositionedNode(node: d, file: file)
+            if case .scalar = d, doc.value == .null { continue }
+            guard let top = doc.mapping else {
+                out.errors.append(ConfigError(file: file, line: doc.line, column: doc.column, message: "document is not a mapping"))
+                continue
+            }
+            let kind = doc.child("kind")?.scalarString ?? ""
+            let apiVersion = doc.child("apiVersion")?.scalarString ?? ""
+            let meta = doc.child("metadata")
+            let name = meta?.child("name")?.scalarString ?? ""
+            let namespace = meta?.child("namespace")?.scalarString ?? ""
+            let resource = "\(kind) \(namespace.isEmpty ? "" : namespace + "/")\(name)"
+            func err(_ n: PositionedNode?, _ field: String, _ msg: String) {
+                out.errors.append(ConfigError(file: file, line: n?.line ?? doc.line, column: n?.column ?? doc.column,
+                                              resource: resource, field: field, message: msg))
+            }
+            if kind.isEmpty { err(doc, "kind", "missing"); continue }
+            if apiVersion.isEmpty { err(doc, "apiVersion", "missing"); continue }
+            if name.isEmpty { err(meta ?? doc, "metadata.name", "missing"); continue }
+            for entry in top where !["apiVersion", "kind", "metadata", "spec", "status"].contains(entry.key) {
+                out.errors.append(ConfigError(file: file, line: entry.keyLine, column: entry.keyColumn, resource: resource, field: entry.key, message: "unknown field"))
+            }
+            let spec = doc.child("spec")
+            if kind == "LuaPlugin" {
+                guard apiVersion == "moonlet.io/v1alpha1" else { err(doc.child("apiVersion"), "apiVersion", "LuaPlugin needs moonlet.io/v1alpha1, got \(apiVersion)"); continue }
+                if let p = decodeLuaPlugin(spec, name: name, namespace: namespace, file: file, line: doc.line, baseDir: baseDir, resource: resource, errors: &out.errors) {
+                    out.plugins.append(p)
+                }
+                continue
+            }
+            let group = apiVersion.split(separator: "/").first.map(String.init) ?? ""
+            let ver = apiVersion.split(separator: "/").dropFirst().first.map(String.init) ?? ""
+            if Self.istioGroups.contains(group) {
+                guard Self.istioVersions.contains(ver) else { err(doc.child("apiVersion"), "apiVersion", "unsupported version \(ver)"); continue }
+                if Self.istioKinds.contains(kind) {
+                    guard let spec, spec.mapping != nil else { err(spec ?? doc, "spec", "missing or not a mapping"); continue }
+                    out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file, line: doc.line))
+                } else {
+                    out.skipped.append("\(file):\(doc.line): \(resource): kind not supported, skipped")
+                }
+                continue
+            }
+            out.skipped.append("\(file):\(doc.line): \(resource): \(apiVersion) not handled by moonlet, skipped")
+        }
+        return out
+    }
+
+    static func yamlError(_ e: YamlError, file: String) -> ConfigError {
+        switch e {
+        case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _):
+            let ctx = context.map { "\($0.text) " } ?? ""
+            return ConfigError(file: file, line: mark.line, column: mark.column, message: "YAML: \(ctx)\(problem)")
+        default:
+            return ConfigError(file: file, line: 0, column: 0, message: "YAML: \(e)")
+        }
+    }
+
+    static let luaPluginFields: Set<String> = ["selector", "url", "phase", "priority", "pluginConfig", "failStrategy", "limits", "match", "variants", "pluginName"]
+
+    func decodeLuaPlugin(_ spec: PositionedNode?, name: String, namespace: String, file: String, line: Int, baseDir: String, resource: String, errors: inout [ConfigError]) -> LuaPluginSpec? {
+        var ok = true
+        func err(_ n: PositionedNode?, _ field: String, _ msg: String, line l: Int? = nil, col c: Int? = nil) {
+            ok = false
+            errors.append(ConfigError(file: file, line: l ?? n?.line ?? line, column: c ?? n?.column ?? 1, resource: resource, field: field, message: msg))
+        }
+        guard let spec, let m = spec.mapping else { err(spec, "spec", "missing or not a mapping"); return nil }
+        for e in m where !Self.luaPluginFields.contains(e.key) { err(nil, "spec." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn) }
+        var path = ""
+        if let u = spec.child("url") {
+            let s = u.scalarString ?? ""
+            if s.hasPrefix("file://") {
+                path = String(s.dropFirst(7))
+                if !path.hasPrefix("/") { path = (baseDir as NSString).appendingPathComponent(path) }
+            } else if !s.isEmpty && !s.contains("://") {
+                path = s.hasPrefix("/") ? s : (baseDir as NSString).appendingPathComponent(s)
+            } else {
+                err(u, "spec.url", "expected file:///path/to/filter.lua, got \"\(s)\"")
+            }
+            if !path.isEmpty && !path.hasSuffix(".lua") { err(u, "spec.url", "not a .lua file: \(path)") }
+            else if !path.isEmpty && !FileManager.default.fileExists(atPath: path) { err(u, "spec.url", "file not found: \(path)") }
+        } else { err(spec, "spec.url", "missing") }
+        var phase = "UNSPECIFIED_PHASE"
+        if let p = spec.child("phase") {
+            let s = p.scalarString ?? ""
+            if ["AUTHN", "AUTHZ", "STATS", "UNSPECIFIED_PHASE"].contains(s) { phase = s } else { err(p, "spec.phase", "must be AUTHN, AUTHZ, STATS or UNSPECIFIED_PHASE, got \"\(s)\"") }
+        }
+        var priority = 0
+        if let p = spec.child("priority") {
+            if case .int(let i) = p.value { priority = i } else { err(p, "spec.priority", "must be an integer") }
+        }
+        var fail = FailStrategy.failClose
+        if let f = spec.child("failStrategy") {
+            if let s = f.scalarString, let v = FailStrategy(rawValue: s) { fail = v } else { err(f, "spec.failStrategy", "must be FAIL_CLOSE, FAIL_OPEN or FAIL_RELOAD") }
+        }
+        var labels: [String: String] = [:]
+        if let sel = spec.child("selector") {
+            for e in sel.mapping ?? [] where e.key != "matchLabels" { err(nil, "spec.selector." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn) }
+            if let ml = sel.child("matchLabels") {
+                guard let mm = ml.mapping else { err(ml, "spec.selector.matchLabels", "must be a mapping"); return nil }
+                for e in mm { labels[e.key] = e.value.value.stringValue ?? "" }
+            }
+        }
+        var maxInstr: Int?, maxMem: Int?, timeout: Int?
+        if let l = spec.child("limits") {
+            for e in l.mapping ?? [] {
+                guard case .int(let v) = e.value.value, v > 0 else { err(e.value, "spec.limits." + e.key, "must be a positive integer"); continue }
+                switch e.key {
+                case "maxInstructions": maxInstr = v
+                case "maxMemoryBytes": maxMem = v
+                case "timeoutMs": timeout = v
+                default: err(nil, "spec.limits." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn)
+                }
+            }
+        }
+        guard ok else { return nil }
+        return LuaPluginSpec(name: name, namespace: namespace, path: path, phase: phase, priority: priority,
+                             pluginConfig: spec.child("pluginConfig")?.value ?? .map([]), failStrategy: fail,
+                             matchLabels: labels, maxInstructions: maxInstr, maxMemoryBytes: maxMem, timeoutMs: timeout,
+                             file: file, line: line)
+    }
+}

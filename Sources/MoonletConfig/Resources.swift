@@ -1,0 +1,108 @@
+import Yams
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// The identity of the workload this sidecar serves; selects which policies apply.
+public struct WorkloadIdentity: Sendable, Equatable {
+    public var namespace: String
+    public var serviceAccount: String
+    public var labels: [String: String]
+    /// Istio's root namespace: policies there apply mesh-wide.
+    public var rootNamespace: String
+    public init(namespace: String = "default", serviceAccount: String = "default", labels: [String: String] = [:], rootNamespace: String = "istio-system") {
+        self.namespace = namespace; self.serviceAccount = serviceAccount; self.labels = labels; self.rootNamespace = rootNamespace
+    }
+
+    /// Parses "k=v,k2=v2".
+    public static func parseLabels(_ s: String) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for part in s.split(separator: ",") where !part.isEmpty {
+            let kv = part.split(separator: "=", maxSplits: 1)
+            guard kv.count == 2, !kv[0].isEmpty else { throw ConfigError(file: "--labels", line: 0, column: 0, message: "expected k=v, got \"\(part)\"") }
+            out[String(kv[0]).trimmingCharacters(in: .whitespaces)] = String(kv[1]).trimmingCharacters(in: .whitespaces)
+        }
+        return out
+    }
+}
+
+/// What a filter does when it fails (Lua error, budget exceeded): Istio's WasmPlugin
+/// failStrategy, plus FAIL_RELOAD.
+public enum FailStrategy: String, Sendable {
+    /// Answer 500 (the default, as authorization needs).
+    case failClose = "FAIL_CLOSE"
+    /// Skip the filter and go on.
+    case failOpen = "FAIL_OPEN"
+    /// Reload the VM state of the plugin and retry the phase once, then fail closed.
+    case failReload = "FAIL_RELOAD"
+}
+
+/// A `LuaPlugin` resource (moonlet.io/v1alpha1), shaped like Istio's WasmPlugin.
+public struct LuaPluginSpec: Sendable {
+    public var name: String
+    public var namespace: String
+    /// Absolute path of the Lua file.
+    public var path: String
+    public var phase: String
+    public var priority: Int
+    public var pluginConfig: ConfigValue
+    public var failStrategy: FailStrategy
+    /// selector.matchLabels; empty = every workload of the namespace.
+    public var matchLabels: [String: String]
+    /// Per-call limits (defaults in LuaLimits).
+    public var maxInstructions: Int?
+    public var maxMemoryBytes: Int?
+    public var timeoutMs: Int?
+    /// Where it was declared.
+    public var file: String
+    public var line: Int
+
+    public func applies(to w: WorkloadIdentity) -> Bool {
+        if !namespace.isEmpty && namespace != w.namespace && namespace != w.rootNamespace { return false }
+        for (k, v) in matchLabels where w.labels[k] != v { return false }
+        return true
+    }
+}
+
+/// An Istio resource kept as decoded YAML; typed decoding comes with each feature.
+public struct IstioResource: Sendable {
+    public var apiVersion: String
+    public var kind: String
+    public var name: String
+    public var namespace: String
+    public var spec: ConfigValue
+    public var file: String
+    public var line: Int
+}
+
+/// An immutable, validated configuration. Swapped whole; a stream keeps the snapshot
+/// it started with.
+public final class ConfigSnapshot: @unchecked Sendable {
+    public let version: Int
+    public let plugins: [LuaPluginSpec]
+    public let istio: [IstioResource]
+    /// Kinds that were read but are not supported ("file:line: Gateway bookinfo-gateway: not supported, skipped").
+    public let skipped: [String]
+    public let files: [String]
+
+    public init(version: Int, plugins: [LuaPluginSpec], istio: [IstioResource], skipped: [String], files: [String]) {
+        self.version = version; self.plugins = plugins; self.istio = istio; self.skipped = skipped; self.files = files
+    }
+
+    public static let empty = ConfigSnapshot(version: 0, plugins: [], istio: [], skipped: [], files: [])
+
+    /// JSON for /config_dump.
+    public var json: String {
+        var parts: [String] = []
+        parts.append("\"version\":\(version)")
+        parts.append("\"files\":[" + files.map(JSON.quote).joined(separator: ",") + "]")
+        parts.append("\"lua_plugins\":[" + plugins.map { p in
+            "{\"name\":\(JSON.quote(p.name)),\"namespace\":\(JSON.quote(p.namespace)),\"path\":\(JSON.quote(p.path)),\"phase\":\(JSON.quote(p.phase)),\"priority\":\(p.priority),\"failStrategy\":\(JSON.quote(p.failStrategy.rawValue)),\"pluginConfig\":\(p.pluginConfig.json)}"
+        }.joined(separator: ",") + "]")
+        parts.append("\"istio\":[" + istio.map { r in
+            "{\"apiVersion\":\(JSON.quote(r.apiVersion)),\"kind\":\(JSON.quote(r.kind)),\"name\":\(JSON.quote(r.name)),\"namespace\":\(JSON.quote(r.namespace)),\"spec\":\(r.spec.json)}"
+        }.joined(separator: ",") + "]")
+        parts.append("\"skipped\":[" + skipped.map(JSON.quote).joined(separator: ",") + "]")
+        return "{" + parts.joined(separator: ",") + "}"
+    }
+}

@@ -1,0 +1,31 @@
+/// Every limit and timeout the proxy enforces on untrusted traffic, with safe defaults
+/// (documented in docs/configuration.md). Durations are milliseconds.
+public struct ProxyLimits: Sendable {
+    /// Largest request or response head (431 / 502 beyond).
+    public var maxHeadBytes = 60 * 1024
+    /// Most header lines in a head (431 beyond).
+    public var maxHeaderCount = 100
+    /// Largest body a filter may ask to buffer (413 beyond).
+    public var maxBufferedBodyBytes = 1 << 20
+    /// Time to receive a complete request head once its first byte arrived (408).
+    public var requestHeaderTimeoutMs = 10_000
+    /// Downstream connection idle between requests (closed silently).
+    public var downstreamIdleTimeoutMs = 3_600_000
+    /// Upstream connect timeout (Envoy's default: 10s) — 503 UF.
+    public var connectTimeoutMs = 10_000
+    /// Per-stream timeout from request start to the end of the response head (504 UT).
+    /// Istio's route default is none; Envoy's is 15s. 0 disables.
+    public var streamTimeoutMs = 0
+    /// Idle upstream pooled connection lifetime (Envoy's default: 1h).
+    public var upstreamIdleTimeoutMs = 3_600_000
+    /// Most idle upstream connections kept per host per event loop.
+    public var maxIdleUpstreamPerHost = 64
+    /// Largest amount of unsent data queued toward one peer before reading from the
+    /// other side pauses (backpressure).
+    public var highWaterMarkBytes = 256 * 1024
+    /// Time a draining proxy waits for in-flight streams (SIGTERM).
+    public var drainTimeoutMs = 5_000
+    /// Most concurrent downstream connections per event loop (beyond: accept then close).
+    public var maxConnectionsPerLoop = 16_384
+    public init() {}
+}

@@ -1,0 +1,151 @@
+import NIOCore
+@_exported import MoonletHTTP
+
+/// Envoy's response flags (the `%RESPONSE_FLAGS%` of its access log), recorded on a
+/// stream by whatever decided its outcome.
+public struct ResponseFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// UH: no healthy upstream host.
+    public static let noHealthyUpstream = ResponseFlags(rawValue: 1 << 0)
+    /// UF: upstream connection failure.
+    public static let upstreamConnectionFailure = ResponseFlags(rawValue: 1 << 1)
+    /// UO: upstream overflow (circuit breaking).
+    public static let upstreamOverflow = ResponseFlags(rawValue: 1 << 2)
+    /// NR: no route configured.
+    public static let noRouteFound = ResponseFlags(rawValue: 1 << 3)
+    /// UT: upstream request timeout.
+    public static let upstreamRequestTimeout = ResponseFlags(rawValue: 1 << 4)
+    /// URX: retry limit or max connect attempts reached.
+    public static let upstreamRetryLimitExceeded = ResponseFlags(rawValue: 1 << 5)
+    /// UC: upstream connection termination.
+    public static let upstreamConnectionTermination = ResponseFlags(rawValue: 1 << 6)
+    /// DC: downstream connection termination.
+    public static let downstreamConnectionTermination = ResponseFlags(rawValue: 1 << 7)
+    /// LR: connection local reset.
+    public static let localReset = ResponseFlags(rawValue: 1 << 8)
+    /// DI: request delayed by fault injection.
+    public static let delayInjected = ResponseFlags(rawValue: 1 << 9)
+    /// FI: request aborted by fault injection.
+    public static let faultInjected = ResponseFlags(rawValue: 1 << 10)
+    /// UAEX: unauthorized by an external (here: Lua) authorization filter.
+    public static let unauthorizedExternalService = ResponseFlags(rawValue: 1 << 11)
+    /// DPE: downstream protocol error.
+    public static let downstreamProtocolError = ResponseFlags(rawValue: 1 << 12)
+    /// UPE: upstream protocol error.
+    public static let upstreamProtocolError = ResponseFlags(rawValue: 1 << 13)
+    /// SI: stream idle timeout.
+    public static let streamIdleTimeout = ResponseFlags(rawValue: 1 << 14)
+
+    static let names: [(ResponseFlags, String)] = [
+        (.noHealthyUpstream, "UH"), (.upstreamConnectionFailure, "UF"), (.upstreamOverflow, "UO"),
+        (.noRouteFound, "NR"), (.upstreamRequestTimeout, "UT"), (.upstreamRetryLimitExceeded, "URX"),
+        (.upstreamConnectionTermination, "UC"), (.downstreamConnectionTermination, "DC"),
+        (.localReset, "LR"), (.delayInjected, "DI"), (.faultInjected, "FI"),
+        (.unauthorizedExternalService, "UAEX"), (.downstreamProtocolError, "DPE"),
+        (.upstreamProtocolError, "UPE"), (.streamIdleTimeout, "SI"),
+    ]
+
+    /// Envoy's text form: comma-separated short names, "-" when none.
+    public var envoyString: String {
+        if isEmpty { return "-" }
+        return Self.names.filter { contains($0.0) }.map(\.1).joined(separator: ",")
+    }
+}
+
+/// A reply produced by the proxy or a filter instead of the upstream's.
+public struct LocalReply: Sendable {
+    public var status: Int
+    public var body: String
+    public var headers: [(name: String, value: String)]
+    public init(status: Int, body: String, headers: [(name: String, value: String)] = []) {
+        self.status = status; self.body = body; self.headers = headers
+    }
+}
+
+/// The downstream peer of a stream.
+public struct PeerInfo: Sendable {
+    /// Remote address as "ip:port".
+    public var address: String
+    /// Istio principal of an mTLS peer ("cluster.local/ns/NS/sa/SA"), empty without mTLS.
+    public var principal: String = ""
+    public var namespace: String = ""
+    public init(address: String) { self.address = address }
+}
+
+/// Where the stream is going, as the listener and router know it.
+public struct DestinationInfo: Sendable {
+    public var address: String = ""
+    public var port: Int = 0
+    public var service: String = ""
+    public init() {}
+}
+
+/// The route decision: written by the router (native or Lua), read by the upstream side.
+public struct RouteDecision: Sendable {
+    /// Cluster name in Istio's form: "outbound|PORT|SUBSET|HOST" or "inbound|PORT||".
+    public var cluster: String = ""
+    public var host: String = ""
+    public var subset: String = ""
+    public var port: Int = 0
+    /// Per-stream timeout in milliseconds (0 = the listener default).
+    public var timeoutMs: Int = 0
+    public init() {}
+}
+
+/// One HTTP request/response exchange, from its request head to its log. A stream lives
+/// on one event loop; filters get it during their phase call and must not keep it.
+public final class ProxyStream {
+    public let id: UInt64
+    public var request: HTTPHead
+    public var response: HTTPHead?
+    /// Set by a filter (or the proxy) that answers locally.
+    public var localReply: LocalReply?
+    public var source: PeerInfo
+    public var destination = DestinationInfo()
+    public var route = RouteDecision()
+    public var responseFlags: ResponseFlags = []
+    /// Set when the proxy itself produced the response (local reply).
+    public var responseCode: Int = 0
+    /// Request start, monotonic nanoseconds.
+    public let startNanos: UInt64
+    public var requestBodyBytes: Int64 = 0
+    public var responseBodyBytes: Int64 = 0
+    /// "ip:port" of the upstream host that served the stream.
+    public var upstreamHost: String = ""
+    /// Per-stream variables of native filters (Lua keeps its own `s.vars` table).
+    public var vars: [String: String] = [:]
+    /// One slot per filter of the chain, for filter-private per-stream state.
+    public var filterState: [AnyObject?]
+    /// The buffered request body, when a filter asked for it (stop-and-buffer).
+    public var bufferedRequestBody: ByteBuffer?
+    /// False once on_log has run: wrappers handed to filters check it.
+    public private(set) var isActive = true
+    /// Whether the downstream is HTTP/2 (affects only logging and metrics).
+    public var protocolName: String = "HTTP/1.1"
+    /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
+    public var luaContext: AnyObject?
+
+    public init(id: UInt64, request: HTTPHead, source: PeerInfo, filterCount: Int, startNanos: UInt64) {
+        self.id = id
+        self.request = request
+        self.source = source
+        self.startNanos = startNanos
+        self.filterState = filterCount == 0 ? [] : [AnyObject?](repeating: nil, count: filterCount)
+    }
+
+    /// Marks the stream finished; filter state is dropped so wrappers see it gone.
+    public func end() {
+        isActive = false
+        for i in filterState.indices { filterState[i] = nil }
+    }
+
+    /// Answers locally: records the reply the proxy sends instead of going upstream.
+    public func respond(_ status: Int, body: String = "", headers: [(name: String, value: String)] = [], flags: ResponseFlags = []) {
+        localReply = LocalReply(status: status, body: body, headers: headers)
+        responseFlags.formUnion(flags)
+    }
+
+    /// The status the client saw or will see.
+    public var status: Int { localReply?.status ?? response?.status ?? responseCode }
+}

@@ -1,0 +1,153 @@
+import NIOCore
+
+/// Incremental body decoder for one message: Content-Length, chunked (strict: hex
+/// sizes of at most 16 digits, CRLF only, bounded extensions and trailers) or until close.
+/// It consumes bytes from the front of a buffer and hands out the payload as slices
+/// (no copy); bytes after the end of the body stay in the buffer (pipelining).
+public struct BodyDecoder: Sendable {
+    enum State: Sendable {
+        case length(remaining: Int64)
+        case chunkSize(value: UInt64, digits: Int, inExtension: Bool, extBytes: Int)
+        case chunkSizeLF(value: UInt64)
+        case chunkData(remaining: UInt64)
+        case chunkDataCR
+        case chunkDataLF
+        case trailerLineStart
+        case trailerLine(bytes: Int)
+        case trailerLF(emptyLine: Bool)
+        case untilClose
+        case done
+    }
+
+    var state: State
+    /// Bytes of chunk extensions and trailers accepted per message.
+    public var maxMetadataBytes = 8 * 1024
+    var trailerBytes = 0
+
+    public init(framing: BodyFraming) {
+        switch framing {
+        case .none: state = .done
+        case .contentLength(let n): state = n == 0 ? .done : .length(remaining: n)
+        case .chunked: state = .chunkSize(value: 0, digits: 0, inExtension: false, extBytes: 0)
+        case .untilClose: state = .untilClose
+        }
+    }
+
+    public var isDone: Bool { if case .done = state { return true }; return false }
+    public var isUntilClose: Bool { if case .untilClose = state { return true }; return false }
+
+    /// Consumes what it can of `buffer`, calling `emit` with each payload slice. Returns
+    /// true once the body is complete. Throws HTTPParseError(400) on malformed chunking.
+    public mutating func decode(_ buffer: inout ByteBuffer, emit: (ByteBuffer) -> Void) throws -> Bool {
+        while buffer.readableBytes > 0 {
+            switch state {
+            case .done:
+                return true
+            case .untilClose:
+                emit(buffer.readSlice(length: buffer.readableBytes)!)
+                return false
+            case .length(let remaining):
+                let n = Int(min(Int64(buffer.readableBytes), remaining))
+                emit(buffer.readSlice(length: n)!)
+                let left = remaining - Int64(n)
+                state = left == 0 ? .done : .length(remaining: left)
+            case .chunkData(let remaining):
+                let n = Int(min(UInt64(buffer.readableBytes), remaining))
+                emit(buffer.readSlice(length: n)!)
+                let left = remaining - UInt64(n)
+                state = left == 0 ? .chunkDataCR : .chunkData(remaining: left)
+            case .chunkSize(var value, var digits, var inExt, var extBytes):
+                let c = buffer.readInteger(as: UInt8.self)!
+                if c == 13 {
+                    guard digits > 0 else { throw HTTPParseError(400, "chunk size missing") }
+                    state = .chunkSizeLF(value: value)
+                    continue
+                }
+                if inExt {
+                    extBytes += 1
+                    if extBytes > maxMetadataBytes { throw HTTPParseError(400, "chunk extension too long") }
+                    if c == 10 || c == 0 || (c < 32 && c != 9) || c == 127 { throw HTTPParseError(400, "bad chunk extension") }
+                    state = .chunkSize(value: value, digits: digits, inExtension: true, extBytes: extBytes)
+                    continue
+                }
+                if let d = hexValue(c) {
+                    if digits > 0 && extBytes > 0 { throw HTTPParseError(400, "bad chunk size") } // whitespace inside size
+                    digits += 1
+                    if digits > 16 { throw HTTPParseError(400, "chunk size too large") }
+                    value = value << 4 | UInt64(d)
+                    if value > UInt64(Int64.max) { throw HTTPParseError(400, "chunk size too large") }
+                } else if c == 59 /* ; */ && digits > 0 {
+                    inExt = true
+                } else if (c == 32 || c == 9) && digits > 0 {
+                    extBytes += 1 // BWS before ';' only
+                } else {
+                    throw HTTPParseError(400, "bad chunk size")
+                }
+                state = .chunkSize(value: value, digits: digits, inExtension: inExt, extBytes: extBytes)
+            case .chunkSizeLF(let value):
+                guard buffer.readInteger(as: UInt8.self)! == 10 else { throw HTTPParseError(400, "bad chunk size line ending") }
+                state = value == 0 ? .trailerLineStart : .chunkData(remaining: value)
+            case .chunkDataCR:
+                guard buffer.readInteger(as: UInt8.self)! == 13 else { throw HTTPParseError(400, "chunk data longer than its size") }
+                state = .chunkDataLF
+            case .chunkDataLF:
+                guard buffer.readInteger(as: UInt8.self)! == 10 else { throw HTTPParseError(400, "bad chunk data line ending") }
+                state = .chunkSize(value: 0, digits: 0, inExtension: false, extBytes: 0)
+            case .trailerLineStart:
+                let c = buffer.readInteger(as: UInt8.self)!
+                if c == 13 { state = .trailerLF(emptyLine: true) }
+                else if c == 10 { throw HTTPParseError(400, "bare LF in trailers") }
+                else { try countTrailer(); state = .trailerLine(bytes: 1) }
+            case .trailerLine(let bytes):
+                let c = buffer.readInteger(as: UInt8.self)!
+                if c == 13 { state = .trailerLF(emptyLine: false) }
+                else if c == 10 || c == 0 { throw HTTPParseError(400, "bad trailer line") }
+                else { try countTrailer(); state = .trailerLine(bytes: bytes + 1) }
+            case .trailerLF(let empty):
+                guard buffer.readInteger(as: UInt8.self)! == 10 else { throw HTTPParseError(400, "bad trailer line ending") }
+                state = empty ? .done : .trailerLineStart
+                if empty { return true }
+            }
+        }
+        if case .done = state { return true }
+        return false
+    }
+
+    private mutating func countTrailer() throws {
+        trailerBytes += 1
+        if trailerBytes > maxMetadataBytes { throw HTTPParseError(400, "trailers too long") }
+    }
+
+    @inline(__always)
+    func hexValue(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 48...57: return c - 48
+        case 65...70: return c - 55
+        case 97...102: return c - 87
+        default: return nil
+        }
+    }
+}
+
+/// Writes chunked framing around payload slices (RFC 9112 §7.1).
+public enum ChunkedEncoder {
+    public static func writeChunkHeader(_ size: Int, into out: inout ByteBuffer) {
+        var v = size
+        var digits: [UInt8] = []
+        repeat {
+            let d = UInt8(v & 0xF)
+            digits.append(d < 10 ? d + 48 : d + 87)
+            v >>= 4
+        } while v > 0
+        out.reserveCapacity(minimumWritableBytes: digits.count + 2)
+        for d in digits.reversed() { out.writeInteger(d) }
+        out.writeInteger(UInt16(0x0D0A))
+    }
+    public static func writeChunk(_ data: ByteBuffer, into out: inout ByteBuffer) {
+        writeChunkHeader(data.readableBytes, into: &out)
+        var d = data
+        out.writeBuffer(&d)
+        out.writeInteger(UInt16(0x0D0A))
+    }
+    public static let lastChunk: StaticString = "0\r\n\r\n"
+}

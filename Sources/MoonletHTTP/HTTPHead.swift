@@ -1,0 +1,206 @@
+import NIOCore
+
+/// One header line of a parsed head, as offsets into ``HTTPHead/bytes``.
+public struct HTTPField: Sendable {
+    public var nameStart: Int32
+    public var nameLength: Int32
+    public var valueStart: Int32
+    public var valueLength: Int32
+    /// Start and end (exclusive, after CRLF) of the whole line, for verbatim copying.
+    public var lineStart: Int32
+    public var lineEnd: Int32
+}
+
+/// Known header names the parser classifies while it scans, so framing and proxy
+/// semantics never compare strings twice.
+public enum KnownHeader: UInt8, Sendable {
+    case other, contentLength, transferEncoding, connection, host, keepAlive, te, upgrade,
+         proxyConnection, proxyAuthenticate, proxyAuthorization, expect, xForwardedFor, xRequestID,
+         trailer, server
+}
+
+/// Why a head was refused. `status` is the HTTP status a server answers with.
+public struct HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var status: Int
+    public var reason: String
+    public init(_ status: Int, _ reason: String) { self.status = status; self.reason = reason }
+    public var description: String { "\(status): \(reason)" }
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+public enum BodyFraming: Equatable, Sendable {
+    case none
+    case contentLength(Int64)
+    case chunked
+    /// Response only: body runs until the upstream closes the connection.
+    case untilClose
+}
+
+/// A request or response head parsed in place: every name and value is a range of
+/// `bytes`, nothing is copied into Strings unless asked for. Edits made by filters are
+/// recorded beside the original (removed lines, added lines) and spliced in when
+/// the head is written out again.
+public struct HTTPHead: Sendable {
+    /// The head exactly as received, from the first byte of the start line to the
+    /// CRLF that ends the header section (inclusive). Reader index is 0.
+    public var bytes: ByteBuffer
+    public var isRequest: Bool
+    public var methodRange: Range<Int> = 0..<0
+    public var targetRange: Range<Int> = 0..<0
+    public var status: Int = 0
+    public var reasonRange: Range<Int> = 0..<0
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    public var versionMinor: Int = 1
+    public var fields: [HTTPField] = []
+    public var kinds: [KnownHeader] = []
+    /// Per field: removed by an edit or by hop-by-hop stripping.
+    public var removed: [Bool] = []
+    /// Lines added by edits, written after the kept original lines.
+    public var added: [(name: String, value: String)] = []
+    /// Replacement request target (rewrite), if any.
+    public var targetOverride: String? = nil
+    public var framing: BodyFraming = .none
+    /// Connection semantics of the message: false when it carried "Connection: close"
+    /// (or HTTP/1.0 without keep-alive).
+    public var keepAlive: Bool = true
+    public var expectContinue: Bool = false
+    /// Header names listed in Connection (lowercased), hop-by-hop by RFC 9110 §7.6.1.
+    public var connectionTokens: [String] = []
+    public var hostIndex: Int = -1
+    public var isHead: Bool = false
+
+    public init(bytes: ByteBuffer, isRequest: Bool) {
+        self.bytes = bytes
+        self.isRequest = isRequest
+    }
+
+    @inline(__always)
+    public func string(_ r: Range<Int>) -> String {
+        bytes.getString(at: r.lowerBound, length: r.count) ?? ""
+    }
+
+    public var method: String { string(methodRange) }
+    public var target: String { targetOverride ?? string(targetRange) }
+    /// The request target as received, before any rewrite.
+    public var originalTarget: String { string(targetRange) }
+    public var reason: String { string(reasonRange) }
+
+    public func name(at i: Int) -> String {
+        let f = fields[i]; return bytes.getString(at: Int(f.nameStart), length: Int(f.nameLength)) ?? ""
+    }
+    public func value(at i: Int) -> String {
+        let f = fields[i]; return bytes.getString(at: Int(f.valueStart), length: Int(f.valueLength)) ?? ""
+    }
+
+    /// Compares field `i`'s name with an already-lowercased ASCII name, case-insensitively.
+    @inline(__always)
+    public func nameEquals(_ i: Int, lowercased name: UnsafeRawBufferPointer) -> Bool {
+        let f = fields[i]
+        guard Int(f.nameLength) == name.count else { return false }
+        return bytes.withUnsafeReadableBytes { raw in
+            var k = 0
+            let base = Int(f.nameStart)
+            while k < name.count {
+                var c = raw[base + k]
+                if c >= 65 && c <= 90 { c |= 0x20 }
+                if c != name[k] { return false }
+                k += 1
+            }
+            return true
+        }
+    }
+
+    public func nameEquals(_ i: Int, lowercased name: String) -> Bool {
+        var n = name
+        return n.withUTF8 { nameEquals(i, lowercased: UnsafeRawBufferPointer($0)) }
+    }
+
+    /// Index of the first live (not removed) original field named `lowercased`.
+    public func firstIndex(lowercased name: String) -> Int? {
+        var n = name
+        return n.withUTF8 { p -> Int? in
+            let raw = UnsafeRawBufferPointer(p)
+            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { return i }
+            return nil
+        }
+    }
+
+    /// First value of a header (edits included), names case-insensitive.
+    public func first(_ name: String) -> String? {
+        let lower = name.lowercased()
+        if let i = firstIndex(lowercased: lower) { return value(at: i) }
+        for a in added where a.name.lowercased() == lower { return a.value }
+        return nil
+    }
+
+    /// All values of a header (edits included), in order.
+    public func all(_ name: String) -> [String] {
+        let lower = name.lowercased()
+        var out: [String] = []
+        var n = lower
+        n.withUTF8 { p in
+            let raw = UnsafeRawBufferPointer(p)
+            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { out.append(value(at: i)) }
+        }
+        for a in added where a.name.lowercased() == lower { out.append(a.value) }
+        return out
+    }
+
+    /// Removes every value of a header. Returns how many were removed.
+    @discardableResult
+    public mutating func remove(_ name: String) -> Int {
+        let lower = name.lowercased()
+        var count = 0
+        var n = lower
+        n.withUTF8 { p in
+            let raw = UnsafeRawBufferPointer(p)
+            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { removed[i] = true; count += 1 }
+        }
+        let before = added.count
+        added.removeAll { $0.name.lowercased() == lower }
+        return count + before - added.count
+    }
+
+    /// Replaces every value of a header with one value. Caller validated name/value.
+    public mutating func set(_ name: String, _ value: String) {
+        remove(name)
+        added.append((name, value))
+    }
+
+    /// Adds a value, keeping existing ones. Caller validated name/value.
+    public mutating func add(_ name: String, _ value: String) {
+        added.append((name, value))
+    }
+
+    /// Every live header in order (originals first, then added), as Strings.
+    public func allFields() -> [(name: String, value: String)] {
+        var out: [(String, String)] = []
+        for i in 0..<fields.count where !removed[i] { out.append((name(at: i), value(at: i))) }
+        out.append(contentsOf: added)
+        return out
+    }
+
+    public var liveFieldCount: Int { removed.lazy.filter { !$0 }.count + added.count }
+}
+
+/// Validation of header names and values coming from filters (Lua, config): a value with
+/// CR, LF or NUL would inject a header or split the message, so it is refused.
+public enum HeaderValidation {
+    public static func isToken(_ s: String) -> Bool {
+        if s.isEmpty { return false }
+        for b in s.utf8 where !tokenTable[Int(b)] { return false }
+        return true
+    }
+    public static func isValidValue(_ s: String) -> Bool {
+        for b in s.utf8 where b == 0 || b == 10 || b == 13 { return false }
+        return true
+    }
+    public static let tokenTable: [Bool] = {
+        var t = [Bool](repeating: false, count: 256)
+        for c in UInt8(ascii: "a")...UInt8(ascii: "z") { t[Int(c)] = true }
+        for c in UInt8(ascii: "A")...UInt8(ascii: "Z") { t[Int(c)] = true }
+        for c in UInt8(ascii: "0")...UInt8(ascii: "9") { t[Int(c)] = true }
+        for c in "!#$%&'*+-.^_`|~".utf8 { t[Int(c)] = true }
+        return t
+    }()
+}

@@ -1,0 +1,311 @@
+import NIOCore
+
+/// Limits the parser enforces while it reads a head. Defaults follow Envoy's
+/// (60 KiB of headers, 100 headers).
+public struct HTTPParserLimits: Sendable {
+    /// Largest head (start line + headers) accepted; beyond it: 431.
+    public var maxHeadBytes: Int = 60 * 1024
+    /// Most header lines accepted; beyond it: 431.
+    public var maxHeaderCount: Int = 100
+    public init(maxHeadBytes: Int = 60 * 1024, maxHeaderCount: Int = 100) {
+        self.maxHeadBytes = maxHeadBytes; self.maxHeaderCount = maxHeaderCount
+    }
+}
+
+/// Result of offering buffered bytes to the head parser.
+public enum HeadParseResult: Sendable {
+    /// The head is not complete yet; call again with more bytes.
+    case needMore
+    /// A complete head; `consumed` bytes of the input belong to it.
+    case complete(HTTPHead, consumed: Int)
+    case error(HTTPParseError)
+}
+
+/// A strict RFC 9112 head parser working in place on a ByteBuffer. It refuses what
+/// request smuggling needs: bare LF, obs-fold, whitespace before a colon, CR/LF/NUL
+/// in values, Content-Length with Transfer-Encoding, bad Content-Length, Transfer-Encoding
+/// other than a final "chunked", Transfer-Encoding on HTTP/1.0.
+public struct HTTPHeadParser: Sendable {
+    public var limits: HTTPParserLimits
+    /// Where the search for the end of the head resumes, so a head that arrives in
+    /// many reads is scanned once.
+    private var scanned = 0
+
+    public init(limits: HTTPParserLimits = .init()) { self.limits = limits }
+
+    public mutating func reset() { scanned = 0 }
+
+    /// Looks for a complete request head at the reader index of `buffer`.
+    public mutating func parseRequest(_ buffer: ByteBuffer) -> HeadParseResult {
+        parse(buffer, isRequest: true, requestWasHead: false)
+    }
+
+    /// Looks for a complete response head. `requestWasHead` selects HEAD framing (no body).
+    public mutating func parseResponse(_ buffer: ByteBuffer, requestWasHead: Bool) -> HeadParseResult {
+        parse(buffer, isRequest: false, requestWasHead: requestWasHead)
+    }
+
+    private mutating func parse(_ buffer: ByteBuffer, isRequest: Bool, requestWasHead: Bool) -> HeadParseResult {
+        // Find CRLFCRLF (a lone LF anywhere is an error).
+        let readable = buffer.readableBytes
+        var end = -1
+        var bad: HTTPParseError? = nil
+        buffer.withUnsafeReadableBytes { raw in
+            var i = scanned
+            // Skip leading empty lines before a request line (RFC 9112 §2.2 allows at least one CRLF).
+            while i < raw.count {
+                let c = raw[i]
+                if c == 10 {
+                    if i == 0 || raw[i - 1] != 13 { bad = HTTPParseError(400, "bare LF in head"); return }
+                    if i >= 3 && raw[i - 2] == 10 && raw[i - 3] == 13 { end = i + 1; return }
+                } else if c == 0 {
+                    bad = HTTPParseError(400, "NUL in head"); return
+                }
+                i += 1
+            }
+        }
+        if let bad { return .error(bad) }
+        if end < 0 {
+            scanned = max(0, readable - 3)
+            if readable > limits.maxHeadBytes { return .error(HTTPParseError(431, "head larger than \(limits.maxHeadBytes) bytes")) }
+            return .needMore
+        }
+        scanned = 0
+        if end > limits.maxHeadBytes { return .error(HTTPParseError(431, "head larger than \(limits.maxHeadBytes) bytes")) }
+        let slice = buffer.getSlice(at: buffer.readerIndex, length: end)!
+        var head = HTTPHead(bytes: slice, isRequest: isRequest)
+        if let err = Self.parseHead(&head, limits: limits, requestWasHead: requestWasHead) { return .error(err) }
+        return .complete(head, consumed: end)
+    }
+
+    // MARK: - Head
+
+    static let methodTable: [Bool] = HeaderValidation.tokenTable
+
+    static func parseHead(_ head: inout HTTPHead, limits: HTTPParserLimits, requestWasHead: Bool) -> HTTPParseError? {
+        head.bytes.withUnsafeReadableBytes { raw -> HTTPParseError? in
+            let n = raw.count
+            var p = 0
+            // Leading CRLFs before a request line are ignored (RFC 9112 §2.2).
+            if head.isRequest { while p + 1 < n && raw[p] == 13 && raw[p + 1] == 10 { p += 2 } }
+            if p + 2 >= n { return HTTPParseError(400, "empty start line") }
+            // Start line ends at the first CRLF.
+            var lineEnd = p
+            while raw[lineEnd] != 13 { lineEnd += 1 }
+            if head.isRequest {
+                let mStart = p
+                while p < lineEnd && methodTable[Int(raw[p])] { p += 1 }
+                if p == mStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request method") }
+                head.methodRange = mStart..<p
+                p += 1
+                let tStart = p
+                while p < lineEnd && raw[p] > 32 && raw[p] < 127 { p += 1 }
+                if p == tStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request target") }
+                head.targetRange = tStart..<p
+                p += 1
+                guard lineEnd - p == 8, let minor = version(raw, p) else {
+                    return HTTPParseError(lineEnd - p == 8 && raw[p] == 72 ? 505 : 400, "bad HTTP version")
+                }
+                head.versionMinor = minor
+                head.isHead = head.methodRange.count == 4 && raw[mStart] == 72 && raw[mStart + 1] == 69 && raw[mStart + 2] == 65 && raw[mStart + 3] == 68
+            } else {
+                guard lineEnd - p >= 12, let minor = version(raw, p), raw[p + 8] == 32 else {
+                    return HTTPParseError(502, "bad status line from upstream")
+                }
+                head.versionMinor = minor
+                var st = 0
+                for k in 9..<12 {
+                    let d = raw[p + k]
+                    guard d >= 48 && d <= 57 else { return HTTPParseError(502, "bad status code from upstream") }
+                    st = st * 10 + Int(d - 48)
+                }
+                guard st >= 100 else { return HTTPParseError(502, "bad status code from upstream") }
+                head.status = st
+                if lineEnd - p > 12 {
+                    guard raw[p + 12] == 32 else { return HTTPParseError(502, "bad status line from upstream") }
+                    head.reasonRange = (p + 13)..<lineEnd
+                    for k in (p + 13)..<lineEnd where raw[k] < 32 && raw[k] != 9 || raw[k] == 127 {
+                        return HTTPParseError(502, "control character in reason phrase")
+                    }
+                } else {
+                    head.reasonRange = lineEnd..<lineEnd
+                }
+            }
+            p = lineEnd + 2
+            // Header lines.
+            var fields: [HTTPField] = []
+            var kinds: [KnownHeader] = []
+            fields.reserveCapacity(16)
+            kinds.reserveCapacity(16)
+            var contentLength: Int64? = nil
+            var sawTE = false
+            var teChunkedLast = false
+            var keepAliveToken = false
+            var closeToken = false
+            var hostCount = 0
+            while p < n - 2 {
+                if fields.count >= limits.maxHeaderCount { return HTTPParseError(431, "more than \(limits.maxHeaderCount) headers") }
+                let lineStart = p
+                let c0 = raw[p]
+                if c0 == 32 || c0 == 9 { return HTTPParseError(400, "obsolete line folding") }
+                let nStart = p
+                while p < n && HeaderValidation.tokenTable[Int(raw[p])] { p += 1 }
+                if p == nStart || raw[p] != 58 {
+                    return HTTPParseError(400, p < n && (raw[p] == 32 || raw[p] == 9) ? "whitespace before colon in header" : "bad header name")
+                }
+                let nEnd = p
+                p += 1
+                while raw[p] == 32 || raw[p] == 9 { p += 1 }
+                let vStart = p
+                var vEnd = p
+                while true {
+                    let c = raw[p]
+                    if c == 13 { break }
+                    if (c < 32 && c != 9) || c == 127 { return HTTPParseError(400, "control character in header value") }
+                    p += 1
+                    if c != 32 && c != 9 { vEnd = p }
+                }
+                // raw[p] == 13; the scan in parse() guaranteed raw[p+1] == 10.
+                if raw[p + 1] != 10 { return HTTPParseError(400, "CR without LF in header") }
+                p += 2
+                let kind = classify(raw, nStart, nEnd - nStart)
+                let field = HTTPField(nameStart: Int32(nStart), nameLength: Int32(nEnd - nStart),
+                                      valueStart: Int32(vStart), valueLength: Int32(vEnd - vStart),
+                                      lineStart: Int32(lineStart), lineEnd: Int32(p))
+                switch kind {
+                case .contentLength:
+                    guard let v = parseContentLength(raw, vStart, vEnd) else { return HTTPParseError(400, "bad content-length") }
+                    if let cl = contentLength, cl != v { return HTTPParseError(400, "conflicting content-length headers") }
+                    contentLength = v
+                case .transferEncoding:
+                    // Every coding list must end in chunked, and only chunked is supported.
+                    sawTE = true
+                    let tokens = splitTokens(raw, vStart, vEnd)
+                    if tokens.isEmpty { return HTTPParseError(400, "empty transfer-encoding") }
+                    for t in tokens where t != "chunked" {
+                        return HTTPParseError(head.isRequest ? 501 : 502, "unsupported transfer-encoding \(t)")
+                    }
+                    if teChunkedLast || tokens.count > 1 { return HTTPParseError(400, "chunked applied more than once") }
+                    teChunkedLast = true
+                case .connection:
+                    for t in splitTokens(raw, vStart, vEnd) {
+                        if t == "close" { closeToken = true }
+                        else if t == "keep-alive" { keepAliveToken = true }
+                        else { head.connectionTokens.append(t) }
+                    }
+                case .host:
+                    hostCount += 1
+                    head.hostIndex = fields.count
+                case .expect:
+                    if vEnd - vStart == 12 && lowerEquals(raw, vStart, "100-continue") { head.expectContinue = true }
+                default: break
+                }
+                fields.append(field)
+                kinds.append(kind)
+            }
+            head.fields = fields
+            head.kinds = kinds
+            head.removed = [Bool](repeating: false, count: fields.count)
+            head.keepAlive = head.versionMinor == 1 ? !closeToken : (keepAliveToken && !closeToken)
+            if head.isRequest {
+                if head.versionMinor == 1 && hostCount != 1 {
+                    return HTTPParseError(400, hostCount == 0 ? "missing host header" : "more than one host header")
+                }
+                if hostCount > 1 { return HTTPParseError(400, "more than one host header") }
+                if sawTE {
+                    if head.versionMinor == 0 { return HTTPParseError(400, "transfer-encoding in an HTTP/1.0 request") }
+                    if contentLength != nil { return HTTPParseError(400, "both content-length and transfer-encoding") }
+                    head.framing = .chunked
+                } else if let cl = contentLength {
+                    head.framing = cl == 0 ? .none : .contentLength(cl)
+                } else {
+                    head.framing = .none
+                }
+            } else {
+                let st = head.status
+                if requestWasHead || (st >= 100 && st < 200) || st == 204 || st == 304 {
+                    head.framing = .none
+                } else if sawTE {
+                    if contentLength != nil { return HTTPParseError(502, "both content-length and transfer-encoding from upstream") }
+                    head.framing = head.versionMinor == 1 ? .chunked : .untilClose
+                } else if let cl = contentLength {
+                    head.framing = cl == 0 ? .none : .contentLength(cl)
+                } else {
+                    head.framing = .untilClose
+                }
+            }
+            return nil
+        }
+    }
+
+    @inline(__always)
+    static func version(_ raw: UnsafeRawBufferPointer, _ p: Int) -> Int? {
+        // "HTTP/1.x"
+        guard raw[p] == 72, raw[p + 1] == 84, raw[p + 2] == 84, raw[p + 3] == 80, raw[p + 4] == 47,
+              raw[p + 5] == 49, raw[p + 6] == 46 else { return nil }
+        switch raw[p + 7] { case 48: return 0; case 49: return 1; default: return nil }
+    }
+
+    static func parseContentLength(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> Int64? {
+        if s == e || e - s > 18 { return nil }
+        var v: Int64 = 0
+        for k in s..<e {
+            let d = raw[k]
+            guard d >= 48 && d <= 57 else { return nil }
+            v = v * 10 + Int64(d - 48)
+        }
+        return v
+    }
+
+    static func lowerEquals(_ raw: UnsafeRawBufferPointer, _ s: Int, _ lit: StaticString) -> Bool {
+        let p = lit.utf8Start
+        for k in 0..<lit.utf8CodeUnitCount {
+            var c = raw[s + k]
+            if c >= 65 && c <= 90 { c |= 0x20 }
+            if c != p[k] { return false }
+        }
+        return true
+    }
+
+    /// Splits a comma-separated token list, lowercased, OWS trimmed, empties dropped.
+    static func splitTokens(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> [String] {
+        var out: [String] = []
+        var k = s
+        while k < e {
+            while k < e && (raw[k] == 32 || raw[k] == 9 || raw[k] == 44) { k += 1 }
+            let ts = k
+            while k < e && raw[k] != 44 { k += 1 }
+            var te = k
+            while te > ts && (raw[te - 1] == 32 || raw[te - 1] == 9) { te -= 1 }
+            if te > ts {
+                var bytes = [UInt8](UnsafeRawBufferPointer(rebasing: raw[ts..<te]))
+                for j in 0..<bytes.count where bytes[j] >= 65 && bytes[j] <= 90 { bytes[j] |= 0x20 }
+                out.append(String(decoding: bytes, as: UTF8.self))
+            }
+        }
+        return out
+    }
+
+    @inline(__always)
+    static func classify(_ raw: UnsafeRawBufferPointer, _ s: Int, _ len: Int) -> KnownHeader {
+        var c0 = raw[s]; if c0 >= 65 && c0 <= 90 { c0 |= 0x20 }
+        switch (len, c0) {
+        case (2, 116): return lowerEquals(raw, s, "te") ? .te : .other
+        case (4, 104): return lowerEquals(raw, s, "host") ? .host : .other
+        case (6, 101): return lowerEquals(raw, s, "expect") ? .expect : .other
+        case (6, 115): return lowerEquals(raw, s, "server") ? .server : .other
+        case (7, 117): return lowerEquals(raw, s, "upgrade") ? .upgrade : .other
+        case (7, 116): return lowerEquals(raw, s, "trailer") ? .trailer : .other
+        case (10, 99): return lowerEquals(raw, s, "connection") ? .connection : .other
+        case (10, 107): return lowerEquals(raw, s, "keep-alive") ? .keepAlive : .other
+        case (12, 120): return lowerEquals(raw, s, "x-request-id") ? .xRequestID : .other
+        case (14, 99): return lowerEquals(raw, s, "content-length") ? .contentLength : .other
+        case (15, 120): return lowerEquals(raw, s, "x-forwarded-for") ? .xForwardedFor : .other
+        case (16, 112): return lowerEquals(raw, s, "proxy-connection") ? .proxyConnection : .other
+        case (17, 116): return lowerEquals(raw, s, "transfer-encoding") ? .transferEncoding : .other
+        case (18, 112): return lowerEquals(raw, s, "proxy-authenticate") ? .proxyAuthenticate : .other
+        case (19, 112): return lowerEquals(raw, s, "proxy-authorization") ? .proxyAuthorization : .other
+        default: return .other
+        }
+    }
+}

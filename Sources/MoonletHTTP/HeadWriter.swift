@@ -1,0 +1,140 @@
+import NIOCore
+
+extension HTTPHead {
+    /// Marks hop-by-hop fields removed (RFC 9110 §7.6.1): Connection and every header it
+    /// names, Keep-Alive, TE, Upgrade, Proxy-Connection, Proxy-Authenticate,
+    /// Proxy-Authorization, and Transfer-Encoding (the proxy frames each hop itself).
+    public mutating func stripHopByHop() {
+        for i in 0..<fields.count {
+            switch kinds[i] {
+            case .connection, .keepAlive, .te, .upgrade, .proxyConnection, .proxyAuthenticate,
+                 .proxyAuthorization, .transferEncoding:
+                removed[i] = true
+            default: break
+            }
+        }
+        for t in connectionTokens {
+            // Connection must not remove end-to-end framing or routing headers.
+            if t == "host" || t == "content-length" { continue }
+            var n = t
+            n.withUTF8 { p in
+                let raw = UnsafeRawBufferPointer(p)
+                for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { removed[i] = true }
+            }
+        }
+    }
+
+    /// Index of the first live field of a known kind.
+    public func firstIndex(of kind: KnownHeader) -> Int? {
+        for i in 0..<kinds.count where kinds[i] == kind && !removed[i] { return i }
+        return nil
+    }
+
+    public mutating func removeAll(of kind: KnownHeader) {
+        for i in 0..<kinds.count where kinds[i] == kind { removed[i] = true }
+    }
+}
+
+/// Serializes heads for the next hop: the original bytes of every kept line are copied
+/// in runs, removed lines are skipped, added lines are appended. Nothing is re-parsed.
+public enum HeadWriter {
+    /// Writes a request head as HTTP/1.1. `extra` appends further header lines
+    /// (already formatted, each ending in CRLF) before the blank line.
+    public static func writeRequest(_ head: HTTPHead, into out: inout ByteBuffer, extra: (inout ByteBuffer) -> Void) {
+        out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 256)
+        if head.targetOverride == nil && head.versionMinor == 1 {
+            let startEnd = head.fields.first.map { Int($0.lineStart) } ?? (head.bytes.readableBytes - 2)
+            out.writeBytes(head.bytes.readableBytesView[head.methodRange.lowerBound..<startEnd])
+        } else {
+            out.writeBytes(head.bytes.readableBytesView[head.methodRange])
+            out.writeInteger(UInt8(32))
+            if let t = head.targetOverride { out.writeString(t) } else { out.writeBytes(head.bytes.readableBytesView[head.targetRange]) }
+            out.writeStaticString(" HTTP/1.1\r\n")
+        }
+        writeFields(head, into: &out)
+        extra(&out)
+        out.writeInteger(UInt16(0x0D0A))
+    }
+
+    /// Writes a response head. The status line is copied when it is already HTTP/1.1,
+    /// otherwise rebuilt as HTTP/1.1 with the same code and reason.
+    public static func writeResponse(_ head: HTTPHead, into out: inout ByteBuffer, extra: (inout ByteBuffer) -> Void) {
+        out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 256)
+        if head.versionMinor == 1 {
+            let startEnd = head.fields.first.map { Int($0.lineStart) } ?? (head.bytes.readableBytes - 2)
+            out.writeBytes(head.bytes.readableBytesView[0..<startEnd])
+        } else {
+            writeStatusLine(head.status, reason: head.reason, into: &out)
+        }
+        writeFields(head, into: &out)
+        extra(&out)
+        out.writeInteger(UInt16(0x0D0A))
+    }
+
+    public static func writeStatusLine(_ status: Int, reason: String?, into out: inout ByteBuffer) {
+        out.writeStaticString("HTTP/1.1 ")
+        out.writeString(String(status))
+        out.writeInteger(UInt8(32))
+        out.writeString(reason ?? HTTPStatus.reason(status))
+        out.writeInteger(UInt16(0x0D0A))
+    }
+
+    @inline(__always)
+    static func writeFields(_ head: HTTPHead, into out: inout ByteBuffer) {
+        let view = head.bytes.readableBytesView
+        var runStart = -1
+        var runEnd = -1
+        for i in 0..<head.fields.count {
+            let f = head.fields[i]
+            if head.removed[i] {
+                if runStart >= 0 { out.writeBytes(view[runStart..<runEnd]); runStart = -1 }
+                continue
+            }
+            if runStart < 0 { runStart = Int(f.lineStart) }
+            runEnd = Int(f.lineEnd)
+        }
+        if runStart >= 0 { out.writeBytes(view[runStart..<runEnd]) }
+        for a in head.added { writeField(a.name, a.value, into: &out) }
+    }
+
+    @inline(__always)
+    public static func writeField(_ name: String, _ value: String, into out: inout ByteBuffer) {
+        out.writeString(name)
+        out.writeInteger(UInt16(0x3A20)) // ": "
+        out.writeString(value)
+        out.writeInteger(UInt16(0x0D0A))
+    }
+}
+
+/// Reason phrases for the statuses a proxy produces itself.
+public enum HTTPStatus {
+    public static func reason(_ status: Int) -> String {
+        switch status {
+        case 100: return "Continue"
+        case 200: return "OK"
+        case 201: return "Created"
+        case 204: return "No Content"
+        case 301: return "Moved Permanently"
+        case 302: return "Found"
+        case 304: return "Not Modified"
+        case 307: return "Temporary Redirect"
+        case 308: return "Permanent Redirect"
+        case 400: return "Bad Request"
+        case 401: return "Unauthorized"
+        case 403: return "Forbidden"
+        case 404: return "Not Found"
+        case 405: return "Method Not Allowed"
+        case 408: return "Request Timeout"
+        case 413: return "Payload Too Large"
+        case 429: return "Too Many Requests"
+        case 431: return "Request Header Fields Too Large"
+        case 500: return "Internal Server Error"
+        case 501: return "Not Implemented"
+        case 502: return "Bad Gateway"
+        case 503: return "Service Unavailable"
+        case 504: return "Gateway Timeout"
+        case 505: return "HTTP Version Not Supported"
+        default: return "Unknown"
+        }
+    }
+}

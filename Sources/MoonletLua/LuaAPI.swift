@@ -1,0 +1,566 @@
+import CLua
+import MoonletCore
+import MoonletRegex
+import NIOCore
+import Logging
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// The C functions behind the Lua API (DESIGN.md §4). Each is a Swift
+/// `@convention(c)` function called through a C trampoline: on error it pushes a
+/// message and returns MOONLET_LUA_RAISE, and the trampoline raises it from C, so a
+/// Lua error never unwinds Swift frames.
+enum LuaAPI {
+    static let raise: Int32 = -1
+
+    @inline(__always)
+    static func fail(_ L: OpaquePointer?, _ msg: String) -> Int32 {
+        lua_pushstring(L, msg)
+        return raise
+    }
+
+    @inline(__always)
+    static func str(_ L: OpaquePointer?, _ idx: Int32) -> String? {
+        guard lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER else { return nil }
+        var len = 0
+        let p = lua_tolstring(L, idx, &len)!
+        return String(decoding: UnsafeRawBufferPointer(start: p, count: len), as: UTF8.self)
+    }
+
+    /// Bytes of a Lua string argument, valid while it stays on the stack.
+    @inline(__always)
+    static func bytes(_ L: OpaquePointer?, _ idx: Int32) -> UnsafeRawBufferPointer? {
+        guard lua_type(L, idx) == LUA_TSTRING else { return nil }
+        var len = 0
+        let p = lua_tolstring(L, idx, &len)!
+        return UnsafeRawBufferPointer(start: p, count: len)
+    }
+
+    static func push(_ L: OpaquePointer?, _ s: String) {
+        var s = s
+        s.withUTF8 { p in _ = p.baseAddress.map { lua_pushlstring(L, UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self), p.count) } ?? lua_pushstring(L, "") }
+    }
+
+    // MARK: wrappers
+
+    static func wrapper(_ id: UInt64, _ kind: WrapperKind) -> UInt { UInt(id) << 4 | kind.rawValue }
+
+    /// Resolves a wrapper argument to the running stream, or fails.
+    @inline(__always)
+    static func resolve(_ L: OpaquePointer?, _ idx: Int32, _ fn: String) -> (LuaVM, ProxyStream, WrapperKind)? {
+        guard ml_islight(L, idx) != 0 else { return nil }
+        let v = ml_tolight(L, idx)
+        let vm = LuaVM.vm(L)
+        guard let kind = WrapperKind(rawValue: v & 0xF), let s = vm.current, UInt64(v >> 4) == vm.currentID, s.isActive else { return nil }
+        return (vm, s, kind)
+    }
+
+    static let outside = "object used outside of its stream"
+
+    /// Installs the metatable shared by all light userdata (only wrappers are ever light
+    /// userdata inside the sandbox).
+    static func installWrapperMetatable(_ L: OpaquePointer) {
+        ml_pushlight(L, 0)
+        lua_createtable(L, 0, 3)
+        ml_pushapifunction(L, index); lua_setfield(L, -2, "__index")
+        ml_pushapifunction(L, newindex); lua_setfield(L, -2, "__newindex")
+        ml_pushapifunction(L, tostringW); lua_setfield(L, -2, "__tostring")
+        lua_setmetatable(L, -2)
+        ml_pop(L, 1)
+        // Method tables, kept in the registry by name.
+        lua_createtable(L, 0, 8)
+        for (n, f) in [("get", hGet), ("get_all", hGetAll), ("set", hSet), ("add", hAdd), ("remove", hRemove), ("pairs", hPairs)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        lua_setfield(L, ml_registryindex(), "moonlet.header_methods")
+        ml_pushapifunction(L, respond); lua_setfield(L, ml_registryindex(), "moonlet.respond")
+        ml_pushapifunction(L, body); lua_setfield(L, ml_registryindex(), "moonlet.body")
+    }
+
+    static let tostringW: lua_CFunction = { L in
+        let v = ml_tolight(L, 1)
+        lua_pushstring(L, "moonlet.\(WrapperKind(rawValue: v & 0xF).map { "\($0)" } ?? "?")#\(v >> 4)")
+        return 1
+    }
+
+    static let index: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "index") else { return fail(L, outside) }
+        guard let key = bytes(L, 2) else { lua_pushnil(L); return 1 }
+        let k = String(decoding: key, as: UTF8.self)
+        let id = s.id
+        switch kind {
+        case .stream:
+            switch k {
+            case "request": ml_pushlight(L, wrapper(id, .request))
+            case "response": ml_pushlight(L, wrapper(id, .response))
+            case "source": ml_pushlight(L, wrapper(id, .source))
+            case "destination": ml_pushlight(L, wrapper(id, .destination))
+            case "route": ml_pushlight(L, wrapper(id, .route))
+            case "vars":
+                let ctx = s.luaCtx
+                if ctx.varsRef == LUA_NOREF { lua_createtable(L, 0, 4); ctx.varsRef = ml_ref(L) }
+                ml_getregistry_ref(L, ctx.varsRef)
+            case "respond": lua_getfield(L, ml_registryindex(), "moonlet.respond")
+            case "id": lua_pushinteger(L, lua_Integer(s.id))
+            case "request_id": push(L, s.request.first("x-request-id") ?? "")
+            default: lua_pushnil(L)
+            }
+        case .request:
+            switch k {
+            case "headers": ml_pushlight(L, wrapper(id, .requestHeaders))
+            case "method": push(L, s.request.method)
+            case "path": push(L, s.request.target)
+            case "authority":
+                if s.request.hostIndex >= 0 && !s.request.removed[s.request.hostIndex] { push(L, s.request.value(at: s.request.hostIndex)) }
+                else { push(L, s.request.first("host") ?? "") }
+            case "scheme": push(L, "http")
+            case "protocol": push(L, s.protocolName)
+            case "body": lua_getfield(L, ml_registryindex(), "moonlet.body")
+            default: lua_pushnil(L)
+            }
+        case .response:
+            switch k {
+            case "headers": ml_pushlight(L, wrapper(id, .responseHeaders))
+            case "status":
+                let st = s.status
+                if st == 0 { lua_pushnil(L) } else { lua_pushinteger(L, lua_Integer(st)) }
+            default: lua_pushnil(L)
+            }
+        case .requestHeaders, .responseHeaders:
+            lua_getfield(L, ml_registryindex(), "moonlet.header_methods")
+            lua_pushvalue(L, 2)
+            lua_rawget(L, -2)
+        case .source:
+            switch k {
+            case "address": push(L, s.source.address)
+            case "principal": push(L, s.source.principal)
+            case "namespace": push(L, s.source.namespace)
+            default: lua_pushnil(L)
+            }
+        case .destination:
+            switch k {
+            case "address": push(L, s.destination.address)
+            case "port": lua_pushinteger(L, lua_Integer(s.destination.port))
+            case "service": push(L, s.destination.service)
+            default: lua_pushnil(L)
+            }
+        case .route:
+            switch k {
+            case "cluster": push(L, s.route.cluster)
+            case "host": push(L, s.route.host)
+            case "subset": push(L, s.route.subset)
+            case "port": lua_pushinteger(L, lua_Integer(s.route.port))
+            case "timeout_ms": lua_pushinteger(L, lua_Integer(s.route.timeoutMs))
+            default: lua_pushnil(L)
+            }
+        }
+        _ = vm
+        return 1
+    }
+
+    static let newindex: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "newindex") else { return fail(L, outside) }
+        guard let k = str(L, 2) else { return fail(L, "field name must be a string") }
+        switch (kind, k) {
+        case (.request, "path"):
+            guard let v = str(L, 3), !v.isEmpty, v.utf8.allSatisfy({ $0 > 32 && $0 < 127 }) else {
+                return fail(L, "request.path must be a non-empty string without spaces or control characters")
+            }
+            s.request.targetOverride = v
+        case (.request, "authority"):
+            guard let v = str(L, 3), HeaderValidation.isValidValue(v), !v.isEmpty else { return fail(L, "request.authority: invalid value") }
+            s.request.set("host", v)
+        case (.route, "cluster"), (.route, "host"), (.route, "subset"):
+            guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
+            if k == "cluster" { s.route.cluster = v } else if k == "host" { s.route.host = v } else { s.route.subset = v }
+        case (.route, "port"):
+            guard lua_isinteger(L, 3) != 0 else { return fail(L, "route.port must be an integer") }
+            s.route.port = Int(ml_tointeger(L, 3))
+        case (.route, "timeout_ms"):
+            guard lua_isinteger(L, 3) != 0 else { return fail(L, "route.timeout_ms must be an integer") }
+            s.route.timeoutMs = Int(ml_tointeger(L, 3))
+        case (.response, "status"):
+            guard lua_isinteger(L, 3) != 0 else { return fail(L, "response.status must be an integer") }
+            let st = Int(ml_tointeger(L, 3))
+            guard (100...599).contains(st) else { return fail(L, "response.status out of range: \(st)") }
+            if s.localReply != nil { s.localReply!.status = st } else { return fail(L, "response.status can be set on local replies only") }
+        default:
+            return fail(L, "cannot set field '\(k)'")
+        }
+        return 0
+    }
+
+    // MARK: headers
+
+    /// Runs `body` on the head the headers wrapper at index 1 stands for.
+    @inline(__always)
+    static func withHead<T>(_ L: OpaquePointer?, _ body: (inout HTTPHead, ProxyStream) -> T) -> T? {
+        guard let (_, s, kind) = resolve(L, 1, "headers") else { return nil }
+        if kind == .requestHeaders { return body(&s.request, s) }
+        if kind == .responseHeaders, s.response != nil { return body(&s.response!, s) }
+        return nil
+    }
+
+    static func lowerName(_ L: OpaquePointer?, _ idx: Int32) -> String? {
+        guard let b = bytes(L, idx), b.count > 0 else { return nil }
+        var out = [UInt8](b)
+        for i in out.indices where out[i] >= 65 && out[i] <= 90 { out[i] |= 0x20 }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static let hGet: lua_CFunction = { L in
+        guard let name = bytes(L, 2), name.count > 0, name.count <= 256 else { return fail(L, "headers:get(name): name must be a non-empty string") }
+        var lower = [UInt8](repeating: 0, count: name.count)
+        for i in 0..<name.count { var c = name[i]; if c >= 65 && c <= 90 { c |= 0x20 }; lower[i] = c }
+        let found: Bool? = withHead(L) { head, _ in
+            let n = lower.withUnsafeBytes { lb -> Int? in
+                for i in 0..<head.fields.count where !head.removed[i] && head.nameEquals(i, lowercased: lb) { return i }
+                return nil
+            }
+            if let i = n {
+                let f = head.fields[i]
+                head.bytes.withUnsafeReadableBytes { raw in
+                    lua_pushlstring(L, raw.baseAddress!.advanced(by: Int(f.valueStart)).assumingMemoryBound(to: CChar.self), Int(f.valueLength))
+                }
+                return true
+            }
+            if !head.added.isEmpty {
+                let ln = String(decoding: lower, as: UTF8.self)
+                for a in head.added where a.name.lowercased() == ln { push(L, a.value); return true }
+            }
+            return false
+        }
+        guard let found else { return fail(L, outside) }
+        if !found { lua_pushnil(L) }
+        return 1
+    }
+
+    static let hGetAll: lua_CFunction = { L in
+        guard let name = lowerName(L, 2) else { return fail(L, "headers:get_all(name): name must be a non-empty string") }
+        guard let values = withHead(L, { head, _ in head.all(name) }) else { return fail(L, outside) }
+        lua_createtable(L, Int32(values.count), 0)
+        for (i, v) in values.enumerated() { push(L, v); lua_rawseti(L, -2, lua_Integer(i + 1)) }
+        return 1
+    }
+
+    static func nameValue(_ L: OpaquePointer?, _ fn: String) -> (String, String)? {
+        guard let n = str(L, 2), HeaderValidation.isToken(n) else { return nil }
+        guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let v = str(L, 3) else { return nil }
+        return (n, v)
+    }
+
+    static func setOrAdd(_ L: OpaquePointer?, add: Bool) -> Int32 {
+        let fn = add ? "add" : "set"
+        if !add && ml_isnoneornil(L, 3) != 0 {
+            guard let n = lowerName(L, 2) else { return fail(L, "headers:set(name, nil): bad name") }
+            guard withHead(L, { head, _ in head.remove(n) }) != nil else { return fail(L, outside) }
+            return 0
+        }
+        guard let n = str(L, 2), HeaderValidation.isToken(n) else { return fail(L, "headers:\(fn)(name, value): name must be a valid header token") }
+        guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let v = str(L, 3) else {
+            return fail(L, "headers:\(fn)(\(n), value): value must be a string")
+        }
+        guard HeaderValidation.isValidValue(v) else { return fail(L, "headers:\(fn)(\(n), value): value contains CR, LF or NUL") }
+        guard v.utf8.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(n), value): value longer than 16 KiB") }
+        let lower = n.lowercased()
+        if lower == "content-length" || lower == "transfer-encoding" || lower == "connection" {
+            return fail(L, "headers:\(fn)(\(n)): framing header is managed by the proxy")
+        }
+        let done: Bool? = withHead(L) { head, _ in
+            if add { head.add(lower, v) } else { head.set(lower, v) }
+            if lower == "host" { head.hostIndex = -1 }
+            return true
+        }
+        guard done != nil else { return fail(L, outside) }
+        return 0
+    }
+
+    static let hSet: lua_CFunction = { L in setOrAdd(L, add: false) }
+    static let hAdd: lua_CFunction = { L in setOrAdd(L, add: true) }
+
+    static let hRemove: lua_CFunction = { L in
+        guard let n = lowerName(L, 2) else { return fail(L, "headers:remove(name): name must be a non-empty string") }
+        guard withHead(L, { head, _ in head.remove(n) }) != nil else { return fail(L, outside) }
+        return 0
+    }
+
+    /// headers:pairs() → iterator over (lowercased name, value), originals then additions.
+    static let hPairs: lua_CFunction = { L in
+        guard let all = withHead(L, { head, _ in head.allFields() }) else { return fail(L, outside) }
+        lua_createtable(L, Int32(all.count * 2), 0)
+        for (i, f) in all.enumerated() {
+            push(L, f.name.lowercased()); lua_rawseti(L, -2, lua_Integer(2 * i + 1))
+            push(L, f.value); lua_rawseti(L, -2, lua_Integer(2 * i + 2))
+        }
+        lua_pushinteger(L, 0)
+        lua_pushcclosure(L, pairsNext, 2)
+        return 1
+    }
+
+    static let pairsNext: lua_CFunction = { L in
+        let i = ml_tointeger(L, ml_upvalueindex(2))
+        lua_rawgeti(L, ml_upvalueindex(1), 2 * i + 1)
+        if ml_isnil(L, -1) != 0 { return 1 }
+        lua_rawgeti(L, ml_upvalueindex(1), 2 * i + 2)
+        lua_pushinteger(L, i + 1); lua_copy(L, -1, ml_upvalueindex(2)); ml_pop(L, 1)
+        return 2
+    }
+
+    // MARK: s:respond, s.request:body()
+
+    static let respond: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "respond"), kind == .stream else { return fail(L, outside) }
+        guard lua_isinteger(L, 2) != 0 else { return fail(L, "s:respond(status, body, headers): status must be an integer") }
+        let status = Int(ml_tointeger(L, 2))
+        guard (200...599).contains(status) else { return fail(L, "s:respond: status \(status) out of range 200-599") }
+        var body = ""
+        if ml_isnoneornil(L, 3) == 0 {
+            guard let b = str(L, 3) else { return fail(L, "s:respond: body must be a string") }
+            body = b
+        }
+        var headers: [(name: String, value: String)] = []
+        if ml_isnoneornil(L, 4) == 0 {
+            guard ml_istable(L, 4) != 0 else { return fail(L, "s:respond: headers must be a table") }
+            lua_pushnil(L)
+            while lua_next(L, 4) != 0 {
+                guard let n = str(L, -2), HeaderValidation.isToken(n), let v = str(L, -1) else {
+                    ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
+                }
+                guard HeaderValidation.isValidValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains CR, LF or NUL") }
+                headers.append((n.lowercased(), v))
+                ml_pop(L, 1)
+            }
+        }
+        s.respond(status, body: body, headers: headers)
+        lua_pushstring(L, "respond")
+        return 1
+    }
+
+    static let body: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "body"), kind == .request else { return fail(L, outside) }
+        guard let b = s.bufferedRequestBody else { lua_pushnil(L); return 1 }
+        b.withUnsafeReadableBytes { raw in
+            ml_pushbytes(L, raw.baseAddress, raw.count)
+        }
+        return 1
+    }
+
+    // MARK: load / require
+
+    static let load: lua_CFunction = { L in
+        guard let chunk = bytes(L, 1) else { return fail(L, "load: only string chunks are allowed") }
+        if chunk.first == 0x1B { lua_pushnil(L); lua_pushstring(L, "load: precompiled bytecode is not allowed"); return 2 }
+        let name = str(L, 2) ?? "=(load)"
+        let rc = name.withCString { ml_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
+        if rc != LUA_OK { lua_pushnil(L); ml_insert(L, -2); return 2 }
+        if lua_type(L, 4) == LUA_TTABLE { // env
+            lua_pushvalue(L, 4)
+            if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
+        }
+        return 1
+    }
+
+    /// require(name): modules from the plugin directories only, text only, cached per VM.
+    static let require: lua_CFunction = { L in
+        guard let name = str(L, 1), !name.isEmpty, name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 || $0 == 46 || $0 == 45 }) else {
+            return fail(L, "require: module name must be letters, digits, '_', '-' and '.'")
+        }
+        lua_getfield(L, ml_registryindex(), "moonlet.loaded")
+        if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_createtable(L, 0, 4); lua_pushvalue(L, -1); lua_setfield(L, ml_registryindex(), "moonlet.loaded") }
+        lua_getfield(L, -1, name)
+        if ml_isnil(L, -1) == 0 { return 1 }
+        ml_pop(L, 1)
+        let vm = LuaVM.vm(L)
+        let rel = name.replacingOccurrences(of: ".", with: "/") + ".lua"
+        guard let (path, src) = vm.host.findModule(rel) else {
+            return fail(L, "require: module '\(name)' not found in the plugin directories (\(vm.host.pluginDirs.joined(separator: ", ")))")
+        }
+        let rc = src.withCString { p in ml_loadtext(L, p, strlen(p), "@" + path) }
+        if rc != LUA_OK { return raise }
+        lua_pushstring(L, name)
+        if ml_pcall(L, 1, 1, 0) != LUA_OK { return raise }
+        if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_pushboolean(L, 1) }
+        lua_pushvalue(L, -1)
+        lua_setfield(L, -3, name)
+        return 1
+    }
+
+    // MARK: moonlet module
+
+    static func installModule(_ L: OpaquePointer) {
+        // Called with the global table on top.
+        lua_createtable(L, 0, 8)
+        lua_createtable(L, 0, 4)
+        for (n, f) in [("debug", logDebug), ("info", logInfo), ("warn", logWarn), ("err", logErr)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        lua_setfield(L, -2, "log")
+        ml_pushapifunction(L, now); lua_setfield(L, -2, "now")
+        lua_createtable(L, 0, 3)
+        ml_pushapifunction(L, reMatch); lua_setfield(L, -2, "match")
+        ml_pushapifunction(L, reFind); lua_setfield(L, -2, "find")
+        ml_pushapifunction(L, reGsub); lua_setfield(L, -2, "gsub")
+        lua_setfield(L, -2, "regex")
+        ml_pushapifunction(L, shared); lua_setfield(L, -2, "shared")
+        lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
+        lua_createtable(L, 0, 3)
+        ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
+        lua_setfield(L, -2, "metrics")
+        lua_setfield(L, -2, "moonlet")
+        // Shared-dict methods.
+        lua_createtable(L, 0, 6)
+        for (n, f) in [("get", dGet), ("set", dSet), ("incr", dIncr), ("cas", dCas), ("delete", dDelete)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        lua_pushvalue(L, -1); lua_setfield(L, -2, "__index")
+        lua_setfield(L, ml_registryindex(), "moonlet.shared_mt")
+    }
+
+    static func logAt(_ L: OpaquePointer?, _ level: Logger.Level) -> Int32 {
+        let vm = LuaVM.vm(L)
+        let n = lua_gettop(L)
+        var parts: [String] = []
+        for i in 1...max(1, n) where i <= n { parts.append(str(L, i) ?? String(cString: luaL_tolstring(L, i, nil))) }
+        luaL_where(L, 1)
+        let whereStr = str(L, -1) ?? ""
+        vm.logger.log(level: level, "\(whereStr)\(parts.joined(separator: " "))", metadata: ["plugin": .string(vm.currentPlugin)])
+        return 0
+    }
+    static let logDebug: lua_CFunction = { L in logAt(L, .debug) }
+    static let logInfo: lua_CFunction = { L in logAt(L, .info) }
+    static let logWarn: lua_CFunction = { L in logAt(L, .warning) }
+    static let logErr: lua_CFunction = { L in logAt(L, .error) }
+
+    static let now: lua_CFunction = { L in
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        lua_pushnumber(L, Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9)
+        return 1
+    }
+
+    static let metricCounter: lua_CFunction = { L in
+        guard let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
+            return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+")
+        }
+        let by = lua_isinteger(L, 2) != 0 ? UInt64(max(0, ml_tointeger(L, 2))) : 1
+        LuaVM.vm(L).metrics?.count("moonlet_lua_" + name, by)
+        return 0
+    }
+
+    // MARK: regex
+
+    enum Compiled { case success(CompiledRegex), failure(String) }
+    static func compiled(_ L: OpaquePointer?, _ idx: Int32) -> Compiled {
+        guard let p = str(L, idx) else { return .failure("pattern must be a string") }
+        do { return .success(try RegexCache.get(p)) } catch { return .failure(String(describing: error)) }
+    }
+
+    /// moonlet.regex.match(subject, pattern) → whole match and captures, or nil.
+    static let reMatch: lua_CFunction = { L in
+        guard let subj = bytes(L, 1) else { return fail(L, "regex.match(subject, pattern): subject must be a string") }
+        let re: CompiledRegex
+        switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.match: \(m)") }
+        guard let m = re.firstMatch(subj, from: 0) else { lua_pushnil(L); return 1 }
+        lua_createtable(L, Int32(m.count), 0)
+        for (i, r) in m.enumerated() {
+            if let r { lua_pushlstring(L, subj.baseAddress!.advanced(by: r.lowerBound).assumingMemoryBound(to: CChar.self), r.count) } else { lua_pushboolean(L, 0) }
+            lua_rawseti(L, -2, lua_Integer(i))
+        }
+        return 1
+    }
+
+    /// moonlet.regex.find(subject, pattern) → start, end (1-based, inclusive) or nil.
+    static let reFind: lua_CFunction = { L in
+        guard let subj = bytes(L, 1) else { return fail(L, "regex.find(subject, pattern): subject must be a string") }
+        let re: CompiledRegex
+        switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.find: \(m)") }
+        guard let m = re.firstMatch(subj, from: 0), let w = m[0] else { lua_pushnil(L); return 1 }
+        lua_pushinteger(L, lua_Integer(w.lowerBound + 1)); lua_pushinteger(L, lua_Integer(w.upperBound))
+        return 2
+    }
+
+    /// moonlet.regex.gsub(subject, pattern, replacement) → string ($1/\1 name groups).
+    static let reGsub: lua_CFunction = { L in
+        guard let subj = str(L, 1), let repl = str(L, 3) else { return fail(L, "regex.gsub(subject, pattern, replacement): strings expected") }
+        let re: CompiledRegex
+        switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.gsub: \(m)") }
+        push(L, re.replace(in: subj, with: repl))
+        return 1
+    }
+
+    // MARK: shared dict
+
+    static let shared: lua_CFunction = { L in
+        guard let name = str(L, 1), !name.isEmpty else { return fail(L, "moonlet.shared(name): name must be a string") }
+        _ = SharedDict.named(name)
+        let ud = ml_newuserdata(L, 0)
+        _ = ud
+        push(L, name); lua_setiuservalue(L, -2, 1)
+        lua_getfield(L, ml_registryindex(), "moonlet.shared_mt")
+        lua_setmetatable(L, -2)
+        return 1
+    }
+
+    static func dict(_ L: OpaquePointer?) -> SharedDict? {
+        guard lua_type(L, 1) == LUA_TUSERDATA else { return nil }
+        lua_getiuservalue(L, 1, 1)
+        defer { ml_pop(L, 1) }
+        guard let n = str(L, -1) else { return nil }
+        return SharedDict.named(n)
+    }
+
+    static func sharedValue(_ L: OpaquePointer?, _ idx: Int32) -> SharedDict.Value? {
+        switch lua_type(L, idx) {
+        case LUA_TNUMBER: return lua_isinteger(L, idx) != 0 ? .int(Int64(ml_tointeger(L, idx))) : .double(ml_tonumber(L, idx))
+        case LUA_TSTRING: return .string(str(L, idx)!)
+        case LUA_TBOOLEAN: return .bool(lua_toboolean(L, idx) != 0)
+        default: return nil
+        }
+    }
+
+    static func pushShared(_ L: OpaquePointer?, _ v: SharedDict.Value?) {
+        switch v {
+        case .none: lua_pushnil(L)
+        case .int(let i): lua_pushinteger(L, lua_Integer(i))
+        case .double(let d): lua_pushnumber(L, d)
+        case .string(let s): push(L, s)
+        case .bool(let b): lua_pushboolean(L, b ? 1 : 0)
+        }
+    }
+
+    static func ttl(_ L: OpaquePointer?, _ idx: Int32) -> Double? {
+        lua_type(L, idx) == LUA_TNUMBER ? ml_tonumber(L, idx) : nil
+    }
+
+    static let dGet: lua_CFunction = { L in
+        guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:get(key): key must be a string") }
+        pushShared(L, d.get(k)); return 1
+    }
+    static let dSet: lua_CFunction = { L in
+        guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:set(key, value, ttl): key must be a string") }
+        if ml_isnoneornil(L, 3) != 0 { d.delete(k); return 0 }
+        guard let v = sharedValue(L, 3) else { return fail(L, "dict:set: value must be a number, string or boolean") }
+        switch d.set(k, v, ttl: ttl(L, 4)) {
+        case .ok: lua_pushboolean(L, 1); return 1
+        case .full: lua_pushboolean(L, 0); lua_pushstring(L, "no memory"); return 2
+        }
+    }
+    static let dIncr: lua_CFunction = { L in
+        guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:incr(key, by, init, ttl): key must be a string") }
+        let by = lua_type(L, 3) == LUA_TNUMBER ? Int64(ml_tointeger(L, 3)) : 1
+        let initial: Int64? = lua_type(L, 4) == LUA_TNUMBER ? Int64(ml_tointeger(L, 4)) : nil
+        guard let v = d.incr(k, by: by, initial: initial, ttl: ttl(L, 5)) else { lua_pushnil(L); lua_pushstring(L, "not found or not an integer"); return 2 }
+        lua_pushinteger(L, lua_Integer(v)); return 1
+    }
+    static let dCas: lua_CFunction = { L in
+        guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:cas(key, old, new, ttl): key must be a string") }
+        let old = sharedValue(L, 3)
+        let new = sharedValue(L, 4)
+        lua_pushboolean(L, d.cas(k, expected: old, new: new, ttl: ttl(L, 5)) ? 1 : 0); return 1
+    }
+    static let dDelete: lua_CFunction = { L in
+        guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:delete(key): key must be a string") }
+        d.delete(k); return 0
+    }
+}

@@ -1,0 +1,180 @@
+import CLua
+import MoonletCore
+import MoonletConfig
+import NIOCore
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// One plugin loaded into one VM: the registry refs of its phase functions and of its
+/// `conf`. It is a `Filter`; streams that started with it keep it (and so this
+/// version of the plugin) until they end, which is how a reload never changes the
+/// code under an in-flight stream.
+public final class LuaPluginInstance: Filter {
+    public let name: String
+    public let phase: FilterPhase
+    public let priority: Int
+    public private(set) var wantsRequestBody = false
+    public private(set) var wantsResponseBody = false
+    let vm: LuaVM
+    let source: LuaPluginSource
+    let limits: LuaLimits
+    var moduleRef: Int32 = LUA_NOREF
+    var confRef: Int32 = LUA_NOREF
+    /// on_request, on_request_body, on_response, on_response_body, on_log
+    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
+    let failStrategy: FailStrategy
+    static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log"]
+
+    init(vm: LuaVM, source: LuaPluginSource) throws {
+        self.vm = vm
+        self.source = source
+        name = source.spec.name
+        phase = FilterPhase(istio: source.spec.phase) ?? .unspecified
+        priority = source.spec.priority
+        failStrategy = source.spec.failStrategy
+        var l = vm.host.defaultLimits
+        if let v = source.spec.maxInstructions { l.maxInstructions = v }
+        if let v = source.spec.timeoutMs { l.timeoutMs = v }
+        limits = l
+        try load()
+        wantsRequestBody = fn[1] != LUA_NOREF
+        wantsResponseBody = fn[3] != LUA_NOREF
+    }
+
+    deinit { release() }
+
+    /// Drops the registry refs (the module becomes garbage).
+    func release() {
+        let L = vm.L
+        for r in fn + [moduleRef, confRef] where r != LUA_NOREF && r != LUA_REFNIL { ml_unref(L, r) }
+        fn = fn.map { _ in LUA_NOREF }
+        moduleRef = LUA_NOREF; confRef = LUA_NOREF
+    }
+
+    func load() throws {
+        let L = vm.L
+        moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: limits)
+        let hasEnvoy = Self.detectEnvoy(L)
+        if hasEnvoy { throw LuaError.runtime("\(source.spec.path): Envoy-style envoy_on_request/envoy_on_response scripts need the Envoy adapter, which is not available yet") }
+        ml_getregistry_ref(L, moduleRef)
+        for (i, n) in Self.phaseNames.enumerated() {
+            lua_getfield(L, -1, n)
+            if ml_isfunction(L, -1) != 0 { fn[i] = ml_ref(L) }
+            else if ml_isnil(L, -1) != 0 { ml_pop(L, 1) }
+            else { ml_pop(L, 2); throw LuaError.runtime("\(source.spec.path): '\(n)' must be a function") }
+        }
+        // conf = configure(pluginConfig) or pluginConfig itself.
+        lua_getfield(L, -1, "configure")
+        let hasConfigure = ml_isfunction(L, -1) != 0
+        let co = vm.acquireThread()
+        if hasConfigure {
+            lua_xmove(L, co.L, 1)
+            Self.push(co.L, source.spec.pluginConfig)
+            let out = vm.resume(co.L, nargs: 1, limits: limits, plugin: name, keepResults: true)
+            guard out.ok else {
+                vm.releaseThread(co, healthy: false); ml_pop(L, 1)
+                throw LuaError.runtime("configure: \(out.error ?? "error")")
+            }
+            lua_xmove(co.L, L, 1)
+        } else {
+            ml_pop(L, 1)
+            Self.push(L, source.spec.pluginConfig)
+        }
+        vm.releaseThread(co, healthy: true)
+        confRef = ml_ref(L)
+        ml_pop(L, 1)
+    }
+
+    static func detectEnvoy(_ L: OpaquePointer) -> Bool {
+        lua_getglobal(L, "envoy_on_request")
+        lua_getglobal(L, "envoy_on_response")
+        let r = ml_isfunction(L, -1) != 0 || ml_isfunction(L, -2) != 0
+        ml_pop(L, 2)
+        return r
+    }
+
+    /// Pushes a config value as Lua data.
+    static func push(_ L: OpaquePointer?, _ v: ConfigValue) {
+        switch v {
+        case .null: lua_pushnil(L)
+        case .bool(let b): lua_pushboolean(L, b ? 1 : 0)
+        case .int(let i): lua_pushinteger(L, lua_Integer(i))
+        case .double(let d): lua_pushnumber(L, d)
+        case .string(let s): LuaAPI.push(L, s)
+        case .array(let a):
+            lua_createtable(L, Int32(a.count), 0)
+            for (i, e) in a.enumerated() { push(L, e); lua_rawseti(L, -2, lua_Integer(i + 1)) }
+        case .map(let kv):
+            lua_createtable(L, 0, Int32(kv.count))
+            for (k, e) in kv { push(L, e); lua_setfield(L, -2, k) }
+        }
+    }
+
+    // MARK: phases
+
+    @inline(__always)
+    func call(_ which: Int, _ s: ProxyStream, chunk: ByteBuffer? = nil, eos: Bool = false, retried: Bool = false) -> FilterAction {
+        let ref = fn[which]
+        if ref == LUA_NOREF { return .continue }
+        let ctx = s.luaCtx
+        let thread: LuaThread
+        if let t = ctx.thread { thread = t } else { thread = vm.acquireThread(); ctx.thread = thread }
+        let co = thread.L
+        ml_getregistry_ref(co, ref)
+        ml_pushlight(co, LuaAPI.wrapper(s.id, .stream))
+        ml_getregistry_ref(co, confRef)
+        var nargs: Int32 = 2
+        if which == 1 || which == 3 {
+            if let c = chunk {
+                c.withUnsafeReadableBytes { raw in ml_pushbytes(co, raw.baseAddress, raw.count) }
+            } else { lua_pushnil(co) }
+            lua_pushboolean(co, eos ? 1 : 0)
+            nargs = 4
+        }
+        let prev = vm.current, prevID = vm.currentID
+        vm.current = s; vm.currentID = s.id
+        let t0 = Self.nanos()
+        let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
+        vm.current = prev; vm.currentID = prevID
+        vm.metrics?.plugin(name, nanos: Self.nanos() &- t0, error: !out.ok, aborted: out.aborted)
+        if out.ok {
+            if s.localReply != nil && which != 4 { return .respond }
+            if out.returned == "stop_and_buffer" && which == 0 { return .stopAndBuffer }
+            return .continue
+        }
+        // The coroutine died with the error: give it back and start a fresh one next time.
+        vm.releaseThread(thread, healthy: false)
+        ctx.thread = nil
+        let msg = "plugin \(name): \(Self.phaseNames[which]): \(out.error ?? "error")"
+        vm.logger.error("\(msg)", metadata: ["stream": "\(s.id)"])
+        vm.host.recordError(plugin: name, msg)
+        if which == 4 { return .continue }
+        switch failStrategy {
+        case .failOpen:
+            return .continue
+        case .failReload where !retried:
+            release()
+            do { try load() } catch { vm.logger.error("plugin \(name): reload failed: \(error)") ; break }
+            return call(which, s, chunk: chunk, eos: eos, retried: true)
+        default:
+            break
+        }
+        if which <= 1 || s.response == nil || which == 2 {
+            s.respond(500, body: "filter \(name) failed\n", headers: [("content-type", "text/plain")])
+            return .respond
+        }
+        return .continue
+    }
+
+    static func nanos() -> UInt64 {
+        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    public func onRequest(_ stream: ProxyStream) -> FilterAction { call(0, stream) }
+    public func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(1, stream, chunk: chunk, eos: endOfStream) }
+    public func onResponse(_ stream: ProxyStream) -> FilterAction { call(2, stream) }
+    public func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(3, stream, chunk: chunk, eos: endOfStream) }
+    public func onLog(_ stream: ProxyStream) { _ = call(4, stream) }
+}

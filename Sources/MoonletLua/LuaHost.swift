@@ -1,0 +1,169 @@
+import CLua
+import MoonletCore
+import MoonletConfig
+import MoonletTelemetry
+import NIOConcurrencyHelpers
+import Logging
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// A plugin's source, read and checked off the hot path.
+public struct LuaPluginSource: Sendable {
+    public var spec: LuaPluginSpec
+    public var source: String
+    /// FNV-1a of the source, hex (the "version hash" on /plugins).
+    public var hash: String
+    public var loadedAt: Date
+}
+
+/// The state of one plugin as /plugins reports it.
+public struct LuaPluginStatus: Sendable {
+    public var name: String
+    public var path: String
+    public var hash: String
+    public var loadedAt: Date
+    public var lastError: String?
+    public var lastErrorAt: Date?
+}
+
+/// One validated set of plugins: what every event loop builds its Lua filters from.
+public final class LuaPluginGeneration: @unchecked Sendable {
+    public let id: Int
+    public let plugins: [LuaPluginSource]
+    init(id: Int, plugins: [LuaPluginSource]) { self.id = id; self.plugins = plugins }
+}
+
+/// Process-wide part of the Lua host: reads and validates plugin files, keeps their
+/// status, and owns the settings every per-loop VM shares.
+public final class LuaHost: @unchecked Sendable {
+    public let logger: Logger
+    public let defaultLimits: LuaLimits
+    /// Directories `require` may load modules from.
+    public private(set) var pluginDirs: [String]
+    let lock = NIOLock()
+    var status: [String: LuaPluginStatus] = [:]
+    var generationCounter = 0
+    var moduleCache: [String: (String, String)] = [:]
+
+    public init(logger: Logger, limits: LuaLimits = LuaLimits(), pluginDirs: [String] = []) {
+        self.logger = logger
+        self.defaultLimits = limits
+        self.pluginDirs = pluginDirs
+    }
+
+    /// Reads every applicable plugin and compiles it in a scratch VM (module code run
+    /// once under the plugin's budget, `configure` called). Errors name the plugin,
+    /// the file and the line; a generation is returned only when every plugin is good.
+    public func prepare(_ specs: [LuaPluginSpec]) -> Result<LuaPluginGeneration, LuaPrepareError> {
+        var out: [LuaPluginSource] = []
+        var errors: [String] = []
+        let dirs = Array(Set(specs.map { ($0.path as NSString).deletingLastPathComponent } + pluginDirs)).sorted()
+        lock.withLock { pluginDirs = dirs; moduleCache = [:] }
+        let scratch = LuaVM(host: self, metrics: nil)
+        for spec in specs {
+            guard let data = FileManager.default.contents(atPath: spec.path), let text = String(data: data, encoding: .utf8) else {
+                errors.append("plugin \(spec.name): \(spec.path): cannot read file")
+                continue
+            }
+            let src = LuaPluginSource(spec: spec, source: text, hash: Self.fnv(text), loadedAt: Date())
+            do {
+                let inst = try LuaPluginInstance(vm: scratch, source: src)
+                inst.release()
+                out.append(src)
+            } catch {
+                errors.append("plugin \(spec.name): \(error)")
+            }
+        }
+        if !errors.isEmpty {
+            let now = Date()
+            lock.withLock {
+                for e in errors {
+                    let name = e.dropFirst("plugin ".count).split(separator: ":").first.map(String.init) ?? ""
+                    status[name, default: LuaPluginStatus(name: name, path: "", hash: "", loadedAt: now)].lastError = e
+                    status[name]!.lastErrorAt = now
+                }
+            }
+            return .failure(LuaPrepareError(messages: errors))
+        }
+        return .success(lock.withLock {
+            generationCounter += 1
+            for p in out {
+                let old = status[p.spec.name]
+                var st = LuaPluginStatus(name: p.spec.name, path: p.spec.path, hash: p.hash, loadedAt: p.loadedAt)
+                if old?.hash == p.hash { st.loadedAt = old!.loadedAt }
+                st.lastError = nil
+                status[p.spec.name] = st
+            }
+            let names = Set(out.map(\.spec.name))
+            status = status.filter { names.contains($0.key) || $0.value.hash.isEmpty }
+            return LuaPluginGeneration(id: generationCounter, plugins: out)
+        })
+    }
+
+    /// Records a runtime error of a plugin (shown on /plugins).
+    public func recordError(plugin: String, _ message: String) {
+        lock.withLock {
+            status[plugin]?.lastError = message
+            status[plugin]?.lastErrorAt = Date()
+        }
+    }
+
+    public func statuses() -> [LuaPluginStatus] {
+        lock.withLock { status.values.sorted { $0.name < $1.name } }
+    }
+
+    /// Finds `rel` ("a/b.lua") in the plugin directories, cached per generation.
+    func findModule(_ rel: String) -> (String, String)? {
+        lock.withLock {
+            if let c = moduleCache[rel] { return c }
+            for d in pluginDirs {
+                let p = (d as NSString).appendingPathComponent(rel)
+                if let data = FileManager.default.contents(atPath: p), let t = String(data: data, encoding: .utf8) {
+                    moduleCache[rel] = (p, t)
+                    return (p, t)
+                }
+            }
+            return nil
+        }
+    }
+
+    static func fnv(_ s: String) -> String {
+        var h: UInt64 = 0xcbf29ce484222325
+        for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100000001b3 }
+        let hex = String(h, radix: 16)
+        return String(repeating: "0", count: 16 - hex.count) + hex
+    }
+}
+
+public struct LuaPrepareError: Error, CustomStringConvertible, Sendable {
+    public var messages: [String]
+    public var description: String { messages.joined(separator: "\n") }
+}
+
+/// The Lua side of one event loop: its VM and the filters built from the current
+/// plugin generation. Used only on that loop's thread.
+public final class LuaLoopRuntime {
+    public let vm: LuaVM
+    public init(host: LuaHost, metrics: MetricsShard?) {
+        vm = LuaVM(host: host, metrics: metrics)
+    }
+
+    /// Builds this loop's filters for a generation. A plugin that fails here (it passed
+    /// validation, so only a load-order effect can cause it) is reported and left out.
+    public func filters(for gen: LuaPluginGeneration) -> [Filter] {
+        var out: [Filter] = []
+        for src in gen.plugins {
+            do {
+                out.append(try LuaPluginInstance(vm: vm, source: src))
+            } catch {
+                vm.logger.error("plugin \(src.spec.name): \(error)")
+                vm.host.recordError(plugin: src.spec.name, "\(error)")
+            }
+        }
+        return out
+    }
+
+    /// Frees a stream's Lua state; call after on_log.
+    public func endStream(_ s: ProxyStream) { vm.endStream(s) }
+}

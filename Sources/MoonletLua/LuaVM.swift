@@ -1,0 +1,205 @@
+import CLua
+import MoonletCore
+import MoonletConfig
+import MoonletRegex
+import MoonletTelemetry
+import Logging
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// Per-call and per-VM limits of Lua code (safe defaults; per plugin in LuaPlugin.spec.limits).
+public struct LuaLimits: Sendable {
+    /// Instructions one phase call may run (runaway code is aborted).
+    public var maxInstructions = 10_000_000
+    /// Wall-clock budget of one phase call, milliseconds.
+    public var timeoutMs = 100
+    /// Memory of one VM (all plugins of one event loop), bytes.
+    public var maxMemoryBytes = 64 << 20
+    public init() {}
+}
+
+/// Kinds of the stream wrappers handed to Lua. A wrapper is a light userdata whose
+/// value encodes (stream id << 4 | kind): no allocation per request, and a wrapper
+/// kept past its stream fails its id check ("object used outside of its stream").
+enum WrapperKind: UInt {
+    case stream = 1, request, response, requestHeaders, responseHeaders, source, destination, route
+}
+
+/// The Lua state of one stream in one VM: its coroutine and its `s.vars` table.
+final class StreamLuaContext {
+    var thread: LuaThread?
+    var varsRef: Int32 = LUA_NOREF
+}
+
+/// A pooled coroutine (anchored in the registry).
+final class LuaThread {
+    let L: OpaquePointer
+    let ref: Int32
+    init(L: OpaquePointer, ref: Int32) { self.L = L; self.ref = ref }
+}
+
+/// One Lua 5.4 VM, owned by one event loop: every call happens on that loop's thread.
+/// Holds the sandboxed globals, the `moonlet` module, a pool of coroutines and the
+/// stream currently being served (the only one wrappers may reach).
+public final class LuaVM {
+    public let L: OpaquePointer
+    let limitsPtr: UnsafeMutablePointer<ml_limits>
+    public let host: LuaHost
+    public let metrics: MetricsShard?
+    var threadPool: [LuaThread] = []
+    /// The stream of the running phase call, and its id (0 = none).
+    var current: ProxyStream?
+    var currentID: UInt64 = 0
+    var currentPlugin: String = ""
+    var varsStreamRefs: [Int32] = []
+    let logger: Logger
+
+    public init(host: LuaHost, metrics: MetricsShard?) {
+        self.host = host
+        self.metrics = metrics
+        self.logger = host.logger
+        limitsPtr = UnsafeMutablePointer<ml_limits>.allocate(capacity: 1)
+        limitsPtr.initialize(to: ml_limits())
+        limitsPtr.pointee.cap = 0
+        L = ml_newstate(limitsPtr)!
+        ml_setvm(L, Unmanaged.passUnretained(self).toOpaque())
+        openSandbox()
+        limitsPtr.pointee.cap = host.defaultLimits.maxMemoryBytes
+        ml_sethook(L)
+    }
+
+    deinit {
+        lua_close(L)
+        limitsPtr.deinitialize(count: 1)
+        limitsPtr.deallocate()
+    }
+
+    /// Bytes the VM has allocated.
+    public var memoryUsed: Int { limitsPtr.pointee.used }
+
+    static func vm(_ L: OpaquePointer?) -> LuaVM {
+        Unmanaged<LuaVM>.fromOpaque(ml_getvm(L)!).takeUnretainedValue()
+    }
+
+    // MARK: sandbox
+
+    func openSandbox() {
+        luaL_openlibs(L)
+        // Remove what a filter must not reach.
+        ml_pushglobaltable(L)
+        for name in ["io", "debug", "dofile", "loadfile", "package", "require", "collectgarbage"] {
+            lua_pushnil(L); lua_setfield(L, -2, name)
+        }
+        // os: time and clock only.
+        lua_createtable(L, 0, 2)
+        lua_getglobal(L, "os"); lua_getfield(L, -1, "time"); lua_setfield(L, -3, "time")
+        lua_getfield(L, -1, "clock"); lua_setfield(L, -3, "clock"); ml_pop(L, 1)
+        lua_setfield(L, -2, "os")
+        // load: text chunks only, never bytecode.
+        ml_pushapifunction(L, LuaAPI.load); lua_setfield(L, -2, "load")
+        ml_pushapifunction(L, LuaAPI.require); lua_setfield(L, -2, "require")
+        // string.dump produces bytecode: gone.
+        lua_getglobal(L, "string"); lua_pushnil(L); lua_setfield(L, -2, "dump"); ml_pop(L, 1)
+        LuaAPI.installModule(L)
+        ml_pop(L, 1)
+        LuaAPI.installWrapperMetatable(L)
+        ml_gc_generational(L)
+    }
+
+    // MARK: threads
+
+    func acquireThread() -> LuaThread {
+        if let t = threadPool.popLast() { return t }
+        let co = lua_newthread(L)!
+        let ref = ml_ref(L)
+        return LuaThread(L: co, ref: ref)
+    }
+
+    func releaseThread(_ t: LuaThread, healthy: Bool) {
+        if healthy && threadPool.count < 256 && lua_status(t.L) == LUA_OK {
+            lua_settop(t.L, 0)
+            threadPool.append(t)
+        } else {
+            _ = ml_resetthread(t.L)
+            ml_unref(L, t.ref)
+        }
+    }
+
+    /// Frees the stream's Lua state (coroutine back to the pool, `s.vars` released).
+    public func endStream(_ s: ProxyStream) {
+        guard let ctx = s.luaContext as? StreamLuaContext else { return }
+        if let t = ctx.thread { releaseThread(t, healthy: true) }
+        if ctx.varsRef != LUA_NOREF { ml_unref(L, ctx.varsRef) }
+        s.luaContext = nil
+    }
+
+    // MARK: calls
+
+    public struct CallOutcome {
+        public var ok: Bool
+        public var error: String?
+        public var aborted: Bool
+        /// First return value as a string, when it was one (e.g. "stop_and_buffer").
+        public var returned: String?
+    }
+
+    /// Arms the budget and runs the function on top of `co` (with `nargs` args above it).
+    func resume(_ co: OpaquePointer, nargs: Int32, limits: LuaLimits, plugin: String, keepResults: Bool = false) -> CallOutcome {
+        ml_arm(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
+        currentPlugin = plugin
+        var nres: Int32 = 0
+        let st = ml_resume(co, L, nargs, &nres)
+        let aborted = limitsPtr.pointee.aborted != 0
+        limitsPtr.pointee.deadline.tv_sec = 0
+        if st == LUA_OK {
+            var ret: String? = nil
+            if nres > 0 && lua_type(co, -nres) == LUA_TSTRING { ret = String(cString: ml_tostring(co, -nres)) }
+            if keepResults { lua_settop(co, nres > 0 ? -nres : 0); if nres == 0 { lua_pushnil(co) } } else { lua_settop(co, 0) }
+            return CallOutcome(ok: true, error: nil, aborted: false, returned: ret)
+        }
+        if st == LUA_YIELD {
+            lua_settop(co, 0)
+            return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil)
+        }
+        var msg = lua_type(co, -1) == LUA_TSTRING ? String(cString: ml_tostring(co, -1)) : "error object is not a string"
+        if st == LUA_ERRMEM { msg = "not enough memory (cap \(limitsPtr.pointee.cap) bytes)" }
+        ml_gc_collect(L)
+        return CallOutcome(ok: false, error: msg, aborted: aborted || st == LUA_ERRMEM, returned: nil)
+    }
+
+    /// Loads and runs a plugin file in this VM; returns the module table's registry ref.
+    func loadModule(source: String, chunkName: String, limits: LuaLimits) throws -> Int32 {
+        let co = acquireThread()
+        defer { releaseThread(co, healthy: lua_status(co.L) == LUA_OK) }
+        let rc = source.withCString { p in ml_loadtext(co.L, p, strlen(p), "@" + chunkName) }
+        if rc != LUA_OK {
+            let m = String(cString: ml_tostring(co.L, -1)); lua_settop(co.L, 0)
+            throw LuaError.compile(m)
+        }
+        let out = resume(co.L, nargs: 0, limits: limits, plugin: chunkName, keepResults: true)
+        guard out.ok else { lua_settop(co.L, 0); throw LuaError.runtime(out.error ?? "error") }
+        guard ml_istable(co.L, -1) != 0 else {
+            lua_settop(co.L, 0)
+            throw LuaError.runtime("\(chunkName): a filter module must return a table of phase functions")
+        }
+        lua_xmove(co.L, L, 1)
+        lua_settop(co.L, 0)
+        return ml_ref(L)
+    }
+}
+
+public enum LuaError: Error, CustomStringConvertible {
+    case compile(String)
+    case runtime(String)
+    public var description: String {
+        switch self { case .compile(let m): return m; case .runtime(let m): return m }
+    }
+}
+
+extension ProxyStream {
+    var luaCtx: StreamLuaContext {
+        if let c = luaContext as? StreamLuaContext { return c }
+        let c = StreamLuaContext(); luaContext = c; return c
+    }
+}

@@ -1,0 +1,598 @@
+import NIOCore
+import MoonletCore
+import MoonletTelemetry
+
+/// The HTTP/1.1 fast path: one handler per downstream connection owns each stream
+/// from its first byte to its log line. It parses heads in place, runs the filter
+/// chain, writes the upstream request as the original bytes with the filters' edits
+/// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
+final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let ctx: LoopContext
+    let role: ListenerRole
+    let limits: ProxyLimits
+    var context: ChannelHandlerContext!
+    var inbound: ByteBuffer?
+    var parser: HTTPHeadParser
+    var peer = PeerInfo(address: "")
+    var peerIP = ""
+
+    // Current stream.
+    var stream: ProxyStream?
+    var chain: FilterChain = .empty
+    var reqDecoder: BodyDecoder?
+    var requestComplete = false
+    var requestChunked = false
+    var buffering = false
+    var upstream: UpstreamConnection?
+    var connecting = false
+    var pendingUpstream: ByteBuffer?
+    var responseStarted = false
+    var responseChunked = false
+    var responseCloseDelimited = false
+    var closeAfterResponse = false
+    var streamTimer: Scheduled<Void>?
+    var headerTimer: Scheduled<Void>?
+    var idleTimer: Scheduled<Void>?
+    var lastActivity: UInt64 = 0
+    var closed = false
+
+    init(ctx: LoopContext, role: ListenerRole) {
+        self.ctx = ctx
+        self.role = role
+        self.limits = ctx.settings.limits
+        parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
+    }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let a = context.channel.remoteAddress {
+            peerIP = a.ipAddress ?? ""
+            peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
+        }
+        ctx.activeConnections += 1
+        ctx.metrics.connectionOpened(role.rawValue)
+        armIdleTimer()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        ctx.activeConnections -= 1
+        ctx.metrics.connectionClosed(role.rawValue)
+        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel()
+        if let s = stream {
+            s.responseFlags.insert(.downstreamConnectionTermination)
+            if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+            finishStream(s)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+        if inbound == nil || inbound!.readableBytes == 0 { inbound = incoming } else { inbound!.writeBuffer(&incoming) }
+        process()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        if let u = upstream, let ch = u.channel { ch.flush() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // Downstream can't take more: stop reading the upstream response (and resume).
+        upstream?.channel?.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenComplete { _ in }
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        guard !closed else { return }
+        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+    }
+
+    // MARK: request side
+
+    func process() {
+        while !closed, var buf = inbound {
+            if stream == nil {
+                guard buf.readableBytes > 0 else { return }
+                switch parser.parseRequest(buf) {
+                case .needMore:
+                    armHeaderTimer()
+                    return
+                case .error(let e):
+                    protocolError(e)
+                    return
+                case .complete(let head, let consumed):
+                    buf.moveReaderIndex(forwardBy: consumed)
+                    inbound = buf
+                    headerTimer?.cancel(); headerTimer = nil
+                    startStream(head)
+                    continue
+                }
+            }
+            // A stream is active: feed its request body.
+            if var d = reqDecoder {
+                if buf.readableBytes == 0 { return }
+                var failure: HTTPParseError?
+                var done = false
+                do {
+                    done = try d.decode(&buf) { chunk in self.requestBodyChunk(chunk) }
+                } catch let e as HTTPParseError { failure = e } catch { failure = HTTPParseError(400, "bad body") }
+                inbound = buf
+                reqDecoder = d
+                if let failure {
+                    if !responseStarted { stream?.responseFlags.insert(.downstreamProtocolError); localReplyAndClose(failure.status, failure.reason) }
+                    else { context.close(promise: nil) }
+                    return
+                }
+                if done { requestBodyEnd() }
+                if !done { return }
+                continue
+            }
+            // Request complete, response pending: later bytes are pipelined requests.
+            if buf.readableBytes > limits.maxHeadBytes * 2 {
+                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            }
+            return
+        }
+    }
+
+    func startStream(_ headIn: HTTPHead) {
+        var head = headIn
+        idleTimer?.cancel(); idleTimer = nil
+        head.stripHopByHop()
+        let s = ProxyStream(id: ctx.nextStreamID, request: head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
+        ctx.nextStreamID &+= 1
+        ctx.activeStreams += 1
+        stream = s
+        chain = ctx.chain
+        requestComplete = false
+        responseStarted = false
+        responseChunked = false
+        responseCloseDelimited = false
+        buffering = false
+        closeAfterResponse = !head.keepAlive
+        requestChunked = head.framing == .chunked
+        reqDecoder = head.framing == .none ? nil : BodyDecoder(framing: head.framing)
+        if reqDecoder == nil { requestComplete = true }
+        s.destination.port = role == .inbound ? ctx.settings.appPort : 0
+        // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made, x-forwarded-proto.
+        if s.request.firstIndex(of: .xRequestID) == nil { s.request.add("x-request-id", ctx.requestID()) }
+        if let i = s.request.firstIndex(of: .xForwardedFor) {
+            let v = s.request.value(at: i)
+            s.request.removed[i] = true
+            s.request.add("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
+        } else {
+            s.request.add("x-forwarded-for", peerIP)
+        }
+        if s.request.firstIndex(lowercased: "x-forwarded-proto") == nil { s.request.add("x-forwarded-proto", "http") }
+        if role == .inbound {
+            s.route.cluster = "inbound|\(ctx.settings.appPort)||"
+            s.route.host = "127.0.0.1"
+            s.route.port = ctx.settings.appPort
+        }
+        switch chain.runRequest(s) {
+        case .respond:
+            // The request body (if any) is read and dropped; the reply goes out now.
+            sendLocalReply()
+            return
+        case .stopAndBuffer:
+            if reqDecoder != nil {
+                buffering = true
+                s.bufferedRequestBody = context.channel.allocator.buffer(capacity: 0)
+                return // the body arrives through process(); requestBodyEnd continues.
+            }
+            s.bufferedRequestBody = ByteBuffer()
+            if chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
+        case .continue:
+            break
+        }
+        if s.request.expectContinue && reqDecoder != nil {
+            s.request.removeAll(of: .expect)
+            context.write(wrapOutboundOut(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")), promise: nil)
+        }
+        goUpstream()
+    }
+
+    /// Picks the upstream from the route decision and sends the request head.
+    func goUpstream() {
+        guard let s = stream else { return }
+        if s.route.host.isEmpty || s.route.port == 0 {
+            s.respond(404, body: "", headers: [], flags: .noRouteFound)
+            sendLocalReply()
+            return
+        }
+        let key = "\(s.route.host):\(s.route.port)"
+        s.upstreamHost = key
+        armStreamTimer(s)
+        var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
+        HeadWriter.writeRequest(s.request, into: &out) { o in
+            if self.requestChunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+        }
+        if buffering, var body = s.bufferedRequestBody {
+            // The whole body was buffered for a filter: send it with a content-length.
+            if requestChunked {
+                out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
+                s.request.removeAll(of: .contentLength)
+                HeadWriter.writeRequest(s.request, into: &out) { o in
+                    HeadWriter.writeField("content-length", String(body.readableBytes), into: &o)
+                }
+            }
+            out.writeBuffer(&body)
+            requestChunked = false
+        }
+        pendingUpstream = out
+        if let c = ctx.pool.takeIdle(key) {
+            attach(c)
+            return
+        }
+        let address: SocketAddress
+        do { address = try ctx.pool.address(host: s.route.host, port: s.route.port) } catch {
+            s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
+            sendLocalReply()
+            return
+        }
+        connecting = true
+        let sid = s.id
+        ctx.pool.connect(key: key, address: address) { [weak self] r in
+            guard let self else { return }
+            switch r {
+            case .success(let c):
+                guard let cur = self.stream, cur.id == sid, !self.closed else { self.ctx.pool.release(c); return }
+                self.connecting = false
+                self.attach(c)
+            case .failure(let e):
+                guard let cur = self.stream, cur.id == sid else { return }
+                self.connecting = false
+                self.upstreamFailed(.connectFailed("\(e)"))
+            }
+        }
+    }
+
+    func attach(_ c: UpstreamConnection) {
+        guard let s = stream else { return }
+        upstream = c
+        c.begin(delegate: self, isHead: s.request.isHead)
+        if var p = pendingUpstream {
+            pendingUpstream = nil
+            if requestComplete && requestChunked && !buffering { p.writeStaticString(ChunkedEncoder.lastChunk) ; requestChunked = false }
+            c.channel!.writeAndFlush(p, promise: nil)
+        }
+    }
+
+    func requestBodyChunk(_ chunk: ByteBuffer) {
+        guard let s = stream else { return }
+        s.requestBodyBytes += Int64(chunk.readableBytes)
+        if s.localReply != nil { return } // replying locally: drain and drop
+        if buffering {
+            if s.bufferedRequestBody!.readableBytes + chunk.readableBytes > limits.maxBufferedBodyBytes {
+                buffering = false
+                s.bufferedRequestBody = nil
+                localReplyAndClose(413, "request body larger than \(limits.maxBufferedBodyBytes) bytes")
+                return
+            }
+            var c = chunk
+            s.bufferedRequestBody!.writeBuffer(&c)
+            return
+        }
+        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: chunk, endOfStream: false) == .respond {
+            if upstream == nil && !connecting { sendLocalReply() } else { abortUpstreamAndReply() }
+            return
+        }
+        var out: ByteBuffer
+        if requestChunked {
+            out = context.channel.allocator.buffer(capacity: chunk.readableBytes + 16)
+            ChunkedEncoder.writeChunk(chunk, into: &out)
+        } else {
+            out = chunk
+        }
+        if let u = upstream, let ch = u.channel {
+            ch.write(out, promise: nil)
+            if !ch.isWritable { context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
+        } else if pendingUpstream != nil {
+            var o = out
+            pendingUpstream!.writeBuffer(&o)
+            if pendingUpstream!.readableBytes > limits.highWaterMarkBytes {
+                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            }
+        }
+    }
+
+    func requestBodyEnd() {
+        reqDecoder = nil
+        requestComplete = true
+        guard let s = stream else { return }
+        if s.localReply != nil {
+            if !responseStarted && upstream == nil && !connecting { sendLocalReply() }
+            return
+        }
+        if buffering {
+            if chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
+            goUpstream()
+            return
+        }
+        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond {
+            abortUpstreamAndReply(); return
+        }
+        if requestChunked {
+            if let u = upstream, let ch = u.channel { ch.writeAndFlush(ByteBuffer(staticString: ChunkedEncoder.lastChunk), promise: nil) }
+            else if pendingUpstream != nil { pendingUpstream!.writeStaticString(ChunkedEncoder.lastChunk) }
+            requestChunked = false
+        } else {
+            upstream?.channel?.flush()
+        }
+    }
+
+    func abortUpstreamAndReply() {
+        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        pendingUpstream = nil
+        if responseStarted { context.close(promise: nil); return }
+        closeAfterResponse = closeAfterResponse || !requestComplete
+        sendLocalReply()
+    }
+
+    // MARK: response side
+
+    func upstreamResponseHead(_ headIn: HTTPHead) {
+        guard let s = stream else { return }
+        streamTimer?.cancel(); streamTimer = nil
+        var head = headIn
+        head.stripHopByHop()
+        head.removeAll(of: .server)
+        s.response = head
+        if chain.runResponse(s) == .respond, s.localReply != nil {
+            // A response filter replaced the upstream response.
+            if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+            s.response = nil
+            sendLocalReply()
+            return
+        }
+        writeResponseHead(s.response!)
+    }
+
+    func writeResponseHead(_ head: HTTPHead) {
+        guard let s = stream else { return }
+        let clientMinor = s.request.versionMinor
+        responseChunked = false
+        responseCloseDelimited = false
+        switch head.framing {
+        case .chunked, .untilClose:
+            if clientMinor == 1 { responseChunked = true } else { responseCloseDelimited = true; closeAfterResponse = true }
+        default: break
+        }
+        if !requestComplete { closeAfterResponse = true } // body still arriving: can't resync
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 128)
+        let chunked = responseChunked
+        let close = closeAfterResponse
+        HeadWriter.writeResponse(head, into: &out) { o in
+            o.writeStaticString("server: moonlet\r\n")
+            if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+            if close { o.writeStaticString("connection: close\r\n") }
+            else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
+        }
+        responseStarted = true
+        context.write(wrapOutboundOut(out), promise: nil)
+    }
+
+    func upstreamResponseBody(_ chunk: ByteBuffer) {
+        guard let s = stream else { return }
+        s.responseBodyBytes += Int64(chunk.readableBytes)
+        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
+        if responseChunked {
+            var out = context.channel.allocator.buffer(capacity: chunk.readableBytes + 16)
+            ChunkedEncoder.writeChunk(chunk, into: &out)
+            context.write(wrapOutboundOut(out), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(chunk), promise: nil)
+        }
+        if !context.channel.isWritable { context.flush() }
+    }
+
+    func upstreamResponseEnd(reusable: Bool) {
+        guard let s = stream else { return }
+        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
+        if responseChunked { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
+        if let u = upstream {
+            upstream = nil
+            if reusable && requestComplete && !requestChunked { ctx.pool.release(u) } else { u.channel?.close(promise: nil) }
+        }
+        context.flush()
+        finishStream(s)
+    }
+
+    func upstreamFailed(_ reason: UpstreamFailure) {
+        guard let s = stream else { return }
+        upstream = nil
+        if responseStarted {
+            // Mid-response failure: the client can only learn it from a reset.
+            s.responseFlags.insert(.upstreamConnectionTermination)
+            context.close(promise: nil)
+            return
+        }
+        switch reason {
+        case .connectFailed(let why):
+            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: \(why)", flags: .upstreamConnectionFailure)
+        case .reset:
+            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination", flags: .upstreamConnectionTermination)
+        case .protocolError(let why):
+            s.respond(502, body: "upstream protocol error: \(why)", flags: .upstreamProtocolError)
+        }
+        if !requestComplete { closeAfterResponse = true }
+        sendLocalReply()
+    }
+
+    // MARK: local replies
+
+    /// Sends `stream.localReply` through the response filters, then finishes the stream.
+    func sendLocalReply() {
+        guard let s = stream, var reply = s.localReply else { return }
+        streamTimer?.cancel(); streamTimer = nil
+        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        pendingUpstream = nil
+        if !requestComplete && reqDecoder == nil { requestComplete = true }
+        if !requestComplete {
+            // Unread request body: it can't be skipped reliably if large; close after.
+            closeAfterResponse = true
+        }
+        s.responseCode = reply.status
+        var head = Self.localHead(reply, allocator: context.channel.allocator)
+        s.response = head
+        _ = chain.runResponse(s)
+        if let r2 = s.localReply, r2.status != reply.status || r2.body != reply.body || r2.headers.count != reply.headers.count {
+            reply = r2
+            head = Self.localHead(reply, allocator: context.channel.allocator)
+            if let edited = s.response { head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } }) }
+        } else if let edited = s.response {
+            head = edited
+        }
+        s.response = head
+        s.responseCode = reply.status
+        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
+        var out = context.channel.allocator.buffer(capacity: 256 + reply.body.utf8.count)
+        let close = closeAfterResponse
+        let clientMinor = s.request.versionMinor
+        HeadWriter.writeResponse(head, into: &out) { o in
+            o.writeStaticString("server: moonlet\r\n")
+            if close { o.writeStaticString("connection: close\r\n") }
+            else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
+        }
+        if bodyOK { out.writeString(reply.body) }
+        s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
+        responseStarted = true
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        finishStream(s)
+    }
+
+    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {
+        var b = allocator.buffer(capacity: 128)
+        HeadWriter.writeStatusLine(r.status, reason: nil, into: &b)
+        b.writeStaticString("content-length: ")
+        b.writeString(String(r.body.utf8.count))
+        b.writeStaticString("\r\n")
+        if !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.writeStaticString("content-type: text/plain\r\n") }
+        for h in r.headers where h.name != "content-length" { HeadWriter.writeField(h.name, h.value, into: &b) }
+        b.writeStaticString("\r\n")
+        var p = HTTPHeadParser()
+        if case .complete(let head, _) = p.parseResponse(b, requestWasHead: false) { return head }
+        // Only reachable if a filter produced an unparseable header, which validation prevents.
+        var fallback = allocator.buffer(capacity: 64)
+        HeadWriter.writeStatusLine(500, reason: nil, into: &fallback)
+        fallback.writeStaticString("content-length: 0\r\n\r\n")
+        if case .complete(let head, _) = p.parseResponse(fallback, requestWasHead: false) { return head }
+        fatalError("local reply head does not parse")
+    }
+
+    /// A head that failed to parse: answer (400/431/...), log, close.
+    func protocolError(_ e: HTTPParseError) {
+        ctx.metrics.count("moonlet_downstream_protocol_errors_total")
+        ctx.logger.debug("downstream \(peer.address): \(e.reason)")
+        var out = context.channel.allocator.buffer(capacity: 128)
+        HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
+        let body = e.reason + "\n"
+        out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
+        out.writeString(body)
+        ctx.metrics.recordRequest(RequestLabels(reporter: role == .inbound ? "destination" : "source", responseCode: e.status,
+                                                responseFlags: "DPE", destinationService: "unknown"),
+                                  durationMs: 0, requestBytes: 0, responseBytes: Int64(body.utf8.count))
+        closed = true
+        inbound = nil
+        context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in self.context.close(promise: nil) }
+    }
+
+    func localReplyAndClose(_ status: Int, _ reason: String) {
+        guard let s = stream else { return }
+        closeAfterResponse = true
+        s.respond(status, body: reason + "\n", headers: [])
+        requestComplete = true
+        reqDecoder = nil
+        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        pendingUpstream = nil
+        if responseStarted { finishStream(s); context.close(promise: nil) } else { sendLocalReply() }
+    }
+
+    // MARK: end of stream
+
+    func finishStream(_ s: ProxyStream) {
+        guard stream === s else { return }
+        streamTimer?.cancel(); streamTimer = nil
+        chain.runLog(s)
+        ctx.lua.endStream(s)
+        record(s)
+        s.end()
+        stream = nil
+        ctx.activeStreams -= 1
+        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        pendingUpstream = nil
+        connecting = false
+        if closeAfterResponse || closed {
+            if !closed { closed = true; context.flush(); context.close(promise: nil) }
+            return
+        }
+        if reqDecoder != nil {
+            // Answered before the body ended (local reply): the rest of the body cannot be
+            // told apart from the next request reliably, so the connection closes.
+            closed = true; context.close(promise: nil); return
+        }
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        armIdleTimer()
+        if (inbound?.readableBytes ?? 0) > 0 { process() }
+    }
+
+    func record(_ s: ProxyStream) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        let ms = Double(now &- s.startNanos) / 1e6
+        let host = s.route.host.isEmpty ? "unknown" : s.route.host
+        ctx.metrics.recordRequest(RequestLabels(reporter: role == .inbound ? "destination" : "source",
+                                                responseCode: s.status, responseFlags: s.responseFlags.envoyString,
+                                                destinationService: role == .inbound ? (ctx.settings.identity.labels["app"] ?? "unknown") : host),
+                                  durationMs: ms, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
+    }
+
+    // MARK: timers
+
+    func armHeaderTimer() {
+        guard headerTimer == nil, limits.requestHeaderTimeoutMs > 0 else { return }
+        headerTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(limits.requestHeaderTimeoutMs))) { [weak self] in
+            guard let self, self.stream == nil, !self.closed else { return }
+            self.protocolError(HTTPParseError(408, "request header timeout"))
+        }
+    }
+
+    func armIdleTimer() {
+        guard idleTimer == nil, limits.downstreamIdleTimeoutMs > 0 else { return }
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+        scheduleIdle(after: Int64(limits.downstreamIdleTimeoutMs))
+    }
+
+    func scheduleIdle(after ms: Int64) {
+        idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
+            guard let self, !self.closed else { return }
+            self.idleTimer = nil
+            guard self.stream == nil else { return }
+            let idleFor = Int64((NIODeadline.now().uptimeNanoseconds &- self.lastActivity) / 1_000_000)
+            if idleFor >= Int64(self.limits.downstreamIdleTimeoutMs) { self.closed = true; self.context.close(promise: nil) }
+            else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs) - idleFor) }
+        }
+    }
+
+    func armStreamTimer(_ s: ProxyStream) {
+        let ms = s.route.timeoutMs > 0 ? s.route.timeoutMs : limits.streamTimeoutMs
+        guard ms > 0 else { return }
+        let sid = s.id
+        streamTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
+            guard let self, let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
+            cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
+            self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete
+            self.sendLocalReply()
+        }
+    }
+}

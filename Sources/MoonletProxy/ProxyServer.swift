@@ -1,0 +1,221 @@
+import NIOCore
+import NIOPosix
+import NIOConcurrencyHelpers
+import MoonletCore
+import MoonletConfig
+import MoonletLua
+import MoonletTelemetry
+import Logging
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// The running sidecar: event loops, listeners, the admin API and configuration
+/// (load, watch, reload). Composition lives in the executable; tests start it in-process.
+public final class ProxyServer: @unchecked Sendable {
+    public let settings: ProxySettings
+    public let group: MultiThreadedEventLoopGroup
+    public let logger: Logger
+    public let lua: LuaHost
+    var contexts: [LoopContext] = []
+    var contextByLoop: [ObjectIdentifier: LoopContext] = [:]
+    var listeners: [Channel] = []
+    var adminChannels: [Channel] = []
+    let lock = NIOLock()
+    var snapshot: ConfigSnapshot = .empty
+    var generation: LuaPluginGeneration?
+    var lastReloadError: String?
+    var reloadCount = 0
+    var watchFingerprint = ""
+    var watchTask: RepeatedTask?
+    public private(set) var ready = false
+    var draining = false
+    /// Native filters that run with the Lua ones (composition adds them).
+    public var nativeFilters: [Filter] = []
+
+    /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
+    public private(set) var boundPorts: [String: Int] = [:]
+
+    public init(settings: ProxySettings, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, settings.concurrency))
+        lua = LuaHost(logger: logger)
+        var i = 0
+        for loop in group.makeIterator() {
+            let c = try! loop.submit { LoopContext(loop: loop, index: i, settings: settings, host: self.lua, logger: logger) }.wait()
+            contexts.append(c)
+            contextByLoop[ObjectIdentifier(loop)] = c
+            i += 1
+        }
+    }
+
+    /// Loads the configuration, binds every listener, starts watching for changes.
+    public func start() throws {
+        if case .failure(let e) = reload(reason: "start") {
+            throw e
+        }
+        listeners.append(try bindProxy(.inbound, port: settings.inboundPort))
+        listeners.append(try bindProxy(.outbound, port: settings.outboundPort))
+        for (name, port) in [("admin", settings.adminPort), ("prometheus", settings.prometheusPort), ("health", settings.healthPort)] where port >= 0 {
+            if port == 0 && name != "admin" { continue }
+            let ch = try AdminServer.bind(group: group, host: settings.bindAddress, port: port, server: self)
+            adminChannels.append(ch)
+            boundPorts[name] = ch.localAddress?.port ?? port
+        }
+        if !settings.configPaths.isEmpty && settings.watchIntervalMs > 0 {
+            watchFingerprint = fingerprint()
+            let every = TimeAmount.milliseconds(Int64(settings.watchIntervalMs))
+            watchTask = group.next().scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in self?.checkForChanges() }
+        }
+        ready = true
+        logger.info("moonlet ready", metadata: ["inbound": "\(boundPorts["inbound"] ?? 0)", "outbound": "\(boundPorts["outbound"] ?? 0)",
+                                                "admin": "\(boundPorts["admin"] ?? 0)", "loops": "\(contexts.count)"])
+    }
+
+    func bindProxy(_ role: ListenerRole, port: Int) throws -> Channel {
+        let byLoop = contextByLoop
+        let ch = try ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 1024)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.maxMessagesPerRead, value: 64)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 4)
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: settings.limits.highWaterMarkBytes / 4, high: settings.limits.highWaterMarkBytes))
+            .childChannelInitializer { ch in
+                let ctx = byLoop[ObjectIdentifier(ch.eventLoop)]!
+                if ctx.activeConnections >= ctx.settings.limits.maxConnectionsPerLoop {
+                    return ch.close()
+                }
+                return ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(DownstreamHandler(ctx: ctx, role: role))
+                }
+            }
+            .bind(host: settings.bindAddress, port: port).wait()
+        boundPorts[role.rawValue] = ch.localAddress?.port ?? port
+        return ch
+    }
+
+    // MARK: configuration
+
+    /// Loads config and plugins, and on success swaps them in on every loop. On failure
+    /// the last good snapshot keeps serving and the error is kept for /plugins.
+    @discardableResult
+    public func reload(reason: String) -> Result<Int, ReloadError> {
+        lock.lock()
+        defer { lock.unlock() }
+        reloadCount += 1
+        let version = reloadCount
+        var snap = ConfigSnapshot.empty
+        if !settings.configPaths.isEmpty {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version) {
+            case .success(let s): snap = s
+            case .failure(let e):
+                lastReloadError = e.description
+                logger.error("config rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")
+                return .failure(ReloadError(message: e.description))
+            }
+        }
+        for s in snap.skipped { logger.debug("\(s)") }
+        let specs = snap.plugins.filter { $0.applies(to: settings.identity) }
+        let gen: LuaPluginGeneration
+        switch lua.prepare(specs) {
+        case .success(let g): gen = g
+        case .failure(let e):
+            lastReloadError = e.description
+            logger.error("plugins rejected (\(reason)); keeping the last good version:\n\(e.description)")
+            return .failure(ReloadError(message: e.description))
+        }
+        lastReloadError = nil
+        snapshot = snap
+        generation = gen
+        let natives = nativeFilters
+        var futures: [EventLoopFuture<Void>] = []
+        for c in contexts {
+            futures.append(c.loop.submit {
+                let filters = natives + c.lua.filters(for: gen)
+                c.chain = FilterChain(filters)
+                c.snapshot = snap
+            })
+        }
+        for f in futures { try? f.wait() }
+        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))"])
+        return .success(version)
+    }
+
+    /// Files whose change triggers a reload: the YAML and every referenced .lua.
+    func fingerprint() -> String {
+        var parts: [String] = []
+        var files = settings.configPaths.flatMap { ConfigLoader.yamlFiles(at: $0) }
+        files += lock.withLock { snapshot.plugins.map(\.path) }
+        for d in lua.pluginDirs {
+            if let items = try? FileManager.default.contentsOfDirectory(atPath: d) {
+                files += items.filter { $0.hasSuffix(".lua") }.map { (d as NSString).appendingPathComponent($0) }
+            }
+        }
+        for f in Set(files).sorted() {
+            if let a = try? FileManager.default.attributesOfItem(atPath: f) {
+                let m = (a[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+                let sz = (a[.size] as? NSNumber)?.intValue ?? 0
+                parts.append("\(f):\(m):\(sz)")
+            } else { parts.append("\(f):missing") }
+        }
+        return parts.joined(separator: "|")
+    }
+
+    func checkForChanges() {
+        let fp = fingerprint()
+        guard fp != watchFingerprint else { return }
+        watchFingerprint = fp
+        DispatchQueue.global().async { self.reload(reason: "file change") }
+    }
+
+    // MARK: stats
+
+    /// Merges every loop's metrics shard (each read on its own loop).
+    public func metricsSnapshot() -> EventLoopFuture<MetricsSnapshot> {
+        let futures = contexts.map { c in c.loop.submit { c.metrics.snapshot() } }
+        return EventLoopFuture.reduce(MetricsSnapshot(), futures, on: group.next()) { acc, s in var a = acc; a.merge(s); return a }
+    }
+
+    public func luaMemory() -> EventLoopFuture<Int> {
+        let futures = contexts.map { c in c.loop.submit { c.lua.vm.memoryUsed } }
+        return EventLoopFuture.reduce(0, futures, on: group.next(), +)
+    }
+
+    func activeStreams() -> Int {
+        contexts.map { c in (try? c.loop.submit { c.activeStreams }.wait()) ?? 0 }.reduce(0, +)
+    }
+
+    public var currentSnapshot: ConfigSnapshot { lock.withLock { snapshot } }
+    public var lastError: String? { lock.withLock { lastReloadError } }
+
+    // MARK: shutdown
+
+    /// Stops accepting, lets in-flight streams finish (up to the drain timeout), then
+    /// closes everything.
+    public func drainAndStop() {
+        guard !draining else { return }
+        draining = true
+        ready = false
+        logger.info("draining")
+        for l in listeners { try? l.close().wait() }
+        let deadline = Date().addingTimeInterval(Double(settings.limits.drainTimeoutMs) / 1000)
+        while Date() < deadline && activeStreams() > 0 { usleep(20_000) }
+        stop()
+    }
+
+    public func stop() {
+        watchTask?.cancel()
+        for l in listeners { try? l.close().wait() }
+        for a in adminChannels { try? a.close().wait() }
+        listeners = []; adminChannels = []
+        for c in contexts { try? c.loop.submit { c.pool.closeAll() }.wait() }
+        try? group.syncShutdownGracefully()
+    }
+}
+
+public struct ReloadError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}

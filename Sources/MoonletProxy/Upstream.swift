@@ -1,0 +1,230 @@
+import NIOCore
+import NIOPosix
+import MoonletCore
+
+/// Events an upstream connection reports to the stream that holds it. All calls
+/// happen on the connection's event loop, directly (no futures).
+protocol UpstreamDelegate: AnyObject {
+    func upstreamResponseHead(_ head: HTTPHead)
+    func upstreamResponseBody(_ chunk: ByteBuffer)
+    /// The response is complete. `reusable`: the connection may serve another request.
+    func upstreamResponseEnd(reusable: Bool)
+    /// The connection failed or closed before the response completed.
+    func upstreamFailed(_ reason: UpstreamFailure)
+    func upstreamWritabilityChanged(_ writable: Bool)
+}
+
+enum UpstreamFailure: Error {
+    case connectFailed(String)
+    case reset
+    case protocolError(String)
+}
+
+/// One pooled HTTP/1.1 connection to an upstream host: parses the response head in
+/// place and frames the body, handing both to its current delegate.
+final class UpstreamConnection: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let key: String
+    var channel: Channel?
+    weak var delegate: UpstreamDelegate?
+    var parser: HTTPHeadParser
+    var buffer: ByteBuffer?
+    var decoder: BodyDecoder?
+    var inResponse = false
+    var requestWasHead = false
+    var keepAlive = true
+    var requestsServed = 0
+    var idleSince: UInt64 = 0
+    var closed = false
+
+    init(key: String, limits: ProxyLimits) {
+        self.key = key
+        parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
+    }
+
+    /// Marks the start of a request on this connection.
+    func begin(delegate: UpstreamDelegate, isHead: Bool) {
+        self.delegate = delegate
+        requestWasHead = isHead
+        inResponse = true
+        decoder = nil
+        requestsServed += 1
+        parser.reset()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffer == nil || buffer!.readableBytes == 0 { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
+        process()
+    }
+
+    func process() {
+        guard inResponse, let delegate else {
+            // Bytes with no request outstanding: the connection is unusable.
+            if (buffer?.readableBytes ?? 0) > 0 { keepAlive = false; channel?.close(promise: nil) }
+            return
+        }
+        while var buf = buffer, buf.readableBytes > 0, inResponse {
+            if decoder == nil {
+                switch parser.parseResponse(buf, requestWasHead: requestWasHead) {
+                case .needMore:
+                    return
+                case .error(let e):
+                    fail(.protocolError(e.reason))
+                    return
+                case .complete(let head, let consumed):
+                    buf.moveReaderIndex(forwardBy: consumed)
+                    buffer = buf
+                    if head.status >= 100 && head.status < 200 {
+                        // Interim responses are consumed here (the proxy answers 100-continue itself).
+                        parser.reset()
+                        if head.status == 101 { fail(.protocolError("upgrade not supported")); return }
+                        continue
+                    }
+                    keepAlive = head.keepAlive
+                    decoder = BodyDecoder(framing: head.framing)
+                    delegate.upstreamResponseHead(head)
+                    if decoder?.isDone == true { finish(); return }
+                    continue
+                }
+            }
+            do {
+                var d = decoder!
+                let done = try d.decode(&buf) { chunk in delegate.upstreamResponseBody(chunk) }
+                decoder = d
+                buffer = buf
+                if done { finish(); return }
+            } catch {
+                fail(.protocolError("\(error)"))
+                return
+            }
+        }
+    }
+
+    func finish() {
+        inResponse = false
+        let d = delegate
+        delegate = nil
+        let leftover = buffer?.readableBytes ?? 0
+        let reusable = keepAlive && leftover == 0 && !closed
+        d?.upstreamResponseEnd(reusable: reusable)
+    }
+
+    func fail(_ f: UpstreamFailure) {
+        keepAlive = false
+        inResponse = false
+        let d = delegate
+        delegate = nil
+        channel?.close(promise: nil)
+        d?.upstreamFailed(f)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        if inResponse {
+            if decoder?.isUntilClose == true { finishUntilClose() } else { fail(.reset) }
+        }
+    }
+
+    func finishUntilClose() {
+        inResponse = false
+        keepAlive = false
+        let d = delegate
+        delegate = nil
+        d?.upstreamResponseEnd(reusable: false)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        delegate?.upstreamWritabilityChanged(context.channel.isWritable)
+    }
+}
+
+/// Upstream connections of one event loop, keyed by "ip:port". Idle connections are
+/// reused LIFO; none is shared across loops, so no lock is taken.
+final class UpstreamPool {
+    let loop: EventLoop
+    let limits: ProxyLimits
+    var idle: [String: [UpstreamConnection]] = [:]
+    var addresses: [String: SocketAddress] = [:]
+    var sweeper: RepeatedTask?
+
+    init(loop: EventLoop, limits: ProxyLimits) {
+        self.loop = loop
+        self.limits = limits
+        let every = TimeAmount.milliseconds(Int64(min(limits.upstreamIdleTimeoutMs, 30_000)))
+        sweeper = loop.scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in self?.sweep() }
+    }
+
+    func address(host: String, port: Int) throws -> SocketAddress {
+        let key = "\(host):\(port)"
+        if let a = addresses[key] { return a }
+        let a = try SocketAddress.makeAddressResolvingHost(host, port: port)
+        addresses[key] = a
+        return a
+    }
+
+    /// An idle live connection for `key`, if any.
+    func takeIdle(_ key: String) -> UpstreamConnection? {
+        guard var list = idle[key] else { return nil }
+        while let c = list.popLast() {
+            if !c.closed, let ch = c.channel, ch.isActive {
+                idle[key] = list
+                return c
+            }
+        }
+        idle[key] = list
+        return nil
+    }
+
+    func connect(key: String, address: SocketAddress, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+        let conn = UpstreamConnection(key: key, limits: limits)
+        ClientBootstrap(group: loop)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(limits.connectTimeoutMs)))
+            .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
+            .channelInitializer { ch in
+                conn.channel = ch
+                return ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(conn) }
+            }
+            .connect(to: address)
+            .whenComplete { r in
+                switch r {
+                case .success: done(.success(conn))
+                case .failure(let e): done(.failure(e))
+                }
+            }
+    }
+
+    func release(_ c: UpstreamConnection) {
+        guard !c.closed, let ch = c.channel, ch.isActive else { return }
+        var list = idle[c.key] ?? []
+        if list.count >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
+        c.idleSince = NIODeadline.now().uptimeNanoseconds
+        list.append(c)
+        idle[c.key] = list
+    }
+
+    func sweep() {
+        let now = NIODeadline.now().uptimeNanoseconds
+        let maxIdle = UInt64(limits.upstreamIdleTimeoutMs) * 1_000_000
+        for (k, list) in idle {
+            var keep: [UpstreamConnection] = []
+            for c in list {
+                if c.closed || now - c.idleSince > maxIdle { c.channel?.close(promise: nil) } else { keep.append(c) }
+            }
+            idle[k] = keep
+        }
+    }
+
+    func closeAll() {
+        sweeper?.cancel()
+        for (_, list) in idle { for c in list { c.channel?.close(promise: nil) } }
+        idle = [:]
+    }
+
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
+}

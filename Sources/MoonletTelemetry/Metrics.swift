@@ -1,0 +1,151 @@
+import MoonletCore
+
+/// Labels of Istio's standard request metrics that Moonlet fills today.
+public struct RequestLabels: Hashable, Sendable {
+    /// "source" on the outbound side, "destination" on the inbound side.
+    public var reporter: String
+    public var responseCode: Int
+    public var responseFlags: String
+    public var destinationService: String
+    public var sourceWorkload: String
+    public var destinationWorkload: String
+    public var connectionSecurityPolicy: String
+    public init(reporter: String, responseCode: Int, responseFlags: String, destinationService: String,
+                sourceWorkload: String = "unknown", destinationWorkload: String = "unknown", connectionSecurityPolicy: String = "none") {
+        self.reporter = reporter; self.responseCode = responseCode; self.responseFlags = responseFlags
+        self.destinationService = destinationService; self.sourceWorkload = sourceWorkload
+        self.destinationWorkload = destinationWorkload; self.connectionSecurityPolicy = connectionSecurityPolicy
+    }
+    var prometheus: String {
+        "reporter=\"\(reporter)\",source_workload=\"\(esc(sourceWorkload))\",destination_workload=\"\(esc(destinationWorkload))\",destination_service=\"\(esc(destinationService))\",response_code=\"\(responseCode)\",response_flags=\"\(responseFlags)\",connection_security_policy=\"\(connectionSecurityPolicy)\""
+    }
+}
+
+func esc(_ s: String) -> String {
+    var o = ""
+    for c in s { switch c { case "\\": o += "\\\\"; case "\"": o += "\\\""; case "\n": o += "\\n"; default: o.append(c) } }
+    return o
+}
+
+/// A histogram with fixed bucket bounds (cumulative only when exposed).
+public struct Histogram: Sendable {
+    public static let istioDurationBucketsMs: [Double] = [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000]
+    public static let istioSizeBuckets: [Double] = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000]
+    public var counts: [UInt64]
+    public var sum: Double = 0
+    public var count: UInt64 = 0
+    public init(bucketCount: Int) { counts = [UInt64](repeating: 0, count: bucketCount + 1) }
+    @inline(__always)
+    public mutating func observe(_ v: Double, bounds: [Double]) {
+        var i = 0
+        while i < bounds.count && v > bounds[i] { i += 1 }
+        counts[i] += 1; sum += v; count += 1
+    }
+    public mutating func merge(_ o: Histogram) {
+        for i in counts.indices { counts[i] += o.counts[i] }
+        sum += o.sum; count += o.count
+    }
+}
+
+/// Per-plugin call statistics.
+public struct PluginStats: Sendable {
+    public var calls: UInt64 = 0
+    public var errors: UInt64 = 0
+    public var nanos: UInt64 = 0
+    public var aborted: UInt64 = 0
+    public init() {}
+    public mutating func merge(_ o: PluginStats) { calls += o.calls; errors += o.errors; nanos += o.nanos; aborted += o.aborted }
+}
+
+/// The values of one shard at one moment (or the sum of several).
+public struct MetricsSnapshot: Sendable {
+    public var requests: [RequestLabels: UInt64] = [:]
+    public var durations: [RequestLabels: Histogram] = [:]
+    public var requestBytes: [RequestLabels: Histogram] = [:]
+    public var responseBytes: [RequestLabels: Histogram] = [:]
+    public var activeConnections: [String: Int64] = [:]
+    public var connectionsTotal: [String: UInt64] = [:]
+    public var plugins: [String: PluginStats] = [:]
+    public var counters: [String: UInt64] = [:]
+    public init() {}
+
+    public mutating func merge(_ o: MetricsSnapshot) {
+        for (k, v) in o.requests { requests[k, default: 0] += v }
+        for (k, v) in o.durations { durations[k, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].merge(v) }
+        for (k, v) in o.requestBytes { requestBytes[k, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(v) }
+        for (k, v) in o.responseBytes { responseBytes[k, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(v) }
+        for (k, v) in o.activeConnections { activeConnections[k, default: 0] += v }
+        for (k, v) in o.connectionsTotal { connectionsTotal[k, default: 0] += v }
+        for (k, v) in o.plugins { plugins[k, default: PluginStats()].merge(v) }
+        for (k, v) in o.counters { counters[k, default: 0] += v }
+    }
+}
+
+/// Metrics of one event loop. Only that loop writes it (no locks, no atomics); a
+/// scrape asks each loop for a snapshot and merges them.
+public final class MetricsShard {
+    public private(set) var data = MetricsSnapshot()
+    public init() {}
+
+    /// Records a finished stream (Istio's standard metrics).
+    public func recordRequest(_ l: RequestLabels, durationMs: Double, requestBytes: Int64, responseBytes: Int64) {
+        data.requests[l, default: 0] += 1
+        data.durations[l, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].observe(durationMs, bounds: Histogram.istioDurationBucketsMs)
+        data.requestBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].observe(Double(requestBytes), bounds: Histogram.istioSizeBuckets)
+        data.responseBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].observe(Double(responseBytes), bounds: Histogram.istioSizeBuckets)
+    }
+    public func connectionOpened(_ listener: String) {
+        data.activeConnections[listener, default: 0] += 1
+        data.connectionsTotal[listener, default: 0] += 1
+    }
+    public func connectionClosed(_ listener: String) { data.activeConnections[listener, default: 0] -= 1 }
+    public func plugin(_ name: String, nanos: UInt64, error: Bool, aborted: Bool) {
+        data.plugins[name, default: PluginStats()].calls += 1
+        data.plugins[name]!.nanos += nanos
+        if error { data.plugins[name]!.errors += 1 }
+        if aborted { data.plugins[name]!.aborted += 1 }
+    }
+    public func count(_ name: String, _ by: UInt64 = 1) { data.counters[name, default: 0] += by }
+    public func snapshot() -> MetricsSnapshot { data }
+}
+
+/// Prometheus text exposition (format 0.0.4) of a merged snapshot.
+public enum PrometheusExposition {
+    public static func render(_ s: MetricsSnapshot, extra: [(String, String, Double)] = []) -> String {
+        var o = ""
+        o += "# TYPE istio_requests_total counter\n"
+        for (k, v) in s.requests.sorted(by: { $0.key.prometheus < $1.key.prometheus }) { o += "istio_requests_total{\(k.prometheus)} \(v)\n" }
+        histogram(&o, "istio_request_duration_milliseconds", s.durations, Histogram.istioDurationBucketsMs)
+        histogram(&o, "istio_request_bytes", s.requestBytes, Histogram.istioSizeBuckets)
+        histogram(&o, "istio_response_bytes", s.responseBytes, Histogram.istioSizeBuckets)
+        o += "# TYPE moonlet_downstream_connections_active gauge\n"
+        for (k, v) in s.activeConnections.sorted(by: { $0.key < $1.key }) { o += "moonlet_downstream_connections_active{listener=\"\(k)\"} \(v)\n" }
+        o += "# TYPE moonlet_downstream_connections_total counter\n"
+        for (k, v) in s.connectionsTotal.sorted(by: { $0.key < $1.key }) { o += "moonlet_downstream_connections_total{listener=\"\(k)\"} \(v)\n" }
+        o += "# TYPE moonlet_lua_executions_total counter\n"
+        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_executions_total{plugin=\"\(esc(k))\"} \(v.calls)\n" }
+        o += "# TYPE moonlet_lua_errors_total counter\n"
+        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_errors_total{plugin=\"\(esc(k))\"} \(v.errors)\n" }
+        o += "# TYPE moonlet_lua_aborted_total counter\n"
+        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_aborted_total{plugin=\"\(esc(k))\"} \(v.aborted)\n" }
+        o += "# TYPE moonlet_lua_seconds_total counter\n"
+        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_seconds_total{plugin=\"\(esc(k))\"} \(Double(v.nanos) / 1e9)\n" }
+        for (k, v) in s.counters.sorted(by: { $0.key < $1.key }) { o += "# TYPE \(k) counter\n\(k) \(v)\n" }
+        for (name, help, v) in extra { o += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(v)\n" }
+        return o
+    }
+
+    static func histogram(_ o: inout String, _ name: String, _ m: [RequestLabels: Histogram], _ bounds: [Double]) {
+        o += "# TYPE \(name) histogram\n"
+        for (k, h) in m.sorted(by: { $0.key.prometheus < $1.key.prometheus }) {
+            var cum: UInt64 = 0
+            for (i, b) in bounds.enumerated() {
+                cum += h.counts[i]
+                o += "\(name)_bucket{\(k.prometheus),le=\"\(fmt(b))\"} \(cum)\n"
+            }
+            o += "\(name)_bucket{\(k.prometheus),le=\"+Inf\"} \(h.count)\n"
+            o += "\(name)_sum{\(k.prometheus)} \(h.sum)\n\(name)_count{\(k.prometheus)} \(h.count)\n"
+        }
+    }
+    static func fmt(_ d: Double) -> String { d == d.rounded() ? String(Int(d)) : String(d) }
+}

@@ -1,0 +1,133 @@
+import ArgumentParser
+import Logging
+import MoonletConfig
+import MoonletProxy
+import NIOCore
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// `moonlet`: argument parsing and composition only.
+struct Moonlet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "moonlet",
+        abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
+        subcommands: [Run.self, Validate.self, Demo.self]
+    )
+}
+
+/// Options shared by `run` and `demo`. Each flag can also come from the environment
+/// variable named in its help (Istio's names where Istio has one).
+struct SidecarOptions: ParsableArguments {
+    @Option(help: "YAML configuration directory or file (watched). Env: MOONLET_CONFIG") var config: [String] = []
+    @Option(help: "Inbound listener port (mesh -> app). Env: MOONLET_INBOUND_PORT") var inboundPort: Int?
+    @Option(help: "Outbound listener port (app -> mesh). Env: MOONLET_OUTBOUND_PORT") var outboundPort: Int?
+    @Option(help: "Admin port. Env: MOONLET_ADMIN_PORT") var adminPort: Int?
+    @Option(help: "Prometheus port (0 = off). Env: MOONLET_PROMETHEUS_PORT") var prometheusPort: Int?
+    @Option(help: "Health port (0 = off). Env: MOONLET_HEALTH_PORT") var healthPort: Int?
+    @Option(help: "Application port the inbound listener forwards to on 127.0.0.1. Env: MOONLET_APP_PORT") var appPort: Int?
+    @Option(help: "Address the listeners bind to. Env: MOONLET_BIND") var bind: String?
+    @Option(help: "Event loops (default: cores). Env: ISTIO_META_CONCURRENCY / MOONLET_CONCURRENCY") var concurrency: Int?
+    @Option(help: "Workload namespace. Env: POD_NAMESPACE") var namespace: String?
+    @Option(help: "Workload service account. Env: SERVICE_ACCOUNT") var serviceAccount: String?
+    @Option(help: "Workload labels k=v,k2=v2. Env: ISTIO_METAJSON_LABELS-style MOONLET_LABELS") var labels: String?
+    @Option(help: "trace, debug, info, notice, warning, error, critical. Env: MOONLET_LOG_LEVEL") var logLevel: String?
+    @Option(help: "Per-stream timeout in ms (0 = none, Istio's default). Env: MOONLET_STREAM_TIMEOUT_MS") var streamTimeoutMs: Int?
+
+    func env(_ names: String...) -> String? {
+        for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
+        return nil
+    }
+
+    func settings() throws -> ProxySettings {
+        var s = ProxySettings()
+        let cfg = config.isEmpty ? (env("MOONLET_CONFIG").map { [$0] } ?? []) : config
+        s.configPaths = cfg
+        s.inboundPort = inboundPort ?? env("MOONLET_INBOUND_PORT").flatMap(Int.init) ?? 15006
+        s.outboundPort = outboundPort ?? env("MOONLET_OUTBOUND_PORT").flatMap(Int.init) ?? 15001
+        s.adminPort = adminPort ?? env("MOONLET_ADMIN_PORT").flatMap(Int.init) ?? 15000
+        s.prometheusPort = prometheusPort ?? env("MOONLET_PROMETHEUS_PORT").flatMap(Int.init) ?? 15090
+        s.healthPort = healthPort ?? env("MOONLET_HEALTH_PORT").flatMap(Int.init) ?? 15021
+        s.appPort = appPort ?? env("MOONLET_APP_PORT").flatMap(Int.init) ?? 8080
+        s.bindAddress = bind ?? env("MOONLET_BIND") ?? "127.0.0.1"
+        s.concurrency = concurrency ?? env("MOONLET_CONCURRENCY", "ISTIO_META_CONCURRENCY").flatMap(Int.init) ?? System.coreCount
+        if s.concurrency <= 0 { s.concurrency = System.coreCount }
+        s.identity.namespace = namespace ?? env("POD_NAMESPACE") ?? "default"
+        s.identity.serviceAccount = serviceAccount ?? env("SERVICE_ACCOUNT") ?? "default"
+        s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
+        s.limits.streamTimeoutMs = streamTimeoutMs ?? env("MOONLET_STREAM_TIMEOUT_MS").flatMap(Int.init) ?? 0
+        return s
+    }
+
+    func logger() -> Logger {
+        let level = Logger.Level(rawValue: logLevel ?? env("MOONLET_LOG_LEVEL") ?? "info") ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        return Logger(label: "moonlet")
+    }
+}
+
+/// Installs SIGTERM (drain, exit 0), SIGINT (stop) and SIGHUP (reload).
+func installSignals(_ server: ProxyServer) -> [DispatchSourceSignal] {
+    var sources: [DispatchSourceSignal] = []
+    for sig in [SIGTERM, SIGINT, SIGHUP] {
+        signal(sig, SIG_IGN)
+        let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        src.setEventHandler {
+            if sig == SIGHUP { server.reload(reason: "SIGHUP"); return }
+            server.drainAndStop()
+            exit(0)
+        }
+        src.resume()
+        sources.append(src)
+    }
+    return sources
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the sidecar.")
+    @OptionGroup var options: SidecarOptions
+
+    func run() throws {
+        let logger = options.logger()
+        let server = ProxyServer(settings: try options.settings(), logger: logger)
+        do { try server.start() } catch {
+            logger.critical("cannot start: \(error)")
+            throw ExitCode(1)
+        }
+        let signals = installSignals(server)
+        _ = signals
+        dispatchMain()
+    }
+}
+
+struct Validate: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Validate YAML configuration offline (Galley's role). Exit 0 when valid, 1 otherwise.")
+    @Argument(help: "Files or directories") var paths: [String]
+    @Option(help: "text or json") var output: String = "text"
+
+    func run() throws {
+        switch ConfigLoader().load(paths: paths) {
+        case .success(let snap):
+            if output == "json" {
+                print("{\"valid\":true,\"resources\":\(snap.istio.count + snap.plugins.count),\"skipped\":[\(snap.skipped.map(JSON.quote).joined(separator: ","))],\"errors\":[]}")
+            } else {
+                for s in snap.skipped { print("note: \(s)") }
+                print("valid: \(snap.istio.count + snap.plugins.count) resources in \(snap.files.count) files")
+            }
+        case .failure(let e):
+            if output == "json" {
+                let errs = e.errors.map { "{\"file\":\(JSON.quote($0.file)),\"line\":\($0.line),\"column\":\($0.column),\"resource\":\(JSON.quote($0.resource)),\"field\":\(JSON.quote($0.field)),\"message\":\(JSON.quote($0.message))}" }
+                print("{\"valid\":false,\"errors\":[\(errs.joined(separator: ","))]}")
+            } else {
+                for x in e.errors { FileHandle.standardError.write((x.description + "\n").data(using: .utf8)!) }
+            }
+            throw ExitCode(1)
+        }
+    }
+}
+
+Moonlet.main()
