@@ -69,9 +69,10 @@ public struct ConfigLoader {
     /// Decodes one file's text (all its documents).
     public func loadText(_ text: String, file: String, baseDir: String) -> TextResult {
         var out = TextResult()
-        let docs: [Node]
+        var docs: [Node] = []
         do {
-            docs = try Array(Yams.compose_all(yaml: text))
+            let parser = try Parser(yaml: text)
+            while let n = try parser.nextRoot() { docs.append(n) }
         } catch let e as YamlError {
             out.errors.append(Self.yamlError(e, file: file))
             return out

@@ -57,6 +57,15 @@ public struct LuaPluginSpec: Sendable {
     public var file: String
     public var line: Int
 
+    public init(name: String, namespace: String, path: String, phase: String, priority: Int, pluginConfig: ConfigValue,
+                failStrategy: FailStrategy, matchLabels: [String: String], maxInstructions: Int?, maxMemoryBytes: Int?,
+                timeoutMs: Int?, file: String, line: Int) {
+        self.name = name; self.namespace = namespace; self.path = path; self.phase = phase; self.priority = priority
+        self.pluginConfig = pluginConfig; self.failStrategy = failStrategy; self.matchLabels = matchLabels
+        self.maxInstructions = maxInstructions; self.maxMemoryBytes = maxMemoryBytes; self.timeoutMs = timeoutMs
+        self.file = file; self.line = line
+    }
+
     public func applies(to w: WorkloadIdentity) -> Bool {
         if !namespace.isEmpty && namespace != w.namespace && namespace != w.rootNamespace { return false }
         for (k, v) in matchLabels where w.labels[k] != v { return false }
