@@ -39,8 +39,9 @@ public final class LuaPluginGeneration: @unchecked Sendable {
 public final class LuaHost: @unchecked Sendable {
     public let logger: Logger
     public let defaultLimits: LuaLimits
-    /// Directories `require` may load modules from.
-    public private(set) var pluginDirs: [String]
+    var _pluginDirs: [String]
+    /// Directories `require` may load modules from (those of the loaded plugins).
+    public var pluginDirs: [String] { lock.withLock { _pluginDirs } }
     let lock = NIOLock()
     var status: [String: LuaPluginStatus] = [:]
     var generationCounter = 0
@@ -49,7 +50,7 @@ public final class LuaHost: @unchecked Sendable {
     public init(logger: Logger, limits: LuaLimits = LuaLimits(), pluginDirs: [String] = []) {
         self.logger = logger
         self.defaultLimits = limits
-        self.pluginDirs = pluginDirs
+        self._pluginDirs = pluginDirs
     }
 
     /// Reads every applicable plugin and compiles it in a scratch VM (module code run
@@ -58,8 +59,8 @@ public final class LuaHost: @unchecked Sendable {
     public func prepare(_ specs: [LuaPluginSpec]) -> Result<LuaPluginGeneration, LuaPrepareError> {
         var out: [LuaPluginSource] = []
         var errors: [String] = []
-        let dirs = Array(Set(specs.map { ($0.path as NSString).deletingLastPathComponent } + pluginDirs)).sorted()
-        lock.withLock { pluginDirs = dirs; moduleCache = [:] }
+        let dirs = Array(Set(specs.map { ($0.path as NSString).deletingLastPathComponent } + self.pluginDirs)).sorted()
+        lock.withLock { _pluginDirs = dirs; moduleCache = [:] }
         let scratch = LuaVM(host: self, metrics: nil)
         for spec in specs {
             guard let data = FileManager.default.contents(atPath: spec.path), let text = String(data: data, encoding: .utf8) else {
@@ -117,7 +118,7 @@ public final class LuaHost: @unchecked Sendable {
     func findModule(_ rel: String) -> (String, String)? {
         lock.withLock {
             if let c = moduleCache[rel] { return c }
-            for d in pluginDirs {
+            for d in _pluginDirs {
                 let p = (d as NSString).appendingPathComponent(rel)
                 if let data = FileManager.default.contents(atPath: p), let t = String(data: data, encoding: .utf8) {
                     moduleCache[rel] = (p, t)

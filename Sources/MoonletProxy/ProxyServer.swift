@@ -21,13 +21,16 @@ public final class ProxyServer: @unchecked Sendable {
     var contextByLoop: [ObjectIdentifier: LoopContext] = [:]
     var listeners: [Channel] = []
     var adminChannels: [Channel] = []
+    /// Guards the fields below; never held while waiting for an event loop.
     let lock = NIOLock()
+    /// Serializes reloads (file watcher, admin, SIGHUP).
+    let reloadLock = NIOLock()
     var snapshot: ConfigSnapshot = .empty
     var generation: LuaPluginGeneration?
     var lastReloadError: String?
     var reloadCount = 0
     var watchFingerprint = ""
-    var watchTask: RepeatedTask?
+    var watchTimer: DispatchSourceTimer?
     public private(set) var ready = false
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
@@ -65,8 +68,12 @@ public final class ProxyServer: @unchecked Sendable {
         }
         if !settings.configPaths.isEmpty && settings.watchIntervalMs > 0 {
             watchFingerprint = fingerprint()
-            let every = TimeAmount.milliseconds(Int64(settings.watchIntervalMs))
-            watchTask = group.next().scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in self?.checkForChanges() }
+            // Polled off the event loops: a reload waits for every loop to swap its chain.
+            let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "moonlet.config-watch"))
+            t.schedule(deadline: .now() + .milliseconds(settings.watchIntervalMs), repeating: .milliseconds(settings.watchIntervalMs))
+            t.setEventHandler { [weak self] in self?.checkForChanges() }
+            t.resume()
+            watchTimer = t
         }
         ready = true
         logger.info("moonlet ready", metadata: ["inbound": "\(boundPorts["inbound"] ?? 0)", "outbound": "\(boundPorts["outbound"] ?? 0)",
@@ -102,16 +109,15 @@ public final class ProxyServer: @unchecked Sendable {
     /// the last good snapshot keeps serving and the error is kept for /plugins.
     @discardableResult
     public func reload(reason: String) -> Result<Int, ReloadError> {
-        lock.lock()
-        defer { lock.unlock() }
-        reloadCount += 1
-        let version = reloadCount
+        reloadLock.lock()
+        defer { reloadLock.unlock() }
+        let version = lock.withLock { reloadCount += 1; return reloadCount }
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
             switch ConfigLoader().load(paths: settings.configPaths, version: version) {
             case .success(let s): snap = s
             case .failure(let e):
-                lastReloadError = e.description
+                lock.withLock { lastReloadError = e.description }
                 logger.error("config rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")
                 return .failure(ReloadError(message: e.description))
             }
@@ -122,13 +128,15 @@ public final class ProxyServer: @unchecked Sendable {
         switch lua.prepare(specs) {
         case .success(let g): gen = g
         case .failure(let e):
-            lastReloadError = e.description
+            lock.withLock { lastReloadError = e.description }
             logger.error("plugins rejected (\(reason)); keeping the last good version:\n\(e.description)")
             return .failure(ReloadError(message: e.description))
         }
-        lastReloadError = nil
-        snapshot = snap
-        generation = gen
+        lock.withLock {
+            lastReloadError = nil
+            snapshot = snap
+            generation = gen
+        }
         let natives = nativeFilters
         var futures: [EventLoopFuture<Void>] = []
         for c in contexts {
@@ -167,7 +175,7 @@ public final class ProxyServer: @unchecked Sendable {
         let fp = fingerprint()
         guard fp != watchFingerprint else { return }
         watchFingerprint = fp
-        DispatchQueue.global().async { self.reload(reason: "file change") }
+        reload(reason: "file change")
     }
 
     // MARK: stats
@@ -206,7 +214,7 @@ public final class ProxyServer: @unchecked Sendable {
     }
 
     public func stop() {
-        watchTask?.cancel()
+        watchTimer?.cancel()
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []
