@@ -1,0 +1,56 @@
+import XCTest
+import NIOConcurrencyHelpers
+@testable import MoonletProxy
+
+final class LargeBodyTests: XCTestCase {
+    static func rssBytes() -> Int {
+        guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+        return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
+    }
+
+    func test_100MBRequestBody_streamsThrough_withBoundedMemory() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.bodyBytes)") }
+        up.keepBody = 0
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let total = 100 * 1024 * 1024
+        let before = Self.rssBytes()
+        let peak = NIOLockedValueBox(before)
+        let sampling = NIOLockedValueBox(true)
+        let sampler = Thread {
+            while sampling.withLockedValue({ $0 }) {
+                let r = Self.rssBytes()
+                peak.withLockedValue { $0 = max($0, r) }
+                usleep(20_000)
+            }
+        }
+        sampler.start()
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 60)
+        c.send("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: \(total)\r\n\r\n")
+        let chunk = [UInt8](repeating: 0x61, count: 64 * 1024)
+        for _ in 0..<(total / chunk.count) { c.send(chunk) }
+        let r = try XCTUnwrap(c.read())
+        sampling.withLockedValue { $0 = false }
+        XCTAssertEqual(r.body, "got \(total)")
+        let growth = peak.withLockedValue { $0 } - before
+        XCTAssertLessThan(growth, 64 * 1024 * 1024, "RSS grew by \(growth / 1024 / 1024) MiB")
+    }
+
+    func test_100MBChunkedRequestBody_streamsThrough() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.bodyBytes)") }
+        up.keepBody = 0
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 60)
+        c.send("POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        let payload = [UInt8](repeating: 0x62, count: 256 * 1024)
+        var framed = Array("40000\r\n".utf8) + payload + Array("\r\n".utf8)
+        framed.reserveCapacity(framed.count)
+        for _ in 0..<400 { c.send(framed) }
+        c.send("0\r\n\r\n")
+        XCTAssertEqual(c.read()?.body, "got \(400 * 256 * 1024)")
+    }
+}
