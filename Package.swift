@@ -4,6 +4,9 @@ import PackageDescription
 // Language mode 5: the proxy's per-loop state is confined to its EventLoop by design
 // (DESIGN.md §3), which Swift 6's static checking cannot see without locks we must not add.
 let v5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+// Hot-path modules: state is confined to its event loop, so dynamic exclusivity checks
+// (a runtime access set per class property access) are turned off there.
+let hot: [SwiftSetting] = v5 + [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
 
 let package = Package(
     name: "Moonlet",
@@ -23,11 +26,11 @@ let package = Package(
         .systemLibrary(name: "CPCRE2", pkgConfig: "libpcre2-8", providers: [.apt(["libpcre2-dev"])]),
         .target(name: "MoonletHTTP", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
-        ], swiftSettings: v5),
+        ], swiftSettings: hot),
         .target(name: "MoonletCore", dependencies: [
             "MoonletHTTP",
             .product(name: "NIOCore", package: "swift-nio"),
-        ], swiftSettings: v5),
+        ], swiftSettings: hot),
         .target(name: "MoonletRegex", dependencies: ["CPCRE2", "MoonletCore"], swiftSettings: v5),
         .target(name: "MoonletConfig", dependencies: [
             "MoonletCore",
@@ -36,12 +39,12 @@ let package = Package(
         .target(name: "MoonletTelemetry", dependencies: [
             "MoonletCore",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-        ], swiftSettings: v5),
+        ], swiftSettings: hot),
         .target(name: "MoonletLua", dependencies: [
             "CLua", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
-        ], swiftSettings: v5),
+        ], swiftSettings: hot),
         .target(name: "MoonletProxy", dependencies: [
             "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -49,7 +52,7 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "Logging", package: "swift-log"),
-        ], swiftSettings: v5),
+        ], swiftSettings: hot),
         .executableTarget(name: "moonlet", dependencies: [
             "MoonletProxy", "MoonletConfig", "MoonletLua",
             .product(name: "NIOCore", package: "swift-nio"),

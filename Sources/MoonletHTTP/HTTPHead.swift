@@ -16,7 +16,7 @@ public struct HTTPField: Sendable {
 public enum KnownHeader: UInt8, Sendable {
     case other, contentLength, transferEncoding, connection, host, keepAlive, te, upgrade,
          proxyConnection, proxyAuthenticate, proxyAuthorization, expect, xForwardedFor, xRequestID,
-         trailer, server
+         trailer, server, xForwardedProto
 }
 
 /// Why a head was refused. `status` is the HTTP status a server answers with.
@@ -55,7 +55,8 @@ public struct HTTPHead: Sendable {
     public var kinds: [KnownHeader] = []
     /// Per field: removed by an edit or by hop-by-hop stripping.
     public var removed: [Bool] = []
-    /// Lines added by edits, written after the kept original lines.
+    /// Lines added by edits, written after the kept original lines. Names are stored
+    /// lowercased (HTTP/2 style), so lookups compare without folding.
     public var added: [(name: String, value: String)] = []
     /// Replacement request target (rewrite), if any.
     public var targetOverride: String? = nil
@@ -129,7 +130,7 @@ public struct HTTPHead: Sendable {
     public func first(_ name: String) -> String? {
         let lower = name.lowercased()
         if let i = firstIndex(lowercased: lower) { return value(at: i) }
-        for a in added where a.name.lowercased() == lower { return a.value }
+        for a in added where a.name == lower { return a.value }
         return nil
     }
 
@@ -142,7 +143,7 @@ public struct HTTPHead: Sendable {
             let raw = UnsafeRawBufferPointer(p)
             for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { out.append(value(at: i)) }
         }
-        for a in added where a.name.lowercased() == lower { out.append(a.value) }
+        for a in added where a.name == lower { out.append(a.value) }
         return out
     }
 
@@ -157,18 +158,25 @@ public struct HTTPHead: Sendable {
             for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { removed[i] = true; count += 1 }
         }
         let before = added.count
-        added.removeAll { $0.name.lowercased() == lower }
+        if before > 0 { added.removeAll { $0.name == lower } }
         return count + before - added.count
     }
 
     /// Replaces every value of a header with one value. Caller validated name/value.
     public mutating func set(_ name: String, _ value: String) {
-        remove(name)
-        added.append((name, value))
+        let lower = name.lowercased()
+        remove(lower)
+        added.append((lower, value))
     }
 
     /// Adds a value, keeping existing ones. Caller validated name/value.
     public mutating func add(_ name: String, _ value: String) {
+        added.append((name.lowercased(), value))
+    }
+
+    /// Adds a value whose name is already lowercase (no folding).
+    @inline(__always)
+    public mutating func addLowercased(_ name: String, _ value: String) {
         added.append((name, value))
     }
 

@@ -303,6 +303,7 @@ public struct HTTPHeadParser: Sendable {
         case (15, 120): return lowerEquals(raw, s, "x-forwarded-for") ? .xForwardedFor : .other
         case (16, 112): return lowerEquals(raw, s, "proxy-connection") ? .proxyConnection : .other
         case (17, 116): return lowerEquals(raw, s, "transfer-encoding") ? .transferEncoding : .other
+        case (17, 120): return lowerEquals(raw, s, "x-forwarded-proto") ? .xForwardedProto : .other
         case (18, 112): return lowerEquals(raw, s, "proxy-authenticate") ? .proxyAuthenticate : .other
         case (19, 112): return lowerEquals(raw, s, "proxy-authorization") ? .proxyAuthorization : .other
         default: return .other

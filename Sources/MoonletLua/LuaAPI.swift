@@ -57,6 +57,8 @@ enum LuaAPI {
     }
 
     static let outside = "object used outside of its stream"
+    /// RFC 9110 token characters (a copy local to this module: no lazy-global check per use).
+    static let tokenTable: [Bool] = HeaderValidation.tokenTable
 
     /// Installs the metatable shared by all light userdata (only wrappers are ever light
     /// userdata inside the sandbox).
@@ -86,6 +88,13 @@ enum LuaAPI {
 
     static let index: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "index") else { return fail(L, outside) }
+        if kind == .requestHeaders || kind == .responseHeaders {
+            // Methods only: looked up by the key as given, no string made.
+            lua_getfield(L, ml_registryindex(), "moonlet.header_methods")
+            lua_pushvalue(L, 2)
+            lua_rawget(L, -2)
+            return 1
+        }
         guard let key = bytes(L, 2) else { lua_pushnil(L); return 1 }
         let k = String(decoding: key, as: UTF8.self)
         let id = s.id
@@ -227,7 +236,7 @@ enum LuaAPI {
             }
             if !head.added.isEmpty {
                 let ln = String(decoding: lower, as: UTF8.self)
-                for a in head.added where a.name.lowercased() == ln { push(L, a.value); return true }
+                for a in head.added where a.name == ln { push(L, a.value); return true }
             }
             return false
         }
@@ -257,18 +266,30 @@ enum LuaAPI {
             guard withHead(L, { head, _ in head.remove(n) }) != nil else { return fail(L, outside) }
             return 0
         }
-        guard let n = str(L, 2), HeaderValidation.isToken(n) else { return fail(L, "headers:\(fn)(name, value): name must be a valid header token") }
-        guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let v = str(L, 3) else {
-            return fail(L, "headers:\(fn)(\(n), value): value must be a string")
+        // Name: checked as a token and lowercased straight from Lua's bytes.
+        guard let nb = bytes(L, 2), nb.count > 0, nb.count <= 256 else { return fail(L, "headers:\(fn)(name, value): name must be a valid header token") }
+        var valid = true
+        let lower = String(unsafeUninitializedCapacity: nb.count) { out in
+            for i in 0..<nb.count {
+                var c = nb[i]
+                if !tokenTable[Int(c)] { valid = false }
+                if c >= 65 && c <= 90 { c |= 0x20 }
+                out[i] = c
+            }
+            return nb.count
         }
-        guard HeaderValidation.isValidValue(v) else { return fail(L, "headers:\(fn)(\(n), value): value contains CR, LF or NUL") }
-        guard v.utf8.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(n), value): value longer than 16 KiB") }
-        let lower = n.lowercased()
+        guard valid else { return fail(L, "headers:\(fn)(name, value): name must be a valid header token") }
+        guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let vb = bytes(L, 3) ?? (lua_type(L, 3) == LUA_TNUMBER ? { _ = lua_tolstring(L, 3, nil); return bytes(L, 3) }() : nil) else {
+            return fail(L, "headers:\(fn)(\(lower), value): value must be a string")
+        }
+        for c in vb where c == 0 || c == 10 || c == 13 { return fail(L, "headers:\(fn)(\(lower), value): value contains CR, LF or NUL") }
+        guard vb.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(lower), value): value longer than 16 KiB") }
+        let v = String(decoding: vb, as: UTF8.self)
         if lower == "content-length" || lower == "transfer-encoding" || lower == "connection" {
-            return fail(L, "headers:\(fn)(\(n)): framing header is managed by the proxy")
+            return fail(L, "headers:\(fn)(\(lower)): framing header is managed by the proxy")
         }
         let done: Bool? = withHead(L) { head, _ in
-            if add { head.add(lower, v) } else { head.set(lower, v) }
+            if add { head.addLowercased(lower, v) } else { head.remove(lower); head.addLowercased(lower, v) }
             if lower == "host" { head.hostIndex = -1 }
             return true
         }

@@ -1,6 +1,7 @@
 import CLua
 import MoonletCore
 import MoonletConfig
+import MoonletTelemetry
 import NIOCore
 #if canImport(Foundation)
 import Foundation
@@ -24,6 +25,7 @@ public final class LuaPluginInstance: Filter {
     /// on_request, on_request_body, on_response, on_response_body, on_log
     var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
     let failStrategy: FailStrategy
+    let cell: PluginCell?
     static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log"]
 
     init(vm: LuaVM, source: LuaPluginSource) throws {
@@ -37,6 +39,7 @@ public final class LuaPluginInstance: Filter {
         if let v = source.spec.maxInstructions { l.maxInstructions = v }
         if let v = source.spec.timeoutMs { l.timeoutMs = v }
         limits = l
+        cell = vm.metrics?.pluginCell(source.spec.name)
         try load()
         wantsRequestBody = fn[1] != LUA_NOREF
         wantsResponseBody = fn[3] != LUA_NOREF
@@ -137,7 +140,11 @@ public final class LuaPluginInstance: Filter {
         let t0 = Self.nanos()
         let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
         vm.current = prev; vm.currentID = prevID
-        vm.metrics?.plugin(name, nanos: Self.nanos() &- t0, error: !out.ok, aborted: out.aborted)
+        if let cell {
+            cell.stats.calls &+= 1
+            cell.stats.nanos &+= Self.nanos() &- t0
+            if !out.ok { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
+        }
         if out.ok {
             if s.localReply != nil && which != 4 { return .respond }
             if out.returned == "stop_and_buffer" && which == 0 { return .stopAndBuffer }

@@ -199,7 +199,8 @@ public enum LuaError: Error, CustomStringConvertible {
 
 extension ProxyStream {
     var luaCtx: StreamLuaContext {
-        if let c = luaContext as? StreamLuaContext { return c }
+        // Only MoonletLua sets luaContext, always to a StreamLuaContext.
+        if let c = luaContext { return unsafeDowncast(c, to: StreamLuaContext.self) }
         let c = StreamLuaContext(); luaContext = c; return c
     }
 }

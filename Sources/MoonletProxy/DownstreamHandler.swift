@@ -38,6 +38,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
     var closed = false
+    /// Whether reading from the client is paused (backpressure or pipelined backlog).
+    var readPaused = false
+    var lastSeries: RequestSeries?
+    var lastSeriesKey: SeriesKey?
 
     init(ctx: LoopContext, role: ListenerRole) {
         self.ctx = ctx
@@ -85,7 +89,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         context.flush()
-        if let u = upstream, let ch = u.channel { ch.flush() }
+        if reqDecoder != nil, let u = upstream, let ch = u.channel { ch.flush() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -95,7 +99,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         guard !closed else { return }
-        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+        setReading(writable)
+    }
+
+    /// Pauses or resumes reading from the client; a no-op when already in that state.
+    func setReading(_ on: Bool) {
+        guard readPaused == on else { return }
+        readPaused = !on
+        context.channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
     }
 
     // MARK: request side
@@ -139,16 +150,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 continue
             }
             // Request complete, response pending: later bytes are pipelined requests.
-            if buf.readableBytes > limits.maxHeadBytes * 2 {
-                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-            }
+            if buf.readableBytes > limits.maxHeadBytes * 2 { setReading(false) }
             return
         }
     }
 
     func startStream(_ headIn: HTTPHead) {
         var head = headIn
-        idleTimer?.cancel(); idleTimer = nil
         head.stripHopByHop()
         let s = ProxyStream(id: ctx.nextStreamID, request: head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
         ctx.nextStreamID &+= 1
@@ -166,20 +174,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made, x-forwarded-proto.
-        if s.request.firstIndex(of: .xRequestID) == nil { s.request.add("x-request-id", ctx.requestID()) }
+        if s.request.firstIndex(of: .xRequestID) == nil { s.request.addLowercased("x-request-id", ctx.requestID()) }
         if let i = s.request.firstIndex(of: .xForwardedFor) {
             let v = s.request.value(at: i)
             s.request.removed[i] = true
-            s.request.add("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
+            s.request.addLowercased("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
         } else {
-            s.request.add("x-forwarded-for", peerIP)
+            s.request.addLowercased("x-forwarded-for", peerIP)
         }
-        if s.request.firstIndex(lowercased: "x-forwarded-proto") == nil { s.request.add("x-forwarded-proto", "http") }
-        if role == .inbound {
-            s.route.cluster = "inbound|\(ctx.settings.appPort)||"
-            s.route.host = "127.0.0.1"
-            s.route.port = ctx.settings.appPort
-        }
+        if s.request.firstIndex(of: .xForwardedProto) == nil { s.request.addLowercased("x-forwarded-proto", "http") }
+        if role == .inbound { s.route = ctx.inboundRoute }
         switch chain.runRequest(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.
@@ -211,7 +215,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             sendLocalReply()
             return
         }
-        let key = "\(s.route.host):\(s.route.port)"
+        let key = role == .inbound && s.route.host == ctx.inboundRoute.host && s.route.port == ctx.inboundRoute.port
+            ? ctx.inboundKey : "\(s.route.host):\(s.route.port)"
         s.upstreamHost = key
         armStreamTimer(s)
         var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
@@ -297,13 +302,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         if let u = upstream, let ch = u.channel {
             ch.write(out, promise: nil)
-            if !ch.isWritable { context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in } }
+            if !ch.isWritable { setReading(false) }
         } else if pendingUpstream != nil {
             var o = out
             pendingUpstream!.writeBuffer(&o)
-            if pendingUpstream!.readableBytes > limits.highWaterMarkBytes {
-                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
-            }
+            if pendingUpstream!.readableBytes > limits.highWaterMarkBytes { setReading(false) }
         }
     }
 
@@ -542,19 +545,30 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             // told apart from the next request reliably, so the connection closes.
             closed = true; context.close(promise: nil); return
         }
-        context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        setReading(true)
+        lastActivity = NIODeadline.now().uptimeNanoseconds
         armIdleTimer()
         if (inbound?.readableBytes ?? 0) > 0 { process() }
     }
 
+    /// Istio's request metrics. The series is found by a small key (and the last one
+    /// is reused when the key repeats), so the full label set is built once per series.
     func record(_ s: ProxyStream) {
         let now = NIODeadline.now().uptimeNanoseconds
         let ms = Double(now &- s.startNanos) / 1e6
-        let host = s.route.host.isEmpty ? "unknown" : s.route.host
-        ctx.metrics.recordRequest(RequestLabels(reporter: role == .inbound ? "destination" : "source",
-                                                responseCode: s.status, responseFlags: s.responseFlags.envoyString,
-                                                destinationService: role == .inbound ? (ctx.settings.identity.labels["app"] ?? "unknown") : host),
-                                  durationMs: ms, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
+        let inbound = role == .inbound
+        let service = inbound ? ctx.inboundService : (s.route.host.isEmpty ? "unknown" : s.route.host)
+        let key = SeriesKey(inbound: inbound, code: s.status, flags: s.responseFlags.rawValue, service: service)
+        let series: RequestSeries
+        if let last = lastSeries, lastSeriesKey == key { series = last } else {
+            let flags = s.responseFlags
+            series = ctx.metrics.series(key) {
+                RequestLabels(reporter: inbound ? "destination" : "source", responseCode: key.code,
+                              responseFlags: flags.envoyString, destinationService: service)
+            }
+            lastSeries = series; lastSeriesKey = key
+        }
+        series.record(durationMs: ms, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
     }
 
     // MARK: timers
@@ -567,9 +581,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
     }
 
+    /// One timer per connection: when it fires it closes the connection if it has been
+    /// idle long enough, or re-arms for the remaining time (no timer per request).
     func armIdleTimer() {
         guard idleTimer == nil, limits.downstreamIdleTimeoutMs > 0 else { return }
-        lastActivity = NIODeadline.now().uptimeNanoseconds
         scheduleIdle(after: Int64(limits.downstreamIdleTimeoutMs))
     }
 
@@ -577,7 +592,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
             guard let self, !self.closed else { return }
             self.idleTimer = nil
-            guard self.stream == nil else { return }
+            guard self.stream == nil else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs)); return }
             let idleFor = Int64((NIODeadline.now().uptimeNanoseconds &- self.lastActivity) / 1_000_000)
             if idleFor >= Int64(self.limits.downstreamIdleTimeoutMs) { self.closed = true; self.context.close(promise: nil) }
             else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs) - idleFor) }

@@ -28,7 +28,12 @@ public final class LoopContext {
     var nextStreamID: UInt64
     var activeStreams = 0
     var activeConnections = 0
-    var rng = SystemRandomNumberGenerator()
+    /// Request-id generator: seeded once from the system, no syscall per request.
+    var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
+    /// The inbound listener's fixed route, built once.
+    let inboundRoute: RouteDecision
+    let inboundKey: String
+    let inboundService: String
 
     init(loop: EventLoop, index: Int, settings: ProxySettings, host: LuaHost, logger: Logger) {
         self.loop = loop
@@ -37,26 +42,35 @@ public final class LoopContext {
         lua = LuaLoopRuntime(host: host, metrics: metrics)
         pool = UpstreamPool(loop: loop, limits: settings.limits)
         nextStreamID = UInt64(index) << 48 | 1
+        var r = RouteDecision()
+        r.cluster = "inbound|\(settings.appPort)||"
+        r.host = "127.0.0.1"
+        r.port = settings.appPort
+        inboundRoute = r
+        inboundKey = "127.0.0.1:\(settings.appPort)"
+        inboundService = settings.identity.labels["app"] ?? "unknown"
     }
 
     /// A new x-request-id (UUID v4 text).
     func requestID() -> String {
-        var a = rng.next() as UInt64
-        var b = rng.next() as UInt64
+        var a = rng.next()
+        var b = rng.next()
         a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
         b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        let hex: [UInt8] = Array("0123456789abcdef".utf8)
-        var out = [UInt8](repeating: 45, count: 36)
-        var pos = 0
-        func put(_ v: UInt64, _ nibbles: Int) {
-            for i in stride(from: nibbles - 1, through: 0, by: -1) {
-                if pos == 8 || pos == 13 || pos == 18 || pos == 23 { pos += 1 }
-                out[pos] = hex[Int((v >> UInt64(i * 4)) & 0xF)]
-                pos += 1
+        return String(unsafeUninitializedCapacity: 36) { out in
+            let hex: StaticString = "0123456789abcdef"
+            let h = hex.utf8Start
+            var pos = 0
+            for (v, nibbles) in [(a, 16), (b, 16)] {
+                var i = nibbles - 1
+                while i >= 0 {
+                    if pos == 8 || pos == 13 || pos == 18 || pos == 23 { out[pos] = 45; pos += 1 }
+                    out[pos] = h[Int((v >> UInt64(i * 4)) & 0xF)]
+                    pos += 1; i -= 1
+                }
             }
+            return 36
         }
-        put(a, 16); put(b, 16)
-        return String(decoding: out, as: UTF8.self)
     }
 }
 
@@ -76,4 +90,23 @@ public struct ProxySettings: Sendable {
     /// How often the config directory and plugin files are checked for changes.
     public var watchIntervalMs = 500
     public init() {}
+}
+
+/// xoshiro256** (Blackman and Vigna): fast, good-quality, not for secrets.
+struct Xoshiro256: RandomNumberGenerator {
+    var s: (UInt64, UInt64, UInt64, UInt64)
+    init<G: RandomNumberGenerator>(seed: G) {
+        var g = seed
+        s = (g.next(), g.next(), g.next(), g.next())
+        if s == (0, 0, 0, 0) { s.0 = 0x9E3779B97F4A7C15 }
+    }
+    @inline(__always)
+    mutating func next() -> UInt64 {
+        let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
+        let t = s.1 << 17
+        s.2 ^= s.0; s.3 ^= s.1; s.1 ^= s.2; s.0 ^= s.3
+        s.2 ^= t
+        s.3 = s.3 << 45 | s.3 >> 19
+        return result
+    }
 }

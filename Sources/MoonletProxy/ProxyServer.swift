@@ -46,7 +46,8 @@ public final class ProxyServer: @unchecked Sendable {
         lua = LuaHost(logger: logger)
         var i = 0
         for loop in group.makeIterator() {
-            let c = try! loop.submit { LoopContext(loop: loop, index: i, settings: settings, host: self.lua, logger: logger) }.wait()
+            let index = i
+            let c = try! loop.submit { LoopContext(loop: loop, index: index, settings: settings, host: self.lua, logger: logger) }.wait()
             contexts.append(c)
             contextByLoop[ObjectIdentifier(loop)] = c
             i += 1

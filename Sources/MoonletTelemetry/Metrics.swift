@@ -81,32 +81,106 @@ public struct MetricsSnapshot: Sendable {
     }
 }
 
+/// The request metrics of one label set, updated in place (no hashing per request
+/// once a stream has its series).
+public final class RequestSeries {
+    public let labels: RequestLabels
+    var count: UInt64 = 0
+    var duration = Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)
+    var requestBytes = Histogram(bucketCount: Histogram.istioSizeBuckets.count)
+    var responseBytes = Histogram(bucketCount: Histogram.istioSizeBuckets.count)
+    init(labels: RequestLabels) { self.labels = labels }
+
+    @inline(__always)
+    public func record(durationMs: Double, requestBytes rq: Int64, responseBytes rs: Int64) {
+        count &+= 1
+        duration.observe(durationMs, bounds: Histogram.istioDurationBucketsMs)
+        requestBytes.observe(Double(rq), bounds: Histogram.istioSizeBuckets)
+        responseBytes.observe(Double(rs), bounds: Histogram.istioSizeBuckets)
+    }
+}
+
+/// What identifies a request series cheaply on the hot path.
+public struct SeriesKey: Hashable {
+    public var inbound: Bool
+    public var code: Int
+    public var flags: UInt32
+    public var service: String
+    public init(inbound: Bool, code: Int, flags: UInt32, service: String) {
+        self.inbound = inbound; self.code = code; self.flags = flags; self.service = service
+    }
+}
+
+/// Per-plugin counters, held by the plugin instance and bumped directly.
+public final class PluginCell {
+    public var stats = PluginStats()
+    public init() {}
+}
+
 /// Metrics of one event loop. Only that loop writes it (no locks, no atomics); a
 /// scrape asks each loop for a snapshot and merges them.
 public final class MetricsShard {
-    public private(set) var data = MetricsSnapshot()
+    var series: [SeriesKey: RequestSeries] = [:]
+    var pluginCells: [String: [PluginCell]] = [:]
+    var activeConnections: [String: Int64] = [:]
+    var connectionsTotal: [String: UInt64] = [:]
+    var counters: [String: UInt64] = [:]
     public init() {}
 
-    /// Records a finished stream (Istio's standard metrics).
+    /// The series for a key, created with its full labels on first use.
+    @inline(__always)
+    public func series(_ key: SeriesKey, labels: () -> RequestLabels) -> RequestSeries {
+        if let s = series[key] { return s }
+        let s = RequestSeries(labels: labels())
+        series[key] = s
+        return s
+    }
+
+    /// Records a finished stream (Istio's standard metrics), by full labels.
     public func recordRequest(_ l: RequestLabels, durationMs: Double, requestBytes: Int64, responseBytes: Int64) {
-        data.requests[l, default: 0] += 1
-        data.durations[l, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].observe(durationMs, bounds: Histogram.istioDurationBucketsMs)
-        data.requestBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].observe(Double(requestBytes), bounds: Histogram.istioSizeBuckets)
-        data.responseBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].observe(Double(responseBytes), bounds: Histogram.istioSizeBuckets)
+        let key = SeriesKey(inbound: l.reporter == "destination", code: l.responseCode, flags: 0, service: l.destinationService + "|" + l.responseFlags)
+        series(key) { l }.record(durationMs: durationMs, requestBytes: requestBytes, responseBytes: responseBytes)
     }
     public func connectionOpened(_ listener: String) {
-        data.activeConnections[listener, default: 0] += 1
-        data.connectionsTotal[listener, default: 0] += 1
+        activeConnections[listener, default: 0] += 1
+        connectionsTotal[listener, default: 0] += 1
     }
-    public func connectionClosed(_ listener: String) { data.activeConnections[listener, default: 0] -= 1 }
+    public func connectionClosed(_ listener: String) { activeConnections[listener, default: 0] -= 1 }
+
+    /// The counter cell of a plugin on this loop (instances of one plugin across
+    /// reloads share it, so its counts are cumulative).
+    public func pluginCell(_ name: String) -> PluginCell {
+        if let c = pluginCells[name]?.first { return c }
+        let c = PluginCell()
+        pluginCells[name] = [c]
+        return c
+    }
     public func plugin(_ name: String, nanos: UInt64, error: Bool, aborted: Bool) {
-        data.plugins[name, default: PluginStats()].calls += 1
-        data.plugins[name]!.nanos += nanos
-        if error { data.plugins[name]!.errors += 1 }
-        if aborted { data.plugins[name]!.aborted += 1 }
+        let c = pluginCells[name]?.first ?? pluginCell(name)
+        c.stats.calls += 1; c.stats.nanos += nanos
+        if error { c.stats.errors += 1 }
+        if aborted { c.stats.aborted += 1 }
     }
-    public func count(_ name: String, _ by: UInt64 = 1) { data.counters[name, default: 0] += by }
-    public func snapshot() -> MetricsSnapshot { data }
+    public func count(_ name: String, _ by: UInt64 = 1) { counters[name, default: 0] += by }
+
+    public func snapshot() -> MetricsSnapshot {
+        var d = MetricsSnapshot()
+        for s in series.values {
+            d.requests[s.labels, default: 0] += s.count
+            d.durations[s.labels, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].merge(s.duration)
+            d.requestBytes[s.labels, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.requestBytes)
+            d.responseBytes[s.labels, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.responseBytes)
+        }
+        for (name, cells) in pluginCells {
+            var st = PluginStats()
+            for c in cells { st.merge(c.stats) }
+            d.plugins[name] = st
+        }
+        d.activeConnections = activeConnections
+        d.connectionsTotal = connectionsTotal
+        d.counters = counters
+        return d
+    }
 }
 
 /// Prometheus text exposition (format 0.0.4) of a merged snapshot.
