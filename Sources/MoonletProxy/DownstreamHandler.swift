@@ -43,9 +43,18 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var lastSeries: RequestSeries?
     var lastSeriesKey: SeriesKey?
 
-    init(ctx: LoopContext, role: ListenerRole) {
+    /// Set when this handler serves one HTTP/2 stream (behind HTTP2StreamBridge).
+    let http2Stream: Bool
+    /// First bytes not seen yet: they may be the HTTP/2 preface (h2c prior knowledge).
+    var sniffing = true
+    /// After the switch to HTTP/2 this handler only passes bytes on.
+    var passthrough = false
+
+    init(ctx: LoopContext, role: ListenerRole, http2Stream: Bool = false) {
         self.ctx = ctx
         self.role = role
+        self.http2Stream = http2Stream
+        self.sniffing = !http2Stream
         self.limits = ctx.settings.limits
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
     }
@@ -59,15 +68,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
-        ctx.activeConnections += 1
-        ctx.metrics.connectionOpened(role.rawValue)
-        armIdleTimer()
+        if !http2Stream {
+            ctx.activeConnections += 1
+            ctx.metrics.connectionOpened(role.rawValue)
+            armIdleTimer()
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
-        ctx.activeConnections -= 1
-        ctx.metrics.connectionClosed(role.rawValue)
+        if passthrough { context.fireChannelInactive() }
+        if !http2Stream {
+            ctx.activeConnections -= 1
+            ctx.metrics.connectionClosed(role.rawValue)
+        }
         headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel()
         if let s = stream {
             s.responseFlags.insert(.downstreamConnectionTermination)
@@ -81,18 +95,29 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if passthrough { context.fireChannelRead(data); return }
         var incoming = unwrapInboundIn(data)
+        if sniffing {
+            // "PRI " starts only the HTTP/2 preface (PRI is not an HTTP/1.1 method in use).
+            sniffing = false
+            if incoming.readableBytesView.starts(with: HTTP2Server.preface.prefix(4)) {
+                switchToHTTP2(context: context, first: incoming)
+                return
+            }
+        }
         lastActivity = NIODeadline.now().uptimeNanoseconds
         if inbound == nil || inbound!.readableBytes == 0 { inbound = incoming } else { inbound!.writeBuffer(&incoming) }
         process()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        if passthrough { context.fireChannelReadComplete(); return }
         context.flush()
         if reqDecoder != nil, let u = upstream, let ch = u.channel { ch.flush() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if passthrough { context.fireChannelWritabilityChanged(); return }
         // Downstream can't take more: stop reading the upstream response (and resume).
         upstream?.channel?.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenComplete { _ in }
     }
@@ -107,6 +132,22 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard readPaused == on else { return }
         readPaused = !on
         context.channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
+    }
+
+    /// h2c prior knowledge: HTTP/2 handlers go in after this one, which from now on
+    /// only passes bytes through; each HTTP/2 stream gets its own DownstreamHandler.
+    func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
+        idleTimer?.cancel(); idleTimer = nil
+        do {
+            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self))
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        passthrough = true
+        context.fireChannelActive()
+        context.fireChannelRead(NIOAny(first))
+        context.fireChannelReadComplete()
     }
 
     // MARK: request side
@@ -173,6 +214,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         reqDecoder = head.framing == .none ? nil : BodyDecoder(framing: head.framing)
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
+        if http2Stream { s.protocolName = "HTTP/2" }
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made, x-forwarded-proto.
         if s.request.firstIndex(of: .xRequestID) == nil { s.request.addLowercased("x-request-id", ctx.requestID()) }
         if let i = s.request.firstIndex(of: .xForwardedFor) {

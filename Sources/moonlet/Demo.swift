@@ -76,9 +76,10 @@ struct Demo: ParsableCommand {
             codes[r.status, default: 0] += 1
             if r.headers["x-filter"] == "demo" { tagged += 1 }
         }
-        print(String(format: "%-28@ %@", "requests sent" as NSString, "20"))
-        for (c, n) in codes.sorted(by: { $0.key < $1.key }) { print(String(format: "%-28@ %d", "status \(c)" as NSString, n)) }
-        print(String(format: "%-28@ %d", "responses tagged by Lua" as NSString, tagged))
+        func row(_ k: String, _ v: Int) { print(k.padding(toLength: 28, withPad: " ", startingAt: 0) + String(v)) }
+        row("requests sent", 20)
+        for (c, n) in codes.sorted(by: { $0.key < $1.key }) { row("status \(c)", n) }
+        row("responses tagged by Lua", tagged)
         print("")
         print("Try it:")
         print("  curl -i http://127.0.0.1:\(port)/orders/1")

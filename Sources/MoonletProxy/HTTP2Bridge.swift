@@ -1,0 +1,170 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import MoonletCore
+
+/// HTTP/2 downstream (h2c prior knowledge now; ALPN h2 with TLS later), mapped onto
+/// the same stream model: each HTTP/2 stream gets a child channel whose pipeline is
+///
+///     HTTP2FramePayloadToHTTP1ServerCodec ⇄ HTTP2StreamBridge ⇄ DownstreamHandler
+///
+/// The bridge writes the stream's request as HTTP/1.1 bytes into the same
+/// DownstreamHandler the HTTP/1.1 path uses (so filters, limits and upstream pools
+/// are shared), and parses the HTTP/1.1 response bytes it produces back into HTTP/2
+/// response parts. swift-nio-http2 enforces the protocol limits (flow control, HPACK
+/// list size, CONTINUATION flood, rapid reset).
+enum HTTP2Server {
+    static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    /// Connection settings: concurrent streams and header list bounded.
+    static func connectionConfiguration(_ limits: ProxyLimits) -> NIOHTTP2Handler.ConnectionConfiguration {
+        var c = NIOHTTP2Handler.ConnectionConfiguration()
+        c.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeadBytes),
+            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+        ]
+        return c
+    }
+
+    /// Turns a downstream connection into an HTTP/2 server connection. Called by the
+    /// HTTP/1.1 handler when the first bytes are the HTTP/2 preface.
+    static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position) throws {
+        var streamConfig = NIOHTTP2Handler.StreamConfiguration()
+        streamConfig.targetWindowSize = 1 << 20
+        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+            mode: .server,
+            connectionConfiguration: connectionConfiguration(ctx.settings.limits),
+            streamConfiguration: streamConfig,
+            position: position
+        ) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                let sync = stream.pipeline.syncOperations
+                try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                try sync.addHandler(HTTP2StreamBridge(limits: ctx.settings.limits))
+                try sync.addHandler(DownstreamHandler(ctx: ctx, role: role, http2Stream: true))
+            }
+        }
+    }
+}
+
+/// Converts between one HTTP/2 stream's HTTP/1-style parts and HTTP/1.1 bytes.
+final class HTTP2StreamBridge: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = HTTPServerResponsePart
+
+    var pendingHead: HTTPRequestHead?
+    var chunked = false
+    var responseParser: HTTPHeadParser
+    var responseBuffer: ByteBuffer?
+    var decoder: BodyDecoder?
+    var requestWasHead = false
+
+    init(limits: ProxyLimits) {
+        responseParser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+    }
+
+    // Request: parts -> HTTP/1.1 bytes. The head is held until the next part shows
+    // whether a body follows (HTTP/2 knows it from END_STREAM).
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            pendingHead = h
+            requestWasHead = h.method == .HEAD
+        case .body(let b):
+            if let h = pendingHead {
+                pendingHead = nil
+                chunked = !h.headers.contains(name: "content-length")
+                emitHead(context: context, h, body: true)
+            }
+            if chunked {
+                var out = context.channel.allocator.buffer(capacity: b.readableBytes + 16)
+                ChunkedEncoder.writeChunk(b, into: &out)
+                context.fireChannelRead(wrapInboundOut(out))
+            } else {
+                context.fireChannelRead(wrapInboundOut(b))
+            }
+        case .end:
+            if let h = pendingHead {
+                pendingHead = nil
+                emitHead(context: context, h, body: false)
+            } else if chunked {
+                context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)))
+            }
+            context.fireChannelReadComplete()
+        }
+    }
+
+    func emitHead(context: ChannelHandlerContext, _ h: HTTPRequestHead, body: Bool) {
+        var out = context.channel.allocator.buffer(capacity: 512)
+        out.writeString(h.method.rawValue)
+        out.writeInteger(UInt8(32))
+        out.writeString(h.uri)
+        out.writeStaticString(" HTTP/1.1\r\n")
+        var hasHost = false
+        for (name, value) in h.headers {
+            let lower = name.lowercased()
+            if lower == "host" { if hasHost { continue }; hasHost = true }
+            if lower == "transfer-encoding" || lower == "connection" { continue }
+            HeadWriter.writeField(lower, value, into: &out)
+        }
+        if !hasHost { out.writeStaticString("host: \r\n") }
+        if body && chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
+        out.writeStaticString("\r\n")
+        context.fireChannelRead(wrapInboundOut(out))
+    }
+
+    // Response: HTTP/1.1 bytes -> parts.
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        var incoming = unwrapOutboundIn(data)
+        if responseBuffer == nil || responseBuffer!.readableBytes == 0 { responseBuffer = incoming } else { responseBuffer!.writeBuffer(&incoming) }
+        while var buf = responseBuffer, buf.readableBytes > 0 {
+            if decoder == nil {
+                switch responseParser.parseResponse(buf, requestWasHead: requestWasHead) {
+                case .needMore:
+                    promise?.succeed(); return
+                case .error(let e):
+                    promise?.fail(e); context.close(promise: nil); return
+                case .complete(let head, let consumed):
+                    buf.moveReaderIndex(forwardBy: consumed)
+                    responseBuffer = buf
+                    if head.status == 100 { responseParser.reset(); continue }
+                    var headers = HTTPHeaders()
+                    for i in 0..<head.fields.count {
+                        switch head.kinds[i] {
+                        case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
+                        default: headers.add(name: head.name(at: i).lowercased(), value: head.value(at: i))
+                        }
+                    }
+                    context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: HTTPResponseStatus(statusCode: head.status), headers: headers))), promise: nil)
+                    var d = BodyDecoder(framing: head.framing == .untilClose ? .none : head.framing)
+                    if d.isDone {
+                        context.write(wrapOutboundOut(.end(nil)), promise: nil)
+                        responseParser.reset()
+                        d = BodyDecoder(framing: .none)
+                        decoder = nil
+                        continue
+                    }
+                    decoder = d
+                }
+            }
+            do {
+                var d = decoder!
+                let done = try d.decode(&buf) { chunk in context.write(self.wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil) }
+                responseBuffer = buf
+                if done {
+                    decoder = nil
+                    responseParser.reset()
+                    context.write(wrapOutboundOut(.end(nil)), promise: nil)
+                } else {
+                    decoder = d
+                }
+            } catch {
+                promise?.fail(error); context.close(promise: nil); return
+            }
+        }
+        promise?.succeed()
+    }
+}
