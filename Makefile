@@ -18,7 +18,7 @@ demo: release
 
 test: deps
 	$(SWIFT) build --build-tests -j $(JOBS)
-	$(SWIFT) test --skip-build --parallel --num-workers 2
+	$(SWIFT) test --skip-build --disable-swift-testing
 
 bench: release
 	bench/run

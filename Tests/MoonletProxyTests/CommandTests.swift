@@ -1,0 +1,131 @@
+import XCTest
+
+/// The `moonlet` executable as users run it: validate exit codes, SIGTERM drain, SIGHUP reload.
+final class CommandTests: XCTestCase {
+    /// The debug executable `swift build --build-tests` made, found from this file's place.
+    var binary: String {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/moonlet").path
+    }
+
+    func tmpdir() throws -> String {
+        let d = NSTemporaryDirectory() + "moonlet-cmd-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        return d
+    }
+
+    func run(_ args: [String]) throws -> (Int32, String) {
+        guard FileManager.default.isExecutableFile(atPath: binary) else { throw XCTSkip("moonlet binary not built at \(binary)") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = args
+        let out = Pipe()
+        p.standardOutput = out; p.standardError = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    func test_validate_exits0ForGoodConfig_and1WithEveryErrorForBad() throws {
+        let d = try tmpdir()
+        try "return {}".write(toFile: d + "/f.lua", atomically: true, encoding: .utf8)
+        try "apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: ok}\nspec:\n  url: file://f.lua\n".write(toFile: d + "/ok.yaml", atomically: true, encoding: .utf8)
+        let (rc, out) = try run(["validate", d])
+        XCTAssertEqual(rc, 0, out)
+        try "apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: bad}\nspec:\n  url: file://nope.lua\n  phase: LATER\n".write(toFile: d + "/bad.yaml", atomically: true, encoding: .utf8)
+        let (rc2, out2) = try run(["validate", d])
+        XCTAssertEqual(rc2, 1)
+        XCTAssertTrue(out2.contains("bad.yaml:5:8: LuaPlugin bad: spec.url: file not found"), out2)
+        XCTAssertTrue(out2.contains("bad.yaml:6:10: LuaPlugin bad: spec.phase"), out2)
+        let (rc3, json) = try run(["validate", "--output", "json", d])
+        XCTAssertEqual(rc3, 1)
+        XCTAssertTrue(json.hasPrefix("{\"valid\":false,\"errors\":[{\"file\":"), json)
+    }
+
+    func test_run_drainsOnSIGTERM_andExits0_reloadsOnSIGHUP() throws {
+        guard FileManager.default.isExecutableFile(atPath: binary) else { throw XCTSkip("moonlet binary not built") }
+        let up = try TestUpstream()
+        defer { up.stop() }
+        let d = try tmpdir()
+        try "return { on_response = function(s) s.response.headers:set('x-v', 'one') end }".write(toFile: d + "/v.lua", atomically: true, encoding: .utf8)
+        try "apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: v}\nspec:\n  url: file://v.lua\n".write(toFile: d + "/v.yaml", atomically: true, encoding: .utf8)
+        let port = MoonletProxyTests.freePort(), admin = MoonletProxyTests.freePort()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = ["run", "--config", d, "--inbound-port", "\(port)", "--outbound-port", "0", "--admin-port", "\(admin)",
+                       "--prometheus-port", "0", "--health-port", "0", "--app-port", "\(up.port)", "--concurrency", "1", "--log-level", "error"]
+        p.standardOutput = FileHandle.nullDevice; p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        var ready = false
+        for _ in 0..<100 { if adminGet(admin, "/ready")?.status == 200 { ready = true; break }; usleep(50_000) }
+        XCTAssertTrue(ready)
+        let c = try RawClient(port: port)
+        XCTAssertEqual(get(c)?.header("x-v"), "one")
+        // SIGHUP reloads (the watcher would too; the signal makes it immediate).
+        try "return { on_response = function(s) s.response.headers:set('x-v', 'two') end }".write(toFile: d + "/v.lua", atomically: true, encoding: .utf8)
+        kill(p.processIdentifier, SIGHUP)
+        var v = ""
+        for _ in 0..<40 { v = get(c)?.header("x-v") ?? ""; if v == "two" { break }; usleep(50_000) }
+        XCTAssertEqual(v, "two")
+        up.respond = { _ in TestUpstream.Reply(body: "late", delayMs: 300) }
+        c.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        usleep(50_000)
+        kill(p.processIdentifier, SIGTERM)
+        XCTAssertEqual(c.read()?.body, "late", "in-flight request finished during drain")
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+    }
+
+}
+
+/// An unused TCP port on 127.0.0.1 (for child processes that need a port number).
+func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// nginx as a real upstream, where installed: keep-alive reuse seen from nginx's side.
+final class NginxUpstreamTests: XCTestCase {
+    func test_nginxUpstream_seesOneKeptAliveConnection() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/nginx") else { throw XCTSkip("nginx not installed") }
+        let d = NSTemporaryDirectory() + "moonlet-nginx-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: d + "/www", withIntermediateDirectories: true)
+        try "hi from nginx\n".write(toFile: d + "/www/index.html", atomically: true, encoding: .utf8)
+        let port = freePort()
+        try """
+        daemon off; worker_processes 1; pid \(d)/nginx.pid; error_log \(d)/error.log;
+        events { worker_connections 64; }
+        http { access_log off; keepalive_requests 1000;
+          server { listen 127.0.0.1:\(port); location / { root \(d)/www; add_header x-conn $connection; } } }
+        """.write(toFile: d + "/nginx.conf", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/nginx")
+        p.arguments = ["-c", d + "/nginx.conf", "-p", d]
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        var up = false
+        for _ in 0..<50 { if (try? RawClient(port: port)) != nil { up = true; break }; usleep(50_000) }
+        XCTAssertTrue(up)
+        let px = try ProxyFixture(appPort: port, concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        var conns = Set<String>()
+        for _ in 0..<10 {
+            let r = try XCTUnwrap(get(c))
+            XCTAssertEqual(r.body, "hi from nginx\n")
+            conns.insert(r.header("x-conn") ?? "?")
+        }
+        XCTAssertEqual(conns.count, 1, "nginx saw connections \(conns)")
+    }
+}
