@@ -229,7 +229,7 @@ enum LuaAPI {
             }
             if let i = n {
                 let f = head.fields[i]
-                head.bytes.withUnsafeReadableBytes { raw in
+                _ = head.bytes.withUnsafeReadableBytes { raw in
                     lua_pushlstring(L, raw.baseAddress!.advanced(by: Int(f.valueStart)).assumingMemoryBound(to: CChar.self), Int(f.valueLength))
                 }
                 return true

@@ -16,7 +16,8 @@ public enum ListenerRole: String, Sendable {
 /// Everything one event loop owns: its metrics shard, its Lua VM, its filter chain
 /// (swapped on reload, on this loop), its upstream pool and its stream counters.
 /// Touched only from the loop's thread.
-public final class LoopContext {
+/// Sendable only in the sense that it is handed to its own loop's closures; it is never used off that loop.
+public final class LoopContext: @unchecked Sendable {
     public let loop: EventLoop
     public let metrics = MetricsShard()
     public let lua: LuaLoopRuntime

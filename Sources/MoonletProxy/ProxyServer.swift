@@ -189,7 +189,7 @@ public final class ProxyServer: @unchecked Sendable {
 
     public func luaMemory() -> EventLoopFuture<Int> {
         let futures = contexts.map { c in c.loop.submit { c.lua.vm.memoryUsed } }
-        return EventLoopFuture.reduce(0, futures, on: group.next(), +)
+        return EventLoopFuture.reduce(0, futures, on: group.next()) { $0 + $1 }
     }
 
     func activeStreams() -> Int {
