@@ -192,21 +192,21 @@ public enum PrometheusExposition {
         histogram(&o, "istio_request_duration_milliseconds", s.durations, Histogram.istioDurationBucketsMs)
         histogram(&o, "istio_request_bytes", s.requestBytes, Histogram.istioSizeBuckets)
         histogram(&o, "istio_response_bytes", s.responseBytes, Histogram.istioSizeBuckets)
-        o += "# TYPE moonlet_downstream_connections_active gauge\n"
-        for (k, v) in s.activeConnections.sorted(by: { $0.key < $1.key }) { o += "moonlet_downstream_connections_active{listener=\"\(k)\"} \(v)\n" }
-        o += "# TYPE moonlet_downstream_connections_total counter\n"
-        for (k, v) in s.connectionsTotal.sorted(by: { $0.key < $1.key }) { o += "moonlet_downstream_connections_total{listener=\"\(k)\"} \(v)\n" }
-        o += "# TYPE moonlet_lua_executions_total counter\n"
-        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_executions_total{plugin=\"\(esc(k))\"} \(v.calls)\n" }
-        o += "# TYPE moonlet_lua_errors_total counter\n"
-        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_errors_total{plugin=\"\(esc(k))\"} \(v.errors)\n" }
-        o += "# TYPE moonlet_lua_aborted_total counter\n"
-        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_aborted_total{plugin=\"\(esc(k))\"} \(v.aborted)\n" }
-        o += "# TYPE moonlet_lua_seconds_total counter\n"
-        for (k, v) in s.plugins.sorted(by: { $0.key < $1.key }) { o += "moonlet_lua_seconds_total{plugin=\"\(esc(k))\"} \(Double(v.nanos) / 1e9)\n" }
+        family(&o, "moonlet_downstream_connections_active", "gauge", "listener", s.activeConnections) { "\($0)" }
+        family(&o, "moonlet_downstream_connections_total", "counter", "listener", s.connectionsTotal) { "\($0)" }
+        family(&o, "moonlet_lua_executions_total", "counter", "plugin", s.plugins) { "\($0.calls)" }
+        family(&o, "moonlet_lua_errors_total", "counter", "plugin", s.plugins) { "\($0.errors)" }
+        family(&o, "moonlet_lua_aborted_total", "counter", "plugin", s.plugins) { "\($0.aborted)" }
+        family(&o, "moonlet_lua_seconds_total", "counter", "plugin", s.plugins) { "\(Double($0.nanos) / 1e9)" }
         for (k, v) in s.counters.sorted(by: { $0.key < $1.key }) { o += "# TYPE \(k) counter\n\(k) \(v)\n" }
         for (name, help, v) in extra { o += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(v)\n" }
         return o
+    }
+
+    /// One metric family with a single label, sorted by label value.
+    static func family<V>(_ o: inout String, _ name: String, _ type: String, _ label: String, _ values: [String: V], _ value: (V) -> String) {
+        o += "# TYPE \(name) \(type)\n"
+        for (k, v) in values.sorted(by: { $0.key < $1.key }) { o += "\(name){\(label)=\"\(esc(k))\"} \(value(v))\n" }
     }
 
     static func histogram(_ o: inout String, _ name: String, _ m: [RequestLabels: Histogram], _ bounds: [Double]) {
