@@ -33,7 +33,7 @@ let package = Package(
         ], swiftSettings: hot),
         .target(name: "MoonletRegex", dependencies: ["CPCRE2", "MoonletCore"], swiftSettings: v5),
         .target(name: "MoonletConfig", dependencies: [
-            "MoonletCore",
+            "MoonletCore", "MoonletRegex",
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: v5),
         .target(name: "MoonletTelemetry", dependencies: [
@@ -68,7 +68,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
-        .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig"], swiftSettings: v5),
+        .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
             "MoonletProxy", "MoonletLua", "MoonletConfig",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -34,8 +34,9 @@ public struct ConfigLoader {
     }
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
-    public func load(paths: [String], version: Int = 1) -> Result<ConfigSnapshot, ConfigErrors> {
+    public func load(paths: [String], version: Int = 1, namespace: String = "default") -> Result<ConfigSnapshot, ConfigErrors> {
         var errors: [ConfigError] = []
+        var all = TextResult()
         var plugins: [LuaPluginSpec] = []
         var istio: [IstioResource] = []
         var skipped: [String] = []
@@ -53,13 +54,21 @@ public struct ConfigLoader {
                 }
                 let r = loadText(text, file: file, baseDir: (file as NSString).deletingLastPathComponent)
                 errors += r.errors; plugins += r.plugins; istio += r.istio; skipped += r.skipped
+                all.virtualServices += r.virtualServices; all.destinationRules += r.destinationRules
+                all.serviceEntries += r.serviceEntries; all.workloadEntries += r.workloadEntries
             }
         }
+        let routes = RouteTable.build(vs: all.virtualServices, dr: all.destinationRules, se: all.serviceEntries, we: all.workloadEntries,
+                                      localNamespace: namespace, errors: &errors)
         if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
-        return .success(ConfigSnapshot(version: version, plugins: plugins, istio: istio, skipped: skipped, files: files))
+        return .success(ConfigSnapshot(version: version, plugins: plugins, istio: istio, skipped: skipped + routes.warnings, files: files, routes: routes))
     }
 
     public struct TextResult {
+        public var virtualServices: [VirtualServiceSpec] = []
+        public var destinationRules: [DestinationRuleSpec] = []
+        public var serviceEntries: [ServiceEntrySpec] = []
+        public var workloadEntries: [WorkloadEntrySpec] = []
         public var plugins: [LuaPluginSpec] = []
         public var istio: [IstioResource] = []
         public var skipped: [String] = []
@@ -116,7 +125,17 @@ public struct ConfigLoader {
             if Self.istioGroups.contains(group) {
                 guard Self.istioVersions.contains(ver) else { err(doc.child("apiVersion"), "apiVersion", "unsupported version \(ver)"); continue }
                 if Self.istioKinds.contains(kind) {
-                    guard let spec, spec.mapping != nil else { err(spec ?? doc, "spec", "missing or not a mapping"); continue }
+                    guard let spec, spec.mapping != nil else { err(spec ?? doc, "spec", "Required value"); continue }
+                    let ns = namespace.isEmpty ? "default" : namespace
+                    var d = TrafficDecoder(file: file, resource: resource, namespace: ns)
+                    switch kind {
+                    case "VirtualService": if let v = d.virtualService(spec, name: name, line: doc.line) { out.virtualServices.append(v) }
+                    case "DestinationRule": if let v = d.destinationRule(spec, name: name, line: doc.line) { out.destinationRules.append(v) }
+                    case "ServiceEntry": if let v = d.serviceEntry(spec, name: name, line: doc.line) { out.serviceEntries.append(v) }
+                    case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
+                    default: break
+                    }
+                    out.errors += d.errors
                     out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file, line: doc.line))
                 } else {
                     out.skipped.append("\(file):\(doc.line): \(resource): kind not supported, skipped")

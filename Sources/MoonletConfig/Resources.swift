@@ -93,9 +93,11 @@ public final class ConfigSnapshot: @unchecked Sendable {
     /// Kinds that were read but are not supported ("file:line: Gateway bookinfo-gateway: not supported, skipped").
     public let skipped: [String]
     public let files: [String]
+    /// VirtualServices, DestinationRules, ServiceEntries and WorkloadEntries compiled for routing.
+    public let routes: RouteTable
 
-    public init(version: Int, plugins: [LuaPluginSpec], istio: [IstioResource], skipped: [String], files: [String]) {
-        self.version = version; self.plugins = plugins; self.istio = istio; self.skipped = skipped; self.files = files
+    public init(version: Int, plugins: [LuaPluginSpec], istio: [IstioResource], skipped: [String], files: [String], routes: RouteTable = .empty) {
+        self.version = version; self.plugins = plugins; self.istio = istio; self.skipped = skipped; self.files = files; self.routes = routes
     }
 
     public static let empty = ConfigSnapshot(version: 0, plugins: [], istio: [], skipped: [], files: [])

@@ -90,6 +90,15 @@ public struct RouteDecision: Sendable {
     public var port: Int = 0
     /// Per-stream timeout in milliseconds (0 = the listener default).
     public var timeoutMs: Int = 0
+    /// The chosen endpoint ("ip" and port). When empty the proxy connects to host:port.
+    public var endpoint: String = ""
+    public var endpointPort: Int = 0
+    /// Fault injection delay before going upstream (milliseconds, flag DI).
+    public var delayMs: Int = 0
+    /// Response header edits of the matched route, applied before response filters.
+    public var responseSet: [(String, String)] = []
+    public var responseAdd: [(String, String)] = []
+    public var responseRemove: [String] = []
     public init() {}
 }
 
@@ -123,6 +132,11 @@ public final class ProxyStream {
     public private(set) var isActive = true
     /// Whether the downstream is HTTP/2 (affects only logging and metrics).
     public var protocolName: String = "HTTP/1.1"
+    /// The configuration snapshot the stream started with (a ConfigSnapshot), for
+    /// filters that route; a reload never changes it under a running stream.
+    public var config: AnyObject?
+    /// "inbound" or "outbound": the listener that accepted the stream.
+    public var listener: String = "outbound"
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
     public var luaContext: AnyObject?
 

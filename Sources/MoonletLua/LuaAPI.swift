@@ -1,6 +1,7 @@
 import CLua
 import MoonletCore
 import MoonletRegex
+import MoonletConfig
 import NIOCore
 import Logging
 #if canImport(Foundation)
@@ -424,6 +425,9 @@ enum LuaAPI {
         ml_pushapifunction(L, reGsub); lua_setfield(L, -2, "gsub")
         lua_setfield(L, -2, "regex")
         ml_pushapifunction(L, shared); lua_setfield(L, -2, "shared")
+        lua_createtable(L, 0, 1)
+        ml_pushapifunction(L, route); lua_setfield(L, -2, "route")
+        lua_setfield(L, -2, "router")
         lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
@@ -467,6 +471,65 @@ enum LuaAPI {
         let by = lua_isinteger(L, 2) != 0 ? UInt64(max(0, ml_tointeger(L, 2))) : 1
         LuaVM.vm(L).metrics?.count("moonlet_lua_" + name, by)
         return 0
+    }
+
+    // MARK: router
+
+    /// moonlet.router.route(s): Istio routing of the stream against the snapshot it
+    /// started with. Writes s.route and the request edits, or answers locally.
+    /// Returns "forward" or "respond".
+    static let route: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "route"), kind == .stream else { return fail(L, outside) }
+        if s.listener == "inbound" { lua_pushstring(L, "forward"); return 1 }
+        guard let cfg = s.config else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
+        let snap = unsafeDowncast(cfg, to: ConfigSnapshot.self)
+        let host = s.request.hostIndex >= 0 && !s.request.removed[s.request.hostIndex] ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
+        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: host) { name in s.request.first(name) }
+        req.port = s.destination.port
+        req.sourceNamespace = s.source.namespace
+        switch snap.routes.route(req, random: &vm.rng) {
+        case .forward(let f):
+            s.route.cluster = f.cluster
+            s.route.host = f.host
+            s.route.subset = f.subset
+            s.route.port = f.servicePort
+            s.route.endpoint = f.address
+            s.route.endpointPort = f.port
+            if let t = f.timeoutMs { s.route.timeoutMs = t }
+            if let d = f.delayMs { s.route.delayMs = d }
+            s.destination.service = f.host
+            s.destination.address = f.address
+            s.destination.port = f.port
+            if let p = f.rewrittenPath { s.request.targetOverride = p }
+            if let a = f.rewrittenAuthority { s.request.set("host", a); s.request.hostIndex = -1 }
+            if f.rule >= 0, let vh = snap.routes.lookup(host), let rules = vh.routes {
+                let rule = rules[f.rule]
+                for n in rule.requestHeaders.removes { s.request.remove(n) }
+                for (n, v) in rule.requestHeaders.sets { s.request.set(n, v) }
+                for (n, v) in rule.requestHeaders.adds { s.request.addLowercased(n, v) }
+                s.route.responseSet = rule.responseHeaders.sets
+                s.route.responseAdd = rule.responseHeaders.adds
+                s.route.responseRemove = rule.responseHeaders.removes
+            }
+            lua_pushstring(L, "forward")
+        case .redirect(let st, let loc):
+            s.respond(st, headers: [("location", loc)])
+            lua_pushstring(L, "respond")
+        case .direct(let st, let body):
+            s.respond(st, body: body)
+            lua_pushstring(L, "respond")
+        case .abort(let st):
+            s.respond(st, body: "fault filter abort", flags: .faultInjected)
+            lua_pushstring(L, "respond")
+        case .noRoute:
+            s.respond(404, flags: .noRouteFound)
+            lua_pushstring(L, "respond")
+        case .noHealthyUpstream(let cluster):
+            s.route.cluster = cluster
+            s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
+            lua_pushstring(L, "respond")
+        }
+        return 1
     }
 
     // MARK: regex

@@ -59,11 +59,16 @@ public final class LuaHost: @unchecked Sendable {
     public func prepare(_ specs: [LuaPluginSpec]) -> Result<LuaPluginGeneration, LuaPrepareError> {
         var out: [LuaPluginSource] = []
         var errors: [String] = []
-        let dirs = Array(Set(specs.map { ($0.path as NSString).deletingLastPathComponent } + self.pluginDirs)).sorted()
+        let dirs = Array(Set(specs.filter { !$0.path.hasPrefix("builtin://") }.map { ($0.path as NSString).deletingLastPathComponent } + self.pluginDirs)).sorted()
         lock.withLock { _pluginDirs = dirs; moduleCache = [:] }
         let scratch = LuaVM(host: self, metrics: nil)
         for spec in specs {
-            guard let data = FileManager.default.contents(atPath: spec.path), let text = String(data: data, encoding: .utf8) else {
+            let text: String
+            if spec.path.hasPrefix("builtin://"), let b = BuiltinPlugins.source(String(spec.path.dropFirst(10))) {
+                text = b
+            } else if let data = FileManager.default.contents(atPath: spec.path), let t = String(data: data, encoding: .utf8) {
+                text = t
+            } else {
                 errors.append("plugin \(spec.name): \(spec.path): cannot read file")
                 continue
             }
@@ -140,6 +145,16 @@ public final class LuaHost: @unchecked Sendable {
 public struct LuaPrepareError: Error, CustomStringConvertible, Sendable {
     public var messages: [String]
     public var description: String { messages.joined(separator: "\n") }
+}
+
+extension LuaPluginSpec {
+    /// The built-in router (plugins/router.lua), placed after every user filter of
+    /// the unset phase.
+    public static var builtinRouter: LuaPluginSpec {
+        LuaPluginSpec(name: "router", namespace: "", path: "builtin://router", phase: "UNSPECIFIED_PHASE", priority: Int(Int32.min),
+                      pluginConfig: .map([]), failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
+                      timeoutMs: nil, file: "builtin", line: 0)
+    }
 }
 
 /// The Lua side of one event loop: its VM and the filters built from the current

@@ -53,6 +53,8 @@ public final class LuaVM {
     var currentID: UInt64 = 0
     var currentPlugin: String = ""
     var varsStreamRefs: [Int32] = []
+    /// Randomness for routing decisions made from this VM (weights, fault percentages).
+    var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     let logger: Logger
 
     public init(host: LuaHost, metrics: MetricsShard?) {

@@ -215,6 +215,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
         if http2Stream { s.protocolName = "HTTP/2" }
+        s.config = ctx.snapshot
+        s.listener = role.rawValue
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made, x-forwarded-proto.
         if s.request.firstIndex(of: .xRequestID) == nil { s.request.addLowercased("x-request-id", ctx.requestID()) }
         if let i = s.request.firstIndex(of: .xForwardedFor) {
@@ -246,19 +248,31 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             s.request.removeAll(of: .expect)
             context.write(wrapOutboundOut(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")), promise: nil)
         }
+        if s.route.delayMs > 0 {
+            // Fault injection delay (DI): the request waits on this loop, nothing blocks.
+            s.responseFlags.insert(.delayInjected)
+            let sid = s.id
+            context.eventLoop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) { [weak self] in
+                guard let self, let cur = self.stream, cur.id == sid, !self.closed else { return }
+                self.goUpstream()
+            }
+            return
+        }
         goUpstream()
     }
 
     /// Picks the upstream from the route decision and sends the request head.
     func goUpstream() {
         guard let s = stream else { return }
-        if s.route.host.isEmpty || s.route.port == 0 {
+        let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
+        let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
+        if host.isEmpty || port == 0 {
             s.respond(404, body: "", headers: [], flags: .noRouteFound)
             sendLocalReply()
             return
         }
-        let key = role == .inbound && s.route.host == ctx.inboundRoute.host && s.route.port == ctx.inboundRoute.port
-            ? ctx.inboundKey : "\(s.route.host):\(s.route.port)"
+        let key = role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port
+            ? ctx.inboundKey : "\(host):\(port)"
         s.upstreamHost = key
         armStreamTimer(s)
         var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
@@ -283,7 +297,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         let address: SocketAddress
-        do { address = try ctx.pool.address(host: s.route.host, port: s.route.port) } catch {
+        do { address = try ctx.pool.address(host: host, port: port) } catch {
             s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
             sendLocalReply()
             return
@@ -393,6 +407,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         var head = headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
+        Self.applyRouteResponseEdits(s.route, to: &head)
         s.response = head
         if chain.runResponse(s) == .respond, s.localReply != nil {
             // A response filter replaced the upstream response.
@@ -490,6 +505,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         s.responseCode = reply.status
         var head = Self.localHead(reply, allocator: context.channel.allocator)
+        Self.applyRouteResponseEdits(s.route, to: &head)
         s.response = head
         _ = chain.runResponse(s)
         if let r2 = s.localReply, r2.status != reply.status || r2.body != reply.body || r2.headers.count != reply.headers.count {
@@ -515,6 +531,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         responseStarted = true
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         finishStream(s)
+    }
+
+    /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
+    /// router, before the response filters see the head).
+    static func applyRouteResponseEdits(_ r: RouteDecision, to head: inout HTTPHead) {
+        for n in r.responseRemove { head.remove(n) }
+        for (n, v) in r.responseSet { head.set(n, v) }
+        for (n, v) in r.responseAdd { head.addLowercased(n, v) }
     }
 
     static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {

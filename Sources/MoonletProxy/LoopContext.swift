@@ -93,21 +93,3 @@ public struct ProxySettings: Sendable {
     public init() {}
 }
 
-/// xoshiro256** (Blackman and Vigna): fast, good-quality, not for secrets.
-struct Xoshiro256: RandomNumberGenerator {
-    var s: (UInt64, UInt64, UInt64, UInt64)
-    init<G: RandomNumberGenerator>(seed: G) {
-        var g = seed
-        s = (g.next(), g.next(), g.next(), g.next())
-        if s == (0, 0, 0, 0) { s.0 = 0x9E3779B97F4A7C15 }
-    }
-    @inline(__always)
-    mutating func next() -> UInt64 {
-        let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
-        let t = s.1 << 17
-        s.2 ^= s.0; s.3 ^= s.1; s.1 ^= s.2; s.0 ^= s.3
-        s.2 ^= t
-        s.3 = s.3 << 45 | s.3 >> 19
-        return result
-    }
-}

@@ -115,7 +115,7 @@ public final class ProxyServer: @unchecked Sendable {
         let version = lock.withLock { reloadCount += 1; return reloadCount }
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version) {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -124,7 +124,10 @@ public final class ProxyServer: @unchecked Sendable {
             }
         }
         for s in snap.skipped { logger.debug("\(s)") }
-        let specs = snap.plugins.filter { $0.applies(to: settings.identity) }
+        var specs = snap.plugins.filter { $0.applies(to: settings.identity) }
+        // Istio traffic resources bring the built-in router, unless a LuaPlugin named
+        // "router" replaces it.
+        if !snap.routes.isEmpty && !specs.contains(where: { $0.name == "router" }) { specs.append(.builtinRouter) }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g

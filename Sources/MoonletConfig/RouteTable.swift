@@ -1,0 +1,304 @@
+import MoonletCore
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// A service of the mesh (from ServiceEntry + WorkloadEntry), with its endpoints and
+/// the subsets its DestinationRule defines, all resolved at load.
+public final class ServiceInfo: @unchecked Sendable {
+    public let fqdn: String
+    public let namespace: String
+    public let ports: [ServicePort]
+    public let endpoints: [Endpoint]
+    /// Subset name → endpoints whose labels match the subset's labels.
+    public internal(set) var subsets: [String: [Endpoint]] = [:]
+    public internal(set) var destinationRule: DestinationRuleSpec?
+
+    init(fqdn: String, namespace: String, ports: [ServicePort], endpoints: [Endpoint]) {
+        self.fqdn = fqdn; self.namespace = namespace; self.ports = ports; self.endpoints = endpoints
+    }
+
+    /// The service port a destination means: the one named, or the only/first one.
+    public func port(_ number: Int?) -> ServicePort? {
+        if let number { return ports.first { $0.number == number } ?? ServicePort(number: number, name: "", protocolName: "", targetPort: nil) }
+        return ports.first
+    }
+
+    /// The port an endpoint listens on for a service port (WorkloadEntry ports by
+    /// name, then targetPort, then the service port number).
+    public func endpointPort(_ e: Endpoint, for p: ServicePort) -> Int {
+        if !p.name.isEmpty, let v = e.ports[p.name] { return v }
+        return p.targetPort ?? p.number
+    }
+}
+
+/// What a request's host resolves to: the VirtualService routes for it (if any) and
+/// the service behind it (if known).
+public final class VirtualHost: @unchecked Sendable {
+    public let fqdn: String
+    public internal(set) var routes: [HTTPRouteRule]?
+    public internal(set) var virtualService: String = ""
+    public internal(set) var service: ServiceInfo?
+    init(fqdn: String) { self.fqdn = fqdn }
+}
+
+/// A request as the router sees it.
+public struct RouteRequest {
+    public var method: String
+    public var path: String
+    public var authority: String
+    public var scheme: String = "http"
+    public var port: Int = 0
+    public var sourceLabels: [String: String] = [:]
+    public var sourceNamespace: String = ""
+    /// First value of a header (name lowercased), nil when absent.
+    public var header: (String) -> String?
+    public init(method: String, path: String, authority: String, header: @escaping (String) -> String?) {
+        self.method = method; self.path = path; self.authority = authority; self.header = header
+    }
+}
+
+/// The router's decision for one request.
+public enum RouteOutcome {
+    /// Forward to `address:port` (one endpoint of `cluster`).
+    case forward(Forward)
+    case redirect(status: Int, location: String)
+    case direct(status: Int, body: String)
+    /// Fault injection abort (flag FI).
+    case abort(status: Int)
+    /// No VirtualService or service for the host (404 NR).
+    case noRoute
+    /// A route matched but its destination has no endpoint (503 UH).
+    case noHealthyUpstream(cluster: String)
+}
+
+public struct Forward {
+    public var cluster: String
+    public var host: String
+    public var subset: String
+    public var servicePort: Int
+    public var address: String
+    public var port: Int
+    public var rule: Int
+    public var rewrittenPath: String?
+    public var rewrittenAuthority: String?
+    public var timeoutMs: Int?
+    public var delayMs: Int?
+}
+
+/// Routes indexed by host at load: lookup is one dictionary probe on the normalized
+/// authority; regexes are compiled and weights pre-summed, so routing cost does not
+/// grow with the number of VirtualServices.
+public final class RouteTable: @unchecked Sendable {
+    public private(set) var hosts: [String: VirtualHost] = [:]
+    public private(set) var wildcards: [(suffix: String, host: VirtualHost)] = []
+    public private(set) var services: [String: ServiceInfo] = [:]
+    public private(set) var warnings: [String] = []
+    public let localNamespace: String
+
+    public static let empty = RouteTable(localNamespace: "default")
+
+    init(localNamespace: String) { self.localNamespace = localNamespace }
+
+    public var isEmpty: Bool { hosts.isEmpty && wildcards.isEmpty }
+
+    /// Builds the table; cross-resource problems that Istio would reject are returned as errors.
+    static func build(vs: [VirtualServiceSpec], dr: [DestinationRuleSpec], se: [ServiceEntrySpec], we: [WorkloadEntrySpec],
+                      localNamespace: String, errors: inout [ConfigError]) -> RouteTable {
+        let t = RouteTable(localNamespace: localNamespace)
+        for s in se {
+            var endpoints = s.endpoints
+            if let sel = s.workloadSelector {
+                endpoints = we.filter { w in w.namespace == s.namespace && sel.allSatisfy { k, v in w.endpoint.labels[k] == v } }.map(\.endpoint)
+            }
+            for h in s.hosts {
+                let fqdn = HostName.canonical(h, namespace: s.namespace)
+                if t.services[fqdn] != nil { t.warnings.append("\(s.file):\(s.line): ServiceEntry \(s.namespace)/\(s.name): host \(fqdn) already defined, ignored"); continue }
+                t.services[fqdn] = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
+            }
+        }
+        for d in dr {
+            guard let svc = t.services[d.fqdn] else {
+                t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): no ServiceEntry for host \(d.fqdn)")
+                continue
+            }
+            if svc.destinationRule != nil { t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): host \(d.fqdn) already has a DestinationRule, ignored"); continue }
+            svc.destinationRule = d
+            for sub in d.subsets { svc.subsets[sub.name] = svc.endpoints.filter { e in sub.labels.allSatisfy { e.labels[$0.key] == $0.value } } }
+        }
+        func vhost(_ fqdn: String) -> VirtualHost {
+            if let v = t.hosts[fqdn] { return v }
+            let v = VirtualHost(fqdn: fqdn)
+            for alias in HostName.aliases(fqdn, localNamespace: localNamespace) where t.hosts[alias] == nil { t.hosts[alias] = v }
+            t.hosts[fqdn] = v
+            return v
+        }
+        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) where !fqdn.contains("*") { vhost(fqdn).service = svc }
+        for v in vs {
+            for h in v.hosts {
+                let fqdn = HostName.canonical(h, namespace: v.namespace)
+                if fqdn.hasPrefix("*") {
+                    let vh = VirtualHost(fqdn: fqdn)
+                    vh.routes = v.http; vh.virtualService = "\(v.namespace)/\(v.name)"
+                    t.wildcards.append((String(fqdn.dropFirst()), vh))
+                    continue
+                }
+                let vh = vhost(fqdn)
+                if vh.routes != nil { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
+                vh.routes = v.http
+                vh.virtualService = "\(v.namespace)/\(v.name)"
+            }
+            // Subsets named by a route must exist when the host has a DestinationRule.
+            for (ri, r) in v.http.enumerated() {
+                for (di, d) in r.destinations.enumerated() where !d.subset.isEmpty {
+                    guard let svc = t.services[d.fqdn] else { continue }
+                    if let rule = svc.destinationRule, !rule.subsets.contains(where: { $0.name == d.subset }) {
+                        errors.append(ConfigError(file: v.file, line: v.line, column: 1, resource: "VirtualService \(v.namespace)/\(v.name)",
+                                                  field: "spec.http[\(ri)].route[\(di)].destination.subset",
+                                                  message: "subset \"\(d.subset)\" is not defined by DestinationRule \(rule.namespace)/\(rule.name) for host \(d.fqdn)"))
+                    }
+                }
+            }
+        }
+        t.wildcards.sort { $0.suffix.count > $1.suffix.count }
+        return t
+    }
+
+    public func lookup(_ authority: String) -> VirtualHost? {
+        let h = HostName.normalize(authority)
+        if let v = hosts[h] { return v }
+        for w in wildcards where h.hasSuffix(w.suffix) { return w.host }
+        return nil
+    }
+
+    /// Routes one request. `random` supplies weights, fault percentages and endpoint picks.
+    public func route(_ r: RouteRequest, random: inout Xoshiro256) -> RouteOutcome {
+        guard let vh = lookup(r.authority) else { return .noRoute }
+        guard let routes = vh.routes else {
+            // No VirtualService: the default route to every endpoint of the service.
+            guard let svc = vh.service else { return .noRoute }
+            return forward(svc: svc, fqdn: vh.fqdn, subset: "", port: nil, rule: -1, r: r, random: &random, base: nil)
+        }
+        for (i, rule) in routes.enumerated() where matches(rule, r) {
+            if let f = rule.fault {
+                if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
+            }
+            if let red = rule.redirect { return .redirect(status: red.code, location: location(red, r)) }
+            if let d = rule.directResponse { return .direct(status: d.status, body: d.body) }
+            guard rule.totalWeight > 0 else { return .noHealthyUpstream(cluster: vh.fqdn) }
+            let pick = Int(random.next() % UInt64(rule.totalWeight))
+            var k = 0
+            while k < rule.cumulativeWeights.count - 1 && pick >= rule.cumulativeWeights[k] { k += 1 }
+            let dest = rule.destinations[k]
+            guard let svc = services[dest.fqdn] else { return .noHealthyUpstream(cluster: "outbound|\(dest.port ?? 0)|\(dest.subset)|\(dest.fqdn)") }
+            var out = forward(svc: svc, fqdn: dest.fqdn, subset: dest.subset, port: dest.port, rule: i, r: r, random: &random, base: rule)
+            if case .forward(var fw) = out, let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) {
+                fw.delayMs = d
+                out = .forward(fw)
+            }
+            return out
+        }
+        return .noRoute
+    }
+
+    static func chance(_ percent: Double, _ random: inout Xoshiro256) -> Bool {
+        if percent >= 100 { return true }
+        if percent <= 0 { return false }
+        return Double(random.next() % 1_000_000) < percent * 10_000
+    }
+
+    func forward(svc: ServiceInfo, fqdn: String, subset: String, port: Int?, rule: Int, r: RouteRequest, random: inout Xoshiro256, base: HTTPRouteRule?) -> RouteOutcome {
+        let sp = svc.port(port)
+        let cluster = "outbound|\(sp?.number ?? 0)|\(subset)|\(fqdn)"
+        let eps = subset.isEmpty ? svc.endpoints : (svc.subsets[subset] ?? [])
+        guard !eps.isEmpty, let sp else { return .noHealthyUpstream(cluster: cluster) }
+        let e = eps[Int(random.next() % UInt64(eps.count))]
+        var f = Forward(cluster: cluster, host: fqdn, subset: subset, servicePort: sp.number, address: e.address,
+                        port: svc.endpointPort(e, for: sp), rule: rule)
+        if let base {
+            f.timeoutMs = base.timeoutMs
+            if let rw = base.rewrite {
+                f.rewrittenAuthority = rw.authority
+                if let re = rw.regex {
+                    let (path, query) = Self.splitQuery(r.path)
+                    f.rewrittenPath = re.replace(in: path, with: rw.regexRewrite) + query
+                } else if let u = rw.uri {
+                    f.rewrittenPath = rewritePrefix(base, r, to: u)
+                }
+            }
+        }
+        return .forward(f)
+    }
+
+    /// Istio's uri rewrite: replaces the matched prefix (or the whole path for exact
+    /// and regex matches, or when no uri match applied).
+    func rewritePrefix(_ rule: HTTPRouteRule, _ r: RouteRequest, to newPrefix: String) -> String {
+        let (path, query) = Self.splitQuery(r.path)
+        for m in rule.matches where matchOne(m, r) {
+            if let u = m.uri, u.kind == .prefix {
+                return newPrefix + path.dropFirst(u.value.count) + query
+            }
+            break
+        }
+        return newPrefix + query
+    }
+
+    static func splitQuery(_ p: String) -> (String, String) {
+        if let q = p.firstIndex(of: "?") { return (String(p[..<q]), String(p[q...])) }
+        return (p, "")
+    }
+
+    func location(_ red: Redirect, _ r: RouteRequest) -> String {
+        let scheme = red.scheme ?? r.scheme
+        var authority = red.authority ?? r.authority
+        if let p = red.port { authority = HostName.normalize(authority) + ":\(p)" }
+        let path = red.uri ?? r.path
+        return "\(scheme)://\(authority)\(path)"
+    }
+
+    @inline(__always)
+    func matches(_ rule: HTTPRouteRule, _ r: RouteRequest) -> Bool {
+        if rule.matches.isEmpty { return true }
+        for m in rule.matches where matchOne(m, r) { return true }
+        return false
+    }
+
+    func matchOne(_ m: RouteMatch, _ r: RouteRequest) -> Bool {
+        if let u = m.uri {
+            let path = Self.splitQuery(r.path).0
+            if !u.matches(path, ignoreCase: m.ignoreUriCase) { return false }
+        }
+        if let s = m.scheme, !s.matches(r.scheme) { return false }
+        if let me = m.method, !me.matches(r.method) { return false }
+        if let a = m.authority, !a.matches(r.authority) { return false }
+        if let p = m.port, p != r.port { return false }
+        for (name, sm) in m.headers {
+            guard let v = r.header(name) else { return false }
+            if let sm, !sm.matches(v) { return false }
+        }
+        for (name, sm) in m.withoutHeaders {
+            if let v = r.header(name) { if sm == nil || sm!.matches(v) { return false } }
+        }
+        if !m.queryParams.isEmpty {
+            let q = Self.query(r.path)
+            for (name, sm) in m.queryParams {
+                guard let v = q[name] else { return false }
+                if let sm, !sm.matches(v) { return false }
+            }
+        }
+        for (k, v) in m.sourceLabels where r.sourceLabels[k] != v { return false }
+        if let ns = m.sourceNamespace, ns != r.sourceNamespace { return false }
+        return true
+    }
+
+    static func query(_ path: String) -> [String: String] {
+        guard let q = path.firstIndex(of: "?") else { return [:] }
+        var out: [String: String] = [:]
+        for pair in path[path.index(after: q)...].split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let k = String(kv[0]).removingPercentEncoding ?? String(kv[0])
+            if out[k] == nil { out[k] = kv.count > 1 ? (String(kv[1]).removingPercentEncoding ?? String(kv[1])) : "" }
+        }
+        return out
+    }
+}

@@ -1,0 +1,216 @@
+import MoonletRegex
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// Istio's StringMatch (exact / prefix / regex), compiled at load.
+public struct StringMatch: @unchecked Sendable {
+    public enum Kind: Sendable { case exact, prefix, regex }
+    public var kind: Kind
+    public var value: String
+    /// Anchored (full-match, as Envoy's safe_regex) PCRE2 JIT pattern for `.regex`.
+    public var regex: CompiledRegex?
+
+    public init(kind: Kind, value: String, regex: CompiledRegex? = nil) {
+        self.kind = kind; self.value = value; self.regex = regex
+    }
+
+    @inline(__always)
+    public func matches(_ s: String, ignoreCase: Bool = false) -> Bool {
+        switch kind {
+        case .exact: return ignoreCase ? s.lowercased() == value.lowercased() : s == value
+        case .prefix: return ignoreCase ? s.lowercased().hasPrefix(value.lowercased()) : s.hasPrefix(value)
+        case .regex: return regex?.matches(s) ?? false
+        }
+    }
+}
+
+/// One `match` entry of an HTTP route: every field present must match (AND).
+public struct RouteMatch: @unchecked Sendable {
+    public var uri: StringMatch?
+    public var scheme: StringMatch?
+    public var method: StringMatch?
+    public var authority: StringMatch?
+    /// Lowercased name; nil match = the header must be present (`{}`).
+    public var headers: [(String, StringMatch?)] = []
+    public var withoutHeaders: [(String, StringMatch?)] = []
+    public var queryParams: [(String, StringMatch?)] = []
+    public var ignoreUriCase = false
+    public var port: Int?
+    public var sourceLabels: [String: String] = [:]
+    public var sourceNamespace: String?
+    public init() {}
+}
+
+/// A weighted destination of a route.
+public struct RouteDestination: Sendable {
+    public var host: String
+    /// Canonical host (name.ns.svc.cluster.local for short names).
+    public var fqdn: String
+    public var subset: String
+    public var port: Int?
+    public var weight: Int
+}
+
+/// Header edits of a route (request or response side).
+public struct HeaderOps: Sendable {
+    public var sets: [(String, String)] = []
+    public var adds: [(String, String)] = []
+    public var removes: [String] = []
+    public var isEmpty: Bool { sets.isEmpty && adds.isEmpty && removes.isEmpty }
+    public init() {}
+}
+
+public struct Redirect: Sendable {
+    public var uri: String?
+    public var authority: String?
+    public var scheme: String?
+    public var port: Int?
+    public var code: Int = 301
+}
+
+public struct Rewrite: @unchecked Sendable {
+    public var uri: String?
+    public var authority: String?
+    /// uriRegexRewrite: match (anchored=false, Envoy replaces every match) and rewrite.
+    public var regex: CompiledRegex?
+    public var regexRewrite: String = ""
+}
+
+public struct Fault: Sendable {
+    public var abortStatus: Int?
+    public var abortPercent: Double = 100
+    public var delayMs: Int?
+    public var delayPercent: Double = 100
+}
+
+public struct RetryPolicy: Sendable {
+    public var attempts: Int
+    public var perTryTimeoutMs: Int
+    public var retryOn: String
+}
+
+public struct Mirror: Sendable {
+    public var host: String
+    public var fqdn: String
+    public var subset: String
+    public var port: Int?
+    public var percent: Double
+}
+
+/// One `http` route of a VirtualService, decoded and compiled.
+public struct HTTPRouteRule: @unchecked Sendable {
+    public var name: String = ""
+    public var matches: [RouteMatch] = []
+    public var destinations: [RouteDestination] = []
+    /// Cumulative weights, for picking with one random number.
+    public var cumulativeWeights: [Int] = []
+    public var totalWeight: Int = 0
+    public var redirect: Redirect?
+    public var directResponse: (status: Int, body: String)?
+    public var rewrite: Rewrite?
+    public var timeoutMs: Int?
+    public var retries: RetryPolicy?
+    public var fault: Fault?
+    public var mirrors: [Mirror] = []
+    public var requestHeaders = HeaderOps()
+    public var responseHeaders = HeaderOps()
+    public init() {}
+}
+
+public struct VirtualServiceSpec: Sendable {
+    public var name: String
+    public var namespace: String
+    public var hosts: [String]
+    public var gateways: [String]
+    public var http: [HTTPRouteRule]
+    public var file: String
+    public var line: Int
+}
+
+public struct Subset: Sendable {
+    public var name: String
+    public var labels: [String: String]
+    public var trafficPolicy: ConfigValue?
+}
+
+public struct DestinationRuleSpec: Sendable {
+    public var name: String
+    public var namespace: String
+    public var host: String
+    public var fqdn: String
+    public var subsets: [Subset]
+    public var trafficPolicy: ConfigValue?
+    public var file: String
+    public var line: Int
+}
+
+/// A workload endpoint: a WorkloadEntry or a ServiceEntry endpoint.
+public struct Endpoint: Sendable, Equatable {
+    public var address: String
+    /// Port by service port name.
+    public var ports: [String: Int]
+    public var labels: [String: String]
+    public var serviceAccount: String
+    public var weight: Int
+    public init(address: String, ports: [String: Int] = [:], labels: [String: String] = [:], serviceAccount: String = "", weight: Int = 1) {
+        self.address = address; self.ports = ports; self.labels = labels; self.serviceAccount = serviceAccount; self.weight = weight
+    }
+}
+
+public struct ServicePort: Sendable {
+    public var number: Int
+    public var name: String
+    public var protocolName: String
+    public var targetPort: Int?
+}
+
+public struct ServiceEntrySpec: Sendable {
+    public var name: String
+    public var namespace: String
+    public var hosts: [String]
+    public var ports: [ServicePort]
+    public var resolution: String
+    public var endpoints: [Endpoint]
+    public var workloadSelector: [String: String]?
+    public var file: String
+    public var line: Int
+}
+
+public struct WorkloadEntrySpec: Sendable {
+    public var name: String
+    public var namespace: String
+    public var endpoint: Endpoint
+}
+
+/// The canonical form of a host as Istio resolves it: short names are qualified with
+/// the namespace of the resource that names them.
+public enum HostName {
+    public static let clusterDomain = "svc.cluster.local"
+
+    public static func canonical(_ host: String, namespace: String) -> String {
+        let h = host.lowercased()
+        if h.contains("*") { return h }
+        if !h.contains(".") { return "\(h).\(namespace.isEmpty ? "default" : namespace).\(clusterDomain)" }
+        return h
+    }
+
+    /// Every form a client may use for a canonical host (short name only in `localNamespace`).
+    public static func aliases(_ fqdn: String, localNamespace: String) -> [String] {
+        guard fqdn.hasSuffix("." + clusterDomain) else { return [fqdn] }
+        let parts = fqdn.split(separator: ".")
+        guard parts.count >= 2 else { return [fqdn] }
+        let name = String(parts[0]), ns = String(parts[1])
+        var out = [fqdn, "\(name).\(ns).svc", "\(name).\(ns)"]
+        if ns == localNamespace { out.append(name) }
+        return out
+    }
+
+    /// Host header value without port, lowercased.
+    public static func normalize(_ authority: String) -> String {
+        var a = Substring(authority)
+        if a.hasPrefix("[") { if let e = a.firstIndex(of: "]") { a = a[a.startIndex...e] } }
+        else if let c = a.lastIndex(of: ":") { a = a[..<c] }
+        return a.lowercased()
+    }
+}

@@ -1,0 +1,34 @@
+/// Lua filters that ship inside the binary. The text of each is the file of the same
+/// name in plugins/ (a test keeps them identical).
+public enum BuiltinPlugins {
+    /// plugins/router.lua
+    public static let router = #"""
+-- Istio traffic management for the outbound listener: VirtualService routes
+-- (matches, weights, redirect, directResponse, rewrite, headers, timeout, fault)
+-- over DestinationRule subsets and ServiceEntry/WorkloadEntry endpoints.
+--
+-- The matching itself is native (moonlet.router.route: routes indexed by host,
+-- regexes compiled once, weights pre-summed); this filter is where a user can
+-- wrap it: run code before or after routing, or replace routing for some hosts.
+-- Moonlet adds it to the chain when the configuration has Istio traffic
+-- resources (phase unset, lowest priority: user filters run before routing).
+local router = {}
+
+function router.on_request(s, conf)
+  -- Writes s.route (cluster, subset, endpoint, timeout) and applies the route's
+  -- request edits, or answers locally: 404 NR, 503 UH, redirect, direct
+  -- response, fault abort (FI). Returns "respond" when it answered.
+  return moonlet.router.route(s)
+end
+
+return router
+"""#
+
+    /// Source by name, for `builtin://NAME` plugin urls.
+    public static func source(_ name: String) -> String? {
+        switch name {
+        case "router": return router
+        default: return nil
+        }
+    }
+}
