@@ -54,8 +54,9 @@ struct TrafficDecoder {
         guard let m = n.mapping else { err(n, path, "must be a mapping of strings"); return [:] }
         var out: [String: String] = [:]
         for e in m {
-            if e.key.contains("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
-            out[e.key] = e.value.value.stringValue ?? ""
+            let v = e.value.value.stringValue ?? ""
+            if e.key.contains("*") || v.contains("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
+            out[e.key] = v
         }
         return out
     }
@@ -65,6 +66,14 @@ struct TrafficDecoder {
         guard let n, let s = string(n, path) else { return nil }
         guard let ms = Self.parseDuration(s) else { err(n, path, "invalid duration \"\(s)\" (expected e.g. 30s, 1.5s, 100ms)"); return nil }
         return ms
+    }
+
+    /// Lowercase alphanumerics and '-', starting and ending alphanumeric, at most 63.
+    static func isDNS1123Label(_ s: String) -> Bool {
+        let b = Array(s.utf8)
+        guard !b.isEmpty, b.count <= 63 else { return false }
+        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
+        return alnum(b.first!) && alnum(b.last!) && b.allSatisfy { alnum($0) || $0 == 45 }
     }
 
     static func parseDuration(_ s: String) -> Int? {
@@ -109,7 +118,7 @@ struct TrafficDecoder {
 
     // MARK: VirtualService
 
-    static let httpRouteFields: Set<String> = ["name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors", "mirrorPercentage", "mirrorPercent", "mirror_percent", "corsPolicy", "headers"]
+    static let httpRouteFields: Set<String> = ["name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors", "mirrorPercentage", "mirrorPercent", "mirror_percent", "corsPolicy", "headers", "websocketUpgrade", "appendHeaders", "removeResponseHeaders", "appendResponseHeaders", "appendRequestHeaders", "removeRequestHeaders"]
     static let matchFields: Set<String> = ["name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels", "gateways", "queryParams", "ignoreUriCase", "withoutHeaders", "sourceNamespace", "statPrefix"]
 
     mutating func virtualService(_ spec: PositionedNode, name: String, line: Int) -> VirtualServiceSpec? {
@@ -357,7 +366,8 @@ struct TrafficDecoder {
     mutating func endpoint(_ n: PositionedNode, _ path: String, requireAddress: Bool) -> Endpoint? {
         guard fields(n, path, ["address", "ports", "labels", "network", "locality", "weight", "serviceAccount"]) else { return nil }
         let addr = string(n.child("address"), "\(path).address") ?? ""
-        if addr.isEmpty && requireAddress { err(n, "\(path).address", "Address is required") }
+        // An address may be left out when the endpoint names its network (reached through a gateway).
+        if addr.isEmpty && requireAddress && n.child("network") == nil { err(n, "\(path).address", "Address is required") }
         if addr.hasPrefix("unix://") {
             let p = String(addr.dropFirst(7))
             if !p.hasPrefix("/") && !p.hasPrefix("@") { err(n.child("address"), "\(path).address", "UDS must be an absolute path or abstract socket") }
@@ -367,6 +377,7 @@ struct TrafficDecoder {
         var ports: [String: Int] = [:]
         if let pm = n.child("ports")?.mapping {
             for e in pm {
+                if !Self.isDNS1123Label(e.key) { err(nil, "\(path).ports", "Invalid value: port name \"\(e.key)\" is not a DNS-1123 label", line: e.keyLine, col: e.keyColumn); continue }
                 guard case .int(let v) = e.value.value, (1...65535).contains(v) else { err(e.value, "\(path).ports.\(e.key)", "port must be between 1-65535"); continue }
                 ports[e.key] = v
             }

@@ -22,6 +22,7 @@ function router.on_request(s, conf)
 end
 
 return router
+
 """#
 
     /// Source by name, for `builtin://NAME` plugin urls.

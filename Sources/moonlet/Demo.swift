@@ -66,6 +66,7 @@ spec:
   - name: v2
     labels:
       version: v2
+
 """#
 
     /// ServiceEntry + WorkloadEntries for order-service v1 and v2 on 127.0.0.1.

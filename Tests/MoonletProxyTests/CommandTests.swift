@@ -43,6 +43,18 @@ final class CommandTests: XCTestCase {
         XCTAssertTrue(json.hasPrefix("{\"valid\":false,\"errors\":[{\"file\":"), json)
     }
 
+    func test_demo_runsTheGrayRelease_fromTheSeedPolicies() throws {
+        let (rc, out) = try run(["demo", "--once", "--outbound-port", "0", "--admin-port", "0", "--requests", "300"])
+        XCTAssertEqual(rc, 0, out)
+        let grayRow = try XCTUnwrap(out.split(separator: "\n").first { $0.hasPrefix("X-Gray: true") }, out)
+        XCTAssertTrue(grayRow.contains("0 (0.0%)") && grayRow.contains("30 (100.0%)") && grayRow.hasSuffix("0"), String(grayRow))
+        let dirLine = try XCTUnwrap(out.split(separator: "\n").first { $0.contains("policies in ") }, out)
+        let dir = String(dirLine[dirLine.range(of: "policies in ")!.upperBound...])
+        let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        XCTAssertEqual(try String(contentsOfFile: dir + "/order-service.yaml", encoding: .utf8),
+                       try String(contentsOf: repo.appendingPathComponent("policies/gray-release/order-service.yaml"), encoding: .utf8))
+    }
+
     func test_run_drainsOnSIGTERM_andExits0_reloadsOnSIGHUP() throws {
         guard FileManager.default.isExecutableFile(atPath: binary) else { throw XCTSkip("moonlet binary not built") }
         let up = try TestUpstream()

@@ -1,0 +1,93 @@
+import XCTest
+import NIOConcurrencyHelpers
+@testable import MoonletProxy
+@testable import MoonletLua
+
+/// The seed scenario through the outbound listener, with real backends for v1 and v2.
+final class GrayReleaseTests: XCTestCase {
+    static var repo: URL { URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent() }
+
+    var v1: TestUpstream!
+    var v2: TestUpstream!
+    var px: ProxyFixture!
+
+    override func setUpWithError() throws {
+        v1 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v1")], body: "v1") }
+        v2 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v2")], body: "v2") }
+        let policy = try String(contentsOf: Self.repo.appendingPathComponent("policies/gray-release/order-service.yaml"), encoding: .utf8)
+        let endpoints = try String(contentsOf: Self.repo.appendingPathComponent("policies/gray-release/order-service-endpoints.yaml"), encoding: .utf8)
+            .replacingOccurrences(of: "http: 9081", with: "http: \(v1.port)").replacingOccurrences(of: "http: 9082", with: "http: \(v2.port)")
+        px = try ProxyFixture(appPort: 1, files: ["order-service.yaml": policy, "endpoints.yaml": endpoints])
+    }
+    override func tearDown() { px?.stop(); v1?.stop(); v2?.stop() }
+
+    func send(_ c: RawClient, gray: Bool) -> String? {
+        c.send("GET /orders/1 HTTP/1.1\r\nHost: order-service\r\n" + (gray ? "X-Gray: true\r\n" : "") + "\r\n")
+        return c.read()?.header("x-version")
+    }
+
+    func test_grayHeader_alwaysReachesV2() throws {
+        let c = try RawClient(port: px.outbound)
+        for _ in 0..<200 { XCTAssertEqual(send(c, gray: true), "v2") }
+    }
+
+    func test_withoutGrayHeader_2000RequestsSplit90To10() throws {
+        let c = try RawClient(port: px.outbound)
+        var counts: [String: Int] = [:]
+        for _ in 0..<2000 { counts[send(c, gray: false) ?? "failed", default: 0] += 1 }
+        XCTAssertEqual(counts["failed"], nil)
+        XCTAssertEqual(Double(counts["v2"] ?? 0) / 2000, 0.10, accuracy: 0.03, "\(counts)")
+        XCTAssertEqual((counts["v1"] ?? 0) + (counts["v2"] ?? 0), 2000)
+    }
+
+    func test_upstreamSeesTheRouteAndMetricsNameTheService() throws {
+        let c = try RawClient(port: px.outbound)
+        XCTAssertEqual(send(c, gray: true), "v2")
+        XCTAssertEqual(v2.seen.first?.headers["host"], ["order-service"])
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("destination_service=\"order-service.default.svc.cluster.local\",response_code=\"200\""), stats)
+    }
+
+    func test_unknownHost_is404NR() throws {
+        let c = try RawClient(port: px.outbound)
+        c.send("GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 404)
+    }
+
+    func test_editingWeights_shiftsTraffic_withZeroFailedRequests() throws {
+        let failures = NIOLockedValueBox(0)
+        let counts = NIOLockedValueBox([String: Int]())
+        let stop = NIOLockedValueBox(false)
+        let group = DispatchGroup()
+        for _ in 0..<3 {
+            DispatchQueue.global().async(group: group) {
+                guard let c = try? RawClient(port: self.px.outbound) else { failures.withLockedValue { $0 += 1 }; return }
+                while !stop.withLockedValue({ $0 }) {
+                    if let v = self.send(c, gray: false) { counts.withLockedValue { $0[v, default: 0] += 1 } } else { failures.withLockedValue { $0 += 1 } }
+                }
+            }
+        }
+        usleep(300_000)
+        var policy = try String(contentsOf: Self.repo.appendingPathComponent("policies/gray-release/order-service.yaml"), encoding: .utf8)
+        policy = policy.replacingOccurrences(of: "weight: 90", with: "weight: 0").replacingOccurrences(of: "weight: 10", with: "weight: 100")
+        try px.write("order-service.yaml", policy)
+        // The watcher applies it within a second; from then on everything goes to v2.
+        usleep(1_200_000)
+        counts.withLockedValue { $0 = [:] }
+        usleep(500_000)
+        stop.withLockedValue { $0 = true }
+        group.wait()
+        XCTAssertEqual(failures.withLockedValue { $0 }, 0)
+        let after = counts.withLockedValue { $0 }
+        XCTAssertEqual(after["v1"], nil, "\(after)")
+        XCTAssertGreaterThan(after["v2"] ?? 0, 10)
+    }
+}
+
+final class BuiltinPluginTests: XCTestCase {
+    func test_embeddedRouter_isThePluginsFile() throws {
+        let file = GrayReleaseTests.repo.appendingPathComponent("plugins/router.lua")
+        XCTAssertEqual(try String(contentsOf: file, encoding: .utf8), BuiltinPlugins.router)
+    }
+}
