@@ -34,7 +34,7 @@ public struct ConfigLoader {
     }
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
-    public func load(paths: [String], version: Int = 1, namespace: String = "default") -> Result<ConfigSnapshot, ConfigErrors> {
+    public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:]) -> Result<ConfigSnapshot, ConfigErrors> {
         var errors: [ConfigError] = []
         var all = TextResult()
         var plugins: [LuaPluginSpec] = []
@@ -59,7 +59,7 @@ public struct ConfigLoader {
             }
         }
         let routes = RouteTable.build(vs: all.virtualServices, dr: all.destinationRules, se: all.serviceEntries, we: all.workloadEntries,
-                                      localNamespace: namespace, errors: &errors)
+                                      localNamespace: namespace, localLabels: labels, errors: &errors)
         if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
         return .success(ConfigSnapshot(version: version, plugins: plugins, istio: istio, skipped: skipped + routes.warnings, files: files, routes: routes))
     }

@@ -49,8 +49,6 @@ public struct RouteRequest {
     public var authority: String
     public var scheme: String = "http"
     public var port: Int = 0
-    public var sourceLabels: [String: String] = [:]
-    public var sourceNamespace: String = ""
     /// First value of a header (name lowercased), nil when absent.
     public var header: (String) -> String?
     public init(method: String, path: String, authority: String, header: @escaping (String) -> String?) {
@@ -70,6 +68,8 @@ public enum RouteOutcome {
     case noRoute
     /// A route matched but its destination has no endpoint (503 UH).
     case noHealthyUpstream(cluster: String)
+    /// A CORS preflight the route's corsPolicy answers (200 with these headers).
+    case preflight(headers: [(String, String)])
 }
 
 public struct Forward {
@@ -84,6 +84,8 @@ public struct Forward {
     public var rewrittenAuthority: String?
     public var timeoutMs: Int?
     public var delayMs: Int?
+    /// CORS headers for the response (the request's Origin was allowed).
+    public var corsHeaders: [(String, String)] = []
 }
 
 /// Routes indexed by host at load: lookup is one dictionary probe on the normalized
@@ -95,19 +97,26 @@ public final class RouteTable: @unchecked Sendable {
     public private(set) var services: [String: ServiceInfo] = [:]
     public private(set) var warnings: [String] = []
     public let localNamespace: String
+    /// Labels of this workload: on the outbound listener it is the source, so
+    /// `sourceLabels` and `sourceNamespace` match against it.
+    public let localLabels: [String: String]
 
-    public static let empty = RouteTable(localNamespace: "default")
+    public static let empty = RouteTable(localNamespace: "default", localLabels: [:])
 
-    init(localNamespace: String) { self.localNamespace = localNamespace }
+    init(localNamespace: String, localLabels: [String: String]) { self.localNamespace = localNamespace; self.localLabels = localLabels }
 
     public var isEmpty: Bool { hosts.isEmpty && wildcards.isEmpty }
 
     /// Builds the table; cross-resource problems that Istio would reject are returned as errors.
     static func build(vs: [VirtualServiceSpec], dr: [DestinationRuleSpec], se: [ServiceEntrySpec], we: [WorkloadEntrySpec],
-                      localNamespace: String, errors: inout [ConfigError]) -> RouteTable {
-        let t = RouteTable(localNamespace: localNamespace)
+                      localNamespace: String, localLabels: [String: String], errors: inout [ConfigError]) -> RouteTable {
+        let t = RouteTable(localNamespace: localNamespace, localLabels: localLabels)
         for s in se {
             var endpoints = s.endpoints
+            if endpoints.isEmpty && s.workloadSelector == nil && (s.resolution == "DNS" || s.resolution == "DNS_ROUND_ROBIN") {
+                // DNS resolution without endpoints: the hosts themselves are resolved.
+                endpoints = s.hosts.filter { !$0.contains("*") }.map { Endpoint(address: $0) }
+            }
             if let sel = s.workloadSelector {
                 endpoints = we.filter { w in w.namespace == s.namespace && sel.allSatisfy { k, v in w.endpoint.labels[k] == v } }.map(\.endpoint)
             }
@@ -148,6 +157,9 @@ public final class RouteTable: @unchecked Sendable {
                 vh.routes = v.http
                 vh.virtualService = "\(v.namespace)/\(v.name)"
             }
+            for (ri, r) in v.http.enumerated() where !r.mirrors.isEmpty {
+                t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): spec.http[\(ri)].mirror: traffic mirroring is not applied yet (the route works without it)")
+            }
             // Subsets named by a route must exist when the host has a DestinationRule.
             for (ri, r) in v.http.enumerated() {
                 for (di, d) in r.destinations.enumerated() where !d.subset.isEmpty {
@@ -183,6 +195,20 @@ public final class RouteTable: @unchecked Sendable {
             if let f = rule.fault {
                 if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
             }
+            var corsHeaders: [(String, String)] = []
+            if let cors = rule.cors, let origin = r.header("origin"), cors.allows(origin: origin) {
+                if r.method == "OPTIONS", r.header("access-control-request-method") != nil {
+                    var h: [(String, String)] = [("access-control-allow-origin", origin)]
+                    if !cors.allowMethods.isEmpty { h.append(("access-control-allow-methods", cors.allowMethods)) }
+                    if !cors.allowHeaders.isEmpty { h.append(("access-control-allow-headers", cors.allowHeaders)) }
+                    if let m = cors.maxAgeSeconds { h.append(("access-control-max-age", String(m))) }
+                    if cors.allowCredentials { h.append(("access-control-allow-credentials", "true")) }
+                    return .preflight(headers: h)
+                }
+                corsHeaders.append(("access-control-allow-origin", origin))
+                if !cors.exposeHeaders.isEmpty { corsHeaders.append(("access-control-expose-headers", cors.exposeHeaders)) }
+                if cors.allowCredentials { corsHeaders.append(("access-control-allow-credentials", "true")) }
+            }
             if let red = rule.redirect { return .redirect(status: red.code, location: location(red, r)) }
             if let d = rule.directResponse { return .direct(status: d.status, body: d.body) }
             guard rule.totalWeight > 0 else { return .noHealthyUpstream(cluster: vh.fqdn) }
@@ -192,8 +218,9 @@ public final class RouteTable: @unchecked Sendable {
             let dest = rule.destinations[k]
             guard let svc = services[dest.fqdn] else { return .noHealthyUpstream(cluster: "outbound|\(dest.port ?? 0)|\(dest.subset)|\(dest.fqdn)") }
             var out = forward(svc: svc, fqdn: dest.fqdn, subset: dest.subset, port: dest.port, rule: i, r: r, random: &random, base: rule)
-            if case .forward(var fw) = out, let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) {
-                fw.delayMs = d
+            if case .forward(var fw) = out {
+                if let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) { fw.delayMs = d }
+                fw.corsHeaders = corsHeaders
                 out = .forward(fw)
             }
             return out
@@ -286,8 +313,8 @@ public final class RouteTable: @unchecked Sendable {
                 if let sm, !sm.matches(v) { return false }
             }
         }
-        for (k, v) in m.sourceLabels where r.sourceLabels[k] != v { return false }
-        if let ns = m.sourceNamespace, ns != r.sourceNamespace { return false }
+        for (k, v) in m.sourceLabels where localLabels[k] != v { return false }
+        if let ns = m.sourceNamespace, ns != localNamespace { return false }
         return true
     }
 

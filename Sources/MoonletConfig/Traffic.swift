@@ -98,6 +98,18 @@ public struct Mirror: Sendable {
     public var percent: Double
 }
 
+/// corsPolicy of a route (Envoy's CORS filter semantics).
+public struct CorsPolicy: @unchecked Sendable {
+    public var allowOrigins: [StringMatch] = []
+    public var allowMethods: String = ""
+    public var allowHeaders: String = ""
+    public var exposeHeaders: String = ""
+    public var maxAgeSeconds: Int?
+    public var allowCredentials = false
+
+    public func allows(origin: String) -> Bool { allowOrigins.contains { $0.matches(origin) } }
+}
+
 /// One `http` route of a VirtualService, decoded and compiled.
 public struct HTTPRouteRule: @unchecked Sendable {
     public var name: String = ""
@@ -113,6 +125,7 @@ public struct HTTPRouteRule: @unchecked Sendable {
     public var retries: RetryPolicy?
     public var fault: Fault?
     public var mirrors: [Mirror] = []
+    public var cors: CorsPolicy?
     public var requestHeaders = HeaderOps()
     public var responseHeaders = HeaderOps()
     public init() {}

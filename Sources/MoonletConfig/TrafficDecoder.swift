@@ -259,7 +259,25 @@ struct TrafficDecoder {
             }
         }
         if let h = n.child("headers") { headerOps(h, "\(path).headers", into: &r) }
+        if let c = n.child("corsPolicy") { r.cors = cors(c, "\(path).corsPolicy") }
         return r
+    }
+
+    mutating func cors(_ n: PositionedNode, _ path: String) -> CorsPolicy? {
+        guard fields(n, path, ["allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge", "allowCredentials", "unmatchedPreflights"]) else { return nil }
+        var c = CorsPolicy()
+        for (i, o) in (n.child("allowOrigins")?.sequence ?? []).enumerated() {
+            if let m = stringMatch(o, "\(path).allowOrigins[\(i)]") { c.allowOrigins.append(m) }
+        }
+        for o in stringList(n.child("allowOrigin"), "\(path).allowOrigin") {
+            c.allowOrigins.append(o == "*" ? StringMatch(kind: .prefix, value: "") : StringMatch(kind: .exact, value: o))
+        }
+        c.allowMethods = stringList(n.child("allowMethods"), "\(path).allowMethods").joined(separator: ",")
+        c.allowHeaders = stringList(n.child("allowHeaders"), "\(path).allowHeaders").joined(separator: ",")
+        c.exposeHeaders = stringList(n.child("exposeHeaders"), "\(path).exposeHeaders").joined(separator: ",")
+        if let m = n.child("maxAge") { c.maxAgeSeconds = duration(m, "\(path).maxAge").map { $0 / 1000 } }
+        if let a = n.child("allowCredentials") { if case .bool(let b) = a.value { c.allowCredentials = b } else { err(a, "\(path).allowCredentials", "must be a boolean") } }
+        return c
     }
 
     mutating func percentage(_ n: PositionedNode?, _ path: String) -> Double? {

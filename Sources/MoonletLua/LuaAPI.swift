@@ -486,7 +486,6 @@ enum LuaAPI {
         let host = s.request.hostIndex >= 0 && !s.request.removed[s.request.hostIndex] ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
         var req = RouteRequest(method: s.request.method, path: s.request.target, authority: host) { name in s.request.first(name) }
         req.port = s.destination.port
-        req.sourceNamespace = s.source.namespace
         switch snap.routes.route(req, random: &vm.rng) {
         case .forward(let f):
             s.route.cluster = f.cluster
@@ -508,7 +507,7 @@ enum LuaAPI {
                 for (n, v) in rule.requestHeaders.sets { s.request.set(n, v) }
                 for (n, v) in rule.requestHeaders.adds { s.request.addLowercased(n, v) }
                 s.route.responseSet = rule.responseHeaders.sets
-                s.route.responseAdd = rule.responseHeaders.adds
+                s.route.responseAdd = rule.responseHeaders.adds + f.corsHeaders
                 s.route.responseRemove = rule.responseHeaders.removes
             }
             lua_pushstring(L, "forward")
@@ -523,6 +522,9 @@ enum LuaAPI {
             lua_pushstring(L, "respond")
         case .noRoute:
             s.respond(404, flags: .noRouteFound)
+            lua_pushstring(L, "respond")
+        case .preflight(let headers):
+            s.respond(200, headers: headers)
             lua_pushstring(L, "respond")
         case .noHealthyUpstream(let cluster):
             s.route.cluster = cluster

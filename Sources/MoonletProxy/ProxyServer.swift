@@ -115,7 +115,7 @@ public final class ProxyServer: @unchecked Sendable {
         let version = lock.withLock { reloadCount += 1; return reloadCount }
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace) {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -123,7 +123,7 @@ public final class ProxyServer: @unchecked Sendable {
                 return .failure(ReloadError(message: e.description))
             }
         }
-        for s in snap.skipped { logger.debug("\(s)") }
+        for s in snap.skipped { logger.notice("\(s)") }
         var specs = snap.plugins.filter { $0.applies(to: settings.identity) }
         // Istio traffic resources bring the built-in router, unless a LuaPlugin named
         // "router" replaces it.

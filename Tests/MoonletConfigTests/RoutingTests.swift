@@ -259,3 +259,78 @@ final class BookinfoRoutingTests: XCTestCase {
         XCTAssertNil(g.delayMs)
     }
 }
+
+final class RoutingExtrasTests: XCTestCase {
+    var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
+
+    func table(_ extra: String, labels: [String: String] = [:]) throws -> RouteTable {
+        let dir = NSTemporaryDirectory() + "moonlet-route-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try (RoutingTests.endpoints + "\n---\n" + extra).write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
+        return try ConfigLoader().load(paths: [dir], namespace: "default", labels: labels).get().routes
+    }
+
+    func test_corsPolicy_answersPreflight_andTagsAllowedOrigins() throws {
+        let t = try table("""
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: svc}
+        spec:
+          hosts: [svc]
+          http:
+          - corsPolicy:
+              allowOrigins: [{exact: "https://app.example"}]
+              allowMethods: [GET, POST]
+              allowHeaders: [x-token]
+              exposeHeaders: [x-trace]
+              maxAge: 24h
+              allowCredentials: true
+            route: [{destination: {host: svc, subset: v1}}]
+        """)
+        let pre = ["origin": "https://app.example", "access-control-request-method": "POST"]
+        guard case .preflight(let h) = t.route(RouteRequest(method: "OPTIONS", path: "/", authority: "svc") { pre[$0] }, random: &rng) else { return XCTFail() }
+        XCTAssertTrue(h.contains { $0 == ("access-control-allow-methods", "GET,POST") })
+        XCTAssertTrue(h.contains { $0 == ("access-control-max-age", "86400") })
+        let get = ["origin": "https://app.example"]
+        guard case .forward(let f) = t.route(RouteRequest(method: "GET", path: "/", authority: "svc") { get[$0] }, random: &rng) else { return XCTFail() }
+        XCTAssertTrue(f.corsHeaders.contains { $0 == ("access-control-allow-origin", "https://app.example") })
+        let other = ["origin": "https://evil.example"]
+        guard case .forward(let g) = t.route(RouteRequest(method: "GET", path: "/", authority: "svc") { other[$0] }, random: &rng) else { return XCTFail() }
+        XCTAssertTrue(g.corsHeaders.isEmpty)
+    }
+
+    func test_sourceLabels_matchTheLocalWorkload() throws {
+        let vs = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: svc}
+        spec:
+          hosts: [svc]
+          http:
+          - match: [{sourceLabels: {app: canary-client}, sourceNamespace: default}]
+            route: [{destination: {host: svc, subset: v2}}]
+          - route: [{destination: {host: svc, subset: v1}}]
+        """
+        let canary = try table(vs, labels: ["app": "canary-client"])
+        let plain = try table(vs, labels: ["app": "web"])
+        guard case .forward(let a) = canary.route(RouteRequest(method: "GET", path: "/", authority: "svc") { _ in nil }, random: &rng),
+              case .forward(let b) = plain.route(RouteRequest(method: "GET", path: "/", authority: "svc") { _ in nil }, random: &rng) else { return XCTFail() }
+        XCTAssertEqual(a.subset, "v2")
+        XCTAssertEqual(b.subset, "v1")
+    }
+
+    func test_mirror_isReportedAsNotAppliedYet() throws {
+        let t = try table("""
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: svc}
+        spec:
+          hosts: [svc]
+          http:
+          - route: [{destination: {host: svc, subset: v1}}]
+            mirror: {host: svc, subset: v2}
+            mirrorPercentage: {value: 50}
+        """)
+        XCTAssertTrue(t.warnings.contains { $0.contains("mirror: traffic mirroring is not applied yet") }, "\(t.warnings)")
+    }
+}
