@@ -18,8 +18,10 @@ public struct ProxyLimits: Sendable {
     public var streamTimeoutMs = 0
     /// Idle upstream pooled connection lifetime (Envoy's default: 1h).
     public var upstreamIdleTimeoutMs = 3_600_000
-    /// Most idle upstream connections kept per host per event loop.
-    public var maxIdleUpstreamPerHost = 64
+    /// Most idle upstream connections kept per host per event loop. Must exceed the
+    /// concurrency a loop sees, or every release past it closes a connection that the
+    /// next request reopens (Envoy keeps idle connections up to its 1024 circuit limit).
+    public var maxIdleUpstreamPerHost = 1024
     /// Largest amount of unsent data queued toward one peer before reading from the
     /// other side pauses (backpressure).
     public var highWaterMarkBytes = 256 * 1024

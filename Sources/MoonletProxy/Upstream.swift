@@ -167,16 +167,12 @@ final class UpstreamPool {
         return a
     }
 
-    /// An idle live connection for `key`, if any.
+    /// An idle live connection for `key`, if any. The list is mutated in place (a
+    /// copy out of the dictionary would copy every pooled connection per request).
     func takeIdle(_ key: String) -> UpstreamConnection? {
-        guard var list = idle[key] else { return nil }
-        while let c = list.popLast() {
-            if !c.closed, let ch = c.channel, ch.isActive {
-                idle[key] = list
-                return c
-            }
+        while let c = idle[key]?.popLast() {
+            if !c.closed, let ch = c.channel, ch.isActive { return c }
         }
-        idle[key] = list
         return nil
     }
 
@@ -201,11 +197,9 @@ final class UpstreamPool {
 
     func release(_ c: UpstreamConnection) {
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
-        var list = idle[c.key] ?? []
-        if list.count >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
+        if (idle[c.key]?.count ?? 0) >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
         c.idleSince = NIODeadline.now().uptimeNanoseconds
-        list.append(c)
-        idle[c.key] = list
+        idle[c.key, default: []].append(c)
     }
 
     func sweep() {
