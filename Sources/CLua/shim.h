@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <stdint.h>
 
 #define MOONLET_LUA_RAISE (-1)
 
@@ -177,3 +178,19 @@ static inline void ml_insert(lua_State *L, int idx) { lua_rotate(L, idx, 1); }
 static inline void ml_gc_collect(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }
 static inline void ml_gc_generational(lua_State *L) { lua_gc(L, LUA_GCGEN, 0, 0); }
 static inline void ml_pushbytes(lua_State *L, const void *p, size_t n) { lua_pushlstring(L, n ? (const char *)p : "", n); }
+/* Arms the budget like ml_arm and returns the monotonic time it read, in ns (one
+ * clock read serves both the deadline and the per-call timing). */
+static inline uint64_t ml_arm_now(ml_limits *lim, long long instructions, long ms) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    lim->instr_left = instructions / ML_HOOK_COUNT;
+    lim->aborted = 0;
+    if (ms > 0) {
+        lim->deadline.tv_sec = now.tv_sec + ms / 1000;
+        lim->deadline.tv_nsec = now.tv_nsec + (ms % 1000) * 1000000L;
+        if (lim->deadline.tv_nsec >= 1000000000L) { lim->deadline.tv_sec += 1; lim->deadline.tv_nsec -= 1000000000L; }
+    } else {
+        lim->deadline.tv_sec = 0;
+    }
+    return (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+}

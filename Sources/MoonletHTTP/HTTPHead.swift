@@ -9,6 +9,10 @@ public struct HTTPField: Sendable {
     /// Start and end (exclusive, after CRLF) of the whole line, for verbatim copying.
     public var lineStart: Int32
     public var lineEnd: Int32
+    /// What the parser recognised the name as.
+    public var kind: KnownHeader = .other
+    /// Removed by an edit or by hop-by-hop stripping (the line is not written out).
+    public var removed = false
 }
 
 /// Known header names the parser classifies while it scans, so framing and proxy
@@ -51,10 +55,8 @@ public struct HTTPHead: Sendable {
     public var reasonRange: Range<Int> = 0..<0
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     public var versionMinor: Int = 1
+    /// Header lines in order (one allocation per head: kind and removal live in the field).
     public var fields: [HTTPField] = []
-    public var kinds: [KnownHeader] = []
-    /// Per field: removed by an edit or by hop-by-hop stripping.
-    public var removed: [Bool] = []
     /// Lines added by edits, written after the kept original lines. Names are stored
     /// lowercased (HTTP/2 style), so lookups compare without folding.
     public var added: [(name: String, value: String)] = []
@@ -121,7 +123,7 @@ public struct HTTPHead: Sendable {
         var n = name
         return n.withUTF8 { p -> Int? in
             let raw = UnsafeRawBufferPointer(p)
-            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { return i }
+            for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: raw) { return i }
             return nil
         }
     }
@@ -141,7 +143,7 @@ public struct HTTPHead: Sendable {
         var n = lower
         n.withUTF8 { p in
             let raw = UnsafeRawBufferPointer(p)
-            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { out.append(value(at: i)) }
+            for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: raw) { out.append(value(at: i)) }
         }
         for a in added where a.name == lower { out.append(a.value) }
         return out
@@ -155,7 +157,7 @@ public struct HTTPHead: Sendable {
         var n = lower
         n.withUTF8 { p in
             let raw = UnsafeRawBufferPointer(p)
-            for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { removed[i] = true; count += 1 }
+            for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: raw) { fields[i].removed = true; count += 1 }
         }
         let before = added.count
         if before > 0 { added.removeAll { $0.name == lower } }
@@ -183,12 +185,12 @@ public struct HTTPHead: Sendable {
     /// Every live header in order (originals first, then added), as Strings.
     public func allFields() -> [(name: String, value: String)] {
         var out: [(String, String)] = []
-        for i in 0..<fields.count where !removed[i] { out.append((name(at: i), value(at: i))) }
+        for i in 0..<fields.count where !fields[i].removed { out.append((name(at: i), value(at: i))) }
         out.append(contentsOf: added)
         return out
     }
 
-    public var liveFieldCount: Int { removed.lazy.filter { !$0 }.count + added.count }
+    public var liveFieldCount: Int { fields.lazy.filter { !$0.removed }.count + added.count }
 }
 
 /// Validation of header names and values coming from filters (Lua, config): a value with

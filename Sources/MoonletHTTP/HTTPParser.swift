@@ -134,9 +134,7 @@ public struct HTTPHeadParser: Sendable {
             p = lineEnd + 2
             // Header lines.
             var fields: [HTTPField] = []
-            var kinds: [KnownHeader] = []
             fields.reserveCapacity(16)
-            kinds.reserveCapacity(16)
             var contentLength: Int64? = nil
             var sawTE = false
             var teChunkedLast = false
@@ -171,7 +169,7 @@ public struct HTTPHeadParser: Sendable {
                 let kind = classify(raw, nStart, nEnd - nStart)
                 let field = HTTPField(nameStart: Int32(nStart), nameLength: Int32(nEnd - nStart),
                                       valueStart: Int32(vStart), valueLength: Int32(vEnd - vStart),
-                                      lineStart: Int32(lineStart), lineEnd: Int32(p))
+                                      lineStart: Int32(lineStart), lineEnd: Int32(p), kind: kind)
                 switch kind {
                 case .contentLength:
                     guard let v = parseContentLength(raw, vStart, vEnd) else { return HTTPParseError(400, "bad content-length") }
@@ -201,11 +199,8 @@ public struct HTTPHeadParser: Sendable {
                 default: break
                 }
                 fields.append(field)
-                kinds.append(kind)
             }
             head.fields = fields
-            head.kinds = kinds
-            head.removed = [Bool](repeating: false, count: fields.count)
             head.keepAlive = head.versionMinor == 1 ? !closeToken : (keepAliveToken && !closeToken)
             if head.isRequest {
                 if head.versionMinor == 1 && hostCount != 1 {

@@ -6,10 +6,10 @@ extension HTTPHead {
     /// Proxy-Authorization, and Transfer-Encoding (the proxy frames each hop itself).
     public mutating func stripHopByHop() {
         for i in 0..<fields.count {
-            switch kinds[i] {
+            switch fields[i].kind {
             case .connection, .keepAlive, .te, .upgrade, .proxyConnection, .proxyAuthenticate,
                  .proxyAuthorization, .transferEncoding:
-                removed[i] = true
+                fields[i].removed = true
             default: break
             }
         }
@@ -19,19 +19,19 @@ extension HTTPHead {
             var n = t
             n.withUTF8 { p in
                 let raw = UnsafeRawBufferPointer(p)
-                for i in 0..<fields.count where !removed[i] && nameEquals(i, lowercased: raw) { removed[i] = true }
+                for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: raw) { fields[i].removed = true }
             }
         }
     }
 
     /// Index of the first live field of a known kind.
     public func firstIndex(of kind: KnownHeader) -> Int? {
-        for i in 0..<kinds.count where kinds[i] == kind && !removed[i] { return i }
+        for i in 0..<fields.count where fields[i].kind == kind && !fields[i].removed { return i }
         return nil
     }
 
     public mutating func removeAll(of kind: KnownHeader) {
-        for i in 0..<kinds.count where kinds[i] == kind { removed[i] = true }
+        for i in 0..<fields.count where fields[i].kind == kind { fields[i].removed = true }
     }
 }
 
@@ -86,7 +86,7 @@ public enum HeadWriter {
         var runEnd = -1
         for i in 0..<head.fields.count {
             let f = head.fields[i]
-            if head.removed[i] {
+            if f.removed {
                 if runStart >= 0 { out.writeBytes(view[runStart..<runEnd]); runStart = -1 }
                 continue
             }

@@ -97,71 +97,62 @@ enum LuaAPI {
             return 1
         }
         guard let key = bytes(L, 2) else { lua_pushnil(L); return 1 }
-        let k = String(decoding: key, as: UTF8.self)
         let id = s.id
+        // Keys are compared as bytes (no String per access): the common ones first.
+        @inline(__always) func kw(_ lit: StaticString) -> Bool {
+            lit.utf8CodeUnitCount == key.count && memcmp(key.baseAddress!, lit.utf8Start, key.count) == 0
+        }
         switch kind {
         case .stream:
-            switch k {
-            case "request": ml_pushlight(L, wrapper(id, .request))
-            case "response": ml_pushlight(L, wrapper(id, .response))
-            case "source": ml_pushlight(L, wrapper(id, .source))
-            case "destination": ml_pushlight(L, wrapper(id, .destination))
-            case "route": ml_pushlight(L, wrapper(id, .route))
-            case "vars":
+            if kw("request") { ml_pushlight(L, wrapper(id, .request)) }
+            else if kw("response") { ml_pushlight(L, wrapper(id, .response)) }
+            else if kw("vars") {
                 let ctx = s.luaCtx
                 if ctx.varsRef == LUA_NOREF { lua_createtable(L, 0, 4); ctx.varsRef = ml_ref(L) }
                 ml_getregistry_ref(L, ctx.varsRef)
-            case "respond": lua_getfield(L, ml_registryindex(), "moonlet.respond")
-            case "id": lua_pushinteger(L, lua_Integer(s.id))
-            case "request_id": push(L, s.request.first("x-request-id") ?? "")
-            default: lua_pushnil(L)
             }
+            else if kw("route") { ml_pushlight(L, wrapper(id, .route)) }
+            else if kw("respond") { lua_getfield(L, ml_registryindex(), "moonlet.respond") }
+            else if kw("source") { ml_pushlight(L, wrapper(id, .source)) }
+            else if kw("destination") { ml_pushlight(L, wrapper(id, .destination)) }
+            else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
+            else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
+            else { lua_pushnil(L) }
         case .request:
-            switch k {
-            case "headers": ml_pushlight(L, wrapper(id, .requestHeaders))
-            case "method": push(L, s.request.method)
-            case "path": push(L, s.request.target)
-            case "authority":
-                if s.request.hostIndex >= 0 && !s.request.removed[s.request.hostIndex] { push(L, s.request.value(at: s.request.hostIndex)) }
+            if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
+            else if kw("path") { push(L, s.request.target) }
+            else if kw("method") { push(L, s.request.method) }
+            else if kw("authority") {
+                if s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed { push(L, s.request.value(at: s.request.hostIndex)) }
                 else { push(L, s.request.first("host") ?? "") }
-            case "scheme": push(L, "http")
-            case "protocol": push(L, s.protocolName)
-            case "body": lua_getfield(L, ml_registryindex(), "moonlet.body")
-            default: lua_pushnil(L)
             }
+            else if kw("scheme") { push(L, "http") }
+            else if kw("protocol") { push(L, s.protocolName) }
+            else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }
+            else { lua_pushnil(L) }
         case .response:
-            switch k {
-            case "headers": ml_pushlight(L, wrapper(id, .responseHeaders))
-            case "status":
+            if kw("headers") { ml_pushlight(L, wrapper(id, .responseHeaders)) }
+            else if kw("status") {
                 let st = s.status
                 if st == 0 { lua_pushnil(L) } else { lua_pushinteger(L, lua_Integer(st)) }
-            default: lua_pushnil(L)
             }
+            else { lua_pushnil(L) }
         case .requestHeaders, .responseHeaders:
-            lua_getfield(L, ml_registryindex(), "moonlet.header_methods")
-            lua_pushvalue(L, 2)
-            lua_rawget(L, -2)
-        case .source:
-            switch k {
-            case "address": push(L, s.source.address)
-            case "principal": push(L, s.source.principal)
-            case "namespace": push(L, s.source.namespace)
-            default: lua_pushnil(L)
-            }
-        case .destination:
-            switch k {
-            case "address": push(L, s.destination.address)
-            case "port": lua_pushinteger(L, lua_Integer(s.destination.port))
-            case "service": push(L, s.destination.service)
-            default: lua_pushnil(L)
-            }
-        case .route:
-            switch k {
-            case "cluster": push(L, s.route.cluster)
-            case "host": push(L, s.route.host)
-            case "subset": push(L, s.route.subset)
-            case "port": lua_pushinteger(L, lua_Integer(s.route.port))
-            case "timeout_ms": lua_pushinteger(L, lua_Integer(s.route.timeoutMs))
+            lua_pushnil(L) // handled above
+        case .source, .destination, .route:
+            let k = String(decoding: key, as: UTF8.self)
+            switch (kind, k) {
+            case (.source, "address"): push(L, s.source.address)
+            case (.source, "principal"): push(L, s.source.principal)
+            case (.source, "namespace"): push(L, s.source.namespace)
+            case (.destination, "address"): push(L, s.destination.address)
+            case (.destination, "port"): lua_pushinteger(L, lua_Integer(s.destination.port))
+            case (.destination, "service"): push(L, s.destination.service)
+            case (.route, "cluster"): push(L, s.route.cluster)
+            case (.route, "host"): push(L, s.route.host)
+            case (.route, "subset"): push(L, s.route.subset)
+            case (.route, "port"): lua_pushinteger(L, lua_Integer(s.route.port))
+            case (.route, "timeout_ms"): lua_pushinteger(L, lua_Integer(s.route.timeoutMs))
             default: lua_pushnil(L)
             }
         }
@@ -225,7 +216,7 @@ enum LuaAPI {
         for i in 0..<name.count { var c = name[i]; if c >= 65 && c <= 90 { c |= 0x20 }; lower[i] = c }
         let found: Bool? = withHead(L) { head, _ in
             let n = lower.withUnsafeBytes { lb -> Int? in
-                for i in 0..<head.fields.count where !head.removed[i] && head.nameEquals(i, lowercased: lb) { return i }
+                for i in 0..<head.fields.count where !head.fields[i].removed && head.nameEquals(i, lowercased: lb) { return i }
                 return nil
             }
             if let i = n {
@@ -483,7 +474,7 @@ enum LuaAPI {
         if s.listener == "inbound" { lua_pushstring(L, "forward"); return 1 }
         guard let cfg = s.config else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
         let snap = unsafeDowncast(cfg, to: ConfigSnapshot.self)
-        let host = s.request.hostIndex >= 0 && !s.request.removed[s.request.hostIndex] ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
+        let host = s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
         var req = RouteRequest(method: s.request.method, path: s.request.target, authority: host) { name in s.request.first(name) }
         req.port = s.destination.port
         switch snap.routes.route(req, random: &vm.rng) {

@@ -137,12 +137,11 @@ public final class LuaPluginInstance: Filter {
         }
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
-        let t0 = Self.nanos()
         let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
         vm.current = prev; vm.currentID = prevID
         if let cell {
             cell.stats.calls &+= 1
-            cell.stats.nanos &+= Self.nanos() &- t0
+            cell.stats.nanos &+= Self.nanos() &- out.startNanos
             if !out.ok { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
         }
         if out.ok {

@@ -144,11 +144,13 @@ public final class LuaVM {
         public var aborted: Bool
         /// First return value as a string, when it was one (e.g. "stop_and_buffer").
         public var returned: String?
+        /// Monotonic nanoseconds when the call started.
+        public var startNanos: UInt64 = 0
     }
 
     /// Arms the budget and runs the function on top of `co` (with `nargs` args above it).
     func resume(_ co: OpaquePointer, nargs: Int32, limits: LuaLimits, plugin: String, keepResults: Bool = false) -> CallOutcome {
-        ml_arm(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
+        let t0 = ml_arm_now(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
         currentPlugin = plugin
         var nres: Int32 = 0
         let st = ml_resume(co, L, nargs, &nres)
@@ -158,16 +160,16 @@ public final class LuaVM {
             var ret: String? = nil
             if nres > 0 && lua_type(co, -nres) == LUA_TSTRING { ret = String(cString: ml_tostring(co, -nres)) }
             if keepResults { lua_settop(co, nres > 0 ? -nres : 0); if nres == 0 { lua_pushnil(co) } } else { lua_settop(co, 0) }
-            return CallOutcome(ok: true, error: nil, aborted: false, returned: ret)
+            return CallOutcome(ok: true, error: nil, aborted: false, returned: ret, startNanos: t0)
         }
         if st == LUA_YIELD {
             lua_settop(co, 0)
-            return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil)
+            return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil, startNanos: t0)
         }
         var msg = lua_type(co, -1) == LUA_TSTRING ? String(cString: ml_tostring(co, -1)) : "error object is not a string"
         if st == LUA_ERRMEM { msg = "not enough memory (cap \(limitsPtr.pointee.cap) bytes)" }
         ml_gc_collect(L)
-        return CallOutcome(ok: false, error: msg, aborted: aborted || st == LUA_ERRMEM, returned: nil)
+        return CallOutcome(ok: false, error: msg, aborted: aborted || st == LUA_ERRMEM, returned: nil, startNanos: t0)
     }
 
     /// Loads and runs a plugin file in this VM; returns the module table's registry ref.

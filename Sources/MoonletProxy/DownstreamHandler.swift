@@ -221,7 +221,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if s.request.firstIndex(of: .xRequestID) == nil { s.request.addLowercased("x-request-id", ctx.requestID()) }
         if let i = s.request.firstIndex(of: .xForwardedFor) {
             let v = s.request.value(at: i)
-            s.request.removed[i] = true
+            s.request.fields[i].removed = true
             s.request.addLowercased("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
         } else {
             s.request.addLowercased("x-forwarded-for", peerIP)

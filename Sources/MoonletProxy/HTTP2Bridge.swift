@@ -133,7 +133,7 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
                     if head.status == 100 { responseParser.reset(); continue }
                     var headers = HTTPHeaders()
                     for i in 0..<head.fields.count {
-                        switch head.kinds[i] {
+                        switch head.fields[i].kind {
                         case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
                         default: headers.add(name: head.name(at: i).lowercased(), value: head.value(at: i))
                         }
