@@ -32,6 +32,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
         ], swiftSettings: hot),
         .target(name: "MoonletRegex", dependencies: ["CPCRE2", "MoonletCore"], swiftSettings: v5),
+        .target(name: "MoonletBalancer", dependencies: ["MoonletCore"], swiftSettings: hot),
         .target(name: "MoonletConfig", dependencies: [
             "MoonletCore", "MoonletRegex",
             .product(name: "Yams", package: "Yams"),
@@ -46,7 +47,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
         .target(name: "MoonletProxy", dependencies: [
-            "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry",
+            "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry", "MoonletBalancer",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -68,6 +69,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
+        .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
             "MoonletProxy", "MoonletLua", "MoonletConfig",

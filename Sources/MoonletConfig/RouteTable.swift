@@ -13,6 +13,9 @@ public final class ServiceInfo: @unchecked Sendable {
     /// Subset name → endpoints whose labels match the subset's labels.
     public internal(set) var subsets: [String: [Endpoint]] = [:]
     public internal(set) var destinationRule: DestinationRuleSpec?
+    /// "subset|port" → cluster ("" subset = every endpoint), built once the
+    /// DestinationRule is known.
+    public internal(set) var clusters: [String: ClusterInfo] = [:]
 
     init(fqdn: String, namespace: String, ports: [ServicePort], endpoints: [Endpoint]) {
         self.fqdn = fqdn; self.namespace = namespace; self.ports = ports; self.endpoints = endpoints
@@ -29,6 +32,40 @@ public final class ServiceInfo: @unchecked Sendable {
     public func endpointPort(_ e: Endpoint, for p: ServicePort) -> Int {
         if !p.name.isEmpty, let v = e.ports[p.name] { return v }
         return p.targetPort ?? p.number
+    }
+}
+
+/// One service subset on one service port: what the balancer picks endpoints from.
+public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
+    public let id: Int
+    /// Istio's cluster name: outbound|PORT|SUBSET|FQDN.
+    public let name: String
+    public let policy: LBPolicy
+    public let maxRequestsPerConnection: Int
+    public let endpoints: [Endpoint]
+    let ports: [Int]
+    init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
+        self.id = id; self.name = name; self.policy = policy.lb; self.maxRequestsPerConnection = policy.maxRequestsPerConnection
+        self.endpoints = endpoints; self.ports = ports
+    }
+    public var endpointCount: Int { endpoints.count }
+    public func endpoint(_ i: Int) -> (address: String, port: Int) { (endpoints[i].address, ports[i]) }
+}
+
+/// The parts of a DestinationRule trafficPolicy the proxy applies today.
+public struct ClusterPolicy: Sendable {
+    public var lb: LBPolicy = .leastRequest
+    public var maxRequestsPerConnection = 0
+
+    /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
+    static func from(_ top: ConfigValue?, subset: ConfigValue?) -> ClusterPolicy {
+        var p = ClusterPolicy()
+        for tp in [top, subset] {
+            guard let tp else { continue }
+            if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb }
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
+        }
+        return p
     }
 }
 
@@ -73,12 +110,12 @@ public enum RouteOutcome {
 }
 
 public struct Forward {
+    /// The cluster to balance over (the proxy picks the endpoint on its loop).
+    public var upstream: ClusterInfo
     public var cluster: String
     public var host: String
     public var subset: String
     public var servicePort: Int
-    public var address: String
-    public var port: Int
     public var rule: Int
     public var rewrittenPath: String?
     public var rewrittenAuthority: String?
@@ -173,8 +210,27 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         t.wildcards.sort { $0.suffix.count > $1.suffix.count }
+        // Clusters: every service port × (all endpoints, each subset), numbered densely.
+        var nextID = 0
+        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) {
+            let dr = svc.destinationRule
+            var sets: [(String, [Endpoint], ConfigValue?)] = [("", svc.endpoints, nil)]
+            for sub in dr?.subsets ?? [] { sets.append((sub.name, svc.subsets[sub.name] ?? [], sub.trafficPolicy)) }
+            for sp in svc.ports {
+                for (name, eps, subPolicy) in sets {
+                    let policy = ClusterPolicy.from(dr?.trafficPolicy, subset: subPolicy)
+                    svc.clusters["\(name)|\(sp.number)"] = ClusterInfo(id: nextID, name: "outbound|\(sp.number)|\(name)|\(fqdn)", policy: policy,
+                                                                       endpoints: eps, ports: eps.map { svc.endpointPort($0, for: sp) })
+                    nextID += 1
+                }
+            }
+        }
+        t.clusterCount = nextID
         return t
     }
+
+    /// How many clusters the table numbered (balancer counters are sized by it).
+    public private(set) var clusterCount = 0
 
     public func lookup(_ authority: String) -> VirtualHost? {
         let h = HostName.normalize(authority)
@@ -235,13 +291,11 @@ public final class RouteTable: @unchecked Sendable {
     }
 
     func forward(svc: ServiceInfo, fqdn: String, subset: String, port: Int?, rule: Int, r: RouteRequest, random: inout Xoshiro256, base: HTTPRouteRule?) -> RouteOutcome {
-        let sp = svc.port(port)
-        let cluster = "outbound|\(sp?.number ?? 0)|\(subset)|\(fqdn)"
-        let eps = subset.isEmpty ? svc.endpoints : (svc.subsets[subset] ?? [])
-        guard !eps.isEmpty, let sp else { return .noHealthyUpstream(cluster: cluster) }
-        let e = eps[Int(random.next() % UInt64(eps.count))]
-        var f = Forward(cluster: cluster, host: fqdn, subset: subset, servicePort: sp.number, address: e.address,
-                        port: svc.endpointPort(e, for: sp), rule: rule)
+        guard let sp = svc.port(port) else { return .noHealthyUpstream(cluster: "outbound|\(port ?? 0)|\(subset)|\(fqdn)") }
+        guard let c = svc.clusters["\(subset)|\(sp.number)"], c.endpointCount > 0 else {
+            return .noHealthyUpstream(cluster: "outbound|\(sp.number)|\(subset)|\(fqdn)")
+        }
+        var f = Forward(upstream: c, cluster: c.name, host: fqdn, subset: subset, servicePort: sp.number, rule: rule)
         if let base {
             f.timeoutMs = base.timeoutMs
             if let rw = base.rewrite {

@@ -1,4 +1,5 @@
 import MoonletRegex
+import MoonletCore
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -363,6 +364,13 @@ struct TrafficDecoder {
     /// The parts of trafficPolicy validated now (the rest is decoded by the balancer).
     mutating func trafficPolicy(_ n: PositionedNode, _ path: String) {
         guard fields(n, path, ["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"]) else { return }
+        if let simple = n.child("loadBalancer")?.child("simple") {
+            let v = string(simple, "\(path).loadBalancer.simple") ?? ""
+            if LBPolicy(istio: v) == nil { err(simple, "\(path).loadBalancer.simple", "unsupported value \"\(v)\" (ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH)") }
+        }
+        if let m = n.child("connectionPool")?.child("http")?.child("maxRequestsPerConnection") {
+            _ = int(m, "\(path).connectionPool.http.maxRequestsPerConnection", range: 0...Int(Int32.max))
+        }
         if let lb = n.child("loadBalancer"), let w = lb.child("warmup") {
             let p = "\(path).loadBalancer.warmup"
             if fields(w, p, ["duration", "minimumPercent", "aggression"]) {

@@ -90,9 +90,14 @@ public struct RouteDecision: Sendable {
     public var port: Int = 0
     /// Per-stream timeout in milliseconds (0 = the listener default).
     public var timeoutMs: Int = 0
-    /// The chosen endpoint ("ip" and port). When empty the proxy connects to host:port.
+    /// The chosen endpoint ("ip" and port). When empty, the proxy picks one from
+    /// `upstreamCluster`, or connects to host:port.
     public var endpoint: String = ""
     public var endpointPort: Int = 0
+    /// The cluster the router chose; the proxy's balancer picks the endpoint.
+    public var upstreamCluster: UpstreamCluster?
+    /// Index of the picked endpoint in `upstreamCluster` (-1 = none).
+    public var endpointIndex: Int = -1
     /// Fault injection delay before going upstream (milliseconds, flag DI).
     public var delayMs: Int = 0
     /// Response header edits of the matched route, applied before response filters.

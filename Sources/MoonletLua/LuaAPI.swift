@@ -483,13 +483,10 @@ enum LuaAPI {
             s.route.host = f.host
             s.route.subset = f.subset
             s.route.port = f.servicePort
-            s.route.endpoint = f.address
-            s.route.endpointPort = f.port
+            s.route.upstreamCluster = f.upstream
             if let t = f.timeoutMs { s.route.timeoutMs = t }
             if let d = f.delayMs { s.route.delayMs = d }
             s.destination.service = f.host
-            s.destination.address = f.address
-            s.destination.port = f.port
             if let p = f.rewrittenPath { s.request.targetOverride = p }
             if let a = f.rewrittenAuthority { s.request.set("host", a); s.request.hostIndex = -1 }
             if f.rule >= 0, let vh = snap.routes.lookup(host), let rules = vh.routes {

@@ -1,6 +1,7 @@
 import NIOCore
 import MoonletCore
 import MoonletTelemetry
+import MoonletBalancer
 
 /// The HTTP/1.1 fast path: one handler per downstream connection owns each stream
 /// from its first byte to its log line. It parses heads in place, runs the filter
@@ -264,6 +265,19 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Picks the upstream from the route decision and sends the request head.
     func goUpstream() {
         guard let s = stream else { return }
+        if s.route.endpoint.isEmpty, let c = s.route.upstreamCluster {
+            guard let i = ctx.balancer.pick(c) else {
+                s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
+                sendLocalReply()
+                return
+            }
+            let e = c.endpoint(i)
+            s.route.endpointIndex = i
+            s.route.endpoint = e.address
+            s.route.endpointPort = e.port
+            s.destination.address = e.address
+            s.destination.port = e.port
+        }
         let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
         if host.isEmpty || port == 0 {
@@ -463,7 +477,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if responseChunked { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
         if let u = upstream {
             upstream = nil
-            if reusable && requestComplete && !requestChunked { ctx.pool.release(u) } else { u.channel?.close(promise: nil) }
+            let cap = s.route.upstreamCluster?.maxRequestsPerConnection ?? 0
+            if reusable && requestComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u) }
+            else { u.channel?.close(promise: nil) }
         }
         context.flush()
         finishStream(s)
@@ -595,6 +611,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         streamTimer?.cancel(); streamTimer = nil
         chain.runLog(s)
         ctx.lua.endStream(s)
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
         record(s)
         s.end()
         stream = nil

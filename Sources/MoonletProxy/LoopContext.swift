@@ -3,6 +3,7 @@ import MoonletCore
 import MoonletConfig
 import MoonletLua
 import MoonletTelemetry
+import MoonletBalancer
 import Logging
 
 /// Which listener accepted a connection, and what it does with a stream.
@@ -21,6 +22,8 @@ public final class LoopContext: @unchecked Sendable {
     public let loop: EventLoop
     public let metrics = MetricsShard()
     public let lua: LuaLoopRuntime
+    /// Load-balancing counters of this loop.
+    public let balancer = BalancerState()
     public internal(set) var chain: FilterChain = .empty
     public internal(set) var snapshot: ConfigSnapshot = .empty
     let pool: UpstreamPool

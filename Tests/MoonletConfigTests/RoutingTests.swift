@@ -122,8 +122,9 @@ final class RoutingTests: XCTestCase {
     func test_forward_resolvesSubsetEndpointsAndPorts() throws {
         let t = try XCTUnwrap(table(vs("  - route: [{destination: {host: svc, subset: v2}}]\n    timeout: 1.5s\n")))
         guard case .forward(let f) = route(t) else { return XCTFail() }
-        XCTAssertEqual(f.address, "10.0.0.2")
-        XCTAssertEqual(f.port, 9002)
+        XCTAssertEqual(f.upstream.endpointCount, 1)
+        XCTAssertEqual(f.upstream.endpoint(0).address, "10.0.0.2")
+        XCTAssertEqual(f.upstream.endpoint(0).port, 9002)
         XCTAssertEqual(f.cluster, "outbound|8080|v2|svc.default.svc.cluster.local")
         XCTAssertEqual(f.timeoutMs, 1500)
     }
@@ -161,11 +162,37 @@ final class RoutingTests: XCTestCase {
         XCTAssertEqual(Double(aborted) / 4000, 0.5, accuracy: 0.05)
     }
 
-    func test_noVirtualService_defaultRouteSpreadsOverAllEndpoints() throws {
+    func test_noVirtualService_defaultRouteCoversAllEndpoints() throws {
         let t = try XCTUnwrap(table("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"))
-        var seen = Set<String>()
-        for _ in 0..<200 { if case .forward(let f) = route(t) { seen.insert(f.address) } }
-        XCTAssertEqual(seen, ["10.0.0.1", "10.0.0.2"])
+        guard case .forward(let f) = route(t) else { return XCTFail() }
+        XCTAssertEqual(Set((0..<f.upstream.endpointCount).map { f.upstream.endpoint($0).address }), ["10.0.0.1", "10.0.0.2"])
+        XCTAssertEqual(f.cluster, "outbound|8080||svc.default.svc.cluster.local")
+    }
+
+    func test_destinationRulePolicy_subsetOverridesTopLevel() throws {
+        let dir = NSTemporaryDirectory() + "moonlet-route-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let base = RoutingTests.endpoints.components(separatedBy: "\n---\n").dropLast().joined(separator: "\n---\n")
+        let text = base + """
+
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: svc, namespace: default}
+        spec:
+          host: svc
+          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {http: {maxRequestsPerConnection: 10}}}
+          subsets:
+          - {name: v1, labels: {version: v1}}
+          - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+        """
+        try text.write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
+        let t = try ConfigLoader().load(paths: [dir]).get().routes
+        let svc = try XCTUnwrap(t.services["svc.default.svc.cluster.local"])
+        XCTAssertEqual(svc.clusters["v1|8080"]?.policy, .roundRobin)
+        XCTAssertEqual(svc.clusters["v2|8080"]?.policy, .random)
+        XCTAssertEqual(svc.clusters["v2|8080"]?.maxRequestsPerConnection, 10)
+        XCTAssertEqual(svc.clusters["|8080"]?.policy, .roundRobin)
     }
 
     func test_validation_reportsEveryErrorWithPlace() {

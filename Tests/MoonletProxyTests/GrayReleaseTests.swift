@@ -91,3 +91,46 @@ final class BuiltinPluginTests: XCTestCase {
         XCTAssertEqual(try String(contentsOf: file, encoding: .utf8), BuiltinPlugins.router)
     }
 }
+
+/// The seed DestinationRule's ROUND_ROBIN and maxRequestsPerConnection, on real sockets.
+final class DestinationRulePolicyTests: XCTestCase {
+    func test_roundRobinAcrossEndpoints_andAtMost10RequestsPerUpstreamConnection() throws {
+        let a = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "a")]) }
+        let b = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "b")]) }
+        defer { a.stop(); b.stop() }
+        let yaml = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: pool}
+        spec:
+          hosts: [pool]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints:
+          - {address: 127.0.0.1, ports: {http: \(a.port)}}
+          - {address: 127.0.0.1, ports: {http: \(b.port)}}
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: pool}
+        spec:
+          host: pool
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN}
+            connectionPool: {http: {maxRequestsPerConnection: 10}}
+        """
+        let px = try ProxyFixture(appPort: 1, files: ["pool.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        var counts: [String: Int] = [:]
+        for _ in 0..<100 {
+            c.send("GET / HTTP/1.1\r\nHost: pool\r\n\r\n")
+            counts[c.read()?.header("x-ep") ?? "failed", default: 0] += 1
+        }
+        XCTAssertEqual(counts, ["a": 50, "b": 50])
+        // 50 requests per endpoint, at most 10 per connection: at least 5 connections each.
+        XCTAssertGreaterThanOrEqual(a.connections, 5)
+        XCTAssertGreaterThanOrEqual(b.connections, 5)
+        XCTAssertLessThanOrEqual(a.connections, 6)
+    }
+}

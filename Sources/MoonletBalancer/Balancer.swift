@@ -1,0 +1,74 @@
+import MoonletCore
+
+/// Per-event-loop load-balancing state: round-robin cursors and active-request counts
+/// per cluster endpoint. Owned by one loop, so picking takes no lock; counts are per
+/// loop, as Envoy's per-worker load balancers keep them.
+public final class BalancerState {
+    var cursors: [Int] = []
+    var active: [[Int32]] = []
+    var random: Xoshiro256
+
+    public init(seed: UInt64 = 0) {
+        random = seed == 0 ? Xoshiro256(seed: SystemRandomNumberGenerator()) : Xoshiro256(seed: SeededRandom(seed))
+    }
+
+    @inline(__always)
+    func ensure(_ c: UpstreamCluster) {
+        if c.id >= cursors.count {
+            cursors += [Int](repeating: 0, count: c.id + 1 - cursors.count)
+            active += [[Int32]](repeating: [], count: c.id + 1 - active.count)
+        }
+        if active[c.id].count != c.endpointCount { active[c.id] = [Int32](repeating: 0, count: c.endpointCount) }
+    }
+
+    /// Picks an endpoint index of `c` (nil when it has none) and counts it active.
+    public func pick(_ c: UpstreamCluster) -> Int? {
+        let n = c.endpointCount
+        guard n > 0 else { return nil }
+        ensure(c)
+        let i: Int
+        switch c.policy {
+        case .roundRobin:
+            i = cursors[c.id] % n
+            cursors[c.id] = (i + 1) % n
+        case .random, .passthrough:
+            i = Int(random.next() % UInt64(n))
+        case .leastRequest:
+            if n == 1 { i = 0 } else {
+                let a = Int(random.next() % UInt64(n))
+                var b = Int(random.next() % UInt64(n - 1))
+                if b >= a { b += 1 }
+                i = active[c.id][b] < active[c.id][a] ? b : a
+            }
+        }
+        active[c.id][i] += 1
+        return i
+    }
+
+    /// The stream sent to endpoint `i` of `c` finished.
+    public func done(_ c: UpstreamCluster, _ i: Int) {
+        guard c.id < active.count, i < active[c.id].count, active[c.id][i] > 0 else { return }
+        active[c.id][i] -= 1
+    }
+
+    /// Active requests this loop has on an endpoint (for /clusters and tests).
+    public func activeRequests(_ c: UpstreamCluster, _ i: Int) -> Int {
+        c.id < active.count && i < active[c.id].count ? Int(active[c.id][i]) : 0
+    }
+
+    /// Forgets all counters (a new snapshot renumbers clusters).
+    public func reset() { cursors = []; active = [] }
+}
+
+/// A fixed seed for reproducible tests.
+struct SeededRandom: RandomNumberGenerator {
+    var state: UInt64
+    init(_ seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    }
+}
