@@ -6,6 +6,9 @@ import MoonletCore
 public final class BalancerState {
     var cursors: [Int] = []
     var active: [[Int32]] = []
+    /// Outlier state per cluster id (looked up by stable name once per cluster).
+    var outliers: [OutlierState?] = []
+    var outlierResolved: [Bool] = []
     var random: Xoshiro256
 
     public init(seed: UInt64 = 0) {
@@ -15,10 +18,33 @@ public final class BalancerState {
     @inline(__always)
     func ensure(_ c: UpstreamCluster) {
         if c.id >= cursors.count {
-            cursors += [Int](repeating: 0, count: c.id + 1 - cursors.count)
-            active += [[Int32]](repeating: [], count: c.id + 1 - active.count)
+            let grow = c.id + 1 - cursors.count
+            cursors += [Int](repeating: 0, count: grow)
+            active += [[Int32]](repeating: [], count: grow)
+            outliers += [OutlierState?](repeating: nil, count: grow)
+            outlierResolved += [Bool](repeating: false, count: grow)
         }
-        if active[c.id].count != c.endpointCount { active[c.id] = [Int32](repeating: 0, count: c.endpointCount) }
+        if active[c.id].count != c.endpointCount {
+            active[c.id] = [Int32](repeating: 0, count: c.endpointCount)
+            outlierResolved[c.id] = false
+        }
+        if !outlierResolved[c.id] {
+            outliers[c.id] = OutlierRegistry.state(for: c)
+            outlierResolved[c.id] = true
+        }
+    }
+
+    /// The outlier state of a cluster, if its DestinationRule enables detection.
+    public func outlier(_ c: UpstreamCluster) -> OutlierState? {
+        ensure(c)
+        return outliers[c.id]
+    }
+
+    /// Reports the outcome of a request to endpoint `i` (status, or nil for a
+    /// connect failure or reset) to outlier detection.
+    public func report(_ c: UpstreamCluster, _ i: Int, status: Int?) {
+        guard let o = outlier(c) else { return }
+        o.record(i, status: status, now: monotonicNanos())
     }
 
     /// Picks an endpoint index of `c` (nil when it has none) and counts it active.
@@ -26,6 +52,29 @@ public final class BalancerState {
         let n = c.endpointCount
         guard n > 0 else { return nil }
         ensure(c)
+        if let o = outliers[c.id] {
+            let now = monotonicNanos()
+            if !o.panic(now: now) {
+                // Pick among the hosts not ejected (a few tries, then a scan).
+                for _ in 0..<4 {
+                    let i = pickIndex(c, n)
+                    if !o.isEjected(i, now: now) { active[c.id][i] += 1; return i }
+                }
+                let healthy = (0..<n).filter { !o.isEjected($0, now: now) }
+                if !healthy.isEmpty {
+                    let i = healthy[Int(random.next() % UInt64(healthy.count))]
+                    active[c.id][i] += 1
+                    return i
+                }
+            }
+        }
+        let i = pickIndex(c, n)
+        active[c.id][i] += 1
+        return i
+    }
+
+    @inline(__always)
+    func pickIndex(_ c: UpstreamCluster, _ n: Int) -> Int {
         let i: Int
         switch c.policy {
         case .roundRobin:
@@ -41,7 +90,6 @@ public final class BalancerState {
                 i = active[c.id][b] < active[c.id][a] ? b : a
             }
         }
-        active[c.id][i] += 1
         return i
     }
 
@@ -57,7 +105,7 @@ public final class BalancerState {
     }
 
     /// Forgets all counters (a new snapshot renumbers clusters).
-    public func reset() { cursors = []; active = [] }
+    public func reset() { cursors = []; active = []; outliers = []; outlierResolved = [] }
 }
 
 /// A fixed seed for reproducible tests.

@@ -43,11 +43,14 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let policy: LBPolicy
     public let maxRequestsPerConnection: Int
     public let endpoints: [Endpoint]
+    public let outlierPolicy: OutlierPolicy?
     let ports: [Int]
     init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
         self.id = id; self.name = name; self.policy = policy.lb; self.maxRequestsPerConnection = policy.maxRequestsPerConnection
+        self.outlierPolicy = policy.outlier
         self.endpoints = endpoints; self.ports = ports
     }
+    public var stableName: String { name }
     public var endpointCount: Int { endpoints.count }
     public func endpoint(_ i: Int) -> (address: String, port: Int) { (endpoints[i].address, ports[i]) }
 }
@@ -56,6 +59,7 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
 public struct ClusterPolicy: Sendable {
     public var lb: LBPolicy = .leastRequest
     public var maxRequestsPerConnection = 0
+    public var outlier: OutlierPolicy?
 
     /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
     static func from(_ top: ConfigValue?, subset: ConfigValue?) -> ClusterPolicy {
@@ -64,6 +68,21 @@ public struct ClusterPolicy: Sendable {
             guard let tp else { continue }
             if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
+            if let od = tp["outlierDetection"] {
+                // Istio's defaults where a field is left out.
+                var o = p.outlier ?? OutlierPolicy()
+                if p.outlier == nil { o.consecutive5xxErrors = 5; o.intervalMs = 10_000; o.baseEjectionTimeMs = 30_000; o.maxEjectionPercent = 10 }
+                func int(_ k: String) -> Int? { if case .int(let v)? = od[k] { return v }; return nil }
+                func ms(_ k: String) -> Int? { od[k]?.stringValue.flatMap(TrafficDecoder.parseDuration) }
+                if let v = int("consecutive5xxErrors") { o.consecutive5xxErrors = v }
+                if let v = int("consecutiveGatewayErrors") { o.consecutiveGatewayErrors = v }
+                if let v = int("consecutiveLocalOriginFailures") { o.consecutiveLocalOriginFailures = v }
+                if let v = int("maxEjectionPercent") { o.maxEjectionPercent = v }
+                if let v = int("minHealthPercent") { o.minHealthPercent = v }
+                if let v = ms("interval") { o.intervalMs = v }
+                if let v = ms("baseEjectionTime") { o.baseEjectionTimeMs = v }
+                p.outlier = o
+            }
         }
         return p
     }

@@ -371,6 +371,11 @@ struct TrafficDecoder {
         if let m = n.child("connectionPool")?.child("http")?.child("maxRequestsPerConnection") {
             _ = int(m, "\(path).connectionPool.http.maxRequestsPerConnection", range: 0...Int(Int32.max))
         }
+        if let od = n.child("outlierDetection"), fields(od, "\(path).outlierDetection", ["consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "splitExternalLocalOriginErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"]) {
+            for k in ["consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "consecutiveErrors"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...Int(Int32.max)) }
+            for k in ["maxEjectionPercent", "minHealthPercent"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...100) }
+            for k in ["interval", "baseEjectionTime"] { _ = duration(od.child(k), "\(path).outlierDetection.\(k)") }
+        }
         if let lb = n.child("loadBalancer"), let w = lb.child("warmup") {
             let p = "\(path).loadBalancer.warmup"
             if fields(w, p, ["duration", "minimumPercent", "aggression"]) {

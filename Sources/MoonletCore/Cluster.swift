@@ -24,4 +24,31 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var endpointCount: Int { get }
     /// Address and port of endpoint `i` for the cluster's service port.
     func endpoint(_ i: Int) -> (address: String, port: Int)
+    /// Outlier detection, when the DestinationRule enables it.
+    var outlierPolicy: OutlierPolicy? { get }
+    /// A name stable across config reloads (ejection state is kept by it).
+    var stableName: String { get }
+}
+
+/// DestinationRule `outlierDetection`, as the balancer applies it.
+public struct OutlierPolicy: Sendable, Equatable {
+    /// Consecutive 5xx (including locally generated 502/503/504) before ejection; 0 = off.
+    public var consecutive5xxErrors = 0
+    /// Consecutive 502/503/504 (and connect failures) before ejection; 0 = off.
+    public var consecutiveGatewayErrors = 0
+    /// Consecutive connect failures / resets before ejection; 0 = off.
+    public var consecutiveLocalOriginFailures = 0
+    public var intervalMs = 10_000
+    public var baseEjectionTimeMs = 30_000
+    public var maxEjectionPercent = 10
+    /// Below this share of healthy hosts, balance over all of them (panic); 0 = never.
+    public var minHealthPercent = 0
+    public init() {}
+    public var enabled: Bool { consecutive5xxErrors > 0 || consecutiveGatewayErrors > 0 || consecutiveLocalOriginFailures > 0 }
+}
+
+extension UpstreamCluster {
+    public var outlierPolicy: OutlierPolicy? { nil }
+    /// A name stable across config reloads (ejections survive them).
+    public var stableName: String { "cluster-\(id)" }
 }

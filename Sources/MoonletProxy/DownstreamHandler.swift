@@ -418,6 +418,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func upstreamResponseHead(_ headIn: HTTPHead) {
         guard let s = stream else { return }
         streamTimer?.cancel(); streamTimer = nil
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
         var head = headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
@@ -488,6 +489,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func upstreamFailed(_ reason: UpstreamFailure) {
         guard let s = stream else { return }
         upstream = nil
+        if !responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+            // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
+            ctx.balancer.report(c, s.route.endpointIndex, status: nil)
+        }
         if responseStarted {
             // Mid-response failure: the client can only learn it from a reset.
             s.responseFlags.insert(.upstreamConnectionTermination)

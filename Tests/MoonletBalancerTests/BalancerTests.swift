@@ -43,3 +43,75 @@ final class BalancerTests: XCTestCase {
         XCTAssertNil(b.pick(FakeCluster(id: 1, policy: .roundRobin, count: 0)))
     }
 }
+
+final class OutlierCluster: UpstreamCluster, @unchecked Sendable {
+    let id: Int
+    let policy: LBPolicy = .roundRobin
+    let maxRequestsPerConnection = 0
+    let endpointCount: Int
+    let outlierPolicy: OutlierPolicy?
+    let stableName: String
+    init(id: Int, count: Int, policy: OutlierPolicy) {
+        self.id = id; self.endpointCount = count; self.outlierPolicy = policy; self.stableName = "test-\(UUID().uuidString)"
+    }
+    func endpoint(_ i: Int) -> (address: String, port: Int) { ("10.0.0.\(i)", 80) }
+}
+
+final class OutlierTests: XCTestCase {
+    func policy(_ base: Int = 1000) -> OutlierPolicy {
+        var p = OutlierPolicy()
+        p.consecutive5xxErrors = 5; p.baseEjectionTimeMs = base; p.maxEjectionPercent = 50
+        return p
+    }
+
+    func test_fiveConsecutive5xx_ejectTheHost_andItGetsNoTraffic() {
+        let b = BalancerState(seed: 4)
+        let c = OutlierCluster(id: 0, count: 2, policy: policy())
+        for _ in 0..<4 { b.report(c, 0, status: 500) }
+        b.report(c, 0, status: 200)            // a success resets the count
+        for _ in 0..<4 { b.report(c, 0, status: 503) }
+        XCTAssertEqual(b.outlier(c)!.ejectedCount(now: monotonicNanos()), 0)
+        b.report(c, 0, status: 500)
+        XCTAssertTrue(b.outlier(c)!.isEjected(0, now: monotonicNanos()))
+        for _ in 0..<50 { let i = b.pick(c)!; XCTAssertEqual(i, 1); b.done(c, i) }
+    }
+
+    func test_maxEjectionPercent_neverEjectsMoreThanHalf() {
+        let b = BalancerState(seed: 5)
+        let c = OutlierCluster(id: 0, count: 2, policy: policy())
+        for _ in 0..<10 { b.report(c, 0, status: 500); b.report(c, 1, status: 500) }
+        XCTAssertEqual(b.outlier(c)!.ejectedCount(now: monotonicNanos()), 1)
+    }
+
+    func test_ejectedHostReturns_afterEjectionTime_thatGrowsWithEachEjection() {
+        let b = BalancerState(seed: 6)
+        let c = OutlierCluster(id: 0, count: 4, policy: policy(100))
+        let o = b.outlier(c)!
+        let t0 = monotonicNanos()
+        for _ in 0..<5 { o.record(0, status: 500, now: t0) }
+        XCTAssertTrue(o.isEjected(0, now: t0 + 50_000_000))
+        XCTAssertFalse(o.isEjected(0, now: t0 + 150_000_000))
+        let t1 = t0 + 200_000_000
+        for _ in 0..<5 { o.record(0, status: 500, now: t1) }
+        XCTAssertTrue(o.isEjected(0, now: t1 + 150_000_000), "second ejection lasts 2 x base")
+        XCTAssertFalse(o.isEjected(0, now: t1 + 250_000_000))
+    }
+
+    func test_connectFailures_countAsGatewayAndLocalOriginErrors() {
+        var p = OutlierPolicy(); p.consecutiveGatewayErrors = 2; p.maxEjectionPercent = 100
+        let b = BalancerState(seed: 7)
+        let c = OutlierCluster(id: 0, count: 3, policy: p)
+        b.report(c, 2, status: nil)
+        b.report(c, 2, status: 502)
+        XCTAssertTrue(b.outlier(c)!.isEjected(2, now: monotonicNanos()))
+    }
+
+    func test_allHostsEjected_isPanic_andTrafficStillFlows() {
+        var p = policy(); p.maxEjectionPercent = 100
+        let b = BalancerState(seed: 8)
+        let c = OutlierCluster(id: 0, count: 1, policy: p)
+        for _ in 0..<5 { b.report(c, 0, status: 500) }
+        XCTAssertTrue(b.outlier(c)!.panic(now: monotonicNanos()))
+        XCTAssertEqual(b.pick(c), 0)
+    }
+}

@@ -134,3 +134,46 @@ final class DestinationRulePolicyTests: XCTestCase {
         XCTAssertLessThanOrEqual(a.connections, 6)
     }
 }
+
+final class OutlierDetectionTests: XCTestCase {
+    func test_backendAnswering500_isEjectedAfter5_thenReturnsAfterEjectionTime() throws {
+        let failing = NIOLockedValueBox(true)
+        let bad = try TestUpstream { _ in failing.withLockedValue { $0 } ? TestUpstream.Reply(status: .internalServerError, headers: [("x-ep", "bad")]) : TestUpstream.Reply(headers: [("x-ep", "bad")]) }
+        let good = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "good")]) }
+        defer { bad.stop(); good.stop() }
+        let yaml = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: od}
+        spec:
+          hosts: [od]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints:
+          - {address: 127.0.0.1, ports: {http: \(bad.port)}}
+          - {address: 127.0.0.1, ports: {http: \(good.port)}}
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: od}
+        spec:
+          host: od
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN}
+            outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 50}
+        """
+        let px = try ProxyFixture(appPort: 1, files: ["od.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        func send() -> String { c.send("GET / HTTP/1.1\r\nHost: od\r\n\r\n"); let r = c.read(); return "\(r?.header("x-ep") ?? "?"):\(r?.status ?? 0)" }
+        var badHits = 0
+        for _ in 0..<10 { if send().hasPrefix("bad") { badHits += 1 } }
+        XCTAssertEqual(badHits, 5, "round robin reaches the bad host until its 5th consecutive 5xx")
+        for _ in 0..<20 { XCTAssertEqual(send(), "good:200", "ejected host gets no traffic") }
+        failing.withLockedValue { $0 = false }
+        usleep(1_100_000)
+        var back = 0
+        for _ in 0..<10 { if send() == "bad:200" { back += 1 } }
+        XCTAssertGreaterThan(back, 0, "the host returns after its ejection time")
+    }
+}

@@ -1,0 +1,109 @@
+import MoonletCore
+import Atomics
+import NIOConcurrencyHelpers
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Outlier detection state of one cluster, shared by every event loop: per endpoint,
+/// counters of consecutive errors and the time until which it is ejected. The hot
+/// path does relaxed atomic loads (and a store only when a counter must reset); the
+/// lock is taken only to eject, so loops never wait on each other per request.
+public final class OutlierState: @unchecked Sendable {
+    public let policy: OutlierPolicy
+    let consecutive5xx: [ManagedAtomic<Int>]
+    let consecutiveGateway: [ManagedAtomic<Int>]
+    let consecutiveLocal: [ManagedAtomic<Int>]
+    /// Monotonic nanoseconds until which an endpoint is ejected (0 = not ejected).
+    let ejectedUntil: [ManagedAtomic<UInt64>]
+    let ejections: [ManagedAtomic<Int>]
+    let ejectLock = NIOLock()
+
+    init(policy: OutlierPolicy, count: Int) {
+        self.policy = policy
+        consecutive5xx = (0..<count).map { _ in ManagedAtomic(0) }
+        consecutiveGateway = (0..<count).map { _ in ManagedAtomic(0) }
+        consecutiveLocal = (0..<count).map { _ in ManagedAtomic(0) }
+        ejectedUntil = (0..<count).map { _ in ManagedAtomic(UInt64(0)) }
+        ejections = (0..<count).map { _ in ManagedAtomic(0) }
+    }
+
+    public var count: Int { ejectedUntil.count }
+
+    @inline(__always)
+    public func isEjected(_ i: Int, now: UInt64) -> Bool {
+        let u = ejectedUntil[i].load(ordering: .relaxed)
+        return u != 0 && u > now
+    }
+
+    public func ejectedCount(now: UInt64) -> Int { (0..<count).filter { isEjected($0, now: now) }.count }
+
+    /// Until when endpoint `i` is ejected (monotonic ns), or nil.
+    public func ejectedUntilNanos(_ i: Int, now: UInt64) -> UInt64? { isEjected(i, now: now) ? ejectedUntil[i].load(ordering: .relaxed) : nil }
+
+    /// The outcome of one request to endpoint `i`: an HTTP status, or a local-origin
+    /// failure (connect failure, reset) when `status` is nil.
+    public func record(_ i: Int, status: Int?, now: UInt64) {
+        guard i < count else { return }
+        let gateway = status == nil || status == 502 || status == 503 || status == 504
+        let is5xx = status == nil || (status! >= 500)
+        var trip = false
+        func bump(_ c: ManagedAtomic<Int>, _ limit: Int, _ hit: Bool) {
+            if hit {
+                if c.wrappingIncrementThenLoad(ordering: .relaxed) >= limit && limit > 0 { trip = true }
+            } else if c.load(ordering: .relaxed) != 0 {
+                c.store(0, ordering: .relaxed)
+            }
+        }
+        bump(consecutive5xx[i], policy.consecutive5xxErrors, is5xx)
+        bump(consecutiveGateway[i], policy.consecutiveGatewayErrors, gateway)
+        bump(consecutiveLocal[i], policy.consecutiveLocalOriginFailures, status == nil)
+        if trip { eject(i, now: now) }
+    }
+
+    func eject(_ i: Int, now: UInt64) {
+        ejectLock.withLock {
+            guard !isEjected(i, now: now) else { return }
+            // maxEjectionPercent: never eject past it (Envoy allows at least one ejection).
+            let ejectedNow = ejectedCount(now: now)
+            let maxEjected = max(1, count * policy.maxEjectionPercent / 100)
+            guard ejectedNow < maxEjected else { return }
+            let n = ejections[i].wrappingIncrementThenLoad(ordering: .relaxed)
+            ejectedUntil[i].store(now + UInt64(policy.baseEjectionTimeMs) * 1_000_000 * UInt64(n), ordering: .relaxed)
+            consecutive5xx[i].store(0, ordering: .relaxed)
+            consecutiveGateway[i].store(0, ordering: .relaxed)
+            consecutiveLocal[i].store(0, ordering: .relaxed)
+        }
+    }
+
+    /// True when so few hosts are healthy that ejection is ignored (panic mode).
+    public func panic(now: UInt64) -> Bool {
+        let healthy = count - ejectedCount(now: now)
+        if healthy == 0 { return true }
+        return policy.minHealthPercent > 0 && healthy * 100 < count * policy.minHealthPercent
+    }
+}
+
+/// Outlier state by stable cluster name (and endpoint set), kept across reloads.
+public enum OutlierRegistry {
+    static let lock = NIOLock()
+    nonisolated(unsafe) static var states: [String: OutlierState] = [:]
+
+    public static func state(for c: UpstreamCluster) -> OutlierState? {
+        guard let p = c.outlierPolicy, p.enabled else { return nil }
+        let key = c.stableName + "|" + (0..<c.endpointCount).map { let e = c.endpoint($0); return "\(e.address):\(e.port)" }.joined(separator: ",")
+        return lock.withLock {
+            if let s = states[key], s.policy == p, s.count == c.endpointCount { return s }
+            let s = OutlierState(policy: p, count: c.endpointCount)
+            states[key] = s
+            return s
+        }
+    }
+}
+
+@inline(__always)
+public func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
