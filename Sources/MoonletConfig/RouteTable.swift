@@ -140,6 +140,7 @@ public struct Forward {
     public var rewrittenAuthority: String?
     public var timeoutMs: Int?
     public var delayMs: Int?
+    public var retry: RetrySpec = .istioDefault
     /// CORS headers for the response (the request's Origin was allowed).
     public var corsHeaders: [(String, String)] = []
 }
@@ -317,6 +318,7 @@ public final class RouteTable: @unchecked Sendable {
         var f = Forward(upstream: c, cluster: c.name, host: fqdn, subset: subset, servicePort: sp.number, rule: rule)
         if let base {
             f.timeoutMs = base.timeoutMs
+            if let rs = base.retries { f.retry = rs }
             if let rw = base.rewrite {
                 f.rewrittenAuthority = rw.authority
                 if let re = rw.regex {

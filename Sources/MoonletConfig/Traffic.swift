@@ -1,4 +1,5 @@
 import MoonletRegex
+import MoonletCore
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -84,11 +85,7 @@ public struct Fault: Sendable {
     public var delayPercent: Double = 100
 }
 
-public struct RetryPolicy: Sendable {
-    public var attempts: Int
-    public var perTryTimeoutMs: Int
-    public var retryOn: String
-}
+
 
 public struct Mirror: Sendable {
     public var host: String
@@ -122,7 +119,8 @@ public struct HTTPRouteRule: @unchecked Sendable {
     public var directResponse: (status: Int, body: String)?
     public var rewrite: Rewrite?
     public var timeoutMs: Int?
-    public var retries: RetryPolicy?
+    /// nil: Istio's default policy applies.
+    public var retries: RetrySpec?
     public var fault: Fault?
     public var mirrors: [Mirror] = []
     public var cors: CorsPolicy?

@@ -226,9 +226,9 @@ struct TrafficDecoder {
         }
         if let t = n.child("timeout") { r.timeoutMs = duration(t, "\(path).timeout") }
         if let rt = n.child("retries"), fields(rt, "\(path).retries", ["attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"]) {
-            r.retries = RetryPolicy(attempts: int(rt.child("attempts"), "\(path).retries.attempts", range: 0...Int(Int32.max)) ?? 2,
-                                    perTryTimeoutMs: duration(rt.child("perTryTimeout"), "\(path).retries.perTryTimeout") ?? 0,
-                                    retryOn: string(rt.child("retryOn"), "\(path).retries.retryOn") ?? "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes")
+            r.retries = RetrySpec(attempts: int(rt.child("attempts"), "\(path).retries.attempts", range: 0...Int(Int32.max)) ?? 2,
+                                  perTryTimeoutMs: duration(rt.child("perTryTimeout"), "\(path).retries.perTryTimeout") ?? 0,
+                                  retryOn: string(rt.child("retryOn"), "\(path).retries.retryOn") ?? "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes")
         }
         if let f = n.child("fault"), fields(f, "\(path).fault", ["delay", "abort"]) {
             var fault = Fault()

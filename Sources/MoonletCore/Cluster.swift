@@ -52,3 +52,56 @@ extension UpstreamCluster {
     /// A name stable across config reloads (ejections survive them).
     public var stableName: String { "cluster-\(id)" }
 }
+
+/// VirtualService `retries`, compiled: which outcomes are retried and how often.
+public struct RetrySpec: Sendable, Equatable {
+    public var attempts = 2
+    /// 0 = the stream timeout only.
+    public var perTryTimeoutMs = 0
+    public var on5xx = false
+    public var gatewayError = false
+    public var reset = false
+    public var connectFailure = true
+    public var refusedStream = true
+    public var retriable4xx = false
+    /// Statuses retried under `retriable-status-codes` (Istio adds 503 by default).
+    public var retriableStatusCodes: [Int] = [503]
+    public init() {}
+
+    /// Istio's default policy when a route sets none: 2 attempts on connect-failure,
+    /// refused-stream, unavailable, cancelled, retriable-status-codes (503).
+    public static let istioDefault = RetrySpec()
+
+    /// Parses Envoy/Istio retryOn ("5xx,gateway-error,503,...").
+    public init(attempts: Int, perTryTimeoutMs: Int, retryOn: String) {
+        self.attempts = attempts
+        self.perTryTimeoutMs = perTryTimeoutMs
+        connectFailure = false; refusedStream = false; retriableStatusCodes = []
+        for t in retryOn.split(separator: ",").map({ String($0.filter { $0 != " " && $0 != "\t" }) }) {
+            switch t {
+            case "5xx": on5xx = true
+            case "gateway-error": gatewayError = true
+            case "reset": reset = true
+            case "connect-failure": connectFailure = true
+            case "refused-stream": refusedStream = true
+            case "retriable-4xx": retriable4xx = true
+            case "retriable-status-codes", "unavailable", "cancelled", "deadline-exceeded", "resource-exhausted", "internal": break
+            default: if let c = Int(t) { retriableStatusCodes.append(c) }
+            }
+        }
+        if retryOn.contains("retriable-status-codes") && retriableStatusCodes.isEmpty { retriableStatusCodes = [503] }
+    }
+
+    /// Whether a response status is retried.
+    public func retries(status: Int) -> Bool {
+        if on5xx && status >= 500 { return true }
+        if gatewayError && (status == 502 || status == 503 || status == 504) { return true }
+        if retriable4xx && status == 409 { return true }
+        return retriableStatusCodes.contains(status)
+    }
+
+    /// Whether a failure before any response is retried (connect failure or reset).
+    public func retries(connectFailure cf: Bool) -> Bool {
+        cf ? (connectFailure || on5xx || gatewayError || reset) : (reset || on5xx || gatewayError)
+    }
+}

@@ -100,6 +100,8 @@ public struct RouteDecision: Sendable {
     public var endpointIndex: Int = -1
     /// Fault injection delay before going upstream (milliseconds, flag DI).
     public var delayMs: Int = 0
+    /// Retry policy of the route (nil: no retries, as for the inbound listener).
+    public var retry: RetrySpec?
     /// Response header edits of the matched route, applied before response filters.
     public var responseSet: [(String, String)] = []
     public var responseAdd: [(String, String)] = []

@@ -484,6 +484,7 @@ enum LuaAPI {
             s.route.subset = f.subset
             s.route.port = f.servicePort
             s.route.upstreamCluster = f.upstream
+            s.route.retry = f.retry
             if let t = f.timeoutMs { s.route.timeoutMs = t }
             if let d = f.delayMs { s.route.delayMs = d }
             s.destination.service = f.host

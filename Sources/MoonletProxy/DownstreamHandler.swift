@@ -35,6 +35,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var responseCloseDelimited = false
     var closeAfterResponse = false
     var streamTimer: Scheduled<Void>?
+    var perTryTimer: Scheduled<Void>?
+    /// Retry attempt of the current stream (0 = first try) and the request bytes
+    /// kept to replay it.
+    var attempt = 0
+    var replay: ByteBuffer?
     var headerTimer: Scheduled<Void>?
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
@@ -83,10 +88,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             ctx.activeConnections -= 1
             ctx.metrics.connectionClosed(role.rawValue)
         }
-        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel()
+        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel()
         if let s = stream {
             s.responseFlags.insert(.downstreamConnectionTermination)
-            if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+            if let u = upstream { u.abandon(); upstream = nil }
             finishStream(s)
         }
     }
@@ -263,13 +268,22 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     /// Picks the upstream from the route decision and sends the request head.
-    func goUpstream() {
-        guard let s = stream else { return }
+    /// Picks the endpoint (balancer, outlier state), or uses the route's host:port.
+    /// Returns host, port and pool key, or nil after answering locally.
+    func chooseEndpoint(_ s: ProxyStream, avoid: Int = -1) -> (String, Int, String)? {
         if s.route.endpoint.isEmpty, let c = s.route.upstreamCluster {
-            guard let i = ctx.balancer.pick(c) else {
+            var picked = ctx.balancer.pick(c)
+            // A retry prefers a different host (a few tries).
+            var tries = 0
+            while let p = picked, p == avoid, c.endpointCount > 1, tries < 3 {
+                ctx.balancer.done(c, p)
+                picked = ctx.balancer.pick(c)
+                tries += 1
+            }
+            guard let i = picked else {
                 s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
                 sendLocalReply()
-                return
+                return nil
             }
             let e = c.endpoint(i)
             s.route.endpointIndex = i
@@ -283,11 +297,17 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if host.isEmpty || port == 0 {
             s.respond(404, body: "", headers: [], flags: .noRouteFound)
             sendLocalReply()
-            return
+            return nil
         }
         let key = role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port
             ? ctx.inboundKey : "\(host):\(port)"
         s.upstreamHost = key
+        return (host, port, key)
+    }
+
+    /// Picks the upstream from the route decision and sends the request head.
+    func goUpstream() {
+        guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
         armStreamTimer(s)
         var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
         HeadWriter.writeRequest(s.request, into: &out) { o in
@@ -305,7 +325,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             out.writeBuffer(&body)
             requestChunked = false
         }
+        attempt = 0
+        replay = s.route.retry != nil && s.route.retry!.attempts > 0 ? out : nil
         pendingUpstream = out
+        dispatch(host: host, port: port, key: key)
+    }
+
+    /// Takes an idle pooled connection or connects, then sends `pendingUpstream`.
+    func dispatch(host: String, port: Int, key: String) {
+        guard let s = stream else { return }
+        armPerTryTimer(s)
         if let c = ctx.pool.takeIdle(key) {
             attach(c)
             return
@@ -317,19 +346,71 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         connecting = true
-        let sid = s.id
+        let sid = s.id, try_ = attempt
         ctx.pool.connect(key: key, address: address) { [weak self] r in
             guard let self else { return }
+            let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
             case .success(let c):
-                guard let cur = self.stream, cur.id == sid, !self.closed else { self.ctx.pool.release(c); return }
+                guard current, !self.closed else { self.ctx.pool.release(c); return }
                 self.connecting = false
                 self.attach(c)
             case .failure(let e):
-                guard let cur = self.stream, cur.id == sid else { return }
+                guard current else { return }
                 self.connecting = false
                 self.upstreamFailed(.connectFailed("\(e)"))
             }
+        }
+    }
+
+    /// Records bytes sent upstream for a possible retry (bounded: past the limit the
+    /// request is no longer retried).
+    @inline(__always)
+    func recordForReplay(_ b: ByteBuffer) {
+        guard replay != nil else { return }
+        if replay!.readableBytes + b.readableBytes > limits.maxBufferedBodyBytes { replay = nil; return }
+        var c = b
+        replay!.writeBuffer(&c)
+    }
+
+    /// Retries the stream when its route's policy allows it for this outcome: a
+    /// different host is preferred, with 25 ms x jitter backoff. Returns false when
+    /// the outcome stands (no policy, attempts used up, body not replayable).
+    func retryIfAllowed(_ s: ProxyStream, status: Int?, connectFailure: Bool) -> Bool {
+        guard let spec = s.route.retry, attempt < spec.attempts, requestComplete, let bytes = replay else { return false }
+        let allowed = status.map { spec.retries(status: $0) } ?? spec.retries(connectFailure: connectFailure)
+        guard allowed else {
+            return false
+        }
+        attempt += 1
+        ctx.metrics.count("moonlet_upstream_retries_total")
+        perTryTimer?.cancel(); perTryTimer = nil
+        if let u = upstream { u.abandon(); upstream = nil }
+        let avoid = s.route.endpointIndex
+        if avoid >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, avoid) }
+        if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
+        let sid = s.id, try_ = attempt
+        let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
+        context.eventLoop.scheduleTask(in: .milliseconds(backoffMs)) { [weak self] in
+            guard let self, let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
+            guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
+            self.pendingUpstream = bytes
+            self.dispatch(host: host, port: port, key: key)
+        }
+        return true
+    }
+
+    func armPerTryTimer(_ s: ProxyStream) {
+        perTryTimer?.cancel(); perTryTimer = nil
+        guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
+        let sid = s.id, try_ = attempt
+        perTryTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
+            guard let self, let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
+            if self.retryIfAllowed(cur, status: 504, connectFailure: false) { return }
+            if let u = self.upstream { u.abandon(); self.upstream = nil }
+            cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
+            self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete
+            self.sendLocalReply()
         }
     }
 
@@ -339,7 +420,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         c.begin(delegate: self, isHead: s.request.isHead)
         if var p = pendingUpstream {
             pendingUpstream = nil
-            if requestComplete && requestChunked && !buffering { p.writeStaticString(ChunkedEncoder.lastChunk) ; requestChunked = false }
+            if requestComplete && requestChunked && !buffering {
+                p.writeStaticString(ChunkedEncoder.lastChunk)
+                recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
+                requestChunked = false
+            }
             c.channel!.writeAndFlush(p, promise: nil)
         }
     }
@@ -370,6 +455,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         } else {
             out = chunk
         }
+        recordForReplay(out)
         if let u = upstream, let ch = u.channel {
             ch.write(out, promise: nil)
             if !ch.isWritable { setReading(false) }
@@ -399,6 +485,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if requestChunked {
             if let u = upstream, let ch = u.channel { ch.writeAndFlush(ByteBuffer(staticString: ChunkedEncoder.lastChunk), promise: nil) }
             else if pendingUpstream != nil { pendingUpstream!.writeStaticString(ChunkedEncoder.lastChunk) }
+            recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
             requestChunked = false
         } else {
             upstream?.channel?.flush()
@@ -406,7 +493,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func abortUpstreamAndReply() {
-        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
         if responseStarted { context.close(promise: nil); return }
         closeAfterResponse = closeAfterResponse || !requestComplete
@@ -417,8 +504,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func upstreamResponseHead(_ headIn: HTTPHead) {
         guard let s = stream else { return }
-        streamTimer?.cancel(); streamTimer = nil
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
+        if retryIfAllowed(s, status: headIn.status, connectFailure: false) { return }
+        if attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
+        streamTimer?.cancel(); streamTimer = nil
+        perTryTimer?.cancel(); perTryTimer = nil
         var head = headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
@@ -426,7 +516,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.response = head
         if chain.runResponse(s) == .respond, s.localReply != nil {
             // A response filter replaced the upstream response.
-            if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+            if let u = upstream { u.abandon(); upstream = nil }
             s.response = nil
             sendLocalReply()
             return
@@ -493,6 +583,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
             ctx.balancer.report(c, s.route.endpointIndex, status: nil)
         }
+        if !responseStarted {
+            var connectFailure = false
+            if case .connectFailed = reason { connectFailure = true }
+            if retryIfAllowed(s, status: nil, connectFailure: connectFailure) { return }
+            if attempt > 0 { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
+        }
         if responseStarted {
             // Mid-response failure: the client can only learn it from a reset.
             s.responseFlags.insert(.upstreamConnectionTermination)
@@ -517,7 +613,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func sendLocalReply() {
         guard let s = stream, var reply = s.localReply else { return }
         streamTimer?.cancel(); streamTimer = nil
-        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        perTryTimer?.cancel(); perTryTimer = nil
+        if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
         if !requestComplete && reqDecoder == nil { requestComplete = true }
         if !requestComplete {
@@ -604,7 +701,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.respond(status, body: reason + "\n", headers: [])
         requestComplete = true
         reqDecoder = nil
-        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
         if responseStarted { finishStream(s); context.close(promise: nil) } else { sendLocalReply() }
     }
@@ -614,6 +711,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func finishStream(_ s: ProxyStream) {
         guard stream === s else { return }
         streamTimer?.cancel(); streamTimer = nil
+        perTryTimer?.cancel(); perTryTimer = nil
+        replay = nil
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
@@ -621,7 +720,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.end()
         stream = nil
         ctx.activeStreams -= 1
-        if let u = upstream { u.delegate = nil; u.channel?.close(promise: nil); upstream = nil }
+        if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
         connecting = false
         if closeAfterResponse || closed {

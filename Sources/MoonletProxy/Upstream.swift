@@ -84,13 +84,15 @@ final class UpstreamConnection: ChannelInboundHandler {
                     keepAlive = head.keepAlive
                     decoder = BodyDecoder(framing: head.framing)
                     delegate.upstreamResponseHead(head)
+                    guard self.delegate != nil, inResponse else { return } // abandoned
                     if decoder?.isDone == true { finish(); return }
                     continue
                 }
             }
             do {
                 var d = decoder!
-                let done = try d.decode(&buf) { chunk in delegate.upstreamResponseBody(chunk) }
+                let done = try d.decode(&buf) { chunk in if self.delegate != nil { delegate.upstreamResponseBody(chunk) } }
+                if self.delegate == nil { return } // abandoned while relaying
                 decoder = d
                 buffer = buf
                 if done { finish(); return }
@@ -99,6 +101,15 @@ final class UpstreamConnection: ChannelInboundHandler {
                 return
             }
         }
+    }
+
+    /// The stream no longer wants this response (retry, local reply, client gone): stop
+    /// delivering and close, since the rest of the response cannot be skipped safely.
+    func abandon() {
+        delegate = nil
+        inResponse = false
+        keepAlive = false
+        channel?.close(promise: nil)
     }
 
     func finish() {

@@ -115,3 +115,23 @@ final class OutlierTests: XCTestCase {
         XCTAssertEqual(b.pick(c), 0)
     }
 }
+
+final class RetrySpecTests: XCTestCase {
+    func test_retryOn_parsesEnvoyConditionsAndCodes() {
+        let r = RetrySpec(attempts: 3, perTryTimeoutMs: 200, retryOn: "gateway-error, connect-failure,409,retriable-4xx")
+        XCTAssertTrue(r.retries(status: 502)); XCTAssertTrue(r.retries(status: 504)); XCTAssertTrue(r.retries(status: 409))
+        XCTAssertFalse(r.retries(status: 500))
+        XCTAssertTrue(r.retries(connectFailure: true)); XCTAssertTrue(r.retries(connectFailure: false))
+        let five = RetrySpec(attempts: 1, perTryTimeoutMs: 0, retryOn: "5xx")
+        XCTAssertTrue(five.retries(status: 500)); XCTAssertFalse(five.retries(status: 404))
+    }
+
+    func test_istioDefault_retriesConnectFailuresAnd503Only() {
+        let d = RetrySpec.istioDefault
+        XCTAssertEqual(d.attempts, 2)
+        XCTAssertTrue(d.retries(connectFailure: true))
+        XCTAssertFalse(d.retries(connectFailure: false))
+        XCTAssertTrue(d.retries(status: 503))
+        XCTAssertFalse(d.retries(status: 500))
+    }
+}

@@ -177,3 +177,70 @@ final class OutlierDetectionTests: XCTestCase {
         XCTAssertGreaterThan(back, 0, "the host returns after its ejection time")
     }
 }
+
+final class RetryTests: XCTestCase {
+    func serviceYAML(_ ports: [Int], retries: String = "") -> String {
+        """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: rt}
+        spec:
+          hosts: [rt]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints:
+        \(ports.map { "  - {address: 127.0.0.1, ports: {http: \($0)}}" }.joined(separator: "\n"))
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: rt}
+        spec:
+          host: rt
+          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: rt}
+        spec:
+          hosts: [rt]
+          http:
+          - route: [{destination: {host: rt}}]
+        \(retries)
+        """
+    }
+
+    func test_deadBackend_connectFailuresAreRetriedOnTheOtherHost() throws {
+        let dead = try TestUpstream(); let deadPort = dead.port; dead.stop()
+        let live = try TestUpstream()
+        defer { live.stop() }
+        let px = try ProxyFixture(appPort: 1, files: ["rt.yaml": serviceYAML([deadPort, live.port])], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        var ok = 0
+        for _ in 0..<40 { c.send("GET / HTTP/1.1\r\nHost: rt\r\n\r\n"); if c.read()?.status == 200 { ok += 1 } }
+        XCTAssertEqual(ok, 40, "Istio's default policy retries connect failures")
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_upstream_retries_total"), stats)
+    }
+
+    func test_retriable5xx_isRetried_andTheBodyReplayed_untilAttemptsRunOut() throws {
+        let calls = NIOLockedValueBox(0)
+        let up = try TestUpstream { r in
+            let n = calls.withLockedValue { $0 += 1; return $0 }
+            if r.uri == "/always" || n == 1 { return TestUpstream.Reply(status: .serviceUnavailable, body: "busy") }
+            return TestUpstream.Reply(body: "got \(r.body)")
+        }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: 1, files: ["rt.yaml": serviceYAML([up.port], retries: "    retries: {attempts: 2, retryOn: 5xx}")], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        c.send("POST /once HTTP/1.1\r\nHost: rt\r\nContent-Length: 5\r\n\r\nhello")
+        XCTAssertEqual(c.read()?.body, "got hello")
+        XCTAssertEqual(calls.withLockedValue { $0 }, 2)
+        c.send("GET /always HTTP/1.1\r\nHost: rt\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 503)
+        XCTAssertEqual(calls.withLockedValue { $0 }, 5, "first try + 2 retries")
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"URX\""), stats)
+    }
+}
