@@ -9,6 +9,7 @@ public final class BalancerState {
     /// Outlier state per cluster id (looked up by stable name once per cluster).
     var outliers: [OutlierState?] = []
     var outlierResolved: [Bool] = []
+    var circuits: [CircuitCounters?] = []
     var random: Xoshiro256
 
     public init(seed: UInt64 = 0) {
@@ -23,6 +24,7 @@ public final class BalancerState {
             active += [[Int32]](repeating: [], count: grow)
             outliers += [OutlierState?](repeating: nil, count: grow)
             outlierResolved += [Bool](repeating: false, count: grow)
+            circuits += [CircuitCounters?](repeating: nil, count: grow)
         }
         if active[c.id].count != c.endpointCount {
             active[c.id] = [Int32](repeating: 0, count: c.endpointCount)
@@ -30,8 +32,15 @@ public final class BalancerState {
         }
         if !outlierResolved[c.id] {
             outliers[c.id] = OutlierRegistry.state(for: c)
+            circuits[c.id] = CircuitRegistry.counters(for: c)
             outlierResolved[c.id] = true
         }
+    }
+
+    /// The cluster's circuit-breaker counters (shared by all loops).
+    public func circuit(_ c: UpstreamCluster) -> CircuitCounters {
+        ensure(c)
+        return circuits[c.id]!
     }
 
     /// The outlier state of a cluster, if its DestinationRule enables detection.
@@ -105,7 +114,7 @@ public final class BalancerState {
     }
 
     /// Forgets all counters (a new snapshot renumbers clusters).
-    public func reset() { cursors = []; active = []; outliers = []; outlierResolved = [] }
+    public func reset() { cursors = []; active = []; outliers = []; outlierResolved = []; circuits = [] }
 }
 
 /// A fixed seed for reproducible tests.

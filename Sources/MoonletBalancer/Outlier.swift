@@ -107,3 +107,53 @@ public func monotonicNanos() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
+
+/// Circuit-breaker counters of one cluster, shared by every event loop: open
+/// connections and streams waiting for one. Atomics, no lock.
+public final class CircuitCounters: @unchecked Sendable {
+    public let connections = ManagedAtomic(0)
+    public let pending = ManagedAtomic(0)
+    public let overflows = ManagedAtomic(0)
+    init() {}
+
+    /// Takes a connection slot if one is free under `max`.
+    public func tryOpenConnection(max: Int) -> Bool {
+        var cur = connections.load(ordering: .relaxed)
+        while cur < max {
+            let (done, now) = connections.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
+            if done { return true }
+            cur = now
+        }
+        return false
+    }
+    public func connectionClosed() { connections.wrappingDecrement(ordering: .relaxed) }
+
+    public func tryWait(max: Int) -> Bool {
+        var cur = pending.load(ordering: .relaxed)
+        while cur < max {
+            let (done, now) = pending.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
+            if done { return true }
+            cur = now
+        }
+        overflows.wrappingIncrement(ordering: .relaxed)
+        return false
+    }
+    public func doneWaiting() { pending.wrappingDecrement(ordering: .relaxed) }
+}
+
+/// Circuit counters by stable cluster name, kept across reloads.
+public enum CircuitRegistry {
+    static let lock = NIOLock()
+    nonisolated(unsafe) static var counters: [String: CircuitCounters] = [:]
+
+    public static func counters(for c: UpstreamCluster) -> CircuitCounters {
+        lock.withLock {
+            if let x = counters[c.stableName] { return x }
+            let x = CircuitCounters()
+            counters[c.stableName] = x
+            return x
+        }
+    }
+
+    public static func all() -> [(String, CircuitCounters)] { lock.withLock { counters.sorted { $0.key < $1.key } } }
+}

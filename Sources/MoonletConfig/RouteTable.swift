@@ -44,10 +44,14 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let maxRequestsPerConnection: Int
     public let endpoints: [Endpoint]
     public let outlierPolicy: OutlierPolicy?
+    public let maxConnections: Int
+    public let maxPendingRequests: Int
     let ports: [Int]
     init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
         self.id = id; self.name = name; self.policy = policy.lb; self.maxRequestsPerConnection = policy.maxRequestsPerConnection
         self.outlierPolicy = policy.outlier
+        self.maxConnections = policy.maxConnections
+        self.maxPendingRequests = policy.maxPendingRequests
         self.endpoints = endpoints; self.ports = ports
     }
     public var stableName: String { name }
@@ -59,6 +63,8 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
 public struct ClusterPolicy: Sendable {
     public var lb: LBPolicy = .leastRequest
     public var maxRequestsPerConnection = 0
+    public var maxConnections = 1024
+    public var maxPendingRequests = 1024
     public var outlier: OutlierPolicy?
 
     /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
@@ -68,6 +74,8 @@ public struct ClusterPolicy: Sendable {
             guard let tp else { continue }
             if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
+            if case .int(let m)? = tp["connectionPool"]?["tcp"]?["maxConnections"], m > 0 { p.maxConnections = m }
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
             if let od = tp["outlierDetection"] {
                 // Istio's defaults where a field is left out.
                 var o = p.outlier ?? OutlierPolicy()

@@ -28,6 +28,11 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var outlierPolicy: OutlierPolicy? { get }
     /// A name stable across config reloads (ejection state is kept by it).
     var stableName: String { get }
+    /// connectionPool.tcp.maxConnections across the whole sidecar (Envoy's default 1024).
+    var maxConnections: Int { get }
+    /// connectionPool.http.http1MaxPendingRequests: streams that may wait for a
+    /// connection once maxConnections is reached (Envoy's default 1024); beyond: 503 UO.
+    var maxPendingRequests: Int { get }
 }
 
 /// DestinationRule `outlierDetection`, as the balancer applies it.
@@ -51,6 +56,8 @@ extension UpstreamCluster {
     public var outlierPolicy: OutlierPolicy? { nil }
     /// A name stable across config reloads (ejections survive them).
     public var stableName: String { "cluster-\(id)" }
+    public var maxConnections: Int { 1024 }
+    public var maxPendingRequests: Int { 1024 }
 }
 
 /// VirtualService `retries`, compiled: which outcomes are retried and how often.

@@ -40,6 +40,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// kept to replay it.
     var attempt = 0
     var replay: ByteBuffer?
+    /// Set while the stream waits for a connection (cluster at maxConnections).
+    var waiter: PoolWaiter?
+    var waitingCircuit: CircuitCounters?
+    var waitTimer: RepeatedTask?
     var headerTimer: Scheduled<Void>?
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
@@ -345,6 +349,55 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             sendLocalReply()
             return
         }
+        // Circuit breaking: connections are bounded per cluster across the sidecar;
+        // past the bound a bounded number of streams wait, the rest get 503 UO at once.
+        var slot: CircuitCounters? = nil
+        if let cl = s.route.upstreamCluster {
+            let cc = ctx.balancer.circuit(cl)
+            if !cc.tryOpenConnection(max: cl.maxConnections) {
+                if cc.tryWait(max: cl.maxPendingRequests) {
+                    startWaiting(s, cc, cl, host: host, port: port, key: key, address: address)
+                    return
+                }
+                ctx.metrics.count("moonlet_upstream_overflow_total")
+                s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: overflow", flags: .upstreamOverflow)
+                sendLocalReply()
+                return
+            }
+            slot = cc
+        }
+        connect(s, key: key, address: address, slot: slot)
+    }
+
+    /// Waits for a connection: one released on this loop for the same host, or a
+    /// free slot (checked every 10 ms, since slots free up on other loops too).
+    func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
+        let sid = s.id
+        waitingCircuit = cc
+        let w = PoolWaiter(key: key) { [weak self] c in
+            guard let self, let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
+            self.stopWaiting()
+            self.attach(c)
+            return true
+        }
+        waiter = w
+        ctx.pool.wait(w)
+        waitTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { [weak self] _ in
+            guard let self, let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
+            if cc.tryOpenConnection(max: cl.maxConnections) {
+                self.stopWaiting()
+                self.connect(cur, key: key, address: address, slot: cc)
+            }
+        }
+    }
+
+    func stopWaiting() {
+        if let w = waiter { ctx.pool.removeWaiter(w); waiter = nil }
+        waitTimer?.cancel(); waitTimer = nil
+        waitingCircuit?.doneWaiting(); waitingCircuit = nil
+    }
+
+    func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         let sid = s.id, try_ = attempt
         ctx.pool.connect(key: key, address: address) { [weak self] r in
@@ -352,10 +405,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
             case .success(let c):
+                c.circuit = slot
+                if c.closed { slot?.connectionClosed(); c.circuit = nil }
                 guard current, !self.closed else { self.ctx.pool.release(c); return }
                 self.connecting = false
                 self.attach(c)
             case .failure(let e):
+                slot?.connectionClosed()
                 guard current else { return }
                 self.connecting = false
                 self.upstreamFailed(.connectFailed("\(e)"))
@@ -713,6 +769,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         streamTimer?.cancel(); streamTimer = nil
         perTryTimer?.cancel(); perTryTimer = nil
         replay = nil
+        if waiter != nil { stopWaiting() }
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }

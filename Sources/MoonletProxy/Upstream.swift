@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import MoonletCore
+import MoonletBalancer
 
 /// Events an upstream connection reports to the stream that holds it. All calls
 /// happen on the connection's event loop, directly (no futures).
@@ -36,6 +37,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     var requestsServed = 0
     var idleSince: UInt64 = 0
     var closed = false
+    /// The cluster connection slot this connection holds (released when it closes).
+    var circuit: CircuitCounters?
 
     init(key: String, limits: ProxyLimits) {
         self.key = key
@@ -132,6 +135,8 @@ final class UpstreamConnection: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
+        circuit?.connectionClosed()
+        circuit = nil
         if inResponse {
             if decoder?.isUntilClose == true { finishUntilClose() } else { fail(.reset) }
         }
@@ -154,6 +159,14 @@ final class UpstreamConnection: ChannelInboundHandler {
     }
 }
 
+/// A stream waiting for a connection (http1MaxPendingRequests).
+final class PoolWaiter {
+    let key: String
+    let onConnection: (UpstreamConnection) -> Bool
+    init(key: String, onConnection: @escaping (UpstreamConnection) -> Bool) { self.key = key; self.onConnection = onConnection }
+    func handOver(_ c: UpstreamConnection) -> Bool { onConnection(c) }
+}
+
 /// Upstream connections of one event loop, keyed by "ip:port". Idle connections are
 /// reused LIFO; none is shared across loops, so no lock is taken.
 final class UpstreamPool {
@@ -162,6 +175,9 @@ final class UpstreamPool {
     var idle: [String: [UpstreamConnection]] = [:]
     var addresses: [String: SocketAddress] = [:]
     var sweeper: RepeatedTask?
+
+    /// Streams waiting for a connection to a key (the cluster is at maxConnections).
+    var waiters: [String: [PoolWaiter]] = [:]
 
     init(loop: EventLoop, limits: ProxyLimits) {
         self.loop = loop
@@ -206,8 +222,22 @@ final class UpstreamPool {
             }
     }
 
+    /// Queues a stream until a connection to `key` is released on this loop.
+    func wait(_ w: PoolWaiter) { waiters[w.key, default: []].append(w) }
+
+    func removeWaiter(_ w: PoolWaiter) {
+        waiters[w.key]?.removeAll { $0 === w }
+        if waiters[w.key]?.isEmpty == true { waiters[w.key] = nil }
+    }
+
     func release(_ c: UpstreamConnection) {
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
+        // A waiting stream takes the connection first (FIFO).
+        while let w = waiters[c.key]?.first {
+            waiters[c.key]!.removeFirst()
+            if waiters[c.key]!.isEmpty { waiters[c.key] = nil }
+            if w.handOver(c) { return }
+        }
         if (idle[c.key]?.count ?? 0) >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
         c.idleSince = NIODeadline.now().uptimeNanoseconds
         idle[c.key, default: []].append(c)

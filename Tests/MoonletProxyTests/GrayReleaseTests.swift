@@ -244,3 +244,59 @@ final class RetryTests: XCTestCase {
         XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"URX\""), stats)
     }
 }
+
+final class CircuitBreakerTests: XCTestCase {
+    /// The seed's DestinationRule limits: maxConnections 100, http1MaxPendingRequests 50.
+    func test_200ConcurrentSlowRequests_atMost100Connections_50Wait_restGet503UOAtOnce() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: "slow", delayMs: 1000) }
+        defer { up.stop() }
+        let yaml = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: cb}
+        spec:
+          hosts: [cb]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 127.0.0.1, ports: {http: \(up.port)}}]
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: cb}
+        spec:
+          host: cb
+          trafficPolicy:
+            connectionPool:
+              tcp: {maxConnections: 100}
+              http: {http1MaxPendingRequests: 50, maxRequestsPerConnection: 10}
+        """
+        let px = try ProxyFixture(appPort: 1, files: ["cb.yaml": yaml], concurrency: 2)
+        defer { px.stop() }
+        let results = NIOLockedValueBox([(Int, Double)]())
+        let start = Date()
+        var threads: [Thread] = []
+        for _ in 0..<200 {
+            let t = Thread {
+                guard let c = try? RawClient(port: px.outbound, timeoutSeconds: 20) else { results.withLockedValue { $0.append((0, 0)) }; return }
+                c.send("GET / HTTP/1.1\r\nHost: cb\r\n\r\n")
+                let r = c.read()
+                results.withLockedValue { $0.append((r?.status ?? 0, Date().timeIntervalSince(start))) }
+            }
+            t.stackSize = 256 * 1024
+            threads.append(t)
+        }
+        threads.forEach { $0.start() }
+        let deadline = Date().addingTimeInterval(30)
+        while results.withLockedValue({ $0.count }) < 200 && Date() < deadline { usleep(20_000) }
+        let all = results.withLockedValue { $0 }
+        XCTAssertEqual(all.count, 200)
+        let ok = all.filter { $0.0 == 200 }
+        let overflow = all.filter { $0.0 == 503 }
+        XCTAssertEqual(ok.count, 150, "100 on connections + 50 waiting: \(Dictionary(grouping: all, by: { $0.0 }).mapValues(\.count))")
+        XCTAssertEqual(overflow.count, 50)
+        XCTAssertTrue(overflow.allSatisfy { $0.1 < 0.9 }, "overflow is answered at once, not after the slow ones")
+        XCTAssertLessThanOrEqual(up.peakOpenConnections, 100)
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"UO\""), stats)
+    }
+}

@@ -30,6 +30,8 @@ final class TestUpstream: @unchecked Sendable {
     var channel: Channel!
     let lock = NIOLock()
     private var _connections = 0
+    private var _open = 0
+    private var _peakOpen = 0
     private var _seen: [SeenRequest] = []
     var respond: @Sendable (SeenRequest) -> Reply = { _ in Reply() }
     /// Keep only the first N bytes of bodies (large-body tests).
@@ -37,6 +39,8 @@ final class TestUpstream: @unchecked Sendable {
 
     var port: Int { channel.localAddress!.port! }
     var connections: Int { lock.withLock { _connections } }
+    /// Most connections open at the same time.
+    var peakOpenConnections: Int { lock.withLock { _peakOpen } }
     var seen: [SeenRequest] { lock.withLock { _seen } }
 
     init(respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
@@ -44,7 +48,8 @@ final class TestUpstream: @unchecked Sendable {
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
-                self.lock.withLock { self._connections += 1 }
+                self.lock.withLock { self._connections += 1; self._open += 1; self._peakOpen = max(self._peakOpen, self._open) }
+                ch.closeFuture.whenComplete { _ in self.lock.withLock { self._open -= 1 } }
                 return ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(Handler(owner: self)) }
             }
             .bind(host: "127.0.0.1", port: 0).wait()
