@@ -16,6 +16,7 @@ import Foundation
 /// | GET | /ready, /healthz/ready | 200 LIVE once started, 503 while draining |
 /// | GET | /stats/prometheus, /metrics | Prometheus text exposition |
 /// | GET | /config_dump | JSON of the active snapshot |
+/// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |
 /// | GET | /plugins | JSON per plugin: hash, load time, last error, executions, errors, time |
 /// | POST | /plugins/reload | reload config and plugins now; 200 or 400 with the errors |
 enum AdminServer {
@@ -64,6 +65,13 @@ final class AdminHandler: ChannelInboundHandler {
                 case .failure(let e): reply(.internalServerError, "\(e)\n")
                 }
             }
+        case (.GET, "/clusters"):
+            server.clustersReport(json: h.uri.contains("format=json")).whenComplete { r in
+                switch r {
+                case .success(let body): reply(.ok, body, h.uri.contains("format=json") ? "application/json" : "text/plain; charset=utf-8")
+                case .failure(let e): reply(.internalServerError, "\(e)\n")
+                }
+            }
         case (.GET, "/config_dump"):
             reply(.ok, server.currentSnapshot.json + "\n", "application/json")
         case (.GET, "/plugins"):
@@ -79,7 +87,7 @@ final class AdminHandler: ChannelInboundHandler {
                 }
             }
         default:
-            reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /plugins POST /plugins/reload\n")
+            reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /clusters /plugins POST /plugins/reload\n")
         }
     }
 

@@ -5,6 +5,7 @@ import MoonletCore
 import MoonletConfig
 import MoonletLua
 import MoonletTelemetry
+import MoonletBalancer
 import Logging
 #if canImport(Foundation)
 import Foundation
@@ -188,6 +189,53 @@ public final class ProxyServer: @unchecked Sendable {
     public func metricsSnapshot() -> EventLoopFuture<MetricsSnapshot> {
         let futures = contexts.map { c in c.loop.submit { c.metrics.snapshot() } }
         return EventLoopFuture.reduce(MetricsSnapshot(), futures, on: group.next()) { acc, s in var a = acc; a.merge(s); return a }
+    }
+
+    /// /clusters: every cluster of the active snapshot with its circuit counters and,
+    /// per endpoint, labels, active requests (summed over loops) and outlier state.
+    public func clustersReport(json: Bool) -> EventLoopFuture<String> {
+        let snap = currentSnapshot
+        let clusters = snap.routes.services.values.sorted { $0.fqdn < $1.fqdn }.flatMap { svc in svc.clusters.values.sorted { $0.name < $1.name } }
+        let futures = contexts.map { c in
+            c.loop.submit { clusters.map { cl in (0..<cl.endpointCount).map { c.balancer.activeRequests(cl, $0) } } }
+        }
+        return EventLoopFuture.reduce([[Int]](repeating: [], count: clusters.count), futures, on: group.next()) { acc, loopCounts in
+            var out = acc
+            for (i, counts) in loopCounts.enumerated() {
+                if out[i].isEmpty { out[i] = counts } else { for k in counts.indices { out[i][k] += counts[k] } }
+            }
+            return out
+        }.map { active in
+            let now = monotonicNanos()
+            var text = ""
+            var items: [String] = []
+            for (ci, cl) in clusters.enumerated() {
+                let cc = CircuitRegistry.counters(for: cl)
+                let od = OutlierRegistry.state(for: cl)
+                let n = cl.name
+                text += "\(n)::default_priority::max_connections::\(cl.maxConnections)\n"
+                text += "\(n)::default_priority::max_pending_requests::\(cl.maxPendingRequests)\n"
+                text += "\(n)::lb_policy::\(cl.policy.rawValue)\n"
+                text += "\(n)::cx_active::\(cc.connections.load(ordering: .relaxed))\n"
+                text += "\(n)::rq_pending::\(cc.pending.load(ordering: .relaxed))\n"
+                text += "\(n)::upstream_rq_pending_overflow::\(cc.overflows.load(ordering: .relaxed))\n"
+                var eps: [String] = []
+                for i in 0..<cl.endpointCount {
+                    let e = cl.endpoint(i)
+                    let addr = "\(e.address):\(e.port)"
+                    let labels = cl.endpoints[i].labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+                    let until = od?.ejectedUntilNanos(i, now: now)
+                    let rq = active[ci].indices.contains(i) ? active[ci][i] : 0
+                    text += "\(n)::\(addr)::rq_active::\(rq)\n"
+                    text += "\(n)::\(addr)::health_flags::\(until == nil ? "healthy" : "/failed_outlier_check")\n"
+                    if let until { text += "\(n)::\(addr)::ejected_for_ms::\((until - now) / 1_000_000)\n" }
+                    text += "\(n)::\(addr)::labels::\(labels)\n"
+                    eps.append("{\"address\":\(JSON.quote(addr)),\"labels\":\(JSON.quote(labels)),\"rq_active\":\(rq),\"ejected\":\(until != nil),\"ejected_for_ms\":\(until.map { String(($0 - now) / 1_000_000) } ?? "null")}")
+                }
+                items.append("{\"name\":\(JSON.quote(n)),\"lb_policy\":\(JSON.quote(cl.policy.rawValue)),\"max_connections\":\(cl.maxConnections),\"max_pending_requests\":\(cl.maxPendingRequests),\"cx_active\":\(cc.connections.load(ordering: .relaxed)),\"rq_pending\":\(cc.pending.load(ordering: .relaxed)),\"overflow\":\(cc.overflows.load(ordering: .relaxed)),\"endpoints\":[\(eps.joined(separator: ","))]}")
+            }
+            return json ? "{\"clusters\":[\(items.joined(separator: ","))]}\n" : text
+        }
     }
 
     public func luaMemory() -> EventLoopFuture<Int> {

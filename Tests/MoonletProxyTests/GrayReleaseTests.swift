@@ -170,6 +170,11 @@ final class OutlierDetectionTests: XCTestCase {
         for _ in 0..<10 { if send().hasPrefix("bad") { badHits += 1 } }
         XCTAssertEqual(badHits, 5, "round robin reaches the bad host until its 5th consecutive 5xx")
         for _ in 0..<20 { XCTAssertEqual(send(), "good:200", "ejected host gets no traffic") }
+        let text = try XCTUnwrap(adminGet(px.admin, "/clusters")).body
+        XCTAssertTrue(text.contains("outbound|80||od.default.svc.cluster.local::127.0.0.1:\(bad.port)::health_flags::/failed_outlier_check"), text)
+        XCTAssertTrue(text.contains("::lb_policy::ROUND_ROBIN"), text)
+        let json = try XCTUnwrap(adminGet(px.admin, "/clusters?format=json")).body
+        XCTAssertTrue(json.contains("\"address\":\"127.0.0.1:\(bad.port)\",\"labels\":\"\",\"rq_active\":0,\"ejected\":true"), json)
         failing.withLockedValue { $0 = false }
         usleep(1_100_000)
         var back = 0
