@@ -57,10 +57,21 @@ public final class BalancerState {
     }
 
     /// Picks an endpoint index of `c` (nil when it has none) and counts it active.
-    public func pick(_ c: UpstreamCluster) -> Int? {
+    /// `hash` is the request's consistent-hash key, for consistentHash clusters.
+    public func pick(_ c: UpstreamCluster, hash: UInt64? = nil) -> Int? {
         let n = c.endpointCount
         guard n > 0 else { return nil }
         ensure(c)
+        if c.policy == .consistentHash {
+            let key = hash ?? random.next()
+            let o = outliers[c.id]
+            let now = o == nil ? 0 : monotonicNanos()
+            let panic = o?.panic(now: now) ?? true
+            if let i = c.hashPick(key, skip: { panic ? false : o!.isEjected($0, now: now) }) {
+                active[c.id][i] += 1
+                return i
+            }
+        }
         if let o = outliers[c.id] {
             let now = monotonicNanos()
             if !o.panic(now: now) {
@@ -89,7 +100,7 @@ public final class BalancerState {
         case .roundRobin:
             i = cursors[c.id] % n
             cursors[c.id] = (i + 1) % n
-        case .random, .passthrough:
+        case .random, .passthrough, .consistentHash:
             i = Int(random.next() % UInt64(n))
         case .leastRequest:
             if n == 1 { i = 0 } else {

@@ -46,22 +46,39 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let outlierPolicy: OutlierPolicy?
     public let maxConnections: Int
     public let maxPendingRequests: Int
+    /// consistentHash: what the key is made of, and the ring over the endpoints.
+    public let hashPolicy: HashPolicy?
+    let ring: HashRing?
     let ports: [Int]
     init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
         self.id = id; self.name = name; self.policy = policy.lb; self.maxRequestsPerConnection = policy.maxRequestsPerConnection
         self.outlierPolicy = policy.outlier
         self.maxConnections = policy.maxConnections
         self.maxPendingRequests = policy.maxPendingRequests
+        self.hashPolicy = policy.hash
+        self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
     }
     public var stableName: String { name }
+    public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { ring?.lookup(hash, skip: skip) }
     public var endpointCount: Int { endpoints.count }
     public func endpoint(_ i: Int) -> (address: String, port: Int) { (endpoints[i].address, ports[i]) }
 }
 
 /// The parts of a DestinationRule trafficPolicy the proxy applies today.
+/// What a consistent-hash key is made of (DestinationRule consistentHash).
+public enum HashPolicy: Sendable, Equatable {
+    case header(String)
+    /// Cookie name, path, ttl seconds (0: never generated).
+    case cookie(name: String, path: String, ttlSeconds: Int)
+    case sourceIP
+    case queryParameter(String)
+}
+
 public struct ClusterPolicy: Sendable {
     public var lb: LBPolicy = .leastRequest
+    public var hash: HashPolicy?
+    public var ringSize = 1024
     public var maxRequestsPerConnection = 0
     public var maxConnections = 1024
     public var maxPendingRequests = 1024
@@ -72,7 +89,20 @@ public struct ClusterPolicy: Sendable {
         var p = ClusterPolicy()
         for tp in [top, subset] {
             guard let tp else { continue }
-            if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb }
+            if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb; p.hash = nil }
+            if let ch = tp["loadBalancer"]?["consistentHash"] {
+                p.lb = .consistentHash
+                if let h = ch["httpHeaderName"]?.stringValue { p.hash = .header(h.lowercased()) }
+                else if let c = ch["httpCookie"] {
+                    let ttl = c["ttl"]?.stringValue.flatMap(TrafficDecoder.parseDuration).map { $0 / 1000 } ?? 0
+                    p.hash = .cookie(name: c["name"]?.stringValue ?? "", path: c["path"]?.stringValue ?? "/", ttlSeconds: ttl)
+                }
+                else if case .bool(true)? = ch["useSourceIp"] { p.hash = .sourceIP }
+                else if let q = ch["httpQueryParameterName"]?.stringValue { p.hash = .queryParameter(q) }
+                if case .int(let m)? = ch["ringHash"]?["minimumRingSize"] { p.ringSize = m }
+                else if case .int(let m)? = ch["minimumRingSize"] { p.ringSize = m }
+                if p.hash == nil { p.hash = .sourceIP }
+            }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
             if case .int(let m)? = tp["connectionPool"]?["tcp"]?["maxConnections"], m > 0 { p.maxConnections = m }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
@@ -401,7 +431,8 @@ public final class RouteTable: @unchecked Sendable {
         return true
     }
 
-    static func query(_ path: String) -> [String: String] {
+    /// Query parameters of a request target (first value wins, percent-decoded).
+    public static func query(_ path: String) -> [String: String] {
         guard let q = path.firstIndex(of: "?") else { return [:] }
         var out: [String: String] = [:]
         for pair in path[path.index(after: q)...].split(separator: "&") {

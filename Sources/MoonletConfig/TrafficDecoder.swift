@@ -364,6 +364,17 @@ struct TrafficDecoder {
     /// The parts of trafficPolicy validated now (the rest is decoded by the balancer).
     mutating func trafficPolicy(_ n: PositionedNode, _ path: String) {
         guard fields(n, path, ["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"]) else { return }
+        if let lb = n.child("loadBalancer"), lb.child("simple") != nil && lb.child("consistentHash") != nil {
+            err(lb, "\(path).loadBalancer", "only one of simple or consistentHash may be set")
+        }
+        if let ch = n.child("loadBalancer")?.child("consistentHash"), fields(ch, "\(path).loadBalancer.consistentHash", ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName", "ringHash", "maglev", "minimumRingSize", "localityLbSetting"]) {
+            let keys = ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName"].filter { ch.child($0) != nil }
+            if keys.count > 1 { err(ch, "\(path).loadBalancer.consistentHash", "only one hash key may be set, got \(keys.joined(separator: ", "))") }
+            if let c = ch.child("httpCookie"), fields(c, "\(path).loadBalancer.consistentHash.httpCookie", ["name", "path", "ttl", "attributes"]) {
+                if c.child("name") == nil { err(c, "\(path).loadBalancer.consistentHash.httpCookie.name", "Required value") }
+                _ = duration(c.child("ttl"), "\(path).loadBalancer.consistentHash.httpCookie.ttl")
+            }
+        }
         if let simple = n.child("loadBalancer")?.child("simple") {
             let v = string(simple, "\(path).loadBalancer.simple") ?? ""
             if LBPolicy(istio: v) == nil { err(simple, "\(path).loadBalancer.simple", "unsupported value \"\(v)\" (ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH)") }

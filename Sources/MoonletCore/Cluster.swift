@@ -6,9 +6,12 @@ public enum LBPolicy: String, Sendable {
     case random = "RANDOM"
     /// Connect to the address the request was sent to (not for routed streams).
     case passthrough = "PASSTHROUGH"
+    /// consistentHash (ring hash; maglev is served by the same ring).
+    case consistentHash = "CONSISTENT_HASH"
     /// UNSPECIFIED means Istio's default.
     public init?(istio: String) {
         if istio == "UNSPECIFIED" || istio == "LEAST_CONN" { self = .leastRequest; return }
+        if istio == "CONSISTENT_HASH" { return nil }
         self.init(rawValue: istio)
     }
 }
@@ -33,6 +36,9 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     /// connectionPool.http.http1MaxPendingRequests: streams that may wait for a
     /// connection once maxConnections is reached (Envoy's default 1024); beyond: 503 UO.
     var maxPendingRequests: Int { get }
+    /// consistentHash: the endpoint owning `hash` on the ring, walking past endpoints
+    /// for which `skip` is true (ejected ones). nil when the cluster has no ring.
+    func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int?
 }
 
 /// DestinationRule `outlierDetection`, as the balancer applies it.
@@ -58,6 +64,49 @@ extension UpstreamCluster {
     public var stableName: String { "cluster-\(id)" }
     public var maxConnections: Int { 1024 }
     public var maxPendingRequests: Int { 1024 }
+    public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { nil }
+}
+
+/// A consistent-hash ring: each endpoint owns a fixed number of points
+/// (minimumRingSize / 8, at least 16 — so the ring reaches minimumRingSize from 8
+/// endpoints up). Point counts do not depend on how many endpoints there are, so
+/// adding an endpoint moves about 1/N of the keys, all to it, and removing one moves
+/// only its own keys.
+public struct HashRing: Sendable {
+    public let points: [UInt64]
+    public let owners: [Int32]
+
+    public init(keys: [String], minimumRingSize: Int) {
+        var pts: [(UInt64, Int32)] = []
+        guard !keys.isEmpty else { points = []; owners = []; return }
+        let per = max(16, minimumRingSize / 8)
+        pts.reserveCapacity(per * keys.count)
+        for (i, k) in keys.enumerated() {
+            for v in 0..<per { pts.append((HashRing.hash("\(k)_\(v)"), Int32(i))) }
+        }
+        pts.sort { $0.0 < $1.0 }
+        points = pts.map(\.0)
+        owners = pts.map(\.1)
+    }
+
+    /// FNV-1a 64 with a final avalanche (stable across runs and machines).
+    public static func hash(_ s: String) -> UInt64 {
+        var h: UInt64 = 0xcbf29ce484222325
+        for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100000001b3 }
+        h ^= h >> 33; h = h &* 0xff51afd7ed558ccd; h ^= h >> 33; h = h &* 0xc4ceb9fe1a85ec53; h ^= h >> 33
+        return h
+    }
+
+    public func lookup(_ hash: UInt64, skip: (Int) -> Bool) -> Int? {
+        guard !points.isEmpty else { return nil }
+        var lo = 0, hi = points.count
+        while lo < hi { let mid = (lo + hi) / 2; if points[mid] < hash { lo = mid + 1 } else { hi = mid } }
+        for k in 0..<points.count {
+            let o = Int(owners[(lo + k) % points.count])
+            if !skip(o) { return o }
+        }
+        return nil
+    }
 }
 
 /// VirtualService `retries`, compiled: which outcomes are retried and how often.

@@ -102,6 +102,8 @@ public struct RouteDecision: Sendable {
     public var delayMs: Int = 0
     /// Retry policy of the route (nil: no retries, as for the inbound listener).
     public var retry: RetrySpec?
+    /// Consistent-hash key of the request (consistentHash clusters).
+    public var hashKey: UInt64?
     /// Response header edits of the matched route, applied before response filters.
     public var responseSet: [(String, String)] = []
     public var responseAdd: [(String, String)] = []

@@ -485,6 +485,7 @@ enum LuaAPI {
             s.route.port = f.servicePort
             s.route.upstreamCluster = f.upstream
             s.route.retry = f.retry
+            if let hp = f.upstream.hashPolicy { hashKey(s, hp, vm: vm) }
             if let t = f.timeoutMs { s.route.timeoutMs = t }
             if let d = f.delayMs { s.route.delayMs = d }
             s.destination.service = f.host
@@ -521,6 +522,30 @@ enum LuaAPI {
             lua_pushstring(L, "respond")
         }
         return 1
+    }
+
+    /// Computes the consistent-hash key of the request; for a cookie policy with a ttl
+    /// and no cookie yet, makes one and sets it on the response (Envoy's behaviour).
+    static func hashKey(_ s: ProxyStream, _ hp: HashPolicy, vm: LuaVM) {
+        var key: String?
+        switch hp {
+        case .header(let n): key = s.request.first(n)
+        case .sourceIP: key = s.source.address.split(separator: ":").dropLast().joined(separator: ":")
+        case .queryParameter(let q): key = RouteTable.query(s.request.target)[q]
+        case .cookie(let name, let path, let ttl):
+            for c in s.request.all("cookie") {
+                for part in c.split(separator: ";") {
+                    let kv = part.split(separator: "=", maxSplits: 1)
+                    if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name { key = String(kv[1]) }
+                }
+            }
+            if key == nil && ttl > 0 {
+                let v = String(vm.rng.next(), radix: 16)
+                key = v
+                s.route.responseAdd.append(("set-cookie", "\(name)=\(v); Max-Age=\(ttl); Path=\(path); HttpOnly"))
+            }
+        }
+        if let key { s.route.hashKey = HashRing.hash(key) }
     }
 
     // MARK: regex

@@ -276,7 +276,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Returns host, port and pool key, or nil after answering locally.
     func chooseEndpoint(_ s: ProxyStream, avoid: Int = -1) -> (String, Int, String)? {
         if s.route.endpoint.isEmpty, let c = s.route.upstreamCluster {
-            var picked = ctx.balancer.pick(c)
+            var picked = ctx.balancer.pick(c, hash: avoid >= 0 ? nil : s.route.hashKey)
             // A retry prefers a different host (a few tries).
             var tries = 0
             while let p = picked, p == avoid, c.endpointCount > 1, tries < 3 {

@@ -135,3 +135,29 @@ final class RetrySpecTests: XCTestCase {
         XCTAssertFalse(d.retries(status: 500))
     }
 }
+
+final class HashRingTests: XCTestCase {
+    func owners(_ ring: HashRing, _ keys: [String]) -> [Int] { keys.map { ring.lookup(HashRing.hash($0), skip: { _ in false })! } }
+
+    func test_addingAHost_movesAboutOneNthOfTheKeys() {
+        let keys = (0..<5000).map { "user-\($0)" }
+        let four = HashRing(keys: ["a", "b", "c", "d"], minimumRingSize: 1024)
+        let five = HashRing(keys: ["a", "b", "c", "d", "e"], minimumRingSize: 1024)
+        let before = owners(four, keys), after = owners(five, keys)
+        let moved = zip(before, after).filter { $0 != $1 }.count
+        XCTAssertEqual(Double(moved) / Double(keys.count), 0.2, accuracy: 0.08)
+        XCTAssertTrue(zip(before, after).allSatisfy { $0 == $1 || $1 == 4 }, "keys only move to the new host")
+    }
+
+    func test_removingAHost_movesOnlyItsKeys() {
+        let keys = (0..<5000).map { "k\($0)" }
+        let three = HashRing(keys: ["a", "b", "c"], minimumRingSize: 1024)
+        let two = HashRing(keys: ["a", "b"], minimumRingSize: 1024)
+        for (b, a) in zip(owners(three, keys), owners(two, keys)) where b != 2 { XCTAssertEqual(a, b) }
+    }
+
+    func test_skippedHost_passesItsKeysToTheNextOnTheRing() {
+        let ring = HashRing(keys: ["a", "b", "c"], minimumRingSize: 300)
+        for k in 0..<200 { XCTAssertNotEqual(ring.lookup(HashRing.hash("x\(k)"), skip: { $0 == 1 }), 1) }
+    }
+}

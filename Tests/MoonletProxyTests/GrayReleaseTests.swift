@@ -305,3 +305,57 @@ final class CircuitBreakerTests: XCTestCase {
         XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"UO\""), stats)
     }
 }
+
+final class ConsistentHashTests: XCTestCase {
+    func test_headerAndCookieHashing_keepAUserOnOneEndpoint() throws {
+        let ups = try (0..<3).map { i in try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "\(i)")]) } }
+        defer { ups.forEach { $0.stop() } }
+        func yaml(_ lb: String) -> String {
+            """
+            apiVersion: networking.istio.io/v1beta1
+            kind: ServiceEntry
+            metadata: {name: ch}
+            spec:
+              hosts: [ch]
+              resolution: STATIC
+              ports: [{number: 80, name: http}]
+              endpoints:
+            \(ups.map { "  - {address: 127.0.0.1, ports: {http: \($0.port)}}" }.joined(separator: "\n"))
+            ---
+            apiVersion: networking.istio.io/v1beta1
+            kind: DestinationRule
+            metadata: {name: ch}
+            spec:
+              host: ch
+              trafficPolicy: {loadBalancer: {consistentHash: \(lb)}}
+            """
+        }
+        let px = try ProxyFixture(appPort: 1, files: ["ch.yaml": yaml("{httpHeaderName: x-user}")], concurrency: 2)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        var byUser: [String: Set<String>] = [:]
+        for i in 0..<60 {
+            let user = "u\(i % 6)"
+            c.send("GET / HTTP/1.1\r\nHost: ch\r\nx-user: \(user)\r\n\r\n")
+            byUser[user, default: []].insert(c.read()?.header("x-ep") ?? "?")
+        }
+        XCTAssertTrue(byUser.values.allSatisfy { $0.count == 1 }, "\(byUser)")
+        XCTAssertGreaterThan(Set(byUser.values.map { $0.first! }).count, 1, "users spread over endpoints")
+
+        try px.write("ch.yaml", yaml("{httpCookie: {name: sticky, ttl: 60s}}"))
+        XCTAssertEqual(adminGet(px.admin, "/plugins/reload", method: "POST")?.status, 200)
+        c.send("GET / HTTP/1.1\r\nHost: ch\r\n\r\n")
+        let first = try XCTUnwrap(c.read())
+        let cookie = try XCTUnwrap(first.header("set-cookie"))
+        XCTAssertTrue(cookie.hasPrefix("sticky=") && cookie.contains("Max-Age=60"), cookie)
+        let value = String(cookie.split(separator: ";")[0])
+        var eps = Set<String>()
+        for _ in 0..<20 {
+            c.send("GET / HTTP/1.1\r\nHost: ch\r\nCookie: other=1; \(value)\r\n\r\n")
+            let r = c.read()
+            eps.insert(r?.header("x-ep") ?? "?")
+            XCTAssertNil(r?.header("set-cookie"))
+        }
+        XCTAssertEqual(eps, [first.header("x-ep")!])
+    }
+}
