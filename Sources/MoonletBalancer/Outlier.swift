@@ -29,6 +29,8 @@ public final class OutlierState: @unchecked Sendable {
     }
 
     public var count: Int { ejectedUntil.count }
+    /// Ejections so far, all endpoints.
+    public var totalEjections: Int { ejections.reduce(0) { $0 + $1.load(ordering: .relaxed) } }
 
     @inline(__always)
     public func isEjected(_ i: Int, now: UInt64) -> Bool {
@@ -89,9 +91,11 @@ public enum OutlierRegistry {
     static let lock = NIOLock()
     nonisolated(unsafe) static var states: [String: OutlierState] = [:]
 
+    public static func all() -> [(String, OutlierState)] { lock.withLock { states.sorted { $0.key < $1.key } } }
+
     public static func state(for c: UpstreamCluster) -> OutlierState? {
         guard let p = c.outlierPolicy, p.enabled else { return nil }
-        let key = c.stableName + "|" + (0..<c.endpointCount).map { let e = c.endpoint($0); return "\(e.address):\(e.port)" }.joined(separator: ",")
+        let key = c.stableName + "#" + (0..<c.endpointCount).map { let e = c.endpoint($0); return "\(e.address):\(e.port)" }.joined(separator: ",")
         return lock.withLock {
             if let s = states[key], s.policy == p, s.count == c.endpointCount { return s }
             let s = OutlierState(policy: p, count: c.endpointCount)
@@ -114,7 +118,23 @@ public final class CircuitCounters: @unchecked Sendable {
     public let connections = ManagedAtomic(0)
     public let pending = ManagedAtomic(0)
     public let overflows = ManagedAtomic(0)
+    /// Retries in flight, and retries refused by maxRetries.
+    public let retries = ManagedAtomic(0)
+    public let retryOverflows = ManagedAtomic(0)
     init() {}
+
+    /// Takes a retry slot if fewer than `max` retries are in flight.
+    public func tryRetry(max: Int) -> Bool {
+        var cur = retries.load(ordering: .relaxed)
+        while cur < max {
+            let (done, now) = retries.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
+            if done { return true }
+            cur = now
+        }
+        retryOverflows.wrappingIncrement(ordering: .relaxed)
+        return false
+    }
+    public func retryDone() { retries.wrappingDecrement(ordering: .relaxed) }
 
     /// Takes a connection slot if one is free under `max`.
     public func tryOpenConnection(max: Int) -> Bool {

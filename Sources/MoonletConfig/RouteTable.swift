@@ -46,6 +46,8 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let outlierPolicy: OutlierPolicy?
     public let maxConnections: Int
     public let maxPendingRequests: Int
+    public let connectTimeoutMs: Int
+    public let maxRetries: Int
     /// consistentHash: what the key is made of, and the ring over the endpoints.
     public let hashPolicy: HashPolicy?
     let ring: HashRing?
@@ -55,6 +57,8 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
         self.outlierPolicy = policy.outlier
         self.maxConnections = policy.maxConnections
         self.maxPendingRequests = policy.maxPendingRequests
+        self.connectTimeoutMs = policy.connectTimeoutMs
+        self.maxRetries = policy.maxRetries
         self.hashPolicy = policy.hash
         self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
@@ -82,6 +86,8 @@ public struct ClusterPolicy: Sendable {
     public var maxRequestsPerConnection = 0
     public var maxConnections = 1024
     public var maxPendingRequests = 1024
+    public var connectTimeoutMs = 0
+    public var maxRetries = 3
     public var outlier: OutlierPolicy?
 
     /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
@@ -106,6 +112,8 @@ public struct ClusterPolicy: Sendable {
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
             if case .int(let m)? = tp["connectionPool"]?["tcp"]?["maxConnections"], m > 0 { p.maxConnections = m }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m >= 0 { p.maxRetries = m }
+            if let ct = tp["connectionPool"]?["tcp"]?["connectTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.connectTimeoutMs = ct }
             if let od = tp["outlierDetection"] {
                 // Istio's defaults where a field is left out.
                 var o = p.outlier ?? OutlierPolicy()

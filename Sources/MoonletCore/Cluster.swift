@@ -39,6 +39,10 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     /// consistentHash: the endpoint owning `hash` on the ring, walking past endpoints
     /// for which `skip` is true (ejected ones). nil when the cluster has no ring.
     func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int?
+    /// connectionPool.tcp.connectTimeout in ms (0: the listener default).
+    var connectTimeoutMs: Int { get }
+    /// connectionPool.http.maxRetries: concurrent retries across the sidecar (Envoy's default 3).
+    var maxRetries: Int { get }
 }
 
 /// DestinationRule `outlierDetection`, as the balancer applies it.
@@ -65,6 +69,8 @@ extension UpstreamCluster {
     public var maxConnections: Int { 1024 }
     public var maxPendingRequests: Int { 1024 }
     public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { nil }
+    public var connectTimeoutMs: Int { 0 }
+    public var maxRetries: Int { 3 }
 }
 
 /// A consistent-hash ring: each endpoint owns a fixed number of points

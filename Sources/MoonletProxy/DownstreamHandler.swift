@@ -44,6 +44,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var waiter: PoolWaiter?
     var waitingCircuit: CircuitCounters?
     var waitTimer: RepeatedTask?
+    /// The cluster retry slot (maxRetries) of the attempt in flight.
+    var retrySlotHeld: CircuitCounters?
     var headerTimer: Scheduled<Void>?
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
@@ -400,7 +402,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         let sid = s.id, try_ = attempt
-        ctx.pool.connect(key: key, address: address) { [weak self] r in
+        ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0) { [weak self] r in
             guard let self else { return }
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
@@ -438,6 +440,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard allowed else {
             return false
         }
+        // maxRetries bounds concurrent retries per cluster across the sidecar.
+        var retrySlot: CircuitCounters? = nil
+        if let cl = s.route.upstreamCluster {
+            let cc = ctx.balancer.circuit(cl)
+            guard cc.tryRetry(max: cl.maxRetries) else { ctx.metrics.count("moonlet_upstream_retry_overflow_total"); return false }
+            retrySlot = cc
+        }
         attempt += 1
         ctx.metrics.count("moonlet_upstream_retries_total")
         perTryTimer?.cancel(); perTryTimer = nil
@@ -447,6 +456,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
         let sid = s.id, try_ = attempt
         let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
+        retrySlotHeld?.retryDone()
+        retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
         context.eventLoop.scheduleTask(in: .milliseconds(backoffMs)) { [weak self] in
             guard let self, let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
             guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
@@ -770,6 +781,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         perTryTimer?.cancel(); perTryTimer = nil
         replay = nil
         if waiter != nil { stopWaiting() }
+        retrySlotHeld?.retryDone(); retrySlotHeld = nil
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }

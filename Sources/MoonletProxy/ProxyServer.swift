@@ -238,6 +238,20 @@ public final class ProxyServer: @unchecked Sendable {
         }
     }
 
+    /// Circuit-breaker and outlier counters per cluster, in Prometheus text.
+    func clusterMetrics() -> String {
+        var o = "# TYPE moonlet_upstream_cx_active gauge\n"
+        let circuits = CircuitRegistry.all()
+        for (n, c) in circuits { o += "moonlet_upstream_cx_active{cluster=\"\(n)\"} \(c.connections.load(ordering: .relaxed))\n" }
+        o += "# TYPE moonlet_upstream_rq_pending_overflow_total counter\n"
+        for (n, c) in circuits { o += "moonlet_upstream_rq_pending_overflow_total{cluster=\"\(n)\"} \(c.overflows.load(ordering: .relaxed))\n" }
+        o += "# TYPE moonlet_upstream_rq_retry_overflow_total counter\n"
+        for (n, c) in circuits { o += "moonlet_upstream_rq_retry_overflow_total{cluster=\"\(n)\"} \(c.retryOverflows.load(ordering: .relaxed))\n" }
+        o += "# TYPE moonlet_outlier_ejections_total counter\n"
+        for (n, st) in OutlierRegistry.all() { o += "moonlet_outlier_ejections_total{cluster=\"\(n.split(separator: "#").first.map(String.init) ?? n)\"} \(st.totalEjections)\n" }
+        return o
+    }
+
     public func luaMemory() -> EventLoopFuture<Int> {
         let futures = contexts.map { c in c.loop.submit { c.lua.vm.memoryUsed } }
         return EventLoopFuture.reduce(0, futures, on: group.next()) { $0 + $1 }

@@ -203,11 +203,11 @@ final class UpstreamPool {
         return nil
     }
 
-    func connect(key: String, address: SocketAddress, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+    func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         ClientBootstrap(group: loop)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(limits.connectTimeoutMs)))
+            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
             .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
             .channelInitializer { ch in
                 conn.channel = ch

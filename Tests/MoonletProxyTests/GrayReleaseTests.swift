@@ -173,6 +173,8 @@ final class OutlierDetectionTests: XCTestCase {
         let text = try XCTUnwrap(adminGet(px.admin, "/clusters")).body
         XCTAssertTrue(text.contains("outbound|80||od.default.svc.cluster.local::127.0.0.1:\(bad.port)::health_flags::/failed_outlier_check"), text)
         XCTAssertTrue(text.contains("::lb_policy::ROUND_ROBIN"), text)
+        let prom = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(prom.contains("moonlet_outlier_ejections_total{cluster=\"outbound|80||od.default.svc.cluster.local\"} 1"), prom)
         let json = try XCTUnwrap(adminGet(px.admin, "/clusters?format=json")).body
         XCTAssertTrue(json.contains("\"address\":\"127.0.0.1:\(bad.port)\",\"labels\":\"\",\"rq_active\":0,\"ejected\":true"), json)
         failing.withLockedValue { $0 = false }
@@ -303,6 +305,7 @@ final class CircuitBreakerTests: XCTestCase {
         XCTAssertLessThanOrEqual(up.peakOpenConnections, 100)
         let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
         XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"UO\""), stats)
+        XCTAssertTrue(stats.contains("moonlet_upstream_rq_pending_overflow_total{cluster=\"outbound|80||cb.default.svc.cluster.local\"} 50"), stats)
     }
 }
 
