@@ -1,1 +1,1 @@
-wrk.headers["Host"] = "svc100"
+wrk.headers["Host"] = "svc1"
