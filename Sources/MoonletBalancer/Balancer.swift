@@ -13,7 +13,7 @@ public final class BalancerState {
     var random: Xoshiro256
 
     public init(seed: UInt64 = 0) {
-        random = seed == 0 ? Xoshiro256(seed: SystemRandomNumberGenerator()) : Xoshiro256(seed: SeededRandom(seed))
+        random = seed == 0 ? Xoshiro256(seed: SystemRandomNumberGenerator()) : Xoshiro256(seed: SplitMix64(seed: seed))
     }
 
     @inline(__always)
@@ -128,15 +128,3 @@ public final class BalancerState {
     public func reset() { cursors = []; active = []; outliers = []; outlierResolved = []; circuits = [] }
 }
 
-/// A fixed seed for reproducible tests.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E3779B97F4A7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
-        return z ^ (z >> 31)
-    }
-}

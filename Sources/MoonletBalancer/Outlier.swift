@@ -123,38 +123,32 @@ public final class CircuitCounters: @unchecked Sendable {
     public let retryOverflows = ManagedAtomic(0)
     init() {}
 
-    /// Takes a retry slot if fewer than `max` retries are in flight.
-    public func tryRetry(max: Int) -> Bool {
-        var cur = retries.load(ordering: .relaxed)
+    /// Increments `a` if it is below `max`; false when it is not.
+    @inline(__always)
+    static func increment(_ a: ManagedAtomic<Int>, below max: Int) -> Bool {
+        var cur = a.load(ordering: .relaxed)
         while cur < max {
-            let (done, now) = retries.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
+            let (done, now) = a.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
             if done { return true }
             cur = now
         }
+        return false
+    }
+
+    /// Takes a retry slot if fewer than `max` retries are in flight.
+    public func tryRetry(max: Int) -> Bool {
+        if Self.increment(retries, below: max) { return true }
         retryOverflows.wrappingIncrement(ordering: .relaxed)
         return false
     }
     public func retryDone() { retries.wrappingDecrement(ordering: .relaxed) }
 
     /// Takes a connection slot if one is free under `max`.
-    public func tryOpenConnection(max: Int) -> Bool {
-        var cur = connections.load(ordering: .relaxed)
-        while cur < max {
-            let (done, now) = connections.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
-            if done { return true }
-            cur = now
-        }
-        return false
-    }
+    public func tryOpenConnection(max: Int) -> Bool { Self.increment(connections, below: max) }
     public func connectionClosed() { connections.wrappingDecrement(ordering: .relaxed) }
 
     public func tryWait(max: Int) -> Bool {
-        var cur = pending.load(ordering: .relaxed)
-        while cur < max {
-            let (done, now) = pending.compareExchange(expected: cur, desired: cur + 1, ordering: .relaxed)
-            if done { return true }
-            cur = now
-        }
+        if Self.increment(pending, below: max) { return true }
         overflows.wrappingIncrement(ordering: .relaxed)
         return false
     }

@@ -98,27 +98,7 @@ final class DestinationRulePolicyTests: XCTestCase {
         let a = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "a")]) }
         let b = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "b")]) }
         defer { a.stop(); b.stop() }
-        let yaml = """
-        apiVersion: networking.istio.io/v1beta1
-        kind: ServiceEntry
-        metadata: {name: pool}
-        spec:
-          hosts: [pool]
-          resolution: STATIC
-          ports: [{number: 80, name: http}]
-          endpoints:
-          - {address: 127.0.0.1, ports: {http: \(a.port)}}
-          - {address: 127.0.0.1, ports: {http: \(b.port)}}
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: DestinationRule
-        metadata: {name: pool}
-        spec:
-          host: pool
-          trafficPolicy:
-            loadBalancer: {simple: ROUND_ROBIN}
-            connectionPool: {http: {maxRequestsPerConnection: 10}}
-        """
+        let yaml = meshService("pool", ports: [a.port, b.port], trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {http: {maxRequestsPerConnection: 10}}}")
         let px = try ProxyFixture(appPort: 1, files: ["pool.yaml": yaml], concurrency: 1)
         defer { px.stop() }
         let c = try RawClient(port: px.outbound)
@@ -141,27 +121,7 @@ final class OutlierDetectionTests: XCTestCase {
         let bad = try TestUpstream { _ in failing.withLockedValue { $0 } ? TestUpstream.Reply(status: .internalServerError, headers: [("x-ep", "bad")]) : TestUpstream.Reply(headers: [("x-ep", "bad")]) }
         let good = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "good")]) }
         defer { bad.stop(); good.stop() }
-        let yaml = """
-        apiVersion: networking.istio.io/v1beta1
-        kind: ServiceEntry
-        metadata: {name: od}
-        spec:
-          hosts: [od]
-          resolution: STATIC
-          ports: [{number: 80, name: http}]
-          endpoints:
-          - {address: 127.0.0.1, ports: {http: \(bad.port)}}
-          - {address: 127.0.0.1, ports: {http: \(good.port)}}
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: DestinationRule
-        metadata: {name: od}
-        spec:
-          host: od
-          trafficPolicy:
-            loadBalancer: {simple: ROUND_ROBIN}
-            outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 50}
-        """
+        let yaml = meshService("od", ports: [bad.port, good.port], trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 50}}")
         let px = try ProxyFixture(appPort: 1, files: ["od.yaml": yaml], concurrency: 1)
         defer { px.stop() }
         let c = try RawClient(port: px.outbound)
@@ -187,33 +147,8 @@ final class OutlierDetectionTests: XCTestCase {
 
 final class RetryTests: XCTestCase {
     func serviceYAML(_ ports: [Int], retries: String = "") -> String {
-        """
-        apiVersion: networking.istio.io/v1beta1
-        kind: ServiceEntry
-        metadata: {name: rt}
-        spec:
-          hosts: [rt]
-          resolution: STATIC
-          ports: [{number: 80, name: http}]
-          endpoints:
-        \(ports.map { "  - {address: 127.0.0.1, ports: {http: \($0)}}" }.joined(separator: "\n"))
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: DestinationRule
-        metadata: {name: rt}
-        spec:
-          host: rt
-          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {name: rt}
-        spec:
-          hosts: [rt]
-          http:
-          - route: [{destination: {host: rt}}]
-        \(retries)
-        """
+        meshService("rt", ports: ports, trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}}",
+                    extra: "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: rt}\nspec:\n  hosts: [rt]\n  http:\n  - route: [{destination: {host: rt}}]\n\(retries)\n")
     }
 
     func test_deadBackend_connectFailuresAreRetriedOnTheOtherHost() throws {
@@ -257,26 +192,7 @@ final class CircuitBreakerTests: XCTestCase {
     func test_200ConcurrentSlowRequests_atMost100Connections_50Wait_restGet503UOAtOnce() throws {
         let up = try TestUpstream { _ in TestUpstream.Reply(body: "slow", delayMs: 1000) }
         defer { up.stop() }
-        let yaml = """
-        apiVersion: networking.istio.io/v1beta1
-        kind: ServiceEntry
-        metadata: {name: cb}
-        spec:
-          hosts: [cb]
-          resolution: STATIC
-          ports: [{number: 80, name: http}]
-          endpoints: [{address: 127.0.0.1, ports: {http: \(up.port)}}]
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: DestinationRule
-        metadata: {name: cb}
-        spec:
-          host: cb
-          trafficPolicy:
-            connectionPool:
-              tcp: {maxConnections: 100}
-              http: {http1MaxPendingRequests: 50, maxRequestsPerConnection: 10}
-        """
+        let yaml = meshService("cb", ports: [up.port], trafficPolicy: "{connectionPool: {tcp: {maxConnections: 100}, http: {http1MaxPendingRequests: 50, maxRequestsPerConnection: 10}}}")
         let px = try ProxyFixture(appPort: 1, files: ["cb.yaml": yaml], concurrency: 2)
         defer { px.stop() }
         let results = NIOLockedValueBox([(Int, Double)]())
@@ -313,26 +229,7 @@ final class ConsistentHashTests: XCTestCase {
     func test_headerAndCookieHashing_keepAUserOnOneEndpoint() throws {
         let ups = try (0..<3).map { i in try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "\(i)")]) } }
         defer { ups.forEach { $0.stop() } }
-        func yaml(_ lb: String) -> String {
-            """
-            apiVersion: networking.istio.io/v1beta1
-            kind: ServiceEntry
-            metadata: {name: ch}
-            spec:
-              hosts: [ch]
-              resolution: STATIC
-              ports: [{number: 80, name: http}]
-              endpoints:
-            \(ups.map { "  - {address: 127.0.0.1, ports: {http: \($0.port)}}" }.joined(separator: "\n"))
-            ---
-            apiVersion: networking.istio.io/v1beta1
-            kind: DestinationRule
-            metadata: {name: ch}
-            spec:
-              host: ch
-              trafficPolicy: {loadBalancer: {consistentHash: \(lb)}}
-            """
-        }
+        func yaml(_ lb: String) -> String { meshService("ch", ports: ups.map(\.port), trafficPolicy: "{loadBalancer: {consistentHash: \(lb)}}") }
         let px = try ProxyFixture(appPort: 1, files: ["ch.yaml": yaml("{httpHeaderName: x-user}")], concurrency: 2)
         defer { px.stop() }
         let c = try RawClient(port: px.outbound)

@@ -245,3 +245,26 @@ func adminGet(_ port: Int, _ path: String, method: String = "GET") -> RawClient.
     c.send("\(method) \(path) HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n")
     return c.read()
 }
+
+/// A ServiceEntry `name` with endpoints on 127.0.0.1 at `ports` (port name http,
+/// service port 80), a DestinationRule with `trafficPolicy` (flow YAML) when given,
+/// and `extra` documents.
+func meshService(_ name: String, ports: [Int], trafficPolicy: String? = nil, extra: String = "") -> String {
+    var y = """
+    apiVersion: networking.istio.io/v1beta1
+    kind: ServiceEntry
+    metadata: {name: \(name)}
+    spec:
+      hosts: [\(name)]
+      resolution: STATIC
+      ports: [{number: 80, name: http}]
+      endpoints:
+
+    """
+    for p in ports { y += "  - {address: 127.0.0.1, ports: {http: \(p)}}\n" }
+    if let trafficPolicy {
+        y += "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: \(name)}\nspec:\n  host: \(name)\n  trafficPolicy: \(trafficPolicy)\n"
+    }
+    if !extra.isEmpty { y += "---\n" + extra }
+    return y
+}
