@@ -118,6 +118,14 @@ public final class CircuitCounters: @unchecked Sendable {
     public let connections = ManagedAtomic(0)
     public let pending = ManagedAtomic(0)
     public let overflows = ManagedAtomic(0)
+    /// Active requests (http2MaxRequests).
+    public let requests = ManagedAtomic(0)
+    public func tryRequest(max: Int) -> Bool {
+        if Self.increment(requests, below: max) { return true }
+        overflows.wrappingIncrement(ordering: .relaxed)
+        return false
+    }
+    public func requestDone() { requests.wrappingDecrement(ordering: .relaxed) }
     /// Retries in flight, and retries refused by maxRetries.
     public let retries = ManagedAtomic(0)
     public let retryOverflows = ManagedAtomic(0)

@@ -48,6 +48,10 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let maxPendingRequests: Int
     public let connectTimeoutMs: Int
     public let maxRetries: Int
+    public let maxRequests: Int
+    public let idleTimeoutMs: Int
+    public let maxConnectionDurationMs: Int
+    public let tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
     /// consistentHash: what the key is made of, and the ring over the endpoints.
     public let hashPolicy: HashPolicy?
     let ring: HashRing?
@@ -59,6 +63,10 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
         self.maxPendingRequests = policy.maxPendingRequests
         self.connectTimeoutMs = policy.connectTimeoutMs
         self.maxRetries = policy.maxRetries
+        self.maxRequests = policy.maxRequests
+        self.idleTimeoutMs = policy.idleTimeoutMs
+        self.maxConnectionDurationMs = policy.maxConnectionDurationMs
+        self.tcpKeepalive = policy.tcpKeepalive
         self.hashPolicy = policy.hash
         self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
@@ -88,6 +96,10 @@ public struct ClusterPolicy: Sendable {
     public var maxPendingRequests = 1024
     public var connectTimeoutMs = 0
     public var maxRetries = 3
+    public var maxRequests = 1024
+    public var idleTimeoutMs = 0
+    public var maxConnectionDurationMs = 0
+    public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
     public var outlier: OutlierPolicy?
 
     /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
@@ -114,6 +126,15 @@ public struct ClusterPolicy: Sendable {
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m >= 0 { p.maxRetries = m }
             if let ct = tp["connectionPool"]?["tcp"]?["connectTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.connectTimeoutMs = ct }
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["http2MaxRequests"], m > 0 { p.maxRequests = m }
+            if let v = tp["connectionPool"]?["http"]?["idleTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.idleTimeoutMs = v }
+            if let v = tp["connectionPool"]?["tcp"]?["maxConnectionDuration"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.maxConnectionDurationMs = v }
+            if let ka = tp["connectionPool"]?["tcp"]?["tcpKeepalive"] {
+                func secs(_ k: String, _ d: Int) -> Int { ka[k]?.stringValue.flatMap(TrafficDecoder.parseDuration).map { max(1, $0 / 1000) } ?? d }
+                var probes = 9
+                if case .int(let n)? = ka["probes"] { probes = n }
+                p.tcpKeepalive = (probes, secs("time", 7200), secs("interval", 75))
+            }
             if let od = tp["outlierDetection"] {
                 // Istio's defaults where a field is left out.
                 var o = p.outlier ?? OutlierPolicy()

@@ -43,6 +43,14 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var connectTimeoutMs: Int { get }
     /// connectionPool.http.maxRetries: concurrent retries across the sidecar (Envoy's default 3).
     var maxRetries: Int { get }
+    /// connectionPool.http.http2MaxRequests: active requests across the sidecar (default 1024).
+    var maxRequests: Int { get }
+    /// connectionPool.http.idleTimeout: a pooled connection idle longer is closed (0: listener default).
+    var idleTimeoutMs: Int { get }
+    /// connectionPool.tcp.maxConnectionDuration: a connection older is not reused (0: none).
+    var maxConnectionDurationMs: Int { get }
+    /// connectionPool.tcp.tcpKeepalive: probes, time, interval in seconds (nil: off).
+    var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? { get }
 }
 
 /// DestinationRule `outlierDetection`, as the balancer applies it.
@@ -71,6 +79,10 @@ extension UpstreamCluster {
     public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { nil }
     public var connectTimeoutMs: Int { 0 }
     public var maxRetries: Int { 3 }
+    public var maxRequests: Int { 1024 }
+    public var idleTimeoutMs: Int { 0 }
+    public var maxConnectionDurationMs: Int { 0 }
+    public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? { nil }
 }
 
 /// A consistent-hash ring: each endpoint owns a fixed number of points

@@ -46,6 +46,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var waitTimer: RepeatedTask?
     /// The cluster retry slot (maxRetries) of the attempt in flight.
     var retrySlotHeld: CircuitCounters?
+    /// Whether the stream counts against its cluster's http2MaxRequests.
+    var holdsRequestSlot = false
     var headerTimer: Scheduled<Void>?
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
@@ -341,7 +343,19 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func dispatch(host: String, port: Int, key: String) {
         guard let s = stream else { return }
         armPerTryTimer(s)
-        if let c = ctx.pool.takeIdle(key) {
+        let cl = s.route.upstreamCluster
+        if let cl, !holdsRequestSlot {
+            // http2MaxRequests: active requests per cluster across the sidecar.
+            let cc = ctx.balancer.circuit(cl)
+            guard cc.tryRequest(max: cl.maxRequests) else {
+                ctx.metrics.count("moonlet_upstream_overflow_total")
+                s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: overflow", flags: .upstreamOverflow)
+                sendLocalReply()
+                return
+            }
+            holdsRequestSlot = true
+        }
+        if let c = ctx.pool.takeIdle(key, idleTimeoutMs: cl?.idleTimeoutMs ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
             attach(c)
             return
         }
@@ -402,7 +416,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         let sid = s.id, try_ = attempt
-        ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0) { [weak self] r in
+        ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive) { [weak self] r in
             guard let self else { return }
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
@@ -782,6 +797,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         replay = nil
         if waiter != nil { stopWaiting() }
         retrySlotHeld?.retryDone(); retrySlotHeld = nil
+        if holdsRequestSlot, let c = s.route.upstreamCluster { ctx.balancer.circuit(c).requestDone() }
+        holdsRequestSlot = false
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }

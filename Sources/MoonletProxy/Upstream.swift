@@ -36,6 +36,7 @@ final class UpstreamConnection: ChannelInboundHandler {
     var keepAlive = true
     var requestsServed = 0
     var idleSince: UInt64 = 0
+    let createdAt = NIODeadline.now().uptimeNanoseconds
     var closed = false
     /// The cluster connection slot this connection holds (released when it closes).
     var circuit: CircuitCounters?
@@ -196,17 +197,37 @@ final class UpstreamPool {
 
     /// An idle live connection for `key`, if any. The list is mutated in place (a
     /// copy out of the dictionary would copy every pooled connection per request).
-    func takeIdle(_ key: String) -> UpstreamConnection? {
+    func takeIdle(_ key: String, idleTimeoutMs: Int = 0, maxDurationMs: Int = 0) -> UpstreamConnection? {
+        var now: UInt64 = 0
         while let c = idle[key]?.popLast() {
-            if !c.closed, let ch = c.channel, ch.isActive { return c }
+            guard !c.closed, let ch = c.channel, ch.isActive else { continue }
+            if idleTimeoutMs > 0 || maxDurationMs > 0 {
+                if now == 0 { now = NIODeadline.now().uptimeNanoseconds }
+                // The cluster's idleTimeout / maxConnectionDuration retire old connections.
+                if (idleTimeoutMs > 0 && now - c.idleSince > UInt64(idleTimeoutMs) * 1_000_000)
+                    || (maxDurationMs > 0 && now - c.createdAt > UInt64(maxDurationMs) * 1_000_000) {
+                    ch.close(promise: nil)
+                    continue
+                }
+            }
+            return c
         }
         return nil
     }
 
-    func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+    func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
+                 _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
-        ClientBootstrap(group: loop)
+        var bootstrap = ClientBootstrap(group: loop)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+        if let ka = keepalive {
+            bootstrap = bootstrap
+                .channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
+                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE)), value: ka.timeSeconds)
+                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPINTVL)), value: ka.intervalSeconds)
+                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPCNT)), value: ka.probes)
+        }
+        bootstrap
             .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
             .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
             .channelInitializer { ch in

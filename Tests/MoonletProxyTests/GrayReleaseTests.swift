@@ -259,3 +259,52 @@ final class ConsistentHashTests: XCTestCase {
         XCTAssertEqual(eps, [first.header("x-ep")!])
     }
 }
+
+final class KilledBackendTests: XCTestCase {
+    /// A backend killed under load: retries and ejection move traffic to the others
+    /// (fewer than 1% of requests fail); back again, it gets traffic after its ejection time.
+    func test_backendKilledUnderLoad_failsUnder1Percent_andReturnsAfterEjection() throws {
+        let tagged = { (i: Int) -> @Sendable (SeenRequest) -> TestUpstream.Reply in { _ in TestUpstream.Reply(headers: [("x-ep", "\(i)")]) } }
+        var ups = try (0..<3).map { try TestUpstream(respond: tagged($0)) }
+        let victimPort = ups[0].port
+        defer { ups.forEach { $0.stop() } }
+        let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: kb}\nspec:\n  hosts: [kb]\n  http:\n  - route: [{destination: {host: kb}}]\n    retries: {attempts: 3, retryOn: \"connect-failure,reset,5xx\"}\n"
+        let px = try ProxyFixture(appPort: 1, files: ["kb.yaml": meshService("kb", ports: ups.map(\.port),
+            trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutiveGatewayErrors: 1, consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 50}}", extra: vs)])
+        defer { px.stop() }
+        let total = NIOLockedValueBox(0), failed = NIOLockedValueBox(0)
+        let seen = NIOLockedValueBox([String: Int]())
+        let stop = NIOLockedValueBox(false)
+        let group = DispatchGroup()
+        for _ in 0..<4 {
+            DispatchQueue.global().async(group: group) {
+                var c = try? RawClient(port: px.outbound)
+                while !stop.withLockedValue({ $0 }) {
+                    c?.send("GET / HTTP/1.1\r\nHost: kb\r\n\r\n")
+                    let r = c?.read()
+                    total.withLockedValue { $0 += 1 }
+                    if r?.status == 200 { seen.withLockedValue { $0[r?.header("x-ep") ?? "?", default: 0] += 1 } }
+                    else { failed.withLockedValue { $0 += 1 }; c = try? RawClient(port: px.outbound) }
+                }
+            }
+        }
+        usleep(700_000)
+        ups[0].stop()                                   // killed under load
+        usleep(800_000)
+        seen.withLockedValue { $0 = [:] }
+        usleep(300_000)
+        XCTAssertNil(seen.withLockedValue { $0["0"] }, "the dead backend gets no traffic")
+        ups[0] = try TestUpstream(port: victimPort, respond: tagged(0))   // back again
+        // Each ejection lasts baseEjectionTime x times ejected (it may have been ejected
+        // again just before it came back), so wait up to a few seconds.
+        seen.withLockedValue { $0 = [:] }
+        let until = Date().addingTimeInterval(6)
+        while Date() < until && (seen.withLockedValue { $0["0"] ?? 0 }) == 0 { usleep(100_000) }
+        stop.withLockedValue { $0 = true }
+        group.wait()
+        let t = total.withLockedValue { $0 }, f = failed.withLockedValue { $0 }
+        XCTAssertGreaterThan(t, 200)
+        XCTAssertLessThan(Double(f) / Double(t), 0.01, "\(f) of \(t) failed")
+        XCTAssertGreaterThan(seen.withLockedValue { $0["0"] ?? 0 }, 0, "it gets traffic again after its ejection time")
+    }
+}

@@ -43,7 +43,7 @@ final class TestUpstream: @unchecked Sendable {
     var peakOpenConnections: Int { lock.withLock { _peakOpen } }
     var seen: [SeenRequest] { lock.withLock { _seen } }
 
-    init(respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
+    init(port: Int = 0, respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
         if let respond { self.respond = respond }
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -52,7 +52,7 @@ final class TestUpstream: @unchecked Sendable {
                 ch.closeFuture.whenComplete { _ in self.lock.withLock { self._open -= 1 } }
                 return ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(Handler(owner: self)) }
             }
-            .bind(host: "127.0.0.1", port: 0).wait()
+            .bind(host: "127.0.0.1", port: port).wait()
     }
 
     func stop() { try? channel.close().wait(); try? group.syncShutdownGracefully() }
