@@ -10,6 +10,10 @@ public final class BalancerState {
     var outliers: [OutlierState?] = []
     var outlierResolved: [Bool] = []
     var circuits: [CircuitCounters?] = []
+    /// Per endpoint, this loop's finished requests and those that failed (5xx or
+    /// local-origin failure), for /clusters' success rate.
+    var served: [[Int]] = []
+    var failed: [[Int]] = []
     var random: Xoshiro256
 
     public init(seed: UInt64 = 0) {
@@ -25,9 +29,13 @@ public final class BalancerState {
             outliers += [OutlierState?](repeating: nil, count: grow)
             outlierResolved += [Bool](repeating: false, count: grow)
             circuits += [CircuitCounters?](repeating: nil, count: grow)
+            served += [[Int]](repeating: [], count: grow)
+            failed += [[Int]](repeating: [], count: grow)
         }
         if active[c.id].count != c.endpointCount {
             active[c.id] = [Int32](repeating: 0, count: c.endpointCount)
+            served[c.id] = [Int](repeating: 0, count: c.endpointCount)
+            failed[c.id] = [Int](repeating: 0, count: c.endpointCount)
             outlierResolved[c.id] = false
         }
         if !outlierResolved[c.id] {
@@ -52,8 +60,18 @@ public final class BalancerState {
     /// Reports the outcome of a request to endpoint `i` (status, or nil for a
     /// connect failure or reset) to outlier detection.
     public func report(_ c: UpstreamCluster, _ i: Int, status: Int?) {
-        guard let o = outlier(c) else { return }
+        ensure(c)
+        guard i < served[c.id].count else { return }
+        served[c.id][i] += 1
+        if status == nil || status! >= 500 { failed[c.id][i] += 1 }
+        guard let o = outliers[c.id] else { return }
         o.record(i, status: status, now: monotonicNanos())
+    }
+
+    /// This loop's (requests, failures) to endpoint `i` of `c`.
+    public func outcomes(_ c: UpstreamCluster, _ i: Int) -> (Int, Int) {
+        guard c.id < served.count, i < served[c.id].count else { return (0, 0) }
+        return (served[c.id][i], failed[c.id][i])
     }
 
     /// Picks an endpoint index of `c` (nil when it has none) and counts it active.
@@ -125,6 +143,6 @@ public final class BalancerState {
     }
 
     /// Forgets all counters (a new snapshot renumbers clusters).
-    public func reset() { cursors = []; active = []; outliers = []; outlierResolved = []; circuits = [] }
+    public func reset() { cursors = []; active = []; outliers = []; outlierResolved = []; circuits = []; served = []; failed = [] }
 }
 

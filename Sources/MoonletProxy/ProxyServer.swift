@@ -197,15 +197,19 @@ public final class ProxyServer: @unchecked Sendable {
         let snap = currentSnapshot
         let clusters = snap.routes.services.values.sorted { $0.fqdn < $1.fqdn }.flatMap { svc in svc.clusters.values.sorted { $0.name < $1.name } }
         let futures = contexts.map { c in
-            c.loop.submit { clusters.map { cl in (0..<cl.endpointCount).map { c.balancer.activeRequests(cl, $0) } } }
+            c.loop.submit { clusters.map { cl in (0..<cl.endpointCount).map { i -> [Int] in
+                let (n, f) = c.balancer.outcomes(cl, i)
+                return [c.balancer.activeRequests(cl, i), n, f]
+            } } }
         }
-        return EventLoopFuture.reduce([[Int]](repeating: [], count: clusters.count), futures, on: group.next()) { acc, loopCounts in
+        // Per cluster, per endpoint: [active requests, finished, failed], summed over loops.
+        return EventLoopFuture.reduce([[[Int]]](repeating: [], count: clusters.count), futures, on: group.next()) { acc, loopCounts in
             var out = acc
             for (i, counts) in loopCounts.enumerated() {
-                if out[i].isEmpty { out[i] = counts } else { for k in counts.indices { out[i][k] += counts[k] } }
+                if out[i].isEmpty { out[i] = counts } else { for k in counts.indices { for m in 0..<3 { out[i][k][m] += counts[k][m] } } }
             }
             return out
-        }.map { active in
+        }.map { stats in
             let now = monotonicNanos()
             var text = ""
             var items: [String] = []
@@ -225,12 +229,17 @@ public final class ProxyServer: @unchecked Sendable {
                     let addr = "\(e.address):\(e.port)"
                     let labels = cl.endpoints[i].labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
                     let until = od?.ejectedUntilNanos(i, now: now)
-                    let rq = active[ci].indices.contains(i) ? active[ci][i] : 0
+                    let st = stats[ci].indices.contains(i) ? stats[ci][i] : [0, 0, 0]
+                    let rq = st[0]
+                    let rate = st[1] == 0 ? "-1" : String(format: "%.1f", Double(st[1] - st[2]) * 100 / Double(st[1]))
                     text += "\(n)::\(addr)::rq_active::\(rq)\n"
+                    text += "\(n)::\(addr)::rq_total::\(st[1])\n"
+                    text += "\(n)::\(addr)::rq_error::\(st[2])\n"
+                    text += "\(n)::\(addr)::success_rate::\(rate)\n"
                     text += "\(n)::\(addr)::health_flags::\(until == nil ? "healthy" : "/failed_outlier_check")\n"
                     if let until { text += "\(n)::\(addr)::ejected_for_ms::\((until - now) / 1_000_000)\n" }
                     text += "\(n)::\(addr)::labels::\(labels)\n"
-                    eps.append("{\"address\":\(JSON.quote(addr)),\"labels\":\(JSON.quote(labels)),\"rq_active\":\(rq),\"ejected\":\(until != nil),\"ejected_for_ms\":\(until.map { String(($0 - now) / 1_000_000) } ?? "null")}")
+                    eps.append("{\"address\":\(JSON.quote(addr)),\"labels\":\(JSON.quote(labels)),\"rq_active\":\(rq),\"rq_total\":\(st[1]),\"rq_error\":\(st[2]),\"success_rate\":\(rate),\"ejected\":\(until != nil),\"ejected_for_ms\":\(until.map { String(($0 - now) / 1_000_000) } ?? "null")}")
                 }
                 items.append("{\"name\":\(JSON.quote(n)),\"lb_policy\":\(JSON.quote(cl.policy.rawValue)),\"max_connections\":\(cl.maxConnections),\"max_pending_requests\":\(cl.maxPendingRequests),\"cx_active\":\(cc.connections.load(ordering: .relaxed)),\"rq_pending\":\(cc.pending.load(ordering: .relaxed)),\"overflow\":\(cc.overflows.load(ordering: .relaxed)),\"endpoints\":[\(eps.joined(separator: ","))]}")
             }

@@ -133,10 +133,11 @@ final class OutlierDetectionTests: XCTestCase {
         let text = try XCTUnwrap(adminGet(px.admin, "/clusters")).body
         XCTAssertTrue(text.contains("outbound|80||od.default.svc.cluster.local::127.0.0.1:\(bad.port)::health_flags::/failed_outlier_check"), text)
         XCTAssertTrue(text.contains("::lb_policy::ROUND_ROBIN"), text)
+        XCTAssertTrue(text.contains("127.0.0.1:\(good.port)::success_rate::100.0"), text)
         let prom = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
         XCTAssertTrue(prom.contains("moonlet_outlier_ejections_total{cluster=\"outbound|80||od.default.svc.cluster.local\"} 1"), prom)
         let json = try XCTUnwrap(adminGet(px.admin, "/clusters?format=json")).body
-        XCTAssertTrue(json.contains("\"address\":\"127.0.0.1:\(bad.port)\",\"labels\":\"\",\"rq_active\":0,\"ejected\":true"), json)
+        XCTAssertTrue(json.contains("\"address\":\"127.0.0.1:\(bad.port)\",\"labels\":\"\",\"rq_active\":0,\"rq_total\":5,\"rq_error\":5,\"success_rate\":0.0,\"ejected\":true"), json)
         failing.withLockedValue { $0 = false }
         usleep(1_100_000)
         var back = 0
