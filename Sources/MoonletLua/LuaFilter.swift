@@ -120,9 +120,10 @@ public final class LuaPluginInstance: Filter {
     func call(_ which: Int, _ s: ProxyStream, chunk: ByteBuffer? = nil, eos: Bool = false, retried: Bool = false) -> FilterAction {
         let ref = fn[which]
         if ref == LUA_NOREF { return .continue }
-        let ctx = s.luaCtx
-        let thread: LuaThread
-        if let t = ctx.thread { thread = t } else { thread = vm.acquireThread(); ctx.thread = thread }
+        // Phase calls run to completion (no yields yet), so they share the VM's runner
+        // coroutine: one hot stack instead of one per concurrent stream. A stream gets a
+        // coroutine of its own only when yields (http.call, timers) arrive.
+        let thread = vm.runnerThread()
         let co = thread.L
         ml_getregistry_ref(co, ref)
         ml_pushlight(co, LuaAPI.wrapper(s.id, .stream))
@@ -150,8 +151,7 @@ public final class LuaPluginInstance: Filter {
             return .continue
         }
         // The coroutine died with the error: give it back and start a fresh one next time.
-        vm.releaseThread(thread, healthy: false)
-        ctx.thread = nil
+        vm.runnerFailed()
         let msg = "plugin \(name): \(Self.phaseNames[which]): \(out.error ?? "error")"
         vm.logger.error("\(msg)", metadata: ["stream": "\(s.id)"])
         vm.host.recordError(plugin: name, msg)

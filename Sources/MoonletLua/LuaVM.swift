@@ -26,9 +26,8 @@ enum WrapperKind: UInt {
     case stream = 1, request, response, requestHeaders, responseHeaders, source, destination, route
 }
 
-/// The Lua state of one stream in one VM: its coroutine and its `s.vars` table.
+/// The Lua state of one stream in one VM: its `s.vars` table.
 final class StreamLuaContext {
-    var thread: LuaThread?
     var varsRef: Int32 = LUA_NOREF
 }
 
@@ -111,6 +110,23 @@ public final class LuaVM {
 
     // MARK: threads
 
+    /// The coroutine phase calls run on (replaced when a call dies with an error).
+    var runner: LuaThread?
+
+    @inline(__always)
+    func runnerThread() -> LuaThread {
+        if let r = runner { return r }
+        let r = acquireThread()
+        runner = r
+        return r
+    }
+
+    /// The runner died with an error: drop it; the next call gets a fresh one.
+    func runnerFailed() {
+        if let r = runner { releaseThread(r, healthy: false) }
+        runner = nil
+    }
+
     func acquireThread() -> LuaThread {
         if let t = threadPool.popLast() { return t }
         let co = lua_newthread(L)!
@@ -128,10 +144,9 @@ public final class LuaVM {
         }
     }
 
-    /// Frees the stream's Lua state (coroutine back to the pool, `s.vars` released).
+    /// Frees the stream's Lua state (`s.vars` released).
     public func endStream(_ s: ProxyStream) {
         guard let ctx = s.luaContext as? StreamLuaContext else { return }
-        if let t = ctx.thread { releaseThread(t, healthy: true) }
         if ctx.varsRef != LUA_NOREF { ml_unref(L, ctx.varsRef) }
         s.luaContext = nil
     }
