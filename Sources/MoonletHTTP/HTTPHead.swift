@@ -190,7 +190,6 @@ public struct HTTPHead: Sendable {
         return out
     }
 
-    public var liveFieldCount: Int { fields.lazy.filter { !$0.removed }.count + added.count }
 }
 
 /// Validation of header names and values coming from filters (Lua, config): a value with

@@ -51,7 +51,6 @@ public final class LuaVM {
     var current: ProxyStream?
     var currentID: UInt64 = 0
     var currentPlugin: String = ""
-    var varsStreamRefs: [Int32] = []
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     let logger: Logger
