@@ -133,6 +133,9 @@ public struct ConfigLoader {
                     case "DestinationRule": if let v = d.destinationRule(spec, name: name, line: doc.line) { out.destinationRules.append(v) }
                     case "ServiceEntry": if let v = d.serviceEntry(spec, name: name, line: doc.line) { out.serviceEntries.append(v) }
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
+                    case "PeerAuthentication": d.peerAuthentication(spec)
+                    case "AuthorizationPolicy": d.authorizationPolicy(spec)
+                    case "Telemetry": d.telemetry(spec)
                     default: break
                     }
                     out.errors += d.errors

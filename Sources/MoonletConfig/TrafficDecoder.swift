@@ -492,3 +492,73 @@ enum HeaderValidationLite {
         return true
     }
 }
+
+// MARK: - Security and telemetry resources (validated now, enforced with their features)
+
+extension TrafficDecoder {
+    static let mtlsModes: Set<String> = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+    mutating func mtlsMode(_ n: PositionedNode?, _ path: String) {
+        guard let n else { return }
+        guard fields(n, path, ["mode"]) else { return }
+        if let m = n.child("mode"), let v = string(m, "\(path).mode"), !Self.mtlsModes.contains(v) {
+            err(m, "\(path).mode", "Unsupported value: \"\(v)\": supported values: \"UNSET\", \"DISABLE\", \"PERMISSIVE\", \"STRICT\"")
+        }
+    }
+
+    /// PeerAuthentication: mode enums, portLevelMtls needs a selector, is not empty, has valid ports.
+    mutating func peerAuthentication(_ spec: PositionedNode) {
+        guard fields(spec, "spec", ["selector", "mtls", "portLevelMtls"]) else { return }
+        if let sel = spec.child("selector"), fields(sel, "spec.selector", ["matchLabels"]) { _ = labels(sel.child("matchLabels"), "spec.selector.matchLabels") }
+        mtlsMode(spec.child("mtls"), "spec.mtls")
+        guard let plm = spec.child("portLevelMtls") else { return }
+        guard let m = plm.mapping else { err(plm, "spec.portLevelMtls", "must be a mapping"); return }
+        if spec.child("selector") == nil { err(plm, "spec.portLevelMtls", "portLevelMtls requires selector") }
+        if m.isEmpty { err(plm, "spec.portLevelMtls", "spec.portLevelMtls in body should have at least 1 properties") }
+        for e in m {
+            guard let port = UInt64(e.key) else {
+                err(nil, "spec.portLevelMtls.\(e.key)", "type conversion error from string to uint32: \"\(e.key)\"", line: e.keyLine, col: e.keyColumn); continue
+            }
+            if port < 1 || port > 65535 { err(nil, "spec.portLevelMtls.\(e.key)", "port must be between 1-65535", line: e.keyLine, col: e.keyColumn) }
+            mtlsMode(e.value, "spec.portLevelMtls.\(e.key)")
+        }
+    }
+
+    /// AuthorizationPolicy: action enum and the source rules Istio checks.
+    mutating func authorizationPolicy(_ spec: PositionedNode) {
+        guard fields(spec, "spec", ["selector", "targetRef", "targetRefs", "rules", "action", "provider"]) else { return }
+        if let a = spec.child("action"), let v = string(a, "spec.action"), !["ALLOW", "DENY", "AUDIT", "CUSTOM"].contains(v) {
+            err(a, "spec.action", "Unsupported value: \"\(v)\"")
+        }
+        for (ri, r) in (spec.child("rules")?.sequence ?? []).enumerated() {
+            for (fi, f) in (r.child("from")?.sequence ?? []).enumerated() {
+                guard let src = f.child("source") else { continue }
+                if src.child("serviceAccounts") != nil && (src.child("namespaces") != nil || src.child("principals") != nil) {
+                    err(src, "spec.rules[\(ri)].from[\(fi)].source", "Cannot set serviceAccounts with namespaces or principals")
+                }
+            }
+        }
+    }
+
+    /// Telemetry: provider names, custom metric names and tag override operations.
+    mutating func telemetry(_ spec: PositionedNode) {
+        guard fields(spec, "spec", ["selector", "targetRef", "targetRefs", "tracing", "metrics", "accessLogging"]) else { return }
+        for (mi, m) in (spec.child("metrics")?.sequence ?? []).enumerated() {
+            for (pi, p) in (m.child("providers")?.sequence ?? []).enumerated() where (p.child("name")?.scalarString ?? "").isEmpty {
+                err(p, "spec.metrics[\(mi)].providers[\(pi)].name", "name in body should be at least 1 chars long")
+            }
+            for (oi, o) in (m.child("overrides")?.sequence ?? []).enumerated() {
+                let path = "spec.metrics[\(mi)].overrides[\(oi)]"
+                if let cm = o.child("match")?.child("customMetric"), (cm.scalarString ?? "").isEmpty {
+                    err(cm, "\(path).match.customMetric", "customMetric in body should be at least 1 chars long")
+                }
+                for e in o.child("tagOverrides")?.mapping ?? [] {
+                    let op = e.value.child("operation")?.scalarString ?? "UPSERT"
+                    let hasValue = e.value.child("value") != nil
+                    if op == "UPSERT" && !hasValue { err(e.value, "\(path).tagOverrides.\(e.key)", "value must be set when operation is UPSERT") }
+                    if op == "REMOVE" && hasValue { err(e.value, "\(path).tagOverrides.\(e.key)", "value must not be set when operation is REMOVE") }
+                }
+            }
+        }
+    }
+}
