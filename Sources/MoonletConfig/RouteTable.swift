@@ -210,6 +210,8 @@ public struct Forward {
     public var retry: RetrySpec = .istioDefault
     /// CORS headers for the response (the request's Origin was allowed).
     public var corsHeaders: [(String, String)] = []
+    /// Mirror targets chosen for this request (percentages applied).
+    public var mirrors: [(cluster: ClusterInfo, authority: String)] = []
 }
 
 /// Routes indexed by host at load: lookup is one dictionary probe on the normalized
@@ -280,9 +282,6 @@ public final class RouteTable: @unchecked Sendable {
                 if vh.routes != nil { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
                 vh.routes = v.http
                 vh.virtualService = "\(v.namespace)/\(v.name)"
-            }
-            for (ri, r) in v.http.enumerated() where !r.mirrors.isEmpty {
-                t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): spec.http[\(ri)].mirror: traffic mirroring is not applied yet (the route works without it)")
             }
             // Subsets named by a route must exist when the host has a DestinationRule.
             for (ri, r) in v.http.enumerated() {
@@ -364,6 +363,10 @@ public final class RouteTable: @unchecked Sendable {
             if case .forward(var fw) = out {
                 if let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) { fw.delayMs = d }
                 fw.corsHeaders = corsHeaders
+                for m in rule.mirrors where Self.chance(m.percent, &random) {
+                    guard let msvc = services[m.fqdn], let sp = msvc.port(m.port), let c = msvc.clusters["\(m.subset)|\(sp.number)"], c.endpointCount > 0 else { continue }
+                    fw.mirrors.append((c, HostName.normalize(r.authority) + "-shadow"))
+                }
                 out = .forward(fw)
             }
             return out

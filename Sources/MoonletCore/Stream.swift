@@ -104,6 +104,9 @@ public struct RouteDecision: Sendable {
     public var retry: RetrySpec?
     /// Consistent-hash key of the request (consistentHash clusters).
     public var hashKey: UInt64?
+    /// Where a copy of the request goes (VirtualService mirror): cluster and the
+    /// authority to send (the host with "-shadow", as Envoy does). Responses are ignored.
+    public var mirrors: [(cluster: UpstreamCluster, authority: String)] = []
     /// Response header edits of the matched route, applied before response filters.
     public var responseSet: [(String, String)] = []
     public var responseAdd: [(String, String)] = []

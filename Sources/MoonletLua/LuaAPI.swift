@@ -485,6 +485,7 @@ enum LuaAPI {
             s.route.port = f.servicePort
             s.route.upstreamCluster = f.upstream
             s.route.retry = f.retry
+            if !f.mirrors.isEmpty { s.route.mirrors = f.mirrors.map { ($0.cluster, $0.authority) } }
             if let hp = f.upstream.hashPolicy { hashKey(s, hp, vm: vm) }
             if let t = f.timeoutMs { s.route.timeoutMs = t }
             if let d = f.delayMs { s.route.delayMs = d }

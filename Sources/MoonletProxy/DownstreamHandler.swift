@@ -48,6 +48,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var retrySlotHeld: CircuitCounters?
     /// Whether the stream counts against its cluster's http2MaxRequests.
     var holdsRequestSlot = false
+    /// Mirror copies waiting for the request to complete, and where the body starts
+    /// in `replay`.
+    var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
+    var replayHeadLength = 0
     var headerTimer: Scheduled<Void>?
     var idleTimer: Scheduled<Void>?
     var lastActivity: UInt64 = 0
@@ -334,7 +338,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             requestChunked = false
         }
         attempt = 0
-        replay = s.route.retry != nil && s.route.retry!.attempts > 0 ? out : nil
+        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty ? out : nil
+        replayHeadLength = out.readableBytes
+        if !s.route.mirrors.isEmpty { prepareMirrors(s) }
         pendingUpstream = out
         dispatch(host: host, port: port, key: key)
     }
@@ -434,6 +440,44 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 self.upstreamFailed(.connectFailed("\(e)"))
             }
         }
+    }
+
+    /// Builds the head of each mirror copy: the same request with the shadow authority,
+    /// closing its connection after the (ignored) response.
+    func prepareMirrors(_ s: ProxyStream) {
+        mirrorHeads = s.route.mirrors.map { m in
+            var h = s.request
+            h.set("host", m.authority)
+            h.hostIndex = -1
+            var b = context.channel.allocator.buffer(capacity: h.bytes.readableBytes + 64)
+            let chunked = requestChunked
+            HeadWriter.writeRequest(h, into: &b) { o in
+                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+                o.writeStaticString("connection: close\r\n")
+            }
+            return (m.cluster, b)
+        }
+        if requestComplete { sendMirrors() }
+    }
+
+    /// Sends the mirror copies once the request is complete (head + replayed body);
+    /// a body past the replay bound is not mirrored.
+    func sendMirrors() {
+        guard !mirrorHeads.isEmpty, let bytes = replay else { mirrorHeads = []; return }
+        var body = bytes
+        body.moveReaderIndex(forwardBy: min(replayHeadLength, body.readableBytes))
+        for (cluster, head) in mirrorHeads {
+            guard let i = ctx.balancer.pick(cluster) else { continue }
+            ctx.balancer.done(cluster, i)
+            let e = cluster.endpoint(i)
+            var payload = head
+            var b = body
+            payload.writeBuffer(&b)
+            guard let address = try? ctx.pool.address(host: e.address, port: e.port) else { continue }
+            ctx.metrics.count("moonlet_upstream_mirrored_total")
+            MirrorSender.send(payload, to: address, on: context.eventLoop, timeoutMs: limits.connectTimeoutMs)
+        }
+        mirrorHeads = []
     }
 
     /// Records bytes sent upstream for a possible retry (bounded: past the limit the
@@ -572,6 +616,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         } else {
             upstream?.channel?.flush()
         }
+        if !mirrorHeads.isEmpty { sendMirrors() }
     }
 
     func abortUpstreamAndReply() {
@@ -795,6 +840,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         streamTimer?.cancel(); streamTimer = nil
         perTryTimer?.cancel(); perTryTimer = nil
         replay = nil
+        mirrorHeads = []
         if waiter != nil { stopWaiting() }
         retrySlotHeld?.retryDone(); retrySlotHeld = nil
         if holdsRequestSlot, let c = s.route.upstreamCluster { ctx.balancer.circuit(c).requestDone() }

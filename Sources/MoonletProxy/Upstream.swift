@@ -284,3 +284,25 @@ final class UpstreamPool {
 
     var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
 }
+
+/// Fire-and-forget mirror requests: a connection of its own, the response read and
+/// dropped, closed when the upstream closes (the copy says `connection: close`) or
+/// after a timeout.
+enum MirrorSender {
+    final class Discard: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+        func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+    }
+
+    static func send(_ payload: ByteBuffer, to address: SocketAddress, on loop: EventLoop, timeoutMs: Int) {
+        ClientBootstrap(group: loop)
+            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs)))
+            .channelInitializer { ch in ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(Discard()) } }
+            .connect(to: address)
+            .whenSuccess { ch in
+                ch.writeAndFlush(payload, promise: nil)
+                ch.eventLoop.scheduleTask(in: .seconds(30)) { ch.close(promise: nil) }
+            }
+    }
+}

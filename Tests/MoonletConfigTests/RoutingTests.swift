@@ -346,7 +346,7 @@ final class RoutingExtrasTests: XCTestCase {
         XCTAssertEqual(b.subset, "v1")
     }
 
-    func test_mirror_isReportedAsNotAppliedYet() throws {
+    func test_mirror_isChosenWithItsPercentage() throws {
         let t = try table("""
         apiVersion: networking.istio.io/v1beta1
         kind: VirtualService
@@ -358,6 +358,15 @@ final class RoutingExtrasTests: XCTestCase {
             mirror: {host: svc, subset: v2}
             mirrorPercentage: {value: 50}
         """)
-        XCTAssertTrue(t.warnings.contains { $0.contains("mirror: traffic mirroring is not applied yet") }, "\(t.warnings)")
+        var mirrored = 0
+        for _ in 0..<2000 {
+            guard case .forward(let f) = t.route(RouteRequest(method: "GET", path: "/", authority: "svc:8080") { _ in nil }, random: &rng) else { return XCTFail() }
+            if let m = f.mirrors.first {
+                mirrored += 1
+                XCTAssertEqual(m.authority, "svc-shadow")
+                XCTAssertEqual(m.cluster.name, "outbound|8080|v2|svc.default.svc.cluster.local")
+            }
+        }
+        XCTAssertEqual(Double(mirrored) / 2000, 0.5, accuracy: 0.06)
     }
 }

@@ -309,3 +309,25 @@ final class KilledBackendTests: XCTestCase {
         XCTAssertGreaterThan(seen.withLockedValue { $0["0"] ?? 0 }, 0, "it gets traffic again after its ejection time")
     }
 }
+
+final class MirrorTests: XCTestCase {
+    func test_mirror_sendsACopyWithShadowAuthority_andIgnoresItsResponse() throws {
+        let primary = try TestUpstream { r in TestUpstream.Reply(body: "primary \(r.body)") }
+        let shadow = try TestUpstream { _ in TestUpstream.Reply(status: .internalServerError, body: "shadow") }
+        defer { primary.stop(); shadow.stop() }
+        let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: mr}\nspec:\n  hosts: [mr]\n  http:\n  - route: [{destination: {host: mr}}]\n    mirror: {host: mr-shadow}\n    mirrorPercentage: {value: 100}\n"
+        let yaml = meshService("mr", ports: [primary.port], extra: meshService("mr-shadow", ports: [shadow.port]) + "---\n" + vs)
+        let px = try ProxyFixture(appPort: 1, files: ["mr.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        c.send("POST /m HTTP/1.1\r\nHost: mr\r\nContent-Length: 4\r\n\r\ndata")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.body, "primary data")
+        for _ in 0..<100 where shadow.seen.isEmpty { usleep(20_000) }
+        let copy = try XCTUnwrap(shadow.seen.first)
+        XCTAssertEqual(copy.headers["host"], ["mr-shadow"])
+        XCTAssertEqual(copy.body, "data")
+        XCTAssertEqual(copy.uri, "/m")
+    }
+}
