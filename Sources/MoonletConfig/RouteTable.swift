@@ -40,44 +40,35 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let id: Int
     /// Istio's cluster name: outbound|PORT|SUBSET|FQDN.
     public let name: String
-    public let policy: LBPolicy
-    public let maxRequestsPerConnection: Int
     public let endpoints: [Endpoint]
-    public let outlierPolicy: OutlierPolicy?
-    public let maxConnections: Int
-    public let maxPendingRequests: Int
-    public let connectTimeoutMs: Int
-    public let maxRetries: Int
-    public let maxRequests: Int
-    public let idleTimeoutMs: Int
-    public let maxConnectionDurationMs: Int
-    public let tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
-    /// consistentHash: what the key is made of, and the ring over the endpoints.
-    public let hashPolicy: HashPolicy?
+    /// The DestinationRule settings this cluster applies (subset over top level).
+    public let settings: ClusterPolicy
     let ring: HashRing?
     let ports: [Int]
     init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
-        self.id = id; self.name = name; self.policy = policy.lb; self.maxRequestsPerConnection = policy.maxRequestsPerConnection
-        self.outlierPolicy = policy.outlier
-        self.maxConnections = policy.maxConnections
-        self.maxPendingRequests = policy.maxPendingRequests
-        self.connectTimeoutMs = policy.connectTimeoutMs
-        self.maxRetries = policy.maxRetries
-        self.maxRequests = policy.maxRequests
-        self.idleTimeoutMs = policy.idleTimeoutMs
-        self.maxConnectionDurationMs = policy.maxConnectionDurationMs
-        self.tcpKeepalive = policy.tcpKeepalive
-        self.hashPolicy = policy.hash
+        self.id = id; self.name = name; self.settings = policy
         self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
     }
+    public var policy: LBPolicy { settings.lb }
+    public var maxRequestsPerConnection: Int { settings.maxRequestsPerConnection }
+    public var outlierPolicy: OutlierPolicy? { settings.outlier }
+    public var maxConnections: Int { settings.maxConnections }
+    public var maxPendingRequests: Int { settings.maxPendingRequests }
+    public var connectTimeoutMs: Int { settings.connectTimeoutMs }
+    public var maxRetries: Int { settings.maxRetries }
+    public var maxRequests: Int { settings.maxRequests }
+    public var idleTimeoutMs: Int { settings.idleTimeoutMs }
+    public var maxConnectionDurationMs: Int { settings.maxConnectionDurationMs }
+    public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? { settings.tcpKeepalive }
+    /// consistentHash: what the key is made of (the ring is built over the endpoints).
+    public var hashPolicy: HashPolicy? { settings.hash }
     public var stableName: String { name }
     public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { ring?.lookup(hash, skip: skip) }
     public var endpointCount: Int { endpoints.count }
     public func endpoint(_ i: Int) -> (address: String, port: Int) { (endpoints[i].address, ports[i]) }
 }
 
-/// The parts of a DestinationRule trafficPolicy the proxy applies today.
 /// What a consistent-hash key is made of (DestinationRule consistentHash).
 public enum HashPolicy: Sendable, Equatable {
     case header(String)
@@ -87,6 +78,7 @@ public enum HashPolicy: Sendable, Equatable {
     case queryParameter(String)
 }
 
+/// The parts of a DestinationRule trafficPolicy the proxy applies today.
 public struct ClusterPolicy: Sendable {
     public var lb: LBPolicy = .leastRequest
     public var hash: HashPolicy?
