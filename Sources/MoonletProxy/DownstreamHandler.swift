@@ -293,8 +293,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 tries += 1
             }
             guard let i = picked else {
-                s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
-                sendLocalReply()
+                reply503(s, "no healthy upstream", .noHealthyUpstream)
                 return nil
             }
             let e = c.endpoint(i)
@@ -354,9 +353,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             // http2MaxRequests: active requests per cluster across the sidecar.
             let cc = ctx.balancer.circuit(cl)
             guard cc.tryRequest(max: cl.maxRequests) else {
-                ctx.metrics.count("moonlet_upstream_overflow_total")
-                s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: overflow", flags: .upstreamOverflow)
-                sendLocalReply()
+                replyOverflow(s)
                 return
             }
             holdsRequestSlot = true
@@ -367,8 +364,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         let address: SocketAddress
         do { address = try ctx.pool.address(host: host, port: port) } catch {
-            s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
-            sendLocalReply()
+            reply503(s, "no healthy upstream", .noHealthyUpstream)
             return
         }
         // Circuit breaking: connections are bounded per cluster across the sidecar;
@@ -381,9 +377,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                     startWaiting(s, cc, cl, host: host, port: port, key: key, address: address)
                     return
                 }
-                ctx.metrics.count("moonlet_upstream_overflow_total")
-                s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: overflow", flags: .upstreamOverflow)
-                sendLocalReply()
+                replyOverflow(s)
                 return
             }
             slot = cc
@@ -440,6 +434,18 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 self.upstreamFailed(.connectFailed("\(e)"))
             }
         }
+    }
+
+    /// Answers 503 locally with an Envoy response flag.
+    func reply503(_ s: ProxyStream, _ body: String, _ flag: ResponseFlags) {
+        s.respond(503, body: body, flags: flag)
+        sendLocalReply()
+    }
+
+    /// Circuit breaking overflow (UO): counted and answered at once.
+    func replyOverflow(_ s: ProxyStream) {
+        ctx.metrics.count("moonlet_upstream_overflow_total")
+        reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: overflow", .upstreamOverflow)
     }
 
     /// Builds the head of each mirror copy: the same request with the shadow authority,

@@ -139,16 +139,9 @@ final class UpstreamConnection: ChannelInboundHandler {
         circuit?.connectionClosed()
         circuit = nil
         if inResponse {
-            if decoder?.isUntilClose == true { finishUntilClose() } else { fail(.reset) }
+            // A close-delimited body ends here; `closed` makes finish() report it unreusable.
+            if decoder?.isUntilClose == true { finish() } else { fail(.reset) }
         }
-    }
-
-    func finishUntilClose() {
-        inResponse = false
-        keepAlive = false
-        let d = delegate
-        delegate = nil
-        d?.upstreamResponseEnd(reusable: false)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
