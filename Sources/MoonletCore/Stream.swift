@@ -166,8 +166,12 @@ public final class ProxyStream {
         for i in filterState.indices { filterState[i] = nil }
     }
 
+    /// How many times `respond` was called: a phase that raises it answered locally.
+    public private(set) var replyCount = 0
+
     /// Answers locally: records the reply the proxy sends instead of going upstream.
     public func respond(_ status: Int, body: String = "", headers: [(name: String, value: String)] = [], flags: ResponseFlags = []) {
+        replyCount += 1
         localReply = LocalReply(status: status, body: body, headers: headers)
         responseFlags.formUnion(flags)
     }

@@ -136,6 +136,7 @@ public final class LuaPluginInstance: Filter {
             lua_pushboolean(co, eos ? 1 : 0)
             nargs = 4
         }
+        let replies = s.replyCount
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
         let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
@@ -146,7 +147,9 @@ public final class LuaPluginInstance: Filter {
             if !out.ok { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
         }
         if out.ok {
-            if s.localReply != nil && which != 4 { return .respond }
+            // Only a reply made by this call counts (a local reply's own response
+            // phase already has one).
+            if s.replyCount != replies && which != 4 { return .respond }
             if out.returned == "stop_and_buffer" && which == 0 { return .stopAndBuffer }
             return .continue
         }

@@ -758,9 +758,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         var head = Self.localHead(reply, allocator: context.channel.allocator)
         Self.applyRouteResponseEdits(s.route, to: &head)
         s.response = head
-        _ = chain.runResponse(s)
-        if let r2 = s.localReply, r2.status != reply.status || r2.body != reply.body || r2.headers.count != reply.headers.count {
-            reply = r2
+        // A response filter may replace the reply (s:respond) or set its status; the
+        // head is then rebuilt, keeping the headers filters added.
+        let replaced = chain.runResponse(s) == .respond
+        let current = s.localReply ?? reply
+        if replaced || current.status != reply.status {
+            reply = current
             head = Self.localHead(reply, allocator: context.channel.allocator)
             if let edited = s.response { head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } }) }
         } else if let edited = s.response {

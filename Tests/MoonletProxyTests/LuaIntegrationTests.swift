@@ -70,6 +70,20 @@ final class LuaIntegrationTests: XCTestCase {
         XCTAssertEqual(logged("/ok"), "a:200")
     }
 
+    func test_responseFilter_replacesALocalReply_evenWithTheSameStatusAndBody() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "deny.lua": "return { on_request = function(s) return s:respond(403, 'no', { ['x-why'] = 'first' }) end }",
+            "swap.lua": "return { on_response = function(s) if s.response.status == 403 then s:respond(403, 'no', { ['x-why'] = 'second' }) end end }",
+            "deny.yaml": ProxyFixture.plugin("deny", "  priority: 10\n"),
+            "swap.yaml": ProxyFixture.plugin("swap"),
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c))
+        XCTAssertEqual(r.status, 403)
+        XCTAssertEqual(r.all("x-why"), ["second"])
+    }
+
     func test_runawayLua_gets500WithinBudget_whileOtherRequestsKeepFlowing() throws {
         let px = try ProxyFixture(appPort: up.port, files: [
             "spin.lua": "return { on_request = function(s) if s.request.path == '/spin' then while true do end end end }",
