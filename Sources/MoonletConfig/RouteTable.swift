@@ -194,7 +194,11 @@ public struct Forward {
     public var host: String
     public var subset: String
     public var servicePort: Int
+    /// Index of the matched http route (-1: the default route).
     public var rule: Int
+    /// The matched route's header edits.
+    public var requestHeaders = HeaderOps()
+    public var responseHeaders = HeaderOps()
     public var rewrittenPath: String?
     public var rewrittenAuthority: String?
     public var timeoutMs: Int?
@@ -379,6 +383,8 @@ public final class RouteTable: @unchecked Sendable {
         }
         var f = Forward(upstream: c, cluster: c.name, host: fqdn, subset: subset, servicePort: sp.number, rule: rule)
         if let base {
+            f.requestHeaders = base.requestHeaders
+            f.responseHeaders = base.responseHeaders
             f.timeoutMs = base.timeoutMs
             if let rs = base.retries { f.retry = rs }
             if let rw = base.rewrite {

@@ -492,15 +492,13 @@ enum LuaAPI {
             s.destination.service = f.host
             if let p = f.rewrittenPath { s.request.targetOverride = p }
             if let a = f.rewrittenAuthority { s.request.set("host", a); s.request.hostIndex = -1 }
-            if f.rule >= 0, let vh = snap.routes.lookup(host), let rules = vh.routes {
-                let rule = rules[f.rule]
-                for n in rule.requestHeaders.removes { s.request.remove(n) }
-                for (n, v) in rule.requestHeaders.sets { s.request.set(n, v) }
-                for (n, v) in rule.requestHeaders.adds { s.request.addLowercased(n, v) }
-                s.route.responseSet = rule.responseHeaders.sets
-                s.route.responseAdd = rule.responseHeaders.adds + f.corsHeaders
-                s.route.responseRemove = rule.responseHeaders.removes
-            }
+            // The matched route's header edits (request now, response when it arrives).
+            for n in f.requestHeaders.removes { s.request.remove(n) }
+            for (n, v) in f.requestHeaders.sets { s.request.set(n, v) }
+            for (n, v) in f.requestHeaders.adds { s.request.addLowercased(n, v) }
+            s.route.responseSet = f.responseHeaders.sets
+            s.route.responseAdd += f.responseHeaders.adds + f.corsHeaders  // after a hash cookie, if one was set
+            s.route.responseRemove = f.responseHeaders.removes
             lua_pushstring(L, "forward")
         case .redirect(let st, let loc):
             s.respond(st, headers: [("location", loc)])
