@@ -21,6 +21,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "4.5.2"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.7.4"),
     ],
     targets: [
         .systemLibrary(name: "CLua", pkgConfig: "lua5.4", providers: [.apt(["liblua5.4-dev"])]),
@@ -46,13 +50,29 @@ let package = Package(
             "MoonletCore",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: hot),
+        // mTLS: TLS through swift-nio-ssl (BoringSSL), certificates and the CA through
+        // swift-certificates / swift-crypto. Nothing here uses the system libssl.
+        .target(name: "MoonletTLS", dependencies: [
+            "MoonletCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+        ], swiftSettings: v5),
         .target(name: "MoonletLua", dependencies: [
             "CLua", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
         .target(name: "MoonletProxy", dependencies: [
-            "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry", "MoonletBalancer",
+            "MoonletCore", "MoonletHTTP", "MoonletLua", "MoonletConfig", "MoonletTelemetry", "MoonletBalancer", "MoonletTLS",
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -60,7 +80,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
         .executableTarget(name: "moonlet", dependencies: [
-            "MoonletProxy", "MoonletConfig", "MoonletLua",
+            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -76,8 +96,15 @@ let package = Package(
         .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
         .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore"], swiftSettings: v5),
+        .testTarget(name: "MoonletTLSTests", dependencies: [
+            "MoonletTLS", "MoonletCore",
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+        ], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
-            "MoonletProxy", "MoonletLua", "MoonletConfig",
+            "MoonletProxy", "MoonletLua", "MoonletConfig", "MoonletTLS",
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

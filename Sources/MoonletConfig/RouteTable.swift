@@ -45,10 +45,49 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let settings: ClusterPolicy
     let ring: HashRing?
     let ports: [Int]
-    init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int]) {
+    /// Per endpoint: how its connections are secured (nil: plaintext).
+    let endpointTLS: [UpstreamTLS?]
+    init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int], namespace: String = "default", sni: String? = nil) {
         self.id = id; self.name = name; self.settings = policy
         self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
+        endpointTLS = Self.tlsPerEndpoint(policy.tls, endpoints: endpoints, namespace: namespace, sni: sni)
+    }
+
+    /// DestinationRule tls when set; otherwise Istio's auto mTLS: an endpoint that is a
+    /// mesh workload (a service account, or the label security.istio.io/tlsMode=istio)
+    /// is reached with ISTIO_MUTUAL and its SPIFFE id is checked.
+    static func tlsPerEndpoint(_ t: ClientTLSSettings?, endpoints: [Endpoint], namespace: String, sni: String?) -> [UpstreamTLS?] {
+        func spiffe(_ e: Endpoint) -> [String] { e.serviceAccount.isEmpty ? [] : [MeshIdentity.spiffe(namespace: namespace, serviceAccount: e.serviceAccount)] }
+        if let t {
+            switch t.mode {
+            case .disable: return endpoints.map { _ in nil }
+            case .istioMutual:
+                // Without subjectAltNames: any of the service accounts behind the cluster.
+                let sans = t.subjectAltNames.isEmpty ? Array(Set(endpoints.flatMap(spiffe))).sorted() : t.subjectAltNames
+                let one = UpstreamTLS(mode: .istioMutual, subjectAltNames: sans, sni: t.sni ?? sni)
+                return endpoints.map { _ in one }
+            case .simple, .mutual:
+                let one = UpstreamTLS(mode: t.mode, clientCertificate: t.clientCertificate, privateKey: t.privateKey, caCertificates: t.caCertificates,
+                                      subjectAltNames: t.subjectAltNames, sni: t.sni, verifyHostname: !t.insecureSkipVerify)
+                return endpoints.map { _ in one }
+            }
+        }
+        var byAccount: [String: UpstreamTLS] = [:]
+        return endpoints.map { e in
+            let label = e.labels["security.istio.io/tlsMode"]
+            guard label != "disabled", !e.serviceAccount.isEmpty || label == "istio" else { return nil }
+            if let u = byAccount[e.serviceAccount] { return u }
+            let u = UpstreamTLS(mode: .istioMutual, automatic: true, subjectAltNames: spiffe(e), sni: sni)
+            byAccount[e.serviceAccount] = u
+            return u
+        }
+    }
+    public func tls(_ i: Int) -> UpstreamTLS? { endpointTLS[i] }
+    /// Every distinct TLS setting of the cluster (the proxy builds contexts for them).
+    public var tlsSettings: [UpstreamTLS] {
+        var seen = Set<ObjectIdentifier>()
+        return endpointTLS.compactMap { $0 }.filter { seen.insert(ObjectIdentifier($0)).inserted }
     }
     public var policy: LBPolicy { settings.lb }
     public var maxRequestsPerConnection: Int { settings.maxRequestsPerConnection }
@@ -93,12 +132,22 @@ public struct ClusterPolicy: Sendable {
     public var maxConnectionDurationMs = 0
     public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
     public var outlier: OutlierPolicy?
+    /// trafficPolicy.tls (nil: not set, auto mTLS applies).
+    public var tls: ClientTLSSettings?
 
-    /// Top-level policy, then the subset's fields where it sets them (Istio's rule).
-    static func from(_ top: ConfigValue?, subset: ConfigValue?) -> ClusterPolicy {
+    /// The portLevelSettings entry of a policy for `port`.
+    static func portLevel(_ tp: ConfigValue?, _ port: Int?) -> ConfigValue? {
+        guard let port, case .array(let list)? = tp?["portLevelSettings"] else { return nil }
+        return list.first { e in if case .int(let n)? = e["port"]?["number"] { return n == port }; return false }
+    }
+
+    /// Top-level policy, its port-level settings, then the subset's policy and its
+    /// port-level settings, each overriding the fields it sets (Istio's rule).
+    static func from(_ top: ConfigValue?, subset: ConfigValue?, port: Int? = nil) -> ClusterPolicy {
         var p = ClusterPolicy()
-        for tp in [top, subset] {
+        for tp in [top, portLevel(top, port), subset, portLevel(subset, port)] {
             guard let tp else { continue }
+            if let t = tp["tls"], let s = ClientTLSSettings.from(t) { p.tls = s }
             if let s = tp["loadBalancer"]?["simple"]?.stringValue, let lb = LBPolicy(istio: s) { p.lb = lb; p.hash = nil }
             if let ch = tp["loadBalancer"]?["consistentHash"] {
                 p.lb = .consistentHash
@@ -300,9 +349,10 @@ public final class RouteTable: @unchecked Sendable {
             for sub in dr?.subsets ?? [] { sets.append((sub.name, svc.subsets[sub.name] ?? [], sub.trafficPolicy)) }
             for sp in svc.ports {
                 for (name, eps, subPolicy) in sets {
-                    let policy = ClusterPolicy.from(dr?.trafficPolicy, subset: subPolicy)
+                    let policy = ClusterPolicy.from(dr?.trafficPolicy, subset: subPolicy, port: sp.number)
                     svc.clusters["\(name)|\(sp.number)"] = ClusterInfo(id: nextID, name: "outbound|\(sp.number)|\(name)|\(fqdn)", policy: policy,
-                                                                       endpoints: eps, ports: eps.map { svc.endpointPort($0, for: sp) })
+                                                                       endpoints: eps, ports: eps.map { svc.endpointPort($0, for: sp) },
+                                                                       namespace: svc.namespace, sni: "outbound_.\(sp.number)_.\(name)_.\(fqdn)")
                     nextID += 1
                 }
             }

@@ -379,6 +379,13 @@ struct TrafficDecoder {
             let v = string(simple, "\(path).loadBalancer.simple") ?? ""
             if LBPolicy(istio: v) == nil { err(simple, "\(path).loadBalancer.simple", "unsupported value \"\(v)\" (ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH)") }
         }
+        if let t = n.child("tls") { clientTLS(t, "\(path).tls") }
+        for (i, pl) in (n.child("portLevelSettings")?.sequence ?? []).enumerated() {
+            let pp = "\(path).portLevelSettings[\(i)]"
+            guard fields(pl, pp, ["port", "loadBalancer", "connectionPool", "outlierDetection", "tls"]) else { continue }
+            if pl.child("port")?.child("number") == nil { err(pl, "\(pp).port.number", "Required value") }
+            if let t = pl.child("tls") { clientTLS(t, "\(pp).tls") }
+        }
         if let m = n.child("connectionPool")?.child("http")?.child("maxRequestsPerConnection") {
             _ = int(m, "\(path).connectionPool.http.maxRequestsPerConnection", range: 0...Int(Int32.max))
         }
@@ -401,6 +408,24 @@ struct TrafficDecoder {
                 }
             }
         }
+    }
+
+    /// ClientTLSSettings: mode enum, MUTUAL needs its files, ISTIO_MUTUAL takes none.
+    mutating func clientTLS(_ t: PositionedNode, _ path: String) {
+        guard fields(t, path, ["mode", "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni", "insecureSkipVerify", "caCrl"]) else { return }
+        let mode = string(t.child("mode"), "\(path).mode") ?? "DISABLE"
+        if UpstreamTLS.Mode(rawValue: mode) == nil {
+            err(t.child("mode"), "\(path).mode", "Unsupported value: \"\(mode)\": supported values: \"DISABLE\", \"SIMPLE\", \"MUTUAL\", \"ISTIO_MUTUAL\"")
+        }
+        if t.child("credentialName") != nil {
+            err(t.child("credentialName"), "\(path).credentialName", "not supported by moonlet (Kubernetes secrets); use clientCertificate, privateKey and caCertificates files")
+        } else if mode == "MUTUAL" && (t.child("clientCertificate") == nil || t.child("privateKey") == nil) {
+            err(t, path, "MUTUAL requires clientCertificate and privateKey")
+        }
+        if mode == "ISTIO_MUTUAL", let f = ["clientCertificate", "privateKey", "caCertificates"].first(where: { t.child($0) != nil }) {
+            err(t.child(f), "\(path).\(f)", "cannot be set with ISTIO_MUTUAL (the workload certificate is used)")
+        }
+        _ = stringList(t.child("subjectAltNames"), "\(path).subjectAltNames")
     }
 
     // MARK: ServiceEntry / WorkloadEntry

@@ -51,6 +51,56 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var maxConnectionDurationMs: Int { get }
     /// connectionPool.tcp.tcpKeepalive: probes, time, interval in seconds (nil: off).
     var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? { get }
+    /// How connections to endpoint `i` are secured (nil: plaintext). Decided at config
+    /// load from the DestinationRule's tls settings or, without them, Istio's auto mTLS.
+    func tls(_ i: Int) -> UpstreamTLS?
+}
+
+extension UpstreamCluster {
+    public func tls(_ i: Int) -> UpstreamTLS? { nil }
+}
+
+/// DestinationRule `trafficPolicy.tls` for one endpoint, as the upstream side applies it.
+/// Built once at config load; the proxy attaches the TLS context for SIMPLE/MUTUAL before
+/// the snapshot is published, so a request only reads it.
+public final class UpstreamTLS: @unchecked Sendable {
+    public enum Mode: String, Sendable {
+        case disable = "DISABLE"
+        case simple = "SIMPLE"
+        case mutual = "MUTUAL"
+        case istioMutual = "ISTIO_MUTUAL"
+    }
+    public let mode: Mode
+    /// Chosen by auto mTLS (no DestinationRule tls): falls back to plaintext when this
+    /// sidecar has no workload certificate, as a workload without a sidecar would be reached.
+    public let automatic: Bool
+    public let clientCertificate: String?
+    public let privateKey: String?
+    public let caCertificates: String?
+    /// SANs the server must present (URI or DNS, exact). For ISTIO_MUTUAL without
+    /// subjectAltNames: the SPIFFE ids of the endpoints' service accounts.
+    public let subjectAltNames: [String]
+    /// SNI sent; for ISTIO_MUTUAL Istio's "outbound_.PORT_.SUBSET_.HOST" form.
+    public let sni: String?
+    /// Whether SIMPLE/MUTUAL verify the server name against `sni` (insecureSkipVerify off).
+    public let verifyHostname: Bool
+    /// Appended to the pool key: connections with different TLS settings never mix.
+    public let poolTag: String
+    /// The client TLS context for SIMPLE/MUTUAL (an NIOSSLContext), set by the proxy at load.
+    public var context: AnyObject?
+    /// Why `context` could not be built (bad file), reported as the connect failure.
+    public var contextError: String?
+
+    public init(mode: Mode, automatic: Bool = false, clientCertificate: String? = nil, privateKey: String? = nil, caCertificates: String? = nil,
+                subjectAltNames: [String] = [], sni: String? = nil, verifyHostname: Bool = true) {
+        self.mode = mode; self.automatic = automatic; self.clientCertificate = clientCertificate; self.privateKey = privateKey
+        self.caCertificates = caCertificates; self.subjectAltNames = subjectAltNames; self.sni = sni; self.verifyHostname = verifyHostname
+        var tag = "|tls:\(mode.rawValue)"
+        if let sni { tag += ":" + sni }
+        if !subjectAltNames.isEmpty { tag += ":" + subjectAltNames.joined(separator: ",") }
+        if let c = clientCertificate { tag += ":" + c }
+        poolTag = tag
+    }
 }
 
 /// DestinationRule `outlierDetection`, as the balancer applies it.

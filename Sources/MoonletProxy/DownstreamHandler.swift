@@ -2,6 +2,8 @@ import NIOCore
 import MoonletCore
 import MoonletTelemetry
 import MoonletBalancer
+import MoonletTLS
+import NIOSSL
 
 /// The HTTP/1.1 fast path: one handler per downstream connection owns each stream
 /// from its first byte to its log line. It parses heads in place, runs the filter
@@ -19,6 +21,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var parser: HTTPHeadParser
     var peer = PeerInfo(address: "")
     var peerIP = ""
+    /// The downstream authenticated with mTLS (inbound): connection_security_policy mutual_tls.
+    var peerMTLS = false
+    /// An HTTP/2 stream's connection identity (set by the bridge before channelActive).
+    var inheritedPeer: PeerInfo?
+    /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
+    var upstreamTLS: UpstreamTLS?
 
     // Current stream.
     var stream: ProxyStream?
@@ -86,6 +94,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
+        if let p = inheritedPeer { peer.principal = p.principal; peer.namespace = p.namespace; peerMTLS = true }
         if !http2Stream {
             ctx.activeConnections += 1
             ctx.metrics.connectionOpened(role.rawValue)
@@ -109,7 +118,22 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError {
+            // A refused mTLS handshake: untrusted, expired, no certificate, or not TLS at all.
+            ctx.metrics.count("moonlet_inbound_tls_refused_total")
+            if ctx.mayLogTLSRefusal() {
+                ctx.logger.warning("mTLS handshake with \(peer.address) refused (\(ctx.inboundMTLS.mode.rawValue) by \(ctx.inboundMTLS.source)): \(error)")
+            }
+        }
         context.close(promise: nil)
+    }
+
+    /// The peer's certificate verified and carries this SPIFFE id (called by the TLS
+    /// handler before any application byte of the connection is read).
+    func peerAuthenticated(_ id: SpiffeID) {
+        peer.principal = id.principal
+        peer.namespace = id.namespace
+        peerMTLS = true
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -157,7 +181,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
         idleTimer?.cancel(); idleTimer = nil
         do {
-            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self))
+            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: peerMTLS ? peer : nil)
         } catch {
             context.close(promise: nil)
             return
@@ -310,9 +334,25 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             sendLocalReply()
             return nil
         }
-        let key = role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port
+        var key = role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port
             ? ctx.inboundKey : "\(host):\(port)"
         s.upstreamHost = key
+        upstreamTLS = nil
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster, let t = c.tls(s.route.endpointIndex) {
+            if t.mode == .istioMutual && ctx.tls == nil {
+                // Auto mTLS without a workload certificate: reach the workload in plaintext.
+                if !t.automatic {
+                    reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: ISTIO_MUTUAL needs a workload certificate (--certs)", .upstreamConnectionFailure)
+                    return nil
+                }
+            } else if (t.mode == .simple || t.mode == .mutual) && t.context == nil {
+                reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: \(t.contextError ?? "no TLS context")", .upstreamConnectionFailure)
+                return nil
+            } else {
+                upstreamTLS = t
+                key += t.poolTag
+            }
+        }
         return (host, port, key)
     }
 
@@ -416,8 +456,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         let sid = s.id, try_ = attempt
+        var tls: (() throws -> NIOSSLClientHandler)? = nil
+        if let t = upstreamTLS {
+            if t.mode == .istioMutual, let m = ctx.tls {
+                tls = { try m.makeClientHandler(serverName: t.sni, expected: t.subjectAltNames) }
+            } else if let c = t.context as? NIOSSLContext {
+                tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
+            }
+        }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive) { [weak self] r in
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls) { [weak self] r in
             guard let self else { return }
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
@@ -886,13 +934,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         let ms = Double(now &- s.startNanos) / 1e6
         let inbound = role == .inbound
         let service = inbound ? ctx.inboundService : (s.route.host.isEmpty ? "unknown" : s.route.host)
-        let key = SeriesKey(inbound: inbound, code: s.status, flags: s.responseFlags.rawValue, service: service)
+        let mtls = inbound ? peerMTLS : upstreamTLS?.mode == .istioMutual
+        let key = SeriesKey(inbound: inbound, code: s.status, flags: s.responseFlags.rawValue, service: service, principal: inbound ? peer.principal : "", mtls: mtls)
         let series: RequestSeries
         if let last = lastSeries, lastSeriesKey == key { series = last } else {
             let flags = s.responseFlags
             series = ctx.metrics.series(key) {
                 RequestLabels(reporter: inbound ? "destination" : "source", responseCode: key.code,
-                              responseFlags: flags.envoyString, destinationService: service)
+                              responseFlags: flags.envoyString, destinationService: service,
+                              connectionSecurityPolicy: mtls ? "mutual_tls" : "none",
+                              sourcePrincipal: key.principal.isEmpty ? "unknown" : "spiffe://" + key.principal)
             }
             lastSeries = series; lastSeriesKey = key
         }

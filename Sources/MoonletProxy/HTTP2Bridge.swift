@@ -29,7 +29,9 @@ enum HTTP2Server {
 
     /// Turns a downstream connection into an HTTP/2 server connection. Called by the
     /// HTTP/1.1 handler when the first bytes are the HTTP/2 preface.
-    static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position) throws {
+    /// `peer`: the connection's authenticated identity (mTLS), handed to every stream.
+    static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position,
+                          peer: PeerInfo? = nil) throws {
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
         streamConfig.targetWindowSize = 1 << 20
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
@@ -42,7 +44,9 @@ enum HTTP2Server {
                 let sync = stream.pipeline.syncOperations
                 try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                 try sync.addHandler(HTTP2StreamBridge(limits: ctx.settings.limits))
-                try sync.addHandler(DownstreamHandler(ctx: ctx, role: role, http2Stream: true))
+                let h = DownstreamHandler(ctx: ctx, role: role, http2Stream: true)
+                if let peer, !peer.principal.isEmpty { h.inheritedPeer = peer }
+                try sync.addHandler(h)
             }
         }
     }

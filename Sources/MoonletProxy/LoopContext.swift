@@ -4,6 +4,7 @@ import MoonletConfig
 import MoonletLua
 import MoonletTelemetry
 import MoonletBalancer
+import MoonletTLS
 import Logging
 
 /// Which listener accepted a connection, and what it does with a stream.
@@ -26,6 +27,15 @@ public final class LoopContext: @unchecked Sendable {
     public let balancer = BalancerState()
     public internal(set) var chain: FilterChain = .empty
     public internal(set) var snapshot: ConfigSnapshot = .empty
+    /// The workload certificate and its TLS contexts (nil without --certs); swapped on
+    /// this loop when the files rotate, so new handshakes use the new certificate.
+    public internal(set) var tls: TLSMaterial?
+    /// The PeerAuthentication mode of the inbound port, resolved at each config load.
+    public internal(set) var inboundMTLS = EffectiveMTLS(mode: .permissive, source: "default")
+    /// Refused-handshake log lines left in the current second (a flood of bad peers
+    /// must not flood the log).
+    var tlsLogBudget = 0
+    var tlsLogSecond: UInt64 = 0
     let pool: UpstreamPool
     let settings: ProxySettings
     let logger: Logger
@@ -53,6 +63,15 @@ public final class LoopContext: @unchecked Sendable {
         inboundRoute = r
         inboundKey = "127.0.0.1:\(settings.appPort)"
         inboundService = settings.identity.labels["app"] ?? "unknown"
+    }
+
+    /// Whether a refused-handshake line may be logged now (at most 10 a second per loop).
+    func mayLogTLSRefusal() -> Bool {
+        let sec = NIODeadline.now().uptimeNanoseconds / 1_000_000_000
+        if sec != tlsLogSecond { tlsLogSecond = sec; tlsLogBudget = 10 }
+        guard tlsLogBudget > 0 else { return false }
+        tlsLogBudget -= 1
+        return true
     }
 
     /// A new x-request-id (UUID v4 text).
@@ -93,6 +112,16 @@ public struct ProxySettings: Sendable {
     public var configPaths: [String] = []
     /// How often the config directory and plugin files are checked for changes.
     public var watchIntervalMs = 500
+    /// Directory with cert-chain.pem, key.pem and root-cert.pem (Istio's file names);
+    /// nil: no workload certificate (plaintext only).
+    public var certsDirectory: String?
+    /// `moonlet ca serve` address ("host:port"): the sidecar gets and renews its
+    /// certificate there (into certsDirectory), Istio's CSR flow.
+    public var caAddress: String?
+    /// Bootstrap token file presented to the CA before the first certificate exists.
+    public var caTokenFile: String?
+    /// Key type of CSRs sent to the CA.
+    public var csrKeyType = "ecdsa-p256"
     public init() {}
 }
 

@@ -6,6 +6,8 @@ import MoonletConfig
 import MoonletLua
 import MoonletTelemetry
 import MoonletBalancer
+import MoonletTLS
+import NIOSSL
 import Logging
 #if canImport(Foundation)
 import Foundation
@@ -32,6 +34,10 @@ public final class ProxyServer: @unchecked Sendable {
     var reloadCount = 0
     var watchFingerprint = ""
     var watchTimer: DispatchSourceTimer?
+    var certTimer: DispatchSourceTimer?
+    /// The workload certificate in force (nil without --certs).
+    var tlsMaterial: TLSMaterial?
+    var lastCertError: String?
     public private(set) var ready = false
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
@@ -57,6 +63,7 @@ public final class ProxyServer: @unchecked Sendable {
 
     /// Loads the configuration, binds every listener, starts watching for changes.
     public func start() throws {
+        try startCertificates()
         if case .failure(let e) = reload(reason: "start") {
             throw e
         }
@@ -97,7 +104,8 @@ public final class ProxyServer: @unchecked Sendable {
                     return ch.close()
                 }
                 return ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(DownstreamHandler(ctx: ctx, role: role))
+                    let h = DownstreamHandler(ctx: ctx, role: role)
+                    if role == .inbound { try InboundSecurity.install(on: ch, ctx: ctx, downstream: h) } else { try ch.pipeline.syncOperations.addHandler(h) }
                 }
             }
             .bind(host: settings.bindAddress, port: port).wait()
@@ -143,16 +151,22 @@ public final class ProxyServer: @unchecked Sendable {
             generation = gen
         }
         let natives = nativeFilters
+        let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
+        if mtls.mode == .strict && currentTLS == nil {
+            logger.error("inbound mTLS is STRICT (\(mtls.source)) but there is no workload certificate (--certs): every inbound connection is refused")
+        }
+        buildUpstreamTLSContexts(snap)
         var futures: [EventLoopFuture<Void>] = []
         for c in contexts {
             futures.append(c.loop.submit {
                 let filters = natives + c.lua.filters(for: gen)
                 c.chain = FilterChain(filters)
                 c.snapshot = snap
+                c.inboundMTLS = mtls
             })
         }
         for f in futures { try? f.wait() }
-        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))"])
+        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)"])
         return .success(version)
     }
 
@@ -290,6 +304,7 @@ public final class ProxyServer: @unchecked Sendable {
 
     public func stop() {
         watchTimer?.cancel()
+        certTimer?.cancel()
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []

@@ -1,5 +1,7 @@
 import NIOCore
 import NIOPosix
+import NIOSSL
+import NIOTLS
 import MoonletCore
 import MoonletBalancer
 
@@ -40,6 +42,9 @@ final class UpstreamConnection: ChannelInboundHandler {
     var closed = false
     /// The cluster connection slot this connection holds (released when it closes).
     var circuit: CircuitCounters?
+    /// Set while a TLS handshake is under way: a close or error then is a connect failure.
+    var tlsPending = false
+    var tlsError: String?
 
     init(key: String, limits: ProxyLimits) {
         self.key = key
@@ -139,12 +144,19 @@ final class UpstreamConnection: ChannelInboundHandler {
         circuit?.connectionClosed()
         circuit = nil
         if inResponse {
+            if tlsPending { fail(.connectFailed(tlsError ?? "TLS handshake did not complete")); return }
             // A close-delimited body ends here; `closed` makes finish() report it unreusable.
             if decoder?.isUntilClose == true { finish() } else { fail(.reset) }
         }
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { tlsPending = false }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if tlsPending && tlsError == nil { tlsError = "TLS error: \(error)" }
         context.close(promise: nil)
     }
 
@@ -208,7 +220,10 @@ final class UpstreamPool {
         return nil
     }
 
+    /// Connects to `address`; with `tls`, its client handler goes in front of the
+    /// connection (the request waits in it until the handshake is done).
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
+                 tls: (() throws -> NIOSSLClientHandler)? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         var bootstrap = ClientBootstrap(group: loop)
@@ -225,7 +240,13 @@ final class UpstreamPool {
             .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
             .channelInitializer { ch in
                 conn.channel = ch
-                return ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(conn) }
+                return ch.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        conn.tlsPending = true
+                        try ch.pipeline.syncOperations.addHandler(try tls())
+                    }
+                    try ch.pipeline.syncOperations.addHandler(conn)
+                }
             }
             .connect(to: address)
             .whenComplete { r in

@@ -9,15 +9,20 @@ public struct RequestLabels: Hashable, Sendable {
     public var destinationService: String
     public var sourceWorkload: String
     public var destinationWorkload: String
+    /// "mutual_tls" when the connection was authenticated with mTLS, else "none".
     public var connectionSecurityPolicy: String
+    /// The peer's SPIFFE id on the inbound side ("unknown" without mTLS), as Istio labels it.
+    public var sourcePrincipal: String
     public init(reporter: String, responseCode: Int, responseFlags: String, destinationService: String,
-                sourceWorkload: String = "unknown", destinationWorkload: String = "unknown", connectionSecurityPolicy: String = "none") {
+                sourceWorkload: String = "unknown", destinationWorkload: String = "unknown", connectionSecurityPolicy: String = "none",
+                sourcePrincipal: String = "unknown") {
         self.reporter = reporter; self.responseCode = responseCode; self.responseFlags = responseFlags
         self.destinationService = destinationService; self.sourceWorkload = sourceWorkload
         self.destinationWorkload = destinationWorkload; self.connectionSecurityPolicy = connectionSecurityPolicy
+        self.sourcePrincipal = sourcePrincipal
     }
     var prometheus: String {
-        "reporter=\"\(reporter)\",source_workload=\"\(esc(sourceWorkload))\",destination_workload=\"\(esc(destinationWorkload))\",destination_service=\"\(esc(destinationService))\",response_code=\"\(responseCode)\",response_flags=\"\(responseFlags)\",connection_security_policy=\"\(connectionSecurityPolicy)\""
+        "reporter=\"\(reporter)\",source_workload=\"\(esc(sourceWorkload))\",source_principal=\"\(esc(sourcePrincipal))\",destination_workload=\"\(esc(destinationWorkload))\",destination_service=\"\(esc(destinationService))\",response_code=\"\(responseCode)\",response_flags=\"\(responseFlags)\",connection_security_policy=\"\(connectionSecurityPolicy)\""
     }
 }
 
@@ -106,8 +111,11 @@ public struct SeriesKey: Hashable {
     public var code: Int
     public var flags: UInt32
     public var service: String
-    public init(inbound: Bool, code: Int, flags: UInt32, service: String) {
-        self.inbound = inbound; self.code = code; self.flags = flags; self.service = service
+    /// The mTLS peer's principal (inbound), "" otherwise.
+    public var principal: String
+    public var mtls: Bool
+    public init(inbound: Bool, code: Int, flags: UInt32, service: String, principal: String = "", mtls: Bool = false) {
+        self.inbound = inbound; self.code = code; self.flags = flags; self.service = service; self.principal = principal; self.mtls = mtls
     }
 }
 

@@ -12,7 +12,7 @@ struct Moonlet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moonlet",
         abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
-        subcommands: [Run.self, Validate.self, Demo.self]
+        subcommands: [Run.self, Validate.self, Demo.self, CA.self]
     )
 }
 
@@ -33,6 +33,9 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Workload labels k=v,k2=v2. Env: ISTIO_METAJSON_LABELS-style MOONLET_LABELS") var labels: String?
     @Option(help: "trace, debug, info, notice, warning, error, critical. Env: MOONLET_LOG_LEVEL") var logLevel: String?
     @Option(help: "Per-stream timeout in ms (0 = none, Istio's default). Env: MOONLET_STREAM_TIMEOUT_MS") var streamTimeoutMs: Int?
+    @Option(help: "Directory with cert-chain.pem, key.pem, root-cert.pem (watched; enables mTLS). Env: MOONLET_CERTS") var certs: String?
+    @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
+    @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
 
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
@@ -56,6 +59,10 @@ struct SidecarOptions: ParsableArguments {
         s.identity.serviceAccount = serviceAccount ?? env("SERVICE_ACCOUNT") ?? "default"
         s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
         s.limits.streamTimeoutMs = streamTimeoutMs ?? env("MOONLET_STREAM_TIMEOUT_MS").flatMap(Int.init) ?? 0
+        s.certsDirectory = certs ?? env("MOONLET_CERTS")
+        s.caAddress = caAddress ?? env("CA_ADDR")
+        s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
+        if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s
     }
 

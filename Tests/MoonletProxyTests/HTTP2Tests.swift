@@ -3,21 +3,7 @@ import XCTest
 
 /// HTTP/2 with prior knowledge (h2c), driven by curl and h2load (nghttp2) as real clients.
 final class HTTP2Tests: XCTestCase {
-    func run(_ tool: String, _ args: [String]) throws -> String {
-        guard let path = ["/usr/bin/\(tool)", "/usr/local/bin/\(tool)"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw XCTSkip("\(tool) not installed (scripts/install-deps installs it)")
-        }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
-    }
+    func run(_ tool: String, _ args: [String]) throws -> String { try runTool(tool, args) }
 
     func test_h2cPriorKnowledge_requestsGoThroughTheFilterChain() throws {
         let up = try TestUpstream { r in TestUpstream.Reply(body: "\(r.method) \(r.uri) \(r.headers["x-seen-by"].first ?? "-") \(r.bodyBytes)") }

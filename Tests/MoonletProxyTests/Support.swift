@@ -268,3 +268,21 @@ func meshService(_ name: String, ports: [Int], trafficPolicy: String? = nil, ext
     if !extra.isEmpty { y += "---\n" + extra }
     return y
 }
+
+/// Runs a system tool (curl, h2load) and returns its output; skips the test when the
+/// tool is not installed (scripts/install-deps installs it).
+func runTool(_ tool: String, _ args: [String]) throws -> String {
+    guard let path = ["/usr/bin/\(tool)", "/usr/local/bin/\(tool)"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        throw XCTSkip("\(tool) not installed (scripts/install-deps installs it)")
+    }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return String(decoding: data, as: UTF8.self)
+}

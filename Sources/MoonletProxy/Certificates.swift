@@ -1,0 +1,108 @@
+import NIOCore
+import NIOSSL
+import MoonletCore
+import MoonletConfig
+import MoonletTLS
+import Logging
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// The sidecar's workload certificate: loaded from --certs at start, reloaded when the
+/// files change (polled every second) and, with --ca-address, renewed from the CA at half
+/// its lifetime. Each load builds new TLS contexts off the event loops, then every loop
+/// swaps its reference; connections already up keep theirs, nothing is dropped.
+extension ProxyServer {
+    var currentTLS: TLSMaterial? { lock.withLock { tlsMaterial } }
+
+    func startCertificates() throws {
+        guard let dir = settings.certsDirectory else { return }
+        if let ca = settings.caAddress, !FileManager.default.fileExists(atPath: (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)) {
+            // First start with a CA: get the certificate before serving.
+            try requestCertificate(ca: ca, dir: dir)
+        }
+        let m: TLSMaterial
+        do { m = try TLSMaterial.load(dir: dir) } catch {
+            throw ReloadError(message: "workload certificate rejected: \(error)")
+        }
+        install(m, reason: "start")
+        let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "moonlet.cert-watch"))
+        t.schedule(deadline: .now() + .seconds(1), repeating: .seconds(1))
+        t.setEventHandler { [weak self] in self?.checkCertificates() }
+        t.resume()
+        certTimer = t
+    }
+
+    func install(_ m: TLSMaterial, reason: String) {
+        lock.withLock { tlsMaterial = m; lastCertError = nil }
+        let fs = contexts.map { c in c.loop.submit { c.tls = m } }
+        for f in fs { try? f.wait() }
+        logger.info("workload certificate loaded (\(reason))", metadata: [
+            "identity": "\(m.identity.uri)", "not_after": "\(m.notAfter)", "renew_at": "\(m.renewAt)"])
+    }
+
+    /// Reloads the files when they changed; renews from the CA when due.
+    func checkCertificates() {
+        guard let dir = settings.certsDirectory, let current = currentTLS else { return }
+        if let ca = settings.caAddress, Date() >= current.renewAt {
+            do { try requestCertificate(ca: ca, dir: dir) } catch {
+                let msg = "certificate renewal from \(ca) failed: \(error)"
+                if lock.withLock({ lastCertError }) != msg { logger.error("\(msg); keeping the current certificate until \(current.notAfter)") }
+                lock.withLock { lastCertError = msg }
+            }
+        }
+        let fp = TLSMaterial.fingerprint(dir: dir)
+        guard fp != current.fingerprint else { return }
+        do {
+            install(try TLSMaterial.load(dir: dir), reason: "files changed")
+        } catch {
+            // Half-written or mismatched files: keep serving with the last good certificate.
+            let msg = "\(error)"
+            if lock.withLock({ lastCertError }) != msg { logger.error("new workload certificate rejected, keeping the current one: \(msg)") }
+            lock.withLock { lastCertError = msg }
+        }
+    }
+
+    /// Builds the client TLS context of each DestinationRule SIMPLE/MUTUAL setting once,
+    /// before the snapshot reaches the loops; a bad file is reported per request as UF.
+    func buildUpstreamTLSContexts(_ snap: ConfigSnapshot) {
+        for svc in snap.routes.services.values {
+            for cl in svc.clusters.values {
+                for t in cl.tlsSettings where (t.mode == .simple || t.mode == .mutual) && t.context == nil && t.contextError == nil {
+                    do {
+                        t.context = try TLSMaterial.clientContext(caCertificates: t.caCertificates, clientCertificate: t.clientCertificate,
+                                                                  privateKey: t.privateKey, verifyHostname: t.verifyHostname)
+                    } catch {
+                        t.contextError = "\(error)"
+                        logger.error("\(cl.name): DestinationRule tls \(t.mode.rawValue): \(error)")
+                    }
+                }
+            }
+        }
+    }
+}
+
+extension ProxyServer {
+    /// Gets a new certificate from `moonlet ca serve` and writes it into `dir` (the
+    /// rotation watcher then loads it). root-cert.pem must already be in `dir`: it is how
+    /// the sidecar knows it talks to the mesh's CA (Istio mounts it from a ConfigMap).
+    func requestCertificate(ca: String, dir: String) throws {
+        let id = try SpiffeID(trustDomain: currentTLS?.identity.trustDomain ?? "cluster.local", namespace: settings.identity.namespace,
+                              serviceAccount: settings.identity.serviceAccount)
+            .orThrow(TLSConfigError("--namespace/--service-account", "not a valid identity"))
+        let token = try settings.caTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
+        let hasCert = FileManager.default.fileExists(atPath: (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile))
+        let bundle = try CAClient.requestBundle(caAddress: ca, rootCertPath: (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile),
+                                                identity: id, token: token, currentCertDir: hasCert ? dir : nil,
+                                                keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256, group: group)
+        try bundle.write(to: dir)
+        logger.info("workload certificate issued by \(ca) for \(id.uri)")
+    }
+}
+
+extension Optional {
+    func orThrow(_ e: @autoclosure () -> Error) throws -> Wrapped {
+        guard let v = self else { throw e() }
+        return v
+    }
+}

@@ -1,0 +1,73 @@
+import NIOCore
+import NIOSSL
+import MoonletCore
+import MoonletConfig
+import MoonletTLS
+
+/// How the inbound listener secures a new connection, from the PeerAuthentication mode
+/// in force (read per connection, so a policy change applies to the next connection).
+enum InboundSecurity {
+    case plaintext
+    case mutualTLS(TLSMaterial)
+    /// PERMISSIVE: TLS when the first byte starts a TLS record, plaintext otherwise.
+    case sniff(TLSMaterial)
+    case refuse(String)
+
+    static func plan(_ ctx: LoopContext) -> InboundSecurity {
+        switch ctx.inboundMTLS.mode {
+        case .disable: return .plaintext
+        case .strict:
+            guard let m = ctx.tls else { return .refuse("STRICT mTLS (\(ctx.inboundMTLS.source)) but no workload certificate (--certs)") }
+            return .mutualTLS(m)
+        case .permissive, .unset:
+            guard let m = ctx.tls else { return .plaintext }
+            return .sniff(m)
+        }
+    }
+
+    /// Adds the handlers the plan needs in front of `downstream`, then `downstream`.
+    static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler) throws {
+        let sync = ch.pipeline.syncOperations
+        switch plan(ctx) {
+        case .plaintext: break
+        case .mutualTLS(let m):
+            try sync.addHandler(m.makeServerHandler { [weak downstream] id in downstream?.peerAuthenticated(id) })
+        case .sniff(let m):
+            try sync.addHandler(TLSSniffer(material: m, downstream: downstream))
+        case .refuse(let why):
+            if ctx.mayLogTLSRefusal() {
+                ctx.logger.warning("inbound connection from \(ch.remoteAddress.map { "\($0)" } ?? "?") refused: \(why)")
+            }
+            ctx.metrics.count("moonlet_inbound_tls_refused_total")
+            ch.close(promise: nil)
+            return
+        }
+        try sync.addHandler(downstream)
+    }
+}
+
+/// PERMISSIVE mode: looks at the first byte of a connection. A TLS handshake record
+/// (0x16) gets the mTLS server handler spliced in; anything else is plaintext HTTP. The
+/// sniffer then removes itself, so it costs nothing after the first read.
+final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    let material: TLSMaterial
+    weak var downstream: DownstreamHandler?
+
+    init(material: TLSMaterial, downstream: DownstreamHandler) { self.material = material; self.downstream = downstream }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buf = unwrapInboundIn(data)
+        if buf.readableBytes > 0, buf.getInteger(at: buf.readerIndex, as: UInt8.self) == 0x16 {
+            let d = downstream
+            let tls = material.makeServerHandler { [weak d] id in d?.peerAuthenticated(id) }
+            do { try context.pipeline.syncOperations.addHandler(tls, position: .after(self)) } catch {
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.fireChannelRead(data)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+}

@@ -1,0 +1,215 @@
+import X509
+import Crypto
+import _CryptoExtras
+import SwiftASN1
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// An error of the CA or of certificate files, naming the file or the request it came from.
+public struct TLSConfigError: Error, CustomStringConvertible {
+    public var source: String
+    public var message: String
+    public init(_ source: String, _ message: String) { self.source = source; self.message = message }
+    public var description: String { "\(source): \(message)" }
+}
+
+/// Key algorithm of an issued certificate.
+public enum KeyType: String, Sendable, CaseIterable {
+    /// ECDSA on P-256 (Istio's default for workload certs).
+    case ecdsaP256 = "ecdsa-p256"
+    /// RSA 2048.
+    case rsa2048 = "rsa-2048"
+
+    func makeKey() throws -> Certificate.PrivateKey {
+        switch self {
+        case .ecdsaP256: return Certificate.PrivateKey(P256.Signing.PrivateKey())
+        case .rsa2048: return Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits2048))
+        }
+    }
+}
+
+/// A workload's certificate files under Istio's names.
+public struct WorkloadBundle: Sendable {
+    public static let certChainFile = "cert-chain.pem"
+    public static let keyFile = "key.pem"
+    public static let rootCertFile = "root-cert.pem"
+
+    public var certChainPEM: String
+    public var keyPEM: String
+    public var rootCertPEM: String
+
+    /// Writes the three files; each is written to a temporary name and renamed, so a
+    /// sidecar watching the directory never reads half a file. The key is mode 0600.
+    public func write(to dir: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try writeAtomically(keyPEM, to: (dir as NSString).appendingPathComponent(Self.keyFile), mode: 0o600)
+        try writeAtomically(certChainPEM, to: (dir as NSString).appendingPathComponent(Self.certChainFile), mode: 0o644)
+        try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644)
+    }
+}
+
+func writeAtomically(_ text: String, to path: String, mode: Int) throws {
+    let tmp = path + ".tmp-\(getpid())"
+    guard FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8), attributes: [.posixPermissions: mode]) else {
+        throw TLSConfigError(path, "cannot write")
+    }
+    if rename(tmp, path) != 0 {
+        let e = String(cString: strerror(errno))
+        unlink(tmp)
+        throw TLSConfigError(path, "cannot write: \(e)")
+    }
+}
+
+/// Citadel's role at small scale: a self-signed mesh root that issues SPIFFE workload
+/// certificates (`moonlet ca init`, `moonlet ca issue`, and the CSR signer of `moonlet ca serve`).
+public struct MeshCA: Sendable {
+    public static let rootCertFile = "root-cert.pem"
+    public static let rootKeyFile = "root-key.pem"
+
+    public let rootCertificate: Certificate
+    let rootKey: Certificate.PrivateKey
+    public let trustDomain: String
+    public let rootCertPEM: String
+
+    /// A new self-signed root: Subject O=<trust domain> (as Istio's self-signed CA), 10 years.
+    public static func create(trustDomain: String = "cluster.local", keyType: KeyType = .ecdsaP256,
+                              validity: TimeInterval = 10 * 365 * 86400, now: Date = Date()) throws -> MeshCA {
+        guard !trustDomain.isEmpty, !trustDomain.contains("/"), !trustDomain.contains(where: { $0.isWhitespace }) else {
+            throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"")
+        }
+        let key = try keyType.makeKey()
+        let name = try DistinguishedName { OrganizationName(trustDomain) }
+        let cert = try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(validity),
+            issuer: name, subject: name,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
+                Critical(KeyUsage(digitalSignature: true, keyCertSign: true, cRLSign: true))
+                SubjectKeyIdentifier(hash: key.publicKey)
+            },
+            issuerPrivateKey: key)
+        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString)
+    }
+
+    /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=.
+    public static func load(dir: String) throws -> MeshCA {
+        let certPath = (dir as NSString).appendingPathComponent(rootCertFile)
+        let keyPath = (dir as NSString).appendingPathComponent(rootKeyFile)
+        let certPEM = try readText(certPath)
+        let cert: Certificate
+        do { cert = try Certificate(pemEncoded: certPEM) } catch { throw TLSConfigError(certPath, "not a PEM certificate: \(error)") }
+        let key: Certificate.PrivateKey
+        do { key = try Certificate.PrivateKey(pemEncoded: try readText(keyPath)) } catch let e as TLSConfigError { throw e } catch {
+            throw TLSConfigError(keyPath, "not a PEM private key: \(error)")
+        }
+        guard key.publicKey == cert.publicKey else { throw TLSConfigError(keyPath, "does not match the public key of \(certPath)") }
+        var td = ""
+        for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
+        if td.isEmpty { td = "cluster.local" }
+        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: td, rootCertPEM: certPEM)
+    }
+
+    /// Writes root-cert.pem and root-key.pem into `dir`. An existing root key is never
+    /// overwritten: losing it would orphan every certificate it issued.
+    public func write(to dir: String) throws {
+        let keyPath = (dir as NSString).appendingPathComponent(Self.rootKeyFile)
+        if FileManager.default.fileExists(atPath: keyPath) {
+            throw TLSConfigError(keyPath, "exists; refusing to overwrite a CA key (remove it first to start a new mesh root)")
+        }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try writeAtomically(try rootKey.serializeAsPEM().pemString, to: keyPath, mode: 0o600)
+        try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644)
+    }
+
+    /// The identity in this CA's trust domain.
+    public func identity(namespace: String, serviceAccount: String) throws -> SpiffeID {
+        guard let id = SpiffeID(trustDomain: trustDomain, namespace: namespace, serviceAccount: serviceAccount) else {
+            throw TLSConfigError("identity", "invalid namespace \"\(namespace)\" or service account \"\(serviceAccount)\"")
+        }
+        return id
+    }
+
+    /// Issues a workload key and certificate for `id` (a new key of `keyType`).
+    public func issue(_ id: SpiffeID, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400, now: Date = Date()) throws -> WorkloadBundle {
+        let key = try keyType.makeKey()
+        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now)
+        return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
+    }
+
+    /// Signs a certificate for `publicKey` carrying `id` as its only (critical) URI SAN,
+    /// usable as TLS client and server, valid for `ttl` (back-dated a little for clock skew).
+    public func sign(publicKey: Certificate.PublicKey, id: SpiffeID, ttl: TimeInterval, now: Date = Date()) throws -> Certificate {
+        guard ttl > 0 else { throw TLSConfigError("--ttl", "must be positive") }
+        let notAfter = min(now.addingTimeInterval(ttl), rootCertificate.notValidAfter)
+        // Back-dated for clock skew, by at most a tenth of the lifetime so that renewal at
+        // half the lifetime stays ahead of issuance for short-lived certificates.
+        let skew = min(60, ttl / 10)
+        return try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: publicKey,
+            notValidBefore: now.addingTimeInterval(-skew), notValidAfter: notAfter,
+            issuer: rootCertificate.subject, subject: DistinguishedName(),
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
+                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                AuthorityKeyIdentifier(keyIdentifier: try rootCertificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(id.uri)]))
+            },
+            issuerPrivateKey: rootKey)
+    }
+
+    /// Istio's CSR flow: checks the CSR's signature and that the identity it asks for
+    /// (its URI SAN, if any) is `allowed`, then signs it. Returns the certificate PEM.
+    public func signCSR(pem: String, allowed: SpiffeID, ttl: TimeInterval, now: Date = Date()) throws -> String {
+        let csr: CertificateSigningRequest
+        do { csr = try CertificateSigningRequest(pemEncoded: pem) } catch { throw TLSConfigError("CSR", "not a PEM certificate signing request: \(error)") }
+        guard csr.publicKey.isValidSignature(csr.signature, for: csr) else { throw TLSConfigError("CSR", "signature does not verify") }
+        if let ext = try? csr.attributes.extensionRequest, let sans = try? ext.extensions.subjectAlternativeNames {
+            for san in sans {
+                guard case .uniformResourceIdentifier(let u) = san, SpiffeID(uri: u) == allowed else {
+                    throw TLSConfigError("CSR", "asks for \(san), but the caller may only get \(allowed.uri)")
+                }
+            }
+        }
+        return try sign(publicKey: csr.publicKey, id: allowed, ttl: ttl, now: now).serializeAsPEM().pemString
+    }
+
+    /// A new key and a CSR for `id` (what a sidecar sends to `moonlet ca serve`).
+    public static func makeCSR(for id: SpiffeID, keyType: KeyType = .ecdsaP256) throws -> (csrPEM: String, keyPEM: String) {
+        let key = try keyType.makeKey()
+        let ext = try Certificate.Extensions { SubjectAlternativeNames([.uniformResourceIdentifier(id.uri)]) }
+        let csr = try CertificateSigningRequest(
+            version: .v1, subject: DistinguishedName(), privateKey: key,
+            attributes: try CertificateSigningRequest.Attributes([.init(ExtensionRequest(extensions: ext))]),
+            signatureAlgorithm: keyType == .ecdsaP256 ? .ecdsaWithSHA256 : .sha256WithRSAEncryption)
+        return (try csr.serializeAsPEM().pemString, try key.serializeAsPEM().pemString)
+    }
+}
+
+func readText(_ path: String) throws -> String {
+    guard FileManager.default.fileExists(atPath: path) else { throw TLSConfigError(path, "no such file") }
+    guard let d = FileManager.default.contents(atPath: path), let s = String(data: d, encoding: .utf8) else { throw TLSConfigError(path, "cannot read") }
+    return s
+}
+
+/// Parses a duration like Istio's ("24h", "90m", "3600s", "1h30m"); nil when malformed.
+public func parseTTL(_ s: String) -> TimeInterval? {
+    var total: TimeInterval = 0
+    var num = ""
+    var any = false
+    for c in s {
+        if c.isNumber || c == "." { num.append(c); continue }
+        guard let v = Double(num) else { return nil }
+        switch c {
+        case "h": total += v * 3600
+        case "m": total += v * 60
+        case "s": total += v
+        case "d": total += v * 86400
+        default: return nil
+        }
+        num = ""; any = true
+    }
+    return any && num.isEmpty && total > 0 ? total : nil
+}

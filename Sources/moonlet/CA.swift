@@ -1,0 +1,66 @@
+import ArgumentParser
+import MoonletTLS
+import NIOCore
+import NIOPosix
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// `moonlet ca`: Citadel's role at small scale.
+struct CA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The mesh CA: create a root, issue SPIFFE workload certificates, sign sidecars' CSRs.",
+        subcommands: [Init.self, Issue.self, Serve.self])
+
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a self-signed mesh root (root-cert.pem, root-key.pem).")
+        @Option(help: "Output directory") var out: String
+        @Option(help: "Trust domain of the mesh") var trustDomain: String = "cluster.local"
+        @Option(help: "ecdsa-p256 or rsa-2048") var keyType: String = "ecdsa-p256"
+        func run() throws {
+            guard let kt = KeyType(rawValue: keyType) else { throw ValidationError("--key-type: ecdsa-p256 or rsa-2048") }
+            let ca = try MeshCA.create(trustDomain: trustDomain, keyType: kt)
+            try ca.write(to: out)
+            print("mesh root for trust domain \(trustDomain) written to \(out)/\(MeshCA.rootCertFile) and \(MeshCA.rootKeyFile)")
+        }
+    }
+
+    struct Issue: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Issue a workload certificate (cert-chain.pem, key.pem, root-cert.pem).")
+        @Option(help: "CA directory (from ca init)") var ca: String
+        @Option(help: "Workload namespace") var namespace: String
+        @Option(help: "Workload service account") var serviceAccount: String
+        @Option(help: "Output directory") var out: String
+        @Option(help: "Lifetime, e.g. 24h, 90m") var ttl: String = "24h"
+        @Option(help: "ecdsa-p256 or rsa-2048") var keyType: String = "ecdsa-p256"
+        func run() throws {
+            guard let kt = KeyType(rawValue: keyType) else { throw ValidationError("--key-type: ecdsa-p256 or rsa-2048") }
+            guard let life = parseTTL(ttl) else { throw ValidationError("--ttl: a duration like 24h, 90m or 3600s") }
+            let authority = try MeshCA.load(dir: ca)
+            let id = try authority.identity(namespace: namespace, serviceAccount: serviceAccount)
+            try authority.issue(id, keyType: kt, ttl: life).write(to: out)
+            print("\(id.uri) issued for \(ttl), written to \(out)")
+        }
+    }
+
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Sign sidecars' CSRs over TLS (a small-scale stand-in for Istiod's CA).")
+        @Option(help: "CA directory (from ca init)") var ca: String
+        @Option(help: "Listen port (Istiod's is 15012)") var port: Int = 15012
+        @Option(help: "Bind address") var bind: String = "127.0.0.1"
+        @Option(help: "Token file: lines of \"<token> <namespace>/<service-account>\"") var tokenFile: String?
+        @Option(help: "Longest lifetime issued") var maxTtl: String = "24h"
+        func run() throws {
+            guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
+            let authority = try MeshCA.load(dir: ca)
+            let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
+            let service = CAService(ca: authority, tokens: tokens, maxTTL: life) { line in
+                FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
+            }
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            let ch = try service.bind(group: group, host: bind, port: port)
+            print("moonlet ca serving trust domain \(authority.trustDomain) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
+            try ch.closeFuture.wait()
+        }
+    }
+}

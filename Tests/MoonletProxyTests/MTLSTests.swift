@@ -1,0 +1,397 @@
+import XCTest
+import NIOCore
+import NIOPosix
+import NIOHTTP1
+import NIOSSL
+import NIOConcurrencyHelpers
+@testable import MoonletProxy
+import MoonletConfig
+import MoonletTLS
+
+/// A fixture PKI made by the tests: a mesh root, a foreign root, and workload bundles.
+final class FixturePKI {
+    let dir = NSTemporaryDirectory() + "moonlet-pki-\(UUID().uuidString)"
+    let ca: MeshCA
+    let foreign: MeshCA
+
+    init() throws {
+        ca = try MeshCA.create()
+        foreign = try MeshCA.create()
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    /// Issues `ns/sa` into a new directory and returns it.
+    @discardableResult
+    func issue(_ ns: String, _ sa: String, name: String? = nil, by authority: MeshCA? = nil, ttl: TimeInterval = 86400, now: Date = Date(), keyType: KeyType = .ecdsaP256) throws -> String {
+        let d = dir + "/" + (name ?? "\(ns)-\(sa)")
+        let a = authority ?? ca
+        var b = try a.issue(try a.identity(namespace: ns, serviceAccount: sa), keyType: keyType, ttl: ttl, now: now)
+        if authority != nil { b.rootCertPEM = ca.rootCertPEM } // a foreign cert presented to a mesh that trusts only `ca`
+        try b.write(to: d)
+        return d
+    }
+
+    func cleanup() { try? FileManager.default.removeItem(atPath: dir) }
+}
+
+/// One HTTPS/1.1 request with an optional client certificate. Returns status, headers
+/// and body, or the error that ended the handshake or connection.
+func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "app", path: String = "/", alpn: [String] = ["http/1.1"],
+                expectedServer: [String] = []) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    defer { try? group.syncShutdownGracefully() }
+    do {
+        var cfg = TLSConfiguration.makeClientConfiguration()
+        cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(rootPEM.utf8)))
+        cfg.certificateVerification = .noHostnameVerification
+        cfg.applicationProtocols = alpn
+        if let d = certDir {
+            cfg.certificateChain = try NIOSSLCertificate.fromPEMFile(d + "/cert-chain.pem").map { .certificate($0) }
+            cfg.privateKey = .privateKey(try NIOSSLPrivateKey(file: d + "/key.pem", format: .pem))
+        }
+        let ctx = try NIOSSLContext(configuration: cfg)
+        let promise = group.next().makePromise(of: (Int, HTTPHeaders, String).self)
+        let ch = try ClientBootstrap(group: group)
+            .connectTimeout(.seconds(5))
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(try TLSMaterial.makeClientHandler(context: ctx, serverName: nil, expected: expectedServer))
+                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                    try ch.pipeline.syncOperations.addHandler(Collect(promise))
+                }
+            }
+            .connect(host: "127.0.0.1", port: port).wait()
+        ch.write(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: path, headers: ["host": host, "connection": "close"])), promise: nil)
+        ch.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        let timer = group.next().scheduleTask(in: .seconds(5)) { promise.fail(ChannelError.connectTimeout(.seconds(5))) }
+        defer { timer.cancel(); ch.close(promise: nil) }
+        let (s, h, b) = try promise.futureResult.wait()
+        return .success((s, h, b))
+    } catch {
+        return .failure(error)
+    }
+}
+
+private final class Collect: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    let promise: EventLoopPromise<(Int, HTTPHeaders, String)>
+    var status = 0
+    var headers = HTTPHeaders()
+    var body = ""
+    init(_ p: EventLoopPromise<(Int, HTTPHeaders, String)>) { promise = p }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): status = Int(h.status.code); headers = h.headers
+        case .body(let b): body += String(buffer: b)
+        case .end: promise.succeed((status, headers, body))
+        }
+    }
+    func errorCaught(context: ChannelHandlerContext, error: Error) { promise.fail(error); context.close(promise: nil) }
+    func channelInactive(context: ChannelHandlerContext) { promise.fail(ChannelError.ioOnClosedChannel) }
+}
+
+/// A Lua filter that shows the caller's identity in response headers.
+let principalEcho = """
+return {
+  on_response = function(s)
+    s.response.headers:set("x-peer", s.source.principal)
+    s.response.headers:set("x-peer-ns", s.source.namespace)
+  end
+}
+"""
+
+func peerAuthentication(_ name: String, namespace: String, mode: String, selector: String = "", portLevel: String = "") -> String {
+    """
+    apiVersion: security.istio.io/v1beta1
+    kind: PeerAuthentication
+    metadata: {name: \(name), namespace: \(namespace)}
+    spec:
+    \(selector.isEmpty ? "" : "  selector: {matchLabels: {\(selector)}}\n")  mtls: {mode: \(mode)}
+    \(portLevel.isEmpty ? "" : "  portLevelMtls: {\(portLevel)}\n")
+    """
+}
+
+final class MTLSTests: XCTestCase {
+    var pki: FixturePKI!
+    var app: TestUpstream!
+
+    override func setUp() async throws {
+        pki = try FixturePKI()
+        app = try TestUpstream()
+    }
+    override func tearDown() async throws { app.stop(); pki.cleanup() }
+
+    /// The server-side sidecar of workload production/orders with `files`.
+    func serverSidecar(_ files: [String: String], certs: String?) throws -> ProxyFixture {
+        var all = files
+        all["echo.lua"] = principalEcho
+        all["echo.yaml"] = ProxyFixture.plugin("echo")
+        return try ProxyFixture(appPort: app.port, files: all, concurrency: 1) { s in
+            s.certsDirectory = certs
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+    }
+
+    func test_strictMTLS_refusesPlaintextNoCertForeignCAAndExpiredClients_andServesMeshClients() throws {
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                                       certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        // Plaintext: no HTTP byte is read, no response, the app sees nothing.
+        let plain = try RawClient(port: server.inbound, timeoutSeconds: 3)
+        plain.send("GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        XCTAssertNil(plain.read())
+        // TLS without a client certificate, with a foreign CA's, with an expired one.
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: nil, rootPEM: pki.ca.rootCertPEM).get())
+        let foreign = try pki.issue("default", "frontend", name: "foreign", by: pki.foreign)
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: foreign, rootPEM: pki.ca.rootCertPEM).get())
+        let expired = try pki.issue("default", "frontend", name: "expired", ttl: 3600, now: Date().addingTimeInterval(-3 * 3600))
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: expired, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertEqual(app.seen.count, 0)
+        // A mesh client: served, and its principal reaches the Lua filter.
+        let ok = try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM,
+                                expectedServer: ["spiffe://cluster.local/ns/production/sa/orders"]).get()
+        XCTAssertEqual(ok.status, 200)
+        XCTAssertEqual(ok.headers.first(name: "x-peer"), "cluster.local/ns/default/sa/frontend")
+        XCTAssertEqual(ok.headers.first(name: "x-peer-ns"), "default")
+        XCTAssertEqual(app.seen.count, 1)
+        // Telemetry labels the request mutual_tls with the caller's SPIFFE id.
+        let metrics = adminGet(server.admin, "/stats/prometheus")?.body ?? ""
+        XCTAssertTrue(metrics.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/frontend\""), metrics)
+        XCTAssertTrue(metrics.contains("connection_security_policy=\"mutual_tls\""), metrics)
+    }
+
+    func test_permissiveMTLS_servesPlaintextAndMutualTLSOnTheSamePort() throws {
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("mesh", namespace: "istio-system", mode: "PERMISSIVE")],
+                                       certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let plain = try RawClient(port: server.inbound)
+        let r = get(plain)
+        XCTAssertEqual(r?.status, 200)
+        XCTAssertEqual(r?.header("x-peer"), "")
+        let tls = try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get()
+        XCTAssertEqual(tls.status, 200)
+        XCTAssertEqual(tls.headers.first(name: "x-peer"), "cluster.local/ns/default/sa/frontend")
+        // TLS in PERMISSIVE is still mutual: a client without a mesh certificate is refused.
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: nil, rootPEM: pki.ca.rootCertPEM).get())
+    }
+
+    func test_alpnNegotiatesHTTP2OverMutualTLS_andIstiosALPNValuesAreAccepted() throws {
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                                       certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let fe = try pki.issue("default", "frontend")
+        try pki.ca.rootCertPEM.write(toFile: pki.dir + "/root.pem", atomically: true, encoding: .utf8)
+        let out = try runTool("curl", ["-s", "--max-time", "10", "--http2", "--cacert", pki.dir + "/root.pem", "-k", "--cert", fe + "/cert-chain.pem",
+                                       "--key", fe + "/key.pem", "-D", "-", "-o", "/dev/null", "-w", "proto=%{http_version}", "https://127.0.0.1:\(server.inbound)/h2"])
+        XCTAssertTrue(out.contains("proto=2"), out)
+        XCTAssertTrue(out.contains("x-peer: cluster.local/ns/default/sa/frontend"), out)
+        // An Istio client offering only its own ALPN values is served (HTTP/1.1 on the wire).
+        let istio = try tlsRequest(port: server.inbound, certDir: fe, rootPEM: pki.ca.rootCertPEM, alpn: ["istio-peer-exchange", "istio"]).get()
+        XCTAssertEqual(istio.status, 200)
+    }
+
+    func test_peerAuthentication_mostSpecificWins_andPolicyChangesApplyWithoutRestart() throws {
+        // Mesh STRICT, but the workload's port-level setting disables mTLS on the app port.
+        let server = try serverSidecar([
+            "mesh.yaml": peerAuthentication("mesh", namespace: "istio-system", mode: "STRICT"),
+            "wl.yaml": peerAuthentication("orders", namespace: "production", mode: "UNSET", selector: "app: orders", portLevel: "'\(app.port)': {mode: DISABLE}"),
+        ], certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        XCTAssertEqual(get(try RawClient(port: server.inbound))?.status, 200)
+        // The workload policy goes away: the mesh's STRICT applies to the next connection.
+        try FileManager.default.removeItem(atPath: server.dir + "/wl.yaml")
+        var refused = false
+        for _ in 0..<40 {
+            let c = try RawClient(port: server.inbound, timeoutSeconds: 2)
+            c.send("GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            if c.read() == nil { refused = true; break }
+            usleep(100_000)
+        }
+        XCTAssertTrue(refused, "STRICT did not apply after the workload policy was removed")
+    }
+
+    /// Two sidecars on 127.0.0.1: frontend's outbound -> orders' inbound with mTLS.
+    func twoSidecars(clientFiles: (Int) -> [String: String], serverCerts: String? = nil, clientCerts: String? = nil,
+                     serverPolicy: String = "STRICT") throws -> (client: ProxyFixture, server: ProxyFixture) {
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("ns", namespace: "production", mode: serverPolicy)],
+                                       certs: try serverCerts ?? pki.issue("production", "orders"))
+        let clientDir = try clientCerts ?? pki.issue("default", "frontend")
+        let client = try ProxyFixture(appPort: 1, files: clientFiles(server.inbound), concurrency: 1) { s in
+            s.certsDirectory = clientDir
+            s.identity = WorkloadIdentity(namespace: "default", serviceAccount: "frontend", labels: ["app": "frontend"])
+        }
+        return (client, server)
+    }
+
+    static func ordersEntry(port: Int, serviceAccount: String, trafficPolicy: String? = nil) -> String {
+        var y = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: orders, namespace: production}
+        spec:
+          hosts: [orders.production.svc.cluster.local]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints:
+          - {address: 127.0.0.1, ports: {http: \(port)}, serviceAccount: \(serviceAccount)}
+
+        """
+        if let trafficPolicy {
+            y += "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: orders, namespace: production}\nspec:\n  host: orders.production.svc.cluster.local\n  trafficPolicy: \(trafficPolicy)\n"
+        }
+        return y
+    }
+
+    func test_sidecarToSidecar_autoMTLS_carriesTheCallersPrincipalToTheServersLuaFilter() throws {
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders")] })
+        defer { client.stop(); server.stop() }
+        let c = try RawClient(port: client.outbound)
+        for _ in 0..<3 {
+            c.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+            let r = c.read()
+            XCTAssertEqual(r?.status, 200, r?.body ?? "")
+            XCTAssertEqual(r?.header("x-peer"), "cluster.local/ns/default/sa/frontend")
+        }
+        XCTAssertEqual(app.seen.count, 3)
+        XCTAssertEqual(app.connections, 1, "the inbound sidecar reuses its app connection")
+    }
+
+    func test_sidecarToSidecar_destinationRuleIstioMutual_works() throws {
+        let (client, server) = try twoSidecars(clientFiles: {
+            ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", trafficPolicy: "{tls: {mode: ISTIO_MUTUAL}}")]
+        })
+        defer { client.stop(); server.stop() }
+        let r = get(try RawClient(port: client.outbound), "/", headers: "") // Host: app has no route
+        XCTAssertEqual(r?.status, 404)
+        let c = try RawClient(port: client.outbound)
+        c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        XCTAssertEqual(c.read()?.header("x-peer"), "cluster.local/ns/default/sa/frontend")
+    }
+
+    func test_serverIdentityThatDoesNotMatchTheServiceAccount_isRefusedByTheClient() throws {
+        // The endpoint is declared as payments, but the server presents orders.
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "payments")] })
+        defer { client.stop(); server.stop() }
+        let c = try RawClient(port: client.outbound)
+        c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let r = c.read()
+        XCTAssertEqual(r?.status, 503)
+        XCTAssertTrue(r?.body.contains("does not match the expected") == true, r?.body ?? "")
+        XCTAssertEqual(app.seen.count, 0)
+    }
+
+    func test_istioMutualWithoutAWorkloadCertificate_failsWithUF_butAutoMTLSFallsBackToPlaintext() throws {
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("ns", namespace: "production", mode: "PERMISSIVE")], certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let explicit = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.ordersEntry(port: server.inbound, serviceAccount: "orders", trafficPolicy: "{tls: {mode: ISTIO_MUTUAL}}")], concurrency: 1)
+        defer { explicit.stop() }
+        let c = try RawClient(port: explicit.outbound)
+        c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let r = c.read()
+        XCTAssertEqual(r?.status, 503)
+        XCTAssertTrue(r?.body.contains("ISTIO_MUTUAL needs a workload certificate") == true, r?.body ?? "")
+        let auto = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.ordersEntry(port: server.inbound, serviceAccount: "orders")], concurrency: 1)
+        defer { auto.stop() }
+        let a = try RawClient(port: auto.outbound)
+        a.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let ar = a.read()
+        XCTAssertEqual(ar?.status, 200)
+        XCTAssertEqual(ar?.header("x-peer"), "", "plaintext: no principal")
+    }
+
+    func test_certificateRotationUnderLoad_dropsNoRequest_andNewHandshakesUseTheNewCertificate() throws {
+        let serverCerts = try pki.issue("production", "orders")
+        let clientCerts = try pki.issue("default", "frontend")
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", trafficPolicy: "{connectionPool: {http: {maxRequestsPerConnection: 5}}}")] },
+                                               serverCerts: serverCerts, clientCerts: clientCerts)
+        defer { client.stop(); server.stop() }
+        let before = server.server.currentTLS!.notAfter
+        let failures = NIOLockedValueBox(0), done = NIOLockedValueBox(0)
+        let stop = ManagedAtomicFlag()
+        let workers = (0..<4).map { _ in
+            Thread {
+                guard let c = try? RawClient(port: client.outbound) else { failures.withLockedValue { $0 += 1 }; return }
+                while !stop.isSet {
+                    c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+                    if c.read()?.status == 200 { done.withLockedValue { $0 += 1 } } else { failures.withLockedValue { $0 += 1 }; return }
+                }
+            }
+        }
+        workers.forEach { $0.start() }
+        // Three rotations of both certificates while traffic flows.
+        for i in 0..<3 {
+            usleep(400_000)
+            try pki.ca.issue(try pki.ca.identity(namespace: "production", serviceAccount: "orders"), ttl: 7200 + Double(i) * 60).write(to: serverCerts)
+            try pki.ca.issue(try pki.ca.identity(namespace: "default", serviceAccount: "frontend"), ttl: 7200 + Double(i) * 60).write(to: clientCerts)
+        }
+        var rotated = false
+        for _ in 0..<30 { if server.server.currentTLS!.notAfter != before { rotated = true; break }; usleep(100_000) }
+        usleep(1_500_000)
+        stop.set()
+        workers.forEach { while !$0.isFinished { usleep(10_000) } }
+        XCTAssertTrue(rotated, "the server did not load the new certificate")
+        XCTAssertEqual(failures.withLockedValue { $0 }, 0)
+        XCTAssertGreaterThan(done.withLockedValue { $0 }, 50)
+        // New handshakes present the new certificate.
+        let r = tlsRequest(port: server.inbound, certDir: clientCerts, rootPEM: pki.ca.rootCertPEM)
+        XCTAssertEqual(try r.get().status, 200)
+        XCTAssertLessThan(abs(server.server.currentTLS!.notAfter.timeIntervalSinceNow - (7200 + 120)), 120)
+    }
+
+    func test_badCertificateFilesOnRotation_areRejected_andTheLastGoodCertificateKeepsServing() throws {
+        let certs = try pki.issue("production", "orders")
+        let server = try serverSidecar(["pa.yaml": peerAuthentication("s", namespace: "production", mode: "STRICT")], certs: certs)
+        defer { server.stop() }
+        let good = server.server.currentTLS!
+        // A key that does not belong to the certificate.
+        let other = try pki.issue("production", "other")
+        try FileManager.default.removeItem(atPath: certs + "/key.pem")
+        try FileManager.default.copyItem(atPath: other + "/key.pem", toPath: certs + "/key.pem")
+        var err: String?
+        for _ in 0..<30 { err = server.server.lock.withLock { server.server.lastCertError }; if err != nil { break }; usleep(100_000) }
+        XCTAssertTrue(err?.contains("key.pem: does not match the certificate") == true, err ?? "no error")
+        XCTAssertTrue(server.server.currentTLS === good)
+        XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+    }
+
+    func test_sidecarGetsAndRenewsItsCertificateFromTheCA_withABootstrapToken() throws {
+        let caGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? caGroup.syncShutdownGracefully() }
+        let service = CAService(ca: pki.ca, tokens: ["t0ken": try pki.ca.identity(namespace: "production", serviceAccount: "orders")], maxTTL: 4)
+        let caChannel = try service.bind(group: caGroup, host: "127.0.0.1", port: 0)
+        defer { try? caChannel.close().wait() }
+        let caAddr = "127.0.0.1:\(caChannel.localAddress!.port!)"
+        let certs = pki.dir + "/from-ca"
+        try FileManager.default.createDirectory(atPath: certs, withIntermediateDirectories: true)
+        try pki.ca.rootCertPEM.write(toFile: certs + "/root-cert.pem", atomically: true, encoding: .utf8)
+        let tokenFile = pki.dir + "/token"
+        // A token for another identity is refused.
+        try "wrong".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+            s.certsDirectory = certs; s.caAddress = caAddr; s.caTokenFile = tokenFile
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+        })
+        try "t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+            s.certsDirectory = certs; s.caAddress = caAddr; s.caTokenFile = tokenFile
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+        }
+        defer { server.stop() }
+        let first = server.server.currentTLS!
+        XCTAssertEqual(first.identity.uri, "spiffe://cluster.local/ns/production/sa/orders")
+        XCTAssertLessThanOrEqual(first.notAfter.timeIntervalSince(first.notBefore), 5, "the CA's max TTL (4 s) applies")
+        // Renewal at half the lifetime, authenticated by the current certificate.
+        var renewed = false
+        for _ in 0..<80 { if server.server.currentTLS !== first { renewed = true; break }; usleep(100_000) }
+        XCTAssertTrue(renewed)
+        XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+    }
+}
+
+/// A flag set once, read from several threads.
+final class ManagedAtomicFlag: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
+}
