@@ -101,6 +101,7 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
             "MoonletProxy", "MoonletLua", "MoonletConfig", "MoonletTLS",

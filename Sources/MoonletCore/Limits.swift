@@ -9,6 +9,9 @@ public struct ProxyLimits: Sendable {
     public var maxBufferedBodyBytes = 1 << 20
     /// Time to receive a complete request head once its first byte arrived (408).
     public var requestHeaderTimeoutMs = 10_000
+    /// Time for an inbound TLS handshake, and in PERMISSIVE mode for the first byte that
+    /// tells TLS from plaintext, to complete (closed silently beyond).
+    public var tlsHandshakeTimeoutMs = 10_000
     /// Downstream connection idle between requests (closed silently).
     public var downstreamIdleTimeoutMs = 3_600_000
     /// Upstream connect timeout (Envoy's default: 10s) — 503 UF.

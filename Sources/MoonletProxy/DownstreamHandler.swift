@@ -4,6 +4,7 @@ import MoonletTelemetry
 import MoonletBalancer
 import MoonletTLS
 import NIOSSL
+import NIOTLS
 
 /// The HTTP/1.1 fast path: one handler per downstream connection owns each stream
 /// from its first byte to its log line. It parses heads in place, runs the filter
@@ -23,6 +24,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var peerIP = ""
     /// The downstream authenticated with mTLS (inbound): connection_security_policy mutual_tls.
     var peerMTLS = false
+    /// Closes a connection whose TLS handshake (or PERMISSIVE first byte) takes too long.
+    var handshakeTimer: Scheduled<Void>?
+    /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
+    var tlsEstablished = false
     /// An HTTP/2 stream's connection identity (set by the bridge before channelActive).
     var inheritedPeer: PeerInfo?
     /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
@@ -109,7 +114,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             ctx.activeConnections -= 1
             ctx.metrics.connectionClosed(role.rawValue)
         }
-        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel()
+        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
         if let s = stream {
             s.responseFlags.insert(.downstreamConnectionTermination)
             if let u = upstream { u.abandon(); upstream = nil }
@@ -118,14 +123,31 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError {
+        if !tlsEstablished && (error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError) {
             // A refused mTLS handshake: untrusted, expired, no certificate, or not TLS at all.
             ctx.metrics.count("moonlet_inbound_tls_refused_total")
             if ctx.mayLogTLSRefusal() {
-                ctx.logger.warning("mTLS handshake with \(peer.address) refused (\(ctx.inboundMTLS.mode.rawValue) by \(ctx.inboundMTLS.source)): \(error)")
+                let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
+                let why = TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil)
+                ctx.logger.warning("mTLS handshake with \(peer.address) refused (\(ctx.inboundMTLS.mode.rawValue) by \(ctx.inboundMTLS.source)): \(why)")
             }
         }
         context.close(promise: nil)
+    }
+
+    func armHandshakeTimer(_ ch: Channel) {
+        let ms = limits.tlsHandshakeTimeoutMs
+        guard ms > 0 else { return }
+        handshakeTimer = ch.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
+            guard let self else { return }
+            self.ctx.metrics.count("moonlet_inbound_tls_handshake_timeouts_total")
+            ch.close(promise: nil)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { handshakeTimer?.cancel(); handshakeTimer = nil; tlsEstablished = true }
+        context.fireUserInboundEventTriggered(event)
     }
 
     /// The peer's certificate verified and carries this SPIFFE id (called by the TLS

@@ -32,8 +32,10 @@ enum InboundSecurity {
         case .plaintext: break
         case .mutualTLS(let m):
             try sync.addHandler(m.makeServerHandler { [weak downstream] id in downstream?.peerAuthenticated(id) })
+            downstream.armHandshakeTimer(ch)
         case .sniff(let m):
             try sync.addHandler(TLSSniffer(material: m, downstream: downstream))
+            downstream.armHandshakeTimer(ch)
         case .refuse(let why):
             if ctx.mayLogTLSRefusal() {
                 ctx.logger.warning("inbound connection from \(ch.remoteAddress.map { "\($0)" } ?? "?") refused: \(why)")
@@ -59,7 +61,10 @@ final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buf = unwrapInboundIn(data)
-        if buf.readableBytes > 0, buf.getInteger(at: buf.readerIndex, as: UInt8.self) == 0x16 {
+        if buf.readableBytes > 0, buf.getInteger(at: buf.readerIndex, as: UInt8.self) != 0x16 {
+            // Plaintext: the handshake timer no longer applies.
+            downstream?.handshakeTimer?.cancel(); downstream?.handshakeTimer = nil
+        } else {
             let d = downstream
             let tls = material.makeServerHandler { [weak d] id in d?.peerAuthenticated(id) }
             do { try context.pipeline.syncOperations.addHandler(tls, position: .after(self)) } catch {

@@ -172,3 +172,28 @@ extension TLSMaterial {
         }
     }
 }
+
+extension TLSMaterial {
+    /// A readable reason for a refused inbound handshake, naming the peer's identity
+    /// when it presented a certificate: expired, not yet valid, not from the mesh root,
+    /// no certificate, plaintext on an mTLS port, or the TLS error itself.
+    public static func refusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date()) -> String {
+        if let e = error as? PeerIdentityError { return e.description }
+        let text = "\(error)"
+        if let pc = peerCertificate, let der = try? pc.toDERBytes(), let cert = try? Certificate(derEncoded: der) {
+            let who = SpiffeID.of(pc)?.uri ?? "subject \(cert.subject)"
+            if cert.notValidAfter < now { return "certificate of \(who) expired at \(cert.notValidAfter)" }
+            if cert.notValidBefore > now { return "certificate of \(who) is not valid before \(cert.notValidBefore)" }
+            if text.contains("CERTIFICATE_VERIFY_FAILED") { return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the mesh root" }
+        }
+        if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") { return "the client presented no certificate" }
+        if text.contains("WRONG_VERSION_NUMBER") || text.contains("HTTP_REQUEST") || text.contains("UNKNOWN_PROTOCOL") {
+            return "not TLS (plaintext on an mTLS port)"
+        }
+        if text.contains("EOF during handshake") || text.contains("uncleanShutdown") {
+            return "the client closed during the handshake (does it trust this sidecar's certificate?)"
+        }
+        if text.contains("CERTIFICATE_VERIFY_FAILED") { return "the client certificate does not verify against the mesh root" }
+        return text
+    }
+}

@@ -175,6 +175,28 @@ final class MTLSTests: XCTestCase {
         XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: nil, rootPEM: pki.ca.rootCertPEM).get())
     }
 
+    func test_aTLSHandshakeThatDoesNotFinishInTime_isClosed_inStrictAndPermissiveModes() throws {
+        for mode in ["STRICT", "PERMISSIVE"] {
+            var all = ["pa.yaml": peerAuthentication("p", namespace: "production", mode: mode)]
+            all["echo.lua"] = principalEcho
+            let certs = try pki.issue("production", "orders", name: "hs-\(mode)")
+            let server = try ProxyFixture(appPort: app.port, files: all, concurrency: 1) { s in
+                s.certsDirectory = certs
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+                s.limits.tlsHandshakeTimeoutMs = 300
+            }
+            defer { server.stop() }
+            // A client that connects and says nothing, and one that starts a TLS record and stalls.
+            let silent = try RawClient(port: server.inbound, timeoutSeconds: 5)
+            let stalled = try RawClient(port: server.inbound, timeoutSeconds: 5)
+            stalled.send([0x16, 0x03, 0x01, 0x00, 0x40])
+            let start = Date()
+            XCTAssertTrue(silent.isClosed(), mode)
+            XCTAssertTrue(stalled.isClosed(), mode)
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, mode)
+        }
+    }
+
     func test_alpnNegotiatesHTTP2OverMutualTLS_andIstiosALPNValuesAreAccepted() throws {
         let server = try serverSidecar(["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
                                        certs: try pki.issue("production", "orders"))

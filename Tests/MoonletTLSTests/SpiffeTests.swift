@@ -2,6 +2,7 @@ import XCTest
 import X509
 import Crypto
 import _CryptoExtras
+import NIOSSL
 @testable import MoonletTLS
 
 final class SpiffeTests: XCTestCase {
@@ -131,5 +132,19 @@ final class CertificateAuthorityTests: XCTestCase {
         XCTAssertEqual(ok.0, .ok)
         XCTAssertTrue(ok.1.contains("BEGIN CERTIFICATE"))
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: "Bearer tok", peer: nil, body: Data("{".utf8)).0, .badRequest)
+    }
+
+    func test_refusedHandshakes_areExplainedWithThePeersIdentity() throws {
+        struct TLSFailure: Error, CustomStringConvertible { var description: String }
+        let ca = try MeshCA.create()
+        let verifyFailed = TLSFailure(description: "handshakeFailed(sslError([error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED]))")
+        func cert(_ b: WorkloadBundle) throws -> NIOSSLCertificate { try NIOSSLCertificate(bytes: Array(b.certChainPEM.utf8), format: .pem) }
+        let id = try ca.identity(namespace: "default", serviceAccount: "old")
+        let expired = try cert(ca.issue(id, ttl: 60, now: Date().addingTimeInterval(-3600)))
+        XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: expired).hasPrefix("certificate of spiffe://cluster.local/ns/default/sa/old expired at"))
+        let foreign = try cert(MeshCA.create().issue(id))
+        XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: foreign).hasSuffix("does not chain to the mesh root"))
+        XCTAssertEqual(TLSMaterial.refusalReason(TLSFailure(description: "PEER_DID_NOT_RETURN_A_CERTIFICATE"), peerCertificate: nil), "the client presented no certificate")
+        XCTAssertEqual(TLSMaterial.refusalReason(TLSFailure(description: "WRONG_VERSION_NUMBER"), peerCertificate: nil), "not TLS (plaintext on an mTLS port)")
     }
 }
