@@ -88,11 +88,23 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         self.sniffing = !http2Stream
         self.limits = ctx.settings.limits
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
+        ctx.liveHandlers += 1
     }
+
+    deinit { ctx.liveHandlers -= 1 }
 
     // MARK: channel events
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    /// The connection is gone: drop the stored context. Handler and context refer to each
+    /// other, so without this every closed connection's handler, context and buffers
+    /// stayed in memory (about 3 KB per connection, seen as RSS growth under churn).
+    /// Every callback that can still arrive checks `closed` first.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        closed = true
+        self.context = nil
+    }
 
     func channelActive(context: ChannelHandlerContext) {
         if let a = context.channel.remoteAddress {
@@ -898,7 +910,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                                   durationMs: 0, requestBytes: 0, responseBytes: Int64(body.utf8.count))
         closed = true
         inbound = nil
-        context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in self.context.close(promise: nil) }
+        let c = context!
+        c.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in c.close(promise: nil) }
     }
 
     func localReplyAndClose(_ status: Int, _ reason: String) {

@@ -42,6 +42,9 @@ public final class LoopContext: @unchecked Sendable {
     var nextStreamID: UInt64
     var activeStreams = 0
     var activeConnections = 0
+    /// Downstream handlers alive on this loop (connections and HTTP/2 streams): returns
+    /// to zero once they close, or memory is being kept.
+    var liveHandlers = 0
     /// Request-id generator: seeded once from the system, no syscall per request.
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     /// The inbound listener's fixed route, built once.

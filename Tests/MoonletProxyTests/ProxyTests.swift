@@ -186,4 +186,24 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertThrowsError(try RawClient(port: port))
         px = nil
     }
+
+    func test_closedConnections_releaseTheirHandlers_soMemoryDoesNotGrowWithConnectionChurn() throws {
+        let up = try TestUpstream()
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1)
+        defer { px.stop() }
+        for _ in 0..<200 {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            XCTAssertEqual(c.read()?.status, 200)
+        }
+        let ctx = px.server.contexts[0]
+        var live = -1
+        for _ in 0..<50 {
+            live = try ctx.loop.submit { ctx.liveHandlers }.wait()
+            if live == 0 { break }
+            usleep(20_000)
+        }
+        XCTAssertEqual(live, 0, "handlers of closed connections are still alive")
+    }
 }
