@@ -302,6 +302,53 @@ final class MTLSTests: XCTestCase {
         XCTAssertEqual(app.seen.count, 0)
     }
 
+    func test_destinationRuleSimpleAndMutual_reachTLSUpstreamsWithTheGivenFiles_andRefuseWhatDoesNotVerify() throws {
+        let serverDir = try pki.issue("external", "api")
+        let clientDir = try pki.issue("default", "frontend")
+        func serverContext(requireClientCertificate: Bool) throws -> NIOSSLContext {
+            var c = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(serverDir + "/cert-chain.pem").map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: serverDir + "/key.pem", format: .pem)))
+            if requireClientCertificate {
+                c.certificateVerification = .noHostnameVerification
+                c.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(serverDir + "/root-cert.pem"))
+            }
+            return try NIOSSLContext(configuration: c)
+        }
+        let simpleUp = try TestUpstream(tls: serverContext(requireClientCertificate: false))
+        let mutualUp = try TestUpstream(tls: serverContext(requireClientCertificate: true))
+        defer { simpleUp.stop(); mutualUp.stop() }
+        let ca = "caCertificates: \(serverDir)/root-cert.pem"
+        let px = try ProxyFixture(appPort: 1, files: [
+            // The issued certificate names a SPIFFE id, not a DNS name: check that instead of the host.
+            "simple.yaml": meshService("simple.example", ports: [simpleUp.port],
+                                       trafficPolicy: "{tls: {mode: SIMPLE, \(ca), insecureSkipVerify: true, subjectAltNames: ['spiffe://cluster.local/ns/external/sa/api']}}"),
+            "mutual.yaml": meshService("mutual.example", ports: [mutualUp.port],
+                                       trafficPolicy: "{tls: {mode: MUTUAL, \(ca), insecureSkipVerify: true, clientCertificate: \(clientDir)/cert-chain.pem, privateKey: \(clientDir)/key.pem}}"),
+            "nocert.yaml": meshService("nocert.example", ports: [mutualUp.port], trafficPolicy: "{tls: {mode: SIMPLE, \(ca), insecureSkipVerify: true}}"),
+            "hostname.yaml": meshService("hostname.example", ports: [simpleUp.port], trafficPolicy: "{tls: {mode: SIMPLE, \(ca), sni: hostname.example}}"),
+            "wrongsan.yaml": meshService("wrongsan.example", ports: [simpleUp.port],
+                                         trafficPolicy: "{tls: {mode: SIMPLE, \(ca), insecureSkipVerify: true, subjectAltNames: ['spiffe://cluster.local/ns/other/sa/x']}}"),
+            "badfile.yaml": meshService("badfile.example", ports: [simpleUp.port], trafficPolicy: "{tls: {mode: SIMPLE, caCertificates: /nonexistent/ca.pem}}"),
+        ], concurrency: 1)
+        defer { px.stop() }
+        func call(_ host: String) -> RawClient.Response? {
+            guard let c = try? RawClient(port: px.outbound) else { return nil }
+            c.send("GET / HTTP/1.1\r\nHost: \(host)\r\n\r\n")
+            return c.read()
+        }
+        XCTAssertEqual(call("simple.example")?.status, 200)
+        XCTAssertEqual(call("mutual.example")?.status, 200)
+        XCTAssertEqual(call("nocert.example")?.status, 503, "the server requires a client certificate")
+        XCTAssertEqual(call("hostname.example")?.status, 503, "the certificate does not name hostname.example")
+        XCTAssertEqual(call("wrongsan.example")?.status, 503)
+        let bad = call("badfile.example")
+        XCTAssertEqual(bad?.status, 503)
+        XCTAssertTrue(bad?.body.contains("/nonexistent/ca.pem") == true, bad?.body ?? "")
+        XCTAssertEqual(simpleUp.seen.count, 1)
+        XCTAssertEqual(mutualUp.seen.count, 1)
+    }
+
     func test_istioMutualWithoutAWorkloadCertificate_failsWithUF_butAutoMTLSFallsBackToPlaintext() throws {
         let server = try serverSidecar(["pa.yaml": peerAuthentication("ns", namespace: "production", mode: "PERMISSIVE")], certs: try pki.issue("production", "orders"))
         defer { server.stop() }

@@ -2,6 +2,7 @@ import XCTest
 import NIOCore
 import NIOPosix
 import NIOHTTP1
+import NIOSSL
 import NIOConcurrencyHelpers
 import Logging
 @testable import MoonletProxy
@@ -43,13 +44,15 @@ final class TestUpstream: @unchecked Sendable {
     var peakOpenConnections: Int { lock.withLock { _peakOpen } }
     var seen: [SeenRequest] { lock.withLock { _seen } }
 
-    init(port: Int = 0, respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
+    /// `tls`: serve HTTPS with this context (for DestinationRule SIMPLE / MUTUAL tests).
+    init(port: Int = 0, tls: NIOSSLContext? = nil, respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
         if let respond { self.respond = respond }
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 self.lock.withLock { self._connections += 1; self._open += 1; self._peakOpen = max(self._peakOpen, self._open) }
                 ch.closeFuture.whenComplete { _ in self.lock.withLock { self._open -= 1 } }
+                if let tls { try? ch.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                 return ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(Handler(owner: self)) }
             }
             .bind(host: "127.0.0.1", port: port).wait()
