@@ -1,3 +1,4 @@
+import MoonletCore
 import Yams
 
 /// A YAML value with the place it came from, so every later error can name
@@ -54,24 +55,7 @@ public indirect enum ConfigValue: Sendable, Equatable {
     }
 }
 
-public enum JSON {
-    public static func quote(_ s: String) -> String {
-        var out = "\""
-        out.reserveCapacity(s.utf8.count + 2)
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
-            }
-        }
-        return out + "\""
-    }
-}
+
 
 #if canImport(Foundation)
 import Foundation

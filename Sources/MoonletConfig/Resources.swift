@@ -1,3 +1,4 @@
+import MoonletCore
 import Yams
 #if canImport(Foundation)
 import Foundation

@@ -1,3 +1,4 @@
+import MoonletCore
 import NIOCore
 import NIOPosix
 import NIOHTTP1

@@ -3,6 +3,7 @@ import NIOPosix
 import NIOHTTP1
 import NIOSSL
 import NIOConcurrencyHelpers
+import MoonletCore
 import X509
 import SwiftASN1
 #if canImport(Foundation)
@@ -98,7 +99,7 @@ public final class CAService: @unchecked Sendable {
     func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, body: Data) -> (HTTPResponseStatus, String) {
         func fail(_ s: HTTPResponseStatus, _ msg: String) -> (HTTPResponseStatus, String) {
             log("ca: refused \(uri): \(msg)")
-            return (s, "{\"error\":\(jsonString(msg))}")
+            return (s, "{\"error\":\(JSON.quote(msg))}")
         }
         guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(uri)") }
         guard method == .POST else { return fail(.methodNotAllowed, "use POST") }
@@ -119,7 +120,7 @@ public final class CAService: @unchecked Sendable {
         do {
             let leaf = try ca.signCSR(pem: csr, allowed: asked, ttl: ttl)
             log("ca: issued \(asked.uri) for \(Int(ttl))s")
-            return (.ok, "{\"cert_chain\":[\(jsonString(leaf)),\(jsonString(ca.rootCertPEM))]}")
+            return (.ok, "{\"cert_chain\":[\(JSON.quote(leaf)),\(JSON.quote(ca.rootCertPEM))]}")
         } catch {
             return fail(.badRequest, "\(error)")
         }
@@ -157,20 +158,7 @@ public final class CAService: @unchecked Sendable {
     }
 }
 
-func jsonString(_ s: String) -> String {
-    var o = "\""
-    for c in s.unicodeScalars {
-        switch c {
-        case "\"": o += "\\\""
-        case "\\": o += "\\\\"
-        case "\n": o += "\\n"
-        case "\r": o += "\\r"
-        case "\t": o += "\\t"
-        default: if c.value < 0x20 { o += String(format: "\\u%04x", c.value) } else { o.unicodeScalars.append(c) }
-        }
-    }
-    return o + "\""
-}
+
 
 /// The sidecar side of the CSR flow: a new key and CSR, sent to the CA over TLS (the CA
 /// verified against root-cert.pem), authenticated by the current certificate when there is
@@ -197,7 +185,7 @@ public enum CAClient {
         }
         let ctx = try NIOSSLContext(configuration: cfg)
         let (csr, keyPEM) = try MeshCA.makeCSR(for: identity, keyType: keyType)
-        let body = "{\"csr\":\(jsonString(csr)),\"namespace\":\(jsonString(identity.namespace)),\"service_account\":\(jsonString(identity.serviceAccount)),\"ttl_seconds\":\(Int(ttl))}"
+        let body = "{\"csr\":\(JSON.quote(csr)),\"namespace\":\(JSON.quote(identity.namespace)),\"service_account\":\(JSON.quote(identity.serviceAccount)),\"ttl_seconds\":\(Int(ttl))}"
         let loop = group.next()
         let promise = loop.makePromise(of: (HTTPResponseStatus, Data).self)
         let ch = try ClientBootstrap(group: loop)

@@ -1,3 +1,4 @@
+import MoonletCore
 import ArgumentParser
 import Logging
 import MoonletConfig

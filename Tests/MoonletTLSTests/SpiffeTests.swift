@@ -4,6 +4,7 @@ import Crypto
 import _CryptoExtras
 import NIOSSL
 @testable import MoonletTLS
+import MoonletCore
 
 final class SpiffeTests: XCTestCase {
     func test_spiffeID_parsesIstiosURIAndPrincipalForms_andRejectsOtherShapes() {
@@ -123,7 +124,7 @@ final class CertificateAuthorityTests: XCTestCase {
         let me = try ca.identity(namespace: "default", serviceAccount: "frontend")
         let svc = CAService(ca: ca, tokens: ["tok": me])
         let (csr, _) = try MeshCA.makeCSR(for: me)
-        func body(_ sa: String) -> Data { Data("{\"csr\":\(jsonString(csr)),\"namespace\":\"default\",\"service_account\":\"\(sa)\"}".utf8) }
+        func body(_ sa: String) -> Data { Data("{\"csr\":\(JSON.quote(csr)),\"namespace\":\"default\",\"service_account\":\"\(sa)\"}".utf8) }
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: nil, peer: nil, body: body("frontend")).0, .unauthorized)
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: "Bearer nope", peer: nil, body: body("frontend")).0, .unauthorized)
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: "Bearer tok", peer: nil, body: body("admin")).0, .forbidden)
@@ -132,6 +133,7 @@ final class CertificateAuthorityTests: XCTestCase {
         XCTAssertEqual(ok.0, .ok)
         XCTAssertTrue(ok.1.contains("BEGIN CERTIFICATE"))
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: "Bearer tok", peer: nil, body: Data("{".utf8)).0, .badRequest)
+        XCTAssertEqual(JSON.quote("a\"\u{1}\n"), "\"a\\\"\\u0001\\n\"")
     }
 
     func test_refusedHandshakes_areExplainedWithThePeersIdentity() throws {
