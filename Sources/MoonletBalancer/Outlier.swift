@@ -16,16 +16,33 @@ public final class OutlierState: @unchecked Sendable {
     let consecutiveLocal: [ManagedAtomic<Int>]
     /// Monotonic nanoseconds until which an endpoint is ejected (0 = not ejected).
     let ejectedUntil: [ManagedAtomic<UInt64>]
+    /// Ejections so far per endpoint (metrics).
     let ejections: [ManagedAtomic<Int>]
+    /// Envoy's ejection multiplier: +1 per ejection, -1 per sweep interval the endpoint
+    /// spends healthy afterwards. Only read and written under `ejectLock`.
+    var multiplier: [Int]
+    /// When the last ejection ended (monotonic ns, 0 = never ejected). Under `ejectLock`.
+    var lastReturn: [UInt64]
     let ejectLock = NIOLock()
+    /// Start of the sweep schedule: ejected endpoints return on a sweep tick, every
+    /// `interval` from here, as Envoy's detector runs its analysis each interval.
+    let epoch: UInt64
+    let intervalNs: UInt64
+    /// Envoy's max_ejection_time default: 300 s, or the base ejection time if longer.
+    let maxEjectionNs: UInt64
 
-    init(policy: OutlierPolicy, count: Int) {
+    init(policy: OutlierPolicy, count: Int, epoch: UInt64 = monotonicNanos()) {
         self.policy = policy
         consecutive5xx = (0..<count).map { _ in ManagedAtomic(0) }
         consecutiveGateway = (0..<count).map { _ in ManagedAtomic(0) }
         consecutiveLocal = (0..<count).map { _ in ManagedAtomic(0) }
         ejectedUntil = (0..<count).map { _ in ManagedAtomic(UInt64(0)) }
         ejections = (0..<count).map { _ in ManagedAtomic(0) }
+        multiplier = [Int](repeating: 0, count: count)
+        lastReturn = [UInt64](repeating: 0, count: count)
+        self.epoch = epoch
+        intervalNs = UInt64(max(1, policy.intervalMs)) * 1_000_000
+        maxEjectionNs = UInt64(max(300_000, policy.baseEjectionTimeMs)) * 1_000_000
     }
 
     public var count: Int { ejectedUntil.count }
@@ -70,8 +87,19 @@ public final class OutlierState: @unchecked Sendable {
             let ejectedNow = ejectedCount(now: now)
             let maxEjected = max(1, count * policy.maxEjectionPercent / 100)
             guard ejectedNow < maxEjected else { return }
-            let n = ejections[i].wrappingIncrementThenLoad(ordering: .relaxed)
-            ejectedUntil[i].store(now + UInt64(policy.baseEjectionTimeMs) * 1_000_000 * UInt64(n), ordering: .relaxed)
+            ejections[i].wrappingIncrement(ordering: .relaxed)
+            // The multiplier decays by one per interval spent healthy since the last return.
+            if lastReturn[i] != 0 && now > lastReturn[i] {
+                multiplier[i] = max(0, multiplier[i] - Int((now - lastReturn[i]) / intervalNs))
+            }
+            multiplier[i] += 1
+            let duration = min(UInt64(policy.baseEjectionTimeMs) * 1_000_000 * UInt64(multiplier[i]), maxEjectionNs)
+            // Back in service on the first sweep tick after the ejection time.
+            let due = now + duration
+            let ticks = (due - min(due, epoch) + intervalNs - 1) / intervalNs
+            let until = max(due, epoch + ticks * intervalNs)
+            lastReturn[i] = until
+            ejectedUntil[i].store(until, ordering: .relaxed)
             consecutive5xx[i].store(0, ordering: .relaxed)
             consecutiveGateway[i].store(0, ordering: .relaxed)
             consecutiveLocal[i].store(0, ordering: .relaxed)

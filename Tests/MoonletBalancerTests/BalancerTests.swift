@@ -60,7 +60,7 @@ final class OutlierCluster: UpstreamCluster, @unchecked Sendable {
 final class OutlierTests: XCTestCase {
     func policy(_ base: Int = 1000) -> OutlierPolicy {
         var p = OutlierPolicy()
-        p.consecutive5xxErrors = 5; p.baseEjectionTimeMs = base; p.maxEjectionPercent = 50
+        p.consecutive5xxErrors = 5; p.baseEjectionTimeMs = base; p.maxEjectionPercent = 50; p.intervalMs = 10
         return p
     }
 
@@ -84,17 +84,48 @@ final class OutlierTests: XCTestCase {
     }
 
     func test_ejectedHostReturns_afterEjectionTime_thatGrowsWithEachEjection() {
-        let b = BalancerState(seed: 6)
-        let c = OutlierCluster(id: 0, count: 4, policy: policy(100))
-        let o = b.outlier(c)!
         let t0 = monotonicNanos()
+        let o = OutlierState(policy: policy(100), count: 4, epoch: t0)
         for _ in 0..<5 { o.record(0, status: 500, now: t0) }
         XCTAssertTrue(o.isEjected(0, now: t0 + 50_000_000))
         XCTAssertFalse(o.isEjected(0, now: t0 + 150_000_000))
-        let t1 = t0 + 200_000_000
+        // Failing again as soon as it is back: no healthy interval to decay the multiplier.
+        let t1 = t0 + 100_000_000
         for _ in 0..<5 { o.record(0, status: 500, now: t1) }
         XCTAssertTrue(o.isEjected(0, now: t1 + 150_000_000), "second ejection lasts 2 x base")
         XCTAssertFalse(o.isEjected(0, now: t1 + 250_000_000))
+    }
+
+    func test_ejectedHostReturnsOnTheFirstSweepAfterItsEjectionTime_andItsMultiplierDecaysWhileHealthy() {
+        var p = policy(250); p.intervalMs = 100
+        let t0: UInt64 = 1_000_000_000_000
+        let o = OutlierState(policy: p, count: 4, epoch: t0)
+        let ms: UInt64 = 1_000_000
+        for _ in 0..<5 { o.record(0, status: 500, now: t0 + 10 * ms) }
+        // Due at 260 ms; the sweep at 300 ms returns it.
+        XCTAssertTrue(o.isEjected(0, now: t0 + 290 * ms))
+        XCTAssertFalse(o.isEjected(0, now: t0 + 300 * ms))
+        // Healthy for five sweeps: the multiplier is back to zero, so the next
+        // ejection lasts one base time again (not two).
+        for _ in 0..<5 { o.record(0, status: 500, now: t0 + 800 * ms) }
+        XCTAssertTrue(o.isEjected(0, now: t0 + 1_050 * ms))
+        XCTAssertFalse(o.isEjected(0, now: t0 + 1_100 * ms))
+        // Ejected again right away: the multiplier grows (2 x 250 ms from 1100 -> 1600).
+        for _ in 0..<5 { o.record(0, status: 500, now: t0 + 1_100 * ms) }
+        XCTAssertTrue(o.isEjected(0, now: t0 + 1_550 * ms))
+        XCTAssertFalse(o.isEjected(0, now: t0 + 1_600 * ms))
+        XCTAssertEqual(o.totalEjections, 3)
+    }
+
+    func test_ejectionTime_isCappedAtEnvoysMaxEjectionTime() {
+        var p = policy(200_000); p.intervalMs = 1000
+        let t0: UInt64 = 1_000_000_000_000
+        let o = OutlierState(policy: p, count: 4, epoch: t0)
+        let s: UInt64 = 1_000_000_000
+        for _ in 0..<5 { o.record(1, status: 500, now: t0) }
+        for _ in 0..<5 { o.record(1, status: 500, now: t0 + 200 * s) } // returned at 200 s, ejected again: 2 x 200 s
+        XCTAssertTrue(o.isEjected(1, now: t0 + 499 * s))
+        XCTAssertFalse(o.isEjected(1, now: t0 + 500 * s), "capped at 300 s")
     }
 
     func test_connectFailures_countAsGatewayAndLocalOriginErrors() {

@@ -139,10 +139,15 @@ final class OutlierDetectionTests: XCTestCase {
         let json = try XCTUnwrap(adminGet(px.admin, "/clusters?format=json")).body
         XCTAssertTrue(json.contains("\"address\":\"127.0.0.1:\(bad.port)\",\"labels\":\"\",\"rq_active\":0,\"rq_total\":5,\"rq_error\":5,\"success_rate\":0.0,\"ejected\":true"), json)
         failing.withLockedValue { $0 = false }
-        usleep(1_100_000)
+        // Back on the first 1 s sweep after its 1 s ejection time: between 1 and 2 s.
+        let ejectedAt = Date()
         var back = 0
-        for _ in 0..<10 { if send() == "bad:200" { back += 1 } }
+        while back == 0 && Date().timeIntervalSince(ejectedAt) < 3 {
+            for _ in 0..<4 { if send() == "bad:200" { back += 1 } }
+            if back == 0 { usleep(100_000) }
+        }
         XCTAssertGreaterThan(back, 0, "the host returns after its ejection time")
+        XCTAssertGreaterThan(Date().timeIntervalSince(ejectedAt), 0.5, "not before its ejection time")
     }
 }
 
