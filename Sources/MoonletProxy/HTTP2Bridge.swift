@@ -34,11 +34,15 @@ enum HTTP2Server {
                           peer: PeerInfo? = nil) throws {
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
         streamConfig.targetWindowSize = 1 << 20
+        // Stream responses finish one by one (each upstream read completes one); their
+        // flushes are merged into one write per event-loop tick for the connection.
+        let coalescer = FlushCoalescer()
+        try channel.pipeline.syncOperations.addHandler(coalescer, position: position)
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server,
             connectionConfiguration: connectionConfiguration(ctx.settings.limits),
             streamConfiguration: streamConfig,
-            position: position
+            position: .after(coalescer)
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
                 let sync = stream.pipeline.syncOperations
@@ -170,5 +174,24 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
             }
         }
         promise?.succeed()
+    }
+}
+
+/// Merges the flushes of one event-loop tick into one: the first flush schedules the
+/// real one at the end of the tick, later ones in the same tick are absorbed. Used on
+/// HTTP/2 connections, where every stream's response end would otherwise be a write
+/// system call of its own.
+final class FlushCoalescer: ChannelOutboundHandler {
+    typealias OutboundIn = Any
+    typealias OutboundOut = Any
+    var scheduled = false
+
+    func flush(context: ChannelHandlerContext) {
+        guard !scheduled else { return }
+        scheduled = true
+        context.eventLoop.execute {
+            self.scheduled = false
+            context.flush()
+        }
     }
 }
