@@ -177,19 +177,27 @@ public struct HTTPHeadParser: Sendable {
                     contentLength = v
                 case .transferEncoding:
                     // Every coding list must end in chunked, and only chunked is supported.
+                    // Tokens are compared in place; a String is made only for an error.
                     sawTE = true
-                    let tokens = splitTokens(raw, vStart, vEnd)
-                    if tokens.isEmpty { return HTTPParseError(400, "empty transfer-encoding") }
-                    for t in tokens where t != "chunked" {
-                        return HTTPParseError(head.isRequest ? 501 : 502, "unsupported transfer-encoding \(t)")
+                    var count = 0
+                    var unsupported: (Int, Int)?
+                    forEachToken(raw, vStart, vEnd) { ts, te in
+                        count += 1
+                        if unsupported == nil && !(te - ts == 7 && lowerEquals(raw, ts, "chunked")) { unsupported = (ts, te) }
                     }
-                    if teChunkedLast || tokens.count > 1 { return HTTPParseError(400, "chunked applied more than once") }
+                    if count == 0 { return HTTPParseError(400, "empty transfer-encoding") }
+                    if let (ts, te) = unsupported {
+                        return HTTPParseError(head.isRequest ? 501 : 502, "unsupported transfer-encoding \(lowercasedString(raw, ts, te))")
+                    }
+                    if teChunkedLast || count > 1 { return HTTPParseError(400, "chunked applied more than once") }
                     teChunkedLast = true
                 case .connection:
-                    for t in splitTokens(raw, vStart, vEnd) {
-                        if t == "close" { closeToken = true }
-                        else if t == "keep-alive" { keepAliveToken = true }
-                        else { head.connectionTokens.append(t) }
+                    // close and keep-alive are recognised in place; other tokens (names of
+                    // hop-by-hop headers) are kept as lowercase strings.
+                    forEachToken(raw, vStart, vEnd) { ts, te in
+                        if te - ts == 5 && lowerEquals(raw, ts, "close") { closeToken = true }
+                        else if te - ts == 10 && lowerEquals(raw, ts, "keep-alive") { keepAliveToken = true }
+                        else { head.connectionTokens.append(lowercasedString(raw, ts, te)) }
                     }
                 case .host:
                     hostCount += 1
@@ -263,8 +271,10 @@ public struct HTTPHeadParser: Sendable {
     }
 
     /// Splits a comma-separated token list, lowercased, OWS trimmed, empties dropped.
-    static func splitTokens(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> [String] {
-        var out: [String] = []
+    /// Calls `body` with the start and end of each token of a comma-separated list,
+    /// blanks trimmed, empty elements skipped, without allocating.
+    @inline(__always)
+    static func forEachToken(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ body: (Int, Int) -> Void) {
         var k = s
         while k < e {
             while k < e && (raw[k] == 32 || raw[k] == 9 || raw[k] == 44) { k += 1 }
@@ -272,12 +282,20 @@ public struct HTTPHeadParser: Sendable {
             while k < e && raw[k] != 44 { k += 1 }
             var te = k
             while te > ts && (raw[te - 1] == 32 || raw[te - 1] == 9) { te -= 1 }
-            if te > ts {
-                var bytes = [UInt8](UnsafeRawBufferPointer(rebasing: raw[ts..<te]))
-                for j in 0..<bytes.count where bytes[j] >= 65 && bytes[j] <= 90 { bytes[j] |= 0x20 }
-                out.append(String(decoding: bytes, as: UTF8.self))
-            }
+            if te > ts { body(ts, te) }
         }
+    }
+
+    static func lowercasedString(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> String {
+        var bytes = [UInt8](UnsafeRawBufferPointer(rebasing: raw[s..<e]))
+        for j in 0..<bytes.count where bytes[j] >= 65 && bytes[j] <= 90 { bytes[j] |= 0x20 }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// The tokens of a comma-separated list, lowercased (tests and rare paths).
+    static func splitTokens(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> [String] {
+        var out: [String] = []
+        forEachToken(raw, s, e) { ts, te in out.append(lowercasedString(raw, ts, te)) }
         return out
     }
 

@@ -178,7 +178,11 @@ final class PoolWaiter {
 final class UpstreamPool {
     let loop: EventLoop
     let limits: ProxyLimits
-    var idle: [String: [UpstreamConnection]] = [:]
+    /// Idle connections by key. Each list is a class so that taking and returning a
+    /// connection mutates it in place: an Optional-chained mutation through the
+    /// dictionary (`idle[key]?.popLast()`) allocated three coroutine frames per request.
+    final class IdleList { var items: [UpstreamConnection] = [] }
+    var idle: [String: IdleList] = [:]
     var addresses: [String: SocketAddress] = [:]
     var sweeper: RepeatedTask?
 
@@ -204,7 +208,8 @@ final class UpstreamPool {
     /// copy out of the dictionary would copy every pooled connection per request).
     func takeIdle(_ key: String, idleTimeoutMs: Int = 0, maxDurationMs: Int = 0) -> UpstreamConnection? {
         var now: UInt64 = 0
-        while let c = idle[key]?.popLast() {
+        guard let list = idle[key] else { return nil }
+        while let c = list.items.popLast() {
             guard !c.closed, let ch = c.channel, ch.isActive else { continue }
             if idleTimeoutMs > 0 || maxDurationMs > 0 {
                 if now == 0 { now = NIODeadline.now().uptimeNanoseconds }
@@ -273,30 +278,32 @@ final class UpstreamPool {
             if waiters[c.key]!.isEmpty { waiters[c.key] = nil }
             if w.handOver(c) { return }
         }
-        if (idle[c.key]?.count ?? 0) >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
+        let list: IdleList
+        if let l = idle[c.key] { list = l } else { list = IdleList(); idle[c.key] = list }
+        if list.items.count >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
         c.idleSince = NIODeadline.now().uptimeNanoseconds
-        idle[c.key, default: []].append(c)
+        list.items.append(c)
     }
 
     func sweep() {
         let now = NIODeadline.now().uptimeNanoseconds
         let maxIdle = UInt64(limits.upstreamIdleTimeoutMs) * 1_000_000
-        for (k, list) in idle {
+        for list in idle.values {
             var keep: [UpstreamConnection] = []
-            for c in list {
+            for c in list.items {
                 if c.closed || now - c.idleSince > maxIdle { c.channel?.close(promise: nil) } else { keep.append(c) }
             }
-            idle[k] = keep
+            list.items = keep
         }
     }
 
     func closeAll() {
         sweeper?.cancel()
-        for (_, list) in idle { for c in list { c.channel?.close(promise: nil) } }
+        for list in idle.values { for c in list.items { c.channel?.close(promise: nil) } }
         idle = [:]
     }
 
-    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.items.count } }
 }
 
 /// Fire-and-forget mirror requests: a connection of its own, the response read and
