@@ -273,7 +273,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func startStream(_ headIn: HTTPHead) {
-        var head = headIn
+        var head = consume headIn
         head.stripHopByHop()
         let s = ProxyStream(id: ctx.nextStreamID, request: head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
         ctx.nextStreamID &+= 1
@@ -717,14 +717,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     // MARK: response side
 
-    func upstreamResponseHead(_ headIn: HTTPHead) {
+    func upstreamResponseHead(_ headIn: consuming HTTPHead) {
         guard let s = stream else { return }
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
         if retryIfAllowed(s, status: headIn.status, connectFailure: false) { return }
         if attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         streamTimer?.cancel(); streamTimer = nil
         perTryTimer?.cancel(); perTryTimer = nil
-        var head = headIn
+        var head = consume headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
         Self.applyRouteResponseEdits(s.route, to: &head)

@@ -37,7 +37,7 @@ enum HTTP2Server {
         // Stream responses finish one by one (each upstream read completes one); their
         // flushes are merged into one write per event-loop tick for the connection.
         let coalescer = FlushCoalescer()
-        try channel.pipeline.syncOperations.addHandler(coalescer, position: position)
+        try channel.pipeline.syncOperations.addHandler(coalescer, position: ChannelPipeline.SynchronousOperations.Position(position))
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server,
             connectionConfiguration: connectionConfiguration(ctx.settings.limits),

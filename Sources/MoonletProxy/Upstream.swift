@@ -8,7 +8,8 @@ import MoonletBalancer
 /// Events an upstream connection reports to the stream that holds it. All calls
 /// happen on the connection's event loop, directly (no futures).
 protocol UpstreamDelegate: AnyObject {
-    func upstreamResponseHead(_ head: HTTPHead)
+    /// The response head; the callee owns it (it edits it in place, no copy).
+    func upstreamResponseHead(_ head: consuming HTTPHead)
     func upstreamResponseBody(_ chunk: ByteBuffer)
     /// The response is complete. `reusable`: the connection may serve another request.
     func upstreamResponseEnd(reusable: Bool)
@@ -92,7 +93,7 @@ final class UpstreamConnection: ChannelInboundHandler {
                     }
                     keepAlive = head.keepAlive
                     decoder = BodyDecoder(framing: head.framing)
-                    delegate.upstreamResponseHead(head)
+                    delegate.upstreamResponseHead(consume head)
                     guard self.delegate != nil, inResponse else { return } // abandoned
                     if decoder?.isDone == true { finish(); return }
                     continue
