@@ -58,10 +58,13 @@ public final class TLSMaterial: @unchecked Sendable {
         let chainPath = (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)
         let keyPath = (dir as NSString).appendingPathComponent(WorkloadBundle.keyFile)
         let rootPath = (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile)
-        let chainX = try parseCertificates(chainPath)
-        let rootsX = try parseCertificates(rootPath)
+        // Each file is read once: what is checked is exactly what the contexts load,
+        // even if a rotation rewrites the files meanwhile.
+        let chainText = try readText(chainPath), rootText = try readText(rootPath), keyText = try readText(keyPath)
+        let chainX = try parseCertificates(chainText, path: chainPath)
+        let rootsX = try parseCertificates(rootText, path: rootPath)
         let keyX: Certificate.PrivateKey
-        do { keyX = try Certificate.PrivateKey(pemEncoded: try readText(keyPath)) } catch let e as TLSConfigError { throw e } catch {
+        do { keyX = try Certificate.PrivateKey(pemEncoded: keyText) } catch {
             throw TLSConfigError(keyPath, "not a PEM private key: \(error)")
         }
         let leaf = chainX[0]
@@ -75,31 +78,30 @@ public final class TLSMaterial: @unchecked Sendable {
         }
         guard let identity = id else { throw TLSConfigError(chainPath, "certificate has no SPIFFE URI SAN (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)") }
 
-        let chain = try NIOSSLCertificate.fromPEMBytes(Array(try readText(chainPath).utf8))
-        let roots = try NIOSSLCertificate.fromPEMBytes(Array(try readText(rootPath).utf8))
-        let key = try NIOSSLPrivateKey(bytes: Array(try readText(keyPath).utf8), format: .pem)
-
-        var sc = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
-        sc.certificateVerification = .noHostnameVerification
-        sc.trustRoots = .certificates(roots)
-        sc.minimumTLSVersion = .tlsv12
-        sc.applicationProtocols = serverALPN
-        sc.curves = meshCurves
-        var cc = TLSConfiguration.makeClientConfiguration()
-        cc.certificateChain = chain.map { .certificate($0) }
-        cc.privateKey = .privateKey(key)
-        cc.certificateVerification = .noHostnameVerification
-        cc.trustRoots = .certificates(roots)
-        cc.minimumTLSVersion = .tlsv12
-        cc.applicationProtocols = clientALPN
-        cc.curves = meshCurves
+        let chain = try NIOSSLCertificate.fromPEMBytes(Array(chainText.utf8)).map { NIOSSLCertificateSource.certificate($0) }
+        let roots = try NIOSSLCertificate.fromPEMBytes(Array(rootText.utf8))
+        let key = try NIOSSLPrivateKey(bytes: Array(keyText.utf8), format: .pem)
+        // Both sides present the workload certificate and verify the peer against the
+        // mesh root (no host names in mesh identities).
+        func mesh(_ base: TLSConfiguration, alpn: [String]) -> TLSConfiguration {
+            var c = base
+            c.certificateChain = chain
+            c.privateKey = .privateKey(key)
+            c.certificateVerification = .noHostnameVerification
+            c.trustRoots = .certificates(roots)
+            c.minimumTLSVersion = .tlsv12
+            c.applicationProtocols = alpn
+            c.curves = meshCurves
+            return c
+        }
+        let sc = mesh(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
+        let cc = mesh(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
         return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
                            serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
                            fingerprint: fp)
     }
 
-    static func parseCertificates(_ path: String) throws -> [Certificate] {
-        let text = try readText(path)
+    static func parseCertificates(_ text: String, path: String) throws -> [Certificate] {
         let docs: [PEMDocument]
         do { docs = try PEMDocument.parseMultiple(pemString: text) } catch { throw TLSConfigError(path, "not PEM: \(error)") }
         var out: [Certificate] = []
