@@ -50,19 +50,9 @@ public final class CAService: @unchecked Sendable {
     func servingContext() throws -> NIOSSLContext {
         let key = try KeyType.ecdsaP256.makeKey()
         let id = try ca.identity(namespace: "istio-system", serviceAccount: "istiod")
-        let now = Date()
-        let cert = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
-            notValidBefore: now.addingTimeInterval(-60), notValidAfter: min(now.addingTimeInterval(365 * 86400), ca.rootCertificate.notValidAfter),
-            issuer: ca.rootCertificate.subject, subject: DistinguishedName(),
-            extensions: try Certificate.Extensions {
-                Critical(BasicConstraints.notCertificateAuthority)
-                Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
-                try ExtendedKeyUsage([.serverAuth])
-                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(id.uri), .dnsName("localhost"), .dnsName("istiod.istio-system.svc"),
-                                                  .ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1]))]))
-            },
-            issuerPrivateKey: ca.rootKey)
+        let cert = try ca.sign(publicKey: key.publicKey, id: id, ttl: 365 * 86400, extraNames: [
+            .dnsName("localhost"), .dnsName("istiod.istio-system.svc"), .ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1])),
+        ], usages: [.serverAuth])
         var c = TLSConfiguration.makeServerConfiguration(
             certificateChain: [.certificate(try NIOSSLCertificate(bytes: Array(try cert.serializeAsPEM().pemString.utf8), format: .pem))],
             privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try key.serializeAsPEM().pemString.utf8), format: .pem)))

@@ -140,7 +140,10 @@ public struct MeshCA: Sendable {
 
     /// Signs a certificate for `publicKey` carrying `id` as its only (critical) URI SAN,
     /// usable as TLS client and server, valid for `ttl` (back-dated a little for clock skew).
-    public func sign(publicKey: Certificate.PublicKey, id: SpiffeID, ttl: TimeInterval, now: Date = Date()) throws -> Certificate {
+    /// `extraNames`: more SANs after the SPIFFE id (DNS names of a server); `usages`: the
+    /// extended key usages (a workload is both TLS client and server).
+    public func sign(publicKey: Certificate.PublicKey, id: SpiffeID, ttl: TimeInterval, now: Date = Date(),
+                     extraNames: [GeneralName] = [], usages: [ExtendedKeyUsage.Usage] = [.serverAuth, .clientAuth]) throws -> Certificate {
         guard ttl > 0 else { throw TLSConfigError("--ttl", "must be positive") }
         let notAfter = min(now.addingTimeInterval(ttl), rootCertificate.notValidAfter)
         // Back-dated for clock skew, by at most a tenth of the lifetime so that renewal at
@@ -153,9 +156,9 @@ public struct MeshCA: Sendable {
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.notCertificateAuthority)
                 Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
-                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                try ExtendedKeyUsage(usages)
                 AuthorityKeyIdentifier(keyIdentifier: try rootCertificate.extensions.subjectKeyIdentifier?.keyIdentifier)
-                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(id.uri)]))
+                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(id.uri)] + extraNames))
             },
             issuerPrivateKey: rootKey)
     }
