@@ -46,9 +46,7 @@ extension ProxyServer {
         guard let dir = settings.certsDirectory, let current = currentTLS else { return }
         if let ca = settings.caAddress, Date() >= current.renewAt {
             do { try requestCertificate(ca: ca, dir: dir) } catch {
-                let msg = "certificate renewal from \(ca) failed: \(error)"
-                if lock.withLock({ lastCertError }) != msg { logger.error("\(msg); keeping the current certificate until \(current.notAfter)") }
-                lock.withLock { lastCertError = msg }
+                reportCertError("certificate renewal from \(ca) failed: \(error)", "keeping the current certificate until \(current.notAfter)")
             }
         }
         let fp = TLSMaterial.fingerprint(dir: dir)
@@ -57,10 +55,17 @@ extension ProxyServer {
             install(try TLSMaterial.load(dir: dir), reason: "files changed")
         } catch {
             // Half-written or mismatched files: keep serving with the last good certificate.
-            let msg = "\(error)"
-            if lock.withLock({ lastCertError }) != msg { logger.error("new workload certificate rejected, keeping the current one: \(msg)") }
-            lock.withLock { lastCertError = msg }
+            reportCertError("new workload certificate rejected: \(error)", "keeping the current one")
         }
+    }
+
+    /// Keeps `message` for inspection and logs it once, not every second while it lasts.
+    func reportCertError(_ message: String, _ consequence: String) {
+        let repeated = lock.withLock { () -> Bool in
+            defer { lastCertError = message }
+            return lastCertError == message
+        }
+        if !repeated { logger.error("\(message); \(consequence)") }
     }
 
     /// Builds the client TLS context of each DestinationRule SIMPLE/MUTUAL setting once,

@@ -22,8 +22,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var parser: HTTPHeadParser
     var peer = PeerInfo(address: "")
     var peerIP = ""
-    /// The downstream authenticated with mTLS (inbound): connection_security_policy mutual_tls.
-    var peerMTLS = false
+    /// The downstream authenticated with mTLS (inbound): only then has it a principal.
+    var peerMTLS: Bool { !peer.principal.isEmpty }
     /// Closes a connection whose TLS handshake (or PERMISSIVE first byte) takes too long.
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
@@ -111,7 +111,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
-        if let p = inheritedPeer { peer.principal = p.principal; peer.namespace = p.namespace; peerMTLS = true }
+        if let p = inheritedPeer { peer.principal = p.principal; peer.namespace = p.namespace }
         if !http2Stream {
             ctx.activeConnections += 1
             ctx.metrics.connectionOpened(role.rawValue)
@@ -167,7 +167,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func peerAuthenticated(_ id: SpiffeID) {
         peer.principal = id.principal
         peer.namespace = id.namespace
-        peerMTLS = true
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -215,7 +214,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
         idleTimer?.cancel(); idleTimer = nil
         do {
-            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: peerMTLS ? peer : nil)
+            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: peer)
         } catch {
             context.close(promise: nil)
             return

@@ -29,7 +29,7 @@ enum HTTP2Server {
 
     /// Turns a downstream connection into an HTTP/2 server connection. Called by the
     /// HTTP/1.1 handler when the first bytes are the HTTP/2 preface.
-    /// `peer`: the connection's authenticated identity (mTLS), handed to every stream.
+    /// `peer`: the connection's peer; its mTLS identity (if any) is handed to every stream.
     static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position,
                           peer: PeerInfo? = nil) throws {
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
