@@ -31,19 +31,23 @@ final class RoutingTests: XCTestCase {
       subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
     """
 
-    func table(_ vs: String, file: StaticString = #filePath, line: UInt = #line) -> RouteTable? {
+    /// The route table of `endpoints` plus `extra` YAML, for a workload with `labels`.
+    static func load(_ extra: String, labels: [String: String] = [:]) throws -> RouteTable {
         let dir = NSTemporaryDirectory() + "moonlet-route-\(UUID().uuidString)"
-        try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try! (Self.endpoints + "\n---\n" + vs).write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
-        switch ConfigLoader().load(paths: [dir]) {
-        case .success(let s): return s.routes
-        case .failure(let e): XCTFail(e.description, file: file, line: line); return nil
-        }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try (endpoints + "\n---\n" + extra).write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
+        return try ConfigLoader().load(paths: [dir], namespace: "default", labels: labels).get().routes
     }
 
-    func vs(_ http: String) -> String {
+    func table(_ vs: String, file: StaticString = #filePath, line: UInt = #line) -> RouteTable? {
+        do { return try Self.load(vs) } catch { XCTFail("\(error)", file: file, line: line); return nil }
+    }
+
+    /// A VirtualService for host svc with `http` as its route list (indented two spaces).
+    static func vs(_ http: String) -> String {
         "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: svc, namespace: default}\nspec:\n  hosts: [svc]\n  http:\n" + http
     }
+    func vs(_ http: String) -> String { Self.vs(http) }
 
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
 
@@ -290,21 +294,12 @@ final class BookinfoRoutingTests: XCTestCase {
 final class RoutingExtrasTests: XCTestCase {
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
 
-    func table(_ extra: String, labels: [String: String] = [:]) throws -> RouteTable {
-        let dir = NSTemporaryDirectory() + "moonlet-route-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try (RoutingTests.endpoints + "\n---\n" + extra).write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
-        return try ConfigLoader().load(paths: [dir], namespace: "default", labels: labels).get().routes
+    func table(_ http: String, labels: [String: String] = [:]) throws -> RouteTable {
+        try RoutingTests.load(RoutingTests.vs(http), labels: labels)
     }
 
     func test_corsPolicy_answersPreflight_andTagsAllowedOrigins() throws {
         let t = try table("""
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {name: svc}
-        spec:
-          hosts: [svc]
-          http:
           - corsPolicy:
               allowOrigins: [{exact: "https://app.example"}]
               allowMethods: [GET, POST]
@@ -328,12 +323,6 @@ final class RoutingExtrasTests: XCTestCase {
 
     func test_sourceLabels_matchTheLocalWorkload() throws {
         let vs = """
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {name: svc}
-        spec:
-          hosts: [svc]
-          http:
           - match: [{sourceLabels: {app: canary-client}, sourceNamespace: default}]
             route: [{destination: {host: svc, subset: v2}}]
           - route: [{destination: {host: svc, subset: v1}}]
@@ -348,12 +337,6 @@ final class RoutingExtrasTests: XCTestCase {
 
     func test_mirror_isChosenWithItsPercentage() throws {
         let t = try table("""
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {name: svc}
-        spec:
-          hosts: [svc]
-          http:
           - route: [{destination: {host: svc, subset: v1}}]
             mirror: {host: svc, subset: v2}
             mirrorPercentage: {value: 50}
