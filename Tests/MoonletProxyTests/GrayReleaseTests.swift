@@ -241,7 +241,7 @@ final class ConsistentHashTests: XCTestCase {
         let c = try RawClient(port: px.outbound)
         var byUser: [String: Set<String>] = [:]
         for i in 0..<60 {
-            let user = "u\(i % 6)"
+            let user = "u\(i % 20)" // 20 users: all on one of 3 hosts by chance is ~1e-9
             c.send("GET / HTTP/1.1\r\nHost: ch\r\nx-user: \(user)\r\n\r\n")
             byUser[user, default: []].insert(c.read()?.header("x-ep") ?? "?")
         }
