@@ -435,6 +435,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             attach(c)
             return
         }
+        if let session = ctx.pool.session(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
+            // An HTTP/2 upstream takes the request as a new stream on its connection.
+            connecting = true
+            session.openStream(connected(stream: s.id, attempt: attempt))
+            return
+        }
+        if ctx.pool.awaitSession(key, connected(stream: s.id, attempt: attempt)) {
+            connecting = true
+            return
+        }
         let address: SocketAddress
         do { address = try ctx.pool.address(host: host, port: port) } catch {
             reply503(s, "no healthy upstream", .noHealthyUpstream)
@@ -488,7 +498,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
-        let sid = s.id, try_ = attempt
         var tls: (() throws -> NIOSSLClientHandler)? = nil
         if let t = upstreamTLS {
             if t.mode == .istioMutual, let m = ctx.tls {
@@ -498,21 +507,24 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls) { [weak self] r in
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, slot: slot, connected(stream: s.id, attempt: attempt))
+    }
+
+    /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
+    /// stream and attempt that asked for it are still current, else gives it back.
+    func connected(stream sid: UInt64, attempt try_: Int) -> (Result<UpstreamConnection, Error>) -> Void {
+        { [weak self] r in
             guard let self else { return }
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
             case .success(let c):
-                c.circuit = slot
-                if c.closed { slot?.connectionClosed(); c.circuit = nil }
                 guard current, !self.closed else { self.ctx.pool.release(c); return }
                 self.connecting = false
                 self.attach(c)
             case .failure(let e):
-                slot?.connectionClosed()
                 guard current else { return }
                 self.connecting = false
-                self.upstreamFailed(.connectFailed("\(e)"))
+                self.upstreamFailed(e as? UpstreamFailure ?? .connectFailed("\(e)"))
             }
         }
     }

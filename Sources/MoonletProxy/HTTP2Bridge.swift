@@ -32,6 +32,7 @@ enum HTTP2Server {
     /// `peer`: the connection's peer; its mTLS identity (if any) is handed to every stream.
     static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position,
                           peer: PeerInfo? = nil) throws {
+        ctx.metrics.count("moonlet_downstream_cx_http2_total")
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
         streamConfig.targetWindowSize = 1 << 20
         // Stream responses finish one by one (each upstream read completes one); their

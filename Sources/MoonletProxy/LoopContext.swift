@@ -66,6 +66,7 @@ public final class LoopContext: @unchecked Sendable {
         inboundRoute = r
         inboundKey = "127.0.0.1:\(settings.appPort)"
         inboundService = settings.identity.labels["app"] ?? "unknown"
+        pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
     }
 
     /// Whether a refused-handshake line may be logged now (at most 10 a second per loop).

@@ -1,7 +1,7 @@
 import NIOCore
 import NIOPosix
 import NIOSSL
-import NIOTLS
+import NIOHTTP2
 import MoonletCore
 import MoonletBalancer
 
@@ -43,9 +43,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     var closed = false
     /// The cluster connection slot this connection holds (released when it closes).
     var circuit: CircuitCounters?
-    /// Set while a TLS handshake is under way: a close or error then is a connect failure.
-    var tlsPending = false
-    var tlsError: String?
+    /// A stream of an HTTP/2 session: carries one request, never pooled.
+    var multiplexed = false
 
     init(key: String, limits: ProxyLimits) {
         self.key = key
@@ -145,19 +144,12 @@ final class UpstreamConnection: ChannelInboundHandler {
         circuit?.connectionClosed()
         circuit = nil
         if inResponse {
-            if tlsPending { fail(.connectFailed(tlsError ?? "TLS handshake did not complete")); return }
             // A close-delimited body ends here; `closed` makes finish() report it unreusable.
             if decoder?.isUntilClose == true { finish() } else { fail(.reset) }
         }
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event { tlsPending = false }
-        context.fireUserInboundEventTriggered(event)
-    }
-
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if tlsPending && tlsError == nil { tlsError = "TLS error: \(error)" }
         context.close(promise: nil)
     }
 
@@ -226,10 +218,40 @@ final class UpstreamPool {
         return nil
     }
 
-    /// Connects to `address`; with `tls`, its client handler goes in front of the
-    /// connection (the request waits in it until the handshake is done).
+    /// HTTP/2 connections by key (at most one taking new streams per key).
+    var sessions: [String: UpstreamH2Session] = [:]
+
+    /// Keys whose last TLS connection negotiated h2. While a new connection to such a
+    /// key is being set up, requests wait for it instead of each opening a connection
+    /// of its own (ALPN is only known after the handshake).
+    var speaksH2: Set<String> = []
+    /// Streams waiting for the HTTP/2 connection being set up to a key.
+    var awaitingSession: [String: [(Result<UpstreamConnection, Error>) -> Void]] = [:]
+
+    /// An HTTP/2 connection to `key` that takes another stream, if any.
+    func session(_ key: String, maxRequests: Int, maxDurationMs: Int) -> UpstreamH2Session? {
+        guard let s = sessions[key] else { return nil }
+        if s.accepts(maxRequests: maxRequests, maxDurationMs: maxDurationMs) { return s }
+        sessions[key] = nil
+        return nil
+    }
+
+    /// Queues a stream on the HTTP/2 connection being set up to `key`, if there is
+    /// one; `done` gets a stream of it, or the connection's failure.
+    func awaitSession(_ key: String, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) -> Bool {
+        guard awaitingSession[key] != nil else { return false }
+        awaitingSession[key]!.append(done)
+        return true
+    }
+
+    /// Connects to `address`. Without `tls` the connection is handed over once TCP is
+    /// up (the request may be written at once). With `tls` it is handed over after the
+    /// handshake: as HTTP/1.1, or, when ALPN chose "h2", as the first stream of a new
+    /// HTTP/2 session that later requests to `key` share. `slot` (the cluster's
+    /// connection slot) is held by the connection or session and released when it
+    /// closes, or at once when connecting fails.
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
-                 tls: (() throws -> NIOSSLClientHandler)? = nil,
+                 tls: (() throws -> NIOSSLClientHandler)? = nil, slot: CircuitCounters? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         var bootstrap = ClientBootstrap(group: loop)
@@ -241,27 +263,101 @@ final class UpstreamPool {
                 .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPINTVL)), value: ka.intervalSeconds)
                 .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPCNT)), value: ka.probes)
         }
+        // A connection to a peer known to speak h2 gathers the requests that arrive
+        // while it is set up; they become its streams (or share its failure).
+        let gathers = tls != nil && speaksH2.contains(key) && awaitingSession[key] == nil
+        if gathers { awaitingSession[key] = [] }
+        var finished = false
+        func finish(_ r: Result<UpstreamConnection, Error>) {
+            guard !finished else { return }
+            finished = true
+            if case .failure = r { slot?.connectionClosed() }
+            done(r)
+            guard gathers, let waiting = awaitingSession.removeValue(forKey: key) else { return }
+            if case .failure(let e) = r {
+                for w in waiting { w(.failure(e)) }
+            } else if let s = sessions[key], !s.closed {
+                for w in waiting { s.openStream(w) }
+            } else {
+                for w in waiting { w(.failure(UpstreamFailure.connectFailed("the peer no longer speaks HTTP/2"))) }
+            }
+        }
         bootstrap
             .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
             .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
             .channelInitializer { ch in
                 conn.channel = ch
                 return ch.eventLoop.makeCompletedFuture {
-                    if let tls {
-                        conn.tlsPending = true
-                        try ch.pipeline.syncOperations.addHandler(try tls())
+                    guard let tls else {
+                        try ch.pipeline.syncOperations.addHandler(conn)
+                        return
                     }
-                    try ch.pipeline.syncOperations.addHandler(conn)
+                    try ch.pipeline.syncOperations.addHandler(try tls())
+                    try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { context, proto in
+                        if proto == "h2" {
+                            self.speaksH2.insert(key)
+                            self.startSession(key: key, channel: ch, slot: slot, finish)
+                        } else {
+                            self.speaksH2.remove(key)
+                            do {
+                                try context.pipeline.syncOperations.addHandler(conn)
+                                conn.circuit = slot
+                                finish(.success(conn))
+                            } catch {
+                                ch.close(promise: nil)
+                                finish(.failure(UpstreamFailure.connectFailed("\(error)")))
+                            }
+                        }
+                    }, failed: { why in finish(.failure(UpstreamFailure.connectFailed(why))) }))
                 }
             }
             .connect(to: address)
             .whenComplete { r in
                 switch r {
-                case .success: done(.success(conn))
-                case .failure(let e): done(.failure(e))
+                case .success:
+                    guard tls == nil else { return } // handed over after the handshake
+                    conn.circuit = slot
+                    if conn.closed { slot?.connectionClosed(); conn.circuit = nil }
+                    finish(.success(conn))
+                case .failure(let e): finish(.failure(e))
                 }
             }
     }
+
+    /// Turns a TLS connection that negotiated "h2" into an HTTP/2 session for `key`
+    /// and opens its first stream.
+    func startSession(key: String, channel: Channel, slot: CircuitCounters?, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+        let watcher = UpstreamH2Watcher()
+        let multiplexer: NIOHTTP2Handler.StreamMultiplexer
+        do {
+            var streamConfig = NIOHTTP2Handler.StreamConfiguration()
+            streamConfig.targetWindowSize = 1 << 20
+            multiplexer = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .client, connectionConfiguration: UpstreamH2Session.connectionConfiguration(limits),
+                streamConfiguration: streamConfig
+            ) { pushed in pushed.close() } // server push is disabled; a pushed stream is refused
+            try channel.pipeline.syncOperations.addHandler(watcher)
+        } catch {
+            channel.close(promise: nil)
+            done(.failure(UpstreamFailure.connectFailed("HTTP/2 setup failed: \(error)")))
+            return
+        }
+        let s = UpstreamH2Session(key: key, channel: channel, multiplexer: multiplexer, limits: limits)
+        s.circuit = slot
+        watcher.session = s
+        sessions[key]?.retire() // an earlier connection (set up concurrently) takes no new streams
+        sessions[key] = s
+        onHTTP2Session?()
+        channel.closeFuture.whenComplete { _ in
+            s.closed = true
+            s.circuit?.connectionClosed(); s.circuit = nil
+            if self.sessions[key] === s { self.sessions[key] = nil }
+        }
+        s.openStream(done)
+    }
+
+    /// Called when an upstream connection starts speaking HTTP/2 (for a metric).
+    var onHTTP2Session: (() -> Void)?
 
     /// Queues a stream until a connection to `key` is released on this loop.
     func wait(_ w: PoolWaiter) { waiters[w.key, default: []].append(w) }
@@ -273,6 +369,7 @@ final class UpstreamPool {
 
     func release(_ c: UpstreamConnection) {
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
+        if c.multiplexed { ch.close(promise: nil); return }
         // A waiting stream takes the connection first (FIFO).
         while let w = waiters[c.key]?.first {
             waiters[c.key]!.removeFirst()
@@ -296,12 +393,18 @@ final class UpstreamPool {
             }
             list.items = keep
         }
+        for s in sessions.values where s.openStreams == 0 && now - s.idleSince > maxIdle {
+            sessions[s.key] = nil
+            s.channel.close(promise: nil)
+        }
     }
 
     func closeAll() {
         sweeper?.cancel()
         for list in idle.values { for c in list.items { c.channel?.close(promise: nil) } }
         idle = [:]
+        for s in sessions.values { s.channel.close(promise: nil) }
+        sessions = [:]
     }
 
     var idleCount: Int { idle.values.reduce(0) { $0 + $1.items.count } }

@@ -14,8 +14,10 @@ public final class TLSMaterial: @unchecked Sendable {
     /// it, then HTTP/1.1, then Istio's own values (served as HTTP/1.1 or h2 by the preface).
     public static let serverALPN = ["h2", "http/1.1", "istio-peer-exchange", "istio", "istio-http/1.1", "istio-http/1.0", "istio-h2"]
     /// ALPN an outbound mTLS connection offers: Istio's values first (so an Envoy
-    /// sidecar selects its mTLS filter chain), then HTTP/1.1, which the upstream pool speaks.
-    public static let clientALPN = ["istio-peer-exchange", "istio", "http/1.1"]
+    /// sidecar selects its mTLS filter chain), then h2 and HTTP/1.1. A peer sidecar
+    /// that speaks HTTP/2 chooses h2 and carries every request as a stream of one
+    /// connection; otherwise the connection speaks HTTP/1.1.
+    public static let clientALPN = ["istio-peer-exchange", "istio", "h2", "http/1.1"]
     /// Key exchange groups of mesh mTLS: Envoy's default set (X25519, then P-256).
     /// BoringSSL would also offer the post-quantum hybrid X25519MLKEM768, which a
     /// profile of sidecar-to-sidecar handshakes showed costing a fifth of the handshake

@@ -278,6 +278,57 @@ final class MTLSTests: XCTestCase {
         XCTAssertEqual(app.connections, 1, "the inbound sidecar reuses its app connection")
     }
 
+    func test_sidecarToSidecar_speaksHTTP2OverOneMutualTLSConnection_forConcurrentRequestsWithBodies() throws {
+        app.stop()
+        app = try TestUpstream { r in
+            TestUpstream.Reply(body: r.uri == "/big" ? String(repeating: "x", count: 600_000) : "\(r.method) \(r.uri) \(r.bodyBytes)")
+        }
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders")] })
+        defer { client.stop(); server.stop() }
+        let host = "Host: orders.production.svc.cluster.local\r\n"
+        let first = try RawClient(port: client.outbound)
+        first.send("GET /first HTTP/1.1\r\n\(host)\r\n")
+        XCTAssertEqual(first.read()?.body, "GET /first 0")
+        // Eight clients at once, each with three requests: GET, POST with a length, POST chunked.
+        let failures = NIOLockedValueBox<[String]>([])
+        let workers = (0..<8).map { i in
+            Thread {
+                guard let c = try? RawClient(port: client.outbound) else { failures.withLockedValue { $0.append("connect") }; return }
+                c.send("GET /g\(i) HTTP/1.1\r\n\(host)\r\n")
+                let g = c.read()
+                if g?.status != 200 || g?.body != "GET /g\(i) 0" || g?.header("x-peer") != "cluster.local/ns/default/sa/frontend" {
+                    failures.withLockedValue { $0.append("GET: \(String(describing: g))") }
+                }
+                c.send("POST /p\(i) HTTP/1.1\r\n\(host)content-length: 5\r\n\r\nhello")
+                let p = c.read()
+                if p?.body != "POST /p\(i) 5" { failures.withLockedValue { $0.append("POST: \(String(describing: p))") } }
+                c.send("POST /c\(i) HTTP/1.1\r\n\(host)transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+                let ch = c.read()
+                if ch?.body != "POST /c\(i) 7" { failures.withLockedValue { $0.append("chunked: \(String(describing: ch))") } }
+            }
+        }
+        workers.forEach { $0.start() }
+        workers.forEach { while !$0.isFinished { usleep(10_000) } }
+        XCTAssertEqual(failures.withLockedValue { $0 }, [])
+        let c = try RawClient(port: client.outbound)
+        c.send("HEAD /h HTTP/1.1\r\n\(host)\r\n")
+        let h = c.read(head: true)
+        XCTAssertEqual(h?.status, 200)
+        XCTAssertEqual(h?.body, "")
+        c.send("GET /after-head HTTP/1.1\r\n\(host)\r\n")
+        XCTAssertEqual(c.read()?.body, "GET /after-head 0", "the connection stays in step after a HEAD")
+        // Bodies larger than HTTP/2's flow-control windows, both ways.
+        c.send("POST /up HTTP/1.1\r\n\(host)content-length: 2000000\r\n\r\n" + String(repeating: "y", count: 2_000_000))
+        XCTAssertEqual(c.read()?.body, "POST /up 2000000")
+        c.send("GET /big HTTP/1.1\r\n\(host)\r\n")
+        XCTAssertEqual(c.read()?.body.count, 600_000)
+        XCTAssertEqual(app.seen.count, 29)
+        let clientStats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        let serverStats = try XCTUnwrap(adminGet(server.admin, "/stats/prometheus")).body
+        XCTAssertTrue(clientStats.contains("moonlet_upstream_cx_http2_total 1\n"), "one HTTP/2 connection carried every request:\n\(clientStats)")
+        XCTAssertTrue(serverStats.contains("moonlet_downstream_cx_http2_total 1\n"), serverStats)
+    }
+
     func test_sidecarToSidecar_destinationRuleIstioMutual_works() throws {
         let (client, server) = try twoSidecars(clientFiles: {
             ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", trafficPolicy: "{tls: {mode: ISTIO_MUTUAL}}")]

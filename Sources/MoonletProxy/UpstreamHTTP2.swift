@@ -1,0 +1,285 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOTLS
+import MoonletCore
+import MoonletHTTP
+import MoonletBalancer
+
+/// An HTTP/2 connection to an upstream (a peer sidecar that chose "h2" by ALPN over
+/// mTLS). Every request is a stream of its own, whose child channel is
+///
+///     HTTP2FramePayloadToHTTP1ClientCodec ⇄ UpstreamH2StreamBridge ⇄ UpstreamConnection
+///
+/// so a stream speaks HTTP/1.1 bytes to the same UpstreamConnection and
+/// DownstreamHandler as a pooled HTTP/1.1 connection. A stream is used once; the
+/// next request opens the next stream on the same session. Owned by one event loop.
+final class UpstreamH2Session {
+    let key: String
+    let channel: Channel
+    let multiplexer: NIOHTTP2Handler.StreamMultiplexer
+    let limits: ProxyLimits
+    let createdAt = NIODeadline.now().uptimeNanoseconds
+    var idleSince = NIODeadline.now().uptimeNanoseconds
+    var openStreams = 0
+    var streamsStarted = 0
+    /// The peer sent GOAWAY, or the cluster's per-connection request or lifetime bound
+    /// was reached: no new stream; the connection closes when its last stream ends.
+    var retiring = false
+    var closed = false
+    /// The cluster connection slot this connection holds (released when it closes).
+    var circuit: CircuitCounters?
+
+    init(key: String, channel: Channel, multiplexer: NIOHTTP2Handler.StreamMultiplexer, limits: ProxyLimits) {
+        self.key = key
+        self.channel = channel
+        self.multiplexer = multiplexer
+        self.limits = limits
+    }
+
+    /// Whether a new stream may start here. `maxRequests`: the cluster's
+    /// maxRequestsPerConnection, `maxDurationMs`: its maxConnectionDuration (0: unbounded).
+    func accepts(maxRequests: Int, maxDurationMs: Int) -> Bool {
+        guard !closed, !retiring else { return false }
+        if (maxRequests > 0 && streamsStarted >= maxRequests)
+            || (maxDurationMs > 0 && NIODeadline.now().uptimeNanoseconds - createdAt > UInt64(maxDurationMs) * 1_000_000) {
+            retire()
+            return false
+        }
+        return true
+    }
+
+    /// No new streams; close once the open ones are done.
+    func retire() {
+        retiring = true
+        if openStreams == 0 { channel.close(promise: nil) }
+    }
+
+    /// Opens a stream and hands its connection over once the child channel is active.
+    func openStream(_ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+        streamsStarted += 1
+        openStreams += 1
+        let conn = UpstreamConnection(key: key, limits: limits)
+        conn.multiplexed = true
+        let limits = self.limits
+        let promise = channel.eventLoop.makePromise(of: Channel.self)
+        multiplexer.createStreamChannel(promise: promise) { ch in
+            conn.channel = ch
+            return ch.eventLoop.makeCompletedFuture {
+                let sync = ch.pipeline.syncOperations
+                try sync.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .https))
+                try sync.addHandler(UpstreamH2StreamBridge(limits: limits))
+                try sync.addHandler(conn)
+            }
+        }
+        promise.futureResult.whenComplete { r in
+            switch r {
+            case .success(let ch):
+                ch.closeFuture.whenComplete { _ in self.streamClosed() }
+                done(.success(conn))
+            case .failure(let e):
+                self.streamClosed()
+                done(.failure(UpstreamFailure.connectFailed("HTTP/2 stream could not open: \(e)")))
+            }
+        }
+    }
+
+    func streamClosed() {
+        openStreams -= 1
+        idleSince = NIODeadline.now().uptimeNanoseconds
+        if retiring && openStreams == 0 { channel.close(promise: nil) }
+    }
+
+    /// Connection settings of an upstream HTTP/2 connection: no server push, header
+    /// list and window bounded as downstream.
+    static func connectionConfiguration(_ limits: ProxyLimits) -> NIOHTTP2Handler.ConnectionConfiguration {
+        var c = NIOHTTP2Handler.ConnectionConfiguration()
+        c.initialSettings = [
+            HTTP2Setting(parameter: .enablePush, value: 0),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeadBytes * 2),
+            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+        ]
+        return c
+    }
+}
+
+/// Watches an upstream HTTP/2 connection's own frames (stream 0): on GOAWAY the
+/// session takes no new streams.
+final class UpstreamH2Watcher: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    weak var session: UpstreamH2Session?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .goAway = unwrapInboundIn(data).payload { session?.retire() }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+}
+
+/// Converts between HTTP/1.1 bytes (what UpstreamConnection and the downstream
+/// handler write and read) and one HTTP/2 client stream's HTTP/1-style parts.
+final class UpstreamH2StreamBridge: ChannelDuplexHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = HTTPClientRequestPart
+
+    var requestParser: HTTPHeadParser
+    var requestBuffer: ByteBuffer?
+    var requestDecoder: BodyDecoder?
+    var requestHeadSent = false
+    var requestEnded = false
+    var requestWasHead = false
+    var responseChunked = false
+
+    init(limits: ProxyLimits) {
+        requestParser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+    }
+
+    // Request: HTTP/1.1 bytes -> parts.
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        var incoming = unwrapOutboundIn(data)
+        if requestBuffer == nil || requestBuffer!.readableBytes == 0 { requestBuffer = incoming } else { requestBuffer!.writeBuffer(&incoming) }
+        while var buf = requestBuffer, buf.readableBytes > 0, !requestEnded {
+            if !requestHeadSent {
+                switch requestParser.parseRequest(buf) {
+                case .needMore:
+                    promise?.succeed(); return
+                case .error(let e):
+                    promise?.fail(e); context.close(promise: nil); return
+                case .complete(let head, let consumed):
+                    buf.moveReaderIndex(forwardBy: consumed)
+                    requestBuffer = buf
+                    requestHeadSent = true
+                    requestWasHead = head.isHead
+                    context.write(wrapOutboundOut(.head(Self.requestHead(head))), promise: nil)
+                    let d = BodyDecoder(framing: head.framing)
+                    if d.isDone { endRequest(context); continue }
+                    requestDecoder = d
+                    continue
+                }
+            }
+            do {
+                var d = requestDecoder!
+                let done = try d.decode(&buf) { chunk in context.write(self.wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil) }
+                requestDecoder = d
+                requestBuffer = buf
+                if done { endRequest(context) }
+            } catch {
+                promise?.fail(error); context.close(promise: nil); return
+            }
+        }
+        promise?.succeed()
+    }
+
+    func endRequest(_ context: ChannelHandlerContext) {
+        requestEnded = true
+        requestDecoder = nil
+        context.write(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// The HTTP/2 request head: the HTTP/1.1 head without its connection-specific
+    /// fields (RFC 9113 §8.2.2); Host becomes :authority in the codec.
+    static func requestHead(_ head: HTTPHead) -> HTTPRequestHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(head.fields.count + head.added.count)
+        for i in 0..<head.fields.count where !head.fields[i].removed {
+            switch head.fields[i].kind {
+            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection, .te: continue
+            default:
+                let name = head.name(at: i).lowercased()
+                if head.connectionTokens.contains(name) { continue }
+                headers.add(name: name, value: head.value(at: i))
+            }
+        }
+        for a in head.added { headers.add(name: a.name, value: a.value) }
+        return HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: head.method), uri: head.target, headers: headers)
+    }
+
+    // Response: parts -> HTTP/1.1 bytes. The head says `connection: close`: a stream
+    // carries one exchange, so UpstreamConnection never offers it back to the pool.
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            let code = Int(h.status.code)
+            if code >= 100 && code < 200 { return } // interim: the proxy answers 100-continue itself
+            var out = context.channel.allocator.buffer(capacity: 256)
+            HeadWriter.writeStatusLine(code, reason: nil, into: &out)
+            var hasLength = false
+            for (name, value) in h.headers {
+                if name.utf8.first == UInt8(ascii: ":") { continue }
+                if name == "content-length" { hasLength = true }
+                HeadWriter.writeField(name, value, into: &out)
+            }
+            let bodyless = requestWasHead || code == 204 || code == 304
+            responseChunked = !hasLength && !bodyless
+            if responseChunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
+            out.writeStaticString("connection: close\r\n\r\n")
+            context.fireChannelRead(wrapInboundOut(out))
+        case .body(let b):
+            if responseChunked {
+                var out = context.channel.allocator.buffer(capacity: b.readableBytes + 16)
+                ChunkedEncoder.writeChunk(b, into: &out)
+                context.fireChannelRead(wrapInboundOut(out))
+            } else {
+                context.fireChannelRead(wrapInboundOut(b))
+            }
+        case .end:
+            if responseChunked { context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk))) }
+            context.fireChannelReadComplete()
+        }
+    }
+}
+
+/// Holds a new TLS upstream connection until its handshake is done (bounded by
+/// `tlsHandshakeTimeoutMs`), then hands the negotiated ALPN protocol to `configure`,
+/// which sets up the pipeline for HTTP/1.1 or HTTP/2 before any decrypted byte is
+/// read. A close or error before then is reported through `failed`.
+final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    let timeoutMs: Int
+    var configure: ((ChannelHandlerContext, String?) -> Void)?
+    var failed: ((String) -> Void)?
+    var error: String?
+    var timer: Scheduled<Void>?
+
+    init(timeoutMs: Int, configure: @escaping (ChannelHandlerContext, String?) -> Void, failed: @escaping (String) -> Void) {
+        self.timeoutMs = timeoutMs
+        self.configure = configure
+        self.failed = failed
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if timeoutMs > 0 {
+            timer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(timeoutMs))) { [weak self] in
+                guard let self, self.configure != nil else { return }
+                self.error = "TLS handshake did not finish within \(self.timeoutMs) ms"
+                context.close(promise: nil)
+            }
+        }
+        context.fireChannelActive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted(let proto) = event, let configure {
+            self.configure = nil
+            failed = nil
+            timer?.cancel(); timer = nil
+            configure(context, proto)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if self.error == nil { self.error = "TLS error: \(error)" }
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel(); timer = nil
+        configure = nil
+        if let f = failed { failed = nil; f(error ?? "TLS handshake did not complete") }
+        context.fireChannelInactive()
+    }
+}
