@@ -47,11 +47,26 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     let ports: [Int]
     /// Per endpoint: how its connections are secured (nil: plaintext).
     let endpointTLS: [UpstreamTLS?]
-    init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int], namespace: String = "default", sni: String? = nil) {
+    public let upstreamProtocol: UpstreamProtocol
+    init(id: Int, name: String, policy: ClusterPolicy, endpoints: [Endpoint], ports: [Int], namespace: String = "default", sni: String? = nil,
+         servicePort: ServicePort? = nil) {
         self.id = id; self.name = name; self.settings = policy
+        upstreamProtocol = Self.upstreamProtocol(policy, port: servicePort)
         self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
         endpointTLS = Self.tlsPerEndpoint(policy.tls, endpoints: endpoints, namespace: namespace, sni: sni)
+    }
+
+    /// Istio's protocol choice toward the peer sidecar (see UpstreamProtocol): the
+    /// port's declared protocol (its `protocol` field, else its name's prefix before
+    /// "-"), then the DestinationRule's connectionPool.http settings.
+    static func upstreamProtocol(_ p: ClusterPolicy, port: ServicePort?) -> UpstreamProtocol {
+        let declared = (port.map { $0.protocolName.isEmpty ? String($0.name.split(separator: "-").first ?? "") : $0.protocolName } ?? "").lowercased()
+        if declared == "http2" || declared == "grpc" { return .http2 }
+        if p.useClientProtocol { return .likeDownstream }
+        if p.h2UpgradePolicy == "UPGRADE" { return .http2 }
+        if declared == "http" || p.h2UpgradePolicy == "DO_NOT_UPGRADE" { return .http1 }
+        return .likeDownstream
     }
 
     /// DestinationRule tls when set; otherwise Istio's auto mTLS: an endpoint that is a
@@ -134,6 +149,10 @@ public struct ClusterPolicy: Sendable {
     public var outlier: OutlierPolicy?
     /// trafficPolicy.tls (nil: not set, auto mTLS applies).
     public var tls: ClientTLSSettings?
+    /// connectionPool.http.h2UpgradePolicy ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"; nil: not set).
+    public var h2UpgradePolicy: String?
+    /// connectionPool.http.useClientProtocol: the upstream speaks what the downstream spoke.
+    public var useClientProtocol = false
 
     /// The portLevelSettings entry of a policy for `port`.
     static func portLevel(_ tp: ConfigValue?, _ port: Int?) -> ConfigValue? {
@@ -168,6 +187,8 @@ public struct ClusterPolicy: Sendable {
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m >= 0 { p.maxRetries = m }
             if let ct = tp["connectionPool"]?["tcp"]?["connectTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.connectTimeoutMs = ct }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http2MaxRequests"], m > 0 { p.maxRequests = m }
+            if let v = tp["connectionPool"]?["http"]?["h2UpgradePolicy"]?.stringValue { p.h2UpgradePolicy = v == "DEFAULT" ? nil : v }
+            if case .bool(let b)? = tp["connectionPool"]?["http"]?["useClientProtocol"] { p.useClientProtocol = b }
             if let v = tp["connectionPool"]?["http"]?["idleTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.idleTimeoutMs = v }
             if let v = tp["connectionPool"]?["tcp"]?["maxConnectionDuration"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.maxConnectionDurationMs = v }
             if let ka = tp["connectionPool"]?["tcp"]?["tcpKeepalive"] {
@@ -352,7 +373,8 @@ public final class RouteTable: @unchecked Sendable {
                     let policy = ClusterPolicy.from(dr?.trafficPolicy, subset: subPolicy, port: sp.number)
                     svc.clusters["\(name)|\(sp.number)"] = ClusterInfo(id: nextID, name: "outbound|\(sp.number)|\(name)|\(fqdn)", policy: policy,
                                                                        endpoints: eps, ports: eps.map { svc.endpointPort($0, for: sp) },
-                                                                       namespace: svc.namespace, sni: "outbound_.\(sp.number)_.\(name)_.\(fqdn)")
+                                                                       namespace: svc.namespace, sni: "outbound_.\(sp.number)_.\(name)_.\(fqdn)",
+                                                                       servicePort: sp)
                     nextID += 1
                 }
             }

@@ -389,6 +389,12 @@ struct TrafficDecoder {
         if let m = n.child("connectionPool")?.child("http")?.child("maxRequestsPerConnection") {
             _ = int(m, "\(path).connectionPool.http.maxRequestsPerConnection", range: 0...Int(Int32.max))
         }
+        if let h = n.child("connectionPool")?.child("http")?.child("h2UpgradePolicy") {
+            let v = string(h, "\(path).connectionPool.http.h2UpgradePolicy") ?? ""
+            if !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(v) {
+                err(h, "\(path).connectionPool.http.h2UpgradePolicy", "unsupported value \"\(v)\" (DEFAULT, DO_NOT_UPGRADE, UPGRADE)")
+            }
+        }
         if let od = n.child("outlierDetection"), fields(od, "\(path).outlierDetection", ["consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "splitExternalLocalOriginErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"]) {
             for k in ["consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "consecutiveErrors"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...Int(Int32.max)) }
             for k in ["maxEjectionPercent", "minHealthPercent"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...100) }

@@ -54,10 +54,25 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     /// How connections to endpoint `i` are secured (nil: plaintext). Decided at config
     /// load from the DestinationRule's tls settings or, without them, Istio's auto mTLS.
     func tls(_ i: Int) -> UpstreamTLS?
+    /// Which HTTP version a mesh (ISTIO_MUTUAL) connection to the peer sidecar asks
+    /// for by ALPN; decided at config load.
+    var upstreamProtocol: UpstreamProtocol { get }
 }
 
 extension UpstreamCluster {
     public func tls(_ i: Int) -> UpstreamTLS? { nil }
+    public var upstreamProtocol: UpstreamProtocol { .http1 }
+}
+
+/// The HTTP version toward a peer sidecar, by Istio's rule: a port declared HTTP/2 or
+/// gRPC speaks h2; `h2UpgradePolicy: UPGRADE` upgrades HTTP/1.1 to h2; a port declared
+/// HTTP stays HTTP/1.1; `useClientProtocol` or an undeclared port (protocol sniffing)
+/// uses what the downstream spoke. h2 is offered by ALPN, and used only when the peer
+/// chooses it.
+public enum UpstreamProtocol: Sendable {
+    case http1
+    case http2
+    case likeDownstream
 }
 
 /// DestinationRule `trafficPolicy.tls` for one endpoint, as the upstream side applies it.

@@ -44,6 +44,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var connecting = false
     var pendingUpstream: ByteBuffer?
     var responseStarted = false
+    /// The whole response has been written (an HTTP/2 stream may close while it is
+    /// flushed, which is then not a downstream disconnect).
+    var responseEnded = false
+    /// The upstream's reading is paused because the downstream cannot take more; undone
+    /// before the connection goes back to the pool (or an HTTP/2 stream finishes).
+    var upstreamPaused = false
     var responseChunked = false
     var responseCloseDelimited = false
     var closeAfterResponse = false
@@ -128,7 +134,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
         if let s = stream {
-            s.responseFlags.insert(.downstreamConnectionTermination)
+            if !responseEnded { s.responseFlags.insert(.downstreamConnectionTermination) }
             if let u = upstream { u.abandon(); upstream = nil }
             finishStream(s)
         }
@@ -194,7 +200,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if passthrough { context.fireChannelWritabilityChanged(); return }
         // Downstream can't take more: stop reading the upstream response (and resume).
-        upstream?.channel?.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenComplete { _ in }
+        guard let u = upstream else { return }
+        upstreamPaused = !context.channel.isWritable
+        u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
@@ -435,15 +443,26 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             attach(c)
             return
         }
-        if let session = ctx.pool.session(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
-            // An HTTP/2 upstream takes the request as a new stream on its connection.
-            connecting = true
-            session.openStream(connected(stream: s.id, attempt: attempt))
-            return
-        }
-        if ctx.pool.awaitSession(key, connected(stream: s.id, attempt: attempt)) {
-            connecting = true
-            return
+        if asksForHTTP2(s) {
+            // An HTTP/2 connection to the peer sidecar takes the request as a new stream,
+            // also the one being set up to a peer known to speak h2.
+            if let session = ctx.pool.session(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
+                connecting = true
+                session.openStream(connected(stream: s.id, attempt: attempt))
+                return
+            }
+            if ctx.pool.awaitSession(key, { [weak self] session in
+                guard let self, let cur = self.stream, cur.id == s.id, !self.closed else { return }
+                if let session, session.accepts(maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
+                    session.openStream(self.connected(stream: cur.id, attempt: self.attempt))
+                } else {
+                    self.connecting = false
+                    self.dispatch(host: host, port: port, key: key) // full, or the peer chose HTTP/1.1: start over
+                }
+            }) {
+                connecting = true
+                return
+            }
         }
         let address: SocketAddress
         do { address = try ctx.pool.address(host: host, port: port) } catch {
@@ -501,13 +520,27 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         var tls: (() throws -> NIOSSLClientHandler)? = nil
         if let t = upstreamTLS {
             if t.mode == .istioMutual, let m = ctx.tls {
-                tls = { try m.makeClientHandler(serverName: t.sni, expected: t.subjectAltNames) }
+                let h2 = asksForHTTP2(s)
+                tls = { try m.makeClientHandler(serverName: t.sni, expected: t.subjectAltNames, offerH2: h2) }
             } else if let c = t.context as? NIOSSLContext {
                 tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, slot: slot, connected(stream: s.id, attempt: attempt))
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, offersH2: tls != nil && asksForHTTP2(s), slot: slot,
+                         connected(stream: s.id, attempt: attempt))
+    }
+
+    /// Whether the connection to the peer sidecar asks for HTTP/2 (ALPN h2): mesh mTLS
+    /// only, by the cluster's UpstreamProtocol and, for `likeDownstream`, what this
+    /// stream's client spoke.
+    func asksForHTTP2(_ s: ProxyStream) -> Bool {
+        guard let t = upstreamTLS, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
+        switch cl.upstreamProtocol {
+        case .http1: return false
+        case .http2: return true
+        case .likeDownstream: return http2Stream
+        }
     }
 
     /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
@@ -792,11 +825,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let s = stream else { return }
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
         if responseChunked { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
+        responseEnded = true
         if let u = upstream {
             upstream = nil
+            if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
             let cap = s.route.upstreamCluster?.maxRequestsPerConnection ?? 0
             if reusable && requestComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u) }
-            else { u.channel?.close(promise: nil) }
+            else if u.multiplexed && requestComplete {
+                // An HTTP/2 stream both sides have ended closes by itself; closing it
+                // here would send RST_STREAM, which peers count against rapid-reset limits.
+            } else { u.channel?.close(promise: nil) }
         }
         context.flush()
         finishStream(s)
@@ -876,6 +914,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if bodyOK { out.writeString(reply.body) }
         s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
         responseStarted = true
+        responseEnded = true
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         finishStream(s)
     }
@@ -940,6 +979,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func finishStream(_ s: ProxyStream) {
         guard stream === s else { return }
+        responseEnded = false
         streamTimer?.cancel(); streamTimer = nil
         perTryTimer?.cancel(); perTryTimer = nil
         replay = nil

@@ -225,8 +225,9 @@ final class UpstreamPool {
     /// key is being set up, requests wait for it instead of each opening a connection
     /// of its own (ALPN is only known after the handshake).
     var speaksH2: Set<String> = []
-    /// Streams waiting for the HTTP/2 connection being set up to a key.
-    var awaitingSession: [String: [(Result<UpstreamConnection, Error>) -> Void]] = [:]
+    /// Streams waiting for the HTTP/2 connection being set up to a key. Each gets the
+    /// new session, or nil when the connection failed or the peer chose HTTP/1.1.
+    var awaitingSession: [String: [(UpstreamH2Session?) -> Void]] = [:]
 
     /// An HTTP/2 connection to `key` that takes another stream, if any.
     func session(_ key: String, maxRequests: Int, maxDurationMs: Int) -> UpstreamH2Session? {
@@ -236,9 +237,8 @@ final class UpstreamPool {
         return nil
     }
 
-    /// Queues a stream on the HTTP/2 connection being set up to `key`, if there is
-    /// one; `done` gets a stream of it, or the connection's failure.
-    func awaitSession(_ key: String, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) -> Bool {
+    /// Queues a stream on the HTTP/2 connection being set up to `key`, if there is one.
+    func awaitSession(_ key: String, _ done: @escaping (UpstreamH2Session?) -> Void) -> Bool {
         guard awaitingSession[key] != nil else { return false }
         awaitingSession[key]!.append(done)
         return true
@@ -251,7 +251,7 @@ final class UpstreamPool {
     /// connection slot) is held by the connection or session and released when it
     /// closes, or at once when connecting fails.
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
-                 tls: (() throws -> NIOSSLClientHandler)? = nil, slot: CircuitCounters? = nil,
+                 tls: (() throws -> NIOSSLClientHandler)? = nil, offersH2: Bool = false, slot: CircuitCounters? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         var bootstrap = ClientBootstrap(group: loop)
@@ -265,22 +265,17 @@ final class UpstreamPool {
         }
         // A connection to a peer known to speak h2 gathers the requests that arrive
         // while it is set up; they become its streams (or share its failure).
-        let gathers = tls != nil && speaksH2.contains(key) && awaitingSession[key] == nil
+        let gathers = offersH2 && speaksH2.contains(key) && awaitingSession[key] == nil
         if gathers { awaitingSession[key] = [] }
         var finished = false
+        var session: UpstreamH2Session? = nil
         func finish(_ r: Result<UpstreamConnection, Error>) {
             guard !finished else { return }
             finished = true
             if case .failure = r { slot?.connectionClosed() }
             done(r)
             guard gathers, let waiting = awaitingSession.removeValue(forKey: key) else { return }
-            if case .failure(let e) = r {
-                for w in waiting { w(.failure(e)) }
-            } else if let s = sessions[key], !s.closed {
-                for w in waiting { s.openStream(w) }
-            } else {
-                for w in waiting { w(.failure(UpstreamFailure.connectFailed("the peer no longer speaks HTTP/2"))) }
-            }
+            for w in waiting { w(session) }
         }
         bootstrap
             .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
@@ -296,7 +291,8 @@ final class UpstreamPool {
                     try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { context, proto in
                         if proto == "h2" {
                             self.speaksH2.insert(key)
-                            self.startSession(key: key, channel: ch, slot: slot, finish)
+                            session = self.startSession(key: key, channel: ch, slot: slot, finish)
+                            session?.openStream(finish)
                         } else {
                             self.speaksH2.remove(key)
                             do {
@@ -325,8 +321,8 @@ final class UpstreamPool {
     }
 
     /// Turns a TLS connection that negotiated "h2" into an HTTP/2 session for `key`
-    /// and opens its first stream.
-    func startSession(key: String, channel: Channel, slot: CircuitCounters?, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+    /// (nil, with `failed` told why, when that fails).
+    func startSession(key: String, channel: Channel, slot: CircuitCounters?, _ failed: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Session? {
         let watcher = UpstreamH2Watcher()
         let multiplexer: NIOHTTP2Handler.StreamMultiplexer
         do {
@@ -339,8 +335,8 @@ final class UpstreamPool {
             try channel.pipeline.syncOperations.addHandler(watcher)
         } catch {
             channel.close(promise: nil)
-            done(.failure(UpstreamFailure.connectFailed("HTTP/2 setup failed: \(error)")))
-            return
+            failed(.failure(UpstreamFailure.connectFailed("HTTP/2 setup failed: \(error)")))
+            return nil
         }
         let s = UpstreamH2Session(key: key, channel: channel, multiplexer: multiplexer, limits: limits)
         s.circuit = slot
@@ -353,7 +349,7 @@ final class UpstreamPool {
             s.circuit?.connectionClosed(); s.circuit = nil
             if self.sessions[key] === s { self.sessions[key] = nil }
         }
-        s.openStream(done)
+        return s
     }
 
     /// Called when an upstream connection starts speaking HTTP/2 (for a metric).

@@ -14,10 +14,11 @@ public final class TLSMaterial: @unchecked Sendable {
     /// it, then HTTP/1.1, then Istio's own values (served as HTTP/1.1 or h2 by the preface).
     public static let serverALPN = ["h2", "http/1.1", "istio-peer-exchange", "istio", "istio-http/1.1", "istio-http/1.0", "istio-h2"]
     /// ALPN an outbound mTLS connection offers: Istio's values first (so an Envoy
-    /// sidecar selects its mTLS filter chain), then h2 and HTTP/1.1. A peer sidecar
-    /// that speaks HTTP/2 chooses h2 and carries every request as a stream of one
-    /// connection; otherwise the connection speaks HTTP/1.1.
-    public static let clientALPN = ["istio-peer-exchange", "istio", "h2", "http/1.1"]
+    /// sidecar selects its mTLS filter chain), then HTTP/1.1.
+    public static let clientALPN = ["istio-peer-exchange", "istio", "http/1.1"]
+    /// The same with h2 before HTTP/1.1, for connections that ask the peer sidecar for
+    /// HTTP/2 (UpstreamProtocol): a peer that speaks it chooses h2.
+    public static let clientALPNWithH2 = ["istio-peer-exchange", "istio", "h2", "http/1.1"]
     /// Key exchange groups of mesh mTLS: Envoy's default set (X25519, then P-256).
     /// BoringSSL would also offer the post-quantum hybrid X25519MLKEM768, which a
     /// profile of sidecar-to-sidecar handshakes showed costing a fifth of the handshake
@@ -32,12 +33,15 @@ public final class TLSMaterial: @unchecked Sendable {
     public let serverContext: NIOSSLContext
     /// Outbound ISTIO_MUTUAL: presents the workload cert, verifies the server against the root.
     public let clientContext: NIOSSLContext
+    /// As `clientContext`, offering h2 too.
+    public let clientContextH2: NIOSSLContext
     /// File sizes and modification times when loaded (rotation compares them).
     public let fingerprint: String
 
-    init(directory: String, identity: SpiffeID, notBefore: Date, notAfter: Date, serverContext: NIOSSLContext, clientContext: NIOSSLContext, fingerprint: String) {
+    init(directory: String, identity: SpiffeID, notBefore: Date, notAfter: Date, serverContext: NIOSSLContext, clientContext: NIOSSLContext,
+         clientContextH2: NIOSSLContext, fingerprint: String) {
         self.directory = directory; self.identity = identity; self.notBefore = notBefore; self.notAfter = notAfter
-        self.serverContext = serverContext; self.clientContext = clientContext; self.fingerprint = fingerprint
+        self.serverContext = serverContext; self.clientContext = clientContext; self.clientContextH2 = clientContextH2; self.fingerprint = fingerprint
     }
 
     /// When a renewal is due: half the certificate's lifetime (Istio's default grace).
@@ -98,8 +102,10 @@ public final class TLSMaterial: @unchecked Sendable {
         }
         let sc = mesh(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
         let cc = mesh(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
+        let cc2 = mesh(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNWithH2)
         return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
                            serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
+                           clientContextH2: try NIOSSLContext(configuration: cc2),
                            fingerprint: fp)
     }
 
@@ -164,8 +170,9 @@ extension TLSMaterial {
 
     /// An outbound handler for ISTIO_MUTUAL: the server's chain must verify against the
     /// root and its SPIFFE id must be one of `expected` (any mesh identity when empty).
-    public func makeClientHandler(serverName: String?, expected: [String]) throws -> NIOSSLClientHandler {
-        try Self.makeClientHandler(context: clientContext, serverName: serverName, expected: expected)
+    /// `offerH2`: ALPN offers h2 before HTTP/1.1.
+    public func makeClientHandler(serverName: String?, expected: [String], offerH2: Bool = false) throws -> NIOSSLClientHandler {
+        try Self.makeClientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: serverName, expected: expected)
     }
 
     /// A client handler over `context` that checks the server's URI or DNS SANs against

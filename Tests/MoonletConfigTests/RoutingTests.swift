@@ -199,6 +199,33 @@ final class RoutingTests: XCTestCase {
         XCTAssertEqual(svc.clusters["|8080"]?.policy, .roundRobin)
     }
 
+    func test_upstreamProtocol_followsIstio_portProtocolThenH2UpgradePolicyThenDownstream() {
+        func choice(_ name: String, _ proto: String = "", _ http: (String, ConfigValue)? = nil) -> UpstreamProtocol {
+            let v = http.map { ConfigValue.map([("connectionPool", .map([("http", .map([$0]))]))]) }
+            return ClusterInfo.upstreamProtocol(ClusterPolicy.from(v, subset: nil), port: ServicePort(number: 80, name: name, protocolName: proto, targetPort: nil))
+        }
+        XCTAssertEqual(choice("http"), .http1)
+        XCTAssertEqual(choice("http-web"), .http1)
+        XCTAssertEqual(choice("grpc-api"), .http2)
+        XCTAssertEqual(choice("http2"), .http2)
+        XCTAssertEqual(choice("web", "GRPC"), .http2, "the protocol field wins over the name")
+        XCTAssertEqual(choice("web"), .likeDownstream, "an undeclared port speaks what the client spoke")
+        XCTAssertEqual(choice("http", "", ("h2UpgradePolicy", .string("UPGRADE"))), .http2)
+        XCTAssertEqual(choice("web", "", ("h2UpgradePolicy", .string("DO_NOT_UPGRADE"))), .http1)
+        XCTAssertEqual(choice("http", "", ("useClientProtocol", .bool(true))), .likeDownstream)
+        XCTAssertEqual(choice("grpc", "", ("h2UpgradePolicy", .string("DO_NOT_UPGRADE"))), .http2, "a gRPC port is HTTP/2 whatever the policy")
+        let bad = ConfigLoader().loadText("""
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: svc, namespace: default}
+        spec:
+          host: svc
+          trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}}
+        """, file: "dr.yaml", baseDir: "/")
+        XCTAssertTrue(bad.errors.contains { $0.description.contains("spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: unsupported value \"SOMETIMES\"") },
+                      "\(bad.errors.map(\.description))")
+    }
+
     func test_validation_reportsEveryErrorWithPlace() {
         let text = """
         apiVersion: networking.istio.io/v1beta1

@@ -9,6 +9,34 @@ final class LargeBodyTests: XCTestCase {
         return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
     }
 
+    func test_aLargeResponseToASlowReader_leavesThePooledUpstreamConnectionReading() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: r.uri == "/big" ? String(repeating: "z", count: 8 << 20) : "small") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        // A small receive buffer and slow reads make the downstream unwritable, so the
+        // proxy pauses reading the upstream while the response is relayed.
+        var small: Int32 = 16 * 1024
+        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        c.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        var head = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 16 * 1024)
+        while head.count < 4 << 20 {
+            let n = recv(c.fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            head += buf[0..<n]
+            if head.count % (1 << 20) < n { usleep(20_000) }
+        }
+        c.pending = head
+        XCTAssertEqual(c.read()?.body.count, 8 << 20)
+        for i in 0..<3 {
+            c.send("GET /again\(i) HTTP/1.1\r\nHost: a\r\n\r\n")
+            XCTAssertEqual(c.read()?.body, "small", "request \(i) after the large response")
+        }
+        XCTAssertEqual(up.connections, 1, "the upstream connection was reused")
+    }
+
     func test_100MBRequestBody_streamsThrough_withBoundedMemory() throws {
         let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.bodyBytes)") }
         up.keepBody = 0

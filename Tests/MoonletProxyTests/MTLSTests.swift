@@ -245,7 +245,7 @@ final class MTLSTests: XCTestCase {
         return (client, server)
     }
 
-    static func ordersEntry(port: Int, serviceAccount: String, trafficPolicy: String? = nil) -> String {
+    static func ordersEntry(port: Int, serviceAccount: String, trafficPolicy: String? = nil, portName: String = "http") -> String {
         var y = """
         apiVersion: networking.istio.io/v1beta1
         kind: ServiceEntry
@@ -253,9 +253,9 @@ final class MTLSTests: XCTestCase {
         spec:
           hosts: [orders.production.svc.cluster.local]
           resolution: STATIC
-          ports: [{number: 80, name: http}]
+          ports: [{number: 80, name: \(portName)}]
           endpoints:
-          - {address: 127.0.0.1, ports: {http: \(port)}, serviceAccount: \(serviceAccount)}
+          - {address: 127.0.0.1, ports: {\(portName): \(port)}, serviceAccount: \(serviceAccount)}
 
         """
         if let trafficPolicy {
@@ -276,14 +276,33 @@ final class MTLSTests: XCTestCase {
         }
         XCTAssertEqual(app.seen.count, 3)
         XCTAssertEqual(app.connections, 1, "the inbound sidecar reuses its app connection")
+        let stats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        XCTAssertFalse(stats.contains("moonlet_upstream_cx_http2_total"), "a port declared HTTP stays HTTP/1.1 between the sidecars, as in Istio")
     }
 
-    func test_sidecarToSidecar_speaksHTTP2OverOneMutualTLSConnection_forConcurrentRequestsWithBodies() throws {
+    func test_sidecarToSidecar_onAnUndeclaredPort_speaksWhatTheClientSpoke() throws {
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", portName: "web")] })
+        defer { client.stop(); server.stop() }
+        let url = "http://127.0.0.1:\(client.outbound)/h2"
+        let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-H", "host: orders.production.svc.cluster.local", "-D", "-", url])
+        XCTAssertTrue(out.hasPrefix("HTTP/2 200"), out)
+        XCTAssertTrue(out.contains("x-peer: cluster.local/ns/default/sa/frontend"), out)
+        let c = try RawClient(port: client.outbound)
+        c.send("GET /h1 HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 200)
+        let stats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_upstream_cx_http2_total 1\n"), "the h2 client's request went over h2, the HTTP/1.1 client's did not:\n\(stats)")
+        XCTAssertEqual(app.seen.map(\.uri), ["/h2", "/h1"])
+    }
+
+    func test_sidecarToSidecar_withH2UpgradePolicyUpgrade_speaksHTTP2OverOneMutualTLSConnection_forConcurrentRequestsWithBodies() throws {
         app.stop()
         app = try TestUpstream { r in
             TestUpstream.Reply(body: r.uri == "/big" ? String(repeating: "x", count: 600_000) : "\(r.method) \(r.uri) \(r.bodyBytes)")
         }
-        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders")] })
+        let (client, server) = try twoSidecars(clientFiles: {
+            ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", trafficPolicy: "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}")]
+        })
         defer { client.stop(); server.stop() }
         let host = "Host: orders.production.svc.cluster.local\r\n"
         let first = try RawClient(port: client.outbound)
@@ -322,11 +341,18 @@ final class MTLSTests: XCTestCase {
         XCTAssertEqual(c.read()?.body, "POST /up 2000000")
         c.send("GET /big HTTP/1.1\r\n\(host)\r\n")
         XCTAssertEqual(c.read()?.body.count, 600_000)
-        XCTAssertEqual(app.seen.count, 29)
+        // Finished streams close without RST_STREAM: 250 more requests stay on the same
+        // connection (peers close connections that reset streams rapidly, HTTP/2 rapid reset).
+        for i in 0..<250 {
+            c.send("GET /seq\(i) HTTP/1.1\r\n\(host)\r\n")
+            if c.read()?.status != 200 { XCTFail("request \(i) failed"); break }
+        }
+        XCTAssertEqual(app.seen.count, 279)
         let clientStats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
         let serverStats = try XCTUnwrap(adminGet(server.admin, "/stats/prometheus")).body
         XCTAssertTrue(clientStats.contains("moonlet_upstream_cx_http2_total 1\n"), "one HTTP/2 connection carried every request:\n\(clientStats)")
         XCTAssertTrue(serverStats.contains("moonlet_downstream_cx_http2_total 1\n"), serverStats)
+        XCTAssertFalse(serverStats.contains("response_flags=\"DC\""), "streams that ended normally are not downstream disconnects:\n\(serverStats)")
     }
 
     func test_sidecarToSidecar_destinationRuleIstioMutual_works() throws {
