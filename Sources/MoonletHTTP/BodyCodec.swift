@@ -150,4 +150,68 @@ public enum ChunkedEncoder {
         out.writeInteger(UInt16(0x0D0A))
     }
     public static let lastChunk: StaticString = "0\r\n\r\n"
+
+    /// `data` as it goes on the wire: one chunk when `chunked`, else unchanged (no copy).
+    public static func frame(_ data: ByteBuffer, chunked: Bool, allocator: ByteBufferAllocator) -> ByteBuffer {
+        guard chunked else { return data }
+        var out = allocator.buffer(capacity: data.readableBytes + 16)
+        writeChunk(data, into: &out)
+        return out
+    }
+}
+
+/// Splits HTTP/1.1 messages arriving as bytes (in any pieces) into their heads, body
+/// slices and ends: what a bridge to a framed protocol (HTTP/2) needs. Interim (1xx)
+/// responses are skipped; a response without length ends with its bytes (a bridge
+/// has no connection close to wait for).
+public struct HTTPMessageReader {
+    public enum Event {
+        case head(HTTPHead)
+        case body(ByteBuffer)
+        case end
+    }
+
+    var parser: HTTPHeadParser
+    let requests: Bool
+    var buffer: ByteBuffer?
+    var decoder: BodyDecoder?
+    /// The message being read is the response to a HEAD request (no body).
+    public var requestWasHead = false
+
+    /// `requests`: the bytes are requests (else responses).
+    public init(requests: Bool, limits: HTTPParserLimits) {
+        self.requests = requests
+        parser = HTTPHeadParser(limits: limits)
+    }
+
+    /// Consumes `incoming`, calling `emit` for each event it completes. Throws the
+    /// parse error of a malformed head or body.
+    public mutating func feed(_ incoming: ByteBuffer, _ emit: (Event) -> Void) throws {
+        var incoming = incoming
+        if buffer == nil || buffer!.readableBytes == 0 { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
+        while var buf = buffer, buf.readableBytes > 0 {
+            if decoder == nil {
+                let result = requests ? parser.parseRequest(buf) : parser.parseResponse(buf, requestWasHead: requestWasHead)
+                switch result {
+                case .needMore:
+                    return
+                case .error(let e):
+                    throw e
+                case .complete(let head, let consumed):
+                    buf.moveReaderIndex(forwardBy: consumed)
+                    buffer = buf
+                    parser.reset()
+                    if !requests && head.status >= 100 && head.status < 200 { continue }
+                    let d = BodyDecoder(framing: head.framing == .untilClose ? .none : head.framing)
+                    emit(.head(head))
+                    if d.isDone { emit(.end); continue }
+                    decoder = d
+                }
+            }
+            var d = decoder!
+            let done = try d.decode(&buf) { emit(.body($0)) }
+            buffer = buf
+            if done { decoder = nil; emit(.end) } else { decoder = d }
+        }
+    }
 }

@@ -706,13 +706,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             if upstream == nil && !connecting { sendLocalReply() } else { abortUpstreamAndReply() }
             return
         }
-        var out: ByteBuffer
-        if requestChunked {
-            out = context.channel.allocator.buffer(capacity: chunk.readableBytes + 16)
-            ChunkedEncoder.writeChunk(chunk, into: &out)
-        } else {
-            out = chunk
-        }
+        let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: context.channel.allocator)
         recordForReplay(out)
         if let u = upstream, let ch = u.channel {
             ch.write(out, promise: nil)
@@ -811,13 +805,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
-        if responseChunked {
-            var out = context.channel.allocator.buffer(capacity: chunk.readableBytes + 16)
-            ChunkedEncoder.writeChunk(chunk, into: &out)
-            context.write(wrapOutboundOut(out), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(chunk), promise: nil)
-        }
+        context.write(wrapOutboundOut(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator)), promise: nil)
         if !context.channel.isWritable { context.flush() }
     }
 

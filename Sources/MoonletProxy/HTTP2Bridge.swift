@@ -66,13 +66,10 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
 
     var pendingHead: HTTPRequestHead?
     var chunked = false
-    var responseParser: HTTPHeadParser
-    var responseBuffer: ByteBuffer?
-    var decoder: BodyDecoder?
-    var requestWasHead = false
+    var response: HTTPMessageReader
 
     init(limits: ProxyLimits) {
-        responseParser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+        response = HTTPMessageReader(requests: false, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
     }
 
     // Request: parts -> HTTP/1.1 bytes. The head is held until the next part shows
@@ -81,20 +78,14 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
         switch unwrapInboundIn(data) {
         case .head(let h):
             pendingHead = h
-            requestWasHead = h.method == .HEAD
+            response.requestWasHead = h.method == .HEAD
         case .body(let b):
             if let h = pendingHead {
                 pendingHead = nil
                 chunked = !h.headers.contains(name: "content-length")
                 emitHead(context: context, h, body: true)
             }
-            if chunked {
-                var out = context.channel.allocator.buffer(capacity: b.readableBytes + 16)
-                ChunkedEncoder.writeChunk(b, into: &out)
-                context.fireChannelRead(wrapInboundOut(out))
-            } else {
-                context.fireChannelRead(wrapInboundOut(b))
-            }
+            context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: chunked, allocator: context.channel.allocator)))
         case .end:
             if let h = pendingHead {
                 pendingHead = nil
@@ -127,54 +118,38 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
 
     // Response: HTTP/1.1 bytes -> parts.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        var incoming = unwrapOutboundIn(data)
-        if responseBuffer == nil || responseBuffer!.readableBytes == 0 { responseBuffer = incoming } else { responseBuffer!.writeBuffer(&incoming) }
-        while var buf = responseBuffer, buf.readableBytes > 0 {
-            if decoder == nil {
-                switch responseParser.parseResponse(buf, requestWasHead: requestWasHead) {
-                case .needMore:
-                    promise?.succeed(); return
-                case .error(let e):
-                    promise?.fail(e); context.close(promise: nil); return
-                case .complete(let head, let consumed):
-                    buf.moveReaderIndex(forwardBy: consumed)
-                    responseBuffer = buf
-                    if head.status == 100 { responseParser.reset(); continue }
-                    var headers = HTTPHeaders()
-                    for i in 0..<head.fields.count {
-                        switch head.fields[i].kind {
-                        case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-                        default: headers.add(name: head.name(at: i).lowercased(), value: head.value(at: i))
-                        }
-                    }
-                    context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: HTTPResponseStatus(statusCode: head.status), headers: headers))), promise: nil)
-                    var d = BodyDecoder(framing: head.framing == .untilClose ? .none : head.framing)
-                    if d.isDone {
-                        context.write(wrapOutboundOut(.end(nil)), promise: nil)
-                        responseParser.reset()
-                        d = BodyDecoder(framing: .none)
-                        decoder = nil
-                        continue
-                    }
-                    decoder = d
+        response.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
+            var headers = HTTPHeaders()
+            for i in 0..<head.fields.count {
+                switch head.fields[i].kind {
+                case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
+                default: headers.add(name: head.name(at: i).lowercased(), value: head.value(at: i))
                 }
             }
-            do {
-                var d = decoder!
-                let done = try d.decode(&buf) { chunk in context.write(self.wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil) }
-                responseBuffer = buf
-                if done {
-                    decoder = nil
-                    responseParser.reset()
-                    context.write(wrapOutboundOut(.end(nil)), promise: nil)
-                } else {
-                    decoder = d
-                }
-            } catch {
-                promise?.fail(error); context.close(promise: nil); return
-            }
+            return HTTPResponseHead(version: .http2, status: HTTPResponseStatus(statusCode: head.status), headers: headers)
         }
-        promise?.succeed()
+    }
+}
+
+extension HTTPMessageReader {
+    /// Feeds `bytes` and writes each message part to `context` as an HTTP/1-style part
+    /// (`HTTPPart<Head, IOData>`, what NIO's HTTP/2 codecs take), the head converted by
+    /// `head`. A malformed message fails `promise` and closes the stream.
+    mutating func relay<Head: Equatable & Sendable>(_ bytes: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?,
+                              head: (HTTPHead) -> Head) {
+        do {
+            try feed(bytes) { event in
+                switch event {
+                case .head(let h): context.write(NIOAny(HTTPPart<Head, IOData>.head(head(h))), promise: nil)
+                case .body(let chunk): context.write(NIOAny(HTTPPart<Head, IOData>.body(.byteBuffer(chunk))), promise: nil)
+                case .end: context.write(NIOAny(HTTPPart<Head, IOData>.end(nil)), promise: nil)
+                }
+            }
+            promise?.succeed()
+        } catch {
+            promise?.fail(error)
+            context.close(promise: nil)
+        }
     }
 }
 

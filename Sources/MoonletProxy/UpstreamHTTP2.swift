@@ -124,58 +124,20 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = HTTPClientRequestPart
 
-    var requestParser: HTTPHeadParser
-    var requestBuffer: ByteBuffer?
-    var requestDecoder: BodyDecoder?
-    var requestHeadSent = false
-    var requestEnded = false
+    var request: HTTPMessageReader
     var requestWasHead = false
     var responseChunked = false
 
     init(limits: ProxyLimits) {
-        requestParser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+        request = HTTPMessageReader(requests: true, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
     }
 
     // Request: HTTP/1.1 bytes -> parts.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        var incoming = unwrapOutboundIn(data)
-        if requestBuffer == nil || requestBuffer!.readableBytes == 0 { requestBuffer = incoming } else { requestBuffer!.writeBuffer(&incoming) }
-        while var buf = requestBuffer, buf.readableBytes > 0, !requestEnded {
-            if !requestHeadSent {
-                switch requestParser.parseRequest(buf) {
-                case .needMore:
-                    promise?.succeed(); return
-                case .error(let e):
-                    promise?.fail(e); context.close(promise: nil); return
-                case .complete(let head, let consumed):
-                    buf.moveReaderIndex(forwardBy: consumed)
-                    requestBuffer = buf
-                    requestHeadSent = true
-                    requestWasHead = head.isHead
-                    context.write(wrapOutboundOut(.head(Self.requestHead(head))), promise: nil)
-                    let d = BodyDecoder(framing: head.framing)
-                    if d.isDone { endRequest(context); continue }
-                    requestDecoder = d
-                    continue
-                }
-            }
-            do {
-                var d = requestDecoder!
-                let done = try d.decode(&buf) { chunk in context.write(self.wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil) }
-                requestDecoder = d
-                requestBuffer = buf
-                if done { endRequest(context) }
-            } catch {
-                promise?.fail(error); context.close(promise: nil); return
-            }
+        request.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
+            requestWasHead = head.isHead
+            return Self.requestHead(head)
         }
-        promise?.succeed()
-    }
-
-    func endRequest(_ context: ChannelHandlerContext) {
-        requestEnded = true
-        requestDecoder = nil
-        context.write(wrapOutboundOut(.end(nil)), promise: nil)
     }
 
     /// The HTTP/2 request head: the HTTP/1.1 head without its connection-specific
@@ -217,13 +179,7 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
             out.writeStaticString("connection: close\r\n\r\n")
             context.fireChannelRead(wrapInboundOut(out))
         case .body(let b):
-            if responseChunked {
-                var out = context.channel.allocator.buffer(capacity: b.readableBytes + 16)
-                ChunkedEncoder.writeChunk(b, into: &out)
-                context.fireChannelRead(wrapInboundOut(out))
-            } else {
-                context.fireChannelRead(wrapInboundOut(b))
-            }
+            context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: responseChunked, allocator: context.channel.allocator)))
         case .end:
             if responseChunked { context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk))) }
             context.fireChannelReadComplete()
