@@ -28,8 +28,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
     var tlsEstablished = false
-    /// An HTTP/2 stream's connection identity (set by the bridge before channelActive).
-    var inheritedPeer: PeerInfo?
+    /// An HTTP/2 stream's connection peer and its IP (set by the bridge before
+    /// channelActive): a stream does not format the address again.
+    var inheritedPeer: (info: PeerInfo, ip: String)?
     /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
     var upstreamTLS: UpstreamTLS?
 
@@ -113,11 +114,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if let a = context.channel.remoteAddress {
+        if let p = inheritedPeer {
+            peer = p.info
+            peerIP = p.ip
+        } else if let a = context.channel.remoteAddress {
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
-        if let p = inheritedPeer { peer.principal = p.principal; peer.namespace = p.namespace }
         if !http2Stream {
             ctx.activeConnections += 1
             ctx.metrics.connectionOpened(role.rawValue)
@@ -222,7 +225,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
         idleTimer?.cancel(); idleTimer = nil
         do {
-            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: peer)
+            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: (peer, peerIP))
         } catch {
             context.close(promise: nil)
             return

@@ -29,9 +29,9 @@ enum HTTP2Server {
 
     /// Turns a downstream connection into an HTTP/2 server connection. Called by the
     /// HTTP/1.1 handler when the first bytes are the HTTP/2 preface.
-    /// `peer`: the connection's peer; its mTLS identity (if any) is handed to every stream.
+    /// `peer`: the connection's peer (address, mTLS identity) and IP, handed to every stream.
     static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position,
-                          peer: PeerInfo? = nil) throws {
+                          peer: (info: PeerInfo, ip: String)? = nil) throws {
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
         streamConfig.targetWindowSize = 1 << 20
@@ -50,7 +50,7 @@ enum HTTP2Server {
                 try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                 try sync.addHandler(HTTP2StreamBridge(limits: ctx.settings.limits))
                 let h = DownstreamHandler(ctx: ctx, role: role, http2Stream: true)
-                if let peer, !peer.principal.isEmpty { h.inheritedPeer = peer }
+                h.inheritedPeer = peer
                 try sync.addHandler(h)
             }
         }
