@@ -92,7 +92,7 @@ public final class BalancerState {
         }
         if let o = outliers[c.id] {
             let now = monotonicNanos()
-            if !o.panic(now: now) {
+            if o.anyEjected(now: now) && !o.panic(now: now) {
                 // Pick among the hosts not ejected (a few tries, then a scan).
                 for _ in 0..<4 {
                     let i = pickIndex(c, n)

@@ -18,6 +18,9 @@ public final class OutlierState: @unchecked Sendable {
     let ejectedUntil: [ManagedAtomic<UInt64>]
     /// Ejections so far per endpoint (metrics).
     let ejections: [ManagedAtomic<Int>]
+    /// The latest `ejectedUntil` of any endpoint: before it no endpoint can be ejected,
+    /// so the common case (nothing ejected) costs one load per pick.
+    let latestUntil = ManagedAtomic<UInt64>(0)
     /// Envoy's ejection multiplier: +1 per ejection, -1 per sweep interval the endpoint
     /// spends healthy afterwards. Only read and written under `ejectLock`.
     var multiplier: [Int]
@@ -55,14 +58,24 @@ public final class OutlierState: @unchecked Sendable {
         return u != 0 && u > now
     }
 
-    public func ejectedCount(now: UInt64) -> Int { (0..<count).filter { isEjected($0, now: now) }.count }
+    /// Whether any endpoint may be ejected at `now` (false: none is).
+    @inline(__always)
+    public func anyEjected(now: UInt64) -> Bool { latestUntil.load(ordering: .relaxed) > now }
+
+    public func ejectedCount(now: UInt64) -> Int {
+        guard anyEjected(now: now) else { return 0 }
+        var n = 0
+        for i in 0..<count where isEjected(i, now: now) { n += 1 }
+        return n
+    }
 
     /// Until when endpoint `i` is ejected (monotonic ns), or nil.
     public func ejectedUntilNanos(_ i: Int, now: UInt64) -> UInt64? { isEjected(i, now: now) ? ejectedUntil[i].load(ordering: .relaxed) : nil }
 
     /// The outcome of one request to endpoint `i`: an HTTP status, or a local-origin
     /// failure (connect failure, reset) when `status` is nil.
-    public func record(_ i: Int, status: Int?, now: UInt64) {
+    /// `now` is read only when the outcome ejects the endpoint.
+    public func record(_ i: Int, status: Int?, now: @autoclosure () -> UInt64) {
         guard i < count else { return }
         let gateway = status == nil || status == 502 || status == 503 || status == 504
         let is5xx = status == nil || (status! >= 500)
@@ -77,7 +90,7 @@ public final class OutlierState: @unchecked Sendable {
         bump(consecutive5xx[i], policy.consecutive5xxErrors, is5xx)
         bump(consecutiveGateway[i], policy.consecutiveGatewayErrors, gateway)
         bump(consecutiveLocal[i], policy.consecutiveLocalOriginFailures, status == nil)
-        if trip { eject(i, now: now) }
+        if trip { eject(i, now: now()) }
     }
 
     func eject(_ i: Int, now: UInt64) {
@@ -100,6 +113,7 @@ public final class OutlierState: @unchecked Sendable {
             let until = max(due, epoch + ticks * intervalNs)
             lastReturn[i] = until
             ejectedUntil[i].store(until, ordering: .relaxed)
+            if until > latestUntil.load(ordering: .relaxed) { latestUntil.store(until, ordering: .relaxed) }
             consecutive5xx[i].store(0, ordering: .relaxed)
             consecutiveGateway[i].store(0, ordering: .relaxed)
             consecutiveLocal[i].store(0, ordering: .relaxed)
