@@ -28,6 +28,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
     var tlsEstablished = false
+    /// HTTP/2: the connection's open streams and when the last one ended, shared by the
+    /// connection's handler (its idle timer) and its streams' handlers.
+    var h2Activity: HTTP2ConnectionActivity?
     /// An HTTP/2 stream's connection peer and its IP (set by the bridge before
     /// channelActive): a stream does not format the address again.
     var inheritedPeer: (info: PeerInfo, ip: String)?
@@ -125,6 +128,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             ctx.activeConnections += 1
             ctx.metrics.connectionOpened(role.rawValue)
             armIdleTimer()
+        } else {
+            h2Activity?.openStreams += 1
         }
     }
 
@@ -134,6 +139,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if !http2Stream {
             ctx.activeConnections -= 1
             ctx.metrics.connectionClosed(role.rawValue)
+        } else if let a = h2Activity {
+            a.openStreams -= 1
+            a.lastActivity = NIODeadline.now().uptimeNanoseconds
         }
         headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
         if let s = stream {
@@ -223,9 +231,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// h2c prior knowledge: HTTP/2 handlers go in after this one, which from now on
     /// only passes bytes through; each HTTP/2 stream gets its own DownstreamHandler.
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
-        idleTimer?.cancel(); idleTimer = nil
+        // The idle timer stays: the connection is idle while it has no open stream.
+        let activity = HTTP2ConnectionActivity(since: NIODeadline.now().uptimeNanoseconds)
+        h2Activity = activity
         do {
-            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: (peer, peerIP))
+            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: (peer, peerIP), activity: activity)
         } catch {
             context.close(promise: nil)
             return
@@ -1048,8 +1058,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
             guard let self, !self.closed else { return }
             self.idleTimer = nil
-            guard self.stream == nil else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs)); return }
-            let idleFor = Int64((NIODeadline.now().uptimeNanoseconds &- self.lastActivity) / 1_000_000)
+            let streams = self.h2Activity?.openStreams ?? 0
+            guard self.stream == nil && streams == 0 else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs)); return }
+            let last = max(self.lastActivity, self.h2Activity?.lastActivity ?? 0)
+            let idleFor = Int64((NIODeadline.now().uptimeNanoseconds &- last) / 1_000_000)
             if idleFor >= Int64(self.limits.downstreamIdleTimeoutMs) { self.closed = true; self.context.close(promise: nil) }
             else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs) - idleFor) }
         }

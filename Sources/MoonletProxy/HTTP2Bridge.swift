@@ -30,8 +30,9 @@ enum HTTP2Server {
     /// Turns a downstream connection into an HTTP/2 server connection. Called by the
     /// HTTP/1.1 handler when the first bytes are the HTTP/2 preface.
     /// `peer`: the connection's peer (address, mTLS identity) and IP, handed to every stream.
+    /// `activity`: counts the connection's open streams (for its idle timeout).
     static func configure(channel: Channel, ctx: LoopContext, role: ListenerRole, position: ChannelPipeline.Position,
-                          peer: (info: PeerInfo, ip: String)? = nil) throws {
+                          peer: (info: PeerInfo, ip: String)? = nil, activity: HTTP2ConnectionActivity? = nil) throws {
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         var streamConfig = NIOHTTP2Handler.StreamConfiguration()
         streamConfig.targetWindowSize = 1 << 20
@@ -51,10 +52,20 @@ enum HTTP2Server {
                 try sync.addHandler(HTTP2StreamBridge(limits: ctx.settings.limits))
                 let h = DownstreamHandler(ctx: ctx, role: role, http2Stream: true)
                 h.inheritedPeer = peer
+                h.h2Activity = activity
                 try sync.addHandler(h)
             }
         }
     }
+}
+
+/// Open streams of one downstream HTTP/2 connection and when the last one ended: the
+/// connection is idle (downstreamIdleTimeoutMs, Envoy's idle_timeout) only while it
+/// has no open stream. Touched only on the connection's event loop.
+final class HTTP2ConnectionActivity {
+    var openStreams = 0
+    var lastActivity: UInt64
+    init(since: UInt64) { lastActivity = since }
 }
 
 /// Converts between one HTTP/2 stream's HTTP/1-style parts and HTTP/1.1 bytes.

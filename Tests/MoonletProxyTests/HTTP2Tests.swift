@@ -5,6 +5,47 @@ import XCTest
 final class HTTP2Tests: XCTestCase {
     func run(_ tool: String, _ args: [String]) throws -> String { try runTool(tool, args) }
 
+    /// Reads frames until the server closes; returns the frame types seen and when it closed.
+    static func readUntilClosed(_ c: RawClient, within seconds: Double) -> (types: [UInt8], closedAfter: Double?) {
+        let start = Date()
+        var types: [UInt8] = []
+        while Date().timeIntervalSince(start) < seconds {
+            while c.pending.count >= 9 {
+                let len = Int(c.pending[0]) << 16 | Int(c.pending[1]) << 8 | Int(c.pending[2])
+                guard c.pending.count >= 9 + len else { break }
+                types.append(c.pending[3])
+                c.pending.removeFirst(9 + len)
+            }
+            if !c.fill() { return (types, Date().timeIntervalSince(start)) }
+        }
+        return (types, nil)
+    }
+
+    func test_anIdleHTTP2Connection_isClosedAfterTheIdleTimeout_butNotWhileAStreamIsOpen() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: "slow", delayMs: 900) }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.downstreamIdleTimeoutMs = 300 }
+        defer { px.stop() }
+        let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+        let settings: [UInt8] = [0, 0, 0, 4, 0, 0, 0, 0, 0]
+        // Idle: no stream at all.
+        let idle = try RawClient(port: px.inbound)
+        idle.send(preface + settings)
+        let r1 = Self.readUntilClosed(idle, within: 5)
+        XCTAssertNotNil(r1.closedAfter, "an idle HTTP/2 connection stays open")
+        XCTAssertGreaterThan(r1.closedAfter ?? 0, 0.2)
+        // One GET whose response takes 900 ms, three times the idle timeout.
+        let busy = try RawClient(port: px.inbound)
+        let authority = Array("a".utf8)
+        let block: [UInt8] = [0x82, 0x86, 0x84, 0x41, UInt8(authority.count)] + authority // GET http / a (HPACK)
+        let headers: [UInt8] = [0, 0, UInt8(block.count), 1, 0x05, 0, 0, 0, 1] + block  // HEADERS, END_STREAM|END_HEADERS, stream 1
+        busy.send(preface + settings + headers)
+        let r2 = Self.readUntilClosed(busy, within: 5)
+        XCTAssertTrue(r2.types.contains(1), "the response headers arrived before the connection closed: frames \(r2.types)")
+        XCTAssertGreaterThan(r2.closedAfter ?? 0, 0.9, "closed while the stream was open")
+        XCTAssertNotNil(r2.closedAfter, "the connection idles out once the stream is done")
+    }
+
     func test_h2cPriorKnowledge_requestsGoThroughTheFilterChain() throws {
         let up = try TestUpstream { r in TestUpstream.Reply(body: "\(r.method) \(r.uri) \(r.headers["x-seen-by"].first ?? "-") \(r.bodyBytes)") }
         defer { up.stop() }
