@@ -456,26 +456,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             attach(c)
             return
         }
-        if asksForHTTP2(s) {
-            // An HTTP/2 connection to the peer sidecar takes the request as a new stream,
-            // also the one being set up to a peer known to speak h2.
-            if let session = ctx.pool.session(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
-                connecting = true
-                session.openStream(connected(stream: s.id, attempt: attempt))
-                return
-            }
-            if ctx.pool.awaitSession(key, { [weak self] session in
-                guard let self, let cur = self.stream, cur.id == s.id, !self.closed else { return }
-                if let session, session.accepts(maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
-                    session.openStream(self.connected(stream: cur.id, attempt: self.attempt))
-                } else {
-                    self.connecting = false
-                    self.dispatch(host: host, port: port, key: key) // full, or the peer chose HTTP/1.1: start over
-                }
-            }) {
-                connecting = true
-                return
-            }
+        if asksForHTTP2(s), ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
+                                                 connected(stream: s.id, attempt: attempt), otherwise: { [weak self] in
+            // The connection being set up failed, chose HTTP/1.1 or is full: start over.
+            guard let self, self.stream?.id == s.id, !self.closed else { return }
+            self.connecting = false
+            self.dispatch(host: host, port: port, key: key)
+        }) {
+            connecting = true
+            return
         }
         let address: SocketAddress
         do { address = try ctx.pool.address(host: host, port: port) } catch {

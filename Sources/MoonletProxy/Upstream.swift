@@ -237,10 +237,21 @@ final class UpstreamPool {
         return nil
     }
 
-    /// Queues a stream on the HTTP/2 connection being set up to `key`, if there is one.
-    func awaitSession(_ key: String, _ done: @escaping (UpstreamH2Session?) -> Void) -> Bool {
+    /// Puts a request on an HTTP/2 connection to `key`: a new stream of the open one, or
+    /// of the one being set up to a peer known to speak h2 (`done` gets the stream).
+    /// False when there is neither: the caller connects. `otherwise` runs when the
+    /// connection being set up cannot take the request after all (it failed, the peer
+    /// chose HTTP/1.1, or the per-connection bounds are reached).
+    func openStream(_ key: String, maxRequests: Int, maxDurationMs: Int,
+                    _ done: @escaping (Result<UpstreamConnection, Error>) -> Void, otherwise: @escaping () -> Void) -> Bool {
+        if let s = session(key, maxRequests: maxRequests, maxDurationMs: maxDurationMs) {
+            s.openStream(done)
+            return true
+        }
         guard awaitingSession[key] != nil else { return false }
-        awaitingSession[key]!.append(done)
+        awaitingSession[key]!.append { s in
+            if let s, s.accepts(maxRequests: maxRequests, maxDurationMs: maxDurationMs) { s.openStream(done) } else { otherwise() }
+        }
         return true
     }
 
@@ -288,22 +299,8 @@ final class UpstreamPool {
                         return
                     }
                     try ch.pipeline.syncOperations.addHandler(try tls())
-                    try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { context, proto in
-                        if proto == "h2" {
-                            self.speaksH2.insert(key)
-                            session = self.startSession(key: key, channel: ch, slot: slot, finish)
-                            session?.openStream(finish)
-                        } else {
-                            self.speaksH2.remove(key)
-                            do {
-                                try context.pipeline.syncOperations.addHandler(conn)
-                                conn.circuit = slot
-                                finish(.success(conn))
-                            } catch {
-                                ch.close(promise: nil)
-                                finish(.failure(UpstreamFailure.connectFailed("\(error)")))
-                            }
-                        }
+                    try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { _, proto in
+                        session = self.handOver(conn, protocol: proto, key: key, slot: slot, finish)
                     }, failed: { why in finish(.failure(UpstreamFailure.connectFailed(why))) }))
                 }
             }
@@ -318,6 +315,30 @@ final class UpstreamPool {
                 case .failure(let e): finish(.failure(e))
                 }
             }
+    }
+
+    /// After a TLS handshake: with ALPN "h2" the connection becomes an HTTP/2 session
+    /// (returned) whose first stream goes to `done`; otherwise the HTTP/1.1 connection
+    /// itself does, holding `slot`.
+    func handOver(_ conn: UpstreamConnection, protocol proto: String?, key: String, slot: CircuitCounters?,
+                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Session? {
+        guard let ch = conn.channel else { return nil }
+        if proto == "h2" {
+            speaksH2.insert(key)
+            let s = startSession(key: key, channel: ch, slot: slot, done)
+            s?.openStream(done)
+            return s
+        }
+        speaksH2.remove(key)
+        do {
+            try ch.pipeline.syncOperations.addHandler(conn)
+            conn.circuit = slot
+            done(.success(conn))
+        } catch {
+            ch.close(promise: nil)
+            done(.failure(UpstreamFailure.connectFailed("\(error)")))
+        }
+        return nil
     }
 
     /// Turns a TLS connection that negotiated "h2" into an HTTP/2 session for `key`
