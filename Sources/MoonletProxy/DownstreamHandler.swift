@@ -467,8 +467,19 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         let address: SocketAddress
-        do { address = try ctx.pool.address(host: host, port: port) } catch {
-            reply503(s, "no healthy upstream", .noHealthyUpstream)
+        switch ctx.pool.address(host: host, port: port, ready: { [weak self] r in
+            // The name is resolved (off the loop): carry on where this left off.
+            guard let self, let cur = self.stream, cur.id == s.id, !self.closed else { return }
+            self.connecting = false
+            if case .failure(let e) = r { self.upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)")); return }
+            self.dispatch(host: host, port: port, key: key)
+        }) {
+        case .ready(let a): address = a
+        case .pending:
+            connecting = true
+            return
+        case .failed(let e):
+            upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)"))
             return
         }
         // Circuit breaking: connections are bounded per cluster across the sidecar;
@@ -607,7 +618,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             var payload = head
             var b = body
             payload.writeBuffer(&b)
-            guard let address = try? ctx.pool.address(host: e.address, port: e.port) else { continue }
+            // A mirror whose name is not resolved yet is skipped (the lookup starts now).
+            guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: { _ in }) else { continue }
             ctx.metrics.count("moonlet_upstream_mirrored_total")
             MirrorSender.send(payload, to: address, on: context.eventLoop, timeoutMs: limits.connectTimeoutMs)
         }

@@ -1,4 +1,5 @@
 import NIOCore
+import Dispatch
 import NIOPosix
 import NIOSSL
 import NIOHTTP2
@@ -176,7 +177,6 @@ final class UpstreamPool {
     /// dictionary (`idle[key]?.popLast()`) allocated three coroutine frames per request.
     final class IdleList { var items: [UpstreamConnection] = [] }
     var idle: [String: IdleList] = [:]
-    var addresses: [String: SocketAddress] = [:]
     var sweeper: RepeatedTask?
 
     /// Streams waiting for a connection to a key (the cluster is at maxConnections).
@@ -189,12 +189,58 @@ final class UpstreamPool {
         sweeper = loop.scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in self?.sweep() }
     }
 
-    func address(host: String, port: Int) throws -> SocketAddress {
+    /// The address of `host:port`, if known now. An IP address is parsed at once. A
+    /// name is resolved on a background queue, never on the event loop (Envoy's
+    /// STRICT_DNS resolves asynchronously too): the first use returns `.pending` and
+    /// `ready` is called on this loop with the outcome. A resolved name is refreshed in
+    /// the background after `dnsRefreshMs`, the old address serving meanwhile; a failed
+    /// one is retried after `dnsFailureRetryMs`.
+    func address(host: String, port: Int, ready: @escaping (Result<SocketAddress, Error>) -> Void) -> AddressLookup {
         let key = "\(host):\(port)"
-        if let a = addresses[key] { return a }
-        let a = try SocketAddress.makeAddressResolvingHost(host, port: port)
-        addresses[key] = a
-        return a
+        if let e = resolved[key] {
+            let now = NIODeadline.now().uptimeNanoseconds
+            switch e.result {
+            case .success(let a):
+                if now > e.expires && !resolving.keys.contains(key) { startResolving(key, host: host, port: port) }
+                return .ready(a)
+            case .failure(let err):
+                if now <= e.expires { return .failed(err) }
+            }
+        }
+        if let a = try? SocketAddress(ipAddress: host, port: port) {
+            resolved[key] = (.success(a), UInt64.max)
+            return .ready(a)
+        }
+        if resolving[key] == nil { startResolving(key, host: host, port: port) }
+        resolving[key]!.append(ready)
+        return .pending
+    }
+
+    enum AddressLookup {
+        case ready(SocketAddress)
+        case pending
+        case failed(Error)
+    }
+
+    /// Names resolved (or failed) and when they are due again (monotonic ns).
+    var resolved: [String: (result: Result<SocketAddress, Error>, expires: UInt64)] = [:]
+    /// Names being resolved, with the callers waiting for them.
+    var resolving: [String: [(Result<SocketAddress, Error>) -> Void]] = [:]
+    static let dnsRefreshMs: UInt64 = 30_000
+    static let dnsFailureRetryMs: UInt64 = 5_000
+    static let resolverQueue = DispatchQueue(label: "moonlet.dns", attributes: .concurrent)
+
+    func startResolving(_ key: String, host: String, port: Int) {
+        resolving[key] = []
+        let loop = self.loop
+        Self.resolverQueue.async {
+            let r = Result { try SocketAddress.makeAddressResolvingHost(host, port: port) }
+            loop.execute {
+                let ms = (try? r.get()) == nil ? Self.dnsFailureRetryMs : Self.dnsRefreshMs
+                self.resolved[key] = (r, NIODeadline.now().uptimeNanoseconds + ms * 1_000_000)
+                for w in self.resolving.removeValue(forKey: key) ?? [] { w(r) }
+            }
+        }
     }
 
     /// An idle live connection for `key`, if any. The list is mutated in place (a

@@ -207,3 +207,51 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertEqual(live, 0, "handlers of closed connections are still alive")
     }
 }
+
+final class DNSEndpointTests: XCTestCase {
+    func test_anEndpointGivenByName_isResolvedOffTheEventLoop_andServes() throws {
+        // Listen where the name resolves first (127.0.0.1 or ::1, by this machine's hosts file).
+        let first = try SocketAddress.makeAddressResolvingHost("localhost", port: 0).ipAddress ?? "127.0.0.1"
+        let up = try TestUpstream(host: first) { r in TestUpstream.Reply(body: "via name \(r.uri)") }
+        defer { up.stop() }
+        let yaml = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: byname}
+        spec:
+          hosts: [byname]
+          resolution: DNS
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: localhost, ports: {http: \(up.port)}}]
+        """
+        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        for i in 0..<3 {
+            c.send("GET /\(i) HTTP/1.1\r\nHost: byname\r\n\r\n")
+            let r = c.read()
+            XCTAssertEqual(r?.body, "via name /\(i)", r.map { "\($0.status) \($0.body)" } ?? "no response")
+        }
+        XCTAssertEqual(up.connections, 1, "the resolved address is kept and the connection reused")
+    }
+
+    func test_aNameThatDoesNotResolve_gets503UF_namingTheHost() throws {
+        let yaml = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: nowhere}
+        spec:
+          hosts: [nowhere]
+          resolution: DNS
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: no-such-host.invalid, ports: {http: 80}}]
+        """
+        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound, timeoutSeconds: 30)
+        c.send("GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+        let r = c.read()
+        XCTAssertEqual(r?.status, 503)
+        XCTAssertTrue(r?.body.contains("DNS resolution of no-such-host.invalid failed") == true, r?.body ?? "")
+    }
+}

@@ -45,7 +45,8 @@ final class TestUpstream: @unchecked Sendable {
     var seen: [SeenRequest] { lock.withLock { _seen } }
 
     /// `tls`: serve HTTPS with this context (for DestinationRule SIMPLE / MUTUAL tests).
-    init(port: Int = 0, tls: NIOSSLContext? = nil, respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
+    /// `host`: the address to listen on (a loopback address).
+    init(host: String = "127.0.0.1", port: Int = 0, tls: NIOSSLContext? = nil, respond: (@Sendable (SeenRequest) -> Reply)? = nil) throws {
         if let respond { self.respond = respond }
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -55,7 +56,7 @@ final class TestUpstream: @unchecked Sendable {
                 if let tls { try? ch.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                 return ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(Handler(owner: self)) }
             }
-            .bind(host: "127.0.0.1", port: port).wait()
+            .bind(host: host, port: port).wait()
     }
 
     func stop() { try? channel.close().wait(); try? group.syncShutdownGracefully() }
