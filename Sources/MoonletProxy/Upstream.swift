@@ -127,7 +127,7 @@ final class UpstreamConnection: ChannelInboundHandler {
         let d = delegate
         delegate = nil
         let leftover = buffer?.readableBytes ?? 0
-        let reusable = keepAlive && leftover == 0 && !closed
+        let reusable = keepAlive && leftover == 0 && !closed && !multiplexed
         d?.upstreamResponseEnd(reusable: reusable)
     }
 

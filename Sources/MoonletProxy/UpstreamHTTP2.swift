@@ -158,8 +158,8 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
         return HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: head.method), uri: head.target, headers: headers)
     }
 
-    // Response: parts -> HTTP/1.1 bytes. The head says `connection: close`: a stream
-    // carries one exchange, so UpstreamConnection never offers it back to the pool.
+    // Response: parts -> HTTP/1.1 bytes (a stream carries one exchange; UpstreamConnection
+    // never offers a multiplexed connection back to the pool).
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let h):
@@ -176,7 +176,7 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
             let bodyless = requestWasHead || code == 204 || code == 304
             responseChunked = !hasLength && !bodyless
             if responseChunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
-            out.writeStaticString("connection: close\r\n\r\n")
+            out.writeStaticString("\r\n")
             context.fireChannelRead(wrapInboundOut(out))
         case .body(let b):
             context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: responseChunked, allocator: context.channel.allocator)))
