@@ -457,23 +457,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             return
         }
         if asksForHTTP2(s), ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
-                                                 connected(stream: s.id, attempt: attempt), otherwise: { [weak self] in
-            // The connection being set up failed, chose HTTP/1.1 or is full: start over.
-            guard let self, self.stream?.id == s.id, !self.closed else { return }
-            self.connecting = false
-            self.dispatch(host: host, port: port, key: key)
-        }) {
+                                                 connected(stream: s.id, attempt: attempt),
+                                                 // The connection being set up failed, chose HTTP/1.1 or is full.
+                                                 otherwise: redispatch(s.id, host: host, port: port, key: key)) {
             connecting = true
             return
         }
         let address: SocketAddress
-        switch ctx.pool.address(host: host, port: port, ready: { [weak self] r in
-            // The name is resolved (off the loop): carry on where this left off.
-            guard let self, let cur = self.stream, cur.id == s.id, !self.closed else { return }
-            self.connecting = false
-            if case .failure(let e) = r { self.upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)")); return }
-            self.dispatch(host: host, port: port, key: key)
-        }) {
+        // A name being resolved (off the loop) dispatches again once its lookup is done.
+        switch ctx.pool.address(host: host, port: port, ready: redispatch(s.id, host: host, port: port, key: key)) {
         case .ready(let a): address = a
         case .pending:
             connecting = true
@@ -498,6 +490,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             slot = cc
         }
         connect(s, key: key, address: address, slot: slot)
+    }
+
+    /// Starts `dispatch` over for stream `sid` once what it waited for is settled (a
+    /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
+    func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
+        { [weak self] in
+            guard let self, self.stream?.id == sid, !self.closed else { return }
+            self.connecting = false
+            self.dispatch(host: host, port: port, key: key)
+        }
     }
 
     /// Waits for a connection: one released on this loop for the same host, or a
@@ -619,7 +621,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             var b = body
             payload.writeBuffer(&b)
             // A mirror whose name is not resolved yet is skipped (the lookup starts now).
-            guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: { _ in }) else { continue }
+            guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: {}) else { continue }
             ctx.metrics.count("moonlet_upstream_mirrored_total")
             MirrorSender.send(payload, to: address, on: context.eventLoop, timeoutMs: limits.connectTimeoutMs)
         }

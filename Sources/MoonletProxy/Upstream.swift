@@ -192,16 +192,16 @@ final class UpstreamPool {
     /// The address of `host:port`, if known now. An IP address is parsed at once. A
     /// name is resolved on a background queue, never on the event loop (Envoy's
     /// STRICT_DNS resolves asynchronously too): the first use returns `.pending` and
-    /// `ready` is called on this loop with the outcome. A resolved name is refreshed in
-    /// the background after `dnsRefreshMs`, the old address serving meanwhile; a failed
-    /// one is retried after `dnsFailureRetryMs`.
-    func address(host: String, port: Int, ready: @escaping (Result<SocketAddress, Error>) -> Void) -> AddressLookup {
+    /// `ready` is called on this loop once the lookup is done (ask again for its
+    /// outcome). A resolved name is refreshed in the background after `dnsRefreshMs`,
+    /// the old address serving meanwhile; a failed one is retried after `dnsFailureRetryMs`.
+    func address(host: String, port: Int, ready: @escaping () -> Void) -> AddressLookup {
         let key = "\(host):\(port)"
         if let e = resolved[key] {
             let now = NIODeadline.now().uptimeNanoseconds
             switch e.result {
             case .success(let a):
-                if now > e.expires && !resolving.keys.contains(key) { startResolving(key, host: host, port: port) }
+                if now > e.expires && resolving[key] == nil { startResolving(key, host: host, port: port) }
                 return .ready(a)
             case .failure(let err):
                 if now <= e.expires { return .failed(err) }
@@ -225,7 +225,7 @@ final class UpstreamPool {
     /// Names resolved (or failed) and when they are due again (monotonic ns).
     var resolved: [String: (result: Result<SocketAddress, Error>, expires: UInt64)] = [:]
     /// Names being resolved, with the callers waiting for them.
-    var resolving: [String: [(Result<SocketAddress, Error>) -> Void]] = [:]
+    var resolving: [String: [() -> Void]] = [:]
     static let dnsRefreshMs: UInt64 = 30_000
     static let dnsFailureRetryMs: UInt64 = 5_000
     static let resolverQueue = DispatchQueue(label: "moonlet.dns", attributes: .concurrent)
@@ -238,7 +238,7 @@ final class UpstreamPool {
             loop.execute {
                 let ms = (try? r.get()) == nil ? Self.dnsFailureRetryMs : Self.dnsRefreshMs
                 self.resolved[key] = (r, NIODeadline.now().uptimeNanoseconds + ms * 1_000_000)
-                for w in self.resolving.removeValue(forKey: key) ?? [] { w(r) }
+                for w in self.resolving.removeValue(forKey: key) ?? [] { w() }
             }
         }
     }
