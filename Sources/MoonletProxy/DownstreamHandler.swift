@@ -533,16 +533,17 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         var tls: (() throws -> NIOSSLClientHandler)? = nil
+        // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
+        let h2 = asksForHTTP2(s)
         if let t = upstreamTLS {
             if t.mode == .istioMutual, let m = ctx.tls {
-                let h2 = asksForHTTP2(s)
                 tls = { try m.makeClientHandler(serverName: t.sni, expected: t.subjectAltNames, offerH2: h2) }
             } else if let c = t.context as? NIOSSLContext {
                 tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, offersH2: tls != nil && asksForHTTP2(s), slot: slot,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, offersH2: h2, slot: slot,
                          connected(stream: s.id, attempt: attempt))
     }
 
