@@ -209,26 +209,12 @@ final class ProxyCoreTests: XCTestCase {
 }
 
 final class DNSEndpointTests: XCTestCase {
-    /// A DNS ServiceEntry `name` whose one endpoint is given by name.
-    static func dnsEntry(_ name: String, address: String, port: Int) -> String {
-        """
-        apiVersion: networking.istio.io/v1beta1
-        kind: ServiceEntry
-        metadata: {name: \(name)}
-        spec:
-          hosts: [\(name)]
-          resolution: DNS
-          ports: [{number: 80, name: http}]
-          endpoints: [{address: \(address), ports: {http: \(port)}}]
-        """
-    }
-
     func test_anEndpointGivenByName_isResolvedOffTheEventLoop_andServes() throws {
         // Listen where the name resolves first (127.0.0.1 or ::1, by this machine's hosts file).
         let first = try SocketAddress.makeAddressResolvingHost("localhost", port: 0).ipAddress ?? "127.0.0.1"
         let up = try TestUpstream(host: first) { r in TestUpstream.Reply(body: "via name \(r.uri)") }
         defer { up.stop() }
-        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.dnsEntry("byname", address: "localhost", port: up.port)], concurrency: 1)
+        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": meshService("byname", ports: [up.port], address: "localhost", resolution: "DNS")], concurrency: 1)
         defer { px.stop() }
         let c = try RawClient(port: px.outbound)
         for i in 0..<3 {
@@ -240,7 +226,7 @@ final class DNSEndpointTests: XCTestCase {
     }
 
     func test_aNameThatDoesNotResolve_gets503UF_namingTheHost() throws {
-        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.dnsEntry("nowhere", address: "no-such-host.invalid", port: 80)], concurrency: 1)
+        let px = try ProxyFixture(appPort: 1, files: ["se.yaml": meshService("nowhere", ports: [80], address: "no-such-host.invalid", resolution: "DNS")], concurrency: 1)
         defer { px.stop() }
         let c = try RawClient(port: px.outbound, timeoutSeconds: 30)
         c.send("GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")

@@ -253,19 +253,21 @@ func adminGet(_ port: Int, _ path: String, method: String = "GET") -> RawClient.
 /// A ServiceEntry `name` with endpoints on 127.0.0.1 at `ports` (port name http,
 /// service port 80), a DestinationRule with `trafficPolicy` (flow YAML) when given,
 /// and `extra` documents.
-func meshService(_ name: String, ports: [Int], trafficPolicy: String? = nil, extra: String = "") -> String {
+/// `address`: the endpoints' address (a name needs `resolution: "DNS"`).
+func meshService(_ name: String, ports: [Int], trafficPolicy: String? = nil, extra: String = "",
+                 address: String = "127.0.0.1", resolution: String = "STATIC") -> String {
     var y = """
     apiVersion: networking.istio.io/v1beta1
     kind: ServiceEntry
     metadata: {name: \(name)}
     spec:
       hosts: [\(name)]
-      resolution: STATIC
+      resolution: \(resolution)
       ports: [{number: 80, name: http}]
       endpoints:
 
     """
-    for p in ports { y += "  - {address: 127.0.0.1, ports: {http: \(p)}}\n" }
+    for p in ports { y += "  - {address: \(address), ports: {http: \(p)}}\n" }
     if let trafficPolicy {
         y += "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: \(name)}\nspec:\n  host: \(name)\n  trafficPolicy: \(trafficPolicy)\n"
     }
