@@ -1,4 +1,11 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Limits the parser enforces while it reads a head. Defaults follow Envoy's
 /// (60 KiB of headers, 100 headers).
@@ -46,25 +53,23 @@ public struct HTTPHeadParser: Sendable {
     }
 
     private mutating func parse(_ buffer: ByteBuffer, isRequest: Bool, requestWasHead: Bool) -> HeadParseResult {
-        // Find CRLFCRLF (a lone LF anywhere is an error).
+        // Find CRLFCRLF, jumping from LF to LF with memchr (SIMD in libc); a lone LF is
+        // an error. Every other byte (NUL, CR without LF, controls) is checked by
+        // parseHead, which looks at each byte of the head once.
         let readable = buffer.readableBytes
-        var end = -1
-        var bad: HTTPParseError? = nil
-        buffer.withUnsafeReadableBytes { raw in
+        let end = buffer.withUnsafeReadableBytes { raw -> Int in
+            guard let base = raw.baseAddress else { return -1 }
             var i = scanned
-            // Skip leading empty lines before a request line (RFC 9112 §2.2 allows at least one CRLF).
-            while i < raw.count {
-                let c = raw[i]
-                if c == 10 {
-                    if i == 0 || raw[i - 1] != 13 { bad = HTTPParseError(400, "bare LF in head"); return }
-                    if i >= 3 && raw[i - 2] == 10 && raw[i - 3] == 13 { end = i + 1; return }
-                } else if c == 0 {
-                    bad = HTTPParseError(400, "NUL in head"); return
-                }
-                i += 1
+            let n = raw.count
+            while i < n, let hit = memchr(base + i, 10, n - i) {
+                let j = base.distance(to: UnsafeRawPointer(hit))
+                if j == 0 || raw[j - 1] != 13 { return -2 }
+                if j >= 3 && raw[j - 2] == 10 && raw[j - 3] == 13 { return j + 1 }
+                i = j + 1
             }
+            return -1
         }
-        if let bad { return .error(bad) }
+        if end == -2 { return .error(HTTPParseError(400, "bare LF in head")) }
         if end < 0 {
             scanned = max(0, readable - 3)
             if readable > limits.maxHeadBytes { return .error(HTTPParseError(431, "head larger than \(limits.maxHeadBytes) bytes")) }
@@ -80,7 +85,15 @@ public struct HTTPHeadParser: Sendable {
 
     // MARK: - Head
 
-    static let methodTable: [Bool] = HeaderValidation.tokenTable
+    /// RFC 9110 tchar as two 64-bit masks (bytes 0-63 and 64-127): a token byte is
+    /// tested without a table load, a bounds check or a lazy global per byte.
+    static let tcharLow: UInt64 = 0x03ff_6cfa_0000_0000
+    static let tcharHigh: UInt64 = 0x57ff_ffff_c7ff_fffe
+
+    @inline(__always)
+    static func isTchar(_ c: UInt8) -> Bool {
+        c < 64 ? (tcharLow >> UInt64(c)) & 1 != 0 : c < 128 && (tcharHigh >> UInt64(c &- 64)) & 1 != 0
+    }
 
     static func parseHead(_ head: inout HTTPHead, limits: HTTPParserLimits, requestWasHead: Bool) -> HTTPParseError? {
         head.bytes.withUnsafeReadableBytes { raw -> HTTPParseError? in
@@ -92,9 +105,11 @@ public struct HTTPHeadParser: Sendable {
             // Start line ends at the first CRLF.
             var lineEnd = p
             while raw[lineEnd] != 13 { lineEnd += 1 }
+            // The scan for the end of the head found an LF after this line; it must follow the CR.
+            if raw[lineEnd + 1] != 10 { return HTTPParseError(head.isRequest ? 400 : 502, "CR without LF in start line") }
             if head.isRequest {
                 let mStart = p
-                while p < lineEnd && methodTable[Int(raw[p])] { p += 1 }
+                while p < lineEnd && isTchar(raw[p]) { p += 1 }
                 if p == mStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request method") }
                 head.methodRange = mStart..<p
                 p += 1
@@ -147,7 +162,7 @@ public struct HTTPHeadParser: Sendable {
                 let c0 = raw[p]
                 if c0 == 32 || c0 == 9 { return HTTPParseError(400, "obsolete line folding") }
                 let nStart = p
-                while p < n && HeaderValidation.tokenTable[Int(raw[p])] { p += 1 }
+                while p < n && isTchar(raw[p]) { p += 1 }
                 if p == nStart || raw[p] != 58 {
                     return HTTPParseError(400, p < n && (raw[p] == 32 || raw[p] == 9) ? "whitespace before colon in header" : "bad header name")
                 }
@@ -158,10 +173,15 @@ public struct HTTPHeadParser: Sendable {
                 var vEnd = p
                 while true {
                     let c = raw[p]
-                    if c == 13 { break }
-                    if (c < 32 && c != 9) || c == 127 { return HTTPParseError(400, "control character in header value") }
+                    if c < 33 || c == 127 {
+                        // The rare bytes: CR ends the value, blanks are not part of its end.
+                        if c == 13 { break }
+                        if c != 32 && c != 9 { return HTTPParseError(400, "control character in header value") }
+                        p += 1
+                        continue
+                    }
                     p += 1
-                    if c != 32 && c != 9 { vEnd = p }
+                    vEnd = p
                 }
                 // raw[p] == 13; the scan in parse() guaranteed raw[p+1] == 10.
                 if raw[p + 1] != 10 { return HTTPParseError(400, "CR without LF in header") }

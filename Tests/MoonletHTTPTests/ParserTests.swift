@@ -60,8 +60,19 @@ final class ParserTests: XCTestCase {
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
             "G@T / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\rXHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n",
+            "GET /\0 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHo\0st: x\r\n\r\n",
         ]
         for c in cases { XCTAssertEqual(status(c), 400, c.debugDescription) }
+    }
+
+    func test_aStatusLineWithACROnly_isRefusedAs502() {
+        var p = HTTPHeadParser()
+        guard case .error(let e) = p.parseResponse(ByteBuffer(string: "HTTP/1.1 200 OK\rXContent-Length: 0\r\n\r\n"), requestWasHead: false)
+        else { return XCTFail("accepted a start line ended by CR alone") }
+        XCTAssertEqual(e.status, 502)
     }
 
     func test_unknownTransferEncoding_is501() {
