@@ -56,6 +56,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var upstreamPaused = false
     var responseChunked = false
     var responseCloseDelimited = false
+    /// Bytes were written to the client since its last flush.
+    var unflushed = false
     var closeAfterResponse = false
     var streamTimer: Scheduled<Void>?
     var perTryTimer: Scheduled<Void>?
@@ -204,7 +206,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if passthrough { context.fireChannelReadComplete(); return }
-        context.flush()
+        flushDownstream()
         if reqDecoder != nil, let u = upstream, let ch = u.channel { ch.flush() }
     }
 
@@ -214,6 +216,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let u = upstream else { return }
         upstreamPaused = !context.channel.isWritable
         u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
+    }
+
+    func upstreamReadComplete() { flushDownstream() }
+
+    /// Flushes what was written to the client, skipping the pipeline when nothing was.
+    @inline(__always)
+    func flushDownstream() {
+        if unflushed { unflushed = false; context.flush() }
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {
@@ -343,6 +353,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if s.request.expectContinue && reqDecoder != nil {
             s.request.removeAll(of: .expect)
             context.write(wrapOutboundOut(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")), promise: nil)
+            unflushed = true
         }
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
@@ -816,6 +827,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         responseStarted = true
         context.write(wrapOutboundOut(out), promise: nil)
+        unflushed = true
     }
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
@@ -823,7 +835,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
         context.write(wrapOutboundOut(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator)), promise: nil)
-        if !context.channel.isWritable { context.flush() }
+        unflushed = true
+        if !context.channel.isWritable { flushDownstream() }
     }
 
     func upstreamResponseEnd(reusable: Bool) {
@@ -841,7 +854,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
             } else { u.channel?.close(promise: nil) }
         }
-        context.flush()
+        unflushed = true
+        flushDownstream()
         finishStream(s)
     }
 

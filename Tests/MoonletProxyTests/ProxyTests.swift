@@ -154,6 +154,20 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertTrue(stats.body.contains("response_code=\"503\",response_flags=\"UF\""))
     }
 
+    func test_aStreamedResponse_reachesTheClientAsItArrives_notWhenTheUpstreamFinishes() throws {
+        up.respond = { _ in TestUpstream.Reply(body: "first-half|second-half", chunked: true, gapMs: 1500) }
+        let c = try RawClient(port: px.inbound)
+        let t0 = Date()
+        c.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        while !String(decoding: c.pending, as: UTF8.self).contains("first-half") {
+            guard c.fill() else { return XCTFail("the connection ended before the first chunk") }
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(t0), 1.0, "the first chunk waited for the rest of the response")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.body, "first-half|second-half")
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(t0), 1.4)
+    }
+
     func test_streamTimeout_is504UT() throws {
         up.respond = { _ in TestUpstream.Reply(delayMs: 1500) }
         let p2 = try ProxyFixture(appPort: up.port) { $0.limits.streamTimeoutMs = 200 }

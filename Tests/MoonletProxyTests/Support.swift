@@ -26,6 +26,9 @@ final class TestUpstream: @unchecked Sendable {
         var body: String = "hello"
         var chunked = false
         var delayMs = 0
+        /// Chunked only: the first half is flushed, the second half follows this much later
+        /// (a streamed response).
+        var gapMs = 0
     }
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     var channel: Channel!
@@ -86,6 +89,14 @@ final class TestUpstream: @unchecked Sendable {
                         if reply.chunked {
                             let mid = reply.body.index(reply.body.startIndex, offsetBy: reply.body.count / 2)
                             context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: String(reply.body[..<mid]))))), promise: nil)
+                            if reply.gapMs > 0 {
+                                context.flush()
+                                context.eventLoop.scheduleTask(in: .milliseconds(Int64(reply.gapMs))) {
+                                    context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: String(reply.body[mid...]))))), promise: nil)
+                                    context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
+                                }
+                                return
+                            }
                             context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: String(reply.body[mid...]))))), promise: nil)
                         } else {
                             context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
