@@ -132,15 +132,15 @@ public struct BodyDecoder: Sendable {
 /// Writes chunked framing around payload slices (RFC 9112 §7.1).
 public enum ChunkedEncoder {
     public static func writeChunkHeader(_ size: Int, into out: inout ByteBuffer) {
-        var v = size
-        var digits: [UInt8] = []
-        repeat {
-            let d = UInt8(v & 0xF)
-            digits.append(d < 10 ? d + 48 : d + 87)
-            v >>= 4
-        } while v > 0
-        out.reserveCapacity(minimumWritableBytes: digits.count + 2)
-        for d in digits.reversed() { out.writeInteger(d) }
+        // Hex digits, most significant first, written straight into the buffer.
+        var shift = 0
+        while shift < 60 && size >> (shift + 4) > 0 { shift += 4 }
+        out.reserveCapacity(minimumWritableBytes: shift / 4 + 3)
+        while shift >= 0 {
+            let d = UInt8((size >> shift) & 0xF)
+            out.writeInteger(d < 10 ? d + 48 : d + 87)
+            shift -= 4
+        }
         out.writeInteger(UInt16(0x0D0A))
     }
     public static func writeChunk(_ data: ByteBuffer, into out: inout ByteBuffer) {

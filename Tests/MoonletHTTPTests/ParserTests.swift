@@ -75,6 +75,14 @@ final class ParserTests: XCTestCase {
         XCTAssertEqual(e.status, 502)
     }
 
+    func test_chunkHeaders_areHexWithoutLeadingZeros() {
+        for (size, text) in [(0, "0"), (1, "1"), (15, "f"), (16, "10"), (255, "ff"), (4096, "1000"), (0x1234abcd, "1234abcd"), (Int.max, "7fffffffffffffff")] {
+            var b = ByteBuffer()
+            ChunkedEncoder.writeChunkHeader(size, into: &b)
+            XCTAssertEqual(String(buffer: b), text + "\r\n")
+        }
+    }
+
     func test_unknownTransferEncoding_is501() {
         XCTAssertEqual(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), 501)
     }
