@@ -58,6 +58,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var responseCloseDelimited = false
     /// Bytes were written to the client since its last flush.
     var unflushed = false
+    /// The response head, held back until the first body bytes, the end of the
+    /// response or the end of the upstream read: a small response then leaves in one
+    /// write (one trip through the pipeline) instead of two.
+    var heldHead: ByteBuffer?
     var closeAfterResponse = false
     var streamTimer: Scheduled<Void>?
     var perTryTimer: Scheduled<Void>?
@@ -223,8 +227,17 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Flushes what was written to the client, skipping the pipeline when nothing was.
     @inline(__always)
     func flushDownstream() {
-        if unflushed { unflushed = false; context.flush() }
+        if unflushed { releaseHeldHead(); unflushed = false; context.flush() }
     }
+
+    /// Writes the held response head, if any.
+    @inline(__always)
+    func releaseHeldHead() {
+        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil) }
+    }
+
+    /// Bodies up to this size are copied behind a held head rather than written apart.
+    static let mergedBodyLimit = 16 * 1024
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         guard !closed else { return }
@@ -816,7 +829,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         default: break
         }
         if !requestComplete { closeAfterResponse = true } // body still arriving: can't resync
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 128)
+        // Room for a small body too: it is copied behind the head (see heldHead).
+        var room = 0
+        if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 128 + room)
         let chunked = responseChunked
         let close = closeAfterResponse
         HeadWriter.writeResponse(head, into: &out) { o in
@@ -826,7 +842,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
         }
         responseStarted = true
-        context.write(wrapOutboundOut(out), promise: nil)
+        heldHead = out
         unflushed = true
     }
 
@@ -834,15 +850,28 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
-        context.write(wrapOutboundOut(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator)), promise: nil)
         unflushed = true
+        if var h = heldHead {
+            heldHead = nil
+            if chunk.readableBytes <= Self.mergedBodyLimit {
+                if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &h) } else { var c = chunk; h.writeBuffer(&c) }
+                context.write(wrapOutboundOut(h), promise: nil)
+                if !context.channel.isWritable { flushDownstream() }
+                return
+            }
+            context.write(wrapOutboundOut(h), promise: nil)
+        }
+        context.write(wrapOutboundOut(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator)), promise: nil)
         if !context.channel.isWritable { flushDownstream() }
     }
 
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
-        if responseChunked { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
+        if responseChunked {
+            if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
+            else { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
+        }
         responseEnded = true
         if let u = upstream {
             upstream = nil
@@ -998,6 +1027,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func finishStream(_ s: ProxyStream) {
         guard stream === s else { return }
+        releaseHeldHead()
         responseEnded = false
         streamTimer?.cancel(); streamTimer = nil
         perTryTimer?.cancel(); perTryTimer = nil
