@@ -45,6 +45,8 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public let settings: ClusterPolicy
     let ring: HashRing?
     let ports: [Int]
+    /// Per endpoint: "address:port", the key of its connection pool.
+    let poolKeys: [String]
     /// Per endpoint: how its connections are secured (nil: plaintext).
     let endpointTLS: [UpstreamTLS?]
     public let upstreamProtocol: UpstreamProtocol
@@ -52,7 +54,8 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
          servicePort: ServicePort? = nil) {
         self.id = id; self.name = name; self.settings = policy
         upstreamProtocol = Self.upstreamProtocol(policy, port: servicePort)
-        self.ring = policy.hash == nil ? nil : HashRing(keys: zip(endpoints, ports).map { "\($0.address):\($1)" }, minimumRingSize: policy.ringSize)
+        poolKeys = zip(endpoints, ports).map { "\($0.address):\($1)" }
+        self.ring = policy.hash == nil ? nil : HashRing(keys: poolKeys, minimumRingSize: policy.ringSize)
         self.endpoints = endpoints; self.ports = ports
         endpointTLS = Self.tlsPerEndpoint(policy.tls, endpoints: endpoints, namespace: namespace, sni: sni)
     }
@@ -121,6 +124,7 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { ring?.lookup(hash, skip: skip) }
     public var endpointCount: Int { endpoints.count }
     public func endpoint(_ i: Int) -> (address: String, port: Int) { (endpoints[i].address, ports[i]) }
+    public func poolKey(_ i: Int) -> String { poolKeys[i] }
 }
 
 /// What a consistent-hash key is made of (DestinationRule consistentHash).

@@ -27,6 +27,8 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var endpointCount: Int { get }
     /// Address and port of endpoint `i` for the cluster's service port.
     func endpoint(_ i: Int) -> (address: String, port: Int)
+    /// "address:port" of endpoint `i`, made at config load: the key of its connection pool.
+    func poolKey(_ i: Int) -> String
     /// Outlier detection, when the DestinationRule enables it.
     var outlierPolicy: OutlierPolicy? { get }
     /// A name stable across config reloads (ejection state is kept by it).

@@ -412,8 +412,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             sendLocalReply()
             return nil
         }
-        var key = role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port
-            ? ctx.inboundKey : "\(host):\(port)"
+        var key: String
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { key = c.poolKey(s.route.endpointIndex) }
+        else if role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port { key = ctx.inboundKey }
+        else { key = "\(host):\(port)" }
         s.upstreamHost = key
         upstreamTLS = nil
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster, let t = c.tls(s.route.endpointIndex) {

@@ -43,6 +43,9 @@ final class UpstreamConnection: ChannelInboundHandler {
     var keepAlive = true
     var requestsServed = 0
     var idleSince: UInt64 = 0
+    /// The pool's idle list for `key`, found once: returning the connection then needs
+    /// no dictionary lookup.
+    var idleList: UpstreamPool.IdleList?
     let createdAt = NIODeadline.now().uptimeNanoseconds
     var closed = false
     /// The cluster connection slot this connection holds (released when it closes).
@@ -439,15 +442,17 @@ final class UpstreamPool {
 
     func release(_ c: UpstreamConnection) {
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
-        if c.multiplexed { ch.close(promise: nil); return }
+        if c.multiplexed || shutDown { ch.close(promise: nil); return }
         // A waiting stream takes the connection first (FIFO).
-        while let w = waiters[c.key]?.first {
+        while !waiters.isEmpty, let w = waiters[c.key]?.first {
             waiters[c.key]!.removeFirst()
             if waiters[c.key]!.isEmpty { waiters[c.key] = nil }
             if w.handOver(c) { return }
         }
         let list: IdleList
-        if let l = idle[c.key] { list = l } else { list = IdleList(); idle[c.key] = list }
+        if let l = c.idleList { list = l }
+        else if let l = idle[c.key] { list = l; c.idleList = l }
+        else { list = IdleList(); idle[c.key] = list; c.idleList = list }
         if list.items.count >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
         c.idleSince = NIODeadline.now().uptimeNanoseconds
         list.items.append(c)
@@ -469,7 +474,11 @@ final class UpstreamPool {
         }
     }
 
+    /// Set by closeAll: connections handed back later are closed, not kept.
+    var shutDown = false
+
     func closeAll() {
+        shutDown = true
         sweeper?.cancel()
         for list in idle.values { for c in list.items { c.channel?.close(promise: nil) } }
         idle = [:]

@@ -9,6 +9,7 @@ final class FakeCluster: UpstreamCluster, @unchecked Sendable {
     let endpointCount: Int
     init(id: Int = 0, policy: LBPolicy, count: Int) { self.id = id; self.policy = policy; self.endpointCount = count }
     func endpoint(_ i: Int) -> (address: String, port: Int) { ("10.0.0.\(i)", 80) }
+    func poolKey(_ i: Int) -> String { "10.0.0.\(i):80" }
 }
 
 final class BalancerTests: XCTestCase {
@@ -55,6 +56,7 @@ final class OutlierCluster: UpstreamCluster, @unchecked Sendable {
         self.id = id; self.endpointCount = count; self.outlierPolicy = policy; self.stableName = "test-\(UUID().uuidString)"
     }
     func endpoint(_ i: Int) -> (address: String, port: Int) { ("10.0.0.\(i)", 80) }
+    func poolKey(_ i: Int) -> String { "10.0.0.\(i):80" }
 }
 
 final class OutlierTests: XCTestCase {
