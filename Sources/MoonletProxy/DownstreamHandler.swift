@@ -119,7 +119,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Every callback that can still arrive checks `closed` first.
     func handlerRemoved(context: ChannelHandlerContext) {
         closed = true
+        cancelTimers()
         self.context = nil
+    }
+
+    /// Cancels the connection's timers, which hold this handler (see "timers" below).
+    func cancelTimers() {
+        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
+        headerTimer = nil; idleTimer = nil; streamTimer = nil; perTryTimer = nil; handshakeTimer = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -149,7 +156,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             a.openStreams -= 1
             a.lastActivity = NIODeadline.now().uptimeNanoseconds
         }
-        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
+        cancelTimers()
         if let s = stream {
             if !responseEnded { s.responseFlags.insert(.downstreamConnectionTermination) }
             if let u = upstream { u.abandon(); upstream = nil }
@@ -173,8 +180,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func armHandshakeTimer(_ ch: Channel) {
         let ms = limits.tlsHandshakeTimeoutMs
         guard ms > 0 else { return }
-        handshakeTimer = ch.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
-            guard let self else { return }
+        handshakeTimer = ch.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) {
             self.ctx.metrics.count("moonlet_inbound_tls_handshake_timeouts_total")
             ch.close(promise: nil)
         }
@@ -372,8 +378,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
             s.responseFlags.insert(.delayInjected)
             let sid = s.id
-            context.eventLoop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) { [weak self] in
-                guard let self, let cur = self.stream, cur.id == sid, !self.closed else { return }
+            context.eventLoop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
+                guard let cur = self.stream, cur.id == sid, !self.closed else { return }
                 self.goUpstream()
             }
             return
@@ -521,8 +527,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Starts `dispatch` over for stream `sid` once what it waited for is settled (a
     /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
     func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
-        { [weak self] in
-            guard let self, self.stream?.id == sid, !self.closed else { return }
+        {
+            guard self.stream?.id == sid, !self.closed else { return }
             self.connecting = false
             self.dispatch(host: host, port: port, key: key)
         }
@@ -533,16 +539,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
         let sid = s.id
         waitingCircuit = cc
-        let w = PoolWaiter(key: key) { [weak self] c in
-            guard let self, let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
+        let w = PoolWaiter(key: key) { c in
+            guard let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
             self.stopWaiting()
             self.attach(c)
             return true
         }
         waiter = w
         ctx.pool.wait(w)
-        waitTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { [weak self] _ in
-            guard let self, let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
+        waitTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
+            guard let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
             if cc.tryOpenConnection(max: cl.maxConnections) {
                 self.stopWaiting()
                 self.connect(cur, key: key, address: address, slot: cc)
@@ -588,8 +594,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
     /// stream and attempt that asked for it are still current, else gives it back.
     func connected(stream sid: UInt64, attempt try_: Int) -> (Result<UpstreamConnection, Error>) -> Void {
-        { [weak self] r in
-            guard let self else { return }
+        { r in
             let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
             case .success(let c):
@@ -692,8 +697,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
         retrySlotHeld?.retryDone()
         retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
-        context.eventLoop.scheduleTask(in: .milliseconds(backoffMs)) { [weak self] in
-            guard let self, let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
+        context.eventLoop.scheduleTask(in: .milliseconds(backoffMs)) {
+            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
             guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
             self.pendingUpstream = bytes
             self.dispatch(host: host, port: port, key: key)
@@ -705,8 +710,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         perTryTimer?.cancel(); perTryTimer = nil
         guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
         let sid = s.id, try_ = attempt
-        perTryTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
-            guard let self, let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
+        perTryTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) {
+            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
             if self.retryIfAllowed(cur, status: 504, connectFailure: false) { return }
             if let u = self.upstream { u.abandon(); self.upstream = nil }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
@@ -1088,11 +1093,19 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     // MARK: timers
+    //
+    // Callbacks hold the handler strongly, never weakly: one weak reference gives the
+    // handler a side table for good, which sends every retain and release of it down
+    // Swift's slow reference-counting path. The connection's timers (handshake, header,
+    // idle, stream, per try) are cancelled when it closes; the other callbacks (connect
+    // results, name lookups, pool waits, retry backoff, fault delay) end in bounded
+    // time or are cancelled by finishStream, and each checks that its stream is still
+    // the current one.
 
     func armHeaderTimer() {
         guard headerTimer == nil, limits.requestHeaderTimeoutMs > 0 else { return }
-        headerTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(limits.requestHeaderTimeoutMs))) { [weak self] in
-            guard let self, self.stream == nil, !self.closed else { return }
+        headerTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(limits.requestHeaderTimeoutMs))) {
+            guard self.stream == nil, !self.closed else { return }
             self.protocolError(HTTPParseError(408, "request header timeout"))
         }
     }
@@ -1105,8 +1118,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func scheduleIdle(after ms: Int64) {
-        idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) { [weak self] in
-            guard let self, !self.closed else { return }
+        idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) {
+            guard !self.closed else { return }
             self.idleTimer = nil
             let streams = self.h2Activity?.openStreams ?? 0
             guard self.stream == nil && streams == 0 else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs)); return }
@@ -1121,8 +1134,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         let ms = s.route.timeoutMs > 0 ? s.route.timeoutMs : limits.streamTimeoutMs
         guard ms > 0 else { return }
         let sid = s.id
-        streamTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in
-            guard let self, let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
+        streamTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) {
+            guard let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
             self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete
             self.sendLocalReply()

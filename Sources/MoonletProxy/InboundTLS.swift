@@ -31,7 +31,9 @@ enum InboundSecurity {
         switch plan(ctx) {
         case .plaintext: break
         case .mutualTLS(let m):
-            try sync.addHandler(m.makeServerHandler { [weak downstream] id in downstream?.peerAuthenticated(id) })
+            // The handler is held strongly (see DownstreamHandler, "timers"): both live in
+            // this pipeline and go when it does.
+            try sync.addHandler(m.makeServerHandler { id in downstream.peerAuthenticated(id) })
             downstream.armHandshakeTimer(ch)
         case .sniff(let m):
             try sync.addHandler(TLSSniffer(material: m, downstream: downstream))
@@ -55,7 +57,7 @@ final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     let material: TLSMaterial
-    weak var downstream: DownstreamHandler?
+    let downstream: DownstreamHandler
 
     init(material: TLSMaterial, downstream: DownstreamHandler) { self.material = material; self.downstream = downstream }
 
@@ -63,10 +65,10 @@ final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
         let buf = unwrapInboundIn(data)
         if buf.readableBytes > 0, buf.getInteger(at: buf.readerIndex, as: UInt8.self) != 0x16 {
             // Plaintext: the handshake timer no longer applies.
-            downstream?.handshakeTimer?.cancel(); downstream?.handshakeTimer = nil
+            downstream.handshakeTimer?.cancel(); downstream.handshakeTimer = nil
         } else {
             let d = downstream
-            let tls = material.makeServerHandler { [weak d] id in d?.peerAuthenticated(id) }
+            let tls = material.makeServerHandler { id in d.peerAuthenticated(id) }
             do { try context.pipeline.syncOperations.addHandler(tls, position: .after(self)) } catch {
                 context.close(promise: nil)
                 return

@@ -34,7 +34,11 @@ final class UpstreamConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     let key: String
     var channel: Channel?
-    weak var delegate: UpstreamDelegate?
+    /// The stream this connection serves now. Held strongly (the stream's handler holds
+    /// the connection too) and cleared by finish, fail and abandon, which end every
+    /// request; a weak reference would put the handler on Swift's slow reference-counting
+    /// path for good.
+    var delegate: UpstreamDelegate?
     var parser: HTTPHeadParser
     var buffer: ByteBuffer?
     var decoder: BodyDecoder?
