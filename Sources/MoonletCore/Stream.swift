@@ -160,6 +160,11 @@ public final class ProxyStream {
         self.filterState = filterCount == 0 ? [] : [AnyObject?](repeating: nil, count: filterCount)
     }
 
+    /// Runs `body` on the request head in place: passing `request` as an argument
+    /// would copy the head (a retain of each of its buffers and arrays).
+    @inline(__always)
+    public func withRequest<R>(_ body: (inout HTTPHead) throws -> R) rethrows -> R { try body(&request) }
+
     /// Marks the stream finished; filter state is dropped so wrappers see it gone.
     public func end() {
         isActive = false

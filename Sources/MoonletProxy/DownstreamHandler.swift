@@ -292,7 +292,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                     buf.moveReaderIndex(forwardBy: consumed)
                     inbound = buf
                     headerTimer?.cancel(); headerTimer = nil
-                    startStream(head)
+                    startStream(consume head)
                     continue
                 }
             }
@@ -321,10 +321,23 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
     }
 
-    func startStream(_ headIn: HTTPHead) {
+    func startStream(_ headIn: consuming HTTPHead) {
         var head = consume headIn
         head.stripHopByHop()
-        let s = ProxyStream(id: ctx.nextStreamID, request: head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
+        // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made,
+        // x-forwarded-proto. Edited on the local head, which then moves into the stream
+        // (edits through the stream's property would copy the head).
+        if head.firstIndex(of: .xRequestID) == nil { head.addLowercased("x-request-id", ctx.requestID()) }
+        if let i = head.firstIndex(of: .xForwardedFor) {
+            let v = head.value(at: i)
+            head.fields[i].removed = true
+            head.addLowercased("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
+        } else {
+            head.addLowercased("x-forwarded-for", peerIP)
+        }
+        if head.firstIndex(of: .xForwardedProto) == nil { head.addLowercased("x-forwarded-proto", "http") }
+        let keepAlive = head.keepAlive, framing = head.framing
+        let s = ProxyStream(id: ctx.nextStreamID, request: consume head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
         ctx.nextStreamID &+= 1
         ctx.activeStreams += 1
         stream = s
@@ -334,24 +347,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         responseChunked = false
         responseCloseDelimited = false
         buffering = false
-        closeAfterResponse = !head.keepAlive
-        requestChunked = head.framing == .chunked
-        reqDecoder = head.framing == .none ? nil : BodyDecoder(framing: head.framing)
+        closeAfterResponse = !keepAlive
+        requestChunked = framing == .chunked
+        reqDecoder = framing == .none ? nil : BodyDecoder(framing: framing)
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role.rawValue
-        // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made, x-forwarded-proto.
-        if s.request.firstIndex(of: .xRequestID) == nil { s.request.addLowercased("x-request-id", ctx.requestID()) }
-        if let i = s.request.firstIndex(of: .xForwardedFor) {
-            let v = s.request.value(at: i)
-            s.request.fields[i].removed = true
-            s.request.addLowercased("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
-        } else {
-            s.request.addLowercased("x-forwarded-for", peerIP)
-        }
-        if s.request.firstIndex(of: .xForwardedProto) == nil { s.request.addLowercased("x-forwarded-proto", "http") }
         if role == .inbound { s.route = ctx.inboundRoute }
         switch chain.runRequest(s) {
         case .respond:
@@ -447,8 +450,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
         armStreamTimer(s)
         var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
-        HeadWriter.writeRequest(s.request, into: &out) { o in
-            if self.requestChunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+        let chunked = requestChunked
+        s.withRequest { head in
+            HeadWriter.writeRequest(head, into: &out) { o in
+                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+            }
         }
         if buffering, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
@@ -814,7 +820,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         head.stripHopByHop()
         head.removeAll(of: .server)
         Self.applyRouteResponseEdits(s.route, to: &head)
-        s.response = head
+        if chain.filters.isEmpty {
+            writeResponseHead(head)
+            s.response = consume head
+            return
+        }
+        s.response = consume head
         if chain.runResponse(s) == .respond, s.localReply != nil {
             // A response filter replaced the upstream response.
             if let u = upstream { u.abandon(); upstream = nil }
@@ -822,7 +833,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             sendLocalReply()
             return
         }
-        writeResponseHead(s.response!)
+        // Taken out of the stream while it is written, so it is not copied.
+        let edited = s.response.take()!
+        writeResponseHead(edited)
+        s.response = consume edited
     }
 
     func writeResponseHead(_ head: HTTPHead) {
