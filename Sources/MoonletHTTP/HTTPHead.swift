@@ -151,8 +151,11 @@ public struct HTTPHead: Sendable {
 
     /// Removes every value of a header. Returns how many were removed.
     @discardableResult
-    public mutating func remove(_ name: String) -> Int {
-        let lower = name.lowercased()
+    public mutating func remove(_ name: String) -> Int { removeLowercased(name.lowercased()) }
+
+    /// Removes every value of a header whose name is already lowercase (no folding).
+    @discardableResult
+    public mutating func removeLowercased(_ lower: String) -> Int {
         var count = 0
         var n = lower
         n.withUTF8 { p in
@@ -167,7 +170,7 @@ public struct HTTPHead: Sendable {
     /// Replaces every value of a header with one value. Caller validated name/value.
     public mutating func set(_ name: String, _ value: String) {
         let lower = name.lowercased()
-        remove(lower)
+        removeLowercased(lower)
         added.append((lower, value))
     }
 

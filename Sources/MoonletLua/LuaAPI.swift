@@ -255,7 +255,7 @@ enum LuaAPI {
         let fn = add ? "add" : "set"
         if !add && ml_isnoneornil(L, 3) != 0 {
             guard let n = lowerName(L, 2) else { return fail(L, "headers:set(name, nil): bad name") }
-            guard withHead(L, { head, _ in head.remove(n) }) != nil else { return fail(L, outside) }
+            guard withHead(L, { head, _ in head.removeLowercased(n) }) != nil else { return fail(L, outside) }
             return 0
         }
         // Name: checked as a token and lowercased straight from Lua's bytes.
@@ -281,7 +281,7 @@ enum LuaAPI {
             return fail(L, "headers:\(fn)(\(lower)): framing header is managed by the proxy")
         }
         let done: Bool? = withHead(L) { head, _ in
-            if add { head.addLowercased(lower, v) } else { head.remove(lower); head.addLowercased(lower, v) }
+            if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             if lower == "host" { head.hostIndex = -1 }
             return true
         }
@@ -294,7 +294,7 @@ enum LuaAPI {
 
     static let hRemove: lua_CFunction = { L in
         guard let n = lowerName(L, 2) else { return fail(L, "headers:remove(name): name must be a non-empty string") }
-        guard withHead(L, { head, _ in head.remove(n) }) != nil else { return fail(L, outside) }
+        guard withHead(L, { head, _ in head.removeLowercased(n) }) != nil else { return fail(L, outside) }
         return 0
     }
 
