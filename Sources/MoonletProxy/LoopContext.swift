@@ -88,13 +88,13 @@ public final class LoopContext: @unchecked Sendable {
             let hex: StaticString = "0123456789abcdef"
             let h = hex.utf8Start
             var pos = 0
-            for (v, nibbles) in [(a, 16), (b, 16)] {
-                var i = nibbles - 1
-                while i >= 0 {
-                    if pos == 8 || pos == 13 || pos == 18 || pos == 23 { out[pos] = 45; pos += 1 }
-                    out[pos] = h[Int((v >> UInt64(i * 4)) & 0xF)]
-                    pos += 1; i -= 1
-                }
+            // 32 hex digits of a then b, with dashes at 8, 13, 18 and 23 (no array of the
+            // two halves: it was a heap allocation per request).
+            for k in 0..<32 {
+                if pos == 8 || pos == 13 || pos == 18 || pos == 23 { out[pos] = 45; pos += 1 }
+                let v = k < 16 ? a : b
+                out[pos] = h[Int((v >> UInt64((15 - (k & 15)) * 4)) & 0xF)]
+                pos += 1
             }
             return 36
         }

@@ -23,7 +23,9 @@ final class ProxyCoreTests: XCTestCase {
         let seen = try XCTUnwrap(up.seen.first)
         XCTAssertEqual(seen.uri, "/orders?id=1")
         XCTAssertEqual(seen.headers["x-forwarded-for"], ["10.1.1.1, 127.0.0.1"])
-        XCTAssertEqual(seen.headers["x-request-id"].first?.count, 36)
+        // A version 4 UUID, as Envoy makes.
+        let id = try XCTUnwrap(seen.headers["x-request-id"].first)
+        XCTAssertNotNil(id.range(of: "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", options: .regularExpression), id)
         XCTAssertEqual(seen.headers["x-forwarded-proto"], ["http"])
         for h in ["x-hop", "keep-alive", "te", "upgrade"] { XCTAssertFalse(seen.headers.contains(name: h), h) }
     }
