@@ -239,7 +239,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Writes the held response head, if any.
     @inline(__always)
     func releaseHeldHead() {
-        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil) }
+        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
     }
 
     /// Bodies up to this size are copied behind a held head rather than written apart.
@@ -451,7 +451,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func goUpstream() {
         guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
         armStreamTimer(s)
-        var out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256)
+        var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
         let chunked = requestChunked
         s.withRequest { head in
             HeadWriter.writeRequest(head, into: &out) { o in
@@ -740,6 +740,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 requestChunked = false
             }
             c.channel!.writeAndFlush(p, promise: nil)
+            ctx.recycle(p)
         }
     }
 
@@ -855,7 +856,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         // Room for a small body too: it is copied behind the head (see heldHead).
         var room = 0
         if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 128 + room)
+        var out = ctx.outputBuffer(capacity: head.bytes.readableBytes + 128 + room)
         let chunked = responseChunked
         let close = closeAfterResponse
         HeadWriter.writeResponse(head, into: &out) { o in
@@ -879,6 +880,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             if chunk.readableBytes <= Self.mergedBodyLimit {
                 if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &h) } else { var c = chunk; h.writeBuffer(&c) }
                 context.write(wrapOutboundOut(h), promise: nil)
+                ctx.recycle(h)
                 if !context.channel.isWritable { flushDownstream() }
                 return
             }
