@@ -339,7 +339,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         if head.firstIndex(of: .xForwardedProto) == nil { head.addLowercased("x-forwarded-proto", "http") }
         let keepAlive = head.keepAlive, framing = head.framing
-        let s = ProxyStream(id: ctx.nextStreamID, request: consume head, source: peer, filterCount: 0, startNanos: NIODeadline.now().uptimeNanoseconds)
+        // The stream starts when its head was read: lastActivity is that read's time (process()
+        // runs right after channelRead or finishStream set it), so the clock is not read again.
+        let s = ProxyStream(id: ctx.nextStreamID, request: consume head, source: peer, filterCount: 0, startNanos: lastActivity)
         ctx.nextStreamID &+= 1
         ctx.activeStreams += 1
         stream = s
@@ -892,6 +894,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
+        let now = NIODeadline.now().uptimeNanoseconds
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
         if responseChunked {
             if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
@@ -902,7 +905,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             upstream = nil
             if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
             let cap = s.route.upstreamCluster?.maxRequestsPerConnection ?? 0
-            if reusable && requestComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u) }
+            if reusable && requestComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u, now: now) }
             else if u.multiplexed && requestComplete {
                 // An HTTP/2 stream both sides have ended closes by itself; closing it
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
@@ -910,7 +913,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         unflushed = true
         flushDownstream()
-        finishStream(s)
+        finishStream(s, now: now)
     }
 
     func upstreamFailed(_ reason: UpstreamFailure) {
@@ -1050,7 +1053,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     // MARK: end of stream
 
-    func finishStream(_ s: ProxyStream) {
+    /// `now`: the clock, when the caller has just read it (0: read it here).
+    func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
+        let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         guard stream === s else { return }
         releaseHeldHead()
         responseEnded = false
@@ -1065,7 +1070,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        record(s)
+        record(s, now: now)
         s.end()
         stream = nil
         ctx.activeStreams -= 1
@@ -1082,15 +1087,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             closed = true; context.close(promise: nil); return
         }
         setReading(true)
-        lastActivity = NIODeadline.now().uptimeNanoseconds
+        lastActivity = now
         armIdleTimer()
         if (inbound?.readableBytes ?? 0) > 0 { process() }
     }
 
     /// Istio's request metrics. The series is found by a small key (and the last one
     /// is reused when the key repeats), so the full label set is built once per series.
-    func record(_ s: ProxyStream) {
-        let now = NIODeadline.now().uptimeNanoseconds
+    func record(_ s: ProxyStream, now: UInt64) {
         let ms = Double(now &- s.startNanos) / 1e6
         let inbound = role == .inbound
         let service = inbound ? ctx.inboundService : (s.route.host.isEmpty ? "unknown" : s.route.host)

@@ -444,7 +444,9 @@ final class UpstreamPool {
         if waiters[w.key]?.isEmpty == true { waiters[w.key] = nil }
     }
 
-    func release(_ c: UpstreamConnection) {
+    /// Returns a connection to the idle list (or to a waiting stream). `now`: the clock,
+    /// when the caller has just read it.
+    func release(_ c: UpstreamConnection, now: UInt64 = 0) {
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
         if c.multiplexed || shutDown { ch.close(promise: nil); return }
         // A waiting stream takes the connection first (FIFO).
@@ -458,7 +460,7 @@ final class UpstreamPool {
         else if let l = idle[c.key] { list = l; c.idleList = l }
         else { list = IdleList(); idle[c.key] = list; c.idleList = list }
         if list.items.count >= limits.maxIdleUpstreamPerHost { ch.close(promise: nil); return }
-        c.idleSince = NIODeadline.now().uptimeNanoseconds
+        c.idleSince = now != 0 ? now : NIODeadline.now().uptimeNanoseconds
         list.items.append(c)
     }
 
