@@ -172,6 +172,17 @@ public struct HTTPHeadParser: Sendable {
                 let vStart = p
                 var vEnd = p
                 while true {
+                    // Eight bytes at a time while none is a control, a blank or DEL (the
+                    // head ends in CRLFCRLF, so the CR that ends this value is ahead).
+                    while p + 8 <= n {
+                        let w = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: p, as: UInt64.self))
+                        let below21 = (w &- 0x2121_2121_2121_2121) & ~w & 0x8080_8080_8080_8080
+                        let x = w ^ 0x7F7F_7F7F_7F7F_7F7F
+                        let del = (x &- 0x0101_0101_0101_0101) & ~x & 0x8080_8080_8080_8080
+                        if below21 | del != 0 { break }
+                        p += 8
+                        vEnd = p
+                    }
                     let c = raw[p]
                     if c < 33 || c == 127 {
                         // The rare bytes: CR ends the value, blanks are not part of its end.

@@ -83,6 +83,29 @@ final class ParserTests: XCTestCase {
         }
     }
 
+    func test_longHeaderValues_areCheckedAtEveryByte_andTrimmedOfTrailingBlanks() throws {
+        // Values are scanned eight bytes at a time: a bad byte must be found at any offset.
+        for bad: UInt8 in [0x00, 0x01, 0x0b, 0x7f] {
+            for pos in 0..<24 {
+                var value = [UInt8](repeating: UInt8(ascii: "a"), count: 24)
+                value[pos] = bad
+                var buf = ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\nX-Long: ")
+                buf.writeBytes(value)
+                buf.writeString("\r\n\r\n")
+                var p = HTTPHeadParser()
+                guard case .error(let e) = p.parseRequest(buf) else { return XCTFail("byte \(bad) at \(pos) accepted") }
+                XCTAssertEqual(e.status, 400)
+            }
+        }
+        var buf = ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\nX-Long: abcdefgh\tijklmnopqrstuvwxyz0123456789  \t \r\nX-Utf8: ")
+        buf.writeBytes(Array("caf\u{e9} na\u{ef}ve r\u{e9}sum\u{e9} \u{2713}".utf8))
+        buf.writeString("\r\n\r\n")
+        var p = HTTPHeadParser()
+        guard case .complete(let h, _) = p.parseRequest(buf) else { return XCTFail("valid long values refused") }
+        XCTAssertEqual(h.first("x-long"), "abcdefgh\tijklmnopqrstuvwxyz0123456789")
+        XCTAssertEqual(h.first("x-utf8"), "caf\u{e9} na\u{ef}ve r\u{e9}sum\u{e9} \u{2713}")
+    }
+
     func test_unknownTransferEncoding_is501() {
         XCTAssertEqual(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), 501)
     }
