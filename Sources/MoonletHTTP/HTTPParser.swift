@@ -85,16 +85,6 @@ public struct HTTPHeadParser: Sendable {
 
     // MARK: - Head
 
-    /// RFC 9110 tchar as two 64-bit masks (bytes 0-63 and 64-127): a token byte is
-    /// tested without a table load, a bounds check or a lazy global per byte.
-    static let tcharLow: UInt64 = 0x03ff_6cfa_0000_0000
-    static let tcharHigh: UInt64 = 0x57ff_ffff_c7ff_fffe
-
-    @inline(__always)
-    static func isTchar(_ c: UInt8) -> Bool {
-        c < 64 ? (tcharLow >> UInt64(c)) & 1 != 0 : c < 128 && (tcharHigh >> UInt64(c &- 64)) & 1 != 0
-    }
-
     static func parseHead(_ head: inout HTTPHead, limits: HTTPParserLimits, requestWasHead: Bool) -> HTTPParseError? {
         head.bytes.withUnsafeReadableBytes { raw -> HTTPParseError? in
             let n = raw.count
@@ -109,7 +99,7 @@ public struct HTTPHeadParser: Sendable {
             if raw[lineEnd + 1] != 10 { return HTTPParseError(head.isRequest ? 400 : 502, "CR without LF in start line") }
             if head.isRequest {
                 let mStart = p
-                while p < lineEnd && isTchar(raw[p]) { p += 1 }
+                while p < lineEnd && HeaderValidation.isTchar(raw[p]) { p += 1 }
                 if p == mStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request method") }
                 head.methodRange = mStart..<p
                 p += 1
@@ -162,7 +152,7 @@ public struct HTTPHeadParser: Sendable {
                 let c0 = raw[p]
                 if c0 == 32 || c0 == 9 { return HTTPParseError(400, "obsolete line folding") }
                 let nStart = p
-                while p < n && isTchar(raw[p]) { p += 1 }
+                while p < n && HeaderValidation.isTchar(raw[p]) { p += 1 }
                 if p == nStart || raw[p] != 58 {
                     return HTTPParseError(400, p < n && (raw[p] == 32 || raw[p] == 9) ? "whitespace before colon in header" : "bad header name")
                 }

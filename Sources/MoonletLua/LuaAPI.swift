@@ -58,9 +58,6 @@ enum LuaAPI {
     }
 
     static let outside = "object used outside of its stream"
-    /// RFC 9110 token characters (a copy local to this module: no lazy-global check per use).
-    static let tokenTable: [Bool] = HeaderValidation.tokenTable
-
     /// Installs the metatable shared by all light userdata (only wrappers are ever light
     /// userdata inside the sandbox).
     static func installWrapperMetatable(_ L: OpaquePointer) {
@@ -264,7 +261,7 @@ enum LuaAPI {
         let lower = String(unsafeUninitializedCapacity: nb.count) { out in
             for i in 0..<nb.count {
                 var c = nb[i]
-                if !tokenTable[Int(c)] { valid = false }
+                if !HeaderValidation.isTchar(c) { valid = false }
                 if c >= 65 && c <= 90 { c |= 0x20 }
                 out[i] = c
             }

@@ -106,6 +106,11 @@ final class ParserTests: XCTestCase {
         XCTAssertEqual(h.first("x-utf8"), "caf\u{e9} na\u{ef}ve r\u{e9}sum\u{e9} \u{2713}")
     }
 
+    func test_tcharMasks_holdExactlyRFC9110TokenCharacters() {
+        let tchar = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~".utf8)
+        for c in 0...255 { XCTAssertEqual(HeaderValidation.isTchar(UInt8(c)), tchar.contains(UInt8(c)), "byte \(c)") }
+    }
+
     func test_unknownTransferEncoding_is501() {
         XCTAssertEqual(status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"), 501)
     }
