@@ -230,6 +230,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func upstreamReadComplete() { flushDownstream() }
 
+    /// Writes `b` to the client; flushed by flushDownstream.
+    @inline(__always)
+    func writeDownstream(_ b: ByteBuffer) {
+        context.write(wrapOutboundOut(b), promise: nil)
+        unflushed = true
+    }
+
     /// Flushes what was written to the client, skipping the pipeline when nothing was.
     @inline(__always)
     func flushDownstream() {
@@ -239,7 +246,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Writes the held response head, if any.
     @inline(__always)
     func releaseHeldHead() {
-        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
+        if let h = heldHead { heldHead = nil; writeDownstream(h); ctx.recycle(h) }
     }
 
     /// Bodies up to this size are copied behind a held head rather than written apart.
@@ -378,8 +385,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         if s.request.expectContinue && reqDecoder != nil {
             s.request.removeAll(of: .expect)
-            context.write(wrapOutboundOut(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")), promise: nil)
-            unflushed = true
+            writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
         }
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
@@ -876,19 +882,18 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
-        unflushed = true
         if var h = heldHead {
             heldHead = nil
             if chunk.readableBytes <= Self.mergedBodyLimit {
                 if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &h) } else { var c = chunk; h.writeBuffer(&c) }
-                context.write(wrapOutboundOut(h), promise: nil)
+                writeDownstream(h)
                 ctx.recycle(h)
                 if !context.channel.isWritable { flushDownstream() }
                 return
             }
-            context.write(wrapOutboundOut(h), promise: nil)
+            writeDownstream(h)
         }
-        context.write(wrapOutboundOut(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator)), promise: nil)
+        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator))
         if !context.channel.isWritable { flushDownstream() }
     }
 
@@ -898,7 +903,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
         if responseChunked {
             if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
-            else { context.write(wrapOutboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)), promise: nil) }
+            else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
         }
         responseEnded = true
         if let u = upstream {
@@ -911,7 +916,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
             } else { u.channel?.close(promise: nil) }
         }
-        unflushed = true
         flushDownstream()
         finishStream(s, now: now)
     }
@@ -1055,8 +1059,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// `now`: the clock, when the caller has just read it (0: read it here).
     func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
-        let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         guard stream === s else { return }
+        let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         releaseHeldHead()
         responseEnded = false
         streamTimer?.cancel(); streamTimer = nil
