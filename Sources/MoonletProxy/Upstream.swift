@@ -325,15 +325,6 @@ final class UpstreamPool {
                  tls: (() throws -> NIOSSLClientHandler)? = nil, offersH2: Bool = false, slot: CircuitCounters? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
-        var bootstrap = ClientBootstrap(group: loop)
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-        if let ka = keepalive {
-            bootstrap = bootstrap
-                .channelOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
-                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE)), value: ka.timeSeconds)
-                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPINTVL)), value: ka.intervalSeconds)
-                .channelOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPCNT)), value: ka.probes)
-        }
         // A connection to a peer known to speak h2 gathers the requests that arrive
         // while it is set up; they become its streams (or share its failure).
         let gathers = offersH2 && speaksH2.contains(key) && awaitingSession[key] == nil
@@ -348,12 +339,24 @@ final class UpstreamPool {
             guard gathers, let waiting = awaitingSession.removeValue(forKey: key) else { return }
             for w in waiting { w(session) }
         }
-        bootstrap
-            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
-            .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes))
+        // ClientBootstrap sets TCP_NODELAY itself and runs the connect timeout. The other
+        // options are set in the initializer through the synchronous options: as
+        // bootstrap options each one costs a type-erased trip and a future per connect.
+        let marks = ChannelOptions.Types.WriteBufferWaterMark(low: limits.highWaterMarkBytes / 4, high: limits.highWaterMarkBytes)
+        ClientBootstrap(group: loop)
+            .connectTimeout(.milliseconds(Int64(timeoutMs > 0 ? timeoutMs : limits.connectTimeoutMs)))
             .channelInitializer { ch in
                 conn.channel = ch
                 return ch.eventLoop.makeCompletedFuture {
+                    if let options = ch.syncOptions {
+                        try options.setOption(ChannelOptions.writeBufferWaterMark, value: marks)
+                        if let ka = keepalive {
+                            try options.setOption(ChannelOptions.socketOption(.so_keepalive), value: 1)
+                            try options.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE)), value: ka.timeSeconds)
+                            try options.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPINTVL)), value: ka.intervalSeconds)
+                            try options.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPCNT)), value: ka.probes)
+                        }
+                    }
                     guard let tls else {
                         try ch.pipeline.syncOperations.addHandler(conn)
                         return
@@ -507,7 +510,7 @@ enum MirrorSender {
 
     static func send(_ payload: ByteBuffer, to address: SocketAddress, on loop: EventLoop, timeoutMs: Int) {
         ClientBootstrap(group: loop)
-            .channelOption(ChannelOptions.connectTimeout, value: .milliseconds(Int64(timeoutMs)))
+            .connectTimeout(.milliseconds(Int64(timeoutMs)))
             .channelInitializer { ch in ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(Discard()) } }
             .connect(to: address)
             .whenSuccess { ch in
