@@ -10,7 +10,7 @@ import NIOTLS
 /// from its first byte to its log line. It parses heads in place, runs the filter
 /// chain, writes the upstream request as the original bytes with the filters' edits
 /// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
-final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
+final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, DeferredFlush {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -58,6 +58,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var responseCloseDelimited = false
     /// Bytes were written to the client since its last flush.
     var unflushed = false
+    /// A flush of the client connection waits for the end of the loop's batch of I/O
+    /// events (see LoopContext.flushLater).
+    var flushQueued = false
     /// The response head, held back until the first body bytes, the end of the
     /// response or the end of the upstream read: a small response then leaves in one
     /// write (one trip through the pipeline) instead of two.
@@ -216,8 +219,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if passthrough { context.fireChannelReadComplete(); return }
-        flushDownstream()
-        if reqDecoder != nil, let u = upstream, let ch = u.channel { ch.flush() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -228,19 +229,63 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
     }
 
-    func upstreamReadComplete() { flushDownstream() }
+    /// Nothing to do: what an upstream read relayed was written, and every write is
+    /// flushed at the end of the loop's batch of I/O events, so a streamed response
+    /// reaches the client as it arrives.
+    func upstreamReadComplete() {}
 
-    /// Writes `b` to the client; flushed by flushDownstream.
+    // MARK: writes
+    //
+    // Every write is flushed by the end of the event loop's current batch of I/O events
+    // (LoopContext.flushLater), not at once: the writes for all the streams whose bytes
+    // arrived in one batch then leave together, as HAProxy sends after its poll loop, and
+    // the client and the app behind the proxy are woken once per burst instead of once
+    // per response (measured: a quarter fewer epoll wake-ups of the load generator).
+    // Before a close, and when a channel's buffer is full, the flush happens at once.
+
+    /// Writes `b` to the client; flushed at the end of the batch.
     @inline(__always)
     func writeDownstream(_ b: ByteBuffer) {
         context.write(wrapOutboundOut(b), promise: nil)
-        unflushed = true
+        markUnflushed()
     }
 
-    /// Flushes what was written to the client, skipping the pipeline when nothing was.
+    /// Records that the client has bytes to flush (written, or a held head) and queues
+    /// the flush.
+    @inline(__always)
+    func markUnflushed() {
+        unflushed = true
+        if !flushQueued { ctx.flushLater(self) }
+    }
+
+    /// Flushes what was written to the client now, skipping the pipeline when nothing was.
     @inline(__always)
     func flushDownstream() {
-        if unflushed { releaseHeldHead(); unflushed = false; context.flush() }
+        guard unflushed else { return }
+        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
+        unflushed = false
+        context.flush()
+    }
+
+    /// The end of the loop's batch: flushes the client's pending bytes (nothing once the
+    /// handler has left its pipeline).
+    func flushNow() {
+        guard context != nil else { return }
+        flushDownstream()
+    }
+
+    /// Flushes what the client has pending, then closes its connection.
+    func closeDownstream() {
+        flushDownstream()
+        context.close(promise: nil)
+    }
+
+    /// Writes `b` to the upstream connection `u`; flushed at the end of the batch.
+    @inline(__always)
+    func writeUpstream(_ u: UpstreamConnection, _ b: ByteBuffer) {
+        guard let ch = u.channel else { return }
+        ch.write(b, promise: nil)
+        if !u.flushQueued { ctx.flushLater(u) }
     }
 
     /// Writes the held response head, if any.
@@ -315,7 +360,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 reqDecoder = d
                 if let failure {
                     if !responseStarted { stream?.responseFlags.insert(.downstreamProtocolError); localReplyAndClose(failure.status, failure.reason) }
-                    else { context.close(promise: nil) }
+                    else { closeDownstream() }
                     return
                 }
                 if done { requestBodyEnd() }
@@ -747,7 +792,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
                 requestChunked = false
             }
-            c.channel!.writeAndFlush(p, promise: nil)
+            writeUpstream(c, p)
             ctx.recycle(p)
         }
     }
@@ -774,7 +819,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: context.channel.allocator)
         recordForReplay(out)
         if let u = upstream, let ch = u.channel {
-            ch.write(out, promise: nil)
+            writeUpstream(u, out)
             if !ch.isWritable { setReading(false) }
         } else if pendingUpstream != nil {
             var o = out
@@ -800,12 +845,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             abortUpstreamAndReply(); return
         }
         if requestChunked {
-            if let u = upstream, let ch = u.channel { ch.writeAndFlush(ByteBuffer(staticString: ChunkedEncoder.lastChunk), promise: nil) }
+            if let u = upstream { writeUpstream(u, ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
             else if pendingUpstream != nil { pendingUpstream!.writeStaticString(ChunkedEncoder.lastChunk) }
             recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
             requestChunked = false
-        } else {
-            upstream?.channel?.flush()
         }
         if !mirrorHeads.isEmpty { sendMirrors() }
     }
@@ -813,7 +856,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func abortUpstreamAndReply() {
         if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
-        if responseStarted { context.close(promise: nil); return }
+        if responseStarted { closeDownstream(); return }
         closeAfterResponse = closeAfterResponse || !requestComplete
         sendLocalReply()
     }
@@ -875,7 +918,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
         responseStarted = true
         heldHead = out
-        unflushed = true
+        markUnflushed()
     }
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
@@ -916,7 +959,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
             } else { u.channel?.close(promise: nil) }
         }
-        flushDownstream()
         finishStream(s, now: now)
     }
 
@@ -936,7 +978,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if responseStarted {
             // Mid-response failure: the client can only learn it from a reset.
             s.responseFlags.insert(.upstreamConnectionTermination)
-            context.close(promise: nil)
+            closeDownstream()
             return
         }
         switch reason {
@@ -1052,7 +1094,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         reqDecoder = nil
         if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
-        if responseStarted { finishStream(s); context.close(promise: nil) } else { sendLocalReply() }
+        if responseStarted { finishStream(s); closeDownstream() } else { sendLocalReply() }
     }
 
     // MARK: end of stream
@@ -1082,7 +1124,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         pendingUpstream = nil
         connecting = false
         if closeAfterResponse || closed {
-            if !closed { closed = true; context.flush(); context.close(promise: nil) }
+            if !closed { closed = true; closeDownstream() }
             return
         }
         if reqDecoder != nil {

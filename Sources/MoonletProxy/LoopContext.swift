@@ -19,6 +19,14 @@ public enum ListenerRole: String, Sendable {
 /// (swapped on reload, on this loop), its upstream pool and its stream counters.
 /// Touched only from the loop's thread.
 /// Sendable only in the sense that it is handed to its own loop's closures; it is never used off that loop.
+/// A connection whose writes are flushed at the end of the loop's batch of I/O events.
+protocol DeferredFlush: AnyObject {
+    /// Whether the connection is in its loop's flush queue now.
+    var flushQueued: Bool { get set }
+    /// Flushes the connection's pending writes (at the end of the batch).
+    func flushNow()
+}
+
 public final class LoopContext: @unchecked Sendable {
     public let loop: EventLoop
     public let metrics = MetricsShard()
@@ -55,7 +63,43 @@ public final class LoopContext: @unchecked Sendable {
     /// safe: a buffer a pending write still holds is copied on its next use, never
     /// overwritten.
     var spareBuffers: [ByteBuffer] = []
+    /// Buffers given back while their writes wait for the end of the batch: they join
+    /// the pool once flushed (reused earlier, each would be copied).
+    var recycledInBatch: [ByteBuffer] = []
     let allocator = ByteBufferAllocator()
+
+    /// Connections (client and upstream) with writes waiting for the end of the loop's
+    /// current batch of I/O events. NIO runs a task submitted from the loop after it
+    /// has handled every ready socket of the batch, so one task per batch flushes them
+    /// all: the writes of many streams leave together. See DownstreamHandler "writes".
+    var deferredFlushes: [any DeferredFlush] = []
+    var flushTaskQueued = false
+    lazy var flushTask: () -> Void = { self.flushDeferred() }
+
+    /// Queues a flush of `f` for the end of the current batch (once, however many
+    /// writes). Called on the loop only.
+    @inline(__always)
+    func flushLater(_ f: any DeferredFlush) {
+        f.flushQueued = true
+        deferredFlushes.append(f)
+        if !flushTaskQueued { flushTaskQueued = true; loop.execute(flushTask) }
+    }
+
+    /// Flushes every queued connection, in the order queued (a flush that queues
+    /// another is served in the same pass), then pools the buffers given back meanwhile.
+    func flushDeferred() {
+        var i = 0
+        while i < deferredFlushes.count {
+            let f = deferredFlushes[i]
+            f.flushQueued = false
+            f.flushNow()
+            i += 1
+        }
+        deferredFlushes.removeAll(keepingCapacity: true)
+        flushTaskQueued = false
+        for b in recycledInBatch where spareBuffers.count < 64 { spareBuffers.append(b) }
+        recycledInBatch.removeAll(keepingCapacity: true)
+    }
 
     /// An empty buffer of at least `capacity` bytes, from the pool when it has one.
     @inline(__always)
@@ -68,7 +112,9 @@ public final class LoopContext: @unchecked Sendable {
     /// Gives a written buffer back to the pool (dropped when the pool is full or the buffer large).
     @inline(__always)
     func recycle(_ b: ByteBuffer) {
-        if spareBuffers.count < 64 && b.capacity <= 16 * 1024 + 4096 { spareBuffers.append(b) }
+        guard b.capacity <= 16 * 1024 + 4096 else { return }
+        if flushTaskQueued { if recycledInBatch.count < 64 { recycledInBatch.append(b) } }
+        else if spareBuffers.count < 64 { spareBuffers.append(b) }
     }
     /// The inbound listener's fixed route, built once.
     let inboundRoute: RouteDecision

@@ -30,10 +30,13 @@ enum UpstreamFailure: Error {
 
 /// One pooled HTTP/1.1 connection to an upstream host: parses the response head in
 /// place and frames the body, handing both to its current delegate.
-final class UpstreamConnection: ChannelInboundHandler {
+final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
     typealias InboundIn = ByteBuffer
     let key: String
     var channel: Channel?
+    /// Request bytes written to the connection wait for the end of the loop's batch of
+    /// I/O events to be flushed (see LoopContext.flushLater).
+    var flushQueued = false
     /// The stream this connection serves now. Held strongly (the stream's handler holds
     /// the connection too) and cleared by finish, fail and abandon, which end every
     /// request; a weak reference would put the handler on Swift's slow reference-counting
@@ -61,6 +64,9 @@ final class UpstreamConnection: ChannelInboundHandler {
         self.key = key
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
     }
+
+    /// The end of the loop's batch: sends the request bytes written since the last flush.
+    func flushNow() { channel?.flush() }
 
     /// Marks the start of a request on this connection.
     func begin(delegate: UpstreamDelegate, isHead: Bool) {

@@ -50,6 +50,24 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertEqual(up.seen.map(\.uri), ["/1", "/2", "/3"])
     }
 
+    /// Responses are flushed at the end of the loop's batch, not at each write: a burst
+    /// of pipelined requests ending in `connection: close` still gets every response,
+    /// whole and in order, before the close.
+    func test_aBurstOfPipelinedRequestsEndingInClose_getsEveryResponseBeforeTheClose() throws {
+        up.respond = { r in TestUpstream.Reply(body: "body of " + r.uri, chunked: r.uri.hasSuffix("7")) }
+        let c = try RawClient(port: px.inbound)
+        var burst = ""
+        for i in 0..<40 { burst += "GET /\(i) HTTP/1.1\r\nHost: a\r\n\(i == 39 ? "Connection: close\r\n" : "")\r\n" }
+        c.send(burst)
+        for i in 0..<40 {
+            let r = try XCTUnwrap(c.read(), "response \(i)")
+            XCTAssertEqual(r.status, 200)
+            XCTAssertEqual(r.body, "body of /\(i)")
+        }
+        XCTAssertTrue(c.isClosed())
+        XCTAssertEqual(up.seen.map(\.uri), (0..<40).map { "/\($0)" })
+    }
+
     func test_chunkedRequestBody_andChunkedResponse_streamThrough() throws {
         up.respond = { r in TestUpstream.Reply(body: "echo:" + r.body, chunked: true) }
         let c = try RawClient(port: px.inbound)
