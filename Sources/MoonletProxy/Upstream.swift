@@ -206,7 +206,10 @@ final class UpstreamPool {
         self.loop = loop
         self.limits = limits
         let every = TimeAmount.milliseconds(Int64(min(limits.upstreamIdleTimeoutMs, 30_000)))
-        sweeper = loop.scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in self?.sweep() }
+        // Held strongly (shutDown cancels the task): a weak reference would give the pool
+        // a side table, and every retain and release of it, twice per request, would
+        // take Swift's slow reference-counting path.
+        sweeper = loop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in self.sweep() }
     }
 
     /// The address of `host:port`, if known now. An IP address is parsed at once. A

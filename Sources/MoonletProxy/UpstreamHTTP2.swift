@@ -107,11 +107,16 @@ final class UpstreamH2Session {
 /// session takes no new streams.
 final class UpstreamH2Watcher: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame
-    weak var session: UpstreamH2Session?
+    /// Strong: the cycle (session, channel, pipeline, watcher) ends when the connection
+    /// closes and the watcher leaves its pipeline. A weak reference would put every
+    /// retain and release of the session (one per stream) on the slow path.
+    var session: UpstreamH2Session?
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if case .goAway = unwrapInboundIn(data).payload { session?.retire() }
     }
+
+    func handlerRemoved(context: ChannelHandlerContext) { session = nil }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
 }
