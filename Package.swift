@@ -77,6 +77,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
         .executableTarget(name: "moonlet", dependencies: [

@@ -1,17 +1,18 @@
 import NIOCore
 import NIOHTTP1
 import NIOHTTP2
+import NIOHPACK
 import MoonletCore
 
 /// HTTP/2 downstream (h2c prior knowledge now; ALPN h2 with TLS later), mapped onto
 /// the same stream model: each HTTP/2 stream gets a child channel whose pipeline is
 ///
-///     HTTP2FramePayloadToHTTP1ServerCodec ⇄ HTTP2StreamBridge ⇄ DownstreamHandler
+///     HTTP2StreamBridge ⇄ DownstreamHandler
 ///
-/// The bridge writes the stream's request as HTTP/1.1 bytes into the same
+/// The bridge writes the stream's request frames as HTTP/1.1 bytes into the same
 /// DownstreamHandler the HTTP/1.1 path uses (so filters, limits and upstream pools
-/// are shared), and parses the HTTP/1.1 response bytes it produces back into HTTP/2
-/// response parts. swift-nio-http2 enforces the protocol limits (flow control, HPACK
+/// are shared), and parses the HTTP/1.1 response bytes it produces back into HEADERS
+/// and DATA frames. swift-nio-http2 enforces the protocol limits (flow control, HPACK
 /// list size, CONTINUATION flood, rapid reset).
 enum HTTP2Server {
     static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
@@ -48,7 +49,6 @@ enum HTTP2Server {
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
                 let sync = stream.pipeline.syncOperations
-                try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                 try sync.addHandler(HTTP2StreamBridge(limits: ctx.settings.limits))
                 let h = DownstreamHandler(ctx: ctx, role: role, http2Stream: true)
                 h.inheritedPeer = peer
@@ -68,77 +68,189 @@ final class HTTP2ConnectionActivity {
     init(since: UInt64) { lastActivity = since }
 }
 
-/// Converts between one HTTP/2 stream's HTTP/1-style parts and HTTP/1.1 bytes.
+/// Converts between one HTTP/2 stream's frames and HTTP/1.1 bytes: the request's
+/// HEADERS and DATA become HTTP/1.1 bytes for the DownstreamHandler, and the HTTP/1.1
+/// response it writes becomes HEADERS and DATA frames. There are no HTTP/1-style parts
+/// in between: NIO's HTTP2FramePayloadToHTTP1ServerCodec, which built them, cost a sixth
+/// of an HTTP/2 request's CPU. NIOHTTP2Handler has validated the request's header block
+/// (lowercase names, no CR, LF or NUL in any value, well-formed pseudo-headers, no
+/// connection-specific fields) before it reaches the stream, so fields are copied as
+/// they are; the DownstreamHandler's parser checks the bytes again.
 final class HTTP2StreamBridge: ChannelDuplexHandler {
-    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundIn = HTTP2Frame.FramePayload
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundOut = HTTP2Frame.FramePayload
 
-    var pendingHead: HTTPRequestHead?
+    /// A request head without content-length, held until the next frame shows whether
+    /// a body follows (then it is sent chunked).
+    var pendingHead: HPACKHeaders?
+    var headSeen = false
+    var requestEnded = false
     var chunked = false
     var response: HTTPMessageReader
+    /// The response head and last body chunk, held until the next part of the response
+    /// (or the end of the write) shows whether they end the stream: END_STREAM then
+    /// rides on them instead of an empty DATA frame of its own.
+    var heldHeaders: HPACKHeaders?
+    var heldData: ByteBuffer?
 
     init(limits: ProxyLimits) {
         response = HTTPMessageReader(requests: false, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
     }
 
-    // Request: parts -> HTTP/1.1 bytes. The head is held until the next part shows
-    // whether a body follows (HTTP/2 knows it from END_STREAM).
+    // Request: frames -> HTTP/1.1 bytes.
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !requestEnded else { return }
         switch unwrapInboundIn(data) {
-        case .head(let h):
-            pendingHead = h
-            response.requestWasHead = h.method == .HEAD
-        case .body(let b):
+        case .headers(let h):
+            if headSeen {
+                // Trailers end the request; HTTP/1.1 upstreams get the body without them.
+                endRequest(context: context)
+                return
+            }
+            headSeen = true
+            response.requestWasHead = h.headers.first(name: ":method") == "HEAD"
+            if h.endStream {
+                emitHead(context: context, h.headers, body: false)
+                requestEnded = true
+                context.fireChannelReadComplete()
+            } else if h.headers.contains(name: "content-length") {
+                emitHead(context: context, h.headers, body: true)
+            } else {
+                pendingHead = h.headers
+            }
+        case .data(let d):
             if let h = pendingHead {
                 pendingHead = nil
-                chunked = !h.headers.contains(name: "content-length")
+                if d.endStream && d.data.readableBytes == 0 {
+                    // No body after all: the head alone.
+                    emitHead(context: context, h, body: false)
+                    requestEnded = true
+                    context.fireChannelReadComplete()
+                    return
+                }
+                chunked = true
                 emitHead(context: context, h, body: true)
             }
-            context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: chunked, allocator: context.channel.allocator)))
-        case .end:
-            if let h = pendingHead {
-                pendingHead = nil
-                emitHead(context: context, h, body: false)
-            } else if chunked {
-                context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)))
+            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 {
+                context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: chunked, allocator: context.channel.allocator)))
             }
-            context.fireChannelReadComplete()
+            if d.endStream { endRequest(context: context) } else { context.fireChannelReadComplete() }
+        default:
+            break
         }
     }
 
-    func emitHead(context: ChannelHandlerContext, _ h: HTTPRequestHead, body: Bool) {
-        var out = context.channel.allocator.buffer(capacity: 512)
-        out.writeString(h.method.rawValue)
-        out.writeInteger(UInt8(32))
-        out.writeString(h.uri)
-        out.writeStaticString(" HTTP/1.1\r\n")
-        var hasHost = false
-        for (name, value) in h.headers {
-            let lower = name.lowercased()
-            if lower == "host" { if hasHost { continue }; hasHost = true }
-            if lower == "transfer-encoding" || lower == "connection" { continue }
-            HeadWriter.writeField(lower, value, into: &out)
+    func endRequest(context: ChannelHandlerContext) {
+        requestEnded = true
+        if let h = pendingHead {
+            pendingHead = nil
+            emitHead(context: context, h, body: false)
+        } else if chunked {
+            context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk)))
         }
+        context.fireChannelReadComplete()
+    }
+
+    /// Writes the request line and fields. `:authority` becomes `host` (a `host` field
+    /// beside it is dropped); the cookie crumbs HTTP/2 allows are joined with "; ", as
+    /// HTTP/1.1 wants one cookie field (RFC 9113 8.2.3).
+    func emitHead(context: ChannelHandlerContext, _ h: HPACKHeaders, body: Bool) {
+        var method = "", path = "", authority: String? = nil
+        for (name, value, _) in h {
+            guard name.utf8.first == UInt8(ascii: ":") else { break } // pseudo-headers come first
+            switch name {
+            case ":method": method = value
+            case ":path": path = value
+            case ":authority": authority = value
+            default: break
+            }
+        }
+        if method == "CONNECT" { path = authority ?? "" }
+        var out = context.channel.allocator.buffer(capacity: 512)
+        out.writeString(method)
+        out.writeInteger(UInt8(32))
+        out.writeString(path)
+        out.writeStaticString(" HTTP/1.1\r\n")
+        if let authority { HeadWriter.writeField("host", authority, into: &out) }
+        var hasHost = authority != nil
+        var cookie: String? = nil
+        for (name, value, _) in h {
+            if name.utf8.first == UInt8(ascii: ":") { continue }
+            switch name {
+            case "host":
+                if hasHost { continue }
+                hasHost = true
+            case "cookie":
+                cookie = cookie.map { $0 + "; " + value } ?? value
+                continue
+            case "transfer-encoding", "connection": continue
+            default: break
+            }
+            HeadWriter.writeField(name, value, into: &out)
+        }
+        if let cookie { HeadWriter.writeField("cookie", cookie, into: &out) }
         if !hasHost { out.writeStaticString("host: \r\n") }
         if body && chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
         out.writeStaticString("\r\n")
         context.fireChannelRead(wrapInboundOut(out))
     }
 
-    // Response: HTTP/1.1 bytes -> parts.
+    // Response: HTTP/1.1 bytes -> frames.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        response.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
-            var headers = HTTPHeaders()
-            for i in 0..<head.fields.count {
-                switch head.fields[i].kind {
-                case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-                default: headers.add(name: head.name(at: i).lowercased(), value: head.value(at: i))
+        do {
+            try response.feed(unwrapOutboundIn(data)) { event in
+                switch event {
+                case .head(let head):
+                    heldHeaders = Self.responseHeaders(head)
+                case .body(let chunk):
+                    sendHeld(context: context)
+                    heldData = chunk
+                case .end:
+                    if let h = heldHeaders {
+                        heldHeaders = nil
+                        context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: true))), promise: nil)
+                    } else {
+                        let last = heldData ?? ByteBuffer()
+                        heldData = nil
+                        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(last), endStream: true))), promise: nil)
+                    }
                 }
             }
-            return HTTPResponseHead(version: .http2, status: HTTPResponseStatus(statusCode: head.status), headers: headers)
+            // What the write brought goes out now: a streamed response must not wait.
+            sendHeld(context: context)
+            promise?.succeed()
+        } catch {
+            promise?.fail(error)
+            context.close(promise: nil)
         }
+    }
+
+    func sendHeld(context: ChannelHandlerContext) {
+        if let h = heldHeaders {
+            heldHeaders = nil
+            context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: false))), promise: nil)
+        }
+        if let d = heldData {
+            heldData = nil
+            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: false))), promise: nil)
+        }
+    }
+
+    /// `:status` and the fields in lowercase, without the HTTP/1.1 connection-specific
+    /// ones HTTP/2 forbids.
+    static func responseHeaders(_ head: HTTPHead) -> HPACKHeaders {
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(head.fields.count + 1)
+        headers.add(name: ":status", value: String(head.status))
+        for i in 0..<head.fields.count where !head.fields[i].removed {
+            switch head.fields[i].kind {
+            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
+            default: headers.add(name: head.lowercasedName(at: i), value: head.value(at: i))
+            }
+        }
+        return headers
     }
 }
 

@@ -64,6 +64,32 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertEqual(blocked, "403")
     }
 
+    /// The bridge turns frames into HTTP/1.1 and back without HTTP/1-style parts: cookie
+    /// crumbs are joined into one field, a body without content-length goes chunked, a
+    /// HEAD response ends the stream on its HEADERS, and a large response streams whole.
+    func test_h2cRequests_becomeWellFormedHTTP1_andResponsesComeBackWhole() throws {
+        let big = String(repeating: "0123456789abcdef", count: 8192) // 128 KB
+        let up = try TestUpstream { r in
+            if r.uri == "/big" { return TestUpstream.Reply(body: big) }
+            let te = r.headers["transfer-encoding"].first ?? "-"
+            let host = r.headers["host"].joined(separator: ",")
+            return TestUpstream.Reply(body: "\(r.method) cookie=\(r.headers["cookie"]) host=\(host) te=\(te) body=\(r.body)")
+        }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let base = "http://127.0.0.1:\(px.inbound)"
+        let cookies = try run("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-H", "cookie: a=1", "-H", "cookie: b=2", "\(base)/c"])
+        XCTAssertEqual(cookies, "GET cookie=[\"a=1; b=2\"] host=127.0.0.1:\(px.inbound) te=- body=")
+        let upload = try runTool("sh", ["-c", "printf 'streamed body' | curl -s --max-time 10 --http2-prior-knowledge -T - \(base)/u"])
+        XCTAssertEqual(upload, "PUT cookie=[] host=127.0.0.1:\(px.inbound) te=chunked body=streamed body")
+        let head = try run("curl", ["-s", "-I", "--max-time", "10", "--http2-prior-knowledge", "\(base)/h"])
+        XCTAssertTrue(head.hasPrefix("HTTP/2 200"), head)
+        let whole = try run("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "\(base)/big"])
+        XCTAssertEqual(whole.count, big.count)
+        XCTAssertTrue(whole == big)
+    }
+
     func test_h2cMultiplexedLoad_allSucceed() throws {
         let up = try TestUpstream()
         defer { up.stop() }
