@@ -342,7 +342,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                     return
                 case .complete(let head, let consumed):
                     buf.moveReaderIndex(forwardBy: consumed)
-                    inbound = buf
+                    // Let go of a consumed read buffer (see UpstreamConnection.channelRead).
+                    inbound = buf.readableBytes > 0 ? buf : nil
                     headerTimer?.cancel(); headerTimer = nil
                     startStream(consume head)
                     continue
@@ -356,7 +357,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                 do {
                     done = try d.decode(&buf) { chunk in self.requestBodyChunk(chunk) }
                 } catch let e as HTTPParseError { failure = e } catch { failure = HTTPParseError(400, "bad body") }
-                inbound = buf
+                inbound = buf.readableBytes > 0 ? buf : nil
                 reqDecoder = d
                 if let failure {
                     if !responseStarted { stream?.responseFlags.insert(.downstreamProtocolError); localReplyAndClose(failure.status, failure.reason) }

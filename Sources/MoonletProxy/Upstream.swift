@@ -78,6 +78,8 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
         parser.reset()
     }
 
+    /// A consumed read buffer is let go at once (`buffer` nil, not an empty slice): NIO
+    /// reuses its receive buffer for the next read only when nothing else holds it.
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         if buffer == nil || buffer!.readableBytes == 0 { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
@@ -100,7 +102,7 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                     return
                 case .complete(let head, let consumed):
                     buf.moveReaderIndex(forwardBy: consumed)
-                    buffer = buf
+                    buffer = buf.readableBytes > 0 ? buf : nil
                     if head.status >= 100 && head.status < 200 {
                         // Interim responses are consumed here (the proxy answers 100-continue itself).
                         parser.reset()
@@ -120,7 +122,7 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                 let done = try d.decode(&buf) { chunk in if self.delegate != nil { delegate.upstreamResponseBody(chunk) } }
                 if self.delegate == nil { return } // abandoned while relaying
                 decoder = d
-                buffer = buf
+                buffer = buf.readableBytes > 0 ? buf : nil
                 if done { finish(); return }
             } catch {
                 fail(.protocolError("\(error)"))
