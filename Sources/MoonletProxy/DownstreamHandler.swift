@@ -84,8 +84,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// in `replay`.
     var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
     var replayHeadLength = 0
-    var headerTimer: Scheduled<Void>?
-    var idleTimer: Scheduled<Void>?
+    /// When an incomplete request head times out (uptime ns; 0: no head pending).
+    var headerDeadline: UInt64 = 0
+    /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
+    var watchIndex = -1
     var lastActivity: UInt64 = 0
     var closed = false
     /// Whether reading from the client is paused (backpressure or pipelined backlog).
@@ -128,8 +130,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
 
     /// Cancels the connection's timers, which hold this handler (see "timers" below).
     func cancelTimers() {
-        headerTimer?.cancel(); idleTimer?.cancel(); streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
-        headerTimer = nil; idleTimer = nil; streamTimer = nil; perTryTimer = nil; handshakeTimer = nil
+        streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
+        streamTimer = nil; perTryTimer = nil; handshakeTimer = nil
+        ctx.unwatch(self)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -143,7 +146,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if !http2Stream {
             ctx.activeConnections += 1
             ctx.metrics.connectionOpened(role.rawValue)
-            armIdleTimer()
+            lastActivity = NIODeadline.now().uptimeNanoseconds
+            ctx.watch(self)
         } else {
             h2Activity?.openStreams += 1
         }
@@ -335,7 +339,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                 guard buf.readableBytes > 0 else { return }
                 switch parser.parseRequest(buf) {
                 case .needMore:
-                    armHeaderTimer()
+                    if headerDeadline == 0 && limits.requestHeaderTimeoutMs > 0 {
+                        headerDeadline = lastActivity &+ UInt64(limits.requestHeaderTimeoutMs) * 1_000_000
+                    }
                     return
                 case .error(let e):
                     protocolError(e)
@@ -344,7 +350,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                     buf.moveReaderIndex(forwardBy: consumed)
                     // Let go of a consumed read buffer (see UpstreamConnection.channelRead).
                     inbound = buf.readableBytes > 0 ? buf : nil
-                    headerTimer?.cancel(); headerTimer = nil
+                    headerDeadline = 0
                     startStream(consume head)
                     continue
                 }
@@ -1135,7 +1141,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         setReading(true)
         lastActivity = now
-        armIdleTimer()
         if (inbound?.readableBytes ?? 0) > 0 { process() }
     }
 
@@ -1165,37 +1170,30 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     //
     // Callbacks hold the handler strongly, never weakly: one weak reference gives the
     // handler a side table for good, which sends every retain and release of it down
-    // Swift's slow reference-counting path. The connection's timers (handshake, header,
-    // idle, stream, per try) are cancelled when it closes; the other callbacks (connect
+    // Swift's slow reference-counting path. The connection's timers (handshake, stream,
+    // per try) are cancelled when it closes, and it leaves the loop's deadline watch
+    // (request header and idle timeouts); the other callbacks (connect
     // results, name lookups, pool waits, retry backoff, fault delay) end in bounded
     // time or are cancelled by finishStream, and each checks that its stream is still
     // the current one.
 
-    func armHeaderTimer() {
-        guard headerTimer == nil, limits.requestHeaderTimeoutMs > 0 else { return }
-        headerTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(limits.requestHeaderTimeoutMs))) {
-            guard self.stream == nil, !self.closed else { return }
-            self.protocolError(HTTPParseError(408, "request header timeout"))
+    /// The loop's deadline check (LoopContext.checkDeadlines, every few hundred ms): an
+    /// incomplete request head that outlived requestHeaderTimeoutMs gets 408; a
+    /// connection with no open stream idle for downstreamIdleTimeoutMs (Envoy's
+    /// idle_timeout) is closed.
+    func checkDeadlines(now: UInt64) {
+        guard !closed, context != nil else { return }
+        if headerDeadline != 0 && stream == nil && now >= headerDeadline {
+            headerDeadline = 0
+            protocolError(HTTPParseError(408, "request header timeout"))
+            return
         }
-    }
-
-    /// One timer per connection: when it fires it closes the connection if it has been
-    /// idle long enough, or re-arms for the remaining time (no timer per request).
-    func armIdleTimer() {
-        guard idleTimer == nil, limits.downstreamIdleTimeoutMs > 0 else { return }
-        scheduleIdle(after: Int64(limits.downstreamIdleTimeoutMs))
-    }
-
-    func scheduleIdle(after ms: Int64) {
-        idleTimer = context.eventLoop.scheduleTask(in: .milliseconds(ms)) {
-            guard !self.closed else { return }
-            self.idleTimer = nil
-            let streams = self.h2Activity?.openStreams ?? 0
-            guard self.stream == nil && streams == 0 else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs)); return }
-            let last = max(self.lastActivity, self.h2Activity?.lastActivity ?? 0)
-            let idleFor = Int64((NIODeadline.now().uptimeNanoseconds &- last) / 1_000_000)
-            if idleFor >= Int64(self.limits.downstreamIdleTimeoutMs) { self.closed = true; self.context.close(promise: nil) }
-            else { self.scheduleIdle(after: Int64(self.limits.downstreamIdleTimeoutMs) - idleFor) }
+        let idleMs = limits.downstreamIdleTimeoutMs
+        guard idleMs > 0, stream == nil, (h2Activity?.openStreams ?? 0) == 0 else { return }
+        let last = max(lastActivity, h2Activity?.lastActivity ?? 0)
+        if now &- last >= UInt64(idleMs) * 1_000_000 {
+            closed = true
+            context.close(promise: nil)
         }
     }
 

@@ -68,6 +68,39 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertEqual(up.seen.map(\.uri), (0..<40).map { "/\($0)" })
     }
 
+    /// Slowloris: a request head still incomplete after requestHeaderTimeoutMs gets 408
+    /// and the connection closes; nothing reaches the upstream.
+    func test_aRequestHeadThatStalls_gets408WhenTheHeaderTimeoutEnds() throws {
+        let slow = try ProxyFixture(appPort: up.port) { $0.limits.requestHeaderTimeoutMs = 300 }
+        defer { slow.stop() }
+        let c = try RawClient(port: slow.inbound)
+        let t0 = Date()
+        c.send("GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        let r = try XCTUnwrap(c.read())
+        let after = Date().timeIntervalSince(t0)
+        XCTAssertEqual(r.status, 408)
+        XCTAssertGreaterThanOrEqual(after, 0.29)
+        XCTAssertLessThan(after, 1.5)
+        XCTAssertTrue(c.isClosed())
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    /// downstreamIdleTimeoutMs (Envoy's idle_timeout) closes a keep-alive connection
+    /// with no request open, and never one whose request is still being answered.
+    func test_anIdleKeepAliveConnection_isClosedAfterTheIdleTimeout_butNotDuringASlowResponse() throws {
+        up.respond = { r in TestUpstream.Reply(body: "late", delayMs: r.uri == "/slow" ? 900 : 0) }
+        let idle = try ProxyFixture(appPort: up.port) { $0.limits.downstreamIdleTimeoutMs = 300 }
+        defer { idle.stop() }
+        let c = try RawClient(port: idle.inbound)
+        XCTAssertEqual(get(c, "/slow")?.body, "late", "a response slower than the idle timeout still arrives")
+        XCTAssertEqual(get(c, "/again")?.status, 200, "and the connection stays usable")
+        let t0 = Date()
+        XCTAssertTrue(c.isClosed())
+        let after = Date().timeIntervalSince(t0)
+        XCTAssertGreaterThanOrEqual(after, 0.25)
+        XCTAssertLessThan(after, 1.5)
+    }
+
     func test_chunkedRequestBody_andChunkedResponse_streamThrough() throws {
         up.respond = { r in TestUpstream.Reply(body: "echo:" + r.body, chunked: true) }
         let c = try RawClient(port: px.inbound)
