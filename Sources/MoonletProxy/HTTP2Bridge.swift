@@ -254,28 +254,6 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
     }
 }
 
-extension HTTPMessageReader {
-    /// Feeds `bytes` and writes each message part to `context` as an HTTP/1-style part
-    /// (`HTTPPart<Head, IOData>`, what NIO's HTTP/2 codecs take), the head converted by
-    /// `head`. A malformed message fails `promise` and closes the stream.
-    mutating func relay<Head: Equatable & Sendable>(_ bytes: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?,
-                              head: (HTTPHead) -> Head) {
-        do {
-            try feed(bytes) { event in
-                switch event {
-                case .head(let h): context.write(NIOAny(HTTPPart<Head, IOData>.head(head(h))), promise: nil)
-                case .body(let chunk): context.write(NIOAny(HTTPPart<Head, IOData>.body(.byteBuffer(chunk))), promise: nil)
-                case .end: context.write(NIOAny(HTTPPart<Head, IOData>.end(nil)), promise: nil)
-                }
-            }
-            promise?.succeed()
-        } catch {
-            promise?.fail(error)
-            context.close(promise: nil)
-        }
-    }
-}
-
 /// Merges the flushes of one event-loop tick into one: the first flush schedules the
 /// real one at the end of the tick, later ones in the same tick are absorbed. Used on
 /// HTTP/2 connections, where every stream's response end would otherwise be a write

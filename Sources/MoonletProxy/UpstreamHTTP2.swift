@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHTTP1
 import NIOHTTP2
+import NIOHPACK
 import NIOTLS
 import MoonletCore
 import MoonletHTTP
@@ -9,7 +10,7 @@ import MoonletBalancer
 /// An HTTP/2 connection to an upstream (a peer sidecar that chose "h2" by ALPN over
 /// mTLS). Every request is a stream of its own, whose child channel is
 ///
-///     HTTP2FramePayloadToHTTP1ClientCodec ⇄ UpstreamH2StreamBridge ⇄ UpstreamConnection
+///     UpstreamH2StreamBridge ⇄ UpstreamConnection
 ///
 /// so a stream speaks HTTP/1.1 bytes to the same UpstreamConnection and
 /// DownstreamHandler as a pooled HTTP/1.1 connection. A stream is used once; the
@@ -67,7 +68,6 @@ final class UpstreamH2Session {
             conn.channel = ch
             return ch.eventLoop.makeCompletedFuture {
                 let sync = ch.pipeline.syncOperations
-                try sync.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .https))
                 try sync.addHandler(UpstreamH2StreamBridge(limits: limits))
                 try sync.addHandler(conn)
             }
@@ -122,73 +122,145 @@ final class UpstreamH2Watcher: ChannelInboundHandler {
 }
 
 /// Converts between HTTP/1.1 bytes (what UpstreamConnection and the downstream
-/// handler write and read) and one HTTP/2 client stream's HTTP/1-style parts.
+/// handler write and read) and one HTTP/2 client stream's frames, with no HTTP/1-style
+/// parts in between (as HTTP2StreamBridge does for the downstream side).
 final class UpstreamH2StreamBridge: ChannelDuplexHandler {
-    typealias InboundIn = HTTPClientResponsePart
+    typealias InboundIn = HTTP2Frame.FramePayload
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias OutboundOut = HTTP2Frame.FramePayload
 
     var request: HTTPMessageReader
     var requestWasHead = false
+    var responseStarted = false
     var responseChunked = false
+    var responseEnded = false
+    /// The request head and last body chunk, held until the next part (or the end of
+    /// the write) shows whether they end the stream.
+    var heldHeaders: HPACKHeaders?
+    var heldData: ByteBuffer?
 
     init(limits: ProxyLimits) {
         request = HTTPMessageReader(requests: true, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
     }
 
-    // Request: HTTP/1.1 bytes -> parts.
+    // Request: HTTP/1.1 bytes -> frames.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        request.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
-            requestWasHead = head.isHead
-            return Self.requestHead(head)
+        do {
+            try request.feed(unwrapOutboundIn(data)) { event in
+                switch event {
+                case .head(let head):
+                    requestWasHead = head.isHead
+                    heldHeaders = Self.requestHeaders(head)
+                case .body(let chunk):
+                    sendHeld(context: context)
+                    heldData = chunk
+                case .end:
+                    if let h = heldHeaders {
+                        heldHeaders = nil
+                        context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: true))), promise: nil)
+                    } else {
+                        let last = heldData ?? ByteBuffer()
+                        heldData = nil
+                        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(last), endStream: true))), promise: nil)
+                    }
+                }
+            }
+            sendHeld(context: context)
+            promise?.succeed()
+        } catch {
+            promise?.fail(error)
+            context.close(promise: nil)
         }
     }
 
-    /// The HTTP/2 request head: the HTTP/1.1 head without its connection-specific
-    /// fields (RFC 9113 §8.2.2); Host becomes :authority in the codec.
-    static func requestHead(_ head: HTTPHead) -> HTTPRequestHead {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(head.fields.count + head.added.count)
+    func sendHeld(context: ChannelHandlerContext) {
+        if let h = heldHeaders {
+            heldHeaders = nil
+            context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: false))), promise: nil)
+        }
+        if let d = heldData {
+            heldData = nil
+            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: false))), promise: nil)
+        }
+    }
+
+    /// The HTTP/2 request header block: the pseudo-headers (`:authority` from Host),
+    /// then the HTTP/1.1 fields in lowercase without the connection-specific ones
+    /// (RFC 9113 §8.2.2).
+    static func requestHeaders(_ head: HTTPHead) -> HPACKHeaders {
+        var authority = head.hostIndex >= 0 ? head.value(at: head.hostIndex) : ""
+        for a in head.added where a.name.lowercased() == "host" { authority = a.value }
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(head.fields.count + head.added.count + 4)
+        headers.add(name: ":method", value: head.method)
+        headers.add(name: ":scheme", value: "https")
+        headers.add(name: ":authority", value: authority)
+        headers.add(name: ":path", value: head.target)
         for i in 0..<head.fields.count where !head.fields[i].removed {
             switch head.fields[i].kind {
-            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection, .te: continue
+            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection, .te, .host: continue
             default:
-                let name = head.name(at: i).lowercased()
-                if head.connectionTokens.contains(name) { continue }
+                let name = head.lowercasedName(at: i)
+                if !head.connectionTokens.isEmpty && head.connectionTokens.contains(name) { continue }
                 headers.add(name: name, value: head.value(at: i))
             }
         }
-        for a in head.added { headers.add(name: a.name, value: a.value) }
-        return HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: head.method), uri: head.target, headers: headers)
+        for a in head.added {
+            let name = a.name.lowercased()
+            if name == "host" { continue }
+            headers.add(name: name, value: a.value)
+        }
+        return headers
     }
 
-    // Response: parts -> HTTP/1.1 bytes (a stream carries one exchange; UpstreamConnection
+    // Response: frames -> HTTP/1.1 bytes (a stream carries one exchange; UpstreamConnection
     // never offers a multiplexed connection back to the pool).
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !responseEnded else { return }
         switch unwrapInboundIn(data) {
-        case .head(let h):
-            let code = Int(h.status.code)
+        case .headers(let h):
+            if responseStarted { // trailers: they end the response and are not forwarded
+                endResponse(context: context)
+                return
+            }
+            let code = Int(h.headers.first(name: ":status") ?? "") ?? 0
             if code >= 100 && code < 200 { return } // interim: the proxy answers 100-continue itself
+            responseStarted = true
             var out = context.channel.allocator.buffer(capacity: 256)
             HeadWriter.writeStatusLine(code, reason: nil, into: &out)
             var hasLength = false
-            for (name, value) in h.headers {
+            for (name, value, _) in h.headers {
                 if name.utf8.first == UInt8(ascii: ":") { continue }
                 if name == "content-length" { hasLength = true }
                 HeadWriter.writeField(name, value, into: &out)
             }
             let bodyless = requestWasHead || code == 204 || code == 304
-            responseChunked = !hasLength && !bodyless
-            if responseChunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
+            if h.endStream && !hasLength && !bodyless {
+                out.writeStaticString("content-length: 0\r\n")
+            } else {
+                responseChunked = !hasLength && !bodyless
+                if responseChunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
+            }
             out.writeStaticString("\r\n")
             context.fireChannelRead(wrapInboundOut(out))
-        case .body(let b):
-            context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: responseChunked, allocator: context.channel.allocator)))
-        case .end:
-            if responseChunked { context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk))) }
+            if h.endStream { responseEnded = true }
             context.fireChannelReadComplete()
+        case .data(let d):
+            guard responseStarted else { return }
+            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 {
+                context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: responseChunked, allocator: context.channel.allocator)))
+            }
+            if d.endStream { endResponse(context: context) } else { context.fireChannelReadComplete() }
+        default:
+            break
         }
+    }
+
+    func endResponse(context: ChannelHandlerContext) {
+        responseEnded = true
+        if responseChunked { context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk))) }
+        context.fireChannelReadComplete()
     }
 }
 
