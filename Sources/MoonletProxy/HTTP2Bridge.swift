@@ -88,15 +88,10 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
     var headSeen = false
     var requestEnded = false
     var chunked = false
-    var response: HTTPMessageReader
-    /// The response head and last body chunk, held until the next part of the response
-    /// (or the end of the write) shows whether they end the stream: END_STREAM then
-    /// rides on them instead of an empty DATA frame of its own.
-    var heldHeaders: HPACKHeaders?
-    var heldData: ByteBuffer?
+    var response: HTTP1ToHTTP2Frames
 
     init(limits: ProxyLimits) {
-        response = HTTPMessageReader(requests: false, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+        response = HTTP1ToHTTP2Frames(requests: false, limits: limits)
     }
 
     // Request: frames -> HTTP/1.1 bytes.
@@ -110,7 +105,7 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
                 return
             }
             headSeen = true
-            response.requestWasHead = h.headers.first(name: ":method") == "HEAD"
+            response.reader.requestWasHead = h.headers.first(name: ":method") == "HEAD"
             if h.endStream {
                 emitHead(context: context, h.headers, body: false)
                 requestEnded = true
@@ -133,9 +128,7 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
                 chunked = true
                 emitHead(context: context, h, body: true)
             }
-            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 {
-                context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: chunked, allocator: context.channel.allocator)))
-            }
+            context.fireHTTP1Body(d.data, chunked: chunked)
             if d.endStream { endRequest(context: context) } else { context.fireChannelReadComplete() }
         default:
             break
@@ -199,43 +192,7 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
 
     // Response: HTTP/1.1 bytes -> frames.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        do {
-            try response.feed(unwrapOutboundIn(data)) { event in
-                switch event {
-                case .head(let head):
-                    heldHeaders = Self.responseHeaders(head)
-                case .body(let chunk):
-                    sendHeld(context: context)
-                    heldData = chunk
-                case .end:
-                    if let h = heldHeaders {
-                        heldHeaders = nil
-                        context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: true))), promise: nil)
-                    } else {
-                        let last = heldData ?? ByteBuffer()
-                        heldData = nil
-                        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(last), endStream: true))), promise: nil)
-                    }
-                }
-            }
-            // What the write brought goes out now: a streamed response must not wait.
-            sendHeld(context: context)
-            promise?.succeed()
-        } catch {
-            promise?.fail(error)
-            context.close(promise: nil)
-        }
-    }
-
-    func sendHeld(context: ChannelHandlerContext) {
-        if let h = heldHeaders {
-            heldHeaders = nil
-            context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: false))), promise: nil)
-        }
-        if let d = heldData {
-            heldData = nil
-            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: false))), promise: nil)
-        }
+        response.relay(unwrapOutboundIn(data), context: context, promise: promise, headers: Self.responseHeaders)
     }
 
     /// `:status` and the fields in lowercase, without the HTTP/1.1 connection-specific
@@ -251,6 +208,66 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
             }
         }
         return headers
+    }
+}
+
+extension ChannelHandlerContext {
+    /// Passes a DATA frame's bytes on as HTTP/1.1 body bytes, chunk-framed when `chunked`.
+    func fireHTTP1Body(_ data: IOData, chunked: Bool) {
+        guard case .byteBuffer(let b) = data, b.readableBytes > 0 else { return }
+        fireChannelRead(NIOAny(ChunkedEncoder.frame(b, chunked: chunked, allocator: channel.allocator)))
+    }
+}
+
+/// One direction of an HTTP/2 stream bridge: HTTP/1.1 message bytes in, HEADERS and
+/// DATA frames out (the response on the downstream side, the request upstream). Within
+/// one write the head and the last body chunk are held until the next part shows
+/// whether they end the stream: END_STREAM then rides on them instead of an empty DATA
+/// frame of its own. Nothing is held past the write, so a streamed body never waits.
+struct HTTP1ToHTTP2Frames {
+    var reader: HTTPMessageReader
+
+    init(requests: Bool, limits: ProxyLimits) {
+        reader = HTTPMessageReader(requests: requests, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+    }
+
+    /// Feeds `bytes` and writes the frames to `context` (whose outbound type is
+    /// HTTP2Frame.FramePayload), the head converted by `headers`. A malformed message
+    /// fails `promise` and closes the stream.
+    mutating func relay(_ bytes: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?,
+                        headers: (HTTPHead) -> HPACKHeaders) {
+        var heldHeaders: HPACKHeaders?
+        var heldData: ByteBuffer?
+        func send(_ payload: HTTP2Frame.FramePayload) { context.write(NIOAny(payload), promise: nil) }
+        func sendHeld(endStream: Bool) {
+            if let h = heldHeaders {
+                heldHeaders = nil
+                send(.headers(.init(headers: h, endStream: endStream && heldData == nil)))
+            }
+            if let d = heldData {
+                heldData = nil
+                send(.data(.init(data: .byteBuffer(d), endStream: endStream)))
+            }
+        }
+        do {
+            try reader.feed(bytes) { event in
+                switch event {
+                case .head(let head):
+                    heldHeaders = headers(head)
+                case .body(let chunk):
+                    sendHeld(endStream: false)
+                    heldData = chunk
+                case .end:
+                    if heldHeaders == nil && heldData == nil { heldData = ByteBuffer() }
+                    sendHeld(endStream: true)
+                }
+            }
+            sendHeld(endStream: false)
+            promise?.succeed()
+        } catch {
+            promise?.fail(error)
+            context.close(promise: nil)
+        }
     }
 }
 

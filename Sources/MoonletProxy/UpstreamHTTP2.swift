@@ -130,58 +130,21 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = HTTP2Frame.FramePayload
 
-    var request: HTTPMessageReader
+    var request: HTTP1ToHTTP2Frames
     var requestWasHead = false
     var responseStarted = false
     var responseChunked = false
     var responseEnded = false
-    /// The request head and last body chunk, held until the next part (or the end of
-    /// the write) shows whether they end the stream.
-    var heldHeaders: HPACKHeaders?
-    var heldData: ByteBuffer?
 
     init(limits: ProxyLimits) {
-        request = HTTPMessageReader(requests: true, limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes * 2, maxHeaderCount: limits.maxHeaderCount + 16))
+        request = HTTP1ToHTTP2Frames(requests: true, limits: limits)
     }
 
     // Request: HTTP/1.1 bytes -> frames.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        do {
-            try request.feed(unwrapOutboundIn(data)) { event in
-                switch event {
-                case .head(let head):
-                    requestWasHead = head.isHead
-                    heldHeaders = Self.requestHeaders(head)
-                case .body(let chunk):
-                    sendHeld(context: context)
-                    heldData = chunk
-                case .end:
-                    if let h = heldHeaders {
-                        heldHeaders = nil
-                        context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: true))), promise: nil)
-                    } else {
-                        let last = heldData ?? ByteBuffer()
-                        heldData = nil
-                        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(last), endStream: true))), promise: nil)
-                    }
-                }
-            }
-            sendHeld(context: context)
-            promise?.succeed()
-        } catch {
-            promise?.fail(error)
-            context.close(promise: nil)
-        }
-    }
-
-    func sendHeld(context: ChannelHandlerContext) {
-        if let h = heldHeaders {
-            heldHeaders = nil
-            context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: false))), promise: nil)
-        }
-        if let d = heldData {
-            heldData = nil
-            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: false))), promise: nil)
+        request.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
+            requestWasHead = head.isHead
+            return Self.requestHeaders(head)
         }
     }
 
@@ -248,9 +211,7 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
             context.fireChannelReadComplete()
         case .data(let d):
             guard responseStarted else { return }
-            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 {
-                context.fireChannelRead(wrapInboundOut(ChunkedEncoder.frame(b, chunked: responseChunked, allocator: context.channel.allocator)))
-            }
+            context.fireHTTP1Body(d.data, chunked: responseChunked)
             if d.endStream { endResponse(context: context) } else { context.fireChannelReadComplete() }
         default:
             break
