@@ -221,8 +221,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         process()
     }
 
+    /// Nothing to flush here: every write is flushed at the end of the loop's batch (see
+    /// "writes"), which also sends what an upstream read relayed as it arrives.
     func channelReadComplete(context: ChannelHandlerContext) {
-        if passthrough { context.fireChannelReadComplete(); return }
+        if passthrough { context.fireChannelReadComplete() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -232,11 +234,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         upstreamPaused = !context.channel.isWritable
         u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
     }
-
-    /// Nothing to do: what an upstream read relayed was written, and every write is
-    /// flushed at the end of the loop's batch of I/O events, so a streamed response
-    /// reaches the client as it arrives.
-    func upstreamReadComplete() {}
 
     // MARK: writes
     //

@@ -15,10 +15,6 @@ public enum ListenerRole: String, Sendable {
     case outbound
 }
 
-/// Everything one event loop owns: its metrics shard, its Lua VM, its filter chain
-/// (swapped on reload, on this loop), its upstream pool and its stream counters.
-/// Touched only from the loop's thread.
-/// Sendable only in the sense that it is handed to its own loop's closures; it is never used off that loop.
 /// A connection whose writes are flushed at the end of the loop's batch of I/O events.
 protocol DeferredFlush: AnyObject {
     /// Whether the connection is in its loop's flush queue now.
@@ -27,6 +23,10 @@ protocol DeferredFlush: AnyObject {
     func flushNow()
 }
 
+/// Everything one event loop owns: its metrics shard, its Lua VM, its filter chain
+/// (swapped on reload, on this loop), its upstream pool and its stream counters.
+/// Touched only from the loop's thread.
+/// Sendable only in the sense that it is handed to its own loop's closures; it is never used off that loop.
 public final class LoopContext: @unchecked Sendable {
     public let loop: EventLoop
     public let metrics = MetricsShard()

@@ -17,9 +17,6 @@ protocol UpstreamDelegate: AnyObject {
     /// The connection failed or closed before the response completed.
     func upstreamFailed(_ reason: UpstreamFailure)
     func upstreamWritabilityChanged(_ writable: Bool)
-    /// The upstream's bytes of one read were handed over: what was relayed is flushed,
-    /// so a streamed response reaches the client as it arrives.
-    func upstreamReadComplete()
 }
 
 enum UpstreamFailure: Error {
@@ -156,10 +153,6 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
         delegate = nil
         channel?.close(promise: nil)
         d?.upstreamFailed(f)
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        delegate?.upstreamReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
