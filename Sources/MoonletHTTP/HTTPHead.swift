@@ -91,18 +91,11 @@ public struct HTTPHead: Sendable {
     public func name(at i: Int) -> String {
         let f = fields[i]; return bytes.getString(at: Int(f.nameStart), length: Int(f.nameLength)) ?? ""
     }
-    /// Field `i`'s name in lowercase ASCII, made in one pass (HTTP/2 wants lowercase names).
+    /// Field `i`'s name in lowercase ASCII (HTTP/2 wants lowercase names).
     public func lowercasedName(at i: Int) -> String {
         let f = fields[i]
         return bytes.withUnsafeReadableBytes { raw in
-            let start = Int(f.nameStart) - bytes.readerIndex
-            return String(unsafeUninitializedCapacity: Int(f.nameLength)) { out in
-                for j in 0..<Int(f.nameLength) {
-                    let c = raw[start + j]
-                    out[j] = c &- 65 < 26 ? c | 0x20 : c
-                }
-                return Int(f.nameLength)
-            }
+            HTTPHeadParser.lowercasedString(raw, Int(f.nameStart), Int(f.nameStart + f.nameLength))
         }
     }
     public func value(at i: Int) -> String {

@@ -308,9 +308,14 @@ public struct HTTPHeadParser: Sendable {
     }
 
     static func lowercasedString(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> String {
-        var bytes = [UInt8](UnsafeRawBufferPointer(rebasing: raw[s..<e]))
-        for j in 0..<bytes.count where bytes[j] >= 65 && bytes[j] <= 90 { bytes[j] |= 0x20 }
-        return String(decoding: bytes, as: UTF8.self)
+        // Straight into the String's storage, without an intermediate array.
+        String(unsafeUninitializedCapacity: e - s) { out in
+            for j in 0..<(e - s) {
+                let c = raw[s + j]
+                out[j] = c >= 65 && c <= 90 ? c | 0x20 : c
+            }
+            return e - s
+        }
     }
 
     /// The tokens of a comma-separated list, lowercased (tests and rare paths).

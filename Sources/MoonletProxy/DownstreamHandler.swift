@@ -263,7 +263,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     @inline(__always)
     func flushDownstream() {
         guard unflushed else { return }
-        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
+        releaseHeldHead()
         unflushed = false
         context.flush()
     }
@@ -289,10 +289,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if !u.flushQueued { ctx.flushLater(u) }
     }
 
-    /// Writes the held response head, if any.
+    /// Writes the held response head, if any. Its flush is already queued: holding a
+    /// head marked the client unflushed.
     @inline(__always)
     func releaseHeldHead() {
-        if let h = heldHead { heldHead = nil; writeDownstream(h); ctx.recycle(h) }
+        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
     }
 
     /// Bodies up to this size are copied behind a held head rather than written apart.
@@ -929,16 +930,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
-        if var h = heldHead {
-            heldHead = nil
+        if heldHead != nil {
             if chunk.readableBytes <= Self.mergedBodyLimit {
-                if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &h) } else { var c = chunk; h.writeBuffer(&c) }
-                writeDownstream(h)
-                ctx.recycle(h)
+                if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
+                releaseHeldHead()
                 if !context.channel.isWritable { flushDownstream() }
                 return
             }
-            writeDownstream(h)
+            releaseHeldHead()
         }
         writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator))
         if !context.channel.isWritable { flushDownstream() }
@@ -1174,7 +1173,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     // time or are cancelled by finishStream, and each checks that its stream is still
     // the current one.
 
-    /// The loop's deadline check (LoopContext.checkDeadlines, every few hundred ms): an
+    /// The loop's deadline check (LoopContext.checkDeadlines, every watchTickMs): an
     /// incomplete request head that outlived requestHeaderTimeoutMs gets 408; a
     /// connection with no open stream idle for downstreamIdleTimeoutMs (Envoy's
     /// idle_timeout) is closed.

@@ -195,19 +195,38 @@ final class HTTP2StreamBridge: ChannelDuplexHandler {
         response.relay(unwrapOutboundIn(data), context: context, promise: promise, headers: Self.responseHeaders)
     }
 
-    /// `:status` and the fields in lowercase, without the HTTP/1.1 connection-specific
-    /// ones HTTP/2 forbids.
+    /// `:status`, then the fields as HTTP/2 allows them.
     static func responseHeaders(_ head: HTTPHead) -> HPACKHeaders {
         var headers = HPACKHeaders()
         headers.reserveCapacity(head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
-        for i in 0..<head.fields.count where !head.fields[i].removed {
-            switch head.fields[i].kind {
+        head.appendHTTP2Fields(to: &headers, isRequest: false)
+        return headers
+    }
+}
+
+extension HTTPHead {
+    /// Appends the head's fields (and those a filter added) to an HTTP/2 header block,
+    /// names lowercased, without the HTTP/1.1 connection-specific ones HTTP/2 forbids
+    /// (RFC 9113 §8.2.2): Connection and the fields it names, Keep-Alive,
+    /// Proxy-Connection, Transfer-Encoding, Upgrade. A request also drops TE and Host
+    /// (`:authority` carries the host).
+    func appendHTTP2Fields(to headers: inout HPACKHeaders, isRequest: Bool) {
+        for i in 0..<fields.count where !fields[i].removed {
+            switch fields[i].kind {
             case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-            default: headers.add(name: head.lowercasedName(at: i), value: head.value(at: i))
+            case .te, .host where isRequest: continue
+            default:
+                let name = lowercasedName(at: i)
+                if !connectionTokens.isEmpty && connectionTokens.contains(name) { continue }
+                headers.add(name: name, value: value(at: i))
             }
         }
-        return headers
+        for a in added {
+            let name = a.name.lowercased()
+            if isRequest && name == "host" { continue }
+            headers.add(name: name, value: a.value)
+        }
     }
 }
 

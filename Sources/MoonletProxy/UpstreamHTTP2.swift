@@ -149,8 +149,7 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
     }
 
     /// The HTTP/2 request header block: the pseudo-headers (`:authority` from Host),
-    /// then the HTTP/1.1 fields in lowercase without the connection-specific ones
-    /// (RFC 9113 §8.2.2).
+    /// then the fields as HTTP/2 allows them.
     static func requestHeaders(_ head: HTTPHead) -> HPACKHeaders {
         var authority = head.hostIndex >= 0 ? head.value(at: head.hostIndex) : ""
         for a in head.added where a.name.lowercased() == "host" { authority = a.value }
@@ -160,20 +159,7 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
         headers.add(name: ":scheme", value: "https")
         headers.add(name: ":authority", value: authority)
         headers.add(name: ":path", value: head.target)
-        for i in 0..<head.fields.count where !head.fields[i].removed {
-            switch head.fields[i].kind {
-            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection, .te, .host: continue
-            default:
-                let name = head.lowercasedName(at: i)
-                if !head.connectionTokens.isEmpty && head.connectionTokens.contains(name) { continue }
-                headers.add(name: name, value: head.value(at: i))
-            }
-        }
-        for a in head.added {
-            let name = a.name.lowercased()
-            if name == "host" { continue }
-            headers.add(name: name, value: a.value)
-        }
+        head.appendHTTP2Fields(to: &headers, isRequest: true)
         return headers
     }
 
