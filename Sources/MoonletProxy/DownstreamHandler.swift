@@ -95,12 +95,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var lastSeries: RequestSeries?
     var lastSeriesKey: SeriesKey?
 
-    /// Set when this handler serves one HTTP/2 stream (behind HTTP2StreamBridge).
+    /// Set when this handler serves one HTTP/2 stream (then `h2` is its stream).
     let http2Stream: Bool
+    /// The HTTP/2 stream this handler serves: its bytes come from and go to the stream,
+    /// not a channel (`context` stays nil).
+    var h2: HTTP2ServerStream?
     /// First bytes not seen yet: they may be the HTTP/2 preface (h2c prior knowledge).
     var sniffing = true
-    /// After the switch to HTTP/2 this handler only passes bytes on.
-    var passthrough = false
+    /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
+    var h2Connection: HTTP2ServerConnection?
 
     init(ctx: LoopContext, role: ListenerRole, http2Stream: Bool = false) {
         self.ctx = ctx
@@ -126,6 +129,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         closed = true
         cancelTimers()
         self.context = nil
+        h2Connection?.connectionClosed()
+        h2Connection = nil
     }
 
     /// Cancels the connection's timers, which hold this handler (see "timers" below).
@@ -136,33 +141,44 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if let p = inheritedPeer {
-            peer = p.info
-            peerIP = p.ip
-        } else if let a = context.channel.remoteAddress {
+        if let a = context.channel.remoteAddress {
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
-        if !http2Stream {
-            ctx.activeConnections += 1
-            ctx.metrics.connectionOpened(role.rawValue)
-            lastActivity = NIODeadline.now().uptimeNanoseconds
-            ctx.watch(self)
-        } else {
-            h2Activity?.openStreams += 1
-        }
+        ctx.activeConnections += 1
+        ctx.metrics.connectionOpened(role.rawValue)
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+        ctx.watch(self)
+    }
+
+    /// An HTTP/2 stream opened (its request head arrives next): the counterpart of
+    /// channelActive for a handler that serves one stream.
+    func h2StreamOpened() {
+        if let p = inheritedPeer { peer = p.info; peerIP = p.ip }
+        h2Activity?.openStreams += 1
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        closed = true
-        if passthrough { context.fireChannelInactive() }
-        if !http2Stream {
-            ctx.activeConnections -= 1
-            ctx.metrics.connectionClosed(role.rawValue)
-        } else if let a = h2Activity {
+        ctx.activeConnections -= 1
+        ctx.metrics.connectionClosed(role.rawValue)
+        if let h = h2Connection { h2Connection = nil; h.connectionClosed() }
+        ended()
+    }
+
+    /// The HTTP/2 stream ended (both sides done, reset, or its connection gone): the
+    /// counterpart of channelInactive.
+    func h2StreamClosed() {
+        if let a = h2Activity {
             a.openStreams -= 1
             a.lastActivity = NIODeadline.now().uptimeNanoseconds
         }
+        ended()
+    }
+
+    /// The connection or stream is gone: a stream in progress ends as a downstream
+    /// disconnect unless its whole response was written.
+    func ended() {
+        closed = true
         cancelTimers()
         if let s = stream {
             if !responseEnded { s.responseFlags.insert(.downstreamConnectionTermination) }
@@ -206,34 +222,53 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if passthrough { context.fireChannelRead(data); return }
-        var incoming = unwrapInboundIn(data)
+        let incoming = unwrapInboundIn(data)
+        if let h = h2Connection { h.receive(incoming); return }
         if sniffing {
             // "PRI " starts only the HTTP/2 preface (PRI is not an HTTP/1.1 method in use).
             sniffing = false
-            if incoming.readableBytesView.starts(with: HTTP2Server.preface.prefix(4)) {
+            if incoming.readableBytesView.starts(with: HTTP2ServerConnection.preface.prefix(4)) {
                 switchToHTTP2(context: context, first: incoming)
                 return
             }
         }
+        received(incoming)
+    }
+
+    /// Request bytes of an HTTP/2 stream (as HTTP/1.1).
+    func h2Received(_ b: ByteBuffer) {
+        guard !closed else { return }
+        received(b)
+    }
+
+    @inline(__always)
+    func received(_ b: ByteBuffer) {
+        var incoming = b
         lastActivity = NIODeadline.now().uptimeNanoseconds
         if inbound == nil || inbound!.readableBytes == 0 { inbound = incoming } else { inbound!.writeBuffer(&incoming) }
         process()
     }
 
-    /// Nothing to flush here: every write is flushed at the end of the loop's batch (see
-    /// "writes"), which also sends what an upstream read relayed as it arrives.
-    func channelReadComplete(context: ChannelHandlerContext) {
-        if passthrough { context.fireChannelReadComplete() }
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if let h = h2Connection { h.writabilityChanged(context.channel.isWritable); return }
+        downstreamWritabilityChanged(context.channel.isWritable)
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if passthrough { context.fireChannelWritabilityChanged(); return }
-        // Downstream can't take more: stop reading the upstream response (and resume).
-        guard let u = upstream else { return }
-        upstreamPaused = !context.channel.isWritable
-        u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
+    /// The HTTP/2 stream's queue filled or drained.
+    func h2WritabilityChanged(_ writable: Bool) {
+        guard !closed else { return }
+        downstreamWritabilityChanged(writable)
     }
+
+    /// Downstream can't take more: stop reading the upstream response (and resume).
+    func downstreamWritabilityChanged(_ writable: Bool) {
+        guard let u = upstream else { return }
+        upstreamPaused = !writable
+        u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+    }
+
+    /// Whether the client side takes more bytes now (its channel, or its HTTP/2 stream).
+    var downstreamWritable: Bool { h2?.writable ?? context.channel.isWritable }
 
     // MARK: writes
     //
@@ -247,8 +282,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// Writes `b` to the client; flushed at the end of the batch.
     @inline(__always)
     func writeDownstream(_ b: ByteBuffer) {
-        context.write(wrapOutboundOut(b), promise: nil)
+        emit(b)
         markUnflushed()
+    }
+
+    /// Hands `b` to the client's channel, or to the HTTP/2 stream this handler serves.
+    @inline(__always)
+    func emit(_ b: ByteBuffer) {
+        if let h2 { h2.write(b) } else { context.write(wrapOutboundOut(b), promise: nil) }
     }
 
     /// Records that the client has bytes to flush (written, or a held head) and queues
@@ -265,20 +306,27 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard unflushed else { return }
         releaseHeldHead()
         unflushed = false
-        context.flush()
+        // An HTTP/2 stream's frames are flushed by its connection (queued when written).
+        if h2 == nil { context.flush() }
     }
 
     /// The end of the loop's batch: flushes the client's pending bytes (nothing once the
-    /// handler has left its pipeline).
+    /// handler has left its pipeline or its HTTP/2 stream ended).
     func flushNow() {
-        guard context != nil else { return }
+        guard context != nil || (h2 != nil && !closed) else { return }
         flushDownstream()
     }
 
-    /// Flushes what the client has pending, then closes its connection.
+    /// Flushes what the client has pending, then closes its connection (or ends its
+    /// HTTP/2 stream: after a complete response, or with a reset).
     func closeDownstream() {
         flushDownstream()
-        context.close(promise: nil)
+        closeTransport()
+    }
+
+    /// Closes the client connection, or ends the HTTP/2 stream.
+    func closeTransport() {
+        if let h2 { h2.close() } else { context.close(promise: nil) }
     }
 
     /// Writes `b` to the upstream connection `u`; flushed at the end of the batch.
@@ -293,7 +341,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// head marked the client unflushed.
     @inline(__always)
     func releaseHeldHead() {
-        if let h = heldHead { heldHead = nil; context.write(wrapOutboundOut(h), promise: nil); ctx.recycle(h) }
+        if let h = heldHead { heldHead = nil; emit(h); ctx.recycle(h) }
     }
 
     /// Bodies up to this size are copied behind a held head rather than written apart.
@@ -308,25 +356,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func setReading(_ on: Bool) {
         guard readPaused == on else { return }
         readPaused = !on
+        if let h2 { h2.setReading(on); return }
         context.channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
     }
 
-    /// h2c prior knowledge: HTTP/2 handlers go in after this one, which from now on
-    /// only passes bytes through; each HTTP/2 stream gets its own DownstreamHandler.
+    /// The first bytes are the HTTP/2 preface (h2c prior knowledge, or h2 after ALPN):
+    /// from now on this connection's bytes go to its HTTP/2 server side, and each stream
+    /// gets its own DownstreamHandler.
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
-        // The idle timer stays: the connection is idle while it has no open stream.
+        // The idle deadline stays: the connection is idle while it has no open stream.
         let activity = HTTP2ConnectionActivity(since: NIODeadline.now().uptimeNanoseconds)
         h2Activity = activity
-        do {
-            try HTTP2Server.configure(channel: context.channel, ctx: ctx, role: role, position: .after(self), peer: (peer, peerIP), activity: activity)
-        } catch {
-            context.close(promise: nil)
-            return
-        }
-        passthrough = true
-        context.fireChannelActive()
-        context.fireChannelRead(NIOAny(first))
-        context.fireChannelReadComplete()
+        let h = HTTP2ServerConnection(ctx: ctx, role: role, context: context, peer: (peer, peerIP), activity: activity)
+        h2Connection = h
+        h.receive(first)
     }
 
     // MARK: request side
@@ -425,7 +468,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         case .stopAndBuffer:
             if reqDecoder != nil {
                 buffering = true
-                s.bufferedRequestBody = context.channel.allocator.buffer(capacity: 0)
+                s.bufferedRequestBody = ctx.allocator.buffer(capacity: 0)
                 return // the body arrives through process(); requestBodyEnd continues.
             }
             s.bufferedRequestBody = ByteBuffer()
@@ -441,7 +484,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
             s.responseFlags.insert(.delayInjected)
             let sid = s.id
-            context.eventLoop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
+            ctx.loop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
                 guard let cur = self.stream, cur.id == sid, !self.closed else { return }
                 self.goUpstream()
             }
@@ -519,7 +562,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if buffering, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
             if requestChunked {
-                out = context.channel.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
+                out = ctx.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
                 s.request.removeAll(of: .contentLength)
                 HeadWriter.writeRequest(s.request, into: &out) { o in
                     HeadWriter.writeField("content-length", String(body.readableBytes), into: &o)
@@ -613,7 +656,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         waiter = w
         ctx.pool.wait(w)
-        waitTimer = context.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
+        waitTimer = ctx.loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
             guard let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
             if cc.tryOpenConnection(max: cl.maxConnections) {
                 self.stopWaiting()
@@ -694,7 +737,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             var h = s.request
             h.set("host", m.authority)
             h.hostIndex = -1
-            var b = context.channel.allocator.buffer(capacity: h.bytes.readableBytes + 64)
+            var b = ctx.allocator.buffer(capacity: h.bytes.readableBytes + 64)
             let chunked = requestChunked
             HeadWriter.writeRequest(h, into: &b) { o in
                 if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
@@ -721,7 +764,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             // A mirror whose name is not resolved yet is skipped (the lookup starts now).
             guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: {}) else { continue }
             ctx.metrics.count("moonlet_upstream_mirrored_total")
-            MirrorSender.send(payload, to: address, on: context.eventLoop, timeoutMs: limits.connectTimeoutMs)
+            MirrorSender.send(payload, to: address, on: ctx.loop, timeoutMs: limits.connectTimeoutMs)
         }
         mirrorHeads = []
     }
@@ -763,7 +806,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
         retrySlotHeld?.retryDone()
         retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
-        context.eventLoop.scheduleTask(in: .milliseconds(backoffMs)) {
+        ctx.loop.scheduleTask(in: .milliseconds(backoffMs)) {
             guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
             guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
             self.pendingUpstream = bytes
@@ -776,7 +819,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         perTryTimer?.cancel(); perTryTimer = nil
         guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
         let sid = s.id, try_ = attempt
-        perTryTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) {
+        perTryTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
             if self.retryIfAllowed(cur, status: 504, connectFailure: false) { return }
             if let u = self.upstream { u.abandon(); self.upstream = nil }
@@ -821,7 +864,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if upstream == nil && !connecting { sendLocalReply() } else { abortUpstreamAndReply() }
             return
         }
-        let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: context.channel.allocator)
+        let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: ctx.allocator)
         recordForReplay(out)
         if let u = upstream, let ch = u.channel {
             writeUpstream(u, out)
@@ -934,13 +977,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if chunk.readableBytes <= Self.mergedBodyLimit {
                 if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
                 releaseHeldHead()
-                if !context.channel.isWritable { flushDownstream() }
+                if !downstreamWritable { flushDownstream() }
                 return
             }
             releaseHeldHead()
         }
-        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: context.channel.allocator))
-        if !context.channel.isWritable { flushDownstream() }
+        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: ctx.allocator))
+        if !downstreamWritable { flushDownstream() }
     }
 
     func upstreamResponseEnd(reusable: Bool) {
@@ -1011,7 +1054,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             closeAfterResponse = true
         }
         s.responseCode = reply.status
-        var head = Self.localHead(reply, allocator: context.channel.allocator)
+        var head = Self.localHead(reply, allocator: ctx.allocator)
         Self.applyRouteResponseEdits(s.route, to: &head)
         s.response = head
         // A response filter may replace the reply (s:respond) or set its status; the
@@ -1020,7 +1063,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let current = s.localReply ?? reply
         if replaced || current.status != reply.status {
             reply = current
-            head = Self.localHead(reply, allocator: context.channel.allocator)
+            head = Self.localHead(reply, allocator: ctx.allocator)
             if let edited = s.response { head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } }) }
         } else if let edited = s.response {
             head = edited
@@ -1028,7 +1071,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         s.response = head
         s.responseCode = reply.status
         let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        var out = context.channel.allocator.buffer(capacity: 256 + reply.body.utf8.count)
+        var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
         let close = closeAfterResponse
         let clientMinor = s.request.versionMinor
         HeadWriter.writeResponse(head, into: &out) { o in
@@ -1040,7 +1083,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
         responseStarted = true
         responseEnded = true
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        writeDownstream(out)
+        flushDownstream()
         finishStream(s)
     }
 
@@ -1075,7 +1119,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func protocolError(_ e: HTTPParseError) {
         ctx.metrics.count("moonlet_downstream_protocol_errors_total")
         ctx.logger.debug("downstream \(peer.address): \(e.reason)")
-        var out = context.channel.allocator.buffer(capacity: 128)
+        var out = ctx.allocator.buffer(capacity: 128)
         HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
         let body = e.reason + "\n"
         out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
@@ -1085,6 +1129,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                                   durationMs: 0, requestBytes: 0, responseBytes: Int64(body.utf8.count))
         closed = true
         inbound = nil
+        if let h2 {
+            h2.write(out)
+            h2.close()
+            return
+        }
         let c = context!
         c.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in c.close(promise: nil) }
     }
@@ -1133,7 +1182,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if reqDecoder != nil {
             // Answered before the body ended (local reply): the rest of the body cannot be
             // told apart from the next request reliably, so the connection closes.
-            closed = true; context.close(promise: nil); return
+            closed = true; closeTransport(); return
         }
         setReading(true)
         lastActivity = now
@@ -1189,7 +1238,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let last = max(lastActivity, h2Activity?.lastActivity ?? 0)
         if now &- last >= UInt64(idleMs) * 1_000_000 {
             closed = true
-            context.close(promise: nil)
+            if let h = h2Connection { h.fail(HTTP2ConnectionError(.noError, "idle")) } else { context.close(promise: nil) }
         }
     }
 
@@ -1197,7 +1246,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let ms = s.route.timeoutMs > 0 ? s.route.timeoutMs : limits.streamTimeoutMs
         guard ms > 0 else { return }
         let sid = s.id
-        streamTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) {
+        streamTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
             self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete

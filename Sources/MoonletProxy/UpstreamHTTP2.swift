@@ -123,7 +123,7 @@ final class UpstreamH2Watcher: ChannelInboundHandler {
 
 /// Converts between HTTP/1.1 bytes (what UpstreamConnection and the downstream
 /// handler write and read) and one HTTP/2 client stream's frames, with no HTTP/1-style
-/// parts in between (as HTTP2StreamBridge does for the downstream side).
+/// parts in between.
 final class UpstreamH2StreamBridge: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias InboundOut = ByteBuffer
@@ -142,9 +142,20 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
 
     // Request: HTTP/1.1 bytes -> frames.
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        request.relay(unwrapOutboundIn(data), context: context, promise: promise) { head in
-            requestWasHead = head.isHead
-            return Self.requestHeaders(head)
+        do {
+            try request.relay(unwrapOutboundIn(data)) { part in
+                switch part {
+                case .headers(let head, let end):
+                    requestWasHead = head.isHead
+                    context.write(wrapOutboundOut(.headers(.init(headers: Self.requestHeaders(head), endStream: end))), promise: nil)
+                case .data(let d, let end):
+                    context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: end))), promise: nil)
+                }
+            }
+            promise?.succeed()
+        } catch {
+            promise?.fail(error)
+            context.close(promise: nil)
         }
     }
 

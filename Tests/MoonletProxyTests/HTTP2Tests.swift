@@ -99,4 +99,139 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertTrue(out.contains("1000 succeeded, 0 failed, 0 errored"), out)
         XCTAssertLessThanOrEqual(up.connections, 2 * 64, "upstream connections are pooled")
     }
+
+    /// Response DATA stays within the client's windows: with SETTINGS_INITIAL_WINDOW_SIZE
+    /// 0 only the HEADERS come; each WINDOW_UPDATE lets exactly that many bytes through.
+    func test_responseData_staysWithinTheClientsFlowControlWindows() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: "0123456789abcdefghij") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 1)
+        c.send(Self.preface + Self.frame(4, 0, 0, [0, 4, 0, 0, 0, 0]) + Self.frame(1, 0x5, 1, Self.getBlock()))
+        var frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+        XCTAssertTrue(frames.contains { $0.type == 1 && $0.stream == 1 }, "no response HEADERS")
+        frames += Self.readFrames(c, within: 0.5) { _ in false }
+        XCTAssertFalse(frames.contains { $0.type == 0 }, "DATA sent into a closed window")
+        c.send(Self.frame(8, 0, 1, [0, 0, 0, 5]))
+        frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 0 } }
+        XCTAssertEqual(frames.filter { $0.type == 0 }.flatMap(\.payload), Array("01234".utf8))
+        c.send(Self.frame(8, 0, 1, [0, 0, 1, 0]))
+        frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 0 && $0.flags & 1 != 0 } }
+        XCTAssertEqual(String(decoding: frames.filter { $0.type == 0 }.flatMap(\.payload), as: UTF8.self), "56789abcdefghij")
+    }
+
+    // MARK: raw frames
+
+    static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+    struct Frame { var type: UInt8; var flags: UInt8; var stream: UInt32; var payload: [UInt8] }
+
+    static func frame(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: [UInt8] = []) -> [UInt8] {
+        let n = payload.count
+        return [UInt8(n >> 16), UInt8((n >> 8) & 0xff), UInt8(n & 0xff), type, flags,
+                UInt8(stream >> 24), UInt8((stream >> 16) & 0xff), UInt8((stream >> 8) & 0xff), UInt8(stream & 0xff)] + payload
+    }
+
+    /// HPACK literal field without indexing, new name, no Huffman (names and values < 127 bytes).
+    static func literal(_ name: String, _ value: String) -> [UInt8] {
+        [0x00, UInt8(name.utf8.count)] + Array(name.utf8) + [UInt8(value.utf8.count)] + Array(value.utf8)
+    }
+
+    /// GET http://a/ as HPACK (indexed :method GET, :scheme http, :path /; :authority a), plus `extra`.
+    static func getBlock(_ extra: [UInt8] = []) -> [UInt8] { [0x82, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + extra }
+
+    /// Reads frames until `done` says so, the server closes, or `seconds` pass.
+    static func readFrames(_ c: RawClient, within seconds: Double = 5, until done: ([Frame]) -> Bool) -> [Frame] {
+        let start = Date()
+        var frames: [Frame] = []
+        while Date().timeIntervalSince(start) < seconds {
+            while c.pending.count >= 9 {
+                let len = Int(c.pending[0]) << 16 | Int(c.pending[1]) << 8 | Int(c.pending[2])
+                guard c.pending.count >= 9 + len else { break }
+                let sid = UInt32(c.pending[5] & 0x7f) << 24 | UInt32(c.pending[6]) << 16 | UInt32(c.pending[7]) << 8 | UInt32(c.pending[8])
+                frames.append(Frame(type: c.pending[3], flags: c.pending[4], stream: sid, payload: Array(c.pending[9..<(9 + len)])))
+                c.pending.removeFirst(9 + len)
+            }
+            if done(frames) || !c.fill() { return frames }
+        }
+        return frames
+    }
+
+    static func errorCode(_ f: Frame) -> UInt32 {
+        let p = f.type == 7 ? Array(f.payload[4..<8]) : f.payload
+        return UInt32(p[0]) << 24 | UInt32(p[1]) << 16 | UInt32(p[2]) << 8 | UInt32(p[3])
+    }
+
+    /// Malformed requests are stream errors: the stream is reset with PROTOCOL_ERROR,
+    /// nothing reaches the app, and the connection keeps serving the next stream.
+    func test_malformedHTTP2Requests_areResetWithProtocolError_nothingReachesTheApp_andTheConnectionGoesOn() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: "ok \(r.uri)") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let bad: [(String, [UInt8], [UInt8]?)] = [
+            ("CR LF in a value", Self.getBlock(Self.literal("x-a", "1\r\nx-injected: 1")), nil),
+            ("NUL in a value", Self.getBlock(Self.literal("x-a", "1\u{0}2")), nil),
+            ("uppercase name", Self.getBlock(Self.literal("X-Upper", "1")), nil),
+            ("connection-specific field", Self.getBlock(Self.literal("transfer-encoding", "chunked")), nil),
+            ("te other than trailers", Self.getBlock(Self.literal("te", "gzip")), nil),
+            ("no :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a")], nil),
+            ("pseudo-header after a field", [0x82, 0x86] + Self.literal("x-a", "1") + [0x84], nil),
+            ("unknown pseudo-header", Self.getBlock(Self.literal(":protocol", "websocket")), nil),
+            ("space in :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a")] + [0x04, 6] + Array("/a b/c".utf8), nil),
+            ("body longer than content-length", [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + Self.literal("content-length", "3"), Array("0123456789".utf8)),
+            ("body shorter than content-length", [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + Self.literal("content-length", "30"), Array("0123456789".utf8)),
+        ]
+        for (what, block, body) in bad {
+            let c = try RawClient(port: px.inbound)
+            var bytes = Self.preface + Self.frame(4, 0, 0)
+            bytes += Self.frame(1, body == nil ? 0x5 : 0x4, 1, block)
+            if let body { bytes += Self.frame(0, 1, 1, body) }
+            // Then a good request on stream 3.
+            bytes += Self.frame(1, 0x5, 3, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 3] + Array("/ok".utf8))
+            c.send(bytes)
+            let frames = Self.readFrames(c) { fs in fs.contains { $0.type == 0 && $0.stream == 3 && $0.flags & 1 != 0 } }
+            let rst = frames.first { $0.type == 3 && $0.stream == 1 }
+            XCTAssertNotNil(rst, "\(what): no RST_STREAM on stream 1: \(frames.map { ($0.type, $0.stream) })")
+            if let rst { XCTAssertEqual(Self.errorCode(rst), 1, what) }
+            XCTAssertFalse(frames.contains { $0.type == 1 && $0.stream == 1 }, "\(what): stream 1 got a response")
+            let body3 = frames.filter { $0.type == 0 && $0.stream == 3 }.flatMap(\.payload)
+            XCTAssertEqual(String(decoding: body3, as: UTF8.self), "ok /ok", what)
+        }
+        XCTAssertEqual(up.seen.map(\.uri).filter { $0 != "/ok" }, [], "a malformed request reached the app")
+    }
+
+    /// Connection errors end the connection with GOAWAY and the right code: a first
+    /// frame that is not SETTINGS, an even stream id, DATA on a stream never opened, a
+    /// frame above the maximum size, and a rapid-reset flood.
+    func test_http2ConnectionErrors_sendGoAwayWithTheirCode_includingRapidReset() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: "slow", delayMs: 200) }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        func goAway(_ bytes: [UInt8]) throws -> UInt32? {
+            let c = try RawClient(port: px.inbound)
+            c.send(bytes)
+            let frames = Self.readFrames(c, within: 10) { fs in fs.contains { $0.type == 7 } }
+            return frames.first { $0.type == 7 }.map(Self.errorCode)
+        }
+        XCTAssertEqual(try goAway(Self.preface + Self.frame(6, 0, 0, Array(repeating: 0, count: 8))), 1, "PING before SETTINGS")
+        XCTAssertEqual(try goAway(Self.preface + Self.frame(4, 0, 0) + Self.frame(1, 0x5, 2, Self.getBlock())), 1, "even stream id")
+        XCTAssertEqual(try goAway(Self.preface + Self.frame(4, 0, 0) + Self.frame(0, 0, 5, [1, 2, 3])), 1, "DATA on an idle stream")
+        XCTAssertEqual(try goAway(Self.preface + Self.frame(4, 0, 0) + Self.frame(0, 0, 1, Array(repeating: 0, count: 16_385))), 6, "frame above 16 KB")
+        var flood = Self.preface + Self.frame(4, 0, 0)
+        for s in stride(from: UInt32(1), to: 1000, by: 2) { flood += Self.frame(1, 0x5, s, Self.getBlock()) + Self.frame(3, 0, s, [0, 0, 0, 8]) }
+        XCTAssertEqual(try goAway(flood), 11, "rapid reset")
+        // A PING is answered, and a stream beyond 100 concurrent ones is refused.
+        let c = try RawClient(port: px.inbound)
+        var many = Self.preface + Self.frame(4, 0, 0) + Self.frame(6, 0, 0, Array(1...8))
+        for s in stride(from: UInt32(1), through: 201, by: 2) { many += Self.frame(1, 0x5, s, Self.getBlock()) }
+        c.send(many)
+        let frames = Self.readFrames(c, within: 10) { fs in fs.filter { $0.type == 0 && $0.flags & 1 != 0 }.count >= 100 }
+        XCTAssertTrue(frames.contains { $0.type == 6 && $0.flags == 1 && $0.payload == Array(1...8) }, "no PING ACK")
+        let refused = frames.filter { $0.type == 3 }
+        XCTAssertEqual(refused.map(\.stream), [201])
+        XCTAssertEqual(refused.first.map(Self.errorCode), 7)
+        XCTAssertEqual(frames.filter { $0.type == 0 && $0.flags & 1 != 0 }.count, 100)
+    }
 }
