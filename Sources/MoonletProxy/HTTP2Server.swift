@@ -72,7 +72,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     var recvUnacked = 0
 
     // Output.
-    var encoder: HPACKEncoder
+    var encoder = HPACKResponseWriter()
     var out: ByteBuffer?
     var scratch: ByteBuffer
     var sendWindow = 65_535
@@ -100,7 +100,6 @@ final class HTTP2ServerConnection: DeferredFlush {
         self.activity = activity
         decoder = HPACKDecoder(allocator: ctx.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
                                maxHeaderListSize: max(4096, limits.maxHeadBytes * 2))
-        encoder = HPACKEncoder(allocator: ctx.allocator)
         scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
@@ -334,7 +333,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         var windowGrew = false
         while let id = p.readInteger(as: UInt16.self), let v = p.readInteger(as: UInt32.self) {
             switch id {
-            case 1: try? encoder.setDynamicTableSize(min(Int(v), HPACKEncoder.defaultDynamicTableSize))
+            // 1 (HEADER_TABLE_SIZE) does not matter: responses use no dynamic table.
             case 2: guard v <= 1 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS_ENABLE_PUSH \(v)") }
             case 4:
                 guard v <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "SETTINGS_INITIAL_WINDOW_SIZE \(v)") }
@@ -441,13 +440,11 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// Resets a stream that has no state here (refused, malformed, or already closed).
     func streamError(_ stream: UInt32, _ code: HTTP2ErrorCode) { writeRSTStream(stream, code) }
 
-    /// A response head as HEADERS (and CONTINUATION past the peer's frame size).
-    func writeHeaders(stream: UInt32, _ fields: HPACKHeaders, endStream: Bool) {
+    /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
+    /// a `server` field added when given.
+    func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
         scratch.clear()
-        do { try encoder.encode(headers: fields, to: &scratch) } catch {
-            fail(HTTP2ConnectionError(.internalError, "HPACK: \(error)"))
-            return
-        }
+        encoder.write(head, server: server, into: &scratch)
         var b = output(capacity: scratch.readableBytes + 9)
         var type: UInt8 = 1
         repeat {
@@ -673,7 +670,7 @@ final class HTTP2ServerStream {
             try response.relay(bytes) { part in
                 switch part {
                 case .headers(let head, let end):
-                    connection.writeHeaders(stream: id, Self.responseHeaders(head), endStream: end)
+                    connection.writeHeaders(stream: id, head, server: nil, endStream: end)
                     if end { endQueued = true; sent() }
                 case .data(let d, let end):
                     send(d, end: end)
@@ -682,15 +679,6 @@ final class HTTP2ServerStream {
         } catch {
             reset(.internalError)
         }
-    }
-
-    /// `:status`, then the fields as HTTP/2 allows them.
-    static func responseHeaders(_ head: HTTPHead) -> HPACKHeaders {
-        var headers = HPACKHeaders()
-        headers.reserveCapacity(head.fields.count + head.added.count + 1)
-        headers.add(name: ":status", value: String(head.status))
-        head.appendHTTP2Fields(to: &headers, isRequest: false)
-        return headers
     }
 
     func send(_ data: ByteBuffer, end: Bool) {
