@@ -341,6 +341,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// head marked the client unflushed.
     @inline(__always)
     func releaseHeldHead() {
+        if let h2 { h2.releaseHeld(end: false); return }
         if let h = heldHead { heldHead = nil; emit(h); ctx.recycle(h) }
     }
 
@@ -946,6 +947,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let clientMinor = s.request.versionMinor
         responseChunked = false
         responseCloseDelimited = false
+        if let h2 {
+            // HTTP/2 frames the body itself: the head goes to the stream as it is.
+            if !requestComplete { closeAfterResponse = true }
+            responseStarted = true
+            h2.holdResponseHead(head)
+            markUnflushed()
+            return
+        }
         switch head.framing {
         case .chunked, .untilClose:
             if clientMinor == 1 { responseChunked = true } else { responseCloseDelimited = true; closeAfterResponse = true }
@@ -973,6 +982,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
+        if let h2 {
+            h2.responseBody(chunk)
+            markUnflushed()
+            if !downstreamWritable { flushDownstream() }
+            return
+        }
         if heldHead != nil {
             if chunk.readableBytes <= Self.mergedBodyLimit {
                 if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
@@ -990,7 +1005,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard let s = stream else { return }
         let now = NIODeadline.now().uptimeNanoseconds
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
-        if responseChunked {
+        if let h2 { h2.endResponse() }
+        else if responseChunked {
             if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
             else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
         }

@@ -681,6 +681,50 @@ final class HTTP2ServerStream {
         }
     }
 
+    // A proxied response comes as its parsed head and raw body chunks (the handler does
+    // not write HTTP/1.1 bytes for it, so nothing is parsed twice). The head and the
+    // latest chunk are held until the next chunk, the end of the response or the end of
+    // the loop's batch: END_STREAM then rides on the last frame, as a small response
+    // leaves in one HEADERS and one DATA frame.
+    var heldHead: HTTPHead?
+    var heldData: ByteBuffer?
+
+    /// The response head (from the upstream, after the filters).
+    func holdResponseHead(_ head: HTTPHead) {
+        guard !finished else { return }
+        heldHead = head
+    }
+
+    /// A chunk of the response body.
+    func responseBody(_ chunk: ByteBuffer) {
+        guard !finished, chunk.readableBytes > 0 else { return }
+        if heldData != nil { releaseHeld(end: false) }
+        heldData = chunk
+    }
+
+    /// The response is complete.
+    func endResponse() {
+        guard !finished else { return }
+        releaseHeld(end: true)
+    }
+
+    /// Sends what is held; `end` puts END_STREAM on the last frame (an empty DATA frame
+    /// when nothing is held).
+    func releaseHeld(end: Bool) {
+        guard !finished else { return }
+        if let h = heldHead {
+            heldHead = nil
+            connection.writeHeaders(stream: id, h, server: "moonlet", endStream: end && heldData == nil)
+            if end && heldData == nil { endQueued = true; sent(); return }
+        }
+        if let d = heldData {
+            heldData = nil
+            send(d, end: end)
+        } else if end {
+            send(ByteBuffer(), end: true)
+        }
+    }
+
     func send(_ data: ByteBuffer, end: Bool) {
         if end { endQueued = true }
         if pending.isEmpty, data.readableBytes <= min(sendWindow, connection.sendWindow, connection.peerMaxFrameSize) {
