@@ -960,7 +960,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if clientMinor == 1 { responseChunked = true } else { responseCloseDelimited = true; closeAfterResponse = true }
         default: break
         }
-        if !requestComplete { closeAfterResponse = true } // body still arriving: can't resync
+        if !requestComplete || ctx.draining { closeAfterResponse = true } // body still arriving: can't resync
         // Room for a small body too: it is copied behind the head (see heldHead).
         var room = 0
         if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
@@ -1237,6 +1237,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     // results, name lookups, pool waits, retry backoff, fault delay) end in bounded
     // time or are cancelled by finishStream, and each checks that its stream is still
     // the current one.
+
+    /// The proxy drains: HTTP/2 sends GOAWAY; HTTP/1.1 closes after the response in flight.
+    func drain() {
+        guard !closed, context != nil else { return }
+        if let h = h2Connection { h.drain() } else if stream != nil { closeAfterResponse = true }
+    }
 
     /// The loop's deadline check (LoopContext.checkDeadlines, every watchTickMs): an
     /// incomplete request head that outlived requestHeaderTimeoutMs gets 408; a

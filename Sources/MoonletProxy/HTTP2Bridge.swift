@@ -1,6 +1,4 @@
 import NIOCore
-import NIOHTTP1
-import NIOHTTP2
 import NIOHPACK
 import MoonletCore
 

@@ -498,7 +498,15 @@ final class HTTP2ServerConnection: DeferredFlush {
             ctx.recycle(b)
         }
         c.flush()
-        if peerGoingAway && streams.isEmpty { closeConnection() }
+        if (peerGoingAway || goAwaySent) && streams.isEmpty { closeConnection() }
+    }
+
+    /// The proxy drains: GOAWAY with NO_ERROR and the last stream opened; later streams
+    /// are refused, and the connection closes after its last stream.
+    func drain() {
+        guard !closed, !goAwaySent else { return }
+        writeGoAway(.noError)
+        markUnflushed()
     }
 
     // MARK: connection end
@@ -579,7 +587,10 @@ final class HTTP2ServerStream {
     var bodyReceived = 0
 
     // Response side.
-    var response: HTTP1ToHTTP2Frames
+    /// Reads the HTTP/1.1 bytes of a local reply (made on first use: proxied responses
+    /// come parsed, see holdResponseHead).
+    var relay: HTTP1ToHTTP2Frames?
+    var requestIsHead = false
     var sendWindow: Int
     var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>()
     var pendingBytes = 0
@@ -594,7 +605,6 @@ final class HTTP2ServerStream {
         self.id = id
         self.connection = connection
         self.sendWindow = sendWindow
-        response = HTTP1ToHTTP2Frames(requests: false, limits: connection.limits)
     }
 
     // MARK: request: frames -> HTTP/1.1 bytes
@@ -607,7 +617,7 @@ final class HTTP2ServerStream {
         h.h2 = self
         handler = h
         h.h2StreamOpened()
-        response.reader.requestWasHead = head.method == "HEAD"
+        requestIsHead = head.method == "HEAD"
         contentLength = head.contentLength
         if endStream {
             remoteClosed = true
@@ -663,11 +673,15 @@ final class HTTP2ServerStream {
 
     // MARK: response: HTTP/1.1 bytes -> frames
 
-    /// The handler's response bytes.
+    /// The handler's response bytes (a local reply, or an error before any response).
     func write(_ bytes: ByteBuffer) {
         guard !finished, !endQueued else { return }
         do {
-            try response.relay(bytes) { part in
+            if relay == nil {
+                relay = HTTP1ToHTTP2Frames(requests: false, limits: connection.limits)
+                relay!.reader.requestWasHead = requestIsHead
+            }
+            try relay!.relay(bytes) { part in
                 switch part {
                 case .headers(let head, let end):
                     connection.writeHeaders(stream: id, head, server: nil, endStream: end)

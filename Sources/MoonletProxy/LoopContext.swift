@@ -49,6 +49,8 @@ public final class LoopContext: @unchecked Sendable {
     let logger: Logger
     var nextStreamID: UInt64
     var activeStreams = 0
+    /// The proxy drains (SIGTERM): every response says `connection: close`.
+    var draining = false
     var activeConnections = 0
     /// Downstream handlers alive on this loop (connections and HTTP/2 streams): returns
     /// to zero once they close, or memory is being kept.
@@ -111,6 +113,15 @@ public final class LoopContext: @unchecked Sendable {
         let last = watched.removeLast()
         if last !== h { watched[i] = last; last.watchIndex = i }
         h.watchIndex = -1
+    }
+
+    /// SIGTERM: every client connection learns that the proxy goes away. HTTP/2 gets
+    /// GOAWAY (NO_ERROR: streams it opened later are refused, and the connection closes
+    /// after its last stream); HTTP/1.1 closes after the response in flight, and an idle
+    /// keep-alive connection gets `connection: close` on its next response.
+    func drainConnections() {
+        draining = true
+        for h in watched { h.drain() }
     }
 
     /// Runs every watched connection's deadline check; one that closes leaves the list

@@ -303,6 +303,7 @@ public final class ProxyServer: @unchecked Sendable {
         ready = false
         logger.info("draining")
         for l in listeners { try? l.close().wait() }
+        for c in contexts { c.loop.execute { c.drainConnections() } }
         let deadline = Date().addingTimeInterval(Double(settings.limits.drainTimeoutMs) / 1000)
         while Date() < deadline && activeStreams() > 0 { usleep(20_000) }
         stop()

@@ -90,14 +90,22 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertTrue(whole == big)
     }
 
-    func test_h2cMultiplexedLoad_allSucceed() throws {
+    func test_h2cMultiplexedLoad_allSucceed_andEveryStreamsHandlerIsReleased() throws {
         let up = try TestUpstream()
         defer { up.stop() }
-        let px = try ProxyFixture(appPort: up.port)
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1)
         defer { px.stop() }
         let out = try run("h2load", ["-n", "1000", "-c", "4", "-m", "10", "http://127.0.0.1:\(px.inbound)/"])
         XCTAssertTrue(out.contains("1000 succeeded, 0 failed, 0 errored"), out)
         XCTAssertLessThanOrEqual(up.connections, 2 * 64, "upstream connections are pooled")
+        let ctx = px.server.contexts[0]
+        var live = -1
+        for _ in 0..<50 {
+            live = try ctx.loop.submit { ctx.liveHandlers }.wait()
+            if live == 0 { break }
+            usleep(20_000)
+        }
+        XCTAssertEqual(live, 0, "handlers of ended streams or closed connections are still alive")
     }
 
     /// Response DATA stays within the client's windows: with SETTINGS_INITIAL_WINDOW_SIZE
@@ -119,6 +127,33 @@ final class HTTP2Tests: XCTestCase {
         c.send(Self.frame(8, 0, 1, [0, 0, 1, 0]))
         frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 0 && $0.flags & 1 != 0 } }
         XCTAssertEqual(String(decoding: frames.filter { $0.type == 0 }.flatMap(\.payload), as: UTF8.self), "56789abcdefghij")
+    }
+
+    /// On drain an HTTP/2 client gets GOAWAY (NO_ERROR, naming the last stream it
+    /// opened), the stream in flight still completes, a later stream is refused, and the
+    /// connection then closes.
+    func test_drain_sendsGoAway_finishesTheOpenStream_refusesLaterOnes_andCloses() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: "slow", delayMs: 400) }
+        defer { up.stop() }
+        var px: ProxyFixture? = try ProxyFixture(appPort: up.port)
+        defer { px?.stop() }
+        let c = try RawClient(port: px!.inbound)
+        c.send(Self.preface + Self.frame(4, 0, 0) + Self.frame(1, 0x5, 1, Self.getBlock()))
+        usleep(100_000)
+        let done = expectation(description: "drained")
+        let server = px!.server!
+        DispatchQueue.global().async { server.drainAndStop(); done.fulfill() }
+        var frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 7 } }
+        let goAway = try XCTUnwrap(frames.first { $0.type == 7 }, "no GOAWAY")
+        XCTAssertEqual(Self.errorCode(goAway), 0)
+        XCTAssertEqual(Array(goAway.payload[0..<4]), [0, 0, 0, 1], "last stream id")
+        c.send(Self.frame(1, 0x5, 3, Self.getBlock()))
+        frames += Self.readFrames(c, within: 5) { _ in false } // until the server closes
+        XCTAssertEqual(String(decoding: frames.filter { $0.type == 0 && $0.stream == 1 }.flatMap(\.payload), as: UTF8.self), "slow")
+        XCTAssertEqual(frames.filter { $0.type == 3 && $0.stream == 3 }.map(Self.errorCode), [7], "stream 3 not refused")
+        XCTAssertTrue(c.pending.isEmpty && !c.fill(), "the connection stays open")
+        wait(for: [done], timeout: 10)
+        px = nil
     }
 
     // MARK: raw frames

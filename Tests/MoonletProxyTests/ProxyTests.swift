@@ -239,7 +239,7 @@ final class ProxyCoreTests: XCTestCase {
         XCTAssertEqual(adminGet(px.admin, "/plugins/reload", method: "POST")?.status, 200)
     }
 
-    func test_drain_finishesInFlightRequests_andStopsAccepting() throws {
+    func test_drain_finishesInFlightRequests_closesTheirConnections_andStopsAccepting() throws {
         up.respond = { _ in TestUpstream.Reply(body: "slow", delayMs: 300) }
         let c = try RawClient(port: px.inbound)
         c.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -249,6 +249,7 @@ final class ProxyCoreTests: XCTestCase {
         DispatchQueue.global().async { self.px.server.drainAndStop(); done.fulfill() }
         let r = c.read()
         XCTAssertEqual(r?.body, "slow")
+        XCTAssertEqual(r?.header("connection"), "close", "the response in flight during the drain does not close its connection")
         wait(for: [done], timeout: 10)
         XCTAssertThrowsError(try RawClient(port: port))
         px = nil
