@@ -228,7 +228,56 @@ public final class VirtualHost: @unchecked Sendable {
     public internal(set) var routes: [HTTPRouteRule]?
     public internal(set) var virtualService: String = ""
     public internal(set) var service: ServiceInfo?
+    /// `routes` with their destinations resolved to clusters, made once the table is
+    /// built: routing a request copies no rule and builds no cluster key.
+    var compiled: [CompiledRoute] = []
+    /// The default route (no VirtualService): every endpoint of `service`.
+    var defaultTarget: RouteTarget?
     init(fqdn: String) { self.fqdn = fqdn }
+}
+
+/// A route rule and its destinations' targets (a class: the router borrows it
+/// instead of copying the rule's many fields per request).
+final class CompiledRoute {
+    let rule: HTTPRouteRule
+    let targets: [RouteTarget]
+    init(rule: HTTPRouteRule, targets: [RouteTarget]) { self.rule = rule; self.targets = targets }
+
+    // The rule's fields the router reads, each read alone.
+    var matches: [RouteMatch] { rule.matches }
+    var cumulativeWeights: [Int] { rule.cumulativeWeights }
+    var totalWeight: Int { rule.totalWeight }
+    var redirect: Redirect? { rule.redirect }
+    var directResponse: (status: Int, body: String)? { rule.directResponse }
+    var rewrite: Rewrite? { rule.rewrite }
+    var timeoutMs: Int? { rule.timeoutMs }
+    var retries: RetrySpec? { rule.retries }
+    var fault: Fault? { rule.fault }
+    var mirrors: [Mirror] { rule.mirrors }
+    var cors: CorsPolicy? { rule.cors }
+    var requestHeaders: HeaderOps { rule.requestHeaders }
+    var responseHeaders: HeaderOps { rule.responseHeaders }
+}
+
+/// Where a route destination goes: its cluster, or the cluster name a 503 UH reports.
+struct RouteTarget {
+    let fqdn: String
+    let subset: String
+    let cluster: ClusterInfo?
+    let servicePort: Int
+    let missing: String
+
+    init(_ service: ServiceInfo?, fqdn: String, subset: String, port: Int?) {
+        self.fqdn = fqdn
+        self.subset = subset
+        guard let sp = service?.port(port), let svc = service else {
+            cluster = nil; servicePort = 0; missing = "outbound|\(port ?? 0)|\(subset)|\(fqdn)"
+            return
+        }
+        servicePort = sp.number
+        cluster = svc.clusters["\(subset)|\(sp.number)"]
+        missing = "outbound|\(sp.number)|\(subset)|\(fqdn)"
+    }
 }
 
 /// A request as the router sees it.
@@ -261,7 +310,9 @@ public enum RouteOutcome {
     case preflight(headers: [(String, String)])
 }
 
-public struct Forward {
+/// A class: the outcome is handed from the router to the proxy without copying its
+/// fields.
+public final class Forward {
     /// The cluster to balance over (the proxy picks the endpoint on its loop).
     public var upstream: ClusterInfo
     public var cluster: String
@@ -282,6 +333,11 @@ public struct Forward {
     public var corsHeaders: [(String, String)] = []
     /// Mirror targets chosen for this request (percentages applied).
     public var mirrors: [(cluster: ClusterInfo, authority: String)] = []
+
+    init(upstream: ClusterInfo, cluster: String, host: String, subset: String, servicePort: Int, rule: Int) {
+        self.upstream = upstream; self.cluster = cluster; self.host = host; self.subset = subset
+        self.servicePort = servicePort; self.rule = rule
+    }
 }
 
 /// Routes indexed by host at load: lookup is one dictionary probe on the normalized
@@ -384,7 +440,17 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         t.clusterCount = nextID
+        var seen = Set<ObjectIdentifier>()
+        for vh in Array(t.hosts.values) + t.wildcards.map(\.host) where seen.insert(ObjectIdentifier(vh)).inserted { t.compile(vh) }
         return t
+    }
+
+    /// Resolves a virtual host's destinations to clusters (see VirtualHost.compiled).
+    func compile(_ vh: VirtualHost) {
+        if let svc = vh.service { vh.defaultTarget = RouteTarget(svc, fqdn: vh.fqdn, subset: "", port: nil) }
+        vh.compiled = (vh.routes ?? []).map { rule in
+            CompiledRoute(rule: rule, targets: rule.destinations.map { RouteTarget(services[$0.fqdn], fqdn: $0.fqdn, subset: $0.subset, port: $0.port) })
+        }
     }
 
     /// How many clusters the table numbered (balancer counters are sized by it).
@@ -400,12 +466,17 @@ public final class RouteTable: @unchecked Sendable {
     /// Routes one request. `random` supplies weights, fault percentages and endpoint picks.
     public func route(_ r: RouteRequest, random: inout Xoshiro256) -> RouteOutcome {
         guard let vh = lookup(r.authority) else { return .noRoute }
-        guard let routes = vh.routes else {
+        guard vh.routes != nil else {
             // No VirtualService: the default route to every endpoint of the service.
-            guard let svc = vh.service else { return .noRoute }
-            return forward(svc: svc, fqdn: vh.fqdn, subset: "", port: nil, rule: -1, r: r, random: &random, base: nil)
+            guard let target = vh.defaultTarget else { return .noRoute }
+            return forward(target, rule: -1, r: r, random: &random, base: nil)
         }
-        for (i, rule) in routes.enumerated() where matches(rule, r) {
+        for i in 0..<vh.compiled.count {
+            let compiled = vh.compiled[i]
+            guard matches(compiled, r) else { continue }
+            // Fields are read through `compiled` (a class): binding the rule to a local
+            // would copy every field of it.
+            let rule = compiled
             if let f = rule.fault {
                 if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
             }
@@ -429,17 +500,14 @@ public final class RouteTable: @unchecked Sendable {
             let pick = Int(random.next() % UInt64(rule.totalWeight))
             var k = 0
             while k < rule.cumulativeWeights.count - 1 && pick >= rule.cumulativeWeights[k] { k += 1 }
-            let dest = rule.destinations[k]
-            guard let svc = services[dest.fqdn] else { return .noHealthyUpstream(cluster: "outbound|\(dest.port ?? 0)|\(dest.subset)|\(dest.fqdn)") }
-            var out = forward(svc: svc, fqdn: dest.fqdn, subset: dest.subset, port: dest.port, rule: i, r: r, random: &random, base: rule)
-            if case .forward(var fw) = out {
+            let out = forward(compiled.targets[k], rule: i, r: r, random: &random, base: compiled)
+            if case .forward(let fw) = out {
                 if let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) { fw.delayMs = d }
                 fw.corsHeaders = corsHeaders
                 for m in rule.mirrors where Self.chance(m.percent, &random) {
                     guard let msvc = services[m.fqdn], let sp = msvc.port(m.port), let c = msvc.clusters["\(m.subset)|\(sp.number)"], c.endpointCount > 0 else { continue }
                     fw.mirrors.append((c, HostName.normalize(r.authority) + "-shadow"))
                 }
-                out = .forward(fw)
             }
             return out
         }
@@ -452,12 +520,9 @@ public final class RouteTable: @unchecked Sendable {
         return Double(random.next() % 1_000_000) < percent * 10_000
     }
 
-    func forward(svc: ServiceInfo, fqdn: String, subset: String, port: Int?, rule: Int, r: RouteRequest, random: inout Xoshiro256, base: HTTPRouteRule?) -> RouteOutcome {
-        guard let sp = svc.port(port) else { return .noHealthyUpstream(cluster: "outbound|\(port ?? 0)|\(subset)|\(fqdn)") }
-        guard let c = svc.clusters["\(subset)|\(sp.number)"], c.endpointCount > 0 else {
-            return .noHealthyUpstream(cluster: "outbound|\(sp.number)|\(subset)|\(fqdn)")
-        }
-        var f = Forward(upstream: c, cluster: c.name, host: fqdn, subset: subset, servicePort: sp.number, rule: rule)
+    func forward(_ t: RouteTarget, rule: Int, r: RouteRequest, random: inout Xoshiro256, base: CompiledRoute?) -> RouteOutcome {
+        guard let c = t.cluster, c.endpointCount > 0 else { return .noHealthyUpstream(cluster: t.missing) }
+        let f = Forward(upstream: c, cluster: c.name, host: t.fqdn, subset: t.subset, servicePort: t.servicePort, rule: rule)
         if let base {
             f.requestHeaders = base.requestHeaders
             f.responseHeaders = base.responseHeaders
@@ -478,7 +543,7 @@ public final class RouteTable: @unchecked Sendable {
 
     /// Istio's uri rewrite: replaces the matched prefix (or the whole path for exact
     /// and regex matches, or when no uri match applied).
-    func rewritePrefix(_ rule: HTTPRouteRule, _ r: RouteRequest, to newPrefix: String) -> String {
+    func rewritePrefix(_ rule: CompiledRoute, _ r: RouteRequest, to newPrefix: String) -> String {
         let (path, query) = Self.splitQuery(r.path)
         for m in rule.matches where matchOne(m, r) {
             if let u = m.uri, u.kind == .prefix {
@@ -503,7 +568,7 @@ public final class RouteTable: @unchecked Sendable {
     }
 
     @inline(__always)
-    func matches(_ rule: HTTPRouteRule, _ r: RouteRequest) -> Bool {
+    func matches(_ rule: CompiledRoute, _ r: RouteRequest) -> Bool {
         if rule.matches.isEmpty { return true }
         for m in rule.matches where matchOne(m, r) { return true }
         return false

@@ -219,6 +219,8 @@ public enum HostName {
 
     /// Host header value without port, lowercased.
     public static func normalize(_ authority: String) -> String {
+        // Already lowercase, without port or brackets (the common Host): as it is.
+        if authority.utf8.allSatisfy({ $0 < 128 && $0 != UInt8(ascii: ":") && $0 != UInt8(ascii: "[") && ($0 &- 65) >= 26 }) { return authority }
         var a = Substring(authority)
         if a.hasPrefix("[") { if let e = a.firstIndex(of: "]") { a = a[a.startIndex...e] } }
         else if let c = a.lastIndex(of: ":") { a = a[..<c] }
