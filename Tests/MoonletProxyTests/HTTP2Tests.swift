@@ -8,17 +8,9 @@ final class HTTP2Tests: XCTestCase {
     /// Reads frames until the server closes; returns the frame types seen and when it closed.
     static func readUntilClosed(_ c: RawClient, within seconds: Double) -> (types: [UInt8], closedAfter: Double?) {
         let start = Date()
-        var types: [UInt8] = []
-        while Date().timeIntervalSince(start) < seconds {
-            while c.pending.count >= 9 {
-                let len = Int(c.pending[0]) << 16 | Int(c.pending[1]) << 8 | Int(c.pending[2])
-                guard c.pending.count >= 9 + len else { break }
-                types.append(c.pending[3])
-                c.pending.removeFirst(9 + len)
-            }
-            if !c.fill() { return (types, Date().timeIntervalSince(start)) }
-        }
-        return (types, nil)
+        var closed = false
+        let frames = readFrames(c, within: seconds, closed: &closed) { _ in false }
+        return (frames.map(\.type), closed ? Date().timeIntervalSince(start) : nil)
     }
 
     func test_anIdleHTTP2Connection_isClosedAfterTheIdleTimeout_butNotWhileAStreamIsOpen() throws {
@@ -98,14 +90,7 @@ final class HTTP2Tests: XCTestCase {
         let out = try run("h2load", ["-n", "1000", "-c", "4", "-m", "10", "http://127.0.0.1:\(px.inbound)/"])
         XCTAssertTrue(out.contains("1000 succeeded, 0 failed, 0 errored"), out)
         XCTAssertLessThanOrEqual(up.connections, 2 * 64, "upstream connections are pooled")
-        let ctx = px.server.contexts[0]
-        var live = -1
-        for _ in 0..<50 {
-            live = try ctx.loop.submit { ctx.liveHandlers }.wait()
-            if live == 0 { break }
-            usleep(20_000)
-        }
-        XCTAssertEqual(live, 0, "handlers of ended streams or closed connections are still alive")
+        XCTAssertEqual(try px.liveHandlersOnceSettled(), 0, "handlers of ended streams or closed connections are still alive")
     }
 
     /// Response DATA stays within the client's windows: with SETTINGS_INITIAL_WINDOW_SIZE
@@ -177,6 +162,12 @@ final class HTTP2Tests: XCTestCase {
 
     /// Reads frames until `done` says so, the server closes, or `seconds` pass.
     static func readFrames(_ c: RawClient, within seconds: Double = 5, until done: ([Frame]) -> Bool) -> [Frame] {
+        var closed = false
+        return readFrames(c, within: seconds, closed: &closed, until: done)
+    }
+
+    /// As above; `closed` tells whether the server closed (or a read timed out).
+    static func readFrames(_ c: RawClient, within seconds: Double, closed: inout Bool, until done: ([Frame]) -> Bool) -> [Frame] {
         let start = Date()
         var frames: [Frame] = []
         while Date().timeIntervalSince(start) < seconds {
@@ -187,7 +178,8 @@ final class HTTP2Tests: XCTestCase {
                 frames.append(Frame(type: c.pending[3], flags: c.pending[4], stream: sid, payload: Array(c.pending[9..<(9 + len)])))
                 c.pending.removeFirst(9 + len)
             }
-            if done(frames) || !c.fill() { return frames }
+            if done(frames) { return frames }
+            if !c.fill() { closed = true; return frames }
         }
         return frames
     }

@@ -231,6 +231,19 @@ final class ProxyFixture {
         try server.start()
     }
 
+    /// Downstream handlers still alive on the first loop, polled for up to a second
+    /// until they reach 0 (a closed connection's handler goes once NIO lets it go).
+    func liveHandlersOnceSettled() throws -> Int {
+        let ctx = server.contexts[0]
+        var live = -1
+        for _ in 0..<50 {
+            live = try ctx.loop.submit { ctx.liveHandlers }.wait()
+            if live == 0 { break }
+            usleep(20_000)
+        }
+        return live
+    }
+
     func write(_ name: String, _ text: String) throws {
         try text.replacingOccurrences(of: "$DIR", with: dir).write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
     }
