@@ -141,6 +141,40 @@ final class HTTP2Tests: XCTestCase {
         px = nil
     }
 
+    /// Garbage after the preface (random frame types, flags, stream ids, lengths and
+    /// payloads, from a fixed seed) never takes the proxy down: each connection ends or
+    /// goes on, and afterwards HTTP/2 and HTTP/1.1 requests are served as before.
+    func test_randomFramesAfterThePreface_neverBreakTheProxy() throws {
+        let up = try TestUpstream()
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1)
+        defer { px.stop() }
+        var seed: UInt64 = 0x5eed_1234
+        func next() -> UInt64 { seed = seed &* 6364136223846793005 &+ 1442695040888963407; return seed >> 33 }
+        for conn in 0..<40 {
+            let c = try RawClient(port: px.inbound, timeoutSeconds: 1)
+            var bytes = Self.preface
+            if conn % 2 == 0 { bytes += Self.frame(4, 0, 0) } // half of them start properly
+            for _ in 0..<(20 + Int(next() % 40)) {
+                let type = UInt8(next() % 12)
+                let flags = UInt8(next() % 256)
+                let stream = UInt32(next() % 8)
+                let length = Int(next() % 64)
+                var payload = (0..<length).map { _ in UInt8(next() % 256) }
+                if type == 1 && next() % 2 == 0 { payload = Self.getBlock() } // sometimes a valid head
+                bytes += Self.frame(type, flags, stream, payload)
+            }
+            c.send(bytes)
+            _ = Self.readFrames(c, within: 1) { fs in fs.contains { $0.type == 7 } }
+        }
+        let h2 = try run("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "http://127.0.0.1:\(px.inbound)/after"])
+        XCTAssertEqual(h2, "hello")
+        let c = try RawClient(port: px.inbound)
+        c.send("GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 200)
+        XCTAssertEqual(try px.liveHandlersOnceSettled(), 1, "only the HTTP/1.1 connection above should be left")
+    }
+
     // MARK: raw frames
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
