@@ -631,7 +631,7 @@ final class HTTP2ServerStream {
     }
 
     func receiveData(_ data: ByteBuffer, end: Bool, flowLength: Int) {
-        guard let h = handler else { return }
+        guard !finished, let h = handler else { return }
         bodyReceived += data.readableBytes
         if contentLength >= 0 && (bodyReceived > contentLength || (end && bodyReceived != contentLength)) {
             // The body disagrees with content-length: malformed (RFC 9113 §8.1.1).
