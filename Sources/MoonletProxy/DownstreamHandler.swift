@@ -479,7 +479,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         if s.request.expectContinue && reqDecoder != nil {
             s.request.removeAll(of: .expect)
-            writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
+            if let h2 { h2.writeContinue() } else { writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")) }
         }
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.

@@ -74,6 +74,13 @@ struct HPACKResponseWriter {
         }
     }
 
+    /// An interim response's block: `:status` alone (100 Continue).
+    mutating func writeStatus(_ status: Int, into b: inout ByteBuffer) {
+        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) }
+        b.writeInteger(UInt8(0x08))
+        Self.writeString(String(status), lowercase: false, into: &b)
+    }
+
     /// Writes `:status` and the head's fields as HTTP/2 allows them (without Connection,
     /// the fields it names, Keep-Alive, Proxy-Connection, Transfer-Encoding and Upgrade,
     /// RFC 9113 §8.2.2), then the fields filters added, then `server` when `server` is

@@ -461,6 +461,17 @@ final class HTTP2ServerConnection: DeferredFlush {
         markUnflushed()
     }
 
+    /// An interim response (HEADERS with `:status` 100, not ending the stream).
+    func writeContinue(stream: UInt32) {
+        scratch.clear()
+        encoder.writeStatus(100, into: &scratch)
+        var b = output(capacity: scratch.readableBytes + 9)
+        Self.writeFrameHeader(length: scratch.readableBytes, type: 1, flags: 0x4, stream: stream, into: &b)
+        b.writeBuffer(&scratch)
+        out = b
+        markUnflushed()
+    }
+
     /// One DATA frame (the windows already taken). Small payloads are copied behind the
     /// frame header; large ones are written as they are.
     func writeData(stream: UInt32, _ payload: ByteBuffer, endStream: Bool) {
@@ -702,6 +713,12 @@ final class HTTP2ServerStream {
     // leaves in one HEADERS and one DATA frame.
     var heldHead: HTTPHead?
     var heldData: ByteBuffer?
+
+    /// `expect: 100-continue`: the client may send the body (an interim HEADERS).
+    func writeContinue() {
+        guard !finished, !endQueued, heldHead == nil else { return }
+        connection.writeContinue(stream: id)
+    }
 
     /// The response head (from the upstream, after the filters).
     func holdResponseHead(_ head: HTTPHead) {

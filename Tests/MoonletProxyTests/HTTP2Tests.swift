@@ -175,6 +175,25 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertEqual(try px.liveHandlersOnceSettled(), 1, "only the HTTP/1.1 connection above should be left")
     }
 
+    /// `expect: 100-continue` gets an interim HEADERS (`:status` 100) before the body is
+    /// sent, then the final response.
+    func test_expectContinue_getsAnInterim100_thenTheResponse() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.body)") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let post: [UInt8] = [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + Self.literal("content-length", "5") + Self.literal("expect", "100-continue")
+        c.send(Self.preface + Self.frame(4, 0, 0) + Self.frame(1, 0x4, 1, post))
+        var frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+        let interim = try XCTUnwrap(frames.first { $0.type == 1 && $0.stream == 1 }, "no interim HEADERS")
+        XCTAssertEqual(interim.flags & 1, 0, "the interim HEADERS ended the stream")
+        XCTAssertTrue(interim.payload.suffix(4) == [0x03] + Array("100".utf8), "not :status 100: \(interim.payload)")
+        c.send(Self.frame(0, 1, 1, Array("hello".utf8)))
+        frames = Self.readFrames(c, within: 3) { fs in fs.contains { $0.type == 0 && $0.flags & 1 != 0 } }
+        XCTAssertEqual(String(decoding: frames.filter { $0.type == 0 }.flatMap(\.payload), as: UTF8.self), "got hello")
+    }
+
     // MARK: raw frames
 
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
