@@ -95,21 +95,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var lastSeries: RequestSeries?
     var lastSeriesKey: SeriesKey?
 
-    /// Set when this handler serves one HTTP/2 stream (then `h2` is its stream).
-    let http2Stream: Bool
     /// The HTTP/2 stream this handler serves: its bytes come from and go to the stream,
-    /// not a channel (`context` stays nil).
+    /// not a channel (`context` stays nil). Set before its first request byte.
     var h2: HTTP2ServerStream?
-    /// First bytes not seen yet: they may be the HTTP/2 preface (h2c prior knowledge).
+    /// Whether this handler serves one HTTP/2 stream.
+    var http2Stream: Bool { h2 != nil }
+    /// First bytes of a connection not seen yet: they may be the HTTP/2 preface (h2c
+    /// prior knowledge). A stream's handler never reads a channel, so never sniffs.
     var sniffing = true
     /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
     var h2Connection: HTTP2ServerConnection?
 
-    init(ctx: LoopContext, role: ListenerRole, http2Stream: Bool = false) {
+    init(ctx: LoopContext, role: ListenerRole) {
         self.ctx = ctx
         self.role = role
-        self.http2Stream = http2Stream
-        self.sniffing = !http2Stream
         self.limits = ctx.settings.limits
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
         ctx.liveHandlers += 1

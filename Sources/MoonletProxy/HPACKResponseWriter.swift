@@ -81,10 +81,9 @@ struct HPACKResponseWriter {
         Self.writeString(String(status), lowercase: false, into: &b)
     }
 
-    /// Writes `:status` and the head's fields as HTTP/2 allows them (without Connection,
-    /// the fields it names, Keep-Alive, Proxy-Connection, Transfer-Encoding and Upgrade,
-    /// RFC 9113 §8.2.2), then the fields filters added, then `server` when `server` is
-    /// given.
+    /// Writes `:status` and the head's fields as HTTP/2 allows them (see
+    /// HTTPHead.isHTTP2Forbidden), then the fields filters added, then `server` when
+    /// `server` is given.
     mutating func write(_ head: HTTPHead, server: String?, into b: inout ByteBuffer) {
         if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) } // table size 0
         if let index = Self.statusIndex(head.status) {
@@ -94,13 +93,8 @@ struct HPACKResponseWriter {
             Self.writeString(String(head.status), lowercase: false, into: &b)
         }
         head.bytes.withUnsafeReadableBytes { raw in
-            for i in 0..<head.fields.count where !head.fields[i].removed {
+            for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
                 let f = head.fields[i]
-                switch f.kind {
-                case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-                default: break
-                }
-                if !head.connectionTokens.isEmpty && head.connectionTokens.contains(head.lowercasedName(at: i)) { continue }
                 let index = Self.nameIndex(head, i)
                 if index > 0 {
                     Self.writeInteger(index, prefix: 4, flags: 0, into: &b)

@@ -12,21 +12,24 @@ final class HTTP2ConnectionActivity {
 }
 
 extension HTTPHead {
+    /// Whether field `i` must not go into an HTTP/2 header block: the HTTP/1.1
+    /// connection-specific ones (RFC 9113 §8.2.2: Connection and the fields it names,
+    /// Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade), TE, and in a request
+    /// Host (`:authority` carries it).
+    @inline(__always)
+    func isHTTP2Forbidden(_ i: Int, isRequest: Bool) -> Bool {
+        switch fields[i].kind {
+        case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return true
+        case .te, .host where isRequest: return true
+        default: return !connectionTokens.isEmpty && connectionTokens.contains(lowercasedName(at: i))
+        }
+    }
+
     /// Appends the head's fields (and those a filter added) to an HTTP/2 header block,
-    /// names lowercased, without the HTTP/1.1 connection-specific ones HTTP/2 forbids
-    /// (RFC 9113 §8.2.2): Connection and the fields it names, Keep-Alive,
-    /// Proxy-Connection, Transfer-Encoding, Upgrade. A request also drops TE and Host
-    /// (`:authority` carries the host).
+    /// names lowercased, without those `isHTTP2Forbidden` names.
     func appendHTTP2Fields(to headers: inout HPACKHeaders, isRequest: Bool) {
-        for i in 0..<fields.count where !fields[i].removed {
-            switch fields[i].kind {
-            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-            case .te, .host where isRequest: continue
-            default:
-                let name = lowercasedName(at: i)
-                if !connectionTokens.isEmpty && connectionTokens.contains(name) { continue }
-                headers.add(name: name, value: value(at: i))
-            }
+        for i in 0..<fields.count where !fields[i].removed && !isHTTP2Forbidden(i, isRequest: isRequest) {
+            headers.add(name: lowercasedName(at: i), value: value(at: i))
         }
         for a in added {
             let name = a.name.lowercased()

@@ -103,16 +103,14 @@ final class HTTP2ServerConnection: DeferredFlush {
         scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
-        var b = output(capacity: 64)
-        Self.writeFrameHeader(length: 18, type: 4, flags: 0, stream: 0, into: &b)
-        b.writeInteger(UInt16(3)); b.writeInteger(UInt32(Self.maxConcurrentStreams))  // MAX_CONCURRENT_STREAMS
-        b.writeInteger(UInt16(4)); b.writeInteger(UInt32(Self.streamWindow))          // INITIAL_WINDOW_SIZE
-        b.writeInteger(UInt16(6)); b.writeInteger(UInt32(limits.maxHeadBytes))        // MAX_HEADER_LIST_SIZE
-        Self.writeFrameHeader(length: 4, type: 8, flags: 0, stream: 0, into: &b)
-        b.writeInteger(UInt32(Self.connectionWindow - 65_535))
+        let maxHeadBytes = limits.maxHeadBytes
+        writeFrame(type: 4, flags: 0, stream: 0, length: 18) { b in
+            b.writeInteger(UInt16(3)); b.writeInteger(UInt32(Self.maxConcurrentStreams))  // MAX_CONCURRENT_STREAMS
+            b.writeInteger(UInt16(4)); b.writeInteger(UInt32(Self.streamWindow))          // INITIAL_WINDOW_SIZE
+            b.writeInteger(UInt16(6)); b.writeInteger(UInt32(maxHeadBytes))               // MAX_HEADER_LIST_SIZE
+        }
+        writeWindowUpdate(stream: 0, Self.connectionWindow - 65_535)
         recvWindow = Self.connectionWindow
-        out = b
-        markUnflushed()
     }
 
     // MARK: input
@@ -179,7 +177,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         case 1: try headers(flags: flags, stream: stream, payload: payload)
         case 2:
             guard stream != 0 else { throw HTTP2ConnectionError(.protocolError, "PRIORITY on stream 0") }
-            if payload.readableBytes != 5 { streamError(stream, .frameSizeError) } // priorities are otherwise ignored
+            if payload.readableBytes != 5 { writeRSTStream(stream, .frameSizeError) } // priorities are otherwise ignored
         case 3: try rstStream(stream: stream, payload: payload)
         case 4: try settings(flags: flags, stream: stream, payload: payload)
         case 5: throw HTTP2ConnectionError(.protocolError, "PUSH_PROMISE from a client")
@@ -226,7 +224,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         }
         guard let s = streams[id] else {
             guard id <= lastStreamID else { throw HTTP2ConnectionError(.protocolError, "DATA on idle stream \(id)") }
-            streamError(id, .streamClosed)
+            writeRSTStream(id, .streamClosed)
             return
         }
         guard !s.remoteClosed else { s.reset(.streamClosed); return }
@@ -292,14 +290,14 @@ final class HTTP2ServerConnection: DeferredFlush {
             throw HTTP2ConnectionError(.protocolError, "HEADERS opening stream \(id) after stream \(lastStreamID)")
         }
         lastStreamID = id
-        if selfDependent { streamError(id, .protocolError); return }
+        if selfDependent { writeRSTStream(id, .protocolError); return }
         if goAwaySent || peerGoingAway || streams.count >= Self.maxConcurrentStreams {
-            streamError(id, .refusedStream)
+            writeRSTStream(id, .refusedStream)
             return
         }
         guard let head = HTTP2RequestHead(fields) else {
             ctx.metrics.count("moonlet_downstream_protocol_errors_total")
-            streamError(id, .protocolError)
+            writeRSTStream(id, .protocolError)
             return
         }
         let s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
@@ -350,9 +348,7 @@ final class HTTP2ServerConnection: DeferredFlush {
             default: break
             }
         }
-        var b = output(capacity: 9)
-        Self.writeFrameHeader(length: 0, type: 4, flags: 1, stream: 0, into: &b) // ACK
-        out = b
+        writeFrame(type: 4, flags: 1, stream: 0, length: 0) // ACK
         try controlFrameWritten()
         if windowGrew { resumeStreams() }
     }
@@ -361,17 +357,12 @@ final class HTTP2ServerConnection: DeferredFlush {
         guard stream == 0 else { throw HTTP2ConnectionError(.protocolError, "PING on stream \(stream)") }
         guard payload.readableBytes == 8 else { throw HTTP2ConnectionError(.frameSizeError, "PING of \(payload.readableBytes) bytes") }
         guard flags & 1 == 0 else { return }
-        var b = output(capacity: 17)
-        Self.writeFrameHeader(length: 8, type: 6, flags: 1, stream: 0, into: &b)
-        var p = payload
-        b.writeBuffer(&p)
-        out = b
+        writeFrame(type: 6, flags: 1, stream: 0, length: 8) { b in var p = payload; b.writeBuffer(&p) }
         try controlFrameWritten()
     }
 
     /// Answers to PING and SETTINGS pile up when the peer does not read: bounded.
     func controlFrameWritten() throws {
-        markUnflushed()
         if let ch = context?.channel, !ch.isWritable {
             controlWhileBlocked += 1
             if controlWhileBlocked > 10_000 { throw HTTP2ConnectionError(.enhanceYourCalm, "control frames flood while not reading") }
@@ -421,30 +412,44 @@ final class HTTP2ServerConnection: DeferredFlush {
         b.writeInteger(stream)
     }
 
+    /// Appends one frame to the output (`payload` writes its `length` bytes) and queues
+    /// the flush.
+    @inline(__always)
+    func writeFrame(type: UInt8, flags: UInt8, stream: UInt32, length: Int, _ payload: (inout ByteBuffer) -> Void = { _ in }) {
+        var b = output(capacity: 9 + length)
+        Self.writeFrameHeader(length: length, type: type, flags: flags, stream: stream, into: &b)
+        payload(&b)
+        out = b
+        markUnflushed()
+    }
+
     func writeWindowUpdate(stream: UInt32, _ increment: Int) {
-        var b = output(capacity: 13)
-        Self.writeFrameHeader(length: 4, type: 8, flags: 0, stream: stream, into: &b)
-        b.writeInteger(UInt32(increment))
-        out = b
-        markUnflushed()
+        writeFrame(type: 8, flags: 0, stream: stream, length: 4) { $0.writeInteger(UInt32(increment)) }
     }
 
+    /// Resets a stream (also one with no state here: refused, malformed, or closed).
     func writeRSTStream(_ stream: UInt32, _ code: HTTP2ErrorCode) {
-        var b = output(capacity: 13)
-        Self.writeFrameHeader(length: 4, type: 3, flags: 0, stream: stream, into: &b)
-        b.writeInteger(code.rawValue)
-        out = b
-        markUnflushed()
+        writeFrame(type: 3, flags: 0, stream: stream, length: 4) { $0.writeInteger(code.rawValue) }
     }
-
-    /// Resets a stream that has no state here (refused, malformed, or already closed).
-    func streamError(_ stream: UInt32, _ code: HTTP2ErrorCode) { writeRSTStream(stream, code) }
 
     /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
     /// a `server` field added when given.
     func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
         scratch.clear()
         encoder.write(head, server: server, into: &scratch)
+        writeHeaderBlock(stream: stream, endStream: endStream)
+    }
+
+    /// An interim response (HEADERS with `:status` 100, not ending the stream).
+    func writeContinue(stream: UInt32) {
+        scratch.clear()
+        encoder.writeStatus(100, into: &scratch)
+        writeHeaderBlock(stream: stream, endStream: false)
+    }
+
+    /// Frames the header block in `scratch`: HEADERS, then CONTINUATION frames past the
+    /// peer's maximum frame size.
+    func writeHeaderBlock(stream: UInt32, endStream: Bool) {
         var b = output(capacity: scratch.readableBytes + 9)
         var type: UInt8 = 1
         repeat {
@@ -461,28 +466,16 @@ final class HTTP2ServerConnection: DeferredFlush {
         markUnflushed()
     }
 
-    /// An interim response (HEADERS with `:status` 100, not ending the stream).
-    func writeContinue(stream: UInt32) {
-        scratch.clear()
-        encoder.writeStatus(100, into: &scratch)
-        var b = output(capacity: scratch.readableBytes + 9)
-        Self.writeFrameHeader(length: scratch.readableBytes, type: 1, flags: 0x4, stream: stream, into: &b)
-        b.writeBuffer(&scratch)
-        out = b
-        markUnflushed()
-    }
-
     /// One DATA frame (the windows already taken). Small payloads are copied behind the
     /// frame header; large ones are written as they are.
     func writeData(stream: UInt32, _ payload: ByteBuffer, endStream: Bool) {
-        markUnflushed()
-        var b = output(capacity: 9 + min(payload.readableBytes, 8192))
-        Self.writeFrameHeader(length: payload.readableBytes, type: 0, flags: endStream ? 1 : 0, stream: stream, into: &b)
+        let flags: UInt8 = endStream ? 1 : 0
         if payload.readableBytes <= 8192 {
-            var p = payload
-            b.writeBuffer(&p)
-            out = b
+            writeFrame(type: 0, flags: flags, stream: stream, length: payload.readableBytes) { b in var p = payload; b.writeBuffer(&p) }
         } else {
+            markUnflushed()
+            var b = output(capacity: 9)
+            Self.writeFrameHeader(length: payload.readableBytes, type: 0, flags: flags, stream: stream, into: &b)
             context?.write(NIOAny(b), promise: nil)
             ctx.recycle(b)
             context?.write(NIOAny(payload), promise: nil)
@@ -517,7 +510,6 @@ final class HTTP2ServerConnection: DeferredFlush {
     func drain() {
         guard !closed, !goAwaySent else { return }
         writeGoAway(.noError)
-        markUnflushed()
     }
 
     // MARK: connection end
@@ -535,11 +527,8 @@ final class HTTP2ServerConnection: DeferredFlush {
 
     func writeGoAway(_ code: HTTP2ErrorCode) {
         goAwaySent = true
-        var b = output(capacity: 17)
-        Self.writeFrameHeader(length: 8, type: 7, flags: 0, stream: 0, into: &b)
-        b.writeInteger(lastStreamID)
-        b.writeInteger(code.rawValue)
-        out = b
+        let last = lastStreamID
+        writeFrame(type: 7, flags: 0, stream: 0, length: 8) { b in b.writeInteger(last); b.writeInteger(code.rawValue) }
     }
 
     /// Flushes what is queued and closes the TCP connection.
@@ -622,7 +611,7 @@ final class HTTP2ServerStream {
 
     func open(_ head: HTTP2RequestHead, endStream: Bool) {
         let c = connection
-        let h = DownstreamHandler(ctx: c.ctx, role: c.role, http2Stream: true)
+        let h = DownstreamHandler(ctx: c.ctx, role: c.role)
         h.inheritedPeer = c.peer
         h.h2Activity = c.activity
         h.h2 = self
