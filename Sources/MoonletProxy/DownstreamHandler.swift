@@ -28,12 +28,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
     var tlsEstablished = false
-    /// HTTP/2: the connection's open streams and when the last one ended, shared by the
-    /// connection's handler (its idle timer) and its streams' handlers.
-    var h2Activity: HTTP2ConnectionActivity?
-    /// An HTTP/2 stream's connection peer and its IP (set by the bridge before
-    /// channelActive): a stream does not format the address again.
-    var inheritedPeer: (info: PeerInfo, ip: String)?
     /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
     var upstreamTLS: UpstreamTLS?
 
@@ -151,10 +145,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     /// An HTTP/2 stream opened (its request head arrives next): the counterpart of
-    /// channelActive for a handler that serves one stream.
+    /// channelActive for a handler that serves one stream. The stream takes its
+    /// connection's peer (the address is not formatted again).
     func h2StreamOpened() {
-        if let p = inheritedPeer { peer = p.info; peerIP = p.ip }
-        h2Activity?.openStreams += 1
+        guard let p = h2?.connection.peer else { return }
+        peer = p.info
+        peerIP = p.ip
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -167,10 +163,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// The HTTP/2 stream ended (both sides done, reset, or its connection gone): the
     /// counterpart of channelInactive.
     func h2StreamClosed() {
-        if let a = h2Activity {
-            a.openStreams -= 1
-            a.lastActivity = NIODeadline.now().uptimeNanoseconds
-        }
         ended()
     }
 
@@ -365,9 +357,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// gets its own DownstreamHandler.
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
         // The idle deadline stays: the connection is idle while it has no open stream.
-        let activity = HTTP2ConnectionActivity(since: NIODeadline.now().uptimeNanoseconds)
-        h2Activity = activity
-        let h = HTTP2ServerConnection(ctx: ctx, role: role, context: context, peer: (peer, peerIP), activity: activity)
+        let h = HTTP2ServerConnection(ctx: ctx, role: role, context: context, peer: (peer, peerIP))
         h2Connection = h
         h.receive(first)
     }
@@ -1255,8 +1245,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             return
         }
         let idleMs = limits.downstreamIdleTimeoutMs
-        guard idleMs > 0, stream == nil, (h2Activity?.openStreams ?? 0) == 0 else { return }
-        let last = max(lastActivity, h2Activity?.lastActivity ?? 0)
+        guard idleMs > 0, stream == nil, h2Connection?.streams.isEmpty ?? true else { return }
+        let last = max(lastActivity, h2Connection?.lastStreamEnd ?? 0)
         if now &- last >= UInt64(idleMs) * 1_000_000 {
             closed = true
             if let h = h2Connection { h.fail(HTTP2ConnectionError(.noError, "idle")) } else { context.close(promise: nil) }

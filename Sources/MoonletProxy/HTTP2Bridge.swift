@@ -2,15 +2,6 @@ import NIOCore
 import NIOHPACK
 import MoonletCore
 
-/// Open streams of one downstream HTTP/2 connection and when the last one ended: the
-/// connection is idle (downstreamIdleTimeoutMs, Envoy's idle_timeout) only while it
-/// has no open stream. Touched only on the connection's event loop.
-final class HTTP2ConnectionActivity {
-    var openStreams = 0
-    var lastActivity: UInt64
-    init(since: UInt64) { lastActivity = since }
-}
-
 extension HTTPHead {
     /// Whether field `i` must not go into an HTTP/2 header block: the HTTP/1.1
     /// connection-specific ones (RFC 9113 §8.2.2: Connection and the fields it names,

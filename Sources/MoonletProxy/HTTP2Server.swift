@@ -54,7 +54,9 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// The connection's handler context (nil once the connection is gone).
     var context: ChannelHandlerContext?
     let peer: (info: PeerInfo, ip: String)
-    let activity: HTTP2ConnectionActivity
+    /// When the last stream ended (uptime ns): with no stream open, the connection is
+    /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
+    var lastStreamEnd: UInt64
     var flushQueued = false
 
     // Input.
@@ -91,13 +93,13 @@ final class HTTP2ServerConnection: DeferredFlush {
     var emptyDataFrames = 0
     var controlWhileBlocked = 0
 
-    init(ctx: LoopContext, role: ListenerRole, context: ChannelHandlerContext, peer: (info: PeerInfo, ip: String), activity: HTTP2ConnectionActivity) {
+    init(ctx: LoopContext, role: ListenerRole, context: ChannelHandlerContext, peer: (info: PeerInfo, ip: String)) {
         self.ctx = ctx
         self.role = role
         self.limits = ctx.settings.limits
         self.context = context
         self.peer = peer
-        self.activity = activity
+        lastStreamEnd = NIODeadline.now().uptimeNanoseconds
         decoder = HPACKDecoder(allocator: ctx.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
                                maxHeaderListSize: max(4096, limits.maxHeadBytes * 2))
         scratch = ctx.allocator.buffer(capacity: 1024)
@@ -612,8 +614,6 @@ final class HTTP2ServerStream {
     func open(_ head: HTTP2RequestHead, endStream: Bool) {
         let c = connection
         let h = DownstreamHandler(ctx: c.ctx, role: c.role)
-        h.inheritedPeer = c.peer
-        h.h2Activity = c.activity
         h.h2 = self
         handler = h
         h.h2StreamOpened()
@@ -847,7 +847,10 @@ final class HTTP2ServerStream {
     }
 
     func end() {
-        if connection.streams[id] === self { connection.streams[id] = nil }
+        if connection.streams[id] === self {
+            connection.streams[id] = nil
+            connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
+        }
         if let h = handler {
             handler = nil
             h.h2StreamClosed()
