@@ -158,7 +158,8 @@ final class RetryTests: XCTestCase {
     }
 
     func test_deadBackend_connectFailuresAreRetriedOnTheOtherHost() throws {
-        let dead = try TestUpstream(); let deadPort = dead.port; dead.stop()
+        let dead = try RefusingPort(); let deadPort = dead.port
+        defer { withExtendedLifetime(dead) {} }
         let live = try TestUpstream()
         defer { live.stop() }
         let px = try ProxyFixture(appPort: 1, files: ["rt.yaml": serviceYAML([deadPort, live.port])], concurrency: 1)

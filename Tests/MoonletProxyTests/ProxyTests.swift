@@ -196,8 +196,9 @@ final class ProxyCoreTests: XCTestCase {
     }
 
     func test_appDown_is503UF() throws {
-        let dead = try TestUpstream(); let port = dead.port; dead.stop()
-        let p2 = try ProxyFixture(appPort: port)
+        let dead = try RefusingPort()
+        defer { withExtendedLifetime(dead) {} }
+        let p2 = try ProxyFixture(appPort: dead.port)
         defer { p2.stop() }
         let c = try RawClient(port: p2.inbound)
         let r = try XCTUnwrap(get(c))

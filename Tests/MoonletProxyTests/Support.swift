@@ -111,6 +111,30 @@ final class TestUpstream: @unchecked Sendable {
 }
 
 /// A blocking HTTP/1.1 client over one TCP connection (keep-alive), for exact bytes.
+/// A port on 127.0.0.1 that refuses connections for as long as this object lives: a
+/// socket bound to it but not listening. (A stopped server's port could be taken by
+/// another test's server meanwhile, which then answers instead of refusing.)
+final class RefusingPort {
+    let fd: Int32
+    let port: Int
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.fd = fd
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = 0
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        port = Int(UInt16(bigEndian: addr.sin_port))
+        if !ok { throw NSError(domain: "bind", code: Int(errno)) }
+    }
+    deinit { close(fd) }
+}
+
 final class RawClient {
     let fd: Int32
     var pending = [UInt8]()
