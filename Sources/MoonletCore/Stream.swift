@@ -124,7 +124,7 @@ public final class ProxyStream {
     public var localReply: LocalReply?
     public var source: PeerInfo
     public var destination = DestinationInfo()
-    public var route = RouteDecision()
+    public var route: RouteDecision
     public var responseFlags: ResponseFlags = []
     /// Set when the proxy itself produced the response (local reply).
     public var responseCode: Int = 0
@@ -152,9 +152,12 @@ public final class ProxyStream {
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
     public var luaContext: AnyObject?
 
-    public init(id: UInt64, request: HTTPHead, source: PeerInfo, filterCount: Int, startNanos: UInt64) {
+    /// `route` is the decision known before any filter runs (the inbound listener's
+    /// fixed one); passing it here saves building an empty one and replacing it.
+    public init(id: UInt64, request: HTTPHead, source: PeerInfo, filterCount: Int, startNanos: UInt64, route: RouteDecision = RouteDecision()) {
         self.id = id
         self.request = request
+        self.route = route
         self.source = source
         self.startNanos = startNanos
         self.filterState = filterCount == 0 ? [] : [AnyObject?](repeating: nil, count: filterCount)

@@ -431,7 +431,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
         // runs right after channelRead or finishStream set it), so the clock is not read again.
-        let s = ProxyStream(id: ctx.nextStreamID, request: consume head, source: peer, filterCount: 0, startNanos: lastActivity)
+        let s = ProxyStream(id: ctx.nextStreamID, request: consume head, source: peer, filterCount: 0, startNanos: lastActivity,
+                            route: role == .inbound ? ctx.inboundRoute : RouteDecision())
         ctx.nextStreamID &+= 1
         ctx.activeStreams += 1
         stream = s
@@ -449,7 +450,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role.rawValue
-        if role == .inbound { s.route = ctx.inboundRoute }
         switch chain.runRequest(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.
@@ -911,7 +911,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         var head = consume headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
-        Self.applyRouteResponseEdits(s.route, to: &head)
+        Self.applyRouteResponseEdits(s, to: &head)
         if chain.filters.isEmpty {
             writeResponseHead(head)
             s.response = consume head
@@ -1060,7 +1060,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         s.responseCode = reply.status
         var head = Self.localHead(reply, allocator: ctx.allocator)
-        Self.applyRouteResponseEdits(s.route, to: &head)
+        Self.applyRouteResponseEdits(s, to: &head)
         s.response = head
         // A response filter may replace the reply (s:respond) or set its status; the
         // head is then rebuilt, keeping the headers filters added.
@@ -1095,10 +1095,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
 
     /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
     /// router, before the response filters see the head).
-    static func applyRouteResponseEdits(_ r: RouteDecision, to head: inout HTTPHead) {
-        for n in r.responseRemove { head.remove(n) }
-        for (n, v) in r.responseSet { head.set(n, v) }
-        for (n, v) in r.responseAdd { head.addLowercased(n, v) }
+    /// Reads the edits through the stream: taking the RouteDecision as an argument would
+    /// copy it (a retain of each of its strings and arrays) on every response.
+    static func applyRouteResponseEdits(_ s: ProxyStream, to head: inout HTTPHead) {
+        for n in s.route.responseRemove { head.remove(n) }
+        for (n, v) in s.route.responseSet { head.set(n, v) }
+        for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
     }
 
     static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {
