@@ -143,6 +143,7 @@ public struct ConfigLoader {
                     default: break
                     }
                     out.errors += d.errors
+                    out.skipped += d.notApplied
                     out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file, line: doc.line))
                 } else {
                     out.skipped.append("\(file):\(doc.line): \(resource): kind not supported, skipped")

@@ -12,6 +12,9 @@ struct TrafficDecoder {
     let resource: String
     let namespace: String
     var errors: [ConfigError] = []
+    /// Fields that are valid Istio but that Moonlet does not apply ("file:line: resource:
+    /// field: why"): shown by `moonlet validate` and logged at load, never dropped silently.
+    var notApplied: [String] = []
 
     init(file: String, resource: String, namespace: String) {
         self.file = file; self.resource = resource; self.namespace = namespace
@@ -19,6 +22,10 @@ struct TrafficDecoder {
 
     mutating func err(_ n: PositionedNode?, _ field: String, _ msg: String, line: Int? = nil, col: Int? = nil) {
         errors.append(ConfigError(file: file, line: line ?? n?.line ?? 0, column: col ?? n?.column ?? 0, resource: resource, field: field, message: msg))
+    }
+
+    mutating func notApplied(_ n: PositionedNode, _ field: String, _ why: String) {
+        notApplied.append("\(file):\(n.line): \(resource): \(field): \(why)")
     }
 
     /// Reports unknown keys of a mapping; returns false when `n` is not a mapping.
@@ -354,6 +361,8 @@ struct TrafficDecoder {
             guard fields(s, p, ["name", "labels", "trafficPolicy"]) else { continue }
             guard let n = string(s.child("name"), "\(p).name"), !n.isEmpty else { err(s, "\(p).name", "Required value"); continue }
             if !names.insert(n).inserted { err(s.child("name"), "\(p).name", "Duplicate value: subset \(n)") }
+            // A subset's trafficPolicy is a whole TrafficPolicy: checked as the top level is.
+            if let tp = s.child("trafficPolicy") { trafficPolicy(tp, "\(p).trafficPolicy") }
             subsets.append(Subset(name: n, labels: labels(s.child("labels"), "\(p).labels"), trafficPolicy: s.child("trafficPolicy")?.value))
         }
         if let tp = spec.child("trafficPolicy") { trafficPolicy(tp, "spec.trafficPolicy") }
@@ -364,6 +373,10 @@ struct TrafficDecoder {
     /// The parts of trafficPolicy validated now (the rest is decoded by the balancer).
     mutating func trafficPolicy(_ n: PositionedNode, _ path: String) {
         guard fields(n, path, ["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"]) else { return }
+        for k in ["tunnel", "proxyProtocol", "retryBudget"] { if let c = n.child(k) { notApplied(c, "\(path).\(k)", "not applied by moonlet, ignored") } }
+        for k in ["localityLbSetting", "warmup"] {
+            if let c = n.child("loadBalancer")?.child(k) { notApplied(c, "\(path).loadBalancer.\(k)", "not applied by moonlet, ignored") }
+        }
         if let lb = n.child("loadBalancer"), lb.child("simple") != nil && lb.child("consistentHash") != nil {
             err(lb, "\(path).loadBalancer", "only one of simple or consistentHash may be set")
         }
@@ -432,6 +445,9 @@ struct TrafficDecoder {
             err(t.child(f), "\(path).\(f)", "cannot be set with ISTIO_MUTUAL (the workload certificate is used)")
         }
         _ = stringList(t.child("subjectAltNames"), "\(path).subjectAltNames")
+        if let c = t.child("caCrl") {
+            notApplied(c, "\(path).caCrl", "certificate revocation lists are not checked by moonlet: a revoked certificate is still accepted")
+        }
     }
 
     // MARK: ServiceEntry / WorkloadEntry

@@ -127,4 +127,30 @@ final class SecurityConfigTests: XCTestCase {
         XCTAssertTrue(errors(head + "    portLevelSettings: [{tls: {mode: SIMPLE}}]\n").contains("spec.trafficPolicy.portLevelSettings[0].port.number: Required value"))
         XCTAssertEqual(errors(head + "    tls: {mode: SIMPLE, sni: a.example, insecureSkipVerify: true}\n"), "")
     }
+
+    func test_destinationRuleTLS_aSubsetsBadSettingsAreRejectedToo() {
+        let y = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: h\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {tls: {mode: MUTUAL}}\n"
+        XCTAssertTrue(errors(y).contains("spec.subsets[0].trafficPolicy.tls: MUTUAL requires clientCertificate and privateKey"), errors(y))
+    }
+
+    func test_fieldsMoonletDoesNotApply_caCrlAboveAll_areReportedAtLoad_notDroppedSilently() {
+        let y = """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: d, namespace: shop}
+        spec:
+          host: h
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}
+            tls: {mode: SIMPLE, caCertificates: /ca.pem, caCrl: /crl.pem}
+            proxyProtocol: {version: V1}
+        """
+        let r = ConfigLoader().loadText(y, file: "x.yaml", baseDir: "/")
+        XCTAssertEqual(r.errors.map(\.description), [])
+        XCTAssertEqual(r.skipped, [
+            "x.yaml:9: DestinationRule shop/d: spec.trafficPolicy.proxyProtocol: not applied by moonlet, ignored",
+            "x.yaml:7: DestinationRule shop/d: spec.trafficPolicy.loadBalancer.warmup: not applied by moonlet, ignored",
+            "x.yaml:8: DestinationRule shop/d: spec.trafficPolicy.tls.caCrl: certificate revocation lists are not checked by moonlet: a revoked certificate is still accepted",
+        ])
+    }
 }
