@@ -82,8 +82,9 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
             case .disable: return endpoints.map { _ in nil }
             case .istioMutual:
                 // Without subjectAltNames: any of the service accounts behind the cluster.
-                let sans = t.subjectAltNames.isEmpty ? Array(Set(endpoints.flatMap(spiffe))).sorted() : t.subjectAltNames
-                let one = UpstreamTLS(mode: .istioMutual, subjectAltNames: sans, sni: t.sni ?? sni)
+                let derived = t.subjectAltNames.isEmpty
+                let sans = derived ? Array(Set(endpoints.flatMap(spiffe))).sorted() : t.subjectAltNames
+                let one = UpstreamTLS(mode: .istioMutual, subjectAltNames: sans, fromServiceAccounts: derived, sni: t.sni ?? sni)
                 return endpoints.map { _ in one }
             case .simple, .mutual:
                 let one = UpstreamTLS(mode: t.mode, clientCertificate: t.clientCertificate, privateKey: t.privateKey, caCertificates: t.caCertificates,
@@ -96,7 +97,7 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
             let label = e.labels["security.istio.io/tlsMode"]
             guard label != "disabled", !e.serviceAccount.isEmpty || label == "istio" else { return nil }
             if let u = byAccount[e.serviceAccount] { return u }
-            let u = UpstreamTLS(mode: .istioMutual, automatic: true, subjectAltNames: spiffe(e), sni: sni)
+            let u = UpstreamTLS(mode: .istioMutual, automatic: true, subjectAltNames: spiffe(e), fromServiceAccounts: true, sni: sni)
             byAccount[e.serviceAccount] = u
             return u
         }

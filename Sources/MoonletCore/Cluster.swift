@@ -97,6 +97,10 @@ public final class UpstreamTLS: @unchecked Sendable {
     /// SANs the server must present (URI or DNS, exact). For ISTIO_MUTUAL without
     /// subjectAltNames: the SPIFFE ids of the endpoints' service accounts.
     public let subjectAltNames: [String]
+    /// `subjectAltNames` were formed from service accounts in the default trust domain
+    /// (not written in the DestinationRule): the proxy checks them in the trust domain
+    /// of its own workload certificate, which is the mesh's.
+    public let fromServiceAccounts: Bool
     /// SNI sent; for ISTIO_MUTUAL Istio's "outbound_.PORT_.SUBSET_.HOST" form.
     public let sni: String?
     /// Whether SIMPLE/MUTUAL verify the server name against `sni` (insecureSkipVerify off).
@@ -109,7 +113,8 @@ public final class UpstreamTLS: @unchecked Sendable {
     public var contextError: String?
 
     public init(mode: Mode, automatic: Bool = false, clientCertificate: String? = nil, privateKey: String? = nil, caCertificates: String? = nil,
-                subjectAltNames: [String] = [], sni: String? = nil, verifyHostname: Bool = true) {
+                subjectAltNames: [String] = [], fromServiceAccounts: Bool = false, sni: String? = nil, verifyHostname: Bool = true) {
+        self.fromServiceAccounts = fromServiceAccounts
         self.mode = mode; self.automatic = automatic; self.clientCertificate = clientCertificate; self.privateKey = privateKey
         self.caCertificates = caCertificates; self.subjectAltNames = subjectAltNames; self.sni = sni; self.verifyHostname = verifyHostname
         var tag = "|tls:\(mode.rawValue)"

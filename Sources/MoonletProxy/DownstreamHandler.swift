@@ -668,7 +668,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let h2 = asksForHTTP2(s)
         if let t = upstreamTLS {
             if t.mode == .istioMutual, let m = ctx.tls {
-                tls = { try m.makeClientHandler(serverName: t.sni, expected: t.subjectAltNames, offerH2: h2) }
+                let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
+                tls = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
             } else if let c = t.context as? NIOSSLContext {
                 tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
             }

@@ -175,6 +175,15 @@ extension TLSMaterial {
         try Self.makeClientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: serverName, expected: expected)
     }
 
+    /// SPIFFE ids formed in the default trust domain, moved into this workload's own
+    /// (the mesh's, as Istio forms them from meshConfig.trustDomain); unchanged when the
+    /// two are the same or an id is not in the default domain.
+    public func inOwnTrustDomain(_ ids: [String], defaultDomain: String = "cluster.local") -> [String] {
+        guard identity.trustDomain != defaultDomain else { return ids }
+        let from = "spiffe://\(defaultDomain)/", to = "spiffe://\(identity.trustDomain)/"
+        return ids.map { $0.hasPrefix(from) ? to + $0.dropFirst(from.count) : $0 }
+    }
+
     /// A client handler over `context` that checks the server's URI or DNS SANs against
     /// `expected` (exact match; no check when empty).
     public static func makeClientHandler(context: NIOSSLContext, serverName: String?, expected: [String]) throws -> NIOSSLClientHandler {

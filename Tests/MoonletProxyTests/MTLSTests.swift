@@ -280,6 +280,33 @@ final class MTLSTests: XCTestCase {
         XCTAssertFalse(stats.contains("moonlet_upstream_cx_http2_total"), "a port declared HTTP stays HTTP/1.1 between the sidecars, as in Istio")
     }
 
+    func test_sidecarToSidecar_autoMTLS_worksInAMeshWhoseTrustDomainIsNotClusterLocal() throws {
+        // The expected server identity is formed from the ServiceEntry's service account;
+        // it must be checked in the mesh's trust domain (the sidecar's own), not cluster.local.
+        let mesh = try MeshCA.create(trustDomain: "shop.example")
+        func issue(_ ns: String, _ sa: String) throws -> String {
+            let d = pki.dir + "/shop-\(ns)-\(sa)"
+            try mesh.issue(try mesh.identity(namespace: ns, serviceAccount: sa)).write(to: d)
+            return d
+        }
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders")] },
+                                               serverCerts: try issue("production", "orders"), clientCerts: try issue("default", "frontend"))
+        defer { client.stop(); server.stop() }
+        let c = try RawClient(port: client.outbound)
+        c.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let r = c.read()
+        XCTAssertEqual(r?.status, 200, r?.body ?? "")
+        XCTAssertEqual(r?.header("x-peer"), "shop.example/ns/default/sa/frontend")
+        // A server of another service account is still refused in that trust domain.
+        let (client2, server2) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "payments")] },
+                                                 serverCerts: try issue("production", "orders"), clientCerts: try issue("default", "frontend"))
+        defer { client2.stop(); server2.stop() }
+        let c2 = try RawClient(port: client2.outbound)
+        c2.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let r2 = c2.read()
+        XCTAssertEqual(r2?.status, 503, r2?.body ?? "")
+    }
+
     func test_sidecarToSidecar_onAnUndeclaredPort_speaksWhatTheClientSpoke() throws {
         let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", portName: "web")] })
         defer { client.stop(); server.stop() }
