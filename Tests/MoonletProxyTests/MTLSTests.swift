@@ -289,22 +289,21 @@ final class MTLSTests: XCTestCase {
             try mesh.issue(try mesh.identity(namespace: ns, serviceAccount: sa)).write(to: d)
             return d
         }
-        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders")] },
-                                               serverCerts: try issue("production", "orders"), clientCerts: try issue("default", "frontend"))
-        defer { client.stop(); server.stop() }
-        let c = try RawClient(port: client.outbound)
-        c.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
-        let r = c.read()
+        // One request from a frontend sidecar to an orders sidecar, the ServiceEntry naming `expected` as the server's account.
+        func call(expecting expected: String) throws -> RawClient.Response? {
+            let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: expected)] },
+                                                   serverCerts: try issue("production", "orders"), clientCerts: try issue("default", "frontend"))
+            defer { client.stop(); server.stop() }
+            let c = try RawClient(port: client.outbound)
+            c.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+            return c.read()
+        }
+        let r = try call(expecting: "orders")
         XCTAssertEqual(r?.status, 200, r?.body ?? "")
         XCTAssertEqual(r?.header("x-peer"), "shop.example/ns/default/sa/frontend")
         // A server of another service account is still refused in that trust domain.
-        let (client2, server2) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "payments")] },
-                                                 serverCerts: try issue("production", "orders"), clientCerts: try issue("default", "frontend"))
-        defer { client2.stop(); server2.stop() }
-        let c2 = try RawClient(port: client2.outbound)
-        c2.send("GET /orders HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
-        let r2 = c2.read()
-        XCTAssertEqual(r2?.status, 503, r2?.body ?? "")
+        let refused = try call(expecting: "payments")
+        XCTAssertEqual(refused?.status, 503, refused?.body ?? "")
     }
 
     func test_sidecarToSidecar_onAnUndeclaredPort_speaksWhatTheClientSpoke() throws {
