@@ -78,11 +78,3 @@ public struct ClientTLSSettings: Sendable, Equatable {
     }
 }
 
-/// Istio's defaults for identities in the mesh.
-public enum MeshIdentity {
-    /// The trust domain SPIFFE ids of service accounts are formed in.
-    public static let trustDomain = "cluster.local"
-    public static func spiffe(namespace: String, serviceAccount: String) -> String {
-        "spiffe://\(trustDomain)/ns/\(namespace)/sa/\(serviceAccount)"
-    }
-}

@@ -251,3 +251,13 @@ public struct RetrySpec: Sendable, Equatable {
         cf ? (connectFailure || on5xx || gatewayError || reset) : (reset || on5xx || gatewayError)
     }
 }
+
+/// Istio's defaults for identities in the mesh.
+public enum MeshIdentity {
+    /// The default trust domain: SPIFFE ids of service accounts named in the configuration
+    /// are formed in it, and a CA made without `--trust-domain` issues in it.
+    public static let trustDomain = "cluster.local"
+    public static func spiffe(namespace: String, serviceAccount: String) -> String {
+        "spiffe://\(trustDomain)/ns/\(namespace)/sa/\(serviceAccount)"
+    }
+}

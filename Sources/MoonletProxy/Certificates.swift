@@ -92,7 +92,7 @@ extension ProxyServer {
     /// rotation watcher then loads it). root-cert.pem must already be in `dir`: it is how
     /// the sidecar knows it talks to the mesh's CA (Istio mounts it from a ConfigMap).
     func requestCertificate(ca: String, dir: String) throws {
-        let id = try SpiffeID(trustDomain: currentTLS?.identity.trustDomain ?? "cluster.local", namespace: settings.identity.namespace,
+        let id = try SpiffeID(trustDomain: currentTLS?.identity.trustDomain ?? MeshIdentity.trustDomain, namespace: settings.identity.namespace,
                               serviceAccount: settings.identity.serviceAccount)
             .orThrow(TLSConfigError("--namespace/--service-account", "not a valid identity"))
         let token = try settings.caTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }

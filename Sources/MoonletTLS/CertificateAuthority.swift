@@ -1,3 +1,4 @@
+import MoonletCore
 import X509
 import Crypto
 import _CryptoExtras
@@ -73,7 +74,7 @@ public struct MeshCA: Sendable {
     public let rootCertPEM: String
 
     /// A new self-signed root: Subject O=<trust domain> (as Istio's self-signed CA), 10 years.
-    public static func create(trustDomain: String = "cluster.local", keyType: KeyType = .ecdsaP256,
+    public static func create(trustDomain: String = MeshIdentity.trustDomain, keyType: KeyType = .ecdsaP256,
                               validity: TimeInterval = 10 * 365 * 86400, now: Date = Date()) throws -> MeshCA {
         guard !trustDomain.isEmpty, !trustDomain.contains("/"), !trustDomain.contains(where: { $0.isWhitespace }) else {
             throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"")
@@ -107,7 +108,7 @@ public struct MeshCA: Sendable {
         guard key.publicKey == cert.publicKey else { throw TLSConfigError(keyPath, "does not match the public key of \(certPath)") }
         var td = ""
         for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
-        if td.isEmpty { td = "cluster.local" }
+        if td.isEmpty { td = MeshIdentity.trustDomain }
         return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: td, rootCertPEM: certPEM)
     }
 

@@ -1,3 +1,4 @@
+import MoonletCore
 import NIOCore
 import NIOSSL
 import X509
@@ -178,7 +179,7 @@ extension TLSMaterial {
     /// SPIFFE ids formed in the default trust domain, moved into this workload's own
     /// (the mesh's, as Istio forms them from meshConfig.trustDomain); unchanged when the
     /// two are the same or an id is not in the default domain.
-    public func inOwnTrustDomain(_ ids: [String], defaultDomain: String = "cluster.local") -> [String] {
+    public func inOwnTrustDomain(_ ids: [String], defaultDomain: String = MeshIdentity.trustDomain) -> [String] {
         guard identity.trustDomain != defaultDomain else { return ids }
         let from = "spiffe://\(defaultDomain)/", to = "spiffe://\(identity.trustDomain)/"
         return ids.map { $0.hasPrefix(from) ? to + $0.dropFirst(from.count) : $0 }

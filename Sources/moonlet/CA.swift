@@ -1,3 +1,4 @@
+import MoonletCore
 import ArgumentParser
 import MoonletTLS
 import NIOCore
@@ -15,7 +16,7 @@ struct CA: ParsableCommand {
     struct Init: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a self-signed mesh root (root-cert.pem, root-key.pem).")
         @Option(help: "Output directory") var out: String
-        @Option(help: "Trust domain of the mesh") var trustDomain: String = "cluster.local"
+        @Option(help: "Trust domain of the mesh") var trustDomain: String = MeshIdentity.trustDomain
         @Option(help: "ecdsa-p256 or rsa-2048") var keyType: String = "ecdsa-p256"
         func run() throws {
             guard let kt = KeyType(rawValue: keyType) else { throw ValidationError("--key-type: ecdsa-p256 or rsa-2048") }
