@@ -242,7 +242,11 @@ public final class VirtualHost: @unchecked Sendable {
 final class CompiledRoute {
     let rule: HTTPRouteRule
     let targets: [RouteTarget]
-    init(rule: HTTPRouteRule, targets: [RouteTarget]) { self.rule = rule; self.targets = targets }
+    /// The rule's mirrors with their targets, resolved as `targets` are.
+    let mirrorTargets: [(percent: Double, target: RouteTarget)]
+    init(rule: HTTPRouteRule, targets: [RouteTarget], mirrorTargets: [(percent: Double, target: RouteTarget)]) {
+        self.rule = rule; self.targets = targets; self.mirrorTargets = mirrorTargets
+    }
 
     // The rule's fields the router reads, each read alone.
     var matches: [RouteMatch] { rule.matches }
@@ -254,7 +258,6 @@ final class CompiledRoute {
     var timeoutMs: Int? { rule.timeoutMs }
     var retries: RetrySpec? { rule.retries }
     var fault: Fault? { rule.fault }
-    var mirrors: [Mirror] { rule.mirrors }
     var cors: CorsPolicy? { rule.cors }
     var requestHeaders: HeaderOps { rule.requestHeaders }
     var responseHeaders: HeaderOps { rule.responseHeaders }
@@ -449,8 +452,10 @@ public final class RouteTable: @unchecked Sendable {
     /// Resolves a virtual host's destinations to clusters (see VirtualHost.compiled).
     func compile(_ vh: VirtualHost) {
         if let svc = vh.service { vh.defaultTarget = RouteTarget(svc, fqdn: vh.fqdn, subset: "", port: nil) }
+        func target(_ fqdn: String, _ subset: String, _ port: Int?) -> RouteTarget { RouteTarget(services[fqdn], fqdn: fqdn, subset: subset, port: port) }
         vh.compiled = (vh.routes ?? []).map { rule in
-            CompiledRoute(rule: rule, targets: rule.destinations.map { RouteTarget(services[$0.fqdn], fqdn: $0.fqdn, subset: $0.subset, port: $0.port) })
+            CompiledRoute(rule: rule, targets: rule.destinations.map { target($0.fqdn, $0.subset, $0.port) },
+                          mirrorTargets: rule.mirrors.map { ($0.percent, target($0.fqdn, $0.subset, $0.port)) })
         }
     }
 
@@ -472,12 +477,10 @@ public final class RouteTable: @unchecked Sendable {
             guard let target = vh.defaultTarget else { return .noRoute }
             return forward(target, rule: -1, r: r, random: &random, base: nil)
         }
-        for i in 0..<vh.compiled.count {
-            let compiled = vh.compiled[i]
-            guard matches(compiled, r) else { continue }
-            // Fields are read through `compiled` (a class): binding the rule to a local
-            // would copy every field of it.
-            let rule = compiled
+        // `rule` is a CompiledRoute (a class): its fields are read through it, where
+        // binding an HTTPRouteRule to a local would copy every field of it.
+        for (i, rule) in vh.compiled.enumerated() {
+            guard matches(rule, r) else { continue }
             if let f = rule.fault {
                 if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
             }
@@ -501,12 +504,12 @@ public final class RouteTable: @unchecked Sendable {
             let pick = Int(random.next() % UInt64(rule.totalWeight))
             var k = 0
             while k < rule.cumulativeWeights.count - 1 && pick >= rule.cumulativeWeights[k] { k += 1 }
-            let out = forward(compiled.targets[k], rule: i, r: r, random: &random, base: compiled)
+            let out = forward(rule.targets[k], rule: i, r: r, random: &random, base: rule)
             if case .forward(let fw) = out {
                 if let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) { fw.delayMs = d }
                 fw.corsHeaders = corsHeaders
-                for m in rule.mirrors where Self.chance(m.percent, &random) {
-                    guard let msvc = services[m.fqdn], let sp = msvc.port(m.port), let c = msvc.clusters["\(m.subset)|\(sp.number)"], c.endpointCount > 0 else { continue }
+                for m in rule.mirrorTargets where Self.chance(m.percent, &random) {
+                    guard let c = m.target.cluster, c.endpointCount > 0 else { continue }
                     fw.mirrors.append((c, HostName.normalize(r.authority) + "-shadow"))
                 }
             }
