@@ -74,24 +74,24 @@ struct HPACKResponseWriter {
         }
     }
 
-    /// An interim response's block: `:status` alone (100 Continue).
+    /// `:status` (a static-table index when the table has the code, else a literal
+    /// without indexing), after the table-size update that starts the first block.
+    /// Alone, it is an interim response's block (100 Continue).
     mutating func writeStatus(_ status: Int, into b: inout ByteBuffer) {
-        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) }
-        b.writeInteger(UInt8(0x08))
-        Self.writeString(String(status), lowercase: false, into: &b)
+        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) } // table size 0
+        if let index = Self.statusIndex(status) {
+            b.writeInteger(0x80 | index)
+        } else {
+            b.writeInteger(UInt8(0x08)) // literal without indexing, name :status (index 8)
+            Self.writeString(String(status), lowercase: false, into: &b)
+        }
     }
 
     /// Writes `:status` and the head's fields as HTTP/2 allows them (see
     /// HTTPHead.isHTTP2Forbidden), then the fields filters added, then `server` when
     /// `server` is given.
     mutating func write(_ head: HTTPHead, server: String?, into b: inout ByteBuffer) {
-        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) } // table size 0
-        if let index = Self.statusIndex(head.status) {
-            b.writeInteger(0x80 | index)
-        } else {
-            b.writeInteger(UInt8(0x08)) // literal without indexing, name :status (index 8)
-            Self.writeString(String(head.status), lowercase: false, into: &b)
-        }
+        writeStatus(head.status, into: &b)
         head.bytes.withUnsafeReadableBytes { raw in
             for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
                 let f = head.fields[i]

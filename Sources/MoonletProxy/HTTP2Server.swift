@@ -101,7 +101,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         self.peer = peer
         lastStreamEnd = NIODeadline.now().uptimeNanoseconds
         decoder = HPACKDecoder(allocator: ctx.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                               maxHeaderListSize: max(4096, limits.maxHeadBytes * 2))
+                               maxHeaderListSize: Self.maxHeaderBlock(limits))
         scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
@@ -255,7 +255,9 @@ final class HTTP2ServerConnection: DeferredFlush {
         }
     }
 
-    var maxHeaderBlock: Int { max(4096, limits.maxHeadBytes * 2) }
+    /// The largest header block (and decoded header list) accepted: twice maxHeadBytes.
+    static func maxHeaderBlock(_ limits: ProxyLimits) -> Int { max(4096, limits.maxHeadBytes * 2) }
+    var maxHeaderBlock: Int { Self.maxHeaderBlock(limits) }
 
     func continuationFrame(flags: UInt8, stream id: UInt32, payload: ByteBuffer) throws {
         guard var c = continuation, c.stream == id else { throw HTTP2ConnectionError(.protocolError, "CONTINUATION without a header block") }
@@ -870,13 +872,10 @@ struct HTTP2RequestHead {
     var authority: String?
     var contentLength = -1
 
-    /// Field-name bytes allowed in HTTP/2: lowercase token characters.
-    static let nameBytes: [Bool] = (0..<256).map { b in
-        switch UInt8(b) {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
-        default: return "!#$%&'*+-.^_`|~".utf8.contains(UInt8(b))
-        }
-    }
+    /// Field-name bytes allowed in HTTP/2: token characters (HeaderValidation.isTchar)
+    /// other than uppercase letters.
+    @inline(__always)
+    static func isNameByte(_ c: UInt8) -> Bool { HeaderValidation.isTchar(c) && c &- 65 >= 26 }
 
     init?(_ fields: HPACKHeaders) {
         self.fields = fields
@@ -890,7 +889,7 @@ struct HTTP2RequestHead {
             if first == UInt8(ascii: ":") {
                 guard !regular else { return nil }
                 switch name {
-                case ":method": guard !seenMethod, !value.isEmpty, value.utf8.allSatisfy({ Self.nameBytes[Int($0)] || ($0 >= 65 && $0 <= 90) }) else { return nil }
+                case ":method": guard !seenMethod, HeaderValidation.isToken(value) else { return nil }
                     seenMethod = true; method = value
                 case ":path": guard !seenPath, !value.isEmpty, !value.utf8.contains(UInt8(ascii: " ")) else { return nil }
                     seenPath = true; path = value
@@ -901,8 +900,8 @@ struct HTTP2RequestHead {
                 continue
             }
             regular = true
-            guard Self.nameBytes[Int(first)] else { return nil }
-            while let c = n.next() { guard Self.nameBytes[Int(c)] else { return nil } }
+            guard Self.isNameByte(first) else { return nil }
+            while let c = n.next() { guard Self.isNameByte(c) else { return nil } }
             switch name {
             case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": return nil
             case "te": guard value == "trailers" else { return nil }
@@ -921,16 +920,12 @@ struct HTTP2RequestHead {
         }
     }
 
-    /// No CR, LF or NUL, and no space or tab at either end (RFC 9113 §8.2.1).
+    /// No CR, LF or NUL (HeaderValidation.isValidValue), and no space or tab at either
+    /// end (RFC 9113 §8.2.1).
     static func validValue(_ v: String) -> Bool {
-        var last: UInt8 = 0
-        var first = true
-        for c in v.utf8 {
-            if c == 0 || c == 10 || c == 13 { return false }
-            if first { if c == 32 || c == 9 { return false }; first = false }
-            last = c
-        }
-        return last != 32 && last != 9
+        guard HeaderValidation.isValidValue(v) else { return false }
+        guard let first = v.utf8.first, let last = v.utf8.last else { return true }
+        return first != 32 && first != 9 && last != 32 && last != 9
     }
 
     /// The request line and fields. `:authority` becomes `host` (a `host` field beside it
