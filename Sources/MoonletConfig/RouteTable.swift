@@ -72,9 +72,10 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
         return .likeDownstream
     }
 
-    /// DestinationRule tls when set; otherwise Istio's auto mTLS: an endpoint that is a
-    /// mesh workload (a service account, or the label security.istio.io/tlsMode=istio)
-    /// is reached with ISTIO_MUTUAL and its SPIFFE id is checked.
+    /// DestinationRule tls when set; otherwise Istio's auto mTLS: an endpoint labelled
+    /// security.istio.io/tlsMode=istio (set by sidecar injection) is reached with
+    /// ISTIO_MUTUAL and, when it names a service account, its SPIFFE id is checked; any
+    /// other endpoint, with or without a service account, in plaintext.
     static func tlsPerEndpoint(_ t: ClientTLSSettings?, endpoints: [Endpoint], namespace: String, sni: String?) -> [UpstreamTLS?] {
         func spiffe(_ e: Endpoint) -> [String] { e.serviceAccount.isEmpty ? [] : [MeshIdentity.spiffe(namespace: namespace, serviceAccount: e.serviceAccount)] }
         if let t {
@@ -95,7 +96,7 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
         var byAccount: [String: UpstreamTLS] = [:]
         return endpoints.map { e in
             let label = e.labels["security.istio.io/tlsMode"]
-            guard label != "disabled", !e.serviceAccount.isEmpty || label == "istio" else { return nil }
+            guard label == "istio" else { return nil }
             if let u = byAccount[e.serviceAccount] { return u }
             let u = UpstreamTLS(mode: .istioMutual, automatic: true, subjectAltNames: spiffe(e), fromServiceAccounts: true, sni: sni)
             byAccount[e.serviceAccount] = u

@@ -16,14 +16,23 @@ extension ProxyServer {
     var currentTLS: TLSMaterial? { lock.withLock { tlsMaterial } }
 
     func startCertificates() throws {
-        guard let dir = settings.certsDirectory else { return }
-        if let ca = settings.caAddress, !FileManager.default.fileExists(atPath: (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)) {
-            // First start with a CA: get the certificate before serving.
-            try requestCertificate(ca: ca, dir: dir)
+        if !settings.meshConfigNotApplied.isEmpty {
+            logger.notice("mesh config: not applied by Moonlet: \(settings.meshConfigNotApplied.joined(separator: ", "))")
         }
-        let m: TLSMaterial
-        do { m = try TLSMaterial.load(dir: dir) } catch {
-            throw ReloadError(message: "workload certificate rejected: \(error)")
+        guard let dir = settings.certsDirectory else { return }
+        var m: TLSMaterial
+        do { m = try TLSMaterial.load(dir: dir, mesh: settings.meshTLS) } catch {
+            // With a CA, a missing, expired or otherwise unusable certificate is replaced
+            // before serving (by the bootstrap token when the certificate cannot prove who
+            // this is): the listeners open once the sidecar has a certificate.
+            guard let ca = settings.caAddress else { throw ReloadError(message: "workload certificate rejected: \(error)") }
+            if FileManager.default.fileExists(atPath: (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)) {
+                logger.warning("workload certificate unusable (\(error)); asking \(ca) for a new one")
+            }
+            try requestCertificate(ca: ca, dir: dir)
+            do { m = try TLSMaterial.load(dir: dir, mesh: settings.meshTLS) } catch {
+                throw ReloadError(message: "workload certificate rejected: \(error)")
+            }
         }
         install(m, reason: "start")
         let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "moonlet.cert-watch"))
@@ -52,7 +61,7 @@ extension ProxyServer {
         let fp = TLSMaterial.fingerprint(dir: dir)
         guard fp != current.fingerprint else { return }
         do {
-            install(try TLSMaterial.load(dir: dir), reason: "files changed")
+            install(try TLSMaterial.load(dir: dir, mesh: settings.meshTLS), reason: "files changed")
         } catch {
             // Half-written or mismatched files: keep serving with the last good certificate.
             reportCertError("new workload certificate rejected: \(error)", "keeping the current one")
@@ -92,14 +101,16 @@ extension ProxyServer {
     /// rotation watcher then loads it). root-cert.pem must already be in `dir`: it is how
     /// the sidecar knows it talks to the mesh's CA (Istio mounts it from a ConfigMap).
     func requestCertificate(ca: String, dir: String) throws {
-        let id = try SpiffeID(trustDomain: currentTLS?.identity.trustDomain ?? MeshIdentity.trustDomain, namespace: settings.identity.namespace,
+        let td = settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain ?? MeshIdentity.trustDomain
+        let id = try SpiffeID(trustDomain: td, namespace: settings.identity.namespace,
                               serviceAccount: settings.identity.serviceAccount)
             .orThrow(TLSConfigError("--namespace/--service-account", "not a valid identity"))
         let token = try settings.caTokenFile.map { try String(contentsOfFile: $0, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
         let hasCert = FileManager.default.fileExists(atPath: (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile))
         let bundle = try CAClient.requestBundle(caAddress: ca, rootCertPath: (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile),
                                                 identity: id, token: token, currentCertDir: hasCert ? dir : nil,
-                                                keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256, group: group)
+                                                keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256,
+                                                caIdentity: settings.caIdentity.map { [$0] }, group: group)
         try bundle.write(to: dir)
         logger.info("workload certificate issued by \(ca) for \(id.uri)")
     }

@@ -528,7 +528,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                     return nil
                 }
             } else if (t.mode == .simple || t.mode == .mutual) && t.context == nil {
-                reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: \(t.contextError ?? "no TLS context")", .upstreamConnectionFailure)
+                // The file error is in the log (at load); the client gets no file system path.
+                reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: the DestinationRule's TLS files could not be loaded", .upstreamConnectionFailure)
                 return nil
             } else {
                 upstreamTLS = t
@@ -664,18 +665,21 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         connecting = true
         var tls: (() throws -> NIOSSLClientHandler)? = nil
+        var tlsExpected = ""
         // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
         let h2 = asksForHTTP2(s)
         if let t = upstreamTLS {
             if t.mode == .istioMutual, let m = ctx.tls {
                 let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
                 tls = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
+                tlsExpected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
             } else if let c = t.context as? NIOSSLContext {
                 tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
+                tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, offersH2: h2, slot: slot,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, offersH2: h2, slot: slot,
                          connected(stream: s.id, attempt: attempt))
     }
 

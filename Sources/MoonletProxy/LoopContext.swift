@@ -196,6 +196,10 @@ public final class LoopContext: @unchecked Sendable {
         inboundKey = "127.0.0.1:\(settings.appPort)"
         inboundService = settings.identity.labels["app"] ?? "unknown"
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
+        pool.onTLSFailure = { [unowned self] address, expected, why in
+            self.metrics.count("moonlet_upstream_tls_failures_total")
+            if self.mayLogTLSRefusal() { self.logger.warning("upstream TLS with \(address.ipAddress ?? "?"):\(address.port ?? 0) refused: \(why) (expected \(expected))") }
+        }
     }
 
     /// Whether a refused-handshake line may be logged now (at most 10 a second per loop).
@@ -255,6 +259,13 @@ public struct ProxySettings: Sendable {
     public var caTokenFile: String?
     /// Key type of CSRs sent to the CA.
     public var csrKeyType = "ecdsa-p256"
+    /// The SAN the CA must present (nil: its SPIFFE id, spiffe://<td>/ns/istio-system/sa/moonlet-ca,
+    /// or the CA address's host when that is a DNS name).
+    public var caIdentity: String?
+    /// Trust domain, aliases and mesh mTLS policy (mesh config).
+    public var meshTLS = MeshTLSSettings()
+    /// Mesh config keys read but not applied (logged at start).
+    public var meshConfigNotApplied: [String] = []
     public init() {}
 }
 

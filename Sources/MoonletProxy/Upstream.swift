@@ -326,7 +326,7 @@ final class UpstreamPool {
     /// connection slot) is held by the connection or session and released when it
     /// closes, or at once when connecting fails.
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
-                 tls: (() throws -> NIOSSLClientHandler)? = nil, offersH2: Bool = false, slot: CircuitCounters? = nil,
+                 tls: (() throws -> NIOSSLClientHandler)? = nil, tlsExpected: String = "", offersH2: Bool = false, slot: CircuitCounters? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         // A connection to a peer known to speak h2 gathers the requests that arrive
@@ -368,7 +368,10 @@ final class UpstreamPool {
                     try ch.pipeline.syncOperations.addHandler(try tls())
                     try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { _, proto in
                         session = self.handOver(conn, protocol: proto, key: key, slot: slot, finish)
-                    }, failed: { why in finish(.failure(UpstreamFailure.connectFailed(why))) }))
+                    }, failed: { why in
+                        self.onTLSFailure?(address, tlsExpected, why)
+                        finish(.failure(UpstreamFailure.connectFailed(why)))
+                    }))
                 }
             }
             .connect(to: address)
@@ -442,6 +445,9 @@ final class UpstreamPool {
 
     /// Called when an upstream connection starts speaking HTTP/2 (for a metric).
     var onHTTP2Session: (() -> Void)?
+    /// Called when a TLS handshake to an upstream fails: its address, the identity
+    /// expected of it, and the reason in words (the loop logs it, rate-limited).
+    var onTLSFailure: ((SocketAddress, String, String) -> Void)?
 
     /// Queues a stream until a connection to `key` is released on this loop.
     func wait(_ w: PoolWaiter) { waiters[w.key, default: []].append(w) }

@@ -3,6 +3,8 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOHPACK
 import NIOTLS
+import NIOSSL
+import MoonletTLS
 import MoonletCore
 import MoonletHTTP
 import MoonletBalancer
@@ -263,14 +265,18 @@ final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if self.error == nil { self.error = "TLS error: \(error)" }
+        if self.error == nil {
+            // In words (what failed, whose certificate), never the TLS library's dump.
+            let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
+            self.error = "TLS handshake failed: " + TLSMaterial.upstreamRefusalReason(error, peerCertificate: cert ?? nil)
+        }
         context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel(); timer = nil
         configure = nil
-        if let f = failed { failed = nil; f(error ?? "TLS handshake did not complete") }
+        if let f = failed { failed = nil; f(error ?? "TLS handshake failed: the server closed the connection during the handshake") }
         context.fireChannelInactive()
     }
 }

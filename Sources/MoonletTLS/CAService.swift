@@ -2,6 +2,7 @@ import NIOCore
 import NIOPosix
 import NIOHTTP1
 import NIOSSL
+import NIOTLS
 import NIOConcurrencyHelpers
 import MoonletCore
 import X509
@@ -23,10 +24,34 @@ public final class CAService: @unchecked Sendable {
     /// token -> the identity it may ask for.
     public let tokens: [String: SpiffeID]
     public let maxTTL: TimeInterval
+    public let limits: Limits
     let log: @Sendable (String) -> Void
+    /// Connections open now, and the refusal log budget (lines per second).
+    let state = NIOLockedValueBox((open: 0, logSecond: 0, logBudget: 0))
 
-    public init(ca: MeshCA, tokens: [String: SpiffeID], maxTTL: TimeInterval = 86400, log: @escaping @Sendable (String) -> Void = { _ in }) {
-        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.log = log
+    /// Bounds that keep the CA serving when clients misbehave: a handshake must finish,
+    /// an idle connection is closed, and connections past the cap are refused (logged).
+    public struct Limits: Sendable {
+        public var maxConnections: Int
+        public var handshakeTimeout: TimeAmount
+        public var idleTimeout: TimeAmount
+        public init(maxConnections: Int = 1024, handshakeTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .seconds(60)) {
+            self.maxConnections = maxConnections; self.handshakeTimeout = handshakeTimeout; self.idleTimeout = idleTimeout
+        }
+    }
+
+    /// The CA's own identity, `spiffe://<td>/ns/istio-system/sa/moonlet-ca`: sidecars
+    /// send their token only to a server that presents it (or, like Istio's CA_ADDR
+    /// check, a DNS name equal to the host they dialled).
+    public static func identity(trustDomain: String) -> SpiffeID {
+        SpiffeID(trustDomain: trustDomain, namespace: "istio-system", serviceAccount: "moonlet-ca")!
+    }
+    /// DNS names in the CA's serving certificate.
+    public static let dnsNames = ["localhost", "moonlet-ca.istio-system.svc", "istiod.istio-system.svc"]
+
+    public init(ca: MeshCA, tokens: [String: SpiffeID], maxTTL: TimeInterval = 86400, limits: Limits = Limits(),
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.limits = limits; self.log = log
     }
 
     /// Reads a token file: one `<token> <namespace>/<service-account>` per line, `#` comments.
@@ -45,22 +70,34 @@ public final class CAService: @unchecked Sendable {
         return out
     }
 
-    /// The CA's own serving certificate: istiod's identity, with DNS SANs for the names
-    /// sidecars dial (localhost and istiod.istio-system.svc) and an IP SAN for 127.0.0.1.
+    /// The CA's own serving certificate: its dedicated identity (`identity(trustDomain:)`),
+    /// DNS SANs `dnsNames` and an IP SAN for 127.0.0.1; server auth only.
     func servingContext() throws -> NIOSSLContext {
         let key = try KeyType.ecdsaP256.makeKey()
-        let id = try ca.identity(namespace: "istio-system", serviceAccount: "istiod")
-        let cert = try ca.sign(publicKey: key.publicKey, id: id, ttl: 365 * 86400, extraNames: [
-            .dnsName("localhost"), .dnsName("istiod.istio-system.svc"), .ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1])),
-        ], usages: [.serverAuth])
+        let id = Self.identity(trustDomain: ca.trustDomain)
+        let cert = try ca.sign(publicKey: key.publicKey, id: id, ttl: 365 * 86400,
+                               extraNames: Self.dnsNames.map { .dnsName($0) } + [.ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1]))],
+                               usages: [.serverAuth])
         var c = TLSConfiguration.makeServerConfiguration(
             certificateChain: [.certificate(try NIOSSLCertificate(bytes: Array(try cert.serializeAsPEM().pemString.utf8), format: .pem))],
             privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try key.serializeAsPEM().pemString.utf8), format: .pem)))
         // A client certificate is optional (renewal); when given it must chain to the root.
         c.certificateVerification = CertificateVerification.optionalVerification
         c.trustRoots = NIOSSLTrustRoots.certificates(try NIOSSLCertificate.fromPEMBytes(Array(ca.rootCertPEM.utf8)))
-        c.minimumTLSVersion = .tlsv12
+        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &c)
         return try NIOSSLContext(configuration: c)
+    }
+
+    /// Logs `line` unless more than 10 refusal lines were logged this second.
+    func logLimited(_ line: String) {
+        let now = Int(Date().timeIntervalSince1970)
+        let ok = state.withLockedValue { s -> Bool in
+            if s.logSecond != now { s.logSecond = now; s.logBudget = 10 }
+            guard s.logBudget > 0 else { return false }
+            s.logBudget -= 1
+            return true
+        }
+        if ok { log(line) }
     }
 
     /// Binds the signer. Returns the channel (its localAddress has the port).
@@ -70,25 +107,82 @@ public final class CAService: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
+                    let address = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+                    let admitted = self.state.withLockedValue { s -> Bool in
+                        guard s.open < self.limits.maxConnections else { return false }
+                        s.open += 1
+                        return true
+                    }
+                    guard admitted else {
+                        self.logLimited("ca: connection from \(address) refused: \(self.limits.maxConnections) connections open (the --max-connections cap)")
+                        ch.close(promise: nil)
+                        return
+                    }
+                    ch.closeFuture.whenComplete { _ in self.state.withLockedValue { $0.open -= 1 } }
                     let peer = PeerBox()
+                    peer.address = address
                     let tls = NIOSSLServerHandler._makeSSLServerHandler(context: ctx) { cert, channel in
                         peer.id = SpiffeID.of(cert)
+                        peer.noIdentity = SpiffeID.whyNoIdentity(cert)
                         return channel.eventLoop.makeSucceededFuture(())
                     }
-                    try ch.pipeline.syncOperations.addHandler(tls)
-                    try ch.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try ch.pipeline.syncOperations.addHandler(SignHandler(service: self, peer: peer))
+                    let sync = ch.pipeline.syncOperations
+                    try sync.addHandler(IdleStateHandler(allTimeout: self.limits.idleTimeout))
+                    try sync.addHandler(tls)
+                    try sync.addHandler(ConnectionGuard(service: self, address: address, handshakeTimeout: self.limits.handshakeTimeout))
+                    try sync.configureHTTPServerPipeline()
+                    try sync.addHandler(SignHandler(service: self, peer: peer))
                 }
             }
             .bind(host: host, port: port).wait()
     }
 
-    final class PeerBox: @unchecked Sendable { var id: SpiffeID? }
+    final class PeerBox: @unchecked Sendable {
+        var id: SpiffeID?
+        var noIdentity: String?
+        var address = "?"
+    }
 
-    /// Decides one signing request; returns (status, JSON body).
-    func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, body: Data) -> (HTTPResponseStatus, String) {
+    /// Closes a connection whose handshake does not finish in time or that stays idle,
+    /// and logs failed handshakes with the caller's address (the audit trail).
+    final class ConnectionGuard: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        let service: CAService
+        let address: String
+        let handshakeTimeout: TimeAmount
+        var timer: Scheduled<Void>?
+        var handshaken = false
+        init(service: CAService, address: String, handshakeTimeout: TimeAmount) {
+            self.service = service; self.address = address; self.handshakeTimeout = handshakeTimeout
+        }
+        func handlerAdded(context: ChannelHandlerContext) {
+            let ch = context.channel, s = service, a = address, t = handshakeTimeout
+            timer = context.eventLoop.scheduleTask(in: t) {
+                s.logLimited("ca: TLS handshake with \(a) did not finish within \(t.nanoseconds / 1_000_000) ms; closed")
+                ch.close(promise: nil)
+            }
+        }
+        func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case TLSUserEvent.handshakeCompleted = event { handshaken = true; timer?.cancel(); timer = nil }
+            if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil); return }
+            context.fireUserInboundEventTriggered(event)
+        }
+        func errorCaught(context: ChannelHandlerContext, error: Error) {
+            if !handshaken {
+                let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
+                service.logLimited("ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil))")
+            }
+            context.close(promise: nil)
+        }
+    }
+
+    /// Decides one signing request; returns (status, JSON body). `from`: the caller's
+    /// address, for the log (every decision is logged: who asked for which identity).
+    func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, peerProblem: String? = nil,
+                from: String = "?", body: Data) -> (HTTPResponseStatus, String) {
         func fail(_ s: HTTPResponseStatus, _ msg: String) -> (HTTPResponseStatus, String) {
-            log("ca: refused \(uri): \(msg)")
+            log(LogText.escape("ca: \(from): refused \(uri): \(msg)"))
             return (s, "{\"error\":\(JSON.quote(msg))}")
         }
         guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(uri)") }
@@ -100,16 +194,23 @@ public final class CAService: @unchecked Sendable {
         guard let asked = SpiffeID(trustDomain: ca.trustDomain, namespace: ns, serviceAccount: sa) else {
             return fail(.badRequest, "namespace and service_account are required")
         }
-        // Who is calling: a token names one identity; a current certificate is its own.
+        // Who is calling: a token names one identity; a current certificate is its own
+        // (exactly one URI SAN, in the CA's trust domain).
         var allowed: SpiffeID?
-        if let a = authorization, a.hasPrefix("Bearer "), let id = tokens[String(a.dropFirst(7)).trimmingCharacters(in: .whitespaces)] { allowed = id }
-        else if let p = peer, p.trustDomain == ca.trustDomain { allowed = p }
-        guard let who = allowed else { return fail(.unauthorized, "no valid bootstrap token or mesh certificate") }
-        guard who == asked else { return fail(.forbidden, "caller \(who.uri) may not get a certificate for \(asked.uri)") }
+        var proof = ""
+        if let a = authorization, a.hasPrefix("Bearer "), let id = tokens[String(a.dropFirst(7)).trimmingCharacters(in: .whitespaces)] {
+            allowed = id; proof = "bootstrap token"
+        } else if let p = peer, p.trustDomain == ca.trustDomain {
+            allowed = p; proof = "certificate"
+        }
+        guard let who = allowed else {
+            return fail(.unauthorized, "no valid bootstrap token or mesh certificate" + (peerProblem.map { " (\($0))" } ?? ""))
+        }
+        guard who == asked else { return fail(.forbidden, "caller \(who.uri) (by \(proof)) may not get a certificate for \(asked.uri)") }
         let ttl = min(maxTTL, (obj["ttl_seconds"] as? Double) ?? maxTTL)
         do {
             let leaf = try ca.signCSR(pem: csr, allowed: asked, ttl: ttl)
-            log("ca: issued \(asked.uri) for \(Int(ttl))s")
+            log(LogText.escape("ca: \(from): issued \(asked.uri) for \(Int(ttl))s (by \(proof))"))
             return (.ok, "{\"cert_chain\":[\(JSON.quote(leaf)),\(JSON.quote(ca.rootCertPEM))]}")
         } catch {
             return fail(.badRequest, "\(error)")
@@ -134,7 +235,8 @@ public final class CAService: @unchecked Sendable {
                 body.append(contentsOf: b.readableBytesView)
             case .end:
                 guard let h = head else { return }
-                let (status, text) = service.handle(method: h.method, uri: h.uri, authorization: h.headers.first(name: "authorization"), peer: peer.id, body: body)
+                let (status, text) = service.handle(method: h.method, uri: h.uri, authorization: h.headers.first(name: "authorization"), peer: peer.id,
+                                                    peerProblem: peer.noIdentity, from: peer.address, body: body)
                 var headers = HTTPHeaders([("content-type", "application/json"), ("content-length", String(text.utf8.count))])
                 if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
                 context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))), promise: nil)
@@ -150,44 +252,78 @@ public final class CAService: @unchecked Sendable {
 
 
 
-/// The sidecar side of the CSR flow: a new key and CSR, sent to the CA over TLS (the CA
-/// verified against root-cert.pem), authenticated by the current certificate when there is
-/// one, else by the bootstrap token. Blocking; called off the event loops.
+/// The sidecar side of the CSR flow: a new key and CSR, sent to the CA over TLS, the CA
+/// verified against root-cert.pem and by its identity (the CA's SPIFFE id, or a DNS
+/// SAN equal to the host dialled, as Istio checks CA_ADDR's host), authenticated by the
+/// current certificate while it is valid, else by the bootstrap token. Blocking; called
+/// off the event loops.
 public enum CAClient {
+    /// `caIdentity`: the SANs the CA must present (one of them); nil: the CA's default
+    /// identity in `identity`'s trust domain, or the dialled host when it is a DNS name.
     public static func requestBundle(caAddress: String, rootCertPath: String, identity: SpiffeID, token: String?,
                                      currentCertDir: String?, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400,
-                                     group: EventLoopGroup, timeout: TimeAmount = .seconds(10)) throws -> WorkloadBundle {
+                                     caIdentity: [String]? = nil,
+                                     group: EventLoopGroup, timeout: TimeAmount = .seconds(10), now: Date = Date()) throws -> WorkloadBundle {
         let parts = caAddress.split(separator: ":")
         guard parts.count == 2, let port = Int(parts[1]) else { throw TLSConfigError("--ca-address", "expected host:port, got \"\(caAddress)\"") }
         let host = String(parts[0])
+        let isName = !host.allSatisfy { $0.isNumber || $0 == "." }
+        let expected = caIdentity ?? ([CAService.identity(trustDomain: identity.trustDomain).uri] + (isName ? [host] : []))
         let root = try readText(rootCertPath)
         var cfg = TLSConfiguration.makeClientConfiguration()
-        cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(root.utf8)))
+        do { cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(root.utf8))) } catch {
+            throw TLSConfigError(rootCertPath, pemProblem(root, kind: "CERTIFICATE"))
+        }
         cfg.certificateVerification = .noHostnameVerification
-        cfg.minimumTLSVersion = .tlsv12
+        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &cfg)
+        // The current certificate proves who is asking, while it is valid: an expired one
+        // would make the CA refuse the handshake, so the token is used instead.
+        var presented = false
         if let dir = currentCertDir {
             let chain = (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)
             let key = (dir as NSString).appendingPathComponent(WorkloadBundle.keyFile)
-            if let c = try? NIOSSLCertificate.fromPEMFile(chain), let k = try? NIOSSLPrivateKey(file: key, format: .pem) {
+            if let c = try? NIOSSLCertificate.fromPEMFile(chain), let leaf = c.first, let k = try? NIOSSLPrivateKey(file: key, format: .pem),
+               Double(leaf.notValidBefore) <= now.timeIntervalSince1970, now.timeIntervalSince1970 < Double(leaf.notValidAfter) {
                 cfg.certificateChain = c.map { .certificate($0) }
                 cfg.privateKey = .privateKey(k)
+                presented = true
             }
         }
         let ctx = try NIOSSLContext(configuration: cfg)
+        do {
+            return try send(ctx: ctx, host: host, port: port, caAddress: caAddress, expected: expected, identity: identity, token: token,
+                            keyType: keyType, ttl: ttl, root: root, group: group, timeout: timeout)
+        } catch let e as TLSConfigError where presented && token?.isEmpty == false && !e.message.contains("CA identity") {
+            // The certificate was refused (another root, say): the token still proves who we are.
+            return try requestBundle(caAddress: caAddress, rootCertPath: rootCertPath, identity: identity, token: token, currentCertDir: nil,
+                                     keyType: keyType, ttl: ttl, caIdentity: caIdentity, group: group, timeout: timeout, now: now)
+        }
+    }
+
+    static func send(ctx: NIOSSLContext, host: String, port: Int, caAddress: String, expected: [String], identity: SpiffeID, token: String?,
+                     keyType: KeyType, ttl: TimeInterval, root: String, group: EventLoopGroup, timeout: TimeAmount) throws -> WorkloadBundle {
         let (csr, keyPEM) = try MeshCA.makeCSR(for: identity, keyType: keyType)
         let body = "{\"csr\":\(JSON.quote(csr)),\"namespace\":\(JSON.quote(identity.namespace)),\"service_account\":\(JSON.quote(identity.serviceAccount)),\"ttl_seconds\":\(Int(ttl))}"
         let loop = group.next()
         let promise = loop.makePromise(of: (HTTPResponseStatus, Data).self)
-        let ch = try ClientBootstrap(group: loop)
-            .connectTimeout(timeout)
-            .channelInitializer { ch in
-                ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: ctx, serverHostname: nil))
-                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
-                    try ch.pipeline.syncOperations.addHandler(ResponseCollector(promise: promise))
+        let ch: Channel
+        do {
+            ch = try ClientBootstrap(group: loop)
+                .connectTimeout(timeout)
+                .channelInitializer { ch in
+                    ch.eventLoop.makeCompletedFuture {
+                        try ch.pipeline.syncOperations.addHandler(try TLSMaterial.makeClientHandler(context: ctx, serverName: nil, expected: expected))
+                        try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                        try ch.pipeline.syncOperations.addHandler(ResponseCollector(promise: promise))
+                    }
                 }
-            }
-            .connect(host: host, port: port).wait()
+                .connect(host: host, port: port).wait()
+        } catch {
+            throw TLSConfigError(caAddress, "cannot connect to the CA: \(error)")
+        }
+        // The request (and the token in it) is written only once the handshake verified
+        // the CA's identity: the TLS handler buffers application data until then, and
+        // drops it when the handshake fails.
         var headers = HTTPHeaders([("host", caAddress), ("content-type", "application/json"), ("content-length", String(body.utf8.count)), ("connection", "close")])
         if let token, !token.isEmpty { headers.add(name: "authorization", value: "Bearer \(token)") }
         ch.write(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: .POST, uri: "/v1/sign", headers: headers)), promise: nil)
@@ -195,12 +331,19 @@ public enum CAClient {
         ch.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
         let timer = loop.scheduleTask(in: timeout) { promise.fail(TLSConfigError(caAddress, "no answer within \(timeout)")) }
         defer { timer.cancel(); ch.close(promise: nil) }
-        let (status, data) = try promise.futureResult.wait()
+        let status: HTTPResponseStatus, data: Data
+        do { (status, data) = try promise.futureResult.wait() } catch let e as TLSConfigError { throw e } catch let e as PeerIdentityError {
+            throw TLSConfigError(caAddress, "CA identity not verified: \(e.description) (expected \(expected.joined(separator: " or ")))")
+        } catch {
+            throw TLSConfigError(caAddress, "TLS with the CA failed: \(TLSMaterial.upstreamRefusalReason(error, peerCertificate: nil))")
+        }
         let obj = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
         guard status == .ok, let chain = obj?["cert_chain"] as? [String], let leaf = chain.first else {
-            throw TLSConfigError(caAddress, "CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data, as: UTF8.self))")
+            throw TLSConfigError(caAddress, LogText.escape("CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data.prefix(200), as: UTF8.self))"))
         }
-        return WorkloadBundle(certChainPEM: leaf, keyPEM: keyPEM, rootCertPEM: chain.count > 1 ? chain[1] : root)
+        // root-cert.pem stays as the sidecar has it (Istio mounts it from a ConfigMap): it
+        // may hold two roots during a root switch, and it is what decides whom to trust.
+        return WorkloadBundle(certChainPEM: leaf, keyPEM: keyPEM, rootCertPEM: root)
     }
 
     final class ResponseCollector: ChannelInboundHandler {

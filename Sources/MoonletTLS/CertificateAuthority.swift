@@ -41,7 +41,8 @@ public struct WorkloadBundle: Sendable {
     public var rootCertPEM: String
 
     /// Writes the three files; each is written to a temporary name and renamed, so a
-    /// sidecar watching the directory never reads half a file. The key is mode 0600.
+    /// sidecar watching the directory never reads half a file. The key is mode 0600
+    /// from its first byte (see `writeAtomically`).
     public func write(to dir: String) throws {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try writeAtomically(keyPEM, to: (dir as NSString).appendingPathComponent(Self.keyFile), mode: 0o600)
@@ -50,15 +51,63 @@ public struct WorkloadBundle: Sendable {
     }
 }
 
-func writeAtomically(_ text: String, to path: String, mode: Int) throws {
-    let tmp = path + ".tmp-\(getpid())"
-    guard FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8), attributes: [.posixPermissions: mode]) else {
-        throw TLSConfigError(path, "cannot write")
+/// Writes a PEM file: a new temporary file created with `mode` from its first byte
+/// (O_CREAT|O_EXCL: a file that is already there, or a planted link, is never reused),
+/// filled, fsynced, then renamed over `path`. The text ends with a newline, so PEM files
+/// can be concatenated (root-cert.pem holding two roots during a root switch).
+func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
+    let tmp = path + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    let fd = try createExclusive(tmp, mode: mode)
+    var bytes = Array(text.utf8)
+    if bytes.last != UInt8(ascii: "\n") { bytes.append(UInt8(ascii: "\n")) }
+    var off = 0
+    while off < bytes.count {
+        let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else {
+            let e = errnoText(); close(fd); unlink(tmp)
+            throw TLSConfigError(path, "cannot write: \(e)")
+        }
+        off += n
     }
+    guard fsync(fd) == 0 else { let e = errnoText(); close(fd); unlink(tmp); throw TLSConfigError(path, "cannot write: \(e)") }
+    close(fd)
     if rename(tmp, path) != 0 {
-        let e = String(cString: strerror(errno))
+        let e = errnoText()
         unlink(tmp)
         throw TLSConfigError(path, "cannot write: \(e)")
+    }
+}
+
+/// Creates `path`, which must not exist, with exactly `mode`: the mode is given to
+/// open(2), so the umask can only remove bits, and fchmod then makes it exact. A key
+/// file created this way is never readable by group or others, not even for an instant.
+func createExclusive(_ path: String, mode: mode_t) throws -> Int32 {
+    let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw TLSConfigError(path, "cannot create: \(errnoText())") }
+    guard fchmod(fd, mode) == 0 else {
+        let e = errnoText(); close(fd); unlink(path)
+        throw TLSConfigError(path, "cannot set mode \(String(mode, radix: 8)): \(e)")
+    }
+    return fd
+}
+
+func errnoText() -> String { String(cString: strerror(errno)) }
+
+/// What is wrong with a PEM file, in words. It never quotes the file or the parser's
+/// error (which may hold the file's bytes): a private key must not reach a log line.
+func pemProblem(_ text: String, kind: String) -> String {
+    let begins = text.components(separatedBy: "-----BEGIN ").count - 1
+    let ends = text.components(separatedBy: "-----END ").count - 1
+    if begins == 0 { return "holds no PEM block (expected \"-----BEGIN \(kind)-----\")" }
+    if ends < begins { return "a PEM block has no END line (truncated file?)" }
+    return "is not a valid \(kind) in PEM form"
+}
+
+/// Parses a PEM private key; an error names `path` and never quotes the key.
+func parsePrivateKey(_ text: String, path: String) throws -> Certificate.PrivateKey {
+    do { return try Certificate.PrivateKey(pemEncoded: text) } catch {
+        throw TLSConfigError(path, pemProblem(text, kind: "PRIVATE KEY"))
     }
 }
 
@@ -91,7 +140,7 @@ public struct MeshCA: Sendable {
                 SubjectKeyIdentifier(hash: key.publicKey)
             },
             issuerPrivateKey: key)
-        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString)
+        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString + "\n")
     }
 
     /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=.
@@ -100,11 +149,13 @@ public struct MeshCA: Sendable {
         let keyPath = (dir as NSString).appendingPathComponent(rootKeyFile)
         let certPEM = try readText(certPath)
         let cert: Certificate
-        do { cert = try Certificate(pemEncoded: certPEM) } catch { throw TLSConfigError(certPath, "not a PEM certificate: \(error)") }
-        let key: Certificate.PrivateKey
-        do { key = try Certificate.PrivateKey(pemEncoded: try readText(keyPath)) } catch let e as TLSConfigError { throw e } catch {
-            throw TLSConfigError(keyPath, "not a PEM private key: \(error)")
+        do { cert = try Certificate(pemEncoded: certPEM) } catch { throw TLSConfigError(certPath, pemProblem(certPEM, kind: "CERTIFICATE")) }
+        // The mesh root key signs every identity: refuse to use it while others can read it.
+        var st = stat()
+        if stat(keyPath, &st) == 0, st.st_mode & 0o077 != 0 {
+            throw TLSConfigError(keyPath, "is readable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); the mesh root key must be mode 0600 (chmod 600 it, and consider the key exposed)")
         }
+        let key = try parsePrivateKey(try readText(keyPath), path: keyPath)
         guard key.publicKey == cert.publicKey else { throw TLSConfigError(keyPath, "does not match the public key of \(certPath)") }
         var td = ""
         for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
@@ -133,9 +184,11 @@ public struct MeshCA: Sendable {
     }
 
     /// Issues a workload key and certificate for `id` (a new key of `keyType`).
-    public func issue(_ id: SpiffeID, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400, now: Date = Date()) throws -> WorkloadBundle {
+    /// `extraURIs`: more URI SANs after the id (only to test that peers refuse them).
+    public func issue(_ id: SpiffeID, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400, now: Date = Date(),
+                      extraURIs: [String] = []) throws -> WorkloadBundle {
         let key = try keyType.makeKey()
-        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now)
+        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) })
         return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
     }
 

@@ -1,4 +1,5 @@
 import NIOSSL
+import MoonletCore
 
 /// A SPIFFE workload identity, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
 /// as Istio puts it in a workload certificate's URI SAN.
@@ -29,13 +30,27 @@ public struct SpiffeID: Hashable, Sendable, CustomStringConvertible {
     public var principal: String { "\(trustDomain)/ns/\(namespace)/sa/\(serviceAccount)" }
     public var description: String { uri }
 
-    /// The SPIFFE id in a certificate's URI SANs (the first one that parses).
+    /// The SPIFFE id of a certificate: its only URI SAN. nil when it has none, when that
+    /// one is not a SPIFFE id, or when it has more than one (the SPIFFE X.509-SVID spec
+    /// allows exactly one: a second could ride in front of the real identity).
     public static func of(_ cert: NIOSSLCertificate) -> SpiffeID? {
-        for san in cert._subjectAlternativeNames() where san.nameType == .uri {
-            let s = san.contents.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) }
-            if let id = SpiffeID(uri: s) { return id }
+        let uris = uriSANs(cert)
+        return uris.count == 1 ? SpiffeID(uri: uris[0]) : nil
+    }
+
+    /// A certificate's URI SANs, in order.
+    public static func uriSANs(_ cert: NIOSSLCertificate) -> [String] {
+        cert._subjectAlternativeNames().compactMap { san in
+            san.nameType == .uri ? san.contents.withUnsafeBufferPointer { String(decoding: $0, as: UTF8.self) } : nil
         }
-        return nil
+    }
+
+    /// Why a certificate has no SPIFFE id (nil when it has one), in words fit for a log.
+    public static func whyNoIdentity(_ cert: NIOSSLCertificate) -> String? {
+        let uris = uriSANs(cert)
+        if uris.count > 1 { return "certificate carries \(uris.count) URI SANs \(LogText.escape("\(uris)")); a SPIFFE certificate has exactly one" }
+        if uris.count == 1, SpiffeID(uri: uris[0]) != nil { return nil }
+        return "certificate has no SPIFFE id (SANs: \(LogText.escape("\(subjectAltNames(cert))")))"
     }
 
     /// Every URI and DNS SAN of a certificate, for logs and for SAN matching.

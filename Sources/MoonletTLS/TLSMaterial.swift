@@ -38,11 +38,14 @@ public final class TLSMaterial: @unchecked Sendable {
     public let clientContextH2: NIOSSLContext
     /// File sizes and modification times when loaded (rotation compares them).
     public let fingerprint: String
+    /// The trust domains whose identities peers may present (see TrustDomains).
+    public let trustDomains: TrustDomains
 
     init(directory: String, identity: SpiffeID, notBefore: Date, notAfter: Date, serverContext: NIOSSLContext, clientContext: NIOSSLContext,
-         clientContextH2: NIOSSLContext, fingerprint: String) {
+         clientContextH2: NIOSSLContext, fingerprint: String, trustDomains: TrustDomains) {
         self.directory = directory; self.identity = identity; self.notBefore = notBefore; self.notAfter = notAfter
         self.serverContext = serverContext; self.clientContext = clientContext; self.clientContextH2 = clientContextH2; self.fingerprint = fingerprint
+        self.trustDomains = trustDomains
     }
 
     /// When a renewal is due: half the certificate's lifetime (Istio's default grace).
@@ -59,8 +62,9 @@ public final class TLSMaterial: @unchecked Sendable {
 
     /// Loads and checks `dir`: every file parses, the key matches the leaf, the chain
     /// verifies up to a root of root-cert.pem, the leaf is within its validity and carries
-    /// a SPIFFE id. Each error names the file it is about.
-    public static func load(dir: String, now: Date = Date()) throws -> TLSMaterial {
+    /// exactly one URI SAN, a SPIFFE id. Each error names the file it is about and never
+    /// quotes a key. `mesh`: the trust domains and the TLS policy (mesh config).
+    public static func load(dir: String, now: Date = Date(), mesh: MeshTLSSettings = MeshTLSSettings()) throws -> TLSMaterial {
         let fp = fingerprint(dir: dir)
         let chainPath = (dir as NSString).appendingPathComponent(WorkloadBundle.certChainFile)
         let keyPath = (dir as NSString).appendingPathComponent(WorkloadBundle.keyFile)
@@ -70,54 +74,66 @@ public final class TLSMaterial: @unchecked Sendable {
         let chainText = try readText(chainPath), rootText = try readText(rootPath), keyText = try readText(keyPath)
         let chainX = try parseCertificates(chainText, path: chainPath)
         let rootsX = try parseCertificates(rootText, path: rootPath)
-        let keyX: Certificate.PrivateKey
-        do { keyX = try Certificate.PrivateKey(pemEncoded: keyText) } catch {
-            throw TLSConfigError(keyPath, "not a PEM private key: \(error)")
-        }
+        let keyX = try parsePrivateKey(keyText, path: keyPath)
         let leaf = chainX[0]
         guard keyX.publicKey == leaf.publicKey else { throw TLSConfigError(keyPath, "does not match the certificate in \(chainPath)") }
         try verifyChain(chainX, roots: rootsX, chainPath: chainPath, rootPath: rootPath)
         if leaf.notValidAfter <= now { throw TLSConfigError(chainPath, "certificate expired at \(leaf.notValidAfter)") }
         if leaf.notValidBefore > now.addingTimeInterval(300) { throw TLSConfigError(chainPath, "certificate is not valid before \(leaf.notValidBefore)") }
-        var id: SpiffeID?
+        var uris: [String] = []
         if let sans = try? leaf.extensions.subjectAlternativeNames {
-            for san in sans { if case .uniformResourceIdentifier(let u) = san, let s = SpiffeID(uri: u) { id = s; break } }
+            for san in sans { if case .uniformResourceIdentifier(let u) = san { uris.append(u) } }
         }
-        guard let identity = id else { throw TLSConfigError(chainPath, "certificate has no SPIFFE URI SAN (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)") }
+        if uris.count > 1 { throw TLSConfigError(chainPath, "certificate carries \(uris.count) URI SANs; a SPIFFE certificate has exactly one") }
+        guard let u = uris.first, let identity = SpiffeID(uri: u) else {
+            throw TLSConfigError(chainPath, "certificate has no SPIFFE URI SAN (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)")
+        }
 
-        let chain = try NIOSSLCertificate.fromPEMBytes(Array(chainText.utf8)).map { NIOSSLCertificateSource.certificate($0) }
-        let roots = try NIOSSLCertificate.fromPEMBytes(Array(rootText.utf8))
-        let key = try NIOSSLPrivateKey(bytes: Array(keyText.utf8), format: .pem)
+        let chain: [NIOSSLCertificateSource], roots: [NIOSSLCertificate], key: NIOSSLPrivateKey
+        do { chain = try NIOSSLCertificate.fromPEMBytes(Array(chainText.utf8)).map { .certificate($0) } } catch { throw TLSConfigError(chainPath, "BoringSSL cannot load it") }
+        do { roots = try NIOSSLCertificate.fromPEMBytes(Array(rootText.utf8)) } catch { throw TLSConfigError(rootPath, "BoringSSL cannot load it") }
+        do { key = try NIOSSLPrivateKey(bytes: Array(keyText.utf8), format: .pem) } catch { throw TLSConfigError(keyPath, pemProblem(keyText, kind: "PRIVATE KEY")) }
         // Both sides present the workload certificate and verify the peer against the
-        // mesh root (no host names in mesh identities).
-        func mesh(_ base: TLSConfiguration, alpn: [String]) -> TLSConfiguration {
+        // mesh root (no host names in mesh identities), with the mesh TLS policy.
+        func meshConfiguration(_ base: TLSConfiguration, alpn: [String]) -> TLSConfiguration {
             var c = base
             c.certificateChain = chain
             c.privateKey = .privateKey(key)
             c.certificateVerification = .noHostnameVerification
             c.trustRoots = .certificates(roots)
-            c.minimumTLSVersion = .tlsv12
             c.applicationProtocols = alpn
             c.curves = meshCurves
+            applyPolicy(mesh, to: &c)
             return c
         }
-        let sc = mesh(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
-        let cc = mesh(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
-        let cc2 = mesh(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNWithH2)
-        return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
-                           serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
-                           clientContextH2: try NIOSSLContext(configuration: cc2),
-                           fingerprint: fp)
+        let sc = meshConfiguration(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
+        let cc = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
+        let cc2 = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNWithH2)
+        let domains = TrustDomains(mesh: mesh.trustDomain ?? identity.trustDomain, aliases: mesh.trustDomainAliases, roots: rootsX)
+        do {
+            return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
+                               serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
+                               clientContextH2: try NIOSSLContext(configuration: cc2),
+                               fingerprint: fp, trustDomains: domains)
+        } catch {
+            throw TLSConfigError(dir, "TLS contexts cannot be built with these files and the mesh TLS policy (\(mesh.minProtocolVersion.rawValue), \(mesh.cipherSuites.joined(separator: ":")))")
+        }
+    }
+
+    /// The mesh TLS policy on a configuration: minimum version and TLS 1.2 cipher suites.
+    public static func applyPolicy(_ p: MeshTLSSettings, to c: inout TLSConfiguration) {
+        c.minimumTLSVersion = p.minProtocolVersion == .tls13 ? .tlsv13 : .tlsv12
+        c.cipherSuites = p.cipherSuites.joined(separator: ":")
     }
 
     static func parseCertificates(_ text: String, path: String) throws -> [Certificate] {
         let docs: [PEMDocument]
-        do { docs = try PEMDocument.parseMultiple(pemString: text) } catch { throw TLSConfigError(path, "not PEM: \(error)") }
+        do { docs = try PEMDocument.parseMultiple(pemString: text) } catch { throw TLSConfigError(path, pemProblem(text, kind: "CERTIFICATE")) }
         var out: [Certificate] = []
         for (i, d) in docs.enumerated() where d.discriminator == "CERTIFICATE" {
-            do { out.append(try Certificate(pemDocument: d)) } catch { throw TLSConfigError(path, "certificate #\(i + 1) does not parse: \(error)") }
+            do { out.append(try Certificate(pemDocument: d)) } catch { throw TLSConfigError(path, "certificate #\(i + 1) is not a valid X.509 certificate") }
         }
-        if out.isEmpty { throw TLSConfigError(path, "holds no certificate") }
+        if out.isEmpty { throw TLSConfigError(path, pemProblem(text, kind: "CERTIFICATE")) }
         return out
     }
 
@@ -139,15 +155,20 @@ public final class TLSMaterial: @unchecked Sendable {
         cc.applicationProtocols = alpn
         cc.certificateVerification = verifyHostname ? .fullVerification : .noHostnameVerification
         if let ca = caCertificates, !ca.isEmpty {
-            do { cc.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca)) } catch { throw TLSConfigError(ca, "caCertificates: \(error)") }
+            do { cc.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca)) } catch { throw TLSConfigError(ca, "caCertificates: \(fileProblem(ca, kind: "CERTIFICATE"))") }
         }
         if let c = clientCertificate, !c.isEmpty {
-            do { cc.certificateChain = try NIOSSLCertificate.fromPEMFile(c).map { .certificate($0) } } catch { throw TLSConfigError(c, "clientCertificate: \(error)") }
+            do { cc.certificateChain = try NIOSSLCertificate.fromPEMFile(c).map { .certificate($0) } } catch { throw TLSConfigError(c, "clientCertificate: \(fileProblem(c, kind: "CERTIFICATE"))") }
         }
         if let k = privateKey, !k.isEmpty {
-            do { cc.privateKey = .privateKey(try NIOSSLPrivateKey(file: k, format: .pem)) } catch { throw TLSConfigError(k, "privateKey: \(error)") }
+            do { cc.privateKey = .privateKey(try NIOSSLPrivateKey(file: k, format: .pem)) } catch { throw TLSConfigError(k, "privateKey: \(fileProblem(k, kind: "PRIVATE KEY"))") }
         }
-        do { return try NIOSSLContext(configuration: cc) } catch { throw TLSConfigError("DestinationRule tls", "\(error)") }
+        do { return try NIOSSLContext(configuration: cc) } catch { throw TLSConfigError("DestinationRule tls", "the TLS context cannot be built from these files (does the key match the certificate?)") }
+    }
+
+    /// What is wrong with a PEM file given by path: missing, unreadable, or its PEM problem.
+    static func fileProblem(_ path: String, kind: String) -> String {
+        do { return pemProblem(try readText(path), kind: kind) } catch let e as TLSConfigError { return e.message } catch { return "cannot read" }
     }
 }
 
@@ -156,72 +177,169 @@ public struct PeerIdentityError: Error, CustomStringConvertible {
     public var description: String
 }
 
+/// Which peer identities a sidecar accepts, as Istio's SPIFFE validator does: exactly one
+/// URI SAN, a SPIFFE id whose trust domain is the mesh's or one of its aliases, and, when
+/// root-cert.pem holds roots of several trust domains, a certificate signed by a root of
+/// its own trust domain. A root belongs to the trust domain in its subject's O= (as
+/// `moonlet ca init` and Istio's self-signed CA write it; the mesh's when it has none);
+/// an accepted domain without a root of its own (an alias during a trust domain
+/// migration) is signed by the mesh's roots.
+public struct TrustDomains: Sendable {
+    /// The mesh's trust domain.
+    public let mesh: String
+    /// The mesh's, then its aliases.
+    public let accepted: [String]
+    let rootsByDomain: [String: [Certificate]]
+    /// Roots of more than one trust domain: each peer's signer is checked.
+    let perDomain: Bool
+
+    public init(mesh: String, aliases: [String] = [], roots: [Certificate]) {
+        self.mesh = mesh
+        accepted = [mesh] + aliases.filter { $0 != mesh }
+        var by: [String: [Certificate]] = [:]
+        for r in roots {
+            var td = ""
+            for rdn in r.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
+            by[td.isEmpty ? mesh : td, default: []].append(r)
+        }
+        rootsByDomain = by
+        perDomain = by.count > 1
+    }
+
+    /// The peer's identity, or why it is refused (peer text escaped for logs).
+    public func identify(_ cert: NIOSSLCertificate) -> Result<SpiffeID, PeerIdentityError> {
+        if let why = SpiffeID.whyNoIdentity(cert) { return .failure(PeerIdentityError(description: why)) }
+        let id = SpiffeID.of(cert)!
+        guard accepted.contains(id.trustDomain) else {
+            let aliases = accepted.count > 1 ? " nor one of its aliases (\(accepted.dropFirst().joined(separator: ", ")))" : ""
+            return .failure(PeerIdentityError(description: LogText.escape("trust domain of \(id.uri) is not the mesh's (\(mesh))\(aliases)")))
+        }
+        guard perDomain else { return .success(id) }
+        let roots = rootsByDomain[id.trustDomain] ?? rootsByDomain[mesh] ?? []
+        guard let der = try? cert.toDERBytes(), let leaf = try? Certificate(derEncoded: der),
+              roots.contains(where: { $0.subject == leaf.issuer && $0.publicKey.isValidSignature(leaf.signature, for: leaf) }) else {
+            return .failure(PeerIdentityError(description: LogText.escape("certificate of \(id.uri) is not signed by a root of its trust domain \(id.trustDomain)")))
+        }
+        return .success(id)
+    }
+
+    /// `ids` (SPIFFE ids formed in the default trust domain from service accounts) in
+    /// every accepted trust domain, the mesh's first; others unchanged.
+    public func expand(_ ids: [String], defaultDomain: String = MeshIdentity.trustDomain) -> [String] {
+        let from = "spiffe://\(defaultDomain)/"
+        var out: [String] = []
+        for id in ids {
+            guard id.hasPrefix(from) else { out.append(id); continue }
+            for td in accepted { out.append("spiffe://\(td)/" + id.dropFirst(from.count)) }
+        }
+        return out
+    }
+}
+
 extension TLSMaterial {
     /// An inbound TLS handler: BoringSSL verifies the chain and dates; then the peer must
-    /// carry a SPIFFE id, which `onPeer` receives before any application byte is read.
+    /// carry one SPIFFE id of an accepted trust domain, which `onPeer` receives before any
+    /// application byte is read.
     public func makeServerHandler(onPeer: @escaping (SpiffeID) -> Void) -> NIOSSLServerHandler {
-        NIOSSLServerHandler._makeSSLServerHandler(context: serverContext) { cert, channel in
-            guard let id = SpiffeID.of(cert) else {
-                return channel.eventLoop.makeFailedFuture(PeerIdentityError(description: "peer certificate has no SPIFFE id (SANs: \(SpiffeID.subjectAltNames(cert)))"))
+        let domains = trustDomains
+        return NIOSSLServerHandler._makeSSLServerHandler(context: serverContext) { cert, channel in
+            switch domains.identify(cert) {
+            case .success(let id):
+                onPeer(id)
+                return channel.eventLoop.makeSucceededFuture(())
+            case .failure(let e):
+                return channel.eventLoop.makeFailedFuture(e)
             }
-            onPeer(id)
-            return channel.eventLoop.makeSucceededFuture(())
         }
     }
 
     /// An outbound handler for ISTIO_MUTUAL: the server's chain must verify against the
-    /// root and its SPIFFE id must be one of `expected` (any mesh identity when empty).
+    /// root, it must carry one SPIFFE id of an accepted trust domain, and that id must be
+    /// one of `expected` (any accepted mesh identity when empty).
     /// `offerH2`: ALPN offers h2 before HTTP/1.1.
     public func makeClientHandler(serverName: String?, expected: [String], offerH2: Bool = false) throws -> NIOSSLClientHandler {
-        try Self.makeClientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: serverName, expected: expected)
+        let domains = trustDomains
+        return try Self.makeClientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: serverName, expected: expected) { cert in
+            if case .failure(let e) = domains.identify(cert) { return e }
+            return nil
+        }
     }
 
-    /// SPIFFE ids formed in the default trust domain, moved into this workload's own
-    /// (the mesh's, as Istio forms them from meshConfig.trustDomain); unchanged when the
-    /// two are the same or an id is not in the default domain.
+    /// SPIFFE ids formed in the default trust domain, moved into the mesh's (as Istio
+    /// forms them from meshConfig.trustDomain) and into each of its aliases.
     public func inOwnTrustDomain(_ ids: [String], defaultDomain: String = MeshIdentity.trustDomain) -> [String] {
-        guard identity.trustDomain != defaultDomain else { return ids }
-        let from = "spiffe://\(defaultDomain)/", to = "spiffe://\(identity.trustDomain)/"
-        return ids.map { $0.hasPrefix(from) ? to + $0.dropFirst(from.count) : $0 }
+        trustDomains.expand(ids, defaultDomain: defaultDomain)
     }
 
     /// A client handler over `context` that checks the server's URI or DNS SANs against
-    /// `expected` (exact match; no check when empty).
-    public static func makeClientHandler(context: NIOSSLContext, serverName: String?, expected: [String]) throws -> NIOSSLClientHandler {
+    /// `expected` (exact match; no check when empty), after `check` (nil: accepted).
+    public static func makeClientHandler(context: NIOSSLContext, serverName: String?, expected: [String],
+                                         check: ((NIOSSLCertificate) -> PeerIdentityError?)? = nil) throws -> NIOSSLClientHandler {
         let sni = serverName.flatMap { n -> String? in
             // SNI carries host names only; an IP address is sent without SNI.
             n.isEmpty || n.allSatisfy({ $0.isNumber || $0 == "." || $0 == ":" }) ? nil : n
         }
         return try NIOSSLClientHandler._makeSSLClientHandler(context: context, serverHostname: sni) { cert, channel in
+            if let e = check?(cert) { return channel.eventLoop.makeFailedFuture(e) }
             if expected.isEmpty { return channel.eventLoop.makeSucceededFuture(()) }
             let sans = SpiffeID.subjectAltNames(cert)
             if sans.contains(where: { expected.contains($0) }) { return channel.eventLoop.makeSucceededFuture(()) }
-            return channel.eventLoop.makeFailedFuture(PeerIdentityError(description: "server identity \(sans) does not match the expected \(expected)"))
+            let shown = sans.isEmpty ? "none" : sans.joined(separator: ", ")
+            return channel.eventLoop.makeFailedFuture(PeerIdentityError(description: LogText.escape("server identity \(shown) does not match the expected \(expected.joined(separator: " or "))")))
         }
     }
 }
 
 extension TLSMaterial {
     /// A readable reason for a refused inbound handshake, naming the peer's identity
-    /// when it presented a certificate: expired, not yet valid, not from the mesh root,
-    /// no certificate, plaintext on an mTLS port, or the TLS error itself.
+    /// when it presented a certificate: expired, not yet valid, wrong extended key usage,
+    /// not from the mesh root, no certificate, plaintext on an mTLS port. Text from the
+    /// peer is escaped (no control characters reach the log).
     public static func refusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date()) -> String {
+        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "client", usage: .clientAuth))
+    }
+
+    /// The same for an upstream server refused by this sidecar, or that refused it: in
+    /// words (no library dump, no file path), for the log and the 503 body.
+    public static func upstreamRefusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date()) -> String {
+        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "server", usage: .serverAuth))
+    }
+
+    static func reason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date, peer: String, usage: ExtendedKeyUsage.Usage) -> String {
         if let e = error as? PeerIdentityError { return e.description }
+        if let e = error as? NIOSSLExtraError, e == .failedToValidateHostname { return "the \(peer)'s certificate does not name the host it was reached by" }
         let text = "\(error)"
+        let verifyFailed = text.contains("CERTIFICATE_VERIFY_FAILED")
         if let pc = peerCertificate, let der = try? pc.toDERBytes(), let cert = try? Certificate(derEncoded: der) {
             let who = SpiffeID.of(pc)?.uri ?? "subject \(cert.subject)"
             if cert.notValidAfter < now { return "certificate of \(who) expired at \(cert.notValidAfter)" }
             if cert.notValidBefore > now { return "certificate of \(who) is not valid before \(cert.notValidBefore)" }
-            if text.contains("CERTIFICATE_VERIFY_FAILED") { return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the mesh root" }
+            if let eku = try? cert.extensions.extendedKeyUsage, !eku.contains(usage), !eku.contains(.any) {
+                let name = usage == .clientAuth ? "clientAuth (TLS client)" : "serverAuth (TLS server)"
+                return "certificate of \(who) lacks the extended key usage \(name)"
+            }
+            if verifyFailed { return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the mesh root" }
         }
-        if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") { return "the client presented no certificate" }
+        if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") { return "the \(peer) presented no certificate" }
         if text.contains("WRONG_VERSION_NUMBER") || text.contains("HTTP_REQUEST") || text.contains("UNKNOWN_PROTOCOL") {
-            return "not TLS (plaintext on an mTLS port)"
+            return peer == "client" ? "not TLS (plaintext on an mTLS port)" : "the server did not answer with TLS (a plaintext server?)"
         }
         if text.contains("EOF during handshake") || text.contains("uncleanShutdown") {
-            return "the client closed during the handshake (does it trust this sidecar's certificate?)"
+            return peer == "client" ? "the client closed during the handshake (does it trust this sidecar's certificate?)"
+                : "the server closed the connection during the TLS handshake (is it a TLS server, and does it accept this sidecar's certificate?)"
         }
-        if text.contains("CERTIFICATE_VERIFY_FAILED") { return "the client certificate does not verify against the mesh root" }
-        return text
+        if verifyFailed { return "the \(peer)'s certificate does not verify against the trusted roots" }
+        if text.contains("NO_SHARED_CIPHER") || text.contains("UNSUPPORTED_PROTOCOL") || text.contains("PROTOCOL_VERSION") || text.contains("NO_CIPHERS_AVAILABLE") {
+            return "no TLS version or cipher suite in common with the \(peer) (mesh TLS policy: TLS 1.2 or later, ECDHE with AES-GCM or ChaCha20)"
+        }
+        if let alert = text.range(of: "TLSV1_ALERT_") ?? text.range(of: "SSLV3_ALERT_") {
+            let name = text[alert.upperBound...].prefix { $0.isLetter || $0 == "_" }
+            return "the \(peer) refused the handshake (TLS alert: \(name.lowercased().replacingOccurrences(of: "_", with: " ")))"
+        }
+        if let r = text.range(of: "OPENSSL_internal:") {
+            let name = text[r.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+            return "the TLS handshake with the \(peer) failed (\(name.lowercased().replacingOccurrences(of: "_", with: " ")))"
+        }
+        return "the TLS handshake with the \(peer) failed"
     }
 }

@@ -51,16 +51,24 @@ struct CA: ParsableCommand {
         @Option(help: "Bind address") var bind: String = "127.0.0.1"
         @Option(help: "Token file: lines of \"<token> <namespace>/<service-account>\"") var tokenFile: String?
         @Option(help: "Longest lifetime issued") var maxTtl: String = "24h"
+        @Option(help: "Connections served at once; more are refused (logged)") var maxConnections: Int = 1024
+        @Option(help: "Time a client has to finish the TLS handshake") var handshakeTimeout: String = "10s"
+        @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
+            guard let hs = parseTTL(handshakeTimeout) else { throw ValidationError("--handshake-timeout: a duration like 10s") }
+            guard let idle = parseTTL(idleTimeout) else { throw ValidationError("--idle-timeout: a duration like 60s") }
+            guard maxConnections > 0 else { throw ValidationError("--max-connections: a positive number") }
             let authority = try MeshCA.load(dir: ca)
             let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
-            let service = CAService(ca: authority, tokens: tokens, maxTTL: life) { line in
+            let limits = CAService.Limits(maxConnections: maxConnections, handshakeTimeout: .milliseconds(Int64(hs * 1000)),
+                                          idleTimeout: .milliseconds(Int64(idle * 1000)))
+            let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits) { line in
                 FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
             }
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let ch = try service.bind(group: group, host: bind, port: port)
-            print("moonlet ca serving trust domain \(authority.trustDomain) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
+            print("moonlet ca serving trust domain \(authority.trustDomain) as \(CAService.identity(trustDomain: authority.trustDomain).uri) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
             try ch.closeFuture.wait()
         }
     }

@@ -37,6 +37,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Directory with cert-chain.pem, key.pem, root-cert.pem (watched; enables mTLS). Env: MOONLET_CERTS") var certs: String?
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
+    @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
+    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
 
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
@@ -63,6 +65,14 @@ struct SidecarOptions: ParsableArguments {
         s.certsDirectory = certs ?? env("MOONLET_CERTS")
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
+        s.caIdentity = caIdentity ?? env("MOONLET_CA_IDENTITY")
+        if let path = meshConfig ?? env("MOONLET_MESH_CONFIG") {
+            do {
+                let mesh = try MeshConfigFile.load(path: path)
+                s.meshTLS = mesh.tls
+                s.meshConfigNotApplied = mesh.notApplied
+            } catch { throw ValidationError("--mesh-config: \(error)") }
+        }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s
     }

@@ -64,7 +64,7 @@ final class SecurityConfigTests: XCTestCase {
       resolution: STATIC
       ports: [{number: 80, name: http}, {number: 81, name: admin}]
       endpoints:
-      - {address: 10.0.0.1, ports: {http: 8080}, serviceAccount: orders, labels: {version: v1}}
+      - {address: 10.0.0.1, ports: {http: 8080}, serviceAccount: orders, labels: {version: v1, security.istio.io/tlsMode: istio}}
       - {address: 10.0.0.2, ports: {http: 8080}, labels: {version: v2}}
       - {address: 10.0.0.3, ports: {http: 8080}, labels: {version: v3, security.istio.io/tlsMode: istio}}
     ---
@@ -84,6 +84,15 @@ final class SecurityConfigTests: XCTestCase {
         XCTAssertNil(c?.tls(1), "no service account, no tlsMode label: plaintext")
         XCTAssertEqual(c?.tls(2)?.mode, .istioMutual)
         XCTAssertEqual(c?.tls(2)?.subjectAltNames, [])
+    }
+
+    func test_autoMTLS_isDecidedByTheTlsModeLabel_notByAServiceAccount() {
+        // The gray-release endpoints name a service account but run no sidecar: Istio
+        // sends them plaintext, because injection (the tlsMode label) is what decides.
+        let c = cluster(load(Self.service.replacingOccurrences(of: "serviceAccount: orders, labels: {version: v1, security.istio.io/tlsMode: istio}",
+                                                               with: "serviceAccount: orders, labels: {version: v1}")))
+        XCTAssertNil(c?.tls(0), "a service account without the tlsMode label: plaintext")
+        XCTAssertEqual(c?.tls(2)?.mode, .istioMutual)
     }
 
     func test_destinationRuleTLS_appliesTopLevelThenPortLevelThenSubset() {

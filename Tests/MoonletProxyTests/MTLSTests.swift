@@ -4,6 +4,7 @@ import NIOPosix
 import NIOHTTP1
 import NIOSSL
 import NIOConcurrencyHelpers
+import Logging
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletTLS
@@ -36,8 +37,9 @@ final class FixturePKI {
 
 /// One HTTPS/1.1 request with an optional client certificate. Returns status, headers
 /// and body, or the error that ended the handshake or connection.
+/// `maxVersion`, `ciphers`: limit what the client offers (to test the server's policy).
 func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "app", path: String = "/", alpn: [String] = ["http/1.1"],
-                expectedServer: [String] = []) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
+                expectedServer: [String] = [], maxVersion: TLSVersion? = nil, ciphers: String? = nil) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     defer { try? group.syncShutdownGracefully() }
     do {
@@ -45,6 +47,8 @@ func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "ap
         cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(rootPEM.utf8)))
         cfg.certificateVerification = .noHostnameVerification
         cfg.applicationProtocols = alpn
+        if let v = maxVersion { cfg.maximumTLSVersion = v }
+        if let c = ciphers { cfg.cipherSuites = c }
         if let d = certDir {
             cfg.certificateChain = try NIOSSLCertificate.fromPEMFile(d + "/cert-chain.pem").map { .certificate($0) }
             cfg.privateKey = .privateKey(try NIOSSLPrivateKey(file: d + "/key.pem", format: .pem))
@@ -255,7 +259,7 @@ final class MTLSTests: XCTestCase {
           resolution: STATIC
           ports: [{number: 80, name: \(portName)}]
           endpoints:
-          - {address: 127.0.0.1, ports: {\(portName): \(port)}, serviceAccount: \(serviceAccount)}
+          - {address: 127.0.0.1, ports: {\(portName): \(port)}, serviceAccount: \(serviceAccount), labels: {security.istio.io/tlsMode: istio}}
 
         """
         if let trafficPolicy {
@@ -447,7 +451,8 @@ final class MTLSTests: XCTestCase {
         XCTAssertEqual(call("wrongsan.example")?.status, 503)
         let bad = call("badfile.example")
         XCTAssertEqual(bad?.status, 503)
-        XCTAssertTrue(bad?.body.contains("/nonexistent/ca.pem") == true, bad?.body ?? "")
+        XCTAssertTrue(bad?.body.contains("the DestinationRule's TLS files could not be loaded") == true, bad?.body ?? "")
+        XCTAssertFalse(bad?.body.contains("/nonexistent") == true, "a local reply never shows a file system path: \(bad?.body ?? "")")
         XCTAssertEqual(simpleUp.seen.count, 1)
         XCTAssertEqual(mutualUp.seen.count, 1)
     }
@@ -566,4 +571,276 @@ final class ManagedAtomicFlag: @unchecked Sendable {
     private var value = false
     var isSet: Bool { lock.withLock { value } }
     func set() { lock.withLock { value = true } }
+}
+
+/// Log lines a proxy or the CA wrote, for tests that check what is logged.
+final class CapturedLog: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var lines: [String] = []
+    var all: [String] { lock.withLock { lines } }
+    func append(_ s: String) { lock.withLock { lines.append(s) } }
+    func contains(_ s: String) -> Bool { all.contains { $0.contains(s) } }
+    var logger: Logger {
+        var l = Logger(label: "captured") { _ in Handler(log: self) }
+        l.logLevel = .info
+        return l
+    }
+    struct Handler: LogHandler {
+        let log: CapturedLog
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .info
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? { get { metadata[key] } set { metadata[key] = newValue } }
+        func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+            log.append("\(message)")
+        }
+    }
+}
+
+/// Issue 24 (identity hardening) and issue 16 item 15 (auto mTLS by the tlsMode label).
+extension MTLSTests {
+    /// Writes a bundle for `id` signed by `ca`, trusting `roots`, with extra URI SANs after the id.
+    func bundle(_ name: String, ca: MeshCA, id: SpiffeID, extraURIs: [String] = [], roots: String? = nil) throws -> String {
+        var b = try ca.issue(id, ttl: 3600, extraURIs: extraURIs)
+        b.rootCertPEM = roots ?? pki.ca.rootCertPEM
+        let d = pki.dir + "/" + name
+        try b.write(to: d)
+        return d
+    }
+
+    func strictSidecar(certs: String, logger: Logger? = nil, tweak: @escaping (inout ProxySettings) -> Void = { _ in }) throws -> ProxyFixture {
+        try ProxyFixture(appPort: app.port, files: ["pa.yaml": peerAuthentication("s", namespace: "production", mode: "STRICT"),
+                                                    "echo.lua": principalEcho, "echo.yaml": ProxyFixture.plugin("echo")],
+                         concurrency: 1, logger: logger) { s in
+            s.certsDirectory = certs
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+            tweak(&s)
+        }
+    }
+
+    func test_inbound_acceptsOnlyTheMeshTrustDomainAndItsAliases_eachFromItsOwnRoots() throws {
+        // root-cert.pem holds the mesh root and a partner's root (two roots, as during a root switch).
+        let partner = try MeshCA.create(trustDomain: "partner.local")
+        let both = pki.ca.rootCertPEM + partner.rootCertPEM
+        let certs = try bundle("orders", ca: pki.ca, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: both)
+        let partnerAdmin = try bundle("padmin", ca: partner, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let evil = try bundle("evil", ca: pki.ca, id: SpiffeID(trustDomain: "evil.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let forgedAlias = try bundle("forged", ca: pki.ca, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let log = CapturedLog()
+        let server = try strictSidecar(certs: certs, logger: log.logger)
+        defer { server.stop() }
+        XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get(), "a partner identity is not the mesh's")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get(), "another trust domain signed by the mesh root")
+        XCTAssertEqual(app.seen.count, 1)
+        XCTAssertTrue(log.contains("trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)"), "\(log.all)")
+        // With partner.local as an alias (mesh config trustDomainAliases) the partner is
+        // accepted, but only with a certificate from its own root.
+        let aliased = try strictSidecar(certs: certs) { $0.meshTLS.trustDomainAliases = ["partner.local"] }
+        defer { aliased.stop() }
+        let r = try tlsRequest(port: aliased.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get()
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.headers.first(name: "x-peer"), "partner.local/ns/istio-system/sa/admin")
+        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: forgedAlias, rootPEM: pki.ca.rootCertPEM).get(), "the mesh root does not sign partner identities")
+        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get())
+    }
+
+    func test_aClientCertificateWithTwoURISANs_isRefused_byTheSidecarAndByTheCA() throws {
+        let real = try pki.ca.identity(namespace: "default", serviceAccount: "frontend")
+        let two = try bundle("two", ca: pki.ca, id: try pki.ca.identity(namespace: "istio-system", serviceAccount: "admin"), extraURIs: [real.uri])
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: two, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertEqual(app.seen.count, 0)
+        // Renewal at the CA with that certificate (and no token) is refused too.
+        let caGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? caGroup.syncShutdownGracefully() }
+        let ca = try CAService(ca: pki.ca, tokens: [:]).bind(group: caGroup, host: "127.0.0.1", port: 0)
+        defer { try? ca.close().wait() }
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(ca.localAddress!.port!)", rootCertPath: two + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "istio-system", serviceAccount: "admin"),
+                                                        token: nil, currentCertDir: two, group: caGroup)) { e in
+            XCTAssertTrue("\(e)".contains("401") && "\(e)".contains("carries 2 URI SANs"), "\(e)")
+        }
+    }
+
+    func test_inbound_refusesTLS12CBCSuites_andFollowsTheMeshMTLSPolicy() throws {
+        let client = try pki.issue("default", "frontend")
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        for cbc in ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA"] {
+            XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: client, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv12, ciphers: cbc).get(), cbc)
+        }
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: client, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv11).get(), "TLS 1.1")
+        for gcm in ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"] {
+            XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: client, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv12, ciphers: gcm).get().status, 200, gcm)
+        }
+        // meshMTLS.minProtocolVersion: TLSV1_3 refuses a TLS 1.2 client.
+        let tls13 = try strictSidecar(certs: try pki.issue("production", "orders", name: "o13")) { $0.meshTLS.minProtocolVersion = .tls13 }
+        defer { tls13.stop() }
+        XCTAssertThrowsError(try tlsRequest(port: tls13.inbound, certDir: client, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv12).get())
+        XCTAssertEqual(try tlsRequest(port: tls13.inbound, certDir: client, rootPEM: pki.ca.rootCertPEM).get().status, 200)
+    }
+
+    func test_upstreamTLSRefusal_isLoggedWithPeerAndExpectedIdentity_andTheReplySaysWhatFailedInWords() throws {
+        let log = CapturedLog()
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        // An upstream whose certificate expired.
+        let expiredDir = try pki.issue("production", "orders", name: "expired", ttl: 60, now: Date().addingTimeInterval(-3600))
+        var sc = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(expiredDir + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: expiredDir + "/key.pem", format: .pem)))
+        sc.certificateVerification = .none
+        let expiredUp = try TestUpstream(tls: try NIOSSLContext(configuration: sc))
+        defer { expiredUp.stop() }
+        let files = ["se.yaml": Self.ordersEntry(port: server.inbound, serviceAccount: "payments"),
+                     "old.yaml": Self.ordersEntry(port: expiredUp.port, serviceAccount: "orders")
+                        .replacingOccurrences(of: "orders.production", with: "old.production").replacingOccurrences(of: "name: orders", with: "name: old")]
+        let client = try ProxyFixture(appPort: 1, files: files, concurrency: 1, logger: log.logger) { s in
+            s.certsDirectory = try? self.pki.issue("default", "frontend")
+        }
+        defer { client.stop() }
+        func call(_ host: String) -> RawClient.Response? {
+            guard let c = try? RawClient(port: client.outbound) else { return nil }
+            c.send("GET / HTTP/1.1\r\nHost: \(host)\r\n\r\n")
+            return c.read()
+        }
+        let wrong = call("orders.production.svc.cluster.local")
+        XCTAssertEqual(wrong?.status, 503)
+        XCTAssertTrue(wrong?.body.contains("TLS handshake failed: server identity spiffe://cluster.local/ns/production/sa/orders does not match the expected spiffe://cluster.local/ns/production/sa/payments") == true, wrong?.body ?? "")
+        let expired = call("old.production.svc.cluster.local")
+        XCTAssertEqual(expired?.status, 503)
+        XCTAssertTrue(expired?.body.contains("TLS handshake failed: certificate of spiffe://cluster.local/ns/production/sa/orders expired at") == true, expired?.body ?? "")
+        for body in [wrong?.body ?? "", expired?.body ?? ""] {
+            XCTAssertFalse(body.contains("OPENSSL") || body.contains("error:") || body.contains("sslError"), "no library dump: \(body)")
+            XCTAssertFalse(body.contains(pki.dir), "no file system path: \(body)")
+        }
+        XCTAssertTrue(log.contains("upstream TLS with 127.0.0.1:\(server.inbound) refused: TLS handshake failed: server identity"), "\(log.all)")
+        XCTAssertTrue(log.contains("(expected spiffe://cluster.local/ns/production/sa/orders)") && log.contains("expired at"), "\(log.all)")
+        XCTAssertEqual(app.seen.count, 0)
+    }
+
+    func test_autoMTLS_sendsPlaintextToAnEndpointWithAServiceAccountButNoTlsModeLabel() throws {
+        // The gray-release layout: endpoints with a service account, no sidecar, no label.
+        let se = Self.ordersEntry(port: app.port, serviceAccount: "orders").replacingOccurrences(of: ", labels: {security.istio.io/tlsMode: istio}", with: "")
+        let client = try ProxyFixture(appPort: 1, files: ["se.yaml": se], concurrency: 1) { s in
+            s.certsDirectory = try? self.pki.issue("default", "frontend")
+        }
+        defer { client.stop() }
+        let c = try RawClient(port: client.outbound)
+        c.send("GET /plain HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+        let r = c.read()
+        XCTAssertEqual(r?.status, 200, r?.body ?? "")
+        XCTAssertEqual(app.seen.map(\.uri), ["/plain"])
+    }
+
+    // MARK: the CA service
+
+    func startCA(tokens: [String: SpiffeID] = [:], limits: CAService.Limits = CAService.Limits(), log: CapturedLog? = nil,
+                 on group: EventLoopGroup) throws -> (Channel, Int) {
+        let service = CAService(ca: pki.ca, tokens: tokens, maxTTL: 3600, limits: limits) { line in log?.append(line) }
+        let ch = try service.bind(group: group, host: "127.0.0.1", port: 0)
+        return (ch, ch.localAddress!.port!)
+    }
+
+    func rootOnlyDir(_ name: String) throws -> String {
+        let d = pki.dir + "/" + name
+        try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        try pki.ca.rootCertPEM.write(toFile: d + "/root-cert.pem", atomically: true, encoding: .utf8)
+        return d
+    }
+
+    func test_caClient_sendsItsTokenOnlyToAServerPresentingTheCAsIdentity() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        // A fake CA serving with a workload's mesh certificate.
+        let w = try pki.issue("default", "thief")
+        let fake = try TestUpstream(tls: try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))))
+        defer { fake.stop() }
+        let dir = try rootOnlyDir("ca-client")
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
+                                                        token: "s3cret", currentCertDir: nil, group: group, timeout: .seconds(5))) { e in
+            XCTAssertTrue("\(e)".contains("CA identity not verified") && "\(e)".contains("spiffe://cluster.local/ns/istio-system/sa/moonlet-ca"), "\(e)")
+        }
+        usleep(200_000)
+        XCTAssertEqual(fake.seen.count, 0, "the token never reached the fake CA")
+        // The real CA: by its SPIFFE id at an IP address, by its DNS name at localhost.
+        let (ch, port) = try startCA(tokens: ["s3cret": orders], on: group)
+        defer { try? ch.close().wait() }
+        for addr in ["127.0.0.1:\(port)", "localhost:\(port)"] {
+            let b = try CAClient.requestBundle(caAddress: addr, rootCertPath: dir + "/root-cert.pem", identity: orders, token: "s3cret", currentCertDir: nil, group: group)
+            XCTAssertTrue(b.certChainPEM.contains("BEGIN CERTIFICATE"), addr)
+        }
+        // An explicit identity the CA does not have is refused.
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem", identity: orders, token: "s3cret",
+                                                        currentCertDir: nil, caIdentity: ["istiod.istio-system.svc.cluster.local"], group: group))
+    }
+
+    func test_caService_capsConnections_closesStalledHandshakes_logsRefusals_andKeepsServing() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        let (ch, port) = try startCA(tokens: ["t": orders], limits: .init(maxConnections: 4, handshakeTimeout: .milliseconds(500), idleTimeout: .seconds(2)),
+                                     log: log, on: group)
+        defer { try? ch.close().wait() }
+        // Four idle TCP connections fill the cap; a fifth is closed at once and logged.
+        let idle = try (0..<4).map { _ in try RawClient(port: port, timeoutSeconds: 5) }
+        usleep(100_000)
+        let extra = try RawClient(port: port, timeoutSeconds: 2)
+        XCTAssertTrue(extra.isClosed(), "a connection past the cap is closed")
+        XCTAssertTrue(log.contains("refused: 4 connections open"), "\(log.all)")
+        // The stalled handshakes are closed after 500 ms, and the CA serves again.
+        for c in idle { XCTAssertTrue(c.isClosed(), "a stalled handshake is closed") }
+        XCTAssertTrue(log.contains("did not finish within 500 ms"), "\(log.all)")
+        let dir = try rootOnlyDir("capped")
+        XCTAssertNoThrow(try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem", identity: orders, token: "t",
+                                                    currentCertDir: nil, group: group))
+    }
+
+    func test_caLogsEveryDecisionWithTheCallersAddress_andFailedHandshakes() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        let (ch, port) = try startCA(tokens: ["t": orders], log: log, on: group)
+        defer { try? ch.close().wait() }
+        let dir = try rootOnlyDir("audit")
+        _ = try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem", identity: orders, token: "t", currentCertDir: nil, group: group)
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "production", serviceAccount: "admin"), token: "t", currentCertDir: nil, group: group))
+        let plain = try RawClient(port: port)
+        plain.send("GET / HTTP/1.1\r\nHost: ca\r\n\r\n")
+        XCTAssertTrue(plain.isClosed())
+        // A client certificate from another root.
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem", identity: orders, token: nil,
+                                                        currentCertDir: try pki.issue("production", "orders", name: "foreign", by: pki.foreign), group: group))
+        usleep(200_000)
+        let lines = log.all
+        XCTAssertTrue(lines.contains { $0.hasPrefix("ca: 127.0.0.1:") && $0.contains("issued spiffe://cluster.local/ns/production/sa/orders for 3600s (by bootstrap token)") }, "\(lines)")
+        XCTAssertTrue(lines.contains { $0.contains("127.0.0.1:") && $0.contains("refused /v1/sign: caller spiffe://cluster.local/ns/production/sa/orders (by bootstrap token) may not get a certificate for spiffe://cluster.local/ns/production/sa/admin") }, "\(lines)")
+        XCTAssertTrue(lines.contains { $0.contains("TLS handshake with 127.0.0.1:") && $0.contains("not TLS (plaintext on an mTLS port)") }, "\(lines)")
+        XCTAssertTrue(lines.contains { $0.contains("TLS handshake with") && $0.contains("does not chain to the mesh root") }, "\(lines)")
+    }
+
+    func test_sidecarWithAnExpiredCertificate_getsANewOneWithItsToken_beforeOpeningItsListeners() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let (ch, port) = try startCA(tokens: ["t0ken": try pki.ca.identity(namespace: "production", serviceAccount: "orders")], on: group)
+        defer { try? ch.close().wait() }
+        let certs = try pki.issue("production", "orders", name: "stale", ttl: 60, now: Date().addingTimeInterval(-7200))
+        let tokenFile = pki.dir + "/token"
+        try "t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+            s.certsDirectory = certs; s.caAddress = "127.0.0.1:\(port)"; s.caTokenFile = tokenFile
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+        }
+        defer { server.stop() }
+        let m = try XCTUnwrap(server.server.currentTLS)
+        XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800), "a fresh certificate was installed before serving")
+        XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+    }
 }

@@ -238,7 +238,8 @@ final class ProxyFixture {
     var outbound: Int { server.boundPorts["outbound"]! }
     var admin: Int { server.boundPorts["admin"]! }
 
-    init(appPort: Int, files: [String: String] = [:], concurrency: Int = 2, tweak: (inout ProxySettings) -> Void = { _ in }) throws {
+    /// `logger`: where the proxy logs (default: critical lines only, dropped).
+    init(appPort: Int, files: [String: String] = [:], concurrency: Int = 2, logger custom: Logger? = nil, tweak: (inout ProxySettings) -> Void = { _ in }) throws {
         dir = NSTemporaryDirectory() + "moonlet-it-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         for (name, text) in files { try text.replacingOccurrences(of: "$DIR", with: dir).write(toFile: dir + "/" + name, atomically: true, encoding: .utf8) }
@@ -251,7 +252,7 @@ final class ProxyFixture {
         tweak(&s)
         var logger = Logger(label: "moonlet-test")
         logger.logLevel = .critical
-        server = ProxyServer(settings: s, logger: logger)
+        server = ProxyServer(settings: s, logger: custom ?? logger)
         try server.start()
     }
 

@@ -1,0 +1,95 @@
+import Yams
+import MoonletCore
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// Istio's MeshConfig (`moonlet run --mesh-config FILE`): the keys Moonlet applies are
+/// `trustDomain`, `trustDomainAliases` and `meshMTLS` (`minProtocolVersion`,
+/// `cipherSuites`). Every other key is read and listed in `notApplied`, for a note at
+/// start. The file is either the MeshConfig itself or the `istio` ConfigMap holding it
+/// under `data.mesh`, as Istio keeps it.
+public struct MeshConfigFile: Sendable {
+    public var tls = MeshTLSSettings()
+    /// Keys present but not applied by Moonlet (dotted paths).
+    public var notApplied: [String] = []
+
+    public init() {}
+
+    /// Reads `path`; errors carry file:line:col.
+    public static func load(path: String) throws -> MeshConfigFile {
+        guard let d = FileManager.default.contents(atPath: path), let text = String(data: d, encoding: .utf8) else {
+            throw ConfigErrors([ConfigError(file: path, line: 0, column: 0, message: "cannot read the mesh config file")])
+        }
+        return try parse(text, file: path)
+    }
+
+    public static func parse(_ text: String, file: String) throws -> MeshConfigFile {
+        var errors: [ConfigError] = []
+        func err(_ n: Node?, _ field: String, _ msg: String) {
+            errors.append(ConfigError(file: file, line: n?.mark?.line ?? 0, column: n?.mark?.column ?? 0, field: field, message: msg))
+        }
+        var root: Node?
+        do { root = try Yams.compose(yaml: text) } catch {
+            throw ConfigErrors([ConfigError(file: file, line: 0, column: 0, message: "not YAML: \(error)")])
+        }
+        // The istio ConfigMap: its data.mesh holds the MeshConfig as text.
+        if let r = root, r["kind"]?.string == "ConfigMap" {
+            guard let mesh = r["data"]?["mesh"]?.string else {
+                throw ConfigErrors([ConfigError(file: file, line: r.mark?.line ?? 0, column: r.mark?.column ?? 0, field: "data.mesh", message: "missing (the ConfigMap holds no MeshConfig)")])
+            }
+            do { root = try Yams.compose(yaml: mesh) } catch {
+                throw ConfigErrors([ConfigError(file: file, line: 0, column: 0, field: "data.mesh", message: "not YAML: \(error)")])
+            }
+        }
+        var out = MeshConfigFile()
+        guard let r = root else { return out }
+        guard case .mapping(let top) = r else { throw ConfigErrors([ConfigError(file: file, line: r.mark?.line ?? 0, column: r.mark?.column ?? 0, message: "the mesh config is not a mapping")]) }
+        func trustDomainName(_ n: Node, _ field: String) -> String? {
+            guard let s = n.string, !s.isEmpty, !s.contains("/"), !s.contains(where: { $0.isWhitespace || $0.isNewline }) else {
+                err(n, field, "not a trust domain (a name like cluster.local)"); return nil
+            }
+            return s
+        }
+        for (k, v) in top {
+            let key = k.string ?? ""
+            switch key {
+            case "trustDomain":
+                out.tls.trustDomain = trustDomainName(v, key)
+            case "trustDomainAliases":
+                guard case .sequence(let seq) = v else { err(v, key, "expected a list of trust domains"); continue }
+                out.tls.trustDomainAliases = seq.enumerated().compactMap { trustDomainName($0.element, "\(key)[\($0.offset)]") }
+            case "meshMTLS":
+                guard case .mapping(let m) = v else { err(v, key, "expected a mapping"); continue }
+                for (mk, mv) in m {
+                    let field = "meshMTLS.\(mk.string ?? "")"
+                    switch mk.string ?? "" {
+                    case "minProtocolVersion":
+                        switch mv.string ?? "" {
+                        case "TLS_AUTO", "TLSV1_2": out.tls.minProtocolVersion = .tls12
+                        case "TLSV1_3": out.tls.minProtocolVersion = .tls13
+                        case "TLSV1_0", "TLSV1_1": err(mv, field, "\(mv.string!) is not allowed for mesh mTLS (Istio's minimum is TLSV1_2)")
+                        default: err(mv, field, "unknown value \"\(mv.string ?? "")\" (TLS_AUTO, TLSV1_2 or TLSV1_3)")
+                        }
+                    case "cipherSuites":
+                        guard case .sequence(let seq) = mv else { err(mv, field, "expected a list of cipher suite names"); continue }
+                        var suites: [String] = []
+                        for (i, n) in seq.enumerated() {
+                            guard let name = n.string, MeshTLSSettings.knownCipherSuites.contains(name) else {
+                                err(n, "\(field)[\(i)]", "unknown cipher suite \"\(n.string ?? "")\""); continue
+                            }
+                            suites.append(name)
+                        }
+                        if !suites.isEmpty { out.tls.cipherSuites = suites }
+                    default:
+                        out.notApplied.append(field)
+                    }
+                }
+            default:
+                out.notApplied.append(key)
+            }
+        }
+        if !errors.isEmpty { throw ConfigErrors(errors) }
+        return out
+    }
+}

@@ -1,0 +1,55 @@
+import XCTest
+import MoonletCore
+@testable import MoonletConfig
+
+/// `moonlet run --mesh-config`: Istio's MeshConfig keys Moonlet applies, the rest noted.
+final class MeshConfigTests: XCTestCase {
+    func test_meshConfig_readsTrustDomainAliasesAndMeshMTLS_andListsWhatItDoesNotApply() throws {
+        let m = try MeshConfigFile.parse("""
+        trustDomain: shop.example
+        trustDomainAliases: [old.example, partner.local]
+        accessLogFile: /dev/stdout
+        meshMTLS:
+          minProtocolVersion: TLSV1_3
+          cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256]
+          ecdhCurves: [P-256]
+        """, file: "mesh.yaml")
+        XCTAssertEqual(m.tls.trustDomain, "shop.example")
+        XCTAssertEqual(m.tls.trustDomainAliases, ["old.example", "partner.local"])
+        XCTAssertEqual(m.tls.minProtocolVersion, .tls13)
+        XCTAssertEqual(m.tls.cipherSuites, ["ECDHE-ECDSA-AES128-GCM-SHA256"])
+        XCTAssertEqual(m.notApplied, ["accessLogFile", "meshMTLS.ecdhCurves"])
+        // Defaults: Istio's (TLS 1.2, ECDHE with AES-GCM or ChaCha20), no aliases.
+        let d = try MeshConfigFile.parse("enableTracing: true\n", file: "m.yaml")
+        XCTAssertEqual(d.tls, MeshTLSSettings())
+        XCTAssertFalse(MeshTLSSettings.defaultCipherSuites.contains { $0.hasSuffix("-SHA") })
+    }
+
+    func test_meshConfig_inTheIstioConfigMap_isRead() throws {
+        let m = try MeshConfigFile.parse("""
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: istio, namespace: istio-system}
+        data:
+          mesh: |-
+            trustDomain: corp.example
+            trustDomainAliases: [cluster.local]
+        """, file: "cm.yaml")
+        XCTAssertEqual(m.tls.trustDomain, "corp.example")
+        XCTAssertEqual(m.tls.trustDomainAliases, ["cluster.local"])
+    }
+
+    func test_meshConfig_badValuesAreErrorsWithFileLineAndColumn() {
+        XCTAssertThrowsError(try MeshConfigFile.parse("""
+        trustDomain: "a/b"
+        meshMTLS:
+          minProtocolVersion: TLSV1_1
+          cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256, RC4-MD5]
+        """, file: "mesh.yaml")) { e in
+            let text = "\(e)"
+            XCTAssertTrue(text.contains("mesh.yaml:1:14: trustDomain: not a trust domain"), text)
+            XCTAssertTrue(text.contains("mesh.yaml:3:23: meshMTLS.minProtocolVersion: TLSV1_1 is not allowed"), text)
+            XCTAssertTrue(text.contains("mesh.yaml:4:49: meshMTLS.cipherSuites[1]: unknown cipher suite \"RC4-MD5\""), text)
+        }
+    }
+}

@@ -1,0 +1,243 @@
+import XCTest
+import X509
+import Crypto
+import SwiftASN1
+import NIOSSL
+import NIOConcurrencyHelpers
+@testable import MoonletTLS
+import MoonletCore
+
+/// Issue 24: private key files, PEM errors, trust domains, single URI SAN, refusal reasons, log escaping.
+final class IdentityHardeningTests: XCTestCase {
+    var dir: String!
+    override func setUp() {
+        dir = NSTemporaryDirectory() + "moonlet-id-\(UUID().uuidString)"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func mode(_ path: String) -> mode_t {
+        var st = stat()
+        return stat(path, &st) == 0 ? st.st_mode & 0o777 : 0
+    }
+
+    func nio(_ pem: String) throws -> NIOSSLCertificate { try NIOSSLCertificate(bytes: Array(pem.utf8), format: .pem) }
+
+    /// A certificate signed by `ca` for `id` with `uris` as its URI SANs (in that order).
+    func cert(_ ca: MeshCA, uris: [String], usages: [ExtendedKeyUsage.Usage] = [.serverAuth, .clientAuth]) throws -> NIOSSLCertificate {
+        let key = P256.Signing.PrivateKey()
+        let first = SpiffeID(uri: uris[0]) ?? SpiffeID(trustDomain: "x", namespace: "x", serviceAccount: "x")!
+        let extra = uris.dropFirst().map { GeneralName.uniformResourceIdentifier($0) }
+        return try nio(ca.sign(publicKey: Certificate.PublicKey(key.publicKey), id: first, ttl: 3600, extraNames: Array(extra), usages: usages).serializeAsPEM().pemString)
+    }
+
+    // MARK: 1. key files
+
+    func test_keyFile_isCreatedOwnerOnlyFromItsFirstByte_evenUnderAPermissiveUmask() throws {
+        let old = umask(0)
+        defer { umask(old) }
+        let fd = try createExclusive(dir + "/k.pem", mode: 0o600)
+        var st = stat()
+        XCTAssertEqual(fstat(fd, &st), 0)
+        close(fd)
+        XCTAssertEqual(st.st_mode & 0o777, 0o600, "right after creation, before any byte is written")
+        XCTAssertThrowsError(try createExclusive(dir + "/k.pem", mode: 0o600), "an existing file (or a planted link) is never reused")
+    }
+
+    func test_noKeyFileIsEverVisibleWithGroupOrOtherBits_whileKeysAreWritten() throws {
+        // A watcher lists the directory as fast as it can while 60 bundles and a root are
+        // written under umask 0: no file it sees (temporary or final) may have group/other
+        // bits, except the certificates.
+        let old = umask(0)
+        defer { umask(old) }
+        let ca = try MeshCA.create()
+        let out = dir + "/w"
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        let seen = NIOLockedValueBox<[String]>([])
+        let done = NIOLockedValueBox(false)
+        let watcher = Thread {
+            while !done.withLockedValue({ $0 }) {
+                for f in (try? FileManager.default.contentsOfDirectory(atPath: out)) ?? [] where f.hasPrefix("key.pem") || f.hasPrefix("root-key.pem") {
+                    let m = self.mode(out + "/" + f)
+                    if m & 0o077 != 0 { seen.withLockedValue { $0.append("\(f) \(String(m, radix: 8))") } }
+                }
+            }
+        }
+        watcher.start()
+        let id = try ca.identity(namespace: "default", serviceAccount: "frontend")
+        for _ in 0..<60 { try ca.issue(id).write(to: out) }
+        try ca.write(to: out)
+        done.withLockedValue { $0 = true }
+        while !watcher.isFinished { usleep(1000) }
+        XCTAssertEqual(seen.withLockedValue { $0 }, [])
+        XCTAssertEqual(mode(out + "/key.pem"), 0o600)
+        XCTAssertEqual(mode(out + "/root-key.pem"), 0o600)
+        XCTAssertEqual(mode(out + "/cert-chain.pem"), 0o644)
+    }
+
+    func test_caRefusesToStart_whenTheRootKeyIsReadableByGroupOrOthers() throws {
+        try MeshCA.create().write(to: dir)
+        XCTAssertNoThrow(try MeshCA.load(dir: dir))
+        chmod(dir + "/root-key.pem", 0o644)
+        XCTAssertThrowsError(try MeshCA.load(dir: dir)) { e in
+            XCTAssertTrue("\(e)".contains("root-key.pem: is readable by group or others (mode 644)"), "\(e)")
+        }
+    }
+
+    // MARK: 2. key material never in an error
+
+    func test_truncatedOrBrokenKey_errorNamesTheFileAndWhatIsWrong_andNeverQuotesTheKey() throws {
+        let ca = try MeshCA.create()
+        let b = try ca.issue(try ca.identity(namespace: "prod", serviceAccount: "orders"))
+        try b.write(to: dir + "/w")
+        let keyLines = b.keyPEM.split(separator: "\n").filter { !$0.hasPrefix("-----") }
+        XCTAssertFalse(keyLines.isEmpty)
+        func assertClean(_ e: Error, _ expected: String, file: StaticString = #filePath, line: UInt = #line) {
+            let text = "\(e)"
+            XCTAssertTrue(text.contains(expected), text, file: file, line: line)
+            for l in keyLines { XCTAssertFalse(text.contains(l), "the error quotes the key: \(text)", file: file, line: line) }
+            XCTAssertFalse(text.contains(String(keyLines[0].prefix(16))), text, file: file, line: line)
+        }
+        // The workload key without its END line (the sidecar at start and on rotation).
+        let truncated = b.keyPEM.split(separator: "\n").filter { !$0.hasPrefix("-----END") }.joined(separator: "\n")
+        try truncated.write(toFile: dir + "/w/key.pem", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/w")) { assertClean($0, "key.pem: a PEM block has no END line") }
+        // Base64 damaged inside an otherwise complete block.
+        try b.keyPEM.replacingOccurrences(of: String(keyLines[0].prefix(8)), with: "!!!!!!!!").write(toFile: dir + "/w/key.pem", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/w")) { assertClean($0, "key.pem: is not a valid PRIVATE KEY in PEM form") }
+        // The CA's root key (ca issue, ca serve).
+        try ca.write(to: dir + "/ca")
+        let rootKey = try String(contentsOfFile: dir + "/ca/root-key.pem", encoding: .utf8)
+        let rootLines = rootKey.split(separator: "\n").filter { !$0.hasPrefix("-----") }
+        try rootKey.split(separator: "\n").dropLast().joined(separator: "\n").write(toFile: dir + "/ca/root-key.pem", atomically: false, encoding: .utf8)
+        chmod(dir + "/ca/root-key.pem", 0o600)
+        XCTAssertThrowsError(try MeshCA.load(dir: dir + "/ca")) { e in
+            XCTAssertTrue("\(e)".contains("root-key.pem: a PEM block has no END line"), "\(e)")
+            for l in rootLines { XCTAssertFalse("\(e)".contains(l), "\(e)") }
+        }
+    }
+
+    // MARK: 3. PEM files end with a newline; two roots concatenated load
+
+    func test_pemFilesEndWithANewline_soTwoConcatenatedRootsLoad_andEveryLoadErrorNamesItsFile() throws {
+        let old = try MeshCA.create(), new = try MeshCA.create()
+        try old.write(to: dir + "/old")
+        try new.write(to: dir + "/new")
+        for f in ["/old/root-cert.pem", "/old/root-key.pem"] {
+            XCTAssertTrue(try String(contentsOfFile: dir + f, encoding: .utf8).hasSuffix("-----\n"), f)
+        }
+        // The documented root switch: `cat old/root-cert.pem new/root-cert.pem > root-cert.pem`.
+        let both = try String(contentsOfFile: dir + "/old/root-cert.pem", encoding: .utf8) + String(contentsOfFile: dir + "/new/root-cert.pem", encoding: .utf8)
+        for (name, ca) in [("a", old), ("b", new)] {
+            var b = try ca.issue(try ca.identity(namespace: "prod", serviceAccount: "orders"))
+            b.rootCertPEM = both
+            try b.write(to: dir + "/" + name)
+            XCTAssertTrue(try String(contentsOfFile: dir + "/\(name)/cert-chain.pem", encoding: .utf8).hasSuffix("\n"))
+            XCTAssertEqual(try TLSMaterial.load(dir: dir + "/" + name).identity.serviceAccount, "orders")
+        }
+        try "-----BEGIN CERTIFICATE-----\nAAAA\n".write(toFile: dir + "/a/root-cert.pem", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/a")) { XCTAssertTrue("\($0)".contains("/a/root-cert.pem: a PEM block has no END line"), "\($0)") }
+        try "hello".write(toFile: dir + "/a/root-cert.pem", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/a")) { XCTAssertTrue("\($0)".contains("/a/root-cert.pem: holds no PEM block"), "\($0)") }
+    }
+
+    // MARK: 8. trust domains
+
+    func test_peerIdentity_isAcceptedOnlyInTheMeshTrustDomainOrAnAlias_eachSignedByItsOwnRoots() throws {
+        let mesh = try MeshCA.create(trustDomain: "cluster.local")
+        let partner = try MeshCA.create(trustDomain: "partner.local")
+        let roots = [mesh.rootCertificate, partner.rootCertificate]
+        let strict = TrustDomains(mesh: "cluster.local", roots: roots)
+        let withAlias = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: roots)
+        func ok(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String? {
+            switch t.identify(c) { case .success(let id): return id.principal; case .failure: return nil }
+        }
+        func why(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String {
+            if case .failure(let e) = t.identify(c) { return e.description }
+            return "accepted"
+        }
+        let own = try cert(mesh, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
+        let partnerAdmin = try cert(partner, uris: ["spiffe://partner.local/ns/istio-system/sa/admin"])
+        let evil = try cert(mesh, uris: ["spiffe://evil.local/ns/istio-system/sa/admin"])
+        let partnerByMeshRoot = try cert(mesh, uris: ["spiffe://partner.local/ns/default/sa/x"])
+        let meshByPartnerRoot = try cert(partner, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin"])
+        XCTAssertEqual(ok(strict, own), "cluster.local/ns/default/sa/frontend")
+        XCTAssertEqual(why(strict, partnerAdmin), "trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)")
+        XCTAssertTrue(why(strict, evil).contains("is not the mesh's (cluster.local)"))
+        XCTAssertTrue(why(withAlias, evil).contains("nor one of its aliases (partner.local)"))
+        XCTAssertEqual(ok(withAlias, partnerAdmin), "partner.local/ns/istio-system/sa/admin")
+        XCTAssertTrue(why(withAlias, partnerByMeshRoot).contains("is not signed by a root of its trust domain partner.local"), why(withAlias, partnerByMeshRoot))
+        XCTAssertTrue(why(withAlias, meshByPartnerRoot).contains("is not signed by a root of its trust domain cluster.local"))
+        // An alias without roots of its own (a trust domain migration): the mesh's roots sign it.
+        let migrating = TrustDomains(mesh: "cluster.local", aliases: ["old.local"], roots: [mesh.rootCertificate])
+        XCTAssertEqual(ok(migrating, try cert(mesh, uris: ["spiffe://old.local/ns/a/sa/b"])), "old.local/ns/a/sa/b")
+        // Expected server identities move into every accepted domain.
+        XCTAssertEqual(withAlias.expand(["spiffe://cluster.local/ns/p/sa/o", "dns.example"]),
+                       ["spiffe://cluster.local/ns/p/sa/o", "spiffe://partner.local/ns/p/sa/o", "dns.example"])
+    }
+
+    // MARK: 9. exactly one URI SAN
+
+    func test_aCertificateWithMoreThanOneURISAN_hasNoIdentity() throws {
+        let ca = try MeshCA.create()
+        let two = try cert(ca, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin", "spiffe://cluster.local/ns/default/sa/frontend"])
+        XCTAssertNil(SpiffeID.of(two))
+        XCTAssertTrue(SpiffeID.whyNoIdentity(two)?.contains("carries 2 URI SANs") == true, SpiffeID.whyNoIdentity(two) ?? "")
+        if case .success(let id) = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate]).identify(two) { XCTFail("accepted as \(id)") }
+        let one = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
+        XCTAssertEqual(SpiffeID.of(one)?.serviceAccount, "frontend")
+        // The sidecar's own files too.
+        let key = P256.Signing.PrivateKey()
+        let leaf = try ca.sign(publicKey: Certificate.PublicKey(key.publicKey), id: try ca.identity(namespace: "a", serviceAccount: "b"), ttl: 3600,
+                               extraNames: [.uniformResourceIdentifier("spiffe://cluster.local/ns/c/sa/d")])
+        try WorkloadBundle(certChainPEM: try leaf.serializeAsPEM().pemString, keyPEM: try Certificate.PrivateKey(key).serializeAsPEM().pemString,
+                           rootCertPEM: ca.rootCertPEM).write(to: dir + "/two")
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/two")) { XCTAssertTrue("\($0)".contains("cert-chain.pem: certificate carries 2 URI SANs"), "\($0)") }
+    }
+
+    // MARK: 11, 12. refusal reasons, escaped
+
+    struct TLSFailure: Error, CustomStringConvertible { var description: String }
+    let verifyFailed = TLSFailure(description: "handshakeFailed(sslError([error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED]))")
+
+    func test_wrongExtendedKeyUsage_isExplainedAsSuch_notAsAChainFailure() throws {
+        let ca = try MeshCA.create()
+        let serverOnly = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.serverAuth])
+        XCTAssertEqual(TLSMaterial.refusalReason(verifyFailed, peerCertificate: serverOnly),
+                       "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)")
+        let clientOnly = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.clientAuth])
+        XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: clientOnly).hasSuffix("lacks the extended key usage serverAuth (TLS server)"))
+        // A foreign chain with the right usage is still a chain failure.
+        XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: try cert(MeshCA.create(), uris: ["spiffe://cluster.local/ns/a/sa/b"])).hasSuffix("does not chain to the mesh root"))
+    }
+
+    func test_peerTextInRefusalReasons_cannotForgeALogLine() throws {
+        let ca = try MeshCA.create()
+        // A subject with a newline and a fake log line, and no SPIFFE id.
+        let key = P256.Signing.PrivateKey()
+        let forged = "x\n2026-12-06T00:00:00 info moonlet : admin login accepted"
+        let c = try Certificate(version: .v3, serialNumber: .init(), publicKey: .init(key.publicKey),
+                                notValidBefore: Date().addingTimeInterval(-60), notValidAfter: Date().addingTimeInterval(3600),
+                                issuer: ca.rootCertificate.subject, subject: try DistinguishedName { CommonName(forged) },
+                                extensions: try Certificate.Extensions { SubjectAlternativeNames([.uniformResourceIdentifier("urn:a\nfake line"), .dnsName("b\r\nc")]) },
+                                issuerPrivateKey: .init(P256.Signing.PrivateKey()))
+        let nc = try nio(try c.serializeAsPEM().pemString)
+        let reason = TLSMaterial.refusalReason(verifyFailed, peerCertificate: nc)
+        XCTAssertFalse(reason.contains("\n"), reason)
+        XCTAssertTrue(reason.contains("\\n2026-12-06"), reason)
+        let why = SpiffeID.whyNoIdentity(nc) ?? ""
+        XCTAssertFalse(why.contains("\n") || why.contains("\r"), why)
+        XCTAssertEqual(LogText.escape("a\u{1b}[31mb\u{2028}c\td"), "a\\u{1b}[31mb\\u{2028}c\\td")
+        XCTAssertEqual(LogText.escape("plain text / ok"), "plain text / ok")
+    }
+
+    func test_upstreamRefusalReasons_areWords_withoutLibraryDumps() throws {
+        let ca = try MeshCA.create()
+        let expired = try nio(ca.issue(try ca.identity(namespace: "p", serviceAccount: "orders"), ttl: 60, now: Date().addingTimeInterval(-3600)).certChainPEM)
+        XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: expired).hasPrefix("certificate of spiffe://cluster.local/ns/p/sa/orders expired at"))
+        XCTAssertEqual(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: nil), "the server's certificate does not verify against the trusted roots")
+        let alert = TLSFailure(description: "handshakeFailed(sslError([error:10000410:SSL routines:OPENSSL_internal:SSLV3_ALERT_HANDSHAKE_FAILURE]))")
+        XCTAssertEqual(TLSMaterial.upstreamRefusalReason(alert, peerCertificate: nil), "the server refused the handshake (TLS alert: handshake failure)")
+        XCTAssertEqual(TLSMaterial.upstreamRefusalReason(TLSFailure(description: "something else"), peerCertificate: nil), "the TLS handshake with the server failed")
+    }
+}
