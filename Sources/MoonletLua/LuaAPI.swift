@@ -437,7 +437,9 @@ enum LuaAPI {
         for i in 1...max(1, n) where i <= n { parts.append(str(L, i) ?? String(cString: luaL_tolstring(L, i, nil))) }
         luaL_where(L, 1)
         let whereStr = str(L, -1) ?? ""
-        vm.logger.log(level: level, "\(whereStr)\(parts.joined(separator: " "))", metadata: ["plugin": .string(vm.currentPlugin)])
+        // Filters log request data (paths, headers): control characters are escaped so a
+        // value cannot forge a log line.
+        vm.logger.log(level: level, "\(whereStr)\(LogText.escape(parts.joined(separator: " ")))", metadata: ["plugin": .string(vm.currentPlugin)])
         return 0
     }
     static let logDebug: lua_CFunction = { L in logAt(L, .debug) }

@@ -156,7 +156,7 @@ public final class LuaPluginInstance: Filter {
         // The coroutine died with the error: give it back and start a fresh one next time.
         vm.runnerFailed()
         let msg = "plugin \(name): \(Self.phaseNames[which]): \(out.error ?? "error")"
-        vm.logger.error("\(msg)", metadata: ["stream": "\(s.id)"])
+        vm.logger.error("\(LogText.escape(msg))", metadata: ["stream": "\(s.id)"])
         vm.host.recordError(plugin: name, msg)
         if which == 4 { return .continue }
         switch failStrategy {
