@@ -208,8 +208,11 @@ public struct TrustDomains: Sendable {
 
     /// The peer's identity, or why it is refused (peer text escaped for logs).
     public func identify(_ cert: NIOSSLCertificate) -> Result<SpiffeID, PeerIdentityError> {
-        if let why = SpiffeID.whyNoIdentity(cert) { return .failure(PeerIdentityError(description: why)) }
-        let id = SpiffeID.of(cert)!
+        // One pass over the SANs on the accepted path; the reason is worked out on refusal only.
+        let uris = SpiffeID.uriSANs(cert)
+        guard uris.count == 1, let id = SpiffeID(uri: uris[0]) else {
+            return .failure(PeerIdentityError(description: SpiffeID.whyNoIdentity(cert) ?? "certificate has no SPIFFE id"))
+        }
         guard accepted.contains(id.trustDomain) else {
             let aliases = accepted.count > 1 ? " nor one of its aliases (\(accepted.dropFirst().joined(separator: ", ")))" : ""
             return .failure(PeerIdentityError(description: LogText.escape("trust domain of \(id.uri) is not the mesh's (\(mesh))\(aliases)")))
