@@ -255,6 +255,8 @@ public struct ProxySettings: Sendable {
     public var caTokenFile: String?
     /// Key type of CSRs sent to the CA.
     public var csrKeyType = "ecdsa-p256"
+    /// Lua budgets and the caps of memory Lua holds outside its VMs (shared dicts, metric names).
+    public var luaLimits = LuaLimits()
     public init() {}
 }
 

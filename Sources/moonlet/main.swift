@@ -37,6 +37,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Directory with cert-chain.pem, key.pem, root-cert.pem (watched; enables mTLS). Env: MOONLET_CERTS") var certs: String?
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
+    @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
+    @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
@@ -63,6 +65,14 @@ struct SidecarOptions: ParsableArguments {
         s.certsDirectory = certs ?? env("MOONLET_CERTS")
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
+        if let v = luaSharedDictBytes ?? env("MOONLET_LUA_SHARED_DICT_BYTES").flatMap(Int.init) {
+            guard v > 0 else { throw ValidationError("--lua-shared-dict-bytes must be positive, got \(v)") }
+            s.luaLimits.sharedDictMaxBytes = v
+        }
+        if let v = luaMaxMetricSeries ?? env("MOONLET_LUA_MAX_METRIC_SERIES").flatMap(Int.init) {
+            guard v >= 0 else { throw ValidationError("--lua-max-metric-series must be 0 or more, got \(v)") }
+            s.luaLimits.maxMetricSeries = v
+        }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s
     }
