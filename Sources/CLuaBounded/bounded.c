@@ -54,14 +54,9 @@ int ml_budget_charge(lua_State *L, int steps_over, const char *what) {
         lim->aborted = 1;
         luaL_error(L, "instruction budget exceeded in %s (runaway code aborted)", what);
     }
-    if (lim->deadline.tv_sec != 0) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec > lim->deadline.tv_sec ||
-            (now.tv_sec == lim->deadline.tv_sec && now.tv_nsec > lim->deadline.tv_nsec)) {
-            lim->aborted = 2;
-            luaL_error(L, "wall-clock budget exceeded in %s", what);
-        }
+    if (ml_past_deadline(lim)) {
+        lim->aborted = 2;
+        luaL_error(L, "wall-clock budget exceeded in %s", what);
     }
     return ML_TICK_CHUNK;
 }
@@ -1204,22 +1199,10 @@ void ml_push_readonly (lua_State *L, const char *name) {
   lua_replace(L, real);                 /* proxy replaces the real table */
 }
 
-static int ml_closure_trampoline (lua_State *L) {
-  lua_CFunction f = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(1));
-  int r = f(L);
-  if (r < 0) {
-    luaL_where(L, 1);
-    lua_insert(L, -2);
-    lua_concat(L, 2);
-    return lua_error(L);
-  }
-  return r;
-}
-
 void ml_pushapiclosure (lua_State *L, lua_CFunction f, int nup) {
   lua_pushlightuserdata(L, (void *)f);
   lua_insert(L, -(nup + 1));
-  lua_pushcclosure(L, ml_closure_trampoline, nup + 1);
+  lua_pushcclosure(L, ml_trampoline_where, nup + 1);
 }
 
 static void set_funcs (lua_State *L, const char *lib, const luaL_Reg *fns) {
