@@ -1205,6 +1205,40 @@ void ml_pushapiclosure (lua_State *L, lua_CFunction f, int nup) {
   lua_pushcclosure(L, ml_trampoline_where, nup + 1);
 }
 
+/* pcall, xpcall, coroutine.resume and coroutine.close that do not swallow a spent
+ * budget: once the running call is past its instruction or wall-clock budget, a
+ * failure they would return is raised again, so `while true do pcall(f) end` ends
+ * with the call instead of catching the budget error forever. */
+static int budget_spent (lua_State *L) {
+  void *ud = NULL;
+  lua_getallocf(L, &ud);
+  return ((ml_limits *)ud)->aborted == 1 || ((ml_limits *)ud)->aborted == 2;
+}
+
+static int guarded_finish (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  if (lua_gettop(L) >= 1 && !lua_toboolean(L, 1) && budget_spent(L)) {
+    if (lua_gettop(L) < 2) lua_pushliteral(L, "budget exceeded");
+    lua_settop(L, 2);
+    return lua_error(L);
+  }
+  return lua_gettop(L);
+}
+
+static int guarded_call (lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));  /* the original function */
+  lua_insert(L, 1);
+  lua_callk(L, lua_gettop(L) - 1, LUA_MULTRET, 0, guarded_finish);
+  return guarded_finish(L, LUA_OK, 0);
+}
+
+/* Replaces t[name] (t on top of the stack) with its guarded version. */
+static void guard_field (lua_State *L, const char *name) {
+  lua_getfield(L, -1, name);
+  lua_pushcclosure(L, guarded_call, 1);
+  lua_setfield(L, -2, name);
+}
+
 static void set_funcs (lua_State *L, const char *lib, const luaL_Reg *fns) {
   lua_getglobal(L, lib);
   luaL_setfuncs(L, fns, 0);
@@ -1226,6 +1260,13 @@ void ml_open_bounded (lua_State *L) {
   lua_setglobal(L, "setmetatable");
   lua_pushcfunction(L, ml_rawset);
   lua_setglobal(L, "rawset");
+  lua_pushglobaltable(L);
+  guard_field(L, "pcall");
+  guard_field(L, "xpcall");
+  lua_getfield(L, -1, "coroutine");
+  guard_field(L, "resume");
+  guard_field(L, "close");
+  lua_pop(L, 2);
 }
 
 /* }====================================================== */

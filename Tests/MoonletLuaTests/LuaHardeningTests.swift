@@ -53,6 +53,9 @@ extension LuaFilterTests {
             ("table.insert with a huge length", #"table.insert(setmetatable({}, { __len = function() return 1e12 end }), 1, "x")"#),
             ("table.remove with a huge length", #"table.remove(setmetatable({}, { __len = function() return 1e12 end }), 1)"#),
             ("table.concat through a C __index", #"table.concat(setmetatable({}, { __index = type }), "", 1, 1e9)"#),
+            ("pcall catching the budget error", #"while true do pcall(function() while true do end end) end"#),
+            ("xpcall catching the budget error", #"while true do xpcall(function() while true do end end, function(e) return e end) end"#),
+            ("coroutine.resume catching the budget error", #"while true do coroutine.resume(coroutine.create(function() while true do end end)) end"#),
             ("table.sort through a C __index", #"table.sort(setmetatable({}, { __index = type, __newindex = rawequal, __len = function() return 2^31 - 2 end }))"#),
         ]
         for (name, code) in attacks {
@@ -76,6 +79,10 @@ extension LuaFilterTests {
         table.sort(t, function(a, b) return a > b end) assert(table.concat(t, ",") == "9,5,3,1")
         table.insert(t, 1, 0) assert(t[1] == 0 and #t == 5) assert(table.remove(t, 1) == 0)
         local m = table.move({ 1, 2, 3 }, 1, 3, 2) assert(m[1] == 1 and m[2] == 1 and m[4] == 3)
+        local ok, e = pcall(error, "caught") assert(not ok and e:find("caught"))   -- pcall still catches errors
+        assert(select("#", pcall(function() return 1, 2, 3 end)) == 4)
+        local gen = coroutine.wrap(function() for i = 1, 3 do pcall(coroutine.yield, i) end end)
+        assert(gen() == 1 and gen() == 2)
         s.request.headers:set("x-ok", "1")
         """#)
         XCTAssertEqual(action, .continue, err)

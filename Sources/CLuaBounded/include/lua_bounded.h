@@ -7,8 +7,9 @@
 
 /* Replaces, in the library tables of L's global table, string.find/match/gmatch/gsub/rep
  * and table.insert/remove/move/concat/sort with versions that charge the running call's
- * budget (instructions and wall clock) as they work, and setmetatable/rawset in the
- * global table with the sandbox's guarded versions. Call once per VM, after
+ * budget (instructions and wall clock) as they work, setmetatable/rawset in the
+ * global table with the sandbox's guarded versions, and pcall, xpcall,
+ * coroutine.resume/close with versions that re-raise an error once the budget is spent. Call once per VM, after
  * luaL_openlibs and before any proxy is made. */
 void ml_open_bounded(lua_State *L);
 
