@@ -185,7 +185,7 @@ enum LuaAPI {
         case (.response, "status"):
             guard lua_isinteger(L, 3) != 0 else { return fail(L, "response.status must be an integer") }
             let st = Int(ml_tointeger(L, 3))
-            guard (100...599).contains(st) else { return fail(L, "response.status out of range: \(st)") }
+            guard (200...599).contains(st) else { return fail(L, "response.status of a local reply must be 200-599, got \(st)") }
             if s.localReply != nil { s.localReply!.status = st } else { return fail(L, "response.status can be set on local replies only") }
         default:
             return fail(L, "cannot set field '\(k)'")
@@ -364,6 +364,10 @@ enum LuaAPI {
 
     // MARK: s:respond, s.request:body()
 
+    /// Local-reply bounds checked in the binding (the writer validates the whole reply again).
+    static let maxLocalReplyHeaders = 64
+    static let maxLocalReplyValue = 16 * 1024
+
     static let respond: lua_CFunction = { L in
         guard let (_, s, kind) = resolve(L, 1, "respond"), kind == .stream else { return fail(L, outside) }
         guard lua_isinteger(L, 2) != 0 else { return fail(L, "s:respond(status, body, headers): status must be an integer") }
@@ -383,7 +387,11 @@ enum LuaAPI {
                     ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
                 }
                 guard HeaderValidation.isValidValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains CR, LF or NUL") }
-                headers.append((n.lowercased(), v))
+                let lower = n.lowercased()
+                if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
+                guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }
+                guard headers.count < maxLocalReplyHeaders else { ml_pop(L, 2); return fail(L, "s:respond: more than \(maxLocalReplyHeaders) headers") }
+                headers.append((lower, v))
                 ml_pop(L, 1)
             }
         }

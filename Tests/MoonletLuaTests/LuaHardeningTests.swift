@@ -240,6 +240,21 @@ extension LuaFilterTests {
 
     // MARK: 7. proxy-managed headers
 
+    func test_respondArguments_thatWouldBreakFraming_raiseInTheBinding() throws {
+        let (action, _, err) = try attack(#"""
+        local function refused(...) local ok, e = pcall(s.respond, s, ...) assert(not ok, "accepted") return e end
+        assert(refused(200, "x", { ["transfer-encoding"] = "chunked" }):find("managed by the proxy"))
+        assert(refused(200, "x", { ["Content-Length"] = "99" }):find("managed by the proxy"))
+        assert(refused(200, "x", { ["x-big"] = string.rep("v", 70000) }):find("16 KiB"))
+        local many = {} for i = 1, 120 do many["x-h" .. i] = "v" end
+        assert(refused(200, "x", many):find("more than 64 headers"))
+        s:respond(403, "no")
+        assert(not pcall(function() s.response.status = 100 end))
+        """#)
+        XCTAssertEqual(action, .respond, err)
+        XCTAssertTrue(err.isEmpty, err)
+    }
+
     func test_hostAndHopByHopHeaders_areManagedByTheProxy() throws {
         let c = try chain([spec("managed", #"""
         return { on_request = function(s)
