@@ -60,13 +60,13 @@ public final class LuaPluginInstance: Filter {
         moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: limits)
         ml_getregistry_ref(L, moduleRef)
         for (i, n) in Self.phaseNames.enumerated() {
-            lua_getfield(L, -1, n)
+            LuaVM.pushRawField(L, n)
             if ml_isfunction(L, -1) != 0 { fn[i] = ml_ref(L) }
             else if ml_isnil(L, -1) != 0 { ml_pop(L, 1) }
             else { ml_pop(L, 2); throw LuaError.runtime("\(source.spec.path): '\(n)' must be a function") }
         }
         // conf = configure(pluginConfig) or pluginConfig itself.
-        lua_getfield(L, -1, "configure")
+        LuaVM.pushRawField(L, "configure")
         let hasConfigure = ml_isfunction(L, -1) != 0
         let co = vm.acquireThread()
         if hasConfigure {

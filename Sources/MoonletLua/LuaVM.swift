@@ -277,13 +277,21 @@ public final class LuaVM {
 }
 
 extension LuaVM {
+    /// Pushes t[name], t being the table on top of the stack, without metamethods: the
+    /// host reads plugin tables outside any budget, where an __index function would
+    /// run unbounded (and an error in it would have no protected call to land in).
+    static func pushRawField(_ L: OpaquePointer, _ name: String) {
+        lua_pushstring(L, name)
+        lua_rawget(L, -2)
+    }
+
     /// Whether the plugin environment on top of the stack defines Envoy's entry points.
     static func definesEnvoyEntryPoints(_ L: OpaquePointer) -> Bool {
-        lua_getfield(L, -1, "envoy_on_request")
-        lua_getfield(L, -2, "envoy_on_response")
-        let r = ml_isfunction(L, -1) != 0 || ml_isfunction(L, -2) != 0
-        ml_pop(L, 2)
-        return r
+        ["envoy_on_request", "envoy_on_response"].contains { name in
+            pushRawField(L, name)
+            defer { ml_pop(L, 1) }
+            return ml_isfunction(L, -1) != 0
+        }
     }
 }
 

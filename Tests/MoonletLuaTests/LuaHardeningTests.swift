@@ -37,6 +37,20 @@ extension LuaFilterTests {
         XCTAssertLessThan(dt, 2)
     }
 
+    func test_pluginTablesWithMetamethods_areReadRaw_soLoadingCannotHangOrCrash() throws {
+        let spin = "function() while true do end end"
+        let t0 = Date()
+        let c = try chain([
+            spec("mt-module", "return setmetatable({}, { __index = \(spin) })"),
+            spec("mt-env", "setmetatable(_G, { __index = \(spin) }) return { on_request = function(s) s.request.headers:set('x-env', '1') end }"),
+        ])
+        XCTAssertLessThan(Date().timeIntervalSince(t0), 2)
+        let s = stream()
+        XCTAssertEqual(c.runRequest(s), .continue)
+        XCTAssertEqual(s.request.first("x-env"), "1")
+        finish(s, c)
+    }
+
     // MARK: 2. budgets inside C functions
 
     /// Each snippet spends its time inside one C library call; every one must end with
