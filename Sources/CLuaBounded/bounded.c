@@ -1239,6 +1239,22 @@ static void guard_field (lua_State *L, const char *name) {
   lua_setfield(L, -2, name);
 }
 
+static int tolstring_aux (lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+const char *ml_tolstring_protected (lua_State *L, int idx, size_t *len) {
+  idx = lua_absindex(L, idx);
+  lua_pushcfunction(L, tolstring_aux);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "(error in __tostring)");
+  }
+  return lua_tolstring(L, -1, len);
+}
+
 static void set_funcs (lua_State *L, const char *lib, const luaL_Reg *fns) {
   lua_getglobal(L, lib);
   luaL_setfuncs(L, fns, 0);

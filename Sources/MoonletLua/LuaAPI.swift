@@ -496,14 +496,29 @@ enum LuaAPI {
         lua_setfield(L, ml_registryindex(), "moonlet.shared_mt")
     }
 
+    /// Longest log line a filter writes (the rest is cut): a log call is I/O outside the budget.
+    static let maxLogLine = 4096
+
+    /// moonlet.log.* and print: one line at `level`, with the plugin and Lua position.
+    /// Nothing is formatted below the logger's level; values go through a protected
+    /// tostring (a failing __tostring cannot unwind Swift frames).
     static func logAt(_ L: OpaquePointer?, _ level: Logger.Level) -> Int32 {
         let vm = LuaVM.vm(L)
+        guard vm.logger.logLevel <= level else { return 0 }
         let n = lua_gettop(L)
-        var parts: [String] = []
-        for i in 1...max(1, n) where i <= n { parts.append(str(L, i) ?? String(cString: luaL_tolstring(L, i, nil))) }
+        var line = ""
+        for i in 1...max(1, n) where i <= n && line.utf8.count < maxLogLine {
+            if i > 1 { line += " " }
+            if let s = str(L, i) { line += s } else {
+                _ = ml_tolstring_protected(L, i, nil)
+                line += str(L, -1) ?? ""
+                ml_pop(L, 1)
+            }
+        }
+        if line.utf8.count > maxLogLine { line = String(decoding: line.utf8.prefix(maxLogLine), as: UTF8.self) + "…" }
         luaL_where(L, 1)
         let whereStr = str(L, -1) ?? ""
-        vm.logger.log(level: level, "\(whereStr)\(parts.joined(separator: " "))", metadata: ["plugin": .string(vm.currentPlugin)])
+        vm.logger.log(level: level, "\(whereStr)\(line)", metadata: ["plugin": .string(vm.currentPlugin)])
         return 0
     }
     static let logDebug: lua_CFunction = { L in logAt(L, .debug) }

@@ -107,6 +107,8 @@ public final class LuaVM {
         for name in ["io", "debug", "dofile", "loadfile", "package", "require", "load", "collectgarbage"] {
             lua_pushnil(L); lua_setfield(L, -2, name)
         }
+        // print: a log line at info (as OpenResty's print), never a write to stdout.
+        ml_pushapifunction(L, LuaAPI.logInfo); lua_setfield(L, -2, "print")
         // os: time and clock only.
         lua_createtable(L, 0, 2)
         lua_getglobal(L, "os"); lua_getfield(L, -1, "time"); lua_setfield(L, -3, "time")

@@ -102,6 +102,18 @@ extension LuaFilterTests {
         XCTAssertEqual(action, .continue, err)
     }
 
+    func test_logAndPrint_surviveABadToString_andCutLongLines() throws {
+        let (action, dt, err) = try attack(#"""
+        local bad = setmetatable({}, { __tostring = function() return {} end })
+        moonlet.log.err("bad:", bad, setmetatable({}, { __tostring = function() error("boom") end }))
+        print(string.rep("x", 8e6))
+        moonlet.log.debug(string.rep("y", 8e6))
+        s.request.headers:set("x-ok", "1")
+        """#)
+        XCTAssertEqual(action, .continue, err)
+        XCTAssertLessThan(dt, 1)
+    }
+
     // MARK: 3. isolation
 
     func test_pluginsCannotTamperWithEachOther() throws {

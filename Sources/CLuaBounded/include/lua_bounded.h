@@ -23,6 +23,11 @@ void ml_push_readonly(lua_State *L, const char *name);
  * 2..nup+1 (upvalue 1 is f). */
 void ml_pushapiclosure(lua_State *L, lua_CFunction f, int nup);
 
+/* luaL_tolstring in a protected call (a __tostring that errs or returns no string
+ * gives "(error in __tostring)"): for host code, which must not be unwound by a Lua
+ * error. Pushes the string and returns it. */
+const char *ml_tolstring_protected(lua_State *L, int idx, size_t *len);
+
 /* Charges the running call's budget for `steps_over` (<= 0) steps past a tick chunk;
  * raises a Lua error naming `what` when the instruction or wall-clock budget is
  * spent. Returns the next chunk of steps. */
