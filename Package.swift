@@ -28,6 +28,8 @@ let package = Package(
     ],
     targets: [
         .systemLibrary(name: "CLua", pkgConfig: "lua5.4", providers: [.apt(["liblua5.4-dev"])]),
+        // Budget-charging copies of the Lua library functions that loop in C, and the sandbox guards.
+        .target(name: "CLuaBounded", dependencies: ["CLua"]),
         .systemLibrary(name: "CPCRE2", pkgConfig: "libpcre2-8", providers: [.apt(["libpcre2-dev"])]),
         .target(name: "MoonletHTTP", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
@@ -65,7 +67,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: v5),
         .target(name: "MoonletLua", dependencies: [
-            "CLua", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
+            "CLua", "CLuaBounded", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),

@@ -82,6 +82,15 @@ static inline lua_State *ml_newstate(ml_limits *lim) {
     return L;
 }
 
+/* Whether the running call's wall-clock budget is spent (no deadline: never). */
+static inline int ml_past_deadline(const ml_limits *lim) {
+    if (lim->deadline.tv_sec == 0) return 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec > lim->deadline.tv_sec ||
+           (now.tv_sec == lim->deadline.tv_sec && now.tv_nsec > lim->deadline.tv_nsec);
+}
+
 static inline void ml_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     void *ud = NULL;
@@ -97,14 +106,9 @@ static inline void ml_hook(lua_State *L, lua_Debug *ar) {
         luaL_error(L, "instruction budget exceeded (runaway code aborted)");
         return;
     }
-    if (lim->deadline.tv_sec != 0) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec > lim->deadline.tv_sec ||
-            (now.tv_sec == lim->deadline.tv_sec && now.tv_nsec > lim->deadline.tv_nsec)) {
-            lim->aborted = 2;
-            luaL_error(L, "wall-clock budget exceeded");
-        }
+    if (ml_past_deadline(lim)) {
+        lim->aborted = 2;
+        luaL_error(L, "wall-clock budget exceeded");
     }
 }
 

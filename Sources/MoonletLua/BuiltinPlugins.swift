@@ -13,12 +13,13 @@ public enum BuiltinPlugins {
 -- Moonlet adds it to the chain when the configuration has Istio traffic
 -- resources (phase unset, lowest priority: user filters run before routing).
 local router = {}
+local route = moonlet.router.route   -- looked up once, not per request
 
 function router.on_request(s, conf)
   -- Writes s.route (cluster, subset, endpoint, timeout) and applies the route's
   -- request edits, or answers locally: 404 NR, 503 UH, redirect, direct
   -- response, fault abort (FI). Returns "respond" when it answered.
-  return moonlet.router.route(s)
+  return route(s)
 end
 
 return router

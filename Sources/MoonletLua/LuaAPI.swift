@@ -1,4 +1,5 @@
 import CLua
+import CLuaBounded
 import MoonletCore
 import MoonletRegex
 import MoonletConfig
@@ -66,6 +67,7 @@ enum LuaAPI {
         ml_pushapifunction(L, index); lua_setfield(L, -2, "__index")
         ml_pushapifunction(L, newindex); lua_setfield(L, -2, "__newindex")
         ml_pushapifunction(L, tostringW); lua_setfield(L, -2, "__tostring")
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         lua_setmetatable(L, -2)
         ml_pop(L, 1)
         // Method tables, kept in the registry by name.
@@ -167,7 +169,9 @@ enum LuaAPI {
             }
             s.request.targetOverride = v
         case (.request, "authority"):
-            guard let v = str(L, 3), HeaderValidation.isValidValue(v), !v.isEmpty else { return fail(L, "request.authority: invalid value") }
+            guard let v = str(L, 3), v.utf8.withContiguousStorageIfAvailable({ isHostValue(UnsafeRawBufferPointer($0)) }) ?? false else {
+                return fail(L, "request.authority: not a valid host[:port]")
+            }
             s.request.set("host", v)
         case (.route, "cluster"), (.route, "host"), (.route, "subset"):
             guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
@@ -181,7 +185,7 @@ enum LuaAPI {
         case (.response, "status"):
             guard lua_isinteger(L, 3) != 0 else { return fail(L, "response.status must be an integer") }
             let st = Int(ml_tointeger(L, 3))
-            guard (100...599).contains(st) else { return fail(L, "response.status out of range: \(st)") }
+            guard (200...599).contains(st) else { return fail(L, "response.status of a local reply must be 200-599, got \(st)") }
             if s.localReply != nil { s.localReply!.status = st } else { return fail(L, "response.status can be set on local replies only") }
         default:
             return fail(L, "cannot set field '\(k)'")
@@ -252,6 +256,7 @@ enum LuaAPI {
         let fn = add ? "add" : "set"
         if !add && ml_isnoneornil(L, 3) != 0 {
             guard let n = lowerName(L, 2) else { return fail(L, "headers:set(name, nil): bad name") }
+            if let why = removeRefused(L, n) { return fail(L, "headers:set(\(n), nil): \(why)") }
             guard withHead(L, { head, _ in head.removeLowercased(n) }) != nil else { return fail(L, outside) }
             return 0
         }
@@ -274,8 +279,11 @@ enum LuaAPI {
         for c in vb where c == 0 || c == 10 || c == 13 { return fail(L, "headers:\(fn)(\(lower), value): value contains CR, LF or NUL") }
         guard vb.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(lower), value): value longer than 16 KiB") }
         let v = String(decoding: vb, as: UTF8.self)
-        if lower == "content-length" || lower == "transfer-encoding" || lower == "connection" {
-            return fail(L, "headers:\(fn)(\(lower)): framing header is managed by the proxy")
+        if let why = managedHeader(lower) { return fail(L, "headers:\(fn)(\(lower)): \(why)") }
+        if lower == "host" {
+            // One Host, as Envoy's :authority: set replaces it, add is refused.
+            if add { return fail(L, "headers:add(host): a request has one Host; use headers:set(\"host\", v) to replace it") }
+            guard isHostValue(vb) else { return fail(L, "headers:set(host, value): not a valid host[:port]") }
         }
         let done: Bool? = withHead(L) { head, _ in
             if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
@@ -286,11 +294,48 @@ enum LuaAPI {
         return 0
     }
 
+    /// Why Lua may not write header `lower` (lowercased), or nil when it may. Framing and
+    /// hop-by-hop headers are the proxy's: each hop gets its own (RFC 9110 §7.6.1).
+    @inline(__always)
+    static func managedHeader(_ lower: String) -> String? {
+        switch lower {
+        case "content-length", "transfer-encoding", "connection", "te", "upgrade", "expect", "keep-alive", "proxy-connection":
+            return "framing and hop-by-hop headers are managed by the proxy"
+        default:
+            return nil
+        }
+    }
+
+    /// A Host value: reg-name, IPv4 or [IPv6], with an optional port; nothing that could
+    /// make the upstream see another target (no space, comma, '/', '@', '?' or '#').
+    static func isHostValue(_ v: UnsafeRawBufferPointer) -> Bool {
+        guard !v.isEmpty, v.count <= 255 else { return false }
+        for c in v {
+            switch c {
+            case 48...57, 65...90, 97...122, UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"),
+                 UInt8(ascii: ":"), UInt8(ascii: "["), UInt8(ascii: "]"), UInt8(ascii: "%"): continue
+            default: return false
+            }
+        }
+        return v[0] != UInt8(ascii: ":")
+    }
+
+    /// Why removing `lower` from the headers at index 1 is refused: framing and
+    /// hop-by-hop headers are the proxy's, and a request keeps its Host.
+    static func removeRefused(_ L: OpaquePointer?, _ lower: String) -> String? {
+        if let why = managedHeader(lower) { return why }
+        if lower == "host" && ml_islight(L, 1) != 0 && WrapperKind(rawValue: ml_tolight(L, 1) & 0xF) == .requestHeaders {
+            return "a request keeps its Host; set another value instead"
+        }
+        return nil
+    }
+
     static let hSet: lua_CFunction = { L in setOrAdd(L, add: false) }
     static let hAdd: lua_CFunction = { L in setOrAdd(L, add: true) }
 
     static let hRemove: lua_CFunction = { L in
         guard let n = lowerName(L, 2) else { return fail(L, "headers:remove(name): name must be a non-empty string") }
+        if let why = removeRefused(L, n) { return fail(L, "headers:remove(\(n)): \(why)") }
         guard withHead(L, { head, _ in head.removeLowercased(n) }) != nil else { return fail(L, outside) }
         return 0
     }
@@ -319,6 +364,10 @@ enum LuaAPI {
 
     // MARK: s:respond, s.request:body()
 
+    /// Local-reply bounds checked in the binding (the writer validates the whole reply again).
+    static let maxLocalReplyHeaders = 64
+    static let maxLocalReplyValue = 16 * 1024
+
     static let respond: lua_CFunction = { L in
         guard let (_, s, kind) = resolve(L, 1, "respond"), kind == .stream else { return fail(L, outside) }
         guard lua_isinteger(L, 2) != 0 else { return fail(L, "s:respond(status, body, headers): status must be an integer") }
@@ -338,7 +387,11 @@ enum LuaAPI {
                     ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
                 }
                 guard HeaderValidation.isValidValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains CR, LF or NUL") }
-                headers.append((n.lowercased(), v))
+                let lower = n.lowercased()
+                if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
+                guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }
+                guard headers.count < maxLocalReplyHeaders else { ml_pop(L, 2); return fail(L, "s:respond: more than \(maxLocalReplyHeaders) headers") }
+                headers.append((lower, v))
                 ml_pop(L, 1)
             }
         }
@@ -358,26 +411,30 @@ enum LuaAPI {
 
     // MARK: load / require
 
+    /// Largest chunk `load` compiles: the compiler runs in C, outside the budget.
+    static let maxLoadChunk = 1 << 20
+
+    /// load(chunk [, name, mode, env]): text chunks only, in the calling plugin's
+    /// environment (upvalue 2) unless env is given.
     static let load: lua_CFunction = { L in
         guard let chunk = bytes(L, 1) else { return fail(L, "load: only string chunks are allowed") }
         if chunk.first == 0x1B { lua_pushnil(L); lua_pushstring(L, "load: precompiled bytecode is not allowed"); return 2 }
+        if chunk.count > maxLoadChunk { lua_pushnil(L); lua_pushstring(L, "load: chunk larger than \(maxLoadChunk) bytes"); return 2 }
         let name = str(L, 2) ?? "=(load)"
         let rc = name.withCString { ml_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
         if rc != LUA_OK { lua_pushnil(L); ml_insert(L, -2); return 2 }
-        if lua_type(L, 4) == LUA_TTABLE { // env
-            lua_pushvalue(L, 4)
-            if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
-        }
+        lua_pushvalue(L, lua_type(L, 4) == LUA_TTABLE ? 4 : ml_upvalueindex(2))
+        if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
         return 1
     }
 
-    /// require(name): modules from the plugin directories only, text only, cached per VM.
+    /// require(name): modules from the plugin directories only, text only, run in the
+    /// calling plugin's environment (upvalue 2) and cached per plugin (upvalue 3).
     static let require: lua_CFunction = { L in
         guard let name = str(L, 1), !name.isEmpty, name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 || $0 == 46 || $0 == 45 }) else {
             return fail(L, "require: module name must be letters, digits, '_', '-' and '.'")
         }
-        lua_getfield(L, ml_registryindex(), "moonlet.loaded")
-        if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_createtable(L, 0, 4); lua_pushvalue(L, -1); lua_setfield(L, ml_registryindex(), "moonlet.loaded") }
+        lua_pushvalue(L, ml_upvalueindex(3))
         lua_getfield(L, -1, name)
         if ml_isnil(L, -1) == 0 { return 1 }
         ml_pop(L, 1)
@@ -388,6 +445,8 @@ enum LuaAPI {
         }
         let rc = src.withCString { p in ml_loadtext(L, p, strlen(p), "@" + path) }
         if rc != LUA_OK { return raise }
+        lua_pushvalue(L, ml_upvalueindex(2))
+        if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
         lua_pushstring(L, name)
         if ml_pcall(L, 1, 1, 0) != LUA_OK { return raise }
         if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_pushboolean(L, 1) }
@@ -405,20 +464,24 @@ enum LuaAPI {
         for (n, f) in [("debug", logDebug), ("info", logInfo), ("warn", logWarn), ("err", logErr)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
+        ml_push_readonly(L, "moonlet.log")
         lua_setfield(L, -2, "log")
         ml_pushapifunction(L, now); lua_setfield(L, -2, "now")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, reMatch); lua_setfield(L, -2, "match")
         ml_pushapifunction(L, reFind); lua_setfield(L, -2, "find")
         ml_pushapifunction(L, reGsub); lua_setfield(L, -2, "gsub")
+        ml_push_readonly(L, "moonlet.regex")
         lua_setfield(L, -2, "regex")
         ml_pushapifunction(L, shared); lua_setfield(L, -2, "shared")
         lua_createtable(L, 0, 1)
         ml_pushapifunction(L, route); lua_setfield(L, -2, "route")
+        ml_push_readonly(L, "moonlet.router")
         lua_setfield(L, -2, "router")
         lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
+        ml_push_readonly(L, "moonlet.metrics")
         lua_setfield(L, -2, "metrics")
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
@@ -426,20 +489,38 @@ enum LuaAPI {
         for (n, f) in [("get", dGet), ("set", dSet), ("incr", dIncr), ("cas", dCas), ("delete", dDelete)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
-        lua_pushvalue(L, -1); lua_setfield(L, -2, "__index")
+        ml_push_readonly(L, "moonlet.shared dict")
+        lua_createtable(L, 0, 2)
+        ml_insert(L, -2); lua_setfield(L, -2, "__index")
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         lua_setfield(L, ml_registryindex(), "moonlet.shared_mt")
     }
 
+    /// Longest log line a filter writes (the rest is cut): a log call is I/O outside the budget.
+    static let maxLogLine = 4096
+
+    /// moonlet.log.* and print: one line at `level`, with the plugin and Lua position.
+    /// Nothing is formatted below the logger's level; values go through a protected
+    /// tostring (a failing __tostring cannot unwind Swift frames).
     static func logAt(_ L: OpaquePointer?, _ level: Logger.Level) -> Int32 {
         let vm = LuaVM.vm(L)
+        guard vm.logger.logLevel <= level else { return 0 }
         let n = lua_gettop(L)
-        var parts: [String] = []
-        for i in 1...max(1, n) where i <= n { parts.append(str(L, i) ?? String(cString: luaL_tolstring(L, i, nil))) }
+        var line = ""
+        for i in 1...max(1, n) where i <= n && line.utf8.count < maxLogLine {
+            if i > 1 { line += " " }
+            if let s = str(L, i) { line += s } else {
+                _ = ml_tolstring_protected(L, i, nil)
+                line += str(L, -1) ?? ""
+                ml_pop(L, 1)
+            }
+        }
+        if line.utf8.count > maxLogLine { line = String(decoding: line.utf8.prefix(maxLogLine), as: UTF8.self) + "…" }
         luaL_where(L, 1)
         let whereStr = str(L, -1) ?? ""
         // Filters log request data (paths, headers): control characters are escaped so a
         // value cannot forge a log line.
-        vm.logger.log(level: level, "\(whereStr)\(LogText.escape(parts.joined(separator: " ")))", metadata: ["plugin": .string(vm.currentPlugin)])
+        vm.logger.log(level: level, "\(whereStr)\(LogText.escape(line))", metadata: ["plugin": .string(vm.currentPlugin)])
         return 0
     }
     static let logDebug: lua_CFunction = { L in logAt(L, .debug) }
@@ -459,8 +540,15 @@ enum LuaAPI {
             return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+")
         }
         let by = lua_isinteger(L, 2) != 0 ? UInt64(max(0, ml_tointeger(L, 2))) : 1
-        LuaVM.vm(L).metrics?.count("moonlet_lua_" + name, by)
-        return 0
+        let vm = LuaVM.vm(L)
+        guard let series = vm.metricSeries(name) else {
+            vm.metrics?.count(LuaHost.refusedSeriesMetric, 1)
+            lua_pushnil(L); lua_pushstring(L, "too many metric series (at most \(vm.host.defaultLimits.maxMetricSeries))")
+            return 2
+        }
+        vm.metrics?.count(series, by)
+        lua_pushboolean(L, 1)
+        return 1
     }
 
     // MARK: router
@@ -559,7 +647,9 @@ enum LuaAPI {
         guard let subj = bytes(L, 1) else { return fail(L, "regex.match(subject, pattern): subject must be a string") }
         let re: CompiledRegex
         switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.match: \(m)") }
-        guard let m = re.firstMatch(subj, from: 0) else { lua_pushnil(L); return 1 }
+        let found: [Range<Int>?]?
+        do { found = try re.search(subj, from: 0) } catch { return fail(L, "regex.match: \(error)") }
+        guard let m = found else { lua_pushnil(L); return 1 }
         lua_createtable(L, Int32(m.count), 0)
         for (i, r) in m.enumerated() {
             if let r { lua_pushlstring(L, subj.baseAddress!.advanced(by: r.lowerBound).assumingMemoryBound(to: CChar.self), r.count) } else { lua_pushboolean(L, 0) }
@@ -573,7 +663,9 @@ enum LuaAPI {
         guard let subj = bytes(L, 1) else { return fail(L, "regex.find(subject, pattern): subject must be a string") }
         let re: CompiledRegex
         switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.find: \(m)") }
-        guard let m = re.firstMatch(subj, from: 0), let w = m[0] else { lua_pushnil(L); return 1 }
+        let found: [Range<Int>?]?
+        do { found = try re.search(subj, from: 0) } catch { return fail(L, "regex.find: \(error)") }
+        guard let m = found, let w = m[0] else { lua_pushnil(L); return 1 }
         lua_pushinteger(L, lua_Integer(w.lowerBound + 1)); lua_pushinteger(L, lua_Integer(w.upperBound))
         return 2
     }
@@ -583,7 +675,7 @@ enum LuaAPI {
         guard let subj = str(L, 1), let repl = str(L, 3) else { return fail(L, "regex.gsub(subject, pattern, replacement): strings expected") }
         let re: CompiledRegex
         switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.gsub: \(m)") }
-        push(L, re.replace(in: subj, with: repl))
+        do { push(L, try re.replacing(in: subj, with: repl)) } catch { return fail(L, "regex.gsub: \(error)") }
         return 1
     }
 
@@ -591,7 +683,10 @@ enum LuaAPI {
 
     static let shared: lua_CFunction = { L in
         guard let name = str(L, 1), !name.isEmpty else { return fail(L, "moonlet.shared(name): name must be a string") }
-        _ = SharedDict.named(name)
+        let lim = LuaVM.vm(L).host.defaultLimits
+        guard SharedDict.named(name, maxBytes: lim.sharedDictMaxBytes, maxDicts: lim.maxSharedDicts) != nil else {
+            return fail(L, "moonlet.shared(\(name)): too many shared dicts (at most \(lim.maxSharedDicts))")
+        }
         let ud = ml_newuserdata(L, 0)
         _ = ud
         push(L, name); lua_setiuservalue(L, -2, 1)
@@ -605,7 +700,7 @@ enum LuaAPI {
         lua_getiuservalue(L, 1, 1)
         defer { ml_pop(L, 1) }
         guard let n = str(L, -1) else { return nil }
-        return SharedDict.named(n)
+        return SharedDict.named(n) // made by moonlet.shared, so it exists
     }
 
     static func sharedValue(_ L: OpaquePointer?, _ idx: Int32) -> SharedDict.Value? {
@@ -648,14 +743,22 @@ enum LuaAPI {
         guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:incr(key, by, init, ttl): key must be a string") }
         let by = lua_type(L, 3) == LUA_TNUMBER ? Int64(ml_tointeger(L, 3)) : 1
         let initial: Int64? = lua_type(L, 4) == LUA_TNUMBER ? Int64(ml_tointeger(L, 4)) : nil
-        guard let v = d.incr(k, by: by, initial: initial, ttl: ttl(L, 5)) else { lua_pushnil(L); lua_pushstring(L, "not found or not an integer"); return 2 }
-        lua_pushinteger(L, lua_Integer(v)); return 1
+        switch d.incr(k, by: by, initial: initial, ttl: ttl(L, 5)) {
+        case .ok(let v): lua_pushinteger(L, lua_Integer(v)); return 1
+        case .missing: lua_pushnil(L); lua_pushstring(L, "not found"); return 2
+        case .notInteger: lua_pushnil(L); lua_pushstring(L, "not an integer"); return 2
+        case .full: lua_pushnil(L); lua_pushstring(L, "no memory"); return 2
+        }
     }
     static let dCas: lua_CFunction = { L in
         guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:cas(key, old, new, ttl): key must be a string") }
         let old = sharedValue(L, 3)
         let new = sharedValue(L, 4)
-        lua_pushboolean(L, d.cas(k, expected: old, new: new, ttl: ttl(L, 5)) ? 1 : 0); return 1
+        switch d.cas(k, expected: old, new: new, ttl: ttl(L, 5)) {
+        case .ok: lua_pushboolean(L, 1); return 1
+        case .full: lua_pushboolean(L, 0); lua_pushstring(L, "no memory"); return 2
+        case nil: lua_pushboolean(L, 0); return 1
+        }
     }
     static let dDelete: lua_CFunction = { L in
         guard let d = dict(L), let k = str(L, 2) else { return fail(L, "dict:delete(key): key must be a string") }

@@ -58,17 +58,15 @@ public final class LuaPluginInstance: Filter {
     func load() throws {
         let L = vm.L
         moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: limits)
-        let hasEnvoy = Self.detectEnvoy(L)
-        if hasEnvoy { throw LuaError.runtime("\(source.spec.path): Envoy-style envoy_on_request/envoy_on_response scripts need the Envoy adapter, which is not available yet") }
         ml_getregistry_ref(L, moduleRef)
         for (i, n) in Self.phaseNames.enumerated() {
-            lua_getfield(L, -1, n)
+            LuaVM.pushRawField(L, n)
             if ml_isfunction(L, -1) != 0 { fn[i] = ml_ref(L) }
             else if ml_isnil(L, -1) != 0 { ml_pop(L, 1) }
             else { ml_pop(L, 2); throw LuaError.runtime("\(source.spec.path): '\(n)' must be a function") }
         }
         // conf = configure(pluginConfig) or pluginConfig itself.
-        lua_getfield(L, -1, "configure")
+        LuaVM.pushRawField(L, "configure")
         let hasConfigure = ml_isfunction(L, -1) != 0
         let co = vm.acquireThread()
         if hasConfigure {
@@ -87,14 +85,6 @@ public final class LuaPluginInstance: Filter {
         vm.releaseThread(co, healthy: true)
         confRef = ml_ref(L)
         ml_pop(L, 1)
-    }
-
-    static func detectEnvoy(_ L: OpaquePointer) -> Bool {
-        lua_getglobal(L, "envoy_on_request")
-        lua_getglobal(L, "envoy_on_response")
-        let r = ml_isfunction(L, -1) != 0 || ml_isfunction(L, -2) != 0
-        ml_pop(L, 2)
-        return r
     }
 
     /// Pushes a config value as Lua data.

@@ -46,6 +46,10 @@ public final class LuaHost: @unchecked Sendable {
     var status: [String: LuaPluginStatus] = [:]
     var generationCounter = 0
     var moduleCache: [String: (String, String)] = [:]
+    /// Lua metric names admitted so far (bounded by `defaultLimits.maxMetricSeries`).
+    var metricSeries: Set<String> = []
+    /// Counter of `moonlet.metrics` calls refused because they would add a series past the cap.
+    public static let refusedSeriesMetric = "moonlet_metric_series_refused_total"
 
     public init(logger: Logger, limits: LuaLimits = LuaLimits(), pluginDirs: [String] = []) {
         self.logger = logger
@@ -105,6 +109,16 @@ public final class LuaHost: @unchecked Sendable {
             status = status.filter { names.contains($0.key) || $0.value.hash.isEmpty }
             return LuaPluginGeneration(id: generationCounter, plugins: out)
         })
+    }
+
+    /// Admits Lua metric `name` as a series: true when it is known or there is room.
+    func admitMetricSeries(_ name: String) -> Bool {
+        lock.withLock {
+            if metricSeries.contains(name) { return true }
+            guard metricSeries.count < defaultLimits.maxMetricSeries else { return false }
+            metricSeries.insert(name)
+            return true
+        }
     }
 
     /// Records a runtime error of a plugin (shown on /plugins).

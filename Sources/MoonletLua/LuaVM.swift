@@ -1,4 +1,5 @@
 import CLua
+import CLuaBounded
 import MoonletCore
 import MoonletConfig
 import MoonletRegex
@@ -16,6 +17,12 @@ public struct LuaLimits: Sendable {
     public var timeoutMs = 100
     /// Memory of one VM (all plugins of one event loop), bytes.
     public var maxMemoryBytes = 64 << 20
+    /// Bytes one `moonlet.shared` dict holds (process-wide, outside the VM caps).
+    public var sharedDictMaxBytes = 4 << 20
+    /// `moonlet.shared` dicts a process holds.
+    public var maxSharedDicts = 16
+    /// Metric series Lua may create (`moonlet.metrics.counter` names), process-wide.
+    public var maxMetricSeries = 1000
     public init() {}
 }
 
@@ -54,6 +61,8 @@ public final class LuaVM {
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     let logger: Logger
+    /// Metric names this VM has had admitted by the host, with their full series name.
+    var admittedSeries: [String: String] = [:]
 
     public init(host: LuaHost, metrics: MetricsShard?) {
         self.host = host
@@ -84,27 +93,79 @@ public final class LuaVM {
 
     // MARK: sandbox
 
+    /// Builds the sandbox (DESIGN.md §4, docs/lua-api.md "Isolation"): the global table
+    /// becomes the template every plugin's own environment is copied from; the library
+    /// tables and the `moonlet` module in it are read-only proxies shared by all plugins;
+    /// the string metatable and the wrapper metatables are hidden (`__metatable`).
     func openSandbox() {
         luaL_openlibs(L)
+        // Library functions that loop in C charge the call's budget; setmetatable refuses
+        // __gc (finalizers run with hooks off); rawset refuses read-only tables.
+        ml_open_bounded(L)
         // Remove what a filter must not reach.
         ml_pushglobaltable(L)
-        for name in ["io", "debug", "dofile", "loadfile", "package", "require", "collectgarbage"] {
+        for name in ["io", "debug", "dofile", "loadfile", "package", "require", "load", "collectgarbage"] {
             lua_pushnil(L); lua_setfield(L, -2, name)
         }
+        // print: a log line at info (as OpenResty's print), never a write to stdout.
+        ml_pushapifunction(L, LuaAPI.logInfo); lua_setfield(L, -2, "print")
         // os: time and clock only.
         lua_createtable(L, 0, 2)
         lua_getglobal(L, "os"); lua_getfield(L, -1, "time"); lua_setfield(L, -3, "time")
         lua_getfield(L, -1, "clock"); lua_setfield(L, -3, "clock"); ml_pop(L, 1)
         lua_setfield(L, -2, "os")
-        // load: text chunks only, never bytecode.
-        ml_pushapifunction(L, LuaAPI.load); lua_setfield(L, -2, "load")
-        ml_pushapifunction(L, LuaAPI.require); lua_setfield(L, -2, "require")
-        // string.dump produces bytecode: gone.
+        // string.dump produces bytecode: gone. math.randomseed would let one plugin fix
+        // the generator every plugin of the VM draws from: gone.
         lua_getglobal(L, "string"); lua_pushnil(L); lua_setfield(L, -2, "dump"); ml_pop(L, 1)
+        lua_getglobal(L, "math"); lua_pushnil(L); lua_setfield(L, -2, "randomseed"); ml_pop(L, 1)
         LuaAPI.installModule(L)
+        for lib in ["string", "table", "math", "utf8", "coroutine", "os", "moonlet"] {
+            lua_getfield(L, -1, lib)
+            ml_push_readonly(L, lib)
+            lua_setfield(L, -2, lib)
+        }
+        ml_pop(L, 1)
+        // The string metatable: getmetatable("") gives false, so its __index (the real
+        // string table) is out of reach.
+        lua_pushstring(L, "")
+        if lua_getmetatable(L, -1) != 0 { lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable"); ml_pop(L, 1) }
         ml_pop(L, 1)
         LuaAPI.installWrapperMetatable(L)
         ml_gc_generational(L)
+    }
+
+    /// Pushes a new global environment for one plugin: the sandbox's globals (functions
+    /// and read-only library proxies) copied into a table of its own, with `_G`, and
+    /// `load` and `require` bound to it. What a plugin assigns to a global stays there.
+    func pushPluginEnvironment() {
+        lua_createtable(L, 0, 40)
+        ml_pushglobaltable(L)
+        lua_pushnil(L)
+        while lua_next(L, -2) != 0 {        // env G k v
+            lua_pushvalue(L, -2)            // env G k v k
+            ml_insert(L, -2)                // env G k k v
+            lua_rawset(L, -5)               // env G k
+        }
+        ml_pop(L, 1)
+        lua_pushvalue(L, -1); lua_setfield(L, -2, "_G")
+        lua_pushvalue(L, -1)
+        ml_pushapiclosure(L, LuaAPI.load, 1)
+        lua_setfield(L, -2, "load")
+        lua_pushvalue(L, -1)
+        lua_createtable(L, 0, 4)            // this plugin's loaded modules
+        ml_pushapiclosure(L, LuaAPI.require, 2)
+        lua_setfield(L, -2, "require")
+    }
+
+    /// The series name of Lua metric `name` ("moonlet_lua_<name>"), or nil when it would
+    /// be a new series past the host's cap. Known names cost one dictionary lookup.
+    @inline(__always)
+    func metricSeries(_ name: String) -> String? {
+        if let s = admittedSeries[name] { return s }
+        guard host.admitMetricSeries(name) else { return nil }
+        let s = "moonlet_lua_" + name
+        admittedSeries[name] = s
+        return s
     }
 
     // MARK: threads
@@ -186,7 +247,8 @@ public final class LuaVM {
         return CallOutcome(ok: false, error: msg, aborted: aborted || st == LUA_ERRMEM, returned: nil, startNanos: t0)
     }
 
-    /// Loads and runs a plugin file in this VM; returns the module table's registry ref.
+    /// Loads and runs a plugin file in this VM, in a global environment of its own;
+    /// returns the module table's registry ref.
     func loadModule(source: String, chunkName: String, limits: LuaLimits) throws -> Int32 {
         let co = acquireThread()
         defer { releaseThread(co, healthy: lua_status(co.L) == LUA_OK) }
@@ -195,8 +257,17 @@ public final class LuaVM {
             let m = String(cString: ml_tostring(co.L, -1)); lua_settop(co.L, 0)
             throw LuaError.compile(m)
         }
+        pushPluginEnvironment()
+        defer { ml_pop(L, 1) }
+        lua_pushvalue(L, -1)
+        lua_xmove(L, co.L, 1)
+        _ = lua_setupvalue(co.L, -2, 1)     // the chunk's _ENV
         let out = resume(co.L, nargs: 0, limits: limits, plugin: chunkName, keepResults: true)
         guard out.ok else { lua_settop(co.L, 0); throw LuaError.runtime(out.error ?? "error") }
+        if Self.definesEnvoyEntryPoints(L) {
+            lua_settop(co.L, 0)
+            throw LuaError.runtime("\(chunkName): Envoy-style envoy_on_request/envoy_on_response scripts need the Envoy adapter, which is not available yet")
+        }
         guard ml_istable(co.L, -1) != 0 else {
             lua_settop(co.L, 0)
             throw LuaError.runtime("\(chunkName): a filter module must return a table of phase functions")
@@ -204,6 +275,25 @@ public final class LuaVM {
         lua_xmove(co.L, L, 1)
         lua_settop(co.L, 0)
         return ml_ref(L)
+    }
+}
+
+extension LuaVM {
+    /// Pushes t[name], t being the table on top of the stack, without metamethods: the
+    /// host reads plugin tables outside any budget, where an __index function would
+    /// run unbounded (and an error in it would have no protected call to land in).
+    static func pushRawField(_ L: OpaquePointer, _ name: String) {
+        lua_pushstring(L, name)
+        lua_rawget(L, -2)
+    }
+
+    /// Whether the plugin environment on top of the stack defines Envoy's entry points.
+    static func definesEnvoyEntryPoints(_ L: OpaquePointer) -> Bool {
+        ["envoy_on_request", "envoy_on_response"].contains { name in
+            pushRawField(L, name)
+            defer { ml_pop(L, 1) }
+            return ml_isfunction(L, -1) != 0
+        }
     }
 }
 

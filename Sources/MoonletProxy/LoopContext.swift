@@ -266,6 +266,8 @@ public struct ProxySettings: Sendable {
     public var meshTLS = MeshTLSSettings()
     /// Mesh config keys read but not applied (logged at start).
     public var meshConfigNotApplied: [String] = []
+    /// Lua budgets and the caps of memory Lua holds outside its VMs (shared dicts, metric names).
+    public var luaLimits = LuaLimits()
     public init() {}
 }
 

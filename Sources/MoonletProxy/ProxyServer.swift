@@ -50,7 +50,7 @@ public final class ProxyServer: @unchecked Sendable {
         self.settings = settings
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, settings.concurrency))
-        lua = LuaHost(logger: logger)
+        lua = LuaHost(logger: logger, limits: settings.luaLimits)
         var i = 0
         for loop in group.makeIterator() {
             let index = i

@@ -11,6 +11,23 @@ public struct RegexError: Error, CustomStringConvertible, Sendable {
     public var description: String { "bad regex \"\(pattern)\" at offset \(offset): \(message)" }
 }
 
+/// A match that PCRE2 gave up on (match, depth or heap limit) or that failed for
+/// another reason: neither a match nor a no-match. Callers that decide access must
+/// treat it as a failure, never as "no match".
+public struct RegexMatchError: Error, CustomStringConvertible, Sendable {
+    public var pattern: String
+    /// PCRE2's error code (PCRE2_ERROR_MATCHLIMIT, ..._DEPTHLIMIT, ..._HEAPLIMIT, ...).
+    public var code: Int32
+    public var description: String {
+        switch code {
+        case PCRE2_ERROR_MATCHLIMIT: return "regex \"\(pattern)\": match limit (\(CompiledRegex.matchLimit) backtracking steps) exceeded"
+        case PCRE2_ERROR_DEPTHLIMIT: return "regex \"\(pattern)\": depth limit exceeded"
+        case PCRE2_ERROR_HEAPLIMIT: return "regex \"\(pattern)\": heap limit exceeded"
+        default: return "regex \"\(pattern)\": match failed (PCRE2 error \(code))"
+        }
+    }
+}
+
 /// A PCRE2 pattern compiled once (with JIT where the platform has it) and matched
 /// many times. Match data and the match context (with the match limit) are per
 /// thread, so a compiled pattern is shared by every event loop without locks.
@@ -63,11 +80,20 @@ public final class CompiledRegex: @unchecked Sendable {
         return s.withUTF8 { p in firstMatch(UnsafeRawBufferPointer(p), from: start) }
     }
 
+    /// A match that hits a limit counts as no match here; code that must not fail open
+    /// (a deny rule, Lua's `moonlet.regex`) uses `search`, which throws instead.
     public func firstMatch(_ subject: UnsafeRawBufferPointer, from start: Int) -> [Range<Int>?]? {
+        (try? search(subject, from: start)) ?? nil
+    }
+
+    /// Like `firstMatch`, but a match PCRE2 gave up on (the match limit, the depth limit)
+    /// throws `RegexMatchError` instead of reading as "no match".
+    public func search(_ subject: UnsafeRawBufferPointer, from start: Int) throws(RegexMatchError) -> [Range<Int>?]? {
         let t = PerThread.current
         let base = subject.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? PerThread.empty
         let rc = pcre2_match_8(code, base, subject.count, start, 0, t.matchData, t.context)
-        if rc < 0 { return nil }
+        if rc == PCRE2_ERROR_NOMATCH { return nil }
+        if rc < 0 { throw RegexMatchError(pattern: pattern, code: rc) }
         let ov = pcre2_get_ovector_pointer_8(t.matchData)!
         let pairs = rc == 0 ? Int(pcre2_get_ovector_count_8(t.matchData)) : Int(rc)
         var out: [Range<Int>?] = []
@@ -81,13 +107,25 @@ public final class CompiledRegex: @unchecked Sendable {
     }
 
     /// Replaces matches with `replacement`, where `\1`..`\9` (and `$1`) name groups.
+    /// A match that hits a limit leaves the subject unchanged.
     public func replace(in subject: String, with replacement: String, global: Bool = true) -> String {
+        (try? replacing(in: subject, with: replacement, global: global)) ?? subject
+    }
+
+    /// Like `replace`, but a match that hits a limit throws `RegexMatchError`.
+    public func replacing(in subject: String, with replacement: String, global: Bool = true) throws(RegexMatchError) -> String {
         let bytes = Array(subject.utf8)
         var out: [UInt8] = []
         var pos = 0
         let repl = Array(replacement.utf8)
         while pos <= bytes.count {
-            guard let m = bytes.withUnsafeBytes({ firstMatch($0, from: pos) }), let whole = m[0] else { break }
+            var found: [Range<Int>?]?
+            var failure: RegexMatchError?
+            bytes.withUnsafeBytes { b in
+                do throws(RegexMatchError) { found = try search(b, from: pos) } catch { failure = error }
+            }
+            if let failure { throw failure }
+            guard let m = found, let whole = m[0] else { break }
             out.append(contentsOf: bytes[pos..<whole.lowerBound])
             var k = 0
             while k < repl.count {

@@ -39,6 +39,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
     @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
+    @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
+    @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
@@ -72,6 +74,14 @@ struct SidecarOptions: ParsableArguments {
                 s.meshTLS = mesh.tls
                 s.meshConfigNotApplied = mesh.notApplied
             } catch { throw ValidationError("--mesh-config: \(error)") }
+        }
+        if let v = luaSharedDictBytes ?? env("MOONLET_LUA_SHARED_DICT_BYTES").flatMap(Int.init) {
+            guard v > 0 else { throw ValidationError("--lua-shared-dict-bytes must be positive, got \(v)") }
+            s.luaLimits.sharedDictMaxBytes = v
+        }
+        if let v = luaMaxMetricSeries ?? env("MOONLET_LUA_MAX_METRIC_SERIES").flatMap(Int.init) {
+            guard v >= 0 else { throw ValidationError("--lua-max-metric-series must be 0 or more, got \(v)") }
+            s.luaLimits.maxMetricSeries = v
         }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s

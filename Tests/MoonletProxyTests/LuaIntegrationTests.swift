@@ -211,12 +211,54 @@ final class LuaIntegrationTests: XCTestCase {
         XCTAssertEqual(c.read()?.status, 403)
         XCTAssertEqual(up.seen.count, 1)
     }
+
+    func test_luaCannotSendASecondHostOrHopByHopHeadersUpstream() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "hdrs.lua": """
+            return { on_request = function(s)
+              local h = s.request.headers
+              pcall(h.add, h, "host", "evil.example")
+              pcall(h.set, h, "te", "gzip")
+              pcall(h.set, h, "upgrade", "websocket")
+              pcall(h.add, h, "expect", "100-continue")
+            end }
+            """,
+            "hdrs.yaml": ProxyFixture.plugin("hdrs"),
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        XCTAssertEqual(get(c)?.status, 200)
+        let seen = try XCTUnwrap(up.seen.first)
+        XCTAssertEqual(seen.headers["host"].count, 1, "\(seen.headers["host"])")
+        XCTAssertFalse(seen.headers["host"].contains("evil.example"))
+        for n in ["te", "upgrade", "expect"] { XCTAssertFalse(seen.headers.contains(name: n), n) }
+    }
+
+    func test_patternBacktrackingOverACookie_endsWithinTwiceTheBudget_andTheLoopKeepsServing() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "cookies.lua": """
+            return { on_request = function(s)
+              local c = s.request.headers:get("cookie")
+              if c then for k, v in c:gmatch("(.-)=(.-);") do end end
+            end }
+            """,
+            "cookies.yaml": ProxyFixture.plugin("cookies"),
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let t0 = Date()
+        let r = get(c, headers: "cookie: " + String(repeating: "k=v", count: 19_000) + "\r\n")
+        XCTAssertEqual(r?.status, 500)
+        XCTAssertLessThan(Date().timeIntervalSince(t0), 0.2 + 0.3, "default budget 100 ms, x2, plus the round trip")
+        let c2 = try RawClient(port: px.inbound)
+        XCTAssertEqual(get(c2)?.status, 200)
+    }
 }
 
 import MoonletLua
 enum MoonletLuaShared {
     static func get(_ dict: String, _ key: String) -> String? {
-        if case .string(let s) = SharedDict.named(dict).get(key) { return s }
+        if case .string(let s) = SharedDict.named(dict)?.get(key) { return s }
         return nil
     }
 }
