@@ -55,6 +55,10 @@ final class AdminHandler: ChannelInboundHandler {
         func reply(_ status: HTTPResponseStatus, _ body: String, _ type: String = "text/plain; charset=utf-8") {
             loop.execute { self.send(context: context, status, body, type, keepAlive: h.isKeepAlive) }
         }
+        if h.method == .POST, let why = Self.crossOriginRefusal(h.headers) {
+            reply(.forbidden, why + "\n")
+            return
+        }
         switch (h.method, path) {
         case (.GET, "/ready"), (.GET, "/healthz/ready"):
             server.ready ? reply(.ok, "LIVE\n") : reply(.serviceUnavailable, "NOT READY\n")
@@ -74,7 +78,7 @@ final class AdminHandler: ChannelInboundHandler {
                 }
             }
         case (.GET, "/config_dump"):
-            reply(.ok, server.currentSnapshot.json + "\n", "application/json")
+            reply(.ok, ConfigDump.redacted(server.currentSnapshot).json + "\n", "application/json")
         case (.GET, "/plugins"):
             server.metricsSnapshot().whenComplete { r in
                 let stats = (try? r.get())?.plugins ?? [:]
@@ -90,6 +94,26 @@ final class AdminHandler: ChannelInboundHandler {
         default:
             reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /clusters /plugins POST /plugins/reload\n")
         }
+    }
+
+    /// Why a POST must be refused as a browser's cross-origin request, or nil. A page on
+    /// another origin (or one that rebinds its DNS name to 127.0.0.1) can make a browser
+    /// send a form POST here: it carries `Origin` (and `Sec-Fetch-Site`), which must name
+    /// this same host, addressed by IP or as localhost. curl and other tools send neither.
+    static func crossOriginRefusal(_ headers: HTTPHeaders) -> String? {
+        if let site = headers.first(name: "sec-fetch-site")?.lowercased(), site != "same-origin" && site != "none" {
+            return "cross-origin request refused (sec-fetch-site: \(site))"
+        }
+        guard let origin = headers.first(name: "origin") else { return nil }
+        let host = (headers.first(name: "host") ?? "").lowercased()
+        let authority = origin.lowercased().components(separatedBy: "://").last ?? ""
+        guard origin.contains("://"), authority == host else { return "cross-origin request refused (origin \(origin) is not \(host))" }
+        var name = authority
+        if name.hasPrefix("[") { name = String(name.dropFirst().prefix { $0 != "]" }) }
+        else if let colon = name.lastIndex(of: ":") { name = String(name[..<colon]) }
+        let isIP = name.contains(":") || (!name.isEmpty && name.allSatisfy { $0.isNumber || $0 == "." })
+        guard isIP || name == "localhost" else { return "request refused: the admin API is addressed by IP or localhost, not \(name)" }
+        return nil
     }
 
     func pluginsJSON(_ stats: [String: PluginStats]) -> String {
@@ -109,5 +133,35 @@ final class AdminHandler: ChannelInboundHandler {
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if !keepAlive { context.close(promise: nil) } }
+    }
+}
+
+/// /config_dump without secrets: a pluginConfig value whose key names a secret (see
+/// `isSecret`) is shown as "[redacted]", at any depth.
+enum ConfigDump {
+    static func redacted(_ snap: ConfigSnapshot) -> ConfigSnapshot {
+        let plugins = snap.plugins.map { p -> LuaPluginSpec in
+            var q = p
+            q.pluginConfig = redact(p.pluginConfig)
+            return q
+        }
+        return ConfigSnapshot(version: snap.version, plugins: plugins, istio: snap.istio, skipped: snap.skipped, files: snap.files, routes: snap.routes)
+    }
+
+    static func redact(_ v: ConfigValue) -> ConfigValue {
+        switch v {
+        case .map(let kv): return .map(kv.map { k, x in (k, isSecret(k) ? .string("[redacted]") : redact(x)) })
+        case .array(let a): return .array(a.map(redact))
+        default: return v
+        }
+    }
+
+    /// A key names a secret when, lowercased and without "-" and "_", it contains secret,
+    /// password, passwd, token, credential, apikey or privatekey, or ends in "key" (key,
+    /// hmacKey, signing_key; a false positive only hides a value from the dump).
+    static func isSecret(_ key: String) -> Bool {
+        let k = key.lowercased().filter { $0 != "-" && $0 != "_" }
+        for word in ["secret", "password", "passwd", "token", "credential", "apikey", "privatekey"] where k.contains(word) { return true }
+        return k.hasSuffix("key")
     }
 }
