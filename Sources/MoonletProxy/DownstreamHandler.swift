@@ -1393,14 +1393,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     /// A request body that stalls (no byte for requestBodyIdleTimeoutMs while the proxy
-    /// reads it; Envoy's stream idle timeout) gets 408 with flag SI, and the connection
-    /// closes (an HTTP/2 stream is ended). A stream whose reading is paused by
-    /// backpressure is not idle.
+    /// reads it, before its response starts; Envoy's stream idle timeout) gets 408 with
+    /// flag SI, and the connection closes (an HTTP/2 stream is ended). A stream whose
+    /// reading is paused by backpressure is not idle.
     func checkBodyIdle(now: UInt64) {
         let ms = limits.requestBodyIdleTimeoutMs
         guard ms > 0, !closed, !readPaused, now &- lastActivity >= UInt64(ms) * 1_000_000 else { return }
         if let s = stream {
-            guard reqDecoder != nil else { return }
+            // Once the response is under way the stream ends with it (finishStream closes
+            // a connection whose request body is unfinished).
+            guard reqDecoder != nil, !responseStarted else { return }
             s.responseFlags.insert(.streamIdleTimeout)
             localReplyAndClose(408, "request body timeout")
         } else if h2?.pendingHead != nil {

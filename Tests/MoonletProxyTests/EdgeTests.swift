@@ -226,6 +226,29 @@ final class EdgeTests: XCTestCase {
         }
     }
 
+    /// HTTP/2: HEADERS with a content-length and part of the body, or HEADERS left open
+    /// with no content-length and no DATA, then nothing: 408 on the stream.
+    func test_anHTTP2RequestBodyThatStalls_gets408_whenTheBodyIdleTimeoutEnds() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestBodyIdleTimeoutMs = 300 }
+        defer { px.stop() }
+        let post: [UInt8] = [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
+        let cases: [(String, [UInt8])] = [
+            ("content-length, part of the body", HTTP2Tests.frame(1, 0x4, 1, post + HTTP2Tests.literal("content-length", "10"))
+                + HTTP2Tests.frame(0, 0, 1, Array("abc".utf8))),
+            ("open HEADERS, no DATA", HTTP2Tests.frame(1, 0x4, 1, post)),
+        ]
+        for (what, frames) in cases {
+            let c = try RawClient(port: px.inbound)
+            let start = Date()
+            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
+            let got = HTTP2Tests.readFrames(c, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+            let headers = got.first { $0.type == 1 && $0.stream == 1 }
+            // :status 408 is not in the static table: literal without indexing, name index 8.
+            XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "\(what): \(got.map { ($0.type, $0.stream) })")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
+        }
+    }
+
     // MARK: admin
 
     func test_adminAPI_bindsToLoopback_whenTheListenersBindToEveryAddress() throws {
