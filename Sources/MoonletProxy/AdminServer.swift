@@ -20,12 +20,18 @@ import Foundation
 /// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |
 /// | GET | /plugins | JSON per plugin: hash, load time, last error, executions, errors, time |
 /// | POST | /plugins/reload | reload config and plugins now; 200 or 400 with the errors |
+///
+/// The Prometheus and health ports follow `--bind` (the pod network may reach them), so
+/// they answer only their own paths; the rest of the API is on the admin port alone.
 enum AdminServer {
-    static func bind(group: EventLoopGroup, host: String, port: Int, server: ProxyServer) throws -> Channel {
+    /// What a port serves: everything (admin), metrics only, or readiness only.
+    enum Role: String, Sendable { case admin, prometheus, health }
+
+    static func bind(group: EventLoopGroup, host: String, port: Int, role: Role, server: ProxyServer) throws -> Channel {
         try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
-                ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(AdminHandler(server: server)) }
+                ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(AdminHandler(server: server, role: role)) }
             }
             .bind(host: host, port: port).wait()
     }
@@ -35,8 +41,18 @@ final class AdminHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     let server: ProxyServer
+    let role: AdminServer.Role
     var head: HTTPRequestHead?
-    init(server: ProxyServer) { self.server = server }
+    init(server: ProxyServer, role: AdminServer.Role) { self.server = server; self.role = role }
+
+    /// Whether this port answers `path` (the admin port answers every path).
+    func serves(_ path: String) -> Bool {
+        switch role {
+        case .admin: return true
+        case .prometheus: return path == "/stats/prometheus" || path == "/metrics"
+        case .health: return path == "/healthz/ready" || path == "/ready"
+        }
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -54,6 +70,10 @@ final class AdminHandler: ChannelInboundHandler {
         let loop = context.eventLoop
         func reply(_ status: HTTPResponseStatus, _ body: String, _ type: String = "text/plain; charset=utf-8") {
             loop.execute { self.send(context: context, status, body, type, keepAlive: h.isKeepAlive) }
+        }
+        guard serves(path) else {
+            reply(.notFound, "not found: \(path)\nthe \(role.rawValue) port serves \(role == .prometheus ? "/stats/prometheus" : "/healthz/ready") only\n")
+            return
         }
         if h.method == .POST, let why = Self.crossOriginRefusal(h.headers) {
             reply(.forbidden, why + "\n")

@@ -97,7 +97,9 @@ public final class ProxyServer: @unchecked Sendable {
         for (name, port, host) in [("admin", settings.adminPort, settings.adminBindAddress), ("prometheus", settings.prometheusPort, settings.bindAddress),
                                    ("health", settings.healthPort, settings.bindAddress)] where port >= 0 {
             if port == 0 && name != "admin" { continue }
-            let ch = try Self.bindNamed(name, host: host, port: port) { try AdminServer.bind(group: group, host: host, port: port, server: self) }
+            let ch = try Self.bindNamed(name, host: host, port: port) {
+                try AdminServer.bind(group: group, host: host, port: port, role: AdminServer.Role(rawValue: name) ?? .admin, server: self)
+            }
             adminChannels.append(ch)
             boundPorts[name] = ch.localAddress?.port ?? port
         }

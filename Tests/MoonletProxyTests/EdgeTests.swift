@@ -258,12 +258,25 @@ final class EdgeTests: XCTestCase {
 
     // MARK: admin
 
+    /// With `--bind 0.0.0.0` the admin API stays on loopback; the Prometheus and health
+    /// ports follow --bind and answer only their own paths (no config dump, no reload).
     func test_adminAPI_bindsToLoopback_whenTheListenersBindToEveryAddress() throws {
-        let px = try ProxyFixture(appPort: up.port) { $0.bindAddress = "0.0.0.0" }
+        let px = try ProxyFixture(appPort: up.port) { s in
+            s.bindAddress = "0.0.0.0"
+            s.prometheusPort = freePort()
+            s.healthPort = freePort()
+        }
         defer { px.stop() }
         XCTAssertEqual(px.server.listeners.first?.localAddress?.ipAddress, "0.0.0.0")
-        XCTAssertEqual(px.server.adminChannels.first?.localAddress?.ipAddress, "127.0.0.1")
+        XCTAssertEqual(px.server.adminChannels.map { $0.localAddress?.ipAddress }, ["127.0.0.1", "0.0.0.0", "0.0.0.0"])
         XCTAssertEqual(adminGet(px.admin, "/ready")?.status, 200)
+        let prometheus = try XCTUnwrap(px.server.boundPorts["prometheus"]), health = try XCTUnwrap(px.server.boundPorts["health"])
+        XCTAssertEqual(adminGet(prometheus, "/stats/prometheus")?.status, 200)
+        XCTAssertEqual(adminGet(health, "/healthz/ready")?.status, 200)
+        for port in [prometheus, health] {
+            XCTAssertEqual(adminGet(port, "/config_dump")?.status, 404)
+            XCTAssertEqual(adminGet(port, "/plugins/reload", method: "POST")?.status, 404)
+        }
     }
 
     func test_adminPost_fromABrowserOnAnotherOrigin_isRefused() throws {
