@@ -6,8 +6,10 @@ JOBS ?= $(shell nproc)
 # hot path they cost about 8% of its user CPU (see docs/architecture.md). Debug and
 # test builds keep them.
 RELEASE_FLAGS ?= -Xswiftc -enforce-exclusivity=unchecked
+# `make install` copies the release binary to $(DESTDIR)$(PREFIX)/bin/moonlet.
+PREFIX ?= /usr/local
 
-.PHONY: deps build release demo test bench bench-quick clean
+.PHONY: deps build release install demo test bench bench-quick clean
 
 deps:
 	@scripts/install-deps
@@ -17,6 +19,10 @@ build: deps
 
 release: deps
 	$(SWIFT) build -c release $(RELEASE_FLAGS) -j $(JOBS)
+
+install: release
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 .build/release/moonlet $(DESTDIR)$(PREFIX)/bin/moonlet
 
 demo: release
 	.build/release/moonlet demo

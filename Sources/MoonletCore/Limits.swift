@@ -9,6 +9,9 @@ public struct ProxyLimits: Sendable {
     public var maxBufferedBodyBytes = 1 << 20
     /// Time to receive a complete request head once its first byte arrived (408).
     public var requestHeaderTimeoutMs = 10_000
+    /// Time a request body may go without a byte while the proxy reads it (Envoy's stream
+    /// idle timeout, for the request side): 408, flag SI, connection closed. 0 disables.
+    public var requestBodyIdleTimeoutMs = 15_000
     /// Time for an inbound TLS handshake, and in PERMISSIVE mode for the first byte that
     /// tells TLS from plaintext, to complete (closed silently beyond).
     public var tlsHandshakeTimeoutMs = 10_000

@@ -20,7 +20,19 @@ public struct HTTPField: Sendable {
 public enum KnownHeader: UInt8, Sendable {
     case other, contentLength, transferEncoding, connection, host, keepAlive, te, upgrade,
          proxyConnection, proxyAuthenticate, proxyAuthorization, expect, xForwardedFor, xRequestID,
-         trailer, server, xForwardedProto
+         trailer, server, xForwardedProto, xForwardedClientCert
+}
+
+/// The form of a request target (RFC 9112 §3.2).
+public enum RequestTargetForm: UInt8, Sendable {
+    /// `/path?query`: the only form sent upstream.
+    case origin
+    /// `http://authority/path?query`: the authority replaces Host, the path is sent.
+    case absolute
+    /// `host:port`, CONNECT only.
+    case authority
+    /// `*`, OPTIONS only.
+    case asterisk
 }
 
 /// Why a head was refused. `status` is the HTTP status a server answers with.
@@ -71,6 +83,11 @@ public struct HTTPHead: Sendable {
     public var connectionTokens: [String] = []
     public var hostIndex: Int = -1
     public var isHead: Bool = false
+    /// Form of the request target; for `.absolute`, where its authority and its path
+    /// (with the query; empty when the URI has none) are in `bytes`.
+    public var targetForm: RequestTargetForm = .origin
+    public var targetAuthorityRange: Range<Int> = 0..<0
+    public var targetPathRange: Range<Int> = 0..<0
 
     public init(bytes: ByteBuffer, isRequest: Bool) {
         self.bytes = bytes
@@ -83,6 +100,11 @@ public struct HTTPHead: Sendable {
     }
 
     public var method: String { string(methodRange) }
+    /// The Host value, edits included ("" when there is none).
+    public var host: String {
+        if hostIndex >= 0 && !fields[hostIndex].removed { return value(at: hostIndex) }
+        return first("host") ?? ""
+    }
     public var target: String { targetOverride ?? string(targetRange) }
     /// The request target as received, before any rewrite.
     public var originalTarget: String { string(targetRange) }

@@ -107,6 +107,18 @@ public struct HTTPHeadParser: Sendable {
                 while p < lineEnd && raw[p] > 32 && raw[p] < 127 { p += 1 }
                 if p == tStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request target") }
                 head.targetRange = tStart..<p
+                // Origin-form costs one byte compare; the other forms are checked apart.
+                if raw[tStart] != 47 {
+                    switch Self.classifyTarget(raw, target: head.targetRange, method: head.methodRange) {
+                    case .failure(let err): return err
+                    case .success(let t):
+                        head.targetForm = t.form
+                        head.targetAuthorityRange = t.authority
+                        head.targetPathRange = t.path
+                    }
+                } else if head.methodRange.count == 7 && raw[mStart] == 67 && Self.equals(raw, head.methodRange, "CONNECT") {
+                    return HTTPParseError(400, "CONNECT needs an authority-form target (host:port)")
+                }
                 p += 1
                 guard lineEnd - p == 8, let minor = version(raw, p) else {
                     return HTTPParseError(lineEnd - p == 8 && raw[p] == 72 ? 505 : 400, "bad HTTP version")
@@ -232,6 +244,11 @@ public struct HTTPHeadParser: Sendable {
             head.fields = fields
             head.keepAlive = head.versionMinor == 1 ? !closeToken : (keepAliveToken && !closeToken)
             if head.isRequest {
+                if head.hostIndex >= 0 {
+                    let f = fields[head.hostIndex]
+                    let s = Int(f.valueStart), e = s + Int(f.valueLength)
+                    if e > s && !Self.isValidAuthority(raw, s, e, requirePort: false) { return HTTPParseError(400, "invalid host header") }
+                }
                 if head.versionMinor == 1 && hostCount != 1 {
                     return HTTPParseError(400, hostCount == 0 ? "missing host header" : "more than one host header")
                 }
@@ -260,6 +277,90 @@ public struct HTTPHeadParser: Sendable {
             }
             return nil
         }
+    }
+
+    /// A request target that does not start with "/": absolute-form (http or https, an
+    /// authority without userinfo), `*` for OPTIONS, or authority-form for CONNECT; any
+    /// other target is refused (RFC 9112 §3.2). CONNECT takes only authority-form.
+    static func classifyTarget(_ raw: UnsafeRawBufferPointer, target: Range<Int>, method: Range<Int>)
+        -> Result<(form: RequestTargetForm, authority: Range<Int>, path: Range<Int>), HTTPParseError> {
+        let s = target.lowerBound, e = target.upperBound
+        let bad = HTTPParseError(400, "request target is not origin-form, absolute-form, * (OPTIONS) or authority-form (CONNECT)")
+        if equals(raw, method, "CONNECT") {
+            guard isValidAuthority(raw, s, e, requirePort: true) else { return .failure(bad) }
+            return .success((.authority, 0..<0, 0..<0))
+        }
+        if e - s == 1 && raw[s] == 42 {
+            guard equals(raw, method, "OPTIONS") else { return .failure(bad) }
+            return .success((.asterisk, 0..<0, 0..<0))
+        }
+        // scheme "://" authority path-abempty [ "?" query ]
+        var k = s
+        while k < e && raw[k] != 58 && raw[k] != 47 { k += 1 }
+        let schemeLength = k - s
+        guard k + 2 < e, raw[k] == 58, raw[k + 1] == 47, raw[k + 2] == 47 else { return .failure(bad) }
+        guard (schemeLength == 4 && lowerEquals(raw, s, "http")) || (schemeLength == 5 && lowerEquals(raw, s, "https")) else {
+            return .failure(HTTPParseError(400, "request target scheme is not http or https"))
+        }
+        let aStart = k + 3
+        var aEnd = aStart
+        while aEnd < e && raw[aEnd] != 47 && raw[aEnd] != 63 { aEnd += 1 }
+        guard isValidAuthority(raw, aStart, aEnd, requirePort: false) else {
+            return .failure(HTTPParseError(400, "invalid authority in request target"))
+        }
+        for j in aEnd..<e where raw[j] == 35 { return .failure(HTTPParseError(400, "fragment in request target")) }
+        return .success((.absolute, aStart..<aEnd, aEnd..<e))
+    }
+
+    /// Whether the bytes in `r` are exactly `lit` (case-sensitive, as methods are).
+    static func equals(_ raw: UnsafeRawBufferPointer, _ r: Range<Int>, _ lit: StaticString) -> Bool {
+        guard r.count == lit.utf8CodeUnitCount else { return false }
+        let p = lit.utf8Start
+        for k in 0..<r.count where raw[r.lowerBound + k] != p[k] { return false }
+        return true
+    }
+
+    /// Whether `raw[s..<e]` is `host[:port]` (RFC 3986 §3.2.2-3): a reg-name or IPv4
+    /// address of unreserved, pct-encoded and sub-delim bytes other than "," (a list is
+    /// not a host), or an IP literal in brackets; a port of 1 to 5 digits up to 65535
+    /// (required with `requirePort`). No userinfo ("@"), no blank, nothing empty.
+    static func isValidAuthority(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int, requirePort: Bool) -> Bool {
+        guard e > s else { return false }
+        var k = s
+        if raw[k] == 91 { // "[" IP-literal "]"
+            k += 1
+            let inner = k
+            while k < e && raw[k] != 93 {
+                let c = raw[k]
+                guard (c >= 48 && c <= 58) || (c | 0x20 >= 97 && c | 0x20 <= 102) || c == 46 || c == 118 || c == 86 else { return false }
+                k += 1
+            }
+            guard k < e, k > inner else { return false }
+            k += 1
+        } else {
+            while k < e && raw[k] != 58 {
+                guard isRegNameByte(raw[k]) else { return false }
+                k += 1
+            }
+            guard k > s else { return false }
+        }
+        if k == e { return !requirePort }
+        guard raw[k] == 58, e - k - 1 >= 1, e - k - 1 <= 5 else { return false }
+        var port = 0
+        for j in (k + 1)..<e {
+            let d = raw[j]
+            guard d >= 48 && d <= 57 else { return false }
+            port = port * 10 + Int(d - 48)
+        }
+        return port <= 65535
+    }
+
+    /// unreserved / "%" / sub-delims other than ",": ALPHA DIGIT - . _ ~ % ! $ & ' ( ) * + ; =
+    /// Two 64-bit masks for bytes 0-63 and 64-127, as HeaderValidation.isTchar.
+    @inline(__always)
+    static func isRegNameByte(_ c: UInt8) -> Bool {
+        c < 64 ? (0x2bff_6ff2_0000_0000 as UInt64) >> UInt64(c) & 1 != 0
+               : c < 128 && (0x47ff_fffe_87ff_fffe as UInt64) >> UInt64(c &- 64) & 1 != 0
     }
 
     @inline(__always)
@@ -343,6 +444,7 @@ public struct HTTPHeadParser: Sendable {
         case (16, 112): return lowerEquals(raw, s, "proxy-connection") ? .proxyConnection : .other
         case (17, 116): return lowerEquals(raw, s, "transfer-encoding") ? .transferEncoding : .other
         case (17, 120): return lowerEquals(raw, s, "x-forwarded-proto") ? .xForwardedProto : .other
+        case (23, 120): return lowerEquals(raw, s, "x-forwarded-client-cert") ? .xForwardedClientCert : .other
         case (18, 112): return lowerEquals(raw, s, "proxy-authenticate") ? .proxyAuthenticate : .other
         case (19, 112): return lowerEquals(raw, s, "proxy-authorization") ? .proxyAuthorization : .other
         default: return .other

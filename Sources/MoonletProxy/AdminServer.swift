@@ -20,12 +20,18 @@ import Foundation
 /// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |
 /// | GET | /plugins | JSON per plugin: hash, load time, last error, executions, errors, time |
 /// | POST | /plugins/reload | reload config and plugins now; 200 or 400 with the errors |
+///
+/// The Prometheus and health ports follow `--bind` (the pod network may reach them), so
+/// they answer only their own paths; the rest of the API is on the admin port alone.
 enum AdminServer {
-    static func bind(group: EventLoopGroup, host: String, port: Int, server: ProxyServer) throws -> Channel {
+    /// What a port serves: everything (admin), metrics only, or readiness only.
+    enum Role: String, Sendable { case admin, prometheus, health }
+
+    static func bind(group: EventLoopGroup, host: String, port: Int, role: Role, server: ProxyServer) throws -> Channel {
         try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
-                ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(AdminHandler(server: server)) }
+                ch.pipeline.configureHTTPServerPipeline().flatMap { ch.pipeline.addHandler(AdminHandler(server: server, role: role)) }
             }
             .bind(host: host, port: port).wait()
     }
@@ -35,8 +41,18 @@ final class AdminHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     let server: ProxyServer
+    let role: AdminServer.Role
     var head: HTTPRequestHead?
-    init(server: ProxyServer) { self.server = server }
+    init(server: ProxyServer, role: AdminServer.Role) { self.server = server; self.role = role }
+
+    /// Whether this port answers `path` (the admin port answers every path).
+    func serves(_ path: String) -> Bool {
+        switch role {
+        case .admin: return true
+        case .prometheus: return path == "/stats/prometheus" || path == "/metrics"
+        case .health: return path == "/healthz/ready" || path == "/ready"
+        }
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -54,6 +70,14 @@ final class AdminHandler: ChannelInboundHandler {
         let loop = context.eventLoop
         func reply(_ status: HTTPResponseStatus, _ body: String, _ type: String = "text/plain; charset=utf-8") {
             loop.execute { self.send(context: context, status, body, type, keepAlive: h.isKeepAlive) }
+        }
+        guard serves(path) else {
+            reply(.notFound, "not found: \(path)\nthe \(role.rawValue) port serves \(role == .prometheus ? "/stats/prometheus" : "/healthz/ready") only\n")
+            return
+        }
+        if h.method == .POST, let why = Self.crossOriginRefusal(h.headers) {
+            reply(.forbidden, why + "\n")
+            return
         }
         switch (h.method, path) {
         case (.GET, "/ready"), (.GET, "/healthz/ready"):
@@ -74,7 +98,7 @@ final class AdminHandler: ChannelInboundHandler {
                 }
             }
         case (.GET, "/config_dump"):
-            reply(.ok, server.currentSnapshot.json + "\n", "application/json")
+            reply(.ok, ConfigDump.redacted(server.currentSnapshot).json + "\n", "application/json")
         case (.GET, "/plugins"):
             server.metricsSnapshot().whenComplete { r in
                 let stats = (try? r.get())?.plugins ?? [:]
@@ -90,6 +114,26 @@ final class AdminHandler: ChannelInboundHandler {
         default:
             reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /clusters /plugins POST /plugins/reload\n")
         }
+    }
+
+    /// Why a POST must be refused as a browser's cross-origin request, or nil. A page on
+    /// another origin (or one that rebinds its DNS name to 127.0.0.1) can make a browser
+    /// send a form POST here: it carries `Origin` (and `Sec-Fetch-Site`), which must name
+    /// this same host, addressed by IP or as localhost. curl and other tools send neither.
+    static func crossOriginRefusal(_ headers: HTTPHeaders) -> String? {
+        if let site = headers.first(name: "sec-fetch-site")?.lowercased(), site != "same-origin" && site != "none" {
+            return "cross-origin request refused (sec-fetch-site: \(site))"
+        }
+        guard let origin = headers.first(name: "origin") else { return nil }
+        let host = (headers.first(name: "host") ?? "").lowercased()
+        let authority = origin.lowercased().components(separatedBy: "://").last ?? ""
+        guard origin.contains("://"), authority == host else { return "cross-origin request refused (origin \(origin) is not \(host))" }
+        var name = authority
+        if name.hasPrefix("[") { name = String(name.dropFirst().prefix { $0 != "]" }) }
+        else if let colon = name.lastIndex(of: ":") { name = String(name[..<colon]) }
+        let isIP = name.contains(":") || (!name.isEmpty && name.allSatisfy { $0.isNumber || $0 == "." })
+        guard isIP || name == "localhost" else { return "request refused: the admin API is addressed by IP or localhost, not \(name)" }
+        return nil
     }
 
     func pluginsJSON(_ stats: [String: PluginStats]) -> String {
@@ -109,5 +153,35 @@ final class AdminHandler: ChannelInboundHandler {
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if !keepAlive { context.close(promise: nil) } }
+    }
+}
+
+/// /config_dump without secrets: a pluginConfig value whose key names a secret (see
+/// `isSecret`) is shown as "[redacted]", at any depth.
+enum ConfigDump {
+    static func redacted(_ snap: ConfigSnapshot) -> ConfigSnapshot {
+        let plugins = snap.plugins.map { p -> LuaPluginSpec in
+            var q = p
+            q.pluginConfig = redact(p.pluginConfig)
+            return q
+        }
+        return ConfigSnapshot(version: snap.version, plugins: plugins, istio: snap.istio, skipped: snap.skipped, files: snap.files, routes: snap.routes)
+    }
+
+    static func redact(_ v: ConfigValue) -> ConfigValue {
+        switch v {
+        case .map(let kv): return .map(kv.map { k, x in (k, isSecret(k) ? .string("[redacted]") : redact(x)) })
+        case .array(let a): return .array(a.map(redact))
+        default: return v
+        }
+    }
+
+    /// A key names a secret when, lowercased and without "-" and "_", it contains secret,
+    /// password, passwd, token, credential, apikey or privatekey, or ends in "key" (key,
+    /// hmacKey, signing_key; a false positive only hides a value from the dump).
+    static func isSecret(_ key: String) -> Bool {
+        let k = key.lowercased().filter { $0 != "-" && $0 != "_" }
+        for word in ["secret", "password", "passwd", "token", "credential", "apikey", "privatekey"] where k.contains(word) { return true }
+        return k.hasSuffix("key")
     }
 }

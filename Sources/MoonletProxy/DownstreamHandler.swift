@@ -24,6 +24,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var peerIP = ""
     /// The downstream authenticated with mTLS (inbound): only then has it a principal.
     var peerMTLS: Bool { !peer.principal.isEmpty }
+    /// The mTLS peer's X-Forwarded-Client-Cert element, once made (clientCertElement).
+    var xfccElement: String?
     /// Closes a connection whose TLS handshake (or PERMISSIVE first byte) takes too long.
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
@@ -151,6 +153,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard let p = h2?.connection.peer else { return }
         peer = p.info
         peerIP = p.ip
+        // The body idle timeout counts from here while the head waits for a DATA frame.
+        lastActivity = NIODeadline.now().uptimeNanoseconds
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -358,6 +362,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func switchToHTTP2(context: ChannelHandlerContext, first: ByteBuffer) {
         // The idle deadline stays: the connection is idle while it has no open stream.
         let h = HTTP2ServerConnection(ctx: ctx, role: role, context: context, peer: (peer, peerIP))
+        if role == .inbound && peerMTLS { h.clientCert = clientCertElement() }
         h2Connection = h
         h.receive(first)
     }
@@ -413,21 +418,47 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
 
     func startStream(_ headIn: consuming HTTPHead) {
         var head = consume headIn
+        if head.targetForm != .origin || head.hostIndex < 0 || head.fields[head.hostIndex].valueLength == 0,
+           let e = normalizeTargetAndHost(&head) {
+            protocolError(e)
+            return
+        }
         head.stripHopByHop()
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made,
-        // x-forwarded-proto. Edited on the local head, which then moves into the stream
-        // (edits through the stream's property would copy the head).
-        // Room for the three proxy headers and a filter's few: one allocation, not three.
+        // x-forwarded-proto, x-forwarded-client-cert. Edited on the local head, which then
+        // moves into the stream (edits through the stream's property would copy the head).
+        // Room for the proxy headers and a filter's few: one allocation, not three.
         head.added.reserveCapacity(6)
-        if head.firstIndex(of: .xRequestID) == nil { head.addLowercased("x-request-id", ctx.requestID()) }
-        if let i = head.firstIndex(of: .xForwardedFor) {
-            let v = head.value(at: i)
-            head.fields[i].removed = true
+        // One pass finds the proxy headers; a client's x-forwarded-client-cert is dropped
+        // unless an mTLS peer's element is appended to it (Istio's inbound APPEND_FORWARD;
+        // elsewhere Envoy's SANITIZE).
+        let mtls = role == .inbound && peerMTLS
+        var requestID = -1, forwardedFor = -1, forwardedProto = -1, clientCert = false
+        for i in 0..<head.fields.count where !head.fields[i].removed {
+            switch head.fields[i].kind {
+            case .xRequestID: if requestID < 0 { requestID = i }
+            case .xForwardedFor: if forwardedFor < 0 { forwardedFor = i }
+            case .xForwardedProto: if forwardedProto < 0 { forwardedProto = i }
+            case .xForwardedClientCert: clientCert = true
+            default: break
+            }
+        }
+        if requestID < 0 { head.addLowercased("x-request-id", ctx.requestID()) }
+        if forwardedFor >= 0 {
+            let v = head.value(at: forwardedFor)
+            head.fields[forwardedFor].removed = true
             head.addLowercased("x-forwarded-for", v.isEmpty ? peerIP : v + ", " + peerIP)
         } else {
             head.addLowercased("x-forwarded-for", peerIP)
         }
-        if head.firstIndex(of: .xForwardedProto) == nil { head.addLowercased("x-forwarded-proto", "http") }
+        if mtls {
+            if forwardedProto >= 0 { head.fields[forwardedProto].removed = true }
+            head.addLowercased("x-forwarded-proto", "https")
+            appendClientCert(&head)
+        } else {
+            if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
+            if clientCert { head.removeAll(of: .xForwardedClientCert) }
+        }
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
         // runs right after channelRead or finishStream set it), so the clock is not read again.
@@ -481,6 +512,65 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             return
         }
         goUpstream()
+    }
+
+    /// RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, and the
+    /// upstream (and the filters) get origin-form. A request without a Host (HTTP/1.0) or
+    /// with an empty one gets the destination's. HTTP/2 (RFC 9113 §8.3.1): `:path` must
+    /// be origin-form, and a request needs `:authority` or host. Returns the error to
+    /// answer with.
+    func normalizeTargetAndHost(_ head: inout HTTPHead) -> HTTPParseError? {
+        if head.targetForm == .absolute {
+            if http2Stream { return HTTPParseError(400, ":path is not origin-form") }
+            let path = head.string(head.targetPathRange)
+            head.targetOverride = path.isEmpty ? "/" : path.utf8.first == UInt8(ascii: "?") ? "/" + path : path
+            setHost(&head, head.string(head.targetAuthorityRange))
+            return nil
+        }
+        if head.hostIndex < 0 || head.fields[head.hostIndex].valueLength == 0 {
+            if http2Stream { return HTTPParseError(400, "request has neither :authority nor host") }
+            setHost(&head, destinationAuthority())
+        }
+        return nil
+    }
+
+    func setHost(_ head: inout HTTPHead, _ value: String) {
+        if head.hostIndex >= 0 { head.fields[head.hostIndex].removed = true; head.hostIndex = -1 }
+        head.addLowercased("host", value)
+    }
+
+    /// host:port of where the client's request goes: the app on the inbound listener,
+    /// the address the client connected to on the outbound one.
+    func destinationAuthority() -> String {
+        if role == .inbound { return ctx.inboundKey }
+        guard let a = context?.channel.localAddress, let ip = a.ipAddress, let port = a.port else { return "localhost" }
+        return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+    }
+
+    /// Appends the verified mTLS peer's X-Forwarded-Client-Cert element to what the
+    /// client sent (Envoy's APPEND_FORWARD): one field, elements separated by commas.
+    func appendClientCert(_ head: inout HTTPHead) {
+        guard let element = clientCertElement() else { return }
+        var values: [String] = []
+        for i in 0..<head.fields.count where !head.fields[i].removed && head.fields[i].kind == .xForwardedClientCert {
+            let v = head.value(at: i)
+            if !v.isEmpty { values.append(v) }
+            head.fields[i].removed = true
+        }
+        values.append(element)
+        head.addLowercased("x-forwarded-client-cert", values.joined(separator: ","))
+    }
+
+    /// The peer's element, made on the connection's first request (an HTTP/2 stream takes
+    /// its connection's).
+    func clientCertElement() -> String? {
+        if let e = xfccElement { return e }
+        if let h2 { xfccElement = h2.connection.clientCert; return xfccElement }
+        guard let context, let own = ctx.tls?.identity.uri,
+              let handler = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+              let cert = handler.peerCertificate else { return nil }
+        xfccElement = ForwardedClientCert.element(peer: cert, by: own)
+        return xfccElement
     }
 
     /// Picks the upstream from the route decision and sends the request head.
@@ -1063,8 +1153,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             // Unread request body: it can't be skipped reliably if large; close after.
             closeAfterResponse = true
         }
+        if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
         s.responseCode = reply.status
-        var head = Self.localHead(reply, allocator: ctx.allocator)
+        var head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
         Self.applyRouteResponseEdits(s, to: &head)
         s.response = head
         // A response filter may replace the reply (s:respond) or set its status; the
@@ -1073,22 +1164,44 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let current = s.localReply ?? reply
         if replaced || current.status != reply.status {
             reply = current
-            head = Self.localHead(reply, allocator: ctx.allocator)
-            if let edited = s.response { head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } }) }
+            if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
+            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+            if reply.status == current.status, let edited = s.response {
+                head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
+            }
         } else if let edited = s.response {
             head = edited
         }
-        s.response = head
-        s.responseCode = reply.status
-        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
+        // The proxy frames the reply: a content-length a filter set is dropped.
+        if head.added.contains(where: { $0.name == "content-length" }) {
+            head.added.removeAll { $0.name == "content-length" }
+            for i in head.fields.indices where head.fields[i].kind == .contentLength { head.fields[i].removed = false }
+        }
         let close = closeAfterResponse
         let clientMinor = s.request.versionMinor
-        HeadWriter.writeResponse(head, into: &out) { o in
-            o.writeStaticString("server: moonlet\r\n")
-            if close { o.writeStaticString("connection: close\r\n") }
-            else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
+        if let why = LocalReplyCheck.problem(head, limits: limits, extra: close || clientMinor == 0 ? 2 : 1) {
+            reply = rejectLocalReply(s, why)
+            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
         }
+        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
+        var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
+        func writeHead(_ head: HTTPHead) {
+            HeadWriter.writeResponse(head, into: &out) { o in
+                o.writeStaticString("server: moonlet\r\n")
+                if close { o.writeStaticString("connection: close\r\n") }
+                else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
+            }
+        }
+        writeHead(head)
+        if out.readableBytes > limits.maxHeadBytes {
+            let size = out.readableBytes
+            out.clear()
+            reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
+            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+            writeHead(head)
+        }
+        s.response = head
+        s.responseCode = reply.status
         if bodyOK { out.writeString(reply.body) }
         s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
         responseStarted = true
@@ -1096,6 +1209,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         writeDownstream(out)
         flushDownstream()
         finishStream(s)
+    }
+
+    /// A local reply that would break the client's framing: counted, logged, and
+    /// replaced by a clean 500 (LocalReplyCheck).
+    func rejectLocalReply(_ s: ProxyStream, _ why: String) -> LocalReply {
+        ctx.metrics.count("moonlet_local_reply_invalid_total")
+        ctx.logger.debug("stream \(s.id): local reply replaced by 500: \(why)")
+        s.localReply = LocalReplyCheck.replacement
+        return LocalReplyCheck.replacement
     }
 
     /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
@@ -1108,23 +1230,29 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
     }
 
-    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {
+    /// The head of a local reply that passed LocalReplyCheck: content-length (none on
+    /// 204 and 304), content-type for a text body, the filter's headers.
+    static func localHead(_ r: LocalReply, limits: ProxyLimits, allocator: ByteBufferAllocator) -> HTTPHead {
         var b = allocator.buffer(capacity: 128)
         HeadWriter.writeStatusLine(r.status, reason: nil, into: &b)
-        b.writeStaticString("content-length: ")
-        b.writeString(String(r.body.utf8.count))
+        let noBody = r.status == 204 || r.status == 304
+        if !noBody {
+            b.writeStaticString("content-length: ")
+            b.writeString(String(r.body.utf8.count))
+            b.writeStaticString("\r\n")
+        }
+        if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.writeStaticString("content-type: text/plain\r\n") }
+        for h in r.headers where h.name.lowercased() != "content-length" { HeadWriter.writeField(h.name, h.value, into: &b) }
         b.writeStaticString("\r\n")
-        if !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.writeStaticString("content-type: text/plain\r\n") }
-        for h in r.headers where h.name != "content-length" { HeadWriter.writeField(h.name, h.value, into: &b) }
-        b.writeStaticString("\r\n")
-        var p = HTTPHeadParser()
+        var p = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: max(limits.maxHeadBytes, 1024), maxHeaderCount: limits.maxHeaderCount))
         if case .complete(let head, _) = p.parseResponse(b, requestWasHead: false) { return head }
-        // Only reachable if a filter produced an unparseable header, which validation prevents.
+        // Not reachable for a reply that passed the check; a clean 500 all the same.
         var fallback = allocator.buffer(capacity: 64)
         HeadWriter.writeStatusLine(500, reason: nil, into: &fallback)
         fallback.writeStaticString("content-length: 0\r\n\r\n")
-        if case .complete(let head, _) = p.parseResponse(fallback, requestWasHead: false) { return head }
-        fatalError("local reply head does not parse")
+        var head = HTTPHead(bytes: fallback, isRequest: false)
+        if case .complete(let h, _) = p.parseResponse(fallback, requestWasHead: false) { head = h }
+        return head
     }
 
     /// A head that failed to parse: answer (400/431/...), log, close.
@@ -1251,12 +1379,39 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             protocolError(HTTPParseError(408, "request header timeout"))
             return
         }
+        if limits.requestBodyIdleTimeoutMs > 0 {
+            if let h = h2Connection {
+                for st in h.streams.values { st.handler?.checkBodyIdle(now: now) }
+            } else if stream != nil {
+                checkBodyIdle(now: now)
+                return
+            }
+        }
         let idleMs = limits.downstreamIdleTimeoutMs
         guard idleMs > 0, stream == nil, h2Connection?.streams.isEmpty ?? true else { return }
         let last = max(lastActivity, h2Connection?.lastStreamEnd ?? 0)
         if now &- last >= UInt64(idleMs) * 1_000_000 {
             closed = true
             if let h = h2Connection { h.fail(HTTP2ConnectionError(.noError, "idle")) } else { context.close(promise: nil) }
+        }
+    }
+
+    /// A request body that stalls (no byte for requestBodyIdleTimeoutMs while the proxy
+    /// reads it, before its response starts; Envoy's stream idle timeout) gets 408 with
+    /// flag SI, and the connection closes (an HTTP/2 stream is ended). A stream whose
+    /// reading is paused by backpressure is not idle.
+    func checkBodyIdle(now: UInt64) {
+        let ms = limits.requestBodyIdleTimeoutMs
+        guard ms > 0, !closed, !readPaused, now &- lastActivity >= UInt64(ms) * 1_000_000 else { return }
+        if let s = stream {
+            // Once the response is under way the stream ends with it (finishStream closes
+            // a connection whose request body is unfinished).
+            guard reqDecoder != nil, !responseStarted else { return }
+            s.responseFlags.insert(.streamIdleTimeout)
+            localReplyAndClose(408, "request body timeout")
+        } else if h2?.pendingHead != nil {
+            // HTTP/2 HEADERS without END_STREAM or content-length, then nothing.
+            protocolError(HTTPParseError(408, "request body timeout"))
         }
     }
 

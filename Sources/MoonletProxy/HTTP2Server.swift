@@ -54,6 +54,8 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// The connection's handler context (nil once the connection is gone).
     var context: ChannelHandlerContext?
     let peer: (info: PeerInfo, ip: String)
+    /// The mTLS peer's X-Forwarded-Client-Cert element, for every stream's request.
+    var clientCert: String?
     /// When the last stream ended (uptime ns): with no stream open, the connection is
     /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
     var lastStreamEnd: UInt64
@@ -937,8 +939,9 @@ struct HTTP2RequestHead {
         out.writeInteger(UInt8(32))
         out.writeString(path)
         out.writeStaticString(" HTTP/1.1\r\n")
-        if let authority { HeadWriter.writeField("host", authority, into: &out) }
-        var hasHost = authority != nil
+        // No authority and no host: the handler answers 400 (none is made up).
+        if let authority, !authority.isEmpty { HeadWriter.writeField("host", authority, into: &out) }
+        var hasHost = !(authority ?? "").isEmpty
         var cookie: String? = nil
         for (name, value, _) in fields {
             if name.utf8.first == UInt8(ascii: ":") { continue }
@@ -954,7 +957,6 @@ struct HTTP2RequestHead {
             HeadWriter.writeField(name, value, into: &out)
         }
         if let cookie { HeadWriter.writeField("cookie", cookie, into: &out) }
-        if !hasHost { out.writeStaticString("host: \r\n") }
         if chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
         out.writeStaticString("\r\n")
         return out

@@ -90,7 +90,7 @@ public final class LoopContext: @unchecked Sendable {
     /// and 1 s (so a timeout fires at most that much late).
     var watchTickMs: Int64 {
         let l = settings.limits
-        let shortest = [l.requestHeaderTimeoutMs, l.downstreamIdleTimeoutMs].filter { $0 > 0 }.min() ?? 8000
+        let shortest = [l.requestHeaderTimeoutMs, l.requestBodyIdleTimeoutMs, l.downstreamIdleTimeoutMs].filter { $0 > 0 }.min() ?? 8000
         return Int64(min(1000, max(10, shortest / 8)))
     }
 
@@ -243,6 +243,8 @@ public struct ProxySettings: Sendable {
     public var healthPort = 15021
     public var appPort = 8080
     public var bindAddress = "127.0.0.1"
+    /// Address of the admin API (15000): loopback unless opened explicitly (--admin-bind).
+    public var adminBindAddress = "127.0.0.1"
     public var concurrency = System.coreCount
     public var identity = WorkloadIdentity()
     public var limits = ProxyLimits()

@@ -67,13 +67,11 @@ public final class ProxyServer: @unchecked Sendable {
         if case .failure(let e) = reload(reason: "start") {
             throw e
         }
-        listeners.append(try bindProxy(.inbound, port: settings.inboundPort))
-        listeners.append(try bindProxy(.outbound, port: settings.outboundPort))
-        for (name, port) in [("admin", settings.adminPort), ("prometheus", settings.prometheusPort), ("health", settings.healthPort)] where port >= 0 {
-            if port == 0 && name != "admin" { continue }
-            let ch = try AdminServer.bind(group: group, host: settings.bindAddress, port: port, server: self)
-            adminChannels.append(ch)
-            boundPorts[name] = ch.localAddress?.port ?? port
+        do { try bindAll() } catch {
+            // Nothing stays bound when one port is refused.
+            for ch in listeners + adminChannels { try? ch.close().wait() }
+            listeners = []; adminChannels = []; boundPorts = [:]
+            throw error
         }
         if !settings.configPaths.isEmpty && settings.watchIntervalMs > 0 {
             watchFingerprint = fingerprint()
@@ -89,7 +87,41 @@ public final class ProxyServer: @unchecked Sendable {
                                                 "admin": "\(boundPorts["admin"] ?? 0)", "loops": "\(contexts.count)"])
     }
 
+    /// Binds the inbound and outbound listeners, the admin API and the Prometheus and
+    /// health ports.
+    func bindAll() throws {
+        listeners.append(try bindProxy(.inbound, port: settings.inboundPort))
+        listeners.append(try bindProxy(.outbound, port: settings.outboundPort))
+        // The admin API listens on loopback unless --admin-bind opens it (as Istio's
+        // Envoy admin on 127.0.0.1:15000); Prometheus and health follow --bind.
+        for (name, port, host) in [("admin", settings.adminPort, settings.adminBindAddress), ("prometheus", settings.prometheusPort, settings.bindAddress),
+                                   ("health", settings.healthPort, settings.bindAddress)] where port >= 0 {
+            if port == 0 && name != "admin" { continue }
+            let ch = try Self.bindNamed(name, host: host, port: port) {
+                try AdminServer.bind(group: group, host: host, port: port, role: AdminServer.Role(rawValue: name) ?? .admin, server: self)
+            }
+            adminChannels.append(ch)
+            boundPorts[name] = ch.localAddress?.port ?? port
+        }
+    }
+
+    /// Runs `bind` for listener `name`; a failure names the address, the listener and the
+    /// flag that sets its port ("127.0.0.1:15001 (outbound listener, --outbound-port):
+    /// address already in use").
+    static func bindNamed(_ name: String, host: String, port: Int, _ bind: () throws -> Channel) throws -> Channel {
+        do { return try bind() } catch {
+            var why = "\(error)"
+            if let io = error as? IOError { why = String(cString: strerror(io.errnoCode)).lowercased() }
+            let what = name == "inbound" || name == "outbound" ? "\(name) listener" : "\(name) port"
+            throw ReloadError(message: "cannot listen on \(host):\(port) (\(what), --\(name)-port): \(why)")
+        }
+    }
+
     func bindProxy(_ role: ListenerRole, port: Int) throws -> Channel {
+        try Self.bindNamed(role.rawValue, host: settings.bindAddress, port: port) { try bindListener(role, port: port) }
+    }
+
+    func bindListener(_ role: ListenerRole, port: Int) throws -> Channel {
         let byLoop = contextByLoop
         let marks = ChannelOptions.Types.WriteBufferWaterMark(low: settings.limits.highWaterMarkBytes / 4, high: settings.limits.highWaterMarkBytes)
         let ch = try ServerBootstrap(group: group)
@@ -263,7 +295,7 @@ public final class ProxyServer: @unchecked Sendable {
                 }
                 items.append("{\"name\":\(JSON.quote(n)),\"lb_policy\":\(JSON.quote(cl.policy.rawValue)),\"max_connections\":\(cl.maxConnections),\"max_pending_requests\":\(cl.maxPendingRequests),\"cx_active\":\(cc.connections.load(ordering: .relaxed)),\"rq_pending\":\(cc.pending.load(ordering: .relaxed)),\"overflow\":\(cc.overflows.load(ordering: .relaxed)),\"endpoints\":[\(eps.joined(separator: ","))]}")
             }
-            return json ? "{\"clusters\":[\(items.joined(separator: ","))]}\n" : text
+            return json ? "{\"clusters\":[\(items.joined(separator: ","))]}\n" : clusters.isEmpty ? "no clusters\n" : text
         }
     }
 

@@ -128,10 +128,22 @@ struct Demo: ParsableCommand {
     @Flag(help: "Exit after the sample traffic instead of serving") var once = false
 
     func run() throws {
+        // Line by line even into a pipe or a file (stdout is fully buffered there, and the
+        // demo serves until it is stopped).
+        setvbuf(stdout, nil, _IOLBF, 0)
         LoggingSystem.bootstrap { label in var h = StreamLogHandler.standardError(label: label); h.logLevel = .warning; return h }
         let logger = Logger(label: "moonlet-demo")
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("moonlet-demo-\(getpid())").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        // The policy files go when the demo does (end of --once, an error, Ctrl-C or SIGTERM).
+        let removeDir = { _ = try? FileManager.default.removeItem(atPath: dir) }
+        do { try serve(dir: dir, logger: logger, removeDir: removeDir) } catch {
+            removeDir()
+            throw error
+        }
+    }
+
+    func serve(dir: String, logger: Logger, removeDir: @escaping () -> Void) throws {
         let v1 = try DemoApp.start(name: "order-service", version: "v1")
         let v2 = try DemoApp.start(name: "order-service", version: "v2")
         try GrayReleasePolicy.yaml.write(toFile: dir + "/order-service.yaml", atomically: true, encoding: .utf8)
@@ -163,15 +175,19 @@ struct Demo: ParsableCommand {
             print(pad(name, 22) + pad(String(total), 10) + pad("\(v1n) (\(pct(v1n, total)))", 16) + pad("\(v2n) (\(pct(v2n, total)))", 16) + String(total - v1n - v2n))
         }
         print("")
+        if once {
+            server.stop(); v1.stop(); v2.stop()
+            removeDir()
+            return
+        }
         print("Try it:")
         print("  curl -H 'Host: order-service' http://127.0.0.1:\(port)/orders/1")
         print("  curl -H 'Host: order-service' -H 'X-Gray: true' http://127.0.0.1:\(port)/orders/1")
         print("  edit the weights in \(dir)/order-service.yaml: traffic shifts within a second, no request fails")
         print("  curl http://127.0.0.1:\(admin)/stats/prometheus | grep istio_requests_total")
         print("  curl http://127.0.0.1:\(admin)/config_dump")
-        if once { server.stop(); v1.stop(); v2.stop(); return }
         print("Ctrl-C stops the demo.")
-        let signals = installSignals(server)
+        let signals = installSignals(server, beforeExit: removeDir)
         _ = signals
         dispatchMain()
     }

@@ -21,19 +21,21 @@ struct Moonlet: ParsableCommand {
 /// variable named in its help (Istio's names where Istio has one).
 struct SidecarOptions: ParsableArguments {
     @Option(help: "YAML configuration directory or file (watched). Env: MOONLET_CONFIG") var config: [String] = []
-    @Option(help: "Inbound listener port (mesh -> app). Env: MOONLET_INBOUND_PORT") var inboundPort: Int?
-    @Option(help: "Outbound listener port (app -> mesh). Env: MOONLET_OUTBOUND_PORT") var outboundPort: Int?
-    @Option(help: "Admin port. Env: MOONLET_ADMIN_PORT") var adminPort: Int?
-    @Option(help: "Prometheus port (0 = off). Env: MOONLET_PROMETHEUS_PORT") var prometheusPort: Int?
-    @Option(help: "Health port (0 = off). Env: MOONLET_HEALTH_PORT") var healthPort: Int?
-    @Option(help: "Application port the inbound listener forwards to on 127.0.0.1. Env: MOONLET_APP_PORT") var appPort: Int?
-    @Option(help: "Address the listeners bind to. Env: MOONLET_BIND") var bind: String?
+    @Option(help: "Inbound listener port (mesh -> app; default: 15006). Env: MOONLET_INBOUND_PORT") var inboundPort: Int?
+    @Option(help: "Outbound listener port (app -> mesh; default: 15001). Env: MOONLET_OUTBOUND_PORT") var outboundPort: Int?
+    @Option(help: "Admin port (default: 15000, on loopback; see --admin-bind). Env: MOONLET_ADMIN_PORT") var adminPort: Int?
+    @Option(help: "Prometheus port (default: 15090; 0 = off). Env: MOONLET_PROMETHEUS_PORT") var prometheusPort: Int?
+    @Option(help: "Health port (default: 15021; 0 = off). Env: MOONLET_HEALTH_PORT") var healthPort: Int?
+    @Option(help: "Application port the inbound listener forwards to on 127.0.0.1 (default: 8080). Env: MOONLET_APP_PORT") var appPort: Int?
+    @Option(help: "Address the listeners and the Prometheus and health ports bind to (default: 127.0.0.1). Env: MOONLET_BIND") var bind: String?
+    @Option(help: "Address the admin API binds to (default: 127.0.0.1; another address exposes config and reload to that network). Env: MOONLET_ADMIN_BIND") var adminBind: String?
     @Option(help: "Event loops (default: cores). Env: ISTIO_META_CONCURRENCY / MOONLET_CONCURRENCY") var concurrency: Int?
     @Option(help: "Workload namespace. Env: POD_NAMESPACE") var namespace: String?
     @Option(help: "Workload service account. Env: SERVICE_ACCOUNT") var serviceAccount: String?
     @Option(help: "Workload labels k=v,k2=v2. Env: ISTIO_METAJSON_LABELS-style MOONLET_LABELS") var labels: String?
     @Option(help: "trace, debug, info, notice, warning, error, critical. Env: MOONLET_LOG_LEVEL") var logLevel: String?
     @Option(help: "Per-stream timeout in ms (0 = none, Istio's default). Env: MOONLET_STREAM_TIMEOUT_MS") var streamTimeoutMs: Int?
+    @Option(help: "Request body idle timeout in ms: 408 when a body stalls this long (default: 15000; 0 = none). Env: MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS") var requestBodyIdleTimeoutMs: Int?
     @Option(help: "Directory with cert-chain.pem, key.pem, root-cert.pem (watched; enables mTLS). Env: MOONLET_CERTS") var certs: String?
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
@@ -58,12 +60,14 @@ struct SidecarOptions: ParsableArguments {
         s.healthPort = healthPort ?? env("MOONLET_HEALTH_PORT").flatMap(Int.init) ?? 15021
         s.appPort = appPort ?? env("MOONLET_APP_PORT").flatMap(Int.init) ?? 8080
         s.bindAddress = bind ?? env("MOONLET_BIND") ?? "127.0.0.1"
+        s.adminBindAddress = adminBind ?? env("MOONLET_ADMIN_BIND") ?? "127.0.0.1"
         s.concurrency = concurrency ?? env("MOONLET_CONCURRENCY", "ISTIO_META_CONCURRENCY").flatMap(Int.init) ?? System.coreCount
         if s.concurrency <= 0 { s.concurrency = System.coreCount }
         s.identity.namespace = namespace ?? env("POD_NAMESPACE") ?? "default"
         s.identity.serviceAccount = serviceAccount ?? env("SERVICE_ACCOUNT") ?? "default"
         s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
         s.limits.streamTimeoutMs = streamTimeoutMs ?? env("MOONLET_STREAM_TIMEOUT_MS").flatMap(Int.init) ?? 0
+        s.limits.requestBodyIdleTimeoutMs = requestBodyIdleTimeoutMs ?? env("MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS").flatMap(Int.init) ?? s.limits.requestBodyIdleTimeoutMs
         s.certsDirectory = certs ?? env("MOONLET_CERTS")
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
@@ -99,7 +103,8 @@ struct SidecarOptions: ParsableArguments {
 }
 
 /// Installs SIGTERM (drain, exit 0), SIGINT (stop) and SIGHUP (reload).
-func installSignals(_ server: ProxyServer) -> [DispatchSourceSignal] {
+/// `beforeExit` runs after the drain (the demo removes its files there).
+func installSignals(_ server: ProxyServer, beforeExit: @escaping () -> Void = {}) -> [DispatchSourceSignal] {
     var sources: [DispatchSourceSignal] = []
     for sig in [SIGTERM, SIGINT, SIGHUP] {
         signal(sig, SIG_IGN)
@@ -107,6 +112,7 @@ func installSignals(_ server: ProxyServer) -> [DispatchSourceSignal] {
         src.setEventHandler {
             if sig == SIGHUP { server.reload(reason: "SIGHUP"); return }
             server.drainAndStop()
+            beforeExit()
             exit(0)
         }
         src.resume()

@@ -1,4 +1,5 @@
 import XCTest
+import NIOConcurrencyHelpers
 
 /// The `moonlet` executable as users run it: validate exit codes, SIGTERM drain, SIGHUP reload.
 final class CommandTests: XCTestCase {
@@ -50,9 +51,54 @@ final class CommandTests: XCTestCase {
         XCTAssertTrue(grayRow.contains("0 (0.0%)") && grayRow.contains("30 (100.0%)") && grayRow.hasSuffix("0"), String(grayRow))
         let dirLine = try XCTUnwrap(out.split(separator: "\n").first { $0.contains("policies in ") }, out)
         let dir = String(dirLine[dirLine.range(of: "policies in ")!.upperBound...])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir), "the demo's temporary directory is removed on exit")
+        XCTAssertFalse(out.contains("Try it"), "--once has no sidecar left to try: \(out)")
+    }
+
+    /// Into a pipe (not a terminal) the demo's lines arrive while it serves, not at exit;
+    /// its policies are the seed's; SIGTERM removes its temporary directory.
+    func test_demo_printsLinesIntoAPipeWhileItServes_andRemovesItsFilesOnSIGTERM() throws {
+        guard FileManager.default.isExecutableFile(atPath: binary) else { throw XCTSkip("moonlet binary not built at \(binary)") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = ["demo", "--outbound-port", "0", "--admin-port", "0", "--requests", "50"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        let text = NIOLockedValueBox("")
+        out.fileHandleForReading.readabilityHandler = { h in
+            let d = h.availableData
+            text.withLockedValue { $0 += String(decoding: d, as: UTF8.self) }
+        }
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        func current() -> String { text.withLockedValue { $0 } }
+        let deadline = Date().addingTimeInterval(60)
+        while !current().contains("Ctrl-C stops the demo.") && Date() < deadline && p.isRunning { usleep(50_000) }
+        let shown = current()
+        XCTAssertTrue(shown.contains("Ctrl-C stops the demo."), "nothing flushed while serving: \(shown)")
+        let dirLine = try XCTUnwrap(shown.split(separator: "\n").first { $0.contains("policies in ") }, shown)
+        let dir = String(dirLine[dirLine.range(of: "policies in ")!.upperBound...])
         let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         XCTAssertEqual(try String(contentsOfFile: dir + "/order-service.yaml", encoding: .utf8),
                        try String(contentsOf: repo.appendingPathComponent("policies/gray-release/order-service.yaml"), encoding: .utf8))
+        p.terminate()
+        let exitBy = Date().addingTimeInterval(20)
+        while p.isRunning && Date() < exitBy { usleep(50_000) }
+        XCTAssertFalse(p.isRunning)
+        XCTAssertEqual(p.terminationStatus, 0)
+        out.fileHandleForReading.readabilityHandler = nil
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir), "the demo's temporary directory is removed on SIGTERM")
+    }
+
+    func test_runHelp_showsThePortDefaults() throws {
+        let (rc, raw) = try run(["run", "--help"])
+        XCTAssertEqual(rc, 0, raw)
+        // Help text is wrapped to the terminal: compare with blanks folded.
+        let out = raw.split(whereSeparator: { $0 == " " || $0 == "\n" }).joined(separator: " ")
+        for d in ["default: 15006", "default: 15001", "default: 15000", "default: 15090", "default: 15021", "default: 8080", "--admin-bind"] {
+            XCTAssertTrue(out.contains(d), "\(d) missing from:\n\(out)")
+        }
     }
 
     func test_run_drainsOnSIGTERM_andExits0_reloadsOnSIGHUP() throws {

@@ -1,0 +1,49 @@
+import NIOCore
+import MoonletCore
+
+/// A local reply (from a filter's `s:respond`, a response filter's edits, or the proxy)
+/// is checked whole before a byte of it is written: a reply that would break the
+/// client's framing (a 1xx or out-of-range status as the final response, a framing or
+/// connection header, more header lines or bytes than the limits allow) is replaced by
+/// a clean 500, so the client never reads part of one reply as the next response.
+enum LocalReplyCheck {
+    /// Fields the proxy frames itself: a filter may not set them on a local reply
+    /// (content-length is dropped and recomputed instead, see `localHead`).
+    static func isFramingField(_ lowercased: String) -> Bool {
+        switch lowercased {
+        case "transfer-encoding", "connection", "keep-alive", "upgrade", "proxy-connection", "te", "trailer": return true
+        default: return false
+        }
+    }
+
+    /// Why `r` cannot be sent as it is, or nil when it can.
+    static func problem(_ r: LocalReply, limits: ProxyLimits) -> String? {
+        guard r.status >= 200 && r.status <= 599 else { return "status \(r.status) is not a final status (200-599)" }
+        // content-length and content-type come with it; the rest of the head is small.
+        guard r.headers.count + 2 <= limits.maxHeaderCount else { return "\(r.headers.count) headers (at most \(limits.maxHeaderCount - 2))" }
+        var bytes = 64
+        for h in r.headers {
+            guard HeaderValidation.isToken(h.name) else { return "header name \(h.name.debugDescription) is not a token" }
+            guard HeaderValidation.isValidValue(h.value) else { return "header \(h.name) has CR, LF or NUL in its value" }
+            let lower = h.name.lowercased()
+            if isFramingField(lower) { return "header \(lower) is set by the proxy" }
+            bytes += h.name.utf8.count + h.value.utf8.count + 4
+        }
+        guard bytes <= limits.maxHeadBytes else { return "head of \(bytes) bytes (at most \(limits.maxHeadBytes))" }
+        return nil
+    }
+
+    /// Why the head a response filter left cannot be sent, or nil. `extra`: header lines
+    /// the proxy adds when writing it.
+    static func problem(_ head: HTTPHead, limits: ProxyLimits, extra: Int) -> String? {
+        guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
+        var count = extra + head.added.count
+        for f in head.fields where !f.removed { count += 1 }
+        guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
+        for a in head.added where isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
+        return nil
+    }
+
+    /// The reply sent instead of an invalid one.
+    static let replacement = LocalReply(status: 500, body: "invalid local reply\n")
+}

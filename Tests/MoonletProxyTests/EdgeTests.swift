@@ -1,0 +1,336 @@
+import XCTest
+import NIOCore
+@testable import MoonletProxy
+import MoonletConfig
+
+/// The untrusted edge: request targets and Host, local replies that would break framing,
+/// stalled request bodies, X-Forwarded-Client-Cert, the admin listener.
+final class EdgeTests: XCTestCase {
+    var up: TestUpstream!
+    override func setUpWithError() throws { up = try TestUpstream { r in TestUpstream.Reply(body: "ok \(r.uri)") } }
+    override func tearDown() { up?.stop() }
+
+    // MARK: request targets and Host (RFC 9112 §3.2)
+
+    func test_absoluteFormTarget_isForwardedInOriginForm_withItsAuthorityAsHost() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "who.lua": "return { on_response = function(s) s.response.headers:set('x-authority', s.request.authority); s.response.headers:set('x-path', s.request.path) end }",
+            "who.yaml": ProxyFixture.plugin("who"),
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("GET http://other.example/abs?x=1 HTTP/1.1\r\nHost: original.example\r\n\r\n")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.header("x-authority"), "other.example", "filters see the target's authority")
+        XCTAssertEqual(r.header("x-path"), "/abs?x=1")
+        c.send("GET https://Other.Example:8443 HTTP/1.1\r\nHost: original.example\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 200)
+        XCTAssertEqual(up.seen.map(\.uri), ["/abs?x=1", "/"], "the upstream gets origin-form")
+        XCTAssertEqual(up.seen.map { $0.headers["host"] }, [["other.example"], ["Other.Example:8443"]], "one Host: the target's authority")
+    }
+
+    func test_absoluteFormTarget_isRoutedByItsAuthority() throws {
+        let px = try ProxyFixture(appPort: 1, files: ["svc.yaml": meshService("catalog", ports: [up.port])])
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        c.send("GET http://catalog/items HTTP/1.1\r\nHost: unknown.example\r\n\r\n")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 200, r.body)
+        XCTAssertEqual(r.body, "ok /items")
+        XCTAssertEqual(up.seen.first?.headers["host"], ["catalog"])
+    }
+
+    func test_targetThatIsNotOriginAbsoluteAsteriskOrAuthorityForm_gets400_andNothingReachesTheApp() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        for line in ["GET abc HTTP/1.1", "GET * HTTP/1.1", "GET ftp://x/y HTTP/1.1", "GET http://user@x/y HTTP/1.1", "CONNECT /x HTTP/1.1"] {
+            let c = try RawClient(port: px.inbound)
+            c.send("\(line)\r\nHost: app\r\n\r\n")
+            XCTAssertEqual(c.read()?.status, 400, line)
+            XCTAssertTrue(c.isClosed(), line)
+        }
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    func test_invalidHostValues_get400_andNothingReachesTheApp() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        for host in ["a@b", "a, b", "a/b c", ":99999"] {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET / HTTP/1.1\r\nHost: \(host)\r\n\r\n")
+            XCTAssertEqual(c.read()?.status, 400, host)
+        }
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    func test_http10RequestWithoutHost_isForwardedWithTheDestinationsHost_neverAnEmptyOne() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("GET /old HTTP/1.0\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 200)
+        let c2 = try RawClient(port: px.inbound)
+        c2.send("GET /empty HTTP/1.1\r\nHost:\r\n\r\n")
+        XCTAssertEqual(c2.read()?.status, 200)
+        XCTAssertEqual(up.seen.map { $0.headers["host"] }, [["127.0.0.1:\(up.port)"], ["127.0.0.1:\(up.port)"]])
+    }
+
+    /// HTTP/2: a request with neither :authority nor host, or an absolute-form :path, gets 400.
+    func test_http2RequestWithoutAuthority_orWithAnAbsolutePath_gets400() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let cases: [(String, [UInt8])] = [
+            ("no :authority, no host", [0x82, 0x86, 0x84]),
+            ("absolute :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 12] + Array("http://x/abs".utf8)),
+        ]
+        for (what, block) in cases {
+            let c = try RawClient(port: px.inbound)
+            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + HTTP2Tests.frame(1, 0x5, 1, block))
+            let frames = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.flags & 1 != 0) } }
+            let headers = frames.first { $0.type == 1 && $0.stream == 1 }
+            // :status 400 is static-table index 12 (after the table-size update, 0x20).
+            XCTAssertEqual(headers?.payload.prefix(2).map { $0 }, [0x20, 0x8c], "\(what): \(frames.map { ($0.type, $0.stream) })")
+        }
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    // MARK: local replies that would break framing
+
+    static let badReplies = """
+    local f = {}
+    function f.on_request(s)
+      local case = s.request.headers:get("x-case")
+      if case == "many" then
+        local h = {}
+        for i = 1, 120 do h["x-h" .. i] = "v" end
+        return s:respond(200, "intended body", h)
+      elseif case == "huge" then
+        return s:respond(200, "intended body", { ["x-big"] = ("a"):rep(70 * 1024) })
+      elseif case == "te" then
+        return s:respond(200, "5\\r\\nhello\\r\\n0\\r\\n\\r\\n", { ["transfer-encoding"] = "chunked" })
+      elseif case then
+        return s:respond(200, "intended body")
+      end
+    end
+    function f.on_response(s)
+      local case = s.request.headers:get("x-case")
+      if case == "interim" then s.response.status = 100 end
+      if case == "no-content" then s.response.status = 204 end
+      if case == "many-late" then for i = 1, 120 do s.response.headers:set("x-h" .. i, "v") end end
+      if case == "huge-late" then for i = 1, 5 do s.response.headers:set("x-big" .. i, ("a"):rep(15 * 1024)) end end
+    end
+    return f
+    """
+
+    static let badCases = ["many", "huge", "te", "interim", "many-late", "huge-late"]
+
+    /// Each bad local reply becomes one clean 500 (or, for 204, a head without
+    /// content-length and no body): the next request on the same connection is answered
+    /// as itself, so nothing of the intended reply is read as a response. (s:respond's
+    /// own argument checks may refuse some of these first; the 500 is the same.)
+    func test_localRepliesThatWouldBreakFraming_becomeACleanResponse_andTheConnectionStaysInSync() throws {
+        let px = try ProxyFixture(appPort: up.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        for what in Self.badCases {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET /bad HTTP/1.1\r\nHost: app\r\nx-case: \(what)\r\n\r\nGET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+            let r = try XCTUnwrap(c.read(), what)
+            XCTAssertEqual(r.status, 500, what)
+            XCTAssertFalse(r.body.contains("intended") || r.body.contains("hello"), "\(what): \(r.body)")
+            XCTAssertNil(r.header("transfer-encoding"), what)
+            let next = try XCTUnwrap(c.read(), what)
+            XCTAssertEqual(next.status, 200, what)
+            XCTAssertEqual(next.body, "ok /next", what)
+        }
+        let c = try RawClient(port: px.inbound)
+        c.send("GET /bad HTTP/1.1\r\nHost: app\r\nx-case: no-content\r\n\r\nGET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 204)
+        XCTAssertNil(r.header("content-length"), "a 204 has no content-length")
+        XCTAssertEqual(c.read()?.body, "ok /next", "nothing of the 204's intended body was sent")
+        XCTAssertEqual(up.seen.map(\.uri), Array(repeating: "/next", count: Self.badCases.count + 1))
+        let metrics = adminGet(px.admin, "/stats/prometheus")?.body ?? ""
+        XCTAssertTrue(metrics.contains("moonlet_local_reply_invalid_total"), "the proxy's own check caught the late edits")
+    }
+
+    func test_localRepliesThatWouldBreakFraming_becomeA500_overHTTP2() throws {
+        let px = try ProxyFixture(appPort: up.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        for what in Self.badCases {
+            let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-H", "x-case: \(what)", "-w", " %{http_code}",
+                                           "http://127.0.0.1:\(px.inbound)/bad"])
+            XCTAssertTrue(out.hasSuffix(" 500") && !out.contains("intended"), "\(what): \(out)")
+        }
+    }
+
+    // MARK: request body idle timeout
+
+    func test_aRequestBodyThatStalls_gets408_whenTheBodyIdleTimeoutEnds() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestBodyIdleTimeoutMs = 300 }
+        defer { px.stop() }
+        // A content-length body that stops after 3 of 10 bytes.
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 5)
+        let start = Date()
+        c.send("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nabc")
+        let r = try XCTUnwrap(c.read())
+        XCTAssertEqual(r.status, 408)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 3)
+        XCTAssertEqual(r.header("connection"), "close")
+        XCTAssertTrue(c.isClosed())
+        // Expect: 100-continue, then nothing.
+        let e = try RawClient(port: px.inbound, timeoutSeconds: 5)
+        e.send("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+        XCTAssertEqual(e.read()?.status, 408, "the interim 100 is skipped by the reader; the final answer is 408")
+        // A body that keeps coming in time is not cut.
+        let slow = try RawClient(port: px.inbound, timeoutSeconds: 5)
+        slow.send("POST /slow HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\n\r\n")
+        for b in ["a", "b", "c", "d"] { usleep(150_000); slow.send(b) }
+        XCTAssertEqual(slow.read()?.body, "ok /slow")
+        let metrics = adminGet(px.admin, "/stats/prometheus")?.body ?? ""
+        XCTAssertTrue(metrics.contains("response_code=\"408\""), metrics)
+        XCTAssertTrue(metrics.contains("response_flags=\"SI\""), metrics)
+    }
+
+    // MARK: X-Forwarded-Client-Cert (Istio's inbound: APPEND_FORWARD, Subject, URI, DNS)
+
+    func test_clientSuppliedXFCC_isRemovedOverPlaintext() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        XCTAssertEqual(get(c, headers: "X-Forwarded-Client-Cert: By=spiffe://x;URI=spiffe://cluster.local/ns/istio-system/sa/admin\r\n")?.status, 200)
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-client-cert"], [])
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-proto"], ["http"])
+    }
+
+    func test_overMutualTLS_theVerifiedPeersXFCCElementIsAppended_andForwardedProtoIsHTTPS() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let px = try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                                  concurrency: 1) { s in
+            s.certsDirectory = try? pki.issue("production", "orders")
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+        defer { px.stop() }
+        let client = try pki.issue("default", "frontend")
+        let fingerprint = try runTool("openssl", ["x509", "-in", client + "/cert-chain.pem", "-noout", "-fingerprint", "-sha256"])
+        let hash = String(fingerprint.split(separator: "=").last ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            .replacingOccurrences(of: ":", with: "").lowercased()
+        XCTAssertEqual(hash.count, 64, fingerprint)
+        let element = "By=spiffe://cluster.local/ns/production/sa/orders;Hash=\(hash);Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/frontend"
+        // HTTP/1.1 and HTTP/2 (ALPN h2), each with a forged element of the client's own.
+        for proto in ["--http1.1", "--http2"] {
+            let out = try runTool("curl", ["-s", "-k", proto, "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem",
+                                           "-H", "X-Forwarded-Client-Cert: By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin",
+                                           "-H", "X-Forwarded-Proto: http", "https://127.0.0.1:\(px.inbound)/xfcc"])
+            XCTAssertEqual(out, "ok /xfcc", proto)
+        }
+        XCTAssertEqual(up.seen.count, 2)
+        for r in up.seen {
+            XCTAssertEqual(r.headers["x-forwarded-client-cert"],
+                           ["By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin," + element])
+            XCTAssertEqual(r.headers["x-forwarded-proto"], ["https"])
+        }
+    }
+
+    /// HTTP/2: HEADERS with a content-length and part of the body, or HEADERS left open
+    /// with no content-length and no DATA, then nothing: 408 on the stream.
+    func test_anHTTP2RequestBodyThatStalls_gets408_whenTheBodyIdleTimeoutEnds() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestBodyIdleTimeoutMs = 300 }
+        defer { px.stop() }
+        let post: [UInt8] = [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
+        let cases: [(String, [UInt8])] = [
+            ("content-length, part of the body", HTTP2Tests.frame(1, 0x4, 1, post + HTTP2Tests.literal("content-length", "10"))
+                + HTTP2Tests.frame(0, 0, 1, Array("abc".utf8))),
+            ("open HEADERS, no DATA", HTTP2Tests.frame(1, 0x4, 1, post)),
+        ]
+        for (what, frames) in cases {
+            let c = try RawClient(port: px.inbound)
+            let start = Date()
+            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
+            let got = HTTP2Tests.readFrames(c, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+            let headers = got.first { $0.type == 1 && $0.stream == 1 }
+            // :status 408 is not in the static table: literal without indexing, name index 8.
+            XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "\(what): \(got.map { ($0.type, $0.stream) })")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
+        }
+    }
+
+    // MARK: admin
+
+    /// With `--bind 0.0.0.0` the admin API stays on loopback; the Prometheus and health
+    /// ports follow --bind and answer only their own paths (no config dump, no reload).
+    func test_adminAPI_bindsToLoopback_whenTheListenersBindToEveryAddress() throws {
+        let px = try ProxyFixture(appPort: up.port) { s in
+            s.bindAddress = "0.0.0.0"
+            s.prometheusPort = freePort()
+            s.healthPort = freePort()
+        }
+        defer { px.stop() }
+        XCTAssertEqual(px.server.listeners.first?.localAddress?.ipAddress, "0.0.0.0")
+        XCTAssertEqual(px.server.adminChannels.map { $0.localAddress?.ipAddress }, ["127.0.0.1", "0.0.0.0", "0.0.0.0"])
+        XCTAssertEqual(adminGet(px.admin, "/ready")?.status, 200)
+        let prometheus = try XCTUnwrap(px.server.boundPorts["prometheus"]), health = try XCTUnwrap(px.server.boundPorts["health"])
+        XCTAssertEqual(adminGet(prometheus, "/stats/prometheus")?.status, 200)
+        XCTAssertEqual(adminGet(health, "/healthz/ready")?.status, 200)
+        for port in [prometheus, health] {
+            XCTAssertEqual(adminGet(port, "/config_dump")?.status, 404)
+            XCTAssertEqual(adminGet(port, "/plugins/reload", method: "POST")?.status, 404)
+        }
+    }
+
+    func test_adminPost_fromABrowserOnAnotherOrigin_isRefused() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        func post(_ headers: String) -> Int? {
+            guard let c = try? RawClient(port: px.admin) else { return nil }
+            c.send("POST /plugins/reload HTTP/1.1\r\n\(headers)Content-Length: 0\r\n\r\n")
+            return c.read()?.status
+        }
+        let host = "127.0.0.1:\(px.admin)"
+        XCTAssertEqual(post("Host: \(host)\r\nOrigin: http://evil.example\r\n"), 403)
+        XCTAssertEqual(post("Host: \(host)\r\nOrigin: null\r\n"), 403)
+        XCTAssertEqual(post("Host: \(host)\r\nSec-Fetch-Site: cross-site\r\n"), 403)
+        // DNS rebinding: the page's own name pointed at 127.0.0.1.
+        XCTAssertEqual(post("Host: evil.example:\(px.admin)\r\nOrigin: http://evil.example:\(px.admin)\r\n"), 403)
+        XCTAssertEqual(post("Host: \(host)\r\nOrigin: http://\(host)\r\nSec-Fetch-Site: same-origin\r\n"), 200)
+        XCTAssertEqual(post("Host: \(host)\r\n"), 200, "curl sends no Origin")
+    }
+
+    func test_configDump_redactsPluginConfigValuesNamedAsSecrets() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "p.lua": "return {}",
+            "p.yaml": ProxyFixture.plugin("p", """
+              pluginConfig:
+                variant: b
+                apiKey: sk-live-123
+                auth: {client_secret: hunter2, user: bob, tokens: [t1, t2]}
+            """),
+        ])
+        defer { px.stop() }
+        let dump = try XCTUnwrap(adminGet(px.admin, "/config_dump")).body
+        XCTAssertTrue(dump.contains("\"variant\":\"b\""), dump)
+        XCTAssertTrue(dump.contains("\"user\":\"bob\""), dump)
+        XCTAssertTrue(dump.contains("\"apiKey\":\"[redacted]\""), dump)
+        XCTAssertTrue(dump.contains("\"client_secret\":\"[redacted]\""), dump)
+        for secret in ["sk-live-123", "hunter2", "t1"] { XCTAssertFalse(dump.contains(secret), secret) }
+    }
+
+    func test_clusters_onAnInboundOnlySidecar_saysNoClusters() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        XCTAssertEqual(adminGet(px.admin, "/clusters")?.body, "no clusters\n")
+    }
+
+    func test_aPortInUse_namesTheAddressTheListenerAndTheFlag() throws {
+        let taken = try TestUpstream()
+        defer { taken.stop() }
+        XCTAssertThrowsError(try ProxyFixture(appPort: up.port) { $0.outboundPort = taken.port }) { e in
+            let text = "\(e)"
+            XCTAssertTrue(text.contains("127.0.0.1:\(taken.port)"), text)
+            XCTAssertTrue(text.contains("outbound listener"), text)
+            XCTAssertTrue(text.contains("--outbound-port"), text)
+            XCTAssertTrue(text.contains("address already in use"), text)
+        }
+    }
+}
