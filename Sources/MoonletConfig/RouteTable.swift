@@ -143,11 +143,12 @@ public struct ClusterPolicy: Sendable {
     public var hash: HashPolicy?
     public var ringSize = 1024
     public var maxRequestsPerConnection = 0
-    public var maxConnections = 1024
-    public var maxPendingRequests = 1024
+    /// Istio's defaults (2^32-1) unless the DestinationRule sets them.
+    public var maxConnections = CircuitBreakerDefaults.unlimited
+    public var maxPendingRequests = CircuitBreakerDefaults.unlimited
     public var connectTimeoutMs = 0
-    public var maxRetries = 3
-    public var maxRequests = 1024
+    public var maxRetries = CircuitBreakerDefaults.unlimited
+    public var maxRequests = CircuitBreakerDefaults.unlimited
     public var idleTimeoutMs = 0
     public var maxConnectionDurationMs = 0
     public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
@@ -189,7 +190,8 @@ public struct ClusterPolicy: Sendable {
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
             if case .int(let m)? = tp["connectionPool"]?["tcp"]?["maxConnections"], m > 0 { p.maxConnections = m }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
-            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m >= 0 { p.maxRetries = m }
+            // 0 is "unset" here, as Istio reads these fields (the default stays).
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m > 0 { p.maxRetries = m }
             if let ct = tp["connectionPool"]?["tcp"]?["connectTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.connectTimeoutMs = ct }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http2MaxRequests"], m > 0 { p.maxRequests = m }
             if let v = tp["connectionPool"]?["http"]?["h2UpgradePolicy"]?.stringValue { p.h2UpgradePolicy = v == "DEFAULT" ? nil : v }
