@@ -78,10 +78,9 @@ public struct ConfigLoader {
     /// Decodes one file's text (all its documents).
     public func loadText(_ text: String, file: String, baseDir: String) -> TextResult {
         var out = TextResult()
-        var docs: [Node] = []
+        let docs: [Node]
         do {
-            let parser = try Parser(yaml: text)
-            while let n = try parser.nextRoot() { docs.append(n) }
+            docs = try YAMLReader.documents(text)
         } catch let e as YamlError {
             out.errors.append(Self.yamlError(e, file: file))
             return out
