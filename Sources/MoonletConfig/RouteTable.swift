@@ -384,6 +384,9 @@ public final class RouteTable: @unchecked Sendable {
                 t.services[fqdn] = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
             }
         }
+        // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
+        var rules: [String: DestinationRuleSpec] = [:]
+        for d in dr where rules[d.fqdn] == nil { rules[d.fqdn] = d }
         for d in dr {
             guard let svc = t.services[d.fqdn] else {
                 t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): no ServiceEntry for host \(d.fqdn)")
@@ -415,14 +418,29 @@ public final class RouteTable: @unchecked Sendable {
                 vh.routes = v.http
                 vh.virtualService = "\(v.namespace)/\(v.name)"
             }
-            // Subsets named by a route must exist when the host has a DestinationRule.
-            for (ri, r) in v.http.enumerated() {
-                for (di, d) in r.destinations.enumerated() where !d.subset.isEmpty {
-                    guard let svc = t.services[d.fqdn] else { continue }
-                    if let rule = svc.destinationRule, !rule.subsets.contains(where: { $0.name == d.subset }) {
-                        errors.append(ConfigError(file: v.file, line: v.line, column: 1, resource: "VirtualService \(v.namespace)/\(v.name)",
-                                                  field: "spec.http[\(ri)].route[\(di)].destination.subset",
-                                                  message: "subset \"\(d.subset)\" is not defined by DestinationRule \(rule.namespace)/\(rule.name) for host \(d.fqdn)"))
+            // Every subset a route or mirror names must be defined by the host's
+            // DestinationRule, whether or not a ServiceEntry gives the host endpoints.
+            // A destination host without a ServiceEntry is only a note: in a mesh it may
+            // be a Kubernetes Service, which Moonlet does not read (it answers 503 UH).
+            var noted = Set<String>()
+            for r in v.http {
+                for (fqdn, subset, place) in r.destinations.map({ ($0.fqdn, $0.subset, $0.place) }) + r.mirrors.map({ ($0.fqdn, $0.subset, $0.place) }) {
+                    func fail(_ message: String) {
+                        errors.append(ConfigError(file: v.file, line: place.line, column: place.column, resource: "VirtualService \(v.namespace)/\(v.name)",
+                                                  field: place.field, message: message))
+                    }
+                    if !subset.isEmpty {
+                        guard let rule = rules[fqdn] else {
+                            fail("subset \"\(subset)\" is not defined: no DestinationRule for host \(fqdn)")
+                            continue
+                        }
+                        if !rule.subsets.contains(where: { $0.name == subset }) {
+                            fail("subset \"\(subset)\" is not defined by DestinationRule \(rule.namespace)/\(rule.name) for host \(fqdn)")
+                            continue
+                        }
+                    }
+                    if t.services[fqdn] == nil && !fqdn.contains("*") && noted.insert(fqdn).inserted {
+                        t.warnings.append("\(v.file):\(place.line): VirtualService \(v.namespace)/\(v.name): \(place.field): no ServiceEntry for host \(fqdn): moonlet has no endpoints for it, requests routed there get 503 UH")
                     }
                 }
             }
