@@ -37,6 +37,7 @@ final class YAMLReaderTests: XCTestCase {
         XCTAssertEqual(r.errors.map(\.description), ["se.yaml:6:36: ServiceEntry v6: spec.addresses[2]: must be a string"])
         let syntax = ConfigLoader().loadText("addresses: [2001:db8::, ]]\n", file: "s.yaml", baseDir: "/")
         XCTAssertEqual(syntax.errors.count, 1)
-        XCTAssertTrue(syntax.errors[0].description.hasPrefix("s.yaml:1:26: YAML:"), syntax.errors[0].description)
+        let message = syntax.errors.first?.description ?? ""
+        XCTAssertTrue(message.hasPrefix("s.yaml:1:26: YAML:"), message)
     }
 }
