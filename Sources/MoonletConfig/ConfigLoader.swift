@@ -242,6 +242,7 @@ public struct ConfigLoader {
         }
         var labels: [String: String] = [:]
         if let sel = spec.child("selector") {
+            if sel.mapping == nil { err(sel, "spec.selector", "must be a mapping") }
             for e in sel.mapping ?? [] where e.key != "matchLabels" { err(nil, "spec.selector." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn) }
             if let ml = sel.child("matchLabels") {
                 guard let mm = ml.mapping else { err(ml, "spec.selector.matchLabels", "must be a mapping"); return nil }

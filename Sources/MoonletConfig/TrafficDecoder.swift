@@ -301,14 +301,11 @@ struct TrafficDecoder {
             r.fault = fault
         }
         var mirrorNodes: [(PositionedNode, String, Double)] = []
-        if let m = n.child("mirror") {
-            let pct = percentage(n.child("mirrorPercentage"), "\(path).mirrorPercentage") ?? Double(int(n.child("mirrorPercent"), "\(path).mirrorPercent", range: 0...100) ?? 100)
-            mirrorNodes.append((m, "\(path).mirror", pct))
-        }
-        if let ms = n.child("mirrors")?.sequence {
-            for (i, m) in ms.enumerated() where fields(m, "\(path).mirrors[\(i)]", ["destination", "percentage"]) {
-                if let d = m.child("destination") { mirrorNodes.append((d, "\(path).mirrors[\(i)].destination", percentage(m.child("percentage"), "\(path).mirrors[\(i)].percentage") ?? 100)) }
-            }
+        let mirrorPercent = percentage(n.child("mirrorPercentage"), "\(path).mirrorPercentage") ?? Double(int(n.child("mirrorPercent"), "\(path).mirrorPercent", range: 0...100) ?? 100)
+        if let m = n.child("mirror") { mirrorNodes.append((m, "\(path).mirror", mirrorPercent)) }
+        for (i, m) in list(n.child("mirrors"), "\(path).mirrors").enumerated() where fields(m, "\(path).mirrors[\(i)]", ["destination", "percentage"]) {
+            let pct = percentage(m.child("percentage"), "\(path).mirrors[\(i)].percentage") ?? 100
+            if let d = m.child("destination") { mirrorNodes.append((d, "\(path).mirrors[\(i)].destination", pct)) } else { err(m, "\(path).mirrors[\(i)].destination", "Required value") }
         }
         for (m, p, pct) in mirrorNodes {
             if let (h, sub, port) = destination(m, p) {
@@ -323,7 +320,7 @@ struct TrafficDecoder {
     mutating func cors(_ n: PositionedNode, _ path: String) -> CorsPolicy? {
         guard fields(n, path, ["allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge", "allowCredentials", "unmatchedPreflights"]) else { return nil }
         var c = CorsPolicy()
-        for (i, o) in (n.child("allowOrigins")?.sequence ?? []).enumerated() {
+        for (i, o) in list(n.child("allowOrigins"), "\(path).allowOrigins").enumerated() {
             if let m = stringMatch(o, "\(path).allowOrigins[\(i)]") { c.allowOrigins.append(m) }
         }
         for o in stringList(n.child("allowOrigin"), "\(path).allowOrigin") {
@@ -548,6 +545,7 @@ struct TrafficDecoder {
             let p = "\(path).localityLbSetting"
             for (i, d) in list(l.child("distribute"), "\(p).distribute").enumerated() where fields(d, "\(p).distribute[\(i)]", ["from", "to"]) {
                 _ = string(d.child("from"), "\(p).distribute[\(i)].from")
+                if let to = d.child("to"), to.mapping == nil { err(to, "\(p).distribute[\(i)].to", "must be a mapping of locality to weight") }
                 for e in d.child("to")?.mapping ?? [] { _ = int(e.value, "\(p).distribute[\(i)].to.\(e.key)", range: 0...100) }
             }
             for (i, f) in list(l.child("failover"), "\(p).failover").enumerated() where fields(f, "\(p).failover[\(i)]", ["from", "to"]) {

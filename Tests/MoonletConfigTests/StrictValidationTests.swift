@@ -15,6 +15,11 @@ final class StrictValidationTests: XCTestCase {
         }
     }
 
+    /// Each (document, error) case: the document gets exactly that one error.
+    func assertEachReportsOnly(_ cases: [(String, String)], file: StaticString = #filePath, line: UInt = #line) {
+        for (yaml, want) in cases { XCTAssertEqual(errors(yaml), [want], yaml, file: file, line: line) }
+    }
+
     func notes(_ yaml: String) throws -> [String] {
         let dir = NSTemporaryDirectory() + "moonlet-strict-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -117,9 +122,7 @@ final class StrictValidationTests: XCTestCase {
             ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: a}, bogus: 1}",
              "c.yaml:5:37: PeerAuthentication p: spec.selector.bogus: unknown field"),
         ]
-        for (yaml, want) in cases {
-            XCTAssertEqual(errors(yaml), [want], yaml)
-        }
+        assertEachReportsOnly(cases)
     }
 
     func test_badValuesAtDepth_areErrorsWithTheirPlace() {
@@ -136,10 +139,10 @@ final class StrictValidationTests: XCTestCase {
              "c.yaml:7:28: AuthorizationPolicy a: spec.rules[0].to[0].operation.methods: must be a list of strings"),
             ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, labels: {app: {nested: 1}}}\nspec: {address: 10.0.0.1}",
              "c.yaml:3:35: WorkloadEntry w: metadata.labels.app: must be a string"),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [h]\n  http:\n  - route: [{destination: {host: h}}]\n    mirrors: {destination: {host: h}}",
+             "c.yaml:8:14: VirtualService v: spec.http[0].mirrors: must be a list"),
         ]
-        for (yaml, want) in cases {
-            XCTAssertEqual(errors(yaml), [want], yaml)
-        }
+        assertEachReportsOnly(cases)
     }
 
     func test_luaPluginMatchAndVariants_areChecked_andReportedAsNotApplied() throws {
