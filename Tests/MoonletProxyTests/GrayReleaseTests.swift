@@ -354,9 +354,10 @@ final class CircuitBreakerDefaultsTests: XCTestCase {
         let total = NIOLockedValueBox(0), failed = NIOLockedValueBox([Int: Int]())
         let perConnection = 125
         let deadline = Date().addingTimeInterval(20)
-        let group = DispatchGroup()
-        for _ in 0..<8 {
-            DispatchQueue.global().async(group: group) {
+        // Threads, not a dispatch queue: all 8 connections are busy at once.
+        let finished = NIOLockedValueBox(0)
+        let clients = (0..<8).map { _ in
+            Thread {
                 var c = try? RawClient(port: px.outbound)
                 for _ in 0..<perConnection where Date() < deadline {
                     c?.send("GET / HTTP/1.1\r\nHost: churn\r\n\r\n")
@@ -367,14 +368,17 @@ final class CircuitBreakerDefaultsTests: XCTestCase {
                         c = try? RawClient(port: px.outbound)
                     }
                 }
+                finished.withLockedValue { $0 += 1 }
             }
         }
+        clients.forEach { $0.start() }
         // Killed once a fifth of the load has gone through.
         while total.withLockedValue({ $0 }) < 8 * perConnection / 5 && Date() < deadline { usleep(2_000) }
         let servedBeforeKill = victim.seen.count
         victim.stop()
         victimRunning = false
-        XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
+        while finished.withLockedValue({ $0 }) < 8 && Date() < deadline.addingTimeInterval(10) { usleep(10_000) }
+        XCTAssertEqual(finished.withLockedValue { $0 }, 8)
         let t = total.withLockedValue { $0 }, f = failed.withLockedValue { $0 }
         let lost = f.values.reduce(0, +)
         XCTAssertGreaterThan(servedBeforeKill, 0, "the victim was serving when it was killed")
