@@ -661,6 +661,9 @@ struct TrafficDecoder {
         let resolution = string(spec.child("resolution"), "spec.resolution") ?? "NONE"
         if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(resolution) { err(spec.child("resolution"), "spec.resolution", "unsupported value \(resolution)") }
         let addresses = stringList(spec.child("addresses"), "spec.addresses")
+        for (i, a) in addresses.enumerated() {
+            if let problem = Self.ipOrCIDRProblem(a) { err(spec.child("addresses")?.sequence?[i], "spec.addresses[\(i)]", problem) }
+        }
         _ = stringList(spec.child("exportTo"), "spec.exportTo")
         _ = stringList(spec.child("subjectAltNames"), "spec.subjectAltNames")
         _ = enumValue(spec.child("location"), "spec.location", ["MESH_EXTERNAL", "MESH_INTERNAL"])
@@ -696,6 +699,25 @@ struct TrafficDecoder {
         if resolution == "DNS_ROUND_ROBIN" && endpoints.count > 1 { err(spec.child("endpoints"), "spec.endpoints", "DNS_ROUND_ROBIN mode cannot have multiple endpoints") }
         return ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, ports: ports, resolution: resolution,
                                 endpoints: endpoints, workloadSelector: selector, file: file, line: line)
+    }
+}
+
+extension TrafficDecoder {
+    /// Istio's check of a ServiceEntry address (ValidateIPSubnet): an IP address, or a
+    /// CIDR block when it has one '/'. nil when valid, else Istio's message.
+    static func ipOrCIDRProblem(_ s: String) -> String? {
+        let parts = s.split(separator: "/", omittingEmptySubsequences: false)
+        if parts.count == 2 {
+            let ip = String(parts[0])
+            guard let bits = Int(parts[1]), bits >= 0, isIP(ip), bits <= (ip.contains(":") ? 128 : 32) else { return "\"\(s)\" is not a valid CIDR block" }
+            return nil
+        }
+        return isIP(s) ? nil : "\(s) is not a valid IP"
+    }
+
+    static func isIP(_ s: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, s, &v4) == 1 || inet_pton(AF_INET6, s, &v6) == 1
     }
 }
 

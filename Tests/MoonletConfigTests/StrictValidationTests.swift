@@ -139,6 +139,10 @@ final class StrictValidationTests: XCTestCase {
              "c.yaml:7:28: AuthorizationPolicy a: spec.rules[0].to[0].operation.methods: must be a list of strings"),
             ("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, labels: {app: {nested: 1}}}\nspec: {address: 10.0.0.1}",
              "c.yaml:3:35: WorkloadEntry w: metadata.labels.app: must be a string"),
+            ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec:\n  hosts: [h]\n  addresses: [1.2.3.4, 300.1.1.1]",
+             "c.yaml:6:24: ServiceEntry s: spec.addresses[1]: 300.1.1.1 is not a valid IP"),
+            ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec:\n  hosts: [h]\n  addresses: [10.0.0.0/33]",
+             "c.yaml:6:15: ServiceEntry s: spec.addresses[0]: \"10.0.0.0/33\" is not a valid CIDR block"),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [h]\n  http:\n  - route: [{destination: {host: h}}]\n    mirrors: {destination: {host: h}}",
              "c.yaml:8:14: VirtualService v: spec.http[0].mirrors: must be a list"),
         ]
