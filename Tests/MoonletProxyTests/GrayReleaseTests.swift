@@ -152,6 +152,43 @@ final class OutlierDetectionTests: XCTestCase {
     }
 }
 
+final class OutlierDefaultsTests: XCTestCase {
+    /// Three hosts at maxEjectionPercent 50: two failing hosts are both ejected (1/3 is
+    /// below 50%), so all traffic reaches the third.
+    func test_threeHostsFiftyPercent_twoFailingHostsAreEjected_theThirdTakesAllTraffic() throws {
+        let failing = try (0..<2).map { i in try TestUpstream { _ in TestUpstream.Reply(status: .internalServerError, headers: [("x-ep", "bad\(i)")]) } }
+        let good = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "good")]) }
+        defer { failing.forEach { $0.stop() }; good.stop() }
+        let yaml = meshService("three", ports: failing.map(\.port) + [good.port],
+                               trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}}")
+        let px = try ProxyFixture(appPort: 1, files: ["three.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        func send() -> String { c.send("GET / HTTP/1.1\r\nHost: three\r\n\r\n"); let r = c.read(); return "\(r?.header("x-ep") ?? "?"):\(r?.status ?? 0)" }
+        for _ in 0..<6 { _ = send() }   // round robin: each failing host answers 500 twice
+        let after = (0..<30).map { _ in send() }
+        XCTAssertEqual(Set(after), ["good:200"], "\(after)")
+    }
+
+    /// Istio's minHealthPercent default (0) means no panic mode: with the only host
+    /// ejected the proxy answers 503 UH instead of sending traffic to it.
+    func test_everyHostEjected_minHealthPercentUnset_answers503NoHealthyUpstream() throws {
+        let bad = try TestUpstream { _ in TestUpstream.Reply(status: .internalServerError) }
+        defer { bad.stop() }
+        let yaml = meshService("alone", ports: [bad.port],
+                               trafficPolicy: "{outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}")
+        let px = try ProxyFixture(appPort: 1, files: ["alone.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        var statuses: [Int] = []
+        for _ in 0..<4 { c.send("GET / HTTP/1.1\r\nHost: alone\r\n\r\n"); statuses.append(c.read()?.status ?? 0) }
+        XCTAssertEqual(statuses, [500, 500, 503, 503])
+        XCTAssertEqual(bad.seen.count, 2, "nothing reaches the ejected host")
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"UH\""), stats)
+    }
+}
+
 final class RetryTests: XCTestCase {
     func serviceYAML(_ ports: [Int], retries: String = "") -> String {
         meshService("rt", ports: ports, trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}}",
