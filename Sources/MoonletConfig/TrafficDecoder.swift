@@ -257,7 +257,8 @@ struct TrafficDecoder {
                     if fields(b, "\(path).directResponse.body", ["string", "bytes"]) {
                         if let s = string(b.child("string"), "\(path).directResponse.body.string") { body = s }
                         else if let s = string(b.child("bytes"), "\(path).directResponse.body.bytes") {
-                            body = Data(base64Encoded: s).map { String(decoding: $0, as: UTF8.self) } ?? ""
+                            if let data = Data(base64Encoded: s) { body = String(decoding: data, as: UTF8.self) }
+                            else { err(b.child("bytes"), "\(path).directResponse.body.bytes", "illegal base64 data") }
                         }
                     }
                 }
@@ -414,6 +415,7 @@ struct TrafficDecoder {
                 guard let m = s.child(op) else { continue }
                 guard let mm = m.mapping else { err(m, "\(path).\(side).\(op)", "must be a mapping"); continue }
                 for e in mm {
+                    guard case .scalar = e.value.node else { err(e.value, "\(path).\(side).\(op).\(e.key)", "must be a string"); continue }
                     let v = e.value.value.stringValue ?? ""
                     if !HeaderValidationLite.isToken(e.key) || v.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\0" }) {
                         err(e.value, "\(path).\(side).\(op).\(e.key)", "invalid header name or value"); continue
