@@ -38,10 +38,16 @@ struct TrafficDecoder {
         return true
     }
 
+    /// A string field. A number or boolean there is refused, as Kubernetes and Istio
+    /// refuse it (quote it: `"8080"`, `"true"`); null counts as unset.
     mutating func string(_ n: PositionedNode?, _ path: String) -> String? {
         guard let n else { return nil }
-        guard case .scalar = n.node, let s = n.scalarString else { err(n, path, "must be a string"); return nil }
-        return s
+        switch n.value {
+        case .string(let s): return s
+        case .null: return nil
+        case .int, .double, .bool: err(n, path, "must be a string, got \(n.scalarString ?? "") (quote it)"); return nil
+        default: err(n, path, "must be a string"); return nil
+        }
     }
 
     mutating func int(_ n: PositionedNode?, _ path: String, range: ClosedRange<Int>? = nil) -> Int? {

@@ -143,6 +143,8 @@ final class StrictValidationTests: XCTestCase {
              "c.yaml:8:37: VirtualService v: spec.http[0].headers.response.set.x-a: must be a string"),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [h]\n  http:\n  - directResponse: {status: 200, body: {bytes: \"not base64!\"}}",
              "c.yaml:7:49: VirtualService v: spec.http[0].directResponse.body.bytes: illegal base64 data"),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [h]\n  http:\n  - match: [{headers: {x-a: {exact: true}}}]\n    route: [{destination: {host: h}}]",
+             "c.yaml:7:37: VirtualService v: spec.http[0].match[0].headers.x-a.exact: must be a string, got true (quote it)"),
             ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec:\n  hosts: [h]\n  addresses: [1.2.3.4, 300.1.1.1]",
              "c.yaml:6:24: ServiceEntry s: spec.addresses[1]: 300.1.1.1 is not a valid IP"),
             ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec:\n  hosts: [h]\n  addresses: [10.0.0.0/33]",
