@@ -194,7 +194,10 @@ public struct ConfigLoader {
                     continue
                 }
                 for x in kv {
-                    if case .scalar = x.value.node {} else { err(x.value.line, x.value.column, "\(field).\(x.key)", "must be a string") }
+                    switch x.value.value {
+                    case .string, .null: continue
+                    default: err(x.value.line, x.value.column, "\(field).\(x.key)", "must be a string (quote it)")
+                    }
                 }
             default: break
             }
@@ -247,8 +250,11 @@ public struct ConfigLoader {
             if let ml = sel.child("matchLabels") {
                 guard let mm = ml.mapping else { err(ml, "spec.selector.matchLabels", "must be a mapping"); return nil }
                 for e in mm {
-                    guard case .scalar = e.value.node else { err(e.value, "spec.selector.matchLabels.\(e.key)", "must be a string"); continue }
-                    labels[e.key] = e.value.value.stringValue ?? ""
+                    switch e.value.value {
+                    case .string(let v): labels[e.key] = v
+                    case .null: labels[e.key] = ""
+                    default: err(e.value, "spec.selector.matchLabels.\(e.key)", "must be a string (quote it)")
+                    }
                 }
             }
         }

@@ -107,8 +107,8 @@ struct TrafficDecoder {
         guard let m = n.mapping else { err(n, path, "must be a mapping of strings"); return [:] }
         var out: [String: String] = [:]
         for e in m {
-            guard case .scalar = e.value.node else { err(e.value, "\(path).\(e.key)", "must be a string"); continue }
-            let v = e.value.value.stringValue ?? ""
+            let v: String
+            if e.value.value == .null { v = "" } else { guard let s = string(e.value, "\(path).\(e.key)") else { continue }; v = s }
             if e.key.contains("*") || v.contains("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
             out[e.key] = v
         }
