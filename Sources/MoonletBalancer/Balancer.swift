@@ -74,7 +74,8 @@ public final class BalancerState {
         return (served[c.id][i], failed[c.id][i])
     }
 
-    /// Picks an endpoint index of `c` (nil when it has none) and counts it active.
+    /// Picks an endpoint index of `c` (nil when it has none, or when every one is
+    /// ejected and the cluster is not in panic mode) and counts it active.
     /// `hash` is the request's consistent-hash key, for consistentHash clusters.
     public func pick(_ c: UpstreamCluster, hash: UInt64? = nil) -> Int? {
         let n = c.endpointCount
@@ -99,11 +100,11 @@ public final class BalancerState {
                     if !o.isEjected(i, now: now) { active[c.id][i] += 1; return i }
                 }
                 let healthy = (0..<n).filter { !o.isEjected($0, now: now) }
-                if !healthy.isEmpty {
-                    let i = healthy[Int(random.next() % UInt64(healthy.count))]
-                    active[c.id][i] += 1
-                    return i
-                }
+                // Every host ejected and no panic mode (minHealthPercent unset): none.
+                guard !healthy.isEmpty else { return nil }
+                let i = healthy[Int(random.next() % UInt64(healthy.count))]
+                active[c.id][i] += 1
+                return i
             }
         }
         let i = pickIndex(c, n)

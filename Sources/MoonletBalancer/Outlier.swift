@@ -96,10 +96,10 @@ public final class OutlierState: @unchecked Sendable {
     func eject(_ i: Int, now: UInt64) {
         ejectLock.withLock {
             guard !isEjected(i, now: now) else { return }
-            // maxEjectionPercent: never eject past it (Envoy allows at least one ejection).
-            let ejectedNow = ejectedCount(now: now)
-            let maxEjected = max(1, count * policy.maxEjectionPercent / 100)
-            guard ejectedNow < maxEjected else { return }
+            // maxEjectionPercent as Envoy applies it: eject while the share already
+            // ejected is below it (3 hosts at 50%: 0% and 33% are, so two can go; at 10%
+            // one can; at 0% none).
+            guard Self.mayEject(ejected: ejectedCount(now: now), of: count, maxPercent: policy.maxEjectionPercent) else { return }
             ejections[i].wrappingIncrement(ordering: .relaxed)
             // The multiplier decays by one per interval spent healthy since the last return.
             if lastReturn[i] != 0 && now > lastReturn[i] {
@@ -120,11 +120,18 @@ public final class OutlierState: @unchecked Sendable {
         }
     }
 
-    /// True when so few hosts are healthy that ejection is ignored (panic mode).
+    /// Envoy's test (`100 * ejected / hosts < max_ejection_percent`), in integers.
+    static func mayEject(ejected: Int, of hosts: Int, maxPercent: Int) -> Bool {
+        ejected * 100 < maxPercent * hosts
+    }
+
+    /// True when so few hosts are healthy that ejection is ignored (panic mode): the
+    /// healthy share is below minHealthPercent. Istio sets Envoy's panic threshold to
+    /// minHealthPercent, 0 unless set, so by default there is no panic mode: with every
+    /// host ejected nothing is picked (503 UH, "no healthy upstream").
     public func panic(now: UInt64) -> Bool {
-        let healthy = count - ejectedCount(now: now)
-        if healthy == 0 { return true }
-        return policy.minHealthPercent > 0 && healthy * 100 < count * policy.minHealthPercent
+        guard policy.minHealthPercent > 0 else { return false }
+        return (count - ejectedCount(now: now)) * 100 < count * policy.minHealthPercent
     }
 }
 

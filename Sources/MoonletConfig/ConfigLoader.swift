@@ -78,10 +78,9 @@ public struct ConfigLoader {
     /// Decodes one file's text (all its documents).
     public func loadText(_ text: String, file: String, baseDir: String) -> TextResult {
         var out = TextResult()
-        var docs: [Node] = []
+        let docs: [Node]
         do {
-            let parser = try Parser(yaml: text)
-            while let n = try parser.nextRoot() { docs.append(n) }
+            docs = try YAMLReader.documents(text)
         } catch let e as YamlError {
             out.errors.append(Self.yamlError(e, file: file))
             return out
@@ -112,12 +111,16 @@ public struct ConfigLoader {
             for entry in top where !["apiVersion", "kind", "metadata", "spec", "status"].contains(entry.key) {
                 out.errors.append(ConfigError(file: file, line: entry.keyLine, column: entry.keyColumn, resource: resource, field: entry.key, message: "unknown field"))
             }
+            if kind == "LuaPlugin" || Self.istioKinds.contains(kind) { out.errors += Self.checkMetadata(meta, file: file, resource: resource) }
             let spec = doc.child("spec")
             if kind == "LuaPlugin" {
                 guard apiVersion == "moonlet.io/v1alpha1" else { err(doc.child("apiVersion"), "apiVersion", "LuaPlugin needs moonlet.io/v1alpha1, got \(apiVersion)"); continue }
-                if let p = decodeLuaPlugin(spec, name: name, namespace: namespace, file: file, line: doc.line, baseDir: baseDir, resource: resource, errors: &out.errors) {
+                var notes: [String] = []
+                if let p = decodeLuaPlugin(spec, name: name, namespace: namespace, file: file, line: doc.line, baseDir: baseDir, resource: resource,
+                                           errors: &out.errors, notes: &notes) {
                     out.plugins.append(p)
                 }
+                out.skipped += notes
                 continue
             }
             let group = apiVersion.split(separator: "/").first.map(String.init) ?? ""
@@ -165,9 +168,47 @@ public struct ConfigLoader {
         }
     }
 
+    /// Kubernetes ObjectMeta's fields.
+    static let metadataFields: Set<String> = [
+        "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
+        "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations", "ownerReferences", "finalizers", "managedFields",
+    ]
+
+    /// `metadata` of a resource Moonlet reads: ObjectMeta's fields only; name and
+    /// namespace are strings, labels and annotations maps of strings.
+    static func checkMetadata(_ meta: PositionedNode?, file: String, resource: String) -> [ConfigError] {
+        guard let meta, let m = meta.mapping else { return [] }
+        var errors: [ConfigError] = []
+        func err(_ line: Int, _ col: Int, _ field: String, _ msg: String) {
+            errors.append(ConfigError(file: file, line: line, column: col, resource: resource, field: field, message: msg))
+        }
+        for e in m {
+            let field = "metadata.\(e.key)"
+            if !metadataFields.contains(e.key) { err(e.keyLine, e.keyColumn, field, "unknown field"); continue }
+            switch e.key {
+            case "name", "namespace":
+                if case .scalar = e.value.node {} else { err(e.value.line, e.value.column, field, "must be a string") }
+            case "labels", "annotations":
+                guard let kv = e.value.mapping else {
+                    if e.value.value != .null { err(e.value.line, e.value.column, field, "must be a mapping of strings") }
+                    continue
+                }
+                for x in kv {
+                    switch x.value.value {
+                    case .string, .null: continue
+                    default: err(x.value.line, x.value.column, "\(field).\(x.key)", "must be a string (quote it)")
+                    }
+                }
+            default: break
+            }
+        }
+        return errors
+    }
+
     static let luaPluginFields: Set<String> = ["selector", "url", "phase", "priority", "pluginConfig", "failStrategy", "limits", "match", "variants", "pluginName"]
 
-    func decodeLuaPlugin(_ spec: PositionedNode?, name: String, namespace: String, file: String, line: Int, baseDir: String, resource: String, errors: inout [ConfigError]) -> LuaPluginSpec? {
+    func decodeLuaPlugin(_ spec: PositionedNode?, name: String, namespace: String, file: String, line: Int, baseDir: String, resource: String,
+                         errors: inout [ConfigError], notes: inout [String]) -> LuaPluginSpec? {
         var ok = true
         func err(_ n: PositionedNode?, _ field: String, _ msg: String, line l: Int? = nil, col c: Int? = nil) {
             ok = false
@@ -204,21 +245,49 @@ public struct ConfigLoader {
         }
         var labels: [String: String] = [:]
         if let sel = spec.child("selector") {
+            if sel.mapping == nil { err(sel, "spec.selector", "must be a mapping") }
             for e in sel.mapping ?? [] where e.key != "matchLabels" { err(nil, "spec.selector." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn) }
             if let ml = sel.child("matchLabels") {
                 guard let mm = ml.mapping else { err(ml, "spec.selector.matchLabels", "must be a mapping"); return nil }
-                for e in mm { labels[e.key] = e.value.value.stringValue ?? "" }
+                for e in mm {
+                    switch e.value.value {
+                    case .string(let v): labels[e.key] = v
+                    case .null: labels[e.key] = ""
+                    default: err(e.value, "spec.selector.matchLabels.\(e.key)", "must be a string (quote it)")
+                    }
+                }
             }
         }
+        if let l = spec.child("limits"), l.mapping == nil { err(l, "spec.limits", "must be a mapping") }
+        // pluginName, match (WasmPlugin's traffic selectors) and variants: checked with
+        // the Istio decoder's helpers; match and variants are reported as not applied.
+        var d = TrafficDecoder(file: file, resource: resource, namespace: namespace)
+        _ = d.string(spec.child("pluginName"), "spec.pluginName")
+        for (i, sel) in d.list(spec.child("match"), "spec.match").enumerated() where d.fields(sel, "spec.match[\(i)]", ["mode", "ports"]) {
+            _ = d.enumValue(sel.child("mode"), "spec.match[\(i)].mode", ["UNDEFINED", "CLIENT", "SERVER", "CLIENT_AND_SERVER"])
+            for (k, port) in d.list(sel.child("ports"), "spec.match[\(i)].ports").enumerated() where d.fields(port, "spec.match[\(i)].ports[\(k)]", ["number"]) {
+                _ = d.int(port.child("number"), "spec.match[\(i)].ports[\(k)].number", range: 1...65535)
+            }
+        }
+        if let m = spec.child("match") { d.notApplied(m, "spec.match", "not applied by moonlet (the plugin runs on all traffic of the workload), ignored") }
+        for (i, v) in d.list(spec.child("variants"), "spec.variants").enumerated() where d.fields(v, "spec.variants[\(i)]", ["name", "url", "weight", "pluginConfig"]) {
+            for k in ["name", "url"] { _ = d.string(v.child(k), "spec.variants[\(i)].\(k)") }
+            _ = d.int(v.child("weight"), "spec.variants[\(i)].weight", range: 0...100)
+        }
+        if let v = spec.child("variants") { d.notApplied(v, "spec.variants", "A/B variants are not applied by moonlet yet (spec.url serves every stream), ignored") }
+        if !d.errors.isEmpty { ok = false; errors += d.errors }
+        notes += d.notApplied
         var maxInstr: Int?, maxMem: Int?, timeout: Int?
         if let l = spec.child("limits") {
             for e in l.mapping ?? [] {
+                guard ["maxInstructions", "maxMemoryBytes", "timeoutMs"].contains(e.key) else {
+                    err(nil, "spec.limits." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn); continue
+                }
                 guard case .int(let v) = e.value.value, v > 0 else { err(e.value, "spec.limits." + e.key, "must be a positive integer"); continue }
                 switch e.key {
                 case "maxInstructions": maxInstr = v
                 case "maxMemoryBytes": maxMem = v
-                case "timeoutMs": timeout = v
-                default: err(nil, "spec.limits." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn)
+                default: timeout = v
                 }
             }
         }

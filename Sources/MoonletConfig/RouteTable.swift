@@ -144,11 +144,12 @@ public struct ClusterPolicy: Sendable {
     public var hash: HashPolicy?
     public var ringSize = 1024
     public var maxRequestsPerConnection = 0
-    public var maxConnections = 1024
-    public var maxPendingRequests = 1024
+    /// Istio's defaults (2^32-1) unless the DestinationRule sets them.
+    public var maxConnections = CircuitBreakerDefaults.unlimited
+    public var maxPendingRequests = CircuitBreakerDefaults.unlimited
     public var connectTimeoutMs = 0
-    public var maxRetries = 3
-    public var maxRequests = 1024
+    public var maxRetries = CircuitBreakerDefaults.unlimited
+    public var maxRequests = CircuitBreakerDefaults.unlimited
     public var idleTimeoutMs = 0
     public var maxConnectionDurationMs = 0
     public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)?
@@ -190,7 +191,8 @@ public struct ClusterPolicy: Sendable {
             if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRequestsPerConnection"] { p.maxRequestsPerConnection = max(0, m) }
             if case .int(let m)? = tp["connectionPool"]?["tcp"]?["maxConnections"], m > 0 { p.maxConnections = m }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http1MaxPendingRequests"], m > 0 { p.maxPendingRequests = m }
-            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m >= 0 { p.maxRetries = m }
+            // 0 is "unset" here, as Istio reads these fields (the default stays).
+            if case .int(let m)? = tp["connectionPool"]?["http"]?["maxRetries"], m > 0 { p.maxRetries = m }
             if let ct = tp["connectionPool"]?["tcp"]?["connectTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.connectTimeoutMs = ct }
             if case .int(let m)? = tp["connectionPool"]?["http"]?["http2MaxRequests"], m > 0 { p.maxRequests = m }
             if let v = tp["connectionPool"]?["http"]?["h2UpgradePolicy"]?.stringValue { p.h2UpgradePolicy = v == "DEFAULT" ? nil : v }
@@ -383,6 +385,9 @@ public final class RouteTable: @unchecked Sendable {
                 t.services[fqdn] = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
             }
         }
+        // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
+        var rules: [String: DestinationRuleSpec] = [:]
+        for d in dr where rules[d.fqdn] == nil { rules[d.fqdn] = d }
         for d in dr {
             guard let svc = t.services[d.fqdn] else {
                 t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): no ServiceEntry for host \(d.fqdn)")
@@ -414,14 +419,29 @@ public final class RouteTable: @unchecked Sendable {
                 vh.routes = v.http
                 vh.virtualService = "\(v.namespace)/\(v.name)"
             }
-            // Subsets named by a route must exist when the host has a DestinationRule.
-            for (ri, r) in v.http.enumerated() {
-                for (di, d) in r.destinations.enumerated() where !d.subset.isEmpty {
-                    guard let svc = t.services[d.fqdn] else { continue }
-                    if let rule = svc.destinationRule, !rule.subsets.contains(where: { $0.name == d.subset }) {
-                        errors.append(ConfigError(file: v.file, line: v.line, column: 1, resource: "VirtualService \(v.namespace)/\(v.name)",
-                                                  field: "spec.http[\(ri)].route[\(di)].destination.subset",
-                                                  message: "subset \"\(d.subset)\" is not defined by DestinationRule \(rule.namespace)/\(rule.name) for host \(d.fqdn)"))
+            // Every subset a route or mirror names must be defined by the host's
+            // DestinationRule, whether or not a ServiceEntry gives the host endpoints.
+            // A destination host without a ServiceEntry is only a note: in a mesh it may
+            // be a Kubernetes Service, which Moonlet does not read (it answers 503 UH).
+            var noted = Set<String>()
+            for r in v.http {
+                for (fqdn, subset, place) in r.destinations.map({ ($0.fqdn, $0.subset, $0.place) }) + r.mirrors.map({ ($0.fqdn, $0.subset, $0.place) }) {
+                    func fail(_ message: String) {
+                        errors.append(ConfigError(file: v.file, line: place.line, column: place.column, resource: "VirtualService \(v.namespace)/\(v.name)",
+                                                  field: place.field, message: message))
+                    }
+                    if !subset.isEmpty {
+                        guard let rule = rules[fqdn] else {
+                            fail("subset \"\(subset)\" is not defined: no DestinationRule for host \(fqdn)")
+                            continue
+                        }
+                        if !rule.subsets.contains(where: { $0.name == subset }) {
+                            fail("subset \"\(subset)\" is not defined by DestinationRule \(rule.namespace)/\(rule.name) for host \(fqdn)")
+                            continue
+                        }
+                    }
+                    if t.services[fqdn] == nil && !fqdn.contains("*") && noted.insert(fqdn).inserted {
+                        t.warnings.append("\(v.file):\(place.line): VirtualService \(v.namespace)/\(v.name): \(place.field): no ServiceEntry for host \(fqdn): moonlet has no endpoints for it, requests routed there get 503 UH")
                     }
                 }
             }

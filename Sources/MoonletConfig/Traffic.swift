@@ -43,6 +43,14 @@ public struct RouteMatch: @unchecked Sendable {
     public init() {}
 }
 
+/// Where a destination was written, for the errors checked once every resource is
+/// read (its subset, or the destination itself).
+struct FieldPlace: Sendable {
+    var line = 0
+    var column = 0
+    var field = ""
+}
+
 /// A weighted destination of a route.
 public struct RouteDestination: Sendable {
     public var host: String
@@ -51,6 +59,7 @@ public struct RouteDestination: Sendable {
     public var subset: String
     public var port: Int?
     public var weight: Int
+    var place = FieldPlace()
 }
 
 /// Header edits of a route (request or response side).
@@ -93,6 +102,7 @@ public struct Mirror: Sendable {
     public var subset: String
     public var port: Int?
     public var percent: Double
+    var place = FieldPlace()
 }
 
 /// corsPolicy of a route (Envoy's CORS filter semantics).

@@ -38,10 +38,16 @@ struct TrafficDecoder {
         return true
     }
 
+    /// A string field. A number or boolean there is refused, as Kubernetes and Istio
+    /// refuse it (quote it: `"8080"`, `"true"`); null counts as unset.
     mutating func string(_ n: PositionedNode?, _ path: String) -> String? {
         guard let n else { return nil }
-        guard case .scalar = n.node, let s = n.scalarString else { err(n, path, "must be a string"); return nil }
-        return s
+        switch n.value {
+        case .string(let s): return s
+        case .null: return nil
+        case .int, .double, .bool: err(n, path, "must be a string, got \(n.scalarString ?? "") (quote it)"); return nil
+        default: err(n, path, "must be a string"); return nil
+        }
     }
 
     mutating func int(_ n: PositionedNode?, _ path: String, range: ClosedRange<Int>? = nil) -> Int? {
@@ -57,12 +63,52 @@ struct TrafficDecoder {
         return seq.enumerated().compactMap { string($0.element, "\(path)[\($0.offset)]") }
     }
 
+    mutating func bool(_ n: PositionedNode?, _ path: String) -> Bool? {
+        guard let n else { return nil }
+        guard case .bool(let b) = n.value else { err(n, path, "must be a boolean"); return nil }
+        return b
+    }
+
+    /// An integer or decimal number (a YAML int or float).
+    func numberValue(_ n: PositionedNode) -> Double? {
+        switch n.value {
+        case .int(let i): return Double(i)
+        case .double(let d): return d
+        default: return nil
+        }
+    }
+
+    mutating func number(_ n: PositionedNode?, _ path: String, range: ClosedRange<Double>? = nil) -> Double? {
+        guard let n else { return nil }
+        guard let v = numberValue(n) else { err(n, path, "must be a number"); return nil }
+        if let range, !range.contains(v) { err(n, path, "must be between \(range.lowerBound) and \(range.upperBound)"); return nil }
+        return v
+    }
+
+    /// A string that must be one of `allowed` (Istio's enum message).
+    mutating func enumValue(_ n: PositionedNode?, _ path: String, _ allowed: [String]) -> String? {
+        guard let n, let v = string(n, path) else { return nil }
+        guard allowed.contains(v) else {
+            err(n, path, "Unsupported value: \"\(v)\": supported values: " + allowed.map { "\"\($0)\"" }.joined(separator: ", "))
+            return nil
+        }
+        return v
+    }
+
+    /// The items of a list field (reported when it is not a list).
+    mutating func list(_ n: PositionedNode?, _ path: String) -> [PositionedNode] {
+        guard let n else { return [] }
+        guard let seq = n.sequence else { err(n, path, "must be a list"); return [] }
+        return seq
+    }
+
     mutating func labels(_ n: PositionedNode?, _ path: String) -> [String: String] {
         guard let n else { return [:] }
         guard let m = n.mapping else { err(n, path, "must be a mapping of strings"); return [:] }
         var out: [String: String] = [:]
         for e in m {
-            let v = e.value.value.stringValue ?? ""
+            let v: String
+            if e.value.value == .null { v = "" } else { guard let s = string(e.value, "\(path).\(e.key)") else { continue }; v = s }
             if e.key.contains("*") || v.contains("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
             out[e.key] = v
         }
@@ -126,7 +172,12 @@ struct TrafficDecoder {
 
     // MARK: VirtualService
 
-    static let httpRouteFields: Set<String> = ["name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors", "mirrorPercentage", "mirrorPercent", "mirror_percent", "corsPolicy", "headers", "websocketUpgrade", "appendHeaders", "removeResponseHeaders", "appendResponseHeaders", "appendRequestHeaders", "removeRequestHeaders"]
+    /// HTTPRoute's fields, and the deprecated ones Istio's own test configuration still
+    /// uses (`deprecatedRouteFields`).
+    static let httpRouteFields: Set<String> = Set(["name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors", "mirrorPercentage", "mirrorPercent", "corsPolicy", "headers"])
+        .union(deprecatedRouteFields)
+    /// Fields Istio deprecated and no longer acts on: accepted, reported as not applied.
+    static let deprecatedRouteFields = ["websocketUpgrade", "appendHeaders", "removeResponseHeaders", "appendResponseHeaders", "appendRequestHeaders", "removeRequestHeaders"]
     static let matchFields: Set<String> = ["name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels", "gateways", "queryParams", "ignoreUriCase", "withoutHeaders", "sourceNamespace", "statPrefix"]
 
     mutating func virtualService(_ spec: PositionedNode, name: String, line: Int) -> VirtualServiceSpec? {
@@ -141,12 +192,15 @@ struct TrafficDecoder {
                 if let rule = httpRoute(r, "spec.http[\(i)]") { routes.append(rule) }
             }
         }
+        _ = stringList(spec.child("exportTo"), "spec.exportTo")
+        for k in ["tls", "tcp"] { _ = list(spec.child(k), "spec.\(k)") }
         return VirtualServiceSpec(name: name, namespace: namespace, hosts: hosts, gateways: stringList(spec.child("gateways"), "spec.gateways"),
                                   http: routes, file: file, line: line)
     }
 
     mutating func httpRoute(_ n: PositionedNode, _ path: String) -> HTTPRouteRule? {
         guard fields(n, path, Self.httpRouteFields) else { return nil }
+        for k in Self.deprecatedRouteFields { if let c = n.child(k) { notApplied(c, "\(path).\(k)", "deprecated by Istio and not applied (WebSocket upgrades pass as any request; use headers), ignored") } }
         var r = HTTPRouteRule()
         r.name = string(n.child("name"), "\(path).name") ?? ""
         if let ms = n.child("match") {
@@ -166,7 +220,8 @@ struct TrafficDecoder {
                 else if seq.count == 1 { weight = 100 }
                 if d.child("headers") != nil { headerOps(d.child("headers")!, "\(p).headers", into: &r) }
                 total += weight
-                r.destinations.append(RouteDestination(host: host, fqdn: HostName.canonical(host, namespace: namespace), subset: subset, port: port, weight: weight))
+                r.destinations.append(RouteDestination(host: host, fqdn: HostName.canonical(host, namespace: namespace), subset: subset, port: port, weight: weight,
+                                                       place: place(dest, "\(p).destination")))
             }
             if seq.count > 1 || r.destinations.first?.weight != 100 {
                 if total != 100 && !(seq.count > 1 && r.destinations.allSatisfy { $0.weight == 0 }) {
@@ -189,6 +244,9 @@ struct TrafficDecoder {
                 rd.authority = string(red.child("authority"), "\(path).redirect.authority")
                 rd.scheme = string(red.child("scheme"), "\(path).redirect.scheme")
                 rd.port = int(red.child("port"), "\(path).redirect.port", range: 1...65535)
+                if enumValue(red.child("derivePort"), "\(path).redirect.derivePort", ["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"]) != nil {
+                    notApplied(red.child("derivePort")!, "\(path).redirect.derivePort", "not applied by moonlet, ignored")
+                }
                 if let c = red.child("redirectCode") {
                     rd.code = int(c, "\(path).redirect.redirectCode") ?? 301
                     if ![301, 302, 303, 307, 308].contains(rd.code) { err(c, "\(path).redirect.redirectCode", "must be 301, 302, 303, 307 or 308") }
@@ -205,7 +263,8 @@ struct TrafficDecoder {
                     if fields(b, "\(path).directResponse.body", ["string", "bytes"]) {
                         if let s = string(b.child("string"), "\(path).directResponse.body.string") { body = s }
                         else if let s = string(b.child("bytes"), "\(path).directResponse.body.bytes") {
-                            body = Data(base64Encoded: s).map { String(decoding: $0, as: UTF8.self) } ?? ""
+                            if let data = Data(base64Encoded: s) { body = String(decoding: data, as: UTF8.self) }
+                            else { err(b.child("bytes"), "\(path).directResponse.body.bytes", "illegal base64 data") }
                         }
                     }
                 }
@@ -232,11 +291,7 @@ struct TrafficDecoder {
             }
         }
         if let t = n.child("timeout") { r.timeoutMs = duration(t, "\(path).timeout") }
-        if let rt = n.child("retries"), fields(rt, "\(path).retries", ["attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"]) {
-            r.retries = RetrySpec(attempts: int(rt.child("attempts"), "\(path).retries.attempts", range: 0...Int(Int32.max)) ?? 2,
-                                  perTryTimeoutMs: duration(rt.child("perTryTimeout"), "\(path).retries.perTryTimeout") ?? 0,
-                                  retryOn: string(rt.child("retryOn"), "\(path).retries.retryOn") ?? "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes")
-        }
+        if let rt = n.child("retries") { r.retries = retries(rt, "\(path).retries") }
         if let f = n.child("fault"), fields(f, "\(path).fault", ["delay", "abort"]) {
             var fault = Fault()
             if let a = f.child("abort"), fields(a, "\(path).fault.abort", ["httpStatus", "grpcStatus", "http2Error", "percentage"]) {
@@ -246,24 +301,22 @@ struct TrafficDecoder {
             }
             if let d = f.child("delay"), fields(d, "\(path).fault.delay", ["fixedDelay", "exponentialDelay", "percentage", "percent"]) {
                 fault.delayMs = duration(d.child("fixedDelay"), "\(path).fault.delay.fixedDelay")
+                _ = duration(d.child("exponentialDelay"), "\(path).fault.delay.exponentialDelay")
                 if d.child("fixedDelay") == nil { err(d, "\(path).fault.delay.fixedDelay", "Required value") }
                 fault.delayPercent = percentage(d.child("percentage"), "\(path).fault.delay.percentage") ?? Double(int(d.child("percent"), "\(path).fault.delay.percent", range: 0...100) ?? 100)
             }
             r.fault = fault
         }
         var mirrorNodes: [(PositionedNode, String, Double)] = []
-        if let m = n.child("mirror") {
-            let pct = percentage(n.child("mirrorPercentage"), "\(path).mirrorPercentage") ?? Double(int(n.child("mirrorPercent"), "\(path).mirrorPercent", range: 0...100) ?? 100)
-            mirrorNodes.append((m, "\(path).mirror", pct))
-        }
-        if let ms = n.child("mirrors")?.sequence {
-            for (i, m) in ms.enumerated() where fields(m, "\(path).mirrors[\(i)]", ["destination", "percentage"]) {
-                if let d = m.child("destination") { mirrorNodes.append((d, "\(path).mirrors[\(i)].destination", percentage(m.child("percentage"), "\(path).mirrors[\(i)].percentage") ?? 100)) }
-            }
+        let mirrorPercent = percentage(n.child("mirrorPercentage"), "\(path).mirrorPercentage") ?? Double(int(n.child("mirrorPercent"), "\(path).mirrorPercent", range: 0...100) ?? 100)
+        if let m = n.child("mirror") { mirrorNodes.append((m, "\(path).mirror", mirrorPercent)) }
+        for (i, m) in list(n.child("mirrors"), "\(path).mirrors").enumerated() where fields(m, "\(path).mirrors[\(i)]", ["destination", "percentage"]) {
+            let pct = percentage(m.child("percentage"), "\(path).mirrors[\(i)].percentage") ?? 100
+            if let d = m.child("destination") { mirrorNodes.append((d, "\(path).mirrors[\(i)].destination", pct)) } else { err(m, "\(path).mirrors[\(i)].destination", "Required value") }
         }
         for (m, p, pct) in mirrorNodes {
             if let (h, sub, port) = destination(m, p) {
-                r.mirrors.append(Mirror(host: h, fqdn: HostName.canonical(h, namespace: namespace), subset: sub, port: port, percent: pct))
+                r.mirrors.append(Mirror(host: h, fqdn: HostName.canonical(h, namespace: namespace), subset: sub, port: port, percent: pct, place: place(m, p)))
             }
         }
         if let h = n.child("headers") { headerOps(h, "\(path).headers", into: &r) }
@@ -274,7 +327,7 @@ struct TrafficDecoder {
     mutating func cors(_ n: PositionedNode, _ path: String) -> CorsPolicy? {
         guard fields(n, path, ["allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge", "allowCredentials", "unmatchedPreflights"]) else { return nil }
         var c = CorsPolicy()
-        for (i, o) in (n.child("allowOrigins")?.sequence ?? []).enumerated() {
+        for (i, o) in list(n.child("allowOrigins"), "\(path).allowOrigins").enumerated() {
             if let m = stringMatch(o, "\(path).allowOrigins[\(i)]") { c.allowOrigins.append(m) }
         }
         for o in stringList(n.child("allowOrigin"), "\(path).allowOrigin") {
@@ -285,7 +338,49 @@ struct TrafficDecoder {
         c.exposeHeaders = stringList(n.child("exposeHeaders"), "\(path).exposeHeaders").joined(separator: ",")
         if let m = n.child("maxAge") { c.maxAgeSeconds = duration(m, "\(path).maxAge").map { $0 / 1000 } }
         if let a = n.child("allowCredentials") { if case .bool(let b) = a.value { c.allowCredentials = b } else { err(a, "\(path).allowCredentials", "must be a boolean") } }
+        _ = enumValue(n.child("unmatchedPreflights"), "\(path).unmatchedPreflights", ["UNSPECIFIED", "FORWARD", "IGNORE"])
         return c
+    }
+
+    /// What `retries.retryOn` may list besides HTTP status codes, as Istio validates it:
+    /// Envoy's retry_on conditions, then its gRPC ones (x-envoy-retry-grpc-on).
+    static let retryOnPolicies = [
+        "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited", "retriable-4xx",
+        "refused-stream", "retriable-status-codes", "retriable-headers", "http3-post-connect-failure",
+        "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+    ]
+    /// The conditions RetrySpec applies (status codes too); the others are reported as
+    /// not applied.
+    static let appliedRetryOn: Set<String> = ["5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx", "retriable-status-codes"]
+    /// Status codes that have a name (Go's http.StatusText, which Istio asks).
+    static let namedStatusCodes: Set<Int> = Set([100, 101, 102, 103, 226, 421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 510, 511])
+        .union(200...208).union([300, 301, 302, 303, 304, 305, 307, 308]).union(400...418).union(500...508)
+
+    /// HTTPRetry with Istio's checks: attempts 0 disables and then takes no other
+    /// setting; every retryOn entry must be a known condition or a named status code.
+    mutating func retries(_ rt: PositionedNode, _ path: String) -> RetrySpec? {
+        guard fields(rt, path, ["attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"]) else { return nil }
+        let attempts = int(rt.child("attempts"), "\(path).attempts", range: 0...Int(Int32.max)) ?? 2
+        if rt.child("attempts") != nil && attempts == 0, let k = ["perTryTimeout", "retryOn", "retryRemoteLocalities"].first(where: { rt.child($0) != nil }) {
+            err(rt.child(k), "\(path).\(k)", "http retry policy configured when attempts are set to 0 (disabled)")
+        }
+        var retryOn = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+        if let on = rt.child("retryOn"), let v = string(on, "\(path).retryOn"), !v.isEmpty {
+            retryOn = v
+            for policy in v.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+                if let code = Int(policy), Self.namedStatusCodes.contains(code) { continue }
+                if !Self.retryOnPolicies.contains(policy) {
+                    err(on, "\(path).retryOn", "\"\(policy)\" is not a valid retryOn policy; valid: \(Self.retryOnPolicies.joined(separator: ", ")), or an HTTP status code")
+                } else if !Self.appliedRetryOn.contains(policy) {
+                    notApplied(on, "\(path).retryOn", "\"\(policy)\" is not applied by moonlet, ignored")
+                }
+            }
+        }
+        for k in ["retryRemoteLocalities", "retryIgnorePreviousHosts"] { _ = bool(rt.child(k), "\(path).\(k)") }
+        if duration(rt.child("backoff"), "\(path).backoff") != nil {
+            notApplied(rt.child("backoff")!, "\(path).backoff", "not applied by moonlet (a retry waits 25 ms x jitter), ignored")
+        }
+        return RetrySpec(attempts: attempts, perTryTimeoutMs: duration(rt.child("perTryTimeout"), "\(path).perTryTimeout") ?? 0, retryOn: retryOn)
     }
 
     mutating func percentage(_ n: PositionedNode?, _ path: String) -> Double? {
@@ -299,6 +394,12 @@ struct TrafficDecoder {
         }
         if v < 0 || v > 100 { err(n, path + ".value", "must be between 0 and 100"); return nil }
         return v
+    }
+
+    /// Where a destination's subset (or, without one, the destination) was written.
+    func place(_ dest: PositionedNode, _ path: String) -> FieldPlace {
+        if let s = dest.child("subset") { return FieldPlace(line: s.line, column: s.column, field: "\(path).subset") }
+        return FieldPlace(line: dest.line, column: dest.column, field: path)
     }
 
     mutating func destination(_ n: PositionedNode, _ path: String) -> (String, String, Int?)? {
@@ -320,6 +421,7 @@ struct TrafficDecoder {
                 guard let m = s.child(op) else { continue }
                 guard let mm = m.mapping else { err(m, "\(path).\(side).\(op)", "must be a mapping"); continue }
                 for e in mm {
+                    guard case .scalar = e.value.node else { err(e.value, "\(path).\(side).\(op).\(e.key)", "must be a string"); continue }
                     let v = e.value.value.stringValue ?? ""
                     if !HeaderValidationLite.isToken(e.key) || v.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\0" }) {
                         err(e.value, "\(path).\(side).\(op).\(e.key)", "invalid header name or value"); continue
@@ -346,6 +448,8 @@ struct TrafficDecoder {
         m.port = int(n.child("port"), "\(path).port", range: 1...65535)
         m.sourceLabels = labels(n.child("sourceLabels"), "\(path).sourceLabels")
         m.sourceNamespace = string(n.child("sourceNamespace"), "\(path).sourceNamespace")
+        _ = stringList(n.child("gateways"), "\(path).gateways")
+        for k in ["name", "statPrefix"] { _ = string(n.child(k), "\(path).\(k)") }
         return m
     }
 
@@ -356,7 +460,7 @@ struct TrafficDecoder {
         guard let host = string(spec.child("host"), "spec.host"), !host.isEmpty else { err(spec, "spec.host", "Required value"); return nil }
         var subsets: [Subset] = []
         var names = Set<String>()
-        for (i, s) in (spec.child("subsets")?.sequence ?? []).enumerated() {
+        for (i, s) in list(spec.child("subsets"), "spec.subsets").enumerated() {
             let p = "spec.subsets[\(i)]"
             guard fields(s, p, ["name", "labels", "trafficPolicy"]) else { continue }
             guard let n = string(s.child("name"), "\(p).name"), !n.isEmpty else { err(s, "\(p).name", "Required value"); continue }
@@ -366,64 +470,136 @@ struct TrafficDecoder {
             subsets.append(Subset(name: n, labels: labels(s.child("labels"), "\(p).labels"), trafficPolicy: s.child("trafficPolicy")?.value))
         }
         if let tp = spec.child("trafficPolicy") { trafficPolicy(tp, "spec.trafficPolicy") }
+        _ = stringList(spec.child("exportTo"), "spec.exportTo")
+        selector(spec.child("workloadSelector"), "spec.workloadSelector")
         return DestinationRuleSpec(name: name, namespace: namespace, host: host, fqdn: HostName.canonical(host, namespace: namespace),
                                    subsets: subsets, trafficPolicy: spec.child("trafficPolicy")?.value, file: file, line: line)
     }
 
-    /// The parts of trafficPolicy validated now (the rest is decoded by the balancer).
-    mutating func trafficPolicy(_ n: PositionedNode, _ path: String) {
-        guard fields(n, path, ["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"]) else { return }
+    /// A TrafficPolicy (top level or a subset's), or with `portLevel` one of its
+    /// portLevelSettings: every field is checked; RouteTable applies them.
+    mutating func trafficPolicy(_ n: PositionedNode, _ path: String, portLevel: Bool = false) {
+        let known: Set<String> = portLevel ? ["port", "loadBalancer", "connectionPool", "outlierDetection", "tls"]
+            : ["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"]
+        guard fields(n, path, known) else { return }
+        if portLevel {
+            if let p = n.child("port") {
+                if fields(p, "\(path).port", ["number"]) {
+                    if p.child("number") == nil { err(p, "\(path).port.number", "Required value") }
+                    else { _ = int(p.child("number"), "\(path).port.number", range: 1...65535) }
+                }
+            } else { err(n, "\(path).port.number", "Required value") }
+        }
+        if let t = n.child("tunnel"), fields(t, "\(path).tunnel", ["protocol", "targetHost", "targetPort"]) {
+            _ = string(t.child("protocol"), "\(path).tunnel.protocol"); _ = string(t.child("targetHost"), "\(path).tunnel.targetHost")
+            _ = int(t.child("targetPort"), "\(path).tunnel.targetPort", range: 1...65535)
+        }
+        if let pp = n.child("proxyProtocol"), fields(pp, "\(path).proxyProtocol", ["version"]) {
+            _ = enumValue(pp.child("version"), "\(path).proxyProtocol.version", ["V1", "V2"])
+        }
+        if let rb = n.child("retryBudget"), fields(rb, "\(path).retryBudget", ["percent", "minRetryConcurrency"]) {
+            _ = number(rb.child("percent"), "\(path).retryBudget.percent", range: 0...100)
+            _ = int(rb.child("minRetryConcurrency"), "\(path).retryBudget.minRetryConcurrency", range: 0...Int(UInt32.max))
+        }
         for k in ["tunnel", "proxyProtocol", "retryBudget"] { if let c = n.child(k) { notApplied(c, "\(path).\(k)", "not applied by moonlet, ignored") } }
-        for k in ["localityLbSetting", "warmup"] {
-            if let c = n.child("loadBalancer")?.child(k) { notApplied(c, "\(path).loadBalancer.\(k)", "not applied by moonlet, ignored") }
-        }
-        if let lb = n.child("loadBalancer"), lb.child("simple") != nil && lb.child("consistentHash") != nil {
-            err(lb, "\(path).loadBalancer", "only one of simple or consistentHash may be set")
-        }
-        if let ch = n.child("loadBalancer")?.child("consistentHash"), fields(ch, "\(path).loadBalancer.consistentHash", ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName", "ringHash", "maglev", "minimumRingSize", "localityLbSetting"]) {
-            let keys = ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName"].filter { ch.child($0) != nil }
-            if keys.count > 1 { err(ch, "\(path).loadBalancer.consistentHash", "only one hash key may be set, got \(keys.joined(separator: ", "))") }
-            if let c = ch.child("httpCookie"), fields(c, "\(path).loadBalancer.consistentHash.httpCookie", ["name", "path", "ttl", "attributes"]) {
-                if c.child("name") == nil { err(c, "\(path).loadBalancer.consistentHash.httpCookie.name", "Required value") }
-                _ = duration(c.child("ttl"), "\(path).loadBalancer.consistentHash.httpCookie.ttl")
-            }
-        }
-        if let simple = n.child("loadBalancer")?.child("simple") {
-            let v = string(simple, "\(path).loadBalancer.simple") ?? ""
-            if LBPolicy(istio: v) == nil { err(simple, "\(path).loadBalancer.simple", "unsupported value \"\(v)\" (ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH)") }
-        }
-        if let t = n.child("tls") { clientTLS(t, "\(path).tls") }
-        for (i, pl) in (n.child("portLevelSettings")?.sequence ?? []).enumerated() {
-            let pp = "\(path).portLevelSettings[\(i)]"
-            guard fields(pl, pp, ["port", "loadBalancer", "connectionPool", "outlierDetection", "tls"]) else { continue }
-            if pl.child("port")?.child("number") == nil { err(pl, "\(pp).port.number", "Required value") }
-            if let t = pl.child("tls") { clientTLS(t, "\(pp).tls") }
-        }
-        if let m = n.child("connectionPool")?.child("http")?.child("maxRequestsPerConnection") {
-            _ = int(m, "\(path).connectionPool.http.maxRequestsPerConnection", range: 0...Int(Int32.max))
-        }
-        if let h = n.child("connectionPool")?.child("http")?.child("h2UpgradePolicy") {
-            let v = string(h, "\(path).connectionPool.http.h2UpgradePolicy") ?? ""
-            if !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(v) {
-                err(h, "\(path).connectionPool.http.h2UpgradePolicy", "unsupported value \"\(v)\" (DEFAULT, DO_NOT_UPGRADE, UPGRADE)")
-            }
-        }
+        if let lb = n.child("loadBalancer") { loadBalancer(lb, "\(path).loadBalancer") }
+        if let cp = n.child("connectionPool") { connectionPool(cp, "\(path).connectionPool") }
         if let od = n.child("outlierDetection"), fields(od, "\(path).outlierDetection", ["consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "splitExternalLocalOriginErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"]) {
             for k in ["consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "consecutiveErrors"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...Int(Int32.max)) }
             for k in ["maxEjectionPercent", "minHealthPercent"] { _ = int(od.child(k), "\(path).outlierDetection.\(k)", range: 0...100) }
             for k in ["interval", "baseEjectionTime"] { _ = duration(od.child(k), "\(path).outlierDetection.\(k)") }
+            _ = bool(od.child("splitExternalLocalOriginErrors"), "\(path).outlierDetection.splitExternalLocalOriginErrors")
         }
-        if let lb = n.child("loadBalancer"), let w = lb.child("warmup") {
-            let p = "\(path).loadBalancer.warmup"
+        if let t = n.child("tls") { clientTLS(t, "\(path).tls") }
+        for (i, pl) in list(n.child("portLevelSettings"), "\(path).portLevelSettings").enumerated() {
+            trafficPolicy(pl, "\(path).portLevelSettings[\(i)]", portLevel: true)
+        }
+    }
+
+    /// LoadBalancerSettings: simple or consistentHash; locality and warmup settings
+    /// are checked and reported as not applied.
+    mutating func loadBalancer(_ lb: PositionedNode, _ path: String) {
+        guard fields(lb, path, ["simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"]) else { return }
+        for k in ["localityLbSetting", "warmupDurationSecs", "warmup"] {
+            if let c = lb.child(k) { notApplied(c, "\(path).\(k)", "not applied by moonlet, ignored") }
+        }
+        if lb.child("simple") != nil && lb.child("consistentHash") != nil {
+            err(lb, path, "only one of simple or consistentHash may be set")
+        }
+        if let simple = lb.child("simple") {
+            let v = string(simple, "\(path).simple") ?? ""
+            if LBPolicy(istio: v) == nil { err(simple, "\(path).simple", "unsupported value \"\(v)\" (ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH)") }
+        }
+        if let ch = lb.child("consistentHash"), fields(ch, "\(path).consistentHash", ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName", "ringHash", "maglev", "minimumRingSize"]) {
+            let p = "\(path).consistentHash"
+            let keys = ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName"].filter { ch.child($0) != nil }
+            if keys.count > 1 { err(ch, p, "only one hash key may be set, got \(keys.joined(separator: ", "))") }
+            _ = string(ch.child("httpHeaderName"), "\(p).httpHeaderName"); _ = string(ch.child("httpQueryParameterName"), "\(p).httpQueryParameterName")
+            _ = bool(ch.child("useSourceIp"), "\(p).useSourceIp")
+            if let c = ch.child("httpCookie"), fields(c, "\(p).httpCookie", ["name", "path", "ttl", "attributes"]) {
+                if c.child("name") == nil { err(c, "\(p).httpCookie.name", "Required value") }
+                _ = string(c.child("name"), "\(p).httpCookie.name"); _ = string(c.child("path"), "\(p).httpCookie.path")
+                _ = duration(c.child("ttl"), "\(p).httpCookie.ttl")
+                for (i, a) in list(c.child("attributes"), "\(p).httpCookie.attributes").enumerated() where fields(a, "\(p).httpCookie.attributes[\(i)]", ["name", "value"]) {
+                    _ = string(a.child("name"), "\(p).httpCookie.attributes[\(i)].name"); _ = string(a.child("value"), "\(p).httpCookie.attributes[\(i)].value")
+                }
+            }
+            if ch.child("ringHash") != nil && ch.child("maglev") != nil { err(ch, p, "only one of ringHash or maglev may be set") }
+            if let r = ch.child("ringHash"), fields(r, "\(p).ringHash", ["minimumRingSize"]) { _ = int(r.child("minimumRingSize"), "\(p).ringHash.minimumRingSize", range: 0...Int(UInt32.max)) }
+            if let m = ch.child("maglev"), fields(m, "\(p).maglev", ["tableSize"]) { _ = int(m.child("tableSize"), "\(p).maglev.tableSize", range: 0...Int(UInt32.max)) }
+            _ = int(ch.child("minimumRingSize"), "\(p).minimumRingSize", range: 0...Int(UInt32.max))
+        }
+        if let l = lb.child("localityLbSetting"), fields(l, "\(path).localityLbSetting", ["distribute", "failover", "failoverPriority", "enabled"]) {
+            let p = "\(path).localityLbSetting"
+            for (i, d) in list(l.child("distribute"), "\(p).distribute").enumerated() where fields(d, "\(p).distribute[\(i)]", ["from", "to"]) {
+                _ = string(d.child("from"), "\(p).distribute[\(i)].from")
+                if let to = d.child("to"), to.mapping == nil { err(to, "\(p).distribute[\(i)].to", "must be a mapping of locality to weight") }
+                for e in d.child("to")?.mapping ?? [] { _ = int(e.value, "\(p).distribute[\(i)].to.\(e.key)", range: 0...100) }
+            }
+            for (i, f) in list(l.child("failover"), "\(p).failover").enumerated() where fields(f, "\(p).failover[\(i)]", ["from", "to"]) {
+                _ = string(f.child("from"), "\(p).failover[\(i)].from"); _ = string(f.child("to"), "\(p).failover[\(i)].to")
+            }
+            _ = stringList(l.child("failoverPriority"), "\(p).failoverPriority")
+            _ = bool(l.child("enabled"), "\(p).enabled")
+        }
+        _ = duration(lb.child("warmupDurationSecs"), "\(path).warmupDurationSecs")
+        if let w = lb.child("warmup") {
+            let p = "\(path).warmup"
             if fields(w, p, ["duration", "minimumPercent", "aggression"]) {
                 if w.child("duration") == nil { err(w, "\(p).duration", "Required value") } else { _ = duration(w.child("duration"), "\(p).duration") }
-                if let mp = w.child("minimumPercent") {
-                    let v: Double? = { if case .double(let d) = mp.value { return d }; if case .int(let i) = mp.value { return Double(i) }; return nil }()
-                    if v == nil || v! < 0 || v! > 100 { err(mp, "\(p).minimumPercent", "Invalid value: must be between 0 and 100") }
+                if let mp = w.child("minimumPercent"), !(0...100).contains(numberValue(mp) ?? -1) {
+                    err(mp, "\(p).minimumPercent", "Invalid value: must be between 0 and 100")
                 }
-                if let ag = w.child("aggression") {
-                    let v: Double? = { if case .double(let d) = ag.value { return d }; if case .int(let i) = ag.value { return Double(i) }; return nil }()
-                    if v == nil || v! < 1 { err(ag, "\(p).aggression", "Invalid value: must be at least 1") }
+                if let ag = w.child("aggression"), (numberValue(ag) ?? 0) < 1 { err(ag, "\(p).aggression", "Invalid value: must be at least 1") }
+            }
+        }
+    }
+
+    /// ConnectionPoolSettings (tcp and http): every field has its type checked.
+    mutating func connectionPool(_ cp: PositionedNode, _ path: String) {
+        guard fields(cp, path, ["tcp", "http"]) else { return }
+        let int32 = 0...Int(Int32.max)
+        if let t = cp.child("tcp"), fields(t, "\(path).tcp", ["maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"]) {
+            _ = int(t.child("maxConnections"), "\(path).tcp.maxConnections", range: int32)
+            for k in ["connectTimeout", "maxConnectionDuration", "idleTimeout"] { _ = duration(t.child(k), "\(path).tcp.\(k)") }
+            if let c = t.child("idleTimeout") { notApplied(c, "\(path).tcp.idleTimeout", "not applied by moonlet (http.idleTimeout is), ignored") }
+            if let ka = t.child("tcpKeepalive"), fields(ka, "\(path).tcp.tcpKeepalive", ["probes", "time", "interval"]) {
+                _ = int(ka.child("probes"), "\(path).tcp.tcpKeepalive.probes", range: 0...Int(UInt32.max))
+                for k in ["time", "interval"] { _ = duration(ka.child(k), "\(path).tcp.tcpKeepalive.\(k)") }
+            }
+        }
+        if let h = cp.child("http"), fields(h, "\(path).http", ["http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries", "idleTimeout", "h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams", "http2KeepAlive"]) {
+            for k in ["http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries", "maxConcurrentStreams"] { _ = int(h.child(k), "\(path).http.\(k)", range: int32) }
+            _ = duration(h.child("idleTimeout"), "\(path).http.idleTimeout")
+            _ = bool(h.child("useClientProtocol"), "\(path).http.useClientProtocol")
+            for k in ["maxConcurrentStreams", "http2KeepAlive"] { if let c = h.child(k) { notApplied(c, "\(path).http.\(k)", "not applied by moonlet, ignored") } }
+            if let ka = h.child("http2KeepAlive"), fields(ka, "\(path).http.http2KeepAlive", ["interval", "timeout"]) {
+                for k in ["interval", "timeout"] { _ = duration(ka.child(k), "\(path).http.http2KeepAlive.\(k)") }
+            }
+            if let u = h.child("h2UpgradePolicy") {
+                let v = string(u, "\(path).http.h2UpgradePolicy") ?? ""
+                if !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(v) {
+                    err(u, "\(path).http.h2UpgradePolicy", "unsupported value \"\(v)\" (DEFAULT, DO_NOT_UPGRADE, UPGRADE)")
                 }
             }
         }
@@ -463,7 +639,9 @@ struct TrafficDecoder {
             else if p.hasSuffix("/") { err(n.child("address"), "\(path).address", "UDS may not be a dir") }
             if n.child("ports") != nil { err(n.child("ports"), "\(path).ports", "UDS may not include ports") }
         }
+        for k in ["network", "locality"] { _ = string(n.child(k), "\(path).\(k)") }
         var ports: [String: Int] = [:]
+        if let pn = n.child("ports"), pn.mapping == nil { err(pn, "\(path).ports", "must be a mapping of port name to number") }
         if let pm = n.child("ports")?.mapping {
             for e in pm {
                 if !Self.isDNS1123Label(e.key) { err(nil, "\(path).ports", "Invalid value: port name \"\(e.key)\" is not a DNS-1123 label", line: e.keyLine, col: e.keyColumn); continue }
@@ -491,12 +669,18 @@ struct TrafficDecoder {
         let resolution = string(spec.child("resolution"), "spec.resolution") ?? "NONE"
         if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(resolution) { err(spec.child("resolution"), "spec.resolution", "unsupported value \(resolution)") }
         let addresses = stringList(spec.child("addresses"), "spec.addresses")
+        for (i, a) in addresses.enumerated() {
+            if let problem = Self.ipOrCIDRProblem(a) { err(spec.child("addresses")?.sequence?[i], "spec.addresses[\(i)]", problem) }
+        }
+        _ = stringList(spec.child("exportTo"), "spec.exportTo")
+        _ = stringList(spec.child("subjectAltNames"), "spec.subjectAltNames")
+        _ = enumValue(spec.child("location"), "spec.location", ["MESH_EXTERNAL", "MESH_INTERNAL"])
         if addresses.contains(where: { $0.contains("/") }) && !["NONE", "STATIC"].contains(resolution) {
             err(spec.child("addresses"), "spec.addresses", "CIDR addresses are allowed only for NONE/STATIC resolution types")
         }
         var ports: [ServicePort] = []
         var numbers = Set<Int>(), portNames = Set<String>()
-        for (i, p) in (spec.child("ports")?.sequence ?? []).enumerated() {
+        for (i, p) in list(spec.child("ports"), "spec.ports").enumerated() {
             let path = "spec.ports[\(i)]"
             guard fields(p, path, ["number", "protocol", "name", "targetPort"]) else { continue }
             guard case .int(let num)? = p.child("number")?.value, (1...65535).contains(num) else { err(p.child("number") ?? p, "\(path).number", "port must be between 1-65535"); continue }
@@ -511,7 +695,7 @@ struct TrafficDecoder {
             ports.append(ServicePort(number: num, name: pn, protocolName: string(p.child("protocol"), "\(path).protocol") ?? "", targetPort: target))
         }
         var endpoints: [Endpoint] = []
-        for (i, e) in (spec.child("endpoints")?.sequence ?? []).enumerated() {
+        for (i, e) in list(spec.child("endpoints"), "spec.endpoints").enumerated() {
             if let ep = endpoint(e, "spec.endpoints[\(i)]", requireAddress: true) { endpoints.append(ep) }
         }
         var selector: [String: String]? = nil
@@ -523,6 +707,25 @@ struct TrafficDecoder {
         if resolution == "DNS_ROUND_ROBIN" && endpoints.count > 1 { err(spec.child("endpoints"), "spec.endpoints", "DNS_ROUND_ROBIN mode cannot have multiple endpoints") }
         return ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, ports: ports, resolution: resolution,
                                 endpoints: endpoints, workloadSelector: selector, file: file, line: line)
+    }
+}
+
+extension TrafficDecoder {
+    /// Istio's check of a ServiceEntry address (ValidateIPSubnet): an IP address, or a
+    /// CIDR block when it has one '/'. nil when valid, else Istio's message.
+    static func ipOrCIDRProblem(_ s: String) -> String? {
+        let parts = s.split(separator: "/", omittingEmptySubsequences: false)
+        if parts.count == 2 {
+            let ip = String(parts[0])
+            guard let bits = Int(parts[1]), bits >= 0, isIP(ip), bits <= (ip.contains(":") ? 128 : 32) else { return "\"\(s)\" is not a valid CIDR block" }
+            return nil
+        }
+        return isIP(s) ? nil : "\(s) is not a valid IP"
+    }
+
+    static func isIP(_ s: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, s, &v4) == 1 || inet_pton(AF_INET6, s, &v6) == 1
     }
 }
 
@@ -556,7 +759,7 @@ extension TrafficDecoder {
     /// PeerAuthentication: mode enums, portLevelMtls needs a selector, is not empty, has valid ports.
     mutating func peerAuthentication(_ spec: PositionedNode) {
         guard fields(spec, "spec", ["selector", "mtls", "portLevelMtls"]) else { return }
-        if let sel = spec.child("selector"), fields(sel, "spec.selector", ["matchLabels"]) { _ = labels(sel.child("matchLabels"), "spec.selector.matchLabels") }
+        selector(spec.child("selector"), "spec.selector")
         mtlsMode(spec.child("mtls"), "spec.mtls")
         guard let plm = spec.child("portLevelMtls") else { return }
         guard let m = plm.mapping else { err(plm, "spec.portLevelMtls", "must be a mapping"); return }
@@ -571,41 +774,140 @@ extension TrafficDecoder {
         }
     }
 
-    /// AuthorizationPolicy: action enum and the source rules Istio checks.
+    static let authzSourceFields: Set<String> = [
+        "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
+        "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts", "notServiceAccounts",
+        "trustDomains", "notTrustDomains",
+    ]
+    static let authzOperationFields: Set<String> = ["hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"]
+
+    /// AuthorizationPolicy: every field of every rule, the action enum, and the source
+    /// rules Istio checks.
     mutating func authorizationPolicy(_ spec: PositionedNode) {
         guard fields(spec, "spec", ["selector", "targetRef", "targetRefs", "rules", "action", "provider"]) else { return }
-        if let a = spec.child("action"), let v = string(a, "spec.action"), !["ALLOW", "DENY", "AUDIT", "CUSTOM"].contains(v) {
-            err(a, "spec.action", "Unsupported value: \"\(v)\"")
-        }
-        for (ri, r) in (spec.child("rules")?.sequence ?? []).enumerated() {
-            for (fi, f) in (r.child("from")?.sequence ?? []).enumerated() {
-                guard let src = f.child("source") else { continue }
+        selector(spec.child("selector"), "spec.selector")
+        targetRefs(spec)
+        _ = enumValue(spec.child("action"), "spec.action", ["ALLOW", "DENY", "AUDIT", "CUSTOM"])
+        if let p = spec.child("provider"), fields(p, "spec.provider", ["name"]) { _ = string(p.child("name"), "spec.provider.name") }
+        for (ri, r) in list(spec.child("rules"), "spec.rules").enumerated() {
+            let rp = "spec.rules[\(ri)]"
+            guard fields(r, rp, ["from", "to", "when"]) else { continue }
+            for (fi, f) in list(r.child("from"), "\(rp).from").enumerated() {
+                let fp = "\(rp).from[\(fi)]"
+                guard fields(f, fp, ["source"]), let src = f.child("source"), fields(src, "\(fp).source", Self.authzSourceFields) else { continue }
+                for e in src.mapping! { _ = stringList(e.value, "\(fp).source.\(e.key)") }
                 if src.child("serviceAccounts") != nil && (src.child("namespaces") != nil || src.child("principals") != nil) {
-                    err(src, "spec.rules[\(ri)].from[\(fi)].source", "Cannot set serviceAccounts with namespaces or principals")
+                    err(src, "\(fp).source", "Cannot set serviceAccounts with namespaces or principals")
                 }
+            }
+            for (ti, t) in list(r.child("to"), "\(rp).to").enumerated() {
+                let tp = "\(rp).to[\(ti)]"
+                guard fields(t, tp, ["operation"]), let op = t.child("operation"), fields(op, "\(tp).operation", Self.authzOperationFields) else { continue }
+                for e in op.mapping! { _ = stringList(e.value, "\(tp).operation.\(e.key)") }
+            }
+            for (wi, w) in list(r.child("when"), "\(rp).when").enumerated() {
+                let wp = "\(rp).when[\(wi)]"
+                guard fields(w, wp, ["key", "values", "notValues"]) else { continue }
+                if (string(w.child("key"), "\(wp).key") ?? "").isEmpty { err(w.child("key") ?? w, "\(wp).key", "Required value") }
+                for k in ["values", "notValues"] { _ = stringList(w.child(k), "\(wp).\(k)") }
             }
         }
     }
 
-    /// Telemetry: provider names, custom metric names and tag override operations.
+    /// A WorkloadSelector (`matchLabels`).
+    mutating func selector(_ n: PositionedNode?, _ path: String) {
+        guard let n, fields(n, path, ["matchLabels"]) else { return }
+        _ = labels(n.child("matchLabels"), "\(path).matchLabels")
+    }
+
+    /// `targetRef` and `targetRefs` (PolicyTargetReference) of a policy's spec.
+    mutating func targetRefs(_ spec: PositionedNode) {
+        var refs: [(PositionedNode, String)] = spec.child("targetRef").map { [($0, "spec.targetRef")] } ?? []
+        for (i, r) in list(spec.child("targetRefs"), "spec.targetRefs").enumerated() { refs.append((r, "spec.targetRefs[\(i)]")) }
+        for (r, p) in refs where fields(r, p, ["group", "kind", "name", "namespace"]) {
+            for k in ["group", "kind", "name", "namespace"] { _ = string(r.child(k), "\(p).\(k)") }
+        }
+    }
+
+    /// `providers: [{name}]` of a Telemetry section.
+    mutating func providers(_ n: PositionedNode?, _ path: String) {
+        for (pi, p) in list(n, path).enumerated() where fields(p, "\(path)[\(pi)]", ["name"]) {
+            if (p.child("name")?.scalarString ?? "").isEmpty { err(p, "\(path)[\(pi)].name", "name in body should be at least 1 chars long") }
+        }
+    }
+
+    static let workloadModes = ["CLIENT_AND_SERVER", "CLIENT", "SERVER"]
+    static let istioMetrics = ["ALL_METRICS", "REQUEST_COUNT", "REQUEST_DURATION", "REQUEST_SIZE", "RESPONSE_SIZE", "TCP_OPENED_CONNECTIONS",
+                               "TCP_CLOSED_CONNECTIONS", "TCP_SENT_BYTES", "TCP_RECEIVED_BYTES", "GRPC_REQUEST_MESSAGES", "GRPC_RESPONSE_MESSAGES"]
+
+    /// `match: {mode}` of a Telemetry tracing or accessLogging entry.
+    mutating func modeSelector(_ n: PositionedNode?, _ path: String) {
+        guard let n, fields(n, path, ["mode"]) else { return }
+        _ = enumValue(n.child("mode"), "\(path).mode", Self.workloadModes)
+    }
+
+    /// Telemetry: every field of tracing, metrics and accessLogging; provider names,
+    /// custom metric names and tag override operations as Istio checks them.
     mutating func telemetry(_ spec: PositionedNode) {
         guard fields(spec, "spec", ["selector", "targetRef", "targetRefs", "tracing", "metrics", "accessLogging"]) else { return }
-        for (mi, m) in (spec.child("metrics")?.sequence ?? []).enumerated() {
-            for (pi, p) in (m.child("providers")?.sequence ?? []).enumerated() where (p.child("name")?.scalarString ?? "").isEmpty {
-                err(p, "spec.metrics[\(mi)].providers[\(pi)].name", "name in body should be at least 1 chars long")
-            }
-            for (oi, o) in (m.child("overrides")?.sequence ?? []).enumerated() {
-                let path = "spec.metrics[\(mi)].overrides[\(oi)]"
-                if let cm = o.child("match")?.child("customMetric"), (cm.scalarString ?? "").isEmpty {
-                    err(cm, "\(path).match.customMetric", "customMetric in body should be at least 1 chars long")
+        selector(spec.child("selector"), "spec.selector")
+        targetRefs(spec)
+        for (ti, t) in list(spec.child("tracing"), "spec.tracing").enumerated() {
+            let path = "spec.tracing[\(ti)]"
+            guard fields(t, path, ["match", "providers", "randomSamplingPercentage", "disableSpanReporting", "customTags", "useRequestIdForTraceSampling"]) else { continue }
+            modeSelector(t.child("match"), "\(path).match")
+            providers(t.child("providers"), "\(path).providers")
+            _ = number(t.child("randomSamplingPercentage"), "\(path).randomSamplingPercentage", range: 0...100)
+            for k in ["disableSpanReporting", "useRequestIdForTraceSampling"] { _ = bool(t.child(k), "\(path).\(k)") }
+            if let ct = t.child("customTags") {
+                guard let tags = ct.mapping else { err(ct, "\(path).customTags", "must be a mapping"); continue }
+                for e in tags {
+                    let tp = "\(path).customTags.\(e.key)"
+                    guard fields(e.value, tp, ["literal", "environment", "header"]) else { continue }
+                    let kinds = e.value.mapping!.map(\.key)
+                    if kinds.count != 1 { err(e.value, tp, "exactly one of literal, environment or header must be set") }
+                    if let l = e.value.child("literal"), fields(l, "\(tp).literal", ["value"]) { _ = string(l.child("value"), "\(tp).literal.value") }
+                    for k in ["environment", "header"] {
+                        guard let v = e.value.child(k), fields(v, "\(tp).\(k)", ["name", "defaultValue"]) else { continue }
+                        if (string(v.child("name"), "\(tp).\(k).name") ?? "").isEmpty { err(v.child("name") ?? v, "\(tp).\(k).name", "Required value") }
+                        _ = string(v.child("defaultValue"), "\(tp).\(k).defaultValue")
+                    }
                 }
-                for e in o.child("tagOverrides")?.mapping ?? [] {
-                    let op = e.value.child("operation")?.scalarString ?? "UPSERT"
+            }
+        }
+        for (mi, m) in list(spec.child("metrics"), "spec.metrics").enumerated() {
+            guard fields(m, "spec.metrics[\(mi)]", ["providers", "overrides", "reportingInterval"]) else { continue }
+            providers(m.child("providers"), "spec.metrics[\(mi)].providers")
+            _ = duration(m.child("reportingInterval"), "spec.metrics[\(mi)].reportingInterval")
+            for (oi, o) in list(m.child("overrides"), "spec.metrics[\(mi)].overrides").enumerated() {
+                let path = "spec.metrics[\(mi)].overrides[\(oi)]"
+                guard fields(o, path, ["match", "disabled", "tagOverrides"]) else { continue }
+                _ = bool(o.child("disabled"), "\(path).disabled")
+                if let ms = o.child("match"), fields(ms, "\(path).match", ["metric", "customMetric", "mode"]) {
+                    _ = enumValue(ms.child("metric"), "\(path).match.metric", Self.istioMetrics)
+                    _ = enumValue(ms.child("mode"), "\(path).match.mode", Self.workloadModes)
+                    if let cm = ms.child("customMetric"), (cm.scalarString ?? "").isEmpty {
+                        err(cm, "\(path).match.customMetric", "customMetric in body should be at least 1 chars long")
+                    }
+                }
+                guard let to = o.child("tagOverrides") else { continue }
+                guard let tags = to.mapping else { err(to, "\(path).tagOverrides", "must be a mapping"); continue }
+                for e in tags where fields(e.value, "\(path).tagOverrides.\(e.key)", ["operation", "value"]) {
+                    let op = enumValue(e.value.child("operation"), "\(path).tagOverrides.\(e.key).operation", ["UPSERT", "REMOVE"]) ?? "UPSERT"
+                    _ = string(e.value.child("value"), "\(path).tagOverrides.\(e.key).value")
                     let hasValue = e.value.child("value") != nil
                     if op == "UPSERT" && !hasValue { err(e.value, "\(path).tagOverrides.\(e.key)", "value must be set when operation is UPSERT") }
                     if op == "REMOVE" && hasValue { err(e.value, "\(path).tagOverrides.\(e.key)", "value must not be set when operation is REMOVE") }
                 }
             }
+        }
+        for (ai, a) in list(spec.child("accessLogging"), "spec.accessLogging").enumerated() {
+            let path = "spec.accessLogging[\(ai)]"
+            guard fields(a, path, ["match", "providers", "disabled", "filter"]) else { continue }
+            modeSelector(a.child("match"), "\(path).match")
+            providers(a.child("providers"), "\(path).providers")
+            _ = bool(a.child("disabled"), "\(path).disabled")
+            if let f = a.child("filter"), fields(f, "\(path).filter", ["expression"]) { _ = string(f.child("expression"), "\(path).filter.expression") }
         }
     }
 }

@@ -33,19 +33,23 @@ public protocol UpstreamCluster: AnyObject, Sendable {
     var outlierPolicy: OutlierPolicy? { get }
     /// A name stable across config reloads (ejection state is kept by it).
     var stableName: String { get }
-    /// connectionPool.tcp.maxConnections across the whole sidecar (Envoy's default 1024).
+    /// connectionPool.tcp.maxConnections across the whole sidecar (Istio's default
+    /// `CircuitBreakerDefaults.unlimited`).
     var maxConnections: Int { get }
     /// connectionPool.http.http1MaxPendingRequests: streams that may wait for a
-    /// connection once maxConnections is reached (Envoy's default 1024); beyond: 503 UO.
+    /// connection once maxConnections is reached (Istio's default
+    /// `CircuitBreakerDefaults.unlimited`); beyond: 503 UO.
     var maxPendingRequests: Int { get }
     /// consistentHash: the endpoint owning `hash` on the ring, walking past endpoints
     /// for which `skip` is true (ejected ones). nil when the cluster has no ring.
     func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int?
     /// connectionPool.tcp.connectTimeout in ms (0: the listener default).
     var connectTimeoutMs: Int { get }
-    /// connectionPool.http.maxRetries: concurrent retries across the sidecar (Envoy's default 3).
+    /// connectionPool.http.maxRetries: concurrent retries across the sidecar (Istio's
+    /// default `CircuitBreakerDefaults.unlimited`).
     var maxRetries: Int { get }
-    /// connectionPool.http.http2MaxRequests: active requests across the sidecar (default 1024).
+    /// connectionPool.http.http2MaxRequests: active requests across the sidecar (Istio's
+    /// default `CircuitBreakerDefaults.unlimited`).
     var maxRequests: Int { get }
     /// connectionPool.http.idleTimeout: a pooled connection idle longer is closed (0: listener default).
     var idleTimeoutMs: Int { get }
@@ -125,6 +129,14 @@ public final class UpstreamTLS: @unchecked Sendable {
     }
 }
 
+/// Circuit-breaker thresholds where a DestinationRule leaves them unset. Istio sets
+/// maxConnections, http1MaxPendingRequests, http2MaxRequests and maxRetries to 2^32-1
+/// itself, because Envoy's own defaults (1024, and 3 concurrent retries) refused
+/// retries and queued requests during pod churn (503s while endpoints came and went).
+public enum CircuitBreakerDefaults {
+    public static let unlimited = Int(UInt32.max)
+}
+
 /// DestinationRule `outlierDetection`, as the balancer applies it.
 public struct OutlierPolicy: Sendable, Equatable {
     /// Consecutive 5xx (including locally generated 502/503/504) before ejection; 0 = off.
@@ -146,12 +158,12 @@ extension UpstreamCluster {
     public var outlierPolicy: OutlierPolicy? { nil }
     /// A name stable across config reloads (ejections survive them).
     public var stableName: String { "cluster-\(id)" }
-    public var maxConnections: Int { 1024 }
-    public var maxPendingRequests: Int { 1024 }
+    public var maxConnections: Int { CircuitBreakerDefaults.unlimited }
+    public var maxPendingRequests: Int { CircuitBreakerDefaults.unlimited }
     public func hashPick(_ hash: UInt64, skip: (Int) -> Bool) -> Int? { nil }
     public var connectTimeoutMs: Int { 0 }
-    public var maxRetries: Int { 3 }
-    public var maxRequests: Int { 1024 }
+    public var maxRetries: Int { CircuitBreakerDefaults.unlimited }
+    public var maxRequests: Int { CircuitBreakerDefaults.unlimited }
     public var idleTimeoutMs: Int { 0 }
     public var maxConnectionDurationMs: Int { 0 }
     public var tcpKeepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? { nil }

@@ -139,13 +139,64 @@ final class OutlierTests: XCTestCase {
         XCTAssertTrue(b.outlier(c)!.isEjected(2, now: monotonicNanos()))
     }
 
-    func test_allHostsEjected_isPanic_andTrafficStillFlows() {
-        var p = policy(); p.maxEjectionPercent = 100
+    func test_allHostsEjected_withMinHealthPercentSet_isPanic_andTrafficStillFlows() {
+        var p = policy(); p.maxEjectionPercent = 100; p.minHealthPercent = 50
         let b = BalancerState(seed: 8)
         let c = OutlierCluster(id: 0, count: 1, policy: p)
         for _ in 0..<5 { b.report(c, 0, status: 500) }
         XCTAssertTrue(b.outlier(c)!.panic(now: monotonicNanos()))
         XCTAssertEqual(b.pick(c), 0)
+    }
+
+    /// Istio's minHealthPercent default is 0: no panic mode, so with every host
+    /// ejected nothing is picked (the proxy answers 503 UH), as Envoy with a 0% panic
+    /// threshold does.
+    func test_allHostsEjected_minHealthPercentUnset_noPanic_picksNothing() {
+        var p = policy(); p.maxEjectionPercent = 100
+        XCTAssertEqual(OutlierPolicy().minHealthPercent, 0)
+        let b = BalancerState(seed: 8)
+        let c = OutlierCluster(id: 0, count: 2, policy: p)
+        for _ in 0..<5 { b.report(c, 0, status: 500); b.report(c, 1, status: 500) }
+        XCTAssertEqual(b.outlier(c)!.ejectedCount(now: monotonicNanos()), 2)
+        XCTAssertFalse(b.outlier(c)!.panic(now: monotonicNanos()))
+        XCTAssertNil(b.pick(c))
+    }
+
+    /// minHealthPercent 50 with 4 hosts: one ejected leaves 75% healthy (ejection
+    /// honoured), two ejected leave 50% (still not below), three leave 25% (panic).
+    func test_minHealthPercent_panicsOnlyBelowTheHealthyShare() {
+        var p = policy(); p.maxEjectionPercent = 100; p.minHealthPercent = 50
+        let t0 = monotonicNanos()
+        let o = OutlierState(policy: p, count: 4, epoch: t0)
+        var panics: [Bool] = []
+        for h in 0..<3 {
+            for _ in 0..<5 { o.record(h, status: 500, now: t0) }
+            panics.append(o.panic(now: t0 + 1))
+        }
+        XCTAssertEqual(panics, [false, false, true])
+    }
+
+    /// Envoy ejects while (ejected / hosts) < maxEjectionPercent: with three hosts and
+    /// 50%, 1/3 = 33% is below it, so a second host can go (not max(1, 3*50/100) = 1).
+    func test_threeHostsFiftyPercent_ejectsASecondHost_butNotAThird() {
+        let t0 = monotonicNanos()
+        let o = OutlierState(policy: policy(), count: 3, epoch: t0)
+        for h in 0..<3 { for _ in 0..<5 { o.record(h, status: 500, now: t0) } }
+        XCTAssertEqual(o.ejectedCount(now: t0 + 1), 2)
+        XCTAssertTrue(o.isEjected(0, now: t0 + 1)); XCTAssertTrue(o.isEjected(1, now: t0 + 1))
+        XCTAssertFalse(o.isEjected(2, now: t0 + 1), "2/3 = 67% is not below 50%")
+    }
+
+    func test_maxEjectionPercent_followsEnvoysShareTest() {
+        // (hosts, maxEjectionPercent) -> hosts ejected when all of them fail.
+        let cases: [(Int, Int, Int)] = [(3, 10, 1), (3, 34, 2), (3, 33, 1), (10, 10, 1), (10, 25, 3), (4, 100, 4), (5, 0, 0)]
+        for (hosts, pct, want) in cases {
+            var p = policy(); p.maxEjectionPercent = pct
+            let t0 = monotonicNanos()
+            let o = OutlierState(policy: p, count: hosts, epoch: t0)
+            for h in 0..<hosts { for _ in 0..<5 { o.record(h, status: 500, now: t0) } }
+            XCTAssertEqual(o.ejectedCount(now: t0 + 1), want, "\(hosts) hosts at \(pct)%")
+        }
     }
 }
 

@@ -40,17 +40,10 @@ final class ConformanceTests: XCTestCase {
     /// with a notice instead (Moonlet does not read them).
     static let implemented = ["serviceentry", "workloadentry", "destinationrule", "peerauth", "authz", "telemetry"]
 
-    /// Documents where Moonlet knowingly differs from Istio, with the reason.
-    static let knownDivergences: [String: String] = [
-        "name: full\n  namespace: default\nspec:\n  hosts: [\"example.com\"]\n  workloadSelector":
-            "libyaml refuses the plain scalar 001:db8:: inside a flow sequence; Istio's go-yaml accepts it",
-    ]
-
     func test_validDocuments_ofImplementedKinds_load() throws {
         let root = try requireRoot()
         for kind in Self.implemented {
             for (_, doc) in try documents("\(root)/validation/\(kind)-valid.yaml") {
-                if Self.knownDivergences.keys.contains(where: { doc.contains($0) }) { continue }
                 let r = ConfigLoader().loadText(doc, file: "\(kind)-valid.yaml", baseDir: root)
                 XCTAssertEqual(r.errors.map(\.description), [], doc)
             }

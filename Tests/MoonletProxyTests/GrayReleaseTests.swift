@@ -1,5 +1,6 @@
 import XCTest
 import NIOConcurrencyHelpers
+import NIOHTTP1
 @testable import MoonletProxy
 @testable import MoonletLua
 
@@ -148,6 +149,43 @@ final class OutlierDetectionTests: XCTestCase {
         }
         XCTAssertGreaterThan(back, 0, "the host returns after its ejection time")
         XCTAssertGreaterThan(Date().timeIntervalSince(ejectedAt), 0.5, "not before its ejection time")
+    }
+}
+
+final class OutlierDefaultsTests: XCTestCase {
+    /// Three hosts at maxEjectionPercent 50: two failing hosts are both ejected (1/3 is
+    /// below 50%), so all traffic reaches the third.
+    func test_threeHostsFiftyPercent_twoFailingHostsAreEjected_theThirdTakesAllTraffic() throws {
+        let failing = try (0..<2).map { i in try TestUpstream { _ in TestUpstream.Reply(status: .internalServerError, headers: [("x-ep", "bad\(i)")]) } }
+        let good = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-ep", "good")]) }
+        defer { failing.forEach { $0.stop() }; good.stop() }
+        let yaml = meshService("three", ports: failing.map(\.port) + [good.port],
+                               trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}}")
+        let px = try ProxyFixture(appPort: 1, files: ["three.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        func send() -> String { c.send("GET / HTTP/1.1\r\nHost: three\r\n\r\n"); let r = c.read(); return "\(r?.header("x-ep") ?? "?"):\(r?.status ?? 0)" }
+        for _ in 0..<6 { _ = send() }   // round robin: each failing host answers 500 twice
+        let after = (0..<30).map { _ in send() }
+        XCTAssertEqual(Set(after), ["good:200"], "\(after)")
+    }
+
+    /// Istio's minHealthPercent default (0) means no panic mode: with the only host
+    /// ejected the proxy answers 503 UH instead of sending traffic to it.
+    func test_everyHostEjected_minHealthPercentUnset_answers503NoHealthyUpstream() throws {
+        let bad = try TestUpstream { _ in TestUpstream.Reply(status: .internalServerError) }
+        defer { bad.stop() }
+        let yaml = meshService("alone", ports: [bad.port],
+                               trafficPolicy: "{outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}")
+        let px = try ProxyFixture(appPort: 1, files: ["alone.yaml": yaml], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        var statuses: [Int] = []
+        for _ in 0..<4 { c.send("GET / HTTP/1.1\r\nHost: alone\r\n\r\n"); statuses.append(c.read()?.status ?? 0) }
+        XCTAssertEqual(statuses, [500, 500, 503, 503])
+        XCTAssertEqual(bad.seen.count, 2, "nothing reaches the ejected host")
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("response_code=\"503\",response_flags=\"UH\""), stats)
     }
 }
 
@@ -313,6 +351,79 @@ final class KilledBackendTests: XCTestCase {
         XCTAssertGreaterThan(t, 200)
         XCTAssertLessThan(Double(f) / Double(t), 0.01, "\(f) of \(t) failed")
         XCTAssertGreaterThan(seen.withLockedValue { $0["0"] ?? 0 }, 0, "it gets traffic again after its ejection time")
+    }
+}
+
+/// Istio's circuit-breaker defaults (2^32-1) when a DestinationRule leaves them unset.
+final class CircuitBreakerDefaultsTests: XCTestCase {
+    /// Three hosts behind ROUND_ROBIN, one already ejected for 5xx, a healthy one
+    /// killed under 8-connection load. The dead host stays in rotation (a second
+    /// ejection would pass maxEjectionPercent's default 10%), so about every other
+    /// request is a connect failure that Istio's default retry policy moves to the live
+    /// host: with Envoy's old limit of 3 concurrent retries those retries were refused
+    /// (a quarter of the requests failed); with Istio's default none is.
+    func test_hostKilledUnder8Connections_withOneAlreadyEjected_losesUnder1Percent() throws {
+        let tagged = { (name: String, status: HTTPResponseStatus) -> @Sendable (SeenRequest) -> TestUpstream.Reply in
+            { _ in TestUpstream.Reply(status: status, headers: [("x-ep", name)]) }
+        }
+        let bad = try TestUpstream(respond: tagged("bad", .internalServerError))
+        let victim = try TestUpstream(respond: tagged("victim", .ok))
+        let live = try TestUpstream(respond: tagged("live", .ok))
+        var victimRunning = true
+        defer { bad.stop(); live.stop(); if victimRunning { victim.stop() } }
+        // No connectionPool settings: the circuit breakers are Istio's defaults.
+        let yaml = meshService("churn", ports: [bad.port, victim.port, live.port],
+                               trafficPolicy: "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s}}")
+        let px = try ProxyFixture(appPort: 1, files: ["churn.yaml": yaml])
+        defer { px.stop() }
+
+        // The bad host answers 500 until its third in a row ejects it.
+        let warm = try RawClient(port: px.outbound)
+        var fives = 0
+        for _ in 0..<60 where fives < 3 {
+            warm.send("GET / HTTP/1.1\r\nHost: churn\r\n\r\n")
+            if warm.read()?.status == 500 { fives += 1 }
+        }
+        XCTAssertEqual(fives, 3)
+        let clusters = try XCTUnwrap(adminGet(px.admin, "/clusters")).body
+        XCTAssertTrue(clusters.contains("::127.0.0.1:\(bad.port)::health_flags::/failed_outlier_check"), clusters)
+
+        let total = NIOLockedValueBox(0), failed = NIOLockedValueBox([Int: Int]())
+        let perConnection = 125
+        let deadline = Date().addingTimeInterval(20)
+        // Threads, not a dispatch queue: all 8 connections are busy at once.
+        let finished = NIOLockedValueBox(0)
+        let clients = (0..<8).map { _ in
+            Thread {
+                var c = try? RawClient(port: px.outbound)
+                for _ in 0..<perConnection where Date() < deadline {
+                    c?.send("GET / HTTP/1.1\r\nHost: churn\r\n\r\n")
+                    let status = c?.read()?.status ?? 0
+                    total.withLockedValue { $0 += 1 }
+                    if status != 200 {
+                        failed.withLockedValue { $0[status, default: 0] += 1 }
+                        c = try? RawClient(port: px.outbound)
+                    }
+                }
+                finished.withLockedValue { $0 += 1 }
+            }
+        }
+        clients.forEach { $0.start() }
+        // Killed once a fifth of the load has gone through.
+        while total.withLockedValue({ $0 }) < 8 * perConnection / 5 && Date() < deadline { usleep(2_000) }
+        let servedBeforeKill = victim.seen.count
+        victim.stop()
+        victimRunning = false
+        while finished.withLockedValue({ $0 }) < 8 && Date() < deadline.addingTimeInterval(10) { usleep(10_000) }
+        XCTAssertEqual(finished.withLockedValue { $0 }, 8)
+        let t = total.withLockedValue { $0 }, f = failed.withLockedValue { $0 }
+        let lost = f.values.reduce(0, +)
+        XCTAssertGreaterThan(servedBeforeKill, 0, "the victim was serving when it was killed")
+        XCTAssertEqual(t, 8 * perConnection, "every request was sent within the time bound")
+        XCTAssertLessThan(Double(lost) / Double(max(t, 1)), 0.01, "\(lost) of \(t) failed, by status: \(f)")
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_upstream_retries_total"), "connect failures to the dead host were retried")
+        XCTAssertFalse(stats.contains("moonlet_upstream_retry_overflow_total"), "no retry was refused by maxRetries")
     }
 }
 
