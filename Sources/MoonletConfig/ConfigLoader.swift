@@ -33,8 +33,22 @@ public struct ConfigLoader {
         return out.sorted()
     }
 
+    /// Which workloads the "security resource not enforced" check looks at.
+    public enum SecurityScope: Sendable {
+        /// The sidecar's own workload (`namespace`, `labels`): `moonlet run`.
+        case workload
+        /// Any workload (a policy may select one elsewhere): `moonlet validate`.
+        case anyWorkload
+    }
+
+    /// Kinds that protect a workload and that Moonlet does not enforce yet. Loading one that
+    /// selects the workload is an error (fail closed): an Istio user who reads "valid" would
+    /// otherwise believe the workload is protected.
+    public static let unenforcedSecurityKinds: Set<String> = ["AuthorizationPolicy", "RequestAuthentication"]
+
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
-    public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:]) -> Result<ConfigSnapshot, ConfigErrors> {
+    public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:],
+                     securityScope: SecurityScope = .workload) -> Result<ConfigSnapshot, ConfigErrors> {
         var errors: [ConfigError] = []
         var all = TextResult()
         var plugins: [LuaPluginSpec] = []
@@ -54,6 +68,14 @@ public struct ConfigLoader {
                 }
                 let r = loadText(text, file: file, baseDir: (file as NSString).deletingLastPathComponent)
                 errors += r.errors; plugins += r.plugins; istio += r.istio; skipped += r.skipped
+                let workload = WorkloadIdentity(namespace: namespace, labels: labels)
+                for sec in r.security where securityScope == .anyWorkload || sec.selects(workload) {
+                    errors.append(ConfigError(file: sec.file, line: sec.line, column: 1, resource: sec.resource, field: "kind",
+                                              message: "\(sec.kind) is not enforced by this version of Moonlet; refusing it "
+                                                + (securityScope == .anyWorkload ? "(a sidecar whose workload it selects will not start)"
+                                                                                 : "rather than serve the workload unprotected")
+                                                + ": remove it, or narrow its selector/namespace so it does not select this workload"))
+                }
                 all.virtualServices += r.virtualServices; all.destinationRules += r.destinationRules
                 all.serviceEntries += r.serviceEntries; all.workloadEntries += r.workloadEntries
             }
@@ -73,6 +95,34 @@ public struct ConfigLoader {
         public var istio: [IstioResource] = []
         public var skipped: [String] = []
         public var errors: [ConfigError] = []
+        /// Well-formed security resources Moonlet does not enforce (see `unenforcedSecurityKinds`).
+        public var security: [UnenforcedSecurityResource] = []
+    }
+
+    /// An AuthorizationPolicy or RequestAuthentication as far as selection goes.
+    public struct UnenforcedSecurityResource: Sendable {
+        public var kind: String
+        public var resource: String
+        /// metadata.namespace ("" when unset: taken as the workload's own, so the check fails closed).
+        public var namespace: String
+        /// spec.selector.matchLabels (nil: every workload of the namespace).
+        public var selector: [String: String]?
+        public var file: String
+        public var line: Int
+
+        /// Istio's scope: the root namespace applies mesh-wide, otherwise the policy's
+        /// namespace; a selector narrows it to workloads with those labels.
+        public func selects(_ w: WorkloadIdentity) -> Bool {
+            guard namespace.isEmpty || namespace == w.namespace || namespace == w.rootNamespace else { return false }
+            return (selector ?? [:]).allSatisfy { w.labels[$0.key] == $0.value }
+        }
+    }
+
+    static func selectorLabels(_ spec: PositionedNode?) -> [String: String]? {
+        guard let m = spec?.child("selector")?.child("matchLabels")?.mapping, !m.isEmpty else { return nil }
+        var out: [String: String] = [:]
+        for e in m { out[e.key] = e.value.value.stringValue ?? "" }
+        return out
     }
 
     /// Decodes one file's text (all its documents).
@@ -145,11 +195,23 @@ public struct ConfigLoader {
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }
+                    if kind == "Telemetry" && d.errors.isEmpty {
+                        out.skipped.append("\(file):\(doc.line): \(resource): validated but not applied yet (Moonlet's metrics, access log and tracing keep their defaults)")
+                    }
+                    if kind == "AuthorizationPolicy" && d.errors.isEmpty {
+                        out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,
+                                                                       selector: Self.selectorLabels(spec), file: file, line: doc.line))
+                    }
                     out.errors += d.errors
                     out.skipped += d.notApplied
                     out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file, line: doc.line))
                 } else {
-                    out.skipped.append("\(file):\(doc.line): \(resource): kind not supported, skipped")
+                    if Self.unenforcedSecurityKinds.contains(kind) {
+                        out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,
+                                                                       selector: Self.selectorLabels(doc.child("spec")), file: file, line: doc.line))
+                    } else {
+                        out.skipped.append("\(file):\(doc.line): \(resource): kind not supported, skipped")
+                    }
                 }
                 continue
             }
@@ -260,21 +322,25 @@ public struct ConfigLoader {
         }
         if let l = spec.child("limits"), l.mapping == nil { err(l, "spec.limits", "must be a mapping") }
         // pluginName, match (WasmPlugin's traffic selectors) and variants: checked with
-        // the Istio decoder's helpers; match and variants are reported as not applied.
+        // the Istio decoder's helpers, then refused: Moonlet does not apply them yet, and a
+        // plugin that ran on more traffic (match) or with one arm only (variants) than its
+        // resource says would be silently wrong.
         var d = TrafficDecoder(file: file, resource: resource, namespace: namespace)
-        _ = d.string(spec.child("pluginName"), "spec.pluginName")
+        if let n = spec.child("pluginName"), d.string(n, "spec.pluginName") != nil {
+            d.err(n, "spec.pluginName", "not supported: a Lua module is one filter (remove the field)")
+        }
         for (i, sel) in d.list(spec.child("match"), "spec.match").enumerated() where d.fields(sel, "spec.match[\(i)]", ["mode", "ports"]) {
             _ = d.enumValue(sel.child("mode"), "spec.match[\(i)].mode", ["UNDEFINED", "CLIENT", "SERVER", "CLIENT_AND_SERVER"])
             for (k, port) in d.list(sel.child("ports"), "spec.match[\(i)].ports").enumerated() where d.fields(port, "spec.match[\(i)].ports[\(k)]", ["number"]) {
                 _ = d.int(port.child("number"), "spec.match[\(i)].ports[\(k)].number", range: 1...65535)
             }
         }
-        if let m = spec.child("match") { d.notApplied(m, "spec.match", "not applied by moonlet (the plugin runs on all traffic of the workload), ignored") }
+        if let m = spec.child("match"), d.errors.isEmpty { d.err(m, "spec.match", "not supported yet: the plugin would run on all traffic of the workload (remove the field, or select the workload with spec.selector)") }
         for (i, v) in d.list(spec.child("variants"), "spec.variants").enumerated() where d.fields(v, "spec.variants[\(i)]", ["name", "url", "weight", "pluginConfig"]) {
             for k in ["name", "url"] { _ = d.string(v.child(k), "spec.variants[\(i)].\(k)") }
             _ = d.int(v.child("weight"), "spec.variants[\(i)].weight", range: 0...100)
         }
-        if let v = spec.child("variants") { d.notApplied(v, "spec.variants", "A/B variants are not applied by moonlet yet (spec.url serves every stream), ignored") }
+        if let v = spec.child("variants"), d.errors.isEmpty { d.err(v, "spec.variants", "not supported yet: A/B variants are not applied (spec.url would serve every stream); remove the field") }
         if !d.errors.isEmpty { ok = false; errors += d.errors }
         notes += d.notApplied
         var maxInstr: Int?, maxMem: Int?, timeout: Int?

@@ -144,7 +144,7 @@ struct Validate: ParsableCommand {
     @Option(help: "text or json") var output: String = "text"
 
     func run() throws {
-        switch ConfigLoader().load(paths: paths) {
+        switch ConfigLoader().load(paths: paths, securityScope: .anyWorkload) {
         case .success(let snap):
             if output == "json" {
                 print("{\"valid\":true,\"resources\":\(snap.istio.count + snap.plugins.count),\"skipped\":[\(snap.skipped.map(JSON.quote).joined(separator: ","))],\"errors\":[]}")

@@ -157,7 +157,7 @@ final class StrictValidationTests: XCTestCase {
         assertEachReportsOnly(cases)
     }
 
-    func test_luaPluginMatchAndVariants_areChecked_andReportedAsNotApplied() throws {
+    func test_luaPluginMatchVariantsAndPluginName_areChecked_thenRefusedUntilApplied() throws {
         let dir = NSTemporaryDirectory() + "moonlet-strict-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -168,9 +168,14 @@ final class StrictValidationTests: XCTestCase {
         let bad = load("  match: [{mode: SERVER, ports: [{number: 80, name: http}]}]\n  variants: [{name: b, wieght: 10}]\n")
         XCTAssertEqual(bad.errors.map(\.description), ["p.yaml:6:47: LuaPlugin p: spec.match[0].ports[0].name: unknown field",
                                                        "p.yaml:7:24: LuaPlugin p: spec.variants[0].wieght: unknown field"])
-        let good = load("  match: [{mode: SERVER, ports: [{number: 80}]}]\n")
-        XCTAssertEqual(good.errors, [])
-        XCTAssertEqual(good.plugins.count, 1)
-        XCTAssertTrue(good.skipped.contains { $0.hasPrefix("p.yaml:6: LuaPlugin p: spec.match: not applied by moonlet") }, "\(good.skipped)")
+        // Well-formed, but not applied: refused with file:line, never dropped.
+        let wellFormed = load("  match: [{mode: SERVER, ports: [{number: 80}]}]\n")
+        XCTAssertEqual(wellFormed.plugins.count, 0)
+        XCTAssertTrue(wellFormed.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:10: LuaPlugin p: spec.match: not supported yet") }, "\(wellFormed.errors)")
+        let variants = load("  variants: [{name: b, url: file://f.lua, weight: 10}]\n")
+        XCTAssertTrue(variants.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:13: LuaPlugin p: spec.variants: not supported yet") }, "\(variants.errors)")
+        let named = load("  pluginName: x\n")
+        XCTAssertTrue(named.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:15: LuaPlugin p: spec.pluginName: not supported") }, "\(named.errors)")
+        XCTAssertEqual(load("").errors, [])
     }
 }

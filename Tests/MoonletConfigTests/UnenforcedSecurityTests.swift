@@ -1,0 +1,73 @@
+import XCTest
+import MoonletCore
+@testable import MoonletConfig
+
+/// Until Moonlet enforces AuthorizationPolicy and RequestAuthentication, a sidecar whose
+/// workload one of them selects refuses the configuration (fail closed), and `moonlet
+/// validate` refuses every one of them: "valid" must never mean "protected" when it is not.
+final class UnenforcedSecurityTests: XCTestCase {
+    let seedPolicy = """
+    apiVersion: security.istio.io/v1beta1
+    kind: AuthorizationPolicy
+    metadata: {name: order-service-policy, namespace: production}
+    spec:
+      selector: {matchLabels: {app: order-service}}
+      action: ALLOW
+      rules:
+      - from:
+        - source: {principals: ["cluster.local/ns/production/sa/frontend"]}
+        to:
+        - operation: {methods: ["GET", "POST"], paths: ["/api/order/*"]}
+    """
+    let jwt = """
+    apiVersion: security.istio.io/v1
+    kind: RequestAuthentication
+    metadata: {name: jwt, namespace: istio-system}
+    spec:
+      jwtRules:
+      - issuer: https://issuer.example
+    """
+
+    func load(_ yaml: String, namespace: String, labels: [String: String], scope: ConfigLoader.SecurityScope = .workload) -> Result<ConfigSnapshot, ConfigErrors> {
+        let dir = NSTemporaryDirectory() + "moonlet-unenforced-\(UUID().uuidString)"
+        try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try! yaml.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        return ConfigLoader().load(paths: [dir], namespace: namespace, labels: labels, securityScope: scope)
+    }
+
+    func test_authorizationPolicySelectingTheWorkload_isRefused_withItsPlace() {
+        guard case .failure(let e) = load(seedPolicy, namespace: "production", labels: ["app": "order-service"]) else {
+            return XCTFail("an AuthorizationPolicy that Moonlet does not enforce was accepted for the workload it selects")
+        }
+        XCTAssertEqual(e.errors.count, 1)
+        let msg = e.errors[0].description
+        XCTAssertTrue(msg.contains("p.yaml:1:1: AuthorizationPolicy production/order-service-policy: kind: AuthorizationPolicy is not enforced"), msg)
+    }
+
+    func test_authorizationPolicyForAnotherWorkloadOrNamespace_doesNotStopTheSidecar() throws {
+        XCTAssertNoThrow(try load(seedPolicy, namespace: "production", labels: ["app": "frontend"]).get())
+        XCTAssertNoThrow(try load(seedPolicy, namespace: "staging", labels: ["app": "order-service"]).get())
+    }
+
+    func test_meshWideRequestAuthentication_isRefused_forEveryWorkload() {
+        guard case .failure(let e) = load(jwt, namespace: "anything", labels: [:]) else {
+            return XCTFail("a mesh-wide RequestAuthentication was skipped as an unsupported kind")
+        }
+        XCTAssertTrue(e.errors[0].description.contains("RequestAuthentication is not enforced"), e.description)
+    }
+
+    func test_validate_refusesEveryUnenforcedSecurityResource_whateverItSelects() {
+        guard case .failure(let e) = load(seedPolicy, namespace: "default", labels: [:], scope: .anyWorkload) else {
+            return XCTFail("moonlet validate called an unenforced AuthorizationPolicy valid")
+        }
+        XCTAssertTrue(e.errors[0].description.contains("a sidecar whose workload it selects will not start"), e.description)
+    }
+
+    func test_policyWithoutNamespace_istakenAsTheWorkloadsOwn_soTheCheckFailsClosed() {
+        let noNamespace = seedPolicy.replacingOccurrences(of: ", namespace: production", with: "")
+        guard case .failure = load(noNamespace, namespace: "orders", labels: ["app": "order-service"]) else {
+            return XCTFail("a policy with no namespace was not applied to the workload's namespace")
+        }
+    }
+}
