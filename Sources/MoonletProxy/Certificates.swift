@@ -115,10 +115,3 @@ extension ProxyServer {
         logger.info("workload certificate issued by \(ca) for \(id.uri)")
     }
 }
-
-extension Optional {
-    func orThrow(_ e: @autoclosure () -> Error) throws -> Wrapped {
-        guard let v = self else { throw e() }
-        return v
-    }
-}

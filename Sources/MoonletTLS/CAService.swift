@@ -43,8 +43,9 @@ public final class CAService: @unchecked Sendable {
     /// The CA's own identity, `spiffe://<td>/ns/istio-system/sa/moonlet-ca`: sidecars
     /// send their token only to a server that presents it (or, like Istio's CA_ADDR
     /// check, a DNS name equal to the host they dialled).
-    public static func identity(trustDomain: String) -> SpiffeID {
-        SpiffeID(trustDomain: trustDomain, namespace: "istio-system", serviceAccount: "moonlet-ca")!
+    public static func identity(trustDomain: String) throws -> SpiffeID {
+        try SpiffeID(trustDomain: trustDomain, namespace: "istio-system", serviceAccount: "moonlet-ca")
+            .orThrow(TLSConfigError("trust domain", LogText.escape("\"\(trustDomain)\" is not a trust domain")))
     }
     /// DNS names in the CA's serving certificate.
     public static let dnsNames = ["localhost", "moonlet-ca.istio-system.svc", "istiod.istio-system.svc"]
@@ -74,7 +75,7 @@ public final class CAService: @unchecked Sendable {
     /// DNS SANs `dnsNames` and an IP SAN for 127.0.0.1; server auth only.
     func servingContext() throws -> NIOSSLContext {
         let key = try KeyType.ecdsaP256.makeKey()
-        let id = Self.identity(trustDomain: ca.trustDomain)
+        let id = try Self.identity(trustDomain: ca.trustDomain)
         let cert = try ca.sign(publicKey: key.publicKey, id: id, ttl: 365 * 86400,
                                extraNames: Self.dnsNames.map { .dnsName($0) } + [.ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1]))],
                                usages: [.serverAuth])
@@ -258,8 +259,9 @@ public final class CAService: @unchecked Sendable {
 /// current certificate while it is valid, else by the bootstrap token. Blocking; called
 /// off the event loops.
 public enum CAClient {
-    /// `caIdentity`: the SANs the CA must present (one of them); nil: the CA's default
-    /// identity in `identity`'s trust domain, or the dialled host when it is a DNS name.
+    /// `caIdentity`: the SANs the CA must present (one of them; an empty list is refused);
+    /// nil: the CA's default identity in `identity`'s trust domain, or the dialled host
+    /// when it is a DNS name.
     public static func requestBundle(caAddress: String, rootCertPath: String, identity: SpiffeID, token: String?,
                                      currentCertDir: String?, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400,
                                      caIdentity: [String]? = nil,
@@ -268,7 +270,9 @@ public enum CAClient {
         guard parts.count == 2, let port = Int(parts[1]) else { throw TLSConfigError("--ca-address", "expected host:port, got \"\(caAddress)\"") }
         let host = String(parts[0])
         let isName = !host.allSatisfy { $0.isNumber || $0 == "." }
-        let expected = caIdentity ?? ([CAService.identity(trustDomain: identity.trustDomain).uri] + (isName ? [host] : []))
+        // The token goes only to a server proven to be the CA: an empty list would check nothing.
+        if let c = caIdentity, c.allSatisfy({ $0.isEmpty }) { throw TLSConfigError("--ca-identity", "is empty; the CA's identity must be checked") }
+        let expected = try caIdentity ?? ([CAService.identity(trustDomain: identity.trustDomain).uri] + (isName ? [host] : []))
         let root = try readText(rootCertPath)
         var cfg = TLSConfiguration.makeClientConfiguration()
         do { cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(root.utf8))) } catch {
@@ -359,7 +363,11 @@ public enum CAClient {
             case .end: promise.succeed((status, self.data))
             }
         }
-        func errorCaught(context: ChannelHandlerContext, error: Error) { promise.fail(error); context.close(promise: nil) }
+        func errorCaught(context: ChannelHandlerContext, error: Error) {
+            let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+            promise.fail(TLSMaterial.identityRefusal(of: tls) ?? error)
+            context.close(promise: nil)
+        }
         func channelInactive(context: ChannelHandlerContext) { promise.fail(TLSConfigError("CA", "connection closed before a response")) }
     }
 }

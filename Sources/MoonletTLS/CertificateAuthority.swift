@@ -121,29 +121,60 @@ public struct MeshCA: Sendable {
     let rootKey: Certificate.PrivateKey
     public let trustDomain: String
     public let rootCertPEM: String
+    /// Certificates between an issued leaf and the root, PEM (an intermediate CA, as
+    /// Istio's plug-in CAs); empty for a root CA. `issue` appends them to cert-chain.pem.
+    public var intermediatesPEM = ""
+
+    init(rootCertificate: Certificate, rootKey: Certificate.PrivateKey, trustDomain: String, rootCertPEM: String) {
+        self.rootCertificate = rootCertificate; self.rootKey = rootKey; self.trustDomain = trustDomain; self.rootCertPEM = rootCertPEM
+    }
 
     /// A new self-signed root: Subject O=<trust domain> (as Istio's self-signed CA), 10 years.
+    /// `organization`: another O= ("" for none; peers never read it, see TrustDomains).
     public static func create(trustDomain: String = MeshIdentity.trustDomain, keyType: KeyType = .ecdsaP256,
-                              validity: TimeInterval = 10 * 365 * 86400, now: Date = Date()) throws -> MeshCA {
-        guard !trustDomain.isEmpty, !trustDomain.contains("/"), !trustDomain.contains(where: { $0.isWhitespace }) else {
-            throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"")
-        }
+                              validity: TimeInterval = 10 * 365 * 86400, now: Date = Date(), organization: String? = nil) throws -> MeshCA {
+        guard isTrustDomain(trustDomain) else { throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"") }
         let key = try keyType.makeKey()
-        let name = try DistinguishedName { OrganizationName(trustDomain) }
-        let cert = try Certificate(
+        let cert = try caCertificate(key: key, subject: try subject(organization ?? trustDomain, common: "moonlet mesh root"), issuer: nil, validity: validity, now: now)
+        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString + "\n")
+    }
+
+    /// An intermediate CA signed by this one (as an Istio plug-in CA below a root): it
+    /// issues in the same trust domain, and its certificates chain through it.
+    public func intermediate(organization: String = "Istio", validity: TimeInterval = 365 * 86400, now: Date = Date()) throws -> MeshCA {
+        let key = try KeyType.ecdsaP256.makeKey()
+        let cert = try Self.caCertificate(key: key, subject: try Self.subject(organization, common: "moonlet intermediate CA"), issuer: self, validity: validity, now: now)
+        var ca = MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: rootCertPEM)
+        ca.intermediatesPEM = try cert.serializeAsPEM().pemString + "\n" + intermediatesPEM
+        return ca
+    }
+
+    static func subject(_ organization: String, common: String) throws -> DistinguishedName {
+        organization.isEmpty ? try DistinguishedName { CommonName(common) } : try DistinguishedName { OrganizationName(organization) }
+    }
+
+    /// A CA certificate for `key`, self-signed when `issuer` is nil.
+    static func caCertificate(key: Certificate.PrivateKey, subject: DistinguishedName, issuer: MeshCA?, validity: TimeInterval, now: Date) throws -> Certificate {
+        try Certificate(
             version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
             notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(validity),
-            issuer: name, subject: name,
+            issuer: issuer?.rootCertificate.subject ?? subject, subject: subject,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
                 Critical(KeyUsage(digitalSignature: true, keyCertSign: true, cRLSign: true))
                 SubjectKeyIdentifier(hash: key.publicKey)
+                if let issuer { AuthorityKeyIdentifier(keyIdentifier: try issuer.rootCertificate.extensions.subjectKeyIdentifier?.keyIdentifier) }
             },
-            issuerPrivateKey: key)
-        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString + "\n")
+            issuerPrivateKey: issuer?.rootKey ?? key)
     }
 
-    /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=.
+    /// A trust domain is a non-empty name without "/" or white space (it goes into SPIFFE ids).
+    static func isTrustDomain(_ td: String) -> Bool {
+        !td.isEmpty && !td.contains("/") && !td.contains(where: { $0.isWhitespace || $0.isNewline || $0.asciiValue.map { $0 < 0x20 || $0 == 0x7f } == true })
+    }
+
+    /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=
+    /// (as `create` writes it), which must be a valid trust domain.
     public static func load(dir: String) throws -> MeshCA {
         let certPath = (dir as NSString).appendingPathComponent(rootCertFile)
         let keyPath = (dir as NSString).appendingPathComponent(rootKeyFile)
@@ -160,6 +191,9 @@ public struct MeshCA: Sendable {
         var td = ""
         for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
         if td.isEmpty { td = MeshIdentity.trustDomain }
+        guard isTrustDomain(td) else {
+            throw TLSConfigError(certPath, LogText.escape("the root's subject O= \"\(td)\" is not a trust domain (a name without \"/\" or spaces); the CA names its identities after it"))
+        }
         return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: td, rootCertPEM: certPEM)
     }
 
@@ -189,7 +223,7 @@ public struct MeshCA: Sendable {
                       extraURIs: [String] = []) throws -> WorkloadBundle {
         let key = try keyType.makeKey()
         let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) })
-        return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
+        return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString + "\n" + intermediatesPEM, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
     }
 
     /// Signs a certificate for `publicKey` carrying `id` as its only (critical) URI SAN,

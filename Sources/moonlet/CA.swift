@@ -68,7 +68,7 @@ struct CA: ParsableCommand {
             }
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let ch = try service.bind(group: group, host: bind, port: port)
-            print("moonlet ca serving trust domain \(authority.trustDomain) as \(CAService.identity(trustDomain: authority.trustDomain).uri) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
+            print("moonlet ca serving trust domain \(authority.trustDomain) as \(try CAService.identity(trustDomain: authority.trustDomain).uri) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
             try ch.closeFuture.wait()
         }
     }

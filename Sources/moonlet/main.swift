@@ -38,7 +38,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
-    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
+    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
 
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }

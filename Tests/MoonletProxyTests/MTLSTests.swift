@@ -617,31 +617,63 @@ extension MTLSTests {
         }
     }
 
-    func test_inbound_acceptsOnlyTheMeshTrustDomainAndItsAliases_eachFromItsOwnRoots() throws {
-        // root-cert.pem holds the mesh root and a partner's root (two roots, as during a root switch).
-        let partner = try MeshCA.create(trustDomain: "partner.local")
+    func test_inbound_acceptsOnlyTheMeshTrustDomainAndItsAliases_eachFromTheRootsTheMeshConfigNamesForIt() throws {
+        // root-cert.pem holds the mesh root and a partner's root, whose subject claims the
+        // mesh's trust domain (O=cluster.local); the mesh config names it for partner.local.
+        let partner = try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local")
         let both = pki.ca.rootCertPEM + partner.rootCertPEM
         let certs = try bundle("orders", ca: pki.ca, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: both)
         let partnerAdmin = try bundle("padmin", ca: partner, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let meshAdminByPartner = try bundle("madmin", ca: partner, id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let viaIntermediate = try bundle("inter", ca: try partner.intermediate(organization: "cluster.local"),
+                                         id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
         let evil = try bundle("evil", ca: pki.ca, id: SpiffeID(trustDomain: "evil.local", namespace: "istio-system", serviceAccount: "admin")!)
         let forgedAlias = try bundle("forged", ca: pki.ca, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
         let log = CapturedLog()
-        let server = try strictSidecar(certs: certs, logger: log.logger)
+        let server = try strictSidecar(certs: certs, logger: log.logger) {
+            $0.meshTLS.trustDomainAliases = ["partner.local"]
+            $0.meshTLS.caCertificates = [.init(pem: partner.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+        }
         defer { server.stop() }
         XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get(), "a partner identity is not the mesh's")
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get(), "another trust domain signed by the mesh root")
-        XCTAssertEqual(app.seen.count, 1)
-        XCTAssertTrue(log.contains("trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)"), "\(log.all)")
-        // With partner.local as an alias (mesh config trustDomainAliases) the partner is
-        // accepted, but only with a certificate from its own root.
-        let aliased = try strictSidecar(certs: certs) { $0.meshTLS.trustDomainAliases = ["partner.local"] }
-        defer { aliased.stop() }
-        let r = try tlsRequest(port: aliased.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get()
+        let r = try tlsRequest(port: server.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get()
         XCTAssertEqual(r.status, 200)
         XCTAssertEqual(r.headers.first(name: "x-peer"), "partner.local/ns/istio-system/sa/admin")
-        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: forgedAlias, rootPEM: pki.ca.rootCertPEM).get(), "the mesh root does not sign partner identities")
-        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: meshAdminByPartner, rootPEM: pki.ca.rootCertPEM).get(), "the partner root signs no mesh identity")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: viaIntermediate, rootPEM: pki.ca.rootCertPEM).get(), "nor through an intermediate")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: forgedAlias, rootPEM: pki.ca.rootCertPEM).get(), "the mesh root does not sign partner identities")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get(), "another trust domain signed by the mesh root")
+        XCTAssertEqual(app.seen.count, 2)
+        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/istio-system/sa/admin does not chain to a root trusted for its trust domain cluster.local"), "\(log.all)")
+        XCTAssertTrue(log.contains("trust domain of spiffe://evil.local/ns/istio-system/sa/admin is not the mesh's (cluster.local) nor one of its aliases (partner.local)"), "\(log.all)")
+        // A partner root without any O= is no different.
+        let anonymous = try MeshCA.create(trustDomain: "partner.local", organization: "")
+        let anonCerts = try bundle("orders2", ca: pki.ca, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: pki.ca.rootCertPEM + anonymous.rootCertPEM)
+        let anonServer = try strictSidecar(certs: anonCerts) {
+            $0.meshTLS.trustDomainAliases = ["partner.local"]
+            $0.meshTLS.caCertificates = [.init(pem: anonymous.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+        }
+        defer { anonServer.stop() }
+        let anonAdmin = try bundle("aadmin", ca: anonymous, id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
+        XCTAssertThrowsError(try tlsRequest(port: anonServer.inbound, certDir: anonAdmin, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertEqual(app.seen.count, 2)
+    }
+
+    func test_rootSwitchToAPlugInRootWithAnotherSubject_servesChainsThroughAnIntermediate_fromBothRoots() throws {
+        // Istio's self-signed root (O=cluster.local) and a plug-in root (O=Istio) whose
+        // intermediate issues the new certificates; root-cert.pem holds both, no mapping.
+        let plugIn = try MeshCA.create(trustDomain: "cluster.local", organization: "Istio").intermediate(organization: "Istio")
+        let both = pki.ca.rootCertPEM + plugIn.rootCertPEM
+        let serverCerts = try bundle("orders", ca: plugIn, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: both)
+        let server = try strictSidecar(certs: serverCerts)
+        defer { server.stop() }
+        let oldClient = try bundle("old", ca: pki.ca, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"), roots: both)
+        let newClient = try bundle("new", ca: plugIn, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"), roots: both)
+        for c in [oldClient, newClient] {
+            let r = try tlsRequest(port: server.inbound, certDir: c, rootPEM: both, expectedServer: ["spiffe://cluster.local/ns/production/sa/orders"]).get()
+            XCTAssertEqual(r.status, 200)
+            XCTAssertEqual(r.headers.first(name: "x-peer"), "cluster.local/ns/default/sa/frontend")
+        }
     }
 
     func test_aClientCertificateWithTwoURISANs_isRefused_byTheSidecarAndByTheCA() throws {

@@ -143,37 +143,66 @@ final class IdentityHardeningTests: XCTestCase {
 
     // MARK: 8. trust domains
 
-    func test_peerIdentity_isAcceptedOnlyInTheMeshTrustDomainOrAnAlias_eachSignedByItsOwnRoots() throws {
+    /// The chain TLS validated for a leaf of `ca`: the leaf, `ca`'s intermediates, its root.
+    func chain(_ ca: MeshCA, uris: [String]) throws -> [NIOSSLCertificate] {
+        let leaf = try cert(ca, uris: uris)
+        return [leaf] + (try NIOSSLCertificate.fromPEMBytes(Array((ca.intermediatesPEM + ca.rootCertPEM).utf8)))
+    }
+    func accepted(_ t: TrustDomains, _ c: [NIOSSLCertificate]) -> String? {
+        if case .success(let id) = t.check(c[0], chain: c) { return id.principal }
+        return nil
+    }
+    func refusal(_ t: TrustDomains, _ c: [NIOSSLCertificate]) -> String {
+        if case .failure(let e) = t.check(c[0], chain: c) { return e.description }
+        return "accepted"
+    }
+
+    func test_peerIdentity_isAcceptedOnlyInTheMeshTrustDomainOrAnAlias_andEveryRootOfRootCertIsTheMeshsByDefault() throws {
         let mesh = try MeshCA.create(trustDomain: "cluster.local")
         let partner = try MeshCA.create(trustDomain: "partner.local")
-        let roots = [mesh.rootCertificate, partner.rootCertificate]
-        let strict = TrustDomains(mesh: "cluster.local", roots: roots)
-        let withAlias = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: roots)
-        func ok(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String? {
-            switch t.identify(c) { case .success(let id): return id.principal; case .failure: return nil }
-        }
-        func why(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String {
-            if case .failure(let e) = t.identify(c) { return e.description }
-            return "accepted"
-        }
-        let own = try cert(mesh, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
-        let partnerAdmin = try cert(partner, uris: ["spiffe://partner.local/ns/istio-system/sa/admin"])
-        let evil = try cert(mesh, uris: ["spiffe://evil.local/ns/istio-system/sa/admin"])
-        let partnerByMeshRoot = try cert(mesh, uris: ["spiffe://partner.local/ns/default/sa/x"])
-        let meshByPartnerRoot = try cert(partner, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin"])
-        XCTAssertEqual(ok(strict, own), "cluster.local/ns/default/sa/frontend")
-        XCTAssertEqual(why(strict, partnerAdmin), "trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)")
-        XCTAssertTrue(why(strict, evil).contains("is not the mesh's (cluster.local)"))
-        XCTAssertTrue(why(withAlias, evil).contains("nor one of its aliases (partner.local)"))
-        XCTAssertEqual(ok(withAlias, partnerAdmin), "partner.local/ns/istio-system/sa/admin")
-        XCTAssertTrue(why(withAlias, partnerByMeshRoot).contains("is not signed by a root of its trust domain partner.local"), why(withAlias, partnerByMeshRoot))
-        XCTAssertTrue(why(withAlias, meshByPartnerRoot).contains("is not signed by a root of its trust domain cluster.local"))
-        // An alias without roots of its own (a trust domain migration): the mesh's roots sign it.
-        let migrating = TrustDomains(mesh: "cluster.local", aliases: ["old.local"], roots: [mesh.rootCertificate])
-        XCTAssertEqual(ok(migrating, try cert(mesh, uris: ["spiffe://old.local/ns/a/sa/b"])), "old.local/ns/a/sa/b")
+        let strict = TrustDomains(mesh: "cluster.local", roots: [mesh.rootCertificate, partner.rootCertificate])
+        XCTAssertEqual(accepted(strict, try chain(mesh, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])), "cluster.local/ns/default/sa/frontend")
+        XCTAssertEqual(refusal(strict, try chain(partner, uris: ["spiffe://partner.local/ns/istio-system/sa/admin"])),
+                       "trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)")
+        XCTAssertTrue(refusal(strict, try chain(mesh, uris: ["spiffe://evil.local/ns/istio-system/sa/admin"])).contains("is not the mesh's (cluster.local)"))
+        let withAlias = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: [mesh.rootCertificate])
+        XCTAssertTrue(refusal(withAlias, try chain(mesh, uris: ["spiffe://evil.local/ns/a/sa/b"])).contains("nor one of its aliases (partner.local)"))
+        // Without a mapping every root of root-cert.pem is a mesh root (the root switch):
+        // an alias (a trust domain migration) is signed by them too.
+        XCTAssertEqual(accepted(withAlias, try chain(mesh, uris: ["spiffe://partner.local/ns/a/sa/b"])), "partner.local/ns/a/sa/b")
+        // A root that is not in root-cert.pem signs nothing.
+        XCTAssertTrue(refusal(withAlias, try chain(partner, uris: ["spiffe://partner.local/ns/a/sa/b"])).contains("does not chain to a root trusted for its trust domain partner.local"))
         // Expected server identities move into every accepted domain.
         XCTAssertEqual(withAlias.expand(["spiffe://cluster.local/ns/p/sa/o", "dns.example"]),
                        ["spiffe://cluster.local/ns/p/sa/o", "spiffe://partner.local/ns/p/sa/o", "dns.example"])
+    }
+
+    func test_aRootNamedForATrustDomain_validatesOnlyThatDomain_whateverItsSubjectSays_throughIntermediatesToo() throws {
+        let mesh = try MeshCA.create(trustDomain: "cluster.local")
+        // Partner roots whose O= is the mesh's trust domain, or empty.
+        for partner in [try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local"),
+                        try MeshCA.create(trustDomain: "partner.local", organization: "")] {
+            let t = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: [mesh.rootCertificate, partner.rootCertificate],
+                                 named: [(partner.rootCertificate, ["partner.local"])])
+            let admin = "spiffe://cluster.local/ns/istio-system/sa/admin"
+            XCTAssertEqual(refusal(t, try chain(partner, uris: [admin])), "certificate of \(admin) does not chain to a root trusted for its trust domain cluster.local")
+            XCTAssertEqual(refusal(t, try chain(partner.intermediate(organization: "cluster.local"), uris: [admin])),
+                           "certificate of \(admin) does not chain to a root trusted for its trust domain cluster.local")
+            XCTAssertEqual(accepted(t, try chain(partner, uris: ["spiffe://partner.local/ns/a/sa/b"])), "partner.local/ns/a/sa/b")
+            // partner.local is now validated only by its own root.
+            XCTAssertTrue(refusal(t, try chain(mesh, uris: ["spiffe://partner.local/ns/a/sa/b"])).contains("does not chain to a root trusted for its trust domain partner.local"))
+            XCTAssertEqual(accepted(t, try chain(mesh.intermediate(), uris: ["spiffe://cluster.local/ns/a/sa/b"])), "cluster.local/ns/a/sa/b")
+        }
+    }
+
+    func test_aRootSwitchToAPlugInRootWithAnotherSubject_acceptsChainsThroughIntermediatesOfBothRoots() throws {
+        // Istio's self-signed root (O=cluster.local) and a plug-in root (O=Istio) with an
+        // intermediate, both in root-cert.pem.
+        let old = try MeshCA.create(trustDomain: "cluster.local")
+        let plugIn = try MeshCA.create(trustDomain: "cluster.local", organization: "Istio").intermediate(organization: "Istio")
+        let t = TrustDomains(mesh: "cluster.local", roots: [old.rootCertificate, try Certificate(pemEncoded: plugIn.rootCertPEM)])
+        XCTAssertEqual(accepted(t, try chain(old, uris: ["spiffe://cluster.local/ns/a/sa/old"])), "cluster.local/ns/a/sa/old")
+        XCTAssertEqual(accepted(t, try chain(plugIn, uris: ["spiffe://cluster.local/ns/a/sa/new"])), "cluster.local/ns/a/sa/new")
     }
 
     // MARK: 9. exactly one URI SAN
@@ -183,7 +212,7 @@ final class IdentityHardeningTests: XCTestCase {
         let two = try cert(ca, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin", "spiffe://cluster.local/ns/default/sa/frontend"])
         XCTAssertNil(SpiffeID.of(two))
         XCTAssertTrue(SpiffeID.whyNoIdentity(two)?.contains("carries 2 URI SANs") == true, SpiffeID.whyNoIdentity(two) ?? "")
-        if case .success(let id) = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate]).identify(two) { XCTFail("accepted as \(id)") }
+        if case .success(let id) = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate]).check(two, chain: [two, try nio(ca.rootCertPEM)]) { XCTFail("accepted as \(id)") }
         let one = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
         XCTAssertEqual(SpiffeID.of(one)?.serviceAccount, "frontend")
         // The sidecar's own files too.
