@@ -100,8 +100,16 @@ extension ProxyServer {
     /// Gets a new certificate from `moonlet ca serve` and writes it into `dir` (the
     /// rotation watcher then loads it). root-cert.pem must already be in `dir`: it is how
     /// the sidecar knows it talks to the mesh's CA (Istio mounts it from a ConfigMap).
+    /// The trust domain to ask the CA in: the mesh's (--trust-domain or mesh config
+    /// trustDomain), else the current certificate's, else that of the certificate on disk
+    /// even when it is expired or otherwise unusable, else cluster.local.
+    func requestTrustDomain(dir: String) -> String {
+        settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain
+            ?? WorkloadBundle.identity(inDirectory: dir)?.trustDomain ?? MeshIdentity.trustDomain
+    }
+
     func requestCertificate(ca: String, dir: String) throws {
-        let td = settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain ?? MeshIdentity.trustDomain
+        let td = requestTrustDomain(dir: dir)
         let id = try SpiffeID(trustDomain: td, namespace: settings.identity.namespace,
                               serviceAccount: settings.identity.serviceAccount)
             .orThrow(TLSConfigError("--namespace/--service-account", "not a valid identity"))

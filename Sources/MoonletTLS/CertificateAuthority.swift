@@ -3,6 +3,7 @@ import X509
 import Crypto
 import _CryptoExtras
 import SwiftASN1
+import NIOSSL
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -39,6 +40,13 @@ public struct WorkloadBundle: Sendable {
     public var certChainPEM: String
     public var keyPEM: String
     public var rootCertPEM: String
+
+    /// The SPIFFE id of the certificate in `dir`'s cert-chain.pem, valid or not (nil when
+    /// there is none, or no single SPIFFE URI SAN).
+    public static func identity(inDirectory dir: String) -> SpiffeID? {
+        let path = (dir as NSString).appendingPathComponent(certChainFile)
+        return (try? NIOSSLCertificate.fromPEMFile(path))?.first.flatMap(SpiffeID.of)
+    }
 
     /// Writes the three files; each is written to a temporary name and renamed, so a
     /// sidecar watching the directory never reads half a file. The key is mode 0600

@@ -3,6 +3,7 @@ import ArgumentParser
 import Logging
 import MoonletConfig
 import MoonletProxy
+import MoonletTLS
 import NIOCore
 #if canImport(Foundation)
 import Foundation
@@ -38,6 +39,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
+    @Option(help: "The mesh's trust domain (default: mesh config trustDomain, else the certificate's, else cluster.local). Env: TRUST_DOMAIN") var trustDomain: String?
     @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
 
     func env(_ names: String...) -> String? {
@@ -72,6 +74,10 @@ struct SidecarOptions: ParsableArguments {
                 s.meshTLS = mesh.tls
                 s.meshConfigNotApplied = mesh.notApplied
             } catch { throw ValidationError("--mesh-config: \(error)") }
+        }
+        if let td = trustDomain ?? env("TRUST_DOMAIN") {
+            guard SpiffeID(trustDomain: td, namespace: "a", serviceAccount: "b") != nil else { throw ValidationError("--trust-domain: \"\(td)\" is not a trust domain") }
+            s.meshTLS.trustDomain = td
         }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s

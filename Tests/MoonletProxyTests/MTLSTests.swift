@@ -875,4 +875,34 @@ extension MTLSTests {
         XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800), "a fresh certificate was installed before serving")
         XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
     }
+
+    func test_inAMeshWhoseTrustDomainIsNotClusterLocal_aSidecarGetsItsFirstCertificate_andRecoversFromAnExpiredOne_fromTheCADialledByIP() throws {
+        let shop = try MeshCA.create(trustDomain: "shop.example")
+        let id = try shop.identity(namespace: "production", serviceAccount: "orders")
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let ch = try CAService(ca: shop, tokens: ["t0ken": id], maxTTL: 3600).bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        let tokenFile = pki.dir + "/token"
+        try "t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        // First certificate: only root-cert.pem; the trust domain comes from the mesh config.
+        let first = pki.dir + "/first"
+        try FileManager.default.createDirectory(atPath: first, withIntermediateDirectories: true)
+        try shop.rootCertPEM.write(toFile: first + "/root-cert.pem", atomically: true, encoding: .utf8)
+        // Recovery: an expired certificate of the mesh, no mesh config; its URI SAN names the trust domain.
+        var stale = try shop.issue(id, ttl: 60, now: Date().addingTimeInterval(-7200))
+        stale.rootCertPEM = shop.rootCertPEM
+        try stale.write(to: pki.dir + "/stale")
+        for (dir, trustDomain) in [(first, Optional("shop.example")), (pki.dir + "/stale", nil)] {
+            let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+                s.certsDirectory = dir; s.caAddress = "127.0.0.1:\(ch.localAddress!.port!)"; s.caTokenFile = tokenFile
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+                s.meshTLS.trustDomain = trustDomain
+            }
+            defer { server.stop() }
+            let m = try XCTUnwrap(server.server.currentTLS)
+            XCTAssertEqual(m.identity.uri, "spiffe://shop.example/ns/production/sa/orders")
+            XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800))
+        }
+    }
 }
