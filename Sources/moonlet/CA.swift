@@ -44,6 +44,12 @@ struct CA: ParsableCommand {
         }
     }
 
+    /// A timeout flag: a duration of at least a millisecond (zero would drop every connection).
+    static func timeout(_ text: String, _ flag: String, example: String) throws -> TimeAmount {
+        guard let s = parseTTL(text), s >= 0.001 else { throw ValidationError("\(flag): a duration of at least 1ms, like \(example)") }
+        return .milliseconds(Int64(s * 1000))
+    }
+
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Sign sidecars' CSRs over TLS (a small-scale stand-in for Istiod's CA).")
         @Option(help: "CA directory (from ca init)") var ca: String
@@ -56,13 +62,12 @@ struct CA: ParsableCommand {
         @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
-            guard let hs = parseTTL(handshakeTimeout) else { throw ValidationError("--handshake-timeout: a duration like 10s") }
-            guard let idle = parseTTL(idleTimeout) else { throw ValidationError("--idle-timeout: a duration like 60s") }
+            let hs = try CA.timeout(handshakeTimeout, "--handshake-timeout", example: "10s")
+            let idle = try CA.timeout(idleTimeout, "--idle-timeout", example: "60s")
             guard maxConnections > 0 else { throw ValidationError("--max-connections: a positive number") }
             let authority = try MeshCA.load(dir: ca)
             let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
-            let limits = CAService.Limits(maxConnections: maxConnections, handshakeTimeout: .milliseconds(Int64(hs * 1000)),
-                                          idleTimeout: .milliseconds(Int64(idle * 1000)))
+            let limits = CAService.Limits(maxConnections: maxConnections, handshakeTimeout: hs, idleTimeout: idle)
             let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits) { line in
                 FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
             }
