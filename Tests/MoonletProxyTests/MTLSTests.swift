@@ -811,6 +811,27 @@ extension MTLSTests {
                                                         currentCertDir: nil, caIdentity: ["istiod.istio-system.svc.cluster.local"], group: group))
     }
 
+    func test_caClient_withAnEmptyListOfCAIdentities_refusesToSendItsToken_insteadOfSkippingTheCheck() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        // A fake CA serving with a workload's mesh certificate: an empty list must not let it through.
+        let w = try pki.issue("default", "thief")
+        let fake = try TestUpstream(tls: try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))))
+        defer { fake.stop() }
+        let dir = try rootOnlyDir("ca-client")
+        for empty in [[String](), [""]] {
+            XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
+                                                            token: "s3cret", currentCertDir: nil, caIdentity: empty, group: group, timeout: .seconds(2))) { e in
+                XCTAssertTrue("\(e)".contains("--ca-identity: is empty"), "\(e)")
+            }
+        }
+        usleep(200_000)
+        XCTAssertEqual(fake.seen.count, 0, "the token never reached the fake CA")
+    }
+
     func test_caService_capsConnections_closesStalledHandshakes_logsRefusals_andKeepsServing() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
