@@ -297,12 +297,18 @@ public enum CAClient {
         do {
             return try send(ctx: ctx, host: host, port: port, caAddress: caAddress, expected: expected, identity: identity, token: token,
                             keyType: keyType, ttl: ttl, root: root, group: group, timeout: timeout)
-        } catch let e as TLSConfigError where presented && token?.isEmpty == false && !e.message.contains("CA identity") {
-            // The certificate was refused (another root, say): the token still proves who we are.
+        } catch let e as CertificateRefused {
+            // The CA refused the certificate (another root, say): the token still proves who
+            // we are. Anything else (no connection, no answer, not the CA) is not retried.
+            guard presented, token?.isEmpty == false else { throw e.error }
             return try requestBundle(caAddress: caAddress, rootCertPath: rootCertPath, identity: identity, token: token, currentCertDir: nil,
                                      keyType: keyType, ttl: ttl, caIdentity: caIdentity, group: group, timeout: timeout, now: now)
         }
     }
+
+    /// The CA refused the certificate this sidecar presented: by a TLS alert during the
+    /// handshake, or by 401/403.
+    struct CertificateRefused: Error { var error: TLSConfigError }
 
     static func send(ctx: NIOSSLContext, host: String, port: Int, caAddress: String, expected: [String], identity: SpiffeID, token: String?,
                      keyType: KeyType, ttl: TimeInterval, root: String, group: EventLoopGroup, timeout: TimeAmount) throws -> WorkloadBundle {
@@ -339,11 +345,15 @@ public enum CAClient {
         do { (status, data) = try promise.futureResult.wait() } catch let e as TLSConfigError { throw e } catch let e as PeerIdentityError {
             throw TLSConfigError(caAddress, "CA identity not verified: \(e.description) (expected \(expected.joined(separator: " or ")))")
         } catch {
-            throw TLSConfigError(caAddress, "TLS with the CA failed: \(TLSMaterial.upstreamRefusalReason(error, peerCertificate: nil))")
+            let e = TLSConfigError(caAddress, "TLS with the CA failed: \(TLSMaterial.upstreamRefusalReason(error, peerCertificate: nil))")
+            if "\(error)".contains("_ALERT_") { throw CertificateRefused(error: e) }
+            throw e
         }
         let obj = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
         guard status == .ok, let chain = obj?["cert_chain"] as? [String], let leaf = chain.first else {
-            throw TLSConfigError(caAddress, LogText.escape("CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data.prefix(200), as: UTF8.self))"))
+            let e = TLSConfigError(caAddress, LogText.escape("CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data.prefix(200), as: UTF8.self))"))
+            if status == .unauthorized || status == .forbidden { throw CertificateRefused(error: e) }
+            throw e
         }
         // root-cert.pem stays as the sidecar has it (Istio mounts it from a ConfigMap): it
         // may hold two roots during a root switch, and it is what decides whom to trust.

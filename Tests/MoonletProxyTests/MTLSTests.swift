@@ -926,4 +926,32 @@ extension MTLSTests {
             XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800))
         }
     }
+
+    func test_caClient_retriesWithItsTokenOnlyWhenTheCARefusedItsCertificate_notWhenTheCADoesNotAnswer() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        // A server that accepts connections and never says anything.
+        let accepted = NIOLockedValueBox(0)
+        let silent = try ServerBootstrap(group: group)
+            .childChannelInitializer { ch in accepted.withLockedValue { $0 += 1 }; return ch.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? silent.close().wait() }
+        let certs = try pki.issue("production", "orders")
+        let started = Date()
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(silent.localAddress!.port!)", rootCertPath: certs + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "production", serviceAccount: "orders"),
+                                                        token: "t0ken", currentCertDir: certs, group: group, timeout: .milliseconds(500))) { e in
+            XCTAssertTrue("\(e)".contains("no answer within"), "\(e)")
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 0.9)
+        XCTAssertEqual(accepted.withLockedValue { $0 }, 1)
+        // A certificate the CA refuses (from another root) still falls back to the token.
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        let (ch, port) = try startCA(tokens: ["t0ken": orders], on: group)
+        defer { try? ch.close().wait() }
+        let foreign = try pki.issue("production", "orders", name: "foreign", by: pki.foreign)
+        let b = try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: certs + "/root-cert.pem", identity: orders, token: "t0ken",
+                                           currentCertDir: foreign, group: group)
+        XCTAssertTrue(b.certChainPEM.contains("BEGIN CERTIFICATE"))
+    }
 }
