@@ -26,19 +26,56 @@ public final class CAService: @unchecked Sendable {
     public let maxTTL: TimeInterval
     public let limits: Limits
     let log: @Sendable (String) -> Void
-    /// Connections open now, and the refusal log budget (lines per second).
-    let state = NIOLockedValueBox((open: 0, logSecond: 0, logBudget: 0))
+    /// Connections open now, in all and per source address.
+    let state = NIOLockedValueBox((open: 0, perAddress: [String: Int]()))
+    /// Log budgets, one per kind of line, so that one kind cannot hide another.
+    let budgets = NIOLockedValueBox([LogKind: LogBudget]())
 
-    /// Bounds that keep the CA serving when clients misbehave: a handshake must finish,
-    /// an idle connection is closed, and connections past the cap are refused (logged).
+    /// Bounds that keep the CA serving when clients misbehave: a handshake must finish, the
+    /// request must follow within its deadline, one response closes the connection, and
+    /// connections past the caps (in all, per source address) are refused (logged).
     public struct Limits: Sendable {
         public var maxConnections: Int
+        public var maxConnectionsPerAddress: Int
         public var handshakeTimeout: TimeAmount
+        /// From the end of the handshake to the whole request: bytes trickling in do not extend it.
+        public var requestTimeout: TimeAmount
         public var idleTimeout: TimeAmount
-        public init(maxConnections: Int = 1024, handshakeTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .seconds(60)) {
-            self.maxConnections = maxConnections; self.handshakeTimeout = handshakeTimeout; self.idleTimeout = idleTimeout
+        public init(maxConnections: Int = 1024, maxConnectionsPerAddress: Int = 32, handshakeTimeout: TimeAmount = .seconds(10),
+                    requestTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .seconds(60)) {
+            self.maxConnections = maxConnections; self.maxConnectionsPerAddress = maxConnectionsPerAddress
+            self.handshakeTimeout = handshakeTimeout; self.requestTimeout = requestTimeout; self.idleTimeout = idleTimeout
         }
     }
+
+    /// Descriptors kept for the CA itself (listener, logs, files) below the open file limit.
+    public static let descriptorReserve = 64
+
+    /// The connection cap in effect: `requested`, lowered to the open file limit minus
+    /// `descriptorReserve` (past it, accepts would fail with EMFILE before the cap refuses
+    /// anything, and nothing would be logged); at least 1.
+    public static func connectionCap(requested: Int, fileLimit: Int?) -> Int {
+        guard let l = fileLimit else { return requested }
+        return max(1, min(requested, l - descriptorReserve))
+    }
+
+    /// The soft limit of open files (RLIMIT_NOFILE), nil when unlimited or unknown.
+    public static func openFileLimit() -> Int? {
+        var r = rlimit()
+        #if os(Linux)
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        #else
+        let resource = RLIMIT_NOFILE
+        #endif
+        guard getrlimit(resource, &r) == 0, r.rlim_cur < rlim_t(Int32.max) else { return nil }  // RLIM_INFINITY: no limit
+        return Int(r.rlim_cur)
+    }
+
+    /// Kinds of log lines, each with its own budget.
+    enum LogKind: String, CaseIterable { case refusal = "connection refusal", handshake = "handshake", decision = "signing decision" }
+    struct LogBudget { var second = 0; var left = 0; var suppressed = 0 }
+    /// Lines of each kind logged per second; the rest are counted and reported.
+    static let linesPerSecond = 20
 
     /// The CA's own identity, `spiffe://<td>/ns/istio-system/sa/moonlet-ca`: sidecars
     /// send their token only to a server that presents it (or, like Istio's CA_ADDR
@@ -89,37 +126,66 @@ public final class CAService: @unchecked Sendable {
         return try NIOSSLContext(configuration: c)
     }
 
-    /// Logs `line` unless more than 10 refusal lines were logged this second.
-    func logLimited(_ line: String) {
+    /// Logs `line` unless `linesPerSecond` lines of its kind were logged this second; a
+    /// suppressed line is counted, and `reportSuppressed` says how many there were.
+    func logLimited(_ kind: LogKind, _ line: String) {
         let now = Int(Date().timeIntervalSince1970)
-        let ok = state.withLockedValue { s -> Bool in
-            if s.logSecond != now { s.logSecond = now; s.logBudget = 10 }
-            guard s.logBudget > 0 else { return false }
-            s.logBudget -= 1
+        let ok = budgets.withLockedValue { b -> Bool in
+            var k = b[kind] ?? LogBudget()
+            defer { b[kind] = k }
+            if k.second != now { k.second = now; k.left = Self.linesPerSecond }
+            guard k.left > 0 else { k.suppressed += 1; return false }
+            k.left -= 1
             return true
         }
-        if ok { log(line) }
+        if ok { log(LogText.escape(line)) }
+    }
+
+    /// Logs "N <kind> lines suppressed" for each kind that had lines suppressed since the
+    /// last call (called every second while serving).
+    func reportSuppressed() {
+        let counts = budgets.withLockedValue { b -> [(LogKind, Int)] in
+            var out: [(LogKind, Int)] = []
+            for k in LogKind.allCases where (b[k]?.suppressed ?? 0) > 0 { out.append((k, b[k]!.suppressed)); b[k]!.suppressed = 0 }
+            return out
+        }
+        for (k, n) in counts { log("ca: \(n) \(k.rawValue) lines suppressed (more than \(Self.linesPerSecond) a second)") }
     }
 
     /// Binds the signer. Returns the channel (its localAddress has the port).
-    public func bind(group: EventLoopGroup, host: String, port: Int) throws -> Channel {
+    /// `fileLimit`: the open file limit the cap must stay under (default: the process's).
+    public func bind(group: EventLoopGroup, host: String, port: Int, fileLimit: Int? = CAService.openFileLimit()) throws -> Channel {
         let ctx = try servingContext()
-        return try ServerBootstrap(group: group)
+        let cap = Self.connectionCap(requested: limits.maxConnections, fileLimit: fileLimit)
+        if cap < limits.maxConnections {
+            log("ca: connection cap lowered from \(limits.maxConnections) to \(cap): the open file limit is \(fileLimit ?? 0), \(Self.descriptorReserve) kept for the CA (raise it with ulimit -n)")
+        }
+        let perAddress = limits.maxConnectionsPerAddress
+        let ch = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    let address = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-                    let admitted = self.state.withLockedValue { s -> Bool in
-                        guard s.open < self.limits.maxConnections else { return false }
+                    let ip = ch.remoteAddress?.ipAddress ?? "?"
+                    let address = ch.remoteAddress.map { "\(ip):\($0.port ?? 0)" } ?? "?"
+                    let refusal = self.state.withLockedValue { s -> String? in
+                        if s.open >= cap { return "\(cap) connections open (the --max-connections cap)" }
+                        if s.perAddress[ip, default: 0] >= perAddress { return "\(perAddress) connections open from \(ip) (the --max-connections-per-address cap)" }
                         s.open += 1
-                        return true
+                        s.perAddress[ip, default: 0] += 1
+                        return nil
                     }
-                    guard admitted else {
-                        self.logLimited("ca: connection from \(address) refused: \(self.limits.maxConnections) connections open (the --max-connections cap)")
+                    if let refusal {
+                        self.logLimited(.refusal, "ca: connection from \(address) refused: \(refusal)")
                         ch.close(promise: nil)
                         return
                     }
-                    ch.closeFuture.whenComplete { _ in self.state.withLockedValue { $0.open -= 1 } }
+                    ch.closeFuture.whenComplete { _ in
+                        self.state.withLockedValue { s in
+                            s.open -= 1
+                            s.perAddress[ip, default: 1] -= 1
+                            if s.perAddress[ip] == 0 { s.perAddress[ip] = nil }
+                        }
+                    }
                     let peer = PeerBox()
                     peer.address = address
                     let tls = NIOSSLServerHandler._makeSSLServerHandler(context: ctx) { cert, channel in
@@ -130,12 +196,15 @@ public final class CAService: @unchecked Sendable {
                     let sync = ch.pipeline.syncOperations
                     try sync.addHandler(IdleStateHandler(allTimeout: self.limits.idleTimeout))
                     try sync.addHandler(tls)
-                    try sync.addHandler(ConnectionGuard(service: self, address: address, handshakeTimeout: self.limits.handshakeTimeout))
+                    try sync.addHandler(ConnectionGuard(service: self, address: address, limits: self.limits))
                     try sync.configureHTTPServerPipeline()
                     try sync.addHandler(SignHandler(service: self, peer: peer))
                 }
             }
             .bind(host: host, port: port).wait()
+        let report = ch.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in self.reportSuppressed() }
+        ch.closeFuture.whenComplete { _ in report.cancel() }
+        return ch
     }
 
     final class PeerBox: @unchecked Sendable {
@@ -144,35 +213,39 @@ public final class CAService: @unchecked Sendable {
         var address = "?"
     }
 
-    /// Closes a connection whose handshake does not finish in time or that stays idle,
-    /// and logs failed handshakes with the caller's address (the audit trail).
+    /// Closes a connection whose handshake does not finish in time, whose request is not
+    /// complete within the request deadline after the handshake, or that stays idle; logs
+    /// failed handshakes with the caller's address (the audit trail).
     final class ConnectionGuard: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
         let service: CAService
         let address: String
-        let handshakeTimeout: TimeAmount
+        let limits: Limits
         var timer: Scheduled<Void>?
         var handshaken = false
-        init(service: CAService, address: String, handshakeTimeout: TimeAmount) {
-            self.service = service; self.address = address; self.handshakeTimeout = handshakeTimeout
+        init(service: CAService, address: String, limits: Limits) {
+            self.service = service; self.address = address; self.limits = limits
         }
-        func handlerAdded(context: ChannelHandlerContext) {
-            let ch = context.channel, s = service, a = address, t = handshakeTimeout
+        func deadline(_ context: ChannelHandlerContext, _ t: TimeAmount, _ what: String) {
+            let ch = context.channel, s = service, a = address
+            timer?.cancel()
             timer = context.eventLoop.scheduleTask(in: t) {
-                s.logLimited("ca: TLS handshake with \(a) did not finish within \(t.nanoseconds / 1_000_000) ms; closed")
+                s.logLimited(.handshake, "ca: \(what) from \(a) did not finish within \(t.nanoseconds / 1_000_000) ms; closed")
                 ch.close(promise: nil)
             }
         }
+        func handlerAdded(context: ChannelHandlerContext) { deadline(context, limits.handshakeTimeout, "TLS handshake") }
         func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if case TLSUserEvent.handshakeCompleted = event { handshaken = true; timer?.cancel(); timer = nil }
+            // One deadline for the whole request: bytes trickling in do not extend it.
+            if case TLSUserEvent.handshakeCompleted = event { handshaken = true; deadline(context, limits.requestTimeout, "request") }
             if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil); return }
             context.fireUserInboundEventTriggered(event)
         }
         func errorCaught(context: ChannelHandlerContext, error: Error) {
             if !handshaken {
                 let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
-                service.logLimited("ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil))")
+                service.logLimited(.handshake, "ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil))")
             }
             context.close(promise: nil)
         }
@@ -183,7 +256,7 @@ public final class CAService: @unchecked Sendable {
     func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, peerProblem: String? = nil,
                 from: String = "?", body: Data) -> (HTTPResponseStatus, String) {
         func fail(_ s: HTTPResponseStatus, _ msg: String) -> (HTTPResponseStatus, String) {
-            log(LogText.escape("ca: \(from): refused \(uri): \(msg)"))
+            logLimited(.decision, "ca: \(from): refused \(uri): \(msg)")
             return (s, "{\"error\":\(JSON.quote(msg))}")
         }
         guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(uri)") }
@@ -211,7 +284,7 @@ public final class CAService: @unchecked Sendable {
         let ttl = min(maxTTL, (obj["ttl_seconds"] as? Double) ?? maxTTL)
         do {
             let leaf = try ca.signCSR(pem: csr, allowed: asked, ttl: ttl)
-            log(LogText.escape("ca: \(from): issued \(asked.uri) for \(Int(ttl))s (by \(proof))"))
+            logLimited(.decision, "ca: \(from): issued \(asked.uri) for \(Int(ttl))s (by \(proof))")
             return (.ok, "{\"cert_chain\":[\(JSON.quote(leaf)),\(JSON.quote(ca.rootCertPEM))]}")
         } catch {
             return fail(.badRequest, "\(error)")
@@ -238,12 +311,12 @@ public final class CAService: @unchecked Sendable {
                 guard let h = head else { return }
                 let (status, text) = service.handle(method: h.method, uri: h.uri, authorization: h.headers.first(name: "authorization"), peer: peer.id,
                                                     peerProblem: peer.noIdentity, from: peer.address, body: body)
-                var headers = HTTPHeaders([("content-type", "application/json"), ("content-length", String(text.utf8.count))])
-                if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
+                // One request per connection: the response closes it (a connection cannot be
+                // held open, nor one caller's requests flood the log, by keep-alive).
+                let headers = HTTPHeaders([("content-type", "application/json"), ("content-length", String(text.utf8.count)), ("connection", "close")])
                 context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))), promise: nil)
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: text)))), promise: nil)
-                let keep = h.isKeepAlive
-                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if !keep { context.close(promise: nil) } }
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
                 head = nil
             }
         }

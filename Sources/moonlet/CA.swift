@@ -57,17 +57,22 @@ struct CA: ParsableCommand {
         @Option(help: "Bind address") var bind: String = "127.0.0.1"
         @Option(help: "Token file: lines of \"<token> <namespace>/<service-account>\"") var tokenFile: String?
         @Option(help: "Longest lifetime issued") var maxTtl: String = "24h"
-        @Option(help: "Connections served at once; more are refused (logged)") var maxConnections: Int = 1024
+        @Option(help: "Connections served at once; more are refused (logged). Lowered to the open file limit minus 64") var maxConnections: Int = 1024
+        @Option(help: "Connections served at once from one source address; more are refused (logged)") var maxConnectionsPerAddress: Int = 32
         @Option(help: "Time a client has to finish the TLS handshake") var handshakeTimeout: String = "10s"
+        @Option(help: "Time a client has, after the handshake, to send its whole request") var requestTimeout: String = "10s"
         @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
             let hs = try CA.timeout(handshakeTimeout, "--handshake-timeout", example: "10s")
             let idle = try CA.timeout(idleTimeout, "--idle-timeout", example: "60s")
+            let request = try CA.timeout(requestTimeout, "--request-timeout", example: "10s")
             guard maxConnections > 0 else { throw ValidationError("--max-connections: a positive number") }
+            guard maxConnectionsPerAddress > 0 else { throw ValidationError("--max-connections-per-address: a positive number") }
             let authority = try MeshCA.load(dir: ca)
             let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
-            let limits = CAService.Limits(maxConnections: maxConnections, handshakeTimeout: hs, idleTimeout: idle)
+            let limits = CAService.Limits(maxConnections: maxConnections, maxConnectionsPerAddress: maxConnectionsPerAddress,
+                                          handshakeTimeout: hs, requestTimeout: request, idleTimeout: idle)
             let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits) { line in
                 FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
             }

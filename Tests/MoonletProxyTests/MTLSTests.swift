@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import NIOHTTP1
 import NIOSSL
+import NIOTLS
 import NIOConcurrencyHelpers
 import Logging
 @testable import MoonletProxy
@@ -953,5 +954,88 @@ extension MTLSTests {
         let b = try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: certs + "/root-cert.pem", identity: orders, token: "t0ken",
                                            currentCertDir: foreign, group: group)
         XCTAssertTrue(b.certChainPEM.contains("BEGIN CERTIFICATE"))
+    }
+
+    /// A TLS connection to the CA (trusting the mesh root), its handshake finished.
+    func caConnection(port: Int, group: EventLoopGroup) throws -> (Channel, HandshakeWatch) {
+        var cfg = TLSConfiguration.makeClientConfiguration()
+        cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(pki.ca.rootCertPEM.utf8)))
+        cfg.certificateVerification = .noHostnameVerification
+        let ctx = try NIOSSLContext(configuration: cfg)
+        let watch = HandshakeWatch(group.next().makePromise(of: Void.self))
+        let ch = try ClientBootstrap(group: group).channelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: ctx, serverHostname: nil))
+                try ch.pipeline.syncOperations.addHandler(watch)
+            }
+        }.connect(host: "127.0.0.1", port: port).wait()
+        try watch.promise.futureResult.wait()
+        return (ch, watch)
+    }
+
+    final class HandshakeWatch: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let promise: EventLoopPromise<Void>
+        var received = ""
+        init(_ p: EventLoopPromise<Void>) { promise = p }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case TLSUserEvent.handshakeCompleted = event { promise.succeed(()) }
+        }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { received += String(buffer: unwrapInboundIn(data)) }
+        func errorCaught(context: ChannelHandlerContext, error: Error) { promise.fail(error); context.close(promise: nil) }
+    }
+
+    func test_caService_closesAConnectionThatTricklesBytesAfterTheHandshake_atTheRequestDeadline_andClosesAfterOneResponse() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let (ca, port) = try startCA(limits: .init(handshakeTimeout: .seconds(2), requestTimeout: .milliseconds(600), idleTimeout: .seconds(5)), log: log, on: group)
+        defer { try? ca.close().wait() }
+        // One byte every 100 ms: each would restart an idle timer.
+        let (ch, _) = try caConnection(port: port, group: group)
+        let started = Date()
+        for b in "POST /v1/sign HTTP/1.1\r\nhost: ca\r\n".utf8 where ch.isActive && Date().timeIntervalSince(started) < 3 {
+            ch.writeAndFlush(ByteBuffer(bytes: [b]), promise: nil)
+            usleep(100_000)
+        }
+        XCTAssertFalse(ch.isActive)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.5, "closed at the request deadline")
+        XCTAssertTrue(log.contains("request from 127.0.0.1:") && log.contains("did not finish within 600 ms"), "\(log.all)")
+        // A keep-alive request gets one response, then the connection closes.
+        let (ka, watch) = try caConnection(port: port, group: group)
+        let sent = Date()
+        try ka.writeAndFlush(ByteBuffer(string: "GET /nope HTTP/1.1\r\nhost: ca\r\n\r\n")).wait()
+        XCTAssertNoThrow(try ka.closeFuture.wait())
+        XCTAssertLessThan(Date().timeIntervalSince(sent), 1, "closed by the CA after its response, not by a timeout")
+        let got = try ka.eventLoop.submit { watch.received }.wait()
+        XCTAssertTrue(got.hasPrefix("HTTP/1.1 404") && got.lowercased().contains("connection: close"), got)
+    }
+
+    func test_caService_capsConnectionsPerSourceAddress_andKeepsItsCapUnderTheOpenFileLimit_loggingBoth() throws {
+        XCTAssertEqual(CAService.connectionCap(requested: 1024, fileLimit: 1024), 960)
+        XCTAssertEqual(CAService.connectionCap(requested: 100, fileLimit: 1024), 100)
+        XCTAssertEqual(CAService.connectionCap(requested: 100, fileLimit: nil), 100)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        // Per address: two from 127.0.0.1, the third is refused.
+        let service = CAService(ca: pki.ca, tokens: [:], limits: .init(maxConnections: 100, maxConnectionsPerAddress: 2, handshakeTimeout: .seconds(5))) { log.append($0) }
+        let ch = try service.bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        let two = try (0..<2).map { _ in try RawClient(port: ch.localAddress!.port!, timeoutSeconds: 5) }
+        usleep(100_000)
+        XCTAssertTrue(try RawClient(port: ch.localAddress!.port!, timeoutSeconds: 2).isClosed())
+        XCTAssertTrue(log.contains("refused: 2 connections open from 127.0.0.1 (the --max-connections-per-address cap)"), "\(log.all)")
+        _ = two
+        // Under an open file limit of 67, 3 connections at most (64 kept for the CA).
+        let small = CAService(ca: pki.ca, tokens: [:], limits: .init(maxConnections: 1024, handshakeTimeout: .seconds(5))) { log.append($0) }
+        let sch = try small.bind(group: group, host: "127.0.0.1", port: 0, fileLimit: 67)
+        defer { try? sch.close().wait() }
+        XCTAssertTrue(log.contains("ca: connection cap lowered from 1024 to 3: the open file limit is 67"), "\(log.all)")
+        let three = try (0..<3).map { _ in try RawClient(port: sch.localAddress!.port!, timeoutSeconds: 5) }
+        usleep(100_000)
+        XCTAssertTrue(try RawClient(port: sch.localAddress!.port!, timeoutSeconds: 2).isClosed())
+        XCTAssertTrue(log.contains("refused: 3 connections open (the --max-connections cap)"), "\(log.all)")
+        _ = three
     }
 }

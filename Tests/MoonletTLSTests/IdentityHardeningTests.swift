@@ -269,4 +269,28 @@ final class IdentityHardeningTests: XCTestCase {
         XCTAssertEqual(TLSMaterial.upstreamRefusalReason(alert, peerCertificate: nil), "the server refused the handshake (TLS alert: handshake failure)")
         XCTAssertEqual(TLSMaterial.upstreamRefusalReason(TLSFailure(description: "something else"), peerCertificate: nil), "the TLS handshake with the server failed")
     }
+
+    // MARK: CA log budgets (review item 7)
+
+    func test_caLogBudgets_arePerKindOfLine_andSuppressedLinesAreCountedAndReported() throws {
+        let lines = NIOLockedValueBox<[String]>([])
+        let svc = CAService(ca: try MeshCA.create(), tokens: [:]) { l in lines.withLockedValue { $0.append(l) } }
+        // A flood of refused signing requests (one caller, say) is limited...
+        for _ in 0..<50 { _ = svc.handle(method: .GET, uri: "/v1/sign", authorization: nil, peer: nil, from: "10.0.0.9:1", body: Data()) }
+        // ...and neither hides the other kinds of line nor goes uncounted.
+        for i in 0..<30 { svc.logLimited(.refusal, "ca: connection from 10.0.0.9:\(i) refused: cap") }
+        svc.logLimited(.handshake, "ca: TLS handshake with 10.0.0.7:1 failed: not TLS")
+        let logged = lines.withLockedValue { $0 }
+        let decisions = logged.filter { $0.contains("refused /v1/sign") }.count
+        XCTAssertLessThanOrEqual(decisions, 2 * CAService.linesPerSecond, "one budget a second (the loop may straddle two)")
+        XCTAssertGreaterThan(decisions, 0)
+        XCTAssertTrue(logged.contains("ca: TLS handshake with 10.0.0.7:1 failed: not TLS"), "\(logged)")
+        svc.reportSuppressed()
+        let report = lines.withLockedValue { $0 }.filter { $0.contains("lines suppressed") }
+        XCTAssertTrue(report.contains { $0.hasPrefix("ca: \(50 - decisions) signing decision lines suppressed") }, "\(report)")
+        XCTAssertTrue(report.contains { $0.contains("connection refusal lines suppressed") }, "\(report)")
+        // Reported once: the counts start again.
+        svc.reportSuppressed()
+        XCTAssertEqual(lines.withLockedValue { $0 }.filter { $0.contains("lines suppressed") }.count, report.count)
+    }
 }
