@@ -226,11 +226,12 @@ public struct MeshCA: Sendable {
     }
 
     /// Issues a workload key and certificate for `id` (a new key of `keyType`).
-    /// `extraURIs`: more URI SANs after the id (only to test that peers refuse them).
+    /// `extraURIs`: more URI SANs after the id, `usages`: other extended key usages (only
+    /// to test that peers refuse them).
     public func issue(_ id: SpiffeID, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400, now: Date = Date(),
-                      extraURIs: [String] = []) throws -> WorkloadBundle {
+                      extraURIs: [String] = [], usages: [ExtendedKeyUsage.Usage] = [.serverAuth, .clientAuth]) throws -> WorkloadBundle {
         let key = try keyType.makeKey()
-        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) })
+        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) }, usages: usages)
         return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString + "\n" + intermediatesPEM, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
     }
 

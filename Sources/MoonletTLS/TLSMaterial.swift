@@ -381,7 +381,9 @@ extension TLSMaterial {
     /// not from the mesh root, no certificate, plaintext on an mTLS port. Text from the
     /// peer is escaped (no control characters reach the log).
     public static func refusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date(), trust: TrustDomains? = nil) -> String {
-        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "client", usage: .clientAuth, roots: trust.map { .mesh($0) } ?? .mesh(nil)))
+        // A PeerIdentityError's description is escaped already (once: see LogText).
+        if let e = error as? PeerIdentityError { return e.description }
+        return LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "client", usage: .clientAuth, roots: trust.map { .mesh($0) } ?? .mesh(nil)))
     }
 
     /// The same for an upstream server refused by this sidecar, or that refused it: in
@@ -390,14 +392,14 @@ extension TLSMaterial {
     /// SIMPLE/MUTUAL one (checked against its caCertificates or the system roots).
     public static func upstreamRefusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date(), mesh: Bool = true,
                                              trust: TrustDomains? = nil) -> String {
-        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "server", usage: .serverAuth, roots: mesh ? .mesh(trust) : .destinationRule))
+        if let e = error as? PeerIdentityError { return e.description }
+        return LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "server", usage: .serverAuth, roots: mesh ? .mesh(trust) : .destinationRule))
     }
 
     /// Which roots a peer was checked against, for the wording of a refusal.
     enum Roots { case mesh(TrustDomains?), destinationRule }
 
     static func reason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date, peer: String, usage: ExtendedKeyUsage.Usage, roots: Roots) -> String {
-        if let e = error as? PeerIdentityError { return e.description }
         if let e = error as? NIOSSLExtraError, e == .failedToValidateHostname { return "the \(peer)'s certificate does not name the host it was reached by" }
         let text = "\(error)"
         let verifyFailed = text.contains("CERTIFICATE_VERIFY_FAILED")

@@ -1038,4 +1038,24 @@ extension MTLSTests {
         XCTAssertTrue(log.contains("refused: 3 connections open (the --max-connections cap)"), "\(log.all)")
         _ = three
     }
+
+    func test_strictSidecar_logsAServerAuthOnlyClientCertificate_asLackingClientAuth_fromBoringSSLsOwnRefusal() throws {
+        let log = CapturedLog()
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"), logger: log.logger)
+        defer { server.stop() }
+        var b = try pki.ca.issue(try pki.ca.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
+        b.rootCertPEM = pki.ca.rootCertPEM
+        try b.write(to: pki.dir + "/server-only")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/server-only", rootPEM: pki.ca.rootCertPEM).get())
+        usleep(100_000)
+        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)"), "\(log.all)")
+        XCTAssertEqual(app.seen.count, 0)
+        // The same usage from a foreign root: the chain is the reason.
+        var f = try pki.foreign.issue(try pki.foreign.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
+        f.rootCertPEM = pki.ca.rootCertPEM
+        try f.write(to: pki.dir + "/foreign-server-only")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/foreign-server-only", rootPEM: pki.ca.rootCertPEM).get())
+        usleep(100_000)
+        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/default/sa/web (issuer O=cluster.local) does not chain to the mesh root"), "\(log.all)")
+    }
 }

@@ -236,6 +236,16 @@ final class IdentityHardeningTests: XCTestCase {
                        "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)")
         let clientOnly = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.clientAuth])
         XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: clientOnly).hasSuffix("lacks the extended key usage serverAuth (TLS server)"))
+        // A certificate from a foreign root that also lacks the usage: the chain is the reason.
+        let trust = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate])
+        let foreignServerOnly = try cert(MeshCA.create(), uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.serverAuth])
+        XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: foreignServerOnly, trust: trust).hasSuffix("does not chain to the mesh root"))
+        XCTAssertEqual(TLSMaterial.refusalReason(verifyFailed, peerCertificate: serverOnly, trust: trust),
+                       "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)")
+        // A DestinationRule SIMPLE/MUTUAL upstream is not checked against the mesh root.
+        let web = try nio(try MeshCA.create().issue(try ca.identity(namespace: "default", serviceAccount: "web")).certChainPEM)
+        XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: web, mesh: false)
+            .hasSuffix("does not chain to the DestinationRule's caCertificates (or the system roots)"))
         // A foreign chain with the right usage is still a chain failure.
         XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: try cert(MeshCA.create(), uris: ["spiffe://cluster.local/ns/a/sa/b"])).hasSuffix("does not chain to the mesh root"))
     }
@@ -258,6 +268,9 @@ final class IdentityHardeningTests: XCTestCase {
         XCTAssertFalse(why.contains("\n") || why.contains("\r"), why)
         XCTAssertEqual(LogText.escape("a\u{1b}[31mb\u{2028}c\td"), "a\\u{1b}[31mb\\u{2028}c\\td")
         XCTAssertEqual(LogText.escape("plain text / ok"), "plain text / ok")
+        // A literal backslash-n from a peer is not an escaped newline.
+        XCTAssertEqual(LogText.escape("a\\nb"), "a\\\\nb")
+        XCTAssertNotEqual(LogText.escape("a\\nb"), LogText.escape("a\nb"))
     }
 
     func test_upstreamRefusalReasons_areWords_withoutLibraryDumps() throws {
