@@ -118,8 +118,10 @@ extension ProxyServer {
         let bundle = try CAClient.requestBundle(caAddress: ca, rootCertPath: (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile),
                                                 identity: id, token: token, currentCertDir: hasCert ? dir : nil,
                                                 keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256,
-                                                caIdentity: settings.caIdentity.map { [$0] }, group: group)
-        try bundle.write(to: dir)
+                                                caIdentity: settings.caIdentity.map { [$0] }, policy: settings.meshTLS, group: group)
+        // Key and chain only: root-cert.pem is the operator's (a root switch may edit it
+        // meanwhile; it may be a read-only mount).
+        try bundle.write(to: dir, includingRoot: false)
         logger.info("workload certificate issued by \(ca) for \(id.uri)")
     }
 }

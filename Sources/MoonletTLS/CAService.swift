@@ -25,6 +25,8 @@ public final class CAService: @unchecked Sendable {
     public let tokens: [String: SpiffeID]
     public let maxTTL: TimeInterval
     public let limits: Limits
+    /// The mesh TLS policy (mesh config meshMTLS) of the CA's listener.
+    public let policy: MeshTLSSettings
     let log: @Sendable (String) -> Void
     /// Connections open now, in all and per source address.
     let state = NIOLockedValueBox((open: 0, perAddress: [String: Int]()))
@@ -88,8 +90,8 @@ public final class CAService: @unchecked Sendable {
     public static let dnsNames = ["localhost", "moonlet-ca.istio-system.svc", "istiod.istio-system.svc"]
 
     public init(ca: MeshCA, tokens: [String: SpiffeID], maxTTL: TimeInterval = 86400, limits: Limits = Limits(),
-                log: @escaping @Sendable (String) -> Void = { _ in }) {
-        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.limits = limits; self.log = log
+                policy: MeshTLSSettings = MeshTLSSettings(), log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.limits = limits; self.policy = policy; self.log = log
     }
 
     /// Reads a token file: one `<token> <namespace>/<service-account>` per line, `#` comments.
@@ -122,7 +124,7 @@ public final class CAService: @unchecked Sendable {
         // A client certificate is optional (renewal); when given it must chain to the root.
         c.certificateVerification = CertificateVerification.optionalVerification
         c.trustRoots = NIOSSLTrustRoots.certificates(try NIOSSLCertificate.fromPEMBytes(Array(ca.rootCertPEM.utf8)))
-        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &c)
+        TLSMaterial.applyPolicy(policy, to: &c)
         return try NIOSSLContext(configuration: c)
     }
 
@@ -245,7 +247,8 @@ public final class CAService: @unchecked Sendable {
         func errorCaught(context: ChannelHandlerContext, error: Error) {
             if !handshaken {
                 let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
-                service.logLimited(.handshake, "ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil))")
+                let trust = TrustDomains(mesh: service.ca.trustDomain, roots: [service.ca.rootCertificate])
+                service.logLimited(.handshake, "ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil, trust: trust))")
             }
             context.close(promise: nil)
         }
@@ -332,12 +335,13 @@ public final class CAService: @unchecked Sendable {
 /// current certificate while it is valid, else by the bootstrap token. Blocking; called
 /// off the event loops.
 public enum CAClient {
+    /// `policy`: the mesh TLS policy (meshMTLS) of the connection.
     /// `caIdentity`: the SANs the CA must present (one of them; an empty list is refused);
     /// nil: the CA's default identity in `identity`'s trust domain, or the dialled host
     /// when it is a DNS name.
     public static func requestBundle(caAddress: String, rootCertPath: String, identity: SpiffeID, token: String?,
                                      currentCertDir: String?, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400,
-                                     caIdentity: [String]? = nil,
+                                     caIdentity: [String]? = nil, policy: MeshTLSSettings = MeshTLSSettings(),
                                      group: EventLoopGroup, timeout: TimeAmount = .seconds(10), now: Date = Date()) throws -> WorkloadBundle {
         let parts = caAddress.split(separator: ":")
         guard parts.count == 2, let port = Int(parts[1]) else { throw TLSConfigError("--ca-address", "expected host:port, got \"\(caAddress)\"") }
@@ -352,7 +356,7 @@ public enum CAClient {
             throw TLSConfigError(rootCertPath, pemProblem(root, kind: "CERTIFICATE"))
         }
         cfg.certificateVerification = .noHostnameVerification
-        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &cfg)
+        TLSMaterial.applyPolicy(policy, to: &cfg)
         // The current certificate proves who is asking, while it is valid: an expired one
         // would make the CA refuse the handshake, so the token is used instead.
         var presented = false
@@ -375,7 +379,7 @@ public enum CAClient {
             // we are. Anything else (no connection, no answer, not the CA) is not retried.
             guard presented, token?.isEmpty == false else { throw e.error }
             return try requestBundle(caAddress: caAddress, rootCertPath: rootCertPath, identity: identity, token: token, currentCertDir: nil,
-                                     keyType: keyType, ttl: ttl, caIdentity: caIdentity, group: group, timeout: timeout, now: now)
+                                     keyType: keyType, ttl: ttl, caIdentity: caIdentity, policy: policy, group: group, timeout: timeout, now: now)
         }
     }
 
@@ -429,7 +433,8 @@ public enum CAClient {
             throw e
         }
         // root-cert.pem stays as the sidecar has it (Istio mounts it from a ConfigMap): it
-        // may hold two roots during a root switch, and it is what decides whom to trust.
+        // may hold two roots during a root switch, and it is what decides whom to trust
+        // (the sidecar writes only key and chain back).
         return WorkloadBundle(certChainPEM: leaf, keyPEM: keyPEM, rootCertPEM: root)
     }
 

@@ -51,11 +51,12 @@ public struct WorkloadBundle: Sendable {
     /// Writes the three files; each is written to a temporary name and renamed, so a
     /// sidecar watching the directory never reads half a file. The key is mode 0600
     /// from its first byte (see `writeAtomically`).
-    public func write(to dir: String) throws {
+    /// `includingRoot`: false leaves root-cert.pem alone (a sidecar's renewal).
+    public func write(to dir: String, includingRoot: Bool = true) throws {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try writeAtomically(keyPEM, to: (dir as NSString).appendingPathComponent(Self.keyFile), mode: 0o600)
         try writeAtomically(certChainPEM, to: (dir as NSString).appendingPathComponent(Self.certChainFile), mode: 0o644)
-        try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644)
+        if includingRoot { try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644) }
     }
 }
 
@@ -189,12 +190,7 @@ public struct MeshCA: Sendable {
         let certPEM = try readText(certPath)
         let cert: Certificate
         do { cert = try Certificate(pemEncoded: certPEM) } catch { throw TLSConfigError(certPath, pemProblem(certPEM, kind: "CERTIFICATE")) }
-        // The mesh root key signs every identity: refuse to use it while others can read it.
-        var st = stat()
-        if stat(keyPath, &st) == 0, st.st_mode & 0o077 != 0 {
-            throw TLSConfigError(keyPath, "is readable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); the mesh root key must be mode 0600 (chmod 600 it, and consider the key exposed)")
-        }
-        let key = try parsePrivateKey(try readText(keyPath), path: keyPath)
+        let key = try parsePrivateKey(try readOwnerOnly(keyPath), path: keyPath)
         guard key.publicKey == cert.publicKey else { throw TLSConfigError(keyPath, "does not match the public key of \(certPath)") }
         var td = ""
         for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
@@ -286,6 +282,33 @@ public struct MeshCA: Sendable {
             signatureAlgorithm: keyType == .ecdsaP256 ? .ecdsaWithSHA256 : .sha256WithRSAEncryption)
         return (try csr.serializeAsPEM().pemString, try key.serializeAsPEM().pemString)
     }
+}
+
+/// Reads a private key file that must be readable by its owner only: the mode is checked
+/// on the descriptor that is read (open, fstat, read), so the file cannot be swapped
+/// between the check and the read.
+func readOwnerOnly(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw TLSConfigError(path, errno == ENOENT ? "no such file" : "cannot read: \(errnoText())") }
+    defer { close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { throw TLSConfigError(path, "cannot read: \(errnoText())") }
+    // The mesh root key signs every identity: refuse to use it while others can read it.
+    if st.st_mode & 0o077 != 0 {
+        throw TLSConfigError(path, "is readable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); the mesh root key must be mode 0600 (chmod 600 it, and consider the key exposed)")
+    }
+    var bytes: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 16384)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n >= 0 else { throw TLSConfigError(path, "cannot read: \(errnoText())") }
+        if n == 0 { break }
+        bytes += buf[0..<n]
+        if bytes.count > 1 << 20 { throw TLSConfigError(path, "is larger than 1 MiB; not a private key") }
+    }
+    guard let s = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]) else { throw TLSConfigError(path, "is not text (a PEM private key)") }
+    return s
 }
 
 func readText(_ path: String) throws -> String {

@@ -1,6 +1,7 @@
 import MoonletCore
 import ArgumentParser
 import MoonletTLS
+import MoonletConfig
 import NIOCore
 import NIOPosix
 #if canImport(Foundation)
@@ -62,6 +63,7 @@ struct CA: ParsableCommand {
         @Option(help: "Time a client has to finish the TLS handshake") var handshakeTimeout: String = "10s"
         @Option(help: "Time a client has, after the handshake, to send its whole request") var requestTimeout: String = "10s"
         @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
+        @Option(help: "Istio MeshConfig file: its meshMTLS (minProtocolVersion, cipherSuites) applies to the CA's listener. Env: MOONLET_MESH_CONFIG") var meshConfig: String?
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
             let hs = try CA.timeout(handshakeTimeout, "--handshake-timeout", example: "10s")
@@ -73,7 +75,11 @@ struct CA: ParsableCommand {
             let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
             let limits = CAService.Limits(maxConnections: maxConnections, maxConnectionsPerAddress: maxConnectionsPerAddress,
                                           handshakeTimeout: hs, requestTimeout: request, idleTimeout: idle)
-            let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits) { line in
+            var policy = MeshTLSSettings()
+            if let path = meshConfig ?? ProcessInfo.processInfo.environment["MOONLET_MESH_CONFIG"].flatMap({ $0.isEmpty ? nil : $0 }) {
+                do { policy = try MeshConfigFile.load(path: path).tls } catch { throw ValidationError("--mesh-config: \(error)") }
+            }
+            let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits, policy: policy) { line in
                 FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
             }
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

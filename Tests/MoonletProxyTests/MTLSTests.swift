@@ -9,6 +9,7 @@ import Logging
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletTLS
+import MoonletCore
 
 /// A fixture PKI made by the tests: a mesh root, a foreign root, and workload bundles.
 final class FixturePKI {
@@ -1057,5 +1058,64 @@ extension MTLSTests {
         XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/foreign-server-only", rootPEM: pki.ca.rootCertPEM).get())
         usleep(100_000)
         XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/default/sa/web (issuer O=cluster.local) does not chain to the mesh root"), "\(log.all)")
+    }
+
+    func inode(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
+    }
+
+    func test_sidecarRenewal_writesKeyAndChainOnly_keyOwnerOnly_andLeavesRootCertAsTheOperatorHasIt() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let (ch, port) = try startCA(tokens: ["t0ken": try pki.ca.identity(namespace: "production", serviceAccount: "orders")], on: group)
+        defer { try? ch.close().wait() }
+        let certs = try pki.issue("production", "orders", name: "renew", ttl: 60, now: Date().addingTimeInterval(-7200))
+        // The operator's root-cert.pem: both roots of a root switch, read-only.
+        let roots = pki.ca.rootCertPEM + pki.foreign.rootCertPEM
+        try roots.write(toFile: certs + "/root-cert.pem", atomically: true, encoding: .utf8)
+        chmod(certs + "/root-cert.pem", 0o444)
+        let rootInode = inode(certs + "/root-cert.pem")
+        try "t0ken\n".write(toFile: pki.dir + "/token", atomically: true, encoding: .utf8)
+        let old = umask(0)
+        defer { umask(old) }
+        let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+            s.certsDirectory = certs; s.caAddress = "127.0.0.1:\(port)"; s.caTokenFile = self.pki.dir + "/token"
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+        }
+        defer { server.stop() }
+        XCTAssertGreaterThan(try XCTUnwrap(server.server.currentTLS).notAfter, Date().addingTimeInterval(1800))
+        XCTAssertEqual(inode(certs + "/root-cert.pem"), rootInode, "root-cert.pem was not rewritten")
+        XCTAssertEqual(try String(contentsOfFile: certs + "/root-cert.pem", encoding: .utf8), roots)
+        var st = stat()
+        XCTAssertEqual(stat(certs + "/key.pem", &st), 0)
+        XCTAssertEqual(String(st.st_mode & 0o777, radix: 8), "600", "the renewed key under umask 0")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: certs).sorted(), ["cert-chain.pem", "key.pem", "root-cert.pem"])
+    }
+
+    func test_meshMTLSPolicy_appliesToTheCAsListenerAndToTheSidecarsConnectionToTheCA() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let tls13 = MeshTLSSettings(minProtocolVersion: .tls13)
+        let service = CAService(ca: pki.ca, tokens: [:], policy: tls13) { log.append($0) }
+        let ch = try service.bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        XCTAssertThrowsError(try tlsRequest(port: ch.localAddress!.port!, certDir: nil, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv12).get())
+        usleep(100_000)
+        XCTAssertTrue(log.contains("no TLS version or cipher suite in common"), "\(log.all)")
+        // The client side: a TLS 1.2-only server is refused before anything is sent.
+        let w = try pki.issue("istio-system", "moonlet-ca", name: "ca12")
+        var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
+                                                           privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))
+        cfg.maximumTLSVersion = .tlsv12
+        let old = try TestUpstream(tls: try NIOSSLContext(configuration: cfg))
+        defer { old.stop() }
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(old.port)", rootCertPath: w + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "production", serviceAccount: "orders"),
+                                                        token: "t", currentCertDir: nil, policy: tls13, group: group, timeout: .seconds(2))) { e in
+            XCTAssertTrue("\(e)".contains("TLS with the CA failed"), "\(e)")
+        }
+        XCTAssertEqual(old.seen.count, 0)
     }
 }
