@@ -4,6 +4,7 @@ import Crypto
 import _CryptoExtras
 import SwiftASN1
 import NIOSSL
+import NIOConcurrencyHelpers
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -67,6 +68,7 @@ public struct WorkloadBundle: Sendable {
 func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
     let tmp = path + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let fd = try createExclusive(tmp, mode: mode)
+    FileCreations.note(tmp, fd: fd)
     var bytes = Array(text.utf8)
     if bytes.last != UInt8(ascii: "\n") { bytes.append(UInt8(ascii: "\n")) }
     var off = 0
@@ -99,6 +101,30 @@ func createExclusive(_ path: String, mode: mode_t) throws -> Int32 {
         throw TLSConfigError(path, "cannot set mode \(String(mode, radix: 8)): \(e)")
     }
     return fd
+}
+
+/// The files `writeAtomically` creates (every key and certificate file Moonlet writes),
+/// each with its mode read back from the descriptor right after creation, before any
+/// byte is written. Recorded only while `record` runs: it lets tests check the real
+/// writers (ca init, ca issue, a sidecar's renewal) for a key file that exists, even for
+/// an instant, with group or other permissions.
+public enum FileCreations {
+    static let recording = NIOLockedValueBox<[(path: String, mode: mode_t)]?>(nil)
+
+    public static func record(_ body: () throws -> Void) rethrows -> [(path: String, mode: mode_t)] {
+        recording.withLockedValue { $0 = [] }
+        defer { recording.withLockedValue { $0 = nil } }
+        try body()
+        return recording.withLockedValue { $0 ?? [] }
+    }
+
+    static func note(_ path: String, fd: Int32) {
+        recording.withLockedValue { r in
+            guard r != nil else { return }
+            var st = stat()
+            r!.append((path, fstat(fd, &st) == 0 ? st.st_mode & 0o777 : 0o7777))
+        }
+    }
 }
 
 func errnoText() -> String { String(cString: strerror(errno)) }

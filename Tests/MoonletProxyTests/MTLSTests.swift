@@ -1079,11 +1079,17 @@ extension MTLSTests {
         try "t0ken\n".write(toFile: pki.dir + "/token", atomically: true, encoding: .utf8)
         let old = umask(0)
         defer { umask(old) }
-        let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
-            s.certsDirectory = certs; s.caAddress = "127.0.0.1:\(port)"; s.caTokenFile = self.pki.dir + "/token"
-            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+        var server: ProxyFixture!
+        let created = try FileCreations.record {
+            server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+                s.certsDirectory = certs; s.caAddress = "127.0.0.1:\(port)"; s.caTokenFile = self.pki.dir + "/token"
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+            }
         }
         defer { server.stop() }
+        // The renewal created a key and a chain, the key owner-only from its creation.
+        XCTAssertEqual(created.map { String(($0.path as NSString).lastPathComponent.prefix(while: { $0 != "." })) + ".pem " + String($0.mode, radix: 8) },
+                       ["key.pem 600", "cert-chain.pem 644"])
         XCTAssertGreaterThan(try XCTUnwrap(server.server.currentTLS).notAfter, Date().addingTimeInterval(1800))
         XCTAssertEqual(inode(certs + "/root-cert.pem"), rootInode, "root-cert.pem was not rewritten")
         XCTAssertEqual(try String(contentsOfFile: certs + "/root-cert.pem", encoding: .utf8), roots)

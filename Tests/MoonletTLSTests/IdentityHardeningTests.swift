@@ -44,35 +44,24 @@ final class IdentityHardeningTests: XCTestCase {
         XCTAssertThrowsError(try createExclusive(dir + "/k.pem", mode: 0o600), "an existing file (or a planted link) is never reused")
     }
 
-    func test_noKeyFileIsEverVisibleWithGroupOrOtherBits_whileKeysAreWritten() throws {
-        // A watcher lists the directory as fast as it can while 60 bundles and a root are
-        // written under umask 0: no file it sees (temporary or final) may have group/other
-        // bits, except the certificates.
+    func test_everyKeyFileCaInitAndCaIssueWrite_isOwnerOnlyFromItsCreation_underUmask0() throws {
+        // The writers of `ca init` (MeshCA.write) and `ca issue` (WorkloadBundle.write),
+        // each file's mode read back right after it was created.
         let old = umask(0)
         defer { umask(old) }
-        let ca = try MeshCA.create()
-        let out = dir + "/w"
-        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
-        let seen = NIOLockedValueBox<[String]>([])
-        let done = NIOLockedValueBox(false)
-        let watcher = Thread {
-            while !done.withLockedValue({ $0 }) {
-                for f in (try? FileManager.default.contentsOfDirectory(atPath: out)) ?? [] where f.hasPrefix("key.pem") || f.hasPrefix("root-key.pem") {
-                    let m = self.mode(out + "/" + f)
-                    if m & 0o077 != 0 { seen.withLockedValue { $0.append("\(f) \(String(m, radix: 8))") } }
-                }
-            }
+        let created = try FileCreations.record {
+            let ca = try MeshCA.create()
+            try ca.write(to: dir + "/ca")
+            try ca.issue(try ca.identity(namespace: "default", serviceAccount: "frontend")).write(to: dir + "/w")
         }
-        watcher.start()
-        let id = try ca.identity(namespace: "default", serviceAccount: "frontend")
-        for _ in 0..<60 { try ca.issue(id).write(to: out) }
-        try ca.write(to: out)
-        done.withLockedValue { $0 = true }
-        while !watcher.isFinished { usleep(1000) }
-        XCTAssertEqual(seen.withLockedValue { $0 }, [])
-        XCTAssertEqual(mode(out + "/key.pem"), 0o600)
-        XCTAssertEqual(mode(out + "/root-key.pem"), 0o600)
-        XCTAssertEqual(mode(out + "/cert-chain.pem"), 0o644)
+        let names = created.map { ($0.path as NSString).lastPathComponent }
+        XCTAssertEqual(names.filter { $0.hasPrefix("root-key.pem.tmp-") || $0.hasPrefix("key.pem.tmp-") }.count, 2, "\(names)")
+        for (path, mode) in created {
+            let isKey = (path as NSString).lastPathComponent.contains("key")
+            XCTAssertEqual(String(mode, radix: 8), isKey ? "600" : "644", path)
+        }
+        XCTAssertEqual(mode(dir + "/ca/root-key.pem"), 0o600)
+        XCTAssertEqual(mode(dir + "/w/key.pem"), 0o600)
     }
 
     func test_caRefusesToStart_whenTheRootKeyIsReadableByGroupOrOthers() throws {
