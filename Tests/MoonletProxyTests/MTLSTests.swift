@@ -1124,4 +1124,41 @@ extension MTLSTests {
         }
         XCTAssertEqual(old.seen.count, 0)
     }
+
+    /// A TLS server presenting the bundle in `dir` (it asks for no client certificate).
+    func tlsUpstream(_ dir: String) throws -> TestUpstream {
+        var sc = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(dir + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: dir + "/key.pem", format: .pem)))
+        sc.certificateVerification = .none
+        return try TestUpstream(tls: try NIOSSLContext(configuration: sc))
+    }
+
+    func test_outbound_refusesAClientAuthOnlyServer_andAServerWhoseChainEndsAtARootOfAnotherTrustDomain_sayingWhy() throws {
+        let id = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        var clientOnly = try pki.ca.issue(id, usages: [.clientAuth])
+        clientOnly.rootCertPEM = pki.ca.rootCertPEM
+        try clientOnly.write(to: pki.dir + "/client-only")
+        // A partner root (named for partner.local in the mesh config, its O= the mesh's) signing a mesh identity.
+        let partner = try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local")
+        let forged = try bundle("forged", ca: partner, id: id)
+        for (dir, why) in [(pki.dir + "/client-only", "certificate of spiffe://cluster.local/ns/production/sa/orders lacks the extended key usage serverAuth (TLS server)"),
+                           (forged, "certificate of spiffe://cluster.local/ns/production/sa/orders does not chain to a root trusted for its trust domain cluster.local")] {
+            let up = try tlsUpstream(dir)
+            defer { up.stop() }
+            let certs = try bundle("frontend", ca: pki.ca, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"),
+                                   roots: pki.ca.rootCertPEM + partner.rootCertPEM)
+            let client = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.ordersEntry(port: up.port, serviceAccount: "orders")], concurrency: 1) { s in
+                s.certsDirectory = certs
+                s.meshTLS.caCertificates = [.init(pem: partner.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+            }
+            defer { client.stop() }
+            let c = try RawClient(port: client.outbound)
+            c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+            let r = c.read()
+            XCTAssertEqual(r?.status, 503)
+            XCTAssertTrue(r?.body.contains("TLS handshake failed: " + why) == true, r?.body ?? "")
+            XCTAssertEqual(up.seen.count, 0)
+        }
+    }
 }
