@@ -184,6 +184,16 @@ final class IdentityHardeningTests: XCTestCase {
         }
     }
 
+    func test_aMeshConfigRootThatDoesNotParse_isAnErrorNamingTheMeshConfigField() throws {
+        let ca = try MeshCA.create()
+        try ca.issue(try ca.identity(namespace: "a", serviceAccount: "b")).write(to: dir + "/w")
+        let bad = MeshTLSSettings(caCertificates: [.init(pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", trustDomains: ["p.local"],
+                                                         source: "mesh.yaml: caCertificates[0].pem")])
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/w", mesh: bad)) { e in
+            XCTAssertTrue("\(e)".hasPrefix("mesh.yaml: caCertificates[0].pem: "), "\(e)")
+        }
+    }
+
     func test_aRootSwitchToAPlugInRootWithAnotherSubject_acceptsChainsThroughIntermediatesOfBothRoots() throws {
         // Istio's self-signed root (O=cluster.local) and a plug-in root (O=Istio) with an
         // intermediate, both in root-cert.pem.
