@@ -721,11 +721,7 @@ extension MTLSTests {
         defer { server.stop() }
         // An upstream whose certificate expired.
         let expiredDir = try pki.issue("production", "orders", name: "expired", ttl: 60, now: Date().addingTimeInterval(-3600))
-        var sc = TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(expiredDir + "/cert-chain.pem").map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: expiredDir + "/key.pem", format: .pem)))
-        sc.certificateVerification = .none
-        let expiredUp = try TestUpstream(tls: try NIOSSLContext(configuration: sc))
+        let expiredUp = try tlsUpstream(expiredDir)
         defer { expiredUp.stop() }
         let files = ["se.yaml": Self.ordersEntry(port: server.inbound, serviceAccount: "payments"),
                      "old.yaml": Self.ordersEntry(port: expiredUp.port, serviceAccount: "orders")
@@ -784,20 +780,24 @@ extension MTLSTests {
         return d
     }
 
-    func test_caClient_sendsItsTokenOnlyToAServerPresentingTheCAsIdentity() throws {
+    func test_caClient_sendsItsTokenOnlyToAServerPresentingTheCAsIdentity_andAnEmptyListOfIdentitiesIsRefused() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
         // A fake CA serving with a workload's mesh certificate.
-        let w = try pki.issue("default", "thief")
-        let fake = try TestUpstream(tls: try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))))
+        let fake = try tlsUpstream(try pki.issue("default", "thief"))
         defer { fake.stop() }
         let dir = try rootOnlyDir("ca-client")
         XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
                                                         token: "s3cret", currentCertDir: nil, group: group, timeout: .seconds(5))) { e in
             XCTAssertTrue("\(e)".contains("CA identity not verified") && "\(e)".contains("spiffe://cluster.local/ns/istio-system/sa/moonlet-ca"), "\(e)")
+        }
+        // An empty list of CA identities does not switch the check off.
+        for empty in [[String](), [""]] {
+            XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
+                                                            token: "s3cret", currentCertDir: nil, caIdentity: empty, group: group, timeout: .seconds(2))) { e in
+                XCTAssertTrue("\(e)".contains("--ca-identity: is empty"), "\(e)")
+            }
         }
         usleep(200_000)
         XCTAssertEqual(fake.seen.count, 0, "the token never reached the fake CA")
@@ -811,27 +811,6 @@ extension MTLSTests {
         // An explicit identity the CA does not have is refused.
         XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: dir + "/root-cert.pem", identity: orders, token: "s3cret",
                                                         currentCertDir: nil, caIdentity: ["istiod.istio-system.svc.cluster.local"], group: group))
-    }
-
-    func test_caClient_withAnEmptyListOfCAIdentities_refusesToSendItsToken_insteadOfSkippingTheCheck() throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
-        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
-        // A fake CA serving with a workload's mesh certificate: an empty list must not let it through.
-        let w = try pki.issue("default", "thief")
-        let fake = try TestUpstream(tls: try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))))
-        defer { fake.stop() }
-        let dir = try rootOnlyDir("ca-client")
-        for empty in [[String](), [""]] {
-            XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
-                                                            token: "s3cret", currentCertDir: nil, caIdentity: empty, group: group, timeout: .seconds(2))) { e in
-                XCTAssertTrue("\(e)".contains("--ca-identity: is empty"), "\(e)")
-            }
-        }
-        usleep(200_000)
-        XCTAssertEqual(fake.seen.count, 0, "the token never reached the fake CA")
     }
 
     func test_caService_capsConnections_closesStalledHandshakes_logsRefusals_andKeepsServing() throws {
@@ -1044,20 +1023,17 @@ extension MTLSTests {
         let log = CapturedLog()
         let server = try strictSidecar(certs: try pki.issue("production", "orders"), logger: log.logger)
         defer { server.stop() }
-        var b = try pki.ca.issue(try pki.ca.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
-        b.rootCertPEM = pki.ca.rootCertPEM
-        try b.write(to: pki.dir + "/server-only")
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/server-only", rootPEM: pki.ca.rootCertPEM).get())
-        usleep(100_000)
-        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)"), "\(log.all)")
+        // From the mesh root: the usage is the reason; from a foreign root: the chain is.
+        for (ca, why) in [(pki.ca, "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)"),
+                          (pki.foreign, "certificate of spiffe://cluster.local/ns/default/sa/web (issuer O=cluster.local) does not chain to the mesh root")] {
+            var b = try ca.issue(try ca.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
+            b.rootCertPEM = pki.ca.rootCertPEM
+            try b.write(to: pki.dir + "/server-only")
+            XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/server-only", rootPEM: pki.ca.rootCertPEM).get())
+            usleep(100_000)
+            XCTAssertTrue(log.contains(why), "\(log.all)")
+        }
         XCTAssertEqual(app.seen.count, 0)
-        // The same usage from a foreign root: the chain is the reason.
-        var f = try pki.foreign.issue(try pki.foreign.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
-        f.rootCertPEM = pki.ca.rootCertPEM
-        try f.write(to: pki.dir + "/foreign-server-only")
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/foreign-server-only", rootPEM: pki.ca.rootCertPEM).get())
-        usleep(100_000)
-        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/default/sa/web (issuer O=cluster.local) does not chain to the mesh root"), "\(log.all)")
     }
 
     func inode(_ path: String) -> UInt64 {
@@ -1112,10 +1088,7 @@ extension MTLSTests {
         XCTAssertTrue(log.contains("no TLS version or cipher suite in common"), "\(log.all)")
         // The client side: a TLS 1.2-only server is refused before anything is sent.
         let w = try pki.issue("istio-system", "moonlet-ca", name: "ca12")
-        var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
-                                                           privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))
-        cfg.maximumTLSVersion = .tlsv12
-        let old = try TestUpstream(tls: try NIOSSLContext(configuration: cfg))
+        let old = try tlsUpstream(w, maxVersion: .tlsv12)
         defer { old.stop() }
         XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(old.port)", rootCertPath: w + "/root-cert.pem",
                                                         identity: try pki.ca.identity(namespace: "production", serviceAccount: "orders"),
@@ -1125,12 +1098,14 @@ extension MTLSTests {
         XCTAssertEqual(old.seen.count, 0)
     }
 
-    /// A TLS server presenting the bundle in `dir` (it asks for no client certificate).
-    func tlsUpstream(_ dir: String) throws -> TestUpstream {
+    /// A TLS server presenting the bundle in `dir` (it asks for no client certificate),
+    /// speaking at most `maxVersion`.
+    func tlsUpstream(_ dir: String, maxVersion: TLSVersion? = nil) throws -> TestUpstream {
         var sc = TLSConfiguration.makeServerConfiguration(
             certificateChain: try NIOSSLCertificate.fromPEMFile(dir + "/cert-chain.pem").map { .certificate($0) },
             privateKey: .privateKey(try NIOSSLPrivateKey(file: dir + "/key.pem", format: .pem)))
         sc.certificateVerification = .none
+        if let maxVersion { sc.maximumTLSVersion = maxVersion }
         return try TestUpstream(tls: try NIOSSLContext(configuration: sc))
     }
 
