@@ -201,7 +201,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event { handshakeTimer?.cancel(); handshakeTimer = nil; tlsEstablished = true }
+        if case TLSUserEvent.handshakeCompleted = event {
+            handshakeTimer?.cancel(); handshakeTimer = nil
+            // A resumed TLS session skips certificate verification, where the peer's identity
+            // is taken: take it from the session's certificate (its chain was checked when
+            // the session was made, by this same TLS context).
+            if peer.principal.isEmpty, let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self), let cert = tls.peerCertificate {
+                switch ctx.tls.map({ $0.trustDomains.identify(cert) }) {
+                case .success(let id)?: peerAuthenticated(id)
+                case .failure(let e)?: errorCaught(context: context, error: e); return
+                case nil: context.close(promise: nil); return
+                }
+            }
+            tlsEstablished = true
+        }
         context.fireUserInboundEventTriggered(event)
     }
 

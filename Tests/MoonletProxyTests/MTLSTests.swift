@@ -16,11 +16,14 @@ final class FixturePKI {
     let dir = NSTemporaryDirectory() + "moonlet-pki-\(UUID().uuidString)"
     let ca: MeshCA
     let foreign: MeshCA
+    /// The mesh root's root-cert.pem, as a file.
+    var rootCertPEMPath: String { dir + "/mesh-root-cert.pem" }
 
     init() throws {
         ca = try MeshCA.create()
         foreign = try MeshCA.create()
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try ca.rootCertPEM.write(toFile: rootCertPEMPath, atomically: true, encoding: .utf8)
     }
 
     /// Issues `ns/sa` into a new directory and returns it.
@@ -1135,5 +1138,37 @@ extension MTLSTests {
             XCTAssertTrue(r?.body.contains("TLS handshake failed: " + why) == true, r?.body ?? "")
             XCTAssertEqual(up.seen.count, 0)
         }
+    }
+
+    /// One request with openssl s_client (which can resume a TLS session): its output.
+    func opensslRequest(port: Int, certDir: String, session: String, resume: Bool) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        p.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-cert", certDir + "/cert-chain.pem", "-key", certDir + "/key.pem",
+                       "-CAfile", pki.rootCertPEMPath, "-ign_eof", resume ? "-sess_in" : "-sess_out", session]
+        let input = Pipe(), out = Pipe()
+        p.standardInput = input; p.standardOutput = out; p.standardError = out
+        try p.run()
+        input.fileHandleForWriting.write(Data("GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n".utf8))
+        let killer = DispatchWorkItem { if p.isRunning { p.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 5, execute: killer)
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        killer.cancel()
+        try? input.fileHandleForWriting.close()
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func test_aResumedTLSSession_carriesThePeersIdentity_likeTheFullHandshakeDid() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else { throw XCTSkip("openssl not installed") }
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let client = try pki.issue("default", "frontend")
+        let session = pki.dir + "/session.pem"
+        let first = try opensslRequest(port: server.inbound, certDir: client, session: session, resume: false)
+        XCTAssertTrue(first.lowercased().contains("x-peer: cluster.local/ns/default/sa/frontend"), first)
+        let second = try opensslRequest(port: server.inbound, certDir: client, session: session, resume: true)
+        XCTAssertTrue(second.contains("Reused"), second)
+        XCTAssertTrue(second.lowercased().contains("x-peer: cluster.local/ns/default/sa/frontend"), second)
     }
 }
