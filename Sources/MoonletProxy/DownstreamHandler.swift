@@ -207,7 +207,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             // is taken: take it from the session's certificate (its chain was checked when
             // the session was made, by this same TLS context).
             if peer.principal.isEmpty, let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self), let cert = tls.peerCertificate {
-                switch ctx.tls.map({ $0.trustDomains.identify(cert) }) {
+                switch ctx.tls.map({ $0.trustDomains.resumed(cert) }) {
                 case .success(let id)?: peerAuthenticated(id)
                 case .failure(let e)?: errorCaught(context: context, error: e); return
                 case nil: context.close(promise: nil); return

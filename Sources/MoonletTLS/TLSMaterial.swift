@@ -246,6 +246,19 @@ public struct TrustDomains: Sendable {
         return .success(id)
     }
 
+    /// The identity of a resumed TLS session's peer certificate (no chain is verified on
+    /// resumption; it was when the session was made): its SPIFFE id as `identify` checks
+    /// it, and the certificate must still be within its validity.
+    public func resumed(_ cert: NIOSSLCertificate, now: Date = Date()) -> Result<SpiffeID, PeerIdentityError> {
+        let r = identify(cert)
+        guard case .success(let id) = r else { return r }
+        let t = now.timeIntervalSince1970
+        guard Double(cert.notValidBefore) <= t + 300, t < Double(cert.notValidAfter) else {
+            return .failure(PeerIdentityError(description: LogText.escape("certificate of \(id.uri) is outside its validity (a resumed TLS session)")))
+        }
+        return r
+    }
+
     /// Whether `cert` is signed directly by a trusted root.
     func signedByTrustedRoot(_ cert: Certificate) -> Bool {
         domainsByRoot.keys.contains { d in

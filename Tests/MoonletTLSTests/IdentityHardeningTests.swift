@@ -184,6 +184,15 @@ final class IdentityHardeningTests: XCTestCase {
         }
     }
 
+    func test_aResumedSessionsCertificate_mustStillBeValid() throws {
+        let ca = try MeshCA.create()
+        let t = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate])
+        let c = try cert(ca, uris: ["spiffe://cluster.local/ns/a/sa/b"])
+        if case .failure(let e) = t.resumed(c) { XCTFail(e.description) }
+        guard case .failure(let e) = t.resumed(c, now: Date().addingTimeInterval(7200)) else { return XCTFail("an expired certificate resumed") }
+        XCTAssertEqual(e.description, "certificate of spiffe://cluster.local/ns/a/sa/b is outside its validity (a resumed TLS session)")
+    }
+
     func test_aMeshConfigRootThatDoesNotParse_isAnErrorNamingTheMeshConfigField() throws {
         let ca = try MeshCA.create()
         try ca.issue(try ca.identity(namespace: "a", serviceAccount: "b")).write(to: dir + "/w")
