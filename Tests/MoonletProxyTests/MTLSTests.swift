@@ -584,7 +584,15 @@ final class CapturedLog: @unchecked Sendable {
     private var lines: [String] = []
     var all: [String] { lock.withLock { lines } }
     func append(_ s: String) { lock.withLock { lines.append(s) } }
-    func contains(_ s: String) -> Bool { all.contains { $0.contains(s) } }
+    /// Whether a line holds `s`, waiting up to a second for it (the server may log a
+    /// refusal just after the client saw it).
+    func contains(_ s: String) -> Bool {
+        for _ in 0..<20 {
+            if all.contains(where: { $0.contains(s) }) { return true }
+            usleep(50_000)
+        }
+        return false
+    }
     var logger: Logger {
         var l = Logger(label: "captured") { _ in Handler(log: self) }
         l.logLevel = .info
