@@ -109,6 +109,7 @@ let package = Package(
         .testTarget(name: "MoonletProxyTests", dependencies: [
             "MoonletProxy", "MoonletLua", "MoonletConfig", "MoonletTLS",
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

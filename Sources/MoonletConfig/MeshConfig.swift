@@ -5,8 +5,8 @@ import Foundation
 #endif
 
 /// Istio's MeshConfig (`moonlet run --mesh-config FILE`): the keys Moonlet applies are
-/// `trustDomain`, `trustDomainAliases` and `meshMTLS` (`minProtocolVersion`,
-/// `cipherSuites`). Every other key is read and listed in `notApplied`, for a note at
+/// `trustDomain`, `trustDomainAliases`, `caCertificates` (`pem`, `trustDomains`) and
+/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`). Every other key is read and listed in `notApplied`, for a note at
 /// start. The file is either the MeshConfig itself or the `istio` ConfigMap holding it
 /// under `data.mesh`, as Istio keeps it.
 public struct MeshConfigFile: Sendable {
@@ -59,6 +59,27 @@ public struct MeshConfigFile: Sendable {
             case "trustDomainAliases":
                 guard case .sequence(let seq) = v else { err(v, key, "expected a list of trust domains"); continue }
                 out.tls.trustDomainAliases = seq.enumerated().compactMap { trustDomainName($0.element, "\(key)[\($0.offset)]") }
+            case "caCertificates":
+                guard case .sequence(let seq) = v else { err(v, key, "expected a list of {pem, trustDomains}"); continue }
+                for (i, e) in seq.enumerated() {
+                    let field = "\(key)[\(i)]"
+                    guard case .mapping(let m) = e else { err(e, field, "expected a mapping with pem and trustDomains"); continue }
+                    var pem: String?, domains: [String] = []
+                    for (ek, ev) in m {
+                        switch ek.string ?? "" {
+                        case "pem":
+                            guard let t = ev.string, t.contains("-----BEGIN CERTIFICATE-----") else { err(ev, "\(field).pem", "expected PEM certificates (-----BEGIN CERTIFICATE-----)"); continue }
+                            pem = t
+                        case "trustDomains":
+                            guard case .sequence(let tds) = ev else { err(ev, "\(field).trustDomains", "expected a list of trust domains"); continue }
+                            domains = tds.enumerated().compactMap { trustDomainName($0.element, "\(field).trustDomains[\($0.offset)]") }
+                        default:
+                            // spiffeBundleUrl, certSigners: Istio fetches or selects roots; Moonlet does not.
+                            out.notApplied.append("\(field).\(ek.string ?? "")")
+                        }
+                    }
+                    if let pem { out.tls.caCertificates.append(.init(pem: pem, trustDomains: domains, source: "\(file): \(field).pem")) }
+                }
             case "meshMTLS":
                 guard case .mapping(let m) = v else { err(v, key, "expected a mapping"); continue }
                 for (mk, mv) in m {

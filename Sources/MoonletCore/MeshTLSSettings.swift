@@ -1,5 +1,6 @@
 /// The mesh-wide identity and TLS settings of Istio's MeshConfig that Moonlet applies:
-/// `trustDomain`, `trustDomainAliases` and `meshMTLS` (minProtocolVersion, cipherSuites).
+/// `trustDomain`, `trustDomainAliases`, `caCertificates` (pem, trustDomains) and
+/// `meshMTLS` (minProtocolVersion, cipherSuites).
 /// MoonletConfig reads them from a mesh config file; MoonletTLS applies them to every
 /// mesh mTLS context (inbound and outbound) and to peer identity checks.
 public struct MeshTLSSettings: Sendable, Equatable {
@@ -8,7 +9,21 @@ public struct MeshTLSSettings: Sendable, Equatable {
     /// Other trust domains whose identities are accepted as the mesh's (Istio's
     /// `trustDomainAliases`, e.g. during a trust domain migration).
     public var trustDomainAliases: [String]
+    /// Roots named for given trust domains (Istio's `caCertificates[].trustDomains`): such a
+    /// root validates only identities of those trust domains, and a trust domain named here
+    /// is validated only by its roots. Without this, every root of root-cert.pem is a root
+    /// of the mesh trust domain and its aliases.
+    public var caCertificates: [CACertificate]
     public var minProtocolVersion: MinimumVersion
+
+    /// One `caCertificates` entry: PEM root(s), the trust domains they validate (empty: the
+    /// mesh's and its aliases), and where it was written (file and field, for errors).
+    public struct CACertificate: Sendable, Equatable {
+        public var pem: String
+        public var trustDomains: [String]
+        public var source: String
+        public init(pem: String, trustDomains: [String], source: String) { self.pem = pem; self.trustDomains = trustDomains; self.source = source }
+    }
     /// OpenSSL names of the TLS 1.2 cipher suites, in preference order (TLS 1.3 suites
     /// are not configurable, as in Envoy).
     public var cipherSuites: [String]
@@ -18,9 +33,9 @@ public struct MeshTLSSettings: Sendable, Equatable {
         case tls13 = "TLSV1_3"
     }
 
-    public init(trustDomain: String? = nil, trustDomainAliases: [String] = [], minProtocolVersion: MinimumVersion = .tls12,
-                cipherSuites: [String] = MeshTLSSettings.defaultCipherSuites) {
-        self.trustDomain = trustDomain; self.trustDomainAliases = trustDomainAliases
+    public init(trustDomain: String? = nil, trustDomainAliases: [String] = [], caCertificates: [CACertificate] = [],
+                minProtocolVersion: MinimumVersion = .tls12, cipherSuites: [String] = MeshTLSSettings.defaultCipherSuites) {
+        self.trustDomain = trustDomain; self.trustDomainAliases = trustDomainAliases; self.caCertificates = caCertificates
         self.minProtocolVersion = minProtocolVersion; self.cipherSuites = cipherSuites
     }
 

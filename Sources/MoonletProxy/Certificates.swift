@@ -100,8 +100,16 @@ extension ProxyServer {
     /// Gets a new certificate from `moonlet ca serve` and writes it into `dir` (the
     /// rotation watcher then loads it). root-cert.pem must already be in `dir`: it is how
     /// the sidecar knows it talks to the mesh's CA (Istio mounts it from a ConfigMap).
+    /// The trust domain to ask the CA in: the mesh's (--trust-domain or mesh config
+    /// trustDomain), else the current certificate's, else that of the certificate on disk
+    /// even when it is expired or otherwise unusable, else cluster.local.
+    func requestTrustDomain(dir: String) -> String {
+        settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain
+            ?? WorkloadBundle.identity(inDirectory: dir)?.trustDomain ?? MeshIdentity.trustDomain
+    }
+
     func requestCertificate(ca: String, dir: String) throws {
-        let td = settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain ?? MeshIdentity.trustDomain
+        let td = requestTrustDomain(dir: dir)
         let id = try SpiffeID(trustDomain: td, namespace: settings.identity.namespace,
                               serviceAccount: settings.identity.serviceAccount)
             .orThrow(TLSConfigError("--namespace/--service-account", "not a valid identity"))
@@ -110,15 +118,10 @@ extension ProxyServer {
         let bundle = try CAClient.requestBundle(caAddress: ca, rootCertPath: (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile),
                                                 identity: id, token: token, currentCertDir: hasCert ? dir : nil,
                                                 keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256,
-                                                caIdentity: settings.caIdentity.map { [$0] }, group: group)
-        try bundle.write(to: dir)
+                                                caIdentity: settings.caIdentity.map { [$0] }, policy: settings.meshTLS, group: group)
+        // Key and chain only: root-cert.pem is the operator's (a root switch may edit it
+        // meanwhile; it may be a read-only mount).
+        try bundle.write(to: dir, includingRoot: false)
         logger.info("workload certificate issued by \(ca) for \(id.uri)")
-    }
-}
-
-extension Optional {
-    func orThrow(_ e: @autoclosure () -> Error) throws -> Wrapped {
-        guard let v = self else { throw e() }
-        return v
     }
 }

@@ -187,8 +187,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             // A refused mTLS handshake: untrusted, expired, no certificate, or not TLS at all.
             ctx.metrics.count("moonlet_inbound_tls_refused_total")
             if ctx.mayLogTLSRefusal() {
-                let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
-                let why = TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil)
+                let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
+                let why = TLSMaterial.refusalReason(TLSMaterial.identityRefusal(of: tls) ?? error, peerCertificate: tls?.peerCertificate, trust: ctx.tls?.trustDomains)
                 ctx.logger.warning("mTLS handshake with \(peer.address) refused (\(ctx.inboundMTLS.mode.rawValue) by \(ctx.inboundMTLS.source)): \(why)")
             }
         }
@@ -205,7 +205,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event { handshakeTimer?.cancel(); handshakeTimer = nil; tlsEstablished = true }
+        if case TLSUserEvent.handshakeCompleted = event {
+            handshakeTimer?.cancel(); handshakeTimer = nil
+            // A resumed TLS session skips certificate verification, where the peer's identity
+            // is taken: take it from the session's certificate (its chain was checked when
+            // the session was made, by this same TLS context).
+            if peer.principal.isEmpty, let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self), let cert = tls.peerCertificate {
+                switch ctx.tls.map({ $0.trustDomains.resumed(cert) }) {
+                case .success(let id)?: peerAuthenticated(id)
+                case .failure(let e)?: errorCaught(context: context, error: e); return
+                case nil: context.close(promise: nil); return
+                }
+            }
+            tlsEstablished = true
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -756,6 +769,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         connecting = true
         var tls: (() throws -> NIOSSLClientHandler)? = nil
         var tlsExpected = ""
+        var tlsMesh = true
         // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
         let h2 = asksForHTTP2(s)
         if let t = upstreamTLS {
@@ -766,10 +780,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             } else if let c = t.context as? NIOSSLContext {
                 tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
                 tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
+                tlsMesh = false
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, offersH2: h2, slot: slot,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
                          connected(stream: s.id, attempt: attempt))
     }
 

@@ -68,8 +68,10 @@ final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
             downstream.handshakeTimer?.cancel(); downstream.handshakeTimer = nil
         } else {
             let d = downstream
-            let tls = material.makeServerHandler { id in d.peerAuthenticated(id) }
-            do { try context.pipeline.syncOperations.addHandler(tls, position: .after(self)) } catch {
+            do {
+                let tls = try material.makeServerHandler { id in d.peerAuthenticated(id) }
+                try context.pipeline.syncOperations.addHandler(tls, position: .after(self))
+            } catch {
                 context.close(promise: nil)
                 return
             }

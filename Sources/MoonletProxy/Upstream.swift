@@ -326,7 +326,7 @@ final class UpstreamPool {
     /// connection slot) is held by the connection or session and released when it
     /// closes, or at once when connecting fails.
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
-                 tls: (() throws -> NIOSSLClientHandler)? = nil, tlsExpected: String = "", offersH2: Bool = false, slot: CircuitCounters? = nil,
+                 tls: (() throws -> NIOSSLClientHandler)? = nil, tlsExpected: String = "", tlsMesh: Bool = true, offersH2: Bool = false, slot: CircuitCounters? = nil,
                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
         // A connection to a peer known to speak h2 gathers the requests that arrive
@@ -366,7 +366,7 @@ final class UpstreamPool {
                         return
                     }
                     try ch.pipeline.syncOperations.addHandler(try tls())
-                    try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, configure: { _, proto in
+                    try ch.pipeline.syncOperations.addHandler(UpstreamHandshake(timeoutMs: self.limits.tlsHandshakeTimeoutMs, mesh: tlsMesh, configure: { _, proto in
                         session = self.handOver(conn, protocol: proto, key: key, slot: slot, finish)
                     }, failed: { why in
                         self.onTLSFailure?(address, tlsExpected, why)

@@ -235,9 +235,12 @@ final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
     var failed: ((String) -> Void)?
     var error: String?
     var timer: Scheduled<Void>?
+    /// ISTIO_MUTUAL (mesh roots), else DestinationRule SIMPLE/MUTUAL: the refusal's wording.
+    let mesh: Bool
 
-    init(timeoutMs: Int, configure: @escaping (ChannelHandlerContext, String?) -> Void, failed: @escaping (String) -> Void) {
+    init(timeoutMs: Int, mesh: Bool = true, configure: @escaping (ChannelHandlerContext, String?) -> Void, failed: @escaping (String) -> Void) {
         self.timeoutMs = timeoutMs
+        self.mesh = mesh
         self.configure = configure
         self.failed = failed
     }
@@ -267,8 +270,9 @@ final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if self.error == nil {
             // In words (what failed, whose certificate), never the TLS library's dump.
-            let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
-            self.error = "TLS handshake failed: " + TLSMaterial.upstreamRefusalReason(error, peerCertificate: cert ?? nil)
+            let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+            self.error = "TLS handshake failed: " + TLSMaterial.upstreamRefusalReason(TLSMaterial.identityRefusal(of: tls) ?? error, peerCertificate: tls?.peerCertificate,
+                                                                                      mesh: mesh)
         }
         context.close(promise: nil)
     }

@@ -25,33 +25,73 @@ public final class CAService: @unchecked Sendable {
     public let tokens: [String: SpiffeID]
     public let maxTTL: TimeInterval
     public let limits: Limits
+    /// The mesh TLS policy (mesh config meshMTLS) of the CA's listener.
+    public let policy: MeshTLSSettings
     let log: @Sendable (String) -> Void
-    /// Connections open now, and the refusal log budget (lines per second).
-    let state = NIOLockedValueBox((open: 0, logSecond: 0, logBudget: 0))
+    /// Connections open now, in all and per source address.
+    let state = NIOLockedValueBox((open: 0, perAddress: [String: Int]()))
+    /// Log budgets, one per kind of line, so that one kind cannot hide another.
+    let budgets = NIOLockedValueBox([LogKind: LogBudget]())
 
-    /// Bounds that keep the CA serving when clients misbehave: a handshake must finish,
-    /// an idle connection is closed, and connections past the cap are refused (logged).
+    /// Bounds that keep the CA serving when clients misbehave: a handshake must finish, the
+    /// request must follow within its deadline, one response closes the connection, and
+    /// connections past the caps (in all, per source address) are refused (logged).
     public struct Limits: Sendable {
         public var maxConnections: Int
+        public var maxConnectionsPerAddress: Int
         public var handshakeTimeout: TimeAmount
+        /// From the end of the handshake to the whole request: bytes trickling in do not extend it.
+        public var requestTimeout: TimeAmount
         public var idleTimeout: TimeAmount
-        public init(maxConnections: Int = 1024, handshakeTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .seconds(60)) {
-            self.maxConnections = maxConnections; self.handshakeTimeout = handshakeTimeout; self.idleTimeout = idleTimeout
+        public init(maxConnections: Int = 1024, maxConnectionsPerAddress: Int = 32, handshakeTimeout: TimeAmount = .seconds(10),
+                    requestTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .seconds(60)) {
+            self.maxConnections = maxConnections; self.maxConnectionsPerAddress = maxConnectionsPerAddress
+            self.handshakeTimeout = handshakeTimeout; self.requestTimeout = requestTimeout; self.idleTimeout = idleTimeout
         }
     }
+
+    /// Descriptors kept for the CA itself (listener, logs, files) below the open file limit.
+    public static let descriptorReserve = 64
+
+    /// The connection cap in effect: `requested`, lowered to the open file limit minus
+    /// `descriptorReserve` (past it, accepts would fail with EMFILE before the cap refuses
+    /// anything, and nothing would be logged); at least 1.
+    public static func connectionCap(requested: Int, fileLimit: Int?) -> Int {
+        guard let l = fileLimit else { return requested }
+        return max(1, min(requested, l - descriptorReserve))
+    }
+
+    /// The soft limit of open files (RLIMIT_NOFILE), nil when unlimited or unknown.
+    public static func openFileLimit() -> Int? {
+        var r = rlimit()
+        #if os(Linux)
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        #else
+        let resource = RLIMIT_NOFILE
+        #endif
+        guard getrlimit(resource, &r) == 0, r.rlim_cur < rlim_t(Int32.max) else { return nil }  // RLIM_INFINITY: no limit
+        return Int(r.rlim_cur)
+    }
+
+    /// Kinds of log lines, each with its own budget.
+    enum LogKind: String, CaseIterable { case refusal = "connection refusal", handshake = "handshake", decision = "signing decision" }
+    struct LogBudget { var second = 0; var left = 0; var suppressed = 0 }
+    /// Lines of each kind logged per second; the rest are counted and reported.
+    static let linesPerSecond = 20
 
     /// The CA's own identity, `spiffe://<td>/ns/istio-system/sa/moonlet-ca`: sidecars
     /// send their token only to a server that presents it (or, like Istio's CA_ADDR
     /// check, a DNS name equal to the host they dialled).
-    public static func identity(trustDomain: String) -> SpiffeID {
-        SpiffeID(trustDomain: trustDomain, namespace: "istio-system", serviceAccount: "moonlet-ca")!
+    public static func identity(trustDomain: String) throws -> SpiffeID {
+        try SpiffeID(trustDomain: trustDomain, namespace: "istio-system", serviceAccount: "moonlet-ca")
+            .orThrow(TLSConfigError("trust domain", LogText.escape("\"\(trustDomain)\" is not a trust domain")))
     }
     /// DNS names in the CA's serving certificate.
     public static let dnsNames = ["localhost", "moonlet-ca.istio-system.svc", "istiod.istio-system.svc"]
 
     public init(ca: MeshCA, tokens: [String: SpiffeID], maxTTL: TimeInterval = 86400, limits: Limits = Limits(),
-                log: @escaping @Sendable (String) -> Void = { _ in }) {
-        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.limits = limits; self.log = log
+                policy: MeshTLSSettings = MeshTLSSettings(), log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.ca = ca; self.tokens = tokens; self.maxTTL = maxTTL; self.limits = limits; self.policy = policy; self.log = log
     }
 
     /// Reads a token file: one `<token> <namespace>/<service-account>` per line, `#` comments.
@@ -74,7 +114,7 @@ public final class CAService: @unchecked Sendable {
     /// DNS SANs `dnsNames` and an IP SAN for 127.0.0.1; server auth only.
     func servingContext() throws -> NIOSSLContext {
         let key = try KeyType.ecdsaP256.makeKey()
-        let id = Self.identity(trustDomain: ca.trustDomain)
+        let id = try Self.identity(trustDomain: ca.trustDomain)
         let cert = try ca.sign(publicKey: key.publicKey, id: id, ttl: 365 * 86400,
                                extraNames: Self.dnsNames.map { .dnsName($0) } + [.ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1]))],
                                usages: [.serverAuth])
@@ -84,41 +124,70 @@ public final class CAService: @unchecked Sendable {
         // A client certificate is optional (renewal); when given it must chain to the root.
         c.certificateVerification = CertificateVerification.optionalVerification
         c.trustRoots = NIOSSLTrustRoots.certificates(try NIOSSLCertificate.fromPEMBytes(Array(ca.rootCertPEM.utf8)))
-        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &c)
+        TLSMaterial.applyPolicy(policy, to: &c)
         return try NIOSSLContext(configuration: c)
     }
 
-    /// Logs `line` unless more than 10 refusal lines were logged this second.
-    func logLimited(_ line: String) {
+    /// Logs `line` (peer text in it escaped by the caller) unless `linesPerSecond` lines of its kind were logged this second; a
+    /// suppressed line is counted, and `reportSuppressed` says how many there were.
+    func logLimited(_ kind: LogKind, _ line: String) {
         let now = Int(Date().timeIntervalSince1970)
-        let ok = state.withLockedValue { s -> Bool in
-            if s.logSecond != now { s.logSecond = now; s.logBudget = 10 }
-            guard s.logBudget > 0 else { return false }
-            s.logBudget -= 1
+        let ok = budgets.withLockedValue { b -> Bool in
+            var k = b[kind] ?? LogBudget()
+            defer { b[kind] = k }
+            if k.second != now { k.second = now; k.left = Self.linesPerSecond }
+            guard k.left > 0 else { k.suppressed += 1; return false }
+            k.left -= 1
             return true
         }
         if ok { log(line) }
     }
 
+    /// Logs "N <kind> lines suppressed" for each kind that had lines suppressed since the
+    /// last call (called every second while serving).
+    func reportSuppressed() {
+        let counts = budgets.withLockedValue { b -> [(LogKind, Int)] in
+            var out: [(LogKind, Int)] = []
+            for k in LogKind.allCases where (b[k]?.suppressed ?? 0) > 0 { out.append((k, b[k]!.suppressed)); b[k]!.suppressed = 0 }
+            return out
+        }
+        for (k, n) in counts { log("ca: \(n) \(k.rawValue) lines suppressed (more than \(Self.linesPerSecond) a second)") }
+    }
+
     /// Binds the signer. Returns the channel (its localAddress has the port).
-    public func bind(group: EventLoopGroup, host: String, port: Int) throws -> Channel {
+    /// `fileLimit`: the open file limit the cap must stay under (default: the process's).
+    public func bind(group: EventLoopGroup, host: String, port: Int, fileLimit: Int? = CAService.openFileLimit()) throws -> Channel {
         let ctx = try servingContext()
-        return try ServerBootstrap(group: group)
+        let cap = Self.connectionCap(requested: limits.maxConnections, fileLimit: fileLimit)
+        if cap < limits.maxConnections {
+            log("ca: connection cap lowered from \(limits.maxConnections) to \(cap): the open file limit is \(fileLimit ?? 0), \(Self.descriptorReserve) kept for the CA (raise it with ulimit -n)")
+        }
+        let perAddress = limits.maxConnectionsPerAddress
+        let ch = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    let address = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-                    let admitted = self.state.withLockedValue { s -> Bool in
-                        guard s.open < self.limits.maxConnections else { return false }
+                    let ip = ch.remoteAddress?.ipAddress ?? "?"
+                    let address = ch.remoteAddress.map { "\(ip):\($0.port ?? 0)" } ?? "?"
+                    let refusal = self.state.withLockedValue { s -> String? in
+                        if s.open >= cap { return "\(cap) connections open (the --max-connections cap)" }
+                        if s.perAddress[ip, default: 0] >= perAddress { return "\(perAddress) connections open from \(ip) (the --max-connections-per-address cap)" }
                         s.open += 1
-                        return true
+                        s.perAddress[ip, default: 0] += 1
+                        return nil
                     }
-                    guard admitted else {
-                        self.logLimited("ca: connection from \(address) refused: \(self.limits.maxConnections) connections open (the --max-connections cap)")
+                    if let refusal {
+                        self.logLimited(.refusal, "ca: connection from \(address) refused: \(refusal)")
                         ch.close(promise: nil)
                         return
                     }
-                    ch.closeFuture.whenComplete { _ in self.state.withLockedValue { $0.open -= 1 } }
+                    ch.closeFuture.whenComplete { _ in
+                        self.state.withLockedValue { s in
+                            s.open -= 1
+                            s.perAddress[ip, default: 1] -= 1
+                            if s.perAddress[ip] == 0 { s.perAddress[ip] = nil }
+                        }
+                    }
                     let peer = PeerBox()
                     peer.address = address
                     let tls = NIOSSLServerHandler._makeSSLServerHandler(context: ctx) { cert, channel in
@@ -129,12 +198,15 @@ public final class CAService: @unchecked Sendable {
                     let sync = ch.pipeline.syncOperations
                     try sync.addHandler(IdleStateHandler(allTimeout: self.limits.idleTimeout))
                     try sync.addHandler(tls)
-                    try sync.addHandler(ConnectionGuard(service: self, address: address, handshakeTimeout: self.limits.handshakeTimeout))
+                    try sync.addHandler(ConnectionGuard(service: self, address: address, limits: self.limits))
                     try sync.configureHTTPServerPipeline()
                     try sync.addHandler(SignHandler(service: self, peer: peer))
                 }
             }
             .bind(host: host, port: port).wait()
+        let report = ch.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in self.reportSuppressed() }
+        ch.closeFuture.whenComplete { _ in report.cancel() }
+        return ch
     }
 
     final class PeerBox: @unchecked Sendable {
@@ -143,35 +215,40 @@ public final class CAService: @unchecked Sendable {
         var address = "?"
     }
 
-    /// Closes a connection whose handshake does not finish in time or that stays idle,
-    /// and logs failed handshakes with the caller's address (the audit trail).
+    /// Closes a connection whose handshake does not finish in time, whose request is not
+    /// complete within the request deadline after the handshake, or that stays idle; logs
+    /// failed handshakes with the caller's address (the audit trail).
     final class ConnectionGuard: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
         let service: CAService
         let address: String
-        let handshakeTimeout: TimeAmount
+        let limits: Limits
         var timer: Scheduled<Void>?
         var handshaken = false
-        init(service: CAService, address: String, handshakeTimeout: TimeAmount) {
-            self.service = service; self.address = address; self.handshakeTimeout = handshakeTimeout
+        init(service: CAService, address: String, limits: Limits) {
+            self.service = service; self.address = address; self.limits = limits
         }
-        func handlerAdded(context: ChannelHandlerContext) {
-            let ch = context.channel, s = service, a = address, t = handshakeTimeout
+        func deadline(_ context: ChannelHandlerContext, _ t: TimeAmount, _ what: String) {
+            let ch = context.channel, s = service, a = address
+            timer?.cancel()
             timer = context.eventLoop.scheduleTask(in: t) {
-                s.logLimited("ca: TLS handshake with \(a) did not finish within \(t.nanoseconds / 1_000_000) ms; closed")
+                s.logLimited(.handshake, "ca: \(what) from \(a) did not finish within \(t.nanoseconds / 1_000_000) ms; closed")
                 ch.close(promise: nil)
             }
         }
+        func handlerAdded(context: ChannelHandlerContext) { deadline(context, limits.handshakeTimeout, "TLS handshake") }
         func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if case TLSUserEvent.handshakeCompleted = event { handshaken = true; timer?.cancel(); timer = nil }
+            // One deadline for the whole request: bytes trickling in do not extend it.
+            if case TLSUserEvent.handshakeCompleted = event { handshaken = true; deadline(context, limits.requestTimeout, "request") }
             if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil); return }
             context.fireUserInboundEventTriggered(event)
         }
         func errorCaught(context: ChannelHandlerContext, error: Error) {
             if !handshaken {
                 let cert = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
-                service.logLimited("ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil))")
+                let trust = TrustDomains(mesh: service.ca.trustDomain, roots: [service.ca.rootCertificate])
+                service.logLimited(.handshake, "ca: TLS handshake with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: cert ?? nil, trust: trust))")
             }
             context.close(promise: nil)
         }
@@ -182,10 +259,10 @@ public final class CAService: @unchecked Sendable {
     func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, peerProblem: String? = nil,
                 from: String = "?", body: Data) -> (HTTPResponseStatus, String) {
         func fail(_ s: HTTPResponseStatus, _ msg: String) -> (HTTPResponseStatus, String) {
-            log(LogText.escape("ca: \(from): refused \(uri): \(msg)"))
+            logLimited(.decision, "ca: \(from): refused \(LogText.escape(uri)): \(msg)")
             return (s, "{\"error\":\(JSON.quote(msg))}")
         }
-        guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(uri)") }
+        guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(LogText.escape(uri))") }
         guard method == .POST else { return fail(.methodNotAllowed, "use POST") }
         guard let obj = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any], let csr = obj["csr"] as? String else {
             return fail(.badRequest, "body must be JSON with a \"csr\" field")
@@ -206,14 +283,14 @@ public final class CAService: @unchecked Sendable {
         guard let who = allowed else {
             return fail(.unauthorized, "no valid bootstrap token or mesh certificate" + (peerProblem.map { " (\($0))" } ?? ""))
         }
-        guard who == asked else { return fail(.forbidden, "caller \(who.uri) (by \(proof)) may not get a certificate for \(asked.uri)") }
+        guard who == asked else { return fail(.forbidden, LogText.escape("caller \(who.uri) (by \(proof)) may not get a certificate for \(asked.uri)")) }
         let ttl = min(maxTTL, (obj["ttl_seconds"] as? Double) ?? maxTTL)
         do {
             let leaf = try ca.signCSR(pem: csr, allowed: asked, ttl: ttl)
-            log(LogText.escape("ca: \(from): issued \(asked.uri) for \(Int(ttl))s (by \(proof))"))
+            logLimited(.decision, "ca: \(from): issued \(LogText.escape(asked.uri)) for \(Int(ttl))s (by \(proof))")
             return (.ok, "{\"cert_chain\":[\(JSON.quote(leaf)),\(JSON.quote(ca.rootCertPEM))]}")
         } catch {
-            return fail(.badRequest, "\(error)")
+            return fail(.badRequest, LogText.escape("\(error)"))
         }
     }
 
@@ -237,12 +314,12 @@ public final class CAService: @unchecked Sendable {
                 guard let h = head else { return }
                 let (status, text) = service.handle(method: h.method, uri: h.uri, authorization: h.headers.first(name: "authorization"), peer: peer.id,
                                                     peerProblem: peer.noIdentity, from: peer.address, body: body)
-                var headers = HTTPHeaders([("content-type", "application/json"), ("content-length", String(text.utf8.count))])
-                if !h.isKeepAlive { headers.add(name: "connection", value: "close") }
+                // One request per connection: the response closes it (a connection cannot be
+                // held open, nor one caller's requests flood the log, by keep-alive).
+                let headers = HTTPHeaders([("content-type", "application/json"), ("content-length", String(text.utf8.count)), ("connection", "close")])
                 context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))), promise: nil)
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: text)))), promise: nil)
-                let keep = h.isKeepAlive
-                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if !keep { context.close(promise: nil) } }
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
                 head = nil
             }
         }
@@ -258,24 +335,28 @@ public final class CAService: @unchecked Sendable {
 /// current certificate while it is valid, else by the bootstrap token. Blocking; called
 /// off the event loops.
 public enum CAClient {
-    /// `caIdentity`: the SANs the CA must present (one of them); nil: the CA's default
-    /// identity in `identity`'s trust domain, or the dialled host when it is a DNS name.
+    /// `policy`: the mesh TLS policy (meshMTLS) of the connection.
+    /// `caIdentity`: the SANs the CA must present (one of them; an empty list is refused);
+    /// nil: the CA's default identity in `identity`'s trust domain, or the dialled host
+    /// when it is a DNS name.
     public static func requestBundle(caAddress: String, rootCertPath: String, identity: SpiffeID, token: String?,
                                      currentCertDir: String?, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400,
-                                     caIdentity: [String]? = nil,
+                                     caIdentity: [String]? = nil, policy: MeshTLSSettings = MeshTLSSettings(),
                                      group: EventLoopGroup, timeout: TimeAmount = .seconds(10), now: Date = Date()) throws -> WorkloadBundle {
         let parts = caAddress.split(separator: ":")
         guard parts.count == 2, let port = Int(parts[1]) else { throw TLSConfigError("--ca-address", "expected host:port, got \"\(caAddress)\"") }
         let host = String(parts[0])
         let isName = !host.allSatisfy { $0.isNumber || $0 == "." }
-        let expected = caIdentity ?? ([CAService.identity(trustDomain: identity.trustDomain).uri] + (isName ? [host] : []))
+        // The token goes only to a server proven to be the CA: an empty list would check nothing.
+        if let c = caIdentity, c.allSatisfy({ $0.isEmpty }) { throw TLSConfigError("--ca-identity", "is empty; the CA's identity must be checked") }
+        let expected = try caIdentity ?? ([CAService.identity(trustDomain: identity.trustDomain).uri] + (isName ? [host] : []))
         let root = try readText(rootCertPath)
         var cfg = TLSConfiguration.makeClientConfiguration()
         do { cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(root.utf8))) } catch {
             throw TLSConfigError(rootCertPath, pemProblem(root, kind: "CERTIFICATE"))
         }
         cfg.certificateVerification = .noHostnameVerification
-        TLSMaterial.applyPolicy(MeshTLSSettings(), to: &cfg)
+        TLSMaterial.applyPolicy(policy, to: &cfg)
         // The current certificate proves who is asking, while it is valid: an expired one
         // would make the CA refuse the handshake, so the token is used instead.
         var presented = false
@@ -293,12 +374,18 @@ public enum CAClient {
         do {
             return try send(ctx: ctx, host: host, port: port, caAddress: caAddress, expected: expected, identity: identity, token: token,
                             keyType: keyType, ttl: ttl, root: root, group: group, timeout: timeout)
-        } catch let e as TLSConfigError where presented && token?.isEmpty == false && !e.message.contains("CA identity") {
-            // The certificate was refused (another root, say): the token still proves who we are.
+        } catch let e as CertificateRefused {
+            // The CA refused the certificate (another root, say): the token still proves who
+            // we are. Anything else (no connection, no answer, not the CA) is not retried.
+            guard presented, token?.isEmpty == false else { throw e.error }
             return try requestBundle(caAddress: caAddress, rootCertPath: rootCertPath, identity: identity, token: token, currentCertDir: nil,
-                                     keyType: keyType, ttl: ttl, caIdentity: caIdentity, group: group, timeout: timeout, now: now)
+                                     keyType: keyType, ttl: ttl, caIdentity: caIdentity, policy: policy, group: group, timeout: timeout, now: now)
         }
     }
+
+    /// The CA refused the certificate this sidecar presented: by a TLS alert during the
+    /// handshake, or by 401/403.
+    struct CertificateRefused: Error { var error: TLSConfigError }
 
     static func send(ctx: NIOSSLContext, host: String, port: Int, caAddress: String, expected: [String], identity: SpiffeID, token: String?,
                      keyType: KeyType, ttl: TimeInterval, root: String, group: EventLoopGroup, timeout: TimeAmount) throws -> WorkloadBundle {
@@ -335,14 +422,19 @@ public enum CAClient {
         do { (status, data) = try promise.futureResult.wait() } catch let e as TLSConfigError { throw e } catch let e as PeerIdentityError {
             throw TLSConfigError(caAddress, "CA identity not verified: \(e.description) (expected \(expected.joined(separator: " or ")))")
         } catch {
-            throw TLSConfigError(caAddress, "TLS with the CA failed: \(TLSMaterial.upstreamRefusalReason(error, peerCertificate: nil))")
+            let e = TLSConfigError(caAddress, "TLS with the CA failed: \(TLSMaterial.upstreamRefusalReason(error, peerCertificate: nil))")
+            if "\(error)".contains("_ALERT_") { throw CertificateRefused(error: e) }
+            throw e
         }
         let obj = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
         guard status == .ok, let chain = obj?["cert_chain"] as? [String], let leaf = chain.first else {
-            throw TLSConfigError(caAddress, LogText.escape("CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data.prefix(200), as: UTF8.self))"))
+            let e = TLSConfigError(caAddress, LogText.escape("CA refused: \(status.code) \(obj?["error"] as? String ?? String(decoding: data.prefix(200), as: UTF8.self))"))
+            if status == .unauthorized || status == .forbidden { throw CertificateRefused(error: e) }
+            throw e
         }
         // root-cert.pem stays as the sidecar has it (Istio mounts it from a ConfigMap): it
-        // may hold two roots during a root switch, and it is what decides whom to trust.
+        // may hold two roots during a root switch, and it is what decides whom to trust
+        // (the sidecar writes only key and chain back).
         return WorkloadBundle(certChainPEM: leaf, keyPEM: keyPEM, rootCertPEM: root)
     }
 
@@ -359,7 +451,11 @@ public enum CAClient {
             case .end: promise.succeed((status, self.data))
             }
         }
-        func errorCaught(context: ChannelHandlerContext, error: Error) { promise.fail(error); context.close(promise: nil) }
+        func errorCaught(context: ChannelHandlerContext, error: Error) {
+            let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+            promise.fail(TLSMaterial.identityRefusal(of: tls) ?? error)
+            context.close(promise: nil)
+        }
         func channelInactive(context: ChannelHandlerContext) { promise.fail(TLSConfigError("CA", "connection closed before a response")) }
     }
 }

@@ -3,6 +3,8 @@ import X509
 import Crypto
 import _CryptoExtras
 import SwiftASN1
+import NIOSSL
+import NIOConcurrencyHelpers
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -40,14 +42,22 @@ public struct WorkloadBundle: Sendable {
     public var keyPEM: String
     public var rootCertPEM: String
 
+    /// The SPIFFE id of the certificate in `dir`'s cert-chain.pem, valid or not (nil when
+    /// there is none, or no single SPIFFE URI SAN).
+    public static func identity(inDirectory dir: String) -> SpiffeID? {
+        let path = (dir as NSString).appendingPathComponent(certChainFile)
+        return (try? NIOSSLCertificate.fromPEMFile(path))?.first.flatMap(SpiffeID.of)
+    }
+
     /// Writes the three files; each is written to a temporary name and renamed, so a
     /// sidecar watching the directory never reads half a file. The key is mode 0600
     /// from its first byte (see `writeAtomically`).
-    public func write(to dir: String) throws {
+    /// `includingRoot`: false leaves root-cert.pem alone (a sidecar's renewal).
+    public func write(to dir: String, includingRoot: Bool = true) throws {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try writeAtomically(keyPEM, to: (dir as NSString).appendingPathComponent(Self.keyFile), mode: 0o600)
         try writeAtomically(certChainPEM, to: (dir as NSString).appendingPathComponent(Self.certChainFile), mode: 0o644)
-        try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644)
+        if includingRoot { try writeAtomically(rootCertPEM, to: (dir as NSString).appendingPathComponent(Self.rootCertFile), mode: 0o644) }
     }
 }
 
@@ -58,6 +68,7 @@ public struct WorkloadBundle: Sendable {
 func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
     let tmp = path + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let fd = try createExclusive(tmp, mode: mode)
+    FileCreations.note(tmp, fd: fd)
     var bytes = Array(text.utf8)
     if bytes.last != UInt8(ascii: "\n") { bytes.append(UInt8(ascii: "\n")) }
     var off = 0
@@ -92,6 +103,30 @@ func createExclusive(_ path: String, mode: mode_t) throws -> Int32 {
     return fd
 }
 
+/// The files `writeAtomically` creates (every key and certificate file Moonlet writes),
+/// each with its mode read back from the descriptor right after creation, before any
+/// byte is written. Recorded only while `record` runs: it lets tests check the real
+/// writers (ca init, ca issue, a sidecar's renewal) for a key file that exists, even for
+/// an instant, with group or other permissions.
+public enum FileCreations {
+    static let recording = NIOLockedValueBox<[(path: String, mode: mode_t)]?>(nil)
+
+    public static func record(_ body: () throws -> Void) rethrows -> [(path: String, mode: mode_t)] {
+        recording.withLockedValue { $0 = [] }
+        defer { recording.withLockedValue { $0 = nil } }
+        try body()
+        return recording.withLockedValue { $0 ?? [] }
+    }
+
+    static func note(_ path: String, fd: Int32) {
+        recording.withLockedValue { r in
+            guard r != nil else { return }
+            var st = stat()
+            r!.append((path, fstat(fd, &st) == 0 ? st.st_mode & 0o777 : 0o7777))
+        }
+    }
+}
+
 func errnoText() -> String { String(cString: strerror(errno)) }
 
 /// What is wrong with a PEM file, in words. It never quotes the file or the parser's
@@ -121,45 +156,74 @@ public struct MeshCA: Sendable {
     let rootKey: Certificate.PrivateKey
     public let trustDomain: String
     public let rootCertPEM: String
+    /// Certificates between an issued leaf and the root, PEM (an intermediate CA, as
+    /// Istio's plug-in CAs); empty for a root CA. `issue` appends them to cert-chain.pem.
+    public var intermediatesPEM = ""
+
+    init(rootCertificate: Certificate, rootKey: Certificate.PrivateKey, trustDomain: String, rootCertPEM: String) {
+        self.rootCertificate = rootCertificate; self.rootKey = rootKey; self.trustDomain = trustDomain; self.rootCertPEM = rootCertPEM
+    }
 
     /// A new self-signed root: Subject O=<trust domain> (as Istio's self-signed CA), 10 years.
+    /// `organization`: another O= ("" for none; peers never read it, see TrustDomains).
     public static func create(trustDomain: String = MeshIdentity.trustDomain, keyType: KeyType = .ecdsaP256,
-                              validity: TimeInterval = 10 * 365 * 86400, now: Date = Date()) throws -> MeshCA {
-        guard !trustDomain.isEmpty, !trustDomain.contains("/"), !trustDomain.contains(where: { $0.isWhitespace }) else {
-            throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"")
-        }
+                              validity: TimeInterval = 10 * 365 * 86400, now: Date = Date(), organization: String? = nil) throws -> MeshCA {
+        guard isTrustDomain(trustDomain) else { throw TLSConfigError("--trust-domain", "invalid trust domain \"\(trustDomain)\"") }
         let key = try keyType.makeKey()
-        let name = try DistinguishedName { OrganizationName(trustDomain) }
-        let cert = try Certificate(
+        let cert = try caCertificate(key: key, subject: try subject(organization ?? trustDomain, common: "moonlet mesh root"), issuer: nil, validity: validity, now: now)
+        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString + "\n")
+    }
+
+    /// An intermediate CA signed by this one (as an Istio plug-in CA below a root): it
+    /// issues in the same trust domain, and its certificates chain through it.
+    public func intermediate(organization: String = "Istio", validity: TimeInterval = 365 * 86400, now: Date = Date()) throws -> MeshCA {
+        let key = try KeyType.ecdsaP256.makeKey()
+        let cert = try Self.caCertificate(key: key, subject: try Self.subject(organization, common: "moonlet intermediate CA"), issuer: self, validity: validity, now: now)
+        var ca = MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: rootCertPEM)
+        ca.intermediatesPEM = try cert.serializeAsPEM().pemString + "\n" + intermediatesPEM
+        return ca
+    }
+
+    static func subject(_ organization: String, common: String) throws -> DistinguishedName {
+        organization.isEmpty ? try DistinguishedName { CommonName(common) } : try DistinguishedName { OrganizationName(organization) }
+    }
+
+    /// A CA certificate for `key`, self-signed when `issuer` is nil.
+    static func caCertificate(key: Certificate.PrivateKey, subject: DistinguishedName, issuer: MeshCA?, validity: TimeInterval, now: Date) throws -> Certificate {
+        try Certificate(
             version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
             notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(validity),
-            issuer: name, subject: name,
+            issuer: issuer?.rootCertificate.subject ?? subject, subject: subject,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
                 Critical(KeyUsage(digitalSignature: true, keyCertSign: true, cRLSign: true))
                 SubjectKeyIdentifier(hash: key.publicKey)
+                if let issuer { AuthorityKeyIdentifier(keyIdentifier: try issuer.rootCertificate.extensions.subjectKeyIdentifier?.keyIdentifier) }
             },
-            issuerPrivateKey: key)
-        return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: trustDomain, rootCertPEM: try cert.serializeAsPEM().pemString + "\n")
+            issuerPrivateKey: issuer?.rootKey ?? key)
     }
 
-    /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=.
+    /// A trust domain is a non-empty name without "/" or white space (it goes into SPIFFE ids).
+    static func isTrustDomain(_ td: String) -> Bool {
+        !td.isEmpty && !td.contains("/") && !td.contains(where: { $0.isWhitespace || $0.isNewline || $0.asciiValue.map { $0 < 0x20 || $0 == 0x7f } == true })
+    }
+
+    /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=
+    /// (as `create` writes it), which must be a valid trust domain.
     public static func load(dir: String) throws -> MeshCA {
         let certPath = (dir as NSString).appendingPathComponent(rootCertFile)
         let keyPath = (dir as NSString).appendingPathComponent(rootKeyFile)
         let certPEM = try readText(certPath)
         let cert: Certificate
         do { cert = try Certificate(pemEncoded: certPEM) } catch { throw TLSConfigError(certPath, pemProblem(certPEM, kind: "CERTIFICATE")) }
-        // The mesh root key signs every identity: refuse to use it while others can read it.
-        var st = stat()
-        if stat(keyPath, &st) == 0, st.st_mode & 0o077 != 0 {
-            throw TLSConfigError(keyPath, "is readable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); the mesh root key must be mode 0600 (chmod 600 it, and consider the key exposed)")
-        }
-        let key = try parsePrivateKey(try readText(keyPath), path: keyPath)
+        let key = try parsePrivateKey(try readOwnerOnly(keyPath), path: keyPath)
         guard key.publicKey == cert.publicKey else { throw TLSConfigError(keyPath, "does not match the public key of \(certPath)") }
         var td = ""
         for rdn in cert.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
         if td.isEmpty { td = MeshIdentity.trustDomain }
+        guard isTrustDomain(td) else {
+            throw TLSConfigError(certPath, LogText.escape("the root's subject O= \"\(td)\" is not a trust domain (a name without \"/\" or spaces); the CA names its identities after it"))
+        }
         return MeshCA(rootCertificate: cert, rootKey: key, trustDomain: td, rootCertPEM: certPEM)
     }
 
@@ -184,12 +248,13 @@ public struct MeshCA: Sendable {
     }
 
     /// Issues a workload key and certificate for `id` (a new key of `keyType`).
-    /// `extraURIs`: more URI SANs after the id (only to test that peers refuse them).
+    /// `extraURIs`: more URI SANs after the id, `usages`: other extended key usages (only
+    /// to test that peers refuse them).
     public func issue(_ id: SpiffeID, keyType: KeyType = .ecdsaP256, ttl: TimeInterval = 86400, now: Date = Date(),
-                      extraURIs: [String] = []) throws -> WorkloadBundle {
+                      extraURIs: [String] = [], usages: [ExtendedKeyUsage.Usage] = [.serverAuth, .clientAuth]) throws -> WorkloadBundle {
         let key = try keyType.makeKey()
-        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) })
-        return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
+        let cert = try sign(publicKey: key.publicKey, id: id, ttl: ttl, now: now, extraNames: extraURIs.map { .uniformResourceIdentifier($0) }, usages: usages)
+        return WorkloadBundle(certChainPEM: try cert.serializeAsPEM().pemString + "\n" + intermediatesPEM, keyPEM: try key.serializeAsPEM().pemString, rootCertPEM: rootCertPEM)
     }
 
     /// Signs a certificate for `publicKey` carrying `id` as its only (critical) URI SAN,
@@ -243,6 +308,33 @@ public struct MeshCA: Sendable {
             signatureAlgorithm: keyType == .ecdsaP256 ? .ecdsaWithSHA256 : .sha256WithRSAEncryption)
         return (try csr.serializeAsPEM().pemString, try key.serializeAsPEM().pemString)
     }
+}
+
+/// Reads a private key file that must be readable by its owner only: the mode is checked
+/// on the descriptor that is read (open, fstat, read), so the file cannot be swapped
+/// between the check and the read.
+func readOwnerOnly(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw TLSConfigError(path, errno == ENOENT ? "no such file" : "cannot read: \(errnoText())") }
+    defer { close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { throw TLSConfigError(path, "cannot read: \(errnoText())") }
+    // The mesh root key signs every identity: refuse to use it while others can read it.
+    if st.st_mode & 0o077 != 0 {
+        throw TLSConfigError(path, "is readable by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); the mesh root key must be mode 0600 (chmod 600 it, and consider the key exposed)")
+    }
+    var bytes: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 16384)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n >= 0 else { throw TLSConfigError(path, "cannot read: \(errnoText())") }
+        if n == 0 { break }
+        bytes += buf[0..<n]
+        if bytes.count > 1 << 20 { throw TLSConfigError(path, "is larger than 1 MiB; not a private key") }
+    }
+    guard let s = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]) else { throw TLSConfigError(path, "is not text (a PEM private key)") }
+    return s
 }
 
 func readText(_ path: String) throws -> String {

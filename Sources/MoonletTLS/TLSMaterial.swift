@@ -3,6 +3,7 @@ import NIOCore
 import NIOSSL
 import X509
 import SwiftASN1
+import NIOConcurrencyHelpers
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -89,9 +90,17 @@ public final class TLSMaterial: @unchecked Sendable {
             throw TLSConfigError(chainPath, "certificate has no SPIFFE URI SAN (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)")
         }
 
-        let chain: [NIOSSLCertificateSource], roots: [NIOSSLCertificate], key: NIOSSLPrivateKey
+        // Roots the mesh config names for given trust domains (caCertificates): trusted
+        // too, each only for its trust domains (see TrustDomains).
+        var named: [(root: Certificate, trustDomains: [String])] = []
+        var roots: [NIOSSLCertificate] = []
+        for entry in mesh.caCertificates {
+            for c in try parseCertificates(entry.pem, path: entry.source) { named.append((c, entry.trustDomains)) }
+            do { roots += try NIOSSLCertificate.fromPEMBytes(Array(entry.pem.utf8)) } catch { throw TLSConfigError(entry.source, "BoringSSL cannot load it") }
+        }
+        let chain: [NIOSSLCertificateSource], key: NIOSSLPrivateKey
         do { chain = try NIOSSLCertificate.fromPEMBytes(Array(chainText.utf8)).map { .certificate($0) } } catch { throw TLSConfigError(chainPath, "BoringSSL cannot load it") }
-        do { roots = try NIOSSLCertificate.fromPEMBytes(Array(rootText.utf8)) } catch { throw TLSConfigError(rootPath, "BoringSSL cannot load it") }
+        do { roots = try NIOSSLCertificate.fromPEMBytes(Array(rootText.utf8)) + roots } catch { throw TLSConfigError(rootPath, "BoringSSL cannot load it") }
         do { key = try NIOSSLPrivateKey(bytes: Array(keyText.utf8), format: .pem) } catch { throw TLSConfigError(keyPath, pemProblem(keyText, kind: "PRIVATE KEY")) }
         // Both sides present the workload certificate and verify the peer against the
         // mesh root (no host names in mesh identities), with the mesh TLS policy.
@@ -109,7 +118,7 @@ public final class TLSMaterial: @unchecked Sendable {
         let sc = meshConfiguration(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
         let cc = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
         let cc2 = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNWithH2)
-        let domains = TrustDomains(mesh: mesh.trustDomain ?? identity.trustDomain, aliases: mesh.trustDomainAliases, roots: rootsX)
+        let domains = TrustDomains(mesh: mesh.trustDomain ?? identity.trustDomain, aliases: mesh.trustDomainAliases, roots: rootsX, named: named)
         do {
             return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
                                serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
@@ -178,35 +187,41 @@ public struct PeerIdentityError: Error, CustomStringConvertible {
 }
 
 /// Which peer identities a sidecar accepts, as Istio's SPIFFE validator does: exactly one
-/// URI SAN, a SPIFFE id whose trust domain is the mesh's or one of its aliases, and, when
-/// root-cert.pem holds roots of several trust domains, a certificate signed by a root of
-/// its own trust domain. A root belongs to the trust domain in its subject's O= (as
-/// `moonlet ca init` and Istio's self-signed CA write it; the mesh's when it has none);
-/// an accepted domain without a root of its own (an alias during a trust domain
-/// migration) is signed by the mesh's roots.
+/// URI SAN, a SPIFFE id whose trust domain is the mesh's or one of its aliases, and a
+/// validated chain (leaf, intermediates, root) that ends at a root trusted for that trust
+/// domain. Every root of root-cert.pem is trusted for the mesh's trust domain and its
+/// aliases; mesh config `caCertificates[].trustDomains` names roots for given trust
+/// domains: such a root validates only those, and those are validated only by their own
+/// roots. A root's subject (its O=) is never read.
 public struct TrustDomains: Sendable {
     /// The mesh's trust domain.
     public let mesh: String
     /// The mesh's, then its aliases.
     public let accepted: [String]
-    let rootsByDomain: [String: [Certificate]]
-    /// Roots of more than one trust domain: each peer's signer is checked.
-    let perDomain: Bool
+    /// Each trusted root (DER) -> the trust domains it validates.
+    let domainsByRoot: [[UInt8]: Set<String>]
 
-    public init(mesh: String, aliases: [String] = [], roots: [Certificate]) {
+    /// `roots`: root-cert.pem; `named`: roots with the trust domains they validate (empty: the mesh's).
+    public init(mesh: String, aliases: [String] = [], roots: [Certificate], named: [(root: Certificate, trustDomains: [String])] = []) {
         self.mesh = mesh
         accepted = [mesh] + aliases.filter { $0 != mesh }
-        var by: [String: [Certificate]] = [:]
-        for r in roots {
-            var td = ""
-            for rdn in r.subject { for a in rdn where a.type == .RDNAttributeType.organizationName { td = "\(a.value)" } }
-            by[td.isEmpty ? mesh : td, default: []].append(r)
+        let explicit = Set(named.flatMap(\.trustDomains))
+        let meshDomains = Set(accepted).subtracting(explicit)
+        var by: [[UInt8]: Set<String>] = [:]
+        func der(_ c: Certificate) -> [UInt8]? {
+            var s = DER.Serializer()
+            return (try? s.serialize(c)).map { s.serializedBytes }
         }
-        rootsByDomain = by
-        perDomain = by.count > 1
+        let namedDER = Set(named.filter { !$0.trustDomains.isEmpty }.compactMap { der($0.root) })
+        for r in roots + named.filter({ $0.trustDomains.isEmpty }).map(\.root) {
+            if let d = der(r), !namedDER.contains(d) { by[d, default: []].formUnion(meshDomains) }
+        }
+        for n in named where !n.trustDomains.isEmpty { if let d = der(n.root) { by[d, default: []].formUnion(n.trustDomains) } }
+        domainsByRoot = by
     }
 
-    /// The peer's identity, or why it is refused (peer text escaped for logs).
+    /// The peer's identity from its leaf alone (SANs and trust domain), or why it is refused
+    /// (peer text escaped for logs). `check(_:chain:)` also checks the root.
     public func identify(_ cert: NIOSSLCertificate) -> Result<SpiffeID, PeerIdentityError> {
         // One pass over the SANs on the accepted path; the reason is worked out on refusal only.
         let uris = SpiffeID.uriSANs(cert)
@@ -217,13 +232,39 @@ public struct TrustDomains: Sendable {
             let aliases = accepted.count > 1 ? " nor one of its aliases (\(accepted.dropFirst().joined(separator: ", ")))" : ""
             return .failure(PeerIdentityError(description: LogText.escape("trust domain of \(id.uri) is not the mesh's (\(mesh))\(aliases)")))
         }
-        guard perDomain else { return .success(id) }
-        let roots = rootsByDomain[id.trustDomain] ?? rootsByDomain[mesh] ?? []
-        guard let der = try? cert.toDERBytes(), let leaf = try? Certificate(derEncoded: der),
-              roots.contains(where: { $0.subject == leaf.issuer && $0.publicKey.isValidSignature(leaf.signature, for: leaf) }) else {
-            return .failure(PeerIdentityError(description: LogText.escape("certificate of \(id.uri) is not signed by a root of its trust domain \(id.trustDomain)")))
+        return .success(id)
+    }
+
+    /// The peer's identity when `chain` (the chain TLS validated: leaf first, its root
+    /// last) ends at a root trusted for the leaf's trust domain.
+    public func check(_ leaf: NIOSSLCertificate, chain: [NIOSSLCertificate]) -> Result<SpiffeID, PeerIdentityError> {
+        let r = identify(leaf)
+        guard case .success(let id) = r else { return r }
+        guard let top = chain.last, let der = try? top.toDERBytes(), domainsByRoot[der]?.contains(id.trustDomain) == true else {
+            return .failure(PeerIdentityError(description: LogText.escape("certificate of \(id.uri) does not chain to a root trusted for its trust domain \(id.trustDomain)")))
         }
         return .success(id)
+    }
+
+    /// The identity of a resumed TLS session's peer certificate (no chain is verified on
+    /// resumption; it was when the session was made): its SPIFFE id as `identify` checks
+    /// it, and the certificate must still be within its validity.
+    public func resumed(_ cert: NIOSSLCertificate, now: Date = Date()) -> Result<SpiffeID, PeerIdentityError> {
+        let r = identify(cert)
+        guard case .success(let id) = r else { return r }
+        let t = now.timeIntervalSince1970
+        guard Double(cert.notValidBefore) <= t + 300, t < Double(cert.notValidAfter) else {
+            return .failure(PeerIdentityError(description: LogText.escape("certificate of \(id.uri) is outside its validity (a resumed TLS session)")))
+        }
+        return r
+    }
+
+    /// Whether `cert` is signed directly by a trusted root.
+    func signedByTrustedRoot(_ cert: Certificate) -> Bool {
+        domainsByRoot.keys.contains { d in
+            guard let root = try? Certificate(derEncoded: d) else { return false }
+            return root.subject == cert.issuer && root.publicKey.isValidSignature(cert.signature, for: cert)
+        }
     }
 
     /// `ids` (SPIFFE ids formed in the default trust domain from service accounts) in
@@ -240,34 +281,37 @@ public struct TrustDomains: Sendable {
 }
 
 extension TLSMaterial {
-    /// An inbound TLS handler: BoringSSL verifies the chain and dates; then the peer must
-    /// carry one SPIFFE id of an accepted trust domain, which `onPeer` receives before any
-    /// application byte is read.
-    public func makeServerHandler(onPeer: @escaping (SpiffeID) -> Void) -> NIOSSLServerHandler {
+    /// An inbound TLS handler: BoringSSL verifies the chain, dates and usage; then the peer
+    /// must carry one SPIFFE id of an accepted trust domain, and the chain BoringSSL
+    /// validated must end at a root trusted for that domain. `onPeer` receives the id
+    /// before any application byte is read.
+    public func makeServerHandler(onPeer: @escaping (SpiffeID) -> Void) throws -> NIOSSLServerHandler {
         let domains = trustDomains
-        return NIOSSLServerHandler._makeSSLServerHandler(context: serverContext) { cert, channel in
-            switch domains.identify(cert) {
-            case .success(let id):
-                onPeer(id)
-                return channel.eventLoop.makeSucceededFuture(())
-            case .failure(let e):
-                return channel.eventLoop.makeFailedFuture(e)
+        let box = ValidatedChain()
+        let h = try Self.serverHandler(context: serverContext, callback: box.callback { leaf, chain in
+            switch domains.check(leaf, chain: chain) {
+            case .success(let id): onPeer(id); return nil
+            case .failure(let e): return e
             }
-        }
+        })
+        box.handler = h
+        return h
     }
 
-    /// An outbound handler for ISTIO_MUTUAL: the server's chain must verify against the
-    /// root, it must carry one SPIFFE id of an accepted trust domain, and that id must be
-    /// one of `expected` (any accepted mesh identity when empty).
+    /// An outbound handler for ISTIO_MUTUAL: the server's chain must verify against a root
+    /// trusted for its trust domain, it must carry one SPIFFE id of an accepted trust
+    /// domain, and that id must be one of `expected` (any accepted mesh identity when empty).
     /// `offerH2`: ALPN offers h2 before HTTP/1.1.
     public func makeClientHandler(serverName: String?, expected: [String], offerH2: Bool = false) throws -> NIOSSLClientHandler {
         let domains = trustDomains
-        return try Self.makeClientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: serverName, expected: expected) { cert in
-            if case .failure(let e) = domains.identify(cert) { return e }
-            return nil
-        }
+        let box = ValidatedChain()
+        let h = try Self.clientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: Self.sni(serverName), callback: box.callback { leaf, chain in
+            if case .failure(let e) = domains.check(leaf, chain: chain) { return e }
+            return Self.mismatch(leaf, expected: expected)
+        })
+        box.handler = h
+        return h
     }
-
     /// SPIFFE ids formed in the default trust domain, moved into the mesh's (as Istio
     /// forms them from meshConfig.trustDomain) and into each of its aliases.
     public func inOwnTrustDomain(_ ids: [String], defaultDomain: String = MeshIdentity.trustDomain) -> [String] {
@@ -275,20 +319,71 @@ extension TLSMaterial {
     }
 
     /// A client handler over `context` that checks the server's URI or DNS SANs against
-    /// `expected` (exact match; no check when empty), after `check` (nil: accepted).
-    public static func makeClientHandler(context: NIOSSLContext, serverName: String?, expected: [String],
-                                         check: ((NIOSSLCertificate) -> PeerIdentityError?)? = nil) throws -> NIOSSLClientHandler {
-        let sni = serverName.flatMap { n -> String? in
-            // SNI carries host names only; an IP address is sent without SNI.
-            n.isEmpty || n.allSatisfy({ $0.isNumber || $0 == "." || $0 == ":" }) ? nil : n
+    /// `expected` (exact match; no check when empty).
+    public static func makeClientHandler(context: NIOSSLContext, serverName: String?, expected: [String]) throws -> NIOSSLClientHandler {
+        let box = ValidatedChain()
+        let h = try clientHandler(context: context, serverName: sni(serverName), callback: box.callback { leaf, _ in mismatch(leaf, expected: expected) })
+        box.handler = h
+        return h
+    }
+
+    /// SNI carries host names only; an IP address is sent without SNI.
+    static func sni(_ serverName: String?) -> String? {
+        serverName.flatMap { n -> String? in n.isEmpty || n.allSatisfy({ $0.isNumber || $0 == "." || $0 == ":" }) ? nil : n }
+    }
+
+    /// Why the server's SANs do not match `expected` (nil: they do, or nothing is expected).
+    static func mismatch(_ cert: NIOSSLCertificate, expected: [String]) -> PeerIdentityError? {
+        if expected.isEmpty { return nil }
+        let sans = SpiffeID.subjectAltNames(cert)
+        if sans.contains(where: { expected.contains($0) }) { return nil }
+        let shown = sans.isEmpty ? "none" : sans.joined(separator: ", ")
+        return PeerIdentityError(description: LogText.escape("server identity \(shown) does not match the expected \(expected.joined(separator: " or "))"))
+    }
+
+    // BoringSSL's per-certificate verify callback is what sees the chain it validated;
+    // NIOSSL offers it only through these deprecated initializers.
+    @available(*, deprecated)
+    static func serverHandler(context: NIOSSLContext, callback: @escaping NIOSSLVerificationCallback) throws -> NIOSSLServerHandler {
+        try NIOSSLServerHandler(context: context, verificationCallback: callback)
+    }
+    @available(*, deprecated)
+    static func clientHandler(context: NIOSSLContext, serverName: String?, callback: @escaping NIOSSLVerificationCallback) throws -> NIOSSLClientHandler {
+        try NIOSSLClientHandler(context: context, serverHostname: serverName, verificationCallback: callback)
+    }
+
+    /// Why the handshake of `handler` was refused after BoringSSL's own checks passed
+    /// (identity, trust domain, root, expected SAN); taken once.
+    public static func identityRefusal(of handler: NIOSSLHandler?) -> PeerIdentityError? {
+        guard let handler else { return nil }
+        return ValidatedChain.refusals.withLockedValue { r in
+            r.removeValue(forKey: ObjectIdentifier(handler))?.error
         }
-        return try NIOSSLClientHandler._makeSSLClientHandler(context: context, serverHostname: sni) { cert, channel in
-            if let e = check?(cert) { return channel.eventLoop.makeFailedFuture(e) }
-            if expected.isEmpty { return channel.eventLoop.makeSucceededFuture(()) }
-            let sans = SpiffeID.subjectAltNames(cert)
-            if sans.contains(where: { expected.contains($0) }) { return channel.eventLoop.makeSucceededFuture(()) }
-            let shown = sans.isEmpty ? "none" : sans.joined(separator: ", ")
-            return channel.eventLoop.makeFailedFuture(PeerIdentityError(description: LogText.escape("server identity \(shown) does not match the expected \(expected.joined(separator: " or "))")))
+    }
+}
+
+/// The chain BoringSSL validated for one handshake: its verify callback runs once per
+/// certificate of that chain, root first and the peer's leaf last; at the leaf, `decide`
+/// sees the whole chain (leaf first). A refusal is kept for `identityRefusal(of:)`.
+/// A certificate BoringSSL already refused stays refused.
+final class ValidatedChain: @unchecked Sendable {
+    weak var handler: NIOSSLHandler?
+    var chain: [NIOSSLCertificate] = []
+    static let refusals = NIOLockedValueBox<[ObjectIdentifier: (handler: WeakHandler, error: PeerIdentityError)]>([:])
+
+    struct WeakHandler { weak var handler: NIOSSLHandler? }
+
+    func callback(_ decide: @escaping (NIOSSLCertificate, [NIOSSLCertificate]) -> PeerIdentityError?) -> NIOSSLVerificationCallback {
+        { [self] result, cert in
+            guard result == .certificateVerified, let h = handler, let leaf = h.peerCertificate else { return .failed }
+            chain.insert(cert, at: 0)
+            guard cert == leaf else { return .certificateVerified }
+            guard let e = decide(leaf, chain) else { return .certificateVerified }
+            Self.refusals.withLockedValue { r in
+                r = r.filter { $0.value.handler.handler != nil }
+                r[ObjectIdentifier(h)] = (WeakHandler(handler: h), e)
+            }
+            return .failed
         }
     }
 }
@@ -298,18 +393,26 @@ extension TLSMaterial {
     /// when it presented a certificate: expired, not yet valid, wrong extended key usage,
     /// not from the mesh root, no certificate, plaintext on an mTLS port. Text from the
     /// peer is escaped (no control characters reach the log).
-    public static func refusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date()) -> String {
-        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "client", usage: .clientAuth))
+    public static func refusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date(), trust: TrustDomains? = nil) -> String {
+        // A PeerIdentityError's description is escaped already (once: see LogText).
+        if let e = error as? PeerIdentityError { return e.description }
+        return LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "client", usage: .clientAuth, roots: trust.map { .mesh($0) } ?? .mesh(nil)))
     }
 
     /// The same for an upstream server refused by this sidecar, or that refused it: in
-    /// words (no library dump, no file path), for the log and the 503 body.
-    public static func upstreamRefusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date()) -> String {
-        LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "server", usage: .serverAuth))
+    /// words (no library dump, no file path), for the log and the 503 body. `mesh`: an
+    /// ISTIO_MUTUAL connection (checked against the mesh roots), else a DestinationRule
+    /// SIMPLE/MUTUAL one (checked against its caCertificates or the system roots).
+    public static func upstreamRefusalReason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date = Date(), mesh: Bool = true,
+                                             trust: TrustDomains? = nil) -> String {
+        if let e = error as? PeerIdentityError { return e.description }
+        return LogText.escape(reason(error, peerCertificate: peerCertificate, now: now, peer: "server", usage: .serverAuth, roots: mesh ? .mesh(trust) : .destinationRule))
     }
 
-    static func reason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date, peer: String, usage: ExtendedKeyUsage.Usage) -> String {
-        if let e = error as? PeerIdentityError { return e.description }
+    /// Which roots a peer was checked against, for the wording of a refusal.
+    enum Roots { case mesh(TrustDomains?), destinationRule }
+
+    static func reason(_ error: Error, peerCertificate: NIOSSLCertificate?, now: Date, peer: String, usage: ExtendedKeyUsage.Usage, roots: Roots) -> String {
         if let e = error as? NIOSSLExtraError, e == .failedToValidateHostname { return "the \(peer)'s certificate does not name the host it was reached by" }
         let text = "\(error)"
         let verifyFailed = text.contains("CERTIFICATE_VERIFY_FAILED")
@@ -317,11 +420,20 @@ extension TLSMaterial {
             let who = SpiffeID.of(pc)?.uri ?? "subject \(cert.subject)"
             if cert.notValidAfter < now { return "certificate of \(who) expired at \(cert.notValidAfter)" }
             if cert.notValidBefore > now { return "certificate of \(who) is not valid before \(cert.notValidBefore)" }
-            if let eku = try? cert.extensions.extendedKeyUsage, !eku.contains(usage), !eku.contains(.any) {
+            // A missing usage is the reason only for a certificate from a trusted root; from
+            // any other signer, that it does not chain is what matters.
+            var fromTrustedRoot = true
+            if case .mesh(let t?) = roots { fromTrustedRoot = t.signedByTrustedRoot(cert) }
+            if fromTrustedRoot, let eku = try? cert.extensions.extendedKeyUsage, !eku.contains(usage), !eku.contains(.any) {
                 let name = usage == .clientAuth ? "clientAuth (TLS client)" : "serverAuth (TLS server)"
                 return "certificate of \(who) lacks the extended key usage \(name)"
             }
-            if verifyFailed { return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the mesh root" }
+            if verifyFailed {
+                switch roots {
+                case .mesh: return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the mesh root"
+                case .destinationRule: return "certificate of \(who) (issuer \(cert.issuer)) does not chain to the DestinationRule's caCertificates (or the system roots)"
+                }
+            }
         }
         if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") { return "the \(peer) presented no certificate" }
         if text.contains("WRONG_VERSION_NUMBER") || text.contains("HTTP_REQUEST") || text.contains("UNKNOWN_PROTOCOL") {

@@ -1,6 +1,7 @@
 import MoonletCore
 import ArgumentParser
 import MoonletTLS
+import MoonletConfig
 import NIOCore
 import NIOPosix
 #if canImport(Foundation)
@@ -44,6 +45,12 @@ struct CA: ParsableCommand {
         }
     }
 
+    /// A timeout flag: a duration of at least a millisecond (zero would drop every connection).
+    static func timeout(_ text: String, _ flag: String, example: String) throws -> TimeAmount {
+        guard let s = parseTTL(text), s >= 0.001 else { throw ValidationError("\(flag): a duration of at least 1ms, like \(example)") }
+        return .milliseconds(Int64(s * 1000))
+    }
+
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Sign sidecars' CSRs over TLS (a small-scale stand-in for Istiod's CA).")
         @Option(help: "CA directory (from ca init)") var ca: String
@@ -51,24 +58,33 @@ struct CA: ParsableCommand {
         @Option(help: "Bind address") var bind: String = "127.0.0.1"
         @Option(help: "Token file: lines of \"<token> <namespace>/<service-account>\"") var tokenFile: String?
         @Option(help: "Longest lifetime issued") var maxTtl: String = "24h"
-        @Option(help: "Connections served at once; more are refused (logged)") var maxConnections: Int = 1024
+        @Option(help: "Connections served at once; more are refused (logged). Lowered to the open file limit minus 64") var maxConnections: Int = 1024
+        @Option(help: "Connections served at once from one source address; more are refused (logged)") var maxConnectionsPerAddress: Int = 32
         @Option(help: "Time a client has to finish the TLS handshake") var handshakeTimeout: String = "10s"
+        @Option(help: "Time a client has, after the handshake, to send its whole request") var requestTimeout: String = "10s"
         @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
+        @Option(help: "Istio MeshConfig file: its meshMTLS (minProtocolVersion, cipherSuites) applies to the CA's listener. Env: MOONLET_MESH_CONFIG") var meshConfig: String?
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
-            guard let hs = parseTTL(handshakeTimeout) else { throw ValidationError("--handshake-timeout: a duration like 10s") }
-            guard let idle = parseTTL(idleTimeout) else { throw ValidationError("--idle-timeout: a duration like 60s") }
+            let hs = try CA.timeout(handshakeTimeout, "--handshake-timeout", example: "10s")
+            let idle = try CA.timeout(idleTimeout, "--idle-timeout", example: "60s")
+            let request = try CA.timeout(requestTimeout, "--request-timeout", example: "10s")
             guard maxConnections > 0 else { throw ValidationError("--max-connections: a positive number") }
+            guard maxConnectionsPerAddress > 0 else { throw ValidationError("--max-connections-per-address: a positive number") }
             let authority = try MeshCA.load(dir: ca)
             let tokens = try tokenFile.map { try CAService.loadTokens($0, trustDomain: authority.trustDomain) } ?? [:]
-            let limits = CAService.Limits(maxConnections: maxConnections, handshakeTimeout: .milliseconds(Int64(hs * 1000)),
-                                          idleTimeout: .milliseconds(Int64(idle * 1000)))
-            let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits) { line in
+            let limits = CAService.Limits(maxConnections: maxConnections, maxConnectionsPerAddress: maxConnectionsPerAddress,
+                                          handshakeTimeout: hs, requestTimeout: request, idleTimeout: idle)
+            var policy = MeshTLSSettings()
+            if let path = meshConfig ?? ProcessInfo.processInfo.environment["MOONLET_MESH_CONFIG"].flatMap({ $0.isEmpty ? nil : $0 }) {
+                do { policy = try MeshConfigFile.load(path: path).tls } catch { throw ValidationError("--mesh-config: \(error)") }
+            }
+            let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits, policy: policy) { line in
                 FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
             }
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let ch = try service.bind(group: group, host: bind, port: port)
-            print("moonlet ca serving trust domain \(authority.trustDomain) as \(CAService.identity(trustDomain: authority.trustDomain).uri) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
+            print("moonlet ca serving trust domain \(authority.trustDomain) as \(try CAService.identity(trustDomain: authority.trustDomain).uri) on \(bind):\(ch.localAddress?.port ?? port) (\(tokens.count) bootstrap tokens)")
             try ch.closeFuture.wait()
         }
     }

@@ -3,6 +3,7 @@ import ArgumentParser
 import Logging
 import MoonletConfig
 import MoonletProxy
+import MoonletTLS
 import NIOCore
 #if canImport(Foundation)
 import Foundation
@@ -40,7 +41,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
-    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
+    @Option(help: "The mesh's trust domain (default: mesh config trustDomain, else the certificate's, else cluster.local). Env: TRUST_DOMAIN") var trustDomain: String?
+    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
     @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
     @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
@@ -86,6 +88,10 @@ struct SidecarOptions: ParsableArguments {
         if let v = luaMaxMetricSeries ?? env("MOONLET_LUA_MAX_METRIC_SERIES").flatMap(Int.init) {
             guard v >= 0 else { throw ValidationError("--lua-max-metric-series must be 0 or more, got \(v)") }
             s.luaLimits.maxMetricSeries = v
+        }
+        if let td = trustDomain ?? env("TRUST_DOMAIN") {
+            guard SpiffeID(trustDomain: td, namespace: "a", serviceAccount: "b") != nil else { throw ValidationError("--trust-domain: \"\(td)\" is not a trust domain") }
+            s.meshTLS.trustDomain = td
         }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s

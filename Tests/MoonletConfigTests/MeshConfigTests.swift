@@ -52,4 +52,29 @@ final class MeshConfigTests: XCTestCase {
             XCTAssertTrue(text.contains("mesh.yaml:4:49: meshMTLS.cipherSuites[1]: unknown cipher suite \"RC4-MD5\""), text)
         }
     }
+
+    func test_meshConfig_caCertificates_namesRootsForTrustDomains_andNotesWhatIsNotApplied() throws {
+        let m = try MeshConfigFile.parse("""
+        trustDomainAliases: [partner.local]
+        caCertificates:
+        - pem: |
+            -----BEGIN CERTIFICATE-----
+            MIIB
+            -----END CERTIFICATE-----
+          trustDomains: [partner.local]
+        - spiffeBundleUrl: https://bundle.example/partner
+        - certSigners: [clusterissuers.cert-manager.io/foo]
+          pem: "-----BEGIN CERTIFICATE-----\\nMIIC\\n-----END CERTIFICATE-----\\n"
+        """, file: "mesh.yaml")
+        XCTAssertEqual(m.tls.caCertificates.count, 2)
+        XCTAssertEqual(m.tls.caCertificates[0].trustDomains, ["partner.local"])
+        XCTAssertTrue(m.tls.caCertificates[0].pem.hasPrefix("-----BEGIN CERTIFICATE-----\nMIIB"))
+        XCTAssertEqual(m.tls.caCertificates[0].source, "mesh.yaml: caCertificates[0].pem")
+        XCTAssertEqual(m.tls.caCertificates[1].trustDomains, [])
+        XCTAssertEqual(m.notApplied, ["caCertificates[1].spiffeBundleUrl", "caCertificates[2].certSigners"])
+        XCTAssertThrowsError(try MeshConfigFile.parse("caCertificates:\n- pem: hello\n  trustDomains: [a b]\n", file: "mesh.yaml")) { e in
+            XCTAssertTrue("\(e)".contains("mesh.yaml:2:8: caCertificates[0].pem: expected PEM certificates"), "\(e)")
+            XCTAssertTrue("\(e)".contains("caCertificates[0].trustDomains[0]: not a trust domain"), "\(e)")
+        }
+    }
 }

@@ -1,5 +1,6 @@
 import XCTest
 import NIOConcurrencyHelpers
+import MoonletTLS
 
 /// The `moonlet` executable as users run it: validate exit codes, SIGTERM drain, SIGHUP reload.
 final class CommandTests: XCTestCase {
@@ -136,6 +137,46 @@ final class CommandTests: XCTestCase {
         XCTAssertEqual(p.terminationStatus, 0)
     }
 
+
+    func mode(_ path: String) -> mode_t {
+        var st = stat()
+        return stat(path, &st) == 0 ? st.st_mode & 0o777 : 0
+    }
+
+    func test_caInitAndCaIssue_writeEveryKeyFileOwnerOnly_evenUnderAPermissiveUmask() throws {
+        let d = try tmpdir()
+        let old = umask(0)
+        defer { umask(old) }
+        let (rc, out) = try run(["ca", "init", "--out", d + "/ca", "--trust-domain", "shop.example"])
+        XCTAssertEqual(rc, 0, out)
+        let (rc2, out2) = try run(["ca", "issue", "--ca", d + "/ca", "--namespace", "p", "--service-account", "orders", "--out", d + "/w"])
+        XCTAssertEqual(rc2, 0, out2)
+        XCTAssertEqual(String(mode(d + "/ca/root-key.pem"), radix: 8), "600")
+        XCTAssertEqual(String(mode(d + "/w/key.pem"), radix: 8), "600")
+        XCTAssertEqual(String(mode(d + "/ca/root-cert.pem"), radix: 8), "644")
+        // Only the final files: no temporary file was left behind.
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: d + "/ca").sorted(), ["root-cert.pem", "root-key.pem"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: d + "/w").sorted(), ["cert-chain.pem", "key.pem", "root-cert.pem"])
+    }
+
+    func test_caServe_refusesTimeoutsBelowOneMillisecond_namingTheFlag() throws {
+        for (flag, value) in [("--handshake-timeout", "0s"), ("--handshake-timeout", "0.0001s"), ("--idle-timeout", "0.0004s")] {
+            let (rc, out) = try run(["ca", "serve", "--ca", "/nonexistent", "--port", "0", flag, value])
+            XCTAssertNotEqual(rc, 0)
+            XCTAssertTrue(out.contains("\(flag): a duration of at least 1ms"), out)
+        }
+    }
+
+    func test_caServe_withARootWhoseSubjectIsNotATrustDomain_exitsWithAnErrorNamingTheFile_insteadOfCrashing() throws {
+        let d = try tmpdir()
+        for o in ["my mesh", "a/b"] {
+            try? FileManager.default.removeItem(atPath: d + "/ca")
+            try MeshCA.create(trustDomain: "cluster.local", organization: o).write(to: d + "/ca")
+            let (rc, out) = try run(["ca", "serve", "--ca", d + "/ca", "--port", "0"])
+            XCTAssertEqual(rc, 1, out)
+            XCTAssertTrue(out.contains(d + "/ca/root-cert.pem: the root's subject O= \"\(o)\" is not a trust domain"), out)
+        }
+    }
 }
 
 /// An unused TCP port on 127.0.0.1 (for child processes that need a port number).

@@ -3,22 +3,27 @@ import NIOCore
 import NIOPosix
 import NIOHTTP1
 import NIOSSL
+import NIOTLS
 import NIOConcurrencyHelpers
 import Logging
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletTLS
+import MoonletCore
 
 /// A fixture PKI made by the tests: a mesh root, a foreign root, and workload bundles.
 final class FixturePKI {
     let dir = NSTemporaryDirectory() + "moonlet-pki-\(UUID().uuidString)"
     let ca: MeshCA
     let foreign: MeshCA
+    /// The mesh root's root-cert.pem, as a file.
+    var rootCertPEMPath: String { dir + "/mesh-root-cert.pem" }
 
     init() throws {
         ca = try MeshCA.create()
         foreign = try MeshCA.create()
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try ca.rootCertPEM.write(toFile: rootCertPEMPath, atomically: true, encoding: .utf8)
     }
 
     /// Issues `ns/sa` into a new directory and returns it.
@@ -579,7 +584,15 @@ final class CapturedLog: @unchecked Sendable {
     private var lines: [String] = []
     var all: [String] { lock.withLock { lines } }
     func append(_ s: String) { lock.withLock { lines.append(s) } }
-    func contains(_ s: String) -> Bool { all.contains { $0.contains(s) } }
+    /// Whether a line holds `s`, waiting up to a second for it (the server may log a
+    /// refusal just after the client saw it).
+    func contains(_ s: String) -> Bool {
+        for _ in 0..<20 {
+            if all.contains(where: { $0.contains(s) }) { return true }
+            usleep(50_000)
+        }
+        return false
+    }
     var logger: Logger {
         var l = Logger(label: "captured") { _ in Handler(log: self) }
         l.logLevel = .info
@@ -617,31 +630,63 @@ extension MTLSTests {
         }
     }
 
-    func test_inbound_acceptsOnlyTheMeshTrustDomainAndItsAliases_eachFromItsOwnRoots() throws {
-        // root-cert.pem holds the mesh root and a partner's root (two roots, as during a root switch).
-        let partner = try MeshCA.create(trustDomain: "partner.local")
+    func test_inbound_acceptsOnlyTheMeshTrustDomainAndItsAliases_eachFromTheRootsTheMeshConfigNamesForIt() throws {
+        // root-cert.pem holds the mesh root and a partner's root, whose subject claims the
+        // mesh's trust domain (O=cluster.local); the mesh config names it for partner.local.
+        let partner = try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local")
         let both = pki.ca.rootCertPEM + partner.rootCertPEM
         let certs = try bundle("orders", ca: pki.ca, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: both)
         let partnerAdmin = try bundle("padmin", ca: partner, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let meshAdminByPartner = try bundle("madmin", ca: partner, id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
+        let viaIntermediate = try bundle("inter", ca: try partner.intermediate(organization: "cluster.local"),
+                                         id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
         let evil = try bundle("evil", ca: pki.ca, id: SpiffeID(trustDomain: "evil.local", namespace: "istio-system", serviceAccount: "admin")!)
         let forgedAlias = try bundle("forged", ca: pki.ca, id: SpiffeID(trustDomain: "partner.local", namespace: "istio-system", serviceAccount: "admin")!)
         let log = CapturedLog()
-        let server = try strictSidecar(certs: certs, logger: log.logger)
+        let server = try strictSidecar(certs: certs, logger: log.logger) {
+            $0.meshTLS.trustDomainAliases = ["partner.local"]
+            $0.meshTLS.caCertificates = [.init(pem: partner.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+        }
         defer { server.stop() }
         XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get(), "a partner identity is not the mesh's")
-        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get(), "another trust domain signed by the mesh root")
-        XCTAssertEqual(app.seen.count, 1)
-        XCTAssertTrue(log.contains("trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)"), "\(log.all)")
-        // With partner.local as an alias (mesh config trustDomainAliases) the partner is
-        // accepted, but only with a certificate from its own root.
-        let aliased = try strictSidecar(certs: certs) { $0.meshTLS.trustDomainAliases = ["partner.local"] }
-        defer { aliased.stop() }
-        let r = try tlsRequest(port: aliased.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get()
+        let r = try tlsRequest(port: server.inbound, certDir: partnerAdmin, rootPEM: pki.ca.rootCertPEM).get()
         XCTAssertEqual(r.status, 200)
         XCTAssertEqual(r.headers.first(name: "x-peer"), "partner.local/ns/istio-system/sa/admin")
-        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: forgedAlias, rootPEM: pki.ca.rootCertPEM).get(), "the mesh root does not sign partner identities")
-        XCTAssertThrowsError(try tlsRequest(port: aliased.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: meshAdminByPartner, rootPEM: pki.ca.rootCertPEM).get(), "the partner root signs no mesh identity")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: viaIntermediate, rootPEM: pki.ca.rootCertPEM).get(), "nor through an intermediate")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: forgedAlias, rootPEM: pki.ca.rootCertPEM).get(), "the mesh root does not sign partner identities")
+        XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: evil, rootPEM: pki.ca.rootCertPEM).get(), "another trust domain signed by the mesh root")
+        XCTAssertEqual(app.seen.count, 2)
+        XCTAssertTrue(log.contains("certificate of spiffe://cluster.local/ns/istio-system/sa/admin does not chain to a root trusted for its trust domain cluster.local"), "\(log.all)")
+        XCTAssertTrue(log.contains("trust domain of spiffe://evil.local/ns/istio-system/sa/admin is not the mesh's (cluster.local) nor one of its aliases (partner.local)"), "\(log.all)")
+        // A partner root without any O= is no different.
+        let anonymous = try MeshCA.create(trustDomain: "partner.local", organization: "")
+        let anonCerts = try bundle("orders2", ca: pki.ca, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: pki.ca.rootCertPEM + anonymous.rootCertPEM)
+        let anonServer = try strictSidecar(certs: anonCerts) {
+            $0.meshTLS.trustDomainAliases = ["partner.local"]
+            $0.meshTLS.caCertificates = [.init(pem: anonymous.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+        }
+        defer { anonServer.stop() }
+        let anonAdmin = try bundle("aadmin", ca: anonymous, id: SpiffeID(trustDomain: "cluster.local", namespace: "istio-system", serviceAccount: "admin")!)
+        XCTAssertThrowsError(try tlsRequest(port: anonServer.inbound, certDir: anonAdmin, rootPEM: pki.ca.rootCertPEM).get())
+        XCTAssertEqual(app.seen.count, 2)
+    }
+
+    func test_rootSwitchToAPlugInRootWithAnotherSubject_servesChainsThroughAnIntermediate_fromBothRoots() throws {
+        // Istio's self-signed root (O=cluster.local) and a plug-in root (O=Istio) whose
+        // intermediate issues the new certificates; root-cert.pem holds both, no mapping.
+        let plugIn = try MeshCA.create(trustDomain: "cluster.local", organization: "Istio").intermediate(organization: "Istio")
+        let both = pki.ca.rootCertPEM + plugIn.rootCertPEM
+        let serverCerts = try bundle("orders", ca: plugIn, id: try pki.ca.identity(namespace: "production", serviceAccount: "orders"), roots: both)
+        let server = try strictSidecar(certs: serverCerts)
+        defer { server.stop() }
+        let oldClient = try bundle("old", ca: pki.ca, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"), roots: both)
+        let newClient = try bundle("new", ca: plugIn, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"), roots: both)
+        for c in [oldClient, newClient] {
+            let r = try tlsRequest(port: server.inbound, certDir: c, rootPEM: both, expectedServer: ["spiffe://cluster.local/ns/production/sa/orders"]).get()
+            XCTAssertEqual(r.status, 200)
+            XCTAssertEqual(r.headers.first(name: "x-peer"), "cluster.local/ns/default/sa/frontend")
+        }
     }
 
     func test_aClientCertificateWithTwoURISANs_isRefused_byTheSidecarAndByTheCA() throws {
@@ -687,11 +732,7 @@ extension MTLSTests {
         defer { server.stop() }
         // An upstream whose certificate expired.
         let expiredDir = try pki.issue("production", "orders", name: "expired", ttl: 60, now: Date().addingTimeInterval(-3600))
-        var sc = TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(expiredDir + "/cert-chain.pem").map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: expiredDir + "/key.pem", format: .pem)))
-        sc.certificateVerification = .none
-        let expiredUp = try TestUpstream(tls: try NIOSSLContext(configuration: sc))
+        let expiredUp = try tlsUpstream(expiredDir)
         defer { expiredUp.stop() }
         let files = ["se.yaml": Self.ordersEntry(port: server.inbound, serviceAccount: "payments"),
                      "old.yaml": Self.ordersEntry(port: expiredUp.port, serviceAccount: "orders")
@@ -750,20 +791,24 @@ extension MTLSTests {
         return d
     }
 
-    func test_caClient_sendsItsTokenOnlyToAServerPresentingTheCAsIdentity() throws {
+    func test_caClient_sendsItsTokenOnlyToAServerPresentingTheCAsIdentity_andAnEmptyListOfIdentitiesIsRefused() throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
         // A fake CA serving with a workload's mesh certificate.
-        let w = try pki.issue("default", "thief")
-        let fake = try TestUpstream(tls: try NIOSSLContext(configuration: TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(w + "/cert-chain.pem").map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: w + "/key.pem", format: .pem)))))
+        let fake = try tlsUpstream(try pki.issue("default", "thief"))
         defer { fake.stop() }
         let dir = try rootOnlyDir("ca-client")
         XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
                                                         token: "s3cret", currentCertDir: nil, group: group, timeout: .seconds(5))) { e in
             XCTAssertTrue("\(e)".contains("CA identity not verified") && "\(e)".contains("spiffe://cluster.local/ns/istio-system/sa/moonlet-ca"), "\(e)")
+        }
+        // An empty list of CA identities does not switch the check off.
+        for empty in [[String](), [""]] {
+            XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(fake.port)", rootCertPath: dir + "/root-cert.pem", identity: orders,
+                                                            token: "s3cret", currentCertDir: nil, caIdentity: empty, group: group, timeout: .seconds(2))) { e in
+                XCTAssertTrue("\(e)".contains("--ca-identity: is empty"), "\(e)")
+            }
         }
         usleep(200_000)
         XCTAssertEqual(fake.seen.count, 0, "the token never reached the fake CA")
@@ -842,5 +887,296 @@ extension MTLSTests {
         let m = try XCTUnwrap(server.server.currentTLS)
         XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800), "a fresh certificate was installed before serving")
         XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+    }
+
+    func test_inAMeshWhoseTrustDomainIsNotClusterLocal_aSidecarGetsItsFirstCertificate_andRecoversFromAnExpiredOne_fromTheCADialledByIP() throws {
+        let shop = try MeshCA.create(trustDomain: "shop.example")
+        let id = try shop.identity(namespace: "production", serviceAccount: "orders")
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let ch = try CAService(ca: shop, tokens: ["t0ken": id], maxTTL: 3600).bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        let tokenFile = pki.dir + "/token"
+        try "t0ken\n".write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        // First certificate: only root-cert.pem; the trust domain comes from the mesh config.
+        let first = pki.dir + "/first"
+        try FileManager.default.createDirectory(atPath: first, withIntermediateDirectories: true)
+        try shop.rootCertPEM.write(toFile: first + "/root-cert.pem", atomically: true, encoding: .utf8)
+        // Recovery: an expired certificate of the mesh, no mesh config; its URI SAN names the trust domain.
+        var stale = try shop.issue(id, ttl: 60, now: Date().addingTimeInterval(-7200))
+        stale.rootCertPEM = shop.rootCertPEM
+        try stale.write(to: pki.dir + "/stale")
+        for (dir, trustDomain) in [(first, Optional("shop.example")), (pki.dir + "/stale", nil)] {
+            let server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+                s.certsDirectory = dir; s.caAddress = "127.0.0.1:\(ch.localAddress!.port!)"; s.caTokenFile = tokenFile
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+                s.meshTLS.trustDomain = trustDomain
+            }
+            defer { server.stop() }
+            let m = try XCTUnwrap(server.server.currentTLS)
+            XCTAssertEqual(m.identity.uri, "spiffe://shop.example/ns/production/sa/orders")
+            XCTAssertGreaterThan(m.notAfter, Date().addingTimeInterval(1800))
+        }
+    }
+
+    func test_caClient_retriesWithItsTokenOnlyWhenTheCARefusedItsCertificate_notWhenTheCADoesNotAnswer() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        // A server that accepts connections and never says anything.
+        let accepted = NIOLockedValueBox(0)
+        let silent = try ServerBootstrap(group: group)
+            .childChannelInitializer { ch in accepted.withLockedValue { $0 += 1 }; return ch.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? silent.close().wait() }
+        let certs = try pki.issue("production", "orders")
+        let started = Date()
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(silent.localAddress!.port!)", rootCertPath: certs + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "production", serviceAccount: "orders"),
+                                                        token: "t0ken", currentCertDir: certs, group: group, timeout: .milliseconds(500))) { e in
+            XCTAssertTrue("\(e)".contains("no answer within"), "\(e)")
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 0.9)
+        XCTAssertEqual(accepted.withLockedValue { $0 }, 1)
+        // A certificate the CA refuses (from another root) still falls back to the token.
+        let orders = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        let (ch, port) = try startCA(tokens: ["t0ken": orders], on: group)
+        defer { try? ch.close().wait() }
+        let foreign = try pki.issue("production", "orders", name: "foreign", by: pki.foreign)
+        let b = try CAClient.requestBundle(caAddress: "127.0.0.1:\(port)", rootCertPath: certs + "/root-cert.pem", identity: orders, token: "t0ken",
+                                           currentCertDir: foreign, group: group)
+        XCTAssertTrue(b.certChainPEM.contains("BEGIN CERTIFICATE"))
+    }
+
+    /// A TLS connection to the CA (trusting the mesh root), its handshake finished.
+    func caConnection(port: Int, group: EventLoopGroup) throws -> (Channel, HandshakeWatch) {
+        var cfg = TLSConfiguration.makeClientConfiguration()
+        cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(pki.ca.rootCertPEM.utf8)))
+        cfg.certificateVerification = .noHostnameVerification
+        let ctx = try NIOSSLContext(configuration: cfg)
+        let watch = HandshakeWatch(group.next().makePromise(of: Void.self))
+        let ch = try ClientBootstrap(group: group).channelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: ctx, serverHostname: nil))
+                try ch.pipeline.syncOperations.addHandler(watch)
+            }
+        }.connect(host: "127.0.0.1", port: port).wait()
+        try watch.promise.futureResult.wait()
+        return (ch, watch)
+    }
+
+    final class HandshakeWatch: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let promise: EventLoopPromise<Void>
+        var received = ""
+        init(_ p: EventLoopPromise<Void>) { promise = p }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case TLSUserEvent.handshakeCompleted = event { promise.succeed(()) }
+        }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { received += String(buffer: unwrapInboundIn(data)) }
+        func errorCaught(context: ChannelHandlerContext, error: Error) { promise.fail(error); context.close(promise: nil) }
+    }
+
+    func test_caService_closesAConnectionThatTricklesBytesAfterTheHandshake_atTheRequestDeadline_andClosesAfterOneResponse() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let (ca, port) = try startCA(limits: .init(handshakeTimeout: .seconds(2), requestTimeout: .milliseconds(600), idleTimeout: .seconds(5)), log: log, on: group)
+        defer { try? ca.close().wait() }
+        // One byte every 100 ms: each would restart an idle timer.
+        let (ch, _) = try caConnection(port: port, group: group)
+        let started = Date()
+        for b in "POST /v1/sign HTTP/1.1\r\nhost: ca\r\n".utf8 where ch.isActive && Date().timeIntervalSince(started) < 3 {
+            ch.writeAndFlush(ByteBuffer(bytes: [b]), promise: nil)
+            usleep(100_000)
+        }
+        XCTAssertFalse(ch.isActive)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1.5, "closed at the request deadline")
+        XCTAssertTrue(log.contains("request from 127.0.0.1:") && log.contains("did not finish within 600 ms"), "\(log.all)")
+        // A keep-alive request gets one response, then the connection closes.
+        let (ka, watch) = try caConnection(port: port, group: group)
+        let sent = Date()
+        try ka.writeAndFlush(ByteBuffer(string: "GET /nope HTTP/1.1\r\nhost: ca\r\n\r\n")).wait()
+        XCTAssertNoThrow(try ka.closeFuture.wait())
+        XCTAssertLessThan(Date().timeIntervalSince(sent), 1, "closed by the CA after its response, not by a timeout")
+        let got = try ka.eventLoop.submit { watch.received }.wait()
+        XCTAssertTrue(got.hasPrefix("HTTP/1.1 404") && got.lowercased().contains("connection: close"), got)
+    }
+
+    func test_caService_capsConnectionsPerSourceAddress_andKeepsItsCapUnderTheOpenFileLimit_loggingBoth() throws {
+        XCTAssertEqual(CAService.connectionCap(requested: 1024, fileLimit: 1024), 960)
+        XCTAssertEqual(CAService.connectionCap(requested: 100, fileLimit: 1024), 100)
+        XCTAssertEqual(CAService.connectionCap(requested: 100, fileLimit: nil), 100)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        // Per address: two from 127.0.0.1, the third is refused.
+        let service = CAService(ca: pki.ca, tokens: [:], limits: .init(maxConnections: 100, maxConnectionsPerAddress: 2, handshakeTimeout: .seconds(5))) { log.append($0) }
+        let ch = try service.bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        let two = try (0..<2).map { _ in try RawClient(port: ch.localAddress!.port!, timeoutSeconds: 5) }
+        usleep(100_000)
+        XCTAssertTrue(try RawClient(port: ch.localAddress!.port!, timeoutSeconds: 2).isClosed())
+        XCTAssertTrue(log.contains("refused: 2 connections open from 127.0.0.1 (the --max-connections-per-address cap)"), "\(log.all)")
+        _ = two
+        // Under an open file limit of 67, 3 connections at most (64 kept for the CA).
+        let small = CAService(ca: pki.ca, tokens: [:], limits: .init(maxConnections: 1024, handshakeTimeout: .seconds(5))) { log.append($0) }
+        let sch = try small.bind(group: group, host: "127.0.0.1", port: 0, fileLimit: 67)
+        defer { try? sch.close().wait() }
+        XCTAssertTrue(log.contains("ca: connection cap lowered from 1024 to 3: the open file limit is 67"), "\(log.all)")
+        let three = try (0..<3).map { _ in try RawClient(port: sch.localAddress!.port!, timeoutSeconds: 5) }
+        usleep(100_000)
+        XCTAssertTrue(try RawClient(port: sch.localAddress!.port!, timeoutSeconds: 2).isClosed())
+        XCTAssertTrue(log.contains("refused: 3 connections open (the --max-connections cap)"), "\(log.all)")
+        _ = three
+    }
+
+    func test_strictSidecar_logsAServerAuthOnlyClientCertificate_asLackingClientAuth_fromBoringSSLsOwnRefusal() throws {
+        let log = CapturedLog()
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"), logger: log.logger)
+        defer { server.stop() }
+        // From the mesh root: the usage is the reason; from a foreign root: the chain is.
+        for (ca, why) in [(pki.ca, "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)"),
+                          (pki.foreign, "certificate of spiffe://cluster.local/ns/default/sa/web (issuer O=cluster.local) does not chain to the mesh root")] {
+            var b = try ca.issue(try ca.identity(namespace: "default", serviceAccount: "web"), usages: [.serverAuth])
+            b.rootCertPEM = pki.ca.rootCertPEM
+            try b.write(to: pki.dir + "/server-only")
+            XCTAssertThrowsError(try tlsRequest(port: server.inbound, certDir: pki.dir + "/server-only", rootPEM: pki.ca.rootCertPEM).get())
+            usleep(100_000)
+            XCTAssertTrue(log.contains(why), "\(log.all)")
+        }
+        XCTAssertEqual(app.seen.count, 0)
+    }
+
+    func inode(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
+    }
+
+    func test_sidecarRenewal_writesKeyAndChainOnly_keyOwnerOnly_andLeavesRootCertAsTheOperatorHasIt() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let (ch, port) = try startCA(tokens: ["t0ken": try pki.ca.identity(namespace: "production", serviceAccount: "orders")], on: group)
+        defer { try? ch.close().wait() }
+        let certs = try pki.issue("production", "orders", name: "renew", ttl: 60, now: Date().addingTimeInterval(-7200))
+        // The operator's root-cert.pem: both roots of a root switch, read-only.
+        let roots = pki.ca.rootCertPEM + pki.foreign.rootCertPEM
+        try roots.write(toFile: certs + "/root-cert.pem", atomically: true, encoding: .utf8)
+        chmod(certs + "/root-cert.pem", 0o444)
+        let rootInode = inode(certs + "/root-cert.pem")
+        try "t0ken\n".write(toFile: pki.dir + "/token", atomically: true, encoding: .utf8)
+        let old = umask(0)
+        defer { umask(old) }
+        var server: ProxyFixture!
+        let created = try FileCreations.record {
+            server = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1) { s in
+                s.certsDirectory = certs; s.caAddress = "127.0.0.1:\(port)"; s.caTokenFile = self.pki.dir + "/token"
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders")
+            }
+        }
+        defer { server.stop() }
+        // The renewal created a key and a chain, the key owner-only from its creation.
+        XCTAssertEqual(created.map { String(($0.path as NSString).lastPathComponent.prefix(while: { $0 != "." })) + ".pem " + String($0.mode, radix: 8) },
+                       ["key.pem 600", "cert-chain.pem 644"])
+        XCTAssertGreaterThan(try XCTUnwrap(server.server.currentTLS).notAfter, Date().addingTimeInterval(1800))
+        XCTAssertEqual(inode(certs + "/root-cert.pem"), rootInode, "root-cert.pem was not rewritten")
+        XCTAssertEqual(try String(contentsOfFile: certs + "/root-cert.pem", encoding: .utf8), roots)
+        var st = stat()
+        XCTAssertEqual(stat(certs + "/key.pem", &st), 0)
+        XCTAssertEqual(String(st.st_mode & 0o777, radix: 8), "600", "the renewed key under umask 0")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: certs).sorted(), ["cert-chain.pem", "key.pem", "root-cert.pem"])
+    }
+
+    func test_meshMTLSPolicy_appliesToTheCAsListenerAndToTheSidecarsConnectionToTheCA() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let log = CapturedLog()
+        let tls13 = MeshTLSSettings(minProtocolVersion: .tls13)
+        let service = CAService(ca: pki.ca, tokens: [:], policy: tls13) { log.append($0) }
+        let ch = try service.bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        XCTAssertThrowsError(try tlsRequest(port: ch.localAddress!.port!, certDir: nil, rootPEM: pki.ca.rootCertPEM, maxVersion: .tlsv12).get())
+        usleep(100_000)
+        XCTAssertTrue(log.contains("no TLS version or cipher suite in common"), "\(log.all)")
+        // The client side: a TLS 1.2-only server is refused before anything is sent.
+        let w = try pki.issue("istio-system", "moonlet-ca", name: "ca12")
+        let old = try tlsUpstream(w, maxVersion: .tlsv12)
+        defer { old.stop() }
+        XCTAssertThrowsError(try CAClient.requestBundle(caAddress: "127.0.0.1:\(old.port)", rootCertPath: w + "/root-cert.pem",
+                                                        identity: try pki.ca.identity(namespace: "production", serviceAccount: "orders"),
+                                                        token: "t", currentCertDir: nil, policy: tls13, group: group, timeout: .seconds(2))) { e in
+            XCTAssertTrue("\(e)".contains("TLS with the CA failed"), "\(e)")
+        }
+        XCTAssertEqual(old.seen.count, 0)
+    }
+
+    /// A TLS server presenting the bundle in `dir` (it asks for no client certificate),
+    /// speaking at most `maxVersion`.
+    func tlsUpstream(_ dir: String, maxVersion: TLSVersion? = nil) throws -> TestUpstream {
+        var sc = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(dir + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: dir + "/key.pem", format: .pem)))
+        sc.certificateVerification = .none
+        if let maxVersion { sc.maximumTLSVersion = maxVersion }
+        return try TestUpstream(tls: try NIOSSLContext(configuration: sc))
+    }
+
+    func test_outbound_refusesAClientAuthOnlyServer_andAServerWhoseChainEndsAtARootOfAnotherTrustDomain_sayingWhy() throws {
+        let id = try pki.ca.identity(namespace: "production", serviceAccount: "orders")
+        var clientOnly = try pki.ca.issue(id, usages: [.clientAuth])
+        clientOnly.rootCertPEM = pki.ca.rootCertPEM
+        try clientOnly.write(to: pki.dir + "/client-only")
+        // A partner root (named for partner.local in the mesh config, its O= the mesh's) signing a mesh identity.
+        let partner = try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local")
+        let forged = try bundle("forged", ca: partner, id: id)
+        for (dir, why) in [(pki.dir + "/client-only", "certificate of spiffe://cluster.local/ns/production/sa/orders lacks the extended key usage serverAuth (TLS server)"),
+                           (forged, "certificate of spiffe://cluster.local/ns/production/sa/orders does not chain to a root trusted for its trust domain cluster.local")] {
+            let up = try tlsUpstream(dir)
+            defer { up.stop() }
+            let certs = try bundle("frontend", ca: pki.ca, id: try pki.ca.identity(namespace: "default", serviceAccount: "frontend"),
+                                   roots: pki.ca.rootCertPEM + partner.rootCertPEM)
+            let client = try ProxyFixture(appPort: 1, files: ["se.yaml": Self.ordersEntry(port: up.port, serviceAccount: "orders")], concurrency: 1) { s in
+                s.certsDirectory = certs
+                s.meshTLS.caCertificates = [.init(pem: partner.rootCertPEM, trustDomains: ["partner.local"], source: "mesh.yaml: caCertificates[0].pem")]
+            }
+            defer { client.stop() }
+            let c = try RawClient(port: client.outbound)
+            c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+            let r = c.read()
+            XCTAssertEqual(r?.status, 503)
+            XCTAssertTrue(r?.body.contains("TLS handshake failed: " + why) == true, r?.body ?? "")
+            XCTAssertEqual(up.seen.count, 0)
+        }
+    }
+
+    /// One request with openssl s_client (which can resume a TLS session): its output.
+    func opensslRequest(port: Int, certDir: String, session: String, resume: Bool) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        p.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-cert", certDir + "/cert-chain.pem", "-key", certDir + "/key.pem",
+                       "-CAfile", pki.rootCertPEMPath, "-ign_eof", resume ? "-sess_in" : "-sess_out", session]
+        let input = Pipe(), out = Pipe()
+        p.standardInput = input; p.standardOutput = out; p.standardError = out
+        try p.run()
+        input.fileHandleForWriting.write(Data("GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n".utf8))
+        let killer = DispatchWorkItem { if p.isRunning { p.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 5, execute: killer)
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        killer.cancel()
+        try? input.fileHandleForWriting.close()
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func test_aResumedTLSSession_carriesThePeersIdentity_likeTheFullHandshakeDid() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else { throw XCTSkip("openssl not installed") }
+        let server = try strictSidecar(certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let client = try pki.issue("default", "frontend")
+        let session = pki.dir + "/session.pem"
+        let first = try opensslRequest(port: server.inbound, certDir: client, session: session, resume: false)
+        XCTAssertTrue(first.lowercased().contains("x-peer: cluster.local/ns/default/sa/frontend"), first)
+        let second = try opensslRequest(port: server.inbound, certDir: client, session: session, resume: true)
+        XCTAssertTrue(second.contains("Reused"), second)
+        XCTAssertTrue(second.lowercased().contains("x-peer: cluster.local/ns/default/sa/frontend"), second)
     }
 }

@@ -44,35 +44,24 @@ final class IdentityHardeningTests: XCTestCase {
         XCTAssertThrowsError(try createExclusive(dir + "/k.pem", mode: 0o600), "an existing file (or a planted link) is never reused")
     }
 
-    func test_noKeyFileIsEverVisibleWithGroupOrOtherBits_whileKeysAreWritten() throws {
-        // A watcher lists the directory as fast as it can while 60 bundles and a root are
-        // written under umask 0: no file it sees (temporary or final) may have group/other
-        // bits, except the certificates.
+    func test_everyKeyFileCaInitAndCaIssueWrite_isOwnerOnlyFromItsCreation_underUmask0() throws {
+        // The writers of `ca init` (MeshCA.write) and `ca issue` (WorkloadBundle.write),
+        // each file's mode read back right after it was created.
         let old = umask(0)
         defer { umask(old) }
-        let ca = try MeshCA.create()
-        let out = dir + "/w"
-        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
-        let seen = NIOLockedValueBox<[String]>([])
-        let done = NIOLockedValueBox(false)
-        let watcher = Thread {
-            while !done.withLockedValue({ $0 }) {
-                for f in (try? FileManager.default.contentsOfDirectory(atPath: out)) ?? [] where f.hasPrefix("key.pem") || f.hasPrefix("root-key.pem") {
-                    let m = self.mode(out + "/" + f)
-                    if m & 0o077 != 0 { seen.withLockedValue { $0.append("\(f) \(String(m, radix: 8))") } }
-                }
-            }
+        let created = try FileCreations.record {
+            let ca = try MeshCA.create()
+            try ca.write(to: dir + "/ca")
+            try ca.issue(try ca.identity(namespace: "default", serviceAccount: "frontend")).write(to: dir + "/w")
         }
-        watcher.start()
-        let id = try ca.identity(namespace: "default", serviceAccount: "frontend")
-        for _ in 0..<60 { try ca.issue(id).write(to: out) }
-        try ca.write(to: out)
-        done.withLockedValue { $0 = true }
-        while !watcher.isFinished { usleep(1000) }
-        XCTAssertEqual(seen.withLockedValue { $0 }, [])
-        XCTAssertEqual(mode(out + "/key.pem"), 0o600)
-        XCTAssertEqual(mode(out + "/root-key.pem"), 0o600)
-        XCTAssertEqual(mode(out + "/cert-chain.pem"), 0o644)
+        let names = created.map { ($0.path as NSString).lastPathComponent }
+        XCTAssertEqual(names.filter { $0.hasPrefix("root-key.pem.tmp-") || $0.hasPrefix("key.pem.tmp-") }.count, 2, "\(names)")
+        for (path, mode) in created {
+            let isKey = (path as NSString).lastPathComponent.contains("key")
+            XCTAssertEqual(String(mode, radix: 8), isKey ? "600" : "644", path)
+        }
+        XCTAssertEqual(mode(dir + "/ca/root-key.pem"), 0o600)
+        XCTAssertEqual(mode(dir + "/w/key.pem"), 0o600)
     }
 
     func test_caRefusesToStart_whenTheRootKeyIsReadableByGroupOrOthers() throws {
@@ -143,37 +132,85 @@ final class IdentityHardeningTests: XCTestCase {
 
     // MARK: 8. trust domains
 
-    func test_peerIdentity_isAcceptedOnlyInTheMeshTrustDomainOrAnAlias_eachSignedByItsOwnRoots() throws {
+    /// The chain TLS validated for a leaf of `ca`: the leaf, `ca`'s intermediates, its root.
+    func chain(_ ca: MeshCA, uris: [String]) throws -> [NIOSSLCertificate] {
+        let leaf = try cert(ca, uris: uris)
+        return [leaf] + (try NIOSSLCertificate.fromPEMBytes(Array((ca.intermediatesPEM + ca.rootCertPEM).utf8)))
+    }
+    func accepted(_ t: TrustDomains, _ c: [NIOSSLCertificate]) -> String? {
+        if case .success(let id) = t.check(c[0], chain: c) { return id.principal }
+        return nil
+    }
+    func refusal(_ t: TrustDomains, _ c: [NIOSSLCertificate]) -> String {
+        if case .failure(let e) = t.check(c[0], chain: c) { return e.description }
+        return "accepted"
+    }
+
+    func test_peerIdentity_isAcceptedOnlyInTheMeshTrustDomainOrAnAlias_andEveryRootOfRootCertIsTheMeshsByDefault() throws {
         let mesh = try MeshCA.create(trustDomain: "cluster.local")
         let partner = try MeshCA.create(trustDomain: "partner.local")
-        let roots = [mesh.rootCertificate, partner.rootCertificate]
-        let strict = TrustDomains(mesh: "cluster.local", roots: roots)
-        let withAlias = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: roots)
-        func ok(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String? {
-            switch t.identify(c) { case .success(let id): return id.principal; case .failure: return nil }
-        }
-        func why(_ t: TrustDomains, _ c: NIOSSLCertificate) -> String {
-            if case .failure(let e) = t.identify(c) { return e.description }
-            return "accepted"
-        }
-        let own = try cert(mesh, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
-        let partnerAdmin = try cert(partner, uris: ["spiffe://partner.local/ns/istio-system/sa/admin"])
-        let evil = try cert(mesh, uris: ["spiffe://evil.local/ns/istio-system/sa/admin"])
-        let partnerByMeshRoot = try cert(mesh, uris: ["spiffe://partner.local/ns/default/sa/x"])
-        let meshByPartnerRoot = try cert(partner, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin"])
-        XCTAssertEqual(ok(strict, own), "cluster.local/ns/default/sa/frontend")
-        XCTAssertEqual(why(strict, partnerAdmin), "trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)")
-        XCTAssertTrue(why(strict, evil).contains("is not the mesh's (cluster.local)"))
-        XCTAssertTrue(why(withAlias, evil).contains("nor one of its aliases (partner.local)"))
-        XCTAssertEqual(ok(withAlias, partnerAdmin), "partner.local/ns/istio-system/sa/admin")
-        XCTAssertTrue(why(withAlias, partnerByMeshRoot).contains("is not signed by a root of its trust domain partner.local"), why(withAlias, partnerByMeshRoot))
-        XCTAssertTrue(why(withAlias, meshByPartnerRoot).contains("is not signed by a root of its trust domain cluster.local"))
-        // An alias without roots of its own (a trust domain migration): the mesh's roots sign it.
-        let migrating = TrustDomains(mesh: "cluster.local", aliases: ["old.local"], roots: [mesh.rootCertificate])
-        XCTAssertEqual(ok(migrating, try cert(mesh, uris: ["spiffe://old.local/ns/a/sa/b"])), "old.local/ns/a/sa/b")
+        let strict = TrustDomains(mesh: "cluster.local", roots: [mesh.rootCertificate, partner.rootCertificate])
+        XCTAssertEqual(accepted(strict, try chain(mesh, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])), "cluster.local/ns/default/sa/frontend")
+        XCTAssertEqual(refusal(strict, try chain(partner, uris: ["spiffe://partner.local/ns/istio-system/sa/admin"])),
+                       "trust domain of spiffe://partner.local/ns/istio-system/sa/admin is not the mesh's (cluster.local)")
+        XCTAssertTrue(refusal(strict, try chain(mesh, uris: ["spiffe://evil.local/ns/istio-system/sa/admin"])).contains("is not the mesh's (cluster.local)"))
+        let withAlias = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: [mesh.rootCertificate])
+        XCTAssertTrue(refusal(withAlias, try chain(mesh, uris: ["spiffe://evil.local/ns/a/sa/b"])).contains("nor one of its aliases (partner.local)"))
+        // Without a mapping every root of root-cert.pem is a mesh root (the root switch):
+        // an alias (a trust domain migration) is signed by them too.
+        XCTAssertEqual(accepted(withAlias, try chain(mesh, uris: ["spiffe://partner.local/ns/a/sa/b"])), "partner.local/ns/a/sa/b")
+        // A root that is not in root-cert.pem signs nothing.
+        XCTAssertTrue(refusal(withAlias, try chain(partner, uris: ["spiffe://partner.local/ns/a/sa/b"])).contains("does not chain to a root trusted for its trust domain partner.local"))
         // Expected server identities move into every accepted domain.
         XCTAssertEqual(withAlias.expand(["spiffe://cluster.local/ns/p/sa/o", "dns.example"]),
                        ["spiffe://cluster.local/ns/p/sa/o", "spiffe://partner.local/ns/p/sa/o", "dns.example"])
+    }
+
+    func test_aRootNamedForATrustDomain_validatesOnlyThatDomain_whateverItsSubjectSays_throughIntermediatesToo() throws {
+        let mesh = try MeshCA.create(trustDomain: "cluster.local")
+        // Partner roots whose O= is the mesh's trust domain, or empty.
+        for partner in [try MeshCA.create(trustDomain: "partner.local", organization: "cluster.local"),
+                        try MeshCA.create(trustDomain: "partner.local", organization: "")] {
+            let t = TrustDomains(mesh: "cluster.local", aliases: ["partner.local"], roots: [mesh.rootCertificate, partner.rootCertificate],
+                                 named: [(partner.rootCertificate, ["partner.local"])])
+            let admin = "spiffe://cluster.local/ns/istio-system/sa/admin"
+            XCTAssertEqual(refusal(t, try chain(partner, uris: [admin])), "certificate of \(admin) does not chain to a root trusted for its trust domain cluster.local")
+            XCTAssertEqual(refusal(t, try chain(partner.intermediate(organization: "cluster.local"), uris: [admin])),
+                           "certificate of \(admin) does not chain to a root trusted for its trust domain cluster.local")
+            XCTAssertEqual(accepted(t, try chain(partner, uris: ["spiffe://partner.local/ns/a/sa/b"])), "partner.local/ns/a/sa/b")
+            // partner.local is now validated only by its own root.
+            XCTAssertTrue(refusal(t, try chain(mesh, uris: ["spiffe://partner.local/ns/a/sa/b"])).contains("does not chain to a root trusted for its trust domain partner.local"))
+            XCTAssertEqual(accepted(t, try chain(mesh.intermediate(), uris: ["spiffe://cluster.local/ns/a/sa/b"])), "cluster.local/ns/a/sa/b")
+        }
+    }
+
+    func test_aResumedSessionsCertificate_mustStillBeValid() throws {
+        let ca = try MeshCA.create()
+        let t = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate])
+        let c = try cert(ca, uris: ["spiffe://cluster.local/ns/a/sa/b"])
+        if case .failure(let e) = t.resumed(c) { XCTFail(e.description) }
+        guard case .failure(let e) = t.resumed(c, now: Date().addingTimeInterval(7200)) else { return XCTFail("an expired certificate resumed") }
+        XCTAssertEqual(e.description, "certificate of spiffe://cluster.local/ns/a/sa/b is outside its validity (a resumed TLS session)")
+    }
+
+    func test_aMeshConfigRootThatDoesNotParse_isAnErrorNamingTheMeshConfigField() throws {
+        let ca = try MeshCA.create()
+        try ca.issue(try ca.identity(namespace: "a", serviceAccount: "b")).write(to: dir + "/w")
+        let bad = MeshTLSSettings(caCertificates: [.init(pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", trustDomains: ["p.local"],
+                                                         source: "mesh.yaml: caCertificates[0].pem")])
+        XCTAssertThrowsError(try TLSMaterial.load(dir: dir + "/w", mesh: bad)) { e in
+            XCTAssertTrue("\(e)".hasPrefix("mesh.yaml: caCertificates[0].pem: "), "\(e)")
+        }
+    }
+
+    func test_aRootSwitchToAPlugInRootWithAnotherSubject_acceptsChainsThroughIntermediatesOfBothRoots() throws {
+        // Istio's self-signed root (O=cluster.local) and a plug-in root (O=Istio) with an
+        // intermediate, both in root-cert.pem.
+        let old = try MeshCA.create(trustDomain: "cluster.local")
+        let plugIn = try MeshCA.create(trustDomain: "cluster.local", organization: "Istio").intermediate(organization: "Istio")
+        let t = TrustDomains(mesh: "cluster.local", roots: [old.rootCertificate, try Certificate(pemEncoded: plugIn.rootCertPEM)])
+        XCTAssertEqual(accepted(t, try chain(old, uris: ["spiffe://cluster.local/ns/a/sa/old"])), "cluster.local/ns/a/sa/old")
+        XCTAssertEqual(accepted(t, try chain(plugIn, uris: ["spiffe://cluster.local/ns/a/sa/new"])), "cluster.local/ns/a/sa/new")
     }
 
     // MARK: 9. exactly one URI SAN
@@ -183,7 +220,7 @@ final class IdentityHardeningTests: XCTestCase {
         let two = try cert(ca, uris: ["spiffe://cluster.local/ns/istio-system/sa/admin", "spiffe://cluster.local/ns/default/sa/frontend"])
         XCTAssertNil(SpiffeID.of(two))
         XCTAssertTrue(SpiffeID.whyNoIdentity(two)?.contains("carries 2 URI SANs") == true, SpiffeID.whyNoIdentity(two) ?? "")
-        if case .success(let id) = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate]).identify(two) { XCTFail("accepted as \(id)") }
+        if case .success(let id) = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate]).check(two, chain: [two, try nio(ca.rootCertPEM)]) { XCTFail("accepted as \(id)") }
         let one = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/frontend"])
         XCTAssertEqual(SpiffeID.of(one)?.serviceAccount, "frontend")
         // The sidecar's own files too.
@@ -207,6 +244,16 @@ final class IdentityHardeningTests: XCTestCase {
                        "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)")
         let clientOnly = try cert(ca, uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.clientAuth])
         XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: clientOnly).hasSuffix("lacks the extended key usage serverAuth (TLS server)"))
+        // A certificate from a foreign root that also lacks the usage: the chain is the reason.
+        let trust = TrustDomains(mesh: "cluster.local", roots: [ca.rootCertificate])
+        let foreignServerOnly = try cert(MeshCA.create(), uris: ["spiffe://cluster.local/ns/default/sa/web"], usages: [.serverAuth])
+        XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: foreignServerOnly, trust: trust).hasSuffix("does not chain to the mesh root"))
+        XCTAssertEqual(TLSMaterial.refusalReason(verifyFailed, peerCertificate: serverOnly, trust: trust),
+                       "certificate of spiffe://cluster.local/ns/default/sa/web lacks the extended key usage clientAuth (TLS client)")
+        // A DestinationRule SIMPLE/MUTUAL upstream is not checked against the mesh root.
+        let web = try nio(try MeshCA.create().issue(try ca.identity(namespace: "default", serviceAccount: "web")).certChainPEM)
+        XCTAssertTrue(TLSMaterial.upstreamRefusalReason(verifyFailed, peerCertificate: web, mesh: false)
+            .hasSuffix("does not chain to the DestinationRule's caCertificates (or the system roots)"))
         // A foreign chain with the right usage is still a chain failure.
         XCTAssertTrue(TLSMaterial.refusalReason(verifyFailed, peerCertificate: try cert(MeshCA.create(), uris: ["spiffe://cluster.local/ns/a/sa/b"])).hasSuffix("does not chain to the mesh root"))
     }
@@ -229,6 +276,9 @@ final class IdentityHardeningTests: XCTestCase {
         XCTAssertFalse(why.contains("\n") || why.contains("\r"), why)
         XCTAssertEqual(LogText.escape("a\u{1b}[31mb\u{2028}c\td"), "a\\u{1b}[31mb\\u{2028}c\\td")
         XCTAssertEqual(LogText.escape("plain text / ok"), "plain text / ok")
+        // A literal backslash-n from a peer is not an escaped newline.
+        XCTAssertEqual(LogText.escape("a\\nb"), "a\\\\nb")
+        XCTAssertNotEqual(LogText.escape("a\\nb"), LogText.escape("a\nb"))
     }
 
     func test_upstreamRefusalReasons_areWords_withoutLibraryDumps() throws {
@@ -239,5 +289,29 @@ final class IdentityHardeningTests: XCTestCase {
         let alert = TLSFailure(description: "handshakeFailed(sslError([error:10000410:SSL routines:OPENSSL_internal:SSLV3_ALERT_HANDSHAKE_FAILURE]))")
         XCTAssertEqual(TLSMaterial.upstreamRefusalReason(alert, peerCertificate: nil), "the server refused the handshake (TLS alert: handshake failure)")
         XCTAssertEqual(TLSMaterial.upstreamRefusalReason(TLSFailure(description: "something else"), peerCertificate: nil), "the TLS handshake with the server failed")
+    }
+
+    // MARK: CA log budgets (review item 7)
+
+    func test_caLogBudgets_arePerKindOfLine_andSuppressedLinesAreCountedAndReported() throws {
+        let lines = NIOLockedValueBox<[String]>([])
+        let svc = CAService(ca: try MeshCA.create(), tokens: [:]) { l in lines.withLockedValue { $0.append(l) } }
+        // A flood of refused signing requests (one caller, say) is limited...
+        for _ in 0..<50 { _ = svc.handle(method: .GET, uri: "/v1/sign", authorization: nil, peer: nil, from: "10.0.0.9:1", body: Data()) }
+        // ...and neither hides the other kinds of line nor goes uncounted.
+        for i in 0..<30 { svc.logLimited(.refusal, "ca: connection from 10.0.0.9:\(i) refused: cap") }
+        svc.logLimited(.handshake, "ca: TLS handshake with 10.0.0.7:1 failed: not TLS")
+        let logged = lines.withLockedValue { $0 }
+        let decisions = logged.filter { $0.contains("refused /v1/sign") }.count
+        XCTAssertLessThanOrEqual(decisions, 2 * CAService.linesPerSecond, "one budget a second (the loop may straddle two)")
+        XCTAssertGreaterThan(decisions, 0)
+        XCTAssertTrue(logged.contains("ca: TLS handshake with 10.0.0.7:1 failed: not TLS"), "\(logged)")
+        svc.reportSuppressed()
+        let report = lines.withLockedValue { $0 }.filter { $0.contains("lines suppressed") }
+        XCTAssertTrue(report.contains { $0.hasPrefix("ca: \(50 - decisions) signing decision lines suppressed") }, "\(report)")
+        XCTAssertTrue(report.contains { $0.contains("connection refusal lines suppressed") }, "\(report)")
+        // Reported once: the counts start again.
+        svc.reportSuppressed()
+        XCTAssertEqual(lines.withLockedValue { $0 }.filter { $0.contains("lines suppressed") }.count, report.count)
     }
 }
