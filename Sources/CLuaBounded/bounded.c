@@ -542,9 +542,12 @@ static void prepstate (MatchState *ms, lua_State *L,
 }
 
 
+/* moonlet: the depth is reset, not asserted. An error raised inside match() ("pattern
+ * too complex", a spent budget) leaves matchdepth where it was; a gmatch iterator
+ * reused after such an error would start below 0 and recurse without limit. */
 static void reprepstate (MatchState *ms) {
   ms->level = 0;
-  lua_assert(ms->matchdepth == MAXCCALLS);
+  ms->matchdepth = MAXCCALLS;
 }
 
 
@@ -1212,7 +1215,7 @@ void ml_pushapiclosure (lua_State *L, lua_CFunction f, int nup) {
 static int budget_spent (lua_State *L) {
   void *ud = NULL;
   lua_getallocf(L, &ud);
-  return ((ml_limits *)ud)->aborted == 1 || ((ml_limits *)ud)->aborted == 2;
+  return ((ml_limits *)ud)->aborted != 0;  /* instructions, wall clock or memory cap */
 }
 
 static int guarded_finish (lua_State *L, int status, lua_KContext ctx) {
@@ -1248,7 +1251,11 @@ const char *ml_tolstring_protected (lua_State *L, int idx, size_t *len) {
   idx = lua_absindex(L, idx);
   lua_pushcfunction(L, tolstring_aux);
   lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+  if (ml_guest_pcall(L, 1, 1) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+    if (budget_spent(L)) {  /* the budget error stays on top for the caller to raise */
+      if (lua_type(L, -1) != LUA_TSTRING) { lua_pop(L, 1); lua_pushliteral(L, "budget exceeded in __tostring"); }
+      return NULL;
+    }
     lua_pop(L, 1);
     lua_pushliteral(L, "(error in __tostring)");
   }

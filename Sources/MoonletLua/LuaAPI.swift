@@ -421,7 +421,7 @@ enum LuaAPI {
         if chunk.first == 0x1B { lua_pushnil(L); lua_pushstring(L, "load: precompiled bytecode is not allowed"); return 2 }
         if chunk.count > maxLoadChunk { lua_pushnil(L); lua_pushstring(L, "load: chunk larger than \(maxLoadChunk) bytes"); return 2 }
         let name = str(L, 2) ?? "=(load)"
-        let rc = name.withCString { ml_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
+        let rc = name.withCString { ml_guest_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
         if rc != LUA_OK { lua_pushnil(L); ml_insert(L, -2); return 2 }
         lua_pushvalue(L, lua_type(L, 4) == LUA_TTABLE ? 4 : ml_upvalueindex(2))
         if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
@@ -443,12 +443,12 @@ enum LuaAPI {
         guard let (path, src) = vm.host.findModule(rel) else {
             return fail(L, "require: module '\(name)' not found in the plugin directories (\(vm.host.pluginDirs.joined(separator: ", ")))")
         }
-        let rc = src.withCString { p in ml_loadtext(L, p, strlen(p), "@" + path) }
+        let rc = src.withCString { p in ml_guest_loadtext(L, p, strlen(p), "@" + path) }
         if rc != LUA_OK { return raise }
         lua_pushvalue(L, ml_upvalueindex(2))
         if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
         lua_pushstring(L, name)
-        if ml_pcall(L, 1, 1, 0) != LUA_OK { return raise }
+        if ml_guest_pcall(L, 1, 1) != LUA_OK { return raise }
         if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_pushboolean(L, 1) }
         lua_pushvalue(L, -1)
         lua_setfield(L, -3, name)
@@ -510,7 +510,8 @@ enum LuaAPI {
         for i in 1...max(1, n) where i <= n && line.utf8.count < maxLogLine {
             if i > 1 { line += " " }
             if let s = str(L, i) { line += s } else {
-                _ = ml_tolstring_protected(L, i, nil)
+                // nil: the budget ran out inside __tostring; raise it as pcall would.
+                guard ml_tolstring_protected(L, i, nil) != nil else { return raise }
                 line += str(L, -1) ?? ""
                 ml_pop(L, 1)
             }

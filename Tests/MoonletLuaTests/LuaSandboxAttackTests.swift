@@ -1,0 +1,152 @@
+import XCTest
+import NIOCore
+import Logging
+import MoonletCore
+import MoonletConfig
+@testable import MoonletLua
+
+/// The hostile-plugin attack on the sandbox: one test per finding, each the attack
+/// itself run through the plugin chain. Attacks that used to hang run on a thread of
+/// their own so the test ends (and fails) even when the attack is not stopped.
+extension LuaFilterTests {
+    /// Runs `body` on a thread with an 8 MiB stack; fails the test when it has not
+    /// finished within `seconds` (the thread is then left to spin).
+    func finishes(within seconds: Double, _ what: String, _ body: @escaping () throws -> Void) {
+        final class Box: @unchecked Sendable { var failure: Error? }
+        let done = DispatchSemaphore(value: 0)
+        let box = Box()
+        let t = Thread {
+            do { try body() } catch { box.failure = error }
+            done.signal()
+        }
+        t.stackSize = 8 << 20
+        t.start()
+        if done.wait(timeout: .now() + seconds) == .timedOut {
+            XCTFail("\(what): still running after \(seconds) s")
+            return
+        }
+        if let failure = box.failure { XCTFail("\(what): \(failure)") }
+    }
+
+    // MARK: 2. pattern matching
+
+    func test_aGmatchIteratorReusedAfterPatternTooComplex_failsAgainInsteadOfOverflowingTheCStack() throws {
+        finishes(within: 5, "gmatch reuse") {
+            let (action, _, err) = try self.attack(#"""
+            local n = 1e6
+            local it = ("a"):rep(n):gmatch(("a?"):rep(n))
+            local ok1, e1 = pcall(it)
+            local ok2, e2 = pcall(it)
+            assert(not ok1 and e1:find("too complex"), tostring(e1))
+            assert(not ok2 and e2:find("too complex"), tostring(e2))
+            error("iterator failed twice")
+            """#)
+            XCTAssertEqual(action, .respond)
+            XCTAssertTrue(err.contains("iterator failed twice"), err)
+        }
+    }
+
+    // MARK: 1. the VM at its allocation limit
+
+    /// The plugin fills its VM to within bytes of the allocator's hard limit, then the
+    /// host pushes a body chunk and plugin code calls API functions that allocate.
+    func test_aVMFilledToItsHardLimit_failsCallsCleanly_insteadOfAbortingTheProcess() throws {
+        let c = try chain([spec("filler", #"""
+        local f = {}
+        local hog, idx, n = {}, 0, 1 << 24
+        for i = 1, 1024 do hog[i] = false end
+        local keep = {}
+        for i = 1, 20000 do keep[i] = false end
+        local rep = string.rep
+        local function fill()
+          while n >= 48 do
+            local ok, v = pcall(rep, "x", n)
+            if ok then idx = idx + 1; hog[idx] = v else n = n // 2 end
+          end
+        end
+        local calls = 0
+        function f.on_request_body(s, conf, chunk, eos)
+          calls = calls + 1
+          if calls == 1 then
+            for round = 1, 4 do n = 1 << 20; while n >= 48 do pcall(fill) end end
+          elseif calls == 2 then
+            idx = idx + 1; hog[idx] = chunk
+          else
+            -- every get_all makes a table in host mode: kept, they would grow the VM past its cap
+            for i = 1, 20000 do keep[i] = s.request.headers:get_all("x-in") end
+          end
+          return "filled"
+        end
+        return f
+        """#, fail: .failOpen)])
+        let limit = 32 << 20
+        let hard = limit + limit / 4 + (1 << 20)
+        for _ in 0..<4 {
+            let s = stream()
+            _ = c.runRequestBody(s, chunk: ByteBuffer(repeating: 0x61, count: 256 << 10), endOfStream: true)
+            finish(s, c)
+            XCTAssertLessThan(runtime.vm.memoryUsed, hard + (1 << 20))
+        }
+        // The VM still serves requests once the plugin's garbage is collected.
+        let ok = try chain([spec("after", "return { on_request = function(s) s.request.headers:set('x-after', s.request.path) end }")])
+        let s = stream()
+        XCTAssertEqual(ok.runRequest(s), .continue, host.statuses().first { $0.name == "after" }?.lastError ?? "")
+        XCTAssertEqual(s.request.first("x-after"), "/p")
+        finish(s, ok)
+    }
+
+    // MARK: 4, 5. budget errors that used to be swallowed
+
+    func test_aLoopingToStringInALogCall_endsTheCallWithinItsBudget() throws {
+        finishes(within: 5, "log with a looping __tostring") {
+            let (action, dt, err) = try self.attack(#"""
+            local o = setmetatable({}, { __tostring = function() while true do end end })
+            while true do moonlet.log.err(o) end
+            """#)
+            XCTAssertEqual(action, .respond)
+            XCTAssertLessThan(dt, 0.4)
+            XCTAssertTrue(err.contains("budget"), err)
+        }
+    }
+
+    func test_aVMOverItsSoftMemoryCap_stillEndsRunawayCallsWithinTheBudget() throws {
+        finishes(within: 5, "pcall loop over the soft cap") {
+            let (action, dt, err) = try self.attack(#"""
+            local b = {}
+            for i = 1, 9 do b[i] = ("x"):rep(4e6 + i) end   -- 36 MB: over the 32 MiB cap, under the hard limit
+            while true do pcall(function() while true do end end) end
+            """#)
+            XCTAssertEqual(action, .respond)
+            XCTAssertLessThan(dt, 0.4)
+            XCTAssertTrue(err.contains("budget") || err.contains("memory"), err)
+        }
+    }
+
+    // MARK: 8. __close after a failed call
+
+    func test_closeHandlersLeftByAFailedCall_runUnderASmallBudget() throws {
+        finishes(within: 5, "__close loop after an error") {
+            // A huge instruction budget: only a wall clock can end the __close loop.
+            let c = try self.chain([self.spec("closer", #"""
+            return { on_request = function(s)
+              local g <close> = setmetatable({}, { __close = function() while true do end end })
+              error("boom")
+            end }
+            """#, maxInstructions: 1 << 50)])
+            let s = self.stream()
+            let t0 = Date()
+            XCTAssertEqual(c.runRequest(s), .respond)
+            XCTAssertLessThan(Date().timeIntervalSince(t0), 0.4 + 2 * Double(LuaVM.closeBudgetMs) / 1000)
+            self.finish(s, c)
+        }
+    }
+
+    // MARK: 10. error messages
+
+    func test_aHugeErrorMessage_isCutBeforeItIsLoggedAndKept() throws {
+        let (action, _, err) = try attack(#"error(("x"):rep(4e6))"#)
+        XCTAssertEqual(action, .respond)
+        XCTAssertLessThan(err.utf8.count, LuaAPI.maxLogLine + 200)
+        XCTAssertTrue(err.contains("xxxx"), err)
+    }
+}
