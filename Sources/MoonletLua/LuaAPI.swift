@@ -286,13 +286,22 @@ enum LuaAPI {
             guard isHostValue(vb) else { return fail(L, "headers:set(host, value): not a valid host[:port]") }
         }
         let done: Bool? = withHead(L) { head, _ in
+            // What filters add is held per head outside the VM: bounded in count and bytes.
+            guard head.added.count < maxAddedHeaders,
+                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count }) <= maxAddedHeaderBytes
+            else { return false }
             if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             if lower == "host" { head.hostIndex = -1 }
             return true
         }
-        guard done != nil else { return fail(L, outside) }
+        guard let done else { return fail(L, outside) }
+        guard done else { return fail(L, "headers:\(fn)(\(lower)): more than \(maxAddedHeaders) headers or \(maxAddedHeaderBytes / 1024) KiB added to this head") }
         return 0
     }
+
+    /// Headers filters may add or set on one head, and their total bytes (names and values).
+    static let maxAddedHeaders = 100
+    static let maxAddedHeaderBytes = 64 * 1024
 
     /// Why Lua may not write header `lower` (lowercased), or nil when it may. Framing and
     /// hop-by-hop headers are the proxy's: each hop gets its own (RFC 9110 §7.6.1).
@@ -536,9 +545,12 @@ enum LuaAPI {
         return 1
     }
 
+    /// Longest Lua metric name (names are kept, per VM and process-wide).
+    static let maxMetricName = 128
+
     static let metricCounter: lua_CFunction = { L in
-        guard let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
-            return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+")
+        guard lua_rawlen(L, 1) <= maxMetricName, let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
+            return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+ and be at most \(maxMetricName) bytes")
         }
         let by = lua_isinteger(L, 2) != 0 ? UInt64(max(0, ml_tointeger(L, 2))) : 1
         let vm = LuaVM.vm(L)
@@ -637,8 +649,14 @@ enum LuaAPI {
 
     // MARK: regex
 
+    /// Longest pattern `moonlet.regex` compiles (each loop caches 1024 patterns) and
+    /// longest result of `moonlet.regex.gsub` (built outside the VM).
+    static let maxRegexPattern = 4096
+    static let maxRegexOutput = 16 << 20
+
     enum Compiled { case success(CompiledRegex), failure(String) }
     static func compiled(_ L: OpaquePointer?, _ idx: Int32) -> Compiled {
+        guard lua_rawlen(L, idx) <= maxRegexPattern else { return .failure("pattern longer than \(maxRegexPattern) bytes") }
         guard let p = str(L, idx) else { return .failure("pattern must be a string") }
         do { return .success(try RegexCache.get(p)) } catch { return .failure(String(describing: error)) }
     }
@@ -651,6 +669,8 @@ enum LuaAPI {
         let found: [Range<Int>?]?
         do { found = try re.search(subj, from: 0) } catch { return fail(L, "regex.match: \(error)") }
         guard let m = found else { lua_pushnil(L); return 1 }
+        // Captures are copies (host allocations, never refused): bounded like gsub's result.
+        guard m.reduce(0, { $0 + ($1?.count ?? 0) }) <= maxRegexOutput else { return fail(L, "regex.match: captures longer than \(maxRegexOutput) bytes in all") }
         lua_createtable(L, Int32(m.count), 0)
         for (i, r) in m.enumerated() {
             if let r { lua_pushlstring(L, subj.baseAddress!.advanced(by: r.lowerBound).assumingMemoryBound(to: CChar.self), r.count) } else { lua_pushboolean(L, 0) }
@@ -676,7 +696,7 @@ enum LuaAPI {
         guard let subj = str(L, 1), let repl = str(L, 3) else { return fail(L, "regex.gsub(subject, pattern, replacement): strings expected") }
         let re: CompiledRegex
         switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.gsub: \(m)") }
-        do { push(L, try re.replacing(in: subj, with: repl)) } catch { return fail(L, "regex.gsub: \(error)") }
+        do { push(L, try re.replacing(in: subj, with: repl, maxBytes: maxRegexOutput)) } catch { return fail(L, "regex.gsub: \(error)") }
         return 1
     }
 

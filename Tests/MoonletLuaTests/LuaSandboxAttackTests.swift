@@ -95,6 +95,34 @@ extension LuaFilterTests {
         finish(s, ok)
     }
 
+    // MARK: 3. memory outside the VM cap
+
+    func test_hostSideCopiesAPluginCanGrow_areBoundedInTheBindings() throws {
+        let (action, dt, err) = try attack(#"""
+        local function refused(what, f, ...)
+          local ok, e = pcall(f, ...)
+          assert(not ok, what .. " was accepted")
+          return e
+        end
+        -- 100 MB of replacement (one per empty match), built outside the VM
+        local e = refused("a 100 MB gsub result", moonlet.regex.gsub, ("a"):rep(1000), "", ("x"):rep(1e5))
+        assert(e:find("too large"), e)
+        -- 200 nested captures of a 1 MB subject: 200 MB of copies
+        e = refused("200 MB of captures", moonlet.regex.match, ("a"):rep(1e6), ("("):rep(200) .. "a*" .. (")"):rep(200))
+        assert(e:find("captures longer"), e)
+        refused("a 200-byte metric name", moonlet.metrics.counter, ("a"):rep(200))
+        refused("a 5000-byte regex", moonlet.regex.find, "x", "(?#" .. ("a"):rep(5000) .. ")x")
+        local v = ("v"):rep(16000)
+        e = refused("unbounded added headers", function() for i = 1, 1e4 do s.request.headers:add("x-a", v) end end)
+        assert(e:find("added to this head"), e)
+        refused("unbounded added headers", function() for i = 1, 1e4 do s.request.headers:set("x-b" .. i, "1") end end)
+        error("all refused")
+        """#)
+        XCTAssertEqual(action, .respond)
+        XCTAssertTrue(err.contains("all refused"), err)
+        XCTAssertLessThan(dt, 1)
+    }
+
     // MARK: 4, 5. budget errors that used to be swallowed
 
     func test_aLoopingToStringInALogCall_endsTheCallWithinItsBudget() throws {
