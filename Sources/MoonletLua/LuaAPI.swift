@@ -39,6 +39,13 @@ enum LuaAPI {
         return UnsafeRawBufferPointer(start: p, count: len)
     }
 
+    /// The first `max` bytes of the string (or number) at `idx`, copied without the rest.
+    static func prefix(_ L: OpaquePointer?, _ idx: Int32, _ max: Int) -> String {
+        var len = 0
+        guard let p = lua_tolstring(L, idx, &len) else { return "" }
+        return String(decoding: UnsafeRawBufferPointer(start: p, count: Swift.min(len, Swift.max(0, max))), as: UTF8.self)
+    }
+
     static func push(_ L: OpaquePointer?, _ s: String) {
         var s = s
         s.withUTF8 { p in _ = p.baseAddress.map { lua_pushlstring(L, UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self), p.count) } ?? lua_pushstring(L, "") }
@@ -518,10 +525,11 @@ enum LuaAPI {
         var line = ""
         for i in 1...max(1, n) where i <= n && line.utf8.count < maxLogLine {
             if i > 1 { line += " " }
-            if let s = str(L, i) { line += s } else {
+            let t = lua_type(L, i)
+            if t == LUA_TSTRING || t == LUA_TNUMBER { line += prefix(L, i, maxLogLine + 1 - line.utf8.count) } else {
                 // nil: the budget ran out inside __tostring; raise it as pcall would.
                 guard ml_tolstring_protected(L, i, nil) != nil else { return raise }
-                line += str(L, -1) ?? ""
+                line += prefix(L, -1, maxLogLine + 1 - line.utf8.count)
                 ml_pop(L, 1)
             }
         }

@@ -150,6 +150,42 @@ extension LuaFilterTests {
         }
     }
 
+    // MARK: 9. long C functions between two hook checks
+
+    /// Each loop calls a C function that works for milliseconds per call; the hook,
+    /// every 1000 instructions, would let hundreds of calls run between two checks.
+    func test_loopsOverLinearTimeLibraryFunctions_endWithinTheBudget() throws {
+        let attacks: [(String, String)] = [
+            ("utf8.len", #"local len, s = utf8.len, ("\xe4\xb8\x80"):rep(2e6) while true do len(s) end"#),
+            ("utf8.offset", #"local off, s = utf8.offset, ("\xe4\xb8\x80"):rep(2e6) while true do off(s, 1e9) end"#),
+            ("utf8.codepoint", #"local cp, s = utf8.codepoint, ("a"):rep(2e5) while true do cp(s, 1, -1) end"#),
+            ("string.upper", #"local up, s = string.upper, ("a"):rep(4e6) while true do up(s) end"#),
+            ("string.reverse", #"local rev, s = string.reverse, ("a"):rep(4e6) while true do rev(s) end"#),
+            ("string.format", #"local fmt, s = string.format, ("a"):rep(4e6) while true do fmt("%s", s) end"#),
+            ("string.byte", #"local byte, s = string.byte, ("a"):rep(2e5) while true do byte(s, 1, -1) end"#),
+            ("table.unpack", #"local unpack, t = table.unpack, {} for i = 1, 2e5 do t[i] = i end while true do unpack(t) end"#),
+        ]
+        for (name, code) in attacks {
+            finishes(within: 10, name) {
+                let (action, dt, err) = try self.attack(code)
+                XCTAssertEqual(action, .respond, name)
+                XCTAssertLessThan(dt, 0.4 + 0.1, "\(name): \(dt) s")
+                XCTAssertTrue(err.contains("budget"), "\(name): \(err)")
+            }
+        }
+    }
+
+    func test_aLogCallOfAHugeString_copiesOnlyWhatItWrites() throws {
+        let (action, dt, err) = try attack(#"""
+        local s = ("x"):rep(1.5e7)
+        for i = 1, 200 do print(s) moonlet.log.err(i, s) end
+        error("logged")
+        """#)
+        XCTAssertEqual(action, .respond)
+        XCTAssertTrue(err.contains("logged"), err)
+        XCTAssertLessThan(dt, 0.4)
+    }
+
     // MARK: 8. __close after a failed call
 
     func test_closeHandlersLeftByAFailedCall_runUnderASmallBudget() throws {
