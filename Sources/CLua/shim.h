@@ -115,25 +115,6 @@ static inline void ml_pushswiftfunction(lua_State *L, lua_CFunction f) {
     lua_pushcclosure(L, ml_trampoline, 1);
 }
 
-/* Plugin code run or compiled from host code (require, a protected tostring): in guest
- * mode, so the memory cap applies to it. */
-static inline int ml_guest_pcall(lua_State *L, int nargs, int nresults) {
-    ml_limits *lim = ml_limits_of(L);
-    int was = lim->host;
-    lim->host = 0;
-    int r = lua_pcall(L, nargs, nresults, 0);
-    lim->host = was;
-    return r;
-}
-static inline int ml_guest_loadtext(lua_State *L, const char *buf, size_t len, const char *chunkname) {
-    ml_limits *lim = ml_limits_of(L);
-    int was = lim->host;
-    lim->host = 0;
-    int r = luaL_loadbufferx(L, buf, len, chunkname, "t");
-    lim->host = was;
-    return r;
-}
-
 /* Whether the running call's wall-clock budget is spent (no deadline: never). */
 static inline int ml_past_deadline(const ml_limits *lim) {
     if (lim->deadline.tv_sec == 0) return 0;
@@ -182,9 +163,49 @@ static inline void ml_arm(ml_limits *lim, long long instructions, long ms) {
     }
 }
 
-/* Loads text only (mode "t"): precompiled bytecode is refused. */
+/* Compiling is C work outside the hook (and quadratic for some inputs, e.g. a long
+ * chain of `or`): the source is handed to the parser in pieces of ML_LOAD_PIECE bytes,
+ * each charged one hook unit, with the deadline checked; past the budget the compile
+ * fails with the budget error. */
+#define ML_LOAD_PIECE 1024
+typedef struct ml_piece_reader { const char *p; size_t left; } ml_piece_reader;
+static inline const char *ml_read_piece(lua_State *L, void *ud, size_t *size) {
+    ml_piece_reader *r = (ml_piece_reader *)ud;
+    ml_limits *lim = ml_limits_of(L);
+    if (r->left == 0) { *size = 0; return NULL; }
+    if (--lim->instr_left < 0) { lim->aborted = 1; luaL_error(L, "instruction budget exceeded in load (runaway code aborted)"); }
+    if (ml_past_deadline(lim)) { lim->aborted = 2; luaL_error(L, "wall-clock budget exceeded in load"); }
+    const char *p = r->p;
+    *size = r->left < ML_LOAD_PIECE ? r->left : ML_LOAD_PIECE;
+    r->p += *size;
+    r->left -= *size;
+    return p;
+}
+
+/* Loads text only (mode "t"): precompiled bytecode is refused. Charged to the armed
+ * budget (see ml_read_piece). */
 static inline int ml_loadtext(lua_State *L, const char *buf, size_t len, const char *chunkname) {
-    return luaL_loadbufferx(L, buf, len, chunkname, "t");
+    ml_piece_reader r = { buf, len };
+    return lua_load(L, ml_read_piece, &r, chunkname, "t");
+}
+
+/* Plugin code run or compiled from host code (require, a protected tostring): in guest
+ * mode, so the memory cap applies to it. */
+static inline int ml_guest_pcall(lua_State *L, int nargs, int nresults) {
+    ml_limits *lim = ml_limits_of(L);
+    int was = lim->host;
+    lim->host = 0;
+    int r = lua_pcall(L, nargs, nresults, 0);
+    lim->host = was;
+    return r;
+}
+static inline int ml_guest_loadtext(lua_State *L, const char *buf, size_t len, const char *chunkname) {
+    ml_limits *lim = ml_limits_of(L);
+    int was = lim->host;
+    lim->host = 0;
+    int r = ml_loadtext(L, buf, len, chunkname);
+    lim->host = was;
+    return r;
 }
 
 /* A traceback message handler for pcall. */

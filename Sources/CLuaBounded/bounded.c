@@ -1129,9 +1129,17 @@ static int ml_setmetatable (lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
   if (t == LUA_TTABLE) {  /* raw, as the collector looks it up */
+    const char *mode;
     lua_pushliteral(L, "__gc");
     if (lua_rawget(L, 2) != LUA_TNIL)
       return luaL_error(L, "setmetatable: __gc (finalizers) is not allowed in filters");
+    lua_pop(L, 1);
+    /* Weak keys make ephemeron tables, which the collector resolves in time quadratic
+     * in a chain of them, inside allocations, outside every budget. */
+    lua_pushliteral(L, "__mode");
+    mode = lua_rawget(L, 2) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    if (mode != NULL && strchr(mode, 'k') != NULL)
+      return luaL_error(L, "setmetatable: weak keys (__mode \"k\") are not allowed in filters");
     lua_pop(L, 1);
   }
   if (l_unlikely(luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL))

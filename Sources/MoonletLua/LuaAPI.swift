@@ -427,8 +427,9 @@ enum LuaAPI {
 
     // MARK: load / require
 
-    /// Largest chunk `load` compiles: the compiler runs in C, outside the budget.
-    static let maxLoadChunk = 1 << 20
+    /// Largest chunk `load` compiles (compiling is charged to the call's budget per
+    /// KiB, but some inputs compile in quadratic time).
+    static let maxLoadChunk = 64 << 10
 
     /// load(chunk [, name, mode, env]): text chunks only, in the calling plugin's
     /// environment (upvalue 2) unless env is given.

@@ -270,7 +270,10 @@ public final class LuaVM {
     func loadModule(source: String, chunkName: String, limits: LuaLimits) throws -> Int32 {
         let co = acquireThread()
         defer { releaseThread(co, healthy: lua_status(co.L) == LUA_OK) }
+        // Compiling runs under the plugin's budget too (it is C work outside the hook).
+        _ = ml_arm_now(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
         let rc = source.withCString { p in ml_loadtext(co.L, p, strlen(p), "@" + chunkName) }
+        limitsPtr.pointee.deadline.tv_sec = 0
         if rc != LUA_OK {
             let m = String(cString: ml_tostring(co.L, -1)); lua_settop(co.L, 0)
             throw LuaError.compile(m)

@@ -186,6 +186,48 @@ extension LuaFilterTests {
         XCTAssertLessThan(dt, 0.4)
     }
 
+    // MARK: 6, 7. the collector and the compiler
+
+    func test_weakKeyedTables_areRefused_soAnEphemeronChainCannotMakeTheCollectorQuadratic() throws {
+        finishes(within: 20, "ephemeron chain") {
+            let (action, dt, err) = try self.attack(#"""
+            local ok, e = pcall(setmetatable, {}, { __mode = "k" })
+            assert(not ok and e:find("__mode"), "a weak-keyed table was accepted")
+            assert(not pcall(setmetatable, {}, { __mode = "kv" }), "an ephemeron table was accepted")
+            local weakValues = setmetatable({}, { __mode = "v" })   -- weak values stay allowed
+            local w = weakValues
+            pcall(function() w = setmetatable({}, { __mode = "k" }) end)
+            local last = {}
+            for i = 1, 4e4 do local k = {}; w[last] = k; last = k end
+            error("chain built")
+            """#)
+            XCTAssertEqual(action, .respond)
+            XCTAssertTrue(err.contains("chain built"), err)
+            XCTAssertLessThan(dt, 1)
+        }
+    }
+
+    func test_compilingIsChargedToTheBudget_soQuadraticSourcesEndInTime() throws {
+        finishes(within: 60, "quadratic load") {
+            let (action, dt, err) = try self.attack(#"""
+            local src = "return " .. ("a or "):rep(13000) .. "a"   -- under load's 64 KiB
+            assert(#src <= 65536)
+            while true do load(src) end
+            """#)
+            XCTAssertEqual(action, .respond)
+            XCTAssertLessThan(dt, 0.4)
+            XCTAssertTrue(err.contains("budget"), err)
+            let (_, _, big) = try self.attack(#"local f, e = load("return " .. ("a or "):rep(1e5) .. "a") assert(f == nil) error(e)"#)
+            XCTAssertTrue(big.contains("larger than 65536"), big)
+        }
+        finishes(within: 60, "quadratic plugin file") {
+            let t0 = Date()
+            XCTAssertThrowsError(try self.chain([self.spec("quadratic", "local x = " + String(repeating: "a or ", count: 100_000) + "a\nreturn {}")]))
+            XCTAssertLessThan(Date().timeIntervalSince(t0), 0.4)
+            XCTAssertTrue(self.host.statuses().first { $0.name == "quadratic" }?.lastError?.contains("budget") ?? true)
+        }
+    }
+
     // MARK: 8. __close after a failed call
 
     func test_closeHandlersLeftByAFailedCall_runUnderASmallBudget() throws {
