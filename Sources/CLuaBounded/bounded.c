@@ -1200,6 +1200,12 @@ void ml_push_readonly (lua_State *L, const char *name) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, ML_FROZEN) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_createtable(L, 0, 16);
+    /* weak keys (values are booleans, so no ephemeron chains): the proxies of a
+     * plugin's own math table go with the plugin */
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
     lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, ML_FROZEN);
   }

@@ -85,6 +85,9 @@ enum LuaAPI {
         lua_setfield(L, ml_registryindex(), "moonlet.header_methods")
         ml_pushapifunction(L, respond); lua_setfield(L, ml_registryindex(), "moonlet.respond")
         ml_pushapifunction(L, body); lua_setfield(L, ml_registryindex(), "moonlet.body")
+        lua_createtable(L, 0, 1)
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        lua_setfield(L, ml_registryindex(), "moonlet.vars_mt")
     }
 
     static let tostringW: lua_CFunction = { L in
@@ -114,7 +117,13 @@ enum LuaAPI {
             else if kw("response") { ml_pushlight(L, wrapper(id, .response)) }
             else if kw("vars") {
                 let ctx = s.luaCtx
-                if ctx.varsRef == LUA_NOREF { lua_createtable(L, 0, 4); ctx.varsRef = ml_ref(L) }
+                if ctx.varsRef == LUA_NOREF {
+                    // Locked metatable: a plugin cannot make another's reads of s.vars run its code.
+                    lua_createtable(L, 0, 4)
+                    lua_getfield(L, ml_registryindex(), "moonlet.vars_mt")
+                    lua_setmetatable(L, -2)
+                    ctx.varsRef = ml_ref(L)
+                }
                 ml_getregistry_ref(L, ctx.varsRef)
             }
             else if kw("route") { ml_pushlight(L, wrapper(id, .route)) }

@@ -149,6 +149,18 @@ public final class LuaVM {
         }
         ml_pop(L, 1)
         lua_pushvalue(L, -1); lua_setfield(L, -2, "_G")
+        // math of its own: a random generator no other plugin draws from or observes,
+        // seeded from the system's generator (Lua would seed every plugin of a VM
+        // loaded in the same second alike).
+        _ = luaopen_math(L)
+        var seeder = SystemRandomNumberGenerator()
+        lua_getfield(L, -1, "randomseed")
+        lua_pushinteger(L, lua_Integer(truncatingIfNeeded: seeder.next() as UInt64))
+        lua_pushinteger(L, lua_Integer(truncatingIfNeeded: seeder.next() as UInt64))
+        _ = ml_pcall(L, 2, 0, 0)
+        lua_pushnil(L); lua_setfield(L, -2, "randomseed")
+        ml_push_readonly(L, "math")
+        lua_setfield(L, -2, "math")
         lua_pushvalue(L, -1)
         ml_pushapiclosure(L, LuaAPI.load, 1)
         lua_setfield(L, -2, "load")

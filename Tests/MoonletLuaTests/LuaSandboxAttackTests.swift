@@ -51,6 +51,16 @@ extension LuaFilterTests {
     /// The plugin fills its VM to within bytes of the allocator's hard limit, then the
     /// host pushes a body chunk and plugin code calls API functions that allocate.
     func test_aVMFilledToItsHardLimit_failsCallsCleanly_insteadOfAbortingTheProcess() throws {
+        try fillAndServe()
+        // Once the filler is unloaded, its memory is garbage and the VM serves again.
+        let ok = try chain([spec("after", "return { on_request = function(s) s.request.headers:set('x-after', s.request.path) end }")])
+        let s = stream()
+        XCTAssertEqual(ok.runRequest(s), .continue, host.statuses().first { $0.name == "after" }?.lastError ?? "")
+        XCTAssertEqual(s.request.first("x-after"), "/p")
+        finish(s, ok)
+    }
+
+    private func fillAndServe() throws {
         let c = try chain([spec("filler", #"""
         local f = {}
         local hog, idx, n = {}, 0, 1 << 24
@@ -87,12 +97,6 @@ extension LuaFilterTests {
             finish(s, c)
             XCTAssertLessThan(runtime.vm.memoryUsed, hard + (1 << 20))
         }
-        // The VM still serves requests once the plugin's garbage is collected.
-        let ok = try chain([spec("after", "return { on_request = function(s) s.request.headers:set('x-after', s.request.path) end }")])
-        let s = stream()
-        XCTAssertEqual(ok.runRequest(s), .continue, host.statuses().first { $0.name == "after" }?.lastError ?? "")
-        XCTAssertEqual(s.request.first("x-after"), "/p")
-        finish(s, ok)
     }
 
     // MARK: 3. memory outside the VM cap
@@ -245,6 +249,34 @@ extension LuaFilterTests {
             XCTAssertLessThan(Date().timeIntervalSince(t0), 0.4 + 2 * Double(LuaVM.closeBudgetMs) / 1000)
             self.finish(s, c)
         }
+    }
+
+    // MARK: 11. cross-plugin tampering
+
+    func test_sVarsMetatableIsLocked_andEachPluginHasItsOwnRandomGenerator() throws {
+        let c = try chain([
+            spec("a", #"""
+            return { on_request = function(s)
+              local ok, e = pcall(setmetatable, s.vars, { __index = function() while true do end end })
+              assert(not ok and e:find("protected metatable"), tostring(e))
+              assert(getmetatable(s.vars) == false)
+              s.vars.random = math.random
+              s.vars.a = "set by a"
+            end }
+            """#),
+            spec("b", #"""
+            return { on_request = function(s)
+              assert(s.vars.random ~= math.random, "plugins draw from one generator")
+              assert(math.randomseed == nil)
+              local x = math.random(1, 6)
+              s.request.headers:set("x-b", s.vars.a .. " " .. tostring(s.vars.missing))
+            end }
+            """#),
+        ])
+        let s = stream()
+        XCTAssertEqual(c.runRequest(s), .continue, host.statuses().compactMap { $0.lastError }.joined(separator: "; "))
+        XCTAssertEqual(s.request.first("x-b"), "set by a nil")
+        finish(s, c)
     }
 
     // MARK: 10. error messages
