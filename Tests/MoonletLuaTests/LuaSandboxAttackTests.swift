@@ -28,11 +28,20 @@ extension LuaFilterTests {
         if let failure = box.failure { XCTFail("\(what): \(failure)") }
     }
 
+    /// Runs `code` as an on_request attack and asserts the call failed (500) within
+    /// `seconds` with an error containing one of `saying`.
+    func assertAttackFails(_ code: String, saying: [String], within seconds: Double, _ what: String = "", file: StaticString = #filePath, line: UInt = #line) throws {
+        let (action, dt, err) = try attack(code)
+        XCTAssertEqual(action, .respond, what, file: file, line: line)
+        XCTAssertTrue(saying.contains { err.contains($0) }, "\(what): \(err)", file: file, line: line)
+        XCTAssertLessThan(dt, seconds, "\(what): \(dt) s", file: file, line: line)
+    }
+
     // MARK: 2. pattern matching
 
     func test_aGmatchIteratorReusedAfterPatternTooComplex_failsAgainInsteadOfOverflowingTheCStack() throws {
         finishes(within: 5, "gmatch reuse") {
-            let (action, _, err) = try self.attack(#"""
+            try self.assertAttackFails(#"""
             local n = 1e6
             local it = ("a"):rep(n):gmatch(("a?"):rep(n))
             local ok1, e1 = pcall(it)
@@ -40,9 +49,7 @@ extension LuaFilterTests {
             assert(not ok1 and e1:find("too complex"), tostring(e1))
             assert(not ok2 and e2:find("too complex"), tostring(e2))
             error("iterator failed twice")
-            """#)
-            XCTAssertEqual(action, .respond)
-            XCTAssertTrue(err.contains("iterator failed twice"), err)
+            """#, saying: ["iterator failed twice"], within: 5)
         }
     }
 
@@ -102,7 +109,7 @@ extension LuaFilterTests {
     // MARK: 3. memory outside the VM cap
 
     func test_hostSideCopiesAPluginCanGrow_areBoundedInTheBindings() throws {
-        let (action, dt, err) = try attack(#"""
+        try assertAttackFails(#"""
         local function refused(what, f, ...)
           local ok, e = pcall(f, ...)
           assert(not ok, what .. " was accepted")
@@ -121,36 +128,27 @@ extension LuaFilterTests {
         assert(e:find("added to this head"), e)
         refused("unbounded added headers", function() for i = 1, 1e4 do s.request.headers:set("x-b" .. i, "1") end end)
         error("all refused")
-        """#)
-        XCTAssertEqual(action, .respond)
-        XCTAssertTrue(err.contains("all refused"), err)
-        XCTAssertLessThan(dt, 1)
+        """#, saying: ["all refused"], within: 1)
     }
 
     // MARK: 4, 5. budget errors that used to be swallowed
 
     func test_aLoopingToStringInALogCall_endsTheCallWithinItsBudget() throws {
         finishes(within: 5, "log with a looping __tostring") {
-            let (action, dt, err) = try self.attack(#"""
+            try self.assertAttackFails(#"""
             local o = setmetatable({}, { __tostring = function() while true do end end })
             while true do moonlet.log.err(o) end
-            """#)
-            XCTAssertEqual(action, .respond)
-            XCTAssertLessThan(dt, 0.4)
-            XCTAssertTrue(err.contains("budget"), err)
+            """#, saying: ["budget"], within: 0.4)
         }
     }
 
     func test_aVMOverItsSoftMemoryCap_stillEndsRunawayCallsWithinTheBudget() throws {
         finishes(within: 5, "pcall loop over the soft cap") {
-            let (action, dt, err) = try self.attack(#"""
+            try self.assertAttackFails(#"""
             local b = {}
             for i = 1, 9 do b[i] = ("x"):rep(4e6 + i) end   -- 36 MB: over the 32 MiB cap, under the hard limit
             while true do pcall(function() while true do end end) end
-            """#)
-            XCTAssertEqual(action, .respond)
-            XCTAssertLessThan(dt, 0.4)
-            XCTAssertTrue(err.contains("budget") || err.contains("memory"), err)
+            """#, saying: ["budget", "memory"], within: 0.4)
         }
     }
 
@@ -171,30 +169,24 @@ extension LuaFilterTests {
         ]
         for (name, code) in attacks {
             finishes(within: 10, name) {
-                let (action, dt, err) = try self.attack(code)
-                XCTAssertEqual(action, .respond, name)
-                XCTAssertLessThan(dt, 0.4 + 0.1, "\(name): \(dt) s")
-                XCTAssertTrue(err.contains("budget"), "\(name): \(err)")
+                try self.assertAttackFails(code, saying: ["budget"], within: 0.4 + 0.1, name)
             }
         }
     }
 
     func test_aLogCallOfAHugeString_copiesOnlyWhatItWrites() throws {
-        let (action, dt, err) = try attack(#"""
+        try assertAttackFails(#"""
         local s = ("x"):rep(1.5e7)
         for i = 1, 200 do print(s) moonlet.log.err(i, s) end
         error("logged")
-        """#)
-        XCTAssertEqual(action, .respond)
-        XCTAssertTrue(err.contains("logged"), err)
-        XCTAssertLessThan(dt, 0.4)
+        """#, saying: ["logged"], within: 0.4)
     }
 
     // MARK: 6, 7. the collector and the compiler
 
     func test_weakKeyedTables_areRefused_soAnEphemeronChainCannotMakeTheCollectorQuadratic() throws {
         finishes(within: 20, "ephemeron chain") {
-            let (action, dt, err) = try self.attack(#"""
+            try self.assertAttackFails(#"""
             local ok, e = pcall(setmetatable, {}, { __mode = "k" })
             assert(not ok and e:find("__mode"), "a weak-keyed table was accepted")
             assert(not pcall(setmetatable, {}, { __mode = "kv" }), "an ephemeron table was accepted")
@@ -204,23 +196,17 @@ extension LuaFilterTests {
             local last = {}
             for i = 1, 4e4 do local k = {}; w[last] = k; last = k end
             error("chain built")
-            """#)
-            XCTAssertEqual(action, .respond)
-            XCTAssertTrue(err.contains("chain built"), err)
-            XCTAssertLessThan(dt, 1)
+            """#, saying: ["chain built"], within: 1)
         }
     }
 
     func test_compilingIsChargedToTheBudget_soQuadraticSourcesEndInTime() throws {
         finishes(within: 60, "quadratic load") {
-            let (action, dt, err) = try self.attack(#"""
+            try self.assertAttackFails(#"""
             local src = "return " .. ("a or "):rep(13000) .. "a"   -- under load's 64 KiB
             assert(#src <= 65536)
             while true do load(src) end
-            """#)
-            XCTAssertEqual(action, .respond)
-            XCTAssertLessThan(dt, 0.4)
-            XCTAssertTrue(err.contains("budget"), err)
+            """#, saying: ["budget"], within: 0.4)
             let (_, _, big) = try self.attack(#"local f, e = load("return " .. ("a or "):rep(1e5) .. "a") assert(f == nil) error(e)"#)
             XCTAssertTrue(big.contains("larger than 65536"), big)
         }
