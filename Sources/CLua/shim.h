@@ -9,6 +9,7 @@
 #include <lualib.h>
 #include <lauxlib.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <stdint.h>
@@ -75,8 +76,19 @@ static inline void *ml_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return np;
 }
 
+/* A Lua error outside every protected call. Host allocations cannot fail, so none
+ * is expected; Lua aborts the process after this returns (leaving would need a C
+ * setjmp point around every host section), so at least the message is kept. */
+static inline int ml_panic(lua_State *L) {
+    const char *m = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(error object is not a string)";
+    fprintf(stderr, "moonlet: Lua error outside a protected call: %s\n", m);
+    fflush(stderr);
+    return 0;
+}
+
 static inline lua_State *ml_newstate(ml_limits *lim) {
     lua_State *L = lua_newstate(ml_alloc, lim);
+    if (L) lua_atpanic(L, ml_panic);
     return L;
 }
 
