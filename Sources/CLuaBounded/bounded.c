@@ -542,9 +542,12 @@ static void prepstate (MatchState *ms, lua_State *L,
 }
 
 
+/* moonlet: the depth is reset, not asserted. An error raised inside match() ("pattern
+ * too complex", a spent budget) leaves matchdepth where it was; a gmatch iterator
+ * reused after such an error would start below 0 and recurse without limit. */
 static void reprepstate (MatchState *ms) {
   ms->level = 0;
-  lua_assert(ms->matchdepth == MAXCCALLS);
+  ms->matchdepth = MAXCCALLS;
 }
 
 
@@ -1126,9 +1129,17 @@ static int ml_setmetatable (lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
   if (t == LUA_TTABLE) {  /* raw, as the collector looks it up */
+    const char *mode;
     lua_pushliteral(L, "__gc");
     if (lua_rawget(L, 2) != LUA_TNIL)
       return luaL_error(L, "setmetatable: __gc (finalizers) is not allowed in filters");
+    lua_pop(L, 1);
+    /* Weak keys make ephemeron tables, which the collector resolves in time quadratic
+     * in a chain of them, inside allocations, outside every budget. */
+    lua_pushliteral(L, "__mode");
+    mode = lua_rawget(L, 2) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    if (mode != NULL && strchr(mode, 'k') != NULL)
+      return luaL_error(L, "setmetatable: weak keys (__mode \"k\") are not allowed in filters");
     lua_pop(L, 1);
   }
   if (l_unlikely(luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL))
@@ -1189,6 +1200,12 @@ void ml_push_readonly (lua_State *L, const char *name) {
   if (lua_getfield(L, LUA_REGISTRYINDEX, ML_FROZEN) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_createtable(L, 0, 16);
+    /* weak keys (values are booleans, so no ephemeron chains): the proxies of a
+     * plugin's own math table go with the plugin */
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
     lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, ML_FROZEN);
   }
@@ -1212,7 +1229,7 @@ void ml_pushapiclosure (lua_State *L, lua_CFunction f, int nup) {
 static int budget_spent (lua_State *L) {
   void *ud = NULL;
   lua_getallocf(L, &ud);
-  return ((ml_limits *)ud)->aborted == 1 || ((ml_limits *)ud)->aborted == 2;
+  return ((ml_limits *)ud)->aborted != 0;  /* instructions, wall clock or memory cap */
 }
 
 static int guarded_finish (lua_State *L, int status, lua_KContext ctx) {
@@ -1248,11 +1265,59 @@ const char *ml_tolstring_protected (lua_State *L, int idx, size_t *len) {
   idx = lua_absindex(L, idx);
   lua_pushcfunction(L, tolstring_aux);
   lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+  if (ml_guest_pcall(L, 1, 1) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+    if (budget_spent(L)) {  /* the budget error stays on top for the caller to raise */
+      if (lua_type(L, -1) != LUA_TSTRING) { lua_pop(L, 1); lua_pushliteral(L, "budget exceeded in __tostring"); }
+      return NULL;
+    }
     lua_pop(L, 1);
     lua_pushliteral(L, "(error in __tostring)");
   }
   return lua_tolstring(L, -1, len);
+}
+
+/* Library C functions that run in time linear in their input or output (utf8.len on
+ * a 30 MB string, table.unpack of a million values) but never loop for more than
+ * that: called as they are, then charged one step per byte or value they went over,
+ * with the deadline checked when that is a tick chunk or more. A loop over such calls
+ * ends within its budget plus one call; a short call costs a few type checks and an
+ * addition. The wrapped functions have no upvalues, so they run in the wrapper's
+ * frame. Upvalue 3 says what the work is proportional to: */
+#define ML_COST_OUTPUT 0  /* values returned and the bytes of a string result (format, byte, unpack) */
+#define ML_COST_INPUT 1   /* also the bytes of the string argument (upper, lower, reverse, utf8.len) */
+#define ML_COST_OFFSET 2  /* also min(|n|, #s) characters walked (utf8.offset(s, n)) */
+static int charged_call (lua_State *L) {
+  lua_CFunction f = lua_tocfunction(L, lua_upvalueindex(1));
+  int mode = (int)lua_tointeger(L, lua_upvalueindex(3));
+  size_t cost = 0;
+  if (mode != ML_COST_OUTPUT && lua_type(L, 1) == LUA_TSTRING) {
+    cost = lua_rawlen(L, 1);
+    if (mode == ML_COST_OFFSET) {
+      lua_Integer n = lua_tointeger(L, 2);
+      lua_Unsigned an = n < 0 ? 0u - (lua_Unsigned)n : (lua_Unsigned)n;
+      if (an < cost) cost = (size_t)an;
+    }
+  }
+  int r = f(L);
+  cost += (size_t)r;
+  if (r > 0 && lua_type(L, -1) == LUA_TSTRING) cost += lua_rawlen(L, -1);
+  if (l_unlikely(cost >= ML_TICK_CHUNK))
+    ml_budget_charge(L, cost > INT_MAX ? -INT_MAX : -(int)cost, lua_tostring(L, lua_upvalueindex(2)));
+  return r;
+}
+
+typedef struct { const char *name; int mode; } ml_charged;
+
+static void charge_fields (lua_State *L, const char *lib, const ml_charged *fns) {
+  lua_getglobal(L, lib);
+  for (; fns->name; fns++) {
+    lua_getfield(L, -1, fns->name);
+    lua_pushfstring(L, "%s.%s", lib, fns->name);
+    lua_pushinteger(L, fns->mode);
+    lua_pushcclosure(L, charged_call, 3);
+    lua_setfield(L, -2, fns->name);
+  }
+  lua_pop(L, 1);
 }
 
 static void set_funcs (lua_State *L, const char *lib, const luaL_Reg *fns) {
@@ -1270,8 +1335,20 @@ void ml_open_bounded (lua_State *L) {
     {"insert", tinsert}, {"remove", tremove}, {"move", tmove}, {"concat", tconcat},
     {"sort", sort}, {NULL, NULL}
   };
+  static const ml_charged strcharged[] = {
+    {"upper", ML_COST_INPUT}, {"lower", ML_COST_INPUT}, {"reverse", ML_COST_INPUT},
+    {"format", ML_COST_OUTPUT}, {"byte", ML_COST_OUTPUT}, {"char", ML_COST_OUTPUT}, {NULL, 0}
+  };
+  static const ml_charged utf8charged[] = {
+    {"len", ML_COST_INPUT}, {"offset", ML_COST_OFFSET}, {"codepoint", ML_COST_OUTPUT},
+    {"char", ML_COST_OUTPUT}, {NULL, 0}
+  };
+  static const ml_charged tabcharged[] = {{"unpack", ML_COST_OUTPUT}, {NULL, 0}};
   set_funcs(L, "string", strfns);
   set_funcs(L, "table", tabfns);
+  charge_fields(L, "string", strcharged);
+  charge_fields(L, "utf8", utf8charged);
+  charge_fields(L, "table", tabcharged);
   lua_pushcfunction(L, ml_setmetatable);
   lua_setglobal(L, "setmetatable");
   lua_pushcfunction(L, ml_rawset);

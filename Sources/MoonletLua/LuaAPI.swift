@@ -39,6 +39,13 @@ enum LuaAPI {
         return UnsafeRawBufferPointer(start: p, count: len)
     }
 
+    /// The first `max` bytes of the string (or number) at `idx`, copied without the rest.
+    static func prefix(_ L: OpaquePointer?, _ idx: Int32, _ max: Int) -> String {
+        var len = 0
+        guard let p = lua_tolstring(L, idx, &len) else { return "" }
+        return String(decoding: UnsafeRawBufferPointer(start: p, count: Swift.min(len, Swift.max(0, max))), as: UTF8.self)
+    }
+
     static func push(_ L: OpaquePointer?, _ s: String) {
         var s = s
         s.withUTF8 { p in _ = p.baseAddress.map { lua_pushlstring(L, UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self), p.count) } ?? lua_pushstring(L, "") }
@@ -78,6 +85,9 @@ enum LuaAPI {
         lua_setfield(L, ml_registryindex(), "moonlet.header_methods")
         ml_pushapifunction(L, respond); lua_setfield(L, ml_registryindex(), "moonlet.respond")
         ml_pushapifunction(L, body); lua_setfield(L, ml_registryindex(), "moonlet.body")
+        lua_createtable(L, 0, 1)
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        lua_setfield(L, ml_registryindex(), "moonlet.vars_mt")
     }
 
     static let tostringW: lua_CFunction = { L in
@@ -107,7 +117,13 @@ enum LuaAPI {
             else if kw("response") { ml_pushlight(L, wrapper(id, .response)) }
             else if kw("vars") {
                 let ctx = s.luaCtx
-                if ctx.varsRef == LUA_NOREF { lua_createtable(L, 0, 4); ctx.varsRef = ml_ref(L) }
+                if ctx.varsRef == LUA_NOREF {
+                    // Locked metatable: a plugin cannot make another's reads of s.vars run its code.
+                    lua_createtable(L, 0, 4)
+                    lua_getfield(L, ml_registryindex(), "moonlet.vars_mt")
+                    lua_setmetatable(L, -2)
+                    ctx.varsRef = ml_ref(L)
+                }
                 ml_getregistry_ref(L, ctx.varsRef)
             }
             else if kw("route") { ml_pushlight(L, wrapper(id, .route)) }
@@ -286,13 +302,22 @@ enum LuaAPI {
             guard isHostValue(vb) else { return fail(L, "headers:set(host, value): not a valid host[:port]") }
         }
         let done: Bool? = withHead(L) { head, _ in
+            // What filters add is held per head outside the VM: bounded in count and bytes.
+            guard head.added.count < maxAddedHeaders,
+                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count }) <= maxAddedHeaderBytes
+            else { return false }
             if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             if lower == "host" { head.hostIndex = -1 }
             return true
         }
-        guard done != nil else { return fail(L, outside) }
+        guard let done else { return fail(L, outside) }
+        guard done else { return fail(L, "headers:\(fn)(\(lower)): more than \(maxAddedHeaders) headers or \(maxAddedHeaderBytes / 1024) KiB added to this head") }
         return 0
     }
+
+    /// Headers filters may add or set on one head, and their total bytes (names and values).
+    static let maxAddedHeaders = 100
+    static let maxAddedHeaderBytes = 64 * 1024
 
     /// Why Lua may not write header `lower` (lowercased), or nil when it may. Framing and
     /// hop-by-hop headers are the proxy's: each hop gets its own (RFC 9110 §7.6.1).
@@ -411,8 +436,9 @@ enum LuaAPI {
 
     // MARK: load / require
 
-    /// Largest chunk `load` compiles: the compiler runs in C, outside the budget.
-    static let maxLoadChunk = 1 << 20
+    /// Largest chunk `load` compiles (compiling is charged to the call's budget per
+    /// KiB, but some inputs compile in quadratic time).
+    static let maxLoadChunk = 64 << 10
 
     /// load(chunk [, name, mode, env]): text chunks only, in the calling plugin's
     /// environment (upvalue 2) unless env is given.
@@ -421,7 +447,7 @@ enum LuaAPI {
         if chunk.first == 0x1B { lua_pushnil(L); lua_pushstring(L, "load: precompiled bytecode is not allowed"); return 2 }
         if chunk.count > maxLoadChunk { lua_pushnil(L); lua_pushstring(L, "load: chunk larger than \(maxLoadChunk) bytes"); return 2 }
         let name = str(L, 2) ?? "=(load)"
-        let rc = name.withCString { ml_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
+        let rc = name.withCString { ml_guest_loadtext(L, chunk.baseAddress!.assumingMemoryBound(to: CChar.self), chunk.count, $0) }
         if rc != LUA_OK { lua_pushnil(L); ml_insert(L, -2); return 2 }
         lua_pushvalue(L, lua_type(L, 4) == LUA_TTABLE ? 4 : ml_upvalueindex(2))
         if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
@@ -443,12 +469,12 @@ enum LuaAPI {
         guard let (path, src) = vm.host.findModule(rel) else {
             return fail(L, "require: module '\(name)' not found in the plugin directories (\(vm.host.pluginDirs.joined(separator: ", ")))")
         }
-        let rc = src.withCString { p in ml_loadtext(L, p, strlen(p), "@" + path) }
+        let rc = src.withCString { p in ml_guest_loadtext(L, p, strlen(p), "@" + path) }
         if rc != LUA_OK { return raise }
         lua_pushvalue(L, ml_upvalueindex(2))
         if lua_setupvalue(L, -2, 1) == nil { ml_pop(L, 1) }
         lua_pushstring(L, name)
-        if ml_pcall(L, 1, 1, 0) != LUA_OK { return raise }
+        if ml_guest_pcall(L, 1, 1) != LUA_OK { return raise }
         if ml_isnil(L, -1) != 0 { ml_pop(L, 1); lua_pushboolean(L, 1) }
         lua_pushvalue(L, -1)
         lua_setfield(L, -3, name)
@@ -509,9 +535,11 @@ enum LuaAPI {
         var line = ""
         for i in 1...max(1, n) where i <= n && line.utf8.count < maxLogLine {
             if i > 1 { line += " " }
-            if let s = str(L, i) { line += s } else {
-                _ = ml_tolstring_protected(L, i, nil)
-                line += str(L, -1) ?? ""
+            let t = lua_type(L, i)
+            if t == LUA_TSTRING || t == LUA_TNUMBER { line += prefix(L, i, maxLogLine + 1 - line.utf8.count) } else {
+                // nil: the budget ran out inside __tostring; raise it as pcall would.
+                guard ml_tolstring_protected(L, i, nil) != nil else { return raise }
+                line += prefix(L, -1, maxLogLine + 1 - line.utf8.count)
                 ml_pop(L, 1)
             }
         }
@@ -535,9 +563,12 @@ enum LuaAPI {
         return 1
     }
 
+    /// Longest Lua metric name (names are kept, per VM and process-wide).
+    static let maxMetricName = 128
+
     static let metricCounter: lua_CFunction = { L in
-        guard let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
-            return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+")
+        guard lua_rawlen(L, 1) <= maxMetricName, let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
+            return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+ and be at most \(maxMetricName) bytes")
         }
         let by = lua_isinteger(L, 2) != 0 ? UInt64(max(0, ml_tointeger(L, 2))) : 1
         let vm = LuaVM.vm(L)
@@ -636,8 +667,14 @@ enum LuaAPI {
 
     // MARK: regex
 
+    /// Longest pattern `moonlet.regex` compiles (each loop caches 1024 patterns) and
+    /// longest result of `moonlet.regex.gsub` (built outside the VM).
+    static let maxRegexPattern = 4096
+    static let maxRegexOutput = 16 << 20
+
     enum Compiled { case success(CompiledRegex), failure(String) }
     static func compiled(_ L: OpaquePointer?, _ idx: Int32) -> Compiled {
+        guard lua_rawlen(L, idx) <= maxRegexPattern else { return .failure("pattern longer than \(maxRegexPattern) bytes") }
         guard let p = str(L, idx) else { return .failure("pattern must be a string") }
         do { return .success(try RegexCache.get(p)) } catch { return .failure(String(describing: error)) }
     }
@@ -650,6 +687,8 @@ enum LuaAPI {
         let found: [Range<Int>?]?
         do { found = try re.search(subj, from: 0) } catch { return fail(L, "regex.match: \(error)") }
         guard let m = found else { lua_pushnil(L); return 1 }
+        // Captures are copies (host allocations, never refused): bounded like gsub's result.
+        guard m.reduce(0, { $0 + ($1?.count ?? 0) }) <= maxRegexOutput else { return fail(L, "regex.match: captures longer than \(maxRegexOutput) bytes in all") }
         lua_createtable(L, Int32(m.count), 0)
         for (i, r) in m.enumerated() {
             if let r { lua_pushlstring(L, subj.baseAddress!.advanced(by: r.lowerBound).assumingMemoryBound(to: CChar.self), r.count) } else { lua_pushboolean(L, 0) }
@@ -675,7 +714,7 @@ enum LuaAPI {
         guard let subj = str(L, 1), let repl = str(L, 3) else { return fail(L, "regex.gsub(subject, pattern, replacement): strings expected") }
         let re: CompiledRegex
         switch compiled(L, 2) { case .success(let r): re = r; case .failure(let m): return fail(L, "regex.gsub: \(m)") }
-        do { push(L, try re.replacing(in: subj, with: repl)) } catch { return fail(L, "regex.gsub: \(error)") }
+        do { push(L, try re.replacing(in: subj, with: repl, maxBytes: maxRegexOutput)) } catch { return fail(L, "regex.gsub: \(error)") }
         return 1
     }
 

@@ -71,6 +71,7 @@ public final class LuaVM {
         limitsPtr = UnsafeMutablePointer<ml_limits>.allocate(capacity: 1)
         limitsPtr.initialize(to: ml_limits())
         limitsPtr.pointee.cap = 0
+        limitsPtr.pointee.host = 1     // host code allocates freely; phase calls run as guest
         L = ml_newstate(limitsPtr)!
         ml_setvm(L, Unmanaged.passUnretained(self).toOpaque())
         openSandbox()
@@ -148,6 +149,18 @@ public final class LuaVM {
         }
         ml_pop(L, 1)
         lua_pushvalue(L, -1); lua_setfield(L, -2, "_G")
+        // math of its own: a random generator no other plugin draws from or observes,
+        // seeded from the system's generator (Lua would seed every plugin of a VM
+        // loaded in the same second alike).
+        _ = luaopen_math(L)
+        var seeder = SystemRandomNumberGenerator()
+        lua_getfield(L, -1, "randomseed")
+        lua_pushinteger(L, lua_Integer(truncatingIfNeeded: seeder.next() as UInt64))
+        lua_pushinteger(L, lua_Integer(truncatingIfNeeded: seeder.next() as UInt64))
+        _ = ml_pcall(L, 2, 0, 0)
+        lua_pushnil(L); lua_setfield(L, -2, "randomseed")
+        ml_push_readonly(L, "math")
+        lua_setfield(L, -2, "math")
         lua_pushvalue(L, -1)
         ml_pushapiclosure(L, LuaAPI.load, 1)
         lua_setfield(L, -2, "load")
@@ -199,10 +212,21 @@ public final class LuaVM {
             lua_settop(t.L, 0)
             threadPool.append(t)
         } else {
+            // Closing a failed coroutine runs its pending __close handlers (plugin code):
+            // under a small budget of their own, as guest.
+            _ = ml_arm_now(limitsPtr, Int64(Self.closeBudgetInstructions), Self.closeBudgetMs)
+            limitsPtr.pointee.host = 0
             _ = ml_resetthread(t.L)
+            limitsPtr.pointee.host = 1
+            limitsPtr.pointee.deadline.tv_sec = 0
             ml_unref(L, t.ref)
         }
     }
+
+    /// Budget of the __close handlers a failed call left pending (they run after the
+    /// call, when its coroutine is closed).
+    static let closeBudgetMs = 10
+    static let closeBudgetInstructions = 1_000_000
 
     /// Frees the stream's Lua state (`s.vars` released).
     public func endStream(_ s: ProxyStream) {
@@ -228,7 +252,9 @@ public final class LuaVM {
         let t0 = ml_arm_now(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
         currentPlugin = plugin
         var nres: Int32 = 0
+        limitsPtr.pointee.host = 0
         let st = ml_resume(co, L, nargs, &nres)
+        limitsPtr.pointee.host = 1
         let aborted = limitsPtr.pointee.aborted != 0
         limitsPtr.pointee.deadline.tv_sec = 0
         if st == LUA_OK {
@@ -241,7 +267,11 @@ public final class LuaVM {
             lua_settop(co, 0)
             return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil, startNanos: t0)
         }
-        var msg = lua_type(co, -1) == LUA_TSTRING ? String(cString: ml_tostring(co, -1)) : "error object is not a string"
+        var msg = "error object is not a string"
+        if let b = LuaAPI.bytes(co, -1) {
+            // Cut as log lines are: the message is logged and kept as the plugin's last error.
+            msg = String(decoding: b.prefix(LuaAPI.maxLogLine), as: UTF8.self) + (b.count > LuaAPI.maxLogLine ? "…" : "")
+        }
         if st == LUA_ERRMEM { msg = "not enough memory (cap \(limitsPtr.pointee.cap) bytes)" }
         ml_gc_collect(L)
         return CallOutcome(ok: false, error: msg, aborted: aborted || st == LUA_ERRMEM, returned: nil, startNanos: t0)
@@ -252,7 +282,10 @@ public final class LuaVM {
     func loadModule(source: String, chunkName: String, limits: LuaLimits) throws -> Int32 {
         let co = acquireThread()
         defer { releaseThread(co, healthy: lua_status(co.L) == LUA_OK) }
+        // Compiling runs under the plugin's budget too (it is C work outside the hook).
+        _ = ml_arm_now(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
         let rc = source.withCString { p in ml_loadtext(co.L, p, strlen(p), "@" + chunkName) }
+        limitsPtr.pointee.deadline.tv_sec = 0
         if rc != LUA_OK {
             let m = String(cString: ml_tostring(co.L, -1)); lua_settop(co.L, 0)
             throw LuaError.compile(m)

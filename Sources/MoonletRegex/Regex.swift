@@ -15,6 +15,8 @@ public struct RegexError: Error, CustomStringConvertible, Sendable {
 /// another reason: neither a match nor a no-match. Callers that decide access must
 /// treat it as a failure, never as "no match".
 public struct RegexMatchError: Error, CustomStringConvertible, Sendable {
+    /// `code` of a `replacing` whose result would pass its `maxBytes`.
+    public static let outputLimit: Int32 = .min
     public var pattern: String
     /// PCRE2's error code (PCRE2_ERROR_MATCHLIMIT, ..._DEPTHLIMIT, ..._HEAPLIMIT, ...).
     public var code: Int32
@@ -23,6 +25,7 @@ public struct RegexMatchError: Error, CustomStringConvertible, Sendable {
         case PCRE2_ERROR_MATCHLIMIT: return "regex \"\(pattern)\": match limit (\(CompiledRegex.matchLimit) backtracking steps) exceeded"
         case PCRE2_ERROR_DEPTHLIMIT: return "regex \"\(pattern)\": depth limit exceeded"
         case PCRE2_ERROR_HEAPLIMIT: return "regex \"\(pattern)\": heap limit exceeded"
+        case Self.outputLimit: return "regex \"\(pattern)\": replacement result too large"
         default: return "regex \"\(pattern)\": match failed (PCRE2 error \(code))"
         }
     }
@@ -112,12 +115,14 @@ public final class CompiledRegex: @unchecked Sendable {
         (try? replacing(in: subject, with: replacement, global: global)) ?? subject
     }
 
-    /// Like `replace`, but a match that hits a limit throws `RegexMatchError`.
-    public func replacing(in subject: String, with replacement: String, global: Bool = true) throws(RegexMatchError) -> String {
+    /// Like `replace`, but a match that hits a limit, or a result longer than
+    /// `maxBytes`, throws `RegexMatchError`.
+    public func replacing(in subject: String, with replacement: String, global: Bool = true, maxBytes: Int = .max) throws(RegexMatchError) -> String {
         let bytes = Array(subject.utf8)
         var out: [UInt8] = []
         var pos = 0
         let repl = Array(replacement.utf8)
+        let literal = !repl.contains { $0 == 92 || $0 == 36 }   // no \1 or $1: copied whole
         while pos <= bytes.count {
             var found: [Range<Int>?]?
             var failure: RegexMatchError?
@@ -127,7 +132,8 @@ public final class CompiledRegex: @unchecked Sendable {
             if let failure { throw failure }
             guard let m = found, let whole = m[0] else { break }
             out.append(contentsOf: bytes[pos..<whole.lowerBound])
-            var k = 0
+            var k = literal ? repl.count : 0
+            if literal { out.append(contentsOf: repl) }
             while k < repl.count {
                 let c = repl[k]
                 if (c == 92 || c == 36) && k + 1 < repl.count, repl[k + 1] >= 48 && repl[k + 1] <= 57 {
@@ -138,6 +144,7 @@ public final class CompiledRegex: @unchecked Sendable {
                 }
                 out.append(c); k += 1
             }
+            if out.count > maxBytes { throw RegexMatchError(pattern: pattern, code: RegexMatchError.outputLimit) }
             if whole.isEmpty {
                 if whole.lowerBound < bytes.count { out.append(bytes[whole.lowerBound]) }
                 pos = whole.upperBound + 1
@@ -147,6 +154,7 @@ public final class CompiledRegex: @unchecked Sendable {
             if !global { break }
         }
         if pos < bytes.count { out.append(contentsOf: bytes[pos...]) }
+        if out.count > maxBytes { throw RegexMatchError(pattern: pattern, code: RegexMatchError.outputLimit) }
         return String(decoding: out, as: UTF8.self)
     }
 }

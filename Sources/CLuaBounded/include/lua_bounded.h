@@ -25,7 +25,8 @@ void ml_pushapiclosure(lua_State *L, lua_CFunction f, int nup);
 
 /* luaL_tolstring in a protected call (a __tostring that errs or returns no string
  * gives "(error in __tostring)"): for host code, which must not be unwound by a Lua
- * error. Pushes the string and returns it. */
+ * error. Pushes the string and returns it; returns NULL, with the error on top, when
+ * the running call's budget is spent (the caller must raise it, as pcall would). */
 const char *ml_tolstring_protected(lua_State *L, int idx, size_t *len);
 
 /* Charges the running call's budget for `steps_over` (<= 0) steps past a tick chunk;
