@@ -42,7 +42,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
     @Option(help: "The mesh's trust domain (default: mesh config trustDomain, else the certificate's, else cluster.local). Env: TRUST_DOMAIN") var trustDomain: String?
-    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MOONLET_MESH_CONFIG") var meshConfig: String?
+    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MESH_CONFIG_FILE or MOONLET_MESH_CONFIG") var meshConfig: String?
     @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
     @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
@@ -74,7 +74,7 @@ struct SidecarOptions: ParsableArguments {
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
         s.caIdentity = caIdentity ?? env("MOONLET_CA_IDENTITY")
-        if let path = meshConfig ?? env("MOONLET_MESH_CONFIG") {
+        if let path = meshConfig ?? env("MESH_CONFIG_FILE", "MOONLET_MESH_CONFIG") {
             do {
                 let mesh = try MeshConfigFile.load(path: path)
                 s.meshTLS = mesh.tls
