@@ -35,5 +35,14 @@ public struct ProxyLimits: Sendable {
     public var drainTimeoutMs = 5_000
     /// Most concurrent downstream connections per event loop (beyond: accept then close).
     public var maxConnectionsPerLoop = 16_384
+    /// Request header names with an underscore (Envoy's headers_with_underscores_action):
+    /// an app behind WSGI/CGI reads `X_Forwarded_Client_Cert` as the proxy's
+    /// x-forwarded-client-cert. `.drop` (default) removes them, `.reject` answers 400,
+    /// `.allow` forwards them except those that fold onto a header the proxy manages.
+    public var headersWithUnderscores = UnderscoreHeaderAction.drop
     public init() {}
+}
+
+public enum UnderscoreHeaderAction: String, Sendable, CaseIterable {
+    case allow, drop, reject
 }

@@ -95,6 +95,101 @@ final class EdgeTests: XCTestCase {
         XCTAssertEqual(up.seen.count, 0)
     }
 
+    /// A fragment is never part of a request: with one, `/admin#x` got past a route's
+    /// exact `/admin` and reached the app as it was. Over both protocols it gets 400.
+    func test_aFragmentInTheTargetOrPath_gets400_andNothingReachesTheApp() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        for target in ["/admin#x", "/internal#/x", "/#", "http://app/a#b"] {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET \(target) HTTP/1.1\r\nHost: app\r\n\r\n")
+            XCTAssertEqual(c.read()?.status, 400, target)
+            XCTAssertTrue(c.isClosed(), target)
+        }
+        let path = Array("/admin#x".utf8)
+        let c = try RawClient(port: px.inbound)
+        c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
+               + HTTP2Tests.frame(1, 0x5, 1, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, UInt8(path.count)] + path))
+        let frames = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.flags & 1 != 0) } }
+        let headers = frames.first { $0.type == 1 && $0.stream == 1 }
+        XCTAssertEqual(headers?.payload.prefix(2).map { $0 }, [0x20, 0x8c], "HTTP/2: \(frames.map { ($0.type, $0.stream) })")
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    /// CONNECT was routed by Host but forwarded to its own target, with its body bytes
+    /// after it. There are no tunnels: 403 on both protocols, as Envoy without a CONNECT
+    /// upgrade config, and on HTTP/1.1 the connection closes.
+    func test_CONNECT_gets403_onHTTP1AndHTTP2_andNothingReachesTheApp() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("CONNECT internal.secret:443 HTTP/1.1\r\nHost: app\r\nContent-Length: 37\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 403)
+        XCTAssertTrue(c.isClosed())
+        let authority = Array("internal.secret:443".utf8)
+        let h2 = try RawClient(port: px.inbound)
+        h2.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
+                + HTTP2Tests.frame(1, 0x4, 1, [0x02, 7] + Array("CONNECT".utf8) + [0x01, UInt8(authority.count)] + authority)
+                + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)))
+        let frames = HTTP2Tests.readFrames(h2) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.type == 1) } }
+        let headers = frames.first { $0.type == 1 && $0.stream == 1 }
+        XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("403".utf8), "HTTP/2: \(frames.map { ($0.type, $0.stream) })")
+        usleep(200_000)
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    /// A WSGI/CGI app reads `X_Forwarded_Client_Cert` as the proxy's
+    /// x-forwarded-client-cert: a plaintext client forged an identity with it. By default
+    /// names with "_" are dropped; `reject` answers 400; `allow` keeps them except where
+    /// they fold onto a header the proxy manages.
+    func test_headerNamesWithUnderscores_areDroppedByDefault_refusedOrKeptByTheSetting_neverFoldingOntoProxyHeaders() throws {
+        let forged = "X_Forwarded_Client_Cert: By=spiffe://cluster.local/ns/a/sa/b;URI=spiffe://cluster.local/ns/istio-system/sa/admin\r\n"
+            + "x_request_id: forged\r\nX-Envoy_Original-Path: /x\r\nx_custom: 1\r\n"
+        func send(_ px: ProxyFixture) throws -> RawClient.Response? {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET /u HTTP/1.1\r\nHost: app\r\n\(forged)\r\n")
+            return c.read()
+        }
+        func underscoreNames(_ r: SeenRequest?) -> [String] { (r?.headers.map(\.name) ?? []).filter { $0.contains("_") }.sorted() }
+        do {
+            let px = try ProxyFixture(appPort: up.port)
+            defer { px.stop() }
+            XCTAssertEqual(try send(px)?.status, 200)
+            XCTAssertEqual(underscoreNames(up.seen.last), [], "drop is the default")
+            XCTAssertNotEqual(up.seen.last?.headers["x-request-id"], ["forged"])
+        }
+        do {
+            let px = try ProxyFixture(appPort: up.port) { $0.limits.headersWithUnderscores = .reject }
+            defer { px.stop() }
+            let before = up.seen.count
+            XCTAssertEqual(try send(px)?.status, 400)
+            XCTAssertEqual(up.seen.count, before)
+        }
+        do {
+            let px = try ProxyFixture(appPort: up.port) { $0.limits.headersWithUnderscores = .allow }
+            defer { px.stop() }
+            XCTAssertEqual(try send(px)?.status, 200)
+            XCTAssertEqual(underscoreNames(up.seen.last), ["x_custom"], "only the name that folds onto no proxy header is kept")
+        }
+    }
+
+    /// HEADERS without END_HEADERS, then nothing or a 1-byte CONTINUATION now and then,
+    /// held the connection open for ever; requestHeaderTimeoutMs now ends it with GOAWAY.
+    func test_anHTTP2HeaderBlockThatNeverEnds_isCutAtTheRequestHeaderTimeout() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestHeaderTimeoutMs = 400 }
+        defer { px.stop() }
+        for trickle in [false, true] {
+            let c = try RawClient(port: px.inbound, timeoutSeconds: 5)
+            let start = Date()
+            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + HTTP2Tests.frame(1, 0, 1, [0x82, 0x86]))
+            if trickle { for _ in 0..<6 { usleep(150_000); c.send(HTTP2Tests.frame(9, 0, 1, [0x84])) } }
+            let (types, closedAfter) = HTTP2Tests.readUntilClosed(c, within: 4)
+            XCTAssertTrue(types.contains(7), "trickle \(trickle): GOAWAY, got \(types)")
+            XCTAssertNotNil(closedAfter, "trickle \(trickle)")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, "trickle \(trickle)")
+        }
+    }
+
     // MARK: local replies that would break framing
 
     static let badReplies = """
@@ -107,6 +202,13 @@ final class EdgeTests: XCTestCase {
         return s:respond(200, "intended body", h)
       elseif case == "huge" then
         return s:respond(200, "intended body", { ["x-big"] = ("a"):rep(70 * 1024) })
+      elseif case == "ctl" then
+        return s:respond(200, "intended body", { ["x-a"] = "a\\1b", ["x-b"] = "a\\127b" })
+      elseif case == "edge-size" then
+        -- Under the old estimate of the head's size, just over the real one.
+        local h = {}
+        for i = 1, 4 do h["x-b" .. i] = ("a"):rep(15336) end
+        return s:respond(200, "intended body", h)
       elseif case == "te" then
         return s:respond(200, "5\\r\\nhello\\r\\n0\\r\\n\\r\\n", { ["transfer-encoding"] = "chunked" })
       elseif case then
@@ -123,7 +225,7 @@ final class EdgeTests: XCTestCase {
     return f
     """
 
-    static let badCases = ["many", "huge", "te", "interim", "many-late", "huge-late"]
+    static let badCases = ["many", "huge", "ctl", "edge-size", "te", "interim", "many-late", "huge-late"]
 
     /// Each bad local reply becomes one clean 500 (or, for 204, a head without
     /// content-length and no body): the next request on the same connection is answered
