@@ -1431,7 +1431,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             h.fail(HTTP2ConnectionError(.enhanceYourCalm, "request header timeout (CONTINUATION)"))
             return
         }
-        if limits.requestBodyIdleTimeoutMs > 0 {
+        if limits.requestBodyIdleTimeoutMs > 0 || limits.requestTimeoutMs > 0 {
             if let h = h2Connection {
                 for st in h.streams.values { st.handler?.checkBodyIdle(now: now) }
             } else if stream != nil {
@@ -1452,16 +1452,21 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// reads it, before its response starts; Envoy's stream idle timeout) gets 408 with
     /// flag SI, and the connection closes (an HTTP/2 stream is ended). A stream whose
     /// reading is paused by backpressure is not idle.
+    /// The same for a request still arriving after requestTimeoutMs from its head, however
+    /// steadily its bytes come.
     func checkBodyIdle(now: UInt64) {
-        let ms = limits.requestBodyIdleTimeoutMs
-        guard ms > 0, !closed, !readPaused, now &- lastActivity >= UInt64(ms) * 1_000_000 else { return }
+        guard !closed else { return }
+        let ms = limits.requestBodyIdleTimeoutMs, total = limits.requestTimeoutMs
+        let idle = ms > 0 && !readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
         if let s = stream {
             // Once the response is under way the stream ends with it (finishStream closes
             // a connection whose request body is unfinished).
             guard reqDecoder != nil, !responseStarted else { return }
+            let late = total > 0 && now &- s.startNanos >= UInt64(total) * 1_000_000
+            guard idle || late else { return }
             s.responseFlags.insert(.streamIdleTimeout)
-            localReplyAndClose(408, "request body timeout")
-        } else if h2?.pendingHead != nil {
+            localReplyAndClose(408, late ? "request timeout" : "request body timeout")
+        } else if idle, h2?.pendingHead != nil {
             // HTTP/2 HEADERS without END_STREAM or content-length, then nothing.
             protocolError(HTTPParseError(408, "request body timeout"))
         }

@@ -294,6 +294,48 @@ final class EdgeTests: XCTestCase {
         XCTAssertTrue(metrics.contains("response_flags=\"SI\""), metrics)
     }
 
+    /// One body byte before each idle timeout kept a request open for ever; the whole
+    /// request must now arrive within requestTimeoutMs of its head (408), on both protocols.
+    func test_aRequestBodyTricklingInBeforeEachIdleTimeout_gets408_whenTheRequestTimeoutEnds() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestBodyIdleTimeoutMs = 400; $0.limits.requestTimeoutMs = 1200 }
+        defer { px.stop() }
+        func trickle(_ c: RawClient, _ frame: @escaping ([UInt8]) -> [UInt8]) -> () -> Void {
+            final class Stop: @unchecked Sendable { let lock = NSLock(); var stopped = false }
+            let stop = Stop()
+            DispatchQueue(label: "trickle").async {
+                for _ in 0..<20 {
+                    usleep(250_000)
+                    stop.lock.lock(); defer { stop.lock.unlock() }
+                    if stop.stopped { return }
+                    c.send(frame([UInt8(ascii: "x")]))
+                }
+            }
+            return { stop.lock.lock(); stop.stopped = true; stop.lock.unlock() }
+        }
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 6)
+        let start = Date()
+        c.send("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 20\r\n\r\n")
+        let end1 = trickle(c) { $0 }
+        let r = c.read()
+        end1()
+        XCTAssertEqual(r?.status, 408)
+        XCTAssertEqual(r?.header("connection"), "close")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 1.0, "not the idle timeout")
+        XCTAssertLessThan(Date().timeIntervalSince(start), 3.5)
+        let h2 = try RawClient(port: px.inbound, timeoutSeconds: 6)
+        let start2 = Date()
+        h2.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
+                + HTTP2Tests.frame(1, 0x4, 1, [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + HTTP2Tests.literal("content-length", "20")))
+        let end2 = trickle(h2) { HTTP2Tests.frame(0, 0, 1, $0) }
+        let got = HTTP2Tests.readFrames(h2, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+        end2()
+        let headers = got.first { $0.type == 1 && $0.stream == 1 }
+        XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "HTTP/2: \(got.map { ($0.type, $0.stream) })")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start2), 1.0)
+        XCTAssertLessThan(Date().timeIntervalSince(start2), 3.5)
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
     // MARK: X-Forwarded-Client-Cert (Istio's inbound: APPEND_FORWARD, Subject, URI, DNS)
 
     func test_clientSuppliedXFCC_isRemovedOverPlaintext() throws {
