@@ -448,7 +448,7 @@ final class EdgeTests: XCTestCase {
               pluginConfig:
                 variant: b
                 apiKey: sk-live-123
-                auth: {client_secret: hunter2, user: bob, tokens: [t1, t2]}
+                login: {client_secret: hunter2, user: bob, tokens: [t1, t2]}
             """),
         ])
         defer { px.stop() }
@@ -458,6 +458,74 @@ final class EdgeTests: XCTestCase {
         XCTAssertTrue(dump.contains("\"apiKey\":\"[redacted]\""), dump)
         XCTAssertTrue(dump.contains("\"client_secret\":\"[redacted]\""), dump)
         for secret in ["sk-live-123", "hunter2", "t1"] { XCTAssertFalse(dump.contains(secret), secret) }
+    }
+
+    /// Key names the first redaction missed, passwords inside URLs, and the values of
+    /// sensitive headers an Istio route sets or matches were shown by /config_dump.
+    func test_configDump_redactsMoreSecretNames_passwordsInURLs_andSensitiveRouteHeaderValues() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "p.lua": "return {}",
+            "p.yaml": ProxyFixture.plugin("p", """
+              pluginConfig:
+                variant: b
+                Authorization: s-authz
+                bearer: s-bearer
+                auth: s-auth
+                pwd: s-pwd
+                jwt: s-jwt
+                cookie: s-cookie
+                sessionId: s-session
+                passphrase: s-pass
+                hmac: s-hmac
+                signature: s-sig
+                clientCert: s-cert
+                cache: "redis://user:s-redis@cache:6379/0"
+                hook: "https://s-urltoken@hooks.example/x"
+                docs: "https://docs.example/a@b"
+            """),
+            "vs.yaml": """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: vs, namespace: default}
+            spec:
+              hosts: [catalog]
+              http:
+              - match:
+                - headers:
+                    authorization: {exact: Bearer s-match}
+                headers:
+                  request:
+                    set: {authorization: Bearer s-set, x-api-key: s-apikey, x-env: prod}
+                route:
+                - destination: {host: catalog}
+            """,
+        ])
+        defer { px.stop() }
+        let dump = try XCTUnwrap(adminGet(px.admin, "/config_dump")).body
+        XCTAssertTrue(dump.contains("\"variant\":\"b\""), dump)
+        XCTAssertTrue(dump.contains("redis://user:[redacted]@cache:6379/0"), dump)
+        XCTAssertTrue(dump.contains("https://docs.example/a@b"), "an @ in the path is no userinfo")
+        XCTAssertTrue(dump.contains("\"x-env\":\"prod\""), dump)
+        XCTAssertTrue(dump.contains("VirtualService"), dump)
+        XCTAssertFalse(dump.contains("s-"), dump)
+    }
+
+    /// /config_dump was readable by a page whose DNS name rebinds to 127.0.0.1: the admin
+    /// API now checks Host on every request, not only on POST.
+    func test_adminReads_addressedByAnyNameButLocalhostOrAnIP_areRefused() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        func status(_ host: String, _ path: String) -> Int? {
+            guard let c = try? RawClient(port: px.admin) else { return nil }
+            c.send("GET \(path) HTTP/1.1\r\nHost: \(host)\r\n\r\n")
+            return c.read()?.status
+        }
+        for path in ["/config_dump", "/clusters", "/stats/prometheus", "/plugins", "/ready"] {
+            XCTAssertEqual(status("attacker.example:\(px.admin)", path), 403, path)
+            XCTAssertEqual(status("127.0.0.1:\(px.admin)", path), 200, path)
+            XCTAssertEqual(status("localhost:\(px.admin)", path), 200, path)
+            XCTAssertEqual(status("[::1]:\(px.admin)", path), 200, path)
+        }
     }
 
     func test_clusters_onAnInboundOnlySidecar_saysNoClusters() throws {
