@@ -323,6 +323,20 @@ public struct HTTPHeadParser: Sendable {
         return .success((.absolute, aStart..<aEnd, aEnd..<e))
     }
 
+    /// Whether `v` is a Host value the parser accepts (`host[:port]`, isValidAuthority):
+    /// for values filters set, so the upstream never gets one the edge refuses.
+    public static func isValidHost(_ v: UnsafeRawBufferPointer) -> Bool {
+        isValidAuthority(v, 0, v.count, requirePort: false)
+    }
+
+    /// Whether `v` is an origin-form target the parser accepts: "/", then visible ASCII
+    /// without "#".
+    public static func isOriginForm(_ v: UnsafeRawBufferPointer) -> Bool {
+        guard v.first == 47 else { return false }
+        for c in v where c <= 32 || c >= 127 || c == 35 { return false }
+        return true
+    }
+
     /// Whether the bytes in `r` are exactly `lit` (case-sensitive, as methods are).
     static func equals(_ raw: UnsafeRawBufferPointer, _ r: Range<Int>, _ lit: StaticString) -> Bool {
         guard r.count == lit.utf8CodeUnitCount else { return false }

@@ -190,6 +190,39 @@ final class EdgeTests: XCTestCase {
         }
     }
 
+    /// A filter could set an authority or path the edge itself refuses (port 99999, an
+    /// empty port, absolute-form, "*", no leading "/", a fragment): the parser's rules
+    /// now apply to s.request.authority, headers:set("host") and s.request.path.
+    func test_luaAuthorityHostAndPath_areCheckedWithTheParsersRules() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "set.lua": """
+            return { on_request = function(s)
+              local what, v = s.request.headers:get("x-what"), s.request.headers:get("x-v")
+              local ok = pcall(function()
+                if what == "authority" then s.request.authority = v
+                elseif what == "host" then s.request.headers:set("host", v)
+                else s.request.path = v end
+              end)
+              return s:respond(200, ok and "accepted" or "refused")
+            end }
+            """,
+            "set.yaml": ProxyFixture.plugin("set"),
+        ])
+        defer { px.stop() }
+        func verdict(_ what: String, _ v: String) throws -> String? {
+            let c = try RawClient(port: px.inbound)
+            return get(c, "/", headers: "x-what: \(what)\r\nx-v: \(v)\r\n")?.body
+        }
+        for v in ["beta.local:99999", "beta.local:", "a@b", "a,b"] {
+            XCTAssertEqual(try verdict("authority", v), "refused", "authority \(v)")
+            XCTAssertEqual(try verdict("host", v), "refused", "host \(v)")
+        }
+        for v in ["http://evil/x", "*", "abc", "/a#b"] { XCTAssertEqual(try verdict("path", v), "refused", "path \(v)") }
+        for v in ["beta.local:8080", "beta.local", "[::1]:80"] { XCTAssertEqual(try verdict("authority", v), "accepted", v) }
+        XCTAssertEqual(try verdict("path", "/ok?x=1"), "accepted")
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
     // MARK: local replies that would break framing
 
     static let badReplies = """
