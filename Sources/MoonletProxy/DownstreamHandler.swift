@@ -1065,6 +1065,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         // Taken out of the stream while it is written, so it is not copied.
         let edited = s.response.take()!
+        // The filters' edits are checked as a local reply's are: none is written if the
+        // head would break the client's framing or limits; a clean 500 goes instead.
+        if let why = LocalReplyCheck.problem(edited, limits: limits, extra: 3) {
+            if let u = upstream { u.abandon(); upstream = nil }
+            _ = rejectLocalReply(s, why)
+            sendLocalReply()
+            return
+        }
         writeResponseHead(edited)
         s.response = consume edited
     }

@@ -36,14 +36,22 @@ enum LocalReplyCheck {
         return nil
     }
 
-    /// Why the head a response filter left cannot be sent, or nil. `extra`: header lines
-    /// the proxy adds when writing it.
+    /// Why the head a response filter left (on a local reply or an upstream response)
+    /// cannot be sent, or nil. `extra`: header lines the proxy adds when writing it.
     static func problem(_ head: HTTPHead, limits: ProxyLimits, extra: Int) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
         var count = extra + head.added.count
         for f in head.fields where !f.removed { count += 1 }
         guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
-        for a in head.added where isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
+        guard !head.added.isEmpty else { return nil }
+        // The head as received (removed lines included: an upper bound) and what filters added.
+        var bytes = head.bytes.readableBytes
+        for a in head.added {
+            if isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
+            guard HeaderValidation.isFieldValue(a.value) else { return "header \(a.name) has a control character in its value" }
+            bytes += a.name.utf8.count + a.value.utf8.count + 4
+        }
+        guard bytes <= limits.maxHeadBytes else { return "head of \(bytes) bytes (at most \(limits.maxHeadBytes))" }
         return nil
     }
 

@@ -249,7 +249,8 @@ final class EdgeTests: XCTestCase {
       end
     end
     function f.on_response(s)
-      local case = s.request.headers:get("x-case")
+      local case = s.request.headers:get("x-case") or s.request.headers:get("x-late")
+      if case == "ctl-late" then s.response.headers:set("x-c", "a\\1b") end
       if case == "interim" then s.response.status = 100 end
       if case == "no-content" then s.response.status = 204 end
       if case == "many-late" then for i = 1, 120 do s.response.headers:set("x-h" .. i, "v") end end
@@ -296,6 +297,23 @@ final class EdgeTests: XCTestCase {
             let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-H", "x-case: \(what)", "-w", " %{http_code}",
                                            "http://127.0.0.1:\(px.inbound)/bad"])
             XCTAssertTrue(out.hasSuffix(" 500") && !out.contains("intended"), "\(what): \(out)")
+        }
+    }
+
+    /// Response filters on an upstream response could add 120 headers or an 80 KB head
+    /// (or a control character) with no check; the local-reply head check now applies
+    /// there too: one clean 500 before a byte is written, and the connection stays in sync.
+    func test_responseFilterEditsOfAnUpstreamResponse_thatBreakTheHeadLimits_becomeAClean500() throws {
+        let px = try ProxyFixture(appPort: up.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        for what in ["many-late", "huge-late", "ctl-late"] {
+            let c = try RawClient(port: px.inbound)
+            // x-late: the request goes upstream (on_request does not answer it).
+            c.send("GET /up HTTP/1.1\r\nHost: app\r\nx-late: \(what)\r\n\r\nGET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+            let r = try XCTUnwrap(c.read(), what)
+            XCTAssertEqual(r.status, 500, what)
+            XCTAssertFalse(r.body.contains("ok /up"), what)
+            XCTAssertEqual(c.read()?.body, "ok /next", what)
         }
     }
 
