@@ -41,10 +41,13 @@ final class EdgeTests: XCTestCase {
         XCTAssertEqual(up.seen.first?.headers["host"], ["catalog"])
     }
 
-    func test_targetThatIsNotOriginAbsoluteAsteriskOrAuthorityForm_gets400_andNothingReachesTheApp() throws {
+    /// A fragment is never part of a request: with one, `/admin#x` got past a route's
+    /// exact `/admin` and reached the app as it was (HTTP/2 :path: below).
+    func test_targetThatIsNotOriginAbsoluteOrAsteriskForm_orHasAFragment_gets400_andNothingReachesTheApp() throws {
         let px = try ProxyFixture(appPort: up.port)
         defer { px.stop() }
-        for line in ["GET abc HTTP/1.1", "GET * HTTP/1.1", "GET ftp://x/y HTTP/1.1", "GET http://user@x/y HTTP/1.1", "CONNECT /x HTTP/1.1"] {
+        for line in ["GET abc HTTP/1.1", "GET * HTTP/1.1", "GET ftp://x/y HTTP/1.1", "GET http://user@x/y HTTP/1.1", "CONNECT /x HTTP/1.1",
+                     "GET /admin#x HTTP/1.1", "GET /internal#/x HTTP/1.1", "GET /# HTTP/1.1", "GET http://app/a#b HTTP/1.1"] {
             let c = try RawClient(port: px.inbound)
             c.send("\(line)\r\nHost: app\r\n\r\n")
             XCTAssertEqual(c.read()?.status, 400, line)
@@ -77,42 +80,35 @@ final class EdgeTests: XCTestCase {
     }
 
     /// HTTP/2: a request with neither :authority nor host, or an absolute-form :path, gets 400.
-    func test_http2RequestWithoutAuthority_orWithAnAbsolutePath_gets400() throws {
+    /// Sends the connection preface, SETTINGS and `frames`; returns the first `bytes`
+    /// bytes of stream 1's response HEADERS block (0x20, a table-size update, then
+    /// :status) and the frames seen, for messages.
+    static func h2ResponseStart(_ c: RawClient, _ frames: [UInt8], bytes: Int) -> (start: [UInt8]?, seen: String) {
+        c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
+        let got = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.type == 1) } }
+        let headers = got.first { $0.type == 1 && $0.stream == 1 }
+        return (headers.map { Array($0.payload.prefix(bytes)) }, "\(got.map { ($0.type, $0.stream) })")
+    }
+
+    /// :status 400 is static-table index 12.
+    static let status400: [UInt8] = [0x20, 0x8c]
+    /// A :status not in the static table: literal without indexing, name index 8.
+    static func literalStatus(_ code: String) -> [UInt8] { [0x20, 0x08, 3] + Array(code.utf8) }
+
+    func test_http2RequestWithoutAuthority_withAnAbsolutePath_orWithAFragment_gets400() throws {
         let px = try ProxyFixture(appPort: up.port)
         defer { px.stop() }
         let cases: [(String, [UInt8])] = [
             ("no :authority, no host", [0x82, 0x86, 0x84]),
             ("absolute :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 12] + Array("http://x/abs".utf8)),
+            // /admin#x got past a route's exact /admin.
+            ("fragment in :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 8] + Array("/admin#x".utf8)),
         ]
         for (what, block) in cases {
             let c = try RawClient(port: px.inbound)
-            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + HTTP2Tests.frame(1, 0x5, 1, block))
-            let frames = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.flags & 1 != 0) } }
-            let headers = frames.first { $0.type == 1 && $0.stream == 1 }
-            // :status 400 is static-table index 12 (after the table-size update, 0x20).
-            XCTAssertEqual(headers?.payload.prefix(2).map { $0 }, [0x20, 0x8c], "\(what): \(frames.map { ($0.type, $0.stream) })")
+            let r = Self.h2ResponseStart(c, HTTP2Tests.frame(1, 0x5, 1, block), bytes: 2)
+            XCTAssertEqual(r.start, Self.status400, "\(what): \(r.seen)")
         }
-        XCTAssertEqual(up.seen.count, 0)
-    }
-
-    /// A fragment is never part of a request: with one, `/admin#x` got past a route's
-    /// exact `/admin` and reached the app as it was. Over both protocols it gets 400.
-    func test_aFragmentInTheTargetOrPath_gets400_andNothingReachesTheApp() throws {
-        let px = try ProxyFixture(appPort: up.port)
-        defer { px.stop() }
-        for target in ["/admin#x", "/internal#/x", "/#", "http://app/a#b"] {
-            let c = try RawClient(port: px.inbound)
-            c.send("GET \(target) HTTP/1.1\r\nHost: app\r\n\r\n")
-            XCTAssertEqual(c.read()?.status, 400, target)
-            XCTAssertTrue(c.isClosed(), target)
-        }
-        let path = Array("/admin#x".utf8)
-        let c = try RawClient(port: px.inbound)
-        c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
-               + HTTP2Tests.frame(1, 0x5, 1, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, UInt8(path.count)] + path))
-        let frames = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.flags & 1 != 0) } }
-        let headers = frames.first { $0.type == 1 && $0.stream == 1 }
-        XCTAssertEqual(headers?.payload.prefix(2).map { $0 }, [0x20, 0x8c], "HTTP/2: \(frames.map { ($0.type, $0.stream) })")
         XCTAssertEqual(up.seen.count, 0)
     }
 
@@ -127,13 +123,10 @@ final class EdgeTests: XCTestCase {
         XCTAssertEqual(c.read()?.status, 403)
         XCTAssertTrue(c.isClosed())
         let authority = Array("internal.secret:443".utf8)
-        let h2 = try RawClient(port: px.inbound)
-        h2.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
-                + HTTP2Tests.frame(1, 0x4, 1, [0x02, 7] + Array("CONNECT".utf8) + [0x01, UInt8(authority.count)] + authority)
-                + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)))
-        let frames = HTTP2Tests.readFrames(h2) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.type == 1) } }
-        let headers = frames.first { $0.type == 1 && $0.stream == 1 }
-        XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("403".utf8), "HTTP/2: \(frames.map { ($0.type, $0.stream) })")
+        let r = Self.h2ResponseStart(try RawClient(port: px.inbound),
+                                     HTTP2Tests.frame(1, 0x4, 1, [0x02, 7] + Array("CONNECT".utf8) + [0x01, UInt8(authority.count)] + authority)
+                                     + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)), bytes: 6)
+        XCTAssertEqual(r.start, Self.literalStatus("403"), "HTTP/2: \(r.seen)")
         usleep(200_000)
         XCTAssertEqual(up.seen.count, 0)
     }
@@ -375,13 +368,11 @@ final class EdgeTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(start), 3.5)
         let h2 = try RawClient(port: px.inbound, timeoutSeconds: 6)
         let start2 = Date()
-        h2.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0)
-                + HTTP2Tests.frame(1, 0x4, 1, [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")] + HTTP2Tests.literal("content-length", "20")))
-        let end2 = trickle(h2) { HTTP2Tests.frame(0, 0, 1, $0) }
-        let got = HTTP2Tests.readFrames(h2, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
+        let end2 = trickle(h2) { HTTP2Tests.frame(0, 0, 1, $0) } // its first byte after the HEADERS below
+        let r2 = Self.h2ResponseStart(h2, HTTP2Tests.frame(1, 0x4, 1, [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
+                                                           + HTTP2Tests.literal("content-length", "20")), bytes: 6)
         end2()
-        let headers = got.first { $0.type == 1 && $0.stream == 1 }
-        XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "HTTP/2: \(got.map { ($0.type, $0.stream) })")
+        XCTAssertEqual(r2.start, Self.literalStatus("408"), "HTTP/2: \(r2.seen)")
         XCTAssertGreaterThan(Date().timeIntervalSince(start2), 1.0)
         XCTAssertLessThan(Date().timeIntervalSince(start2), 3.5)
         XCTAssertEqual(up.seen.count, 0)
@@ -440,13 +431,9 @@ final class EdgeTests: XCTestCase {
             ("open HEADERS, no DATA", HTTP2Tests.frame(1, 0x4, 1, post)),
         ]
         for (what, frames) in cases {
-            let c = try RawClient(port: px.inbound)
             let start = Date()
-            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
-            let got = HTTP2Tests.readFrames(c, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
-            let headers = got.first { $0.type == 1 && $0.stream == 1 }
-            // :status 408 is not in the static table: literal without indexing, name index 8.
-            XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "\(what): \(got.map { ($0.type, $0.stream) })")
+            let r = Self.h2ResponseStart(try RawClient(port: px.inbound), frames, bytes: 6)
+            XCTAssertEqual(r.start, Self.literalStatus("408"), "\(what): \(r.seen)")
             XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
         }
     }
