@@ -12,6 +12,10 @@ public struct ProxyLimits: Sendable {
     /// Time a request body may go without a byte while the proxy reads it (Envoy's stream
     /// idle timeout, for the request side): 408, flag SI, connection closed. 0 disables.
     public var requestBodyIdleTimeoutMs = 15_000
+    /// Time for a whole request to arrive once its head was read (Envoy's request_timeout,
+    /// off there by default): a body that trickles a byte before each idle timeout still
+    /// ends here. 408, flag SI, connection closed. 0 disables.
+    public var requestTimeoutMs = 300_000
     /// Time for an inbound TLS handshake, and in PERMISSIVE mode for the first byte that
     /// tells TLS from plaintext, to complete (closed silently beyond).
     public var tlsHandshakeTimeoutMs = 10_000
@@ -35,5 +39,14 @@ public struct ProxyLimits: Sendable {
     public var drainTimeoutMs = 5_000
     /// Most concurrent downstream connections per event loop (beyond: accept then close).
     public var maxConnectionsPerLoop = 16_384
+    /// Request header names with an underscore (Envoy's headers_with_underscores_action):
+    /// an app behind WSGI/CGI reads `X_Forwarded_Client_Cert` as the proxy's
+    /// x-forwarded-client-cert. `.drop` (default) removes them, `.reject` answers 400,
+    /// `.allow` forwards them except those that fold onto a header the proxy manages.
+    public var headersWithUnderscores = UnderscoreHeaderAction.drop
     public init() {}
+}
+
+public enum UnderscoreHeaderAction: String, Sendable, CaseIterable {
+    case allow, drop, reject
 }

@@ -88,6 +88,8 @@ public struct HTTPHead: Sendable {
     public var targetForm: RequestTargetForm = .origin
     public var targetAuthorityRange: Range<Int> = 0..<0
     public var targetPathRange: Range<Int> = 0..<0
+    /// Whether some header name has an underscore (the parser notes it in its name scan).
+    public var underscoreInName = false
 
     public init(bytes: ByteBuffer, isRequest: Bool) {
         self.bytes = bytes
@@ -234,6 +236,12 @@ public enum HeaderValidation {
     }
     public static func isValidValue(_ s: String) -> Bool {
         for b in s.utf8 where b == 0 || b == 10 || b == 13 { return false }
+        return true
+    }
+    /// The parser's field-value rule (RFC 9110 §5.5): no control byte other than HTAB,
+    /// and no DEL. A value the parser would refuse is never written.
+    public static func isFieldValue(_ s: String) -> Bool {
+        for b in s.utf8 where (b < 32 && b != 9) || b == 127 { return false }
         return true
     }
     /// RFC 9110 tchar (ALPHA, DIGIT and !#$%&'*+-.^_`|~), as two 64-bit masks for bytes

@@ -104,8 +104,12 @@ public struct HTTPHeadParser: Sendable {
                 head.methodRange = mStart..<p
                 p += 1
                 let tStart = p
-                while p < lineEnd && raw[p] > 32 && raw[p] < 127 { p += 1 }
-                if p == tStart || p >= lineEnd || raw[p] != 32 { return HTTPParseError(400, "bad request target") }
+                // "#" stops the scan: a fragment is never sent (RFC 9112 §3.2), and one
+                // would get past a route's path match (Envoy refuses it too).
+                while p < lineEnd && raw[p] > 32 && raw[p] < 127 && raw[p] != 35 { p += 1 }
+                if p == tStart || p >= lineEnd || raw[p] != 32 {
+                    return HTTPParseError(400, p < lineEnd && raw[p] == 35 ? "fragment in request target" : "bad request target")
+                }
                 head.targetRange = tStart..<p
                 // Origin-form costs one byte compare; the other forms are checked apart.
                 if raw[tStart] != 47 {
@@ -158,13 +162,19 @@ public struct HTTPHeadParser: Sendable {
             var keepAliveToken = false
             var closeToken = false
             var hostCount = 0
+            var underscore = false
             while p < n - 2 {
                 if fields.count >= limits.maxHeaderCount { return HTTPParseError(431, "more than \(limits.maxHeaderCount) headers") }
                 let lineStart = p
                 let c0 = raw[p]
                 if c0 == 32 || c0 == 9 { return HTTPParseError(400, "obsolete line folding") }
                 let nStart = p
-                while p < n && HeaderValidation.isTchar(raw[p]) { p += 1 }
+                while p < n {
+                    let c = raw[p]
+                    guard HeaderValidation.isTchar(c) else { break }
+                    underscore = underscore || c == 95
+                    p += 1
+                }
                 if p == nStart || raw[p] != 58 {
                     return HTTPParseError(400, p < n && (raw[p] == 32 || raw[p] == 9) ? "whitespace before colon in header" : "bad header name")
                 }
@@ -242,6 +252,7 @@ public struct HTTPHeadParser: Sendable {
                 fields.append(field)
             }
             head.fields = fields
+            head.underscoreInName = underscore
             head.keepAlive = head.versionMinor == 1 ? !closeToken : (keepAliveToken && !closeToken)
             if head.isRequest {
                 if head.hostIndex >= 0 {
@@ -288,7 +299,8 @@ public struct HTTPHeadParser: Sendable {
         let bad = HTTPParseError(400, "request target is not origin-form, absolute-form, * (OPTIONS) or authority-form (CONNECT)")
         if equals(raw, method, "CONNECT") {
             guard isValidAuthority(raw, s, e, requirePort: true) else { return .failure(bad) }
-            return .success((.authority, 0..<0, 0..<0))
+            // No tunnels: Envoy without a CONNECT upgrade config refuses them with 403.
+            return .failure(HTTPParseError(403, "CONNECT is not supported"))
         }
         if e - s == 1 && raw[s] == 42 {
             guard equals(raw, method, "OPTIONS") else { return .failure(bad) }
@@ -308,8 +320,21 @@ public struct HTTPHeadParser: Sendable {
         guard isValidAuthority(raw, aStart, aEnd, requirePort: false) else {
             return .failure(HTTPParseError(400, "invalid authority in request target"))
         }
-        for j in aEnd..<e where raw[j] == 35 { return .failure(HTTPParseError(400, "fragment in request target")) }
         return .success((.absolute, aStart..<aEnd, aEnd..<e))
+    }
+
+    /// Whether `v` is a Host value the parser accepts (`host[:port]`, isValidAuthority):
+    /// for values filters set, so the upstream never gets one the edge refuses.
+    public static func isValidHost(_ v: UnsafeRawBufferPointer) -> Bool {
+        isValidAuthority(v, 0, v.count, requirePort: false)
+    }
+
+    /// Whether `v` is an origin-form target the parser accepts: "/", then visible ASCII
+    /// without "#".
+    public static func isOriginForm(_ v: UnsafeRawBufferPointer) -> Bool {
+        guard v.first == 47 else { return false }
+        for c in v where c <= 32 || c >= 127 || c == 35 { return false }
+        return true
     }
 
     /// Whether the bytes in `r` are exactly `lit` (case-sensitive, as methods are).

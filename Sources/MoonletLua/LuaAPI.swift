@@ -180,8 +180,8 @@ enum LuaAPI {
         guard let k = str(L, 2) else { return fail(L, "field name must be a string") }
         switch (kind, k) {
         case (.request, "path"):
-            guard let v = str(L, 3), !v.isEmpty, v.utf8.allSatisfy({ $0 > 32 && $0 < 127 }) else {
-                return fail(L, "request.path must be a non-empty string without spaces or control characters")
+            guard let v = str(L, 3), v.utf8.withContiguousStorageIfAvailable({ HTTPHeadParser.isOriginForm(UnsafeRawBufferPointer($0)) }) ?? false else {
+                return fail(L, "request.path must be origin-form: \"/\", then visible ASCII without \"#\"")
             }
             s.request.targetOverride = v
         case (.request, "authority"):
@@ -331,18 +331,10 @@ enum LuaAPI {
         }
     }
 
-    /// A Host value: reg-name, IPv4 or [IPv6], with an optional port; nothing that could
-    /// make the upstream see another target (no space, comma, '/', '@', '?' or '#').
+    /// A Host value by the parser's rule (host[:port], port 1-65535): nothing the edge
+    /// would refuse, nothing that could make the upstream see another target.
     static func isHostValue(_ v: UnsafeRawBufferPointer) -> Bool {
-        guard !v.isEmpty, v.count <= 255 else { return false }
-        for c in v {
-            switch c {
-            case 48...57, 65...90, 97...122, UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"),
-                 UInt8(ascii: ":"), UInt8(ascii: "["), UInt8(ascii: "]"), UInt8(ascii: "%"): continue
-            default: return false
-            }
-        }
-        return v[0] != UInt8(ascii: ":")
+        v.count <= 255 && HTTPHeadParser.isValidHost(v)
     }
 
     /// Why removing `lower` from the headers at index 1 is refused: framing and

@@ -75,6 +75,12 @@ final class AdminHandler: ChannelInboundHandler {
             reply(.notFound, "not found: \(path)\nthe \(role.rawValue) port serves \(role == .prometheus ? "/stats/prometheus" : "/healthz/ready") only\n")
             return
         }
+        // Every admin request, reads included: a page whose DNS name rebinds to 127.0.0.1
+        // reaches this port with its own name as Host, and could read /config_dump.
+        if role == .admin, let why = Self.hostRefusal(h.headers) {
+            reply(.forbidden, why + "\n")
+            return
+        }
         if h.method == .POST, let why = Self.crossOriginRefusal(h.headers) {
             reply(.forbidden, why + "\n")
             return
@@ -128,6 +134,17 @@ final class AdminHandler: ChannelInboundHandler {
         let host = (headers.first(name: "host") ?? "").lowercased()
         let authority = origin.lowercased().components(separatedBy: "://").last ?? ""
         guard origin.contains("://"), authority == host else { return "cross-origin request refused (origin \(origin) is not \(host))" }
+        return hostNameRefusal(authority)
+    }
+
+    /// Why the admin API refuses a request for its Host, or nil: it is addressed by IP
+    /// or as localhost (a request without Host, HTTP/1.0 from a tool, is no browser's).
+    static func hostRefusal(_ headers: HTTPHeaders) -> String? {
+        guard let host = headers.first(name: "host") else { return nil }
+        return hostNameRefusal(host.lowercased())
+    }
+
+    static func hostNameRefusal(_ authority: String) -> String? {
         var name = authority
         if name.hasPrefix("[") { name = String(name.dropFirst().prefix { $0 != "]" }) }
         else if let colon = name.lastIndex(of: ":") { name = String(name[..<colon]) }
@@ -157,7 +174,9 @@ final class AdminHandler: ChannelInboundHandler {
 }
 
 /// /config_dump without secrets: a pluginConfig value whose key names a secret (see
-/// `isSecret`) is shown as "[redacted]", at any depth.
+/// `isSecret`) is shown as "[redacted]", at any depth; in Istio resources, the value of
+/// a header whose name does (under any `headers`: route set/add, match conditions); and
+/// everywhere the password in a URL (`redis://user:[redacted]@host`).
 enum ConfigDump {
     static func redacted(_ snap: ConfigSnapshot) -> ConfigSnapshot {
         let plugins = snap.plugins.map { p -> LuaPluginSpec in
@@ -165,23 +184,49 @@ enum ConfigDump {
             q.pluginConfig = redact(p.pluginConfig)
             return q
         }
-        return ConfigSnapshot(version: snap.version, plugins: plugins, istio: snap.istio, skipped: snap.skipped, files: snap.files, routes: snap.routes)
+        let istio = snap.istio.map { r -> IstioResource in
+            var q = r
+            q.spec = redact(r.spec, onlyUnderHeaders: true)
+            return q
+        }
+        return ConfigSnapshot(version: snap.version, plugins: plugins, istio: istio, skipped: snap.skipped, files: snap.files, routes: snap.routes)
     }
 
-    static func redact(_ v: ConfigValue) -> ConfigValue {
+    /// `onlyUnderHeaders`: secret keys count only inside a `headers` map (Istio specs,
+    /// whose other keys, such as jwtRules or httpCookie, are configuration, not secrets).
+    static func redact(_ v: ConfigValue, onlyUnderHeaders: Bool = false) -> ConfigValue {
         switch v {
-        case .map(let kv): return .map(kv.map { k, x in (k, isSecret(k) ? .string("[redacted]") : redact(x)) })
-        case .array(let a): return .array(a.map(redact))
+        case .map(let kv):
+            return .map(kv.map { k, x in
+                (k, !onlyUnderHeaders && isSecret(k) ? .string("[redacted]") : redact(x, onlyUnderHeaders: onlyUnderHeaders && k != "headers"))
+            })
+        case .array(let a): return .array(a.map { redact($0, onlyUnderHeaders: onlyUnderHeaders) })
+        case .string(let s): return .string(redactUserinfo(s))
         default: return v
         }
     }
 
-    /// A key names a secret when, lowercased and without "-" and "_", it contains secret,
-    /// password, passwd, token, credential, apikey or privatekey, or ends in "key" (key,
-    /// hmacKey, signing_key; a false positive only hides a value from the dump).
-    static func isSecret(_ key: String) -> Bool {
-        let k = key.lowercased().filter { $0 != "-" && $0 != "_" }
-        for word in ["secret", "password", "passwd", "token", "credential", "apikey", "privatekey"] where k.contains(word) { return true }
-        return k.hasSuffix("key")
+    /// `scheme://user:password@host...` with the password (a lone user part, often a
+    /// token, whole) replaced by "[redacted]".
+    static func redactUserinfo(_ s: String) -> String {
+        guard let scheme = s.range(of: "://") else { return s }
+        let rest = s[scheme.upperBound...]
+        let authority = rest.prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        guard let at = authority.lastIndex(of: "@") else { return s }
+        let userinfo = rest[rest.startIndex..<at]
+        let kept = userinfo.firstIndex(of: ":").map { String(userinfo[...$0]) } ?? ""
+        return String(s[..<scheme.upperBound]) + kept + "[redacted]" + String(s[at...])
     }
+
+    /// A key names a secret when, lowercased and without "-", "_" and ".", it contains
+    /// one of `secretWords`, ends in "key" (key, hmacKey, signing_key) or "auth", or is
+    /// pwd or pass (a false positive only hides a value from the dump).
+    static func isSecret(_ key: String) -> Bool {
+        let k = key.lowercased().filter { $0 != "-" && $0 != "_" && $0 != "." }
+        for word in secretWords where k.contains(word) { return true }
+        return k.hasSuffix("key") || k.hasSuffix("auth") || k == "pwd" || k == "pass"
+    }
+
+    static let secretWords = ["secret", "password", "passwd", "passphrase", "token", "credential", "apikey", "privatekey",
+                              "authorization", "bearer", "jwt", "cookie", "session", "hmac", "signature", "clientcert"]
 }

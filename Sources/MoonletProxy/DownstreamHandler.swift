@@ -429,6 +429,30 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
     }
 
+    /// Request header names with "_" (limits.headersWithUnderscores): dropped, refused
+    /// (400), or kept except where they fold onto a header the proxy manages. Runs only
+    /// when the parser saw an underscore in a name.
+    func applyUnderscoreAction(_ head: inout HTTPHead) -> HTTPParseError? {
+        let action = limits.headersWithUnderscores
+        for i in 0..<head.fields.count where !head.fields[i].removed {
+            let name = head.lowercasedName(at: i)
+            guard name.utf8.contains(95) else { continue }
+            if action == .reject { return HTTPParseError(400, "header name with an underscore") }
+            if action == .drop || Self.isProxyManaged(String(name.map { $0 == "_" ? "-" : $0 })) {
+                head.fields[i].removed = true
+                ctx.metrics.count("moonlet_downstream_underscore_headers_dropped_total")
+            }
+        }
+        return nil
+    }
+
+    /// Headers the proxy sets or trusts from itself (Envoy's x-forwarded-*, x-request-id,
+    /// x-envoy-*, and the tracing headers).
+    static func isProxyManaged(_ lowercased: String) -> Bool {
+        lowercased.hasPrefix("x-forwarded-") || lowercased == "x-request-id" || lowercased.hasPrefix("x-envoy-")
+            || lowercased.hasPrefix("x-b3-") || lowercased == "x-ot-span-context" || lowercased == "x-client-trace-id"
+    }
+
     func startStream(_ headIn: consuming HTTPHead) {
         var head = consume headIn
         if head.targetForm != .origin || head.hostIndex < 0 || head.fields[head.hostIndex].valueLength == 0,
@@ -437,6 +461,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             return
         }
         head.stripHopByHop()
+        if head.underscoreInName, let e = applyUnderscoreAction(&head) {
+            protocolError(e)
+            return
+        }
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made,
         // x-forwarded-proto, x-forwarded-client-cert. Edited on the local head, which then
         // moves into the stream (edits through the stream's property would copy the head).
@@ -1037,6 +1065,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         // Taken out of the stream while it is written, so it is not copied.
         let edited = s.response.take()!
+        // The filters' edits are checked as a local reply's are: none is written if the
+        // head would break the client's framing or limits; a clean 500 goes instead.
+        if let why = LocalReplyCheck.problem(edited, limits: limits, extra: 3) {
+            if let u = upstream { u.abandon(); upstream = nil }
+            _ = rejectLocalReply(s, why)
+            sendLocalReply()
+            return
+        }
         writeResponseHead(edited)
         s.response = consume edited
     }
@@ -1170,7 +1206,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
         s.responseCode = reply.status
-        var head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+        var head = localHead(&reply, s)
         Self.applyRouteResponseEdits(s, to: &head)
         s.response = head
         // A response filter may replace the reply (s:respond) or set its status; the
@@ -1180,7 +1216,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if replaced || current.status != reply.status {
             reply = current
             if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+            head = localHead(&reply, s)
             if reply.status == current.status, let edited = s.response {
                 head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
             }
@@ -1196,7 +1232,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let clientMinor = s.request.versionMinor
         if let why = LocalReplyCheck.problem(head, limits: limits, extra: close || clientMinor == 0 ? 2 : 1) {
             reply = rejectLocalReply(s, why)
-            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+            head = localHead(&reply, s)
         }
         let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
         var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
@@ -1212,7 +1248,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             let size = out.readableBytes
             out.clear()
             reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-            head = Self.localHead(reply, limits: limits, allocator: ctx.allocator)
+            head = localHead(&reply, s)
             writeHead(head)
         }
         s.response = head
@@ -1247,7 +1283,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
 
     /// The head of a local reply that passed LocalReplyCheck: content-length (none on
     /// 204 and 304), content-type for a text body, the filter's headers.
-    static func localHead(_ r: LocalReply, limits: ProxyLimits, allocator: ByteBufferAllocator) -> HTTPHead {
+    static func localHead(_ r: LocalReply, limits: ProxyLimits, allocator: ByteBufferAllocator) -> HTTPHead? {
         var b = allocator.buffer(capacity: 128)
         HeadWriter.writeStatusLine(r.status, reason: nil, into: &b)
         let noBody = r.status == 204 || r.status == 304
@@ -1261,13 +1297,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         b.writeStaticString("\r\n")
         var p = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: max(limits.maxHeadBytes, 1024), maxHeaderCount: limits.maxHeaderCount))
         if case .complete(let head, _) = p.parseResponse(b, requestWasHead: false) { return head }
-        // Not reachable for a reply that passed the check; a clean 500 all the same.
-        var fallback = allocator.buffer(capacity: 64)
-        HeadWriter.writeStatusLine(500, reason: nil, into: &fallback)
-        fallback.writeStaticString("content-length: 0\r\n\r\n")
-        var head = HTTPHead(bytes: fallback, isRequest: false)
-        if case .complete(let h, _) = p.parseResponse(fallback, requestWasHead: false) { head = h }
-        return head
+        return nil
+    }
+
+    /// The head of `reply`; when it does not re-parse, the whole reply (head and body)
+    /// becomes the clean 500, so no byte of the intended body follows another head.
+    func localHead(_ reply: inout LocalReply, _ s: ProxyStream) -> HTTPHead {
+        if let head = Self.localHead(reply, limits: limits, allocator: ctx.allocator) { return head }
+        reply = rejectLocalReply(s, "head does not re-parse")
+        return Self.localHead(reply, limits: limits, allocator: ctx.allocator)!
     }
 
     /// A head that failed to parse: answer (400/431/...), log, close.
@@ -1394,7 +1432,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             protocolError(HTTPParseError(408, "request header timeout"))
             return
         }
-        if limits.requestBodyIdleTimeoutMs > 0 {
+        if let h = h2Connection, h.continuationDeadline != 0 && now >= h.continuationDeadline {
+            // A header block split over CONTINUATION frames that never ends: no other
+            // frame can come meanwhile, so the connection goes.
+            closed = true
+            h.fail(HTTP2ConnectionError(.enhanceYourCalm, "request header timeout (CONTINUATION)"))
+            return
+        }
+        if limits.requestBodyIdleTimeoutMs > 0 || limits.requestTimeoutMs > 0 {
             if let h = h2Connection {
                 for st in h.streams.values { st.handler?.checkBodyIdle(now: now) }
             } else if stream != nil {
@@ -1415,16 +1460,21 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// reads it, before its response starts; Envoy's stream idle timeout) gets 408 with
     /// flag SI, and the connection closes (an HTTP/2 stream is ended). A stream whose
     /// reading is paused by backpressure is not idle.
+    /// The same for a request still arriving after requestTimeoutMs from its head, however
+    /// steadily its bytes come.
     func checkBodyIdle(now: UInt64) {
-        let ms = limits.requestBodyIdleTimeoutMs
-        guard ms > 0, !closed, !readPaused, now &- lastActivity >= UInt64(ms) * 1_000_000 else { return }
+        guard !closed else { return }
+        let ms = limits.requestBodyIdleTimeoutMs, total = limits.requestTimeoutMs
+        let idle = ms > 0 && !readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
         if let s = stream {
             // Once the response is under way the stream ends with it (finishStream closes
             // a connection whose request body is unfinished).
             guard reqDecoder != nil, !responseStarted else { return }
+            let late = total > 0 && now &- s.startNanos >= UInt64(total) * 1_000_000
+            guard idle || late else { return }
             s.responseFlags.insert(.streamIdleTimeout)
-            localReplyAndClose(408, "request body timeout")
-        } else if h2?.pendingHead != nil {
+            localReplyAndClose(408, late ? "request timeout" : "request body timeout")
+        } else if idle, h2?.pendingHead != nil {
             // HTTP/2 HEADERS without END_STREAM or content-length, then nothing.
             protocolError(HTTPParseError(408, "request body timeout"))
         }

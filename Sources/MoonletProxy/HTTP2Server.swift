@@ -68,6 +68,10 @@ final class HTTP2ServerConnection: DeferredFlush {
     var decoder: HPACKDecoder
     /// A header block split over CONTINUATION frames, until END_HEADERS.
     var continuation: (stream: UInt32, endStream: Bool, block: ByteBuffer, frames: Int)?
+    /// When a header block still waiting for END_HEADERS times out (uptime ns; 0: none):
+    /// requestHeaderTimeoutMs from its HEADERS frame, however many CONTINUATION frames
+    /// trickle in (DownstreamHandler.checkDeadlines sends GOAWAY).
+    var continuationDeadline: UInt64 = 0
     var streams: [UInt32: HTTP2ServerStream] = [:]
     /// The highest stream id the client opened (streams below it are closed or open).
     var lastStreamID: UInt32 = 0
@@ -254,6 +258,9 @@ final class HTTP2ServerConnection: DeferredFlush {
         } else {
             guard block.readableBytes <= maxHeaderBlock else { throw HTTP2ConnectionError(.enhanceYourCalm, "header block too large") }
             continuation = (id, endStream, block, 1)
+            if limits.requestHeaderTimeoutMs > 0 {
+                continuationDeadline = NIODeadline.now().uptimeNanoseconds &+ UInt64(limits.requestHeaderTimeoutMs) * 1_000_000
+            }
         }
     }
 
@@ -271,6 +278,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         }
         if flags & 0x4 != 0 {
             continuation = nil
+            continuationDeadline = 0
             try headerBlock(stream: id, endStream: c.endStream, block: c.block, selfDependent: false)
         } else {
             continuation = c

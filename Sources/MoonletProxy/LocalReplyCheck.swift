@@ -19,12 +19,15 @@ enum LocalReplyCheck {
     /// Why `r` cannot be sent as it is, or nil when it can.
     static func problem(_ r: LocalReply, limits: ProxyLimits) -> String? {
         guard r.status >= 200 && r.status <= 599 else { return "status \(r.status) is not a final status (200-599)" }
-        // content-length and content-type come with it; the rest of the head is small.
+        // content-length and content-type come with it.
         guard r.headers.count + 2 <= limits.maxHeaderCount else { return "\(r.headers.count) headers (at most \(limits.maxHeaderCount - 2))" }
-        var bytes = 64
+        // The lines the proxy writes besides the filter's: the longest status line,
+        // content-length, content-type, server, connection (sendLocalReply measures the
+        // head it wrote as well).
+        var bytes = 48 + 38 + 26 + 17 + 24 + 2
         for h in r.headers {
             guard HeaderValidation.isToken(h.name) else { return "header name \(h.name.debugDescription) is not a token" }
-            guard HeaderValidation.isValidValue(h.value) else { return "header \(h.name) has CR, LF or NUL in its value" }
+            guard HeaderValidation.isFieldValue(h.value) else { return "header \(h.name) has a control character in its value" }
             let lower = h.name.lowercased()
             if isFramingField(lower) { return "header \(lower) is set by the proxy" }
             bytes += h.name.utf8.count + h.value.utf8.count + 4
@@ -33,14 +36,22 @@ enum LocalReplyCheck {
         return nil
     }
 
-    /// Why the head a response filter left cannot be sent, or nil. `extra`: header lines
-    /// the proxy adds when writing it.
+    /// Why the head a response filter left (on a local reply or an upstream response)
+    /// cannot be sent, or nil. `extra`: header lines the proxy adds when writing it.
     static func problem(_ head: HTTPHead, limits: ProxyLimits, extra: Int) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
         var count = extra + head.added.count
         for f in head.fields where !f.removed { count += 1 }
         guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
-        for a in head.added where isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
+        guard !head.added.isEmpty else { return nil }
+        // The head as received (removed lines included: an upper bound) and what filters added.
+        var bytes = head.bytes.readableBytes
+        for a in head.added {
+            if isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
+            guard HeaderValidation.isFieldValue(a.value) else { return "header \(a.name) has a control character in its value" }
+            bytes += a.name.utf8.count + a.value.utf8.count + 4
+        }
+        guard bytes <= limits.maxHeadBytes else { return "head of \(bytes) bytes (at most \(limits.maxHeadBytes))" }
         return nil
     }
 

@@ -90,7 +90,7 @@ public final class LoopContext: @unchecked Sendable {
     /// and 1 s (so a timeout fires at most that much late).
     var watchTickMs: Int64 {
         let l = settings.limits
-        let shortest = [l.requestHeaderTimeoutMs, l.requestBodyIdleTimeoutMs, l.downstreamIdleTimeoutMs].filter { $0 > 0 }.min() ?? 8000
+        let shortest = [l.requestHeaderTimeoutMs, l.requestBodyIdleTimeoutMs, l.requestTimeoutMs, l.downstreamIdleTimeoutMs].filter { $0 > 0 }.min() ?? 8000
         return Int64(min(1000, max(10, shortest / 8)))
     }
 

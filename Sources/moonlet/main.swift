@@ -37,6 +37,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "trace, debug, info, notice, warning, error, critical. Env: MOONLET_LOG_LEVEL") var logLevel: String?
     @Option(help: "Per-stream timeout in ms (0 = none, Istio's default). Env: MOONLET_STREAM_TIMEOUT_MS") var streamTimeoutMs: Int?
     @Option(help: "Request body idle timeout in ms: 408 when a body stalls this long (default: 15000; 0 = none). Env: MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS") var requestBodyIdleTimeoutMs: Int?
+    @Option(help: "Time in ms for a whole request to arrive once its head was read: 408 beyond, however steadily the body trickles (default: 300000; 0 = none). Env: MOONLET_REQUEST_TIMEOUT_MS") var requestTimeoutMs: Int?
+    @Option(help: "Request header names with an underscore: drop, reject (400) or allow (default: drop; allow still drops names that fold onto x-forwarded-*, x-request-id, x-envoy-*, x-b3-*). Env: MOONLET_HEADERS_WITH_UNDERSCORES") var headersWithUnderscores: String?
     @Option(help: "Directory with cert-chain.pem, key.pem, root-cert.pem (watched; enables mTLS). Env: MOONLET_CERTS") var certs: String?
     @Option(help: "CA address host:port (moonlet ca serve): get and renew the certificate into --certs. Env: CA_ADDR") var caAddress: String?
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
@@ -70,6 +72,11 @@ struct SidecarOptions: ParsableArguments {
         s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
         s.limits.streamTimeoutMs = streamTimeoutMs ?? env("MOONLET_STREAM_TIMEOUT_MS").flatMap(Int.init) ?? 0
         s.limits.requestBodyIdleTimeoutMs = requestBodyIdleTimeoutMs ?? env("MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS").flatMap(Int.init) ?? s.limits.requestBodyIdleTimeoutMs
+        s.limits.requestTimeoutMs = requestTimeoutMs ?? env("MOONLET_REQUEST_TIMEOUT_MS").flatMap(Int.init) ?? s.limits.requestTimeoutMs
+        if let v = headersWithUnderscores ?? env("MOONLET_HEADERS_WITH_UNDERSCORES") {
+            guard let a = UnderscoreHeaderAction(rawValue: v) else { throw ValidationError("--headers-with-underscores must be allow, drop or reject, got \(v)") }
+            s.limits.headersWithUnderscores = a
+        }
         s.certsDirectory = certs ?? env("MOONLET_CERTS")
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")

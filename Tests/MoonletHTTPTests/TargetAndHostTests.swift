@@ -28,13 +28,15 @@ final class TargetAndHostTests: XCTestCase {
         // CONNECT takes only authority-form; OPTIONS alone takes "*".
         XCTAssertEqual(status("CONNECT /x HTTP/1.1\r\nHost: h\r\n\r\n"), 400)
         XCTAssertEqual(status("CONNECT h HTTP/1.1\r\nHost: h\r\n\r\n"), 400)
+        // No tunnels: a well-formed CONNECT gets 403, as from Envoy without a CONNECT upgrade.
+        XCTAssertEqual(status("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n"), 403)
+        XCTAssertEqual(status("GET /a#b HTTP/1.1\r\nHost: h\r\n\r\n"), 400)
         XCTAssertEqual(status("POST * HTTP/1.1\r\nHost: h\r\n\r\n"), 400)
     }
 
     func test_theFourTargetForms_areRecognised() throws {
         XCTAssertEqual(try XCTUnwrap(head("GET /a?b HTTP/1.1\r\nHost: h\r\n\r\n")).targetForm, .origin)
         XCTAssertEqual(try XCTUnwrap(head("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")).targetForm, .asterisk)
-        XCTAssertEqual(try XCTUnwrap(head("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")).targetForm, .authority)
         let h = try XCTUnwrap(head("GET HTTP://Other.Example:8080/abs?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"))
         XCTAssertEqual(h.targetForm, .absolute)
         XCTAssertEqual(h.string(h.targetAuthorityRange), "Other.Example:8080")

@@ -41,10 +41,13 @@ final class EdgeTests: XCTestCase {
         XCTAssertEqual(up.seen.first?.headers["host"], ["catalog"])
     }
 
-    func test_targetThatIsNotOriginAbsoluteAsteriskOrAuthorityForm_gets400_andNothingReachesTheApp() throws {
+    /// A fragment is never part of a request: with one, `/admin#x` got past a route's
+    /// exact `/admin` and reached the app as it was (HTTP/2 :path: below).
+    func test_targetThatIsNotOriginAbsoluteOrAsteriskForm_orHasAFragment_gets400_andNothingReachesTheApp() throws {
         let px = try ProxyFixture(appPort: up.port)
         defer { px.stop() }
-        for line in ["GET abc HTTP/1.1", "GET * HTTP/1.1", "GET ftp://x/y HTTP/1.1", "GET http://user@x/y HTTP/1.1", "CONNECT /x HTTP/1.1"] {
+        for line in ["GET abc HTTP/1.1", "GET * HTTP/1.1", "GET ftp://x/y HTTP/1.1", "GET http://user@x/y HTTP/1.1", "CONNECT /x HTTP/1.1",
+                     "GET /admin#x HTTP/1.1", "GET /internal#/x HTTP/1.1", "GET /# HTTP/1.1", "GET http://app/a#b HTTP/1.1"] {
             let c = try RawClient(port: px.inbound)
             c.send("\(line)\r\nHost: app\r\n\r\n")
             XCTAssertEqual(c.read()?.status, 400, line)
@@ -77,21 +80,139 @@ final class EdgeTests: XCTestCase {
     }
 
     /// HTTP/2: a request with neither :authority nor host, or an absolute-form :path, gets 400.
-    func test_http2RequestWithoutAuthority_orWithAnAbsolutePath_gets400() throws {
+    /// Sends the connection preface, SETTINGS and `frames`; returns the first `bytes`
+    /// bytes of stream 1's response HEADERS block (0x20, a table-size update, then
+    /// :status) and the frames seen, for messages.
+    static func h2ResponseStart(_ c: RawClient, _ frames: [UInt8], bytes: Int) -> (start: [UInt8]?, seen: String) {
+        c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
+        let got = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.type == 1) } }
+        let headers = got.first { $0.type == 1 && $0.stream == 1 }
+        return (headers.map { Array($0.payload.prefix(bytes)) }, "\(got.map { ($0.type, $0.stream) })")
+    }
+
+    /// :status 400 is static-table index 12.
+    static let status400: [UInt8] = [0x20, 0x8c]
+    /// A :status not in the static table: literal without indexing, name index 8.
+    static func literalStatus(_ code: String) -> [UInt8] { [0x20, 0x08, 3] + Array(code.utf8) }
+
+    func test_http2RequestWithoutAuthority_withAnAbsolutePath_orWithAFragment_gets400() throws {
         let px = try ProxyFixture(appPort: up.port)
         defer { px.stop() }
         let cases: [(String, [UInt8])] = [
             ("no :authority, no host", [0x82, 0x86, 0x84]),
             ("absolute :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 12] + Array("http://x/abs".utf8)),
+            // /admin#x got past a route's exact /admin.
+            ("fragment in :path", [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 8] + Array("/admin#x".utf8)),
         ]
         for (what, block) in cases {
             let c = try RawClient(port: px.inbound)
-            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + HTTP2Tests.frame(1, 0x5, 1, block))
-            let frames = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.flags & 1 != 0) } }
-            let headers = frames.first { $0.type == 1 && $0.stream == 1 }
-            // :status 400 is static-table index 12 (after the table-size update, 0x20).
-            XCTAssertEqual(headers?.payload.prefix(2).map { $0 }, [0x20, 0x8c], "\(what): \(frames.map { ($0.type, $0.stream) })")
+            let r = Self.h2ResponseStart(c, HTTP2Tests.frame(1, 0x5, 1, block), bytes: 2)
+            XCTAssertEqual(r.start, Self.status400, "\(what): \(r.seen)")
         }
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    /// CONNECT was routed by Host but forwarded to its own target, with its body bytes
+    /// after it. There are no tunnels: 403 on both protocols, as Envoy without a CONNECT
+    /// upgrade config, and on HTTP/1.1 the connection closes.
+    func test_CONNECT_gets403_onHTTP1AndHTTP2_andNothingReachesTheApp() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("CONNECT internal.secret:443 HTTP/1.1\r\nHost: app\r\nContent-Length: 37\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 403)
+        XCTAssertTrue(c.isClosed())
+        let authority = Array("internal.secret:443".utf8)
+        let r = Self.h2ResponseStart(try RawClient(port: px.inbound),
+                                     HTTP2Tests.frame(1, 0x4, 1, [0x02, 7] + Array("CONNECT".utf8) + [0x01, UInt8(authority.count)] + authority)
+                                     + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)), bytes: 6)
+        XCTAssertEqual(r.start, Self.literalStatus("403"), "HTTP/2: \(r.seen)")
+        usleep(200_000)
+        XCTAssertEqual(up.seen.count, 0)
+    }
+
+    /// A WSGI/CGI app reads `X_Forwarded_Client_Cert` as the proxy's
+    /// x-forwarded-client-cert: a plaintext client forged an identity with it. By default
+    /// names with "_" are dropped; `reject` answers 400; `allow` keeps them except where
+    /// they fold onto a header the proxy manages.
+    func test_headerNamesWithUnderscores_areDroppedByDefault_refusedOrKeptByTheSetting_neverFoldingOntoProxyHeaders() throws {
+        let forged = "X_Forwarded_Client_Cert: By=spiffe://cluster.local/ns/a/sa/b;URI=spiffe://cluster.local/ns/istio-system/sa/admin\r\n"
+            + "x_request_id: forged\r\nX-Envoy_Original-Path: /x\r\nx_custom: 1\r\n"
+        func send(_ px: ProxyFixture) throws -> RawClient.Response? {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET /u HTTP/1.1\r\nHost: app\r\n\(forged)\r\n")
+            return c.read()
+        }
+        func underscoreNames(_ r: SeenRequest?) -> [String] { (r?.headers.map(\.name) ?? []).filter { $0.contains("_") }.sorted() }
+        do {
+            let px = try ProxyFixture(appPort: up.port)
+            defer { px.stop() }
+            XCTAssertEqual(try send(px)?.status, 200)
+            XCTAssertEqual(underscoreNames(up.seen.last), [], "drop is the default")
+            XCTAssertNotEqual(up.seen.last?.headers["x-request-id"], ["forged"])
+        }
+        do {
+            let px = try ProxyFixture(appPort: up.port) { $0.limits.headersWithUnderscores = .reject }
+            defer { px.stop() }
+            let before = up.seen.count
+            XCTAssertEqual(try send(px)?.status, 400)
+            XCTAssertEqual(up.seen.count, before)
+        }
+        do {
+            let px = try ProxyFixture(appPort: up.port) { $0.limits.headersWithUnderscores = .allow }
+            defer { px.stop() }
+            XCTAssertEqual(try send(px)?.status, 200)
+            XCTAssertEqual(underscoreNames(up.seen.last), ["x_custom"], "only the name that folds onto no proxy header is kept")
+        }
+    }
+
+    /// HEADERS without END_HEADERS, then nothing or a 1-byte CONTINUATION now and then,
+    /// held the connection open for ever; requestHeaderTimeoutMs now ends it with GOAWAY.
+    func test_anHTTP2HeaderBlockThatNeverEnds_isCutAtTheRequestHeaderTimeout() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestHeaderTimeoutMs = 400 }
+        defer { px.stop() }
+        for trickle in [false, true] {
+            let c = try RawClient(port: px.inbound, timeoutSeconds: 5)
+            let start = Date()
+            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + HTTP2Tests.frame(1, 0, 1, [0x82, 0x86]))
+            if trickle { for _ in 0..<6 { usleep(150_000); c.send(HTTP2Tests.frame(9, 0, 1, [0x84])) } }
+            let (types, closedAfter) = HTTP2Tests.readUntilClosed(c, within: 4)
+            XCTAssertTrue(types.contains(7), "trickle \(trickle): GOAWAY, got \(types)")
+            XCTAssertNotNil(closedAfter, "trickle \(trickle)")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, "trickle \(trickle)")
+        }
+    }
+
+    /// A filter could set an authority or path the edge itself refuses (port 99999, an
+    /// empty port, absolute-form, "*", no leading "/", a fragment): the parser's rules
+    /// now apply to s.request.authority, headers:set("host") and s.request.path.
+    func test_luaAuthorityHostAndPath_areCheckedWithTheParsersRules() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "set.lua": """
+            return { on_request = function(s)
+              local what, v = s.request.headers:get("x-what"), s.request.headers:get("x-v")
+              local ok = pcall(function()
+                if what == "authority" then s.request.authority = v
+                elseif what == "host" then s.request.headers:set("host", v)
+                else s.request.path = v end
+              end)
+              return s:respond(200, ok and "accepted" or "refused")
+            end }
+            """,
+            "set.yaml": ProxyFixture.plugin("set"),
+        ])
+        defer { px.stop() }
+        func verdict(_ what: String, _ v: String) throws -> String? {
+            let c = try RawClient(port: px.inbound)
+            return get(c, "/", headers: "x-what: \(what)\r\nx-v: \(v)\r\n")?.body
+        }
+        for v in ["beta.local:99999", "beta.local:", "a@b", "a,b"] {
+            XCTAssertEqual(try verdict("authority", v), "refused", "authority \(v)")
+            XCTAssertEqual(try verdict("host", v), "refused", "host \(v)")
+        }
+        for v in ["http://evil/x", "*", "abc", "/a#b"] { XCTAssertEqual(try verdict("path", v), "refused", "path \(v)") }
+        for v in ["beta.local:8080", "beta.local", "[::1]:80"] { XCTAssertEqual(try verdict("authority", v), "accepted", v) }
+        XCTAssertEqual(try verdict("path", "/ok?x=1"), "accepted")
         XCTAssertEqual(up.seen.count, 0)
     }
 
@@ -107,6 +228,13 @@ final class EdgeTests: XCTestCase {
         return s:respond(200, "intended body", h)
       elseif case == "huge" then
         return s:respond(200, "intended body", { ["x-big"] = ("a"):rep(70 * 1024) })
+      elseif case == "ctl" then
+        return s:respond(200, "intended body", { ["x-a"] = "a\\1b", ["x-b"] = "a\\127b" })
+      elseif case == "edge-size" then
+        -- Under the old estimate of the head's size, just over the real one.
+        local h = {}
+        for i = 1, 4 do h["x-b" .. i] = ("a"):rep(15336) end
+        return s:respond(200, "intended body", h)
       elseif case == "te" then
         return s:respond(200, "5\\r\\nhello\\r\\n0\\r\\n\\r\\n", { ["transfer-encoding"] = "chunked" })
       elseif case then
@@ -114,7 +242,8 @@ final class EdgeTests: XCTestCase {
       end
     end
     function f.on_response(s)
-      local case = s.request.headers:get("x-case")
+      local case = s.request.headers:get("x-case") or s.request.headers:get("x-late")
+      if case == "ctl-late" then s.response.headers:set("x-c", "a\\1b") end
       if case == "interim" then s.response.status = 100 end
       if case == "no-content" then s.response.status = 204 end
       if case == "many-late" then for i = 1, 120 do s.response.headers:set("x-h" .. i, "v") end end
@@ -123,7 +252,7 @@ final class EdgeTests: XCTestCase {
     return f
     """
 
-    static let badCases = ["many", "huge", "te", "interim", "many-late", "huge-late"]
+    static let badCases = ["many", "huge", "ctl", "edge-size", "te", "interim", "many-late", "huge-late"]
 
     /// Each bad local reply becomes one clean 500 (or, for 204, a head without
     /// content-length and no body): the next request on the same connection is answered
@@ -164,6 +293,23 @@ final class EdgeTests: XCTestCase {
         }
     }
 
+    /// Response filters on an upstream response could add 120 headers or an 80 KB head
+    /// (or a control character) with no check; the local-reply head check now applies
+    /// there too: one clean 500 before a byte is written, and the connection stays in sync.
+    func test_responseFilterEditsOfAnUpstreamResponse_thatBreakTheHeadLimits_becomeAClean500() throws {
+        let px = try ProxyFixture(appPort: up.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        for what in ["many-late", "huge-late", "ctl-late"] {
+            let c = try RawClient(port: px.inbound)
+            // x-late: the request goes upstream (on_request does not answer it).
+            c.send("GET /up HTTP/1.1\r\nHost: app\r\nx-late: \(what)\r\n\r\nGET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+            let r = try XCTUnwrap(c.read(), what)
+            XCTAssertEqual(r.status, 500, what)
+            XCTAssertFalse(r.body.contains("ok /up"), what)
+            XCTAssertEqual(c.read()?.body, "ok /next", what)
+        }
+    }
+
     // MARK: request body idle timeout
 
     func test_aRequestBodyThatStalls_gets408_whenTheBodyIdleTimeoutEnds() throws {
@@ -190,6 +336,46 @@ final class EdgeTests: XCTestCase {
         let metrics = adminGet(px.admin, "/stats/prometheus")?.body ?? ""
         XCTAssertTrue(metrics.contains("response_code=\"408\""), metrics)
         XCTAssertTrue(metrics.contains("response_flags=\"SI\""), metrics)
+    }
+
+    /// One body byte before each idle timeout kept a request open for ever; the whole
+    /// request must now arrive within requestTimeoutMs of its head (408), on both protocols.
+    func test_aRequestBodyTricklingInBeforeEachIdleTimeout_gets408_whenTheRequestTimeoutEnds() throws {
+        let px = try ProxyFixture(appPort: up.port) { $0.limits.requestBodyIdleTimeoutMs = 400; $0.limits.requestTimeoutMs = 1200 }
+        defer { px.stop() }
+        func trickle(_ c: RawClient, _ frame: @escaping ([UInt8]) -> [UInt8]) -> () -> Void {
+            final class Stop: @unchecked Sendable { let lock = NSLock(); var stopped = false }
+            let stop = Stop()
+            DispatchQueue(label: "trickle").async {
+                for _ in 0..<20 {
+                    usleep(250_000)
+                    stop.lock.lock(); defer { stop.lock.unlock() }
+                    if stop.stopped { return }
+                    c.send(frame([UInt8(ascii: "x")]))
+                }
+            }
+            return { stop.lock.lock(); stop.stopped = true; stop.lock.unlock() }
+        }
+        let c = try RawClient(port: px.inbound, timeoutSeconds: 6)
+        let start = Date()
+        c.send("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 20\r\n\r\n")
+        let end1 = trickle(c) { $0 }
+        let r = c.read()
+        end1()
+        XCTAssertEqual(r?.status, 408)
+        XCTAssertEqual(r?.header("connection"), "close")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 1.0, "not the idle timeout")
+        XCTAssertLessThan(Date().timeIntervalSince(start), 3.5)
+        let h2 = try RawClient(port: px.inbound, timeoutSeconds: 6)
+        let start2 = Date()
+        let end2 = trickle(h2) { HTTP2Tests.frame(0, 0, 1, $0) } // its first byte after the HEADERS below
+        let r2 = Self.h2ResponseStart(h2, HTTP2Tests.frame(1, 0x4, 1, [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
+                                                           + HTTP2Tests.literal("content-length", "20")), bytes: 6)
+        end2()
+        XCTAssertEqual(r2.start, Self.literalStatus("408"), "HTTP/2: \(r2.seen)")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start2), 1.0)
+        XCTAssertLessThan(Date().timeIntervalSince(start2), 3.5)
+        XCTAssertEqual(up.seen.count, 0)
     }
 
     // MARK: X-Forwarded-Client-Cert (Istio's inbound: APPEND_FORWARD, Subject, URI, DNS)
@@ -245,13 +431,9 @@ final class EdgeTests: XCTestCase {
             ("open HEADERS, no DATA", HTTP2Tests.frame(1, 0x4, 1, post)),
         ]
         for (what, frames) in cases {
-            let c = try RawClient(port: px.inbound)
             let start = Date()
-            c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
-            let got = HTTP2Tests.readFrames(c, within: 5) { fs in fs.contains { $0.type == 1 && $0.stream == 1 } }
-            let headers = got.first { $0.type == 1 && $0.stream == 1 }
-            // :status 408 is not in the static table: literal without indexing, name index 8.
-            XCTAssertEqual(headers?.payload.prefix(6).map { $0 }, [0x20, 0x08, 3] + Array("408".utf8), "\(what): \(got.map { ($0.type, $0.stream) })")
+            let r = Self.h2ResponseStart(try RawClient(port: px.inbound), frames, bytes: 6)
+            XCTAssertEqual(r.start, Self.literalStatus("408"), "\(what): \(r.seen)")
             XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
         }
     }
@@ -304,7 +486,7 @@ final class EdgeTests: XCTestCase {
               pluginConfig:
                 variant: b
                 apiKey: sk-live-123
-                auth: {client_secret: hunter2, user: bob, tokens: [t1, t2]}
+                login: {client_secret: hunter2, user: bob, tokens: [t1, t2]}
             """),
         ])
         defer { px.stop() }
@@ -314,6 +496,74 @@ final class EdgeTests: XCTestCase {
         XCTAssertTrue(dump.contains("\"apiKey\":\"[redacted]\""), dump)
         XCTAssertTrue(dump.contains("\"client_secret\":\"[redacted]\""), dump)
         for secret in ["sk-live-123", "hunter2", "t1"] { XCTAssertFalse(dump.contains(secret), secret) }
+    }
+
+    /// Key names the first redaction missed, passwords inside URLs, and the values of
+    /// sensitive headers an Istio route sets or matches were shown by /config_dump.
+    func test_configDump_redactsMoreSecretNames_passwordsInURLs_andSensitiveRouteHeaderValues() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "p.lua": "return {}",
+            "p.yaml": ProxyFixture.plugin("p", """
+              pluginConfig:
+                variant: b
+                Authorization: s-authz
+                bearer: s-bearer
+                auth: s-auth
+                pwd: s-pwd
+                jwt: s-jwt
+                cookie: s-cookie
+                sessionId: s-session
+                passphrase: s-pass
+                hmac: s-hmac
+                signature: s-sig
+                clientCert: s-cert
+                cache: "redis://user:s-redis@cache:6379/0"
+                hook: "https://s-urltoken@hooks.example/x"
+                docs: "https://docs.example/a@b"
+            """),
+            "vs.yaml": """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: vs, namespace: default}
+            spec:
+              hosts: [catalog]
+              http:
+              - match:
+                - headers:
+                    authorization: {exact: Bearer s-match}
+                headers:
+                  request:
+                    set: {authorization: Bearer s-set, x-api-key: s-apikey, x-env: prod}
+                route:
+                - destination: {host: catalog}
+            """,
+        ])
+        defer { px.stop() }
+        let dump = try XCTUnwrap(adminGet(px.admin, "/config_dump")).body
+        XCTAssertTrue(dump.contains("\"variant\":\"b\""), dump)
+        XCTAssertTrue(dump.contains("redis://user:[redacted]@cache:6379/0"), dump)
+        XCTAssertTrue(dump.contains("https://docs.example/a@b"), "an @ in the path is no userinfo")
+        XCTAssertTrue(dump.contains("\"x-env\":\"prod\""), dump)
+        XCTAssertTrue(dump.contains("VirtualService"), dump)
+        XCTAssertFalse(dump.contains("s-"), dump)
+    }
+
+    /// /config_dump was readable by a page whose DNS name rebinds to 127.0.0.1: the admin
+    /// API now checks Host on every request, not only on POST.
+    func test_adminReads_addressedByAnyNameButLocalhostOrAnIP_areRefused() throws {
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        func status(_ host: String, _ path: String) -> Int? {
+            guard let c = try? RawClient(port: px.admin) else { return nil }
+            c.send("GET \(path) HTTP/1.1\r\nHost: \(host)\r\n\r\n")
+            return c.read()?.status
+        }
+        for path in ["/config_dump", "/clusters", "/stats/prometheus", "/plugins", "/ready"] {
+            XCTAssertEqual(status("attacker.example:\(px.admin)", path), 403, path)
+            XCTAssertEqual(status("127.0.0.1:\(px.admin)", path), 200, path)
+            XCTAssertEqual(status("localhost:\(px.admin)", path), 200, path)
+            XCTAssertEqual(status("[::1]:\(px.admin)", path), 200, path)
+        }
     }
 
     func test_clusters_onAnInboundOnlySidecar_saysNoClusters() throws {

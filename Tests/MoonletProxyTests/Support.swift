@@ -295,7 +295,7 @@ func get(_ c: RawClient, _ path: String = "/", headers: String = "") -> RawClien
 
 func adminGet(_ port: Int, _ path: String, method: String = "GET") -> RawClient.Response? {
     guard let c = try? RawClient(port: port) else { return nil }
-    c.send("\(method) \(path) HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n")
+    c.send("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nContent-Length: 0\r\n\r\n")
     return c.read()
 }
 
