@@ -1,4 +1,5 @@
 import MoonletCore
+import MoonletRegex
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -501,7 +502,11 @@ public final class RouteTable: @unchecked Sendable {
         // `rule` is a CompiledRoute (a class): its fields are read through it, where
         // binding an HTTPRouteRule to a local would copy every field of it.
         for (i, rule) in vh.compiled.enumerated() {
-            guard matches(rule, r) else { continue }
+            let hit: Bool
+            do throws(RegexMatchError) { hit = try matches(rule, r) } catch {
+                return .direct(status: 500, body: "route match failed: a regex of the route hit its match limit\n")
+            }
+            guard hit else { continue }
             if let f = rule.fault {
                 if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
             }
@@ -570,7 +575,8 @@ public final class RouteTable: @unchecked Sendable {
     /// and regex matches, or when no uri match applied).
     func rewritePrefix(_ rule: CompiledRoute, _ r: RouteRequest, to newPrefix: String) -> String {
         let (path, query) = Self.splitQuery(r.path)
-        for m in rule.matches where matchOne(m, r) {
+        // The rule matched already; a limit hit here cannot happen for the entry that did.
+        for m in rule.matches where (try? matchOne(m, r)) == true {
             if let u = m.uri, u.kind == .prefix {
                 return newPrefix + path.dropFirst(u.value.count) + query
             }
@@ -592,34 +598,38 @@ public final class RouteTable: @unchecked Sendable {
         return "\(scheme)://\(authority)\(path)"
     }
 
+    /// Whether `rule` matches `r`. A regex that hits its match limit throws: the caller
+    /// answers 500 rather than skip the rule (which could be a deny) and fall through.
     @inline(__always)
-    func matches(_ rule: CompiledRoute, _ r: RouteRequest) -> Bool {
+    func matches(_ rule: CompiledRoute, _ r: RouteRequest) throws(RegexMatchError) -> Bool {
         if rule.matches.isEmpty { return true }
-        for m in rule.matches where matchOne(m, r) { return true }
+        for m in rule.matches where try matchOne(m, r) { return true }
         return false
     }
 
-    func matchOne(_ m: RouteMatch, _ r: RouteRequest) -> Bool {
+    func matchOne(_ m: RouteMatch, _ r: RouteRequest) throws(RegexMatchError) -> Bool {
         if let u = m.uri {
             let path = Self.splitQuery(r.path).0
-            if !u.matches(path, ignoreCase: m.ignoreUriCase) { return false }
+            if try !u.test(path, ignoreCase: m.ignoreUriCase) { return false }
         }
-        if let s = m.scheme, !s.matches(r.scheme) { return false }
-        if let me = m.method, !me.matches(r.method) { return false }
-        if let a = m.authority, !a.matches(r.authority) { return false }
+        if let s = m.scheme, try !s.test(r.scheme) { return false }
+        if let me = m.method, try !me.test(r.method) { return false }
+        if let a = m.authority, try !a.test(r.authority) { return false }
         if let p = m.port, p != r.port { return false }
         for (name, sm) in m.headers {
             guard let v = r.header(name) else { return false }
-            if let sm, !sm.matches(v) { return false }
+            if let sm, try !sm.test(v) { return false }
         }
         for (name, sm) in m.withoutHeaders {
-            if let v = r.header(name) { if sm == nil || sm!.matches(v) { return false } }
+            guard let v = r.header(name) else { continue }
+            guard let sm else { return false }
+            if try sm.test(v) { return false }
         }
         if !m.queryParams.isEmpty {
             let q = Self.query(r.path)
             for (name, sm) in m.queryParams {
                 guard let v = q[name] else { return false }
-                if let sm, !sm.matches(v) { return false }
+                if let sm, try !sm.test(v) { return false }
             }
         }
         for (k, v) in m.sourceLabels where localLabels[k] != v { return false }

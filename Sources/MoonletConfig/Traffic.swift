@@ -24,6 +24,20 @@ public struct StringMatch: @unchecked Sendable {
         case .regex: return regex?.matches(s) ?? false
         }
     }
+
+    /// Like `matches`, but a regex that PCRE2 gave up on (its match or depth limit) throws
+    /// instead of reading as "no match": a route's decision must not fail open.
+    @inline(__always)
+    public func test(_ s: String, ignoreCase: Bool = false) throws(RegexMatchError) -> Bool {
+        guard kind == .regex, let regex else { return matches(s, ignoreCase: ignoreCase) }
+        var subject = s
+        var failure: RegexMatchError?
+        let found = subject.withUTF8 { p -> Bool in
+            do throws(RegexMatchError) { return try regex.search(UnsafeRawBufferPointer(p), from: 0) != nil } catch { failure = error; return false }
+        }
+        if let failure { throw failure }
+        return found
+    }
 }
 
 /// One `match` entry of an HTTP route: every field present must match (AND).

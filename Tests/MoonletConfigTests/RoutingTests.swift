@@ -380,3 +380,27 @@ final class RoutingExtrasTests: XCTestCase {
         XCTAssertEqual(Double(mirrored) / 2000, 0.5, accuracy: 0.06)
     }
 }
+
+/// A route regex that PCRE2 gives up on (its backtracking limit) must not read as "no
+/// match": a rule that denies would be skipped and the request routed on (fail open).
+final class RouteRegexLimitTests: XCTestCase {
+    func test_aRouteRegexAtItsMatchLimit_answers500_insteadOfFallingThroughToTheNextRule() throws {
+        let t = try RoutingTests.load(RoutingTests.vs("""
+          - match: [{headers: {x-user: {regex: "(a+)+b"}}}]
+            directResponse: {status: 403, body: {string: denied}}
+          - route: [{destination: {host: svc, subset: v1}}]
+        """))
+        var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
+        func outcome(_ user: String) -> RouteOutcome {
+            t.route(RouteRequest(method: "GET", path: "/", authority: "svc") { $0 == "x-user" ? user : nil }, random: &rng)
+        }
+        // Sanity: an ordinary value that matches is denied, one that does not is routed.
+        guard case .direct(status: 403, _) = outcome("aab") else { return XCTFail("the deny rule did not match aab") }
+        guard case .forward = outcome("zzz") else { return XCTFail("a non-matching value was not routed") }
+        // Catastrophic backtracking: 30 a's, then "bx" (b present, so PCRE2 cannot rule it out early).
+        let evil = String(repeating: "a", count: 30) + "bx"
+        guard case .direct(let status, let body) = outcome(evil) else { return XCTFail("a regex at its match limit fell through to the next rule") }
+        XCTAssertEqual(status, 500)
+        XCTAssertTrue(body.contains("match limit"), body)
+    }
+}
