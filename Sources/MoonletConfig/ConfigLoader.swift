@@ -112,10 +112,7 @@ public struct ConfigLoader {
 
         /// Istio's scope: the root namespace applies mesh-wide, otherwise the policy's
         /// namespace; a selector narrows it to workloads with those labels.
-        public func selects(_ w: WorkloadIdentity) -> Bool {
-            guard namespace.isEmpty || namespace == w.namespace || namespace == w.rootNamespace else { return false }
-            return (selector ?? [:]).allSatisfy { w.labels[$0.key] == $0.value }
-        }
+        public func selects(_ w: WorkloadIdentity) -> Bool { w.isSelected(namespace: namespace, matchLabels: selector ?? [:]) }
     }
 
     static func selectorLabels(_ spec: PositionedNode?) -> [String: String]? {

@@ -16,6 +16,14 @@ public struct MeshConfigFile: Sendable {
 
     public init() {}
 
+    /// The mesh config path from the environment: `MESH_CONFIG_FILE` (as Istio's
+    /// components name it) or `MOONLET_MESH_CONFIG`; nil when neither is set. One place for
+    /// `moonlet run` and `moonlet ca serve`.
+    public static func pathFromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> String? {
+        for name in ["MESH_CONFIG_FILE", "MOONLET_MESH_CONFIG"] { if let v = env[name], !v.isEmpty { return v } }
+        return nil
+    }
+
     /// Reads `path`; errors carry file:line:col.
     public static func load(path: String) throws -> MeshConfigFile {
         guard let d = FileManager.default.contents(atPath: path), let text = String(data: d, encoding: .utf8) else {
@@ -46,7 +54,7 @@ public struct MeshConfigFile: Sendable {
         guard let r = root else { return out }
         guard case .mapping(let top) = r else { throw ConfigErrors([ConfigError(file: file, line: r.mark?.line ?? 0, column: r.mark?.column ?? 0, message: "the mesh config is not a mapping")]) }
         func trustDomainName(_ n: Node, _ field: String) -> String? {
-            guard let s = n.string, !s.isEmpty, !s.contains("/"), !s.contains(where: { $0.isWhitespace || $0.isNewline }) else {
+            guard let s = n.string, MeshIdentity.isValidPart(s) else {
                 err(n, field, "not a trust domain (a name like cluster.local)"); return nil
             }
             return s

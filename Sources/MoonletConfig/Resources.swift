@@ -67,10 +67,16 @@ public struct LuaPluginSpec: Sendable {
         self.file = file; self.line = line
     }
 
-    public func applies(to w: WorkloadIdentity) -> Bool {
-        if !namespace.isEmpty && namespace != w.namespace && namespace != w.rootNamespace { return false }
-        for (k, v) in matchLabels where w.labels[k] != v { return false }
-        return true
+    public func applies(to w: WorkloadIdentity) -> Bool { w.isSelected(namespace: namespace, matchLabels: matchLabels) }
+}
+
+extension WorkloadIdentity {
+    /// Istio's scope of a policy in `namespace` with `selector.matchLabels`: the root
+    /// namespace applies mesh-wide, otherwise the policy's own namespace ("" counts as the
+    /// workload's); every selector label must be the workload's.
+    public func isSelected(namespace ns: String, matchLabels: [String: String]) -> Bool {
+        if !ns.isEmpty && ns != namespace && ns != rootNamespace { return false }
+        return matchLabels.allSatisfy { labels[$0.key] == $0.value }
     }
 }
 

@@ -272,4 +272,12 @@ public enum MeshIdentity {
     public static func spiffe(namespace: String, serviceAccount: String) -> String {
         "spiffe://\(trustDomain)/ns/\(namespace)/sa/\(serviceAccount)"
     }
+
+    /// Whether `s` can stand as a trust domain, namespace or service account in a SPIFFE
+    /// id: not empty, without "/", white space or control characters (it must round-trip
+    /// through `spiffe://td/ns/NS/sa/SA` and never reach a log line as a control byte).
+    /// The one rule for the CA, the mesh config, `--trust-domain` and SPIFFE ids.
+    public static func isValidPart(_ s: String) -> Bool {
+        !s.isEmpty && !s.unicodeScalars.contains { $0 == "/" || $0.properties.isWhitespace || $0.value < 0x20 || $0.value == 0x7f || (0x80...0x9f).contains($0.value) }
+    }
 }

@@ -259,10 +259,11 @@ public final class CAService: @unchecked Sendable {
     func handle(method: HTTPMethod, uri: String, authorization: String?, peer: SpiffeID?, peerProblem: String? = nil,
                 from: String = "?", body: Data) -> (HTTPResponseStatus, String) {
         func fail(_ s: HTTPResponseStatus, _ msg: String) -> (HTTPResponseStatus, String) {
-            logLimited(.decision, "ca: \(from): refused \(LogText.escape(uri)): \(msg)")
+            // `msg` is raw text: escaped once here for the log; the client escapes what it logs.
+            logLimited(.decision, "ca: \(from): refused \(LogText.escape(uri)): \(LogText.escape(msg))")
             return (s, "{\"error\":\(JSON.quote(msg))}")
         }
-        guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(LogText.escape(uri))") }
+        guard uri == "/v1/sign" else { return fail(.notFound, "unknown path \(uri)") }
         guard method == .POST else { return fail(.methodNotAllowed, "use POST") }
         guard let obj = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any], let csr = obj["csr"] as? String else {
             return fail(.badRequest, "body must be JSON with a \"csr\" field")
@@ -283,14 +284,14 @@ public final class CAService: @unchecked Sendable {
         guard let who = allowed else {
             return fail(.unauthorized, "no valid bootstrap token or mesh certificate" + (peerProblem.map { " (\($0))" } ?? ""))
         }
-        guard who == asked else { return fail(.forbidden, LogText.escape("caller \(who.uri) (by \(proof)) may not get a certificate for \(asked.uri)")) }
+        guard who == asked else { return fail(.forbidden, "caller \(who.uri) (by \(proof)) may not get a certificate for \(asked.uri)") }
         let ttl = min(maxTTL, (obj["ttl_seconds"] as? Double) ?? maxTTL)
         do {
             let leaf = try ca.signCSR(pem: csr, allowed: asked, ttl: ttl)
             logLimited(.decision, "ca: \(from): issued \(LogText.escape(asked.uri)) for \(Int(ttl))s (by \(proof))")
             return (.ok, "{\"cert_chain\":[\(JSON.quote(leaf)),\(JSON.quote(ca.rootCertPEM))]}")
         } catch {
-            return fail(.badRequest, LogText.escape("\(error)"))
+            return fail(.badRequest, "\(error)")
         }
     }
 

@@ -204,9 +204,7 @@ public struct MeshCA: Sendable {
     }
 
     /// A trust domain is a non-empty name without "/" or white space (it goes into SPIFFE ids).
-    static func isTrustDomain(_ td: String) -> Bool {
-        !td.isEmpty && !td.contains("/") && !td.contains(where: { $0.isWhitespace || $0.isNewline || $0.asciiValue.map { $0 < 0x20 || $0 == 0x7f } == true })
-    }
+    static func isTrustDomain(_ td: String) -> Bool { MeshIdentity.isValidPart(td) }
 
     /// Reads root-cert.pem and root-key.pem from `dir`; the trust domain is the root's O=
     /// (as `create` writes it), which must be a valid trust domain.

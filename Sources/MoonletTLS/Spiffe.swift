@@ -10,7 +10,7 @@ public struct SpiffeID: Hashable, Sendable, CustomStringConvertible {
 
     /// Builds an identity; nil when a part is empty or holds a "/" (it would not round-trip).
     public init?(trustDomain: String, namespace: String, serviceAccount: String) {
-        for p in [trustDomain, namespace, serviceAccount] where p.isEmpty || p.contains("/") || p.contains(where: { $0.isWhitespace }) { return nil }
+        for p in [trustDomain, namespace, serviceAccount] where !MeshIdentity.isValidPart(p) { return nil }
         self.trustDomain = trustDomain; self.namespace = namespace; self.serviceAccount = serviceAccount
     }
 
@@ -45,12 +45,13 @@ public struct SpiffeID: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Why a certificate has no SPIFFE id (nil when it has one), in words fit for a log.
+    /// Why a certificate has no SPIFFE id (nil when it has one), in words. Raw peer text:
+    /// escape it (LogText.escape) where it is logged.
     public static func whyNoIdentity(_ cert: NIOSSLCertificate) -> String? {
         let uris = uriSANs(cert)
-        if uris.count > 1 { return "certificate carries \(uris.count) URI SANs \(LogText.escape("\(uris)")); a SPIFFE certificate has exactly one" }
+        if uris.count > 1 { return "certificate carries \(uris.count) URI SANs \(uris); a SPIFFE certificate has exactly one" }
         if uris.count == 1, SpiffeID(uri: uris[0]) != nil { return nil }
-        return "certificate has no SPIFFE id (SANs: \(LogText.escape("\(subjectAltNames(cert))")))"
+        return "certificate has no SPIFFE id (SANs: \(subjectAltNames(cert)))"
     }
 
     /// Every URI and DNS SAN of a certificate, for logs and for SAN matching.

@@ -226,7 +226,7 @@ public struct TrustDomains: Sendable {
         // One pass over the SANs on the accepted path; the reason is worked out on refusal only.
         let uris = SpiffeID.uriSANs(cert)
         guard uris.count == 1, let id = SpiffeID(uri: uris[0]) else {
-            return .failure(PeerIdentityError(description: SpiffeID.whyNoIdentity(cert) ?? "certificate has no SPIFFE id"))
+            return .failure(PeerIdentityError(description: LogText.escape(SpiffeID.whyNoIdentity(cert) ?? "certificate has no SPIFFE id")))
         }
         guard accepted.contains(id.trustDomain) else {
             let aliases = accepted.count > 1 ? " nor one of its aliases (\(accepted.dropFirst().joined(separator: ", ")))" : ""

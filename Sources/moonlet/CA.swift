@@ -45,9 +45,10 @@ struct CA: ParsableCommand {
         }
     }
 
-    /// A timeout flag: a duration of at least a millisecond (zero would drop every connection).
+    /// A timeout flag: a duration from a millisecond (zero would drop every connection) to
+    /// a day (longer would hold a slot for good, and overflows a TimeAmount's nanoseconds far out).
     static func timeout(_ text: String, _ flag: String, example: String) throws -> TimeAmount {
-        guard let s = parseTTL(text), s >= 0.001 else { throw ValidationError("\(flag): a duration of at least 1ms, like \(example)") }
+        guard let s = parseTTL(text), s >= 0.001, s <= 86_400 else { throw ValidationError("\(flag): a duration from 1ms to 24h, like \(example)") }
         return .milliseconds(Int64(s * 1000))
     }
 
@@ -63,7 +64,7 @@ struct CA: ParsableCommand {
         @Option(help: "Time a client has to finish the TLS handshake") var handshakeTimeout: String = "10s"
         @Option(help: "Time a client has, after the handshake, to send its whole request") var requestTimeout: String = "10s"
         @Option(help: "An idle connection is closed after this") var idleTimeout: String = "60s"
-        @Option(help: "Istio MeshConfig file: its meshMTLS (minProtocolVersion, cipherSuites) applies to the CA's listener. Env: MOONLET_MESH_CONFIG") var meshConfig: String?
+        @Option(help: "Istio MeshConfig file: its meshMTLS (minProtocolVersion, cipherSuites) applies to the CA's listener. Env: MESH_CONFIG_FILE or MOONLET_MESH_CONFIG") var meshConfig: String?
         func run() throws {
             guard let life = parseTTL(maxTtl) else { throw ValidationError("--max-ttl: a duration like 24h") }
             let hs = try CA.timeout(handshakeTimeout, "--handshake-timeout", example: "10s")
@@ -76,7 +77,7 @@ struct CA: ParsableCommand {
             let limits = CAService.Limits(maxConnections: maxConnections, maxConnectionsPerAddress: maxConnectionsPerAddress,
                                           handshakeTimeout: hs, requestTimeout: request, idleTimeout: idle)
             var policy = MeshTLSSettings()
-            if let path = meshConfig ?? ProcessInfo.processInfo.environment["MOONLET_MESH_CONFIG"].flatMap({ $0.isEmpty ? nil : $0 }) {
+            if let path = meshConfig ?? MeshConfigFile.pathFromEnvironment() {
                 do { policy = try MeshConfigFile.load(path: path).tls } catch { throw ValidationError("--mesh-config: \(error)") }
             }
             let service = CAService(ca: authority, tokens: tokens, maxTTL: life, limits: limits, policy: policy) { line in

@@ -48,6 +48,22 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
     @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
+    /// Longest millisecond timeout a flag takes (30 days): deadlines are kept in nanoseconds,
+    /// and a larger value would overflow them.
+    static let maxTimeoutMs = 30 * 86_400 * 1000
+
+    /// A millisecond timeout from its flag or environment variable: 0 (none) up to 30 days.
+    func timeoutMs(_ flag: Int?, _ name: String, _ envName: String, default value: Int) throws -> Int {
+        var v = flag
+        if v == nil, let text = env(envName) {
+            guard let n = Int(text) else { throw ValidationError("\(envName): a number of milliseconds, got \"\(text)\"") }
+            v = n
+        }
+        guard let v else { return value }
+        guard (0...Self.maxTimeoutMs).contains(v) else { throw ValidationError("\(name): 0 (none) to \(Self.maxTimeoutMs) ms (30 days), got \(v)") }
+        return v
+    }
+
     func env(_ names: String...) -> String? {
         for n in names { if let v = ProcessInfo.processInfo.environment[n], !v.isEmpty { return v } }
         return nil
@@ -70,9 +86,10 @@ struct SidecarOptions: ParsableArguments {
         s.identity.namespace = namespace ?? env("POD_NAMESPACE") ?? "default"
         s.identity.serviceAccount = serviceAccount ?? env("SERVICE_ACCOUNT") ?? "default"
         s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
-        s.limits.streamTimeoutMs = streamTimeoutMs ?? env("MOONLET_STREAM_TIMEOUT_MS").flatMap(Int.init) ?? 0
-        s.limits.requestBodyIdleTimeoutMs = requestBodyIdleTimeoutMs ?? env("MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS").flatMap(Int.init) ?? s.limits.requestBodyIdleTimeoutMs
-        s.limits.requestTimeoutMs = requestTimeoutMs ?? env("MOONLET_REQUEST_TIMEOUT_MS").flatMap(Int.init) ?? s.limits.requestTimeoutMs
+        s.limits.streamTimeoutMs = try timeoutMs(streamTimeoutMs, "--stream-timeout-ms", "MOONLET_STREAM_TIMEOUT_MS", default: 0)
+        s.limits.requestBodyIdleTimeoutMs = try timeoutMs(requestBodyIdleTimeoutMs, "--request-body-idle-timeout-ms", "MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS",
+                                                          default: s.limits.requestBodyIdleTimeoutMs)
+        s.limits.requestTimeoutMs = try timeoutMs(requestTimeoutMs, "--request-timeout-ms", "MOONLET_REQUEST_TIMEOUT_MS", default: s.limits.requestTimeoutMs)
         if let v = headersWithUnderscores ?? env("MOONLET_HEADERS_WITH_UNDERSCORES") {
             guard let a = UnderscoreHeaderAction(rawValue: v) else { throw ValidationError("--headers-with-underscores must be allow, drop or reject, got \(v)") }
             s.limits.headersWithUnderscores = a
@@ -81,7 +98,7 @@ struct SidecarOptions: ParsableArguments {
         s.caAddress = caAddress ?? env("CA_ADDR")
         s.caTokenFile = caTokenFile ?? env("MOONLET_CA_TOKEN_FILE")
         s.caIdentity = caIdentity ?? env("MOONLET_CA_IDENTITY")
-        if let path = meshConfig ?? env("MESH_CONFIG_FILE", "MOONLET_MESH_CONFIG") {
+        if let path = meshConfig ?? MeshConfigFile.pathFromEnvironment() {
             do {
                 let mesh = try MeshConfigFile.load(path: path)
                 s.meshTLS = mesh.tls

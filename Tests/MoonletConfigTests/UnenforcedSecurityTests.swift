@@ -41,7 +41,7 @@ final class UnenforcedSecurityTests: XCTestCase {
             return XCTFail("an AuthorizationPolicy that Moonlet does not enforce was accepted for the workload it selects")
         }
         XCTAssertEqual(e.errors.count, 1)
-        let msg = e.errors[0].description
+        let msg = e.errors.first?.description ?? ""
         XCTAssertTrue(msg.contains("p.yaml:1:1: AuthorizationPolicy production/order-service-policy: kind: AuthorizationPolicy is not enforced"), msg)
     }
 
@@ -54,14 +54,14 @@ final class UnenforcedSecurityTests: XCTestCase {
         guard case .failure(let e) = load(jwt, namespace: "anything", labels: [:]) else {
             return XCTFail("a mesh-wide RequestAuthentication was skipped as an unsupported kind")
         }
-        XCTAssertTrue(e.errors[0].description.contains("RequestAuthentication is not enforced"), e.description)
+        XCTAssertTrue(e.errors.first?.description.contains("RequestAuthentication is not enforced") == true, e.description)
     }
 
     func test_validate_refusesEveryUnenforcedSecurityResource_whateverItSelects() {
         guard case .failure(let e) = load(seedPolicy, namespace: "default", labels: [:], scope: .anyWorkload) else {
             return XCTFail("moonlet validate called an unenforced AuthorizationPolicy valid")
         }
-        XCTAssertTrue(e.errors[0].description.contains("a sidecar whose workload it selects will not start"), e.description)
+        XCTAssertTrue(e.errors.first?.description.contains("a sidecar whose workload it selects will not start") == true, e.description)
     }
 
     func test_policyWithoutNamespace_istakenAsTheWorkloadsOwn_soTheCheckFailsClosed() {

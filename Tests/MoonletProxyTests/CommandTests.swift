@@ -159,11 +159,23 @@ final class CommandTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: d + "/w").sorted(), ["cert-chain.pem", "key.pem", "root-cert.pem"])
     }
 
-    func test_caServe_refusesTimeoutsBelowOneMillisecond_namingTheFlag() throws {
-        for (flag, value) in [("--handshake-timeout", "0s"), ("--handshake-timeout", "0.0001s"), ("--idle-timeout", "0.0004s")] {
+    func test_caServe_refusesTimeoutsBelowOneMillisecondOrAboveADay_namingTheFlag() throws {
+        // Below 1ms every connection would be dropped; far above, the nanosecond TimeAmount overflows (a trap).
+        for (flag, value) in [("--handshake-timeout", "0s"), ("--handshake-timeout", "0.0001s"), ("--idle-timeout", "0.0004s"),
+                              ("--idle-timeout", "99999999999h"), ("--request-timeout", "2d")] {
             let (rc, out) = try run(["ca", "serve", "--ca", "/nonexistent", "--port", "0", flag, value])
             XCTAssertNotEqual(rc, 0)
-            XCTAssertTrue(out.contains("\(flag): a duration of at least 1ms"), out)
+            XCTAssertTrue(out.contains("\(flag): a duration from 1ms to 24h"), out)
+        }
+    }
+
+    func test_runTimeoutFlags_outsideZeroToThirtyDays_areRefusedNamingTheFlag_insteadOfOverflowingADeadline() throws {
+        for flag in ["--request-timeout-ms", "--request-body-idle-timeout-ms", "--stream-timeout-ms"] {
+            for value in ["-1", "99999999999999"] {
+                let (rc, out) = try run(["run", "--config", "/nonexistent", "\(flag)=\(value)"])
+                XCTAssertNotEqual(rc, 0)
+                XCTAssertTrue(out.contains("\(flag): 0 (none) to 2592000000 ms (30 days)"), out)
+            }
         }
     }
 
