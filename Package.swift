@@ -45,7 +45,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: hot),
         .target(name: "MoonletConfig", dependencies: [
-            "MoonletCore", "MoonletRegex",
+            "MoonletCore", "MoonletHTTP", "MoonletRegex",
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: v5),
         .target(name: "MoonletTelemetry", dependencies: [
@@ -98,7 +98,7 @@ let package = Package(
         ], swiftSettings: v5),
         .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
         .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
-        .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore"], swiftSettings: v5),
+        .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore", "MoonletHTTP"], swiftSettings: v5),
         .testTarget(name: "MoonletTLSTests", dependencies: [
             "MoonletTLS", "MoonletCore",
             .product(name: "X509", package: "swift-certificates"),

@@ -1,16 +1,19 @@
 import Yams
 import MoonletCore
+import MoonletHTTP
 #if canImport(Foundation)
 import Foundation
 #endif
 
 /// Istio's MeshConfig (`moonlet run --mesh-config FILE`): the keys Moonlet applies are
 /// `trustDomain`, `trustDomainAliases`, `caCertificates` (`pem`, `trustDomains`) and
-/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`). Every other key is read and listed in `notApplied`, for a note at
+/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`) and `pathNormalization.normalization`. Every other key is read and listed in `notApplied`, for a note at
 /// start. The file is either the MeshConfig itself or the `istio` ConfigMap holding it
 /// under `data.mesh`, as Istio keeps it.
 public struct MeshConfigFile: Sendable {
     public var tls = MeshTLSSettings()
+    /// `pathNormalization.normalization`: BASE unless set (Istio's DEFAULT is BASE).
+    public var pathNormalization: PathNormalization = .base
     /// Keys present but not applied by Moonlet (dotted paths).
     public var notApplied: [String] = []
 
@@ -113,6 +116,16 @@ public struct MeshConfigFile: Sendable {
                     default:
                         out.notApplied.append(field)
                     }
+                }
+            case "pathNormalization":
+                guard case .mapping(let m) = v else { err(v, key, "expected a mapping with normalization"); continue }
+                for (mk, mv) in m {
+                    let field = "pathNormalization.\(mk.string ?? "")"
+                    guard mk.string == "normalization" else { out.notApplied.append(field); continue }
+                    let name = mv.string ?? ""
+                    if name == "DEFAULT" { out.pathNormalization = .base }
+                    else if let mode = PathNormalization(rawValue: name) { out.pathNormalization = mode }
+                    else { err(mv, field, "unknown mode \"\(name)\" (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES or DEFAULT)") }
                 }
             default:
                 out.notApplied.append(key)

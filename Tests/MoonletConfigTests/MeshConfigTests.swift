@@ -1,5 +1,6 @@
 import XCTest
 import MoonletCore
+import MoonletHTTP
 @testable import MoonletConfig
 
 /// `moonlet run --mesh-config`: Istio's MeshConfig keys Moonlet applies, the rest noted.
@@ -75,6 +76,19 @@ final class MeshConfigTests: XCTestCase {
         XCTAssertThrowsError(try MeshConfigFile.parse("caCertificates:\n- pem: hello\n  trustDomains: [a b]\n", file: "mesh.yaml")) { e in
             XCTAssertTrue("\(e)".contains("mesh.yaml:2:8: caCertificates[0].pem: expected PEM certificates"), "\(e)")
             XCTAssertTrue("\(e)".contains("caCertificates[0].trustDomains[0]: not a trust domain"), "\(e)")
+        }
+    }
+
+    func test_meshConfig_pathNormalization_selectsTheMode_defaultsToBase_andRefusesAnUnknownModeWithFileAndLine() throws {
+        XCTAssertEqual(try MeshConfigFile.parse("enableTracing: true\n", file: "m.yaml").pathNormalization, .base)
+        for (name, mode) in [("NONE", PathNormalization.none), ("BASE", .base), ("MERGE_SLASHES", .mergeSlashes),
+                             ("DECODE_AND_MERGE_SLASHES", .decodeAndMergeSlashes), ("DEFAULT", .base)] {
+            let m = try MeshConfigFile.parse("pathNormalization:\n  normalization: \(name)\n", file: "m.yaml")
+            XCTAssertEqual(m.pathNormalization, mode, name)
+            XCTAssertEqual(m.notApplied, [], name)
+        }
+        XCTAssertThrowsError(try MeshConfigFile.parse("trustDomain: a.example\npathNormalization:\n  normalization: MERGE\n", file: "mesh.yaml")) { e in
+            XCTAssertTrue("\(e)".contains("mesh.yaml:3:18: pathNormalization.normalization: unknown mode \"MERGE\""), "\(e)")
         }
     }
 }
