@@ -48,6 +48,25 @@ final class PathNormalizationTests: XCTestCase {
     func test_istioVectors_everyPercentEncodedByte_isDecodedOnlyWhenUnreservedOrASlash() throws { try runGroup("PercentEncoded") }
     func test_istioVectors_anEscapedNul_isRejected() throws { try runGroup("Invalid") }
 
+    /// TestAuthz_PathNormalization: under BASE, an ALLOW rule for paths "/public*" must match
+    /// the normalized path exactly when Istio allows the request.
+    func test_istioAuthzVectors_underBase_thePublicPrefixMatchesTheNormalizedPathOnlyWhenAllowed() throws {
+        let path = Self.vectorsPath
+        guard let data = FileManager.default.contents(atPath: path) else { throw XCTSkip("vectors not found at \(path)") }
+        let root = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let cases = try XCTUnwrap((root["TestAuthz_PathNormalization"] as? [String: Any])?["cases"] as? [[String: Any]])
+        XCTAssertFalse(cases.isEmpty)
+        var passed = 0
+        for c in cases {
+            let input = try XCTUnwrap(c["path"] as? String), allow = try XCTUnwrap(c["allow"] as? Bool)
+            let normalized = Self.outcome(.base, input)
+            if normalized.hasPrefix("/public") == allow { passed += 1 } else {
+                XCTFail("authz: \(input) normalized to \(normalized), expected allow=\(allow)")
+            }
+        }
+        print("PathNormalization TestAuthz_PathNormalization: \(passed)/\(cases.count) vectors passed")
+    }
+
     func test_anEscapedNulInThePath_isRejectedInEveryMode() {
         for mode in PathNormalization.allCases {
             XCTAssertEqual(mode.normalize("/a%00b"), .rejected, mode.rawValue)
