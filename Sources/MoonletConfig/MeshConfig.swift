@@ -126,6 +126,9 @@ public struct MeshConfigFile: Sendable {
                     if name == "DEFAULT" { out.pathNormalization = .base }
                     else if let mode = PathNormalization(rawValue: name) { out.pathNormalization = mode }
                     else { err(mv, field, "unknown mode \"\(name)\" (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES or DEFAULT)") }
+                    // Checked, but the request path is not normalized yet (docs/path-normalization.md):
+                    // said at start rather than taken silently.
+                    out.notApplied.append("\(field) (checked; requests are not normalized yet)")
                 }
             default:
                 out.notApplied.append(key)
