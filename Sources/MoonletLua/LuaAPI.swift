@@ -303,8 +303,10 @@ enum LuaAPI {
         }
         let done: Bool? = withHead(L) { head, _ in
             // What filters add is held per head outside the VM: bounded in count and bytes.
-            guard head.added.count < maxAddedHeaders,
-                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count }) <= maxAddedHeaderBytes
+            // The proxy's own lines, added before the filter chain started, are not counted.
+            guard head.added.count - head.addedBeforeFilters < maxAddedHeaders,
+                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count })
+                    - head.addedBytesBeforeFilters <= maxAddedHeaderBytes
             else { return false }
             if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             if lower == "host" { head.hostIndex = -1 }

@@ -493,13 +493,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             head.addLowercased("x-forwarded-for", peerIP)
         }
         if mtls {
-            if forwardedProto >= 0 { head.fields[forwardedProto].removed = true }
+            // Every client value: a second x-forwarded-proto would sit next to the proxy's.
+            if forwardedProto >= 0 { head.removeAll(of: .xForwardedProto) }
             head.addLowercased("x-forwarded-proto", "https")
             appendClientCert(&head)
         } else {
             if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
             if clientCert { head.removeAll(of: .xForwardedClientCert) }
         }
+        head.markFiltersStart()
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
         // runs right after channelRead or finishStream set it), so the clock is not read again.
@@ -1055,6 +1057,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             s.response = consume head
             return
         }
+        head.markFiltersStart()
         s.response = consume head
         if chain.runResponse(s) == .respond, s.localReply != nil {
             // A response filter replaced the upstream response.
@@ -1067,7 +1070,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let edited = s.response.take()!
         // The filters' edits are checked as a local reply's are: none is written if the
         // head would break the client's framing or limits; a clean 500 goes instead.
-        if let why = LocalReplyCheck.problem(edited, limits: limits, extra: 3) {
+        if let why = LocalReplyCheck.problem(edited, limits: limits) {
             if let u = upstream { u.abandon(); upstream = nil }
             _ = rejectLocalReply(s, why)
             sendLocalReply()
@@ -1230,7 +1233,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         let close = closeAfterResponse
         let clientMinor = s.request.versionMinor
-        if let why = LocalReplyCheck.problem(head, limits: limits, extra: close || clientMinor == 0 ? 2 : 1) {
+        if let why = LocalReplyCheck.problem(head, limits: limits) {
             reply = rejectLocalReply(s, why)
             head = localHead(&reply, s)
         }

@@ -37,13 +37,15 @@ enum LocalReplyCheck {
     }
 
     /// Why the head a response filter left (on a local reply or an upstream response)
-    /// cannot be sent, or nil. `extra`: header lines the proxy adds when writing it.
-    static func problem(_ head: HTTPHead, limits: ProxyLimits, extra: Int) -> String? {
+    /// cannot be sent, or nil. A head nothing was added to is sent as received (the
+    /// upstream parser took it, removals only shrink it); the lines the proxy writes
+    /// itself (date, server, framing) are not counted against the parser's limit.
+    static func problem(_ head: HTTPHead, limits: ProxyLimits) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
-        var count = extra + head.added.count
+        guard !head.added.isEmpty else { return nil }
+        var count = head.added.count
         for f in head.fields where !f.removed { count += 1 }
         guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
-        guard !head.added.isEmpty else { return nil }
         // The head as received (removed lines included: an upper bound) and what filters added.
         var bytes = head.bytes.readableBytes
         for a in head.added {

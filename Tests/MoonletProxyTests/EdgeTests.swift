@@ -310,6 +310,56 @@ final class EdgeTests: XCTestCase {
         }
     }
 
+    /// An upstream response the parser took (up to 100 header lines), that no filter
+    /// edited, is forwarded as it is when filters are configured: the proxy's own lines
+    /// are not counted against the limit.
+    func test_anUneditedUpstreamResponseWith98Headers_isForwarded_whenAFilterIsConfigured() throws {
+        let many = try TestUpstream { _ in TestUpstream.Reply(headers: (1...97).map { ("x-h\($0)", "v") }, body: "ok many") }
+        defer { many.stop() }
+        let px = try ProxyFixture(appPort: many.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c, "/many"))
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.body, "ok many")
+        XCTAssertEqual(r.header("x-h97"), "v")
+    }
+
+    /// The proxy's own lines sized by the client (its x-forwarded-for merged with the
+    /// peer's address) do not use up what a filter may add: a 16 KiB set still works
+    /// after a 50 KiB x-forwarded-for.
+    func test_aClientsLargeForwardedFor_doesNotUseUpWhatAFilterMayAdd() throws {
+        let lua = """
+        local f = {}
+        function f.on_request(s) s.request.headers:set("x-big", ("b"):rep(16 * 1024)) end
+        return f
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["big.lua": lua, "big.yaml": ProxyFixture.plugin("big")])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c, "/big", headers: "x-forwarded-for: \(String(repeating: "1", count: 50 * 1024))\r\n"))
+        XCTAssertEqual(r.status, 200, r.body)
+        XCTAssertEqual(up.seen.first?.headers["x-big"].first?.count, 16 * 1024)
+    }
+
+    /// Over mTLS every x-forwarded-proto the client sent is removed, not only the first:
+    /// the app sees the proxy's `https` alone.
+    func test_overMutualTLS_everyClientForwardedProtoIsReplacedByHTTPS() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let px = try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                                  concurrency: 1) { s in
+            s.certsDirectory = try? pki.issue("production", "orders")
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+        defer { px.stop() }
+        let client = try pki.issue("default", "frontend")
+        let out = try runTool("curl", ["-s", "-k", "--http1.1", "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem",
+                                       "-H", "X-Forwarded-Proto: http", "-H", "x-forwarded-proto: ws", "https://127.0.0.1:\(px.inbound)/proto"])
+        XCTAssertEqual(out, "ok /proto")
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-proto"], ["https"])
+    }
+
     // MARK: request body idle timeout
 
     func test_aRequestBodyThatStalls_gets408_whenTheBodyIdleTimeoutEnds() throws {
