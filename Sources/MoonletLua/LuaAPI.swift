@@ -292,7 +292,8 @@ enum LuaAPI {
         guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let vb = bytes(L, 3) ?? (lua_type(L, 3) == LUA_TNUMBER ? { _ = lua_tolstring(L, 3, nil); return bytes(L, 3) }() : nil) else {
             return fail(L, "headers:\(fn)(\(lower), value): value must be a string")
         }
-        for c in vb where c == 0 || c == 10 || c == 13 { return fail(L, "headers:\(fn)(\(lower), value): value contains CR, LF or NUL") }
+        // The parser's field-value rule (HeaderValidation.isFieldValue): no control byte but HTAB, no DEL.
+        for c in vb where (c < 32 && c != 9) || c == 127 { return fail(L, "headers:\(fn)(\(lower), value): value contains a control character (CR, LF, NUL, DEL...)") }
         guard vb.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(lower), value): value longer than 16 KiB") }
         let v = String(decoding: vb, as: UTF8.self)
         if let why = managedHeader(lower) { return fail(L, "headers:\(fn)(\(lower)): \(why)") }
@@ -405,7 +406,7 @@ enum LuaAPI {
                 guard let n = str(L, -2), HeaderValidation.isToken(n), let v = str(L, -1) else {
                     ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
                 }
-                guard HeaderValidation.isValidValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains CR, LF or NUL") }
+                guard HeaderValidation.isFieldValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains a control character (CR, LF, NUL, DEL...)") }
                 let lower = n.lowercased()
                 if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
                 guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }

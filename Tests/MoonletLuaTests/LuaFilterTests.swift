@@ -121,7 +121,27 @@ final class LuaFilterTests: XCTestCase {
         XCTAssertEqual(c.runRequest(s), .continue)
         XCTAssertNil(s.request.first("x-a"))
         XCTAssertNil(s.request.first("x-evil"))
-        XCTAssertTrue(host.statuses().first?.lastError?.contains("CR, LF or NUL") ?? false, "\(host.statuses())")
+        XCTAssertTrue(host.statuses().first?.lastError?.contains("control character") ?? false, "\(host.statuses())")
+        finish(s, c)
+    }
+
+    /// The binding checks values by the parser's rule: any control byte but HTAB, or DEL,
+    /// is a Lua error under the plugin's failStrategy (not a 500 from the proxy's check later).
+    func test_anyControlByteOrDELInAHeaderValue_raisesInTheFilter_forSetAddAndRespond() throws {
+        for (i, code) in ["s.request.headers:set(\"x-a\", \"a\\1b\")", "s.request.headers:add(\"x-a\", \"a\\127b\")",
+                          "s:respond(200, \"b\", { [\"x-a\"] = \"a\\27b\" })"].enumerated() {
+            let c = try chain([spec("ctl\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
+            let s = stream()
+            XCTAssertEqual(c.runRequest(s), .continue, code)
+            XCTAssertNil(s.request.first("x-a"), code)
+            XCTAssertNil(s.localReply, code)
+            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains("control character") ?? false }, "\(code): \(host.statuses())")
+            finish(s, c)
+        }
+        let c = try chain([spec("tab", "return { on_request = function(s) s.request.headers:set(\"x-a\", \"a\\tb\") end }", fail: .failOpen)])
+        let s = stream()
+        XCTAssertEqual(c.runRequest(s), .continue)
+        XCTAssertEqual(s.request.first("x-a"), "a\tb", "HTAB is allowed")
         finish(s, c)
     }
 
