@@ -326,12 +326,7 @@ enum LuaAPI {
     /// hop-by-hop headers are the proxy's: each hop gets its own (RFC 9110 §7.6.1).
     @inline(__always)
     static func managedHeader(_ lower: String) -> String? {
-        switch lower {
-        case "content-length", "transfer-encoding", "connection", "te", "upgrade", "expect", "keep-alive", "proxy-connection":
-            return "framing and hop-by-hop headers are managed by the proxy"
-        default:
-            return nil
-        }
+        ManagedHeaders.isFramingOrHopByHop(lower) ? "framing and hop-by-hop headers are managed by the proxy" : nil
     }
 
     /// A Host value by the parser's rule (host[:port], port 1-65535): nothing the edge

@@ -438,7 +438,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             let name = head.lowercasedName(at: i)
             guard name.utf8.contains(95) else { continue }
             if action == .reject { return HTTPParseError(400, "header name with an underscore") }
-            if action == .drop || Self.isProxyManaged(String(name.map { $0 == "_" ? "-" : $0 })) {
+            if action == .drop || ManagedHeaders.isProxySet(String(name.map { $0 == "_" ? "-" : $0 })) {
                 head.fields[i].removed = true
                 ctx.metrics.count("moonlet_downstream_underscore_headers_dropped_total")
             }
@@ -446,12 +446,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         return nil
     }
 
-    /// Headers the proxy sets or trusts from itself (Envoy's x-forwarded-*, x-request-id,
-    /// x-envoy-*, and the tracing headers).
-    static func isProxyManaged(_ lowercased: String) -> Bool {
-        lowercased.hasPrefix("x-forwarded-") || lowercased == "x-request-id" || lowercased.hasPrefix("x-envoy-")
-            || lowercased.hasPrefix("x-b3-") || lowercased == "x-ot-span-context" || lowercased == "x-client-trace-id"
-    }
 
     func startStream(_ headIn: consuming HTTPHead) {
         var head = consume headIn

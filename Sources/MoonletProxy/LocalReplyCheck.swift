@@ -7,13 +7,11 @@ import MoonletCore
 /// connection header, more header lines or bytes than the limits allow) is replaced by
 /// a clean 500, so the client never reads part of one reply as the next response.
 enum LocalReplyCheck {
-    /// Fields the proxy frames itself: a filter may not set them on a local reply
-    /// (content-length is dropped and recomputed instead, see `localHead`).
+    /// Fields the proxy frames itself (ManagedHeaders' framing and hop-by-hop list): a
+    /// filter may not set them on a local reply; content-length is dropped and recomputed
+    /// instead, see `localHead`.
     static func isFramingField(_ lowercased: String) -> Bool {
-        switch lowercased {
-        case "transfer-encoding", "connection", "keep-alive", "upgrade", "proxy-connection", "te", "trailer": return true
-        default: return false
-        }
+        lowercased != "content-length" && ManagedHeaders.isFramingOrHopByHop(lowercased)
     }
 
     /// Why `r` cannot be sent as it is, or nil when it can.

@@ -125,6 +125,23 @@ final class LuaFilterTests: XCTestCase {
         finish(s, c)
     }
 
+    /// One list of framing and hop-by-hop headers (MoonletHTTP's ManagedHeaders) for the
+    /// binding and the local-reply check: trailer is refused by s:respond and headers:set
+    /// in the filter, not turned into a 500 by the proxy afterwards.
+    func test_trailerAndExpect_areRefusedByTheBinding_asTheLocalReplyCheckRefusesThem() throws {
+        for (i, code) in ["s:respond(200, \"b\", { trailer = \"x\" })", "s.request.headers:set(\"trailer\", \"x\")",
+                          "s:respond(200, \"b\", { expect = \"100-continue\" })"].enumerated() {
+            let c = try chain([spec("managed\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
+            let s = stream()
+            XCTAssertEqual(c.runRequest(s), .continue, code)
+            XCTAssertNil(s.localReply, code)
+            XCTAssertNil(s.request.first("trailer"), code)
+            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains("managed by the proxy") ?? false }, "\(code): \(host.statuses())")
+            finish(s, c)
+        }
+        XCTAssertTrue(ManagedHeaders.isFramingOrHopByHop("trailer") && ManagedHeaders.isFramingOrHopByHop("expect"))
+    }
+
     /// The binding checks values by the parser's rule: any control byte but HTAB, or DEL,
     /// is a Lua error under the plugin's failStrategy (not a 500 from the proxy's check later).
     func test_anyControlByteOrDELInAHeaderValue_raisesInTheFilter_forSetAddAndRespond() throws {
