@@ -221,6 +221,14 @@ public struct HTTPHead: Sendable {
         added.append((name, value))
     }
 
+    /// Replaces Host (every Host line) with one value, which the caller validated: the
+    /// one way the proxy and filters set it, so `host` and `hostIndex` always agree.
+    public mutating func setHost(_ value: String) {
+        if hostIndex >= 0 { fields[hostIndex].removed = true; hostIndex = -1 }
+        removeLowercased("host")
+        addLowercased("host", value)
+    }
+
     /// Notes what `added` holds now, before filters run (see `addedBeforeFilters`).
     public mutating func markFiltersStart() {
         addedBeforeFilters = added.count

@@ -137,10 +137,7 @@ enum LuaAPI {
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
             else if kw("path") { push(L, s.request.target) }
             else if kw("method") { push(L, s.request.method) }
-            else if kw("authority") {
-                if s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed { push(L, s.request.value(at: s.request.hostIndex)) }
-                else { push(L, s.request.first("host") ?? "") }
-            }
+            else if kw("authority") { push(L, s.request.host) }
             else if kw("scheme") { push(L, "http") }
             else if kw("protocol") { push(L, s.protocolName) }
             else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }
@@ -185,10 +182,10 @@ enum LuaAPI {
             }
             s.request.targetOverride = v
         case (.request, "authority"):
-            guard let v = str(L, 3), v.utf8.withContiguousStorageIfAvailable({ isHostValue(UnsafeRawBufferPointer($0)) }) ?? false else {
+            guard let v = str(L, 3), v.utf8.count <= 16 * 1024, v.utf8.withContiguousStorageIfAvailable({ isHostValue(UnsafeRawBufferPointer($0)) }) ?? false else {
                 return fail(L, "request.authority: not a valid host[:port]")
             }
-            s.request.set("host", v)
+            s.request.setHost(v)
         case (.route, "cluster"), (.route, "host"), (.route, "subset"):
             guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
             if k == "cluster" { s.route.cluster = v } else if k == "host" { s.route.host = v } else { s.route.subset = v }
@@ -309,8 +306,8 @@ enum LuaAPI {
                   head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count })
                     - head.addedBytesBeforeFilters <= maxAddedHeaderBytes
             else { return false }
-            if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
-            if lower == "host" { head.hostIndex = -1 }
+            if lower == "host" { head.setHost(v) }
+            else if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             return true
         }
         guard let done else { return fail(L, outside) }
@@ -332,7 +329,7 @@ enum LuaAPI {
     /// A Host value by the parser's rule (host[:port], port 1-65535): nothing the edge
     /// would refuse, nothing that could make the upstream see another target.
     static func isHostValue(_ v: UnsafeRawBufferPointer) -> Bool {
-        v.count <= 255 && HTTPHeadParser.isValidHost(v)
+        HTTPHeadParser.isValidHost(v)
     }
 
     /// Why removing `lower` from the headers at index 1 is refused: framing and
@@ -582,8 +579,7 @@ enum LuaAPI {
         if s.listener == "inbound" { lua_pushstring(L, "forward"); return 1 }
         guard let cfg = s.config else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
         let snap = unsafeDowncast(cfg, to: ConfigSnapshot.self)
-        let host = s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
-        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: host) { name in s.request.first(name) }
+        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: s.request.host) { name in s.request.first(name) }
         req.port = s.destination.port
         switch snap.routes.route(req, random: &vm.rng) {
         case .forward(let f):

@@ -561,20 +561,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if http2Stream { return HTTPParseError(400, ":path is not origin-form") }
             let path = head.string(head.targetPathRange)
             head.targetOverride = path.isEmpty ? "/" : path.utf8.first == UInt8(ascii: "?") ? "/" + path : path
-            setHost(&head, head.string(head.targetAuthorityRange))
+            head.setHost(head.string(head.targetAuthorityRange))
             return nil
         }
         if head.hostIndex < 0 || head.fields[head.hostIndex].valueLength == 0 {
             if http2Stream { return HTTPParseError(400, "request has neither :authority nor host") }
-            setHost(&head, destinationAuthority())
+            head.setHost(destinationAuthority())
         }
         return nil
     }
 
-    func setHost(_ head: inout HTTPHead, _ value: String) {
-        if head.hostIndex >= 0 { head.fields[head.hostIndex].removed = true; head.hostIndex = -1 }
-        head.addLowercased("host", value)
-    }
 
     /// host:port of where the client's request goes: the app on the inbound listener,
     /// the address the client connected to on the outbound one.

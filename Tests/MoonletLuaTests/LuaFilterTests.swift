@@ -142,6 +142,29 @@ final class LuaFilterTests: XCTestCase {
         XCTAssertTrue(ManagedHeaders.isFramingOrHopByHop("trailer") && ManagedHeaders.isFramingOrHopByHop("expect"))
     }
 
+    /// s.request.authority and headers:set("host") both go through HTTPHead.setHost, by
+    /// the parser's Host rule only (no length limit of their own): one Host line after,
+    /// read back the same way by both.
+    func test_settingTheAuthorityOrTheHostHeader_leavesOneHost_byTheParsersRuleAlone() throws {
+        let long = String(repeating: "a", count: 300) + ".example:8080"
+        for (i, code) in ["s.request.authority = v", "s.request.headers:set(\"host\", v)"].enumerated() {
+            let c = try chain([spec("host\(i)", """
+            return { on_request = function(s)
+              local v = s.request.headers:get("x-v")
+              \(code)
+              s.request.headers:set("x-read", s.request.authority .. "|" .. s.request.headers:get("host"))
+            end }
+            """)])
+            let s = stream("GET /p HTTP/1.1\r\nHost: svc\r\nX-V: \(long)\r\n\r\n")
+            XCTAssertEqual(c.runRequest(s), .continue, "\(code): \(host.statuses())")
+            XCTAssertEqual(s.request.host, long, code)
+            XCTAssertEqual(s.request.hostIndex, -1, code)
+            XCTAssertEqual(s.request.allFields().filter { $0.name.lowercased() == "host" }.map(\.value), [long], code)
+            XCTAssertEqual(s.request.first("x-read"), long + "|" + long, code)
+            finish(s, c)
+        }
+    }
+
     /// The binding checks values by the parser's rule: any control byte but HTAB, or DEL,
     /// is a Lua error under the plugin's failStrategy (not a 500 from the proxy's check later).
     func test_anyControlByteOrDELInAHeaderValue_raisesInTheFilter_forSetAddAndRespond() throws {
