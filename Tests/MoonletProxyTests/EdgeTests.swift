@@ -2,6 +2,7 @@ import XCTest
 import NIOCore
 @testable import MoonletProxy
 import MoonletConfig
+import MoonletCore
 
 /// The untrusted edge: request targets and Host, local replies that would break framing,
 /// stalled request bodies, X-Forwarded-Client-Cert, the admin listener.
@@ -291,6 +292,29 @@ final class EdgeTests: XCTestCase {
                                            "http://127.0.0.1:\(px.inbound)/bad"])
             XCTAssertTrue(out.hasSuffix(" 500") && !out.contains("intended"), "\(what): \(out)")
         }
+    }
+
+    /// The proxy's own check of a local reply, on replies built without the Lua binding
+    /// (whose argument checks refuse most of these first in the tests above): each bad
+    /// reply is named, a good one passes.
+    func test_localReplyCheck_refusesBadRepliesBuiltWithoutTheBinding() {
+        let limits = ProxyLimits()
+        var many: [(name: String, value: String)] = []
+        for i in 1...120 { many.append((name: "x-h\(i)", value: "v")) }
+        let bad: [(String, LocalReply)] = [
+            ("interim", LocalReply(status: 100, body: "")),
+            ("out of range", LocalReply(status: 600, body: "")),
+            ("many", LocalReply(status: 200, body: "b", headers: many)),
+            ("huge", LocalReply(status: 200, body: "b", headers: [("x-big", String(repeating: "a", count: 70 * 1024))])),
+            ("te", LocalReply(status: 200, body: "b", headers: [("transfer-encoding", "chunked")])),
+            ("trailer", LocalReply(status: 200, body: "b", headers: [("trailer", "x")])),
+            ("expect", LocalReply(status: 200, body: "b", headers: [("expect", "100-continue")])),
+            ("ctl", LocalReply(status: 200, body: "b", headers: [("x-a", "a\u{1}b")])),
+            ("del", LocalReply(status: 200, body: "b", headers: [("x-a", "a\u{7f}b")])),
+            ("name", LocalReply(status: 200, body: "b", headers: [("x a", "v")])),
+        ]
+        for (what, r) in bad { XCTAssertNotNil(LocalReplyCheck.problem(r, limits: limits), what) }
+        XCTAssertNil(LocalReplyCheck.problem(LocalReply(status: 200, body: "b", headers: [("x-a", "a\tb")]), limits: limits))
     }
 
     /// Response filters on an upstream response could add 120 headers or an 80 KB head
