@@ -125,20 +125,26 @@ final class LuaFilterTests: XCTestCase {
         finish(s, c)
     }
 
+    /// Each on_request `code` (fail-open plugin) raises a Lua error naming `error`: the
+    /// request goes on with no local reply and no `header`.
+    func assertRaisesAndChangesNothing(_ codes: [String], header: String, error: String, line: UInt = #line) throws {
+        for (i, code) in codes.enumerated() {
+            let c = try chain([spec("raise\(line)_\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
+            let s = stream()
+            XCTAssertEqual(c.runRequest(s), .continue, code, line: line)
+            XCTAssertNil(s.localReply, code, line: line)
+            XCTAssertNil(s.request.first(header), code, line: line)
+            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains(error) ?? false }, "\(code): \(host.statuses())", line: line)
+            finish(s, c)
+        }
+    }
+
     /// One list of framing and hop-by-hop headers (MoonletHTTP's ManagedHeaders) for the
     /// binding and the local-reply check: trailer is refused by s:respond and headers:set
     /// in the filter, not turned into a 500 by the proxy afterwards.
     func test_trailerAndExpect_areRefusedByTheBinding_asTheLocalReplyCheckRefusesThem() throws {
-        for (i, code) in ["s:respond(200, \"b\", { trailer = \"x\" })", "s.request.headers:set(\"trailer\", \"x\")",
-                          "s:respond(200, \"b\", { expect = \"100-continue\" })"].enumerated() {
-            let c = try chain([spec("managed\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
-            let s = stream()
-            XCTAssertEqual(c.runRequest(s), .continue, code)
-            XCTAssertNil(s.localReply, code)
-            XCTAssertNil(s.request.first("trailer"), code)
-            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains("managed by the proxy") ?? false }, "\(code): \(host.statuses())")
-            finish(s, c)
-        }
+        try assertRaisesAndChangesNothing(["s:respond(200, \"b\", { trailer = \"x\" })", "s.request.headers:set(\"trailer\", \"x\")",
+                                           "s:respond(200, \"b\", { expect = \"100-continue\" })"], header: "trailer", error: "managed by the proxy")
         XCTAssertTrue(ManagedHeaders.isFramingOrHopByHop("trailer") && ManagedHeaders.isFramingOrHopByHop("expect"))
     }
 
@@ -168,16 +174,8 @@ final class LuaFilterTests: XCTestCase {
     /// The binding checks values by the parser's rule: any control byte but HTAB, or DEL,
     /// is a Lua error under the plugin's failStrategy (not a 500 from the proxy's check later).
     func test_anyControlByteOrDELInAHeaderValue_raisesInTheFilter_forSetAddAndRespond() throws {
-        for (i, code) in ["s.request.headers:set(\"x-a\", \"a\\1b\")", "s.request.headers:add(\"x-a\", \"a\\127b\")",
-                          "s:respond(200, \"b\", { [\"x-a\"] = \"a\\27b\" })"].enumerated() {
-            let c = try chain([spec("ctl\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
-            let s = stream()
-            XCTAssertEqual(c.runRequest(s), .continue, code)
-            XCTAssertNil(s.request.first("x-a"), code)
-            XCTAssertNil(s.localReply, code)
-            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains("control character") ?? false }, "\(code): \(host.statuses())")
-            finish(s, c)
-        }
+        try assertRaisesAndChangesNothing(["s.request.headers:set(\"x-a\", \"a\\1b\")", "s.request.headers:add(\"x-a\", \"a\\127b\")",
+                                           "s:respond(200, \"b\", { [\"x-a\"] = \"a\\27b\" })"], header: "x-a", error: "control character")
         let c = try chain([spec("tab", "return { on_request = function(s) s.request.headers:set(\"x-a\", \"a\\tb\") end }", fail: .failOpen)])
         let s = stream()
         XCTAssertEqual(c.runRequest(s), .continue)

@@ -366,16 +366,21 @@ final class EdgeTests: XCTestCase {
         XCTAssertEqual(up.seen.first?.headers["x-big"].first?.count, 16 * 1024)
     }
 
+    /// An inbound listener of production/orders with STRICT mTLS, certificates from `pki`.
+    func strictMTLSProxy(_ pki: FixturePKI) throws -> ProxyFixture {
+        try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                         concurrency: 1) { s in
+            s.certsDirectory = try? pki.issue("production", "orders")
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+    }
+
     /// Over mTLS every x-forwarded-proto the client sent is removed, not only the first:
     /// the app sees the proxy's `https` alone.
     func test_overMutualTLS_everyClientForwardedProtoIsReplacedByHTTPS() throws {
         let pki = try FixturePKI()
         defer { pki.cleanup() }
-        let px = try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
-                                  concurrency: 1) { s in
-            s.certsDirectory = try? pki.issue("production", "orders")
-            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
-        }
+        let px = try strictMTLSProxy(pki)
         defer { px.stop() }
         let client = try pki.issue("default", "frontend")
         let out = try runTool("curl", ["-s", "-k", "--http1.1", "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem",
@@ -466,11 +471,7 @@ final class EdgeTests: XCTestCase {
     func test_overMutualTLS_theVerifiedPeersXFCCElementIsAppended_andForwardedProtoIsHTTPS() throws {
         let pki = try FixturePKI()
         defer { pki.cleanup() }
-        let px = try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
-                                  concurrency: 1) { s in
-            s.certsDirectory = try? pki.issue("production", "orders")
-            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
-        }
+        let px = try strictMTLSProxy(pki)
         defer { px.stop() }
         let client = try pki.issue("default", "frontend")
         let fingerprint = try runTool("openssl", ["x509", "-in", client + "/cert-chain.pem", "-noout", "-fingerprint", "-sha256"])
