@@ -583,7 +583,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// Appends the verified mTLS peer's X-Forwarded-Client-Cert element to what the
     /// client sent (Envoy's APPEND_FORWARD): one field, elements separated by commas.
     func appendClientCert(_ head: inout HTTPHead) {
-        guard let element = clientCertElement() else { return }
+        // No element of our own (e.g. a peer certificate with a control byte in a name):
+        // the client's values go too, or its last (forged) one would read as verified.
+        guard let element = clientCertElement() else { head.removeAll(of: .xForwardedClientCert); return }
         var values: [String] = []
         for i in 0..<head.fields.count where !head.fields[i].removed && head.fields[i].kind == .xForwardedClientCert {
             let v = head.value(at: i)

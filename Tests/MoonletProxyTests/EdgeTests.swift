@@ -3,6 +3,8 @@ import NIOCore
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletCore
+import MoonletTLS
+import Crypto
 
 /// The untrusted edge: request targets and Host, local replies that would break framing,
 /// stalled request bodies, X-Forwarded-Client-Cert, the admin listener.
@@ -364,6 +366,30 @@ final class EdgeTests: XCTestCase {
         let r = try XCTUnwrap(get(c, "/big", headers: "x-forwarded-for: \(String(repeating: "1", count: 50 * 1024))\r\n"))
         XCTAssertEqual(r.status, 200, r.body)
         XCTAssertEqual(up.seen.first?.headers["x-big"].first?.count, 16 * 1024)
+    }
+
+    /// A peer certificate from the mesh root with CR LF in a DNS SAN gets no XFCC element,
+    /// and then the client's own values are removed too: nothing is injected, and a forged
+    /// last element never reads as the verified one.
+    func test_overMutualTLS_aPeerCertificateWithCRLFInADNSName_injectsNothing_andTheClientsXFCCIsRemoved() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let px = try strictMTLSProxy(pki)
+        defer { px.stop() }
+        let id = try pki.ca.identity(namespace: "default", serviceAccount: "frontend")
+        var bundle = try pki.ca.issue(id)
+        let key = P256.Signing.PrivateKey()
+        let cert = try pki.ca.sign(publicKey: .init(key.publicKey), id: id, ttl: 3600, extraNames: [.dnsName("a.example\r\nx-injected: 1")])
+        bundle.certChainPEM = try cert.serializeAsPEM().pemString + "\n" + pki.ca.intermediatesPEM
+        bundle.keyPEM = key.pemRepresentation
+        let dir = pki.dir + "/crlf"
+        try bundle.write(to: dir)
+        let out = try runTool("curl", ["-s", "-k", "--http1.1", "--max-time", "10", "--cert", dir + "/cert-chain.pem", "--key", dir + "/key.pem",
+                                       "-H", "X-Forwarded-Client-Cert: By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin",
+                                       "https://127.0.0.1:\(px.inbound)/crlf"])
+        XCTAssertEqual(out, "ok /crlf")
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-client-cert"], [])
+        XCTAssertEqual(up.seen.first?.headers["x-injected"], [])
     }
 
     /// An inbound listener of production/orders with STRICT mTLS, certificates from `pki`.
