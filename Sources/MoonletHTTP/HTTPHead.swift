@@ -72,6 +72,11 @@ public struct HTTPHead: Sendable {
     /// Lines added by edits, written after the kept original lines. Names are stored
     /// lowercased (HTTP/2 style), so lookups compare without folding.
     public var added: [(name: String, value: String)] = []
+    /// How many lines and bytes (names and values) `added` held when the filter chain
+    /// started: the proxy's own lines (x-forwarded-for, the XFCC chain, sized by the
+    /// client) do not count against what filters may add.
+    public var addedBeforeFilters = 0
+    public var addedBytesBeforeFilters = 0
     /// Replacement request target (rewrite), if any.
     public var targetOverride: String? = nil
     public var framing: BodyFraming = .none
@@ -214,6 +219,22 @@ public struct HTTPHead: Sendable {
     @inline(__always)
     public mutating func addLowercased(_ name: String, _ value: String) {
         added.append((name, value))
+    }
+
+    /// Replaces Host (every Host line) with one value, which the caller validated: the
+    /// one way the proxy and filters set it, so `host` and `hostIndex` always agree.
+    public mutating func setHost(_ value: String) {
+        if hostIndex >= 0 { fields[hostIndex].removed = true; hostIndex = -1 }
+        removeLowercased("host")
+        addLowercased("host", value)
+    }
+
+    /// Notes what `added` holds now, before filters run (see `addedBeforeFilters`).
+    public mutating func markFiltersStart() {
+        addedBeforeFilters = added.count
+        var n = 0
+        for a in added { n += a.name.utf8.count + a.value.utf8.count }
+        addedBytesBeforeFilters = n
     }
 
     /// Every live header in order (originals first, then added), as Strings.

@@ -1,18 +1,49 @@
 import NIOCore
 
+/// The header names the proxy owns, in one place for the parser side, the Lua binding,
+/// the local-reply check and the underscore-header rule.
+public enum ManagedHeaders {
+    /// Framing and hop-by-hop headers (RFC 9110 §7.6.1, with Expect and Trailer, which
+    /// only the proxy's framing may answer or announce): each hop gets its own, so
+    /// neither a filter nor a local reply may set them.
+    public static func isFramingOrHopByHop(_ lowercased: String) -> Bool {
+        switch lowercased {
+        case "content-length", "transfer-encoding", "connection", "te", "upgrade", "expect", "keep-alive",
+             "proxy-connection", "trailer":
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// The hop-by-hop fields `stripHopByHop` removes from every received head: the
+    /// hop-by-hop ones above, and Proxy-Authenticate/Proxy-Authorization (credentials for
+    /// this hop only). Content-Length, Expect and Trailer stay: the proxy reads and
+    /// rewrites them itself.
+    @inline(__always)
+    public static func isHopByHop(_ kind: KnownHeader) -> Bool {
+        switch kind {
+        case .connection, .keepAlive, .te, .upgrade, .proxyConnection, .proxyAuthenticate, .proxyAuthorization, .transferEncoding:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// Headers the proxy sets or trusts from itself (Envoy's x-forwarded-*, x-request-id,
+    /// x-envoy-*, and the tracing headers).
+    public static func isProxySet(_ lowercased: String) -> Bool {
+        lowercased.hasPrefix("x-forwarded-") || lowercased == "x-request-id" || lowercased.hasPrefix("x-envoy-")
+            || lowercased.hasPrefix("x-b3-") || lowercased == "x-ot-span-context" || lowercased == "x-client-trace-id"
+    }
+}
+
 extension HTTPHead {
     /// Marks hop-by-hop fields removed (RFC 9110 §7.6.1): Connection and every header it
     /// names, Keep-Alive, TE, Upgrade, Proxy-Connection, Proxy-Authenticate,
     /// Proxy-Authorization, and Transfer-Encoding (the proxy frames each hop itself).
     public mutating func stripHopByHop() {
-        for i in 0..<fields.count {
-            switch fields[i].kind {
-            case .connection, .keepAlive, .te, .upgrade, .proxyConnection, .proxyAuthenticate,
-                 .proxyAuthorization, .transferEncoding:
-                fields[i].removed = true
-            default: break
-            }
-        }
+        for i in 0..<fields.count where ManagedHeaders.isHopByHop(fields[i].kind) { fields[i].removed = true }
         for t in connectionTokens {
             // Connection must not remove end-to-end framing or routing headers.
             if t == "host" || t == "content-length" { continue }

@@ -137,10 +137,7 @@ enum LuaAPI {
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
             else if kw("path") { push(L, s.request.target) }
             else if kw("method") { push(L, s.request.method) }
-            else if kw("authority") {
-                if s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed { push(L, s.request.value(at: s.request.hostIndex)) }
-                else { push(L, s.request.first("host") ?? "") }
-            }
+            else if kw("authority") { push(L, s.request.host) }
             else if kw("scheme") { push(L, "http") }
             else if kw("protocol") { push(L, s.protocolName) }
             else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }
@@ -185,10 +182,10 @@ enum LuaAPI {
             }
             s.request.targetOverride = v
         case (.request, "authority"):
-            guard let v = str(L, 3), v.utf8.withContiguousStorageIfAvailable({ isHostValue(UnsafeRawBufferPointer($0)) }) ?? false else {
+            guard let v = str(L, 3), v.utf8.count <= 16 * 1024, v.utf8.withContiguousStorageIfAvailable({ isHostValue(UnsafeRawBufferPointer($0)) }) ?? false else {
                 return fail(L, "request.authority: not a valid host[:port]")
             }
-            s.request.set("host", v)
+            s.request.setHost(v)
         case (.route, "cluster"), (.route, "host"), (.route, "subset"):
             guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
             if k == "cluster" { s.route.cluster = v } else if k == "host" { s.route.host = v } else { s.route.subset = v }
@@ -292,7 +289,8 @@ enum LuaAPI {
         guard lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER, let vb = bytes(L, 3) ?? (lua_type(L, 3) == LUA_TNUMBER ? { _ = lua_tolstring(L, 3, nil); return bytes(L, 3) }() : nil) else {
             return fail(L, "headers:\(fn)(\(lower), value): value must be a string")
         }
-        for c in vb where c == 0 || c == 10 || c == 13 { return fail(L, "headers:\(fn)(\(lower), value): value contains CR, LF or NUL") }
+        // The parser's field-value rule (HeaderValidation.isFieldValue): no control byte but HTAB, no DEL.
+        for c in vb where (c < 32 && c != 9) || c == 127 { return fail(L, "headers:\(fn)(\(lower), value): value contains a control character (CR, LF, NUL, DEL...)") }
         guard vb.count <= 16 * 1024 else { return fail(L, "headers:\(fn)(\(lower), value): value longer than 16 KiB") }
         let v = String(decoding: vb, as: UTF8.self)
         if let why = managedHeader(lower) { return fail(L, "headers:\(fn)(\(lower)): \(why)") }
@@ -303,11 +301,13 @@ enum LuaAPI {
         }
         let done: Bool? = withHead(L) { head, _ in
             // What filters add is held per head outside the VM: bounded in count and bytes.
-            guard head.added.count < maxAddedHeaders,
-                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count }) <= maxAddedHeaderBytes
+            // The proxy's own lines, added before the filter chain started, are not counted.
+            guard head.added.count - head.addedBeforeFilters < maxAddedHeaders,
+                  head.added.reduce(lower.utf8.count + vb.count, { $0 + $1.name.utf8.count + $1.value.utf8.count })
+                    - head.addedBytesBeforeFilters <= maxAddedHeaderBytes
             else { return false }
-            if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
-            if lower == "host" { head.hostIndex = -1 }
+            if lower == "host" { head.setHost(v) }
+            else if add { head.addLowercased(lower, v) } else { head.removeLowercased(lower); head.addLowercased(lower, v) }
             return true
         }
         guard let done else { return fail(L, outside) }
@@ -323,18 +323,13 @@ enum LuaAPI {
     /// hop-by-hop headers are the proxy's: each hop gets its own (RFC 9110 §7.6.1).
     @inline(__always)
     static func managedHeader(_ lower: String) -> String? {
-        switch lower {
-        case "content-length", "transfer-encoding", "connection", "te", "upgrade", "expect", "keep-alive", "proxy-connection":
-            return "framing and hop-by-hop headers are managed by the proxy"
-        default:
-            return nil
-        }
+        ManagedHeaders.isFramingOrHopByHop(lower) ? "framing and hop-by-hop headers are managed by the proxy" : nil
     }
 
     /// A Host value by the parser's rule (host[:port], port 1-65535): nothing the edge
     /// would refuse, nothing that could make the upstream see another target.
     static func isHostValue(_ v: UnsafeRawBufferPointer) -> Bool {
-        v.count <= 255 && HTTPHeadParser.isValidHost(v)
+        HTTPHeadParser.isValidHost(v)
     }
 
     /// Why removing `lower` from the headers at index 1 is refused: framing and
@@ -403,7 +398,7 @@ enum LuaAPI {
                 guard let n = str(L, -2), HeaderValidation.isToken(n), let v = str(L, -1) else {
                     ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
                 }
-                guard HeaderValidation.isValidValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains CR, LF or NUL") }
+                guard HeaderValidation.isFieldValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains a control character (CR, LF, NUL, DEL...)") }
                 let lower = n.lowercased()
                 if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
                 guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }
@@ -584,8 +579,7 @@ enum LuaAPI {
         if s.listener == "inbound" { lua_pushstring(L, "forward"); return 1 }
         guard let cfg = s.config else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
         let snap = unsafeDowncast(cfg, to: ConfigSnapshot.self)
-        let host = s.request.hostIndex >= 0 && !s.request.fields[s.request.hostIndex].removed ? s.request.value(at: s.request.hostIndex) : (s.request.first("host") ?? "")
-        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: host) { name in s.request.first(name) }
+        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: s.request.host) { name in s.request.first(name) }
         req.port = s.destination.port
         switch snap.routes.route(req, random: &vm.rng) {
         case .forward(let f):

@@ -438,7 +438,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             let name = head.lowercasedName(at: i)
             guard name.utf8.contains(95) else { continue }
             if action == .reject { return HTTPParseError(400, "header name with an underscore") }
-            if action == .drop || Self.isProxyManaged(String(name.map { $0 == "_" ? "-" : $0 })) {
+            if action == .drop || ManagedHeaders.isProxySet(String(name.map { $0 == "_" ? "-" : $0 })) {
                 head.fields[i].removed = true
                 ctx.metrics.count("moonlet_downstream_underscore_headers_dropped_total")
             }
@@ -446,12 +446,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         return nil
     }
 
-    /// Headers the proxy sets or trusts from itself (Envoy's x-forwarded-*, x-request-id,
-    /// x-envoy-*, and the tracing headers).
-    static func isProxyManaged(_ lowercased: String) -> Bool {
-        lowercased.hasPrefix("x-forwarded-") || lowercased == "x-request-id" || lowercased.hasPrefix("x-envoy-")
-            || lowercased.hasPrefix("x-b3-") || lowercased == "x-ot-span-context" || lowercased == "x-client-trace-id"
-    }
 
     func startStream(_ headIn: consuming HTTPHead) {
         var head = consume headIn
@@ -493,13 +487,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             head.addLowercased("x-forwarded-for", peerIP)
         }
         if mtls {
-            if forwardedProto >= 0 { head.fields[forwardedProto].removed = true }
+            // Every client value: a second x-forwarded-proto would sit next to the proxy's.
+            if forwardedProto >= 0 { head.removeAll(of: .xForwardedProto) }
             head.addLowercased("x-forwarded-proto", "https")
             appendClientCert(&head)
         } else {
             if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
             if clientCert { head.removeAll(of: .xForwardedClientCert) }
         }
+        head.markFiltersStart()
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
         // runs right after channelRead or finishStream set it), so the clock is not read again.
@@ -565,20 +561,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if http2Stream { return HTTPParseError(400, ":path is not origin-form") }
             let path = head.string(head.targetPathRange)
             head.targetOverride = path.isEmpty ? "/" : path.utf8.first == UInt8(ascii: "?") ? "/" + path : path
-            setHost(&head, head.string(head.targetAuthorityRange))
+            head.setHost(head.string(head.targetAuthorityRange))
             return nil
         }
         if head.hostIndex < 0 || head.fields[head.hostIndex].valueLength == 0 {
             if http2Stream { return HTTPParseError(400, "request has neither :authority nor host") }
-            setHost(&head, destinationAuthority())
+            head.setHost(destinationAuthority())
         }
         return nil
     }
 
-    func setHost(_ head: inout HTTPHead, _ value: String) {
-        if head.hostIndex >= 0 { head.fields[head.hostIndex].removed = true; head.hostIndex = -1 }
-        head.addLowercased("host", value)
-    }
 
     /// host:port of where the client's request goes: the app on the inbound listener,
     /// the address the client connected to on the outbound one.
@@ -591,7 +583,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// Appends the verified mTLS peer's X-Forwarded-Client-Cert element to what the
     /// client sent (Envoy's APPEND_FORWARD): one field, elements separated by commas.
     func appendClientCert(_ head: inout HTTPHead) {
-        guard let element = clientCertElement() else { return }
+        // No element of our own (e.g. a peer certificate with a control byte in a name):
+        // the client's values go too, or its last (forged) one would read as verified.
+        guard let element = clientCertElement() else { head.removeAll(of: .xForwardedClientCert); return }
         var values: [String] = []
         for i in 0..<head.fields.count where !head.fields[i].removed && head.fields[i].kind == .xForwardedClientCert {
             let v = head.value(at: i)
@@ -1055,6 +1049,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             s.response = consume head
             return
         }
+        head.markFiltersStart()
         s.response = consume head
         if chain.runResponse(s) == .respond, s.localReply != nil {
             // A response filter replaced the upstream response.
@@ -1067,7 +1062,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let edited = s.response.take()!
         // The filters' edits are checked as a local reply's are: none is written if the
         // head would break the client's framing or limits; a clean 500 goes instead.
-        if let why = LocalReplyCheck.problem(edited, limits: limits, extra: 3) {
+        if let why = LocalReplyCheck.problem(edited, limits: limits) {
             if let u = upstream { u.abandon(); upstream = nil }
             _ = rejectLocalReply(s, why)
             sendLocalReply()
@@ -1230,7 +1225,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         let close = closeAfterResponse
         let clientMinor = s.request.versionMinor
-        if let why = LocalReplyCheck.problem(head, limits: limits, extra: close || clientMinor == 0 ? 2 : 1) {
+        if let why = LocalReplyCheck.problem(head, limits: limits) {
             reply = rejectLocalReply(s, why)
             head = localHead(&reply, s)
         }

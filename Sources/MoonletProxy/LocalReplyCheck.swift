@@ -7,13 +7,11 @@ import MoonletCore
 /// connection header, more header lines or bytes than the limits allow) is replaced by
 /// a clean 500, so the client never reads part of one reply as the next response.
 enum LocalReplyCheck {
-    /// Fields the proxy frames itself: a filter may not set them on a local reply
-    /// (content-length is dropped and recomputed instead, see `localHead`).
+    /// Fields the proxy frames itself (ManagedHeaders' framing and hop-by-hop list): a
+    /// filter may not set them on a local reply; content-length is dropped and recomputed
+    /// instead, see `localHead`.
     static func isFramingField(_ lowercased: String) -> Bool {
-        switch lowercased {
-        case "transfer-encoding", "connection", "keep-alive", "upgrade", "proxy-connection", "te", "trailer": return true
-        default: return false
-        }
+        lowercased != "content-length" && ManagedHeaders.isFramingOrHopByHop(lowercased)
     }
 
     /// Why `r` cannot be sent as it is, or nil when it can.
@@ -37,13 +35,15 @@ enum LocalReplyCheck {
     }
 
     /// Why the head a response filter left (on a local reply or an upstream response)
-    /// cannot be sent, or nil. `extra`: header lines the proxy adds when writing it.
-    static func problem(_ head: HTTPHead, limits: ProxyLimits, extra: Int) -> String? {
+    /// cannot be sent, or nil. A head nothing was added to is sent as received (the
+    /// upstream parser took it, removals only shrink it); the lines the proxy writes
+    /// itself (date, server, framing) are not counted against the parser's limit.
+    static func problem(_ head: HTTPHead, limits: ProxyLimits) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
-        var count = extra + head.added.count
+        guard !head.added.isEmpty else { return nil }
+        var count = head.added.count
         for f in head.fields where !f.removed { count += 1 }
         guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
-        guard !head.added.isEmpty else { return nil }
         // The head as received (removed lines included: an upper bound) and what filters added.
         var bytes = head.bytes.readableBytes
         for a in head.added {

@@ -121,7 +121,65 @@ final class LuaFilterTests: XCTestCase {
         XCTAssertEqual(c.runRequest(s), .continue)
         XCTAssertNil(s.request.first("x-a"))
         XCTAssertNil(s.request.first("x-evil"))
-        XCTAssertTrue(host.statuses().first?.lastError?.contains("CR, LF or NUL") ?? false, "\(host.statuses())")
+        XCTAssertTrue(host.statuses().first?.lastError?.contains("control character") ?? false, "\(host.statuses())")
+        finish(s, c)
+    }
+
+    /// Each on_request `code` (fail-open plugin) raises a Lua error naming `error`: the
+    /// request goes on with no local reply and no `header`.
+    func assertRaisesAndChangesNothing(_ codes: [String], header: String, error: String, line: UInt = #line) throws {
+        for (i, code) in codes.enumerated() {
+            let c = try chain([spec("raise\(line)_\(i)", "return { on_request = function(s) \(code) end }", fail: .failOpen)])
+            let s = stream()
+            XCTAssertEqual(c.runRequest(s), .continue, code, line: line)
+            XCTAssertNil(s.localReply, code, line: line)
+            XCTAssertNil(s.request.first(header), code, line: line)
+            XCTAssertTrue(host.statuses().contains { $0.lastError?.contains(error) ?? false }, "\(code): \(host.statuses())", line: line)
+            finish(s, c)
+        }
+    }
+
+    /// One list of framing and hop-by-hop headers (MoonletHTTP's ManagedHeaders) for the
+    /// binding and the local-reply check: trailer is refused by s:respond and headers:set
+    /// in the filter, not turned into a 500 by the proxy afterwards.
+    func test_trailerAndExpect_areRefusedByTheBinding_asTheLocalReplyCheckRefusesThem() throws {
+        try assertRaisesAndChangesNothing(["s:respond(200, \"b\", { trailer = \"x\" })", "s.request.headers:set(\"trailer\", \"x\")",
+                                           "s:respond(200, \"b\", { expect = \"100-continue\" })"], header: "trailer", error: "managed by the proxy")
+        XCTAssertTrue(ManagedHeaders.isFramingOrHopByHop("trailer") && ManagedHeaders.isFramingOrHopByHop("expect"))
+    }
+
+    /// s.request.authority and headers:set("host") both go through HTTPHead.setHost, by
+    /// the parser's Host rule only (no length limit of their own): one Host line after,
+    /// read back the same way by both.
+    func test_settingTheAuthorityOrTheHostHeader_leavesOneHost_byTheParsersRuleAlone() throws {
+        let long = String(repeating: "a", count: 300) + ".example:8080"
+        for (i, code) in ["s.request.authority = v", "s.request.headers:set(\"host\", v)"].enumerated() {
+            let c = try chain([spec("host\(i)", """
+            return { on_request = function(s)
+              local v = s.request.headers:get("x-v")
+              \(code)
+              s.request.headers:set("x-read", s.request.authority .. "|" .. s.request.headers:get("host"))
+            end }
+            """)])
+            let s = stream("GET /p HTTP/1.1\r\nHost: svc\r\nX-V: \(long)\r\n\r\n")
+            XCTAssertEqual(c.runRequest(s), .continue, "\(code): \(host.statuses())")
+            XCTAssertEqual(s.request.host, long, code)
+            XCTAssertEqual(s.request.hostIndex, -1, code)
+            XCTAssertEqual(s.request.allFields().filter { $0.name.lowercased() == "host" }.map(\.value), [long], code)
+            XCTAssertEqual(s.request.first("x-read"), long + "|" + long, code)
+            finish(s, c)
+        }
+    }
+
+    /// The binding checks values by the parser's rule: any control byte but HTAB, or DEL,
+    /// is a Lua error under the plugin's failStrategy (not a 500 from the proxy's check later).
+    func test_anyControlByteOrDELInAHeaderValue_raisesInTheFilter_forSetAddAndRespond() throws {
+        try assertRaisesAndChangesNothing(["s.request.headers:set(\"x-a\", \"a\\1b\")", "s.request.headers:add(\"x-a\", \"a\\127b\")",
+                                           "s:respond(200, \"b\", { [\"x-a\"] = \"a\\27b\" })"], header: "x-a", error: "control character")
+        let c = try chain([spec("tab", "return { on_request = function(s) s.request.headers:set(\"x-a\", \"a\\tb\") end }", fail: .failOpen)])
+        let s = stream()
+        XCTAssertEqual(c.runRequest(s), .continue)
+        XCTAssertEqual(s.request.first("x-a"), "a\tb", "HTAB is allowed")
         finish(s, c)
     }
 

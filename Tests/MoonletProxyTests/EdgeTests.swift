@@ -2,6 +2,9 @@ import XCTest
 import NIOCore
 @testable import MoonletProxy
 import MoonletConfig
+import MoonletCore
+import MoonletTLS
+import Crypto
 
 /// The untrusted edge: request targets and Host, local replies that would break framing,
 /// stalled request bodies, X-Forwarded-Client-Cert, the admin listener.
@@ -293,6 +296,29 @@ final class EdgeTests: XCTestCase {
         }
     }
 
+    /// The proxy's own check of a local reply, on replies built without the Lua binding
+    /// (whose argument checks refuse most of these first in the tests above): each bad
+    /// reply is named, a good one passes.
+    func test_localReplyCheck_refusesBadRepliesBuiltWithoutTheBinding() {
+        let limits = ProxyLimits()
+        var many: [(name: String, value: String)] = []
+        for i in 1...120 { many.append((name: "x-h\(i)", value: "v")) }
+        let bad: [(String, LocalReply)] = [
+            ("interim", LocalReply(status: 100, body: "")),
+            ("out of range", LocalReply(status: 600, body: "")),
+            ("many", LocalReply(status: 200, body: "b", headers: many)),
+            ("huge", LocalReply(status: 200, body: "b", headers: [("x-big", String(repeating: "a", count: 70 * 1024))])),
+            ("te", LocalReply(status: 200, body: "b", headers: [("transfer-encoding", "chunked")])),
+            ("trailer", LocalReply(status: 200, body: "b", headers: [("trailer", "x")])),
+            ("expect", LocalReply(status: 200, body: "b", headers: [("expect", "100-continue")])),
+            ("ctl", LocalReply(status: 200, body: "b", headers: [("x-a", "a\u{1}b")])),
+            ("del", LocalReply(status: 200, body: "b", headers: [("x-a", "a\u{7f}b")])),
+            ("name", LocalReply(status: 200, body: "b", headers: [("x a", "v")])),
+        ]
+        for (what, r) in bad { XCTAssertNotNil(LocalReplyCheck.problem(r, limits: limits), what) }
+        XCTAssertNil(LocalReplyCheck.problem(LocalReply(status: 200, body: "b", headers: [("x-a", "a\tb")]), limits: limits))
+    }
+
     /// Response filters on an upstream response could add 120 headers or an 80 KB head
     /// (or a control character) with no check; the local-reply head check now applies
     /// there too: one clean 500 before a byte is written, and the connection stays in sync.
@@ -308,6 +334,85 @@ final class EdgeTests: XCTestCase {
             XCTAssertFalse(r.body.contains("ok /up"), what)
             XCTAssertEqual(c.read()?.body, "ok /next", what)
         }
+    }
+
+    /// An upstream response the parser took (up to 100 header lines), that no filter
+    /// edited, is forwarded as it is when filters are configured: the proxy's own lines
+    /// are not counted against the limit.
+    func test_anUneditedUpstreamResponseWith98Headers_isForwarded_whenAFilterIsConfigured() throws {
+        let many = try TestUpstream { _ in TestUpstream.Reply(headers: (1...97).map { ("x-h\($0)", "v") }, body: "ok many") }
+        defer { many.stop() }
+        let px = try ProxyFixture(appPort: many.port, files: ["bad.lua": Self.badReplies, "bad.yaml": ProxyFixture.plugin("bad")])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c, "/many"))
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.body, "ok many")
+        XCTAssertEqual(r.header("x-h97"), "v")
+    }
+
+    /// The proxy's own lines sized by the client (its x-forwarded-for merged with the
+    /// peer's address) do not use up what a filter may add: a 16 KiB set still works
+    /// after a 50 KiB x-forwarded-for.
+    func test_aClientsLargeForwardedFor_doesNotUseUpWhatAFilterMayAdd() throws {
+        let lua = """
+        local f = {}
+        function f.on_request(s) s.request.headers:set("x-big", ("b"):rep(16 * 1024)) end
+        return f
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["big.lua": lua, "big.yaml": ProxyFixture.plugin("big")])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c, "/big", headers: "x-forwarded-for: \(String(repeating: "1", count: 50 * 1024))\r\n"))
+        XCTAssertEqual(r.status, 200, r.body)
+        XCTAssertEqual(up.seen.first?.headers["x-big"].first?.count, 16 * 1024)
+    }
+
+    /// A peer certificate from the mesh root with CR LF in a DNS SAN gets no XFCC element,
+    /// and then the client's own values are removed too: nothing is injected, and a forged
+    /// last element never reads as the verified one.
+    func test_overMutualTLS_aPeerCertificateWithCRLFInADNSName_injectsNothing_andTheClientsXFCCIsRemoved() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let px = try strictMTLSProxy(pki)
+        defer { px.stop() }
+        let id = try pki.ca.identity(namespace: "default", serviceAccount: "frontend")
+        var bundle = try pki.ca.issue(id)
+        let key = P256.Signing.PrivateKey()
+        let cert = try pki.ca.sign(publicKey: .init(key.publicKey), id: id, ttl: 3600, extraNames: [.dnsName("a.example\r\nx-injected: 1")])
+        bundle.certChainPEM = try cert.serializeAsPEM().pemString + "\n" + pki.ca.intermediatesPEM
+        bundle.keyPEM = key.pemRepresentation
+        let dir = pki.dir + "/crlf"
+        try bundle.write(to: dir)
+        let out = try runTool("curl", ["-s", "-k", "--http1.1", "--max-time", "10", "--cert", dir + "/cert-chain.pem", "--key", dir + "/key.pem",
+                                       "-H", "X-Forwarded-Client-Cert: By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin",
+                                       "https://127.0.0.1:\(px.inbound)/crlf"])
+        XCTAssertEqual(out, "ok /crlf")
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-client-cert"], [])
+        XCTAssertEqual(up.seen.first?.headers["x-injected"], [])
+    }
+
+    /// An inbound listener of production/orders with STRICT mTLS, certificates from `pki`.
+    func strictMTLSProxy(_ pki: FixturePKI) throws -> ProxyFixture {
+        try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
+                         concurrency: 1) { s in
+            s.certsDirectory = try? pki.issue("production", "orders")
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+    }
+
+    /// Over mTLS every x-forwarded-proto the client sent is removed, not only the first:
+    /// the app sees the proxy's `https` alone.
+    func test_overMutualTLS_everyClientForwardedProtoIsReplacedByHTTPS() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let px = try strictMTLSProxy(pki)
+        defer { px.stop() }
+        let client = try pki.issue("default", "frontend")
+        let out = try runTool("curl", ["-s", "-k", "--http1.1", "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem",
+                                       "-H", "X-Forwarded-Proto: http", "-H", "x-forwarded-proto: ws", "https://127.0.0.1:\(px.inbound)/proto"])
+        XCTAssertEqual(out, "ok /proto")
+        XCTAssertEqual(up.seen.first?.headers["x-forwarded-proto"], ["https"])
     }
 
     // MARK: request body idle timeout
@@ -392,11 +497,7 @@ final class EdgeTests: XCTestCase {
     func test_overMutualTLS_theVerifiedPeersXFCCElementIsAppended_andForwardedProtoIsHTTPS() throws {
         let pki = try FixturePKI()
         defer { pki.cleanup() }
-        let px = try ProxyFixture(appPort: up.port, files: ["pa.yaml": peerAuthentication("strict", namespace: "production", mode: "STRICT")],
-                                  concurrency: 1) { s in
-            s.certsDirectory = try? pki.issue("production", "orders")
-            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
-        }
+        let px = try strictMTLSProxy(pki)
         defer { px.stop() }
         let client = try pki.issue("default", "frontend")
         let fingerprint = try runTool("openssl", ["x509", "-in", client + "/cert-chain.pem", "-noout", "-fingerprint", "-sha256"])
