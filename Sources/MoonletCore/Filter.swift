@@ -17,6 +17,47 @@ public enum FilterAction: Sendable, Equatable {
     case respond
 }
 
+/// What went wrong with one upstream attempt, as `Filter.onUpstreamFailure` sees it.
+/// The names are Envoy's retryOn conditions.
+public enum UpstreamFailureKind: String, Sendable, CaseIterable {
+    /// The connection (or its TLS handshake) could not be made.
+    case connectFailure = "connect-failure"
+    /// The upstream reset or closed the connection before a response head.
+    case reset
+    /// An HTTP/2 upstream refused the stream (REFUSED_STREAM).
+    case refusedStream = "refused-stream"
+    /// The upstream answered 5xx (other than 502, 503, 504).
+    case status5xx = "5xx"
+    /// The upstream answered 502, 503 or 504.
+    case gatewayError = "gateway-error"
+    /// The per-try timeout passed without a response head.
+    case timeout
+}
+
+/// One failed upstream attempt, before the proxy decides whether to retry it.
+public struct UpstreamFailureInfo: Sendable {
+    public var kind: UpstreamFailureKind
+    /// The upstream's status for 5xx / gateway-error; 0 otherwise.
+    public var status: Int
+    /// 0 for the first try, 1 for the first retry, ...
+    public var attempt: Int
+    /// "ip:port" of the endpoint that failed ("" when none was reached).
+    public var endpoint: String
+    public init(kind: UpstreamFailureKind, status: Int = 0, attempt: Int, endpoint: String) {
+        self.kind = kind; self.status = status; self.attempt = attempt; self.endpoint = endpoint
+    }
+}
+
+/// A filter's say on retrying a failed upstream attempt.
+public enum RetryVerdict: Sendable, Equatable {
+    /// The filter has no opinion: the next filter, then the route's retry policy decides.
+    case routePolicy
+    /// Retry (still bounded by the route's attempts, the replay buffer and the cluster's maxRetries).
+    case retry
+    /// Do not retry: the failure stands.
+    case noRetry
+}
+
 /// Filter ordering, as Istio's WasmPlugin phases: AUTHN, then AUTHZ, then unset
 /// (routing and the rest), then STATS.
 public enum FilterPhase: Int, Sendable, Comparable, CaseIterable {
@@ -57,6 +98,10 @@ public protocol Filter: AnyObject {
     /// Runs once the response head is known (upstream's or a local reply), in reverse
     /// chain order. May edit response headers; `respond` replaces the response.
     func onResponse(_ stream: ProxyStream) -> FilterAction
+    /// Runs when an upstream attempt failed (connect failure, reset, refused stream,
+    /// 5xx, per-try timeout), before the proxy decides to retry. In chain order, the
+    /// first filter that returns `.retry` or `.noRetry` decides; `.routePolicy` defers.
+    func onUpstreamFailure(_ stream: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict
     /// Runs for each response body chunk as it streams (observe only).
     func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction
     /// Runs once for every stream after its last byte was sent or it failed, local
@@ -72,6 +117,7 @@ extension Filter {
     public func onRequest(_ stream: ProxyStream) -> FilterAction { .continue }
     public func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { .continue }
     public func onResponse(_ stream: ProxyStream) -> FilterAction { .continue }
+    public func onUpstreamFailure(_ stream: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict { .routePolicy }
     public func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { .continue }
     public func onLog(_ stream: ProxyStream) {}
 }
@@ -127,6 +173,16 @@ public final class FilterChain {
             if f.onResponse(s) == .respond { result = .respond }
         }
         return result
+    }
+
+    /// Asks the filters whether to retry a failed attempt: the first verdict in chain
+    /// order wins; `.routePolicy` when none has one.
+    public func runUpstreamFailure(_ s: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict {
+        for f in filters {
+            let v = f.onUpstreamFailure(s, failure)
+            if v != .routePolicy { return v }
+        }
+        return .routePolicy
     }
 
     public func runResponseBody(_ s: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) {

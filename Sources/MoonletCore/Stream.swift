@@ -63,6 +63,14 @@ public struct LocalReply: Sendable {
     }
 }
 
+/// Which listener accepted a connection, and what it does with a stream.
+public enum ListenerRole: String, Sendable {
+    /// 15006: mesh -> app; every stream goes to 127.0.0.1:appPort.
+    case inbound
+    /// 15001: app -> mesh; streams go where the route decision says.
+    case outbound
+}
+
 /// The downstream peer of a stream.
 public struct PeerInfo: Sendable {
     /// Remote address as "ip:port".
@@ -147,8 +155,8 @@ public final class ProxyStream {
     /// The configuration snapshot the stream started with (a ConfigSnapshot), for
     /// filters that route; a reload never changes it under a running stream.
     public var config: AnyObject?
-    /// "inbound" or "outbound": the listener that accepted the stream.
-    public var listener: String = "outbound"
+    /// The listener that accepted the stream.
+    public var listener: ListenerRole = .outbound
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
     public var luaContext: AnyObject?
 

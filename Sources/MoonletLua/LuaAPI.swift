@@ -571,14 +571,21 @@ enum LuaAPI {
 
     // MARK: router
 
+    /// The configuration snapshot a stream started with: the one place the Lua side
+    /// turns the stream's opaque `config` into a ConfigSnapshot.
+    @inline(__always)
+    static func snapshot(of s: ProxyStream) -> ConfigSnapshot? {
+        guard let cfg = s.config else { return nil }
+        return unsafeDowncast(cfg, to: ConfigSnapshot.self)
+    }
+
     /// moonlet.router.route(s): Istio routing of the stream against the snapshot it
     /// started with. Writes s.route and the request edits, or answers locally.
     /// Returns "forward" or "respond".
     static let route: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "route"), kind == .stream else { return fail(L, outside) }
-        if s.listener == "inbound" { lua_pushstring(L, "forward"); return 1 }
-        guard let cfg = s.config else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
-        let snap = unsafeDowncast(cfg, to: ConfigSnapshot.self)
+        if s.listener == .inbound { lua_pushstring(L, "forward"); return 1 }
+        guard let snap = snapshot(of: s) else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
         var req = RouteRequest(method: s.request.method, path: s.request.target, authority: s.request.host) { name in s.request.first(name) }
         req.port = s.destination.port
         switch snap.routes.route(req, random: &vm.rng) {

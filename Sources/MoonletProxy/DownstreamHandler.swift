@@ -517,7 +517,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
-        s.listener = role.rawValue
+        s.listener = role
         switch chain.runRequest(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.

@@ -7,14 +7,6 @@ import MoonletBalancer
 import MoonletTLS
 import Logging
 
-/// Which listener accepted a connection, and what it does with a stream.
-public enum ListenerRole: String, Sendable {
-    /// 15006: mesh -> app; every stream goes to 127.0.0.1:appPort.
-    case inbound
-    /// 15001: app -> mesh; streams go where the route decision says.
-    case outbound
-}
-
 /// A connection whose writes are flushed at the end of the loop's batch of I/O events.
 protocol DeferredFlush: AnyObject {
     /// Whether the connection is in its loop's flush queue now.
