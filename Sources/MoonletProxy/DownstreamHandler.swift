@@ -631,6 +631,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             s.route.endpointPort = e.port
             s.destination.address = e.address
             s.destination.port = e.port
+        } else if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+            ctx.balancer.use(c, s.route.endpointIndex)  // a filter's endpoint override: counted as a pick is
         }
         let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
