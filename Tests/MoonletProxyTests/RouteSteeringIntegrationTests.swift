@@ -100,6 +100,33 @@ final class RouteSteeringIntegrationTests: XCTestCase {
         XCTAssertEqual(v1.seen.count, 20)
     }
 
+    func test_passthroughCluster_goesToTheEndpointTheFilterNames() throws {
+        let px = try grayProxy("""
+        return { on_request = function(s)
+          s.route.cluster = "PassthroughCluster"
+          s.route.endpoint = "127.0.0.1:\(v2.port)"
+        end }
+        """)
+        defer { px.stop() }
+        XCTAssertEqual(try versions(px, 10, host: "anything.example"), ["v2": 10])
+        XCTAssertEqual(v2.seen.first?.headers["host"], ["anything.example"])
+    }
+
+    func test_filterAfterTheRouter_adjustsTheRoutesRetry() throws {
+        let up = try flakyBackend { $0 % 2 == 1 ? .internalServerError : nil }
+        defer { up.stop() }
+        // The router decides (no cluster set before it); a STATS filter runs after it
+        // and replaces the route's retry policy (Istio's default does not retry a 500).
+        let px = try ProxyFixture(appPort: 1, files: [
+            "flaky.yaml": meshService("flaky", ports: [up.port]),
+            "steer.lua": "return { on_request = function(s) s.route.retry = { attempts = 1, retry_on = '5xx' } end }",
+            "steer.yaml": ProxyFixture.plugin("steer", "  phase: STATS\n"),
+        ])
+        defer { px.stop() }
+        XCTAssertEqual(try statuses(px, 10, host: "flaky"), [200: 10])
+        XCTAssertEqual(up.seen.count, 20)
+    }
+
     /// A backend answering every other request with 503, behind service "flaky".
     func flakyBackend(_ failing: @escaping @Sendable (Int) -> HTTPResponseStatus?) throws -> TestUpstream {
         let n = NIOLockedValueBox(0)
