@@ -17,6 +17,7 @@ public final class LuaPluginInstance: Filter {
     public let priority: Int
     public private(set) var wantsRequestBody = false
     public private(set) var wantsResponseBody = false
+    /// Whether the module defines `on_upstream_failure`.
     public private(set) var wantsUpstreamFailure = false
     let vm: LuaVM
     let source: LuaPluginSource
