@@ -356,6 +356,8 @@ public final class RouteTable: @unchecked Sendable {
     public private(set) var wildcards: [(suffix: String, host: VirtualHost)] = []
     public private(set) var services: [String: ServiceInfo] = [:]
     public private(set) var warnings: [String] = []
+    /// Every cluster under each name a filter may give it (see ClusterNames.swift).
+    var clusterNames: [String: NamedCluster] = [:]
     public let localNamespace: String
     /// Labels of this workload: on the outbound listener it is the source, so
     /// `sourceLabels` and `sourceNamespace` match against it.
@@ -483,6 +485,7 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         t.clusterCount = nextID
+        t.indexClusterNames()
         var seen = Set<ObjectIdentifier>()
         for vh in Array(t.hosts.values) + t.wildcards.map(\.host) where seen.insert(ObjectIdentifier(vh)).inserted { t.compile(vh) }
         return t

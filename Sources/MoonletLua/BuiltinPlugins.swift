@@ -16,6 +16,8 @@ local router = {}
 local route = moonlet.router.route   -- looked up once, not per request
 
 function router.on_request(s, conf)
+  -- A filter that ran before set the cluster (s.route.cluster): its route stands.
+  if s.route.cluster ~= "" then return end
   -- Writes s.route (cluster, subset, endpoint, timeout) and applies the route's
   -- request edits, or answers locally: 404 NR, 503 UH, redirect, direct
   -- response, fault abort (FI). Returns "respond" when it answered.
