@@ -45,6 +45,8 @@ image:
 	@if [ -z "$(CONTAINER_TOOL)" ]; then \
 	  echo "make image: neither docker nor podman is installed; install one (or set CONTAINER_TOOL) to build $(IMAGE) from deploy/Dockerfile" >&2; exit 1; \
 	fi
+	@$(CONTAINER_TOOL) info >/dev/null 2>&1 || { \
+	  echo "make image: $(CONTAINER_TOOL) is installed but cannot reach its daemon or runtime ($(CONTAINER_TOOL) info fails); start it and run make image again" >&2; exit 1; }
 	$(CONTAINER_TOOL) build -f deploy/Dockerfile -t $(IMAGE) .
 
 clean:

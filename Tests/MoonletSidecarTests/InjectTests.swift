@@ -226,4 +226,21 @@ final class InjectTests: XCTestCase {
         XCTAssertEqual(env[0]["value"] as? String, "8080")
         XCTAssertEqual(env[1]["value"] as? String, "yes")
     }
+
+    func test_aPodFromAReplicaSet_isNamedAfterItsWorkload_withoutTheGeneratedSuffix() throws {
+        let pod = try XCTUnwrap(Yams.compose(yaml: "metadata:\n  generateName: details-v1-5f4d7c9b8-\n  labels: {pod-template-hash: 5f4d7c9b8}\n"))
+        XCTAssertEqual(SidecarInjector.workloadName(ofPod: pod), "details-v1")
+        let named = try XCTUnwrap(Yams.compose(yaml: "metadata: {name: standalone}\n"))
+        XCTAssertEqual(SidecarInjector.workloadName(ofPod: named), "standalone")
+    }
+
+    func test_documentSplitting_keepsCommentsAndDocumentMarkers_andDropsEmptyDocuments() {
+        let docs = SidecarInjector.splitDocuments("---\n# only a comment\n---\na: 1\n---\n\n---\nb: 2\n...\n")
+        XCTAssertEqual(docs, ["# only a comment\n", "a: 1\n", "b: 2\n"])
+    }
+
+    func test_aDocumentThatIsNotYAML_passesThroughUntouched() throws {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x\n"
+        XCTAssertEqual(try injector.injectYAML(text), text)
+    }
 }
