@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import MoonletSidecar
 import NIOCore
 import NIOHTTP1
@@ -9,13 +12,22 @@ import NIOSSL
 /// AdmissionReview (admission.k8s.io/v1) POSTs from the API server and answers with the
 /// JSONPatch that injects the pod. Which namespaces it sees is the
 /// MutatingWebhookConfiguration's business (deploy/kubernetes: `istio-injection=enabled`).
-public final class InjectionWebhook: Sendable {
+///
+/// The serving certificate is read again when its files change (checked at each new
+/// connection: a Secret update, cert-manager's renewal); a change that does not load (a
+/// half-written file) is logged and the previous certificate keeps serving.
+public final class InjectionWebhook: @unchecked Sendable {
     /// The reviewer behind every request.
     public let reviewer: AdmissionReviewer
     /// Largest request body accepted (413 beyond): the API server sends one pod.
     public let maxBodyBytes: Int
-    let context: NIOSSLContext
     let log: @Sendable (String) -> Void
+    let chainPath: String
+    let keyPath: String
+    // Guarded by `lock`: the context in use and the files' identity when it was loaded.
+    private let lock = NSLock()
+    private var current: NIOSSLContext
+    private var loadedStamp: [Int]
 
     /// The certificate file in the certs directory (Istio's name).
     public static let certChainFile = "cert-chain.pem"
@@ -25,8 +37,43 @@ public final class InjectionWebhook: Sendable {
     /// A webhook serving with `cert-chain.pem` and `key.pem` from `certsDirectory`.
     public init(reviewer: AdmissionReviewer, certsDirectory: String, maxBodyBytes: Int = 4 << 20,
                 log: @escaping @Sendable (String) -> Void = { _ in }) throws {
-        let chainPath = (certsDirectory as NSString).appendingPathComponent(Self.certChainFile)
-        let keyPath = (certsDirectory as NSString).appendingPathComponent(Self.keyFile)
+        chainPath = (certsDirectory as NSString).appendingPathComponent(Self.certChainFile)
+        keyPath = (certsDirectory as NSString).appendingPathComponent(Self.keyFile)
+        loadedStamp = Self.stamp([chainPath, keyPath])
+        current = try Self.makeContext(chainPath: chainPath, keyPath: keyPath)
+        self.reviewer = reviewer
+        self.maxBodyBytes = maxBodyBytes
+        self.log = log
+    }
+
+    /// Device, inode, size and modification time of each file (following symbolic links,
+    /// as a mounted Secret's files are): any change means the files were replaced.
+    static func stamp(_ paths: [String]) -> [Int] {
+        paths.flatMap { path -> [Int] in
+            var st = stat()
+            guard stat(path, &st) == 0 else { return [-1] }
+            return [Int(st.st_dev), Int(st.st_ino), Int(st.st_size), Int(st.st_mtim.tv_sec), Int(st.st_mtim.tv_nsec)]
+        }
+    }
+
+    /// The TLS context for a new connection: reloaded first when the files changed.
+    func context() -> NIOSSLContext {
+        let now = Self.stamp([chainPath, keyPath])
+        lock.lock()
+        defer { lock.unlock() }
+        if now != loadedStamp {
+            loadedStamp = now
+            do {
+                current = try Self.makeContext(chainPath: chainPath, keyPath: keyPath)
+                log("inject webhook: serving certificate reloaded from \(chainPath)")
+            } catch {
+                log("inject webhook: \(error); the previous certificate keeps serving")
+            }
+        }
+        return current
+    }
+
+    static func makeContext(chainPath: String, keyPath: String) throws -> NIOSSLContext {
         let chain: [NIOSSLCertificate]
         do { chain = try NIOSSLCertificate.fromPEMFile(chainPath) } catch { throw WebhookError("\(chainPath): not a PEM certificate chain (\(error))") }
         guard !chain.isEmpty else { throw WebhookError("\(chainPath): no certificate in it") }
@@ -35,10 +82,7 @@ public final class InjectionWebhook: Sendable {
         var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
         cfg.minimumTLSVersion = .tlsv12
         cfg.applicationProtocols = ["http/1.1"]
-        self.context = try NIOSSLContext(configuration: cfg)
-        self.reviewer = reviewer
-        self.maxBodyBytes = maxBodyBytes
-        self.log = log
+        return try NIOSSLContext(configuration: cfg)
     }
 
     /// Listens on `host:port` (0 = an ephemeral port; read it from the channel's localAddress).
@@ -49,7 +93,7 @@ public final class InjectionWebhook: Sendable {
                 ch.eventLoop.makeCompletedFuture {
                     let sync = ch.pipeline.syncOperations
                     try sync.addHandler(IdleStateHandler(allTimeout: .seconds(30)))
-                    try sync.addHandler(NIOSSLServerHandler(context: self.context))
+                    try sync.addHandler(NIOSSLServerHandler(context: self.context()))
                     try sync.configureHTTPServerPipeline(withErrorHandling: true)
                     try sync.addHandler(AdmissionHandler(webhook: self))
                 }

@@ -31,7 +31,7 @@ struct Iptables: ParsableCommand {
     @Flag(help: "Send DNS to the resolvers in /etc/resolv.conf to port 15053. Env: ISTIO_META_DNS_CAPTURE") var redirectDns = false
     @Flag(help: "With --redirect-dns: capture DNS to every address, not only the resolvers") var captureAllDns = false
     @Flag(help: "Write IPv6 rules too even when the pod's first address is IPv4. Env: ISTIO_DUAL_STACK") var dualStack = false
-    @Flag(name: [.customShort("n"), .long], help: "Print the iptables-restore input (IPv4, then IPv6 when on) and change nothing") var dryRun = false
+    @Flag(name: [.customShort("n"), .long], help: "Print the iptables-restore input (IPv4, then IPv6 when the pod has an IPv6 address or --dual-stack; each after a # comment line) and change nothing") var dryRun = false
     @Flag(name: [.long, .customLong("cleanup-only")], help: "Remove the ISTIO_* chains and the jumps to them instead of adding them") var clean = false
 
     func env(_ name: String) -> String? { ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 } }
@@ -81,8 +81,13 @@ struct Iptables: ParsableCommand {
                 for cmd in rules.cleanupCommands(ipv6: false) { print((["iptables"] + cmd).joined(separator: " ")) }
                 if c.enableIPv6 { for cmd in rules.cleanupCommands(ipv6: true) { print((["ip6tables"] + cmd).joined(separator: " ")) } }
             } else {
+                // Comment lines, which iptables-restore skips, say which input is which.
+                print("# IPv4: iptables-restore --noflush")
                 print(rules.v4Restore, terminator: "")
-                if c.enableIPv6 { print(rules.v6Restore, terminator: "") }
+                if c.enableIPv6 {
+                    print("# IPv6: ip6tables-restore --noflush")
+                    print(rules.v6Restore, terminator: "")
+                }
             }
             return
         }

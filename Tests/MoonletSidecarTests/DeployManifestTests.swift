@@ -142,7 +142,7 @@ final class DeployManifestTests: XCTestCase {
         XCTAssertEqual(status, 0, out)
         var c = IptablesConfig()
         c.inboundPortsInclude = "*"; c.outboundIPRangesInclude = "*"; c.inboundPortsExclude = "15090,15021"; c.inboundInterceptionMode = "REDIRECT"
-        XCTAssertTrue(out.hasPrefix(try c.rules().v4Restore), out)
+        XCTAssertTrue(out.hasPrefix("# IPv4: iptables-restore --noflush\n" + (try c.rules().v4Restore)), out)
         XCTAssertTrue(out.contains("-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN"))
         XCTAssertTrue(out.contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"))
 

@@ -94,6 +94,30 @@ final class WebhookTests: XCTestCase {
         }
     }
 
+    func test_webhook_servesARenewedCertificate_onceItsFilesAreReplaced() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("moonlet-webhook-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let first = try MeshCA.create(), second = try MeshCA.create()
+        try first.issue(try first.identity(namespace: "istio-system", serviceAccount: "moonlet-injector")).write(to: dir)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let server = try InjectionWebhook(reviewer: AdmissionReviewer(injector: SidecarInjector()), certsDirectory: dir)
+        let ch = try server.bind(group: group, host: "127.0.0.1", port: 0)
+        defer { try? ch.close().wait() }
+        let port = ch.localAddress!.port!
+        XCTAssertEqual(try Self.post(port: port, root: first.rootCertPEM, path: "/inject", body: Self.review(Self.pod), group: group).0, 200)
+        XCTAssertThrowsError(try Self.post(port: port, root: second.rootCertPEM, path: "/inject", body: Self.review(Self.pod), group: group))
+
+        // Renewal by another CA: new connections get the new certificate.
+        try second.issue(try second.identity(namespace: "istio-system", serviceAccount: "moonlet-injector")).write(to: dir)
+        XCTAssertEqual(try Self.post(port: port, root: second.rootCertPEM, path: "/inject", body: Self.review(Self.pod), group: group).0, 200)
+
+        // A broken replacement is refused and the last good certificate keeps serving.
+        try "not a key".write(toFile: dir + "/key.pem", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try Self.post(port: port, root: second.rootCertPEM, path: "/inject", body: Self.review(Self.pod), group: group).0, 200)
+    }
+
     func withWebhook(_ body: (Int, String, EventLoopGroup) throws -> Void) throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("moonlet-webhook-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
