@@ -79,6 +79,13 @@ public enum IptablesHost {
         if ipv6 { try run("ip6tables-restore", ["--noflush"], input: rules.v6Restore) }
     }
 
+    /// Runs `routeCommands()` with `ip`; an "exists" answer (a second run) is not an error.
+    public static func configureRoutes(_ config: IptablesConfig) throws {
+        for args in config.routeCommands() {
+            do { try run("ip", args) } catch let e as IptablesConfigError where e.description.contains("File exists") { continue }
+        }
+    }
+
     /// Removes what `apply` added (best effort, as istio-iptables' cleanup): every
     /// command is tried, failures (a rule already gone) are ignored. Returns the commands run.
     @discardableResult

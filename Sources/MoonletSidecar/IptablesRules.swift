@@ -341,3 +341,21 @@ extension IptablesConfig {
         return out
     }
 }
+
+extension IptablesConfig {
+    /// The `ip` commands istio-iptables runs after the rules (its `tproxy.ConfigureRoutes`),
+    /// as argument lists: with IPv6, the `::6` address on lo (the inbound passthrough's
+    /// source); in TPROXY mode with inbound capture, a rule sending marked packets to the
+    /// TPROXY table and a local default route to lo in it, per family. An "exists" failure
+    /// of these is not an error (a second run).
+    public func routeCommands() -> [[String]] {
+        var out: [[String]] = []
+        if enableIPv6 { out.append(["-6", "addr", "add", "::6/128", "dev", "lo"]) }
+        if !inboundPortsInclude.isEmpty && inboundInterceptionMode == "TPROXY" {
+            let families = enableIPv6 ? [("-4", "0.0.0.0/0"), ("-6", "::/0")] : [("-4", "0.0.0.0/0")]
+            for (f, _) in families { out.append([f, "rule", "add", "fwmark", inboundTProxyMark, "lookup", inboundTProxyRouteTable]) }
+            for (f, dst) in families { out.append([f, "route", "add", "local", dst, "dev", "lo", "table", inboundTProxyRouteTable]) }
+        }
+        return out
+    }
+}

@@ -88,6 +88,7 @@ struct Iptables: ParsableCommand {
                     print("# IPv6: ip6tables-restore --noflush")
                     print(rules.v6Restore, terminator: "")
                 }
+                for args in c.routeCommands() { print("# then: ip " + args.joined(separator: " ")) }
             }
             return
         }
@@ -96,7 +97,10 @@ struct Iptables: ParsableCommand {
             print("moonlet iptables: cleanup ran \(ran.count) commands (failures ignored: rules already gone)")
             return
         }
-        do { try IptablesHost.apply(rules, ipv6: c.enableIPv6) } catch {
+        do {
+            try IptablesHost.apply(rules, ipv6: c.enableIPv6)
+            try IptablesHost.configureRoutes(c)
+        } catch {
             FileHandle.standardError.write("moonlet iptables: \(error)\n".data(using: .utf8)!)
             throw ExitCode(1)
         }

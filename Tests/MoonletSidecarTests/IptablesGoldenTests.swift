@@ -113,4 +113,16 @@ final class IptablesGoldenTests: XCTestCase {
         XCTAssertEqual(r.v4, ["10.96.0.10"])
         XCTAssertEqual(r.v6, ["fd00::10"])
     }
+
+    func test_tproxyMode_routesMarkedPacketsToLo_andRedirectModeNeedsNoRoutes() {
+        var c = IptablesConfig()
+        c.inboundPortsInclude = "*"
+        XCTAssertEqual(c.routeCommands(), [])
+        c.inboundInterceptionMode = "TPROXY"
+        XCTAssertEqual(c.routeCommands(), [["-4", "rule", "add", "fwmark", "1337", "lookup", "133"],
+                                           ["-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "133"]])
+        c.enableIPv6 = true
+        XCTAssertEqual(c.routeCommands().first, ["-6", "addr", "add", "::6/128", "dev", "lo"])
+        XCTAssertTrue(c.routeCommands().contains(["-6", "route", "add", "local", "::/0", "dev", "lo", "table", "133"]))
+    }
 }
