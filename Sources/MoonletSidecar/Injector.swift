@@ -106,8 +106,20 @@ public struct SidecarInjector: Sendable {
         try Yams.serialize(node: node, indent: 2, width: -1, allowUnicode: true)
     }
 
-    /// Injects the pod template of one object (any of `workloadKinds`). Returns whether it changed.
+    /// Injects the pod template of one object (any of `workloadKinds`, or each item of a
+    /// `List`). Returns whether it changed.
     public func injectWorkload(_ object: inout Node) throws -> Bool {
+        if object[key: "kind"]?.string == "List", let items = object[key: "items"]?.sequence {
+            // `kubectl get -o yaml` output: each item in turn.
+            var changed = false
+            var out: [Node] = []
+            for var item in items {
+                if try injectWorkload(&item) { changed = true }
+                out.append(item)
+            }
+            if changed { object[key: "items"] = seq(out) }
+            return changed
+        }
         guard let kind = object[key: "kind"]?.string, let path = Self.workloadKinds[kind] else { return false }
         guard var pod = object[path: path], pod.mapping != nil else { return false }
         var name = object[path: ["metadata", "name"]]?.string ?? ""

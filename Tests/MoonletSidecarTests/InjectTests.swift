@@ -75,6 +75,7 @@ final class InjectTests: XCTestCase {
                 XCTAssertEqual(NSDictionary(dictionary: b), NSDictionary(dictionary: a))
             }
         }
+        XCTAssertEqual(try injector.injectYAML(output), output, "injecting the injected file again changes nothing")
         // Services and ServiceAccounts come out as the same text.
         let service = SidecarInjector.splitDocuments(input).first { $0.contains("kind: Service\n") }!
         XCTAssertTrue(output.contains(service))
@@ -242,5 +243,14 @@ final class InjectTests: XCTestCase {
     func test_aDocumentThatIsNotYAML_passesThroughUntouched() throws {
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x\n"
         XCTAssertEqual(try injector.injectYAML(text), text)
+    }
+
+    func test_aList_fromKubectlGet_hasEachWorkloadItemInjected() throws {
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s}\n" +
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n  spec:\n    containers: [{name: a, image: x}]\n"
+        let out = try objects(injector.injectYAML(list))[0]
+        let items = out["items"] as! [[String: Any]]
+        XCTAssertEqual(items[0]["kind"] as? String, "Service")
+        XCTAssertNotNil(container(podSpec(items[1]), "containers", "istio-proxy"))
     }
 }
