@@ -82,8 +82,20 @@ let package = Package(
             .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
+        // Sidecar plumbing with no proxy in it: istio-iptables' rules and the pod injector.
+        .target(name: "MoonletSidecar", dependencies: [
+            .product(name: "Yams", package: "Yams"),
+        ], swiftSettings: v5),
+        // `moonlet inject --webhook`: the injector behind an HTTPS admission webhook.
+        .target(name: "MoonletWebhook", dependencies: [
+            "MoonletSidecar",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: v5),
         .executableTarget(name: "moonlet", dependencies: [
-            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS",
+            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletSidecar", "MoonletWebhook",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -105,6 +117,14 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: v5),
+        .testTarget(name: "MoonletSidecarTests", dependencies: [
+            "MoonletSidecar", "MoonletWebhook", "MoonletTLS",
+            .product(name: "Yams", package: "Yams"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
