@@ -211,7 +211,8 @@ public final class ProxyServer: @unchecked Sendable {
             })
         }
         for f in futures { try? f.wait() }
-        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)"])
+        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)",
+                                                                  "authorization_policies": "\(authz.policies)"])
         return .success(version)
     }
 
