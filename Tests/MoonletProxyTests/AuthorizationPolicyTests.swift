@@ -58,6 +58,22 @@ final class AuthorizationPolicyTests: XCTestCase {
         XCTAssertTrue(metrics.contains("envoy_http_rbac_allowed 2"), metrics)
     }
 
+    func test_seedPolicy_overHTTP2_deniesAndAllowsTheSame() throws {
+        let server = try orderService(["authz.yaml": try seedPolicy])
+        defer { server.stop() }
+        let frontend = try pki.issue("production", "frontend")
+        try pki.ca.rootCertPEM.write(toFile: pki.dir + "/root.pem", atomically: true, encoding: .utf8)
+        func h2(_ method: String, _ path: String) throws -> String {
+            try runTool("curl", ["-s", "--max-time", "10", "--http2", "-X", method, "--cacert", pki.dir + "/root.pem", "-k", "--cert", frontend + "/cert-chain.pem",
+                                 "--key", frontend + "/key.pem", "-w", " proto=%{http_version} status=%{http_code}", "https://127.0.0.1:\(server.inbound)\(path)"])
+        }
+        let ok = try h2("GET", "/api/order/7")
+        XCTAssertTrue(ok.contains("proto=2 status=200"), ok)
+        let denied = try h2("DELETE", "/api/order/7")
+        XCTAssertTrue(denied.contains("RBAC: access denied proto=2 status=403"), denied)
+        XCTAssertEqual(app.seen.count, 1)
+    }
+
     func test_dryRunDenyPolicy_onlyCounts() throws {
         let dryRun = """
         apiVersion: security.istio.io/v1
