@@ -153,7 +153,11 @@ local function value(s, k, c)
   elseif k == "host" then return s.request.authority
   elseif k == "method" then return s.request.method
   elseif k == "path" then return s.request.path
-  elseif k == "header" then return s.request.headers:get(c.h)
+  elseif k == "header" then
+    -- Envoy matches a header given several times on its values joined with ",".
+    local all = s.request.headers:get_all(c.h)
+    if #all <= 1 then return all[1] end
+    return table.concat(all, ",")
   end
   -- request.auth.*: s.auth is set by RequestAuthentication (nil without a verified token).
   local auth = s.auth

@@ -192,6 +192,9 @@ final class AuthzFilterTests: XCTestCase {
         XCTAssertFalse(allowed(c, Req(host: "api.example.com", principal: "cluster.local/ns/ns-a/sa/good", port: 9000, headers: h)))
         XCTAssertFalse(allowed(c, Req(host: "api.example.com", principal: "cluster.local/ns/ns-a/sa/good", headers: [("x-env", "prod-legacy")])))
         XCTAssertFalse(allowed(c, Req(host: "api.example.com", principal: "cluster.local/ns/ns-a/sa/good")))
+        // Several values are matched joined with "," (Envoy): "prod-eu,prod-legacy" is not "prod-legacy".
+        XCTAssertTrue(allowed(c, Req(host: "api.example.com", principal: "cluster.local/ns/ns-a/sa/good", headers: h + [("x-env", "prod-legacy")])))
+        XCTAssertFalse(allowed(c, Req(host: "api.example.com", principal: "cluster.local/ns/ns-a/sa/good", headers: [("x-env", "dev"), ("x-env", "prod-eu")])))
     }
 
     func test_whenConditions_onSourceAndDestination() throws {
