@@ -320,6 +320,63 @@ final class AuthzFilterTests: XCTestCase {
                              failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil, timeoutMs: nil, file: "test", line: 1)
     }
 
+    func test_requestAuthFields_readSAuth_asRequestAuthenticationWillSetIt() throws {
+        // RequestAuthentication (another filter) is to set s.auth; until it lands, the
+        // filter's code runs here on stand-in streams (tables with an `auth` field): a
+        // call that ends in authz.deny raises (a table is not a stream), so it reads "deny".
+        let r = ConfigLoader().loadText("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: jwt, namespace: foo}
+        spec:
+          rules:
+          - from: [{source: {requestPrincipals: ["https://issuer.example/*"], notRequestPrincipals: ["*/banned"]}}]
+            when:
+            - {key: request.auth.audiences, values: ["orders"]}
+            - {key: request.auth.presenter, values: ["web-*"]}
+            - {key: "request.auth.claims[groups]", values: ["admin"]}
+            - {key: "request.auth.claims[org][tier]", notValues: ["free"]}
+        """, file: "in.yaml", baseDir: "/")
+        XCTAssertEqual(r.errors.map(\.description), [])
+        let conf = AuthorizationCompiler.compile(r.istio, workload: httpbin).config!
+        let dir = NSTemporaryDirectory() + "moonlet-authz-auth-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try BuiltinPlugins.istioAuthz.write(toFile: dir + "/authz_under_test.lua", atomically: true, encoding: .utf8)
+        try """
+        local authz = require("authz_under_test")
+        local f = {}
+        function f.configure(c) return authz.configure(c) end
+        local function stand_in(auth)
+          return { listener = "inbound", vars = {}, auth = auth,
+            request = { method = "GET", path = "/", authority = "h", headers = { get_all = function() return {} end } },
+            source = { principal = "", namespace = "", address = "10.0.0.1:1" }, destination = { port = 8000, address = "" } }
+        end
+        local good = { principal = "https://issuer.example/alice", audiences = { "billing", "orders" }, presenter = "web-app",
+                       claims = { groups = { "dev", "admin" }, org = { tier = "gold" } } }
+        local function with(k, v) local a = {}; for key, val in pairs(good) do a[key] = val end; a[k] = v; return a end
+        function f.on_request(s, conf)
+          local cases = { good, nil, with("principal", "https://issuer.example/banned"), with("principal", "https://other/alice"),
+            with("audiences", { "billing" }), with("presenter", "cli"), with("claims", { groups = "admin", org = { tier = "gold" } }),
+            with("claims", { groups = { "dev" } }), with("claims", { groups = { "admin" }, org = { tier = "free" } }) }
+          local out = {}
+          for i = 1, 9 do
+            local ok = pcall(authz.on_request, stand_in(cases[i]), conf)
+            out[i] = ok and "allow" or "deny"
+          end
+          s.request.headers:set("x-r", table.concat(out, ","))
+        end
+        return f
+        """.write(toFile: dir + "/probe.lua", atomically: true, encoding: .utf8)
+        let probe = LuaPluginSpec(name: "probe", namespace: "", path: dir + "/probe.lua", phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: conf,
+                                  failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil, timeoutMs: nil, file: "test", line: 1)
+        let c = FilterChain(runtime.filters(for: try host.prepare([probe]).get()))
+        let s = stream(Req())
+        _ = c.runRequest(s)
+        XCTAssertEqual(s.request.first("x-r"), "allow,deny,deny,deny,deny,deny,allow,deny,deny")
+        c.runLog(s); runtime.endStream(s); s.end()
+    }
+
     func test_unavailableConditions_failClosed_asIstioDoes() throws {
         // An ALLOW rule that needs an attribute Moonlet cannot read never matches; a DENY
         // rule ignores the condition (and so denies more).
