@@ -99,6 +99,38 @@ final class AuthorizationPolicyTests: XCTestCase {
         XCTAssertFalse(metrics.contains("envoy_http_rbac_denied"), metrics)
     }
 
+    func test_aChangedPolicy_appliesWithoutRestart_andRemovingItRemovesTheFilter() throws {
+        let server = try orderService(["authz.yaml": try seedPolicy])
+        defer { server.stop() }
+        let frontend = try pki.issue("production", "frontend")
+        XCTAssertEqual(try call(server, frontend, .DELETE, "/api/order/1").status, 403)
+        func eventually(_ want: Int, _ method: HTTPMethod, _ path: String) throws -> Bool {
+            for _ in 0..<50 {
+                if try call(server, frontend, method, path).status == want { return true }
+                usleep(100_000)
+            }
+            return false
+        }
+        // An explicit DENY of /admin on top of an allow-all.
+        try server.write("authz.yaml", """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: allow-all, namespace: production}
+        spec: {rules: [{}]}
+        ---
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-admin, namespace: production}
+        spec:
+          action: DENY
+          rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+        """)
+        XCTAssertTrue(try eventually(200, .DELETE, "/api/order/1"), "the new policies were not applied")
+        XCTAssertEqual(try call(server, frontend, .GET, "/admin").status, 403)
+        try FileManager.default.removeItem(atPath: server.dir + "/authz.yaml")
+        XCTAssertTrue(try eventually(200, .GET, "/admin"), "the filter stayed after its policies went")
+    }
+
     func test_customAction_stillRefusesTheConfiguration() throws {
         let custom = try seedPolicy.replacingOccurrences(of: "action: ALLOW", with: "action: CUSTOM\n  provider: {name: ext-authz}")
         XCTAssertThrowsError(try orderService(["authz.yaml": custom]))
