@@ -76,10 +76,11 @@ local function compile_check(c)
   return out
 end
 
+-- The policies of `list` whose dry-run flag is `dry_run` (nil: all of them).
 local function compile_policies(list, dry_run)
   local out = {}
   for _, p in ipairs(list or {}) do
-    if (p.dry_run == true) == dry_run then
+    if dry_run == nil or (p.dry_run == true) == dry_run then
       local rules = {}
       for i, r in ipairs(p.rules) do
         local checks = {}
@@ -108,7 +109,7 @@ function authz.configure(conf)
   local out = {
     deny = compile_policies(conf.deny, false),
     allow = compile_policies(conf.allow, false),
-    audit = compile_policies(conf.audit, false),
+    audit = compile_policies(conf.audit, nil), -- dry-run is for ALLOW and DENY (Istio)
     shadow_deny = compile_policies(conf.deny, true),
     shadow_allow = compile_policies(conf.allow, true),
     has_path = false,
