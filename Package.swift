@@ -67,7 +67,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: v5),
         .target(name: "MoonletLua", dependencies: [
-            "CLua", "CLuaBounded", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
+            "CLua", "CLuaBounded", "MoonletCore", "MoonletHTTP", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),

@@ -131,6 +131,7 @@ enum LuaAPI {
             else if kw("source") { ml_pushlight(L, wrapper(id, .source)) }
             else if kw("destination") { ml_pushlight(L, wrapper(id, .destination)) }
             else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
+            else if kw("listener") { lua_pushstring(L, s.listener == .inbound ? "inbound" : "outbound") }
             else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
             else { lua_pushnil(L) }
         case .request:
@@ -676,6 +677,7 @@ enum LuaAPI {
         ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
         ml_push_readonly(L, "moonlet.metrics")
         lua_setfield(L, -2, "metrics")
+        installAuthz(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

@@ -22,6 +22,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var parser: HTTPHeadParser
     var peer = PeerInfo(address: "")
     var peerIP = ""
+    /// "ip:port" this connection was accepted on (the inbound stream's destination address).
+    var localAddress = ""
     /// The downstream authenticated with mTLS (inbound): only then has it a principal.
     var peerMTLS: Bool { !peer.principal.isEmpty }
     /// The mTLS peer's X-Forwarded-Client-Cert element, once made (clientCertElement).
@@ -140,6 +142,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
+        if role == .inbound, let l = context.channel.localAddress { localAddress = "\(l.ipAddress ?? ""):\(l.port ?? 0)" }
         ctx.activeConnections += 1
         ctx.metrics.connectionOpened(role.rawValue)
         lastActivity = NIODeadline.now().uptimeNanoseconds
@@ -515,6 +518,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         reqDecoder = framing == .none ? nil : BodyDecoder(framing: framing)
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
+        if role == .inbound { s.destination.address = localAddress }
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role

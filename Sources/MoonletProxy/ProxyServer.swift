@@ -162,7 +162,8 @@ public final class ProxyServer: @unchecked Sendable {
         let version = lock.withLock { reloadCount += 1; return reloadCount }
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels) {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels,
+                                   rootNamespace: settings.identity.rootNamespace) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -175,6 +176,12 @@ public final class ProxyServer: @unchecked Sendable {
         // Istio traffic resources bring the built-in router, unless a LuaPlugin named
         // "router" replaces it.
         if !snap.routes.isEmpty && !specs.contains(where: { $0.name == "router" }) { specs.append(.builtinRouter) }
+        // AuthorizationPolicies that select the workload bring the builtin istio-authz
+        // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
+        let authz = AuthorizationCompiler.compile(snap.istio, workload: settings.identity, trustDomain: settings.meshTLS.trustDomain ?? "cluster.local",
+                                                  aliases: settings.meshTLS.trustDomainAliases)
+        for n in authz.notes { logger.notice("\(n)") }
+        if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g
@@ -204,7 +211,8 @@ public final class ProxyServer: @unchecked Sendable {
             })
         }
         for f in futures { try? f.wait() }
-        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)"])
+        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)",
+                                                                  "authorization_policies": "\(authz.policies)"])
         return .success(version)
     }
 

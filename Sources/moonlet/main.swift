@@ -102,6 +102,7 @@ struct SidecarOptions: ParsableArguments {
             do {
                 let mesh = try MeshConfigFile.load(path: path)
                 s.meshTLS = mesh.tls
+                s.identity.rootNamespace = mesh.rootNamespace
                 s.meshConfigNotApplied = mesh.notApplied
             } catch { throw ValidationError("--mesh-config: \(error)") }
         }
