@@ -8,11 +8,10 @@ import Foundation
 public struct ConfigLoader {
     public static let istioKinds: Set<String> = [
         "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-        "PeerAuthentication", "AuthorizationPolicy", "Telemetry",
+        "PeerAuthentication", "AuthorizationPolicy", "Telemetry", "RequestAuthentication",
     ]
     public static let unsupportedIstioKinds: Set<String> = [
         "Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
-        "RequestAuthentication",
     ]
     static let istioGroups = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
     static let istioVersions: Set<String> = ["v1alpha3", "v1beta1", "v1", "v1alpha1"]
@@ -44,7 +43,7 @@ public struct ConfigLoader {
     /// Kinds that protect a workload and that Moonlet does not enforce yet. Loading one that
     /// selects the workload is an error (fail closed): an Istio user who reads "valid" would
     /// otherwise believe the workload is protected.
-    public static let unenforcedSecurityKinds: Set<String> = ["AuthorizationPolicy", "RequestAuthentication"]
+    public static let unenforcedSecurityKinds: Set<String> = ["AuthorizationPolicy"]
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
     public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:],
@@ -189,6 +188,7 @@ public struct ConfigLoader {
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
                     case "PeerAuthentication": d.peerAuthentication(spec)
                     case "AuthorizationPolicy": d.authorizationPolicy(spec)
+                    case "RequestAuthentication": d.requestAuthentication(spec)
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }

@@ -132,6 +132,8 @@ enum LuaAPI {
             else if kw("destination") { ml_pushlight(L, wrapper(id, .destination)) }
             else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
             else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
+            else if kw("auth") { AuthnAPI.pushAuth(L, s) }
+            else if kw("listener") { push(L, s.listener.rawValue) }
             else { lua_pushnil(L) }
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
@@ -496,6 +498,7 @@ enum LuaAPI {
         ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
         ml_push_readonly(L, "moonlet.metrics")
         lua_setfield(L, -2, "metrics")
+        AuthnAPI.install(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

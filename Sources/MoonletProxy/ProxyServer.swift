@@ -42,6 +42,9 @@ public final class ProxyServer: @unchecked Sendable {
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
     public var nativeFilters: [Filter] = []
+    /// Fetches and refreshes the JWKS of RequestAuthentication jwksUris (made when a
+    /// configuration first names a jwksUri).
+    var jwksFetcher: JWKSFetcher?
 
     /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
     public private(set) var boundPorts: [String: Int] = [:]
@@ -175,6 +178,9 @@ public final class ProxyServer: @unchecked Sendable {
         // Istio traffic resources bring the built-in router, unless a LuaPlugin named
         // "router" replaces it.
         if !snap.routes.isEmpty && !specs.contains(where: { $0.name == "router" }) { specs.append(.builtinRouter) }
+        // RequestAuthentications that select the workload bring the builtin istio-authn.
+        let authn: [String: JWTVerifying]
+        switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g
@@ -188,6 +194,7 @@ public final class ProxyServer: @unchecked Sendable {
             snapshot = snap
             generation = gen
         }
+        JWTProviders.replace(authn)
         let natives = nativeFilters
         let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {
@@ -344,6 +351,7 @@ public final class ProxyServer: @unchecked Sendable {
     public func stop() {
         watchTimer?.cancel()
         certTimer?.cancel()
+        lock.withLock { jwksFetcher }?.shutdown()
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []
