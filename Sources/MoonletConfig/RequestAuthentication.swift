@@ -166,7 +166,7 @@ extension TrafficDecoder {
         selector(spec.child("selector"), "spec.selector")
         policyTargetRefs(spec)
         if spec.child("targetRef") != nil || spec.child("targetRefs") != nil {
-            notApplied(spec, "spec.targetRef", "selects a gateway or waypoint: a sidecar does not apply this policy")
+            notApplied(spec, spec.child("targetRef") != nil ? "spec.targetRef" : "spec.targetRefs", "selects a gateway or waypoint: a sidecar does not apply this policy")
         }
         for (ri, r) in list(spec.child("jwtRules"), "spec.jwtRules").enumerated() {
             let p = "spec.jwtRules[\(ri)]"

@@ -2,6 +2,7 @@ import XCTest
 import NIOCore
 import NIOHTTP1
 import NIOConcurrencyHelpers
+import NIOSSL
 @testable import MoonletProxy
 import MoonletTLS
 import MoonletLua
@@ -136,6 +137,25 @@ final class RequestAuthenticationTests: XCTestCase {
         XCTAssertEqual(r.status, 401)
         XCTAssertEqual(r.body, "Jwks remote fetch is failed")
         XCTAssertEqual(try XCTUnwrap(get(c)).status, 200)
+    }
+
+    func test_httpsJwksUri_isFetchedOverVerifiedTLS_soAnUntrustedServerGivesNoKeys() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let d = try pki.issue("external", "jwks")
+        var sc = TLSConfiguration.makeServerConfiguration(
+            certificateChain: try NIOSSLCertificate.fromPEMFile(d + "/cert-chain.pem").map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: d + "/key.pem", format: .pem)))
+        sc.certificateVerification = .none
+        let jwks = try TestUpstream(tls: try NIOSSLContext(configuration: sc)) { _ in TestUpstream.Reply(body: JWTSigner.jwks([Self.ec])) }
+        defer { jwks.stop() }
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwksUri: https://127.0.0.1:\(jwks.port)/jwks\n    timeout: 2s")])
+        defer { px.stop() }
+        XCTAssertGreaterThan(jwks.connections, 0, "the fetch went to the https server")
+        XCTAssertEqual(jwks.seen.count, 0, "no request is sent to a server whose certificate does not verify")
+        let r = try XCTUnwrap(get(try RawClient(port: px.inbound), headers: bearer(try token(Self.ec))))
+        XCTAssertEqual(r.status, 401)
+        XCTAssertEqual(r.body, "Jwks remote fetch is failed")
     }
 
     func test_policyForAnotherNamespace_addsNoFilter() throws {
