@@ -7,20 +7,24 @@ import Foundation
 #endif
 
 /// The JWT providers of the running configuration (one per RequestAuthentication
-/// jwtRule), by id. The proxy replaces them at each reload; Lua reaches them through
-/// `moonlet.jwt.provider(id)`.
+/// jwtRule), by id, for each Lua host (one per proxy). The proxy replaces them at each
+/// reload; Lua reaches them through `moonlet.jwt.provider(id)`.
 public enum JWTProviders {
     static let lock = NIOLock()
-    nonisolated(unsafe) static var byID: [String: JWTVerifying] = [:]
+    nonisolated(unsafe) static var byHost: [ObjectIdentifier: [String: JWTVerifying]] = [:]
 
-    /// Makes `providers` the set Lua can reach (ids not in it are gone).
-    public static func replace(_ providers: [String: JWTVerifying]) { lock.withLock { byID = providers } }
+    /// Makes `providers` the set `host`'s Lua can reach (ids not in it are gone).
+    public static func replace(_ providers: [String: JWTVerifying], for host: LuaHost) {
+        lock.withLock { byHost[ObjectIdentifier(host)] = providers.isEmpty ? nil : providers }
+    }
 
-    /// Adds `providers` to the set (a configuration being prepared, while the current one
-    /// still serves).
-    public static func merge(_ providers: [String: JWTVerifying]) { lock.withLock { byID.merge(providers) { _, new in new } } }
+    /// Adds `providers` to `host`'s set (a configuration being prepared, while the
+    /// current one still serves).
+    public static func merge(_ providers: [String: JWTVerifying], for host: LuaHost) {
+        lock.withLock { byHost[ObjectIdentifier(host), default: [:]].merge(providers) { _, new in new } }
+    }
 
-    public static func lookup(_ id: String) -> JWTVerifying? { lock.withLock { byID[id] } }
+    public static func lookup(_ id: String, host: LuaHost) -> JWTVerifying? { lock.withLock { byHost[ObjectIdentifier(host)]?[id] } }
 }
 
 /// `moonlet.jwt` (JWT verification for the builtin `istio-authn` filter and for user
@@ -46,7 +50,7 @@ enum AuthnAPI {
 
     /// moonlet.jwt.provider(id) → a provider handle, or raises for an unknown id.
     static let provider: lua_CFunction = { L in
-        guard let id = LuaAPI.str(L, 1), JWTProviders.lookup(id) != nil else {
+        guard let id = LuaAPI.str(L, 1), JWTProviders.lookup(id, host: LuaVM.vm(L).host) != nil else {
             return LuaAPI.fail(L, "moonlet.jwt.provider(id): no JWT provider \"\(LuaAPI.prefix(L, 1, 128))\" in the configuration")
         }
         _ = ml_newuserdata(L, 0)
@@ -86,7 +90,7 @@ enum AuthnAPI {
     static func check(_ L: OpaquePointer?, _ t: Int32, _ p: Int32, _ fn: String) -> Result<RequestAuthResult, JWTFailure>? {
         guard let id = providerID(L, p) else { return nil }
         // A provider a reload removed while this stream ran: nothing can be verified.
-        guard let v = JWTProviders.lookup(id) else { return .failure(.jwksFetchFailed) }
+        guard let v = JWTProviders.lookup(id, host: LuaVM.vm(L).host) else { return .failure(.jwksFetchFailed) }
         guard lua_type(L, t) == LUA_TSTRING else { return .failure(.badFormat) }
         // Longer tokens are refused before a String is made of them.
         guard lua_rawlen(L, t) <= 8 * 1024, let token = LuaAPI.str(L, t) else { return .failure(.badFormat) }

@@ -341,7 +341,7 @@ extension ProxyServer {
         case .success(.none):
             return .success([:])
         case .success(let p?):
-            JWTProviders.merge(p.providers)
+            JWTProviders.merge(p.providers, for: lua)
             if !specs.contains(where: { $0.name == "istio-authn" }) { specs.append(p.spec) }
             return .success(p.providers)
         }

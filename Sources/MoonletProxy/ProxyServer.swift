@@ -194,7 +194,7 @@ public final class ProxyServer: @unchecked Sendable {
             snapshot = snap
             generation = gen
         }
-        JWTProviders.replace(authn)
+        JWTProviders.replace(authn, for: lua)
         let natives = nativeFilters
         let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {
@@ -352,6 +352,7 @@ public final class ProxyServer: @unchecked Sendable {
         watchTimer?.cancel()
         certTimer?.cancel()
         lock.withLock { jwksFetcher }?.shutdown()
+        JWTProviders.replace([:], for: lua)
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []

@@ -27,10 +27,10 @@ final class AuthnAPITests: XCTestCase {
         try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         host = LuaHost(logger: Logger(label: "test"))
         runtime = LuaLoopRuntime(host: host, metrics: nil)
-        JWTProviders.replace(["ns/p#0": FakeVerifier()])
+        JWTProviders.replace(["ns/p#0": FakeVerifier()], for: host)
     }
 
-    override func tearDown() { JWTProviders.replace([:]); try? FileManager.default.removeItem(atPath: dir) }
+    override func tearDown() { JWTProviders.replace([:], for: host); try? FileManager.default.removeItem(atPath: dir) }
 
     func chain(_ code: String) throws -> FilterChain {
         let path = "\(dir!)/f.lua"
@@ -80,6 +80,14 @@ final class AuthnAPITests: XCTestCase {
         XCTAssertEqual(s.localReply?.status, 401)
         XCTAssertEqual(s.localReply?.body, "Jwt is expired")
         XCTAssertNil(s.auth)
+    }
+
+    func test_providersBelongToTheirHost_soTwoProxiesInOneProcessDoNotMix() {
+        let other = LuaHost(logger: Logger(label: "other"))
+        XCTAssertNotNil(JWTProviders.lookup("ns/p#0", host: host))
+        XCTAssertNil(JWTProviders.lookup("ns/p#0", host: other))
+        JWTProviders.replace([:], for: other)
+        XCTAssertNotNil(JWTProviders.lookup("ns/p#0", host: host))
     }
 
     func test_unknownProviderId_failsTheLoad() {
