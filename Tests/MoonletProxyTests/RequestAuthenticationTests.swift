@@ -158,6 +158,70 @@ final class RequestAuthenticationTests: XCTestCase {
         XCTAssertEqual(r.body, "Jwks remote fetch is failed")
     }
 
+    func test_customLocations_forwarding_payloadHeader_andRequiredPresence() throws {
+        let ra = """
+        apiVersion: security.istio.io/v1
+        kind: RequestAuthentication
+        metadata: {name: custom, namespace: default}
+        spec:
+          jwtRules:
+          - issuer: \(issuer)
+            \(inline([Self.signer]))
+            fromHeaders: [{name: x-token, prefix: "Token "}]
+            fromCookies: [session]
+            forwardOriginalToken: true
+            outputPayloadToHeader: x-jwt-payload
+            presence: REQUIRED
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": ra])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let t = try token()
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: "x-token: Token \(t)\r\n")).status, 200)
+        XCTAssertEqual(up.seen.last?.headers["x-token"], ["Token \(t)"], "forwardOriginalToken keeps the token")
+        XCTAssertEqual(up.seen.last?.headers["x-jwt-payload"], [String(t.split(separator: ".")[1])], "the payload, base64url")
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: "cookie: a=b; session=\(t)\r\n")).status, 200)
+        let missing = try XCTUnwrap(get(c, headers: bearer(t)))
+        XCTAssertEqual(missing.status, 401, "Authorization is not a location of this rule, and presence is REQUIRED")
+        XCTAssertEqual(missing.body, "Jwt is missing")
+        XCTAssertEqual(missing.header("www-authenticate"), "Bearer realm=\"http://app/\"")
+    }
+
+    func test_tokenOfAnIssuerNoRuleNames_isRefused_andTheRightRuleOfSeveralVerifies() throws {
+        let ra = policy(keys: inline([Self.signer])) + """
+
+        ---
+        apiVersion: security.istio.io/v1
+        kind: RequestAuthentication
+        metadata: {name: second, namespace: default}
+        spec:
+          jwtRules:
+          - issuer: https://second.example
+            \(inline([Self.ec]))
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": ra])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: bearer(try token()))).status, 200)
+        let now = Int(Date().timeIntervalSince1970)
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: bearer(try Self.ec.sign(claims: "{\"iss\":\"https://second.example\",\"sub\":\"bob\",\"exp\":\(now + 60)}")))).status, 200)
+        let stranger = try XCTUnwrap(get(c, headers: bearer(try Self.ec.sign(claims: "{\"iss\":\"https://third.example\",\"exp\":\(now + 60)}"))))
+        XCTAssertEqual(stranger.status, 401)
+        XCTAssertEqual(stranger.body, "Jwt issuer is not configured")
+    }
+
+    func test_reloadThatKeepsAJwksUri_keepsItsKeys_withoutFetchingAgain() throws {
+        let jwks = try TestUpstream { _ in TestUpstream.Reply(body: JWTSigner.jwks([Self.ec])) }
+        defer { jwks.stop() }
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwksUri: http://127.0.0.1:\(jwks.port)/k")])
+        defer { px.stop() }
+        try px.write("ra.yaml", policy(keys: "jwksUri: http://127.0.0.1:\(jwks.port)/k").replacingOccurrences(of: "x-jwt-sub", with: "x-jwt-user"))
+        XCTAssertNoThrow(try px.server.reload(reason: "test").get())
+        XCTAssertEqual(jwks.seen.count, 1)
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: bearer(try token(Self.ec)))).status, 200)
+        XCTAssertEqual(up.seen.last?.headers["x-jwt-user"], ["alice"])
+    }
+
     func test_policyForAnotherNamespace_addsNoFilter() throws {
         let other = policy(keys: inline([Self.signer])).replacingOccurrences(of: "namespace: istio-system", with: "namespace: billing")
         let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": other])
