@@ -51,12 +51,13 @@ public final class JWKSFetcher: @unchecked Sendable {
     /// The keys of `uri`; the first call for a URI starts fetching it.
     public func holder(for uri: String, timeoutMs: Int) -> JWKSHolder {
         let (e, isNew) = lock.withLock { () -> (Entry, Bool) in
-            if let e = entries[uri] { e.timeoutMs = timeoutMs; return (e, false) }
+            if let e = entries[uri] { return (e, false) }
             let e = Entry(uri: uri, timeoutMs: timeoutMs)
             entries[uri] = e
             return (e, true)
         }
-        if isNew { group.next().execute { self.fetch(e) } }
+        // Entry state is the fetcher loop's: a later rule's timeout is set there too.
+        group.next().execute { e.timeoutMs = timeoutMs; if isNew { self.fetch(e) } }
         return e.holder
     }
 
@@ -66,13 +67,14 @@ public final class JWKSFetcher: @unchecked Sendable {
     public func holder(discovering issuer: String, timeoutMs: Int) -> JWKSHolder {
         let key = Self.discoveryKey(issuer)
         let (e, isNew) = lock.withLock { () -> (Entry, Bool) in
-            if let e = entries[key] { e.timeoutMs = timeoutMs; return (e, false) }
+            if let e = entries[key] { return (e, false) }
             let e = Entry(uri: key, timeoutMs: timeoutMs)
             e.discover = true
             entries[key] = e
             return (e, true)
         }
-        if isNew { group.next().execute { self.fetch(e) } }
+        // Entry state is the fetcher loop's: a later rule's timeout is set there too.
+        group.next().execute { e.timeoutMs = timeoutMs; if isNew { self.fetch(e) } }
         return e.holder
     }
 

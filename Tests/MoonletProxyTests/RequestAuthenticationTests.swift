@@ -222,6 +222,12 @@ final class RequestAuthenticationTests: XCTestCase {
         XCTAssertEqual(up.seen.last?.headers["x-jwt-user"], ["alice"])
     }
 
+    func test_inlineJwksWithoutAUsableKey_rejectsTheConfiguration() {
+        XCTAssertThrowsError(try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwks: '{\"keys\":[{\"kty\":\"RSA\",\"n\":\"AQAB\",\"e\":\"AQAB\"}]}'")])) { e in
+            XCTAssertTrue("\(e)".contains("spec.jwtRules[0].jwks: Jwks doesn't have any valid public key"), "\(e)")
+        }
+    }
+
     func test_policyForAnotherNamespace_addsNoFilter() throws {
         let other = policy(keys: inline([Self.signer])).replacingOccurrences(of: "namespace: istio-system", with: "namespace: billing")
         let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": other])
