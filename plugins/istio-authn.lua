@@ -79,11 +79,15 @@ local function token_at(s, loc)
 end
 
 local function realm(s)
-  local path = s.request.path:match("^[^?#]*")
-  return 'Bearer realm="' .. s.request.scheme .. "://" .. s.request.authority .. path .. '"'
+  local uri = s.request.scheme .. "://" .. s.request.authority .. s.request.path:match("^[^?#]*")
+  return 'Bearer realm="' .. uri:gsub('["\\]', "\\%0") .. '"'
 end
 
+-- Envoy's jwt_authn counters: moonlet_lua_jwt_authn_allowed / _denied.
+local count = moonlet.metrics.counter
+
 local function reject(s, err, status, missing)
+  count("jwt_authn_denied")
   return s:respond(status or 401, err, {
     ["www-authenticate"] = realm(s) .. (missing and "" or INVALID),
     ["content-type"] = "text/plain",
@@ -148,6 +152,7 @@ function authn.on_request(s, conf)
       end
       if not matched then return reject(s, first_err, first_status, false) end
       outputs(s, matched, token, claims, loc)
+      count("jwt_authn_allowed")
     end
   end
   if not found and conf.required then return reject(s, "Jwt is missing", 401, true) end

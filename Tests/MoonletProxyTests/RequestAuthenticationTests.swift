@@ -83,6 +83,8 @@ final class RequestAuthenticationTests: XCTestCase {
         let param = try XCTUnwrap(get(c, "/?access_token=\(try token(expIn: -600))"))
         XCTAssertEqual(param.status, 401, "the access_token query parameter is a default location")
         XCTAssertEqual(up.seen.count, 0)
+        let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_lua_jwt_authn_denied 5"), stats)
     }
 
     func test_laterFilters_readSAuth_andCannotForgeIt() throws {
