@@ -166,15 +166,18 @@ public final class JWKSHolder: @unchecked Sendable {
     var _keys: JWKSet?
     var _lastError: String?
     var _fetchedAt: Date?
+    var _generation = 0
     public init(keys: JWKSet? = nil) { _keys = keys }
 
     /// The current keys (nil until a first fetch succeeded).
     public var keys: JWKSet? { lock.withLock { _keys } }
+    /// The keys and how many times they were replaced (verified-token caches key on it).
+    var current: (JWKSet?, Int) { lock.withLock { (_keys, _generation) } }
     /// The last fetch error (nil after a success).
     public var lastError: String? { lock.withLock { _lastError } }
     public var fetchedAt: Date? { lock.withLock { _fetchedAt } }
 
-    public func update(_ keys: JWKSet) { lock.withLock { _keys = keys; _lastError = nil; _fetchedAt = Date() } }
+    public func update(_ keys: JWKSet) { lock.withLock { _keys = keys; _generation += 1; _lastError = nil; _fetchedAt = Date() } }
     public func failed(_ why: String) { lock.withLock { _lastError = why } }
 }
 
@@ -199,7 +202,32 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
 
     static let segmentLimits = JSONValue.Limits(maxBytes: maxTokenBytes, maxDepth: 16)
 
+    /// Tokens that verified, with their exp/nbf and the key generation they verified
+    /// against (Envoy caches verified JWTs too): a repeated token skips parsing and the
+    /// signature check while its time window holds and the keys are the same.
+    struct Cached { var result: RequestAuthResult; var exp: Double?; var nbf: Double?; var generation: Int }
+    let cacheLock = NIOLock()
+    var cache: [String: Cached] = [:]
+    /// Most tokens cached per provider (the cache is emptied when full).
+    public static let cacheCapacity = 512
+
     public func verify(_ token: String, now: Double) -> Result<RequestAuthResult, JWTFailure> {
+        let (set, generation) = keys.current
+        if let c = cacheLock.withLock({ cache[token] }), c.generation == generation,
+           c.exp.map({ now - Self.clockSkewSeconds < $0 }) ?? true, c.nbf.map({ now + Self.clockSkewSeconds >= $0 }) ?? true {
+            return .success(c.result)
+        }
+        let r = verifyUncached(token, now: now, keys: set)
+        if case .success(let (result, exp, nbf)) = r {
+            cacheLock.withLock {
+                if cache.count >= Self.cacheCapacity { cache.removeAll(keepingCapacity: true) }
+                cache[token] = Cached(result: result, exp: exp, nbf: nbf, generation: generation)
+            }
+        }
+        return r.map(\.0)
+    }
+
+    func verifyUncached(_ token: String, now: Double, keys set: JWKSet?) -> Result<(RequestAuthResult, Double?, Double?), JWTFailure> {
         let t = Array(token.utf8)
         guard t.count <= Self.maxTokenBytes else { return .failure(.badFormat) }
         let parts = t.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
@@ -232,7 +260,7 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
         if let exp, now - Self.clockSkewSeconds >= exp { return .failure(.expired) }
         if !audiences.isEmpty && !aud.contains(where: { audiences.contains($0) }) { return .failure(.audienceNotAllowed) }
         guard let sig = Base64URL.decode(parts[2]), !sig.isEmpty else { return .failure(.signatureBadBase64) }
-        guard let set = keys.keys else { return .failure(.jwksFetchFailed) }
+        guard let set else { return .failure(.jwksFetchFailed) }
         let candidates = set.keys.filter { $0.fits(alg) && (kid == nil || $0.kid == kid) }
         guard !candidates.isEmpty else { return .failure(.kidAlgMismatch) }
         let input = Array(t[0..<(parts[0].count + 1 + parts[1].count)])
@@ -243,8 +271,8 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
             }
             return m
         })
-        return .success(RequestAuthResult(principal: "\(iss)/\(sub)", issuer: iss, subject: sub, audiences: aud,
-                                          presenter: payload["azp"]?.stringValue ?? "", claims: claims))
+        return .success((RequestAuthResult(principal: "\(iss)/\(sub)", issuer: iss, subject: sub, audiences: aud,
+                                           presenter: payload["azp"]?.stringValue ?? "", claims: claims), exp, nbf))
     }
 }
 

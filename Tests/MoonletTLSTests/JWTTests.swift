@@ -125,6 +125,17 @@ final class JWTTests: XCTestCase {
         }
     }
 
+    func test_verifiedTokenCache_expiresWithTheToken_andIsDroppedWhenTheKeysChange() throws {
+        let holder = JWKSHolder(keys: try JWKSet.parse(Array(JWTSigner.jwks([Self.p256]).utf8)))
+        let p = JWTProvider(issuer: issuer, audiences: [], keys: holder)
+        let t = try Self.p256.sign(claims: claims(exp: now + 100))
+        XCTAssertNil(failure(p.verify(t, now: now)))
+        XCTAssertNil(failure(p.verify(t, now: now)), "from the cache")
+        XCTAssertEqual(failure(p.verify(t, now: now + 200)), .expired, "a cached token still expires")
+        holder.update(try JWKSet.parse(Array(JWTSigner.jwks([Self.p384]).utf8)))
+        XCTAssertEqual(failure(p.verify(t, now: now)), .kidAlgMismatch, "a key removed from the JWKS stops verifying its tokens, cached or not")
+    }
+
     func test_providerWithoutKeysYet_refusesTokens() throws {
         let p = JWTProvider(issuer: issuer, audiences: [], keys: JWKSHolder())
         XCTAssertEqual(failure(p.verify(try Self.p256.sign(claims: claims()), now: now)), .jwksFetchFailed)
