@@ -8,11 +8,10 @@ import Foundation
 public struct ConfigLoader {
     public static let istioKinds: Set<String> = [
         "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-        "PeerAuthentication", "AuthorizationPolicy", "Telemetry",
+        "PeerAuthentication", "AuthorizationPolicy", "Telemetry", "RequestAuthentication",
     ]
     public static let unsupportedIstioKinds: Set<String> = [
         "Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
-        "RequestAuthentication",
     ]
     static let istioGroups = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
     static let istioVersions: Set<String> = ["v1alpha3", "v1beta1", "v1", "v1alpha1"]
@@ -44,8 +43,9 @@ public struct ConfigLoader {
     /// Kinds that protect a workload and that Moonlet does not enforce yet. Loading one that
     /// selects the workload is an error (fail closed): an Istio user who reads "valid" would
     /// otherwise believe the workload is protected.
-    /// (AuthorizationPolicy is enforced, except action CUSTOM, which is refused the same way.)
-    public static let unenforcedSecurityKinds: Set<String> = ["RequestAuthentication"]
+    /// (AuthorizationPolicy and RequestAuthentication are enforced by the builtin istio-authz
+    /// and istio-authn filters; AuthorizationPolicy action CUSTOM is refused the same way.)
+    public static let unenforcedSecurityKinds: Set<String> = []
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
     /// `rootNamespace` is the mesh config's (policies there apply mesh-wide).
@@ -193,6 +193,7 @@ public struct ConfigLoader {
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
                     case "PeerAuthentication": d.peerAuthentication(spec)
                     case "AuthorizationPolicy": d.authorizationPolicy(spec)
+                    case "RequestAuthentication": d.requestAuthentication(spec)
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }

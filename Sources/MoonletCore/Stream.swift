@@ -161,6 +161,9 @@ public final class ProxyStream {
     public var listener: ListenerRole = .outbound
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
     public var luaContext: AnyObject?
+    /// The verified JWT of the request (RequestAuthentication), nil without one. Set
+    /// only by the native JWT primitive; filters read it as `s.auth`.
+    public var auth: RequestAuthResult?
 
     /// `route` is the decision known before any filter runs (the inbound listener's
     /// fixed one); passing it here saves building an empty one and replacing it.

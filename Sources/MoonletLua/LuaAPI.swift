@@ -133,6 +133,7 @@ enum LuaAPI {
             else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
             else if kw("listener") { lua_pushstring(L, s.listener == .inbound ? "inbound" : "outbound") }
             else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
+            else if kw("auth") { AuthnAPI.pushAuth(L, s) }
             else { lua_pushnil(L) }
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
@@ -678,6 +679,7 @@ enum LuaAPI {
         ml_push_readonly(L, "moonlet.metrics")
         lua_setfield(L, -2, "metrics")
         installAuthz(L)
+        AuthnAPI.install(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

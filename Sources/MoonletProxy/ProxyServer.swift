@@ -42,6 +42,9 @@ public final class ProxyServer: @unchecked Sendable {
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
     public var nativeFilters: [Filter] = []
+    /// Fetches and refreshes the JWKS of RequestAuthentication jwksUris (made when a
+    /// configuration first names a jwksUri).
+    var jwksFetcher: JWKSFetcher?
 
     /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
     public private(set) var boundPorts: [String: Int] = [:]
@@ -176,6 +179,9 @@ public final class ProxyServer: @unchecked Sendable {
         // Istio traffic resources bring the built-in router, unless a LuaPlugin named
         // "router" replaces it.
         if !snap.routes.isEmpty && !specs.contains(where: { $0.name == "router" }) { specs.append(.builtinRouter) }
+        // RequestAuthentications that select the workload bring the builtin istio-authn.
+        let authn: [String: JWTVerifying]
+        switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
         // AuthorizationPolicies that select the workload bring the builtin istio-authz
         // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
         let authz = AuthorizationCompiler.compile(snap.istio, workload: settings.identity, trustDomain: settings.meshTLS.trustDomain ?? "cluster.local",
@@ -195,6 +201,7 @@ public final class ProxyServer: @unchecked Sendable {
             snapshot = snap
             generation = gen
         }
+        JWTProviders.replace(authn, for: lua)
         let natives = nativeFilters
         let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {
@@ -352,6 +359,8 @@ public final class ProxyServer: @unchecked Sendable {
     public func stop() {
         watchTimer?.cancel()
         certTimer?.cancel()
+        lock.withLock { jwksFetcher }?.shutdown()
+        JWTProviders.replace([:], for: lua)
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []

@@ -2,10 +2,11 @@ import XCTest
 import MoonletCore
 @testable import MoonletConfig
 
-/// Until Moonlet enforces RequestAuthentication and CUSTOM AuthorizationPolicies, a sidecar
-/// whose workload one of them selects refuses the configuration (fail closed), and `moonlet
+/// Until Moonlet enforces CUSTOM AuthorizationPolicies (external authorization), a sidecar
+/// whose workload one selects refuses the configuration (fail closed), and `moonlet
 /// validate` refuses every one of them: "valid" must never mean "protected" when it is not.
-/// Other AuthorizationPolicies are enforced (istio-authz) and accepted.
+/// Other AuthorizationPolicies (istio-authz) and RequestAuthentications (istio-authn) are
+/// enforced and accepted.
 final class UnenforcedSecurityTests: XCTestCase {
     let seedPolicy = """
     apiVersion: security.istio.io/v1beta1
@@ -61,11 +62,10 @@ final class UnenforcedSecurityTests: XCTestCase {
         XCTAssertNoThrow(try load(customPolicy, namespace: "staging", labels: ["app": "order-service"]).get())
     }
 
-    func test_meshWideRequestAuthentication_isRefused_forEveryWorkload() {
-        guard case .failure(let e) = load(jwt, namespace: "anything", labels: [:]) else {
-            return XCTFail("a mesh-wide RequestAuthentication was skipped as an unsupported kind")
-        }
-        XCTAssertTrue(e.errors.first?.description.contains("RequestAuthentication is not enforced") == true, e.description)
+    func test_meshWideRequestAuthentication_isEnforcedNow_soItLoads_forTheSidecarAndForValidate() throws {
+        let snap = try load(jwt, namespace: "anything", labels: [:]).get()
+        XCTAssertEqual(snap.istio.map(\.kind), ["RequestAuthentication"])
+        XCTAssertNoThrow(try load(jwt, namespace: "anything", labels: [:], scope: .anyWorkload).get())
     }
 
     func test_validate_refusesEveryUnenforcedSecurityResource_whateverItSelects() {
