@@ -48,10 +48,7 @@ let package = Package(
             "MoonletCore", "MoonletHTTP", "MoonletRegex",
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: v5),
-        .target(name: "MoonletTelemetry", dependencies: [
-            "MoonletCore",
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-        ], swiftSettings: hot),
+        .target(name: "MoonletTelemetry", dependencies: ["MoonletCore"], swiftSettings: hot),
         // mTLS: TLS through swift-nio-ssl (BoringSSL), certificates and the CA through
         // swift-certificates / swift-crypto. Nothing here uses the system libssl.
         .target(name: "MoonletTLS", dependencies: [
@@ -96,7 +93,7 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: v5),
-        .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
+        .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore", "MoonletHTTP"], swiftSettings: v5),
         .testTarget(name: "MoonletTLSTests", dependencies: [
