@@ -451,7 +451,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                 reqDecoder = d
                 if let failure {
                     if !responseStarted { stream?.responseFlags.insert(.downstreamProtocolError); localReplyAndClose(failure.status, failure.reason) }
-                    else { closeDownstream() }
+                    else { resetDownstream() }
                     return
                 }
                 if done { requestBodyEnd() }
@@ -701,7 +701,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func abortUpstreamAndReply() {
         if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
-        if responseStarted { closeDownstream(); return }
+        if responseStarted { resetDownstream(); return }
         closeAfterResponse = closeAfterResponse || !requestState.isComplete
         sendLocalReply()
     }
@@ -720,7 +720,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         head.removeAll(of: .server)
         Self.applyRouteResponseEdits(s, to: &head)
         if chain.filters.isEmpty {
-            writeResponseHead(head)
+            sendHead(head)
             s.response = consume head
             return
         }
@@ -743,11 +743,20 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             sendLocalReply()
             return
         }
-        writeResponseHead(edited)
+        sendHead(edited)
         s.response = consume edited
     }
 
-    func writeResponseHead(_ head: HTTPHead) {
+    // MARK: downstream stream interface
+    //
+    // What the phases give the client, for both protocols: sendHead, sendBody, sendEnd,
+    // resetDownstream, setReading. HTTP/1.1 writes the head as bytes (held so a small body
+    // leaves in the same write, body re-framed chunked when needed); HTTP/2 hands the
+    // parsed head and the chunks to its HTTP2ServerStream, which writes HPACK and DATA
+    // frames. A proxied response and a local reply take the same path.
+
+    /// The response head (after the response filters).
+    func sendHead(_ head: HTTPHead) {
         guard let s = stream else { return }
         let clientMinor = s.request.versionMinor
         responseFraming = .asIs
@@ -786,6 +795,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
+        sendBody(chunk)
+    }
+
+    /// A chunk of the response body.
+    func sendBody(_ chunk: ByteBuffer) {
         if let h2 {
             h2.responseBody(chunk)
             markUnflushed()
@@ -805,16 +819,27 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if !downstreamWritable { flushDownstream() }
     }
 
-    func upstreamResponseEnd(reusable: Bool) {
-        guard let s = stream else { return }
-        let now = NIODeadline.now().uptimeNanoseconds
-        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
+    /// The response is complete (HTTP/2: END_STREAM on the last frame; HTTP/1.1: the last
+    /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
+    /// already queued the flush).
+    func sendEnd() {
         if let h2 { h2.endResponse() }
         else if responseFraming == .chunked {
             if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
             else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
         }
         responseState = .ended
+    }
+
+    /// The response cannot be completed: what was written is flushed, then the HTTP/1.1
+    /// connection closes, or the HTTP/2 stream ends (a reset unless its response ended).
+    func resetDownstream() { closeDownstream() }
+
+    func upstreamResponseEnd(reusable: Bool) {
+        guard let s = stream else { return }
+        let now = NIODeadline.now().uptimeNanoseconds
+        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
+        sendEnd()
         if let u = upstream {
             upstream = nil
             if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
@@ -866,54 +891,25 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             head.added.removeAll { $0.name == "content-length" }
             for i in head.fields.indices where head.fields[i].kind == .contentLength { head.fields[i].removed = false }
         }
-        let close = closeAfterResponse
-        let clientMinor = s.request.versionMinor
         if let why = LocalReplyCheck.problem(head, limits: limits) {
             reply = rejectLocalReply(s, why)
             head = localHead(&reply, s)
         }
         let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        if let h2 {
-            // HTTP/2: the head goes to the stream as it is (HPACK from the parsed head).
-            if Self.writtenSize(head) > limits.maxHeadBytes {
-                let size = Self.writtenSize(head)
-                reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-                head = localHead(&reply, s)
-            }
-            s.response = head
-            s.responseCode = reply.status
-            s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
-            responseState = .ended
-            h2.holdResponseHead(head)
-            if bodyOK && !reply.body.isEmpty { h2.responseBody(ByteBuffer(string: reply.body)) }
-            h2.endResponse()
-            markUnflushed()
-            flushDownstream()
-            finishStream(s)
-            return
-        }
-        var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
-        func writeHead(_ head: HTTPHead) {
-            HeadWriter.writeResponse(head, into: &out) { o in
-                o.writeStaticString("server: moonlet\r\n")
-                if close { o.writeStaticString("connection: close\r\n") }
-                else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
-            }
-        }
-        writeHead(head)
-        if out.readableBytes > limits.maxHeadBytes {
-            let size = out.readableBytes
-            out.clear()
+        let size = Self.writtenSize(head)
+        if size > limits.maxHeadBytes {
             reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
             head = localHead(&reply, s)
-            writeHead(head)
         }
         s.response = head
         s.responseCode = reply.status
-        if bodyOK { out.writeString(reply.body) }
         s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
-        responseState = .ended
-        writeDownstream(out)
+        // The same writes as a proxied response (HTTP/1.1: head and a small body in one
+        // write from the output buffer pool; HTTP/2: HPACK from the head, END_STREAM on
+        // the last frame).
+        sendHead(head)
+        if bodyOK && !reply.body.isEmpty { sendBody(ByteBuffer(string: reply.body)) }
+        sendEnd()
         flushDownstream()
         finishStream(s)
     }
@@ -962,7 +958,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// lines, added lines, the proxy's server and connection lines): HTTP/2 replies are
     /// held to the same head limit.
     static func writtenSize(_ head: HTTPHead) -> Int {
-        var n = 17 + 19 + 2 // "server: moonlet", "connection: close" (at most), the empty line
+        var n = 17 + 24 + 2 // "server: moonlet", "connection: keep-alive" (at most), the empty line
         if let first = head.fields.first { n += Int(first.lineStart) } else { n += head.bytes.readableBytes - 2 }
         for f in head.fields where !f.removed { n += Int(f.lineEnd - f.lineStart) }
         for a in head.added { n += a.name.utf8.count + a.value.utf8.count + 4 }
@@ -1005,7 +1001,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         reqDecoder = nil
         if let u = upstream { u.abandon(); upstream = nil }
         pendingUpstream = nil
-        if responseStarted { finishStream(s); closeDownstream() } else { sendLocalReply() }
+        if responseStarted { finishStream(s); resetDownstream() } else { sendLocalReply() }
     }
 
     // MARK: end of stream

@@ -412,7 +412,7 @@ extension DownstreamHandler {
         if responseStarted {
             // Mid-response failure: the client can only learn it from a reset.
             s.responseFlags.insert(.upstreamConnectionTermination)
-            closeDownstream()
+            resetDownstream()
             return
         }
         switch reason {
