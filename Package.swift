@@ -108,7 +108,7 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: v5),
-        .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
+        .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletTelemetryTests", dependencies: ["MoonletTelemetry", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore", "MoonletHTTP"], swiftSettings: v5),

@@ -164,7 +164,7 @@ struct TrafficDecoder {
         var out: [(String, StringMatch?)] = []
         for e in m {
             let name = lowercaseNames ? e.key.lowercased() : e.key
-            if lowercaseNames && !HeaderValidationLite.isToken(e.key) { err(nil, "\(path).\(e.key)", "invalid header name", line: e.keyLine, col: e.keyColumn); continue }
+            if lowercaseNames && !HeaderValidation.isToken(e.key) { err(nil, "\(path).\(e.key)", "invalid header name", line: e.keyLine, col: e.keyColumn); continue }
             out.append((name, stringMatch(e.value, "\(path).\(e.key)")))
         }
         return out
@@ -423,7 +423,7 @@ struct TrafficDecoder {
                 for e in mm {
                     guard case .scalar = e.value.node else { err(e.value, "\(path).\(side).\(op).\(e.key)", "must be a string"); continue }
                     let v = e.value.value.stringValue ?? ""
-                    if !HeaderValidationLite.isToken(e.key) || v.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\0" }) {
+                    if !HeaderValidation.isToken(e.key) || !HeaderValidation.isValidValue(v) {
                         err(e.value, "\(path).\(side).\(op).\(e.key)", "invalid header name or value"); continue
                     }
                     if op == "set" { ops.sets.append((e.key.lowercased(), v)) } else { ops.adds.append((e.key.lowercased(), v)) }
@@ -726,20 +726,6 @@ extension TrafficDecoder {
     static func isIP(_ s: String) -> Bool {
         var v4 = in_addr(), v6 = in6_addr()
         return inet_pton(AF_INET, s, &v4) == 1 || inet_pton(AF_INET6, s, &v6) == 1
-    }
-}
-
-/// Token check without depending on MoonletHTTP from here.
-enum HeaderValidationLite {
-    static func isToken(_ s: String) -> Bool {
-        if s.isEmpty { return false }
-        for b in s.utf8 {
-            switch b {
-            case 48...57, 65...90, 97...122: continue
-            default: if !"!#$%&'*+-.^_`|~".utf8.contains(b) { return false }
-            }
-        }
-        return true
     }
 }
 

@@ -124,6 +124,17 @@ public struct RouteDecision: Sendable {
     public init() {}
 }
 
+/// The configuration a stream started with, as MoonletCore sees it: an opaque,
+/// immutable object that a module to the right (MoonletConfig's ConfigSnapshot) implements
+/// and its readers turn back into their type. A class-bound protocol with no requirements:
+/// storing and reading it costs what an `AnyObject` did (no dynamic cast; the one reader,
+/// `LuaAPI.snapshot(of:)`, knows the only conforming type).
+public protocol StreamConfig: AnyObject {}
+
+/// Per-stream state a script host keeps on the stream (MoonletLua's StreamLuaContext).
+/// Set and read only by that host.
+public protocol StreamScriptState: AnyObject {}
+
 /// One HTTP request/response exchange, from its request head to its log. A stream lives
 /// on one event loop; filters get it during their phase call and must not keep it.
 public final class ProxyStream {
@@ -154,13 +165,14 @@ public final class ProxyStream {
     public private(set) var isActive = true
     /// Whether the downstream is HTTP/2 (affects only logging and metrics).
     public var protocolName: String = "HTTP/1.1"
-    /// The configuration snapshot the stream started with (a ConfigSnapshot), for
-    /// filters that route; a reload never changes it under a running stream.
-    public var config: AnyObject?
+    /// The configuration snapshot the stream started with (MoonletConfig's
+    /// ConfigSnapshot), for filters that route; a reload never changes it under a
+    /// running stream. Read it through `LuaAPI.snapshot(of:)`.
+    public var config: StreamConfig?
     /// The listener that accepted the stream.
     public var listener: ListenerRole = .outbound
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
-    public var luaContext: AnyObject?
+    public var luaContext: StreamScriptState?
     /// The verified JWT of the request (RequestAuthentication), nil without one. Set
     /// only by the native JWT primitive; filters read it as `s.auth`.
     public var auth: RequestAuthResult?

@@ -34,7 +34,7 @@ enum WrapperKind: UInt {
 }
 
 /// The Lua state of one stream in one VM: its `s.vars` table.
-final class StreamLuaContext {
+final class StreamLuaContext: StreamScriptState {
     var varsRef: Int32 = LUA_NOREF
 }
 

@@ -6,10 +6,18 @@ import MoonletTLS
 import NIOSSL
 import NIOTLS
 
-/// The HTTP/1.1 fast path: one handler per downstream connection owns each stream
-/// from its first byte to its log line. It parses heads in place, runs the filter
-/// chain, writes the upstream request as the original bytes with the filters' edits
+/// The HTTP/1.1 fast path: one handler per downstream connection (or per HTTP/2 stream,
+/// see HTTP2ServerStream) owns each stream from its first byte to its log line. It
+/// parses heads in place, runs the filter chain's phases (docs/architecture.md has the
+/// lifecycle), writes the upstream request as the original bytes with the filters' edits
 /// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
+///
+/// Split by concern: this file has the connection, the HTTP/1.1 request codec, the
+/// request head phase and the downstream stream interface (sendHead/sendBody/sendEnd);
+/// the executor's other phases (request body, response head and body, local replies, end
+/// of stream) are in StreamPhases.swift, the upstream side (endpoint, limits, connect,
+/// retries with on_upstream_failure, mirrors) in UpstreamDispatch.swift, the request
+/// metrics in StreamTelemetry, the per-side states in StreamStates.swift.
 final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, DeferredFlush {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -39,21 +47,24 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var stream: ProxyStream?
     var chain: FilterChain = .empty
     var reqDecoder: BodyDecoder?
-    var requestComplete = false
+    /// Where the current request is (head awaited, body streaming or being buffered,
+    /// complete).
+    var requestState = RequestState.head
+    /// The upstream request is chunk-framed and its last chunk is not written yet.
     var requestChunked = false
-    var buffering = false
-    var upstream: UpstreamConnection?
-    var connecting = false
+    /// Where the current attempt's upstream side is (idle, resolving, waiting for a
+    /// connection, connecting, attached to a connection).
+    var upstreamState = UpstreamState.idle
     var pendingUpstream: ByteBuffer?
-    var responseStarted = false
-    /// The whole response has been written (an HTTP/2 stream may close while it is
-    /// flushed, which is then not a downstream disconnect).
-    var responseEnded = false
+    /// Where the response to the client is (none yet, head held, streaming, ended). An
+    /// HTTP/2 stream may close while an ended response is flushed, which is then not a
+    /// downstream disconnect.
+    var responseState = ResponseState.none
     /// The upstream's reading is paused because the downstream cannot take more; undone
     /// before the connection goes back to the pool (or an HTTP/2 stream finishes).
     var upstreamPaused = false
-    var responseChunked = false
-    var responseCloseDelimited = false
+    /// How the response body is framed to the client.
+    var responseFraming = ResponseFraming.asIs
     /// Bytes were written to the client since its last flush.
     var unflushed = false
     /// A flush of the client connection waits for the end of the loop's batch of I/O
@@ -90,8 +101,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var closed = false
     /// Whether reading from the client is paused (backpressure or pipelined backlog).
     var readPaused = false
-    var lastSeries: RequestSeries?
-    var lastSeriesKey: SeriesKey?
+    /// Istio's request metrics of this connection's streams.
+    var telemetry: StreamTelemetry
 
     /// The HTTP/2 stream this handler serves: its bytes come from and go to the stream,
     /// not a channel (`context` stays nil). Set before its first request byte.
@@ -108,6 +119,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         self.ctx = ctx
         self.role = role
         self.limits = ctx.settings.limits
+        telemetry = StreamTelemetry(role: role)
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
         ctx.liveHandlers += 1
     }
@@ -142,7 +154,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
-        if role == .inbound, let l = context.channel.localAddress { localAddress = "\(l.ipAddress ?? ""):\(l.port ?? 0)" }
         ctx.activeConnections += 1
         ctx.metrics.connectionOpened(role.rawValue)
         lastActivity = NIODeadline.now().uptimeNanoseconds
@@ -179,7 +190,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         closed = true
         cancelTimers()
         if let s = stream {
-            if !responseEnded { s.responseFlags.insert(.downstreamConnectionTermination) }
+            if responseState != .ended { s.responseFlags.insert(.downstreamConnectionTermination) }
             if let u = upstream { u.abandon(); upstream = nil }
             finishStream(s)
         }
@@ -246,10 +257,32 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         received(incoming)
     }
 
-    /// Request bytes of an HTTP/2 stream (as HTTP/1.1).
-    func h2Received(_ b: ByteBuffer) {
+    /// An HTTP/2 stream's request head, built from its HPACK fields (HTTP2RequestHead):
+    /// the stream starts as an HTTP/1.1 one does after its head parsed.
+    func h2Request(_ head: consuming HTTPHead) {
+        guard !closed, stream == nil else { return }
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+        startStream(head)
+    }
+
+    /// An HTTP/2 stream's request head that the HTTP/1.1 parser would refuse too (the
+    /// same answer: 400, 403, 431).
+    func h2RequestRefused(_ e: HTTPParseError) {
         guard !closed else { return }
-        received(b)
+        protocolError(e)
+    }
+
+    /// A DATA frame's bytes of the current request.
+    func h2Body(_ chunk: ByteBuffer) {
+        guard !closed, stream != nil, requestState.isArriving else { return }
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+        requestBodyChunk(chunk)
+    }
+
+    /// The HTTP/2 request body ended (END_STREAM, or its content-length reached).
+    func h2BodyEnd() {
+        guard !closed, stream != nil, requestState.isArriving else { return }
+        requestBodyEnd()
     }
 
     @inline(__always)
@@ -297,10 +330,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         markUnflushed()
     }
 
-    /// Hands `b` to the client's channel, or to the HTTP/2 stream this handler serves.
+    /// Hands `b` to the client's channel. An HTTP/2 stream is given parsed heads and body
+    /// chunks instead (HTTP2ServerStream.holdResponseHead, responseBody, endResponse):
+    /// no HTTP/1.1 bytes are written for it.
     @inline(__always)
     func emit(_ b: ByteBuffer) {
-        if let h2 { h2.write(b) } else { context.write(wrapOutboundOut(b), promise: nil) }
+        assert(h2 == nil, "HTTP/1.1 bytes written to an HTTP/2 stream")
+        context.write(wrapOutboundOut(b), promise: nil)
     }
 
     /// Records that the client has bytes to flush (written, or a held head) and queues
@@ -352,6 +388,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// head marked the client unflushed.
     @inline(__always)
     func releaseHeldHead() {
+        if responseState == .headHeld { responseState = .streaming }
         if let h2 { h2.releaseHeld(end: false); return }
         if let h = heldHead { heldHead = nil; emit(h); ctx.recycle(h) }
     }
@@ -419,7 +456,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                 reqDecoder = d
                 if let failure {
                     if !responseStarted { stream?.responseFlags.insert(.downstreamProtocolError); localReplyAndClose(failure.status, failure.reason) }
-                    else { closeDownstream() }
+                    else { resetDownstream() }
                     return
                 }
                 if done { requestBodyEnd() }
@@ -508,17 +545,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         ctx.activeStreams += 1
         stream = s
         chain = ctx.chain
-        requestComplete = false
-        responseStarted = false
-        responseChunked = false
-        responseCloseDelimited = false
-        buffering = false
+        responseState = .none
+        responseFraming = .asIs
         closeAfterResponse = !keepAlive
         requestChunked = framing == .chunked
-        reqDecoder = framing == .none ? nil : BodyDecoder(framing: framing)
-        if reqDecoder == nil { requestComplete = true }
+        // An HTTP/2 stream's body comes as DATA chunks (h2Body), not bytes to decode.
+        reqDecoder = framing == .none || h2 != nil ? nil : BodyDecoder(framing: framing)
+        requestState = framing == .none ? .complete(buffered: false) : .body
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
-        if role == .inbound { s.destination.address = localAddress }
+        if role == .inbound { s.destination.address = acceptedAddress() }
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
@@ -528,8 +563,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             sendLocalReply()
             return
         case .stopAndBuffer:
-            if reqDecoder != nil {
-                buffering = true
+            if requestState == .body {
+                requestState = .buffered
                 s.bufferedRequestBody = ctx.allocator.buffer(capacity: 0)
                 return // the body arrives through process(); requestBodyEnd continues.
             }
@@ -538,7 +573,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         case .continue:
             break
         }
-        if s.request.expectContinue && reqDecoder != nil {
+        if s.request.expectContinue && requestState == .body {
             s.request.removeAll(of: .expect)
             if let h2 { h2.writeContinue() } else { writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")) }
         }
@@ -576,6 +611,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
 
+    /// "ip:port" the client's connection was accepted on (the inbound stream's
+    /// destination address), worked out once per connection or HTTP/2 stream.
+    func acceptedAddress() -> String {
+        if localAddress.isEmpty, let a = (context ?? h2?.connection.context)?.channel.localAddress {
+            localAddress = "\(a.ipAddress ?? ""):\(a.port ?? 0)"
+        }
+        return localAddress
+    }
+
     /// host:port of where the client's request goes: the app on the inbound listener,
     /// the address the client connected to on the outbound one.
     func destinationAuthority() -> String {
@@ -612,495 +656,38 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         return xfccElement
     }
 
-    /// Picks the upstream from the route decision and sends the request head.
-    /// Picks the endpoint (balancer, outlier state), or uses the route's host:port.
-    /// Returns host, port and pool key, or nil after answering locally.
-    func chooseEndpoint(_ s: ProxyStream, avoid: Int = -1) -> (String, Int, String)? {
-        if s.route.endpoint.isEmpty, let c = s.route.upstreamCluster {
-            var picked = ctx.balancer.pick(c, hash: avoid >= 0 ? nil : s.route.hashKey)
-            // A retry prefers a different host (a few tries).
-            var tries = 0
-            while let p = picked, p == avoid, c.endpointCount > 1, tries < 3 {
-                ctx.balancer.done(c, p)
-                picked = ctx.balancer.pick(c)
-                tries += 1
-            }
-            guard let i = picked else {
-                reply503(s, "no healthy upstream", .noHealthyUpstream)
-                return nil
-            }
-            let e = c.endpoint(i)
-            s.route.endpointIndex = i
-            s.route.endpoint = e.address
-            s.route.endpointPort = e.port
-            s.destination.address = e.address
-            s.destination.port = e.port
-        } else if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
-            ctx.balancer.use(c, s.route.endpointIndex)  // a filter's endpoint override: counted as a pick is
-        }
-        let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
-        let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
-        if host.isEmpty || port == 0 {
-            s.respond(404, body: "", headers: [], flags: .noRouteFound)
-            sendLocalReply()
-            return nil
-        }
-        var key: String
-        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { key = c.poolKey(s.route.endpointIndex) }
-        else if role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port { key = ctx.inboundKey }
-        else { key = "\(host):\(port)" }
-        s.upstreamHost = key
-        upstreamTLS = nil
-        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster, let t = c.tls(s.route.endpointIndex) {
-            if t.mode == .istioMutual && ctx.tls == nil {
-                // Auto mTLS without a workload certificate: reach the workload in plaintext.
-                if !t.automatic {
-                    reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: ISTIO_MUTUAL needs a workload certificate (--certs)", .upstreamConnectionFailure)
-                    return nil
-                }
-            } else if (t.mode == .simple || t.mode == .mutual) && t.context == nil {
-                // The file error is in the log (at load); the client gets no file system path.
-                reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: the DestinationRule's TLS files could not be loaded", .upstreamConnectionFailure)
-                return nil
-            } else {
-                upstreamTLS = t
-                key += t.poolTag
-            }
-        }
-        return (host, port, key)
-    }
+    // MARK: downstream stream interface
+    //
+    // What the phases give the client, for both protocols: sendHead, sendBody, sendEnd,
+    // resetDownstream, setReading. HTTP/1.1 writes the head as bytes (held so a small body
+    // leaves in the same write, body re-framed chunked when needed); HTTP/2 hands the
+    // parsed head and the chunks to its HTTP2ServerStream, which writes HPACK and DATA
+    // frames. A proxied response and a local reply take the same path.
 
-    /// Picks the upstream from the route decision and sends the request head.
-    func goUpstream() {
-        guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
-        armStreamTimer(s)
-        var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
-        let chunked = requestChunked
-        s.withRequest { head in
-            HeadWriter.writeRequest(head, into: &out) { o in
-                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
-            }
-        }
-        if buffering, var body = s.bufferedRequestBody {
-            // The whole body was buffered for a filter: send it with a content-length.
-            if requestChunked {
-                out = ctx.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
-                s.request.removeAll(of: .contentLength)
-                HeadWriter.writeRequest(s.request, into: &out) { o in
-                    HeadWriter.writeField("content-length", String(body.readableBytes), into: &o)
-                }
-            }
-            out.writeBuffer(&body)
-            requestChunked = false
-        }
-        attempt = 0
-        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || chain.wantsUpstreamFailure ? out : nil
-        replayHeadLength = out.readableBytes
-        if !s.route.mirrors.isEmpty { prepareMirrors(s) }
-        pendingUpstream = out
-        dispatch(host: host, port: port, key: key)
-    }
-
-    /// Takes an idle pooled connection or connects, then sends `pendingUpstream`.
-    func dispatch(host: String, port: Int, key: String) {
-        guard let s = stream else { return }
-        armPerTryTimer(s)
-        let cl = s.route.upstreamCluster
-        if let cl, !holdsRequestSlot {
-            // http2MaxRequests: active requests per cluster across the sidecar.
-            let cc = ctx.balancer.circuit(cl)
-            guard cc.tryRequest(max: cl.maxRequests) else {
-                replyOverflow(s)
-                return
-            }
-            holdsRequestSlot = true
-        }
-        if let c = ctx.pool.takeIdle(key, idleTimeoutMs: cl?.idleTimeoutMs ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
-            attach(c)
-            return
-        }
-        if asksForHTTP2(s), ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
-                                                 connected(stream: s.id, attempt: attempt),
-                                                 // The connection being set up failed, chose HTTP/1.1 or is full.
-                                                 otherwise: redispatch(s.id, host: host, port: port, key: key)) {
-            connecting = true
-            return
-        }
-        let address: SocketAddress
-        // A name being resolved (off the loop) dispatches again once its lookup is done.
-        switch ctx.pool.address(host: host, port: port, ready: redispatch(s.id, host: host, port: port, key: key)) {
-        case .ready(let a): address = a
-        case .pending:
-            connecting = true
-            return
-        case .failed(let e):
-            upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)"))
-            return
-        }
-        // Circuit breaking: connections are bounded per cluster across the sidecar;
-        // past the bound a bounded number of streams wait, the rest get 503 UO at once.
-        var slot: CircuitCounters? = nil
-        if let cl = s.route.upstreamCluster {
-            let cc = ctx.balancer.circuit(cl)
-            if !cc.tryOpenConnection(max: cl.maxConnections) {
-                if cc.tryWait(max: cl.maxPendingRequests) {
-                    startWaiting(s, cc, cl, host: host, port: port, key: key, address: address)
-                    return
-                }
-                replyOverflow(s)
-                return
-            }
-            slot = cc
-        }
-        connect(s, key: key, address: address, slot: slot)
-    }
-
-    /// Starts `dispatch` over for stream `sid` once what it waited for is settled (a
-    /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
-    func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
-        {
-            guard self.stream?.id == sid, !self.closed else { return }
-            self.connecting = false
-            self.dispatch(host: host, port: port, key: key)
-        }
-    }
-
-    /// Waits for a connection: one released on this loop for the same host, or a
-    /// free slot (checked every 10 ms, since slots free up on other loops too).
-    func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
-        let sid = s.id
-        waitingCircuit = cc
-        let w = PoolWaiter(key: key) { c in
-            guard let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
-            self.stopWaiting()
-            self.attach(c)
-            return true
-        }
-        waiter = w
-        ctx.pool.wait(w)
-        waitTimer = ctx.loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
-            guard let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
-            if cc.tryOpenConnection(max: cl.maxConnections) {
-                self.stopWaiting()
-                self.connect(cur, key: key, address: address, slot: cc)
-            }
-        }
-    }
-
-    func stopWaiting() {
-        if let w = waiter { ctx.pool.removeWaiter(w); waiter = nil }
-        waitTimer?.cancel(); waitTimer = nil
-        waitingCircuit?.doneWaiting(); waitingCircuit = nil
-    }
-
-    func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
-        connecting = true
-        var tls: (() throws -> NIOSSLClientHandler)? = nil
-        var tlsExpected = ""
-        var tlsMesh = true
-        // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
-        let h2 = asksForHTTP2(s)
-        if let t = upstreamTLS {
-            if t.mode == .istioMutual, let m = ctx.tls {
-                let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
-                tls = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
-                tlsExpected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
-            } else if let c = t.context as? NIOSSLContext {
-                tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
-                tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
-                tlsMesh = false
-            }
-        }
-        ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
-                         connected(stream: s.id, attempt: attempt))
-    }
-
-    /// Whether the connection to the peer sidecar asks for HTTP/2 (ALPN h2): mesh mTLS
-    /// only, by the cluster's UpstreamProtocol and, for `likeDownstream`, what this
-    /// stream's client spoke.
-    func asksForHTTP2(_ s: ProxyStream) -> Bool {
-        guard let t = upstreamTLS, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
-        switch cl.upstreamProtocol {
-        case .http1: return false
-        case .http2: return true
-        case .likeDownstream: return http2Stream
-        }
-    }
-
-    /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
-    /// stream and attempt that asked for it are still current, else gives it back.
-    func connected(stream sid: UInt64, attempt try_: Int) -> (Result<UpstreamConnection, Error>) -> Void {
-        { r in
-            let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
-            switch r {
-            case .success(let c):
-                guard current, !self.closed else { self.ctx.pool.release(c); return }
-                self.connecting = false
-                self.attach(c)
-            case .failure(let e):
-                guard current else { return }
-                self.connecting = false
-                self.upstreamFailed(e as? UpstreamFailure ?? .connectFailed("\(e)"))
-            }
-        }
-    }
-
-    /// Answers 503 locally with an Envoy response flag.
-    func reply503(_ s: ProxyStream, _ body: String, _ flag: ResponseFlags) {
-        s.respond(503, body: body, flags: flag)
-        sendLocalReply()
-    }
-
-    /// Circuit breaking overflow (UO): counted and answered at once.
-    func replyOverflow(_ s: ProxyStream) {
-        ctx.metrics.count("moonlet_upstream_overflow_total")
-        reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: overflow", .upstreamOverflow)
-    }
-
-    /// Builds the head of each mirror copy: the same request with the shadow authority,
-    /// closing its connection after the (ignored) response.
-    func prepareMirrors(_ s: ProxyStream) {
-        mirrorHeads = s.route.mirrors.map { m in
-            var h = s.request
-            h.set("host", m.authority)
-            h.hostIndex = -1
-            var b = ctx.allocator.buffer(capacity: h.bytes.readableBytes + 64)
-            let chunked = requestChunked
-            HeadWriter.writeRequest(h, into: &b) { o in
-                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
-                o.writeStaticString("connection: close\r\n")
-            }
-            return (m.cluster, b)
-        }
-        if requestComplete { sendMirrors() }
-    }
-
-    /// Sends the mirror copies once the request is complete (head + replayed body);
-    /// a body past the replay bound is not mirrored.
-    func sendMirrors() {
-        guard !mirrorHeads.isEmpty, let bytes = replay else { mirrorHeads = []; return }
-        var body = bytes
-        body.moveReaderIndex(forwardBy: min(replayHeadLength, body.readableBytes))
-        for (cluster, head) in mirrorHeads {
-            guard let i = ctx.balancer.pick(cluster) else { continue }
-            ctx.balancer.done(cluster, i)
-            let e = cluster.endpoint(i)
-            var payload = head
-            var b = body
-            payload.writeBuffer(&b)
-            // A mirror whose name is not resolved yet is skipped (the lookup starts now).
-            guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: {}) else { continue }
-            ctx.metrics.count("moonlet_upstream_mirrored_total")
-            MirrorSender.send(payload, to: address, on: ctx.loop, timeoutMs: limits.connectTimeoutMs)
-        }
-        mirrorHeads = []
-    }
-
-    /// Records bytes sent upstream for a possible retry (bounded: past the limit the
-    /// request is no longer retried).
-    @inline(__always)
-    func recordForReplay(_ b: ByteBuffer) {
-        guard replay != nil else { return }
-        if replay!.readableBytes + b.readableBytes > limits.maxBufferedBodyBytes { replay = nil; return }
-        var c = b
-        replay!.writeBuffer(&c)
-    }
-
-    /// Retries the stream when the filters (on_upstream_failure) or else its route's
-    /// policy allow it for this outcome: a different host is preferred, with 25 ms x
-    /// jitter backoff. Returns false when the outcome stands (no policy, a filter said
-    /// no, attempts used up, body not replayable).
-    func retryIfAllowed(_ s: ProxyStream, status: Int?, connectFailure: Bool, timedOut: Bool = false) -> Bool {
-        guard requestComplete, let bytes = replay else { return false }
-        let verdict = upstreamFailureVerdict(s, status: status, connectFailure: connectFailure, timedOut: timedOut)
-        guard let spec = Self.retryPolicy(verdict, route: s.route.retry, status: status, connectFailure: connectFailure), attempt < spec.attempts else { return false }
-        // maxRetries bounds concurrent retries per cluster across the sidecar.
-        var retrySlot: CircuitCounters? = nil
-        if let cl = s.route.upstreamCluster {
-            let cc = ctx.balancer.circuit(cl)
-            guard cc.tryRetry(max: cl.maxRetries) else { ctx.metrics.count("moonlet_upstream_retry_overflow_total"); return false }
-            retrySlot = cc
-        }
-        attempt += 1
-        ctx.metrics.count("moonlet_upstream_retries_total")
-        perTryTimer?.cancel(); perTryTimer = nil
-        if let u = upstream { u.abandon(); upstream = nil }
-        let avoid = s.route.endpointIndex
-        if avoid >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, avoid) }
-        if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
-        let sid = s.id, try_ = attempt
-        let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
-        retrySlotHeld?.retryDone()
-        retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
-        ctx.loop.scheduleTask(in: .milliseconds(backoffMs)) {
-            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
-            guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
-            self.pendingUpstream = bytes
-            self.dispatch(host: host, port: port, key: key)
-        }
-        return true
-    }
-
-    func armPerTryTimer(_ s: ProxyStream) {
-        perTryTimer?.cancel(); perTryTimer = nil
-        guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
-        let sid = s.id, try_ = attempt
-        perTryTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
-            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
-            if self.retryIfAllowed(cur, status: 504, connectFailure: false, timedOut: true) { return }
-            if let u = self.upstream { u.abandon(); self.upstream = nil }
-            cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete
-            self.sendLocalReply()
-        }
-    }
-
-    func attach(_ c: UpstreamConnection) {
-        guard let s = stream else { return }
-        upstream = c
-        c.begin(delegate: self, isHead: s.request.isHead)
-        if var p = pendingUpstream {
-            pendingUpstream = nil
-            if requestComplete && requestChunked && !buffering {
-                p.writeStaticString(ChunkedEncoder.lastChunk)
-                recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
-                requestChunked = false
-            }
-            writeUpstream(c, p)
-            ctx.recycle(p)
-        }
-    }
-
-    func requestBodyChunk(_ chunk: ByteBuffer) {
-        guard let s = stream else { return }
-        s.requestBodyBytes += Int64(chunk.readableBytes)
-        if s.localReply != nil { return } // replying locally: drain and drop
-        if buffering {
-            if s.bufferedRequestBody!.readableBytes + chunk.readableBytes > limits.maxBufferedBodyBytes {
-                buffering = false
-                s.bufferedRequestBody = nil
-                localReplyAndClose(413, "request body larger than \(limits.maxBufferedBodyBytes) bytes")
-                return
-            }
-            var c = chunk
-            s.bufferedRequestBody!.writeBuffer(&c)
-            return
-        }
-        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: chunk, endOfStream: false) == .respond {
-            if upstream == nil && !connecting { sendLocalReply() } else { abortUpstreamAndReply() }
-            return
-        }
-        let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: ctx.allocator)
-        recordForReplay(out)
-        if let u = upstream, let ch = u.channel {
-            writeUpstream(u, out)
-            if !ch.isWritable { setReading(false) }
-        } else if pendingUpstream != nil {
-            var o = out
-            pendingUpstream!.writeBuffer(&o)
-            if pendingUpstream!.readableBytes > limits.highWaterMarkBytes { setReading(false) }
-        }
-    }
-
-    func requestBodyEnd() {
-        reqDecoder = nil
-        requestComplete = true
-        guard let s = stream else { return }
-        if s.localReply != nil {
-            if !responseStarted && upstream == nil && !connecting { sendLocalReply() }
-            return
-        }
-        if buffering {
-            if chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
-            goUpstream()
-            return
-        }
-        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond {
-            abortUpstreamAndReply(); return
-        }
-        if requestChunked {
-            if let u = upstream { writeUpstream(u, ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
-            else if pendingUpstream != nil { pendingUpstream!.writeStaticString(ChunkedEncoder.lastChunk) }
-            recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
-            requestChunked = false
-        }
-        if !mirrorHeads.isEmpty { sendMirrors() }
-    }
-
-    func abortUpstreamAndReply() {
-        if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
-        if responseStarted { closeDownstream(); return }
-        closeAfterResponse = closeAfterResponse || !requestComplete
-        sendLocalReply()
-    }
-
-    // MARK: response side
-
-    func upstreamResponseHead(_ headIn: consuming HTTPHead) {
-        guard let s = stream else { return }
-        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
-        if retryIfAllowed(s, status: headIn.status, connectFailure: false) { return }
-        if attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
-        streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
-        var head = consume headIn
-        head.stripHopByHop()
-        head.removeAll(of: .server)
-        Self.applyRouteResponseEdits(s, to: &head)
-        if chain.filters.isEmpty {
-            writeResponseHead(head)
-            s.response = consume head
-            return
-        }
-        head.markFiltersStart()
-        s.response = consume head
-        if chain.runResponse(s) == .respond, s.localReply != nil {
-            // A response filter replaced the upstream response.
-            if let u = upstream { u.abandon(); upstream = nil }
-            s.response = nil
-            sendLocalReply()
-            return
-        }
-        // Taken out of the stream while it is written, so it is not copied.
-        let edited = s.response.take()!
-        // The filters' edits are checked as a local reply's are: none is written if the
-        // head would break the client's framing or limits; a clean 500 goes instead.
-        if let why = LocalReplyCheck.problem(edited, limits: limits) {
-            if let u = upstream { u.abandon(); upstream = nil }
-            _ = rejectLocalReply(s, why)
-            sendLocalReply()
-            return
-        }
-        writeResponseHead(edited)
-        s.response = consume edited
-    }
-
-    func writeResponseHead(_ head: HTTPHead) {
+    /// The response head (after the response filters).
+    func sendHead(_ head: HTTPHead) {
         guard let s = stream else { return }
         let clientMinor = s.request.versionMinor
-        responseChunked = false
-        responseCloseDelimited = false
+        responseFraming = .asIs
         if let h2 {
             // HTTP/2 frames the body itself: the head goes to the stream as it is.
-            if !requestComplete { closeAfterResponse = true }
-            responseStarted = true
+            if !requestState.isComplete { closeAfterResponse = true }
+            responseState = .headHeld
             h2.holdResponseHead(head)
             markUnflushed()
             return
         }
         switch head.framing {
         case .chunked, .untilClose:
-            if clientMinor == 1 { responseChunked = true } else { responseCloseDelimited = true; closeAfterResponse = true }
+            if clientMinor == 1 { responseFraming = .chunked } else { responseFraming = .untilClose; closeAfterResponse = true }
         default: break
         }
-        if !requestComplete || ctx.draining { closeAfterResponse = true } // body still arriving: can't resync
+        if !requestState.isComplete || ctx.draining { closeAfterResponse = true } // body still arriving: can't resync
         // Room for a small body too: it is copied behind the head (see heldHead).
         var room = 0
         if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
         var out = ctx.outputBuffer(capacity: head.bytes.readableBytes + 128 + room)
-        let chunked = responseChunked
+        let chunked = responseFraming == .chunked
         let close = closeAfterResponse
         HeadWriter.writeResponse(head, into: &out) { o in
             o.writeStaticString("server: moonlet\r\n")
@@ -1108,15 +695,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             if close { o.writeStaticString("connection: close\r\n") }
             else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
         }
-        responseStarted = true
+        responseState = .headHeld
         heldHead = out
         markUnflushed()
     }
 
-    func upstreamResponseBody(_ chunk: ByteBuffer) {
-        guard let s = stream else { return }
-        s.responseBodyBytes += Int64(chunk.readableBytes)
-        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
+    /// A chunk of the response body.
+    func sendBody(_ chunk: ByteBuffer) {
         if let h2 {
             h2.responseBody(chunk)
             markUnflushed()
@@ -1125,283 +710,59 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         if heldHead != nil {
             if chunk.readableBytes <= Self.mergedBodyLimit {
-                if responseChunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
+                if responseFraming == .chunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
                 releaseHeldHead()
                 if !downstreamWritable { flushDownstream() }
                 return
             }
             releaseHeldHead()
         }
-        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseChunked, allocator: ctx.allocator))
+        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseFraming == .chunked, allocator: ctx.allocator))
         if !downstreamWritable { flushDownstream() }
     }
 
-    func upstreamResponseEnd(reusable: Bool) {
-        guard let s = stream else { return }
-        let now = NIODeadline.now().uptimeNanoseconds
-        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
+    /// The response is complete (HTTP/2: END_STREAM on the last frame; HTTP/1.1: the last
+    /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
+    /// already queued the flush).
+    func sendEnd() {
         if let h2 { h2.endResponse() }
-        else if responseChunked {
+        else if responseFraming == .chunked {
             if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
             else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
         }
-        responseEnded = true
-        if let u = upstream {
-            upstream = nil
-            if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
-            let cap = s.route.upstreamCluster?.maxRequestsPerConnection ?? 0
-            if reusable && requestComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u, now: now) }
-            else if u.multiplexed && requestComplete {
-                // An HTTP/2 stream both sides have ended closes by itself; closing it
-                // here would send RST_STREAM, which peers count against rapid-reset limits.
-            } else { u.channel?.close(promise: nil) }
-        }
-        finishStream(s, now: now)
+        responseState = .ended
     }
 
-    func upstreamFailed(_ reason: UpstreamFailure) {
-        guard let s = stream else { return }
-        upstream = nil
-        if !responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
-            // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
-            ctx.balancer.report(c, s.route.endpointIndex, status: nil)
-        }
-        if !responseStarted {
-            var connectFailure = false
-            if case .connectFailed = reason { connectFailure = true }
-            if retryIfAllowed(s, status: nil, connectFailure: connectFailure) { return }
-            if attempt > 0 { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
-        }
-        if responseStarted {
-            // Mid-response failure: the client can only learn it from a reset.
-            s.responseFlags.insert(.upstreamConnectionTermination)
-            closeDownstream()
-            return
-        }
-        switch reason {
-        case .connectFailed(let why):
-            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: \(why)", flags: .upstreamConnectionFailure)
-        case .reset:
-            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination", flags: .upstreamConnectionTermination)
-        case .protocolError(let why):
-            s.respond(502, body: "upstream protocol error: \(why)", flags: .upstreamProtocolError)
-        }
-        if !requestComplete { closeAfterResponse = true }
-        sendLocalReply()
-    }
-
-    // MARK: local replies
-
-    /// Sends `stream.localReply` through the response filters, then finishes the stream.
-    func sendLocalReply() {
-        guard let s = stream, var reply = s.localReply else { return }
-        streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
-        if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
-        if !requestComplete && reqDecoder == nil { requestComplete = true }
-        if !requestComplete {
-            // Unread request body: it can't be skipped reliably if large; close after.
-            closeAfterResponse = true
-        }
-        if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-        s.responseCode = reply.status
-        var head = localHead(&reply, s)
-        Self.applyRouteResponseEdits(s, to: &head)
-        s.response = head
-        // A response filter may replace the reply (s:respond) or set its status; the
-        // head is then rebuilt, keeping the headers filters added.
-        let replaced = chain.runResponse(s) == .respond
-        let current = s.localReply ?? reply
-        if replaced || current.status != reply.status {
-            reply = current
-            if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-            head = localHead(&reply, s)
-            if reply.status == current.status, let edited = s.response {
-                head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
-            }
-        } else if let edited = s.response {
-            head = edited
-        }
-        // The proxy frames the reply: a content-length a filter set is dropped.
-        if head.added.contains(where: { $0.name == "content-length" }) {
-            head.added.removeAll { $0.name == "content-length" }
-            for i in head.fields.indices where head.fields[i].kind == .contentLength { head.fields[i].removed = false }
-        }
-        let close = closeAfterResponse
-        let clientMinor = s.request.versionMinor
-        if let why = LocalReplyCheck.problem(head, limits: limits) {
-            reply = rejectLocalReply(s, why)
-            head = localHead(&reply, s)
-        }
-        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        var out = ctx.allocator.buffer(capacity: 256 + reply.body.utf8.count)
-        func writeHead(_ head: HTTPHead) {
-            HeadWriter.writeResponse(head, into: &out) { o in
-                o.writeStaticString("server: moonlet\r\n")
-                if close { o.writeStaticString("connection: close\r\n") }
-                else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
-            }
-        }
-        writeHead(head)
-        if out.readableBytes > limits.maxHeadBytes {
-            let size = out.readableBytes
-            out.clear()
-            reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-            head = localHead(&reply, s)
-            writeHead(head)
-        }
-        s.response = head
-        s.responseCode = reply.status
-        if bodyOK { out.writeString(reply.body) }
-        s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
-        responseStarted = true
-        responseEnded = true
-        writeDownstream(out)
-        flushDownstream()
-        finishStream(s)
-    }
-
-    /// A local reply that would break the client's framing: counted, logged, and
-    /// replaced by a clean 500 (LocalReplyCheck).
-    func rejectLocalReply(_ s: ProxyStream, _ why: String) -> LocalReply {
-        ctx.metrics.count("moonlet_local_reply_invalid_total")
-        ctx.logger.debug("stream \(s.id): local reply replaced by 500: \(why)")
-        s.localReply = LocalReplyCheck.replacement
-        return LocalReplyCheck.replacement
-    }
-
-    /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
-    /// router, before the response filters see the head).
-    /// Reads the edits through the stream: taking the RouteDecision as an argument would
-    /// copy it (a retain of each of its strings and arrays) on every response.
-    static func applyRouteResponseEdits(_ s: ProxyStream, to head: inout HTTPHead) {
-        for n in s.route.responseRemove { head.remove(n) }
-        for (n, v) in s.route.responseSet { head.set(n, v) }
-        for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
-    }
-
-    /// The head of a local reply that passed LocalReplyCheck: content-length (none on
-    /// 204 and 304), content-type for a text body, the filter's headers.
-    static func localHead(_ r: LocalReply, limits: ProxyLimits, allocator: ByteBufferAllocator) -> HTTPHead? {
-        var b = allocator.buffer(capacity: 128)
-        HeadWriter.writeStatusLine(r.status, reason: nil, into: &b)
-        let noBody = r.status == 204 || r.status == 304
-        if !noBody {
-            b.writeStaticString("content-length: ")
-            b.writeString(String(r.body.utf8.count))
-            b.writeStaticString("\r\n")
-        }
-        if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.writeStaticString("content-type: text/plain\r\n") }
-        for h in r.headers where h.name.lowercased() != "content-length" { HeadWriter.writeField(h.name, h.value, into: &b) }
-        b.writeStaticString("\r\n")
-        var p = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: max(limits.maxHeadBytes, 1024), maxHeaderCount: limits.maxHeaderCount))
-        if case .complete(let head, _) = p.parseResponse(b, requestWasHead: false) { return head }
-        return nil
-    }
-
-    /// The head of `reply`; when it does not re-parse, the whole reply (head and body)
-    /// becomes the clean 500, so no byte of the intended body follows another head.
-    func localHead(_ reply: inout LocalReply, _ s: ProxyStream) -> HTTPHead {
-        if let head = Self.localHead(reply, limits: limits, allocator: ctx.allocator) { return head }
-        reply = rejectLocalReply(s, "head does not re-parse")
-        return Self.localHead(reply, limits: limits, allocator: ctx.allocator)!
-    }
+    /// The response cannot be completed: what was written is flushed, then the HTTP/1.1
+    /// connection closes, or the HTTP/2 stream ends (a reset unless its response ended).
+    func resetDownstream() { closeDownstream() }
 
     /// A head that failed to parse: answer (400/431/...), log, close.
     func protocolError(_ e: HTTPParseError) {
         ctx.metrics.count("moonlet_downstream_protocol_errors_total")
         ctx.logger.debug("downstream \(peer.address): \(e.reason)")
-        var out = ctx.allocator.buffer(capacity: 128)
-        HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
         let body = e.reason + "\n"
-        out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
-        out.writeString(body)
-        ctx.metrics.recordRequest(RequestLabels(reporter: role == .inbound ? "destination" : "source", responseCode: e.status,
-                                                responseFlags: "DPE", destinationService: "unknown"),
-                                  durationMs: 0, requestBytes: 0, responseBytes: Int64(body.utf8.count))
+        telemetry.recordProtocolError(status: e.status, responseBytes: body.utf8.count, ctx: ctx)
         closed = true
         inbound = nil
         if let h2 {
-            h2.write(out)
+            // The same answer as a head, not bytes (see emit).
+            var b = HTTPHeadBuilder(status: e.status, buffer: ctx.allocator.buffer(capacity: 96))
+            b.add("content-length", String(body.utf8.count), kind: .contentLength)
+            b.add("content-type", "text/plain", kind: .other)
+            b.set(framing: .contentLength(Int64(body.utf8.count)))
+            h2.holdResponseHead(b.finish())
+            if !h2.requestIsHead { h2.responseBody(ByteBuffer(string: body)) }
+            h2.endResponse()
             h2.close()
             return
         }
+        var out = ctx.allocator.buffer(capacity: 128)
+        HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
+        out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
+        out.writeString(body)
         let c = context!
         c.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in c.close(promise: nil) }
-    }
-
-    func localReplyAndClose(_ status: Int, _ reason: String) {
-        guard let s = stream else { return }
-        closeAfterResponse = true
-        s.respond(status, body: reason + "\n", headers: [])
-        requestComplete = true
-        reqDecoder = nil
-        if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
-        if responseStarted { finishStream(s); closeDownstream() } else { sendLocalReply() }
-    }
-
-    // MARK: end of stream
-
-    /// `now`: the clock, when the caller has just read it (0: read it here).
-    func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
-        guard stream === s else { return }
-        let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
-        releaseHeldHead()
-        responseEnded = false
-        streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
-        replay = nil
-        mirrorHeads = []
-        if waiter != nil { stopWaiting() }
-        retrySlotHeld?.retryDone(); retrySlotHeld = nil
-        if holdsRequestSlot, let c = s.route.upstreamCluster { ctx.balancer.circuit(c).requestDone() }
-        holdsRequestSlot = false
-        chain.runLog(s)
-        ctx.lua.endStream(s)
-        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        record(s, now: now)
-        s.end()
-        stream = nil
-        ctx.activeStreams -= 1
-        if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
-        connecting = false
-        if closeAfterResponse || closed {
-            if !closed { closed = true; closeDownstream() }
-            return
-        }
-        if reqDecoder != nil {
-            // Answered before the body ended (local reply): the rest of the body cannot be
-            // told apart from the next request reliably, so the connection closes.
-            closed = true; closeTransport(); return
-        }
-        setReading(true)
-        lastActivity = now
-        if (inbound?.readableBytes ?? 0) > 0 { process() }
-    }
-
-    /// Istio's request metrics. The series is found by a small key (and the last one
-    /// is reused when the key repeats), so the full label set is built once per series.
-    func record(_ s: ProxyStream, now: UInt64) {
-        let ms = Double(now &- s.startNanos) / 1e6
-        let inbound = role == .inbound
-        let service = inbound ? ctx.inboundService : (s.route.host.isEmpty ? "unknown" : s.route.host)
-        let mtls = inbound ? peerMTLS : upstreamTLS?.mode == .istioMutual
-        let key = SeriesKey(inbound: inbound, code: s.status, flags: s.responseFlags.rawValue, service: service, principal: inbound ? peer.principal : "", mtls: mtls)
-        let series: RequestSeries
-        if let last = lastSeries, lastSeriesKey == key { series = last } else {
-            let flags = s.responseFlags
-            series = ctx.metrics.series(key) {
-                RequestLabels(reporter: inbound ? "destination" : "source", responseCode: key.code,
-                              responseFlags: flags.envoyString, destinationService: service,
-                              connectionSecurityPolicy: mtls ? "mutual_tls" : "none",
-                              sourcePrincipal: key.principal.isEmpty ? "unknown" : "spiffe://" + key.principal)
-            }
-            lastSeries = series; lastSeriesKey = key
-        }
-        series.record(durationMs: ms, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
     }
 
     // MARK: timers
@@ -1469,7 +830,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if let s = stream {
             // Once the response is under way the stream ends with it (finishStream closes
             // a connection whose request body is unfinished).
-            guard reqDecoder != nil, !responseStarted else { return }
+            guard requestState.isArriving, !responseStarted else { return }
             let late = total > 0 && now &- s.startNanos >= UInt64(total) * 1_000_000
             guard idle || late else { return }
             s.responseFlags.insert(.streamIdleTimeout)
@@ -1487,7 +848,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         streamTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete
+            self.closeAfterResponse = self.closeAfterResponse || !self.requestState.isComplete
             self.sendLocalReply()
         }
     }

@@ -39,7 +39,8 @@ extension ChannelHandlerContext {
 }
 
 /// One direction of an HTTP/2 stream bridge: HTTP/1.1 message bytes in, HEADERS and
-/// DATA frames out (the response on the downstream side, the request upstream). Within
+/// DATA frames out (the request to an HTTP/2 upstream; the downstream HTTP/2 server is
+/// given parsed heads and body chunks, see HTTP2ServerStream). Within
 /// one write the head and the last body chunk are held until the next part shows
 /// whether they end the stream: END_STREAM then rides on them instead of an empty DATA
 /// frame of its own. Nothing is held past the write, so a streamed body never waits.

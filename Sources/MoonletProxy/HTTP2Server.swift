@@ -579,9 +579,10 @@ final class HTTP2ServerConnection: DeferredFlush {
 }
 
 /// One HTTP/2 stream of an HTTP2ServerConnection and the DownstreamHandler that serves
-/// it. Request frames reach the handler as HTTP/1.1 bytes; the HTTP/1.1 response it
-/// writes leaves as HEADERS and DATA frames, DATA within the peer's windows (queued
-/// here until WINDOW_UPDATE opens them).
+/// it. The request reaches the handler as an HTTPHead built from the HPACK fields and
+/// as body chunks (nothing is written as HTTP/1.1 and parsed again); the response it
+/// gives (a parsed head and body chunks) leaves as HEADERS and DATA frames, DATA within
+/// the peer's windows (queued here until WINDOW_UPDATE opens them).
 final class HTTP2ServerStream {
     let id: UInt32
     let connection: HTTP2ServerConnection
@@ -596,14 +597,12 @@ final class HTTP2ServerStream {
     /// A head without content-length, held until the next frame shows whether a body
     /// follows (then it is sent chunked).
     var pendingHead: HTTP2RequestHead?
-    var chunked = false
     var contentLength = -1
     var bodyReceived = 0
+    /// The handler was told the request body ended.
+    var bodyEndDelivered = false
 
     // Response side.
-    /// Reads the HTTP/1.1 bytes of a local reply (made on first use: proxied responses
-    /// come parsed, see holdResponseHead).
-    var relay: HTTP1ToHTTP2Frames?
     var requestIsHead = false
     var sendWindow: Int
     var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>()
@@ -621,7 +620,7 @@ final class HTTP2ServerStream {
         self.sendWindow = sendWindow
     }
 
-    // MARK: request: frames -> HTTP/1.1 bytes
+    // MARK: request: frames -> head and body chunks
 
     func open(_ head: HTTP2RequestHead, endStream: Bool) {
         let c = connection
@@ -634,11 +633,21 @@ final class HTTP2ServerStream {
         if endStream {
             remoteClosed = true
             guard contentLength <= 0 else { reset(.protocolError); return }
-            h.h2Received(head.http1Bytes(chunked: false, allocator: c.ctx.allocator))
+            deliverHead(head, chunked: false, to: h)
         } else if contentLength >= 0 {
-            h.h2Received(head.http1Bytes(chunked: false, allocator: c.ctx.allocator))
+            deliverHead(head, chunked: false, to: h)
         } else {
             pendingHead = head
+        }
+    }
+
+    /// Builds the request's HTTPHead from its fields and hands it to the handler (or the
+    /// error a malformed one gets).
+    func deliverHead(_ head: HTTP2RequestHead, chunked: Bool, to h: DownstreamHandler) {
+        let c = connection
+        switch head.httpHead(chunked: chunked, limits: c.limits, allocator: c.ctx.allocator) {
+        case .success(let built): h.h2Request(built)
+        case .failure(let e): h.h2RequestRefused(e)
         }
     }
 
@@ -651,16 +660,22 @@ final class HTTP2ServerStream {
             return
         }
         if end { remoteClosed = true }
+        var chunked = false
         if let head = pendingHead {
             pendingHead = nil
             chunked = !(end && data.readableBytes == 0)
-            h.h2Received(head.http1Bytes(chunked: chunked, allocator: connection.ctx.allocator))
+            // A body of unknown length follows; without one the request is complete.
+            deliverHead(head, chunked: chunked, to: h)
+            if !chunked { bodyEndDelivered = true }
         }
-        if data.readableBytes > 0 {
-            h.h2Received(ChunkedEncoder.frame(data, chunked: chunked, allocator: connection.ctx.allocator))
+        if data.readableBytes > 0 { h.h2Body(data) }
+        // The body ends with END_STREAM, or once content-length bytes came (as an
+        // HTTP/1.1 body decoder ends it).
+        if !bodyEndDelivered && (end || (contentLength > 0 && bodyReceived == contentLength)) {
+            bodyEndDelivered = true
+            h.h2BodyEnd()
         }
         if end {
-            if chunked { h.h2Received(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
             if localClosed { connection.ending.append(self) }
             return
         }
@@ -683,33 +698,11 @@ final class HTTP2ServerStream {
         if on { acknowledge() }
     }
 
-    // MARK: response: HTTP/1.1 bytes -> frames
+    // MARK: response: head and body chunks -> frames
 
-    /// The handler's response bytes (a local reply, or an error before any response).
-    func write(_ bytes: ByteBuffer) {
-        guard !finished, !endQueued else { return }
-        do {
-            if relay == nil {
-                relay = HTTP1ToHTTP2Frames(requests: false, limits: connection.limits)
-                relay!.reader.requestWasHead = requestIsHead
-            }
-            try relay!.relay(bytes) { part in
-                switch part {
-                case .headers(let head, let end):
-                    connection.writeHeaders(stream: id, head, server: nil, endStream: end)
-                    if end { endQueued = true; sent() }
-                case .data(let d, let end):
-                    send(d, end: end)
-                }
-            }
-        } catch {
-            reset(.internalError)
-        }
-    }
-
-    // A proxied response comes as its parsed head and raw body chunks (the handler does
-    // not write HTTP/1.1 bytes for it, so nothing is parsed twice). The head and the
-    // latest chunk are held until the next chunk, the end of the response or the end of
+    // A response (proxied or local) comes as its parsed head and raw body chunks (the
+    // handler writes no HTTP/1.1 bytes for it, so nothing is parsed twice). The head and
+    // the latest chunk are held until the next chunk, the end of the response or the end of
     // the loop's batch: END_STREAM then rides on the last frame, as a small response
     // leaves in one HEADERS and one DATA frame.
     var heldHead: HTTPHead?
@@ -721,7 +714,7 @@ final class HTTP2ServerStream {
         connection.writeContinue(stream: id)
     }
 
-    /// The response head (from the upstream, after the filters).
+    /// The response head (from the upstream after the filters, or a local reply's).
     func holdResponseHead(_ head: HTTPHead) {
         guard !finished else { return }
         heldHead = head
@@ -938,35 +931,75 @@ struct HTTP2RequestHead {
         return first != 32 && first != 9 && last != 32 && last != 9
     }
 
-    /// The request line and fields. `:authority` becomes `host` (a `host` field beside it
-    /// is dropped); the cookie crumbs HTTP/2 allows are joined with "; ", as HTTP/1.1
-    /// wants one cookie field (RFC 9113 §8.2.3).
-    func http1Bytes(chunked: Bool, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var out = allocator.buffer(capacity: 512)
-        out.writeString(method)
-        out.writeInteger(UInt8(32))
-        out.writeString(path)
-        out.writeStaticString(" HTTP/1.1\r\n")
+    /// The request as an HTTPHead, built from the fields (HTTPHeadBuilder: its bytes are
+    /// the HTTP/1.1 lines the upstream gets, and nothing parses them again), with the
+    /// checks the HTTP/1.1 parser makes that RFC 9113 §8.2 does not: the target's bytes
+    /// (no fragment, origin-form or `*` for OPTIONS; CONNECT is refused with 403 as no
+    /// tunnel is offered), no control byte in a value, a valid authority, the header
+    /// count and head size limits (431). `:authority` becomes `host` (a `host` field
+    /// beside it is dropped); the cookie crumbs HTTP/2 allows are joined with "; ", as
+    /// HTTP/1.1 wants one cookie field (RFC 9113 §8.2.3). `chunked`: a body of unknown
+    /// length follows.
+    func httpHead(chunked: Bool, limits: ProxyLimits, allocator: ByteBufferAllocator) -> Result<HTTPHead, HTTPParseError> {
+        if method == "CONNECT" { return .failure(HTTPParseError(403, "CONNECT is not supported")) }
+        var form = RequestTargetForm.origin
+        for c in path.utf8 where c <= 32 || c >= 127 || c == 35 {
+            return .failure(HTTPParseError(400, c == 35 ? "fragment in request target" : "bad request target"))
+        }
+        if path.utf8.first != UInt8(ascii: "/") {
+            guard path == "*" else { return .failure(HTTPParseError(400, ":path is not origin-form")) }
+            guard method == "OPTIONS" else { return .failure(HTTPParseError(400, "request target is not origin-form, absolute-form, * (OPTIONS) or authority-form (CONNECT)")) }
+            form = .asterisk
+        }
+        var b = HTTPHeadBuilder(method: method, target: path, buffer: allocator.buffer(capacity: 512))
+        b.set(targetForm: form)
         // No authority and no host: the handler answers 400 (none is made up).
-        if let authority, !authority.isEmpty { HeadWriter.writeField("host", authority, into: &out) }
-        var hasHost = !(authority ?? "").isEmpty
+        var hasHost = false
+        if let authority, !authority.isEmpty {
+            guard Self.isValidHost(authority) else { return .failure(HTTPParseError(400, "invalid host header")) }
+            b.add("host", authority, kind: .host)
+            hasHost = true
+        }
         var cookie: String? = nil
+        var underscore = false
+        var expectContinue = false
         for (name, value, _) in fields {
             if name.utf8.first == UInt8(ascii: ":") { continue }
-            switch name {
-            case "host":
+            guard HeaderValidation.isFieldValue(value) else { return .failure(HTTPParseError(400, "control character in header value")) }
+            let kind = KnownHeader(name: name)
+            switch kind {
+            case .host:
                 if hasHost { continue }
+                guard value.isEmpty || Self.isValidHost(value) else { return .failure(HTTPParseError(400, "invalid host header")) }
                 hasHost = true
-            case "cookie":
-                cookie = cookie.map { $0 + "; " + value } ?? value
-                continue
+            case .expect:
+                if value.utf8.count == 12 && value.lowercased() == "100-continue" { expectContinue = true }
+            case .other:
+                if name == "cookie" {
+                    cookie = cookie.map { $0 + "; " + value } ?? value
+                    continue
+                }
             default: break
             }
-            HeadWriter.writeField(name, value, into: &out)
+            if !underscore && name.utf8.contains(95) { underscore = true }
+            b.add(name, value, kind: kind)
         }
-        if let cookie { HeadWriter.writeField("cookie", cookie, into: &out) }
-        if chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
-        out.writeStaticString("\r\n")
-        return out
+        if let cookie { b.add("cookie", cookie, kind: .other) }
+        if b.head.fields.count > limits.maxHeaderCount {
+            return .failure(HTTPParseError(431, "more than \(limits.maxHeaderCount) headers"))
+        }
+        b.set(underscoreInName: underscore)
+        b.set(expectContinue: expectContinue)
+        b.set(framing: contentLength > 0 ? .contentLength(Int64(contentLength)) : contentLength == 0 ? .none : chunked ? .chunked : .none)
+        let head = b.finish()
+        if head.bytes.readableBytes > limits.maxHeadBytes {
+            return .failure(HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes"))
+        }
+        return .success(head)
+    }
+
+    static func isValidHost(_ v: String) -> Bool {
+        var v = v
+        return v.withUTF8 { HTTPHeadParser.isValidHost(UnsafeRawBufferPointer($0)) }
     }
 }

@@ -22,6 +22,8 @@ protocol UpstreamDelegate: AnyObject {
 enum UpstreamFailure: Error {
     case connectFailed(String)
     case reset
+    /// An HTTP/2 upstream reset the stream with REFUSED_STREAM (it never processed it).
+    case refusedStream
     case protocolError(String)
 }
 
@@ -56,6 +58,8 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
     var circuit: CircuitCounters?
     /// A stream of an HTTP/2 session: carries one request, never pooled.
     var multiplexed = false
+    /// The HTTP/2 upstream reset this stream with REFUSED_STREAM (seen before its close).
+    var refused = false
 
     init(key: String, limits: ProxyLimits) {
         self.key = key
@@ -161,11 +165,12 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
         circuit = nil
         if inResponse {
             // A close-delimited body ends here; `closed` makes finish() report it unreusable.
-            if decoder?.isUntilClose == true { finish() } else { fail(.reset) }
+            if decoder?.isUntilClose == true { finish() } else { fail(refused ? .refusedStream : .reset) }
         }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let e = error as? NIOHTTP2Errors.StreamClosed, e.errorCode == .refusedStream { refused = true }
         context.close(promise: nil)
     }
 

@@ -1,0 +1,83 @@
+import NIOCore
+
+/// Builds an `HTTPHead` from parts that are already known and checked (an HTTP/2
+/// request's HPACK fields, a local reply), without running the parser: the head's bytes
+/// are written once as HTTP/1.1 lines (what `HeadWriter` copies verbatim when the head
+/// goes on), and each field's offsets and kind are recorded as it is written. The caller
+/// has validated names and values (HTTP/2: RFC 9113 §8.2; local replies: LocalReplyCheck)
+/// and sets what the parser would have derived from them (framing, hostIndex, ...).
+public struct HTTPHeadBuilder {
+    public private(set) var head: HTTPHead
+
+    /// A request head `METHOD SP target SP HTTP/1.1 CRLF`; `buffer` is empty (reader index 0).
+    public init(method: String, target: String, buffer: ByteBuffer) {
+        var b = buffer
+        b.writeString(method)
+        let methodEnd = b.writerIndex
+        b.writeInteger(UInt8(32))
+        b.writeString(target)
+        let targetEnd = b.writerIndex
+        b.writeStaticString(" HTTP/1.1\r\n")
+        head = HTTPHead(bytes: b, isRequest: true)
+        head.methodRange = 0..<methodEnd
+        head.targetRange = (methodEnd + 1)..<targetEnd
+        head.isHead = method == "HEAD"
+        head.fields.reserveCapacity(16)
+    }
+
+    /// A response head: `HTTP/1.1 NNN reason CRLF` with the status's standard reason
+    /// (`status` is 100...999); `buffer` is empty (reader index 0).
+    public init(status: Int, buffer: ByteBuffer) {
+        var b = buffer
+        HeadWriter.writeStatusLine(status, reason: nil, into: &b)
+        head = HTTPHead(bytes: b, isRequest: false)
+        head.status = status
+        head.reasonRange = 13..<(b.writerIndex - 2)
+        head.fields.reserveCapacity(8)
+    }
+
+    /// Appends the line `name: value` and records it as a field of `kind`. Returns its
+    /// index in `fields`.
+    @discardableResult
+    public mutating func add(_ name: String, _ value: String, kind: KnownHeader) -> Int {
+        let lineStart = head.bytes.writerIndex
+        head.bytes.writeString(name)
+        let nameEnd = head.bytes.writerIndex
+        head.bytes.writeInteger(UInt16(0x3A20)) // ": "
+        let valueStart = head.bytes.writerIndex
+        head.bytes.writeString(value)
+        let valueEnd = head.bytes.writerIndex
+        head.bytes.writeInteger(UInt16(0x0D0A))
+        head.fields.append(HTTPField(nameStart: Int32(lineStart), nameLength: Int32(nameEnd - lineStart),
+                                     valueStart: Int32(valueStart), valueLength: Int32(valueEnd - valueStart),
+                                     lineStart: Int32(lineStart), lineEnd: Int32(head.bytes.writerIndex), kind: kind))
+        if kind == .host && head.hostIndex < 0 { head.hostIndex = head.fields.count - 1 }
+        return head.fields.count - 1
+    }
+
+    /// Appends a field whose kind is found from its name (any case), as the parser does.
+    @discardableResult
+    public mutating func add(_ name: String, _ value: String) -> Int {
+        add(name, value, kind: KnownHeader(name: name))
+    }
+
+    /// Sets what the parser derives from the whole head.
+    public mutating func set(framing: BodyFraming) { head.framing = framing }
+    public mutating func set(expectContinue: Bool) { head.expectContinue = expectContinue }
+    public mutating func set(underscoreInName: Bool) { head.underscoreInName = underscoreInName }
+    public mutating func set(targetForm: RequestTargetForm) { head.targetForm = targetForm }
+
+    /// Ends the header section (the empty line) and returns the head.
+    public mutating func finish() -> HTTPHead {
+        head.bytes.writeInteger(UInt16(0x0D0A))
+        return head
+    }
+}
+
+extension KnownHeader {
+    /// The kind of a header name (any case), as the parser classifies it.
+    public init(name: String) {
+        var n = name
+        self = n.withUTF8 { p in p.isEmpty ? .other : HTTPHeadParser.classify(UnsafeRawBufferPointer(p), 0, p.count) }
+    }
+}

@@ -1,0 +1,96 @@
+/// The states of a downstream stream, as swift-nio's own handlers keep theirs: one enum
+/// per side with explicit transitions, instead of a set of Bool flags whose
+/// combinations had to be kept consistent by hand.
+
+/// Where the downstream request of the current stream is.
+enum RequestState: Equatable {
+    /// No stream: a request head is awaited (or being parsed).
+    case head
+    /// The head was read; body bytes stream through to the upstream as they come.
+    case body
+    /// The head was read; a filter asked for the whole body (stop-and-buffer), which is
+    /// collected before anything goes upstream.
+    case buffered
+    /// The whole request was read; `buffered`: its body was collected for a filter (it
+    /// goes upstream with a content-length, never chunked).
+    case complete(buffered: Bool)
+
+    @inline(__always)
+    var isComplete: Bool { if case .complete = self { return true } else { return false } }
+
+    /// Body bytes are still to come (streaming through, or being buffered).
+    @inline(__always)
+    var isArriving: Bool { self == .body || self == .buffered }
+
+    /// The body is being or was buffered for a filter.
+    @inline(__always)
+    var isBuffered: Bool {
+        switch self {
+        case .buffered, .complete(buffered: true): return true
+        default: return false
+        }
+    }
+}
+
+/// Where the response to the client is.
+enum ResponseState: Equatable {
+    /// Nothing was sent to the client yet: a retry or a local reply can still replace it.
+    case none
+    /// The head is written but held (until the first body bytes, the end of the response
+    /// or the end of the loop's I/O batch), so a small response leaves in one write.
+    case headHeld
+    /// The head left; body bytes follow.
+    case streaming
+    /// The whole response was written.
+    case ended
+}
+
+/// How the response body is framed to an HTTP/1.1 client.
+enum ResponseFraming: Equatable {
+    /// As the upstream framed it (content-length, or none).
+    case asIs
+    /// Re-framed chunked (the upstream's was chunked or close-delimited, the client speaks 1.1).
+    case chunked
+    /// Close-delimited (an HTTP/1.0 client): the connection closes after the body.
+    case untilClose
+}
+
+/// Where the current upstream attempt is.
+enum UpstreamState {
+    /// No attempt in progress (before dispatch, between retries, after the response).
+    case idle
+    /// The endpoint's name is being looked up (off the loop).
+    case resolving
+    /// The cluster is at maxConnections: the stream waits for a released connection or
+    /// a free slot (PoolWaiter, bounded by maxPendingRequests).
+    case waiting
+    /// A connection (TLS included), or a stream on an HTTP/2 session being set up, is
+    /// being made.
+    case connecting
+    /// The request is on this connection.
+    case attached(UpstreamConnection)
+
+    /// A connection is being made or a name resolved: its completion will attach or fail.
+    @inline(__always)
+    var isConnecting: Bool {
+        switch self {
+        case .resolving, .connecting: return true
+        default: return false
+        }
+    }
+}
+
+extension DownstreamHandler {
+    /// The connection the current attempt is attached to (nil in every other upstream
+    /// state); setting nil makes the upstream side idle.
+    @inline(__always)
+    var upstream: UpstreamConnection? {
+        get { if case .attached(let c) = upstreamState { return c } else { return nil } }
+        set { upstreamState = newValue.map { .attached($0) } ?? .idle }
+    }
+
+    /// Something of the response was sent (or held to be sent) to the client: it can no
+    /// longer be retried or replaced by a local reply.
+    @inline(__always)
+    var responseStarted: Bool { responseState != .none }
+}

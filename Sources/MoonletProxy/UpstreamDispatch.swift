@@ -1,0 +1,434 @@
+import NIOCore
+import NIOSSL
+import MoonletCore
+import MoonletBalancer
+import MoonletTLS
+
+// MARK: - Upstream dispatch
+//
+// The upstream side of a stream (phase 4 and 5 of docs/architecture.md): endpoint choice,
+// circuit limits and the pool wait, name resolution, connect and TLS, the request bytes
+// and their replay copy, mirrors, and the retry decision with the filters'
+// on_upstream_failure phase. Its state is the handler's (`upstreamState`, `attempt`,
+// `replay`, `waiter`, ...): an extension, not an object of its own, so a stream costs no
+// extra allocation and every call stays a direct call.
+
+extension DownstreamHandler {
+    /// Picks the endpoint (balancer, outlier state), or uses the route's host:port.
+    /// Returns host, port and pool key, or nil after answering locally.
+    func chooseEndpoint(_ s: ProxyStream, avoid: Int = -1) -> (String, Int, String)? {
+        if s.route.endpoint.isEmpty, let c = s.route.upstreamCluster {
+            var picked = ctx.balancer.pick(c, hash: avoid >= 0 ? nil : s.route.hashKey)
+            // A retry prefers a different host (a few tries).
+            var tries = 0
+            while let p = picked, p == avoid, c.endpointCount > 1, tries < 3 {
+                ctx.balancer.done(c, p)
+                picked = ctx.balancer.pick(c)
+                tries += 1
+            }
+            guard let i = picked else {
+                reply503(s, "no healthy upstream", .noHealthyUpstream)
+                return nil
+            }
+            let e = c.endpoint(i)
+            s.route.endpointIndex = i
+            s.route.endpoint = e.address
+            s.route.endpointPort = e.port
+            s.destination.address = e.address
+            s.destination.port = e.port
+        } else if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+            ctx.balancer.use(c, s.route.endpointIndex)  // a filter's endpoint override: counted as a pick is
+        }
+        let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
+        let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
+        if host.isEmpty || port == 0 {
+            s.respond(404, body: "", headers: [], flags: .noRouteFound)
+            sendLocalReply()
+            return nil
+        }
+        var key: String
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { key = c.poolKey(s.route.endpointIndex) }
+        else if role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port { key = ctx.inboundKey }
+        else { key = "\(host):\(port)" }
+        s.upstreamHost = key
+        upstreamTLS = nil
+        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster, let t = c.tls(s.route.endpointIndex) {
+            if t.mode == .istioMutual && ctx.tls == nil {
+                // Auto mTLS without a workload certificate: reach the workload in plaintext.
+                if !t.automatic {
+                    reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: ISTIO_MUTUAL needs a workload certificate (--certs)", .upstreamConnectionFailure)
+                    return nil
+                }
+            } else if (t.mode == .simple || t.mode == .mutual) && t.context == nil {
+                // The file error is in the log (at load); the client gets no file system path.
+                reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: the DestinationRule's TLS files could not be loaded", .upstreamConnectionFailure)
+                return nil
+            } else {
+                upstreamTLS = t
+                key += t.poolTag
+            }
+        }
+        return (host, port, key)
+    }
+
+    /// Picks the upstream from the route decision and sends the request head.
+    func goUpstream() {
+        guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
+        armStreamTimer(s)
+        let out = upstreamRequestBytes(s)
+        attempt = 0
+        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || chain.wantsUpstreamFailure ? out : nil
+        replayHeadLength = out.readableBytes
+        if !s.route.mirrors.isEmpty { prepareMirrors(s) }
+        pendingUpstream = out
+        dispatch(host: host, port: port, key: key)
+    }
+
+    /// The upstream request as it is first sent: the head with the filters' edits
+    /// spliced in, and a body buffered for a filter (with its content-length).
+    func upstreamRequestBytes(_ s: ProxyStream) -> ByteBuffer {
+        var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
+        let chunked = requestChunked
+        s.withRequest { head in
+            HeadWriter.writeRequest(head, into: &out) { o in
+                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+            }
+        }
+        if requestState.isBuffered, var body = s.bufferedRequestBody {
+            // The whole body was buffered for a filter: send it with a content-length.
+            if requestChunked {
+                out = ctx.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
+                s.request.removeAll(of: .contentLength)
+                HeadWriter.writeRequest(s.request, into: &out) { o in
+                    HeadWriter.writeField("content-length", String(body.readableBytes), into: &o)
+                }
+            }
+            out.writeBuffer(&body)
+            requestChunked = false
+        }
+        return out
+    }
+
+    /// The request to send again when no replay copy was kept (a filter asked to retry
+    /// on a route without a retry policy): rebuilt from the head when the request has no
+    /// body; nil otherwise (streamed body bytes are gone).
+    func rebuiltRequest(_ s: ProxyStream) -> ByteBuffer? {
+        guard s.request.framing == .none else { return nil }
+        return upstreamRequestBytes(s)
+    }
+
+    /// Takes an idle pooled connection or connects, then sends `pendingUpstream`.
+    func dispatch(host: String, port: Int, key: String) {
+        guard let s = stream else { return }
+        armPerTryTimer(s)
+        let cl = s.route.upstreamCluster
+        if let cl, !holdsRequestSlot {
+            // http2MaxRequests: active requests per cluster across the sidecar.
+            let cc = ctx.balancer.circuit(cl)
+            guard cc.tryRequest(max: cl.maxRequests) else {
+                replyOverflow(s)
+                return
+            }
+            holdsRequestSlot = true
+        }
+        if let c = ctx.pool.takeIdle(key, idleTimeoutMs: cl?.idleTimeoutMs ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0) {
+            attach(c)
+            return
+        }
+        if asksForHTTP2(s), ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
+                                                 connected(stream: s.id, attempt: attempt),
+                                                 // The connection being set up failed, chose HTTP/1.1 or is full.
+                                                 otherwise: redispatch(s.id, host: host, port: port, key: key)) {
+            upstreamState = .connecting
+            return
+        }
+        let address: SocketAddress
+        // A name being resolved (off the loop) dispatches again once its lookup is done.
+        switch ctx.pool.address(host: host, port: port, ready: redispatch(s.id, host: host, port: port, key: key)) {
+        case .ready(let a): address = a
+        case .pending:
+            upstreamState = .resolving
+            return
+        case .failed(let e):
+            upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)"))
+            return
+        }
+        // Circuit breaking: connections are bounded per cluster across the sidecar;
+        // past the bound a bounded number of streams wait, the rest get 503 UO at once.
+        var slot: CircuitCounters? = nil
+        if let cl = s.route.upstreamCluster {
+            let cc = ctx.balancer.circuit(cl)
+            if !cc.tryOpenConnection(max: cl.maxConnections) {
+                if cc.tryWait(max: cl.maxPendingRequests) {
+                    startWaiting(s, cc, cl, host: host, port: port, key: key, address: address)
+                    return
+                }
+                replyOverflow(s)
+                return
+            }
+            slot = cc
+        }
+        connect(s, key: key, address: address, slot: slot)
+    }
+
+    /// Starts `dispatch` over for stream `sid` once what it waited for is settled (a
+    /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
+    func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
+        {
+            guard self.stream?.id == sid, !self.closed else { return }
+            self.upstreamState = .idle
+            self.dispatch(host: host, port: port, key: key)
+        }
+    }
+
+    /// Waits for a connection: one released on this loop for the same host, or a
+    /// free slot (checked every 10 ms, since slots free up on other loops too).
+    func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
+        let sid = s.id
+        waitingCircuit = cc
+        let w = PoolWaiter(key: key) { c in
+            guard let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
+            self.stopWaiting()
+            self.attach(c)
+            return true
+        }
+        waiter = w
+        upstreamState = .waiting
+        ctx.pool.wait(w)
+        waitTimer = ctx.loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
+            guard let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
+            if cc.tryOpenConnection(max: cl.maxConnections) {
+                self.stopWaiting()
+                self.connect(cur, key: key, address: address, slot: cc)
+            }
+        }
+    }
+
+    func stopWaiting() {
+        if let w = waiter { ctx.pool.removeWaiter(w); waiter = nil }
+        if case .waiting = upstreamState { upstreamState = .idle }
+        waitTimer?.cancel(); waitTimer = nil
+        waitingCircuit?.doneWaiting(); waitingCircuit = nil
+    }
+
+    func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
+        upstreamState = .connecting
+        var tls: (() throws -> NIOSSLClientHandler)? = nil
+        var tlsExpected = ""
+        var tlsMesh = true
+        // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
+        let h2 = asksForHTTP2(s)
+        if let t = upstreamTLS {
+            if t.mode == .istioMutual, let m = ctx.tls {
+                let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
+                tls = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
+                tlsExpected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
+            } else if let c = t.context as? NIOSSLContext {
+                tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
+                tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
+                tlsMesh = false
+            }
+        }
+        ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
+                         connected(stream: s.id, attempt: attempt))
+    }
+
+    /// Whether the connection to the peer sidecar asks for HTTP/2 (ALPN h2): mesh mTLS
+    /// only, by the cluster's UpstreamProtocol and, for `likeDownstream`, what this
+    /// stream's client spoke.
+    func asksForHTTP2(_ s: ProxyStream) -> Bool {
+        guard let t = upstreamTLS, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
+        switch cl.upstreamProtocol {
+        case .http1: return false
+        case .http2: return true
+        case .likeDownstream: return http2Stream
+        }
+    }
+
+    /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
+    /// stream and attempt that asked for it are still current, else gives it back.
+    func connected(stream sid: UInt64, attempt try_: Int) -> (Result<UpstreamConnection, Error>) -> Void {
+        { r in
+            let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
+            switch r {
+            case .success(let c):
+                guard current, !self.closed else { self.ctx.pool.release(c); return }
+                self.attach(c)
+            case .failure(let e):
+                guard current else { return }
+                self.upstreamState = .idle
+                self.upstreamFailed(e as? UpstreamFailure ?? .connectFailed("\(e)"))
+            }
+        }
+    }
+
+    /// Answers 503 locally with an Envoy response flag.
+    func reply503(_ s: ProxyStream, _ body: String, _ flag: ResponseFlags) {
+        s.respond(503, body: body, flags: flag)
+        sendLocalReply()
+    }
+
+    /// Circuit breaking overflow (UO): counted and answered at once.
+    func replyOverflow(_ s: ProxyStream) {
+        ctx.metrics.count("moonlet_upstream_overflow_total")
+        reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: overflow", .upstreamOverflow)
+    }
+
+    /// Builds the head of each mirror copy: the same request with the shadow authority,
+    /// closing its connection after the (ignored) response.
+    func prepareMirrors(_ s: ProxyStream) {
+        mirrorHeads = s.route.mirrors.map { m in
+            var h = s.request
+            h.set("host", m.authority)
+            h.hostIndex = -1
+            var b = ctx.allocator.buffer(capacity: h.bytes.readableBytes + 64)
+            let chunked = requestChunked
+            HeadWriter.writeRequest(h, into: &b) { o in
+                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+                o.writeStaticString("connection: close\r\n")
+            }
+            return (m.cluster, b)
+        }
+        if requestState.isComplete { sendMirrors() }
+    }
+
+    /// Sends the mirror copies once the request is complete (head + replayed body);
+    /// a body past the replay bound is not mirrored.
+    func sendMirrors() {
+        guard !mirrorHeads.isEmpty, let bytes = replay else { mirrorHeads = []; return }
+        var body = bytes
+        body.moveReaderIndex(forwardBy: min(replayHeadLength, body.readableBytes))
+        for (cluster, head) in mirrorHeads {
+            guard let i = ctx.balancer.pick(cluster) else { continue }
+            ctx.balancer.done(cluster, i)
+            let e = cluster.endpoint(i)
+            var payload = head
+            var b = body
+            payload.writeBuffer(&b)
+            // A mirror whose name is not resolved yet is skipped (the lookup starts now).
+            guard case .ready(let address) = ctx.pool.address(host: e.address, port: e.port, ready: {}) else { continue }
+            ctx.metrics.count("moonlet_upstream_mirrored_total")
+            MirrorSender.send(payload, to: address, on: ctx.loop, timeoutMs: limits.connectTimeoutMs)
+        }
+        mirrorHeads = []
+    }
+
+    /// Records bytes sent upstream for a possible retry (bounded: past the limit the
+    /// request is no longer retried).
+    @inline(__always)
+    func recordForReplay(_ b: ByteBuffer) {
+        guard replay != nil else { return }
+        if replay!.readableBytes + b.readableBytes > limits.maxBufferedBodyBytes { replay = nil; return }
+        var c = b
+        replay!.writeBuffer(&c)
+    }
+
+    /// Decides whether a failed attempt is retried, and retries it: a different host is
+    /// preferred, with 25 ms x jitter backoff. A failure (connect failure, reset, refused
+    /// stream, 5xx, per-try timeout) first runs the filters' on_upstream_failure phase
+    /// (FilterChain.runUpstreamFailure); its verdict, else the route's policy, decides
+    /// (RetryDecision). Returns false when the outcome stands (no retry allowed, attempts
+    /// used up, request incomplete or not replayable, cluster maxRetries reached).
+    func retryIfAllowed(_ s: ProxyStream, _ outcome: AttemptOutcome) -> Bool {
+        var verdict = RetryVerdict.routePolicy
+        if let kind = outcome.failureKind, !chain.filters.isEmpty {
+            let info = UpstreamFailureInfo(kind: kind, status: outcome.failureStatus, attempt: attempt, endpoint: RetryDecision.endpointAddress(s))
+            verdict = chain.runUpstreamFailure(s, info)
+            // The phase may have ended the stream's connection (nothing else runs then).
+            guard stream === s, !closed else { return true }
+        }
+        guard attempt < RetryDecision.attempts(verdict: verdict, outcome: outcome, policy: s.route.retry),
+              requestState.isComplete, let bytes = replay ?? rebuiltRequest(s) else { return false }
+        // maxRetries bounds concurrent retries per cluster across the sidecar.
+        var retrySlot: CircuitCounters? = nil
+        if let cl = s.route.upstreamCluster {
+            let cc = ctx.balancer.circuit(cl)
+            guard cc.tryRetry(max: cl.maxRetries) else { ctx.metrics.count("moonlet_upstream_retry_overflow_total"); return false }
+            retrySlot = cc
+        }
+        attempt += 1
+        ctx.metrics.count("moonlet_upstream_retries_total")
+        perTryTimer?.cancel(); perTryTimer = nil
+        if let u = upstream { u.abandon(); upstream = nil }
+        let avoid = s.route.endpointIndex
+        if avoid >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, avoid) }
+        if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
+        let sid = s.id, try_ = attempt
+        let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
+        retrySlotHeld?.retryDone()
+        retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
+        ctx.loop.scheduleTask(in: .milliseconds(backoffMs)) {
+            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
+            guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
+            self.pendingUpstream = bytes
+            self.dispatch(host: host, port: port, key: key)
+        }
+        return true
+    }
+
+    func armPerTryTimer(_ s: ProxyStream) {
+        perTryTimer?.cancel(); perTryTimer = nil
+        guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
+        let sid = s.id, try_ = attempt
+        perTryTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
+            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
+            if self.retryIfAllowed(cur, .perTryTimeout) { return }
+            if let u = self.upstream { u.abandon(); self.upstream = nil }
+            cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
+            self.closeAfterResponse = self.closeAfterResponse || !self.requestState.isComplete
+            self.sendLocalReply()
+        }
+    }
+
+    func attach(_ c: UpstreamConnection) {
+        guard let s = stream else { return }
+        upstream = c
+        c.begin(delegate: self, isHead: s.request.isHead)
+        if var p = pendingUpstream {
+            pendingUpstream = nil
+            if requestChunked, case .complete(buffered: false) = requestState {
+                p.writeStaticString(ChunkedEncoder.lastChunk)
+                recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
+                requestChunked = false
+            }
+            writeUpstream(c, p)
+            ctx.recycle(p)
+        }
+    }
+
+    /// The attempt failed before its response completed: outlier detection is told,
+    /// the retry decision runs (before any response byte went out), else the failure
+    /// becomes the response (503/502), or a reset once the response has started.
+    func upstreamFailed(_ reason: UpstreamFailure) {
+        guard let s = stream else { return }
+        upstream = nil
+        if !responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+            // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
+            ctx.balancer.report(c, s.route.endpointIndex, status: nil)
+        }
+        if !responseStarted {
+            if retryIfAllowed(s, .failed(reason)) { return }
+            if attempt > 0 { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
+        }
+        if responseStarted {
+            // Mid-response failure: the client can only learn it from a reset.
+            s.responseFlags.insert(.upstreamConnectionTermination)
+            resetDownstream()
+            return
+        }
+        switch reason {
+        case .connectFailed(let why):
+            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: \(why)", flags: .upstreamConnectionFailure)
+        case .reset:
+            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination", flags: .upstreamConnectionTermination)
+        case .refusedStream:
+            s.respond(503, body: "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset", flags: .upstreamConnectionTermination)
+        case .protocolError(let why):
+            s.respond(502, body: "upstream protocol error: \(why)", flags: .upstreamProtocolError)
+        }
+        if !requestState.isComplete { closeAfterResponse = true }
+        sendLocalReply()
+    }
+
+}
