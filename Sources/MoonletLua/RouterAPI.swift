@@ -22,6 +22,10 @@ final class RouterCache {
         var objects: [AnyObject] = []
         /// Registry reference of the workload table ({namespace, labels}).
         var workloadRef: Int32 = LUA_NOREF
+        /// The Host last asked for, as sent, and its table's reference: a sidecar's
+        /// requests mostly go to few hosts, so most lookups are one string compare.
+        var lastAuthority = ""
+        var lastRef: Int32 = LUA_NOREF
         init(snapshot: ConfigSnapshot, id: UInt64) { self.snapshot = snapshot; self.id = id }
     }
 
@@ -33,6 +37,8 @@ final class RouterCache {
 
     /// Most recent first.
     var entries: [Entry] = []
+    /// The metatable every handle carries (compared by identity: no registry lookup per check).
+    var handleMetatable: UnsafeRawPointer?
     var nextID: UInt64 = 1
 
     /// The entry of `snap`, made (and the oldest dropped) when there is none.
@@ -118,6 +124,7 @@ extension LuaAPI {
         lua_createtable(L, 0, 3)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pushapifunction(L, handleToString); lua_setfield(L, -2, "__tostring")
+        LuaVM.vm(L).routerCache.handleMetatable = lua_topointer(L, -1)
         lua_setfield(L, ml_registryindex(), handleMetatable)
         let fns: [(String, lua_CFunction)] = [
             ("host", rHost), ("test", rTest), ("match_path", rMatchPath), ("match_method", rMatchMethod),
@@ -160,12 +167,11 @@ extension LuaAPI {
     @inline(__always)
     static func handle<T: AnyObject>(_ L: OpaquePointer?, _ idx: Int32, _ kind: HandleKind, _ type: T.Type) -> T? {
         guard lua_type(L, idx) == LUA_TUSERDATA, lua_getmetatable(L, idx) != 0 else { return nil }
-        lua_getfield(L, ml_registryindex(), handleMetatable)
-        let same = lua_rawequal(L, -1, -2) != 0
-        ml_pop(L, 2)
+        let vm = LuaVM.vm(L)
+        let same = lua_topointer(L, -1) == vm.routerCache.handleMetatable
+        ml_pop(L, 1)
         guard same, Int(lua_rawlen(L, idx)) == handleSize, let p = lua_touserdata(L, idx) else { return nil }
         guard p.load(as: UInt64.self) == handleMagic, p.load(fromByteOffset: 20, as: UInt32.self) == kind.rawValue else { return nil }
-        let vm = LuaVM.vm(L)
         guard let s = vm.current, s.isActive, let snap = snapshot(of: s),
               let e = vm.routerCache.existing(snap, id: p.load(fromByteOffset: 8, as: UInt64.self)) else { return nil }
         let i = Int(p.load(fromByteOffset: 16, as: UInt32.self))
@@ -188,15 +194,23 @@ extension LuaAPI {
     static let rHost: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream") }
         if s.listener == .inbound { lua_pushboolean(L, 0); return 1 }
-        guard let snap = snapshot(of: s), let vh = snap.routes.lookup(s.request.host) else { lua_pushnil(L); return 1 }
-        let cache = LuaVM.vm(L).routerCache
-        let e = cache.entry(snap, L)
+        guard let snap = snapshot(of: s) else { lua_pushnil(L); return 1 }
+        let e = LuaVM.vm(L).routerCache.entry(snap, L)
+        let authority = s.request.host
+        if e.lastRef != LUA_NOREF && authority == e.lastAuthority { ml_getregistry_ref(L, e.lastRef); return 1 }
+        guard let vh = snap.routes.lookup(authority) else { lua_pushnil(L); return 1 }
         let key = ObjectIdentifier(vh)
-        if let ref = e.hosts[key] { ml_getregistry_ref(L, ref); return 1 }
+        if let ref = e.hosts[key] {
+            e.lastAuthority = authority; e.lastRef = ref
+            ml_getregistry_ref(L, ref)
+            return 1
+        }
         buildHost(L, vh, e, snap.routes)
         if e.hosts.count < RouterCache.maxHostsPerSnapshot {
             lua_pushvalue(L, -1)
-            e.hosts[key] = ml_ref(L)
+            let ref = ml_ref(L)
+            e.hosts[key] = ref
+            e.lastAuthority = authority; e.lastRef = ref
         }
         return 1
     }
