@@ -418,6 +418,8 @@ public final class RouteTable: @unchecked Sendable {
     /// How many clusters the table numbered (balancer counters are sized by it).
     public private(set) var clusterCount = 0
 
+    /// The virtual host of a request's Host (port ignored, case-insensitive; exact
+    /// names and aliases first, then the longest `*.suffix` wildcard), or nil.
     public func lookup(_ authority: String) -> VirtualHost? {
         let h = HostName.normalize(authority)
         if let v = hosts[h] { return v }
