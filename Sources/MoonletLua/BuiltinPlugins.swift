@@ -1,50 +1,8 @@
-#if canImport(Foundation)
-import Foundation
-#endif
-
-/// Lua filters that ship inside the binary, by name (`builtin://NAME`). The text of
-/// each is the file plugins/NAME.lua (a test keeps them identical); `moonlet plugins
-/// export DIR` writes them out, and a LuaPlugin with a builtin's name replaces it.
+/// Lua filters that ship inside the binary. The text of each is the file of the same
+/// name in plugins/ (a test keeps them identical; scripts/gen-builtins writes this file).
 public enum BuiltinPlugins {
-    /// Every builtin filter: name → Lua source. A new builtin is one entry here.
-    public static let sources: [String: String] = [
-        "istio-router": istioRouter,
-    ]
-
-    /// Names of the builtin filters, sorted.
-    public static var names: [String] { sources.keys.sorted() }
-
-    /// Source by name, for `builtin://NAME` plugin urls and `require(NAME)`.
-    public static func source(_ name: String) -> String? { sources[name] }
-
-    /// Why `export` wrote nothing: a file there differs from the builtin.
-    public struct ExportConflict: Error, CustomStringConvertible {
-        public var paths: [String]
-        public var description: String {
-            "refusing to overwrite \(paths.joined(separator: ", ")) (differs from the builtin; --force overwrites)"
-        }
-    }
-
-    /// Writes every builtin as DIR/NAME.lua, creating DIR. A file that exists with
-    /// other content is not overwritten unless `force` (then nothing is written);
-    /// returns the paths written or already identical.
-    @discardableResult
-    public static func export(to dir: String, force: Bool = false) throws -> [String] {
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let files = names.map { ((dir as NSString).appendingPathComponent($0 + ".lua"), sources[$0]!) }
-        if !force {
-            let conflicts = files.filter { file in
-                guard let data = FileManager.default.contents(atPath: file.0) else { return false }
-                return data != Data(file.1.utf8)
-            }.map(\.0)
-            if !conflicts.isEmpty { throw ExportConflict(paths: conflicts) }
-        }
-        for (path, text) in files { try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) }
-        return files.map(\.0)
-    }
-
-    /// plugins/istio-router.lua: Istio's VirtualService routing.
-    static let istioRouter = #"""
+    /// plugins/istio-router.lua
+    public static let istioRouter = #"""
 -- istio-router: Istio traffic management for the outbound listener.
 --
 -- VirtualService http routes over DestinationRule subsets and ServiceEntry /
@@ -335,4 +293,12 @@ end
 return router
 
 """#
+
+    /// Every builtin by name, for `builtin://NAME` plugin urls and `moonlet plugins export`.
+    public static let all: [(name: String, source: String)] = [
+        ("istio-router", istioRouter),
+    ]
+
+    /// Source by name, for `builtin://NAME` plugin urls.
+    public static func source(_ name: String) -> String? { all.first { $0.name == name }?.source }
 }
