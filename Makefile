@@ -9,7 +9,7 @@ RELEASE_FLAGS ?= -Xswiftc -enforce-exclusivity=unchecked
 # `make install` copies the release binary to $(DESTDIR)$(PREFIX)/bin/moonlet.
 PREFIX ?= /usr/local
 
-.PHONY: deps build release install demo test bench bench-quick clean
+.PHONY: deps build release install demo test bench bench-quick clean image
 
 deps:
 	@scripts/install-deps
@@ -36,6 +36,18 @@ bench: release
 
 bench-quick: release
 	bench/run --quick
+
+# `make image`: the container image (deploy/Dockerfile) with docker, else podman.
+IMAGE ?= moonlet:latest
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+image:
+	@if [ -z "$(CONTAINER_TOOL)" ]; then \
+	  echo "make image: neither docker nor podman is installed; install one (or set CONTAINER_TOOL) to build $(IMAGE) from deploy/Dockerfile" >&2; exit 1; \
+	fi
+	@$(CONTAINER_TOOL) info >/dev/null 2>&1 || { \
+	  echo "make image: $(CONTAINER_TOOL) is installed but cannot reach its daemon or runtime ($(CONTAINER_TOOL) info fails); start it and run make image again" >&2; exit 1; }
+	$(CONTAINER_TOOL) build -f deploy/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf .build

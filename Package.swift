@@ -67,7 +67,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: v5),
         .target(name: "MoonletLua", dependencies: [
-            "CLua", "CLuaBounded", "MoonletCore", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
+            "CLua", "CLuaBounded", "MoonletCore", "MoonletHTTP", "MoonletRegex", "MoonletConfig", "MoonletTelemetry",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
@@ -82,8 +82,20 @@ let package = Package(
             .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hot),
+        // Sidecar plumbing with no proxy in it: istio-iptables' rules and the pod injector.
+        .target(name: "MoonletSidecar", dependencies: [
+            .product(name: "Yams", package: "Yams"),
+        ], swiftSettings: v5),
+        // `moonlet inject --webhook`: the injector behind an HTTPS admission webhook.
+        .target(name: "MoonletWebhook", dependencies: [
+            "MoonletSidecar",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: v5),
         .executableTarget(name: "moonlet", dependencies: [
-            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS",
+            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletSidecar", "MoonletWebhook",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -97,6 +109,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletLuaTests", dependencies: ["MoonletLua", "MoonletCore", "MoonletRegex"], swiftSettings: v5),
+        .testTarget(name: "MoonletTelemetryTests", dependencies: ["MoonletTelemetry", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletBalancerTests", dependencies: ["MoonletBalancer", "MoonletCore"], swiftSettings: v5),
         .testTarget(name: "MoonletConfigTests", dependencies: ["MoonletConfig", "MoonletCore", "MoonletHTTP"], swiftSettings: v5),
         .testTarget(name: "MoonletTLSTests", dependencies: [
@@ -104,6 +117,14 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: v5),
+        .testTarget(name: "MoonletSidecarTests", dependencies: [
+            "MoonletSidecar", "MoonletWebhook", "MoonletTLS",
+            .product(name: "Yams", package: "Yams"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [

@@ -132,6 +132,14 @@ public final class BalancerState {
         return i
     }
 
+    /// Counts endpoint `i` of `c` active for a stream that chose it without `pick` (a
+    /// filter's endpoint override); `done` ends it as it ends a pick.
+    public func use(_ c: UpstreamCluster, _ i: Int) {
+        guard i >= 0, i < c.endpointCount else { return }
+        ensure(c)
+        active[c.id][i] += 1
+    }
+
     /// The stream sent to endpoint `i` of `c` finished.
     public func done(_ c: UpstreamCluster, _ i: Int) {
         guard c.id < active.count, i < active[c.id].count, active[c.id][i] > 0 else { return }

@@ -8,11 +8,10 @@ import Foundation
 public struct ConfigLoader {
     public static let istioKinds: Set<String> = [
         "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-        "PeerAuthentication", "AuthorizationPolicy", "Telemetry",
+        "PeerAuthentication", "AuthorizationPolicy", "Telemetry", "RequestAuthentication",
     ]
     public static let unsupportedIstioKinds: Set<String> = [
         "Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
-        "RequestAuthentication",
     ]
     static let istioGroups = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
     static let istioVersions: Set<String> = ["v1alpha3", "v1beta1", "v1", "v1alpha1"]
@@ -44,11 +43,14 @@ public struct ConfigLoader {
     /// Kinds that protect a workload and that Moonlet does not enforce yet. Loading one that
     /// selects the workload is an error (fail closed): an Istio user who reads "valid" would
     /// otherwise believe the workload is protected.
-    public static let unenforcedSecurityKinds: Set<String> = ["AuthorizationPolicy", "RequestAuthentication"]
+    /// (AuthorizationPolicy and RequestAuthentication are enforced by the builtin istio-authz
+    /// and istio-authn filters; AuthorizationPolicy action CUSTOM is refused the same way.)
+    public static let unenforcedSecurityKinds: Set<String> = []
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
+    /// `rootNamespace` is the mesh config's (policies there apply mesh-wide).
     public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:],
-                     securityScope: SecurityScope = .workload) -> Result<ConfigSnapshot, ConfigErrors> {
+                     rootNamespace: String = "istio-system", securityScope: SecurityScope = .workload) -> Result<ConfigSnapshot, ConfigErrors> {
         var errors: [ConfigError] = []
         var all = TextResult()
         var plugins: [LuaPluginSpec] = []
@@ -68,10 +70,10 @@ public struct ConfigLoader {
                 }
                 let r = loadText(text, file: file, baseDir: (file as NSString).deletingLastPathComponent)
                 errors += r.errors; plugins += r.plugins; istio += r.istio; skipped += r.skipped
-                let workload = WorkloadIdentity(namespace: namespace, labels: labels)
+                let workload = WorkloadIdentity(namespace: namespace, labels: labels, rootNamespace: rootNamespace)
                 for sec in r.security where securityScope == .anyWorkload || sec.selects(workload) {
                     errors.append(ConfigError(file: sec.file, line: sec.line, column: 1, resource: sec.resource, field: "kind",
-                                              message: "\(sec.kind) is not enforced by this version of Moonlet; refusing it "
+                                              message: "\(sec.what ?? sec.kind) is not enforced by this version of Moonlet; refusing it "
                                                 + (securityScope == .anyWorkload ? "(a sidecar whose workload it selects will not start)"
                                                                                  : "rather than serve the workload unprotected")
                                                 + ": remove it, or narrow its selector/namespace so it does not select this workload"))
@@ -109,6 +111,8 @@ public struct ConfigLoader {
         public var selector: [String: String]?
         public var file: String
         public var line: Int
+        /// What is not enforced, for the message (default: the kind).
+        public var what: String? = nil
 
         /// Istio's scope: the root namespace applies mesh-wide, otherwise the policy's
         /// namespace; a selector narrows it to workloads with those labels.
@@ -189,19 +193,26 @@ public struct ConfigLoader {
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
                     case "PeerAuthentication": d.peerAuthentication(spec)
                     case "AuthorizationPolicy": d.authorizationPolicy(spec)
+                    case "RequestAuthentication": d.requestAuthentication(spec)
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }
                     if kind == "Telemetry" && d.errors.isEmpty {
                         out.skipped.append("\(file):\(doc.line): \(resource): validated but not applied yet (Moonlet's metrics, access log and tracing keep their defaults)")
                     }
-                    if kind == "AuthorizationPolicy" && d.errors.isEmpty {
+                    // AuthorizationPolicy is enforced by the builtin istio-authz filter, except
+                    // CUSTOM (external authorization), which stays refused for the workloads it selects.
+                    if kind == "AuthorizationPolicy" && d.errors.isEmpty && spec.child("action")?.scalarString == "CUSTOM" {
                         out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,
-                                                                       selector: Self.selectorLabels(spec), file: file, line: doc.line))
+                                                                       selector: Self.selectorLabels(spec), file: file, line: doc.line,
+                                                                       what: "AuthorizationPolicy with action CUSTOM (external authorization)"))
                     }
                     out.errors += d.errors
                     out.skipped += d.notApplied
-                    out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file, line: doc.line))
+                    var annotations: [String: String] = [:]
+                    for e in meta?.child("annotations")?.mapping ?? [] { annotations[e.key] = e.value.scalarString ?? "" }
+                    out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file,
+                                                   line: doc.line, annotations: annotations))
                 } else {
                     if Self.unenforcedSecurityKinds.contains(kind) {
                         out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,

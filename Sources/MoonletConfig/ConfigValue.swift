@@ -80,8 +80,15 @@ public struct PositionedNode {
         guard case .scalar(let s) = node else { return nil }
         return s.string
     }
+    /// The value of `key` in a mapping (the first one), nil when absent or not a mapping.
+    /// Scans the mapping in place: building `mapping` for one key cost more than the
+    /// decoding it served at mesh scale.
     public func child(_ key: String) -> PositionedNode? {
-        mapping?.first { $0.key == key }?.value
+        guard case .mapping(let m) = node else { return nil }
+        for (k, v) in m {
+            if case .scalar(let s) = k, s.string == key { return PositionedNode(node: v, file: file) }
+        }
+        return nil
     }
 
     /// Converts to a plain value, resolving YAML 1.2 core-schema scalars.

@@ -7,13 +7,15 @@ import Foundation
 
 /// Istio's MeshConfig (`moonlet run --mesh-config FILE`): the keys Moonlet applies are
 /// `trustDomain`, `trustDomainAliases`, `caCertificates` (`pem`, `trustDomains`) and
-/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`) and `pathNormalization.normalization`. Every other key is read and listed in `notApplied`, for a note at
+/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`), `rootNamespace` and `pathNormalization.normalization`. Every other key is read and listed in `notApplied`, for a note at
 /// start. The file is either the MeshConfig itself or the `istio` ConfigMap holding it
 /// under `data.mesh`, as Istio keeps it.
 public struct MeshConfigFile: Sendable {
     public var tls = MeshTLSSettings()
     /// `pathNormalization.normalization`: BASE unless set (Istio's DEFAULT is BASE).
     public var pathNormalization: PathNormalization = .base
+    /// `rootNamespace`: policies in it apply mesh-wide (Istio's default istio-system).
+    public var rootNamespace: String = "istio-system"
     /// Keys present but not applied by Moonlet (dotted paths).
     public var notApplied: [String] = []
 
@@ -65,6 +67,9 @@ public struct MeshConfigFile: Sendable {
         for (k, v) in top {
             let key = k.string ?? ""
             switch key {
+            case "rootNamespace":
+                guard let ns = v.string, TrafficDecoder.isDNS1123Label(ns) else { err(v, key, "expected a namespace name (DNS-1123 label)"); continue }
+                out.rootNamespace = ns
             case "trustDomain":
                 out.tls.trustDomain = trustDomainName(v, key)
             case "trustDomainAliases":

@@ -89,6 +89,8 @@ public struct IstioResource: Sendable {
     public var spec: ConfigValue
     public var file: String
     public var line: Int
+    /// metadata.annotations (e.g. `istio.io/dry-run`).
+    public var annotations: [String: String] = [:]
 }
 
 /// An immutable, validated configuration. Swapped whole; a stream keeps the snapshot

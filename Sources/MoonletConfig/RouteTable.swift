@@ -290,6 +290,8 @@ public final class RouteTable: @unchecked Sendable {
     public private(set) var wildcards: [(suffix: String, host: VirtualHost)] = []
     public private(set) var services: [String: ServiceInfo] = [:]
     public private(set) var warnings: [String] = []
+    /// Every cluster under each name a filter may give it (see ClusterNames.swift).
+    var clusterNames: [String: NamedCluster] = [:]
     public let localNamespace: String
     /// Labels of this workload: on the outbound listener it is the source, so
     /// `sourceLabels` and `sourceNamespace` match against it.
@@ -305,6 +307,15 @@ public final class RouteTable: @unchecked Sendable {
     static func build(vs: [VirtualServiceSpec], dr: [DestinationRuleSpec], se: [ServiceEntrySpec], we: [WorkloadEntrySpec],
                       localNamespace: String, localLabels: [String: String], errors: inout [ConfigError]) -> RouteTable {
         let t = RouteTable(localNamespace: localNamespace, localLabels: localLabels)
+        // WorkloadEntries indexed by namespace and by each namespace/label pair, so a
+        // ServiceEntry's workloadSelector looks at the entries carrying one of its labels
+        // instead of every entry of the mesh (which made a mesh of N services cost N²).
+        var byNamespace: [String: [Int]] = [:]
+        var byLabel: [String: [Int]] = [:]
+        for (i, w) in we.enumerated() {
+            byNamespace[w.namespace, default: []].append(i)
+            for (k, v) in w.endpoint.labels { byLabel["\(w.namespace)\u{0}\(k)\u{0}\(v)", default: []].append(i) }
+        }
         for s in se {
             var endpoints = s.endpoints
             if endpoints.isEmpty && s.workloadSelector == nil && (s.resolution == "DNS" || s.resolution == "DNS_ROUND_ROBIN") {
@@ -312,7 +323,15 @@ public final class RouteTable: @unchecked Sendable {
                 endpoints = s.hosts.filter { !$0.contains("*") }.map { Endpoint(address: $0) }
             }
             if let sel = s.workloadSelector {
-                endpoints = we.filter { w in w.namespace == s.namespace && sel.allSatisfy { k, v in w.endpoint.labels[k] == v } }.map(\.endpoint)
+                // The candidates: the smallest list among the selector's labels (all of the
+                // namespace for an empty selector), then every label checked.
+                var candidates = byNamespace[s.namespace] ?? []
+                for (k, v) in sel {
+                    let list = byLabel["\(s.namespace)\u{0}\(k)\u{0}\(v)"] ?? []
+                    if list.count < candidates.count { candidates = list }
+                    if candidates.isEmpty { break }
+                }
+                endpoints = candidates.filter { i in sel.allSatisfy { k, v in we[i].endpoint.labels[k] == v } }.map { we[$0].endpoint }
             }
             for h in s.hosts {
                 let fqdn = HostName.canonical(h, namespace: s.namespace)
@@ -400,6 +419,7 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         t.clusterCount = nextID
+        t.indexClusterNames()
         var seen = Set<ObjectIdentifier>()
         for vh in Array(t.hosts.values) + t.wildcards.map(\.host) where seen.insert(ObjectIdentifier(vh)).inserted { t.compile(vh) }
         return t

@@ -774,46 +774,6 @@ extension TrafficDecoder {
         }
     }
 
-    static let authzSourceFields: Set<String> = [
-        "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
-        "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts", "notServiceAccounts",
-        "trustDomains", "notTrustDomains",
-    ]
-    static let authzOperationFields: Set<String> = ["hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"]
-
-    /// AuthorizationPolicy: every field of every rule, the action enum, and the source
-    /// rules Istio checks.
-    mutating func authorizationPolicy(_ spec: PositionedNode) {
-        guard fields(spec, "spec", ["selector", "targetRef", "targetRefs", "rules", "action", "provider"]) else { return }
-        selector(spec.child("selector"), "spec.selector")
-        targetRefs(spec)
-        _ = enumValue(spec.child("action"), "spec.action", ["ALLOW", "DENY", "AUDIT", "CUSTOM"])
-        if let p = spec.child("provider"), fields(p, "spec.provider", ["name"]) { _ = string(p.child("name"), "spec.provider.name") }
-        for (ri, r) in list(spec.child("rules"), "spec.rules").enumerated() {
-            let rp = "spec.rules[\(ri)]"
-            guard fields(r, rp, ["from", "to", "when"]) else { continue }
-            for (fi, f) in list(r.child("from"), "\(rp).from").enumerated() {
-                let fp = "\(rp).from[\(fi)]"
-                guard fields(f, fp, ["source"]), let src = f.child("source"), fields(src, "\(fp).source", Self.authzSourceFields) else { continue }
-                for e in src.mapping! { _ = stringList(e.value, "\(fp).source.\(e.key)") }
-                if src.child("serviceAccounts") != nil && (src.child("namespaces") != nil || src.child("principals") != nil) {
-                    err(src, "\(fp).source", "Cannot set serviceAccounts with namespaces or principals")
-                }
-            }
-            for (ti, t) in list(r.child("to"), "\(rp).to").enumerated() {
-                let tp = "\(rp).to[\(ti)]"
-                guard fields(t, tp, ["operation"]), let op = t.child("operation"), fields(op, "\(tp).operation", Self.authzOperationFields) else { continue }
-                for e in op.mapping! { _ = stringList(e.value, "\(tp).operation.\(e.key)") }
-            }
-            for (wi, w) in list(r.child("when"), "\(rp).when").enumerated() {
-                let wp = "\(rp).when[\(wi)]"
-                guard fields(w, wp, ["key", "values", "notValues"]) else { continue }
-                if (string(w.child("key"), "\(wp).key") ?? "").isEmpty { err(w.child("key") ?? w, "\(wp).key", "Required value") }
-                for k in ["values", "notValues"] { _ = stringList(w.child(k), "\(wp).\(k)") }
-            }
-        }
-    }
-
     /// A WorkloadSelector (`matchLabels`).
     mutating func selector(_ n: PositionedNode?, _ path: String) {
         guard let n, fields(n, path, ["matchLabels"]) else { return }

@@ -23,7 +23,7 @@ public enum YAMLReader {
         let mayReplace = !text.contains(standIn)
         while true {
             do {
-                let parser = try Parser(yaml: text)
+                let parser = try Parser(yaml: text, resolver: .basic)
                 var docs: [Node] = []
                 while let n = try parser.nextRoot() { docs.append(n) }
                 return replaced == 0 ? docs : docs.map(restore)

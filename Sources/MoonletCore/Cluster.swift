@@ -250,6 +250,41 @@ public struct RetrySpec: Sendable, Equatable {
         if retryOn.contains("retriable-status-codes") && retriableStatusCodes.isEmpty { retriableStatusCodes = [503] }
     }
 
+    /// The retryOn conditions `init(attempts:perTryTimeoutMs:retryOn:)` reads (besides
+    /// status codes 100-599): Envoy's HTTP ones it applies, and the gRPC ones Istio puts
+    /// in its default, which an HTTP/1.1 stream never meets.
+    public static let retryOnConditions: Set<String> = [
+        "5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx", "retriable-status-codes",
+        "unavailable", "cancelled", "deadline-exceeded", "resource-exhausted", "internal",
+    ]
+
+    /// The first token of a retryOn string that is neither a condition of
+    /// `retryOnConditions` nor a status code 100-599, or nil when all are known.
+    public static func unknownRetryOnToken(_ retryOn: String) -> String? {
+        for t in retryOn.split(separator: ",").map({ String($0.filter { $0 != " " && $0 != "\t" }) }) where !t.isEmpty {
+            if retryOnConditions.contains(t) { continue }
+            if let c = Int(t), (100...599).contains(c) { continue }
+            return t
+        }
+        return nil
+    }
+
+    /// The policy's conditions in canonical retryOn form: the conditions in a fixed
+    /// order (5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx),
+    /// then the retried status codes in ascending order. Parsing it gives the same
+    /// conditions back (Istio's default reads "connect-failure,refused-stream,503").
+    public var retryOn: String {
+        var parts: [String] = []
+        if on5xx { parts.append("5xx") }
+        if gatewayError { parts.append("gateway-error") }
+        if reset { parts.append("reset") }
+        if connectFailure { parts.append("connect-failure") }
+        if refusedStream { parts.append("refused-stream") }
+        if retriable4xx { parts.append("retriable-4xx") }
+        for c in Set(retriableStatusCodes).sorted() { parts.append(String(c)) }
+        return parts.joined(separator: ",")
+    }
+
     /// Whether a response status is retried.
     public func retries(status: Int) -> Bool {
         if on5xx && status >= 500 { return true }

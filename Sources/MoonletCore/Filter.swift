@@ -87,6 +87,10 @@ public protocol Filter: AnyObject {
     /// calls entirely when no filter of the chain wants them.
     var wantsRequestBody: Bool { get }
     var wantsResponseBody: Bool { get }
+    /// Whether `onUpstreamFailure` does anything. The chain calls `onUpstreamFailure`
+    /// only on filters that say so (as the body phases), and the proxy keeps a replay
+    /// copy of a request without a route retry policy only when one filter does.
+    var wantsUpstreamFailure: Bool { get }
 
     /// Runs once the request head is parsed, before anything goes upstream. May edit
     /// request headers, write `stream.route`, answer locally (`respond`) or ask for the
@@ -114,6 +118,7 @@ extension Filter {
     public var priority: Int { 0 }
     public var wantsRequestBody: Bool { false }
     public var wantsResponseBody: Bool { false }
+    public var wantsUpstreamFailure: Bool { false }
     public func onRequest(_ stream: ProxyStream) -> FilterAction { .continue }
     public func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { .continue }
     public func onResponse(_ stream: ProxyStream) -> FilterAction { .continue }
@@ -128,6 +133,7 @@ public final class FilterChain {
     public let filters: [Filter]
     public let wantsRequestBody: Bool
     public let wantsResponseBody: Bool
+    public let wantsUpstreamFailure: Bool
 
     /// Orders by phase, then by descending priority, keeping the given order for ties.
     public init(_ filters: [Filter]) {
@@ -139,6 +145,7 @@ public final class FilterChain {
         self.filters = ordered
         self.wantsRequestBody = ordered.contains { $0.wantsRequestBody }
         self.wantsResponseBody = ordered.contains { $0.wantsResponseBody }
+        self.wantsUpstreamFailure = ordered.contains { $0.wantsUpstreamFailure }
     }
 
     public static let empty = FilterChain([])
@@ -178,7 +185,7 @@ public final class FilterChain {
     /// Asks the filters whether to retry a failed attempt: the first verdict in chain
     /// order wins; `.routePolicy` when none has one.
     public func runUpstreamFailure(_ s: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict {
-        for f in filters {
+        for f in filters where f.wantsUpstreamFailure {
             let v = f.onUpstreamFailure(s, failure)
             if v != .routePolicy { return v }
         }

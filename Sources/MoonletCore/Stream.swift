@@ -36,6 +36,8 @@ public struct ResponseFlags: OptionSet, Sendable, Hashable {
     public static let upstreamProtocolError = ResponseFlags(rawValue: 1 << 13)
     /// SI: stream idle timeout.
     public static let streamIdleTimeout = ResponseFlags(rawValue: 1 << 14)
+    /// RBAC: denied by an authorization policy (Envoy's RbacAccessDenied).
+    public static let rbacAccessDenied = ResponseFlags(rawValue: 1 << 15)
 
     static let names: [(ResponseFlags, String)] = [
         (.noHealthyUpstream, "UH"), (.upstreamConnectionFailure, "UF"), (.upstreamOverflow, "UO"),
@@ -43,7 +45,7 @@ public struct ResponseFlags: OptionSet, Sendable, Hashable {
         (.upstreamConnectionTermination, "UC"), (.downstreamConnectionTermination, "DC"),
         (.localReset, "LR"), (.delayInjected, "DI"), (.faultInjected, "FI"),
         (.unauthorizedExternalService, "UAEX"), (.downstreamProtocolError, "DPE"),
-        (.upstreamProtocolError, "UPE"), (.streamIdleTimeout, "SI"),
+        (.upstreamProtocolError, "UPE"), (.streamIdleTimeout, "SI"), (.rbacAccessDenied, "RBAC"),
     ]
 
     /// Envoy's text form: comma-separated short names, "-" when none.
@@ -159,6 +161,9 @@ public final class ProxyStream {
     public var listener: ListenerRole = .outbound
     /// The Lua host's per-stream state (coroutine, s.vars), owned by MoonletLua.
     public var luaContext: AnyObject?
+    /// The verified JWT of the request (RequestAuthentication), nil without one. Set
+    /// only by the native JWT primitive; filters read it as `s.auth`.
+    public var auth: RequestAuthResult?
 
     /// `route` is the decision known before any filter runs (the inbound listener's
     /// fixed one); passing it here saves building an empty one and replacing it.

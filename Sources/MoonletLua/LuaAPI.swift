@@ -131,7 +131,9 @@ enum LuaAPI {
             else if kw("source") { ml_pushlight(L, wrapper(id, .source)) }
             else if kw("destination") { ml_pushlight(L, wrapper(id, .destination)) }
             else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
+            else if kw("listener") { lua_pushstring(L, s.listener == .inbound ? "inbound" : "outbound") }
             else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
+            else if kw("auth") { AuthnAPI.pushAuth(L, s) }
             else { lua_pushnil(L) }
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
@@ -165,6 +167,10 @@ enum LuaAPI {
             case (.route, "subset"): push(L, s.route.subset)
             case (.route, "port"): lua_pushinteger(L, lua_Integer(s.route.port))
             case (.route, "timeout_ms"): lua_pushinteger(L, lua_Integer(s.route.timeoutMs))
+            case (.route, "endpoint"):
+                let e = s.route.endpoint
+                if e.isEmpty { lua_pushnil(L) } else { push(L, e.contains(":") ? "[\(e)]:\(s.route.endpointPort)" : "\(e):\(s.route.endpointPort)") }
+            case (.route, "retry"): pushRetry(L, s.route.retry)
             default: lua_pushnil(L)
             }
         }
@@ -175,6 +181,7 @@ enum LuaAPI {
     static let newindex: lua_CFunction = { L in
         guard let (_, s, kind) = resolve(L, 1, "newindex") else { return fail(L, outside) }
         guard let k = str(L, 2) else { return fail(L, "field name must be a string") }
+        if kind == .route && LuaVM.vm(L).inUpstreamFailure { return fail(L, "route.\(k): s.route cannot be changed in on_upstream_failure") }
         switch (kind, k) {
         case (.request, "path"):
             guard let v = str(L, 3), v.utf8.withContiguousStorageIfAvailable({ HTTPHeadParser.isOriginForm(UnsafeRawBufferPointer($0)) }) ?? false else {
@@ -186,14 +193,22 @@ enum LuaAPI {
                 return fail(L, "request.authority: not a valid host[:port]")
             }
             s.request.setHost(v)
-        case (.route, "cluster"), (.route, "host"), (.route, "subset"):
+        case (.route, "cluster"):
+            return setCluster(L, s)
+        case (.route, "endpoint"):
+            return setEndpoint(L, s)
+        case (.route, "retry"):
+            return setRetry(L, s)
+        case (.route, "host"), (.route, "subset"):
             guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
-            if k == "cluster" { s.route.cluster = v } else if k == "host" { s.route.host = v } else { s.route.subset = v }
+            if k == "host" { s.route.host = v } else { s.route.subset = v }
         case (.route, "port"):
             guard lua_isinteger(L, 3) != 0 else { return fail(L, "route.port must be an integer") }
             s.route.port = Int(ml_tointeger(L, 3))
         case (.route, "timeout_ms"):
-            guard lua_isinteger(L, 3) != 0 else { return fail(L, "route.timeout_ms must be an integer") }
+            guard lua_isinteger(L, 3) != 0, (0...maxTimeoutMs).contains(ml_tointeger(L, 3)) else {
+                return fail(L, "route.timeout_ms must be an integer 0-\(maxTimeoutMs) (0: the listener's stream timeout)")
+            }
             s.route.timeoutMs = Int(ml_tointeger(L, 3))
         case (.response, "status"):
             guard lua_isinteger(L, 3) != 0 else { return fail(L, "response.status must be an integer") }
@@ -204,6 +219,166 @@ enum LuaAPI {
             return fail(L, "cannot set field '\(k)'")
         }
         return 0
+    }
+
+    // MARK: route steering
+
+    /// Bounds of what a filter may write into `s.route` (documented in docs/lua-api.md):
+    /// a stream timeout of at most 24 hours, at most 10 retries (11 upstream tries), a
+    /// per-try timeout of at most one hour.
+    static let maxTimeoutMs: lua_Integer = 86_400_000
+    static let maxRetryAttempts: lua_Integer = 10
+    static let maxPerTryTimeoutMs: lua_Integer = 3_600_000
+
+    /// A value of a filter quoted in an error message: control characters escaped, cut at 256 bytes.
+    static func quoted(_ v: String) -> String {
+        let cut = v.utf8.count > 256 ? String(decoding: v.utf8.prefix(256), as: UTF8.self) + "…" : v
+        return "'" + LogText.escape(cut) + "'"
+    }
+
+    /// s.route.cluster = "outbound|PORT|SUBSET|HOST" | "PassthroughCluster" | "":
+    /// resolved against the stream's snapshot; sets the whole upstream side of the route
+    /// (cluster, host, subset, port, destination service, hash key) and drops any
+    /// endpoint pick. "" clears the steering (the router decides).
+    static func setCluster(_ L: OpaquePointer?, _ s: ProxyStream) -> Int32 {
+        guard lua_type(L, 3) == LUA_TSTRING, let v = str(L, 3) else { return fail(L, "route.cluster must be a string (outbound|PORT|SUBSET|HOST or PassthroughCluster)") }
+        if v.isEmpty {
+            s.route.cluster = ""; s.route.host = ""; s.route.subset = ""; s.route.port = 0
+            s.route.upstreamCluster = nil
+            s.route.endpoint = ""; s.route.endpointPort = 0; s.route.endpointIndex = -1
+            s.route.hashKey = nil
+            return 0
+        }
+        guard let snap = snapshot(of: s) else { return fail(L, "route.cluster: unknown cluster \(quoted(v)): the stream has no configuration snapshot") }
+        let target = snap.routes.resolveCluster(v)
+        if target != nil {
+            s.route.endpoint = ""; s.route.endpointPort = 0; s.route.endpointIndex = -1
+            s.route.hashKey = nil
+        }
+        switch target {
+        case .cluster(let n)?:
+            s.route.cluster = n.cluster.name
+            s.route.upstreamCluster = n.cluster
+            s.route.host = n.host
+            s.route.subset = n.subset
+            s.route.port = n.port
+            s.destination.service = n.host
+            if let hp = n.cluster.hashPolicy { hashKey(s, hp, vm: LuaVM.vm(L)) }
+        case .passthrough?:
+            s.route.cluster = RouteTable.passthroughCluster
+            s.route.upstreamCluster = nil
+            s.route.host = ""; s.route.subset = ""; s.route.port = 0
+        case nil:
+            let form = RouteTable.splitClusterName(v) == nil ? " (names have the form outbound|PORT|SUBSET|HOST, or PassthroughCluster)" : ""
+            return fail(L, "route.cluster: unknown cluster \(quoted(v))\(form)")
+        }
+        return 0
+    }
+
+    /// Splits "ip:port" or "[ipv6]:port" (port 1-65535).
+    static func splitHostPort(_ v: String) -> (String, Int)? {
+        var host: Substring, portText: Substring
+        if v.hasPrefix("[") {
+            guard let close = v.firstIndex(of: "]"), v[v.index(after: close)...].hasPrefix(":") else { return nil }
+            host = v[v.index(after: v.startIndex)..<close]
+            portText = v[v.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = v.lastIndex(of: ":"), !v[..<colon].contains(":") else { return nil }
+            host = v[..<colon]
+            portText = v[v.index(after: colon)...]
+        }
+        guard !host.isEmpty, portText.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }), let port = Int(portText), (1...65535).contains(port) else { return nil }
+        return (String(host), port)
+    }
+
+    /// Whether `a` is an IPv4 or IPv6 literal.
+    static func isIPLiteral(_ a: String) -> Bool {
+        var buf = [UInt8](repeating: 0, count: 16)
+        return inet_pton(AF_INET, a, &buf) == 1 || inet_pton(AF_INET6, a, &buf) == 1
+    }
+
+    /// s.route.endpoint = "ip:port" | nil: overrides the balancer's pick (Envoy's
+    /// setUpstreamOverrideHost). The endpoint must be one of the route's cluster's, so
+    /// its pool, TLS and outlier state apply; with PassthroughCluster any IP literal.
+    static func setEndpoint(_ L: OpaquePointer?, _ s: ProxyStream) -> Int32 {
+        if ml_isnoneornil(L, 3) != 0 {
+            s.route.endpoint = ""; s.route.endpointPort = 0; s.route.endpointIndex = -1
+            return 0
+        }
+        guard lua_type(L, 3) == LUA_TSTRING, let v = str(L, 3), let (addr, port) = splitHostPort(v) else {
+            return fail(L, "route.endpoint must be \"ip:port\" or \"[ipv6]:port\"")
+        }
+        if let c = s.route.upstreamCluster {
+            let want = addr.lowercased()
+            for i in 0..<c.endpointCount {
+                let e = c.endpoint(i)
+                guard e.port == port else { continue }
+                var a = Substring(e.address)
+                if a.hasPrefix("[") && a.hasSuffix("]") { a = a.dropFirst().dropLast() }
+                guard a.lowercased() == want else { continue }
+                s.route.endpointIndex = i
+                s.route.endpoint = e.address
+                s.route.endpointPort = e.port
+                s.destination.address = e.address
+                s.destination.port = e.port
+                return 0
+            }
+            return fail(L, "route.endpoint: \(quoted(v)) is not an endpoint of cluster \(quoted(s.route.cluster))")
+        }
+        if s.route.cluster == RouteTable.passthroughCluster {
+            guard isIPLiteral(addr) else { return fail(L, "route.endpoint: \(quoted(v)): PassthroughCluster needs an IP address") }
+            s.route.endpointIndex = -1
+            s.route.endpoint = addr
+            s.route.endpointPort = port
+            s.destination.address = addr
+            s.destination.port = port
+            return 0
+        }
+        return fail(L, "route.endpoint: the route has no cluster yet: set route.cluster first (the endpoint must be one of its endpoints)")
+    }
+
+    /// s.route.retry = { attempts = N, per_try_timeout_ms = T, retry_on = "..." } | nil.
+    static func setRetry(_ L: OpaquePointer?, _ s: ProxyStream) -> Int32 {
+        if ml_isnoneornil(L, 3) != 0 { s.route.retry = nil; return 0 }
+        guard ml_istable(L, 3) != 0 else { return fail(L, "route.retry must be a table {attempts, per_try_timeout_ms, retry_on} or nil") }
+        var attempts: lua_Integer?
+        var perTry: lua_Integer = 0
+        var retryOn = RetrySpec.istioDefault.retryOn
+        lua_pushnil(L)
+        while lua_next(L, 3) != 0 {
+            guard lua_type(L, -2) == LUA_TSTRING, let k = str(L, -2) else { ml_pop(L, 2); return fail(L, "route.retry: field names must be strings") }
+            switch k {
+            case "attempts":
+                guard lua_isinteger(L, -1) != 0, (0...maxRetryAttempts).contains(ml_tointeger(L, -1)) else {
+                    ml_pop(L, 2); return fail(L, "route.retry.attempts must be an integer 0-\(maxRetryAttempts)")
+                }
+                attempts = ml_tointeger(L, -1)
+            case "per_try_timeout_ms":
+                guard lua_isinteger(L, -1) != 0, (0...maxPerTryTimeoutMs).contains(ml_tointeger(L, -1)) else {
+                    ml_pop(L, 2); return fail(L, "route.retry.per_try_timeout_ms must be an integer 0-\(maxPerTryTimeoutMs) (0: none)")
+                }
+                perTry = ml_tointeger(L, -1)
+            case "retry_on":
+                guard lua_type(L, -1) == LUA_TSTRING, let v = str(L, -1) else { ml_pop(L, 2); return fail(L, "route.retry.retry_on must be a string") }
+                if let bad = RetrySpec.unknownRetryOnToken(v) { ml_pop(L, 2); return fail(L, "route.retry.retry_on: unknown condition \(quoted(bad))") }
+                retryOn = v
+            default:
+                ml_pop(L, 2); return fail(L, "route.retry: unknown field \(quoted(k)) (attempts, per_try_timeout_ms, retry_on)")
+            }
+            ml_pop(L, 1)
+        }
+        guard let attempts else { return fail(L, "route.retry.attempts is required (0-\(maxRetryAttempts))") }
+        s.route.retry = RetrySpec(attempts: Int(attempts), perTryTimeoutMs: Int(perTry), retryOn: retryOn)
+        return 0
+    }
+
+    /// Pushes a retry policy as {attempts, per_try_timeout_ms, retry_on}, or nil.
+    static func pushRetry(_ L: OpaquePointer?, _ r: RetrySpec?) {
+        guard let r else { lua_pushnil(L); return }
+        lua_createtable(L, 0, 3)
+        lua_pushinteger(L, lua_Integer(r.attempts)); lua_setfield(L, -2, "attempts")
+        lua_pushinteger(L, lua_Integer(r.perTryTimeoutMs)); lua_setfield(L, -2, "per_try_timeout_ms")
+        push(L, r.retryOn); lua_setfield(L, -2, "retry_on")
     }
 
     // MARK: headers
@@ -381,7 +556,8 @@ enum LuaAPI {
     static let maxLocalReplyValue = 16 * 1024
 
     static let respond: lua_CFunction = { L in
-        guard let (_, s, kind) = resolve(L, 1, "respond"), kind == .stream else { return fail(L, outside) }
+        guard let (vm, s, kind) = resolve(L, 1, "respond"), kind == .stream else { return fail(L, outside) }
+        if vm.inUpstreamFailure { return fail(L, "s:respond cannot be used in on_upstream_failure (return moonlet.NO_RETRY to keep the failure)") }
         guard lua_isinteger(L, 2) != 0 else { return fail(L, "s:respond(status, body, headers): status must be an integer") }
         let status = Int(ml_tointeger(L, 2))
         guard (200...599).contains(status) else { return fail(L, "s:respond: status \(status) out of range 200-599") }
@@ -470,6 +646,10 @@ enum LuaAPI {
 
     // MARK: moonlet module
 
+    /// The values of moonlet.RETRY and moonlet.NO_RETRY (what on_upstream_failure returns).
+    static let retryVerdict = "retry"
+    static let noRetryVerdict = "no_retry"
+
     static func installModule(_ L: OpaquePointer) {
         // Called with the global table on top.
         lua_createtable(L, 0, 8)
@@ -490,10 +670,14 @@ enum LuaAPI {
         installRouter(L)
         lua_setfield(L, -2, "router")
         lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
+        lua_pushstring(L, retryVerdict); lua_setfield(L, -2, "RETRY")
+        lua_pushstring(L, noRetryVerdict); lua_setfield(L, -2, "NO_RETRY")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
         ml_push_readonly(L, "moonlet.metrics")
         lua_setfield(L, -2, "metrics")
+        installAuthz(L)
+        AuthnAPI.install(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

@@ -17,16 +17,19 @@ public final class LuaPluginInstance: Filter {
     public let priority: Int
     public private(set) var wantsRequestBody = false
     public private(set) var wantsResponseBody = false
+    /// Whether the module defines `on_upstream_failure`.
+    public private(set) var wantsUpstreamFailure = false
     let vm: LuaVM
     let source: LuaPluginSource
     let limits: LuaLimits
     var moduleRef: Int32 = LUA_NOREF
     var confRef: Int32 = LUA_NOREF
-    /// on_request, on_request_body, on_response, on_response_body, on_log
-    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
+    /// on_request, on_request_body, on_response, on_response_body, on_log, on_upstream_failure
+    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
     let failStrategy: FailStrategy
     let cell: PluginCell?
-    static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log"]
+    static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log", "on_upstream_failure"]
+    static let upstreamFailurePhase = 5
 
     init(vm: LuaVM, source: LuaPluginSource) throws {
         self.vm = vm
@@ -43,6 +46,7 @@ public final class LuaPluginInstance: Filter {
         try load()
         wantsRequestBody = fn[1] != LUA_NOREF
         wantsResponseBody = fn[3] != LUA_NOREF
+        wantsUpstreamFailure = fn[Self.upstreamFailurePhase] != LUA_NOREF
     }
 
     deinit { release() }
@@ -176,4 +180,48 @@ public final class LuaPluginInstance: Filter {
     public func onResponse(_ stream: ProxyStream) -> FilterAction { call(2, stream) }
     public func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(3, stream, chunk: chunk, eos: endOfStream) }
     public func onLog(_ stream: ProxyStream) { _ = call(4, stream) }
+
+    /// `on_upstream_failure(s, conf, failure)`: `failure` is {kind, status, attempt,
+    /// endpoint}; returning moonlet.RETRY or moonlet.NO_RETRY decides, anything else
+    /// leaves it to the next filter and the route's policy. An error (or a budget
+    /// abort) is logged and counted, and reads as `.routePolicy`: this phase never fails
+    /// the stream by itself, whatever the plugin's failStrategy. Writing s.route and
+    /// s:respond raise a Lua error here (the stream is between upstream attempts).
+    public func onUpstreamFailure(_ s: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict {
+        let ref = fn[Self.upstreamFailurePhase]
+        if ref == LUA_NOREF { return .routePolicy }
+        let thread = vm.runnerThread()
+        let co = thread.L
+        ml_getregistry_ref(co, ref)
+        ml_pushlight(co, LuaAPI.wrapper(s.id, .stream))
+        ml_getregistry_ref(co, confRef)
+        lua_createtable(co, 0, 4)
+        LuaAPI.push(co, failure.kind.rawValue); lua_setfield(co, -2, "kind")
+        lua_pushinteger(co, lua_Integer(failure.status)); lua_setfield(co, -2, "status")
+        lua_pushinteger(co, lua_Integer(failure.attempt)); lua_setfield(co, -2, "attempt")
+        LuaAPI.push(co, failure.endpoint); lua_setfield(co, -2, "endpoint")
+        let prev = vm.current, prevID = vm.currentID
+        vm.current = s; vm.currentID = s.id
+        vm.inUpstreamFailure = true
+        let out = vm.resume(co, nargs: 3, limits: limits, plugin: name)
+        vm.inUpstreamFailure = false
+        vm.current = prev; vm.currentID = prevID
+        if let cell {
+            cell.stats.calls &+= 1
+            cell.stats.nanos &+= Self.nanos() &- out.startNanos
+            if !out.ok { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
+        }
+        guard out.ok else {
+            vm.runnerFailed()
+            let msg = "plugin \(name): on_upstream_failure: \(out.error ?? "error")"
+            vm.logger.error("\(LogText.escape(msg))", metadata: ["stream": "\(s.id)"])
+            vm.host.recordError(plugin: name, msg)
+            return .routePolicy
+        }
+        switch out.returned {
+        case LuaAPI.retryVerdict?: return .retry
+        case LuaAPI.noRetryVerdict?: return .noRetry
+        default: return .routePolicy
+        }
+    }
 }

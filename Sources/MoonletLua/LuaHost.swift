@@ -179,6 +179,15 @@ extension LuaPluginSpec {
 
     /// The builtin Istio router (plugins/istio-router.lua).
     public static var builtinRouter: LuaPluginSpec { builtin("istio-router") }
+
+    /// The built-in AuthorizationPolicy filter (plugins/istio-authz.lua), phase AUTHZ and
+    /// last in it (Istio runs WasmPlugins of the AUTHZ phase before its RBAC filters),
+    /// configured with `AuthorizationCompiler.compile`'s tables. Fails closed.
+    public static func builtinAuthz(_ compiled: ConfigValue) -> LuaPluginSpec {
+        LuaPluginSpec(name: "istio-authz", namespace: "", path: "builtin://istio-authz", phase: "AUTHZ", priority: Int(Int32.min),
+                      pluginConfig: compiled, failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
+                      timeoutMs: nil, file: "builtin", line: 0)
+    }
 }
 
 /// The Lua side of one event loop: its VM and the filters built from the current

@@ -57,6 +57,9 @@ public final class LuaVM {
     /// The stream of the running phase call, and its id (0 = none).
     var current: ProxyStream?
     var currentID: UInt64 = 0
+    /// True while an on_upstream_failure phase runs: s.route and s:respond are refused
+    /// (the attempt's cluster, slots and replay are the proxy's until it decides).
+    var inUpstreamFailure = false
     var currentPlugin: String = ""
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())

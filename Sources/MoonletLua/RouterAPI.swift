@@ -179,11 +179,17 @@ extension LuaAPI {
         return e.objects[i] as? T
     }
 
-    /// The stream argument at `idx` (the `s` of a phase), or nil.
+    /// The stream argument at `idx` (the `s` of a phase), or nil; nil in
+    /// on_upstream_failure too (the route is decided by then).
     @inline(__always)
     static func routerStream(_ L: OpaquePointer?, _ idx: Int32) -> ProxyStream? {
-        guard let (_, s, kind) = resolve(L, idx, "router"), kind == .stream else { return nil }
+        guard let (vm, s, kind) = resolve(L, idx, "router"), kind == .stream, !vm.inUpstreamFailure else { return nil }
         return s
+    }
+
+    /// Why routerStream refused its argument.
+    static func routerStreamError(_ L: OpaquePointer?) -> String {
+        LuaVM.vm(L).inUpstreamFailure ? "moonlet.router cannot be used in on_upstream_failure" : outside
     }
 
     // MARK: host index
@@ -192,7 +198,7 @@ extension LuaAPI {
     /// docs/lua-api.md), nil when no host is known (404 NR), false on the inbound
     /// listener (its route is the local application). Built once per VM and snapshot.
     static let rHost: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream") }
+        guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream (" + routerStreamError(L) + ")") }
         if s.listener == .inbound { lua_pushboolean(L, 0); return 1 }
         guard let snap = snapshot(of: s) else { lua_pushnil(L); return 1 }
         let e = LuaVM.vm(L).routerCache.entry(snap, L)
@@ -409,7 +415,7 @@ extension LuaAPI {
 
     /// moonlet.router.match_path(s, matcher, ignore_case) → the path (without query) matches.
     static let rMatchPath: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_path(s, matcher): \(badMatcher)") }
         let ic = lua_toboolean(L, 3) != 0
         var t = s.request.target
@@ -422,14 +428,14 @@ extension LuaAPI {
 
     /// moonlet.router.match_method(s, matcher).
     static let rMatchMethod: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_method(s, matcher): \(badMatcher)") }
         return pushTest(L, m, s.request.method)
     }
 
     /// moonlet.router.match_authority(s, matcher): the Host as the client sent it.
     static let rMatchAuthority: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_authority(s, matcher): \(badMatcher)") }
         return pushTest(L, m, s.request.host)
     }
@@ -445,7 +451,7 @@ extension LuaAPI {
     /// moonlet.router.match_header(s, name, matcher | false) → the request has header
     /// `name` (lowercase) and its first value matches (false: present is enough).
     static let rMatchHeader: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let name = str(L, 2) else { return fail(L, "router.match_header(s, name, matcher): name must be a string") }
         let (ok, m) = optionalMatcher(L, 3)
         guard ok else { return fail(L, "router.match_header(s, name, matcher): \(badMatcher)") }
@@ -466,9 +472,34 @@ extension LuaAPI {
         return nil
     }
 
+    /// The consistent-hash key of a request for `hp`, as istio-router.lua computes it
+    /// (for a route a filter set with s.route.cluster): for a cookie policy with a ttl
+    /// and no cookie yet, makes one and sets it on the response (Envoy's behaviour).
+    static func hashKey(_ s: ProxyStream, _ hp: HashPolicy, vm: LuaVM) {
+        var key: String?
+        switch hp {
+        case .header(let n): key = s.request.first(n)
+        case .sourceIP: key = s.source.address.split(separator: ":").dropLast().joined(separator: ":")
+        case .queryParameter(let q): key = queryValue(s.request.target, q)
+        case .cookie(let name, let path, let ttl):
+            for c in s.request.all("cookie") {
+                for part in c.split(separator: ";") {
+                    let kv = part.split(separator: "=", maxSplits: 1)
+                    if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name { key = String(kv[1]) }
+                }
+            }
+            if key == nil && ttl > 0 {
+                let v = String(vm.rng.next(), radix: 16)
+                key = v
+                s.route.responseAdd.append(("set-cookie", "\(name)=\(v); Max-Age=\(ttl); Path=\(path); HttpOnly"))
+            }
+        }
+        if let key { s.route.hashKey = HashRing.hash(key) }
+    }
+
     /// moonlet.router.query(s, name) → the first value of a query parameter, decoded, or nil.
     static let rQuery: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let name = str(L, 2) else { return fail(L, "router.query(s, name): name must be a string") }
         if let v = queryValue(s.request.target, name) { push(L, v) } else { lua_pushnil(L) }
         return 1
@@ -476,7 +507,7 @@ extension LuaAPI {
 
     /// moonlet.router.match_query(s, name, matcher | false): like match_header for a query parameter.
     static let rMatchQuery: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let name = str(L, 2) else { return fail(L, "router.match_query(s, name, matcher): name must be a string") }
         let (ok, m) = optionalMatcher(L, 3)
         guard ok else { return fail(L, "router.match_query(s, name, matcher): \(badMatcher)") }
@@ -520,7 +551,7 @@ extension LuaAPI {
     /// retry policy and timeout, the hash key) and s.destination.service; false when
     /// the target has no endpoint (s.route.cluster then names it, for the 503 UH).
     static let rForward: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let t = handle(L, 2, .target, TargetBox.self)?.target else { return fail(L, "router.forward(s, target): expected a target of the running stream's route table") }
         var rule: CompiledRoute?
         if !(ml_isnoneornil(L, 3) != 0) {
@@ -549,7 +580,7 @@ extension LuaAPI {
     /// with an Envoy response flag ("NR", "UH", "FI" or nil) and, for redirects, a
     /// location. Response header edits already recorded apply to it.
     static let rReply: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard lua_isinteger(L, 2) != 0 else { return fail(L, "router.reply(s, status, ...): status must be an integer") }
         let status = Int(ml_tointeger(L, 2))
         guard (200...599).contains(status) else { return fail(L, "router.reply: status \(status) out of range 200-599") }
@@ -576,7 +607,7 @@ extension LuaAPI {
 
     /// moonlet.router.delay(s, ms): fault injection delay before going upstream (DI).
     static let rDelay: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard lua_isinteger(L, 2) != 0, ml_tointeger(L, 2) >= 0 else { return fail(L, "router.delay(s, ms): ms must be a non-negative integer") }
         s.route.delayMs = Int(ml_tointeger(L, 2))
         return 0
@@ -585,7 +616,7 @@ extension LuaAPI {
     /// moonlet.router.mirror(s, target): sends a copy of the request to the target's
     /// cluster (authority: the request's host with "-shadow"); nothing when it has no endpoint.
     static let rMirror: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let t = handle(L, 2, .target, TargetBox.self)?.target else { return fail(L, "router.mirror(s, target): expected a target of the running stream's route table") }
         guard let c = t.cluster, c.endpointCount > 0 else { return 0 }
         s.route.mirrors.append((cluster: c as UpstreamCluster, authority: HostName.normalize(s.request.host) + "-shadow"))
@@ -605,7 +636,7 @@ extension LuaAPI {
     /// on the response (Max-Age ttl, HttpOnly): Envoy's cookie generation for
     /// consistentHash.httpCookie with a ttl when the request has no such cookie.
     static let rHashCookie: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let name = str(L, 2), HeaderValidation.isToken(name), let path = str(L, 3), HeaderValidation.isFieldValue(path),
               !path.contains(";"), lua_isinteger(L, 4) != 0 else {
             return fail(L, "router.hash_cookie(s, name, path, ttl): name a token, path a value without ';', ttl an integer")
@@ -627,7 +658,7 @@ extension LuaAPI {
     /// moonlet.router.set_response_header(s, name, value): the route's response edit
     /// (applied to the upstream response and to local replies, before response filters).
     static let rSetResponseHeader: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let (n, v) = responseEdit(L, value: true) else { return fail(L, "router.set_response_header(s, name, value): bad or managed name, or bad value") }
         s.route.responseSet.append((n, v))
         return 0
@@ -635,7 +666,7 @@ extension LuaAPI {
 
     /// moonlet.router.add_response_header(s, name, value).
     static let rAddResponseHeader: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let (n, v) = responseEdit(L, value: true) else { return fail(L, "router.add_response_header(s, name, value): bad or managed name, or bad value") }
         s.route.responseAdd.append((n, v))
         return 0
@@ -643,7 +674,7 @@ extension LuaAPI {
 
     /// moonlet.router.remove_response_header(s, name).
     static let rRemoveResponseHeader: lua_CFunction = { L in
-        guard let s = routerStream(L, 1) else { return fail(L, outside) }
+        guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let (n, _) = responseEdit(L, value: false) else { return fail(L, "router.remove_response_header(s, name): bad or managed name") }
         s.route.responseRemove.append(n)
         return 0

@@ -22,6 +22,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var parser: HTTPHeadParser
     var peer = PeerInfo(address: "")
     var peerIP = ""
+    /// "ip:port" this connection was accepted on (the inbound stream's destination address).
+    var localAddress = ""
     /// The downstream authenticated with mTLS (inbound): only then has it a principal.
     var peerMTLS: Bool { !peer.principal.isEmpty }
     /// The mTLS peer's X-Forwarded-Client-Cert element, once made (clientCertElement).
@@ -140,6 +142,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             peerIP = a.ipAddress ?? ""
             peer = PeerInfo(address: "\(peerIP):\(a.port ?? 0)")
         }
+        if role == .inbound, let l = context.channel.localAddress { localAddress = "\(l.ipAddress ?? ""):\(l.port ?? 0)" }
         ctx.activeConnections += 1
         ctx.metrics.connectionOpened(role.rawValue)
         lastActivity = NIODeadline.now().uptimeNanoseconds
@@ -515,6 +518,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         reqDecoder = framing == .none ? nil : BodyDecoder(framing: framing)
         if reqDecoder == nil { requestComplete = true }
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
+        if role == .inbound { s.destination.address = localAddress }
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
@@ -631,6 +635,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             s.route.endpointPort = e.port
             s.destination.address = e.address
             s.destination.port = e.port
+        } else if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+            ctx.balancer.use(c, s.route.endpointIndex)  // a filter's endpoint override: counted as a pick is
         }
         let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
@@ -688,7 +694,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             requestChunked = false
         }
         attempt = 0
-        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty ? out : nil
+        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || chain.wantsUpstreamFailure ? out : nil
         replayHeadLength = out.readableBytes
         if !s.route.mirrors.isEmpty { prepareMirrors(s) }
         pendingUpstream = out
@@ -901,15 +907,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         replay!.writeBuffer(&c)
     }
 
-    /// Retries the stream when its route's policy allows it for this outcome: a
-    /// different host is preferred, with 25 ms x jitter backoff. Returns false when
-    /// the outcome stands (no policy, attempts used up, body not replayable).
-    func retryIfAllowed(_ s: ProxyStream, status: Int?, connectFailure: Bool) -> Bool {
-        guard let spec = s.route.retry, attempt < spec.attempts, requestComplete, let bytes = replay else { return false }
-        let allowed = status.map { spec.retries(status: $0) } ?? spec.retries(connectFailure: connectFailure)
-        guard allowed else {
-            return false
-        }
+    /// Retries the stream when the filters (on_upstream_failure) or else its route's
+    /// policy allow it for this outcome: a different host is preferred, with 25 ms x
+    /// jitter backoff. Returns false when the outcome stands (no policy, a filter said
+    /// no, attempts used up, body not replayable).
+    func retryIfAllowed(_ s: ProxyStream, status: Int?, connectFailure: Bool, timedOut: Bool = false) -> Bool {
+        guard requestComplete, let bytes = replay else { return false }
+        let verdict = upstreamFailureVerdict(s, status: status, connectFailure: connectFailure, timedOut: timedOut)
+        guard let spec = Self.retryPolicy(verdict, route: s.route.retry, status: status, connectFailure: connectFailure), attempt < spec.attempts else { return false }
         // maxRetries bounds concurrent retries per cluster across the sidecar.
         var retrySlot: CircuitCounters? = nil
         if let cl = s.route.upstreamCluster {
@@ -943,7 +948,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         let sid = s.id, try_ = attempt
         perTryTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
-            if self.retryIfAllowed(cur, status: 504, connectFailure: false) { return }
+            if self.retryIfAllowed(cur, status: 504, connectFailure: false, timedOut: true) { return }
             if let u = self.upstream { u.abandon(); self.upstream = nil }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
             self.closeAfterResponse = self.closeAfterResponse || !self.requestComplete

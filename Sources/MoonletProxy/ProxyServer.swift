@@ -42,6 +42,9 @@ public final class ProxyServer: @unchecked Sendable {
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
     public var nativeFilters: [Filter] = []
+    /// Fetches and refreshes the JWKS of RequestAuthentication jwksUris (made when a
+    /// configuration first names a jwksUri).
+    var jwksFetcher: JWKSFetcher?
 
     /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
     public private(set) var boundPorts: [String: Int] = [:]
@@ -162,7 +165,8 @@ public final class ProxyServer: @unchecked Sendable {
         let version = lock.withLock { reloadCount += 1; return reloadCount }
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels) {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels,
+                                   rootNamespace: settings.identity.rootNamespace) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -184,6 +188,15 @@ public final class ProxyServer: @unchecked Sendable {
                 specs.append(.builtinRouter)
             }
         }
+        // RequestAuthentications that select the workload bring the builtin istio-authn.
+        let authn: [String: JWTVerifying]
+        switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
+        // AuthorizationPolicies that select the workload bring the builtin istio-authz
+        // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
+        let authz = AuthorizationCompiler.compile(snap.istio, workload: settings.identity, trustDomain: settings.meshTLS.trustDomain ?? "cluster.local",
+                                                  aliases: settings.meshTLS.trustDomainAliases)
+        for n in authz.notes { logger.notice("\(n)") }
+        if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g
@@ -197,6 +210,7 @@ public final class ProxyServer: @unchecked Sendable {
             snapshot = snap
             generation = gen
         }
+        JWTProviders.replace(authn, for: lua)
         let natives = nativeFilters
         let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {
@@ -213,7 +227,8 @@ public final class ProxyServer: @unchecked Sendable {
             })
         }
         for f in futures { try? f.wait() }
-        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)"])
+        logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)",
+                                                                  "authorization_policies": "\(authz.policies)"])
         return .success(version)
     }
 
@@ -353,6 +368,8 @@ public final class ProxyServer: @unchecked Sendable {
     public func stop() {
         watchTimer?.cancel()
         certTimer?.cancel()
+        lock.withLock { jwksFetcher }?.shutdown()
+        JWTProviders.replace([:], for: lua)
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []

@@ -15,7 +15,7 @@ struct Moonlet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moonlet",
         abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
-        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Plugins.self]
+        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Iptables.self, Inject.self, Plugins.self]
     )
 }
 
@@ -103,6 +103,7 @@ struct SidecarOptions: ParsableArguments {
             do {
                 let mesh = try MeshConfigFile.load(path: path)
                 s.meshTLS = mesh.tls
+                s.identity.rootNamespace = mesh.rootNamespace
                 s.meshConfigNotApplied = mesh.notApplied
             } catch { throw ValidationError("--mesh-config: \(error)") }
         }

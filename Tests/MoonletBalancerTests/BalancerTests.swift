@@ -35,6 +35,18 @@ final class BalancerTests: XCTestCase {
         XCTAssertEqual(b.activeRequests(c, 1), 0)
     }
 
+    func test_endpointChosenWithoutAPick_countsActiveUntilDone_soLeastRequestSeesIt() {
+        let b = BalancerState(seed: 3)
+        let c = FakeCluster(policy: .leastRequest, count: 2)
+        b.use(c, 0)
+        b.use(c, 0)
+        b.use(c, 5)   // not an endpoint: ignored
+        XCTAssertEqual(b.activeRequests(c, 0), 2)
+        for _ in 0..<20 { let i = b.pick(c)!; XCTAssertEqual(i, 1); b.done(c, i) }
+        b.done(c, 0); b.done(c, 0)
+        XCTAssertEqual(b.activeRequests(c, 0), 0)
+    }
+
     func test_random_coversEveryEndpoint_andEmptyClusterPicksNothing() {
         let b = BalancerState(seed: 3)
         let c = FakeCluster(policy: .random, count: 4)

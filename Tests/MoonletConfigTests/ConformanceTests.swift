@@ -36,9 +36,9 @@ final class ConformanceTests: XCTestCase {
     }
 
     /// Kinds whose validation Moonlet implements; the unsupported EnvoyFilter,
-    /// ProxyConfig, RequestAuthentication, WasmPlugin and WorkloadGroup are skipped
-    /// with a notice instead (Moonlet does not read them).
-    static let implemented = ["serviceentry", "workloadentry", "destinationrule", "peerauth", "authz", "telemetry"]
+    /// ProxyConfig, WasmPlugin and WorkloadGroup are skipped with a notice instead
+    /// (Moonlet does not read them).
+    static let implemented = ["serviceentry", "workloadentry", "destinationrule", "peerauth", "authz", "telemetry", "reqauth"]
 
     func test_validDocuments_ofImplementedKinds_load() throws {
         let root = try requireRoot()

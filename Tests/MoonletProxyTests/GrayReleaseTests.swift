@@ -96,7 +96,7 @@ final class GrayReleaseTests: XCTestCase {
 
 final class BuiltinPluginTests: XCTestCase {
     func test_embeddedBuiltins_areThePluginsFiles() throws {
-        XCTAssertEqual(BuiltinPlugins.names, ["istio-router"])
+        XCTAssertTrue(BuiltinPlugins.names.contains("istio-router"), "\(BuiltinPlugins.names)")
         for name in BuiltinPlugins.names {
             let file = GrayReleaseTests.repo.appendingPathComponent("plugins/\(name).lua")
             XCTAssertEqual(try String(contentsOf: file, encoding: .utf8), BuiltinPlugins.source(name), name)
@@ -178,7 +178,7 @@ final class BuiltinPluginTests: XCTestCase {
         let dir = NSTemporaryDirectory() + "moonlet-export-\(UUID().uuidString)/nested"
         defer { try? FileManager.default.removeItem(atPath: (dir as NSString).deletingLastPathComponent) }
         let written = try BuiltinPlugins.export(to: dir)
-        XCTAssertEqual(written, [dir + "/istio-router.lua"])
+        XCTAssertEqual(written, BuiltinPlugins.names.map { dir + "/\($0).lua" })
         XCTAssertEqual(try String(contentsOfFile: dir + "/istio-router.lua", encoding: .utf8), BuiltinPlugins.source("istio-router"))
         XCTAssertNoThrow(try BuiltinPlugins.export(to: dir), "an identical file is not a conflict")
         try "-- mine\n".write(toFile: dir + "/istio-router.lua", atomically: true, encoding: .utf8)

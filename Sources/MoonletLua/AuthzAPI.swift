@@ -1,0 +1,245 @@
+import CLua
+import CLuaBounded
+import MoonletCore
+import MoonletTelemetry
+import MoonletHTTP
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// `moonlet.authz`: the native primitives of the builtin `istio-authz` filter.
+///
+/// - `authz.matcher(type, value [, flags])`: a compiled Istio value matcher. `type` is
+///   `exact`, `prefix`, `suffix`, `nonempty` (Istio's `*`), `present` (a header's `*`) or
+///   `template` (a path with `{*}` / `{**}`); `flags` may hold `i` (ignore ASCII case) and
+///   `p` (the value is a request target: compare only the path, before `?` or `#`).
+/// - `authz.cidr(text)`: a compiled IPv4 or IPv6 address or CIDR block (raises on a bad one).
+/// - `authz.test(m, value)`: whether the string `value` matches the matcher or CIDR `m`
+///   (nil never matches; for a CIDR the value is an address as `s.source.address` gives
+///   it, "ip:port" or "[ipv6]:port", or a bare IPv4 address).
+/// - `authz.stat(name)`: counts one of Envoy's RBAC counters under its Prometheus name
+///   (`envoy_http_rbac_allowed`, `envoy_http_rbac_denied`, and the shadow counters
+///   `envoy_http_rbac_istio_dry_run_{allow,deny}_shadow_{allowed,denied}`); other names raise.
+/// - `authz.path_is_normal(s)`: whether the request target is already in normal form
+///   (MERGE_SLASHES: no dot segment, `//`, backslash or percent-encoding it would change).
+///   Interim guard until the request path is normalized natively before filters.
+/// - `authz.deny(s, policy)`: Envoy's RBAC denial: local reply 403 `RBAC: access denied`
+///   (text/plain), response flag RBAC, response code details
+///   `rbac_access_denied_matched_policy[POLICY]`; returns "respond".
+///
+/// Matchers are full userdata of plain bytes (no finalizer) under a locked metatable that
+/// `test` checks, so a table or another userdata is refused. `test` allocates nothing.
+extension LuaAPI {
+    static let authzMatcherType = "moonlet.authz_matcher"
+
+    /// Userdata layout: byte 0 kind, byte 1 flags (bit 0 ignore case, bit 1 path) or the
+    /// CIDR prefix length, then the pattern bytes or the 4/16 address bytes.
+    enum AuthzKind: UInt8 {
+        case exact = 1, prefix, suffix, nonempty, present, template, cidr4, cidr6
+    }
+
+    static func installAuthz(_ L: OpaquePointer) {
+        // Called with the moonlet table on top.
+        luaL_newmetatable(L, authzMatcherType)
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        ml_pop(L, 1)
+        lua_createtable(L, 0, 4)
+        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat), ("path_is_normal", authzPathIsNormal)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        ml_push_readonly(L, "moonlet.authz")
+        lua_setfield(L, -2, "authz")
+    }
+
+    static func newAuthzUserdata(_ L: OpaquePointer?, kind: AuthzKind, flags: UInt8, bytes: UnsafeRawBufferPointer) {
+        let p = ml_newuserdata(L, 2 + bytes.count)!.assumingMemoryBound(to: UInt8.self)
+        p[0] = kind.rawValue
+        p[1] = flags
+        if let b = bytes.baseAddress, bytes.count > 0 { memcpy(p + 2, b, bytes.count) }
+        luaL_setmetatable(L, authzMatcherType)
+    }
+
+    static let authzMatcher: lua_CFunction = { L in
+        guard let t = str(L, 1) else { return fail(L, "authz.matcher(type, value, flags): type must be a string") }
+        let kind: AuthzKind
+        switch t {
+        case "exact": kind = .exact
+        case "prefix": kind = .prefix
+        case "suffix": kind = .suffix
+        case "nonempty": kind = .nonempty
+        case "present": kind = .present
+        case "template": kind = .template
+        default: return fail(L, "authz.matcher: unknown type \"\(t)\"")
+        }
+        let value = bytes(L, 2) ?? UnsafeRawBufferPointer(start: nil, count: 0)
+        var flags: UInt8 = 0
+        if let f = str(L, 3) {
+            if f.contains("i") { flags |= 1 }
+            if f.contains("p") { flags |= 2 }
+        }
+        if flags & 1 != 0 {
+            let lower = Array(value).map { $0 >= 65 && $0 <= 90 ? $0 + 32 : $0 }
+            lower.withUnsafeBytes { newAuthzUserdata(L, kind: kind, flags: flags, bytes: $0) }
+        } else {
+            newAuthzUserdata(L, kind: kind, flags: flags, bytes: value)
+        }
+        return 1
+    }
+
+    static let authzCIDR: lua_CFunction = { L in
+        guard let text = str(L, 1) else { return fail(L, "authz.cidr(text): text must be a string") }
+        guard let parsed = parseCIDR(text) else { return fail(L, "authz.cidr: \"\(text)\" is not an IP address or CIDR block") }
+        let (addr, bits) = parsed
+        addr.withUnsafeBytes { newAuthzUserdata(L, kind: addr.count == 4 ? .cidr4 : .cidr6, flags: UInt8(bits), bytes: $0) }
+        return 1
+    }
+
+    /// "1.2.3.4", "10.0.0.0/8", "2001:db8::/32" → address bytes and prefix length
+    /// (Istio's rule: a bare address is a /32 or /128; host bits are ignored).
+    static func parseCIDR(_ text: String) -> ([UInt8], Int)? {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let addr = parseIP(String(parts[0])) else { return nil }
+        let maxBits = addr.count * 8
+        if parts.count == 1 { return (addr, maxBits) }
+        guard let bits = Int(parts[1]), (0...maxBits).contains(bits) else { return nil }
+        return (addr, bits)
+    }
+
+    static func parseIP(_ s: String) -> [UInt8]? {
+        var v4 = in_addr(), v6 = in6_addr()
+        if inet_pton(AF_INET, s, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
+        if inet_pton(AF_INET6, s, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
+        return nil
+    }
+
+    static let authzTest: lua_CFunction = { L in
+        guard let raw = luaL_testudata(L, 1, authzMatcherType) else { return fail(L, "authz.test(m, value): m must be an authz matcher or cidr") }
+        let ud = UnsafeRawBufferPointer(start: raw, count: Int(lua_rawlen(L, 1)))
+        guard let kind = AuthzKind(rawValue: ud[0]) else { lua_pushboolean(L, 0); return 1 }
+        guard let value = bytes(L, 2) else { lua_pushboolean(L, 0); return 1 }
+        let pattern = UnsafeRawBufferPointer(rebasing: ud[2...])
+        let ok: Bool
+        switch kind {
+        case .cidr4, .cidr6: ok = cidrContains(pattern, bits: Int(ud[1]), value)
+        default: ok = matches(kind, flags: ud[1], pattern, value)
+        }
+        lua_pushboolean(L, ok ? 1 : 0)
+        return 1
+    }
+
+    /// Istio's string match of `value` (cut at `?`/`#` for paths, lowered for ignore-case).
+    static func matches(_ kind: AuthzKind, flags: UInt8, _ pattern: UnsafeRawBufferPointer, _ full: UnsafeRawBufferPointer) -> Bool {
+        var n = full.count
+        if flags & 2 != 0, let cut = full.firstIndex(where: { $0 == 63 || $0 == 35 }) { n = cut }
+        let icase = flags & 1 != 0
+        @inline(__always) func at(_ i: Int) -> UInt8 {
+            let c = full[i]
+            return icase && c >= 65 && c <= 90 ? c + 32 : c
+        }
+        @inline(__always) func equal(_ from: Int) -> Bool {
+            for i in 0..<pattern.count where at(from + i) != pattern[i] { return false }
+            return true
+        }
+        switch kind {
+        case .present: return true
+        case .nonempty: return n > 0
+        case .exact: return n == pattern.count && equal(0)
+        case .prefix: return n >= pattern.count && equal(0)
+        case .suffix: return n >= pattern.count && equal(n - pattern.count)
+        case .template: return templateMatch(pattern, 0, full, 0, n, at)
+        case .cidr4, .cidr6: return false
+        }
+    }
+
+    /// Istio's path templates: `{*}` one non-empty path segment, `{**}` one or more
+    /// characters across segments; anything else literally.
+    static func templateMatch(_ p: UnsafeRawBufferPointer, _ pi: Int, _ v: UnsafeRawBufferPointer, _ vi: Int, _ n: Int, _ at: (Int) -> UInt8) -> Bool {
+        var pi = pi, vi = vi
+        while pi < p.count {
+            if p[pi] == 123 { // {
+                if pi + 3 < p.count && p[pi + 1] == 42 && p[pi + 2] == 42 && p[pi + 3] == 125 { // {**}
+                    var k = vi + 1
+                    while k <= n { if templateMatch(p, pi + 4, v, k, n, at) { return true }; k += 1 }
+                    return false
+                }
+                if pi + 2 < p.count && p[pi + 1] == 42 && p[pi + 2] == 125 { // {*}
+                    var k = vi
+                    while k < n && v[k] != 47 {
+                        k += 1
+                        if templateMatch(p, pi + 3, v, k, n, at) { return true }
+                    }
+                    return false
+                }
+            }
+            guard vi < n, at(vi) == p[pi] else { return false }
+            pi += 1; vi += 1
+        }
+        return vi == n
+    }
+
+    /// Whether the address in `value` ("ipv4", "ip:port", "[ipv6]:port") is in the block.
+    static func cidrContains(_ net: UnsafeRawBufferPointer, bits: Int, _ value: UnsafeRawBufferPointer) -> Bool {
+        // The address part, copied to a small NUL-terminated stack buffer for inet_pton.
+        var start = 0, end = value.count
+        if end > 0 && value[0] == 91 { // [v6]:port
+            start = 1
+            guard let close = value.firstIndex(of: 93) else { return false }
+            end = close
+        } else if let last = value.lastIndex(of: 58) {
+            end = last // "ip:port" (an IPv6 peer's address is "ip:port" too: the port is cut at the last colon)
+        }
+        let len = end - start
+        guard len > 0 && len < 64 else { return false }
+        return withUnsafeTemporaryAllocation(of: CChar.self, capacity: 64) { buf -> Bool in
+            for i in 0..<len { buf[i] = CChar(bitPattern: value[start + i]) }
+            buf[len] = 0
+            var a6 = in6_addr()
+            return withUnsafeMutableBytes(of: &a6) { out -> Bool in
+                let family = net.count == 4 ? AF_INET : AF_INET6
+                guard inet_pton(family, buf.baseAddress, out.baseAddress) == 1 else {
+                    // An IPv4-mapped IPv6 peer ("::ffff:1.2.3.4") against an IPv4 block.
+                    guard net.count == 4, inet_pton(AF_INET6, buf.baseAddress, out.baseAddress) == 1,
+                          out[0..<10].allSatisfy({ $0 == 0 }), out[10] == 0xff, out[11] == 0xff else { return false }
+                    return prefixEqual(net, UnsafeRawBufferPointer(rebasing: out[12..<16]), bits)
+                }
+                return prefixEqual(net, UnsafeRawBufferPointer(rebasing: out[0..<net.count]), bits)
+            }
+        }
+    }
+
+    static func prefixEqual(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer, _ bits: Int) -> Bool {
+        var left = bits, i = 0
+        while left >= 8 { if a[i] != b[i] { return false }; i += 1; left -= 8 }
+        if left == 0 { return true }
+        let mask = UInt8(truncatingIfNeeded: 0xFF << (8 - left))
+        return a[i] & mask == b[i] & mask
+    }
+
+    /// The RBAC counters `authz.stat` may count.
+    static let authzStats: Set<String> = [
+        "envoy_http_rbac_allowed", "envoy_http_rbac_denied",
+        "envoy_http_rbac_istio_dry_run_allow_shadow_allowed", "envoy_http_rbac_istio_dry_run_allow_shadow_denied",
+        "envoy_http_rbac_istio_dry_run_deny_shadow_allowed", "envoy_http_rbac_istio_dry_run_deny_shadow_denied",
+    ]
+
+    static let authzStat: lua_CFunction = { L in
+        guard let name = str(L, 1), authzStats.contains(name) else { return fail(L, "authz.stat(name): not an RBAC counter") }
+        LuaVM.vm(L).metrics?.count(name)
+        return 0
+    }
+
+    static let authzPathIsNormal: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "path_is_normal"), kind == .stream else { return fail(L, outside) }
+        lua_pushboolean(L, PathNormalization.mergeSlashes.normalize(s.request.target) == .unchanged ? 1 : 0)
+        return 1
+    }
+
+    static let authzDeny: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "deny"), kind == .stream else { return fail(L, outside) }
+        let policy = str(L, 2) ?? "none"
+        s.respond(403, body: "RBAC: access denied", headers: [("content-type", "text/plain")], flags: .rbacAccessDenied)
+        s.vars["response_code_details"] = "rbac_access_denied_matched_policy[\(policy)]"
+        lua_pushstring(L, "respond")
+        return 1
+    }
+}

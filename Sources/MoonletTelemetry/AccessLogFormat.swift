@@ -1,0 +1,218 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import MoonletCore
+
+/// What an access log line is made from: one finished stream as Envoy's command
+/// operators see it. Header names are lowercase; pseudo-headers (`:method`, `:path`,
+/// `:authority`, `:scheme`) are answered by `requestHeader` too. nil or "" means "not
+/// there" (printed as `-` in text, `null` in JSON, as Envoy does).
+public protocol AccessLogRecord {
+    func requestHeader(_ name: String) -> String?
+    func responseHeader(_ name: String) -> String?
+    /// Start of the request, milliseconds since the Unix epoch.
+    var startTimeMillis: Int64 { get }
+    /// "HTTP/1.1", "HTTP/2".
+    var protocolName: String { get }
+    var responseCode: Int { get }
+    var responseFlags: String { get }
+    var responseCodeDetails: String { get }
+    var connectionTerminationDetails: String { get }
+    var upstreamTransportFailureReason: String { get }
+    var bytesReceived: Int64 { get }
+    var bytesSent: Int64 { get }
+    var durationMillis: Int64 { get }
+    var upstreamHost: String { get }
+    var upstreamCluster: String { get }
+    var upstreamLocalAddress: String { get }
+    var downstreamLocalAddress: String { get }
+    var downstreamRemoteAddress: String { get }
+    var requestedServerName: String { get }
+    var routeName: String { get }
+}
+
+/// An Envoy access log format compiled once (at config load): text with `%OPERATOR%`
+/// command operators, or JSON (`labels`) whose values are such texts. Moonlet supports the
+/// operators of Istio's default formats and the common ones around them; an unknown
+/// operator is an error naming it, never printed literally.
+public struct AccessLogFormat: Sendable {
+    /// Istio's default text format (meshConfig.accessLogFormat unset).
+    public static let istioText = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n"
+
+    /// Istio's default JSON format (meshConfig.accessLogEncoding: JSON), key by key.
+    public static let istioJSONLabels: [(String, String)] = [
+        ("authority", "%REQ(:AUTHORITY)%"), ("bytes_received", "%BYTES_RECEIVED%"), ("bytes_sent", "%BYTES_SENT%"),
+        ("connection_termination_details", "%CONNECTION_TERMINATION_DETAILS%"), ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+        ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"), ("duration", "%DURATION%"), ("method", "%REQ(:METHOD)%"),
+        ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"), ("protocol", "%PROTOCOL%"), ("request_id", "%REQ(X-REQUEST-ID)%"),
+        ("requested_server_name", "%REQUESTED_SERVER_NAME%"), ("response_code", "%RESPONSE_CODE%"),
+        ("response_code_details", "%RESPONSE_CODE_DETAILS%"), ("response_flags", "%RESPONSE_FLAGS%"), ("route_name", "%ROUTE_NAME%"),
+        ("start_time", "%START_TIME%"), ("upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"), ("upstream_host", "%UPSTREAM_HOST%"),
+        ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"), ("upstream_service_time", "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%"),
+        ("upstream_transport_failure_reason", "%UPSTREAM_TRANSPORT_FAILURE_REASON%"), ("user_agent", "%REQ(USER-AGENT)%"),
+        ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ]
+
+    enum Op: Sendable, Equatable {
+        case literal(String)
+        case startTime
+        /// Request header, with an alternative and a max length (REQ(X?Y):Z).
+        case req(String, String?, Int?)
+        case resp(String, String?, Int?)
+        case proto, code, flags, details, termination, transportFailure, bytesIn, bytesOut, duration
+        case upstreamHost, upstreamCluster, upstreamLocal, downstreamLocal, downstreamLocalNoPort, downstreamRemote, downstreamRemoteNoPort
+        case sni, routeName
+    }
+
+    enum Shape: Sendable { case text([Op]), json([(String, [Op])]) }
+    let shape: Shape
+
+    /// Compiles a text format; throws naming the first unsupported operator.
+    public init(text: String) throws { shape = .text(try Self.compile(text)) }
+
+    /// Compiles a JSON format (one object per line, keys in the given order).
+    public init(json labels: [(String, String)]) throws {
+        shape = .json(try labels.map { ($0.0, try Self.compile($0.1)) })
+    }
+
+    static func compile(_ f: String) throws -> [Op] {
+        var ops: [Op] = []
+        var lit = ""
+        var i = f.startIndex
+        while i < f.endIndex {
+            let c = f[i]
+            guard c == "%" else { lit.append(c); i = f.index(after: i); continue }
+            let next = f.index(after: i)
+            guard let end = f[next...].firstIndex(of: "%") else { throw AccessLogFormatError(message: "unterminated operator at \"\(f[i...].prefix(30))\"") }
+            if end == next { lit.append("%"); i = f.index(after: end); continue }   // %% is a literal %
+            if !lit.isEmpty { ops.append(.literal(lit)); lit = "" }
+            ops.append(try op(String(f[next..<end])))
+            i = f.index(after: end)
+        }
+        if !lit.isEmpty { ops.append(.literal(lit)) }
+        return ops
+    }
+
+    static func op(_ s: String) throws -> Op {
+        switch s {
+        case "START_TIME": return .startTime
+        case "PROTOCOL": return .proto
+        case "RESPONSE_CODE": return .code
+        case "RESPONSE_FLAGS": return .flags
+        case "RESPONSE_CODE_DETAILS": return .details
+        case "CONNECTION_TERMINATION_DETAILS": return .termination
+        case "UPSTREAM_TRANSPORT_FAILURE_REASON": return .transportFailure
+        case "BYTES_RECEIVED": return .bytesIn
+        case "BYTES_SENT": return .bytesOut
+        case "DURATION": return .duration
+        case "UPSTREAM_HOST": return .upstreamHost
+        case "UPSTREAM_CLUSTER", "UPSTREAM_CLUSTER_RAW": return .upstreamCluster
+        case "UPSTREAM_LOCAL_ADDRESS": return .upstreamLocal
+        case "DOWNSTREAM_LOCAL_ADDRESS": return .downstreamLocal
+        case "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": return .downstreamLocalNoPort
+        case "DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_PEER_ADDRESS": return .downstreamRemote
+        case "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": return .downstreamRemoteNoPort
+        case "REQUESTED_SERVER_NAME": return .sni
+        case "ROUTE_NAME": return .routeName
+        default: break
+        }
+        for (prefix, isReq) in [("REQ(", true), ("RESP(", false)] where s.hasPrefix(prefix) {
+            guard let close = s.lastIndex(of: ")") else { break }
+            let inner = s[s.index(s.startIndex, offsetBy: prefix.count)..<close]
+            let parts = inner.split(separator: "?", maxSplits: 1).map { String($0).lowercased() }
+            guard let name = parts.first, !name.isEmpty else { break }
+            var maxLen: Int? = nil
+            let rest = s[s.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.hasPrefix(":"), let n = Int(rest.dropFirst()), n > 0 else { throw AccessLogFormatError(message: "%\(s)%: the length after ':' must be a positive integer") }
+                maxLen = n
+            }
+            let alt = parts.count > 1 ? parts[1] : nil
+            return isReq ? .req(name, alt, maxLen) : .resp(name, alt, maxLen)
+        }
+        throw AccessLogFormatError(message: "%\(s)% is not an access log operator Moonlet supports")
+    }
+
+    /// The line for `r` (text formats end with what the format ends with; JSON gets a newline).
+    public func render(_ r: AccessLogRecord) -> String {
+        switch shape {
+        case .text(let ops):
+            var out = ""
+            for o in ops { out += Self.value(o, r) ?? "-" }
+            return out
+        case .json(let fields):
+            var out = "{"
+            for (i, (k, ops)) in fields.enumerated() {
+                if i > 0 { out += "," }
+                out += JSON.quote(k) + ":"
+                if ops.count == 1 {
+                    // One operator: its own type (numbers stay numbers, nothing is null).
+                    guard let v = Self.value(ops[0], r) else { out += "null"; continue }
+                    out += Self.isNumeric(ops[0]) ? v : JSON.quote(v)
+                } else {
+                    out += JSON.quote(ops.map { Self.value($0, r) ?? "-" }.joined())
+                }
+            }
+            return out + "}\n"
+        }
+    }
+
+    static func isNumeric(_ o: Op) -> Bool {
+        switch o { case .code, .bytesIn, .bytesOut, .duration: return true; default: return false }
+    }
+
+    static func value(_ o: Op, _ r: AccessLogRecord) -> String? {
+        func nz(_ s: String) -> String? { s.isEmpty ? nil : s }
+        switch o {
+        case .literal(let s): return s
+        case .startTime: return iso8601(r.startTimeMillis)
+        case .req(let n, let alt, let max): return clip(r.requestHeader(n).flatMap(nz) ?? alt.flatMap { r.requestHeader($0) }.flatMap(nz), max)
+        case .resp(let n, let alt, let max): return clip(r.responseHeader(n).flatMap(nz) ?? alt.flatMap { r.responseHeader($0) }.flatMap(nz), max)
+        case .proto: return nz(r.protocolName)
+        case .code: return String(r.responseCode)
+        case .flags: return nz(r.responseFlags)
+        case .details: return nz(r.responseCodeDetails)
+        case .termination: return nz(r.connectionTerminationDetails)
+        case .transportFailure: return nz(r.upstreamTransportFailureReason)
+        case .bytesIn: return String(r.bytesReceived)
+        case .bytesOut: return String(r.bytesSent)
+        case .duration: return String(r.durationMillis)
+        case .upstreamHost: return nz(r.upstreamHost)
+        case .upstreamCluster: return nz(r.upstreamCluster)
+        case .upstreamLocal: return nz(r.upstreamLocalAddress)
+        case .downstreamLocal: return nz(r.downstreamLocalAddress)
+        case .downstreamLocalNoPort: return nz(withoutPort(r.downstreamLocalAddress))
+        case .downstreamRemote: return nz(r.downstreamRemoteAddress)
+        case .downstreamRemoteNoPort: return nz(withoutPort(r.downstreamRemoteAddress))
+        case .sni: return nz(r.requestedServerName)
+        case .routeName: return nz(r.routeName)
+        }
+    }
+
+    static func clip(_ s: String?, _ max: Int?) -> String? {
+        guard let s, let max, s.count > max else { return s }
+        return String(s.prefix(max))
+    }
+
+    static func withoutPort(_ a: String) -> String {
+        if a.hasPrefix("["), let end = a.firstIndex(of: "]") { return String(a[a.index(after: a.startIndex)..<end]) }
+        guard let colon = a.lastIndex(of: ":"), a.firstIndex(of: ":") == colon else { return a }
+        return String(a[..<colon])
+    }
+
+    /// Envoy's default START_TIME: `2026-12-06T04:05:07.123Z`.
+    public static func iso8601(_ ms: Int64) -> String {
+        var t = time_t(ms / 1000)
+        var tm = tm()
+        gmtime_r(&t, &tm)
+        func d(_ v: Int32, _ w: Int) -> String { let s = String(v); return String(repeating: "0", count: max(0, w - s.count)) + s }
+        return "\(d(tm.tm_year + 1900, 4))-\(d(tm.tm_mon + 1, 2))-\(d(tm.tm_mday, 2))T\(d(tm.tm_hour, 2)):\(d(tm.tm_min, 2)):\(d(tm.tm_sec, 2)).\(d(Int32(ms % 1000), 3))Z"
+    }
+}
+
+public struct AccessLogFormatError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public var description: String { message }
+}

@@ -1,0 +1,283 @@
+import MoonletCore
+
+/// The workload metadata Istio's sidecars exchange so that both ends of a call can label
+/// their metrics with the peer's workload, app and version (Envoy's
+/// `istio.metadata_exchange` filter): the header `x-envoy-peer-metadata` carries a
+/// base64 `google.protobuf.Struct` with Istio's node metadata keys (NAME, NAMESPACE,
+/// WORKLOAD_NAME, LABELS, CLUSTER_ID, MESH_ID, SERVICE_ACCOUNT, ...), and
+/// `x-envoy-peer-metadata-id` the node id. Moonlet uses this form (not the newer baggage
+/// one) so it interoperates with Istio's own sidecars.
+public struct PeerMetadata: Sendable, Equatable {
+    public static let header = "x-envoy-peer-metadata"
+    public static let idHeader = "x-envoy-peer-metadata-id"
+
+    /// The pod (or VM) name.
+    public var name: String = ""
+    public var namespace: String = ""
+    /// The workload: Deployment name and the like (Istio's WORKLOAD_NAME).
+    public var workloadName: String = ""
+    public var serviceAccount: String = ""
+    public var clusterID: String = ""
+    public var meshID: String = ""
+    /// The pod labels Istio sends (app, version, service.istio.io/canonical-name and -revision, ...).
+    public var labels: [String: String] = [:]
+    public init() {}
+
+    /// The app label, else the canonical service name.
+    public var app: String { labels["app"] ?? labels["service.istio.io/canonical-name"] ?? "" }
+    public var version: String { labels["version"] ?? labels["service.istio.io/canonical-revision"] ?? "" }
+    /// Istio's canonical service: the label, else `app`, else the workload name.
+    public var canonicalService: String { labels["service.istio.io/canonical-name"] ?? labels["app"] ?? workloadName }
+    /// Istio's canonical revision: the label, else `version`, else "latest".
+    public var canonicalRevision: String { labels["service.istio.io/canonical-revision"] ?? labels["version"] ?? "latest" }
+
+    /// The node id Istio sends beside the metadata: `sidecar~IP~NAME.NAMESPACE~NAMESPACE.svc.cluster.local`.
+    public func nodeID(ip: String) -> String { "sidecar~\(ip)~\(name).\(namespace)~\(namespace).svc.cluster.local" }
+
+    /// The header value: base64 of the protobuf Struct.
+    public func encoded() -> String {
+        var fields: [(String, ProtoStruct.Value)] = []
+        func put(_ k: String, _ v: String) { if !v.isEmpty { fields.append((k, .string(v))) } }
+        put("NAME", name); put("NAMESPACE", namespace); put("WORKLOAD_NAME", workloadName)
+        put("SERVICE_ACCOUNT", serviceAccount); put("CLUSTER_ID", clusterID); put("MESH_ID", meshID)
+        if !labels.isEmpty { fields.append(("LABELS", .structure(labels.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))) }
+        return Base64.encode(ProtoStruct.encode(fields))
+    }
+
+    /// Reads a header value; nil when it is not base64 of a Struct within the bounds
+    /// (16 KB, nesting 8), so a hostile peer cannot make the sidecar do much work.
+    public static func decode(_ value: String) -> PeerMetadata? {
+        guard value.utf8.count <= 16 << 10, let bytes = Base64.decode(value), let fields = ProtoStruct.decode(bytes) else { return nil }
+        var m = PeerMetadata()
+        for (k, v) in fields {
+            switch (k, v) {
+            case ("NAME", .string(let s)): m.name = s
+            case ("NAMESPACE", .string(let s)): m.namespace = s
+            case ("WORKLOAD_NAME", .string(let s)): m.workloadName = s
+            case ("SERVICE_ACCOUNT", .string(let s)): m.serviceAccount = s
+            case ("CLUSTER_ID", .string(let s)): m.clusterID = s
+            case ("MESH_ID", .string(let s)): m.meshID = s
+            case ("LABELS", .structure(let kv)):
+                for (lk, lv) in kv { if case .string(let s) = lv { m.labels[lk] = s } }
+            default: break
+            }
+        }
+        return m
+    }
+}
+
+/// Just enough protobuf to read and write `google.protobuf.Struct` (fields map of
+/// string to Value: null, number, string, bool, struct, list).
+public enum ProtoStruct {
+    public indirect enum Value: Sendable, Equatable {
+        case null
+        case number(Double)
+        case string(String)
+        case bool(Bool)
+        case structure([(String, Value)])
+        case list([Value])
+
+        public static func == (a: Value, b: Value) -> Bool {
+            switch (a, b) {
+            case (.null, .null): return true
+            case let (.number(x), .number(y)): return x == y
+            case let (.string(x), .string(y)): return x == y
+            case let (.bool(x), .bool(y)): return x == y
+            case let (.structure(x), .structure(y)): return x.count == y.count && zip(x, y).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
+            case let (.list(x), .list(y)): return x == y
+            default: return false
+            }
+        }
+    }
+
+    public static func encode(_ fields: [(String, Value)]) -> [UInt8] {
+        var out: [UInt8] = []
+        for (k, v) in fields {
+            var entry: [UInt8] = []
+            bytesField(1, Array(k.utf8), into: &entry)
+            bytesField(2, encodeValue(v), into: &entry)
+            bytesField(1, entry, into: &out)
+        }
+        return out
+    }
+
+    static func encodeValue(_ v: Value) -> [UInt8] {
+        var out: [UInt8] = []
+        switch v {
+        case .null: out.append(0x08); out.append(0)
+        case .number(let d):
+            out.append(0x11)
+            withUnsafeBytes(of: d.bitPattern.littleEndian) { out.append(contentsOf: $0) }
+        case .string(let s): bytesField(3, Array(s.utf8), into: &out)
+        case .bool(let b): out.append(0x20); out.append(b ? 1 : 0)
+        case .structure(let f): bytesField(5, encode(f), into: &out)
+        case .list(let l):
+            var lv: [UInt8] = []
+            for e in l { bytesField(1, encodeValue(e), into: &lv) }
+            bytesField(6, lv, into: &out)
+        }
+        return out
+    }
+
+    static func bytesField(_ n: UInt64, _ b: [UInt8], into out: inout [UInt8]) {
+        varint(n << 3 | 2, into: &out)
+        varint(UInt64(b.count), into: &out)
+        out.append(contentsOf: b)
+    }
+
+    static func varint(_ v: UInt64, into out: inout [UInt8]) {
+        var v = v
+        while v >= 0x80 { out.append(UInt8(v & 0x7F) | 0x80); v >>= 7 }
+        out.append(UInt8(v))
+    }
+
+    /// Decodes a Struct; nil on malformed input or nesting deeper than `maxDepth`.
+    public static func decode(_ b: [UInt8], maxDepth: Int = 8) -> [(String, Value)]? {
+        var r = Reader(bytes: b[...])
+        return r.structure(depth: maxDepth)
+    }
+
+    struct Reader {
+        var bytes: ArraySlice<UInt8>
+
+        mutating func varint() -> UInt64? {
+            var v: UInt64 = 0, shift: UInt64 = 0
+            while let c = bytes.first {
+                bytes = bytes.dropFirst()
+                v |= UInt64(c & 0x7F) << shift
+                if c & 0x80 == 0 { return v }
+                shift += 7
+                if shift > 63 { return nil }
+            }
+            return nil
+        }
+
+        mutating func lengthDelimited() -> ArraySlice<UInt8>? {
+            guard let n = varint(), n <= UInt64(bytes.count) else { return nil }
+            let part = bytes.prefix(Int(n))
+            bytes = bytes.dropFirst(Int(n))
+            return part
+        }
+
+        /// Skips a field of an unknown number (wire types 0, 1, 2, 5).
+        mutating func skip(_ wire: UInt64) -> Bool {
+            switch wire {
+            case 0: return varint() != nil
+            case 1: guard bytes.count >= 8 else { return false }; bytes = bytes.dropFirst(8); return true
+            case 2: return lengthDelimited() != nil
+            case 5: guard bytes.count >= 4 else { return false }; bytes = bytes.dropFirst(4); return true
+            default: return false
+            }
+        }
+
+        mutating func structure(depth: Int) -> [(String, Value)]? {
+            guard depth > 0 else { return nil }
+            var out: [(String, Value)] = []
+            while !bytes.isEmpty {
+                guard let tag = varint() else { return nil }
+                guard tag >> 3 == 1, tag & 7 == 2 else { if skip(tag & 7) { continue } else { return nil } }
+                guard let entry = lengthDelimited() else { return nil }
+                var e = Reader(bytes: entry)
+                var key = "", value = Value.null
+                while !e.bytes.isEmpty {
+                    guard let t = e.varint() else { return nil }
+                    switch (t >> 3, t & 7) {
+                    case (1, 2):
+                        guard let k = e.lengthDelimited() else { return nil }
+                        key = String(decoding: k, as: UTF8.self)
+                    case (2, 2):
+                        guard let vb = e.lengthDelimited() else { return nil }
+                        var vr = Reader(bytes: vb)
+                        guard let v = vr.value(depth: depth) else { return nil }
+                        value = v
+                    default:
+                        guard e.skip(t & 7) else { return nil }
+                    }
+                }
+                out.append((key, value))
+            }
+            return out
+        }
+
+        mutating func value(depth: Int) -> Value? {
+            var v = Value.null
+            while !bytes.isEmpty {
+                guard let t = varint() else { return nil }
+                switch (t >> 3, t & 7) {
+                case (1, 0): guard varint() != nil else { return nil }; v = .null
+                case (2, 1):
+                    guard bytes.count >= 8 else { return nil }
+                    var bits: UInt64 = 0
+                    for (i, c) in bytes.prefix(8).enumerated() { bits |= UInt64(c) << UInt64(8 * i) }
+                    bytes = bytes.dropFirst(8)
+                    v = .number(Double(bitPattern: bits))
+                case (3, 2): guard let s = lengthDelimited() else { return nil }; v = .string(String(decoding: s, as: UTF8.self))
+                case (4, 0): guard let b = varint() else { return nil }; v = .bool(b != 0)
+                case (5, 2):
+                    guard let s = lengthDelimited() else { return nil }
+                    var r = Reader(bytes: s)
+                    guard let f = r.structure(depth: depth - 1) else { return nil }
+                    v = .structure(f)
+                case (6, 2):
+                    guard let s = lengthDelimited(), depth > 1 else { return nil }
+                    var r = Reader(bytes: s)
+                    var items: [Value] = []
+                    while !r.bytes.isEmpty {
+                        guard let lt = r.varint() else { return nil }
+                        guard lt >> 3 == 1, lt & 7 == 2 else { guard r.skip(lt & 7) else { return nil }; continue }
+                        guard let eb = r.lengthDelimited() else { return nil }
+                        var er = Reader(bytes: eb)
+                        guard let e = er.value(depth: depth - 1) else { return nil }
+                        items.append(e)
+                    }
+                    v = .list(items)
+                default: guard skip(t & 7) else { return nil }
+                }
+            }
+            return v
+        }
+    }
+}
+
+/// Standard base64 (RFC 4648, with padding), as the metadata header uses.
+public enum Base64 {
+    static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+
+    public static func encode(_ b: [UInt8]) -> String {
+        var out: [UInt8] = []
+        out.reserveCapacity((b.count + 2) / 3 * 4)
+        var i = 0
+        while i + 2 < b.count {
+            let n = UInt32(b[i]) << 16 | UInt32(b[i + 1]) << 8 | UInt32(b[i + 2])
+            out += [alphabet[Int(n >> 18)], alphabet[Int(n >> 12 & 63)], alphabet[Int(n >> 6 & 63)], alphabet[Int(n & 63)]]
+            i += 3
+        }
+        if i < b.count {
+            let rest = b.count - i
+            let n = UInt32(b[i]) << 16 | (rest == 2 ? UInt32(b[i + 1]) << 8 : 0)
+            out += [alphabet[Int(n >> 18)], alphabet[Int(n >> 12 & 63)], rest == 2 ? alphabet[Int(n >> 6 & 63)] : 61, 61]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Decodes standard or URL-safe base64, padded or not; nil on any other byte.
+    public static func decode(_ s: String) -> [UInt8]? {
+        var out: [UInt8] = []
+        var acc: UInt32 = 0, bits = 0
+        for c in s.utf8 {
+            let v: UInt32
+            switch c {
+            case 65...90: v = UInt32(c - 65)
+            case 97...122: v = UInt32(c - 71)
+            case 48...57: v = UInt32(c + 4)
+            case 43, 45: v = 62
+            case 47, 95: v = 63
+            case 61: continue
+            default: return nil
+            }
+            acc = acc << 6 | v; bits += 6
+            if bits >= 8 { bits -= 8; out.append(UInt8(acc >> UInt32(bits) & 0xFF)) }
+        }
+        return out
+    }
+}

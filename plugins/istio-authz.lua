@@ -1,0 +1,249 @@
+-- Istio AuthorizationPolicy for the inbound listener: Envoy's RBAC semantics.
+--
+-- Moonlet adds this filter (phase AUTHZ) when AuthorizationPolicies select the
+-- workload. Its pluginConfig is built at config load from the policies that apply
+-- (root namespace, the workload's namespace, selector): per action (deny, allow,
+-- audit) a list of policies {id, dry_run, rules}, each rule a list of checks that
+-- must all hold. A check reads one attribute of the request and holds when any of
+-- its values matches (`neg`: when none does); `any_of` holds when every check of
+-- one of its alternatives holds (the `from` sources, the `to` operations).
+--
+-- Order: DENY policies, then ALLOW ones (when any ALLOW policy applies, a request
+-- that none of them allows is denied); AUDIT marks the request for the access log.
+-- A policy annotated istio.io/dry-run: "true" is evaluated without effect: its
+-- result goes to the shadow metrics and to s.vars, as Envoy's shadow rules do.
+-- Value matching (exact, prefix, suffix, path templates, CIDR) is native
+-- (moonlet.authz), compiled once in configure.
+local authz = {}
+local A = moonlet.authz
+local test, deny = A.test, A.deny
+local stat = A.stat     -- Envoy's RBAC counters, by their Prometheus names
+
+local ip_kinds = { source_ip = true, remote_ip = true, destination_ip = true }
+
+local function compile_check(c)
+  if c.k == "any_of" then
+    local alts = {}
+    for i, alt in ipairs(c.alts) do
+      local cs = {}
+      for j, x in ipairs(alt) do cs[j] = compile_check(x) end
+      alts[i] = cs
+    end
+    return { k = "any_of", alts = alts }
+  end
+  local out = { k = c.k, neg = c.neg, h = c.h, c = c.c, m = {} }
+  for i, v in ipairs(c.m) do
+    if ip_kinds[c.k] then
+      out.m[i] = A.cidr(v)
+    elseif c.k == "destination_port" then
+      out.m[i] = v
+    else
+      local flags = nil
+      if c.k == "host" then flags = "i" elseif c.k == "path" then flags = "p" end
+      out.m[i] = A.matcher(v.t, v.s, flags)
+    end
+  end
+  return out
+end
+
+-- The policies of `list` whose dry-run flag is `dry_run` (nil: all of them).
+local function compile_policies(list, dry_run)
+  local out = {}
+  for _, p in ipairs(list or {}) do
+    if dry_run == nil or (p.dry_run == true) == dry_run then
+      local rules = {}
+      for i, r in ipairs(p.rules) do
+        local checks = {}
+        for j, c in ipairs(r.checks) do checks[j] = compile_check(c) end
+        rules[i] = { id = r.id, checks = checks }
+      end
+      out[#out + 1] = { id = p.id, rules = rules }
+    end
+  end
+  return out
+end
+
+local function has_path_check(checks)
+  for _, c in ipairs(checks) do
+    if c.k == "path" then return true end
+    if c.k == "any_of" then
+      for _, alt in ipairs(c.alts) do
+        if has_path_check(alt) then return true end
+      end
+    end
+  end
+  return false
+end
+
+function authz.configure(conf)
+  local out = {
+    deny = compile_policies(conf.deny, false),
+    allow = compile_policies(conf.allow, false),
+    audit = compile_policies(conf.audit, nil), -- dry-run is for ALLOW and DENY (Istio)
+    shadow_deny = compile_policies(conf.deny, true),
+    shadow_allow = compile_policies(conf.allow, true),
+    has_path = false,
+  }
+  for _, list in ipairs({ out.deny, out.allow }) do
+    for _, p in ipairs(list) do
+      for _, r in ipairs(p.rules) do
+        if has_path_check(r.checks) then out.has_path = true end
+      end
+    end
+  end
+  return out
+end
+
+local function any_match(ms, v)
+  if v == nil then return false end
+  for i = 1, #ms do
+    if test(ms[i], v) then return true end
+  end
+  return false
+end
+
+-- A string or a list of strings (a JWT claim, the audiences): any element matches.
+local function any_match_value(ms, v)
+  if type(v) == "table" then
+    for _, x in ipairs(v) do
+      if type(x) == "string" and any_match(ms, x) then return true end
+    end
+    return false
+  end
+  if type(v) ~= "string" then return false end
+  return any_match(ms, v)
+end
+
+-- The request's value of an attribute (nil when it has none).
+local function value(s, k, c)
+  if k == "principal" then return s.source.principal
+  elseif k == "namespace" then return s.source.namespace
+  elseif k == "trust_domain" then return s.source.principal:match("^([^/]+)/")
+  elseif k == "source_ip" or k == "remote_ip" then return s.source.address
+  elseif k == "destination_ip" then return s.destination.address
+  elseif k == "host" then return s.request.authority
+  elseif k == "method" then return s.request.method
+  elseif k == "path" then return s.request.path
+  elseif k == "header" then
+    -- Envoy matches a header given several times on its values joined with ",".
+    local all = s.request.headers:get_all(c.h)
+    if #all <= 1 then return all[1] end
+    return table.concat(all, ",")
+  end
+  -- request.auth.*: s.auth is set by RequestAuthentication (nil without a verified token).
+  local auth = s.auth
+  if auth == nil then return nil end
+  if k == "request_principal" then return auth.principal
+  elseif k == "auth_presenter" then return auth.presenter
+  elseif k == "auth_audiences" then return auth.audiences
+  elseif k == "auth_claims" then
+    local v = auth.claims
+    for _, key in ipairs(c.c) do
+      if type(v) ~= "table" then return nil end
+      v = v[key]
+    end
+    return v
+  end
+  return nil
+end
+
+local all_hold
+
+local function holds(s, c)
+  local k = c.k
+  if k == "any_of" then
+    local alts = c.alts
+    for i = 1, #alts do
+      if all_hold(s, alts[i]) then return true end
+    end
+    return false
+  end
+  local hit
+  if k == "destination_port" then
+    local port = s.destination.port
+    hit = false
+    for i = 1, #c.m do
+      if c.m[i] == port then hit = true; break end
+    end
+  else
+    hit = any_match_value(c.m, value(s, k, c))
+  end
+  if c.neg then return not hit end
+  return hit
+end
+
+all_hold = function(s, checks)
+  for i = 1, #checks do
+    if not holds(s, checks[i]) then return false end
+  end
+  return true
+end
+
+-- The id of the first rule of `policies` the request matches, or nil.
+local function first_match(s, policies)
+  for i = 1, #policies do
+    local rules = policies[i].rules
+    for j = 1, #rules do
+      if all_hold(s, rules[j].checks) then return rules[j].id end
+    end
+  end
+  return nil
+end
+
+-- Envoy's shadow-rule outputs, by stat prefix (made once, not per request).
+local shadow_names = {}
+for _, prefix in ipairs({ "istio_dry_run_deny_", "istio_dry_run_allow_" }) do
+  shadow_names[prefix] = {
+    result = prefix .. "shadow_engine_result",
+    id = prefix .. "shadow_effective_policy_id",
+    allowed = "envoy_http_rbac_" .. prefix .. "shadow_allowed",
+    denied = "envoy_http_rbac_" .. prefix .. "shadow_denied",
+  }
+end
+
+-- Evaluates dry-run policies: the result goes to s.vars (for the access log) and to
+-- the shadow counters, never to the request.
+local function shadow(s, policies, prefix, matched_means)
+  if #policies == 0 then return end
+  local n = shadow_names[prefix]
+  local id = first_match(s, policies)
+  local result
+  if id then result = matched_means elseif matched_means == "denied" then result = "allowed" else result = "denied" end
+  s.vars[n.result] = result
+  if id then s.vars[n.id] = id end
+  stat(n[result])
+end
+
+function authz.on_request(s, conf)
+  if s.listener ~= "inbound" then return end
+  local audited = first_match(s, conf.audit)
+  if audited then
+    s.vars.access_log_hint = "true"
+    s.vars.istio_authz_audit_policy = audited
+  end
+  -- Path rules see the path as sent until it is normalized natively before filters:
+  -- a spelling that normalization would change ("//", "/./", "/../", "%xx", "\\") could
+  -- sidestep them, so it is denied while enforced policies have path rules.
+  if conf.has_path and not A.path_is_normal(s) then
+    stat("envoy_http_rbac_denied")
+    return deny(s, "path-not-normalized")
+  end
+  shadow(s, conf.shadow_deny, "istio_dry_run_deny_", "denied")
+  shadow(s, conf.shadow_allow, "istio_dry_run_allow_", "allowed")
+  if #conf.deny > 0 then
+    local id = first_match(s, conf.deny)
+    if id then
+      stat("envoy_http_rbac_denied")
+      return deny(s, id)
+    end
+  end
+  if #conf.allow > 0 then
+    if not first_match(s, conf.allow) then
+      stat("envoy_http_rbac_denied")
+      return deny(s, "none")
+    end
+  end
+  if #conf.deny > 0 or #conf.allow > 0 then stat("envoy_http_rbac_allowed") end
+end
+
+return authz
