@@ -235,45 +235,39 @@ public final class VirtualHost: @unchecked Sendable {
     public internal(set) var service: ServiceInfo?
     /// `routes` with their destinations resolved to clusters, made once the table is
     /// built: routing a request copies no rule and builds no cluster key.
-    var compiled: [CompiledRoute] = []
+    public internal(set) var compiled: [CompiledRoute] = []
     /// The default route (no VirtualService): every endpoint of `service`.
-    var defaultTarget: RouteTarget?
+    public internal(set) var defaultTarget: RouteTarget?
     init(fqdn: String) { self.fqdn = fqdn }
 }
 
 /// A route rule and its destinations' targets (a class: the router borrows it
 /// instead of copying the rule's many fields per request).
-final class CompiledRoute {
-    let rule: HTTPRouteRule
-    let targets: [RouteTarget]
+public final class CompiledRoute {
+    public let rule: HTTPRouteRule
+    public let targets: [RouteTarget]
     /// The rule's mirrors with their targets, resolved as `targets` are.
-    let mirrorTargets: [(percent: Double, target: RouteTarget)]
+    public let mirrorTargets: [(percent: Double, target: RouteTarget)]
     init(rule: HTTPRouteRule, targets: [RouteTarget], mirrorTargets: [(percent: Double, target: RouteTarget)]) {
         self.rule = rule; self.targets = targets; self.mirrorTargets = mirrorTargets
     }
 
-    // The rule's fields the router reads, each read alone.
-    var matches: [RouteMatch] { rule.matches }
-    var cumulativeWeights: [Int] { rule.cumulativeWeights }
-    var totalWeight: Int { rule.totalWeight }
-    var redirect: Redirect? { rule.redirect }
-    var directResponse: (status: Int, body: String)? { rule.directResponse }
-    var rewrite: Rewrite? { rule.rewrite }
-    var timeoutMs: Int? { rule.timeoutMs }
-    var retries: RetrySpec? { rule.retries }
-    var fault: Fault? { rule.fault }
-    var cors: CorsPolicy? { rule.cors }
-    var requestHeaders: HeaderOps { rule.requestHeaders }
-    var responseHeaders: HeaderOps { rule.responseHeaders }
+    // The rule's fields the router primitives read, each read alone (no copy of the rule).
+    public var cumulativeWeights: [Int] { rule.cumulativeWeights }
+    public var totalWeight: Int { rule.totalWeight }
+    public var timeoutMs: Int? { rule.timeoutMs }
+    public var retries: RetrySpec? { rule.retries }
 }
 
 /// Where a route destination goes: its cluster, or the cluster name a 503 UH reports.
-struct RouteTarget {
-    let fqdn: String
-    let subset: String
-    let cluster: ClusterInfo?
-    let servicePort: Int
-    let missing: String
+public struct RouteTarget {
+    public let fqdn: String
+    public let subset: String
+    /// nil: the host has no ServiceEntry or no such port (503 UH).
+    public let cluster: ClusterInfo?
+    public let servicePort: Int
+    /// The cluster name a 503 UH reports when `cluster` is nil or empty.
+    public let missing: String
 
     init(_ service: ServiceInfo?, fqdn: String, subset: String, port: Int?) {
         self.fqdn = fqdn
@@ -285,66 +279,6 @@ struct RouteTarget {
         servicePort = sp.number
         cluster = svc.clusters["\(subset)|\(sp.number)"]
         missing = "outbound|\(sp.number)|\(subset)|\(fqdn)"
-    }
-}
-
-/// A request as the router sees it.
-public struct RouteRequest {
-    public var method: String
-    public var path: String
-    public var authority: String
-    public var scheme: String = "http"
-    public var port: Int = 0
-    /// First value of a header (name lowercased), nil when absent.
-    public var header: (String) -> String?
-    public init(method: String, path: String, authority: String, header: @escaping (String) -> String?) {
-        self.method = method; self.path = path; self.authority = authority; self.header = header
-    }
-}
-
-/// The router's decision for one request.
-public enum RouteOutcome {
-    /// Forward to `address:port` (one endpoint of `cluster`).
-    case forward(Forward)
-    case redirect(status: Int, location: String)
-    case direct(status: Int, body: String)
-    /// Fault injection abort (flag FI).
-    case abort(status: Int)
-    /// No VirtualService or service for the host (404 NR).
-    case noRoute
-    /// A route matched but its destination has no endpoint (503 UH).
-    case noHealthyUpstream(cluster: String)
-    /// A CORS preflight the route's corsPolicy answers (200 with these headers).
-    case preflight(headers: [(String, String)])
-}
-
-/// A class: the outcome is handed from the router to the proxy without copying its
-/// fields.
-public final class Forward {
-    /// The cluster to balance over (the proxy picks the endpoint on its loop).
-    public var upstream: ClusterInfo
-    public var cluster: String
-    public var host: String
-    public var subset: String
-    public var servicePort: Int
-    /// Index of the matched http route (-1: the default route).
-    public var rule: Int
-    /// The matched route's header edits.
-    public var requestHeaders = HeaderOps()
-    public var responseHeaders = HeaderOps()
-    public var rewrittenPath: String?
-    public var rewrittenAuthority: String?
-    public var timeoutMs: Int?
-    public var delayMs: Int?
-    public var retry: RetrySpec = .istioDefault
-    /// CORS headers for the response (the request's Origin was allowed).
-    public var corsHeaders: [(String, String)] = []
-    /// Mirror targets chosen for this request (percentages applied).
-    public var mirrors: [(cluster: ClusterInfo, authority: String)] = []
-
-    init(upstream: ClusterInfo, cluster: String, host: String, subset: String, servicePort: Int, rule: Int) {
-        self.upstream = upstream; self.cluster = cluster; self.host = host; self.subset = subset
-        self.servicePort = servicePort; self.rule = rule
     }
 }
 
@@ -504,168 +438,12 @@ public final class RouteTable: @unchecked Sendable {
     /// How many clusters the table numbered (balancer counters are sized by it).
     public private(set) var clusterCount = 0
 
+    /// The virtual host of a request's Host (port ignored, case-insensitive; exact
+    /// names and aliases first, then the longest `*.suffix` wildcard), or nil.
     public func lookup(_ authority: String) -> VirtualHost? {
         let h = HostName.normalize(authority)
         if let v = hosts[h] { return v }
         for w in wildcards where h.hasSuffix(w.suffix) { return w.host }
         return nil
-    }
-
-    /// Routes one request. `random` supplies weights, fault percentages and endpoint picks.
-    public func route(_ r: RouteRequest, random: inout Xoshiro256) -> RouteOutcome {
-        guard let vh = lookup(r.authority) else { return .noRoute }
-        guard vh.routes != nil else {
-            // No VirtualService: the default route to every endpoint of the service.
-            guard let target = vh.defaultTarget else { return .noRoute }
-            return forward(target, rule: -1, r: r, random: &random, base: nil)
-        }
-        // `rule` is a CompiledRoute (a class): its fields are read through it, where
-        // binding an HTTPRouteRule to a local would copy every field of it.
-        for (i, rule) in vh.compiled.enumerated() {
-            let hit: Bool
-            do throws(RegexMatchError) { hit = try matches(rule, r) } catch {
-                return .direct(status: 500, body: "route match failed: a regex of the route hit its match limit\n")
-            }
-            guard hit else { continue }
-            if let f = rule.fault {
-                if let st = f.abortStatus, Self.chance(f.abortPercent, &random) { return .abort(status: st) }
-            }
-            var corsHeaders: [(String, String)] = []
-            if let cors = rule.cors, let origin = r.header("origin"), cors.allows(origin: origin) {
-                if r.method == "OPTIONS", r.header("access-control-request-method") != nil {
-                    var h: [(String, String)] = [("access-control-allow-origin", origin)]
-                    if !cors.allowMethods.isEmpty { h.append(("access-control-allow-methods", cors.allowMethods)) }
-                    if !cors.allowHeaders.isEmpty { h.append(("access-control-allow-headers", cors.allowHeaders)) }
-                    if let m = cors.maxAgeSeconds { h.append(("access-control-max-age", String(m))) }
-                    if cors.allowCredentials { h.append(("access-control-allow-credentials", "true")) }
-                    return .preflight(headers: h)
-                }
-                corsHeaders.append(("access-control-allow-origin", origin))
-                if !cors.exposeHeaders.isEmpty { corsHeaders.append(("access-control-expose-headers", cors.exposeHeaders)) }
-                if cors.allowCredentials { corsHeaders.append(("access-control-allow-credentials", "true")) }
-            }
-            if let red = rule.redirect { return .redirect(status: red.code, location: location(red, r)) }
-            if let d = rule.directResponse { return .direct(status: d.status, body: d.body) }
-            guard rule.totalWeight > 0 else { return .noHealthyUpstream(cluster: vh.fqdn) }
-            let pick = Int(random.next() % UInt64(rule.totalWeight))
-            var k = 0
-            while k < rule.cumulativeWeights.count - 1 && pick >= rule.cumulativeWeights[k] { k += 1 }
-            let out = forward(rule.targets[k], rule: i, r: r, random: &random, base: rule)
-            if case .forward(let fw) = out {
-                if let f = rule.fault, let d = f.delayMs, Self.chance(f.delayPercent, &random) { fw.delayMs = d }
-                fw.corsHeaders = corsHeaders
-                for m in rule.mirrorTargets where Self.chance(m.percent, &random) {
-                    guard let c = m.target.cluster, c.endpointCount > 0 else { continue }
-                    fw.mirrors.append((c, HostName.normalize(r.authority) + "-shadow"))
-                }
-            }
-            return out
-        }
-        return .noRoute
-    }
-
-    static func chance(_ percent: Double, _ random: inout Xoshiro256) -> Bool {
-        if percent >= 100 { return true }
-        if percent <= 0 { return false }
-        return Double(random.next() % 1_000_000) < percent * 10_000
-    }
-
-    func forward(_ t: RouteTarget, rule: Int, r: RouteRequest, random: inout Xoshiro256, base: CompiledRoute?) -> RouteOutcome {
-        guard let c = t.cluster, c.endpointCount > 0 else { return .noHealthyUpstream(cluster: t.missing) }
-        let f = Forward(upstream: c, cluster: c.name, host: t.fqdn, subset: t.subset, servicePort: t.servicePort, rule: rule)
-        if let base {
-            f.requestHeaders = base.requestHeaders
-            f.responseHeaders = base.responseHeaders
-            f.timeoutMs = base.timeoutMs
-            if let rs = base.retries { f.retry = rs }
-            if let rw = base.rewrite {
-                f.rewrittenAuthority = rw.authority
-                if let re = rw.regex {
-                    let (path, query) = Self.splitQuery(r.path)
-                    f.rewrittenPath = re.replace(in: path, with: rw.regexRewrite) + query
-                } else if let u = rw.uri {
-                    f.rewrittenPath = rewritePrefix(base, r, to: u)
-                }
-            }
-        }
-        return .forward(f)
-    }
-
-    /// Istio's uri rewrite: replaces the matched prefix (or the whole path for exact
-    /// and regex matches, or when no uri match applied).
-    func rewritePrefix(_ rule: CompiledRoute, _ r: RouteRequest, to newPrefix: String) -> String {
-        let (path, query) = Self.splitQuery(r.path)
-        // The rule matched already; a limit hit here cannot happen for the entry that did.
-        for m in rule.matches where (try? matchOne(m, r)) == true {
-            if let u = m.uri, u.kind == .prefix {
-                return newPrefix + path.dropFirst(u.value.count) + query
-            }
-            break
-        }
-        return newPrefix + query
-    }
-
-    static func splitQuery(_ p: String) -> (String, String) {
-        if let q = p.firstIndex(of: "?") { return (String(p[..<q]), String(p[q...])) }
-        return (p, "")
-    }
-
-    func location(_ red: Redirect, _ r: RouteRequest) -> String {
-        let scheme = red.scheme ?? r.scheme
-        var authority = red.authority ?? r.authority
-        if let p = red.port { authority = HostName.normalize(authority) + ":\(p)" }
-        let path = red.uri ?? r.path
-        return "\(scheme)://\(authority)\(path)"
-    }
-
-    /// Whether `rule` matches `r`. A regex that hits its match limit throws: the caller
-    /// answers 500 rather than skip the rule (which could be a deny) and fall through.
-    @inline(__always)
-    func matches(_ rule: CompiledRoute, _ r: RouteRequest) throws(RegexMatchError) -> Bool {
-        if rule.matches.isEmpty { return true }
-        for m in rule.matches where try matchOne(m, r) { return true }
-        return false
-    }
-
-    func matchOne(_ m: RouteMatch, _ r: RouteRequest) throws(RegexMatchError) -> Bool {
-        if let u = m.uri {
-            let path = Self.splitQuery(r.path).0
-            if try !u.test(path, ignoreCase: m.ignoreUriCase) { return false }
-        }
-        if let s = m.scheme, try !s.test(r.scheme) { return false }
-        if let me = m.method, try !me.test(r.method) { return false }
-        if let a = m.authority, try !a.test(r.authority) { return false }
-        if let p = m.port, p != r.port { return false }
-        for (name, sm) in m.headers {
-            guard let v = r.header(name) else { return false }
-            if let sm, try !sm.test(v) { return false }
-        }
-        for (name, sm) in m.withoutHeaders {
-            guard let v = r.header(name) else { continue }
-            guard let sm else { return false }
-            if try sm.test(v) { return false }
-        }
-        if !m.queryParams.isEmpty {
-            let q = Self.query(r.path)
-            for (name, sm) in m.queryParams {
-                guard let v = q[name] else { return false }
-                if let sm, try !sm.test(v) { return false }
-            }
-        }
-        for (k, v) in m.sourceLabels where localLabels[k] != v { return false }
-        if let ns = m.sourceNamespace, ns != localNamespace { return false }
-        return true
-    }
-
-    /// Query parameters of a request target (first value wins, percent-decoded).
-    public static func query(_ path: String) -> [String: String] {
-        guard let q = path.firstIndex(of: "?") else { return [:] }
-        var out: [String: String] = [:]
-        for pair in path[path.index(after: q)...].split(separator: "&") {
-            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let k = String(kv[0]).removingPercentEncoding ?? String(kv[0])
-            if out[k] == nil { out[k] = kv.count > 1 ? (String(kv[1]).removingPercentEncoding ?? String(kv[1])) : "" }
-        }
-        return out
     }
 }

@@ -667,9 +667,7 @@ enum LuaAPI {
         ml_push_readonly(L, "moonlet.regex")
         lua_setfield(L, -2, "regex")
         ml_pushapifunction(L, shared); lua_setfield(L, -2, "shared")
-        lua_createtable(L, 0, 1)
-        ml_pushapifunction(L, route); lua_setfield(L, -2, "route")
-        ml_push_readonly(L, "moonlet.router")
+        installRouter(L)
         lua_setfield(L, -2, "router")
         lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
         lua_pushstring(L, retryVerdict); lua_setfield(L, -2, "RETRY")
@@ -763,85 +761,7 @@ enum LuaAPI {
         return unsafeDowncast(cfg, to: ConfigSnapshot.self)
     }
 
-    /// moonlet.router.route(s): Istio routing of the stream against the snapshot it
-    /// started with. Writes s.route and the request edits, or answers locally.
-    /// Returns "forward" or "respond".
-    static let route: lua_CFunction = { L in
-        guard let (vm, s, kind) = resolve(L, 1, "route"), kind == .stream else { return fail(L, outside) }
-        if vm.inUpstreamFailure { return fail(L, "moonlet.router.route cannot be used in on_upstream_failure") }
-        if s.listener == .inbound { lua_pushstring(L, "forward"); return 1 }
-        guard let snap = snapshot(of: s) else { s.respond(404, flags: .noRouteFound); lua_pushstring(L, "respond"); return 1 }
-        var req = RouteRequest(method: s.request.method, path: s.request.target, authority: s.request.host) { name in s.request.first(name) }
-        req.port = s.destination.port
-        switch snap.routes.route(req, random: &vm.rng) {
-        case .forward(let f):
-            s.route.cluster = f.cluster
-            s.route.host = f.host
-            s.route.subset = f.subset
-            s.route.port = f.servicePort
-            s.route.upstreamCluster = f.upstream
-            s.route.retry = f.retry
-            if !f.mirrors.isEmpty { s.route.mirrors = f.mirrors.map { ($0.cluster, $0.authority) } }
-            if let hp = f.upstream.hashPolicy { hashKey(s, hp, vm: vm) }
-            if let t = f.timeoutMs { s.route.timeoutMs = t }
-            if let d = f.delayMs { s.route.delayMs = d }
-            s.destination.service = f.host
-            if let p = f.rewrittenPath { s.request.targetOverride = p }
-            if let a = f.rewrittenAuthority { s.request.set("host", a); s.request.hostIndex = -1 }
-            // The matched route's header edits (request now, response when it arrives).
-            for n in f.requestHeaders.removes { s.request.remove(n) }
-            for (n, v) in f.requestHeaders.sets { s.request.set(n, v) }
-            for (n, v) in f.requestHeaders.adds { s.request.addLowercased(n, v) }
-            s.route.responseSet = f.responseHeaders.sets
-            s.route.responseAdd += f.responseHeaders.adds + f.corsHeaders  // after a hash cookie, if one was set
-            s.route.responseRemove = f.responseHeaders.removes
-            lua_pushstring(L, "forward")
-        case .redirect(let st, let loc):
-            s.respond(st, headers: [("location", loc)])
-            lua_pushstring(L, "respond")
-        case .direct(let st, let body):
-            s.respond(st, body: body)
-            lua_pushstring(L, "respond")
-        case .abort(let st):
-            s.respond(st, body: "fault filter abort", flags: .faultInjected)
-            lua_pushstring(L, "respond")
-        case .noRoute:
-            s.respond(404, flags: .noRouteFound)
-            lua_pushstring(L, "respond")
-        case .preflight(let headers):
-            s.respond(200, headers: headers)
-            lua_pushstring(L, "respond")
-        case .noHealthyUpstream(let cluster):
-            s.route.cluster = cluster
-            s.respond(503, body: "no healthy upstream", flags: .noHealthyUpstream)
-            lua_pushstring(L, "respond")
-        }
-        return 1
-    }
-
-    /// Computes the consistent-hash key of the request; for a cookie policy with a ttl
-    /// and no cookie yet, makes one and sets it on the response (Envoy's behaviour).
-    static func hashKey(_ s: ProxyStream, _ hp: HashPolicy, vm: LuaVM) {
-        var key: String?
-        switch hp {
-        case .header(let n): key = s.request.first(n)
-        case .sourceIP: key = s.source.address.split(separator: ":").dropLast().joined(separator: ":")
-        case .queryParameter(let q): key = RouteTable.query(s.request.target)[q]
-        case .cookie(let name, let path, let ttl):
-            for c in s.request.all("cookie") {
-                for part in c.split(separator: ";") {
-                    let kv = part.split(separator: "=", maxSplits: 1)
-                    if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name { key = String(kv[1]) }
-                }
-            }
-            if key == nil && ttl > 0 {
-                let v = String(vm.rng.next(), radix: 16)
-                key = v
-                s.route.responseAdd.append(("set-cookie", "\(name)=\(v); Max-Age=\(ttl); Path=\(path); HttpOnly"))
-            }
-        }
-        if let key { s.route.hashKey = HashRing.hash(key) }
-    }
+    // The router primitives (`moonlet.router.*`) are in RouterAPI.swift.
 
     // MARK: regex
 

@@ -133,7 +133,9 @@ public final class LuaHost: @unchecked Sendable {
         lock.withLock { status.values.sorted { $0.name < $1.name } }
     }
 
-    /// Finds `rel` ("a/b.lua") in the plugin directories, cached per generation.
+    /// Finds `rel` ("a/b.lua") in the plugin directories, cached per generation; a
+    /// module found in none of them may be a builtin filter ("istio-router.lua"), so a
+    /// fork can `require` the original whether or not it was exported next to it.
     func findModule(_ rel: String) -> (String, String)? {
         lock.withLock {
             if let c = moduleCache[rel] { return c }
@@ -143,6 +145,11 @@ public final class LuaHost: @unchecked Sendable {
                     moduleCache[rel] = (p, t)
                     return (p, t)
                 }
+            }
+            if rel.hasSuffix(".lua"), let b = BuiltinPlugins.source(String(rel.dropLast(4))) {
+                let found = ("builtin://" + rel.dropLast(4), b)
+                moduleCache[rel] = found
+                return found
             }
             return nil
         }
@@ -162,13 +169,16 @@ public struct LuaPrepareError: Error, CustomStringConvertible, Sendable {
 }
 
 extension LuaPluginSpec {
-    /// The built-in router (plugins/router.lua), placed after every user filter of
-    /// the unset phase.
-    public static var builtinRouter: LuaPluginSpec {
-        LuaPluginSpec(name: "router", namespace: "", path: "builtin://router", phase: "UNSPECIFIED_PHASE", priority: Int(Int32.min),
+    /// A builtin filter (BuiltinPlugins) as a plugin: phase unset, placed after every
+    /// user filter of that phase.
+    public static func builtin(_ name: String) -> LuaPluginSpec {
+        LuaPluginSpec(name: name, namespace: "", path: "builtin://\(name)", phase: "UNSPECIFIED_PHASE", priority: Int(Int32.min),
                       pluginConfig: .map([]), failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
                       timeoutMs: nil, file: "builtin", line: 0)
     }
+
+    /// The builtin Istio router (plugins/istio-router.lua).
+    public static var builtinRouter: LuaPluginSpec { builtin("istio-router") }
 
     /// The built-in AuthorizationPolicy filter (plugins/istio-authz.lua), phase AUTHZ and
     /// last in it (Istio runs WasmPlugins of the AUTHZ phase before its RBAC filters),

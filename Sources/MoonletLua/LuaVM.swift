@@ -63,6 +63,8 @@ public final class LuaVM {
     var currentPlugin: String = ""
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
+    /// The router's Lua tables per configuration snapshot (RouterAPI.swift).
+    var routerCache = RouterCache()
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]

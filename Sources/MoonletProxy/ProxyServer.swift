@@ -176,9 +176,18 @@ public final class ProxyServer: @unchecked Sendable {
         }
         for s in snap.skipped { logger.notice("\(s)") }
         var specs = snap.plugins.filter { $0.applies(to: settings.identity) }
-        // Istio traffic resources bring the built-in router, unless a LuaPlugin named
-        // "router" replaces it.
-        if !snap.routes.isEmpty && !specs.contains(where: { $0.name == "router" }) { specs.append(.builtinRouter) }
+        // Istio traffic resources bring the builtin router, unless a LuaPlugin named
+        // "istio-router" replaces it (same place: phase unset, lowest priority).
+        if !snap.routes.isEmpty {
+            if let i = specs.firstIndex(where: { $0.name == "istio-router" }) {
+                var fork = specs.remove(at: i)
+                fork.phase = LuaPluginSpec.builtinRouter.phase
+                fork.priority = LuaPluginSpec.builtinRouter.priority
+                specs.append(fork)
+            } else {
+                specs.append(.builtinRouter)
+            }
+        }
         // RequestAuthentications that select the workload bring the builtin istio-authn.
         let authn: [String: JWTVerifying]
         switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }

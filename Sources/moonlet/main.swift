@@ -3,6 +3,7 @@ import ArgumentParser
 import Logging
 import MoonletConfig
 import MoonletProxy
+import MoonletLua
 import MoonletTLS
 import NIOCore
 #if canImport(Foundation)
@@ -14,7 +15,7 @@ struct Moonlet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moonlet",
         abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
-        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Iptables.self, Inject.self]
+        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Iptables.self, Inject.self, Plugins.self]
     )
 }
 
@@ -196,3 +197,25 @@ struct Validate: ParsableCommand {
 }
 
 Moonlet.main()
+
+/// `moonlet plugins`: the builtin Lua filters.
+struct Plugins: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Builtin Lua policy filters (istio-router...).", subcommands: [Export.self])
+
+    /// `moonlet plugins export DIR`: each builtin's source as DIR/NAME.lua, to read or fork.
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write every builtin filter's source as DIR/NAME.lua (a LuaPlugin with a builtin's name replaces it).")
+        @Argument(help: "Directory to write to (created if missing)") var dir: String
+        @Flag(help: "Overwrite files that differ from the builtin") var force = false
+
+        func run() throws {
+            do {
+                for path in try BuiltinPlugins.export(to: dir, force: force) { print(path) }
+            } catch let e as BuiltinPlugins.ExportConflict {
+                FileHandle.standardError.write((e.description + "\n").data(using: .utf8)!)
+                throw ExitCode(1)
+            }
+        }
+    }
+}

@@ -235,7 +235,7 @@ extension LuaFilterTests {
     }
 
     func test_onUpstreamFailure_cannotChangeTheRouteOrAnswerLocally() throws {
-        for body in ["s.route.timeout_ms = 5", "s.route.cluster = 'PassthroughCluster'", "s.route.retry = nil", "s:respond(500, 'x')", "moonlet.router.route(s)"] {
+        for body in ["s.route.timeout_ms = 5", "s.route.cluster = 'PassthroughCluster'", "s.route.retry = nil", "s:respond(500, 'x')", "moonlet.router.host(s)", "moonlet.router.reply(s, 503)"] {
             let (c, names) = try failureChain(["\(body); return moonlet.RETRY"], fail: .failClose)
             let s = stream()
             XCTAssertEqual(c.runUpstreamFailure(s, UpstreamFailureInfo(kind: .reset, attempt: 0, endpoint: "")), .routePolicy, body)

@@ -29,6 +29,22 @@ final class CommandTests: XCTestCase {
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
+    func test_pluginsExport_writesEveryBuiltinFilter_andOverwritesADifferentFileOnlyWithForce() throws {
+        let d = try tmpdir() + "/out"
+        let (rc, out) = try run(["plugins", "export", d])
+        XCTAssertEqual(rc, 0, out)
+        let file = d + "/istio-router.lua"
+        XCTAssertTrue(try String(contentsOfFile: file, encoding: .utf8).contains("function router.on_request"), out)
+        try "-- mine\n".write(toFile: file, atomically: true, encoding: .utf8)
+        let (rc2, out2) = try run(["plugins", "export", d])
+        XCTAssertEqual(rc2, 1, out2)
+        XCTAssertTrue(out2.contains("--force"), out2)
+        XCTAssertEqual(try String(contentsOfFile: file, encoding: .utf8), "-- mine\n")
+        let (rc3, out3) = try run(["plugins", "export", "--force", d])
+        XCTAssertEqual(rc3, 0, out3)
+        XCTAssertTrue(try String(contentsOfFile: file, encoding: .utf8).contains("function router.on_request"))
+    }
+
     func test_validate_exits0ForGoodConfig_and1WithEveryErrorForBad() throws {
         let d = try tmpdir()
         try "return {}".write(toFile: d + "/f.lua", atomically: true, encoding: .utf8)

@@ -22,6 +22,14 @@ final class GrayReleaseTests: XCTestCase {
     }
     override func tearDown() { px?.stop(); v1?.stop(); v2?.stop() }
 
+    /// The seed's files (policies/gray-release) with the endpoints on these ports.
+    static func seed(_ p1: Int, _ p2: Int) -> [String: String] {
+        let policy = try! String(contentsOf: repo.appendingPathComponent("policies/gray-release/order-service.yaml"), encoding: .utf8)
+        let endpoints = try! String(contentsOf: repo.appendingPathComponent("policies/gray-release/order-service-endpoints.yaml"), encoding: .utf8)
+            .replacingOccurrences(of: "http: 9081", with: "http: \(p1)").replacingOccurrences(of: "http: 9082", with: "http: \(p2)")
+        return ["order-service.yaml": policy, "endpoints.yaml": endpoints]
+    }
+
     func send(_ c: RawClient, gray: Bool) -> String? {
         c.send("GET /orders/1 HTTP/1.1\r\nHost: order-service\r\n" + (gray ? "X-Gray: true\r\n" : "") + "\r\n")
         return c.read()?.header("x-version")
@@ -87,9 +95,99 @@ final class GrayReleaseTests: XCTestCase {
 }
 
 final class BuiltinPluginTests: XCTestCase {
-    func test_embeddedRouter_isThePluginsFile() throws {
-        let file = GrayReleaseTests.repo.appendingPathComponent("plugins/router.lua")
-        XCTAssertEqual(try String(contentsOf: file, encoding: .utf8), BuiltinPlugins.router)
+    func test_embeddedBuiltins_areThePluginsFiles() throws {
+        XCTAssertTrue(BuiltinPlugins.names.contains("istio-router"), "\(BuiltinPlugins.names)")
+        for name in BuiltinPlugins.names {
+            let file = GrayReleaseTests.repo.appendingPathComponent("plugins/\(name).lua")
+            XCTAssertEqual(try String(contentsOf: file, encoding: .utf8), BuiltinPlugins.source(name), name)
+        }
+    }
+
+    func test_seedGrayRelease_isRoutedByIstioRouterLua() throws {
+        let v1 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v1")], body: "v1") }
+        let v2 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v2")], body: "v2") }
+        defer { v1.stop(); v2.stop() }
+        let px = try ProxyFixture(appPort: 1, files: GrayReleaseTests.seed(v1.port, v2.port))
+        defer { px.stop() }
+        let plugins = try XCTUnwrap(adminGet(px.admin, "/plugins")).body
+        XCTAssertTrue(plugins.contains("istio-router") && plugins.contains("builtin://istio-router"), plugins)
+        let c = try RawClient(port: px.outbound)
+        var counts: [String: Int] = [:]
+        for i in 0..<1000 {
+            c.send("GET /orders/\(i) HTTP/1.1\r\nHost: order-service\r\n" + (i % 2 == 0 ? "X-Gray: true\r\n" : "") + "\r\n")
+            let r = c.read()
+            counts[(i % 2 == 0 ? "gray-" : "") + (r?.header("x-version") ?? "failed"), default: 0] += 1
+        }
+        XCTAssertEqual(counts["gray-v2"], 500, "\(counts)")
+        XCTAssertEqual(Double(counts["v2"] ?? 0) / 500, 0.10, accuracy: 0.05, "\(counts)")
+        XCTAssertEqual((counts["v1"] ?? 0) + (counts["v2"] ?? 0), 500, "\(counts)")
+    }
+
+    func test_aForkedRouter_replacesTheBuiltinByName_andRoutesAsTheOriginal() throws {
+        let v1 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v1")], body: "v1") }
+        let v2 = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-version", "v2")], body: "v2") }
+        defer { v1.stop(); v2.stop() }
+        // The user's way: export the builtins, then fork one next to the exported copy.
+        let exported = NSTemporaryDirectory() + "moonlet-export-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: exported) }
+        try BuiltinPlugins.export(to: exported)
+        var files = GrayReleaseTests.seed(v1.port, v2.port)
+        files["istio-router.lua"] = try String(contentsOfFile: exported + "/istio-router.lua", encoding: .utf8)
+        files["my-router.lua"] = """
+        local base = require("istio-router")
+        local fork = {}
+        function fork.on_request(s, conf)
+          local answered = base.on_request(s, conf)
+          s.vars.forked = "yes"
+          return answered
+        end
+        function fork.on_response(s, conf)
+          s.response.headers:set("x-forked", s.vars.forked or "no")
+        end
+        return fork
+        """
+        files["fork.yaml"] = """
+        apiVersion: moonlet.io/v1alpha1
+        kind: LuaPlugin
+        metadata: {name: istio-router}
+        spec:
+          url: file://my-router.lua
+          priority: 1000
+        """
+        let px = try ProxyFixture(appPort: 1, files: files)
+        defer { px.stop() }
+        let plugins = try XCTUnwrap(adminGet(px.admin, "/plugins")).body
+        XCTAssertTrue(plugins.contains("my-router.lua") && !plugins.contains("builtin://istio-router"), plugins)
+        let c = try RawClient(port: px.outbound)
+        var counts: [String: Int] = [:]
+        for _ in 0..<500 {
+            c.send("GET / HTTP/1.1\r\nHost: order-service\r\n\r\n")
+            let r = c.read()
+            XCTAssertEqual(r?.header("x-forked"), "yes")
+            counts[r?.header("x-version") ?? "failed", default: 0] += 1
+        }
+        XCTAssertEqual(Double(counts["v2"] ?? 0) / 500, 0.10, accuracy: 0.05, "\(counts)")
+        XCTAssertEqual((counts["v1"] ?? 0) + (counts["v2"] ?? 0), 500, "\(counts)")
+        c.send("GET / HTTP/1.1\r\nHost: order-service\r\nX-Gray: true\r\n\r\n")
+        XCTAssertEqual(c.read()?.header("x-version"), "v2")
+        c.send("GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+        XCTAssertEqual(c.read()?.status, 404)
+    }
+
+    func test_pluginsExport_writesEveryBuiltin_andRefusesToOverwriteADifferentFileUnlessForced() throws {
+        let dir = NSTemporaryDirectory() + "moonlet-export-\(UUID().uuidString)/nested"
+        defer { try? FileManager.default.removeItem(atPath: (dir as NSString).deletingLastPathComponent) }
+        let written = try BuiltinPlugins.export(to: dir)
+        XCTAssertEqual(written, BuiltinPlugins.names.map { dir + "/\($0).lua" })
+        XCTAssertEqual(try String(contentsOfFile: dir + "/istio-router.lua", encoding: .utf8), BuiltinPlugins.source("istio-router"))
+        XCTAssertNoThrow(try BuiltinPlugins.export(to: dir), "an identical file is not a conflict")
+        try "-- mine\n".write(toFile: dir + "/istio-router.lua", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try BuiltinPlugins.export(to: dir)) { e in
+            XCTAssertTrue("\(e)".contains("--force"), "\(e)")
+        }
+        XCTAssertEqual(try String(contentsOfFile: dir + "/istio-router.lua", encoding: .utf8), "-- mine\n")
+        try BuiltinPlugins.export(to: dir, force: true)
+        XCTAssertEqual(try String(contentsOfFile: dir + "/istio-router.lua", encoding: .utf8), BuiltinPlugins.source("istio-router"))
     }
 }
 
