@@ -128,4 +128,35 @@ final class MeshConfigReloadTests: XCTestCase {
         let ctx = server.server.contexts[0]
         XCTAssertEqual(try ctx.loop.submit { ctx.snapshot.pathNormalization }.wait(), .mergeSlashes)
     }
+
+    func test_aTrustDomainChange_keepsTheEstablishedMTLSConnectionBetweenSidecars_whileNewHandshakesUseTheNewSettings() throws {
+        try writeMesh("trustDomain: cluster.local\n")
+        let server = try sidecar(["pa.yaml": peerAuthentication("s", namespace: "production", mode: "STRICT")], certs: try pki.issue("production", "orders"))
+        defer { server.stop() }
+        let clientCerts = try pki.issue("default", "frontend")
+        let client = try ProxyFixture(appPort: 1, files: ["se.yaml": MTLSTests.ordersEntry(port: server.inbound, serviceAccount: "orders")], concurrency: 1) { s in
+            s.certsDirectory = clientCerts
+            s.identity = WorkloadIdentity(namespace: "default", serviceAccount: "frontend", labels: ["app": "frontend"])
+        }
+        defer { client.stop() }
+        let c = try RawClient(port: client.outbound)
+        func call() -> Int? {
+            c.send("GET / HTTP/1.1\r\nHost: orders.production.svc.cluster.local\r\n\r\n")
+            return c.read()?.status
+        }
+        let ctx = client.server.contexts[0]
+        func pooled() throws -> [ObjectIdentifier] { try ctx.loop.submit { ctx.pool.idle.values.flatMap { $0.items.map(ObjectIdentifier.init) } }.wait() }
+        XCTAssertEqual(call(), 200)
+        let before = try pooled()
+        XCTAssertEqual(before.count, 1)
+        // The server moves to another trust domain, keeping cluster.local as an alias.
+        try writeMesh("trustDomain: shop.example\ntrustDomainAliases: [cluster.local]\n")
+        XCTAssertTrue(eventually { server.server.currentMeshConfig.tls.trustDomain == "shop.example" })
+        XCTAssertTrue(eventually { server.server.currentTLS?.trustDomains.mesh == "shop.example" })
+        XCTAssertEqual(call(), 200)
+        XCTAssertEqual(try pooled(), before, "the mTLS connection made before the change still serves")
+        // A new handshake is checked with the new settings: cluster.local is accepted as an alias.
+        XCTAssertEqual(try tlsRequest(port: server.inbound, certDir: try pki.issue("default", "reporting"), rootPEM: pki.ca.rootCertPEM).get().status, 200)
+        XCTAssertEqual(app.seen.count, 3)
+    }
 }
