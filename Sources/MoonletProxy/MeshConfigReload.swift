@@ -36,8 +36,13 @@ extension ProxyServer {
         lock.withLock { meshState.loading ?? meshState.applied } ?? startMeshConfig
     }
 
-    /// Mesh TLS settings in force (or being applied by the reload under way).
-    var currentMeshTLS: MeshTLSSettings { currentMeshConfig.tls }
+    /// Mesh TLS settings of the workload certificate's contexts: the applied mesh
+    /// config's, never those of a reload under way (which may still be refused). A
+    /// certificate rotation during a reload uses them; the reload then installs contexts
+    /// built with its own settings, and should those come from files older than the
+    /// rotation, the certificate watcher sees the fingerprint differ and reloads the files
+    /// with the applied settings a second later.
+    var currentMeshTLS: MeshTLSSettings { (lock.withLock { meshState.applied } ?? startMeshConfig).tls }
 
     /// The workload identity with the current mesh config's root namespace.
     var meshIdentity: WorkloadIdentity {
