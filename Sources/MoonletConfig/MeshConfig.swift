@@ -7,15 +7,24 @@ import Foundation
 
 /// Istio's MeshConfig (`moonlet run --mesh-config FILE`): the keys Moonlet applies are
 /// `trustDomain`, `trustDomainAliases`, `caCertificates` (`pem`, `trustDomains`) and
-/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`), `rootNamespace` and `pathNormalization.normalization`. Every other key is read and listed in `notApplied`, for a note at
-/// start. The file is either the MeshConfig itself or the `istio` ConfigMap holding it
-/// under `data.mesh`, as Istio keeps it.
-public struct MeshConfigFile: Sendable {
+/// `meshMTLS` (`minProtocolVersion`, `cipherSuites`), `rootNamespace` and
+/// `pathNormalization.normalization` (kept on each ConfigSnapshot for the request path).
+/// `extensionProviders`, the access log keys, `enableTracing`,
+/// `defaultConfig.tracing` and `outboundTrafficPolicy.mode` are parsed and checked into
+/// `extensionProviders` and `telemetry` but not applied yet. Every key not applied is
+/// listed in `notApplied`, for a note whenever the file is (re)loaded. The file is either
+/// the MeshConfig itself or the `istio` ConfigMap holding it under `data.mesh`, as Istio
+/// keeps it. The proxy re-reads it on change, SIGHUP and POST /reload (docs/configuration.md).
+public struct MeshConfigFile: Sendable, Equatable {
     public var tls = MeshTLSSettings()
     /// `pathNormalization.normalization`: BASE unless set (Istio's DEFAULT is BASE).
     public var pathNormalization: PathNormalization = .base
     /// `rootNamespace`: policies in it apply mesh-wide (Istio's default istio-system).
     public var rootNamespace: String = "istio-system"
+    /// `extensionProviders`, in file order (parsed, not applied yet).
+    public var extensionProviders: [MeshExtensionProvider] = []
+    /// Access log, tracing and outbound policy keys (parsed, not applied yet).
+    public var telemetry = MeshTelemetrySettings()
     /// Keys present but not applied by Moonlet (dotted paths).
     public var notApplied: [String] = []
 
@@ -56,6 +65,7 @@ public struct MeshConfigFile: Sendable {
             }
         }
         var out = MeshConfigFile()
+        var notes: [String] = []
         guard let r = root else { return out }
         guard case .mapping(let top) = r else { throw ConfigErrors([ConfigError(file: file, line: r.mark?.line ?? 0, column: r.mark?.column ?? 0, message: "the mesh config is not a mapping")]) }
         func trustDomainName(_ n: Node, _ field: String) -> String? {
@@ -64,9 +74,12 @@ public struct MeshConfigFile: Sendable {
             }
             return s
         }
+        let keys = MeshConfigKeysParser(err: err, note: { notes.append($0) })
         for (k, v) in top {
             let key = k.string ?? ""
             switch key {
+            case "extensionProviders":
+                out.extensionProviders = keys.extensionProviders(v)
             case "rootNamespace":
                 guard let ns = v.string, TrafficDecoder.isDNS1123Label(ns) else { err(v, key, "expected a namespace name (DNS-1123 label)"); continue }
                 out.rootNamespace = ns
@@ -91,7 +104,7 @@ public struct MeshConfigFile: Sendable {
                             domains = tds.enumerated().compactMap { trustDomainName($0.element, "\(field).trustDomains[\($0.offset)]") }
                         default:
                             // spiffeBundleUrl, certSigners: Istio fetches or selects roots; Moonlet does not.
-                            out.notApplied.append("\(field).\(ek.string ?? "")")
+                            notes.append("\(field).\(ek.string ?? "")")
                         }
                     }
                     if let pem { out.tls.caCertificates.append(.init(pem: pem, trustDomains: domains, source: "\(file): \(field).pem")) }
@@ -119,26 +132,27 @@ public struct MeshConfigFile: Sendable {
                         }
                         if !suites.isEmpty { out.tls.cipherSuites = suites }
                     default:
-                        out.notApplied.append(field)
+                        notes.append(field)
                     }
                 }
             case "pathNormalization":
                 guard case .mapping(let m) = v else { err(v, key, "expected a mapping with normalization"); continue }
                 for (mk, mv) in m {
                     let field = "pathNormalization.\(mk.string ?? "")"
-                    guard mk.string == "normalization" else { out.notApplied.append(field); continue }
+                    guard mk.string == "normalization" else { notes.append(field); continue }
                     let name = mv.string ?? ""
                     if name == "DEFAULT" { out.pathNormalization = .base }
                     else if let mode = PathNormalization(rawValue: name) { out.pathNormalization = mode }
                     else { err(mv, field, "unknown mode \"\(name)\" (NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES or DEFAULT)") }
                     // Checked, but the request path is not normalized yet (docs/path-normalization.md):
                     // said at start rather than taken silently.
-                    out.notApplied.append("\(field) (checked; requests are not normalized yet)")
+                    notes.append("\(field) (checked; requests are not normalized yet)")
                 }
             default:
-                out.notApplied.append(key)
+                if !keys.telemetryKey(key, v, into: &out.telemetry) { notes.append(key) }
             }
         }
+        out.notApplied = notes
         if !errors.isEmpty { throw ConfigErrors(errors) }
         return out
     }

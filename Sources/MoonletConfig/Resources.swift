@@ -1,4 +1,5 @@
 import MoonletCore
+import MoonletHTTP
 import Yams
 #if canImport(Foundation)
 import Foundation
@@ -104,6 +105,12 @@ public final class ConfigSnapshot: @unchecked Sendable {
     public let files: [String]
     /// VirtualServices, DestinationRules, ServiceEntries and WorkloadEntries compiled for routing.
     public let routes: RouteTable
+    /// The mesh config's `pathNormalization.normalization` in force with this snapshot
+    /// (set by the proxy before the snapshot reaches the loops; BASE by default). A
+    /// request reads it from the snapshot it started with (`LoopContext.snapshot`), so a
+    /// mesh config change applies to the requests that start after it. The request path
+    /// does not normalize with it yet (docs/path-normalization.md).
+    public var pathNormalization: PathNormalization = .base
 
     public init(version: Int, plugins: [LuaPluginSpec], istio: [IstioResource], skipped: [String], files: [String], routes: RouteTable = .empty) {
         self.version = version; self.plugins = plugins; self.istio = istio; self.skipped = skipped; self.files = files; self.routes = routes

@@ -16,12 +16,9 @@ extension ProxyServer {
     var currentTLS: TLSMaterial? { lock.withLock { tlsMaterial } }
 
     func startCertificates() throws {
-        if !settings.meshConfigNotApplied.isEmpty {
-            logger.notice("mesh config: not applied by Moonlet: \(settings.meshConfigNotApplied.joined(separator: ", "))")
-        }
         guard let dir = settings.certsDirectory else { return }
         var m: TLSMaterial
-        do { m = try TLSMaterial.load(dir: dir, mesh: settings.meshTLS) } catch {
+        do { m = try TLSMaterial.load(dir: dir, mesh: currentMeshTLS) } catch {
             // With a CA, a missing, expired or otherwise unusable certificate is replaced
             // before serving (by the bootstrap token when the certificate cannot prove who
             // this is): the listeners open once the sidecar has a certificate.
@@ -30,7 +27,7 @@ extension ProxyServer {
                 logger.warning("workload certificate unusable (\(error)); asking \(ca) for a new one")
             }
             try requestCertificate(ca: ca, dir: dir)
-            do { m = try TLSMaterial.load(dir: dir, mesh: settings.meshTLS) } catch {
+            do { m = try TLSMaterial.load(dir: dir, mesh: currentMeshTLS) } catch {
                 throw ReloadError(message: "workload certificate rejected: \(error)")
             }
         }
@@ -61,7 +58,7 @@ extension ProxyServer {
         let fp = TLSMaterial.fingerprint(dir: dir)
         guard fp != current.fingerprint else { return }
         do {
-            install(try TLSMaterial.load(dir: dir, mesh: settings.meshTLS), reason: "files changed")
+            install(try TLSMaterial.load(dir: dir, mesh: currentMeshTLS), reason: "files changed")
         } catch {
             // Half-written or mismatched files: keep serving with the last good certificate.
             reportCertError("new workload certificate rejected: \(error)", "keeping the current one")
@@ -104,7 +101,7 @@ extension ProxyServer {
     /// trustDomain), else the current certificate's, else that of the certificate on disk
     /// even when it is expired or otherwise unusable, else cluster.local.
     func requestTrustDomain(dir: String) -> String {
-        settings.meshTLS.trustDomain ?? currentTLS?.identity.trustDomain
+        currentMeshTLS.trustDomain ?? currentTLS?.identity.trustDomain
             ?? WorkloadBundle.identity(inDirectory: dir)?.trustDomain ?? MeshIdentity.trustDomain
     }
 
@@ -118,7 +115,7 @@ extension ProxyServer {
         let bundle = try CAClient.requestBundle(caAddress: ca, rootCertPath: (dir as NSString).appendingPathComponent(WorkloadBundle.rootCertFile),
                                                 identity: id, token: token, currentCertDir: hasCert ? dir : nil,
                                                 keyType: KeyType(rawValue: settings.csrKeyType) ?? .ecdsaP256,
-                                                caIdentity: settings.caIdentity.map { [$0] }, policy: settings.meshTLS, group: group)
+                                                caIdentity: settings.caIdentity.map { [$0] }, policy: currentMeshTLS, group: group)
         // Key and chain only: root-cert.pem is the operator's (a root switch may edit it
         // meanwhile; it may be a read-only mount).
         try bundle.write(to: dir, includingRoot: false)

@@ -335,7 +335,7 @@ extension ProxyServer {
     /// workload (unless a LuaPlugin named "istio-authn" replaces it) and makes its
     /// providers reachable; returns the providers to keep once the reload succeeds.
     func prepareRequestAuthn(_ snap: ConfigSnapshot, into specs: inout [LuaPluginSpec], reason: String) -> Result<[String: JWTVerifying], ReloadError> {
-        switch RequestAuthnSetup.prepare(snap, workload: settings.identity, fetcher: { self.jwks }, existing: lock.withLock { jwksFetcher }) {
+        switch RequestAuthnSetup.prepare(snap, workload: meshIdentity, fetcher: { self.jwks }, existing: lock.withLock { jwksFetcher }) {
         case .failure(let e):
             lock.withLock { lastReloadError = e.description }
             logger.error("config rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")

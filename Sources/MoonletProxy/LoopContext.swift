@@ -260,6 +260,12 @@ public struct ProxySettings: Sendable {
     public var meshTLS = MeshTLSSettings()
     /// Mesh config keys read but not applied (logged at start).
     public var meshConfigNotApplied: [String] = []
+    /// The mesh config file (--mesh-config): watched with the config files and re-read at
+    /// every reload; `meshTLS`, `identity.rootNamespace` and `meshConfigNotApplied` are
+    /// then the start-time values only (ProxyServer.currentMeshConfig is the one in force).
+    public var meshConfigPath: String?
+    /// --trust-domain / TRUST_DOMAIN: wins over the mesh config's trustDomain at every reload.
+    public var trustDomainOverride: String?
     /// Lua budgets and the caps of memory Lua holds outside its VMs (shared dicts, metric names).
     public var luaLimits = LuaLimits()
     public init() {}

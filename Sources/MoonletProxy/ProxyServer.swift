@@ -45,6 +45,8 @@ public final class ProxyServer: @unchecked Sendable {
     /// Fetches and refreshes the JWKS of RequestAuthentication jwksUris (made when a
     /// configuration first names a jwksUri).
     var jwksFetcher: JWKSFetcher?
+    /// The mesh config in force (MeshConfigReload.swift).
+    let meshState = MeshConfigState()
 
     /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
     public private(set) var boundPorts: [String: Int] = [:]
@@ -76,7 +78,7 @@ public final class ProxyServer: @unchecked Sendable {
             listeners = []; adminChannels = []; boundPorts = [:]
             throw error
         }
-        if !settings.configPaths.isEmpty && settings.watchIntervalMs > 0 {
+        if (!settings.configPaths.isEmpty || settings.meshConfigPath != nil) && settings.watchIntervalMs > 0 {
             watchFingerprint = fingerprint()
             // Polled off the event loops: a reload waits for every loop to swap its chain.
             let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "moonlet.config-watch"))
@@ -163,10 +165,16 @@ public final class ProxyServer: @unchecked Sendable {
         reloadLock.lock()
         defer { reloadLock.unlock() }
         let version = lock.withLock { reloadCount += 1; return reloadCount }
+        // The mesh config is re-read first; the reload below uses it (MeshConfigReload.swift).
+        let meshMaterial: TLSMaterial?
+        switch beginMeshConfigReload(reason: reason) { case .success(let m): meshMaterial = m; case .failure(let e): return .failure(e) }
+        var meshApplied = false
+        defer { endMeshConfigReload(applied: meshApplied, material: meshMaterial, reason: reason) }
+        let mesh = currentMeshConfig, identity = meshIdentity
         var snap = ConfigSnapshot.empty
         if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: settings.identity.namespace, labels: settings.identity.labels,
-                                   rootNamespace: settings.identity.rootNamespace) {
+            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
+                                   rootNamespace: identity.rootNamespace) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -174,8 +182,9 @@ public final class ProxyServer: @unchecked Sendable {
                 return .failure(ReloadError(message: e.description))
             }
         }
+        snap.pathNormalization = mesh.pathNormalization
         for s in snap.skipped { logger.notice("\(s)") }
-        var specs = snap.plugins.filter { $0.applies(to: settings.identity) }
+        var specs = snap.plugins.filter { $0.applies(to: identity) }
         // Istio traffic resources bring the builtin router, unless a LuaPlugin named
         // "istio-router" replaces it (same place: phase unset, lowest priority).
         if !snap.routes.isEmpty {
@@ -193,8 +202,8 @@ public final class ProxyServer: @unchecked Sendable {
         switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
         // AuthorizationPolicies that select the workload bring the builtin istio-authz
         // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
-        let authz = AuthorizationCompiler.compile(snap.istio, workload: settings.identity, trustDomain: settings.meshTLS.trustDomain ?? "cluster.local",
-                                                  aliases: settings.meshTLS.trustDomainAliases)
+        let authz = AuthorizationCompiler.compile(snap.istio, workload: identity, trustDomain: mesh.tls.trustDomain ?? "cluster.local",
+                                                  aliases: mesh.tls.trustDomainAliases)
         for n in authz.notes { logger.notice("\(n)") }
         if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
         let gen: LuaPluginGeneration
@@ -210,9 +219,10 @@ public final class ProxyServer: @unchecked Sendable {
             snapshot = snap
             generation = gen
         }
+        meshApplied = true
         JWTProviders.replace(authn, for: lua)
         let natives = nativeFilters
-        let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: settings.identity, port: settings.appPort)
+        let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {
             logger.error("inbound mTLS is STRICT (\(mtls.source)) but there is no workload certificate (--certs): every inbound connection is refused")
         }
@@ -237,6 +247,7 @@ public final class ProxyServer: @unchecked Sendable {
         var parts: [String] = []
         var files = settings.configPaths.flatMap { ConfigLoader.yamlFiles(at: $0) }
         files += lock.withLock { snapshot.plugins.map(\.path) }
+        if let mesh = settings.meshConfigPath { files.append(mesh) }
         for d in lua.pluginDirs {
             if let items = try? FileManager.default.contentsOfDirectory(atPath: d) {
                 files += items.filter { $0.hasSuffix(".lua") }.map { (d as NSString).appendingPathComponent($0) }

@@ -45,7 +45,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Bootstrap token file for the CA. Env: MOONLET_CA_TOKEN_FILE") var caTokenFile: String?
     @Option(help: "SAN the CA must present (default: spiffe://<trust-domain>/ns/istio-system/sa/moonlet-ca, or the --ca-address host name). Env: MOONLET_CA_IDENTITY") var caIdentity: String?
     @Option(help: "The mesh's trust domain (default: mesh config trustDomain, else the certificate's, else cluster.local). Env: TRUST_DOMAIN") var trustDomain: String?
-    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS). Env: MESH_CONFIG_FILE or MOONLET_MESH_CONFIG") var meshConfig: String?
+    @Option(help: "Istio MeshConfig file (trustDomain, trustDomainAliases, caCertificates, meshMTLS, rootNamespace, ...), watched and applied on change. Env: MESH_CONFIG_FILE or MOONLET_MESH_CONFIG") var meshConfig: String?
     @Option(help: "Bytes one moonlet.shared dict may hold (default 4194304). Env: MOONLET_LUA_SHARED_DICT_BYTES") var luaSharedDictBytes: Int?
     @Option(help: "Metric names Lua may create (default 1000). Env: MOONLET_LUA_MAX_METRIC_SERIES") var luaMaxMetricSeries: Int?
 
@@ -105,6 +105,7 @@ struct SidecarOptions: ParsableArguments {
                 s.meshTLS = mesh.tls
                 s.identity.rootNamespace = mesh.rootNamespace
                 s.meshConfigNotApplied = mesh.notApplied
+                s.meshConfigPath = path
             } catch { throw ValidationError("--mesh-config: \(error)") }
         }
         if let v = luaSharedDictBytes ?? env("MOONLET_LUA_SHARED_DICT_BYTES").flatMap(Int.init) {
@@ -118,6 +119,7 @@ struct SidecarOptions: ParsableArguments {
         if let td = trustDomain ?? env("TRUST_DOMAIN") {
             guard SpiffeID(trustDomain: td, namespace: "a", serviceAccount: "b") != nil else { throw ValidationError("--trust-domain: \"\(td)\" is not a trust domain") }
             s.meshTLS.trustDomain = td
+            s.trustDomainOverride = td
         }
         if s.caAddress != nil && s.certsDirectory == nil { throw ValidationError("--ca-address needs --certs (where the certificate is written, with root-cert.pem in it)") }
         return s
