@@ -318,7 +318,11 @@ local function value(s, k, c)
   local auth = cur_auth
   if auth == NOT_READ then auth = s.auth; cur_auth = auth end
   if auth == nil then return nil end
-  if k == "request_principal" then return auth.principal
+  if k == "request_principal" then
+    -- Istio's request principal needs both iss and sub: a token without `sub` (or with an
+    -- empty one) verifies but has no principal, so requestPrincipals ["*"] does not match it.
+    if auth.issuer == "" or auth.subject == "" then return nil end
+    return auth.principal
   elseif k == "auth_presenter" then return auth.presenter
   elseif k == "auth_audiences" then return auth.audiences
   elseif k == "auth_claims" then

@@ -25,7 +25,8 @@ final class AuthorizationWithJWTTests: XCTestCase {
 
     func token(_ s: JWTSigner = signer, iss: String? = nil, sub: String = "alice", aud: String = "orders", more: String = "") throws -> String {
         let exp = Int(Date().timeIntervalSince1970 + 3600)
-        return try s.sign(claims: "{\"iss\":\"\(iss ?? issuer)\",\"sub\":\"\(sub)\",\"aud\":\"\(aud)\",\"exp\":\(exp)\(more)}")
+        let subject = sub.isEmpty ? "" : "\"sub\":\"\(sub)\","
+        return try s.sign(claims: "{\"iss\":\"\(iss ?? issuer)\",\(subject)\"aud\":\"\(aud)\",\"exp\":\(exp)\(more)}")
     }
 
     /// A RequestAuthentication of the namespace: `issuer` (RS256 key) and `issuer2` (ES256 key).
@@ -123,6 +124,9 @@ final class AuthorizationWithJWTTests: XCTestCase {
         try expect(403, "/any", nil, "no token: no request principal")
         try expect(401, "/any", "not-a-jwt", "an invalid token is answered by authn before authz")
         try expect(401, "/any", try token(Self.other), "a token signed by another issuer's key")
+        try expect(403, "/any", try token(sub: ""), "a verified token without sub has no request principal (Istio)")
+        try expect(403, "/principal", try token(sub: ""), "request.auth.principal is absent without sub")
+        try expect(200, "/audience", try token(sub: "", aud: "billing"), "the other request.auth attributes are there")
         // requestPrincipals: exact, issuer/*, notRequestPrincipals.
         try expect(200, "/exact", alice, "the principal")
         try expect(403, "/exact", bob, "another subject")
