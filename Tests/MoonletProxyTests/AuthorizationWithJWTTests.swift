@@ -29,8 +29,9 @@ final class AuthorizationWithJWTTests: XCTestCase {
         return try s.sign(claims: "{\"iss\":\"\(iss ?? issuer)\",\(subject)\"aud\":\"\(aud)\",\"exp\":\(exp)\(more)}")
     }
 
-    /// A RequestAuthentication of the namespace: `issuer` (RS256 key) and `issuer2` (ES256 key).
-    func requestAuthentication(_ extra: String = "") -> String {
+    /// A RequestAuthentication of the namespace: `issuer` (RS256 key) and `issuer2` (ES256
+    /// key), `extra` and `extra2` added to their rules.
+    func requestAuthentication(_ extra: String = "", _ extra2: String = "") -> String {
         """
         apiVersion: security.istio.io/v1
         kind: RequestAuthentication
@@ -45,6 +46,7 @@ final class AuthorizationWithJWTTests: XCTestCase {
         \(extra)
           - issuer: \(issuer2)
             jwks: '\(JWTSigner.jwks([Self.other]))'
+        \(extra2)
         """
     }
 
@@ -220,9 +222,10 @@ final class AuthorizationWithJWTTests: XCTestCase {
     /// A hostile client against "require JWT" (ALLOW requestPrincipals ["*"]) with a
     /// RequestAuthentication reading one header only.
     func test_hostileClient_cannotGetAPrincipalWithoutAVerifiedTokenAtTheRuleLocation() throws {
-        let ra = requestAuthentication("""
+        let fromHeader = """
             fromHeaders: [{name: authorization, prefix: "Bearer "}]
-        """)
+        """
+        let ra = requestAuthentication(fromHeader, fromHeader)
         let server = try orderService([
             "ra.yaml": ra,
             "authz.yaml": policy("require-jwt", """
@@ -235,9 +238,10 @@ final class AuthorizationWithJWTTests: XCTestCase {
         defer { server.stop() }
         let frontend = try pki.issue("production", "frontend")
         let alice = try token()
-        func status(_ path: String = "/", _ headers: [(String, String)]) throws -> Int {
+        func status(_ path: String, _ headers: [(String, String)]) throws -> Int {
             try call(server, frontend, .GET, path, headers: headers).status
         }
+        func status(_ headers: [(String, String)]) throws -> Int { try status("/", headers) }
         XCTAssertEqual(try status([("authorization", "Bearer \(alice)")]), 200)
         XCTAssertEqual(try status([("authorization", "bearer \(alice)")]), 200, "the scheme ignores case (RFC 7235)")
         // Headers that look like the verified identity are only headers.
