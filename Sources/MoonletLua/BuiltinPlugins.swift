@@ -53,7 +53,7 @@ end
 
 local AMBIGUOUS = {}
 
--- The token at one location, nil, or AMBIGUOUS when the header is sent more than once
+-- The token at one location, nil, or AMBIGUOUS when the header (or parameter) is sent more than once
 -- (which one the upstream would read is not ours to guess: refused).
 local function token_at(s, loc)
   if loc.header then
@@ -72,9 +72,14 @@ local function token_at(s, loc)
   elseif loc.param then
     local q = s.request.path:match("%?([^#]*)")
     if not q then return nil end
+    local found = nil
     for k, v in q:gmatch("([^&=]+)=([^&]*)") do
-      if unescape(k) == loc.param and v ~= "" then return unescape(v) end
+      if unescape(k) == loc.param and v ~= "" then
+        if found then return AMBIGUOUS end   -- the parameter twice: refused, as a header twice
+        found = unescape(v)
+      end
     end
+    return found
   else
     for _, line in ipairs(s.request.headers:get_all("cookie")) do
       for k, v in line:gmatch("([^;=%s]+)=([^;]*)") do

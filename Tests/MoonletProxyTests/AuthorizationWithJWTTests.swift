@@ -225,7 +225,7 @@ final class AuthorizationWithJWTTests: XCTestCase {
         let fromHeader = """
             fromHeaders: [{name: authorization, prefix: "Bearer "}]
         """
-        let ra = requestAuthentication(fromHeader, fromHeader)
+        let ra = requestAuthentication(fromHeader + "\n    fromParams: [token]", fromHeader)
         let server = try orderService([
             "ra.yaml": ra,
             "authz.yaml": policy("require-jwt", """
@@ -252,6 +252,10 @@ final class AuthorizationWithJWTTests: XCTestCase {
         XCTAssertEqual(try status([("authorization", "Bearer \(alice)"), ("authorization", "Bearer forged")]), 401)
         XCTAssertEqual(try status([("authorization", "Bearer forged"), ("authorization", "Bearer \(alice)")]), 401)
         XCTAssertEqual(try status([("authorization", "Bearer \(alice)"), ("authorization", "Bearer \(try token(sub: "bob"))")]), 401)
+        // The same for a query parameter given twice (a rule reading access_token).
+        XCTAssertEqual(try status("/?token=\(alice)", []), 200)
+        XCTAssertEqual(try status("/?token=\(alice)&token=forged", []), 401)
+        XCTAssertEqual(try status("/?token=forged&token=\(alice)", []), 401)
         // A token of the other issuer's rule verifies with that issuer's key only.
         XCTAssertEqual(try status([("authorization", "Bearer \(try token(Self.other, iss: issuer2))")]), 200)
         XCTAssertEqual(try status([("authorization", "Bearer \(try token(Self.signer, iss: issuer2))")]), 401)
@@ -259,7 +263,7 @@ final class AuthorizationWithJWTTests: XCTestCase {
         let many = (0..<500).map { "\"g\($0)\"" }.joined(separator: ",")
         XCTAssertEqual(try status("/admins", [("authorization", "Bearer \(try token(more: ",\"groups\":[\(many),\"admins\"]"))")]), 200)
         XCTAssertEqual(try status("/admins", [("authorization", "Bearer \(try token(more: ",\"groups\":[\(many)]"))")]), 403)
-        XCTAssertEqual(app.seen.count, 4)
+        XCTAssertEqual(app.seen.count, 5)
         XCTAssertFalse(app.seen.contains { $0.headers.contains(name: "authorization") }, "the token is not forwarded")
     }
 }
