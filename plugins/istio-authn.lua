@@ -46,10 +46,15 @@ local function unescape(v)
   return (v:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
 end
 
--- The token at one location, or nil.
+local AMBIGUOUS = {}
+
+-- The token at one location, nil, or AMBIGUOUS when the header (or parameter) is sent more than once
+-- (which one the upstream would read is not ours to guess: refused).
 local function token_at(s, loc)
   if loc.header then
-    local v = s.request.headers:get(loc.header)
+    local all = s.request.headers:get_all(loc.header)
+    if #all > 1 then return AMBIGUOUS end
+    local v = all[1]
     if not v then return nil end
     local p = loc.prefix
     if p ~= "" then
@@ -62,9 +67,14 @@ local function token_at(s, loc)
   elseif loc.param then
     local q = s.request.path:match("%?([^#]*)")
     if not q then return nil end
+    local found = nil
     for k, v in q:gmatch("([^&=]+)=([^&]*)") do
-      if unescape(k) == loc.param and v ~= "" then return unescape(v) end
+      if unescape(k) == loc.param and v ~= "" then
+        if found then return AMBIGUOUS end   -- the parameter twice: refused, as a header twice
+        found = unescape(v)
+      end
     end
+    return found
   else
     for _, line in ipairs(s.request.headers:get_all("cookie")) do
       for k, v in line:gmatch("([^;=%s]+)=([^;]*)") do
@@ -140,6 +150,9 @@ function authn.on_request(s, conf)
   local found = false
   for _, loc in ipairs(conf.locations) do
     local token = token_at(s, loc)
+    if token == AMBIGUOUS then
+      return reject(s, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections", 401, false)
+    end
     if token then
       found = true
       local claims, err, status, matched

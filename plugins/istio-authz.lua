@@ -114,6 +114,10 @@ local function any_match_value(ms, v)
   return any_match(ms, v)
 end
 
+-- s.auth of the request being evaluated (on_request runs to its end without yielding).
+local NOT_READ = {}
+local cur_auth = NOT_READ
+
 -- The request's value of an attribute (nil when it has none).
 local function value(s, k, c)
   if k == "principal" then return s.source.principal
@@ -131,9 +135,15 @@ local function value(s, k, c)
     return table.concat(all, ",")
   end
   -- request.auth.*: s.auth is set by RequestAuthentication (nil without a verified token).
-  local auth = s.auth
+  -- It is read once per request (each read of s.auth builds the table anew).
+  local auth = cur_auth
+  if auth == NOT_READ then auth = s.auth; cur_auth = auth end
   if auth == nil then return nil end
-  if k == "request_principal" then return auth.principal
+  if k == "request_principal" then
+    -- Istio's request principal needs both iss and sub: a token without `sub` (or with an
+    -- empty one) verifies but has no principal, so requestPrincipals ["*"] does not match it.
+    if auth.issuer == "" or auth.subject == "" then return nil end
+    return auth.principal
   elseif k == "auth_presenter" then return auth.presenter
   elseif k == "auth_audiences" then return auth.audiences
   elseif k == "auth_claims" then
@@ -216,6 +226,7 @@ end
 
 function authz.on_request(s, conf)
   if s.listener ~= "inbound" then return end
+  cur_auth = NOT_READ
   local audited = first_match(s, conf.audit)
   if audited then
     s.vars.access_log_hint = "true"

@@ -51,10 +51,15 @@ local function unescape(v)
   return (v:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
 end
 
--- The token at one location, or nil.
+local AMBIGUOUS = {}
+
+-- The token at one location, nil, or AMBIGUOUS when the header (or parameter) is sent more than once
+-- (which one the upstream would read is not ours to guess: refused).
 local function token_at(s, loc)
   if loc.header then
-    local v = s.request.headers:get(loc.header)
+    local all = s.request.headers:get_all(loc.header)
+    if #all > 1 then return AMBIGUOUS end
+    local v = all[1]
     if not v then return nil end
     local p = loc.prefix
     if p ~= "" then
@@ -67,9 +72,14 @@ local function token_at(s, loc)
   elseif loc.param then
     local q = s.request.path:match("%?([^#]*)")
     if not q then return nil end
+    local found = nil
     for k, v in q:gmatch("([^&=]+)=([^&]*)") do
-      if unescape(k) == loc.param and v ~= "" then return unescape(v) end
+      if unescape(k) == loc.param and v ~= "" then
+        if found then return AMBIGUOUS end   -- the parameter twice: refused, as a header twice
+        found = unescape(v)
+      end
     end
+    return found
   else
     for _, line in ipairs(s.request.headers:get_all("cookie")) do
       for k, v in line:gmatch("([^;=%s]+)=([^;]*)") do
@@ -145,6 +155,9 @@ function authn.on_request(s, conf)
   local found = false
   for _, loc in ipairs(conf.locations) do
     local token = token_at(s, loc)
+    if token == AMBIGUOUS then
+      return reject(s, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections", 401, false)
+    end
     if token then
       found = true
       local claims, err, status, matched
@@ -285,6 +298,10 @@ local function any_match_value(ms, v)
   return any_match(ms, v)
 end
 
+-- s.auth of the request being evaluated (on_request runs to its end without yielding).
+local NOT_READ = {}
+local cur_auth = NOT_READ
+
 -- The request's value of an attribute (nil when it has none).
 local function value(s, k, c)
   if k == "principal" then return s.source.principal
@@ -302,9 +319,15 @@ local function value(s, k, c)
     return table.concat(all, ",")
   end
   -- request.auth.*: s.auth is set by RequestAuthentication (nil without a verified token).
-  local auth = s.auth
+  -- It is read once per request (each read of s.auth builds the table anew).
+  local auth = cur_auth
+  if auth == NOT_READ then auth = s.auth; cur_auth = auth end
   if auth == nil then return nil end
-  if k == "request_principal" then return auth.principal
+  if k == "request_principal" then
+    -- Istio's request principal needs both iss and sub: a token without `sub` (or with an
+    -- empty one) verifies but has no principal, so requestPrincipals ["*"] does not match it.
+    if auth.issuer == "" or auth.subject == "" then return nil end
+    return auth.principal
   elseif k == "auth_presenter" then return auth.presenter
   elseif k == "auth_audiences" then return auth.audiences
   elseif k == "auth_claims" then
@@ -387,6 +410,7 @@ end
 
 function authz.on_request(s, conf)
   if s.listener ~= "inbound" then return end
+  cur_auth = NOT_READ
   local audited = first_match(s, conf.audit)
   if audited then
     s.vars.access_log_hint = "true"

@@ -321,9 +321,10 @@ final class AuthzFilterTests: XCTestCase {
     }
 
     func test_requestAuthFields_readSAuth_asRequestAuthenticationWillSetIt() throws {
-        // RequestAuthentication (another filter) is to set s.auth; until it lands, the
-        // filter's code runs here on stand-in streams (tables with an `auth` field): a
-        // call that ends in authz.deny raises (a table is not a stream), so it reads "deny".
+        // RequestAuthentication (istio-authn) sets s.auth; here the filter's code runs on
+        // stand-in streams (tables with an `auth` field): a call that ends in authz.deny
+        // raises (a table is not a stream), so it reads "deny". With real tokens through
+        // the proxy: AuthorizationWithJWTTests.
         let r = ConfigLoader().loadText("""
         apiVersion: security.istio.io/v1
         kind: AuthorizationPolicy

@@ -44,7 +44,7 @@ final class FixturePKI {
 /// and body, or the error that ended the handshake or connection.
 /// `maxVersion`, `ciphers`: limit what the client offers (to test the server's policy).
 func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "app", path: String = "/", method: HTTPMethod = .GET, alpn: [String] = ["http/1.1"],
-                expectedServer: [String] = [], maxVersion: TLSVersion? = nil, ciphers: String? = nil) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
+                expectedServer: [String] = [], maxVersion: TLSVersion? = nil, ciphers: String? = nil, extraHeaders: [(String, String)] = []) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     defer { try? group.syncShutdownGracefully() }
     do {
@@ -70,7 +70,7 @@ func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "ap
                 }
             }
             .connect(host: "127.0.0.1", port: port).wait()
-        ch.write(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: ["host": host, "connection": "close", "content-length": "0"])), promise: nil)
+        ch.write(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: HTTPHeaders([("host", host), ("connection", "close"), ("content-length", "0")] + extraHeaders))), promise: nil)
         ch.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
         let timer = group.next().scheduleTask(in: .seconds(5)) { promise.fail(ChannelError.connectTimeout(.seconds(5))) }
         defer { timer.cancel(); ch.close(promise: nil) }
