@@ -734,6 +734,55 @@ function router.on_request(s, conf)
   return reply(s, 404, "", "NR")                       -- no rule matched
 end
 
+-- Istio's retryOn, decided here for each failed attempt (the phase runs before the
+-- proxy decides a retry; a filter earlier in the chain may decide first). The
+-- policy is the stream's route retry (the matched rule's `retries`, Istio's
+-- default when it has none, or what a filter wrote to s.route.retry); the
+-- mechanism stays native: attempts, per-try timeout, backoff with jitter, another
+-- host, the replay buffer, the cluster's maxRetries.
+--   5xx             any 5xx, a reset, a connect failure, a per-try timeout
+--   gateway-error   502, 503, 504, a reset, a connect failure, a per-try timeout
+--   reset           a reset, a connect failure, a per-try timeout
+--   connect-failure a connect failure
+--   refused-stream  an HTTP/2 REFUSED_STREAM
+--   retriable-4xx   409
+--   a status code   that status (retriable-status-codes)
+local RETRY, NO_RETRY = moonlet.RETRY, moonlet.NO_RETRY
+
+-- retry_on text -> set of conditions (a policy's canonical text; bounded by the
+-- distinct policies of the configuration and of filters).
+local conditions_of = {}
+local function conditions(retry_on)
+  local c = conditions_of[retry_on]
+  if c then return c end
+  c = {}
+  for t in gmatch(retry_on, "[^,%s]+") do c[tonumber(t) or t] = true end
+  conditions_of[retry_on] = c
+  return c
+end
+
+local function retried(on, kind, status)
+  if kind == "connect-failure" then
+    return on["connect-failure"] or on["5xx"] or on["gateway-error"] or on.reset or false
+  elseif kind == "reset" then
+    return on.reset or on["5xx"] or on["gateway-error"] or false
+  elseif kind == "refused-stream" then
+    return on["refused-stream"] or on.reset or on["5xx"] or on["gateway-error"] or false
+  end
+  if kind == "timeout" then status = 504 end   -- Envoy counts a per-try timeout as 504
+  if on["5xx"] and status >= 500 then return true end
+  if on["gateway-error"] and (status == 502 or status == 503 or status == 504) then return true end
+  if on["retriable-4xx"] and status == 409 then return true end
+  return on[status] == true
+end
+
+function router.on_upstream_failure(s, conf, failure)
+  local policy = s.route.retry
+  if policy == nil then return NO_RETRY end
+  if retried(conditions(policy.retry_on), failure.kind, failure.status) then return RETRY end
+  return NO_RETRY
+end
+
 return router
 
 """#
