@@ -143,6 +143,9 @@ public final class ProxyStream {
     public var response: HTTPHead?
     /// Set by a filter (or the proxy) that answers locally.
     public var localReply: LocalReply?
+    /// The request target as the client sent it, when path normalization changed it
+    /// (nil otherwise: `request.target` is what arrived).
+    public var originalPath: String?
     public var source: PeerInfo
     public var destination = DestinationInfo()
     public var route: RouteDecision

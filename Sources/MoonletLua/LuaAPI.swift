@@ -138,6 +138,7 @@ enum LuaAPI {
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
             else if kw("path") { push(L, s.request.target) }
+            else if kw("original_path") { push(L, s.originalPath ?? s.request.target) }
             else if kw("method") { push(L, s.request.method) }
             else if kw("authority") { push(L, s.request.host) }
             else if kw("scheme") { push(L, "http") }

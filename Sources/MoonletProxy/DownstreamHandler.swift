@@ -494,6 +494,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             protocolError(e)
             return
         }
+        // Istio's path normalization, before anything reads the path.
+        var originalPath: String? = nil
+        switch normalizePath(&head, mode: ctx.snapshot.pathNormalization) {
+        case .success(let o): originalPath = o
+        case .failure(let e): protocolError(e); return
+        }
         head.stripHopByHop()
         if head.underscoreInName, let e = applyUnderscoreAction(&head) {
             protocolError(e)
@@ -554,6 +560,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         requestState = framing == .none ? .complete(buffered: false) : .body
         s.destination.port = role == .inbound ? ctx.settings.appPort : 0
         if role == .inbound { s.destination.address = acceptedAddress() }
+        if let o = originalPath { s.originalPath = o }
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
