@@ -23,11 +23,12 @@ final class LuaFilterTests: XCTestCase {
 
     override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
 
-    func spec(_ name: String, _ code: String, fail: FailStrategy = .failClose, config: ConfigValue = .map([]), maxInstructions: Int? = nil) -> LuaPluginSpec {
+    func spec(_ name: String, _ code: String, fail: FailStrategy = .failClose, config: ConfigValue = .map([]), maxInstructions: Int? = nil,
+              timeoutMs: Int? = nil) -> LuaPluginSpec {
         let path = "\(dir!)/\(name).lua"
         try! code.write(toFile: path, atomically: true, encoding: .utf8)
         return LuaPluginSpec(name: name, namespace: "", path: path, phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: config,
-                             failStrategy: fail, matchLabels: [:], maxInstructions: maxInstructions, maxMemoryBytes: nil, timeoutMs: nil, file: "test", line: 1)
+                             failStrategy: fail, matchLabels: [:], maxInstructions: maxInstructions, maxMemoryBytes: nil, timeoutMs: timeoutMs, file: "test", line: 1)
     }
 
     func chain(_ specs: [LuaPluginSpec]) throws -> FilterChain {

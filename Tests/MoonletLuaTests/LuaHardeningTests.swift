@@ -10,8 +10,8 @@ import MoonletTelemetry
 /// attack, run through the same plugin chain the proxy uses.
 extension LuaFilterTests {
     /// Runs `code` as the only filter's on_request and returns (action, seconds, last error).
-    func attack(_ code: String, fail: FailStrategy = .failClose) throws -> (FilterAction, Double, String) {
-        let c = try chain([spec("attack", "return { on_request = function(s)\n\(code)\nend }", fail: fail)])
+    func attack(_ code: String, fail: FailStrategy = .failClose, timeoutMs: Int? = nil) throws -> (FilterAction, Double, String) {
+        let c = try chain([spec("attack", "return { on_request = function(s)\n\(code)\nend }", fail: fail, timeoutMs: timeoutMs)])
         let s = stream()
         let t0 = Date()
         let action = c.runRequest(s)
