@@ -84,6 +84,7 @@ let package = Package(
         ], swiftSettings: hot),
         // Sidecar plumbing with no proxy in it: istio-iptables' rules and the pod injector.
         .target(name: "MoonletSidecar", dependencies: [
+            "MoonletCore",
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: v5),
         // `moonlet inject --webhook`: the injector behind an HTTPS admission webhook.

@@ -1,3 +1,4 @@
+import MoonletCore
 import Foundation
 import Yams
 
@@ -6,7 +7,7 @@ import Yams
 public func jsonText(_ node: Node) -> String {
     switch node {
     case .mapping(let m):
-        return "{" + m.map { jsonString($0.key.string ?? $0.key.scalar?.string ?? "") + ":" + jsonText($0.value) }.joined(separator: ",") + "}"
+        return "{" + m.map { JSON.quote($0.key.string ?? $0.key.scalar?.string ?? "") + ":" + jsonText($0.value) }.joined(separator: ",") + "}"
     case .sequence(let s):
         return "[" + s.map(jsonText).joined(separator: ",") + "]"
     case .scalar(let sc):
@@ -17,28 +18,12 @@ public func jsonText(_ node: Node) -> String {
         case .float: if let d = node.float, d.isFinite { return d == d.rounded() && abs(d) < 1e15 ? String(Int(d)) : String(d) }
         default: break
         }
-        return jsonString(sc.string)
+        return JSON.quote(sc.string)
     case .alias:
         return "null"
     }
 }
 
-/// A JSON string literal.
-public func jsonString(_ s: String) -> String {
-    var out = "\""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
-        }
-    }
-    return out + "\""
-}
 
 /// A mutating admission webhook's decision for one AdmissionReview (admission.k8s.io/v1):
 /// pods are injected as `moonlet inject` injects them, with the change as a JSONPatch.
@@ -61,16 +46,16 @@ public struct AdmissionReviewer: Sendable {
         guard let request = root[key: "request"], request.mapping != nil else { throw BadReview(description: "AdmissionReview without request") }
         let uid = request[key: "uid"]?.string ?? ""
         let apiVersion = root[key: "apiVersion"]?.string ?? "admission.k8s.io/v1"
-        var response = "{\"uid\":\(jsonString(uid)),\"allowed\":true"
+        var response = "{\"uid\":\(JSON.quote(uid)),\"allowed\":true"
         if request[path: ["kind", "kind"]]?.string == "Pod", let pod = request[key: "object"], pod.mapping != nil,
            request[key: "operation"]?.string ?? "CREATE" == "CREATE" {
             let patch = try self.patch(pod: pod)
             if !patch.isEmpty {
-                response += ",\"patchType\":\"JSONPatch\",\"patch\":\(jsonString(Data(patch.utf8).base64EncodedString()))"
+                response += ",\"patchType\":\"JSONPatch\",\"patch\":\(JSON.quote(Data(patch.utf8).base64EncodedString()))"
             }
         }
         response += "}"
-        return "{\"apiVersion\":\(jsonString(apiVersion)),\"kind\":\"AdmissionReview\",\"response\":\(response)}"
+        return "{\"apiVersion\":\(JSON.quote(apiVersion)),\"kind\":\"AdmissionReview\",\"response\":\(response)}"
     }
 
     /// The JSONPatch (RFC 6902) that injects a pod, or "" when the pod is left alone.

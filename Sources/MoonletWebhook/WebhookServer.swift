@@ -1,3 +1,4 @@
+import MoonletCore
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -151,7 +152,7 @@ final class AdmissionHandler: ChannelInboundHandler {
             return (.ok, try webhook.reviewer.review(text))
         } catch {
             webhook.log("inject webhook: \(h.uri): \(error)")
-            return (.badRequest, "{\"error\":\(jsonString("\(error)"))}")
+            return (.badRequest, "{\"error\":\(JSON.quote("\(error)"))}")
         }
     }
 
