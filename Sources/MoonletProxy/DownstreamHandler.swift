@@ -13,12 +13,13 @@ import NIOTLS
 /// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
 ///
 /// Split by concern: this file has the connection, the HTTP/1.1 request codec, the
-/// request head phase and the downstream stream interface (sendHead/sendBody/sendEnd);
-/// the executor's other phases (request body, response head and body, local replies, end
+/// request head phase and the calls of the downstream stream interface
+/// (sendHead/sendBody/sendEnd, written by HTTP1Downstream or HTTP2ServerStream, see
+/// DownstreamStream.swift); the executor's other phases (request body, response head and body, local replies, end
 /// of stream) are in StreamPhases.swift, the upstream side (endpoint, limits, connect,
 /// retries with on_upstream_failure, mirrors) in UpstreamDispatch.swift, the request
 /// metrics in StreamTelemetry, the per-side states in StreamStates.swift.
-final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, DeferredFlush {
+final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -63,17 +64,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// The upstream's reading is paused because the downstream cannot take more; undone
     /// before the connection goes back to the pool (or an HTTP/2 stream finishes).
     var upstreamPaused = false
-    /// How the response body is framed to the client.
-    var responseFraming = ResponseFraming.asIs
-    /// Bytes were written to the client since its last flush.
-    var unflushed = false
-    /// A flush of the client connection waits for the end of the loop's batch of I/O
-    /// events (see LoopContext.flushLater).
-    var flushQueued = false
-    /// The response head, held back until the first body bytes, the end of the
-    /// response or the end of the upstream read: a small response then leaves in one
-    /// write (one trip through the pipeline) instead of two.
-    var heldHead: ByteBuffer?
     var closeAfterResponse = false
     var streamTimer: Scheduled<Void>?
     var perTryTimer: Scheduled<Void>?
@@ -99,14 +89,15 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var watchIndex = -1
     var lastActivity: UInt64 = 0
     var closed = false
-    /// Whether reading from the client is paused (backpressure or pipelined backlog).
-    var readPaused = false
     /// Istio's request metrics of this connection's streams.
     var telemetry: StreamTelemetry
 
-    /// The HTTP/2 stream this handler serves: its bytes come from and go to the stream,
-    /// not a channel (`context` stays nil). Set before its first request byte.
-    var h2: HTTP2ServerStream?
+    /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
+    /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
+    /// stream, not a channel: `context` stays nil).
+    let downstream: Downstream
+    /// The HTTP/2 stream this handler serves, if it serves one.
+    var h2: HTTP2ServerStream? { downstream.http2 }
     /// Whether this handler serves one HTTP/2 stream.
     var http2Stream: Bool { h2 != nil }
     /// First bytes of a connection not seen yet: they may be the HTTP/2 preface (h2c
@@ -115,8 +106,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
     var h2Connection: HTTP2ServerConnection?
 
-    init(ctx: LoopContext, role: ListenerRole) {
+    /// `stream`: the HTTP/2 stream this handler serves (nil: an HTTP/1.1 connection).
+    init(ctx: LoopContext, role: ListenerRole, stream: HTTP2ServerStream? = nil) {
         self.ctx = ctx
+        downstream = stream.map { .http2($0) } ?? .http1(HTTP1Downstream(ctx: ctx))
         self.role = role
         self.limits = ctx.settings.limits
         telemetry = StreamTelemetry(role: role)
@@ -128,7 +121,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
 
     // MARK: channel events
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if case .http1(let d) = downstream { d.context = context }
+    }
 
     /// The connection is gone: drop the stored context. Handler and context refer to each
     /// other, so without this every closed connection's handler, context and buffers
@@ -138,6 +134,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         closed = true
         cancelTimers()
         self.context = nil
+        if case .http1(let d) = downstream { d.context = nil }
         h2Connection?.connectionClosed()
         h2Connection = nil
     }
@@ -311,70 +308,22 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
     }
 
-    /// Whether the client side takes more bytes now (its channel, or its HTTP/2 stream).
-    var downstreamWritable: Bool { h2?.writable ?? context.channel.isWritable }
 
     // MARK: writes
     //
-    // Every write is flushed by the end of the event loop's current batch of I/O events
-    // (LoopContext.flushLater), not at once: the writes for all the streams whose bytes
-    // arrived in one batch then leave together, as HAProxy sends after its poll loop, and
-    // the client and the app behind the proxy are woken once per burst instead of once
-    // per response (measured: a quarter fewer epoll wake-ups of the load generator).
-    // Before a close, and when a channel's buffer is full, the flush happens at once.
+    // The client's writes go through `downstream` (DownstreamStream.swift), flushed at the
+    // end of the loop's batch of I/O events (LoopContext.flushLater); the upstream's here.
 
-    /// Writes `b` to the client; flushed at the end of the batch.
+    /// Flushes what was written to the client now.
     @inline(__always)
-    func writeDownstream(_ b: ByteBuffer) {
-        emit(b)
-        markUnflushed()
-    }
-
-    /// Hands `b` to the client's channel. An HTTP/2 stream is given parsed heads and body
-    /// chunks instead (HTTP2ServerStream.holdResponseHead, responseBody, endResponse):
-    /// no HTTP/1.1 bytes are written for it.
-    @inline(__always)
-    func emit(_ b: ByteBuffer) {
-        assert(h2 == nil, "HTTP/1.1 bytes written to an HTTP/2 stream")
-        context.write(wrapOutboundOut(b), promise: nil)
-    }
-
-    /// Records that the client has bytes to flush (written, or a held head) and queues
-    /// the flush.
-    @inline(__always)
-    func markUnflushed() {
-        unflushed = true
-        if !flushQueued { ctx.flushLater(self) }
-    }
-
-    /// Flushes what was written to the client now, skipping the pipeline when nothing was.
-    @inline(__always)
-    func flushDownstream() {
-        guard unflushed else { return }
-        releaseHeldHead()
-        unflushed = false
-        // An HTTP/2 stream's frames are flushed by its connection (queued when written).
-        if h2 == nil { context.flush() }
-    }
-
-    /// The end of the loop's batch: flushes the client's pending bytes (nothing once the
-    /// handler has left its pipeline or its HTTP/2 stream ended).
-    func flushNow() {
-        guard context != nil || (h2 != nil && !closed) else { return }
-        flushDownstream()
-    }
+    func flushDownstream() { downstream.flush() }
 
     /// Flushes what the client has pending, then closes its connection (or ends its
     /// HTTP/2 stream: after a complete response, or with a reset).
-    func closeDownstream() {
-        flushDownstream()
-        closeTransport()
-    }
+    func closeDownstream() { downstream.reset() }
 
     /// Closes the client connection, or ends the HTTP/2 stream.
-    func closeTransport() {
-        if let h2 { h2.close() } else { context.close(promise: nil) }
-    }
+    func closeTransport() { downstream.closeTransport() }
 
     /// Writes `b` to the upstream connection `u`; flushed at the end of the batch.
     @inline(__always)
@@ -389,12 +338,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     @inline(__always)
     func releaseHeldHead() {
         if responseState == .headHeld { responseState = .streaming }
-        if let h2 { h2.releaseHeld(end: false); return }
-        if let h = heldHead { heldHead = nil; emit(h); ctx.recycle(h) }
+        downstream.releaseHeld()
     }
-
-    /// Bodies up to this size are copied behind a held head rather than written apart.
-    static let mergedBodyLimit = 16 * 1024
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         guard !closed else { return }
@@ -402,12 +347,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     /// Pauses or resumes reading from the client; a no-op when already in that state.
-    func setReading(_ on: Bool) {
-        guard readPaused == on else { return }
-        readPaused = !on
-        if let h2 { h2.setReading(on); return }
-        context.channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
-    }
+    @inline(__always)
+    func setReading(_ on: Bool) { downstream.setReading(on) }
 
     /// The first bytes are the HTTP/2 preface (h2c prior knowledge, or h2 after ALPN):
     /// from now on this connection's bytes go to its HTTP/2 server side, and each stream
@@ -546,7 +487,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         stream = s
         chain = ctx.chain
         responseState = .none
-        responseFraming = .asIs
         closeAfterResponse = !keepAlive
         requestChunked = framing == .chunked
         // An HTTP/2 stream's body comes as DATA chunks (h2Body), not bytes to decode.
@@ -575,7 +515,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         if s.request.expectContinue && requestState == .body {
             s.request.removeAll(of: .expect)
-            if let h2 { h2.writeContinue() } else { writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")) }
+            downstream.sendContinue()
         }
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
@@ -659,77 +599,32 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     // MARK: downstream stream interface
     //
     // What the phases give the client, for both protocols: sendHead, sendBody, sendEnd,
-    // resetDownstream, setReading. HTTP/1.1 writes the head as bytes (held so a small body
-    // leaves in the same write, body re-framed chunked when needed); HTTP/2 hands the
-    // parsed head and the chunks to its HTTP2ServerStream, which writes HPACK and DATA
-    // frames. A proxied response and a local reply take the same path.
+    // resetDownstream, setReading. The handler keeps the response's state (ResponseState,
+    // closeAfterResponse); the writes are the `downstream`'s: HTTP1Downstream writes the
+    // head as bytes (held so a small body leaves in the same write, body re-framed chunked
+    // when needed), HTTP2ServerStream writes HPACK and DATA frames. A proxied response
+    // and a local reply take the same path.
 
     /// The response head (after the response filters).
     func sendHead(_ head: HTTPHead) {
         guard let s = stream else { return }
-        let clientMinor = s.request.versionMinor
-        responseFraming = .asIs
-        if let h2 {
-            // HTTP/2 frames the body itself: the head goes to the stream as it is.
-            if !requestState.isComplete { closeAfterResponse = true }
-            responseState = .headHeld
-            h2.holdResponseHead(head)
-            markUnflushed()
-            return
-        }
-        switch head.framing {
-        case .chunked, .untilClose:
-            if clientMinor == 1 { responseFraming = .chunked } else { responseFraming = .untilClose; closeAfterResponse = true }
-        default: break
-        }
-        if !requestState.isComplete || ctx.draining { closeAfterResponse = true } // body still arriving: can't resync
-        // Room for a small body too: it is copied behind the head (see heldHead).
-        var room = 0
-        if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
-        var out = ctx.outputBuffer(capacity: head.bytes.readableBytes + 128 + room)
-        let chunked = responseFraming == .chunked
-        let close = closeAfterResponse
-        HeadWriter.writeResponse(head, into: &out) { o in
-            o.writeStaticString("server: moonlet\r\n")
-            if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
-            if close { o.writeStaticString("connection: close\r\n") }
-            else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
-        }
         responseState = .headHeld
-        heldHead = out
-        markUnflushed()
+        downstream.sendHead(head, clientMinor: s.request.versionMinor, requestComplete: requestState.isComplete,
+                            draining: ctx.draining, closeAfter: &closeAfterResponse)
     }
 
     /// A chunk of the response body.
+    @inline(__always)
     func sendBody(_ chunk: ByteBuffer) {
-        if let h2 {
-            h2.responseBody(chunk)
-            markUnflushed()
-            if !downstreamWritable { flushDownstream() }
-            return
-        }
-        if heldHead != nil {
-            if chunk.readableBytes <= Self.mergedBodyLimit {
-                if responseFraming == .chunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
-                releaseHeldHead()
-                if !downstreamWritable { flushDownstream() }
-                return
-            }
-            releaseHeldHead()
-        }
-        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseFraming == .chunked, allocator: ctx.allocator))
-        if !downstreamWritable { flushDownstream() }
+        if responseState == .headHeld { responseState = .streaming }
+        downstream.sendBody(chunk)
     }
 
     /// The response is complete (HTTP/2: END_STREAM on the last frame; HTTP/1.1: the last
     /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
     /// already queued the flush).
     func sendEnd() {
-        if let h2 { h2.endResponse() }
-        else if responseFraming == .chunked {
-            if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
-            else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
-        }
+        downstream.sendEnd()
         responseState = .ended
     }
 
@@ -745,24 +640,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         telemetry.recordProtocolError(status: e.status, responseBytes: body.utf8.count, ctx: ctx)
         closed = true
         inbound = nil
-        if let h2 {
-            // The same answer as a head, not bytes (see emit).
-            var b = HTTPHeadBuilder(status: e.status, buffer: ctx.allocator.buffer(capacity: 96))
-            b.add("content-length", String(body.utf8.count), kind: .contentLength)
-            b.add("content-type", "text/plain", kind: .other)
-            b.set(framing: .contentLength(Int64(body.utf8.count)))
-            h2.holdResponseHead(b.finish())
-            if !h2.requestIsHead { h2.responseBody(ByteBuffer(string: body)) }
-            h2.endResponse()
-            h2.close()
-            return
-        }
-        var out = ctx.allocator.buffer(capacity: 128)
-        HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
-        out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
-        out.writeString(body)
-        let c = context!
-        c.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in c.close(promise: nil) }
+        downstream.sendProtocolError(e, body: body)
     }
 
     // MARK: timers
@@ -826,7 +704,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func checkBodyIdle(now: UInt64) {
         guard !closed else { return }
         let ms = limits.requestBodyIdleTimeoutMs, total = limits.requestTimeoutMs
-        let idle = ms > 0 && !readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
+        let idle = ms > 0 && !downstream.readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
         if let s = stream {
             // Once the response is under way the stream ends with it (finishStream closes
             // a connection whose request body is unfinished).
