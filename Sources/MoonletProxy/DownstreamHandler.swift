@@ -17,7 +17,8 @@ import NIOTLS
 /// (sendHead/sendBody/sendEnd, written by HTTP1Downstream or HTTP2ServerStream, see
 /// DownstreamStream.swift); the executor's other phases (request body, response head and body, local replies, end
 /// of stream) are in StreamPhases.swift, the upstream side (endpoint, limits, connect,
-/// retries with on_upstream_failure, mirrors) in UpstreamDispatch.swift, the request
+/// retries with on_upstream_failure, mirrors) in UpstreamDispatcher (UpstreamDispatch.swift,
+/// its own type with the attempt's state, one per handler, pooled per loop), the request
 /// metrics in StreamTelemetry, the per-side states in StreamStates.swift.
 final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
@@ -41,8 +42,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var handshakeTimer: Scheduled<Void>?
     /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
     var tlsEstablished = false
-    /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
-    var upstreamTLS: UpstreamTLS?
 
     // Current stream.
     var stream: ProxyStream?
@@ -53,10 +52,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var requestState = RequestState.head
     /// The upstream request is chunk-framed and its last chunk is not written yet.
     var requestChunked = false
-    /// Where the current attempt's upstream side is (idle, resolving, waiting for a
-    /// connection, connecting, attached to a connection).
-    var upstreamState = UpstreamState.idle
-    var pendingUpstream: ByteBuffer?
+    /// The upstream side of the streams (UpstreamDispatch.swift): endpoint, limits, pool
+    /// wait, connect, retries, mirrors, and the current attempt's state.
+    let dispatcher: UpstreamDispatcher
     /// Where the response to the client is (none yet, head held, streaming, ended). An
     /// HTTP/2 stream may close while an ended response is flushed, which is then not a
     /// downstream disconnect.
@@ -66,23 +64,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var upstreamPaused = false
     var closeAfterResponse = false
     var streamTimer: Scheduled<Void>?
-    var perTryTimer: Scheduled<Void>?
-    /// Retry attempt of the current stream (0 = first try) and the request bytes
-    /// kept to replay it.
-    var attempt = 0
-    var replay: ByteBuffer?
-    /// Set while the stream waits for a connection (cluster at maxConnections).
-    var waiter: PoolWaiter?
-    var waitingCircuit: CircuitCounters?
-    var waitTimer: RepeatedTask?
-    /// The cluster retry slot (maxRetries) of the attempt in flight.
-    var retrySlotHeld: CircuitCounters?
-    /// Whether the stream counts against its cluster's http2MaxRequests.
-    var holdsRequestSlot = false
-    /// Mirror copies waiting for the request to complete, and where the body starts
-    /// in `replay`.
-    var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
-    var replayHeadLength = 0
     /// When an incomplete request head times out (uptime ns; 0: no head pending).
     var headerDeadline: UInt64 = 0
     /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
@@ -113,11 +94,17 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         self.role = role
         self.limits = ctx.settings.limits
         telemetry = StreamTelemetry(role: role)
+        dispatcher = ctx.takeDispatcher()
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
         ctx.liveHandlers += 1
+        dispatcher.h = self
     }
 
-    deinit { ctx.liveHandlers -= 1 }
+    deinit {
+        ctx.liveHandlers -= 1
+        // Nothing refers to the dispatcher any more: its callbacks all held this handler.
+        ctx.giveBack(dispatcher)
+    }
 
     // MARK: channel events
 
@@ -141,8 +128,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// Cancels the connection's timers, which hold this handler (see "timers" below).
     func cancelTimers() {
-        streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
-        streamTimer = nil; perTryTimer = nil; handshakeTimer = nil
+        streamTimer?.cancel(); dispatcher.perTryTimer?.cancel(); handshakeTimer?.cancel()
+        streamTimer = nil; dispatcher.perTryTimer = nil; handshakeTimer = nil
         ctx.unwatch(self)
     }
 
@@ -523,11 +510,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             let sid = s.id
             ctx.loop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
                 guard let cur = self.stream, cur.id == sid, !self.closed else { return }
-                self.goUpstream()
+                self.dispatcher.start()
             }
             return
         }
-        goUpstream()
+        dispatcher.start()
     }
 
     /// RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, and the

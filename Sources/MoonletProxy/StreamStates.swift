@@ -85,9 +85,13 @@ extension DownstreamHandler {
     /// state); setting nil makes the upstream side idle.
     @inline(__always)
     var upstream: UpstreamConnection? {
-        get { if case .attached(let c) = upstreamState { return c } else { return nil } }
-        set { upstreamState = newValue.map { .attached($0) } ?? .idle }
+        get { dispatcher.upstream }
+        set { dispatcher.upstream = newValue }
     }
+
+    /// The connection or its request failed before the response completed (the
+    /// dispatcher's retry decision, UpstreamDelegate).
+    func upstreamFailed(_ reason: UpstreamFailure) { dispatcher.upstreamFailed(reason) }
 
     /// Something of the response was sent (or held to be sent) to the client: it can no
     /// longer be retried or replaced by a local reply.
