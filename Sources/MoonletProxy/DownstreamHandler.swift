@@ -40,8 +40,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var xfccElement: String?
     /// Closes a connection whose TLS handshake (or PERMISSIVE first byte) takes too long.
     var handshakeTimer: Scheduled<Void>?
-    /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
-    var tlsEstablished = false
+    /// Where the connection's transport is: TLS handshake done or not (later TLS errors, an
+    /// unclean close, are not refusals), first bytes read or not (they may be the HTTP/2
+    /// preface, h2c prior knowledge). A stream's handler never reads a channel, so never
+    /// leaves `.fresh`.
+    var transport = TransportState.fresh
 
     // Current stream.
     var stream: ProxyStream?
@@ -50,7 +53,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Where the current request is (head awaited, body streaming or being buffered,
     /// complete).
     var requestState = RequestState.head
-    /// The upstream request is chunk-framed and its last chunk is not written yet.
+    /// The upstream request is chunk-framed and its last chunk is not written yet. A flag,
+    /// not a state: it holds across the RequestState cases (body, buffered, complete) and
+    /// ends when the last chunk is written, which is not a change of the request's state.
     var requestChunked = false
     /// The upstream side of the streams (UpstreamDispatch.swift): endpoint, limits, pool
     /// wait, connect, retries, mirrors, and the current attempt's state.
@@ -60,16 +65,17 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// downstream disconnect.
     var responseState = ResponseState.none
     /// The upstream's reading is paused because the downstream cannot take more; undone
-    /// before the connection goes back to the pool (or an HTTP/2 stream finishes).
+    /// before the connection goes back to the pool (or an HTTP/2 stream finishes). A
+    /// flag: backpressure, independent of the attempt's UpstreamState (always attached).
     var upstreamPaused = false
-    var closeAfterResponse = false
+    /// Open, closing once the current response is written, or closed.
+    var connection = ConnectionState.open
     var streamTimer: Scheduled<Void>?
     /// When an incomplete request head times out (uptime ns; 0: no head pending).
     var headerDeadline: UInt64 = 0
     /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
     var watchIndex = -1
     var lastActivity: UInt64 = 0
-    var closed = false
     /// Istio's request metrics of this connection's streams.
     var telemetry: StreamTelemetry
 
@@ -81,9 +87,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var h2: HTTP2ServerStream? { downstream.http2 }
     /// Whether this handler serves one HTTP/2 stream.
     var http2Stream: Bool { h2 != nil }
-    /// First bytes of a connection not seen yet: they may be the HTTP/2 preface (h2c
-    /// prior knowledge). A stream's handler never reads a channel, so never sniffs.
-    var sniffing = true
     /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
     var h2Connection: HTTP2ServerConnection?
 
@@ -118,7 +121,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// stayed in memory (about 3 KB per connection, seen as RSS growth under churn).
     /// Every callback that can still arrive checks `closed` first.
     func handlerRemoved(context: ChannelHandlerContext) {
-        closed = true
+        connection = .closed
         cancelTimers()
         self.context = nil
         if case .http1(let d) = downstream { d.context = nil }
@@ -171,7 +174,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// The connection or stream is gone: a stream in progress ends as a downstream
     /// disconnect unless its whole response was written.
     func ended() {
-        closed = true
+        connection = .closed
         cancelTimers()
         if let s = stream {
             if responseState != .ended { s.responseFlags.insert(.downstreamConnectionTermination) }
@@ -181,7 +184,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if !tlsEstablished && (error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError) {
+        if !transport.tlsEstablished && (error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError) {
             // A refused mTLS handshake: untrusted, expired, no certificate, or not TLS at all.
             ctx.metrics.count("moonlet_inbound_tls_refused_total")
             if ctx.mayLogTLSRefusal() {
@@ -215,7 +218,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 case nil: context.close(promise: nil); return
                 }
             }
-            tlsEstablished = true
+            transport.tlsCompleted()
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -230,9 +233,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let incoming = unwrapInboundIn(data)
         if let h = h2Connection { h.receive(incoming); return }
-        if sniffing {
+        if transport.firstBytes {
             // "PRI " starts only the HTTP/2 preface (PRI is not an HTTP/1.1 method in use).
-            sniffing = false
+            transport.firstBytesRead()
             if incoming.readableBytesView.starts(with: HTTP2ServerConnection.preface.prefix(4)) {
                 switchToHTTP2(context: context, first: incoming)
                 return
@@ -474,7 +477,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         stream = s
         chain = ctx.chain
         responseState = .none
-        closeAfterResponse = !keepAlive
+        connection = keepAlive ? .open : .closeAfterResponse
         requestChunked = framing == .chunked
         // An HTTP/2 stream's body comes as DATA chunks (h2Body), not bytes to decode.
         reqDecoder = framing == .none || h2 != nil ? nil : BodyDecoder(framing: framing)
@@ -587,7 +590,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     //
     // What the phases give the client, for both protocols: sendHead, sendBody, sendEnd,
     // resetDownstream, setReading. The handler keeps the response's state (ResponseState,
-    // closeAfterResponse); the writes are the `downstream`'s: HTTP1Downstream writes the
+    // ConnectionState); the writes are the `downstream`'s: HTTP1Downstream writes the
     // head as bytes (held so a small body leaves in the same write, body re-framed chunked
     // when needed), HTTP2ServerStream writes HPACK and DATA frames. A proxied response
     // and a local reply take the same path.
@@ -596,8 +599,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func sendHead(_ head: HTTPHead) {
         guard let s = stream else { return }
         responseState = .headHeld
+        var close = connection != .open
         downstream.sendHead(head, clientMinor: s.request.versionMinor, requestComplete: requestState.isComplete,
-                            draining: ctx.draining, closeAfter: &closeAfterResponse)
+                            draining: ctx.draining, closeAfter: &close)
+        if close { closeAfterResponse() }
     }
 
     /// A chunk of the response body.
@@ -625,7 +630,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         ctx.logger.debug("downstream \(peer.address): \(e.reason)")
         let body = e.reason + "\n"
         telemetry.recordProtocolError(status: e.status, responseBytes: body.utf8.count, ctx: ctx)
-        closed = true
+        connection = .closed
         inbound = nil
         downstream.sendProtocolError(e, body: body)
     }
@@ -644,7 +649,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// The proxy drains: HTTP/2 sends GOAWAY; HTTP/1.1 closes after the response in flight.
     func drain() {
         guard !closed, context != nil else { return }
-        if let h = h2Connection { h.drain() } else if stream != nil { closeAfterResponse = true }
+        if let h = h2Connection { h.drain() } else if stream != nil { closeAfterResponse() }
     }
 
     /// The loop's deadline check (LoopContext.checkDeadlines, every watchTickMs): an
@@ -661,7 +666,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if let h = h2Connection, h.continuationDeadline != 0 && now >= h.continuationDeadline {
             // A header block split over CONTINUATION frames that never ends: no other
             // frame can come meanwhile, so the connection goes.
-            closed = true
+            connection = .closed
             h.fail(HTTP2ConnectionError(.enhanceYourCalm, "request header timeout (CONTINUATION)"))
             return
         }
@@ -677,7 +682,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard idleMs > 0, stream == nil, h2Connection?.streams.isEmpty ?? true else { return }
         let last = max(lastActivity, h2Connection?.lastStreamEnd ?? 0)
         if now &- last >= UInt64(idleMs) * 1_000_000 {
-            closed = true
+            connection = .closed
             if let h = h2Connection { h.fail(HTTP2ConnectionError(.noError, "idle")) } else { context.close(promise: nil) }
         }
     }
@@ -713,7 +718,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         streamTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            self.closeAfterResponse = self.closeAfterResponse || !self.requestState.isComplete
+            if !self.requestState.isComplete { self.closeAfterResponse() }
             self.sendLocalReply()
         }
     }

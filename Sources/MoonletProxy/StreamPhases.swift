@@ -74,7 +74,7 @@ extension DownstreamHandler {
         if let u = upstream { u.abandon(); upstream = nil }
         dispatcher.pending = nil
         if responseStarted { resetDownstream(); return }
-        closeAfterResponse = closeAfterResponse || !requestState.isComplete
+        if !requestState.isComplete { closeAfterResponse() }
         sendLocalReply()
     }
 
@@ -156,7 +156,7 @@ extension DownstreamHandler {
         if !requestState.isComplete && reqDecoder == nil && h2 == nil { requestState = .complete(buffered: requestState.isBuffered) }
         if !requestState.isComplete {
             // Unread request body: it can't be skipped reliably if large; close after.
-            closeAfterResponse = true
+            closeAfterResponse()
         }
         if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
         s.responseCode = reply.status
@@ -258,7 +258,7 @@ extension DownstreamHandler {
 
     func localReplyAndClose(_ status: Int, _ reason: String) {
         guard let s = stream else { return }
-        closeAfterResponse = true
+        closeAfterResponse()
         s.respond(status, body: reason + "\n", headers: [])
         requestState = .complete(buffered: requestState.isBuffered)
         reqDecoder = nil
@@ -289,14 +289,15 @@ extension DownstreamHandler {
         if let u = upstream { u.abandon(); upstream = nil }
         dispatcher.pending = nil
         dispatcher.state = .idle
-        if closeAfterResponse || closed {
-            if !closed { closed = true; closeDownstream() }
-            return
+        switch connection {
+        case .closed: return
+        case .closeAfterResponse: connection = .closed; closeDownstream(); return
+        case .open: break
         }
         if requestUnfinished {
             // Answered before the body ended (local reply): the rest of the body cannot be
             // told apart from the next request reliably, so the connection closes.
-            closed = true; closeTransport(); return
+            connection = .closed; closeTransport(); return
         }
         setReading(true)
         lastActivity = now

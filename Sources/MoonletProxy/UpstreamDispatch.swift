@@ -457,7 +457,7 @@ final class UpstreamDispatcher {
             if self.retryIfAllowed(cur, .perTryTimeout) { return }
             if let u = self.upstream { u.abandon(); self.upstream = nil }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            h.closeAfterResponse = h.closeAfterResponse || !h.requestState.isComplete
+            if !h.requestState.isComplete { h.closeAfterResponse() }
             h.sendLocalReply()
         }
     }
@@ -508,7 +508,7 @@ final class UpstreamDispatcher {
         case .protocolError(let why):
             s.respond(502, body: "upstream protocol error: \(why)", flags: .upstreamProtocolError)
         }
-        if !h.requestState.isComplete { h.closeAfterResponse = true }
+        if !h.requestState.isComplete { h.closeAfterResponse() }
         h.sendLocalReply()
     }
 
