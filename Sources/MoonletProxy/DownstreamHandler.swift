@@ -13,12 +13,14 @@ import NIOTLS
 /// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
 ///
 /// Split by concern: this file has the connection, the HTTP/1.1 request codec, the
-/// request head phase and the downstream stream interface (sendHead/sendBody/sendEnd);
-/// the executor's other phases (request body, response head and body, local replies, end
+/// request head phase and the calls of the downstream stream interface
+/// (sendHead/sendBody/sendEnd, written by HTTP1Downstream or HTTP2ServerStream, see
+/// DownstreamStream.swift); the executor's other phases (request body, response head and body, local replies, end
 /// of stream) are in StreamPhases.swift, the upstream side (endpoint, limits, connect,
-/// retries with on_upstream_failure, mirrors) in UpstreamDispatch.swift, the request
+/// retries with on_upstream_failure, mirrors) in UpstreamDispatcher (UpstreamDispatch.swift,
+/// its own type with the attempt's state, one per handler, pooled per loop), the request
 /// metrics in StreamTelemetry, the per-side states in StreamStates.swift.
-final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, DeferredFlush {
+final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -38,10 +40,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     var xfccElement: String?
     /// Closes a connection whose TLS handshake (or PERMISSIVE first byte) takes too long.
     var handshakeTimer: Scheduled<Void>?
-    /// The inbound TLS handshake completed: later TLS errors (an unclean close) are not refusals.
-    var tlsEstablished = false
-    /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
-    var upstreamTLS: UpstreamTLS?
+    /// Where the connection's transport is: TLS handshake done or not (later TLS errors, an
+    /// unclean close, are not refusals), first bytes read or not (they may be the HTTP/2
+    /// preface, h2c prior knowledge). A stream's handler never reads a channel, so never
+    /// leaves `.fresh`.
+    var transport = TransportState.fresh
 
     // Current stream.
     var stream: ProxyStream?
@@ -50,102 +53,86 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// Where the current request is (head awaited, body streaming or being buffered,
     /// complete).
     var requestState = RequestState.head
-    /// The upstream request is chunk-framed and its last chunk is not written yet.
+    /// The upstream request is chunk-framed and its last chunk is not written yet. A flag,
+    /// not a state: it holds across the RequestState cases (body, buffered, complete) and
+    /// ends when the last chunk is written, which is not a change of the request's state.
     var requestChunked = false
-    /// Where the current attempt's upstream side is (idle, resolving, waiting for a
-    /// connection, connecting, attached to a connection).
-    var upstreamState = UpstreamState.idle
-    var pendingUpstream: ByteBuffer?
+    /// The upstream side of the streams (UpstreamDispatch.swift): endpoint, limits, pool
+    /// wait, connect, retries, mirrors, and the current attempt's state.
+    let dispatcher: UpstreamDispatcher
     /// Where the response to the client is (none yet, head held, streaming, ended). An
     /// HTTP/2 stream may close while an ended response is flushed, which is then not a
     /// downstream disconnect.
     var responseState = ResponseState.none
     /// The upstream's reading is paused because the downstream cannot take more; undone
-    /// before the connection goes back to the pool (or an HTTP/2 stream finishes).
+    /// before the connection goes back to the pool (or an HTTP/2 stream finishes). A
+    /// flag: backpressure, independent of the attempt's UpstreamState (always attached).
     var upstreamPaused = false
-    /// How the response body is framed to the client.
-    var responseFraming = ResponseFraming.asIs
-    /// Bytes were written to the client since its last flush.
-    var unflushed = false
-    /// A flush of the client connection waits for the end of the loop's batch of I/O
-    /// events (see LoopContext.flushLater).
-    var flushQueued = false
-    /// The response head, held back until the first body bytes, the end of the
-    /// response or the end of the upstream read: a small response then leaves in one
-    /// write (one trip through the pipeline) instead of two.
-    var heldHead: ByteBuffer?
-    var closeAfterResponse = false
+    /// Open, closing once the current response is written, or closed.
+    var connection = ConnectionState.open
     var streamTimer: Scheduled<Void>?
-    var perTryTimer: Scheduled<Void>?
-    /// Retry attempt of the current stream (0 = first try) and the request bytes
-    /// kept to replay it.
-    var attempt = 0
-    var replay: ByteBuffer?
-    /// Set while the stream waits for a connection (cluster at maxConnections).
-    var waiter: PoolWaiter?
-    var waitingCircuit: CircuitCounters?
-    var waitTimer: RepeatedTask?
-    /// The cluster retry slot (maxRetries) of the attempt in flight.
-    var retrySlotHeld: CircuitCounters?
-    /// Whether the stream counts against its cluster's http2MaxRequests.
-    var holdsRequestSlot = false
-    /// Mirror copies waiting for the request to complete, and where the body starts
-    /// in `replay`.
-    var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
-    var replayHeadLength = 0
     /// When an incomplete request head times out (uptime ns; 0: no head pending).
     var headerDeadline: UInt64 = 0
     /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
     var watchIndex = -1
     var lastActivity: UInt64 = 0
-    var closed = false
-    /// Whether reading from the client is paused (backpressure or pipelined backlog).
-    var readPaused = false
     /// Istio's request metrics of this connection's streams.
     var telemetry: StreamTelemetry
 
-    /// The HTTP/2 stream this handler serves: its bytes come from and go to the stream,
-    /// not a channel (`context` stays nil). Set before its first request byte.
-    var h2: HTTP2ServerStream?
+    /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
+    /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
+    /// stream, not a channel: `context` stays nil).
+    let downstream: Downstream
+    /// The HTTP/2 stream this handler serves, if it serves one.
+    var h2: HTTP2ServerStream? { downstream.http2 }
     /// Whether this handler serves one HTTP/2 stream.
     var http2Stream: Bool { h2 != nil }
-    /// First bytes of a connection not seen yet: they may be the HTTP/2 preface (h2c
-    /// prior knowledge). A stream's handler never reads a channel, so never sniffs.
-    var sniffing = true
     /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
     var h2Connection: HTTP2ServerConnection?
 
-    init(ctx: LoopContext, role: ListenerRole) {
+    /// `stream`: the HTTP/2 stream this handler serves (nil: an HTTP/1.1 connection).
+    init(ctx: LoopContext, role: ListenerRole, stream: HTTP2ServerStream? = nil) {
         self.ctx = ctx
+        downstream = stream.map { .http2($0) } ?? .http1(HTTP1Downstream(ctx: ctx))
         self.role = role
         self.limits = ctx.settings.limits
         telemetry = StreamTelemetry(role: role)
+        dispatcher = ctx.takeDispatcher()
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
         ctx.liveHandlers += 1
+        dispatcher.h = self
     }
 
-    deinit { ctx.liveHandlers -= 1 }
+    deinit {
+        ctx.liveHandlers -= 1
+        // Nothing refers to the dispatcher any more: its callbacks all held this handler.
+        ctx.giveBack(dispatcher)
+    }
 
     // MARK: channel events
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if case .http1(let d) = downstream { d.context = context }
+    }
 
     /// The connection is gone: drop the stored context. Handler and context refer to each
     /// other, so without this every closed connection's handler, context and buffers
     /// stayed in memory (about 3 KB per connection, seen as RSS growth under churn).
     /// Every callback that can still arrive checks `closed` first.
     func handlerRemoved(context: ChannelHandlerContext) {
-        closed = true
+        connection = .closed
         cancelTimers()
         self.context = nil
+        if case .http1(let d) = downstream { d.context = nil }
         h2Connection?.connectionClosed()
         h2Connection = nil
     }
 
     /// Cancels the connection's timers, which hold this handler (see "timers" below).
     func cancelTimers() {
-        streamTimer?.cancel(); perTryTimer?.cancel(); handshakeTimer?.cancel()
-        streamTimer = nil; perTryTimer = nil; handshakeTimer = nil
+        streamTimer?.cancel(); dispatcher.perTryTimer?.cancel(); handshakeTimer?.cancel()
+        streamTimer = nil; dispatcher.perTryTimer = nil; handshakeTimer = nil
         ctx.unwatch(self)
     }
 
@@ -187,7 +174,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// The connection or stream is gone: a stream in progress ends as a downstream
     /// disconnect unless its whole response was written.
     func ended() {
-        closed = true
+        connection = .closed
         cancelTimers()
         if let s = stream {
             if responseState != .ended { s.responseFlags.insert(.downstreamConnectionTermination) }
@@ -197,7 +184,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if !tlsEstablished && (error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError) {
+        if !transport.tlsEstablished && (error is NIOSSLError || error is BoringSSLError || error is PeerIdentityError) {
             // A refused mTLS handshake: untrusted, expired, no certificate, or not TLS at all.
             ctx.metrics.count("moonlet_inbound_tls_refused_total")
             if ctx.mayLogTLSRefusal() {
@@ -231,7 +218,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
                 case nil: context.close(promise: nil); return
                 }
             }
-            tlsEstablished = true
+            transport.tlsCompleted()
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -246,9 +233,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let incoming = unwrapInboundIn(data)
         if let h = h2Connection { h.receive(incoming); return }
-        if sniffing {
+        if transport.firstBytes {
             // "PRI " starts only the HTTP/2 preface (PRI is not an HTTP/1.1 method in use).
-            sniffing = false
+            transport.firstBytesRead()
             if incoming.readableBytesView.starts(with: HTTP2ServerConnection.preface.prefix(4)) {
                 switchToHTTP2(context: context, first: incoming)
                 return
@@ -311,70 +298,22 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
     }
 
-    /// Whether the client side takes more bytes now (its channel, or its HTTP/2 stream).
-    var downstreamWritable: Bool { h2?.writable ?? context.channel.isWritable }
 
     // MARK: writes
     //
-    // Every write is flushed by the end of the event loop's current batch of I/O events
-    // (LoopContext.flushLater), not at once: the writes for all the streams whose bytes
-    // arrived in one batch then leave together, as HAProxy sends after its poll loop, and
-    // the client and the app behind the proxy are woken once per burst instead of once
-    // per response (measured: a quarter fewer epoll wake-ups of the load generator).
-    // Before a close, and when a channel's buffer is full, the flush happens at once.
+    // The client's writes go through `downstream` (DownstreamStream.swift), flushed at the
+    // end of the loop's batch of I/O events (LoopContext.flushLater); the upstream's here.
 
-    /// Writes `b` to the client; flushed at the end of the batch.
+    /// Flushes what was written to the client now.
     @inline(__always)
-    func writeDownstream(_ b: ByteBuffer) {
-        emit(b)
-        markUnflushed()
-    }
-
-    /// Hands `b` to the client's channel. An HTTP/2 stream is given parsed heads and body
-    /// chunks instead (HTTP2ServerStream.holdResponseHead, responseBody, endResponse):
-    /// no HTTP/1.1 bytes are written for it.
-    @inline(__always)
-    func emit(_ b: ByteBuffer) {
-        assert(h2 == nil, "HTTP/1.1 bytes written to an HTTP/2 stream")
-        context.write(wrapOutboundOut(b), promise: nil)
-    }
-
-    /// Records that the client has bytes to flush (written, or a held head) and queues
-    /// the flush.
-    @inline(__always)
-    func markUnflushed() {
-        unflushed = true
-        if !flushQueued { ctx.flushLater(self) }
-    }
-
-    /// Flushes what was written to the client now, skipping the pipeline when nothing was.
-    @inline(__always)
-    func flushDownstream() {
-        guard unflushed else { return }
-        releaseHeldHead()
-        unflushed = false
-        // An HTTP/2 stream's frames are flushed by its connection (queued when written).
-        if h2 == nil { context.flush() }
-    }
-
-    /// The end of the loop's batch: flushes the client's pending bytes (nothing once the
-    /// handler has left its pipeline or its HTTP/2 stream ended).
-    func flushNow() {
-        guard context != nil || (h2 != nil && !closed) else { return }
-        flushDownstream()
-    }
+    func flushDownstream() { downstream.flush() }
 
     /// Flushes what the client has pending, then closes its connection (or ends its
     /// HTTP/2 stream: after a complete response, or with a reset).
-    func closeDownstream() {
-        flushDownstream()
-        closeTransport()
-    }
+    func closeDownstream() { downstream.reset() }
 
     /// Closes the client connection, or ends the HTTP/2 stream.
-    func closeTransport() {
-        if let h2 { h2.close() } else { context.close(promise: nil) }
-    }
+    func closeTransport() { downstream.closeTransport() }
 
     /// Writes `b` to the upstream connection `u`; flushed at the end of the batch.
     @inline(__always)
@@ -389,12 +328,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     @inline(__always)
     func releaseHeldHead() {
         if responseState == .headHeld { responseState = .streaming }
-        if let h2 { h2.releaseHeld(end: false); return }
-        if let h = heldHead { heldHead = nil; emit(h); ctx.recycle(h) }
+        downstream.releaseHeld()
     }
-
-    /// Bodies up to this size are copied behind a held head rather than written apart.
-    static let mergedBodyLimit = 16 * 1024
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         guard !closed else { return }
@@ -402,12 +337,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     }
 
     /// Pauses or resumes reading from the client; a no-op when already in that state.
-    func setReading(_ on: Bool) {
-        guard readPaused == on else { return }
-        readPaused = !on
-        if let h2 { h2.setReading(on); return }
-        context.channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
-    }
+    @inline(__always)
+    func setReading(_ on: Bool) { downstream.setReading(on) }
 
     /// The first bytes are the HTTP/2 preface (h2c prior knowledge, or h2 after ALPN):
     /// from now on this connection's bytes go to its HTTP/2 server side, and each stream
@@ -552,8 +483,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         stream = s
         chain = ctx.chain
         responseState = .none
-        responseFraming = .asIs
-        closeAfterResponse = !keepAlive
+        connection = keepAlive ? .open : .closeAfterResponse
         requestChunked = framing == .chunked
         // An HTTP/2 stream's body comes as DATA chunks (h2Body), not bytes to decode.
         reqDecoder = framing == .none || h2 != nil ? nil : BodyDecoder(framing: framing)
@@ -582,7 +512,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         }
         if s.request.expectContinue && requestState == .body {
             s.request.removeAll(of: .expect)
-            if let h2 { h2.writeContinue() } else { writeDownstream(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n")) }
+            downstream.sendContinue()
         }
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
@@ -590,11 +520,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
             let sid = s.id
             ctx.loop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
                 guard let cur = self.stream, cur.id == sid, !self.closed else { return }
-                self.goUpstream()
+                self.dispatcher.start()
             }
             return
         }
-        goUpstream()
+        dispatcher.start()
     }
 
     /// RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, and the
@@ -666,77 +596,34 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     // MARK: downstream stream interface
     //
     // What the phases give the client, for both protocols: sendHead, sendBody, sendEnd,
-    // resetDownstream, setReading. HTTP/1.1 writes the head as bytes (held so a small body
-    // leaves in the same write, body re-framed chunked when needed); HTTP/2 hands the
-    // parsed head and the chunks to its HTTP2ServerStream, which writes HPACK and DATA
-    // frames. A proxied response and a local reply take the same path.
+    // resetDownstream, setReading. The handler keeps the response's state (ResponseState,
+    // ConnectionState); the writes are the `downstream`'s: HTTP1Downstream writes the
+    // head as bytes (held so a small body leaves in the same write, body re-framed chunked
+    // when needed), HTTP2ServerStream writes HPACK and DATA frames. A proxied response
+    // and a local reply take the same path.
 
     /// The response head (after the response filters).
     func sendHead(_ head: HTTPHead) {
         guard let s = stream else { return }
-        let clientMinor = s.request.versionMinor
-        responseFraming = .asIs
-        if let h2 {
-            // HTTP/2 frames the body itself: the head goes to the stream as it is.
-            if !requestState.isComplete { closeAfterResponse = true }
-            responseState = .headHeld
-            h2.holdResponseHead(head)
-            markUnflushed()
-            return
-        }
-        switch head.framing {
-        case .chunked, .untilClose:
-            if clientMinor == 1 { responseFraming = .chunked } else { responseFraming = .untilClose; closeAfterResponse = true }
-        default: break
-        }
-        if !requestState.isComplete || ctx.draining { closeAfterResponse = true } // body still arriving: can't resync
-        // Room for a small body too: it is copied behind the head (see heldHead).
-        var room = 0
-        if case .contentLength(let n) = head.framing, n <= Self.mergedBodyLimit { room = Int(n) }
-        var out = ctx.outputBuffer(capacity: head.bytes.readableBytes + 128 + room)
-        let chunked = responseFraming == .chunked
-        let close = closeAfterResponse
-        HeadWriter.writeResponse(head, into: &out) { o in
-            o.writeStaticString("server: moonlet\r\n")
-            if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
-            if close { o.writeStaticString("connection: close\r\n") }
-            else if clientMinor == 0 { o.writeStaticString("connection: keep-alive\r\n") }
-        }
         responseState = .headHeld
-        heldHead = out
-        markUnflushed()
+        var close = connection != .open
+        downstream.sendHead(head, clientMinor: s.request.versionMinor, requestComplete: requestState.isComplete,
+                            draining: ctx.draining, closeAfter: &close)
+        if close { closeAfterResponse() }
     }
 
     /// A chunk of the response body.
+    @inline(__always)
     func sendBody(_ chunk: ByteBuffer) {
-        if let h2 {
-            h2.responseBody(chunk)
-            markUnflushed()
-            if !downstreamWritable { flushDownstream() }
-            return
-        }
-        if heldHead != nil {
-            if chunk.readableBytes <= Self.mergedBodyLimit {
-                if responseFraming == .chunked { ChunkedEncoder.writeChunk(chunk, into: &heldHead!) } else { var c = chunk; heldHead!.writeBuffer(&c) }
-                releaseHeldHead()
-                if !downstreamWritable { flushDownstream() }
-                return
-            }
-            releaseHeldHead()
-        }
-        writeDownstream(ChunkedEncoder.frame(chunk, chunked: responseFraming == .chunked, allocator: ctx.allocator))
-        if !downstreamWritable { flushDownstream() }
+        if responseState == .headHeld { responseState = .streaming }
+        downstream.sendBody(chunk)
     }
 
     /// The response is complete (HTTP/2: END_STREAM on the last frame; HTTP/1.1: the last
     /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
     /// already queued the flush).
     func sendEnd() {
-        if let h2 { h2.endResponse() }
-        else if responseFraming == .chunked {
-            if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
-            else { writeDownstream(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
-        }
+        downstream.sendEnd()
         responseState = .ended
     }
 
@@ -750,26 +637,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         ctx.logger.debug("downstream \(peer.address): \(e.reason)")
         let body = e.reason + "\n"
         telemetry.recordProtocolError(status: e.status, responseBytes: body.utf8.count, ctx: ctx)
-        closed = true
+        connection = .closed
         inbound = nil
-        if let h2 {
-            // The same answer as a head, not bytes (see emit).
-            var b = HTTPHeadBuilder(status: e.status, buffer: ctx.allocator.buffer(capacity: 96))
-            b.add("content-length", String(body.utf8.count), kind: .contentLength)
-            b.add("content-type", "text/plain", kind: .other)
-            b.set(framing: .contentLength(Int64(body.utf8.count)))
-            h2.holdResponseHead(b.finish())
-            if !h2.requestIsHead { h2.responseBody(ByteBuffer(string: body)) }
-            h2.endResponse()
-            h2.close()
-            return
-        }
-        var out = ctx.allocator.buffer(capacity: 128)
-        HeadWriter.writeStatusLine(e.status, reason: nil, into: &out)
-        out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
-        out.writeString(body)
-        let c = context!
-        c.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in c.close(promise: nil) }
+        downstream.sendProtocolError(e, body: body)
     }
 
     // MARK: timers
@@ -786,7 +656,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     /// The proxy drains: HTTP/2 sends GOAWAY; HTTP/1.1 closes after the response in flight.
     func drain() {
         guard !closed, context != nil else { return }
-        if let h = h2Connection { h.drain() } else if stream != nil { closeAfterResponse = true }
+        if let h = h2Connection { h.drain() } else if stream != nil { closeAfterResponse() }
     }
 
     /// The loop's deadline check (LoopContext.checkDeadlines, every watchTickMs): an
@@ -803,7 +673,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         if let h = h2Connection, h.continuationDeadline != 0 && now >= h.continuationDeadline {
             // A header block split over CONTINUATION frames that never ends: no other
             // frame can come meanwhile, so the connection goes.
-            closed = true
+            connection = .closed
             h.fail(HTTP2ConnectionError(.enhanceYourCalm, "request header timeout (CONTINUATION)"))
             return
         }
@@ -819,7 +689,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         guard idleMs > 0, stream == nil, h2Connection?.streams.isEmpty ?? true else { return }
         let last = max(lastActivity, h2Connection?.lastStreamEnd ?? 0)
         if now &- last >= UInt64(idleMs) * 1_000_000 {
-            closed = true
+            connection = .closed
             if let h = h2Connection { h.fail(HTTP2ConnectionError(.noError, "idle")) } else { context.close(promise: nil) }
         }
     }
@@ -833,7 +703,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
     func checkBodyIdle(now: UInt64) {
         guard !closed else { return }
         let ms = limits.requestBodyIdleTimeoutMs, total = limits.requestTimeoutMs
-        let idle = ms > 0 && !readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
+        let idle = ms > 0 && !downstream.readPaused && now &- lastActivity >= UInt64(ms) * 1_000_000
         if let s = stream {
             // Once the response is under way the stream ends with it (finishStream closes
             // a connection whose request body is unfinished).
@@ -855,7 +725,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate, Deferred
         streamTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             guard let cur = self.stream, cur.id == sid, !self.responseStarted else { return }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            self.closeAfterResponse = self.closeAfterResponse || !self.requestState.isComplete
+            if !self.requestState.isComplete { self.closeAfterResponse() }
             self.sendLocalReply()
         }
     }

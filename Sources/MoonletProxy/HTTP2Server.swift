@@ -613,6 +613,11 @@ final class HTTP2ServerStream {
     var writable = true
     var closeWhenDrained = false
     var finished = false
+    /// A response head or chunk is held since the last release (DownstreamStream: its
+    /// release is queued for the end of the loop's batch).
+    var unflushed = false
+    /// In the loop's deferred-flush queue (DeferredFlush).
+    var flushQueued = false
 
     init(id: UInt32, connection: HTTP2ServerConnection, sendWindow: Int) {
         self.id = id
@@ -624,8 +629,7 @@ final class HTTP2ServerStream {
 
     func open(_ head: HTTP2RequestHead, endStream: Bool) {
         let c = connection
-        let h = DownstreamHandler(ctx: c.ctx, role: c.role)
-        h.h2 = self
+        let h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
         handler = h
         h.h2StreamOpened()
         requestIsHead = head.method == "HEAD"
@@ -694,6 +698,7 @@ final class HTTP2ServerStream {
     /// The handler pauses or resumes reading (its upstream's buffer filled or drained):
     /// the stream's window is given back only while it reads.
     func setReading(_ on: Bool) {
+        guard readPaused == on else { return }
         readPaused = !on
         if on { acknowledge() }
     }

@@ -57,6 +57,9 @@ public final class LoopContext: @unchecked Sendable {
     /// safe: a buffer a pending write still holds is copied on its next use, never
     /// overwritten.
     var spareBuffers: [ByteBuffer] = []
+    /// Upstream dispatchers of handlers gone, for the next ones (a handler per HTTP/2
+    /// stream then costs no dispatcher allocation).
+    var spareDispatchers: [UpstreamDispatcher] = []
     /// Buffers given back while their writes wait for the end of the batch: they join
     /// the pool once flushed (reused earlier, each would be copied).
     var recycledInBatch: [ByteBuffer] = []
@@ -151,6 +154,19 @@ public final class LoopContext: @unchecked Sendable {
         flushTaskQueued = false
         for b in recycledInBatch where spareBuffers.count < 64 { spareBuffers.append(b) }
         recycledInBatch.removeAll(keepingCapacity: true)
+    }
+
+    /// A dispatcher for a new handler, from the pool when it has one.
+    @inline(__always)
+    func takeDispatcher() -> UpstreamDispatcher {
+        spareDispatchers.popLast() ?? UpstreamDispatcher(ctx: self)
+    }
+
+    /// A gone handler's dispatcher, reset, back to the pool (bounded).
+    func giveBack(_ d: UpstreamDispatcher) {
+        guard spareDispatchers.count < 256 else { return }
+        d.reset()
+        spareDispatchers.append(d)
     }
 
     /// An empty buffer of at least `capacity` bytes, from the pool when it has one.

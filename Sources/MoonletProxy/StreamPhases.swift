@@ -29,18 +29,18 @@ extension DownstreamHandler {
             return
         }
         if chain.wantsRequestBody, chain.runRequestBody(s, chunk: chunk, endOfStream: false) == .respond {
-            if upstream == nil && !upstreamState.isConnecting { sendLocalReply() } else { abortUpstreamAndReply() }
+            if upstream == nil && !dispatcher.state.isConnecting { sendLocalReply() } else { abortUpstreamAndReply() }
             return
         }
         let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: ctx.allocator)
-        recordForReplay(out)
+        dispatcher.recordForReplay(out)
         if let u = upstream, let ch = u.channel {
             writeUpstream(u, out)
             if !ch.isWritable { setReading(false) }
-        } else if pendingUpstream != nil {
+        } else if dispatcher.pending != nil {
             var o = out
-            pendingUpstream!.writeBuffer(&o)
-            if pendingUpstream!.readableBytes > limits.highWaterMarkBytes { setReading(false) }
+            dispatcher.pending!.writeBuffer(&o)
+            if dispatcher.pending!.readableBytes > limits.highWaterMarkBytes { setReading(false) }
         }
     }
 
@@ -50,12 +50,12 @@ extension DownstreamHandler {
         requestState = .complete(buffered: buffered)
         guard let s = stream else { return }
         if s.localReply != nil {
-            if !responseStarted && upstream == nil && !upstreamState.isConnecting { sendLocalReply() }
+            if !responseStarted && upstream == nil && !dispatcher.state.isConnecting { sendLocalReply() }
             return
         }
         if buffered {
             if chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
-            goUpstream()
+            dispatcher.start()
             return
         }
         if chain.wantsRequestBody, chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond {
@@ -63,18 +63,18 @@ extension DownstreamHandler {
         }
         if requestChunked {
             if let u = upstream { writeUpstream(u, ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
-            else if pendingUpstream != nil { pendingUpstream!.writeStaticString(ChunkedEncoder.lastChunk) }
-            recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
+            else if dispatcher.pending != nil { dispatcher.pending!.writeStaticString(ChunkedEncoder.lastChunk) }
+            dispatcher.recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
             requestChunked = false
         }
-        if !mirrorHeads.isEmpty { sendMirrors() }
+        if !dispatcher.mirrorHeads.isEmpty { dispatcher.sendMirrors() }
     }
 
     func abortUpstreamAndReply() {
         if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
+        dispatcher.pending = nil
         if responseStarted { resetDownstream(); return }
-        closeAfterResponse = closeAfterResponse || !requestState.isComplete
+        if !requestState.isComplete { closeAfterResponse() }
         sendLocalReply()
     }
 
@@ -83,10 +83,10 @@ extension DownstreamHandler {
     func upstreamResponseHead(_ headIn: consuming HTTPHead) {
         guard let s = stream else { return }
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
-        if retryIfAllowed(s, .response(status: headIn.status)) { return }
-        if attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
+        if dispatcher.retryIfAllowed(s, .response(status: headIn.status)) { return }
+        if dispatcher.attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
+        dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
         var head = consume headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
@@ -150,13 +150,13 @@ extension DownstreamHandler {
     func sendLocalReply() {
         guard let s = stream, var reply = s.localReply else { return }
         streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
+        dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
         if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
+        dispatcher.pending = nil
         if !requestState.isComplete && reqDecoder == nil && h2 == nil { requestState = .complete(buffered: requestState.isBuffered) }
         if !requestState.isComplete {
             // Unread request body: it can't be skipped reliably if large; close after.
-            closeAfterResponse = true
+            closeAfterResponse()
         }
         if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
         s.responseCode = reply.status
@@ -258,12 +258,12 @@ extension DownstreamHandler {
 
     func localReplyAndClose(_ status: Int, _ reason: String) {
         guard let s = stream else { return }
-        closeAfterResponse = true
+        closeAfterResponse()
         s.respond(status, body: reason + "\n", headers: [])
         requestState = .complete(buffered: requestState.isBuffered)
         reqDecoder = nil
         if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
+        dispatcher.pending = nil
         if responseStarted { finishStream(s); resetDownstream() } else { sendLocalReply() }
     }
 
@@ -276,33 +276,28 @@ extension DownstreamHandler {
         releaseHeldHead()
         responseState = .none
         streamTimer?.cancel(); streamTimer = nil
-        perTryTimer?.cancel(); perTryTimer = nil
-        replay = nil
-        mirrorHeads = []
-        if waiter != nil { stopWaiting() }
-        retrySlotHeld?.retryDone(); retrySlotHeld = nil
-        if holdsRequestSlot, let c = s.route.upstreamCluster { ctx.balancer.circuit(c).requestDone() }
-        holdsRequestSlot = false
+        dispatcher.streamEnded(s)
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        telemetry.record(s, now: now, ctx: ctx, peerPrincipal: peer.principal, upstreamMTLS: upstreamTLS?.mode == .istioMutual)
+        telemetry.record(s, now: now, ctx: ctx, peerPrincipal: peer.principal, upstreamMTLS: dispatcher.tls?.mode == .istioMutual)
         s.end()
         stream = nil
         let requestUnfinished = !requestState.isComplete
         requestState = .head
         ctx.activeStreams -= 1
         if let u = upstream { u.abandon(); upstream = nil }
-        pendingUpstream = nil
-        upstreamState = .idle
-        if closeAfterResponse || closed {
-            if !closed { closed = true; closeDownstream() }
-            return
+        dispatcher.pending = nil
+        dispatcher.state = .idle
+        switch connection {
+        case .closed: return
+        case .closeAfterResponse: connection = .closed; closeDownstream(); return
+        case .open: break
         }
         if requestUnfinished {
             // Answered before the body ended (local reply): the rest of the body cannot be
             // told apart from the next request reliably, so the connection closes.
-            closed = true; closeTransport(); return
+            connection = .closed; closeTransport(); return
         }
         setReading(true)
         lastActivity = now

@@ -80,14 +80,87 @@ enum UpstreamState {
     }
 }
 
+/// Where a downstream connection (or an HTTP/2 stream's handler) is, instead of the
+/// closeAfterResponse and closed flags.
+enum ConnectionState: Equatable {
+    /// Serving; another request may follow the current one (keep-alive).
+    case open
+    /// The connection closes once the current response is written (a request without
+    /// keep-alive, an unfinished request body, a close-delimited response, a drain).
+    case closeAfterResponse
+    /// Closed or closing now: nothing more is read or written for it.
+    case closed
+}
+
+/// Where a downstream connection's transport is: whether its inbound TLS handshake
+/// completed, and whether its first bytes were read (they may be the HTTP/2 preface).
+/// The two facts as one state (what were the tlsEstablished and sniffing flags).
+enum TransportState: Equatable {
+    /// No handshake completed (or plaintext), no byte read yet.
+    case fresh
+    /// The TLS handshake completed; no byte read yet.
+    case tlsEstablished
+    /// The first bytes were read (the protocol is chosen); `tls`: the handshake had completed.
+    case reading(tls: Bool)
+
+    /// The inbound TLS handshake completed: later TLS errors are not refusals.
+    @inline(__always)
+    var tlsEstablished: Bool {
+        switch self {
+        case .tlsEstablished, .reading(tls: true): return true
+        default: return false
+        }
+    }
+
+    /// The next bytes are the connection's first.
+    @inline(__always)
+    var firstBytes: Bool {
+        switch self {
+        case .fresh, .tlsEstablished: return true
+        case .reading: return false
+        }
+    }
+
+    mutating func tlsCompleted() {
+        switch self {
+        case .fresh: self = .tlsEstablished
+        case .reading: self = .reading(tls: true)
+        case .tlsEstablished: break
+        }
+    }
+
+    mutating func firstBytesRead() {
+        switch self {
+        case .fresh: self = .reading(tls: false)
+        case .tlsEstablished: self = .reading(tls: true)
+        case .reading: break
+        }
+    }
+}
+
 extension DownstreamHandler {
+    /// The connection (or stream) is closed: every callback that can still arrive checks this.
+    @inline(__always)
+    var closed: Bool { connection == .closed }
+
+    /// The connection closes once the current response is written (unless it is closed
+    /// already).
+    @inline(__always)
+    func closeAfterResponse() {
+        if connection == .open { connection = .closeAfterResponse }
+    }
+
     /// The connection the current attempt is attached to (nil in every other upstream
     /// state); setting nil makes the upstream side idle.
     @inline(__always)
     var upstream: UpstreamConnection? {
-        get { if case .attached(let c) = upstreamState { return c } else { return nil } }
-        set { upstreamState = newValue.map { .attached($0) } ?? .idle }
+        get { dispatcher.upstream }
+        set { dispatcher.upstream = newValue }
     }
+
+    /// The connection or its request failed before the response completed (the
+    /// dispatcher's retry decision, UpstreamDelegate).
+    func upstreamFailed(_ reason: UpstreamFailure) { dispatcher.upstreamFailed(reason) }
 
     /// Something of the response was sent (or held to be sent) to the client: it can no
     /// longer be retried or replaced by a local reply.

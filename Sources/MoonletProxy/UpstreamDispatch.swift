@@ -9,11 +9,87 @@ import MoonletTLS
 // The upstream side of a stream (phase 4 and 5 of docs/architecture.md): endpoint choice,
 // circuit limits and the pool wait, name resolution, connect and TLS, the request bytes
 // and their replay copy, mirrors, and the retry decision with the filters'
-// on_upstream_failure phase. Its state is the handler's (`upstreamState`, `attempt`,
-// `replay`, `waiter`, ...): an extension, not an object of its own, so a stream costs no
-// extra allocation and every call stays a direct call.
+// on_upstream_failure phase.
 
-extension DownstreamHandler {
+/// The upstream dispatcher of a handler's streams: one per DownstreamHandler (per HTTP/1.1
+/// connection, reused by its keep-alive requests; per HTTP/2 stream), taken from and given
+/// back to its loop's pool (LoopContext.takeDispatcher), so a request costs no allocation
+/// of it. It keeps the current attempt's state and calls the handler (the stream, its
+/// request state, local replies, upstream writes) directly through `h`.
+final class UpstreamDispatcher {
+    let ctx: LoopContext
+    /// The handler's limits (a pooled dispatcher may serve a handler made after a reload).
+    var limits: ProxyLimits { h.limits }
+    /// The handler this dispatcher serves. Not retained: the handler owns the dispatcher,
+    /// and every callback the dispatcher schedules captures the handler strongly (as the
+    /// handler's own callbacks do), so the handler outlives them all.
+    unowned(unsafe) var h: DownstreamHandler!
+    /// Where the current attempt's upstream side is (idle, resolving, waiting for a
+    /// connection, connecting, attached to a connection).
+    var state = UpstreamState.idle
+    /// Request bytes waiting for the connection being made.
+    var pending: ByteBuffer?
+    var perTryTimer: Scheduled<Void>?
+    /// Retry attempt of the current stream (0 = first try) and the request bytes
+    /// kept to replay it.
+    var attempt = 0
+    var replay: ByteBuffer?
+    /// Where the body starts in `replay`.
+    var replayHeadLength = 0
+    /// Set while the stream waits for a connection (cluster at maxConnections).
+    var waiter: PoolWaiter?
+    var waitingCircuit: CircuitCounters?
+    var waitTimer: RepeatedTask?
+    /// The cluster retry slot (maxRetries) of the attempt in flight.
+    var retrySlotHeld: CircuitCounters?
+    /// Whether the stream counts against its cluster's http2MaxRequests (a counter slot
+    /// held, independent of the attempt's state: kept across retries).
+    var holdsRequestSlot = false
+    /// Mirror copies waiting for the request to complete.
+    var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
+    /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
+    var tls: UpstreamTLS?
+
+    init(ctx: LoopContext) {
+        self.ctx = ctx
+    }
+
+    /// The connection the current attempt is attached to (nil in every other upstream
+    /// state); setting nil makes the upstream side idle.
+    @inline(__always)
+    var upstream: UpstreamConnection? {
+        get { if case .attached(let c) = state { return c } else { return nil } }
+        set { state = newValue.map { .attached($0) } ?? .idle }
+    }
+
+    /// Back to the state of a new dispatcher (its handler is gone; LoopContext.giveBack).
+    func reset() {
+        h = nil
+        state = .idle
+        pending = nil
+        perTryTimer?.cancel(); perTryTimer = nil
+        attempt = 0
+        replay = nil
+        replayHeadLength = 0
+        if waiter != nil { stopWaiting() }
+        retrySlotHeld?.retryDone(); retrySlotHeld = nil
+        holdsRequestSlot = false
+        mirrorHeads = []
+        tls = nil
+    }
+
+    /// The stream ended: the attempt's slots, waits and copies are let go (the
+    /// connection itself is dealt with by the handler before).
+    func streamEnded(_ s: ProxyStream) {
+        perTryTimer?.cancel(); perTryTimer = nil
+        replay = nil
+        mirrorHeads = []
+        if waiter != nil { stopWaiting() }
+        retrySlotHeld?.retryDone(); retrySlotHeld = nil
+        if holdsRequestSlot, let c = s.route.upstreamCluster { ctx.balancer.circuit(c).requestDone() }
+        holdsRequestSlot = false
+    }
+
     /// Picks the endpoint (balancer, outlier state), or uses the route's host:port.
     /// Returns host, port and pool key, or nil after answering locally.
     func chooseEndpoint(_ s: ProxyStream, avoid: Int = -1) -> (String, Int, String)? {
@@ -43,15 +119,15 @@ extension DownstreamHandler {
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
         if host.isEmpty || port == 0 {
             s.respond(404, body: "", headers: [], flags: .noRouteFound)
-            sendLocalReply()
+            h.sendLocalReply()
             return nil
         }
         var key: String
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { key = c.poolKey(s.route.endpointIndex) }
-        else if role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port { key = ctx.inboundKey }
+        else if h.role == .inbound && host == ctx.inboundRoute.host && port == ctx.inboundRoute.port { key = ctx.inboundKey }
         else { key = "\(host):\(port)" }
         s.upstreamHost = key
-        upstreamTLS = nil
+        tls = nil
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster, let t = c.tls(s.route.endpointIndex) {
             if t.mode == .istioMutual && ctx.tls == nil {
                 // Auto mTLS without a workload certificate: reach the workload in plaintext.
@@ -64,7 +140,7 @@ extension DownstreamHandler {
                 reply503(s, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: the DestinationRule's TLS files could not be loaded", .upstreamConnectionFailure)
                 return nil
             } else {
-                upstreamTLS = t
+                tls = t
                 key += t.poolTag
             }
         }
@@ -72,15 +148,15 @@ extension DownstreamHandler {
     }
 
     /// Picks the upstream from the route decision and sends the request head.
-    func goUpstream() {
-        guard let s = stream, let (host, port, key) = chooseEndpoint(s) else { return }
-        armStreamTimer(s)
+    func start() {
+        guard let s = h.stream, let (host, port, key) = chooseEndpoint(s) else { return }
+        h.armStreamTimer(s)
         let out = upstreamRequestBytes(s)
         attempt = 0
-        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || chain.wantsUpstreamFailure ? out : nil
+        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.chain.wantsUpstreamFailure ? out : nil
         replayHeadLength = out.readableBytes
         if !s.route.mirrors.isEmpty { prepareMirrors(s) }
-        pendingUpstream = out
+        pending = out
         dispatch(host: host, port: port, key: key)
     }
 
@@ -88,15 +164,15 @@ extension DownstreamHandler {
     /// spliced in, and a body buffered for a filter (with its content-length).
     func upstreamRequestBytes(_ s: ProxyStream) -> ByteBuffer {
         var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
-        let chunked = requestChunked
+        let chunked = h.requestChunked
         s.withRequest { head in
             HeadWriter.writeRequest(head, into: &out) { o in
                 if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
             }
         }
-        if requestState.isBuffered, var body = s.bufferedRequestBody {
+        if h.requestState.isBuffered, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
-            if requestChunked {
+            if h.requestChunked {
                 out = ctx.allocator.buffer(capacity: s.request.bytes.readableBytes + 256 + body.readableBytes)
                 s.request.removeAll(of: .contentLength)
                 HeadWriter.writeRequest(s.request, into: &out) { o in
@@ -104,7 +180,7 @@ extension DownstreamHandler {
                 }
             }
             out.writeBuffer(&body)
-            requestChunked = false
+            h.requestChunked = false
         }
         return out
     }
@@ -117,9 +193,9 @@ extension DownstreamHandler {
         return upstreamRequestBytes(s)
     }
 
-    /// Takes an idle pooled connection or connects, then sends `pendingUpstream`.
+    /// Takes an idle pooled connection or connects, then sends `pending`.
     func dispatch(host: String, port: Int, key: String) {
-        guard let s = stream else { return }
+        guard let s = h.stream else { return }
         armPerTryTimer(s)
         let cl = s.route.upstreamCluster
         if let cl, !holdsRequestSlot {
@@ -139,7 +215,7 @@ extension DownstreamHandler {
                                                  connected(stream: s.id, attempt: attempt),
                                                  // The connection being set up failed, chose HTTP/1.1 or is full.
                                                  otherwise: redispatch(s.id, host: host, port: port, key: key)) {
-            upstreamState = .connecting
+            state = .connecting
             return
         }
         let address: SocketAddress
@@ -147,7 +223,7 @@ extension DownstreamHandler {
         switch ctx.pool.address(host: host, port: port, ready: redispatch(s.id, host: host, port: port, key: key)) {
         case .ready(let a): address = a
         case .pending:
-            upstreamState = .resolving
+            state = .resolving
             return
         case .failed(let e):
             upstreamFailed(.connectFailed("DNS resolution of \(host) failed: \(e)"))
@@ -174,9 +250,10 @@ extension DownstreamHandler {
     /// Starts `dispatch` over for stream `sid` once what it waited for is settled (a
     /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
     func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
-        {
-            guard self.stream?.id == sid, !self.closed else { return }
-            self.upstreamState = .idle
+        let h: DownstreamHandler = self.h
+        return {
+            guard h.stream?.id == sid, !h.closed else { return }
+            self.state = .idle
             self.dispatch(host: host, port: port, key: key)
         }
     }
@@ -185,18 +262,19 @@ extension DownstreamHandler {
     /// free slot (checked every 10 ms, since slots free up on other loops too).
     func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
         let sid = s.id
+        let h: DownstreamHandler = self.h
         waitingCircuit = cc
         let w = PoolWaiter(key: key) { c in
-            guard let cur = self.stream, cur.id == sid, self.waiter != nil, !self.closed else { return false }
+            guard let cur = h.stream, cur.id == sid, self.waiter != nil, !h.closed else { return false }
             self.stopWaiting()
             self.attach(c)
             return true
         }
         waiter = w
-        upstreamState = .waiting
+        state = .waiting
         ctx.pool.wait(w)
         waitTimer = ctx.loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(10)) { _ in
-            guard let cur = self.stream, cur.id == sid, self.waiter != nil else { return }
+            guard let cur = h.stream, cur.id == sid, self.waiter != nil else { return }
             if cc.tryOpenConnection(max: cl.maxConnections) {
                 self.stopWaiting()
                 self.connect(cur, key: key, address: address, slot: cc)
@@ -206,31 +284,31 @@ extension DownstreamHandler {
 
     func stopWaiting() {
         if let w = waiter { ctx.pool.removeWaiter(w); waiter = nil }
-        if case .waiting = upstreamState { upstreamState = .idle }
+        if case .waiting = state { state = .idle }
         waitTimer?.cancel(); waitTimer = nil
         waitingCircuit?.doneWaiting(); waitingCircuit = nil
     }
 
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
-        upstreamState = .connecting
-        var tls: (() throws -> NIOSSLClientHandler)? = nil
+        state = .connecting
+        var makeTLS: (() throws -> NIOSSLClientHandler)? = nil
         var tlsExpected = ""
         var tlsMesh = true
         // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
         let h2 = asksForHTTP2(s)
-        if let t = upstreamTLS {
+        if let t = tls {
             if t.mode == .istioMutual, let m = ctx.tls {
                 let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
-                tls = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
+                makeTLS = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
                 tlsExpected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
             } else if let c = t.context as? NIOSSLContext {
-                tls = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
+                makeTLS = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
                 tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
                 tlsMesh = false
             }
         }
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: tls, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: makeTLS, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
                          connected(stream: s.id, attempt: attempt))
     }
 
@@ -238,26 +316,27 @@ extension DownstreamHandler {
     /// only, by the cluster's UpstreamProtocol and, for `likeDownstream`, what this
     /// stream's client spoke.
     func asksForHTTP2(_ s: ProxyStream) -> Bool {
-        guard let t = upstreamTLS, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
+        guard let t = tls, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
         switch cl.upstreamProtocol {
         case .http1: return false
         case .http2: return true
-        case .likeDownstream: return http2Stream
+        case .likeDownstream: return h.http2Stream
         }
     }
 
     /// Completion of a connect or a new HTTP/2 stream: attaches the connection if the
     /// stream and attempt that asked for it are still current, else gives it back.
     func connected(stream sid: UInt64, attempt try_: Int) -> (Result<UpstreamConnection, Error>) -> Void {
-        { r in
-            let current = self.stream.map { $0.id == sid } == true && self.attempt == try_
+        let h: DownstreamHandler = self.h
+        return { r in
+            let current = h.stream.map { $0.id == sid } == true && self.attempt == try_
             switch r {
             case .success(let c):
-                guard current, !self.closed else { self.ctx.pool.release(c); return }
+                guard current, !h.closed else { self.ctx.pool.release(c); return }
                 self.attach(c)
             case .failure(let e):
                 guard current else { return }
-                self.upstreamState = .idle
+                self.state = .idle
                 self.upstreamFailed(e as? UpstreamFailure ?? .connectFailed("\(e)"))
             }
         }
@@ -266,7 +345,7 @@ extension DownstreamHandler {
     /// Answers 503 locally with an Envoy response flag.
     func reply503(_ s: ProxyStream, _ body: String, _ flag: ResponseFlags) {
         s.respond(503, body: body, flags: flag)
-        sendLocalReply()
+        h.sendLocalReply()
     }
 
     /// Circuit breaking overflow (UO): counted and answered at once.
@@ -279,18 +358,18 @@ extension DownstreamHandler {
     /// closing its connection after the (ignored) response.
     func prepareMirrors(_ s: ProxyStream) {
         mirrorHeads = s.route.mirrors.map { m in
-            var h = s.request
-            h.set("host", m.authority)
-            h.hostIndex = -1
-            var b = ctx.allocator.buffer(capacity: h.bytes.readableBytes + 64)
-            let chunked = requestChunked
-            HeadWriter.writeRequest(h, into: &b) { o in
+            var head = s.request
+            head.set("host", m.authority)
+            head.hostIndex = -1
+            var b = ctx.allocator.buffer(capacity: head.bytes.readableBytes + 64)
+            let chunked = self.h.requestChunked
+            HeadWriter.writeRequest(head, into: &b) { o in
                 if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
                 o.writeStaticString("connection: close\r\n")
             }
             return (m.cluster, b)
         }
-        if requestState.isComplete { sendMirrors() }
+        if h.requestState.isComplete { sendMirrors() }
     }
 
     /// Sends the mirror copies once the request is complete (head + replayed body);
@@ -332,14 +411,14 @@ extension DownstreamHandler {
     /// used up, request incomplete or not replayable, cluster maxRetries reached).
     func retryIfAllowed(_ s: ProxyStream, _ outcome: AttemptOutcome) -> Bool {
         var verdict = RetryVerdict.routePolicy
-        if let kind = outcome.failureKind, !chain.filters.isEmpty {
+        if let kind = outcome.failureKind, !h.chain.filters.isEmpty {
             let info = UpstreamFailureInfo(kind: kind, status: outcome.failureStatus, attempt: attempt, endpoint: RetryDecision.endpointAddress(s))
-            verdict = chain.runUpstreamFailure(s, info)
+            verdict = h.chain.runUpstreamFailure(s, info)
             // The phase may have ended the stream's connection (nothing else runs then).
-            guard stream === s, !closed else { return true }
+            guard h.stream === s, !h.closed else { return true }
         }
         guard attempt < RetryDecision.attempts(verdict: verdict, outcome: outcome, policy: s.route.retry),
-              requestState.isComplete, let bytes = replay ?? rebuiltRequest(s) else { return false }
+              h.requestState.isComplete, let bytes = replay ?? rebuiltRequest(s) else { return false }
         // maxRetries bounds concurrent retries per cluster across the sidecar.
         var retrySlot: CircuitCounters? = nil
         if let cl = s.route.upstreamCluster {
@@ -355,13 +434,14 @@ extension DownstreamHandler {
         if avoid >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, avoid) }
         if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
         let sid = s.id, try_ = attempt
+        let h: DownstreamHandler = self.h
         let backoffMs = Int64(25 * (1 + Int(ctx.rng.next() % UInt64(1 << min(attempt, 4)))))
         retrySlotHeld?.retryDone()
         retrySlotHeld = retrySlot   // held until this attempt ends (next retry or stream end)
         ctx.loop.scheduleTask(in: .milliseconds(backoffMs)) {
-            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.closed else { return }
+            guard let cur = h.stream, cur.id == sid, self.attempt == try_, !h.closed else { return }
             guard let (host, port, key) = self.chooseEndpoint(cur, avoid: avoid) else { return }
-            self.pendingUpstream = bytes
+            self.pending = bytes
             self.dispatch(host: host, port: port, key: key)
         }
         return true
@@ -371,28 +451,29 @@ extension DownstreamHandler {
         perTryTimer?.cancel(); perTryTimer = nil
         guard let ms = s.route.retry?.perTryTimeoutMs, ms > 0 else { return }
         let sid = s.id, try_ = attempt
+        let h: DownstreamHandler = self.h
         perTryTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
-            guard let cur = self.stream, cur.id == sid, self.attempt == try_, !self.responseStarted else { return }
+            guard let cur = h.stream, cur.id == sid, self.attempt == try_, !h.responseStarted else { return }
             if self.retryIfAllowed(cur, .perTryTimeout) { return }
             if let u = self.upstream { u.abandon(); self.upstream = nil }
             cur.respond(504, body: "upstream request timeout", flags: .upstreamRequestTimeout)
-            self.closeAfterResponse = self.closeAfterResponse || !self.requestState.isComplete
-            self.sendLocalReply()
+            if !h.requestState.isComplete { h.closeAfterResponse() }
+            h.sendLocalReply()
         }
     }
 
     func attach(_ c: UpstreamConnection) {
-        guard let s = stream else { return }
+        guard let s = h.stream else { return }
         upstream = c
-        c.begin(delegate: self, isHead: s.request.isHead)
-        if var p = pendingUpstream {
-            pendingUpstream = nil
-            if requestChunked, case .complete(buffered: false) = requestState {
+        c.begin(delegate: h, isHead: s.request.isHead)
+        if var p = pending {
+            pending = nil
+            if h.requestChunked, case .complete(buffered: false) = h.requestState {
                 p.writeStaticString(ChunkedEncoder.lastChunk)
                 recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
-                requestChunked = false
+                h.requestChunked = false
             }
-            writeUpstream(c, p)
+            h.writeUpstream(c, p)
             ctx.recycle(p)
         }
     }
@@ -401,20 +482,20 @@ extension DownstreamHandler {
     /// the retry decision runs (before any response byte went out), else the failure
     /// becomes the response (503/502), or a reset once the response has started.
     func upstreamFailed(_ reason: UpstreamFailure) {
-        guard let s = stream else { return }
+        guard let s = h.stream else { return }
         upstream = nil
-        if !responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+        if !h.responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
             // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
             ctx.balancer.report(c, s.route.endpointIndex, status: nil)
         }
-        if !responseStarted {
+        if !h.responseStarted {
             if retryIfAllowed(s, .failed(reason)) { return }
             if attempt > 0 { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         }
-        if responseStarted {
+        if h.responseStarted {
             // Mid-response failure: the client can only learn it from a reset.
             s.responseFlags.insert(.upstreamConnectionTermination)
-            resetDownstream()
+            h.resetDownstream()
             return
         }
         switch reason {
@@ -427,8 +508,8 @@ extension DownstreamHandler {
         case .protocolError(let why):
             s.respond(502, body: "upstream protocol error: \(why)", flags: .upstreamProtocolError)
         }
-        if !requestState.isComplete { closeAfterResponse = true }
-        sendLocalReply()
+        if !h.requestState.isComplete { h.closeAfterResponse() }
+        h.sendLocalReply()
     }
 
 }
