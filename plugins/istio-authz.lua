@@ -63,18 +63,6 @@ local function compile_policies(list, dry_run)
   return out
 end
 
-local function has_path_check(checks)
-  for _, c in ipairs(checks) do
-    if c.k == "path" then return true end
-    if c.k == "any_of" then
-      for _, alt in ipairs(c.alts) do
-        if has_path_check(alt) then return true end
-      end
-    end
-  end
-  return false
-end
-
 function authz.configure(conf)
   local out = {
     deny = compile_policies(conf.deny, false),
@@ -82,15 +70,7 @@ function authz.configure(conf)
     audit = compile_policies(conf.audit, nil), -- dry-run is for ALLOW and DENY (Istio)
     shadow_deny = compile_policies(conf.deny, true),
     shadow_allow = compile_policies(conf.allow, true),
-    has_path = false,
   }
-  for _, list in ipairs({ out.deny, out.allow }) do
-    for _, p in ipairs(list) do
-      for _, r in ipairs(p.rules) do
-        if has_path_check(r.checks) then out.has_path = true end
-      end
-    end
-  end
   return out
 end
 
@@ -232,13 +212,7 @@ function authz.on_request(s, conf)
     s.vars.access_log_hint = "true"
     s.vars.istio_authz_audit_policy = audited
   end
-  -- Path rules see the path as sent until it is normalized natively before filters:
-  -- a spelling that normalization would change ("//", "/./", "/../", "%xx", "\\") could
-  -- sidestep them, so it is denied while enforced policies have path rules.
-  if conf.has_path and not A.path_is_normal(s) then
-    stat("envoy_http_rbac_denied")
-    return deny(s, "path-not-normalized")
-  end
+  -- The path was normalized natively before any filter (mesh config pathNormalization).
   shadow(s, conf.shadow_deny, "istio_dry_run_deny_", "denied")
   shadow(s, conf.shadow_allow, "istio_dry_run_allow_", "allowed")
   if #conf.deny > 0 then

@@ -172,6 +172,9 @@ local function rewrite(s, rw, m)
       s.request.path = regex_replace(rw.regex, path, rw.regex_rewrite) .. qs
     elseif m and m.uri_prefix then
       s.request.path = rw.uri .. sub(path, #m.uri_prefix + 1) .. qs
+    elseif m == nil or m.uri == nil then
+      -- No uri match: Istio matches prefix "/" and rewrites that prefix.
+      s.request.path = rw.uri .. sub(path, 2) .. qs
     else
       s.request.path = rw.uri .. qs
     end
@@ -229,7 +232,14 @@ local function apply(s, vh, rule, m)
   if red then
     local authority = red.authority or s.request.authority
     if red.port then authority = host_only(authority) .. ":" .. red.port end
-    local location = (red.scheme or s.request.scheme) .. "://" .. authority .. (red.uri or s.request.path)
+    -- Envoy's path_redirect swaps the path and keeps the query (unless the new uri has one).
+    local target = s.request.path
+    local uri = red.uri
+    if uri and not find(uri, "?", 1, true) then
+      local q = find(target, "?", 1, true)
+      if q then uri = uri .. sub(target, q) end
+    end
+    local location = (red.scheme or s.request.scheme) .. "://" .. authority .. (uri or target)
     if rule.response_headers then edit_response(s, rule.response_headers) end
     return reply(s, red.code, "", nil, location)
   end

@@ -20,9 +20,6 @@ import Foundation
 /// - `authz.stat(name)`: counts one of Envoy's RBAC counters under its Prometheus name
 ///   (`envoy_http_rbac_allowed`, `envoy_http_rbac_denied`, and the shadow counters
 ///   `envoy_http_rbac_istio_dry_run_{allow,deny}_shadow_{allowed,denied}`); other names raise.
-/// - `authz.path_is_normal(s)`: whether the request target is already in normal form
-///   (MERGE_SLASHES: no dot segment, `//`, backslash or percent-encoding it would change).
-///   Interim guard until the request path is normalized natively before filters.
 /// - `authz.deny(s, policy)`: Envoy's RBAC denial: local reply 403 `RBAC: access denied`
 ///   (text/plain), response flag RBAC, response code details
 ///   `rbac_access_denied_matched_policy[POLICY]`; returns "respond".
@@ -44,7 +41,7 @@ extension LuaAPI {
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pop(L, 1)
         lua_createtable(L, 0, 4)
-        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat), ("path_is_normal", authzPathIsNormal)] as [(String, lua_CFunction)] {
+        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.authz")
@@ -226,12 +223,6 @@ extension LuaAPI {
         guard let name = str(L, 1), authzStats.contains(name) else { return fail(L, "authz.stat(name): not an RBAC counter") }
         LuaVM.vm(L).metrics?.count(name)
         return 0
-    }
-
-    static let authzPathIsNormal: lua_CFunction = { L in
-        guard let (_, s, kind) = resolve(L, 1, "path_is_normal"), kind == .stream else { return fail(L, outside) }
-        lua_pushboolean(L, PathNormalization.mergeSlashes.normalize(s.request.target) == .unchanged ? 1 : 0)
-        return 1
     }
 
     static let authzDeny: lua_CFunction = { L in

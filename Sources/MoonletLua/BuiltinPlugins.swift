@@ -247,18 +247,6 @@ local function compile_policies(list, dry_run)
   return out
 end
 
-local function has_path_check(checks)
-  for _, c in ipairs(checks) do
-    if c.k == "path" then return true end
-    if c.k == "any_of" then
-      for _, alt in ipairs(c.alts) do
-        if has_path_check(alt) then return true end
-      end
-    end
-  end
-  return false
-end
-
 function authz.configure(conf)
   local out = {
     deny = compile_policies(conf.deny, false),
@@ -266,15 +254,7 @@ function authz.configure(conf)
     audit = compile_policies(conf.audit, nil), -- dry-run is for ALLOW and DENY (Istio)
     shadow_deny = compile_policies(conf.deny, true),
     shadow_allow = compile_policies(conf.allow, true),
-    has_path = false,
   }
-  for _, list in ipairs({ out.deny, out.allow }) do
-    for _, p in ipairs(list) do
-      for _, r in ipairs(p.rules) do
-        if has_path_check(r.checks) then out.has_path = true end
-      end
-    end
-  end
   return out
 end
 
@@ -416,13 +396,7 @@ function authz.on_request(s, conf)
     s.vars.access_log_hint = "true"
     s.vars.istio_authz_audit_policy = audited
   end
-  -- Path rules see the path as sent until it is normalized natively before filters:
-  -- a spelling that normalization would change ("//", "/./", "/../", "%xx", "\\") could
-  -- sidestep them, so it is denied while enforced policies have path rules.
-  if conf.has_path and not A.path_is_normal(s) then
-    stat("envoy_http_rbac_denied")
-    return deny(s, "path-not-normalized")
-  end
+  -- The path was normalized natively before any filter (mesh config pathNormalization).
   shadow(s, conf.shadow_deny, "istio_dry_run_deny_", "denied")
   shadow(s, conf.shadow_allow, "istio_dry_run_allow_", "allowed")
   if #conf.deny > 0 then
@@ -621,6 +595,9 @@ local function rewrite(s, rw, m)
       s.request.path = regex_replace(rw.regex, path, rw.regex_rewrite) .. qs
     elseif m and m.uri_prefix then
       s.request.path = rw.uri .. sub(path, #m.uri_prefix + 1) .. qs
+    elseif m == nil or m.uri == nil then
+      -- No uri match: Istio matches prefix "/" and rewrites that prefix.
+      s.request.path = rw.uri .. sub(path, 2) .. qs
     else
       s.request.path = rw.uri .. qs
     end
@@ -678,7 +655,14 @@ local function apply(s, vh, rule, m)
   if red then
     local authority = red.authority or s.request.authority
     if red.port then authority = host_only(authority) .. ":" .. red.port end
-    local location = (red.scheme or s.request.scheme) .. "://" .. authority .. (red.uri or s.request.path)
+    -- Envoy's path_redirect swaps the path and keeps the query (unless the new uri has one).
+    local target = s.request.path
+    local uri = red.uri
+    if uri and not find(uri, "?", 1, true) then
+      local q = find(target, "?", 1, true)
+      if q then uri = uri .. sub(target, q) end
+    end
+    local location = (red.scheme or s.request.scheme) .. "://" .. authority .. (uri or target)
     if rule.response_headers then edit_response(s, rule.response_headers) end
     return reply(s, red.code, "", nil, location)
   end

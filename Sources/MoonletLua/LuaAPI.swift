@@ -204,7 +204,7 @@ enum LuaAPI {
             guard let v = str(L, 3), HeaderValidation.isValidValue(v) else { return fail(L, "route.\(k) must be a string") }
             if k == "host" { s.route.host = v } else { s.route.subset = v }
         case (.route, "port"):
-            guard lua_isinteger(L, 3) != 0 else { return fail(L, "route.port must be an integer") }
+            guard lua_isinteger(L, 3) != 0, (0...65535).contains(ml_tointeger(L, 3)) else { return fail(L, "route.port must be an integer 0-65535") }
             s.route.port = Int(ml_tointeger(L, 3))
         case (.route, "timeout_ms"):
             guard lua_isinteger(L, 3) != 0, (0...maxTimeoutMs).contains(ml_tointeger(L, 3)) else {

@@ -455,9 +455,12 @@ extension LuaAPI {
         guard let name = str(L, 2) else { return fail(L, "router.match_header(s, name, matcher): name must be a string") }
         let (ok, m) = optionalMatcher(L, 3)
         guard ok else { return fail(L, "router.match_header(s, name, matcher): \(badMatcher)") }
-        guard let v = s.request.first(name) else { lua_pushboolean(L, 0); return 1 }
+        guard let first = s.request.first(name) else { lua_pushboolean(L, 0); return 1 }
         guard let m else { lua_pushboolean(L, 1); return 1 }
-        return pushTest(L, m, v)
+        // A header given several times is matched on its values joined with "," (Envoy's
+        // HeaderUtility::getAllOfHeaderAsString); once, on its value (no array built).
+        let all = s.request.all(name)
+        return pushTest(L, m, all.count > 1 ? all.joined(separator: ",") : first)
     }
 
     /// First value of query parameter `name` of a request target, percent-decoded

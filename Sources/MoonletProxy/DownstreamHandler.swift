@@ -488,7 +488,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         // An HTTP/2 stream's body comes as DATA chunks (h2Body), not bytes to decode.
         reqDecoder = framing == .none || h2 != nil ? nil : BodyDecoder(framing: framing)
         requestState = framing == .none ? .complete(buffered: false) : .body
-        s.destination.port = role == .inbound ? ctx.settings.appPort : 0
+        // Outbound: the port the app addressed (the Host's, 80 without one), which a
+        // VirtualService `match.port` compares with; the endpoint's port replaces it once picked.
+        s.destination.port = role == .inbound ? ctx.settings.appPort : Self.authorityPort(s.request.host)
         if role == .inbound { s.destination.address = acceptedAddress() }
         if let o = originalPath { s.originalPath = o }
         if http2Stream { s.protocolName = "HTTP/2" }

@@ -117,7 +117,8 @@ final class UpstreamDispatcher {
         }
         let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
-        if host.isEmpty || port == 0 {
+        // A port outside 1-65535 (a filter's route) would trap in the address code.
+        if host.isEmpty || !(1...65535).contains(port) {
             s.respond(404, body: "", headers: [], flags: .noRouteFound)
             h.sendLocalReply()
             return nil

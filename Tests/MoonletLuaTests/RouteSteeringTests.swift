@@ -106,6 +106,17 @@ extension LuaFilterTests {
         }
     }
 
+    /// A port NIO's address code would trap on (the whole proxy, not the stream) is refused.
+    func test_routePort_outside0To65535_isRefused() throws {
+        for bad in ["70000", "-1", "math.maxinteger"] {
+            let (_, e) = try steer("s.route.port = \(bad)")
+            XCTAssertTrue(e?.contains("route.port must be an integer 0-65535") ?? false, "\(bad): \(e ?? "no error")")
+        }
+        let (s, e) = try steer("s.route.port = 8443")
+        XCTAssertNil(e)
+        XCTAssertEqual(s.route.port, 8443)
+    }
+
     func test_passthroughCluster_takesAnyIPEndpoint_andNoName() throws {
         let (s, err) = try steer("""
         s.route.cluster = "PassthroughCluster"

@@ -87,3 +87,16 @@ final class PathNormalizationProxyTests: XCTestCase {
         XCTAssertEqual(get(c, "/api/order/1")?.status, 200)
     }
 }
+
+/// The outbound stream's destination port is the one the app addressed (a VirtualService
+/// `match.port` compares with it).
+final class AuthorityPortTests: XCTestCase {
+    func test_theAuthoritysPort_orEightyWithoutOne() {
+        XCTAssertEqual(DownstreamHandler.authorityPort("svc:8080"), 8080)
+        XCTAssertEqual(DownstreamHandler.authorityPort("svc"), 80)
+        XCTAssertEqual(DownstreamHandler.authorityPort("[fd00::1]:9090"), 9090)
+        XCTAssertEqual(DownstreamHandler.authorityPort("[fd00::1]"), 80)
+        XCTAssertEqual(DownstreamHandler.authorityPort("svc:99999"), 80)
+        XCTAssertEqual(DownstreamHandler.authorityPort("svc:x"), 80)
+    }
+}
