@@ -224,6 +224,30 @@ final class RequestAuthenticationTests: XCTestCase {
         XCTAssertEqual(up.seen.last?.headers["x-jwt-user"], ["alice"])
     }
 
+    func test_tokenCookieSentTwice_isRefused_asAHeaderSentTwiceIs() throws {
+        let ra = """
+        apiVersion: security.istio.io/v1
+        kind: RequestAuthentication
+        metadata: {name: custom, namespace: default}
+        spec:
+          jwtRules:
+          - issuer: \(issuer)
+            \(inline([Self.signer]))
+            fromCookies: [session]
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": ra])
+        defer { px.stop() }
+        let t = try token()
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: "cookie: a=b; session=\(t)\r\n")).status, 200)
+        for h in ["cookie: session=\(t); session=\(t)\r\n", "cookie: session=\(t)\r\ncookie: a=b; session=garbage\r\n"] {
+            let r = try XCTUnwrap(get(try RawClient(port: px.inbound), headers: h))
+            XCTAssertEqual(r.status, 401, h)
+            XCTAssertEqual(r.body, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")
+        }
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: "cookie: session=; session=\(t)\r\n")).status, 200,
+                       "an empty value is no token (as for a parameter)")
+    }
+
     func test_inlineJwksWithoutAUsableKey_rejectsTheConfiguration() {
         XCTAssertThrowsError(try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwks: '{\"keys\":[{\"kty\":\"RSA\",\"n\":\"AQAB\",\"e\":\"AQAB\"}]}'")])) { e in
             XCTAssertTrue("\(e)".contains("spec.jwtRules[0].jwks: Jwks doesn't have any valid public key"), "\(e)")
