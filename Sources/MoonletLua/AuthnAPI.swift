@@ -9,19 +9,73 @@ import Foundation
 /// The JWT providers of the running configuration (one per RequestAuthentication
 /// jwtRule), by id, for each Lua host (one per proxy). The proxy replaces them at each
 /// reload; Lua reaches them through `moonlet.jwt.provider(id)`.
+///
+/// The proxy's ids are `NS/NAME#RULE@VERSION`, unique to a reload, so a configuration
+/// being prepared never changes the providers the serving filters find. A filter may
+/// name a provider without `@VERSION`: the reload preparing (on its own thread) gets
+/// its own provider, everyone else the accepted configuration's.
 public enum JWTProviders {
     static let lock = NIOLock()
     nonisolated(unsafe) static var byHost: [ObjectIdentifier: [String: JWTVerifying]] = [:]
+    /// `NS/NAME#RULE` → id with version, of the accepted configuration.
+    nonisolated(unsafe) static var accepted: [ObjectIdentifier: [String: String]] = [:]
+    /// The same for the configuration being prepared, and the thread preparing it.
+    nonisolated(unsafe) static var pending: [ObjectIdentifier: (thread: pthread_t, aliases: [String: String])] = [:]
 
-    /// Makes `providers` the set `host`'s Lua can reach (ids not in it are gone).
-    public static func replace(_ providers: [String: JWTVerifying], for host: LuaHost) {
-        lock.withLock { byHost[ObjectIdentifier(host)] = providers.isEmpty ? nil : providers }
+    static func aliases<S: Sequence>(_ ids: S) -> [String: String] where S.Element == String {
+        var a: [String: String] = [:]
+        for id in ids {
+            if let at = id.lastIndex(of: "@") { a[String(id[..<at])] = id } else { a[id] = id }
+        }
+        return a
     }
 
-    /// Adds `providers` to `host`'s set (a configuration being prepared, while the
-    /// current one still serves).
+    /// Makes `providers` the set `host`'s Lua can reach (ids not in it are gone);
+    /// `current` (default: all of them) are the accepted configuration's, which an id
+    /// without `@VERSION` names.
+    public static func replace(_ providers: [String: JWTVerifying], for host: LuaHost, current: [String]? = nil) {
+        lock.withLock {
+            let key = ObjectIdentifier(host)
+            byHost[key] = providers.isEmpty ? nil : providers
+            let a = aliases(current ?? Array(providers.keys))
+            accepted[key] = a.isEmpty ? nil : a
+            pending[key] = nil
+        }
+    }
+
+    /// Adds `providers` to `host`'s set (a configuration being prepared, on this
+    /// thread, while the current one still serves). Their ids must be unique to that
+    /// configuration, so the filters serving now never find them.
     public static func merge(_ providers: [String: JWTVerifying], for host: LuaHost) {
-        lock.withLock { byHost[ObjectIdentifier(host), default: [:]].merge(providers) { _, new in new } }
+        lock.withLock {
+            let key = ObjectIdentifier(host)
+            byHost[key, default: [:]].merge(providers) { _, new in new }
+            pending[key] = (pthread_self(), aliases(providers.keys))
+        }
+    }
+
+    /// Removes `ids` from `host`'s set (the providers of a reload that was rejected).
+    public static func remove<S: Sequence>(_ ids: S, for host: LuaHost) where S.Element == String {
+        lock.withLock {
+            let key = ObjectIdentifier(host)
+            pending[key] = nil
+            guard var set = byHost[key] else { return }
+            for id in ids { set[id] = nil }
+            byHost[key] = set.isEmpty ? nil : set
+        }
+    }
+
+    /// The id `id` names: itself when a provider has it, else (an id without
+    /// `@VERSION`) that of the configuration being prepared by this thread, or of the
+    /// accepted one.
+    public static func resolve(_ id: String, host: LuaHost) -> String? {
+        lock.withLock {
+            let key = ObjectIdentifier(host)
+            if byHost[key]?[id] != nil { return id }
+            if let p = pending[key], pthread_equal(p.thread, pthread_self()) != 0, let v = p.aliases[id], byHost[key]?[v] != nil { return v }
+            if let v = accepted[key]?[id], byHost[key]?[v] != nil { return v }
+            return nil
+        }
     }
 
     public static func lookup(_ id: String, host: LuaHost) -> JWTVerifying? { lock.withLock { byHost[ObjectIdentifier(host)]?[id] } }
@@ -50,7 +104,7 @@ enum AuthnAPI {
 
     /// moonlet.jwt.provider(id) → a provider handle, or raises for an unknown id.
     static let provider: lua_CFunction = { L in
-        guard let id = LuaAPI.str(L, 1), JWTProviders.lookup(id, host: LuaVM.vm(L).host) != nil else {
+        guard let name = LuaAPI.str(L, 1), let id = JWTProviders.resolve(name, host: LuaVM.vm(L).host) else {
             return LuaAPI.fail(L, "moonlet.jwt.provider(id): no JWT provider \"\(LuaAPI.prefix(L, 1, 128))\" in the configuration")
         }
         _ = ml_newuserdata(L, 0)

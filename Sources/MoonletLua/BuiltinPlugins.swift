@@ -53,7 +53,7 @@ end
 
 local AMBIGUOUS = {}
 
--- The token at one location, nil, or AMBIGUOUS when the header (or parameter) is sent more than once
+-- The token at one location, nil, or AMBIGUOUS when the header (parameter, cookie) is sent more than once
 -- (which one the upstream would read is not ours to guess: refused).
 local function token_at(s, loc)
   if loc.header then
@@ -81,14 +81,20 @@ local function token_at(s, loc)
     end
     return found
   else
+    local found = nil
     for _, line in ipairs(s.request.headers:get_all("cookie")) do
       for k, v in line:gmatch("([^;=%s]+)=([^;]*)") do
         if k == loc.cookie then
           v = v:match("^%s*(.-)%s*$")
-          if v ~= "" then return v end
+          if v ~= "" then
+            -- the cookie twice (in one Cookie header or several): refused, as a header twice
+            if found then return AMBIGUOUS end
+            found = v
+          end
         end
       end
     end
+    return found
   end
   return nil
 end

@@ -261,10 +261,17 @@ enum RequestAuthnSetup {
     struct Prepared {
         var spec: LuaPluginSpec
         var providers: [String: JWTVerifying]
+        /// The jwksUris (and discovery keys) the configuration fetches; the caller
+        /// retains them in the fetcher once the reload is accepted.
+        var uris: Set<String>
     }
 
-    /// `fetcher` makes (or gives) the JWKS fetcher; `existing` is the one made so far.
-    static func prepare(_ snap: ConfigSnapshot, workload: WorkloadIdentity, fetcher: () -> JWKSFetcher, existing: JWKSFetcher?) -> Result<Prepared?, ReloadError> {
+    /// `fetcher` makes (or gives) the JWKS fetcher. `generation` (the reload's version)
+    /// is part of every provider id, so the providers of a configuration being prepared
+    /// never replace those the serving one finds (a rejected reload changes no keys).
+    /// Nothing is retained or dropped in the fetcher here: that is the caller's, once
+    /// the reload is accepted (or, for a rejected one, back to the accepted URIs).
+    static func prepare(_ snap: ConfigSnapshot, workload: WorkloadIdentity, generation: Int, fetcher: () -> JWKSFetcher) -> Result<Prepared?, ReloadError> {
         let policies = RequestAuthenticationSpec.applicable(snap.istio, to: workload)
         var providers: [String: JWTVerifying] = [:]
         var rules: [ConfigValue] = []
@@ -273,7 +280,7 @@ enum RequestAuthnSetup {
         var waitMs = 0
         for p in policies {
             for (i, r) in p.rules.enumerated() {
-                let id = "\(p.namespace.isEmpty ? workload.namespace : p.namespace)/\(p.name)#\(i)"
+                let id = "\(p.namespace.isEmpty ? workload.namespace : p.namespace)/\(p.name)#\(i)@\(generation)"
                 let holder: JWKSHolder
                 if let inline = r.jwks {
                     do { holder = JWKSHolder(keys: try JWKSet.parse(Array(inline.utf8))) } catch {
@@ -308,7 +315,6 @@ enum RequestAuthnSetup {
                 rules.append(.map(rule))
             }
         }
-        if !uris.isEmpty { fetcher().retain(Set(uris)) } else { existing?.retain([]) }
         if !errors.isEmpty { return .failure(ReloadError(message: errors.joined(separator: "\n"))) }
         guard !policies.isEmpty else { return .success(nil) }
         // The first load of a jwksUri waits for its keys (Istio inlines fetched keys too).
@@ -316,7 +322,7 @@ enum RequestAuthnSetup {
         let spec = LuaPluginSpec(name: "istio-authn", namespace: "", path: "builtin://istio-authn", phase: "AUTHN", priority: Int(Int32.min),
                                  pluginConfig: .map([("rules", .array(rules))]), failStrategy: .failClose, matchLabels: [:],
                                  maxInstructions: nil, maxMemoryBytes: nil, timeoutMs: nil, file: "builtin", line: 0)
-        return .success(Prepared(spec: spec, providers: providers))
+        return .success(Prepared(spec: spec, providers: providers, uris: Set(uris)))
     }
 }
 
@@ -333,19 +339,46 @@ extension ProxyServer {
 
     /// Adds the builtin `istio-authn` to `specs` when RequestAuthentications select the
     /// workload (unless a LuaPlugin named "istio-authn" replaces it) and makes its
-    /// providers reachable; returns the providers to keep once the reload succeeds.
-    func prepareRequestAuthn(_ snap: ConfigSnapshot, into specs: inout [LuaPluginSpec], reason: String) -> Result<[String: JWTVerifying], ReloadError> {
-        switch RequestAuthnSetup.prepare(snap, workload: meshIdentity, fetcher: { self.jwks }, existing: lock.withLock { jwksFetcher }) {
+    /// providers reachable under ids of this reload only (so `lua.prepare` can resolve
+    /// them while the serving filters keep theirs). The reload then calls
+    /// `commitRequestAuthn` if accepted, or `abandonRequestAuthn` if not.
+    func prepareRequestAuthn(_ snap: ConfigSnapshot, version: Int, into specs: inout [LuaPluginSpec], reason: String) -> Result<RequestAuthnSetup.Prepared?, ReloadError> {
+        switch RequestAuthnSetup.prepare(snap, workload: meshIdentity, generation: version, fetcher: { self.jwks }) {
         case .failure(let e):
+            abandonRequestAuthn(nil)
             lock.withLock { lastReloadError = e.description }
             logger.error("config rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")
             return .failure(e)
         case .success(.none):
-            return .success([:])
+            return .success(nil)
         case .success(let p?):
             JWTProviders.merge(p.providers, for: lua)
             if !specs.contains(where: { $0.name == "istio-authn" }) { specs.append(p.spec) }
-            return .success(p.providers)
+            return .success(p)
         }
+    }
+
+    /// The reload was accepted: its providers and those of the generation it replaces
+    /// (whose streams may still run) are the reachable set; older ones are dropped. The
+    /// fetcher keeps refreshing only the accepted configuration's URIs.
+    func commitRequestAuthn(_ p: RequestAuthnSetup.Prepared?) {
+        let providers = p?.providers ?? [:]
+        let previous = lock.withLock { () -> [String: JWTVerifying] in
+            let prev = acceptedAuthnProviders
+            acceptedAuthnProviders = providers
+            acceptedAuthnURIs = p?.uris ?? []
+            return prev
+        }
+        JWTProviders.replace(previous.merging(providers) { _, new in new }, for: lua, current: Array(providers.keys))
+        let uris = p?.uris ?? []
+        if !uris.isEmpty { jwks.retain(uris) } else { lock.withLock { jwksFetcher }?.retain([]) }
+    }
+
+    /// The reload was rejected: its providers are removed and the fetcher goes back to
+    /// the URIs of the accepted configuration (the live keys keep being refreshed).
+    func abandonRequestAuthn(_ p: RequestAuthnSetup.Prepared?) {
+        if let p { JWTProviders.remove(p.providers.keys, for: lua) }
+        let accepted = lock.withLock { acceptedAuthnURIs }
+        lock.withLock { jwksFetcher }?.retain(accepted)
     }
 }

@@ -45,6 +45,9 @@ public final class ProxyServer: @unchecked Sendable {
     /// Fetches and refreshes the JWKS of RequestAuthentication jwksUris (made when a
     /// configuration first names a jwksUri).
     var jwksFetcher: JWKSFetcher?
+    /// The JWT providers and JWKS URIs of the accepted configuration (RequestAuthnSetup).
+    var acceptedAuthnProviders: [String: JWTVerifying] = [:]
+    var acceptedAuthnURIs: Set<String> = []
     /// The mesh config in force (MeshConfigReload.swift).
     let meshState = MeshConfigState()
 
@@ -198,8 +201,8 @@ public final class ProxyServer: @unchecked Sendable {
             }
         }
         // RequestAuthentications that select the workload bring the builtin istio-authn.
-        let authn: [String: JWTVerifying]
-        switch prepareRequestAuthn(snap, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
+        let authn: RequestAuthnSetup.Prepared?
+        switch prepareRequestAuthn(snap, version: version, into: &specs, reason: reason) { case .success(let p): authn = p; case .failure(let e): return .failure(e) }
         // AuthorizationPolicies that select the workload bring the builtin istio-authz
         // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
         let authz = AuthorizationCompiler.compile(snap.istio, workload: identity, trustDomain: mesh.tls.trustDomain ?? "cluster.local",
@@ -210,6 +213,7 @@ public final class ProxyServer: @unchecked Sendable {
         switch lua.prepare(specs) {
         case .success(let g): gen = g
         case .failure(let e):
+            abandonRequestAuthn(authn)
             lock.withLock { lastReloadError = e.description }
             logger.error("plugins rejected (\(reason)); keeping the last good version:\n\(e.description)")
             return .failure(ReloadError(message: e.description))
@@ -220,7 +224,7 @@ public final class ProxyServer: @unchecked Sendable {
             generation = gen
         }
         meshApplied = true
-        JWTProviders.replace(authn, for: lua)
+        commitRequestAuthn(authn)
         let natives = nativeFilters
         let mtls = PeerAuthenticationResolver.resolve(snap.istio, workload: identity, port: settings.appPort)
         if mtls.mode == .strict && currentTLS == nil {

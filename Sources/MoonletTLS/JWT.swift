@@ -261,7 +261,8 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
         if !audiences.isEmpty && !aud.contains(where: { audiences.contains($0) }) { return .failure(.audienceNotAllowed) }
         guard let sig = Base64URL.decode(parts[2]), !sig.isEmpty else { return .failure(.signatureBadBase64) }
         guard let set else { return .failure(.jwksFetchFailed) }
-        let candidates = set.keys.filter { $0.fits(alg) && (kid == nil || $0.kid == kid) }
+        // Envoy: a key without a kid is tried for any token, a token without one tries every key.
+        let candidates = set.keys.filter { $0.fits(alg) && (kid == nil || $0.kid == nil || $0.kid == kid) }
         guard !candidates.isEmpty else { return .failure(.kidAlgMismatch) }
         let input = Array(t[0..<(parts[0].count + 1 + parts[1].count)])
         guard candidates.contains(where: { $0.isValid(sig, input, alg) }) else { return .failure(.verificationFails) }

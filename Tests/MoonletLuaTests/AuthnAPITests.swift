@@ -90,6 +90,26 @@ final class AuthnAPITests: XCTestCase {
         XCTAssertNotNil(JWTProviders.lookup("ns/p#0", host: host))
     }
 
+    func test_idWithoutVersion_namesThePreparingReloadsProviderOnItsThread_andTheAcceptedOneElsewhere() throws {
+        JWTProviders.replace(["ns/p#0@1": FakeVerifier()], for: host, current: ["ns/p#0@1"])
+        XCTAssertEqual(JWTProviders.resolve("ns/p#0", host: host), "ns/p#0@1")
+        JWTProviders.merge(["ns/p#0@2": FakeVerifier()], for: host)
+        XCTAssertEqual(JWTProviders.resolve("ns/p#0", host: host), "ns/p#0@2", "the reload being prepared (this thread) gets its own")
+        final class Box: @unchecked Sendable { var id: String? }
+        let elsewhere = Box(), h: LuaHost = host
+        let t = Thread { elsewhere.id = JWTProviders.resolve("ns/p#0", host: h) }
+        t.start()
+        while !t.isFinished { usleep(1000) }
+        XCTAssertEqual(elsewhere.id, "ns/p#0@1", "the serving filters keep the accepted provider")
+        JWTProviders.remove(["ns/p#0@2"], for: host)
+        XCTAssertEqual(JWTProviders.resolve("ns/p#0", host: host), "ns/p#0@1", "a rejected reload's provider is gone")
+        XCTAssertNil(JWTProviders.lookup("ns/p#0@2", host: host))
+        JWTProviders.merge(["ns/p#0@3": FakeVerifier()], for: host)
+        JWTProviders.replace(["ns/p#0@1": FakeVerifier(), "ns/p#0@3": FakeVerifier()], for: host, current: ["ns/p#0@3"])
+        XCTAssertEqual(JWTProviders.resolve("ns/p#0", host: host), "ns/p#0@3", "an accepted reload's provider is the current one")
+        XCTAssertNotNil(JWTProviders.lookup("ns/p#0@1", host: host), "the replaced generation's provider stays for its streams")
+    }
+
     func test_unknownProviderId_failsTheLoad() {
         let path = "\(dir!)/g.lua"
         try! "return { configure = function() moonlet.jwt.provider('nope') end }".write(toFile: path, atomically: true, encoding: .utf8)

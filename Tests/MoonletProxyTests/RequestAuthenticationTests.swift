@@ -224,6 +224,73 @@ final class RequestAuthenticationTests: XCTestCase {
         XCTAssertEqual(up.seen.last?.headers["x-jwt-user"], ["alice"])
     }
 
+    func test_rejectedReload_leavesTheTrustedKeysAsTheyWere() throws {
+        let b = try JWTSigner(.rs256, kid: "k1")
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: inline([Self.signer]))])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: bearer(try token()))).status, 200)
+        XCTAssertEqual(try XCTUnwrap(get(c, headers: bearer(try token(b)))).status, 401)
+        // The broken plugin first, so that no reload ever sees the new keys without it.
+        try px.write("broken.lua", "local f = {}\nfunction f.on_request(s) return end end\nreturn f\n")
+        try px.write("broken.yaml", ProxyFixture.plugin("broken"))
+        try px.write("ra.yaml", policy(keys: inline([b])))
+        guard case .failure = px.server.reload(reason: "test") else { return XCTFail("a plugin with a syntax error must reject the reload") }
+        let c2 = try RawClient(port: px.inbound)
+        XCTAssertEqual(try XCTUnwrap(get(c2, headers: bearer(try token()))).status, 200, "the last good keys still verify")
+        XCTAssertEqual(try XCTUnwrap(get(c2, headers: bearer(try token(b)))).status, 401, "the rejected configuration's key is not trusted")
+        // Once the configuration is fixed, the new key is the trusted one.
+        try FileManager.default.removeItem(atPath: px.dir + "/broken.yaml")
+        XCTAssertNoThrow(try px.server.reload(reason: "test").get())
+        let c3 = try RawClient(port: px.inbound)
+        XCTAssertEqual(try XCTUnwrap(get(c3, headers: bearer(try token(b)))).status, 200)
+        XCTAssertEqual(try XCTUnwrap(get(c3, headers: bearer(try token()))).status, 401)
+    }
+
+    func test_rejectedReloadThatChangesTheJwksUri_keepsRefreshingTheAcceptedOne() throws {
+        let jwks = try TestUpstream { _ in TestUpstream.Reply(body: JWTSigner.jwks([Self.ec])) }
+        defer { jwks.stop() }
+        let other = try TestUpstream { _ in TestUpstream.Reply(body: JWTSigner.jwks([Self.signer])) }
+        defer { other.stop() }
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwksUri: http://127.0.0.1:\(jwks.port)/k")])
+        defer { px.stop() }
+        XCTAssertEqual(jwks.seen.count, 1)
+        try px.write("broken.lua", "local f = {}\nfunction f.on_request(s) return end end\nreturn f\n")
+        try px.write("broken.yaml", ProxyFixture.plugin("broken"))
+        try px.write("ra.yaml", policy(keys: "jwksUri: http://127.0.0.1:\(other.port)/k"))
+        guard case .failure = px.server.reload(reason: "test") else { return XCTFail("a plugin with a syntax error must reject the reload") }
+        let before = jwks.seen.count
+        px.server.jwks.refreshAll()
+        let deadline = Date().addingTimeInterval(3)
+        while jwks.seen.count == before && Date() < deadline { usleep(20_000) }
+        XCTAssertGreaterThan(jwks.seen.count, before, "the accepted configuration's jwksUri is still refreshed")
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: bearer(try token(Self.ec)))).status, 200)
+    }
+
+    func test_tokenCookieSentTwice_isRefused_asAHeaderSentTwiceIs() throws {
+        let ra = """
+        apiVersion: security.istio.io/v1
+        kind: RequestAuthentication
+        metadata: {name: custom, namespace: default}
+        spec:
+          jwtRules:
+          - issuer: \(issuer)
+            \(inline([Self.signer]))
+            fromCookies: [session]
+        """
+        let px = try ProxyFixture(appPort: up.port, files: ["ra.yaml": ra])
+        defer { px.stop() }
+        let t = try token()
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: "cookie: a=b; session=\(t)\r\n")).status, 200)
+        for h in ["cookie: session=\(t); session=\(t)\r\n", "cookie: session=\(t)\r\ncookie: a=b; session=garbage\r\n"] {
+            let r = try XCTUnwrap(get(try RawClient(port: px.inbound), headers: h))
+            XCTAssertEqual(r.status, 401, h)
+            XCTAssertEqual(r.body, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")
+        }
+        XCTAssertEqual(try XCTUnwrap(get(try RawClient(port: px.inbound), headers: "cookie: session=; session=\(t)\r\n")).status, 200,
+                       "an empty value is no token (as for a parameter)")
+    }
+
     func test_inlineJwksWithoutAUsableKey_rejectsTheConfiguration() {
         XCTAssertThrowsError(try ProxyFixture(appPort: up.port, files: ["ra.yaml": policy(keys: "jwks: '{\"keys\":[{\"kty\":\"RSA\",\"n\":\"AQAB\",\"e\":\"AQAB\"}]}'")])) { e in
             XCTAssertTrue("\(e)".contains("spec.jwtRules[0].jwks: Jwks doesn't have any valid public key"), "\(e)")

@@ -72,6 +72,16 @@ final class JWTTests: XCTestCase {
         XCTAssertEqual(failure(p.verify(try Self.rsa.with(kid: "unknown").sign(claims: claims()), now: now)), .kidAlgMismatch)
     }
 
+    func test_keyWithoutKid_isTriedForATokenWithAKid_asEnvoyDoes() throws {
+        let p = try provider([Self.otherRSA, Self.rsa.with(kid: .some(nil))])
+        XCTAssertNil(failure(p.verify(try Self.rsa.sign(claims: claims()), now: now)), "the kid-less key verifies a token with kid rsa-1")
+        XCTAssertNil(failure(p.verify(try Self.rsa.with(kid: "unknown").sign(claims: claims()), now: now)))
+        // An EC token: the kid-less key is RSA and the other key has another kid, so none fits;
+        // another RSA key's token under kid rsa-1 is tried against the kid-less key only, and fails.
+        XCTAssertEqual(failure(p.verify(try Self.p256.sign(claims: claims()), now: now)), .kidAlgMismatch)
+        XCTAssertEqual(failure(p.verify(try Self.otherRSA.with(kid: "rsa-1").sign(claims: claims()), now: now)), .verificationFails)
+    }
+
     func test_wrongIssuer_isNotConfigured() throws {
         let p = try provider([Self.p256])
         XCTAssertEqual(failure(p.verify(try Self.p256.sign(claims: claims(iss: "https://evil.example")), now: now)), .unknownIssuer)
