@@ -22,6 +22,10 @@ final class MeshConfigReloadTests: XCTestCase {
 
     func writeMesh(_ text: String) throws { try text.write(toFile: meshPath, atomically: true, encoding: .utf8) }
 
+    /// The mesh config of the last reload applied on every loop (`currentMeshConfig` shows
+    /// a reload still under way, before the loops have its filters).
+    func applied(_ f: ProxyFixture) -> MeshConfigFile? { f.server.lock.withLock { f.server.meshState.applied } }
+
     /// Waits up to 5 s for `condition`.
     func eventually(_ condition: () -> Bool) -> Bool {
         for _ in 0..<100 {
@@ -61,13 +65,13 @@ final class MeshConfigReloadTests: XCTestCase {
         let c = try RawClient(port: server.inbound)
         XCTAssertEqual(get(c, "/blocked")?.status, 200, "mesh-root is not the root namespace yet")
         try writeMesh("trustDomain: cluster.local\nrootNamespace: mesh-root\n")
-        XCTAssertTrue(eventually { server.server.currentMeshConfig.rootNamespace == "mesh-root" })
+        XCTAssertTrue(eventually { applied(server)?.rootNamespace == "mesh-root" })
         XCTAssertEqual(get(c, "/blocked")?.status, 403, "the connection opened before the change is still served, under the new policy")
         XCTAssertEqual(get(try RawClient(port: server.inbound), "/blocked")?.status, 403)
         XCTAssertEqual(get(try RawClient(port: server.inbound), "/open")?.status, 200)
         // And back: the policy no longer applies.
         try writeMesh("trustDomain: cluster.local\n")
-        XCTAssertTrue(eventually { server.server.currentMeshConfig.rootNamespace == "istio-system" })
+        XCTAssertTrue(eventually { applied(server)?.rootNamespace == "istio-system" })
         XCTAssertEqual(get(try RawClient(port: server.inbound), "/blocked")?.status, 200)
     }
 
