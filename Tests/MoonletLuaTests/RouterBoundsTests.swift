@@ -29,8 +29,10 @@ final class RouterBoundsTests: RouterHarness {
         XCTAssertGreaterThan(perHost, 0)
         let bound = 2 * RouterCache.maxHostsPerSnapshot * perHost + perHost
         var most = 0
-        for i in 0..<(4 * count) {
-            let h = hosts[i % count]
+        // Every host once (the cache fills), then many requests to hosts past the cap.
+        let past = count - RouterCache.maxHostsPerSnapshot
+        for i in 0..<(count + 20_000) {
+            let h = i < count ? hosts[i] : hosts[RouterCache.maxHostsPerSnapshot + (i - count) % past]
             let s = route(host: h)
             if i % 997 == 0 { XCTAssertTrue(s.route.cluster.contains(h), "\(h): \(s.route.cluster)") }
             most = max(most, runtime.vm.routerCache.objectCount(snap) ?? 0)
