@@ -396,6 +396,13 @@ public struct HTTPHeadParser: Sendable {
         switch raw[p + 7] { case 48: return 0; case 49: return 1; default: return nil }
     }
 
+    /// A content-length value by the parser's rule (1-18 ASCII digits, nothing else: no
+    /// sign, no space, no list), for the fields that do not come through the parser (HTTP/2).
+    public static func parseContentLength(_ value: String) -> Int64? {
+        var v = value
+        return v.withUTF8 { p in parseContentLength(UnsafeRawBufferPointer(p), 0, p.count) }
+    }
+
     static func parseContentLength(_ raw: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> Int64? {
         if s == e || e - s > 18 { return nil }
         var v: Int64 = 0

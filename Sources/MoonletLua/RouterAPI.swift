@@ -15,11 +15,18 @@ import Foundation
 final class RouterCache {
     final class Entry {
         let snapshot: ConfigSnapshot
-        let id: UInt64
+        /// The generation handles are made in now (a handle carries it): a new one when
+        /// the host tables are dropped (rotate).
+        private(set) var id: UInt64
         /// VirtualHost → registry reference of its Lua table.
         var hosts: [ObjectIdentifier: Int32] = [:]
         /// What the handles of this entry stand for (MatcherBox, RegexBox, TargetBox, RuleBox).
         var objects: [AnyObject] = []
+        /// The generation before `id` and its objects: a stream still holding handles of
+        /// a dropped host table (a coroutine suspended across the rotation) keeps them
+        /// valid for one more generation.
+        private(set) var previousID: UInt64 = 0
+        private(set) var previousObjects: [AnyObject] = []
         /// Registry reference of the workload table ({namespace, labels}).
         var workloadRef: Int32 = LUA_NOREF
         /// The Host last asked for, as sent, and its table's reference: a sidecar's
@@ -27,12 +34,34 @@ final class RouterCache {
         var lastAuthority = ""
         var lastRef: Int32 = LUA_NOREF
         init(snapshot: ConfigSnapshot, id: UInt64) { self.snapshot = snapshot; self.id = id }
+
+        /// The object handle `i` of generation `gen` stands for, if that generation is kept.
+        @inline(__always)
+        func object(gen: UInt64, _ i: Int) -> AnyObject? {
+            if gen == id { return i < objects.count ? objects[i] : nil }
+            if gen == previousID && gen != 0 { return i < previousObjects.count ? previousObjects[i] : nil }
+            return nil
+        }
+
+        /// Drops every cached host table (their registry references) and starts
+        /// generation `newID`; the objects of the generation before the current one go.
+        /// Memory stays bounded (at most two generations of maxHostsPerSnapshot tables'
+        /// objects) whatever the number of hosts and requests.
+        func rotate(_ L: OpaquePointer?, newID: UInt64) {
+            for ref in hosts.values { ml_unref(L, ref) }
+            hosts.removeAll(keepingCapacity: true)
+            lastAuthority = ""; lastRef = LUA_NOREF
+            previousID = id; previousObjects = objects
+            objects = []
+            id = newID
+        }
     }
 
     /// Snapshots whose tables a VM keeps (a reload makes a new one; in-flight streams
     /// may still route on the previous ones).
     static let maxSnapshots = 4
-    /// Hosts whose tables are kept per snapshot; past it a host's table is rebuilt per use.
+    /// Hosts whose tables are kept per snapshot; when full, the next uncached host drops
+    /// them all (Entry.rotate) before its table is built and cached.
     static let maxHostsPerSnapshot = 4096
 
     /// Most recent first.
@@ -57,10 +86,23 @@ final class RouterCache {
         return e
     }
 
-    /// The existing entry `id` of `snap`, if any (handles are checked against it).
+    /// The existing entry of `snap` whose current or previous generation is `id`, if any
+    /// (handles are checked against it).
     @inline(__always)
     func existing(_ snap: ConfigSnapshot, id: UInt64) -> Entry? {
-        for e in entries where e.snapshot === snap { return e.id == id ? e : nil }
+        for e in entries where e.snapshot === snap { return e.id == id || (id != 0 && e.previousID == id) ? e : nil }
+        return nil
+    }
+
+    /// A new generation for `e` (see Entry.rotate).
+    func rotate(_ e: Entry, _ L: OpaquePointer?) {
+        e.rotate(L, newID: nextID)
+        nextID += 1
+    }
+
+    /// Objects kept by the entry of `snap` (both generations), for tests.
+    func objectCount(_ snap: ConfigSnapshot) -> Int? {
+        for e in entries where e.snapshot === snap { return e.objects.count + e.previousObjects.count }
         return nil
     }
 }
@@ -175,8 +217,7 @@ extension LuaAPI {
         guard let s = vm.current, s.isActive, let snap = snapshot(of: s),
               let e = vm.routerCache.existing(snap, id: p.load(fromByteOffset: 8, as: UInt64.self)) else { return nil }
         let i = Int(p.load(fromByteOffset: 16, as: UInt32.self))
-        guard i < e.objects.count else { return nil }
-        return e.objects[i] as? T
+        return e.object(gen: p.load(fromByteOffset: 8, as: UInt64.self), i) as? T
     }
 
     /// The stream argument at `idx` (the `s` of a phase), or nil; nil in
@@ -211,13 +252,15 @@ extension LuaAPI {
             ml_getregistry_ref(L, ref)
             return 1
         }
+        // Full: drop the cached tables before building this one, so no handle of this
+        // call is made in a generation that goes; handles made before stay valid one
+        // generation more (Entry.previousObjects).
+        if e.hosts.count >= RouterCache.maxHostsPerSnapshot { LuaVM.vm(L).routerCache.rotate(e, L) }
         buildHost(L, vh, e, snap.routes)
-        if e.hosts.count < RouterCache.maxHostsPerSnapshot {
-            lua_pushvalue(L, -1)
-            let ref = ml_ref(L)
-            e.hosts[key] = ref
-            e.lastAuthority = authority; e.lastRef = ref
-        }
+        lua_pushvalue(L, -1)
+        let ref = ml_ref(L)
+        e.hosts[key] = ref
+        e.lastAuthority = authority; e.lastRef = ref
         return 1
     }
 
@@ -331,7 +374,8 @@ extension LuaAPI {
         if let f = r.fault {
             lua_createtable(L, 0, 4)
             if let s = f.abortStatus { setInt(L, "abort_status", s); setNumber(L, "abort_percent", f.abortPercent) }
-            if let d = f.delayMs { setInt(L, "delay_ms", d); setNumber(L, "delay_percent", f.delayPercent) }
+            // At most a day, what delay() takes (a longer fixedDelay waits a day).
+            if let d = f.delayMs { setInt(L, "delay_ms", min(d, Int(maxTimeoutMs))); setNumber(L, "delay_percent", f.delayPercent) }
             lua_setfield(L, -2, "fault")
         }
         if let cors = r.cors {
@@ -611,7 +655,9 @@ extension LuaAPI {
     /// moonlet.router.delay(s, ms): fault injection delay before going upstream (DI).
     static let rDelay: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
-        guard lua_isinteger(L, 2) != 0, ml_tointeger(L, 2) >= 0 else { return fail(L, "router.delay(s, ms): ms must be a non-negative integer") }
+        guard lua_isinteger(L, 2) != 0, (0...maxTimeoutMs).contains(ml_tointeger(L, 2)) else {
+            return fail(L, "router.delay(s, ms): ms must be an integer 0-\(maxTimeoutMs)")
+        }
         s.route.delayMs = Int(ml_tointeger(L, 2))
         return 0
     }

@@ -914,8 +914,10 @@ struct HTTP2RequestHead {
             case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": return nil
             case "te": guard value == "trailers" else { return nil }
             case "content-length":
-                guard let v = Int(value), v >= 0, contentLength < 0 || contentLength == v else { return nil }
-                contentLength = v
+                // The HTTP/1.1 parser's rule, not Int(_:) (which takes "+5" and "-0"): the
+                // value reaches an HTTP/1.1 upstream, which must read it as we did.
+                guard let v = HTTPHeadParser.parseContentLength(value), contentLength < 0 || contentLength == Int(v) else { return nil }
+                contentLength = Int(v)
             default: break
             }
         }
@@ -968,11 +970,19 @@ struct HTTP2RequestHead {
         var cookie: String? = nil
         var underscore = false
         var expectContinue = false
+        var lengthWritten = false
         for (name, value, _) in fields {
             if name.utf8.first == UInt8(ascii: ":") { continue }
             guard HeaderValidation.isFieldValue(value) else { return .failure(HTTPParseError(400, "control character in header value")) }
             let kind = KnownHeader(name: name)
             switch kind {
+            case .contentLength:
+                // One content-length, in canonical form (init checked every value and
+                // that they agree): the upstream never sees two, nor "007".
+                if lengthWritten || contentLength < 0 { continue }
+                lengthWritten = true
+                b.add("content-length", String(contentLength), kind: .contentLength)
+                continue
             case .host:
                 if hasHost { continue }
                 guard value.isEmpty || Self.isValidHost(value) else { return .failure(HTTPParseError(400, "invalid host header")) }

@@ -281,6 +281,52 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertEqual(up.seen.map(\.uri).filter { $0 != "/ok" }, [], "a malformed request reached the app")
     }
 
+    /// Request smuggling class: Int(_:) took "+5" and "-0", and the value went to the
+    /// HTTP/1.1 upstream as sent. Every content-length value must be what the HTTP/1.1
+    /// parser accepts (digits only, bounded, all values agreeing); otherwise the stream is
+    /// reset as malformed. The upstream gets one content-length, in canonical form.
+    func test_http2ContentLength_thatTheHTTP1ParserWouldRefuse_isResetAsMalformed_andTheUpstreamGetsOneCanonicalContentLength() throws {
+        let up = try TestUpstream { r in TestUpstream.Reply(body: "cl=\(r.headers["content-length"]) body=\(r.body)") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let post: [UInt8] = [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
+        let hello = Array("hello".utf8)
+        let bad: [(String, [String], [UInt8]?)] = [
+            ("plus sign", ["+5"], hello),
+            ("minus zero", ["-0"], nil),
+            ("plus zero", ["+0"], nil),
+            ("a list", ["5, 5"], hello),
+            ("hex", ["0x5"], hello),
+            ("19 digits", ["0000000000000000005"], hello),
+            ("two values, one signed", ["5", "+5"], hello),
+        ]
+        for (what, values, body) in bad {
+            let c = try RawClient(port: px.inbound)
+            var bytes = Self.preface + Self.frame(4, 0, 0)
+            bytes += Self.frame(1, body == nil ? 0x5 : 0x4, 1, post + values.flatMap { Self.literal("content-length", $0) })
+            if let body { bytes += Self.frame(0, 1, 1, body) }
+            bytes += Self.frame(1, 0x5, 3, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a"), 0x04, 3] + Array("/ok".utf8))
+            c.send(bytes)
+            let frames = Self.readFrames(c) { fs in fs.contains { $0.type == 0 && $0.stream == 3 && $0.flags & 1 != 0 } }
+            let rst = frames.first { $0.type == 3 && $0.stream == 1 }
+            XCTAssertNotNil(rst, "\(what): no RST_STREAM on stream 1: \(frames.map { ($0.type, $0.stream) })")
+            if let rst { XCTAssertEqual(Self.errorCode(rst), 1, what) }
+            XCTAssertFalse(frames.contains { $0.type == 1 && $0.stream == 1 }, "\(what): stream 1 got a response")
+        }
+        XCTAssertEqual(up.seen.map(\.uri).filter { $0 != "/ok" }, [], "a request with a bad content-length reached the app")
+
+        // Agreeing values, one with leading zeros: one "content-length: 5" goes upstream.
+        let c = try RawClient(port: px.inbound)
+        var bytes = Self.preface + Self.frame(4, 0, 0)
+        bytes += Self.frame(1, 0x4, 1, post + Self.literal("content-length", "005") + Self.literal("content-length", "5"))
+        bytes += Self.frame(0, 1, 1, hello)
+        c.send(bytes)
+        let frames = Self.readFrames(c) { fs in fs.contains { $0.type == 0 && $0.stream == 1 && $0.flags & 1 != 0 } }
+        let body1 = frames.filter { $0.type == 0 && $0.stream == 1 }.flatMap(\.payload)
+        XCTAssertEqual(String(decoding: body1, as: UTF8.self), "cl=[\"5\"] body=hello")
+    }
+
     /// Connection errors end the connection with GOAWAY and the right code: a first
     /// frame that is not SETTINGS, an even stream id, DATA on a stream never opened, a
     /// frame above the maximum size, and a rapid-reset flood.
