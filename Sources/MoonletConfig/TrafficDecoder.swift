@@ -135,7 +135,10 @@ struct TrafficDecoder {
         for (u, f) in units where s.hasSuffix(u) {
             let num = s.dropLast(u.count)
             guard !num.isEmpty, num.allSatisfy({ $0.isNumber || $0 == "." }), let v = Double(num), v >= 0 else { return nil }
-            return Int((v * f).rounded(.up))
+            // A value past ~292 million years (or infinite) would trap the Int conversion.
+            let ms = (v * f).rounded(.up)
+            guard ms.isFinite, ms < 9.0e15 else { return nil }
+            return Int(ms)
         }
         return nil
     }

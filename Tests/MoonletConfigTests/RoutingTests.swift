@@ -144,4 +144,24 @@ final class RoutingTests: XCTestCase {
         XCTAssertNil(TrafficDecoder.parseDuration("10"))
         XCTAssertNil(TrafficDecoder.parseDuration("-1s"))
     }
+
+    /// A duration of hundreds of digits overflowed the Int conversion and trapped the loader.
+    func test_anAbsurdlyLongDuration_isRefused_insteadOfTrappingTheLoader() throws {
+        XCTAssertNil(TrafficDecoder.parseDuration(String(repeating: "9", count: 400) + "h"))
+        XCTAssertNil(TrafficDecoder.parseDuration("99999999999999999999s"))
+        let dir = NSTemporaryDirectory() + "moonlet-dur-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: svc, namespace: default}
+        spec:
+          hosts: [svc]
+          http:
+          - timeout: \(String(repeating: "9", count: 400))s
+            route: [{destination: {host: svc}}]
+        """.write(toFile: dir + "/vs.yaml", atomically: true, encoding: .utf8)
+        guard case .failure(let e) = ConfigLoader().load(paths: [dir]) else { return XCTFail("an absurd timeout was accepted") }
+        XCTAssertTrue(e.description.contains("timeout"), e.description)
+    }
 }
