@@ -6,45 +6,6 @@ import MoonletCore
 import Foundation
 #endif
 
-/// base64url (RFC 4648 §5) without padding, as JWS uses it.
-public enum Base64URL {
-    static let table: [Int8] = {
-        var t = [Int8](repeating: -1, count: 256)
-        for (i, c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8.enumerated() { t[Int(c)] = Int8(i) }
-        return t
-    }()
-
-    /// Decodes base64url text (padding "=" tolerated at the end); nil on any other byte.
-    public static func decode<C: Collection>(_ text: C) -> [UInt8]? where C.Element == UInt8 {
-        var out: [UInt8] = []
-        out.reserveCapacity(text.count * 3 / 4)
-        var acc: UInt32 = 0, bits = 0, padding = false
-        for c in text {
-            if c == UInt8(ascii: "=") { padding = true; continue }
-            if padding { return nil }
-            let v = table[Int(c)]
-            if v < 0 { return nil }
-            acc = acc << 6 | UInt32(v); bits += 6
-            if bits >= 8 { bits -= 8; out.append(UInt8(truncatingIfNeeded: acc >> UInt32(bits))) }
-        }
-        // 1 leftover symbol (6 bits) cannot happen in valid input.
-        if bits >= 6 { return nil }
-        return out
-    }
-
-    public static func encode<C: Collection>(_ bytes: C) -> String where C.Element == UInt8 {
-        let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
-        var out: [UInt8] = []
-        var acc: UInt32 = 0, bits = 0
-        for b in bytes {
-            acc = acc << 8 | UInt32(b); bits += 8
-            while bits >= 6 { bits -= 6; out.append(alphabet[Int((acc >> UInt32(bits)) & 63)]) }
-        }
-        if bits > 0 { out.append(alphabet[Int((acc << UInt32(6 - bits)) & 63)]) }
-        return String(decoding: out, as: UTF8.self)
-    }
-}
-
 /// A JWS signature algorithm Moonlet verifies. `none` and the HMAC family are refused:
 /// a RequestAuthentication names public keys only.
 public enum JWTAlgorithm: String, Sendable, CaseIterable {
@@ -130,7 +91,7 @@ public struct JWKSet: Sendable {
         let kid = k["kid"]?.stringValue
         let alg = k["alg"]?.stringValue
         func b64(_ name: String, _ missing: String) throws -> [UInt8] {
-            guard let s = k[name]?.stringValue, let v = Base64URL.decode(Array(s.utf8)), !v.isEmpty else { throw JWTFailure(missing) }
+            guard let s = k[name]?.stringValue, let v = Base64.decode(Array(s.utf8), alphabet: .url), !v.isEmpty else { throw JWTFailure(missing) }
             return v
         }
         switch k["kty"]?.stringValue {
@@ -232,13 +193,13 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
         guard t.count <= Self.maxTokenBytes else { return .failure(.badFormat) }
         let parts = t.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
         guard parts.count == 3, !parts[0].isEmpty, !parts[1].isEmpty else { return .failure(.badFormat) }
-        guard let hb = Base64URL.decode(parts[0]) else { return .failure(.headerBadBase64) }
+        guard let hb = Base64.decode(parts[0], alphabet: .url) else { return .failure(.headerBadBase64) }
         guard let header = JSONValue.parse(hb, limits: Self.segmentLimits), case .object = header else { return .failure(.headerBadJSON) }
         guard let algName = header["alg"]?.stringValue else { return .failure(.headerBadAlg) }
         guard let alg = JWTAlgorithm(rawValue: algName) else { return .failure(.algNotImplemented) }
         var kid: String?
         if let k = header["kid"] { guard let s = k.stringValue else { return .failure(.headerBadKid) }; kid = s }
-        guard let pb = Base64URL.decode(parts[1]) else { return .failure(.payloadBadBase64) }
+        guard let pb = Base64.decode(parts[1], alphabet: .url) else { return .failure(.payloadBadBase64) }
         guard let payload = JSONValue.parse(pb, limits: Self.segmentLimits), case .object(let members) = payload else { return .failure(.payloadBadJSON) }
         var iss = "", sub = ""
         if let v = payload["iss"] { guard let s = v.stringValue else { return .failure(.issNotString) }; iss = s }
@@ -259,7 +220,7 @@ public final class JWTProvider: JWTVerifying, @unchecked Sendable {
         if let nbf, now + Self.clockSkewSeconds < nbf { return .failure(.notYetValid) }
         if let exp, now - Self.clockSkewSeconds >= exp { return .failure(.expired) }
         if !audiences.isEmpty && !aud.contains(where: { audiences.contains($0) }) { return .failure(.audienceNotAllowed) }
-        guard let sig = Base64URL.decode(parts[2]), !sig.isEmpty else { return .failure(.signatureBadBase64) }
+        guard let sig = Base64.decode(parts[2], alphabet: .url), !sig.isEmpty else { return .failure(.signatureBadBase64) }
         guard let set else { return .failure(.jwksFetchFailed) }
         // Envoy: a key without a kid is tried for any token, a token without one tries every key.
         let candidates = set.keys.filter { $0.fits(alg) && (kid == nil || $0.kid == nil || $0.kid == kid) }
@@ -313,13 +274,13 @@ public struct JWTSigner: Sendable {
         switch key {
         case .rsa(let k):
             let p = try! k.publicKey.getKeyPrimitives()
-            fields = ["\"kty\":\"RSA\"", "\"n\":\"\(Base64URL.encode(p.modulus))\"", "\"e\":\"\(Base64URL.encode(p.publicExponent))\""]
+            fields = ["\"kty\":\"RSA\"", "\"n\":\"\(Base64.encodeURL(p.modulus))\"", "\"e\":\"\(Base64.encodeURL(p.publicExponent))\""]
         case .p256(let k):
             let raw = Array(k.publicKey.x963Representation.dropFirst())
-            fields = ["\"kty\":\"EC\"", "\"crv\":\"P-256\"", "\"x\":\"\(Base64URL.encode(raw[0..<32]))\"", "\"y\":\"\(Base64URL.encode(raw[32...]))\""]
+            fields = ["\"kty\":\"EC\"", "\"crv\":\"P-256\"", "\"x\":\"\(Base64.encodeURL(raw[0..<32]))\"", "\"y\":\"\(Base64.encodeURL(raw[32...]))\""]
         case .p384(let k):
             let raw = Array(k.publicKey.x963Representation.dropFirst())
-            fields = ["\"kty\":\"EC\"", "\"crv\":\"P-384\"", "\"x\":\"\(Base64URL.encode(raw[0..<48]))\"", "\"y\":\"\(Base64URL.encode(raw[48...]))\""]
+            fields = ["\"kty\":\"EC\"", "\"crv\":\"P-384\"", "\"x\":\"\(Base64.encodeURL(raw[0..<48]))\"", "\"y\":\"\(Base64.encodeURL(raw[48...]))\""]
         }
         if let kid { fields.append("\"kid\":\(JSON.quote(kid))") }
         fields.append("\"use\":\"sig\"")
@@ -332,7 +293,7 @@ public struct JWTSigner: Sendable {
     /// A compact JWS of `claims` (JSON object text); `header` replaces the default header.
     public func sign(claims: String, header: String? = nil) throws -> String {
         let h = header ?? "{\"alg\":\"\(algorithm.rawValue)\",\"typ\":\"JWT\"" + (kid.map { ",\"kid\":\(JSON.quote($0))" } ?? "") + "}"
-        let input = Base64URL.encode(Array(h.utf8)) + "." + Base64URL.encode(Array(claims.utf8))
+        let input = Base64.encodeURL(Array(h.utf8)) + "." + Base64.encodeURL(Array(claims.utf8))
         let data = Array(input.utf8)
         let sig: [UInt8]
         switch (key, algorithm) {
@@ -347,6 +308,6 @@ public struct JWTSigner: Sendable {
         case (.p384(let k), _): sig = Array(try k.signature(for: SHA384.hash(data: data)).rawRepresentation)
         default: throw JWTFailure("key does not fit \(algorithm.rawValue)")
         }
-        return input + "." + Base64URL.encode(sig)
+        return input + "." + Base64.encodeURL(sig)
     }
 }

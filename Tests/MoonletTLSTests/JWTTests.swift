@@ -98,13 +98,13 @@ final class JWTTests: XCTestCase {
 
     func test_algNone_andHMAC_areRefused() throws {
         let p = try provider([Self.rsa])
-        let body = Base64URL.encode(Array(claims().utf8))
-        let none = Base64URL.encode(Array("{\"alg\":\"none\"}".utf8)) + "." + body + "."
+        let body = Base64.encodeURL(Array(claims().utf8))
+        let none = Base64.encodeURL(Array("{\"alg\":\"none\"}".utf8)) + "." + body + "."
         XCTAssertEqual(failure(p.verify(none, now: now)), .algNotImplemented)
-        let input = Base64URL.encode(Array("{\"alg\":\"HS256\",\"kid\":\"rsa-1\"}".utf8)) + "." + body
+        let input = Base64.encodeURL(Array("{\"alg\":\"HS256\",\"kid\":\"rsa-1\"}".utf8)) + "." + body
         // HMAC keyed with the RSA public key's bytes: the classic key-confusion attack.
         let mac = HMAC<SHA256>.authenticationCode(for: Array(input.utf8), using: SymmetricKey(data: Array(Self.rsa.jwk.utf8)))
-        XCTAssertEqual(failure(p.verify(input + "." + Base64URL.encode(Array(mac)), now: now)), .algNotImplemented)
+        XCTAssertEqual(failure(p.verify(input + "." + Base64.encodeURL(Array(mac)), now: now)), .algNotImplemented)
     }
 
     func test_malformedTokens_areRefusedWithEnvoysMessages_neverCrash() throws {
@@ -114,14 +114,14 @@ final class JWTTests: XCTestCase {
         XCTAssertEqual(failure(p.verify("abc", now: now)), .badFormat)
         XCTAssertEqual(failure(p.verify("a.b.c.d", now: now)), .badFormat)
         XCTAssertEqual(failure(p.verify("!!!." + parts[1] + "." + parts[2], now: now)), .headerBadBase64)
-        XCTAssertEqual(failure(p.verify(Base64URL.encode(Array("{".utf8)) + "." + parts[1] + "." + parts[2], now: now)), .headerBadJSON)
-        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64URL.encode(Array("[1]".utf8)) + "." + parts[2], now: now)), .payloadBadJSON)
+        XCTAssertEqual(failure(p.verify(Base64.encodeURL(Array("{".utf8)) + "." + parts[1] + "." + parts[2], now: now)), .headerBadJSON)
+        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64.encodeURL(Array("[1]".utf8)) + "." + parts[2], now: now)), .payloadBadJSON)
         XCTAssertEqual(failure(p.verify(parts[0] + "." + parts[1] + ".@@", now: now)), .signatureBadBase64)
         XCTAssertEqual(failure(p.verify(parts[0] + "." + parts[1] + "." + parts[2] + "AA", now: now)), .verificationFails)
         XCTAssertEqual(failure(p.verify(String(repeating: "a", count: 9000) + ".b.c", now: now)), .badFormat)
         let deep = String(repeating: "[", count: 5000) + String(repeating: "]", count: 5000)
-        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64URL.encode(Array(deep.utf8).prefix(6000)) + "." + parts[2], now: now)), .payloadBadJSON, "5000 levels of nesting stop at the depth limit")
-        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64URL.encode(Array(String(repeating: "[", count: 100).utf8)) + "." + parts[2], now: now)), .payloadBadJSON)
+        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64.encodeURL(Array(deep.utf8).prefix(6000)) + "." + parts[2], now: now)), .payloadBadJSON, "5000 levels of nesting stop at the depth limit")
+        XCTAssertEqual(failure(p.verify(parts[0] + "." + Base64.encodeURL(Array(String(repeating: "[", count: 100).utf8)) + "." + parts[2], now: now)), .payloadBadJSON)
         XCTAssertEqual(failure(p.verify(try Self.p256.sign(claims: "{\"iss\":7}"), now: now)), .issNotString)
         XCTAssertEqual(failure(p.verify(try Self.p256.sign(claims: "{\"iss\":\"\(issuer)\",\"exp\":\"soon\"}"), now: now)), .expNotInteger)
         // Random bytes and random segment mixes: an answer every time.
@@ -130,7 +130,7 @@ final class JWTTests: XCTestCase {
             let len = Int.random(in: 0..<300, using: &rng)
             let bytes = (0..<len).map { _ in UInt8.random(in: 0...255, using: &rng) }
             _ = p.verify(String(decoding: bytes, as: UTF8.self), now: now)
-            let mixed = [parts[0], parts[1], parts[2], Base64URL.encode(bytes)].shuffled().prefix(3).joined(separator: ".")
+            let mixed = [parts[0], parts[1], parts[2], Base64.encodeURL(bytes)].shuffled().prefix(3).joined(separator: ".")
             _ = p.verify(mixed, now: now)
         }
     }

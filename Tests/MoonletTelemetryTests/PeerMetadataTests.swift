@@ -1,4 +1,5 @@
 import XCTest
+import MoonletCore
 @testable import MoonletTelemetry
 
 final class PeerMetadataTests: XCTestCase {
