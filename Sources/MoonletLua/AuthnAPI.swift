@@ -209,8 +209,9 @@ enum AuthnAPI {
         return 1
     }
 
-    /// Pushes a JSON value as Lua data (objects and arrays as tables, null as nil in
-    /// objects and `false`-free placeholders never made).
+    /// Pushes a JSON value as Lua data: objects and arrays as tables (read-only when `ro`),
+    /// null as nil (so a null member is absent and a null array element leaves a hole).
+    /// Nesting past 40 levels, or a Lua stack that cannot grow, is pushed as nil.
     static func pushJSON(_ L: OpaquePointer?, _ v: JSONValue, readOnly ro: Bool, depth: Int) {
         guard depth < 40, lua_checkstack(L, 4) != 0 else { lua_pushnil(L); return }
         switch v {
