@@ -559,6 +559,14 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         return localAddress
     }
 
+    /// The port of an authority ("host:port", "[v6]:port"), 80 when it names none.
+    static func authorityPort(_ authority: String) -> Int {
+        let u = authority.utf8
+        guard let colon = u.lastIndex(of: UInt8(ascii: ":")) else { return 80 }
+        if let close = u.lastIndex(of: UInt8(ascii: "]")), close > colon { return 80 }
+        return Int(Substring(authority[authority.index(after: colon)...])).flatMap { (1...65535).contains($0) ? $0 : nil } ?? 80
+    }
+
     /// host:port of where the client's request goes: the app on the inbound listener,
     /// the address the client connected to on the outbound one.
     func destinationAuthority() -> String {

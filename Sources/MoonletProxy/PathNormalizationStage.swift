@@ -6,13 +6,6 @@ import MoonletHTTP
 /// default), applied natively to every request before any filter runs: routing,
 /// authorization, Lua filters, logs and the upstream all see the normalized path.
 extension DownstreamHandler {
-    /// The port of an authority ("host:port", "[v6]:port"), 80 when it names none.
-    static func authorityPort(_ authority: String) -> Int {
-        let u = authority.utf8
-        guard let colon = u.lastIndex(of: UInt8(ascii: ":")) else { return 80 }
-        if let close = u.lastIndex(of: UInt8(ascii: "]")), close > colon { return 80 }
-        return Int(Substring(authority[authority.index(after: colon)...])).flatMap { (1...65535).contains($0) ? $0 : nil } ?? 80
-    }
 
     /// Normalizes the request target of `head` in place for the snapshot's mode. Returns
     /// the target as received when it changed (nil when it did not), or a 400 for a path
