@@ -164,6 +164,16 @@ public struct HTTPHead: Sendable {
         }
     }
 
+    /// First value of a header (edits included), for a name given as lowercase ASCII
+    /// bytes: no String is made for the name unless headers were added by filters.
+    public func first(lowercasedASCII name: UnsafeRawBufferPointer) -> String? {
+        for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: name) { return value(at: i) }
+        if added.isEmpty { return nil }
+        let n = String(decoding: name, as: UTF8.self)
+        for a in added where a.name == n { return a.value }
+        return nil
+    }
+
     /// First value of a header (edits included), names case-insensitive.
     public func first(_ name: String) -> String? {
         let lower = name.lowercased()

@@ -638,6 +638,15 @@ end
 
 -- The matched rule, applied in Envoy's order.
 local function apply(s, vh, rule, m)
+  if rule.plain then
+    -- Weighted destinations and nothing else (no fault, CORS, redirect, direct
+    -- response, rewrite, header edits, mirrors or hashing): pick and forward.
+    local targets = rule.targets
+    local k = 1
+    if #targets > 1 then k = pick(rule.ref) end
+    if forward(s, targets[k], rule.ref, nil) then return nil end
+    return reply(s, 503, "no healthy upstream", "UH")
+  end
   local fault = rule.fault
   if fault and fault.abort_status and chance(fault.abort_percent) then
     return reply(s, fault.abort_status, "fault filter abort", "FI")
@@ -703,9 +712,8 @@ local function apply(s, vh, rule, m)
 end
 
 function router.on_request(s, conf)
-  -- A route an earlier filter chose is left alone.
-  if s.route.cluster ~= "" then return end
   local vh = host_of(s)
+  if vh == true then return end                        -- an earlier filter chose the route
   if vh == false then return end                       -- inbound: the local app
   if vh == nil then return reply(s, 404, "", "NR") end -- no such host
   local rules = vh.rules

@@ -217,7 +217,10 @@ extension LuaAPI {
         guard let s = vm.current, s.isActive, let snap = snapshot(of: s),
               let e = vm.routerCache.existing(snap, id: p.load(fromByteOffset: 8, as: UInt64.self)) else { return nil }
         let i = Int(p.load(fromByteOffset: 16, as: UInt32.self))
-        return e.object(gen: p.load(fromByteOffset: 8, as: UInt64.self), i) as? T
+        // The exact class, compared by metadata pointer (the boxes are final): cheaper
+        // than a dynamic cast, which this call would otherwise pay on every primitive.
+        guard let o = e.object(gen: p.load(fromByteOffset: 8, as: UInt64.self), i), ObjectIdentifier(Swift.type(of: o)) == ObjectIdentifier(T.self) else { return nil }
+        return unsafeDowncast(o, to: T.self)
     }
 
     /// The stream argument at `idx` (the `s` of a phase), or nil; nil in
@@ -237,10 +240,14 @@ extension LuaAPI {
 
     /// moonlet.router.host(s) → the table of the request's virtual host (see
     /// docs/lua-api.md), nil when no host is known (404 NR), false on the inbound
-    /// listener (its route is the local application). Built once per VM and snapshot.
+    /// listener (its route is the local application), true when an earlier filter
+    /// already set s.route.cluster. Built once per VM and snapshot.
     static let rHost: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream (" + routerStreamError(L) + ")") }
         if s.listener == .inbound { lua_pushboolean(L, 0); return 1 }
+        // A route an earlier filter chose (s.route.cluster) is left alone: one call
+        // answers both questions the router asks first.
+        if !s.route.cluster.isEmpty { lua_pushboolean(L, 1); return 1 }
         guard let snap = snapshot(of: s) else { lua_pushnil(L); return 1 }
         let e = LuaVM.vm(L).routerCache.entry(snap, L)
         let authority = s.request.host
@@ -418,6 +425,13 @@ extension LuaAPI {
         for (i, t) in c.targets.enumerated() { pushHash(L, t); lua_rawseti(L, -2, lua_Integer(i + 1)) }
         lua_setfield(L, -2, "hashes")
         setInt(L, "total_weight", c.totalWeight)
+        // A rule that only sends to weighted destinations (most rules): the router takes
+        // a short path past the checks for the fields this rule does not have.
+        if r.fault == nil && r.cors == nil && r.redirect == nil && r.directResponse == nil && r.rewrite == nil
+            && r.requestHeaders.isEmpty && r.responseHeaders.isEmpty && c.mirrorTargets.isEmpty && c.totalWeight > 0
+            && c.targets.allSatisfy({ $0.cluster?.hashPolicy == nil }) {
+            setBool(L, "plain", true)
+        }
         if !r.requestHeaders.isEmpty { pushHeaderOps(L, r.requestHeaders); lua_setfield(L, -2, "request_headers") }
         if !r.responseHeaders.isEmpty { pushHeaderOps(L, r.responseHeaders); lua_setfield(L, -2, "response_headers") }
         if !c.mirrorTargets.isEmpty {
@@ -496,14 +510,17 @@ extension LuaAPI {
     /// `name` (lowercase) and its first value matches (false: present is enough).
     static let rMatchHeader: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
-        guard let name = str(L, 2) else { return fail(L, "router.match_header(s, name, matcher): name must be a string") }
+        guard let raw = bytes(L, 2) else { return fail(L, "router.match_header(s, name, matcher): name must be a string") }
         let (ok, m) = optionalMatcher(L, 3)
         guard ok else { return fail(L, "router.match_header(s, name, matcher): \(badMatcher)") }
-        guard let first = s.request.first(name) else { lua_pushboolean(L, 0); return 1 }
+        // The route table's names are lowercase already: looked up as bytes, no String.
+        let lower = !raw.contains { $0 >= 65 && $0 <= 90 }
+        let name = lower ? nil : String(decoding: raw, as: UTF8.self)
+        guard let first = lower ? s.request.first(lowercasedASCII: raw) : s.request.first(name!) else { lua_pushboolean(L, 0); return 1 }
         guard let m else { lua_pushboolean(L, 1); return 1 }
         // A header given several times is matched on its values joined with "," (Envoy's
-        // HeaderUtility::getAllOfHeaderAsString); once, on its value (no array built).
-        let all = s.request.all(name)
+        // HeaderUtility::getAllOfHeaderAsString); once, on its value.
+        let all = s.request.all(name ?? String(decoding: raw, as: UTF8.self))
         return pushTest(L, m, all.count > 1 ? all.joined(separator: ",") : first)
     }
 

@@ -561,10 +561,18 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// The port of an authority ("host:port", "[v6]:port"), 80 when it names none.
     static func authorityPort(_ authority: String) -> Int {
-        let u = authority.utf8
-        guard let colon = u.lastIndex(of: UInt8(ascii: ":")) else { return 80 }
-        if let close = u.lastIndex(of: UInt8(ascii: "]")), close > colon { return 80 }
-        return Int(Substring(authority[authority.index(after: colon)...])).flatMap { (1...65535).contains($0) ? $0 : nil } ?? 80
+        var a = authority
+        // One backward scan over the bytes for the digits after the last ':' (none, or
+        // a ']' after it: the default port); no String or index arithmetic per request.
+        return a.withUTF8 { u -> Int in
+            var i = u.count - 1, port = 0, scale = 1
+            while i >= 0, u[i] >= 0x30, u[i] <= 0x39 {
+                if scale > 10_000 { return 80 }
+                port += Int(u[i] - 0x30) * scale; scale *= 10; i -= 1
+            }
+            guard i >= 0, u[i] == UInt8(ascii: ":"), i < u.count - 1, (1...65535).contains(port) else { return 80 }
+            return port
+        }
     }
 
     /// host:port of where the client's request goes: the app on the inbound listener,
