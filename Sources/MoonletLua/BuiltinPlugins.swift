@@ -487,6 +487,9 @@ end
 -- One `match` entry: every field present must hold (AND).
 -- Returns true, false, or nil when a regex hit its match limit.
 local function match_entry(s, m, workload)
+  local only = m.only   -- the entry's single condition, when it is one of these two
+  if only == "headers" then return all_present(s, m.headers, match_header) end
+  if only == "uri" then return match_path(s, m.uri, m.ignore_uri_case) end
   local ok
   if m.uri then
     ok = match_path(s, m.uri, m.ignore_uri_case)

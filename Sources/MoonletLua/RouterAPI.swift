@@ -375,6 +375,12 @@ extension LuaAPI {
                 lua_setfield(L, -2, "source_labels")
             }
             if let ns = m.sourceNamespace { setString(L, "source_namespace", ns) }
+            // The entry's single condition, when it has one of the two common kinds: the
+            // router tests it without looking for the others.
+            let others = m.scheme != nil || m.method != nil || m.authority != nil || m.port != nil || !m.withoutHeaders.isEmpty
+                || !m.queryParams.isEmpty || !m.sourceLabels.isEmpty || m.sourceNamespace != nil
+            if !others && m.uri == nil && !m.headers.isEmpty { setString(L, "only", "headers") }
+            if !others && m.uri != nil && m.headers.isEmpty { setString(L, "only", "uri") }
             lua_rawseti(L, -2, lua_Integer(i + 1))
         }
         lua_setfield(L, -2, "matches")
