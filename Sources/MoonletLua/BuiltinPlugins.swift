@@ -488,7 +488,11 @@ end
 -- Returns true, false, or nil when a regex hit its match limit.
 local function match_entry(s, m, workload)
   local only = m.only   -- the entry's single condition, when it is one of these two
-  if only == "headers" then return all_present(s, m.headers, match_header) end
+  if only == "headers" then
+    local h = m.headers
+    if #h == 1 then local c = h[1]; return match_header(s, c[1], c[2]) end
+    return all_present(s, h, match_header)
+  end
   if only == "uri" then return match_path(s, m.uri, m.ignore_uri_case) end
   local ok
   if m.uri then

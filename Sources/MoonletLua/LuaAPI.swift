@@ -132,15 +132,15 @@ enum LuaAPI {
             else if kw("destination") { ml_pushlight(L, wrapper(id, .destination)) }
             else if kw("id") { lua_pushinteger(L, lua_Integer(s.id)) }
             else if kw("listener") { lua_pushstring(L, s.listener == .inbound ? "inbound" : "outbound") }
-            else if kw("request_id") { push(L, s.request.first("x-request-id") ?? "") }
+            else if kw("request_id") { push(L, s.withRequest({ $0.first("x-request-id") }) ?? "") }
             else if kw("auth") { AuthnAPI.pushAuth(L, s) }
             else { lua_pushnil(L) }
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
-            else if kw("path") { push(L, s.request.target) }
-            else if kw("original_path") { push(L, s.originalPath ?? s.request.target) }
-            else if kw("method") { push(L, s.request.method) }
-            else if kw("authority") { push(L, s.request.host) }
+            else if kw("path") { push(L, s.withRequest({ $0.target })) }
+            else if kw("original_path") { push(L, s.originalPath ?? s.withRequest({ $0.target })) }
+            else if kw("method") { push(L, s.withRequest({ $0.method })) }
+            else if kw("authority") { push(L, s.withRequest({ $0.host })) }
             else if kw("scheme") { push(L, "http") }
             else if kw("protocol") { push(L, s.protocolName) }
             else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }

@@ -250,7 +250,7 @@ extension LuaAPI {
         if !s.route.cluster.isEmpty { lua_pushboolean(L, 1); return 1 }
         guard let snap = snapshot(of: s) else { lua_pushnil(L); return 1 }
         let e = LuaVM.vm(L).routerCache.entry(snap, L)
-        let authority = s.request.host
+        let authority = s.withRequest({ $0.host })
         if e.lastRef != LUA_NOREF && authority == e.lastAuthority { ml_getregistry_ref(L, e.lastRef); return 1 }
         guard let vh = snap.routes.lookup(authority) else { lua_pushnil(L); return 1 }
         let key = ObjectIdentifier(vh)
@@ -482,7 +482,7 @@ extension LuaAPI {
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_path(s, matcher): \(badMatcher)") }
         let ic = lua_toboolean(L, 3) != 0
-        var t = s.request.target
+        var t = s.withRequest({ $0.target })
         return t.withUTF8 { p in
             var n = p.count
             if let q = p.firstIndex(of: UInt8(ascii: "?")) { n = q }
@@ -494,14 +494,14 @@ extension LuaAPI {
     static let rMatchMethod: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_method(s, matcher): \(badMatcher)") }
-        return pushTest(L, m, s.request.method)
+        return pushTest(L, m, s.withRequest({ $0.method }))
     }
 
     /// moonlet.router.match_authority(s, matcher): the Host as the client sent it.
     static let rMatchAuthority: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let m = handle(L, 2, .matcher, MatcherBox.self) else { return fail(L, "router.match_authority(s, matcher): \(badMatcher)") }
-        return pushTest(L, m, s.request.host)
+        return pushTest(L, m, s.withRequest({ $0.host }))
     }
 
     /// The optional matcher argument at `idx`: nil/false mean "present is enough".
@@ -522,7 +522,7 @@ extension LuaAPI {
         // The route table's names are lowercase already: looked up as bytes, no String.
         let lower = !raw.contains { $0 >= 65 && $0 <= 90 }
         let name = lower ? nil : String(decoding: raw, as: UTF8.self)
-        guard let first = lower ? s.request.first(lowercasedASCII: raw) : s.request.first(name!) else { lua_pushboolean(L, 0); return 1 }
+        guard let first = lower ? s.withRequest({ $0.first(lowercasedASCII: raw) }) : s.withRequest({ $0.first(name!) }) else { lua_pushboolean(L, 0); return 1 }
         guard let m else { lua_pushboolean(L, 1); return 1 }
         // A header given several times is matched on its values joined with "," (Envoy's
         // HeaderUtility::getAllOfHeaderAsString); once, on its value.
@@ -548,11 +548,11 @@ extension LuaAPI {
     static func hashKey(_ s: ProxyStream, _ hp: HashPolicy, vm: LuaVM) {
         var key: String?
         switch hp {
-        case .header(let n): key = s.request.first(n)
+        case .header(let n): key = s.withRequest({ $0.first(n) })
         case .sourceIP: key = s.source.address.split(separator: ":").dropLast().joined(separator: ":")
-        case .queryParameter(let q): key = queryValue(s.request.target, q)
+        case .queryParameter(let q): key = queryValue(s.withRequest({ $0.target }), q)
         case .cookie(let name, let path, let ttl):
-            for c in s.request.all("cookie") {
+            for c in s.withRequest({ $0.all("cookie") }) {
                 for part in c.split(separator: ";") {
                     let kv = part.split(separator: "=", maxSplits: 1)
                     if kv.count == 2, kv[0].trimmingCharacters(in: .whitespaces) == name { key = String(kv[1]) }
@@ -571,7 +571,7 @@ extension LuaAPI {
     static let rQuery: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let name = str(L, 2) else { return fail(L, "router.query(s, name): name must be a string") }
-        if let v = queryValue(s.request.target, name) { push(L, v) } else { lua_pushnil(L) }
+        if let v = queryValue(s.withRequest({ $0.target }), name) { push(L, v) } else { lua_pushnil(L) }
         return 1
     }
 
@@ -581,7 +581,7 @@ extension LuaAPI {
         guard let name = str(L, 2) else { return fail(L, "router.match_query(s, name, matcher): name must be a string") }
         let (ok, m) = optionalMatcher(L, 3)
         guard ok else { return fail(L, "router.match_query(s, name, matcher): \(badMatcher)") }
-        guard let v = queryValue(s.request.target, name) else { lua_pushboolean(L, 0); return 1 }
+        guard let v = queryValue(s.withRequest({ $0.target }), name) else { lua_pushboolean(L, 0); return 1 }
         guard let m else { lua_pushboolean(L, 1); return 1 }
         return pushTest(L, m, v)
     }
@@ -691,7 +691,7 @@ extension LuaAPI {
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let t = handle(L, 2, .target, TargetBox.self)?.target else { return fail(L, "router.mirror(s, target): expected a target of the running stream's route table") }
         guard let c = t.cluster, c.endpointCount > 0 else { return 0 }
-        s.route.mirrors.append((cluster: c as UpstreamCluster, authority: HostName.normalize(s.request.host) + "-shadow"))
+        s.route.mirrors.append((cluster: c as UpstreamCluster, authority: HostName.normalize(s.withRequest({ $0.host })) + "-shadow"))
         return 0
     }
 

@@ -490,7 +490,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         requestState = framing == .none ? .complete(buffered: false) : .body
         // Outbound: the port the app addressed (the Host's, 80 without one), which a
         // VirtualService `match.port` compares with; the endpoint's port replaces it once picked.
-        s.destination.port = role == .inbound ? ctx.settings.appPort : Self.authorityPort(s.request.host)
+        s.destination.port = role == .inbound ? ctx.settings.appPort : Self.authorityPort(s.withRequest({ $0.host }))
         if role == .inbound { s.destination.address = acceptedAddress() }
         if let o = originalPath { s.originalPath = o }
         if http2Stream { s.protocolName = "HTTP/2" }
