@@ -29,6 +29,8 @@ public final class ProxyServer: @unchecked Sendable {
     /// Serializes reloads (file watcher, admin, SIGHUP).
     let reloadLock = NIOLock()
     var snapshot: ConfigSnapshot = .empty
+    /// Config directories pushed by pilot, loaded after `settings.configPaths` (PilotApply.swift).
+    var pushedConfigPaths: [String] = []
     var generation: LuaPluginGeneration?
     var lastReloadError: String?
     var reloadCount = 0
@@ -175,8 +177,9 @@ public final class ProxyServer: @unchecked Sendable {
         defer { endMeshConfigReload(applied: meshApplied, material: meshMaterial, reason: reason) }
         let mesh = currentMeshConfig, identity = meshIdentity
         var snap = ConfigSnapshot.empty
-        if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
+        let configPaths = settings.configPaths + lock.withLock { pushedConfigPaths }
+        if !configPaths.isEmpty {
+            switch ConfigLoader().load(paths: configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
                                    rootNamespace: identity.rootNamespace) {
             case .success(let s): snap = s
             case .failure(let e):
