@@ -45,6 +45,7 @@ struct Pilot: ParsableCommand {
             throw ExitCode(1)
         }
         print("moonlet pilot serving \(config) on \(bind):\(ch.localAddress?.port ?? port)\(certs == nil ? " (plaintext)" : " (mutual TLS)")")
+        fflush(stdout)
         try ch.closeFuture.wait()
     }
 }
