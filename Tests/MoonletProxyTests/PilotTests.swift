@@ -162,7 +162,7 @@ final class PilotTests: XCTestCase {
         try pilot.write("plugin.yaml", "apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: broken}\nspec:\n  url: broken.lua\n  phase: AUTHN\n")
         XCTAssertTrue(eventually { sc.client.status.lastNack != nil }, "\(sc.client.status)")
         XCTAssertEqual(sc.client.status.appliedVersion, 1)
-        XCTAssertTrue(try eventually { (try pilot.sidecar("orders-1.default")?["last_nack"] as? [String: Any])?["version"] as? Int == 2 })
+        XCTAssertTrue(try eventually { (try pilot.sidecar("orders-1.default")?["last_nack"] as? [String: Any])?["version"] as? Int ?? 0 >= 2 })
         let nack = try XCTUnwrap(try pilot.sidecar("orders-1.default")?["last_nack"] as? [String: Any])
         let message = try XCTUnwrap(nack["error"] as? String)
         XCTAssertTrue(message.contains("broken"), message)
@@ -170,12 +170,14 @@ final class PilotTests: XCTestCase {
         XCTAssertEqual(try pilot.sidecar("orders-1.default")?["in_sync"] as? Bool, false)
         let c = try RawClient(port: sc.proxy.outbound)
         for _ in 0..<20 { XCTAssertEqual(orders(c), "v1") }
-        // No retry storm: the refused version is not pushed again while it stays the same.
+        // No retry storm: a refused version is not pushed again while it stays the same.
         usleep(300_000)
-        XCTAssertEqual(pilot.lines.withLockedValue { $0 }.filter { $0.contains("NACK from orders-1.default") }.count, 1)
-        // The fix is version 3, applied.
+        let nacks = pilot.lines.withLockedValue { $0 }.filter { $0.contains("NACK from orders-1.default") }
+        XCTAssertFalse(nacks.isEmpty)
+        XCTAssertEqual(Set(nacks).count, nacks.count, "a version NACKed twice: \(nacks)")
+        // The fix is the next version, applied.
         try pilot.write("broken.lua", "return { on_request = function(s) end }")
-        XCTAssertTrue(eventually { sc.client.status.appliedVersion == 3 }, "\(sc.client.status)")
+        XCTAssertTrue(eventually { sc.client.status.appliedHash == pilot.server.current?.hash && (sc.client.status.appliedVersion ?? 0) > 2 }, "\(sc.client.status)")
         XCTAssertEqual(orders(c), "v1")
     }
 
