@@ -1,6 +1,12 @@
 import MoonletCore
 
 extension ProxyServer {
+    /// Called before `start()` when configuration comes from pilot: /healthz/ready answers
+    /// 503 until the first pushed version is applied (as Istio's sidecar is not ready before
+    /// its first configuration), so Kubernetes sends no traffic to a sidecar that knows no
+    /// routes yet. The listeners serve meanwhile, with the `--config` files if any.
+    public func expectPushedConfig() { awaitingFirstPush = true }
+
     /// Applies a configuration pushed by pilot (`moonlet run --pilot`), written in
     /// `directory`: it replaces the previously pushed one beside the `--config` paths, and
     /// the whole set goes through the same load-and-swap as a file change. On failure the
@@ -16,8 +22,9 @@ extension ProxyServer {
             return p
         }
         let result = reload(reason: reason)
-        if case .failure = result {
-            lock.withLock { if pushedConfigPaths == [directory] { pushedConfigPaths = previous } }
+        switch result {
+        case .success: awaitingFirstPush = false
+        case .failure: lock.withLock { if pushedConfigPaths == [directory] { pushedConfigPaths = previous } }
         }
         return result
     }

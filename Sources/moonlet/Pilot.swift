@@ -59,6 +59,9 @@ struct PilotSubscribeOptions: ParsableArguments {
 
     func env(_ name: String) -> String? { ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 } }
 
+    /// Whether --pilot (or MOONLET_PILOT) is set.
+    var enabled: Bool { (pilot ?? env("MOONLET_PILOT")) != nil }
+
     /// Starts the subscription when --pilot (or MOONLET_PILOT) is set; nil otherwise.
     func start(server: ProxyServer, logger: Logger) throws -> PilotClient? {
         guard let address = pilot ?? env("MOONLET_PILOT") else { return nil }

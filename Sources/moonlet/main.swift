@@ -163,6 +163,7 @@ struct Run: ParsableCommand {
     func run() throws {
         let logger = options.logger()
         let server = ProxyServer(settings: try options.settings(), logger: logger)
+        if pilot.enabled { server.expectPushedConfig() }
         do { try server.start() } catch {
             logger.critical("cannot start: \(error)")
             throw ExitCode(1)

@@ -56,8 +56,9 @@ final class SubscribedSidecar {
     let cache = NSTemporaryDirectory() + "moonlet-pilot-cache-\(UUID().uuidString)"
     let lines = NIOLockedValueBox([String]())
 
-    init(pilot: String, node: String, certs: String? = nil, fast: Bool = true) throws {
+    init(pilot: String, node: String, certs: String? = nil, fast: Bool = true, start: Bool = true) throws {
         proxy = try ProxyFixture(appPort: 1, concurrency: 1)
+        proxy.server.expectPushedConfig()
         var s = PilotClient.Settings(address: pilot, node: PilotNode(id: node), cacheDirectory: cache, certsDirectory: certs)
         if fast { s.backoffBase = 0.05; s.backoffMax = 0.4 }
         s.pollSeconds = 5
@@ -68,7 +69,7 @@ final class SubscribedSidecar {
             case .failure(let e): return e.message
             }
         }, log: { [lines] l in lines.withLockedValue { $0.append(l) } })
-        client.start()
+        if start { client.start() }
     }
     func stop() { client.stop(); proxy.stop(); try? FileManager.default.removeItem(atPath: cache) }
 }
@@ -318,5 +319,16 @@ final class PilotTests: XCTestCase {
         XCTAssertEqual(try PilotConfigSet.load(dir: plain, version: 1).get().files.map(\.path), ["f.lua", "p.yaml"])
         // A pushed path that would leave the cache directory is refused by the sidecar.
         XCTAssertThrowsError(try PilotConfigSet(version: 1, files: [PilotFile(path: "../escape.yaml", content: "")]).write(to: plain + "/cache"))
+    }
+
+    func test_sidecarWithPilot_isNotReadyUntilItsFirstPushedVersionIsApplied() throws {
+        let pilot = try PilotFixture(files: seed(allTo: "v1"))
+        defer { pilot.stop() }
+        let sc = try SubscribedSidecar(pilot: pilot.address, node: "orders-1.default", start: false)
+        defer { sc.stop() }
+        XCTAssertEqual(adminGet(sc.proxy.admin, "/healthz/ready")?.status, 503)
+        sc.client.start()
+        XCTAssertTrue(eventually { adminGet(sc.proxy.admin, "/healthz/ready")?.status == 200 })
+        XCTAssertEqual(sc.client.status.appliedVersion, 1)
     }
 }
