@@ -66,12 +66,20 @@ public struct PilotConfigSet: Codable, Sendable, Equatable {
     /// under `dir` and be named relative to its YAML (`url: filter.lua`): a sidecar gets
     /// the files, not pilot's paths.
     public static func load(dir: String, version: Int) -> Result<PilotConfigSet, ConfigErrors> {
+        var notes: [String] = []
+        return load(dir: dir, version: version, notes: &notes)
+    }
+
+    /// `load(dir:version:)`, with the loader's notes (what is valid but not applied, such
+    /// as a `Sidecar` resource) in `notes`.
+    public static func load(dir: String, version: Int, notes: inout [String]) -> Result<PilotConfigSet, ConfigErrors> {
         let root = (dir as NSString).standardizingPath
         let snap: ConfigSnapshot
         switch ConfigLoader().load(paths: [root], securityScope: .anyWorkload) {
         case .success(let s): snap = s
         case .failure(let e): return .failure(e)
         }
+        notes = snap.skipped
         var errors: [ConfigError] = []
         var paths = ConfigLoader.yamlFiles(at: root)
         for p in snap.plugins {

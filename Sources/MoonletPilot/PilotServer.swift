@@ -111,7 +111,8 @@ public final class PilotServer: @unchecked Sendable {
     public func refresh(reason: String) -> ConfigErrors? {
         let fp = fingerprint()
         let next = (state.withLockedValue { $0.current?.version } ?? 0) + 1
-        switch PilotConfigSet.load(dir: settings.configDirectory, version: next) {
+        var notes: [String] = []
+        switch PilotConfigSet.load(dir: settings.configDirectory, version: next, notes: &notes) {
         case .failure(let e):
             let first = state.withLockedValue { s -> Bool in
                 s.fingerprint = fp
@@ -137,6 +138,7 @@ public final class PilotServer: @unchecked Sendable {
                 return (true, recovered, w)
             }
             if changed {
+                for n in notes { log("pilot: note: \(n)") }
                 log("pilot: serving version \(set.version) (\(set.files.count) files, hash \(set.hash.prefix(12))) (\(reason)); \(waiters.count) sidecars waiting")
             } else if recovered {
                 log("pilot: configuration valid again (\(reason)); still serving version \(current?.version ?? 0)")
