@@ -204,7 +204,7 @@ public final class PilotServer: @unchecked Sendable {
                         return true
                     }
                     guard admitted else {
-                        self.log("pilot: connection from \(address) refused: \(self.settings.maxConnections) connections open")
+                        self.logLimited("pilot: connection from \(address) refused: \(self.settings.maxConnections) connections open")
                         ch.close(promise: nil)
                         return
                     }
@@ -229,6 +229,27 @@ public final class PilotServer: @unchecked Sendable {
             for c in self.state.withLockedValue({ Array($0.connections.values) }) { c.close(promise: nil) }
         }
         return ch
+    }
+
+    /// Lines about callers (refusals, failed handshakes) logged per second; the rest are
+    /// counted and reported with the next line that passes.
+    static let callerLinesPerSecond = 20
+    let logBudget = NIOLockedValueBox((second: 0, left: 0, suppressed: 0))
+
+    /// Logs a line about a caller unless `callerLinesPerSecond` were logged this second (a
+    /// misbehaving client must not flood the log).
+    func logLimited(_ line: String) {
+        let now = Int(Date().timeIntervalSince1970)
+        let (ok, suppressed) = logBudget.withLockedValue { b -> (Bool, Int) in
+            if b.second != now { b.second = now; b.left = Self.callerLinesPerSecond }
+            guard b.left > 0 else { b.suppressed += 1; return (false, 0) }
+            b.left -= 1
+            defer { b.suppressed = 0 }
+            return (true, b.suppressed)
+        }
+        guard ok else { return }
+        if suppressed > 0 { log("pilot: \(suppressed) lines about callers suppressed (more than \(Self.callerLinesPerSecond) a second)") }
+        log(line)
     }
 
     public func stopWatching() {
@@ -391,7 +412,7 @@ public final class PilotServer: @unchecked Sendable {
             switch server.node(from: q, peer: peer.id) {
             case .success(let n): node = n
             case .failure(let e):
-                server.log("pilot: config request from \(address) refused: \(LogText.escape(e.description))")
+                server.logLimited("pilot: config request from \(address) refused: \(LogText.escape(e.description))")
                 respond(context, PilotServer.error(peer.id == nil && server.settings.certsDirectory != nil ? .unauthorized : (e.description.contains("may not") ? .forbidden : .badRequest), e.description))
                 return
             }
@@ -468,9 +489,9 @@ public final class PilotServer: @unchecked Sendable {
 
         func errorCaught(context: ChannelHandlerContext, error: Error) {
             if !(error is NIOSSLError) && !(error is PeerIdentityError) {
-                server.log("pilot: connection from \(address): \(LogText.escape("\(error)"))")
+                server.logLimited("pilot: connection from \(address): \(LogText.escape("\(error)"))")
             } else {
-                server.log("pilot: TLS with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: nil))")
+                server.logLimited("pilot: TLS with \(address) failed: \(TLSMaterial.refusalReason(error, peerCertificate: nil))")
             }
             context.close(promise: nil)
         }
