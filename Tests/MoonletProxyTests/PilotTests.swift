@@ -212,9 +212,9 @@ final class PilotTests: XCTestCase {
         let pilotCerts = try pki.issue("istio-system", "moonlet-pilot")
         let pilot = try PilotFixture(files: seed(allTo: "v1"), certs: pilotCerts)
         defer { pilot.stop() }
+        let caches = pki.dir + "/caches"
         func client(_ node: PilotNode, certs: String?, expected: [String] = []) throws -> (PilotClient, NIOLockedValueBox<Int>) {
-            var s = PilotClient.Settings(address: pilot.address, node: node, cacheDirectory: NSTemporaryDirectory() + "moonlet-pilot-cache-\(UUID().uuidString)",
-                                         certsDirectory: certs)
+            var s = PilotClient.Settings(address: pilot.address, node: node, cacheDirectory: caches + "/\(node.id)", certsDirectory: certs)
             s.backoffBase = 0.05; s.backoffMax = 0.2; s.expectedIdentities = expected; s.pollSeconds = 2
             let applied = NIOLockedValueBox(0)
             let c = try PilotClient(settings: s, apply: { _, set in applied.withLockedValue { $0 = set.version }; return nil })
