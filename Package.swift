@@ -95,8 +95,19 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: v5),
+        // `moonlet pilot`: validated configuration pushed to sidecars (HTTP long-poll, ACK/NACK),
+        // and the sidecar's subscriber. No proxy in it: the subscriber applies through a closure.
+        .target(name: "MoonletPilot", dependencies: [
+            "MoonletCore", "MoonletConfig", "MoonletTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ], swiftSettings: v5),
         .executableTarget(name: "moonlet", dependencies: [
-            "MoonletProxy", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletSidecar", "MoonletWebhook",
+            "MoonletProxy", "MoonletPilot", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletSidecar", "MoonletWebhook",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -129,7 +140,7 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: v5),
         .testTarget(name: "MoonletProxyTests", dependencies: [
-            "MoonletProxy", "MoonletLua", "MoonletConfig", "MoonletTLS",
+            "MoonletProxy", "MoonletLua", "MoonletConfig", "MoonletTLS", "MoonletPilot",
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOCore", package: "swift-nio"),

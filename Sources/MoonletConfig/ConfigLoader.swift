@@ -19,14 +19,16 @@ public struct ConfigLoader {
     public init() {}
 
     /// The YAML files a path stands for: the file itself, or every *.yaml / *.yml below
-    /// a directory (sorted, so load order is stable).
+    /// a directory (sorted, so load order is stable). Directories named `..*` are skipped:
+    /// a mounted Kubernetes ConfigMap keeps its files there (`..2026_01_01_00_00_00.1/`,
+    /// `..data`) besides the links to them, and would otherwise be read twice.
     public static func yamlFiles(at path: String) -> [String] {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return [] }
         if !isDir.boolValue { return [path] }
         guard let e = FileManager.default.enumerator(atPath: path) else { return [] }
         var out: [String] = []
-        for case let rel as String in e where rel.hasSuffix(".yaml") || rel.hasSuffix(".yml") {
+        for case let rel as String in e where (rel.hasSuffix(".yaml") || rel.hasSuffix(".yml")) && !rel.split(separator: "/").contains(where: { $0.hasPrefix("..") }) {
             out.append((path as NSString).appendingPathComponent(rel))
         }
         return out.sorted()

@@ -14,7 +14,7 @@ import Foundation
 ///
 /// | method | path | answer |
 /// |---|---|---|
-/// | GET | /ready, /healthz/ready | 200 LIVE once started, 503 while draining |
+/// | GET | /ready, /healthz/ready | 200 LIVE once started, 503 while draining or (with pilot) before the first pushed version |
 /// | GET | /stats/prometheus, /metrics | Prometheus text exposition |
 /// | GET | /config_dump | JSON of the active snapshot |
 /// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |

@@ -29,6 +29,8 @@ public final class ProxyServer: @unchecked Sendable {
     /// Serializes reloads (file watcher, admin, SIGHUP).
     let reloadLock = NIOLock()
     var snapshot: ConfigSnapshot = .empty
+    /// Config directories pushed by pilot, loaded after `settings.configPaths` (PilotApply.swift).
+    var pushedConfigPaths: [String] = []
     var generation: LuaPluginGeneration?
     var lastReloadError: String?
     var reloadCount = 0
@@ -38,7 +40,11 @@ public final class ProxyServer: @unchecked Sendable {
     /// The workload certificate in force (nil without --certs).
     var tlsMaterial: TLSMaterial?
     var lastCertError: String?
-    public private(set) var ready = false
+    /// /healthz/ready: started, not draining, and (with pilot) the first pushed version applied.
+    public var ready: Bool { started && !awaitingFirstPush }
+    var started = false
+    /// Set by `expectPushedConfig()` (PilotApply.swift) until a pushed version is applied.
+    var awaitingFirstPush = false
     var draining = false
     /// Native filters that run with the Lua ones (composition adds them).
     public var nativeFilters: [Filter] = []
@@ -90,7 +96,7 @@ public final class ProxyServer: @unchecked Sendable {
             t.resume()
             watchTimer = t
         }
-        ready = true
+        started = true
         logger.info("moonlet ready", metadata: ["inbound": "\(boundPorts["inbound"] ?? 0)", "outbound": "\(boundPorts["outbound"] ?? 0)",
                                                 "admin": "\(boundPorts["admin"] ?? 0)", "loops": "\(contexts.count)"])
     }
@@ -175,8 +181,9 @@ public final class ProxyServer: @unchecked Sendable {
         defer { endMeshConfigReload(applied: meshApplied, material: meshMaterial, reason: reason) }
         let mesh = currentMeshConfig, identity = meshIdentity
         var snap = ConfigSnapshot.empty
-        if !settings.configPaths.isEmpty {
-            switch ConfigLoader().load(paths: settings.configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
+        let configPaths = settings.configPaths + lock.withLock { pushedConfigPaths }
+        if !configPaths.isEmpty {
+            switch ConfigLoader().load(paths: configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
                                    rootNamespace: identity.rootNamespace) {
             case .success(let s): snap = s
             case .failure(let e):
@@ -371,7 +378,7 @@ public final class ProxyServer: @unchecked Sendable {
     public func drainAndStop() {
         guard !draining else { return }
         draining = true
-        ready = false
+        started = false
         logger.info("draining")
         for l in listeners { try? l.close().wait() }
         for c in contexts { c.loop.execute { c.drainConnections() } }

@@ -12,6 +12,9 @@ public struct InjectionSettings: Equatable, Sendable {
     public var configMap = "moonlet-config"
     /// Revision written in `sidecar.istio.io/status`.
     public var revision = "default"
+    /// `MOONLET_PILOT` of the sidecar (`moonlet pilot`, host:port); nil: the sidecar reads
+    /// only the ConfigMap.
+    public var pilotAddress: String? = nil
     /// The sidecar's outbound listener (`moonlet run --outbound-port`, iptables `--envoy-port`).
     public var outboundPort = 15001
     /// The sidecar's inbound listener (`--inbound-port`, iptables `--inbound-capture-port`).
@@ -247,6 +250,7 @@ public struct SidecarInjector: Sendable {
             env("MOONLET_CA_TOKEN_FILE", InjectionSettings.tokenPath + "/token"),
         ]
         if let appPort { envs.append(env("MOONLET_APP_PORT", "\(appPort)")) }
+        if let pilot = s.pilotAddress { envs.append(env("MOONLET_PILOT", pilot)) }
         func mount(_ name: String, _ path: String, readOnly: Bool = false, subPath: String? = nil) -> Node {
             var pairs: [(String, Node)] = [("name", str(name)), ("mountPath", str(path))]
             if readOnly { pairs.append(("readOnly", bool(true))) }

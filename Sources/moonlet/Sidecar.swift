@@ -122,6 +122,7 @@ struct Inject: ParsableCommand {
     @Option(help: "CA address the sidecars get their certificate from (CA_ADDR)") var caAddress: String = InjectionSettings().caAddress
     @Option(help: "ConfigMap with the mesh's Istio YAML, mounted in every sidecar (optional in the pod)") var configMap: String = InjectionSettings().configMap
     @Option(help: "Revision written in sidecar.istio.io/status") var revision: String = InjectionSettings().revision
+    @Option(help: "Pilot address host:port the sidecars subscribe to (MOONLET_PILOT; default: none, the ConfigMap only)") var pilotAddress: String?
 
     func injector() -> SidecarInjector {
         var s = InjectionSettings()
@@ -129,6 +130,7 @@ struct Inject: ParsableCommand {
         s.caAddress = caAddress
         s.configMap = configMap
         s.revision = revision
+        s.pilotAddress = pilotAddress.flatMap { $0.isEmpty ? nil : $0 }
         return SidecarInjector(settings: s)
     }
 

@@ -15,7 +15,7 @@ struct Moonlet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moonlet",
         abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
-        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Iptables.self, Inject.self, Plugins.self]
+        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Pilot.self, Iptables.self, Inject.self, Plugins.self]
     )
 }
 
@@ -158,16 +158,19 @@ func installSignals(_ server: ProxyServer, beforeExit: @escaping () -> Void = {}
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the sidecar.")
     @OptionGroup var options: SidecarOptions
+    @OptionGroup var pilot: PilotSubscribeOptions
 
     func run() throws {
         let logger = options.logger()
         let server = ProxyServer(settings: try options.settings(), logger: logger)
+        if pilot.enabled { server.expectPushedConfig() }
         do { try server.start() } catch {
             logger.critical("cannot start: \(error)")
             throw ExitCode(1)
         }
+        let subscription = try pilot.start(server: server, logger: logger)
         let signals = installSignals(server)
-        _ = signals
+        _ = (signals, subscription)
         dispatchMain()
     }
 }

@@ -78,6 +78,35 @@ final class DeployManifestTests: XCTestCase {
         XCTAssertEqual(flagValue(injectorArgs, "--ca-address"), InjectionSettings().caAddress)
     }
 
+    func test_pilotService_matchesThePilotsPort_andPilotServesMutualTLSFromAMountedConfigMap() throws {
+        let pilot = try named("Deployment", "moonlet-pilot")
+        let c = podContainers(pilot)[0]
+        let args = c["args"] as! [String]
+        XCTAssertEqual(args.first, "pilot")
+        let port = try XCTUnwrap(flagValue(args, "--port"))
+        XCTAssertEqual(flagValue(args, "--bind"), "0.0.0.0")
+        XCTAssertEqual((c["ports"] as! [[String: Any]]).map { "\($0["containerPort"]!)" }, [port])
+        let service = try named("Service", "moonlet-pilot")
+        let sp = ((service["spec"] as! [String: Any])["ports"] as! [[String: Any]])[0]
+        XCTAssertEqual("\(sp["targetPort"]!)", port)
+        // The injector points every sidecar at this Service (MOONLET_PILOT).
+        let injectorArgs = podContainers(try named("Deployment", "moonlet-injector"))[0]["args"] as! [String]
+        let pilotAddress = try XCTUnwrap(flagValue(injectorArgs, "--pilot-address"))
+        XCTAssertEqual(pilotAddress, "moonlet-pilot.istio-system.svc:\(sp["port"]!)")
+        var s = InjectionSettings()
+        s.pilotAddress = pilotAddress
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - {name: a, image: x}\n"
+        let injected = try Yams.load(yaml: SidecarInjector(settings: s).injectYAML(pod)) as! [String: Any]
+        let proxy = ((injected["spec"] as! [String: Any])["containers"] as! [[String: Any]]).first { $0["name"] as? String == "istio-proxy" }!
+        let env = (proxy["env"] as! [[String: Any]]).first { $0["name"] as? String == "MOONLET_PILOT" }
+        XCTAssertEqual(env?["value"] as? String, pilotAddress)
+        // --config and --certs are mounted volumes.
+        let mounts = (c["volumeMounts"] as! [[String: Any]]).compactMap { $0["mountPath"] as? String }
+        for flag in ["--config", "--certs"] { XCTAssertTrue(mounts.contains(try XCTUnwrap(flagValue(args, flag))), flag) }
+        let sa = ((((pilot["spec"] as! [String: Any])["template"] as! [String: Any])["spec"] as! [String: Any])["serviceAccountName"] as? String)
+        XCTAssertNotNil(try objects("ServiceAccount").first { ($0["metadata"] as? [String: Any])?["name"] as? String == sa }, "service account \(sa ?? "?")")
+    }
+
     func test_webhookConfiguration_pointsAtTheInjectorService_onTheWebhooksPort() throws {
         let injector = try named("Deployment", "moonlet-injector")
         let args = podContainers(injector)[0]["args"] as! [String]
