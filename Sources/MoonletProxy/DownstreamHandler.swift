@@ -8,18 +8,21 @@ import NIOTLS
 
 /// The HTTP/1.1 fast path: one handler per downstream connection (or per HTTP/2 stream,
 /// see HTTP2ServerStream) owns each stream from its first byte to its log line. It
-/// parses heads in place, runs the filter chain's phases (docs/architecture.md has the
-/// lifecycle), writes the upstream request as the original bytes with the filters' edits
-/// spliced in, and relays bodies as slices. Everything runs on the connection's loop.
+/// parses heads in place, hands the stream to its executor at each phase
+/// (docs/architecture.md has the lifecycle), writes the upstream request as the original
+/// bytes with the filters' edits spliced in, and relays bodies as slices. Everything runs
+/// on the connection's loop.
 ///
 /// Split by concern: this file has the connection, the HTTP/1.1 request codec, the
 /// request head phase and the calls of the downstream stream interface
 /// (sendHead/sendBody/sendEnd, written by HTTP1Downstream or HTTP2ServerStream, see
-/// DownstreamStream.swift); the executor's other phases (request body, response head and body, local replies, end
-/// of stream) are in StreamPhases.swift, the upstream side (endpoint, limits, connect,
-/// retries with on_upstream_failure, mirrors) in UpstreamDispatcher (UpstreamDispatch.swift,
-/// its own type with the attempt's state, one per handler, pooled per loop), the request
-/// metrics in StreamTelemetry, the per-side states in StreamStates.swift.
+/// DownstreamStream.swift). The phases themselves (filter chain, route response edits,
+/// local reply heads, the log phase and request metrics) run in the StreamExecutor
+/// (StreamExecutor.swift), which does no I/O; the handler's side of them (body relay,
+/// writes, end of stream) is in StreamPhases.swift; the upstream side (endpoint, limits,
+/// connect, retries with on_upstream_failure, mirrors) in UpstreamDispatcher
+/// (UpstreamDispatch.swift, its own type with the attempt's state, one per handler,
+/// pooled per loop); the per-side states in StreamStates.swift.
 final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -48,7 +51,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     // Current stream.
     var stream: ProxyStream?
-    var chain: FilterChain = .empty
+    /// Runs the stream's phases through the filter chain and decides (StreamExecutor.swift);
+    /// this handler does the reading and writing.
+    let exec: StreamExecutor
     var reqDecoder: BodyDecoder?
     /// Where the current request is (head awaited, body streaming or being buffered,
     /// complete).
@@ -76,8 +81,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
     var watchIndex = -1
     var lastActivity: UInt64 = 0
-    /// Istio's request metrics of this connection's streams.
-    var telemetry: StreamTelemetry
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
@@ -96,7 +99,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         downstream = stream.map { .http2($0) } ?? .http1(HTTP1Downstream(ctx: ctx))
         self.role = role
         self.limits = ctx.settings.limits
-        telemetry = StreamTelemetry(role: role)
+        exec = StreamExecutor(ctx: ctx, role: role)
         dispatcher = ctx.takeDispatcher()
         parser = HTTPHeadParser(limits: HTTPParserLimits(maxHeadBytes: limits.maxHeadBytes, maxHeaderCount: limits.maxHeaderCount))
         ctx.liveHandlers += 1
@@ -481,7 +484,6 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         ctx.nextStreamID &+= 1
         ctx.activeStreams += 1
         stream = s
-        chain = ctx.chain
         responseState = .none
         connection = keepAlive ? .open : .closeAfterResponse
         requestChunked = framing == .chunked
@@ -496,7 +498,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
-        switch chain.runRequest(s) {
+        switch exec.requestHead(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.
             sendLocalReply()
@@ -508,7 +510,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 return // the body arrives through process(); requestBodyEnd continues.
             }
             s.bufferedRequestBody = ByteBuffer()
-            if chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
+            if exec.requestBody(s, ByteBuffer(), endOfStream: true) { sendLocalReply(); return }
         case .continue:
             break
         }
@@ -654,7 +656,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         ctx.metrics.count("moonlet_downstream_protocol_errors_total")
         ctx.logger.debug("downstream \(peer.address): \(e.reason)")
         let body = e.reason + "\n"
-        telemetry.recordProtocolError(status: e.status, responseBytes: body.utf8.count, ctx: ctx)
+        exec.protocolError(status: e.status, responseBytes: body.utf8.count)
         connection = .closed
         inbound = nil
         downstream.sendProtocolError(e, body: body)

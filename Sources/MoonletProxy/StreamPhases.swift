@@ -1,16 +1,15 @@
 import NIOCore
 import MoonletCore
 
-// MARK: - Stream phases
+// MARK: - Stream phases, the handler's side
 //
-// The executor side of a stream (docs/architecture.md, phases 2 to 8 around the upstream
-// dispatch): the request body phase (streamed or buffered for a filter), the response
-// head phase with the route's edits and the response filters, the response body and end,
-// local replies through the response filters, and the end of the stream (on_log,
-// telemetry, slots and endpoint released, keep-alive or close). The request head phase
+// What the handler does around each phase the executor runs (StreamExecutor.swift;
+// docs/architecture.md, phases 2 to 8 around the upstream dispatch): relays or buffers
+// the request body, writes the response head the executor passed (or the local reply
+// it built), relays the response body and end, and ends the stream (the executor's log
+// phase, slots and endpoint released, keep-alive or close). The request head phase
 // starts in DownstreamHandler.startStream; the writes go through the downstream stream
-// interface (sendHead/sendBody/sendEnd). An extension of the handler: the stream's state
-// is the handler's and every call is direct.
+// interface (sendHead/sendBody/sendEnd).
 
 extension DownstreamHandler {
     func requestBodyChunk(_ chunk: ByteBuffer) {
@@ -28,7 +27,7 @@ extension DownstreamHandler {
             s.bufferedRequestBody!.writeBuffer(&c)
             return
         }
-        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: chunk, endOfStream: false) == .respond {
+        if exec.wantsRequestBody, exec.requestBody(s, chunk, endOfStream: false) {
             if upstream == nil && !dispatcher.state.isConnecting { sendLocalReply() } else { abortUpstreamAndReply() }
             return
         }
@@ -54,11 +53,11 @@ extension DownstreamHandler {
             return
         }
         if buffered {
-            if chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
+            if exec.requestBody(s, s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) { sendLocalReply(); return }
             dispatcher.start()
             return
         }
-        if chain.wantsRequestBody, chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond {
+        if exec.wantsRequestBody, exec.requestBody(s, ByteBuffer(), endOfStream: true) {
             abortUpstreamAndReply(); return
         }
         if requestChunked {
@@ -87,49 +86,30 @@ extension DownstreamHandler {
         if dispatcher.attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
-        var head = consume headIn
-        head.stripHopByHop()
-        head.removeAll(of: .server)
-        Self.applyRouteResponseEdits(s, to: &head)
-        if chain.filters.isEmpty {
+        switch exec.responseHead(s, headIn) {
+        case .send:
+            // Taken out of the stream while it is written, so it is not copied.
+            let head = s.response.take()!
             sendHead(head)
             s.response = consume head
-            return
-        }
-        head.markFiltersStart()
-        s.response = consume head
-        if chain.runResponse(s) == .respond, s.localReply != nil {
-            // A response filter replaced the upstream response.
+        case .localReply:
+            // A response filter answered, or its edits would break the client's framing.
             if let u = upstream { u.abandon(); upstream = nil }
-            s.response = nil
             sendLocalReply()
-            return
         }
-        // Taken out of the stream while it is written, so it is not copied.
-        let edited = s.response.take()!
-        // The filters' edits are checked as a local reply's are: none is written if the
-        // head would break the client's framing or limits; a clean 500 goes instead.
-        if let why = LocalReplyCheck.problem(edited, limits: limits) {
-            if let u = upstream { u.abandon(); upstream = nil }
-            _ = rejectLocalReply(s, why)
-            sendLocalReply()
-            return
-        }
-        sendHead(edited)
-        s.response = consume edited
     }
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
-        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: false) }
+        exec.responseBody(s, chunk, endOfStream: false)
         sendBody(chunk)
     }
 
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
         let now = NIODeadline.now().uptimeNanoseconds
-        if chain.wantsResponseBody { chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true) }
+        exec.responseBody(s, ByteBuffer(), endOfStream: true)
         sendEnd()
         if let u = upstream {
             upstream = nil
@@ -146,9 +126,10 @@ extension DownstreamHandler {
 
     // MARK: local replies
 
-    /// Sends `stream.localReply` through the response filters, then finishes the stream.
+    /// Sends `stream.localReply` through the response filters (the executor builds the
+    /// head and body), then finishes the stream.
     func sendLocalReply() {
-        guard let s = stream, var reply = s.localReply else { return }
+        guard let s = stream, s.localReply != nil else { return }
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
         if let u = upstream { u.abandon(); upstream = nil }
@@ -158,102 +139,15 @@ extension DownstreamHandler {
             // Unread request body: it can't be skipped reliably if large; close after.
             closeAfterResponse()
         }
-        if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-        s.responseCode = reply.status
-        var head = localHead(&reply, s)
-        Self.applyRouteResponseEdits(s, to: &head)
-        s.response = head
-        // A response filter may replace the reply (s:respond) or set its status; the
-        // head is then rebuilt, keeping the headers filters added.
-        let replaced = chain.runResponse(s) == .respond
-        let current = s.localReply ?? reply
-        if replaced || current.status != reply.status {
-            reply = current
-            if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-            head = localHead(&reply, s)
-            if reply.status == current.status, let edited = s.response {
-                head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
-            }
-        } else if let edited = s.response {
-            head = edited
-        }
-        // The proxy frames the reply: a content-length a filter set is dropped.
-        if head.added.contains(where: { $0.name == "content-length" }) {
-            head.added.removeAll { $0.name == "content-length" }
-            for i in head.fields.indices where head.fields[i].kind == .contentLength { head.fields[i].removed = false }
-        }
-        if let why = LocalReplyCheck.problem(head, limits: limits) {
-            reply = rejectLocalReply(s, why)
-            head = localHead(&reply, s)
-        }
-        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        let size = Self.writtenSize(head)
-        if size > limits.maxHeadBytes {
-            reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-            head = localHead(&reply, s)
-        }
-        s.response = head
-        s.responseCode = reply.status
-        s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
+        let (head, body) = exec.localReply(s, requestWasHead: s.withRequest({ $0.isHead }))
         // The same writes as a proxied response (HTTP/1.1: head and a small body in one
         // write from the output buffer pool; HTTP/2: HPACK from the head, END_STREAM on
         // the last frame).
         sendHead(head)
-        if bodyOK && !reply.body.isEmpty { sendBody(ByteBuffer(string: reply.body)) }
+        if let body { sendBody(body) }
         sendEnd()
         flushDownstream()
         finishStream(s)
-    }
-
-    /// A local reply that would break the client's framing: counted, logged, and
-    /// replaced by a clean 500 (LocalReplyCheck).
-    func rejectLocalReply(_ s: ProxyStream, _ why: String) -> LocalReply {
-        ctx.metrics.count("moonlet_local_reply_invalid_total")
-        ctx.logger.debug("stream \(s.id): local reply replaced by 500: \(why)")
-        s.localReply = LocalReplyCheck.replacement
-        return LocalReplyCheck.replacement
-    }
-
-    /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
-    /// router, before the response filters see the head).
-    /// Reads the edits through the stream: taking the RouteDecision as an argument would
-    /// copy it (a retain of each of its strings and arrays) on every response.
-    static func applyRouteResponseEdits(_ s: ProxyStream, to head: inout HTTPHead) {
-        for n in s.route.responseRemove { head.remove(n) }
-        for (n, v) in s.route.responseSet { head.set(n, v) }
-        for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
-    }
-
-    /// The head of a local reply that passed LocalReplyCheck (names are tokens, values
-    /// have no control byte, no framing field, within the limits): content-length (none on
-    /// 204 and 304), content-type for a text body, the filter's headers. Built in place
-    /// (HTTPHeadBuilder), not written as bytes and parsed.
-    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {
-        var b = HTTPHeadBuilder(status: r.status, buffer: allocator.buffer(capacity: 128))
-        let noBody = r.status == 204 || r.status == 304
-        let length = r.body.utf8.count
-        if !noBody { b.add("content-length", String(length), kind: .contentLength) }
-        if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.add("content-type", "text/plain", kind: .other) }
-        for h in r.headers where h.name.lowercased() != "content-length" { b.add(h.name, h.value) }
-        b.set(framing: noBody || length == 0 ? .none : .contentLength(Int64(length)))
-        return b.finish()
-    }
-
-    /// The head of `reply`, which LocalReplyCheck passed (`reply` stays as it is; the
-    /// parameter is inout for the callers that replace it on a later check).
-    func localHead(_ reply: inout LocalReply, _ s: ProxyStream) -> HTTPHead {
-        Self.localHead(reply, allocator: ctx.allocator)
-    }
-
-    /// The size of `head` as HeadWriter writes it to an HTTP/1.1 client (status line, kept
-    /// lines, added lines, the proxy's server and connection lines): HTTP/2 replies are
-    /// held to the same head limit.
-    static func writtenSize(_ head: HTTPHead) -> Int {
-        var n = 17 + 24 + 2 // "server: moonlet", "connection: keep-alive" (at most), the empty line
-        if let first = head.fields.first { n += Int(first.lineStart) } else { n += head.bytes.readableBytes - 2 }
-        for f in head.fields where !f.removed { n += Int(f.lineEnd - f.lineStart) }
-        for a in head.added { n += a.name.utf8.count + a.value.utf8.count + 4 }
-        return n
     }
 
     func localReplyAndClose(_ status: Int, _ reason: String) {
@@ -277,10 +171,7 @@ extension DownstreamHandler {
         responseState = .none
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.streamEnded(s)
-        chain.runLog(s)
-        ctx.lua.endStream(s)
-        if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        telemetry.record(s, now: now, ctx: ctx, peerPrincipal: peer.principal, upstreamMTLS: dispatcher.tls?.mode == .istioMutual)
+        exec.finish(s, now: now, peerPrincipal: peer.principal, upstreamMTLS: dispatcher.tls?.mode == .istioMutual)
         s.end()
         stream = nil
         let requestUnfinished = !requestState.isComplete

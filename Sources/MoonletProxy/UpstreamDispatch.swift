@@ -154,7 +154,7 @@ final class UpstreamDispatcher {
         h.armStreamTimer(s)
         let out = upstreamRequestBytes(s)
         attempt = 0
-        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.chain.wantsUpstreamFailure ? out : nil
+        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.exec.wantsUpstreamFailure ? out : nil
         replayHeadLength = out.readableBytes
         if !s.route.mirrors.isEmpty { prepareMirrors(s) }
         pending = out
@@ -412,9 +412,9 @@ final class UpstreamDispatcher {
     /// used up, request incomplete or not replayable, cluster maxRetries reached).
     func retryIfAllowed(_ s: ProxyStream, _ outcome: AttemptOutcome) -> Bool {
         var verdict = RetryVerdict.routePolicy
-        if let kind = outcome.failureKind, !h.chain.filters.isEmpty {
+        if let kind = outcome.failureKind, h.exec.wantsUpstreamFailure {
             let info = UpstreamFailureInfo(kind: kind, status: outcome.failureStatus, attempt: attempt, endpoint: RetryDecision.endpointAddress(s))
-            verdict = h.chain.runUpstreamFailure(s, info)
+            verdict = h.exec.upstreamFailure(s, info)
             // The phase may have ended the stream's connection (nothing else runs then).
             guard h.stream === s, !h.closed else { return true }
         }
