@@ -25,8 +25,9 @@ enum InboundSecurity {
         }
     }
 
-    /// Adds the handlers the plan needs in front of `downstream`, then `downstream`.
-    static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler) throws {
+    /// Adds the handlers the plan needs in front of `downstream`, then `downstream` (or
+    /// `last` in its place: the interception handler, which adds `downstream` for HTTP).
+    static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler, last: ChannelHandler? = nil) throws {
         let sync = ch.pipeline.syncOperations
         switch plan(ctx) {
         case .plaintext: break
@@ -46,7 +47,7 @@ enum InboundSecurity {
             ch.close(promise: nil)
             return
         }
-        try sync.addHandler(downstream)
+        if let last { try sync.addHandler(last) } else { try sync.addHandler(downstream) }
     }
 }
 
