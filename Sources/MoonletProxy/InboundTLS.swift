@@ -29,6 +29,8 @@ enum InboundSecurity {
     /// `last` in its place: the interception handler, which adds `downstream` for HTTP).
     static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler, last: ChannelHandler? = nil) throws {
         let sync = ch.pipeline.syncOperations
+        // Intercepted: a FIN waits for the handshake (Interception.swift, EarlyEOFHold).
+        if last != nil { try sync.addHandler(EarlyEOFHold()) }
         switch plan(ctx) {
         case .plaintext: break
         case .mutualTLS(let m):

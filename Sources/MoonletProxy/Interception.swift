@@ -92,6 +92,7 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             downstream.userInboundEventTriggered(context: context, event: event)
             guard context.channel.isActive, !decided else { return }
             waitingForTLS = false
+            releaseEOF(context)
             if TLSMaterial.isTCPALPN(proto) { decide(context, .tcp); return }
             if let p = proto, p == "h2" || p == "http/1.1" || p.hasPrefix("istio-http") { decide(context, .http1); return }
             if declared != .sniff { decide(context, declared.isHTTP ? .http1 : .tcp) }
@@ -127,10 +128,19 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return r
     }
 
+    /// Lets a FIN held by EarlyEOFHold through (once the handshake is done or the
+    /// protocol decided).
+    func releaseEOF(_ context: ChannelHandlerContext) {
+        guard role == .inbound, let hold = try? context.pipeline.syncOperations.handler(type: EarlyEOFHold.self) else { return }
+        // After this handler's own work: the event goes through the TLS handler, then here.
+        context.eventLoop.execute { hold.release() }
+    }
+
     func decide(_ context: ChannelHandlerContext, _ r: ProtocolSniffer.Result) {
         guard !decided else { return }
         decided = true
         timer?.cancel(); timer = nil
+        releaseEOF(context)
         switch r {
         case .http1, .http2, .needMore: startHTTP(context)
         case .tls(let sni): startTCP(context, sni: sni)
@@ -260,5 +270,36 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .pending: break
         case .failed(let e): session.refuse("DNS resolution of \(host) failed: \(e)", counter: "moonlet_tcp_upstream_connect_failures_total")
         }
+    }
+}
+
+/// First handler of an intercepted inbound connection: holds back the client's FIN
+/// (ChannelEvent.inputClosed) until the InterceptionHandler has seen the TLS handshake
+/// complete or decided the protocol. A client that sends its bytes and half-closes at once
+/// (through a peer sidecar: its data, close_notify and FIN in one flight) would otherwise
+/// have its FIN reach the TLS handler while the peer's certificate is still being checked,
+/// which ends the handshake as "EOF during handshake".
+final class EarlyEOFHold: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    var held = false
+    var released = false
+    var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if !released, case ChannelEvent.inputClosed = event { held = true; return }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The handshake is done (or the protocol decided): a held FIN goes on, and the
+    /// handler leaves the pipeline.
+    func release() {
+        guard !released, let context else { return }
+        released = true
+        if held { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

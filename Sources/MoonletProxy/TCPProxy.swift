@@ -174,12 +174,11 @@ final class TCPSession {
             .whenComplete { [self] r in
                 switch r {
                 case .success:
-                    if client.context == nil {
-                        // The client went away meanwhile.
-                        up.context?.close(promise: nil)
-                        return
-                    }
-                    client.pair(with: up)
+                    // Paired when the upstream channel is active (TCPGlue.channelActive): by
+                    // then a TLS handler has begun its handshake and holds the client's
+                    // early bytes and half-close until it is done (before, a half-close
+                    // would pass under it and end the connection mid-handshake).
+                    break
                 case .failure(let e):
                     failure = "upstream connect error: \(e)"
                     ctx.metrics.count("moonlet_tcp_upstream_connect_failures_total")
@@ -187,6 +186,12 @@ final class TCPSession {
                     ended()
                 }
             }
+    }
+
+    /// The upstream channel is active: the two sides are glued (unless the client left).
+    func upstreamActive(_ up: TCPGlue) {
+        if client.context == nil { up.context?.close(promise: nil); return }
+        client.pair(with: up)
     }
 
     /// Refuses the connection (BlackHoleCluster, RBAC, loop): the client is closed.
@@ -242,6 +247,19 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        guard !downstream else { return }
+        if (try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)) != nil {
+            // NIOSSL begins its handshake right after passing channelActive on: pairing
+            // waits for that, so that the client's early bytes and half-close are held by
+            // it (a half-close before would go out as a FIN ahead of the ClientHello).
+            context.eventLoop.execute { self.session?.upstreamActive(self) }
+        } else {
+            session?.upstreamActive(self)
+        }
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         partner = nil
@@ -257,6 +275,8 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
         up.partnerFlush()
         if pendingEOF { up.partnerWriteEOF() }
         if pendingRead, up.partnerWritable { pendingRead = false; context?.read() }
+        // The upstream asked to read before it had a partner (its TLS handshake needs it).
+        if up.pendingRead, partnerWritable { up.pendingRead = false; up.context?.read() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

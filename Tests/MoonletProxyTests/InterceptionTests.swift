@@ -73,6 +73,18 @@ extension RawClient {
     }
 
     func shutdownWrite() { shutdown(fd, Int32(SHUT_WR)) }
+
+    /// Every byte until the peer closes (or a read times out).
+    func readRawToEOF() -> [UInt8] {
+        var out = pending
+        pending = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { return out }
+            out += buf[0..<n]
+        }
+    }
 }
 
 /// Intercepted connections on 127.0.0.1: the original destination is given by the test
@@ -181,6 +193,22 @@ final class InterceptionTests: XCTestCase {
         XCTAssertTrue(stats.contains("istio_tcp_connections_opened_total 1"), stats)
         XCTAssertTrue(stats.contains("istio_tcp_received_bytes_total 11"), stats)
         XCTAssertTrue(stats.contains("istio_tcp_sent_bytes_total 15"), stats)
+    }
+
+    func testEightMegabytesCrossTheTCPProxyBothWaysIntact_whileEachSideIsReadOnlyAsFastAsTheOtherTakesIt() throws {
+        let app = try TCPTestServer(.echo)
+        defer { app.stop() }
+        let p = try sidecar(["se.yaml": serviceEntry(port: 9000, portName: "tcp", endpointPort: app.port)], original: Self.vip, port: 9000)
+        defer { p.stop() }
+        let c = try RawClient(port: p.outbound, timeoutSeconds: 10)
+        let payload = (0..<(8 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        // The sender blocks whenever the proxy stops reading (the echo's way back is full).
+        let sender = Thread { c.send(payload); c.shutdownWrite() }
+        sender.start()
+        let back = c.readRawToEOF()
+        XCTAssertEqual(back.count, payload.count + 4)
+        XCTAssertTrue(back.prefix(payload.count).elementsEqual(payload), "the bytes arrived in order, unchanged")
+        XCTAssertEqual(String(decoding: back.suffix(4), as: UTF8.self), "|EOF")
     }
 
     func testAServerFirstProtocolOnADeclaredPortIsConnectedWithoutWaitingForTheClientsFirstByte() throws {
@@ -450,7 +478,13 @@ final class InterceptedTCPMTLSTests: XCTestCase {
             let (client, server) = try sidecars(appPort: app.port, serverFiles: ["authz.yaml": policy])
             let c = try RawClient(port: client.outbound, timeoutSeconds: 5)
             c.send("denied?")
-            XCTAssertEqual(c.readToEOF().text, "", what)
+            let start = Date()
+            let r = c.readToEOF()
+            XCTAssertEqual(r.text, "", what)
+            XCTAssertTrue(r.closed, "\(what): the client's connection is closed")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
+            // The client goes too (the server's TLS close waits for its close_notify).
+            shutdown(c.fd, Int32(SHUT_RDWR))
             let stats = try XCTUnwrap(adminGet(server.admin, "/stats/prometheus")).body
             XCTAssertTrue(stats.contains("envoy_tcp_rbac_denied 1"), "\(what): \(stats)")
             client.stop(); server.stop()
