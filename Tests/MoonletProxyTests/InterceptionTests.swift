@@ -326,6 +326,56 @@ final class InterceptionTests: XCTestCase {
         XCTAssertTrue(stats.contains("istio_tcp_connections_opened_total 1"), stats)
     }
 
+    func testTLSToAnUnknownAddressIsRoutedByItsSNIToTheServiceEntryHost_evenWithRegistryOnly() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let serverDir = try pki.issue("default", "api")
+        let cfg = TLSConfiguration.makeServerConfiguration(certificateChain: try NIOSSLCertificate.fromPEMFile(serverDir + "/cert-chain.pem").map { .certificate($0) },
+                                                           privateKey: .privateKey(try NIOSSLPrivateKey(file: serverDir + "/key.pem", format: .pem)))
+        let sctx = try NIOSSLContext(configuration: cfg)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let tlsApp = try ServerBootstrap(group: group).childChannelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                try ch.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sctx))
+                try ch.pipeline.syncOperations.addHandler(TLSHelloResponder())
+            }
+        }.bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? tlsApp.close().wait() }
+        // No VIP: the app resolved the name itself and dialled an address no service has.
+        let se = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: api}
+        spec:
+          hosts: [api.example.internal]
+          resolution: STATIC
+          ports: [{number: 443, name: tls, protocol: TLS}]
+          endpoints:
+          - {address: 127.0.0.1, ports: {tls: \(tlsApp.localAddress!.port!)}}
+        """
+        let p = try sidecar(["se.yaml": se], original: "203.0.113.9", port: 443, mesh: "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n")
+        defer { p.stop() }
+        func get(sni: String) -> String? {
+            var c = TLSConfiguration.makeClientConfiguration()
+            c.certificateVerification = .none
+            guard let cctx = try? NIOSSLContext(configuration: c) else { return nil }
+            let got = group.next().makePromise(of: String.self)
+            let ch = try? ClientBootstrap(group: group).channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: cctx, serverHostname: sni))
+                    try ch.pipeline.syncOperations.addHandler(TextCollector(got))
+                }
+            }.connect(host: "127.0.0.1", port: p.outbound).wait()
+            ch?.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: \(sni)\r\n\r\n"), promise: nil)
+            let timer = group.next().scheduleTask(in: .seconds(5)) { got.fail(ChannelError.connectTimeout(.seconds(5))) }
+            defer { timer.cancel(); ch?.close(promise: nil) }
+            return try? got.futureResult.wait()
+        }
+        XCTAssertEqual(get(sni: "api.example.internal")?.hasSuffix("tls-ok"), true)
+        XCTAssertNil(get(sni: "other.example.internal"), "an SNI no ServiceEntry names is blocked (REGISTRY_ONLY)")
+    }
+
     // MARK: HTTP on intercepted connections
 
     func testHTTPWhoseHostNamesNoServiceIsRoutedByTheVIPItWasSentTo_andUnknownOnesFollowOutboundTrafficPolicy() throws {
@@ -374,12 +424,32 @@ final class HelloCatcher: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     let promise: EventLoopPromise<ByteBuffer>
     var buf = ByteBuffer()
+    var done = false
     init(_ p: EventLoopPromise<ByteBuffer>) { promise = p }
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
         buf.writeBuffer(&b)
-        if ProtocolSniffer.classify(buf.readableBytesView) != .needMore { promise.succeed(buf) }
+        if !done, ProtocolSniffer.classify(buf.readableBytesView) != .needMore { done = true; promise.succeed(buf) }
     }
+}
+
+/// What a connection delivers, as text: until it closes or the test responder's body arrives.
+final class TextCollector: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let promise: EventLoopPromise<String>
+    var text = ""
+    var done = false
+    init(_ p: EventLoopPromise<String>) { promise = p }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        text += String(buffer: unwrapInboundIn(data))
+        if text.hasSuffix("tls-ok"), !done { done = true; promise.succeed(text) }
+    }
+    func channelInactive(context: ChannelHandlerContext) {
+        guard !done else { return }
+        done = true
+        if text.isEmpty { promise.fail(ChannelError.eof) } else { promise.succeed(text) }
+    }
+    func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
 }
 
 /// Answers any request on a TLS connection with 200 "tls-ok".
