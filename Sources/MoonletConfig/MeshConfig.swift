@@ -9,9 +9,10 @@ import Foundation
 /// `trustDomain`, `trustDomainAliases`, `caCertificates` (`pem`, `trustDomains`) and
 /// `meshMTLS` (`minProtocolVersion`, `cipherSuites`), `rootNamespace` and
 /// `pathNormalization.normalization` (kept on each ConfigSnapshot for the request path).
-/// `extensionProviders`, the access log keys, `enableTracing`,
-/// `defaultConfig.tracing` and `outboundTrafficPolicy.mode` are parsed and checked into
-/// `extensionProviders` and `telemetry` but not applied yet. Every key not applied is
+/// `outboundTrafficPolicy.mode` and `protocolDetectionTimeout` are applied to intercepted
+/// traffic (docs/deploy.md). `extensionProviders`, the access log keys, `enableTracing` and
+/// `defaultConfig.tracing` are parsed and checked into `extensionProviders` and
+/// `telemetry` but not applied yet. Every key not applied is
 /// listed in `notApplied`, for a note whenever the file is (re)loaded. The file is either
 /// the MeshConfig itself or the `istio` ConfigMap holding it under `data.mesh`, as Istio
 /// keeps it. The proxy re-reads it on change, SIGHUP and POST /reload (docs/configuration.md).

@@ -74,7 +74,12 @@ public struct MeshTelemetrySettings: Sendable, Equatable {
     public var zipkinAddress: String?
     public var enableTracing: Bool?
     public enum OutboundTrafficPolicy: String, Sendable, Equatable { case allowAny = "ALLOW_ANY", registryOnly = "REGISTRY_ONLY" }
+    /// `outboundTrafficPolicy.mode` (applied: intercepted traffic to no known service goes
+    /// to PassthroughCluster with ALLOW_ANY, the default, or BlackHoleCluster with REGISTRY_ONLY).
     public var outboundTrafficPolicy: OutboundTrafficPolicy?
+    /// `protocolDetectionTimeout` in ms (applied): how long an intercepted connection's
+    /// first bytes are awaited before it is served as TCP. nil: Istio's default 0, no timeout.
+    public var protocolDetectionTimeoutMs: Int?
     public init() {}
 }
 
@@ -283,8 +288,10 @@ struct MeshConfigKeysParser {
                     err(mv, "\(key).mode", "expected ALLOW_ANY or REGISTRY_ONLY"); continue
                 }
                 t.outboundTrafficPolicy = mode
-                note("\(key).mode (\(Self.notYet))")
             }
+            return true
+        case "protocolDetectionTimeout":
+            if let ms = durationMs(v, key) { t.protocolDetectionTimeoutMs = ms }
             return true
         case "defaultConfig":
             guard case .mapping(let m) = v else { err(v, key, "expected a mapping (ProxyConfig)"); return true }

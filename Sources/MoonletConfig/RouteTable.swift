@@ -11,6 +11,8 @@ public final class ServiceInfo: @unchecked Sendable {
     public let namespace: String
     public let ports: [ServicePort]
     public let endpoints: [Endpoint]
+    /// The ServiceEntry's `addresses` (virtual IPs or CIDR blocks).
+    public internal(set) var addresses: [String] = []
     /// Subset name → endpoints whose labels match the subset's labels.
     public internal(set) var subsets: [String: [Endpoint]] = [:]
     public internal(set) var destinationRule: DestinationRuleSpec?
@@ -161,6 +163,9 @@ public struct ClusterPolicy: Sendable {
     public var h2UpgradePolicy: String?
     /// connectionPool.http.useClientProtocol: the upstream speaks what the downstream spoke.
     public var useClientProtocol = false
+    /// connectionPool.tcp.idleTimeout: a proxied TCP connection with no bytes either way
+    /// for this long is closed (Istio's default 1 h; 0: never).
+    public var tcpIdleTimeoutMs = 3_600_000
 
     /// The portLevelSettings entry of a policy for `port`.
     static func portLevel(_ tp: ConfigValue?, _ port: Int?) -> ConfigValue? {
@@ -199,6 +204,7 @@ public struct ClusterPolicy: Sendable {
             if let v = tp["connectionPool"]?["http"]?["h2UpgradePolicy"]?.stringValue { p.h2UpgradePolicy = v == "DEFAULT" ? nil : v }
             if case .bool(let b)? = tp["connectionPool"]?["http"]?["useClientProtocol"] { p.useClientProtocol = b }
             if let v = tp["connectionPool"]?["http"]?["idleTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.idleTimeoutMs = v }
+            if let v = tp["connectionPool"]?["tcp"]?["idleTimeout"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.tcpIdleTimeoutMs = v }
             if let v = tp["connectionPool"]?["tcp"]?["maxConnectionDuration"]?.stringValue.flatMap(TrafficDecoder.parseDuration) { p.maxConnectionDurationMs = v }
             if let ka = tp["connectionPool"]?["tcp"]?["tcpKeepalive"] {
                 func secs(_ k: String, _ d: Int) -> Int { ka[k]?.stringValue.flatMap(TrafficDecoder.parseDuration).map { max(1, $0 / 1000) } ?? d }
@@ -290,6 +296,8 @@ public final class RouteTable: @unchecked Sendable {
     public private(set) var wildcards: [(suffix: String, host: VirtualHost)] = []
     public private(set) var services: [String: ServiceInfo] = [:]
     public private(set) var warnings: [String] = []
+    /// Service VIPs and endpoint addresses, for intercepted connections (AddressIndex.swift).
+    public private(set) var addressIndex = AddressIndex.empty
     /// Every cluster under each name a filter may give it (see ClusterNames.swift).
     var clusterNames: [String: NamedCluster] = [:]
     public let localNamespace: String
@@ -336,7 +344,9 @@ public final class RouteTable: @unchecked Sendable {
             for h in s.hosts {
                 let fqdn = HostName.canonical(h, namespace: s.namespace)
                 if t.services[fqdn] != nil { t.warnings.append("\(s.file):\(s.line): ServiceEntry \(s.namespace)/\(s.name): host \(fqdn) already defined, ignored"); continue }
-                t.services[fqdn] = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
+                let info = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
+                info.addresses = s.addresses
+                t.services[fqdn] = info
             }
         }
         // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
@@ -358,7 +368,13 @@ public final class RouteTable: @unchecked Sendable {
             t.hosts[fqdn] = v
             return v
         }
-        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) where !fqdn.contains("*") { vhost(fqdn).service = svc }
+        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) where !fqdn.contains("*") {
+            let vh = vhost(fqdn)
+            vh.service = svc
+            // Istio's virtual host domains include the service's VIPs: a Host that is one
+            // of them (a client calling the address) routes as the service's name does.
+            for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil { t.hosts[a.lowercased()] = vh }
+        }
         for v in vs {
             for h in v.hosts {
                 let fqdn = HostName.canonical(h, namespace: v.namespace)
@@ -422,6 +438,7 @@ public final class RouteTable: @unchecked Sendable {
         t.indexClusterNames()
         var seen = Set<ObjectIdentifier>()
         for vh in Array(t.hosts.values) + t.wildcards.map(\.host) where seen.insert(ObjectIdentifier(vh)).inserted { t.compile(vh) }
+        t.addressIndex = AddressIndex.build(t, localLabels: localLabels, localNamespace: localNamespace)
         return t
     }
 

@@ -198,18 +198,30 @@ public struct ServicePort: Sendable {
     public var name: String
     public var protocolName: String
     public var targetPort: Int?
+    public init(number: Int, name: String, protocolName: String, targetPort: Int?) {
+        self.number = number; self.name = name; self.protocolName = protocolName; self.targetPort = targetPort
+    }
 }
 
 public struct ServiceEntrySpec: Sendable {
     public var name: String
     public var namespace: String
     public var hosts: [String]
+    /// `addresses`: the service's virtual IPs (or CIDR blocks) an intercepted client
+    /// connects to; the proxy finds the service by them (the connection's original
+    /// destination, or a Host that is one of them).
+    public var addresses: [String] = []
     public var ports: [ServicePort]
     public var resolution: String
     public var endpoints: [Endpoint]
     public var workloadSelector: [String: String]?
     public var file: String
     public var line: Int
+    public init(name: String, namespace: String, hosts: [String], addresses: [String] = [], ports: [ServicePort], resolution: String, endpoints: [Endpoint],
+                workloadSelector: [String: String]?, file: String, line: Int) {
+        self.name = name; self.namespace = namespace; self.hosts = hosts; self.addresses = addresses; self.ports = ports; self.resolution = resolution
+        self.endpoints = endpoints; self.workloadSelector = workloadSelector; self.file = file; self.line = line
+    }
 }
 
 public struct WorkloadEntrySpec: Sendable {

@@ -585,7 +585,6 @@ struct TrafficDecoder {
         if let t = cp.child("tcp"), fields(t, "\(path).tcp", ["maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"]) {
             _ = int(t.child("maxConnections"), "\(path).tcp.maxConnections", range: int32)
             for k in ["connectTimeout", "maxConnectionDuration", "idleTimeout"] { _ = duration(t.child(k), "\(path).tcp.\(k)") }
-            if let c = t.child("idleTimeout") { notApplied(c, "\(path).tcp.idleTimeout", "not applied by moonlet (http.idleTimeout is), ignored") }
             if let ka = t.child("tcpKeepalive"), fields(ka, "\(path).tcp.tcpKeepalive", ["probes", "time", "interval"]) {
                 _ = int(ka.child("probes"), "\(path).tcp.tcpKeepalive.probes", range: 0...Int(UInt32.max))
                 for k in ["time", "interval"] { _ = duration(ka.child(k), "\(path).tcp.tcpKeepalive.\(k)") }
@@ -708,7 +707,7 @@ struct TrafficDecoder {
         }
         if resolution == "NONE" && !endpoints.isEmpty { err(spec.child("endpoints"), "spec.endpoints", "NONE mode cannot set endpoints") }
         if resolution == "DNS_ROUND_ROBIN" && endpoints.count > 1 { err(spec.child("endpoints"), "spec.endpoints", "DNS_ROUND_ROBIN mode cannot have multiple endpoints") }
-        return ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, ports: ports, resolution: resolution,
+        return ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, addresses: addresses, ports: ports, resolution: resolution,
                                 endpoints: endpoints, workloadSelector: selector, file: file, line: line)
     }
 }

@@ -87,6 +87,9 @@ public struct PeerInfo: Sendable {
 public struct DestinationInfo: Sendable {
     public var address: String = ""
     public var port: Int = 0
+    /// Outbound, intercepted: the original destination's IP when the request's Host
+    /// names no service (the router then looks the service up by this VIP); else empty.
+    public var original: String = ""
     public var service: String = ""
     public init() {}
 }

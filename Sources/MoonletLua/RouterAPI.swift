@@ -252,10 +252,13 @@ extension LuaAPI {
         let e = LuaVM.vm(L).routerCache.entry(snap, L)
         let authority = s.withRequest({ $0.host })
         if e.lastRef != LUA_NOREF && authority == e.lastAuthority { ml_getregistry_ref(L, e.lastRef); return 1 }
-        guard let vh = snap.routes.lookup(authority) else { lua_pushnil(L); return 1 }
+        // An intercepted request whose Host names no service: the service whose VIP the
+        // client connected to (s.destination.original), as Istio's VIP domains route it.
+        let byHost = snap.routes.lookup(authority)
+        guard let vh = byHost ?? (s.destination.original.isEmpty ? nil : snap.routes.lookup(s.destination.original)) else { lua_pushnil(L); return 1 }
         let key = ObjectIdentifier(vh)
         if let ref = e.hosts[key] {
-            e.lastAuthority = authority; e.lastRef = ref
+            if byHost != nil { e.lastAuthority = authority; e.lastRef = ref }
             ml_getregistry_ref(L, ref)
             return 1
         }
@@ -267,7 +270,7 @@ extension LuaAPI {
         lua_pushvalue(L, -1)
         let ref = ml_ref(L)
         e.hosts[key] = ref
-        e.lastAuthority = authority; e.lastRef = ref
+        if byHost != nil { e.lastAuthority = authority; e.lastRef = ref }
         return 1
     }
 

@@ -92,6 +92,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var http2Stream: Bool { h2 != nil }
     /// After the switch to HTTP/2 this connection's bytes go to its HTTP/2 server side.
     var h2Connection: HTTP2ServerConnection?
+    /// The original destination of an intercepted connection (Interception.swift), nil
+    /// when the client called the listener itself.
+    var interception: InterceptedDestination?
 
     /// `stream`: the HTTP/2 stream this handler serves (nil: an HTTP/1.1 connection).
     init(ctx: LoopContext, role: ListenerRole, stream: HTTP2ServerStream? = nil) {
@@ -498,6 +501,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
+        if let i = interception ?? (h2?.connection.context?.handler as? DownstreamHandler)?.interception { i.applyHTTP(s, self) }
         switch exec.requestHead(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.

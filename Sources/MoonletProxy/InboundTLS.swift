@@ -25,9 +25,12 @@ enum InboundSecurity {
         }
     }
 
-    /// Adds the handlers the plan needs in front of `downstream`, then `downstream`.
-    static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler) throws {
+    /// Adds the handlers the plan needs in front of `downstream`, then `downstream` (or
+    /// `last` in its place: the interception handler, which adds `downstream` for HTTP).
+    static func install(on ch: Channel, ctx: LoopContext, downstream: DownstreamHandler, last: ChannelHandler? = nil) throws {
         let sync = ch.pipeline.syncOperations
+        // Intercepted: a FIN waits for the handshake (Interception.swift, EarlyEOFHold).
+        if last != nil { try sync.addHandler(EarlyEOFHold()) }
         switch plan(ctx) {
         case .plaintext: break
         case .mutualTLS(let m):
@@ -46,7 +49,7 @@ enum InboundSecurity {
             ch.close(promise: nil)
             return
         }
-        try sync.addHandler(downstream)
+        if let last { try sync.addHandler(last) } else { try sync.addHandler(downstream) }
     }
 }
 

@@ -32,6 +32,13 @@ public final class LoopContext: @unchecked Sendable {
     public internal(set) var tls: TLSMaterial?
     /// The PeerAuthentication mode of the inbound port, resolved at each config load.
     public internal(set) var inboundMTLS = EffectiveMTLS(mode: .permissive, source: "default")
+    /// Interception settings of the configuration in force (TCPProxy.swift).
+    var interception = InterceptionConfig()
+    /// Inbound routes by intercepted app port (LoopContext.inboundRouteFor(port:)).
+    var inboundRoutesByPort: [Int: RouteDecision] = [:]
+    /// The ports the proxy's listeners are bound to (set once they are): a connection
+    /// there would loop.
+    var listenerPorts: [Int] = []
     /// Refused-handshake log lines left in the current second (a flood of bad peers
     /// must not flood the log).
     var tlsLogBudget = 0
@@ -284,6 +291,13 @@ public struct ProxySettings: Sendable {
     public var trustDomainOverride: String?
     /// Lua budgets and the caps of memory Lua holds outside its VMs (shared dicts, metric names).
     public var luaLimits = LuaLimits()
+    /// The inbound listener is IP_TRANSPARENT and intercepted connections' original
+    /// destination is their local address (istio-iptables TPROXY mode); otherwise it is
+    /// read with SO_ORIGINAL_DST (REDIRECT).
+    public var inboundTPROXY = false
+    /// Tests: gives the original destination of an accepted connection instead of the
+    /// socket (nil: not intercepted).
+    public var originalDestinationOverride: (@Sendable (_ role: ListenerRole, _ local: SocketAddress?) -> SocketAddress?)?
     public init() {}
 }
 

@@ -87,6 +87,8 @@ public final class ProxyServer: @unchecked Sendable {
             listeners = []; adminChannels = []; boundPorts = [:]
             throw error
         }
+        let own = Array(boundPorts.values)
+        for c in contexts { try? c.loop.submit { c.listenerPorts = own }.wait() }
         if (!settings.configPaths.isEmpty || settings.meshConfigPath != nil) && settings.watchIntervalMs > 0 {
             watchFingerprint = fingerprint()
             // Polled off the event loops: a reload waits for every loop to swap its chain.
@@ -154,13 +156,27 @@ public final class ProxyServer: @unchecked Sendable {
                 }
                 return ch.eventLoop.makeCompletedFuture {
                     let options = ch.syncOptions
-                    try options?.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                    try options?.setOption(ChannelOptions.tcpOption(.tcp_nodelay), value: 1)
                     try options?.setOption(ChannelOptions.writeBufferWaterMark, value: marks)
                     let h = DownstreamHandler(ctx: ctx, role: role)
-                    if role == .inbound { try InboundSecurity.install(on: ch, ctx: ctx, downstream: h) } else { try ch.pipeline.syncOperations.addHandler(h) }
+                    // An intercepted connection (iptables): protocol detection first (Interception.swift).
+                    let settings = ctx.settings
+                    let original = settings.originalDestinationOverride.map { $0(role, ch.localAddress) }
+                        ?? OriginalDestination.read(ch, tproxy: role == .inbound && settings.inboundTPROXY)
+                    let sniffer = original.map { InterceptionHandler(ctx: ctx, role: role, downstream: h, original: $0) }
+                    if role == .inbound { try InboundSecurity.install(on: ch, ctx: ctx, downstream: h, last: sniffer) }
+                    else if let sniffer { try ch.pipeline.syncOperations.addHandler(sniffer) } else { try ch.pipeline.syncOperations.addHandler(h) }
                 }
             }
             .bind(host: settings.bindAddress, port: port).wait()
+        if role == .inbound && settings.inboundTPROXY {
+            // TPROXY delivers connections for any address: the listener must be transparent
+            // (needs CAP_NET_ADMIN, which the sidecar has in TPROXY mode).
+            let v6 = ch.localAddress?.protocol == .inet6
+            let opt = ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: v6 ? OriginalDestination.solIPv6 : OriginalDestination.solIP),
+                                                        name: NIOBSDSocket.Option(rawValue: v6 ? 75 : OriginalDestination.ipTransparent))
+            try ch.setOption(opt, value: 1).wait()
+        }
         boundPorts[role.rawValue] = ch.localAddress?.port ?? port
         return ch
     }
@@ -238,6 +254,10 @@ public final class ProxyServer: @unchecked Sendable {
             logger.error("inbound mTLS is STRICT (\(mtls.source)) but there is no workload certificate (--certs): every inbound connection is refused")
         }
         buildUpstreamTLSContexts(snap)
+        // Intercepted traffic: outboundTrafficPolicy, protocolDetectionTimeout, TCP authorization.
+        let interception = InterceptionConfig(registryOnly: mesh.telemetry.outboundTrafficPolicy == .registryOnly,
+                                              detectionTimeoutMs: mesh.telemetry.protocolDetectionTimeoutMs ?? 0,
+                                              tcpAuthz: TCPAuthorization(authz.config))
         var futures: [EventLoopFuture<Void>] = []
         for c in contexts {
             futures.append(c.loop.submit {
@@ -245,6 +265,7 @@ public final class ProxyServer: @unchecked Sendable {
                 c.chain = FilterChain(filters)
                 c.snapshot = snap
                 c.inboundMTLS = mtls
+                c.interception = interception
             })
         }
         for f in futures { try? f.wait() }

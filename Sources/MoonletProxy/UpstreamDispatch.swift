@@ -115,6 +115,13 @@ final class UpstreamDispatcher {
         } else if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
             ctx.balancer.use(c, s.route.endpointIndex)  // a filter's endpoint override: counted as a pick is
         }
+        if s.route.upstreamCluster == nil && s.route.cluster == "BlackHoleCluster" {
+            // outboundTrafficPolicy REGISTRY_ONLY (or a request that would loop to this
+            // proxy): Istio's block_all virtual host answers 502.
+            s.respond(502, body: "", headers: [], flags: [])
+            h.sendLocalReply()
+            return nil
+        }
         let host = s.route.endpoint.isEmpty ? s.route.host : s.route.endpoint
         let port = s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort
         // A port outside 1-65535 (a filter's route) would trap in the address code.

@@ -240,6 +240,9 @@ public struct SidecarInjector: Sendable {
             env("ISTIO_META_WORKLOAD_NAME", workloadName),
             env("MOONLET_LABELS", appLabels.filter { !$0.0.isEmpty }.map { "\($0.0)=\($0.1)" }.joined(separator: ",")),
             env("MOONLET_BIND", "0.0.0.0"),
+            // How the init container's rules deliver inbound connections (the sidecar reads
+            // the original destination accordingly).
+            env("INBOUND_INTERCEPTION_MODE", annotation("sidecar.istio.io/interceptionMode") ?? "REDIRECT"),
             env("MOONLET_INBOUND_PORT", "\(s.inboundPort)"),
             env("MOONLET_OUTBOUND_PORT", "\(s.outboundPort)"),
             env("MOONLET_PROMETHEUS_PORT", "\(s.prometheusPort)"),

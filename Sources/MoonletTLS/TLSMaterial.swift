@@ -13,14 +13,22 @@ import Foundation
 /// each event loop swaps its reference, so handshakes in flight keep the old contexts.
 public final class TLSMaterial: @unchecked Sendable {
     /// ALPN the inbound side accepts, in preference order: HTTP/2 when the peer offers
-    /// it, then HTTP/1.1, then Istio's own values (served as HTTP/1.1 or h2 by the preface).
-    public static let serverALPN = ["h2", "http/1.1", "istio-peer-exchange", "istio", "istio-http/1.1", "istio-http/1.0", "istio-h2"]
+    /// it, then HTTP/1.1, then Istio's own values (served as HTTP/1.1 or h2 by the preface):
+    /// its HTTP ones before its TCP ones, so that a connection negotiates "istio" or
+    /// "istio-peer-exchange" only when its client offered nothing HTTP, which an
+    /// intercepted inbound connection then takes as TCP (Istio's TCP ALPN).
+    public static let serverALPN = ["h2", "http/1.1", "istio-http/1.1", "istio-http/1.0", "istio-h2", "istio-peer-exchange", "istio"]
     /// ALPN an outbound mTLS connection offers: Istio's values first (so an Envoy
     /// sidecar selects its mTLS filter chain), then HTTP/1.1.
     public static let clientALPN = ["istio-peer-exchange", "istio", "http/1.1"]
     /// The same with h2 before HTTP/1.1, for connections that ask the peer sidecar for
     /// HTTP/2 (UpstreamProtocol): a peer that speaks it chooses h2.
     public static let clientALPNWithH2 = ["istio-peer-exchange", "istio", "h2", "http/1.1"]
+    /// ALPN of a proxied TCP connection to a peer sidecar (Istio's TCP values): the peer's
+    /// inbound side serves it as TCP without waiting for bytes (server-first protocols).
+    public static let clientALPNTCP = ["istio-peer-exchange", "istio"]
+    /// Negotiated ALPN values that mean "TCP" on the inbound side.
+    public static func isTCPALPN(_ proto: String?) -> Bool { proto == "istio" || proto == "istio-peer-exchange" }
     /// Key exchange groups of mesh mTLS: Envoy's default set (X25519, then P-256).
     /// BoringSSL would also offer the post-quantum hybrid X25519MLKEM768, which a
     /// profile of sidecar-to-sidecar handshakes showed costing a fifth of the handshake
@@ -37,15 +45,17 @@ public final class TLSMaterial: @unchecked Sendable {
     public let clientContext: NIOSSLContext
     /// As `clientContext`, offering h2 too.
     public let clientContextH2: NIOSSLContext
+    /// As `clientContext`, offering Istio's TCP ALPN only (proxied TCP).
+    public let clientContextTCP: NIOSSLContext
     /// File sizes and modification times when loaded (rotation compares them).
     public let fingerprint: String
     /// The trust domains whose identities peers may present (see TrustDomains).
     public let trustDomains: TrustDomains
 
     init(directory: String, identity: SpiffeID, notBefore: Date, notAfter: Date, serverContext: NIOSSLContext, clientContext: NIOSSLContext,
-         clientContextH2: NIOSSLContext, fingerprint: String, trustDomains: TrustDomains) {
+         clientContextH2: NIOSSLContext, clientContextTCP: NIOSSLContext, fingerprint: String, trustDomains: TrustDomains) {
         self.directory = directory; self.identity = identity; self.notBefore = notBefore; self.notAfter = notAfter
-        self.serverContext = serverContext; self.clientContext = clientContext; self.clientContextH2 = clientContextH2; self.fingerprint = fingerprint
+        self.serverContext = serverContext; self.clientContext = clientContext; self.clientContextH2 = clientContextH2; self.clientContextTCP = clientContextTCP; self.fingerprint = fingerprint
         self.trustDomains = trustDomains
     }
 
@@ -118,11 +128,12 @@ public final class TLSMaterial: @unchecked Sendable {
         let sc = meshConfiguration(TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)), alpn: serverALPN)
         let cc = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPN)
         let cc2 = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNWithH2)
+        let cc3 = meshConfiguration(TLSConfiguration.makeClientConfiguration(), alpn: clientALPNTCP)
         let domains = TrustDomains(mesh: mesh.trustDomain ?? identity.trustDomain, aliases: mesh.trustDomainAliases, roots: rootsX, named: named)
         do {
             return TLSMaterial(directory: dir, identity: identity, notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter,
                                serverContext: try NIOSSLContext(configuration: sc), clientContext: try NIOSSLContext(configuration: cc),
-                               clientContextH2: try NIOSSLContext(configuration: cc2),
+                               clientContextH2: try NIOSSLContext(configuration: cc2), clientContextTCP: try NIOSSLContext(configuration: cc3),
                                fingerprint: fp, trustDomains: domains)
         } catch {
             throw TLSConfigError(dir, "TLS contexts cannot be built with these files and the mesh TLS policy (\(mesh.minProtocolVersion.rawValue), \(mesh.cipherSuites.joined(separator: ":")))")
@@ -302,10 +313,10 @@ extension TLSMaterial {
     /// trusted for its trust domain, it must carry one SPIFFE id of an accepted trust
     /// domain, and that id must be one of `expected` (any accepted mesh identity when empty).
     /// `offerH2`: ALPN offers h2 before HTTP/1.1.
-    public func makeClientHandler(serverName: String?, expected: [String], offerH2: Bool = false) throws -> NIOSSLClientHandler {
+    public func makeClientHandler(serverName: String?, expected: [String], offerH2: Bool = false, tcp: Bool = false) throws -> NIOSSLClientHandler {
         let domains = trustDomains
         let box = ValidatedChain()
-        let h = try Self.clientHandler(context: offerH2 ? clientContextH2 : clientContext, serverName: Self.sni(serverName), callback: box.callback { leaf, chain in
+        let h = try Self.clientHandler(context: tcp ? clientContextTCP : offerH2 ? clientContextH2 : clientContext, serverName: Self.sni(serverName), callback: box.callback { leaf, chain in
             if case .failure(let e) = domains.check(leaf, chain: chain) { return e }
             return Self.mismatch(leaf, expected: expected)
         })

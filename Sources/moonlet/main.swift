@@ -29,6 +29,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Prometheus port (default: 15090; 0 = off). Env: MOONLET_PROMETHEUS_PORT") var prometheusPort: Int?
     @Option(help: "Health port (default: 15021; 0 = off). Env: MOONLET_HEALTH_PORT") var healthPort: Int?
     @Option(help: "Application port the inbound listener forwards to on 127.0.0.1 (default: 8080). Env: MOONLET_APP_PORT") var appPort: Int?
+    @Option(help: "How iptables sends inbound connections: REDIRECT (original destination by SO_ORIGINAL_DST) or TPROXY (the local address; the listener is made transparent). Default REDIRECT. Env: INBOUND_INTERCEPTION_MODE") var inboundInterceptionMode: String?
     @Option(help: "Address the listeners and the Prometheus and health ports bind to (default: 127.0.0.1). Env: MOONLET_BIND") var bind: String?
     @Option(help: "Address the admin API binds to (default: 127.0.0.1; another address exposes config and reload to that network). Env: MOONLET_ADMIN_BIND") var adminBind: String?
     @Option(help: "Event loops (default: cores). Env: ISTIO_META_CONCURRENCY / MOONLET_CONCURRENCY") var concurrency: Int?
@@ -81,6 +82,11 @@ struct SidecarOptions: ParsableArguments {
         s.healthPort = healthPort ?? env("MOONLET_HEALTH_PORT").flatMap(Int.init) ?? 15021
         s.appPort = appPort ?? env("MOONLET_APP_PORT").flatMap(Int.init) ?? 8080
         s.bindAddress = bind ?? env("MOONLET_BIND") ?? "127.0.0.1"
+        switch (inboundInterceptionMode ?? env("INBOUND_INTERCEPTION_MODE") ?? "REDIRECT").uppercased() {
+        case "REDIRECT": s.inboundTPROXY = false
+        case "TPROXY": s.inboundTPROXY = true
+        case let other: throw ValidationError("--inbound-interception-mode: REDIRECT or TPROXY, got \"\(other)\"")
+        }
         s.adminBindAddress = adminBind ?? env("MOONLET_ADMIN_BIND") ?? "127.0.0.1"
         s.concurrency = concurrency ?? env("MOONLET_CONCURRENCY", "ISTIO_META_CONCURRENCY").flatMap(Int.init) ?? System.coreCount
         if s.concurrency <= 0 { s.concurrency = System.coreCount }

@@ -213,7 +213,7 @@ final class MeshConfigTests: XCTestCase {
         XCTAssertEqual(m.notApplied, [
             "accessLogFile (parsed, not applied yet)", "accessLogEncoding (parsed, not applied yet)", "accessLogFormat (parsed, not applied yet)",
             "enableTracing (parsed, not applied yet)", "defaultConfig.discoveryAddress", "defaultConfig.tracing.sampling (parsed, not applied yet)",
-            "defaultConfig.tracing.zipkin.address (parsed, not applied yet)", "outboundTrafficPolicy.mode (parsed, not applied yet)", "enableAutoMtls",
+            "defaultConfig.tracing.zipkin.address (parsed, not applied yet)", "enableAutoMtls",
         ])
         XCTAssertThrowsError(try MeshConfigFile.parse("""
         accessLogEncoding: XML
