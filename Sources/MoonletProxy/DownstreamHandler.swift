@@ -78,6 +78,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var lastActivity: UInt64 = 0
     /// Istio's request metrics of this connection's streams.
     var telemetry: StreamTelemetry
+    /// Istio's metadata exchange headers of this connection's streams (PeerExchange.swift).
+    var peerExchange = PeerExchange()
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
@@ -472,6 +474,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
             if clientCert { head.removeAll(of: .xForwardedClientCert) }
         }
+        let peerWorkload = peerExchange.take(&head, read: mtls, cache: ctx.peerCache)
         head.markFiltersStart()
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
@@ -496,6 +499,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
+        s.peerWorkload = peerWorkload
         switch chain.runRequest(s) {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.

@@ -90,6 +90,7 @@ extension DownstreamHandler {
         var head = consume headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
+        peerExchange.responseHead(&head, s, inbound: role == .inbound, downstreamMTLS: peerMTLS, ctx: ctx)
         Self.applyRouteResponseEdits(s, to: &head)
         if chain.filters.isEmpty {
             sendHead(head)
@@ -280,7 +281,6 @@ extension DownstreamHandler {
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        telemetry.record(s, now: now, ctx: ctx, peerPrincipal: peer.principal, upstreamMTLS: dispatcher.tls?.mode == .istioMutual)
         s.end()
         stream = nil
         let requestUnfinished = !requestState.isComplete
