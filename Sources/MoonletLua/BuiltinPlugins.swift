@@ -787,7 +787,8 @@ return router
 -- Moonlet adds this filter to every chain (phase STATS, last). A LuaPlugin named
 -- "istio-stats" replaces it, and then only that plugin records these metrics (a
 -- plugin whose on_log does nothing turns them off). `moonlet plugins export DIR`
--- writes this file as a starting point; a fork may `require("istio-stats")`.
+-- writes this file as a starting point; a fork in a file of another name may
+-- `require("istio-stats")` and reuse `labels(info)`.
 --
 -- Where the values come from (moonlet.stats.info, docs/lua-api.md):
 --   * this workload: --workload-name, --labels (app, version,

@@ -28,6 +28,39 @@ public enum IstioLabels {
     ]
     /// The TCP metrics carry the same labels less the HTTP ones.
     public static let tcp: [String] = http.filter { !["request_protocol", "response_code", "grpc_response_status"].contains($0) }
+
+    /// The label set of Istio's TCP metrics for one connection, as the istio-stats filter
+    /// fills the HTTP ones: `own` is this workload, `peer` the other side's (from peer
+    /// metadata; nil: every label of that side "unknown"); principals are full
+    /// `spiffe://` ids or "" (then "unknown"). Build it once per connection and get the
+    /// series with `MetricsShard.tcpSeries`.
+    public static func tcpLabels(inbound: Bool, own: MeshWorkload, peer: MeshWorkload?, ownPrincipal: String, peerPrincipal: String,
+                                 destinationService: String, mtls: Bool, responseFlags: String = "-") -> RequestLabels {
+        let (src, dst) = inbound ? (peer, own) : (own, peer)
+        let (srcP, dstP) = inbound ? (peerPrincipal, ownPrincipal) : (ownPrincipal, peerPrincipal)
+        func v(_ w: MeshWorkload?, _ f: (MeshWorkload) -> String) -> String {
+            guard let w else { return "unknown" }
+            let x = f(w)
+            return x.isEmpty ? "unknown" : x
+        }
+        var name = destinationService, ns = v(dst) { $0.namespace }
+        let parts = destinationService.split(separator: ".", maxSplits: 3, omittingEmptySubsequences: false)
+        if parts.count >= 3 && parts[2] == "svc" { name = String(parts[0]); ns = String(parts[1]) }
+        return RequestLabels([
+            ("reporter", inbound ? "destination" : "source"),
+            ("source_workload", v(src) { $0.workload }), ("source_workload_namespace", v(src) { $0.namespace }),
+            ("source_principal", mtls && !srcP.isEmpty ? srcP : "unknown"), ("source_app", v(src) { $0.app }),
+            ("source_version", v(src) { $0.version }), ("source_canonical_service", v(src) { $0.canonicalService }),
+            ("source_canonical_revision", v(src) { $0.canonicalRevision }), ("source_cluster", v(src) { $0.cluster }),
+            ("destination_workload", v(dst) { $0.workload }), ("destination_workload_namespace", v(dst) { $0.namespace }),
+            ("destination_principal", mtls && !dstP.isEmpty ? dstP : "unknown"), ("destination_app", v(dst) { $0.app }),
+            ("destination_version", v(dst) { $0.version }), ("destination_canonical_service", v(dst) { $0.canonicalService }),
+            ("destination_canonical_revision", v(dst) { $0.canonicalRevision }), ("destination_cluster", v(dst) { $0.cluster }),
+            ("destination_service", destinationService.isEmpty ? "unknown" : destinationService),
+            ("destination_service_name", name.isEmpty ? "unknown" : name), ("destination_service_namespace", ns),
+            ("response_flags", responseFlags), ("connection_security_policy", mtls ? "mutual_tls" : "none"),
+        ])
+    }
 }
 
 func esc(_ s: String) -> String {

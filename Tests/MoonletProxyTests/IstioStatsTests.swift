@@ -2,6 +2,8 @@ import XCTest
 import NIOCore
 import NIOHTTP1
 import MoonletConfig
+import MoonletCore
+import MoonletTelemetry
 @testable import MoonletProxy
 
 /// Istio's request metrics as the istio-stats filter records them, with the peer
@@ -180,5 +182,55 @@ final class IstioStatsTests: XCTestCase {
         let text = stats(f, containing: "team=\"shop\"")
         XCTAssertTrue(text.contains("istio_requests_total{reporter=\"destination\",response_code=\"200\",team=\"shop\"} 2\n"), text)
         XCTAssertNil(line(text, "istio_requests_total", ["source_workload="]), "the builtin recorded as well: \(text)")
+    }
+
+    func testIstiosOwnSidecarMetadataIsReadOverMTLS_andIgnoredFromAPlaintextClient() throws {
+        // The value an Istio sidecar (bookinfo details-v1) sends.
+        let istio = "Ch4KDElOU1RBTkNFX0lQUxIOGgwxNzIuMTYuMC4yMDYK1QEKBkxBQkVMUxLKASrHAQoQCgNhcHASCRoHZGV0YWlscwohChFwb2QtdGVtcGxhdGUtaGFzaBIMGgo3NWQ5NGM0OGY1CiQKGXNlY3VyaXR5LmlzdGlvLmlvL3Rsc01vZGUSBxoFaXN0aW8KLAofc2VydmljZS5pc3Rpby5pby9jYW5vbmljYWwtbmFtZRIJGgdkZXRhaWxzCisKI3NlcnZpY2UuaXN0aW8uaW8vY2Fub25pY2FsLXJldmlzaW9uEgQaAnYxCg8KB3ZlcnNpb24SBBoCdjEKGgoHTUVTSF9JRBIPGg1jbHVzdGVyLmxvY2FsCiUKBE5BTUUSHRobZGV0YWlscy12MS03NWQ5NGM0OGY1LTdibHhtChYKCU5BTUVTUEFDRRIJGgdkZWZhdWx0Ck4KBU9XTkVSEkUaQ2t1YmVybmV0ZXM6Ly9hcGlzL2FwcHMvdjEvbmFtZXNwYWNlcy9kZWZhdWx0L2RlcGxveW1lbnRzL2RldGFpbHMtdjEKJQoPU0VSVklDRV9BQ0NPVU5UEhIaEGJvb2tpbmZvLWRldGFpbHMKHQoNV09SS0xPQURfTkFNRRIMGgpkZXRhaWxzLXYx"
+        let certs = try pki.issue("production", "orders")
+        let server = try ProxyFixture(appPort: app.port, files: ["pa.yaml": peerAuthentication("ns", namespace: "production", mode: "PERMISSIVE")], concurrency: 1) { s in
+            s.certsDirectory = certs
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+        defer { server.stop() }
+        // Plaintext (PERMISSIVE lets it in): the header is dropped, not believed.
+        let c = try RawClient(port: server.inbound)
+        XCTAssertEqual(get(c, headers: "x-envoy-peer-metadata: \(istio)\r\n")?.status, 200)
+        var text = stats(server, containing: "reporter=\"destination\"")
+        XCTAssertNotNil(line(text, "istio_requests_total", ["source_workload=\"unknown\"", "connection_security_policy=\"none\""]), text)
+        XCTAssertNil(line(text, "istio_requests_total", ["details-v1"]), text)
+        // Over mTLS (a client certificate of bookinfo's details): read, and this sidecar answers with its own.
+        let detailsCerts = try pki.issue("default", "bookinfo-details")
+        let r = try tlsRequest(port: server.inbound, certDir: detailsCerts, rootPEM: pki.ca.rootCertPEM,
+                               extraHeaders: [("x-envoy-peer-metadata", istio), ("x-envoy-peer-metadata-id", "sidecar~172.16.0.206~details~default.svc.cluster.local")]).get()
+        XCTAssertEqual(r.status, 200)
+        let back = try XCTUnwrap(r.headers.first(name: "x-envoy-peer-metadata"), "an mTLS caller gets this sidecar's metadata back")
+        XCTAssertEqual(PeerMetadata.decode(back)?.workloadName, "orders")
+        XCTAssertEqual(PeerMetadata.decode(back)?.namespace, "production")
+        XCTAssertTrue(r.headers.first(name: "x-envoy-peer-metadata-id")?.hasPrefix("sidecar~") ?? false)
+        for seen in app.seen { XCTAssertFalse(seen.headers.contains(name: "x-envoy-peer-metadata")) }
+        text = stats(server, containing: "details-v1")
+        let d = line(text, "istio_requests_total", ["source_workload=\"details-v1\""])
+        for want in ["source_app=\"details\"", "source_version=\"v1\"", "source_workload_namespace=\"default\"", "source_canonical_service=\"details\"",
+                     "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-details\"", "connection_security_policy=\"mutual_tls\""] {
+            XCTAssertTrue(d?.contains(want) ?? false, "lacks \(want): \(d ?? text)")
+        }
+    }
+
+    func testTheTCPFamiliesAreExposedWithIstiosLabels() {
+        let shard = MetricsShard()
+        let own = MeshWorkload(workload: "orders", namespace: "production", labels: ["app": "orders"], cluster: "Kubernetes", serviceAccount: "orders", serial: 0)
+        let peer = MeshWorkload(workload: "frontend", namespace: "default", labels: ["app": "frontend", "version": "v1"], cluster: "Kubernetes", serviceAccount: "frontend", serial: 1)
+        let labels = IstioLabels.tcpLabels(inbound: true, own: own, peer: peer, ownPrincipal: "spiffe://cluster.local/ns/production/sa/orders",
+                                           peerPrincipal: "spiffe://cluster.local/ns/default/sa/frontend", destinationService: "orders.production.svc.cluster.local", mtls: true)
+        let t = try! XCTUnwrap(shard.tcpSeries(labels))
+        t.opened(); t.sent(100); t.received(40); t.closed()
+        let text = PrometheusExposition.render(shard.snapshot())
+        for family in ["istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total", "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"] {
+            XCTAssertTrue(text.contains("# TYPE \(family) counter\n"), text)
+            XCTAssertNotNil(line(text, family, ["reporter=\"destination\"", "source_workload=\"frontend\"", "destination_service_name=\"orders\""]), text)
+        }
+        XCTAssertNotNil(line(text, "istio_tcp_sent_bytes_total", ["} 100"]), text)
+        XCTAssertEqual(Set(labels.text.split(separator: ",").map { String($0.split(separator: "=")[0]) }), Set(IstioLabels.tcp))
     }
 }
