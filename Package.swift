@@ -50,6 +50,7 @@ let package = Package(
         ], swiftSettings: v5),
         .target(name: "MoonletTelemetry", dependencies: [
             "MoonletCore",
+            .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ], swiftSettings: hot),
         // mTLS: TLS through swift-nio-ssl (BoringSSL), certificates and the CA through

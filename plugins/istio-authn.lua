@@ -103,7 +103,7 @@ end
 local count = moonlet.metrics.counter
 
 local function reject(s, err, status, missing)
-  count("jwt_authn_denied")
+  count("jwt_authn_denied", 1)
   return s:respond(status or 401, err, {
     ["www-authenticate"] = realm(s) .. (missing and "" or INVALID),
     ["content-type"] = "text/plain",
@@ -171,7 +171,7 @@ function authn.on_request(s, conf)
       end
       if not matched then return reject(s, first_err, first_status, false) end
       outputs(s, matched, token, claims, loc)
-      count("jwt_authn_allowed")
+      count("jwt_authn_allowed", 1)
     end
   end
   if not found and conf.required then return reject(s, "Jwt is missing", 401, true) end

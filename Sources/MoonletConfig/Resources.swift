@@ -12,9 +12,22 @@ public struct WorkloadIdentity: Sendable, Equatable {
     public var labels: [String: String]
     /// Istio's root namespace: policies there apply mesh-wide.
     public var rootNamespace: String
+    /// Istio's WORKLOAD_NAME (`--workload-name`); "" means the default: the `app` label,
+    /// else the service account (see `effectiveWorkloadName`).
+    public var workloadName: String = ""
+    /// Istio's CLUSTER_ID (`--cluster-id`), "Kubernetes" by default as in Istio.
+    public var clusterID: String = "Kubernetes"
+    /// The pod (or VM) name, for the peer metadata's NAME and node id.
+    public var podName: String = ""
+    /// The pod's IP (env INSTANCE_IP), for the peer metadata's node id; "" means the bind address.
+    public var instanceIP: String = ""
     public init(namespace: String = "default", serviceAccount: String = "default", labels: [String: String] = [:], rootNamespace: String = "istio-system") {
         self.namespace = namespace; self.serviceAccount = serviceAccount; self.labels = labels; self.rootNamespace = rootNamespace
     }
+
+    /// The workload name metrics and peer metadata carry: `workloadName`, else the `app`
+    /// label, else the service account.
+    public var effectiveWorkloadName: String { workloadName.isEmpty ? (labels["app"] ?? serviceAccount) : workloadName }
 
     /// Parses "k=v,k2=v2".
     public static func parseLabels(_ s: String) throws -> [String: String] {

@@ -182,6 +182,12 @@ public final class ProxyStream {
     /// The verified JWT of the request (RequestAuthentication), nil without one. Set
     /// only by the native JWT primitive; filters read it as `s.auth`.
     public var auth: RequestAuthResult?
+    /// The peer workload learned through Istio's metadata exchange, trusted only over mTLS:
+    /// the calling sidecar's on the inbound side, the answering sidecar's on the outbound
+    /// side. nil when the peer sent none (not a mesh sidecar, or no mTLS).
+    public var peerWorkload: MeshWorkload?
+    /// Whether the upstream attempt that served the stream went over mesh mTLS (outbound).
+    public var upstreamMeshMTLS = false
 
     /// `route` is the decision known before any filter runs (the inbound listener's
     /// fixed one); passing it here saves building an empty one and replacing it.

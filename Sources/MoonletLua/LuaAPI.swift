@@ -673,10 +673,8 @@ enum LuaAPI {
         lua_pushstring(L, "stop_and_buffer"); lua_setfield(L, -2, "STOP_AND_BUFFER")
         lua_pushstring(L, retryVerdict); lua_setfield(L, -2, "RETRY")
         lua_pushstring(L, noRetryVerdict); lua_setfield(L, -2, "NO_RETRY")
-        lua_createtable(L, 0, 3)
-        ml_pushapifunction(L, metricCounter); lua_setfield(L, -2, "counter")
-        ml_push_readonly(L, "moonlet.metrics")
-        lua_setfield(L, -2, "metrics")
+        installMetrics(L)
+        installStats(L)
         installAuthz(L)
         AuthnAPI.install(L)
         lua_setfield(L, -2, "moonlet")
@@ -736,7 +734,9 @@ enum LuaAPI {
     /// Longest Lua metric name (names are kept, per VM and process-wide).
     static let maxMetricName = 128
 
-    static let metricCounter: lua_CFunction = { L in
+    /// `moonlet.metrics.counter(name, n)` (a number second): counts n on the unlabelled
+    /// counter `moonlet_lua_<name>` at once (the form before handles).
+    static func legacyCounter(_ L: OpaquePointer?) -> Int32 {
         guard lua_rawlen(L, 1) <= maxMetricName, let name = str(L, 1), name.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 95 }) else {
             return fail(L, "metrics.counter(name, by): name must match [a-zA-Z0-9_]+ and be at most \(maxMetricName) bytes")
         }

@@ -51,10 +51,26 @@ public final class LuaHost: @unchecked Sendable {
     /// Counter of `moonlet.metrics` calls refused because they would add a series past the cap.
     public static let refusedSeriesMetric = "moonlet_metric_series_refused_total"
 
+    /// The metrics filters define with moonlet.metrics (capped by `limits.maxMetricSeries`).
+    public let userMetrics: UserMetricRegistry
+    var _ownWorkload = MeshWorkload(workload: "unknown", namespace: "default", labels: [:], cluster: "Kubernetes", serviceAccount: "default", serial: 0)
+    var _trustDomain = "cluster.local"
+    /// This sidecar's workload as the istio-stats filter labels it (`moonlet.stats.info`).
+    public var ownWorkload: MeshWorkload {
+        get { lock.withLock { _ownWorkload } }
+        set { lock.withLock { _ownWorkload = newValue } }
+    }
+    /// The mesh's trust domain, for the principals of the metric labels.
+    public var trustDomain: String {
+        get { lock.withLock { _trustDomain } }
+        set { lock.withLock { _trustDomain = newValue } }
+    }
+
     public init(logger: Logger, limits: LuaLimits = LuaLimits(), pluginDirs: [String] = []) {
         self.logger = logger
         self.defaultLimits = limits
         self._pluginDirs = pluginDirs
+        self.userMetrics = UserMetricRegistry(maxSeries: limits.maxMetricSeries)
     }
 
     /// Reads every applicable plugin and compiles it in a scratch VM (module code run
@@ -175,6 +191,16 @@ extension LuaPluginSpec {
         LuaPluginSpec(name: name, namespace: "", path: "builtin://\(name)", phase: "UNSPECIFIED_PHASE", priority: Int(Int32.min),
                       pluginConfig: .map([]), failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
                       timeoutMs: nil, file: "builtin", line: 0)
+    }
+
+    /// The builtin Istio metrics filter (plugins/istio-stats.lua): phase STATS, last in
+    /// it; records Istio's standard request metrics in on_log. Fails open (a metrics
+    /// failure never fails a request).
+    public static var builtinStats: LuaPluginSpec {
+        var s = builtin("istio-stats")
+        s.phase = "STATS"
+        s.failStrategy = .failOpen
+        return s
     }
 
     /// The builtin Istio router (plugins/istio-router.lua).

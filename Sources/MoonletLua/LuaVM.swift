@@ -68,6 +68,8 @@ public final class LuaVM {
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]
+    /// moonlet.stats and moonlet.metrics handles of this VM (StatsAPI.swift).
+    var stats = StatsState()
 
     public init(host: LuaHost, metrics: MetricsShard?) {
         self.host = host

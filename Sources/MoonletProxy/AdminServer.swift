@@ -92,7 +92,7 @@ final class AdminHandler: ChannelInboundHandler {
             server.metricsSnapshot().and(server.luaMemory()).whenComplete { r in
                 switch r {
                 case .success(let (snap, mem)):
-                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))]) + self.server.clusterMetrics(), "text/plain; version=0.0.4")
+                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))], user: self.server.lua.userMetrics) + self.server.clusterMetrics(), "text/plain; version=0.0.4")
                 case .failure(let e): reply(.internalServerError, "\(e)\n")
                 }
             }

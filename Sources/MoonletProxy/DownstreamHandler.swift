@@ -81,6 +81,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Place in the loop's watch list (LoopContext.watch), -1 when not watched.
     var watchIndex = -1
     var lastActivity: UInt64 = 0
+    /// Istio's metadata exchange headers of this connection's streams (PeerExchange.swift).
+    var peerExchange = PeerExchange()
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
@@ -478,6 +480,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
             if clientCert { head.removeAll(of: .xForwardedClientCert) }
         }
+        let peerWorkload = peerExchange.take(&head, read: mtls, cache: ctx.peerCache)
         head.markFiltersStart()
         let keepAlive = head.keepAlive, framing = head.framing
         // The stream starts when its head was read: lastActivity is that read's time (process()
@@ -501,6 +504,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
+        s.peerWorkload = peerWorkload
         if let i = interception ?? (h2?.connection.context?.handler as? DownstreamHandler)?.interception { i.applyHTTP(s, self) }
         switch exec.requestHead(s) {
         case .respond:

@@ -195,6 +195,11 @@ public final class LoopContext: @unchecked Sendable {
     let inboundRoute: RouteDecision
     let inboundKey: String
     let inboundService: String
+    /// Peer workloads decoded from x-envoy-peer-metadata on this loop (PeerExchange).
+    let peerCache = PeerMetadataCache()
+    /// This sidecar's x-envoy-peer-metadata and x-envoy-peer-metadata-id values.
+    let ownPeerMetadata: String
+    let ownPeerID: String
 
     init(loop: EventLoop, index: Int, settings: ProxySettings, host: LuaHost, logger: Logger) {
         self.loop = loop
@@ -210,6 +215,11 @@ public final class LoopContext: @unchecked Sendable {
         inboundRoute = r
         inboundKey = "127.0.0.1:\(settings.appPort)"
         inboundService = settings.identity.labels["app"] ?? "unknown"
+        let id = settings.identity
+        let meta = PeerMetadata(name: id.podName.isEmpty ? id.effectiveWorkloadName : id.podName, namespace: id.namespace,
+                                workloadName: id.effectiveWorkloadName, serviceAccount: id.serviceAccount, clusterID: id.clusterID, labels: id.labels)
+        ownPeerMetadata = meta.encoded()
+        ownPeerID = meta.nodeID(ip: id.instanceIP.isEmpty ? settings.bindAddress : id.instanceIP)
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
         pool.onTLSFailure = { [unowned self] address, expected, why in
             self.metrics.count("moonlet_upstream_tls_failures_total")

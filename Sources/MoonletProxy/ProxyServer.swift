@@ -65,6 +65,9 @@ public final class ProxyServer: @unchecked Sendable {
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, settings.concurrency))
         lua = LuaHost(logger: logger, limits: settings.luaLimits)
+        let id = settings.identity
+        lua.ownWorkload = MeshWorkload(workload: id.effectiveWorkloadName, namespace: id.namespace, labels: id.labels,
+                                       cluster: id.clusterID, serviceAccount: id.serviceAccount, serial: 0)
         var i = 0
         for loop in group.makeIterator() {
             let index = i
@@ -232,6 +235,10 @@ public final class ProxyServer: @unchecked Sendable {
                                                   aliases: mesh.tls.trustDomainAliases)
         for n in authz.notes { logger.notice("\(n)") }
         if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
+        // Istio's request metrics: the builtin istio-stats (phase STATS), unless a
+        // LuaPlugin of that name replaces it (then only that one records them).
+        if !specs.contains(where: { $0.name == "istio-stats" }) { specs.append(.builtinStats) }
+        lua.trustDomain = mesh.tls.trustDomain ?? "cluster.local"
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g

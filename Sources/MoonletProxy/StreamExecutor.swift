@@ -16,7 +16,8 @@ final class StreamExecutor {
     /// The chain the current stream started with: a reload that swaps the loop's chain
     /// never changes the filters under a running stream.
     private(set) var chain: FilterChain = .empty
-    /// Istio's request metrics of the streams this executor runs.
+    /// Counts the requests that never became streams (their head did not parse); the
+    /// streams' own metrics are recorded by the istio-stats filter's on_log.
     var telemetry: StreamTelemetry
 
     init(ctx: LoopContext, role: ListenerRole) {
@@ -169,15 +170,13 @@ final class StreamExecutor {
     // MARK: end
 
     /// Log phase: runs once for every stream after its last byte was sent or it failed:
-    /// on_log of every filter, the Lua state of the stream released, the endpoint's
-    /// request done for the balancer, the request metrics recorded. `peerPrincipal`: the
-    /// downstream's mTLS principal; `upstreamMTLS`: the attempt that served the stream went
-    /// over mesh mTLS. `now`: the clock when the stream ended.
-    func finish(_ s: ProxyStream, now: UInt64, peerPrincipal: String, upstreamMTLS: Bool) {
+    /// on_log of every filter (the builtin istio-stats records Istio's request metrics
+    /// there), the Lua state of the stream released, the endpoint's request done for the
+    /// balancer.
+    func finish(_ s: ProxyStream) {
         chain.runLog(s)
         ctx.lua.endStream(s)
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, s.route.endpointIndex) }
-        telemetry.record(s, now: now, ctx: ctx, peerPrincipal: peerPrincipal, upstreamMTLS: upstreamMTLS)
     }
 
     /// A request whose head did not parse (never a stream): counted with flag DPE.

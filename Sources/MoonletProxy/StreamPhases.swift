@@ -86,7 +86,11 @@ extension DownstreamHandler {
         if dispatcher.attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
-        switch exec.responseHead(s, headIn) {
+        var head = consume headIn
+        // Istio's metadata exchange: the peer's headers read and removed, ours added
+        // (PeerExchange.swift), before the route's edits and the response filters.
+        peerExchange.responseHead(&head, s, inbound: role == .inbound, downstreamMTLS: peerMTLS, ctx: ctx)
+        switch exec.responseHead(s, head) {
         case .send:
             // Taken out of the stream while it is written, so it is not copied.
             let head = s.response.take()!
@@ -171,7 +175,7 @@ extension DownstreamHandler {
         responseState = .none
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.streamEnded(s)
-        exec.finish(s, now: now, peerPrincipal: peer.principal, upstreamMTLS: dispatcher.tls?.mode == .istioMutual)
+        exec.finish(s)
         s.end()
         stream = nil
         let requestUnfinished = !requestState.isComplete

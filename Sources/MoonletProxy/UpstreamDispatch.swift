@@ -159,6 +159,11 @@ final class UpstreamDispatcher {
     func start() {
         guard let s = h.stream, let (host, port, key) = chooseEndpoint(s) else { return }
         h.armStreamTimer(s)
+        if let t = tls, t.mode == .istioMutual, ctx.tls != nil, !s.upstreamMeshMTLS {
+            // A mesh workload over mTLS: it learns this workload from the metadata exchange headers.
+            s.upstreamMeshMTLS = true
+            if h.role == .outbound { s.withRequest { PeerExchange.addOwn(&$0, ctx: ctx) } }
+        }
         let out = upstreamRequestBytes(s)
         attempt = 0
         replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.exec.wantsUpstreamFailure ? out : nil

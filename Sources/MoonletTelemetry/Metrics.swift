@@ -1,28 +1,65 @@
 import MoonletCore
 
-/// Labels of Istio's standard request metrics that Moonlet fills today.
+import Atomics
+
+/// A label set of a metric, rendered once in Prometheus text form (`a="x",b="y"`, names
+/// sorted): series are found and merged by this text, so a label set costs its
+/// rendering once, when its series is made, never per update.
 public struct RequestLabels: Hashable, Sendable {
-    /// "source" on the outbound side, "destination" on the inbound side.
-    public var reporter: String
-    public var responseCode: Int
-    public var responseFlags: String
-    public var destinationService: String
-    public var sourceWorkload: String
-    public var destinationWorkload: String
-    /// "mutual_tls" when the connection was authenticated with mTLS, else "none".
-    public var connectionSecurityPolicy: String
-    /// The peer's SPIFFE id on the inbound side ("unknown" without mTLS), as Istio labels it.
-    public var sourcePrincipal: String
-    public init(reporter: String, responseCode: Int, responseFlags: String, destinationService: String,
-                sourceWorkload: String = "unknown", destinationWorkload: String = "unknown", connectionSecurityPolicy: String = "none",
-                sourcePrincipal: String = "unknown") {
-        self.reporter = reporter; self.responseCode = responseCode; self.responseFlags = responseFlags
-        self.destinationService = destinationService; self.sourceWorkload = sourceWorkload
-        self.destinationWorkload = destinationWorkload; self.connectionSecurityPolicy = connectionSecurityPolicy
-        self.sourcePrincipal = sourcePrincipal
+    public let text: String
+    /// `pairs`: label names (valid Prometheus label names; the caller checked them) and
+    /// raw values (escaped here).
+    public init(_ pairs: [(String, String)]) {
+        text = pairs.sorted { $0.0 < $1.0 }.map { "\($0.0)=\"\(esc($0.1))\"" }.joined(separator: ",")
     }
-    var prometheus: String {
-        "reporter=\"\(reporter)\",source_workload=\"\(esc(sourceWorkload))\",source_principal=\"\(esc(sourcePrincipal))\",destination_workload=\"\(esc(destinationWorkload))\",destination_service=\"\(esc(destinationService))\",response_code=\"\(responseCode)\",response_flags=\"\(responseFlags)\",connection_security_policy=\"\(connectionSecurityPolicy)\""
+    public init(text: String) { self.text = text }
+    var prometheus: String { text }
+}
+
+/// Istio's standard label names of the HTTP metrics, in Istio's order.
+public enum IstioLabels {
+    public static let http: [String] = [
+        "reporter", "source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
+        "source_principal", "source_app", "source_version", "source_cluster", "destination_workload",
+        "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+        "destination_service", "destination_canonical_service", "destination_canonical_revision", "destination_service_name",
+        "destination_service_namespace", "destination_cluster", "request_protocol", "response_code", "grpc_response_status",
+        "response_flags", "connection_security_policy",
+    ]
+    /// The TCP metrics carry the same labels less the HTTP ones.
+    public static let tcp: [String] = http.filter { !["request_protocol", "response_code", "grpc_response_status"].contains($0) }
+
+    /// The label set of Istio's TCP metrics for one connection, as the istio-stats filter
+    /// fills the HTTP ones: `own` is this workload, `peer` the other side's (from peer
+    /// metadata; nil: every label of that side "unknown"); principals are full
+    /// `spiffe://` ids or "" (then "unknown"). Build it once per connection and get the
+    /// series with `MetricsShard.tcpSeries`.
+    public static func tcpLabels(inbound: Bool, own: MeshWorkload, peer: MeshWorkload?, ownPrincipal: String, peerPrincipal: String,
+                                 destinationService: String, mtls: Bool, responseFlags: String = "-") -> RequestLabels {
+        let (src, dst) = inbound ? (peer, own) : (own, peer)
+        let (srcP, dstP) = inbound ? (peerPrincipal, ownPrincipal) : (ownPrincipal, peerPrincipal)
+        func v(_ w: MeshWorkload?, _ f: (MeshWorkload) -> String) -> String {
+            guard let w else { return "unknown" }
+            let x = f(w)
+            return x.isEmpty ? "unknown" : x
+        }
+        var name = destinationService, ns = v(dst) { $0.namespace }
+        let parts = destinationService.split(separator: ".", maxSplits: 3, omittingEmptySubsequences: false)
+        if parts.count >= 3 && parts[2] == "svc" { name = String(parts[0]); ns = String(parts[1]) }
+        return RequestLabels([
+            ("reporter", inbound ? "destination" : "source"),
+            ("source_workload", v(src) { $0.workload }), ("source_workload_namespace", v(src) { $0.namespace }),
+            ("source_principal", mtls && !srcP.isEmpty ? srcP : "unknown"), ("source_app", v(src) { $0.app }),
+            ("source_version", v(src) { $0.version }), ("source_canonical_service", v(src) { $0.canonicalService }),
+            ("source_canonical_revision", v(src) { $0.canonicalRevision }), ("source_cluster", v(src) { $0.cluster }),
+            ("destination_workload", v(dst) { $0.workload }), ("destination_workload_namespace", v(dst) { $0.namespace }),
+            ("destination_principal", mtls && !dstP.isEmpty ? dstP : "unknown"), ("destination_app", v(dst) { $0.app }),
+            ("destination_version", v(dst) { $0.version }), ("destination_canonical_service", v(dst) { $0.canonicalService }),
+            ("destination_canonical_revision", v(dst) { $0.canonicalRevision }), ("destination_cluster", v(dst) { $0.cluster }),
+            ("destination_service", destinationService.isEmpty ? "unknown" : destinationService),
+            ("destination_service_name", name.isEmpty ? "unknown" : name), ("destination_service_namespace", ns),
+            ("response_flags", responseFlags), ("connection_security_policy", mtls ? "mutual_tls" : "none"),
+        ])
     }
 }
 
@@ -72,9 +109,16 @@ public struct MetricsSnapshot: Sendable {
     public var connectionsTotal: [String: UInt64] = [:]
     public var plugins: [String: PluginStats] = [:]
     public var counters: [String: UInt64] = [:]
+    public var tcp: [RequestLabels: TCPCounts] = [:]
+    /// `moonlet.metrics` counters and histograms by UserMetricRegistry index.
+    public var userValues: [Int: Double] = [:]
+    public var userHistograms: [Int: Histogram] = [:]
     public init() {}
 
     public mutating func merge(_ o: MetricsSnapshot) {
+        for (k, v) in o.tcp { tcp[k, default: TCPCounts()].merge(v) }
+        for (k, v) in o.userValues { userValues[k, default: 0] += v }
+        for (k, v) in o.userHistograms { if userHistograms[k] == nil { userHistograms[k] = v } else { userHistograms[k]!.merge(v) } }
         for (k, v) in o.requests { requests[k, default: 0] += v }
         for (k, v) in o.durations { durations[k, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].merge(v) }
         for (k, v) in o.requestBytes { requestBytes[k, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(v) }
@@ -105,18 +149,28 @@ public final class RequestSeries {
     }
 }
 
-/// What identifies a request series cheaply on the hot path.
-public struct SeriesKey: Hashable {
-    public var inbound: Bool
-    public var code: Int
-    public var flags: UInt32
-    public var service: String
-    /// The mTLS peer's principal (inbound), "" otherwise.
-    public var principal: String
-    public var mtls: Bool
-    public init(inbound: Bool, code: Int, flags: UInt32, service: String, principal: String = "", mtls: Bool = false) {
-        self.inbound = inbound; self.code = code; self.flags = flags; self.service = service; self.principal = principal; self.mtls = mtls
-    }
+/// Istio's TCP metrics of one label set: istio_tcp_sent_bytes_total,
+/// istio_tcp_received_bytes_total, istio_tcp_connections_opened_total,
+/// istio_tcp_connections_closed_total.
+public struct TCPCounts: Sendable {
+    public var sent: UInt64 = 0
+    public var received: UInt64 = 0
+    public var opened: UInt64 = 0
+    public var closed: UInt64 = 0
+    public init() {}
+    mutating func merge(_ o: TCPCounts) { sent += o.sent; received += o.received; opened += o.opened; closed += o.closed }
+}
+
+/// The TCP metrics of one label set on one loop, updated in place by the TCP proxy
+/// (get it once per connection from `MetricsShard.tcpSeries`).
+public final class TCPSeries {
+    public let labels: RequestLabels
+    public internal(set) var counts = TCPCounts()
+    init(labels: RequestLabels) { self.labels = labels }
+    @inline(__always) public func opened() { counts.opened &+= 1 }
+    @inline(__always) public func closed() { counts.closed &+= 1 }
+    @inline(__always) public func sent(_ n: Int) { counts.sent &+= UInt64(max(0, n)) }
+    @inline(__always) public func received(_ n: Int) { counts.received &+= UInt64(max(0, n)) }
 }
 
 /// Per-plugin counters, held by the plugin instance and bumped directly.
@@ -128,27 +182,57 @@ public final class PluginCell {
 /// Metrics of one event loop. Only that loop writes it (no locks, no atomics); a
 /// scrape asks each loop for a snapshot and merges them.
 public final class MetricsShard {
-    var series: [SeriesKey: RequestSeries] = [:]
+    var series: [String: RequestSeries] = [:]
+    var tcpSeriesByLabels: [String: TCPSeries] = [:]
     var pluginCells: [String: [PluginCell]] = [:]
     var activeConnections: [String: Int64] = [:]
     var connectionsTotal: [String: UInt64] = [:]
     var counters: [String: UInt64] = [:]
+    /// `moonlet.metrics` counter values and histograms of this loop, by registry index.
+    var userValues: [Double] = []
+    var userHistograms: [Int: Histogram] = [:]
+    /// Label sets of the Istio families (HTTP and TCP together) one loop keeps at most;
+    /// past it a new one is refused and counted in `moonlet_metric_series_refused_total`.
+    public var maxSeries = 20_000
     public init() {}
 
-    /// The series for a key, created with its full labels on first use.
-    @inline(__always)
-    public func series(_ key: SeriesKey, labels: () -> RequestLabels) -> RequestSeries {
-        if let s = series[key] { return s }
-        let s = RequestSeries(labels: labels())
-        series[key] = s
+    /// The request series of a label set, made on first use; nil (and counted) past `maxSeries`.
+    public func requestSeries(_ labels: RequestLabels) -> RequestSeries? {
+        if let s = series[labels.text] { return s }
+        guard series.count + tcpSeriesByLabels.count < maxSeries else { count("moonlet_metric_series_refused_total"); return nil }
+        let s = RequestSeries(labels: labels)
+        series[labels.text] = s
+        return s
+    }
+
+    /// The TCP series of a label set (IstioLabels.tcp), made on first use; nil past `maxSeries`.
+    public func tcpSeries(_ labels: RequestLabels) -> TCPSeries? {
+        if let s = tcpSeriesByLabels[labels.text] { return s }
+        guard series.count + tcpSeriesByLabels.count < maxSeries else { count("moonlet_metric_series_refused_total"); return nil }
+        let s = TCPSeries(labels: labels)
+        tcpSeriesByLabels[labels.text] = s
         return s
     }
 
     /// Records a finished stream (Istio's standard metrics), by full labels.
     public func recordRequest(_ l: RequestLabels, durationMs: Double, requestBytes: Int64, responseBytes: Int64) {
-        let key = SeriesKey(inbound: l.reporter == "destination", code: l.responseCode, flags: 0, service: l.destinationService + "|" + l.responseFlags)
-        series(key) { l }.record(durationMs: durationMs, requestBytes: requestBytes, responseBytes: responseBytes)
+        requestSeries(l)?.record(durationMs: durationMs, requestBytes: requestBytes, responseBytes: responseBytes)
     }
+
+    /// Adds to a `moonlet.metrics` counter of this loop.
+    @inline(__always)
+    public func userAdd(_ index: Int, _ v: Double) {
+        if index >= userValues.count { userValues.append(contentsOf: repeatElement(0, count: index + 1 - userValues.count)) }
+        userValues[index] += v
+    }
+
+    /// Observes a value into a `moonlet.metrics` histogram of this loop.
+    @inline(__always)
+    public func userObserve(_ index: Int, _ v: Double, bounds: [Double]) {
+        if userHistograms[index] == nil { userHistograms[index] = Histogram(bucketCount: bounds.count) }
+        userHistograms[index]!.observe(v, bounds: bounds)
+    }
+
     public func connectionOpened(_ listener: String) {
         activeConnections[listener, default: 0] += 1
         connectionsTotal[listener, default: 0] += 1
@@ -184,6 +268,9 @@ public final class MetricsShard {
             for c in cells { st.merge(c.stats) }
             d.plugins[name] = st
         }
+        for s in tcpSeriesByLabels.values { d.tcp[s.labels, default: TCPCounts()].merge(s.counts) }
+        for (i, v) in userValues.enumerated() where v != 0 { d.userValues[i] = v }
+        d.userHistograms = userHistograms
         d.activeConnections = activeConnections
         d.connectionsTotal = connectionsTotal
         d.counters = counters
@@ -193,13 +280,17 @@ public final class MetricsShard {
 
 /// Prometheus text exposition (format 0.0.4) of a merged snapshot.
 public enum PrometheusExposition {
-    public static func render(_ s: MetricsSnapshot, extra: [(String, String, Double)] = []) -> String {
+    public static func render(_ s: MetricsSnapshot, extra: [(String, String, Double)] = [], user: UserMetricRegistry? = nil) -> String {
         var o = ""
         o += "# TYPE istio_requests_total counter\n"
         for (k, v) in s.requests.sorted(by: { $0.key.prometheus < $1.key.prometheus }) { o += "istio_requests_total{\(k.prometheus)} \(v)\n" }
         histogram(&o, "istio_request_duration_milliseconds", s.durations, Histogram.istioDurationBucketsMs)
         histogram(&o, "istio_request_bytes", s.requestBytes, Histogram.istioSizeBuckets)
         histogram(&o, "istio_response_bytes", s.responseBytes, Histogram.istioSizeBuckets)
+        tcpFamily(&o, "istio_tcp_sent_bytes_total", s.tcp) { $0.sent }
+        tcpFamily(&o, "istio_tcp_received_bytes_total", s.tcp) { $0.received }
+        tcpFamily(&o, "istio_tcp_connections_opened_total", s.tcp) { $0.opened }
+        tcpFamily(&o, "istio_tcp_connections_closed_total", s.tcp) { $0.closed }
         family(&o, "moonlet_downstream_connections_active", "gauge", "listener", s.activeConnections) { "\($0)" }
         family(&o, "moonlet_downstream_connections_total", "counter", "listener", s.connectionsTotal) { "\($0)" }
         family(&o, "moonlet_lua_executions_total", "counter", "plugin", s.plugins) { "\($0.calls)" }
@@ -207,6 +298,7 @@ public enum PrometheusExposition {
         family(&o, "moonlet_lua_aborted_total", "counter", "plugin", s.plugins) { "\($0.aborted)" }
         family(&o, "moonlet_lua_seconds_total", "counter", "plugin", s.plugins) { "\(Double($0.nanos) / 1e9)" }
         for (k, v) in s.counters.sorted(by: { $0.key < $1.key }) { o += "# TYPE \(k) counter\n\(k) \(v)\n" }
+        if let user { user.render(s, into: &o) }
         for (name, help, v) in extra { o += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(v)\n" }
         return o
     }
@@ -215,6 +307,11 @@ public enum PrometheusExposition {
     static func family<V>(_ o: inout String, _ name: String, _ type: String, _ label: String, _ values: [String: V], _ value: (V) -> String) {
         o += "# TYPE \(name) \(type)\n"
         for (k, v) in values.sorted(by: { $0.key < $1.key }) { o += "\(name){\(label)=\"\(esc(k))\"} \(value(v))\n" }
+    }
+
+    static func tcpFamily(_ o: inout String, _ name: String, _ m: [RequestLabels: TCPCounts], _ value: (TCPCounts) -> UInt64) {
+        o += "# TYPE \(name) counter\n"
+        for (k, v) in m.sorted(by: { $0.key.text < $1.key.text }) { o += "\(name){\(k.text)} \(value(v))\n" }
     }
 
     static func histogram(_ o: inout String, _ name: String, _ m: [RequestLabels: Histogram], _ bounds: [Double]) {
@@ -229,5 +326,18 @@ public enum PrometheusExposition {
             o += "\(name)_sum{\(k.prometheus)} \(h.sum)\n\(name)_count{\(k.prometheus)} \(h.count)\n"
         }
     }
-    static func fmt(_ d: Double) -> String { d == d.rounded() ? String(Int(d)) : String(d) }
+    static func fmt(_ d: Double) -> String { d == d.rounded() && abs(d) < 1e15 ? String(Int(d)) : String(d) }
+
+    /// One histogram's lines (`labels` may be empty).
+    static func histogramLines(_ o: inout String, _ name: String, _ labels: String, _ h: Histogram, _ bounds: [Double]) {
+        let sep = labels.isEmpty ? "" : ","
+        var cum: UInt64 = 0
+        for (i, b) in bounds.enumerated() {
+            cum += h.counts[i]
+            o += "\(name)_bucket{\(labels)\(sep)le=\"\(fmt(b))\"} \(cum)\n"
+        }
+        o += "\(name)_bucket{\(labels)\(sep)le=\"+Inf\"} \(h.count)\n"
+        let braces = labels.isEmpty ? "" : "{\(labels)}"
+        o += "\(name)_sum\(braces) \(fmt(h.sum))\n\(name)_count\(braces) \(h.count)\n"
+    }
 }

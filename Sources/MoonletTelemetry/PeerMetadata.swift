@@ -66,6 +66,44 @@ public struct PeerMetadata: Sendable, Equatable {
     }
 }
 
+extension PeerMetadata {
+    /// This workload's metadata, as its sidecar sends it.
+    public init(name: String, namespace: String, workloadName: String, serviceAccount: String, clusterID: String, labels: [String: String]) {
+        self.init()
+        self.name = name; self.namespace = namespace; self.workloadName = workloadName
+        self.serviceAccount = serviceAccount; self.clusterID = clusterID; self.labels = labels
+    }
+
+    /// The workload as metric labels name it (`serial`: see MeshWorkload.serial).
+    public func workload(serial: Int) -> MeshWorkload {
+        MeshWorkload(workload: workloadName.isEmpty ? name : workloadName, namespace: namespace, labels: labels,
+                     cluster: clusterID, serviceAccount: serviceAccount, serial: serial)
+    }
+}
+
+/// The peers one event loop has decoded, by header value: a peer sidecar sends the same
+/// value on every request, so it is decoded once (and a connection's handler keeps the
+/// last one, so most requests do not even look here). Bounded: past `capacity` distinct
+/// values the cache starts over. Used on its loop only.
+public final class PeerMetadataCache {
+    var entries: [String: MeshWorkload?] = [:]
+    var nextSerial = 1
+    public let capacity: Int
+    public init(capacity: Int = 512) { self.capacity = capacity }
+
+    /// The workload a header value names, or nil when the value does not decode.
+    public func workload(header value: String) -> MeshWorkload? {
+        if let hit = entries[value] { return hit }
+        if entries.count >= capacity { entries.removeAll(keepingCapacity: true) }
+        let w = PeerMetadata.decode(value).map { m -> MeshWorkload in
+            defer { nextSerial += 1 }
+            return m.workload(serial: nextSerial)
+        }
+        entries[value] = .some(w)
+        return w
+    }
+}
+
 /// Just enough protobuf to read and write `google.protobuf.Struct` (fields map of
 /// string to Value: null, number, string, bool, struct, list).
 public enum ProtoStruct {

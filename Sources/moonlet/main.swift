@@ -36,6 +36,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Workload namespace. Env: POD_NAMESPACE") var namespace: String?
     @Option(help: "Workload service account. Env: SERVICE_ACCOUNT") var serviceAccount: String?
     @Option(help: "Workload labels k=v,k2=v2. Env: ISTIO_METAJSON_LABELS-style MOONLET_LABELS") var labels: String?
+    @Option(help: "Workload name in metrics and peer metadata (default: the app label, else the service account). Env: ISTIO_META_WORKLOAD_NAME") var workloadName: String?
+    @Option(help: "Cluster id in metrics and peer metadata (default: Kubernetes). Env: ISTIO_META_CLUSTER_ID") var clusterId: String?
     @Option(help: "trace, debug, info, notice, warning, error, critical. Env: MOONLET_LOG_LEVEL") var logLevel: String?
     @Option(help: "Per-stream timeout in ms (0 = none, Istio's default). Env: MOONLET_STREAM_TIMEOUT_MS") var streamTimeoutMs: Int?
     @Option(help: "Request body idle timeout in ms: 408 when a body stalls this long (default: 15000; 0 = none). Env: MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS") var requestBodyIdleTimeoutMs: Int?
@@ -93,6 +95,10 @@ struct SidecarOptions: ParsableArguments {
         s.identity.namespace = namespace ?? env("POD_NAMESPACE") ?? "default"
         s.identity.serviceAccount = serviceAccount ?? env("SERVICE_ACCOUNT") ?? "default"
         s.identity.labels = try WorkloadIdentity.parseLabels(labels ?? env("MOONLET_LABELS") ?? "")
+        s.identity.workloadName = workloadName ?? env("ISTIO_META_WORKLOAD_NAME") ?? ""
+        s.identity.clusterID = clusterId ?? env("ISTIO_META_CLUSTER_ID") ?? "Kubernetes"
+        s.identity.podName = env("POD_NAME") ?? ProcessInfo.processInfo.hostName
+        s.identity.instanceIP = env("INSTANCE_IP") ?? ""
         s.limits.streamTimeoutMs = try timeoutMs(streamTimeoutMs, "--stream-timeout-ms", "MOONLET_STREAM_TIMEOUT_MS", default: 0)
         s.limits.requestBodyIdleTimeoutMs = try timeoutMs(requestBodyIdleTimeoutMs, "--request-body-idle-timeout-ms", "MOONLET_REQUEST_BODY_IDLE_TIMEOUT_MS",
                                                           default: s.limits.requestBodyIdleTimeoutMs)

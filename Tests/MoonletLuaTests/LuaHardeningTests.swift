@@ -232,18 +232,50 @@ extension LuaFilterTests {
         let shard = MetricsShard()
         runtime = LuaLoopRuntime(host: host, metrics: shard)
         let (action, _, err) = try attack("""
-        for i = 1, 5 do assert(moonlet.metrics.counter("m" .. i)) end
+        for i = 1, 5 do assert(moonlet.metrics.counter("m", {i = i})):inc() end
         for i = 6, 12 do
-          local ok, e = moonlet.metrics.counter("m" .. i)
-          assert(ok == nil and e:find("too many metric series"))
+          local h, e = moonlet.metrics.counter("m", {i = i})
+          assert(h and e:find("too many metric series"), "past the cap: a handle whose updates are dropped, and why")
+          h:inc()
         end
-        assert(moonlet.metrics.counter("m1", 2))   -- a known series still counts
+        moonlet.metrics.counter("m", {i = 1}):inc(2)   -- a known series still counts
+        assert(moonlet.metrics.counter("legacy", 2))    -- the older form counter(name, n)
         """)
         XCTAssertEqual(action, .continue, err)
-        let counters = shard.snapshot().counters
-        XCTAssertEqual(counters.keys.filter { $0.hasPrefix("moonlet_lua_m") }.count, 5)
-        XCTAssertEqual(counters["moonlet_lua_m1"], 3)
-        XCTAssertEqual(counters[LuaHost.refusedSeriesMetric], 7)
+        let text = PrometheusExposition.render(shard.snapshot(), user: host.userMetrics)
+        XCTAssertTrue(text.contains("m{i=\"1\"} 3\n"), text)
+        XCTAssertTrue(text.contains("m{i=\"5\"} 1\n"), text)
+        XCTAssertFalse(text.contains("m{i=\"6\"}"), text)
+        XCTAssertEqual(shard.snapshot().counters[LuaHost.refusedSeriesMetric], 7)
+        XCTAssertEqual(shard.snapshot().counters["moonlet_lua_legacy"], 2)
+    }
+
+    func test_metricNamesLabelsAndKinds_areCheckedWithClearErrors() throws {
+        let (action, _, err) = try attack("""
+        local function refused(why, f, ...)
+          local ok, e = pcall(f, ...)
+          assert(not ok, why .. " was accepted")
+          return e
+        end
+        local M = moonlet.metrics
+        assert(refused("a dash", M.counter, "a-b"):find("Prometheus metric name"))
+        assert(refused("a leading digit", M.gauge, "1a"):find("Prometheus metric name"))
+        assert(refused("istio_ prefix", M.counter, "istio_requests_total"):find("proxy's own"))
+        assert(refused("a bad label", M.counter, "ok_total", {["bad-label"] = "x"}):find("label names"))
+        assert(refused("le on a histogram", M.histogram, "h", {le = "1"}):find("label names"))
+        assert(refused("decreasing buckets", M.histogram, "h2", nil, {1, 0.5}):find("increasing"))
+        local c = M.counter("c_total")
+        assert(refused("a negative inc", c.inc, c, -1):find("negative"))
+        assert(refused("set on a counter", c.set, c, 1):find("only a gauge"))
+        assert(refused("the same name as a gauge", M.gauge, "c_total"):find("already a counter"))
+        local g = M.gauge("g", {k = "v"})
+        g:set(5); g:inc(2); g:dec(1)
+        M.histogram("lat_seconds", {route = "r"}, {0.1, 1}):observe(0.5)
+        """)
+        XCTAssertEqual(action, .continue, err)
+        let text = PrometheusExposition.render(MetricsShard().snapshot(), user: host.userMetrics)
+        XCTAssertTrue(text.contains("# TYPE g gauge\ng{k=\"v\"} 6\n"), text)
+        XCTAssertTrue(text.contains("# TYPE lat_seconds histogram"), text)
     }
 
     // MARK: 5. regex limits

@@ -54,7 +54,9 @@ final class GrayReleaseTests: XCTestCase {
         XCTAssertEqual(send(c, gray: true), "v2")
         XCTAssertEqual(v2.seen.first?.headers["host"], ["order-service"])
         let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
-        XCTAssertTrue(stats.contains("destination_service=\"order-service.default.svc.cluster.local\",response_code=\"200\""), stats)
+        let line = stats.split(separator: "\n").first { $0.hasPrefix("istio_requests_total{") && $0.contains("destination_service=\"order-service.default.svc.cluster.local\"") }
+        XCTAssertTrue(line?.contains("response_code=\"200\"") ?? false, stats)
+        XCTAssertTrue(line?.contains("destination_service_name=\"order-service\",destination_service_namespace=\"default\"") ?? false, stats)
     }
 
     func test_unknownHost_is404NR() throws {

@@ -1,0 +1,345 @@
+import CLua
+import CLuaBounded
+import MoonletCore
+import MoonletHTTP
+import MoonletTelemetry
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// Per-VM state of `moonlet.stats` and `moonlet.metrics`: the label-set handles and
+/// user metric handles this VM made, and the destination services it has numbered.
+struct StatsState {
+    /// Request series by handle index (a `moonlet.stats.series` userdata holds the index).
+    var series: [RequestSeries] = []
+    /// `moonlet.metrics` handles by index (index -1 in a userdata: a refused series, a no-op).
+    var userHandles: [UserMetricRegistry.Series] = []
+    var userHandleIndex: [String: Int32] = [:]
+    /// Destination services numbered for `stats.key` (the route host of outbound streams).
+    var services: [String: Int] = [:]
+    var lastHost = ""
+    var lastHostID = 0
+
+    var nextService = 1
+
+    /// The number of a destination service (1...2^24-1); the last one is remembered, so a
+    /// connection's repeated host costs one string comparison.
+    mutating func serviceID(_ host: String) -> Int {
+        if host == lastHost && lastHostID != 0 { return lastHostID }
+        var id = services[host] ?? 0
+        if id == 0 {
+            // Bounded: a VM that has seen 2^20 hosts starts over (numbers are not reused
+            // before 2^24, so the filter's cached label sets stay right).
+            if services.count >= 1 << 20 { services.removeAll() }
+            if nextService >= 1 << 24 { nextService = 1 }
+            id = nextService
+            nextService += 1
+            services[host] = id
+        }
+        lastHost = host; lastHostID = id
+        return id
+    }
+}
+
+/// `moonlet.stats`: the native primitives of the builtin `istio-stats` filter
+/// (plugins/istio-stats.lua). The filter decides the labels; these keep the cost native.
+///
+/// - `stats.key(s)` → `k1, k2`: two integers that identify everything the standard labels
+///   depend on: `k1` the peer workload (metadata exchange) and the destination service
+///   (outbound) or the caller's mTLS principal (inbound),
+///   `k2` the response code, response flags, mTLS, gRPC and its status, the side. Equal
+///   keys mean equal labels, so the filter caches its label-set handles by them.
+/// - `stats.info(s)` → a table of the attributes labels are made from (made on a cache
+///   miss only): `inbound`, `service`, `code`, `flags`, `protocol` ("http", "grpc"),
+///   `grpc_status` ("" when not gRPC), `mtls`, `peer` and `self` (workload, namespace, app,
+///   version, canonical_service, canonical_revision, cluster, principal; `peer` nil when
+///   the peer sent no metadata).
+/// - `stats.series(labels)` → a label-set handle (a {name = value} table, compiled once),
+///   or `nil, reason` past the per-loop cap (counted in `moonlet_metric_series_refused_total`).
+/// - `stats.record(h, s)`: counts the stream in istio_requests_total and observes its
+///   duration (start to now, ms), request and response body bytes into the three
+///   histograms of the handle's series. No allocation.
+extension LuaAPI {
+    static let statsSeriesType = "moonlet.stats_series"
+    static let metricHandleType = "moonlet.metric"
+
+    static func installStats(_ L: OpaquePointer) {
+        luaL_newmetatable(L, statsSeriesType)
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        ml_pop(L, 1)
+        lua_createtable(L, 0, 4)
+        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        ml_push_readonly(L, "moonlet.stats")
+        lua_setfield(L, -2, "stats")
+    }
+
+    @inline(__always)
+    static func isGRPC(_ s: ProxyStream) -> Bool {
+        guard s.protocolName == "HTTP/2", let i = s.request.firstIndex(lowercased: "content-type") else { return false }
+        return s.request.value(at: i).hasPrefix("application/grpc")
+    }
+
+    /// The response's grpc-status (0-16), or -1.
+    static func grpcStatus(_ s: ProxyStream) -> Int {
+        guard let r = s.response, let i = r.firstIndex(lowercased: "grpc-status"), let v = Int(r.value(at: i)), (0...16).contains(v) else { return -1 }
+        return v
+    }
+
+    static let statsKey: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "key"), kind == .stream else { return fail(L, outside) }
+        let inbound = s.listener == .inbound
+        let mtls = inbound ? !s.source.principal.isEmpty : s.upstreamMeshMTLS
+        // Outbound: the destination service; inbound: the caller's mTLS principal (the
+        // service is this workload's), numbered in the same table.
+        let svc = inbound ? (mtls ? vm.stats.serviceID(s.source.principal) : 0) : vm.stats.serviceID(s.route.host)
+        let peer = s.peerWorkload?.serial ?? 0
+        let code = min(max(s.status, 0), 1023)
+        var grpc = 0, gs = 31
+        if isGRPC(s) { grpc = 1; let st = grpcStatus(s); gs = st < 0 ? 31 : st }
+        let k2 = code | Int(s.responseFlags.rawValue & 0xFFFF) << 10 | (mtls ? 1 << 26 : 0) | grpc << 27 | gs << 28 | (inbound ? 1 << 33 : 0)
+        lua_pushinteger(L, lua_Integer(peer << 24 | svc))
+        lua_pushinteger(L, lua_Integer(k2))
+        return 2
+    }
+
+    static func pushWorkload(_ L: OpaquePointer?, _ w: MeshWorkload, principal: String) {
+        lua_createtable(L, 0, 8)
+        for (k, v) in [("workload", w.workload), ("namespace", w.namespace), ("app", w.app.isEmpty ? "unknown" : w.app),
+                       ("version", w.version.isEmpty ? "unknown" : w.version), ("canonical_service", w.canonicalService),
+                       ("canonical_revision", w.canonicalRevision), ("cluster", w.cluster.isEmpty ? "unknown" : w.cluster),
+                       ("principal", principal)] {
+            push(L, v); lua_setfield(L, -2, k)
+        }
+    }
+
+    static let statsInfo: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "info"), kind == .stream else { return fail(L, outside) }
+        let inbound = s.listener == .inbound
+        let mtls = inbound ? !s.source.principal.isEmpty : s.upstreamMeshMTLS
+        let own = vm.host.ownWorkload
+        let td = vm.host.trustDomain
+        lua_createtable(L, 0, 10)
+        lua_pushboolean(L, inbound ? 1 : 0); lua_setfield(L, -2, "inbound")
+        push(L, inbound ? "" : (s.route.host.isEmpty ? "unknown" : s.route.host)); lua_setfield(L, -2, "service")
+        lua_pushinteger(L, lua_Integer(s.status)); lua_setfield(L, -2, "code")
+        push(L, s.responseFlags.envoyString); lua_setfield(L, -2, "flags")
+        let grpc = isGRPC(s)
+        lua_pushstring(L, grpc ? "grpc" : "http"); lua_setfield(L, -2, "protocol")
+        let gs = grpc ? grpcStatus(s) : -1
+        push(L, gs < 0 ? "" : String(gs)); lua_setfield(L, -2, "grpc_status")
+        lua_pushboolean(L, mtls ? 1 : 0); lua_setfield(L, -2, "mtls")
+        pushWorkload(L, own, principal: mtls ? "spiffe://\(td)/ns/\(own.namespace)/sa/\(own.serviceAccount)" : "unknown")
+        lua_setfield(L, -2, "self")
+        if let p = s.peerWorkload {
+            let principal: String
+            if inbound { principal = mtls ? "spiffe://" + s.source.principal : "unknown" }
+            else { principal = mtls && !p.serviceAccount.isEmpty ? "spiffe://\(td)/ns/\(p.namespace)/sa/\(p.serviceAccount)" : "unknown" }
+            pushWorkload(L, p, principal: principal)
+            lua_setfield(L, -2, "peer")
+        } else if inbound && mtls {
+            // A mesh peer that sent no metadata: its principal is still known.
+            lua_createtable(L, 0, 1)
+            push(L, "spiffe://" + s.source.principal); lua_setfield(L, -2, "principal")
+            lua_setfield(L, -2, "peer_identity")
+        }
+        return 1
+    }
+
+    /// Reads a {name = value} label table at `idx` into pairs; nil and a message when a
+    /// name is not a Prometheus label name, a value not a string or number, or the table
+    /// too large. `forbidden`: names refused besides those starting with "__".
+    static func labelPairs(_ L: OpaquePointer?, _ idx: Int32, forbidden: Set<String> = []) -> ([(String, String)]?, String) {
+        var pairs: [(String, String)] = []
+        if ml_isnoneornil(L, idx) != 0 { return (pairs, "") }
+        guard ml_istable(L, idx) != 0 else { return (nil, "labels must be a table {name = value}") }
+        lua_pushnil(L)
+        while lua_next(L, idx) != 0 {
+            guard lua_type(L, -2) == LUA_TSTRING, let k = str(L, -2), isPromName(k, colons: false), !k.hasPrefix("__"), !forbidden.contains(k) else {
+                ml_pop(L, 2); return (nil, "label names must match [a-zA-Z_][a-zA-Z0-9_]* (not \"__...\"\(forbidden.isEmpty ? "" : ", not " + forbidden.sorted().joined(separator: ", ")))")
+            }
+            let t = lua_type(L, -1)
+            guard t == LUA_TSTRING || t == LUA_TNUMBER, lua_rawlen(L, -1) <= 1024 || t == LUA_TNUMBER else {
+                ml_pop(L, 2); return (nil, "label \(k): the value must be a string of at most 1024 bytes or a number")
+            }
+            pairs.append((k, prefix(L, -1, 1024)))
+            ml_pop(L, 1)
+            guard pairs.count <= 32 else { ml_pop(L, 1); return (nil, "at most 32 labels") }
+        }
+        return (pairs, "")
+    }
+
+    /// Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*; colons only when `colons`) or label name.
+    static func isPromName(_ s: String, colons: Bool) -> Bool {
+        guard let first = s.utf8.first, s.utf8.count <= maxMetricName else { return false }
+        func letter(_ c: UInt8) -> Bool { (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 95 || (colons && c == 58) }
+        return letter(first) && s.utf8.allSatisfy { letter($0) || ($0 >= 48 && $0 <= 57) }
+    }
+
+    static let statsSeries: lua_CFunction = { L in
+        let (pairs, why) = labelPairs(L, 1)
+        guard let pairs else { return fail(L, "stats.series: \(why)") }
+        let vm = LuaVM.vm(L)
+        guard let shard = vm.metrics else { lua_pushnil(L); lua_pushstring(L, "no metrics here"); return 2 }
+        guard let series = shard.requestSeries(RequestLabels(pairs)) else {
+            lua_pushnil(L); lua_pushstring(L, "too many Istio metric series (at most \(shard.maxSeries) per event loop)")
+            return 2
+        }
+        let index = vm.stats.series.count
+        vm.stats.series.append(series)
+        let p = ml_newuserdata(L, MemoryLayout<Int>.size)!
+        p.storeBytes(of: index, as: Int.self)
+        luaL_setmetatable(L, statsSeriesType)
+        return 1
+    }
+
+    static let statsRecord: lua_CFunction = { L in
+        guard let raw = luaL_testudata(L, 1, statsSeriesType) else { return fail(L, "stats.record(h, s): h must be a stats.series handle") }
+        guard let (vm, s, kind) = resolve(L, 2, "record"), kind == .stream else { return fail(L, outside) }
+        let index = raw.load(as: Int.self)
+        guard index >= 0 && index < vm.stats.series.count else { return 0 }
+        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
+        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
+        return 0
+    }
+
+    // MARK: moonlet.metrics
+
+    static func installMetrics(_ L: OpaquePointer) {
+        luaL_newmetatable(L, metricHandleType)
+        lua_createtable(L, 0, 4)
+        for (n, f) in [("inc", metricInc), ("dec", metricDec), ("set", metricSet), ("observe", metricObserve)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        ml_push_readonly(L, "moonlet.metric handle")
+        lua_setfield(L, -2, "__index")
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        ml_pop(L, 1)
+        lua_createtable(L, 0, 3)
+        for (n, f) in [("counter", metricCounter), ("gauge", metricGauge), ("histogram", metricHistogram)] as [(String, lua_CFunction)] {
+            ml_pushapifunction(L, f); lua_setfield(L, -2, n)
+        }
+        ml_push_readonly(L, "moonlet.metrics")
+        lua_setfield(L, -2, "metrics")
+    }
+
+    /// Name prefixes a filter's metric may not take (the proxy's own families).
+    static let reservedMetricPrefixes = ["istio_", "envoy_", "moonlet_"]
+
+    static func makeMetric(_ L: OpaquePointer?, _ kind: UserMetricRegistry.Kind) -> Int32 {
+        let fn = "metrics.\(kind.rawValue)"
+        guard lua_type(L, 1) == LUA_TSTRING, let name = str(L, 1), isPromName(name, colons: false), !name.hasPrefix("__") else {
+            return fail(L, "\(fn)(name, labels): name must be a Prometheus metric name, [a-zA-Z_][a-zA-Z0-9_]* of at most \(maxMetricName) bytes")
+        }
+        if let p = reservedMetricPrefixes.first(where: { name.hasPrefix($0) }) {
+            return fail(L, "\(fn): \"\(name)\": names starting with \(p) are the proxy's own")
+        }
+        let (pairs, why) = labelPairs(L, 2, forbidden: kind == .histogram ? ["le"] : [])
+        guard let pairs else { return fail(L, "\(fn) \(name): \(why)") }
+        var buckets: [Double] = []
+        if kind == .histogram {
+            if ml_isnoneornil(L, 3) != 0 { buckets = UserMetricRegistry.defaultBuckets } else {
+                guard ml_istable(L, 3) != 0 else { return fail(L, "\(fn) \(name): buckets must be a list of increasing numbers") }
+                let n = Int(lua_rawlen(L, 3))
+                guard (1...64).contains(n) else { return fail(L, "\(fn) \(name): 1 to 64 buckets") }
+                for i in 1...n {
+                    lua_rawgeti(L, 3, lua_Integer(i))
+                    let ok = lua_type(L, -1) == LUA_TNUMBER
+                    let v = ml_tonumber(L, -1)
+                    ml_pop(L, 1)
+                    guard ok, v.isFinite, buckets.last.map({ v > $0 }) ?? true else { return fail(L, "\(fn) \(name): buckets must be a list of increasing finite numbers") }
+                    buckets.append(v)
+                }
+            }
+        }
+        let labels = RequestLabels(pairs).text
+        let vm = LuaVM.vm(L)
+        let key = "\(kind.rawValue) \(name){\(labels)"
+        var index: Int32
+        var warning: String?
+        if let i = vm.stats.userHandleIndex[key] { index = i } else {
+            switch vm.host.userMetrics.series(name: name, kind: kind, labels: labels, buckets: buckets) {
+            case .success(let s):
+                index = Int32(vm.stats.userHandles.count)
+                vm.stats.userHandles.append(s)
+                vm.stats.userHandleIndex[key] = index
+            case .failure(.conflict(let why)):
+                return fail(L, "\(fn): \(why)")
+            case .failure(.full):
+                vm.metrics?.count(LuaHost.refusedSeriesMetric, 1)
+                index = -1
+                warning = "too many metric series (at most \(vm.host.userMetrics.maxSeries)): updates to this one are dropped"
+            }
+        }
+        let p = ml_newuserdata(L, MemoryLayout<Int32>.size)!
+        p.storeBytes(of: index, as: Int32.self)
+        luaL_setmetatable(L, metricHandleType)
+        if let warning { push(L, warning); return 2 }
+        return 1
+    }
+
+    static let metricCounter: lua_CFunction = { L in
+        // The older form counter(name, n) counts n at once on moonlet_lua_<name>.
+        if lua_type(L, 2) == LUA_TNUMBER { return legacyCounter(L) }
+        return makeMetric(L, .counter)
+    }
+    static let metricGauge: lua_CFunction = { L in makeMetric(L, .gauge) }
+    static let metricHistogram: lua_CFunction = { L in makeMetric(L, .histogram) }
+
+    /// The handle at 1 and its series (nil series: a refused one, updates dropped).
+    @inline(__always)
+    static func metricHandle(_ L: OpaquePointer?, _ method: String) -> (LuaVM, UserMetricRegistry.Series?)? {
+        guard let raw = luaL_testudata(L, 1, metricHandleType) else { return nil }
+        let index = Int(raw.load(as: Int32.self))
+        let vm = LuaVM.vm(L)
+        return (vm, index >= 0 && index < vm.stats.userHandles.count ? vm.stats.userHandles[index] : nil)
+    }
+
+    static func number(_ L: OpaquePointer?, _ idx: Int32, default d: Double) -> Double? {
+        if ml_isnoneornil(L, idx) != 0 { return d }
+        guard lua_type(L, idx) == LUA_TNUMBER else { return nil }
+        let v = ml_tonumber(L, idx)
+        return v.isFinite ? v : nil
+    }
+
+    static let metricInc: lua_CFunction = { L in
+        guard let (vm, series) = metricHandle(L, "inc") else { return fail(L, "h:inc(n): h must be a moonlet.metrics handle") }
+        guard let v = number(L, 2, default: 1) else { return fail(L, "h:inc(n): n must be a finite number") }
+        guard let s = series else { return 0 }
+        switch s.kind {
+        case .counter:
+            guard v >= 0 else { return fail(L, "counter:inc(n): n must not be negative") }
+            vm.metrics?.userAdd(s.index, v)
+        case .gauge: s.gauge?.add(v)
+        case .histogram: return fail(L, "a histogram has observe(v), not inc")
+        }
+        return 0
+    }
+    static let metricDec: lua_CFunction = { L in
+        guard let (_, series) = metricHandle(L, "dec") else { return fail(L, "h:dec(n): h must be a moonlet.metrics handle") }
+        guard let v = number(L, 2, default: 1) else { return fail(L, "h:dec(n): n must be a finite number") }
+        guard let s = series else { return 0 }
+        guard s.kind == .gauge else { return fail(L, "only a gauge has dec(n)") }
+        s.gauge?.add(-v)
+        return 0
+    }
+    static let metricSet: lua_CFunction = { L in
+        guard let (_, series) = metricHandle(L, "set") else { return fail(L, "h:set(v): h must be a moonlet.metrics handle") }
+        guard let v = number(L, 2, default: .nan) else { return fail(L, "h:set(v): v must be a finite number") }
+        guard let s = series else { return 0 }
+        guard s.kind == .gauge else { return fail(L, "only a gauge has set(v)") }
+        guard !v.isNaN else { return fail(L, "h:set(v): v must be a finite number") }
+        s.gauge?.set(v)
+        return 0
+    }
+    static let metricObserve: lua_CFunction = { L in
+        guard let (vm, series) = metricHandle(L, "observe") else { return fail(L, "h:observe(v): h must be a moonlet.metrics handle") }
+        guard lua_type(L, 2) == LUA_TNUMBER, let v = number(L, 2, default: 0) else { return fail(L, "h:observe(v): v must be a finite number") }
+        guard let s = series else { return 0 }
+        guard s.kind == .histogram else { return fail(L, "only a histogram has observe(v)") }
+        vm.metrics?.userObserve(s.index, v, bounds: s.buckets)
+        return 0
+    }
+}
