@@ -36,6 +36,8 @@ enum WrapperKind: UInt {
 /// The Lua state of one stream in one VM: its `s.vars` table.
 final class StreamLuaContext: StreamScriptState {
     var varsRef: Int32 = LUA_NOREF
+    /// The phase call waiting for moonlet.http.call (its coroutine), if any.
+    var pending: PendingLuaCall?
 }
 
 /// A pooled coroutine (anchored in the registry).
@@ -61,6 +63,17 @@ public final class LuaVM {
     /// (the attempt's cluster, slots and replay are the proxy's until it decides).
     var inUpstreamFailure = false
     var currentPlugin: String = ""
+    /// The phase of the running call (LuaPluginInstance.phaseNames index), read by
+    /// moonlet.http.call to refuse phases that cannot wait.
+    var phaseIndex = -1
+    /// The request moonlet.http.call asked for, set just before it yields (taken by the
+    /// phase call that sees the yield).
+    var pendingHTTPRequest: LuaHTTPRequest?
+    /// The coroutine of a stream being resumed after moonlet.http.call (nil otherwise).
+    var resumingThread: OpaquePointer?
+    /// Where moonlet.http.call requests go (the proxy's client of this loop); nil: the
+    /// function fails with "not available".
+    public var httpClient: LuaHTTPClient?
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     /// The router's Lua tables per configuration snapshot (RouterAPI.swift).
@@ -236,6 +249,9 @@ public final class LuaVM {
     /// Frees the stream's Lua state (`s.vars` released).
     public func endStream(_ s: ProxyStream) {
         guard let ctx = s.luaContext as? StreamLuaContext else { return }
+        // A phase still waiting for moonlet.http.call: its request is cancelled and its
+        // coroutine closed (never resumed into a stream that is gone).
+        if let p = ctx.pending { p.abandon() }
         if ctx.varsRef != LUA_NOREF { ml_unref(L, ctx.varsRef) }
         s.luaContext = nil
     }
@@ -250,6 +266,9 @@ public final class LuaVM {
         public var returned: String?
         /// Monotonic nanoseconds when the call started.
         public var startNanos: UInt64 = 0
+        /// The call yielded in moonlet.http.call: the coroutine is suspended, its request
+        /// in `pendingHTTPRequest`.
+        public var yielded = false
     }
 
     /// Arms the budget and runs the function on top of `co` (with `nargs` args above it).
@@ -269,8 +288,13 @@ public final class LuaVM {
             return CallOutcome(ok: true, error: nil, aborted: false, returned: ret, startNanos: t0)
         }
         if st == LUA_YIELD {
+            if pendingHTTPRequest != nil {
+                // moonlet.http.call: the coroutine waits (its yielded values are none).
+                if nres > 0 { ml_pop(co, nres) }
+                return CallOutcome(ok: false, error: nil, aborted: false, returned: nil, startNanos: t0, yielded: true)
+            }
             lua_settop(co, 0)
-            return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil, startNanos: t0)
+            return CallOutcome(ok: false, error: "\(plugin): coroutine.yield from a filter phase is not resumed (moonlet.http.call is the way to wait)", aborted: false, returned: nil, startNanos: t0)
         }
         var msg = "error object is not a string"
         if let b = LuaAPI.bytes(co, -1) {

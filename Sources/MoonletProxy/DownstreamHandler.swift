@@ -78,6 +78,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var lastActivity: UInt64 = 0
     /// Istio's request metrics of this connection's streams.
     var telemetry: StreamTelemetry
+    /// Set while a filter has the stream paused (FilterPause.swift): the request body
+    /// bytes held meanwhile.
+    var filterPauseState: FilterPauseState?
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
@@ -496,7 +499,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if http2Stream { s.protocolName = "HTTP/2" }
         s.config = ctx.snapshot
         s.listener = role
-        switch chain.runRequest(s) {
+        let action = chain.runRequest(s)
+        // A filter waits for work of its own (moonlet.http.call): FilterPause.swift.
+        if action == .pause { pauseFilters(s); return }
+        requestFiltersDone(s, action)
+    }
+
+    /// The request head phase is done (at once, or after a filter's pause): answer
+    /// locally, buffer the body for a filter, or go upstream.
+    func requestFiltersDone(_ s: ProxyStream, _ action: FilterAction) {
+        switch action {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.
             sendLocalReply()
@@ -508,8 +520,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 return // the body arrives through process(); requestBodyEnd continues.
             }
             s.bufferedRequestBody = ByteBuffer()
-            if chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
-        case .continue:
+            switch chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) {
+            case .respond: sendLocalReply(); return
+            case .pause: pauseFilters(s); return
+            default: break
+            }
+        case .continue, .pause:
             break
         }
         if s.request.expectContinue && requestState == .body {

@@ -204,6 +204,8 @@ public final class LoopContext: @unchecked Sendable {
         inboundKey = "127.0.0.1:\(settings.appPort)"
         inboundService = settings.identity.labels["app"] ?? "unknown"
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
+        // moonlet.http.call goes out through this loop's pool (HTTPCallout.swift).
+        lua.vm.httpClient = LoopHTTPClient(ctx: self)
         pool.onTLSFailure = { [unowned self] address, expected, why in
             self.metrics.count("moonlet_upstream_tls_failures_total")
             if self.mayLogTLSRefusal() { self.logger.warning("upstream TLS with \(address.ipAddress ?? "?"):\(address.port ?? 0) refused: \(why) (expected \(expected))") }

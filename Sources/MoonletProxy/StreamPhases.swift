@@ -15,6 +15,7 @@ import MoonletCore
 extension DownstreamHandler {
     func requestBodyChunk(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
+        if filterPauseState != nil { holdWhilePaused(chunk); return }
         s.requestBodyBytes += Int64(chunk.readableBytes)
         if s.localReply != nil { return } // replying locally: drain and drop
         if case .buffered = requestState {
@@ -46,6 +47,7 @@ extension DownstreamHandler {
 
     func requestBodyEnd() {
         reqDecoder = nil
+        if filterPauseState != nil { holdEndWhilePaused(); return }
         let buffered = requestState.isBuffered
         requestState = .complete(buffered: buffered)
         guard let s = stream else { return }
@@ -54,7 +56,11 @@ extension DownstreamHandler {
             return
         }
         if buffered {
-            if chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) == .respond { sendLocalReply(); return }
+            switch chain.runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) {
+            case .respond: sendLocalReply(); return
+            case .pause: pauseFilters(s); return
+            default: break
+            }
             dispatcher.start()
             return
         }
@@ -272,6 +278,7 @@ extension DownstreamHandler {
     /// `now`: the clock, when the caller has just read it (0: read it here).
     func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
         guard stream === s else { return }
+        filterPauseState = nil
         let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         releaseHeldHead()
         responseState = .none
