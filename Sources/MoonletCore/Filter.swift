@@ -126,11 +126,13 @@ public protocol Filter: AnyObject {
     var wantsUpstreamFailure: Bool { get }
 
     /// Runs once the request head is parsed, before anything goes upstream. May edit
-    /// request headers, write `stream.route`, answer locally (`respond`) or ask for the
-    /// whole body (`stopAndBuffer`).
+    /// request headers, write `stream.route`, answer locally (`respond`), ask for the
+    /// whole body (`stopAndBuffer`) or wait for work of its own (`pause`, then
+    /// `stream.resumeFilters` with how the phase ended).
     func onRequest(_ stream: ProxyStream) -> FilterAction
     /// Runs for each request body chunk as it streams (observe only), or once with the
-    /// whole body when a filter asked for `stopAndBuffer`. `respond` answers locally.
+    /// whole body when a filter asked for `stopAndBuffer`. `respond` answers locally;
+    /// `pause` is honoured only in the call with the whole body.
     func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction
     /// Runs once the response head is known (upstream's or a local reply), in reverse
     /// chain order. May edit response headers; `respond` replaces the response.

@@ -179,7 +179,8 @@ final class PendingLuaCall {
         request?.cancel()
         request = nil
         stream.luaCtx.pending = nil
-        instance.vm.releaseThread(thread, healthy: false)
+        // Closed (pending __close handlers run under a small budget), then pooled again.
+        instance.vm.releaseThread(thread, healthy: false, reuse: true)
     }
 
     /// `res`: {status = n, headers = {name = value}, body = "..."}; a repeated header's

@@ -225,7 +225,9 @@ public final class LuaVM {
         return LuaThread(L: co, ref: ref)
     }
 
-    func releaseThread(_ t: LuaThread, healthy: Bool) {
+    /// `reuse`: a coroutine suspended in moonlet.http.call whose stream went away goes
+    /// back to the pool once closed cleanly (its __close handlers ran without error).
+    func releaseThread(_ t: LuaThread, healthy: Bool, reuse: Bool = false) {
         if healthy && threadPool.count < 256 && lua_status(t.L) == LUA_OK {
             lua_settop(t.L, 0)
             threadPool.append(t)
@@ -234,9 +236,14 @@ public final class LuaVM {
             // under a small budget of their own, as guest.
             _ = ml_arm_now(limitsPtr, Int64(Self.closeBudgetInstructions), Self.closeBudgetMs)
             limitsPtr.pointee.host = 0
-            _ = ml_resetthread(t.L)
+            let rc = ml_resetthread(t.L)
             limitsPtr.pointee.host = 1
             limitsPtr.pointee.deadline.tv_sec = 0
+            if reuse && rc == LUA_OK && threadPool.count < 256 && lua_status(t.L) == LUA_OK {
+                lua_settop(t.L, 0)
+                threadPool.append(t)
+                return
+            }
             ml_unref(L, t.ref)
         }
     }

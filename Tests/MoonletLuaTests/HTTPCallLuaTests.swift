@@ -137,6 +137,7 @@ final class HTTPCallLuaTests: XCTestCase {
         XCTAssertEqual(r.actions, [])
         XCTAssertNil(s.request.first("x-status"))
         XCTAssertTrue(runtime.vm.threadPool.allSatisfy { lua_status($0.L) == LUA_OK })
+        XCTAssertEqual(runtime.vm.threadPool.count, 1, "the closed coroutine went back to the pool")
     }
 
     func test_theWaitDoesNotCountAgainstThePhaseBudget() throws {

@@ -202,3 +202,41 @@ final class HTTPCallTests: XCTestCase {
         XCTAssertLessThanOrEqual(pooled, 1)
     }
 }
+
+/// moonlet.http.call to a mesh service behind a STRICT sidecar: the call goes out with
+/// mesh mTLS (auto mTLS, the workload certificate), as any upstream request does.
+final class HTTPCallMTLSTests: XCTestCase {
+    func test_httpCallToAMeshServiceBehindAStrictSidecar_usesMutualTLS_withTheCallersIdentity() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        let serverApp = try TestUpstream(), clientApp = try TestUpstream()
+        defer { serverApp.stop(); clientApp.stop() }
+        let server = try ProxyFixture(appPort: serverApp.port, files: [
+            "pa.yaml": peerAuthentication("ns", namespace: "production", mode: "STRICT"),
+            "echo.lua": principalEcho, "echo.yaml": ProxyFixture.plugin("echo"),
+        ], concurrency: 1) { s in
+            s.certsDirectory = try? pki.issue("production", "orders")
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+        defer { server.stop() }
+        let clientCerts = try pki.issue("default", "frontend")
+        let client = try ProxyFixture(appPort: clientApp.port, files: [
+            "se.yaml": MTLSTests.ordersEntry(port: server.inbound, serviceAccount: "orders"),
+            "caller.lua": """
+            return { on_request = function(s)
+              local res, err = moonlet.http.call("orders.production.svc.cluster.local", { path = "/check" })
+              s.request.headers:set("x-result", res and (res.status .. " " .. (res.headers["x-peer"] or "")) or err)
+            end }
+            """,
+            "caller.yaml": ProxyFixture.plugin("caller"),
+        ], concurrency: 1) { s in
+            s.certsDirectory = clientCerts
+            s.identity = WorkloadIdentity(namespace: "default", serviceAccount: "frontend", labels: ["app": "frontend"])
+        }
+        defer { client.stop() }
+        let r = try XCTUnwrap(get(try RawClient(port: client.inbound), "/"))
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(clientApp.seen.last?.headers["x-result"], ["200 cluster.local/ns/default/sa/frontend"])
+        XCTAssertEqual(serverApp.seen.last?.uri, "/check")
+    }
+}
