@@ -174,6 +174,50 @@ final class HTTPCallTests: XCTestCase {
         XCTAssertTrue(versions.contains { $0.0.hasPrefix("pong:GET:/fast") && $0.1 == "v2" }, "\(versions)")
     }
 
+    func test_aRequestBodyThatArrivesWhileTheCallWaits_isHeld_andReachesTheAppWhole() throws {
+        let px = try proxy(caller("http://127.0.0.1:\(callee.port)"))
+        defer { px.stop() }
+        let body = String(repeating: "0123456789", count: 20_000)
+        for framing in ["content-length: \(body.utf8.count)\r\n", "transfer-encoding: chunked\r\n"] {
+            let c = try RawClient(port: px.inbound)
+            let payload = framing.hasPrefix("transfer") ? String(body.utf8.count, radix: 16) + "\r\n" + body + "\r\n0\r\n\r\n" : body
+            c.send("POST /up HTTP/1.1\r\nHost: app\r\nx-call-path: /slow\r\n\(framing)\r\n" + payload)
+            let r = try XCTUnwrap(c.read())
+            XCTAssertEqual(r.status, 200, framing)
+            XCTAssertEqual(app.seen.last?.bodyBytes, body.utf8.count, framing)
+            XCTAssertEqual(app.seen.last?.headers["x-status"], ["201"], framing)
+        }
+    }
+
+    func test_anHTTP2StreamWithABody_waitsForItsCall_andGoesOnWhole() throws {
+        let px = try proxy(caller("http://127.0.0.1:\(callee.port)"))
+        defer { px.stop() }
+        let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-H", "x-call-path: /slow", "--data-binary", String(repeating: "b", count: 50_000),
+                                       "-w", " proto=%{http_version} status=%{http_code}", "http://127.0.0.1:\(px.inbound)/h2"])
+        XCTAssertTrue(out.hasSuffix("proto=2 status=200"), out)
+        XCTAssertEqual(app.seen.last?.bodyBytes, 50_000)
+        XCTAssertEqual(app.seen.last?.headers["x-status"], ["201"])
+    }
+
+    func test_aCallFromTheBufferedBodyPhase_seesTheWholeBody_andSendsIt() throws {
+        let lua = """
+        return {
+          on_request = function(s) return moonlet.STOP_AND_BUFFER end,
+          on_request_body = function(s, conf, body, eos)
+            local res, err = moonlet.http.call("http://127.0.0.1:\(callee.port)/body", { method = "POST", body = body })
+            s.request.headers:set("x-body", res and res.body or err)
+          end,
+        }
+        """
+        let px = try proxy(lua)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("POST /up HTTP/1.1\r\nHost: app\r\ncontent-length: 5\r\n\r\nhello")
+        XCTAssertEqual(c.read()?.status, 200)
+        XCTAssertEqual(app.seen.last?.headers["x-body"], ["pong:POST:/body:hello"])
+        XCTAssertEqual(app.seen.last?.body, "hello")
+    }
+
     func test_httpCallOutsideOnRequest_isAClearError() throws {
         let lua = """
         return {
