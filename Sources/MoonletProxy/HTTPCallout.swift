@@ -66,6 +66,7 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         var path = String(rest[end...])
         if path.isEmpty { path = "/" } else if path.first == "?" { path = "/" + path }
         guard !isURL || !auth.isEmpty else { return .failure(LuaHTTPError("URL without a host: \(target)")) }
+        guard !auth.utf8.contains(where: { $0 <= 32 || $0 == 127 }) else { return .failure(LuaHTTPError("bad host in \(target)")) }
         guard isURL || end == rest.endIndex else { return .failure(LuaHTTPError("not a URL, service host or cluster name: \(target) (a URL starts with http://)")) }
         var host = String(auth), port: Int? = nil
         if auth.first == "[" {
@@ -250,6 +251,8 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         guard let d = done else { return }
         done = nil
         release()
+        ctx.metrics.count("moonlet_lua_http_calls_total")
+        if case .failure = r { ctx.metrics.count("moonlet_lua_http_call_errors_total") }
         ctx.loop.execute { d(r) }
     }
 
