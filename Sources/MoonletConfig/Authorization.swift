@@ -229,6 +229,29 @@ public enum AuthorizationCompiler {
         return Compiled(config: .map(entries), notes: notes, policies: names, errors: errors)
     }
 
+    /// Every CUSTOM AuthorizationPolicy of `resources` whose provider is not an
+    /// `envoyExtAuthzHttp` provider of `providers` (what `moonlet validate --mesh-config`
+    /// reports; a sidecar denies every request of the workloads such a policy selects).
+    /// `providers` nil (no mesh config): each CUSTOM policy is reported as unchecked.
+    public static func customProviderProblems(_ resources: [IstioResource], providers: [MeshExtensionProvider]?) -> [(file: String, line: Int, message: String)] {
+        var out: [(String, Int, String)] = []
+        for r in resources where r.kind == "AuthorizationPolicy" && r.spec["action"]?.stringValue == "CUSTOM" {
+            let pname = r.spec["provider"]?["name"]?.stringValue ?? ""
+            let what = "AuthorizationPolicy \(r.namespace.isEmpty ? "" : r.namespace + "/")\(r.name): CUSTOM provider \"\(pname)\""
+            guard let providers else {
+                out.append((r.file, r.line, "\(what) not checked (no mesh config given: a sidecar whose mesh config lacks it denies every request of the workloads the policy selects)"))
+                continue
+            }
+            guard let p = providers.first(where: { $0.name == pname }) else {
+                out.append((r.file, r.line, "\(what) is not an extensionProvider of the mesh config (a sidecar denies every request of the workloads the policy selects)"))
+                continue
+            }
+            if case .envoyExtAuthzHttp = p.kind { continue }
+            out.append((r.file, r.line, "\(what) is \(p.kindName), which Moonlet does not support (a sidecar denies every request of the workloads the policy selects)"))
+        }
+        return out
+    }
+
     /// Largest check timeout (moonlet.http.call's bound; Istio's default is 600 s).
     public static let maxExtAuthzTimeoutMs = 60_000
 
