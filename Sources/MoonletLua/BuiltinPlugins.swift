@@ -434,7 +434,7 @@ end
 local deny_skip = {
   host = true, ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
   ["keep-alive"] = true, ["proxy-connection"] = true, te = true, trailer = true, upgrade = true,
-  ["proxy-authenticate"] = true, ["proxy-authorization"] = true,
+  ["proxy-authenticate"] = true, ["proxy-authorization"] = true, expect = true,
 }
 -- Always copied when headersToDownstreamOnDeny is set (Istio).
 local deny_always = { path = true, status = true, ["www-authenticate"] = true, location = true }
@@ -484,10 +484,14 @@ local function ext_authz(s, p)
     end
     return nil
   end
-  local out = {}
+  local out, count = {}, 0
   local listed = #p.to_downstream_deny > 0
   for n, v in pairs(res.headers) do
-    if not deny_skip[n] and (not listed or deny_always[n] or name_match(p.to_downstream_deny, n)) then out[n] = v end
+    -- A local reply holds at most 64 headers of at most 16 KiB each: the rest is dropped.
+    if count < 64 and #v <= 16384 and not deny_skip[n] and (not listed or deny_always[n] or name_match(p.to_downstream_deny, n)) then
+      out[n] = v
+      count = count + 1
+    end
   end
   local status = res.status
   if status < 200 or status > 599 then status = 403 end
