@@ -8,8 +8,21 @@
 -- its values matches (`neg`: when none does); `any_of` holds when every check of
 -- one of its alternatives holds (the `from` sources, the `to` operations).
 --
--- Order: DENY policies, then ALLOW ones (when any ALLOW policy applies, a request
--- that none of them allows is denied); AUDIT marks the request for the access log.
+-- Order: CUSTOM policies first (external authorization, below), then DENY
+-- policies, then ALLOW ones (when any ALLOW policy applies, a request that none of
+-- them allows is denied); AUDIT marks the request for the access log.
+--
+-- CUSTOM: when a rule of a CUSTOM policy matches, the request is checked with the
+-- mesh config's envoyExtAuthzHttp provider the policy names (conf.provider), as
+-- Envoy's ext_authz HTTP service does: a request with the original method, the path
+-- prefixed with pathPrefix, the included request headers plus Host (content-length
+-- 0, no body), sent with moonlet.http.call (the phase waits without blocking). 200
+-- allows (headersToUpstreamOnAllow copied from the check response to the request,
+-- headersToDownstreamOnAllow to the response); any other status denies with that
+-- status, the check response's body and its headers (headersToDownstreamOnDeny, or
+-- all but Host when unset), flag UAEX; an error or timeout denies with statusOnError
+-- (empty body) unless failOpen. conf.custom_deny_all (a provider missing from the
+-- mesh config, or not supported) denies every request: fail closed.
 -- A policy annotated istio.io/dry-run: "true" is evaluated without effect: its
 -- result goes to the shadow metrics and to s.vars, as Envoy's shadow rules do.
 -- Value matching (exact, prefix, suffix, path templates, CIDR) is native
@@ -63,8 +76,30 @@ local function compile_policies(list, dry_run)
   return out
 end
 
+-- Header name matchers of a provider's list (ignore case).
+local function compile_names(list)
+  local out = {}
+  for i, v in ipairs(list or {}) do out[i] = A.matcher(v.t, v.s, "i") end
+  return out
+end
+
+local function compile_provider(p)
+  if p == nil then return nil end
+  return {
+    target = p.target, timeout_ms = p.timeout_ms, path_prefix = p.path_prefix or "",
+    fail_open = p.fail_open == true, status_on_error = p.status_on_error or 403,
+    include = compile_names(p.include), additional = p.additional or {},
+    to_upstream = compile_names(p.to_upstream),
+    to_downstream_deny = compile_names(p.to_downstream_deny),
+    to_downstream_allow = compile_names(p.to_downstream_allow),
+  }
+end
+
 function authz.configure(conf)
   local out = {
+    custom = compile_policies(conf.custom, false),
+    custom_deny_all = conf.custom_deny_all,
+    provider = compile_provider(conf.provider),
     deny = compile_policies(conf.deny, false),
     allow = compile_policies(conf.allow, false),
     audit = compile_policies(conf.audit, nil), -- dry-run is for ALLOW and DENY (Istio)
@@ -204,8 +239,86 @@ local function shadow(s, policies, prefix, matched_means)
   stat(n[result])
 end
 
+-- Headers of a denying check response that never reach the client (framing and
+-- hop-by-hop ones are the proxy's; Host is never copied, as Envoy does).
+local deny_skip = {
+  host = true, ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
+  ["keep-alive"] = true, ["proxy-connection"] = true, te = true, trailer = true, upgrade = true,
+  ["proxy-authenticate"] = true, ["proxy-authorization"] = true, expect = true,
+}
+-- Always copied when headersToDownstreamOnDeny is set (Istio).
+local deny_always = { path = true, status = true, ["www-authenticate"] = true, location = true }
+
+local function name_match(ms, n)
+  for i = 1, #ms do
+    if test(ms[i], n) then return true end
+  end
+  return false
+end
+
+-- The external authorization check of a request a CUSTOM rule matched. Returns what
+-- on_request returns: nil (allowed) or "respond".
+local function ext_authz(s, p)
+  local h = {}
+  if #p.include > 0 then
+    for n, v in s.request.headers:pairs() do
+      if n ~= "host" and name_match(p.include, n) then
+        if h[n] then h[n] = h[n] .. "," .. v else h[n] = v end
+      end
+    end
+  end
+  for k, v in pairs(p.additional) do h[k] = v end
+  h.host = s.request.authority
+  local res, err = moonlet.http.call(p.target, {
+    method = s.request.method, path = p.path_prefix .. s.request.path, headers = h, timeout_ms = p.timeout_ms,
+  })
+  if not res then
+    if p.fail_open then
+      moonlet.log.warn("ext_authz check failed, allowed (failOpen):", err)
+      s.vars.ext_authz_failure_mode_allowed = "true"
+      return nil
+    end
+    moonlet.log.warn("ext_authz check failed:", err)
+    return A.ext_deny(s, p.status_on_error, "", nil)
+  end
+  if res.status == 200 then
+    if #p.to_upstream > 0 then
+      for n, v in pairs(res.headers) do
+        if name_match(p.to_upstream, n) then pcall(s.request.headers.set, s.request.headers, n, v) end
+      end
+    end
+    if #p.to_downstream_allow > 0 then
+      for n, v in pairs(res.headers) do
+        if name_match(p.to_downstream_allow, n) then pcall(moonlet.router.add_response_header, s, n, v) end
+      end
+    end
+    return nil
+  end
+  local out, count = {}, 0
+  local listed = #p.to_downstream_deny > 0
+  for n, v in pairs(res.headers) do
+    -- A local reply holds at most 64 headers of at most 16 KiB each: the rest is dropped.
+    if count < 64 and #v <= 16384 and not deny_skip[n] and (not listed or deny_always[n] or name_match(p.to_downstream_deny, n)) then
+      out[n] = v
+      count = count + 1
+    end
+  end
+  local status = res.status
+  if status < 200 or status > 599 then status = 403 end
+  return A.ext_deny(s, status, res.body, out)
+end
+
 function authz.on_request(s, conf)
   if s.listener ~= "inbound" then return end
+  if conf.custom_deny_all then
+    stat("envoy_http_rbac_denied")
+    return deny(s, "custom-provider-unavailable")
+  end
+  if #conf.custom > 0 and conf.provider and first_match(s, conf.custom) then
+    -- The check waits (other streams run meanwhile and share this module's state).
+    local r = ext_authz(s, conf.provider)
+    if r then return r end
+  end
   cur_auth = NOT_READ
   local audited = first_match(s, conf.audit)
   if audited then

@@ -15,6 +15,8 @@
 #include <stdint.h>
 
 #define MOONLET_LUA_RAISE (-1)
+/* Returned by an API function (ml_pushapifunction) to yield the running coroutine. */
+#define MOONLET_LUA_YIELD (-2)
 
 static inline int ml_pcall(lua_State *L, int nargs, int nresults, int msgh) { return lua_pcall(L, nargs, nresults, msgh); }
 static inline const char *ml_tostring(lua_State *L, int idx) { return lua_tolstring(L, idx, NULL); }
@@ -243,6 +245,9 @@ static inline int ml_trampoline_where(lua_State *L) {
     lua_CFunction f = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(1));
     int r = ml_host_call(L, f);
     if (r < 0) {
+        /* MOONLET_LUA_YIELD: the function suspends the running coroutine (moonlet.http.call);
+         * the values given to the next resume become its results. */
+        if (r == MOONLET_LUA_YIELD) return lua_yield(L, 0);
         luaL_where(L, 1);
         lua_insert(L, -2);
         lua_concat(L, 2);

@@ -119,6 +119,10 @@ public enum AuthorizationCompiler {
         public var notes: [String]
         /// "ns/name" of the compiled policies, in evaluation order.
         public var policies: [String]
+        /// Policies Moonlet cannot enforce as written and fails closed for (a CUSTOM
+        /// provider missing from the mesh config, or of a kind not supported): to log as
+        /// errors, each naming its file:line.
+        public var errors: [String] = []
     }
 
     /// The attribute a `when` key reads, or nil when Istio does not know the key.
@@ -144,13 +148,20 @@ public enum AuthorizationCompiler {
     }
 
     /// Compiles the AuthorizationPolicies of `resources` that select `workload` (root
-    /// namespace, the workload's namespace, selector). CUSTOM policies are left out (the
-    /// loader refuses them for a workload they select). `trustDomain` and `aliases` form
-    /// Istio's trust domain bundle.
+    /// namespace, the workload's namespace, selector). `trustDomain` and `aliases` form
+    /// Istio's trust domain bundle. CUSTOM policies go to the `envoyExtAuthzHttp`
+    /// provider of `providers` (the mesh config's extensionProviders) they name: its
+    /// settings are compiled into `providers` of the configuration. A provider that is
+    /// missing, of another kind, or a second provider for the workload (Istio allows
+    /// one) fails closed: `custom_deny_all` holds the reason and every request is denied.
     public static func compile(_ resources: [IstioResource], workload: WorkloadIdentity, trustDomain: String = "cluster.local",
-                               aliases: [String] = []) -> Compiled {
+                               aliases: [String] = [], providers: [MeshExtensionProvider] = []) -> Compiled {
         var notes: [String] = []
-        var byAction: [String: [ConfigValue]] = ["ALLOW": [], "DENY": [], "AUDIT": []]
+        var errors: [String] = []
+        var byAction: [String: [ConfigValue]] = ["ALLOW": [], "DENY": [], "AUDIT": [], "CUSTOM": []]
+        var customProvider: String?
+        var providerConf: ConfigValue?
+        var denyAll: String?
         var names: [String] = []
         let bundle = [trustDomain] + aliases.filter { $0 != trustDomain }
         for r in resources where r.kind == "AuthorizationPolicy" {
@@ -166,7 +177,34 @@ public enum AuthorizationCompiler {
             guard workload.isSelected(namespace: ns, matchLabels: labels) else { continue }
             let action = spec["action"]?.stringValue ?? "ALLOW"
             guard byAction[action] != nil else { continue }
-            let dryRun = r.annotations["istio.io/dry-run"]?.lowercased() == "true"
+            var dryRun = r.annotations["istio.io/dry-run"]?.lowercased() == "true"
+            if action == "CUSTOM" {
+                let pname = spec["provider"]?["name"]?.stringValue ?? ""
+                if dryRun {
+                    notes.append("\(place): istio.io/dry-run is not supported for CUSTOM; the policy is enforced")
+                    dryRun = false
+                }
+                if let other = customProvider, other != pname {
+                    errors.append("\(place): a second CUSTOM provider \"\(pname)\" for this workload (\"\(other)\" is already used; Istio allows one): every request is denied (fail closed)")
+                    denyAll = denyAll ?? "two CUSTOM providers"
+                    names.append("\(ns)/\(r.name)")
+                    continue
+                }
+                guard let prov = providers.first(where: { $0.name == pname }) else {
+                    errors.append("\(place): CUSTOM provider \"\(pname)\" is not an extensionProvider of the mesh config: every request is denied (fail closed)")
+                    denyAll = denyAll ?? "provider \(pname) not found"
+                    names.append("\(ns)/\(r.name)")
+                    continue
+                }
+                guard case .envoyExtAuthzHttp(let a) = prov.kind else {
+                    errors.append("\(place): CUSTOM provider \"\(pname)\" is \(prov.kindName), which Moonlet does not support (only envoyExtAuthzHttp): every request is denied (fail closed)")
+                    denyAll = denyAll ?? "provider \(pname) not supported"
+                    names.append("\(ns)/\(r.name)")
+                    continue
+                }
+                customProvider = pname
+                providerConf = extAuthzConfig(name: pname, a, notes: &notes)
+            }
             let id = "ns[\(ns)]-policy[\(r.name)]"
             var rules: [ConfigValue] = []
             if case .array(let rs)? = spec["rules"] {
@@ -180,10 +218,70 @@ public enum AuthorizationCompiler {
             names.append("\(ns)/\(r.name)\(dryRun ? " (dry-run)" : "")")
         }
         if names.isEmpty { return Compiled(config: nil, notes: notes, policies: []) }
-        let config = ConfigValue.map([
+        var entries: [(String, ConfigValue)] = [
             ("deny", .array(byAction["DENY"]!)), ("allow", .array(byAction["ALLOW"]!)), ("audit", .array(byAction["AUDIT"]!)),
+        ]
+        if !byAction["CUSTOM"]!.isEmpty || denyAll != nil {
+            entries.append(("custom", .array(denyAll == nil ? byAction["CUSTOM"]! : [])))
+            if denyAll == nil, let p = providerConf { entries.append(("provider", p)) }
+            if let d = denyAll { entries.append(("custom_deny_all", .string(d))) }
+        }
+        return Compiled(config: .map(entries), notes: notes, policies: names, errors: errors)
+    }
+
+    /// Every CUSTOM AuthorizationPolicy of `resources` whose provider is not an
+    /// `envoyExtAuthzHttp` provider of `providers` (what `moonlet validate --mesh-config`
+    /// reports; a sidecar denies every request of the workloads such a policy selects).
+    /// `providers` nil (no mesh config): each CUSTOM policy is reported as unchecked.
+    public static func customProviderProblems(_ resources: [IstioResource], providers: [MeshExtensionProvider]?) -> [(file: String, line: Int, message: String)] {
+        var out: [(String, Int, String)] = []
+        for r in resources where r.kind == "AuthorizationPolicy" && r.spec["action"]?.stringValue == "CUSTOM" {
+            let pname = r.spec["provider"]?["name"]?.stringValue ?? ""
+            let what = "AuthorizationPolicy \(r.namespace.isEmpty ? "" : r.namespace + "/")\(r.name): CUSTOM provider \"\(pname)\""
+            guard let providers else {
+                out.append((r.file, r.line, "\(what) not checked (no mesh config given: a sidecar whose mesh config lacks it denies every request of the workloads the policy selects)"))
+                continue
+            }
+            guard let p = providers.first(where: { $0.name == pname }) else {
+                out.append((r.file, r.line, "\(what) is not an extensionProvider of the mesh config (a sidecar denies every request of the workloads the policy selects)"))
+                continue
+            }
+            if case .envoyExtAuthzHttp = p.kind { continue }
+            out.append((r.file, r.line, "\(what) is \(p.kindName), which Moonlet does not support (a sidecar denies every request of the workloads the policy selects)"))
+        }
+        return out
+    }
+
+    /// Largest check timeout (moonlet.http.call's bound; Istio's default is 600 s).
+    public static let maxExtAuthzTimeoutMs = 60_000
+
+    /// The settings of an envoyExtAuthzHttp provider as the istio-authz filter reads
+    /// them: the target (`http://SERVICE:PORT`, a service of the registry gets its
+    /// cluster and mTLS), timeout, path prefix, fail open, status on error, and the
+    /// header lists as Istio value matchers (lowercased; `*` prefix/suffix forms).
+    static func extAuthzConfig(name: String, _ a: MeshExtensionProvider.ExtAuthzHTTP, notes: inout [String]) -> ConfigValue {
+        // Istio's service is "[namespace/]host".
+        let host = a.service.split(separator: "/", maxSplits: 1).last.map(String.init) ?? a.service
+        var timeout = a.timeoutMs ?? 600_000
+        if timeout > maxExtAuthzTimeoutMs {
+            if a.timeoutMs != nil { notes.append("extensionProvider \"\(name)\": timeout above \(maxExtAuthzTimeoutMs / 1000)s is cut to \(maxExtAuthzTimeoutMs / 1000)s") }
+            timeout = maxExtAuthzTimeoutMs
+        }
+        timeout = max(1, timeout)
+        func list(_ v: [String]) -> ConfigValue { .array(v.map { matcher($0.lowercased()) }) }
+        return .map([
+            ("name", .string(name)),
+            ("target", .string("http://\(host):\(a.port)")),
+            ("timeout_ms", .int(timeout)),
+            ("path_prefix", .string(a.pathPrefix ?? "")),
+            ("fail_open", .bool(a.failOpen)),
+            ("status_on_error", .int(a.statusOnError)),
+            ("include", list(a.includeRequestHeadersInCheck)),
+            ("additional", .map(a.includeAdditionalHeadersInCheck.sorted { $0.key < $1.key }.map { ($0.key.lowercased(), .string($0.value)) })),
+            ("to_upstream", list(a.headersToUpstreamOnAllow)),
+            ("to_downstream_deny", list(a.headersToDownstreamOnDeny)),
+            ("to_downstream_allow", list(a.headersToDownstreamOnAllow)),
         ])
-        return Compiled(config: config, notes: notes, policies: names)
     }
 
     /// One check: attribute `k`, matchers `m` (any matches), `neg` (none may match).

@@ -46,7 +46,7 @@ public struct ConfigLoader {
     /// selects the workload is an error (fail closed): an Istio user who reads "valid" would
     /// otherwise believe the workload is protected.
     /// (AuthorizationPolicy and RequestAuthentication are enforced by the builtin istio-authz
-    /// and istio-authn filters; AuthorizationPolicy action CUSTOM is refused the same way.)
+    /// and istio-authn filters, CUSTOM included: an unknown provider fails closed there.)
     public static let unenforcedSecurityKinds: Set<String> = []
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
@@ -202,13 +202,9 @@ public struct ConfigLoader {
                     if kind == "Telemetry" && d.errors.isEmpty {
                         out.skipped.append("\(file):\(doc.line): \(resource): validated but not applied yet (Moonlet's metrics, access log and tracing keep their defaults)")
                     }
-                    // AuthorizationPolicy is enforced by the builtin istio-authz filter, except
-                    // CUSTOM (external authorization), which stays refused for the workloads it selects.
-                    if kind == "AuthorizationPolicy" && d.errors.isEmpty && spec.child("action")?.scalarString == "CUSTOM" {
-                        out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,
-                                                                       selector: Self.selectorLabels(spec), file: file, line: doc.line,
-                                                                       what: "AuthorizationPolicy with action CUSTOM (external authorization)"))
-                    }
+                    // AuthorizationPolicy is enforced by the builtin istio-authz filter; CUSTOM
+                    // goes to the mesh config's envoyExtAuthzHttp provider it names (or fails
+                    // closed, AuthorizationCompiler.compile).
                     out.errors += d.errors
                     out.skipped += d.notApplied
                     var annotations: [String: String] = [:]

@@ -1,14 +1,19 @@
 import Yams
 
-/// The MeshConfig keys Moonlet parses and validates but does not apply yet (later work:
-/// authorization CUSTOM, telemetry, tracing, outbound policy). Each present one is listed
-/// in `MeshConfigFile.notApplied` with "parsed, not applied yet".
+/// `extensionProviders` of MeshConfig. `envoyExtAuthzHttp` providers are applied: the
+/// AuthorizationPolicies with action CUSTOM that name them are enforced by the builtin
+/// istio-authz filter (docs/security.md). `envoyExtAuthzGrpc` is parsed and refused (a
+/// CUSTOM policy naming it denies every request). The telemetry kinds are parsed and
+/// validated but not applied yet: each present one is listed in
+/// `MeshConfigFile.notApplied` with "parsed, not applied yet".
 public struct MeshExtensionProvider: Sendable, Equatable {
     public var name: String
     public var kind: Kind
 
     public enum Kind: Sendable, Equatable {
         case envoyExtAuthzHttp(ExtAuthzHTTP)
+        /// Istio's `envoyExtAuthzGrpc` (service, port): not supported, refused.
+        case envoyExtAuthzGrpc(service: String, port: Int)
         case envoyFileAccessLog(FileAccessLog)
         case zipkin(Zipkin)
         case opentelemetry(OpenTelemetry)
@@ -27,6 +32,10 @@ public struct MeshExtensionProvider: Sendable, Equatable {
         public var includeRequestHeadersInCheck: [String] = []
         public var headersToUpstreamOnAllow: [String] = []
         public var headersToDownstreamOnDeny: [String] = []
+        public var headersToDownstreamOnAllow: [String] = []
+        /// `includeRequestBodyInCheck` was set: not supported (the check request has no
+        /// body), noted at load.
+        public var includeRequestBodyInCheck = false
         public var includeAdditionalHeadersInCheck: [String: String] = [:]
         public init() {}
     }
@@ -55,6 +64,7 @@ public struct MeshExtensionProvider: Sendable, Equatable {
     public var kindName: String {
         switch kind {
         case .envoyExtAuthzHttp: return "envoyExtAuthzHttp"
+        case .envoyExtAuthzGrpc: return "envoyExtAuthzGrpc"
         case .envoyFileAccessLog: return "envoyFileAccessLog"
         case .zipkin: return "zipkin"
         case .opentelemetry: return "opentelemetry"
@@ -154,7 +164,7 @@ struct MeshConfigKeysParser {
                 case "name":
                     name = string(pv, "\(field).name")
                     if let n = name, !names.insert(n).inserted { err(pv, "\(field).name", "duplicate provider name \"\(n)\""); name = nil }
-                case "envoyExtAuthzHttp", "envoyFileAccessLog", "zipkin", "opentelemetry": kinds.append((key, pv))
+                case "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "envoyFileAccessLog", "zipkin", "opentelemetry": kinds.append((key, pv))
                 default: note("\(field).\(key) (provider kind not supported)")
                 }
             }
@@ -167,13 +177,18 @@ struct MeshConfigKeysParser {
             var kind: MeshExtensionProvider.Kind?
             switch kindName {
             case "envoyExtAuthzHttp": kind = extAuthz(km, body, kfield).map { MeshExtensionProvider.Kind.envoyExtAuthzHttp($0) }
+            case "envoyExtAuthzGrpc": kind = serviceAndPort(km, body, kfield).map { MeshExtensionProvider.Kind.envoyExtAuthzGrpc(service: $0.0, port: $0.1) }
             case "envoyFileAccessLog": kind = fileAccessLog(km, body, kfield).map { MeshExtensionProvider.Kind.envoyFileAccessLog($0) }
             case "zipkin": kind = zipkin(km, body, kfield).map { MeshExtensionProvider.Kind.zipkin($0) }
             default: kind = otel(km, body, kfield).map { MeshExtensionProvider.Kind.opentelemetry($0) }
             }
             if let name, let kind {
                 out.append(MeshExtensionProvider(name: name, kind: kind))
-                note("\(field) (\(kindName) \"\(name)\": \(Self.notYet))")
+                switch kindName {
+                case "envoyExtAuthzHttp": break  // applied: AuthorizationPolicy CUSTOM
+                case "envoyExtAuthzGrpc": note("\(field) (envoyExtAuthzGrpc \"\(name)\": not supported; an AuthorizationPolicy CUSTOM naming it denies every request of the workloads it selects)")
+                default: note("\(field) (\(kindName) \"\(name)\": \(Self.notYet))")
+                }
             }
         }
         return out
@@ -207,6 +222,10 @@ struct MeshConfigKeysParser {
             case "includeRequestHeadersInCheck": a.includeRequestHeadersInCheck = stringList(v, f)
             case "headersToUpstreamOnAllow": a.headersToUpstreamOnAllow = stringList(v, f)
             case "headersToDownstreamOnDeny": a.headersToDownstreamOnDeny = stringList(v, f)
+            case "headersToDownstreamOnAllow": a.headersToDownstreamOnAllow = stringList(v, f)
+            case "includeRequestBodyInCheck":
+                a.includeRequestBodyInCheck = true
+                note("\(f) (not supported: the check request is sent without the request body)")
             case "includeAdditionalHeadersInCheck": a.includeAdditionalHeadersInCheck = stringMap(v, f)
             default: note("\(f) (not supported)")
             }

@@ -11,10 +11,43 @@ import NIOCore
 /// - `respond`: the filter has set `stream.localReply`; no later request filter runs,
 ///   nothing goes upstream, the local reply passes through the response filters and
 ///   `onLog` runs as for any stream.
+/// - `pause`: the filter started work that completes later on the stream's event loop
+///   (a Lua `moonlet.http.call`); the chain stops at this filter and nothing goes
+///   upstream. Request body bytes that arrive meanwhile are held (bounded by
+///   `maxBufferedBodyBytes`, reading paused). When its work is done the filter calls
+///   `stream.resumeFilters(_:)` once, with the action its phase ends with (`continue`,
+///   `stopAndBuffer` or `respond`; a filter with more work to wait for calls it only
+///   when all of it is done); the chain then goes on with the next filter exactly as if
+///   the phase had returned that action. Only `onRequest` and the buffered (whole-body)
+///   `onRequestBody` call may pause; from the
+///   other phases (and from streamed body chunks) `pause` is treated as `continue`. If
+///   the stream ends first (client gone, timeout) `resumeFilters` is a no-op: the
+///   filter must release what it holds when its `onLog` runs or its work completes.
 public enum FilterAction: Sendable, Equatable {
     case `continue`
     case stopAndBuffer
     case respond
+    case pause
+}
+
+/// The proxy side of a paused stream (`FilterAction.pause`): the stream's executor,
+/// told when the paused filter's phase ended. Set on the stream only while it is
+/// paused, so a stream that never pauses costs nothing.
+public protocol FilterResumer: AnyObject {
+    /// The paused phase of `stream` ended with `action`; the chain goes on after the
+    /// paused filter. Called on the stream's event loop.
+    func filtersResumed(_ stream: ProxyStream, _ action: FilterAction)
+}
+
+/// Where the chain of a stream paused: the filter's index in `FilterChain.filters` and
+/// the phase (`onRequest` or the buffered `onRequestBody`), with what the filters before
+/// it asked for (`stopAndBuffer`). `index < 0`: not paused.
+public struct FilterPausePoint: Sendable {
+    public var index: Int = -1
+    public var inBody = false
+    public var wantsBody = false
+    public init() {}
+    public var isPaused: Bool { index >= 0 }
 }
 
 /// What went wrong with one upstream attempt, as `Filter.onUpstreamFailure` sees it.
@@ -93,11 +126,13 @@ public protocol Filter: AnyObject {
     var wantsUpstreamFailure: Bool { get }
 
     /// Runs once the request head is parsed, before anything goes upstream. May edit
-    /// request headers, write `stream.route`, answer locally (`respond`) or ask for the
-    /// whole body (`stopAndBuffer`).
+    /// request headers, write `stream.route`, answer locally (`respond`), ask for the
+    /// whole body (`stopAndBuffer`) or wait for work of its own (`pause`, then
+    /// `stream.resumeFilters` with how the phase ended).
     func onRequest(_ stream: ProxyStream) -> FilterAction
     /// Runs for each request body chunk as it streams (observe only), or once with the
-    /// whole body when a filter asked for `stopAndBuffer`. `respond` answers locally.
+    /// whole body when a filter asked for `stopAndBuffer`. `respond` answers locally;
+    /// `pause` is honoured only in the call with the whole body.
     func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction
     /// Runs once the response head is known (upstream's or a local reply), in reverse
     /// chain order. May edit response headers; `respond` replaces the response.
@@ -152,24 +187,75 @@ public final class FilterChain {
 
     /// Runs `onRequest` in order. Stops at the first `respond`; returns `stopAndBuffer`
     /// if any filter asked for the body (the later filters still run their head phase).
+    /// Returns `pause` when a filter paused: `s.filterPause` says where, and
+    /// `resumeRequest` goes on once the filter called `s.resumeFilters`.
     public func runRequest(_ s: ProxyStream) -> FilterAction {
-        var result = FilterAction.continue
-        for f in filters {
-            switch f.onRequest(s) {
+        runRequest(s, from: 0, result: .continue)
+    }
+
+    @inline(__always)
+    func runRequest(_ s: ProxyStream, from start: Int, result initial: FilterAction) -> FilterAction {
+        var result = initial
+        var i = start
+        let n = filters.count
+        while i < n {
+            switch filters[i].onRequest(s) {
             case .respond: return .respond
             case .stopAndBuffer: result = .stopAndBuffer
             case .continue: break
+            case .pause:
+                s.filterPause.index = i
+                s.filterPause.inBody = false
+                s.filterPause.wantsBody = result == .stopAndBuffer
+                return .pause
             }
             if s.localReply != nil { return .respond }
+            i += 1
         }
         return result
     }
 
+    /// The buffered (whole-body) or streamed `onRequestBody` calls, in order; the first
+    /// `respond` stops. `pause` (only from the call with the whole body, `buffered`)
+    /// records the pause point as `runRequest` does.
     public func runRequestBody(_ s: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction {
-        for f in filters where f.wantsRequestBody {
-            if f.onRequestBody(s, chunk: chunk, endOfStream: endOfStream) == .respond || s.localReply != nil { return .respond }
+        runRequestBody(s, chunk: chunk, endOfStream: endOfStream, from: 0)
+    }
+
+    @inline(__always)
+    func runRequestBody(_ s: ProxyStream, chunk: ByteBuffer, endOfStream: Bool, from start: Int) -> FilterAction {
+        var i = start
+        let n = filters.count
+        while i < n {
+            let f = filters[i]
+            if f.wantsRequestBody {
+                let a = f.onRequestBody(s, chunk: chunk, endOfStream: endOfStream)
+                if a == .respond || s.localReply != nil { return .respond }
+                if a == .pause && endOfStream && s.bufferedRequestBody != nil {
+                    s.filterPause.index = i
+                    s.filterPause.inBody = true
+                    s.filterPause.wantsBody = false
+                    return .pause
+                }
+            }
+            i += 1
         }
         return .continue
+    }
+
+    /// Goes on after the paused filter of `s` once its phase ended with `action` (the
+    /// argument of `resumeFilters`): the rest of the head phase (`onRequest`) or of the
+    /// buffered body phase, with the same result rules as `runRequest` and
+    /// `runRequestBody`. Clears the pause point; `pause` again sets a new one.
+    public func resumeRequest(_ s: ProxyStream, after action: FilterAction) -> FilterAction {
+        let p = s.filterPause
+        s.filterPause = FilterPausePoint()
+        guard p.index >= 0 else { return action }
+        if action == .respond || s.localReply != nil { return .respond }
+        if p.inBody {
+            return runRequestBody(s, chunk: s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true, from: p.index + 1)
+        }
+        return runRequest(s, from: p.index + 1, result: p.wantsBody || action == .stopAndBuffer ? .stopAndBuffer : .continue)
     }
 
     /// Runs `onResponse` in reverse order. A `respond` replaces the response with the

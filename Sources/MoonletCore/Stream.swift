@@ -188,6 +188,10 @@ public final class ProxyStream {
     public var peerWorkload: MeshWorkload?
     /// Whether the upstream attempt that served the stream went over mesh mTLS (outbound).
     public var upstreamMeshMTLS = false
+    /// Where the request filters paused (`FilterAction.pause`); not paused by default.
+    public var filterPause = FilterPausePoint()
+    /// The proxy's executor of this stream while a filter has it paused (nil otherwise).
+    public var resumer: FilterResumer?
 
     /// `route` is the decision known before any filter runs (the inbound listener's
     /// fixed one); passing it here saves building an empty one and replacing it.
@@ -209,6 +213,16 @@ public final class ProxyStream {
     public func end() {
         isActive = false
         for i in filterState.indices { filterState[i] = nil }
+        resumer = nil
+        filterPause = FilterPausePoint()
+    }
+
+    /// A filter that returned `FilterAction.pause` ends its phase with `action`: the
+    /// chain goes on after it (on the stream's event loop). A no-op when the stream is
+    /// not paused any more (it ended meanwhile).
+    public func resumeFilters(_ action: FilterAction) {
+        guard isActive, filterPause.isPaused, let r = resumer else { return }
+        r.filtersResumed(self, action)
     }
 
     /// How many times `respond` was called: a phase that raises it answered locally.

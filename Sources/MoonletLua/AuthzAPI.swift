@@ -24,6 +24,10 @@ import Foundation
 ///   (text/plain), response flag RBAC, response code details
 ///   `rbac_access_denied_matched_policy[POLICY]`; returns "respond".
 ///
+/// - `authz.ext_deny(s, status, body, headers)`: an external authorization (CUSTOM)
+///   denial: `s:respond(status, body, headers)` with Envoy's response flag UAEX; returns
+///   "respond".
+///
 /// Matchers are full userdata of plain bytes (no finalizer) under a locked metatable that
 /// `test` checks, so a table or another userdata is refused. `test` allocates nothing.
 extension LuaAPI {
@@ -41,7 +45,7 @@ extension LuaAPI {
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pop(L, 1)
         lua_createtable(L, 0, 4)
-        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat)] as [(String, lua_CFunction)] {
+        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat), ("ext_deny", authzExtDeny)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.authz")
@@ -232,5 +236,12 @@ extension LuaAPI {
         s.vars["response_code_details"] = "rbac_access_denied_matched_policy[\(policy)]"
         lua_pushstring(L, "respond")
         return 1
+    }
+
+    /// moonlet.authz.ext_deny(s, status, body, headers): s:respond with flag UAEX.
+    static let authzExtDeny: lua_CFunction = { L in
+        let r = respond(L)
+        if r >= 0, let s = LuaVM.vm(L).current { s.responseFlags.insert(.unauthorizedExternalService) }
+        return r
     }
 }

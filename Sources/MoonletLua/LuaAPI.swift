@@ -677,6 +677,10 @@ enum LuaAPI {
         installStats(L)
         installAuthz(L)
         AuthnAPI.install(L)
+        lua_createtable(L, 0, 1)
+        ml_pushapifunction(L, httpCall); lua_setfield(L, -2, "call")
+        ml_push_readonly(L, "moonlet.http")
+        lua_setfield(L, -2, "http")
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

@@ -141,6 +141,7 @@ public final class LuaPluginInstance: Filter {
         let replies = s.replyCount
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
+        vm.phaseIndex = which
         if trusted { lua_sethook(co, nil, 0, 0) }
         let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
         if trusted { ml_sethook(co) }
@@ -148,8 +149,10 @@ public final class LuaPluginInstance: Filter {
         if let cell {
             cell.stats.calls &+= 1
             cell.stats.nanos &+= Self.nanos() &- out.startNanos
-            if !out.ok { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
+            if !out.ok && !out.yielded { cell.stats.errors &+= 1; if out.aborted { cell.stats.aborted &+= 1 } }
         }
+        // moonlet.http.call: the stream keeps this coroutine until the response (HTTPCall.swift).
+        if out.yielded { return pause(which, s, thread, startNanos: out.startNanos, replies: replies) }
         if out.ok {
             // Only a reply made by this call counts (a local reply's own response
             // phase already has one).
@@ -213,6 +216,7 @@ public final class LuaPluginInstance: Filter {
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
         vm.inUpstreamFailure = true
+        vm.phaseIndex = Self.upstreamFailurePhase
         if trusted { lua_sethook(co, nil, 0, 0) }
         let out = vm.resume(co, nargs: 3, limits: limits, plugin: name)
         if trusted { ml_sethook(co) }

@@ -36,6 +36,8 @@ enum WrapperKind: UInt {
 /// The Lua state of one stream in one VM: its `s.vars` table.
 final class StreamLuaContext: StreamScriptState {
     var varsRef: Int32 = LUA_NOREF
+    /// The phase call waiting for moonlet.http.call (its coroutine), if any.
+    var pending: PendingLuaCall?
 }
 
 /// A pooled coroutine (anchored in the registry).
@@ -61,6 +63,17 @@ public final class LuaVM {
     /// (the attempt's cluster, slots and replay are the proxy's until it decides).
     var inUpstreamFailure = false
     var currentPlugin: String = ""
+    /// The phase of the running call (LuaPluginInstance.phaseNames index), read by
+    /// moonlet.http.call to refuse phases that cannot wait.
+    var phaseIndex = -1
+    /// The request moonlet.http.call asked for, set just before it yields (taken by the
+    /// phase call that sees the yield).
+    var pendingHTTPRequest: LuaHTTPRequest?
+    /// The coroutine of a stream being resumed after moonlet.http.call (nil otherwise).
+    var resumingThread: OpaquePointer?
+    /// Where moonlet.http.call requests go (the proxy's client of this loop); nil: the
+    /// function fails with "not available".
+    public var httpClient: LuaHTTPClient?
     /// Randomness for routing decisions made from this VM (weights, fault percentages).
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     /// The router's Lua tables per configuration snapshot (RouterAPI.swift).
@@ -214,7 +227,9 @@ public final class LuaVM {
         return LuaThread(L: co, ref: ref)
     }
 
-    func releaseThread(_ t: LuaThread, healthy: Bool) {
+    /// `reuse`: a coroutine suspended in moonlet.http.call whose stream went away goes
+    /// back to the pool once closed cleanly (its __close handlers ran without error).
+    func releaseThread(_ t: LuaThread, healthy: Bool, reuse: Bool = false) {
         if healthy && threadPool.count < 256 && lua_status(t.L) == LUA_OK {
             lua_settop(t.L, 0)
             threadPool.append(t)
@@ -223,9 +238,14 @@ public final class LuaVM {
             // under a small budget of their own, as guest.
             _ = ml_arm_now(limitsPtr, Int64(Self.closeBudgetInstructions), Self.closeBudgetMs)
             limitsPtr.pointee.host = 0
-            _ = ml_resetthread(t.L)
+            let rc = ml_resetthread(t.L)
             limitsPtr.pointee.host = 1
             limitsPtr.pointee.deadline.tv_sec = 0
+            if reuse && rc == LUA_OK && threadPool.count < 256 && lua_status(t.L) == LUA_OK {
+                lua_settop(t.L, 0)
+                threadPool.append(t)
+                return
+            }
             ml_unref(L, t.ref)
         }
     }
@@ -238,6 +258,9 @@ public final class LuaVM {
     /// Frees the stream's Lua state (`s.vars` released).
     public func endStream(_ s: ProxyStream) {
         guard let ctx = s.luaContext as? StreamLuaContext else { return }
+        // A phase still waiting for moonlet.http.call: its request is cancelled and its
+        // coroutine closed (never resumed into a stream that is gone).
+        if let p = ctx.pending { p.abandon() }
         if ctx.varsRef != LUA_NOREF { ml_unref(L, ctx.varsRef) }
         s.luaContext = nil
     }
@@ -252,6 +275,9 @@ public final class LuaVM {
         public var returned: String?
         /// Monotonic nanoseconds when the call started.
         public var startNanos: UInt64 = 0
+        /// The call yielded in moonlet.http.call: the coroutine is suspended, its request
+        /// in `pendingHTTPRequest`.
+        public var yielded = false
     }
 
     /// Arms the budget and runs the function on top of `co` (with `nargs` args above it).
@@ -271,8 +297,13 @@ public final class LuaVM {
             return CallOutcome(ok: true, error: nil, aborted: false, returned: ret, startNanos: t0)
         }
         if st == LUA_YIELD {
+            if pendingHTTPRequest != nil {
+                // moonlet.http.call: the coroutine waits (its yielded values are none).
+                if nres > 0 { ml_pop(co, nres) }
+                return CallOutcome(ok: false, error: nil, aborted: false, returned: nil, startNanos: t0, yielded: true)
+            }
             lua_settop(co, 0)
-            return CallOutcome(ok: false, error: "\(plugin): coroutine yielded; moonlet does not resume yields from filter phases yet", aborted: false, returned: nil, startNanos: t0)
+            return CallOutcome(ok: false, error: "\(plugin): coroutine.yield from a filter phase is not resumed (moonlet.http.call is the way to wait)", aborted: false, returned: nil, startNanos: t0)
         }
         var msg = "error object is not a string"
         if let b = LuaAPI.bytes(co, -1) {

@@ -83,6 +83,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     var lastActivity: UInt64 = 0
     /// Istio's metadata exchange headers of this connection's streams (PeerExchange.swift).
     var peerExchange = PeerExchange()
+    /// Set while a filter has the stream paused (FilterPause.swift): the request body
+    /// bytes held meanwhile.
+    var filterPauseState: FilterPauseState?
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
@@ -506,7 +509,16 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.listener = role
         s.peerWorkload = peerWorkload
         if let i = interception ?? (h2?.connection.context?.handler as? DownstreamHandler)?.interception { i.applyHTTP(s, self) }
-        switch exec.requestHead(s) {
+        let action = exec.requestHead(s)
+        // A filter waits for work of its own (moonlet.http.call): FilterPause.swift.
+        if action == .pause { pauseFilters(s); return }
+        requestFiltersDone(s, action)
+    }
+
+    /// The request head phase is done (at once, or after a filter's pause): answer
+    /// locally, buffer the body for a filter, or go upstream.
+    func requestFiltersDone(_ s: ProxyStream, _ action: FilterAction) {
+        switch action {
         case .respond:
             // The request body (if any) is read and dropped; the reply goes out now.
             sendLocalReply()
@@ -518,8 +530,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                 return // the body arrives through process(); requestBodyEnd continues.
             }
             s.bufferedRequestBody = ByteBuffer()
-            if exec.requestBody(s, ByteBuffer(), endOfStream: true) { sendLocalReply(); return }
-        case .continue:
+            switch exec.requestBody(s, ByteBuffer(), endOfStream: true) {
+            case .respond: sendLocalReply(); return
+            case .pause: pauseFilters(s); return
+            default: break
+            }
+        case .continue, .pause:
             break
         }
         if s.request.expectContinue && requestState == .body {

@@ -221,6 +221,8 @@ public final class LoopContext: @unchecked Sendable {
         ownPeerMetadata = meta.encoded()
         ownPeerID = meta.nodeID(ip: id.instanceIP.isEmpty ? settings.bindAddress : id.instanceIP)
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
+        // moonlet.http.call goes out through this loop's pool (HTTPCallout.swift).
+        lua.vm.httpClient = LoopHTTPClient(ctx: self)
         pool.onTLSFailure = { [unowned self] address, expected, why in
             self.metrics.count("moonlet_upstream_tls_failures_total")
             if self.mayLogTLSRefusal() { self.logger.warning("upstream TLS with \(address.ipAddress ?? "?"):\(address.port ?? 0) refused: \(why) (expected \(expected))") }

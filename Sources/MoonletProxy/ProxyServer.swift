@@ -232,8 +232,9 @@ public final class ProxyServer: @unchecked Sendable {
         // AuthorizationPolicies that select the workload bring the builtin istio-authz
         // (phase AUTHZ), configured with the compiled policies, unless a LuaPlugin replaces it.
         let authz = AuthorizationCompiler.compile(snap.istio, workload: identity, trustDomain: mesh.tls.trustDomain ?? "cluster.local",
-                                                  aliases: mesh.tls.trustDomainAliases)
+                                                  aliases: mesh.tls.trustDomainAliases, providers: mesh.extensionProviders)
         for n in authz.notes { logger.notice("\(n)") }
+        for e in authz.errors { logger.error("\(e)") }
         if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
         // Istio's request metrics: the builtin istio-stats (phase STATS), unless a
         // LuaPlugin of that name replaces it (then only that one records them).

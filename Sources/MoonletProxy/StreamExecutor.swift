@@ -41,7 +41,8 @@ final class StreamExecutor {
 
     /// Request head phase: runs when the head is parsed and the stream made, before
     /// anything goes upstream. Returns the chain's decision: continue (go upstream),
-    /// stop and buffer (read the whole body first), or respond (`s.localReply` is set).
+    /// stop and buffer (read the whole body first), respond (`s.localReply` is set), or
+    /// pause (a filter waits for work of its own, moonlet.http.call; FilterPause.swift).
     @inline(__always)
     func requestHead(_ s: ProxyStream) -> FilterAction {
         chain = ctx.chain
@@ -53,10 +54,17 @@ final class StreamExecutor {
     var wantsRequestBody: Bool { chain.wantsRequestBody }
 
     /// Request body phase: one chunk as it streams, or the whole buffered body once with
-    /// `endOfStream`. True when a filter answered locally (`s.localReply` is set).
+    /// `endOfStream`. `.respond`: a filter answered locally (`s.localReply` is set);
+    /// `.pause` (whole body only): a filter waits for work of its own (FilterPause.swift).
     @inline(__always)
-    func requestBody(_ s: ProxyStream, _ chunk: ByteBuffer, endOfStream: Bool) -> Bool {
-        chain.runRequestBody(s, chunk: chunk, endOfStream: endOfStream) == .respond
+    func requestBody(_ s: ProxyStream, _ chunk: ByteBuffer, endOfStream: Bool) -> FilterAction {
+        chain.runRequestBody(s, chunk: chunk, endOfStream: endOfStream)
+    }
+
+    /// A paused filter's phase ended with `action`: the request phase goes on after it.
+    /// Returns the chain's decision, `.pause` when a later filter paused in turn.
+    func resumeRequest(_ s: ProxyStream, after action: FilterAction) -> FilterAction {
+        chain.resumeRequest(s, after: action)
     }
 
     // MARK: upstream

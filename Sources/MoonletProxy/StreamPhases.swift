@@ -14,6 +14,7 @@ import MoonletCore
 extension DownstreamHandler {
     func requestBodyChunk(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
+        if filterPauseState != nil { holdWhilePaused(chunk); return }
         s.requestBodyBytes += Int64(chunk.readableBytes)
         if s.localReply != nil { return } // replying locally: drain and drop
         if case .buffered = requestState {
@@ -27,7 +28,7 @@ extension DownstreamHandler {
             s.bufferedRequestBody!.writeBuffer(&c)
             return
         }
-        if exec.wantsRequestBody, exec.requestBody(s, chunk, endOfStream: false) {
+        if exec.wantsRequestBody, exec.requestBody(s, chunk, endOfStream: false) == .respond {
             if upstream == nil && !dispatcher.state.isConnecting { sendLocalReply() } else { abortUpstreamAndReply() }
             return
         }
@@ -45,6 +46,7 @@ extension DownstreamHandler {
 
     func requestBodyEnd() {
         reqDecoder = nil
+        if filterPauseState != nil { holdEndWhilePaused(); return }
         let buffered = requestState.isBuffered
         requestState = .complete(buffered: buffered)
         guard let s = stream else { return }
@@ -53,11 +55,15 @@ extension DownstreamHandler {
             return
         }
         if buffered {
-            if exec.requestBody(s, s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) { sendLocalReply(); return }
+            switch exec.requestBody(s, s.bufferedRequestBody ?? ByteBuffer(), endOfStream: true) {
+            case .respond: sendLocalReply(); return
+            case .pause: pauseFilters(s); return
+            default: break
+            }
             dispatcher.start()
             return
         }
-        if exec.wantsRequestBody, exec.requestBody(s, ByteBuffer(), endOfStream: true) {
+        if exec.wantsRequestBody, exec.requestBody(s, ByteBuffer(), endOfStream: true) == .respond {
             abortUpstreamAndReply(); return
         }
         if requestChunked {
@@ -170,6 +176,7 @@ extension DownstreamHandler {
     /// `now`: the clock, when the caller has just read it (0: read it here).
     func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
         guard stream === s else { return }
+        filterPauseState = nil
         let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         releaseHeldHead()
         responseState = .none

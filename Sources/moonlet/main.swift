@@ -191,14 +191,32 @@ struct Validate: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Validate YAML configuration offline (Galley's role). Exit 0 when valid, 1 otherwise.")
     @Argument(help: "Files or directories") var paths: [String]
     @Option(help: "text or json") var output: String = "text"
+    @Option(help: "Istio MeshConfig file: AuthorizationPolicy CUSTOM providers are checked against its extensionProviders. Env: MESH_CONFIG_FILE or MOONLET_MESH_CONFIG") var meshConfig: String?
 
     func run() throws {
+        var providers: [MeshExtensionProvider]? = nil
+        if let path = meshConfig ?? MeshConfigFile.pathFromEnvironment() {
+            do { providers = try MeshConfigFile.load(path: path).extensionProviders } catch { throw ValidationError("--mesh-config: \(error)") }
+        }
         switch ConfigLoader().load(paths: paths, securityScope: .anyWorkload) {
         case .success(let snap):
+            // CUSTOM policies: with a mesh config, a provider it lacks is an error (the
+            // sidecar fails closed); without one, a note.
+            let custom = AuthorizationCompiler.customProviderProblems(snap.istio, providers: providers)
+            if providers != nil && !custom.isEmpty {
+                if output == "json" {
+                    let errs = custom.map { "{\"file\":\(JSON.quote($0.file)),\"line\":\($0.line),\"column\":0,\"resource\":\"AuthorizationPolicy\",\"field\":\"spec.provider.name\",\"message\":\(JSON.quote($0.message))}" }
+                    print("{\"valid\":false,\"errors\":[\(errs.joined(separator: ","))]}")
+                } else {
+                    for c in custom { FileHandle.standardError.write("\(c.file):\(c.line): \(c.message)\n".data(using: .utf8)!) }
+                }
+                throw ExitCode(1)
+            }
+            let notes = snap.skipped + (providers == nil ? custom.map { "\($0.file):\($0.line): \($0.message)" } : [])
             if output == "json" {
-                print("{\"valid\":true,\"resources\":\(snap.istio.count + snap.plugins.count),\"skipped\":[\(snap.skipped.map(JSON.quote).joined(separator: ","))],\"errors\":[]}")
+                print("{\"valid\":true,\"resources\":\(snap.istio.count + snap.plugins.count),\"skipped\":[\(notes.map(JSON.quote).joined(separator: ","))],\"errors\":[]}")
             } else {
-                for s in snap.skipped { print("note: \(s)") }
+                for s in notes { print("note: \(s)") }
                 print("valid: \(snap.istio.count + snap.plugins.count) resources in \(snap.files.count) files")
             }
         case .failure(let e):

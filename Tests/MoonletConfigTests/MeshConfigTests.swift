@@ -95,7 +95,7 @@ final class MeshConfigTests: XCTestCase {
 
     // MARK: extensionProviders and the keys parsed but not applied yet
 
-    func test_extensionProviders_ofEveryKindIstioDocuments_areParsedIntoTheTypedModel_andNotedAsNotAppliedYet() throws {
+    func test_extensionProviders_ofEveryKindIstioDocuments_areParsedIntoTheTypedModel_theTelemetryOnesNotedAsNotAppliedYet() throws {
         let m = try MeshConfigFile.parse("""
         extensionProviders:
         - name: ext-authz
@@ -147,11 +147,33 @@ final class MeshConfigTests: XCTestCase {
         guard case .opentelemetry(let o) = m.extensionProviders[4].kind else { return XCTFail() }
         XCTAssertEqual(o.port, 4317)
         XCTAssertEqual(m.notApplied, [
-            "extensionProviders[0] (envoyExtAuthzHttp \"ext-authz\": parsed, not applied yet)",
             "extensionProviders[1] (envoyFileAccessLog \"log\": parsed, not applied yet)",
             "extensionProviders[2] (envoyFileAccessLog \"text-log\": parsed, not applied yet)",
             "extensionProviders[3] (zipkin \"zipkin\": parsed, not applied yet)",
             "extensionProviders[4] (opentelemetry \"otel\": parsed, not applied yet)",
+        ])
+    }
+
+    func test_extAuthzHttpIsApplied_withoutANote_whileGrpcAndTheRequestBodyAreNotedAsNotSupported() throws {
+        let m = try MeshConfigFile.parse("""
+        extensionProviders:
+        - name: http
+          envoyExtAuthzHttp:
+            service: a.foo.svc.cluster.local
+            port: 8000
+            headersToDownstreamOnAllow: [x-trace]
+            includeRequestBodyInCheck: {maxRequestBytes: 100}
+        - name: grpc
+          envoyExtAuthzGrpc: {service: b.foo.svc.cluster.local, port: 9000}
+        """, file: "mesh.yaml")
+        guard case .envoyExtAuthzHttp(let a) = m.extensionProviders[0].kind else { return XCTFail() }
+        XCTAssertEqual(a.headersToDownstreamOnAllow, ["x-trace"])
+        XCTAssertTrue(a.includeRequestBodyInCheck)
+        guard case .envoyExtAuthzGrpc(let service, let port) = m.extensionProviders[1].kind else { return XCTFail() }
+        XCTAssertEqual("\(service):\(port)", "b.foo.svc.cluster.local:9000")
+        XCTAssertEqual(m.notApplied, [
+            "extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck (not supported: the check request is sent without the request body)",
+            "extensionProviders[1] (envoyExtAuthzGrpc \"grpc\": not supported; an AuthorizationPolicy CUSTOM naming it denies every request of the workloads it selects)",
         ])
     }
 

@@ -2,11 +2,11 @@ import XCTest
 import MoonletCore
 @testable import MoonletConfig
 
-/// Until Moonlet enforces CUSTOM AuthorizationPolicies (external authorization), a sidecar
-/// whose workload one selects refuses the configuration (fail closed), and `moonlet
-/// validate` refuses every one of them: "valid" must never mean "protected" when it is not.
-/// Other AuthorizationPolicies (istio-authz) and RequestAuthentications (istio-authn) are
-/// enforced and accepted.
+/// Every security kind Moonlet reads is enforced: AuthorizationPolicies (istio-authz,
+/// CUSTOM through the mesh config's envoyExtAuthzHttp provider) and
+/// RequestAuthentications (istio-authn) load. A CUSTOM policy whose provider Moonlet
+/// cannot use fails closed in the compiled configuration (deny all), with an error
+/// naming its place.
 final class UnenforcedSecurityTests: XCTestCase {
     let seedPolicy = """
     apiVersion: security.istio.io/v1beta1
@@ -48,18 +48,42 @@ final class UnenforcedSecurityTests: XCTestCase {
         XCTAssertNoThrow(try load(seedPolicy, namespace: "default", labels: [:], scope: .anyWorkload).get())
     }
 
-    func test_customAuthorizationPolicySelectingTheWorkload_isRefused_withItsPlace() {
-        guard case .failure(let e) = load(customPolicy, namespace: "production", labels: ["app": "order-service"]) else {
-            return XCTFail("a CUSTOM AuthorizationPolicy that Moonlet does not enforce was accepted for the workload it selects")
-        }
-        XCTAssertEqual(e.errors.count, 1)
-        let msg = e.errors.first?.description ?? ""
-        XCTAssertTrue(msg.contains("p.yaml:1:1: AuthorizationPolicy production/order-service-policy: kind: AuthorizationPolicy with action CUSTOM (external authorization) is not enforced"), msg)
+    func test_customAuthorizationPolicySelectingTheWorkload_loads_nowThatItIsEnforcedThroughItsProvider() throws {
+        let snap = try load(customPolicy, namespace: "production", labels: ["app": "order-service"]).get()
+        XCTAssertEqual(snap.istio.map(\.kind), ["AuthorizationPolicy"])
+        XCTAssertNoThrow(try load(customPolicy, namespace: "default", labels: [:], scope: .anyWorkload).get())
     }
 
-    func test_customAuthorizationPolicyForAnotherWorkloadOrNamespace_doesNotStopTheSidecar() throws {
-        XCTAssertNoThrow(try load(customPolicy, namespace: "production", labels: ["app": "frontend"]).get())
-        XCTAssertNoThrow(try load(customPolicy, namespace: "staging", labels: ["app": "order-service"]).get())
+    func test_customPolicyWithAProviderMissingFromTheMeshConfig_deniesEverything_withAnErrorNamingItsPlace() throws {
+        let snap = try load(customPolicy, namespace: "production", labels: ["app": "order-service"]).get()
+        let workload = WorkloadIdentity(namespace: "production", serviceAccount: "order-service", labels: ["app": "order-service"])
+        let c = AuthorizationCompiler.compile(snap.istio, workload: workload)
+        XCTAssertEqual(c.config?["custom_deny_all"]?.stringValue, "provider ext-authz not found")
+        XCTAssertEqual(c.errors.count, 1)
+        XCTAssertTrue(c.errors[0].contains("p.yaml:1: AuthorizationPolicy production/order-service-policy: CUSTOM provider \"ext-authz\" is not an extensionProvider of the mesh config"), c.errors[0])
+        // A gRPC provider is refused the same way.
+        let grpc = MeshExtensionProvider(name: "ext-authz", kind: .envoyExtAuthzGrpc(service: "authz.foo", port: 9000))
+        let g = AuthorizationCompiler.compile(snap.istio, workload: workload, providers: [grpc])
+        XCTAssertEqual(g.config?["custom_deny_all"]?.stringValue, "provider ext-authz not supported")
+        XCTAssertTrue(g.errors.first?.contains("is envoyExtAuthzGrpc, which Moonlet does not support") ?? false, "\(g.errors)")
+        // With the provider: its settings, no deny-all.
+        var a = MeshExtensionProvider.ExtAuthzHTTP()
+        a.service = "foo/authz.foo.svc.cluster.local"; a.port = 8000; a.pathPrefix = "/check"; a.timeoutMs = 900_000
+        a.includeRequestHeadersInCheck = ["X-User", "x-id-*"]
+        let ok = AuthorizationCompiler.compile(snap.istio, workload: workload, providers: [MeshExtensionProvider(name: "ext-authz", kind: .envoyExtAuthzHttp(a))])
+        XCTAssertNil(ok.config?["custom_deny_all"])
+        XCTAssertTrue(ok.errors.isEmpty)
+        XCTAssertEqual(ok.config?["provider"]?["target"]?.stringValue, "http://authz.foo.svc.cluster.local:8000")
+        XCTAssertEqual(ok.config?["provider"]?["timeout_ms"], .int(60_000))
+        XCTAssertEqual(ok.config?["provider"]?["path_prefix"]?.stringValue, "/check")
+        guard case .array(let custom)? = ok.config?["custom"] else { return XCTFail("no custom policies") }
+        XCTAssertEqual(custom.count, 1)
+    }
+
+    func test_customPolicyForAnotherWorkloadOrNamespace_isNotCompiledForThisOne() throws {
+        let snap = try load(customPolicy, namespace: "production", labels: ["app": "frontend"]).get()
+        XCTAssertNil(AuthorizationCompiler.compile(snap.istio, workload: WorkloadIdentity(namespace: "production", serviceAccount: "frontend", labels: ["app": "frontend"])).config)
+        XCTAssertNil(AuthorizationCompiler.compile(snap.istio, workload: WorkloadIdentity(namespace: "staging", serviceAccount: "x", labels: ["app": "order-service"])).config)
     }
 
     func test_meshWideRequestAuthentication_isEnforcedNow_soItLoads_forTheSidecarAndForValidate() throws {
@@ -68,17 +92,10 @@ final class UnenforcedSecurityTests: XCTestCase {
         XCTAssertNoThrow(try load(jwt, namespace: "anything", labels: [:], scope: .anyWorkload).get())
     }
 
-    func test_validate_refusesEveryUnenforcedSecurityResource_whateverItSelects() {
-        guard case .failure(let e) = load(customPolicy, namespace: "default", labels: [:], scope: .anyWorkload) else {
-            return XCTFail("moonlet validate called an unenforced CUSTOM AuthorizationPolicy valid")
-        }
-        XCTAssertTrue(e.errors.first?.description.contains("a sidecar whose workload it selects will not start") == true, e.description)
-    }
-
-    func test_policyWithoutNamespace_istakenAsTheWorkloadsOwn_soTheCheckFailsClosed() {
+    func test_policyWithoutNamespace_istakenAsTheWorkloadsOwn() throws {
         let noNamespace = customPolicy.replacingOccurrences(of: ", namespace: production", with: "")
-        guard case .failure = load(noNamespace, namespace: "orders", labels: ["app": "order-service"]) else {
-            return XCTFail("a policy with no namespace was not applied to the workload's namespace")
-        }
+        let snap = try load(noNamespace, namespace: "orders", labels: ["app": "order-service"]).get()
+        let c = AuthorizationCompiler.compile(snap.istio, workload: WorkloadIdentity(namespace: "orders", serviceAccount: "o", labels: ["app": "order-service"]))
+        XCTAssertNotNil(c.config?["custom_deny_all"], "a policy with no namespace was not applied to the workload's namespace")
     }
 }

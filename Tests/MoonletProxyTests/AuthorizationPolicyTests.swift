@@ -131,8 +131,15 @@ final class AuthorizationPolicyTests: XCTestCase {
         XCTAssertTrue(try eventually(200, .GET, "/admin"), "the filter stayed after its policies went")
     }
 
-    func test_customAction_stillRefusesTheConfiguration() throws {
+    func test_customActionWithAProviderMissingFromTheMeshConfig_deniesEveryRequest() throws {
         let custom = try seedPolicy.replacingOccurrences(of: "action: ALLOW", with: "action: CUSTOM\n  provider: {name: ext-authz}")
-        XCTAssertThrowsError(try orderService(["authz.yaml": custom]))
+        let server = try orderService(["authz.yaml": custom])
+        defer { server.stop() }
+        let frontend = try pki.issue("production", "frontend")
+        let r = try call(server, frontend, .GET, "/api/order/1")
+        XCTAssertEqual(r.status, 403)
+        XCTAssertEqual(r.body, "RBAC: access denied")
+        XCTAssertEqual(try call(server, frontend, .GET, "/other").status, 403, "fail closed denies every request, not only the matching ones")
+        XCTAssertEqual(app.seen.count, 0)
     }
 }

@@ -61,6 +61,30 @@ final class CommandTests: XCTestCase {
         XCTAssertTrue(json.hasPrefix("{\"valid\":false,\"errors\":[{\"file\":"), json)
     }
 
+    func test_validate_checksCustomProviders_againstTheMeshConfig_andNotesThemWithoutOne() throws {
+        let d = try tmpdir()
+        try """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: ext, namespace: foo}
+        spec:
+          action: CUSTOM
+          provider: {name: my-authz}
+          rules: [{}]
+        """.write(toFile: d + "/p.yaml", atomically: true, encoding: .utf8)
+        let meshDir = try tmpdir()
+        let (rc, out) = try run(["validate", d])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertTrue(out.contains("note: \(d)/p.yaml:1: AuthorizationPolicy foo/ext: CUSTOM provider \"my-authz\" not checked (no mesh config given"), out)
+        try "extensionProviders:\n- name: other\n  envoyExtAuthzHttp: {service: a.foo.svc.cluster.local, port: 80}\n".write(toFile: meshDir + "/mesh.yaml", atomically: true, encoding: .utf8)
+        let (rc2, out2) = try run(["validate", "--mesh-config", meshDir + "/mesh.yaml", d])
+        XCTAssertEqual(rc2, 1, out2)
+        XCTAssertTrue(out2.contains("p.yaml:1: AuthorizationPolicy foo/ext: CUSTOM provider \"my-authz\" is not an extensionProvider of the mesh config"), out2)
+        try "extensionProviders:\n- name: my-authz\n  envoyExtAuthzHttp: {service: a.foo.svc.cluster.local, port: 80}\n".write(toFile: meshDir + "/mesh.yaml", atomically: true, encoding: .utf8)
+        let (rc3, out3) = try run(["validate", "--mesh-config", meshDir + "/mesh.yaml", d])
+        XCTAssertEqual(rc3, 0, out3)
+    }
+
     func test_demo_runsTheGrayRelease_fromTheSeedPolicies() throws {
         let (rc, out) = try run(["demo", "--once", "--outbound-port", "0", "--admin-port", "0", "--requests", "300"])
         XCTAssertEqual(rc, 0, out)
