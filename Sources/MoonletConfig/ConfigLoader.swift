@@ -197,9 +197,6 @@ public struct ConfigLoader {
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }
-                    if kind == "Telemetry" && d.errors.isEmpty {
-                        out.skipped.append("\(file):\(doc.line): \(resource): validated but not applied yet (Moonlet's metrics, access log and tracing keep their defaults)")
-                    }
                     // AuthorizationPolicy is enforced by the builtin istio-authz filter, except
                     // CUSTOM (external authorization), which stays refused for the workloads it selects.
                     if kind == "AuthorizationPolicy" && d.errors.isEmpty && spec.child("action")?.scalarString == "CUSTOM" {

@@ -1,8 +1,9 @@
 import Yams
 
-/// The MeshConfig keys Moonlet parses and validates but does not apply yet (later work:
-/// authorization CUSTOM, telemetry, tracing, outbound policy). Each present one is listed
-/// in `MeshConfigFile.notApplied` with "parsed, not applied yet".
+/// A mesh config extension provider. zipkin, opentelemetry and envoyFileAccessLog apply
+/// when a Telemetry resource names them (TelemetryPolicy); envoyExtAuthzHttp (authorization
+/// CUSTOM) is parsed and validated but not applied yet, and is listed in
+/// `MeshConfigFile.notApplied` with "parsed, not applied yet".
 public struct MeshExtensionProvider: Sendable, Equatable {
     public var name: String
     public var kind: Kind
@@ -62,7 +63,9 @@ public struct MeshExtensionProvider: Sendable, Equatable {
     }
 }
 
-/// Telemetry and traffic keys of MeshConfig: parsed and checked, not applied yet.
+/// Telemetry and traffic keys of MeshConfig. The access log keys, enableTracing and
+/// defaultConfig.tracing apply through TelemetryPolicy (istio-accesslog, istio-tracing);
+/// outboundTrafficPolicy is parsed and checked, not applied yet.
 public struct MeshTelemetrySettings: Sendable, Equatable {
     public var accessLogFile: String?
     public enum AccessLogEncoding: String, Sendable, Equatable { case text = "TEXT", json = "JSON" }
@@ -168,7 +171,9 @@ struct MeshConfigKeysParser {
             }
             if let name, let kind {
                 out.append(MeshExtensionProvider(name: name, kind: kind))
-                note("\(field) (\(kindName) \"\(name)\": \(Self.notYet))")
+                // Access log and tracing providers apply through Telemetry (TelemetryPolicy);
+                // external authorization does not yet.
+                if kindName == "envoyExtAuthzHttp" { note("\(field) (\(kindName) \"\(name)\": \(Self.notYet))") }
             }
         }
         return out
@@ -298,7 +303,6 @@ struct MeshConfigKeysParser {
                     case "sampling":
                         guard let s = tv.string, let d = Double(s), d >= 0, d <= 100 else { err(tv, tf, "expected a percentage (0 to 100)"); continue }
                         t.tracingSampling = d
-                        note("\(tf) (\(Self.notYet))")
                     case "zipkin":
                         guard case .mapping(let zm) = tv else { err(tv, tf, "expected a mapping with address"); continue }
                         for (zk, zv) in zm {
@@ -308,7 +312,6 @@ struct MeshConfigKeysParser {
                                 err(zv, "\(tf).address", "expected host:port"); continue
                             }
                             t.zipkinAddress = a
-                            note("\(tf).address (\(Self.notYet))")
                         }
                     default: note(tf)
                     }
@@ -318,7 +321,6 @@ struct MeshConfigKeysParser {
         default:
             return false
         }
-        note("\(key) (\(Self.notYet))")
         return true
     }
 }

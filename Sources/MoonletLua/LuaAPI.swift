@@ -679,6 +679,7 @@ enum LuaAPI {
         lua_setfield(L, -2, "metrics")
         installAuthz(L)
         AuthnAPI.install(L)
+        installLogTrace(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

@@ -284,6 +284,10 @@ public struct ProxySettings: Sendable {
     public var trustDomainOverride: String?
     /// Lua budgets and the caps of memory Lua holds outside its VMs (shared dicts, metric names).
     public var luaLimits = LuaLimits()
+    /// Bytes of access log lines one file's writer may have queued (a slow or stuck disk):
+    /// past it lines are dropped and counted in moonlet_access_log_dropped_lines_total.
+    /// Default 8 MB, at least 64 KB.
+    public var accessLogMaxQueuedBytes = 8 << 20
     public init() {}
 }
 

@@ -59,6 +59,7 @@ public final class ProxyServer: @unchecked Sendable {
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, settings.concurrency))
         lua = LuaHost(logger: logger, limits: settings.luaLimits)
+        lua.telemetry.maxQueuedBytes = settings.accessLogMaxQueuedBytes
         var i = 0
         for loop in group.makeIterator() {
             let index = i
@@ -90,6 +91,7 @@ public final class ProxyServer: @unchecked Sendable {
             t.resume()
             watchTimer = t
         }
+        startLogFlushing()
         ready = true
         logger.info("moonlet ready", metadata: ["inbound": "\(boundPorts["inbound"] ?? 0)", "outbound": "\(boundPorts["outbound"] ?? 0)",
                                                 "admin": "\(boundPorts["admin"] ?? 0)", "loops": "\(contexts.count)"])
@@ -209,6 +211,16 @@ public final class ProxyServer: @unchecked Sendable {
                                                   aliases: mesh.tls.trustDomainAliases)
         for n in authz.notes { logger.notice("\(n)") }
         if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
+        // Telemetry resources and the mesh config's telemetry keys bring istio-accesslog
+        // and istio-tracing (TelemetryPolicy, TelemetryWiring.swift).
+        switch applyTelemetry(snap, mesh: mesh, identity: identity, into: &specs) {
+        case .success: break
+        case .failure(let e):
+            abandonRequestAuthn(authn)
+            lock.withLock { lastReloadError = e.description }
+            logger.error("Telemetry rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")
+            return .failure(ReloadError(message: e.description))
+        }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g
@@ -388,7 +400,8 @@ public final class ProxyServer: @unchecked Sendable {
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []
-        for c in contexts { try? c.loop.submit { c.pool.closeAll() }.wait() }
+        for c in contexts { try? c.loop.submit { c.pool.closeAll(); c.lua.vm.flushLogs() }.wait() }
+        lua.telemetry.close()
         try? group.syncShutdownGracefully()
     }
 }
