@@ -517,7 +517,9 @@ struct StreamLogRecord: AccessLogRecord {
     var upstreamHost: String { s.upstreamHost }
     var upstreamCluster: String { s.route.cluster }
     var upstreamLocalAddress: String { "" }
-    var downstreamLocalAddress: String { s.destination.address.isEmpty ? "" : "\(s.destination.address):\(s.destination.port)" }
+    /// Inbound: the "ip:port" the connection was accepted on. Outbound: not known per
+    /// stream (the original destination before iptables), "-".
+    var downstreamLocalAddress: String { s.listener == .inbound ? s.destination.address : "" }
     var downstreamRemoteAddress: String { s.source.address }
     var requestedServerName: String { "" }
     var routeName: String { s.route.cluster.isEmpty ? "" : "default" }

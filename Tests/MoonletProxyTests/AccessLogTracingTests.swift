@@ -83,7 +83,7 @@ final class AccessLogTracingTests: XCTestCase {
         }
         // Istio's default format, field by field (Moonlet has no upstream local address
         // or SNI to give on a plaintext inbound stream: "-" as Envoy prints an empty one).
-        let pattern = #"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\] "GET /hello\?x=1 HTTP/1\.1" 200 - via_upstream - "-" 0 5 \d+ - "10\.1\.2\.3[^"]*" "curl/8\.5\.0" "4f0e7d2c-req" "reviews:9080" "127\.0\.0\.1:\#(up.port)" inbound\|\#(up.port)\|\| - \S+ 127\.0\.0\.1:\d+ - default\n$"#
+        let pattern = #"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\] "GET /hello\?x=1 HTTP/1\.1" 200 - via_upstream - "-" 0 5 \d+ - "10\.1\.2\.3[^"]*" "curl/8\.5\.0" "4f0e7d2c-req" "reviews:9080" "127\.0\.0\.1:\#(up.port)" inbound\|\#(up.port)\|\| - 127\.0\.0\.1:\#(port) 127\.0\.0\.1:\d+ - default\n$"#
         XCTAssertNotNil(line.range(of: pattern, options: .regularExpression), "not Istio's default line: \(line)")
         XCTAssertEqual(line.filter { $0 == "\n" }.count, 1, "exactly one line for one request")
     }
@@ -211,6 +211,41 @@ final class AccessLogTracingTests: XCTestCase {
         XCTAssertEqual(get(c, "/after")?.status, 200)
         XCTAssertEqual(lines(logPath, atLeast: 1), ["/after"])
         XCTAssertEqual(lines(logPath + ".1", atLeast: 1), ["/before"])
+    }
+
+    func test_anUnsupportedFormatOperator_refusesTheConfig_namingIt() throws {
+        let mesh = try meshConfig("accessLogFile: /dev/null\naccessLogFormat: \"%START_TIME% %DYNAMIC_METADATA(istio.mixer:status)%\"\n")
+        XCTAssertThrowsError(try ProxyFixture(appPort: 1) { $0.meshConfigPath = mesh }) { e in
+            XCTAssertTrue("\(e)".contains("plugin istio-accesslog"), "\(e)")
+            XCTAssertTrue("\(e)".contains("%DYNAMIC_METADATA(istio.mixer:status)% is not an access log operator Moonlet supports"), "\(e)")
+        }
+    }
+
+    func test_aLuaPluginNamedIstioTracing_replacesTheBuiltin_andGetsItsCompiledConfig() throws {
+        let app = try TestUpstream()
+        defer { app.stop() }
+        let mesh = try meshConfig("defaultConfig:\n  tracing:\n    sampling: 100\n")
+        let fork = """
+        local base = require("istio-tracing")
+        local f = {}
+        f.configure = base.configure
+        function f.on_request(s, conf)
+          base.on_request(s, conf)
+          s.request.headers:set("x-fork-sampling", tostring(conf.mode))
+        end
+        f.on_log = base.on_log
+        return f
+        """
+        let fx = try ProxyFixture(appPort: app.port, files: ["my-tracing.lua": fork,
+                                                             "p.yaml": ProxyFixture.plugin("istio-tracing").replacingOccurrences(of: "istio-tracing.lua", with: "my-tracing.lua")]) {
+            $0.meshConfigPath = mesh
+        }
+        defer { fx.stop() }
+        let c = try RawClient(port: fx.inbound)
+        XCTAssertEqual(get(c)?.status, 200)
+        let seen = try XCTUnwrap(app.seen.last)
+        XCTAssertEqual(seen.headers.first(name: "x-fork-sampling"), "CLIENT_AND_SERVER", "the fork got the compiled pluginConfig")
+        XCTAssertEqual(seen.headers["x-b3-traceid"].count, 1, "one tracing filter ran, not the builtin as well")
     }
 
     // MARK: tracing
