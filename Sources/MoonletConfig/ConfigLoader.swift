@@ -199,9 +199,6 @@ public struct ConfigLoader {
                     case "Telemetry": d.telemetry(spec)
                     default: break
                     }
-                    if kind == "Telemetry" && d.errors.isEmpty {
-                        out.skipped.append("\(file):\(doc.line): \(resource): validated but not applied yet (Moonlet's metrics, access log and tracing keep their defaults)")
-                    }
                     // AuthorizationPolicy is enforced by the builtin istio-authz filter; CUSTOM
                     // goes to the mesh config's envoyExtAuthzHttp provider it names (or fails
                     // closed, AuthorizationCompiler.compile).

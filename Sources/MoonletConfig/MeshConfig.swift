@@ -10,9 +10,9 @@ import Foundation
 /// `meshMTLS` (`minProtocolVersion`, `cipherSuites`), `rootNamespace` and
 /// `pathNormalization.normalization` (kept on each ConfigSnapshot for the request path).
 /// `outboundTrafficPolicy.mode` and `protocolDetectionTimeout` are applied to intercepted
-/// traffic (docs/deploy.md). `extensionProviders`, the access log keys, `enableTracing` and
-/// `defaultConfig.tracing` are parsed and checked into `extensionProviders` and
-/// `telemetry` but not applied yet. Every key not applied is
+/// traffic (docs/deploy.md); `extensionProviders` envoyExtAuthzHttp to AuthorizationPolicy
+/// CUSTOM; the access log keys, `enableTracing` and `defaultConfig.tracing` apply through
+/// TelemetryPolicy (the builtin istio-accesslog and istio-tracing filters). Every key not applied is
 /// listed in `notApplied`, for a note whenever the file is (re)loaded. The file is either
 /// the MeshConfig itself or the `istio` ConfigMap holding it under `data.mesh`, as Istio
 /// keeps it. The proxy re-reads it on change, SIGHUP and POST /reload (docs/configuration.md).
@@ -22,9 +22,9 @@ public struct MeshConfigFile: Sendable, Equatable {
     public var pathNormalization: PathNormalization = .base
     /// `rootNamespace`: policies in it apply mesh-wide (Istio's default istio-system).
     public var rootNamespace: String = "istio-system"
-    /// `extensionProviders`, in file order (parsed, not applied yet).
+    /// `extensionProviders`, in file order (access log and tracing ones apply through Telemetry).
     public var extensionProviders: [MeshExtensionProvider] = []
-    /// Access log, tracing and outbound policy keys (parsed, not applied yet).
+    /// Access log, tracing (applied) and outbound policy (not yet) keys.
     public var telemetry = MeshTelemetrySettings()
     /// Keys present but not applied by Moonlet (dotted paths).
     public var notApplied: [String] = []

@@ -1,10 +1,11 @@
 import Yams
 
-/// `extensionProviders` of MeshConfig. `envoyExtAuthzHttp` providers are applied: the
+/// A mesh config extension provider. `envoyExtAuthzHttp` providers are applied: the
 /// AuthorizationPolicies with action CUSTOM that name them are enforced by the builtin
 /// istio-authz filter (docs/security.md). `envoyExtAuthzGrpc` is parsed and refused (a
-/// CUSTOM policy naming it denies every request). The telemetry kinds are parsed and
-/// validated but not applied yet: each present one is listed in
+/// CUSTOM policy naming it denies every request). zipkin, opentelemetry and
+/// envoyFileAccessLog apply when a Telemetry resource names them (TelemetryPolicy); a
+/// kind Moonlet does not apply is listed in
 /// `MeshConfigFile.notApplied` with "parsed, not applied yet".
 public struct MeshExtensionProvider: Sendable, Equatable {
     public var name: String
@@ -72,7 +73,9 @@ public struct MeshExtensionProvider: Sendable, Equatable {
     }
 }
 
-/// Telemetry and traffic keys of MeshConfig: parsed and checked, not applied yet.
+/// Telemetry and traffic keys of MeshConfig. The access log keys, enableTracing and
+/// defaultConfig.tracing apply through TelemetryPolicy (istio-accesslog, istio-tracing);
+/// outboundTrafficPolicy is parsed and checked, not applied yet.
 public struct MeshTelemetrySettings: Sendable, Equatable {
     public var accessLogFile: String?
     public enum AccessLogEncoding: String, Sendable, Equatable { case text = "TEXT", json = "JSON" }
@@ -187,7 +190,7 @@ struct MeshConfigKeysParser {
                 switch kindName {
                 case "envoyExtAuthzHttp": break  // applied: AuthorizationPolicy CUSTOM
                 case "envoyExtAuthzGrpc": note("\(field) (envoyExtAuthzGrpc \"\(name)\": not supported; an AuthorizationPolicy CUSTOM naming it denies every request of the workloads it selects)")
-                default: note("\(field) (\(kindName) \"\(name)\": \(Self.notYet))")
+                default: break  // access log and tracing providers apply through Telemetry (TelemetryPolicy)
                 }
             }
         }
@@ -324,7 +327,6 @@ struct MeshConfigKeysParser {
                     case "sampling":
                         guard let s = tv.string, let d = Double(s), d >= 0, d <= 100 else { err(tv, tf, "expected a percentage (0 to 100)"); continue }
                         t.tracingSampling = d
-                        note("\(tf) (\(Self.notYet))")
                     case "zipkin":
                         guard case .mapping(let zm) = tv else { err(tv, tf, "expected a mapping with address"); continue }
                         for (zk, zv) in zm {
@@ -334,7 +336,6 @@ struct MeshConfigKeysParser {
                                 err(zv, "\(tf).address", "expected host:port"); continue
                             }
                             t.zipkinAddress = a
-                            note("\(tf).address (\(Self.notYet))")
                         }
                     default: note(tf)
                     }
@@ -344,7 +345,6 @@ struct MeshConfigKeysParser {
         default:
             return false
         }
-        note("\(key) (\(Self.notYet))")
         return true
     }
 }

@@ -124,6 +124,11 @@ public final class ConfigSnapshot: @unchecked Sendable {
     /// mesh config change applies to the requests that start after it. The request path
     /// does not normalize with it yet (docs/path-normalization.md).
     public var pathNormalization: PathNormalization = .base
+    /// The Telemetry resources and mesh config telemetry keys compiled for this workload
+    /// (set by the proxy at each config load): access log and tracing (applied by the
+    /// builtin istio-accesslog and istio-tracing filters) and the metric overrides the
+    /// stats filter reads (`telemetry.metrics`).
+    public var telemetry = TelemetryPolicy()
 
     public init(version: Int, plugins: [LuaPluginSpec], istio: [IstioResource], skipped: [String], files: [String], routes: RouteTable = .empty) {
         self.version = version; self.plugins = plugins; self.istio = istio; self.skipped = skipped; self.files = files; self.routes = routes

@@ -855,7 +855,10 @@ extension TrafficDecoder {
             modeSelector(a.child("match"), "\(path).match")
             providers(a.child("providers"), "\(path).providers")
             _ = bool(a.child("disabled"), "\(path).disabled")
-            if let f = a.child("filter"), fields(f, "\(path).filter", ["expression"]) { _ = string(f.child("expression"), "\(path).filter.expression") }
+            if let f = a.child("filter"), fields(f, "\(path).filter", ["expression"]), let x = string(f.child("expression"), "\(path).filter.expression") {
+                // Moonlet evaluates a subset of CEL: anything else is refused here, with its place.
+                do { _ = try AccessLogFilter.parse(x) } catch let e as ConfigError { err(f.child("expression"), "\(path).filter.expression", e.message) } catch {}
+            }
         }
     }
 }

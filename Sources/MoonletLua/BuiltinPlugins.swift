@@ -1,6 +1,75 @@
 /// Lua filters that ship inside the binary. The text of each is the file of the same
 /// name in plugins/ (a test keeps them identical; scripts/gen-builtins writes this file).
 public enum BuiltinPlugins {
+    /// plugins/istio-accesslog.lua
+    public static let istioAccesslog = #"""
+-- Istio's access log: Telemetry `accessLogging` and the mesh config's accessLogFile.
+--
+-- Moonlet adds this filter (phase STATS) when an access log is on for the workload:
+-- a Telemetry resource's accessLogging (mesh, namespace or workload scope, the most
+-- specific wins) or the mesh config's accessLogFile. Its pluginConfig is built at
+-- config load:
+--   outputs  list of {path, text} (an Envoy format string) or {path, labels} (a list
+--            of {key, format} pairs: one JSON object per line, keys in that order);
+--            provider `envoy` is Istio's default (accessLogFile, else /dev/stdout,
+--            with accessLogEncoding / accessLogFormat); envoyFileAccessLog extension
+--            providers give their own path and format.
+--   filter   nil (log every stream), false (`filter.expression: false`), or a list of
+--            {attr = "code" | "method", op, value} that must all hold (the supported
+--            CEL: `response.code >= 400 && request.method == "GET"`).
+--   mode     CLIENT_AND_SERVER, CLIENT (outbound streams only) or SERVER (inbound only).
+--
+-- The decision (mode, filter) is here; formatting and the file are native
+-- (moonlet.accesslog): the line is formatted with a format compiled once, buffered per
+-- event loop and written by a thread of its own, so a slow disk never holds a request
+-- (past the queue bound, lines are dropped and counted).
+local f = {}
+local accesslog = moonlet.accesslog
+local write = accesslog.write
+
+function f.configure(c)
+  local conf = { outputs = {}, filter = c.filter, mode = c.mode or "CLIENT_AND_SERVER" }
+  for i, o in ipairs(c.outputs or {}) do
+    conf.outputs[i] = accesslog.open(o.path, o.labels or o.text)
+  end
+  conf.n = #conf.outputs
+  if conf.mode == "CLIENT" then conf.only = "outbound" elseif conf.mode == "SERVER" then conf.only = "inbound" end
+  return conf
+end
+
+local function holds(v, op, want)
+  if v == nil then return op == "!=" end
+  if op == "==" then return v == want
+  elseif op == "!=" then return v ~= want
+  elseif op == ">=" then return v >= want
+  elseif op == ">" then return v > want
+  elseif op == "<=" then return v <= want
+  elseif op == "<" then return v < want end
+  return false
+end
+
+--- on_log: runs once per stream when it ends (local replies and errors included);
+--- writes one line to every output when the mode and the filter expression let it.
+function f.on_log(s, conf)
+  if conf.only and s.listener ~= conf.only then return end
+  local filter = conf.filter
+  if filter == false then return end
+  if filter then
+    for i = 1, #filter do
+      local c = filter[i]
+      local v
+      if c.attr == "code" then v = s.response.status or 0 else v = s.request.method end
+      if not holds(v, c.op, c.value) then return end
+    end
+  end
+  local outs = conf.outputs
+  for i = 1, conf.n do write(s, outs[i]) end
+end
+
+return f
+
+"""#
+
     /// plugins/istio-authn.lua
     public static let istioAuthn = #"""
 -- Istio RequestAuthentication for the inbound listener: JWTs are looked for where
@@ -1017,12 +1086,72 @@ return stats
 
 """#
 
+    /// plugins/istio-tracing.lua
+    public static let istioTracing = #"""
+-- Istio's tracing: B3 / W3C trace propagation, x-request-id, and one span per sidecar
+-- per request (CLIENT on the outbound listener, SERVER on the inbound one, the server
+-- span a child of the client's).
+--
+-- Moonlet adds this filter (phase STATS) when tracing is on for the workload: a
+-- Telemetry resource's `tracing` section, or the mesh config's enableTracing /
+-- defaultConfig.tracing. Its pluginConfig is built at config load: `sampling`
+-- (percent of new traces: Telemetry randomSamplingPercentage, else
+-- defaultConfig.tracing.sampling, else 1), `collectors` ({address, format = zipkin |
+-- otlp}), `report` (false with disableSpanReporting), `mode` (CLIENT_AND_SERVER, CLIENT,
+-- SERVER: which side reports spans; both sides propagate), the identity tags (service
+-- `<app>.<namespace>`, istio.canonical_service, istio.namespace, istio.mesh_id,
+-- node_id) and `custom_tags` ({tag, kind = literal | header | environment, value,
+-- default}).
+--
+-- Ids, clocks, headers and export are native (moonlet.trace). A caller's sampling
+-- decision (x-b3-sampled, x-b3-flags, b3, traceparent flags) is kept; otherwise the
+-- sampling rate decides for a new trace. An unsampled request costs the header
+-- propagation only: no span is kept and on_log returns at once.
+local f = {}
+local trace = moonlet.trace
+local start, finish = trace.start, trace.finish
+
+function f.configure(c)
+  local conf = { mode = c.mode or "CLIENT_AND_SERVER" }
+  conf.tracer = trace.tracer(c)
+  -- The side that does not report still propagates: a tracer with reporting off.
+  if conf.mode ~= "CLIENT_AND_SERVER" then
+    local quiet = {}
+    for k, v in pairs(c) do quiet[k] = v end
+    quiet.report = false
+    conf.quiet = trace.tracer(quiet)
+    conf.reporting = conf.mode == "CLIENT" and "outbound" or "inbound"
+  end
+  return conf
+end
+
+-- Spans this VM has open (the fast exit of on_log when there is none).
+local open = 0
+
+--- on_request: continues or starts the trace, writes the headers the next hop reads.
+function f.on_request(s, conf)
+  local t = conf.tracer
+  if conf.reporting and s.listener ~= conf.reporting then t = conf.quiet end
+  if start(s, t) then open = open + 1 end
+end
+
+--- on_log: ends the stream's span and queues it for export (sampled streams only).
+function f.on_log(s, conf)
+  if open > 0 and finish(s) then open = open - 1 end
+end
+
+return f
+
+"""#
+
     /// Every builtin by name, for `builtin://NAME` plugin urls and `moonlet plugins export`.
     public static let all: [(name: String, source: String)] = [
+        ("istio-accesslog", istioAccesslog),
         ("istio-authn", istioAuthn),
         ("istio-authz", istioAuthz),
         ("istio-router", istioRouter),
         ("istio-stats", istioStats),
+        ("istio-tracing", istioTracing),
     ]
 
     /// Source by name, for `builtin://NAME` plugin urls.

@@ -681,6 +681,7 @@ enum LuaAPI {
         ml_pushapifunction(L, httpCall); lua_setfield(L, -2, "call")
         ml_push_readonly(L, "moonlet.http")
         lua_setfield(L, -2, "http")
+        installLogTrace(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.
         lua_createtable(L, 0, 6)

@@ -50,6 +50,9 @@ public final class LuaHost: @unchecked Sendable {
     var metricSeries: Set<String> = []
     /// Counter of `moonlet.metrics` calls refused because they would add a series past the cap.
     public static let refusedSeriesMetric = "moonlet_metric_series_refused_total"
+    /// Access log files and trace exporters of the builtin istio-accesslog and
+    /// istio-tracing filters (LogTraceAPI.swift).
+    public let telemetry = TelemetryOutputs()
 
     /// The metrics filters define with moonlet.metrics (capped by `limits.maxMetricSeries`).
     public let userMetrics: UserMetricRegistry
@@ -201,6 +204,15 @@ extension LuaPluginSpec {
         s.phase = "STATS"
         s.failStrategy = .failOpen
         return s
+    }
+
+    /// A builtin of phase STATS, last in it, that fails open (a telemetry filter never
+    /// fails a request): istio-accesslog and istio-tracing, configured at config load
+    /// (TelemetryPolicy).
+    public static func builtinTelemetry(_ name: String, _ config: ConfigValue) -> LuaPluginSpec {
+        LuaPluginSpec(name: name, namespace: "", path: "builtin://\(name)", phase: "STATS", priority: Int(Int32.min),
+                      pluginConfig: config, failStrategy: .failOpen, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
+                      timeoutMs: nil, file: "builtin", line: 0)
     }
 
     /// The builtin Istio router (plugins/istio-router.lua).

@@ -78,6 +78,8 @@ public final class LuaVM {
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     /// The router's Lua tables per configuration snapshot (RouterAPI.swift).
     var routerCache = RouterCache()
+    /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
+    var logTrace = LogTraceLoopState()
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]
@@ -107,6 +109,10 @@ public final class LuaVM {
 
     /// Bytes the VM has allocated.
     public var memoryUsed: Int { limitsPtr.pointee.used }
+
+    /// Hands this loop's pending access log lines to their writers (a timer on the loop
+    /// calls it every 100 ms, and the proxy at stop).
+    public func flushLogs() { logTrace.flush() }
 
     static func vm(_ L: OpaquePointer?) -> LuaVM {
         Unmanaged<LuaVM>.fromOpaque(ml_getvm(L)!).takeUnretainedValue()

@@ -20,6 +20,7 @@ import Foundation
 /// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |
 /// | GET | /plugins | JSON per plugin: hash, load time, last error, executions, errors, time |
 /// | POST | /plugins/reload | reload config and plugins now; 200 or 400 with the errors |
+/// | POST | /reopen_logs | open the access log files again (Envoy's endpoint; SIGUSR1 does the same) |
 ///
 /// The Prometheus and health ports follow `--bind` (the pod network may reach them), so
 /// they answer only their own paths; the rest of the API is on the admin port alone.
@@ -92,7 +93,7 @@ final class AdminHandler: ChannelInboundHandler {
             server.metricsSnapshot().and(server.luaMemory()).whenComplete { r in
                 switch r {
                 case .success(let (snap, mem)):
-                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))], user: self.server.lua.userMetrics) + self.server.clusterMetrics(), "text/plain; version=0.0.4")
+                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))], user: self.server.lua.userMetrics) + self.server.clusterMetrics() + self.server.lua.telemetry.prometheus(), "text/plain; version=0.0.4")
                 case .failure(let e): reply(.internalServerError, "\(e)\n")
                 }
             }
@@ -109,6 +110,12 @@ final class AdminHandler: ChannelInboundHandler {
             server.metricsSnapshot().whenComplete { r in
                 let stats = (try? r.get())?.plugins ?? [:]
                 reply(.ok, self.pluginsJSON(stats) + "\n", "application/json")
+            }
+        case (.POST, "/reopen_logs"):
+            // Envoy's admin endpoint: access log files are opened again (logrotate).
+            DispatchQueue.global().async {
+                self.server.reopenAccessLogs()
+                reply(.ok, "OK\n")
             }
         case (.POST, "/plugins/reload"), (.POST, "/reload"):
             DispatchQueue.global().async {

@@ -310,6 +310,10 @@ public struct ProxySettings: Sendable {
     /// Tests: gives the original destination of an accepted connection instead of the
     /// socket (nil: not intercepted).
     public var originalDestinationOverride: (@Sendable (_ role: ListenerRole, _ local: SocketAddress?) -> SocketAddress?)?
+    /// Bytes of access log lines one file's writer may have queued (a slow or stuck disk):
+    /// past it lines are dropped and counted in moonlet_access_log_dropped_lines_total.
+    /// Default 8 MB, at least 64 KB.
+    public var accessLogMaxQueuedBytes = 8 << 20
     public init() {}
 }
 

@@ -68,6 +68,7 @@ public final class ProxyServer: @unchecked Sendable {
         let id = settings.identity
         lua.ownWorkload = MeshWorkload(workload: id.effectiveWorkloadName, namespace: id.namespace, labels: id.labels,
                                        cluster: id.clusterID, serviceAccount: id.serviceAccount, serial: 0)
+        lua.telemetry.maxQueuedBytes = settings.accessLogMaxQueuedBytes
         var i = 0
         for loop in group.makeIterator() {
             let index = i
@@ -101,6 +102,7 @@ public final class ProxyServer: @unchecked Sendable {
             t.resume()
             watchTimer = t
         }
+        startLogFlushing()
         started = true
         logger.info("moonlet ready", metadata: ["inbound": "\(boundPorts["inbound"] ?? 0)", "outbound": "\(boundPorts["outbound"] ?? 0)",
                                                 "admin": "\(boundPorts["admin"] ?? 0)", "loops": "\(contexts.count)"])
@@ -240,6 +242,16 @@ public final class ProxyServer: @unchecked Sendable {
         // LuaPlugin of that name replaces it (then only that one records them).
         if !specs.contains(where: { $0.name == "istio-stats" }) { specs.append(.builtinStats) }
         lua.trustDomain = mesh.tls.trustDomain ?? "cluster.local"
+        // Telemetry resources and the mesh config's telemetry keys bring istio-accesslog
+        // and istio-tracing (TelemetryPolicy, TelemetryWiring.swift).
+        switch applyTelemetry(snap, mesh: mesh, identity: identity, into: &specs) {
+        case .success: break
+        case .failure(let e):
+            abandonRequestAuthn(authn)
+            lock.withLock { lastReloadError = e.description }
+            logger.error("Telemetry rejected (\(reason)); keeping the last good snapshot:\n\(e.description)")
+            return .failure(ReloadError(message: e.description))
+        }
         let gen: LuaPluginGeneration
         switch lua.prepare(specs) {
         case .success(let g): gen = g
@@ -424,7 +436,8 @@ public final class ProxyServer: @unchecked Sendable {
         for l in listeners { try? l.close().wait() }
         for a in adminChannels { try? a.close().wait() }
         listeners = []; adminChannels = []
-        for c in contexts { try? c.loop.submit { c.pool.closeAll() }.wait() }
+        for c in contexts { try? c.loop.submit { c.pool.closeAll(); c.lua.vm.flushLogs() }.wait() }
+        lua.telemetry.close()
         try? group.syncShutdownGracefully()
     }
 }

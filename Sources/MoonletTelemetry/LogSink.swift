@@ -82,12 +82,15 @@ public final class LogSink: @unchecked Sendable {
         cond.unlock(withValue: 1)
     }
 
-    /// Writes what is queued, then stops the writer and closes the file.
-    public func close() {
+    /// Writes what is queued, then stops the writer and closes the file. Waits at most
+    /// `timeoutSeconds` for it: a writer stuck in write(2) (a full pipe nobody reads, a
+    /// hung network disk) is left behind rather than holding the caller (a proxy stopping).
+    public func close(timeoutSeconds: Double = 2) {
         cond.lock()
         stopping = true
         cond.unlock(withValue: 1)
-        while thread != nil && !(thread?.isFinished ?? true) { usleep(1000) }
+        var waited = 0.0
+        while thread != nil && !(thread?.isFinished ?? true) && waited < timeoutSeconds { usleep(1000); waited += 0.001 }
     }
 
     func run() {
@@ -157,6 +160,17 @@ public final class LogBuffer {
     public func append(_ line: String) {
         bytes.append(contentsOf: line.utf8)
         bytes.append(10)
+        lines += 1
+        if bytes.count >= flushBytes { flush() }
+    }
+
+    /// Appends one formatted line, adding the newline only when it does not end with one
+    /// (Istio's formats end with "\n"; a custom one may not, and Istio adds it).
+    @inline(__always)
+    public func appendLine(_ line: String) {
+        var l = line
+        l.withUTF8 { bytes.append(contentsOf: $0) }
+        if bytes.last != 10 { bytes.append(10) }
         lines += 1
         if bytes.count >= flushBytes { flush() }
     }

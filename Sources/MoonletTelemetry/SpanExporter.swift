@@ -73,7 +73,8 @@ public final class SpanExporter: @unchecked Sendable {
 
     func run() {
         while true {
-            _ = cond.lock(whenValue: 1, timeoutSeconds: flushInterval)
+            // On timeout the condition lock is not held: take it plainly (the batch period).
+            if !cond.lock(whenValue: 1, timeoutSeconds: flushInterval) { cond.lock() }
             let batch = Array(queue.prefix(batchSize))
             queue.removeFirst(batch.count)
             let stop = stopping && queue.isEmpty

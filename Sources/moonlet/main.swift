@@ -148,15 +148,20 @@ struct SidecarOptions: ParsableArguments {
     }
 }
 
-/// Installs SIGTERM (drain, exit 0), SIGINT (stop) and SIGHUP (reload).
+/// Installs SIGTERM (drain, exit 0), SIGINT (stop), SIGHUP (reload) and SIGUSR1
+/// (reopen the access log files, as Envoy does for logrotate).
 /// `beforeExit` runs after the drain (the demo removes its files there).
 func installSignals(_ server: ProxyServer, beforeExit: @escaping () -> Void = {}) -> [DispatchSourceSignal] {
     var sources: [DispatchSourceSignal] = []
-    for sig in [SIGTERM, SIGINT, SIGHUP] {
+    // A log reader gone (stdout piped to a process that exited) must not kill the proxy:
+    // writes get EPIPE instead, as Envoy ignores SIGPIPE.
+    signal(SIGPIPE, SIG_IGN)
+    for sig in [SIGTERM, SIGINT, SIGHUP, SIGUSR1] {
         signal(sig, SIG_IGN)
         let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
         src.setEventHandler {
             if sig == SIGHUP { server.reload(reason: "SIGHUP"); return }
+            if sig == SIGUSR1 { server.reopenAccessLogs(); return }
             server.drainAndStop()
             beforeExit()
             exit(0)

@@ -1,0 +1,526 @@
+import CLua
+import CLuaBounded
+import MoonletCore
+import MoonletTelemetry
+import NIOConcurrencyHelpers
+#if canImport(Foundation)
+import Foundation
+#endif
+
+/// `moonlet.accesslog` and `moonlet.trace`: the native primitives of the builtin
+/// `istio-accesslog` and `istio-tracing` filters. The filters decide (enabled? filter
+/// expression? which tracer?) in Lua; formatting, ids, clocks and I/O stay native.
+///
+/// - `accesslog.open(path, format)`: a handle (integer) for an access log output: `path`
+///   a file (created 0644, appended to) or /dev/stdout; `format` an Envoy text format
+///   string, or a list of `{key, format}` pairs for JSON (one object per line, keys in
+///   that order). Compiled once; raises naming a bad operator or a file that cannot be
+///   opened. Call it from `configure`: outputs live as long as the proxy (a path and
+///   format used again give the same handle).
+/// - `accesslog.write(s, handle)`: formats the finished stream with the compiled format
+///   and appends the line to this loop's buffer for that file; a writer thread writes it
+///   (bounded: past 8 MB queued, lines are dropped and counted in
+///   `moonlet_access_log_dropped_lines_total`). For `on_log`.
+/// - `trace.tracer(conf)`: a handle for a tracer: `conf` holds `sampling` (percent),
+///   `collectors` ({address, format = "zipkin"|"otlp", max_tag_length}), `report`,
+///   `service`, `canonical_service`, `canonical_revision`, `namespace`, `mesh_id`,
+///   `node_id`, `inbound_operation` and `custom_tags` ({tag, kind, value, default}).
+/// - `trace.start(s, tracer)`: reads the trace headers (B3 single, B3 multi, W3C), starts
+///   a new trace when there is none, makes this sidecar's span a child of the caller's,
+///   writes the headers the next hop reads (x-b3-*, traceparent, tracestate, and `b3`
+///   when it came), and x-request-id when absent. Returns true when the span is recorded
+///   (sampled and a collector to report to). For `on_request`.
+/// - `trace.finish(s)`: ends the stream's recorded span and queues it for export (off the
+///   loop, batched). Returns whether there was one. For `on_log`.
+extension LuaAPI {
+    static func installLogTrace(_ L: OpaquePointer) {
+        // Called with the moonlet table on top.
+        lua_createtable(L, 0, 2)
+        ml_pushapifunction(L, accessLogOpen); lua_setfield(L, -2, "open")
+        ml_pushapifunction(L, accessLogWrite); lua_setfield(L, -2, "write")
+        ml_push_readonly(L, "moonlet.accesslog")
+        lua_setfield(L, -2, "accesslog")
+        lua_createtable(L, 0, 3)
+        ml_pushapifunction(L, traceTracer); lua_setfield(L, -2, "tracer")
+        ml_pushapifunction(L, traceStart); lua_setfield(L, -2, "start")
+        ml_pushapifunction(L, traceFinish); lua_setfield(L, -2, "finish")
+        ml_push_readonly(L, "moonlet.trace")
+        lua_setfield(L, -2, "trace")
+    }
+
+    static func field(_ L: OpaquePointer?, _ idx: Int32, _ key: String) -> String? {
+        lua_getfield(L, idx, key)
+        defer { ml_pop(L, 1) }
+        return str(L, -1)
+    }
+
+    static let accessLogOpen: lua_CFunction = { L in
+        guard let path = str(L, 1), !path.isEmpty else { return fail(L, "accesslog.open(path, format): path must be a non-empty string") }
+        let vm = LuaVM.vm(L)
+        let handle: Int
+        do {
+            if lua_type(L, 2) == LUA_TSTRING {
+                handle = try vm.host.telemetry.accessLog(path: path, text: str(L, 2)!)
+            } else if ml_istable(L, 2) != 0 {
+                var labels: [(String, String)] = []
+                let n = Int(lua_rawlen(L, 2))
+                guard n <= 256 else { return fail(L, "accesslog.open: at most 256 JSON keys") }
+                for i in 1...max(1, n) where i <= n {
+                    lua_rawgeti(L, 2, lua_Integer(i))
+                    defer { ml_pop(L, 1) }
+                    guard ml_istable(L, -1) != 0 else { return fail(L, "accesslog.open: JSON format entry \(i) must be {key, format}") }
+                    lua_rawgeti(L, -1, 1); let k = str(L, -1); ml_pop(L, 1)
+                    lua_rawgeti(L, -1, 2); let v = str(L, -1); ml_pop(L, 1)
+                    guard let k, let v else { return fail(L, "accesslog.open: JSON format entry \(i) must be {key, format} strings") }
+                    labels.append((k, v))
+                }
+                handle = try vm.host.telemetry.accessLog(path: path, labels: labels)
+            } else {
+                return fail(L, "accesslog.open(path, format): format must be a string (text) or a list of {key, format} (JSON)")
+            }
+        } catch {
+            return fail(L, "accesslog.open: \(error)")
+        }
+        lua_pushinteger(L, lua_Integer(handle))
+        return 1
+    }
+
+    static let accessLogWrite: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "write"), kind == .stream else { return fail(L, outside) }
+        let h = Int(ml_tointeger(L, 2))
+        guard let out = vm.logTrace.output(h, vm.host.telemetry) else { return fail(L, "accesslog.write(s, handle): not an access log handle") }
+        let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos())
+        out.buffer.appendLine(out.format.render(rec))
+        return 0
+    }
+
+    static let traceTracer: lua_CFunction = { L in
+        guard ml_istable(L, 1) != 0 else { return fail(L, "trace.tracer(conf): conf must be a table") }
+        var c = TracerConfig()
+        lua_getfield(L, 1, "sampling")
+        if lua_type(L, -1) == LUA_TNUMBER { c.samplingPercent = min(100, max(0, ml_tonumber(L, -1))) }
+        ml_pop(L, 1)
+        lua_getfield(L, 1, "report")
+        c.report = lua_type(L, -1) == LUA_TNIL || lua_toboolean(L, -1) != 0
+        ml_pop(L, 1)
+        c.service = field(L, 1, "service") ?? "unknown"
+        c.canonicalService = field(L, 1, "canonical_service") ?? "unknown"
+        c.canonicalRevision = field(L, 1, "canonical_revision") ?? "latest"
+        c.namespace = field(L, 1, "namespace") ?? "default"
+        c.meshID = field(L, 1, "mesh_id") ?? "cluster.local"
+        c.nodeID = field(L, 1, "node_id") ?? ""
+        c.inboundOperation = field(L, 1, "inbound_operation") ?? ""
+        lua_getfield(L, 1, "collectors")
+        if ml_istable(L, -1) != 0 {
+            let n = Int(lua_rawlen(L, -1))
+            for i in 1...max(1, n) where i <= n && i <= 16 {
+                lua_rawgeti(L, -1, lua_Integer(i))
+                if ml_istable(L, -1) != 0, let a = field(L, -1, "address") {
+                    let f = field(L, -1, "format") ?? "zipkin"
+                    lua_getfield(L, -1, "max_tag_length")
+                    let maxTag = lua_type(L, -1) == LUA_TNUMBER ? Int(ml_tointeger(L, -1)) : nil
+                    ml_pop(L, 1)
+                    c.collectors.append((a, f == "otlp" ? .otlp : .zipkin, maxTag))
+                }
+                ml_pop(L, 1)
+            }
+        }
+        ml_pop(L, 1)
+        lua_getfield(L, 1, "custom_tags")
+        if ml_istable(L, -1) != 0 {
+            let n = Int(lua_rawlen(L, -1))
+            for i in 1...max(1, n) where i <= n && i <= 64 {
+                lua_rawgeti(L, -1, lua_Integer(i))
+                if ml_istable(L, -1) != 0, let tag = field(L, -1, "tag"), let kind = field(L, -1, "kind"), let value = field(L, -1, "value") {
+                    c.customTags.append(.init(tag: tag, kind: kind, value: value, defaultValue: field(L, -1, "default")))
+                }
+                ml_pop(L, 1)
+            }
+        }
+        ml_pop(L, 1)
+        let h: Int
+        do { h = try LuaVM.vm(L).host.telemetry.tracer(c) } catch { return fail(L, "trace.tracer: \(error)") }
+        lua_pushinteger(L, lua_Integer(h))
+        return 1
+    }
+
+    static let traceStart: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "start"), kind == .stream else { return fail(L, outside) }
+        guard let tracer = vm.logTrace.tracer(Int(ml_tointeger(L, 2)), vm.host.telemetry) else { return fail(L, "trace.start(s, tracer): not a tracer handle") }
+        let recorded = vm.logTrace.start(s, tracer, rng: &vm.rng)
+        lua_pushboolean(L, recorded ? 1 : 0)
+        return 1
+    }
+
+    static let traceFinish: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "finish"), kind == .stream else { return fail(L, outside) }
+        lua_pushboolean(L, vm.logTrace.finish(s) ? 1 : 0)
+        return 1
+    }
+}
+
+/// What `trace.tracer` is given (from istio-tracing's pluginConfig).
+struct TracerConfig {
+    struct Tag { var tag: String; var kind: String; var value: String; var defaultValue: String? }
+    var samplingPercent: Double = 1
+    var report = true
+    var service = "unknown", canonicalService = "unknown", canonicalRevision = "latest", namespace = "default", meshID = "cluster.local"
+    var nodeID = "", inboundOperation = ""
+    var collectors: [(String, SpanExporter.Format, Int?)] = []
+    var customTags: [Tag] = []
+
+    var key: String {
+        "\(samplingPercent)|\(report)|\(service)|\(canonicalService)|\(canonicalRevision)|\(namespace)|\(meshID)|\(nodeID)|\(inboundOperation)|"
+            + collectors.map { "\($0.0),\($0.1.rawValue),\($0.2 ?? -1)" }.joined(separator: ";") + "|"
+            + customTags.map { "\($0.tag),\($0.kind),\($0.value),\($0.defaultValue ?? "\u{0}")" }.joined(separator: ";")
+    }
+}
+
+/// A tracer: its sampling rate, the collectors its spans go to and the tags every span
+/// of this sidecar carries. Immutable once made; shared by every loop.
+final class Tracer: @unchecked Sendable {
+    /// Sampled when a random number below 1,000,000 is under this.
+    let samplingPerMillion: UInt64
+    let exporters: [(SpanExporter, Int?)]
+    let report: Bool
+    let service: String
+    let inboundOperation: String
+    /// Tags that do not depend on the request (Istio's, literal and environment custom tags).
+    let fixedTags: [(String, String)]
+    /// Header custom tags: tag, lowercase header name, default.
+    let headerTags: [(String, String, String?)]
+
+    init(_ c: TracerConfig, exporters: [(SpanExporter, Int?)]) {
+        samplingPerMillion = UInt64((c.samplingPercent * 10_000).rounded())
+        self.exporters = exporters
+        report = c.report && !exporters.isEmpty
+        service = c.service
+        inboundOperation = c.inboundOperation
+        var fixed: [(String, String)] = [("istio.canonical_service", c.canonicalService), ("istio.canonical_revision", c.canonicalRevision),
+                                         ("istio.namespace", c.namespace), ("istio.mesh_id", c.meshID), ("component", "proxy")]
+        if !c.nodeID.isEmpty { fixed.append(("node_id", c.nodeID)) }
+        var headers: [(String, String, String?)] = []
+        for t in c.customTags {
+            switch t.kind {
+            case "literal": fixed.append((t.tag, t.value))
+            case "environment":
+                if let v = ProcessInfo.processInfo.environment[t.value] { fixed.append((t.tag, v)) } else if let d = t.defaultValue { fixed.append((t.tag, d)) }
+            default: headers.append((t.tag, t.value.lowercased(), t.defaultValue))
+            }
+        }
+        fixedTags = fixed
+        headerTags = headers
+    }
+
+    @inline(__always)
+    func sample(_ rng: inout Xoshiro256) -> Bool {
+        if samplingPerMillion >= 1_000_000 { return true }
+        if samplingPerMillion == 0 { return false }
+        return rng.next() % 1_000_000 < samplingPerMillion
+    }
+}
+
+/// The access log outputs and tracers of one proxy (kept by its LuaHost): made at
+/// config load under a lock, never removed (a path and format used again, or a tracer
+/// configured the same, give the same handle, so reloads do not pile them up). Loops
+/// read them through their own cache (`LogTraceLoopState`), never under this lock per
+/// request.
+public final class TelemetryOutputs: @unchecked Sendable {
+    struct AccessLogOutput { let key: String; let format: AccessLogFormat; let sink: LogSink }
+    let lock = NIOLock()
+    var sinks: [String: LogSink] = [:]
+    var outputs: [AccessLogOutput] = []
+    var tracers: [(String, Tracer)] = []
+    var exporters: [String: SpanExporter] = [:]
+    /// At most this many outputs and tracers (a config that makes new ones on every
+    /// reload must not grow the proxy without bound).
+    static let maxHandles = 256
+    /// Bytes an access log file's writer may have queued before lines are dropped
+    /// (ProxySettings.accessLogMaxQueuedBytes; at least 64 KB). Set before the first load.
+    public var maxQueuedBytes = 8 << 20
+
+    public init() {}
+
+    func accessLog(path: String, text: String) throws -> Int {
+        let format = try AccessLogFormat(text: text)
+        return try register(key: "\(path)\u{0}T\u{0}\(text)", path: path, format: format)
+    }
+
+    func accessLog(path: String, labels: [(String, String)]) throws -> Int {
+        let format = try AccessLogFormat(json: labels)
+        return try register(key: "\(path)\u{0}J\u{0}" + labels.map { "\($0.0)\u{1}\($0.1)" }.joined(separator: "\u{2}"), path: path, format: format)
+    }
+
+    func register(key: String, path: String, format: AccessLogFormat) throws -> Int {
+        try lock.withLock {
+            if let i = outputs.firstIndex(where: { $0.key == key }) { return i }
+            guard outputs.count < Self.maxHandles else { throw TelemetryOutputError(message: "more than \(Self.maxHandles) access log outputs") }
+            let sink: LogSink
+            if let s = sinks[path] { sink = s } else { sink = try LogSink(path: path, maxQueuedBytes: maxQueuedBytes); sinks[path] = sink }
+            outputs.append(AccessLogOutput(key: key, format: format, sink: sink))
+            return outputs.count - 1
+        }
+    }
+
+    func output(_ i: Int) -> AccessLogOutput? { lock.withLock { outputs.indices.contains(i) ? outputs[i] : nil } }
+
+    func tracer(_ c: TracerConfig) throws -> Int {
+        let key = c.key
+        return try lock.withLock {
+            if let i = tracers.firstIndex(where: { $0.0 == key }) { return i }
+            guard tracers.count < Self.maxHandles else { throw TelemetryOutputError(message: "more than \(Self.maxHandles) tracers") }
+            var ex: [(SpanExporter, Int?)] = []
+            for (address, format, maxTag) in c.collectors {
+                let ek = "\(format.rawValue)|\(address)"
+                if let e = exporters[ek] { ex.append((e, maxTag)); continue }
+                let e = try SpanExporter(address: address, format: format)
+                exporters[ek] = e
+                ex.append((e, maxTag))
+            }
+            tracers.append((key, Tracer(c, exporters: ex)))
+            return tracers.count - 1
+        }
+    }
+
+    func tracer(at i: Int) -> Tracer? { lock.withLock { tracers.indices.contains(i) ? tracers[i].1 : nil } }
+
+    /// Makes every access log file open its path again before its next write (SIGUSR1,
+    /// admin POST /reopen_logs: after logrotate moved the file).
+    public func reopenLogs() { lock.withLock { for s in sinks.values { s.reopen() } } }
+
+    /// Lines dropped because a writer's queue was full, over every file.
+    public var droppedLogLines: UInt64 { lock.withLock { sinks.values.reduce(0) { $0 + $1.droppedLines } } }
+    /// Lines accepted for writing, over every file.
+    public var acceptedLogLines: UInt64 { lock.withLock { sinks.values.reduce(0) { $0 + $1.acceptedLines } } }
+    public var sentSpans: UInt64 { lock.withLock { exporters.values.reduce(0) { $0 + $1.sentSpans } } }
+    public var droppedSpans: UInt64 { lock.withLock { exporters.values.reduce(0) { $0 + $1.droppedSpans } } }
+
+    /// Prometheus text for the counters above.
+    public func prometheus() -> String {
+        guard lock.withLock({ !sinks.isEmpty || !exporters.isEmpty }) else { return "" }
+        var out = ""
+        for (name, help, v) in [("moonlet_access_log_lines_total", "Access log lines accepted for writing", acceptedLogLines),
+                                ("moonlet_access_log_dropped_lines_total", "Access log lines dropped because the writer was behind", droppedLogLines),
+                                ("moonlet_tracing_spans_sent_total", "Spans a collector accepted", sentSpans),
+                                ("moonlet_tracing_spans_dropped_total", "Spans dropped (queue full or collector failed)", droppedSpans)] {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(v)\n"
+        }
+        return out
+    }
+
+    /// Writes what is queued and stops the writer and exporter threads (proxy stop).
+    public func close() {
+        let (s, e) = lock.withLock { (Array(sinks.values), Array(exporters.values)) }
+        for x in s { x.close() }
+        for x in e { x.close() }
+    }
+}
+
+struct TelemetryOutputError: Error, CustomStringConvertible {
+    var message: String
+    var description: String { message }
+}
+
+/// One loop's side of access logs and tracing: its buffers per output, its cache of
+/// outputs and tracers, and the spans its streams have open. Used only on the loop.
+final class LogTraceLoopState {
+    struct Output { let format: AccessLogFormat; let buffer: LogBuffer }
+    struct Pending { let tracer: Tracer; let ctx: TraceContext; let startMicros: UInt64 }
+    var outputs: [Output?] = []
+    var tracers: [Tracer?] = []
+    var pending: [UInt64: Pending] = [:]
+    static let maxPending = 65_536
+
+    @inline(__always)
+    func output(_ i: Int, _ registry: TelemetryOutputs) -> Output? {
+        if i >= 0 && i < outputs.count, let o = outputs[i] { return o }
+        guard let o = registry.output(i) else { return nil }
+        while outputs.count <= i { outputs.append(nil) }
+        let out = Output(format: o.format, buffer: LogBuffer(sink: o.sink))
+        outputs[i] = out
+        return out
+    }
+
+    @inline(__always)
+    func tracer(_ i: Int, _ registry: TelemetryOutputs) -> Tracer? {
+        if i >= 0 && i < tracers.count, let t = tracers[i] { return t }
+        guard let t = registry.tracer(at: i) else { return nil }
+        while tracers.count <= i { tracers.append(nil) }
+        tracers[i] = t
+        return t
+    }
+
+    /// Hands every pending line to its writer (a timer on the loop, and at stop).
+    func flush() { for o in outputs { o?.buffer.flush() } }
+
+    static func monotonicNanos() -> UInt64 {
+        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    static func wallNanos() -> UInt64 {
+        var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    @inline(__always)
+    static func header(_ s: ProxyStream, _ lower: String) -> String? {
+        if let i = s.request.firstIndex(lowercased: lower) { return s.request.value(at: i) }
+        if s.request.added.isEmpty { return nil }
+        for a in s.request.added where a.name == lower { return a.value }
+        return nil
+    }
+
+    /// See `trace.start`.
+    func start(_ s: ProxyStream, _ t: Tracer, rng: inout Xoshiro256) -> Bool {
+        let incoming = TracePropagation.extract { Self.header(s, $0) }
+        let hadB3Single = incoming != nil && Self.header(s, "b3") != nil
+        var r = rng
+        var ctx: TraceContext
+        if let inc = incoming, inc.traceIDLow != 0 || inc.traceIDHigh != 0 {
+            ctx = TracePropagation.start(inc, random: { r.next() }, sample: { t.sample(&r) }).child(newSpanID: r.next())
+        } else {
+            ctx = TracePropagation.start(incoming, random: { r.next() }, sample: { t.sample(&r) })
+        }
+        // tracestate travels with whichever header format won (B3 from the previous
+        // sidecar, traceparent from the app): it is passed on unchanged.
+        if ctx.traceState == nil, let ts = Self.header(s, "tracestate"), !ts.isEmpty { ctx.traceState = ts }
+        let needID = Self.header(s, "x-request-id") == nil
+        let requestID = needID ? Self.uuid(&r) : ""
+        rng = r
+        for n in TracePropagation.headerNames { s.request.removeLowercased(n) }
+        for (n, v) in TracePropagation.headers(ctx) { s.request.addLowercased(n, v) }
+        if hadB3Single {
+            var b3 = ctx.traceIDHex + "-" + ctx.spanIDHex + "-" + (ctx.debug ? "d" : ctx.isSampled ? "1" : "0")
+            if let p = ctx.parentSpanID { b3 += "-" + TraceHex.hex(p) }
+            s.request.addLowercased("b3", b3)
+        }
+        if needID { s.request.addLowercased("x-request-id", requestID) }
+        guard ctx.isSampled && t.report else { return false }
+        if pending.count >= Self.maxPending { pending.removeAll() }   // on_log always runs; this only bounds a bug
+        let startMicros = (Self.wallNanos() &- (Self.monotonicNanos() &- s.startNanos)) / 1000
+        pending[s.id] = Pending(tracer: t, ctx: ctx, startMicros: startMicros)
+        return true
+    }
+
+    /// A UUID v4 (x-request-id), from the loop's generator.
+    static func uuid(_ r: inout Xoshiro256) -> String {
+        let a = r.next(), b = r.next()
+        let hi = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
+        let lo = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        let h = TraceHex.hex(hi), l = TraceHex.hex(lo)
+        let hu = Array(h.utf8), lu = Array(l.utf8)
+        var out = [UInt8](); out.reserveCapacity(36)
+        out += hu[0..<8]; out.append(45); out += hu[8..<12]; out.append(45); out += hu[12..<16]; out.append(45)
+        out += lu[0..<4]; out.append(45); out += lu[4..<16]
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// See `trace.finish`.
+    func finish(_ s: ProxyStream) -> Bool {
+        guard !pending.isEmpty, let p = pending.removeValue(forKey: s.id) else { return false }
+        let t = p.tracer
+        let inbound = s.listener == .inbound
+        let status = s.status
+        let authority = s.request.host
+        let name: String
+        if inbound { name = t.inboundOperation.isEmpty ? authority + "/*" : t.inboundOperation }
+        else if !s.route.host.isEmpty { name = "\(s.route.host):\(s.route.port)/*" }
+        else { name = authority + "/*" }
+        var tags = t.fixedTags
+        tags.reserveCapacity(tags.count + 12 + t.headerTags.count)
+        tags.append(("http.url", "http://\(authority)\(s.request.target)"))
+        tags.append(("http.method", s.request.method))
+        tags.append(("http.protocol", s.protocolName))
+        tags.append(("http.status_code", String(status)))
+        tags.append(("response_flags", s.responseFlags.envoyString))
+        tags.append(("response_size", String(s.responseBodyBytes)))
+        tags.append(("request_size", String(s.requestBodyBytes)))
+        tags.append(("upstream_cluster", s.route.cluster.isEmpty ? "-" : s.route.cluster))
+        tags.append(("upstream_cluster.name", s.route.cluster.isEmpty ? "-" : s.route.cluster))
+        tags.append(("peer.address", Self.host(of: s.source.address)))
+        tags.append(("downstream_cluster", "-"))
+        if let id = Self.header(s, "x-request-id") { tags.append(("guid:x-request-id", id)) }
+        if let ua = Self.header(s, "user-agent") { tags.append(("user_agent", ua)) }
+        for (tag, h, d) in t.headerTags { if let v = Self.header(s, h) ?? d { tags.append((tag, v)) } }
+        if status >= 500 || status == 0 { tags.append(("error", "true")) }
+        let remote = inbound ? s.source.address : s.upstreamHost
+        let (rip, rport) = Self.split(remote)
+        let durMicros = (Self.monotonicNanos() &- s.startNanos) / 1000
+        let span = Span(traceIDHigh: p.ctx.traceIDHigh, traceIDLow: p.ctx.traceIDLow, is128Bit: p.ctx.is128Bit, id: p.ctx.spanID,
+                        parentID: p.ctx.parentSpanID, name: name, kind: inbound ? .server : .client, timestampMicros: p.startMicros,
+                        durationMicros: durMicros, localService: t.service, remoteIP: rip, remotePort: rport, tags: tags, debug: p.ctx.debug)
+        for (e, maxTag) in t.exporters {
+            if let m = maxTag, m > 0 {
+                var cut = span
+                cut.tags = span.tags.map { ($0.0, $0.1.count > m ? String($0.1.prefix(m)) : $0.1) }
+                e.submit(cut)
+            } else {
+                e.submit(span)
+            }
+        }
+        return true
+    }
+
+    static func host(of address: String) -> String { split(address).0 ?? address }
+
+    /// "ip:port" / "[v6]:port" -> (ip, port).
+    static func split(_ a: String) -> (String?, Int?) {
+        if a.isEmpty { return (nil, nil) }
+        if a.hasPrefix("["), let end = a.firstIndex(of: "]") {
+            let ip = String(a[a.index(after: a.startIndex)..<end])
+            let rest = a[a.index(after: end)...]
+            return (ip, rest.hasPrefix(":") ? Int(rest.dropFirst()) : nil)
+        }
+        if let c = a.lastIndex(of: ":"), a.firstIndex(of: ":") == c { return (String(a[..<c]), Int(a[a.index(after: c)...])) }
+        return (a, nil)
+    }
+}
+
+/// A finished stream as the access log formats read it (Envoy's command operators).
+struct StreamLogRecord: AccessLogRecord {
+    let s: ProxyStream
+    let now: UInt64
+    init(_ s: ProxyStream, now: UInt64) { self.s = s; self.now = now }
+
+    func requestHeader(_ name: String) -> String? {
+        switch name {
+        case ":method": return s.request.method
+        case ":path": return s.request.target
+        case ":authority": let h = s.request.host; return h.isEmpty ? nil : h
+        case ":scheme": return "http"
+        default: return LogTraceLoopState.header(s, name)
+        }
+    }
+
+    func responseHeader(_ name: String) -> String? {
+        if let r = s.response, let i = r.firstIndex(lowercased: name) { return r.value(at: i) }
+        if let r = s.response { for a in r.added where a.name == name { return a.value } }
+        if let l = s.localReply { for h in l.headers where h.name.lowercased() == name { return h.value } }
+        return nil
+    }
+
+    var startTimeMillis: Int64 { Int64((LogTraceLoopState.wallNanos() &- (now &- s.startNanos)) / 1_000_000) }
+    var protocolName: String { s.protocolName }
+    var responseCode: Int { s.status }
+    var responseFlags: String { s.responseFlags.envoyString }
+    var responseCodeDetails: String {
+        if let d = s.vars["response_code_details"] { return d }
+        if s.localReply != nil { return s.responseFlags.isEmpty ? "direct_response" : "" }
+        return s.response != nil ? "via_upstream" : ""
+    }
+    var connectionTerminationDetails: String { "" }
+    var upstreamTransportFailureReason: String { "" }
+    var bytesReceived: Int64 { s.requestBodyBytes }
+    var bytesSent: Int64 { s.responseBodyBytes }
+    var durationMillis: Int64 { Int64((now &- s.startNanos) / 1_000_000) }
+    var upstreamHost: String { s.upstreamHost }
+    var upstreamCluster: String { s.route.cluster }
+    var upstreamLocalAddress: String { "" }
+    /// Inbound: the "ip:port" the connection was accepted on. Outbound: not known per
+    /// stream (the original destination before iptables), "-".
+    var downstreamLocalAddress: String { s.listener == .inbound ? s.destination.address : "" }
+    var downstreamRemoteAddress: String { s.source.address }
+    var requestedServerName: String { "" }
+    var routeName: String { s.route.cluster.isEmpty ? "" : "default" }
+}

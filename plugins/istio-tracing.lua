@@ -1,0 +1,53 @@
+-- Istio's tracing: B3 / W3C trace propagation, x-request-id, and one span per sidecar
+-- per request (CLIENT on the outbound listener, SERVER on the inbound one, the server
+-- span a child of the client's).
+--
+-- Moonlet adds this filter (phase STATS) when tracing is on for the workload: a
+-- Telemetry resource's `tracing` section, or the mesh config's enableTracing /
+-- defaultConfig.tracing. Its pluginConfig is built at config load: `sampling`
+-- (percent of new traces: Telemetry randomSamplingPercentage, else
+-- defaultConfig.tracing.sampling, else 1), `collectors` ({address, format = zipkin |
+-- otlp}), `report` (false with disableSpanReporting), `mode` (CLIENT_AND_SERVER, CLIENT,
+-- SERVER: which side reports spans; both sides propagate), the identity tags (service
+-- `<app>.<namespace>`, istio.canonical_service, istio.namespace, istio.mesh_id,
+-- node_id) and `custom_tags` ({tag, kind = literal | header | environment, value,
+-- default}).
+--
+-- Ids, clocks, headers and export are native (moonlet.trace). A caller's sampling
+-- decision (x-b3-sampled, x-b3-flags, b3, traceparent flags) is kept; otherwise the
+-- sampling rate decides for a new trace. An unsampled request costs the header
+-- propagation only: no span is kept and on_log returns at once.
+local f = {}
+local trace = moonlet.trace
+local start, finish = trace.start, trace.finish
+
+function f.configure(c)
+  local conf = { mode = c.mode or "CLIENT_AND_SERVER" }
+  conf.tracer = trace.tracer(c)
+  -- The side that does not report still propagates: a tracer with reporting off.
+  if conf.mode ~= "CLIENT_AND_SERVER" then
+    local quiet = {}
+    for k, v in pairs(c) do quiet[k] = v end
+    quiet.report = false
+    conf.quiet = trace.tracer(quiet)
+    conf.reporting = conf.mode == "CLIENT" and "outbound" or "inbound"
+  end
+  return conf
+end
+
+-- Spans this VM has open (the fast exit of on_log when there is none).
+local open = 0
+
+--- on_request: continues or starts the trace, writes the headers the next hop reads.
+function f.on_request(s, conf)
+  local t = conf.tracer
+  if conf.reporting and s.listener ~= conf.reporting then t = conf.quiet end
+  if start(s, t) then open = open + 1 end
+end
+
+--- on_log: ends the stream's span and queues it for export (sampled streams only).
+function f.on_log(s, conf)
+  if open > 0 and finish(s) then open = open - 1 end
+end
+
+return f
