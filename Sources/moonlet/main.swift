@@ -15,7 +15,7 @@ struct Moonlet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "moonlet",
         abstract: "A service-mesh sidecar proxy with Lua filters that reads Istio's YAML.",
-        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Pilot.self, Iptables.self, Inject.self, Plugins.self]
+        subcommands: [Run.self, Validate.self, Demo.self, CA.self, Pilot.self, Iptables.self, Inject.self, Plugins.self, FilterCommand.self]
     )
 }
 
