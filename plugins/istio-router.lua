@@ -276,9 +276,13 @@ end
 function router.on_request(s, conf)
   -- A route an earlier filter chose is left alone.
   if s.route.cluster ~= "" then return end
-  local vh = host_of(s)
+  local vh, block_all = host_of(s)
   if vh == false then return end                       -- inbound: the local app
-  if vh == nil then return reply(s, 404, "", "NR") end -- no such host
+  if vh == nil then
+    -- REGISTRY_ONLY (Sidecar outboundTrafficPolicy): Istio's BlackHoleCluster, 502.
+    if block_all then return reply(s, 502, "") end
+    return reply(s, 404, "", "NR")                     -- no such host
+  end
   local rules = vh.rules
   if rules == nil then
     -- No VirtualService: the default route, every endpoint of the service.

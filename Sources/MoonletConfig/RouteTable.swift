@@ -296,6 +296,9 @@ public final class RouteTable: @unchecked Sendable {
     /// Labels of this workload: on the outbound listener it is the source, so
     /// `sourceLabels` and `sourceNamespace` match against it.
     public let localLabels: [String: String]
+    /// The Sidecar resource in force and what it imports; its outboundTrafficPolicy
+    /// decides what a host outside the table gets (REGISTRY_ONLY: 502, BlackHoleCluster).
+    public internal(set) var scope = SidecarScope.everything
 
     public static let empty = RouteTable(localNamespace: "default", localLabels: [:])
 

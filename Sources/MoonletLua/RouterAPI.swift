@@ -236,8 +236,10 @@ extension LuaAPI {
     // MARK: host index
 
     /// moonlet.router.host(s) → the table of the request's virtual host (see
-    /// docs/lua-api.md), nil when no host is known (404 NR), false on the inbound
-    /// listener (its route is the local application). Built once per VM and snapshot.
+    /// docs/lua-api.md), nil when no host is known (404 NR; a second result, true, when
+    /// the Sidecar's outboundTrafficPolicy is REGISTRY_ONLY: 502, Istio's
+    /// BlackHoleCluster), false on the inbound listener (its route is the local
+    /// application). Built once per VM and snapshot.
     static let rHost: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream (" + routerStreamError(L) + ")") }
         if s.listener == .inbound { lua_pushboolean(L, 0); return 1 }
@@ -245,7 +247,11 @@ extension LuaAPI {
         let e = LuaVM.vm(L).routerCache.entry(snap, L)
         let authority = s.request.host
         if e.lastRef != LUA_NOREF && authority == e.lastAuthority { ml_getregistry_ref(L, e.lastRef); return 1 }
-        guard let vh = snap.routes.lookup(authority) else { lua_pushnil(L); return 1 }
+        guard let vh = snap.routes.lookup(authority) else {
+            lua_pushnil(L)
+            if snap.routes.scope.outboundTrafficPolicy == .registryOnly { lua_pushboolean(L, 1); return 2 }
+            return 1
+        }
         let key = ObjectIdentifier(vh)
         if let ref = e.hosts[key] {
             e.lastAuthority = authority; e.lastRef = ref
