@@ -112,9 +112,10 @@ public struct ConfigLoader {
             all = scope.filter(all)
         }
         let routes = RouteTable.build(vs: all.virtualServices, dr: all.destinationRules, se: all.serviceEntries, we: all.workloadEntries,
-                                      localNamespace: namespace, localLabels: labels, errors: &errors)
+                                      localNamespace: namespace, localLabels: labels, errors: &errors, previous: cache?.routes)
         routes.scope = scope
         if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
+        cache?.routes = routes
         return .success(ConfigSnapshot(version: version, plugins: all.plugins, istio: all.istio, skipped: all.skipped + notes + routes.warnings,
                                        files: files, routes: routes))
     }
@@ -530,6 +531,9 @@ public final class ConfigCache: @unchecked Sendable {
     var files: [String: [Key: ConfigLoader.TextResult]] = [:]
     /// Documents the last load had to parse and decode (the others came from the cache).
     public internal(set) var decodedLastLoad = 0
+    /// The route table of the last load that succeeded: the next one shares its
+    /// unchanged services and virtual hosts (RouteTable.build).
+    public internal(set) var routes: RouteTable?
 
     public init() {}
 

@@ -80,6 +80,46 @@ final class IncrementalLoadTests: XCTestCase {
         XCTAssertEqual(weights(fresh, "svc-7"), [80, 20])
     }
 
+    func testUnchangedServicesAndHostsAreSharedWithThePreviousTableAndDependentsAreRebuilt() throws {
+        let cache = ConfigCache()
+        let front = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: front, namespace: default}
+        spec:
+          hosts: [front.example.com]
+          http: [{route: [{destination: {host: svc-7, subset: v1}}]}]
+        """
+        try write((0..<10).map { Self.service($0) } + [front])
+        let first = try load(cache)
+        // One weight changed: only that host is compiled again.
+        try write((0..<10).map { Self.service($0, weight: $0 == 3 ? 80 : 90) } + [front])
+        let second = try load(cache)
+        XCTAssertEqual(second.routes.reusedServices, 10)
+        XCTAssertEqual(second.routes.reusedHosts, 10, "every host but svc-3's")
+        XCTAssertTrue(first.routes.lookup("svc-5") === second.routes.lookup("svc-5"))
+        XCTAssertFalse(first.routes.lookup("svc-3") === second.routes.lookup("svc-3"))
+        XCTAssertTrue(first.routes.services["svc-3.default.svc.cluster.local"] === second.routes.services["svc-3.default.svc.cluster.local"])
+        XCTAssertEqual(weights(second, "svc-3"), [80, 20])
+        // svc-7's DestinationRule changes: svc-7 is rebuilt, and so is front.example.com,
+        // whose route leads there; the rest is shared.
+        var docs = (0..<10).map { Self.service($0, weight: $0 == 3 ? 80 : 90) } + [front]
+        // (On the same line: a document whose lines move is decoded again.)
+        docs[7] = docs[7].replacingOccurrences(of: "labels: {version: v1}}]", with: "labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}]")
+        try write(docs)
+        let third = try load(cache)
+        XCTAssertEqual(third.routes.reusedServices, 9)
+        XCTAssertEqual(third.routes.reusedHosts, 9)
+        XCTAssertFalse(second.routes.lookup("front.example.com") === third.routes.lookup("front.example.com"))
+        let target = try XCTUnwrap(third.routes.lookup("front.example.com")?.compiled.first?.targets.first?.cluster)
+        XCTAssertEqual(target.policy, .roundRobin)
+        XCTAssertTrue(target === third.routes.services["svc-7.default.svc.cluster.local"]?.clusters["v1|8080"])
+        // Cluster ids stay unique.
+        let ids = third.routes.services.values.flatMap { $0.clusters.values.map(\.id) }
+        XCTAssertEqual(Set(ids).count, ids.count)
+        XCTAssertTrue(ids.allSatisfy { $0 < third.routes.clusterCount })
+    }
+
     func testDeletingAResourceRemovesIt() throws {
         let cache = ConfigCache()
         try write((0..<3).map { Self.service($0) })
@@ -89,7 +129,9 @@ final class IncrementalLoadTests: XCTestCase {
         docs[2] = docs[2].components(separatedBy: "\n---\n").dropLast().joined(separator: "\n---\n")
         try write(docs)
         let s = try load(cache)
-        XCTAssertEqual(cache.decodedLastLoad, 0, "nothing new to decode")
+        // The DestinationRule, now last in the file, lost its trailing line break: its text
+        // changed, so it alone is decoded again.
+        XCTAssertEqual(cache.decodedLastLoad, 1)
         XCTAssertNil(s.routes.lookup("svc-2")?.routes, "the VirtualService is gone")
         XCTAssertNotNil(s.routes.lookup("svc-2")?.defaultTarget, "the service stays")
         XCTAssertEqual(s.istio.filter { $0.kind == "VirtualService" }.count, 2)
