@@ -221,8 +221,9 @@ extension SidecarScope {
     /// `all` narrowed to what this scope imports: ServiceEntries and VirtualServices keep
     /// the hosts it imports (and go when none is left); a DestinationRule stays when its
     /// host is an imported service or is itself imported. WorkloadEntries stay (they are
-    /// only read through an imported ServiceEntry's selector).
-    func filter(_ all: ConfigLoader.TextResult) -> ConfigLoader.TextResult {
+    /// only read through an imported ServiceEntry's selector). A control plane pushing to a
+    /// sidecar can send it only this (`ConfigLoader.loadText` decodes, `select` picks).
+    public func filter(_ all: ConfigLoader.TextResult) -> ConfigLoader.TextResult {
         guard hosts != nil else { return all }
         let index = Index(self)
         var out = all
