@@ -196,7 +196,7 @@ public struct ConfigLoader {
             decoded += 1
             let r = decodeChunk(chunk, lineOffset: lineOffset, file: file, baseDir: baseDir)
             // Plugins (their Lua file may change) and errors are decoded at every load.
-            if r.plugins.isEmpty && r.errors.isEmpty { kept[key] = r }
+            if cache != nil && r.plugins.isEmpty && r.errors.isEmpty { kept[key] = r }
             out.append(r)
         }
         if let cache {
