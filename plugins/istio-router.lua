@@ -290,10 +290,14 @@ local function apply(s, vh, rule, m)
 end
 
 function router.on_request(s, conf)
-  local vh = host_of(s)
+  local vh, block_all = host_of(s)
   if vh == true then return end                        -- an earlier filter chose the route
   if vh == false then return end                       -- inbound: the local app
-  if vh == nil then return reply(s, 404, "", "NR") end -- no such host
+  if vh == nil then
+    -- REGISTRY_ONLY (Sidecar outboundTrafficPolicy): Istio's BlackHoleCluster, 502.
+    if block_all then return reply(s, 502, "") end
+    return reply(s, 404, "", "NR")                     -- no such host
+  end
   local rules = vh.rules
   if rules == nil then
     -- No VirtualService: the default route, every endpoint of the service.

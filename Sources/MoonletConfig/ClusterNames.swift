@@ -35,16 +35,18 @@ extension RouteTable {
     /// and the short `name` when the service is in the workload's namespace (the forms
     /// of `HostName.aliases`). The host part is case-insensitive.
     ///
-    /// One dictionary probe for a name as given (the index holds every form); only a
-    /// name with upper-case letters in its host is lowercased and probed again.
-    /// nil when the snapshot has no such cluster.
+    /// One dictionary probe for a canonical name (the index holds those only); another
+    /// form of the host is mapped to its FQDN through the host index (the forms a
+    /// request's Host may take), lowercased first when it has upper-case letters, and
+    /// probed again. nil when the snapshot has no such cluster.
     public func resolveCluster(_ name: String) -> ClusterTarget? {
         if let c = clusterNames[name] { return .cluster(c) }
         if name == Self.passthroughCluster { return .passthrough }
         guard let parts = Self.splitClusterName(name) else { return nil }
-        let host = parts.host
-        guard host.utf8.contains(where: { $0 >= 65 && $0 <= 90 }) else { return nil }
-        return clusterNames["outbound|\(parts.port)|\(parts.subset)|\(host.lowercased())"].map { .cluster($0) }
+        var host = String(parts.host)
+        if host.utf8.contains(where: { $0 >= 65 && $0 <= 90 }) { host = host.lowercased() }
+        guard let fqdn = hosts[host]?.fqdn else { return nil }
+        return clusterNames["outbound|\(parts.port)|\(parts.subset)|\(fqdn)"].map { .cluster($0) }
     }
 
     /// The parts of `outbound|PORT|SUBSET|HOST` (PORT 1-65535, HOST not empty), or nil
@@ -55,25 +57,20 @@ extension RouteTable {
         return (port, p[2], p[3])
     }
 
-    /// Builds the name index: every cluster under its canonical name, then under the
-    /// host's other forms where no canonical name is the same string. Called once,
-    /// when the table is built (the table is immutable afterwards).
+    /// Builds the name index: every cluster under its canonical name (the other forms
+    /// of a host go through the host index, see resolveCluster: indexing every form cost
+    /// four entries per cluster at mesh scale). Called once, when the table is built
+    /// (the table is immutable afterwards).
     func indexClusterNames() {
         var index: [String: NamedCluster] = [:]
-        var aliases: [(String, NamedCluster)] = []
+        index.reserveCapacity(clusterCount)
         for (fqdn, svc) in services {
             for (key, c) in svc.clusters {
                 // key is "SUBSET|PORT" (subset names are DNS labels: no "|").
                 guard let bar = key.lastIndex(of: "|"), let port = Int(key[key.index(after: bar)...]) else { continue }
-                let subset = String(key[..<bar])
-                let named = NamedCluster(cluster: c, host: fqdn, subset: subset, port: port)
-                index[c.name] = named
-                for alias in HostName.aliases(fqdn, localNamespace: localNamespace) where alias != fqdn {
-                    aliases.append(("outbound|\(port)|\(subset)|\(alias)", named))
-                }
+                index[c.name] = NamedCluster(cluster: c, host: fqdn, subset: String(key[..<bar]), port: port)
             }
         }
-        for (name, named) in aliases.sorted(by: { $0.0 < $1.0 }) where index[name] == nil { index[name] = named }
         clusterNames = index
     }
 }

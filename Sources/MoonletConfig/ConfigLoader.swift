@@ -8,11 +8,13 @@ import Foundation
 public struct ConfigLoader {
     public static let istioKinds: Set<String> = [
         "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-        "PeerAuthentication", "AuthorizationPolicy", "Telemetry", "RequestAuthentication",
+        "PeerAuthentication", "AuthorizationPolicy", "Telemetry", "RequestAuthentication", "Sidecar",
     ]
     public static let unsupportedIstioKinds: Set<String> = [
-        "Gateway", "Sidecar", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
+        "Gateway", "EnvoyFilter", "WorkloadGroup", "WasmPlugin", "ProxyConfig",
     ]
+    /// Kinds decoded into typed specs at load (IstioResource keeps their text only).
+    static let typedKinds: Set<String> = ["VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry", "Sidecar"]
     static let istioGroups = ["networking.istio.io", "security.istio.io", "telemetry.istio.io"]
     static let istioVersions: Set<String> = ["v1alpha3", "v1beta1", "v1", "v1alpha1"]
 
@@ -51,14 +53,22 @@ public struct ConfigLoader {
 
     /// Loads every YAML file under `paths`. `version` labels the snapshot.
     /// `rootNamespace` is the mesh config's (policies there apply mesh-wide).
+    /// With a `cache` (kept by the caller between loads, one load at a time), documents
+    /// whose text did not change since the last load are not parsed nor decoded again:
+    /// their decoded resources are shared with the previous snapshot.
+    /// With `securityScope` `.workload`, the Sidecar resource that selects the workload
+    /// narrows the services, VirtualServices and DestinationRules loaded to those its
+    /// egress hosts import (`snapshot.routes.scope`); `.anyWorkload` loads everything.
     public func load(paths: [String], version: Int = 1, namespace: String = "default", labels: [String: String] = [:],
-                     rootNamespace: String = "istio-system", securityScope: SecurityScope = .workload) -> Result<ConfigSnapshot, ConfigErrors> {
+                     rootNamespace: String = "istio-system", securityScope: SecurityScope = .workload,
+                     cache: ConfigCache? = nil, sources: [ConfigLoader.Source] = []) -> Result<ConfigSnapshot, ConfigErrors> {
         var errors: [ConfigError] = []
         var all = TextResult()
-        var plugins: [LuaPluginSpec] = []
-        var istio: [IstioResource] = []
-        var skipped: [String] = []
         var files: [String] = []
+        var seenFiles = Set<String>()
+        let workload = WorkloadIdentity(namespace: namespace, labels: labels, rootNamespace: rootNamespace)
+        cache?.decodedLastLoad = 0
+        var texts: [(name: String, source: ConfigLoader.Source?)] = []
         for root in paths {
             let list = Self.yamlFiles(at: root)
             if list.isEmpty && !FileManager.default.fileExists(atPath: root) {
@@ -66,13 +76,24 @@ public struct ConfigLoader {
             }
             for file in list {
                 files.append(file)
-                guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
-                    errors.append(ConfigError(file: file, line: 0, column: 0, message: "cannot read file as UTF-8"))
-                    continue
+                texts.append((file, nil))
+            }
+        }
+        for src in sources { texts.append((name: src.name, source: src)) }
+        do {
+            // Files are read one at a time (a large mesh's text is not held whole).
+            for (name, pushed) in texts {
+                let file = name
+                seenFiles.insert(file)
+                let src: ConfigLoader.Source
+                if let pushed { src = pushed } else {
+                    guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
+                        errors.append(ConfigError(file: file, line: 0, column: 0, message: "cannot read file as UTF-8"))
+                        continue
+                    }
+                    src = ConfigLoader.Source(name: file, text: text, baseDir: (file as NSString).deletingLastPathComponent)
                 }
-                let r = loadText(text, file: file, baseDir: (file as NSString).deletingLastPathComponent)
-                errors += r.errors; plugins += r.plugins; istio += r.istio; skipped += r.skipped
-                let workload = WorkloadIdentity(namespace: namespace, labels: labels, rootNamespace: rootNamespace)
+                let r = loadText(src.text, file: file, baseDir: src.baseDir, cache: cache)
                 for sec in r.security where securityScope == .anyWorkload || sec.selects(workload) {
                     errors.append(ConfigError(file: sec.file, line: sec.line, column: 1, resource: sec.resource, field: "kind",
                                               message: "\(sec.what ?? sec.kind) is not enforced by this version of Moonlet; refusing it "
@@ -80,14 +101,35 @@ public struct ConfigLoader {
                                                                                  : "rather than serve the workload unprotected")
                                                 + ": remove it, or narrow its selector/namespace so it does not select this workload"))
                 }
-                all.virtualServices += r.virtualServices; all.destinationRules += r.destinationRules
-                all.serviceEntries += r.serviceEntries; all.workloadEntries += r.workloadEntries
+                all.append(r)
             }
         }
+        cache?.keepOnly(seenFiles)
+        errors += all.errors
+        // The Sidecar of this workload, and what it imports.
+        var notes: [String] = []
+        var scope = SidecarScope.everything
+        if securityScope == .workload {
+            scope = SidecarScope(SidecarScope.select(all.sidecars, workload: workload, notes: &notes))
+            all = scope.filter(all)
+        }
         let routes = RouteTable.build(vs: all.virtualServices, dr: all.destinationRules, se: all.serviceEntries, we: all.workloadEntries,
-                                      localNamespace: namespace, localLabels: labels, errors: &errors)
+                                      localNamespace: namespace, localLabels: labels, errors: &errors, previous: cache?.routes)
+        routes.scope = scope
         if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
-        return .success(ConfigSnapshot(version: version, plugins: plugins, istio: istio, skipped: skipped + routes.warnings, files: files, routes: routes))
+        cache?.routes = routes
+        return .success(ConfigSnapshot(version: version, plugins: all.plugins, istio: all.istio, skipped: all.skipped + notes + routes.warnings,
+                                       files: files, routes: routes))
+    }
+
+    /// A YAML text to load: a file's content, or resources pushed to the sidecar (`name`
+    /// is what errors and notes name: a path, or "pilot/...").
+    public struct Source: Sendable {
+        public var name: String
+        public var text: String
+        /// Where a LuaPlugin's relative `url` is taken from.
+        public var baseDir: String
+        public init(name: String, text: String, baseDir: String = "") { self.name = name; self.text = text; self.baseDir = baseDir }
     }
 
     public struct TextResult {
@@ -95,12 +137,20 @@ public struct ConfigLoader {
         public var destinationRules: [DestinationRuleSpec] = []
         public var serviceEntries: [ServiceEntrySpec] = []
         public var workloadEntries: [WorkloadEntrySpec] = []
+        public var sidecars: [SidecarSpec] = []
         public var plugins: [LuaPluginSpec] = []
         public var istio: [IstioResource] = []
         public var skipped: [String] = []
         public var errors: [ConfigError] = []
         /// Well-formed security resources Moonlet does not enforce (see `unenforcedSecurityKinds`).
         public var security: [UnenforcedSecurityResource] = []
+
+        /// Appends everything `r` holds.
+        public mutating func append(_ r: TextResult) {
+            virtualServices += r.virtualServices; destinationRules += r.destinationRules
+            serviceEntries += r.serviceEntries; workloadEntries += r.workloadEntries; sidecars += r.sidecars
+            plugins += r.plugins; istio += r.istio; skipped += r.skipped; errors += r.errors; security += r.security
+        }
     }
 
     /// An AuthorizationPolicy or RequestAuthentication as far as selection goes.
@@ -128,21 +178,112 @@ public struct ConfigLoader {
         return out
     }
 
-    /// Decodes one file's text (all its documents).
-    public func loadText(_ text: String, file: String, baseDir: String) -> TextResult {
+    /// Decodes one file's text (all its documents). Each document is parsed and decoded
+    /// alone (see `documentChunks`); with a `cache`, a document whose text and place in
+    /// the file are those of the last load is taken from it instead.
+    public func loadText(_ text: String, file: String, baseDir: String, cache: ConfigCache? = nil) -> TextResult {
+        var out = TextResult()
+        var kept: [ConfigCache.Key: TextResult] = [:]
+        let previous = cache?.files[file]
+        var decoded = 0
+        // One piece at a time: only one piece's copy of the text exists beside the file's.
+        Self.forEachDocumentChunk(text) { chunk, lineOffset in
+            let key = ConfigCache.Key(text: chunk, lineOffset: lineOffset)
+            if let i = previous?.index(forKey: key), let p = previous {
+                // The cached key's text is kept (the resources' `source` share it).
+                kept[p[i].key] = p[i].value
+                out.append(p[i].value)
+                return
+            }
+            decoded += 1
+            let r = decodeChunk(chunk, lineOffset: lineOffset, file: file, baseDir: baseDir)
+            // Plugins (their Lua file may change) and errors are decoded at every load.
+            if cache != nil && r.plugins.isEmpty && r.errors.isEmpty { kept[key] = r }
+            out.append(r)
+        }
+        if let cache {
+            cache.files[file] = kept
+            cache.decodedLastLoad += decoded
+        }
+        return out
+    }
+
+    /// `documentChunks` without the list: `body` gets each piece as it is cut.
+    static func forEachDocumentChunk(_ text: String, _ body: (String, Int) -> Void) {
+        var text = text
+        text.withUTF8 { b in
+            if let whole = wholeText(b) { body(whole, 0); return }
+            var start = 0, startLine = 0
+            func cut(_ at: Int, _ atLine: Int) {
+                if at > start { body(String(decoding: UnsafeBufferPointer(rebasing: b[start..<at]), as: UTF8.self), startLine) }
+                start = at; startLine = atLine
+            }
+            scanMarkers(b, cut)
+            cut(b.count, Int.max)
+        }
+    }
+
+    /// The whole text when it cannot be cut (directives, line breaks other than LF/CRLF).
+    static func wholeText(_ b: UnsafeBufferPointer<UInt8>) -> String? {
+        let n = b.count
+        var i = 0, lineStart = true
+        while i < n {
+            let x = b[i]
+            if lineStart && x == UInt8(ascii: "%") { return String(decoding: b, as: UTF8.self) }
+            lineStart = x == 0x0A
+            if x == 0x0D && !(i + 1 < n && b[i + 1] == 0x0A) { return String(decoding: b, as: UTF8.self) }
+            if x == 0xC2 && i + 1 < n && b[i + 1] == 0x85 { return String(decoding: b, as: UTF8.self) }
+            if x == 0xE2 && i + 2 < n && b[i + 1] == 0x80 && (b[i + 2] == 0xA8 || b[i + 2] == 0xA9) { return String(decoding: b, as: UTF8.self) }
+            i += 1
+        }
+        return nil
+    }
+
+    /// Calls `cut(byteOffset, line)` at every place a document piece starts: a `---`
+    /// line (the piece starts with it) and the line after a `...` line.
+    static func scanMarkers(_ b: UnsafeBufferPointer<UInt8>, _ cut: (Int, Int) -> Void) {
+        let n = b.count
+        var line = 0, i = 0
+        func isEnd(_ j: Int) -> Bool { j >= n || b[j] == 0x20 || b[j] == 0x09 || b[j] == 0x0A || b[j] == 0x0D }
+        while i < n {
+            let c = b[i]
+            let marker = (c == UInt8(ascii: "-") || c == UInt8(ascii: ".")) && i + 2 < n && b[i + 1] == c && b[i + 2] == c && isEnd(i + 3)
+            if marker && c == UInt8(ascii: "-") { cut(i, line) }
+            var j = i
+            while j < n && b[j] != 0x0A { j += 1 }
+            i = j + 1; line += 1
+            if marker && c == UInt8(ascii: ".") { cut(min(i, n), line) }
+        }
+    }
+
+    /// The text of a file cut at its document markers (`---` at the start of a line, and
+    /// after `...`), each piece with the number of lines before it. YAML forbids a
+    /// marker inside any content, so the pieces parse to the file's documents. A file
+    /// with directives (`%`) or line breaks other than LF and CRLF is one piece.
+    static func documentChunks(_ text: String) -> [(text: String, lineOffset: Int)] {
+        var out: [(text: String, lineOffset: Int)] = []
+        forEachDocumentChunk(text) { out.append(($0, $1)) }
+        return out
+    }
+
+    /// Decodes one piece of a file (see `documentChunks`); its first line is line
+    /// `lineOffset + 1` of the file.
+    func decodeChunk(_ text: String, lineOffset: Int, file: String, baseDir: String) -> TextResult {
         var out = TextResult()
         let docs: [Node]
         do {
             docs = try YAMLReader.documents(text)
         } catch let e as YamlError {
-            out.errors.append(Self.yamlError(e, file: file))
+            var ce = Self.yamlError(e, file: file)
+            if ce.line > 0 { ce.line += lineOffset }
+            out.errors.append(ce)
             return out
         } catch {
             out.errors.append(ConfigError(file: file, line: 0, column: 0, message: "\(error)"))
             return out
         }
-        for d in docs {
-            let doc = PositionedNode(node: d, file: file)
+        for (docIndex, d) in docs.enumerated() {
+            let doc = PositionedNode(node: d, file: file, lineOffset: lineOffset)
             if case .scalar = d, doc.value == .null { continue }
             guard let top = doc.mapping else {
                 out.errors.append(ConfigError(file: file, line: doc.line, column: doc.column, message: "document is not a mapping"))
@@ -193,6 +334,7 @@ public struct ConfigLoader {
                     case "DestinationRule": if let v = d.destinationRule(spec, name: name, line: doc.line) { out.destinationRules.append(v) }
                     case "ServiceEntry": if let v = d.serviceEntry(spec, name: name, line: doc.line) { out.serviceEntries.append(v) }
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }
+                    case "Sidecar": if let v = d.sidecar(spec, name: name, line: doc.line) { out.sidecars.append(v) }
                     case "PeerAuthentication": d.peerAuthentication(spec)
                     case "AuthorizationPolicy": d.authorizationPolicy(spec)
                     case "RequestAuthentication": d.requestAuthentication(spec)
@@ -206,8 +348,11 @@ public struct ConfigLoader {
                     out.skipped += d.notApplied
                     var annotations: [String: String] = [:]
                     for e in meta?.child("annotations")?.mapping ?? [] { annotations[e.key] = e.value.scalarString ?? "" }
-                    out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace, spec: spec.value, file: file,
-                                                   line: doc.line, annotations: annotations))
+                    // Kinds decoded into typed specs keep their text, not a tree of values.
+                    let typed = Self.typedKinds.contains(kind)
+                    out.istio.append(IstioResource(apiVersion: apiVersion, kind: kind, name: name, namespace: namespace,
+                                                   spec: typed ? nil : spec.value, source: typed ? text : nil, sourceIndex: docIndex,
+                                                   file: file, line: doc.line, annotations: annotations))
                 } else {
                     if Self.unenforcedSecurityKinds.contains(kind) {
                         out.security.append(UnenforcedSecurityResource(kind: kind, resource: resource, namespace: namespace,
@@ -365,5 +510,33 @@ public struct ConfigLoader {
                              pluginConfig: spec.child("pluginConfig")?.value ?? .map([]), failStrategy: fail,
                              matchLabels: labels, maxInstructions: maxInstr, maxMemoryBytes: maxMem, timeoutMs: timeout,
                              file: file, line: line)
+    }
+}
+
+/// What one load decoded, per file and document, kept for the next load (hot reload,
+/// pilot push): a document whose text and place did not change is neither parsed nor
+/// decoded again, and its decoded resources (routes, subsets, endpoints) are shared by
+/// the old and the new snapshot. Documents that declare LuaPlugins or have errors are
+/// not kept. One load at a time uses a cache (the proxy's reload lock).
+public final class ConfigCache: @unchecked Sendable {
+    struct Key: Hashable {
+        var text: String
+        var lineOffset: Int
+    }
+    var files: [String: [Key: ConfigLoader.TextResult]] = [:]
+    /// Documents the last load had to parse and decode (the others came from the cache).
+    public internal(set) var decodedLastLoad = 0
+    /// The route table of the last load that succeeded: the next one shares its
+    /// unchanged services and virtual hosts (RouteTable.build).
+    public internal(set) var routes: RouteTable?
+
+    public init() {}
+
+    /// Documents held.
+    public var documentCount: Int { files.values.reduce(0) { $0 + $1.count } }
+
+    /// Forgets every file not in `paths` (removed since).
+    func keepOnly(_ paths: Set<String>) {
+        for f in files.keys where !paths.contains(f) { files[f] = nil }
     }
 }

@@ -65,16 +65,23 @@ import Foundation
 public struct PositionedNode {
     public let node: Node
     public let file: String
-    public var line: Int { node.mark?.line ?? 0 }
+    /// Lines of the file before the text this node was parsed from (a document parsed
+    /// alone: see ConfigLoader's per-document cache), added to every line reported.
+    public let lineOffset: Int
+    public var line: Int { (node.mark?.line ?? 0) + lineOffset }
     public var column: Int { node.mark?.column ?? 0 }
+
+    public init(node: Node, file: String, lineOffset: Int = 0) {
+        self.node = node; self.file = file; self.lineOffset = lineOffset
+    }
 
     public var mapping: [(key: String, keyLine: Int, keyColumn: Int, value: PositionedNode)]? {
         guard case .mapping(let m) = node else { return nil }
-        return m.map { (k, v) in (k.string ?? "", k.mark?.line ?? 0, k.mark?.column ?? 0, PositionedNode(node: v, file: file)) }
+        return m.map { (k, v) in (k.string ?? "", (k.mark?.line ?? 0) + lineOffset, k.mark?.column ?? 0, PositionedNode(node: v, file: file, lineOffset: lineOffset)) }
     }
     public var sequence: [PositionedNode]? {
         guard case .sequence(let s) = node else { return nil }
-        return s.map { PositionedNode(node: $0, file: file) }
+        return s.map { PositionedNode(node: $0, file: file, lineOffset: lineOffset) }
     }
     public var scalarString: String? {
         guard case .scalar(let s) = node else { return nil }
@@ -86,7 +93,7 @@ public struct PositionedNode {
     public func child(_ key: String) -> PositionedNode? {
         guard case .mapping(let m) = node else { return nil }
         for (k, v) in m {
-            if case .scalar(let s) = k, s.string == key { return PositionedNode(node: v, file: file) }
+            if case .scalar(let s) = k, s.string == key { return PositionedNode(node: v, file: file, lineOffset: lineOffset) }
         }
         return nil
     }

@@ -94,17 +94,42 @@ extension WorkloadIdentity {
     }
 }
 
-/// An Istio resource kept as decoded YAML; typed decoding comes with each feature.
+/// An Istio resource as read. Kinds decoded into typed specs at load (VirtualService,
+/// DestinationRule, ServiceEntry, WorkloadEntry, Sidecar) keep only their document's
+/// text (shared with the loader's cache), and `spec` parses it again when asked
+/// (/config_dump): a mesh of thousands of services does not hold a tree of values per
+/// resource. The other kinds keep `spec` as a value (policies read it at every reload).
 public struct IstioResource: Sendable {
     public var apiVersion: String
     public var kind: String
     public var name: String
     public var namespace: String
-    public var spec: ConfigValue
+    var storedSpec: ConfigValue?
+    /// The YAML document the resource came from, when `spec` is not kept.
+    var source: String?
+    /// Which document of `source` it is.
+    var sourceIndex = 0
     public var file: String
     public var line: Int
     /// metadata.annotations (e.g. `istio.io/dry-run`).
     public var annotations: [String: String] = [:]
+
+    init(apiVersion: String, kind: String, name: String, namespace: String, spec: ConfigValue?, source: String? = nil, sourceIndex: Int = 0, file: String, line: Int,
+         annotations: [String: String] = [:]) {
+        self.apiVersion = apiVersion; self.kind = kind; self.name = name; self.namespace = namespace
+        self.storedSpec = spec; self.source = source; self.sourceIndex = sourceIndex; self.file = file; self.line = line; self.annotations = annotations
+    }
+
+    /// The resource's `spec` as a value (parsed from its document when not kept).
+    public var spec: ConfigValue {
+        get {
+            if let storedSpec { return storedSpec }
+            guard let source, let docs = try? YAMLReader.documents(source), sourceIndex < docs.count else { return .null }
+            let doc = docs[sourceIndex]
+            return PositionedNode(node: doc, file: file).child("spec")?.value ?? .null
+        }
+        set { storedSpec = newValue }
+    }
 }
 
 /// An immutable, validated configuration. Swapped whole; a stream keeps the snapshot

@@ -304,6 +304,9 @@ public final class RouteTable: @unchecked Sendable {
     /// Labels of this workload: on the outbound listener it is the source, so
     /// `sourceLabels` and `sourceNamespace` match against it.
     public let localLabels: [String: String]
+    /// The Sidecar resource in force and what it imports; its outboundTrafficPolicy
+    /// decides what a host outside the table gets (REGISTRY_ONLY: 502, BlackHoleCluster).
+    public internal(set) var scope = SidecarScope.everything
 
     public static let empty = RouteTable(localNamespace: "default", localLabels: [:])
 
@@ -311,10 +314,52 @@ public final class RouteTable: @unchecked Sendable {
 
     public var isEmpty: Bool { hosts.isEmpty && wildcards.isEmpty }
 
+    /// What a service was built from (ServiceEntry, DestinationRule, WorkloadEntries, as
+    /// decoded): a later build from the same decodings reuses the service and its clusters.
+    struct ServiceSource {
+        let serviceEntry: DocumentToken
+        let destinationRule: DocumentToken?
+        let workloadEntries: [DocumentToken]
+        func same(_ o: ServiceSource) -> Bool {
+            serviceEntry === o.serviceEntry && destinationRule === o.destinationRule
+                && workloadEntries.count == o.workloadEntries.count && zip(workloadEntries, o.workloadEntries).allSatisfy { $0 === $1 }
+        }
+    }
+    /// What a virtual host was compiled from: its VirtualService (as decoded) and the
+    /// services its routes and default route lead to.
+    struct HostSource {
+        let virtualService: DocumentToken?
+        let services: [ServiceInfo?]
+        func same(_ o: HostSource) -> Bool {
+            virtualService === o.virtualService && services.count == o.services.count && zip(services, o.services).allSatisfy { $0 === $1 }
+        }
+    }
+    var serviceSources: [String: ServiceSource] = [:]
+    var hostSources: [String: HostSource] = [:]
+    /// Services and virtual hosts taken from the previous table by the last build.
+    public private(set) var reusedServices = 0
+    public private(set) var reusedHosts = 0
+    /// Clusters in the table (ids may have holes when services were reused).
+    var liveClusters = 0
+
     /// Builds the table; cross-resource problems that Istio would reject are returned as errors.
+    /// With `previous` (the table of the last load), every service whose ServiceEntry,
+    /// DestinationRule and WorkloadEntries are the same decodings is taken from it with
+    /// its clusters (and cluster ids), and every virtual host whose VirtualService and
+    /// services are the same: a reload rebuilds what changed and what depends on it, and
+    /// the two snapshots share the rest.
     static func build(vs: [VirtualServiceSpec], dr: [DestinationRuleSpec], se: [ServiceEntrySpec], we: [WorkloadEntrySpec],
-                      localNamespace: String, localLabels: [String: String], errors: inout [ConfigError]) -> RouteTable {
+                      localNamespace: String, localLabels: [String: String], errors: inout [ConfigError],
+                      previous candidate: RouteTable? = nil) -> RouteTable {
         let t = RouteTable(localNamespace: localNamespace, localLabels: localLabels)
+        // Reused clusters keep their ids and new ones are numbered after them; when the
+        // holes this leaves outnumber the clusters, everything is renumbered.
+        var previous = candidate
+        if let p = previous, p.localNamespace != localNamespace || p.localLabels != localLabels || p.clusterCount > 2 * p.liveClusters + 1024 { previous = nil }
+        // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
+        var rules: [String: DestinationRuleSpec] = [:]
+        for d in dr where rules[d.fqdn] == nil { rules[d.fqdn] = d }
+        var reused = Set<String>()
         // WorkloadEntries indexed by namespace and by each namespace/label pair, so a
         // ServiceEntry's workloadSelector looks at the entries carrying one of its labels
         // instead of every entry of the mesh (which made a mesh of N services cost N²).
@@ -326,6 +371,7 @@ public final class RouteTable: @unchecked Sendable {
         }
         for s in se {
             var endpoints = s.endpoints
+            var weTokens: [DocumentToken] = []
             if endpoints.isEmpty && s.workloadSelector == nil && (s.resolution == "DNS" || s.resolution == "DNS_ROUND_ROBIN") {
                 // DNS resolution without endpoints: the hosts themselves are resolved.
                 endpoints = s.hosts.filter { !$0.contains("*") }.map { Endpoint(address: $0) }
@@ -339,25 +385,34 @@ public final class RouteTable: @unchecked Sendable {
                     if list.count < candidates.count { candidates = list }
                     if candidates.isEmpty { break }
                 }
-                endpoints = candidates.filter { i in sel.allSatisfy { k, v in we[i].endpoint.labels[k] == v } }.map { we[$0].endpoint }
+                candidates = candidates.filter { i in sel.allSatisfy { k, v in we[i].endpoint.labels[k] == v } }
+                endpoints = candidates.map { we[$0].endpoint }
+                weTokens = candidates.map { we[$0].token }
             }
             for h in s.hosts {
                 let fqdn = HostName.canonical(h, namespace: s.namespace)
                 if t.services[fqdn] != nil { t.warnings.append("\(s.file):\(s.line): ServiceEntry \(s.namespace)/\(s.name): host \(fqdn) already defined, ignored"); continue }
+                let source = ServiceSource(serviceEntry: s.token, destinationRule: rules[fqdn]?.token, workloadEntries: weTokens)
+                t.serviceSources[fqdn] = source
+                if let p = previous, let old = p.services[fqdn], let was = p.serviceSources[fqdn], was.same(source) {
+                    t.services[fqdn] = old
+                    reused.insert(fqdn)
+                    continue
+                }
                 let info = ServiceInfo(fqdn: fqdn, namespace: s.namespace, ports: s.ports, endpoints: endpoints)
                 info.addresses = s.addresses
                 t.services[fqdn] = info
             }
         }
-        // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
-        var rules: [String: DestinationRuleSpec] = [:]
-        for d in dr where rules[d.fqdn] == nil { rules[d.fqdn] = d }
+        t.reusedServices = reused.count
+        var assigned = Set<String>()
         for d in dr {
             guard let svc = t.services[d.fqdn] else {
                 t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): no ServiceEntry for host \(d.fqdn)")
                 continue
             }
-            if svc.destinationRule != nil { t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): host \(d.fqdn) already has a DestinationRule, ignored"); continue }
+            if !assigned.insert(d.fqdn).inserted { t.warnings.append("\(d.file):\(d.line): DestinationRule \(d.namespace)/\(d.name): host \(d.fqdn) already has a DestinationRule, ignored"); continue }
+            if reused.contains(d.fqdn) { continue }
             svc.destinationRule = d
             for sub in d.subsets { svc.subsets[sub.name] = svc.endpoints.filter { e in sub.labels.allSatisfy { e.labels[$0.key] == $0.value } } }
         }
@@ -375,6 +430,7 @@ public final class RouteTable: @unchecked Sendable {
             // of them (a client calling the address) routes as the service's name does.
             for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil { t.hosts[a.lowercased()] = vh }
         }
+        var vsTokens: [String: DocumentToken] = [:]
         for v in vs {
             for h in v.hosts {
                 let fqdn = HostName.canonical(h, namespace: v.namespace)
@@ -388,6 +444,7 @@ public final class RouteTable: @unchecked Sendable {
                 if vh.routes != nil { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
                 vh.routes = v.http
                 vh.virtualService = "\(v.namespace)/\(v.name)"
+                vsTokens[fqdn] = v.token
             }
             // Every subset a route or mirror names must be defined by the host's
             // DestinationRule, whether or not a ServiceEntry gives the host endpoints.
@@ -417,9 +474,12 @@ public final class RouteTable: @unchecked Sendable {
             }
         }
         t.wildcards.sort { $0.suffix.count > $1.suffix.count }
-        // Clusters: every service port × (all endpoints, each subset), numbered densely.
-        var nextID = 0
+        // Clusters: every service port × (all endpoints, each subset), numbered densely
+        // (after the previous table's ids when services were reused).
+        var nextID = previous?.clusterCount ?? 0
+        var live = 0
         for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) {
+            if reused.contains(fqdn) { live += svc.clusters.count; continue }
             let dr = svc.destinationRule
             var sets: [(String, [Endpoint], ConfigValue?)] = [("", svc.endpoints, nil)]
             for sub in dr?.subsets ?? [] { sets.append((sub.name, svc.subsets[sub.name] ?? [], sub.trafficPolicy)) }
@@ -431,13 +491,34 @@ public final class RouteTable: @unchecked Sendable {
                                                                        namespace: svc.namespace, sni: "outbound_.\(sp.number)_.\(name)_.\(fqdn)",
                                                                        servicePort: sp)
                     nextID += 1
+                    live += 1
                 }
             }
         }
         t.clusterCount = nextID
+        t.liveClusters = live
         t.indexClusterNames()
         var seen = Set<ObjectIdentifier>()
-        for vh in Array(t.hosts.values) + t.wildcards.map(\.host) where seen.insert(ObjectIdentifier(vh)).inserted { t.compile(vh) }
+        var replaced: [ObjectIdentifier: VirtualHost] = [:]
+        for vh in Array(t.hosts.values) where seen.insert(ObjectIdentifier(vh)).inserted {
+            var targets: [ServiceInfo?] = [vh.service]
+            for r in vh.routes ?? [] {
+                for d in r.destinations { targets.append(t.services[d.fqdn]) }
+                for m in r.mirrors { targets.append(t.services[m.fqdn]) }
+            }
+            let source = HostSource(virtualService: vh.routes == nil ? nil : vsTokens[vh.fqdn], services: targets)
+            t.hostSources[vh.fqdn] = source
+            if let p = previous, let old = p.hosts[vh.fqdn], old.fqdn == vh.fqdn, let was = p.hostSources[vh.fqdn], was.same(source) {
+                replaced[ObjectIdentifier(vh)] = old
+                continue
+            }
+            t.compile(vh)
+        }
+        if !replaced.isEmpty {
+            for (k, v) in t.hosts { if let old = replaced[ObjectIdentifier(v)] { t.hosts[k] = old } }
+        }
+        t.reusedHosts = replaced.count
+        for vh in t.wildcards.map(\.host) { t.compile(vh) }
         t.addressIndex = AddressIndex.build(t, localLabels: localLabels, localNamespace: localNamespace)
         return t
     }

@@ -153,7 +153,13 @@ public struct HTTPRouteRule: @unchecked Sendable {
     public init() {}
 }
 
+/// The identity of one decoding of a resource (compared with ===).
+final class DocumentToken: Sendable {}
+
 public struct VirtualServiceSpec: Sendable {
+    /// Which decoding this is (a document decoded again gets a new one): how a table
+    /// built from it tells that it did not change since the last (RouteTable.build).
+    var token = DocumentToken()
     public var name: String
     public var namespace: String
     public var hosts: [String]
@@ -170,6 +176,9 @@ public struct Subset: Sendable {
 }
 
 public struct DestinationRuleSpec: Sendable {
+    /// Which decoding this is (a document decoded again gets a new one): how a table
+    /// built from it tells that it did not change since the last (RouteTable.build).
+    var token = DocumentToken()
     public var name: String
     public var namespace: String
     public var host: String
@@ -204,6 +213,9 @@ public struct ServicePort: Sendable {
 }
 
 public struct ServiceEntrySpec: Sendable {
+    /// Which decoding this is (a document decoded again gets a new one): how a table
+    /// built from it tells that it did not change since the last (RouteTable.build).
+    var token = DocumentToken()
     public var name: String
     public var namespace: String
     public var hosts: [String]
@@ -225,6 +237,9 @@ public struct ServiceEntrySpec: Sendable {
 }
 
 public struct WorkloadEntrySpec: Sendable {
+    /// Which decoding this is (a document decoded again gets a new one): how a table
+    /// built from it tells that it did not change since the last (RouteTable.build).
+    var token = DocumentToken()
     public var name: String
     public var namespace: String
     public var endpoint: Endpoint

@@ -466,7 +466,7 @@ public final class FilterHarness {
             fail("logs", "a line containing \(Self.quote(want))", lines.isEmpty ? "no log lines" : lines.map { Self.quote($0) }.joined(separator: ", "))
         }
         for (name, want) in x.metrics ?? [] {
-            let got = Self.counter(name, stats, plugin: spec.name)
+            let got = Self.counter(name, stats, plugin: spec.name, registry: host.userMetrics)
             if got != UInt64(want) { fail("metrics.\(name)", "\(want)", "\(got)") }
         }
         return FilterCaseResult(name: c.name, line: c.line, failures: failures, status: status, body: clientBody, logs: lines)
@@ -475,13 +475,17 @@ public final class FilterHarness {
     /// A counter by the name a case gives: a Lua counter (`moonlet.metrics.counter(name)`,
     /// exported as moonlet_lua_NAME), a process counter by its full name, or one of the
     /// plugin's own (moonlet_lua_executions_total, _errors_total, _aborted_total).
-    static func counter(_ name: String, _ s: MetricsSnapshot, plugin: String) -> UInt64 {
+    static func counter(_ name: String, _ s: MetricsSnapshot, plugin: String, registry: UserMetricRegistry? = nil) -> UInt64 {
         let p = s.plugins[plugin] ?? PluginStats()
         switch name {
         case "moonlet_lua_executions_total": return p.calls
         case "moonlet_lua_errors_total": return p.errors
         case "moonlet_lua_aborted_total": return p.aborted
-        default: return s.counters["moonlet_lua_" + name] ?? s.counters[name] ?? 0
+        default:
+            if let v = s.counters["moonlet_lua_" + name] ?? s.counters[name] { return v }
+            // A counter made with the handle form (moonlet.metrics.counter(name, labels)).
+            if let i = registry?.existingIndex(name: name), let v = s.userValues[i] { return UInt64(v) }
+            return 0
         }
     }
 

@@ -32,6 +32,9 @@ public enum FilterSkeleton {
         -- runs under the plugin's budgets (instructions, time, memory): keep it short.
         local f = {}
 
+        -- A counter (exported on /stats/prometheus); made once, counted with :inc().
+        local denied = moonlet.metrics.counter("\(counter)")
+
         -- Runs once per load (and on every hot reload), not per request: do the work
         -- that depends only on the configuration here.
         function f.configure(cfg)
@@ -47,7 +50,7 @@ public enum FilterSkeleton {
         -- to get the whole body in on_request_body.
         function f.on_request(s, conf)
           if conf.deny_path and s.request.path == conf.deny_path then
-            moonlet.metrics.counter("\(counter)")
+            denied:inc()
             moonlet.log.info("\(name): denied " .. s.request.method .. " " .. s.request.path)
             return s:respond(403, "denied\\n")
           end

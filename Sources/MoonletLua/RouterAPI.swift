@@ -239,9 +239,11 @@ extension LuaAPI {
     // MARK: host index
 
     /// moonlet.router.host(s) → the table of the request's virtual host (see
-    /// docs/lua-api.md), nil when no host is known (404 NR), false on the inbound
-    /// listener (its route is the local application), true when an earlier filter
-    /// already set s.route.cluster. Built once per VM and snapshot.
+    /// docs/lua-api.md), nil when no host is known (404 NR; a second result, true, when
+    /// the Sidecar's outboundTrafficPolicy is REGISTRY_ONLY: 502, Istio's
+    /// BlackHoleCluster), false on the inbound listener (its route is the local
+    /// application), true when an earlier filter already set s.route.cluster. Built once
+    /// per VM and snapshot.
     static let rHost: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, "router.host(s): s must be the running stream (" + routerStreamError(L) + ")") }
         if s.listener == .inbound { lua_pushboolean(L, 0); return 1 }
@@ -255,7 +257,11 @@ extension LuaAPI {
         // An intercepted request whose Host names no service: the service whose VIP the
         // client connected to (s.destination.original), as Istio's VIP domains route it.
         let byHost = snap.routes.lookup(authority)
-        guard let vh = byHost ?? (s.destination.original.isEmpty ? nil : snap.routes.lookup(s.destination.original)) else { lua_pushnil(L); return 1 }
+        guard let vh = byHost ?? (s.destination.original.isEmpty ? nil : snap.routes.lookup(s.destination.original)) else {
+            lua_pushnil(L)
+            if snap.routes.scope.outboundTrafficPolicy == .registryOnly { lua_pushboolean(L, 1); return 2 }
+            return 1
+        }
         let key = ObjectIdentifier(vh)
         if let ref = e.hosts[key] {
             if byHost != nil { e.lastAuthority = authority; e.lastRef = ref }

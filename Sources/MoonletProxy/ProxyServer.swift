@@ -56,6 +56,12 @@ public final class ProxyServer: @unchecked Sendable {
     var acceptedAuthnURIs: Set<String> = []
     /// The mesh config in force (MeshConfigReload.swift).
     let meshState = MeshConfigState()
+    /// What the last load decoded, per document: a reload decodes only what changed.
+    let configCache = ConfigCache()
+    /// Where loads run (lower priority than the event loops).
+    let compileThread = ConfigCompileThread()
+    /// Resources pushed with `apply(sources:reason:)`, loaded with the files at every reload.
+    var pushedSources: [ConfigLoader.Source] = []
 
     /// Bound ports (after start), by role: "inbound", "outbound", "admin", "prometheus", "health".
     public private(set) var boundPorts: [String: Int] = [:]
@@ -190,8 +196,37 @@ public final class ProxyServer: @unchecked Sendable {
 
     /// Loads config and plugins, and on success swaps them in on every loop. On failure
     /// the last good snapshot keeps serving and the error is kept for /plugins.
+    /// Once the proxy is ready, runs on the compile thread (lower priority than the
+    /// event loops, see ConfigCompileThread) while the caller waits; the first load, with
+    /// no traffic to yield to, runs at full priority on the caller's thread.
     @discardableResult
     public func reload(reason: String) -> Result<Int, ReloadError> {
+        if !ready { return reloadOnCompileThread(reason: reason) }
+        return compileThread.run { self.reloadOnCompileThread(reason: reason) }
+    }
+
+    /// Applies a new set of pushed resources (`moonlet pilot`): `sources` replace the
+    /// ones pushed before and are loaded with the configuration files (--config), as one
+    /// snapshot, exactly as a file change is (validation, last good snapshot kept on
+    /// error, only changed documents decoded again, the Sidecar scope applied). Each
+    /// source is a YAML text of one or more documents; its `name` is what errors name.
+    /// Returns the snapshot version applied, or why nothing changed.
+    @discardableResult
+    public func apply(sources: [ConfigLoader.Source], reason: String = "push") -> Result<Int, ReloadError> {
+        compileThread.run {
+            self.reloadLock.lock()
+            let previous = self.pushedSources
+            self.pushedSources = sources
+            self.reloadLock.unlock()
+            let r = self.reloadOnCompileThread(reason: reason)
+            if case .failure = r {
+                self.reloadLock.lock(); self.pushedSources = previous; self.reloadLock.unlock()
+            }
+            return r
+        }
+    }
+
+    func reloadOnCompileThread(reason: String) -> Result<Int, ReloadError> {
         reloadLock.lock()
         defer { reloadLock.unlock() }
         let version = lock.withLock { reloadCount += 1; return reloadCount }
@@ -203,9 +238,9 @@ public final class ProxyServer: @unchecked Sendable {
         let mesh = currentMeshConfig, identity = meshIdentity
         var snap = ConfigSnapshot.empty
         let configPaths = settings.configPaths + lock.withLock { pushedConfigPaths }
-        if !configPaths.isEmpty {
+        if !configPaths.isEmpty || !pushedSources.isEmpty {
             switch ConfigLoader().load(paths: configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
-                                   rootNamespace: identity.rootNamespace) {
+                                       rootNamespace: identity.rootNamespace, cache: configCache, sources: pushedSources) {
             case .success(let s): snap = s
             case .failure(let e):
                 lock.withLock { lastReloadError = e.description }
@@ -215,10 +250,11 @@ public final class ProxyServer: @unchecked Sendable {
         }
         snap.pathNormalization = mesh.pathNormalization
         for s in snap.skipped { logger.notice("\(s)") }
+        for p in snap.routes.scope.ingressProblems(appPort: settings.appPort) { logger.error("\(p)") }
         var specs = snap.plugins.filter { $0.applies(to: identity) }
         // Istio traffic resources bring the builtin router, unless a LuaPlugin named
         // "istio-router" replaces it (same place: phase unset, lowest priority).
-        if !snap.routes.isEmpty {
+        if !snap.routes.isEmpty || snap.routes.scope.outboundTrafficPolicy == .registryOnly {
             if let i = specs.firstIndex(where: { $0.name == "istio-router" }) {
                 var fork = specs.remove(at: i)
                 fork.phase = LuaPluginSpec.builtinRouter.phase

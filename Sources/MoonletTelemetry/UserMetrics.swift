@@ -73,6 +73,12 @@ public final class UserMetricRegistry: @unchecked Sendable {
         }
     }
 
+    /// The index of the series `name` with `labels` (rendered form) if it exists: for
+    /// readers of a snapshot's `userValues` (the offline filter harness).
+    public func existingIndex(name: String, labels: String = "") -> Int? {
+        lock.withLock { byKey[name + "{" + labels]?.index }
+    }
+
     /// Appends every family in Prometheus text form (counters and histograms from the
     /// merged snapshot, gauges from their cells).
     func render(_ snap: MetricsSnapshot, into o: inout String) {

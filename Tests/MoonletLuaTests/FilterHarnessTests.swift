@@ -27,7 +27,7 @@ final class FilterHarnessTests: XCTestCase {
     function f.on_request(s, conf)
       local key = s.request.headers:get("x-api-key")
       if not key then
-        moonlet.metrics.counter("apikey_missing")
+        moonlet.metrics.counter("apikey_missing", 1)
         moonlet.log.warn("no api key for " .. s.request.path)
         return s:respond(401, "missing key\\n", { ["www-authenticate"] = "ApiKey" })
       end
@@ -121,7 +121,7 @@ final class FilterHarnessTests: XCTestCase {
         let lua = write("m.lua", """
         return {
           on_request = function(s) moonlet.log.info("saw " .. s.request.method); moonlet.metrics.counter("seen", 2) end,
-          on_log = function(s) moonlet.metrics.counter("logged") end,
+          on_log = function(s) moonlet.metrics.counter("logged", 1) end,
         }
         """)
         let cases = write("c.yaml", """
