@@ -17,9 +17,17 @@ import Foundation
 /// - `authz.test(m, value)`: whether the string `value` matches the matcher or CIDR `m`
 ///   (nil never matches; for a CIDR the value is an address as `s.source.address` gives
 ///   it, "ip:port" or "[ipv6]:port", or a bare IPv4 address).
-/// - `authz.stat(name)`: counts one of Envoy's RBAC counters under its Prometheus name
-///   (`envoy_http_rbac_allowed`, `envoy_http_rbac_denied`, and the shadow counters
-///   `envoy_http_rbac_istio_dry_run_{allow,deny}_shadow_{allowed,denied}`); other names raise.
+/// - `authz.check(s, attribute, matchers)`: whether the running request's `attribute`
+///   (an integer: 1 source principal, 2 source namespace, 3 source address, 4 destination
+///   address, 5 host, 6 method, 7 path) matches any matcher or CIDR of the list
+///   `matchers`; one call for what `test` does per matcher after reading the attribute
+///   through `s` (no string is made for the attribute, none for the matchers).
+/// - `authz.inbound(s)`: whether the stream came in on the inbound listener (a table
+///   standing in for `s` in a test answers by its `listener` field).
+/// - `authz.stat(name | index)`: counts one of Envoy's RBAC counters under its Prometheus
+///   name (`envoy_http_rbac_allowed`, `envoy_http_rbac_denied`, and the shadow counters
+///   `envoy_http_rbac_istio_dry_run_{allow,deny}_shadow_{allowed,denied}`); other names
+///   raise. `authz.stat_index(name)` gives the index to pass instead (no string per count).
 /// - `authz.deny(s, policy)`: Envoy's RBAC denial: local reply 403 `RBAC: access denied`
 ///   (text/plain), response flag RBAC, response code details
 ///   `rbac_access_denied_matched_policy[POLICY]`; returns "respond".
@@ -43,9 +51,11 @@ extension LuaAPI {
         // Called with the moonlet table on top.
         luaL_newmetatable(L, authzMatcherType)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        LuaVM.vm(L).authzMatcherMetatable = lua_topointer(L, -1)
         ml_pop(L, 1)
-        lua_createtable(L, 0, 4)
-        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("deny", authzDeny), ("stat", authzStat), ("ext_deny", authzExtDeny)] as [(String, lua_CFunction)] {
+        lua_createtable(L, 0, 8)
+        for (n, f) in [("matcher", authzMatcher), ("cidr", authzCIDR), ("test", authzTest), ("check", authzCheck), ("inbound", authzInbound),
+                       ("deny", authzDeny), ("stat", authzStat), ("stat_index", authzStatIndex), ("ext_deny", authzExtDeny)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.authz")
@@ -114,17 +124,80 @@ extension LuaAPI {
     }
 
     static let authzTest: lua_CFunction = { L in
-        guard let raw = luaL_testudata(L, 1, authzMatcherType) else { return fail(L, "authz.test(m, value): m must be an authz matcher or cidr") }
-        let ud = UnsafeRawBufferPointer(start: raw, count: Int(lua_rawlen(L, 1)))
-        guard let kind = AuthzKind(rawValue: ud[0]) else { lua_pushboolean(L, 0); return 1 }
+        guard let ud = authzMatcherBytes(L, 1) else { return fail(L, "authz.test(m, value): m must be an authz matcher or cidr") }
         guard let value = bytes(L, 2) else { lua_pushboolean(L, 0); return 1 }
+        lua_pushboolean(L, authzMatches(ud, value) ? 1 : 0)
+        return 1
+    }
+
+    /// The bytes of the authz matcher at `idx`, or nil when it is not one (its metatable
+    /// is compared by pointer with the VM's).
+    @inline(__always)
+    static func authzMatcherBytes(_ L: OpaquePointer?, _ idx: Int32) -> UnsafeRawBufferPointer? {
+        guard lua_type(L, idx) == LUA_TUSERDATA, lua_getmetatable(L, idx) != 0 else { return nil }
+        let same = lua_topointer(L, -1) == LuaVM.vm(L).authzMatcherMetatable
+        ml_pop(L, 1)
+        guard same, let raw = lua_touserdata(L, idx) else { return nil }
+        let n = Int(lua_rawlen(L, idx))
+        return n >= 2 ? UnsafeRawBufferPointer(start: raw, count: n) : nil
+    }
+
+    /// Whether `value` matches the matcher or CIDR whose userdata bytes are `ud`.
+    @inline(__always)
+    static func authzMatches(_ ud: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Bool {
+        guard let kind = AuthzKind(rawValue: ud[0]) else { return false }
         let pattern = UnsafeRawBufferPointer(rebasing: ud[2...])
-        let ok: Bool
         switch kind {
-        case .cidr4, .cidr6: ok = cidrContains(pattern, bits: Int(ud[1]), value)
-        default: ok = matches(kind, flags: ud[1], pattern, value)
+        case .cidr4, .cidr6: return cidrContains(pattern, bits: Int(ud[1]), value)
+        default: return matches(kind, flags: ud[1], pattern, value)
         }
-        lua_pushboolean(L, ok ? 1 : 0)
+    }
+
+    /// authz.check(s, attribute, matchers): see the type's comment.
+    static let authzCheck: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "check"), kind == .stream else { return fail(L, outside) }
+        guard lua_isinteger(L, 2) != 0, lua_type(L, 3) == LUA_TTABLE else { return fail(L, "authz.check(s, attribute, matchers): attribute must be an integer, matchers a list") }
+        var value: String
+        switch ml_tointeger(L, 2) {
+        case 1: value = s.source.principal
+        case 2: value = s.source.namespace
+        case 3: value = s.source.address
+        case 4: value = s.destination.address
+        case 5: value = s.withRequest({ $0.host })
+        case 6: value = s.withRequest({ $0.method })
+        case 7: value = s.withRequest({ $0.target })
+        default: return fail(L, "authz.check: unknown attribute \(ml_tointeger(L, 2))")
+        }
+        let n = lua_rawlen(L, 3)
+        var hit = false, bad = false
+        value.withUTF8 { v in
+            let vb = UnsafeRawBufferPointer(v)
+            var i: lua_Integer = 1
+            while i <= lua_Integer(n) && !hit {
+                lua_rawgeti(L, 3, i)
+                if let ud = authzMatcherBytes(L, -1) { hit = authzMatches(ud, vb) } else { bad = true }
+                ml_pop(L, 1)
+                if bad { return }
+                i += 1
+            }
+        }
+        if bad { return fail(L, "authz.check: matchers must be authz matchers or cidrs") }
+        lua_pushboolean(L, hit ? 1 : 0)
+        return 1
+    }
+
+    /// authz.inbound(s): whether the stream came in on the inbound listener. A table
+    /// standing in for a stream (tests of the filter's logic) answers by its `listener`.
+    static let authzInbound: lua_CFunction = { L in
+        if lua_type(L, 1) == LUA_TTABLE {
+            lua_getfield(L, 1, "listener")
+            let inbound = bytes(L, -1).map { $0.elementsEqual("inbound".utf8) } ?? false
+            ml_pop(L, 1)
+            lua_pushboolean(L, inbound ? 1 : 0)
+            return 1
+        }
+        guard let (_, s, kind) = resolve(L, 1, "inbound"), kind == .stream else { return fail(L, outside) }
+        lua_pushboolean(L, s.listener == .inbound ? 1 : 0)
         return 1
     }
 
@@ -140,6 +213,11 @@ extension LuaAPI {
         @inline(__always) func equal(_ from: Int) -> Bool {
             for i in 0..<pattern.count where at(from + i) != pattern[i] { return false }
             return true
+        }
+        // Case-sensitive exact and prefix (methods, principals, most paths): one memcmp.
+        if !icase && (kind == .exact || kind == .prefix) {
+            guard kind == .exact ? n == pattern.count : n >= pattern.count else { return false }
+            return pattern.count == 0 || memcmp(full.baseAddress!, pattern.baseAddress!, pattern.count) == 0
         }
         switch kind {
         case .present: return true
@@ -223,10 +301,26 @@ extension LuaAPI {
         "envoy_http_rbac_istio_dry_run_deny_shadow_allowed", "envoy_http_rbac_istio_dry_run_deny_shadow_denied",
     ]
 
+    /// The RBAC counters by index (authz.stat_index).
+    static let authzStatNames: [String] = authzStats.sorted()
+
     static let authzStat: lua_CFunction = { L in
+        if lua_isinteger(L, 1) != 0 {
+            let i = Int(ml_tointeger(L, 1))
+            guard i >= 1 && i <= authzStatNames.count else { return fail(L, "authz.stat(index): not an RBAC counter index") }
+            LuaVM.vm(L).metrics?.count(authzStatNames[i - 1])
+            return 0
+        }
         guard let name = str(L, 1), authzStats.contains(name) else { return fail(L, "authz.stat(name): not an RBAC counter") }
         LuaVM.vm(L).metrics?.count(name)
         return 0
+    }
+
+    /// authz.stat_index(name): the index authz.stat takes for an RBAC counter.
+    static let authzStatIndex: lua_CFunction = { L in
+        guard let name = str(L, 1), let i = authzStatNames.firstIndex(of: name) else { return fail(L, "authz.stat_index(name): not an RBAC counter") }
+        lua_pushinteger(L, lua_Integer(i + 1))
+        return 1
     }
 
     static let authzDeny: lua_CFunction = { L in

@@ -288,22 +288,26 @@ return authn
 -- (moonlet.authz), compiled once in configure.
 local authz = {}
 local A = moonlet.authz
-local test, deny = A.test, A.deny
-local stat = A.stat     -- Envoy's RBAC counters, by their Prometheus names
+local test, deny, check, inbound = A.test, A.deny, A.check, A.inbound
+-- Envoy's RBAC counters, counted by index (resolved once here from their Prometheus names).
+local stat = A.stat
+local ALLOWED, DENIED = A.stat_index("envoy_http_rbac_allowed"), A.stat_index("envoy_http_rbac_denied")
 
 local ip_kinds = { source_ip = true, remote_ip = true, destination_ip = true }
+-- Attributes authz.check reads natively from the request (one call per check, matchers
+-- tested in place); the others (headers, JWT claims, ...) are read through `s` below.
+local NATIVE = { principal = 1, namespace = 2, source_ip = 3, remote_ip = 3, destination_ip = 4,
+                 host = 5, method = 6, path = 7 }
+
+local compile_checks
 
 local function compile_check(c)
   if c.k == "any_of" then
     local alts = {}
-    for i, alt in ipairs(c.alts) do
-      local cs = {}
-      for j, x in ipairs(alt) do cs[j] = compile_check(x) end
-      alts[i] = cs
-    end
+    for i, alt in ipairs(c.alts) do alts[i] = compile_checks(alt) end
     return { k = "any_of", alts = alts }
   end
-  local out = { k = c.k, neg = c.neg, h = c.h, c = c.c, m = {} }
+  local out = { k = c.k, neg = c.neg, h = c.h, c = c.c, m = {}, native = NATIVE[c.k] }
   for i, v in ipairs(c.m) do
     if ip_kinds[c.k] then
       out.m[i] = A.cidr(v)
@@ -318,6 +322,22 @@ local function compile_check(c)
   return out
 end
 
+-- A list of checks that must all hold. An any_of with a single alternative (one
+-- `from` source, one `to` operation: the common case) is that alternative's checks,
+-- so they join the list: fewer calls per request, the same result.
+compile_checks = function(list)
+  local out = {}
+  for _, x in ipairs(list) do
+    local c = compile_check(x)
+    if c.k == "any_of" and #c.alts == 1 then
+      for _, y in ipairs(c.alts[1]) do out[#out + 1] = y end
+    else
+      out[#out + 1] = c
+    end
+  end
+  return out
+end
+
 -- The policies of `list` whose dry-run flag is `dry_run` (nil: all of them).
 local function compile_policies(list, dry_run)
   local out = {}
@@ -325,9 +345,7 @@ local function compile_policies(list, dry_run)
     if dry_run == nil or (p.dry_run == true) == dry_run then
       local rules = {}
       for i, r in ipairs(p.rules) do
-        local checks = {}
-        for j, c in ipairs(r.checks) do checks[j] = compile_check(c) end
-        rules[i] = { id = r.id, checks = checks }
+        rules[i] = { id = r.id, checks = compile_checks(r.checks) }
       end
       out[#out + 1] = { id = p.id, rules = rules }
     end
@@ -443,7 +461,10 @@ local function holds(s, c)
     return false
   end
   local hit
-  if k == "destination_port" then
+  local native = c.native
+  if native then
+    hit = check(s, native, c.m)
+  elseif k == "destination_port" then
     local port = s.destination.port
     hit = false
     for i = 1, #c.m do
@@ -458,7 +479,17 @@ end
 
 all_hold = function(s, checks)
   for i = 1, #checks do
-    if not holds(s, checks[i]) then return false end
+    local c = checks[i]
+    local native = c.native
+    if native then
+      -- The common checks (principal, namespace, addresses, host, method, path): one
+      -- native call, without going through holds.
+      local hit = check(s, native, c.m)
+      if c.neg then hit = not hit end
+      if not hit then return false end
+    elseif not holds(s, c) then
+      return false
+    end
   end
   return true
 end
@@ -568,9 +599,9 @@ local function ext_authz(s, p)
 end
 
 function authz.on_request(s, conf)
-  if s.listener ~= "inbound" then return end
+  if not inbound(s) then return end
   if conf.custom_deny_all then
-    stat("envoy_http_rbac_denied")
+    stat(DENIED)
     return deny(s, "custom-provider-unavailable")
   end
   if #conf.custom > 0 and conf.provider and first_match(s, conf.custom) then
@@ -579,28 +610,31 @@ function authz.on_request(s, conf)
     if r then return r end
   end
   cur_auth = NOT_READ
-  local audited = first_match(s, conf.audit)
-  if audited then
-    s.vars.access_log_hint = "true"
-    s.vars.istio_authz_audit_policy = audited
+  if #conf.audit > 0 then
+    local audited = first_match(s, conf.audit)
+    if audited then
+      s.vars.access_log_hint = "true"
+      s.vars.istio_authz_audit_policy = audited
+    end
   end
   -- The path was normalized natively before any filter (mesh config pathNormalization).
-  shadow(s, conf.shadow_deny, "istio_dry_run_deny_", "denied")
-  shadow(s, conf.shadow_allow, "istio_dry_run_allow_", "allowed")
-  if #conf.deny > 0 then
-    local id = first_match(s, conf.deny)
+  if #conf.shadow_deny > 0 then shadow(s, conf.shadow_deny, "istio_dry_run_deny_", "denied") end
+  if #conf.shadow_allow > 0 then shadow(s, conf.shadow_allow, "istio_dry_run_allow_", "allowed") end
+  local deny_list, allow_list = conf.deny, conf.allow
+  if #deny_list > 0 then
+    local id = first_match(s, deny_list)
     if id then
-      stat("envoy_http_rbac_denied")
+      stat(DENIED)
       return deny(s, id)
     end
   end
-  if #conf.allow > 0 then
-    if not first_match(s, conf.allow) then
-      stat("envoy_http_rbac_denied")
+  if #allow_list > 0 then
+    if not first_match(s, allow_list) then
+      stat(DENIED)
       return deny(s, "none")
     end
   end
-  if #conf.deny > 0 or #conf.allow > 0 then stat("envoy_http_rbac_allowed") end
+  if #deny_list > 0 or #allow_list > 0 then stat(ALLOWED) end
 end
 
 return authz

@@ -78,6 +78,8 @@ public final class LuaVM {
     var rng = Xoshiro256(seed: SystemRandomNumberGenerator())
     /// The router's Lua tables per configuration snapshot (RouterAPI.swift).
     var routerCache = RouterCache()
+    /// The metatable of moonlet.authz matchers (compared by pointer: no registry lookup by name per test).
+    var authzMatcherMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
     var logTrace = LogTraceLoopState()
     let logger: Logger

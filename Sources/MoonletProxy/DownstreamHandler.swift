@@ -358,6 +358,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         // The idle deadline stays: the connection is idle while it has no open stream.
         let h = HTTP2ServerConnection(ctx: ctx, role: role, context: context, peer: (peer, peerIP))
         if role == .inbound && peerMTLS { h.clientCert = clientCertElement() }
+        h.interception = interception
         h2Connection = h
         h.receive(first)
     }
@@ -508,7 +509,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         s.config = ctx.snapshot
         s.listener = role
         s.peerWorkload = peerWorkload
-        if let i = interception ?? (h2?.connection.context?.handler as? DownstreamHandler)?.interception { i.applyHTTP(s, self) }
+        if let i = interception { i.applyHTTP(s, self) }
         let action = exec.requestHead(s)
         // A filter waits for work of its own (moonlet.http.call): FilterPause.swift.
         if action == .pause { pauseFilters(s); return }

@@ -56,6 +56,8 @@ final class HTTP2ServerConnection: DeferredFlush {
     let peer: (info: PeerInfo, ip: String)
     /// The mTLS peer's X-Forwarded-Client-Cert element, for every stream's request.
     var clientCert: String?
+    /// The connection's original destination when it was intercepted (its streams' handlers get it).
+    var interception: InterceptedDestination?
     /// When the last stream ended (uptime ns): with no stream open, the connection is
     /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
     var lastStreamEnd: UInt64
@@ -630,6 +632,7 @@ final class HTTP2ServerStream {
     func open(_ head: HTTP2RequestHead, endStream: Bool) {
         let c = connection
         let h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
+        h.interception = c.interception
         handler = h
         h.h2StreamOpened()
         requestIsHead = head.method == "HEAD"

@@ -37,16 +37,20 @@ enum LocalReplyCheck {
     /// Why the head a response filter left (on a local reply or an upstream response)
     /// cannot be sent, or nil. A head nothing was added to is sent as received (the
     /// upstream parser took it, removals only shrink it); the lines the proxy writes
-    /// itself (date, server, framing) are not counted against the parser's limit.
+    /// itself (date, server, framing) are not counted against the parser's limit. The
+    /// values the proxy added before the filters ran (`HTTPHead.markFiltersStart`: the
+    /// route's edits, checked at config load, and the metadata exchange headers) are
+    /// counted, not checked again; those the filters added are.
     static func problem(_ head: HTTPHead, limits: ProxyLimits) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
         guard !head.added.isEmpty else { return nil }
         var count = head.added.count
         for f in head.fields where !f.removed { count += 1 }
         guard count <= limits.maxHeaderCount else { return "\(count) headers (at most \(limits.maxHeaderCount))" }
-        // The head as received (removed lines included: an upper bound) and what filters added.
-        var bytes = head.bytes.readableBytes
-        for a in head.added {
+        // The head as received (removed lines included: an upper bound) and what was added.
+        let before = min(head.addedBeforeFilters, head.added.count)
+        var bytes = head.bytes.readableBytes + head.addedBytesBeforeFilters + 4 * before
+        for a in head.added[before...] {
             if isFramingField(a.name) { return "header \(a.name) is set by the proxy" }
             guard HeaderValidation.isFieldValue(a.value) else { return "header \(a.name) has a control character in its value" }
             bytes += a.name.utf8.count + a.value.utf8.count + 4

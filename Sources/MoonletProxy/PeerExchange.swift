@@ -1,6 +1,9 @@
 import MoonletCore
 import MoonletHTTP
 import MoonletTelemetry
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Istio's metadata exchange between sidecars (Envoy's `istio.metadata_exchange`), with
 /// Istio's headers `x-envoy-peer-metadata` (base64 protobuf Struct of the workload's
@@ -40,7 +43,7 @@ struct PeerExchange {
         let f = head.fields[found]
         let same = head.bytes.withUnsafeReadableBytes { raw -> Bool in
             let v = UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)])
-            return v.count == lastValue.count && lastValue.withUnsafeBytes { $0.elementsEqual(v) }
+            return v.count == lastValue.count && (v.count == 0 || lastValue.withUnsafeBytes { memcmp($0.baseAddress!, v.baseAddress!, v.count) == 0 })
         }
         if same && lastPeer != nil { return lastPeer }
         let value = head.value(at: found)
