@@ -1,5 +1,6 @@
 import XCTest
 @testable import MoonletConfig
+import MoonletCore
 
 /// Telemetry resources compiled per workload (TelemetryPolicy): scoping, providers,
 /// access log filter expressions, tracing settings and metric overrides.

@@ -4,6 +4,7 @@ import NIOConcurrencyHelpers
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletTelemetry
+import MoonletCore
 #if canImport(Foundation)
 import Foundation
 #endif
