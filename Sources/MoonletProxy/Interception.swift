@@ -203,6 +203,10 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             ctx.metrics.count("envoy_tcp_rbac_allowed")
         }
         guard let app = try? SocketAddress(ipAddress: "127.0.0.1", port: port) else { session.refuse("bad port", counter: "moonlet_tcp_refused_total"); return }
+        let peer = downstream.peer.principal
+        session.recordOpened(destinationService: ctx.inboundService == "unknown" ? "unknown"
+                                : "\(ctx.inboundService).\(ctx.settings.identity.namespace).svc.cluster.local",
+                             peerPrincipal: peer, mtls: !peer.isEmpty)
         session.connect(to: app, tls: nil, connectTimeoutMs: 0)
     }
 
@@ -224,6 +228,7 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             }
             ctx.metrics.count("moonlet_tcp_passthrough_total")
+            session.recordOpened(destinationService: "\(original.ip):\(original.port)", peerPrincipal: "", mtls: false)
             session.connect(to: original.address, tls: nil, connectTimeoutMs: 0)
             return
         }
@@ -260,6 +265,10 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             }
         }
+        // The peer's principal as the mTLS check expects it (the endpoint's service account).
+        let mtls = c.tls(i)?.mode == .istioMutual && ctx.tls != nil
+        let expectedPeer = mtls ? (c.tls(i)?.subjectAltNames.first ?? "") : ""
+        session.recordOpened(destinationService: t.service.fqdn, peerPrincipal: expectedPeer, mtls: mtls)
         resolveAndConnect(session, host: e.address, port: e.port, tls: makeTLS, timeoutMs: c.connectTimeoutMs)
     }
 

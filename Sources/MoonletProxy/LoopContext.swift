@@ -197,6 +197,12 @@ public final class LoopContext: @unchecked Sendable {
     let inboundService: String
     /// Peer workloads decoded from x-envoy-peer-metadata on this loop (PeerExchange).
     let peerCache = PeerMetadataCache()
+    /// This sidecar's workload, as Istio's metric labels name it (TCP connections' series).
+    lazy var ownWorkload: MeshWorkload = {
+        let id = settings.identity
+        return MeshWorkload(workload: id.effectiveWorkloadName, namespace: id.namespace, labels: id.labels,
+                            cluster: id.clusterID, serviceAccount: id.serviceAccount, serial: 0)
+    }()
     /// This sidecar's x-envoy-peer-metadata and x-envoy-peer-metadata-id values.
     let ownPeerMetadata: String
     let ownPeerID: String

@@ -6,6 +6,7 @@ import MoonletCore
 import MoonletConfig
 import MoonletTLS
 import MoonletBalancer
+import MoonletTelemetry
 
 /// Interception settings of the configuration in force, per loop (swapped with the
 /// snapshot at each reload): the mesh config's outboundTrafficPolicy and
@@ -117,6 +118,9 @@ final class TCPSession {
     var finished = false
     /// Why the connection ended early (logged at debug), or nil.
     var failure: String?
+    /// Istio's TCP metrics of this connection (istio_tcp_*, with Istio's labels), made
+    /// once its destination is known (`recordOpened`); nil before, or past the series cap.
+    var series: TCPSeries?
 
     init(ctx: LoopContext, role: ListenerRole, idleTimeoutMs: Int) {
         self.ctx = ctx
@@ -124,8 +128,20 @@ final class TCPSession {
         self.idleTimeoutMs = idleTimeoutMs
         client = TCPGlue(downstream: true)
         client.session = self
-        ctx.metrics.count("istio_tcp_connections_opened_total")
         ctx.metrics.count("moonlet_tcp_\(role.rawValue)_connections_opened_total")
+    }
+
+    /// The connection's destination is decided: its Istio TCP series (reporter
+    /// destination inbound, source outbound; the peer's principal when the hop is mTLS;
+    /// the peer's workload is unknown, as Istio's TCP metadata exchange is not spoken)
+    /// counts it opened.
+    func recordOpened(destinationService: String, peerPrincipal: String, mtls: Bool) {
+        let own = ctx.tls.map { "spiffe://" + $0.identity.principal } ?? ""
+        let peer = peerPrincipal.isEmpty || peerPrincipal.hasPrefix("spiffe://") ? peerPrincipal : "spiffe://" + peerPrincipal
+        let labels = IstioLabels.tcpLabels(inbound: role == .inbound, own: ctx.ownWorkload, peer: nil, ownPrincipal: own,
+                                           peerPrincipal: peer, destinationService: destinationService, mtls: mtls)
+        series = ctx.metrics.tcpSeries(labels)
+        series?.opened()
     }
 
     /// Bytes read on one side.
@@ -215,9 +231,11 @@ final class TCPSession {
         if let c = cluster, endpointIndex >= 0 { ctx.balancer.done(c, endpointIndex) }
         circuit?.connectionClosed(); circuit = nil
         let m = ctx.metrics
-        m.count("istio_tcp_connections_closed_total")
-        m.count("istio_tcp_received_bytes_total", receivedBytes)
-        m.count("istio_tcp_sent_bytes_total", sentBytes)
+        if let t = series {
+            t.closed()
+            t.received(Int(clamping: receivedBytes))
+            t.sent(Int(clamping: sentBytes))
+        }
         m.count("moonlet_tcp_\(role.rawValue)_connections_closed_total")
         if let f = failure { ctx.logger.debug("tcp \(role.rawValue) connection ended: \(f)") }
         client.session = nil

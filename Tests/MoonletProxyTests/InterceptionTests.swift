@@ -190,9 +190,20 @@ final class InterceptionTests: XCTestCase {
         XCTAssertEqual(rest.text, " again|EOF", "the app saw the client's FIN and could still answer")
         XCTAssertTrue(rest.closed)
         let stats = try XCTUnwrap(adminGet(p.admin, "/stats/prometheus")).body
-        XCTAssertTrue(stats.contains("istio_tcp_connections_opened_total 1"), stats)
-        XCTAssertTrue(stats.contains("istio_tcp_received_bytes_total 11"), stats)
-        XCTAssertTrue(stats.contains("istio_tcp_sent_bytes_total 15"), stats)
+        // Istio's TCP series, with its labels: the source reporter, the service's name.
+        let labels = ["reporter=\"source\"", "destination_service=\"db.example.internal\""]
+        XCTAssertEqual(Self.sample(stats, "istio_tcp_connections_opened_total", labels), "1", stats)
+        XCTAssertEqual(Self.sample(stats, "istio_tcp_connections_closed_total", labels), "1", stats)
+        XCTAssertEqual(Self.sample(stats, "istio_tcp_received_bytes_total", labels), "11", stats)
+        XCTAssertEqual(Self.sample(stats, "istio_tcp_sent_bytes_total", labels), "15", stats)
+    }
+
+    /// The value of the Prometheus sample of `name` whose labels include every one of `labels`.
+    static func sample(_ text: String, _ name: String, _ labels: [String]) -> String? {
+        for line in text.split(separator: "\n") where line.hasPrefix(name + "{") && labels.allSatisfy({ line.contains($0) }) {
+            return line.split(separator: " ").last.map(String.init)
+        }
+        return nil
     }
 
     func testEightMegabytesCrossTheTCPProxyBothWaysIntact_whileEachSideIsReadOnlyAsFastAsTheOtherTakesIt() throws {
@@ -323,7 +334,7 @@ final class InterceptionTests: XCTestCase {
         case .failure(let e): XCTFail("TLS through the sidecar failed: \(e)")
         }
         let stats = try XCTUnwrap(adminGet(p.admin, "/stats/prometheus")).body
-        XCTAssertTrue(stats.contains("istio_tcp_connections_opened_total 1"), stats)
+        XCTAssertEqual(Self.sample(stats, "istio_tcp_connections_opened_total", ["reporter=\"source\""]), "1", stats)
     }
 
     func testTLSToAnUnknownAddressIsRoutedByItsSNIToTheServiceEntryHost_evenWithRegistryOnly() throws {
@@ -534,6 +545,14 @@ final class InterceptedTCPMTLSTests: XCTestCase {
         let stats = try XCTUnwrap(adminGet(server.admin, "/stats/prometheus")).body
         XCTAssertTrue(stats.contains("envoy_tcp_rbac_allowed 1"), stats)
         XCTAssertFalse(stats.contains("moonlet_inbound_tls_refused_total"), "the client sidecar spoke mTLS (STRICT)")
+        // Istio's TCP series on the server: the destination reporter, the caller's principal, mutual TLS.
+        let inbound = ["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/default/sa/frontend\"",
+                       "connection_security_policy=\"mutual_tls\""]
+        XCTAssertTrue(try eventually {
+            guard let r = try adminGet(server.admin, "/stats/prometheus") else { return false }
+            return InterceptionTests.sample(r.body, "istio_tcp_connections_closed_total", inbound) == "1"
+        }, stats)
+        XCTAssertEqual(InterceptionTests.sample(stats, "istio_tcp_connections_opened_total", inbound), "1", stats)
     }
 
     func testTCPAuthorizationDeniesOtherPrincipals_anAllowRuleWithHTTPOnlyFieldsNeverMatchesTCP_andADenyRuleIgnoresThem() throws {
