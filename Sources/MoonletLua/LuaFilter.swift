@@ -142,9 +142,7 @@ public final class LuaPluginInstance: Filter {
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
         vm.phaseIndex = which
-        if trusted { lua_sethook(co, nil, 0, 0) }
-        let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name)
-        if trusted { ml_sethook(co) }
+        let out = vm.resume(co, nargs: nargs, limits: limits, plugin: name, hooked: !trusted)
         vm.current = prev; vm.currentID = prevID
         if let cell {
             cell.stats.calls &+= 1
@@ -217,9 +215,7 @@ public final class LuaPluginInstance: Filter {
         vm.current = s; vm.currentID = s.id
         vm.inUpstreamFailure = true
         vm.phaseIndex = Self.upstreamFailurePhase
-        if trusted { lua_sethook(co, nil, 0, 0) }
-        let out = vm.resume(co, nargs: 3, limits: limits, plugin: name)
-        if trusted { ml_sethook(co) }
+        let out = vm.resume(co, nargs: 3, limits: limits, plugin: name, hooked: !trusted)
         vm.inUpstreamFailure = false
         vm.current = prev; vm.currentID = prevID
         if let cell {

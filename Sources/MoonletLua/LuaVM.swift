@@ -289,12 +289,16 @@ public final class LuaVM {
     }
 
     /// Arms the budget and runs the function on top of `co` (with `nargs` args above it).
-    func resume(_ co: OpaquePointer, nargs: Int32, limits: LuaLimits, plugin: String, keepResults: Bool = false) -> CallOutcome {
+    /// `hooked: false` (a builtin filter, LuaPluginInstance.trusted) runs it without the
+    /// instruction-count hook, which goes back on `co` when the call returns or yields.
+    func resume(_ co: OpaquePointer, nargs: Int32, limits: LuaLimits, plugin: String, keepResults: Bool = false, hooked: Bool = true) -> CallOutcome {
         let t0 = ml_arm_now(limitsPtr, Int64(limits.maxInstructions), limits.timeoutMs)
         currentPlugin = plugin
         var nres: Int32 = 0
         limitsPtr.pointee.host = 0
+        if !hooked { lua_sethook(co, nil, 0, 0) }
         let st = ml_resume(co, L, nargs, &nres)
+        if !hooked { ml_sethook(co) }
         limitsPtr.pointee.host = 1
         let aborted = limitsPtr.pointee.aborted != 0
         limitsPtr.pointee.deadline.tv_sec = 0
