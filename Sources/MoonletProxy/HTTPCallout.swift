@@ -156,24 +156,10 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         case .pending: return
         case .failed(let e): fail("DNS resolution of \(host) failed: \(e)"); return
         }
-        var makeTLS: (() throws -> NIOSSLClientHandler)? = nil
-        var expectedText = ""
-        var mesh = true
-        if let t = tls {
-            if t.mode == .istioMutual, let m = ctx.tls {
-                let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
-                makeTLS = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: false) }
-                expectedText = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
-            } else if let c = t.context as? NIOSSLContext {
-                let sni = t.sni ?? sniHost
-                makeTLS = { try TLSMaterial.makeClientHandler(context: c, serverName: sni, expected: t.subjectAltNames) }
-                expectedText = t.subjectAltNames.isEmpty ? sni : t.subjectAltNames.joined(separator: " or ")
-                mesh = false
-            }
-        }
+        let plan = UpstreamTLSPlan(tls, meshMaterial: ctx.tls, serverName: sniHost, offerH2: false)
         let cluster = picked?.0
         ctx.pool.connect(key: key, address: address, timeoutMs: cluster?.connectTimeoutMs ?? 0, keepalive: cluster?.tcpKeepalive,
-                         tls: makeTLS, tlsExpected: expectedText, tlsMesh: mesh, offersH2: false, slot: nil) { r in
+                         tls: plan.make, tlsExpected: plan.expected, tlsMesh: plan.mesh, offersH2: false, slot: nil) { r in
             switch r {
             case .success(let c):
                 guard self.done != nil else { c.abandon(); return }

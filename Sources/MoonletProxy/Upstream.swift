@@ -5,6 +5,7 @@ import NIOSSL
 import NIOHTTP2
 import MoonletCore
 import MoonletBalancer
+import MoonletTLS
 
 /// Events an upstream connection reports to the stream that holds it. All calls
 /// happen on the connection's event loop, directly (no futures).
@@ -532,5 +533,30 @@ enum MirrorSender {
                 ch.writeAndFlush(payload, promise: nil)
                 ch.eventLoop.scheduleTask(in: .seconds(30)) { ch.close(promise: nil) }
             }
+    }
+}
+
+/// How a connection to an upstream endpoint does TLS, from its cluster's settings: mesh
+/// mTLS (ISTIO_MUTUAL) with the workload certificate, checked against the endpoint's
+/// identities; or the DestinationRule's own TLS context; or none. `expected` says what
+/// the peer must present (for errors); `mesh` is false for the DestinationRule's TLS.
+struct UpstreamTLSPlan {
+    var make: (() throws -> NIOSSLClientHandler)? = nil
+    var expected = ""
+    var mesh = true
+
+    /// `serverName`: the SNI when the settings name none; `offerH2`: ALPN h2 (mesh only).
+    init(_ tls: UpstreamTLS?, meshMaterial: TLSMaterial?, serverName: String, offerH2: Bool) {
+        guard let t = tls else { return }
+        if t.mode == .istioMutual, let m = meshMaterial {
+            let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
+            make = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: offerH2) }
+            self.expected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
+        } else if let c = t.context as? NIOSSLContext {
+            let sni = t.sni ?? serverName
+            make = { try TLSMaterial.makeClientHandler(context: c, serverName: sni, expected: t.subjectAltNames) }
+            self.expected = t.subjectAltNames.isEmpty ? sni : t.subjectAltNames.joined(separator: " or ")
+            mesh = false
+        }
     }
 }

@@ -304,24 +304,11 @@ final class UpstreamDispatcher {
 
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         state = .connecting
-        var makeTLS: (() throws -> NIOSSLClientHandler)? = nil
-        var tlsExpected = ""
-        var tlsMesh = true
         // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
         let h2 = asksForHTTP2(s)
-        if let t = tls {
-            if t.mode == .istioMutual, let m = ctx.tls {
-                let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
-                makeTLS = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: h2) }
-                tlsExpected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
-            } else if let c = t.context as? NIOSSLContext {
-                makeTLS = { try TLSMaterial.makeClientHandler(context: c, serverName: t.sni ?? s.route.host, expected: t.subjectAltNames) }
-                tlsExpected = t.subjectAltNames.isEmpty ? (t.sni ?? s.route.host) : t.subjectAltNames.joined(separator: " or ")
-                tlsMesh = false
-            }
-        }
+        let plan = UpstreamTLSPlan(tls, meshMaterial: ctx.tls, serverName: s.route.host, offerH2: h2)
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: makeTLS, tlsExpected: tlsExpected, tlsMesh: tlsMesh, offersH2: h2, slot: slot,
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: plan.make, tlsExpected: plan.expected, tlsMesh: plan.mesh, offersH2: h2, slot: slot,
                          connected(stream: s.id, attempt: attempt))
     }
 
