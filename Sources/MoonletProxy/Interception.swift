@@ -248,23 +248,17 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         session.circuit = cc
         let e = c.endpoint(i)
-        var makeTLS: (() throws -> NIOSSLClientHandler)? = nil
         if let tls = c.tls(i) {
-            if tls.mode == .istioMutual {
-                if let m = ctx.tls {
-                    let expected = tls.fromServiceAccounts ? m.inOwnTrustDomain(tls.subjectAltNames) : tls.subjectAltNames
-                    makeTLS = { try m.makeClientHandler(serverName: tls.sni, expected: expected, tcp: true) }
-                } else if !tls.automatic {
-                    session.refuse("ISTIO_MUTUAL needs a workload certificate (--certs)", counter: "moonlet_tcp_refused_total")
-                    return
-                }
-            } else if let sc = tls.context as? NIOSSLContext {
-                makeTLS = { try TLSMaterial.makeClientHandler(context: sc, serverName: tls.sni ?? t.service.fqdn, expected: tls.subjectAltNames) }
-            } else if tls.mode == .simple || tls.mode == .mutual {
+            if tls.mode == .istioMutual && ctx.tls == nil && !tls.automatic {
+                session.refuse("ISTIO_MUTUAL needs a workload certificate (--certs)", counter: "moonlet_tcp_refused_total")
+                return
+            }
+            if tls.mode != .istioMutual && !(tls.context is NIOSSLContext) && (tls.mode == .simple || tls.mode == .mutual) {
                 session.refuse("the DestinationRule's TLS files could not be loaded", counter: "moonlet_tcp_refused_total")
                 return
             }
         }
+        let makeTLS = UpstreamTLSPlan(c.tls(i), meshMaterial: ctx.tls, serverName: t.service.fqdn, tcp: true).make
         // The peer's principal as the mTLS check expects it (the endpoint's service account).
         let mtls = c.tls(i)?.mode == .istioMutual && ctx.tls != nil
         let expectedPeer = mtls ? (c.tls(i)?.subjectAltNames.first ?? "") : ""

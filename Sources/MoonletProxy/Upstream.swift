@@ -545,12 +545,13 @@ struct UpstreamTLSPlan {
     var expected = ""
     var mesh = true
 
-    /// `serverName`: the SNI when the settings name none; `offerH2`: ALPN h2 (mesh only).
-    init(_ tls: UpstreamTLS?, meshMaterial: TLSMaterial?, serverName: String, offerH2: Bool) {
+    /// `serverName`: the SNI when the settings name none; `offerH2`: ALPN h2 (mesh only);
+    /// `tcp`: Istio's TCP ALPN (mesh only, the TCP proxy).
+    init(_ tls: UpstreamTLS?, meshMaterial: TLSMaterial?, serverName: String, offerH2: Bool = false, tcp: Bool = false) {
         guard let t = tls else { return }
         if t.mode == .istioMutual, let m = meshMaterial {
             let expected = t.fromServiceAccounts ? m.inOwnTrustDomain(t.subjectAltNames) : t.subjectAltNames
-            make = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: offerH2) }
+            make = { try m.makeClientHandler(serverName: t.sni, expected: expected, offerH2: offerH2, tcp: tcp) }
             self.expected = expected.isEmpty ? "a mesh identity" : expected.joined(separator: " or ")
         } else if let c = t.context as? NIOSSLContext {
             let sni = t.sni ?? serverName
