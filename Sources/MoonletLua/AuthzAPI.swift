@@ -32,6 +32,10 @@ import Foundation
 ///   (text/plain), response flag RBAC, response code details
 ///   `rbac_access_denied_matched_policy[POLICY]`; returns "respond".
 ///
+/// - `authz.rules(policies)` / `authz.first(s, rules)`: a compiled list of rules evaluated in
+///   one call; `authz.decider(deny, allow)` / `authz.decide(s, decider)`: the whole DENY
+///   then ALLOW decision in one call when nothing else applies (AuthzRules.swift).
+///
 /// - `authz.ext_deny(s, status, body, headers)`: an external authorization (CUSTOM)
 ///   denial: `s:respond(status, body, headers)` with Envoy's response flag UAEX; returns
 ///   "respond".
@@ -58,6 +62,7 @@ extension LuaAPI {
                        ("deny", authzDeny), ("stat", authzStat), ("stat_index", authzStatIndex), ("ext_deny", authzExtDeny)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
+        installAuthzRules(L)
         ml_push_readonly(L, "moonlet.authz")
         lua_setfield(L, -2, "authz")
     }
@@ -325,11 +330,15 @@ extension LuaAPI {
 
     static let authzDeny: lua_CFunction = { L in
         guard let (_, s, kind) = resolve(L, 1, "deny"), kind == .stream else { return fail(L, outside) }
-        let policy = str(L, 2) ?? "none"
-        s.respond(403, body: "RBAC: access denied", headers: [("content-type", "text/plain")], flags: .rbacAccessDenied)
-        s.vars["response_code_details"] = "rbac_access_denied_matched_policy[\(policy)]"
+        rbacDeny(s, policy: str(L, 2) ?? "none")
         lua_pushstring(L, "respond")
         return 1
+    }
+
+    /// Envoy's RBAC denial of `s` (authz.deny).
+    static func rbacDeny(_ s: ProxyStream, policy: String) {
+        s.respond(403, body: "RBAC: access denied", headers: [("content-type", "text/plain")], flags: .rbacAccessDenied)
+        s.vars["response_code_details"] = "rbac_access_denied_matched_policy[\(policy)]"
     }
 
     /// moonlet.authz.ext_deny(s, status, body, headers): s:respond with flag UAEX.

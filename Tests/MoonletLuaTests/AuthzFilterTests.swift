@@ -34,13 +34,27 @@ final class AuthzFilterTests: XCTestCase {
         var listener: ListenerRole = .inbound
     }
 
+    /// `luaOnly`: the filter's source with its native compilation (authz.rules,
+    /// authz.decider) switched off, so every rule is evaluated by its Lua loop.
     func chain(_ yaml: String, workload: WorkloadIdentity? = nil, trustDomain: String = "cluster.local", aliases: [String] = [],
-               extra: [LuaPluginSpec] = [], file: StaticString = #filePath, line: UInt = #line) throws -> FilterChain? {
+               extra: [LuaPluginSpec] = [], luaOnly: Bool = false, file: StaticString = #filePath, line: UInt = #line) throws -> FilterChain? {
         let r = ConfigLoader().loadText(yaml, file: "in.yaml", baseDir: "/")
         XCTAssertEqual(r.errors.map(\.description), [], file: file, line: line)
         let c = AuthorizationCompiler.compile(r.istio, workload: workload ?? httpbin, trustDomain: trustDomain, aliases: aliases)
         guard let conf = c.config else { return nil }
-        let gen = try host.prepare([LuaPluginSpec.builtinAuthz(conf)] + extra).get()
+        var authz = LuaPluginSpec.builtinAuthz(conf)
+        if luaOnly {
+            let source = BuiltinPlugins.istioAuthz
+                .replacingOccurrences(of: "out.native = A.rules(out)", with: "out.native = nil")
+                .replacingOccurrences(of: "out.decider = A.decider(out.deny, out.allow)", with: "out.decider = nil")
+            XCTAssertNotEqual(source, BuiltinPlugins.istioAuthz, "the native switches moved", file: file, line: line)
+            let path = NSTemporaryDirectory() + "moonlet-authz-lua-only-\(UUID().uuidString).lua"
+            try source.write(toFile: path, atomically: true, encoding: .utf8)
+            authz = LuaPluginSpec(name: "istio-authz-lua-only", namespace: "", path: path, phase: authz.phase, priority: authz.priority,
+                                  pluginConfig: conf, failStrategy: .failClose, matchLabels: [:], maxInstructions: nil, maxMemoryBytes: nil,
+                                  timeoutMs: nil, file: "test", line: 1)
+        }
+        let gen = try host.prepare([authz] + extra).get()
         return FilterChain(runtime.filters(for: gen))
     }
 
@@ -507,6 +521,53 @@ final class AuthzFilterTests: XCTestCase {
             }
         }
         XCTAssertGreaterThanOrEqual(checked, 35)
+    }
+
+    func test_nativeRuleEvaluation_decidesEveryConformanceRequestAsTheLuaLoop() throws {
+        // authz.rules / authz.decider compile the common rules natively; the filter's Lua
+        // loop is the reference. Both must give the same answer on every case, including
+        // the ones the native path takes (principals, methods, paths, hosts, ports, IPs).
+        let root = Self.conformance
+        guard FileManager.default.fileExists(atPath: root) else { throw XCTSkip("conformance data not found at \(root)") }
+        var checked = 0
+        for k in Self.cases {
+            var yaml = try String(contentsOfFile: "\(root)/\(k.input)", encoding: .utf8)
+            for (from, to) in k.rename { yaml = yaml.replacingOccurrences(of: from, with: to) }
+            let native = try chain(yaml, trustDomain: k.td, aliases: k.aliases)
+            let lua = try chain(yaml, trustDomain: k.td, aliases: k.aliases, luaOnly: true)
+            var probes = k.requests.map(\.0)
+            probes += [Req(), Req(method: "DELETE", path: "/admin"), Req(path: "/v1?x=1"), Req(address: "1.2.3.4:5"), Req(port: 90)]
+            for (i, q) in probes.enumerated() {
+                XCTAssertEqual(allowed(native, q), allowed(lua, q), "\(k.name) request \(i): \(q.method) \(q.path) principal=\(q.principal)")
+                checked += 1
+            }
+        }
+        XCTAssertGreaterThanOrEqual(checked, 100)
+    }
+
+    func test_seedPolicy_isDecidedByOneNativeCall() throws {
+        // The seed's policy (principal, methods, path prefix) takes the native path: the
+        // compiled configuration carries a decider.
+        let c = try chain("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: order, namespace: foo}
+        spec:
+          selector: {matchLabels: {app: httpbin}}
+          action: ALLOW
+          rules:
+          - from: [{source: {principals: ["cluster.local/ns/foo/sa/frontend"]}}]
+            to: [{operation: {methods: ["GET", "POST"], paths: ["/api/order/*"]}}]
+        """)
+        let fe = "cluster.local/ns/foo/sa/frontend"
+        XCTAssertTrue(allowed(c, Req(method: "GET", path: "/api/order/1", principal: fe)))
+        XCTAssertFalse(allowed(c, Req(method: "DELETE", path: "/api/order/1", principal: fe)))
+        XCTAssertFalse(allowed(c, Req(method: "GET", path: "/admin", principal: fe)))
+        XCTAssertFalse(allowed(c, Req(method: "GET", path: "/api/order/1", principal: "cluster.local/ns/foo/sa/other")))
+        let counters = metrics.snapshot().counters
+        XCTAssertEqual(counters["envoy_http_rbac_allowed"], 1)
+        XCTAssertEqual(counters["envoy_http_rbac_denied"], 3)
+        XCTAssertTrue(BuiltinPlugins.istioAuthz.contains("out.decider = A.decider(out.deny, out.allow)"))
     }
 
     func test_embeddedAuthz_isThePluginsFile() throws {
