@@ -26,23 +26,40 @@ import MoonletHTTP
 ///
 /// Built once per configure; the userdata's finalizer releases the native copy.
 final class AuthzRuleSet {
+    /// One check: `attribute` 1...7 as authz.check's attributes, 8 the destination port;
+    /// its matchers are `bytes[start..<end]` (each a 2-byte length, then the matcher's
+    /// userdata bytes as authz.matcher / authz.cidr lay them out), its ports
+    /// `ports[start..<end]`. Flat arrays: evaluating retains nothing.
     struct Check {
-        /// 1...7 as authz.check's attributes, 8 the destination port.
         var attribute: Int
         var negated: Bool
-        /// Matcher or CIDR userdata bytes (authz.matcher / authz.cidr layout).
-        var matchers: [[UInt8]]
-        var ports: [Int]
+        var start: Int
+        var end: Int
     }
-    var rules: [[Check]] = []
-    /// Rule ids in `rules` order (set by authz.decider for the DENY list).
+    var bytes: [UInt8] = []
+    var ports: [Int] = []
+    var checks: [Check] = []
+    /// Rule `i` is `checks[ruleEnds[i-1]..<ruleEnds[i]]` (0 for the first).
+    var ruleEnds: [Int] = []
+    /// Rule ids in rule order (set by authz.decider for the DENY list).
     var ids: [String] = []
+    var ruleCount: Int { ruleEnds.count }
 
-    /// Whether the request's `attribute` matches any of the check's matchers.
+    func add(matcher: UnsafeRawBufferPointer) {
+        bytes.append(UInt8(truncatingIfNeeded: matcher.count >> 8))
+        bytes.append(UInt8(truncatingIfNeeded: matcher.count))
+        bytes.append(contentsOf: matcher)
+    }
+
+    /// Whether the value matches any matcher in `b[start..<end]`.
     @inline(__always)
-    static func hit(_ c: Check, _ v: UnsafeRawBufferPointer) -> Bool {
-        for m in c.matchers {
-            if m.withUnsafeBytes({ LuaAPI.authzMatches($0, v) }) { return true }
+    static func hit(_ b: UnsafeBufferPointer<UInt8>, _ start: Int, _ end: Int, _ v: UnsafeRawBufferPointer) -> Bool {
+        var i = start
+        while i + 2 <= end {
+            let n = Int(b[i]) << 8 | Int(b[i + 1])
+            let m = UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: b[(i + 2)..<(i + 2 + n)]))
+            if LuaAPI.authzMatches(m, v) { return true }
+            i += 2 + n
         }
         return false
     }
@@ -69,23 +86,33 @@ final class AuthzRuleSet {
 
     /// The 1-based position of the first rule that holds for `s`, or nil.
     func first(_ s: ProxyStream) -> Int? {
-        var port = -1
-        for (i, checks) in rules.enumerated() {
-            var all = true
-            for c in checks {
-                var h: Bool
-                if c.attribute == 8 {
-                    if port < 0 { port = s.destination.port }
-                    h = c.ports.contains(port)
-                } else {
-                    h = Self.withAttribute(s, c.attribute) { Self.hit(c, $0) }
+        bytes.withUnsafeBufferPointer { b in
+            checks.withUnsafeBufferPointer { cs in
+                ruleEnds.withUnsafeBufferPointer { ends in
+                    ports.withUnsafeBufferPointer { ps in
+                        var from = 0
+                        for r in 0..<ends.count {
+                            var all = true
+                            for k in from..<ends[r] {
+                                let c = cs[k]
+                                var h: Bool
+                                if c.attribute == 8 {
+                                    let port = s.destination.port
+                                    h = false
+                                    for i in c.start..<c.end where ps[i] == port { h = true; break }
+                                } else {
+                                    h = Self.withAttribute(s, c.attribute) { Self.hit(b, c.start, c.end, $0) }
+                                }
+                                if h == c.negated { all = false; break }
+                            }
+                            if all { return r + 1 }
+                            from = ends[r]
+                        }
+                        return nil
+                    }
                 }
-                if c.negated { h = !h }
-                if !h { all = false; break }
             }
-            if all { return i + 1 }
         }
-        return nil
     }
 }
 
@@ -107,15 +134,27 @@ extension LuaAPI {
         luaL_newmetatable(L, authzRulesType)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pushapifunction(L, authzRulesGC); lua_setfield(L, -2, "__gc")
+        LuaVM.vm(L).authzRulesMetatable = lua_topointer(L, -1)
         ml_pop(L, 1)
         luaL_newmetatable(L, authzDeciderType)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pushapifunction(L, authzDeciderGC); lua_setfield(L, -2, "__gc")
+        LuaVM.vm(L).authzDeciderMetatable = lua_topointer(L, -1)
         ml_pop(L, 1)
         ml_pushapifunction(L, authzRules); lua_setfield(L, -2, "rules")
         ml_pushapifunction(L, authzFirst); lua_setfield(L, -2, "first")
         ml_pushapifunction(L, authzDeciderNew); lua_setfield(L, -2, "decider")
         ml_pushapifunction(L, authzDecide); lua_setfield(L, -2, "decide")
+    }
+
+    /// The block of the full userdata at `idx` when its metatable is `metatable` (compared
+    /// by pointer: no registry lookup by name per call), else nil.
+    @inline(__always)
+    static func userdata(_ L: OpaquePointer?, _ idx: Int32, _ metatable: UnsafeRawPointer?) -> UnsafeMutableRawPointer? {
+        guard lua_type(L, idx) == LUA_TUSERDATA, lua_getmetatable(L, idx) != 0 else { return nil }
+        let same = lua_topointer(L, -1) == metatable
+        ml_pop(L, 1)
+        return same ? lua_touserdata(L, idx) : nil
     }
 
     static let authzDeciderGC: lua_CFunction = { L in
@@ -145,7 +184,7 @@ extension LuaAPI {
             var i: lua_Integer = 1
             while i <= lua_Integer(n) { lua_rawgeti(L, -1, i); ids.append(str(L, -1) ?? ""); ml_pop(L, 1); i += 1 }
         }
-        guard ids.count == set.rules.count else { return .failure(AuthzDeciderError(message: "authz.decider: ids must name every rule")) }
+        guard ids.count == set.ruleCount else { return .failure(AuthzDeciderError(message: "authz.decider: ids must name every rule")) }
         set.ids = ids
         return .success(set)
     }
@@ -164,7 +203,7 @@ extension LuaAPI {
     /// authz.decide(s, decider): see AuthzDecider.
     static let authzDecide: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "decide"), kind == .stream else { return fail(L, outside) }
-        guard let p = luaL_testudata(L, 2, authzDeciderType)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
+        guard let p = userdata(L, 2, vm.authzDeciderMetatable)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
             return fail(L, "authz.decide(s, decider): decider must come from authz.decider")
         }
         guard s.listener == .inbound else { return 0 }
@@ -200,8 +239,9 @@ extension LuaAPI {
         return lua_isinteger(L, -1) != 0 ? Int(ml_tointeger(L, -1)) : nil
     }
 
-    /// One compiled check (table at the top of the stack) in native form, or nil.
-    static func nativeCheck(_ L: OpaquePointer?) -> AuthzRuleSet.Check? {
+    /// Adds the compiled check (table at the top of the stack) to `set`; false when it
+    /// is not one the native side reads.
+    static func addNativeCheck(_ L: OpaquePointer?, _ set: AuthzRuleSet) -> Bool {
         lua_getfield(L, -1, "neg")
         let neg = lua_toboolean(L, -1) != 0
         ml_pop(L, 1)
@@ -210,29 +250,31 @@ extension LuaAPI {
             lua_getfield(L, -1, "k")
             let port = bytes(L, -1).map { $0.elementsEqual("destination_port".utf8) } ?? false
             ml_pop(L, 1)
-            guard port else { return nil }
+            guard port else { return false }
             attribute = 8
         }
-        guard (1...8).contains(attribute) else { return nil }
-        var check = AuthzRuleSet.Check(attribute: attribute, negated: neg, matchers: [], ports: [])
+        guard (1...8).contains(attribute) else { return false }
         lua_getfield(L, -1, "m")
         defer { ml_pop(L, 1) }
-        guard lua_type(L, -1) == LUA_TTABLE else { return nil }
+        guard lua_type(L, -1) == LUA_TTABLE else { return false }
+        let start = attribute == 8 ? set.ports.count : set.bytes.count
         let n = lua_rawlen(L, -1)
         var i: lua_Integer = 1
         while i <= lua_Integer(n) {
             lua_rawgeti(L, -1, i)
             defer { ml_pop(L, 1) }
             if attribute == 8 {
-                guard lua_isinteger(L, -1) != 0 else { return nil }
-                check.ports.append(Int(ml_tointeger(L, -1)))
+                guard lua_isinteger(L, -1) != 0 else { return false }
+                set.ports.append(Int(ml_tointeger(L, -1)))
             } else {
-                guard let ud = authzMatcherBytes(L, -1) else { return nil }
-                check.matchers.append(Array(ud))
+                guard let ud = authzMatcherBytes(L, -1), ud.count < 65536 else { return false }
+                set.add(matcher: ud)
             }
             i += 1
         }
-        return check
+        let end = attribute == 8 ? set.ports.count : set.bytes.count
+        set.checks.append(AuthzRuleSet.Check(attribute: attribute, negated: neg, start: start, end: end))
+        return true
     }
 
     /// authz.rules(policies): see AuthzRuleSet.
@@ -252,19 +294,17 @@ extension LuaAPI {
                 lua_rawgeti(L, -1, r)
                 lua_getfield(L, -1, "checks")
                 guard lua_type(L, -1) == LUA_TTABLE else { return fail(L, "authz.rules: rule \(r) of policy \(p) has no checks") }
-                var checks: [AuthzRuleSet.Check] = []
                 let nc = lua_rawlen(L, -1)
                 var c: lua_Integer = 1
                 while c <= lua_Integer(nc) {
                     lua_rawgeti(L, -1, c)
-                    let check = lua_type(L, -1) == LUA_TTABLE ? nativeCheck(L) : nil
+                    let ok = lua_type(L, -1) == LUA_TTABLE && addNativeCheck(L, set)
                     ml_pop(L, 1)
                     // A check only Lua can read: the whole list stays in Lua.
-                    guard let check else { lua_pushnil(L); return 1 }
-                    checks.append(check)
+                    guard ok else { lua_pushnil(L); return 1 }
                     c += 1
                 }
-                set.rules.append(checks)
+                set.ruleEnds.append(set.checks.count)
                 ml_pop(L, 2)
                 r += 1
             }
@@ -279,8 +319,8 @@ extension LuaAPI {
 
     /// authz.first(s, rules): see AuthzRuleSet.
     static let authzFirst: lua_CFunction = { L in
-        guard let (_, s, kind) = resolve(L, 1, "first"), kind == .stream else { return fail(L, outside) }
-        guard let p = luaL_testudata(L, 2, authzRulesType)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
+        guard let (vm, s, kind) = resolve(L, 1, "first"), kind == .stream else { return fail(L, outside) }
+        guard let p = userdata(L, 2, vm.authzRulesMetatable)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
             return fail(L, "authz.first(s, rules): rules must come from authz.rules")
         }
         if let i = Unmanaged<AuthzRuleSet>.fromOpaque(box).takeUnretainedValue().first(s) {

@@ -80,6 +80,9 @@ public final class LuaVM {
     var routerCache = RouterCache()
     /// The metatable of moonlet.authz matchers (compared by pointer: no registry lookup by name per test).
     var authzMatcherMetatable: UnsafeRawPointer?
+    /// The metatables of authz.rules and authz.decider userdata (AuthzRules.swift).
+    var authzRulesMetatable: UnsafeRawPointer?
+    var authzDeciderMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
     var logTrace = LogTraceLoopState()
     let logger: Logger
