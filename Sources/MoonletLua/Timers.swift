@@ -60,7 +60,9 @@ final class LuaTimerState {
     /// The stream handed to the HTTP client for a callback's moonlet.http.call: it has no
     /// configuration snapshot, so the call resolves against the loop's current one.
     lazy var stream: ProxyStream = {
-        let head = HTTPHead(bytes: ByteBuffer(string: "GET / HTTP/1.1\r\nhost: moonlet-timer\r\n\r\n"), isRequest: true)
+        var p = HTTPHeadParser()
+        var head = HTTPHead(bytes: ByteBuffer(), isRequest: true)
+        if case .complete(let h, _) = p.parseRequest(ByteBuffer(string: "GET / HTTP/1.1\r\nhost: moonlet-timer\r\n\r\n")) { head = h }
         return ProxyStream(id: 0, request: head, source: PeerInfo(address: "127.0.0.1:0"), filterCount: 0, startNanos: 0)
     }()
 
