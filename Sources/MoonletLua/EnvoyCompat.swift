@@ -467,15 +467,15 @@ function C:ssl() return ssl_of(self.s) end
 local ConnectionMT = class("connection", C)
 
 local MD = {}
-function MD:get(k) local c = self.conf; if type(c) == "table" then return c[k] end return nil end
+function MD:get(k) local c = rawget(self, "conf"); if type(c) == "table" then return c[k] end return nil end
 local MetadataMT = class("metadata", MD)
-MetadataMT.__pairs = function(self) local c = self.conf; return next, type(c) == "table" and c or {}, nil end
+MetadataMT.__pairs = function(self) local c = rawget(self, "conf"); return next, type(c) == "table" and c or {}, nil end
 
 -- The stream handle -----------------------------------------------------------
 
 local S = {}
 function S:headers()
-  local hd = self.hd
+  local hd = rawget(self, "hd")
   if hd == nil then
     local s = self.s
     hd = setmetatable({ s = s, resp = self.resp, h = self.resp and s.response.headers or s.request.headers }, HeadersMT)
@@ -485,7 +485,7 @@ function S:headers()
 end
 function S:body(always_wrap)
   if self.resp then response_body_refused("body") end
-  local b = self.buf
+  local b = rawget(self, "buf")
   if b == nil then
     b = setmetatable({ s = self.s, data = request_body(self) }, BufferMT)
     self.buf = b
@@ -501,7 +501,7 @@ function S:bodyChunks()
   return function()
     if done then return nil end
     done = true
-    local b = self.buf
+    local b = rawget(self, "buf")
     if b == nil then b = setmetatable({ s = s, data = data }, BufferMT); self.buf = b end
     return b
   end
@@ -519,7 +519,7 @@ function S:respond(headers, body)
       out[k] = str(v, "respond() header value")
     end
   end
-  self.s:respond(status, body or "", out)
+  self.s:respond(status, body ~= nil and str(body, "respond() body") or "", out)
   error(RESPONDED, 0)
 end
 function S:httpCall(cluster, headers, body, a4, a5)
@@ -550,7 +550,7 @@ function S:httpCall(cluster, headers, body, a4, a5)
   if b == "" then b = nil end
   return out, b
 end
-function S:metadata() return setmetatable({ conf = self.conf }, MetadataMT) end
+function S:metadata() return setmetatable({ conf = rawget(self, "conf") }, MetadataMT) end
 function S:streamInfo() return setmetatable({ s = self.s }, StreamInfoMT) end
 function S:connection() return setmetatable({ s = self.s }, ConnectionMT) end
 function S:setUpstreamOverrideHost(host, strict)
