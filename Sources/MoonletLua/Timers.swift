@@ -1,4 +1,5 @@
 import CLua
+import CLuaBounded
 import MoonletCore
 import NIOCore
 #if canImport(Foundation)
