@@ -101,4 +101,30 @@ final class EnvoyCompatTests: XCTestCase {
         XCTAssertTrue(s.request.first("x-err")?.contains("not in a filter phase") ?? false, s.request.first("x-err") ?? "nil")
         runtime.endStream(s); s.end()
     }
+    func testAnEnvoyScriptRunsUnderTheOfflineFilterHarness() throws {
+        let lua = "\(dir!)/f.lua", cases = "\(dir!)/f.cases.yaml"
+        try """
+        function envoy_on_request(h)
+          local key = h:headers():get("x-api-key")
+          if not key then h:respond({[":status"] = "401"}, "missing key") end
+          h:headers():add("x-user", h:metadata():get("prefix") .. key)
+          local b = h:body()
+          if b then h:headers():add("x-len", b:length()) end
+        end
+        function envoy_on_response(h) h:headers():add("x-filter", "envoy") end
+        """.write(toFile: lua, atomically: true, encoding: .utf8)
+        try """
+        pluginConfig: {prefix: "u-"}
+        cases:
+        - name: passes the user upstream
+          request: {method: POST, path: /x, headers: {x-api-key: k1}, body: hello}
+          expect: {status: 200, response_headers: {x-filter: envoy}, upstream_request_headers: {x-user: u-k1, x-len: "5"}}
+        - name: no key
+          request: {path: /x}
+          expect: {status: 401, body: missing key, response_headers: {x-filter: envoy}}
+        """.write(toFile: cases, atomically: true, encoding: .utf8)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+        XCTAssertEqual(out.output, "2 passed, 0 failed\n")
+    }
 }
