@@ -204,6 +204,8 @@ final class EnvoyScriptTests: XCTestCase {
             },
             "hello world",
             5000)
+          request_handle:httpCall("lua-cluster.example.com", {[":method"] = "POST", [":path"] = "/async", [":authority"] = "lua_cluster"},
+            "fire and forget", 1000, true)
           request_handle:headers():add("upstream_foo", headers["foo"])
           request_handle:headers():add("upstream_status", headers[":status"])
           request_handle:headers():add("upstream_body", body)
@@ -223,7 +225,9 @@ final class EnvoyScriptTests: XCTestCase {
         XCTAssertEqual(seen.headers["upstream_foo"], ["from-callee"])
         XCTAssertEqual(seen.headers["upstream_status"], ["200"])
         XCTAssertEqual(seen.headers["upstream_body"], ["got:POST:/check:hello world"])
-        let call = try XCTUnwrap(callee.seen.first)
+        // The asynchronous call is sent; the script did not wait for it.
+        XCTAssertTrue((0..<100).contains { _ in usleep(10_000); return callee.seen.contains { $0.uri == "/async" && $0.body == "fire and forget" } })
+        let call = try XCTUnwrap(callee.seen.first { $0.uri == "/check" })
         XCTAssertEqual(call.headers["host"], ["lua_cluster"])
         XCTAssertEqual(call.headers["set-cookie"], ["lang=lua; Path=/", "type=binding; Path=/"])
         // A call that fails gets Envoy's 503 (the script goes on).

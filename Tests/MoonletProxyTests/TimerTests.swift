@@ -119,4 +119,29 @@ final class TimerTests: XCTestCase {
         // The proxy keeps serving.
         XCTAssertEqual(get(try RawClient(port: px.inbound))?.status, 200)
     }
+    func testATimerCancelledFromAnotherCallbackStops_andCancelOnlyReachesThePluginsOwnTimers() throws {
+        let key = UUID().uuidString
+        let px = try ProxyFixture(appPort: app.port, files: [
+            "c.lua": """
+            local dict = moonlet.shared("timer-test")
+            local ticking = moonlet.timer.every(0.02, function() dict:incr("\(key)-ticks", 1, 0) end)
+            moonlet.timer.after(0.15, function()
+              dict:set("\(key)-cancelled", tostring(moonlet.timer.cancel(ticking)) .. "," .. tostring(moonlet.timer.cancel(ticking)))
+              dict:set("\(key)-at", dict:get("\(key)-ticks"))
+            end)
+            return {}
+            """,
+            "c.yaml": ProxyFixture.plugin("c"),
+            // Another plugin of the same VM cannot cancel c's timers (ids are per plugin).
+            "other.lua": "moonlet.timer.after(0.05, function() for id = 1, 10 do moonlet.timer.cancel(id) end end)\nreturn {}",
+            "other.yaml": ProxyFixture.plugin("other"),
+        ], concurrency: 1)
+        defer { px.stop() }
+        XCTAssertTrue(eventually { MoonletLuaShared.get("timer-test", "\(key)-cancelled") != nil })
+        XCTAssertEqual(MoonletLuaShared.get("timer-test", "\(key)-cancelled"), "true,false")
+        let at = shared("timer-test", "\(key)-at")
+        XCTAssertGreaterThanOrEqual(at, 3, "ticked until cancelled (the other plugin's cancels did not reach it)")
+        usleep(200_000)
+        XCTAssertEqual(shared("timer-test", "\(key)-ticks"), at)
+    }
 }
