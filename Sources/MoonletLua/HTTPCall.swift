@@ -222,8 +222,12 @@ extension LuaAPI {
     /// until the response; returns `res` or `nil, err`.
     static let httpCall: lua_CFunction = { L in
         let vm = LuaVM.vm(L)
+        if let t = vm.timers.running, vm.currentID == 0 {
+            // A moonlet.timer callback (Timers.swift) waits on its own coroutine.
+            guard L == t.thread?.L else { return fail(L, "moonlet.http.call: call it from the timer callback itself, not from a coroutine it made") }
+        } else {
         guard let s = vm.current, vm.currentID != 0 else {
-            return fail(L, "moonlet.http.call: only inside a filter phase (on_request, on_request_body), not at load time")
+            return fail(L, "moonlet.http.call: only inside a filter phase (on_request, on_request_body) or a moonlet.timer callback, not at load time")
         }
         guard vm.phaseIndex == 0 || (vm.phaseIndex == 1 && s.bufferedRequestBody != nil && s.response == nil) else {
             let phase = (0..<LuaPluginInstance.phaseNames.count).contains(vm.phaseIndex) ? LuaPluginInstance.phaseNames[vm.phaseIndex] : "this phase"
@@ -232,6 +236,7 @@ extension LuaAPI {
         }
         guard L == vm.runner?.L || (vm.resumingThread != nil && L == vm.resumingThread) else {
             return fail(L, "moonlet.http.call: call it from the phase function itself, not from a coroutine it made")
+        }
         }
         guard vm.httpClient != nil else { return fail(L, "moonlet.http.call: not available in this process") }
         guard lua_isyieldable(L) != 0 else {

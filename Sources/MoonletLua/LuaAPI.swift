@@ -681,6 +681,8 @@ enum LuaAPI {
         ml_pushapifunction(L, httpCall); lua_setfield(L, -2, "call")
         ml_push_readonly(L, "moonlet.http")
         lua_setfield(L, -2, "http")
+        installTimers(L)
+        lua_setfield(L, -2, "timer")
         installLogTrace(L)
         lua_setfield(L, -2, "moonlet")
         // Shared-dict methods.

@@ -61,6 +61,7 @@ public final class LuaPluginInstance: Filter {
 
     /// Drops the registry refs (the module becomes garbage).
     func release() {
+        vm.stopTimers(owner: ObjectIdentifier(self))
         let L = vm.L
         for r in fn + [moduleRef, confRef] where r != LUA_NOREF && r != LUA_REFNIL { ml_unref(L, r) }
         fn = fn.map { _ in LUA_NOREF }
@@ -69,6 +70,10 @@ public final class LuaPluginInstance: Filter {
 
     func load() throws {
         let L = vm.L
+        // moonlet.timer calls of the module code and configure belong to this instance.
+        let loadingBefore = vm.timers.loading
+        vm.timers.loading = (ObjectIdentifier(self), name, limits)
+        defer { vm.timers.loading = loadingBefore }
         moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: limits)
         ml_getregistry_ref(L, moduleRef)
         for (i, n) in Self.phaseNames.enumerated() {

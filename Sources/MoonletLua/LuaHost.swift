@@ -248,6 +248,8 @@ public final class LuaLoopRuntime {
                 vm.host.recordError(plugin: src.spec.name, "\(error)")
             }
         }
+        // A reload: the timers of the plugins this generation replaces stop.
+        vm.stopTimers(except: Set(out.map { ObjectIdentifier($0 as AnyObject) }))
         return out
     }
 

@@ -4,6 +4,7 @@ import MoonletCore
 import MoonletConfig
 import MoonletRegex
 import MoonletTelemetry
+import NIOCore
 import Logging
 #if canImport(Foundation)
 import Foundation
@@ -90,6 +91,11 @@ public final class LuaVM {
     var admittedSeries: [String: String] = [:]
     /// moonlet.stats and moonlet.metrics handles of this VM (StatsAPI.swift).
     var stats = StatsState()
+    /// moonlet.timer timers of this VM (Timers.swift).
+    let timers = LuaTimerState()
+    /// The event loop this VM serves: where moonlet.timer callbacks run (nil: timers are
+    /// accepted and never fire, as in the scratch VM that validates plugins).
+    public var eventLoop: EventLoop?
 
     public init(host: LuaHost, metrics: MetricsShard?) {
         self.host = host
@@ -351,8 +357,13 @@ public final class LuaVM {
         let out = resume(co.L, nargs: 0, limits: limits, plugin: chunkName, keepResults: true)
         guard out.ok else { lua_settop(co.L, 0); throw LuaError.runtime(out.error ?? "error") }
         if Self.definesEnvoyEntryPoints(L) {
+            // An Envoy script (EnvoyCompat.swift): the adapter makes its module.
+            if lua_gettop(co.L) > 0 && ml_isnil(co.L, -1) == 0 {
+                lua_settop(co.L, 0)
+                throw LuaError.runtime("\(chunkName): a script that defines envoy_on_request/envoy_on_response must not return a module (it is adapted as an Envoy Lua script)")
+            }
             lua_settop(co.L, 0)
-            throw LuaError.runtime("\(chunkName): Envoy-style envoy_on_request/envoy_on_response scripts need the Envoy adapter, which is not available yet")
+            try EnvoyCompat.adapt(self, co.L, source: source, chunkName: chunkName, limits: limits)
         }
         guard ml_istable(co.L, -1) != 0 else {
             lua_settop(co.L, 0)
