@@ -341,7 +341,7 @@ public final class FilterHarness {
 
     /// The plugin spec `moonlet filter test` runs: the filter file, its name (the file's
     /// base name), `pluginConfig`; a LuaPlugin resource given with --plugin-config lends
-    /// its name, phase, failStrategy and limits.
+    /// its name, phase, failStrategy and limits (not its variants or shadow).
     public static func spec(filter: String, pluginConfig: ConfigValue, from resource: LuaPluginSpec? = nil) -> LuaPluginSpec {
         let base = ((filter as NSString).lastPathComponent as NSString).deletingPathExtension
         var s = resource ?? LuaPluginSpec(name: base, namespace: "", path: filter, phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: .map([]),
@@ -349,6 +349,9 @@ public final class FilterHarness {
                                           file: filter, line: 1)
         s.path = filter
         s.pluginConfig = pluginConfig
+        // The file under test is the filter: a resource's experiment (variants, shadow)
+        // is not run offline, and moonlet.variant() gives nil.
+        s.variants = []; s.shadow = nil; s.guardrail = nil
         return s
     }
 

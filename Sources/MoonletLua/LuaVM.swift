@@ -87,6 +87,9 @@ public final class LuaVM {
     var admittedSeries: [String: String] = [:]
     /// moonlet.stats and moonlet.metrics handles of this VM (StatsAPI.swift).
     var stats = StatsState()
+    /// The experiments of this loop by plugin name (Experiments.swift): counters and
+    /// the arm of each running stream, read by moonlet.variant().
+    var experiments: [String: ExperimentLoopStats] = [:]
 
     public init(host: LuaHost, metrics: MetricsShard?) {
         self.host = host
