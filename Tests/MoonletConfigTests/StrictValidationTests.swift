@@ -168,7 +168,9 @@ final class StrictValidationTests: XCTestCase {
         let bad = load("  match: [{mode: SERVER, ports: [{number: 80, name: http}]}]\n")
         XCTAssertEqual(bad.errors.map(\.description), ["p.yaml:6:47: LuaPlugin p: spec.match[0].ports[0].name: unknown field"])
         let badVariant = load("  variants: [{name: b, wieght: 10}]\n", url: false)
-        XCTAssertEqual(badVariant.errors.map(\.description), ["p.yaml:5:24: LuaPlugin p: spec.variants[0].wieght: unknown field"])
+        XCTAssertEqual(badVariant.errors.map(\.description), ["p.yaml:5:24: LuaPlugin p: spec.variants[0].wieght: unknown field",
+                                                              "p.yaml:5:14: LuaPlugin p: spec.variants[0].url: missing",
+                                                              "p.yaml:5:14: LuaPlugin p: spec.variants[0].weight: missing"])
         // Well-formed, but not applied: refused with file:line, never dropped.
         let wellFormed = load("  match: [{mode: SERVER, ports: [{number: 80}]}]\n")
         XCTAssertEqual(wellFormed.plugins.count, 0)
