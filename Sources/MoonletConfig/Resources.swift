@@ -91,6 +91,16 @@ public struct LuaPluginSpec: Sendable {
     }
 
     public func applies(to w: WorkloadIdentity) -> Bool { w.isSelected(namespace: namespace, matchLabels: matchLabels) }
+
+    /// The configuration a builtin would have had (a fork that replaces it): taken as
+    /// the pluginConfig of the plugin, of each variant and of the shadow that gives
+    /// none (absent or `{}`).
+    public mutating func inheritPluginConfig(_ conf: ConfigValue) {
+        func unset(_ v: ConfigValue) -> Bool { v == .null || v == .map([]) }
+        if unset(pluginConfig) { pluginConfig = conf }
+        for i in variants.indices where unset(variants[i].pluginConfig) { variants[i].pluginConfig = conf }
+        if let s = shadow, unset(s.pluginConfig) { shadow?.pluginConfig = conf }
+    }
 }
 
 /// One arm of a LuaPlugin experiment (`spec.variants[]`).

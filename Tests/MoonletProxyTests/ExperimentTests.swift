@@ -250,4 +250,53 @@ final class ExperimentTests: XCTestCase {
         XCTAssertEqual(after[1]["weight"] as? Int, 40)
         XCTAssertTrue(after[1]["rolled_back"] is NSNull)
     }
+
+    func testAForkedIstioAuthzAsShadowCountsWhatANewRuleWouldDenyWithoutDenyingIt() throws {
+        let original = try XCTUnwrap(BuiltinPlugins.source("istio-authz"))
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "policy.yaml": """
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: deny-admin, namespace: default}
+            spec:
+              action: DENY
+              rules:
+              - to: [{operation: {paths: ["/admin"]}}]
+            """,
+            // The builtin, exported, is the enforced filter; the fork adds a rule.
+            "istio-authz.lua": original,
+            "istio-authz-next.lua": """
+            local base = require("istio-authz")
+            local M = {}
+            for k, v in pairs(base) do M[k] = v end
+            function M.on_request(s, conf)
+              if s.request.path == "/reports" then return s:respond(403, "RBAC: access denied") end
+              return base.on_request(s, conf)
+            end
+            return M
+            """,
+            "authz.yaml": """
+            apiVersion: moonlet.io/v1alpha1
+            kind: LuaPlugin
+            metadata:
+              name: istio-authz
+            spec:
+              phase: AUTHZ
+              url: file://$DIR/istio-authz.lua
+              shadow: {url: "file://$DIR/istio-authz-next.lua"}
+            """,
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        for (path, n, status) in [("/admin", 2, 403), ("/reports", 3, 200), ("/ok", 4, 200)] {
+            for _ in 0..<n { XCTAssertEqual(get(c, path)?.status, status, path) }
+        }
+        XCTAssertEqual(up.seen.filter { $0.uri == "/reports" }.count, 3, "the shadow denied nothing for real")
+        try waitForRequests(px.admin, 9, plugin: "istio-authz")
+        let all = try XCTUnwrap(try json(px.admin, "/experiments")["experiments"] as? [[String: Any]])
+        let shadow = try XCTUnwrap(all.first { $0["plugin"] as? String == "istio-authz" }?["shadow"] as? [String: Any])
+        XCTAssertEqual(shadow["runs"] as? Int, 9)
+        XCTAssertEqual((shadow["divergences"] as? [String: Int])?["respond"], 3, "\(shadow)")
+        XCTAssertEqual((shadow["divergences"] as? [String: Int])?["total"], 3, "\(shadow)")
+    }
 }
