@@ -216,6 +216,16 @@ final class ExperimentLoopStats {
 }
 
 extension LuaVM {
+    /// The offline harness (`variant:` of a case): `moonlet.variant()` in `plugin`'s
+    /// phases of stream `id` returns `name`.
+    func runAsVariant(_ name: String, plugin: LuaPluginSpec, stream id: UInt64) {
+        var spec = plugin
+        spec.variants = [LuaPluginVariant(name: name, path: plugin.path, weight: 100, pluginConfig: plugin.pluginConfig)]
+        let st = ExperimentLoopStats(state: ExperimentState(spec: spec, armVersions: [""], shadowVersion: nil, fingerprint: ""))
+        st.streams[id] = 0
+        experiments[plugin.name] = st
+    }
+
     /// This loop's counters of every experiment (for /experiments and the scrape).
     public func experimentCounters() -> [String: ExperimentCounters] {
         experiments.mapValues(\.counters)
