@@ -299,4 +299,31 @@ final class ExperimentTests: XCTestCase {
         XCTAssertEqual((shadow["divergences"] as? [String: Int])?["respond"], 3, "\(shadow)")
         XCTAssertEqual((shadow["divergences"] as? [String: Int])?["total"], 3, "\(shadow)")
     }
+
+    func testAnArmThatWaitsOnMoonletHTTPCallKeepsItsArmAfterTheCallAndInLaterPhases() throws {
+        let callee = try TestUpstream { _ in TestUpstream.Reply(status: .ok, body: "checked") }
+        defer { callee.stop() }
+        let arm = """
+        return {
+          on_request = function(s)
+            local res, err = moonlet.http.call("http://127.0.0.1:\(callee.port)/check", { timeout_ms = 2000 })
+            s.request.headers:set("x-after-call", tostring(moonlet.variant()) .. ":" .. (res and res.body or tostring(err)))
+          end,
+          on_response = function(s) s.response.headers:set("x-arm", tostring(moonlet.variant())) end,
+        }
+        """
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "a.lua": arm, "b.lua": arm,
+            "exp.yaml": Self.experiment(variants: [("a", 50), ("b", 50)], extra: "  stickyBy: header:x-user"),
+        ])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        for u in 0..<10 {
+            let expected = ExperimentStatistics.bucket(plugin: "exp", key: "w\(u)") < 50 ? "a" : "b"
+            let r = try XCTUnwrap(get(c, headers: "x-user: w\(u)\r\n"))
+            XCTAssertEqual(r.status, 200)
+            XCTAssertEqual(r.header("x-arm"), expected)
+            XCTAssertEqual(up.seen.last?.headers["x-after-call"], ["\(expected):checked"])
+        }
+    }
 }
