@@ -326,4 +326,37 @@ final class ExperimentTests: XCTestCase {
             XCTAssertEqual(up.seen.last?.headers["x-after-call"], ["\(expected):checked"])
         }
     }
+
+    func testConfigDumpShowsTheExperimentWithEachArmsSecretsRedacted() throws {
+        let px = try ProxyFixture(appPort: up.port, files: [
+            "a.lua": Self.tagging, "b.lua": Self.tagging, "c.lua": Self.tagging,
+            "exp.yaml": """
+            apiVersion: moonlet.io/v1alpha1
+            kind: LuaPlugin
+            metadata:
+              name: exp
+            spec:
+              variants:
+              - {name: a, url: "file://$DIR/a.lua", weight: 80, pluginConfig: {apiKey: s3cret-a, mode: strict}}
+              - {name: b, url: "file://$DIR/b.lua", weight: 20, pluginConfig: {apiKey: s3cret-b}}
+              stickyBy: cookie:uid
+              shadow: {url: "file://$DIR/c.lua", pluginConfig: {token: s3cret-c}}
+            """,
+        ])
+        defer { px.stop() }
+        let body = try XCTUnwrap(adminGet(px.admin, "/config_dump")).body
+        XCTAssertFalse(body.contains("s3cret"), body)
+        let dump = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])
+        let plugin = try XCTUnwrap((dump["lua_plugins"] as? [[String: Any]])?.first)
+        let variants = try XCTUnwrap(plugin["variants"] as? [[String: Any]])
+        XCTAssertEqual(variants.map { $0["name"] as? String }, ["a", "b"])
+        XCTAssertEqual(variants.map { $0["weight"] as? Int }, [80, 20])
+        XCTAssertEqual((variants[0]["pluginConfig"] as? [String: String])?["mode"], "strict")
+        XCTAssertEqual(plugin["stickyBy"] as? String, "cookie:uid")
+        XCTAssertNotNil(plugin["shadow"] as? [String: Any])
+        // The cookie is the sticky key.
+        let c = try RawClient(port: px.inbound)
+        let key = (0..<100).first { ExperimentStatistics.bucket(plugin: "exp", key: "k\($0)") >= 80 }!
+        for _ in 0..<3 { XCTAssertEqual(get(c, headers: "cookie: theme=dark; uid=k\(key)\r\n")?.header("x-arm"), "b") }
+    }
 }
