@@ -415,7 +415,7 @@ public struct ConfigLoader {
         return errors
     }
 
-    static let luaPluginFields: Set<String> = ["selector", "url", "phase", "priority", "pluginConfig", "failStrategy", "limits", "match", "variants", "pluginName"]
+    static let luaPluginFields: Set<String> = ["selector", "url", "phase", "priority", "pluginConfig", "failStrategy", "limits", "match", "variants", "pluginName", "stickyBy", "shadow", "guardrail"]
 
     func decodeLuaPlugin(_ spec: PositionedNode?, name: String, namespace: String, file: String, line: Int, baseDir: String, resource: String,
                          errors: inout [ConfigError], notes: inout [String]) -> LuaPluginSpec? {
@@ -426,20 +426,27 @@ public struct ConfigLoader {
         }
         guard let spec, let m = spec.mapping else { err(spec, "spec", "missing or not a mapping"); return nil }
         for e in m where !Self.luaPluginFields.contains(e.key) { err(nil, "spec." + e.key, "unknown field", line: e.keyLine, col: e.keyColumn) }
-        var path = ""
-        if let u = spec.child("url") {
+        // A `file://` URL (or a bare path, relative to the YAML file's directory) of a .lua file.
+        func luaPath(_ u: PositionedNode, _ field: String) -> String {
             let s = u.scalarString ?? ""
+            var path = ""
             if s.hasPrefix("file://") {
                 path = String(s.dropFirst(7))
                 if !path.hasPrefix("/") { path = (baseDir as NSString).appendingPathComponent(path) }
             } else if !s.isEmpty && !s.contains("://") {
                 path = s.hasPrefix("/") ? s : (baseDir as NSString).appendingPathComponent(s)
             } else {
-                err(u, "spec.url", "expected file:///path/to/filter.lua, got \"\(s)\"")
+                err(u, field, "expected file:///path/to/filter.lua, got \"\(s)\"")
             }
-            if !path.isEmpty && !path.hasSuffix(".lua") { err(u, "spec.url", "not a .lua file: \(path)") }
-            else if !path.isEmpty && !FileManager.default.fileExists(atPath: path) { err(u, "spec.url", "file not found: \(path)") }
-        } else { err(spec, "spec.url", "missing") }
+            if !path.isEmpty && !path.hasSuffix(".lua") { err(u, field, "not a .lua file: \(path)") }
+            else if !path.isEmpty && !FileManager.default.fileExists(atPath: path) { err(u, field, "file not found: \(path)") }
+            return path
+        }
+        var path = ""
+        if let u = spec.child("url") {
+            path = luaPath(u, "spec.url")
+            if spec.child("variants") != nil { err(u, "spec.url", "give either spec.url or spec.variants (each variant has its url)") }
+        } else if spec.child("variants") == nil { err(spec, "spec.url", "missing") }
         var phase = "UNSPECIFIED_PHASE"
         if let p = spec.child("phase") {
             let s = p.scalarString ?? ""
@@ -469,10 +476,9 @@ public struct ConfigLoader {
             }
         }
         if let l = spec.child("limits"), l.mapping == nil { err(l, "spec.limits", "must be a mapping") }
-        // pluginName, match (WasmPlugin's traffic selectors) and variants: checked with
-        // the Istio decoder's helpers, then refused: Moonlet does not apply them yet, and a
-        // plugin that ran on more traffic (match) or with one arm only (variants) than its
-        // resource says would be silently wrong.
+        // pluginName and match (WasmPlugin's traffic selectors): checked with the Istio
+        // decoder's helpers, then refused: Moonlet does not apply them yet, and a plugin
+        // that ran on more traffic (match) than its resource says would be silently wrong.
         var d = TrafficDecoder(file: file, resource: resource, namespace: namespace)
         if let n = spec.child("pluginName"), d.string(n, "spec.pluginName") != nil {
             d.err(n, "spec.pluginName", "not supported: a Lua module is one filter (remove the field)")
@@ -484,11 +490,48 @@ public struct ConfigLoader {
             }
         }
         if let m = spec.child("match"), d.errors.isEmpty { d.err(m, "spec.match", "not supported yet: the plugin would run on all traffic of the workload (remove the field, or select the workload with spec.selector)") }
+        // Experiments (docs/configuration.md "A/B experiments"): variants, stickyBy, shadow, guardrail.
+        var variants: [LuaPluginVariant] = []
+        var names = Set<String>()
+        let basePluginConfig = spec.child("pluginConfig")?.value ?? .map([])
         for (i, v) in d.list(spec.child("variants"), "spec.variants").enumerated() where d.fields(v, "spec.variants[\(i)]", ["name", "url", "weight", "pluginConfig"]) {
-            for k in ["name", "url"] { _ = d.string(v.child(k), "spec.variants[\(i)].\(k)") }
-            _ = d.int(v.child("weight"), "spec.variants[\(i)].weight", range: 0...100)
+            let vname = d.string(v.child("name"), "spec.variants[\(i)].name") ?? ""
+            if v.child("name") == nil { d.err(v, "spec.variants[\(i)].name", "missing") }
+            else if !vname.isEmpty && !names.insert(vname).inserted { d.err(v.child("name"), "spec.variants[\(i)].name", "duplicate variant name \"\(vname)\"") }
+            var vpath = ""
+            if let u = v.child("url") { vpath = luaPath(u, "spec.variants[\(i)].url") } else { d.err(v, "spec.variants[\(i)].url", "missing") }
+            let w = d.int(v.child("weight"), "spec.variants[\(i)].weight", range: 0...100) ?? 0
+            if v.child("weight") == nil { d.err(v, "spec.variants[\(i)].weight", "missing") }
+            variants.append(LuaPluginVariant(name: vname, path: vpath, weight: w, pluginConfig: v.child("pluginConfig")?.value ?? basePluginConfig))
         }
-        if let v = spec.child("variants"), d.errors.isEmpty { d.err(v, "spec.variants", "not supported yet: A/B variants are not applied (spec.url would serve every stream); remove the field") }
+        if let vn = spec.child("variants"), d.errors.isEmpty {
+            let total = variants.reduce(0) { $0 + $1.weight }
+            if variants.isEmpty { d.err(vn, "spec.variants", "must list at least one variant") }
+            else if total != 100 { d.err(vn, "spec.variants", "weights must sum to 100, got \(total)") }
+        }
+        var sticky = StickyKey.random
+        if let sb = spec.child("stickyBy") {
+            if let s = d.string(sb, "spec.stickyBy") {
+                if let k = StickyKey(s) { sticky = k } else { d.err(sb, "spec.stickyBy", "must be header:NAME, cookie:NAME, principal, source-ip or random, got \"\(s)\"") }
+            }
+            if spec.child("variants") == nil { d.err(sb, "spec.stickyBy", "only applies with spec.variants") }
+        }
+        var shadow: LuaPluginShadow?
+        if let sh = spec.child("shadow"), d.fields(sh, "spec.shadow", ["url", "pluginConfig"]) {
+            if let u = sh.child("url") {
+                shadow = LuaPluginShadow(path: luaPath(u, "spec.shadow.url"), pluginConfig: sh.child("pluginConfig")?.value ?? basePluginConfig)
+            } else { d.err(sh, "spec.shadow.url", "missing") }
+        }
+        var guardrail: LuaPluginGuardrail?
+        if let g = spec.child("guardrail"), d.fields(g, "spec.guardrail", ["metric", "maxIncrease", "minRequests", "action"]) {
+            var gr = LuaPluginGuardrail()
+            if let m = d.enumValue(g.child("metric"), "spec.guardrail.metric", ["error_rate"]) { gr.metric = m }
+            if let x = d.number(g.child("maxIncrease"), "spec.guardrail.maxIncrease", range: 0...1) { gr.maxIncrease = x }
+            if let n = d.int(g.child("minRequests"), "spec.guardrail.minRequests", range: 1...Int(Int32.max)) { gr.minRequests = n }
+            if let a = d.enumValue(g.child("action"), "spec.guardrail.action", ["rollback"]) { gr.action = a }
+            if variants.count < 2 { d.err(g, "spec.guardrail", "needs spec.variants with a control and at least one candidate") }
+            guardrail = gr
+        }
         if !d.errors.isEmpty { ok = false; errors += d.errors }
         notes += d.notApplied
         var maxInstr: Int?, maxMem: Int?, timeout: Int?
@@ -506,10 +549,15 @@ public struct ConfigLoader {
             }
         }
         guard ok else { return nil }
-        return LuaPluginSpec(name: name, namespace: namespace, path: path, phase: phase, priority: priority,
-                             pluginConfig: spec.child("pluginConfig")?.value ?? .map([]), failStrategy: fail,
-                             matchLabels: labels, maxInstructions: maxInstr, maxMemoryBytes: maxMem, timeoutMs: timeout,
-                             file: file, line: line)
+        var out = LuaPluginSpec(name: name, namespace: namespace, path: variants.first?.path ?? path, phase: phase, priority: priority,
+                                pluginConfig: variants.first?.pluginConfig ?? basePluginConfig, failStrategy: fail,
+                                matchLabels: labels, maxInstructions: maxInstr, maxMemoryBytes: maxMem, timeoutMs: timeout,
+                                file: file, line: line)
+        out.variants = variants
+        out.stickyBy = sticky
+        out.shadow = shadow
+        out.guardrail = guardrail
+        return out
     }
 }
 

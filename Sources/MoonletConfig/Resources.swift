@@ -71,6 +71,15 @@ public struct LuaPluginSpec: Sendable {
     /// Where it was declared.
     public var file: String
     public var line: Int
+    /// `spec.variants`: the arms of an A/B experiment (empty: no experiment; `path`
+    /// and `pluginConfig` are then the first arm's). Weights sum to 100.
+    public var variants: [LuaPluginVariant] = []
+    /// `spec.stickyBy`: what a stream's arm is chosen by (random by default).
+    public var stickyBy: StickyKey = .random
+    /// `spec.shadow`: a candidate run on a copy of each stream, never enforced.
+    public var shadow: LuaPluginShadow?
+    /// `spec.guardrail`: when a candidate arm is rolled back to weight 0.
+    public var guardrail: LuaPluginGuardrail?
 
     public init(name: String, namespace: String, path: String, phase: String, priority: Int, pluginConfig: ConfigValue,
                 failStrategy: FailStrategy, matchLabels: [String: String], maxInstructions: Int?, maxMemoryBytes: Int?,
@@ -82,6 +91,84 @@ public struct LuaPluginSpec: Sendable {
     }
 
     public func applies(to w: WorkloadIdentity) -> Bool { w.isSelected(namespace: namespace, matchLabels: matchLabels) }
+
+    /// The configuration a builtin would have had (a fork that replaces it): taken as
+    /// the pluginConfig of the plugin, of each variant and of the shadow that gives
+    /// none (absent or `{}`).
+    public mutating func inheritPluginConfig(_ conf: ConfigValue) {
+        func unset(_ v: ConfigValue) -> Bool { v == .null || v == .map([]) }
+        if unset(pluginConfig) { pluginConfig = conf }
+        for i in variants.indices where unset(variants[i].pluginConfig) { variants[i].pluginConfig = conf }
+        if let s = shadow, unset(s.pluginConfig) { shadow?.pluginConfig = conf }
+    }
+}
+
+/// One arm of a LuaPlugin experiment (`spec.variants[]`).
+public struct LuaPluginVariant: Sendable, Equatable {
+    public var name: String
+    /// Absolute path of the arm's Lua file.
+    public var path: String
+    /// Percent of streams (0...100; the arms sum to 100).
+    public var weight: Int
+    /// The arm's pluginConfig (the plugin's `spec.pluginConfig` when the arm has none).
+    public var pluginConfig: ConfigValue
+    public init(name: String, path: String, weight: Int, pluginConfig: ConfigValue) {
+        self.name = name; self.path = path; self.weight = weight; self.pluginConfig = pluginConfig
+    }
+}
+
+/// What picks a stream's experiment arm (`spec.stickyBy`). The key is hashed with the
+/// plugin's name, so one user gets the same arm on every sidecar.
+public enum StickyKey: Sendable, Equatable, CustomStringConvertible {
+    /// A request header (lowercased name).
+    case header(String)
+    /// A cookie of the Cookie header.
+    case cookie(String)
+    /// The mTLS peer's principal.
+    case principal
+    /// The downstream address without its port.
+    case sourceIP
+    /// No key: each stream draws its arm.
+    case random
+
+    /// Parses `header:NAME | cookie:NAME | principal | source-ip | random`.
+    public init?(_ s: String) {
+        if s.hasPrefix("header:"), s.count > 7 { self = .header(String(s.dropFirst(7)).lowercased()) }
+        else if s.hasPrefix("cookie:"), s.count > 7 { self = .cookie(String(s.dropFirst(7))) }
+        else if s == "principal" { self = .principal }
+        else if s == "source-ip" { self = .sourceIP }
+        else if s == "random" { self = .random }
+        else { return nil }
+    }
+
+    public var description: String {
+        switch self {
+        case .header(let n): return "header:" + n
+        case .cookie(let n): return "cookie:" + n
+        case .principal: return "principal"
+        case .sourceIP: return "source-ip"
+        case .random: return "random"
+        }
+    }
+}
+
+/// `spec.shadow`: a candidate filter run after the enforced one on a copy of the stream.
+public struct LuaPluginShadow: Sendable, Equatable {
+    /// Absolute path of the candidate's Lua file.
+    public var path: String
+    public var pluginConfig: ConfigValue
+    public init(path: String, pluginConfig: ConfigValue) { self.path = path; self.pluginConfig = pluginConfig }
+}
+
+/// `spec.guardrail`: rolls a candidate arm back to weight 0 once it has `minRequests`
+/// and its error rate (5xx share) exceeds the control's by more than `maxIncrease` with
+/// a "worse" verdict at 95%.
+public struct LuaPluginGuardrail: Sendable, Equatable {
+    public var metric = "error_rate"
+    public var maxIncrease = 0.01
+    public var minRequests = 500
+    public var action = "rollback"
+    public init() {}
 }
 
 extension WorkloadIdentity {
@@ -167,7 +254,15 @@ public final class ConfigSnapshot: @unchecked Sendable {
         parts.append("\"version\":\(version)")
         parts.append("\"files\":[" + files.map(JSON.quote).joined(separator: ",") + "]")
         parts.append("\"lua_plugins\":[" + plugins.map { p in
-            "{\"name\":\(JSON.quote(p.name)),\"namespace\":\(JSON.quote(p.namespace)),\"path\":\(JSON.quote(p.path)),\"phase\":\(JSON.quote(p.phase)),\"priority\":\(p.priority),\"failStrategy\":\(JSON.quote(p.failStrategy.rawValue)),\"pluginConfig\":\(p.pluginConfig.json)}"
+            var experiment = ""
+            if !p.variants.isEmpty {
+                experiment += ",\"variants\":[" + p.variants.map { v in
+                    "{\"name\":\(JSON.quote(v.name)),\"path\":\(JSON.quote(v.path)),\"weight\":\(v.weight),\"pluginConfig\":\(v.pluginConfig.json)}"
+                }.joined(separator: ",") + "],\"stickyBy\":\(JSON.quote(p.stickyBy.description))"
+            }
+            if let sh = p.shadow { experiment += ",\"shadow\":{\"path\":\(JSON.quote(sh.path)),\"pluginConfig\":\(sh.pluginConfig.json)}" }
+            if let g = p.guardrail { experiment += ",\"guardrail\":{\"metric\":\(JSON.quote(g.metric)),\"maxIncrease\":\(g.maxIncrease),\"minRequests\":\(g.minRequests),\"action\":\(JSON.quote(g.action))}" }
+            return "{\"name\":\(JSON.quote(p.name)),\"namespace\":\(JSON.quote(p.namespace)),\"path\":\(JSON.quote(p.path)),\"phase\":\(JSON.quote(p.phase)),\"priority\":\(p.priority),\"failStrategy\":\(JSON.quote(p.failStrategy.rawValue)),\"pluginConfig\":\(p.pluginConfig.json)\(experiment)}"
         }.joined(separator: ",") + "]")
         parts.append("\"istio\":[" + istio.map { r in
             "{\"apiVersion\":\(JSON.quote(r.apiVersion)),\"kind\":\(JSON.quote(r.kind)),\"name\":\(JSON.quote(r.name)),\"namespace\":\(JSON.quote(r.namespace)),\"spec\":\(r.spec.json)}"

@@ -57,6 +57,9 @@ public struct FilterTestCase: Sendable {
     /// The simulated upstream response (200, no headers, empty body when nil).
     public var upstream: (status: Int, headers: [(name: String, value: String)], body: String)?
     public var expect = FilterCaseExpectation()
+    /// `variant:` the experiment arm the filter runs as (what `moonlet.variant()`
+    /// returns in this case); nil: none.
+    public var variant: String?
     public init(name: String, line: Int) { self.name = name; self.line = line }
 }
 
@@ -163,7 +166,7 @@ struct CaseParser {
 
     mutating func testCase(_ n: PositionedNode, _ field: String) -> FilterTestCase? {
         let before = errors.count
-        guard let m = fields(n, field, ["name", "request", "upstream", "expect"]) else { return nil }
+        guard let m = fields(n, field, ["name", "request", "upstream", "expect", "variant"]) else { return nil }
         var name: String?
         if let nn = n.child("name") { name = string(nn, field + ".name") } else { err(n, field + ".name", "missing") }
         var c = FilterTestCase(name: name ?? "", line: n.line)
@@ -173,6 +176,7 @@ struct CaseParser {
             case "request": request(e.value, f, &c)
             case "upstream": upstream(e.value, f, &c)
             case "expect": expect(e.value, f, &c)
+            case "variant": c.variant = string(e.value, f)
             default: break
             }
         }
@@ -341,7 +345,7 @@ public final class FilterHarness {
 
     /// The plugin spec `moonlet filter test` runs: the filter file, its name (the file's
     /// base name), `pluginConfig`; a LuaPlugin resource given with --plugin-config lends
-    /// its name, phase, failStrategy and limits.
+    /// its name, phase, failStrategy and limits (not its variants or shadow).
     public static func spec(filter: String, pluginConfig: ConfigValue, from resource: LuaPluginSpec? = nil) -> LuaPluginSpec {
         let base = ((filter as NSString).lastPathComponent as NSString).deletingPathExtension
         var s = resource ?? LuaPluginSpec(name: base, namespace: "", path: filter, phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: .map([]),
@@ -349,6 +353,9 @@ public final class FilterHarness {
                                           file: filter, line: 1)
         s.path = filter
         s.pluginConfig = pluginConfig
+        // The file under test is the filter: a resource's experiment (variants, shadow)
+        // is not run offline, and moonlet.variant() gives nil.
+        s.variants = []; s.shadow = nil; s.guardrail = nil
         return s
     }
 
@@ -388,6 +395,7 @@ public final class FilterHarness {
         if let r = c.principal.range(of: "/ns/") { peer.namespace = String(c.principal[r.upperBound...].prefix { $0 != "/" }) }
         let s = ProxyStream(id: nextID, request: head, source: peer, filterCount: chain.filters.count, startNanos: LuaPluginInstance.nanos())
         s.requestBodyBytes = Int64(c.body.utf8.count)
+        if let v = c.variant { runtime.vm.runAsVariant(v, plugin: spec, stream: s.id) }
 
         // Request phases.
         var upstreamRequest: HTTPHead?

@@ -661,6 +661,7 @@ enum LuaAPI {
         ml_push_readonly(L, "moonlet.log")
         lua_setfield(L, -2, "log")
         ml_pushapifunction(L, now); lua_setfield(L, -2, "now")
+        ml_pushapifunction(L, variant); lua_setfield(L, -2, "variant")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, reMatch); lua_setfield(L, -2, "match")
         ml_pushapifunction(L, reFind); lua_setfield(L, -2, "find")

@@ -15,6 +15,9 @@ public struct LuaPluginSource: Sendable {
     /// FNV-1a of the source, hex (the "version hash" on /plugins).
     public var hash: String
     public var loadedAt: Date
+    /// The arms and shadow of a plugin with `spec.variants` or `spec.shadow`
+    /// (Experiments.swift); nil for a plain plugin.
+    public var experiment: LuaExperimentSources?
 }
 
 /// The state of one plugin as /plugins reports it.
@@ -46,6 +49,9 @@ public final class LuaHost: @unchecked Sendable {
     var status: [String: LuaPluginStatus] = [:]
     var generationCounter = 0
     var moduleCache: [String: (String, String)] = [:]
+    /// Experiments by plugin name (Experiments.swift), under `experimentLock`.
+    var experimentStates: [String: ExperimentState] = [:]
+    let experimentLock = NIOLock()
     /// Lua metric names admitted so far (bounded by `defaultLimits.maxMetricSeries`).
     var metricSeries: Set<String> = []
     /// Counter of `moonlet.metrics` calls refused because they would add a series past the cap.
@@ -82,10 +88,15 @@ public final class LuaHost: @unchecked Sendable {
     public func prepare(_ specs: [LuaPluginSpec]) -> Result<LuaPluginGeneration, LuaPrepareError> {
         var out: [LuaPluginSource] = []
         var errors: [String] = []
-        let dirs = Array(Set(specs.filter { !$0.path.hasPrefix("builtin://") }.map { ($0.path as NSString).deletingLastPathComponent } + self.pluginDirs)).sorted()
+        let paths = specs.flatMap { [$0.path] + $0.variants.map(\.path) + ($0.shadow.map { [$0.path] } ?? []) }
+        let dirs = Array(Set(paths.filter { !$0.hasPrefix("builtin://") }.map { ($0 as NSString).deletingLastPathComponent } + self.pluginDirs)).sorted()
         lock.withLock { _pluginDirs = dirs; moduleCache = [:] }
         let scratch = LuaVM(host: self, metrics: nil)
         for spec in specs {
+            if !spec.variants.isEmpty || spec.shadow != nil {
+                do { out.append(try prepareExperiment(spec, scratch: scratch)) } catch { errors.append("plugin \(spec.name): \(error)") }
+                continue
+            }
             let text: String
             if spec.path.hasPrefix("builtin://"), let b = BuiltinPlugins.source(String(spec.path.dropFirst(10))) {
                 text = b
@@ -125,6 +136,7 @@ public final class LuaHost: @unchecked Sendable {
                 status[p.spec.name] = st
             }
             let names = Set(out.map(\.spec.name))
+            commitExperiments(out)
             status = status.filter { names.contains($0.key) || $0.value.hash.isEmpty }
             return LuaPluginGeneration(id: generationCounter, plugins: out)
         })
@@ -242,6 +254,7 @@ public final class LuaLoopRuntime {
         var out: [Filter] = []
         for src in gen.plugins {
             do {
+                if let e = src.experiment { out.append(try ExperimentFilter(vm: vm, sources: e)); continue }
                 out.append(try LuaPluginInstance(vm: vm, source: src))
             } catch {
                 vm.logger.error("plugin \(src.spec.name): \(error)")

@@ -96,6 +96,9 @@ public final class LuaVM {
     /// The event loop this VM serves: where moonlet.timer callbacks run (nil: timers are
     /// accepted and never fire, as in the scratch VM that validates plugins).
     public var eventLoop: EventLoop?
+    /// The experiments of this loop by plugin name (Experiments.swift): counters and
+    /// the arm of each running stream, read by moonlet.variant().
+    var experiments: [String: ExperimentLoopStats] = [:]
 
     public init(host: LuaHost, metrics: MetricsShard?) {
         self.host = host

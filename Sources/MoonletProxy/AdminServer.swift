@@ -19,6 +19,8 @@ import Foundation
 /// | GET | /config_dump | JSON of the active snapshot |
 /// | GET | /clusters | clusters, endpoints, circuit counters, outlier state (Envoy's text; ?format=json) |
 /// | GET | /plugins | JSON per plugin: hash, load time, last error, executions, errors, time |
+/// | GET | /experiments | JSON per A/B experiment: arms, rates, latencies, verdicts, shadow divergences, guardrail |
+/// | GET | /ui | the admin page (AdminUI: plugins, experiments, clusters, routes; refreshes itself) |
 /// | POST | /plugins/reload | reload config and plugins now; 200 or 400 with the errors |
 /// | POST | /reopen_logs | open the access log files again (Envoy's endpoint; SIGUSR1 does the same) |
 ///
@@ -90,10 +92,11 @@ final class AdminHandler: ChannelInboundHandler {
         case (.GET, "/ready"), (.GET, "/healthz/ready"):
             server.ready ? reply(.ok, "LIVE\n") : reply(.serviceUnavailable, "NOT READY\n")
         case (.GET, "/stats/prometheus"), (.GET, "/metrics"), (.GET, "/stats"):
-            server.metricsSnapshot().and(server.luaMemory()).whenComplete { r in
+            server.metricsSnapshot().and(server.luaMemory()).and(server.experimentCounters()).whenComplete { r in
                 switch r {
-                case .success(let (snap, mem)):
-                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))], user: self.server.lua.userMetrics) + self.server.clusterMetrics() + self.server.lua.telemetry.prometheus(), "text/plain; version=0.0.4")
+                case .success(let ((snap, mem), experiments)):
+                    reply(.ok, PrometheusExposition.render(snap, extra: [("moonlet_lua_memory_bytes", "Bytes used by all Lua VMs", Double(mem))], user: self.server.lua.userMetrics) + self.server.clusterMetrics() + self.server.lua.telemetry.prometheus()
+                          + ExperimentReport.prometheus(self.server.lua.experiments(), experiments), "text/plain; version=0.0.4")
                 case .failure(let e): reply(.internalServerError, "\(e)\n")
                 }
             }
@@ -111,6 +114,13 @@ final class AdminHandler: ChannelInboundHandler {
                 let stats = (try? r.get())?.plugins ?? [:]
                 reply(.ok, self.pluginsJSON(stats) + "\n", "application/json")
             }
+        case (.GET, "/ui"):
+            reply(.ok, AdminUI.html, "text/html; charset=utf-8")
+        case (.GET, "/experiments"):
+            server.experimentCounters().whenComplete { r in
+                let counters = (try? r.get()) ?? [:]
+                reply(.ok, ExperimentReport.json(self.server.lua.experiments(), counters) + "\n", "application/json")
+            }
         case (.POST, "/reopen_logs"):
             // Envoy's admin endpoint: access log files are opened again (logrotate).
             DispatchQueue.global().async {
@@ -125,7 +135,7 @@ final class AdminHandler: ChannelInboundHandler {
                 }
             }
         default:
-            reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /clusters /plugins POST /plugins/reload\n")
+            reply(.notFound, "not found: \(h.method) \(path)\nendpoints: /ready /stats/prometheus /config_dump /clusters /plugins /experiments /ui POST /plugins/reload\n")
         }
     }
 
@@ -189,6 +199,8 @@ enum ConfigDump {
         let plugins = snap.plugins.map { p -> LuaPluginSpec in
             var q = p
             q.pluginConfig = redact(p.pluginConfig)
+            for i in q.variants.indices { q.variants[i].pluginConfig = redact(q.variants[i].pluginConfig) }
+            q.shadow?.pluginConfig = redact(p.shadow?.pluginConfig ?? .null)
             return q
         }
         let istio = snap.istio.map { r -> IstioResource in
@@ -236,4 +248,16 @@ enum ConfigDump {
 
     static let secretWords = ["secret", "password", "passwd", "passphrase", "token", "credential", "apikey", "privatekey",
                               "authorization", "bearer", "jwt", "cookie", "session", "hmac", "signature", "clientcert"]
+}
+
+extension ProxyServer {
+    /// Every loop's experiment counters, merged (for /experiments and the scrape).
+    func experimentCounters() -> EventLoopFuture<[String: ExperimentCounters]> {
+        let futures = contexts.map { c in c.loop.submit { c.lua.vm.experimentCounters() } }
+        return EventLoopFuture.reduce([String: ExperimentCounters](), futures, on: group.next()) { acc, loop in
+            var out = acc
+            for (k, v) in loop { if out[k] == nil { out[k] = v } else { out[k]!.merge(v) } }
+            return out
+        }
+    }
 }

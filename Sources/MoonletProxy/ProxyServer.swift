@@ -273,7 +273,12 @@ public final class ProxyServer: @unchecked Sendable {
                                                   aliases: mesh.tls.trustDomainAliases, providers: mesh.extensionProviders)
         for n in authz.notes { logger.notice("\(n)") }
         for e in authz.errors { logger.error("\(e)") }
-        if let conf = authz.config, !specs.contains(where: { $0.name == "istio-authz" }) { specs.append(.builtinAuthz(conf)) }
+        // A LuaPlugin named istio-authz (a fork) gets the compiled policies where it gives
+        // no pluginConfig, for each of its variants and its shadow too (a fork can be
+        // compared with the original: configuration.md "A/B experiments").
+        if let conf = authz.config {
+            if let i = specs.firstIndex(where: { $0.name == "istio-authz" }) { specs[i].inheritPluginConfig(conf) } else { specs.append(.builtinAuthz(conf)) }
+        }
         // Istio's request metrics: the builtin istio-stats (phase STATS), unless a
         // LuaPlugin of that name replaces it (then only that one records them).
         if !specs.contains(where: { $0.name == "istio-stats" }) { specs.append(.builtinStats) }

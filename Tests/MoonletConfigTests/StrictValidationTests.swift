@@ -157,23 +157,40 @@ final class StrictValidationTests: XCTestCase {
         assertEachReportsOnly(cases)
     }
 
-    func test_luaPluginMatchVariantsAndPluginName_areChecked_thenRefusedUntilApplied() throws {
+    func test_luaPluginMatchAndPluginName_areChecked_thenRefusedUntilApplied_andVariantsAreChecked() throws {
         let dir = NSTemporaryDirectory() + "moonlet-strict-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try "return {}".write(toFile: dir + "/f.lua", atomically: true, encoding: .utf8)
-        func load(_ extra: String) -> ConfigLoader.TextResult {
-            ConfigLoader().loadText("apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: p}\nspec:\n  url: file://f.lua\n" + extra, file: "p.yaml", baseDir: dir)
+        func load(_ extra: String, url: Bool = true) -> ConfigLoader.TextResult {
+            ConfigLoader().loadText("apiVersion: moonlet.io/v1alpha1\nkind: LuaPlugin\nmetadata: {name: p}\nspec:\n" + (url ? "  url: file://f.lua\n" : "") + extra, file: "p.yaml", baseDir: dir)
         }
-        let bad = load("  match: [{mode: SERVER, ports: [{number: 80, name: http}]}]\n  variants: [{name: b, wieght: 10}]\n")
-        XCTAssertEqual(bad.errors.map(\.description), ["p.yaml:6:47: LuaPlugin p: spec.match[0].ports[0].name: unknown field",
-                                                       "p.yaml:7:24: LuaPlugin p: spec.variants[0].wieght: unknown field"])
+        let bad = load("  match: [{mode: SERVER, ports: [{number: 80, name: http}]}]\n")
+        XCTAssertEqual(bad.errors.map(\.description), ["p.yaml:6:47: LuaPlugin p: spec.match[0].ports[0].name: unknown field"])
+        let badVariant = load("  variants: [{name: b, wieght: 10}]\n", url: false)
+        XCTAssertEqual(badVariant.errors.map(\.description), ["p.yaml:5:24: LuaPlugin p: spec.variants[0].wieght: unknown field",
+                                                              "p.yaml:5:14: LuaPlugin p: spec.variants[0].url: missing",
+                                                              "p.yaml:5:14: LuaPlugin p: spec.variants[0].weight: missing"])
         // Well-formed, but not applied: refused with file:line, never dropped.
         let wellFormed = load("  match: [{mode: SERVER, ports: [{number: 80}]}]\n")
         XCTAssertEqual(wellFormed.plugins.count, 0)
         XCTAssertTrue(wellFormed.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:10: LuaPlugin p: spec.match: not supported yet") }, "\(wellFormed.errors)")
-        let variants = load("  variants: [{name: b, url: file://f.lua, weight: 10}]\n")
-        XCTAssertTrue(variants.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:13: LuaPlugin p: spec.variants: not supported yet") }, "\(variants.errors)")
+        let both = load("  variants: [{name: b, url: file://f.lua, weight: 100}]\n")
+        XCTAssertTrue(both.errors.map(\.description).contains { $0.hasPrefix("p.yaml:5:8: LuaPlugin p: spec.url: give either spec.url or spec.variants") }, "\(both.errors)")
+        let sum = load("  variants: [{name: a, url: file://f.lua, weight: 10}, {name: b, url: file://f.lua, weight: 80}]\n", url: false)
+        XCTAssertTrue(sum.errors.map(\.description).contains { $0.hasPrefix("p.yaml:5:13: LuaPlugin p: spec.variants: weights must sum to 100, got 90") }, "\(sum.errors)")
+        let sticky = load("  variants: [{name: a, url: file://f.lua, weight: 100}]\n  stickyBy: user\n", url: false)
+        XCTAssertTrue(sticky.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:13: LuaPlugin p: spec.stickyBy: must be header:NAME") }, "\(sticky.errors)")
+        let good = load("  variants: [{name: a, url: file://f.lua, weight: 90}, {name: b, url: f.lua, weight: 10, pluginConfig: {x: 1}}]\n  stickyBy: header:X-User\n  shadow: {url: file://f.lua}\n  guardrail: {metric: error_rate, maxIncrease: 0.02, minRequests: 50, action: rollback}\n", url: false)
+        XCTAssertEqual(good.errors, [])
+        let p = try XCTUnwrap(good.plugins.first)
+        XCTAssertEqual(p.variants.map(\.name), ["a", "b"])
+        XCTAssertEqual(p.variants.map(\.weight), [90, 10])
+        XCTAssertEqual(p.variants[1].pluginConfig, .map([("x", .int(1))]))
+        XCTAssertEqual(p.stickyBy, .header("x-user"))
+        XCTAssertEqual(p.shadow?.path, dir + "/f.lua")
+        XCTAssertEqual(p.guardrail?.maxIncrease, 0.02)
+        XCTAssertEqual(p.guardrail?.minRequests, 50)
         let named = load("  pluginName: x\n")
         XCTAssertTrue(named.errors.map(\.description).contains { $0.hasPrefix("p.yaml:6:15: LuaPlugin p: spec.pluginName: not supported") }, "\(named.errors)")
         XCTAssertEqual(load("").errors, [])

@@ -65,6 +65,33 @@ final class FilterHarnessTests: XCTestCase {
         XCTAssertEqual(out.output, "2 passed, 0 failed\n")
     }
 
+    func test_aCaseNamingAVariant_runsTheFilterAsThatArm_andWithoutOneVariantIsNil() throws {
+        let lua = write("arm.lua", """
+        return { on_request = function(s)
+          local v = moonlet.variant()
+          if v == "candidate" then return s:respond(403, "new rule") end
+          s.request.headers:set("x-arm", tostring(v))
+        end }
+        """)
+        let cases = write("arm.cases.yaml", """
+        cases:
+        - name: the candidate denies
+          variant: candidate
+          request: {path: /x}
+          expect: {status: 403, body: new rule}
+        - name: the control passes
+          variant: control
+          request: {path: /x}
+          expect: {status: 200, upstream_request_headers: {x-arm: control}}
+        - name: no experiment
+          request: {path: /x}
+          expect: {status: 200, upstream_request_headers: {x-arm: "nil"}}
+        """)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+        XCTAssertEqual(out.output, "3 passed, 0 failed\n")
+    }
+
     func test_failingCase_exits1_namingTheCaseTheFieldExpectedAndGot() throws {
         let lua = write("apikey.lua", apiKeyFilter)
         let cases = write("apikey.cases.yaml", """
