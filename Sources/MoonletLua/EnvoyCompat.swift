@@ -162,6 +162,8 @@ enum EnvoyCompat {
             return LuaAPI.fail(L, "setBytes(): only the buffered request body can be replaced")
         }
         guard let b = LuaAPI.bytes(L, 2) else { return LuaAPI.fail(L, "setBytes(string): argument must be a string") }
+        let max = LuaVM.vm(L).maxBufferedBodyBytes
+        guard b.count <= max else { return LuaAPI.fail(L, "setBytes(): body of \(b.count) bytes is larger than the proxy's buffered body bound (\(max) bytes)") }
         var buf = ByteBufferAllocator().buffer(capacity: b.count)
         buf.writeBytes(b)
         s.bufferedRequestBody = buf
@@ -252,9 +254,18 @@ enum EnvoyCompat {
         guard let target = LuaAPI.str(L, 1), !target.isEmpty else { return LuaAPI.fail(L, "httpCall: cluster must be a string") }
         var req = LuaHTTPRequest(target: target, method: "GET", path: nil, headers: [], body: [], timeoutMs: LuaHTTPLimits.defaultTimeoutMs)
         if lua_type(L, 2) == LUA_TTABLE, let e = LuaAPI.readOptions(L, &req) { return LuaAPI.fail(L, "httpCall: " + e) }
-        _ = client.start(req, stream: s) { _ in }
+        // Nothing waits for these, so nothing else bounds them: at most
+        // maxAsyncCallsInFlight per VM (event loop); beyond, the call fails.
+        guard vm.asyncCallsInFlight < maxAsyncCallsInFlight else {
+            return LuaAPI.fail(L, "httpCall (asynchronous): \(maxAsyncCallsInFlight) calls of this event loop are already in flight")
+        }
+        vm.asyncCallsInFlight += 1
+        _ = client.start(req, stream: s) { [unowned vm] _ in vm.asyncCallsInFlight -= 1 }
         return 0
     }
+
+    /// Asynchronous httpCalls in flight per VM (per event loop).
+    static let maxAsyncCallsInFlight = 64
 
     /// The adapter: called with (the script's environment, the native helpers, whether
     /// the script reads the body); returns the Moonlet module of the script.
@@ -393,7 +404,7 @@ function B:length() return #self.data end
 function B:getBytes(index, length)
   index = tointeger(index); length = tointeger(length)
   local d = self.data
-  if not index or not length or index < 0 or length < 0 or index + length > #d then
+  if not index or not length or index < 0 or length < 0 or index > #d or length > #d - index then
     error(fmt("getBytes(%s, %s): index + length out of range (buffer length %d)", tostring(index), tostring(length), #d), 2)
   end
   return sub(d, index + 1, index + length)

@@ -262,7 +262,16 @@ public final class LuaLoopRuntime {
             }
         }
         // A reload: the timers of the plugins this generation replaces stop.
-        vm.stopTimers(except: Set(out.map { ObjectIdentifier($0 as AnyObject) }))
+        // (An experiment's arms and shadow are instances of their own: their timers live.)
+        var owners = Set<ObjectIdentifier>()
+        for f in out {
+            owners.insert(ObjectIdentifier(f as AnyObject))
+            if let e = f as? ExperimentFilter {
+                for arm in e.arms { owners.insert(ObjectIdentifier(arm)) }
+                if let sh = e.shadow { owners.insert(ObjectIdentifier(sh)) }
+            }
+        }
+        vm.stopTimers(except: owners)
         return out
     }
 

@@ -96,6 +96,10 @@ public final class LuaVM {
     /// The event loop this VM serves: where moonlet.timer callbacks run (nil: timers are
     /// accepted and never fire, as in the scratch VM that validates plugins).
     public var eventLoop: EventLoop?
+    /// The proxy's bound on a buffered request body: what a filter may set as one too.
+    public var maxBufferedBodyBytes = 1 << 20
+    /// Envoy-style asynchronous httpCalls of this VM in flight (EnvoyCompat.fire).
+    var asyncCallsInFlight = 0
     /// The experiments of this loop by plugin name (Experiments.swift): counters and
     /// the arm of each running stream, read by moonlet.variant().
     var experiments: [String: ExperimentLoopStats] = [:]

@@ -13,7 +13,9 @@ import Foundation
 // refreshing a deny list. A callback runs in a coroutine of its own under the plugin's
 // instruction and wall-clock budgets (the VM's memory cap holds as for phases) and may
 // wait in `moonlet.http.call`; `every` runs again `seconds` after a run ends (a run
-// that waits in a call is never overlapped by the next one). Timers belong to the plugin
+// that waits in a call is never overlapped by the next one; it waits at least ten times
+// its last run's CPU time, and all timers of a loop run at most 100 ms per second
+// together: the rest is deferred, so timers cannot starve traffic). Timers belong to the plugin
 // instance that made them (at load: module code or `configure`; or from a callback)
 // and stop when it is released or its VM builds the filters of a newer generation
 // (reload): a reloaded plugin's old timers never fire again.
@@ -35,6 +37,8 @@ final class LuaTimer {
     /// Budget left for the rest of a run that waited in moonlet.http.call.
     var instructionsLeft = 0
     var msLeft = 0
+    /// CPU time of the current run (all its resumes), for the next run's delay.
+    var runNanos: UInt64 = 0
     /// Runs that failed (error or budget), and when the last one was logged.
     var errors = 0
     var lastLogNanos: UInt64 = 0
@@ -51,6 +55,16 @@ final class LuaTimerState {
     static let minSeconds = 0.01
     static let maxSeconds = 86_400.0
     static let maxPerPlugin = 64
+    /// Timers share the loop with traffic: in each window of `windowNanos` they run for at
+    /// most `shareNanos` together (a run past it is deferred to the next window), and an
+    /// `every` waits at least `backoff` times its last run's duration between runs.
+    static let windowNanos: UInt64 = 1_000_000_000
+    static let shareNanos: UInt64 = 100_000_000
+    static let backoff = 10.0
+    var windowStart: UInt64 = 0
+    var windowSpent: UInt64 = 0
+    /// Runs deferred because the window's share was spent.
+    var deferred = 0
 
     /// The plugin instance being loaded: moonlet.timer calls at load time belong to it.
     var loading: (owner: ObjectIdentifier, plugin: String, limits: LuaLimits)?
@@ -100,10 +114,12 @@ extension LuaVM {
         if t.fnRef != LUA_NOREF { ml_unref(L, t.fnRef); t.fnRef = LUA_NOREF }
     }
 
-    private func schedule(_ t: LuaTimer) {
+    private func schedule(_ t: LuaTimer, inNanos: Int64? = nil) {
         guard let loop = eventLoop, !t.stopped else { return }
         let box = LoopBox(value: (self, t))
-        t.scheduled = loop.scheduleTask(in: .nanoseconds(Int64(t.seconds * 1e9))) { [box] in
+        // `every`: the interval, or `backoff` times the last run's CPU if that is longer.
+        let delay = inNanos ?? max(Int64(t.seconds * 1e9), Int64(Double(t.runNanos) * LuaTimerState.backoff))
+        t.scheduled = loop.scheduleTask(in: .nanoseconds(delay)) { [box] in
             box.value.0.fire(box.value.1)
         }
     }
@@ -111,6 +127,16 @@ extension LuaVM {
     private func fire(_ t: LuaTimer) {
         t.scheduled = nil
         guard !t.stopped, t.fnRef != LUA_NOREF, t.thread == nil else { return }
+        // The loop's timer share for this window is spent: run at the next window.
+        let now = LuaPluginInstance.nanos()
+        if now &- timers.windowStart >= LuaTimerState.windowNanos { timers.windowStart = now; timers.windowSpent = 0 }
+        if timers.windowSpent >= LuaTimerState.shareNanos {
+            timers.deferred += 1
+            let wait = LuaTimerState.windowNanos &- (now &- timers.windowStart)
+            schedule(t, inNanos: Int64(wait) + Int64(t.id % 10) * 1_000_000)
+            return
+        }
+        t.runNanos = 0
         let th = acquireThread()
         ml_getregistry_ref(th.L, t.fnRef)
         runTimer(t, th, nargs: 0, limits: t.limits)
@@ -127,6 +153,8 @@ extension LuaVM {
         let left = Int(limitsPtr.pointee.instr_left)
         current = prev; currentID = prevID; phaseIndex = prevPhase; timers.running = prevRunning
         let spent = LuaPluginInstance.nanos() &- out.startNanos
+        t.runNanos &+= spent
+        timers.windowSpent &+= spent
         if let cell = metrics?.pluginCell(t.plugin) {
             cell.stats.calls &+= 1
             cell.stats.nanos &+= spent

@@ -230,6 +230,7 @@ public final class LoopContext: @unchecked Sendable {
         // moonlet.http.call goes out through this loop's pool (HTTPCallout.swift).
         lua.vm.httpClient = LoopHTTPClient(ctx: self)
         lua.vm.eventLoop = loop     // moonlet.timer callbacks run on this loop
+        lua.vm.maxBufferedBodyBytes = settings.limits.maxBufferedBodyBytes
         pool.onTLSFailure = { [unowned self] address, expected, why in
             self.metrics.count("moonlet_upstream_tls_failures_total")
             if self.mayLogTLSRefusal() { self.logger.warning("upstream TLS with \(address.ipAddress ?? "?"):\(address.port ?? 0) refused: \(why) (expected \(expected))") }

@@ -236,6 +236,38 @@ final class EnvoyScriptTests: XCTestCase {
         XCTAssertEqual(app.seen.last?.headers["failed_body"], ["upstream failure"])
     }
 
+    func testAsynchronousHttpCallsInFlightAreBounded_andSetBytesIsBoundedByTheBufferedBodyLimit() throws {
+        // Nothing waits for an asynchronous httpCall, so only this bound keeps a script
+        // from opening connections (and copying bodies) without end.
+        let slow = try TestUpstream { _ in var r = TestUpstream.Reply(); r.delayMs = 3000; return r }
+        defer { slow.stop() }
+        let px = try proxy("""
+        function envoy_on_request(h)
+          if h:headers():get("x-big") then
+            local ok, err = pcall(function() h:body():setBytes(string.rep("A", 2 * 1024 * 1024)) end)
+            h:headers():add("x-set", tostring(ok) .. ":" .. tostring(err))
+            return
+          end
+          local sent, refused = 0, 0
+          for i = 1, 100 do
+            local ok = pcall(h.httpCall, h, "slow.example.com", {[":method"] = "POST", [":path"] = "/f", [":authority"] = "a"}, "x", 5000, true)
+            if ok then sent = sent + 1 else refused = refused + 1 end
+          end
+          h:headers():add("x-sent", sent)
+          h:headers():add("x-refused", refused)
+        end
+        """, files: ["svc.yaml": meshService("slow.example.com", ports: [slow.port])])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        XCTAssertEqual(get(c)?.status, 200)
+        XCTAssertEqual(app.seen.last?.headers["x-sent"], ["64"])
+        XCTAssertEqual(app.seen.last?.headers["x-refused"], ["36"])
+        c.send("POST /b HTTP/1.1\r\nHost: app\r\nx-big: 1\r\nContent-Length: 5\r\n\r\nhello")
+        XCTAssertEqual(c.read()?.body, "app:hello")
+        let set = app.seen.last?.headers["x-set"].first ?? ""
+        XCTAssertTrue(set.hasPrefix("false:") && set.contains("larger than the proxy's buffered body bound"), set)
+    }
+
     func testSslOverMutualTLS_givesThePeersSpiffeID_andPlaintextGivesNil() throws {
         let pki = try FixturePKI()
         defer { pki.cleanup() }

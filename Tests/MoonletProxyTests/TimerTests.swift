@@ -69,6 +69,28 @@ final class TimerTests: XCTestCase {
         XCTAssertTrue(metrics.contains("denylist_refreshes_total"), metrics)
     }
 
+    func testSixtyFourBusyTimersCannotStarveTraffic_theLoopsTimerShareIsBounded() throws {
+        // Each callback runs to its wall-clock budget (100 ms) every 10 ms: without a bound
+        // across runs and timers the loop would do nothing else.
+        let px = try ProxyFixture(appPort: app.port, files: [
+            "busy.lua": """
+            for i = 1, 64 do moonlet.timer.every(0.01, function() local x = 0 while true do x = x + 1 end end) end
+            return {}
+            """,
+            "busy.yaml": ProxyFixture.plugin("busy"),
+        ], concurrency: 1)
+        defer { px.stop() }
+        usleep(300_000)
+        var slowest = 0.0
+        for _ in 0..<10 {
+            let t0 = Date()
+            XCTAssertEqual(get(try RawClient(port: px.inbound))?.status, 200)
+            slowest = max(slowest, Date().timeIntervalSince(t0))
+        }
+        // A request waits at most for one run in progress (100 ms budget), never for the queue.
+        XCTAssertLessThan(slowest, 1.0, "a request waited \(slowest) s behind timers")
+    }
+
     func testAReloadedPluginsOldTimerNoLongerFires() throws {
         let key = UUID().uuidString
         func plugin(_ version: String) -> String {
