@@ -423,7 +423,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// a `server` field added when given.
     func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
         scratch.clear()
-        encoder.write(head, server: server, into: &scratch)
+        encoder.write(head, server: server, headerOnly: endStream, into: &scratch)
         writeHeaderBlock(stream: stream, endStream: endStream)
     }
 
