@@ -277,6 +277,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         requestBodyChunk(chunk)
     }
 
+    /// The HTTP/2 request's trailers (a HEADERS frame after its DATA); the body end follows.
+    func h2Trailers(_ t: HTTPTrailers) {
+        guard !closed, let s = stream, requestState.isArriving, !t.isEmpty else { return }
+        s.requestTrailers = t
+    }
+
     /// The HTTP/2 request body ended (END_STREAM, or its content-length reached).
     func h2BodyEnd() {
         guard !closed, stream != nil, requestState.isArriving else { return }
@@ -307,6 +313,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let u = upstream else { return }
         upstreamPaused = !writable
         u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+        // An HTTP/2 stream's channel (swift-nio-http2) does not read again by itself when
+        // autoRead comes back on: its held frames (and the window updates that follow
+        // their reading) would wait for ever, stalling a response larger than the
+        // windows to a slow client.
+        if writable && u.multiplexed { u.channel?.read() }
     }
 
 
@@ -402,7 +413,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                     else { resetDownstream() }
                     return
                 }
-                if done { requestBodyEnd() }
+                if done {
+                    if let t = d.trailers { stream?.requestTrailers = t }
+                    requestBodyEnd()
+                }
                 if !done { return }
                 continue
             }
@@ -668,7 +682,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
     /// already queued the flush).
     func sendEnd() {
-        downstream.sendEnd()
+        downstream.sendEnd(trailers: stream?.responseTrailers)
         responseState = .ended
     }
 
