@@ -211,7 +211,7 @@ public final class ProxyServer: @unchecked Sendable {
     /// Returns the snapshot version applied, or why nothing changed.
     @discardableResult
     public func apply(sources: [ConfigLoader.Source], reason: String = "push") -> Result<Int, ReloadError> {
-        compileThread.run {
+        let body = { () -> Result<Int, ReloadError> in
             self.reloadLock.lock()
             let previous = self.pushedSources
             self.pushedSources = sources
@@ -222,6 +222,9 @@ public final class ProxyServer: @unchecked Sendable {
             }
             return r
         }
+        // As `reload`: before ready (a sidecar waiting for its first push) at full priority.
+        if !ready { return body() }
+        return compileThread.run(body)
     }
 
     func reloadOnCompileThread(reason: String) -> Result<Int, ReloadError> {
