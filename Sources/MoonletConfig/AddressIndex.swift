@@ -92,10 +92,11 @@ public final class AddressIndex: @unchecked Sendable {
         return text
     }
 
-    /// Indexes `table`'s services; `localLabels` find the services this workload serves.
-    static func build(_ table: RouteTable, localLabels: [String: String], localNamespace: String) -> AddressIndex {
+    /// Indexes `services` (a table's, in name order: the first service of an address wins);
+    /// `localLabels` find the services this workload serves.
+    static func build(_ services: [(key: String, value: ServiceInfo)], localLabels: [String: String], localNamespace: String) -> AddressIndex {
         let x = AddressIndex()
-        for (fqdn, svc) in table.services.sorted(by: { $0.key < $1.key }) where !fqdn.contains("*") {
+        for (fqdn, svc) in services where !fqdn.hasByte("*") {
             for sp in svc.ports {
                 let cluster = svc.clusters["|\(sp.number)"]
                 for a in svc.addresses where !a.contains("/") {

@@ -67,7 +67,7 @@ public struct ConfigLoader {
         var files: [String] = []
         var seenFiles = Set<String>()
         let workload = WorkloadIdentity(namespace: namespace, labels: labels, rootNamespace: rootNamespace)
-        cache?.decodedLastLoad = 0
+        cache?.beginLoad()
         var texts: [(name: String, source: ConfigLoader.Source?)] = []
         for root in paths {
             let list = Self.yamlFiles(at: root)
@@ -86,21 +86,27 @@ public struct ConfigLoader {
                 let file = name
                 seenFiles.insert(file)
                 let src: ConfigLoader.Source
+                var stamp: FileStamp?
+                let r: TextResult
                 if let pushed { src = pushed } else {
+                    // A file unchanged since the last load is not read again.
+                    if let kept = cache?.unchanged(file) {
+                        r = kept
+                        Self.checkSecurity(r, scope: securityScope, workload: workload, errors: &errors)
+                        all.append(r)
+                        continue
+                    }
+                    stamp = cache == nil ? nil : FileStamp(path: file)
                     guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
                         errors.append(ConfigError(file: file, line: 0, column: 0, message: "cannot read file as UTF-8"))
                         continue
                     }
                     src = ConfigLoader.Source(name: file, text: text, baseDir: (file as NSString).deletingLastPathComponent)
                 }
-                let r = loadText(src.text, file: file, baseDir: src.baseDir, cache: cache)
-                for sec in r.security where securityScope == .anyWorkload || sec.selects(workload) {
-                    errors.append(ConfigError(file: sec.file, line: sec.line, column: 1, resource: sec.resource, field: "kind",
-                                              message: "\(sec.what ?? sec.kind) is not enforced by this version of Moonlet; refusing it "
-                                                + (securityScope == .anyWorkload ? "(a sidecar whose workload it selects will not start)"
-                                                                                 : "rather than serve the workload unprotected")
-                                                + ": remove it, or narrow its selector/namespace so it does not select this workload"))
-                }
+                cache?.filesReadLastLoad += 1
+                r = loadText(src.text, file: file, baseDir: src.baseDir, cache: cache)
+                cache?.files[file]?.stamp = stamp
+                Self.checkSecurity(r, scope: securityScope, workload: workload, errors: &errors)
                 all.append(r)
             }
         }
@@ -120,6 +126,17 @@ public struct ConfigLoader {
         cache?.routes = routes
         return .success(ConfigSnapshot(version: version, plugins: all.plugins, istio: all.istio, skipped: all.skipped + notes + routes.warnings,
                                        files: files, routes: routes))
+    }
+
+    /// Refuses the security resources of `r` Moonlet does not enforce that select the workload.
+    static func checkSecurity(_ r: TextResult, scope securityScope: SecurityScope, workload: WorkloadIdentity, errors: inout [ConfigError]) {
+        for sec in r.security where securityScope == .anyWorkload || sec.selects(workload) {
+            errors.append(ConfigError(file: sec.file, line: sec.line, column: 1, resource: sec.resource, field: "kind",
+                                      message: "\(sec.what ?? sec.kind) is not enforced by this version of Moonlet; refusing it "
+                                        + (securityScope == .anyWorkload ? "(a sidecar whose workload it selects will not start)"
+                                                                         : "rather than serve the workload unprotected")
+                                        + ": remove it, or narrow its selector/namespace so it does not select this workload"))
+        }
     }
 
     /// A YAML text to load: a file's content, or resources pushed to the sidecar (`name`
@@ -180,30 +197,104 @@ public struct ConfigLoader {
 
     /// Decodes one file's text (all its documents). Each document is parsed and decoded
     /// alone (see `documentChunks`); with a `cache`, a document whose text and place in
-    /// the file are those of the last load is taken from it instead.
+    /// the file are those of the last load is taken from it instead (compared byte for
+    /// byte with the last load's document at that line: no hashing, and no copy of an
+    /// unchanged document's text). A text none of whose documents is known (a first load)
+    /// is parsed with one parser for the whole file, then each document is decoded with
+    /// its piece (`decodeWhole`).
     public func loadText(_ text: String, file: String, baseDir: String, cache: ConfigCache? = nil) -> TextResult {
-        var out = TextResult()
-        var kept: [ConfigCache.Key: TextResult] = [:]
+        let original = text
+        var text = text
         let previous = cache?.files[file]
+        var chunks: [ConfigCache.Chunk] = []
         var decoded = 0
-        // One piece at a time: only one piece's copy of the text exists beside the file's.
-        Self.forEachDocumentChunk(text) { chunk, lineOffset in
-            let key = ConfigCache.Key(text: chunk, lineOffset: lineOffset)
-            if let i = previous?.index(forKey: key), let p = previous {
-                // The cached key's text is kept (the resources' `source` share it).
-                kept[p[i].key] = p[i].value
-                out.append(p[i].value)
+        text.withUTF8 { b in
+            let ranges = Self.chunkRanges(b)
+            chunks.reserveCapacity(ranges.count)
+            // The last load's documents by the line they start at.
+            var byLine: [Int: Int] = [:]
+            if let previous {
+                byLine.reserveCapacity(previous.chunks.count)
+                for (i, c) in previous.chunks.enumerated() { byLine[c.lineOffset] = i }
+            }
+            var missing: [Int] = []
+            for (k, r) in ranges.enumerated() {
+                let piece = UnsafeBufferPointer(rebasing: b[r.bytes])
+                if let i = byLine[r.lineOffset], let p = previous?.chunks[i], p.result != nil, Self.sameBytes(p.text, piece) {
+                    chunks.append(p)
+                    continue
+                }
+                chunks.append(ConfigCache.Chunk(text: String(decoding: piece, as: UTF8.self), lineOffset: r.lineOffset, result: nil))
+                missing.append(k)
+            }
+            decoded = missing.count
+            if missing.isEmpty { return }
+            if missing.count == ranges.count && ranges.count > 1, let whole = decodeWhole(original, b, chunks, file: file, baseDir: baseDir) {
+                for k in chunks.indices { chunks[k].result = whole[k] }
                 return
             }
-            decoded += 1
-            let r = decodeChunk(chunk, lineOffset: lineOffset, file: file, baseDir: baseDir)
-            // Plugins (their Lua file may change) and errors are decoded at every load.
-            if cache != nil && r.plugins.isEmpty && r.errors.isEmpty { kept[key] = r }
-            out.append(r)
+            for k in missing { chunks[k].result = decodeChunk(chunks[k].text, lineOffset: chunks[k].lineOffset, file: file, baseDir: baseDir) }
         }
+        var out = TextResult()
+        for c in chunks { if let r = c.result { out.append(r) } }
         if let cache {
-            cache.files[file] = kept
+            // Plugins (their Lua file may change) and errors are decoded at every load.
+            for k in chunks.indices { if let r = chunks[k].result, !r.plugins.isEmpty || !r.errors.isEmpty { chunks[k].result = nil } }
+            cache.files[file] = ConfigCache.FileState(chunks: chunks)
             cache.decodedLastLoad += decoded
+            if decoded > 0 { cache.filesParsedLastLoad += 1 }
+        }
+        return out
+    }
+
+    /// Whether `text`'s UTF-8 bytes are `piece`.
+    static func sameBytes(_ text: String, _ piece: UnsafeBufferPointer<UInt8>) -> Bool {
+        var text = text
+        return text.withUTF8 { t in
+            t.count == piece.count && (t.count == 0 || memcmp(t.baseAddress!, piece.baseAddress!, t.count) == 0)
+        }
+    }
+
+    /// The byte ranges of `documentChunks`, each with the number of lines before it.
+    static func chunkRanges(_ b: UnsafeBufferPointer<UInt8>) -> [(bytes: Range<Int>, lineOffset: Int)] {
+        if wholeText(b) != nil { return b.isEmpty ? [] : [(0..<b.count, 0)] }
+        var out: [(bytes: Range<Int>, lineOffset: Int)] = []
+        var start = 0, startLine = 0
+        func cut(_ at: Int, _ atLine: Int) {
+            if at > start { out.append((start..<at, startLine)) }
+            start = at; startLine = atLine
+        }
+        scanMarkers(b, cut)
+        cut(b.count, Int.max)
+        return out
+    }
+
+    /// Every document of a file from one parser (a first load: one libyaml parser per
+    /// document cost more than the parsing), each decoded with its piece: the result of
+    /// `decodeChunk` for every piece, in order. Nil (the caller parses piece by piece)
+    /// when the whole text does not parse, or its documents do not map one to one onto
+    /// the pieces, or it has anchors (Yams keeps them across documents, a document
+    /// parsed alone would not see them).
+    func decodeWhole(_ text: String, _ b: UnsafeBufferPointer<UInt8>, _ chunks: [ConfigCache.Chunk], file: String, baseDir: String) -> [TextResult]? {
+        if b.contains(UInt8(ascii: "&")) || YAMLReader.containsStandIn(text) { return nil }
+        var out = [TextResult](repeating: TextResult(), count: chunks.count)
+        var taken = [Bool](repeating: false, count: chunks.count)
+        do {
+            let parser = try YAMLReader.parser(text)
+            var k = 0
+            while let d = try parser.nextRoot() {
+                // An empty document decodes to nothing; its mark may lie on the next piece.
+                if case .scalar = d, PositionedNode(node: d, file: file).value == .null { continue }
+                // The piece holding the document's first line (lines are 1-based, a piece's
+                // first line is lineOffset + 1).
+                let line = d.mark?.line ?? 0
+                while k + 1 < chunks.count && chunks[k + 1].lineOffset < line { k += 1 }
+                guard chunks[k].lineOffset < line, !taken[k] else { return nil }
+                taken[k] = true
+                decodeDocument(d, index: 0, piece: chunks[k].text, lineOffset: 0, file: file, baseDir: baseDir, into: &out[k])
+            }
+        } catch {
+            return nil
         }
         return out
     }
@@ -283,12 +374,25 @@ public struct ConfigLoader {
             return out
         }
         for (docIndex, d) in docs.enumerated() {
-            let doc = PositionedNode(node: d, file: file, lineOffset: lineOffset)
-            if case .scalar = d, doc.value == .null { continue }
-            guard let top = doc.mapping else {
-                out.errors.append(ConfigError(file: file, line: doc.line, column: doc.column, message: "document is not a mapping"))
-                continue
-            }
+            decodeDocument(d, index: docIndex, piece: text, lineOffset: lineOffset, file: file, baseDir: baseDir, into: &out)
+        }
+        return out
+    }
+
+    /// Top-level fields of a resource.
+    static let topLevelFields: Set<String> = ["apiVersion", "kind", "metadata", "spec", "status"]
+
+    /// Decodes document `d`, document `index` of `piece` (the text kept for typed kinds),
+    /// into `out`; its marks are lines of the file less `lineOffset`.
+    func decodeDocument(_ d: Node, index docIndex: Int, piece text: String, lineOffset: Int, file: String, baseDir: String, into out: inout TextResult) {
+        let doc = PositionedNode(node: d, file: file, lineOffset: lineOffset)
+        if case .scalar = d, doc.value == .null { return }
+        guard let top = doc.mapping else {
+            out.errors.append(ConfigError(file: file, line: doc.line, column: doc.column, message: "document is not a mapping"))
+            return
+        }
+        // One pass (`continue` ends the document's decoding).
+        repeat {
             let kind = doc.child("kind")?.scalarString ?? ""
             let apiVersion = doc.child("apiVersion")?.scalarString ?? ""
             let meta = doc.child("metadata")
@@ -302,7 +406,7 @@ public struct ConfigLoader {
             if kind.isEmpty { err(doc, "kind", "missing"); continue }
             if apiVersion.isEmpty { err(doc, "apiVersion", "missing"); continue }
             if name.isEmpty { err(meta ?? doc, "metadata.name", "missing"); continue }
-            for entry in top where !["apiVersion", "kind", "metadata", "spec", "status"].contains(entry.key) {
+            for entry in top where !Self.topLevelFields.contains(entry.key) {
                 out.errors.append(ConfigError(file: file, line: entry.keyLine, column: entry.keyColumn, resource: resource, field: entry.key, message: "unknown field"))
             }
             if kind == "LuaPlugin" || Self.istioKinds.contains(kind) { out.errors += Self.checkMetadata(meta, file: file, resource: resource) }
@@ -364,8 +468,7 @@ public struct ConfigLoader {
                 continue
             }
             out.skipped.append("\(file):\(doc.line): \(resource): \(apiVersion) not handled by moonlet, skipped")
-        }
-        return out
+        } while false
     }
 
     static func yamlError(_ e: YamlError, file: String) -> ConfigError {
@@ -564,16 +667,32 @@ public struct ConfigLoader {
 /// What one load decoded, per file and document, kept for the next load (hot reload,
 /// pilot push): a document whose text and place did not change is neither parsed nor
 /// decoded again, and its decoded resources (routes, subsets, endpoints) are shared by
-/// the old and the new snapshot. Documents that declare LuaPlugins or have errors are
-/// not kept. One load at a time uses a cache (the proxy's reload lock).
+/// the old and the new snapshot; a file whose stamp (device, inode, size, modification
+/// and change times) did not change is not even read. Documents that declare LuaPlugins
+/// or have errors are not kept. One load at a time uses a cache (the proxy's reload lock).
 public final class ConfigCache: @unchecked Sendable {
-    struct Key: Hashable {
+    /// One document piece of a file (see `ConfigLoader.documentChunks`).
+    struct Chunk {
         var text: String
         var lineOffset: Int
+        /// What it decoded to (nil: decoded again at every load).
+        var result: ConfigLoader.TextResult?
     }
-    var files: [String: [Key: ConfigLoader.TextResult]] = [:]
+    /// What a file held at the last load, its pieces in order.
+    struct FileState {
+        var chunks: [Chunk]
+        /// The file's stamp when it was read, and when (nil for pushed texts).
+        var stamp: FileStamp? = nil
+        /// Whether every piece is kept: the file can be taken whole while its stamp holds.
+        var complete: Bool { chunks.allSatisfy { $0.result != nil } }
+    }
+    var files: [String: FileState] = [:]
     /// Documents the last load had to parse and decode (the others came from the cache).
     public internal(set) var decodedLastLoad = 0
+    /// Files (and pushed texts) the last load read.
+    public internal(set) var filesReadLastLoad = 0
+    /// Files (and pushed texts) in which the last load parsed at least one document.
+    public internal(set) var filesParsedLastLoad = 0
     /// The route table of the last load that succeeded: the next one shares its
     /// unchanged services and virtual hosts (RouteTable.build).
     public internal(set) var routes: RouteTable?
@@ -581,10 +700,49 @@ public final class ConfigCache: @unchecked Sendable {
     public init() {}
 
     /// Documents held.
-    public var documentCount: Int { files.values.reduce(0) { $0 + $1.count } }
+    public var documentCount: Int { files.values.reduce(0) { $0 + $1.chunks.count } }
 
     /// Forgets every file not in `paths` (removed since).
     func keepOnly(_ paths: Set<String>) {
         for f in files.keys where !paths.contains(f) { files[f] = nil }
+    }
+
+    /// Starts a load: the counters count it.
+    func beginLoad() { decodedLastLoad = 0; filesReadLastLoad = 0; filesParsedLastLoad = 0 }
+
+    /// The decoded documents of `file` without reading it, when its stamp is the one it had
+    /// when last read and every piece was kept; nil otherwise.
+    func unchanged(_ file: String) -> ConfigLoader.TextResult? {
+        guard let state = files[file], let was = state.stamp, state.complete, let now = FileStamp(path: file), now.same(as: was) else { return nil }
+        var out = ConfigLoader.TextResult()
+        for c in state.chunks { if let r = c.result { out.append(r) } }
+        return out
+    }
+}
+
+/// What identifies a file's content without reading it. A file modified within a second
+/// of being read is read again (its times may not have moved: they tick coarsely), as
+/// git does with "racily clean" files.
+struct FileStamp: Equatable {
+    var device: UInt64, inode: UInt64, size: Int64
+    var modified: Int64, changed: Int64
+    /// When it was taken (nanoseconds since the epoch).
+    var takenAt: Int64
+
+    init?(path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        device = UInt64(st.st_dev); inode = UInt64(st.st_ino); size = Int64(st.st_size)
+        modified = Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec)
+        changed = Int64(st.st_ctim.tv_sec) * 1_000_000_000 + Int64(st.st_ctim.tv_nsec)
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        takenAt = Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec)
+    }
+
+    /// The same file, unchanged since `was` was taken (and not changed in the second before).
+    func same(as was: FileStamp) -> Bool {
+        device == was.device && inode == was.inode && size == was.size && modified == was.modified && changed == was.changed
+            && max(modified, changed) < was.takenAt - 1_000_000_000
     }
 }

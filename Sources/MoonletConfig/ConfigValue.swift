@@ -89,11 +89,14 @@ public struct PositionedNode {
     }
     /// The value of `key` in a mapping (the first one), nil when absent or not a mapping.
     /// Scans the mapping in place: building `mapping` for one key cost more than the
-    /// decoding it served at mesh scale.
+    /// decoding it served at mesh scale. By index: iterating a Yams mapping (`for in`)
+    /// copies all its pairs into a new array first.
     public func child(_ key: String) -> PositionedNode? {
         guard case .mapping(let m) = node else { return nil }
-        for (k, v) in m {
-            if case .scalar(let s) = k, s.string == key { return PositionedNode(node: v, file: file, lineOffset: lineOffset) }
+        var i = m.startIndex
+        while i < m.endIndex {
+            if case .scalar(let s) = m[i].key, s.string == key { return PositionedNode(node: m[i].value, file: file, lineOffset: lineOffset) }
+            i = m.index(after: i)
         }
         return nil
     }

@@ -371,7 +371,14 @@ public final class RouteTable: @unchecked Sendable {
         if let p = previous, p.localNamespace != localNamespace || p.localLabels != localLabels || p.clusterCount > 2 * p.liveClusters + 1024 { previous = nil }
         // The DestinationRule of each host (the first one read), with or without a ServiceEntry.
         var rules: [String: DestinationRuleSpec] = [:]
+        rules.reserveCapacity(dr.count)
         for d in dr where rules[d.fqdn] == nil { rules[d.fqdn] = d }
+        // Sized as the last table (or the resources): a large mesh's tables are not grown
+        // by successive doublings at every load.
+        t.services.reserveCapacity(max(se.count, previous?.services.count ?? 0))
+        t.serviceSources.reserveCapacity(max(se.count, previous?.serviceSources.count ?? 0))
+        t.hosts.reserveCapacity(max(se.count + vs.count, previous?.hosts.count ?? 0))
+        t.hostSources.reserveCapacity(max(se.count + vs.count, previous?.hostSources.count ?? 0))
         var reused = Set<String>()
         // WorkloadEntries indexed by namespace and by each namespace/label pair, so a
         // ServiceEntry's workloadSelector looks at the entries carrying one of its labels
@@ -391,7 +398,7 @@ public final class RouteTable: @unchecked Sendable {
             var weTokens: [DocumentToken] = []
             if endpoints.isEmpty && s.workloadSelector == nil && (s.resolution == "DNS" || s.resolution == "DNS_ROUND_ROBIN") {
                 // DNS resolution without endpoints: the hosts themselves are resolved.
-                endpoints = s.hosts.filter { !$0.contains("*") }.map { Endpoint(address: $0) }
+                endpoints = s.hosts.filter { !$0.hasByte("*") }.map { Endpoint(address: $0) }
             }
             if let sel = s.workloadSelector {
                 // The candidates: the smallest list among the selector's labels (all of the
@@ -440,7 +447,9 @@ public final class RouteTable: @unchecked Sendable {
             t.hosts[fqdn] = v
             return v
         }
-        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) where !fqdn.contains("*") {
+        // In name order (the first name taking an alias wins, clusters are numbered in it).
+        let sortedServices = t.services.sorted(by: { $0.key < $1.key })
+        for (fqdn, svc) in sortedServices where !fqdn.hasByte("*") {
             let vh = vhost(fqdn)
             vh.service = svc
             // Istio's virtual host domains include the service's VIPs: a Host that is one
@@ -484,7 +493,7 @@ public final class RouteTable: @unchecked Sendable {
                             continue
                         }
                     }
-                    if t.services[fqdn] == nil && !fqdn.contains("*") && noted.insert(fqdn).inserted {
+                    if t.services[fqdn] == nil && !fqdn.hasByte("*") && noted.insert(fqdn).inserted {
                         t.warnings.append("\(v.file):\(place.line): VirtualService \(v.namespace)/\(v.name): \(place.field): no ServiceEntry for host \(fqdn): moonlet has no endpoints for it, requests routed there get 503 UH")
                     }
                 }
@@ -495,7 +504,7 @@ public final class RouteTable: @unchecked Sendable {
         // (after the previous table's ids when services were reused).
         var nextID = previous?.clusterCount ?? 0
         var live = 0
-        for (fqdn, svc) in t.services.sorted(by: { $0.key < $1.key }) {
+        for (fqdn, svc) in sortedServices {
             if reused.contains(fqdn) { live += svc.clusters.count; continue }
             let dr = svc.destinationRule
             var sets: [(String, [Endpoint], ConfigValue?)] = [("", svc.endpoints, nil)]
@@ -536,7 +545,7 @@ public final class RouteTable: @unchecked Sendable {
         }
         t.reusedHosts = replaced.count
         for vh in t.wildcards.map(\.host) { t.compile(vh) }
-        t.addressIndex = AddressIndex.build(t, localLabels: localLabels, localNamespace: localNamespace)
+        t.addressIndex = AddressIndex.build(sortedServices, localLabels: localLabels, localNamespace: localNamespace)
         return t
     }
 

@@ -109,7 +109,7 @@ struct TrafficDecoder {
         for e in m {
             let v: String
             if e.value.value == .null { v = "" } else { guard let s = string(e.value, "\(path).\(e.key)") else { continue }; v = s }
-            if e.key.contains("*") || v.contains("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
+            if e.key.hasByte("*") || v.hasByte("*") { err(nil, "\(path).\(e.key)", "wildcard is not supported in selector", line: e.keyLine, col: e.keyColumn) }
             out[e.key] = v
         }
         return out
@@ -187,7 +187,7 @@ struct TrafficDecoder {
         guard fields(spec, "spec", ["hosts", "gateways", "http", "tls", "tcp", "exportTo"]) else { return nil }
         let hosts = stringList(spec.child("hosts"), "spec.hosts")
         if hosts.isEmpty { err(spec.child("hosts") ?? spec, "spec.hosts", "Required value: at least one host") }
-        for (i, h) in hosts.enumerated() where h.isEmpty || h.contains("/") { err(spec.child("hosts")?.sequence?[i], "spec.hosts[\(i)]", "invalid host \"\(h)\"") }
+        for (i, h) in hosts.enumerated() where h.isEmpty || h.hasByte("/") { err(spec.child("hosts")?.sequence?[i], "spec.hosts[\(i)]", "invalid host \"\(h)\"") }
         var routes: [HTTPRouteRule] = []
         if let http = spec.child("http") {
             guard let seq = http.sequence else { err(http, "spec.http", "must be a list"); return nil }

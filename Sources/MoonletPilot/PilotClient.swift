@@ -12,8 +12,10 @@ import Foundation
 
 /// The sidecar's side of the config push (`moonlet run --pilot HOST:PORT`): long-polls
 /// pilot on a thread of its own (never an event loop), writes each new version into a
-/// directory of its own under the cache directory, hands it to `apply` (the proxy's
-/// load-and-swap) and reports ACK or NACK. A refused version leaves the last good one
+/// directory of its own under the cache directory (where pushed LuaPlugins find their
+/// Lua files), hands the directory and the set to `apply` (in `moonlet run`, the proxy's
+/// incremental reload: `ProxyServer.applyPushedConfig(files:directory:reason:)`) and
+/// reports ACK or NACK. A refused version leaves the last good one
 /// serving; when pilot is unreachable the client retries with exponential backoff
 /// (jittered) and the proxy keeps serving what it has. With `certsDirectory` the
 /// connection is mutual TLS with the workload certificate, and pilot must present one of

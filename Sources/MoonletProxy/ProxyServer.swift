@@ -29,8 +29,6 @@ public final class ProxyServer: @unchecked Sendable {
     /// Serializes reloads (file watcher, admin, SIGHUP).
     let reloadLock = NIOLock()
     var snapshot: ConfigSnapshot = .empty
-    /// Config directories pushed by pilot, loaded after `settings.configPaths` (PilotApply.swift).
-    var pushedConfigPaths: [String] = []
     var generation: LuaPluginGeneration?
     var lastReloadError: String?
     var reloadCount = 0
@@ -213,7 +211,7 @@ public final class ProxyServer: @unchecked Sendable {
     /// Returns the snapshot version applied, or why nothing changed.
     @discardableResult
     public func apply(sources: [ConfigLoader.Source], reason: String = "push") -> Result<Int, ReloadError> {
-        compileThread.run {
+        let body = { () -> Result<Int, ReloadError> in
             self.reloadLock.lock()
             let previous = self.pushedSources
             self.pushedSources = sources
@@ -224,11 +222,15 @@ public final class ProxyServer: @unchecked Sendable {
             }
             return r
         }
+        // As `reload`: before ready (a sidecar waiting for its first push) at full priority.
+        if !ready { return body() }
+        return compileThread.run(body)
     }
 
     func reloadOnCompileThread(reason: String) -> Result<Int, ReloadError> {
         reloadLock.lock()
         defer { reloadLock.unlock() }
+        let cpuStart = Self.threadCPUNanos()
         let version = lock.withLock { reloadCount += 1; return reloadCount }
         // The mesh config is re-read first; the reload below uses it (MeshConfigReload.swift).
         let meshMaterial: TLSMaterial?
@@ -237,7 +239,7 @@ public final class ProxyServer: @unchecked Sendable {
         defer { endMeshConfigReload(applied: meshApplied, material: meshMaterial, reason: reason) }
         let mesh = currentMeshConfig, identity = meshIdentity
         var snap = ConfigSnapshot.empty
-        let configPaths = settings.configPaths + lock.withLock { pushedConfigPaths }
+        let configPaths = settings.configPaths
         if !configPaths.isEmpty || !pushedSources.isEmpty {
             switch ConfigLoader().load(paths: configPaths, version: version, namespace: identity.namespace, labels: identity.labels,
                                        rootNamespace: identity.rootNamespace, cache: configCache, sources: pushedSources) {
@@ -319,20 +321,37 @@ public final class ProxyServer: @unchecked Sendable {
         let interception = InterceptionConfig(registryOnly: mesh.telemetry.outboundTrafficPolicy == .registryOnly,
                                               detectionTimeoutMs: mesh.telemetry.protocolDetectionTimeoutMs ?? 0,
                                               tcpAuthz: TCPAuthorization(authz.config))
-        var futures: [EventLoopFuture<Void>] = []
+        // Each loop hands back what it replaced: the last reference to the old snapshot
+        // (a large mesh's tables) is dropped here, off the event loops.
+        var futures: [EventLoopFuture<(ConfigSnapshot, FilterChain)>] = []
         for c in contexts {
             futures.append(c.loop.submit {
                 let filters = natives + c.lua.filters(for: gen)
+                let old = (c.snapshot, c.chain)
                 c.chain = FilterChain(filters)
                 c.snapshot = snap
                 c.inboundMTLS = mtls
                 c.interception = interception
+                return old
             })
         }
-        for f in futures { try? f.wait() }
+        var replaced: [(ConfigSnapshot, FilterChain)] = []
+        for f in futures { if let old = try? f.wait() { replaced.append(old) } }
+        let decoded = configCache.decodedLastLoad, read = configCache.filesReadLastLoad
+        let cpuMs = (Self.threadCPUNanos() - cpuStart) / 1_000_000
         logger.info("configuration applied (\(reason))", metadata: ["version": "\(version)", "plugins": "\(gen.plugins.map(\.spec.name))", "inbound_mtls": "\(mtls.mode.rawValue)",
-                                                                  "authorization_policies": "\(authz.policies)"])
+                                                                  "authorization_policies": "\(authz.policies)", "documents_decoded": "\(decoded)",
+                                                                  "files_read": "\(read)", "compile_cpu_ms": "\(cpuMs)"])
+        replaced.removeAll()
         return .success(version)
+    }
+
+    /// CPU time of the calling thread (nanoseconds): what a reload cost, whatever else the
+    /// machine runs (logged as compile_cpu_ms).
+    static func threadCPUNanos() -> Int {
+        var t = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+        return t.tv_sec * 1_000_000_000 + t.tv_nsec
     }
 
     /// Files whose change triggers a reload: the YAML and every referenced .lua.

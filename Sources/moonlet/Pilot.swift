@@ -76,7 +76,9 @@ struct PilotSubscribeOptions: ParsableArguments {
         let client: PilotClient
         do {
             client = try PilotClient(settings: settings, apply: { dir, set in
-                switch server.applyPushedConfig(directory: dir, reason: "pilot version \(set.version)") {
+                // The YAML goes to the incremental reload as texts (PilotApply.swift); the
+                // directory holds the pushed Lua files.
+                switch server.applyPushedConfig(files: set.files.map { (path: $0.path, text: $0.content) }, directory: dir, reason: "pilot version \(set.version)") {
                 case .success: return nil
                 case .failure(let e): return e.message
                 }

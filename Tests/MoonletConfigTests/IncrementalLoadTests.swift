@@ -192,4 +192,86 @@ final class IncrementalLoadTests: XCTestCase {
         let we = try XCTUnwrap(s.istio.first { $0.kind == "WorkloadEntry" })
         XCTAssertEqual(we.spec["address"], .string("127.0.0.1"))
     }
+
+    func testAnUnchangedFileIsNotReadAgainAndOnlyTheChangedFileIsParsed() throws {
+        let cache = ConfigCache()
+        func write(_ name: String, _ range: Range<Int>, changed: Int = -1) throws {
+            try range.map { Self.service($0, weight: $0 == changed ? 80 : 90) }.joined(separator: "\n---\n")
+                .write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
+        }
+        try write("a.yaml", 0..<5)
+        try write("b.yaml", 5..<10)
+        // A file modified within a second of being read is read again (coarse file times).
+        Thread.sleep(forTimeInterval: 1.1)
+        _ = try load(cache)
+        XCTAssertEqual(cache.filesReadLastLoad, 2)
+        XCTAssertEqual(cache.filesParsedLastLoad, 2)
+        _ = try load(cache)
+        XCTAssertEqual(cache.filesReadLastLoad, 0, "neither file changed: neither is read")
+        XCTAssertEqual(cache.decodedLastLoad, 0)
+        try write("b.yaml", 5..<10, changed: 7)
+        let s = try load(cache)
+        XCTAssertEqual(cache.filesReadLastLoad, 1, "a.yaml is not read again")
+        XCTAssertEqual(cache.filesParsedLastLoad, 1)
+        XCTAssertEqual(cache.decodedLastLoad, 1, "only the changed VirtualService is parsed and decoded")
+        XCTAssertEqual(weights(s, "svc-7"), [80, 20])
+        XCTAssertEqual(weights(s, "svc-2"), [90, 10])
+        XCTAssertEqual(s.routes.services.count, 10)
+        XCTAssertEqual(s.istio.count, 40)
+        // Changed again at once (within the second): read and parsed again, not missed.
+        try write("b.yaml", 5..<10, changed: 8)
+        let t = try load(cache)
+        XCTAssertEqual(weights(t, "svc-7"), [90, 10])
+        XCTAssertEqual(weights(t, "svc-8"), [80, 20])
+    }
+
+    func testAFileParsedWithOneParserDecodesAsItsPiecesParsedAlone() throws {
+        let text = """
+        # a comment before the first document
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: a, namespace: default}
+        spec: {hosts: [a], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 127.0.0.1}]}
+        ---
+        ---
+        # only a comment
+        --- {apiVersion: networking.istio.io/v1beta1, kind: VirtualService, metadata: {name: a}, spec: {hosts: [a], http: [{route: [{destination: {host: a}}]}]}}
+        ...
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata: {name: a}
+        spec:
+          host: a
+          subsets: [{name: v1, labels: {version: v1}}]
+          unknownField: 1
+        ---
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: c}
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: WorkloadEntry
+        metadata: {name: w}
+        spec: {address: 127.0.0.2, labels: {app: a}}
+
+        """
+        let loader = ConfigLoader()
+        let whole = loader.loadText(text, file: "m.yaml", baseDir: "/")
+        var alone = ConfigLoader.TextResult()
+        for c in ConfigLoader.documentChunks(text) { alone.append(loader.decodeChunk(c.text, lineOffset: c.lineOffset, file: "m.yaml", baseDir: "/")) }
+        func describe(_ r: ConfigLoader.TextResult) -> [String] {
+            r.istio.map { "\($0.kind) \($0.name) \($0.file):\($0.line) \($0.spec.json)" } + r.errors.map(\.description) + r.skipped
+                + r.serviceEntries.map { "\($0.name):\($0.line)" } + r.workloadEntries.map(\.endpoint.address)
+        }
+        XCTAssertEqual(describe(whole), describe(alone))
+        XCTAssertEqual(whole.istio.map(\.kind), ["ServiceEntry", "VirtualService", "DestinationRule", "WorkloadEntry"])
+        XCTAssertEqual(whole.errors.map(\.line), [17], "\(whole.errors)")
+        // Anchors, and text that only parses piece by piece (a colon go-yaml reads), go piece by piece.
+        let anchors = "a: &x 1\n---\nb: *x\n"
+        XCTAssertEqual(describe(loader.loadText(anchors, file: "y.yaml", baseDir: "/")).count, 2, "each document is refused alone: no kind, and the alias is unknown there")
+        let colon = "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: v6}\nspec: {hosts: [v6], addresses: [2001:db8::], resolution: STATIC, ports: [{number: 80, name: http}]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+        let r = loader.loadText(colon, file: "c.yaml", baseDir: "/")
+        XCTAssertEqual(r.errors.map(\.description), [])
+        XCTAssertEqual(r.serviceEntries.first?.addresses, ["2001:db8::"])
+    }
 }

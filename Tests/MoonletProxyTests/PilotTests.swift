@@ -298,6 +298,23 @@ final class PilotTests: XCTestCase {
         for sc in sidecars { XCTAssertEqual(try pilot.sidecar(sc.client.settings.node.id)?["applied_version"] as? Int, 2) }
     }
 
+    func test_aPushedChangeGoesThroughTheIncrementalReload_onlyItsDocumentIsParsedAgain() throws {
+        let pilot = try PilotFixture(files: seed(allTo: "v1"))
+        defer { pilot.stop() }
+        let sc = try SubscribedSidecar(pilot: pilot.address, node: "orders-1.default")
+        defer { sc.stop() }
+        XCTAssertTrue(eventually { sc.client.status.appliedVersion == 1 })
+        let server = sc.proxy.server!
+        XCTAssertEqual(server.pushedSources.map(\.name).sorted(), ["pilot/endpoints.yaml", "pilot/order-service.yaml"],
+                       "pushed texts are named by their path, not by the version's directory")
+        let c = try RawClient(port: sc.proxy.outbound)
+        XCTAssertEqual(orders(c), "v1")
+        try pilot.write("order-service.yaml", seed(allTo: "v2")["order-service.yaml"]!)
+        XCTAssertTrue(eventually { sc.client.status.appliedVersion == 2 })
+        XCTAssertEqual(server.configCache.decodedLastLoad, 1, "only the VirtualService whose weights changed is parsed and decoded again")
+        XCTAssertEqual(orders(c), "v2")
+    }
+
     func test_mountedConfigMap_eachFileIsPushedOnce_andLuaPluginsMustBeNamedRelativeToTheirYAML() throws {
         // A ConfigMap volume: the files in a timestamped directory, ..data linking to it,
         // and a link per key.
