@@ -307,6 +307,19 @@ public final class RouteTable: @unchecked Sendable {
     /// The Sidecar resource in force and what it imports; its outboundTrafficPolicy
     /// decides what a host outside the table gets (REGISTRY_ONLY: 502, BlackHoleCluster).
     public internal(set) var scope = SidecarScope.everything
+    /// This workload's ports that speak HTTP/2 (h2c for the inbound side to the app): the
+    /// workload ports (targetPort, else number) declared HTTP2 or GRPC — by `protocol`, or
+    /// a name prefix `http2-`/`grpc-` — by a ServiceEntry of this namespace whose
+    /// workloadSelector matches this workload's labels, as Istio takes the app port's
+    /// protocol from the services that select the workload.
+    public private(set) var inboundHTTP2Ports: Set<Int> = []
+
+    /// Whether a port declared with `protocol` (empty: none) and `name` speaks HTTP/2 or
+    /// gRPC, as Istio reads it: the protocol, else the name's prefix before "-".
+    public static func declaresHTTP2(protocolName: String, name: String) -> Bool {
+        let declared = (protocolName.isEmpty ? String(name.split(separator: "-").first ?? "") : protocolName).lowercased()
+        return declared == "http2" || declared == "grpc"
+    }
 
     public static let empty = RouteTable(localNamespace: "default", localLabels: [:])
 
@@ -368,6 +381,10 @@ public final class RouteTable: @unchecked Sendable {
         for (i, w) in we.enumerated() {
             byNamespace[w.namespace, default: []].append(i)
             for (k, v) in w.endpoint.labels { byLabel["\(w.namespace)\u{0}\(k)\u{0}\(v)", default: []].append(i) }
+        }
+        for s in se where s.namespace == localNamespace {
+            guard let sel = s.workloadSelector, !sel.isEmpty, sel.allSatisfy({ localLabels[$0.key] == $0.value }) else { continue }
+            for p in s.ports where declaresHTTP2(protocolName: p.protocolName, name: p.name) { t.inboundHTTP2Ports.insert(p.targetPort ?? p.number) }
         }
         for s in se {
             var endpoints = s.endpoints

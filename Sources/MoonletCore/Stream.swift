@@ -165,6 +165,15 @@ public final class ProxyStream {
     public var vars: [String: String] = [:]
     /// One slot per filter of the chain, for filter-private per-stream state.
     public var filterState: [AnyObject?]
+    /// The request's trailers (an HTTP/1.1 chunked body's trailer section, or HTTP/2
+    /// HEADERS after the DATA), once the request body ended with some; nil otherwise.
+    /// Forwarded upstream behind the body when its framing allows (chunked, HTTP/2).
+    public var requestTrailers: HTTPTrailers?
+    /// The response's trailers: the upstream's, once its body ended with some, and those
+    /// a filter set (`s.response.trailers`); nil when there are none. Sent to the client
+    /// after the body when its framing allows (HTTP/2; HTTP/1.1 chunked, as Envoy does,
+    /// whether or not the client sent `TE: trailers`).
+    public var responseTrailers: HTTPTrailers?
     /// The buffered request body, when a filter asked for it (stop-and-buffer).
     public var bufferedRequestBody: ByteBuffer?
     /// False once on_log has run: wrappers handed to filters check it.

@@ -2,6 +2,8 @@ import NIOCore
 
 /// Incremental body decoder for one message: Content-Length, chunked (strict: hex
 /// sizes of at most 16 digits, CRLF only, bounded extensions and trailers) or until close.
+/// A chunked body's trailer section is kept (`trailers`, once the body is complete), to
+/// be forwarded; a body without trailers allocates nothing for them.
 /// It consumes bytes from the front of a buffer and hands out the payload as slices
 /// (no copy); bytes after the end of the body stay in the buffer (pipelining).
 public struct BodyDecoder: Sendable {
@@ -23,6 +25,11 @@ public struct BodyDecoder: Sendable {
     /// Bytes of chunk extensions and trailers accepted per message.
     public var maxMetadataBytes = 8 * 1024
     var trailerBytes = 0
+    /// The trailer section's bytes as they arrive (lines with their CRLF), nil until one comes.
+    var trailerRaw: [UInt8]?
+    /// The chunked body's trailer fields, set when the body completes with a non-empty
+    /// trailer section (fields that may not be trailers are dropped: HTTPTrailers.isAllowed).
+    public private(set) var trailers: HTTPTrailers?
 
     public init(framing: BodyFraming) {
         switch framing {
@@ -97,20 +104,34 @@ public struct BodyDecoder: Sendable {
                 let c = buffer.readInteger(as: UInt8.self)!
                 if c == 13 { state = .trailerLF(emptyLine: true) }
                 else if c == 10 { throw HTTPParseError(400, "bare LF in trailers") }
-                else { try countTrailer(); state = .trailerLine(bytes: 1) }
+                else { try countTrailer(); keepTrailer(c); state = .trailerLine(bytes: 1) }
             case .trailerLine(let bytes):
                 let c = buffer.readInteger(as: UInt8.self)!
                 if c == 13 { state = .trailerLF(emptyLine: false) }
                 else if c == 10 || c == 0 { throw HTTPParseError(400, "bad trailer line") }
-                else { try countTrailer(); state = .trailerLine(bytes: bytes + 1) }
+                else { try countTrailer(); keepTrailer(c); state = .trailerLine(bytes: bytes + 1) }
             case .trailerLF(let empty):
                 guard buffer.readInteger(as: UInt8.self)! == 10 else { throw HTTPParseError(400, "bad trailer line ending") }
                 state = empty ? .done : .trailerLineStart
-                if empty { return true }
+                if empty {
+                    if let raw = trailerRaw {
+                        trailerRaw = nil
+                        let t = try HTTPTrailers.parse(http1: raw)
+                        if !t.isEmpty { trailers = t }
+                    }
+                    return true
+                }
+                keepTrailer(13); keepTrailer(10)
             }
         }
         if case .done = state { return true }
         return false
+    }
+
+    @inline(__always)
+    private mutating func keepTrailer(_ c: UInt8) {
+        if trailerRaw == nil { trailerRaw = []; trailerRaw!.reserveCapacity(64) }
+        trailerRaw!.append(c)
     }
 
     private mutating func countTrailer() throws {
@@ -168,6 +189,8 @@ public struct HTTPMessageReader {
     public enum Event {
         case head(HTTPHead)
         case body(ByteBuffer)
+        /// The chunked body's trailers (right before `.end`).
+        case trailers(HTTPTrailers)
         case end
     }
 
@@ -211,7 +234,11 @@ public struct HTTPMessageReader {
             var d = decoder!
             let done = try d.decode(&buf) { emit(.body($0)) }
             buffer = buf
-            if done { decoder = nil; emit(.end) } else { decoder = d }
+            if done {
+                decoder = nil
+                if let t = d.trailers { emit(.trailers(t)) }
+                emit(.end)
+            } else { decoder = d }
         }
     }
 }

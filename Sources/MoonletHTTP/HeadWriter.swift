@@ -43,16 +43,26 @@ extension HTTPHead {
     /// names, Keep-Alive, TE, Upgrade, Proxy-Connection, Proxy-Authenticate,
     /// Proxy-Authorization, and Transfer-Encoding (the proxy frames each hop itself).
     public mutating func stripHopByHop() {
-        for i in 0..<fields.count where ManagedHeaders.isHopByHop(fields[i].kind) { fields[i].removed = true }
+        for i in 0..<fields.count where ManagedHeaders.isHopByHop(fields[i].kind) {
+            // `TE: trailers` goes on (Envoy keeps that value): gRPC servers require it.
+            if fields[i].kind == .te && isTETrailers(i) { continue }
+            fields[i].removed = true
+        }
         for t in connectionTokens {
-            // Connection must not remove end-to-end framing or routing headers.
-            if t == "host" || t == "content-length" { continue }
+            // Connection must not remove end-to-end framing or routing headers (nor the
+            // `TE: trailers` kept above, which an HTTP/1.1 client lists there).
+            if t == "host" || t == "content-length" || t == "te" { continue }
             var n = t
             n.withUTF8 { p in
                 let raw = UnsafeRawBufferPointer(p)
                 for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: raw) { fields[i].removed = true }
             }
         }
+    }
+
+    /// Whether field `i` is a TE field of value "trailers" (any case).
+    public func isTETrailers(_ i: Int) -> Bool {
+        fields[i].valueLength == 8 && value(at: i).lowercased() == "trailers"
     }
 
     /// Index of the first live field of a known kind.

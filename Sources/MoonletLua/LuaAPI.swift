@@ -83,6 +83,7 @@ enum LuaAPI {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         lua_setfield(L, ml_registryindex(), "moonlet.header_methods")
+        TrailersAPI.install(L)
         ml_pushapifunction(L, respond); lua_setfield(L, ml_registryindex(), "moonlet.respond")
         ml_pushapifunction(L, body); lua_setfield(L, ml_registryindex(), "moonlet.body")
         lua_createtable(L, 0, 1)
@@ -105,6 +106,7 @@ enum LuaAPI {
             lua_rawget(L, -2)
             return 1
         }
+        if kind == .requestTrailers || kind == .responseTrailers { return TrailersAPI.index(L) }
         guard let key = bytes(L, 2) else { lua_pushnil(L); return 1 }
         let id = s.id
         // Keys are compared as bytes (no String per access): the common ones first.
@@ -137,6 +139,7 @@ enum LuaAPI {
             else { lua_pushnil(L) }
         case .request:
             if kw("headers") { ml_pushlight(L, wrapper(id, .requestHeaders)) }
+            else if kw("trailers") { ml_pushlight(L, wrapper(id, .requestTrailers)) }
             else if kw("path") { push(L, s.withRequest({ $0.target })) }
             else if kw("original_path") { push(L, s.originalPath ?? s.withRequest({ $0.target })) }
             else if kw("method") { push(L, s.withRequest({ $0.method })) }
@@ -147,12 +150,13 @@ enum LuaAPI {
             else { lua_pushnil(L) }
         case .response:
             if kw("headers") { ml_pushlight(L, wrapper(id, .responseHeaders)) }
+            else if kw("trailers") { ml_pushlight(L, wrapper(id, .responseTrailers)) }
             else if kw("status") {
                 let st = s.status
                 if st == 0 { lua_pushnil(L) } else { lua_pushinteger(L, lua_Integer(st)) }
             }
             else { lua_pushnil(L) }
-        case .requestHeaders, .responseHeaders:
+        case .requestHeaders, .responseHeaders, .requestTrailers, .responseTrailers:
             lua_pushnil(L) // handled above
         case .source, .destination, .route:
             let k = String(decoding: key, as: UTF8.self)

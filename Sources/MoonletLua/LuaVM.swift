@@ -31,6 +31,7 @@ public struct LuaLimits: Sendable {
 /// kept past its stream fails its id check ("object used outside of its stream").
 enum WrapperKind: UInt {
     case stream = 1, request, response, requestHeaders, responseHeaders, source, destination, route
+    case requestTrailers, responseTrailers
 }
 
 /// The Lua state of one stream in one VM: its `s.vars` table.

@@ -277,6 +277,12 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         requestBodyChunk(chunk)
     }
 
+    /// The HTTP/2 request's trailers (a HEADERS frame after its DATA); the body end follows.
+    func h2Trailers(_ t: HTTPTrailers) {
+        guard !closed, let s = stream, requestState.isArriving, !t.isEmpty else { return }
+        s.requestTrailers = t
+    }
+
     /// The HTTP/2 request body ended (END_STREAM, or its content-length reached).
     func h2BodyEnd() {
         guard !closed, stream != nil, requestState.isArriving else { return }
@@ -402,7 +408,10 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
                     else { resetDownstream() }
                     return
                 }
-                if done { requestBodyEnd() }
+                if done {
+                    if let t = d.trailers { stream?.requestTrailers = t }
+                    requestBodyEnd()
+                }
                 if !done { return }
                 continue
             }
@@ -668,7 +677,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// chunk when re-framed). Flushed at the end of the batch (the head or a body write
     /// already queued the flush).
     func sendEnd() {
-        downstream.sendEnd()
+        downstream.sendEnd(trailers: stream?.responseTrailers)
         responseState = .ended
     }
 

@@ -19,8 +19,9 @@ protocol DownstreamStream: AnyObject {
     func sendHead(_ head: HTTPHead, clientMinor: Int, requestComplete: Bool, draining: Bool, closeAfter: inout Bool)
     /// A chunk of the response body.
     func sendBody(_ chunk: ByteBuffer)
-    /// The response is complete.
-    func sendEnd()
+    /// The response is complete; `trailers` follow the body where the framing allows
+    /// (HTTP/2 HEADERS; HTTP/1.1 chunked trailer section).
+    func sendEnd(trailers: HTTPTrailers?)
     /// Writes a held head (and what is held with it) now; its flush is already queued.
     func releaseHeld()
     /// Flushes what was written to the client now.
@@ -66,10 +67,10 @@ enum Downstream {
     }
 
     @inline(__always)
-    func sendEnd() {
+    func sendEnd(trailers: HTTPTrailers?) {
         switch self {
-        case .http1(let d): d.sendEnd()
-        case .http2(let d): d.sendEnd()
+        case .http1(let d): d.sendEnd(trailers: trailers)
+        case .http2(let d): d.sendEnd(trailers: trailers)
         }
     }
 
@@ -218,12 +219,14 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
         if !writable { flush() }
     }
 
-    /// The last chunk when re-framed. Flushed at the end of the batch (the head or a body
+    /// The last chunk when re-framed, with the trailers (sent whether or not the client
+    /// sent `TE: trailers`, as Envoy does; a response with a content-length has no place
+    /// for them and they are dropped). Flushed at the end of the batch (the head or a body
     /// write already queued the flush).
-    func sendEnd() {
+    func sendEnd(trailers: HTTPTrailers?) {
         guard framing == .chunked else { return }
-        if heldHead != nil { heldHead!.writeStaticString(ChunkedEncoder.lastChunk) }
-        else { write(ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
+        if heldHead != nil { ChunkedEncoder.writeLastChunk(trailers: trailers, into: &heldHead!) }
+        else { write(ChunkedEncoder.lastChunk(trailers: trailers)) }
     }
 
     /// Writes `b` to the client; flushed at the end of the batch.
@@ -311,8 +314,8 @@ extension HTTP2ServerStream: DownstreamStream, DeferredFlush {
         if !writable { flush() }
     }
 
-    /// END_STREAM on the last frame.
-    func sendEnd() { endResponse() }
+    /// END_STREAM on the last frame, or on a HEADERS frame of trailers after it.
+    func sendEnd(trailers: HTTPTrailers?) { endResponse(trailers: trailers) }
 
     func releaseHeld() { releaseHeld(end: false) }
 

@@ -87,6 +87,17 @@ struct HPACKResponseWriter {
         }
     }
 
+    /// A trailers block: literal fields without indexing (after the table-size update
+    /// when it is the connection's first block).
+    mutating func writeTrailers(_ t: HTTPTrailers, into b: inout ByteBuffer) {
+        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) }
+        for f in t.fields {
+            b.writeInteger(UInt8(0))
+            Self.writeString(f.name, lowercase: true, into: &b)
+            Self.writeString(f.value, lowercase: false, into: &b)
+        }
+    }
+
     /// Writes `:status` and the head's fields as HTTP/2 allows them (see
     /// HTTPHead.isHTTP2Forbidden), then the fields filters added, then `server` when
     /// `server` is given.

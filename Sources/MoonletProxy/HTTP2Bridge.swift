@@ -5,13 +5,14 @@ import MoonletCore
 extension HTTPHead {
     /// Whether field `i` must not go into an HTTP/2 header block: the HTTP/1.1
     /// connection-specific ones (RFC 9113 §8.2.2: Connection and the fields it names,
-    /// Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade), TE, and in a request
-    /// Host (`:authority` carries it).
+    /// Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade), TE other than
+    /// "trailers", and in a request Host (`:authority` carries it).
     @inline(__always)
     func isHTTP2Forbidden(_ i: Int, isRequest: Bool) -> Bool {
         switch fields[i].kind {
         case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return true
-        case .te, .host where isRequest: return true
+        case .te: return !(isRequest && isTETrailers(i))
+        case .host where isRequest: return true
         default: return !connectionTokens.isEmpty && connectionTokens.contains(lowercasedName(at: i))
         }
     }
@@ -55,6 +56,8 @@ struct HTTP1ToHTTP2Frames {
     enum Part {
         case headers(HTTPHead, endStream: Bool)
         case data(ByteBuffer, endStream: Bool)
+        /// The chunked body's trailers: a HEADERS frame that ends the stream.
+        case trailers(HTTPTrailers)
     }
 
     /// Feeds `bytes` and hands each frame's worth to `emit`. Throws the parse error of a
@@ -62,6 +65,7 @@ struct HTTP1ToHTTP2Frames {
     mutating func relay(_ bytes: ByteBuffer, emit: (Part) -> Void) throws {
         var heldHead: HTTPHead?
         var heldData: ByteBuffer?
+        var heldTrailers: HTTPTrailers?
         func sendHeld(endStream: Bool) {
             if let h = heldHead {
                 heldHead = nil
@@ -79,7 +83,15 @@ struct HTTP1ToHTTP2Frames {
             case .body(let chunk):
                 sendHeld(endStream: false)
                 heldData = chunk
+            case .trailers(let t):
+                sendHeld(endStream: false)
+                heldTrailers = t
             case .end:
+                if let t = heldTrailers {
+                    heldTrailers = nil
+                    emit(.trailers(t))
+                    return
+                }
                 if heldHead == nil && heldData == nil { heldData = ByteBuffer() }
                 sendHeld(endStream: true)
             }

@@ -296,10 +296,14 @@ final class HTTP2ServerConnection: DeferredFlush {
             throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
         }
         if let s = streams[id] {
-            // Trailers: they end the request (an HTTP/1.1 upstream gets the body without them).
+            // Trailers: they end the request (RFC 9113 §8.1: END_STREAM, no pseudo-header).
             guard !s.remoteClosed else { s.reset(.streamClosed); return }
             guard endStream, !fields.contains(where: { $0.name.utf8.first == UInt8(ascii: ":") }) else { s.reset(.protocolError); return }
-            s.receiveData(ByteBuffer(), end: true, flowLength: 0)
+            var t = HTTPTrailers()
+            for (name, value, _) in fields {
+                guard HTTP2RequestHead.validValue(value), t.add(checking: name, value) else { s.reset(.protocolError); return }
+            }
+            s.receiveTrailers(t)
             return
         }
         guard id & 1 == 1, id > lastStreamID else {
@@ -446,6 +450,13 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// Resets a stream (also one with no state here: refused, malformed, or closed).
     func writeRSTStream(_ stream: UInt32, _ code: HTTP2ErrorCode) {
         writeFrame(type: 3, flags: 0, stream: stream, length: 4) { $0.writeInteger(code.rawValue) }
+    }
+
+    /// Trailers as a HEADERS frame (and CONTINUATION) that ends the stream.
+    func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
+        scratch.clear()
+        encoder.writeTrailers(trailers, into: &scratch)
+        writeHeaderBlock(stream: stream, endStream: true)
     }
 
     /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
@@ -658,6 +669,19 @@ final class HTTP2ServerStream {
         }
     }
 
+    /// The request's trailers (HEADERS with END_STREAM after the head): handed to the
+    /// handler, then the body ends.
+    func receiveTrailers(_ t: HTTPTrailers) {
+        guard !finished, let h = handler else { return }
+        if let head = pendingHead {
+            // HEADERS, then trailers with no DATA: a body of length 0 that has trailers.
+            pendingHead = nil
+            deliverHead(head, chunked: true, to: h)
+        }
+        if !t.isEmpty { h.h2Trailers(t) }
+        receiveData(ByteBuffer(), end: true, flowLength: 0)
+    }
+
     func receiveData(_ data: ByteBuffer, end: Bool, flowLength: Int) {
         guard !finished, let h = handler else { return }
         bodyReceived += data.readableBytes
@@ -735,10 +759,22 @@ final class HTTP2ServerStream {
         heldData = chunk
     }
 
-    /// The response is complete.
-    func endResponse() {
+    /// Trailers waiting for the DATA queued before them (flow control) to leave.
+    var pendingTrailers: HTTPTrailers?
+
+    /// The response is complete; non-empty `trailers` leave as a last HEADERS frame with
+    /// END_STREAM, after every DATA frame.
+    func endResponse(trailers: HTTPTrailers? = nil) {
         guard !finished else { return }
-        releaseHeld(end: true)
+        guard let t = trailers, !t.isEmpty, !requestIsHead else { releaseHeld(end: true); return }
+        releaseHeld(end: false)
+        endQueued = true
+        if pending.isEmpty {
+            connection.writeTrailers(stream: id, t)
+            sent()
+        } else {
+            pendingTrailers = t
+        }
     }
 
     /// Sends what is held; `end` puts END_STREAM on the last frame (an empty DATA frame
@@ -796,6 +832,11 @@ final class HTTP2ServerStream {
             pending.removeFirst()
             if first.end { sent() }
         }
+        if pending.isEmpty, let t = pendingTrailers {
+            pendingTrailers = nil
+            c.writeTrailers(stream: id, t)
+            sent()
+        }
         updateWritability()
     }
 
@@ -849,6 +890,7 @@ final class HTTP2ServerStream {
         guard !finished else { return }
         finished = true
         pending.removeAll()
+        pendingTrailers = nil
         pendingBytes = 0
         end()
     }

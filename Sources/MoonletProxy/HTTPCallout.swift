@@ -192,6 +192,9 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         }
     }
 
+    /// The response's trailers are not given to the script.
+    func upstreamResponseTrailers(_ trailers: HTTPTrailers) {}
+
     func upstreamResponseBody(_ chunk: ByteBuffer) {
         guard done != nil else { return }
         if body.count + chunk.readableBytes > LuaHTTPLimits.maxBodyBytes {

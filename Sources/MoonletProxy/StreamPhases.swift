@@ -67,9 +67,11 @@ extension DownstreamHandler {
             abortUpstreamAndReply(); return
         }
         if requestChunked {
-            if let u = upstream { writeUpstream(u, ByteBuffer(staticString: ChunkedEncoder.lastChunk)) }
-            else if dispatcher.pending != nil { dispatcher.pending!.writeStaticString(ChunkedEncoder.lastChunk) }
-            dispatcher.recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
+            // The last chunk, with the request's trailers if it has some.
+            let last = ChunkedEncoder.lastChunk(trailers: s.requestTrailers)
+            if let u = upstream { writeUpstream(u, last) }
+            else if dispatcher.pending != nil { var l = last; dispatcher.pending!.writeBuffer(&l) }
+            dispatcher.recordForReplay(last)
             requestChunked = false
         }
         if !dispatcher.mirrorHeads.isEmpty { dispatcher.sendMirrors() }
@@ -108,6 +110,13 @@ extension DownstreamHandler {
             if let u = upstream { u.abandon(); upstream = nil }
             sendLocalReply()
         }
+    }
+
+    /// The upstream's trailers (right before upstreamResponseEnd); those a filter set
+    /// before they came keep their values.
+    func upstreamResponseTrailers(_ t: HTTPTrailers) {
+        guard let s = stream else { return }
+        if s.responseTrailers == nil { s.responseTrailers = t } else { s.responseTrailers!.merge(under: t) }
     }
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {

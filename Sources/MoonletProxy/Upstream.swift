@@ -13,6 +13,8 @@ protocol UpstreamDelegate: AnyObject {
     /// The response head; the callee owns it (it edits it in place, no copy).
     func upstreamResponseHead(_ head: consuming HTTPHead)
     func upstreamResponseBody(_ chunk: ByteBuffer)
+    /// The response's trailers, right before `upstreamResponseEnd` (only when it has some).
+    func upstreamResponseTrailers(_ trailers: HTTPTrailers)
     /// The response is complete. `reusable`: the connection may serve another request.
     func upstreamResponseEnd(reusable: Bool)
     /// The connection failed or closed before the response completed.
@@ -125,7 +127,10 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                 if self.delegate == nil { return } // abandoned while relaying
                 decoder = d
                 buffer = buf.readableBytes > 0 ? buf : nil
-                if done { finish(); return }
+                if done {
+                    if let t = d.trailers { delegate.upstreamResponseTrailers(t) }
+                    finish(); return
+                }
             } catch {
                 fail(.protocolError("\(error)"))
                 return
@@ -332,9 +337,11 @@ final class UpstreamPool {
     /// connection slot) is held by the connection or session and released when it
     /// closes, or at once when connecting fails.
     func connect(key: String, address: SocketAddress, timeoutMs: Int = 0, keepalive: (probes: Int, timeSeconds: Int, intervalSeconds: Int)? = nil,
-                 tls: (() throws -> NIOSSLClientHandler)? = nil, tlsExpected: String = "", tlsMesh: Bool = true, offersH2: Bool = false, slot: CircuitCounters? = nil,
-                 _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+                 tls: (() throws -> NIOSSLClientHandler)? = nil, tlsExpected: String = "", tlsMesh: Bool = true, offersH2: Bool = false, h2c: Bool = false,
+                 slot: CircuitCounters? = nil, _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
         let conn = UpstreamConnection(key: key, limits: limits)
+        // h2c: the peer is known to speak HTTP/2 (its port is declared so), no ALPN to wait for.
+        if h2c { speaksH2.insert(key) }
         // A connection to a peer known to speak h2 gathers the requests that arrive
         // while it is set up; they become its streams (or share its failure).
         let gathers = offersH2 && speaksH2.contains(key) && awaitingSession[key] == nil
@@ -368,7 +375,8 @@ final class UpstreamPool {
                         }
                     }
                     guard let tls else {
-                        try ch.pipeline.syncOperations.addHandler(conn)
+                        // h2c: the HTTP/2 pipeline is set up once TCP is up (handOver).
+                        if !h2c { try ch.pipeline.syncOperations.addHandler(conn) }
                         return
                     }
                     try ch.pipeline.syncOperations.addHandler(try tls())
@@ -385,6 +393,10 @@ final class UpstreamPool {
                 switch r {
                 case .success:
                     guard tls == nil else { return } // handed over after the handshake
+                    if h2c {
+                        session = self.handOver(conn, protocol: "h2", key: key, slot: slot, finish)
+                        return
+                    }
                     conn.circuit = slot
                     if conn.closed { slot?.connectionClosed(); conn.circuit = nil }
                     finish(.success(conn))
@@ -437,6 +449,7 @@ final class UpstreamPool {
         }
         let s = UpstreamH2Session(key: key, channel: channel, multiplexer: multiplexer, limits: limits)
         s.circuit = slot
+        if (try? channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)) == nil { s.scheme = "http" }
         watcher.session = s
         sessions[key]?.retire() // an earlier connection (set up concurrently) takes no new streams
         sessions[key] = s

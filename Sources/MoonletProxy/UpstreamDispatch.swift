@@ -304,19 +304,29 @@ final class UpstreamDispatcher {
 
     func connect(_ s: ProxyStream, key: String, address: SocketAddress, slot: CircuitCounters?) {
         state = .connecting
-        // Only a mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2.
+        // A mesh (ISTIO_MUTUAL) connection with a workload certificate offers h2 by ALPN;
+        // a plaintext one to an HTTP/2 port speaks h2c (prior knowledge).
         let h2 = asksForHTTP2(s)
         let plan = UpstreamTLSPlan(tls, meshMaterial: ctx.tls, serverName: s.route.host, offerH2: h2)
         ctx.pool.connect(key: key, address: address, timeoutMs: s.route.upstreamCluster?.connectTimeoutMs ?? 0,
-                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: plan.make, tlsExpected: plan.expected, tlsMesh: plan.mesh, offersH2: h2, slot: slot,
-                         connected(stream: s.id, attempt: attempt))
+                         keepalive: s.route.upstreamCluster?.tcpKeepalive, tls: plan.make, tlsExpected: plan.expected, tlsMesh: plan.mesh, offersH2: h2,
+                         h2c: h2 && plan.make == nil, slot: slot, connected(stream: s.id, attempt: attempt))
     }
 
-    /// Whether the connection to the peer sidecar asks for HTTP/2 (ALPN h2): mesh mTLS
-    /// only, by the cluster's UpstreamProtocol and, for `likeDownstream`, what this
-    /// stream's client spoke.
+    /// Whether the upstream connection speaks HTTP/2. Over mesh mTLS (ALPN h2): by the
+    /// cluster's UpstreamProtocol and, for `likeDownstream`, what this stream's client
+    /// spoke. In plaintext (h2c, prior knowledge): to the app when its port is declared
+    /// HTTP2/GRPC (inbound, RouteTable.inboundHTTP2Ports), or to a cluster whose port is
+    /// (outbound without mTLS, UpstreamProtocol.http2 from the port's protocol).
     func asksForHTTP2(_ s: ProxyStream) -> Bool {
-        guard let t = tls, t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
+        guard let t = tls else {
+            if h.role == .inbound {
+                let ports = ctx.snapshot.routes.inboundHTTP2Ports
+                return !ports.isEmpty && ports.contains(s.route.endpoint.isEmpty ? s.route.port : s.route.endpointPort)
+            }
+            return s.route.upstreamCluster?.upstreamProtocol == .http2
+        }
+        guard t.mode == .istioMutual, ctx.tls != nil, let cl = s.route.upstreamCluster else { return false }
         switch cl.upstreamProtocol {
         case .http1: return false
         case .http2: return true
@@ -470,8 +480,10 @@ final class UpstreamDispatcher {
         if var p = pending {
             pending = nil
             if h.requestChunked, case .complete(buffered: false) = h.requestState {
-                p.writeStaticString(ChunkedEncoder.lastChunk)
-                recordForReplay(ByteBuffer(staticString: ChunkedEncoder.lastChunk))
+                let last = ChunkedEncoder.lastChunk(trailers: s.requestTrailers)
+                var l = last
+                p.writeBuffer(&l)
+                recordForReplay(last)
                 h.requestChunked = false
             }
             h.writeUpstream(c, p)

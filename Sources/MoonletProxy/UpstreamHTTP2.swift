@@ -32,6 +32,8 @@ final class UpstreamH2Session {
     var closed = false
     /// The cluster connection slot this connection holds (released when it closes).
     var circuit: CircuitCounters?
+    /// `:scheme` of the requests: "https" over TLS, "http" over h2c.
+    var scheme = "https"
 
     init(key: String, channel: Channel, multiplexer: NIOHTTP2Handler.StreamMultiplexer, limits: ProxyLimits) {
         self.key = key
@@ -65,12 +67,13 @@ final class UpstreamH2Session {
         let conn = UpstreamConnection(key: key, limits: limits)
         conn.multiplexed = true
         let limits = self.limits
+        let scheme = self.scheme
         let promise = channel.eventLoop.makePromise(of: Channel.self)
         multiplexer.createStreamChannel(promise: promise) { ch in
             conn.channel = ch
             return ch.eventLoop.makeCompletedFuture {
                 let sync = ch.pipeline.syncOperations
-                try sync.addHandler(UpstreamH2StreamBridge(limits: limits))
+                try sync.addHandler(UpstreamH2StreamBridge(limits: limits, scheme: scheme))
                 try sync.addHandler(conn)
             }
         }
@@ -137,9 +140,11 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
     var responseStarted = false
     var responseChunked = false
     var responseEnded = false
+    let scheme: String
 
-    init(limits: ProxyLimits) {
+    init(limits: ProxyLimits, scheme: String) {
         request = HTTP1ToHTTP2Frames(requests: true, limits: limits)
+        self.scheme = scheme
     }
 
     // Request: HTTP/1.1 bytes -> frames.
@@ -149,9 +154,13 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
                 switch part {
                 case .headers(let head, let end):
                     requestWasHead = head.isHead
-                    context.write(wrapOutboundOut(.headers(.init(headers: Self.requestHeaders(head), endStream: end))), promise: nil)
+                    context.write(wrapOutboundOut(.headers(.init(headers: Self.requestHeaders(head, scheme: scheme), endStream: end))), promise: nil)
                 case .data(let d, let end):
                     context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: end))), promise: nil)
+                case .trailers(let t):
+                    var fields = HPACKHeaders()
+                    for f in t.fields { fields.add(name: f.name, value: f.value) }
+                    context.write(wrapOutboundOut(.headers(.init(headers: fields, endStream: true))), promise: nil)
                 }
             }
             promise?.succeed()
@@ -163,13 +172,13 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
 
     /// The HTTP/2 request header block: the pseudo-headers (`:authority` from Host),
     /// then the fields as HTTP/2 allows them.
-    static func requestHeaders(_ head: HTTPHead) -> HPACKHeaders {
+    static func requestHeaders(_ head: HTTPHead, scheme: String) -> HPACKHeaders {
         var authority = head.hostIndex >= 0 ? head.value(at: head.hostIndex) : ""
         for a in head.added where a.name.lowercased() == "host" { authority = a.value }
         var headers = HPACKHeaders()
         headers.reserveCapacity(head.fields.count + head.added.count + 4)
         headers.add(name: ":method", value: head.method)
-        headers.add(name: ":scheme", value: "https")
+        headers.add(name: ":scheme", value: scheme)
         headers.add(name: ":authority", value: authority)
         headers.add(name: ":path", value: head.target)
         head.appendHTTP2Fields(to: &headers, isRequest: true)
@@ -182,8 +191,13 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
         guard !responseEnded else { return }
         switch unwrapInboundIn(data) {
         case .headers(let h):
-            if responseStarted { // trailers: they end the response and are not forwarded
-                endResponse(context: context)
+            if responseStarted {
+                // Trailers: they end the response, as a chunked body's trailer section
+                // (dropped when the response has a content-length: HTTP/1.1 has no place
+                // for them then).
+                var t = HTTPTrailers()
+                for (name, value, _) in h.headers { t.add(checking: name, value) }
+                endResponse(context: context, trailers: t)
                 return
             }
             let code = Int(h.headers.first(name: ":status") ?? "") ?? 0
@@ -217,9 +231,9 @@ final class UpstreamH2StreamBridge: ChannelDuplexHandler {
         }
     }
 
-    func endResponse(context: ChannelHandlerContext) {
+    func endResponse(context: ChannelHandlerContext, trailers: HTTPTrailers? = nil) {
         responseEnded = true
-        if responseChunked { context.fireChannelRead(wrapInboundOut(ByteBuffer(staticString: ChunkedEncoder.lastChunk))) }
+        if responseChunked { context.fireChannelRead(wrapInboundOut(ChunkedEncoder.lastChunk(trailers: trailers))) }
         context.fireChannelReadComplete()
     }
 }

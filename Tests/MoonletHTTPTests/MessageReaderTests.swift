@@ -16,12 +16,20 @@ final class MessageReaderTests: XCTestCase {
                 switch e {
                 case .head(let h): out.append(requests ? "head \(h.method) \(h.target)" : "head \(h.status)")
                 case .body(let b): if out.last?.hasPrefix("body ") == true { out[out.count - 1] += String(buffer: b) } else { out.append("body " + String(buffer: b)) }
+                case .trailers(let t): out.append("trailers " + t.fields.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
                 case .end: out.append("end")
                 }
             }
             i += step
         }
         return out
+    }
+
+    func test_aChunkedMessagesTrailers_comeRightBeforeItsEnd() throws {
+        let text = "POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nx-sum: 1\r\n\r\nGET /n HTTP/1.1\r\nHost: x\r\n\r\n"
+        for step in [1, 5, text.utf8.count] {
+            XCTAssertEqual(try events(text, requests: true, step: step), ["head POST /t", "body ab", "trailers x-sum=1", "end", "head GET /n", "end"])
+        }
     }
 
     func test_requestsSplitAtAnyByte_giveTheSameHeadsBodiesAndEnds() throws {

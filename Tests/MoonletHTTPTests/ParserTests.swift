@@ -131,7 +131,10 @@ final class ParserTests: XCTestCase {
         h2.stripHopByHop()
         XCTAssertNil(h2.first("x-foo"))
         XCTAssertNil(h2.first("keep-alive"))
-        XCTAssertNil(h2.first("te"))
+        XCTAssertEqual(h2.first("te"), "trailers", "TE: trailers goes on, as Envoy forwards it")
+        var gz = try XCTUnwrap(head("GET / HTTP/1.1\r\nHost: x\r\nConnection: te\r\nTE: gzip\r\n\r\n"))
+        gz.stripHopByHop()
+        XCTAssertNil(gz.first("te"))
         XCTAssertEqual(h2.first("host"), "x")
         let h10 = try XCTUnwrap(head("GET / HTTP/1.0\r\n\r\n"))
         XCTAssertFalse(h10.keepAlive)
@@ -166,6 +169,35 @@ final class ParserTests: XCTestCase {
         XCTAssertEqual(resp("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")?.framing, BodyFraming.none)
         XCTAssertEqual(resp("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", head: true)?.framing, BodyFraming.none)
         XCTAssertEqual(resp("HTTP/1.1 200\r\n\r\n")?.status, 200)
+    }
+
+    func test_chunkedDecoder_keepsTheTrailerSection_droppingFieldsThatMayNotBeTrailers_byteByByteToo() throws {
+        let wire = Array("3\r\nabc\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 5\r\nx-a:  spaced value \r\nx-a: 2\r\n\r\nNEXT".utf8)
+        for step in [1, 7, wire.count] {
+            var d = BodyDecoder(framing: .chunked)
+            var got = "", done = false, i = 0
+            while i < wire.count && !done {
+                var piece = ByteBuffer(bytes: wire[i..<min(i + step, wire.count)])
+                done = try d.decode(&piece) { got += String(buffer: $0) }
+                i += step - piece.readableBytes
+            }
+            XCTAssertTrue(done)
+            XCTAssertEqual(got, "abc")
+            let t = try XCTUnwrap(d.trailers)
+            XCTAssertEqual(t.fields.map { "\($0.name)=\($0.value)" }, ["grpc-status=0", "x-a=spaced value", "x-a=2"])
+        }
+        var none = BodyDecoder(framing: .chunked)
+        var b = ByteBuffer(string: "0\r\n\r\n")
+        XCTAssertTrue(try none.decode(&b) { _ in })
+        XCTAssertNil(none.trailers)
+        var bad = BodyDecoder(framing: .chunked)
+        var bb = ByteBuffer(string: "0\r\nno colon\r\n\r\n")
+        XCTAssertThrowsError(try bad.decode(&bb) { _ in })
+        var out = ByteBuffer()
+        var tr = HTTPTrailers()
+        tr.append("grpc-status", "0")
+        ChunkedEncoder.writeLastChunk(trailers: tr, into: &out)
+        XCTAssertEqual(String(buffer: out), "0\r\ngrpc-status: 0\r\n\r\n")
     }
 
     func test_chunkedDecoder_yieldsPayloadAndLeavesPipelinedBytes() throws {

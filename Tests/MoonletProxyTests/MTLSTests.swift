@@ -130,12 +130,13 @@ final class MTLSTests: XCTestCase {
     }
     override func tearDown() async throws { app.stop(); pki.cleanup() }
 
-    /// The server-side sidecar of workload production/orders with `files`.
-    func serverSidecar(_ files: [String: String], certs: String?) throws -> ProxyFixture {
+    /// The server-side sidecar of workload production/orders with `files` (its app: `app`,
+    /// unless `appPort` names another).
+    func serverSidecar(_ files: [String: String], certs: String?, appPort: Int? = nil) throws -> ProxyFixture {
         var all = files
         all["echo.lua"] = principalEcho
         all["echo.yaml"] = ProxyFixture.plugin("echo")
-        return try ProxyFixture(appPort: app.port, files: all, concurrency: 1) { s in
+        return try ProxyFixture(appPort: appPort ?? app.port, files: all, concurrency: 1) { s in
             s.certsDirectory = certs
             s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
         }
@@ -243,9 +244,9 @@ final class MTLSTests: XCTestCase {
 
     /// Two sidecars on 127.0.0.1: frontend's outbound -> orders' inbound with mTLS.
     func twoSidecars(clientFiles: (Int) -> [String: String], serverCerts: String? = nil, clientCerts: String? = nil,
-                     serverPolicy: String = "STRICT") throws -> (client: ProxyFixture, server: ProxyFixture) {
+                     serverPolicy: String = "STRICT", appPort: Int? = nil) throws -> (client: ProxyFixture, server: ProxyFixture) {
         let server = try serverSidecar(["pa.yaml": peerAuthentication("ns", namespace: "production", mode: serverPolicy)],
-                                       certs: try serverCerts ?? pki.issue("production", "orders"))
+                                       certs: try serverCerts ?? pki.issue("production", "orders"), appPort: appPort)
         let clientDir = try clientCerts ?? pki.issue("default", "frontend")
         let client = try ProxyFixture(appPort: 1, files: clientFiles(server.inbound), concurrency: 1) { s in
             s.certsDirectory = clientDir

@@ -27,7 +27,9 @@ final class ProxyCoreTests: XCTestCase {
         let id = try XCTUnwrap(seen.headers["x-request-id"].first)
         XCTAssertNotNil(id.range(of: "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", options: .regularExpression), id)
         XCTAssertEqual(seen.headers["x-forwarded-proto"], ["http"])
-        for h in ["x-hop", "keep-alive", "te", "upgrade"] { XCTAssertFalse(seen.headers.contains(name: h), h) }
+        for h in ["x-hop", "keep-alive", "upgrade"] { XCTAssertFalse(seen.headers.contains(name: h), h) }
+        // `TE: trailers` goes on, as Envoy forwards it (gRPC servers require it).
+        XCTAssertEqual(seen.headers["te"], ["trailers"])
     }
 
     func test_requestID_isKeptWhenPresent() throws {

@@ -174,7 +174,10 @@ final class RawClient {
         var status: Int
         var headers: [(String, String)]
         var body: String
+        /// A chunked body's trailer fields (names lowercased).
+        var trailers: [(String, String)] = []
         func header(_ n: String) -> String? { headers.first { $0.0 == n.lowercased() }?.1 }
+        func trailer(_ n: String) -> String? { trailers.first { $0.0 == n.lowercased() }?.1 }
         func all(_ n: String) -> [String] { headers.filter { $0.0 == n.lowercased() }.map(\.1) }
     }
 
@@ -208,6 +211,19 @@ final class RawClient {
                 let le = pending.firstRange(of: [13, 10])!
                 let size = Int(String(decoding: pending[0..<le.lowerBound], as: UTF8.self), radix: 16) ?? 0
                 pending.removeFirst(le.upperBound)
+                if size == 0 {
+                    // The trailer section: lines up to an empty one.
+                    while true {
+                        while pending.firstRange(of: [13, 10]) == nil { if !fill() { return nil } }
+                        let end = pending.firstRange(of: [13, 10])!
+                        let line = String(decoding: pending[0..<end.lowerBound], as: UTF8.self)
+                        pending.removeFirst(end.upperBound)
+                        if line.isEmpty { break }
+                        let kv = line.split(separator: ":", maxSplits: 1)
+                        r.trailers.append((kv[0].lowercased(), kv.count > 1 ? kv[1].trimmingCharacters(in: .whitespaces) : ""))
+                    }
+                    break
+                }
                 while pending.count < size + 2 { if !fill() { return nil } }
                 body += pending[0..<size]
                 pending.removeFirst(size + 2)
