@@ -162,13 +162,17 @@ final class GRPCTests: XCTestCase {
         return try ProxyFixture(appPort: 1, files: all, concurrency: 1)
     }
 
-    /// One gRPC call with curl over h2c: the response head and trailers as text.
-    func curlGRPC(_ port: Int, host: String, path: String = "/moonlet.test.Echo/Echo", message: String = "hi", headers: [String] = []) throws -> String {
+    /// One gRPC call with curl over h2c: the response head as text. `message` nil: a POST
+    /// without a body (END_STREAM on its HEADERS), for replies that come before the body
+    /// is read: the proxy then ends the stream with RST_STREAM NO_ERROR after its complete
+    /// reply (RFC 9113 §8.1), which this curl reports as a stream error.
+    func curlGRPC(_ port: Int, host: String, path: String = "/moonlet.test.Echo/Echo", message: String? = "hi", headers: [String] = []) throws -> String {
         let body = NSTemporaryDirectory() + "moonlet-grpc-\(UUID().uuidString).bin"
-        FileManager.default.createFile(atPath: body, contents: Data(grpcFrame(message)))
+        if let message { FileManager.default.createFile(atPath: body, contents: Data(grpcFrame(message))) }
         defer { try? FileManager.default.removeItem(atPath: body) }
         var args = ["-sS", "--max-time", "10", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null",
-                    "-H", "host: \(host)", "-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@" + body]
+                    "-H", "host: \(host)", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        args += message == nil ? ["-X", "POST"] : ["--data-binary", "@" + body]
         for h in headers { args += ["-H", h] }
         return try runTool("curl", args + ["http://127.0.0.1:\(port)\(path)"])
     }
@@ -185,13 +189,13 @@ final class GRPCTests: XCTestCase {
         """)
         defer { px.stop() }
         // No such host: 404 NR -> UNIMPLEMENTED, no body, no content-length on HTTP/2.
-        let nr = try curlGRPC(px.outbound, host: "nowhere.example")
+        let nr = try curlGRPC(px.outbound, host: "nowhere.example", message: nil)
         XCTAssertTrue(nr.hasPrefix("HTTP/2 200"), nr)
         XCTAssertTrue(nr.contains("content-type: application/grpc\r\n"), nr)
         XCTAssertTrue(nr.contains("grpc-status: 12\r\n"), nr)
         XCTAssertFalse(nr.contains("content-length"), nr)
         // A fault abort 503 -> UNAVAILABLE with the body as grpc-message.
-        let abort = try curlGRPC(px.outbound, host: "svc", path: "/moonlet.test.Echo/Abort")
+        let abort = try curlGRPC(px.outbound, host: "svc", path: "/moonlet.test.Echo/Abort", message: nil)
         XCTAssertTrue(abort.contains("grpc-status: 14\r\n") && abort.contains("grpc-message: fault filter abort\r\n"), abort)
         XCTAssertEqual(app.seen.count, 0)
         // Not gRPC: the HTTP reply as before.
