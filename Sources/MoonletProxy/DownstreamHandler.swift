@@ -313,6 +313,11 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         guard let u = upstream else { return }
         upstreamPaused = !writable
         u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
+        // An HTTP/2 stream's channel (swift-nio-http2) does not read again by itself when
+        // autoRead comes back on: its held frames (and the window updates that follow
+        // their reading) would wait for ever, stalling a response larger than the
+        // windows to a slow client.
+        if writable && u.multiplexed { u.channel?.read() }
     }
 
 

@@ -100,12 +100,16 @@ struct HPACKResponseWriter {
 
     /// Writes `:status` and the head's fields as HTTP/2 allows them (see
     /// HTTPHead.isHTTP2Forbidden), then the fields filters added, then `server` when
-    /// `server` is given.
-    mutating func write(_ head: HTTPHead, server: String?, into b: inout ByteBuffer) {
+    /// `server` is given. `headerOnly`: the block ends the stream, and a `content-length: 0`
+    /// says nothing END_STREAM does not: it is left out (an HTTP/2 upstream's header-only
+    /// response, gRPC's trailers-only one, reaches the proxy as HTTP/1.1 with that field
+    /// added, which the client would otherwise see among its metadata).
+    mutating func write(_ head: HTTPHead, server: String?, headerOnly: Bool = false, into b: inout ByteBuffer) {
         writeStatus(head.status, into: &b)
         head.bytes.withUnsafeReadableBytes { raw in
             for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
                 let f = head.fields[i]
+                if headerOnly && f.kind == .contentLength && f.valueLength == 1 && raw[Int(f.valueStart)] == UInt8(ascii: "0") { continue }
                 let index = Self.nameIndex(head, i)
                 if index > 0 {
                     Self.writeInteger(index, prefix: 4, flags: 0, into: &b)

@@ -3,21 +3,9 @@ import NIOHPACK
 import MoonletCore
 import MoonletHTTP
 
-/// HTTP/2 error codes (RFC 9113 §7).
-enum HTTP2ErrorCode: UInt32 {
-    case noError = 0, protocolError = 1, internalError = 2, flowControlError = 3, streamClosed = 5,
-         frameSizeError = 6, refusedStream = 7, cancel = 8, compressionError = 9, enhanceYourCalm = 11
-}
-
-/// A connection error (RFC 9113 §5.4.1): the connection sends GOAWAY with `code` and closes.
-struct HTTP2ConnectionError: Error {
-    let code: HTTP2ErrorCode
-    let reason: String
-    init(_ code: HTTP2ErrorCode, _ reason: String) { self.code = code; self.reason = reason }
-}
-
 /// The server side of a downstream HTTP/2 connection (h2c prior knowledge, or h2 after
-/// TLS ALPN), with no channel per stream. It reads frames straight from the connection's
+/// TLS ALPN), with no channel per stream. The frame layer (frames cut from the bytes,
+/// frame headers, padding, error codes) is HTTP2Wire (HTTP2Codec.swift). It reads frames straight from the connection's
 /// bytes, keeps the HPACK tables, the streams' states and both directions' flow-control
 /// windows, and gives each stream its own DownstreamHandler: the request's header block
 /// becomes HTTP/1.1 bytes for it (after the checks of RFC 9113 §8.2–8.3), and the
@@ -36,7 +24,7 @@ struct HTTP2ConnectionError: Error {
 /// answer while the connection cannot write.
 /// Everything runs on the connection's event loop.
 final class HTTP2ServerConnection: DeferredFlush {
-    static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+    static let preface = HTTP2Wire.preface
     static let maxConcurrentStreams = 100
     /// The receive window each stream starts with (SETTINGS_INITIAL_WINDOW_SIZE).
     static let streamWindow = 256 * 1024
@@ -158,19 +146,8 @@ final class HTTP2ServerConnection: DeferredFlush {
             buf.moveReaderIndex(forwardBy: n)
             prefaceSeen = true
         }
-        while !closed && buf.readableBytes >= 9 {
-            let r = buf.readerIndex
-            let length = Int(buf.getInteger(at: r, as: UInt8.self)!) << 16 | Int(buf.getInteger(at: r + 1, as: UInt16.self)!)
-            guard length <= Self.maxFrameSize else {
-                throw HTTP2ConnectionError(.frameSizeError, "frame of \(length) bytes, more than \(Self.maxFrameSize)")
-            }
-            guard buf.readableBytes >= 9 + length else { return }
-            let type = buf.getInteger(at: r + 3, as: UInt8.self)!
-            let flags = buf.getInteger(at: r + 4, as: UInt8.self)!
-            let stream = buf.getInteger(at: r + 5, as: UInt32.self)! & 0x7fff_ffff
-            let payload = buf.getSlice(at: r + 9, length: length)!
-            buf.moveReaderIndex(forwardBy: 9 + length)
-            try frame(type: type, flags: flags, stream: stream, payload: payload)
+        while !closed, let f = try HTTP2Wire.nextFrame(&buf, maxFrameSize: Self.maxFrameSize) {
+            try frame(type: f.type, flags: f.flags, stream: f.stream, payload: f.payload)
         }
     }
 
@@ -202,15 +179,6 @@ final class HTTP2ServerConnection: DeferredFlush {
         }
     }
 
-    /// Strips the padding of a DATA or HEADERS frame (flag PADDED).
-    static func unpad(_ flags: UInt8, _ payload: inout ByteBuffer, reserving: Int = 0) throws {
-        guard flags & 0x8 != 0 else { return }
-        guard let pad = payload.readInteger(as: UInt8.self), Int(pad) + reserving <= payload.readableBytes else {
-            throw HTTP2ConnectionError(.protocolError, "padding as long as the frame")
-        }
-        payload.moveWriterIndex(to: payload.writerIndex - Int(pad))
-    }
-
     func data(flags: UInt8, stream id: UInt32, payload: ByteBuffer) throws {
         guard id != 0 else { throw HTTP2ConnectionError(.protocolError, "DATA on stream 0") }
         // Every DATA frame counts against the connection's window, whatever its stream.
@@ -224,7 +192,7 @@ final class HTTP2ServerConnection: DeferredFlush {
             recvUnacked = 0
         }
         var body = payload
-        try Self.unpad(flags, &body)
+        try HTTP2Wire.unpad(flags, &body)
         let end = flags & 1 != 0
         if body.readableBytes == 0 && !end {
             emptyDataFrames += 1
@@ -246,7 +214,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     func headers(flags: UInt8, stream id: UInt32, payload: ByteBuffer) throws {
         guard id != 0 else { throw HTTP2ConnectionError(.protocolError, "HEADERS on stream 0") }
         var block = payload
-        try Self.unpad(flags, &block, reserving: flags & 0x20 != 0 ? 5 : 0)
+        try HTTP2Wire.unpad(flags, &block, reserving: flags & 0x20 != 0 ? 5 : 0)
         var selfDependent = false
         if flags & 0x20 != 0 {
             guard let dependency = block.readInteger(as: UInt32.self), block.readInteger(as: UInt8.self) != nil else {
@@ -424,20 +392,12 @@ final class HTTP2ServerConnection: DeferredFlush {
         return ctx.outputBuffer(capacity: max(capacity, 4096))
     }
 
-    static func writeFrameHeader(length: Int, type: UInt8, flags: UInt8, stream: UInt32, into b: inout ByteBuffer) {
-        b.writeInteger(UInt8(truncatingIfNeeded: length >> 16))
-        b.writeInteger(UInt16(truncatingIfNeeded: length))
-        b.writeInteger(type)
-        b.writeInteger(flags)
-        b.writeInteger(stream)
-    }
-
     /// Appends one frame to the output (`payload` writes its `length` bytes) and queues
     /// the flush.
     @inline(__always)
     func writeFrame(type: UInt8, flags: UInt8, stream: UInt32, length: Int, _ payload: (inout ByteBuffer) -> Void = { _ in }) {
         var b = output(capacity: 9 + length)
-        Self.writeFrameHeader(length: length, type: type, flags: flags, stream: stream, into: &b)
+        HTTP2Wire.writeFrameHeader(length: length, type: type, flags: flags, stream: stream, into: &b)
         payload(&b)
         out = b
         markUnflushed()
@@ -463,7 +423,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// a `server` field added when given.
     func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
         scratch.clear()
-        encoder.write(head, server: server, into: &scratch)
+        encoder.write(head, server: server, headerOnly: endStream, into: &scratch)
         writeHeaderBlock(stream: stream, endStream: endStream)
     }
 
@@ -484,7 +444,7 @@ final class HTTP2ServerConnection: DeferredFlush {
             let last = n == scratch.readableBytes
             var flags: UInt8 = last ? 0x4 : 0
             if type == 1 && endStream { flags |= 0x1 }
-            Self.writeFrameHeader(length: n, type: type, flags: flags, stream: stream, into: &b)
+            HTTP2Wire.writeFrameHeader(length: n, type: type, flags: flags, stream: stream, into: &b)
             var part = scratch.readSlice(length: n)!
             b.writeBuffer(&part)
             type = 9
@@ -502,7 +462,7 @@ final class HTTP2ServerConnection: DeferredFlush {
         } else {
             markUnflushed()
             var b = output(capacity: 9)
-            Self.writeFrameHeader(length: payload.readableBytes, type: 0, flags: flags, stream: stream, into: &b)
+            HTTP2Wire.writeFrameHeader(length: payload.readableBytes, type: 0, flags: flags, stream: stream, into: &b)
             context?.write(NIOAny(b), promise: nil)
             ctx.recycle(b)
             context?.write(NIOAny(payload), promise: nil)

@@ -130,6 +130,21 @@ final class H2CTests: XCTestCase {
         XCTAssertEqual(get(try RawClient(port: px2.inbound), "/y")?.body, "GET /y 0")
     }
 
+    /// gRPC's trailers-only answer (one HEADERS frame with END_STREAM and grpc-status):
+    /// the client gets one header-only block, without a `content-length: 0` of the
+    /// proxy's among its metadata.
+    func test_aHeaderOnlyResponse_toAnHTTP2Client_isOneHeadersFrame_withoutContentLengthZero() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(headers: [("grpc-status", "7"), ("grpc-message", "denied")], body: "") }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let out = try runTool("nghttp", ["-v", "-t", "10", "http://127.0.0.1:\(px.inbound)/t.Svc/Fail"])
+        XCTAssertTrue(out.contains("grpc-status: 7"), out)
+        XCTAssertFalse(out.contains("content-length: 0"), out)
+        XCTAssertTrue(out.range(of: "recv HEADERS frame <length=[0-9]+, flags=0x05", options: .regularExpression) != nil, "one HEADERS frame ends the stream: \(out)")
+        XCTAssertFalse(out.contains("recv DATA frame"), out)
+    }
+
     func test_outbound_toAPlaintextGRPCPort_speaksH2C() throws {
         let app = try H2CApp()
         defer { app.stop() }

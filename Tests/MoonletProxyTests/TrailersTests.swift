@@ -193,3 +193,21 @@ extension MTLSTests {
         XCTAssertEqual(r.trailer("grpc-status"), "7")
     }
 }
+
+extension MTLSTests {
+    /// The client's small windows make the sidecar stop reading the HTTP/2 stream from its
+    /// peer sidecar, then start again: the rest of the response must follow (a 4 MB gRPC
+    /// message stalled here before).
+    func test_sidecarToSidecarOverHTTP2_aLargeResponseToAClientWithSmallWindows_arrivesWhole() throws {
+        app.stop()
+        app = try TestUpstream { _ in TestUpstream.Reply(body: String(repeating: "z", count: 4_000_000)) }
+        let (client, server) = try twoSidecars(clientFiles: { ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", portName: "grpc")] })
+        defer { client.stop(); server.stop() }
+        let out = try runTool("nghttp", ["-n", "-s", "-w", "16", "-W", "16", "-t", "20", "-H", ":authority: orders.production.svc.cluster.local",
+                                         "http://127.0.0.1:\(client.outbound)/big"])
+        XCTAssertFalse(out.contains("Timeout") || out.contains("ERROR"), out)
+        let stats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_upstream_cx_http2_total 1\n"), stats)
+        XCTAssertTrue(stats.contains("response_code=\"200\",response_flags=\"-\""), stats)
+    }
+}
