@@ -448,12 +448,6 @@ final class GRPCThroughSidecarsTests: XCTestCase {
 
     func test_a4MBMessage_goesThroughBothWays() throws {
         let r = try call("big", String(4 * 1024 * 1024))
-        if r["code"] as? String == "DEADLINE_EXCEEDED" {
-            // Known bug of the sidecar-to-sidecar HTTP/2 hop (NIO upstream client against
-            // Moonlet's HTTP/2 server): a response over about 1 MB stalls there, while one
-            // sidecar alone carries 4 MB both ways. Remove this skip once it is fixed.
-            throw XCTSkip("KNOWN BUG: a 4 MB gRPC response stalls between two sidecars (HTTP/2 hop flow control): \(r)")
-        }
         XCTAssertEqual(r["ok"] as? Bool, true, "\(r)")
         XCTAssertEqual(r["bytes"] as? Int, 4 * 1024 * 1024)
     }
