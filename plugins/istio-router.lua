@@ -327,7 +327,14 @@ end
 --   refused-stream  an HTTP/2 REFUSED_STREAM
 --   retriable-4xx   409
 --   a status code   that status (retriable-status-codes)
+--   cancelled, deadline-exceeded, resource-exhausted, internal, unavailable
+--                   a gRPC response head (trailers-only) whose grpc-status is that
+--                   code (1, 4, 8, 13, 14), as Envoy reads it (kind "grpc-status")
 local RETRY, NO_RETRY = moonlet.RETRY, moonlet.NO_RETRY
+
+-- grpc-status -> its retryOn name (the codes Envoy retries on).
+local GRPC_CONDITION = { [1] = "cancelled", [4] = "deadline-exceeded", [8] = "resource-exhausted",
+                         [13] = "internal", [14] = "unavailable" }
 
 -- retry_on text -> set of conditions (a policy's canonical text; bounded by the
 -- distinct policies of the configuration and of filters).
@@ -341,8 +348,11 @@ local function conditions(retry_on)
   return c
 end
 
-local function retried(on, kind, status)
-  if kind == "connect-failure" then
+local function retried(on, kind, status, grpc_status)
+  if kind == "grpc-status" then
+    local name = GRPC_CONDITION[grpc_status]
+    return (name and on[name]) or false
+  elseif kind == "connect-failure" then
     return on["connect-failure"] or on["5xx"] or on["gateway-error"] or on.reset or false
   elseif kind == "reset" then
     return on.reset or on["5xx"] or on["gateway-error"] or false
@@ -359,7 +369,7 @@ end
 function router.on_upstream_failure(s, conf, failure)
   local policy = s.route.retry
   if policy == nil then return NO_RETRY end
-  if retried(conditions(policy.retry_on), failure.kind, failure.status) then return RETRY end
+  if retried(conditions(policy.retry_on), failure.kind, failure.status, failure.grpc_status) then return RETRY end
   return NO_RETRY
 end
 

@@ -354,7 +354,8 @@ struct TrafficDecoder {
     ]
     /// The conditions RetrySpec applies (status codes too); the others are reported as
     /// not applied.
-    static let appliedRetryOn: Set<String> = ["5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx", "retriable-status-codes"]
+    static let appliedRetryOn: Set<String> = ["5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx", "retriable-status-codes",
+                                              "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"]
     /// Status codes that have a name (Go's http.StatusText, which Istio asks).
     static let namedStatusCodes: Set<Int> = Set([100, 101, 102, 103, 226, 421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 510, 511])
         .union(200...208).union([300, 301, 302, 303, 304, 305, 307, 308]).union(400...418).union(500...508)

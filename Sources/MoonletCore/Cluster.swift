@@ -224,17 +224,27 @@ public struct RetrySpec: Sendable, Equatable {
     public var retriable4xx = false
     /// Statuses retried under `retriable-status-codes` (Istio adds 503 by default).
     public var retriableStatusCodes: [Int] = [503]
+    /// gRPC codes retried when a response head carries them as `grpc-status` (a
+    /// trailers-only gRPC response), one bit per code: retryOn `cancelled` (1),
+    /// `deadline-exceeded` (4), `resource-exhausted` (8), `internal` (13),
+    /// `unavailable` (14). Istio's default has cancelled and unavailable.
+    public var grpcCodes: UInt32 = 1 << 1 | 1 << 14
     public init() {}
 
     /// Istio's default policy when a route sets none: 2 attempts on connect-failure,
     /// refused-stream, unavailable, cancelled, retriable-status-codes (503).
     public static let istioDefault = RetrySpec()
 
+    /// The gRPC retryOn conditions and their codes, in canonical order.
+    public static let grpcConditions: [(name: String, code: Int)] = [
+        ("cancelled", 1), ("deadline-exceeded", 4), ("resource-exhausted", 8), ("internal", 13), ("unavailable", 14),
+    ]
+
     /// Parses Envoy/Istio retryOn ("5xx,gateway-error,503,...").
     public init(attempts: Int, perTryTimeoutMs: Int, retryOn: String) {
         self.attempts = attempts
         self.perTryTimeoutMs = perTryTimeoutMs
-        connectFailure = false; refusedStream = false; retriableStatusCodes = []
+        connectFailure = false; refusedStream = false; retriableStatusCodes = []; grpcCodes = 0
         for t in retryOn.split(separator: ",").map({ String($0.filter { $0 != " " && $0 != "\t" }) }) {
             switch t {
             case "5xx": on5xx = true
@@ -243,7 +253,12 @@ public struct RetrySpec: Sendable, Equatable {
             case "connect-failure": connectFailure = true
             case "refused-stream": refusedStream = true
             case "retriable-4xx": retriable4xx = true
-            case "retriable-status-codes", "unavailable", "cancelled", "deadline-exceeded", "resource-exhausted", "internal": break
+            case "retriable-status-codes": break
+            case "cancelled": grpcCodes |= 1 << 1
+            case "deadline-exceeded": grpcCodes |= 1 << 4
+            case "resource-exhausted": grpcCodes |= 1 << 8
+            case "internal": grpcCodes |= 1 << 13
+            case "unavailable": grpcCodes |= 1 << 14
             default: if let c = Int(t) { retriableStatusCodes.append(c) }
             }
         }
@@ -251,8 +266,8 @@ public struct RetrySpec: Sendable, Equatable {
     }
 
     /// The retryOn conditions `init(attempts:perTryTimeoutMs:retryOn:)` reads (besides
-    /// status codes 100-599): Envoy's HTTP ones it applies, and the gRPC ones Istio puts
-    /// in its default, which an HTTP/1.1 stream never meets.
+    /// status codes 100-599): Envoy's HTTP ones and its gRPC ones (read from a response
+    /// head's grpc-status), all applied.
     public static let retryOnConditions: Set<String> = [
         "5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx", "retriable-status-codes",
         "unavailable", "cancelled", "deadline-exceeded", "resource-exhausted", "internal",
@@ -270,9 +285,11 @@ public struct RetrySpec: Sendable, Equatable {
     }
 
     /// The policy's conditions in canonical retryOn form: the conditions in a fixed
-    /// order (5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx),
-    /// then the retried status codes in ascending order. Parsing it gives the same
-    /// conditions back (Istio's default reads "connect-failure,refused-stream,503").
+    /// order (5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx,
+    /// then the gRPC ones: cancelled, deadline-exceeded, resource-exhausted, internal,
+    /// unavailable), then the retried status codes in ascending order. Parsing it gives
+    /// the same conditions back (Istio's default reads
+    /// "connect-failure,refused-stream,cancelled,unavailable,503").
     public var retryOn: String {
         var parts: [String] = []
         if on5xx { parts.append("5xx") }
@@ -281,6 +298,7 @@ public struct RetrySpec: Sendable, Equatable {
         if connectFailure { parts.append("connect-failure") }
         if refusedStream { parts.append("refused-stream") }
         if retriable4xx { parts.append("retriable-4xx") }
+        for g in Self.grpcConditions where grpcCodes & (1 << UInt32(g.code)) != 0 { parts.append(g.name) }
         for c in Set(retriableStatusCodes).sorted() { parts.append(String(c)) }
         return parts.joined(separator: ",")
     }
@@ -291,6 +309,12 @@ public struct RetrySpec: Sendable, Equatable {
         if gatewayError && (status == 502 || status == 503 || status == 504) { return true }
         if retriable4xx && status == 409 { return true }
         return retriableStatusCodes.contains(status)
+    }
+
+    /// Whether a response head's `grpc-status` (0-16) is retried.
+    @inline(__always)
+    public func retries(grpcStatus: Int) -> Bool {
+        grpcStatus > 0 && grpcStatus < 32 && grpcCodes & (1 << UInt32(grpcStatus)) != 0
     }
 
     /// Whether a failure before any response is retried (connect failure or reset).

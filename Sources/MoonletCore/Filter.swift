@@ -65,6 +65,11 @@ public enum UpstreamFailureKind: String, Sendable, CaseIterable {
     case gatewayError = "gateway-error"
     /// The per-try timeout passed without a response head.
     case timeout
+    /// The upstream answered a gRPC request with a non-zero `grpc-status` in its response
+    /// head (a trailers-only response, HTTP 200): `grpcStatus` has the code. Istio's
+    /// retryOn `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable` are read from it, as Envoy reads them from the response headers.
+    case grpcStatus = "grpc-status"
 }
 
 /// One failed upstream attempt, before the proxy decides whether to retry it.
@@ -76,8 +81,10 @@ public struct UpstreamFailureInfo: Sendable {
     public var attempt: Int
     /// "ip:port" of the endpoint that failed ("" when none was reached).
     public var endpoint: String
-    public init(kind: UpstreamFailureKind, status: Int = 0, attempt: Int, endpoint: String) {
-        self.kind = kind; self.status = status; self.attempt = attempt; self.endpoint = endpoint
+    /// The `grpc-status` of the response head (0-16), -1 when it has none.
+    public var grpcStatus: Int
+    public init(kind: UpstreamFailureKind, status: Int = 0, attempt: Int, endpoint: String, grpcStatus: Int = -1) {
+        self.kind = kind; self.status = status; self.attempt = attempt; self.endpoint = endpoint; self.grpcStatus = grpcStatus
     }
 }
 

@@ -512,8 +512,12 @@ public final class FilterHarness {
     /// The local reply through the response filters, as the proxy sends it: its head
     /// (content-length, text/plain for a text body, the filter's headers), on_response
     /// (which may add headers or replace the reply). Returns the body the client gets.
+    /// A reply to a gRPC request becomes a gRPC error first, as in the proxy
+    /// (StreamExecutor.localReply, GRPC.localReply).
     func localReply(_ s: ProxyStream, _ chain: FilterChain) -> String {
         guard var reply = s.localReply else { return "" }
+        let grpc = GRPC.isGRPCRequest(s.request)
+        if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
         s.responseCode = reply.status
         var head = Self.localHead(reply)
         Self.applyRouteResponseEdits(s, to: &head)
@@ -522,6 +526,7 @@ public final class FilterHarness {
         let current = s.localReply ?? reply
         if replaced || current.status != reply.status {
             reply = current
+            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
             head = Self.localHead(reply)
             if let edited = s.response {
                 head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })

@@ -198,7 +198,7 @@ public final class LuaPluginInstance: Filter {
     public func onLog(_ stream: ProxyStream) { _ = call(4, stream) }
 
     /// `on_upstream_failure(s, conf, failure)`: `failure` is {kind, status, attempt,
-    /// endpoint}; returning moonlet.RETRY or moonlet.NO_RETRY decides, anything else
+    /// endpoint, grpc_status (when the response head had one)}; returning moonlet.RETRY or moonlet.NO_RETRY decides, anything else
     /// leaves it to the next filter and the route's policy. An error (or a budget
     /// abort) is logged and counted, and reads as `.routePolicy`: this phase never fails
     /// the stream by itself, whatever the plugin's failStrategy. Writing s.route and
@@ -211,11 +211,12 @@ public final class LuaPluginInstance: Filter {
         ml_getregistry_ref(co, ref)
         ml_pushlight(co, LuaAPI.wrapper(s.id, .stream))
         ml_getregistry_ref(co, confRef)
-        lua_createtable(co, 0, 4)
+        lua_createtable(co, 0, 5)
         LuaAPI.push(co, failure.kind.rawValue); lua_setfield(co, -2, "kind")
         lua_pushinteger(co, lua_Integer(failure.status)); lua_setfield(co, -2, "status")
         lua_pushinteger(co, lua_Integer(failure.attempt)); lua_setfield(co, -2, "attempt")
         LuaAPI.push(co, failure.endpoint); lua_setfield(co, -2, "endpoint")
+        if failure.grpcStatus >= 0 { lua_pushinteger(co, lua_Integer(failure.grpcStatus)); lua_setfield(co, -2, "grpc_status") }
         let prev = vm.current, prevID = vm.currentID
         vm.current = s; vm.currentID = s.id
         vm.inUpstreamFailure = true

@@ -81,8 +81,11 @@ extension LuaAPI {
         return s.request.value(at: i).hasPrefix("application/grpc")
     }
 
-    /// The response's grpc-status (0-16), or -1.
+    /// The response's grpc-status (0-16), or -1: from its trailers (where a gRPC server
+    /// sends it after the messages), else from its head (a trailers-only response, or a
+    /// local reply in gRPC form).
     static func grpcStatus(_ s: ProxyStream) -> Int {
+        if let t = s.responseTrailers, let v = t.first("grpc-status").flatMap({ Int($0) }), (0...16).contains(v) { return v }
         guard let r = s.response, let i = r.firstIndex(lowercased: "grpc-status"), let v = Int(r.value(at: i)), (0...16).contains(v) else { return -1 }
         return v
     }

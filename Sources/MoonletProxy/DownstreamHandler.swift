@@ -777,8 +777,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         }
     }
 
+    /// The route's timeout (else the listener's stream timeout), from the dispatch of
+    /// the request to the response head: once the head arrived the response streams for
+    /// as long as it lasts. A gRPC request's `grpc-timeout` bounds it (GRPC.swift: the
+    /// smaller of the two, 0 meaning none, as Envoy with Istio's max_grpc_timeout).
     func armStreamTimer(_ s: ProxyStream) {
-        let ms = s.route.timeoutMs > 0 ? s.route.timeoutMs : limits.streamTimeoutMs
+        var ms = s.route.timeoutMs > 0 ? s.route.timeoutMs : limits.streamTimeoutMs
+        if let g = s.withRequest({ Self.grpcTimeoutMs($0) }) { ms = GRPC.effectiveTimeoutMs(routeMs: ms, grpcTimeoutMs: g) }
         guard ms > 0 else { return }
         let sid = s.id
         streamTimer = ctx.loop.scheduleTask(in: .milliseconds(Int64(ms))) {
@@ -787,5 +792,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             if !self.requestState.isComplete { self.closeAfterResponse() }
             self.sendLocalReply()
         }
+    }
+
+    /// A gRPC request's `grpc-timeout` in milliseconds; nil without one (or when the
+    /// request is not gRPC, or the value does not parse: Envoy ignores it then).
+    @inline(__always)
+    static func grpcTimeoutMs(_ head: HTTPHead) -> Int? {
+        guard let i = head.firstIndex(lowercased: "grpc-timeout"), GRPC.isGRPCRequest(head) else { return nil }
+        return GRPC.timeoutMs(head.value(at: i))
     }
 }

@@ -126,11 +126,19 @@ final class StreamExecutor {
     /// and the head size limit: a reply that would break the client's framing becomes a
     /// clean 500. Sets `s.response`, `s.responseCode` and `s.responseBodyBytes`.
     /// `requestWasHead`: a HEAD request gets no body.
+    ///
+    /// A reply to a gRPC request (content-type application/grpc) is written as a gRPC
+    /// error before the response filters see it (GRPC.localReply, as Envoy's
+    /// sendLocalReply): HTTP 200, grpc-status mapped from the HTTP status, grpc-message
+    /// the body, no body (trailers-only; on HTTP/2 no content-length either).
     func localReply(_ s: ProxyStream, requestWasHead: Bool) -> (head: HTTPHead, body: ByteBuffer?) {
         guard var reply = s.localReply else { return (Self.localHead(LocalReplyCheck.replacement, allocator: ctx.allocator), nil) }
         if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
+        let grpc = s.withRequest { GRPC.isGRPCRequest($0) }
+        let h2 = s.protocolName == "HTTP/2"
+        if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
         s.responseCode = reply.status
-        var head = Self.localHead(reply, allocator: ctx.allocator)
+        var head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
         Self.applyRouteResponseEdits(s, to: &head)
         s.response = head
         let replaced = chain.runResponse(s) == .respond
@@ -138,7 +146,8 @@ final class StreamExecutor {
         if replaced || current.status != reply.status {
             reply = current
             if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-            head = Self.localHead(reply, allocator: ctx.allocator)
+            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
+            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
             if reply.status == current.status, let edited = s.response {
                 head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
             }
@@ -152,12 +161,14 @@ final class StreamExecutor {
         }
         if let why = LocalReplyCheck.problem(head, limits: limits) {
             reply = rejectLocalReply(s, why)
-            head = Self.localHead(reply, allocator: ctx.allocator)
+            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
+            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
         }
         let size = Self.writtenSize(head)
         if size > limits.maxHeadBytes {
             reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-            head = Self.localHead(reply, allocator: ctx.allocator)
+            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
+            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
         }
         let bodyOK = !requestWasHead && reply.status != 204 && reply.status != 304
         s.response = head
@@ -208,9 +219,11 @@ final class StreamExecutor {
     /// have no control byte, no framing field, within the limits): content-length (none on
     /// 204 and 304), content-type for a text body, the filter's headers. Built in place
     /// (HTTPHeadBuilder), not written as bytes and parsed.
-    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator) -> HTTPHead {
+    /// `grpcOverHTTP2`: a gRPC trailers-only reply on HTTP/2, written without
+    /// content-length (END_STREAM on its HEADERS frame ends it), as Envoy writes it.
+    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator, grpcOverHTTP2: Bool = false) -> HTTPHead {
         var b = HTTPHeadBuilder(status: r.status, buffer: allocator.buffer(capacity: 128))
-        let noBody = r.status == 204 || r.status == 304
+        let noBody = r.status == 204 || r.status == 304 || grpcOverHTTP2
         let length = r.body.utf8.count
         if !noBody { b.add("content-length", String(length), kind: .contentLength) }
         if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.add("content-type", "text/plain", kind: .other) }

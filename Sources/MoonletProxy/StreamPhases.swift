@@ -90,8 +90,9 @@ extension DownstreamHandler {
     func upstreamResponseHead(_ headIn: consuming HTTPHead) {
         guard let s = stream else { return }
         if s.route.endpointIndex >= 0, let c = s.route.upstreamCluster { ctx.balancer.report(c, s.route.endpointIndex, status: headIn.status) }
-        if dispatcher.retryIfAllowed(s, .response(status: headIn.status)) { return }
-        if dispatcher.attempt > 0 && (s.route.retry?.retries(status: headIn.status) ?? false) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
+        let outcome = AttemptOutcome.response(status: headIn.status, grpcStatus: AttemptOutcome.grpcStatus(of: headIn))
+        if dispatcher.retryIfAllowed(s, outcome) { return }
+        if dispatcher.attempt > 0, let r = s.route.retry, outcome.isRetried(by: r) { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         streamTimer?.cancel(); streamTimer = nil
         dispatcher.perTryTimer?.cancel(); dispatcher.perTryTimer = nil
         var head = consume headIn

@@ -422,7 +422,8 @@ final class UpstreamDispatcher {
     func retryIfAllowed(_ s: ProxyStream, _ outcome: AttemptOutcome) -> Bool {
         var verdict = RetryVerdict.routePolicy
         if let kind = outcome.failureKind, h.exec.wantsUpstreamFailure {
-            let info = UpstreamFailureInfo(kind: kind, status: outcome.failureStatus, attempt: attempt, endpoint: RetryDecision.endpointAddress(s))
+            let info = UpstreamFailureInfo(kind: kind, status: outcome.failureStatus, attempt: attempt, endpoint: RetryDecision.endpointAddress(s),
+                                           grpcStatus: outcome.grpcStatus)
             verdict = h.exec.upstreamFailure(s, info)
             // The phase may have ended the stream's connection (nothing else runs then).
             guard h.stream === s, !h.closed else { return true }

@@ -61,12 +61,13 @@ final class ClusterNameTests: XCTestCase {
     }
 
     func test_retryOn_rendersCanonically_andParsesBackToTheSamePolicy() {
-        XCTAssertEqual(RetrySpec.istioDefault.retryOn, "connect-failure,refused-stream,503")
+        XCTAssertEqual(RetrySpec.istioDefault.retryOn, "connect-failure,refused-stream,cancelled,unavailable,503")
         let s = RetrySpec(attempts: 3, perTryTimeoutMs: 100, retryOn: " reset , 5xx,retriable-4xx,504, gateway-error,refused-stream,connect-failure")
         XCTAssertEqual(s.retryOn, "5xx,gateway-error,reset,connect-failure,refused-stream,retriable-4xx,504")
         for spec in [s, RetrySpec.istioDefault, RetrySpec(attempts: 1, perTryTimeoutMs: 0, retryOn: ""),
                      RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: "retriable-status-codes"),
-                     RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: "409,500")] {
+                     RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: "409,500"),
+                     RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: "internal,deadline-exceeded,resource-exhausted")] {
             XCTAssertEqual(RetrySpec(attempts: spec.attempts, perTryTimeoutMs: spec.perTryTimeoutMs, retryOn: spec.retryOn), spec, spec.retryOn)
         }
     }

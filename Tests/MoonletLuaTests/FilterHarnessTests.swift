@@ -144,6 +144,25 @@ final class FilterHarnessTests: XCTestCase {
         XCTAssertTrue(out.output.contains("upstream_path:\n    expected: \"/secret\"\n    got:      none: local reply 401"), out.output)
     }
 
+    func test_localReplyToAGRPCRequest_isAGRPCErrorAsTheProxyWritesIt() throws {
+        let lua = write("apikey.lua", apiKeyFilter)
+        let cases = write("c.yaml", """
+        pluginConfig: {prefix: "u-"}
+        cases:
+        - name: no key on a gRPC call is UNAUTHENTICATED in a trailers-only 200
+          request: {method: POST, path: /pkg.Svc/Get, headers: {content-type: application/grpc, te: trailers}}
+          expect:
+            status: 200
+            body: ""
+            response_headers: {content-type: application/grpc, grpc-status: "16", grpc-message: missing key, www-authenticate: ApiKey, x-filter: "1"}
+        - name: grpc-web is not gRPC
+          request: {method: POST, path: /pkg.Svc/Get, headers: {content-type: application/grpc-web}}
+          expect: {status: 401, response_headers: {grpc-status: null}}
+        """)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+    }
+
     func test_logsAndMetricsExpectations_reportWhatWasLoggedAndCounted() throws {
         let lua = write("m.lua", """
         return {

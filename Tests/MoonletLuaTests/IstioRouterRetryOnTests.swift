@@ -7,7 +7,7 @@ import MoonletConfig
 /// istio-router decides Istio's retryOn in `on_upstream_failure`: for every condition
 /// set and every failure, its verdict is what the native RetrySpec would decide.
 final class IstioRouterRetryOnTests: RouterHarness {
-    func verdict(_ retryOn: String?, _ kind: UpstreamFailureKind, status: Int) throws -> RetryVerdict {
+    func verdict(_ retryOn: String?, _ kind: UpstreamFailureKind, status: Int, grpcStatus: Int = -1) throws -> RetryVerdict {
         let raw = "GET / HTTP/1.1\r\nHost: svc\r\n\r\n"
         var p = HTTPHeadParser()
         guard case .complete(let h, _) = p.parseRequest(ByteBuffer(string: raw)) else { fatalError() }
@@ -16,7 +16,7 @@ final class IstioRouterRetryOnTests: RouterHarness {
         s.config = snap
         s.route.retry = retryOn.map { RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: $0) }
         defer { chain.runLog(s); runtime.endStream(s) }
-        return chain.runUpstreamFailure(s, UpstreamFailureInfo(kind: kind, status: status, attempt: 0, endpoint: "10.0.0.1:9001"))
+        return chain.runUpstreamFailure(s, UpstreamFailureInfo(kind: kind, status: status, attempt: 0, endpoint: "10.0.0.1:9001", grpcStatus: grpcStatus))
     }
 
     func test_theRoutersRetryOnVerdicts_matchTheNativePolicy_forEveryConditionAndFailure() throws {
@@ -46,5 +46,17 @@ final class IstioRouterRetryOnTests: RouterHarness {
         }
         XCTAssertEqual(checked, policies.count * outcomes.count)
         XCTAssertEqual(try verdict(nil, .gatewayError, status: 503), .noRetry, "no retry policy: no retry")
+    }
+
+    func test_theRoutersGRPCVerdicts_matchTheNativePolicy_forEveryGRPCStatus() throws {
+        try configure(vs: Self.vs("  - route: [{destination: {host: svc}}]\n"))
+        for retryOn in ["unavailable", "cancelled,deadline-exceeded", "internal,resource-exhausted,5xx", "5xx,connect-failure",
+                        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"] {
+            let spec = RetrySpec(attempts: 2, perTryTimeoutMs: 0, retryOn: retryOn)
+            for code in 1...16 {
+                let got = try verdict(retryOn, .grpcStatus, status: 200, grpcStatus: code)
+                XCTAssertEqual(got, spec.retries(grpcStatus: code) ? .retry : .noRetry, "retryOn \"\(retryOn)\", grpc-status \(code)")
+            }
+        }
     }
 }

@@ -142,8 +142,8 @@ extension LuaFilterTests {
         """)
         XCTAssertNil(err)
         XCTAssertEqual(s.request.first("x-read"), "3 250 5xx,reset,503")
-        XCTAssertEqual(s.request.first("x-default"), "connect-failure,refused-stream,503 0")
-        XCTAssertEqual(s.route.retry, RetrySpec(attempts: 1, perTryTimeoutMs: 0, retryOn: "connect-failure,refused-stream,503"))
+        XCTAssertEqual(s.request.first("x-default"), "connect-failure,refused-stream,cancelled,unavailable,503 0")
+        XCTAssertEqual(s.route.retry, RetrySpec(attempts: 1, perTryTimeoutMs: 0, retryOn: "connect-failure,refused-stream,cancelled,unavailable,503"))
         let (cleared, err2) = try steer("""
         s.route.retry = { attempts = 2 }
         s.route.retry = nil
