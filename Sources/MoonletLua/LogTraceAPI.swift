@@ -413,6 +413,7 @@ final class LogTraceLoopState {
             if hi == 0 && lo == 0 { lo = 1 }
             if span == 0 { span = 1 }
             let sampled = t.sample(&rng)
+            s.request.added.reserveCapacity(s.request.added.count + 5)
             s.request.addLowercased("x-b3-traceid", TraceHex.hex(hi, lo))
             s.request.addLowercased("x-b3-spanid", TraceHex.hex(span))
             s.request.addLowercased("x-b3-sampled", sampled ? "1" : "0")
