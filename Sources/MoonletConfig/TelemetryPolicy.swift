@@ -355,11 +355,26 @@ extension TelemetryPolicy {
                     var mo = MetricOverride()
                     mo.metric = o["match"]?["metric"]?.stringValue ?? o["match"]?["customMetric"]?.stringValue
                     if mo.metric == "ALL_METRICS" { mo.metric = nil }
+                    if let name = mo.metric {
+                        if o["match"]?["customMetric"] != nil {
+                            p.notes.append("\(r.file):\(r.line): \(m.source): \(path).match.customMetric \"\(name)\": Moonlet has no custom Istio metrics; this override is not applied")
+                        } else if Self.tcpMetricNames[name] != nil {
+                            p.notes.append("\(r.file):\(r.line): \(m.source): \(path).match.metric \(name): overrides of Istio's TCP metrics are not applied (the TCP proxy records them with the standard labels)")
+                        } else if Self.httpMetricNames[name] == nil {
+                            err(r, "\(path).match.metric", "\"\(name)\" is not an Istio metric (ALL_METRICS, REQUEST_COUNT, REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE, TCP_*, GRPC_*)")
+                        }
+                    }
                     if let md = o["match"]?["mode"]?.stringValue { mo.mode = Mode(rawValue: md) ?? .clientAndServer }
                     if case .bool(let b)? = o["disabled"] { mo.disabled = b }
                     if case .map(let tags)? = o["tagOverrides"] {
                         for (tag, tv) in tags {
-                            if tv["operation"]?.stringValue == "REMOVE" { mo.tags.append((tag, .remove)); continue }
+                            guard let c0 = tag.utf8.first, !(48...57).contains(c0), !tag.hasPrefix("__"),
+                                  tag.utf8.allSatisfy({ ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 95 }) else {
+                                err(r, "\(path).tagOverrides.\(tag)", "\"\(tag)\" is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"); continue
+                            }
+                            let op = tv["operation"]?.stringValue ?? "UPSERT"
+                            guard op == "UPSERT" || op == "REMOVE" else { err(r, "\(path).tagOverrides.\(tag).operation", "\"\(op)\" is unsupported: UPSERT or REMOVE"); continue }
+                            if op == "REMOVE" { mo.tags.append((tag, .remove)); continue }
                             let v = (tv["value"]?.stringValue ?? "").trimmingSpaces
                             do { mo.tags.append((tag, try tagValue(v))) } catch let e as ConfigError { err(r, "\(path).tagOverrides.\(tag).value", e.message) } catch {}
                         }
@@ -372,6 +387,18 @@ extension TelemetryPolicy {
         if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
         return .success(p)
     }
+
+    /// Istio's HTTP metric enum names and the series they name (what istio-stats records).
+    public static let httpMetricNames: [String: String] = [
+        "REQUEST_COUNT": "istio_requests_total", "REQUEST_DURATION": "istio_request_duration_milliseconds",
+        "REQUEST_SIZE": "istio_request_bytes", "RESPONSE_SIZE": "istio_response_bytes",
+        // Moonlet records no per-message gRPC metrics: overrides of them have nothing to apply to.
+        "GRPC_REQUEST_MESSAGES": "", "GRPC_RESPONSE_MESSAGES": "",
+    ]
+    public static let tcpMetricNames: [String: String] = [
+        "TCP_OPENED_CONNECTIONS": "istio_tcp_connections_opened_total", "TCP_CLOSED_CONNECTIONS": "istio_tcp_connections_closed_total",
+        "TCP_SENT_BYTES": "istio_tcp_sent_bytes_total", "TCP_RECEIVED_BYTES": "istio_tcp_received_bytes_total",
+    ]
 
     /// Request and peer attributes a tag override may name (Istio's attribute vocabulary
     /// that Moonlet knows at the stats filter).
@@ -412,6 +439,34 @@ extension TelemetryPolicy {
         if let f = accessLogging.filter { kv.append(("filter", f.configValue)) }
         kv.append(("mode", .string(accessLogging.mode.rawValue)))
         return .map(kv)
+    }
+
+    /// istio-stats's pluginConfig (plugins/istio-stats.lua): the metrics section's
+    /// overrides in order, each `{metric = "istio_requests_total" | nil (all), mode,
+    /// disabled = true | false | nil, tags = {{tag, op = "remove" | "literal" | "attribute",
+    /// value}}}`. Overrides of metrics istio-stats does not record (TCP, custom) are left
+    /// out (the compile noted them). Empty when there is no metrics section.
+    public var statsPluginConfig: ConfigValue {
+        var list: [ConfigValue] = []
+        for o in metrics.overrides {
+            var kv: [(String, ConfigValue)] = []
+            if let name = o.metric {
+                guard let series = Self.httpMetricNames[name], !series.isEmpty else { continue }
+                kv.append(("metric", .string(series)))
+            }
+            kv.append(("mode", .string(o.mode.rawValue)))
+            if let d = o.disabled { kv.append(("disabled", .bool(d))) }
+            kv.append(("tags", .array(o.tags.map { tag, op in
+                switch op {
+                case .remove: return .map([("tag", .string(tag)), ("op", .string("remove"))])
+                case .literal(let v): return .map([("tag", .string(tag)), ("op", .string("literal")), ("value", .string(v))])
+                case .attribute(let a): return .map([("tag", .string(tag)), ("op", .string("attribute")), ("value", .string(a))])
+                }
+            })))
+            list.append(.map(kv))
+        }
+        if list.isEmpty { return .map([]) }
+        return .map([("metrics", .array(list)), ("source", .string(metrics.source))])
     }
 
     /// The names Istio reports a workload under, from its labels: the service

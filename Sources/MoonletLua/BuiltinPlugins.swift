@@ -1068,15 +1068,28 @@ return router
 --     only over mutual TLS; "unknown" without it;
 --   * principals: the mTLS identities (spiffe://...), "unknown" without mTLS.
 --
+-- Telemetry `metrics` (pluginConfig, compiled by Moonlet at config load from the
+-- most specific Telemetry resource with a metrics section): `metrics` is the list of
+-- overrides in order, {metric = "istio_requests_total" | nil (every metric), mode =
+-- CLIENT_AND_SERVER | CLIENT | SERVER, disabled, tags = {{tag, op = "remove" |
+-- "literal" | "attribute", value}}}. configure() folds them, per side and metric, into
+-- a plan: the metric off, or the tag operations to apply to the standard labels.
+--
 -- Cost: per request, stats.key gives two integers that fix every label; the label
 -- set is built (below, in Lua) only the first time a combination is seen, compiled
 -- by stats.series into a native handle, and cached by the two integers. After
--- that a request costs stats.key, two table lookups and stats.record.
+-- that a request costs stats.key, two table lookups and stats.record. A tag override
+-- whose value is a request attribute adds that attribute's value to the key (one
+-- stats.attr call per attribute and request).
 -- A fork that adds a label depending on something else (a request header, ...) must
 -- add it to the cache key too.
 local stats = {}
 local S = moonlet.stats
-local key, info, series, record = S.key, S.info, S.series, S.record
+local key, info, series, record, attr = S.key, S.info, S.series, S.record, S.attr
+
+-- The four series of a label set, in stats.series' order.
+local METRICS = { "istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes" }
+local INBOUND = 1 << 33    -- stats.key's k2 carries the side in this bit
 
 local UNKNOWN = "unknown"
 local MAX_CACHED = 10000   -- label sets cached by this filter on one event loop
@@ -1137,21 +1150,97 @@ function stats.labels(i)
   }
 end
 
-local function handle_for(s, k1, k2)
+--- configure: the Telemetry metrics overrides as a plan per side (conf.inbound,
+--- conf.outbound; nil when nothing applies to that side): plan[m] for each of
+--- METRICS is true (standard labels), false (not recorded) or the list of tag
+--- operations in order; plan.attrs the attributes those operations read.
+function stats.configure(c)
+  local conf = {}
+  if type(c) ~= "table" or c.metrics == nil then return conf end
+  for _, side in ipairs({ "inbound", "outbound" }) do
+    local mode = side == "inbound" and "SERVER" or "CLIENT"
+    local plan, any, attrs, seen = {}, false, {}, {}
+    for m = 1, 4 do
+      local off, ops = false, {}
+      for _, o in ipairs(c.metrics) do
+        if (o.metric == nil or o.metric == METRICS[m]) and (o.mode == nil or o.mode == "CLIENT_AND_SERVER" or o.mode == mode) then
+          if o.disabled ~= nil then off = o.disabled end
+          for _, t in ipairs(o.tags or {}) do
+            ops[#ops + 1] = t
+            if t.op == "attribute" and not seen[t.value] then seen[t.value] = true; attrs[#attrs + 1] = t.value end
+          end
+        end
+      end
+      if off then plan[m] = false; any = true
+      elseif #ops > 0 then plan[m] = ops; any = true
+      else plan[m] = true end
+    end
+    if any then plan.attrs = attrs; conf[side] = plan; conf.any = true end
+  end
+  return conf
+end
+
+-- The labels of one metric under a plan entry (a copy when it changes them).
+local function apply(base, ops, s)
+  local l = {}
+  for k, v in pairs(base) do l[k] = v end
+  for i = 1, #ops do
+    local t = ops[i]
+    if t.op == "remove" then l[t.tag] = nil
+    elseif t.op == "literal" then l[t.tag] = t.value
+    else l[t.tag] = attr(s, t.value) end
+  end
+  return l
+end
+
+local function make(s, plan)
+  local base = stats.labels(info(s))
+  if plan == nil then return series(base) or false end
+  local per, on = {}, false
+  for m = 1, 4 do
+    local p = plan[m]
+    if p == true then per[m] = base; on = true
+    elseif p == false then per[m] = false
+    else per[m] = apply(base, p, s); on = true end
+  end
+  if not on then return false end
+  return series(per[1], per[2], per[3], per[4]) or false
+end
+
+local function handle_for(s, k1, k2, plan, ak)
   if cached >= MAX_CACHED then cache = {}; cached = 0 end
-  local h = series(stats.labels(info(s))) or false
+  local h = make(s, plan)
   local t = cache[k1]
   if t == nil then t = {}; cache[k1] = t end
-  t[k2] = h
+  if ak then
+    local u = t[k2]
+    if u == nil then u = {}; t[k2] = u end
+    u[ak] = h
+  else
+    t[k2] = h
+  end
   cached = cached + 1
   return h
 end
 
-function stats.on_log(s)
+--- on_log: runs once per stream when it ends; records it in Istio's request metrics.
+function stats.on_log(s, conf)
   local k1, k2 = key(s)
+  local plan
+  if conf and conf.any then
+    if k2 >= INBOUND then plan = conf.inbound else plan = conf.outbound end
+  end
   local t = cache[k1]
   local h = t and t[k2]
-  if h == nil then h = handle_for(s, k1, k2) end
+  local ak
+  if plan and plan.attrs[1] then
+    -- Overrides that read request attributes: their values are part of the key.
+    local attrs = plan.attrs
+    ak = attr(s, attrs[1])
+    for i = 2, #attrs do ak = ak .. "\0" .. attr(s, attrs[i]) end
+    h = h and h[ak]
+  end
+  if h == nil then h = handle_for(s, k1, k2, plan, ak) end
   if h then record(h, s) end
 end
 

@@ -1,6 +1,7 @@
 import CLua
 import CLuaBounded
 import MoonletCore
+import MoonletHTTP
 import MoonletTelemetry
 import NIOConcurrencyHelpers
 #if canImport(Foundation)
@@ -90,7 +91,8 @@ extension LuaAPI {
         let h = Int(ml_tointeger(L, 2))
         guard let out = vm.logTrace.output(h, vm.host.telemetry) else { return fail(L, "accesslog.write(s, handle): not an access log handle") }
         let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos())
-        out.buffer.appendLine(out.format.render(rec))
+        let clock = vm.logTrace.clock
+        out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) }
         return 0
     }
 
@@ -330,6 +332,8 @@ final class LogTraceLoopState {
     var tracers: [Tracer?] = []
     var pending: [UInt64: Pending] = [:]
     static let maxPending = 65_536
+    /// START_TIME's current second, for this loop's lines.
+    let clock = AccessLogClock()
 
     @inline(__always)
     func output(_ i: Int, _ registry: TelemetryOutputs) -> Output? {
@@ -371,8 +375,57 @@ final class LogTraceLoopState {
         return nil
     }
 
+    /// Lengths of the trace header names (TracePropagation.headerNames) and x-request-id.
+    static let requestIDName: [UInt8] = Array("x-request-id".utf8)
+    @inline(__always)
+    static func maybeTraceName(_ n: Int32) -> Bool { n == 2 || n == 10 || n == 11 || n == 12 || n == 17 }
+
+    /// Whether the request carries a trace header (original or added), and whether it
+    /// has an x-request-id: one pass over the head, names compared only when their
+    /// length is one of the trace names'.
+    static func scanTraceHeaders(_ h: HTTPHead) -> (trace: Bool, requestID: Bool) {
+        var trace = false, rid = false
+        for i in 0..<h.fields.count {
+            let f = h.fields[i]
+            if f.removed { continue }
+            if f.kind == .xRequestID { rid = true; continue }
+            guard maybeTraceName(f.nameLength) else { continue }
+            for n in TracePropagation.headerNameBytes where n.count == Int(f.nameLength) {
+                if n.withUnsafeBytes({ h.nameEquals(i, lowercased: $0) }) { trace = true; break }
+            }
+            if f.nameLength == 12 && !rid && requestIDName.withUnsafeBytes({ h.nameEquals(i, lowercased: $0) }) { rid = true }
+        }
+        if !h.added.isEmpty {
+            for a in h.added {
+                if a.name == "x-request-id" { rid = true } else if TracePropagation.headerNames.contains(a.name) { trace = true }
+            }
+        }
+        return (trace, rid)
+    }
+
     /// See `trace.start`.
     func start(_ s: ProxyStream, _ t: Tracer, rng: inout Xoshiro256) -> Bool {
+        let (hasTrace, hasID) = Self.scanTraceHeaders(s.request)
+        if !hasTrace {
+            // The common case at the first sidecar: no trace came, a new one starts. No
+            // header to read or remove; the values are written straight into Strings.
+            var hi = rng.next(), lo = rng.next(), span = rng.next()
+            if hi == 0 && lo == 0 { lo = 1 }
+            if span == 0 { span = 1 }
+            let sampled = t.sample(&rng)
+            s.request.added.reserveCapacity(s.request.added.count + 5)
+            s.request.addLowercased("x-b3-traceid", TraceHex.hex(hi, lo))
+            s.request.addLowercased("x-b3-spanid", TraceHex.hex(span))
+            s.request.addLowercased("x-b3-sampled", sampled ? "1" : "0")
+            s.request.addLowercased("traceparent", TracePropagation.traceparent(hi, lo, span, sampled: sampled))
+            if !hasID { s.request.addLowercased("x-request-id", Self.uuid(&rng)) }
+            guard sampled && t.report else { return false }
+            let ctx = TraceContext(traceIDHigh: hi, traceIDLow: lo, is128Bit: true, spanID: span, sampled: true)
+            if pending.count >= Self.maxPending { pending.removeAll() }
+            let startMicros = (Self.wallNanos() &- (Self.monotonicNanos() &- s.startNanos)) / 1000
+            pending[s.id] = Pending(tracer: t, ctx: ctx, startMicros: startMicros)
+            return true
+        }
         let incoming = TracePropagation.extract { Self.header(s, $0) }
         let hadB3Single = incoming != nil && Self.header(s, "b3") != nil
         var r = rng
@@ -385,7 +438,7 @@ final class LogTraceLoopState {
         // tracestate travels with whichever header format won (B3 from the previous
         // sidecar, traceparent from the app): it is passed on unchanged.
         if ctx.traceState == nil, let ts = Self.header(s, "tracestate"), !ts.isEmpty { ctx.traceState = ts }
-        let needID = Self.header(s, "x-request-id") == nil
+        let needID = !hasID
         let requestID = needID ? Self.uuid(&r) : ""
         rng = r
         for n in TracePropagation.headerNames { s.request.removeLowercased(n) }
@@ -408,12 +461,16 @@ final class LogTraceLoopState {
         let a = r.next(), b = r.next()
         let hi = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
         let lo = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        let h = TraceHex.hex(hi), l = TraceHex.hex(lo)
-        let hu = Array(h.utf8), lu = Array(l.utf8)
-        var out = [UInt8](); out.reserveCapacity(36)
-        out += hu[0..<8]; out.append(45); out += hu[8..<12]; out.append(45); out += hu[12..<16]; out.append(45)
-        out += lu[0..<4]; out.append(45); out += lu[4..<16]
-        return String(decoding: out, as: UTF8.self)
+        return String(unsafeUninitializedCapacity: 36) { out in
+            // 8-4-4-4-12 hex digits: hi's 16, then lo's 16.
+            var k = 0
+            for i in 0..<32 {
+                if i == 8 || i == 12 || i == 16 || i == 20 { out[k] = 45; k += 1 }
+                let v = i < 16 ? hi : lo
+                out[k] = TraceHex.digit(v >> UInt64((15 - i % 16) * 4)); k += 1
+            }
+            return 36
+        }
     }
 
     /// See `trace.finish`.
@@ -482,6 +539,7 @@ struct StreamLogRecord: AccessLogRecord {
     let s: ProxyStream
     let now: UInt64
     init(_ s: ProxyStream, now: UInt64) { self.s = s; self.now = now }
+    static let http: [UInt8] = Array("http".utf8)
 
     func requestHeader(_ name: String) -> String? {
         switch name {
@@ -491,6 +549,39 @@ struct StreamLogRecord: AccessLogRecord {
         case ":scheme": return "http"
         default: return LogTraceLoopState.header(s, name)
         }
+    }
+
+    func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        let h = s.request
+        let range: Range<Int>
+        switch name {
+        case ":method": range = h.methodRange
+        case ":path":
+            if let t = h.targetOverride { if t.isEmpty { return false }; var v = t; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true }
+            range = h.targetRange
+        case ":authority":
+            if h.hostIndex >= 0 && !h.fields[h.hostIndex].removed {
+                let f = h.fields[h.hostIndex]; range = Int(f.valueStart)..<Int(f.valueStart + f.valueLength)
+            } else {
+                guard var v = h.first("host"), !v.isEmpty else { return false }
+                v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+            }
+        case ":scheme": Self.http.withUnsafeBytes(body); return true
+        default:
+            if let i = h.firstIndex(lowercased: name) {
+                let f = h.fields[i]; range = Int(f.valueStart)..<Int(f.valueStart + f.valueLength)
+            } else {
+                guard !h.added.isEmpty else { return false }
+                for a in h.added where a.name == name {
+                    if a.value.isEmpty { return false }
+                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+                }
+                return false
+            }
+        }
+        if range.isEmpty { return false }
+        h.bytes.withUnsafeReadableBytes { raw in body(UnsafeRawBufferPointer(rebasing: raw[range])) }
+        return true
     }
 
     func responseHeader(_ name: String) -> String? {

@@ -68,7 +68,7 @@ extension LuaAPI {
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         ml_pop(L, 1)
         lua_createtable(L, 0, 4)
-        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord)] as [(String, lua_CFunction)] {
+        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord), ("attr", statsAttr)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.stats")
@@ -181,11 +181,23 @@ extension LuaAPI {
     }
 
     static let statsSeries: lua_CFunction = { L in
-        let (pairs, why) = labelPairs(L, 1)
-        guard let pairs else { return fail(L, "stats.series: \(why)") }
         let vm = LuaVM.vm(L)
+        var per: [RequestLabels?] = []
+        // series(labels) or, per metric, series(count, duration, request_bytes,
+        // response_bytes) where `false` leaves that metric out.
+        for i in Int32(1)...(lua_gettop(L) > 1 ? 4 : 1) {
+            if lua_type(L, i) == LUA_TBOOLEAN && lua_toboolean(L, i) == 0 { per.append(nil); continue }
+            let (pairs, why) = labelPairs(L, i)
+            guard let pairs else { return fail(L, "stats.series: \(why)") }
+            per.append(RequestLabels(pairs))
+        }
         guard let shard = vm.metrics else { lua_pushnil(L); lua_pushstring(L, "no metrics here"); return 2 }
-        guard let series = shard.requestSeries(RequestLabels(pairs)) else {
+        let made: RequestSeries?
+        if per.count == 1, let l = per[0] { made = shard.requestSeries(l) } else {
+            while per.count < 4 { per.append(nil) }
+            made = shard.requestSeries(perMetric: per)
+        }
+        guard let series = made else {
             lua_pushnil(L); lua_pushstring(L, "too many Istio metric series (at most \(shard.maxSeries) per event loop)")
             return 2
         }
@@ -206,6 +218,47 @@ extension LuaAPI {
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
         vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
         return 0
+    }
+
+    /// `stats.attr(s, name)`: an Istio attribute of the finished stream as a string, for
+    /// Telemetry tagOverrides values (TelemetryPolicy.tagAttributes and
+    /// `request.headers.NAME`); "unknown" when it has none.
+    static let statsAttr: lua_CFunction = { L in
+        guard let (_, s, kind) = resolve(L, 1, "attr"), kind == .stream else { return fail(L, outside) }
+        guard let name = str(L, 2) else { return fail(L, "stats.attr(s, name): name must be a string") }
+        var v: String?
+        switch name {
+        case "request.method": v = s.request.method
+        case "request.host": v = s.request.host
+        case "request.path": v = s.request.target
+        case "request.url_path": v = String(s.request.target.prefix { $0 != "?" })
+        case "request.scheme": v = "http"
+        case "request.protocol": v = s.protocolName
+        case "request.useragent": v = s.request.first("user-agent")
+        case "request.id": v = s.request.first("x-request-id")
+        case "request.referer": v = s.request.first("referer")
+        case "request.size", "request.total_size": v = String(s.requestBodyBytes)
+        case "response.code": v = String(s.status)
+        case "response.code_details": v = StreamLogRecord(s, now: 0).responseCodeDetails
+        case "response.flags": v = s.responseFlags.envoyString
+        case "response.size", "response.total_size": v = String(s.responseBodyBytes)
+        case "response.grpc_status": let g = grpcStatus(s); v = g < 0 ? nil : String(g)
+        case "source.address": v = LogTraceLoopState.split(s.source.address).0
+        case "source.port": v = LogTraceLoopState.split(s.source.address).1.map { String($0) }
+        case "destination.address": v = LogTraceLoopState.split(s.destination.address).0
+        case "destination.port": v = LogTraceLoopState.split(s.destination.address).1.map { String($0) }
+        case "connection.mtls": v = (s.listener == .inbound ? !s.source.principal.isEmpty : s.upstreamMeshMTLS) ? "true" : "false"
+        case "connection.requested_server_name": v = nil
+        case "upstream.address": v = LogTraceLoopState.split(s.upstreamHost).0
+        case "upstream.port": v = LogTraceLoopState.split(s.upstreamHost).1.map { String($0) }
+        case "xds.cluster_name": v = s.route.cluster
+        case "xds.route_name": v = s.route.cluster.isEmpty ? nil : "default"
+        default:
+            if name.hasPrefix("request.headers.") { v = s.request.first(String(name.dropFirst(16))) }
+            else { return fail(L, "stats.attr: \"\(name)\" is not an attribute Moonlet knows") }
+        }
+        push(L, (v?.isEmpty ?? true) ? "unknown" : v!)
+        return 1
     }
 
     // MARK: moonlet.metrics

@@ -29,6 +29,9 @@ extension ProxyServer {
             }
             specs.append(.builtinTelemetry(name, config))
         }
+        // istio-stats is in every chain: its pluginConfig carries the metrics overrides.
+        if let i = specs.firstIndex(where: { $0.name == "istio-stats" }),
+           case .map(let kv) = specs[i].pluginConfig, kv.isEmpty { specs[i].pluginConfig = policy.statsPluginConfig }
         if policy.accessLogging.enabled { add("istio-accesslog", policy.accessLogPluginConfig) }
         if policy.tracing.enabled {
             let env = ProcessInfo.processInfo.environment

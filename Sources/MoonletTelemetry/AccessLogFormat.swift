@@ -31,6 +31,40 @@ public protocol AccessLogRecord {
     var downstreamRemoteAddress: String { get }
     var requestedServerName: String { get }
     var routeName: String { get }
+    /// Hands the request header's first value (nil or "" = not there: returns false
+    /// without calling `body`) to `body` as bytes. A record over a parsed head answers
+    /// from the head's bytes without making a String; the default asks `requestHeader`.
+    func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool
+}
+
+extension AccessLogRecord {
+    public func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        guard var v = requestHeader(name), !v.isEmpty else { return false }
+        v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+        return true
+    }
+}
+
+/// The second-resolution part of START_TIME (`2026-12-06T04:05:07.`), remembered for
+/// the current second: one per event loop (not shared), so a line does not call gmtime.
+public final class AccessLogClock {
+    var second: Int64 = .min
+    var prefix: [UInt8] = []
+    public init() {}
+
+    @inline(__always)
+    func append(_ ms: Int64, into out: inout [UInt8]) {
+        let sec = ms >= 0 ? ms / 1000 : (ms - 999) / 1000
+        if sec != second {
+            second = sec
+            let full = AccessLogFormat.iso8601(sec * 1000)   // "....:07.000Z"
+            prefix = Array(full.utf8.dropLast(4))
+        }
+        out.append(contentsOf: prefix)
+        let r = Int(ms - sec * 1000)
+        out.append(UInt8(48 + r / 100)); out.append(UInt8(48 + r / 10 % 10)); out.append(UInt8(48 + r % 10))
+        out.append(90)   // Z
+    }
 }
 
 /// An Envoy access log format compiled once (at config load): text with `%OPERATOR%`
@@ -59,12 +93,33 @@ public struct AccessLogFormat: Sendable {
     enum Shape: Sendable { case text([Op]), json([(String, [Op])]) }
     let shape: Shape
 
+    /// The format prepared for byte output: literals and JSON keys (`{"key":`, `,"key":`)
+    /// as bytes, each value's operators; built once with the format.
+    struct Part: Sendable {
+        /// Written before the value (a literal in text; the key in JSON).
+        var head: [UInt8]
+        var ops: [Op]
+    }
+    let parts: [Part]
+    let isJSON: Bool
+
     /// Compiles a text format; throws naming the first unsupported operator.
-    public init(text: String) throws { shape = .text(try Self.compile(text)) }
+    public init(text: String) throws {
+        let ops = try Self.compile(text)
+        shape = .text(ops)
+        isJSON = false
+        parts = ops.map { o -> Part in
+            if case .literal(let l) = o { return Part(head: Array(l.utf8), ops: []) }
+            return Part(head: [], ops: [o])
+        }
+    }
 
     /// Compiles a JSON format (one object per line, keys in the given order).
     public init(json labels: [(String, String)]) throws {
-        shape = .json(try labels.map { ($0.0, try Self.compile($0.1)) })
+        let fields = try labels.map { ($0.0, try Self.compile($0.1)) }
+        shape = .json(fields)
+        isJSON = true
+        parts = fields.enumerated().map { i, f in Part(head: Array(((i == 0 ? "{" : ",") + JSON.quote(f.0) + ":").utf8), ops: f.1) }
     }
 
     static func compile(_ f: String) throws -> [Op] {
@@ -126,7 +181,124 @@ public struct AccessLogFormat: Sendable {
     }
 
     /// The line for `r` (text formats end with what the format ends with; JSON gets a newline).
-    public func render(_ r: AccessLogRecord) -> String {
+    public func render<R: AccessLogRecord>(_ r: R) -> String {
+        var out: [UInt8] = []
+        render(r, into: &out, clock: AccessLogClock())
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Appends the line for `r` to `out` (the per-request path: no String is made for
+    /// what the record holds as bytes or numbers). Same text as `renderString`.
+    public func render<R: AccessLogRecord>(_ r: R, into out: inout [UInt8], clock: AccessLogClock) {
+        if !isJSON {
+            for p in parts {
+                if p.ops.isEmpty { out.append(contentsOf: p.head); continue }
+                if !Self.emit(p.ops[0], r, &out, json: false, clock: clock) { out.append(45) }   // "-"
+            }
+            return
+        }
+        for p in parts {
+            out.append(contentsOf: p.head)
+            if p.ops.count == 1 {
+                // One operator: its own type (numbers stay numbers, nothing is null).
+                let o = p.ops[0]
+                if Self.isNumeric(o) {
+                    _ = Self.emit(o, r, &out, json: true, clock: clock)
+                } else {
+                    let mark = out.count
+                    out.append(34)
+                    if Self.emit(o, r, &out, json: true, clock: clock) { out.append(34) } else {
+                        out.removeSubrange(mark...)
+                        out.append(contentsOf: Self.null)
+                    }
+                }
+            } else {
+                out.append(34)
+                for o in p.ops where !Self.emit(o, r, &out, json: true, clock: clock) { out.append(45) }
+                out.append(34)
+            }
+        }
+        out.append(125); out.append(10)   // "}\n"
+    }
+
+    static let null: [UInt8] = Array("null".utf8)
+
+    /// Appends bytes, JSON-escaped when `json` (as `JSON.quote` escapes, without quotes).
+    @inline(__always)
+    static func put(_ b: UnsafeRawBufferPointer, _ out: inout [UInt8], json: Bool) {
+        if !json || !b.contains(where: { $0 < 0x20 || $0 == 34 || $0 == 92 }) { out.append(contentsOf: b); return }
+        for c in b {
+            switch c {
+            case 34: out.append(92); out.append(34)
+            case 92: out.append(92); out.append(92)
+            case 10: out.append(92); out.append(110)
+            case 13: out.append(92); out.append(114)
+            case 9: out.append(92); out.append(116)
+            case 0..<0x20:
+                let hex: [UInt8] = Array("0123456789abcdef".utf8)
+                out.append(contentsOf: [92, 117, 48, 48, hex[Int(c >> 4)], hex[Int(c & 15)]])
+            default: out.append(c)
+            }
+        }
+    }
+
+    /// Appends a String value; false (nothing written) when it is empty.
+    @inline(__always)
+    static func put(_ s: String, _ out: inout [UInt8], json: Bool) -> Bool {
+        if s.isEmpty { return false }
+        var v = s
+        v.withUTF8 { put(UnsafeRawBufferPointer($0), &out, json: json) }
+        return true
+    }
+
+    @inline(__always)
+    static func putInt(_ v: Int64, _ out: inout [UInt8]) {
+        if v < 0 { out.append(45) }
+        var m = v.magnitude
+        if m < 10 { out.append(UInt8(48 + m)); return }
+        var tmp: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                  UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var n = 0
+        withUnsafeMutableBytes(of: &tmp) { t in
+            while m > 0 { t[19 - n] = UInt8(48 + m % 10); m /= 10; n += 1 }
+            out.append(contentsOf: UnsafeRawBufferPointer(rebasing: t[(20 - n)...]))
+        }
+    }
+
+    /// Appends the value of one operator; false (nothing written) when it has none.
+    static func emit<R: AccessLogRecord>(_ o: Op, _ r: R, _ out: inout [UInt8], json: Bool, clock: AccessLogClock) -> Bool {
+        switch o {
+        case .literal(let s): return put(s, &out, json: json)
+        case .startTime: clock.append(r.startTimeMillis, into: &out); return true
+        case .req(let n, let alt, let max):
+            if max != nil { return put(value(o, r) ?? "", &out, json: json) }
+            if r.withRequestHeader(n, { put($0, &out, json: json) }) { return true }
+            if let alt { return r.withRequestHeader(alt, { put($0, &out, json: json) }) }
+            return false
+        case .resp: return put(value(o, r) ?? "", &out, json: json)
+        case .code: putInt(Int64(r.responseCode), &out); return true
+        case .bytesIn: putInt(r.bytesReceived, &out); return true
+        case .bytesOut: putInt(r.bytesSent, &out); return true
+        case .duration: putInt(r.durationMillis, &out); return true
+        case .proto: return put(r.protocolName, &out, json: json)
+        case .flags: return put(r.responseFlags, &out, json: json)
+        case .details: return put(r.responseCodeDetails, &out, json: json)
+        case .termination: return put(r.connectionTerminationDetails, &out, json: json)
+        case .transportFailure: return put(r.upstreamTransportFailureReason, &out, json: json)
+        case .upstreamHost: return put(r.upstreamHost, &out, json: json)
+        case .upstreamCluster: return put(r.upstreamCluster, &out, json: json)
+        case .upstreamLocal: return put(r.upstreamLocalAddress, &out, json: json)
+        case .downstreamLocal: return put(r.downstreamLocalAddress, &out, json: json)
+        case .downstreamRemote: return put(r.downstreamRemoteAddress, &out, json: json)
+        case .sni: return put(r.requestedServerName, &out, json: json)
+        case .routeName: return put(r.routeName, &out, json: json)
+        case .downstreamLocalNoPort, .downstreamRemoteNoPort: return put(value(o, r) ?? "", &out, json: json)
+        }
+    }
+
+    /// The line for `r` as a String, by the String path (reference for `render(_:into:)`).
+    public func renderString(_ r: AccessLogRecord) -> String {
         switch shape {
         case .text(let ops):
             var out = ""

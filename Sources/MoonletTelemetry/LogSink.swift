@@ -175,11 +175,24 @@ public final class LogBuffer {
         if bytes.count >= flushBytes { flush() }
     }
 
+    /// Appends one line that `write` puts straight into the buffer (a newline is added
+    /// when it does not end with one). The per-request path: no String per line.
+    @inline(__always)
+    public func appendLine(_ write: (inout [UInt8]) -> Void) {
+        write(&bytes)
+        if bytes.last != 10 { bytes.append(10) }
+        lines += 1
+        if bytes.count >= flushBytes { flush() }
+    }
+
     /// Hands the pending lines to the sink.
     public func flush() {
         guard lines > 0 else { return }
-        sink.submit(bytes, lines: lines)
-        bytes.removeAll(keepingCapacity: true)
+        // The array itself goes to the writer (no copy); the loop starts a fresh one.
+        let batch = bytes
+        bytes = []
+        bytes.reserveCapacity(flushBytes + 1024)
+        sink.submit(batch, lines: lines)
         lines = 0
     }
 }

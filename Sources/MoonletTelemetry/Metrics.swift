@@ -134,11 +134,22 @@ public struct MetricsSnapshot: Sendable {
 /// once a stream has its series).
 public final class RequestSeries {
     public let labels: RequestLabels
+    /// The label set of each of the four metrics (istio_requests_total,
+    /// istio_request_duration_milliseconds, istio_request_bytes, istio_response_bytes);
+    /// nil: that metric is disabled (Telemetry `metrics` overrides). All `labels` unless
+    /// overridden.
+    public let perMetric: [RequestLabels?]
     var count: UInt64 = 0
     var duration = Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)
     var requestBytes = Histogram(bucketCount: Histogram.istioSizeBuckets.count)
     var responseBytes = Histogram(bucketCount: Histogram.istioSizeBuckets.count)
-    init(labels: RequestLabels) { self.labels = labels }
+    init(labels: RequestLabels, perMetric: [RequestLabels?]? = nil) {
+        self.labels = labels
+        self.perMetric = perMetric ?? [labels, labels, labels, labels]
+    }
+
+    /// The shard's key of a series with per-metric label sets ("" for a disabled one).
+    static func key(_ per: [RequestLabels?]) -> String { per.map { $0?.text ?? "\u{1}" }.joined(separator: "\u{0}") }
 
     @inline(__always)
     public func record(durationMs: Double, requestBytes rq: Int64, responseBytes rs: Int64) {
@@ -205,6 +216,19 @@ public final class MetricsShard {
         return s
     }
 
+    /// The request series whose four metrics have their own label sets (nil: that metric
+    /// is not recorded), made on first use; nil (and counted) past `maxSeries`.
+    public func requestSeries(perMetric per: [RequestLabels?]) -> RequestSeries? {
+        precondition(per.count == 4)
+        if let f = per[0], per[1] == f, per[2] == f, per[3] == f { return requestSeries(f) }
+        let key = RequestSeries.key(per)
+        if let s = series[key] { return s }
+        guard series.count + tcpSeriesByLabels.count < maxSeries else { count("moonlet_metric_series_refused_total"); return nil }
+        let s = RequestSeries(labels: per.first(where: { $0 != nil }).flatMap { $0 } ?? RequestLabels(text: ""), perMetric: per)
+        series[key] = s
+        return s
+    }
+
     /// The TCP series of a label set (IstioLabels.tcp), made on first use; nil past `maxSeries`.
     public func tcpSeries(_ labels: RequestLabels) -> TCPSeries? {
         if let s = tcpSeriesByLabels[labels.text] { return s }
@@ -258,10 +282,11 @@ public final class MetricsShard {
     public func snapshot() -> MetricsSnapshot {
         var d = MetricsSnapshot()
         for s in series.values {
-            d.requests[s.labels, default: 0] += s.count
-            d.durations[s.labels, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].merge(s.duration)
-            d.requestBytes[s.labels, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.requestBytes)
-            d.responseBytes[s.labels, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.responseBytes)
+            let p = s.perMetric
+            if let l = p[0] { d.requests[l, default: 0] += s.count }
+            if let l = p[1] { d.durations[l, default: Histogram(bucketCount: Histogram.istioDurationBucketsMs.count)].merge(s.duration) }
+            if let l = p[2] { d.requestBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.requestBytes) }
+            if let l = p[3] { d.responseBytes[l, default: Histogram(bucketCount: Histogram.istioSizeBuckets.count)].merge(s.responseBytes) }
         }
         for (name, cells) in pluginCells {
             var st = PluginStats()

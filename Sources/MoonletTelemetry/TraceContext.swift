@@ -50,6 +50,20 @@ public struct TraceContext: Sendable, Equatable {
 public enum TracePropagation {
     /// Every header name this module reads or writes (lowercase).
     public static let headerNames = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"]
+    /// `headerNames` as bytes (for comparing with a parsed head's names).
+    public static let headerNameBytes: [[UInt8]] = headerNames.map { Array($0.utf8) }
+
+    /// `00-TRACEID-SPANID-FLAGS` for a 128-bit trace id (the first sidecar's new trace).
+    public static func traceparent(_ hi: UInt64, _ lo: UInt64, _ span: UInt64, sampled: Bool) -> String {
+        String(unsafeUninitializedCapacity: 55) { out in
+            out[0] = 48; out[1] = 48; out[2] = 45
+            TraceHex.write(hi, into: out, at: 3); TraceHex.write(lo, into: out, at: 19)
+            out[35] = 45
+            TraceHex.write(span, into: out, at: 36)
+            out[52] = 45; out[53] = 48; out[54] = sampled ? 49 : 48
+            return 55
+        }
+    }
 
     /// The context the headers carry, looked up with `header` (lowercase names, first
     /// value). B3 single wins over B3 multi, which wins over W3C, as Envoy's Zipkin
@@ -181,9 +195,30 @@ public enum TraceHex {
     /// 16 lowercase hex digits.
     public static func hex(_ v: UInt64) -> String {
         String(unsafeUninitializedCapacity: 16) { out in
-            for i in 0..<16 { out[i] = digits[Int((v >> UInt64((15 - i) * 4)) & 0xF)] }
+            write(v, into: out, at: 0)
             return 16
         }
+    }
+
+    /// 32 lowercase hex digits of a 128-bit id.
+    public static func hex(_ hi: UInt64, _ lo: UInt64) -> String {
+        String(unsafeUninitializedCapacity: 32) { out in
+            write(hi, into: out, at: 0); write(lo, into: out, at: 16)
+            return 32
+        }
+    }
+
+    /// The hex digit of `v`'s low 4 bits.
+    @inline(__always)
+    public static func digit(_ v: UInt64) -> UInt8 {
+        let d = UInt8(truncatingIfNeeded: v & 0xF)
+        return d < 10 ? 48 + d : 87 + d
+    }
+
+    /// Writes `v` as 16 hex digits at `at`.
+    @inline(__always)
+    public static func write(_ v: UInt64, into out: UnsafeMutableBufferPointer<UInt8>, at: Int) {
+        for i in 0..<16 { out[at + i] = digit(v >> UInt64((15 - i) * 4)) }
     }
 
     /// Parses 1 to 16 hex digits (either case); nil for anything else.

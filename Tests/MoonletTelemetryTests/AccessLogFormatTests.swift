@@ -57,6 +57,36 @@ final class AccessLogFormatTests: XCTestCase {
         XCTAssertEqual(line, "{\"ua\":\"evil\\\"\\n{\"}\n")
     }
 
+    func test_theByteRendering_writesTheSameLinesAsTheStringPath_forEveryOperatorAndEscape() throws {
+        var r = Record()
+        r.req["user-agent"] = "tab\there \"q\" back\\slash \u{1} é"
+        r.req["x-forwarded-for"] = ""
+        r.bytesReceived = 1_234_567_890_123
+        r.responseCode = 0
+        r.responseFlags = ""
+        let every = "%START_TIME% %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %REQ(USER-AGENT):7% %REQ(X-FORWARDED-FOR)% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "
+            + "%PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON% "
+            + "%BYTES_RECEIVED% %BYTES_SENT% %DURATION% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% "
+            + "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %REQUESTED_SERVER_NAME% %ROUTE_NAME% 100%%"
+        let formats = [try AccessLogFormat(text: every), try AccessLogFormat(text: AccessLogFormat.istioText),
+                       try AccessLogFormat(json: AccessLogFormat.istioJSONLabels),
+                       try AccessLogFormat(json: [("ua", "%REQ(USER-AGENT)%"), ("mixed", "%RESPONSE_CODE% of %REQ(X-MISSING)% \"x\""), ("n", "%BYTES_RECEIVED%")])]
+        for f in formats {
+            XCTAssertEqual(f.render(r), f.renderString(r))
+            XCTAssertEqual(f.render(Record()), f.renderString(Record()))
+        }
+        // One clock across lines: a later millisecond of the same second, then the next second.
+        let clock = AccessLogClock()
+        let f = try AccessLogFormat(text: "%START_TIME%")
+        for (ms, want) in [(Int64(1_796_529_907_123), "2026-12-06T04:05:07.123Z"), (1_796_529_907_999, "2026-12-06T04:05:07.999Z"),
+                           (1_796_529_908_004, "2026-12-06T04:05:08.004Z")] {
+            var rec = Record(); rec.startTimeMillis = ms
+            var out: [UInt8] = []
+            f.render(rec, into: &out, clock: clock)
+            XCTAssertEqual(String(decoding: out, as: UTF8.self), want)
+        }
+    }
+
     func test_anUnknownOrMalformedOperator_isAnErrorNamingIt() {
         XCTAssertThrowsError(try AccessLogFormat(text: "%FILTER_STATE(x)%")) { XCTAssertTrue("\($0)".contains("FILTER_STATE"), "\($0)") }
         XCTAssertThrowsError(try AccessLogFormat(text: "%REQ(X):abc%")) { XCTAssertTrue("\($0)".contains("REQ(X):abc"), "\($0)") }

@@ -66,6 +66,17 @@ final class TraceContextTests: XCTestCase {
         XCTAssertEqual(kept.sampled, false, "a caller's decision is honoured")
     }
 
+    func test_theFirstSidecarsHeaders_writtenDirectly_areTheOnesTheGeneralPathWrites() {
+        for sampled in [true, false] {
+            let c = TraceContext(traceIDHigh: 0x0123_4567_89ab_cdef, traceIDLow: 0xfedc_ba98_7654_3210, is128Bit: true, spanID: 0x00f0_67aa_0ba9_02b7, sampled: sampled)
+            let general = Dictionary(uniqueKeysWithValues: TracePropagation.headers(c))
+            XCTAssertEqual(TracePropagation.traceparent(c.traceIDHigh, c.traceIDLow, c.spanID, sampled: sampled), general["traceparent"])
+            XCTAssertEqual(TraceHex.hex(c.traceIDHigh, c.traceIDLow), general["x-b3-traceid"])
+            XCTAssertEqual(TraceHex.hex(c.spanID), general["x-b3-spanid"])
+        }
+        XCTAssertEqual(TracePropagation.parseTraceparent(TracePropagation.traceparent(1, 2, 3, sampled: true))?.traceIDLow, 2)
+    }
+
     func test_zipkinV2JSON_hasTheModelsFields() throws {
         let s = Span(traceIDHigh: 1, traceIDLow: 2, id: 3, parentID: 4, name: "order-service.default.svc.cluster.local:8080/*", kind: .server,
                      timestampMicros: 1_700_000_000_000_000, durationMicros: 1500, localService: "order-service.default", localIP: "10.0.0.1",
