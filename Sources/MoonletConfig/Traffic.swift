@@ -167,6 +167,10 @@ public struct VirtualServiceSpec: Sendable {
     public var http: [HTTPRouteRule]
     public var file: String
     public var line: Int
+    /// `spec.tcp`: routes for opaque TCP connections (L4Routes.swift).
+    public var tcp: [L4RouteRule] = []
+    /// `spec.tls`: routes for TLS passed through, by SNI (L4Routes.swift).
+    public var tls: [L4RouteRule] = []
 }
 
 public struct Subset: Sendable {
