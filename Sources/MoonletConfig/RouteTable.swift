@@ -433,7 +433,11 @@ public final class RouteTable: @unchecked Sendable {
             vh.service = svc
             // Istio's virtual host domains include the service's VIPs: a Host that is one
             // of them (a client calling the address) routes as the service's name does.
-            for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil { t.hosts[a.lowercased()] = vh }
+            for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil {
+                t.hosts[a.lowercased()] = vh
+                // An IPv6 VIP in a Host header is bracketed.
+                if a.contains(":") { t.hosts["[\(a.lowercased())]"] = vh }
+            }
         }
         var vsTokens: [String: DocumentToken] = [:]
         for v in vs {

@@ -164,3 +164,33 @@ final class L4RouteTests: XCTestCase {
         """).contains("spec.tcp[0].route: Required value: at least one destination"))
     }
 }
+
+/// IPv6 addresses as Host values and as a service's VIP.
+final class IPv6HostTests: XCTestCase {
+    func testABareIPv6AddressKeepsItsColons_andABracketedOneLosesOnlyItsPort() {
+        XCTAssertEqual(HostName.normalize("fd00:96::50"), "fd00:96::50")
+        XCTAssertEqual(HostName.normalize("[FD00:96::50]:80"), "[fd00:96::50]")
+        XCTAssertEqual(HostName.normalize("web.default:8080"), "web.default")
+    }
+
+    func testAnIPv6VIPNamesItsServiceBareAndBracketed() throws {
+        let dir = NSTemporaryDirectory() + "moonlet-v6-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web.default.svc.cluster.local]
+          addresses: ["fd00:96::50"]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: "fd00:99::2"}]
+        """.write(toFile: dir + "/se.yaml", atomically: true, encoding: .utf8)
+        let t = try ConfigLoader().load(paths: [dir]).get().routes
+        XCTAssertEqual(t.lookup("fd00:96::50")?.fqdn, "web.default.svc.cluster.local")
+        XCTAssertEqual(t.lookup("[fd00:96::50]:80")?.fqdn, "web.default.svc.cluster.local")
+        XCTAssertEqual(t.addressIndex.lookup(ip: "fd00:96:0::50", port: 80)?.service.fqdn, "web.default.svc.cluster.local")
+    }
+}
