@@ -151,6 +151,11 @@ final class NetnsInterceptionTests: XCTestCase {
         try runTwoPods(.v4, tproxy: true)
     }
 
+    /// IPv6 with inbound TPROXY (ip6tables mangle rules, `ip -6 rule`, IPV6_TRANSPARENT).
+    func testOverIPv6WithInboundTPROXYAnUnmodifiedClientReachesAServiceVIPThroughBothSidecarsWithAutoMTLS_TCPAndServerFirstPassThrough_andRegistryOnlyBlocksTheUnknown() throws {
+        try runTwoPods(.v6net, tproxy: true)
+    }
+
     /// Both pods' network, rules, apps and sidecars, then the four checks.
     func runTwoPods(_ net: PodNet, tproxy: Bool) throws {
         guard getuid() == 0 else { throw XCTSkip("network namespaces need root (CI runs as root)") }
@@ -201,8 +206,9 @@ final class NetnsInterceptionTests: XCTestCase {
                 let mangle = Self.sh(["ip", "netns", "exec", ns, "iptables-save", "-t", "mangle"]).output
                 XCTAssertTrue(mangle.contains("-j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff")
                               || mangle.contains("--on-port 15006"), mangle)
-                XCTAssertTrue(Self.sh(["ip", "-n", ns, "rule"]).output.contains("fwmark 0x539 lookup 133"))
-                XCTAssertTrue(Self.sh(["ip", "-n", ns, "route", "show", "table", "133"]).output.contains("local default dev lo"))
+                let family = net.v6 ? ["-6"] : []
+                XCTAssertTrue(Self.sh(["ip", "-n", ns] + family + ["rule"]).output.contains("fwmark 0x539 lookup 133"))
+                XCTAssertTrue(Self.sh(["ip", "-n", ns] + family + ["route", "show", "table", "133"]).output.contains("local default dev lo"))
             }
             if net.v6 {
                 // The pod's first address is IPv6: the rules went to ip6tables too.
