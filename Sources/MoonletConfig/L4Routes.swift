@@ -112,6 +112,12 @@ extension L4Match {
 }
 
 extension RouteTable {
+    /// The HTTP routes a VirtualService gives its hosts: nil (the default route) when it
+    /// has only `tcp`/`tls` rules, as Istio builds HTTP routes from `http` alone.
+    static func httpRoutes(_ v: VirtualServiceSpec) -> [HTTPRouteRule]? {
+        v.http.isEmpty && (!v.tcp.isEmpty || !v.tls.isEmpty) ? nil : v.http
+    }
+
     /// The `tcp` and `tls` rules of virtual host `vh` compiled for this proxy (called by
     /// `compile`): source fields decided, destinations resolved to clusters. A
     /// VirtualService bound only to gateways (no `mesh`) gives a sidecar no rule.

@@ -445,14 +445,14 @@ public final class RouteTable: @unchecked Sendable {
                 let fqdn = HostName.canonical(h, namespace: v.namespace)
                 if fqdn.hasPrefix("*") {
                     let vh = VirtualHost(fqdn: fqdn)
-                    vh.routes = v.http; vh.virtualService = "\(v.namespace)/\(v.name)"
+                    vh.routes = Self.httpRoutes(v); vh.virtualService = "\(v.namespace)/\(v.name)"
                     vh.tcpRules = v.tcp; vh.tlsRules = v.tls; vh.l4Gateways = v.gateways
                     t.wildcards.append((String(fqdn.dropFirst()), vh))
                     continue
                 }
                 let vh = vhost(fqdn)
-                if vh.routes != nil { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
-                vh.routes = v.http
+                if vh.routes != nil || !vh.tcpRules.isEmpty || !vh.tlsRules.isEmpty { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
+                vh.routes = Self.httpRoutes(v)
                 vh.tcpRules = v.tcp; vh.tlsRules = v.tls; vh.l4Gateways = v.gateways
                 vh.virtualService = "\(v.namespace)/\(v.name)"
                 vsTokens[fqdn] = v.token
@@ -521,7 +521,8 @@ public final class RouteTable: @unchecked Sendable {
                 for m in r.mirrors { targets.append(t.services[m.fqdn]) }
             }
             for r in vh.tcpRules + vh.tlsRules { for d in r.destinations { targets.append(t.services[d.fqdn]) } }
-            let source = HostSource(virtualService: vh.routes == nil ? nil : vsTokens[vh.fqdn], services: targets)
+            let routed = vh.routes != nil || !vh.tcpRules.isEmpty || !vh.tlsRules.isEmpty
+            let source = HostSource(virtualService: routed ? vsTokens[vh.fqdn] : nil, services: targets)
             t.hostSources[vh.fqdn] = source
             if let p = previous, let old = p.hosts[vh.fqdn], old.fqdn == vh.fqdn, let was = p.hostSources[vh.fqdn], was.same(source) {
                 replaced[ObjectIdentifier(vh)] = old

@@ -79,6 +79,24 @@ final class L4RouteTests: XCTestCase {
         XCTAssertNil(vh.l4Route(ip: "240.0.1.10", port: 9000, sni: nil), "outside the subnet: no rule, the service's own cluster")
     }
 
+    func testAVirtualServiceWithOnlyTCPRulesLeavesHTTPToTheServicesDefaultRoute() throws {
+        let t = try table(Self.head + """
+          tcp:
+          - route: [{destination: {host: db.example.internal, subset: v1}}]
+        """)
+        let vh = try XCTUnwrap(t.hosts["db.example.internal"])
+        XCTAssertNil(vh.routes, "no http rules: HTTP takes the default route")
+        XCTAssertNotNil(vh.defaultTarget)
+        XCTAssertEqual(vh.tcpCompiled.count, 1)
+        let both = try XCTUnwrap(try table(Self.head + """
+          http: [{route: [{destination: {host: db.example.internal, subset: v2}}]}]
+          tcp:
+          - route: [{destination: {host: db.example.internal, subset: v1}}]
+        """).hosts["db.example.internal"])
+        XCTAssertEqual(both.routes?.count, 1)
+        XCTAssertEqual(both.tcpCompiled.count, 1)
+    }
+
     func testTLSRulesMatchBySNIWithWildcards_andOnlyForTLS() throws {
         let t = try table("""
         apiVersion: networking.istio.io/v1beta1
