@@ -1,6 +1,8 @@
 import XCTest
 import NIOCore
+import NIOConcurrencyHelpers
 @testable import MoonletPilot
+@testable import MoonletProxy
 import MoonletConfig
 
 /// `moonlet pilot` scopes each sidecar's push with the Sidecar resource that selects its
@@ -117,5 +119,55 @@ final class PilotScopeTests: XCTestCase {
         // A workload no Sidecar selects gets everything.
         let (_, all) = try poll(pilot, app: "frontend")
         XCTAssertEqual(all?.hash, pilot.server.current?.hash)
+    }
+
+    /// A sidecar of workload shop/`app` subscribed to `pilot` (its identity, as the
+    /// injector gives it, selects its Sidecar both at pilot and locally).
+    func subscribe(_ pilot: PilotFixture, app: String) throws -> (ProxyFixture, PilotClient, String) {
+        let proxy = try ProxyFixture(appPort: 1, concurrency: 1) { s in
+            s.identity = WorkloadIdentity(namespace: "shop", serviceAccount: app, labels: ["app": app])
+        }
+        proxy.server.expectPushedConfig()
+        let cache = NSTemporaryDirectory() + "moonlet-scope-cache-\(UUID().uuidString)"
+        var st = PilotClient.Settings(address: pilot.address, node: PilotNode(id: "\(app)-1.shop", namespace: "shop", serviceAccount: app, labels: ["app": app]),
+                                      cacheDirectory: cache, certsDirectory: nil)
+        st.backoffBase = 0.05; st.backoffMax = 0.4
+        st.pollSeconds = 5
+        let server = proxy.server!
+        let client = try PilotClient(settings: st, apply: { dir, set in
+            switch server.applyPushedConfig(directory: dir, reason: "pilot version \(set.version)") {
+            case .success: return nil
+            case .failure(let e): return e.message
+            }
+        }, log: { _ in })
+        client.start()
+        return (proxy, client, cache)
+    }
+
+    func testSubscribedSidecarsApplyOnlyTheirScope_andOneOutsideAChangeKeepsItsAppliedVersion() throws {
+        let pilot = try PilotFixture(files: Self.files)
+        defer { pilot.stop() }
+        let (reviews, rc, c1) = try subscribe(pilot, app: "reviews")
+        let (checkout, cc, c2) = try subscribe(pilot, app: "checkout")
+        defer {
+            rc.stop(); cc.stop(); reviews.stop(); checkout.stop()
+            try? FileManager.default.removeItem(atPath: c1); try? FileManager.default.removeItem(atPath: c2)
+        }
+        XCTAssertTrue(eventually { rc.status.appliedVersion == 1 && cc.status.appliedVersion == 1 }, "\(rc.status) \(cc.status)")
+        let ledger = "ledger.billing.svc.cluster.local"
+        XCTAssertNil(reviews.server.currentSnapshot.routes.services[ledger], "reviews does not import billing")
+        XCTAssertNotNil(checkout.server.currentSnapshot.routes.services[ledger])
+        XCTAssertNotNil(reviews.server.currentSnapshot.routes.services["ratings.shop.svc.cluster.local"])
+
+        try pilot.write("routes.yaml", Self.files["routes.yaml"]!.replacingOccurrences(of: "http: [{route", with: "http: [{timeout: 3s, route"))
+        XCTAssertTrue(eventually { cc.status.appliedVersion == 2 }, "\(cc.status)")
+        XCTAssertEqual(checkout.server.currentSnapshot.routes.lookup(ledger)?.routes?.first?.timeoutMs, 3000)
+        // reviews was not pushed anything: still version 1, and pilot's /status has it in sync.
+        usleep(300_000)
+        XCTAssertEqual(rc.status.appliedVersion, 1)
+        let st = try XCTUnwrap(try pilot.sidecar("reviews-1.shop"))
+        XCTAssertEqual(st["applied_version"] as? Int, 1)
+        XCTAssertEqual(st["in_sync"] as? Bool, true)
+        XCTAssertTrue(try eventually { try pilot.sidecar("checkout-1.shop")?["in_sync"] as? Bool == true })
     }
 }
