@@ -431,10 +431,8 @@ public struct ConfigLoader {
                     var d = TrafficDecoder(file: file, resource: resource, namespace: ns)
                     switch kind {
                     case "VirtualService":
+                        // Its tcp and tls routes are applied too (L4Routes.swift).
                         if let v = d.virtualService(spec, name: name, line: doc.line) { out.virtualServices.append(v) }
-                        for k in ["tls", "tcp"] where spec.child(k) != nil {
-                            out.skipped.append("\(file):\(doc.line): \(resource): spec.\(k) routes are not supported, ignored")
-                        }
                     case "DestinationRule": if let v = d.destinationRule(spec, name: name, line: doc.line) { out.destinationRules.append(v) }
                     case "ServiceEntry": if let v = d.serviceEntry(spec, name: name, line: doc.line) { out.serviceEntries.append(v) }
                     case "WorkloadEntry": if let v = d.workloadEntry(spec, name: name) { out.workloadEntries.append(v) }

@@ -244,6 +244,11 @@ public final class VirtualHost: @unchecked Sendable {
     public internal(set) var compiled: [CompiledRoute] = []
     /// The default route (no VirtualService): every endpoint of `service`.
     public internal(set) var defaultTarget: RouteTarget?
+    /// The VirtualService's `tcp` and `tls` rules and `gateways`, as decoded, and the
+    /// rules compiled for this proxy (L4Routes.swift).
+    var tcpRules: [L4RouteRule] = [], tlsRules: [L4RouteRule] = [], l4Gateways: [String] = []
+    public internal(set) var tcpCompiled: [CompiledL4Route] = []
+    public internal(set) var tlsCompiled: [CompiledL4Route] = []
     init(fqdn: String) { self.fqdn = fqdn }
 }
 
@@ -454,7 +459,11 @@ public final class RouteTable: @unchecked Sendable {
             vh.service = svc
             // Istio's virtual host domains include the service's VIPs: a Host that is one
             // of them (a client calling the address) routes as the service's name does.
-            for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil { t.hosts[a.lowercased()] = vh }
+            for a in svc.addresses where !a.contains("/") && t.hosts[a.lowercased()] == nil {
+                t.hosts[a.lowercased()] = vh
+                // An IPv6 VIP in a Host header is bracketed.
+                if a.contains(":") { t.hosts["[\(a.lowercased())]"] = vh }
+            }
         }
         var vsTokens: [String: DocumentToken] = [:]
         for v in vs {
@@ -462,13 +471,15 @@ public final class RouteTable: @unchecked Sendable {
                 let fqdn = HostName.canonical(h, namespace: v.namespace)
                 if fqdn.hasPrefix("*") {
                     let vh = VirtualHost(fqdn: fqdn)
-                    vh.routes = v.http; vh.virtualService = "\(v.namespace)/\(v.name)"
+                    vh.routes = Self.httpRoutes(v); vh.virtualService = "\(v.namespace)/\(v.name)"
+                    vh.tcpRules = v.tcp; vh.tlsRules = v.tls; vh.l4Gateways = v.gateways
                     t.wildcards.append((String(fqdn.dropFirst()), vh))
                     continue
                 }
                 let vh = vhost(fqdn)
-                if vh.routes != nil { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
-                vh.routes = v.http
+                if vh.routes != nil || !vh.tcpRules.isEmpty || !vh.tlsRules.isEmpty { t.warnings.append("\(v.file):\(v.line): VirtualService \(v.namespace)/\(v.name): host \(fqdn) already routed by \(vh.virtualService), ignored"); continue }
+                vh.routes = Self.httpRoutes(v)
+                vh.tcpRules = v.tcp; vh.tlsRules = v.tls; vh.l4Gateways = v.gateways
                 vh.virtualService = "\(v.namespace)/\(v.name)"
                 vsTokens[fqdn] = v.token
             }
@@ -498,6 +509,9 @@ public final class RouteTable: @unchecked Sendable {
                     }
                 }
             }
+        }
+        for v in vs where !v.tcp.isEmpty || !v.tls.isEmpty {
+            checkL4Destinations(v, rules: rules, services: t.services, errors: &errors, warnings: &t.warnings)
         }
         t.wildcards.sort { $0.suffix.count > $1.suffix.count }
         // Clusters: every service port × (all endpoints, each subset), numbered densely
@@ -532,7 +546,9 @@ public final class RouteTable: @unchecked Sendable {
                 for d in r.destinations { targets.append(t.services[d.fqdn]) }
                 for m in r.mirrors { targets.append(t.services[m.fqdn]) }
             }
-            let source = HostSource(virtualService: vh.routes == nil ? nil : vsTokens[vh.fqdn], services: targets)
+            for r in vh.tcpRules + vh.tlsRules { for d in r.destinations { targets.append(t.services[d.fqdn]) } }
+            let routed = vh.routes != nil || !vh.tcpRules.isEmpty || !vh.tlsRules.isEmpty
+            let source = HostSource(virtualService: routed ? vsTokens[vh.fqdn] : nil, services: targets)
             t.hostSources[vh.fqdn] = source
             if let p = previous, let old = p.hosts[vh.fqdn], old.fqdn == vh.fqdn, let was = p.hostSources[vh.fqdn], was.same(source) {
                 replaced[ObjectIdentifier(vh)] = old
@@ -557,6 +573,7 @@ public final class RouteTable: @unchecked Sendable {
             CompiledRoute(rule: rule, targets: rule.destinations.map { target($0.fqdn, $0.subset, $0.port) },
                           mirrorTargets: rule.mirrors.map { ($0.percent, target($0.fqdn, $0.subset, $0.port)) })
         }
+        compileL4(vh)
     }
 
     /// How many clusters the table numbered (balancer counters are sized by it).

@@ -167,6 +167,10 @@ public struct VirtualServiceSpec: Sendable {
     public var http: [HTTPRouteRule]
     public var file: String
     public var line: Int
+    /// `spec.tcp`: routes for opaque TCP connections (L4Routes.swift).
+    public var tcp: [L4RouteRule] = []
+    /// `spec.tls`: routes for TLS passed through, by SNI (L4Routes.swift).
+    public var tls: [L4RouteRule] = []
 }
 
 public struct Subset: Sendable {
@@ -274,7 +278,8 @@ public enum HostName {
         if authority.utf8.allSatisfy({ $0 < 128 && $0 != UInt8(ascii: ":") && $0 != UInt8(ascii: "[") && ($0 &- 65) >= 26 }) { return authority }
         var a = Substring(authority)
         if a.hasPrefix("[") { if let e = a.firstIndex(of: "]") { a = a[a.startIndex...e] } }
-        else if let c = a.lastIndex(of: ":") { a = a[..<c] }
+        else if let c = a.lastIndex(of: ":"), a.firstIndex(of: ":") == c { a = a[..<c] }
+        // (Two colons or more without brackets: a bare IPv6 address, no port.)
         return a.lowercased()
     }
 }

@@ -196,9 +196,100 @@ struct TrafficDecoder {
             }
         }
         _ = stringList(spec.child("exportTo"), "spec.exportTo")
-        for k in ["tls", "tcp"] { _ = list(spec.child(k), "spec.\(k)") }
-        return VirtualServiceSpec(name: name, namespace: namespace, hosts: hosts, gateways: stringList(spec.child("gateways"), "spec.gateways"),
-                                  http: routes, file: file, line: line)
+        var v = VirtualServiceSpec(name: name, namespace: namespace, hosts: hosts, gateways: stringList(spec.child("gateways"), "spec.gateways"),
+                                   http: routes, file: file, line: line)
+        for (i, r) in list(spec.child("tcp"), "spec.tcp").enumerated() {
+            if let rule = l4Route(r, "spec.tcp[\(i)]", tls: false, hosts: hosts) { v.tcp.append(rule) }
+        }
+        for (i, r) in list(spec.child("tls"), "spec.tls").enumerated() {
+            if let rule = l4Route(r, "spec.tls[\(i)]", tls: true, hosts: hosts) { v.tls.append(rule) }
+        }
+        return v
+    }
+
+    // MARK: VirtualService tcp and tls
+
+    /// L4MatchAttributes' fields (`tcp[].match[]`); `sourceSubnet` is refused (deprecated
+    /// by Istio, not applied).
+    static let tcpMatchFields: Set<String> = ["destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace", "sourceSubnet"]
+    /// TLSMatchAttributes' fields (`tls[].match[]`).
+    static let tlsMatchFields: Set<String> = ["sniHosts", "destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace"]
+
+    /// One TCPRoute or TLSRoute (`tls`): its matches (a TLS route needs one, each with
+    /// `sniHosts` within the VirtualService's hosts, as Istio validates) and its weighted
+    /// destinations (at least one; several must weigh 100 in total).
+    mutating func l4Route(_ n: PositionedNode, _ path: String, tls: Bool, hosts: [String]) -> L4RouteRule? {
+        guard fields(n, path, ["match", "route"]) else { return nil }
+        var r = L4RouteRule()
+        var ok = true
+        let matches = list(n.child("match"), "\(path).match")
+        for (i, m) in matches.enumerated() {
+            if let mm = l4Match(m, "\(path).match[\(i)]", tls: tls, hosts: hosts) { r.matches.append(mm) } else { ok = false }
+        }
+        if tls && matches.isEmpty { err(n.child("match") ?? n, "\(path).match", "Required value: a TLS route needs at least one match (with sniHosts)"); ok = false }
+        let routes = list(n.child("route"), "\(path).route")
+        if routes.isEmpty { err(n.child("route") ?? n, "\(path).route", "Required value: at least one destination"); return nil }
+        var total = 0
+        for (i, d) in routes.enumerated() {
+            let p = "\(path).route[\(i)]"
+            guard fields(d, p, ["destination", "weight"]) else { ok = false; continue }
+            guard let dest = d.child("destination") else { err(d, "\(p).destination", "Required value"); ok = false; continue }
+            guard let (host, subset, port) = destination(dest, "\(p).destination") else { ok = false; continue }
+            if host.contains("*") { err(dest.child("host"), "\(p).destination.host", "a destination host cannot be a wildcard"); ok = false; continue }
+            var weight = 0
+            if let w = d.child("weight") { weight = int(w, "\(p).weight", range: 0...100) ?? 0 } else if routes.count == 1 { weight = 100 }
+            total += weight
+            r.destinations.append(RouteDestination(host: host, fqdn: HostName.canonical(host, namespace: namespace), subset: subset, port: port, weight: weight,
+                                                   place: place(dest, "\(p).destination")))
+        }
+        if routes.count > 1 || (routes.count == 1 && r.destinations.first?.weight != 100) {
+            if r.destinations.count > 1 && r.destinations.allSatisfy({ $0.weight == 0 }) {
+                // Istio: unset weights on several destinations split evenly.
+                let each = 100 / r.destinations.count
+                for k in r.destinations.indices { r.destinations[k].weight = each + (k < 100 % r.destinations.count ? 1 : 0) }
+            } else if total != 100 && !r.destinations.isEmpty {
+                err(n.child("route"), "\(path).route", "total destination weight \(total) != 100"); ok = false
+            }
+        }
+        var acc = 0
+        for d in r.destinations { acc += d.weight; r.cumulativeWeights.append(acc) }
+        r.totalWeight = acc
+        return ok ? r : nil
+    }
+
+    /// One L4MatchAttributes or TLSMatchAttributes; nil (reported) when a field is bad.
+    mutating func l4Match(_ n: PositionedNode, _ path: String, tls: Bool, hosts: [String]) -> L4Match? {
+        let before = errors.count
+        guard fields(n, path, tls ? Self.tlsMatchFields : Self.tcpMatchFields) else { return nil }
+        var m = L4Match()
+        m.port = int(n.child("port"), "\(path).port", range: 1...65535)
+        let subnets = stringList(n.child("destinationSubnets"), "\(path).destinationSubnets")
+        for (i, c) in subnets.enumerated() {
+            if let parsed = TCPAuthorization.parseCIDR(c) { m.subnets.append(parsed); m.destinationSubnets.append(c) }
+            else { err(n.child("destinationSubnets")?.sequence?[i], "\(path).destinationSubnets[\(i)]", "invalid IP address or CIDR \"\(c)\"") }
+        }
+        m.sourceLabels = labels(n.child("sourceLabels"), "\(path).sourceLabels")
+        m.sourceNamespace = string(n.child("sourceNamespace"), "\(path).sourceNamespace")
+        m.gateways = stringList(n.child("gateways"), "\(path).gateways")
+        if let s = n.child("sourceSubnet") {
+            err(s, "\(path).sourceSubnet", "not supported by moonlet (deprecated by Istio); use an AuthorizationPolicy ipBlocks rule")
+        }
+        if tls {
+            let sni = stringList(n.child("sniHosts"), "\(path).sniHosts")
+            if sni.isEmpty { err(n.child("sniHosts") ?? n, "\(path).sniHosts", "Required value: a TLS match needs at least one SNI host") }
+            for (i, h) in sni.enumerated() {
+                let name = h.lowercased()
+                // Istio: each SNI host must be one of the VirtualService's hosts or under one.
+                let within = hosts.contains { vh in
+                    let v = vh.lowercased()
+                    return v == "*" || v == name || (v.hasPrefix("*") && name.hasSuffix(v.dropFirst()))
+                        || HostName.canonical(v, namespace: namespace) == name
+                }
+                if !within { err(n.child("sniHosts")?.sequence?[i], "\(path).sniHosts[\(i)]", "the SNI host \"\(h)\" is not a match or subset of any of the virtual service hosts") }
+            }
+            m.sniHosts = sni.map { $0.lowercased() }
+        }
+        return errors.count == before ? m : nil
     }
 
     mutating func httpRoute(_ n: PositionedNode, _ path: String) -> HTTPRouteRule? {

@@ -31,6 +31,9 @@ public final class PilotServer: @unchecked Sendable {
         public var requestTimeout: TimeAmount = .seconds(10)
         /// A sidecar not seen for this long is listed as stale on `/status` (dropped after 10 times as long).
         public var staleAfterSeconds: Double = 120
+        /// Istio's root namespace: its Sidecar without a selector is every workload's
+        /// default, its policies apply to every workload (per-sidecar scope).
+        public var rootNamespace = "istio-system"
         public init(configDirectory: String, certsDirectory: String? = nil) {
             self.configDirectory = configDirectory; self.certsDirectory = certsDirectory
         }
@@ -56,12 +59,21 @@ public final class PilotServer: @unchecked Sendable {
 
     public let settings: Settings
     let log: @Sendable (String) -> Void
-    /// Sidecar scoping hook: the part of the validated set one sidecar gets. Istio's
-    /// `Sidecar` resource (egress hosts) narrows what a workload receives; MoonletConfig
-    /// does not scope yet, so the default sends the whole set. Replace it (before `bind`)
-    /// with the MoonletConfig scoping function when that lands; it must be pure and
-    /// fast (it runs per request) and keep the set's version.
+    /// The part of the validated set one sidecar gets (called per request, possibly under
+    /// the state lock: it takes only its own). By default `sidecarScope`: what the
+    /// `Sidecar` resource selecting the node's workload imports (PushScopeIndex). A test
+    /// may replace it before `bind`.
     public var scope: @Sendable (PilotNode, PilotConfigSet) -> PilotConfigSet = { _, set in set }
+
+    /// The scoped sets handed out, per workload (namespace and labels): the version a
+    /// workload's set carries is the one at which its content last changed, so that a
+    /// change outside its scope is not pushed to it.
+    struct ScopeCache {
+        var setHash = ""
+        var index: PushScopeIndex?
+        var byWorkload: [String: (computedFor: Int, set: PilotConfigSet)] = [:]
+    }
+    let scopeCache = NIOLockedValueBox(ScopeCache())
 
     struct State {
         var current: PilotConfigSet?
@@ -82,6 +94,42 @@ public final class PilotServer: @unchecked Sendable {
 
     public init(settings: Settings, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.settings = settings; self.log = log
+        scope = { [weak self] node, set in self?.sidecarScope(node, set) ?? set }
+    }
+
+    /// What `node` receives of `set`: the documents in its Sidecar's scope (all of `set`
+    /// when no Sidecar narrows it), with the version at which that content last changed.
+    public func sidecarScope(_ node: PilotNode, _ set: PilotConfigSet) -> PilotConfigSet {
+        let key = node.namespace + "\u{0}" + node.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+        // The index of this set (made by `refresh`; made here when a caller's set is another).
+        let cached = scopeCache.withLockedValue { c -> (PilotConfigSet?, PushScopeIndex?) in
+            guard c.setHash == set.hash else { return (nil, nil) }
+            if let e = c.byWorkload[key], e.computedFor == set.version { return (e.set, c.index) }
+            return (nil, c.index)
+        }
+        if let done = cached.0 { return done }
+        var index = cached.1
+        if index == nil {
+            let made = PushScopeIndex(files: set.files.map { ($0.path, $0.content) })
+            scopeCache.withLockedValue { c in
+                if c.setHash != set.hash { c.setHash = set.hash; c.index = made }
+            }
+            index = made
+        }
+        let id = WorkloadIdentity(namespace: node.namespace, serviceAccount: node.serviceAccount, labels: node.labels, rootNamespace: settings.rootNamespace)
+        var scoped = set
+        if let files = index!.files(for: id) {
+            scoped = PilotConfigSet(version: set.version, files: files.map { PilotFile(path: $0.path, content: $0.content) })
+        }
+        return scopeCache.withLockedValue { c in
+            // Unchanged content keeps the version the workload already has.
+            if let prev = c.byWorkload[key]?.set, prev.hash == scoped.hash, prev.version <= scoped.version { scoped = prev }
+            if c.setHash == set.hash {
+                if c.byWorkload.count >= 65_536 { c.byWorkload = [:] }
+                c.byWorkload[key] = (set.version, scoped)
+            }
+            return scoped
+        }
     }
 
     // MARK: configuration
@@ -126,6 +174,11 @@ public final class PilotServer: @unchecked Sendable {
             }
             return e
         case .success(let set):
+            // The per-sidecar index of a new content, ready before any sidecar is woken.
+            if scopeCache.withLockedValue({ $0.setHash }) != set.hash {
+                let index = PushScopeIndex(files: set.files.map { ($0.path, $0.content) })
+                scopeCache.withLockedValue { c in c.setHash = set.hash; c.index = index }
+            }
             let (changed, recovered, waiters) = state.withLockedValue { s -> (Bool, Bool, [Waiter]) in
                 s.fingerprint = fp
                 let recovered = s.lastError != nil
@@ -341,7 +394,10 @@ public final class PilotServer: @unchecked Sendable {
         o += ",\"certificate_error\":\(s.tlsError.map(JSON.quote) ?? "null")"
         var items: [String] = []
         for r in s.sidecars.values.sorted(by: { $0.node < $1.node }) {
-            let inSync = s.current != nil && r.appliedHash == s.current?.hash
+            // In sync: it applied what it gets of the current set (its scope).
+            let parts = r.workload.split(separator: "/", maxSplits: 1).map(String.init)
+            let node = PilotNode(id: r.node, namespace: parts.first ?? "default", serviceAccount: parts.count > 1 ? parts[1] : "default", labels: r.labels)
+            let inSync = s.current.map { r.appliedHash == scope(node, $0).hash } ?? false
             let nack = r.lastNack.map { "{\"version\":\($0.version),\"hash\":\(JSON.quote($0.hash)),\"error\":\(JSON.quote($0.error)),\"at\":\(time($0.at))}" } ?? "null"
             let labels = r.labels.sorted { $0.key < $1.key }.map { "\(JSON.quote($0.key)):\(JSON.quote($0.value))" }.joined(separator: ",")
             items.append("{\"node\":\(JSON.quote(r.node)),\"workload\":\(JSON.quote(r.workload)),\"identity\":\(r.identity.map(JSON.quote) ?? "null"),"

@@ -64,7 +64,8 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func channelActive(context: ChannelHandlerContext) {
         let sync = context.pipeline.syncOperations
         waitingForTLS = role == .inbound && ((try? sync.handler(type: NIOSSLServerHandler.self)) != nil || (try? sync.handler(type: TLSSniffer.self)) != nil)
-        if !waitingForTLS && declared != .sniff {
+        // A declared TLS port still waits for the ClientHello: its SNI may route it.
+        if !waitingForTLS && declared != .sniff && declared != .tls {
             decide(context, declared.isHTTP ? .http1 : .tcp)
             return
         }
@@ -100,7 +101,8 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         if case ChannelEvent.inputClosed = event, !decided {
             inputClosed = true
-            decide(context, classifyNow(final: true))
+            let r = classifyNow(final: true)
+            decide(context, declared == .tls && (r == .http1 || r == .http2) ? .tcp : r)
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -116,8 +118,13 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if buffered == nil { buffered = b } else { buffered!.writeBuffer(&b) }
         guard !decided else { return }
         // A declared port (here: inbound, after PERMISSIVE found plaintext): as declared.
-        if declared != .sniff { decide(context, declared.isHTTP ? .http1 : .tcp); return }
+        if declared != .sniff && declared != .tls { decide(context, declared.isHTTP ? .http1 : .tcp); return }
         let r = classifyNow(final: false)
+        if declared == .tls, r != .needMore {
+            // A declared TLS port is TLS or opaque TCP, never HTTP.
+            if case .tls = r { decide(context, r) } else { decide(context, .tcp) }
+            return
+        }
         if r != .needMore { decide(context, r) }
     }
 
@@ -212,11 +219,31 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Outbound TCP: a service (by VIP or endpoint address, or by the SNI of a ClientHello
     /// to a known host on that port) through its cluster, with the cluster's TLS (auto
-    /// mTLS to mesh workloads); anything else by outboundTrafficPolicy.
+    /// mTLS to mesh workloads); anything else by outboundTrafficPolicy. A VirtualService
+    /// of the service (or, for TLS, of the SNI's host) with `tls`/`tcp` rules picks the
+    /// cluster instead: the first rule matching the original destination (and SNI), then
+    /// one of its destinations by weight (L4Routes.swift); a service reached by one of its
+    /// endpoint addresses keeps that endpoint.
     func routeOutbound(_ session: TCPSession, _ ch: Channel, sni: String?) {
+        let routes = ctx.snapshot.routes
         var t = target
-        if t == nil, let sni, let svc = ctx.snapshot.routes.lookup(sni)?.service, let sp = svc.ports.first(where: { $0.number == original.port }) {
+        if t == nil, let sni, let svc = routes.lookup(sni)?.service, let sp = svc.ports.first(where: { $0.number == original.port }) {
             t = AddressTarget(service: svc, port: sp, cluster: svc.clusters["|\(sp.number)"], endpointIndex: -1)
+        }
+        // The VirtualService's L4 rules: of the service addressed, else of the SNI's host.
+        var vh: VirtualHost?
+        if let t, t.endpointIndex < 0 { vh = routes.hosts[t.service.fqdn] }
+        if t == nil, let sni { vh = routes.lookup(sni) }
+        if let v = vh, v.hasL4Routes, let rule = v.l4Route(ip: original.ip, port: original.port, sni: sni) {
+            // The service port dialled (a VIP's port; for a TLS connection found by SNI, its port).
+            let rt = rule.target(random: ctx.rng.next(), port: t?.port.number ?? original.port)
+            guard let c = rt.cluster, let svc = routes.services[rt.fqdn] else {
+                session.refuse("VirtualService \(v.virtualService): no cluster \(rt.missing)", counter: "moonlet_tcp_refused_total")
+                return
+            }
+            ctx.metrics.count("moonlet_tcp_virtualservice_routed_total")
+            connectOutbound(session, cluster: c, endpointIndex: -1, fqdn: svc.fqdn)
+            return
         }
         guard let t else {
             if ctx.interception.registryOnly {
@@ -233,9 +260,15 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         guard let c = t.cluster else { session.refuse("no cluster for \(t.service.fqdn):\(t.port.number)", counter: "moonlet_tcp_refused_total"); return }
+        connectOutbound(session, cluster: c, endpointIndex: t.endpointIndex, fqdn: t.service.fqdn)
+    }
+
+    /// Connects an outbound session through cluster `c` (endpoint `endpointIndex`, or -1:
+    /// the balancer picks) of service `fqdn`, with the cluster's TLS and limits.
+    func connectOutbound(_ session: TCPSession, cluster c: ClusterInfo, endpointIndex: Int, fqdn: String) {
         session.idleTimeoutMs = c.settings.tcpIdleTimeoutMs
         let i: Int
-        if t.endpointIndex >= 0 { i = t.endpointIndex; ctx.balancer.use(c, i) } else {
+        if endpointIndex >= 0 { i = endpointIndex; ctx.balancer.use(c, i) } else {
             guard let p = ctx.balancer.pick(c) else { session.refuse("no healthy upstream for \(c.name)", counter: "moonlet_tcp_no_healthy_upstream_total"); return }
             i = p
         }
@@ -258,11 +291,11 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             }
         }
-        let makeTLS = UpstreamTLSPlan(c.tls(i), meshMaterial: ctx.tls, serverName: t.service.fqdn, tcp: true).make
+        let makeTLS = UpstreamTLSPlan(c.tls(i), meshMaterial: ctx.tls, serverName: fqdn, tcp: true).make
         // The peer's principal as the mTLS check expects it (the endpoint's service account).
         let mtls = c.tls(i)?.mode == .istioMutual && ctx.tls != nil
         let expectedPeer = mtls ? (c.tls(i)?.subjectAltNames.first ?? "") : ""
-        session.recordOpened(destinationService: t.service.fqdn, peerPrincipal: expectedPeer, mtls: mtls)
+        session.recordOpened(destinationService: fqdn, peerPrincipal: expectedPeer, mtls: mtls)
         resolveAndConnect(session, host: e.address, port: e.port, tls: makeTLS, timeoutMs: c.connectTimeoutMs)
     }
 

@@ -260,6 +260,7 @@ public struct SidecarInjector: Sendable {
             if let subPath { pairs.append(("subPath", str(subPath))) }
             return map(pairs)
         }
+        let tproxy = annotation("sidecar.istio.io/interceptionMode") == "TPROXY"
         let proxy = map([
             ("name", str("istio-proxy")),
             ("image", str(image)),
@@ -276,7 +277,18 @@ public struct SidecarInjector: Sendable {
                 ("initialDelaySeconds", int(1)), ("periodSeconds", int(2)), ("timeoutSeconds", int(3)), ("failureThreshold", int(30)),
             ])),
             ("resources", resources),
-            ("securityContext", map([
+            // TPROXY: the inbound listener is IP_TRANSPARENT, which needs NET_ADMIN; as
+            // Istio's template does, the proxy then runs as root with group 1337 (its
+            // traffic is exempt from capture by the gid rule) and only NET_ADMIN added.
+            ("securityContext", tproxy ? map([
+                ("allowPrivilegeEscalation", bool(false)),
+                ("capabilities", map([("add", seq([str("NET_ADMIN")])), ("drop", seq([str("ALL")]))])),
+                ("privileged", bool(false)),
+                ("readOnlyRootFilesystem", bool(true)),
+                ("runAsGroup", int(s.proxyUID)),
+                ("runAsNonRoot", bool(false)),
+                ("runAsUser", int(0)),
+            ]) : map([
                 ("allowPrivilegeEscalation", bool(false)),
                 ("capabilities", map([("drop", seq([str("ALL")]))])),
                 ("privileged", bool(false)),

@@ -13,8 +13,20 @@ import Glibc
 /// connection was addressed to. The apps are served by this test process: their sockets
 /// are made inside the namespaces (setns on this thread, then back).
 final class NetnsInterceptionTests: XCTestCase {
-    static let vip = "10.96.0.50"
-    static let ipA = "10.99.0.1", ipB = "10.99.0.2"
+    /// One address family's pod network: the service VIP, pod A's and pod B's addresses.
+    struct PodNet {
+        let v6: Bool
+        let vip: String, ipA: String, ipB: String
+        /// The `ip addr add` prefix length.
+        let prefix: Int
+        var family: Int32 { v6 ? AF_INET6 : AF_INET }
+        var any: String { v6 ? "::" : "0.0.0.0" }
+        var loopback: String { v6 ? "::1" : "127.0.0.1" }
+        /// `ip` as a Host header value.
+        func host(_ ip: String) -> String { v6 ? "[\(ip)]" : ip }
+        static let v4 = PodNet(v6: false, vip: "10.96.0.50", ipA: "10.99.0.1", ipB: "10.99.0.2", prefix: 24)
+        static let v6net = PodNet(v6: true, vip: "fd00:96::50", ipA: "fd00:99::1", ipB: "fd00:99::2", prefix: 64)
+    }
 
     var binary: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -43,33 +55,40 @@ final class NetnsInterceptionTests: XCTestCase {
     }()
     static let cloneNewNet: Int32 = 0x4000_0000
 
-    /// A socket made in network namespace `ns` (it stays there; any thread may use it).
-    static func socketIn(_ ns: String, type: Int32 = Int32(SOCK_STREAM.rawValue)) -> Int32 {
+    /// A socket of `family` made in network namespace `ns` (it stays there; any thread may use it).
+    static func socketIn(_ ns: String, family: Int32 = AF_INET, type: Int32 = Int32(SOCK_STREAM.rawValue)) -> Int32 {
         let own = open("/proc/thread-self/ns/net", O_RDONLY)
         let target = open("/var/run/netns/\(ns)", O_RDONLY)
         defer { close(own); close(target) }
         guard own >= 0, target >= 0, let setns = setnsCall, setns(target, cloneNewNet) == 0 else { return -1 }
-        let fd = socket(AF_INET, type, 0)
+        let fd = socket(family, type, 0)
         _ = setnsCall?(own, cloneNewNet)
         return fd
     }
 
-    static func sockaddr(_ ip: String, _ port: Int) -> sockaddr_in {
+    /// Calls `body` with `ip`:`port` as a sockaddr (IPv4 or IPv6, by the address's form).
+    static func withSockaddr<T>(_ ip: String, _ port: Int, _ body: (UnsafePointer<Glibc.sockaddr>, socklen_t) -> T) -> T {
+        if ip.contains(":") {
+            var a = sockaddr_in6()
+            a.sin6_family = sa_family_t(AF_INET6)
+            a.sin6_port = in_port_t(UInt16(port).bigEndian)
+            _ = inet_pton(AF_INET6, ip, &a.sin6_addr)
+            return withUnsafePointer(to: &a) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) } }
+        }
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_port = in_port_t(UInt16(port).bigEndian)
         a.sin_addr.s_addr = inet_addr(ip)
-        return a
+        return withUnsafePointer(to: &a) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
     }
 
     /// A client connection from namespace `ns` to ip:port, with a 5 s receive timeout.
     static func connectFrom(_ ns: String, _ ip: String, _ port: Int) -> Int32? {
-        let fd = socketIn(ns)
+        let fd = socketIn(ns, family: ip.contains(":") ? AF_INET6 : AF_INET)
         guard fd >= 0 else { return nil }
         var tv = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var a = sockaddr(ip, port)
-        let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let rc = withSockaddr(ip, port) { connect(fd, $0, $1) }
         if rc != 0 { close(fd); return nil }
         return fd
     }
@@ -91,15 +110,16 @@ final class NetnsInterceptionTests: XCTestCase {
         }
     }
 
-    /// An app of pod `ns` on 0.0.0.0:port: each connection is served by `serve` on its
+    /// An app of pod `ns` on 0.0.0.0:port (or [::]:port): each connection is served by `serve` on its
     /// own thread. Returns the listening socket (closed by the caller) and a counter.
-    static func app(_ ns: String, port: Int, _ serve: @escaping @Sendable (Int32) -> Void) -> (Int32, NIOLockedValueBox<Int>)? {
-        let fd = socketIn(ns)
+    /// On IPv6 the app listens on [::] (dual-stack: the sidecar reaches it on 127.0.0.1 too).
+    static func app(_ ns: String, port: Int, v6: Bool = false, _ serve: @escaping @Sendable (Int32) -> Void) -> (Int32, NIOLockedValueBox<Int>)? {
+        let fd = socketIn(ns, family: v6 ? AF_INET6 : AF_INET)
         guard fd >= 0 else { return nil }
-        var one: Int32 = 1
+        var one: Int32 = 1, zero: Int32 = 0
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = sockaddr("0.0.0.0", port)
-        let rc = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if v6 { setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &zero, socklen_t(MemoryLayout<Int32>.size)) }
+        let rc = withSockaddr(v6 ? "::" : "0.0.0.0", port) { bind(fd, $0, $1) }
         guard rc == 0, listen(fd, 16) == 0 else { close(fd); return nil }
         let count = NIOLockedValueBox(0)
         let t = Thread {
@@ -117,6 +137,27 @@ final class NetnsInterceptionTests: XCTestCase {
     }
 
     func testAnUnmodifiedClientReachesAServiceVIPThroughBothSidecarsWithAutoMTLS_TCPAndServerFirstPassThrough_andRegistryOnlyBlocksTheUnknown() throws {
+        try runTwoPods(.v4, tproxy: false)
+    }
+
+    /// The same over IPv6 only (ip6tables rules from `moonlet iptables`, IP6T_SO_ORIGINAL_DST).
+    func testOverIPv6AnUnmodifiedClientReachesAServiceVIPThroughBothSidecarsWithAutoMTLS_TCPAndServerFirstPassThrough_andRegistryOnlyBlocksTheUnknown() throws {
+        try runTwoPods(.v6net, tproxy: false)
+    }
+
+    /// The same with inbound TPROXY (mangle rules, the fwmark rule and local route, a
+    /// transparent inbound listener; the sidecars keep CAP_NET_ADMIN as Istio's do in this mode).
+    func testWithInboundTPROXYAnUnmodifiedClientReachesAServiceVIPThroughBothSidecarsWithAutoMTLS_TCPAndServerFirstPassThrough_andRegistryOnlyBlocksTheUnknown() throws {
+        try runTwoPods(.v4, tproxy: true)
+    }
+
+    /// IPv6 with inbound TPROXY (ip6tables mangle rules, `ip -6 rule`, IPV6_TRANSPARENT).
+    func testOverIPv6WithInboundTPROXYAnUnmodifiedClientReachesAServiceVIPThroughBothSidecarsWithAutoMTLS_TCPAndServerFirstPassThrough_andRegistryOnlyBlocksTheUnknown() throws {
+        try runTwoPods(.v6net, tproxy: true)
+    }
+
+    /// Both pods' network, rules, apps and sidecars, then the four checks.
+    func runTwoPods(_ net: PodNet, tproxy: Bool) throws {
         guard getuid() == 0 else { throw XCTSkip("network namespaces need root (CI runs as root)") }
         guard FileManager.default.isExecutableFile(atPath: binary) else { throw XCTSkip("moonlet binary not built at \(binary)") }
         for tool in ["ip", "iptables-restore", "setpriv"] where Self.sh(["which", tool]).status != 0 {
@@ -150,15 +191,30 @@ final class NetnsInterceptionTests: XCTestCase {
         try must(["ip", "link", "add", String(vethA), "type", "veth", "peer", "name", String(vethB)])
         try must(["ip", "link", "set", String(vethA), "netns", nsA])
         try must(["ip", "link", "set", String(vethB), "netns", nsB])
-        for (ns, dev, ip) in [(nsA, String(vethA), Self.ipA), (nsB, String(vethB), Self.ipB)] {
-            try must(["ip", "-n", ns, "addr", "add", "\(ip)/24", "dev", dev])
+        for (ns, dev, ip) in [(nsA, String(vethA), net.ipA), (nsB, String(vethB), net.ipB)] {
+            // IPv6: no duplicate address detection (the address is usable at once).
+            try must(["ip", "-n", ns, "addr", "add", "\(ip)/\(net.prefix)", "dev", dev] + (net.v6 ? ["nodad"] : []))
             try must(["ip", "-n", ns, "link", "set", dev, "up"])
             try must(["ip", "-n", ns, "link", "set", "lo", "up"])
-            try must(["ip", "-n", ns, "route", "add", "default", "dev", dev])
+            try must(["ip", "-n", ns] + (net.v6 ? ["-6"] : []) + ["route", "add", "default", "dev", dev])
             // The init container's job, with the arguments Istio's injector gives it.
-            let r = Self.sh(["ip", "netns", "exec", ns, binary, "iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+            let r = Self.sh(["ip", "netns", "exec", ns, binary, "iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", tproxy ? "TPROXY" : "REDIRECT",
                              "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"])
             guard r.status == 0 else { throw XCTSkip("iptables rules cannot be applied in a namespace: \(r.output)") }
+            if tproxy {
+                // TPROXY: the mangle rules, and marked packets delivered locally (table 133).
+                let mangle = Self.sh(["ip", "netns", "exec", ns, "iptables-save", "-t", "mangle"]).output
+                XCTAssertTrue(mangle.contains("-j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff")
+                              || mangle.contains("--on-port 15006"), mangle)
+                let family = net.v6 ? ["-6"] : []
+                XCTAssertTrue(Self.sh(["ip", "-n", ns] + family + ["rule"]).output.contains("fwmark 0x539 lookup 133"))
+                XCTAssertTrue(Self.sh(["ip", "-n", ns] + family + ["route", "show", "table", "133"]).output.contains("local default dev lo"))
+            }
+            if net.v6 {
+                // The pod's first address is IPv6: the rules went to ip6tables too.
+                let saved = Self.sh(["ip", "netns", "exec", ns, "ip6tables-save", "-t", "nat"]).output
+                XCTAssertTrue(saved.contains("ISTIO_INBOUND") && saved.contains("--to-ports 15006"), saved)
+            }
         }
 
         // The apps of pod B: HTTP (answers with the XFCC it got), a TCP echo that answers a
@@ -184,7 +240,7 @@ final class NetnsInterceptionTests: XCTestCase {
         }
         var unknownCount: NIOLockedValueBox<Int>?
         for (port, serve) in [(8080, http), (9000, echo), (3306, greet), (7777, echo)] {
-            guard let (fd, count) = Self.app(nsB, port: port, serve) else { return XCTFail("cannot listen on \(port) in pod B") }
+            guard let (fd, count) = Self.app(nsB, port: port, v6: net.v6, serve) else { return XCTFail("cannot listen on \(port) in pod B") }
             listeners.append(fd)
             if port == 7777 { unknownCount = count }
         }
@@ -197,14 +253,14 @@ final class NetnsInterceptionTests: XCTestCase {
         metadata: {name: web, namespace: default}
         spec:
           hosts: [web.default.svc.cluster.local]
-          addresses: [\(Self.vip)]
+          addresses: ["\(net.vip)"]
           resolution: STATIC
           ports:
           - {number: 80, name: http, targetPort: 8080}
           - {number: 9000, name: tcp-echo, targetPort: 9000}
           - {number: 3306, name: db, protocol: MYSQL, targetPort: 3306}
           endpoints:
-          - {address: \(Self.ipB), serviceAccount: b, labels: {app: b, security.istio.io/tlsMode: istio}}
+          - {address: "\(net.ipB)", serviceAccount: b, labels: {app: b, security.istio.io/tlsMode: istio}}
         """
         try se.write(toFile: dir + "/config/se.yaml", atomically: true, encoding: .utf8)
         try "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n".write(toFile: dir + "/mesh.yaml", atomically: true, encoding: .utf8)
@@ -217,9 +273,12 @@ final class NetnsInterceptionTests: XCTestCase {
             let p = Process()
             p.standardError = FileHandle(forWritingAtPath: log)
             p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            p.arguments = ["ip", "netns", "exec", ns, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", binary, "run",
-                           "--config", dir + "/config", "--certs", certs, "--mesh-config", dir + "/mesh.yaml", "--bind", "0.0.0.0",
+            // TPROXY: the sidecar keeps CAP_NET_ADMIN (its inbound listener is transparent).
+            let caps = tproxy ? ["--inh-caps=+net_admin", "--ambient-caps=+net_admin"] : []
+            p.arguments = ["ip", "netns", "exec", ns, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"] + caps + [binary, "run",
+                           "--config", dir + "/config", "--certs", certs, "--mesh-config", dir + "/mesh.yaml", "--bind", net.any,
                            "--namespace", "default", "--service-account", sa, "--labels", "app=\(sa)", "--concurrency", "1", "--log-level", "debug"]
+                + (tproxy ? ["--inbound-interception-mode", "TPROXY"] : [])
             p.standardOutput = FileHandle.nullDevice
             try p.run()
             processes.append(p)
@@ -229,7 +288,7 @@ final class NetnsInterceptionTests: XCTestCase {
         for ns in [nsA, nsB] {
             var ready = false
             while !ready && Date() < deadline {
-                if let fd = Self.connectFrom(ns, "127.0.0.1", 15021) {
+                if let fd = Self.connectFrom(ns, net.loopback, 15021) {
                     Self.send(fd, "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n")
                     ready = Self.readAll(fd).0.hasPrefix("HTTP/1.1 200")
                     close(fd)
@@ -241,8 +300,8 @@ final class NetnsInterceptionTests: XCTestCase {
         }
 
         // 1. HTTP to the VIP: B's app sees A's identity in X-Forwarded-Client-Cert.
-        let h = try XCTUnwrap(Self.connectFrom(nsA, Self.vip, 80), "connect to the VIP")
-        Self.send(h, "GET /hello HTTP/1.1\r\nHost: \(Self.vip)\r\nConnection: close\r\n\r\n")
+        let h = try XCTUnwrap(Self.connectFrom(nsA, net.vip, 80), "connect to the VIP")
+        Self.send(h, "GET /hello HTTP/1.1\r\nHost: \(net.host(net.vip))\r\nConnection: close\r\n\r\n")
         let (resp, _) = Self.readAll(h)
         close(h)
         XCTAssertTrue(resp.hasPrefix("HTTP/1.1 200"), resp)
@@ -250,7 +309,7 @@ final class NetnsInterceptionTests: XCTestCase {
         XCTAssertTrue(resp.contains("URI=spiffe://cluster.local/ns/default/sa/a"), resp)
 
         // 2. Raw TCP echo with a half-close.
-        let t = try XCTUnwrap(Self.connectFrom(nsA, Self.vip, 9000))
+        let t = try XCTUnwrap(Self.connectFrom(nsA, net.vip, 9000))
         Self.send(t, "ping over two sidecars")
         shutdown(t, Int32(SHUT_WR))
         let (echoed, closed) = Self.readAll(t)
@@ -259,13 +318,13 @@ final class NetnsInterceptionTests: XCTestCase {
         XCTAssertTrue(closed)
 
         // 3. A server-first protocol: the greeting comes without the client sending.
-        let m = try XCTUnwrap(Self.connectFrom(nsA, Self.vip, 3306))
+        let m = try XCTUnwrap(Self.connectFrom(nsA, net.vip, 3306))
         let (greeting, _) = Self.readAll(m, until: { $0.hasSuffix("\n") })
         close(m)
         XCTAssertEqual(greeting, "HELLO server-first\n")
 
         // 4. REGISTRY_ONLY: B's address on a port no service declares is blocked.
-        if let u = Self.connectFrom(nsA, Self.ipB, 7777) {
+        if let u = Self.connectFrom(nsA, net.ipB, 7777) {
             Self.send(u, "let me in")
             let (text, _) = Self.readAll(u)
             close(u)

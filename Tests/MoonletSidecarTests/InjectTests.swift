@@ -175,6 +175,22 @@ final class InjectTests: XCTestCase {
         XCTAssertEqual(value("--proxy-uid"), "1337")
     }
 
+    func test_tproxyInterceptionMode_givesTheProxyNETADMINAsRootWithGroup1337_andTheInitContainerTheMode() throws {
+        let yaml = Self.deployment.replacingOccurrences(of: "    metadata:\n      labels:", with: "    metadata:\n      annotations:\n        sidecar.istio.io/interceptionMode: TPROXY\n      labels:")
+        XCTAssertNotEqual(yaml, Self.deployment)
+        let spec = podSpec(try objects(injector.injectYAML(yaml))[0])
+        let args = try XCTUnwrap(container(spec, "initContainers", "istio-init")?["args"] as? [String])
+        XCTAssertEqual(args.firstIndex(of: "--istio-inbound-interception-mode").map { args[$0 + 1] }, "TPROXY")
+        let proxy = try XCTUnwrap(container(spec, "containers", "istio-proxy"))
+        let sc = try XCTUnwrap(proxy["securityContext"] as? [String: Any])
+        XCTAssertEqual((sc["capabilities"] as? [String: Any])?["add"] as? [String], ["NET_ADMIN"])
+        XCTAssertEqual((sc["capabilities"] as? [String: Any])?["drop"] as? [String], ["ALL"])
+        XCTAssertEqual(sc["runAsUser"] as? Int, 0)
+        XCTAssertEqual(sc["runAsGroup"] as? Int, 1337)
+        let env = try XCTUnwrap(proxy["env"] as? [[String: Any]])
+        XCTAssertTrue(env.contains { $0["name"] as? String == "INBOUND_INTERCEPTION_MODE" && $0["value"] as? String == "TPROXY" })
+    }
+
     func test_defaultInitFlags_captureEverything_butTheStatusPorts() throws {
         let spec = podSpec(try objects(injector.injectYAML(Self.deployment))[0])
         let args = try XCTUnwrap(container(spec, "initContainers", "istio-init")?["args"] as? [String])
