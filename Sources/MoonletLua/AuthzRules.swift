@@ -147,23 +147,34 @@ extension LuaAPI {
         ml_pushapifunction(L, authzDecide); lua_setfield(L, -2, "decide")
     }
 
-    /// The block of the full userdata at `idx` when its metatable is `metatable` (compared
-    /// by pointer: no registry lookup by name per call), else nil.
+    /// Pushes a full userdata holding a retained reference to `object`, with the metatable
+    /// registered as `type` (whose __gc is `releaseBoxed`).
+    static func pushBoxed(_ L: OpaquePointer?, _ object: AnyObject, _ type: String) {
+        let slot = ml_newuserdata(L, MemoryLayout<UnsafeRawPointer?>.size)!.assumingMemoryBound(to: UnsafeRawPointer?.self)
+        slot.pointee = UnsafeRawPointer(Unmanaged.passRetained(object).toOpaque())
+        luaL_setmetatable(L, type)
+    }
+
+    /// The object in the userdata at `idx` when its metatable is `metatable` (compared by
+    /// pointer: no registry lookup by name per call), else nil.
     @inline(__always)
-    static func userdata(_ L: OpaquePointer?, _ idx: Int32, _ metatable: UnsafeRawPointer?) -> UnsafeMutableRawPointer? {
+    static func boxed<T: AnyObject>(_ L: OpaquePointer?, _ idx: Int32, _ metatable: UnsafeRawPointer?) -> T? {
         guard lua_type(L, idx) == LUA_TUSERDATA, lua_getmetatable(L, idx) != 0 else { return nil }
         let same = lua_topointer(L, -1) == metatable
         ml_pop(L, 1)
-        return same ? lua_touserdata(L, idx) : nil
+        guard same, let p = lua_touserdata(L, idx)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else { return nil }
+        return Unmanaged<T>.fromOpaque(box).takeUnretainedValue()
     }
 
-    static let authzDeciderGC: lua_CFunction = { L in
-        if let p = luaL_testudata(L, 1, authzDeciderType)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee {
-            Unmanaged<AuthzDecider>.fromOpaque(box).release()
+    /// __gc of a pushBoxed userdata of metatable `type`: releases its object once.
+    static func releaseBoxed(_ L: OpaquePointer?, _ type: String) {
+        if let p = luaL_testudata(L, 1, type)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee {
+            Unmanaged<AnyObject>.fromOpaque(box).release()
             p.pointee = nil
         }
-        return 0
     }
+
+    static let authzDeciderGC: lua_CFunction = { L in releaseBoxed(L, authzDeciderType); return 0 }
 
     /// The rule set of a compiled policy list (the table at `idx`: `native` from
     /// authz.rules and `ids`), nil for an empty list; fails on a list authz.rules refused.
@@ -172,10 +183,9 @@ extension LuaAPI {
         if lua_rawlen(L, idx) == 0 { return .success(nil) }
         lua_getfield(L, idx, "native")
         defer { ml_pop(L, 1) }
-        guard let p = luaL_testudata(L, -1, authzRulesType)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
+        guard let set: AuthzRuleSet = boxed(L, -1, LuaVM.vm(L).authzRulesMetatable) else {
             return .failure(AuthzDeciderError(message: "authz.decider: a list without native rules (authz.rules returned nil for it)"))
         }
-        let set = Unmanaged<AuthzRuleSet>.fromOpaque(box).takeUnretainedValue()
         lua_getfield(L, idx, "ids")
         defer { ml_pop(L, 1) }
         var ids: [String] = []
@@ -194,20 +204,17 @@ extension LuaAPI {
         let deny: AuthzRuleSet?, allow: AuthzRuleSet?
         switch ruleSet(L, 1) { case .success(let s): deny = s; case .failure(let e): return fail(L, e.message) }
         switch ruleSet(L, 2) { case .success(let s): allow = s; case .failure(let e): return fail(L, e.message) }
-        let slot = ml_newuserdata(L, MemoryLayout<UnsafeRawPointer?>.size)!.assumingMemoryBound(to: UnsafeRawPointer?.self)
-        slot.pointee = UnsafeRawPointer(Unmanaged.passRetained(AuthzDecider(deny: deny, allow: allow)).toOpaque())
-        luaL_setmetatable(L, authzDeciderType)
+        pushBoxed(L, AuthzDecider(deny: deny, allow: allow), authzDeciderType)
         return 1
     }
 
     /// authz.decide(s, decider): see AuthzDecider.
     static let authzDecide: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "decide"), kind == .stream else { return fail(L, outside) }
-        guard let p = userdata(L, 2, vm.authzDeciderMetatable)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
+        guard let d: AuthzDecider = boxed(L, 2, vm.authzDeciderMetatable) else {
             return fail(L, "authz.decide(s, decider): decider must come from authz.decider")
         }
         guard s.listener == .inbound else { return 0 }
-        let d = Unmanaged<AuthzDecider>.fromOpaque(box).takeUnretainedValue()
         if let deny = d.deny, let i = deny.first(s) {
             vm.metrics?.count("envoy_http_rbac_denied")
             rbacDeny(s, policy: deny.ids[i - 1])
@@ -224,13 +231,7 @@ extension LuaAPI {
         return 0
     }
 
-    static let authzRulesGC: lua_CFunction = { L in
-        if let p = luaL_testudata(L, 1, authzRulesType)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee {
-            Unmanaged<AuthzRuleSet>.fromOpaque(box).release()
-            p.pointee = nil
-        }
-        return 0
-    }
+    static let authzRulesGC: lua_CFunction = { L in releaseBoxed(L, authzRulesType); return 0 }
 
     /// Reads field `k` of the table at `idx` as a Lua integer (or nil).
     static func intField(_ L: OpaquePointer?, _ idx: Int32, _ k: String) -> Int? {
@@ -311,19 +312,17 @@ extension LuaAPI {
             ml_pop(L, 2)
             p += 1
         }
-        let slot = ml_newuserdata(L, MemoryLayout<UnsafeRawPointer?>.size)!.assumingMemoryBound(to: UnsafeRawPointer?.self)
-        slot.pointee = UnsafeRawPointer(Unmanaged.passRetained(set).toOpaque())
-        luaL_setmetatable(L, authzRulesType)
+        pushBoxed(L, set, authzRulesType)
         return 1
     }
 
     /// authz.first(s, rules): see AuthzRuleSet.
     static let authzFirst: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "first"), kind == .stream else { return fail(L, outside) }
-        guard let p = userdata(L, 2, vm.authzRulesMetatable)?.assumingMemoryBound(to: UnsafeRawPointer?.self), let box = p.pointee else {
+        guard let set: AuthzRuleSet = boxed(L, 2, vm.authzRulesMetatable) else {
             return fail(L, "authz.first(s, rules): rules must come from authz.rules")
         }
-        if let i = Unmanaged<AuthzRuleSet>.fromOpaque(box).takeUnretainedValue().first(s) {
+        if let i = set.first(s) {
             lua_pushinteger(L, lua_Integer(i))
         } else {
             lua_pushnil(L)

@@ -507,13 +507,20 @@ final class AuthzFilterTests: XCTestCase {
         Case(name: "tcp-allow-only-http", input: "tcp/allow-only-http-in.yaml", requests: []),
     ]
 
-    func test_istioBuilderConformanceCases_decideAsTheirEnvoyGoldens() throws {
+    /// Calls `body` with each conformance case and its input policies (renames applied).
+    func forEachConformanceCase(_ body: (Case, String) throws -> Void) throws {
         let root = Self.conformance
         guard FileManager.default.fileExists(atPath: root) else { throw XCTSkip("conformance data not found at \(root)") }
-        var checked = 0
         for k in Self.cases {
             var yaml = try String(contentsOfFile: "\(root)/\(k.input)", encoding: .utf8)
             for (from, to) in k.rename { yaml = yaml.replacingOccurrences(of: from, with: to) }
+            try body(k, yaml)
+        }
+    }
+
+    func test_istioBuilderConformanceCases_decideAsTheirEnvoyGoldens() throws {
+        var checked = 0
+        try forEachConformanceCase { k, yaml in
             let c = try chain(yaml, trustDomain: k.td, aliases: k.aliases)
             for (i, (q, want)) in k.requests.enumerated() {
                 XCTAssertEqual(allowed(c, q), want, "\(k.name) request \(i): \(q.method) \(q.path) principal=\(q.principal)")
@@ -527,12 +534,8 @@ final class AuthzFilterTests: XCTestCase {
         // authz.rules / authz.decider compile the common rules natively; the filter's Lua
         // loop is the reference. Both must give the same answer on every case, including
         // the ones the native path takes (principals, methods, paths, hosts, ports, IPs).
-        let root = Self.conformance
-        guard FileManager.default.fileExists(atPath: root) else { throw XCTSkip("conformance data not found at \(root)") }
         var checked = 0
-        for k in Self.cases {
-            var yaml = try String(contentsOfFile: "\(root)/\(k.input)", encoding: .utf8)
-            for (from, to) in k.rename { yaml = yaml.replacingOccurrences(of: from, with: to) }
+        try forEachConformanceCase { k, yaml in
             let native = try chain(yaml, trustDomain: k.td, aliases: k.aliases)
             let lua = try chain(yaml, trustDomain: k.td, aliases: k.aliases, luaOnly: true)
             var probes = k.requests.map(\.0)
