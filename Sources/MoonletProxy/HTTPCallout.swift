@@ -96,6 +96,16 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         return .success(.direct(host: host, port: p, authority: String(auth), path: path))
     }
 
+    /// Whether `host` names this machine: loopback (127.0.0.0/8, ::1, localhost), the
+    /// unspecified address, or an IPv4-mapped loopback.
+    static func isLocal(_ host: String) -> Bool {
+        let h = host.lowercased()
+        if h == "localhost" || h.hasSuffix(".localhost") || h == "::1" || h == "0.0.0.0" || h == "::" { return true }
+        if h.hasPrefix("127.") || h.hasPrefix("::ffff:127.") { return true }
+        if h.hasPrefix("0:0:0:0:0:0:0:1") { return true }
+        return false
+    }
+
     static func authority(_ host: String, _ port: Int) -> String { port == 80 ? host : "\(host):\(port)" }
 
     func begin(routes: RouteTable) {
@@ -127,6 +137,11 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
             wire = requestBytes(authority: authority, path: request.path ?? path)
             connect(host: e.address, port: e.port, key: key, sniHost: authority)
         case .direct(let host, let port, let authority, let path):
+            // The sidecar's own admin API (reload, config dump, log level) is the
+            // operator's, not a filter's: a plugin must not drive it.
+            if ctx.adminPort > 0 && port == ctx.adminPort && Self.isLocal(host) {
+                fail("the sidecar's own admin port (\(port)) is not a target for moonlet.http.call"); return
+            }
             wire = requestBytes(authority: authority, path: request.path ?? path)
             connect(host: host, port: port, key: "\(host):\(port)", sniHost: host)
         }

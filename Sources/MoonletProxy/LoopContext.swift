@@ -39,6 +39,9 @@ public final class LoopContext: @unchecked Sendable {
     /// The ports the proxy's listeners are bound to (set once they are): a connection
     /// there would loop.
     var listenerPorts: [Int] = []
+    /// The admin API's bound port (0 before it is bound, or when it is off): a Lua
+    /// `moonlet.http.call` to it on a local address is refused.
+    var adminPort = 0
     /// Refused-handshake log lines left in the current second (a flood of bad peers
     /// must not flood the log).
     var tlsLogBudget = 0

@@ -96,7 +96,8 @@ public final class ProxyServer: @unchecked Sendable {
             throw error
         }
         let own = Array(boundPorts.values)
-        for c in contexts { try? c.loop.submit { c.listenerPorts = own }.wait() }
+        let admin = boundPorts["admin"] ?? 0
+        for c in contexts { try? c.loop.submit { c.listenerPorts = own; c.adminPort = admin }.wait() }
         if (!settings.configPaths.isEmpty || settings.meshConfigPath != nil) && settings.watchIntervalMs > 0 {
             watchFingerprint = fingerprint()
             // Polled off the event loops: a reload waits for every loop to swap its chain.

@@ -114,6 +114,24 @@ final class HTTPCallTests: XCTestCase {
         }
     }
 
+    func test_httpCallToTheSidecarsOwnAdminPort_isRefused_soAPluginCannotReloadOrDumpIt() throws {
+        let px = try proxy("""
+        return { on_request = function(s)
+          local res, err = moonlet.http.call(s.request.headers:get("x-target"), { method = "POST", path = "/plugins/reload", timeout_ms = 2000 })
+          s.request.headers:set("x-err", err or ("status " .. res.status))
+        end }
+        """)
+        defer { px.stop() }
+        for host in ["127.0.0.1", "localhost", "127.0.0.2", "[::1]"] {
+            XCTAssertEqual(get(try RawClient(port: px.inbound), "/", headers: "x-target: http://\(host):\(px.admin)/\r\n")?.status, 200)
+            let err = app.seen.last?.headers.first(name: "x-err") ?? ""
+            XCTAssertTrue(err.contains("own admin port (\(px.admin)) is not a target"), "\(host): \(err)")
+        }
+        // Other local ports stay reachable (the app here).
+        XCTAssertEqual(get(try RawClient(port: px.inbound), "/", headers: "x-target: http://127.0.0.1:\(app.port)/\r\n")?.status, 200)
+        XCTAssertEqual(app.seen.last?.headers.first(name: "x-err"), "status 200")
+    }
+
     func test_twentyWaitingCallsOnOneEventLoop_finishTogether_andAPlainRequestIsNotDelayed() throws {
         let px = try proxy(caller("http://127.0.0.1:\(callee.port)"), concurrency: 1)
         defer { px.stop() }
