@@ -367,22 +367,7 @@ final class InterceptionTests: XCTestCase {
         """
         let p = try sidecar(["se.yaml": se], original: "203.0.113.9", port: 443, mesh: "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n")
         defer { p.stop() }
-        func get(sni: String) -> String? {
-            var c = TLSConfiguration.makeClientConfiguration()
-            c.certificateVerification = .none
-            guard let cctx = try? NIOSSLContext(configuration: c) else { return nil }
-            let got = group.next().makePromise(of: String.self)
-            let ch = try? ClientBootstrap(group: group).channelInitializer { ch in
-                ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: cctx, serverHostname: sni))
-                    try ch.pipeline.syncOperations.addHandler(TextCollector(got))
-                }
-            }.connect(host: "127.0.0.1", port: p.outbound).wait()
-            ch?.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: \(sni)\r\n\r\n"), promise: nil)
-            let timer = group.next().scheduleTask(in: .seconds(5)) { got.fail(ChannelError.connectTimeout(.seconds(5))) }
-            defer { timer.cancel(); ch?.close(promise: nil) }
-            return try? got.futureResult.wait()
-        }
+        func get(sni: String) -> String? { TextCollector.tlsGet(group: group, port: p.outbound, sni: sni) }
         XCTAssertEqual(get(sni: "api.example.internal")?.hasSuffix("tls-ok"), true)
         XCTAssertNil(get(sni: "other.example.internal"), "an SNI no ServiceEntry names is blocked (REGISTRY_ONLY)")
     }
@@ -461,6 +446,25 @@ final class TextCollector: ChannelInboundHandler {
         if text.isEmpty { promise.fail(ChannelError.eof) } else { promise.succeed(text) }
     }
     func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+
+    /// Sends `GET /` over TLS with server name `sni` to 127.0.0.1:`port` (any certificate
+    /// accepted) and returns what came back, or nil when nothing did within 5 s.
+    static func tlsGet(group: EventLoopGroup, port: Int, sni: String) -> String? {
+        var c = TLSConfiguration.makeClientConfiguration()
+        c.certificateVerification = .none
+        guard let cctx = try? NIOSSLContext(configuration: c) else { return nil }
+        let got = group.next().makePromise(of: String.self)
+        let ch = try? ClientBootstrap(group: group).channelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: cctx, serverHostname: sni))
+                try ch.pipeline.syncOperations.addHandler(TextCollector(got))
+            }
+        }.connect(host: "127.0.0.1", port: port).wait()
+        ch?.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: \(sni)\r\n\r\n"), promise: nil)
+        let timer = group.next().scheduleTask(in: .seconds(5)) { got.fail(ChannelError.connectTimeout(.seconds(5))) }
+        defer { timer.cancel(); ch?.close(promise: nil) }
+        return try? got.futureResult.wait()
+    }
 }
 
 /// Answers any request on a TLS connection with 200 "tls-ok".

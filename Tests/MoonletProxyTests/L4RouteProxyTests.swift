@@ -132,22 +132,7 @@ final class L4RouteProxyTests: XCTestCase {
         let original = NIOLockedValueBox(try SocketAddress(ipAddress: Self.vip, port: 443))
         let p = try sidecar(["c.yaml": config], original: original)
         defer { p.stop() }
-        func get(sni: String) -> String? {
-            var c = TLSConfiguration.makeClientConfiguration()
-            c.certificateVerification = .none
-            guard let cctx = try? NIOSSLContext(configuration: c) else { return nil }
-            let got = group.next().makePromise(of: String.self)
-            let ch = try? ClientBootstrap(group: group).channelInitializer { ch in
-                ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: cctx, serverHostname: sni))
-                    try ch.pipeline.syncOperations.addHandler(TextCollector(got))
-                }
-            }.connect(host: "127.0.0.1", port: p.outbound).wait()
-            ch?.writeAndFlush(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: \(sni)\r\n\r\n"), promise: nil)
-            let timer = group.next().scheduleTask(in: .seconds(5)) { got.fail(ChannelError.connectTimeout(.seconds(5))) }
-            defer { timer.cancel(); ch?.close(promise: nil) }
-            return try? got.futureResult.wait()
-        }
+        func get(sni: String) -> String? { TextCollector.tlsGet(group: group, port: p.outbound, sni: sni) }
         XCTAssertEqual(get(sni: "eu.front.example.internal")?.hasSuffix("beta:tls-ok"), true, "the tls rule's SNI: its destination")
         XCTAssertEqual(get(sni: "front.example.internal")?.hasSuffix("front:tls-ok"), true, "no tls rule matches: the service's own endpoints")
     }
