@@ -129,22 +129,26 @@ extension LuaAPI {
     static let authzRulesType = "moonlet.authz_rules"
     static let authzDeciderType = "moonlet.authz_decider"
 
-    /// Adds `rules` and `first` to the moonlet.authz table on top of the stack.
+    /// Adds `rules`, `first`, `decider` and `decide` to the moonlet.authz table on top of
+    /// the stack.
     static func installAuthzRules(_ L: OpaquePointer) {
-        luaL_newmetatable(L, authzRulesType)
-        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
-        ml_pushapifunction(L, authzRulesGC); lua_setfield(L, -2, "__gc")
-        LuaVM.vm(L).authzRulesMetatable = lua_topointer(L, -1)
-        ml_pop(L, 1)
-        luaL_newmetatable(L, authzDeciderType)
-        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
-        ml_pushapifunction(L, authzDeciderGC); lua_setfield(L, -2, "__gc")
-        LuaVM.vm(L).authzDeciderMetatable = lua_topointer(L, -1)
-        ml_pop(L, 1)
+        let vm = LuaVM.vm(L)
+        vm.authzRulesMetatable = boxedMetatable(L, authzRulesType, gc: authzRulesGC)
+        vm.authzDeciderMetatable = boxedMetatable(L, authzDeciderType, gc: authzDeciderGC)
         ml_pushapifunction(L, authzRules); lua_setfield(L, -2, "rules")
         ml_pushapifunction(L, authzFirst); lua_setfield(L, -2, "first")
         ml_pushapifunction(L, authzDeciderNew); lua_setfield(L, -2, "decider")
         ml_pushapifunction(L, authzDecide); lua_setfield(L, -2, "decide")
+    }
+
+    /// Registers the locked metatable of a pushBoxed userdata type, with its finalizer;
+    /// returns it for `boxed` to compare by pointer.
+    static func boxedMetatable(_ L: OpaquePointer, _ type: String, gc: lua_CFunction) -> UnsafeRawPointer? {
+        luaL_newmetatable(L, type)
+        lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        ml_pushapifunction(L, gc); lua_setfield(L, -2, "__gc")
+        defer { ml_pop(L, 1) }
+        return lua_topointer(L, -1)
     }
 
     /// Pushes a full userdata holding a retained reference to `object`, with the metatable
