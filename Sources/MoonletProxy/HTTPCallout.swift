@@ -102,7 +102,7 @@ final class HTTPCallout: UpstreamDelegate, LuaHTTPCancellable {
         let h = host.lowercased()
         if h == "localhost" || h.hasSuffix(".localhost") || h == "::1" || h == "0.0.0.0" || h == "::" { return true }
         if h.hasPrefix("127.") || h.hasPrefix("::ffff:127.") { return true }
-        if h.hasPrefix("0:0:0:0:0:0:0:1") { return true }
+        if h == "0:0:0:0:0:0:0:1" { return true }
         return false
     }
 
