@@ -9,35 +9,45 @@ import Darwin
 /// detection (what matters for server-first protocols such as MySQL); anything else is
 /// sniffed.
 public enum PortProtocol: String, Sendable {
-    case http = "HTTP", http2 = "HTTP2", grpc = "GRPC", tcp = "TCP", tls = "TLS"
+    case http = "HTTP", http2 = "HTTP2", grpc = "GRPC", grpcWeb = "GRPC-WEB", tcp = "TCP", tls = "TLS"
     /// Not declared (or a protocol Moonlet does not know): detected from the first bytes.
     case sniff = "AUTO"
 
-    /// HTTP, HTTP2, GRPC(-Web): the HTTP listener; HTTPS and TLS: TLS passthrough;
+    /// HTTP, HTTP2, GRPC, GRPC-WEB: the HTTP listener; HTTPS and TLS: TLS passthrough;
     /// TCP, MYSQL, MONGO, REDIS: opaque TCP (Istio without the protocol filters).
     public init(declared: String) {
         switch declared.uppercased() {
         case "HTTP", "HTTP_PROXY": self = .http
         case "HTTP2": self = .http2
-        case "GRPC", "GRPC-WEB": self = .grpc
+        case "GRPC": self = .grpc
+        case "GRPC-WEB": self = .grpcWeb
         case "HTTPS", "TLS": self = .tls
         case "TCP", "MYSQL", "MONGO", "REDIS": self = .tcp
         default: self = .sniff
         }
     }
 
-    /// A service port's protocol: `protocol`, else the name prefix before the first '-'.
+    /// A service port's protocol, the one reading of it that every part of Moonlet uses:
+    /// `protocol` when it names a protocol, else the port name as Istio parses it
+    /// (kube ConvertProtocol): a `grpc-web` prefix is gRPC-Web (HTTP/1.1, not HTTP/2),
+    /// otherwise the prefix before the first '-' (`grpc-orders` → GRPC).
     public init(_ p: ServicePort) {
         if !p.protocolName.isEmpty {
             let d = PortProtocol(declared: p.protocolName)
             if d != .sniff { self = d; return }
         }
-        let prefix = p.name.split(separator: "-", maxSplits: 1).first.map(String.init) ?? ""
+        let name = p.name.lowercased()
+        if name.hasPrefix("grpc-web") { self = .grpcWeb; return }
+        let prefix = name.split(separator: "-", maxSplits: 1).first.map(String.init) ?? ""
         self = PortProtocol(declared: prefix)
     }
 
     /// The connection is served as HTTP.
-    public var isHTTP: Bool { self == .http || self == .http2 || self == .grpc }
+    public var isHTTP: Bool { self == .http || self == .http2 || self == .grpc || self == .grpcWeb }
+
+    /// The port speaks HTTP/2 (HTTP2 or GRPC; gRPC-Web is HTTP/1.1): h2c to such an app
+    /// port, h2 toward it between sidecars.
+    public var isHTTP2: Bool { self == .http2 || self == .grpc }
 }
 
 /// Where an intercepted connection's original destination ("ip:port") leads: a service

@@ -421,6 +421,15 @@ public struct ConfigLoader {
                 out.skipped += notes
                 continue
             }
+            if apiVersion == "v1" && kind == "Service" {
+                // A Kubernetes Service: a registry entry as Istio's reads it (KubernetesService.swift).
+                out.errors += Self.checkMetadata(meta, file: file, resource: resource)
+                var d = TrafficDecoder(file: file, resource: resource, namespace: namespace.isEmpty ? "default" : namespace)
+                if let v = d.kubernetesService(spec, name: name, nameNode: meta?.child("name"), line: doc.line) { out.serviceEntries.append(v) }
+                out.errors += d.errors
+                out.skipped += d.notApplied
+                continue
+            }
             let group = apiVersion.split(separator: "/").first.map(String.init) ?? ""
             let ver = apiVersion.split(separator: "/").dropFirst().first.map(String.init) ?? ""
             if Self.istioGroups.contains(group) {

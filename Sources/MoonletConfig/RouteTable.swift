@@ -67,11 +67,11 @@ public final class ClusterInfo: UpstreamCluster, @unchecked Sendable {
     /// port's declared protocol (its `protocol` field, else its name's prefix before
     /// "-"), then the DestinationRule's connectionPool.http settings.
     static func upstreamProtocol(_ p: ClusterPolicy, port: ServicePort?) -> UpstreamProtocol {
-        let declared = (port.map { $0.protocolName.isEmpty ? String($0.name.split(separator: "-").first ?? "") : $0.protocolName } ?? "").lowercased()
-        if declared == "http2" || declared == "grpc" { return .http2 }
+        let declared = port.map(PortProtocol.init) ?? .sniff
+        if declared.isHTTP2 { return .http2 }
         if p.useClientProtocol { return .likeDownstream }
         if p.h2UpgradePolicy == "UPGRADE" { return .http2 }
-        if declared == "http" || p.h2UpgradePolicy == "DO_NOT_UPGRADE" { return .http1 }
+        if declared == .http || declared == .grpcWeb || p.h2UpgradePolicy == "DO_NOT_UPGRADE" { return .http1 }
         return .likeDownstream
     }
 
@@ -313,18 +313,11 @@ public final class RouteTable: @unchecked Sendable {
     /// decides what a host outside the table gets (REGISTRY_ONLY: 502, BlackHoleCluster).
     public internal(set) var scope = SidecarScope.everything
     /// This workload's ports that speak HTTP/2 (h2c for the inbound side to the app): the
-    /// workload ports (targetPort, else number) declared HTTP2 or GRPC — by `protocol`, or
-    /// a name prefix `http2-`/`grpc-` — by a ServiceEntry of this namespace whose
-    /// workloadSelector matches this workload's labels, as Istio takes the app port's
-    /// protocol from the services that select the workload.
+    /// workload ports (targetPort, else number) declared HTTP2 or GRPC (PortProtocol) by a
+    /// ServiceEntry or Kubernetes Service of this namespace whose workloadSelector
+    /// (selector) matches this workload's labels, as Istio takes the app port's protocol
+    /// from the services that select the workload.
     public private(set) var inboundHTTP2Ports: Set<Int> = []
-
-    /// Whether a port declared with `protocol` (empty: none) and `name` speaks HTTP/2 or
-    /// gRPC, as Istio reads it: the protocol, else the name's prefix before "-".
-    public static func declaresHTTP2(protocolName: String, name: String) -> Bool {
-        let declared = (protocolName.isEmpty ? String(name.split(separator: "-").first ?? "") : protocolName).lowercased()
-        return declared == "http2" || declared == "grpc"
-    }
 
     public static let empty = RouteTable(localNamespace: "default", localLabels: [:])
 
@@ -396,7 +389,7 @@ public final class RouteTable: @unchecked Sendable {
         }
         for s in se where s.namespace == localNamespace {
             guard let sel = s.workloadSelector, !sel.isEmpty, sel.allSatisfy({ localLabels[$0.key] == $0.value }) else { continue }
-            for p in s.ports where declaresHTTP2(protocolName: p.protocolName, name: p.name) { t.inboundHTTP2Ports.insert(p.targetPort ?? p.number) }
+            for p in s.ports where PortProtocol(p).isHTTP2 { t.inboundHTTP2Ports.insert(p.targetPort ?? p.number) }
         }
         for s in se {
             var endpoints = s.endpoints

@@ -130,6 +130,27 @@ final class H2CTests: XCTestCase {
         XCTAssertEqual(get(try RawClient(port: px2.inbound), "/y")?.body, "GET /y 0")
     }
 
+    /// A Kubernetes Service selecting the workload declares its app port's protocol as
+    /// Istio reads it: `appProtocol: grpc` is h2c; a `grpc-web` port name is gRPC-Web,
+    /// which is HTTP/1.1.
+    func test_inbound_aKubernetesServiceDeclaresTheAppPort_appProtocolGRPCIsH2C_aGRPCWebNameIsHTTP1() throws {
+        func service(_ port: String, target: Int) -> String {
+            "apiVersion: v1\nkind: Service\nmetadata: {name: orders, namespace: production}\nspec:\n  selector: {app: orders}\n  ports: [\(port)]\n"
+                .replacingOccurrences(of: "TARGET", with: String(target))
+        }
+        let app = try H2CApp()
+        defer { app.stop() }
+        let px = try ordersSidecar(app: app.port, entry: service("{name: api, port: 50051, targetPort: TARGET, appProtocol: grpc}", target: app.port))
+        defer { px.stop() }
+        XCTAssertEqual(get(try RawClient(port: px.inbound), "/orders.Orders/Get")?.body, "GET /orders.Orders/Get 0", "the h2c app answered")
+        XCTAssertEqual(app.connections, 1)
+        let up = try TestUpstream()
+        defer { up.stop() }
+        let px2 = try ordersSidecar(app: up.port, entry: service("{name: grpc-web, port: 8080, targetPort: TARGET}", target: up.port))
+        defer { px2.stop() }
+        XCTAssertEqual(get(try RawClient(port: px2.inbound), "/x")?.body, "hello", "HTTP/1.1 to a gRPC-Web port")
+    }
+
     /// gRPC's trailers-only answer (one HEADERS frame with END_STREAM and grpc-status):
     /// the client gets one header-only block, without a `content-length: 0` of the
     /// proxy's among its metadata.
