@@ -112,10 +112,30 @@ extension L4Match {
 }
 
 extension RouteTable {
-    /// The HTTP routes a VirtualService gives its hosts: nil (the default route) when it
-    /// has only `tcp`/`tls` rules, as Istio builds HTTP routes from `http` alone.
+    /// The HTTP routes a VirtualService gives its hosts on a sidecar: nil (the default
+    /// route) when it has only `tcp`/`tls` rules, as Istio builds HTTP routes from `http`
+    /// alone. As Istio builds a sidecar's routes, a match whose `gateways` (its own, else
+    /// none: the VirtualService's, which `appliesToSidecar` checked) do not include `mesh`
+    /// is dropped, and a rule all of whose matches were dropped goes with them (it does
+    /// not become a catch-all).
     static func httpRoutes(_ v: VirtualServiceSpec) -> [HTTPRouteRule]? {
-        v.http.isEmpty && (!v.tcp.isEmpty || !v.tls.isEmpty) ? nil : v.http
+        if v.http.isEmpty && (!v.tcp.isEmpty || !v.tls.isEmpty) { return nil }
+        if !v.http.contains(where: { r in r.matches.contains { !$0.gateways.isEmpty && !$0.gateways.contains("mesh") } }) { return v.http }
+        return v.http.compactMap { r in
+            var r = r
+            let kept = r.matches.filter { $0.gateways.isEmpty || $0.gateways.contains("mesh") }
+            if !r.matches.isEmpty && kept.isEmpty { return nil }
+            r.matches = kept
+            return r
+        }
+    }
+
+    /// Whether a VirtualService applies to sidecars: no `gateways` (Istio's default,
+    /// `mesh`), or a list that includes `mesh`. One bound only to gateways (Istio's
+    /// ingress examples: `gateways: [bookinfo-gateway]`, often with `hosts: ["*"]`) does
+    /// not route a sidecar's traffic.
+    static func appliesToSidecars(_ v: VirtualServiceSpec) -> Bool {
+        v.gateways.isEmpty || v.gateways.contains("mesh")
     }
 
     /// The `tcp` and `tls` rules of virtual host `vh` compiled for this proxy (called by

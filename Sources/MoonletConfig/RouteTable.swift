@@ -460,7 +460,7 @@ public final class RouteTable: @unchecked Sendable {
         }
         var vsTokens: [String: DocumentToken] = [:]
         for v in vs {
-            for h in v.hosts {
+            for h in v.hosts where Self.appliesToSidecars(v) {
                 let fqdn = HostName.canonical(h, namespace: v.namespace)
                 if fqdn.hasPrefix("*") {
                     let vh = VirtualHost(fqdn: fqdn)

@@ -54,6 +54,9 @@ public struct RouteMatch: @unchecked Sendable {
     public var port: Int?
     public var sourceLabels: [String: String] = [:]
     public var sourceNamespace: String?
+    /// The gateways this match applies to (empty: the VirtualService's); a sidecar keeps
+    /// the match only when they include `mesh` (RouteTable.httpRoutes).
+    public var gateways: [String] = []
     public init() {}
 }
 

@@ -543,7 +543,7 @@ struct TrafficDecoder {
         m.port = int(n.child("port"), "\(path).port", range: 1...65535)
         m.sourceLabels = labels(n.child("sourceLabels"), "\(path).sourceLabels")
         m.sourceNamespace = string(n.child("sourceNamespace"), "\(path).sourceNamespace")
-        _ = stringList(n.child("gateways"), "\(path).gateways")
+        m.gateways = stringList(n.child("gateways"), "\(path).gateways")
         for k in ["name", "statPrefix"] { _ = string(n.child(k), "\(path).\(k)") }
         return m
     }

@@ -212,3 +212,43 @@ final class IPv6HostTests: XCTestCase {
         XCTAssertEqual(t.addressIndex.lookup(ip: "fd00:96:0::50", port: 80)?.service.fqdn, "web.default.svc.cluster.local")
     }
 }
+
+/// HTTP routes and `gateways`: what applies to a sidecar, as Istio builds its routes.
+final class GatewayBindingTests: XCTestCase {
+    func test_aVirtualServiceBoundOnlyToAGateway_doesNotRouteTheSidecar_evenWithHostsStar() throws {
+        let t = try RoutingTests.load("""
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: bookinfo, namespace: default}
+        spec:
+          hosts: ["*"]
+          gateways: [bookinfo-gateway]
+          http:
+          - match: [{uri: {exact: /productpage}}]
+            route: [{destination: {host: svc, port: {number: 8080}}}]
+          - directResponse: {status: 418}
+        """)
+        XCTAssertNil(t.lookup("other.example"), "no wildcard host for the sidecar")
+        XCTAssertNil(t.lookup("svc")?.routes, "svc keeps its default route")
+        XCTAssertTrue(t.wildcards.isEmpty)
+    }
+
+    func test_matchesBoundToAGatewayAreDropped_andARuleLeftWithoutMatchesGoesWithThem() throws {
+        let t = try RoutingTests.load(RoutingTests.vs("""
+          - match: [{uri: {prefix: /gw}, gateways: [ingress]}]
+            route: [{destination: {host: svc, subset: v2}}]
+          - match: [{uri: {prefix: /both}, gateways: [ingress]}, {uri: {prefix: /mesh}, gateways: [mesh]}]
+            route: [{destination: {host: svc, subset: v2}}]
+          - route: [{destination: {host: svc, subset: v1}}]
+        """) + "\n")
+        let routes = try XCTUnwrap(t.lookup("svc")?.routes)
+        XCTAssertEqual(routes.count, 2, "the gateway-only rule is gone, not turned into a catch-all")
+        XCTAssertEqual(routes[0].matches.count, 1)
+        XCTAssertEqual(routes[0].matches.first?.gateways, ["mesh"])
+        XCTAssertTrue(routes[1].matches.isEmpty)
+        let mixed = try RoutingTests.load(RoutingTests.vs("""
+          - route: [{destination: {host: svc, subset: v1}}]
+        """).replacingOccurrences(of: "spec:\n", with: "spec:\n  gateways: [mesh, ingress]\n") + "\n")
+        XCTAssertNotNil(mixed.lookup("svc")?.routes, "a VirtualService for mesh and a gateway routes the sidecar")
+    }
+}
