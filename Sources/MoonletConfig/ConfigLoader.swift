@@ -118,6 +118,10 @@ public struct ConfigLoader {
         if securityScope == .workload {
             scope = SidecarScope(SidecarScope.select(all.sidecars, workload: workload, notes: &notes))
             all = scope.filter(all)
+            // What other namespaces keep to themselves (exportTo) is not this sidecar's.
+            all.virtualServices.removeAll { !ExportTo.visible($0.exportTo, from: $0.namespace, to: namespace) }
+            all.destinationRules.removeAll { !ExportTo.visible($0.exportTo, from: $0.namespace, to: namespace) }
+            all.serviceEntries.removeAll { !ExportTo.visible($0.exportTo, from: $0.namespace, to: namespace) }
         }
         let routes = RouteTable.build(vs: all.virtualServices, dr: all.destinationRules, se: all.serviceEntries, we: all.workloadEntries,
                                       localNamespace: namespace, localLabels: labels, errors: &errors, previous: cache?.routes)

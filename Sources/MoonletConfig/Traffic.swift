@@ -174,6 +174,8 @@ public struct VirtualServiceSpec: Sendable {
     public var tcp: [L4RouteRule] = []
     /// `spec.tls`: routes for TLS passed through, by SNI (L4Routes.swift).
     public var tls: [L4RouteRule] = []
+    /// `spec.exportTo` (ExportTo.visible): the namespaces whose sidecars see it.
+    public var exportTo: [String] = []
 }
 
 public struct Subset: Sendable {
@@ -194,6 +196,8 @@ public struct DestinationRuleSpec: Sendable {
     public var trafficPolicy: ConfigValue?
     public var file: String
     public var line: Int
+    /// `spec.exportTo` (ExportTo.visible): the namespaces whose sidecars see it.
+    public var exportTo: [String] = []
 }
 
 /// A workload endpoint: a WorkloadEntry or a ServiceEntry endpoint.
@@ -236,6 +240,8 @@ public struct ServiceEntrySpec: Sendable {
     public var workloadSelector: [String: String]?
     public var file: String
     public var line: Int
+    /// `spec.exportTo` (ExportTo.visible): the namespaces whose sidecars see it.
+    public var exportTo: [String] = []
     public init(name: String, namespace: String, hosts: [String], addresses: [String] = [], ports: [ServicePort], resolution: String, endpoints: [Endpoint],
                 workloadSelector: [String: String]?, file: String, line: Int) {
         self.name = name; self.namespace = namespace; self.hosts = hosts; self.addresses = addresses; self.ports = ports; self.resolution = resolution

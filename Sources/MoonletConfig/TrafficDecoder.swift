@@ -195,9 +195,9 @@ struct TrafficDecoder {
                 if let rule = httpRoute(r, "spec.http[\(i)]") { routes.append(rule) }
             }
         }
-        _ = stringList(spec.child("exportTo"), "spec.exportTo")
         var v = VirtualServiceSpec(name: name, namespace: namespace, hosts: hosts, gateways: stringList(spec.child("gateways"), "spec.gateways"),
                                    http: routes, file: file, line: line)
+        v.exportTo = exportTo(spec.child("exportTo"))
         for (i, r) in list(spec.child("tcp"), "spec.tcp").enumerated() {
             if let rule = l4Route(r, "spec.tcp[\(i)]", tls: false, hosts: hosts) { v.tcp.append(rule) }
         }
@@ -565,10 +565,11 @@ struct TrafficDecoder {
             subsets.append(Subset(name: n, labels: labels(s.child("labels"), "\(p).labels"), trafficPolicy: s.child("trafficPolicy")?.value))
         }
         if let tp = spec.child("trafficPolicy") { trafficPolicy(tp, "spec.trafficPolicy") }
-        _ = stringList(spec.child("exportTo"), "spec.exportTo")
         selector(spec.child("workloadSelector"), "spec.workloadSelector")
-        return DestinationRuleSpec(name: name, namespace: namespace, host: host, fqdn: HostName.canonical(host, namespace: namespace),
-                                   subsets: subsets, trafficPolicy: spec.child("trafficPolicy")?.value, file: file, line: line)
+        var rule = DestinationRuleSpec(name: name, namespace: namespace, host: host, fqdn: HostName.canonical(host, namespace: namespace),
+                                       subsets: subsets, trafficPolicy: spec.child("trafficPolicy")?.value, file: file, line: line)
+        rule.exportTo = exportTo(spec.child("exportTo"))
+        return rule
     }
 
     /// A TrafficPolicy (top level or a subset's), or with `portLevel` one of its
@@ -766,7 +767,7 @@ struct TrafficDecoder {
         for (i, a) in addresses.enumerated() {
             if let problem = Self.ipOrCIDRProblem(a) { err(spec.child("addresses")?.sequence?[i], "spec.addresses[\(i)]", problem) }
         }
-        _ = stringList(spec.child("exportTo"), "spec.exportTo")
+        let visibleTo = exportTo(spec.child("exportTo"))
         _ = stringList(spec.child("subjectAltNames"), "spec.subjectAltNames")
         _ = enumValue(spec.child("location"), "spec.location", ["MESH_EXTERNAL", "MESH_INTERNAL"])
         if addresses.contains(where: { $0.contains("/") }) && !["NONE", "STATIC"].contains(resolution) {
@@ -799,8 +800,24 @@ struct TrafficDecoder {
         }
         if resolution == "NONE" && !endpoints.isEmpty { err(spec.child("endpoints"), "spec.endpoints", "NONE mode cannot set endpoints") }
         if resolution == "DNS_ROUND_ROBIN" && endpoints.count > 1 { err(spec.child("endpoints"), "spec.endpoints", "DNS_ROUND_ROBIN mode cannot have multiple endpoints") }
-        return ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, addresses: addresses, ports: ports, resolution: resolution,
-                                endpoints: endpoints, workloadSelector: selector, file: file, line: line)
+        var entry = ServiceEntrySpec(name: name, namespace: namespace, hosts: hosts, addresses: addresses, ports: ports, resolution: resolution,
+                                     endpoints: endpoints, workloadSelector: selector, file: file, line: line)
+        entry.exportTo = visibleTo
+        return entry
+    }
+
+    /// `spec.exportTo`, checked as Istio checks it: each entry `.` (this namespace), `*`
+    /// (every namespace), `~` (none, alone) or a namespace name, no duplicates.
+    mutating func exportTo(_ n: PositionedNode?) -> [String] {
+        let list = stringList(n, "spec.exportTo")
+        var seen = Set<String>()
+        for (i, e) in list.enumerated() {
+            let path = "spec.exportTo[\(i)]"
+            if !seen.insert(e).inserted { err(n?.sequence?[i], path, "duplicate entries in exportTo: \(e)") }
+            if e == "~" && list.count > 1 { err(n?.sequence?[i], path, "cannot have both ~ and other entries in exportTo") }
+            if e != "." && e != "*" && e != "~" && !ExportTo.isNamespaceName(e) { err(n?.sequence?[i], path, "\(e) is not a valid namespace name, ., * or ~") }
+        }
+        return list
     }
 }
 

@@ -252,3 +252,54 @@ final class GatewayBindingTests: XCTestCase {
         XCTAssertNotNil(mixed.lookup("svc")?.routes, "a VirtualService for mesh and a gateway routes the sidecar")
     }
 }
+
+/// `exportTo` of VirtualService, DestinationRule and ServiceEntry, applied per sidecar.
+final class ExportToTests: XCTestCase {
+    static func entry(_ name: String, ns: String, exportTo: String) -> String {
+        """
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {name: \(name), namespace: \(ns)}
+        spec:
+          hosts: [\(name).example.com]
+          exportTo: \(exportTo)
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 10.9.0.1}]
+        """
+    }
+
+    func test_resourcesAreSeenOnlyByTheNamespacesTheyAreExportedTo() throws {
+        let t = try RoutingTests.load([
+            Self.entry("mine", ns: "default", exportTo: "[.]"),
+            Self.entry("theirs", ns: "other", exportTo: "[.]"),
+            Self.entry("named", ns: "other", exportTo: "[default]"),
+            Self.entry("all", ns: "other", exportTo: "[\"*\"]"),
+            Self.entry("none", ns: "default", exportTo: "[\"~\"]"),
+            """
+            apiVersion: networking.istio.io/v1beta1
+            kind: VirtualService
+            metadata: {name: hidden, namespace: other}
+            spec:
+              hosts: [svc.default.svc.cluster.local]
+              exportTo: [.]
+              http: [{directResponse: {status: 418}}]
+            """,
+        ].joined(separator: "\n---\n"))
+        XCTAssertNotNil(t.services["mine.example.com"], "its own namespace with .")
+        XCTAssertNil(t.services["theirs.example.com"], "another namespace's . is not ours")
+        XCTAssertNotNil(t.services["named.example.com"], "exported to default by name")
+        XCTAssertNotNil(t.services["all.example.com"])
+        XCTAssertNil(t.services["none.example.com"], "~ hides it from everyone")
+        XCTAssertNil(t.lookup("svc")?.routes, "the other namespace's private VirtualService does not route us")
+    }
+
+    func test_badExportToEntriesAreRefusedAsIstioRefusesThem() throws {
+        let r = Result { try RoutingTests.load(Self.entry("bad", ns: "default", exportTo: "[\"~\", ., Not_A_Namespace, .]")) }
+        guard case .failure(let e as ConfigErrors) = r else { return XCTFail("accepted: \(r)") }
+        for want in ["spec.exportTo[0]: cannot have both ~ and other entries", "spec.exportTo[2]: Not_A_Namespace is not a valid namespace name",
+                     "spec.exportTo[3]: duplicate entries in exportTo: ."] {
+            XCTAssertTrue(e.description.contains(want), "missing \(want) in:\n\(e)")
+        }
+    }
+}
