@@ -209,6 +209,23 @@ extension TelemetryPolicy {
         return out
     }
 
+    /// Every Telemetry resource compiled alone, for a workload of its namespace that its
+    /// selector selects (`moonlet validate`: what `moonlet run` would refuse or note).
+    public static func validate(_ istio: [IstioResource], mesh: MeshConfigFile) -> (errors: [ConfigError], notes: [String]) {
+        var errors: [ConfigError] = [], notes: [String] = []
+        for r in istio where r.kind == "Telemetry" {
+            var labels: [String: String] = [:]
+            if case .map(let m)? = r.spec["selector"]?["matchLabels"] { for (k, v) in m { labels[k] = v.stringValue ?? "" } }
+            let ns = r.namespace.isEmpty ? "default" : r.namespace
+            let w = WorkloadIdentity(namespace: ns, serviceAccount: "default", labels: labels, rootNamespace: mesh.rootNamespace)
+            switch compile([r], mesh: mesh, workload: w) {
+            case .success(let p): notes += p.notes
+            case .failure(let e): errors += e.errors
+            }
+        }
+        return (errors, notes)
+    }
+
     /// Compiles the Telemetry resources that apply to `workload`, with the mesh config's
     /// access log and tracing keys and extension providers. Errors (an unknown provider
     /// kind for a section, an unsupported CEL expression) name the resource's file:line.
@@ -238,6 +255,11 @@ extension TelemetryPolicy {
             }
         }
         let ordered = levels.flatMap { $0 }   // least to most specific
+        // A provider the mesh config does not define is skipped, as istiod skips it
+        // (the resource is valid; the provider may be defined later): a logged note.
+        func unknownProvider(_ r: IstioResource, _ path: String, _ name: String) -> String {
+            "\(r.file):\(r.line): Telemetry \(r.namespace)/\(r.name): \(path).providers: provider \"\(name)\" is not among the mesh config's extensionProviders: skipped, as Istio skips it"
+        }
         func err(_ r: IstioResource, _ field: String, _ msg: String) {
             errors.append(ConfigError(file: r.file, line: r.line, column: 1, resource: "Telemetry \(r.namespace)/\(r.name)", field: field, message: msg))
         }
@@ -266,7 +288,7 @@ extension TelemetryPolicy {
                 if names.isEmpty { names = ["envoy"] }   // Istio's default provider
                 for n in names {
                     if n == "envoy" { a.outputs.append(envoyOutput(mesh)); continue }
-                    guard let prov = providers[n] else { err(r, "\(path).providers", "provider \"\(n)\" is not among the mesh config's extensionProviders"); continue }
+                    guard let prov = providers[n] else { p.notes.append(unknownProvider(r, path, n)); continue }
                     guard case .envoyFileAccessLog(let fl) = prov.kind else {
                         p.notes.append("\(r.file):\(r.line): \(a.source): \(path): provider \"\(n)\" is \(prov.kindName), not an access log Moonlet writes: ignored")
                         continue
@@ -314,7 +336,7 @@ extension TelemetryPolicy {
                 if case .array(let ps)? = e["providers"] {
                     var cs: [TraceCollector] = []
                     for n in ps.compactMap({ $0["name"]?.stringValue }) {
-                        guard let prov = providers[n] else { err(r, "\(path).providers", "provider \"\(n)\" is not among the mesh config's extensionProviders"); continue }
+                        guard let prov = providers[n] else { p.notes.append(unknownProvider(r, path, n)); continue }
                         switch prov.kind {
                         case .zipkin(let z): cs.append(TraceCollector(provider: n, address: "\(z.service):\(z.port)", format: .zipkin, maxTagLength: z.maxTagLength))
                         case .opentelemetry(let o): cs.append(TraceCollector(provider: n, address: "\(o.service):\(o.port)", format: .otlp))

@@ -200,11 +200,24 @@ struct Validate: ParsableCommand {
 
     func run() throws {
         var providers: [MeshExtensionProvider]? = nil
+        var mesh = MeshConfigFile()
         if let path = meshConfig ?? MeshConfigFile.pathFromEnvironment() {
-            do { providers = try MeshConfigFile.load(path: path).extensionProviders } catch { throw ValidationError("--mesh-config: \(error)") }
+            do { mesh = try MeshConfigFile.load(path: path); providers = mesh.extensionProviders } catch { throw ValidationError("--mesh-config: \(error)") }
         }
         switch ConfigLoader().load(paths: paths, securityScope: .anyWorkload) {
         case .success(let snap):
+            // Telemetry is compiled as a sidecar compiles it (`moonlet run` refuses what
+            // fails here): each resource for a workload it selects.
+            let (telemetryErrors, telemetryNotes) = TelemetryPolicy.validate(snap.istio, mesh: mesh)
+            if !telemetryErrors.isEmpty {
+                if output == "json" {
+                    let errs = telemetryErrors.map { "{\"file\":\(JSON.quote($0.file)),\"line\":\($0.line),\"column\":\($0.column),\"resource\":\(JSON.quote($0.resource)),\"field\":\(JSON.quote($0.field)),\"message\":\(JSON.quote($0.message))}" }
+                    print("{\"valid\":false,\"errors\":[\(errs.joined(separator: ","))]}")
+                } else {
+                    for x in telemetryErrors { FileHandle.standardError.write((x.description + "\n").data(using: .utf8)!) }
+                }
+                throw ExitCode(1)
+            }
             // CUSTOM policies: with a mesh config, a provider it lacks is an error (the
             // sidecar fails closed); without one, a note.
             let custom = AuthorizationCompiler.customProviderProblems(snap.istio, providers: providers)
@@ -217,7 +230,7 @@ struct Validate: ParsableCommand {
                 }
                 throw ExitCode(1)
             }
-            let notes = snap.skipped + (providers == nil ? custom.map { "\($0.file):\($0.line): \($0.message)" } : [])
+            let notes = snap.skipped + telemetryNotes + (providers == nil ? custom.map { "\($0.file):\($0.line): \($0.message)" } : [])
             if output == "json" {
                 print("{\"valid\":true,\"resources\":\(snap.istio.count + snap.plugins.count),\"skipped\":[\(notes.map(JSON.quote).joined(separator: ","))],\"errors\":[]}")
             } else {

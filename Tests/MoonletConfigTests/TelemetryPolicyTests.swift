@@ -84,8 +84,10 @@ final class TelemetryPolicyTests: XCTestCase {
                                               .init(provider: "otel", address: "otel-collector.observability:4318", format: .otlp)])
         XCTAssertTrue(p.tracing.enabled)
         let bad = telemetry("mesh", "istio-system", "  tracing:\n  - providers: [{name: jaeger}]")
-        guard case .failure(let e) = TelemetryPolicy.compile(resources(bad, file: "bad.yaml").istio, mesh: m, workload: workload) else { return XCTFail() }
-        XCTAssertEqual(e.description, "bad.yaml:1:1: Telemetry istio-system/mesh: spec.tracing[0].providers: provider \"jaeger\" is not among the mesh config's extensionProviders")
+        // A provider the mesh config does not define is skipped with a note, as istiod skips it.
+        let skipped = try TelemetryPolicy.compile(resources(bad, file: "bad.yaml").istio, mesh: m, workload: workload).get()
+        XCTAssertEqual(skipped.tracing.collectors, [])
+        XCTAssertEqual(skipped.notes, ["bad.yaml:1: Telemetry istio-system/mesh: spec.tracing[0].providers: provider \"jaeger\" is not among the mesh config's extensionProviders: skipped, as Istio skips it"])
     }
 
     func test_tracing_samplingComesFromTheMeshConfig_thenTelemetry_andEnableTracingFalseTurnsItOff() throws {
@@ -126,5 +128,19 @@ final class TelemetryPolicyTests: XCTestCase {
         let bad = telemetry("m", "shop", "  metrics:\n  - overrides:\n    - tagOverrides:\n        x: {value: \"request.size > 10 ? 'big' : 'small'\"}")
         guard case .failure(let e) = TelemetryPolicy.compile(resources(bad, file: "m.yaml").istio, mesh: MeshConfigFile(), workload: workload) else { return XCTFail() }
         XCTAssertTrue(e.description.hasPrefix("m.yaml:1:1: Telemetry shop/m: spec.metrics[0].overrides[0].tagOverrides.x.value: \"request.size > 10 ? 'big' : 'small'\" is unsupported"), e.description)
+    }
+}
+
+extension TelemetryPolicyTests {
+    /// `moonlet validate` compiles Telemetry as a sidecar does, so the two agree.
+    func test_validateCompilesEveryTelemetryAsASidecarWould_errorsAndNotesAlike() throws {
+        let good = telemetry("t", "default", "  tracing:\n  - providers: [{name: otlp}]")
+        let (noErrors, notes) = TelemetryPolicy.validate(resources(good, file: "t.yaml").istio, mesh: MeshConfigFile())
+        XCTAssertEqual(noErrors, [])
+        XCTAssertTrue(notes.contains { $0.contains("provider \"otlp\" is not among") }, "\(notes)")
+        let bad = telemetry("t", "default", "  accessLogging:\n  - filter: {expression: \"request.size > 3\"}")
+        let (errors, _) = TelemetryPolicy.validate(resources(bad, file: "b.yaml").istio, mesh: MeshConfigFile())
+        XCTAssertEqual(errors.count, 1)
+        XCTAssertTrue(errors.first?.description.contains("b.yaml:1:1: Telemetry default/t: spec.accessLogging[0].filter.expression") == true, "\(errors)")
     }
 }
