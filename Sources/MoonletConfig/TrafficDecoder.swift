@@ -395,7 +395,9 @@ struct TrafficDecoder {
             }
             if let d = f.child("delay"), fields(d, "\(path).fault.delay", ["fixedDelay", "exponentialDelay", "percentage", "percent"]) {
                 fault.delayMs = duration(d.child("fixedDelay"), "\(path).fault.delay.fixedDelay")
-                _ = duration(d.child("exponentialDelay"), "\(path).fault.delay.exponentialDelay")
+                if duration(d.child("exponentialDelay"), "\(path).fault.delay.exponentialDelay") != nil {
+                    notApplied(d.child("exponentialDelay")!, "\(path).fault.delay.exponentialDelay", "not applied (Istio does not implement it either); use fixedDelay")
+                }
                 if d.child("fixedDelay") == nil { err(d, "\(path).fault.delay.fixedDelay", "Required value") }
                 fault.delayPercent = percentage(d.child("percentage"), "\(path).fault.delay.percentage") ?? Double(int(d.child("percent"), "\(path).fault.delay.percent", range: 0...100) ?? 100)
             }
@@ -432,7 +434,9 @@ struct TrafficDecoder {
         c.exposeHeaders = stringList(n.child("exposeHeaders"), "\(path).exposeHeaders").joined(separator: ",")
         if let m = n.child("maxAge") { c.maxAgeSeconds = duration(m, "\(path).maxAge").map { $0 / 1000 } }
         if let a = n.child("allowCredentials") { if case .bool(let b) = a.value { c.allowCredentials = b } else { err(a, "\(path).allowCredentials", "must be a boolean") } }
-        _ = enumValue(n.child("unmatchedPreflights"), "\(path).unmatchedPreflights", ["UNSPECIFIED", "FORWARD", "IGNORE"])
+        if enumValue(n.child("unmatchedPreflights"), "\(path).unmatchedPreflights", ["UNSPECIFIED", "FORWARD", "IGNORE"]) == "IGNORE" {
+            notApplied(n.child("unmatchedPreflights")!, "\(path).unmatchedPreflights", "IGNORE is not applied: a preflight from an origin not allowed is forwarded (FORWARD, Istio's default)")
+        }
         return c
     }
 
@@ -471,7 +475,14 @@ struct TrafficDecoder {
                 }
             }
         }
-        for k in ["retryRemoteLocalities", "retryIgnorePreviousHosts"] { _ = bool(rt.child(k), "\(path).\(k)") }
+        // Moonlet's retry prefers another host (Istio's default retryIgnorePreviousHosts:
+        // true) and has no localities.
+        if bool(rt.child("retryIgnorePreviousHosts"), "\(path).retryIgnorePreviousHosts") == false {
+            notApplied(rt.child("retryIgnorePreviousHosts")!, "\(path).retryIgnorePreviousHosts", "false is not applied: a retry prefers another host, as with Istio's default")
+        }
+        if bool(rt.child("retryRemoteLocalities"), "\(path).retryRemoteLocalities") == true {
+            notApplied(rt.child("retryRemoteLocalities")!, "\(path).retryRemoteLocalities", "not applied: Moonlet has no locality-aware load balancing")
+        }
         if duration(rt.child("backoff"), "\(path).backoff") != nil {
             notApplied(rt.child("backoff")!, "\(path).backoff", "not applied by moonlet (a retry waits 25 ms x jitter), ignored")
         }

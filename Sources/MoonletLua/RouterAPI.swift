@@ -522,7 +522,8 @@ extension LuaAPI {
     }
 
     /// moonlet.router.match_header(s, name, matcher | false) → the request has header
-    /// `name` (lowercase) and its first value matches (false: present is enough).
+    /// `name` (lowercase) and its value matches (several values joined with ",", as
+    /// Envoy matches them; false: present is enough).
     static let rMatchHeader: lua_CFunction = { L in
         guard let s = routerStream(L, 1) else { return fail(L, routerStreamError(L)) }
         guard let raw = bytes(L, 2) else { return fail(L, "router.match_header(s, name, matcher): name must be a string") }

@@ -303,3 +303,23 @@ final class ExportToTests: XCTestCase {
         }
     }
 }
+
+/// Valid Istio fields Moonlet does not apply are noted at load, never dropped silently.
+final class UnappliedRouteFieldTests: XCTestCase {
+    func test_retryCorsAndFaultFieldsMoonletDoesNotApply_areNotedWithTheirPath() throws {
+        let dir = NSTemporaryDirectory() + "moonlet-notes-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try (RoutingTests.endpoints + "\n---\n" + RoutingTests.vs("""
+          - retries: {attempts: 2, retryIgnorePreviousHosts: false, retryRemoteLocalities: true}
+            corsPolicy: {allowOrigins: [{exact: "https://a.example"}], unmatchedPreflights: IGNORE}
+            fault: {delay: {fixedDelay: 1ms, exponentialDelay: 2ms, percentage: {value: 0}}}
+            route: [{destination: {host: svc}}]
+        """) + "\n").write(toFile: dir + "/all.yaml", atomically: true, encoding: .utf8)
+        let snap = try ConfigLoader().load(paths: [dir]).get()
+        for field in ["spec.http[0].retries.retryIgnorePreviousHosts", "spec.http[0].retries.retryRemoteLocalities",
+                      "spec.http[0].corsPolicy.unmatchedPreflights", "spec.http[0].fault.delay.exponentialDelay"] {
+            XCTAssertTrue(snap.skipped.contains { $0.contains("VirtualService default/svc: \(field):") }, "\(field) noted: \(snap.skipped)")
+        }
+    }
+}
