@@ -381,7 +381,21 @@ final class GRPCThroughSidecarsTests: XCTestCase {
             }
             let clientCerts = try pki.issue("default", "frontend")
             let serverPort = server.inbound
-            client = try ProxyFixture(appPort: 1, files: ["se.yaml": MTLSTests.ordersEntry(port: serverPort, serviceAccount: "orders", portName: "grpc")], concurrency: 1) { s in
+            // The streaming methods get a 1 s route timeout: it bounds the wait for the
+            // response head, never a stream whose data flows.
+            let routes = """
+            apiVersion: networking.istio.io/v1beta1
+            kind: VirtualService
+            metadata: {name: orders, namespace: default}
+            spec:
+              hosts: [\(GRPCThroughSidecarsTests.authority)]
+              http:
+              - match: [{uri: {prefix: /moonlet.test.Echo/Count}}, {uri: {prefix: /moonlet.test.Echo/Chat}}]
+                timeout: 1s
+                route: [{destination: {host: \(GRPCThroughSidecarsTests.authority)}}]
+              - route: [{destination: {host: \(GRPCThroughSidecarsTests.authority)}}]
+            """
+            client = try ProxyFixture(appPort: 1, files: ["se.yaml": MTLSTests.ordersEntry(port: serverPort, serviceAccount: "orders", portName: "grpc"), "vs.yaml": routes], concurrency: 1) { s in
                 s.certsDirectory = clientCerts
                 s.identity = WorkloadIdentity(namespace: "default", serviceAccount: "frontend", labels: ["app": "frontend"])
             }
@@ -463,6 +477,15 @@ final class GRPCThroughSidecarsTests: XCTestCase {
         XCTAssertEqual(up["ok"] as? Bool, true, "\(up)")
         let bidi = try call("bidi", "50")
         XCTAssertEqual(bidi["ok"] as? Bool, true, "each answer arrives before the next message is sent: \(bidi)")
+    }
+
+    func test_streamsLongerThanTheRouteTimeout_areNotCutWhileDataFlows_bothServerAndBidi() throws {
+        let server = try call("slow_stream", "12:250")
+        XCTAssertEqual(server["ok"] as? Bool, true, "\(server)")
+        XCTAssertGreaterThan(server["elapsed_ms"] as? Int ?? 0, 2500, "the stream outlived its 1 s route timeout: \(server)")
+        let bidi = try call("bidi", "10:250")
+        XCTAssertEqual(bidi["ok"] as? Bool, true, "\(bidi)")
+        XCTAssertGreaterThan(bidi["elapsed_ms"] as? Int ?? 0, 2000, "\(bidi)")
     }
 
     func test_anErrorStatus_keepsItsDetailsAndTrailingMetadata() throws {

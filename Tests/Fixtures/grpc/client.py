@@ -7,7 +7,8 @@ Usage: client.py HOST:PORT AUTHORITY CASE [ARG]
   big BYTES        one unary call with a message of BYTES bytes, checked
   server_stream N  Count: N messages, checked in order
   client_stream N  Sum over N messages of 1000 bytes
-  bidi N           Chat: N messages, one answer read after each
+  bidi N[:MS]      Chat: N messages, one answer read after each, MS milliseconds apart
+  slow_stream N:MS Count: N messages MS milliseconds apart, checked in order, timed
   call MESSAGE     one unary Echo call: its code, details, trailing metadata, answer
   call_at PATH     one unary call of method PATH ("/moonlet.test.Echo/Other")
   deadline MS      Echo "sleep:5000" with a deadline of MS milliseconds
@@ -62,16 +63,29 @@ def main():
             r = call(iter([b"y" * 1000] * n), timeout=30).decode()
             out["answer"] = r
             out["ok"] = r == "%d %d" % (n, n * 1000)
+        elif case == "slow_stream":
+            n, gap = (int(x) for x in arg.split(":"))
+            call = ch.unary_stream("/moonlet.test.Echo/Count", request_serializer=ident, response_deserializer=ident)
+            start = time.monotonic()
+            got = [m[:6] for m in call(b"%d:100:%d" % (n, gap), timeout=60)]
+            out["elapsed_ms"] = int((time.monotonic() - start) * 1000)
+            out["messages"] = len(got)
+            out["ok"] = got == [b"%06d" % i for i in range(n)]
         elif case == "bidi":
             import queue
-            n = int(arg)
+            n = int(arg.split(":")[0])
+            gap = int(arg.split(":")[1]) / 1000.0 if ":" in arg else 0
             q = queue.Queue()
             call = ch.stream_stream("/moonlet.test.Echo/Chat", request_serializer=ident, response_deserializer=ident)
 
             def requests():
+                start = time.monotonic()
                 for i in range(n):
+                    if i and gap:
+                        time.sleep(gap)
                     yield b"m%d" % i
                     q.get(timeout=10)   # the answer to this one came back first
+                out["elapsed_ms"] = int((time.monotonic() - start) * 1000)
             answers = call(requests(), timeout=30)
             got = []
             for a in answers:

@@ -7,7 +7,7 @@ bytes):
                          and trailing metadata (x-detail, x-raw-bin); "sleep:MS" waits
                          first; "flaky:KEY:N" fails UNAVAILABLE the first N calls of KEY
                          (trailers-only), then answers "attempt K"
-  Count   server stream  "N:SIZE": N messages of SIZE bytes
+  Count   server stream  "N:SIZE[:MS]": N messages of SIZE bytes, MS milliseconds apart
   Sum     client stream  "COUNT BYTES" of what the client sent
   Chat    bidi stream    each message back with "re:" in front
 Usage: server.py [PORT] (0 or none: any free port). Prints "PORT n" once serving, then
@@ -45,8 +45,11 @@ def echo(request, context):
 
 
 def count(request, context):
-    n, size = (int(x) for x in request.decode().split(":"))
+    parts = [int(x) for x in request.decode().split(":")]
+    n, size, gap = parts[0], parts[1], (parts[2] if len(parts) > 2 else 0)
     for i in range(n):
+        if i and gap:
+            time.sleep(gap / 1000.0)
         yield (b"%06d" % i + b"x" * max(0, size - 6))
 
 
