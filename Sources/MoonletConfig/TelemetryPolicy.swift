@@ -359,18 +359,23 @@ extension TelemetryPolicy {
         if tracingSeen { p.tracing.enabled = t.enableTracing != false || !p.tracing.collectors.isEmpty }
         if t.enableTracing == false && !tracingSeen { p.tracing.enabled = false }
 
-        // Metrics: the most specific level with a metrics section.
-        if let r = ordered.last(where: { $0.spec["metrics"] != nil }), case .array(let entries)? = r.spec["metrics"] {
-            var m = Metrics()
-            m.source = "Telemetry \(r.namespace)/\(r.name)"
+        // Metrics: every level's overrides, mesh then namespace then workload, in order
+        // (Istio's mergeMetrics: a later override of a metric replaces its `disabled` and
+        // the tags it names); `providers` from the most specific level that names them.
+        var m = Metrics()
+        var sources: [String] = []
+        for r in ordered {
+            guard case .array(let entries)? = r.spec["metrics"] else { continue }
+            let src = "Telemetry \(r.namespace)/\(r.name)"
+            sources.append(src)
             for (i, e) in entries.enumerated() {
                 if case .array(let ps)? = e["providers"] {
                     for n in ps.compactMap({ $0["name"]?.stringValue }) where n != "prometheus" {
-                        p.notes.append("\(r.file):\(r.line): \(m.source): spec.metrics[\(i)].providers: \"\(n)\": Moonlet exposes Prometheus metrics only; ignored")
+                        p.notes.append("\(r.file):\(r.line): \(src): spec.metrics[\(i)].providers: \"\(n)\": Moonlet exposes Prometheus metrics only; ignored")
                     }
                     m.providers = ps.compactMap { $0["name"]?.stringValue }
                 }
-                if e["reportingInterval"] != nil { p.notes.append("\(r.file):\(r.line): \(m.source): spec.metrics[\(i)].reportingInterval: not applied (metrics are read at scrape time)") }
+                if e["reportingInterval"] != nil { p.notes.append("\(r.file):\(r.line): \(src): spec.metrics[\(i)].reportingInterval: not applied (metrics are read at scrape time)") }
                 guard case .array(let os)? = e["overrides"] else { continue }
                 for (oi, o) in os.enumerated() {
                     let path = "spec.metrics[\(i)].overrides[\(oi)]"
@@ -379,9 +384,9 @@ extension TelemetryPolicy {
                     if mo.metric == "ALL_METRICS" { mo.metric = nil }
                     if let name = mo.metric {
                         if o["match"]?["customMetric"] != nil {
-                            p.notes.append("\(r.file):\(r.line): \(m.source): \(path).match.customMetric \"\(name)\": Moonlet has no custom Istio metrics; this override is not applied")
+                            p.notes.append("\(r.file):\(r.line): \(src): \(path).match.customMetric \"\(name)\": Moonlet has no custom Istio metrics; this override is not applied")
                         } else if Self.tcpMetricNames[name] != nil {
-                            p.notes.append("\(r.file):\(r.line): \(m.source): \(path).match.metric \(name): overrides of Istio's TCP metrics are not applied (the TCP proxy records them with the standard labels)")
+                            p.notes.append("\(r.file):\(r.line): \(src): \(path).match.metric \(name): overrides of Istio's TCP metrics are not applied (the TCP proxy records them with the standard labels)")
                         } else if Self.httpMetricNames[name] == nil {
                             err(r, "\(path).match.metric", "\"\(name)\" is not an Istio metric (ALL_METRICS, REQUEST_COUNT, REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE, TCP_*, GRPC_*)")
                         }
@@ -403,6 +408,17 @@ extension TelemetryPolicy {
                     }
                     m.overrides.append(mo)
                 }
+            }
+        }
+        if !sources.isEmpty {
+            // Istio drops "ALL_METRICS disabled" once any later override follows it (a
+            // namespace re-enabling what the mesh level turned off): so does Moonlet.
+            var kept: [MetricOverride] = []
+            for (i, o) in m.overrides.enumerated() where !(o.metric == nil && o.disabled == true && i < m.overrides.count - 1) { kept.append(o) }
+            m.overrides = kept
+            m.source = sources.joined(separator: ", ")
+            if let last = m.overrides.last, last.metric == nil, last.disabled == true {
+                p.notes.append("\(m.source): ALL_METRICS disabled turns off Istio's HTTP metrics; the TCP families (istio_tcp_*) are recorded by the TCP proxy and stay on")
             }
             p.metrics = m
         }

@@ -65,7 +65,7 @@ final class TelemetryPolicyTests: XCTestCase {
         XCTAssertThrowsError(try AccessLogFilter.parse("request.method > 'GET'"))
     }
 
-    func test_providers_resolveToTheMeshConfigsExtensionProviders_andAnUnknownOneIsAnError() throws {
+    func test_providers_resolveToTheMeshConfigsExtensionProviders_andAnUnknownOneIsSkippedWithANote() throws {
         let m = try mesh("""
         extensionProviders:
         - name: file-json
@@ -142,5 +142,38 @@ extension TelemetryPolicyTests {
         let (errors, _) = TelemetryPolicy.validate(resources(bad, file: "b.yaml").istio, mesh: MeshConfigFile())
         XCTAssertEqual(errors.count, 1)
         XCTAssertTrue(errors.first?.description.contains("b.yaml:1:1: Telemetry default/t: spec.accessLogging[0].filter.expression") == true, "\(errors)")
+    }
+}
+
+extension TelemetryPolicyTests {
+    /// Istio's mergeMetrics: overrides of every level apply in order, mesh first.
+    func test_metricOverridesOfEveryLevelApplyInOrder_andALaterOverrideLiftsAMeshWideDisable() throws {
+        let mesh = telemetry("mesh", "istio-system", """
+          metrics:
+          - overrides:
+            - match: {metric: ALL_METRICS}
+              disabled: true
+        """)
+        let ns = telemetry("ns", "shop", """
+          metrics:
+          - overrides:
+            - match: {metric: REQUEST_COUNT}
+              tagOverrides: {team: {value: "'payments'"}}
+        """)
+        let p = try TelemetryPolicy.compile(resources(mesh + "\n---\n" + ns).istio, mesh: MeshConfigFile(), workload: workload).get()
+        XCTAssertEqual(p.metrics.overrides.map(\.metric), ["REQUEST_COUNT"], "the mesh-wide disable is lifted by the namespace's override, as in Istio")
+        XCTAssertEqual(p.metrics.source, "Telemetry istio-system/mesh, Telemetry shop/ns")
+        let onlyMesh = try TelemetryPolicy.compile(resources(mesh).istio, mesh: MeshConfigFile(), workload: workload).get()
+        XCTAssertEqual(onlyMesh.metrics.overrides.first?.disabled, true)
+        XCTAssertTrue(onlyMesh.notes.contains { $0.contains("istio_tcp_") }, "\(onlyMesh.notes)")
+        let wl = telemetry("wl", "shop", """
+          selector: {matchLabels: {app: cart}}
+          metrics:
+          - overrides:
+            - match: {metric: REQUEST_COUNT}
+              tagOverrides: {team: {operation: REMOVE}}
+        """)
+        let three = try TelemetryPolicy.compile(resources([mesh, ns, wl].joined(separator: "\n---\n")).istio, mesh: MeshConfigFile(), workload: workload).get()
+        XCTAssertEqual(three.metrics.overrides.flatMap { $0.tags.map(\.1) }, [.literal("payments"), .remove], "namespace then workload, in order")
     }
 }
