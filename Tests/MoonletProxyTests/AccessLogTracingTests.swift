@@ -32,18 +32,12 @@ final class AccessLogTracingTests: XCTestCase {
         return out
     }
 
-    /// Istio's mesh-wide access log Telemetry as its documentation gives it (the seed's).
-    static let seedTelemetry = """
-    apiVersion: telemetry.istio.io/v1
-    kind: Telemetry
-    metadata:
-      name: mesh-default
-      namespace: istio-system
-    spec:
-      accessLogging:
-        - providers:
-            - name: envoy
-    """
+    /// The seed's Telemetry, verbatim: policies/telemetry/access-log.yaml (Istio's
+    /// mesh-wide access log as its documentation gives it).
+    static var seedTelemetry: String {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return (try? String(contentsOf: root.appendingPathComponent("policies/telemetry/access-log.yaml"), encoding: .utf8)) ?? ""
+    }
 
     func test_seedTelemetry_turnsTheAccessLogOn_andARequestWritesIstiosDefaultLineToStdout() throws {
         let binary = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -54,6 +48,7 @@ final class AccessLogTracingTests: XCTestCase {
         let d = NSTemporaryDirectory() + "moonlet-seedlog-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: d) }
+        XCTAssertTrue(Self.seedTelemetry.contains("kind: Telemetry"), "policies/telemetry/access-log.yaml is read")
         try Self.seedTelemetry.write(toFile: d + "/telemetry.yaml", atomically: true, encoding: .utf8)
         let port = freePort(), admin = freePort()
         let p = Process()
