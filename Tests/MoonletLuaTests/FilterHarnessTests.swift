@@ -216,7 +216,10 @@ final class FilterHarnessTests: XCTestCase {
     func test_responseStopAndBuffer_givesOnResponseBodyTheWholeUpstreamBody_whichItMayReplace() throws {
         let lua = write("rb.lua", """
         local f = {}
-        function f.on_response(s, conf) return moonlet.STOP_AND_BUFFER end
+        function f.on_response(s, conf)
+          if s.request.headers:get("x-early") and s.response.status == 200 then s.response:set_body("early") end
+          return moonlet.STOP_AND_BUFFER
+        end
         function f.on_response_body(s, conf, chunk, eos)
           if not eos or s.response.status ~= 200 then return end
           if s.response:body() == "bad" then return s:respond(502, "refused\\n") end
@@ -234,6 +237,10 @@ final class FilterHarnessTests: XCTestCase {
           request: {path: /x}
           upstream: {status: 200, body: bad}
           expect: {status: 502, body: "refused\\n"}
+        - name: set_body outside the call with the whole body raises
+          request: {path: /x, headers: {x-early: "1"}}
+          upstream: {status: 200, body: ok}
+          expect: {status: 500, lua_error: "only in on_response_body with the whole body"}
         """)
         let out = FilterTestCommand.run(filter: lua, cases: cases)
         XCTAssertEqual(out.exitCode, 0, out.output)

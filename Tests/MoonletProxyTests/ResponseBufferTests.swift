@@ -1,6 +1,7 @@
 import XCTest
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 @testable import MoonletProxy
 import MoonletConfig
 import MoonletCore
@@ -188,6 +189,38 @@ final class ResponseBufferTests: XCTestCase {
         XCTAssertEqual(empty.status, 204)
         XCTAssertNil(empty.header("content-length"))
         XCTAssertEqual(get(c, "/x")?.body, "HELLO!", "the connection is in step after HEAD and 204")
+    }
+
+    /// An upstream that answers every request with `bytes` and closes the connection.
+    final class ClosingUpstream: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        let bytes: String
+        init(_ bytes: String) { self.bytes = bytes }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard String(buffer: unwrapInboundIn(data)).contains("\r\n\r\n") else { return }
+            context.writeAndFlush(NIOAny(ByteBuffer(string: bytes))).whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    func test_anUpstreamThatFailsWhileTheBodyIsBuffered_resetsTheClient_withNothingOfTheResponseSent() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let server = try ServerBootstrap(group: group)
+            .childChannelInitializer { ch in ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(ClosingUpstream("HTTP/1.1 200 OK\r\ncontent-length: 100\r\nx-app: 1\r\n\r\npartial")) } }
+            .bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? server.close().wait() }
+        let px = try proxy(appPort: server.localAddress!.port!)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        while c.fill() {}
+        XCTAssertTrue(c.pending.isEmpty, "the head was held: nothing went out before the reset: \(String(decoding: c.pending, as: UTF8.self))")
+        XCTAssertTrue(c.isClosed())
+        // Without buffering the same upstream's head goes out before the failure.
+        let d = try RawClient(port: px.inbound)
+        d.send("GET / HTTP/1.1\r\nHost: app\r\nx-no-buffer: 1\r\n\r\n")
+        while d.fill() {}
+        XCTAssertTrue(String(decoding: d.pending, as: UTF8.self).hasPrefix("HTTP/1.1 200"), String(decoding: d.pending, as: UTF8.self))
     }
 
     // MARK: the Swift filter API
