@@ -327,3 +327,31 @@ final class ResponseBufferTests: XCTestCase {
         XCTAssertTrue(TrailersTests.fieldsAfterData(out).contains("grpc-message: rewritten"), out)
     }
 }
+
+extension MTLSTests {
+    /// Envoy's lua_filter example of reading a gRPC status: the client sidecar's script reads
+    /// the grpc-status trailer of a response that crossed two sidecars over mTLS HTTP/2.
+    func test_envoyScriptOnTheClientSidecar_readsTheGrpcStatusTrailer_throughTwoSidecars() throws {
+        let up = try ScriptedUpstream(response: TrailersTests.trailedResponse)
+        defer { up.stop() }
+        let script = """
+        function envoy_on_response(response_handle)
+          local trailers = response_handle:trailers()
+          local status = trailers and trailers:get("grpc-status") or "none"
+          response_handle:headers():add("x-grpc-status", status)
+          response_handle:logInfo("grpc-status " .. status)
+        end
+        """
+        let (client, server) = try twoSidecars(clientFiles: {
+            ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", portName: "grpc"),
+             "envoy.lua": script, "envoy.yaml": ProxyFixture.plugin("envoy")]
+        }, appPort: up.port)
+        defer { client.stop(); server.stop() }
+        let out = try runTool("nghttp", ["-v", "-t", "10", "-H", ":authority: orders.production.svc.cluster.local",
+                                         "http://127.0.0.1:\(client.outbound)/grpc.Svc/Call"])
+        XCTAssertTrue(out.contains("x-grpc-status: 7"), out)
+        XCTAssertEqual(TrailersTests.fieldsAfterData(out), ["grpc-status: 7", "grpc-message: denied by app"], out)
+        let stats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        XCTAssertTrue(stats.contains("moonlet_upstream_cx_http2_total 1\n"), "the sidecars spoke HTTP/2:\n\(stats)")
+    }
+}
