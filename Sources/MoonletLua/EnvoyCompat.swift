@@ -56,7 +56,6 @@ enum EnvoyCompat {
         /// (name, line) of each method call `:name(`, in source order.
         var calls: [(String, Int)] = []
         var usesBody: Bool { calls.contains { $0.0 == "body" || $0.0 == "bodyChunks" } }
-        var usesTrailers: Bool { calls.contains { $0.0 == "trailers" } }
         /// Lines of the calls that wait for a whole body in Envoy (body, bodyChunks, trailers).
         var bufferingLines: [Int] { calls.filter { $0.0 == "body" || $0.0 == "bodyChunks" || $0.0 == "trailers" }.map(\.1) }
 
