@@ -13,9 +13,11 @@ import NIOCore
 ///   replaced by a 500 local reply, as Envoy answers a response buffer overflow before
 ///   headers were sent: details `response_payload_too_large`), then calls every
 ///   `onResponseBody` once with the complete body (`stream.bufferedResponseBody`) and
-///   `endOfStream`, where a filter may replace the body, edit headers and trailers or
-///   answer locally (`respond`); then the head goes out with the content-length of the
-///   final body. From other phases it is treated as `continue`.
+///   `endOfStream` (filters whose `wantsResponseBody` is true), where a filter may
+///   replace the body, edit headers and trailers or answer locally (`respond`); then
+///   the head goes out with the content-length of the final body. A local reply's body
+///   is handed over the same way (LocalReplyBuilder). Streams where no filter asks are
+///   not buffered. From other phases it is treated as `continue`.
 /// - `respond`: the filter has set `stream.localReply`; no later request filter runs,
 ///   nothing goes upstream, the local reply passes through the response filters and
 ///   `onLog` runs as for any stream.
