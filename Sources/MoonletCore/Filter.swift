@@ -7,7 +7,17 @@ import NIOCore
 /// - `stopAndBuffer`: from `onRequest`, the proxy holds the request head and buffers
 ///   the whole request body (bounded by `Limits.maxBufferedBodyBytes`, 413 beyond),
 ///   then calls every `onRequestBody` once with the complete body and `endOfStream`,
-///   and only then goes upstream. From other phases it is treated as `continue`.
+///   and only then goes upstream. From `onResponse` (an upstream's response head),
+///   the proxy holds the response head and buffers the whole response body and its
+///   trailers (bounded by the same `maxBufferedBodyBytes`; beyond, the response is
+///   replaced by a 500 local reply, as Envoy answers a response buffer overflow before
+///   headers were sent: details `response_payload_too_large`), then calls every
+///   `onResponseBody` once with the complete body (`stream.bufferedResponseBody`) and
+///   `endOfStream` (filters whose `wantsResponseBody` is true), where a filter may
+///   replace the body, edit headers and trailers or answer locally (`respond`); then
+///   the head goes out with the content-length of the final body. A local reply's body
+///   is handed over the same way (LocalReplyBuilder). Streams where no filter asks are
+///   not buffered. From other phases it is treated as `continue`.
 /// - `respond`: the filter has set `stream.localReply`; no later request filter runs,
 ///   nothing goes upstream, the local reply passes through the response filters and
 ///   `onLog` runs as for any stream.
@@ -142,13 +152,19 @@ public protocol Filter: AnyObject {
     /// `pause` is honoured only in the call with the whole body.
     func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction
     /// Runs once the response head is known (upstream's or a local reply), in reverse
-    /// chain order. May edit response headers; `respond` replaces the response.
+    /// chain order. May edit response headers; `respond` replaces the response;
+    /// `stopAndBuffer` (upstream responses) holds the head until the whole body is in,
+    /// then `onResponseBody` gets it once (see `FilterAction.stopAndBuffer`).
     func onResponse(_ stream: ProxyStream) -> FilterAction
     /// Runs when an upstream attempt failed (connect failure, reset, refused stream,
     /// 5xx, per-try timeout), before the proxy decides to retry. In chain order, the
     /// first filter that returns `.retry` or `.noRetry` decides; `.routePolicy` defers.
     func onUpstreamFailure(_ stream: ProxyStream, _ failure: UpstreamFailureInfo) -> RetryVerdict
-    /// Runs for each response body chunk as it streams (observe only).
+    /// Runs for each response body chunk as it streams (observe only; the result is
+    /// ignored), or once with the whole body and `endOfStream` when a filter's
+    /// `onResponse` returned `stopAndBuffer`: then the filter may replace
+    /// `stream.bufferedResponseBody`, edit `stream.response` and `stream.responseTrailers`,
+    /// and `respond` replaces the response with a local reply.
     func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction
     /// Runs once for every stream after its last byte was sent or it failed, local
     /// replies and errors included. Its result is ignored.
@@ -266,11 +282,19 @@ public final class FilterChain {
     }
 
     /// Runs `onResponse` in reverse order. A `respond` replaces the response with the
-    /// filter's local reply; the remaining filters still see it.
+    /// filter's local reply; the remaining filters still see it. Returns `respond` if a
+    /// filter answered, else `stopAndBuffer` if a filter asked for the whole body, else
+    /// `continue`.
     public func runResponse(_ s: ProxyStream) -> FilterAction {
         var result = FilterAction.continue
-        for f in filters.reversed() {
-            if f.onResponse(s) == .respond { result = .respond }
+        var i = filters.count - 1
+        while i >= 0 {
+            switch filters[i].onResponse(s) {
+            case .respond: result = .respond
+            case .stopAndBuffer: if result == .continue { result = .stopAndBuffer }
+            default: break
+            }
+            i -= 1
         }
         return result
     }
@@ -285,10 +309,29 @@ public final class FilterChain {
         return .routePolicy
     }
 
+    /// Streamed response body chunks, in reverse order (observe only).
     public func runResponseBody(_ s: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) {
         for f in filters.reversed() where f.wantsResponseBody {
             _ = f.onResponseBody(s, chunk: chunk, endOfStream: endOfStream)
         }
+    }
+
+    /// The buffered response body (`s.bufferedResponseBody`), once, with `endOfStream`,
+    /// in reverse order. The first `respond` (or `s.respond` called) stops: the response
+    /// is replaced by `s.localReply`. Each filter sees the body as the filters before it
+    /// left it.
+    public func runBufferedResponseBody(_ s: ProxyStream) -> FilterAction {
+        let replies = s.replyCount
+        var i = filters.count - 1
+        while i >= 0 {
+            let f = filters[i]
+            if f.wantsResponseBody {
+                let a = f.onResponseBody(s, chunk: s.bufferedResponseBody ?? ByteBuffer(), endOfStream: true)
+                if a == .respond || s.replyCount != replies { return .respond }
+            }
+            i -= 1
+        }
+        return .continue
     }
 
     public func runLog(_ s: ProxyStream) {

@@ -174,8 +174,15 @@ public final class ProxyStream {
     /// after the body when its framing allows (HTTP/2; HTTP/1.1 chunked, as Envoy does,
     /// whether or not the client sent `TE: trailers`).
     public var responseTrailers: HTTPTrailers?
-    /// The buffered request body, when a filter asked for it (stop-and-buffer).
+    /// The buffered request body, when a filter asked for it (stop-and-buffer). A filter
+    /// may replace it in the call with the whole body (`onRequestBody` with
+    /// `endOfStream`); the upstream request's content-length follows.
     public var bufferedRequestBody: ByteBuffer?
+    /// The buffered response body, when a response filter asked for it (`onResponse`
+    /// returned `stopAndBuffer`): collected while the head is held, then handed to every
+    /// `onResponseBody` once with `endOfStream`; a filter may replace it there (the
+    /// client's content-length follows). nil when the response streams.
+    public var bufferedResponseBody: ByteBuffer?
     /// False once on_log has run: wrappers handed to filters check it.
     public private(set) var isActive = true
     /// Whether the downstream is HTTP/2 (affects only logging and metrics).

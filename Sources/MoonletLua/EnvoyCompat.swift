@@ -19,8 +19,11 @@ import Foundation
 // Load time: `EnvoyCompat.scan` reads the script's source (comments and strings
 // skipped) for `:name(` method calls; a call of a function of Envoy's documented handle
 // API that Moonlet does not have refuses the plugin, naming the function and its line.
-// A call of `:body(` or `:bodyChunks(` makes the request buffered: envoy_on_request then
-// runs once the whole request body is in (Envoy suspends the script in body() instead).
+// A call of `:body(`, `:bodyChunks(` or `:trailers(` makes the request buffered:
+// envoy_on_request then runs once the whole request body is in (Envoy suspends the
+// script in body() instead); and the response too (on_response returns STOP_AND_BUFFER):
+// envoy_on_response then runs in on_response_body with the whole body and trailers,
+// the head still editable.
 
 enum EnvoyCompat {
     /// Envoy handle-API functions (stream handle, headers, buffer, stream info,
@@ -53,6 +56,20 @@ enum EnvoyCompat {
         /// (name, line) of each method call `:name(`, in source order.
         var calls: [(String, Int)] = []
         var usesBody: Bool { calls.contains { $0.0 == "body" || $0.0 == "bodyChunks" } }
+        /// Lines of the calls that wait for a whole body in Envoy (body, bodyChunks, trailers).
+        var bufferingLines: [Int] { calls.filter { $0.0 == "body" || $0.0 == "bodyChunks" || $0.0 == "trailers" }.map(\.1) }
+
+        /// Which flows to buffer: a buffering call inside envoy_on_request's lines buffers
+        /// the request, inside envoy_on_response's the response; one elsewhere (a helper
+        /// function the script calls from either) buffers both.
+        func buffering(request: ClosedRange<Int>?, response: ClosedRange<Int>?) -> (request: Bool, response: Bool) {
+            var req = false, resp = false
+            for line in bufferingLines {
+                let inReq = request?.contains(line) ?? false, inResp = response?.contains(line) ?? false
+                if inReq && !inResp { req = true } else if inResp && !inReq { resp = true } else { req = true; resp = true }
+            }
+            return (req, resp)
+        }
         var refused: (String, Int)? { calls.first { EnvoyCompat.unsupported.contains($0.0) } }
     }
 
@@ -141,9 +158,21 @@ enum EnvoyCompat {
         lua_pushvalue(co, -1)
         _ = lua_setupvalue(co, -3, 1)       // the adapter's _ENV: the script's own globals
         pushNatives(co)
-        lua_pushboolean(co, scan.usesBody ? 1 : 0)
-        let out = vm.resume(co, nargs: 3, limits: limits, plugin: chunkName, keepResults: true)
+        let buffer = scan.buffering(request: lines(L, "envoy_on_request"), response: lines(L, "envoy_on_response"))
+        lua_pushboolean(co, buffer.request ? 1 : 0)
+        lua_pushboolean(co, buffer.response ? 1 : 0)
+        let out = vm.resume(co, nargs: 4, limits: limits, plugin: chunkName, keepResults: true)
         guard out.ok else { lua_settop(co, 0); throw LuaError.runtime("\(chunkName): \(out.error ?? "error")") }
+    }
+
+    /// The source lines of the script's global function `name` (in the environment on
+    /// top of `L`), nil when it defines none.
+    static func lines(_ L: OpaquePointer?, _ name: String) -> ClosedRange<Int>? {
+        lua_pushstring(L, name)
+        guard lua_rawget(L, -2) == LUA_TFUNCTION else { ml_pop(L, 1); return nil }
+        var ar = lua_Debug()
+        guard lua_getinfo(L, ">S", &ar) != 0, ar.linedefined > 0, ar.lastlinedefined >= ar.linedefined else { return nil }
+        return Int(ar.linedefined)...Int(ar.lastlinedefined)
     }
 
     /// The native helpers of the adapter (a fresh table per load; only the adapter holds it).
@@ -268,9 +297,10 @@ enum EnvoyCompat {
     static let maxAsyncCallsInFlight = 64
 
     /// The adapter: called with (the script's environment, the native helpers, whether
-    /// the script reads the body); returns the Moonlet module of the script.
+    /// to buffer the request, whether to buffer the response: `ScanResult.buffering`);
+    /// returns the Moonlet module of the script.
     static let adapter = #"""
-local env, N, use_body = ...
+local env, N, buffer_request, buffer_response = ...
 local on_request = rawget(env, "envoy_on_request")
 local on_response = rawget(env, "envoy_on_response")
 local type, tostring, tonumber, pairs, ipairs, next, error, pcall, setmetatable, rawget, rawset =
@@ -309,6 +339,7 @@ end
 local REQ_PSEUDO = { ":authority", ":path", ":method", ":scheme" }
 
 local function pseudo_get(o, k)
+  if rawget(o, "trailers") then return nil end
   local s = o.s
   if o.resp then
     if k == ":status" then local st = s.response.status; return st and tostring(st) end
@@ -324,6 +355,7 @@ end
 
 local function pseudo_set(o, k, v)
   local s = o.s
+  if rawget(o, "trailers") then error(fmt("trailer %s: pseudo-headers are not trailers", k), 3) end
   if o.resp then
     if k == ":status" then
       local st = tointeger(tonumber(v))
@@ -378,7 +410,9 @@ end
 local HeadersMT = class("headers", H)
 HeadersMT.__pairs = function(self)
   local list, n = {}, 0
-  if self.resp then
+  local trailers = rawget(self, "trailers")
+  if trailers then
+  elseif self.resp then
     local st = self.s.response.status
     if st then list[1] = ":status"; list[2] = tostring(st); n = 2 end
   else
@@ -387,7 +421,7 @@ HeadersMT.__pairs = function(self)
     end
   end
   for k, v in self.h:pairs() do
-    if self.resp or k ~= "host" then list[n + 1] = k; list[n + 2] = v; n = n + 2 end
+    if self.resp or trailers or k ~= "host" then list[n + 1] = k; list[n + 2] = v; n = n + 2 end
   end
   local i = -1
   return function()
@@ -411,19 +445,17 @@ function B:getBytes(index, length)
 end
 function B:setBytes(v)
   v = str(v, "setBytes(string): argument")
-  set_body(self.s, v)
+  if self.resp then self.s.response:set_body(v) else set_body(self.s, v) end
   self.data = v
   return #v
 end
 local BufferMT = class("buffer", B)
 
-local function response_body_refused(name)
-  error(fmt("%s() in envoy_on_response: Moonlet streams response bodies and does not buffer them for Lua", name), 3)
-end
-
-local function request_body(self)
-  local b = self.s.request:body()
-  if b == nil then error("body(): the request body was not buffered", 3) end
+-- The buffered body of the handle's flow (request or response).
+local function flow_body(self)
+  local b
+  if self.resp then b = self.s.response:body() else b = self.s.request:body() end
+  if b == nil then error("body(): the " .. (self.resp and "response" or "request") .. " body was not buffered", 3) end
   return b
 end
 
@@ -495,29 +527,42 @@ function S:headers()
   return hd
 end
 function S:body(always_wrap)
-  if self.resp then response_body_refused("body") end
   local b = rawget(self, "buf")
   if b == nil then
-    b = setmetatable({ s = self.s, data = request_body(self) }, BufferMT)
+    b = setmetatable({ s = self.s, resp = self.resp, data = flow_body(self) }, BufferMT)
     self.buf = b
   end
   if #b.data == 0 and not always_wrap then return nil end
   return b
 end
 function S:bodyChunks()
-  if self.resp then response_body_refused("bodyChunks") end
-  local data = request_body(self)
+  local data = flow_body(self)
   local done = #data == 0
-  local s = self.s
+  local s, resp = self.s, self.resp
   return function()
     if done then return nil end
     done = true
     local b = rawget(self, "buf")
-    if b == nil then b = setmetatable({ s = s, data = data }, BufferMT); self.buf = b end
+    if b == nil then b = setmetatable({ s = s, resp = resp, data = data }, BufferMT); self.buf = b end
     return b
   end
 end
-function S:trailers() return nil end
+-- trailers(): the flow's trailers once its body is in (buffered), nil when it has none.
+-- Response trailers take get/getAtIndex/getNumValues/add/replace/remove/pairs as headers;
+-- request trailers are read-only (Moonlet's s.request.trailers).
+function S:trailers()
+  local tr = rawget(self, "tr")
+  if tr == nil then
+    local s = self.s
+    local t = self.resp and s.response.trailers or s.request.trailers
+    local any = false
+    for _ in t:pairs() do any = true; break end
+    if not any then return nil end
+    tr = setmetatable({ s = s, resp = false, trailers = true, h = t }, HeadersMT)
+    self.tr = tr
+  end
+  return tr
+end
 function S:respond(headers, body)
   if self.resp then error("respond() is only valid in the request flow", 2) end
   if type(headers) ~= "table" then error("respond(headers, body): headers must be a table", 2) end
@@ -595,7 +640,7 @@ end
 
 local M = {}
 if on_request then
-  if use_body then
+  if buffer_request then
     function M.on_request() return STOP end
     function M.on_request_body(s, conf, chunk, eos)
       if eos then run(on_request, s, conf, false, "envoy_on_request") end
@@ -605,7 +650,17 @@ if on_request then
   end
 end
 if on_response then
-  function M.on_response(s, conf) run(on_response, s, conf, true, "envoy_on_response") end
+  if buffer_response then
+    -- Envoy's body() and trailers() wait for the end of the response: the response is
+    -- buffered and the script runs once it is complete, its head still editable.
+    -- A local reply's body is handed over the same way.
+    function M.on_response() return STOP end
+    function M.on_response_body(s, conf, chunk, eos)
+      if eos and s.response:body() ~= nil then run(on_response, s, conf, true, "envoy_on_response") end
+    end
+  else
+    function M.on_response(s, conf) run(on_response, s, conf, true, "envoy_on_response") end
+  end
 end
 return M
 """#

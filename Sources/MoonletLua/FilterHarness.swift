@@ -423,11 +423,28 @@ public final class FilterHarness {
             if case .complete(var rh, _) = rp.parseResponse(ByteBuffer(string: rr), requestWasHead: s.request.isHead) {
                 rh.stripHopByHop()
                 rh.removeAll(of: .server)
-                Self.applyRouteResponseEdits(s, to: &rh)
+                LocalReplyBuilder.applyRouteResponseEdits(s, to: &rh)
                 rh.markFiltersStart()
                 s.response = rh
-                if chain.runResponse(s) == .respond, s.localReply != nil {
+                let responseAction = chain.runResponse(s)
+                if responseAction == .respond, s.localReply != nil {
                     s.response = nil
+                } else if responseAction == .stopAndBuffer {
+                    // As the proxy: the whole body once, which a filter may replace.
+                    s.bufferedResponseBody = ByteBuffer(string: s.request.isHead ? "" : u.body)
+                    if chain.runBufferedResponseBody(s) == .respond, s.localReply != nil {
+                        s.response = nil
+                    } else {
+                        let b = s.bufferedResponseBody ?? ByteBuffer()
+                        clientBody = String(decoding: b.readableBytesView, as: UTF8.self)
+                        s.responseBodyBytes = Int64(b.readableBytes)
+                        if !s.request.isHead, var h = s.response.take() {
+                            _ = h.remove("content-length")
+                            h.addLowercased("content-length", String(b.readableBytes))
+                            s.response = h
+                        }
+                    }
+                    s.bufferedResponseBody = nil
                 } else {
                     s.responseBodyBytes = Int64(u.body.utf8.count)
                     if chain.wantsResponseBody {
@@ -435,6 +452,12 @@ public final class FilterHarness {
                         chain.runResponseBody(s, chunk: ByteBuffer(), endOfStream: true)
                     }
                     clientBody = s.request.isHead ? "" : u.body
+                }
+                // The filters' edits are held to LocalReplyCheck as in the proxy: a head
+                // that would break the client's framing becomes a clean 500.
+                if let edited = s.response, LocalReplyCheck.problem(edited, limits: ProxyLimits()) != nil {
+                    s.response = nil
+                    s.localReply = LocalReplyCheck.replacement
                 }
             } else {
                 failures.append(FilterTestFailure(field: "upstream", expected: "a valid HTTP response", got: "the upstream head does not parse: \(rr.debugDescription)"))
@@ -509,55 +532,15 @@ public final class FilterHarness {
         }
     }
 
-    /// The local reply through the response filters, as the proxy sends it: its head
-    /// (content-length, text/plain for a text body, the filter's headers), on_response
-    /// (which may add headers or replace the reply). Returns the body the client gets.
-    /// A reply to a gRPC request becomes a gRPC error first, as in the proxy
-    /// (StreamExecutor.localReply, GRPC.localReply).
+    /// The local reply through the response filters, as the proxy sends it: the proxy's
+    /// own builder (LocalReplyBuilder: LocalReplyCheck, the gRPC mapping, on_response,
+    /// the header retention rule, the head limits). Returns the body the client gets.
     func localReply(_ s: ProxyStream, _ chain: FilterChain) -> String {
-        guard var reply = s.localReply else { return "" }
-        let grpc = GRPC.isGRPCRequest(s.request)
-        if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-        s.responseCode = reply.status
-        var head = Self.localHead(reply)
-        Self.applyRouteResponseEdits(s, to: &head)
-        s.response = head
-        let replaced = chain.runResponse(s) == .respond
-        let current = s.localReply ?? reply
-        if replaced || current.status != reply.status {
-            reply = current
-            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-            head = Self.localHead(reply)
-            if let edited = s.response {
-                head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
-            }
-        } else if let edited = s.response {
-            head = edited
-        }
-        s.response = head
-        s.responseCode = reply.status
-        let bodyOK = !s.request.isHead && reply.status != 204 && reply.status != 304
-        s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
-        return bodyOK ? reply.body : ""
-    }
-
-    static func localHead(_ r: LocalReply) -> HTTPHead {
-        var b = HTTPHeadBuilder(status: r.status, buffer: ByteBufferAllocator().buffer(capacity: 128))
-        let noBody = r.status == 204 || r.status == 304
-        let length = r.body.utf8.count
-        if !noBody { _ = b.add("content-length", String(length), kind: .contentLength) }
-        if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { _ = b.add("content-type", "text/plain", kind: .other) }
-        for h in r.headers where h.name.lowercased() != "content-length" { _ = b.add(h.name, h.value) }
-        b.set(framing: noBody || length == 0 ? .none : .contentLength(Int64(length)))
-        var head = b.finish()
-        head.markFiltersStart()
-        return head
-    }
-
-    static func applyRouteResponseEdits(_ s: ProxyStream, to head: inout HTTPHead) {
-        for n in s.route.responseRemove { _ = head.remove(n) }
-        for (n, v) in s.route.responseSet { head.set(n, v) }
-        for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
+        guard s.localReply != nil else { return "" }
+        let (_, body) = LocalReplyBuilder.build(s, chain: chain, limits: ProxyLimits(), requestWasHead: s.request.isHead,
+                                                allocator: ByteBufferAllocator()) { _ in }
+        guard let body else { return "" }
+        return String(decoding: body.readableBytesView, as: UTF8.self)
     }
 
     static func reason(_ status: Int) -> String {

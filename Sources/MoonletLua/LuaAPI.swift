@@ -86,6 +86,7 @@ enum LuaAPI {
         TrailersAPI.install(L)
         ml_pushapifunction(L, respond); lua_setfield(L, ml_registryindex(), "moonlet.respond")
         ml_pushapifunction(L, body); lua_setfield(L, ml_registryindex(), "moonlet.body")
+        ml_pushapifunction(L, setBody); lua_setfield(L, ml_registryindex(), "moonlet.set_body")
         lua_createtable(L, 0, 1)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
         lua_setfield(L, ml_registryindex(), "moonlet.vars_mt")
@@ -147,6 +148,7 @@ enum LuaAPI {
             else if kw("scheme") { push(L, "http") }
             else if kw("protocol") { push(L, s.protocolName) }
             else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }
+            else if kw("set_body") { lua_getfield(L, ml_registryindex(), "moonlet.set_body") }
             else { lua_pushnil(L) }
         case .response:
             if kw("headers") { ml_pushlight(L, wrapper(id, .responseHeaders)) }
@@ -155,6 +157,8 @@ enum LuaAPI {
                 let st = s.status
                 if st == 0 { lua_pushnil(L) } else { lua_pushinteger(L, lua_Integer(st)) }
             }
+            else if kw("body") { lua_getfield(L, ml_registryindex(), "moonlet.body") }
+            else if kw("set_body") { lua_getfield(L, ml_registryindex(), "moonlet.set_body") }
             else { lua_pushnil(L) }
         case .requestHeaders, .responseHeaders, .requestTrailers, .responseTrailers:
             lua_pushnil(L) // handled above
@@ -593,13 +597,44 @@ enum LuaAPI {
         return 1
     }
 
+    /// s.request:body() / s.response:body(): the buffered body (stop-and-buffer), nil
+    /// when the body is not buffered (or, for the response, not complete yet).
     static let body: lua_CFunction = { L in
-        guard let (_, s, kind) = resolve(L, 1, "body"), kind == .request else { return fail(L, outside) }
-        guard let b = s.bufferedRequestBody else { lua_pushnil(L); return 1 }
+        guard let (_, s, kind) = resolve(L, 1, "body"), kind == .request || kind == .response else { return fail(L, outside) }
+        let buffered = kind == .request ? s.bufferedRequestBody : s.bufferedResponseBody
+        guard let b = buffered else { lua_pushnil(L); return 1 }
         b.withUnsafeReadableBytes { raw in
             ml_pushbytes(L, raw.baseAddress, raw.count)
         }
         return 1
+    }
+
+    /// s.request:set_body(bytes) / s.response:set_body(bytes): replaces the buffered body
+    /// in the body phase's call with the whole body (the request's before it goes
+    /// upstream, the response's before its head goes out); the content-length follows.
+    /// At most maxBufferedBodyBytes. Anywhere else it raises an error.
+    static let setBody: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 1, "set_body"), kind == .request || kind == .response else { return fail(L, outside) }
+        guard let b = bytes(L, 2) else { return fail(L, "set_body(string): argument must be a string") }
+        let max = vm.maxBufferedBodyBytes
+        guard b.count <= max else { return fail(L, "set_body(): body of \(b.count) bytes is larger than the proxy's buffered body bound (\(max) bytes)") }
+        if kind == .request {
+            guard vm.phaseIndex == 1, s.bufferedRequestBody != nil, s.response == nil else {
+                return fail(L, "s.request:set_body(): only in on_request_body with the whole body (after moonlet.STOP_AND_BUFFER)")
+            }
+            var buf = ByteBufferAllocator().buffer(capacity: b.count)
+            buf.writeBytes(b)
+            s.bufferedRequestBody = buf
+            if s.request.first("content-length") != nil { s.request.set("content-length", String(b.count)) }
+        } else {
+            guard vm.phaseIndex == 3, s.bufferedResponseBody != nil, s.response != nil else {
+                return fail(L, "s.response:set_body(): only in on_response_body with the whole body (after moonlet.STOP_AND_BUFFER from on_response)")
+            }
+            var buf = ByteBufferAllocator().buffer(capacity: b.count)
+            buf.writeBytes(b)
+            s.bufferedResponseBody = buf
+        }
+        return 0
     }
 
     // MARK: load / require

@@ -160,7 +160,7 @@ public final class LuaPluginInstance: Filter {
             // Only a reply made by this call counts (a local reply's own response
             // phase already has one).
             if s.replyCount != replies && which != 4 { return .respond }
-            if out.returned == "stop_and_buffer" && which == 0 { return .stopAndBuffer }
+            if out.returned == "stop_and_buffer" && (which == 0 || which == 2) { return .stopAndBuffer }
             return .continue
         }
         // The coroutine died with the error: give it back and start a fresh one next time.
@@ -179,7 +179,7 @@ public final class LuaPluginInstance: Filter {
         default:
             break
         }
-        if which <= 1 || s.response == nil || which == 2 {
+        if which <= 1 || s.response == nil || which == 2 || (which == 3 && eos && s.bufferedResponseBody != nil) {
             s.respond(500, body: "filter \(name) failed\n", headers: [("content-type", "text/plain")])
             return .respond
         }

@@ -15,7 +15,7 @@ enum TrailersAPI {
     /// Registers the method table (called by LuaAPI.installWrapperMetatable).
     static func install(_ L: OpaquePointer) {
         lua_createtable(L, 0, 5)
-        for (n, f) in [("get", tGet), ("get_all", tGetAll), ("set", tSet), ("remove", tRemove), ("pairs", tPairs)] as [(String, lua_CFunction)] {
+        for (n, f) in [("get", tGet), ("get_all", tGetAll), ("set", tSet), ("add", tAdd), ("remove", tRemove), ("pairs", tPairs)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         lua_setfield(L, ml_registryindex(), "moonlet.trailer_methods")
@@ -57,7 +57,11 @@ enum TrailersAPI {
         return 1
     }
 
-    static let tSet: lua_CFunction = { L in
+    static let tSet: lua_CFunction = { L in write(L, append: false) }
+    /// trailers:add(name, value): appends a value (set replaces them all).
+    static let tAdd: lua_CFunction = { L in write(L, append: true) }
+
+    static func write(_ L: OpaquePointer?, append: Bool) -> Int32 {
         guard let (s, r) = target(L) else { return LuaAPI.fail(L, LuaAPI.outside) }
         guard r else { return LuaAPI.fail(L, "trailers:set: request trailers are read-only") }
         guard let n = LuaAPI.lowerName(L, 2), n.utf8.count <= 256, HeaderValidation.isToken(n) else {
@@ -73,8 +77,8 @@ enum TrailersAPI {
         guard HeaderValidation.isFieldValue(v) else { return LuaAPI.fail(L, "trailers:set(\(n), value): value contains a control character (CR, LF, NUL, DEL...)") }
         guard v.utf8.count <= maxValueBytes else { return LuaAPI.fail(L, "trailers:set(\(n), value): value longer than 16 KiB") }
         var t = s.responseTrailers ?? HTTPTrailers()
-        guard t.count < maxFields || t.first(n) != nil else { return LuaAPI.fail(L, "trailers:set(\(n)): more than \(maxFields) trailers") }
-        t.set(n, v)
+        guard t.count < maxFields || (!append && t.first(n) != nil) else { return LuaAPI.fail(L, "trailers:set(\(n)): more than \(maxFields) trailers") }
+        if append { t.append(n, v) } else { t.set(n, v) }
         s.responseTrailers = t
         return 0
     }

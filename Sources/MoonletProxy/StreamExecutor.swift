@@ -35,6 +35,10 @@ final class StreamExecutor {
         /// client's framing: `s.localReply` is set; the upstream response is dropped and
         /// the local reply goes out instead.
         case localReply
+        /// A response filter asked for the whole body (`stopAndBuffer`): `s.response`
+        /// holds the head, `s.bufferedResponseBody` is started; nothing is written until
+        /// the body and trailers are in (`bufferedResponseEnd`).
+        case buffer
     }
 
     // MARK: request
@@ -90,16 +94,22 @@ final class StreamExecutor {
         var head = consume headIn
         head.stripHopByHop()
         head.removeAll(of: .server)
-        Self.applyRouteResponseEdits(s, to: &head)
+        LocalReplyBuilder.applyRouteResponseEdits(s, to: &head)
         if chain.filters.isEmpty {
             s.response = consume head
             return .send
         }
         head.markFiltersStart()
         s.response = consume head
-        if chain.runResponse(s) == .respond, s.localReply != nil {
+        switch chain.runResponse(s) {
+        case .respond where s.localReply != nil:
             s.response = nil
             return .localReply
+        case .stopAndBuffer:
+            // Checked when it goes out (the body phase may still edit it).
+            s.bufferedResponseBody = ctx.allocator.buffer(capacity: 0)
+            return .buffer
+        default: break
         }
         // The filters' edits are checked as a local reply's are: none is written if the
         // head would break the client's framing or limits; a clean 500 goes instead.
@@ -120,70 +130,72 @@ final class StreamExecutor {
         if chain.wantsResponseBody { chain.runResponseBody(s, chunk: chunk, endOfStream: endOfStream) }
     }
 
-    /// A local reply's head and body, after the route's response edits and the response
-    /// filters (which may replace the reply or change its status; the head is then
-    /// rebuilt keeping the headers they added). Every head is held to LocalReplyCheck
-    /// and the head size limit: a reply that would break the client's framing becomes a
-    /// clean 500. Sets `s.response`, `s.responseCode` and `s.responseBodyBytes`.
-    /// `requestWasHead`: a HEAD request gets no body.
-    ///
-    /// A reply to a gRPC request (content-type application/grpc) is written as a gRPC
-    /// error before the response filters see it (GRPC.localReply, as Envoy's
-    /// sendLocalReply): HTTP 200, grpc-status mapped from the HTTP status, grpc-message
-    /// the body, no body (trailers-only; on HTTP/2 no content-length either).
-    func localReply(_ s: ProxyStream, requestWasHead: Bool) -> (head: HTTPHead, body: ByteBuffer?) {
-        guard var reply = s.localReply else { return (Self.localHead(LocalReplyCheck.replacement, allocator: ctx.allocator), nil) }
-        if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-        let grpc = s.withRequest { GRPC.isGRPCRequest($0) }
-        let h2 = s.protocolName == "HTTP/2"
-        if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-        s.responseCode = reply.status
-        var head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
-        Self.applyRouteResponseEdits(s, to: &head)
-        s.response = head
-        let replaced = chain.runResponse(s) == .respond
-        let current = s.localReply ?? reply
-        if replaced || current.status != reply.status {
-            reply = current
-            if let why = LocalReplyCheck.problem(reply, limits: limits) { reply = rejectLocalReply(s, why) }
-            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
-            if reply.status == current.status, let edited = s.response {
-                head.added.append(contentsOf: edited.added.filter { a in !head.added.contains { $0.name == a.name } })
-            }
-        } else if let edited = s.response {
-            head = edited
+    /// The buffered response is complete (body in `s.bufferedResponseBody`, trailers in
+    /// `s.responseTrailers`): every `onResponseBody` gets it once with `endOfStream`; then
+    /// the head is framed for the final body: content-length of its size (transfer-encoding
+    /// goes), except when trailers go to an HTTP/1.1 client, which need chunked framing
+    /// (`trailersNeedChunked`), as Envoy's HTTP/1 codec writes trailers only in a chunked
+    /// body. A HEAD response, and 204/304, keep their head's framing fields (they carry no
+    /// body). The head is held to LocalReplyCheck as any filter-edited head. `.send`:
+    /// `s.response` and `s.bufferedResponseBody` are what to write; `.localReply`: a
+    /// filter answered, or the head is refused (`s.localReply` is set).
+    func bufferedResponseEnd(_ s: ProxyStream, requestWasHead: Bool, trailersNeedChunked: Bool) -> ResponseHeadOutcome {
+        if chain.runBufferedResponseBody(s) == .respond, s.localReply != nil {
+            s.response = nil
+            s.bufferedResponseBody = nil
+            return .localReply
         }
-        // The proxy frames the reply: a content-length a filter set is dropped.
-        if head.added.contains(where: { $0.name == "content-length" }) {
-            head.added.removeAll { $0.name == "content-length" }
-            for i in head.fields.indices where head.fields[i].kind == .contentLength { head.fields[i].removed = false }
+        guard var head = s.response.take() else { return .localReply }
+        let status = head.status
+        if !requestWasHead && status != 204 && status != 304 && !(100...199).contains(status) {
+            let length = s.bufferedResponseBody?.readableBytes ?? 0
+            let hadBody = head.framing != .none
+            for i in head.fields.indices where head.fields[i].kind == .contentLength || head.fields[i].kind == .transferEncoding {
+                head.fields[i].removed = true
+            }
+            head.added.removeAll { $0.name == "content-length" || $0.name == "transfer-encoding" }
+            if trailersNeedChunked && !(s.responseTrailers?.isEmpty ?? true) {
+                head.framing = .chunked
+            } else if length > 0 || hadBody {
+                head.addLowercased("content-length", String(length))
+                head.framing = .contentLength(Int64(length))
+            } else {
+                head.framing = .none
+            }
         }
         if let why = LocalReplyCheck.problem(head, limits: limits) {
-            reply = rejectLocalReply(s, why)
-            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
+            _ = rejectLocalReply(s, why)
+            s.bufferedResponseBody = nil
+            return .localReply
         }
-        let size = Self.writtenSize(head)
-        if size > limits.maxHeadBytes {
-            reply = rejectLocalReply(s, "head of \(size) bytes (at most \(limits.maxHeadBytes))")
-            if grpc { reply = GRPC.replaceLocalReply(of: s, reply) }
-            head = Self.localHead(reply, allocator: ctx.allocator, grpcOverHTTP2: grpc && h2)
+        s.response = consume head
+        return .send
+    }
+
+    /// A local reply's head and body as the client gets it (LocalReplyBuilder, in
+    /// MoonletCore, shared with the offline filter harness): LocalReplyCheck, the gRPC
+    /// mapping, the route's response edits, the response filters (which may replace the
+    /// reply or change its status, or take its body with stop-and-buffer), the header
+    /// retention rule and the head limits; a reply that would break the client's framing
+    /// becomes a clean 500 (counted, logged). Sets `s.response`, `s.responseCode` and
+    /// `s.responseBodyBytes`. `requestWasHead`: a HEAD request gets no body.
+    func localReply(_ s: ProxyStream, requestWasHead: Bool) -> (head: HTTPHead, body: ByteBuffer?) {
+        LocalReplyBuilder.build(s, chain: chain, limits: limits, requestWasHead: requestWasHead, allocator: ctx.allocator) { why in
+            noteRejected(s, why)
         }
-        let bodyOK = !requestWasHead && reply.status != 204 && reply.status != 304
-        s.response = head
-        s.responseCode = reply.status
-        s.responseBodyBytes = Int64(bodyOK ? reply.body.utf8.count : 0)
-        return (head, bodyOK && !reply.body.isEmpty ? ByteBuffer(string: reply.body) : nil)
     }
 
     /// A local reply that would break the client's framing: counted, logged, and
     /// replaced by a clean 500 (LocalReplyCheck).
     func rejectLocalReply(_ s: ProxyStream, _ why: String) -> LocalReply {
-        ctx.metrics.count("moonlet_local_reply_invalid_total")
-        ctx.logger.debug("stream \(s.id): local reply replaced by 500: \(why)")
+        noteRejected(s, why)
         s.localReply = LocalReplyCheck.replacement
         return LocalReplyCheck.replacement
+    }
+
+    func noteRejected(_ s: ProxyStream, _ why: String) {
+        ctx.metrics.count("moonlet_local_reply_invalid_total")
+        ctx.logger.debug("stream \(s.id): local reply replaced by 500: \(why)")
     }
 
     // MARK: end
@@ -201,45 +213,5 @@ final class StreamExecutor {
     /// A request whose head did not parse (never a stream): counted with flag DPE.
     func protocolError(status: Int, responseBytes: Int) {
         telemetry.recordProtocolError(status: status, responseBytes: responseBytes, ctx: ctx)
-    }
-
-    // MARK: heads
-
-    /// The matched route's `headers.response` set/add/remove (Envoy applies them in the
-    /// router, before the response filters see the head).
-    /// Reads the edits through the stream: taking the RouteDecision as an argument would
-    /// copy it (a retain of each of its strings and arrays) on every response.
-    static func applyRouteResponseEdits(_ s: ProxyStream, to head: inout HTTPHead) {
-        for n in s.route.responseRemove { head.remove(n) }
-        for (n, v) in s.route.responseSet { head.set(n, v) }
-        for (n, v) in s.route.responseAdd { head.addLowercased(n, v) }
-    }
-
-    /// The head of a local reply that passed LocalReplyCheck (names are tokens, values
-    /// have no control byte, no framing field, within the limits): content-length (none on
-    /// 204 and 304), content-type for a text body, the filter's headers. Built in place
-    /// (HTTPHeadBuilder), not written as bytes and parsed.
-    /// `grpcOverHTTP2`: a gRPC trailers-only reply on HTTP/2, written without
-    /// content-length (END_STREAM on its HEADERS frame ends it), as Envoy writes it.
-    static func localHead(_ r: LocalReply, allocator: ByteBufferAllocator, grpcOverHTTP2: Bool = false) -> HTTPHead {
-        var b = HTTPHeadBuilder(status: r.status, buffer: allocator.buffer(capacity: 128))
-        let noBody = r.status == 204 || r.status == 304 || grpcOverHTTP2
-        let length = r.body.utf8.count
-        if !noBody { b.add("content-length", String(length), kind: .contentLength) }
-        if !noBody && !r.headers.contains(where: { $0.name == "content-type" }) && !r.body.isEmpty { b.add("content-type", "text/plain", kind: .other) }
-        for h in r.headers where h.name.lowercased() != "content-length" { b.add(h.name, h.value) }
-        b.set(framing: noBody || length == 0 ? .none : .contentLength(Int64(length)))
-        return b.finish()
-    }
-
-    /// The size of `head` as HeadWriter writes it to an HTTP/1.1 client (status line, kept
-    /// lines, added lines, the proxy's server and connection lines): HTTP/2 replies are
-    /// held to the same head limit.
-    static func writtenSize(_ head: HTTPHead) -> Int {
-        var n = 17 + 24 + 2 // "server: moonlet", "connection: keep-alive" (at most), the empty line
-        if let first = head.fields.first { n += Int(first.lineStart) } else { n += head.bytes.readableBytes - 2 }
-        for f in head.fields where !f.removed { n += Int(f.lineEnd - f.lineStart) }
-        for a in head.added { n += a.name.utf8.count + a.value.utf8.count + 4 }
-        return n
     }
 }

@@ -109,6 +109,9 @@ extension DownstreamHandler {
             // A response filter answered, or its edits would break the client's framing.
             if let u = upstream { u.abandon(); upstream = nil }
             sendLocalReply()
+        case .buffer:
+            // A response filter wants the whole body: held until upstreamResponseEnd.
+            responseState = .buffering
         }
     }
 
@@ -121,6 +124,7 @@ extension DownstreamHandler {
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
+        if responseState == .buffering { bufferResponseChunk(s, chunk); return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         exec.responseBody(s, chunk, endOfStream: false)
         sendBody(chunk)
@@ -129,8 +133,20 @@ extension DownstreamHandler {
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
         let now = NIODeadline.now().uptimeNanoseconds
+        if responseState == .buffering {
+            releaseUpstream(s, reusable: reusable, now: now)
+            sendBufferedResponse(s)
+            return
+        }
         exec.responseBody(s, ByteBuffer(), endOfStream: true)
         sendEnd()
+        releaseUpstream(s, reusable: reusable, now: now)
+        finishStream(s, now: now)
+    }
+
+    /// The upstream response ended: its connection goes back to the pool when it can
+    /// serve another request, else it closes (an HTTP/2 stream ends by itself).
+    func releaseUpstream(_ s: ProxyStream, reusable: Bool, now: UInt64) {
         if let u = upstream {
             upstream = nil
             if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
@@ -141,7 +157,57 @@ extension DownstreamHandler {
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
             } else { u.channel?.close(promise: nil) }
         }
-        finishStream(s, now: now)
+    }
+
+    // MARK: buffered responses (a response filter returned stop-and-buffer)
+
+    /// A chunk of a buffered response body: collected, bounded by maxBufferedBodyBytes.
+    /// Beyond, the response is replaced by Envoy's answer to a response buffer overflow
+    /// before headers were sent: 500 "Internal Server Error", details
+    /// response_payload_too_large; the upstream connection is dropped.
+    func bufferResponseChunk(_ s: ProxyStream, _ chunk: ByteBuffer) {
+        guard s.bufferedResponseBody != nil else { return }
+        if s.bufferedResponseBody!.readableBytes + chunk.readableBytes > limits.maxBufferedBodyBytes {
+            ctx.metrics.count("moonlet_response_too_large_total")
+            s.bufferedResponseBody = nil
+            s.response = nil
+            s.responseTrailers = nil
+            if let u = upstream { u.abandon(); upstream = nil }
+            responseState = .none
+            s.vars["response_code_details"] = "response_payload_too_large"
+            s.respond(500, body: "Internal Server Error", headers: [])
+            if !requestState.isComplete { closeAfterResponse() }
+            sendLocalReply()
+            return
+        }
+        var c = chunk
+        s.bufferedResponseBody!.writeBuffer(&c)
+    }
+
+    /// The buffered response is complete (its trailers are in `s.responseTrailers`): the
+    /// filters' body phase runs once, then the head (framed for the final body), the body
+    /// and the trailers are written, or the local reply a filter made.
+    func sendBufferedResponse(_ s: ProxyStream) {
+        responseState = .none
+        let isHead = s.withRequest { $0.isHead }
+        let needChunked = h2 == nil
+        switch exec.bufferedResponseEnd(s, requestWasHead: isHead, trailersNeedChunked: needChunked) {
+        case .localReply:
+            s.responseTrailers = nil
+            sendLocalReply()
+        case .send, .buffer:
+            let body = s.bufferedResponseBody.take() ?? ByteBuffer()
+            let head = s.response.take()!
+            sendHead(head)
+            s.response = consume head
+            let bodyOK = !isHead && s.status != 204 && s.status != 304
+            if bodyOK && body.readableBytes > 0 {
+                s.responseBodyBytes = Int64(body.readableBytes)
+                sendBody(body)
+            }
+            sendEnd()
+            finishStream(s)
+        }
     }
 
     // MARK: local replies

@@ -36,6 +36,11 @@ enum RequestState: Equatable {
 enum ResponseState: Equatable {
     /// Nothing was sent to the client yet: a retry or a local reply can still replace it.
     case none
+    /// A response filter asked for the whole body (stop-and-buffer): the upstream's head
+    /// and body are held by the proxy, nothing is written yet. The upstream response is
+    /// committed (no retry; an upstream failure now resets the client's stream, as
+    /// Envoy's once the router passed the head on), but a local reply can still replace it.
+    case buffering
     /// The head is written but held (until the first body bytes, the end of the response
     /// or the end of the loop's I/O batch), so a small response leaves in one write.
     case headHeld

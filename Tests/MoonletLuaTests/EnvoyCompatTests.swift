@@ -127,4 +127,44 @@ final class EnvoyCompatTests: XCTestCase {
         XCTAssertEqual(out.exitCode, 0, out.output)
         XCTAssertEqual(out.output, "2 passed, 0 failed\n")
     }
+
+    func testABodyReadInsideOneEnvoyFunction_buffersThatFlowOnly_andOneInAHelperBuffersBoth() {
+        let src = """
+        local function helper(h) return h:body() end          -- line 1
+        function envoy_on_request(h)                          -- line 2
+          h:body()
+        end
+        function envoy_on_response(h)                         -- line 5
+          h:trailers()
+        end
+        """
+        let scan = EnvoyCompat.scan(src)
+        XCTAssertEqual(scan.bufferingLines, [1, 3, 6])
+        let req = 2...4, resp = 5...7
+        XCTAssertTrue(EnvoyCompat.ScanResult(calls: [("body", 3)]).buffering(request: req, response: resp) == (true, false))
+        XCTAssertTrue(EnvoyCompat.ScanResult(calls: [("trailers", 6)]).buffering(request: req, response: resp) == (false, true))
+        XCTAssertTrue(scan.buffering(request: req, response: resp) == (true, true), "the helper's call buffers both")
+        XCTAssertTrue(EnvoyCompat.ScanResult(calls: [("headers", 3)]).buffering(request: req, response: resp) == (false, false))
+    }
+
+    func testAnEnvoyScriptRewritesTheResponseBodyUnderTheOfflineFilterHarness() throws {
+        let lua = "\(dir!)/r.lua", cases = "\(dir!)/r.cases.yaml"
+        try """
+        function envoy_on_request(h) h:headers():add("x-req", "1") end
+        function envoy_on_response(h)
+          local b = h:body()
+          h:headers():add("x-len", b:length())
+          b:setBytes("<" .. b:getBytes(0, b:length()) .. ">")
+        end
+        """.write(toFile: lua, atomically: true, encoding: .utf8)
+        try """
+        cases:
+        - name: rewrites the body, its length follows
+          request: {path: /x}
+          upstream: {status: 200, body: hello}
+          expect: {status: 200, body: "<hello>", response_headers: {x-len: "5", content-length: "7"}, upstream_request_headers: {x-req: "1"}}
+        """.write(toFile: cases, atomically: true, encoding: .utf8)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.output, "1 passed, 0 failed\n")
+    }
 }

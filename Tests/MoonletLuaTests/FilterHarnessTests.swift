@@ -163,6 +163,89 @@ final class FilterHarnessTests: XCTestCase {
         XCTAssertEqual(out.exitCode, 0, out.output)
     }
 
+    /// The harness composes local replies with the proxy's own builder (LocalReplyBuilder).
+    let replyEditor = """
+    local f = {}
+    function f.on_request(s, conf)
+      return s:respond(401, "no\\n", { ["x-reply"] = "1" })
+    end
+    function f.on_response(s, conf)
+      s.response.headers:set("x-added", "1")
+      local mode = s.request.headers:get("x-mode")
+      if mode == "respond" then
+        return s:respond(403, "forbidden\\n")
+      elseif mode == "huge" then
+        local h = {}
+        for i = 1, 8 do h["x-big-" .. i] = string.rep("a", 16 * 1024) end
+        return s:respond(200, "too big a head", h)
+      end
+    end
+    return f
+    """
+
+    func test_aResponseFilterChangingAGRPCLocalReplysStatus_dropsTheHeadersItAdded_asTheProxyDoes() throws {
+        let lua = write("edit.lua", replyEditor)
+        let cases = write("c.yaml", """
+        cases:
+        - name: an added header stays while the status does
+          request: {path: /x}
+          expect: {status: 401, body: "no\\n", response_headers: {x-added: "1", x-reply: "1"}}
+        - name: a replaced reply with the same final status keeps the added header
+          request: {path: /x, headers: {x-mode: respond}}
+          expect: {status: 403, body: "forbidden\\n", response_headers: {x-added: "1"}}
+        - name: on a gRPC call the replaced reply becomes a gRPC error, and the added header goes
+          request: {method: POST, path: /pkg.Svc/Get, headers: {content-type: application/grpc, x-mode: respond}}
+          expect: {status: 200, body: "", response_headers: {grpc-status: "7", x-added: null}}
+        """)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+    }
+
+    func test_aLocalReplyThatLocalReplyCheckRefuses_isTheProxysClean500() throws {
+        let lua = write("edit.lua", replyEditor)
+        let cases = write("c.yaml", """
+        cases:
+        - name: a reply whose head is over the limit becomes 500
+          request: {path: /x, headers: {x-mode: huge}}
+          expect: {status: 500, body: "invalid local reply\\n", response_headers: {x-added: null, x-big-1: null}}
+        """)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+    }
+
+    func test_responseStopAndBuffer_givesOnResponseBodyTheWholeUpstreamBody_whichItMayReplace() throws {
+        let lua = write("rb.lua", """
+        local f = {}
+        function f.on_response(s, conf)
+          if s.request.headers:get("x-early") and s.response.status == 200 then s.response:set_body("early") end
+          return moonlet.STOP_AND_BUFFER
+        end
+        function f.on_response_body(s, conf, chunk, eos)
+          if not eos or s.response.status ~= 200 then return end
+          if s.response:body() == "bad" then return s:respond(502, "refused\\n") end
+          s.response:set_body("[" .. s.response:body() .. "]")
+        end
+        return f
+        """)
+        let cases = write("c.yaml", """
+        cases:
+        - name: rewritten
+          request: {path: /x}
+          upstream: {status: 200, body: ok}
+          expect: {status: 200, body: "[ok]", response_headers: {content-length: "4"}}
+        - name: replaced by a local reply
+          request: {path: /x}
+          upstream: {status: 200, body: bad}
+          expect: {status: 502, body: "refused\\n"}
+        - name: set_body outside the call with the whole body raises
+          request: {path: /x, headers: {x-early: "1"}}
+          upstream: {status: 200, body: ok}
+          expect: {status: 500, lua_error: "only in on_response_body with the whole body"}
+        """)
+        let out = FilterTestCommand.run(filter: lua, cases: cases)
+        XCTAssertEqual(out.exitCode, 0, out.output)
+    }
+
     func test_logsAndMetricsExpectations_reportWhatWasLoggedAndCounted() throws {
         let lua = write("m.lua", """
         return {

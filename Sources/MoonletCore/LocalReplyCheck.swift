@@ -1,21 +1,21 @@
 import NIOCore
-import MoonletCore
+import MoonletHTTP
 
 /// A local reply (from a filter's `s:respond`, a response filter's edits, or the proxy)
 /// is checked whole before a byte of it is written: a reply that would break the
 /// client's framing (a 1xx or out-of-range status as the final response, a framing or
 /// connection header, more header lines or bytes than the limits allow) is replaced by
 /// a clean 500, so the client never reads part of one reply as the next response.
-enum LocalReplyCheck {
+public enum LocalReplyCheck {
     /// Fields the proxy frames itself (ManagedHeaders' framing and hop-by-hop list): a
     /// filter may not set them on a local reply; content-length is dropped and recomputed
     /// instead, see `localHead`.
-    static func isFramingField(_ lowercased: String) -> Bool {
+    public static func isFramingField(_ lowercased: String) -> Bool {
         lowercased != "content-length" && ManagedHeaders.isFramingOrHopByHop(lowercased)
     }
 
     /// Why `r` cannot be sent as it is, or nil when it can.
-    static func problem(_ r: LocalReply, limits: ProxyLimits) -> String? {
+    public static func problem(_ r: LocalReply, limits: ProxyLimits) -> String? {
         guard r.status >= 200 && r.status <= 599 else { return "status \(r.status) is not a final status (200-599)" }
         // content-length and content-type come with it.
         guard r.headers.count + 2 <= limits.maxHeaderCount else { return "\(r.headers.count) headers (at most \(limits.maxHeaderCount - 2))" }
@@ -41,7 +41,7 @@ enum LocalReplyCheck {
     /// values the proxy added before the filters ran (`HTTPHead.markFiltersStart`: the
     /// route's edits, checked at config load, and the metadata exchange headers) are
     /// counted, not checked again; those the filters added are.
-    static func problem(_ head: HTTPHead, limits: ProxyLimits) -> String? {
+    public static func problem(_ head: HTTPHead, limits: ProxyLimits) -> String? {
         guard head.status >= 200 && head.status <= 599 else { return "status \(head.status) is not a final status (200-599)" }
         guard !head.added.isEmpty else { return nil }
         var count = head.added.count
@@ -60,5 +60,5 @@ enum LocalReplyCheck {
     }
 
     /// The reply sent instead of an invalid one.
-    static let replacement = LocalReply(status: 500, body: "invalid local reply\n")
+    public static let replacement = LocalReply(status: 500, body: "invalid local reply\n")
 }
