@@ -225,7 +225,11 @@ extension DownstreamHandler {
             // Unread request body: it can't be skipped reliably if large; close after.
             closeAfterResponse()
         }
-        let (head, body) = exec.localReply(s, requestWasHead: s.withRequest({ $0.isHead }))
+        var (head, body) = exec.localReply(s, requestWasHead: s.withRequest({ $0.isHead }))
+        // An mTLS caller learns this sidecar's workload from a local reply too (an RBAC
+        // 403, a fault abort), as Istio's metadata exchange adds its headers to every
+        // response it encodes (PeerExchange.swift).
+        if role == .inbound && peerMTLS && head.first(PeerExchange.header) == nil { PeerExchange.addOwn(&head, ctx: ctx) }
         // The same writes as a proxied response (HTTP/1.1: head and a small body in one
         // write from the output buffer pool; HTTP/2: HPACK from the head, END_STREAM on
         // the last frame).

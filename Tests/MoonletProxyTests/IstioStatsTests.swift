@@ -234,3 +234,35 @@ final class IstioStatsTests: XCTestCase {
         XCTAssertEqual(Set(labels.text.split(separator: ",").map { String($0.split(separator: "=")[0]) }), Set(IstioLabels.tcp))
     }
 }
+
+extension IstioStatsTests {
+    /// Istio's metadata exchange adds its headers to every response it encodes: an mTLS
+    /// caller denied by the server sidecar's RBAC still learns who answered.
+    func testALocalReplyToAnMTLSCaller_carriesThisSidecarsPeerMetadata_andAPlaintextOneDoesNot() throws {
+        let certs = try pki.issue("production", "orders")
+        let deny = """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-admin, namespace: production}
+        spec:
+          action: DENY
+          rules: [{to: [{operation: {paths: [/admin]}}]}]
+        """
+        let server = try ProxyFixture(appPort: app.port, files: ["pa.yaml": peerAuthentication("ns", namespace: "production", mode: "PERMISSIVE"), "deny.yaml": deny],
+                                      concurrency: 1) { s in
+            s.certsDirectory = certs
+            s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+        }
+        defer { server.stop() }
+        let callerCerts = try pki.issue("default", "frontend")
+        let r = try tlsRequest(port: server.inbound, certDir: callerCerts, rootPEM: pki.ca.rootCertPEM, path: "/admin").get()
+        XCTAssertEqual(r.status, 403)
+        let back = try XCTUnwrap(r.headers.first(name: "x-envoy-peer-metadata"), "the RBAC denial carries the metadata")
+        XCTAssertEqual(PeerMetadata.decode(back)?.workloadName, "orders")
+        XCTAssertEqual(r.headers[canonicalForm: "x-envoy-peer-metadata"].count, 1)
+        let c = try RawClient(port: server.inbound)
+        let plain = try XCTUnwrap(get(c, "/admin"))
+        XCTAssertEqual(plain.status, 403)
+        XCTAssertNil(plain.header("x-envoy-peer-metadata"), "no metadata to a plaintext caller")
+    }
+}
