@@ -35,6 +35,9 @@ final class StreamExecutor {
         /// client's framing: `s.localReply` is set; the upstream response is dropped and
         /// the local reply goes out instead.
         case localReply
+        /// A response filter paused (moonlet.http.call in on_response): nothing goes to
+        /// the client until it resumes (`resumeResponseHead`); FilterPause.swift.
+        case paused
     }
 
     // MARK: request
@@ -97,7 +100,19 @@ final class StreamExecutor {
         }
         head.markFiltersStart()
         s.response = consume head
-        if chain.runResponse(s) == .respond, s.localReply != nil {
+        return responseFiltersDone(s, chain.runResponse(s))
+    }
+
+    /// The response filters paused on `s` ended their phase with `action`: the rest of
+    /// them run, then the head is checked as `responseHead` does.
+    func resumeResponseHead(_ s: ProxyStream, after action: FilterAction) -> ResponseHeadOutcome {
+        responseFiltersDone(s, chain.resumeResponse(s, after: action))
+    }
+
+    @inline(__always)
+    func responseFiltersDone(_ s: ProxyStream, _ result: FilterAction) -> ResponseHeadOutcome {
+        if result == .pause { return .paused }
+        if result == .respond, s.localReply != nil {
             s.response = nil
             return .localReply
         }

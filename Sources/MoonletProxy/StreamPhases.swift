@@ -109,6 +109,8 @@ extension DownstreamHandler {
             // A response filter answered, or its edits would break the client's framing.
             if let u = upstream { u.abandon(); upstream = nil }
             sendLocalReply()
+        case .paused:
+            pauseResponseFilters(s)
         }
     }
 
@@ -121,6 +123,7 @@ extension DownstreamHandler {
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
+        if responsePauseState != nil { holdResponseWhilePaused(chunk); return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         exec.responseBody(s, chunk, endOfStream: false)
         sendBody(chunk)
@@ -128,6 +131,7 @@ extension DownstreamHandler {
 
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
+        if let p = responsePauseState { p.ended = true; p.reusable = reusable; return }
         let now = NIODeadline.now().uptimeNanoseconds
         exec.responseBody(s, ByteBuffer(), endOfStream: true)
         sendEnd()
@@ -187,6 +191,7 @@ extension DownstreamHandler {
     func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
         guard stream === s else { return }
         filterPauseState = nil
+        responsePauseState = nil
         let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         releaseHeldHead()
         responseState = .none
