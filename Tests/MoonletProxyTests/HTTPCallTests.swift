@@ -218,6 +218,46 @@ final class HTTPCallTests: XCTestCase {
         }
     }
 
+    /// on_response waits on the upstream's head: the call named by x-resp-call-path.
+    var responseCaller: String {
+        """
+        return { on_response = function(s)
+          local p = s.request.headers:get("x-resp-call-path")
+          if not p or s.response.status ~= 200 then return end
+          local res, err = moonlet.http.call("http://127.0.0.1:\(callee.port)" .. p, { timeout_ms = 5000 })
+          s.response.headers:set("x-call", res and tostring(res.status) or tostring(err))
+        end }
+        """
+    }
+
+    func test_anHTTP2StreamsResponse_waitsForACallInOnResponse_andGoesOnWhole() throws {
+        let body = String(repeating: "h2", count: 40_000)
+        app.stop()
+        app = try TestUpstream { _ in var r = TestUpstream.Reply(); r.body = body; return r }
+        let px = try proxy(responseCaller)
+        defer { px.stop() }
+        let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-D", "-", "-H", "x-resp-call-path: /slow",
+                                       "-w", " proto=%{http_version} status=%{http_code}", "http://127.0.0.1:\(px.inbound)/h2"])
+        XCTAssertTrue(out.hasSuffix(body + " proto=2 status=200"), String(out.suffix(200)))
+        XCTAssertTrue(out.lowercased().contains("x-call: 201"), String(out.prefix(400)))
+    }
+
+    func test_aClientThatLeavesWhileAResponseCallWaits_isCleanedUp_andTheNextStreamIsServed() throws {
+        let px = try proxy(responseCaller)
+        defer { px.stop() }
+        do {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET / HTTP/1.1\r\nHost: app\r\nx-resp-call-path: /veryslow\r\n\r\n")
+            usleep(300_000)
+        } // closed here, the call still waiting
+        XCTAssertEqual(try px.liveHandlersOnceSettled(), 0)
+        let ctx = px.server.contexts[0]
+        XCTAssertEqual(try ctx.loop.submit { ctx.activeStreams }.wait(), 0)
+        let r = try XCTUnwrap(get(try RawClient(port: px.inbound), "/", headers: "x-resp-call-path: /again\r\n"))
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.header("x-call"), "201")
+    }
+
     func test_anHTTP2StreamWithABody_waitsForItsCall_andGoesOnWhole() throws {
         let px = try proxy(caller("http://127.0.0.1:\(callee.port)"))
         defer { px.stop() }
