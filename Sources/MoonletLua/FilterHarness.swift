@@ -364,7 +364,8 @@ public final class FilterHarness {
 
     /// The plugin spec `moonlet filter test` runs: the filter file, its name (the file's
     /// base name), `pluginConfig`; a LuaPlugin resource given with --plugin-config lends
-    /// its name, phase, failStrategy and limits (not its variants or shadow).
+    /// its name, phase, failStrategy and limits; its variants and shadow are run by the
+    /// cases that name them (`arms(of:)`, `FilterHarness.arms`), not by this spec.
     public static func spec(filter: String, pluginConfig: ConfigValue, from resource: LuaPluginSpec? = nil) -> LuaPluginSpec {
         let base = ((filter as NSString).lastPathComponent as NSString).deletingPathExtension
         var s = resource ?? LuaPluginSpec(name: base, namespace: "", path: filter, phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: .map([]),
@@ -372,8 +373,8 @@ public final class FilterHarness {
                                           file: filter, line: 1)
         s.path = filter
         s.pluginConfig = pluginConfig
-        // The file under test is the filter: a resource's experiment (variants, shadow)
-        // is not run offline, and moonlet.variant() gives nil.
+        // The file under test is the filter of the cases without `variant:` (there
+        // moonlet.variant() gives nil); the experiment's arms are `arms(of:)`.
         s.variants = []; s.shadow = nil; s.guardrail = nil
         return s
     }
