@@ -24,16 +24,35 @@ public struct ConfigLoader {
     /// a directory (sorted, so load order is stable). Directories named `..*` are skipped:
     /// a mounted Kubernetes ConfigMap keeps its files there (`..2026_01_01_00_00_00.1/`,
     /// `..data`) besides the links to them, and would otherwise be read twice.
+    /// Files named `*.cases.yaml` / `*.cases.yml` in a directory are test cases of a
+    /// filter (`moonlet filter test`), not configuration: skipped (`testCaseFiles`).
     public static func yamlFiles(at path: String) -> [String] {
+        scanDirectory(path).yaml
+    }
+
+    /// The filter test-case files (`*.cases.yaml`, `*.cases.yml`) of a directory, which
+    /// `yamlFiles` leaves out (the load names each in a note).
+    public static func testCaseFiles(at path: String) -> [String] {
+        scanDirectory(path).cases
+    }
+
+    /// Whether a file name is a filter's test cases (`moonlet filter new` writes
+    /// NAME.cases.yaml next to the filter and its LuaPlugin).
+    public static func isTestCaseFile(_ name: String) -> Bool {
+        name.hasSuffix(".cases.yaml") || name.hasSuffix(".cases.yml")
+    }
+
+    static func scanDirectory(_ path: String) -> (yaml: [String], cases: [String]) {
         var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return [] }
-        if !isDir.boolValue { return [path] }
-        guard let e = FileManager.default.enumerator(atPath: path) else { return [] }
-        var out: [String] = []
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return ([], []) }
+        if !isDir.boolValue { return ([path], []) }
+        guard let e = FileManager.default.enumerator(atPath: path) else { return ([], []) }
+        var out: [String] = [], cases: [String] = []
         for case let rel as String in e where (rel.hasSuffix(".yaml") || rel.hasSuffix(".yml")) && !rel.split(separator: "/").contains(where: { $0.hasPrefix("..") }) {
-            out.append((path as NSString).appendingPathComponent(rel))
+            let full = (path as NSString).appendingPathComponent(rel)
+            if isTestCaseFile(rel) { cases.append(full) } else { out.append(full) }
         }
-        return out.sorted()
+        return (out.sorted(), cases.sorted())
     }
 
     /// Which workloads the "security resource not enforced" check looks at.
@@ -70,9 +89,12 @@ public struct ConfigLoader {
         cache?.beginLoad()
         var texts: [(name: String, source: ConfigLoader.Source?)] = []
         for root in paths {
-            let list = Self.yamlFiles(at: root)
+            let (list, testCases) = Self.scanDirectory(root)
             if list.isEmpty && !FileManager.default.fileExists(atPath: root) {
                 errors.append(ConfigError(file: root, line: 0, column: 0, message: "no such file or directory"))
+            }
+            for f in testCases {
+                all.skipped.append("\(f): skipped: a filter's test cases (moonlet filter test), not configuration")
             }
             for file in list {
                 files.append(file)

@@ -28,8 +28,10 @@ import NIOCore
 ///   `stream.resumeFilters(_:)` once, with the action its phase ends with (`continue`,
 ///   `stopAndBuffer` or `respond`; a filter with more work to wait for calls it only
 ///   when all of it is done); the chain then goes on with the next filter exactly as if
-///   the phase had returned that action. Only `onRequest` and the buffered (whole-body)
-///   `onRequestBody` call may pause; from the
+///   the phase had returned that action. Only `onRequest`, the buffered (whole-body)
+///   `onRequestBody` call and `onResponse` of an upstream's response (not of a local
+///   reply) may pause; while `onResponse` is paused nothing is sent to the client and
+///   the upstream's body is held (its reading paused). From the
 ///   other phases (and from streamed body chunks) `pause` is treated as `continue`. If
 ///   the stream ends first (client gone, timeout) `resumeFilters` is a no-op: the
 ///   filter must release what it holds when its `onLog` runs or its work completes.
@@ -56,6 +58,10 @@ public struct FilterPausePoint: Sendable {
     public var index: Int = -1
     public var inBody = false
     public var wantsBody = false
+    /// Paused in `onResponse` (`runResponse`); `responseResult` is what the filters after
+    /// it in response order already asked (`respond`, `stopAndBuffer` or `continue`).
+    public var inResponse = false
+    public var responseResult = FilterAction.continue
     public init() {}
     public var isPaused: Bool { index >= 0 }
 }
@@ -283,20 +289,45 @@ public final class FilterChain {
 
     /// Runs `onResponse` in reverse order. A `respond` replaces the response with the
     /// filter's local reply; the remaining filters still see it. Returns `respond` if a
-    /// filter answered, else `stopAndBuffer` if a filter asked for the whole body, else
+    /// filter answered, else `pause` when a filter paused on an upstream's response
+    /// (`s.filterPause` says where; `resumeResponse` goes on once the filter called
+    /// `s.resumeFilters`; a local reply's filters do not pause: `pause` counts as
+    /// `continue` there), else `stopAndBuffer` if a filter asked for the whole body, else
     /// `continue`.
     public func runResponse(_ s: ProxyStream) -> FilterAction {
-        var result = FilterAction.continue
-        var i = filters.count - 1
+        runResponse(s, below: filters.count, result: .continue)
+    }
+
+    @inline(__always)
+    func runResponse(_ s: ProxyStream, below end: Int, result initial: FilterAction) -> FilterAction {
+        var result = initial
+        var i = end - 1
         while i >= 0 {
             switch filters[i].onResponse(s) {
             case .respond: result = .respond
             case .stopAndBuffer: if result == .continue { result = .stopAndBuffer }
+            case .pause where s.localReply == nil:
+                s.filterPause.index = i
+                s.filterPause.inBody = false
+                s.filterPause.inResponse = true
+                s.filterPause.responseResult = result
+                return .pause
             default: break
             }
             i -= 1
         }
         return result
+    }
+
+    /// Goes on with the response filters after the one paused in `onResponse` once its
+    /// phase ended with `action`; the result is `runResponse`'s. Clears the pause point.
+    public func resumeResponse(_ s: ProxyStream, after action: FilterAction) -> FilterAction {
+        let p = s.filterPause
+        s.filterPause = FilterPausePoint()
+        guard p.index >= 0 else { return action }
+        let soFar = p.responseResult
+        let merged: FilterAction = action == .respond || soFar == .respond ? .respond : (action == .stopAndBuffer || soFar == .stopAndBuffer ? .stopAndBuffer : .continue)
+        return runResponse(s, below: p.index, result: merged)
     }
 
     /// Asks the filters whether to retry a failed attempt: the first verdict in chain

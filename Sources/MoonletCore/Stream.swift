@@ -80,6 +80,9 @@ public struct PeerInfo: Sendable {
     /// Istio principal of an mTLS peer ("cluster.local/ns/NS/sa/SA"), empty without mTLS.
     public var principal: String = ""
     public var namespace: String = ""
+    /// The SNI the client sent in its TLS ClientHello (Envoy's requested server name),
+    /// empty without TLS or without SNI.
+    public var serverName: String = ""
     public init(address: String) { self.address = address }
 }
 
@@ -98,6 +101,12 @@ public struct DestinationInfo: Sendable {
 public struct RouteDecision: Sendable {
     /// Cluster name in Istio's form: "outbound|PORT|SUBSET|HOST" or "inbound|PORT||".
     public var cluster: String = ""
+    /// The `name` of the VirtualService http route that routed the stream ("" when the
+    /// rule has none); nil when no VirtualService rule did (Istio's default route).
+    public var name: String?
+    /// Envoy's route name (%ROUTE_NAME%): the rule's name, else "default" for a routed
+    /// stream (Istio's default route), else "".
+    public var envoyRouteName: String { name ?? (cluster.isEmpty ? "" : "default") }
     public var host: String = ""
     public var subset: String = ""
     public var port: Int = 0

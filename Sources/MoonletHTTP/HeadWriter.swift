@@ -97,11 +97,14 @@ public enum HeadWriter {
         out.writeInteger(UInt16(0x0D0A))
     }
 
-    /// Writes a response head. The status line is copied when it is already HTTP/1.1,
-    /// otherwise rebuilt as HTTP/1.1 with the same code and reason.
+    /// Writes a response head. The status line is copied when it is already HTTP/1.1
+    /// with the head's status, otherwise rebuilt as HTTP/1.1 with the code (and the
+    /// received reason, or the standard one when a filter changed the code).
     public static func writeResponse(_ head: HTTPHead, into out: inout ByteBuffer, extra: (inout ByteBuffer) -> Void) {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 256)
-        if head.versionMinor == 1 {
+        if !statusLineMatches(head) {
+            writeStatusLine(head.status, reason: nil, into: &out)
+        } else if head.versionMinor == 1 {
             let startEnd = head.fields.first.map { Int($0.lineStart) } ?? (head.bytes.readableBytes - 2)
             out.writeBytes(head.bytes.readableBytesView[0..<startEnd])
         } else {
@@ -110,6 +113,16 @@ public enum HeadWriter {
         writeFields(head, into: &out)
         extra(&out)
         out.writeInteger(UInt16(0x0D0A))
+    }
+
+    /// Whether the received status line ("HTTP/1.x NNN") still carries `head.status`
+    /// (a filter may have changed it: Envoy scripts' `:status` in the response phase).
+    @inline(__always)
+    static func statusLineMatches(_ head: HTTPHead) -> Bool {
+        let at = head.bytes.readerIndex + 9
+        guard let d0 = head.bytes.getInteger(at: at, as: UInt8.self), let d1 = head.bytes.getInteger(at: at + 1, as: UInt8.self),
+              let d2 = head.bytes.getInteger(at: at + 2, as: UInt8.self) else { return false }
+        return Int(d0 &- 48) * 100 + Int(d1 &- 48) * 10 + Int(d2 &- 48) == head.status
     }
 
     public static func writeStatusLine(_ status: Int, reason: String?, into out: inout ByteBuffer) {

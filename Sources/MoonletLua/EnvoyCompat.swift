@@ -2,6 +2,7 @@ import CLua
 import MoonletCore
 import MoonletConfig
 import NIOCore
+import Logging
 #if canImport(Foundation)
 import Foundation
 #endif
@@ -179,7 +180,9 @@ enum EnvoyCompat {
     static func pushNatives(_ L: OpaquePointer) {
         lua_createtable(L, 0, 8)
         for (n, f) in [("set_body", setBody), ("override", override), ("b64", b64), ("local_address", localAddress),
-                       ("own_spiffe", ownSpiffe), ("error", scriptError), ("fire", fire)] as [(String, lua_CFunction)] {
+                       ("own_spiffe", ownSpiffe), ("error", scriptError), ("fire", fire),
+                       ("log_debug", logDebug), ("log_info", logInfo), ("log_warn", logWarn), ("log_err", logErr),
+                       ("sni", requestedServerName), ("route_name", routeName)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
     }
@@ -293,6 +296,29 @@ enum EnvoyCompat {
         return 0
     }
 
+    /// The handle's log methods: a line at the level, at the position of the script that
+    /// called the method (stack level 2: the adapter's method is level 1).
+    static let logDebug: lua_CFunction = { L in LuaAPI.logAt(L, .debug, whereLevel: 2) }
+    static let logInfo: lua_CFunction = { L in LuaAPI.logAt(L, .info, whereLevel: 2) }
+    static let logWarn: lua_CFunction = { L in LuaAPI.logAt(L, .warning, whereLevel: 2) }
+    static let logErr: lua_CFunction = { L in LuaAPI.logAt(L, .error, whereLevel: 2) }
+
+    /// sni(s): the SNI the client sent on the stream's TLS connection ("" without TLS or SNI).
+    static let requestedServerName: lua_CFunction = { L in
+        guard let (_, s, _) = LuaAPI.resolve(L, 1, "requestedServerName") else { return LuaAPI.fail(L, LuaAPI.outside) }
+        LuaAPI.push(L, s.source.serverName)
+        return 1
+    }
+
+    /// route_name(s): Envoy's route name, as %ROUTE_NAME% logs it: the name of the
+    /// VirtualService http route the stream matched, "default" for Istio's default route,
+    /// "" before routing (a plugin running before Istio's router) or for a nameless rule.
+    static let routeName: lua_CFunction = { L in
+        guard let (_, s, _) = LuaAPI.resolve(L, 1, "routeName") else { return LuaAPI.fail(L, LuaAPI.outside) }
+        LuaAPI.push(L, s.route.envoyRouteName)
+        return 1
+    }
+
     /// Asynchronous httpCalls in flight per VM (per event loop).
     static let maxAsyncCallsInFlight = 64
 
@@ -310,6 +336,8 @@ local ldebug, linfo, lwarn, lerr = moonlet.log.debug, moonlet.log.info, moonlet.
 local now, http_call, STOP = moonlet.now, moonlet.http.call, moonlet.STOP_AND_BUFFER
 local set_body, override, b64, local_address, own_spiffe, script_error, fire =
       N.set_body, N.override, N.b64, N.local_address, N.own_spiffe, N.error, N.fire
+local log_debug, log_info, log_warn, log_err, sni, route_name =
+      N.log_debug, N.log_info, N.log_warn, N.log_err, N.sni, N.route_name
 
 rawset(env, "EnvoyTimestampResolution", { MILLISECOND = 0, MICROSECOND = 1 })
 
@@ -498,8 +526,8 @@ function SI:downstreamLocalAddress() return local_address(self.s) end
 SI.downstreamDirectLocalAddress = SI.downstreamLocalAddress
 function SI:downstreamDirectRemoteAddress() return self.s.source.address end
 SI.downstreamRemoteAddress = SI.downstreamDirectRemoteAddress
-function SI:requestedServerName() return "" end
-function SI:routeName() return "" end
+function SI:requestedServerName() return sni(self.s) end
+function SI:routeName() return route_name(self.s) end
 function SI:virtualClusterName() return "" end
 function SI:dynamicMetadata() return setmetatable({ s = self.s }, DynamicMetadataMT) end
 function SI:downstreamSslConnection() return ssl_of(self.s) end
@@ -571,8 +599,14 @@ function S:respond(headers, body)
   local out = {}
   for k, v in pairs(headers) do
     if k ~= ":status" then
-      if type(v) == "table" then v = concat(v, ",") end
-      out[k] = str(v, "respond() header value")
+      if type(v) == "table" then
+        -- One header line per value (set-cookie), as Envoy writes them.
+        local list = {}
+        for i, x in ipairs(v) do list[i] = str(x, "respond() header value") end
+        out[k] = list
+      else
+        out[k] = str(v, "respond() header value")
+      end
     end
   end
   self.s:respond(status, body ~= nil and str(body, "respond() body") or "", out)
@@ -581,8 +615,8 @@ end
 function S:httpCall(cluster, headers, body, a4, a5)
   cluster = str(cluster, "httpCall(): cluster")
   if type(headers) ~= "table" then error("httpCall(): headers must be a table", 2) end
-  local timeout, async = a4, a5
-  if type(a4) == "table" then timeout = a4.timeout_ms; async = a4.asynchronous end
+  local timeout, async, dups = a4, a5, false
+  if type(a4) == "table" then timeout = a4.timeout_ms; async = a4.asynchronous; dups = a4.return_duplicate_headers == true end
   local h, method, path = {}, nil, nil
   for k, v in pairs(headers) do
     if k == ":method" then method = v
@@ -593,15 +627,20 @@ function S:httpCall(cluster, headers, body, a4, a5)
   if not method or not path or not h.host then error("httpCall(): the :method, :path and :authority headers must be set", 2) end
   timeout = tointeger(timeout)
   if timeout == nil or timeout <= 0 or timeout > 60000 then timeout = 60000 end
-  local opts = { method = method, path = path, headers = h, body = body, timeout_ms = timeout }
+  local opts = { method = method, path = path, headers = h, body = body, timeout_ms = timeout, header_lists = true }
   if async then fire(cluster, opts); return end
   local res, err = http_call(cluster, opts)
   if not res then
     ldebug("httpCall to", cluster, "failed:", err)
     return { [":status"] = "503" }, "upstream failure"
   end
+  -- A repeated response header: its last value, as Envoy; every value (a table) with
+  -- return_duplicate_headers = true.
   local out = { [":status"] = tostring(res.status) }
-  for k, v in pairs(res.headers) do out[k] = v end
+  for k, list in pairs(res.headers) do
+    local n = #list
+    if dups and n > 1 then out[k] = list else out[k] = list[n] end
+  end
   local b = res.body
   if b == "" then b = nil end
   return out, b
@@ -621,15 +660,17 @@ function S:timestampString(res)
   if res == 1 then return fmt("%d", floor(now() * 1000000)) end
   return fmt("%d", floor(now() * 1000))
 end
-function S:logTrace(m) ldebug(m) end
-function S:logDebug(m) ldebug(m) end
-function S:logInfo(m) linfo(m) end
-function S:logWarn(m) lwarn(m) end
-function S:logErr(m) lerr(m) end
-function S:logCritical(m) lerr(m) end
+-- The log natives name the position of the script's call (these methods are not tail
+-- calls: the script's frame is the one above them).
+function S:logTrace(m) log_debug(m) end
+function S:logDebug(m) log_debug(m) end
+function S:logInfo(m) log_info(m) end
+function S:logWarn(m) log_warn(m) end
+function S:logErr(m) log_err(m) end
+function S:logCritical(m) log_err(m) end
 function S:log(level, m)
   level = tointeger(level) or 2
-  if level <= 1 then ldebug(m) elseif level == 2 then linfo(m) elseif level == 3 then lwarn(m) else lerr(m) end
+  if level <= 1 then log_debug(m) elseif level == 2 then log_info(m) elseif level == 3 then log_warn(m) else log_err(m) end
 end
 local HandleMT = class("handle", S)
 

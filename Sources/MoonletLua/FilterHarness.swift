@@ -35,8 +35,11 @@ public struct FilterCaseExpectation: Sendable {
     public var upstreamPath: String?
     /// Substrings each found in some log line of the case.
     public var logs: [String]?
-    /// Counter values at the end of the case (Lua counters by name, plugin counters).
-    public var metrics: [(name: String, value: Int)]?
+    /// Metric values at the end of the case, by the key a case gives
+    /// (`FilterHarness.metricValue`: `name`, `name{label="v"}`, `name_count`, `name_sum`).
+    public var metrics: [(name: String, value: Double)]?
+    /// What the filter sent with `moonlet.http.call` / `httpCall`, in order (nil: unchecked).
+    public var calls: [ExpectedCall]?
     /// A substring of a Lua error the case expects (without it, any Lua error or budget
     /// abort fails the case).
     public var luaError: String?
@@ -60,6 +63,8 @@ public struct FilterTestCase: Sendable {
     /// `variant:` the experiment arm the filter runs as (what `moonlet.variant()`
     /// returns in this case); nil: none.
     public var variant: String?
+    /// `calls:` the stubs that answer the filter's `moonlet.http.call`s, in order.
+    public var calls: [StubCall] = []
     public init(name: String, line: Int) { self.name = name; self.line = line }
 }
 
@@ -166,7 +171,7 @@ struct CaseParser {
 
     mutating func testCase(_ n: PositionedNode, _ field: String) -> FilterTestCase? {
         let before = errors.count
-        guard let m = fields(n, field, ["name", "request", "upstream", "expect", "variant"]) else { return nil }
+        guard let m = fields(n, field, ["name", "request", "upstream", "expect", "variant", "calls"]) else { return nil }
         var name: String?
         if let nn = n.child("name") { name = string(nn, field + ".name") } else { err(n, field + ".name", "missing") }
         var c = FilterTestCase(name: name ?? "", line: n.line)
@@ -177,6 +182,7 @@ struct CaseParser {
             case "upstream": upstream(e.value, f, &c)
             case "expect": expect(e.value, f, &c)
             case "variant": c.variant = string(e.value, f)
+            case "calls": if let v = calls(e.value, f) { c.calls = v }
             default: break
             }
         }
@@ -233,7 +239,7 @@ struct CaseParser {
     }
 
     mutating func expect(_ n: PositionedNode, _ field: String, _ c: inout FilterTestCase) {
-        guard let m = fields(n, field, ["status", "response_headers", "body", "upstream_request_headers", "upstream_path", "logs", "metrics", "lua_error"]) else { return }
+        guard let m = fields(n, field, ["status", "response_headers", "body", "upstream_request_headers", "upstream_path", "logs", "metrics", "lua_error", "calls"]) else { return }
         var x = FilterCaseExpectation()
         for e in m {
             let f = field + "." + e.key
@@ -249,10 +255,17 @@ struct CaseParser {
                 for (i, l) in list.enumerated() { if let v = string(l, "\(f)[\(i)]") { out.append(v) } }
                 x.logs = out
             case "metrics":
-                guard let mm = e.value.mapping else { err(e.value, f, "must be a mapping of counter names to integers"); continue }
-                var out: [(name: String, value: Int)] = []
-                for kv in mm { if let v = int(kv.value, "\(f).\(kv.key)", range: 0...Int.max) { out.append((kv.key, v)) } }
+                guard let mm = e.value.mapping else { err(e.value, f, "must be a mapping of metric names to numbers"); continue }
+                var out: [(name: String, value: Double)] = []
+                for kv in mm {
+                    switch kv.value.value {
+                    case .int(let i): out.append((kv.key, Double(i)))
+                    case .double(let d) where d.isFinite: out.append((kv.key, d))
+                    default: err(kv.value, "\(f).\(kv.key)", "must be a number")
+                    }
+                }
                 x.metrics = out
+            case "calls": x.calls = expectedCalls(e.value, f)
             default: x.luaError = string(e.value, f)
             }
         }
@@ -328,6 +341,12 @@ public final class FilterHarness {
     let generation: LuaPluginGeneration
     let log = CapturedLog()
     var nextID: UInt64 = 0
+    /// The experiment arms of the LuaPlugin resource given with --plugin-config (its
+    /// `variants` by name, and `shadow`): a case's `variant:` runs that arm's file with
+    /// its pluginConfig. Empty: no experiment, a case's `variant:` only names what
+    /// `moonlet.variant()` returns.
+    public var arms: [String: LuaPluginSpec] = [:]
+    var armGenerations: [String: LuaPluginGeneration] = [:]
 
     /// Validates and compiles the filter as the proxy does (module code and `configure`
     /// run once). Throws `LuaPrepareError` naming the file and line on a bad filter.
@@ -345,7 +364,8 @@ public final class FilterHarness {
 
     /// The plugin spec `moonlet filter test` runs: the filter file, its name (the file's
     /// base name), `pluginConfig`; a LuaPlugin resource given with --plugin-config lends
-    /// its name, phase, failStrategy and limits (not its variants or shadow).
+    /// its name, phase, failStrategy and limits; its variants and shadow are run by the
+    /// cases that name them (`arms(of:)`, `FilterHarness.arms`), not by this spec.
     public static func spec(filter: String, pluginConfig: ConfigValue, from resource: LuaPluginSpec? = nil) -> LuaPluginSpec {
         let base = ((filter as NSString).lastPathComponent as NSString).deletingPathExtension
         var s = resource ?? LuaPluginSpec(name: base, namespace: "", path: filter, phase: "UNSPECIFIED_PHASE", priority: 0, pluginConfig: .map([]),
@@ -353,10 +373,26 @@ public final class FilterHarness {
                                           file: filter, line: 1)
         s.path = filter
         s.pluginConfig = pluginConfig
-        // The file under test is the filter: a resource's experiment (variants, shadow)
-        // is not run offline, and moonlet.variant() gives nil.
+        // The file under test is the filter of the cases without `variant:` (there
+        // moonlet.variant() gives nil); the experiment's arms are `arms(of:)`.
         s.variants = []; s.shadow = nil; s.guardrail = nil
         return s
+    }
+
+    /// The arms of a resource's experiment, each as a plugin of its own file and
+    /// pluginConfig (the shadow under the name "shadow").
+    public static func arms(of resource: LuaPluginSpec?) -> [String: LuaPluginSpec] {
+        guard let r = resource else { return [:] }
+        var out: [String: LuaPluginSpec] = [:]
+        func arm(_ path: String, _ config: ConfigValue) -> LuaPluginSpec {
+            var a = r
+            a.path = path; a.pluginConfig = config
+            a.variants = []; a.shadow = nil; a.guardrail = nil
+            return a
+        }
+        for v in r.variants { out[v.name] = arm(v.path, v.pluginConfig) }
+        if let sh = r.shadow { out["shadow"] = arm(sh.path, sh.pluginConfig) }
+        return out
     }
 
     /// Runs every case; one fresh VM per case (nothing a case leaves in module state
@@ -370,7 +406,27 @@ public final class FilterHarness {
         _ = log.take()
         let shard = MetricsShard()
         let runtime = LuaLoopRuntime(host: host, metrics: shard)
-        let filters = runtime.filters(for: generation)
+        var gen = generation
+        var plugin = spec
+        if let v = c.variant, !arms.isEmpty {
+            guard let a = arms[v] else {
+                let known = arms.keys.sorted().joined(separator: ", ")
+                return FilterCaseResult(name: c.name, line: c.line, failures: [FilterTestFailure(field: "variant", expected: "one of the LuaPlugin's variants: \(known)", got: "\(Self.quote(v)) in case \(Self.quote(c.name))")],
+                                        status: 0, body: "", logs: [])
+            }
+            plugin = a
+            if let g = armGenerations[v] { gen = g } else {
+                switch host.prepare([a]) {
+                case .success(let g): gen = g; armGenerations[v] = g
+                case .failure(let e):
+                    return FilterCaseResult(name: c.name, line: c.line, failures: [FilterTestFailure(field: "load", expected: "variant \(v) loads", got: "\(e)")],
+                                            status: 0, body: "", logs: log.take())
+                }
+            }
+        }
+        let filters = runtime.filters(for: gen)
+        let client = StubHTTPClient(stubs: c.calls)
+        runtime.vm.httpClient = client
         var failures: [FilterTestFailure] = []
         guard !filters.isEmpty else {
             let lines = log.take()
@@ -395,17 +451,20 @@ public final class FilterHarness {
         if let r = c.principal.range(of: "/ns/") { peer.namespace = String(c.principal[r.upperBound...].prefix { $0 != "/" }) }
         let s = ProxyStream(id: nextID, request: head, source: peer, filterCount: chain.filters.count, startNanos: LuaPluginInstance.nanos())
         s.requestBodyBytes = Int64(c.body.utf8.count)
-        if let v = c.variant { runtime.vm.runAsVariant(v, plugin: spec, stream: s.id) }
+        if let v = c.variant { runtime.vm.runAsVariant(v, plugin: plugin, stream: s.id) }
 
-        // Request phases.
+        // Request phases (a phase waiting in moonlet.http.call is resumed with its stub's answer).
         var upstreamRequest: HTTPHead?
         var clientBody = ""
-        let action = chain.runRequest(s)
+        let resumer = HarnessResumer(chain: chain)
+        var action = chain.runRequest(s)
+        if action == .pause { action = resumer.drive(s, action, client: client) ?? .continue }
         if action != .respond && s.localReply == nil {
             if action == .stopAndBuffer {
                 let b = ByteBuffer(string: c.body)
                 s.bufferedRequestBody = b
-                _ = chain.runRequestBody(s, chunk: b, endOfStream: true)
+                let a = chain.runRequestBody(s, chunk: b, endOfStream: true)
+                if a == .pause { _ = resumer.drive(s, a, client: client) }
             } else if chain.wantsRequestBody {
                 if !c.body.isEmpty { _ = chain.runRequestBody(s, chunk: ByteBuffer(string: c.body), endOfStream: false) }
                 if s.localReply == nil { _ = chain.runRequestBody(s, chunk: ByteBuffer(), endOfStream: true) }
@@ -426,7 +485,8 @@ public final class FilterHarness {
                 LocalReplyBuilder.applyRouteResponseEdits(s, to: &rh)
                 rh.markFiltersStart()
                 s.response = rh
-                let responseAction = chain.runResponse(s)
+                var responseAction = chain.runResponse(s)
+                if responseAction == .pause { responseAction = resumer.drive(s, responseAction, client: client) ?? .continue }
                 if responseAction == .respond, s.localReply != nil {
                     s.response = nil
                 } else if responseAction == .stopAndBuffer {
@@ -464,6 +524,7 @@ public final class FilterHarness {
             }
         }
         if s.localReply != nil { clientBody = localReply(s, chain) }
+        while client.runNext() {}      // asynchronous calls (Envoy httpCall, asynchronous = true)
         chain.runLog(s)
         runtime.endStream(s)
         let lines = log.take()
@@ -474,7 +535,7 @@ public final class FilterHarness {
         let x = c.expect
         let status = s.response?.status ?? s.status
         func fail(_ f: String, _ e: String, _ g: String) { failures.append(FilterTestFailure(field: f, expected: e, got: g)) }
-        let luaErrors = lines.filter { $0.hasPrefix("[error] plugin \(spec.name): ") }
+        let luaErrors = lines.filter { $0.hasPrefix("[error] plugin \(plugin.name): ") }
         if let want = x.luaError {
             if !luaErrors.contains(where: { $0.contains(want) }) { fail("lua_error", Self.quote(want), luaErrors.isEmpty ? "no Lua error" : luaErrors.joined(separator: " | ")) }
         } else if let first = luaErrors.first {
@@ -497,27 +558,14 @@ public final class FilterHarness {
             fail("logs", "a line containing \(Self.quote(want))", lines.isEmpty ? "no log lines" : lines.map { Self.quote($0) }.joined(separator: ", "))
         }
         for (name, want) in x.metrics ?? [] {
-            let got = Self.counter(name, stats, plugin: spec.name, registry: host.userMetrics)
-            if got != UInt64(want) { fail("metrics.\(name)", "\(want)", "\(got)") }
+            switch Self.metricValue(name, stats, plugin: plugin.name, registry: host.userMetrics) {
+            case .success(let got):
+                if abs(got - want) > 1e-9 * max(1, abs(want)) { fail("metrics.\(name)", Self.metricText(want), Self.metricText(got)) }
+            case .failure(let e): fail("metrics.\(name)", Self.metricText(want), e.message)
+            }
         }
+        compareCalls(x.calls, client, &failures)
         return FilterCaseResult(name: c.name, line: c.line, failures: failures, status: status, body: clientBody, logs: lines)
-    }
-
-    /// A counter by the name a case gives: a Lua counter (`moonlet.metrics.counter(name)`,
-    /// exported as moonlet_lua_NAME), a process counter by its full name, or one of the
-    /// plugin's own (moonlet_lua_executions_total, _errors_total, _aborted_total).
-    static func counter(_ name: String, _ s: MetricsSnapshot, plugin: String, registry: UserMetricRegistry? = nil) -> UInt64 {
-        let p = s.plugins[plugin] ?? PluginStats()
-        switch name {
-        case "moonlet_lua_executions_total": return p.calls
-        case "moonlet_lua_errors_total": return p.errors
-        case "moonlet_lua_aborted_total": return p.aborted
-        default:
-            if let v = s.counters["moonlet_lua_" + name] ?? s.counters[name] { return v }
-            // A counter made with the handle form (moonlet.metrics.counter(name, labels)).
-            if let i = registry?.existingIndex(name: name), let v = s.userValues[i] { return UInt64(v) }
-            return 0
-        }
     }
 
     func compareHeaders(_ want: [ExpectedHeader], _ head: HTTPHead?, _ field: String, _ failures: inout [FilterTestFailure]) {
@@ -588,6 +636,7 @@ public enum FilterTestCommand {
         do { harness = try FilterHarness(spec: FilterHarness.spec(filter: absolute, pluginConfig: config, from: resource), limits: limits) } catch {
             return Outcome(output: "\(error)\n", exitCode: 2)
         }
+        harness.arms = FilterHarness.arms(of: resource)
         let report = harness.run(suite, file: cases)
         return Outcome(output: report.text, exitCode: report.failed == 0 ? 0 : 1, report: report)
     }

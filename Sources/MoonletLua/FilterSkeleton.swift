@@ -26,6 +26,7 @@ public enum FilterSkeleton {
         --
         --   moonlet filter test \(name).lua \(name).cases.yaml     # run the cases, no proxy needed
         --   cp \(name).lua \(name).yaml CONFIG_DIR/                 # deploy: the proxy reloads it
+        --   (or use this directory as CONFIG_DIR: files named *.cases.yaml are skipped)
         --
         -- A filter is a module: a table of phase functions. Each gets the stream `s` and
         -- `conf` (what configure returned, or the LuaPlugin's pluginConfig). Every call

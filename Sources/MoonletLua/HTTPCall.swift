@@ -27,6 +27,9 @@ public struct LuaHTTPRequest: Sendable {
     public var headers: [(name: String, value: String)]
     public var body: [UInt8]
     public var timeoutMs: Int
+    /// `header_lists = true`: `res.headers` maps each name to the list of its values (in
+    /// arrival order) instead of one string with repeated values joined by ", ".
+    public var headerLists = false
 }
 
 /// The response of a `moonlet.http.call`.
@@ -87,6 +90,8 @@ final class PendingLuaCall {
     var msLeft: Int
     var request: LuaHTTPCancellable?
     var finished = false
+    /// The call asked for `header_lists` (how `res.headers` is shaped).
+    var headerLists = false
 
     init(instance: LuaPluginInstance, stream: ProxyStream, thread: LuaThread, phase: Int, replies: Int, instructionsLeft: Int, msLeft: Int) {
         self.instance = instance; self.stream = stream; self.thread = thread; self.phase = phase
@@ -102,6 +107,7 @@ final class PendingLuaCall {
             return
         }
         vm.pendingHTTPRequest = nil
+        headerLists = req.headerLists
         request = client.start(req, stream: stream) { r in self.complete(r) }
     }
 
@@ -113,7 +119,7 @@ final class PendingLuaCall {
         let co = thread.L
         var nargs: Int32 = 1
         switch r {
-        case .success(let res): Self.push(co, res)
+        case .success(let res): Self.push(co, res, lists: headerLists)
         case .failure(let e): lua_pushnil(co); LuaAPI.push(co, e.message); nargs = 2
         }
         var limits = instance.limits
@@ -142,7 +148,7 @@ final class PendingLuaCall {
             vm.releaseThread(thread, healthy: true)
             let action: FilterAction
             if stream.replyCount != replies { action = .respond }
-            else if out.returned == "stop_and_buffer" && phase == 0 { action = .stopAndBuffer }
+            else if out.returned == "stop_and_buffer" && (phase == 0 || phase == 2) { action = .stopAndBuffer }
             else { action = .continue }
             stream.resumeFilters(action)
             return
@@ -184,11 +190,31 @@ final class PendingLuaCall {
     }
 
     /// `res`: {status = n, headers = {name = value}, body = "..."}; a repeated header's
-    /// values are joined with ", ".
-    static func push(_ L: OpaquePointer, _ r: LuaHTTPResponse) {
+    /// values are joined with ", " (`lists`: every name maps to a list of its values).
+    static func push(_ L: OpaquePointer, _ r: LuaHTTPResponse, lists: Bool = false) {
         lua_createtable(L, 0, 3)
         lua_pushinteger(L, lua_Integer(r.status)); lua_setfield(L, -2, "status")
         lua_createtable(L, 0, Int32(min(r.headers.count, 64)))
+        if lists {
+            var index: [String: Int32] = [:]
+            for (n, v) in r.headers {
+                if let i = index[n] {
+                    _ = lua_getfield(L, -1, n)
+                    LuaAPI.push(L, v); lua_rawseti(L, -2, lua_Integer(i + 1))
+                    index[n] = i + 1
+                    ml_pop(L, 1)
+                } else {
+                    lua_createtable(L, 2, 0)
+                    LuaAPI.push(L, v); lua_rawseti(L, -2, 1)
+                    lua_setfield(L, -2, n)
+                    index[n] = 1
+                }
+            }
+            lua_setfield(L, -2, "headers")
+            r.body.withUnsafeBytes { ml_pushbytes(L, $0.baseAddress, $0.count) }
+            lua_setfield(L, -2, "body")
+            return
+        }
         var seen: [String: Int] = [:]
         var values: [String] = []
         for (n, v) in r.headers {
@@ -227,12 +253,16 @@ extension LuaAPI {
             guard L == t.thread?.L else { return fail(L, "moonlet.http.call: call it from the timer callback itself, not from a coroutine it made") }
         } else {
         guard let s = vm.current, vm.currentID != 0 else {
-            return fail(L, "moonlet.http.call: only inside a filter phase (on_request, on_request_body) or a moonlet.timer callback, not at load time")
+            return fail(L, "moonlet.http.call: only inside a filter phase (on_request, on_request_body, on_response) or a moonlet.timer callback, not at load time")
         }
-        guard vm.phaseIndex == 0 || (vm.phaseIndex == 1 && s.bufferedRequestBody != nil && s.response == nil) else {
+        // on_response waits on an upstream's response head only: a local reply's response
+        // phase cannot pause (the reply is already decided).
+        guard vm.phaseIndex == 0 || (vm.phaseIndex == 1 && s.bufferedRequestBody != nil && s.response == nil)
+                || (vm.phaseIndex == 2 && s.localReply == nil && s.response != nil && !vm.inUpstreamFailure) else {
             let phase = (0..<LuaPluginInstance.phaseNames.count).contains(vm.phaseIndex) ? LuaPluginInstance.phaseNames[vm.phaseIndex] : "this phase"
-            let why = vm.phaseIndex == 1 ? " of a streamed body (return moonlet.STOP_AND_BUFFER from on_request to get the whole body)" : ""
-            return fail(L, "moonlet.http.call: not allowed in \(phase)\(why); allowed in on_request and in on_request_body of a buffered body")
+            let why = vm.phaseIndex == 1 ? " of a streamed body (return moonlet.STOP_AND_BUFFER from on_request to get the whole body)"
+                : vm.phaseIndex == 2 ? " of a local reply" : ""
+            return fail(L, "moonlet.http.call: not allowed in \(phase)\(why); allowed in on_request, in on_request_body of a buffered body, and in on_response of an upstream's response")
         }
         guard L == vm.runner?.L || (vm.resumingThread != nil && L == vm.resumingThread) else {
             return fail(L, "moonlet.http.call: call it from the phase function itself, not from a coroutine it made")
@@ -274,6 +304,8 @@ extension LuaAPI {
             guard (1...LuaHTTPLimits.maxTimeoutMs).contains(v) else { return "timeout_ms must be 1 to \(LuaHTTPLimits.maxTimeoutMs)" }
             req.timeoutMs = v
         }
+        lua_settop(L, 2)
+        if field("header_lists") != LUA_TNIL { req.headerLists = lua_toboolean(L, -1) != 0 }
         lua_settop(L, 2)
         if field("body") != LUA_TNIL {
             guard let b = bytes(L, -1) else { return "body must be a string" }

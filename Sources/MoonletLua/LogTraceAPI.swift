@@ -612,6 +612,6 @@ struct StreamLogRecord: AccessLogRecord {
     /// stream (the original destination before iptables), "-".
     var downstreamLocalAddress: String { s.listener == .inbound ? s.destination.address : "" }
     var downstreamRemoteAddress: String { s.source.address }
-    var requestedServerName: String { "" }
-    var routeName: String { s.route.cluster.isEmpty ? "" : "default" }
+    var requestedServerName: String { s.source.serverName }
+    var routeName: String { s.route.envoyRouteName }
 }

@@ -222,8 +222,18 @@ enum LuaAPI {
         case (.response, "status"):
             guard lua_isinteger(L, 3) != 0 else { return fail(L, "response.status must be an integer") }
             let st = Int(ml_tointeger(L, 3))
-            guard (200...599).contains(st) else { return fail(L, "response.status of a local reply must be 200-599, got \(st)") }
-            if s.localReply != nil { s.localReply!.status = st } else { return fail(L, "response.status can be set on local replies only") }
+            guard (200...599).contains(st) else { return fail(L, "response.status must be 200-599, got \(st)") }
+            if s.localReply != nil { s.localReply!.status = st }
+            else if let old = s.response?.status, LuaVM.vm(L).phaseIndex == 2 {
+                // The upstream's response, in on_response (as Envoy lets a script replace
+                // :status). 204 and 304 have no body: a change to or from them would
+                // break the framing of the body that follows.
+                if old != st && (old == 204 || old == 304 || st == 204 || st == 304) {
+                    return fail(L, "response.status: \(old) -> \(st) would change whether the response has a body")
+                }
+                s.response!.status = st
+            }
+            else { return fail(L, "response.status can be set on local replies and in on_response") }
         default:
             return fail(L, "cannot set field '\(k)'")
         }
@@ -580,15 +590,28 @@ enum LuaAPI {
             guard ml_istable(L, 4) != 0 else { return fail(L, "s:respond: headers must be a table") }
             lua_pushnil(L)
             while lua_next(L, 4) != 0 {
-                guard let n = str(L, -2), HeaderValidation.isToken(n), let v = str(L, -1) else {
-                    ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings")
+                // A value, or a list of values: one header line each (set-cookie).
+                var values: [String] = []
+                if ml_istable(L, -1) != 0 {
+                    let count = Int(lua_rawlen(L, -1))
+                    var i = 1
+                    while i <= count && i <= maxLocalReplyHeaders + 1 {
+                        lua_rawgeti(L, -1, lua_Integer(i))
+                        guard let v = str(L, -1) else { ml_pop(L, 3); return fail(L, "s:respond: header names must be tokens and values strings (or lists of strings)") }
+                        values.append(v); ml_pop(L, 1); i += 1
+                    }
+                } else if let v = str(L, -1) { values.append(v) }
+                guard let n = str(L, -2), HeaderValidation.isToken(n), !values.isEmpty || ml_istable(L, -1) != 0 else {
+                    ml_pop(L, 2); return fail(L, "s:respond: header names must be tokens and values strings (or lists of strings)")
                 }
-                guard HeaderValidation.isFieldValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains a control character (CR, LF, NUL, DEL...)") }
                 let lower = n.lowercased()
-                if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
-                guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }
-                guard headers.count < maxLocalReplyHeaders else { ml_pop(L, 2); return fail(L, "s:respond: more than \(maxLocalReplyHeaders) headers") }
-                headers.append((lower, v))
+                for v in values {
+                    guard HeaderValidation.isFieldValue(v) else { ml_pop(L, 2); return fail(L, "s:respond: header \(n) value contains a control character (CR, LF, NUL, DEL...)") }
+                    if let why = managedHeader(lower) { ml_pop(L, 2); return fail(L, "s:respond: header \(lower): \(why)") }
+                    guard v.utf8.count <= maxLocalReplyValue else { ml_pop(L, 2); return fail(L, "s:respond: header \(lower) value longer than 16 KiB") }
+                    guard headers.count < maxLocalReplyHeaders else { ml_pop(L, 2); return fail(L, "s:respond: more than \(maxLocalReplyHeaders) headers") }
+                    headers.append((lower, v))
+                }
                 ml_pop(L, 1)
             }
         }
@@ -743,7 +766,9 @@ enum LuaAPI {
     /// moonlet.log.* and print: one line at `level`, with the plugin and Lua position.
     /// Nothing is formatted below the logger's level; values go through a protected
     /// tostring (a failing __tostring cannot unwind Swift frames).
-    static func logAt(_ L: OpaquePointer?, _ level: Logger.Level) -> Int32 {
+    /// `whereLevel`: the stack level whose position is logged (1: the caller; the Envoy
+    /// adapter's log natives pass 2, the script that called the handle's log method).
+    static func logAt(_ L: OpaquePointer?, _ level: Logger.Level, whereLevel: Int32 = 1) -> Int32 {
         let vm = LuaVM.vm(L)
         guard vm.logger.logLevel <= level else { return 0 }
         let n = lua_gettop(L)
@@ -759,7 +784,7 @@ enum LuaAPI {
             }
         }
         if line.utf8.count > maxLogLine { line = String(decoding: line.utf8.prefix(maxLogLine), as: UTF8.self) + "…" }
-        luaL_where(L, 1)
+        luaL_where(L, whereLevel)
         let whereStr = str(L, -1) ?? ""
         // Filters log request data (paths, headers): control characters are escaped so a
         // value cannot forge a log line.

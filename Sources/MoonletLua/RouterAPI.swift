@@ -649,6 +649,7 @@ extension LuaAPI {
         s.route.port = t.servicePort
         s.route.upstreamCluster = c
         s.route.retry = rule?.retries ?? .istioDefault
+        s.route.name = rule?.rule.name
         if let ms = rule?.timeoutMs { s.route.timeoutMs = ms }
         if let key = bytes(L, 4) { s.route.hashKey = HashRing.hash(String(decoding: key, as: UTF8.self)) }
         s.destination.service = t.fqdn

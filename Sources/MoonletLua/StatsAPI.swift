@@ -248,11 +248,11 @@ extension LuaAPI {
         case "destination.address": v = LogTraceLoopState.split(s.destination.address).0
         case "destination.port": v = LogTraceLoopState.split(s.destination.address).1.map { String($0) }
         case "connection.mtls": v = (s.listener == .inbound ? !s.source.principal.isEmpty : s.upstreamMeshMTLS) ? "true" : "false"
-        case "connection.requested_server_name": v = nil
+        case "connection.requested_server_name": v = s.source.serverName
         case "upstream.address": v = LogTraceLoopState.split(s.upstreamHost).0
         case "upstream.port": v = LogTraceLoopState.split(s.upstreamHost).1.map { String($0) }
         case "xds.cluster_name": v = s.route.cluster
-        case "xds.route_name": v = s.route.cluster.isEmpty ? nil : "default"
+        case "xds.route_name": v = s.route.envoyRouteName
         default:
             if name.hasPrefix("request.headers.") { v = s.request.first(String(name.dropFirst(16))) }
             else { return fail(L, "stats.attr: \"\(name)\" is not an attribute Moonlet knows") }

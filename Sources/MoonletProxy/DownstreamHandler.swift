@@ -86,6 +86,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Set while a filter has the stream paused (FilterPause.swift): the request body
     /// bytes held meanwhile.
     var filterPauseState: FilterPauseState?
+    /// Set while a response filter has the stream paused: the upstream's body held.
+    var responsePauseState: FilterPauseState?
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the

@@ -36,6 +36,7 @@ enum InboundSecurity {
         case .mutualTLS(let m):
             // The handler is held strongly (see DownstreamHandler, "timers"): both live in
             // this pipeline and go when it does.
+            try sync.addHandler(SNIPeek(downstream: downstream))
             try sync.addHandler(m.makeServerHandler { id in downstream.peerAuthenticated(id) })
             downstream.armHandshakeTimer(ch)
         case .sniff(let m):
@@ -50,6 +51,28 @@ enum InboundSecurity {
             return
         }
         if let last { try sync.addHandler(last) } else { try sync.addHandler(downstream) }
+    }
+}
+
+/// Reads the SNI of the ClientHello in the first read of a TLS connection (Envoy's
+/// requested server name: `s.source.serverName`, %REQUESTED_SERVER_NAME%), then removes
+/// itself. A ClientHello split over several reads leaves the name empty.
+final class SNIPeek: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    let downstream: DownstreamHandler
+    init(downstream: DownstreamHandler) { self.downstream = downstream }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        downstream.peer.serverName = Self.serverName(unwrapInboundIn(data)) ?? ""
+        context.fireChannelRead(data)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    /// The server_name of the ClientHello that starts `buf`, nil when there is none.
+    static func serverName(_ buf: ByteBuffer) -> String? {
+        guard case .tls(let sni) = ProtocolSniffer.classifyTLS(buf.readableBytesView) else { return nil }
+        return sni
     }
 }
 
@@ -71,6 +94,7 @@ final class TLSSniffer: ChannelInboundHandler, RemovableChannelHandler {
             downstream.handshakeTimer?.cancel(); downstream.handshakeTimer = nil
         } else {
             let d = downstream
+            d.peer.serverName = SNIPeek.serverName(buf) ?? ""
             do {
                 let tls = try material.makeServerHandler { id in d.peerAuthenticated(id) }
                 try context.pipeline.syncOperations.addHandler(tls, position: .after(self))

@@ -39,6 +39,9 @@ final class StreamExecutor {
         /// holds the head, `s.bufferedResponseBody` is started; nothing is written until
         /// the body and trailers are in (`bufferedResponseEnd`).
         case buffer
+        /// A response filter paused (moonlet.http.call in on_response): nothing goes to
+        /// the client until it resumes (`resumeResponseHead`); FilterPause.swift.
+        case paused
     }
 
     // MARK: request
@@ -101,7 +104,19 @@ final class StreamExecutor {
         }
         head.markFiltersStart()
         s.response = consume head
-        switch chain.runResponse(s) {
+        return responseFiltersDone(s, chain.runResponse(s))
+    }
+
+    /// The response filters paused on `s` ended their phase with `action`: the rest of
+    /// them run, then the head is checked as `responseHead` does.
+    func resumeResponseHead(_ s: ProxyStream, after action: FilterAction) -> ResponseHeadOutcome {
+        responseFiltersDone(s, chain.resumeResponse(s, after: action))
+    }
+
+    @inline(__always)
+    func responseFiltersDone(_ s: ProxyStream, _ result: FilterAction) -> ResponseHeadOutcome {
+        switch result {
+        case .pause: return .paused
         case .respond where s.localReply != nil:
             s.response = nil
             return .localReply

@@ -112,6 +112,8 @@ extension DownstreamHandler {
         case .buffer:
             // A response filter wants the whole body: held until upstreamResponseEnd.
             responseState = .buffering
+        case .paused:
+            pauseResponseFilters(s)
         }
     }
 
@@ -124,6 +126,7 @@ extension DownstreamHandler {
 
     func upstreamResponseBody(_ chunk: ByteBuffer) {
         guard let s = stream else { return }
+        if responsePauseState != nil { holdResponseWhilePaused(chunk); return }
         if responseState == .buffering { bufferResponseChunk(s, chunk); return }
         s.responseBodyBytes += Int64(chunk.readableBytes)
         exec.responseBody(s, chunk, endOfStream: false)
@@ -132,6 +135,7 @@ extension DownstreamHandler {
 
     func upstreamResponseEnd(reusable: Bool) {
         guard let s = stream else { return }
+        if let p = responsePauseState { p.ended = true; p.reusable = reusable; return }
         let now = NIODeadline.now().uptimeNanoseconds
         if responseState == .buffering {
             releaseUpstream(s, reusable: reusable, now: now)
@@ -195,7 +199,7 @@ extension DownstreamHandler {
         case .localReply:
             s.responseTrailers = nil
             sendLocalReply()
-        case .send, .buffer:
+        case .send, .buffer, .paused:
             let body = s.bufferedResponseBody.take() ?? ByteBuffer()
             let head = s.response.take()!
             sendHead(head)
@@ -257,6 +261,7 @@ extension DownstreamHandler {
     func finishStream(_ s: ProxyStream, now nowIn: UInt64 = 0) {
         guard stream === s else { return }
         filterPauseState = nil
+        responsePauseState = nil
         let now = nowIn != 0 ? nowIn : NIODeadline.now().uptimeNanoseconds
         releaseHeldHead()
         responseState = .none

@@ -152,7 +152,7 @@ final class HTTPCallLuaTests: XCTestCase {
         XCTAssertEqual(s.request.first("x-status"), "200")
     }
 
-    func test_httpCallAtLoadTime_inOnResponse_orInAStreamedBody_isAClearError() throws {
+    func test_httpCallAtLoadTime_inALocalReplysOnResponse_orInAStreamedBody_isAClearError() throws {
         let errs = try chain([("load", """
         local ok, err = pcall(moonlet.http.call, "http://x/")
         moonlet.shared("t"):set("load", err)
@@ -167,11 +167,13 @@ final class HTTPCallLuaTests: XCTestCase {
         var p = HTTPHeadParser()
         guard case .complete(let h, _) = p.parseResponse(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), requestWasHead: false) else { fatalError() }
         s.response = h
+        // A local reply's response phase (an upstream's may call: HTTPCallTests).
+        s.respond(403, body: "no")
         _ = errs.runResponse(s)
         let s2 = stream()
         XCTAssertEqual(errs.runRequest(s2), .continue)
         XCTAssertTrue(s2.request.first("x-l")?.contains("not at load time") ?? false, s2.request.first("x-l") ?? "")
-        XCTAssertTrue(s2.request.first("x-r")?.contains("not allowed in on_response") ?? false, s2.request.first("x-r") ?? "")
+        XCTAssertTrue(s2.request.first("x-r")?.contains("not allowed in on_response of a local reply") ?? false, s2.request.first("x-r") ?? "")
         XCTAssertTrue(s2.request.first("x-b")?.contains("STOP_AND_BUFFER") ?? false, s2.request.first("x-b") ?? "")
         XCTAssertTrue(client.calls.isEmpty)
     }

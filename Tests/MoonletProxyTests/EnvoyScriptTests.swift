@@ -314,4 +314,128 @@ final class EnvoyScriptTests: XCTestCase {
         c.send("GET / HTTP/1.1\r\nHost: pinned.example.com\r\nx-pin: 10.9.9.9\r\n\r\n")
         XCTAssertEqual(c.read()?.status, 503)
     }
+
+    // MARK: SDK audit (issue 20): Envoy behaviours the adapter lacked
+
+    func testRespondWithAListValue_sendsOneHeaderLinePerValue_asEnvoyDoesForSetCookie() throws {
+        let px = try proxy("""
+        function envoy_on_request(request_handle)
+          request_handle:respond({[":status"] = "403", ["set-cookie"] = {"a=1; Path=/", "b=2; Path=/"}}, "nope")
+        end
+        """)
+        defer { px.stop() }
+        let r = try XCTUnwrap(get(try RawClient(port: px.inbound)))
+        XCTAssertEqual(r.status, 403)
+        XCTAssertEqual(r.all("set-cookie"), ["a=1; Path=/", "b=2; Path=/"])
+        XCTAssertEqual(r.body, "nope")
+    }
+
+    func testReplacingStatusInEnvoyOnResponse_changesTheUpstreamsStatus_butNotToOrFromABodilessOne() throws {
+        let px = try proxy("""
+        function envoy_on_response(response_handle)
+          local h = response_handle:headers()
+          h:replace(":status", "201")
+          h:add("x-seen", h:get(":status"))
+          local ok, err = pcall(h.replace, h, ":status", "204")
+          h:add("x-204", tostring(ok))
+        end
+        """)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c))
+        XCTAssertEqual(r.status, 201)
+        XCTAssertEqual(r.header("x-seen"), "201")
+        XCTAssertEqual(r.header("x-204"), "false")
+        XCTAssertEqual(r.body, "app:")
+        // The connection goes on: the body's framing was kept.
+        XCTAssertEqual(get(c)?.status, 201)
+    }
+
+    func testLogMethods_nameTheScriptsLine_notTheAdapters() throws {
+        let log = CapturedLog()
+        let px = try proxy("""
+        function envoy_on_request(request_handle)
+          request_handle:logInfo("first")
+          request_handle:log(3, "second")
+        end
+        """, logger: log)
+        defer { px.stop() }
+        XCTAssertEqual(get(try RawClient(port: px.inbound))?.status, 200)
+        XCTAssertTrue(log.contains("envoy.lua:2: first"), log.all.joined(separator: "\n"))
+        XCTAssertTrue(log.contains("envoy.lua:3: second"), log.all.joined(separator: "\n"))
+        XCTAssertFalse(log.contains("envoy-adapter"), log.all.joined(separator: "\n"))
+    }
+
+    func testStreamInfo_givesTheClientsSNI_overMutualTLS_andEmptyOnPlaintext() throws {
+        let pki = try FixturePKI()
+        defer { pki.cleanup() }
+        for mode in ["PERMISSIVE", "STRICT"] {
+            let px = try proxy("""
+            function envoy_on_response(response_handle)
+              response_handle:headers():add("x-sni", "[" .. response_handle:streamInfo():requestedServerName() .. "]")
+            end
+            """, files: ["pa.yaml": peerAuthentication("mesh", namespace: "istio-system", mode: mode)]) { s in
+                s.certsDirectory = try? pki.issue("production", "orders")
+                s.identity = WorkloadIdentity(namespace: "production", serviceAccount: "orders", labels: ["app": "orders"])
+            }
+            defer { px.stop() }
+            let tls = try tlsRequest(port: px.inbound, certDir: try pki.issue("default", "frontend"), rootPEM: pki.ca.rootCertPEM,
+                                     serverName: "orders.production.svc.cluster.local").get()
+            XCTAssertEqual(tls.status, 200, mode)
+            XCTAssertEqual(tls.headers.first(name: "x-sni"), "[orders.production.svc.cluster.local]", mode)
+            if mode == "PERMISSIVE" { XCTAssertEqual(get(try RawClient(port: px.inbound))?.header("x-sni"), "[]") }
+        }
+    }
+
+    func testStreamInfoRouteName_isTheVirtualServiceRoutesName_orDefault_asRouteNameLogsIt() throws {
+        let vs = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: named}
+        spec:
+          hosts: [named.example.com]
+          http:
+          - name: to-app
+            match: [{uri: {prefix: /named}}]
+            route: [{destination: {host: named.example.com}}]
+          - route: [{destination: {host: named.example.com}}]
+        """
+        let px = try proxy("""
+        function envoy_on_response(response_handle)
+          response_handle:headers():add("x-route", "[" .. response_handle:streamInfo():routeName() .. "]")
+        end
+        """, extra: "  phase: STATS\n", files: ["svc.yaml": meshService("named.example.com", ports: [app.port], extra: vs),
+                                                "plain.yaml": meshService("plain.example.com", ports: [app.port])])
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        c.send("GET /named HTTP/1.1\r\nHost: named.example.com\r\n\r\n")
+        XCTAssertEqual(c.read()?.header("x-route"), "[to-app]")
+        c.send("GET /other HTTP/1.1\r\nHost: named.example.com\r\n\r\n")
+        XCTAssertEqual(c.read()?.header("x-route"), "[]")
+        c.send("GET / HTTP/1.1\r\nHost: plain.example.com\r\n\r\n")
+        XCTAssertEqual(c.read()?.header("x-route"), "[default]")
+    }
+
+    func testHttpCallInEnvoyOnResponse_waitsAndTheResponseGoesOnAfterIt_asInEnvoy() throws {
+        let callee = try TestUpstream { _ in
+            var r = TestUpstream.Reply(); r.headers = [("x-verdict", "tag-me")]; r.body = "ok"; r.delayMs = 200; return r
+        }
+        defer { callee.stop() }
+        let px = try proxy("""
+        function envoy_on_response(response_handle)
+          local headers, body = response_handle:httpCall("http://127.0.0.1:\(callee.port)",
+            {[":method"] = "GET", [":path"] = "/verdict", [":authority"] = "policy"}, "", 2000)
+          response_handle:headers():add("x-verdict", headers["x-verdict"] .. "/" .. tostring(body))
+        end
+        """)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        for _ in 0..<2 {
+            let r = try XCTUnwrap(get(c))
+            XCTAssertEqual(r.status, 200)
+            XCTAssertEqual(r.header("x-verdict"), "tag-me/ok")
+            XCTAssertEqual(r.body, "app:")
+        }
+        XCTAssertEqual(callee.seen.last?.uri, "/verdict")
+    }
 }

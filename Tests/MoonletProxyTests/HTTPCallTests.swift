@@ -10,10 +10,14 @@ import MoonletConfig
 final class HTTPCallTests: XCTestCase {
     var app: TestUpstream!
     var callee: TestUpstream!
+    /// When each /slow call reached the callee.
+    let slowArrivals = NIOLockedValueBox<[Date]>([])
 
     override func setUpWithError() throws {
         app = try TestUpstream()
+        let arrivals = slowArrivals
         callee = try TestUpstream { r in
+            if r.uri.hasPrefix("/slow") { arrivals.withLockedValue { $0.append(Date()) } }
             var reply = TestUpstream.Reply()
             reply.status = .created
             reply.headers = [("x-from", "callee")]
@@ -132,7 +136,10 @@ final class HTTPCallTests: XCTestCase {
         XCTAssertEqual(app.seen.last?.headers.first(name: "x-err"), "status 200")
     }
 
-    func test_twentyWaitingCallsOnOneEventLoop_finishTogether_andAPlainRequestIsNotDelayed() throws {
+    /// The calls wait together: each is held 0.5 s by the callee, and every one of them
+    /// reaches it before the first answer goes out (a loop that waited on one call
+    /// before sending the next could not); so the 20 finish in about one wait, not 10 s.
+    func test_twentyWaitingCallsOnOneEventLoop_areAllInFlightAtOnce_andAPlainRequestIsNotDelayed() throws {
         let px = try proxy(caller("http://127.0.0.1:\(callee.port)"), concurrency: 1)
         defer { px.stop() }
         let statuses = NIOLockedValueBox<[Int]>([])
@@ -151,7 +158,11 @@ final class HTTPCallTests: XCTestCase {
         while statuses.withLockedValue({ $0.count }) < 20 && Date().timeIntervalSince(t0) < 10 { usleep(10_000) }
         let all = Date().timeIntervalSince(t0)
         XCTAssertEqual(statuses.withLockedValue { $0 }, [Int](repeating: 200, count: 20))
-        XCTAssertLessThan(all, 2.0, "20 calls of 0.5 s each on one loop took \(all) s")
+        let arrived = slowArrivals.withLockedValue { $0 }
+        XCTAssertEqual(arrived.count, 20)
+        let spread = (arrived.max() ?? t0).timeIntervalSince(arrived.min() ?? t0)
+        XCTAssertLessThan(spread, 0.5, "the 20th call reached the callee \(spread) s after the first: a call waited for another")
+        XCTAssertLessThan(all, 1.5, "20 calls of 0.5 s each on one loop took \(all) s (10 s one after another)")
         XCTAssertLessThan(plain, 0.3, "a plain request waited \(plain) s behind the calls")
         XCTAssertEqual(app.seen.filter { $0.headers["x-status"] == ["201"] }.count, 20)
     }
@@ -207,6 +218,46 @@ final class HTTPCallTests: XCTestCase {
         }
     }
 
+    /// on_response waits on the upstream's head: the call named by x-resp-call-path.
+    var responseCaller: String {
+        """
+        return { on_response = function(s)
+          local p = s.request.headers:get("x-resp-call-path")
+          if not p or s.response.status ~= 200 then return end
+          local res, err = moonlet.http.call("http://127.0.0.1:\(callee.port)" .. p, { timeout_ms = 5000 })
+          s.response.headers:set("x-call", res and tostring(res.status) or tostring(err))
+        end }
+        """
+    }
+
+    func test_anHTTP2StreamsResponse_waitsForACallInOnResponse_andGoesOnWhole() throws {
+        let body = String(repeating: "h2", count: 40_000)
+        app.stop()
+        app = try TestUpstream { _ in var r = TestUpstream.Reply(); r.body = body; return r }
+        let px = try proxy(responseCaller)
+        defer { px.stop() }
+        let out = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-D", "-", "-H", "x-resp-call-path: /slow",
+                                       "-w", " proto=%{http_version} status=%{http_code}", "http://127.0.0.1:\(px.inbound)/h2"])
+        XCTAssertTrue(out.hasSuffix(body + " proto=2 status=200"), String(out.suffix(200)))
+        XCTAssertTrue(out.lowercased().contains("x-call: 201"), String(out.prefix(400)))
+    }
+
+    func test_aClientThatLeavesWhileAResponseCallWaits_isCleanedUp_andTheNextStreamIsServed() throws {
+        let px = try proxy(responseCaller)
+        defer { px.stop() }
+        do {
+            let c = try RawClient(port: px.inbound)
+            c.send("GET / HTTP/1.1\r\nHost: app\r\nx-resp-call-path: /veryslow\r\n\r\n")
+            usleep(300_000)
+        } // closed here, the call still waiting
+        XCTAssertEqual(try px.liveHandlersOnceSettled(), 0)
+        let ctx = px.server.contexts[0]
+        XCTAssertEqual(try ctx.loop.submit { ctx.activeStreams }.wait(), 0)
+        let r = try XCTUnwrap(get(try RawClient(port: px.inbound), "/", headers: "x-resp-call-path: /again\r\n"))
+        XCTAssertEqual(r.status, 200)
+        XCTAssertEqual(r.header("x-call"), "201")
+    }
+
     func test_anHTTP2StreamWithABody_waitsForItsCall_andGoesOnWhole() throws {
         let px = try proxy(caller("http://127.0.0.1:\(callee.port)"))
         defer { px.stop() }
@@ -236,10 +287,10 @@ final class HTTPCallTests: XCTestCase {
         XCTAssertEqual(app.seen.last?.body, "hello")
     }
 
-    func test_httpCallOutsideOnRequest_isAClearError() throws {
+    func test_httpCallInALocalReplysResponsePhase_isAClearError() throws {
         let lua = """
         return {
-          on_request = function(s) end,
+          on_request = function(s) return s:respond(403, "no") end,
           on_response = function(s)
             local ok, err = pcall(moonlet.http.call, "http://127.0.0.1:1/")
             s.response.headers:set("x-err", tostring(err))
@@ -249,8 +300,39 @@ final class HTTPCallTests: XCTestCase {
         let px = try proxy(lua)
         defer { px.stop() }
         let r = try XCTUnwrap(get(try RawClient(port: px.inbound), "/"))
+        XCTAssertEqual(r.status, 403)
+        XCTAssertTrue(r.header("x-err")?.contains("not allowed in on_response of a local reply") ?? false, r.header("x-err") ?? "")
+    }
+
+    func test_httpCallInOnResponse_holdsTheUpstreamsResponseUntilItsAnswer_andTheBodyFollowsWhole() throws {
+        let lua = """
+        return {
+          on_response = function(s)
+            -- The reply made below goes through on_response too, where it cannot call.
+            if s.response.status == 451 then return end
+            local res, err = moonlet.http.call("http://127.0.0.1:\(callee.port)/slow", { timeout_ms = 3000 })
+            s.response.headers:set("x-call", res and tostring(res.status) or tostring(err))
+            if res and s.request.headers:get("x-deny") then return s:respond(451, "denied after the call") end
+          end,
+        }
+        """
+        // The app answers 256 KiB: what arrives while the call waits is held.
+        let body = String(repeating: "0123456789abcdef", count: 16_384)
+        app.stop()
+        app = try TestUpstream { _ in var r = TestUpstream.Reply(); r.body = body; return r }
+        let px = try proxy(lua)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        let r = try XCTUnwrap(get(c, "/big"))
         XCTAssertEqual(r.status, 200)
-        XCTAssertTrue(r.header("x-err")?.contains("not allowed in on_response") ?? false, r.header("x-err") ?? "")
+        XCTAssertEqual(r.header("x-call"), "201")
+        XCTAssertEqual(r.body.utf8.count, body.utf8.count)
+        XCTAssertTrue(r.body == body)
+        // The connection goes on, and a reply made after the call replaces the response.
+        let denied = try XCTUnwrap(get(c, "/", headers: "x-deny: 1\r\n"))
+        XCTAssertEqual(denied.status, 451)
+        XCTAssertEqual(denied.body, "denied after the call")
+        XCTAssertEqual(get(c, "/")?.header("x-call"), "201")
     }
 
     func test_aPhaseThatNeverCalls_usesTheSharedRunner_andNoCoroutineOfItsOwn() throws {

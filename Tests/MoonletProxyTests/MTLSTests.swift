@@ -44,7 +44,8 @@ final class FixturePKI {
 /// and body, or the error that ended the handshake or connection.
 /// `maxVersion`, `ciphers`: limit what the client offers (to test the server's policy).
 func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "app", path: String = "/", method: HTTPMethod = .GET, alpn: [String] = ["http/1.1"],
-                expectedServer: [String] = [], maxVersion: TLSVersion? = nil, ciphers: String? = nil, extraHeaders: [(String, String)] = []) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
+                expectedServer: [String] = [], maxVersion: TLSVersion? = nil, ciphers: String? = nil, extraHeaders: [(String, String)] = [],
+                serverName: String? = nil) -> Result<(status: Int, headers: HTTPHeaders, body: String), Error> {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     defer { try? group.syncShutdownGracefully() }
     do {
@@ -64,7 +65,7 @@ func tlsRequest(port: Int, certDir: String?, rootPEM: String, host: String = "ap
             .connectTimeout(.seconds(5))
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(try TLSMaterial.makeClientHandler(context: ctx, serverName: nil, expected: expectedServer))
+                    try ch.pipeline.syncOperations.addHandler(try TLSMaterial.makeClientHandler(context: ctx, serverName: serverName, expected: expectedServer))
                     try ch.pipeline.syncOperations.addHTTPClientHandlers()
                     try ch.pipeline.syncOperations.addHandler(Collect(promise))
                 }

@@ -355,3 +355,42 @@ extension MTLSTests {
         XCTAssertTrue(stats.contains("moonlet_upstream_cx_http2_total 1\n"), "the sidecars spoke HTTP/2:\n\(stats)")
     }
 }
+
+extension ResponseBufferTests {
+    /// A response filter that waits in moonlet.http.call (the head phase pauses) and then
+    /// asks for the whole body: the held chunks and the rest are buffered, and the body
+    /// phase gets them once.
+    func test_aResponseFilterThatWaitsForACall_thenAsksForTheWholeBody_getsItOnce() throws {
+        let callee = try TestUpstream { _ in TestUpstream.Reply(body: "verdict-ok") }
+        defer { callee.stop() }
+        let app = try TestUpstream { _ in
+            var reply = TestUpstream.Reply(body: String(repeating: "ab", count: 40_000))
+            reply.chunked = true
+            return reply
+        }
+        defer { app.stop() }
+        let lua = """
+        local f = {}
+        function f.on_response(s, conf)
+          local res = moonlet.http.call("http://127.0.0.1:\(callee.port)/check", {timeout_ms = 2000})
+          s.vars.verdict = res and res.body or "none"
+          return moonlet.STOP_AND_BUFFER
+        end
+        function f.on_response_body(s, conf, chunk, eos)
+          local b = s.response:body()
+          if b == nil then return end
+          s.response:set_body(s.vars.verdict .. ":" .. #b)
+        end
+        return f
+        """
+        let px = try proxy(appPort: app.port, ["waitbuf": lua])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        for _ in 0..<2 {
+            let r = try XCTUnwrap(get(c, "/x"))
+            XCTAssertEqual(r.status, 200)
+            XCTAssertTrue(r.body == "verdict-ok:80000", "got \(r.body.utf8.count) bytes: \(r.body.prefix(40))")
+            XCTAssertEqual(r.header("content-length"), String(r.body.utf8.count))
+        }
+    }
+}
