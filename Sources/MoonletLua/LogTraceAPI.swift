@@ -413,8 +413,16 @@ final class LogTraceLoopState {
             }
         }
         if !h.added.isEmpty {
+            // Headers added by earlier filters: only names of a trace name's length are
+            // compared (one String compare each, not eight).
             for a in h.added {
-                if a.name == "x-request-id" { rid = true } else if TracePropagation.headerNames.contains(a.name) { trace = true }
+                switch a.name.utf8.count {
+                case 12:
+                    if a.name == "x-request-id" { rid = true } else if a.name == "x-b3-traceid" || a.name == "x-b3-sampled" { trace = true }
+                case 2, 10, 11, 17:
+                    if TracePropagation.headerNames.contains(a.name) { trace = true }
+                default: break
+                }
             }
         }
         return (trace, rid)
