@@ -1268,10 +1268,11 @@ return stats
 -- Ids, clocks, headers and export are native (moonlet.trace). A caller's sampling
 -- decision (x-b3-sampled, x-b3-flags, b3, traceparent flags) is kept; otherwise the
 -- sampling rate decides for a new trace. An unsampled request costs the header
--- propagation only: no span is kept and on_log returns at once.
+-- propagation only: no span is kept, and the filter has no on_log (a recorded span is
+-- ended natively when the stream ends).
 local f = {}
 local trace = moonlet.trace
-local start, finish = trace.start, trace.finish
+local start = trace.start
 
 function f.configure(c)
   local conf = { mode = c.mode or "CLIENT_AND_SERVER" }
@@ -1287,19 +1288,14 @@ function f.configure(c)
   return conf
 end
 
--- Spans this VM has open (the fast exit of on_log when there is none).
-local open = 0
-
 --- on_request: continues or starts the trace, writes the headers the next hop reads.
+--- There is no on_log: a span trace.start recorded (sampled streams only) is ended and
+--- queued for export natively when the stream ends, so an unsampled stream costs no Lua
+--- call at its end.
 function f.on_request(s, conf)
   local t = conf.tracer
   if conf.reporting and s.listener ~= conf.reporting then t = conf.quiet end
-  if start(s, t) then open = open + 1 end
-end
-
---- on_log: ends the stream's span and queues it for export (sampled streams only).
-function f.on_log(s, conf)
-  if open > 0 and finish(s) then open = open - 1 end
+  start(s, t)
 end
 
 return f

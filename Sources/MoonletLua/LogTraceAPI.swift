@@ -375,29 +375,54 @@ final class LogTraceLoopState {
         return nil
     }
 
-    /// Lengths of the trace header names (TracePropagation.headerNames) and x-request-id.
-    static let requestIDName: [UInt8] = Array("x-request-id".utf8)
+    /// Whether field `f`'s name is `name` (lowercase ASCII), ASCII case-insensitively.
     @inline(__always)
-    static func maybeTraceName(_ n: Int32) -> Bool { n == 2 || n == 10 || n == 11 || n == 12 || n == 17 }
+    static func nameIs(_ raw: UnsafeRawBufferPointer, _ f: HTTPField, _ name: StaticString) -> Bool {
+        let n = name.utf8CodeUnitCount
+        guard Int(f.nameLength) == n else { return false }
+        let p = name.utf8Start
+        let base = Int(f.nameStart)
+        for k in 0..<n {
+            var c = raw[base + k]
+            if c >= 65 && c <= 90 { c |= 0x20 }
+            if c != p[k] { return false }
+        }
+        return true
+    }
 
     /// Whether the request carries a trace header (original or added), and whether it
-    /// has an x-request-id: one pass over the head, names compared only when their
-    /// length is one of the trace names'.
-    static func scanTraceHeaders(_ h: HTTPHead) -> (trace: Bool, requestID: Bool) {
+    /// has an x-request-id: one pass over the head (borrowed in place, not copied), names
+    /// compared only when their length is one of the trace names' (2, 10, 11, 12, 17).
+    static func scanTraceHeaders(_ h: inout HTTPHead) -> (trace: Bool, requestID: Bool) {
         var trace = false, rid = false
-        for i in 0..<h.fields.count {
-            let f = h.fields[i]
-            if f.removed { continue }
-            if f.kind == .xRequestID { rid = true; continue }
-            guard maybeTraceName(f.nameLength) else { continue }
-            for n in TracePropagation.headerNameBytes where n.count == Int(f.nameLength) {
-                if n.withUnsafeBytes({ h.nameEquals(i, lowercased: $0) }) { trace = true; break }
+        h.bytes.withUnsafeReadableBytes { raw in
+            h.fields.withUnsafeBufferPointer { fields in
+                for f in fields where !f.removed {
+                    if f.kind == .xRequestID { rid = true; continue }
+                    switch f.nameLength {
+                    case 2: if nameIs(raw, f, "b3") { trace = true }
+                    case 10: if nameIs(raw, f, "tracestate") || nameIs(raw, f, "x-b3-flags") { trace = true }
+                    case 11: if nameIs(raw, f, "traceparent") || nameIs(raw, f, "x-b3-spanid") { trace = true }
+                    case 12:
+                        if nameIs(raw, f, "x-b3-traceid") || nameIs(raw, f, "x-b3-sampled") { trace = true }
+                        else if nameIs(raw, f, "x-request-id") { rid = true }
+                    case 17: if nameIs(raw, f, "x-b3-parentspanid") { trace = true }
+                    default: break
+                    }
+                }
             }
-            if f.nameLength == 12 && !rid && requestIDName.withUnsafeBytes({ h.nameEquals(i, lowercased: $0) }) { rid = true }
         }
         if !h.added.isEmpty {
+            // Headers added by earlier filters: only names of a trace name's length are
+            // compared (one String compare each, not eight).
             for a in h.added {
-                if a.name == "x-request-id" { rid = true } else if TracePropagation.headerNames.contains(a.name) { trace = true }
+                switch a.name.utf8.count {
+                case 12:
+                    if a.name == "x-request-id" { rid = true } else if a.name == "x-b3-traceid" || a.name == "x-b3-sampled" { trace = true }
+                case 2, 10, 11, 17:
+                    if TracePropagation.headerNames.contains(a.name) { trace = true }
+                default: break
+                }
             }
         }
         return (trace, rid)
@@ -405,7 +430,7 @@ final class LogTraceLoopState {
 
     /// See `trace.start`.
     func start(_ s: ProxyStream, _ t: Tracer, rng: inout Xoshiro256) -> Bool {
-        let (hasTrace, hasID) = Self.scanTraceHeaders(s.request)
+        let (hasTrace, hasID) = s.withRequest { Self.scanTraceHeaders(&$0) }
         if !hasTrace {
             // The common case at the first sidecar: no trace came, a new one starts. No
             // header to read or remove; the values are written straight into Strings.
@@ -413,12 +438,23 @@ final class LogTraceLoopState {
             if hi == 0 && lo == 0 { lo = 1 }
             if span == 0 { span = 1 }
             let sampled = t.sample(&rng)
-            s.request.added.reserveCapacity(s.request.added.count + 5)
-            s.request.addLowercased("x-b3-traceid", TraceHex.hex(hi, lo))
-            s.request.addLowercased("x-b3-spanid", TraceHex.hex(span))
-            s.request.addLowercased("x-b3-sampled", sampled ? "1" : "0")
-            s.request.addLowercased("traceparent", TracePropagation.traceparent(hi, lo, span, sampled: sampled))
-            if !hasID { s.request.addLowercased("x-request-id", Self.uuid(&rng)) }
+            // The ids are written as hex once, into traceparent; the B3 values are copies of
+            // its bytes.
+            let tp = TracePropagation.traceparent(hi, lo, span, sampled: sampled)
+            var traceID = "", spanID = ""
+            var tpBytes = tp
+            tpBytes.withUTF8 { b in
+                traceID = String(unsafeUninitializedCapacity: 32) { _ = $0.initialize(from: b[3..<35]); return 32 }
+                spanID = String(unsafeUninitializedCapacity: 16) { _ = $0.initialize(from: b[36..<52]); return 16 }
+            }
+            s.withRequest { h in
+                h.added.reserveCapacity(h.added.count + 5)
+                h.addLowercased("x-b3-traceid", traceID)
+                h.addLowercased("x-b3-spanid", spanID)
+                h.addLowercased("x-b3-sampled", sampled ? "1" : "0")
+                h.addLowercased("traceparent", tp)
+            }
+            if !hasID { let id = Self.uuid(&rng); s.withRequest { $0.addLowercased("x-request-id", id) } }
             guard sampled && t.report else { return false }
             let ctx = TraceContext(traceIDHigh: hi, traceIDLow: lo, is128Bit: true, spanID: span, sampled: true)
             if pending.count >= Self.maxPending { pending.removeAll() }
@@ -450,7 +486,7 @@ final class LogTraceLoopState {
         }
         if needID { s.request.addLowercased("x-request-id", requestID) }
         guard ctx.isSampled && t.report else { return false }
-        if pending.count >= Self.maxPending { pending.removeAll() }   // on_log always runs; this only bounds a bug
+        if pending.count >= Self.maxPending { pending.removeAll() }   // every stream ends (LuaHost.endStream); this only bounds a bug
         let startMicros = (Self.wallNanos() &- (Self.monotonicNanos() &- s.startNanos)) / 1000
         pending[s.id] = Pending(tracer: t, ctx: ctx, startMicros: startMicros)
         return true
@@ -462,13 +498,14 @@ final class LogTraceLoopState {
         let hi = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
         let lo = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
         return String(unsafeUninitializedCapacity: 36) { out in
-            // 8-4-4-4-12 hex digits: hi's 16, then lo's 16.
-            var k = 0
-            for i in 0..<32 {
-                if i == 8 || i == 12 || i == 16 || i == 20 { out[k] = 45; k += 1 }
-                let v = i < 16 ? hi : lo
-                out[k] = TraceHex.digit(v >> UInt64((15 - i % 16) * 4)); k += 1
-            }
+            // 8-4-4-4-12 hex digits: hi's 16 written at 0 and lo's at 20 (a byte pair at a
+            // time), then moved apart for the dashes.
+            TraceHex.write(hi, into: out, at: 0)
+            TraceHex.write(lo, into: out, at: 20)
+            out[17] = out[15]; out[16] = out[14]; out[15] = out[13]; out[14] = out[12]
+            out[12] = out[11]; out[11] = out[10]; out[10] = out[9]; out[9] = out[8]
+            out[19] = out[20]; out[20] = out[21]; out[21] = out[22]; out[22] = out[23]
+            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
             return 36
         }
     }
@@ -584,6 +621,134 @@ struct StreamLogRecord: AccessLogRecord {
         return true
     }
 
+    /// One pass over the head for every regular name of the format (names compared only
+    /// when their length is one of the format's); pseudo-headers from the request line
+    /// and Host; headers added by filters (x-request-id at the first sidecar) looked up
+    /// afterwards for the names the head did not have. Other-span codes: -2 the
+    /// rewritten path, -3 Host through `first`, -4 the scheme, -(5 + k) `added[k]`.
+    func withRequestHead(_ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>, _ body: (UnsafeRawBufferPointer) -> Void) {
+        // The head is borrowed in place (a copy would retain each of its buffers); `body`
+        // runs after that access ended, as it reads the stream again.
+        let bytes = s.request.bytes
+        bytes.withUnsafeReadableBytes { raw in
+            s.withRequest { Self.locate(&$0, raw, names, spans) }
+            body(raw)
+        }
+    }
+
+    static func locate(_ h: inout HTTPHead, _ raw: UnsafeRawBufferPointer, _ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>) {
+        let n = names.count
+        for i in 0..<n {
+            switch names.pseudo(i) {
+            case .none: spans[i] = .absent
+            case .method: spans[i] = AccessLogValueSpan(start: Int32(h.methodRange.lowerBound), length: Int32(h.methodRange.count))
+            case .path:
+                if let t = h.targetOverride { spans[i] = t.isEmpty ? .absent : AccessLogValueSpan(start: -2, length: 0) }
+                else { spans[i] = AccessLogValueSpan(start: Int32(h.targetRange.lowerBound), length: Int32(h.targetRange.count)) }
+            case .authority:
+                if h.hostIndex >= 0 && !h.fields[h.hostIndex].removed {
+                    let f = h.fields[h.hostIndex]; spans[i] = AccessLogValueSpan(start: f.valueStart, length: f.valueLength)
+                } else { spans[i] = AccessLogValueSpan(start: -3, length: 0) }
+            case .scheme: spans[i] = AccessLogValueSpan(start: -4, length: 0)
+            }
+        }
+        do {
+            if names.regularCount > 0 {
+                var left = names.regularCount
+                let mask = names.lengthMask
+                h.fields.withUnsafeBufferPointer { fields in
+                    for f in fields where !f.removed && mask & (1 << UInt64(f.nameLength & 63)) != 0 {
+                        let len = Int(f.nameLength)
+                        for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none && names.length(j) == len {
+                            let want = names.bytes(j)
+                            let base = Int(f.nameStart)
+                            var k = 0
+                            while k < len {
+                                var c = raw[base + k]
+                                if c >= 65 && c <= 90 { c |= 0x20 }
+                                if c != want[k] { break }
+                                k += 1
+                            }
+                            guard k == len else { continue }
+                            // The first live field wins (present but empty: length 0).
+                            spans[j] = f.valueLength == 0 ? AccessLogValueSpan(start: 0, length: 0) : AccessLogValueSpan(start: f.valueStart, length: f.valueLength)
+                            left -= 1
+                            break
+                        }
+                        if left == 0 { break }
+                    }
+                }
+                if left > 0 && !h.added.isEmpty {
+                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none {
+                        let want = names.bytes(j)
+                        for k in 0..<h.added.count where AccessLogHeaderNames.equals(h.added[k].name, want) {
+                            let a = h.added[k]
+                            spans[j] = a.value.isEmpty ? .absent : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                            break
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        var v: String
+        switch span.start {
+        case -2: v = s.request.targetOverride ?? ""
+        case -3: v = s.request.first("host") ?? ""
+        case -4: Self.http.withUnsafeBytes(body); return true
+        default:
+            let k = Int(-5 - span.start)
+            guard k >= 0 && k < s.request.added.count else { return false }
+            v = s.request.added[k].value
+        }
+        if v.isEmpty { return false }
+        v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+        return true
+    }
+
+    func withResponseHeader(lowercased name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        if s.response != nil {
+            // The buffer and the field array only (a copy of the head would retain each of its parts).
+            let bytes = s.response!.bytes, fields = s.response!.fields
+            var at = -1, len = 0
+            bytes.withUnsafeReadableBytes { raw in
+                fields.withUnsafeBufferPointer { fs in
+                    for f in fs where !f.removed && Int(f.nameLength) == name.count {
+                        let base = Int(f.nameStart)
+                        var k = 0
+                        while k < name.count {
+                            var c = raw[base + k]
+                            if c >= 65 && c <= 90 { c |= 0x20 }
+                            if c != name[k] { break }
+                            k += 1
+                        }
+                        if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
+                    }
+                }
+            }
+            if at >= 0 {
+                if len == 0 { return false }
+                bytes.withUnsafeReadableBytes { raw in body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
+                return true
+            }
+            if !s.response!.added.isEmpty {
+                for a in s.response!.added where AccessLogHeaderNames.equals(a.name, name) {
+                    if a.value.isEmpty { return false }
+                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+                }
+            }
+        }
+        if let l = s.localReply {
+            for x in l.headers where x.name.lowercased().utf8.elementsEqual(name) {
+                if x.value.isEmpty { return false }
+                var v = x.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+            }
+        }
+        return false
+    }
+
     func responseHeader(_ name: String) -> String? {
         if let r = s.response, let i = r.firstIndex(lowercased: name) { return r.value(at: i) }
         if let r = s.response { for a in r.added where a.name == name { return a.value } }
@@ -596,7 +761,7 @@ struct StreamLogRecord: AccessLogRecord {
     var responseCode: Int { s.status }
     var responseFlags: String { s.responseFlags.envoyString }
     var responseCodeDetails: String {
-        if let d = s.vars["response_code_details"] { return d }
+        if !s.vars.isEmpty, let d = s.vars["response_code_details"] { return d }
         if s.localReply != nil { return s.responseFlags.isEmpty ? "direct_response" : "" }
         return s.response != nil ? "via_upstream" : ""
     }

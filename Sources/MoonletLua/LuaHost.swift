@@ -275,6 +275,11 @@ public final class LuaLoopRuntime {
         return out
     }
 
-    /// Frees a stream's Lua state; call after on_log.
-    public func endStream(_ s: ProxyStream) { vm.endStream(s) }
+    /// Frees a stream's Lua state; call after on_log. A span `trace.start` recorded and
+    /// no `trace.finish` ended is ended here (istio-tracing has no on_log of its own, so
+    /// an unsampled stream costs no Lua call at its end).
+    public func endStream(_ s: ProxyStream) {
+        if !vm.logTrace.pending.isEmpty { _ = vm.logTrace.finish(s) }
+        vm.endStream(s)
+    }
 }

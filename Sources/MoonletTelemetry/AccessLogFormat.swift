@@ -9,6 +9,11 @@ import MoonletCore
 /// operators see it. Header names are lowercase; pseudo-headers (`:method`, `:path`,
 /// `:authority`, `:scheme`) are answered by `requestHeader` too. nil or "" means "not
 /// there" (printed as `-` in text, `null` in JSON, as Envoy does).
+///
+/// The byte rendering (`AccessLogFormat.render(_:into:clock:)`) reads request headers
+/// through `withRequestHead`: a record over a parsed head finds every name the format
+/// uses in one pass and points at the head's bytes; the defaults answer through
+/// `requestHeader`/`responseHeader` (Strings), which is enough for tests and tools.
 public protocol AccessLogRecord {
     func requestHeader(_ name: String) -> String?
     func responseHeader(_ name: String) -> String?
@@ -32,9 +37,22 @@ public protocol AccessLogRecord {
     var requestedServerName: String { get }
     var routeName: String { get }
     /// Hands the request header's first value (nil or "" = not there: returns false
-    /// without calling `body`) to `body` as bytes. A record over a parsed head answers
-    /// from the head's bytes without making a String; the default asks `requestHeader`.
+    /// without calling `body`) to `body` as bytes. The default asks `requestHeader`.
     func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool
+    /// Runs once per line, before anything is written: finds the first value of every
+    /// request header in `names` (one pass over the head), writes one span per name into
+    /// `spans` (`AccessLogValueSpan`: bytes of `head`, absent, or a value the record
+    /// hands out itself through `withOtherRequestHeader`), then calls `body` with the
+    /// bytes the spans point into. The default marks every span "other".
+    func withRequestHead(_ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>, _ body: (UnsafeRawBufferPointer) -> Void)
+    /// The value of a span `withRequestHead` marked "other" (`span.start <= -2`), for
+    /// the name at `index` in `names`; false when there is none or it is empty. The
+    /// default asks `withRequestHeader` by name.
+    func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool
+    /// The response header's first value (lowercase ASCII name as bytes) handed to
+    /// `body`; false (nothing called) when absent or empty. The default asks
+    /// `responseHeader`.
+    func withResponseHeader(lowercased name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool
 }
 
 extension AccessLogRecord {
@@ -43,27 +61,281 @@ extension AccessLogRecord {
         v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
         return true
     }
+
+    public func withRequestHead(_ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>, _ body: (UnsafeRawBufferPointer) -> Void) {
+        for i in 0..<names.count { spans[i] = AccessLogValueSpan(start: -2, length: 0) }
+        body(UnsafeRawBufferPointer(start: nil, count: 0))
+    }
+
+    public func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        withRequestHeader(names.names[index], body)
+    }
+
+    public func withResponseHeader(lowercased name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        guard var v = responseHeader(String(decoding: name, as: UTF8.self)), !v.isEmpty else { return false }
+        v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+        return true
+    }
 }
 
-/// The second-resolution part of START_TIME (`2026-12-06T04:05:07.`), remembered for
-/// the current second: one per event loop (not shared), so a line does not call gmtime.
+/// Where one request header's value is, as `AccessLogRecord.withRequestHead` found it:
+/// `start >= 0`: `length` bytes at `start` in the head's bytes (length 0: present but
+/// empty, printed as missing); `start == -1`: absent; `start <= -2`: a value the record
+/// hands out through `withOtherRequestHeader` (a header added by a filter, a rewritten
+/// path), the code being the record's own.
+public struct AccessLogValueSpan: Sendable {
+    public var start: Int32
+    public var length: Int32
+    @inline(__always) public init(start: Int32, length: Int32) { self.start = start; self.length = length }
+    public static let absent = AccessLogValueSpan(start: -1, length: 0)
+}
+
+/// The request header names a format reads (its `REQ()` operators), lowercase and
+/// deduplicated at config load, with their bytes in one side table: a record finds all
+/// of them in one pass over the head. Pseudo-headers carry a code instead (a record
+/// answers them from the request line and Host).
+public final class AccessLogHeaderNames: @unchecked Sendable {
+    public enum Pseudo: UInt8, Sendable { case none, method, path, authority, scheme }
+    struct Entry { var offset: Int32; var length: Int32; var pseudo: Pseudo }
+    /// The names (lowercase), in table order.
+    public let names: [String]
+    public let count: Int
+    /// Bit `length & 63` set for every regular (non-pseudo) name: a header whose name
+    /// length has no bit is skipped without comparing.
+    public let lengthMask: UInt64
+    /// How many names are regular headers (not pseudo).
+    public let regularCount: Int
+    let entries: UnsafeMutablePointer<Entry>
+    let storage: UnsafeMutableRawPointer
+
+    init(_ names: [String]) {
+        self.names = names
+        count = names.count
+        let total = names.reduce(0) { $0 + $1.utf8.count }
+        let storage = UnsafeMutableRawPointer.allocate(byteCount: max(1, total), alignment: 8)
+        let entries = UnsafeMutablePointer<Entry>.allocate(capacity: max(1, names.count))
+        self.storage = storage
+        self.entries = entries
+        var off = 0, mask: UInt64 = 0, regular = 0
+        for (i, n) in names.enumerated() {
+            let b = Array(n.utf8)
+            b.withUnsafeBytes { storage.advanced(by: off).copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(storage), byteCount: b.count) }
+            let p: Pseudo
+            switch n {
+            case ":method": p = .method
+            case ":path": p = .path
+            case ":authority": p = .authority
+            case ":scheme": p = .scheme
+            default: p = .none; mask |= 1 << UInt64(b.count & 63); regular += 1
+            }
+            entries[i] = Entry(offset: Int32(off), length: Int32(b.count), pseudo: p)
+            off += b.count
+        }
+        lengthMask = mask
+        regularCount = regular
+    }
+
+    deinit {
+        storage.deallocate()
+        entries.deallocate()
+    }
+
+    /// Name `i`'s bytes (lowercase ASCII).
+    @inline(__always)
+    public func bytes(_ i: Int) -> UnsafeRawBufferPointer {
+        let e = entries[i]
+        return UnsafeRawBufferPointer(start: storage.advanced(by: Int(e.offset)), count: Int(e.length))
+    }
+
+    /// Name `i`'s pseudo-header, `.none` for a regular header.
+    @inline(__always)
+    public func pseudo(_ i: Int) -> Pseudo { entries[i].pseudo }
+
+    /// Whether `s`'s UTF-8 is `b` (a header name added by a filter against a name of
+    /// the table): lengths first, then one memcmp.
+    @inline(__always)
+    public static func equals(_ s: String, _ b: UnsafeRawBufferPointer) -> Bool {
+        let u = s.utf8
+        guard u.count == b.count else { return false }
+        if b.isEmpty { return true }
+        return u.withContiguousStorageIfAvailable { memcmp($0.baseAddress!, b.baseAddress!, b.count) == 0 } ?? u.elementsEqual(b)
+    }
+
+    /// Name `i`'s length in bytes.
+    @inline(__always)
+    public func length(_ i: Int) -> Int { Int(entries[i].length) }
+}
+
+/// One event loop's scratch for access log lines (not shared): the second-resolution
+/// part of START_TIME (`2026-12-06T04:05:07.`) remembered for the current second, so a
+/// line does not call gmtime; the buffer a line is written into before it is appended
+/// to its output whole; the header spans of the line being written.
 public final class AccessLogClock {
     var second: Int64 = .min
-    var prefix: [UInt8] = []
-    public init() {}
+    /// "YYYY-MM-DDTHH:MM:SS." (20 bytes).
+    let prefix = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
+    var line: UnsafeMutablePointer<UInt8>
+    var lineCapacity: Int
+    var spans: UnsafeMutablePointer<AccessLogValueSpan>
+    var spanCapacity: Int
+    public init() {
+        lineCapacity = 2048
+        line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
+        spanCapacity = 16
+        spans = UnsafeMutablePointer<AccessLogValueSpan>.allocate(capacity: spanCapacity)
+    }
+
+    deinit {
+        prefix.deallocate()
+        line.deallocate()
+        spans.deallocate()
+    }
 
     @inline(__always)
-    func append(_ ms: Int64, into out: inout [UInt8]) {
+    func spans(_ n: Int) -> UnsafeMutablePointer<AccessLogValueSpan> {
+        if n > spanCapacity {
+            spans.deallocate()
+            spanCapacity = n
+            spans = UnsafeMutablePointer<AccessLogValueSpan>.allocate(capacity: n)
+        }
+        return spans
+    }
+
+    /// Writes START_TIME for `ms` (24 bytes; the writer has room).
+    @inline(__always)
+    func write(_ ms: Int64, _ w: inout LineWriter) {
         let sec = ms >= 0 ? ms / 1000 : (ms - 999) / 1000
         if sec != second {
             second = sec
-            let full = AccessLogFormat.iso8601(sec * 1000)   // "....:07.000Z"
-            prefix = Array(full.utf8.dropLast(4))
+            let full = Array(AccessLogFormat.iso8601(sec * 1000).utf8)   // "....:07.000Z"
+            for i in 0..<20 { prefix[i] = i < full.count ? full[i] : 48 }
         }
-        out.append(contentsOf: prefix)
+        w.reserve(24)
+        let p = w.base + w.count
+        p.update(from: prefix, count: 20)
         let r = Int(ms - sec * 1000)
-        out.append(UInt8(48 + r / 100)); out.append(UInt8(48 + r / 10 % 10)); out.append(UInt8(48 + r % 10))
-        out.append(90)   // Z
+        p[20] = UInt8(48 + r / 100); p[21] = UInt8(48 + r / 10 % 10); p[22] = UInt8(48 + r % 10)
+        p[23] = 90   // Z
+        w.count += 24
+    }
+}
+
+/// A growable byte buffer written through a pointer (the loop's line scratch).
+struct LineWriter {
+    var base: UnsafeMutablePointer<UInt8>
+    var count: Int
+    var capacity: Int
+
+    @inline(__always)
+    mutating func reserve(_ n: Int) {
+        if _slowPath(count + n > capacity) { grow(count + n) }
+    }
+
+    @inline(never)
+    mutating func grow(_ need: Int) {
+        var c = capacity * 2
+        while c < need { c *= 2 }
+        let nb = UnsafeMutablePointer<UInt8>.allocate(capacity: c)
+        nb.update(from: base, count: count)
+        base.deallocate()
+        base = nb
+        capacity = c
+    }
+
+    @inline(__always)
+    mutating func byte(_ b: UInt8) {
+        reserve(1)
+        base[count] = b
+        count += 1
+    }
+
+    @inline(__always)
+    mutating func bytes(_ p: UnsafeRawPointer, _ n: Int) {
+        reserve(n)
+        memcpy(base + count, p, n)
+        count += n
+    }
+
+    @inline(__always)
+    mutating func bytes(_ b: UnsafeRawBufferPointer) {
+        if let p = b.baseAddress { bytes(p, b.count) }
+    }
+
+    /// Whether any of `n` bytes at `p` needs escaping in JSON (a control character, `"`
+    /// or `\`): eight bytes at a time.
+    @inline(__always)
+    static func needsEscape(_ p: UnsafeRawPointer, _ n: Int) -> Bool {
+        var i = 0
+        let ones: UInt64 = 0x0101_0101_0101_0101, highs: UInt64 = 0x8080_8080_8080_8080
+        while i + 8 <= n {
+            let x = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let q = x ^ (ones &* 34), bs = x ^ (ones &* 92)
+            // A zero byte in q or bs, or a byte under 0x20 in x (x - 0x20 borrows with the high bit clear).
+            let t = ((q &- ones) & ~q) | ((bs &- ones) & ~bs) | ((x &- ones &* 0x20) & ~x)
+            if t & highs != 0 { return true }
+            i += 8
+        }
+        while i < n {
+            let c = p.load(fromByteOffset: i, as: UInt8.self)
+            if c < 0x20 || c == 34 || c == 92 { return true }
+            i += 1
+        }
+        return false
+    }
+
+    /// Appends bytes, JSON-escaped when `escape` (as `JSON.quote` escapes, without quotes).
+    @inline(__always)
+    mutating func put(_ p: UnsafeRawPointer, _ n: Int, escape: Bool) {
+        if escape && Self.needsEscape(p, n) { putEscaped(UnsafeRawBufferPointer(start: p, count: n)); return }
+        bytes(p, n)
+    }
+
+    @inline(__always)
+    mutating func put(_ b: UnsafeRawBufferPointer, escape: Bool) {
+        if let p = b.baseAddress { put(p, b.count, escape: escape) }
+    }
+
+    @inline(never)
+    mutating func putEscaped(_ b: UnsafeRawBufferPointer) {
+        reserve(b.count * 6)
+        let hex: StaticString = "0123456789abcdef"
+        for c in b {
+            switch c {
+            case 34: base[count] = 92; base[count + 1] = 34; count += 2
+            case 92: base[count] = 92; base[count + 1] = 92; count += 2
+            case 10: base[count] = 92; base[count + 1] = 110; count += 2
+            case 13: base[count] = 92; base[count + 1] = 114; count += 2
+            case 9: base[count] = 92; base[count + 1] = 116; count += 2
+            case 0..<0x20:
+                base[count] = 92; base[count + 1] = 117; base[count + 2] = 48; base[count + 3] = 48
+                base[count + 4] = hex.utf8Start[Int(c >> 4)]; base[count + 5] = hex.utf8Start[Int(c & 15)]
+                count += 6
+            default: base[count] = c; count += 1
+            }
+        }
+    }
+
+    /// Appends a String value; false (nothing written) when it is empty.
+    @inline(__always)
+    mutating func put(_ s: String, escape: Bool) -> Bool {
+        if s.isEmpty { return false }
+        var v = s
+        v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
+        return true
+    }
+
+    @inline(__always)
+    mutating func int(_ v: Int64) {
+        reserve(20)
+        if v < 0 { base[count] = 45; count += 1 }
+        var m = v.magnitude
+        if m < 10 { base[count] = UInt8(48 + m); count += 1; return }
+        var n = 0
+        var t = m
+        while t > 0 { n += 1; t /= 10 }
+        var k = count + n - 1
+        while m > 0 { base[k] = UInt8(48 + m % 10); m /= 10; k -= 1 }
+        count += n
     }
 }
 
@@ -93,33 +365,160 @@ public struct AccessLogFormat: Sendable {
     enum Shape: Sendable { case text([Op]), json([(String, [Op])]) }
     let shape: Shape
 
-    /// The format prepared for byte output: literals and JSON keys (`{"key":`, `,"key":`)
-    /// as bytes, each value's operators; built once with the format.
-    struct Part: Sendable {
-        /// Written before the value (a literal in text; the key in JSON).
-        var head: [UInt8]
-        var ops: [Op]
-    }
-    let parts: [Part]
-    let isJSON: Bool
+    /// The format compiled for byte output (see `Program`), built once with the format.
+    let program: Program
+    var isJSON: Bool { program.isJSON }
 
     /// Compiles a text format; throws naming the first unsupported operator.
     public init(text: String) throws {
         let ops = try Self.compile(text)
         shape = .text(ops)
-        isJSON = false
-        parts = ops.map { o -> Part in
-            if case .literal(let l) = o { return Part(head: Array(l.utf8), ops: []) }
-            return Part(head: [], ops: [o])
-        }
+        program = Program(shape)
     }
 
     /// Compiles a JSON format (one object per line, keys in the given order).
     public init(json labels: [(String, String)]) throws {
         let fields = try labels.map { ($0.0, try Self.compile($0.1)) }
         shape = .json(fields)
-        isJSON = true
-        parts = fields.enumerated().map { i, f in Part(head: Array(((i == 0 ? "{" : ",") + JSON.quote(f.0) + ":").utf8), ops: f.1) }
+        program = Program(shape)
+    }
+
+    /// One instruction of a compiled format. Trivial (no reference counted payload), so
+    /// the per-line loop reads them through a pointer without retaining anything.
+    struct Instr {
+        enum Code: UInt8 {
+            /// `a`: offset, `b`: length of bytes in the side table, written as they are.
+            case literal
+            case startTime, proto, code, flags, details, termination, transportFailure, bytesIn, bytesOut, duration
+            case upstreamHost, upstreamCluster, upstreamLocal, downstreamLocal, downstreamRemote, sni, routeName
+            /// Request header: `a` the index of its name in `Program.names`, `b` the
+            /// alternative's (-1 for none).
+            case req
+            /// Response header: `a`, `b` offset and length of its name in the side table;
+            /// `c` and `d` the alternative's (`d` == 0: none).
+            case resp
+            /// An operator rendered through its String value (`value(_:_:)`): `REQ()` and
+            /// `RESP()` with a length, the `_WITHOUT_PORT` addresses. `a`: index in `slow`.
+            case slow
+        }
+        /// How a value is written: as it is, "-" when missing (text); JSON-escaped, "-"
+        /// when missing (part of a JSON string); JSON-escaped in quotes, `null` when
+        /// missing (a JSON value of one operator). Numbers are written as they are.
+        enum Mode: UInt8 { case text, jsonPart, jsonValue }
+        var code: Code
+        var mode: Mode
+        var a: Int32 = 0, b: Int32 = 0, c: Int32 = 0, d: Int32 = 0
+    }
+
+    /// A format as a flat instruction array, with every literal, JSON key and response
+    /// header name in one side table of bytes (JSON literals already escaped, adjacent
+    /// literals merged), and the request header names it reads in an
+    /// `AccessLogHeaderNames` (found in one pass over the head per line). Made at config
+    /// load; read per line through pointers.
+    final class Program: @unchecked Sendable {
+        let isJSON: Bool
+        let code: UnsafeMutableBufferPointer<Instr>
+        let table: UnsafeMutableRawBufferPointer
+        let names: AccessLogHeaderNames
+        /// Operators of `.slow` instructions (rare: read only for them).
+        let slow: [Op]
+
+        init(_ shape: Shape) {
+            var instrs: [Instr] = []
+            var bytes: [UInt8] = []
+            var names: [String] = []
+            var slow: [Op] = []
+            func lit(_ b: [UInt8]) {
+                guard !b.isEmpty else { return }
+                if let last = instrs.last, last.code == .literal, Int(last.a + last.b) == bytes.count {
+                    bytes.append(contentsOf: b)
+                    instrs[instrs.count - 1].b += Int32(b.count)
+                    return
+                }
+                instrs.append(Instr(code: .literal, mode: .text, a: Int32(bytes.count), b: Int32(b.count)))
+                bytes.append(contentsOf: b)
+            }
+            func nameIndex(_ n: String) -> Int32 {
+                if let i = names.firstIndex(of: n) { return Int32(i) }
+                names.append(n)
+                return Int32(names.count - 1)
+            }
+            func op(_ o: Op, _ mode: Instr.Mode) {
+                var i = Instr(code: .literal, mode: mode)
+                switch o {
+                case .literal(let l):
+                    lit(mode == .text ? Array(l.utf8) : AccessLogFormat.escaped(l))
+                    return
+                case .startTime: i.code = .startTime
+                case .proto: i.code = .proto
+                case .code: i.code = .code
+                case .flags: i.code = .flags
+                case .details: i.code = .details
+                case .termination: i.code = .termination
+                case .transportFailure: i.code = .transportFailure
+                case .bytesIn: i.code = .bytesIn
+                case .bytesOut: i.code = .bytesOut
+                case .duration: i.code = .duration
+                case .upstreamHost: i.code = .upstreamHost
+                case .upstreamCluster: i.code = .upstreamCluster
+                case .upstreamLocal: i.code = .upstreamLocal
+                case .downstreamLocal: i.code = .downstreamLocal
+                case .downstreamRemote: i.code = .downstreamRemote
+                case .sni: i.code = .sni
+                case .routeName: i.code = .routeName
+                case .req(let n, let alt, nil):
+                    i.code = .req
+                    i.a = nameIndex(n)
+                    i.b = alt.map(nameIndex) ?? -1
+                case .resp(let n, let alt, nil):
+                    i.code = .resp
+                    i.a = Int32(bytes.count); i.b = Int32(n.utf8.count); bytes.append(contentsOf: n.utf8)
+                    if let alt { i.c = Int32(bytes.count); i.d = Int32(alt.utf8.count); bytes.append(contentsOf: alt.utf8) }
+                case .req, .resp, .downstreamLocalNoPort, .downstreamRemoteNoPort:
+                    i.code = .slow
+                    i.a = Int32(slow.count)
+                    slow.append(o)
+                }
+                instrs.append(i)
+            }
+            switch shape {
+            case .text(let ops):
+                isJSON = false
+                for o in ops { op(o, .text) }
+            case .json(let fields):
+                isJSON = true
+                for (k, (key, ops)) in fields.enumerated() {
+                    lit(Array(((k == 0 ? "{" : ",") + JSON.quote(key) + ":").utf8))
+                    if ops.count == 1 {
+                        // One operator: its own type (numbers stay numbers, nothing is null).
+                        if case .literal = ops[0] { lit([34]); op(ops[0], .jsonPart); lit([34]) }
+                        else if AccessLogFormat.isNumeric(ops[0]) { op(ops[0], .text) }
+                        else { op(ops[0], .jsonValue) }
+                    } else {
+                        lit([34])
+                        for o in ops { op(o, .jsonPart) }
+                        lit([34])
+                    }
+                }
+                lit(Array("}\n".utf8))
+            }
+            code = .allocate(capacity: max(1, instrs.count))
+            _ = code.initialize(from: instrs)
+            let table = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 8)
+            bytes.withUnsafeBytes { if $0.count > 0 { table.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+            self.table = table
+            self.names = AccessLogHeaderNames(names)
+            self.slow = slow
+            count = instrs.count
+        }
+
+        /// Instructions in use (`code` may have one slot more when empty).
+        let count: Int
+
+        deinit {
+            code.deallocate()
+            table.deallocate()
+        }
     }
 
     static func compile(_ f: String) throws -> [Op] {
@@ -187,114 +586,107 @@ public struct AccessLogFormat: Sendable {
         return String(decoding: out, as: UTF8.self)
     }
 
-    /// Appends the line for `r` to `out` (the per-request path: no String is made for
-    /// what the record holds as bytes or numbers). Same text as `renderString`.
+    /// Appends the line for `r` to `out` (the per-request path: the compiled format read
+    /// through pointers, request headers found in one pass over the head, numbers and
+    /// the time written as digits into the loop's line buffer, which is appended whole).
+    /// Same text as `renderString`.
     public func render<R: AccessLogRecord>(_ r: R, into out: inout [UInt8], clock: AccessLogClock) {
-        if !isJSON {
-            for p in parts {
-                if p.ops.isEmpty { out.append(contentsOf: p.head); continue }
-                if !Self.emit(p.ops[0], r, &out, json: false, clock: clock) { out.append(45) }   // "-"
-            }
-            return
+        let p = program
+        var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity)
+        let spans = clock.spans(p.names.count)
+        r.withRequestHead(p.names, spans) { head in
+            Self.run(p, r, head: head, spans: spans, &w, clock)
         }
-        for p in parts {
-            out.append(contentsOf: p.head)
-            if p.ops.count == 1 {
-                // One operator: its own type (numbers stay numbers, nothing is null).
-                let o = p.ops[0]
-                if Self.isNumeric(o) {
-                    _ = Self.emit(o, r, &out, json: true, clock: clock)
-                } else {
-                    let mark = out.count
-                    out.append(34)
-                    if Self.emit(o, r, &out, json: true, clock: clock) { out.append(34) } else {
-                        out.removeSubrange(mark...)
-                        out.append(contentsOf: Self.null)
-                    }
+        clock.line = w.base
+        clock.lineCapacity = w.capacity
+        out.append(contentsOf: UnsafeRawBufferPointer(start: w.base, count: w.count))
+    }
+
+    static let null: StaticString = "null"
+
+    /// `s` JSON-escaped as a line's values are (no quotes).
+    static func escaped(_ s: String) -> [UInt8] {
+        let base = UnsafeMutablePointer<UInt8>.allocate(capacity: 64)
+        var w = LineWriter(base: base, count: 0, capacity: 64)
+        _ = w.put(s, escape: true)
+        let out = Array(UnsafeBufferPointer(start: w.base, count: w.count))
+        w.base.deallocate()
+        return out
+    }
+
+    @inline(__always)
+    static func run<R: AccessLogRecord>(_ p: Program, _ r: R, head: UnsafeRawBufferPointer, spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                                        _ w: inout LineWriter, _ clock: AccessLogClock) {
+        let code = p.code.baseAddress!
+        let table = UnsafeRawPointer(p.table.baseAddress!)
+        let names = p.names
+        var pc = 0
+        let end = p.count
+        while pc < end {
+            let ins = code[pc]
+            pc += 1
+            let found: Bool
+            let escape = ins.mode != .text
+            let mark = w.count
+            if ins.mode == .jsonValue { w.byte(34) }
+            switch ins.code {
+            case .literal:
+                w.bytes(table + Int(ins.a), Int(ins.b))
+                continue
+            case .startTime: clock.write(r.startTimeMillis, &w); found = true
+            case .code: w.int(Int64(r.responseCode)); continue
+            case .bytesIn: w.int(r.bytesReceived); continue
+            case .bytesOut: w.int(r.bytesSent); continue
+            case .duration: w.int(r.durationMillis); continue
+            case .proto: found = w.put(r.protocolName, escape: escape)
+            case .flags: found = w.put(r.responseFlags, escape: escape)
+            case .details: found = w.put(r.responseCodeDetails, escape: escape)
+            case .termination: found = w.put(r.connectionTerminationDetails, escape: escape)
+            case .transportFailure: found = w.put(r.upstreamTransportFailureReason, escape: escape)
+            case .upstreamHost: found = w.put(r.upstreamHost, escape: escape)
+            case .upstreamCluster: found = w.put(r.upstreamCluster, escape: escape)
+            case .upstreamLocal: found = w.put(r.upstreamLocalAddress, escape: escape)
+            case .downstreamLocal: found = w.put(r.downstreamLocalAddress, escape: escape)
+            case .downstreamRemote: found = w.put(r.downstreamRemoteAddress, escape: escape)
+            case .sni: found = w.put(r.requestedServerName, escape: escape)
+            case .routeName: found = w.put(r.routeName, escape: escape)
+            case .req:
+                var ok = header(Int(ins.a), r, head, spans, names, &w, escape)
+                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape) }
+                found = ok
+            case .resp:
+                var ok = r.withResponseHeader(lowercased: UnsafeRawBufferPointer(start: table + Int(ins.a), count: Int(ins.b))) { w.put($0, escape: escape) }
+                if !ok && ins.d > 0 {
+                    ok = r.withResponseHeader(lowercased: UnsafeRawBufferPointer(start: table + Int(ins.c), count: Int(ins.d))) { w.put($0, escape: escape) }
                 }
+                found = ok
+            case .slow:
+                found = w.put(value(p.slow[Int(ins.a)], r) ?? "", escape: escape)
+            }
+            if found {
+                if ins.mode == .jsonValue { w.byte(34) }
+            } else if ins.mode == .jsonValue {
+                w.count = mark
+                w.bytes(null.utf8Start, 4)
             } else {
-                out.append(34)
-                for o in p.ops where !Self.emit(o, r, &out, json: true, clock: clock) { out.append(45) }
-                out.append(34)
-            }
-        }
-        out.append(125); out.append(10)   // "}\n"
-    }
-
-    static let null: [UInt8] = Array("null".utf8)
-
-    /// Appends bytes, JSON-escaped when `json` (as `JSON.quote` escapes, without quotes).
-    @inline(__always)
-    static func put(_ b: UnsafeRawBufferPointer, _ out: inout [UInt8], json: Bool) {
-        if !json || !b.contains(where: { $0 < 0x20 || $0 == 34 || $0 == 92 }) { out.append(contentsOf: b); return }
-        for c in b {
-            switch c {
-            case 34: out.append(92); out.append(34)
-            case 92: out.append(92); out.append(92)
-            case 10: out.append(92); out.append(110)
-            case 13: out.append(92); out.append(114)
-            case 9: out.append(92); out.append(116)
-            case 0..<0x20:
-                let hex: [UInt8] = Array("0123456789abcdef".utf8)
-                out.append(contentsOf: [92, 117, 48, 48, hex[Int(c >> 4)], hex[Int(c & 15)]])
-            default: out.append(c)
+                w.byte(45)   // "-"
             }
         }
     }
 
-    /// Appends a String value; false (nothing written) when it is empty.
+    /// Writes request header `i` of the format's names as `withRequestHead` located it;
+    /// false (nothing written) when absent or empty.
     @inline(__always)
-    static func put(_ s: String, _ out: inout [UInt8], json: Bool) -> Bool {
-        if s.isEmpty { return false }
-        var v = s
-        v.withUTF8 { put(UnsafeRawBufferPointer($0), &out, json: json) }
-        return true
-    }
-
-    @inline(__always)
-    static func putInt(_ v: Int64, _ out: inout [UInt8]) {
-        if v < 0 { out.append(45) }
-        var m = v.magnitude
-        if m < 10 { out.append(UInt8(48 + m)); return }
-        var tmp: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                  UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
-            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        var n = 0
-        withUnsafeMutableBytes(of: &tmp) { t in
-            while m > 0 { t[19 - n] = UInt8(48 + m % 10); m /= 10; n += 1 }
-            out.append(contentsOf: UnsafeRawBufferPointer(rebasing: t[(20 - n)...]))
+    static func header<R: AccessLogRecord>(_ i: Int, _ r: R, _ head: UnsafeRawBufferPointer, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
+        let s = spans[i]
+        if s.start >= 0 {
+            if s.length == 0 { return false }
+            w.put(head.baseAddress! + Int(s.start), Int(s.length), escape: escape)
+            return true
         }
-    }
-
-    /// Appends the value of one operator; false (nothing written) when it has none.
-    static func emit<R: AccessLogRecord>(_ o: Op, _ r: R, _ out: inout [UInt8], json: Bool, clock: AccessLogClock) -> Bool {
-        switch o {
-        case .literal(let s): return put(s, &out, json: json)
-        case .startTime: clock.append(r.startTimeMillis, into: &out); return true
-        case .req(let n, let alt, let max):
-            if max != nil { return put(value(o, r) ?? "", &out, json: json) }
-            if r.withRequestHeader(n, { put($0, &out, json: json) }) { return true }
-            if let alt { return r.withRequestHeader(alt, { put($0, &out, json: json) }) }
-            return false
-        case .resp: return put(value(o, r) ?? "", &out, json: json)
-        case .code: putInt(Int64(r.responseCode), &out); return true
-        case .bytesIn: putInt(r.bytesReceived, &out); return true
-        case .bytesOut: putInt(r.bytesSent, &out); return true
-        case .duration: putInt(r.durationMillis, &out); return true
-        case .proto: return put(r.protocolName, &out, json: json)
-        case .flags: return put(r.responseFlags, &out, json: json)
-        case .details: return put(r.responseCodeDetails, &out, json: json)
-        case .termination: return put(r.connectionTerminationDetails, &out, json: json)
-        case .transportFailure: return put(r.upstreamTransportFailureReason, &out, json: json)
-        case .upstreamHost: return put(r.upstreamHost, &out, json: json)
-        case .upstreamCluster: return put(r.upstreamCluster, &out, json: json)
-        case .upstreamLocal: return put(r.upstreamLocalAddress, &out, json: json)
-        case .downstreamLocal: return put(r.downstreamLocalAddress, &out, json: json)
-        case .downstreamRemote: return put(r.downstreamRemoteAddress, &out, json: json)
-        case .sni: return put(r.requestedServerName, &out, json: json)
-        case .routeName: return put(r.routeName, &out, json: json)
-        case .downstreamLocalNoPort, .downstreamRemoteNoPort: return put(value(o, r) ?? "", &out, json: json)
-        }
+        if s.start == -1 { return false }
+        return r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
     }
 
     /// The line for `r` as a String, by the String path (reference for `render(_:into:)`).

@@ -87,6 +87,24 @@ final class AccessLogFormatTests: XCTestCase {
         }
     }
 
+    func test_jsonEscaping_findsEverySpecialByte_atEveryPositionOfShortAndLongValues() throws {
+        // The escape check reads eight bytes at a time: a special byte in every lane of a
+        // word and in the tail, next to bytes just above and below the control range.
+        let f = try AccessLogFormat(json: [("ua", "%REQ(USER-AGENT)%"), ("t", "%REQ(USER-AGENT)% x")])
+        for special in ["\"", "\\", "\n", "\u{1f}", "\u{0}", "\t"] {
+            for len in 1...19 {
+                for at in 0..<len {
+                    var chars = Array(repeating: "a", count: len)
+                    if len > 2 { chars[(at + 1) % len] = " " ; chars[(at + 2) % len] = "é" }
+                    chars[at] = special
+                    var r = Record()
+                    r.req["user-agent"] = chars.joined()
+                    XCTAssertEqual(f.render(r), f.renderString(r), "\(special.unicodeScalars.first!.value) at \(at) of \(len)")
+                }
+            }
+        }
+    }
+
     func test_anUnknownOrMalformedOperator_isAnErrorNamingIt() {
         XCTAssertThrowsError(try AccessLogFormat(text: "%FILTER_STATE(x)%")) { XCTAssertTrue("\($0)".contains("FILTER_STATE"), "\($0)") }
         XCTAssertThrowsError(try AccessLogFormat(text: "%REQ(X):abc%")) { XCTAssertTrue("\($0)".contains("REQ(X):abc"), "\($0)") }
