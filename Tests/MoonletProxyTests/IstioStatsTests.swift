@@ -150,6 +150,26 @@ final class IstioStatsTests: XCTestCase {
         XCTAssertTrue(text.contains("shop_body_bytes_count 3\n"), text)
     }
 
+    /// The first request of a label set builds it in Lua; the next ones go through
+    /// `moonlet.stats.log`'s cached path (one native call): every request is counted once,
+    /// in the same series, with its duration and sizes.
+    func testRepeatedRequestsAreEachCountedOnceThroughTheCachedLabelSet() throws {
+        let f = try ProxyFixture(appPort: app.port, files: [:], concurrency: 1)
+        defer { f.stop() }
+        let c = try RawClient(port: f.inbound)
+        for _ in 0..<6 { XCTAssertEqual(get(c)?.status, 200) }
+        var text = "", total: String?
+        for _ in 0..<50 {   // on_log runs right after the last byte: wait for the sixth
+            text = stats(f, containing: "istio_requests_total{")
+            total = line(text, "istio_requests_total", ["reporter=\"destination\"", "response_code=\"200\""])
+            if total?.hasSuffix("} 6") ?? false { break }
+            usleep(20_000)
+        }
+        XCTAssertTrue(total?.hasSuffix("} 6") ?? false, text)
+        XCTAssertTrue(line(text, "istio_request_duration_milliseconds_count", ["response_code=\"200\""])?.hasSuffix("} 6") ?? false, text)
+        XCTAssertTrue(line(text, "istio_response_bytes_count", ["response_code=\"200\""])?.hasSuffix("} 6") ?? false, text)
+    }
+
     func testReplacingIstioStatsByName_changesWhatIsRecorded_andTheBuiltinNoLongerCounts() throws {
         let fork = """
         local base = require("istio-stats")   -- the builtin, as a starting point
