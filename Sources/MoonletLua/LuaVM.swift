@@ -85,6 +85,8 @@ public final class LuaVM {
     /// The metatables of authz.rules and authz.decider userdata (AuthzRules.swift).
     var authzRulesMetatable: UnsafeRawPointer?
     var authzDeciderMetatable: UnsafeRawPointer?
+    /// The metatable of moonlet.stats.series handles (StatsAPI.swift), compared by pointer.
+    var statsSeriesMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
     var logTrace = LogTraceLoopState()
     let logger: Logger

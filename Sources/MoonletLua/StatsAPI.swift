@@ -59,6 +59,9 @@ struct StatsState {
 /// - `stats.record(h, s)`: counts the stream in istio_requests_total and observes its
 ///   duration (start to now, ms), request and response body bytes into the three
 ///   histograms of the handle's series. No allocation.
+/// - `stats.log(cache, s)`: `key`, the lookup of `cache[k1][k2]` and `record` in one call
+///   (the common case of a label set seen before); returns `k1, k2` when the cache has
+///   no handle for them.
 extension LuaAPI {
     static let statsSeriesType = "moonlet.stats_series"
     static let metricHandleType = "moonlet.metric"
@@ -66,9 +69,11 @@ extension LuaAPI {
     static func installStats(_ L: OpaquePointer) {
         luaL_newmetatable(L, statsSeriesType)
         lua_pushboolean(L, 0); lua_setfield(L, -2, "__metatable")
+        // Handles are recognised by this pointer (no registry lookup by name per record).
+        LuaVM.vm(L).statsSeriesMetatable = lua_topointer(L, -1)
         ml_pop(L, 1)
-        lua_createtable(L, 0, 4)
-        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord), ("attr", statsAttr)] as [(String, lua_CFunction)] {
+        lua_createtable(L, 0, 6)
+        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord), ("attr", statsAttr), ("log", statsLog)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.stats")
@@ -92,6 +97,15 @@ extension LuaAPI {
 
     static let statsKey: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 1, "key"), kind == .stream else { return fail(L, outside) }
+        let (k1, k2) = streamKey(vm, s)
+        lua_pushinteger(L, lua_Integer(k1))
+        lua_pushinteger(L, lua_Integer(k2))
+        return 2
+    }
+
+    /// `stats.key`'s two integers for a finished stream.
+    @inline(__always)
+    static func streamKey(_ vm: LuaVM, _ s: ProxyStream) -> (Int, Int) {
         let inbound = s.listener == .inbound
         let mtls = inbound ? !s.source.principal.isEmpty : s.upstreamMeshMTLS
         // Outbound: the destination service; inbound: the caller's mTLS principal (the
@@ -102,7 +116,46 @@ extension LuaAPI {
         var grpc = 0, gs = 31
         if isGRPC(s) { grpc = 1; let st = grpcStatus(s); gs = st < 0 ? 31 : st }
         let k2 = code | Int(s.responseFlags.rawValue & 0xFFFF) << 10 | (mtls ? 1 << 26 : 0) | grpc << 27 | gs << 28 | (inbound ? 1 << 33 : 0)
-        lua_pushinteger(L, lua_Integer(peer << 24 | svc))
+        return (peer << 24 | svc, k2)
+    }
+
+    /// The series index of the `stats.series` handle at `idx`, or nil when the value
+    /// there is not one.
+    @inline(__always)
+    static func seriesIndex(_ L: OpaquePointer?, _ idx: Int32, _ vm: LuaVM) -> Int? {
+        guard lua_type(L, idx) == LUA_TUSERDATA, lua_getmetatable(L, idx) != 0 else { return nil }
+        let same = lua_topointer(L, -1) == vm.statsSeriesMetatable
+        ml_pop(L, 1)
+        guard same, let raw = lua_touserdata(L, idx) else { return nil }
+        return raw.load(as: Int.self)
+    }
+
+    /// Records `s` in the series at `index` (istio_requests_total and the three histograms).
+    @inline(__always)
+    static func record(_ vm: LuaVM, _ index: Int, _ s: ProxyStream) {
+        guard index >= 0 && index < vm.stats.series.count else { return }
+        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
+        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
+    }
+
+    /// `stats.log(cache, s)`: istio-stats' per-request path in one call. Computes the
+    /// stream's key (`stats.key`), looks up `cache[k1][k2]` (raw reads) and, when that
+    /// is a `stats.series` handle, records the stream in it (`stats.record`) and returns
+    /// nothing; `false` there (a label set the series cap refused) also returns nothing.
+    /// Anything else (no entry yet, or a table of handles by attribute values) returns
+    /// `k1, k2` for the filter to go on as with `stats.key`.
+    static let statsLog: lua_CFunction = { L in
+        guard let (vm, s, kind) = resolve(L, 2, "log"), kind == .stream else { return fail(L, outside) }
+        let (k1, k2) = streamKey(vm, s)
+        if lua_type(L, 1) == LUA_TTABLE {
+            if lua_rawgeti(L, 1, lua_Integer(k1)) == LUA_TTABLE {
+                let t = lua_rawgeti(L, -1, lua_Integer(k2))
+                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return 0 }
+                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { record(vm, index, s); return 0 }
+            }
+        }
+        lua_pushinteger(L, lua_Integer(k1))
         lua_pushinteger(L, lua_Integer(k2))
         return 2
     }
@@ -210,13 +263,9 @@ extension LuaAPI {
     }
 
     static let statsRecord: lua_CFunction = { L in
-        guard let raw = luaL_testudata(L, 1, statsSeriesType) else { return fail(L, "stats.record(h, s): h must be a stats.series handle") }
+        guard let index = seriesIndex(L, 1, LuaVM.vm(L)) else { return fail(L, "stats.record(h, s): h must be a stats.series handle") }
         guard let (vm, s, kind) = resolve(L, 2, "record"), kind == .stream else { return fail(L, outside) }
-        let index = raw.load(as: Int.self)
-        guard index >= 0 && index < vm.stats.series.count else { return 0 }
-        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
-        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-        vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
+        record(vm, index, s)
         return 0
     }
 
