@@ -108,7 +108,7 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ], swiftSettings: v5),
         .executableTarget(name: "moonlet", dependencies: [
-            "MoonletProxy", "MoonletPilot", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletSidecar", "MoonletWebhook",
+            "MoonletProxy", "MoonletPilot", "MoonletConfig", "MoonletLua", "MoonletTLS", "MoonletTelemetry", "MoonletSidecar", "MoonletWebhook",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

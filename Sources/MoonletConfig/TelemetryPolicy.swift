@@ -211,19 +211,25 @@ extension TelemetryPolicy {
 
     /// Every Telemetry resource compiled alone, for a workload of its namespace that its
     /// selector selects (`moonlet validate`: what `moonlet run` would refuse or note).
-    public static func validate(_ istio: [IstioResource], mesh: MeshConfigFile) -> (errors: [ConfigError], notes: [String]) {
-        var errors: [ConfigError] = [], notes: [String] = []
+    /// `outputs`: every access log output they (and the mesh config alone) would open, for
+    /// the caller to compile their formats.
+    public static func validate(_ istio: [IstioResource], mesh: MeshConfigFile) -> (errors: [ConfigError], notes: [String], outputs: [AccessLogOutput]) {
+        var errors: [ConfigError] = [], notes: [String] = [], outputs: [AccessLogOutput] = []
+        switch compile([], mesh: mesh, workload: WorkloadIdentity(rootNamespace: mesh.rootNamespace)) {
+        case .success(let p): outputs += p.accessLogging.outputs
+        case .failure(let e): errors += e.errors
+        }
         for r in istio where r.kind == "Telemetry" {
             var labels: [String: String] = [:]
             if case .map(let m)? = r.spec["selector"]?["matchLabels"] { for (k, v) in m { labels[k] = v.stringValue ?? "" } }
             let ns = r.namespace.isEmpty ? "default" : r.namespace
             let w = WorkloadIdentity(namespace: ns, serviceAccount: "default", labels: labels, rootNamespace: mesh.rootNamespace)
             switch compile([r], mesh: mesh, workload: w) {
-            case .success(let p): notes += p.notes
+            case .success(let p): notes += p.notes; outputs += p.accessLogging.outputs.filter { !outputs.contains($0) }
             case .failure(let e): errors += e.errors
             }
         }
-        return (errors, notes)
+        return (errors, notes, outputs)
     }
 
     /// Compiles the Telemetry resources that apply to `workload`, with the mesh config's

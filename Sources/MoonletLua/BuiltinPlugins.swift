@@ -1077,15 +1077,17 @@ return router
 --
 -- Cost: per request, stats.key gives two integers that fix every label; the label
 -- set is built (below, in Lua) only the first time a combination is seen, compiled
--- by stats.series into a native handle, and cached by the two integers. After
--- that a request costs stats.key, two table lookups and stats.record. A tag override
--- whose value is a request attribute adds that attribute's value to the key (one
--- stats.attr call per attribute and request).
+-- by stats.series into a native handle, and cached by the two integers in `cache`.
+-- After that a request costs one native call, stats.log(cache, s): the key, the two
+-- lookups cache[k1][k2] and stats.record, done in Swift; it gives the key back when
+-- the cache has no handle for it. A tag override whose value is a request attribute
+-- adds that attribute's value to the key (one stats.attr call per attribute and
+-- request).
 -- A fork that adds a label depending on something else (a request header, ...) must
 -- add it to the cache key too.
 local stats = {}
 local S = moonlet.stats
-local key, info, series, record, attr = S.key, S.info, S.series, S.record, S.attr
+local info, series, record, attr, log = S.info, S.series, S.record, S.attr, S.log
 
 -- The four series of a label set, in stats.series' order.
 local METRICS = { "istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes" }
@@ -1146,7 +1148,8 @@ function stats.labels(i)
     response_code = tostring(i.code),
     grpc_response_status = i.grpc_status,
     response_flags = i.flags,
-    connection_security_policy = i.mtls and "mutual_tls" or "none",
+    -- Istio: what the destination knows of the connection; a source cannot know it.
+    connection_security_policy = i.inbound and (i.mtls and "mutual_tls" or "none") or "unknown",
   }
 end
 
@@ -1225,7 +1228,10 @@ end
 
 --- on_log: runs once per stream when it ends; records it in Istio's request metrics.
 function stats.on_log(s, conf)
-  local k1, k2 = key(s)
+  -- A label set seen before: recorded by this one call (k1 is nil then). Otherwise
+  -- the stream's key, as stats.key(s) gives it.
+  local k1, k2 = log(cache, s)
+  if k1 == nil then return end
   local plan
   if conf and conf.any then
     if k2 >= INBOUND then plan = conf.inbound else plan = conf.outbound end

@@ -58,7 +58,7 @@ public enum IstioLabels {
             ("destination_canonical_revision", v(dst) { $0.canonicalRevision }), ("destination_cluster", v(dst) { $0.cluster }),
             ("destination_service", destinationService.isEmpty ? "unknown" : destinationService),
             ("destination_service_name", name.isEmpty ? "unknown" : name), ("destination_service_namespace", ns),
-            ("response_flags", responseFlags), ("connection_security_policy", mtls ? "mutual_tls" : "none"),
+            ("response_flags", responseFlags), ("connection_security_policy", inbound ? (mtls ? "mutual_tls" : "none") : "unknown"),
         ])
     }
 }

@@ -5,6 +5,7 @@ import MoonletConfig
 import MoonletProxy
 import MoonletLua
 import MoonletTLS
+import MoonletTelemetry
 import NIOCore
 #if canImport(Foundation)
 import Foundation
@@ -208,7 +209,17 @@ struct Validate: ParsableCommand {
         case .success(let snap):
             // Telemetry is compiled as a sidecar compiles it (`moonlet run` refuses what
             // fails here): each resource for a workload it selects.
-            let (telemetryErrors, telemetryNotes) = TelemetryPolicy.validate(snap.istio, mesh: mesh)
+            var (telemetryErrors, telemetryNotes, outputs) = TelemetryPolicy.validate(snap.istio, mesh: mesh)
+            // Each access log format is compiled as the sidecar compiles it.
+            for o in outputs {
+                do {
+                    if let labels = o.labels { _ = try AccessLogFormat(json: labels) } else { _ = try AccessLogFormat(text: o.text ?? AccessLogFormatKeys.istioText) }
+                } catch {
+                    let source = o.provider == "envoy" ? "mesh config" : "mesh config extensionProviders \"\(o.provider)\""
+                    telemetryErrors.append(ConfigError(file: meshConfig ?? "mesh config", line: 0, column: 0, field: o.provider == "envoy" ? "accessLogFormat" : "logFormat",
+                                                       message: "\(source): \(error)"))
+                }
+            }
             if !telemetryErrors.isEmpty {
                 if output == "json" {
                     let errs = telemetryErrors.map { "{\"file\":\(JSON.quote($0.file)),\"line\":\($0.line),\"column\":\($0.column),\"resource\":\(JSON.quote($0.resource)),\"field\":\(JSON.quote($0.field)),\"message\":\(JSON.quote($0.message))}" }

@@ -135,13 +135,16 @@ extension TelemetryPolicyTests {
     /// `moonlet validate` compiles Telemetry as a sidecar does, so the two agree.
     func test_validateCompilesEveryTelemetryAsASidecarWould_errorsAndNotesAlike() throws {
         let good = telemetry("t", "default", "  tracing:\n  - providers: [{name: otlp}]")
-        let (noErrors, notes) = TelemetryPolicy.validate(resources(good, file: "t.yaml").istio, mesh: MeshConfigFile())
+        let (noErrors, notes, _) = TelemetryPolicy.validate(resources(good, file: "t.yaml").istio, mesh: MeshConfigFile())
         XCTAssertEqual(noErrors, [])
         XCTAssertTrue(notes.contains { $0.contains("provider \"otlp\" is not among") }, "\(notes)")
         let bad = telemetry("t", "default", "  accessLogging:\n  - filter: {expression: \"request.size > 3\"}")
-        let (errors, _) = TelemetryPolicy.validate(resources(bad, file: "b.yaml").istio, mesh: MeshConfigFile())
+        let (errors, _, _) = TelemetryPolicy.validate(resources(bad, file: "b.yaml").istio, mesh: MeshConfigFile())
         XCTAssertEqual(errors.count, 1)
         XCTAssertTrue(errors.first?.description.contains("b.yaml:1:1: Telemetry default/t: spec.accessLogging[0].filter.expression") == true, "\(errors)")
+        // The outputs a sidecar would open come back, for their formats to be compiled.
+        let json = try mesh("accessLogFile: /dev/stdout\naccessLogEncoding: JSON\n")
+        XCTAssertEqual(TelemetryPolicy.validate([], mesh: json).outputs.map(\.path), ["/dev/stdout"])
     }
 }
 
