@@ -132,7 +132,9 @@ class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                     }
                     keepAlive = head.keepAlive
                     decoder = BodyDecoder(framing: head.framing)
-                    delegate.upstreamResponseHead(consume head)
+                    // No `consume` here: with it, Swift 6's -Onone pass MovedAsyncVarDebugInfoPropagator
+                    // never ends on this loop (swiftlang/swift#75679); `head` is not used after.
+                    delegate.upstreamResponseHead(head)
                     guard self.delegate != nil, inResponse else { return } // abandoned
                     if decoder?.isDone == true { finish(); return }
                     continue
