@@ -314,12 +314,8 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func downstreamWritabilityChanged(_ writable: Bool) {
         guard let u = upstream else { return }
         upstreamPaused = !writable
-        u.channel?.setOption(ChannelOptions.autoRead, value: writable).whenComplete { _ in }
-        // An HTTP/2 stream's channel (swift-nio-http2) does not read again by itself when
-        // autoRead comes back on: its held frames (and the window updates that follow
-        // their reading) would wait for ever, stalling a response larger than the
-        // windows to a slow client.
-        if writable && u.multiplexed { u.channel?.read() }
+        // HTTP/1.1: autoRead; an HTTP/2 stream: its window is given back only while reading.
+        u.setReading(writable)
     }
 
 
@@ -342,8 +338,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// Writes `b` to the upstream connection `u`; flushed at the end of the batch.
     @inline(__always)
     func writeUpstream(_ u: UpstreamConnection, _ b: ByteBuffer) {
-        guard let ch = u.channel else { return }
-        ch.write(b, promise: nil)
+        u.send(b)
         if !u.flushQueued { ctx.flushLater(u) }
     }
 

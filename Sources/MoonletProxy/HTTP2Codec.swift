@@ -1,4 +1,5 @@
 import NIOCore
+import MoonletCore
 
 /// HTTP/2 error codes (RFC 9113 §7).
 enum HTTP2ErrorCode: UInt32 {
@@ -61,5 +62,107 @@ enum HTTP2Wire {
             throw HTTP2ConnectionError(.protocolError, "padding as long as the frame")
         }
         payload.moveWriterIndex(to: payload.writerIndex - Int(pad))
+    }
+}
+
+// MARK: - Frames written, SETTINGS read (both sides of the codec)
+
+extension HTTP2Wire {
+    /// Frame types (RFC 9113 §6).
+    static let data: UInt8 = 0, headers: UInt8 = 1, priority: UInt8 = 2, rstStream: UInt8 = 3, settings: UInt8 = 4,
+               pushPromise: UInt8 = 5, ping: UInt8 = 6, goAway: UInt8 = 7, windowUpdate: UInt8 = 8, continuation: UInt8 = 9
+    /// SETTINGS identifiers (RFC 9113 §6.5.2).
+    static let settingHeaderTableSize: UInt16 = 1, settingEnablePush: UInt16 = 2, settingMaxConcurrentStreams: UInt16 = 3,
+               settingInitialWindowSize: UInt16 = 4, settingMaxFrameSize: UInt16 = 5, settingMaxHeaderListSize: UInt16 = 6
+    /// The window every stream and the connection start with, and the largest one.
+    static let defaultWindow = 65_535, maxWindow = 0x7fff_ffff
+
+    /// A SETTINGS frame with `values` (identifier, value).
+    static func writeSettings(_ values: [(UInt16, UInt32)], into b: inout ByteBuffer) {
+        writeFrameHeader(length: 6 * values.count, type: settings, flags: 0, stream: 0, into: &b)
+        for (id, v) in values { b.writeInteger(id); b.writeInteger(v) }
+    }
+
+    static func writeSettingsAck(into b: inout ByteBuffer) {
+        writeFrameHeader(length: 0, type: settings, flags: 1, stream: 0, into: &b)
+    }
+
+    static func writeWindowUpdate(stream: UInt32, _ increment: Int, into b: inout ByteBuffer) {
+        writeFrameHeader(length: 4, type: windowUpdate, flags: 0, stream: stream, into: &b)
+        b.writeInteger(UInt32(increment))
+    }
+
+    static func writeRSTStream(_ stream: UInt32, _ code: HTTP2ErrorCode, into b: inout ByteBuffer) {
+        writeFrameHeader(length: 4, type: rstStream, flags: 0, stream: stream, into: &b)
+        b.writeInteger(code.rawValue)
+    }
+
+    static func writeGoAway(lastStream: UInt32, _ code: HTTP2ErrorCode, into b: inout ByteBuffer) {
+        writeFrameHeader(length: 8, type: goAway, flags: 0, stream: 0, into: &b)
+        b.writeInteger(lastStream)
+        b.writeInteger(code.rawValue)
+    }
+
+    /// The PING acknowledgement carrying the peer's 8 bytes back.
+    static func writePingAck(_ payload: ByteBuffer, into b: inout ByteBuffer) {
+        writeFrameHeader(length: 8, type: ping, flags: 1, stream: 0, into: &b)
+        var p = payload
+        b.writeBuffer(&p)
+    }
+
+    /// Frames the header block `block` (consumed): HEADERS, then CONTINUATION frames past
+    /// `maxFrameSize`, END_HEADERS on the last, END_STREAM on the HEADERS when `endStream`.
+    static func writeHeaderBlock(_ block: inout ByteBuffer, stream: UInt32, endStream: Bool, maxFrameSize: Int, into b: inout ByteBuffer) {
+        var type = headers
+        repeat {
+            let n = min(block.readableBytes, maxFrameSize)
+            let last = n == block.readableBytes
+            var flags: UInt8 = last ? 0x4 : 0
+            if type == headers && endStream { flags |= 0x1 }
+            writeFrameHeader(length: n, type: type, flags: flags, stream: stream, into: &b)
+            var part = block.readSlice(length: n)!
+            b.writeBuffer(&part)
+            type = continuation
+        } while block.readableBytes > 0
+    }
+
+    /// Reads a SETTINGS frame's payload (not an ACK), checking what RFC 9113 §6.5.2 bounds
+    /// (ENABLE_PUSH 0 or 1, INITIAL_WINDOW_SIZE at most 2^31-1, MAX_FRAME_SIZE in
+    /// 16384...16777215), and hands each pair to `apply`.
+    static func readSettings(stream: UInt32, _ payload: ByteBuffer, _ apply: (UInt16, UInt32) throws -> Void) throws {
+        guard stream == 0 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS on stream \(stream)") }
+        guard payload.readableBytes % 6 == 0 else { throw HTTP2ConnectionError(.frameSizeError, "SETTINGS of \(payload.readableBytes) bytes") }
+        var p = payload
+        while let id = p.readInteger(as: UInt16.self), let v = p.readInteger(as: UInt32.self) {
+            switch id {
+            case settingEnablePush: guard v <= 1 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS_ENABLE_PUSH \(v)") }
+            case settingInitialWindowSize: guard v <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "SETTINGS_INITIAL_WINDOW_SIZE \(v)") }
+            case settingMaxFrameSize: guard v >= 16_384 && v <= 16_777_215 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS_MAX_FRAME_SIZE \(v)") }
+            default: break
+            }
+            try apply(id, v)
+        }
+    }
+
+    /// A WINDOW_UPDATE's increment (the frame must be 4 bytes).
+    static func windowIncrement(_ payload: ByteBuffer) throws -> Int {
+        guard payload.readableBytes == 4 else { throw HTTP2ConnectionError(.frameSizeError, "WINDOW_UPDATE of \(payload.readableBytes) bytes") }
+        return Int(payload.getInteger(at: payload.readerIndex, as: UInt32.self)! & 0x7fff_ffff)
+    }
+}
+
+extension HTTPHead {
+    /// Whether field `i` must not go into an HTTP/2 header block: the HTTP/1.1
+    /// connection-specific ones (RFC 9113 §8.2.2: Connection and the fields it names,
+    /// Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade), TE other than
+    /// "trailers", and in a request Host (`:authority` carries it).
+    @inline(__always)
+    func isHTTP2Forbidden(_ i: Int, isRequest: Bool) -> Bool {
+        switch fields[i].kind {
+        case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return true
+        case .te: return !(isRequest && isTETrailers(i))
+        case .host where isRequest: return true
+        default: return !connectionTokens.isEmpty && connectionTokens.contains(lowercasedName(at: i))
+        }
     }
 }

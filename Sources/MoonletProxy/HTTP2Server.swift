@@ -14,7 +14,8 @@ import MoonletHTTP
 /// Why not swift-nio-http2's multiplexer: a child channel per stream, its pipeline and
 /// NIO's general state machines cost about two thirds of an HTTP/2 request's CPU
 /// (85 user µs per request against HAProxy's ~25), like HAProxy's own mux, this
-/// does the little a server needs. The upstream side still uses swift-nio-http2.
+/// does the little a server needs. The upstream side (UpstreamH2Connection) is a client
+/// on the same frame layer.
 ///
 /// Limits against abusive peers: 100 concurrent streams (more get REFUSED_STREAM), a
 /// header block of at most twice maxHeadBytes in at most 128 frames, 256 KB of request
@@ -101,13 +102,15 @@ final class HTTP2ServerConnection: DeferredFlush {
         scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
-        let maxHeadBytes = limits.maxHeadBytes
-        writeFrame(type: 4, flags: 0, stream: 0, length: 18) { b in
-            b.writeInteger(UInt16(3)); b.writeInteger(UInt32(Self.maxConcurrentStreams))  // MAX_CONCURRENT_STREAMS
-            b.writeInteger(UInt16(4)); b.writeInteger(UInt32(Self.streamWindow))          // INITIAL_WINDOW_SIZE
-            b.writeInteger(UInt16(6)); b.writeInteger(UInt32(maxHeadBytes))               // MAX_HEADER_LIST_SIZE
-        }
-        writeWindowUpdate(stream: 0, Self.connectionWindow - 65_535)
+        var b = output(capacity: 64)
+        HTTP2Wire.writeSettings([
+            (HTTP2Wire.settingMaxConcurrentStreams, UInt32(Self.maxConcurrentStreams)),
+            (HTTP2Wire.settingInitialWindowSize, UInt32(Self.streamWindow)),
+            (HTTP2Wire.settingMaxHeaderListSize, UInt32(limits.maxHeadBytes)),
+        ], into: &b)
+        out = b
+        markUnflushed()
+        writeWindowUpdate(stream: 0, Self.connectionWindow - HTTP2Wire.defaultWindow)
         recvWindow = Self.connectionWindow
     }
 
@@ -313,16 +316,12 @@ final class HTTP2ServerConnection: DeferredFlush {
             guard payload.readableBytes == 0 else { throw HTTP2ConnectionError(.frameSizeError, "SETTINGS ACK with a payload") }
             return
         }
-        guard payload.readableBytes % 6 == 0 else { throw HTTP2ConnectionError(.frameSizeError, "SETTINGS of \(payload.readableBytes) bytes") }
         settingsSeen = true
-        var p = payload
         var windowGrew = false
-        while let id = p.readInteger(as: UInt16.self), let v = p.readInteger(as: UInt32.self) {
+        // HEADER_TABLE_SIZE does not matter: responses use no dynamic table.
+        try HTTP2Wire.readSettings(stream: stream, payload) { id, v in
             switch id {
-            // 1 (HEADER_TABLE_SIZE) does not matter: responses use no dynamic table.
-            case 2: guard v <= 1 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS_ENABLE_PUSH \(v)") }
-            case 4:
-                guard v <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "SETTINGS_INITIAL_WINDOW_SIZE \(v)") }
+            case HTTP2Wire.settingInitialWindowSize:
                 let delta = Int(v) - peerInitialWindow
                 peerInitialWindow = Int(v)
                 for s in streams.values {
@@ -330,13 +329,11 @@ final class HTTP2ServerConnection: DeferredFlush {
                     guard s.sendWindow <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "stream window above 2^31-1") }
                 }
                 windowGrew = windowGrew || delta > 0
-            case 5:
-                guard v >= 16_384 && v <= 16_777_215 else { throw HTTP2ConnectionError(.protocolError, "SETTINGS_MAX_FRAME_SIZE \(v)") }
-                peerMaxFrameSize = Int(v)
+            case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)
             default: break
             }
         }
-        writeFrame(type: 4, flags: 1, stream: 0, length: 0) // ACK
+        writeFrame(type: HTTP2Wire.settings, flags: 1, stream: 0, length: 0) // ACK
         try controlFrameWritten()
         if windowGrew { resumeStreams() }
     }
@@ -345,7 +342,10 @@ final class HTTP2ServerConnection: DeferredFlush {
         guard stream == 0 else { throw HTTP2ConnectionError(.protocolError, "PING on stream \(stream)") }
         guard payload.readableBytes == 8 else { throw HTTP2ConnectionError(.frameSizeError, "PING of \(payload.readableBytes) bytes") }
         guard flags & 1 == 0 else { return }
-        writeFrame(type: 6, flags: 1, stream: 0, length: 8) { b in var p = payload; b.writeBuffer(&p) }
+        var b = output(capacity: 17)
+        HTTP2Wire.writePingAck(payload, into: &b)
+        out = b
+        markUnflushed()
         try controlFrameWritten()
     }
 
@@ -358,8 +358,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     }
 
     func windowUpdate(stream id: UInt32, payload: ByteBuffer) throws {
-        guard payload.readableBytes == 4 else { throw HTTP2ConnectionError(.frameSizeError, "WINDOW_UPDATE of \(payload.readableBytes) bytes") }
-        let increment = Int(payload.getInteger(at: payload.readerIndex, as: UInt32.self)! & 0x7fff_ffff)
+        let increment = try HTTP2Wire.windowIncrement(payload)
         if id == 0 {
             guard increment > 0 else { throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE of 0 on the connection") }
             sendWindow += increment
@@ -404,12 +403,18 @@ final class HTTP2ServerConnection: DeferredFlush {
     }
 
     func writeWindowUpdate(stream: UInt32, _ increment: Int) {
-        writeFrame(type: 8, flags: 0, stream: stream, length: 4) { $0.writeInteger(UInt32(increment)) }
+        var b = output(capacity: 13)
+        HTTP2Wire.writeWindowUpdate(stream: stream, increment, into: &b)
+        out = b
+        markUnflushed()
     }
 
     /// Resets a stream (also one with no state here: refused, malformed, or closed).
     func writeRSTStream(_ stream: UInt32, _ code: HTTP2ErrorCode) {
-        writeFrame(type: 3, flags: 0, stream: stream, length: 4) { $0.writeInteger(code.rawValue) }
+        var b = output(capacity: 13)
+        HTTP2Wire.writeRSTStream(stream, code, into: &b)
+        out = b
+        markUnflushed()
     }
 
     /// Trailers as a HEADERS frame (and CONTINUATION) that ends the stream.
@@ -438,17 +443,7 @@ final class HTTP2ServerConnection: DeferredFlush {
     /// peer's maximum frame size.
     func writeHeaderBlock(stream: UInt32, endStream: Bool) {
         var b = output(capacity: scratch.readableBytes + 9)
-        var type: UInt8 = 1
-        repeat {
-            let n = min(scratch.readableBytes, peerMaxFrameSize)
-            let last = n == scratch.readableBytes
-            var flags: UInt8 = last ? 0x4 : 0
-            if type == 1 && endStream { flags |= 0x1 }
-            HTTP2Wire.writeFrameHeader(length: n, type: type, flags: flags, stream: stream, into: &b)
-            var part = scratch.readSlice(length: n)!
-            b.writeBuffer(&part)
-            type = 9
-        } while scratch.readableBytes > 0
+        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b)
         out = b
         markUnflushed()
     }
@@ -514,8 +509,10 @@ final class HTTP2ServerConnection: DeferredFlush {
 
     func writeGoAway(_ code: HTTP2ErrorCode) {
         goAwaySent = true
-        let last = lastStreamID
-        writeFrame(type: 7, flags: 0, stream: 0, length: 8) { b in b.writeInteger(last); b.writeInteger(code.rawValue) }
+        var b = output(capacity: 17)
+        HTTP2Wire.writeGoAway(lastStream: lastStreamID, code, into: &b)
+        out = b
+        markUnflushed()
     }
 
     /// Flushes what is queued and closes the TCP connection.
@@ -660,9 +657,9 @@ final class HTTP2ServerStream {
             if !chunked { bodyEndDelivered = true }
         }
         if data.readableBytes > 0 { h.h2Body(data) }
-        // The body ends with END_STREAM, or once content-length bytes came (as an
-        // HTTP/1.1 body decoder ends it).
-        if !bodyEndDelivered && (end || (contentLength > 0 && bodyReceived == contentLength)) {
+        // The body ends with END_STREAM (trailers may follow a body of known length:
+        // RFC 9113 §8.1, and they reach an HTTP/2 upstream).
+        if !bodyEndDelivered && end {
             bodyEndDelivered = true
             h.h2BodyEnd()
         }

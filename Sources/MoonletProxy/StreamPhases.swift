@@ -34,9 +34,9 @@ extension DownstreamHandler {
         }
         let out = ChunkedEncoder.frame(chunk, chunked: requestChunked, allocator: ctx.allocator)
         dispatcher.recordForReplay(out)
-        if let u = upstream, let ch = u.channel {
+        if let u = upstream {
             writeUpstream(u, out)
-            if !ch.isWritable { setReading(false) }
+            if !u.isWritable { setReading(false) }
         } else if dispatcher.pending != nil {
             var o = out
             dispatcher.pending!.writeBuffer(&o)
@@ -73,6 +73,9 @@ extension DownstreamHandler {
             else if dispatcher.pending != nil { var l = last; dispatcher.pending!.writeBuffer(&l) }
             dispatcher.recordForReplay(last)
             requestChunked = false
+        } else if let u = upstream, u.multiplexed {
+            // HTTP/2: the stream ends here, the trailers after a content-length body's DATA.
+            u.requestEnded(trailers: s.requestTrailers)
         }
         if !dispatcher.mirrorHeads.isEmpty { dispatcher.sendMirrors() }
     }
@@ -153,13 +156,13 @@ extension DownstreamHandler {
     func releaseUpstream(_ s: ProxyStream, reusable: Bool, now: UInt64) {
         if let u = upstream {
             upstream = nil
-            if upstreamPaused { upstreamPaused = false; u.channel?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
+            if upstreamPaused { upstreamPaused = false; u.setReading(true) }
             let cap = s.route.upstreamCluster?.maxRequestsPerConnection ?? 0
             if reusable && requestState.isComplete && !requestChunked && (cap == 0 || u.requestsServed < cap) { ctx.pool.release(u, now: now) }
             else if u.multiplexed && requestState.isComplete {
                 // An HTTP/2 stream both sides have ended closes by itself; closing it
                 // here would send RST_STREAM, which peers count against rapid-reset limits.
-            } else { u.channel?.close(promise: nil) }
+            } else { u.close() }
         }
     }
 

@@ -2,7 +2,6 @@ import NIOCore
 import Dispatch
 import NIOPosix
 import NIOSSL
-import NIOHTTP2
 import MoonletCore
 import MoonletBalancer
 import MoonletTLS
@@ -31,8 +30,10 @@ enum UpstreamFailure: Error {
 }
 
 /// One pooled HTTP/1.1 connection to an upstream host: parses the response head in
-/// place and frames the body, handing both to its current delegate.
-final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
+/// place and frames the body, handing both to its current delegate. An HTTP/2 stream
+/// (UpstreamH2Stream) is one too to the dispatcher and the stream's handler: it
+/// overrides how request bytes are sent, reading is paused, and the request ends.
+class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
     typealias InboundIn = ByteBuffer
     let key: String
     var channel: Channel?
@@ -61,8 +62,6 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
     var circuit: CircuitCounters?
     /// A stream of an HTTP/2 session: carries one request, never pooled.
     var multiplexed = false
-    /// The HTTP/2 upstream reset this stream with REFUSED_STREAM (seen before its close).
-    var refused = false
 
     init(key: String, limits: ProxyLimits) {
         self.key = key
@@ -72,8 +71,26 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
     /// The end of the loop's batch: sends the request bytes written since the last flush.
     func flushNow() { channel?.flush() }
 
+    /// Request bytes (HTTP/1.1, head then framed body), flushed at the end of the batch.
+    func send(_ bytes: ByteBuffer) { channel?.write(bytes, promise: nil) }
+
+    /// Whether more request bytes may be sent now (else the client is paused until
+    /// upstreamWritabilityChanged says so).
+    var isWritable: Bool { channel?.isWritable ?? false }
+
+    /// The request ended downstream. HTTP/1.1 has nothing to add (a chunked body's last
+    /// chunk carries its trailers; a content-length body has no place for them, see
+    /// docs/grpc.md); an HTTP/2 stream ends the stream, trailers after the DATA.
+    func requestEnded(trailers: HTTPTrailers?) {}
+
+    /// Pauses or resumes reading the response (the client cannot take more / can again).
+    func setReading(_ on: Bool) { channel?.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in } }
+
+    /// Closes the connection (an HTTP/2 stream: the stream only).
+    func close() { channel?.close(promise: nil) }
+
     /// Marks the start of a request on this connection.
-    func begin(delegate: UpstreamDelegate, isHead: Bool) {
+    final func begin(delegate: UpstreamDelegate, isHead: Bool) {
         self.delegate = delegate
         requestWasHead = isHead
         inResponse = true
@@ -84,13 +101,13 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
 
     /// A consumed read buffer is let go at once (`buffer` nil, not an empty slice): NIO
     /// reuses its receive buffer for the next read only when nothing else holds it.
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    final func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         if buffer == nil || buffer!.readableBytes == 0 { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
         process()
     }
 
-    func process() {
+    final func process() {
         guard inResponse, let delegate else {
             // Bytes with no request outstanding: the connection is unusable.
             if (buffer?.readableBytes ?? 0) > 0 { keepAlive = false; channel?.close(promise: nil) }
@@ -115,7 +132,9 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                     }
                     keepAlive = head.keepAlive
                     decoder = BodyDecoder(framing: head.framing)
-                    delegate.upstreamResponseHead(consume head)
+                    // No `consume` here: with it, Swift 6's -Onone pass MovedAsyncVarDebugInfoPropagator
+                    // never ends on this loop (swiftlang/swift#75679); `head` is not used after.
+                    delegate.upstreamResponseHead(head)
                     guard self.delegate != nil, inResponse else { return } // abandoned
                     if decoder?.isDone == true { finish(); return }
                     continue
@@ -147,7 +166,7 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
         channel?.close(promise: nil)
     }
 
-    func finish() {
+    final func finish() {
         inResponse = false
         let d = delegate
         delegate = nil
@@ -171,12 +190,11 @@ final class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
         circuit = nil
         if inResponse {
             // A close-delimited body ends here; `closed` makes finish() report it unreusable.
-            if decoder?.isUntilClose == true { finish() } else { fail(refused ? .refusedStream : .reset) }
+            if decoder?.isUntilClose == true { finish() } else { fail(.reset) }
         }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if let e = error as? NIOHTTP2Errors.StreamClosed, e.errorCode == .refusedStream { refused = true }
         context.close(promise: nil)
     }
 
@@ -294,7 +312,7 @@ final class UpstreamPool {
     }
 
     /// HTTP/2 connections by key (at most one taking new streams per key).
-    var sessions: [String: UpstreamH2Session] = [:]
+    var sessions: [String: UpstreamH2Connection] = [:]
 
     /// Keys whose last TLS connection negotiated h2. While a new connection to such a
     /// key is being set up, requests wait for it instead of each opening a connection
@@ -302,10 +320,10 @@ final class UpstreamPool {
     var speaksH2: Set<String> = []
     /// Streams waiting for the HTTP/2 connection being set up to a key. Each gets the
     /// new session, or nil when the connection failed or the peer chose HTTP/1.1.
-    var awaitingSession: [String: [(UpstreamH2Session?) -> Void]] = [:]
+    var awaitingSession: [String: [(UpstreamH2Connection?) -> Void]] = [:]
 
     /// An HTTP/2 connection to `key` that takes another stream, if any.
-    func session(_ key: String, maxRequests: Int, maxDurationMs: Int) -> UpstreamH2Session? {
+    func session(_ key: String, maxRequests: Int, maxDurationMs: Int) -> UpstreamH2Connection? {
         guard let s = sessions[key] else { return nil }
         if s.accepts(maxRequests: maxRequests, maxDurationMs: maxDurationMs) { return s }
         sessions[key] = nil
@@ -320,12 +338,12 @@ final class UpstreamPool {
     func openStream(_ key: String, maxRequests: Int, maxDurationMs: Int,
                     _ done: @escaping (Result<UpstreamConnection, Error>) -> Void, otherwise: @escaping () -> Void) -> Bool {
         if let s = session(key, maxRequests: maxRequests, maxDurationMs: maxDurationMs) {
-            s.openStream(done)
+            s.openStream(done, otherwise: otherwise)
             return true
         }
         guard awaitingSession[key] != nil else { return false }
         awaitingSession[key]!.append { s in
-            if let s, s.accepts(maxRequests: maxRequests, maxDurationMs: maxDurationMs) { s.openStream(done) } else { otherwise() }
+            if let s, s.accepts(maxRequests: maxRequests, maxDurationMs: maxDurationMs) { s.openStream(done, otherwise: otherwise) } else { otherwise() }
         }
         return true
     }
@@ -347,7 +365,7 @@ final class UpstreamPool {
         let gathers = offersH2 && speaksH2.contains(key) && awaitingSession[key] == nil
         if gathers { awaitingSession[key] = [] }
         var finished = false
-        var session: UpstreamH2Session? = nil
+        var session: UpstreamH2Connection? = nil
         func finish(_ r: Result<UpstreamConnection, Error>) {
             guard !finished else { return }
             finished = true
@@ -409,12 +427,12 @@ final class UpstreamPool {
     /// (returned) whose first stream goes to `done`; otherwise the HTTP/1.1 connection
     /// itself does, holding `slot`.
     func handOver(_ conn: UpstreamConnection, protocol proto: String?, key: String, slot: CircuitCounters?,
-                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Session? {
+                  _ done: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Connection? {
         guard let ch = conn.channel else { return nil }
         if proto == "h2" {
             speaksH2.insert(key)
             let s = startSession(key: key, channel: ch, slot: slot, done)
-            s?.openStream(done)
+            s?.openStream(done, otherwise: { done(.failure(UpstreamFailure.connectFailed("the HTTP/2 connection closed before its first stream"))) })
             return s
         }
         speaksH2.remove(key)
@@ -429,28 +447,19 @@ final class UpstreamPool {
         return nil
     }
 
-    /// Turns a TLS connection that negotiated "h2" into an HTTP/2 session for `key`
-    /// (nil, with `failed` told why, when that fails).
-    func startSession(key: String, channel: Channel, slot: CircuitCounters?, _ failed: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Session? {
-        let watcher = UpstreamH2Watcher()
-        let multiplexer: NIOHTTP2Handler.StreamMultiplexer
+    /// Turns a connection that negotiated "h2" (or an h2c one) into an HTTP/2 session for
+    /// `key` (nil, with `failed` told why, when that fails).
+    func startSession(key: String, channel: Channel, slot: CircuitCounters?, _ failed: @escaping (Result<UpstreamConnection, Error>) -> Void) -> UpstreamH2Connection? {
+        let s = UpstreamH2Connection(key: key, limits: limits, allocator: channel.allocator)
+        if (try? channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)) == nil { s.scheme = "http" }
         do {
-            var streamConfig = NIOHTTP2Handler.StreamConfiguration()
-            streamConfig.targetWindowSize = 1 << 20
-            multiplexer = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                mode: .client, connectionConfiguration: UpstreamH2Session.connectionConfiguration(limits),
-                streamConfiguration: streamConfig
-            ) { pushed in pushed.close() } // server push is disabled; a pushed stream is refused
-            try channel.pipeline.syncOperations.addHandler(watcher)
+            try channel.pipeline.syncOperations.addHandler(s)
         } catch {
             channel.close(promise: nil)
             failed(.failure(UpstreamFailure.connectFailed("HTTP/2 setup failed: \(error)")))
             return nil
         }
-        let s = UpstreamH2Session(key: key, channel: channel, multiplexer: multiplexer, limits: limits)
         s.circuit = slot
-        if (try? channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)) == nil { s.scheme = "http" }
-        watcher.session = s
         sessions[key]?.retire() // an earlier connection (set up concurrently) takes no new streams
         sessions[key] = s
         onHTTP2Session?()
@@ -479,8 +488,9 @@ final class UpstreamPool {
     /// Returns a connection to the idle list (or to a waiting stream). `now`: the clock,
     /// when the caller has just read it.
     func release(_ c: UpstreamConnection, now: UInt64 = 0) {
+        if c.multiplexed { c.abandon(); return }
         guard !c.closed, let ch = c.channel, ch.isActive else { return }
-        if c.multiplexed || shutDown { ch.close(promise: nil); return }
+        if shutDown { ch.close(promise: nil); return }
         // A waiting stream takes the connection first (FIFO).
         while !waiters.isEmpty, let w = waiters[c.key]?.first {
             waiters[c.key]!.removeFirst()
@@ -508,7 +518,7 @@ final class UpstreamPool {
         }
         for s in sessions.values where s.openStreams == 0 && now - s.idleSince > maxIdle {
             sessions[s.key] = nil
-            s.channel.close(promise: nil)
+            s.retire()
         }
     }
 
@@ -520,7 +530,7 @@ final class UpstreamPool {
         sweeper?.cancel()
         for list in idle.values { for c in list.items { c.channel?.close(promise: nil) } }
         idle = [:]
-        for s in sessions.values { s.channel.close(promise: nil) }
+        for s in sessions.values { s.retire(); s.closeConnection() }
         sessions = [:]
     }
 

@@ -49,6 +49,11 @@ final class UpstreamDispatcher {
     var mirrorHeads: [(UpstreamCluster, ByteBuffer)] = []
     /// TLS setting of the endpoint the current attempt goes to (nil: plaintext).
     var tls: UpstreamTLS?
+    /// The request bytes' shape (upstreamRequestBytes), for an HTTP/2 upstream, which
+    /// writes the head from the parsed one: the HTTP/1.1 head's length at their start,
+    /// and the body's length after it (-1: chunk-framed).
+    var requestHeadBytes = 0
+    var requestBodyLength: Int64 = 0
 
     init(ctx: LoopContext) {
         self.ctx = ctx
@@ -183,6 +188,12 @@ final class UpstreamDispatcher {
                 if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
             }
         }
+        requestHeadBytes = out.readableBytes
+        switch s.request.framing {
+        case .contentLength(let n): requestBodyLength = n
+        case .chunked, .untilClose: requestBodyLength = -1
+        case .none: requestBodyLength = 0
+        }
         if h.requestState.isBuffered, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
             if h.requestChunked {
@@ -191,7 +202,9 @@ final class UpstreamDispatcher {
                 HeadWriter.writeRequest(s.request, into: &out) { o in
                     HeadWriter.writeField("content-length", String(body.readableBytes), into: &o)
                 }
+                requestHeadBytes = out.readableBytes
             }
+            requestBodyLength = Int64(body.readableBytes)
             out.writeBuffer(&body)
             h.requestChunked = false
         }
@@ -224,12 +237,14 @@ final class UpstreamDispatcher {
             attach(c)
             return
         }
-        if asksForHTTP2(s), ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
-                                                 connected(stream: s.id, attempt: attempt),
-                                                 // The connection being set up failed, chose HTTP/1.1 or is full.
-                                                 otherwise: redispatch(s.id, host: host, port: port, key: key)) {
+        if asksForHTTP2(s) {
+            // A stream of an open HTTP/2 connection is attached at once (before openStream returns).
             state = .connecting
-            return
+            if ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
+                                   connected(stream: s.id, attempt: attempt),
+                                   // The connection being set up failed, chose HTTP/1.1 or is full.
+                                   otherwise: redispatch(s.id, host: host, port: port, key: key)) { return }
+            state = .idle
         }
         let address: SocketAddress
         // A name being resolved (off the loop) dispatches again once its lookup is done.
@@ -477,6 +492,12 @@ final class UpstreamDispatcher {
         guard let s = h.stream else { return }
         upstream = c
         c.begin(delegate: h, isHead: s.request.isHead)
+        if c.multiplexed {
+            // HTTP/2: HEADERS from the parsed head; the bytes below bring the body after it.
+            unsafeDowncast(c, to: UpstreamH2Stream.self).startRequest(
+                s.request, headBytes: requestHeadBytes, bodyLength: requestBodyLength,
+                complete: h.requestState.isComplete, trailers: s.requestTrailers)
+        }
         if var p = pending {
             pending = nil
             if h.requestChunked, case .complete(buffered: false) = h.requestState {

@@ -1,6 +1,4 @@
 import NIOCore
-import NIOHTTP1
-import NIOHTTP2
 import NIOHPACK
 import NIOTLS
 import NIOSSL
@@ -9,22 +7,39 @@ import MoonletCore
 import MoonletHTTP
 import MoonletBalancer
 
-/// An HTTP/2 connection to an upstream (a peer sidecar that chose "h2" by ALPN over
-/// mTLS). Every request is a stream of its own, whose child channel is
+/// The client side of an upstream HTTP/2 connection (a peer sidecar that chose "h2" by
+/// ALPN over mTLS, or h2c to an app or plaintext port declared HTTP2/GRPC), on
+/// Moonlet's own frame codec (HTTP2Wire, shared with HTTP2ServerConnection): one
+/// channel handler per connection, no channel per stream.
 ///
-///     UpstreamH2StreamBridge ⇄ UpstreamConnection
+/// A request becomes a stream (UpstreamH2Stream, an UpstreamConnection to the
+/// dispatcher and the stream's handler): its HEADERS are written in HPACK straight from
+/// the parsed request head, its body bytes leave as DATA within the peer's windows, its
+/// trailers as a last HEADERS frame. The response's header block becomes an HTTPHead,
+/// its DATA is handed on as it is, its trailers as HTTPTrailers, through the same
+/// UpstreamDelegate calls an HTTP/1.1 connection makes.
 ///
-/// so a stream speaks HTTP/1.1 bytes to the same UpstreamConnection and
-/// DownstreamHandler as a pooled HTTP/1.1 connection. A stream is used once; the
-/// next request opens the next stream on the same session. Owned by one event loop.
-final class UpstreamH2Session {
+/// Flow control both ways: the peer's windows (SETTINGS_INITIAL_WINDOW_SIZE, WINDOW_UPDATE)
+/// bound what is sent, the rest waits per stream and the stream's handler stops reading
+/// its client meanwhile; our stream windows (1 MB) are given back as the handler takes the
+/// data and only while its client keeps up (backpressure to the upstream). Streams
+/// beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS wait for one to end. GOAWAY: no new
+/// stream, the streams it did not take fail as refused (retryable). Owned by one event loop.
+final class UpstreamH2Connection: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    /// Our receive window per stream, and for the connection.
+    static let streamWindow = 1 << 20
+    static let connectionWindow = 8 << 20
+    /// Request bytes queued on a stream (waiting for the peer's window) above which its
+    /// handler stops reading the client, and below which it resumes.
+    static let highWater = 64 * 1024, lowWater = 16 * 1024
+
     let key: String
-    let channel: Channel
-    let multiplexer: NIOHTTP2Handler.StreamMultiplexer
     let limits: ProxyLimits
+    var context: ChannelHandlerContext?
     let createdAt = NIODeadline.now().uptimeNanoseconds
     var idleSince = NIODeadline.now().uptimeNanoseconds
-    var openStreams = 0
     var streamsStarted = 0
     /// The peer sent GOAWAY, or the cluster's per-connection request or lifetime bound
     /// was reached: no new stream; the connection closes when its last stream ends.
@@ -35,206 +50,878 @@ final class UpstreamH2Session {
     /// `:scheme` of the requests: "https" over TLS, "http" over h2c.
     var scheme = "https"
 
-    init(key: String, channel: Channel, multiplexer: NIOHTTP2Handler.StreamMultiplexer, limits: ProxyLimits) {
+    var streams: [UInt32: UpstreamH2Stream] = [:]
+    var nextStreamID: UInt32 = 1
+    /// Requests waiting for a stream (the peer's concurrency limit is reached): each gets
+    /// its stream, or `otherwise` runs when this connection will not take it.
+    var waiting = CircularBuffer<(done: (Result<UpstreamConnection, Error>) -> Void, otherwise: () -> Void)>()
+
+    // Input.
+    var inbound: ByteBuffer?
+    var settingsSeen = false
+    var decoder: HPACKDecoder
+    var continuation: (stream: UInt32, endStream: Bool, block: ByteBuffer, frames: Int)?
+    var recvWindow = HTTP2Wire.defaultWindow
+    var recvUnacked = 0
+
+    // Output.
+    var out: ByteBuffer?
+    var scratch: ByteBuffer
+    var sendWindow = HTTP2Wire.defaultWindow
+    var peerInitialWindow = HTTP2Wire.defaultWindow
+    var peerMaxFrameSize = 16_384
+    var peerMaxStreams = Int.max
+    var goAwaySent = false
+
+    init(key: String, limits: ProxyLimits, allocator: ByteBufferAllocator) {
         self.key = key
-        self.channel = channel
-        self.multiplexer = multiplexer
         self.limits = limits
+        decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
+                               maxHeaderListSize: HTTP2ServerConnection.maxHeaderBlock(limits))
+        scratch = allocator.buffer(capacity: 1024)
     }
+
+    var openStreams: Int { streams.count }
 
     /// Whether a new stream may start here. `maxRequests`: the cluster's
     /// maxRequestsPerConnection, `maxDurationMs`: its maxConnectionDuration (0: unbounded).
     func accepts(maxRequests: Int, maxDurationMs: Int) -> Bool {
         guard !closed, !retiring else { return false }
-        if (maxRequests > 0 && streamsStarted >= maxRequests)
-            || (maxDurationMs > 0 && NIODeadline.now().uptimeNanoseconds - createdAt > UInt64(maxDurationMs) * 1_000_000) {
+        if (maxRequests > 0 && streamsStarted + waiting.count >= maxRequests)
+            || (maxDurationMs > 0 && NIODeadline.now().uptimeNanoseconds - createdAt > UInt64(maxDurationMs) * 1_000_000)
+            || nextStreamID > 0x7fff_fff0 {
             retire()
             return false
         }
         return true
     }
 
-    /// No new streams; close once the open ones are done.
+    /// No new streams; close once the open ones are done. Requests waiting for a stream
+    /// go elsewhere.
     func retire() {
+        guard !retiring else { return }
         retiring = true
-        if openStreams == 0 { channel.close(promise: nil) }
+        let w = waiting
+        waiting.removeAll()
+        for x in w { x.otherwise() }
+        if streams.isEmpty { closeConnection() }
     }
 
-    /// Opens a stream and hands its connection over once the child channel is active.
-    func openStream(_ done: @escaping (Result<UpstreamConnection, Error>) -> Void) {
+    /// Opens a stream for a request, at once (`done` is called before this returns), or
+    /// once a stream of this connection ends when the peer's concurrency limit is reached.
+    func openStream(_ done: @escaping (Result<UpstreamConnection, Error>) -> Void, otherwise: @escaping () -> Void) {
+        guard !closed, !retiring else { otherwise(); return }
+        if streams.count >= peerMaxStreams {
+            waiting.append((done, otherwise))
+            return
+        }
+        done(.success(newStream()))
+    }
+
+    func newStream() -> UpstreamH2Stream {
         streamsStarted += 1
-        openStreams += 1
-        let conn = UpstreamConnection(key: key, limits: limits)
-        conn.multiplexed = true
-        let limits = self.limits
-        let scheme = self.scheme
-        let promise = channel.eventLoop.makePromise(of: Channel.self)
-        multiplexer.createStreamChannel(promise: promise) { ch in
-            conn.channel = ch
-            return ch.eventLoop.makeCompletedFuture {
-                let sync = ch.pipeline.syncOperations
-                try sync.addHandler(UpstreamH2StreamBridge(limits: limits, scheme: scheme))
-                try sync.addHandler(conn)
-            }
-        }
-        promise.futureResult.whenComplete { r in
-            switch r {
-            case .success(let ch):
-                ch.closeFuture.whenComplete { _ in self.streamClosed() }
-                done(.success(conn))
-            case .failure(let e):
-                self.streamClosed()
-                done(.failure(UpstreamFailure.connectFailed("HTTP/2 stream could not open: \(e)")))
-            }
-        }
+        let id = nextStreamID
+        nextStreamID += 2
+        let s = UpstreamH2Stream(id: id, connection: self, sendWindow: peerInitialWindow)
+        streams[id] = s
+        return s
     }
 
-    func streamClosed() {
-        openStreams -= 1
+    /// A stream ended (both sides, reset, or abandoned): a waiting request takes its place.
+    func streamEnded(_ s: UpstreamH2Stream) {
+        guard streams[s.id] === s else { return }
+        streams[s.id] = nil
         idleSince = NIODeadline.now().uptimeNanoseconds
-        if retiring && openStreams == 0 { channel.close(promise: nil) }
+        while !waiting.isEmpty, streams.count < peerMaxStreams, !closed, !retiring {
+            let w = waiting.removeFirst()
+            w.done(.success(newStream()))
+        }
+        if (retiring || goAwaySent) && streams.isEmpty { closeConnection() }
     }
 
-    /// Connection settings of an upstream HTTP/2 connection: no server push, header
-    /// list and window bounded as downstream.
-    static func connectionConfiguration(_ limits: ProxyLimits) -> NIOHTTP2Handler.ConnectionConfiguration {
-        var c = NIOHTTP2Handler.ConnectionConfiguration()
-        c.initialSettings = [
-            HTTP2Setting(parameter: .enablePush, value: 0),
-            HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeadBytes * 2),
-            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
-        ]
-        return c
-    }
-}
+    // MARK: channel
 
-/// Watches an upstream HTTP/2 connection's own frames (stream 0): on GOAWAY the
-/// session takes no new streams.
-final class UpstreamH2Watcher: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame
-    /// Strong: the cycle (session, channel, pipeline, watcher) ends when the connection
-    /// closes and the watcher leaves its pipeline. A weak reference would put every
-    /// retain and release of the session (one per stream) on the slow path.
-    var session: UpstreamH2Session?
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        // The client's connection preface: the magic, SETTINGS, the connection window raised.
+        var b = output(capacity: 128)
+        b.writeBytes(HTTP2Wire.preface)
+        HTTP2Wire.writeSettings([
+            (HTTP2Wire.settingEnablePush, 0),
+            (HTTP2Wire.settingInitialWindowSize, UInt32(Self.streamWindow)),
+            (HTTP2Wire.settingMaxHeaderListSize, UInt32(HTTP2ServerConnection.maxHeaderBlock(limits))),
+        ], into: &b)
+        HTTP2Wire.writeWindowUpdate(stream: 0, Self.connectionWindow - HTTP2Wire.defaultWindow, into: &b)
+        recvWindow = Self.connectionWindow
+        out = b
+        if context.channel.isActive { flush() }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        flush()
+        context.fireChannelActive()
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .goAway = unwrapInboundIn(data).payload { session?.retire() }
+        guard !closed else { return }
+        let incoming = unwrapInboundIn(data)
+        var buf: ByteBuffer
+        if var pending = inbound, pending.readableBytes > 0 {
+            var more = incoming
+            pending.writeBuffer(&more)
+            buf = pending
+        } else {
+            buf = incoming
+        }
+        inbound = nil
+        do {
+            while !closed, let f = try HTTP2Wire.nextFrame(&buf, maxFrameSize: HTTP2ServerConnection.maxFrameSize) {
+                try frame(f)
+            }
+            if buf.readableBytes > 0 && !closed { inbound = buf }
+        } catch let e as HTTP2ConnectionError {
+            fail(e)
+        } catch {
+            fail(HTTP2ConnectionError(.internalError, "\(error)"))
+        }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { session = nil }
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flush()
+    }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        for s in streams.values { s.updateWritability() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        connectionClosed()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        connectionClosed()
+        self.context = nil
+    }
+
+    // MARK: input
+
+    func frame(_ f: HTTP2Wire.Frame) throws {
+        if let c = continuation {
+            guard f.type == HTTP2Wire.continuation, f.stream == c.stream else {
+                throw HTTP2ConnectionError(.protocolError, "frame of type \(f.type) inside the header block of stream \(c.stream)")
+            }
+        } else if !settingsSeen {
+            guard f.type == HTTP2Wire.settings, f.flags & 1 == 0 else { throw HTTP2ConnectionError(.protocolError, "the server's first frame is not SETTINGS") }
+        }
+        switch f.type {
+        case HTTP2Wire.data: try data(f)
+        case HTTP2Wire.headers: try headers(f)
+        case HTTP2Wire.priority: break
+        case HTTP2Wire.rstStream:
+            guard f.stream != 0 else { throw HTTP2ConnectionError(.protocolError, "RST_STREAM on stream 0") }
+            guard f.payload.readableBytes == 4 else { throw HTTP2ConnectionError(.frameSizeError, "RST_STREAM of \(f.payload.readableBytes) bytes") }
+            let code = f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)!
+            streams[f.stream]?.resetByPeer(code)
+        case HTTP2Wire.settings: try settings(f)
+        case HTTP2Wire.pushPromise: throw HTTP2ConnectionError(.protocolError, "PUSH_PROMISE with server push disabled")
+        case HTTP2Wire.ping:
+            guard f.stream == 0 else { throw HTTP2ConnectionError(.protocolError, "PING on stream \(f.stream)") }
+            guard f.payload.readableBytes == 8 else { throw HTTP2ConnectionError(.frameSizeError, "PING of \(f.payload.readableBytes) bytes") }
+            if f.flags & 1 == 0 {
+                var b = output(capacity: 17)
+                HTTP2Wire.writePingAck(f.payload, into: &b)
+                out = b
+            }
+        case HTTP2Wire.goAway: try goAway(f)
+        case HTTP2Wire.windowUpdate: try windowUpdate(f)
+        case HTTP2Wire.continuation: try continuationFrame(f)
+        default: break // unknown frame types are ignored (RFC 9113 §4.1)
+        }
+    }
+
+    func data(_ f: HTTP2Wire.Frame) throws {
+        guard f.stream != 0 else { throw HTTP2ConnectionError(.protocolError, "DATA on stream 0") }
+        let flowLength = f.payload.readableBytes
+        recvWindow -= flowLength
+        guard recvWindow >= 0 else { throw HTTP2ConnectionError(.flowControlError, "DATA beyond the connection window") }
+        // The connection's window is given back as data arrives (each stream's own window
+        // bounds what it buffers), so one slow stream never stalls the others.
+        recvUnacked += flowLength
+        if recvUnacked >= Self.connectionWindow / 2 {
+            var b = output(capacity: 13)
+            HTTP2Wire.writeWindowUpdate(stream: 0, recvUnacked, into: &b)
+            out = b
+            recvWindow += recvUnacked
+            recvUnacked = 0
+        }
+        guard let s = streams[f.stream] else {
+            guard f.stream < nextStreamID, f.stream & 1 == 1 else { throw HTTP2ConnectionError(.protocolError, "DATA on idle stream \(f.stream)") }
+            return // a stream we reset or finished: its late frames are dropped
+        }
+        var body = f.payload
+        try HTTP2Wire.unpad(f.flags, &body)
+        s.receiveData(body, end: f.flags & 1 != 0, flowLength: flowLength)
+    }
+
+    func headers(_ f: HTTP2Wire.Frame) throws {
+        guard f.stream != 0 else { throw HTTP2ConnectionError(.protocolError, "HEADERS on stream 0") }
+        var block = f.payload
+        try HTTP2Wire.unpad(f.flags, &block, reserving: f.flags & 0x20 != 0 ? 5 : 0)
+        if f.flags & 0x20 != 0 {
+            guard block.readInteger(as: UInt32.self) != nil, block.readInteger(as: UInt8.self) != nil else {
+                throw HTTP2ConnectionError(.frameSizeError, "HEADERS too short for its priority")
+            }
+        }
+        let endStream = f.flags & 1 != 0
+        if f.flags & 0x4 != 0 {
+            try headerBlock(stream: f.stream, endStream: endStream, block: block)
+        } else {
+            guard block.readableBytes <= maxHeaderBlock else { throw HTTP2ConnectionError(.enhanceYourCalm, "header block too large") }
+            continuation = (f.stream, endStream, block, 1)
+        }
+    }
+
+    var maxHeaderBlock: Int { HTTP2ServerConnection.maxHeaderBlock(limits) }
+
+    func continuationFrame(_ f: HTTP2Wire.Frame) throws {
+        guard var c = continuation, c.stream == f.stream else { throw HTTP2ConnectionError(.protocolError, "CONTINUATION without a header block") }
+        var more = f.payload
+        c.block.writeBuffer(&more)
+        c.frames += 1
+        guard c.block.readableBytes <= maxHeaderBlock, c.frames <= 128 else {
+            throw HTTP2ConnectionError(.enhanceYourCalm, "header block too large")
+        }
+        if f.flags & 0x4 != 0 {
+            continuation = nil
+            try headerBlock(stream: f.stream, endStream: c.endStream, block: c.block)
+        } else {
+            continuation = c
+        }
+    }
+
+    /// A complete header block: the response head (or an interim one), or its trailers.
+    func headerBlock(stream id: UInt32, endStream: Bool, block: ByteBuffer) throws {
+        var b = block
+        let fields: HPACKHeaders
+        // Decoded whatever becomes of the stream: HPACK's table depends on it.
+        do { fields = try decoder.decodeHeaders(from: &b) } catch {
+            throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
+        }
+        guard let s = streams[id] else {
+            guard id < nextStreamID, id & 1 == 1 else { throw HTTP2ConnectionError(.protocolError, "HEADERS on stream \(id), which this client did not open") }
+            return
+        }
+        s.receiveHeaders(fields, endStream: endStream)
+    }
+
+    func settings(_ f: HTTP2Wire.Frame) throws {
+        if f.flags & 1 != 0 {
+            guard f.payload.readableBytes == 0 else { throw HTTP2ConnectionError(.frameSizeError, "SETTINGS ACK with a payload") }
+            return
+        }
+        settingsSeen = true
+        var windowGrew = false
+        try HTTP2Wire.readSettings(stream: f.stream, f.payload) { id, v in
+            switch id {
+            case HTTP2Wire.settingInitialWindowSize:
+                let delta = Int(v) - peerInitialWindow
+                peerInitialWindow = Int(v)
+                for s in streams.values {
+                    s.sendWindow += delta
+                    guard s.sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "stream window above 2^31-1") }
+                }
+                windowGrew = windowGrew || delta > 0
+            case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)
+            case HTTP2Wire.settingMaxConcurrentStreams: peerMaxStreams = Int(v)
+            default: break // HEADER_TABLE_SIZE does not matter: requests use no dynamic table
+            }
+        }
+        var b = output(capacity: 9)
+        HTTP2Wire.writeSettingsAck(into: &b)
+        out = b
+        if windowGrew { resumeStreams() }
+        // A raised concurrency limit lets waiting requests in.
+        while !waiting.isEmpty, streams.count < peerMaxStreams, !retiring {
+            let w = waiting.removeFirst()
+            w.done(.success(newStream()))
+        }
+    }
+
+    func goAway(_ f: HTTP2Wire.Frame) throws {
+        guard f.stream == 0, f.payload.readableBytes >= 8 else { throw HTTP2ConnectionError(.protocolError, "malformed GOAWAY") }
+        let last = f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)! & 0x7fff_ffff
+        // Streams above the last one the server took were never processed: refused
+        // (retryable, as REFUSED_STREAM).
+        for s in streams.values where s.id > last { s.resetByPeer(HTTP2ErrorCode.refusedStream.rawValue) }
+        retire()
+    }
+
+    func windowUpdate(_ f: HTTP2Wire.Frame) throws {
+        let increment = try HTTP2Wire.windowIncrement(f.payload)
+        if f.stream == 0 {
+            guard increment > 0 else { throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE of 0 on the connection") }
+            sendWindow += increment
+            guard sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
+            resumeStreams()
+        } else if let s = streams[f.stream] {
+            guard increment > 0 else { s.reset(.protocolError); return }
+            s.sendWindow += increment
+            guard s.sendWindow <= HTTP2Wire.maxWindow else { s.reset(.flowControlError); return }
+            s.drain()
+        }
+    }
+
+    /// Sends what streams queued while the connection's window was closed.
+    func resumeStreams() {
+        for s in streams.values where s.pendingBytes > 0 || !s.pending.isEmpty {
+            guard sendWindow > 0 else { return }
+            s.drain()
+        }
+    }
+
+    // MARK: output
+
+    /// The connection's output buffer, to append frames to (put back into `out`).
+    @inline(__always)
+    func output(capacity: Int) -> ByteBuffer {
+        if let b = out { out = nil; return b }
+        return (context?.channel.allocator ?? ByteBufferAllocator()).buffer(capacity: max(capacity, 4096))
+    }
+
+    /// A request head as HEADERS (and CONTINUATION frames past the peer's frame size).
+    func writeRequestHeaders(stream: UInt32, _ head: HTTPHead, contentLength: Int64, endStream: Bool) {
+        scratch.clear()
+        HPACKRequestWriter.write(head, scheme: scheme, contentLength: contentLength, into: &scratch)
+        var b = output(capacity: scratch.readableBytes + 9)
+        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b)
+        out = b
+    }
+
+    func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
+        scratch.clear()
+        for f in trailers.fields {
+            scratch.writeInteger(UInt8(0))
+            HPACKResponseWriter.writeString(f.name, lowercase: true, into: &scratch)
+            HPACKResponseWriter.writeString(f.value, lowercase: false, into: &scratch)
+        }
+        var b = output(capacity: scratch.readableBytes + 9)
+        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: true, maxFrameSize: peerMaxFrameSize, into: &b)
+        out = b
+    }
+
+    /// One DATA frame (the windows already taken). Small payloads are copied behind the
+    /// frame header; large ones are written as they are.
+    func writeData(stream: UInt32, _ payload: ByteBuffer, endStream: Bool) {
+        let flags: UInt8 = endStream ? 1 : 0
+        var b = output(capacity: 9 + min(payload.readableBytes, 8192))
+        HTTP2Wire.writeFrameHeader(length: payload.readableBytes, type: HTTP2Wire.data, flags: flags, stream: stream, into: &b)
+        if payload.readableBytes <= 8192 {
+            var p = payload
+            b.writeBuffer(&p)
+            out = b
+        } else {
+            context?.write(NIOAny(b), promise: nil)
+            context?.write(NIOAny(payload), promise: nil)
+        }
+    }
+
+    func writeWindowUpdate(stream: UInt32, _ increment: Int) {
+        var b = output(capacity: 13)
+        HTTP2Wire.writeWindowUpdate(stream: stream, increment, into: &b)
+        out = b
+    }
+
+    func writeRSTStream(_ stream: UInt32, _ code: HTTP2ErrorCode) {
+        var b = output(capacity: 13)
+        HTTP2Wire.writeRSTStream(stream, code, into: &b)
+        out = b
+    }
+
+    /// Writes the frames gathered and flushes.
+    func flush() {
+        guard let c = context else { out = nil; return }
+        if let b = out {
+            out = nil
+            c.write(NIOAny(b), promise: nil)
+        }
+        c.flush()
+    }
+
+    var connectionWritable: Bool { context?.channel.isWritable ?? false }
+
+    // MARK: connection end
+
+    /// A connection error: GOAWAY with its code, and the connection closes.
+    func fail(_ e: HTTP2ConnectionError) {
+        guard !closed else { return }
+        if !goAwaySent {
+            goAwaySent = true
+            var b = output(capacity: 17)
+            HTTP2Wire.writeGoAway(lastStream: 0, e.code, into: &b)
+            out = b
+        }
+        closeConnection()
+    }
+
+    /// Flushes what is queued and closes the TCP connection.
+    func closeConnection() {
+        guard !closed else { return }
+        closed = true
+        inbound = nil
+        guard let c = context else { return }
+        flush()
+        c.close(promise: nil)
+    }
+
+    /// The TCP connection closed: every open stream fails as a reset (a request that
+    /// never reached the server is retryable like any reset), waiting requests go elsewhere.
+    func connectionClosed() {
+        closed = true
+        out = nil
+        inbound = nil
+        let open = streams.values
+        streams = [:]
+        for s in open { s.connectionLost() }
+        let w = waiting
+        waiting.removeAll()
+        for x in w { x.otherwise() }
+    }
 }
 
-/// Converts between HTTP/1.1 bytes (what UpstreamConnection and the downstream
-/// handler write and read) and one HTTP/2 client stream's frames, with no HTTP/1-style
-/// parts in between.
-final class UpstreamH2StreamBridge: ChannelDuplexHandler {
-    typealias InboundIn = HTTP2Frame.FramePayload
-    typealias InboundOut = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = HTTP2Frame.FramePayload
+/// One request on an UpstreamH2Connection. To the dispatcher and the stream's handler
+/// it is an UpstreamConnection that is never pooled (`multiplexed`): the request's head
+/// reaches it parsed (`startRequest`), its body as the HTTP/1.1-framed bytes the handler
+/// writes to any upstream (`send`: raw after a content-length, chunk-framed otherwise),
+/// which leave as DATA frames; the response is handed to the delegate as parsed head,
+/// raw DATA, trailers and end.
+final class UpstreamH2Stream: UpstreamConnection {
+    let id: UInt32
+    /// Strong: the connection lets go of its streams when they end or it closes.
+    let connection: UpstreamH2Connection
 
-    var request: HTTP1ToHTTP2Frames
-    var requestWasHead = false
+    // Request side.
+    var sendWindow: Int
+    var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>()
+    var pendingBytes = 0
+    var pendingTrailers: HTTPTrailers?
+    var writable = true
+    /// Bytes of the HTTP/1.1 request head still to skip in what `send` gets.
+    var headToSkip = 0
+    /// Body bytes still to come after a content-length (-1: the body is chunk-framed).
+    var bodyRemaining: Int64 = 0
+    var chunkDecoder: BodyDecoder?
+    /// The request is complete downstream (its end may be sent once its bytes are).
+    var requestComplete = false
+    var requestTrailers: HTTPTrailers?
+    /// The last DATA of a content-length body, held until the request is known complete
+    /// (END_STREAM then rides on it, or its trailers follow it).
+    var heldLast: ByteBuffer?
+    /// END_STREAM was written or queued.
+    var localEnded = false
+    var started = false
+
+    // Response side.
+    var remoteEnded = false
     var responseStarted = false
-    var responseChunked = false
-    var responseEnded = false
-    let scheme: String
+    var recvWindow = UpstreamH2Connection.streamWindow
+    var recvUnacked = 0
+    var readPaused = false
+    var ended = false
 
-    init(limits: ProxyLimits, scheme: String) {
-        request = HTTP1ToHTTP2Frames(requests: true, limits: limits)
-        self.scheme = scheme
+    init(id: UInt32, connection: UpstreamH2Connection, sendWindow: Int) {
+        self.id = id
+        self.connection = connection
+        self.sendWindow = sendWindow
+        super.init(key: connection.key, limits: connection.limits)
+        multiplexed = true
     }
 
-    // Request: HTTP/1.1 bytes -> frames.
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        do {
-            try request.relay(unwrapOutboundIn(data)) { part in
-                switch part {
-                case .headers(let head, let end):
-                    requestWasHead = head.isHead
-                    context.write(wrapOutboundOut(.headers(.init(headers: Self.requestHeaders(head, scheme: scheme), endStream: end))), promise: nil)
-                case .data(let d, let end):
-                    context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d), endStream: end))), promise: nil)
-                case .trailers(let t):
-                    var fields = HPACKHeaders()
-                    for f in t.fields { fields.add(name: f.name, value: f.value) }
-                    context.write(wrapOutboundOut(.headers(.init(headers: fields, endStream: true))), promise: nil)
+    override var isWritable: Bool { writable }
+
+    /// The request starts: HEADERS from `head` (the filters' edits included). The bytes
+    /// the handler sends next begin with the `headBytes` bytes of the same head as
+    /// HTTP/1.1 (skipped), then the body: `bodyLength` bytes (-1: chunk-framed).
+    /// `complete`: the request is complete downstream, with `trailers`.
+    func startRequest(_ head: HTTPHead, headBytes: Int, bodyLength: Int64, complete: Bool, trailers: HTTPTrailers?) {
+        guard !ended else { return }
+        started = true
+        headToSkip = headBytes
+        bodyRemaining = bodyLength
+        if bodyLength < 0 { chunkDecoder = BodyDecoder(framing: .chunked) }
+        requestComplete = complete
+        requestTrailers = trailers.flatMap { $0.isEmpty ? nil : $0 }
+        let headerOnly = bodyLength == 0 && complete && requestTrailers == nil
+        connection.writeRequestHeaders(stream: id, head, contentLength: bodyLength, endStream: headerOnly)
+        if headerOnly { localEnded = true }
+        else if bodyLength == 0 && complete { endRequest() }
+    }
+
+    /// HTTP/1.1-framed request bytes from the handler (the head, then body bytes).
+    override func send(_ bytes: ByteBuffer) {
+        guard !ended, !localEnded else { return }
+        var b = bytes
+        if headToSkip > 0 {
+            let n = min(headToSkip, b.readableBytes)
+            b.moveReaderIndex(forwardBy: n)
+            headToSkip -= n
+        }
+        guard b.readableBytes > 0 else { return }
+        if var d = chunkDecoder {
+            do {
+                let done = try d.decode(&b) { chunk in self.sendData(chunk, end: false) }
+                chunkDecoder = d
+                if done {
+                    chunkDecoder = nil
+                    if let t = d.trailers, !t.isEmpty { requestTrailers = t }
+                    requestComplete = true
+                    bodyRemaining = 0
+                    endRequest()
+                }
+            } catch {
+                reset(.internalError)
+                fail(.protocolError("request body: \(error)"))
+            }
+            return
+        }
+        guard bodyRemaining > 0 else { return }
+        if Int64(b.readableBytes) > bodyRemaining { b = b.getSlice(at: b.readerIndex, length: Int(bodyRemaining))! }
+        bodyRemaining -= Int64(b.readableBytes)
+        if bodyRemaining == 0 {
+            if requestComplete { sendData(b, end: requestTrailers == nil); if requestTrailers != nil { endRequest() } }
+            else { heldLast = b }
+        } else {
+            sendData(b, end: false)
+        }
+    }
+
+    /// The request ended downstream with these trailers (a content-length body: they
+    /// follow its DATA as HTTP/2 allows; a chunked body brings its own in its last chunk).
+    override func requestEnded(trailers: HTTPTrailers?) {
+        guard !ended, !localEnded, chunkDecoder == nil else { return }
+        requestComplete = true
+        if let t = trailers, !t.isEmpty { requestTrailers = t }
+        if bodyRemaining == 0 { endRequest() }
+    }
+
+    /// Ends the request: the held last DATA, then trailers or END_STREAM.
+    func endRequest() {
+        guard !localEnded else { return }
+        if let t = requestTrailers {
+            if let d = heldLast { heldLast = nil; sendData(d, end: false) }
+            localEnded = true
+            if pending.isEmpty { connection.writeTrailers(stream: id, t); sentEnd() } else { pendingTrailers = t }
+        } else {
+            let d = heldLast ?? ByteBuffer()
+            heldLast = nil
+            sendData(d, end: true)
+        }
+    }
+
+    func sendData(_ data: ByteBuffer, end: Bool) {
+        if end { localEnded = true }
+        guard data.readableBytes > 0 || end else { return }
+        let c = connection
+        if pending.isEmpty, data.readableBytes <= min(sendWindow, c.sendWindow, c.peerMaxFrameSize) {
+            sendWindow -= data.readableBytes
+            c.sendWindow -= data.readableBytes
+            c.writeData(stream: id, data, endStream: end)
+            if end { sentEnd() }
+            return
+        }
+        pending.append((data, end))
+        pendingBytes += data.readableBytes
+        drain()
+    }
+
+    /// Writes queued DATA as far as both windows allow.
+    func drain() {
+        let c = connection
+        while let first = pending.first {
+            var chunk = first.data
+            let n = chunk.readableBytes
+            if n > 0 {
+                let allowed = min(sendWindow, c.sendWindow, c.peerMaxFrameSize)
+                guard allowed > 0 else { break }
+                let take = min(n, allowed)
+                let part = chunk.readSlice(length: take)!
+                sendWindow -= take
+                c.sendWindow -= take
+                pendingBytes -= take
+                let done = take == n
+                c.writeData(stream: id, part, endStream: done && first.end)
+                if !done { pending[pending.startIndex] = (chunk, first.end); continue }
+            } else {
+                c.writeData(stream: id, chunk, endStream: first.end)
+            }
+            pending.removeFirst()
+            if first.end { sentEnd() }
+        }
+        if pending.isEmpty, let t = pendingTrailers {
+            pendingTrailers = nil
+            c.writeTrailers(stream: id, t)
+            sentEnd()
+        }
+        updateWritability()
+    }
+
+    /// END_STREAM is on the wire.
+    func sentEnd() {
+        if remoteEnded { close(quietly: true) }
+    }
+
+    /// Tells the handler when the stream can take no more request bytes (and again when it can).
+    func updateWritability() {
+        let now = pendingBytes < (writable ? UpstreamH2Connection.highWater : UpstreamH2Connection.lowWater) && connection.connectionWritable
+        guard now != writable else { return }
+        writable = now
+        delegate?.upstreamWritabilityChanged(now)
+    }
+
+    /// The end of the loop's batch: the connection writes and flushes its frames.
+    override func flushNow() { connection.flush() }
+
+    // MARK: response
+
+    func receiveHeaders(_ fields: HPACKHeaders, endStream: Bool) {
+        guard !ended else { return }
+        if responseStarted {
+            // Trailers: END_STREAM, no pseudo-header (RFC 9113 §8.1).
+            guard endStream else { reset(.protocolError); fail(.protocolError("HEADERS in the middle of the response body")); return }
+            var t = HTTPTrailers()
+            for (name, value, _) in fields {
+                guard name.utf8.first != UInt8(ascii: ":"), HTTP2RequestHead.validValue(value), t.add(checking: name, value) else {
+                    reset(.protocolError); fail(.protocolError("malformed response trailers")); return
                 }
             }
-            promise?.succeed()
-        } catch {
-            promise?.fail(error)
-            context.close(promise: nil)
+            remoteEnded = true
+            if !t.isEmpty { delegate?.upstreamResponseTrailers(t) }
+            responseEnd()
+            return
+        }
+        guard let head = responseHead(fields, endStream: endStream) else { return }
+        if head.status < 200 {
+            // Interim responses are consumed here (the proxy answers 100-continue itself).
+            if head.status == 101 || endStream { reset(.protocolError); fail(.protocolError("interim response \(head.status)")) }
+            return
+        }
+        responseStarted = true
+        if endStream { remoteEnded = true }
+        guard let d = delegate else { return }
+        d.upstreamResponseHead(head)
+        guard delegate != nil, !ended else { return } // abandoned
+        if endStream { responseEnd() }
+    }
+
+    /// The response's header block as an HTTPHead; nil (the stream reset, the delegate
+    /// told) when it is malformed.
+    func responseHead(_ fields: HPACKHeaders, endStream: Bool) -> HTTPHead? {
+        var status = -1
+        var regular = false
+        var length: Int64 = -1
+        for (name, value, _) in fields where name.utf8.first == UInt8(ascii: ":") {
+            guard name == ":status", status < 0, !regular, value.utf8.count == 3, let code = Int(value), code >= 100 else {
+                reset(.protocolError); fail(.protocolError("malformed response header block")); return nil
+            }
+            status = code
+        }
+        guard status >= 100 else { reset(.protocolError); fail(.protocolError("response without :status")); return nil }
+        var b = HTTPHeadBuilder(status: status, buffer: (connection.context?.channel.allocator ?? ByteBufferAllocator()).buffer(capacity: 256))
+        for (name, value, _) in fields {
+            if name.utf8.first == UInt8(ascii: ":") { continue }
+            regular = true
+            guard HTTP2RequestHead.validValue(value), HeaderValidation.isFieldValue(value) else {
+                reset(.protocolError); fail(.protocolError("control character in a response header value")); return nil
+            }
+            let kind = KnownHeader(name: name)
+            switch kind {
+            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
+            case .contentLength:
+                guard let v = HTTPHeadParser.parseContentLength(value), length < 0 || length == v else {
+                    reset(.protocolError); fail(.protocolError("bad content-length")); return nil
+                }
+                if length >= 0 { continue }
+                length = v
+            default: break
+            }
+            b.add(name, value, kind: kind)
+        }
+        if status < 200 { return b.finish() }
+        let bodyless = requestWasHead || status == 204 || status == 304
+        if bodyless {
+            b.set(framing: .none)
+        } else if length >= 0 {
+            b.set(framing: length == 0 ? .none : .contentLength(length))
+        } else if endStream {
+            // No body: an HTTP/1.1 client must be told so.
+            b.add("content-length", "0", kind: .contentLength)
+            b.set(framing: .none)
+        } else {
+            b.set(framing: .chunked)
+        }
+        return b.finish()
+    }
+
+    func receiveData(_ data: ByteBuffer, end: Bool, flowLength: Int) {
+        guard !ended else { return }
+        recvWindow -= flowLength
+        guard recvWindow >= 0 else { reset(.flowControlError); fail(.protocolError("DATA beyond the stream window")); return }
+        guard responseStarted else { reset(.protocolError); fail(.protocolError("DATA before the response head")); return }
+        if end { remoteEnded = true }
+        if data.readableBytes > 0 {
+            delegate?.upstreamResponseBody(data)
+            guard delegate != nil, !ended else { return } // abandoned while relaying
+        }
+        if end { responseEnd(); return }
+        recvUnacked += flowLength
+        if !readPaused { acknowledge() }
+    }
+
+    /// Reopens the stream's window once half of it was used.
+    func acknowledge() {
+        guard recvUnacked >= UpstreamH2Connection.streamWindow / 2, !remoteEnded, !ended else { return }
+        connection.writeWindowUpdate(stream: id, recvUnacked)
+        recvWindow += recvUnacked
+        recvUnacked = 0
+    }
+
+    /// The handler's client cannot take more (or can again): the stream's window is
+    /// given back only while it reads.
+    override func setReading(_ on: Bool) {
+        guard readPaused == on else { return }
+        readPaused = !on
+        if on && !ended {
+            let before = recvUnacked
+            acknowledge()
+            if recvUnacked != before { connection.flush() }
         }
     }
 
-    /// The HTTP/2 request header block: the pseudo-headers (`:authority` from Host),
-    /// then the fields as HTTP/2 allows them.
-    static func requestHeaders(_ head: HTTPHead, scheme: String) -> HPACKHeaders {
-        var authority = head.hostIndex >= 0 ? head.value(at: head.hostIndex) : ""
-        for a in head.added where a.name.lowercased() == "host" { authority = a.value }
-        var headers = HPACKHeaders()
-        headers.reserveCapacity(head.fields.count + head.added.count + 4)
-        headers.add(name: ":method", value: head.method)
-        headers.add(name: ":scheme", value: scheme)
-        headers.add(name: ":authority", value: authority)
-        headers.add(name: ":path", value: head.target)
-        head.appendHTTP2Fields(to: &headers, isRequest: true)
-        return headers
+    /// The response is complete.
+    func responseEnd() {
+        inResponse = false
+        let d = delegate
+        delegate = nil
+        if localEnded { close(quietly: true) }
+        d?.upstreamResponseEnd(reusable: false)
     }
 
-    // Response: frames -> HTTP/1.1 bytes (a stream carries one exchange; UpstreamConnection
-    // never offers a multiplexed connection back to the pool).
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !responseEnded else { return }
-        switch unwrapInboundIn(data) {
-        case .headers(let h):
-            if responseStarted {
-                // Trailers: they end the response, as a chunked body's trailer section
-                // (dropped when the response has a content-length: HTTP/1.1 has no place
-                // for them then).
-                var t = HTTPTrailers()
-                for (name, value, _) in h.headers { t.add(checking: name, value) }
-                endResponse(context: context, trailers: t)
-                return
-            }
-            let code = Int(h.headers.first(name: ":status") ?? "") ?? 0
-            if code >= 100 && code < 200 { return } // interim: the proxy answers 100-continue itself
-            responseStarted = true
-            var out = context.channel.allocator.buffer(capacity: 256)
-            HeadWriter.writeStatusLine(code, reason: nil, into: &out)
-            var hasLength = false
-            for (name, value, _) in h.headers {
-                if name.utf8.first == UInt8(ascii: ":") { continue }
-                if name == "content-length" { hasLength = true }
-                HeadWriter.writeField(name, value, into: &out)
-            }
-            let bodyless = requestWasHead || code == 204 || code == 304
-            if h.endStream && !hasLength && !bodyless {
-                out.writeStaticString("content-length: 0\r\n")
-            } else {
-                responseChunked = !hasLength && !bodyless
-                if responseChunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
-            }
-            out.writeStaticString("\r\n")
-            context.fireChannelRead(wrapInboundOut(out))
-            if h.endStream { responseEnded = true }
-            context.fireChannelReadComplete()
-        case .data(let d):
-            guard responseStarted else { return }
-            context.fireHTTP1Body(d.data, chunked: responseChunked)
-            if d.endStream { endResponse(context: context) } else { context.fireChannelReadComplete() }
+    // MARK: end
+
+    /// Both sides ended, or the stream is given up: it leaves the connection.
+    func close(quietly: Bool) {
+        guard !ended else { return }
+        ended = true
+        if !quietly { connection.writeRSTStream(id, .cancel); connection.flush() }
+        pending.removeAll()
+        pendingBytes = 0
+        connection.streamEnded(self)
+    }
+
+    /// The stream no longer wants this response (retry, local reply, client gone).
+    override func abandon() {
+        delegate = nil
+        inResponse = false
+        close(quietly: !started || (localEnded && remoteEnded))
+    }
+
+    /// Closes the stream: a request still being sent after the response ended is
+    /// stopped with CANCEL.
+    override func close() {
+        close(quietly: localEnded && remoteEnded)
+    }
+
+    /// A stream error of ours: RST_STREAM with `code`.
+    func reset(_ code: HTTP2ErrorCode) {
+        guard !ended else { return }
+        connection.writeRSTStream(id, code)
+        ended = true
+        connection.streamEnded(self)
+    }
+
+    /// The server reset the stream (or GOAWAY left it out): REFUSED_STREAM is a refusal
+    /// (the server did not process it: retryable), anything else a reset.
+    func resetByPeer(_ code: UInt32) {
+        guard !ended else { return }
+        ended = true
+        connection.streamEnded(self)
+        if inResponse || delegate != nil {
+            fail(code == HTTP2ErrorCode.refusedStream.rawValue ? .refusedStream : .reset)
+        }
+    }
+
+    /// The connection closed under the stream.
+    func connectionLost() {
+        guard !ended else { return }
+        ended = true
+        if delegate != nil { fail(.reset) }
+    }
+
+    override func fail(_ f: UpstreamFailure) {
+        inResponse = false
+        let d = delegate
+        delegate = nil
+        d?.upstreamFailed(f)
+    }
+}
+
+/// Writes request header blocks straight from a parsed head (as HPACKResponseWriter
+/// does responses): static-table indexes for the pseudo-headers' common values,
+/// otherwise literals without indexing, no Huffman coding, no dynamic table.
+enum HPACKRequestWriter {
+    /// `:method`, `:scheme`, `:authority` (Host, or the one a filter set), `:path`, then
+    /// the fields HTTP/2 allows (see HTTPHead.isHTTP2Forbidden). `contentLength` >= 0:
+    /// the body's length, written when the head had a content-length (canonical).
+    static func write(_ head: HTTPHead, scheme: String, contentLength: Int64, into b: inout ByteBuffer) {
+        let method = head.method
+        switch method {
+        case "GET": b.writeInteger(UInt8(0x82))
+        case "POST": b.writeInteger(UInt8(0x83))
         default:
-            break
+            HPACKResponseWriter.writeInteger(2, prefix: 4, flags: 0, into: &b)
+            HPACKResponseWriter.writeString(method, lowercase: false, into: &b)
         }
-    }
-
-    func endResponse(context: ChannelHandlerContext, trailers: HTTPTrailers? = nil) {
-        responseEnded = true
-        if responseChunked { context.fireChannelRead(wrapInboundOut(ChunkedEncoder.lastChunk(trailers: trailers))) }
-        context.fireChannelReadComplete()
+        b.writeInteger(UInt8(scheme == "http" ? 0x86 : 0x87))
+        var authority = head.hostIndex >= 0 && !head.fields[head.hostIndex].removed ? head.value(at: head.hostIndex) : ""
+        for a in head.added where a.name.utf8.count == 4 && a.name.lowercased() == "host" { authority = a.value }
+        HPACKResponseWriter.writeInteger(1, prefix: 4, flags: 0, into: &b)
+        HPACKResponseWriter.writeString(authority, lowercase: false, into: &b)
+        let path = head.target
+        if path == "/" { b.writeInteger(UInt8(0x84)) } else {
+            HPACKResponseWriter.writeInteger(4, prefix: 4, flags: 0, into: &b)
+            HPACKResponseWriter.writeString(path, lowercase: false, into: &b)
+        }
+        var lengthWritten = false
+        head.bytes.withUnsafeReadableBytes { raw in
+            for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: true) {
+                let f = head.fields[i]
+                if f.kind == .contentLength {
+                    if lengthWritten || contentLength < 0 { continue }
+                    lengthWritten = true
+                    HPACKResponseWriter.writeInteger(28, prefix: 4, flags: 0, into: &b)
+                    HPACKResponseWriter.writeString(String(contentLength), lowercase: false, into: &b)
+                    continue
+                }
+                b.writeInteger(UInt8(0))
+                HPACKResponseWriter.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true, into: &b)
+                HPACKResponseWriter.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false, into: &b)
+            }
+        }
+        for a in head.added {
+            let name = a.name.lowercased()
+            switch name {
+            case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": continue
+            default: break
+            }
+            b.writeInteger(UInt8(0))
+            HPACKResponseWriter.writeString(name, lowercase: false, into: &b)
+            HPACKResponseWriter.writeString(a.value, lowercase: false, into: &b)
+        }
     }
 }
 

@@ -4,6 +4,7 @@ moonlet.test.Echo (server.py), printed as one JSON object on stdout.
 
 Usage: client.py HOST:PORT AUTHORITY CASE [ARG]
   unary N          N unary calls on one channel, each checked
+  concurrent N     N unary calls in flight at once on one channel (each 300 ms at the app)
   big BYTES        one unary call with a message of BYTES bytes, checked
   server_stream N  Count: N messages, checked in order
   client_stream N  Sum over N messages of 1000 bytes
@@ -46,6 +47,12 @@ def main():
             else:
                 out["ok"] = True
             out["calls"] = n
+        elif case == "concurrent":
+            n = int(arg)
+            futures = [unary.future(b"sleep:300:%d" % i, timeout=30) for i in range(n)]
+            got = [f.result() for f in futures]
+            out["calls"] = n
+            out["ok"] = got == [b"sleep:300:%d" % i for i in range(n)]
         elif case == "big":
             m = bytes(range(256)) * (int(arg) // 256)
             r = unary(m, timeout=30)
