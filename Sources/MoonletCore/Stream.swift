@@ -120,6 +120,13 @@ public struct RouteDecision: Sendable {
     public var upstreamCluster: UpstreamCluster?
     /// Index of the picked endpoint in `upstreamCluster` (-1 = none).
     public var endpointIndex: Int = -1
+    /// An endpoint asked for before the route was decided (an Envoy script's
+    /// setUpstreamOverrideHost in a filter that runs before the router): "ip" and port (0:
+    /// any); the router pins it once it has chosen the cluster, if the cluster has it;
+    /// `overrideHostStrict`: otherwise 503 (UH).
+    public var overrideHost: String = ""
+    public var overrideHostPort: Int = 0
+    public var overrideHostStrict = false
     /// Fault injection delay before going upstream (milliseconds, flag DI).
     public var delayMs: Int = 0
     /// Retry policy of the route (nil: no retries, as for the inbound listener).

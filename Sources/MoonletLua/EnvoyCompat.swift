@@ -221,17 +221,12 @@ enum EnvoyCompat {
             lua_pushboolean(L, 1); return 1
         }
         guard let c = s.route.upstreamCluster else {
-            return LuaAPI.fail(L, "setUpstreamOverrideHost: the route has no cluster yet (user filters run before Istio's router: give this LuaPlugin phase: STATS)")
-        }
-        for i in 0..<c.endpointCount {
-            let e = c.endpoint(i)
-            var a = Substring(e.address)
-            if a.hasPrefix("[") && a.hasSuffix("]") { a = a.dropFirst().dropLast() }
-            guard a.lowercased() == addr.lowercased(), port == nil || port == e.port else { continue }
-            s.route.endpointIndex = i; s.route.endpoint = e.address; s.route.endpointPort = e.port
-            s.destination.address = e.address; s.destination.port = e.port
+            // Before the router (the filter's phase runs first, as Envoy's Lua filter runs
+            // before its router): the router pins it once it has chosen the cluster.
+            s.route.overrideHost = addr; s.route.overrideHostPort = port ?? 0; s.route.overrideHostStrict = strict
             lua_pushboolean(L, 1); return 1
         }
+        if LuaAPI.pinEndpoint(s, c, addr: addr, port: port) { lua_pushboolean(L, 1); return 1 }
         if strict {
             s.respond(503, body: "no healthy upstream\n", headers: [("content-type", "text/plain")], flags: .noHealthyUpstream)
             lua_pushstring(L, "respond"); return 1

@@ -653,8 +653,31 @@ extension LuaAPI {
         if let ms = rule?.timeoutMs { s.route.timeoutMs = ms }
         if let key = bytes(L, 4) { s.route.hashKey = HashRing.hash(String(decoding: key, as: UTF8.self)) }
         s.destination.service = t.fqdn
+        if !s.route.overrideHost.isEmpty {
+            // An Envoy script's setUpstreamOverrideHost made before the route was decided.
+            let addr = s.route.overrideHost, port = s.route.overrideHostPort, strict = s.route.overrideHostStrict
+            s.route.overrideHost = ""
+            if !pinEndpoint(s, c, addr: addr, port: port == 0 ? nil : port) && strict {
+                s.respond(503, body: "no healthy upstream\n", headers: [("content-type", "text/plain")], flags: .noHealthyUpstream)
+            }
+        }
         lua_pushboolean(L, 1)
         return 1
+    }
+
+    /// Pins the endpoint of cluster `c` at `addr` (and `port`, when given) for the stream,
+    /// as Envoy's setUpstreamOverrideHost does; false when the cluster has no such endpoint.
+    static func pinEndpoint(_ s: ProxyStream, _ c: UpstreamCluster, addr: String, port: Int?) -> Bool {
+        for i in 0..<c.endpointCount {
+            let e = c.endpoint(i)
+            var a = Substring(e.address)
+            if a.hasPrefix("[") && a.hasSuffix("]") { a = a.dropFirst().dropLast() }
+            guard a.lowercased() == addr.lowercased(), port == nil || port == e.port else { continue }
+            s.route.endpointIndex = i; s.route.endpoint = e.address; s.route.endpointPort = e.port
+            s.destination.address = e.address; s.destination.port = e.port
+            return true
+        }
+        return false
     }
 
     /// moonlet.router.reply(s, status, body, flag, location) → "respond": a local reply

@@ -313,6 +313,24 @@ final class EnvoyScriptTests: XCTestCase {
         }
         c.send("GET / HTTP/1.1\r\nHost: pinned.example.com\r\nx-pin: 10.9.9.9\r\n\r\n")
         XCTAssertEqual(c.read()?.status, 503)
+        // The script unchanged, in the default phase (before Istio's router, as Envoy's Lua
+        // filter runs before its router): the router pins the host once it chose the cluster.
+        let early = try proxy("""
+        function envoy_on_request(request_handle)
+          local pin = request_handle:headers():get("x-pin")
+          if pin then request_handle:setUpstreamOverrideHost(pin, request_handle:headers():get("x-strict") ~= nil) end
+        end
+        """, files: ["svc.yaml": svc])
+        defer { early.stop() }
+        let e = try RawClient(port: early.outbound)
+        for _ in 0..<4 {
+            e.send("GET / HTTP/1.1\r\nHost: pinned.example.com\r\nx-pin: 127.0.0.1:\(other.port)\r\n\r\n")
+            XCTAssertEqual(e.read()?.body, "other")
+        }
+        e.send("GET / HTTP/1.1\r\nHost: pinned.example.com\r\nx-pin: 10.9.9.9\r\nx-strict: 1\r\n\r\n")
+        XCTAssertEqual(e.read()?.status, 503, "strict: not an endpoint of the routed cluster")
+        e.send("GET / HTTP/1.1\r\nHost: pinned.example.com\r\nx-pin: 10.9.9.9\r\n\r\n")
+        XCTAssertEqual(e.read()?.status, 200, "not strict: the balancer picks")
     }
 
     // MARK: SDK audit (issue 20): Envoy behaviours the adapter lacked
