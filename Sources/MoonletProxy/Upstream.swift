@@ -360,9 +360,11 @@ final class UpstreamPool {
         let conn = UpstreamConnection(key: key, limits: limits)
         // h2c: the peer is known to speak HTTP/2 (its port is declared so), no ALPN to wait for.
         if h2c { speaksH2.insert(key) }
-        // A connection to a peer known to speak h2 gathers the requests that arrive
-        // while it is set up; they become its streams (or share its failure).
-        let gathers = offersH2 && speaksH2.contains(key) && awaitingSession[key] == nil
+        // A connection that offers h2 gathers the requests to `key` that arrive while it is
+        // set up, as Envoy's HTTP/2 pool queues streams on its connecting client: they
+        // become its streams (a burst of 100 calls opens one connection, not 100), share its
+        // failure, or, when ALPN chose HTTP/1.1 after all, connect on their own.
+        let gathers = offersH2 && awaitingSession[key] == nil
         if gathers { awaitingSession[key] = [] }
         var finished = false
         var session: UpstreamH2Connection? = nil
