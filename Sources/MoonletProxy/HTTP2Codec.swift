@@ -166,3 +166,81 @@ extension HTTPHead {
         }
     }
 }
+
+/// A connection's side of a stream's outgoing DATA: its send window (shared by its
+/// streams), the peer's largest frame, and the frame writers. Both of Moonlet's HTTP/2
+/// connections (HTTP2ServerConnection, UpstreamH2Connection) are one.
+protocol HTTP2DataWriter: AnyObject {
+    var sendWindow: Int { get set }
+    var peerMaxFrameSize: Int { get }
+    func writeData(stream: UInt32, _ payload: ByteBuffer, endStream: Bool)
+    func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers)
+}
+
+/// A stream's outgoing DATA under HTTP/2 flow control (RFC 9113 §5.2), the same for a
+/// response the server sends and a request the upstream client sends: what fits the
+/// stream's and the connection's windows and the peer's frame size is written at once,
+/// the rest waits in `pending` for WINDOW_UPDATE (`drain`), then the trailers.
+protocol HTTP2FlowControlledSender: AnyObject {
+    associatedtype Writer: HTTP2DataWriter
+    var id: UInt32 { get }
+    var connection: Writer { get }
+    var sendWindow: Int { get set }
+    var pending: CircularBuffer<(data: ByteBuffer, end: Bool)> { get set }
+    var pendingBytes: Int { get set }
+    var pendingTrailers: HTTPTrailers? { get set }
+    /// END_STREAM is on the wire (with the last DATA or the trailers).
+    func sent()
+    /// `pendingBytes` changed: tells the stream's user when it can take more.
+    func updateWritability()
+}
+
+extension HTTP2FlowControlledSender {
+    /// Writes `data` (END_STREAM with it when `end`), or queues it behind what waits.
+    @inline(__always)
+    func queueData(_ data: ByteBuffer, end: Bool) {
+        let c = connection
+        if pending.isEmpty, data.readableBytes <= min(sendWindow, c.sendWindow, c.peerMaxFrameSize) {
+            // The common case: it fits the windows and one frame.
+            sendWindow -= data.readableBytes
+            c.sendWindow -= data.readableBytes
+            c.writeData(stream: id, data, endStream: end)
+            if end { sent() }
+            return
+        }
+        pending.append((data, end))
+        pendingBytes += data.readableBytes
+        drain()
+    }
+
+    /// Writes queued DATA as far as both windows allow, then the trailers once none waits.
+    func drain() {
+        let c = connection
+        while let first = pending.first {
+            var chunk = first.data
+            let n = chunk.readableBytes
+            if n > 0 {
+                let allowed = min(sendWindow, c.sendWindow, c.peerMaxFrameSize)
+                guard allowed > 0 else { break }
+                let take = min(n, allowed)
+                let part = chunk.readSlice(length: take)!
+                sendWindow -= take
+                c.sendWindow -= take
+                pendingBytes -= take
+                let done = take == n
+                c.writeData(stream: id, part, endStream: done && first.end)
+                if !done { pending[pending.startIndex] = (chunk, first.end); continue }
+            } else {
+                c.writeData(stream: id, chunk, endStream: first.end)
+            }
+            pending.removeFirst()
+            if first.end { sent() }
+        }
+        if pending.isEmpty, let t = pendingTrailers {
+            pendingTrailers = nil
+            c.writeTrailers(stream: id, t)
+            sent()
+        }
+        updateWritability()
+    }
+}

@@ -24,7 +24,7 @@ import MoonletHTTP
 /// 30 s (rapid reset), 1000 empty DATA frames in a row, or 10000 control frames to
 /// answer while the connection cannot write.
 /// Everything runs on the connection's event loop.
-final class HTTP2ServerConnection: DeferredFlush {
+final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     static let preface = HTTP2Wire.preface
     static let maxConcurrentStreams = 100
     /// The receive window each stream starts with (SETTINGS_INITIAL_WINDOW_SIZE).
@@ -553,7 +553,7 @@ final class HTTP2ServerConnection: DeferredFlush {
 /// as body chunks (nothing is written as HTTP/1.1 and parsed again); the response it
 /// gives (a parsed head and body chunks) leaves as HEADERS and DATA frames, DATA within
 /// the peer's windows (queued here until WINDOW_UPDATE opens them).
-final class HTTP2ServerStream {
+final class HTTP2ServerStream: HTTP2FlowControlledSender {
     let id: UInt32
     let connection: HTTP2ServerConnection
     var handler: DownstreamHandler?
@@ -753,48 +753,7 @@ final class HTTP2ServerStream {
 
     func send(_ data: ByteBuffer, end: Bool) {
         if end { endQueued = true }
-        if pending.isEmpty, data.readableBytes <= min(sendWindow, connection.sendWindow, connection.peerMaxFrameSize) {
-            // The common case: it fits the windows and one frame.
-            sendWindow -= data.readableBytes
-            connection.sendWindow -= data.readableBytes
-            connection.writeData(stream: id, data, endStream: end)
-            if end { sent() }
-            return
-        }
-        pending.append((data, end))
-        pendingBytes += data.readableBytes
-        drain()
-    }
-
-    /// Writes queued DATA as far as both windows allow.
-    func drain() {
-        let c = connection
-        while let first = pending.first {
-            var chunk = first.data
-            let n = chunk.readableBytes
-            if n > 0 {
-                let allowed = min(sendWindow, c.sendWindow, c.peerMaxFrameSize)
-                guard allowed > 0 else { break }
-                let take = min(n, allowed)
-                let part = chunk.readSlice(length: take)!
-                sendWindow -= take
-                c.sendWindow -= take
-                pendingBytes -= take
-                let done = take == n
-                c.writeData(stream: id, part, endStream: done && first.end)
-                if !done { pending[pending.startIndex] = (chunk, first.end); continue }
-            } else {
-                c.writeData(stream: id, chunk, endStream: first.end)
-            }
-            pending.removeFirst()
-            if first.end { sent() }
-        }
-        if pending.isEmpty, let t = pendingTrailers {
-            pendingTrailers = nil
-            c.writeTrailers(stream: id, t)
-            sent()
-        }
-        updateWritability()
+        queueData(data, end: end)
     }
 
     /// END_STREAM is on the wire: the stream ends once the request has too.

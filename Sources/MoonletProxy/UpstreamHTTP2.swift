@@ -25,7 +25,7 @@ import MoonletBalancer
 /// data and only while its client keeps up (backpressure to the upstream). Streams
 /// beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS wait for one to end. GOAWAY: no new
 /// stream, the streams it did not take fail as refused (retryable). Owned by one event loop.
-final class UpstreamH2Connection: ChannelInboundHandler {
+final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     typealias InboundIn = ByteBuffer
 
     /// Our receive window per stream, and for the connection.
@@ -500,7 +500,7 @@ final class UpstreamH2Connection: ChannelInboundHandler {
 /// writes to any upstream (`send`: raw after a content-length, chunk-framed otherwise),
 /// which leave as DATA frames; the response is handed to the delegate as parsed head,
 /// raw DATA, trailers and end.
-final class UpstreamH2Stream: UpstreamConnection {
+final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
     let id: UInt32
     /// Strong: the connection lets go of its streams when they end or it closes.
     let connection: UpstreamH2Connection
@@ -615,7 +615,7 @@ final class UpstreamH2Stream: UpstreamConnection {
         if let t = requestTrailers {
             if let d = heldLast { heldLast = nil; sendData(d, end: false) }
             localEnded = true
-            if pending.isEmpty { connection.writeTrailers(stream: id, t); sentEnd() } else { pendingTrailers = t }
+            if pending.isEmpty { connection.writeTrailers(stream: id, t); sent() } else { pendingTrailers = t }
         } else {
             let d = heldLast ?? ByteBuffer()
             heldLast = nil
@@ -626,52 +626,11 @@ final class UpstreamH2Stream: UpstreamConnection {
     func sendData(_ data: ByteBuffer, end: Bool) {
         if end { localEnded = true }
         guard data.readableBytes > 0 || end else { return }
-        let c = connection
-        if pending.isEmpty, data.readableBytes <= min(sendWindow, c.sendWindow, c.peerMaxFrameSize) {
-            sendWindow -= data.readableBytes
-            c.sendWindow -= data.readableBytes
-            c.writeData(stream: id, data, endStream: end)
-            if end { sentEnd() }
-            return
-        }
-        pending.append((data, end))
-        pendingBytes += data.readableBytes
-        drain()
-    }
-
-    /// Writes queued DATA as far as both windows allow.
-    func drain() {
-        let c = connection
-        while let first = pending.first {
-            var chunk = first.data
-            let n = chunk.readableBytes
-            if n > 0 {
-                let allowed = min(sendWindow, c.sendWindow, c.peerMaxFrameSize)
-                guard allowed > 0 else { break }
-                let take = min(n, allowed)
-                let part = chunk.readSlice(length: take)!
-                sendWindow -= take
-                c.sendWindow -= take
-                pendingBytes -= take
-                let done = take == n
-                c.writeData(stream: id, part, endStream: done && first.end)
-                if !done { pending[pending.startIndex] = (chunk, first.end); continue }
-            } else {
-                c.writeData(stream: id, chunk, endStream: first.end)
-            }
-            pending.removeFirst()
-            if first.end { sentEnd() }
-        }
-        if pending.isEmpty, let t = pendingTrailers {
-            pendingTrailers = nil
-            c.writeTrailers(stream: id, t)
-            sentEnd()
-        }
-        updateWritability()
+        queueData(data, end: end)
     }
 
     /// END_STREAM is on the wire.
-    func sentEnd() {
+    func sent() {
         if remoteEnded { close(quietly: true) }
     }
 
