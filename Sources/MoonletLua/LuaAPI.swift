@@ -224,16 +224,17 @@ enum LuaAPI {
             let st = Int(ml_tointeger(L, 3))
             guard (200...599).contains(st) else { return fail(L, "response.status must be 200-599, got \(st)") }
             if s.localReply != nil { s.localReply!.status = st }
-            else if let old = s.response?.status, LuaVM.vm(L).phaseIndex == 2 {
-                // The upstream's response, in on_response (as Envoy lets a script replace
-                // :status). 204 and 304 have no body: a change to or from them would
+            else if let old = s.response?.status, LuaVM.vm(L).phaseIndex == 2 || (LuaVM.vm(L).phaseIndex == 3 && s.bufferedResponseBody != nil) {
+                // The upstream's response, in on_response, or with its whole body held
+                // (on_response_body after STOP_AND_BUFFER; the head is framed after it),
+                // as Envoy lets a script replace :status. 204 and 304 have no body: a change to or from them would
                 // break the framing of the body that follows.
                 if old != st && (old == 204 || old == 304 || st == 204 || st == 304) {
                     return fail(L, "response.status: \(old) -> \(st) would change whether the response has a body")
                 }
                 s.response!.status = st
             }
-            else { return fail(L, "response.status can be set on local replies and in on_response") }
+            else { return fail(L, "response.status can be set on local replies, in on_response, and in on_response_body with the whole body held") }
         default:
             return fail(L, "cannot set field '\(k)'")
         }

@@ -171,7 +171,9 @@ final class StreamExecutor {
             head.added.removeAll { $0.name == "content-length" || $0.name == "transfer-encoding" }
             if trailersNeedChunked && !(s.responseTrailers?.isEmpty ?? true) {
                 head.framing = .chunked
-            } else if length > 0 || hadBody {
+            } else if length > 0 || hadBody || trailersNeedChunked {
+                // An HTTP/1.1 client (trailersNeedChunked) always gets a length, 0 included:
+                // a head with no framing would read as "body until close".
                 head.addLowercased("content-length", String(length))
                 head.framing = .contentLength(Int64(length))
             } else {

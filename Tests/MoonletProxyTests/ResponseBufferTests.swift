@@ -394,3 +394,30 @@ extension ResponseBufferTests {
         }
     }
 }
+
+extension ResponseBufferTests {
+    /// An empty buffered body to an HTTP/1.1 client still carries `content-length: 0`
+    /// (no framing would read as "until close"), and the body phase may set the status.
+    func test_anEmptyBufferedBody_goesOutWithContentLengthZero_andTheBodyPhaseMaySetTheStatus() throws {
+        let app = try TestUpstream { _ in TestUpstream.Reply(body: "") }
+        defer { app.stop() }
+        let lua = """
+        local f = {}
+        function f.on_response(s, conf) return moonlet.STOP_AND_BUFFER end
+        function f.on_response_body(s, conf, chunk, eos)
+          if s.response:body() == nil then return end
+          s.response.status = 202
+        end
+        return f
+        """
+        let px = try proxy(appPort: app.port, ["empty": lua])
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        for _ in 0..<2 {
+            let r = try XCTUnwrap(get(c, "/e"), "the keep-alive connection answers again")
+            XCTAssertEqual(r.status, 202)
+            XCTAssertEqual(r.header("content-length"), "0")
+            XCTAssertEqual(r.body, "")
+        }
+    }
+}
