@@ -524,6 +524,8 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
     var heldLast: ByteBuffer?
     /// END_STREAM was written or queued.
     var localEnded = false
+    /// END_STREAM is on the wire (not only queued behind the send window).
+    var endWritten = false
     var started = false
 
     // Response side.
@@ -631,6 +633,7 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 
     /// END_STREAM is on the wire.
     func sent() {
+        endWritten = true
         if remoteEnded { close(quietly: true) }
     }
 
@@ -766,7 +769,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         inResponse = false
         let d = delegate
         delegate = nil
-        if localEnded { close(quietly: true) }
+        // The request's end still queued behind the window (an early answer to a large
+        // upload): the peer gets RST_STREAM, not a stream left half-open.
+        if localEnded { close(quietly: endWritten) }
         d?.upstreamResponseEnd(reusable: false)
     }
 
@@ -786,13 +791,13 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
     override func abandon() {
         delegate = nil
         inResponse = false
-        close(quietly: !started || (localEnded && remoteEnded))
+        close(quietly: !started || (endWritten && remoteEnded))
     }
 
     /// Closes the stream: a request still being sent after the response ended is
     /// stopped with CANCEL.
     override func close() {
-        close(quietly: localEnded && remoteEnded)
+        close(quietly: endWritten && remoteEnded)
     }
 
     /// A stream error of ours: RST_STREAM with `code`.
