@@ -314,6 +314,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     func downstreamWritabilityChanged(_ writable: Bool) {
         guard let u = upstream else { return }
         upstreamPaused = !writable
+        // A response filter waiting on the head keeps reading off until it resumes
+        // (responseFiltersResumed restores it from upstreamPaused).
+        if responsePauseState != nil { return }
         // HTTP/1.1: autoRead; an HTTP/2 stream: its window is given back only while reading.
         u.setReading(writable)
     }

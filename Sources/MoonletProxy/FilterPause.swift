@@ -89,7 +89,8 @@ extension DownstreamHandler {
     func pauseResponseFilters(_ s: ProxyStream) {
         s.resumer = self
         responsePauseState = FilterPauseState()
-        upstream?.channel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        // HTTP/1.1: autoRead off; an HTTP/2 stream: no more window given back.
+        upstream?.setReading(false)
         ctx.metrics.count("moonlet_filter_paused_total")
     }
 
@@ -133,7 +134,7 @@ extension DownstreamHandler {
         guard let held = responsePauseState else { return }
         responsePauseState = nil
         if let u = upstream {
-            u.channel?.setOption(ChannelOptions.autoRead, value: !upstreamPaused).whenComplete { _ in }
+            u.setReading(!upstreamPaused)
             if !upstreamPaused && u.multiplexed { u.channel?.read() }
         }
         for c in held.held {

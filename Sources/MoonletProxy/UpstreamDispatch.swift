@@ -518,16 +518,22 @@ final class UpstreamDispatcher {
     func upstreamFailed(_ reason: UpstreamFailure) {
         guard let s = h.stream else { return }
         upstream = nil
-        if !h.responseStarted, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
+        // A head that a response filter holds (it waits in http.call) counts as started,
+        // as Envoy's router counts a response handed to the filters: no retry, no reply.
+        let started = h.responseStarted || h.responsePauseState != nil
+        if !started, s.route.endpointIndex >= 0, let c = s.route.upstreamCluster {
             // Local-origin failure (connect failure, reset, protocol error) for outlier detection.
             ctx.balancer.report(c, s.route.endpointIndex, status: nil)
         }
-        if !h.responseStarted {
+        if !started {
             if retryIfAllowed(s, .failed(reason)) { return }
             if attempt > 0 { s.responseFlags.insert(.upstreamRetryLimitExceeded) }
         }
-        if h.responseStarted {
-            // Mid-response failure: the client can only learn it from a reset.
+        if started {
+            // Mid-response failure: the client can only learn it from a reset. A waiting
+            // response filter's resumption then finds nothing to resume.
+            h.responsePauseState = nil
+            s.resumer = nil
             s.responseFlags.insert(.upstreamConnectionTermination)
             h.resetDownstream()
             return
