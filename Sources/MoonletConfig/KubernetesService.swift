@@ -45,7 +45,7 @@ extension TrafficDecoder {
             if !addresses.contains(ip) { addresses.append(ip) }
         }
         var ports: [ServicePort] = []
-        var numbers = Set<Int>()
+        var numbers = Set<String>()
         for (i, p) in list(spec.child("ports"), "spec.ports").enumerated() {
             let path = "spec.ports[\(i)]"
             guard fields(p, path, ["name", "port", "targetPort", "protocol", "appProtocol", "nodePort"]) else { continue }
@@ -53,9 +53,10 @@ extension TrafficDecoder {
                 if p.child("port") == nil { err(p, "\(path).port", "Required value") }
                 continue
             }
-            if !numbers.insert(num).inserted { err(p.child("port"), "\(path).port", "Duplicate value: \(num)") }
             let portName = string(p.child("name"), "\(path).name") ?? ""
             let transport = enumValue(p.child("protocol"), "\(path).protocol", ["TCP", "UDP", "SCTP"]) ?? "TCP"
+            // Kubernetes keys ports by (port, protocol): 53/UDP and 53/TCP may both be there.
+            if !numbers.insert("\(num)/\(transport)").inserted { err(p.child("port"), "\(path).port", "Duplicate value: \(num)/\(transport)") }
             if transport != "TCP" { notApplied(p, path, "\(transport) port \(num): the sidecar proxies TCP only"); continue }
             if let np = p.child("nodePort") { notApplied(np, "\(path).nodePort", "node ports are outside the mesh") }
             var target: Int? = nil

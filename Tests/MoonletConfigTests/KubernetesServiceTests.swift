@@ -19,6 +19,7 @@ final class KubernetesServiceTests: XCTestCase {
       - {name: h2c, port: 81, targetPort: 8081, appProtocol: kubernetes.io/h2c}
       - {name: grpc-web, port: 82, targetPort: 8082}
       - {name: dns, port: 53, protocol: UDP}
+      - {name: dns-tcp, port: 53, protocol: TCP}
     ---
     apiVersion: networking.istio.io/v1beta1
     kind: WorkloadEntry
@@ -39,7 +40,7 @@ final class KubernetesServiceTests: XCTestCase {
         let svc = try XCTUnwrap(snap.routes.services["orders.shop.svc.cluster.local"])
         XCTAssertEqual(svc.addresses, ["10.96.12.7"])
         XCTAssertEqual(svc.endpoints.map(\.address), ["10.1.0.9"], "the selector picks the WorkloadEntry")
-        XCTAssertEqual(svc.ports.map(\.number), [50051, 80, 81, 82], "the UDP port is left out")
+        XCTAssertEqual(svc.ports.map(\.number), [50051, 80, 81, 82, 53], "the UDP port is left out; 53/TCP beside 53/UDP is no duplicate")
         let grpc = try XCTUnwrap(svc.port(50051))
         XCTAssertEqual(svc.endpointPort(svc.endpoints[0], for: grpc), 9000, "targetPort")
         XCTAssertEqual(PortProtocol(grpc), .grpc, "name prefix grpc-")
