@@ -374,7 +374,10 @@ final class UpstreamPool {
             if case .failure = r { slot?.connectionClosed() }
             done(r)
             guard gathers, let waiting = awaitingSession.removeValue(forKey: key) else { return }
-            for w in waiting { w(session) }
+            // The first stream is handed over from inside handOver, before `session` is
+            // assigned: the session it opened is the key's current one.
+            let s = session ?? sessions[key]
+            for w in waiting { w(s) }
         }
         // ClientBootstrap sets TCP_NODELAY itself and runs the connect timeout. The other
         // options are set in the initializer through the synchronous options: as
