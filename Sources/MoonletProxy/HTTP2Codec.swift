@@ -193,6 +193,8 @@ protocol HTTP2FlowControlledSender: AnyObject {
     func sent()
     /// `pendingBytes` changed: tells the stream's user when it can take more.
     func updateWritability()
+    /// A stream error: RST_STREAM with `code`, the stream ends.
+    func reset(_ code: HTTP2ErrorCode)
 }
 
 extension HTTP2FlowControlledSender {
@@ -210,6 +212,15 @@ extension HTTP2FlowControlledSender {
         }
         pending.append((data, end))
         pendingBytes += data.readableBytes
+        drain()
+    }
+
+    /// The peer's WINDOW_UPDATE for this stream (RFC 9113 §6.9): a zero increment or a
+    /// window past 2^31-1 resets the stream; otherwise queued DATA goes out.
+    func windowUpdated(by increment: Int) {
+        guard increment > 0 else { reset(.protocolError); return }
+        sendWindow += increment
+        guard sendWindow <= HTTP2Wire.maxWindow else { reset(.flowControlError); return }
         drain()
     }
 
@@ -242,5 +253,16 @@ extension HTTP2FlowControlledSender {
             sent()
         }
         updateWritability()
+    }
+}
+
+extension Dictionary where Value: HTTP2FlowControlledSender {
+    /// The connection's window reopened: each stream with queued DATA sends what it can,
+    /// as long as `open()` says the connection's window has room.
+    func drainQueued(while open: () -> Bool) {
+        for s in values where s.pendingBytes > 0 || !s.pending.isEmpty {
+            guard open() else { return }
+            s.drain()
+        }
     }
 }

@@ -365,10 +365,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
             guard sendWindow <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
             resumeStreams()
         } else if let s = streams[id] {
-            guard increment > 0 else { s.reset(.protocolError); return }
-            s.sendWindow += increment
-            guard s.sendWindow <= 0x7fff_ffff else { s.reset(.flowControlError); return }
-            s.drain()
+            s.windowUpdated(by: increment)
         } else if id > lastStreamID {
             throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE on idle stream \(id)")
         }
@@ -376,10 +373,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
 
     /// Sends what streams queued while the connection's window was closed.
     func resumeStreams() {
-        for s in streams.values where s.pendingBytes > 0 || !s.pending.isEmpty {
-            guard sendWindow > 0 else { return }
-            s.drain()
-        }
+        streams.drainQueued { sendWindow > 0 }
     }
 
     // MARK: output

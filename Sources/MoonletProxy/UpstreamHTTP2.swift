@@ -370,19 +370,13 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
             guard sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
             resumeStreams()
         } else if let s = streams[f.stream] {
-            guard increment > 0 else { s.reset(.protocolError); return }
-            s.sendWindow += increment
-            guard s.sendWindow <= HTTP2Wire.maxWindow else { s.reset(.flowControlError); return }
-            s.drain()
+            s.windowUpdated(by: increment)
         }
     }
 
     /// Sends what streams queued while the connection's window was closed.
     func resumeStreams() {
-        for s in streams.values where s.pendingBytes > 0 || !s.pending.isEmpty {
-            guard sendWindow > 0 else { return }
-            s.drain()
-        }
+        streams.drainQueued { sendWindow > 0 }
     }
 
     // MARK: output
