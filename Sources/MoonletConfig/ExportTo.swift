@@ -16,11 +16,4 @@ public enum ExportTo {
         }
         return false
     }
-
-    /// Kubernetes' DNS-1123 label: what a namespace name must be.
-    static func isNamespaceName(_ s: String) -> Bool {
-        let b = Array(s.utf8)
-        guard (1...63).contains(b.count), b.first != UInt8(ascii: "-"), b.last != UInt8(ascii: "-") else { return false }
-        return b.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }
-    }
 }

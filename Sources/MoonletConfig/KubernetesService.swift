@@ -104,10 +104,10 @@ extension TrafficDecoder {
                                 endpoints: [], workloadSelector: selector?.isEmpty == false ? selector : nil, file: file, line: line)
     }
 
-    /// Kubernetes' DNS-1035 label: what a Service name must be.
+    /// Kubernetes' DNS-1035 label: what a Service name must be (a DNS-1123 label that
+    /// starts with a letter).
     static func isDNS1035Label(_ s: String) -> Bool {
-        let b = Array(s.utf8)
-        guard (1...63).contains(b.count), let f = b.first, (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(f), b.last != UInt8(ascii: "-") else { return false }
-        return b.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }
+        guard let f = s.utf8.first, f >= UInt8(ascii: "a"), f <= UInt8(ascii: "z") else { return false }
+        return isDNS1123Label(s)
     }
 }

@@ -826,7 +826,7 @@ struct TrafficDecoder {
             let path = "spec.exportTo[\(i)]"
             if !seen.insert(e).inserted { err(n?.sequence?[i], path, "duplicate entries in exportTo: \(e)") }
             if e == "~" && list.count > 1 { err(n?.sequence?[i], path, "cannot have both ~ and other entries in exportTo") }
-            if e != "." && e != "*" && e != "~" && !ExportTo.isNamespaceName(e) { err(n?.sequence?[i], path, "\(e) is not a valid namespace name, ., * or ~") }
+            if e != "." && e != "*" && e != "~" && !Self.isDNS1123Label(e) { err(n?.sequence?[i], path, "\(e) is not a valid namespace name, ., * or ~") }
         }
         return list
     }
