@@ -554,7 +554,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         requestTrailers = trailers.flatMap { $0.isEmpty ? nil : $0 }
         let headerOnly = bodyLength == 0 && complete && requestTrailers == nil
         connection.writeRequestHeaders(stream: id, head, contentLength: bodyLength, endStream: headerOnly)
-        if headerOnly { localEnded = true }
+        // A request without body ends on its HEADERS: END_STREAM is written with them, so
+        // the response's end closes the stream quietly (no RST_STREAM after every GET).
+        if headerOnly { localEnded = true; endWritten = true }
         else if bodyLength == 0 && complete { endRequest() }
     }
 

@@ -35,10 +35,13 @@ final class ScriptedH2App: @unchecked Sendable {
     private var _streams = 0
     private var _refused = false
     private var _seen: [String] = []
+    private var _resets = 0
     var port: Int { channel.localAddress!.port! }
     var connections: Int { lock.withLock { _connections } }
     /// Requests seen: "METHOD PATH BYTES trailer=X".
     var seen: [String] { lock.withLock { _seen } }
+    /// RST_STREAM frames received from the proxy.
+    var resets: Int { lock.withLock { _resets } }
 
     init(_ behaviour: Behaviour = .echo) throws {
         self.behaviour = behaviour
@@ -104,6 +107,8 @@ final class ScriptedH2App: @unchecked Sendable {
                     context.flush()
                 }
                 if d.endStream { ended(context, id) }
+            case .rstStream:
+                owner.lock.withLock { owner._resets += 1 }
             default:
                 break
             }
@@ -166,6 +171,24 @@ final class UpstreamH2ClientTests: XCTestCase {
           endpoints: [{address: 127.0.0.1, ports: {grpc-legacy: \(app.port)}}]
         """
         return try ProxyFixture(appPort: 1, files: ["se.yaml": entry], concurrency: 1)
+    }
+
+    func test_requestsWithoutBody_endOnTheirHEADERS_andTheStreamClosesWithoutRST_STREAM() throws {
+        let app = try ScriptedH2App()
+        defer { app.stop() }
+        let px = try outbound(to: app)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        for i in 0..<3 {
+            c.send("GET /get\(i) HTTP/1.1\r\nHost: legacy.example.com:9000\r\n\r\n")
+            let r = try XCTUnwrap(c.read())
+            XCTAssertEqual(r.status, 200, r.body)
+            XCTAssertEqual(r.body, "GET /get\(i) 0 trailer=-")
+        }
+        // A reset would reach the app after the response: give it the time to arrive.
+        Thread.sleep(forTimeInterval: 0.2)
+        XCTAssertEqual(app.resets, 0, "a stream both sides ended needs no RST_STREAM (one more frame and wake-up per request)")
+        XCTAssertEqual(app.connections, 1)
     }
 
     func test_aStreamRefusedWithREFUSED_STREAM_isRetried_onTheSameConnection() throws {
