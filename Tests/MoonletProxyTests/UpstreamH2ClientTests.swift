@@ -49,6 +49,7 @@ final class ScriptedH2App: @unchecked Sendable {
             .childChannelInitializer { ch in
                 let n = self.lock.withLock { self._connections += 1; return self._connections }
                 return ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(RawFrameCounter(owner: self))
                     try ch.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: [
                         HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
                         HTTP2Setting(parameter: .initialWindowSize, value: 65_535),
@@ -60,6 +61,34 @@ final class ScriptedH2App: @unchecked Sendable {
     }
 
     func stop() { try? channel.close().wait(); try? group.syncShutdownGracefully() }
+
+    /// Counts the RST_STREAM frames on the wire (swift-nio-http2 drops one for a closed
+    /// stream before a handler would see it), passing the bytes on unchanged.
+    final class RawFrameCounter: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        typealias InboundOut = ByteBuffer
+        let owner: ScriptedH2App
+        var pending = ByteBuffer()
+        var prefaceLeft = 24
+        init(owner: ScriptedH2App) { self.owner = owner }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var b = unwrapInboundIn(data)
+            pending.writeBuffer(&b)
+            if prefaceLeft > 0 {
+                let n = min(prefaceLeft, pending.readableBytes)
+                pending.moveReaderIndex(forwardBy: n)
+                prefaceLeft -= n
+            }
+            while prefaceLeft == 0, pending.readableBytes >= 9,
+                  let len = pending.getInteger(at: pending.readerIndex, as: UInt32.self).map({ Int($0 >> 8) }),
+                  pending.readableBytes >= 9 + len {
+                if pending.getInteger(at: pending.readerIndex + 3, as: UInt8.self) == 3 { owner.lock.withLock { owner._resets += 1 } }
+                pending.moveReaderIndex(forwardBy: 9 + len)
+            }
+            pending.discardReadBytes()
+            context.fireChannelRead(data)
+        }
+    }
 
     final class Handler: ChannelInboundHandler {
         typealias InboundIn = HTTP2Frame
@@ -107,8 +136,6 @@ final class ScriptedH2App: @unchecked Sendable {
                     context.flush()
                 }
                 if d.endStream { ended(context, id) }
-            case .rstStream:
-                owner.lock.withLock { owner._resets += 1 }
             default:
                 break
             }
