@@ -48,6 +48,7 @@ public enum SpanEncoding {
     /// Zipkin API v2 JSON (`POST /api/v2/spans`): an array of span objects.
     public static func zipkinV2(_ spans: [Span]) -> String {
         var out = "["
+        out.reserveCapacity(spans.count * 1024)
         for (i, s) in spans.enumerated() {
             if i > 0 { out += "," }
             out += "{\"traceId\":\"\(s.traceIDHex)\",\"id\":\"\(TraceHex.hex(s.id))\""

@@ -1,4 +1,5 @@
 import XCTest
+import Foundation
 import X509
 import Crypto
 import _CryptoExtras
@@ -134,6 +135,17 @@ final class CertificateAuthorityTests: XCTestCase {
         XCTAssertTrue(ok.1.contains("BEGIN CERTIFICATE"))
         XCTAssertEqual(svc.handle(method: .POST, uri: "/v1/sign", authorization: "Bearer tok", peer: nil, body: Data("{".utf8)).0, .badRequest)
         XCTAssertEqual(JSON.quote("a\"\u{1}\n"), "\"a\\\"\\u0001\\n\"")
+    }
+
+    func test_JSONQuote_escapesQuotesBackslashesAndControlBytes_andKeepsUTF8AsItIs() {
+        XCTAssertEqual(JSON.quote(""), "\"\"")
+        XCTAssertEqual(JSON.quote("plain ascii"), "\"plain ascii\"")
+        XCTAssertEqual(JSON.quote("é→😀"), "\"é→😀\"")
+        XCTAssertEqual(JSON.quote("\\\r\t\u{1f}\u{0}x\u{7f}"), "\"\\\\\\r\\t\\u001f\\u0000x\u{7f}\"")
+        // Every control byte: parsed back by Foundation's JSON reader to the same string.
+        let all = String(decoding: (0..<128).map { UInt8($0) }, as: UTF8.self) + "ü"
+        let back = try? JSONSerialization.jsonObject(with: Data(JSON.quote(all).utf8), options: [.fragmentsAllowed]) as? String
+        XCTAssertEqual(back, all)
     }
 
     func test_refusedHandshakes_areExplainedWithThePeersIdentity() throws {
