@@ -147,10 +147,7 @@ public final class PilotServer: @unchecked Sendable {
         if let e = FileManager.default.enumerator(atPath: dir) {
             for case let rel as String in e where rel.hasSuffix(".lua") && !rel.hasPrefix("..") { files.append((dir as NSString).appendingPathComponent(rel)) }
         }
-        return files.sorted().map { f -> String in
-            let a = try? FileManager.default.attributesOfItem(atPath: f)
-            return "\(f):\((a?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0):\((a?[.size] as? NSNumber)?.intValue ?? 0)"
-        }.joined(separator: "|")
+        return FileStamp.fingerprint(files.sorted())
     }
 
     /// Reads and validates the directory; a valid set whose content changed becomes the

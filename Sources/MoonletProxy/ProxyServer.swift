@@ -357,7 +357,6 @@ public final class ProxyServer: @unchecked Sendable {
 
     /// Files whose change triggers a reload: the YAML and every referenced .lua.
     func fingerprint() -> String {
-        var parts: [String] = []
         var files = settings.configPaths.flatMap { ConfigLoader.yamlFiles(at: $0) }
         files += lock.withLock { snapshot.plugins.map(\.path) }
         if let mesh = settings.meshConfigPath { files.append(mesh) }
@@ -366,14 +365,7 @@ public final class ProxyServer: @unchecked Sendable {
                 files += items.filter { $0.hasSuffix(".lua") }.map { (d as NSString).appendingPathComponent($0) }
             }
         }
-        for f in Set(files).sorted() {
-            if let a = try? FileManager.default.attributesOfItem(atPath: f) {
-                let m = (a[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
-                let sz = (a[.size] as? NSNumber)?.intValue ?? 0
-                parts.append("\(f):\(m):\(sz)")
-            } else { parts.append("\(f):missing") }
-        }
-        return parts.joined(separator: "|")
+        return FileStamp.fingerprint(Set(files).sorted())
     }
 
     func checkForChanges() {

@@ -64,11 +64,7 @@ public final class TLSMaterial: @unchecked Sendable {
 
     /// A fingerprint of the three files (size and mtime), to notice a rotation on disk.
     public static func fingerprint(dir: String) -> String {
-        [WorkloadBundle.certChainFile, WorkloadBundle.keyFile, WorkloadBundle.rootCertFile].map { f -> String in
-            let p = (dir as NSString).appendingPathComponent(f)
-            guard let a = try? FileManager.default.attributesOfItem(atPath: p) else { return "\(f):missing" }
-            return "\(f):\((a[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0):\((a[.size] as? NSNumber)?.intValue ?? 0)"
-        }.joined(separator: "|")
+        FileStamp.fingerprint([WorkloadBundle.certChainFile, WorkloadBundle.keyFile, WorkloadBundle.rootCertFile].map { (dir as NSString).appendingPathComponent($0) })
     }
 
     /// Loads and checks `dir`: every file parses, the key matches the leaf, the chain
