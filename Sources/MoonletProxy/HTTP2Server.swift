@@ -47,6 +47,12 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     var clientCert: String?
     /// The connection's original destination when it was intercepted (its streams' handlers get it).
     var interception: InterceptedDestination?
+    /// "ip:port" the client connected to, formatted once for all the connection's streams
+    /// (the inbound listener's destination address; `channel.localAddress` takes a lock).
+    lazy var acceptedAddress: String = {
+        guard let a = context?.channel.localAddress else { return "" }
+        return "\(a.ipAddress ?? ""):\(a.port ?? 0)"
+    }()
     /// When the last stream ended (uptime ns): with no stream open, the connection is
     /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
     var lastStreamEnd: UInt64
