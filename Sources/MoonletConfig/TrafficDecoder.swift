@@ -123,12 +123,8 @@ struct TrafficDecoder {
     }
 
     /// Lowercase alphanumerics and '-', starting and ending alphanumeric, at most 63.
-    static func isDNS1123Label(_ s: String) -> Bool {
-        let b = Array(s.utf8)
-        guard !b.isEmpty, b.count <= 63 else { return false }
-        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
-        return alnum(b.first!) && alnum(b.last!) && b.allSatisfy { alnum($0) || $0 == 45 }
-    }
+    /// See DNSLabel.isValid (MoonletCore).
+    static func isDNS1123Label(_ s: String) -> Bool { DNSLabel.isValid(s) }
 
     static func parseDuration(_ s: String) -> Int? {
         let units: [(String, Double)] = [("ms", 1), ("us", 0.001), ("µs", 0.001), ("ns", 0.000001), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]

@@ -1,5 +1,6 @@
 #if canImport(Foundation)
 import Foundation
+import MoonletCore
 #endif
 
 /// `moonlet filter new NAME`: a filter to start from (NAME.lua), its test cases
@@ -11,12 +12,7 @@ public enum FilterSkeleton {
 
     /// A LuaPlugin name is a Kubernetes object name (DNS-1123 label): lowercase letters,
     /// digits and '-', starting and ending with a letter or digit, at most 63 characters.
-    public static func isValidName(_ name: String) -> Bool {
-        let u = Array(name.utf8)
-        guard !u.isEmpty, u.count <= 63 else { return false }
-        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
-        return alnum(u.first!) && alnum(u.last!) && u.allSatisfy { alnum($0) || $0 == 45 }
-    }
+    public static func isValidName(_ name: String) -> Bool { DNSLabel.isValid(name) }
 
     /// The three files, by file name.
     public static func files(name: String) -> [(file: String, text: String)] {
