@@ -1,7 +1,7 @@
 #if canImport(Foundation)
 import Foundation
-import MoonletCore
 #endif
+import MoonletCore
 
 /// `moonlet filter new NAME`: a filter to start from (NAME.lua), its test cases
 /// (NAME.cases.yaml, passing as written) and its LuaPlugin resource (NAME.yaml).
