@@ -6,6 +6,7 @@ import MoonletCore
 import MoonletConfig
 import MoonletTLS
 import MoonletBalancer
+import MoonletTelemetry
 
 /// The first handler an intercepted connection's bytes reach (after the inbound TLS
 /// handlers, if any): decides, as Istio does, whether the connection is HTTP (handed to
@@ -81,6 +82,8 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
     /// This handler's context while it waits (for the detection timer).
     var contextRef: ChannelHandlerContext?
+    /// The ALPN the mTLS handshake settled on (inbound), nil before or without TLS.
+    var negotiatedALPN: String?
 
     func handlerRemoved(context: ChannelHandlerContext) {
         timer?.cancel(); timer = nil
@@ -94,6 +97,7 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             guard context.channel.isActive, !decided else { return }
             waitingForTLS = false
             releaseEOF(context)
+            negotiatedALPN = proto
             if TLSMaterial.isTCPALPN(proto) { decide(context, .tcp); return }
             if let p = proto, p == "h2" || p == "http/1.1" || p.hasPrefix("istio-http") { decide(context, .http1); return }
             if declared != .sniff { decide(context, declared.isHTTP ? .http1 : .tcp) }
@@ -182,11 +186,28 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func startTCP(_ context: ChannelHandlerContext, sni: String?) {
         let session = TCPSession(ctx: ctx, role: role, idleTimeoutMs: 3_600_000)
         let glue = session.client
+        glue.pendingRead = true
+        // Istio's TCP metadata exchange (inbound, its ALPN negotiated over mTLS): the
+        // caller's header is read off the stream before the glue sees a byte.
+        let exchange = role == .inbound && negotiatedALPN == TCPMetadataExchange.alpn ? session.peerExchange(handshakeDone: true) : nil
+        do {
+            if let exchange {
+                try context.pipeline.syncOperations.addHandler(exchange, position: .after(self))
+                try context.pipeline.syncOperations.addHandler(glue, position: .after(exchange))
+            } else {
+                try context.pipeline.syncOperations.addHandler(glue, position: .after(self))
+            }
+        } catch { context.close(promise: nil); return }
+        if exchange != nil, let b = buffered, b.readableBytes > 0 {
+            // Bytes read before the decision begin with the header: through the exchange.
+            buffered = nil
+            context.fireChannelRead(wrapInboundOut(b))
+        }
         if let b = buffered, b.readableBytes > 0 { glue.pending.append(b) }
         buffered = nil
-        glue.pendingEOF = inputClosed
-        glue.pendingRead = true
-        do { try context.pipeline.syncOperations.addHandler(glue, position: .after(self)) } catch { context.close(promise: nil); return }
+        if inputClosed {
+            if exchange != nil { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) } else { glue.pendingEOF = true }
+        }
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         if role == .inbound { routeInbound(session, context.channel) } else { routeOutbound(session, context.channel, sni: sni) }
     }
@@ -295,14 +316,16 @@ final class InterceptionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // The peer's principal as the mTLS check expects it (the endpoint's service account).
         let mtls = c.tls(i)?.mode == .istioMutual && ctx.tls != nil
         let expectedPeer = mtls ? (c.tls(i)?.subjectAltNames.first ?? "") : ""
+        // Mesh mTLS offers Istio's TCP metadata exchange: the series waits for the peer's header.
+        if mtls { session.awaitingPeer = true }
         session.recordOpened(destinationService: fqdn, peerPrincipal: expectedPeer, mtls: mtls)
-        resolveAndConnect(session, host: e.address, port: e.port, tls: makeTLS, timeoutMs: c.connectTimeoutMs)
+        resolveAndConnect(session, host: e.address, port: e.port, tls: makeTLS, exchange: mtls, timeoutMs: c.connectTimeoutMs)
     }
 
     /// A DNS endpoint: resolved off the loop (the upstream pool's resolver), then connected.
-    func resolveAndConnect(_ session: TCPSession, host: String, port: Int, tls: (() throws -> NIOSSLClientHandler)?, timeoutMs: Int) {
-        switch ctx.pool.address(host: host, port: port, ready: { self.resolveAndConnect(session, host: host, port: port, tls: tls, timeoutMs: timeoutMs) }) {
-        case .ready(let a): session.connect(to: a, tls: tls, connectTimeoutMs: timeoutMs)
+    func resolveAndConnect(_ session: TCPSession, host: String, port: Int, tls: (() throws -> NIOSSLClientHandler)?, exchange: Bool, timeoutMs: Int) {
+        switch ctx.pool.address(host: host, port: port, ready: { self.resolveAndConnect(session, host: host, port: port, tls: tls, exchange: exchange, timeoutMs: timeoutMs) }) {
+        case .ready(let a): session.connect(to: a, tls: tls, exchange: exchange, connectTimeoutMs: timeoutMs)
         case .pending: break
         case .failed(let e): session.refuse("DNS resolution of \(host) failed: \(e)", counter: "moonlet_tcp_upstream_connect_failures_total")
         }

@@ -209,6 +209,8 @@ public final class LoopContext: @unchecked Sendable {
     /// This sidecar's x-envoy-peer-metadata and x-envoy-peer-metadata-id values.
     let ownPeerMetadata: String
     let ownPeerID: String
+    /// This sidecar's TCP metadata exchange header (TCPMetadataExchange), made once.
+    let ownExchangeHeader: [UInt8]
 
     init(loop: EventLoop, index: Int, settings: ProxySettings, host: LuaHost, logger: Logger) {
         self.loop = loop
@@ -228,6 +230,7 @@ public final class LoopContext: @unchecked Sendable {
         let meta = PeerMetadata(name: id.podName.isEmpty ? id.effectiveWorkloadName : id.podName, namespace: id.namespace,
                                 workloadName: id.effectiveWorkloadName, serviceAccount: id.serviceAccount, clusterID: id.clusterID, labels: id.labels)
         ownPeerMetadata = meta.encoded()
+        ownExchangeHeader = TCPMetadataExchange.header(meta)
         ownPeerID = meta.nodeID(ip: id.instanceIP.isEmpty ? settings.bindAddress : id.instanceIP)
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
         // moonlet.http.call goes out through this loop's pool (HTTPCallout.swift).

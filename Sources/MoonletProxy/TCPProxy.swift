@@ -132,16 +132,37 @@ final class TCPSession {
     }
 
     /// The connection's destination is decided: its Istio TCP series (reporter
-    /// destination inbound, source outbound; the peer's principal when the hop is mTLS;
-    /// the peer's workload is unknown, as Istio's TCP metadata exchange is not spoken)
-    /// counts it opened.
+    /// destination inbound, source outbound; the peer's principal when the hop is mTLS,
+    /// its workload when the TCP metadata exchange told it) counts it opened. While the
+    /// exchange is under way (`awaitingPeer`) the series waits for the peer's header.
     func recordOpened(destinationService: String, peerPrincipal: String, mtls: Bool) {
+        if awaitingPeer { pendingOpen = (destinationService, peerPrincipal, mtls); return }
         let own = ctx.tls.map { "spiffe://" + $0.identity.principal } ?? ""
         let peer = peerPrincipal.isEmpty || peerPrincipal.hasPrefix("spiffe://") ? peerPrincipal : "spiffe://" + peerPrincipal
-        let labels = IstioLabels.tcpLabels(inbound: role == .inbound, own: ctx.ownWorkload, peer: nil, ownPrincipal: own,
+        let labels = IstioLabels.tcpLabels(inbound: role == .inbound, own: ctx.ownWorkload, peer: peerWorkload, ownPrincipal: own,
                                            peerPrincipal: peer, destinationService: destinationService, mtls: mtls)
         series = ctx.metrics.tcpSeries(labels)
         series?.opened()
+    }
+
+    /// The TCP metadata exchange is on for this connection: the series waits for it.
+    var awaitingPeer = false
+    var pendingOpen: (String, String, Bool)?
+    /// The peer's workload from the exchange (nil: none, or the header did not decode).
+    var peerWorkload: MeshWorkload?
+
+    /// The peer's exchange header arrived (its node metadata Struct), or none will.
+    func peerExchanged(_ structBytes: [UInt8]?) {
+        if let b = structBytes { peerWorkload = ctx.peerCache.workload(header: Base64.encode(b)) }
+        ctx.metrics.count(structBytes == nil ? "moonlet_tcp_peer_exchange_failed_total" : "moonlet_tcp_peer_exchange_total")
+        awaitingPeer = false
+        if let (d, p, m) = pendingOpen { pendingOpen = nil; recordOpened(destinationService: d, peerPrincipal: p, mtls: m) }
+    }
+
+    /// The exchange handler for this session's mTLS side (`handshakeDone`: inbound, ALPN known).
+    func peerExchange(handshakeDone: Bool) -> TCPPeerExchange {
+        awaitingPeer = true
+        return TCPPeerExchange(header: ctx.ownExchangeHeader, handshakeDone: handshakeDone) { [weak self] b in self?.peerExchanged(b) }
     }
 
     /// Bytes read on one side.
@@ -171,7 +192,8 @@ final class TCPSession {
     }
 
     /// Connects to `address` (through TLS when `tls` is given) and starts relaying.
-    func connect(to address: SocketAddress, tls: (() throws -> NIOSSLClientHandler)?, connectTimeoutMs: Int) {
+    /// `exchange`: the TLS is mesh mTLS, which offers Istio's TCP metadata exchange.
+    func connect(to address: SocketAddress, tls: (() throws -> NIOSSLClientHandler)?, exchange: Bool = false, connectTimeoutMs: Int) {
         let up = TCPGlue(downstream: false)
         up.session = self
         upstream = up
@@ -182,7 +204,11 @@ final class TCPSession {
             .connectTimeout(.milliseconds(Int64(connectTimeoutMs > 0 ? connectTimeoutMs : 10_000)))
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    if let tls { try ch.pipeline.syncOperations.addHandler(try tls()) }
+                    if let tls {
+                        try ch.pipeline.syncOperations.addHandler(try tls())
+                        // Istio's TCP metadata exchange, when the peer sidecar takes its ALPN.
+                        if exchange { try ch.pipeline.syncOperations.addHandler(self.peerExchange(handshakeDone: false)) }
+                    }
                     try ch.pipeline.syncOperations.addHandler(up)
                 }
             }
@@ -231,6 +257,8 @@ final class TCPSession {
         if let c = cluster, endpointIndex >= 0 { ctx.balancer.done(c, endpointIndex) }
         circuit?.connectionClosed(); circuit = nil
         let m = ctx.metrics
+        // Closed before the peer's exchange header: the series counts it without the peer.
+        if awaitingPeer { peerExchanged(nil) }
         if let t = series {
             t.closed()
             t.received(Int(clamping: receivedBytes))

@@ -35,19 +35,29 @@ public struct PeerMetadata: Sendable, Equatable {
     public func nodeID(ip: String) -> String { "sidecar~\(ip)~\(name).\(namespace)~\(namespace).svc.cluster.local" }
 
     /// The header value: base64 of the protobuf Struct.
-    public func encoded() -> String {
+    public func encoded() -> String { Base64.encode(structBytes()) }
+
+    /// The protobuf `google.protobuf.Struct` of the metadata (the header's and the TCP
+    /// exchange's payload).
+    public func structBytes() -> [UInt8] {
         var fields: [(String, ProtoStruct.Value)] = []
         func put(_ k: String, _ v: String) { if !v.isEmpty { fields.append((k, .string(v))) } }
         put("NAME", name); put("NAMESPACE", namespace); put("WORKLOAD_NAME", workloadName)
         put("SERVICE_ACCOUNT", serviceAccount); put("CLUSTER_ID", clusterID); put("MESH_ID", meshID)
         if !labels.isEmpty { fields.append(("LABELS", .structure(labels.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))) }
-        return Base64.encode(ProtoStruct.encode(fields))
+        return ProtoStruct.encode(fields)
     }
 
     /// Reads a header value; nil when it is not base64 of a Struct within the bounds
     /// (16 KB, nesting 8), so a hostile peer cannot make the sidecar do much work.
     public static func decode(_ value: String) -> PeerMetadata? {
-        guard value.utf8.count <= 16 << 10, let bytes = Base64.decode(value), let fields = ProtoStruct.decode(bytes) else { return nil }
+        guard value.utf8.count <= 16 << 10, let bytes = Base64.decode(value) else { return nil }
+        return decode(structBytes: bytes)
+    }
+
+    /// Reads a protobuf Struct of node metadata; nil when malformed (nesting beyond 8).
+    public static func decode(structBytes bytes: [UInt8]) -> PeerMetadata? {
+        guard let fields = ProtoStruct.decode(bytes) else { return nil }
         var m = PeerMetadata()
         for (k, v) in fields {
             switch (k, v) {

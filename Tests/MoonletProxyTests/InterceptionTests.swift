@@ -585,6 +585,32 @@ final class InterceptedTCPMTLSTests: XCTestCase {
         XCTAssertEqual(app.accepted.withLockedValue { $0 }, 0)
     }
 
+    func testBothSidecarsLearnThePeersWorkloadThroughIstiosTCPMetadataExchange_andTheAppSeesOnlyItsOwnBytes() throws {
+        let app = try TCPTestServer(.echo)
+        defer { app.stop() }
+        let (client, server) = try sidecars(appPort: app.port)
+        defer { client.stop(); server.stop() }
+        let c = try RawClient(port: client.outbound, timeoutSeconds: 5)
+        c.send("exchanged")
+        c.shutdownWrite()
+        XCTAssertEqual(c.readToEOF().text, "exchanged|EOF", "the exchange headers never reach either app")
+        // The destination reporter knows the caller's workload, the source reporter the server's.
+        let inbound = ["reporter=\"destination\"", "source_workload=\"frontend\"", "source_app=\"frontend\"",
+                       "source_workload_namespace=\"default\"", "destination_workload=\"orders\""]
+        let outbound = ["reporter=\"source\"", "source_workload=\"frontend\"", "destination_workload=\"orders\"",
+                        "destination_app=\"orders\"", "destination_workload_namespace=\"production\""]
+        for (fixture, labels) in [(server, inbound), (client, outbound)] {
+            var stats = ""
+            XCTAssertTrue(try eventually {
+                stats = try adminGet(fixture.admin, "/stats/prometheus")?.body ?? ""
+                return InterceptionTests.sample(stats, "istio_tcp_connections_closed_total", labels) == "1"
+            }, stats)
+            XCTAssertEqual(InterceptionTests.sample(stats, "istio_tcp_connections_opened_total", labels), "1", stats)
+            XCTAssertEqual(InterceptionTests.sample(stats, "istio_tcp_received_bytes_total", labels), "9", stats)
+            XCTAssertTrue(stats.contains("moonlet_tcp_peer_exchange_total 1"), stats)
+        }
+    }
+
     func testAServerFirstProtocolCrossesBothSidecars_theServerSideKnowsTCPFromTheMTLSALPN() throws {
         let app = try TCPTestServer(.greet("* OK IMAP ready\r\n"))
         defer { app.stop() }

@@ -51,4 +51,32 @@ final class PeerMetadataTests: XCTestCase {
         XCTAssertEqual(Base64.decode("YW55IGNhcm5hbCBwbGVhcw").map { String(decoding: $0, as: UTF8.self) }, "any carnal pleas")
         XCTAssertEqual(Base64.decode("-_8"), [0xFB, 0xFF])
     }
+
+    func test_TCPExchangeHeader_isMagicLengthAndAnAnyOfStruct_andParsesBackFromAnyPrefix() {
+        let meta = PeerMetadata(name: "orders-1", namespace: "production", workloadName: "orders", serviceAccount: "orders",
+                                clusterID: "Kubernetes", labels: ["app": "orders", "version": "v2"])
+        let h = TCPMetadataExchange.header(meta)
+        XCTAssertEqual(Array(h.prefix(4)), [0x3D, 0x23, 0x04, 0x67])
+        XCTAssertEqual(Int(h[4]) << 24 | Int(h[5]) << 16 | Int(h[6]) << 8 | Int(h[7]), h.count - 8)
+        XCTAssertTrue(String(decoding: h, as: UTF8.self).contains("type.googleapis.com/google.protobuf.Struct"))
+        // The header then the connection's own bytes: every prefix short of the header waits.
+        let stream = h + Array("hello".utf8)
+        for n in 0..<h.count {
+            XCTAssertEqual(stream.prefix(n).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .needMore, "prefix \(n)")
+        }
+        guard case .header(let bytes?, let consumed) = stream.withUnsafeBytes({ TCPMetadataExchange.parse($0) }) else { return XCTFail("no header") }
+        XCTAssertEqual(consumed, h.count)
+        XCTAssertEqual(PeerMetadata.decode(structBytes: bytes), meta)
+    }
+
+    func test_TCPExchange_withoutTheMagic_orBeyondTheSizeBound_isTheConnectionsOwnBytes() {
+        XCTAssertEqual(Array("GET / HTTP/1.1".utf8).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent)
+        XCTAssertEqual([0x3D, 0x24].withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent, "a prefix that is not the magic's")
+        XCTAssertEqual([0x3D, 0x23, 0x04, 0x67, 0x7F, 0, 0, 0].withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent, "2 GB announced")
+        // A well-framed Any of another type: the header is consumed, no peer is known.
+        var any: [UInt8] = [0x0A, 3] + Array("x/y".utf8)
+        any += [0x12, 0]
+        let h: [UInt8] = [0x3D, 0x23, 0x04, 0x67, 0, 0, 0, UInt8(any.count)] + any
+        XCTAssertEqual(h.withUnsafeBytes { TCPMetadataExchange.parse($0) }, .header(structBytes: nil, consumed: h.count))
+    }
 }
