@@ -2,9 +2,11 @@ import NIOCore
 import MoonletHTTP
 
 /// Writes an HPACK header block into bytes reserved beforehand (ByteBuffer's
-/// writeWithUnsafeMutableBytes): the caller bounds the block's size from the head
-/// (each field's name and value plus at most 11 bytes), so the whole block costs one
-/// capacity check instead of one per byte.
+/// writeWithUnsafeMutableBytes): the caller bounds the block's size from the head, so
+/// the whole block costs one capacity check instead of one per byte. A field's literal
+/// takes its name and value plus at most 11 bytes (a byte, two lengths of up to 5);
+/// a parsed head's line holds them plus 3 at least (":" and CRLF): 8 more per field
+/// over the head's bytes is always enough.
 struct HPACKRawWriter {
     let p: UnsafeMutableRawPointer
     var count = 0
@@ -155,7 +157,7 @@ struct HPACKResponseWriter {
 
     /// An interim response's block (100 Continue): `:status` alone.
     mutating func writeStatus(_ status: Int, into b: inout ByteBuffer) {
-        HPACKRawWriter.write(into: &b, bound: 16) { w in writeStatus(status, &w) }
+        HPACKRawWriter.write(into: &b, bound: 32) { w in writeStatus(status, &w) }
     }
 
     /// A trailers block: literal fields without indexing (after the table-size update
@@ -186,8 +188,7 @@ struct HPACKResponseWriter {
     /// response, gRPC's trailers-only one, reaches the proxy as HTTP/1.1 with that field
     /// added, which the client would otherwise see among its metadata).
     mutating func write(_ head: HTTPHead, server: String?, headerOnly: Bool = false, into b: inout ByteBuffer) {
-        // A field's line holds its name and value plus 4 bytes; its literal, 11 at most.
-        let bound = 16 + head.bytes.readableBytes + 7 * head.fields.count + HPACKRawWriter.bound(head.added)
+        let bound = 32 + head.bytes.readableBytes + 8 * head.fields.count + HPACKRawWriter.bound(head.added)
             + (server.map { $0.utf8.count + 8 } ?? 0)
         HPACKRawWriter.write(into: &b, bound: bound) { w in
             writeStatus(head.status, &w)

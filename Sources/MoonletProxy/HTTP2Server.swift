@@ -868,24 +868,15 @@ enum HTTP2FieldCheck {
         return true
     }
 
+    /// `v` is `lit`; `foldingCase`: in any case (`lit` is lowercase).
     @inline(__always)
-    static func equals(_ v: UnsafeRawBufferPointer, _ lit: StaticString) -> Bool {
-        let n = lit.utf8CodeUnitCount
-        guard v.count == n else { return false }
-        let p = lit.utf8Start
-        for k in 0..<n where v[k] != p[k] { return false }
-        return true
-    }
-
-    /// `v` is `lit` (lowercase) in any case.
-    @inline(__always)
-    static func lowercaseEquals(_ v: UnsafeRawBufferPointer, _ lit: StaticString) -> Bool {
+    static func equals(_ v: UnsafeRawBufferPointer, _ lit: StaticString, foldingCase: Bool = false) -> Bool {
         let n = lit.utf8CodeUnitCount
         guard v.count == n else { return false }
         let p = lit.utf8Start
         for k in 0..<n {
             let c = v[k]
-            if (c &- 65 < 26 ? c | 0x20 : c) != p[k] { return false }
+            if (foldingCase && c &- 65 < 26 ? c | 0x20 : c) != p[k] { return false }
         }
         return true
     }
@@ -1010,7 +1001,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
             guard value.isEmpty || HTTPHeadParser.isValidHost(value) else { refusal = HTTPParseError(400, "invalid host header"); return }
             hasHost = true
         case .expect:
-            if value.count == 12 && HTTP2FieldCheck.lowercaseEquals(value, "100-continue") { expectContinue = true }
+            if value.count == 12 && HTTP2FieldCheck.equals(value, "100-continue", foldingCase: true) { expectContinue = true }
         case .other:
             if HTTP2FieldCheck.equals(name, "cookie") {
                 if let c = cookie {

@@ -322,7 +322,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
             s.receiveTrailers(t, endStream: endStream)
         } else {
             let allocator = context?.channel.allocator ?? ByteBufferAllocator()
-            var head = UpstreamH2ResponseHead(buffer: allocator.buffer(capacity: max(256, 2 * block.readableBytes + 64)))
+            var head = UpstreamH2ResponseHead(allocator: allocator, capacity: max(256, 2 * block.readableBytes + 64))
             try decode(stream: id, block, into: &head)
             s.receiveHead(&head, endStream: endStream)
         }
@@ -826,11 +826,11 @@ enum HPACKRequestWriter {
     /// the body's length, written when the head had a content-length (canonical). The
     /// block is written into bytes reserved once, bounded from the head (HPACKRawWriter).
     static func write(_ head: HTTPHead, scheme: String, contentLength: Int64, into b: inout ByteBuffer) {
-        // The head's bytes hold the method, target and every field (a line is name and
-        // value plus 4 bytes, a literal 11 at most); then the filters' additions.
+        // The head's bytes hold the method, target and every field (see HPACKRawWriter
+        // for the 8 more per field); then the filters' additions.
         var hostAdded: String?
         for a in head.added where a.name.utf8.count == 4 && a.name.lowercased() == "host" { hostAdded = a.value }
-        let bound = 64 + head.bytes.readableBytes + 7 * head.fields.count + HPACKRawWriter.bound(head.added)
+        let bound = 64 + head.bytes.readableBytes + 8 * head.fields.count + HPACKRawWriter.bound(head.added)
             + (head.targetOverride?.utf8.count ?? 0) + (hostAdded?.utf8.count ?? 0)
         HPACKRawWriter.write(into: &b, bound: bound) { w in
             head.bytes.withUnsafeReadableBytes { raw in
@@ -962,12 +962,17 @@ final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
 /// that agree (one is kept). Connection-specific fields are dropped. `error` says what
 /// made the block malformed (the stream is then reset).
 struct UpstreamH2ResponseHead: HPACKFieldSink {
-    var buffer: ByteBuffer
+    let allocator: ByteBufferAllocator
+    /// The head buffer's capacity (from the block's size).
+    let capacity: Int
     var builder: HTTPHeadBuilder?
     var length: Int64 = -1
     var error: String?
 
-    init(buffer: ByteBuffer) { self.buffer = buffer }
+    init(allocator: ByteBufferAllocator, capacity: Int) {
+        self.allocator = allocator
+        self.capacity = capacity
+    }
 
     mutating func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
         guard error == nil else { return }
@@ -978,7 +983,7 @@ struct UpstreamH2ResponseHead: HPACKFieldSink {
                 return
             }
             let status = Int(value[0] - 48) * 100 + Int(value[1] - 48) * 10 + Int(value[2] - 48)
-            builder = HTTPHeadBuilder(status: status, buffer: buffer)
+            builder = HTTPHeadBuilder(status: status, buffer: allocator.buffer(capacity: capacity))
             return
         }
         guard builder != nil else { error = "response without :status"; return }

@@ -295,7 +295,7 @@ final class HPACKDecoderTests: XCTestCase {
     }
 
     func responseHead(_ fields: [(String, String)]) -> UpstreamH2ResponseHead {
-        var sink = UpstreamH2ResponseHead(buffer: ByteBufferAllocator().buffer(capacity: 64))
+        var sink = UpstreamH2ResponseHead(allocator: ByteBufferAllocator(), capacity: 64)
         for (n, v) in fields {
             var n = n, v = v
             n.withUTF8 { np in v.withUTF8 { vp in sink.field(name: UnsafeRawBufferPointer(np), value: UnsafeRawBufferPointer(vp)) } }
