@@ -18,7 +18,8 @@ public struct HTTPHeadBuilder {
     }
 
     /// The same from bytes (an HTTP/2 request's `:method` and `:path` as HPACK decoded them).
-    public init(method: UnsafeRawBufferPointer, target: UnsafeRawBufferPointer, buffer: ByteBuffer) {
+    /// (`buffer` is consumed: written in place, never copied on write.)
+    public init(method: UnsafeRawBufferPointer, target: UnsafeRawBufferPointer, buffer: consuming ByteBuffer) {
         var b = buffer
         b.writeBytes(method)
         let methodEnd = b.writerIndex
@@ -35,13 +36,17 @@ public struct HTTPHeadBuilder {
 
     /// A response head: `HTTP/1.1 NNN reason CRLF` with the status's standard reason
     /// (`status` is 100...999); `buffer` is empty (reader index 0).
-    public init(status: Int, buffer: ByteBuffer) {
+    public init(status: Int, buffer: consuming ByteBuffer) {
         var b = buffer
-        HeadWriter.writeStatusLine(status, reason: nil, into: &b)
+        if status == 200 {
+            b.writeStaticString("HTTP/1.1 200 OK\r\n")
+        } else {
+            HeadWriter.writeStatusLine(status, reason: nil, into: &b)
+        }
         head = HTTPHead(bytes: b, isRequest: false)
         head.status = status
         head.reasonRange = 13..<(b.writerIndex - 2)
-        head.fields.reserveCapacity(8)
+        head.fields.reserveCapacity(16)
     }
 
     /// Appends the line `name: value` and records it as a field of `kind`. Returns its

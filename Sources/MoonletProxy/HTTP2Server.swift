@@ -46,6 +46,11 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     var clientCert: String?
     /// The connection's original destination when it was intercepted (its streams' handlers get it).
     var interception: InterceptedDestination?
+    /// What every stream's handler would otherwise work out again per request: the
+    /// address the connection was accepted on, and the metadata exchange's last peer
+    /// (one decode per peer value on the connection, as over HTTP/1.1).
+    var localAddress = ""
+    var peerExchange = PeerExchange()
     /// When the last stream ended (uptime ns): with no stream open, the connection is
     /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
     var lastStreamEnd: UInt64
@@ -607,6 +612,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         let c = connection
         let h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
         h.interception = c.interception
+        if c.localAddress.isEmpty { c.localAddress = h.acceptedAddress() } else { h.localAddress = c.localAddress }
+        h.peerExchange = c.peerExchange
         handler = h
         h.h2StreamOpened()
         requestIsHead = head.isHead
@@ -630,6 +637,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
             let length = request.contentLength
             head.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
             h.h2Request(head)
+            connection.peerExchange = h.peerExchange // the peer it read, for the next streams
         case .failure(let e): h.h2RequestRefused(e)
         }
     }
@@ -848,13 +856,28 @@ enum HTTP2FieldCheck {
     /// `.valid` (bytes from 0x80 up are obs-text, allowed).
     @inline(__always)
     static func value(_ v: UnsafeRawBufferPointer) -> Value {
-        guard let first = v.first else { return .valid }
-        let last = v[v.count - 1]
+        let n = v.count
+        guard n > 0, let p = v.baseAddress else { return .valid }
+        let first = p.load(as: UInt8.self), last = p.load(fromByteOffset: n - 1, as: UInt8.self)
         if first == 32 || first == 9 || last == 32 || last == 9 { return .malformed }
+        // Eight bytes at a time: a word with a byte below 0x20 or equal to 0x7f (the
+        // classic "has a byte less than" and "has a zero byte" tests) goes to the byte loop.
+        var i = 0
+        while i + 8 <= n {
+            let w = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let x = w ^ 0x7f7f_7f7f_7f7f_7f7f
+            let flagged = ((w &- 0x2020_2020_2020_2020) & ~w | (x &- 0x0101_0101_0101_0101) & ~x) & 0x8080_8080_8080_8080
+            if flagged != 0 { break }
+            i += 8
+        }
         var control = false
-        for c in v where c < 32 || c == 127 {
-            if c == 0 || c == 10 || c == 13 { return .malformed }
-            if c != 9 { control = true }
+        while i < n {
+            let c = p.load(fromByteOffset: i, as: UInt8.self)
+            if c < 32 || c == 127 {
+                if c == 0 || c == 10 || c == 13 { return .malformed }
+                if c != 9 { control = true }
+            }
+            i += 1
         }
         return control ? .control : .valid
     }

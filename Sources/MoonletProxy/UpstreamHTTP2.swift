@@ -881,8 +881,13 @@ enum HPACKRequestWriter {
                 }
             }
             for a in head.added {
-                switch KnownHeader(name: a.name) {
-                case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
+                // Only names of these lengths can be connection-specific or Host.
+                switch a.name.utf8.count {
+                case 4, 7, 10, 16, 17:
+                    switch KnownHeader(name: a.name) {
+                    case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
+                    default: break
+                    }
                 default: break
                 }
                 w.byte(0)
