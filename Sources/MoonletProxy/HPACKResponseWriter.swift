@@ -119,16 +119,17 @@ struct HPACKResponseWriter {
         }
     }
 
-    /// Static-table name index of a response field, for the names responses carry most.
+    /// Static-table name index of a response field (`name`: its bytes), for the names
+    /// responses carry most.
     @inline(__always)
-    static func nameIndex(_ head: HTTPHead, _ i: Int) -> Int {
-        switch head.fields[i].kind {
+    static func nameIndex(_ kind: KnownHeader, _ name: UnsafeRawBufferPointer) -> Int {
+        switch kind {
         case .contentLength: return 28
         case .server: return 54
         case .other:
-            switch head.fields[i].nameLength {
-            case 4: return head.nameEquals(i, lowercased: "date") ? 33 : 0
-            case 12: return head.nameEquals(i, lowercased: "content-type") ? 31 : 0
+            switch name.count {
+            case 4: return HTTP2FieldCheck.equals(name, "date", foldingCase: true) ? 33 : 0
+            case 12: return HTTP2FieldCheck.equals(name, "content-type", foldingCase: true) ? 31 : 0
             default: return 0
             }
         default: return 0
@@ -196,12 +197,13 @@ struct HPACKResponseWriter {
                 for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
                     let f = head.fields[i]
                     if headerOnly && f.kind == .contentLength && f.valueLength == 1 && raw[Int(f.valueStart)] == UInt8(ascii: "0") { continue }
-                    let index = Self.nameIndex(head, i)
+                    let name = UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)])
+                    let index = Self.nameIndex(f.kind, name)
                     if index > 0 {
                         w.integer(index, prefix: 4, flags: 0)
                     } else {
                         w.byte(0)
-                        w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true)
+                        w.string(name, lowercase: true)
                     }
                     w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
                 }
