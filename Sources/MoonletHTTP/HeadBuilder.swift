@@ -11,45 +11,70 @@ public struct HTTPHeadBuilder {
 
     /// A request head `METHOD SP target SP HTTP/1.1 CRLF`; `buffer` is empty (reader index 0).
     public init(method: String, target: String, buffer: ByteBuffer) {
+        var m = method, t = target
+        self = m.withUTF8 { mp in t.withUTF8 { tp in
+            HTTPHeadBuilder(method: UnsafeRawBufferPointer(mp), target: UnsafeRawBufferPointer(tp), buffer: buffer)
+        } }
+    }
+
+    /// The same from bytes (an HTTP/2 request's `:method` and `:path` as HPACK decoded them).
+    /// (`buffer` is consumed: written in place, never copied on write.)
+    public init(method: UnsafeRawBufferPointer, target: UnsafeRawBufferPointer, buffer: consuming ByteBuffer) {
         var b = buffer
-        b.writeString(method)
+        b.writeBytes(method)
         let methodEnd = b.writerIndex
         b.writeInteger(UInt8(32))
-        b.writeString(target)
+        b.writeBytes(target)
         let targetEnd = b.writerIndex
         b.writeStaticString(" HTTP/1.1\r\n")
         head = HTTPHead(bytes: b, isRequest: true)
         head.methodRange = 0..<methodEnd
         head.targetRange = (methodEnd + 1)..<targetEnd
-        head.isHead = method == "HEAD"
+        head.isHead = method.count == 4 && method.elementsEqual("HEAD".utf8)
         head.fields.reserveCapacity(16)
     }
 
     /// A response head: `HTTP/1.1 NNN reason CRLF` with the status's standard reason
     /// (`status` is 100...999); `buffer` is empty (reader index 0).
-    public init(status: Int, buffer: ByteBuffer) {
+    public init(status: Int, buffer: consuming ByteBuffer) {
         var b = buffer
-        HeadWriter.writeStatusLine(status, reason: nil, into: &b)
+        if status == 200 {
+            b.writeStaticString("HTTP/1.1 200 OK\r\n")
+        } else {
+            HeadWriter.writeStatusLine(status, reason: nil, into: &b)
+        }
         head = HTTPHead(bytes: b, isRequest: false)
         head.status = status
         head.reasonRange = 13..<(b.writerIndex - 2)
-        head.fields.reserveCapacity(8)
+        head.fields.reserveCapacity(16)
     }
 
     /// Appends the line `name: value` and records it as a field of `kind`. Returns its
     /// index in `fields`.
     @discardableResult
     public mutating func add(_ name: String, _ value: String, kind: KnownHeader) -> Int {
+        var n = name, v = value
+        return n.withUTF8 { np in v.withUTF8 { vp in add(name: UnsafeRawBufferPointer(np), value: UnsafeRawBufferPointer(vp), kind: kind) } }
+    }
+
+    /// The same from bytes (an HTTP/2 field as HPACK decoded it): the line is written
+    /// with one bounds check.
+    @discardableResult
+    public mutating func add(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer, kind: KnownHeader) -> Int {
         let lineStart = head.bytes.writerIndex
-        head.bytes.writeString(name)
-        let nameEnd = head.bytes.writerIndex
-        head.bytes.writeInteger(UInt16(0x3A20)) // ": "
-        let valueStart = head.bytes.writerIndex
-        head.bytes.writeString(value)
-        let valueEnd = head.bytes.writerIndex
-        head.bytes.writeInteger(UInt16(0x0D0A))
-        head.fields.append(HTTPField(nameStart: Int32(lineStart), nameLength: Int32(nameEnd - lineStart),
-                                     valueStart: Int32(valueStart), valueLength: Int32(valueEnd - valueStart),
+        let n = name.count, v = value.count
+        head.bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: n + v + 4) { p in
+            let d = p.baseAddress!
+            if n > 0 { d.copyMemory(from: name.baseAddress!, byteCount: n) }
+            d.storeBytes(of: 0x3A, toByteOffset: n, as: UInt8.self) // ": "
+            d.storeBytes(of: 0x20, toByteOffset: n + 1, as: UInt8.self)
+            if v > 0 { (d + n + 2).copyMemory(from: value.baseAddress!, byteCount: v) }
+            d.storeBytes(of: 0x0D, toByteOffset: n + v + 2, as: UInt8.self)
+            d.storeBytes(of: 0x0A, toByteOffset: n + v + 3, as: UInt8.self)
+            return n + v + 4
+        }
+        head.fields.append(HTTPField(nameStart: Int32(lineStart), nameLength: Int32(n),
+                                     valueStart: Int32(lineStart + n + 2), valueLength: Int32(v),
                                      lineStart: Int32(lineStart), lineEnd: Int32(head.bytes.writerIndex), kind: kind))
         if kind == .host && head.hostIndex < 0 { head.hostIndex = head.fields.count - 1 }
         return head.fields.count - 1
@@ -78,6 +103,18 @@ extension KnownHeader {
     /// The kind of a header name (any case), as the parser classifies it.
     public init(name: String) {
         var n = name
-        self = n.withUTF8 { p in p.isEmpty ? .other : HTTPHeadParser.classify(UnsafeRawBufferPointer(p), 0, p.count) }
+        self = n.withUTF8 { KnownHeader(name: UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The same from the name's bytes.
+    public init(name: UnsafeRawBufferPointer) {
+        self = name.isEmpty ? .other : HTTPHeadParser.classify(name, 0, name.count)
+    }
+}
+
+extension HTTPHeadParser {
+    /// A content-length value by the parser's rule, from its bytes (an HTTP/2 field).
+    public static func parseContentLength(_ value: UnsafeRawBufferPointer) -> Int64? {
+        parseContentLength(value, 0, value.count)
     }
 }

@@ -594,9 +594,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// "ip:port" the client's connection was accepted on (the inbound stream's
     /// destination address), worked out once per connection or HTTP/2 stream.
     func acceptedAddress() -> String {
-        if localAddress.isEmpty {
-            if let h2 { localAddress = h2.connection.acceptedAddress }
-            else if let a = context?.channel.localAddress { localAddress = "\(a.ipAddress ?? ""):\(a.port ?? 0)" }
+        // An HTTP/2 stream's handler gets it from its connection (HTTP2ServerStream.open).
+        if localAddress.isEmpty, let a = (context ?? h2?.connection.context)?.channel.localAddress {
+            localAddress = "\(a.ipAddress ?? ""):\(a.port ?? 0)"
         }
         return localAddress
     }

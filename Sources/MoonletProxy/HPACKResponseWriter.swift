@@ -1,13 +1,107 @@
 import NIOCore
 import MoonletHTTP
 
+/// Writes an HPACK header block into bytes reserved beforehand (ByteBuffer's
+/// writeWithUnsafeMutableBytes): the caller bounds the block's size from the head, so
+/// the whole block costs one capacity check instead of one per byte. A field's literal
+/// takes its name and value plus at most 11 bytes (a byte, two lengths of up to 5);
+/// a parsed head's line holds them plus 3 at least (":" and CRLF): 8 more per field
+/// over the head's bytes is always enough.
+struct HPACKRawWriter {
+    let p: UnsafeMutableRawPointer
+    var count = 0
+
+    init(_ p: UnsafeMutableRawPointer) { self.p = p }
+
+    /// The most a string literal of `n` bytes takes (its length as a 7-bit-prefix
+    /// integer: up to 5 bytes for what a header block can hold).
+    @inline(__always)
+    static func bound(_ n: Int) -> Int { n + 5 }
+
+    @inline(__always)
+    mutating func byte(_ b: UInt8) {
+        p.storeBytes(of: b, toByteOffset: count, as: UInt8.self)
+        count += 1
+    }
+
+    /// An integer with an N-bit prefix (RFC 7541 §5.1) in a byte starting with `flags`.
+    @inline(__always)
+    mutating func integer(_ value: Int, prefix: Int, flags: UInt8) {
+        let max = (1 << prefix) - 1
+        if value < max { byte(flags | UInt8(value)); return }
+        byte(flags | UInt8(max))
+        var rest = value - max
+        while rest >= 128 {
+            byte(UInt8(truncatingIfNeeded: rest & 0x7f) | 0x80)
+            rest >>= 7
+        }
+        byte(UInt8(rest))
+    }
+
+    /// A string literal without Huffman coding; `lowercase` folds ASCII letters.
+    @inline(__always)
+    mutating func string(_ bytes: UnsafeRawBufferPointer, lowercase: Bool) {
+        let n = bytes.count
+        integer(n, prefix: 7, flags: 0)
+        guard n > 0 else { return }
+        let dst = p + count
+        if lowercase {
+            for j in 0..<n {
+                let c = bytes[j]
+                dst.storeBytes(of: c &- 65 < 26 ? c | 0x20 : c, toByteOffset: j, as: UInt8.self)
+            }
+        } else {
+            dst.copyMemory(from: bytes.baseAddress!, byteCount: n)
+        }
+        count += n
+    }
+
+    @inline(__always)
+    mutating func string(_ s: String, lowercase: Bool) {
+        var s = s
+        s.withUTF8 { string(UnsafeRawBufferPointer($0), lowercase: lowercase) }
+    }
+
+    /// A decimal number as a string literal.
+    mutating func decimal(_ value: Int64) {
+        var digits = 1, v = value
+        while v >= 10 { v /= 10; digits += 1 }
+        byte(UInt8(digits))
+        v = value
+        for j in stride(from: digits - 1, through: 0, by: -1) {
+            p.storeBytes(of: UInt8(48 + v % 10), toByteOffset: count + j, as: UInt8.self)
+            v /= 10
+        }
+        count += digits
+    }
+
+    /// Runs `body` on a writer over `bound` bytes reserved at the end of `b`.
+    @inline(__always)
+    static func write(into b: inout ByteBuffer, bound: Int, _ body: (inout HPACKRawWriter) -> Void) {
+        b.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { raw in
+            var w = HPACKRawWriter(raw.baseAddress!)
+            body(&w)
+            precondition(w.count <= bound, "HPACK block beyond its bound")
+            return w.count
+        }
+    }
+
+    /// What the fields filters added take at most.
+    static func bound(_ added: [(name: String, value: String)]) -> Int {
+        var n = 0
+        for a in added { n += a.name.utf8.count + a.value.utf8.count + 11 }
+        return n
+    }
+}
+
 /// Writes response header blocks straight from a parsed head, the way HAProxy's HPACK
 /// encoder does: a static-table index where the table has the field, otherwise a
 /// literal without indexing, no Huffman coding and no dynamic table. The first block
 /// sets the dynamic table's size to 0, so the peer's SETTINGS_HEADER_TABLE_SIZE never
 /// matters. Nothing is copied into Strings on the way (NIOHPACK's encoder wanted an
 /// HPACKHeaders of Strings and searched its tables per field: a seventh of an HTTP/2
-/// request's user CPU).
+/// request's user CPU), and the block is written into bytes reserved once
+/// (HPACKRawWriter).
 struct HPACKResponseWriter {
     var sentTableSize = false
 
@@ -25,76 +119,66 @@ struct HPACKResponseWriter {
         }
     }
 
-    /// An HPACK integer with an N-bit prefix (RFC 7541 §5.1) in a byte starting with `flags`.
+    /// Static-table name index of a response field (`name`: its bytes), for the names
+    /// responses carry most.
     @inline(__always)
-    static func writeInteger(_ value: Int, prefix: Int, flags: UInt8, into b: inout ByteBuffer) {
-        let max = (1 << prefix) - 1
-        if value < max { b.writeInteger(flags | UInt8(value)); return }
-        b.writeInteger(flags | UInt8(max))
-        var rest = value - max
-        while rest >= 128 {
-            b.writeInteger(UInt8(truncatingIfNeeded: rest & 0x7f) | 0x80)
-            rest >>= 7
-        }
-        b.writeInteger(UInt8(rest))
-    }
-
-    /// A string literal without Huffman coding; `lowercase` folds ASCII letters.
-    @inline(__always)
-    static func writeString(_ bytes: UnsafeRawBufferPointer, lowercase: Bool, into b: inout ByteBuffer) {
-        writeInteger(bytes.count, prefix: 7, flags: 0, into: &b)
-        guard lowercase else { b.writeBytes(bytes); return }
-        b.writeWithUnsafeMutableBytes(minimumWritableBytes: bytes.count) { dst in
-            for j in 0..<bytes.count {
-                let c = bytes[j]
-                dst[j] = c &- 65 < 26 ? c | 0x20 : c
-            }
-            return bytes.count
-        }
-    }
-
-    static func writeString(_ s: String, lowercase: Bool, into b: inout ByteBuffer) {
-        var s = s
-        s.withUTF8 { writeString(UnsafeRawBufferPointer($0), lowercase: lowercase, into: &b) }
-    }
-
-    /// Static-table name index of a response field, for the names responses carry most.
-    @inline(__always)
-    static func nameIndex(_ head: HTTPHead, _ i: Int) -> Int {
-        switch head.fields[i].kind {
+    static func nameIndex(_ kind: KnownHeader, _ name: UnsafeRawBufferPointer) -> Int {
+        switch kind {
         case .contentLength: return 28
         case .server: return 54
         case .other:
-            switch head.fields[i].nameLength {
-            case 4: return head.nameEquals(i, lowercased: "date") ? 33 : 0
-            case 12: return head.nameEquals(i, lowercased: "content-type") ? 31 : 0
+            switch name.count {
+            case 4: return HTTP2FieldCheck.equals(name, "date", foldingCase: true) ? 33 : 0
+            case 12: return HTTP2FieldCheck.equals(name, "content-type", foldingCase: true) ? 31 : 0
             default: return 0
             }
         default: return 0
         }
     }
 
+    /// The table-size update that starts the connection's first block.
+    @inline(__always)
+    mutating func writeTableSize(_ w: inout HPACKRawWriter) {
+        if !sentTableSize { sentTableSize = true; w.byte(0x20) } // table size 0
+    }
+
     /// `:status` (a static-table index when the table has the code, else a literal
-    /// without indexing), after the table-size update that starts the first block.
-    /// Alone, it is an interim response's block (100 Continue).
-    mutating func writeStatus(_ status: Int, into b: inout ByteBuffer) {
-        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) } // table size 0
+    /// without indexing), after the table-size update that starts the first block:
+    /// at most 6 bytes.
+    @inline(__always)
+    mutating func writeStatus(_ status: Int, _ w: inout HPACKRawWriter) {
+        writeTableSize(&w)
         if let index = Self.statusIndex(status) {
-            b.writeInteger(0x80 | index)
+            w.byte(0x80 | index)
         } else {
-            b.writeInteger(UInt8(0x08)) // literal without indexing, name :status (index 8)
-            Self.writeString(String(status), lowercase: false, into: &b)
+            w.byte(0x08) // literal without indexing, name :status (index 8)
+            w.decimal(Int64(status))
         }
+    }
+
+    /// An interim response's block (100 Continue): `:status` alone.
+    mutating func writeStatus(_ status: Int, into b: inout ByteBuffer) {
+        HPACKRawWriter.write(into: &b, bound: 32) { w in writeStatus(status, &w) }
     }
 
     /// A trailers block: literal fields without indexing (after the table-size update
     /// when it is the connection's first block).
     mutating func writeTrailers(_ t: HTTPTrailers, into b: inout ByteBuffer) {
-        if !sentTableSize { sentTableSize = true; b.writeInteger(UInt8(0x20)) }
-        for f in t.fields {
-            b.writeInteger(UInt8(0))
-            Self.writeString(f.name, lowercase: true, into: &b)
-            Self.writeString(f.value, lowercase: false, into: &b)
+        var bound = 1
+        for f in t.fields { bound += f.name.utf8.count + f.value.utf8.count + 11 }
+        HPACKRawWriter.write(into: &b, bound: bound) { w in
+            writeTableSize(&w)
+            Self.writeLiterals(t.fields, lowercase: true, &w)
+        }
+    }
+
+    /// Literal fields without indexing, new names (`lowercase`: names folded).
+    @inline(__always)
+    static func writeLiterals(_ fields: [(name: String, value: String)], lowercase: Bool, _ w: inout HPACKRawWriter) {
+        for f in fields {
+            w.byte(0)
+            w.string(f.name, lowercase: lowercase)
+            w.string(f.value, lowercase: false)
         }
     }
 
@@ -105,29 +189,30 @@ struct HPACKResponseWriter {
     /// response, gRPC's trailers-only one, reaches the proxy as HTTP/1.1 with that field
     /// added, which the client would otherwise see among its metadata).
     mutating func write(_ head: HTTPHead, server: String?, headerOnly: Bool = false, into b: inout ByteBuffer) {
-        writeStatus(head.status, into: &b)
-        head.bytes.withUnsafeReadableBytes { raw in
-            for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
-                let f = head.fields[i]
-                if headerOnly && f.kind == .contentLength && f.valueLength == 1 && raw[Int(f.valueStart)] == UInt8(ascii: "0") { continue }
-                let index = Self.nameIndex(head, i)
-                if index > 0 {
-                    Self.writeInteger(index, prefix: 4, flags: 0, into: &b)
-                } else {
-                    b.writeInteger(UInt8(0))
-                    Self.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true, into: &b)
+        let bound = 32 + head.bytes.readableBytes + 8 * head.fields.count + HPACKRawWriter.bound(head.added)
+            + (server.map { $0.utf8.count + 8 } ?? 0)
+        HPACKRawWriter.write(into: &b, bound: bound) { w in
+            writeStatus(head.status, &w)
+            head.bytes.withUnsafeReadableBytes { raw in
+                for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: false) {
+                    let f = head.fields[i]
+                    if headerOnly && f.kind == .contentLength && f.valueLength == 1 && raw[Int(f.valueStart)] == UInt8(ascii: "0") { continue }
+                    let name = UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)])
+                    let index = Self.nameIndex(f.kind, name)
+                    if index > 0 {
+                        w.integer(index, prefix: 4, flags: 0)
+                    } else {
+                        w.byte(0)
+                        w.string(name, lowercase: true)
+                    }
+                    w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
                 }
-                Self.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false, into: &b)
             }
-        }
-        for a in head.added {
-            b.writeInteger(UInt8(0))
-            Self.writeString(a.name, lowercase: true, into: &b)
-            Self.writeString(a.value, lowercase: false, into: &b)
-        }
-        if let server {
-            Self.writeInteger(54, prefix: 4, flags: 0, into: &b)
-            Self.writeString(server, lowercase: false, into: &b)
+            Self.writeLiterals(head.added, lowercase: true, &w)
+            if let server {
+                w.integer(54, prefix: 4, flags: 0)
+                w.string(server, lowercase: false)
+            }
         }
     }
 }

@@ -1,5 +1,4 @@
 import NIOCore
-import NIOHPACK
 import MoonletCore
 import MoonletHTTP
 
@@ -47,12 +46,11 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     var clientCert: String?
     /// The connection's original destination when it was intercepted (its streams' handlers get it).
     var interception: InterceptedDestination?
-    /// "ip:port" the client connected to, formatted once for all the connection's streams
-    /// (the inbound listener's destination address; `channel.localAddress` takes a lock).
-    lazy var acceptedAddress: String = {
-        guard let a = context?.channel.localAddress else { return "" }
-        return "\(a.ipAddress ?? ""):\(a.port ?? 0)"
-    }()
+    /// What every stream's handler would otherwise work out again per request: the
+    /// address the connection was accepted on, and the metadata exchange's last peer
+    /// (one decode per peer value on the connection, as over HTTP/1.1).
+    var localAddress = ""
+    var peerExchange = PeerExchange()
     /// When the last stream ended (uptime ns): with no stream open, the connection is
     /// idle since then (downstreamIdleTimeoutMs, Envoy's idle_timeout).
     var lastStreamEnd: UInt64
@@ -62,7 +60,10 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     var inbound: ByteBuffer?
     var prefaceSeen = false
     var settingsSeen = false
-    var decoder: HPACKDecoder
+    /// The request header blocks' HPACK decoder (HPACKBlockDecoder: fields as bytes).
+    let decoder: HPACKBlockDecoder
+    /// Reused by each request's HTTP2RequestHead for the pseudo-header values and cookie crumbs.
+    var requestScratch: [UInt8] = []
     /// A header block split over CONTINUATION frames, until END_HEADERS.
     var continuation: (stream: UInt32, endStream: Bool, block: ByteBuffer, frames: Int)?
     /// When a header block still waiting for END_HEADERS times out (uptime ns; 0: none):
@@ -103,8 +104,8 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
         self.context = context
         self.peer = peer
         lastStreamEnd = NIODeadline.now().uptimeNanoseconds
-        decoder = HPACKDecoder(allocator: ctx.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                               maxHeaderListSize: Self.maxHeaderBlock(limits))
+        decoder = HPACKBlockDecoder(maxHeaderListSize: Self.maxHeaderBlock(limits))
+        requestScratch.reserveCapacity(256)
         scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
@@ -264,35 +265,37 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
         }
     }
 
-    /// A complete header block: a new request, or the trailers of an open one.
+    /// A complete header block: a new request, or the trailers of an open one. It is
+    /// decoded whatever becomes of the stream (HPACK's table depends on it), straight
+    /// into what the stream needs: the request's HTTPHead, checked as it is built
+    /// (HTTP2RequestHead), or its trailers.
     func headerBlock(stream id: UInt32, endStream: Bool, block: ByteBuffer, selfDependent: Bool) throws {
-        var b = block
-        let fields: HPACKHeaders
-        // The block is decoded whatever becomes of the stream: HPACK's table depends on it.
-        do { fields = try decoder.decodeHeaders(from: &b) } catch {
-            throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
-        }
         if let s = streams[id] {
             // Trailers: they end the request (RFC 9113 §8.1: END_STREAM, no pseudo-header).
+            var t = HTTP2TrailersSink()
+            try decode(stream: id, block, into: &t)
             guard !s.remoteClosed else { s.reset(.streamClosed); return }
-            guard endStream, !fields.contains(where: { $0.name.utf8.first == UInt8(ascii: ":") }) else { s.reset(.protocolError); return }
-            var t = HTTPTrailers()
-            for (name, value, _) in fields {
-                guard HTTP2RequestHead.validValue(value), t.add(checking: name, value) else { s.reset(.protocolError); return }
+            guard endStream, !t.malformed else { s.reset(.protocolError); return }
+            s.receiveTrailers(t.trailers)
+            return
+        }
+        let opening = id & 1 == 1 && id > lastStreamID
+        guard opening, !selfDependent, !goAwaySent, !peerGoingAway, streams.count < Self.maxConcurrentStreams else {
+            var none = HPACKDiscardingSink()
+            try decode(stream: id, block, into: &none)
+            guard opening else {
+                throw HTTP2ConnectionError(.protocolError, "HEADERS opening stream \(id) after stream \(lastStreamID)")
             }
-            s.receiveTrailers(t)
+            lastStreamID = id
+            writeRSTStream(id, selfDependent ? .protocolError : .refusedStream)
             return
         }
-        guard id & 1 == 1, id > lastStreamID else {
-            throw HTTP2ConnectionError(.protocolError, "HEADERS opening stream \(id) after stream \(lastStreamID)")
-        }
+        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: requestScratch, blockSize: block.readableBytes)
+        requestScratch = []
+        defer { requestScratch = request.saved }
+        try decode(stream: id, block, into: &request)
         lastStreamID = id
-        if selfDependent { writeRSTStream(id, .protocolError); return }
-        if goAwaySent || peerGoingAway || streams.count >= Self.maxConcurrentStreams {
-            writeRSTStream(id, .refusedStream)
-            return
-        }
-        guard let head = HTTP2RequestHead(fields) else {
+        guard let head = request.finish() else {
             ctx.metrics.count("moonlet_downstream_protocol_errors_total")
             writeRSTStream(id, .protocolError)
             return
@@ -300,6 +303,14 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
         let s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
         streams[id] = s
         s.open(head, endStream: endStream)
+    }
+
+    /// Decodes a header block into `sink`; a malformed one is a connection error.
+    @inline(__always)
+    func decode<S: HPACKFieldSink>(stream id: UInt32, _ block: ByteBuffer, into sink: inout S) throws {
+        do { try decoder.decode(block, into: &sink) } catch {
+            throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
+        }
     }
 
     func rstStream(stream id: UInt32, payload: ByteBuffer) throws {
@@ -566,7 +577,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     var readPaused = false
     /// A head without content-length, held until the next frame shows whether a body
     /// follows (then it is sent chunked).
-    var pendingHead: HTTP2RequestHead?
+    var pendingHead: HTTP2DecodedRequest?
     var contentLength = -1
     var bodyReceived = 0
     /// The handler was told the request body ended.
@@ -597,13 +608,15 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
 
     // MARK: request: frames -> head and body chunks
 
-    func open(_ head: HTTP2RequestHead, endStream: Bool) {
+    func open(_ head: HTTP2DecodedRequest, endStream: Bool) {
         let c = connection
         let h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
         h.interception = c.interception
+        if c.localAddress.isEmpty { c.localAddress = h.acceptedAddress() } else { h.localAddress = c.localAddress }
+        h.peerExchange = c.peerExchange
         handler = h
         h.h2StreamOpened()
-        requestIsHead = head.method == "HEAD"
+        requestIsHead = head.isHead
         contentLength = head.contentLength
         if endStream {
             remoteClosed = true
@@ -618,10 +631,13 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
 
     /// Builds the request's HTTPHead from its fields and hands it to the handler (or the
     /// error a malformed one gets).
-    func deliverHead(_ head: HTTP2RequestHead, chunked: Bool, to h: DownstreamHandler) {
-        let c = connection
-        switch head.httpHead(chunked: chunked, limits: c.limits, allocator: c.ctx.allocator) {
-        case .success(let built): h.h2Request(built)
+    func deliverHead(_ request: HTTP2DecodedRequest, chunked: Bool, to h: DownstreamHandler) {
+        switch request.head {
+        case .success(var head):
+            let length = request.contentLength
+            head.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
+            h.h2Request(head)
+            connection.peerExchange = h.peerExchange // the peer it read, for the next streams
         case .failure(let e): h.h2RequestRefused(e)
         }
     }
@@ -829,153 +845,290 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     }
 }
 
-/// A request header block, checked as RFC 9113 §8.2–8.3 asks (lowercase token names;
-/// no CR, LF or NUL in any value and no whitespace around one; the four request
-/// pseudo-headers once each, before the fields; no connection-specific field; TE only
-/// "trailers"), and written as an HTTP/1.1 head. A malformed block is a stream error:
-/// nothing of it reaches the handler, so no byte of a value can become a field of its own.
-struct HTTP2RequestHead {
-    let fields: HPACKHeaders
-    var method = ""
-    var path = ""
-    var authority: String?
-    var contentLength = -1
+/// Byte checks of HTTP/2 field names and values (RFC 9113 §8.2), for requests,
+/// responses and trailers alike.
+enum HTTP2FieldCheck {
+    enum Value { case valid, control, malformed }
+
+    /// A value's verdict, in one pass: `.malformed` for CR, LF or NUL, or a space or tab
+    /// at either end (RFC 9113 §8.2.1: the message is malformed); `.control` for another
+    /// control byte or DEL (which the HTTP/1.1 parser's field-value rule refuses); else
+    /// `.valid` (bytes from 0x80 up are obs-text, allowed).
+    @inline(__always)
+    static func value(_ v: UnsafeRawBufferPointer) -> Value {
+        let n = v.count
+        guard n > 0, let p = v.baseAddress else { return .valid }
+        let first = p.load(as: UInt8.self), last = p.load(fromByteOffset: n - 1, as: UInt8.self)
+        if first == 32 || first == 9 || last == 32 || last == 9 { return .malformed }
+        // Eight bytes at a time: a word with a byte below 0x20 or equal to 0x7f (the
+        // classic "has a byte less than" and "has a zero byte" tests) goes to the byte loop.
+        var i = 0
+        while i + 8 <= n {
+            let w = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let x = w ^ 0x7f7f_7f7f_7f7f_7f7f
+            let flagged = ((w &- 0x2020_2020_2020_2020) & ~w | (x &- 0x0101_0101_0101_0101) & ~x) & 0x8080_8080_8080_8080
+            if flagged != 0 { break }
+            i += 8
+        }
+        var control = false
+        while i < n {
+            let c = p.load(fromByteOffset: i, as: UInt8.self)
+            if c < 32 || c == 127 {
+                if c == 0 || c == 10 || c == 13 { return .malformed }
+                if c != 9 { control = true }
+            }
+            i += 1
+        }
+        return control ? .control : .valid
+    }
 
     /// Field-name bytes allowed in HTTP/2: token characters (HeaderValidation.isTchar)
-    /// other than uppercase letters.
+    /// other than uppercase letters; nothing empty.
     @inline(__always)
-    static func isNameByte(_ c: UInt8) -> Bool { HeaderValidation.isTchar(c) && c &- 65 >= 26 }
+    static func isName(_ n: UnsafeRawBufferPointer) -> Bool {
+        guard !n.isEmpty else { return false }
+        for c in n where !HeaderValidation.isTchar(c) || c &- 65 < 26 { return false }
+        return true
+    }
 
-    init?(_ fields: HPACKHeaders) {
-        self.fields = fields
-        var scheme: String?
-        var seenPath = false, seenMethod = false
-        var regular = false
-        for (name, value, _) in fields {
-            guard Self.validValue(value) else { return nil }
-            var n = name.utf8.makeIterator()
-            guard let first = n.next() else { return nil }
-            if first == UInt8(ascii: ":") {
-                guard !regular else { return nil }
-                switch name {
-                case ":method": guard !seenMethod, HeaderValidation.isToken(value) else { return nil }
-                    seenMethod = true; method = value
-                case ":path": guard !seenPath, !value.isEmpty, !value.utf8.contains(UInt8(ascii: " ")) else { return nil }
-                    seenPath = true; path = value
-                case ":scheme": guard scheme == nil else { return nil }; scheme = value
-                case ":authority": guard authority == nil, !value.utf8.contains(UInt8(ascii: " ")) else { return nil }; authority = value
-                default: return nil
-                }
-                continue
+    /// `v` is `lit`; `foldingCase`: in any case (`lit` is lowercase).
+    @inline(__always)
+    static func equals(_ v: UnsafeRawBufferPointer, _ lit: StaticString, foldingCase: Bool = false) -> Bool {
+        let n = lit.utf8CodeUnitCount
+        guard v.count == n else { return false }
+        let p = lit.utf8Start
+        for k in 0..<n {
+            let c = v[k]
+            if (foldingCase && c &- 65 < 26 ? c | 0x20 : c) != p[k] { return false }
+        }
+        return true
+    }
+}
+
+/// A request as its header block made it: the HTTPHead (or the status and reason it is
+/// refused with), with its framing still to set (HTTP2ServerStream.deliverHead: whether
+/// a body follows is known from the next frame), the agreed content-length (-1: none)
+/// and whether the method is HEAD.
+struct HTTP2DecodedRequest {
+    var head: Result<HTTPHead, HTTPParseError>
+    var contentLength: Int
+    var isHead: Bool
+}
+
+/// A request header block decoded straight into an HTTPHead (an HPACKFieldSink: each
+/// field's bytes are checked and written once, no String is made), with the checks of
+/// RFC 9113 §8.2–8.3: lowercase token names; no CR, LF or NUL in any value and no
+/// whitespace around one; the four request pseudo-headers once each, before the
+/// fields; no connection-specific field; TE only "trailers"; content-lengths that
+/// agree. A block that breaks one is malformed (`finish` returns nil: a stream error,
+/// nothing of it reaches the handler, so no byte of a value can become a field of its
+/// own).
+///
+/// Then the checks the HTTP/1.1 parser makes that RFC 9113 §8.2 does not, whose failure
+/// is an HTTP answer (HTTPParseError): the target's bytes (no fragment, origin-form or
+/// `*` for OPTIONS; CONNECT is refused with 403 as no tunnel is offered), no control
+/// byte in a value, a valid authority, the header count and head size limits (431).
+/// `:authority` becomes `host` (a `host` field beside it is dropped); one content-length
+/// is written, in canonical form; the cookie crumbs HTTP/2 allows are joined with "; ",
+/// as HTTP/1.1 wants one cookie field (RFC 9113 §8.2.3). A malformed block wins over a
+/// refusal found before its fault, as when the two were separate passes.
+struct HTTP2RequestHead: HPACKFieldSink {
+    let limits: ProxyLimits
+    let allocator: ByteBufferAllocator
+    let blockSize: Int
+    /// The pseudo-header values (they must outlive their field call), then the cookie crumbs.
+    var saved: [UInt8]
+    var method = 0..<0, path = 0..<0
+    var scheme: Range<Int>?, authority: Range<Int>?
+    var seenMethod = false, seenPath = false
+    /// A regular field was seen: the pseudo-headers are over.
+    var regular = false
+    var malformed = false
+    var refusal: HTTPParseError?
+    var builder: HTTPHeadBuilder?
+    var contentLength = -1
+    var isHead = false
+    var hasHost = false, lengthWritten = false, underscore = false, expectContinue = false
+    var cookie: Range<Int>?
+
+    init(limits: ProxyLimits, allocator: ByteBufferAllocator, scratch: [UInt8], blockSize: Int) {
+        self.limits = limits
+        self.allocator = allocator
+        self.blockSize = blockSize
+        saved = scratch
+        saved.removeAll(keepingCapacity: true)
+    }
+
+    mutating func save(_ v: UnsafeRawBufferPointer) -> Range<Int> {
+        let start = saved.count
+        saved.append(contentsOf: v)
+        return start..<saved.count
+    }
+
+    mutating func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
+        guard !malformed else { return }
+        let verdict = HTTP2FieldCheck.value(value)
+        guard verdict != .malformed, let first = name.first else { malformed = true; return }
+        if first == UInt8(ascii: ":") {
+            guard !regular else { malformed = true; return }
+            if HTTP2FieldCheck.equals(name, ":method") {
+                guard !seenMethod, !value.isEmpty, value.allSatisfy(HeaderValidation.isTchar) else { malformed = true; return }
+                seenMethod = true
+                method = save(value)
+            } else if HTTP2FieldCheck.equals(name, ":path") {
+                guard !seenPath, !value.isEmpty, !value.contains(32) else { malformed = true; return }
+                seenPath = true
+                path = save(value)
+            } else if HTTP2FieldCheck.equals(name, ":scheme") {
+                guard scheme == nil else { malformed = true; return }
+                scheme = save(value)
+            } else if HTTP2FieldCheck.equals(name, ":authority") {
+                guard authority == nil, !value.contains(32) else { malformed = true; return }
+                authority = save(value)
+            } else {
+                malformed = true
             }
+            return
+        }
+        if !regular {
             regular = true
-            guard Self.isNameByte(first) else { return nil }
-            while let c = n.next() { guard Self.isNameByte(c) else { return nil } }
-            switch name {
-            case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": return nil
-            case "te": guard value == "trailers" else { return nil }
-            case "content-length":
-                // The HTTP/1.1 parser's rule, not Int(_:) (which takes "+5" and "-0"): the
-                // value reaches an HTTP/1.1 upstream, which must read it as we did.
-                guard let v = HTTPHeadParser.parseContentLength(value), contentLength < 0 || contentLength == Int(v) else { return nil }
-                contentLength = Int(v)
-            default: break
-            }
+            endOfPseudoHeaders()
+            guard !malformed else { return }
         }
-        guard seenMethod else { return nil }
-        if method == "CONNECT" {
-            guard let a = authority, !a.isEmpty, scheme == nil, !seenPath else { return nil }
-            path = a
-        } else {
-            guard scheme != nil, seenPath else { return nil }
+        guard HTTP2FieldCheck.isName(name) else { malformed = true; return }
+        let kind = KnownHeader(name: name)
+        switch kind {
+        case .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: malformed = true; return
+        case .te: guard HTTP2FieldCheck.equals(value, "trailers") else { malformed = true; return }
+        case .contentLength:
+            // The HTTP/1.1 parser's rule, not Int(_:) (which takes "+5" and "-0"): the
+            // value reaches an HTTP/1.1 upstream, which must read it as we did.
+            guard let v = HTTPHeadParser.parseContentLength(value), contentLength < 0 || contentLength == Int(v) else { malformed = true; return }
+            contentLength = Int(v)
+        default: break
         }
-    }
-
-    /// No CR, LF or NUL (HeaderValidation.isValidValue), and no space or tab at either
-    /// end (RFC 9113 §8.2.1).
-    static func validValue(_ v: String) -> Bool {
-        guard HeaderValidation.isValidValue(v) else { return false }
-        guard let first = v.utf8.first, let last = v.utf8.last else { return true }
-        return first != 32 && first != 9 && last != 32 && last != 9
-    }
-
-    /// The request as an HTTPHead, built from the fields (HTTPHeadBuilder: its bytes are
-    /// the HTTP/1.1 lines the upstream gets, and nothing parses them again), with the
-    /// checks the HTTP/1.1 parser makes that RFC 9113 §8.2 does not: the target's bytes
-    /// (no fragment, origin-form or `*` for OPTIONS; CONNECT is refused with 403 as no
-    /// tunnel is offered), no control byte in a value, a valid authority, the header
-    /// count and head size limits (431). `:authority` becomes `host` (a `host` field
-    /// beside it is dropped); the cookie crumbs HTTP/2 allows are joined with "; ", as
-    /// HTTP/1.1 wants one cookie field (RFC 9113 §8.2.3). `chunked`: a body of unknown
-    /// length follows.
-    func httpHead(chunked: Bool, limits: ProxyLimits, allocator: ByteBufferAllocator) -> Result<HTTPHead, HTTPParseError> {
-        if method == "CONNECT" { return .failure(HTTPParseError(403, "CONNECT is not supported")) }
-        var form = RequestTargetForm.origin
-        for c in path.utf8 where c <= 32 || c >= 127 || c == 35 {
-            return .failure(HTTPParseError(400, c == 35 ? "fragment in request target" : "bad request target"))
-        }
-        if path.utf8.first != UInt8(ascii: "/") {
-            guard path == "*" else { return .failure(HTTPParseError(400, ":path is not origin-form")) }
-            guard method == "OPTIONS" else { return .failure(HTTPParseError(400, "request target is not origin-form, absolute-form, * (OPTIONS) or authority-form (CONNECT)")) }
-            form = .asterisk
-        }
-        var b = HTTPHeadBuilder(method: method, target: path, buffer: allocator.buffer(capacity: 512))
-        b.set(targetForm: form)
-        // No authority and no host: the handler answers 400 (none is made up).
-        var hasHost = false
-        if let authority, !authority.isEmpty {
-            guard Self.isValidHost(authority) else { return .failure(HTTPParseError(400, "invalid host header")) }
-            b.add("host", authority, kind: .host)
+        guard refusal == nil, builder != nil else { return }
+        guard verdict == .valid else { refusal = HTTPParseError(400, "control character in header value"); return }
+        switch kind {
+        case .contentLength:
+            // One content-length, in canonical form (every value is checked to agree):
+            // the upstream never sees two, nor "007".
+            if lengthWritten { return }
+            lengthWritten = true
+            var digits = 0
+            while digits < value.count - 1 && value[digits] == UInt8(ascii: "0") { digits += 1 }
+            builder!.add(name: name, value: UnsafeRawBufferPointer(rebasing: value[digits...]), kind: .contentLength)
+            return
+        case .host:
+            if hasHost { return }
+            guard value.isEmpty || HTTPHeadParser.isValidHost(value) else { refusal = HTTPParseError(400, "invalid host header"); return }
             hasHost = true
-        }
-        var cookie: String? = nil
-        var underscore = false
-        var expectContinue = false
-        var lengthWritten = false
-        for (name, value, _) in fields {
-            if name.utf8.first == UInt8(ascii: ":") { continue }
-            guard HeaderValidation.isFieldValue(value) else { return .failure(HTTPParseError(400, "control character in header value")) }
-            let kind = KnownHeader(name: name)
-            switch kind {
-            case .contentLength:
-                // One content-length, in canonical form (init checked every value and
-                // that they agree): the upstream never sees two, nor "007".
-                if lengthWritten || contentLength < 0 { continue }
-                lengthWritten = true
-                b.add("content-length", String(contentLength), kind: .contentLength)
-                continue
-            case .host:
-                if hasHost { continue }
-                guard value.isEmpty || Self.isValidHost(value) else { return .failure(HTTPParseError(400, "invalid host header")) }
-                hasHost = true
-            case .expect:
-                if value.utf8.count == 12 && value.lowercased() == "100-continue" { expectContinue = true }
-            case .other:
-                if name == "cookie" {
-                    cookie = cookie.map { $0 + "; " + value } ?? value
-                    continue
+        case .expect:
+            if value.count == 12 && HTTP2FieldCheck.equals(value, "100-continue", foldingCase: true) { expectContinue = true }
+        case .other:
+            if HTTP2FieldCheck.equals(name, "cookie") {
+                if let c = cookie {
+                    saved.append(contentsOf: "; ".utf8)
+                    saved.append(contentsOf: value)
+                    cookie = c.lowerBound..<saved.count
+                } else {
+                    cookie = save(value)
                 }
-            default: break
+                return
             }
-            if !underscore && name.utf8.contains(95) { underscore = true }
-            b.add(name, value, kind: kind)
+        default: break
         }
-        if let cookie { b.add("cookie", cookie, kind: .other) }
-        if b.head.fields.count > limits.maxHeaderCount {
-            return .failure(HTTPParseError(431, "more than \(limits.maxHeaderCount) headers"))
-        }
-        b.set(underscoreInName: underscore)
-        b.set(expectContinue: expectContinue)
-        b.set(framing: contentLength > 0 ? .contentLength(Int64(contentLength)) : contentLength == 0 ? .none : chunked ? .chunked : .none)
-        let head = b.finish()
-        if head.bytes.readableBytes > limits.maxHeadBytes {
-            return .failure(HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes"))
-        }
-        return .success(head)
+        if !underscore && name.contains(95) { underscore = true }
+        builder!.add(name: name, value: value, kind: kind)
     }
 
-    static func isValidHost(_ v: String) -> Bool {
-        var v = v
-        return v.withUTF8 { HTTPHeadParser.isValidHost(UnsafeRawBufferPointer($0)) }
+    /// The pseudo-headers are all there: the request line is checked and written.
+    mutating func endOfPseudoHeaders() {
+        guard seenMethod else { malformed = true; return }
+        let pseudo = saved
+        pseudo.withUnsafeBytes { raw in
+            let m = UnsafeRawBufferPointer(rebasing: raw[method])
+            isHead = HTTP2FieldCheck.equals(m, "HEAD")
+            let connect = HTTP2FieldCheck.equals(m, "CONNECT")
+            if connect {
+                guard let a = authority, !a.isEmpty, scheme == nil, !seenPath else { malformed = true; return }
+                refusal = HTTPParseError(403, "CONNECT is not supported")
+                return
+            }
+            guard scheme != nil, seenPath else { malformed = true; return }
+            let target = UnsafeRawBufferPointer(rebasing: raw[path])
+            var form = RequestTargetForm.origin
+            for c in target where c <= 32 || c >= 127 || c == 35 {
+                refusal = HTTPParseError(400, c == 35 ? "fragment in request target" : "bad request target")
+                return
+            }
+            if target.first != UInt8(ascii: "/") {
+                guard HTTP2FieldCheck.equals(target, "*") else { refusal = HTTPParseError(400, ":path is not origin-form"); return }
+                guard HTTP2FieldCheck.equals(m, "OPTIONS") else {
+                    refusal = HTTPParseError(400, "request target is not origin-form, absolute-form, * (OPTIONS) or authority-form (CONNECT)")
+                    return
+                }
+                form = .asterisk
+            }
+            var b = HTTPHeadBuilder(method: m, target: target, buffer: allocator.buffer(capacity: max(512, 2 * blockSize + 64)))
+            b.set(targetForm: form)
+            // No authority and no host: the handler answers 400 (none is made up).
+            if let a = authority, !a.isEmpty {
+                let value = UnsafeRawBufferPointer(rebasing: raw[a])
+                guard HTTPHeadParser.isValidHost(value) else { refusal = HTTPParseError(400, "invalid host header"); return }
+                b.add(name: UnsafeRawBufferPointer(start: Self.hostName.utf8Start, count: 4), value: value, kind: .host)
+                hasHost = true
+            }
+            builder = b
+        }
+    }
+
+    static let hostName: StaticString = "host"
+    static let cookieName: StaticString = "cookie"
+
+    /// The request once its block is decoded; nil when the block is malformed.
+    mutating func finish() -> HTTP2DecodedRequest? {
+        if !regular && !malformed { endOfPseudoHeaders() }
+        if malformed { return nil }
+        if let refusal { return HTTP2DecodedRequest(head: .failure(refusal), contentLength: contentLength, isHead: isHead) }
+        var b = builder!
+        builder = nil
+        if let c = cookie {
+            let crumbs = saved
+            crumbs.withUnsafeBytes { raw in
+                _ = b.add(name: UnsafeRawBufferPointer(start: Self.cookieName.utf8Start, count: 6), value: UnsafeRawBufferPointer(rebasing: raw[c]), kind: .other)
+            }
+        }
+        let refused: HTTPParseError?
+        if b.head.fields.count > limits.maxHeaderCount {
+            refused = HTTPParseError(431, "more than \(limits.maxHeaderCount) headers")
+        } else {
+            b.set(underscoreInName: underscore)
+            b.set(expectContinue: expectContinue)
+            let head = b.finish()
+            if head.bytes.readableBytes > limits.maxHeadBytes {
+                refused = HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes")
+            } else {
+                return HTTP2DecodedRequest(head: .success(head), contentLength: contentLength, isHead: isHead)
+            }
+        }
+        return HTTP2DecodedRequest(head: .failure(refused!), contentLength: contentLength, isHead: isHead)
+    }
+}
+
+/// A trailers block (RFC 9113 §8.1) decoded into HTTPTrailers: no pseudo-header, values
+/// as HTTP/2 and the HTTP/1.1 parser allow them, token names (HTTPTrailers.add(checking:),
+/// which drops what may not be a trailer). `malformed`: the stream is reset.
+struct HTTP2TrailersSink: HPACKFieldSink {
+    var trailers = HTTPTrailers()
+    var malformed = false
+
+    mutating func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
+        guard !malformed else { return }
+        guard name.first != UInt8(ascii: ":"), HTTP2FieldCheck.value(value) != .malformed,
+              trailers.add(checking: String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)) else {
+            malformed = true
+            return
+        }
     }
 }

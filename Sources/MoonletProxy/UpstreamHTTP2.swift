@@ -1,5 +1,4 @@
 import NIOCore
-import NIOHPACK
 import NIOTLS
 import NIOSSL
 import MoonletTLS
@@ -59,7 +58,8 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     // Input.
     var inbound: ByteBuffer?
     var settingsSeen = false
-    var decoder: HPACKDecoder
+    /// The response header blocks' HPACK decoder (HPACKBlockDecoder: fields as bytes).
+    let decoder: HPACKBlockDecoder
     var continuation: (stream: UInt32, endStream: Bool, block: ByteBuffer, frames: Int)?
     var recvWindow = HTTP2Wire.defaultWindow
     var recvUnacked = 0
@@ -76,8 +76,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     init(key: String, limits: ProxyLimits, allocator: ByteBufferAllocator) {
         self.key = key
         self.limits = limits
-        decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                               maxHeaderListSize: HTTP2ServerConnection.maxHeaderBlock(limits))
+        decoder = HPACKBlockDecoder(maxHeaderListSize: HTTP2ServerConnection.maxHeaderBlock(limits))
         scratch = allocator.buffer(capacity: 1024)
     }
 
@@ -306,18 +305,35 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     }
 
     /// A complete header block: the response head (or an interim one), or its trailers.
+    /// Decoded whatever becomes of the stream (HPACK's table depends on it), straight
+    /// into the response's HTTPHead (UpstreamH2ResponseHead) or its trailers.
     func headerBlock(stream id: UInt32, endStream: Bool, block: ByteBuffer) throws {
-        var b = block
-        let fields: HPACKHeaders
-        // Decoded whatever becomes of the stream: HPACK's table depends on it.
-        do { fields = try decoder.decodeHeaders(from: &b) } catch {
-            throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
-        }
-        guard let s = streams[id] else {
-            guard id < nextStreamID, id & 1 == 1 else { throw HTTP2ConnectionError(.protocolError, "HEADERS on stream \(id), which this client did not open") }
+        guard let s = streams[id], !s.ended else {
+            var none = HPACKDiscardingSink()
+            try decode(stream: id, block, into: &none)
+            if streams[id] == nil {
+                guard id < nextStreamID, id & 1 == 1 else { throw HTTP2ConnectionError(.protocolError, "HEADERS on stream \(id), which this client did not open") }
+            }
             return
         }
-        s.receiveHeaders(fields, endStream: endStream)
+        if s.responseStarted {
+            var t = HTTP2TrailersSink()
+            try decode(stream: id, block, into: &t)
+            s.receiveTrailers(t, endStream: endStream)
+        } else {
+            let allocator = context?.channel.allocator ?? ByteBufferAllocator()
+            var head = UpstreamH2ResponseHead(allocator: allocator, capacity: max(256, 2 * block.readableBytes + 64))
+            try decode(stream: id, block, into: &head)
+            s.receiveHead(&head, endStream: endStream)
+        }
+    }
+
+    /// Decodes a header block into `sink`; a malformed one is a connection error.
+    @inline(__always)
+    func decode<S: HPACKFieldSink>(stream id: UInt32, _ block: ByteBuffer, into sink: inout S) throws {
+        do { try decoder.decode(block, into: &sink) } catch {
+            throw HTTP2ConnectionError(.compressionError, "header block of stream \(id): \(error)")
+        }
     }
 
     func settings(_ f: HTTP2Wire.Frame) throws {
@@ -399,10 +415,8 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
 
     func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
         scratch.clear()
-        for f in trailers.fields {
-            scratch.writeInteger(UInt8(0))
-            HPACKResponseWriter.writeString(f.name, lowercase: true, into: &scratch)
-            HPACKResponseWriter.writeString(f.value, lowercase: false, into: &scratch)
+        HPACKRawWriter.write(into: &scratch, bound: HPACKRawWriter.bound(trailers.fields)) { w in
+            HPACKResponseWriter.writeLiterals(trailers.fields, lowercase: true, &w)
         }
         var b = output(capacity: scratch.readableBytes + 9)
         HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: true, maxFrameSize: peerMaxFrameSize, into: &b)
@@ -646,23 +660,20 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 
     // MARK: response
 
-    func receiveHeaders(_ fields: HPACKHeaders, endStream: Bool) {
+    /// The response's trailers: END_STREAM, no pseudo-header (RFC 9113 §8.1).
+    func receiveTrailers(_ t: HTTP2TrailersSink, endStream: Bool) {
         guard !ended else { return }
-        if responseStarted {
-            // Trailers: END_STREAM, no pseudo-header (RFC 9113 §8.1).
-            guard endStream else { reset(.protocolError); fail(.protocolError("HEADERS in the middle of the response body")); return }
-            var t = HTTPTrailers()
-            for (name, value, _) in fields {
-                guard name.utf8.first != UInt8(ascii: ":"), HTTP2RequestHead.validValue(value), t.add(checking: name, value) else {
-                    reset(.protocolError); fail(.protocolError("malformed response trailers")); return
-                }
-            }
-            remoteEnded = true
-            if !t.isEmpty { delegate?.upstreamResponseTrailers(t) }
-            responseEnd()
-            return
-        }
-        guard let head = responseHead(fields, endStream: endStream) else { return }
+        guard endStream else { reset(.protocolError); fail(.protocolError("HEADERS in the middle of the response body")); return }
+        guard !t.malformed else { reset(.protocolError); fail(.protocolError("malformed response trailers")); return }
+        remoteEnded = true
+        if !t.trailers.isEmpty { delegate?.upstreamResponseTrailers(t.trailers) }
+        responseEnd()
+    }
+
+    /// The response head (or an interim one), decoded.
+    func receiveHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) {
+        guard !ended else { return }
+        guard let head = responseHead(&decoded, endStream: endStream) else { return }
         if head.status < 200 {
             // Interim responses are consumed here (the proxy answers 100-continue itself).
             if head.status == 101 || endStream { reset(.protocolError); fail(.protocolError("interim response \(head.status)")) }
@@ -676,41 +687,17 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         if endStream { responseEnd() }
     }
 
-    /// The response's header block as an HTTPHead; nil (the stream reset, the delegate
-    /// told) when it is malformed.
-    func responseHead(_ fields: HPACKHeaders, endStream: Bool) -> HTTPHead? {
-        var status = -1
-        var regular = false
-        var length: Int64 = -1
-        for (name, value, _) in fields where name.utf8.first == UInt8(ascii: ":") {
-            guard name == ":status", status < 0, !regular, value.utf8.count == 3, let code = Int(value), code >= 100 else {
-                reset(.protocolError); fail(.protocolError("malformed response header block")); return nil
-            }
-            status = code
-        }
-        guard status >= 100 else { reset(.protocolError); fail(.protocolError("response without :status")); return nil }
-        var b = HTTPHeadBuilder(status: status, buffer: (connection.context?.channel.allocator ?? ByteBufferAllocator()).buffer(capacity: 256))
-        for (name, value, _) in fields {
-            if name.utf8.first == UInt8(ascii: ":") { continue }
-            regular = true
-            guard HTTP2RequestHead.validValue(value), HeaderValidation.isFieldValue(value) else {
-                reset(.protocolError); fail(.protocolError("control character in a response header value")); return nil
-            }
-            let kind = KnownHeader(name: name)
-            switch kind {
-            case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: continue
-            case .contentLength:
-                guard let v = HTTPHeadParser.parseContentLength(value), length < 0 || length == v else {
-                    reset(.protocolError); fail(.protocolError("bad content-length")); return nil
-                }
-                if length >= 0 { continue }
-                length = v
-            default: break
-            }
-            b.add(name, value, kind: kind)
-        }
+    /// The response's HTTPHead with its framing; nil (the stream reset, the delegate
+    /// told) when the block was malformed.
+    func responseHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) -> HTTPHead? {
+        if decoded.error == nil && decoded.builder == nil { decoded.error = "response without :status" }
+        if let e = decoded.error { reset(.protocolError); fail(.protocolError(e)); return nil }
+        var b = decoded.builder!
+        decoded.builder = nil
+        let status = b.head.status
         if status < 200 { return b.finish() }
         let bodyless = requestWasHead || status == 204 || status == 304
+        let length = decoded.length
         if bodyless {
             b.set(framing: .none)
         } else if length >= 0 {
@@ -836,51 +823,77 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 enum HPACKRequestWriter {
     /// `:method`, `:scheme`, `:authority` (Host, or the one a filter set), `:path`, then
     /// the fields HTTP/2 allows (see HTTPHead.isHTTP2Forbidden). `contentLength` >= 0:
-    /// the body's length, written when the head had a content-length (canonical).
+    /// the body's length, written when the head had a content-length (canonical). The
+    /// block is written into bytes reserved once, bounded from the head (HPACKRawWriter).
     static func write(_ head: HTTPHead, scheme: String, contentLength: Int64, into b: inout ByteBuffer) {
-        let method = head.method
-        switch method {
-        case "GET": b.writeInteger(UInt8(0x82))
-        case "POST": b.writeInteger(UInt8(0x83))
-        default:
-            HPACKResponseWriter.writeInteger(2, prefix: 4, flags: 0, into: &b)
-            HPACKResponseWriter.writeString(method, lowercase: false, into: &b)
-        }
-        b.writeInteger(UInt8(scheme == "http" ? 0x86 : 0x87))
-        var authority = head.hostIndex >= 0 && !head.fields[head.hostIndex].removed ? head.value(at: head.hostIndex) : ""
-        for a in head.added where a.name.utf8.count == 4 && a.name.lowercased() == "host" { authority = a.value }
-        HPACKResponseWriter.writeInteger(1, prefix: 4, flags: 0, into: &b)
-        HPACKResponseWriter.writeString(authority, lowercase: false, into: &b)
-        let path = head.target
-        if path == "/" { b.writeInteger(UInt8(0x84)) } else {
-            HPACKResponseWriter.writeInteger(4, prefix: 4, flags: 0, into: &b)
-            HPACKResponseWriter.writeString(path, lowercase: false, into: &b)
-        }
-        var lengthWritten = false
-        head.bytes.withUnsafeReadableBytes { raw in
-            for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: true) {
-                let f = head.fields[i]
-                if f.kind == .contentLength {
-                    if lengthWritten || contentLength < 0 { continue }
-                    lengthWritten = true
-                    HPACKResponseWriter.writeInteger(28, prefix: 4, flags: 0, into: &b)
-                    HPACKResponseWriter.writeString(String(contentLength), lowercase: false, into: &b)
-                    continue
+        // The head's bytes hold the method, target and every field (see HPACKRawWriter
+        // for the 8 more per field); then the filters' additions.
+        var hostAdded: String?
+        for a in head.added where a.name.utf8.count == 4 && a.name.lowercased() == "host" { hostAdded = a.value }
+        let bound = 64 + head.bytes.readableBytes + 8 * head.fields.count + HPACKRawWriter.bound(head.added)
+            + (head.targetOverride?.utf8.count ?? 0) + (hostAdded?.utf8.count ?? 0)
+        HPACKRawWriter.write(into: &b, bound: bound) { w in
+            head.bytes.withUnsafeReadableBytes { raw in
+                let method = UnsafeRawBufferPointer(rebasing: raw[head.methodRange])
+                if HTTP2FieldCheck.equals(method, "GET") {
+                    w.byte(0x82)
+                } else if HTTP2FieldCheck.equals(method, "POST") {
+                    w.byte(0x83)
+                } else {
+                    w.integer(2, prefix: 4, flags: 0)
+                    w.string(method, lowercase: false)
                 }
-                b.writeInteger(UInt8(0))
-                HPACKResponseWriter.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true, into: &b)
-                HPACKResponseWriter.writeString(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false, into: &b)
+                w.byte(scheme == "http" ? 0x86 : 0x87)
+                w.integer(1, prefix: 4, flags: 0)
+                if let hostAdded {
+                    w.string(hostAdded, lowercase: false)
+                } else if head.hostIndex >= 0 && !head.fields[head.hostIndex].removed {
+                    let f = head.fields[head.hostIndex]
+                    w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
+                } else {
+                    w.byte(0)
+                }
+                if let path = head.targetOverride {
+                    if path == "/" { w.byte(0x84) } else {
+                        w.integer(4, prefix: 4, flags: 0)
+                        w.string(path, lowercase: false)
+                    }
+                } else {
+                    let path = UnsafeRawBufferPointer(rebasing: raw[head.targetRange])
+                    if path.count == 1 && path[0] == UInt8(ascii: "/") { w.byte(0x84) } else {
+                        w.integer(4, prefix: 4, flags: 0)
+                        w.string(path, lowercase: false)
+                    }
+                }
+                var lengthWritten = false
+                for i in 0..<head.fields.count where !head.fields[i].removed && !head.isHTTP2Forbidden(i, isRequest: true) {
+                    let f = head.fields[i]
+                    if f.kind == .contentLength {
+                        if lengthWritten || contentLength < 0 { continue }
+                        lengthWritten = true
+                        w.integer(28, prefix: 4, flags: 0)
+                        w.decimal(contentLength)
+                        continue
+                    }
+                    w.byte(0)
+                    w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true)
+                    w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
+                }
             }
-        }
-        for a in head.added {
-            let name = a.name.lowercased()
-            switch name {
-            case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": continue
-            default: break
+            for a in head.added {
+                // Only names of these lengths can be connection-specific or Host.
+                switch a.name.utf8.count {
+                case 4, 7, 10, 16, 17:
+                    switch KnownHeader(name: a.name) {
+                    case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
+                    default: break
+                    }
+                default: break
+                }
+                w.byte(0)
+                w.string(a.name, lowercase: true)
+                w.string(a.value, lowercase: false)
             }
-            b.writeInteger(UInt8(0))
-            HPACKResponseWriter.writeString(name, lowercase: false, into: &b)
-            HPACKResponseWriter.writeString(a.value, lowercase: false, into: &b)
         }
     }
 }
@@ -943,5 +956,53 @@ final class UpstreamHandshake: ChannelInboundHandler, RemovableChannelHandler {
         configure = nil
         if let f = failed { failed = nil; f(error ?? "TLS handshake failed: the server closed the connection during the handshake") }
         context.fireChannelInactive()
+    }
+}
+
+/// A response header block decoded straight into an HTTPHead (an HPACKFieldSink: each
+/// field's bytes are checked and written once, no String is made): `:status` first and
+/// once (three digits, 100 or more), no other pseudo-header and none after a field;
+/// names of token characters; values without CR, LF, NUL or whitespace around them
+/// (RFC 9113 §8.2.1) and without a control byte the HTTP/1.1 parser refuses; content-lengths
+/// that agree (one is kept). Connection-specific fields are dropped. `error` says what
+/// made the block malformed (the stream is then reset).
+struct UpstreamH2ResponseHead: HPACKFieldSink {
+    let allocator: ByteBufferAllocator
+    /// The head buffer's capacity (from the block's size).
+    let capacity: Int
+    var builder: HTTPHeadBuilder?
+    var length: Int64 = -1
+    var error: String?
+
+    init(allocator: ByteBufferAllocator, capacity: Int) {
+        self.allocator = allocator
+        self.capacity = capacity
+    }
+
+    mutating func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
+        guard error == nil else { return }
+        if name.first == UInt8(ascii: ":") {
+            guard builder == nil, HTTP2FieldCheck.equals(name, ":status"), value.count == 3,
+                  value.allSatisfy({ $0 &- 48 < 10 }), value[0] >= UInt8(ascii: "1") else {
+                error = "malformed response header block"
+                return
+            }
+            let status = Int(value[0] - 48) * 100 + Int(value[1] - 48) * 10 + Int(value[2] - 48)
+            builder = HTTPHeadBuilder(status: status, buffer: allocator.buffer(capacity: capacity))
+            return
+        }
+        guard builder != nil else { error = "response without :status"; return }
+        guard HTTP2FieldCheck.value(value) == .valid else { error = "control character in a response header value"; return }
+        guard !name.isEmpty, name.allSatisfy(HeaderValidation.isTchar) else { error = "malformed response header block"; return }
+        let kind = KnownHeader(name: name)
+        switch kind {
+        case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return
+        case .contentLength:
+            guard let v = HTTPHeadParser.parseContentLength(value), length < 0 || length == v else { error = "bad content-length"; return }
+            if length >= 0 { return }
+            length = v
+        default: break
+        }
+        builder!.add(name: name, value: value, kind: kind)
     }
 }
