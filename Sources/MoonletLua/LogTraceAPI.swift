@@ -33,18 +33,27 @@ import Foundation
 ///   (sampled and a collector to report to). For `on_request`.
 /// - `trace.finish(s)`: ends the stream's recorded span and queues it for export (off the
 ///   loop, batched). Returns whether there was one. For `on_log`.
+/// - `accesslog.writer(handles)` and `trace.starter(tracer)`: a native action (an
+///   integer) doing what `for _, h in ipairs(handles) do accesslog.write(s, h) end`,
+///   respectively `trace.start(s, tracer)`, do. A builtin filter's `configure` puts it in
+///   `conf.shortcuts.on_log` / `conf.shortcuts.on_request` when that phase would do nothing
+///   else (no condition to check): the proxy then runs the action for the phase without
+///   entering Lua (see `LuaPluginInstance.native`). Plugins loaded from files (a fork or
+///   a replacement of a builtin) get no shortcut: their phase functions always run.
 extension LuaAPI {
     static func installLogTrace(_ L: OpaquePointer) {
         // Called with the moonlet table on top.
         lua_createtable(L, 0, 2)
         ml_pushapifunction(L, accessLogOpen); lua_setfield(L, -2, "open")
         ml_pushapifunction(L, accessLogWrite); lua_setfield(L, -2, "write")
+        ml_pushapifunction(L, accessLogWriter); lua_setfield(L, -2, "writer")
         ml_push_readonly(L, "moonlet.accesslog")
         lua_setfield(L, -2, "accesslog")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, traceTracer); lua_setfield(L, -2, "tracer")
         ml_pushapifunction(L, traceStart); lua_setfield(L, -2, "start")
         ml_pushapifunction(L, traceFinish); lua_setfield(L, -2, "finish")
+        ml_pushapifunction(L, traceStarter); lua_setfield(L, -2, "starter")
         ml_push_readonly(L, "moonlet.trace")
         lua_setfield(L, -2, "trace")
     }
@@ -94,6 +103,33 @@ extension LuaAPI {
         let clock = vm.logTrace.clock
         out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) }
         return 0
+    }
+
+    static let accessLogWriter: lua_CFunction = { L in
+        guard ml_istable(L, 1) != 0 else { return fail(L, "accesslog.writer(handles): handles must be a list of access log handles") }
+        let n = Int(lua_rawlen(L, 1))
+        guard n <= TelemetryOutputs.maxHandles else { return fail(L, "accesslog.writer: at most \(TelemetryOutputs.maxHandles) handles") }
+        var handles: [Int] = []
+        let vm = LuaVM.vm(L)
+        for i in 0..<n {
+            lua_rawgeti(L, 1, lua_Integer(i + 1))
+            let h = lua_type(L, -1) == LUA_TNUMBER ? Int(ml_tointeger(L, -1)) : -1
+            ml_pop(L, 1)
+            guard vm.host.telemetry.output(h) != nil else { return fail(L, "accesslog.writer: entry \(i + 1) is not an access log handle") }
+            handles.append(h)
+        }
+        guard let id = vm.nativeActions.register(.accessLog(handles)) else { return fail(L, "accesslog.writer: too many native actions") }
+        lua_pushinteger(L, lua_Integer(id))
+        return 1
+    }
+
+    static let traceStarter: lua_CFunction = { L in
+        let vm = LuaVM.vm(L)
+        let h = lua_type(L, 1) == LUA_TNUMBER ? Int(ml_tointeger(L, 1)) : -1
+        guard vm.host.telemetry.tracer(at: h) != nil else { return fail(L, "trace.starter(tracer): not a tracer handle") }
+        guard let id = vm.nativeActions.register(.traceStart(h)) else { return fail(L, "trace.starter: too many native actions") }
+        lua_pushinteger(L, lua_Integer(id))
+        return 1
     }
 
     static let traceTracer: lua_CFunction = { L in
@@ -159,6 +195,67 @@ extension LuaAPI {
         lua_pushboolean(L, vm.logTrace.finish(s) ? 1 : 0)
         return 1
     }
+}
+
+/// A phase of a builtin filter done natively (`accesslog.writer`, `trace.starter`,
+/// `stats.logger`): what its Lua phase function would do when its configuration leaves
+/// nothing to decide in Lua, without the cost of entering Lua (about 1.5k instructions
+/// a call).
+enum NativeAction: Equatable {
+    /// `accesslog.write(s, h)` for each handle, in order (on_log).
+    case accessLog([Int])
+    /// `trace.start(s, tracer)` (on_request).
+    case traceStart(Int)
+    /// `stats.log(data, s)` (on_log); declines when it gives a key back.
+    case statsLog
+
+    /// Runs the action for `s` on `vm`'s loop; `data` is the registry ref of the
+    /// instance's `conf.shortcuts.data`. False: the action declined, the Lua phase runs.
+    /// Handles were checked when the action was made; one that is gone (never, as
+    /// outputs and tracers are not removed) is skipped.
+    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
+        switch self {
+        case .accessLog(let handles):
+            let telemetry = vm.host.telemetry
+            var rec: StreamLogRecord? = nil
+            for h in handles {
+                guard let out = vm.logTrace.output(h, telemetry) else { continue }
+                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos()) }
+                let r = rec!, clock = vm.logTrace.clock
+                out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
+            }
+            return true
+        case .traceStart(let h):
+            guard let t = vm.logTrace.tracer(h, vm.host.telemetry) else { return true }
+            _ = vm.logTrace.start(s, t, rng: &vm.rng)
+            return true
+        case .statsLog:
+            // On the main state, between calls (nothing runs on it): the cache is read
+            // raw, as stats.log reads it.
+            let L = vm.L
+            let top = lua_gettop(L)
+            ml_getregistry_ref(L, data)
+            let done = LuaAPI.logCached(L, top + 1, vm, s) == nil
+            lua_settop(L, top)
+            return done
+        }
+    }
+}
+
+/// The native actions of one VM: made at config load, never removed (an action made
+/// again gives the same id, so reloads do not pile them up).
+struct NativeActions {
+    private(set) var actions: [NativeAction] = []
+    static let max = 1024
+
+    mutating func register(_ a: NativeAction) -> Int? {
+        if let i = actions.firstIndex(of: a) { return i }
+        guard actions.count < Self.max else { return nil }
+        actions.append(a)
+        return actions.count - 1
+    }
+
+    func action(_ id: Int) -> NativeAction? { actions.indices.contains(id) ? actions[id] : nil }
 }
 
 /// What `trace.tracer` is given (from istio-tracing's pluginConfig).
