@@ -36,10 +36,12 @@ public enum JSON {
         var s = s
         s.withUTF8 { src in
             out.append(34)
-            if src.contains(where: { $0 < 0x20 || $0 == 34 || $0 == 92 }) {
-                for c in src { escape(c) { out.append($0) } }
-            } else {
+            var plain = true
+            for c in src where c < 0x20 || c == 34 || c == 92 { plain = false; break }
+            if plain {
                 out.append(contentsOf: src)
+            } else {
+                for c in src { escape(c) { out.append($0) } }
             }
             out.append(34)
         }

@@ -510,19 +510,31 @@ final class LogTraceLoopState {
             }
         }
         if !h.added.isEmpty {
-            // Headers added by earlier filters: only names of a trace name's length are
-            // compared (one String compare each, not eight).
-            for a in h.added {
-                switch a.name.utf8.count {
-                case 12:
-                    if a.name == "x-request-id" { rid = true } else if a.name == "x-b3-traceid" || a.name == "x-b3-sampled" { trace = true }
-                case 2, 10, 11, 17:
-                    if TracePropagation.headerNames.contains(a.name) { trace = true }
-                default: break
+            // Headers added by earlier filters (lowercase): their bytes compared with the
+            // trace names of the same length only.
+            for k in 0..<h.added.count {
+                var name = h.added[k].name
+                name.withUTF8 { a in
+                    switch a.count {
+                    case 2: if bytesAre(a, "b3") { trace = true }
+                    case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+                    case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+                    case 12:
+                        if bytesAre(a, "x-request-id") { rid = true }
+                        else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+                    case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+                    default: break
+                    }
                 }
             }
         }
         return (trace, rid)
+    }
+
+    /// Whether `a` is exactly `name`'s bytes.
+    @inline(__always)
+    static func bytesAre(_ a: UnsafeBufferPointer<UInt8>, _ name: StaticString) -> Bool {
+        a.count == name.utf8CodeUnitCount && memcmp(a.baseAddress!, name.utf8Start, a.count) == 0
     }
 
     /// See `trace.start`.
@@ -776,14 +788,27 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none {
-                        let want = names.bytes(j)
-                        for k in 0..<h.added.count where AccessLogHeaderNames.equals(h.added[k].name, want) {
-                            let a = h.added[k]
-                            spans[j] = a.value.isEmpty ? .absent : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                            break
+                    // Each added name's bytes once; the names still missing compared to
+                    // it when their lengths agree. The first added line of a name wins.
+                    for k in 0..<h.added.count {
+                        var name = h.added[k].name
+                        let found = name.withUTF8 { a -> Bool in
+                            var hit = false
+                            for j in 0..<n where spans[j].start == -1 && names.length(j) == a.count && names.pseudo(j) == .none {
+                                let want = names.bytes(j)
+                                if a.count == 0 || memcmp(a.baseAddress!, want.baseAddress!, a.count) == 0 {
+                                    spans[j] = h.added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                    left -= 1
+                                    hit = true
+                                }
+                            }
+                            return hit
                         }
+                        if found && left == 0 { break }
                     }
+                    // An empty added value: absent (the marker above keeps later lines of
+                    // that name from matching; it is turned into `.absent` here).
+                    for j in 0..<n where spans[j].length == -1 { spans[j] = .absent }
                 }
             }
         }
@@ -875,5 +900,10 @@ struct StreamLogRecord: AccessLogRecord {
     var downstreamLocalAddress: String { s.listener == .inbound ? s.destination.address : "" }
     var downstreamRemoteAddress: String { s.source.address }
     var requestedServerName: String { s.source.serverName }
-    var routeName: String { s.route.envoyRouteName }
+    /// `RouteDecision.envoyRouteName`, read field by field (calling the computed
+    /// property copied the whole decision: about 650 instructions a line).
+    var routeName: String {
+        if let n = s.route.name { return n }
+        return s.route.cluster.isEmpty ? "" : "default"
+    }
 }

@@ -82,8 +82,9 @@ public enum SpanEncoding {
                 var first = true
                 for j in s.tags.indices {
                     let k = s.tags[j].0
+                    let n = k.utf8.count
                     var seen = false
-                    for e in 0..<j where s.tags[e].0 == k { seen = true; break }
+                    for e in 0..<j where s.tags[e].0.utf8.count == n && s.tags[e].0 == k { seen = true; break }
                     if seen { continue }
                     if !first { out.append(UInt8(ascii: ",")) }
                     first = false
@@ -166,6 +167,6 @@ public enum SpanEncoding {
         if address.isEmpty { return nil }
         var a = address
         if a.hasPrefix("[") , let end = a.firstIndex(of: "]") { a = String(a[a.index(after: a.startIndex)..<end]) }
-        return a.contains(":") ? ("ipv6", a) : ("ipv4", a)
+        return a.utf8.contains(58) ? ("ipv6", a) : ("ipv4", a)   // ":"; not Foundation's substring search
     }
 }

@@ -104,7 +104,7 @@ public final class SpanExporter: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         guard connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else { return false }
-        let hostHeader = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        let hostHeader = host.utf8.contains(58) ? "[\(host)]:\(port)" : "\(host):\(port)"
         let head = "POST \(path) HTTP/1.1\r\nhost: \(hostHeader)\r\ncontent-type: application/json\r\ncontent-length: \(payload.count)\r\nconnection: close\r\n\r\n"
         for chunk in [Array(head.utf8), payload] {
             var off = 0
