@@ -793,6 +793,7 @@ struct StreamLogRecord: AccessLogRecord {
                     for k in 0..<h.added.count {
                         var name = h.added[k].name
                         let found = name.withUTF8 { a -> Bool in
+                            guard mask & (1 << UInt64(a.count & 63)) != 0 else { return false }
                             var hit = false
                             for j in 0..<n where spans[j].start == -1 && names.length(j) == a.count && names.pseudo(j) == .none {
                                 let want = names.bytes(j)
