@@ -118,8 +118,8 @@ extension LuaAPI {
             guard vm.host.telemetry.output(h) != nil else { return fail(L, "accesslog.writer: entry \(i + 1) is not an access log handle") }
             handles.append(h)
         }
-        guard let id = vm.nativeActions.register(.accessLog(handles)) else { return fail(L, "accesslog.writer: too many native actions") }
-        lua_pushinteger(L, lua_Integer(id))
+        // Past the bound, nil: no shortcut, the Lua phase runs.
+        if let id = vm.nativeActions.register(.accessLog(handles)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
         return 1
     }
 
@@ -127,8 +127,7 @@ extension LuaAPI {
         let vm = LuaVM.vm(L)
         let h = lua_type(L, 1) == LUA_TNUMBER ? Int(ml_tointeger(L, 1)) : -1
         guard vm.host.telemetry.tracer(at: h) != nil else { return fail(L, "trace.starter(tracer): not a tracer handle") }
-        guard let id = vm.nativeActions.register(.traceStart(h)) else { return fail(L, "trace.starter: too many native actions") }
-        lua_pushinteger(L, lua_Integer(id))
+        if let id = vm.nativeActions.register(.traceStart(h)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
         return 1
     }
 
@@ -243,7 +242,8 @@ enum NativeAction: Equatable {
 }
 
 /// The native actions of one VM: made at config load, never removed (an action made
-/// again gives the same id, so reloads do not pile them up).
+/// again gives the same id, so reloads do not pile them up). Past `max` distinct
+/// actions the makers return nil: the phase then runs in Lua.
 struct NativeActions {
     private(set) var actions: [NativeAction] = []
     static let max = 1024

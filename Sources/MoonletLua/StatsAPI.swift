@@ -172,8 +172,7 @@ extension LuaAPI {
     /// with the cache table as `conf.shortcuts.data`): `stats.log(data, s)` without entering
     /// Lua; when that gives a key back (a label set not cached yet) the Lua on_log runs.
     static let statsLogger: lua_CFunction = { L in
-        guard let id = LuaVM.vm(L).nativeActions.register(.statsLog) else { return fail(L, "stats.logger: too many native actions") }
-        lua_pushinteger(L, lua_Integer(id))
+        if let id = LuaVM.vm(L).nativeActions.register(.statsLog) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
         return 1
     }
 
