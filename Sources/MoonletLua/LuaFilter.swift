@@ -230,6 +230,9 @@ public final class LuaPluginInstance: Filter {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    /// `on_request`, when the request head arrived (after the filters before this one):
+    /// the plugin's verdict (`respond` when it replied, `stopAndBuffer`, `pause` while it
+    /// waits in `moonlet.http.call`), or its native shortcut, which always continues.
     public func onRequest(_ stream: ProxyStream) -> FilterAction {
         if let a = nativeRequest, runNative(a, stream) { return .continue }
         return call(0, stream)
@@ -237,6 +240,8 @@ public final class LuaPluginInstance: Filter {
     public func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(1, stream, chunk: chunk, eos: endOfStream) }
     public func onResponse(_ stream: ProxyStream) -> FilterAction { call(2, stream) }
     public func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(3, stream, chunk: chunk, eos: endOfStream) }
+    /// `on_log`, once when the stream ended (local replies and errors included): the
+    /// native shortcut when it takes the stream, else the Lua function; nothing to return.
     public func onLog(_ stream: ProxyStream) {
         if let a = nativeLog, runNative(a, stream) { return }
         _ = call(4, stream)
