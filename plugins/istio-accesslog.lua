@@ -17,7 +17,8 @@
 -- The decision (mode, filter) is here; formatting and the file are native
 -- (moonlet.accesslog): the line is formatted with a format compiled once, buffered per
 -- event loop and written by a thread of its own, so a slow disk never holds a request
--- (past the queue bound, lines are dropped and counted).
+-- (past the queue bound, lines are dropped and counted). With no mode or filter to
+-- check, configure hands the writes to the proxy as a native on_log (accesslog.writer).
 local f = {}
 local accesslog = moonlet.accesslog
 local write = accesslog.write
@@ -29,6 +30,9 @@ function f.configure(c)
   end
   conf.n = #conf.outputs
   if conf.mode == "CLIENT" then conf.only = "outbound" elseif conf.mode == "SERVER" then conf.only = "inbound" end
+  -- Nothing to decide (every stream, no filter): on_log is only the writes, which the
+  -- proxy then makes natively without entering Lua (builtin only; on_log is the same).
+  if not conf.only and conf.filter == nil then conf.shortcuts = { on_log = accesslog.writer(conf.outputs) } end
   return conf
 end
 

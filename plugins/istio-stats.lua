@@ -107,7 +107,10 @@ end
 --- METRICS is true (standard labels), false (not recorded) or the list of tag
 --- operations in order; plan.attrs the attributes those operations read.
 function stats.configure(c)
-  local conf = {}
+  -- on_log's first step, stats.log(cache, s), is all a request with a cached label
+  -- set costs: the proxy makes that call natively (stats.logger, builtin only) and
+  -- runs on_log only when it gives a key back.
+  local conf = { shortcuts = { on_log = S.logger(), data = cache } }
   if type(c) ~= "table" or c.metrics == nil then return conf end
   for _, side in ipairs({ "inbound", "outbound" }) do
     local mode = side == "inbound" and "SERVER" or "CLIENT"
@@ -160,7 +163,11 @@ local function make(s, plan)
 end
 
 local function handle_for(s, k1, k2, plan, ak)
-  if cached >= MAX_CACHED then cache = {}; cached = 0 end
+  if cached >= MAX_CACHED then
+    -- Emptied in place: the table is also conf.shortcuts.data.
+    for k in pairs(cache) do cache[k] = nil end
+    cached = 0
+  end
   local h = make(s, plan)
   local t = cache[k1]
   if t == nil then t = {}; cache[k1] = t end

@@ -32,6 +32,10 @@ function f.configure(c)
     quiet.report = false
     conf.quiet = trace.tracer(quiet)
     conf.reporting = conf.mode == "CLIENT" and "outbound" or "inbound"
+  else
+    -- One tracer for both sides: on_request is only trace.start, which the proxy then
+    -- calls natively without entering Lua (builtin only; on_request is the same).
+    conf.shortcuts = { on_request = trace.starter(conf.tracer) }
   end
   return conf
 end

@@ -22,23 +22,41 @@ public enum JSON {
                     }
                     i += src.count
                 } else {
-                    for c in src {
-                        switch c {
-                        case 34, 92: out[i] = 92; out[i + 1] = c; i += 2
-                        case 10: out[i] = 92; out[i + 1] = 110; i += 2
-                        case 13: out[i] = 92; out[i + 1] = 114; i += 2
-                        case 9: out[i] = 92; out[i + 1] = 116; i += 2
-                        case 0..<0x20:
-                            out[i] = 92; out[i + 1] = 117; out[i + 2] = 48; out[i + 3] = 48
-                            out[i + 4] = hexDigit(c >> 4); out[i + 5] = hexDigit(c & 15)
-                            i += 6
-                        default: out[i] = c; i += 1
-                        }
-                    }
+                    for c in src { escape(c) { out[i] = $0; i += 1 } }
                 }
                 out[i] = 34
                 return i + 1
             }
+        }
+    }
+
+    /// Appends `s` as a JSON string literal (as `quote` writes it) to `out`: the bytes are
+    /// copied as they are unless one needs escaping.
+    public static func appendQuoted(_ s: String, to out: inout [UInt8]) {
+        var s = s
+        s.withUTF8 { src in
+            out.append(34)
+            var plain = true
+            for c in src where c < 0x20 || c == 34 || c == 92 { plain = false; break }
+            if plain {
+                out.append(contentsOf: src)
+            } else {
+                for c in src { escape(c) { out.append($0) } }
+            }
+            out.append(34)
+        }
+    }
+
+    /// Writes byte `c` of a string's UTF-8 as it appears inside a JSON literal.
+    @inline(__always)
+    static func escape(_ c: UInt8, _ put: (UInt8) -> Void) {
+        switch c {
+        case 34, 92: put(92); put(c)
+        case 10: put(92); put(110)
+        case 13: put(92); put(114)
+        case 9: put(92); put(116)
+        case 0..<0x20: put(92); put(117); put(48); put(48); put(hexDigit(c >> 4)); put(hexDigit(c & 15))
+        default: put(c)
         }
     }
 

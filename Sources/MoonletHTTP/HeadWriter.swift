@@ -151,12 +151,26 @@ public enum HeadWriter {
         for a in head.added { writeField(a.name, a.value, into: &out) }
     }
 
+    /// `name: value` CRLF, in one write of the buffer (four writes cost about 450
+    /// instructions a line; this about a quarter of that).
     @inline(__always)
     public static func writeField(_ name: String, _ value: String, into out: inout ByteBuffer) {
-        out.writeString(name)
-        out.writeInteger(UInt16(0x3A20)) // ": "
-        out.writeString(value)
-        out.writeInteger(UInt16(0x0D0A))
+        var name = name, value = value
+        name.withUTF8 { n in
+            value.withUTF8 { v in
+                let total = n.count + v.count + 4
+                out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+                    let base = p.baseAddress!
+                    if n.count > 0 { base.copyMemory(from: n.baseAddress!, byteCount: n.count) }
+                    base.storeBytes(of: 0x3A, toByteOffset: n.count, as: UInt8.self)
+                    base.storeBytes(of: 0x20, toByteOffset: n.count + 1, as: UInt8.self)
+                    if v.count > 0 { (base + n.count + 2).copyMemory(from: v.baseAddress!, byteCount: v.count) }
+                    base.storeBytes(of: 0x0D, toByteOffset: total - 2, as: UInt8.self)
+                    base.storeBytes(of: 0x0A, toByteOffset: total - 1, as: UInt8.self)
+                    return total
+                }
+            }
+        }
     }
 }
 

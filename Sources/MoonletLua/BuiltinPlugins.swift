@@ -22,7 +22,8 @@ public enum BuiltinPlugins {
 -- The decision (mode, filter) is here; formatting and the file are native
 -- (moonlet.accesslog): the line is formatted with a format compiled once, buffered per
 -- event loop and written by a thread of its own, so a slow disk never holds a request
--- (past the queue bound, lines are dropped and counted).
+-- (past the queue bound, lines are dropped and counted). With no mode or filter to
+-- check, configure hands the writes to the proxy as a native on_log (accesslog.writer).
 local f = {}
 local accesslog = moonlet.accesslog
 local write = accesslog.write
@@ -34,6 +35,9 @@ function f.configure(c)
   end
   conf.n = #conf.outputs
   if conf.mode == "CLIENT" then conf.only = "outbound" elseif conf.mode == "SERVER" then conf.only = "inbound" end
+  -- Nothing to decide (every stream, no filter): on_log is only the writes, which the
+  -- proxy then makes natively without entering Lua (builtin only; on_log is the same).
+  if not conf.only and conf.filter == nil then conf.shortcuts = { on_log = accesslog.writer(conf.outputs) } end
   return conf
 end
 
@@ -1158,7 +1162,10 @@ end
 --- METRICS is true (standard labels), false (not recorded) or the list of tag
 --- operations in order; plan.attrs the attributes those operations read.
 function stats.configure(c)
-  local conf = {}
+  -- on_log's first step, stats.log(cache, s), is all a request with a cached label
+  -- set costs: the proxy makes that call natively (stats.logger, builtin only) and
+  -- runs on_log only when it gives a key back.
+  local conf = { shortcuts = { on_log = S.logger(), data = cache } }
   if type(c) ~= "table" or c.metrics == nil then return conf end
   for _, side in ipairs({ "inbound", "outbound" }) do
     local mode = side == "inbound" and "SERVER" or "CLIENT"
@@ -1211,7 +1218,11 @@ local function make(s, plan)
 end
 
 local function handle_for(s, k1, k2, plan, ak)
-  if cached >= MAX_CACHED then cache = {}; cached = 0 end
+  if cached >= MAX_CACHED then
+    -- Emptied in place: the table is also conf.shortcuts.data.
+    for k in pairs(cache) do cache[k] = nil end
+    cached = 0
+  end
   local h = make(s, plan)
   local t = cache[k1]
   if t == nil then t = {}; cache[k1] = t end
@@ -1290,6 +1301,10 @@ function f.configure(c)
     quiet.report = false
     conf.quiet = trace.tracer(quiet)
     conf.reporting = conf.mode == "CLIENT" and "outbound" or "inbound"
+  else
+    -- One tracer for both sides: on_request is only trace.start, which the proxy then
+    -- calls natively without entering Lua (builtin only; on_request is the same).
+    conf.shortcuts = { on_request = trace.starter(conf.tracer) }
   end
   return conf
 end

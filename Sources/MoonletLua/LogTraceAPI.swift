@@ -33,18 +33,27 @@ import Foundation
 ///   (sampled and a collector to report to). For `on_request`.
 /// - `trace.finish(s)`: ends the stream's recorded span and queues it for export (off the
 ///   loop, batched). Returns whether there was one. For `on_log`.
+/// - `accesslog.writer(handles)` and `trace.starter(tracer)`: a native action (an
+///   integer) doing what `for _, h in ipairs(handles) do accesslog.write(s, h) end`,
+///   respectively `trace.start(s, tracer)`, do. A builtin filter's `configure` puts it in
+///   `conf.shortcuts.on_log` / `conf.shortcuts.on_request` when that phase would do nothing
+///   else (no condition to check): the proxy then runs the action for the phase without
+///   entering Lua (see `LuaPluginInstance.native`). Plugins loaded from files (a fork or
+///   a replacement of a builtin) get no shortcut: their phase functions always run.
 extension LuaAPI {
     static func installLogTrace(_ L: OpaquePointer) {
         // Called with the moonlet table on top.
         lua_createtable(L, 0, 2)
         ml_pushapifunction(L, accessLogOpen); lua_setfield(L, -2, "open")
         ml_pushapifunction(L, accessLogWrite); lua_setfield(L, -2, "write")
+        ml_pushapifunction(L, accessLogWriter); lua_setfield(L, -2, "writer")
         ml_push_readonly(L, "moonlet.accesslog")
         lua_setfield(L, -2, "accesslog")
         lua_createtable(L, 0, 3)
         ml_pushapifunction(L, traceTracer); lua_setfield(L, -2, "tracer")
         ml_pushapifunction(L, traceStart); lua_setfield(L, -2, "start")
         ml_pushapifunction(L, traceFinish); lua_setfield(L, -2, "finish")
+        ml_pushapifunction(L, traceStarter); lua_setfield(L, -2, "starter")
         ml_push_readonly(L, "moonlet.trace")
         lua_setfield(L, -2, "trace")
     }
@@ -94,6 +103,32 @@ extension LuaAPI {
         let clock = vm.logTrace.clock
         out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) }
         return 0
+    }
+
+    static let accessLogWriter: lua_CFunction = { L in
+        guard ml_istable(L, 1) != 0 else { return fail(L, "accesslog.writer(handles): handles must be a list of access log handles") }
+        let n = Int(lua_rawlen(L, 1))
+        guard n <= TelemetryOutputs.maxHandles else { return fail(L, "accesslog.writer: at most \(TelemetryOutputs.maxHandles) handles") }
+        var handles: [Int] = []
+        let vm = LuaVM.vm(L)
+        for i in 0..<n {
+            lua_rawgeti(L, 1, lua_Integer(i + 1))
+            let h = lua_type(L, -1) == LUA_TNUMBER ? Int(ml_tointeger(L, -1)) : -1
+            ml_pop(L, 1)
+            guard vm.host.telemetry.output(h) != nil else { return fail(L, "accesslog.writer: entry \(i + 1) is not an access log handle") }
+            handles.append(h)
+        }
+        // Past the bound, nil: no shortcut, the Lua phase runs.
+        if let id = vm.nativeActions.register(.accessLog(handles)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
+        return 1
+    }
+
+    static let traceStarter: lua_CFunction = { L in
+        let vm = LuaVM.vm(L)
+        let h = lua_type(L, 1) == LUA_TNUMBER ? Int(ml_tointeger(L, 1)) : -1
+        guard vm.host.telemetry.tracer(at: h) != nil else { return fail(L, "trace.starter(tracer): not a tracer handle") }
+        if let id = vm.nativeActions.register(.traceStart(h)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
+        return 1
     }
 
     static let traceTracer: lua_CFunction = { L in
@@ -159,6 +194,68 @@ extension LuaAPI {
         lua_pushboolean(L, vm.logTrace.finish(s) ? 1 : 0)
         return 1
     }
+}
+
+/// A phase of a builtin filter done natively (`accesslog.writer`, `trace.starter`,
+/// `stats.logger`): what its Lua phase function would do when its configuration leaves
+/// nothing to decide in Lua, without the cost of entering Lua (about 1.5k instructions
+/// a call).
+enum NativeAction: Equatable {
+    /// `accesslog.write(s, h)` for each handle, in order (on_log).
+    case accessLog([Int])
+    /// `trace.start(s, tracer)` (on_request).
+    case traceStart(Int)
+    /// `stats.log(data, s)` (on_log); declines when it gives a key back.
+    case statsLog
+
+    /// Runs the action for `s` on `vm`'s loop; `data` is the registry ref of the
+    /// instance's `conf.shortcuts.data`. False: the action declined, the Lua phase runs.
+    /// Handles were checked when the action was made; one that is gone (never, as
+    /// outputs and tracers are not removed) is skipped.
+    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
+        switch self {
+        case .accessLog(let handles):
+            let telemetry = vm.host.telemetry
+            var rec: StreamLogRecord? = nil
+            for h in handles {
+                guard let out = vm.logTrace.output(h, telemetry) else { continue }
+                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos()) }
+                let r = rec!, clock = vm.logTrace.clock
+                out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
+            }
+            return true
+        case .traceStart(let h):
+            guard let t = vm.logTrace.tracer(h, vm.host.telemetry) else { return true }
+            _ = vm.logTrace.start(s, t, rng: &vm.rng)
+            return true
+        case .statsLog:
+            // On the main state, between calls (nothing runs on it): the cache is read
+            // raw, as stats.log reads it.
+            let L = vm.L
+            let top = lua_gettop(L)
+            ml_getregistry_ref(L, data)
+            let done = LuaAPI.logCached(L, top + 1, vm, s) == nil
+            lua_settop(L, top)
+            return done
+        }
+    }
+}
+
+/// The native actions of one VM: made at config load, never removed (an action made
+/// again gives the same id, so reloads do not pile them up). Past `max` distinct
+/// actions the makers return nil: the phase then runs in Lua.
+struct NativeActions {
+    private(set) var actions: [NativeAction] = []
+    static let max = 1024
+
+    mutating func register(_ a: NativeAction) -> Int? {
+        if let i = actions.firstIndex(of: a) { return i }
+        guard actions.count < Self.max else { return nil }
+        actions.append(a)
+        return actions.count - 1
+    }
+
+    func action(_ id: Int) -> NativeAction? { actions.indices.contains(id) ? actions[id] : nil }
 }
 
 /// What `trace.tracer` is given (from istio-tracing's pluginConfig).
@@ -413,19 +510,31 @@ final class LogTraceLoopState {
             }
         }
         if !h.added.isEmpty {
-            // Headers added by earlier filters: only names of a trace name's length are
-            // compared (one String compare each, not eight).
-            for a in h.added {
-                switch a.name.utf8.count {
-                case 12:
-                    if a.name == "x-request-id" { rid = true } else if a.name == "x-b3-traceid" || a.name == "x-b3-sampled" { trace = true }
-                case 2, 10, 11, 17:
-                    if TracePropagation.headerNames.contains(a.name) { trace = true }
-                default: break
+            // Headers added by earlier filters (lowercase): their bytes compared with the
+            // trace names of the same length only.
+            for k in 0..<h.added.count {
+                var name = h.added[k].name
+                name.withUTF8 { a in
+                    switch a.count {
+                    case 2: if bytesAre(a, "b3") { trace = true }
+                    case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+                    case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+                    case 12:
+                        if bytesAre(a, "x-request-id") { rid = true }
+                        else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+                    case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+                    default: break
+                    }
                 }
             }
         }
         return (trace, rid)
+    }
+
+    /// Whether `a` is exactly `name`'s bytes.
+    @inline(__always)
+    static func bytesAre(_ a: UnsafeBufferPointer<UInt8>, _ name: StaticString) -> Bool {
+        a.count == name.utf8CodeUnitCount && memcmp(a.baseAddress!, name.utf8Start, a.count) == 0
     }
 
     /// See `trace.start`.
@@ -679,14 +788,28 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none {
-                        let want = names.bytes(j)
-                        for k in 0..<h.added.count where AccessLogHeaderNames.equals(h.added[k].name, want) {
-                            let a = h.added[k]
-                            spans[j] = a.value.isEmpty ? .absent : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                            break
+                    // Each added name's bytes once; the names still missing compared to
+                    // it when their lengths agree. The first added line of a name wins.
+                    for k in 0..<h.added.count {
+                        var name = h.added[k].name
+                        let found = name.withUTF8 { a -> Bool in
+                            guard mask & (1 << UInt64(a.count & 63)) != 0 else { return false }
+                            var hit = false
+                            for j in 0..<n where spans[j].start == -1 && names.length(j) == a.count && names.pseudo(j) == .none {
+                                let want = names.bytes(j)
+                                if a.count == 0 || memcmp(a.baseAddress!, want.baseAddress!, a.count) == 0 {
+                                    spans[j] = h.added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                    left -= 1
+                                    hit = true
+                                }
+                            }
+                            return hit
                         }
+                        if found && left == 0 { break }
                     }
+                    // An empty added value: absent (the marker above keeps later lines of
+                    // that name from matching; it is turned into `.absent` here).
+                    for j in 0..<n where spans[j].length == -1 { spans[j] = .absent }
                 }
             }
         }
@@ -778,5 +901,10 @@ struct StreamLogRecord: AccessLogRecord {
     var downstreamLocalAddress: String { s.listener == .inbound ? s.destination.address : "" }
     var downstreamRemoteAddress: String { s.source.address }
     var requestedServerName: String { s.source.serverName }
-    var routeName: String { s.route.envoyRouteName }
+    /// `RouteDecision.envoyRouteName`, read field by field (calling the computed
+    /// property copied the whole decision: about 650 instructions a line).
+    var routeName: String {
+        if let n = s.route.name { return n }
+        return s.route.cluster.isEmpty ? "" : "default"
+    }
 }

@@ -35,6 +35,15 @@ public final class LuaPluginInstance: Filter {
     /// code whose loops are bounded by the configuration, so only plugins loaded from
     /// files pay for the runaway guard. Allocation caps still apply to every plugin.
     let trusted: Bool
+    /// Native shortcuts of a builtin's phases (`conf.shortcuts.on_request` /
+    /// `conf.shortcuts.on_log`, set by its `configure` from `accesslog.writer`,
+    /// `trace.starter` or `stats.logger` when the phase has nothing else to decide): the
+    /// phase runs the action and does not enter Lua (unless the action declines). Only for trusted (builtin) instances; a plugin loaded from
+    /// a file always runs its functions.
+    var nativeRequest: NativeAction?
+    var nativeLog: NativeAction?
+    /// Registry ref of `conf.shortcuts.data` (what the action reads, e.g. istio-stats' cache).
+    var nativeData: Int32 = LUA_NOREF
     static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log", "on_upstream_failure"]
     static let upstreamFailurePhase = 5
 
@@ -63,9 +72,10 @@ public final class LuaPluginInstance: Filter {
     func release() {
         vm.stopTimers(owner: ObjectIdentifier(self))
         let L = vm.L
-        for r in fn + [moduleRef, confRef] where r != LUA_NOREF && r != LUA_REFNIL { ml_unref(L, r) }
+        for r in fn + [moduleRef, confRef, nativeData] where r != LUA_NOREF && r != LUA_REFNIL { ml_unref(L, r) }
         fn = fn.map { _ in LUA_NOREF }
         moduleRef = LUA_NOREF; confRef = LUA_NOREF
+        nativeRequest = nil; nativeLog = nil; nativeData = LUA_NOREF
     }
 
     func load() throws {
@@ -100,8 +110,37 @@ public final class LuaPluginInstance: Filter {
             Self.push(L, source.spec.pluginConfig)
         }
         vm.releaseThread(co, healthy: true)
+        if trusted && ml_istable(L, -1) != 0 {
+            LuaVM.pushRawField(L, "shortcuts")
+            if ml_istable(L, -1) != 0 {
+                nativeRequest = Self.nativeAction(vm, L, "on_request", ifDefined: fn[0])
+                nativeLog = Self.nativeAction(vm, L, "on_log", ifDefined: fn[4])
+                LuaVM.pushRawField(L, "data")
+                if ml_isnil(L, -1) == 0 { nativeData = ml_ref(L) } else { ml_pop(L, 1) }
+            }
+            ml_pop(L, 1)
+        }
         confRef = ml_ref(L)
         ml_pop(L, 1)
+    }
+
+    /// The native action at `t[phase]` (t on top of the stack), when the phase has a
+    /// function (the action stands for it) and the value is an action id.
+    static func nativeAction(_ vm: LuaVM, _ L: OpaquePointer, _ phase: String, ifDefined ref: Int32) -> NativeAction? {
+        LuaVM.pushRawField(L, phase)
+        defer { ml_pop(L, 1) }
+        guard ref != LUA_NOREF, lua_type(L, -1) == LUA_TNUMBER else { return nil }
+        return vm.nativeActions.action(Int(ml_tointeger(L, -1)))
+    }
+
+    /// A phase done by its native action: counted as a call (not timed: the shortcut
+    /// exists to avoid the per-call overhead). False: it declined, the Lua phase runs
+    /// (and counts the call).
+    @inline(__always)
+    func runNative(_ a: NativeAction, _ s: ProxyStream) -> Bool {
+        guard a.run(vm, s, data: nativeData) else { return false }
+        if let cell { cell.stats.calls &+= 1 }
+        return true
     }
 
     /// Pushes a config value as Lua data.
@@ -191,11 +230,22 @@ public final class LuaPluginInstance: Filter {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
-    public func onRequest(_ stream: ProxyStream) -> FilterAction { call(0, stream) }
+    /// `on_request`, when the request head arrived (after the filters before this one):
+    /// the plugin's verdict (`respond` when it replied, `stopAndBuffer`, `pause` while it
+    /// waits in `moonlet.http.call`), or its native shortcut, which always continues.
+    public func onRequest(_ stream: ProxyStream) -> FilterAction {
+        if let a = nativeRequest, runNative(a, stream) { return .continue }
+        return call(0, stream)
+    }
     public func onRequestBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(1, stream, chunk: chunk, eos: endOfStream) }
     public func onResponse(_ stream: ProxyStream) -> FilterAction { call(2, stream) }
     public func onResponseBody(_ stream: ProxyStream, chunk: ByteBuffer, endOfStream: Bool) -> FilterAction { call(3, stream, chunk: chunk, eos: endOfStream) }
-    public func onLog(_ stream: ProxyStream) { _ = call(4, stream) }
+    /// `on_log`, once when the stream ended (local replies and errors included): the
+    /// native shortcut when it takes the stream, else the Lua function; nothing to return.
+    public func onLog(_ stream: ProxyStream) {
+        if let a = nativeLog, runNative(a, stream) { return }
+        _ = call(4, stream)
+    }
 
     /// `on_upstream_failure(s, conf, failure)`: `failure` is {kind, status, attempt,
     /// endpoint, grpc_status (when the response head had one)}; returning moonlet.RETRY or moonlet.NO_RETRY decides, anything else

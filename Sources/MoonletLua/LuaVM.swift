@@ -89,6 +89,8 @@ public final class LuaVM {
     var statsSeriesMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
     var logTrace = LogTraceLoopState()
+    /// Native phases of builtin filters (`accesslog.writer`, `trace.starter`).
+    var nativeActions = NativeActions()
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]

@@ -73,7 +73,7 @@ extension LuaAPI {
         LuaVM.vm(L).statsSeriesMetatable = lua_topointer(L, -1)
         ml_pop(L, 1)
         lua_createtable(L, 0, 6)
-        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord), ("attr", statsAttr), ("log", statsLog)] as [(String, lua_CFunction)] {
+        for (n, f) in [("key", statsKey), ("info", statsInfo), ("series", statsSeries), ("record", statsRecord), ("attr", statsAttr), ("log", statsLog), ("logger", statsLogger)] as [(String, lua_CFunction)] {
             ml_pushapifunction(L, f); lua_setfield(L, -2, n)
         }
         ml_push_readonly(L, "moonlet.stats")
@@ -147,17 +147,33 @@ extension LuaAPI {
     /// `k1, k2` for the filter to go on as with `stats.key`.
     static let statsLog: lua_CFunction = { L in
         guard let (vm, s, kind) = resolve(L, 2, "log"), kind == .stream else { return fail(L, outside) }
-        let (k1, k2) = streamKey(vm, s)
-        if lua_type(L, 1) == LUA_TTABLE {
-            if lua_rawgeti(L, 1, lua_Integer(k1)) == LUA_TTABLE {
-                let t = lua_rawgeti(L, -1, lua_Integer(k2))
-                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return 0 }
-                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { record(vm, index, s); return 0 }
-            }
-        }
+        guard let (k1, k2) = logCached(L, 1, vm, s) else { return 0 }
         lua_pushinteger(L, lua_Integer(k1))
         lua_pushinteger(L, lua_Integer(k2))
         return 2
+    }
+
+    /// `stats.log`'s work: nil when the cache at `idx` had the stream's label set (it is
+    /// recorded, or refused), else the key. Leaves what it pushed on the stack.
+    @inline(__always)
+    static func logCached(_ L: OpaquePointer?, _ idx: Int32, _ vm: LuaVM, _ s: ProxyStream) -> (Int, Int)? {
+        let (k1, k2) = streamKey(vm, s)
+        if lua_type(L, idx) == LUA_TTABLE {
+            if lua_rawgeti(L, idx, lua_Integer(k1)) == LUA_TTABLE {
+                let t = lua_rawgeti(L, -1, lua_Integer(k2))
+                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return nil }
+                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { record(vm, index, s); return nil }
+            }
+        }
+        return (k1, k2)
+    }
+
+    /// `stats.logger()`: the native action of istio-stats' on_log (`conf.shortcuts.on_log`,
+    /// with the cache table as `conf.shortcuts.data`): `stats.log(data, s)` without entering
+    /// Lua; when that gives a key back (a label set not cached yet) the Lua on_log runs.
+    static let statsLogger: lua_CFunction = { L in
+        if let id = LuaVM.vm(L).nativeActions.register(.statsLog) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
+        return 1
     }
 
     static func pushWorkload(_ L: OpaquePointer?, _ w: MeshWorkload, principal: String) {

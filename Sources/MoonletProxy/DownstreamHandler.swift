@@ -465,8 +465,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         // Proxy headers (Envoy's): x-forwarded-for appended, x-request-id kept or made,
         // x-forwarded-proto, x-forwarded-client-cert. Edited on the local head, which then
         // moves into the stream (edits through the stream's property would copy the head).
-        // Room for the proxy headers and a filter's few: one allocation, not three.
-        head.added.reserveCapacity(6)
+        // Room for the proxy headers and the filters' few (istio-tracing adds four or
+        // five): one allocation, not three.
+        head.added.reserveCapacity(12)
         // One pass finds the proxy headers; a client's x-forwarded-client-cert is dropped
         // unless an mTLS peer's element is appended to it (Istio's inbound APPEND_FORWARD;
         // elsewhere Envoy's SANITIZE).

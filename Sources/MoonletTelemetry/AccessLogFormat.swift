@@ -96,7 +96,11 @@ public struct AccessLogValueSpan: Sendable {
 /// answers them from the request line and Host).
 public final class AccessLogHeaderNames: @unchecked Sendable {
     public enum Pseudo: UInt8, Sendable { case none, method, path, authority, scheme }
-    struct Entry { var offset: Int32; var length: Int32; var pseudo: Pseudo }
+    @usableFromInline struct Entry {
+        @usableFromInline var offset: Int32
+        @usableFromInline var length: Int32
+        @usableFromInline var pseudo: Pseudo
+    }
     /// The names (lowercase), in table order.
     public let names: [String]
     public let count: Int
@@ -105,8 +109,9 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     public let lengthMask: UInt64
     /// How many names are regular headers (not pseudo).
     public let regularCount: Int
-    let entries: UnsafeMutablePointer<Entry>
-    let storage: UnsafeMutableRawPointer
+    // Inlinable accessors below: a record (MoonletLua) reads them per header and line.
+    @usableFromInline let entries: UnsafeMutablePointer<Entry>
+    @usableFromInline let storage: UnsafeMutableRawPointer
 
     init(_ names: [String]) {
         self.names = names
@@ -141,14 +146,14 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     }
 
     /// Name `i`'s bytes (lowercase ASCII).
-    @inline(__always)
+    @inlinable @inline(__always)
     public func bytes(_ i: Int) -> UnsafeRawBufferPointer {
         let e = entries[i]
         return UnsafeRawBufferPointer(start: storage.advanced(by: Int(e.offset)), count: Int(e.length))
     }
 
     /// Name `i`'s pseudo-header, `.none` for a regular header.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func pseudo(_ i: Int) -> Pseudo { entries[i].pseudo }
 
     /// Whether `s`'s UTF-8 is `b` (a header name added by a filter against a name of
@@ -162,7 +167,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     }
 
     /// Name `i`'s length in bytes.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func length(_ i: Int) -> Int { Int(entries[i].length) }
 }
 

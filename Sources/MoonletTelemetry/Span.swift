@@ -46,37 +46,83 @@ public struct Span: Sendable, Equatable {
 /// Span encodings for the collectors Istio supports.
 public enum SpanEncoding {
     /// Zipkin API v2 JSON (`POST /api/v2/spans`): an array of span objects.
-    public static func zipkinV2(_ spans: [Span]) -> String {
-        var out = "["
-        out.reserveCapacity(spans.count * 1024)
+    public static func zipkinV2(_ spans: [Span]) -> String { String(decoding: zipkinV2Bytes(spans), as: UTF8.self) }
+
+    /// `zipkinV2` as the UTF-8 bytes the exporter posts: written straight into one array
+    /// (no string interpolation, no set per span: a tag key seen before in the span is
+    /// found by a scan of the earlier keys, as spans carry a few dozen tags at most).
+    public static func zipkinV2Bytes(_ spans: [Span]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(spans.count * 1024 + 2)
+        out.append(UInt8(ascii: "["))
         for (i, s) in spans.enumerated() {
-            if i > 0 { out += "," }
-            out += "{\"traceId\":\"\(s.traceIDHex)\",\"id\":\"\(TraceHex.hex(s.id))\""
-            if let p = s.parentID { out += ",\"parentId\":\"\(TraceHex.hex(p))\"" }
-            out += ",\"kind\":\"\(s.kind.rawValue)\",\"name\":\(JSON.quote(s.name)),\"timestamp\":\(s.timestampMicros),\"duration\":\(max(1, s.durationMicros))"
-            out += ",\"localEndpoint\":{\"serviceName\":\(JSON.quote(s.localService))"
-            if let ip = ipField(s.localIP) { out += ",\"\(ip.0)\":\(JSON.quote(ip.1))" }
-            out += "}"
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            put(&out, "{\"traceId\":\"")
+            if s.is128Bit { putHex(&out, s.traceIDHigh) }
+            putHex(&out, s.traceIDLow)
+            put(&out, "\",\"id\":\""); putHex(&out, s.id)
+            if let p = s.parentID { put(&out, "\",\"parentId\":\""); putHex(&out, p) }
+            put(&out, s.kind == .client ? "\",\"kind\":\"CLIENT\",\"name\":" : "\",\"kind\":\"SERVER\",\"name\":")
+            JSON.appendQuoted(s.name, to: &out)
+            put(&out, ",\"timestamp\":"); putDecimal(&out, s.timestampMicros)
+            put(&out, ",\"duration\":"); putDecimal(&out, max(1, s.durationMicros))
+            put(&out, ",\"localEndpoint\":{\"serviceName\":")
+            JSON.appendQuoted(s.localService, to: &out)
+            if let ip = ipField(s.localIP) { putIP(&out, ip) }
+            out.append(UInt8(ascii: "}"))
             if let rip = s.remoteIP, let ip = ipField(rip) {
-                out += ",\"remoteEndpoint\":{\"\(ip.0)\":\(JSON.quote(ip.1))"
-                if let p = s.remotePort { out += ",\"port\":\(p)" }
-                out += "}"
+                put(&out, ",\"remoteEndpoint\":{")
+                putIP(&out, ip, first: true)
+                if let p = s.remotePort { put(&out, ",\"port\":"); putDecimal(&out, UInt64(max(0, p))) }
+                out.append(UInt8(ascii: "}"))
             }
-            if s.debug { out += ",\"debug\":true" }
+            if s.debug { put(&out, ",\"debug\":true") }
             if !s.tags.isEmpty {
-                out += ",\"tags\":{"
-                var seen = Set<String>()
+                put(&out, ",\"tags\":{")
                 var first = true
-                for (k, v) in s.tags where seen.insert(k).inserted {
-                    if !first { out += "," }
+                for j in s.tags.indices {
+                    let k = s.tags[j].0
+                    let n = k.utf8.count
+                    var seen = false
+                    for e in 0..<j where s.tags[e].0.utf8.count == n && s.tags[e].0 == k { seen = true; break }
+                    if seen { continue }
+                    if !first { out.append(UInt8(ascii: ",")) }
                     first = false
-                    out += JSON.quote(k) + ":" + JSON.quote(v)
+                    JSON.appendQuoted(k, to: &out)
+                    out.append(UInt8(ascii: ":"))
+                    JSON.appendQuoted(s.tags[j].1, to: &out)
                 }
-                out += "}"
+                out.append(UInt8(ascii: "}"))
             }
-            out += "}"
+            out.append(UInt8(ascii: "}"))
         }
-        return out + "]"
+        out.append(UInt8(ascii: "]"))
+        return out
+    }
+
+    @inline(__always)
+    static func put(_ out: inout [UInt8], _ s: StaticString) {
+        out.append(contentsOf: UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+    }
+
+    static func putHex(_ out: inout [UInt8], _ v: UInt64) {
+        for shift in stride(from: 60, through: 0, by: -4) { out.append(TraceHex.digit(v >> UInt64(shift))) }
+    }
+
+    static func putDecimal(_ out: inout [UInt8], _ v: UInt64) {
+        if v < 10 { out.append(48 + UInt8(v)); return }
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { d in
+            var n = 0, x = v
+            while x > 0 { d[n] = 48 + UInt8(x % 10); x /= 10; n += 1 }
+            while n > 0 { n -= 1; out.append(d[n]) }
+        }
+    }
+
+    /// `,"ipv4":"..."` (or ipv6; without the comma when `first`).
+    static func putIP(_ out: inout [UInt8], _ ip: (String, String), first: Bool = false) {
+        if !first { out.append(UInt8(ascii: ",")) }
+        put(&out, ip.0 == "ipv6" ? "\"ipv6\":" : "\"ipv4\":")
+        JSON.appendQuoted(ip.1, to: &out)
     }
 
     /// OTLP/HTTP JSON (`POST /v1/traces`): one resource per local service, span ids as
@@ -121,6 +167,6 @@ public enum SpanEncoding {
         if address.isEmpty { return nil }
         var a = address
         if a.hasPrefix("[") , let end = a.firstIndex(of: "]") { a = String(a[a.index(after: a.startIndex)..<end]) }
-        return a.contains(":") ? ("ipv6", a) : ("ipv4", a)
+        return a.utf8.contains(58) ? ("ipv6", a) : ("ipv4", a)   // ":"; not Foundation's substring search
     }
 }

@@ -80,7 +80,7 @@ public final class SpanExporter: @unchecked Sendable {
             let stop = stopping && queue.isEmpty
             cond.unlock(withValue: queue.count >= batchSize || stopping ? 1 : 0)
             if !batch.isEmpty {
-                let body = format == .zipkin ? SpanEncoding.zipkinV2(batch) : SpanEncoding.otlpJSON(batch)
+                let body = format == .zipkin ? SpanEncoding.zipkinV2Bytes(batch) : Array(SpanEncoding.otlpJSON(batch).utf8)
                 let ok = post(body)
                 cond.lock()
                 if ok { counters.sent &+= UInt64(batch.count) } else { counters.failedPosts &+= 1; counters.dropped &+= UInt64(batch.count) }
@@ -91,7 +91,7 @@ public final class SpanExporter: @unchecked Sendable {
     }
 
     /// One HTTP/1.1 POST on a new connection; true for a 2xx answer.
-    func post(_ body: String) -> Bool {
+    func post(_ payload: [UInt8]) -> Bool {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         var res: UnsafeMutablePointer<addrinfo>?
@@ -104,8 +104,7 @@ public final class SpanExporter: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         guard connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else { return false }
-        let hostHeader = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-        let payload = Array(body.utf8)
+        let hostHeader = host.utf8.contains(58) ? "[\(host)]:\(port)" : "\(host):\(port)"
         let head = "POST \(path) HTTP/1.1\r\nhost: \(hostHeader)\r\ncontent-type: application/json\r\ncontent-length: \(payload.count)\r\nconnection: close\r\n\r\n"
         for chunk in [Array(head.utf8), payload] {
             var off = 0

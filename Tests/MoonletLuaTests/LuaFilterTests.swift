@@ -51,6 +51,28 @@ final class LuaFilterTests: XCTestCase {
 
     func finish(_ s: ProxyStream, _ c: FilterChain) { c.runLog(s); runtime.endStream(s); s.end() }
 
+    func test_aBuiltinsTrivialPhase_runsAsItsNativeShortcut_andTheSameSourceFromAFileRunsInLua() throws {
+        // istio-tracing with one tracer for both sides: on_request is trace.start, which
+        // configure hands over as conf.shortcuts.on_request (builtin:// sources only).
+        let config: ConfigValue = .map([("sampling", .double(100))])
+        var builtin = spec("istio-tracing", "return {}", config: config)
+        builtin.path = "builtin://istio-tracing"
+        let file = spec("my-tracing", BuiltinPlugins.istioTracing, config: config)
+        let instances = runtime.filters(for: try host.prepare([builtin, file]).get()).compactMap { $0 as? LuaPluginInstance }
+        let native = try XCTUnwrap(instances.first { $0.name == "istio-tracing" })
+        let lua = try XCTUnwrap(instances.first { $0.name == "my-tracing" })
+        XCTAssertEqual(native.nativeRequest, .traceStart(0))
+        XCTAssertNil(lua.nativeRequest, "a plugin loaded from a file gets no shortcut")
+        for f in [native, lua] {
+            let s = stream()
+            XCTAssertEqual(f.onRequest(s), .continue)
+            let names = s.request.added.map(\.name)
+            XCTAssertEqual(names.filter { $0 == "x-b3-traceid" }.count, 1, "\(f.name): \(names)")
+            XCTAssertTrue(names.contains("traceparent"), "\(f.name): \(names)")
+            finish(s, FilterChain([f]))
+        }
+    }
+
     func test_filterReadsAndEditsRequestAndResponseHeaders() throws {
         let c = try chain([spec("hdr", """
         local f = {}

@@ -110,4 +110,18 @@ final class StreamLogRecordTests: XCTestCase {
             .render(Fixed(r: StreamLogRecord(s, now: 0)))
         XCTAssertEqual(line, "added-id new /rewritten other-host 7")
     }
+
+    func test_aNameAddedTwice_readsItsFirstAddedLine_andAnEmptyFirstLineIsAbsent() throws {
+        let s = stream("GET /a HTTP/1.1\r\nHost: h\r\n\r\n", response: nil)
+        s.request.addLowercased("x-forwarded-proto", "http")
+        s.request.addLowercased("x-request-id", "first")
+        s.request.addLowercased("x-empty", "")
+        s.request.addLowercased("x-request-id", "second")
+        s.request.addLowercased("x-empty", "later")
+        s.request.addLowercased("user-agent", "ua")
+        try assertSame(s, "names added twice")
+        let line = try AccessLogFormat(text: "%REQ(X-REQUEST-ID)% %REQ(X-EMPTY)% %REQ(USER-AGENT)% %REQ(X-EMPTY?USER-AGENT)%")
+            .render(Fixed(r: StreamLogRecord(s, now: 0)))
+        XCTAssertEqual(line, "first - ua ua")
+    }
 }

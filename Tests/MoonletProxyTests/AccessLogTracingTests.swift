@@ -217,6 +217,40 @@ final class AccessLogTracingTests: XCTestCase {
         }
     }
 
+    func test_aForkOfIstioAccesslog_keepingTheBuiltinsConfigure_runsItsOwnOnLog_notTheNativeShortcut() throws {
+        // The builtin's configure hands its writes to the proxy (conf.shortcuts.on_log);
+        // a plugin loaded from a file gets no shortcut: its on_log decides.
+        let up = try TestUpstream()
+        defer { up.stop() }
+        let logPath = NSTemporaryDirectory() + "moonlet-fork-\(UUID().uuidString).log"
+        defer { try? FileManager.default.removeItem(atPath: logPath) }
+        let mesh = try meshConfig("accessLogFile: \(logPath)\naccessLogEncoding: JSON\n")
+        let fork = """
+        local base = require("istio-accesslog")
+        local f = {}
+        f.configure = base.configure
+        function f.on_log(s, conf)
+          if s.request.method == "POST" then base.on_log(s, conf) end
+        end
+        return f
+        """
+        let fx = try ProxyFixture(appPort: up.port, files: ["my-accesslog.lua": fork,
+                                                            "p.yaml": ProxyFixture.plugin("istio-accesslog").replacingOccurrences(of: "istio-accesslog.lua", with: "my-accesslog.lua")]) {
+            $0.meshConfigPath = mesh
+        }
+        defer { fx.stop() }
+        let c = try RawClient(port: fx.inbound)
+        XCTAssertEqual(get(c, "/skipped")?.status, 200)
+        c.send("POST /kept HTTP/1.1\r\nHost: orders\r\nContent-Length: 1\r\n\r\nx")
+        XCTAssertEqual(c.read()?.status, 200)
+        _ = lines(logPath, atLeast: 1)
+        usleep(300_000)   // two flush periods: a GET line would be there by now
+        let ls = lines(logPath, atLeast: 1)
+        XCTAssertEqual(ls.count, 1, "\(ls)")
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data((ls.first ?? "").utf8)) as? [String: Any], ls.first ?? "")
+        XCTAssertEqual(obj["path"] as? String, "/kept")
+    }
+
     func test_aLuaPluginNamedIstioTracing_replacesTheBuiltin_andGetsItsCompiledConfig() throws {
         let app = try TestUpstream()
         defer { app.stop() }

@@ -21,8 +21,11 @@ final class TestCollector: @unchecked Sendable {
         _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         self.fd = fd
         port = Int(UInt16(bigEndian: addr.sin_port))
-        Thread { [self] in self.serve() }.start()
+        Thread { [self] in self.serve(); self.served.signal() }.start()
     }
+    /// Signalled when `serve` returned: `stop` closes the socket only then, so a serving
+    /// thread never accepts on a later collector's socket that reused the number.
+    let served = DispatchSemaphore(value: 0)
     func serve() {
         while true {
             let c = accept(fd, nil, nil)
@@ -49,7 +52,12 @@ final class TestCollector: @unchecked Sendable {
             close(c)
         }
     }
-    func stop() { shutdown(fd, Int32(SHUT_RDWR)); close(fd) }
+    func stop() {
+        // accept on a shut-down listening socket fails at once, blocked or not yet called.
+        shutdown(fd, Int32(SHUT_RDWR))
+        served.wait()
+        close(fd)
+    }
     var bodies: [String] { lock.lock(); defer { lock.unlock() }; return requests.map(\.body) }
 }
 

@@ -94,6 +94,28 @@ final class TraceContextTests: XCTestCase {
         XCTAssertEqual((obj["tags"] as? [String: String])?["error"], "true")
     }
 
+    func test_zipkinV2_keepsTheFirstValueOfARepeatedTag_escapesStrings_andWritesA64BitTraceIDAndIPv6() throws {
+        let s = Span(traceIDHigh: 9, traceIDLow: 0xabc, is128Bit: false, id: 0xffff_ffff_ffff_ffff, parentID: nil, name: "a\"b\\c\nd\u{1}é",
+                     kind: .client, timestampMicros: 0, durationMicros: 0, localService: "svc", remoteIP: "fd00::1", remotePort: 8080,
+                     tags: [("k", "first"), ("other", "x"), ("k", "second")], debug: true)
+        let bytes = SpanEncoding.zipkinV2Bytes([s, s])
+        XCTAssertEqual(String(decoding: bytes, as: UTF8.self), SpanEncoding.zipkinV2([s, s]))
+        let all = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(bytes)) as? [[String: Any]])
+        XCTAssertEqual(all.count, 2)
+        let obj = all[0]
+        XCTAssertEqual(obj["traceId"] as? String, "0000000000000abc")
+        XCTAssertEqual(obj["id"] as? String, "ffffffffffffffff")
+        XCTAssertNil(obj["parentId"])
+        XCTAssertEqual(obj["kind"] as? String, "CLIENT")
+        XCTAssertEqual(obj["name"] as? String, "a\"b\\c\nd\u{1}é")
+        XCTAssertEqual(obj["timestamp"] as? Int, 0)
+        XCTAssertEqual(obj["duration"] as? Int, 1, "Zipkin wants a positive duration")
+        XCTAssertEqual(obj["debug"] as? Bool, true)
+        XCTAssertEqual((obj["remoteEndpoint"] as? [String: Any])?["ipv6"] as? String, "fd00::1")
+        XCTAssertEqual((obj["remoteEndpoint"] as? [String: Any])?["port"] as? Int, 8080)
+        XCTAssertEqual(obj["tags"] as? [String: String], ["k": "first", "other": "x"])
+    }
+
     func test_OTLPJSON_followsTheOTLPMapping() throws {
         let s = Span(traceIDHigh: 0, traceIDLow: 0xabc, is128Bit: false, id: 5, parentID: nil, name: "x", kind: .client,
                      timestampMicros: 10, durationMicros: 0, localService: "frontend.default", tags: [("error", "true")])
