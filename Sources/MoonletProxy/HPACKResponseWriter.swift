@@ -13,6 +13,28 @@ struct HPACKRawWriter {
 
     init(_ p: UnsafeMutableRawPointer) { self.p = p }
 
+    /// The first byte of a literal field with a new name: 0x10 ("never indexed", RFC 7541
+    /// §7.1.3) for credentials (authorization, proxy-authorization, cookie, set-cookie),
+    /// so that no intermediary after this hop puts them in a compression table; 0
+    /// (without indexing) otherwise.
+    @inline(__always)
+    static func literalFlag(_ name: UnsafeRawBufferPointer) -> UInt8 {
+        switch name.count {
+        case 6: return HTTP2FieldCheck.equals(name, "cookie", foldingCase: true) ? 0x10 : 0
+        case 10: return HTTP2FieldCheck.equals(name, "set-cookie", foldingCase: true) ? 0x10 : 0
+        case 13: return HTTP2FieldCheck.equals(name, "authorization", foldingCase: true) ? 0x10 : 0
+        case 19: return HTTP2FieldCheck.equals(name, "proxy-authorization", foldingCase: true) ? 0x10 : 0
+        default: return 0
+        }
+    }
+
+    static func literalFlag(_ name: String) -> UInt8 {
+        switch name.utf8.count {
+        case 6, 10, 13, 19: var n = name; return n.withUTF8 { literalFlag(UnsafeRawBufferPointer($0)) }
+        default: return 0
+        }
+    }
+
     /// The most a string literal of `n` bytes takes (its length as a 7-bit-prefix
     /// integer: up to 5 bytes for what a header block can hold).
     @inline(__always)
@@ -161,7 +183,7 @@ struct HPACKResponseWriter {
         HPACKRawWriter.write(into: &b, bound: 32) { w in writeStatus(status, &w) }
     }
 
-    /// A trailers block: literal fields without indexing (after the table-size update
+    /// A trailers block: literal fields without indexing (credentials never indexed) (after the table-size update
     /// when it is the connection's first block).
     mutating func writeTrailers(_ t: HTTPTrailers, into b: inout ByteBuffer) {
         var bound = 1
@@ -176,7 +198,7 @@ struct HPACKResponseWriter {
     @inline(__always)
     static func writeLiterals(_ fields: [(name: String, value: String)], lowercase: Bool, _ w: inout HPACKRawWriter) {
         for f in fields {
-            w.byte(0)
+            w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: lowercase)
             w.string(f.value, lowercase: false)
         }
@@ -202,7 +224,7 @@ struct HPACKResponseWriter {
                     if index > 0 {
                         w.integer(index, prefix: 4, flags: 0)
                     } else {
-                        w.byte(0)
+                        w.byte(HPACKRawWriter.literalFlag(name))
                         w.string(name, lowercase: true)
                     }
                     w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)

@@ -1070,7 +1070,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
                 }
                 form = .asterisk
             }
-            var b = HTTPHeadBuilder(method: m, target: target, buffer: allocator.buffer(capacity: max(512, 2 * blockSize + 64)))
+            var b = HTTPHeadBuilder(method: m, target: target, buffer: allocator.buffer(capacity: max(512, min(2 * blockSize, limits.maxHeadBytes) + 64)))
             b.set(targetForm: form)
             // No authority and no host: the handler answers 400 (none is made up).
             if let a = authority, !a.isEmpty {
@@ -1125,7 +1125,7 @@ struct HTTP2TrailersSink: HPACKFieldSink {
 
     mutating func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
         guard !malformed else { return }
-        guard name.first != UInt8(ascii: ":"), HTTP2FieldCheck.value(value) != .malformed,
+        guard HTTP2FieldCheck.isName(name), HTTP2FieldCheck.value(value) != .malformed,
               trailers.add(checking: String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)) else {
             malformed = true
             return

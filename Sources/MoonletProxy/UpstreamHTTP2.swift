@@ -322,7 +322,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
             s.receiveTrailers(t, endStream: endStream)
         } else {
             let allocator = context?.channel.allocator ?? ByteBufferAllocator()
-            var head = UpstreamH2ResponseHead(allocator: allocator, capacity: max(256, 2 * block.readableBytes + 64))
+            var head = UpstreamH2ResponseHead(allocator: allocator, capacity: max(256, min(2 * block.readableBytes, limits.maxHeadBytes) + 64))
             try decode(stream: id, block, into: &head)
             s.receiveHead(&head, endStream: endStream)
         }
@@ -875,8 +875,9 @@ enum HPACKRequestWriter {
                         w.decimal(contentLength)
                         continue
                     }
-                    w.byte(0)
-                    w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)]), lowercase: true)
+                    let name = UnsafeRawBufferPointer(rebasing: raw[Int(f.nameStart)..<Int(f.nameStart + f.nameLength)])
+                    w.byte(HPACKRawWriter.literalFlag(name))
+                    w.string(name, lowercase: true)
                     w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
                 }
             }
@@ -890,7 +891,7 @@ enum HPACKRequestWriter {
                     }
                 default: break
                 }
-                w.byte(0)
+                w.byte(HPACKRawWriter.literalFlag(a.name))
                 w.string(a.name, lowercase: true)
                 w.string(a.value, lowercase: false)
             }
@@ -993,7 +994,8 @@ struct UpstreamH2ResponseHead: HPACKFieldSink {
         }
         guard builder != nil else { error = "response without :status"; return }
         guard HTTP2FieldCheck.value(value) == .valid else { error = "control character in a response header value"; return }
-        guard !name.isEmpty, name.allSatisfy(HeaderValidation.isTchar) else { error = "malformed response header block"; return }
+        // RFC 9113 §8.2.1: lowercase token characters only (an uppercase name is malformed).
+        guard HTTP2FieldCheck.isName(name) else { error = "malformed response header block"; return }
         let kind = KnownHeader(name: name)
         switch kind {
         case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return

@@ -318,5 +318,26 @@ final class HPACKDecoderTests: XCTestCase {
         XCTAssertNotNil(responseHead([(":status", "200"), ("x", "a\u{1}b")]).error)
         XCTAssertNotNil(responseHead([(":status", "200"), ("x y", "1")]).error)
         XCTAssertNotNil(responseHead([(":status", "200"), ("content-length", "1"), ("content-length", "2")]).error)
+        XCTAssertNotNil(responseHead([(":status", "200"), ("X-Foo", "1")]).error, "an uppercase name is malformed in HTTP/2")
+    }
+
+    func testCredentialsAreWrittenAsNeverIndexedLiterals_andTheBlockDecodesBack() throws {
+        var p = HTTPHeadParser()
+        let req = "GET /a HTTP/1.1\r\nHost: svc\r\nAuthorization: Bearer t\r\nCookie: s=1\r\nProxy-Authorization: b\r\nX-Other: y\r\n\r\n"
+        guard case .complete(let head, _) = p.parseRequest(ByteBuffer(string: req)) else { return XCTFail("no head") }
+        var b = ByteBuffer()
+        HPACKRequestWriter.write(head, scheme: "http", contentLength: 0, into: &b)
+        let block = Array(b.readableBytesView)
+        func literal(_ flag: UInt8, _ name: String) -> [UInt8] { [flag, UInt8(name.utf8.count)] + Array(name.utf8) }
+        func contains(_ needle: [UInt8]) -> Bool {
+            guard block.count >= needle.count else { return false }
+            return (0...(block.count - needle.count)).contains { Array(block[$0..<($0 + needle.count)]) == needle }
+        }
+        for n in ["authorization", "cookie", "proxy-authorization"] { XCTAssertTrue(contains(literal(0x10, n)), n) }
+        XCTAssertTrue(contains(literal(0x00, "x-other")), "other fields: literal without indexing")
+        var sink = Collect()
+        try block.withUnsafeBytes { try HPACKBlockDecoder(maxTableSize: 4096, maxHeaderListSize: 65536).decode($0, into: &sink) }
+        XCTAssertTrue(sink.fields.contains(["authorization", "Bearer t"]), "\(sink.fields)")
+        XCTAssertTrue(sink.fields.contains(["cookie", "s=1"]), "\(sink.fields)")
     }
 }
