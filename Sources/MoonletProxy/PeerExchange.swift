@@ -28,14 +28,24 @@ struct PeerExchange {
     /// Removes both headers from `head`; when `read`, returns the workload the metadata
     /// header names (nil when absent or malformed).
     mutating func take(_ head: inout HTTPHead, read: Bool, cache: PeerMetadataCache) -> MeshWorkload? {
-        var found = -1
+        // Found first, removed after: a loop that may write the field array gets its
+        // uniqueness check hoisted, which copies a shared array even when nothing is removed.
+        var found = -1, id = -1, more = false
         for i in 0..<head.fields.count where !head.fields[i].removed {
             let n = head.fields[i].nameLength
             guard n == 21 || n == 24 else { continue }
             if n == 21 && head.nameEquals(i, lowercased: Self.header) {
-                if found < 0 { found = i }
-                head.fields[i].removed = true
+                if found < 0 { found = i } else { more = true }
             } else if n == 24 && head.nameEquals(i, lowercased: Self.idHeader) {
+                if id < 0 { id = i } else { more = true }
+            }
+        }
+        if found >= 0 { head.fields[found].removed = true }
+        if id >= 0 { head.fields[id].removed = true }
+        if more {
+            // Repeated: every one goes.
+            for i in 0..<head.fields.count where !head.fields[i].removed
+                && (head.nameEquals(i, lowercased: Self.header) || head.nameEquals(i, lowercased: Self.idHeader)) {
                 head.fields[i].removed = true
             }
         }

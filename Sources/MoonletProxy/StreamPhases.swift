@@ -102,7 +102,7 @@ extension DownstreamHandler {
         // Istio's metadata exchange: the peer's headers read and removed, ours added
         // (PeerExchange.swift), before the route's edits and the response filters.
         peerExchange.responseHead(&head, s, inbound: role == .inbound, downstreamMTLS: peerMTLS, ctx: ctx)
-        switch exec.responseHead(s, head) {
+        switch exec.responseHead(s, consume head) {
         case .send:
             // Taken out of the stream while it is written, so it is not copied.
             let head = s.response.take()!

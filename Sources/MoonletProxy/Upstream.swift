@@ -132,9 +132,15 @@ class UpstreamConnection: ChannelInboundHandler, DeferredFlush {
                     }
                     keepAlive = head.keepAlive
                     decoder = BodyDecoder(framing: head.framing)
-                    // No `consume` here: with it, Swift 6's -Onone pass MovedAsyncVarDebugInfoPropagator
-                    // never ends on this loop (swiftlang/swift#75679); `head` is not used after.
+                    // Moved, not copied: a copy would share the head's field array, and the first
+                    // edit downstream (hop-by-hop fields, the metadata exchange) would copy it
+                    // again. Debug builds pass a copy: with `consume`, Swift 6's -Onone pass
+                    // MovedAsyncVarDebugInfoPropagator never ends on this loop (swiftlang/swift#75679).
+                    #if DEBUG
                     delegate.upstreamResponseHead(head)
+                    #else
+                    delegate.upstreamResponseHead(consume head)
+                    #endif
                     guard self.delegate != nil, inResponse else { return } // abandoned
                     if decoder?.isDone == true { finish(); return }
                     continue
