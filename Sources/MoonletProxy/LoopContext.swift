@@ -230,8 +230,8 @@ public final class LoopContext: @unchecked Sendable {
         let meta = PeerMetadata(name: id.podName.isEmpty ? id.effectiveWorkloadName : id.podName, namespace: id.namespace,
                                 workloadName: id.effectiveWorkloadName, serviceAccount: id.serviceAccount, clusterID: id.clusterID, labels: id.labels)
         ownPeerMetadata = meta.encoded()
-        ownExchangeHeader = TCPMetadataExchange.header(meta)
         ownPeerID = meta.nodeID(ip: id.instanceIP.isEmpty ? settings.bindAddress : id.instanceIP)
+        ownExchangeHeader = TCPMetadataExchange.header(meta, id: ownPeerID)
         pool.onHTTP2Session = { [unowned self] in self.metrics.count("moonlet_upstream_cx_http2_total") }
         // moonlet.http.call goes out through this loop's pool (HTTPCallout.swift).
         lua.vm.httpClient = LoopHTTPClient(ctx: self)

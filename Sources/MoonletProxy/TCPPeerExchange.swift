@@ -35,7 +35,8 @@ final class TCPPeerExchange: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        if state == .reading && context.channel.isActive { sendHeader(context) }
+        // Inbound: the ALPN is known; the peer's header is read whatever the glue asks.
+        if state == .reading && context.channel.isActive { sendHeader(context); context.read() }
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -84,6 +85,12 @@ final class TCPPeerExchange: ChannelDuplexHandler, RemovableChannelHandler {
             return
         case .absent:
             peer(nil)
+        case .tooLarge:
+            // No stream data to pass on, and more than Moonlet buffers: the connection ends.
+            inbound = nil
+            peer(nil)
+            context.close(promise: nil)
+            return
         case .header(let bytes, let consumed):
             inbound!.moveReaderIndex(forwardBy: consumed)
             peer(bytes)

@@ -153,8 +153,10 @@ final class TCPSession {
 
     /// The peer's exchange header arrived (its node metadata Struct), or none will.
     func peerExchanged(_ structBytes: [UInt8]?) {
-        if let b = structBytes { peerWorkload = ctx.peerCache.workload(header: Base64.encode(b)) }
-        ctx.metrics.count(structBytes == nil ? "moonlet_tcp_peer_exchange_failed_total" : "moonlet_tcp_peer_exchange_total")
+        if let b = structBytes, let m = TCPMetadataExchange.peer(structBytes: b) {
+            peerWorkload = ctx.peerCache.workload(m, key: b)
+        }
+        ctx.metrics.count(peerWorkload == nil ? "moonlet_tcp_peer_exchange_failed_total" : "moonlet_tcp_peer_exchange_total")
         awaitingPeer = false
         if let (d, p, m) = pendingOpen { pendingOpen = nil; recordOpened(destinationService: d, peerPrincipal: p, mtls: m) }
     }

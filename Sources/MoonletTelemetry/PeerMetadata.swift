@@ -39,13 +39,16 @@ public struct PeerMetadata: Sendable, Equatable {
 
     /// The protobuf `google.protobuf.Struct` of the metadata (the header's and the TCP
     /// exchange's payload).
-    public func structBytes() -> [UInt8] {
+    public func structBytes() -> [UInt8] { ProtoStruct.encode(structFields()) }
+
+    /// The Struct's fields (Istio's node metadata keys).
+    public func structFields() -> [(String, ProtoStruct.Value)] {
         var fields: [(String, ProtoStruct.Value)] = []
         func put(_ k: String, _ v: String) { if !v.isEmpty { fields.append((k, .string(v))) } }
         put("NAME", name); put("NAMESPACE", namespace); put("WORKLOAD_NAME", workloadName)
         put("SERVICE_ACCOUNT", serviceAccount); put("CLUSTER_ID", clusterID); put("MESH_ID", meshID)
         if !labels.isEmpty { fields.append(("LABELS", .structure(labels.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))) }
-        return ProtoStruct.encode(fields)
+        return fields
     }
 
     /// Reads a header value; nil when it is not base64 of a Struct within the bounds
@@ -58,6 +61,11 @@ public struct PeerMetadata: Sendable, Equatable {
     /// Reads a protobuf Struct of node metadata; nil when malformed (nesting beyond 8).
     public static func decode(structBytes bytes: [UInt8]) -> PeerMetadata? {
         guard let fields = ProtoStruct.decode(bytes) else { return nil }
+        return decode(fields: fields)
+    }
+
+    /// Reads the fields of a node metadata Struct.
+    public static func decode(fields: [(String, ProtoStruct.Value)]) -> PeerMetadata {
         var m = PeerMetadata()
         for (k, v) in fields {
             switch (k, v) {
@@ -100,6 +108,18 @@ public final class PeerMetadataCache {
     var nextSerial = 1
     public let capacity: Int
     public init(capacity: Int = 512) { self.capacity = capacity }
+
+    /// The workload of metadata decoded elsewhere (the TCP exchange), cached by the bytes
+    /// it came in.
+    public func workload(_ m: PeerMetadata, key bytes: [UInt8]) -> MeshWorkload {
+        let key = "tcp:" + Base64.encode(bytes)
+        if let hit = entries[key], let w = hit { return w }
+        if entries.count >= capacity { entries.removeAll(keepingCapacity: true) }
+        defer { nextSerial += 1 }
+        let w = m.workload(serial: nextSerial)
+        entries[key] = .some(w)
+        return w
+    }
 
     /// The workload a header value names, or nil when the value does not decode.
     public func workload(header value: String) -> MeshWorkload? {

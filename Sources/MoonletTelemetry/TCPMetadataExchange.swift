@@ -1,24 +1,29 @@
 /// Istio's TCP metadata exchange (istio/proxy's `envoy.tcp.metadata_exchange` filter):
 /// on an mTLS connection whose ALPN is `istio-peer-exchange`, each side first writes a
 /// header: the magic 0x3D230467 and a length (both 32-bit big-endian), then that many
-/// bytes of a protobuf `google.protobuf.Any` holding its node metadata Struct (the same
-/// keys as the `x-envoy-peer-metadata` header: NAME, NAMESPACE, WORKLOAD_NAME, LABELS,
-/// ...). The connection's own bytes follow. A side that reads no magic passes what it
-/// read on unchanged and knows no peer (as Istio's filter does).
+/// bytes of a protobuf `google.protobuf.Any` of a `google.protobuf.Struct` with two
+/// fields, as Istio writes it: `x-envoy-peer-metadata`, the node metadata Struct (the
+/// keys of the HTTP header of that name: NAME, NAMESPACE, WORKLOAD_NAME, LABELS, ...),
+/// and `x-envoy-peer-metadata-id`, the node id. The connection's own bytes follow. A side
+/// that reads no magic passes what it read on unchanged and knows no peer (as Istio's
+/// filter does).
 public enum TCPMetadataExchange {
     /// The ALPN value that turns the exchange on.
     public static let alpn = "istio-peer-exchange"
     public static let magic: UInt32 = 0x3D23_0467
-    /// Bytes of the header after magic and length Moonlet accepts (a hostile peer cannot
-    /// make the sidecar buffer more; Istio's own headers are a few hundred bytes).
-    public static let maxPayload = 16 << 10
+    /// Bytes of the header after magic and length Moonlet reads (a hostile peer cannot
+    /// make the sidecar buffer more; Istio's own headers are one or two KB). A longer one
+    /// ends the connection (`.tooLarge`): its bytes are no stream data to pass on.
+    public static let maxPayload = 64 << 10
     static let typeURL = "type.googleapis.com/google.protobuf.Struct"
 
-    /// The header this side writes: magic, length, Any{type_url, value: the Struct}.
-    public static func header(_ meta: PeerMetadata) -> [UInt8] {
+    /// The header this side writes: magic, length, Any{type_url, value: Struct{
+    /// x-envoy-peer-metadata: the node Struct, x-envoy-peer-metadata-id: `id`}}.
+    public static func header(_ meta: PeerMetadata, id: String) -> [UInt8] {
+        let outer = ProtoStruct.encode([(PeerMetadata.header, .structure(meta.structFields())), (PeerMetadata.idHeader, .string(id))])
         var any: [UInt8] = []
         ProtoStruct.bytesField(1, Array(typeURL.utf8), into: &any)
-        ProtoStruct.bytesField(2, meta.structBytes(), into: &any)
+        ProtoStruct.bytesField(2, outer, into: &any)
         var out: [UInt8] = []
         out.reserveCapacity(8 + any.count)
         for v in [magic, UInt32(any.count)] { withUnsafeBytes(of: v.bigEndian) { out.append(contentsOf: $0) } }
@@ -29,11 +34,12 @@ public enum TCPMetadataExchange {
     public enum Parse: Equatable {
         /// Fewer bytes than the header needs so far.
         case needMore
-        /// No exchange header (wrong magic or an oversized length): the bytes are the
-        /// connection's own.
+        /// No exchange header (another magic): the bytes are the connection's own.
         case absent
-        /// The header took `consumed` bytes; `structBytes` is the node metadata Struct
-        /// (PeerMetadata.decode(structBytes:)), nil when the Any held something else.
+        /// The magic, then a length above `maxPayload`.
+        case tooLarge
+        /// The header took `consumed` bytes; `structBytes` is the exchanged Struct (read
+        /// with `peer(structBytes:)`), nil when the Any held something else.
         case header(structBytes: [UInt8]?, consumed: Int)
     }
 
@@ -48,9 +54,19 @@ public enum TCPMetadataExchange {
         guard got == magic else { return .absent }
         guard bytes.count >= 8 else { return .needMore }
         let n = Int(UInt32(bytes[4]) << 24 | UInt32(bytes[5]) << 16 | UInt32(bytes[6]) << 8 | UInt32(bytes[7]))
-        guard n <= maxPayload else { return .absent }
+        guard n <= maxPayload else { return .tooLarge }
         guard bytes.count >= 8 + n else { return .needMore }
         return .header(structBytes: structOfAny(Array(bytes[8..<(8 + n)])), consumed: 8 + n)
+    }
+
+    /// The peer's node metadata in an exchanged Struct (its `x-envoy-peer-metadata`
+    /// field); nil when malformed or absent.
+    public static func peer(structBytes: [UInt8]) -> PeerMetadata? {
+        guard let fields = ProtoStruct.decode(structBytes) else { return nil }
+        for (k, v) in fields where k == PeerMetadata.header {
+            if case .structure(let node) = v { return PeerMetadata.decode(fields: node) }
+        }
+        return nil
     }
 
     /// The Struct's bytes inside an Any of Struct's type URL; nil otherwise.

@@ -55,7 +55,7 @@ final class PeerMetadataTests: XCTestCase {
     func test_TCPExchangeHeader_isMagicLengthAndAnAnyOfStruct_andParsesBackFromAnyPrefix() {
         let meta = PeerMetadata(name: "orders-1", namespace: "production", workloadName: "orders", serviceAccount: "orders",
                                 clusterID: "Kubernetes", labels: ["app": "orders", "version": "v2"])
-        let h = TCPMetadataExchange.header(meta)
+        let h = TCPMetadataExchange.header(meta, id: "sidecar~10.0.0.7~orders-1.production~production.svc.cluster.local")
         XCTAssertEqual(Array(h.prefix(4)), [0x3D, 0x23, 0x04, 0x67])
         XCTAssertEqual(Int(h[4]) << 24 | Int(h[5]) << 16 | Int(h[6]) << 8 | Int(h[7]), h.count - 8)
         XCTAssertTrue(String(decoding: h, as: UTF8.self).contains("type.googleapis.com/google.protobuf.Struct"))
@@ -66,13 +66,31 @@ final class PeerMetadataTests: XCTestCase {
         }
         guard case .header(let bytes?, let consumed) = stream.withUnsafeBytes({ TCPMetadataExchange.parse($0) }) else { return XCTFail("no header") }
         XCTAssertEqual(consumed, h.count)
-        XCTAssertEqual(PeerMetadata.decode(structBytes: bytes), meta)
+        XCTAssertEqual(TCPMetadataExchange.peer(structBytes: bytes), meta)
+        // Istio's layout: a Struct of the node Struct under x-envoy-peer-metadata and the
+        // node id under x-envoy-peer-metadata-id.
+        let outer = ProtoStruct.decode(bytes) ?? []
+        XCTAssertEqual(outer.map { $0.0 }, ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"])
+        XCTAssertEqual(outer.last?.1, .string("sidecar~10.0.0.7~orders-1.production~production.svc.cluster.local"))
     }
 
-    func test_TCPExchange_withoutTheMagic_orBeyondTheSizeBound_isTheConnectionsOwnBytes() {
+    func test_TCPExchange_readsAnIstioSidecarsStruct_andAFlatStructIsNoPeer() {
+        // What an Istio sidecar writes (built here from Istio's keys, as its filter does).
+        let node = PeerMetadata.decode(Self.istioDetails)!
+        let istio = ProtoStruct.encode([("x-envoy-peer-metadata-id", .string("sidecar~172.16.0.206~details-v1-75d94c48f5-7blxm.default~default.svc.cluster.local")),
+                                        ("x-envoy-peer-metadata", .structure(ProtoStruct.decode(Base64.decode(Self.istioDetails)!)!))])
+        let m = TCPMetadataExchange.peer(structBytes: istio)
+        XCTAssertEqual(m?.workloadName, "details-v1")
+        XCTAssertEqual(m?.app, "details")
+        XCTAssertEqual(m, node)
+        XCTAssertNil(TCPMetadataExchange.peer(structBytes: node.structBytes()), "the node Struct without Istio's wrapping names no peer")
+    }
+
+    func test_TCPExchange_withoutTheMagic_isTheConnectionsOwnBytes_andALengthBeyondTheBoundIsTooLarge() {
         XCTAssertEqual(Array("GET / HTTP/1.1".utf8).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent)
-        XCTAssertEqual([0x3D, 0x24].withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent, "a prefix that is not the magic's")
-        XCTAssertEqual([0x3D, 0x23, 0x04, 0x67, 0x7F, 0, 0, 0].withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent, "2 GB announced")
+        XCTAssertEqual(([0x3D, 0x23] as [UInt8]).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .needMore, "a prefix of the magic waits")
+        XCTAssertEqual(([0x3D, 0x24] as [UInt8]).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .absent, "a prefix that is not the magic's")
+        XCTAssertEqual(([0x3D, 0x23, 0x04, 0x67, 0x7F, 0, 0, 0] as [UInt8]).withUnsafeBytes { TCPMetadataExchange.parse($0) }, .tooLarge, "2 GB announced")
         // A well-framed Any of another type: the header is consumed, no peer is known.
         var any: [UInt8] = [0x0A, 3] + Array("x/y".utf8)
         any += [0x12, 0]
