@@ -256,6 +256,74 @@ extension HTTP2FlowControlledSender {
     }
 }
 
+/// What the server connection and the upstream client connection share of HTTP/2's
+/// connection level: bytes carried over from one read to the next, connection errors,
+/// and the send windows (the peer's SETTINGS_INITIAL_WINDOW_SIZE, the connection's
+/// WINDOW_UPDATE).
+protocol HTTP2ConnectionCore: HTTP2DataWriter {
+    associatedtype Stream: HTTP2FlowControlledSender
+    /// What the last read left of an incomplete frame.
+    var inbound: ByteBuffer? { get set }
+    var closed: Bool { get }
+    var streams: [UInt32: Stream] { get }
+    var peerInitialWindow: Int { get set }
+    /// A connection error: GOAWAY with its code, and the connection closes.
+    func fail(_ e: HTTP2ConnectionError)
+}
+
+extension HTTP2ConnectionCore {
+    /// Bytes read from the connection, after what the last read left: `frames` handles
+    /// every complete frame, the rest waits for the next read; a connection error (or
+    /// any other thrown error, as INTERNAL_ERROR) sends GOAWAY and closes.
+    @inline(__always)
+    func receive(_ incoming: ByteBuffer, frames: (inout ByteBuffer) throws -> Void) {
+        guard !closed else { return }
+        var buf: ByteBuffer
+        if var pending = inbound, pending.readableBytes > 0 {
+            var more = incoming
+            pending.writeBuffer(&more)
+            buf = pending
+        } else {
+            buf = incoming
+        }
+        inbound = nil
+        do {
+            try frames(&buf)
+            if buf.readableBytes > 0 && !closed { inbound = buf }
+        } catch let e as HTTP2ConnectionError {
+            fail(e)
+        } catch {
+            fail(HTTP2ConnectionError(.internalError, "\(error)"))
+        }
+    }
+
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE: every open stream's send window moves
+    /// by the change (RFC 9113 §6.9.2). True when the windows grew.
+    func initialWindowChanged(to v: UInt32) throws -> Bool {
+        let delta = Int(v) - peerInitialWindow
+        peerInitialWindow = Int(v)
+        for s in streams.values {
+            s.sendWindow += delta
+            guard s.sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "stream window above 2^31-1") }
+        }
+        return delta > 0
+    }
+
+    /// WINDOW_UPDATE on stream 0: the connection's send window grows, and the streams
+    /// that queued DATA while it was closed send what now fits.
+    func connectionWindowUpdated(by increment: Int) throws {
+        guard increment > 0 else { throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE of 0 on the connection") }
+        sendWindow += increment
+        guard sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
+        resumeStreams()
+    }
+
+    /// Sends what streams queued while the connection's window was closed.
+    func resumeStreams() {
+        streams.drainQueued { sendWindow > 0 }
+    }
+}
+
 extension Dictionary where Value: HTTP2FlowControlledSender {
     /// The connection's window reopened: each stream with queued DATA sends what it can,
     /// as long as `open()` says the connection's window has room.

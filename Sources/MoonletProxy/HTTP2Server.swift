@@ -23,7 +23,7 @@ import MoonletHTTP
 /// 30 s (rapid reset), 1000 empty DATA frames in a row, or 10000 control frames to
 /// answer while the connection cannot write.
 /// Everything runs on the connection's event loop.
-final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
+final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     static let preface = HTTP2Wire.preface
     static let maxConcurrentStreams = 100
     /// The receive window each stream starts with (SETTINGS_INITIAL_WINDOW_SIZE).
@@ -126,24 +126,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     /// Bytes read from the connection: every complete frame is handled; a connection
     /// error sends GOAWAY and closes.
     func receive(_ incoming: ByteBuffer) {
-        guard !closed else { return }
-        var buf: ByteBuffer
-        if var pending = inbound, pending.readableBytes > 0 {
-            var more = incoming
-            pending.writeBuffer(&more)
-            buf = pending
-        } else {
-            buf = incoming
-        }
-        inbound = nil
-        do {
-            try readFrames(&buf)
-            if buf.readableBytes > 0 { inbound = buf }
-        } catch let e as HTTP2ConnectionError {
-            fail(e)
-        } catch {
-            fail(HTTP2ConnectionError(.internalError, "\(error)"))
-        }
+        receive(incoming) { try readFrames(&$0) }
     }
 
     func readFrames(_ buf: inout ByteBuffer) throws {
@@ -339,13 +322,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
         try HTTP2Wire.readSettings(stream: stream, payload) { id, v in
             switch id {
             case HTTP2Wire.settingInitialWindowSize:
-                let delta = Int(v) - peerInitialWindow
-                peerInitialWindow = Int(v)
-                for s in streams.values {
-                    s.sendWindow += delta
-                    guard s.sendWindow <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "stream window above 2^31-1") }
-                }
-                windowGrew = windowGrew || delta > 0
+                windowGrew = try initialWindowChanged(to: v) || windowGrew
             case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)
             default: break
             }
@@ -377,10 +354,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
     func windowUpdate(stream id: UInt32, payload: ByteBuffer) throws {
         let increment = try HTTP2Wire.windowIncrement(payload)
         if id == 0 {
-            guard increment > 0 else { throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE of 0 on the connection") }
-            sendWindow += increment
-            guard sendWindow <= 0x7fff_ffff else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
-            resumeStreams()
+            try connectionWindowUpdated(by: increment)
         } else if let s = streams[id] {
             s.windowUpdated(by: increment)
         } else if id > lastStreamID {
@@ -388,10 +362,6 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2DataWriter {
         }
     }
 
-    /// Sends what streams queued while the connection's window was closed.
-    func resumeStreams() {
-        streams.drainQueued { sendWindow > 0 }
-    }
 
     // MARK: output
 

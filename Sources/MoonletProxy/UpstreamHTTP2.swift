@@ -24,7 +24,7 @@ import MoonletBalancer
 /// data and only while its client keeps up (backpressure to the upstream). Streams
 /// beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS wait for one to end. GOAWAY: no new
 /// stream, the streams it did not take fail as refused (retryable). Owned by one event loop.
-final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
+final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     typealias InboundIn = ByteBuffer
 
     /// Our receive window per stream, and for the connection.
@@ -162,26 +162,10 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !closed else { return }
-        let incoming = unwrapInboundIn(data)
-        var buf: ByteBuffer
-        if var pending = inbound, pending.readableBytes > 0 {
-            var more = incoming
-            pending.writeBuffer(&more)
-            buf = pending
-        } else {
-            buf = incoming
-        }
-        inbound = nil
-        do {
+        receive(unwrapInboundIn(data)) { buf in
             while !closed, let f = try HTTP2Wire.nextFrame(&buf, maxFrameSize: HTTP2ServerConnection.maxFrameSize) {
                 try frame(f)
             }
-            if buf.readableBytes > 0 && !closed { inbound = buf }
-        } catch let e as HTTP2ConnectionError {
-            fail(e)
-        } catch {
-            fail(HTTP2ConnectionError(.internalError, "\(error)"))
         }
     }
 
@@ -346,13 +330,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
         try HTTP2Wire.readSettings(stream: f.stream, f.payload) { id, v in
             switch id {
             case HTTP2Wire.settingInitialWindowSize:
-                let delta = Int(v) - peerInitialWindow
-                peerInitialWindow = Int(v)
-                for s in streams.values {
-                    s.sendWindow += delta
-                    guard s.sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "stream window above 2^31-1") }
-                }
-                windowGrew = windowGrew || delta > 0
+                windowGrew = try initialWindowChanged(to: v) || windowGrew
             case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)
             case HTTP2Wire.settingMaxConcurrentStreams: peerMaxStreams = Int(v)
             default: break // HEADER_TABLE_SIZE does not matter: requests use no dynamic table
@@ -381,19 +359,12 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2DataWriter {
     func windowUpdate(_ f: HTTP2Wire.Frame) throws {
         let increment = try HTTP2Wire.windowIncrement(f.payload)
         if f.stream == 0 {
-            guard increment > 0 else { throw HTTP2ConnectionError(.protocolError, "WINDOW_UPDATE of 0 on the connection") }
-            sendWindow += increment
-            guard sendWindow <= HTTP2Wire.maxWindow else { throw HTTP2ConnectionError(.flowControlError, "connection window above 2^31-1") }
-            resumeStreams()
+            try connectionWindowUpdated(by: increment)
         } else if let s = streams[f.stream] {
             s.windowUpdated(by: increment)
         }
     }
 
-    /// Sends what streams queued while the connection's window was closed.
-    func resumeStreams() {
-        streams.drainQueued { sendWindow > 0 }
-    }
 
     // MARK: output
 
