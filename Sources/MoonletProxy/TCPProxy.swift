@@ -246,9 +246,10 @@ final class TCPSession {
         ended()
     }
 
-    /// One side closed: the other goes too (once both are gone, the session ends).
+    /// One side closed: the other goes too, once what was written to it is out (Envoy's
+    /// FlushWrite close); once both are gone, the session ends.
     func sideClosed(_ g: TCPGlue) {
-        if g === client { upstream?.context?.close(promise: nil) } else { client.context?.close(promise: nil) }
+        if g === client { upstream?.closeAfterWrites() } else { client.closeAfterWrites() }
         if client.context == nil && (upstream?.context == nil) { ended() }
     }
 
@@ -369,12 +370,34 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
     // Called by the partner.
     func partnerWrite(_ data: NIOAny) { context?.write(data, promise: nil) }
     func partnerFlush() { context?.flush() }
+    /// The partner's input ended: this side's output is shut once every byte written
+    /// before is out. Not at once: NIO turns a half-close into a full close when the
+    /// channel's input is shut already (the client half-closed first), and a full close
+    /// drops the writes still pending (the tail of the answer).
     func partnerWriteEOF() {
+        afterWrites { context in
+            let p = context.eventLoop.makePromise(of: Void.self)
+            // A transport that cannot half-close closes fully.
+            p.futureResult.whenFailure { [weak self] _ in self?.context?.close(promise: nil) }
+            context.close(mode: .output, promise: p)
+        }
+    }
+
+    /// Closes this side once every byte written to it is out.
+    func closeAfterWrites() {
+        afterWrites { $0.close(promise: nil) }
+    }
+
+    /// Runs `then` once the writes made so far are out: an empty write's promise is
+    /// completed in order, after them (through TLS too). A failed write closes.
+    private func afterWrites(_ then: @escaping (ChannelHandlerContext) -> Void) {
         guard let context else { return }
-        let p = context.eventLoop.makePromise(of: Void.self)
-        // A transport that cannot half-close closes fully.
-        p.futureResult.whenFailure { [weak self] _ in self?.context?.close(promise: nil) }
-        context.close(mode: .output, promise: p)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(NIOAny(ByteBuffer()), promise: written)
+        written.futureResult.whenComplete { [weak self] result in
+            guard let context = self?.context else { return }
+            if case .failure = result { context.close(promise: nil) } else { then(context) }
+        }
     }
     func partnerBecameWritable() {
         if pendingRead { pendingRead = false; context?.read() }

@@ -12,20 +12,25 @@ import MoonletTLS
 /// half-closes, "|EOF" then closes its side; `greet` speaks first (a server-first
 /// protocol such as MySQL), then echoes.
 final class TCPTestServer: @unchecked Sendable {
-    enum Mode: Sendable { case echo, greet(String) }
+    /// echo: every byte back, then "|EOF" after the client's FIN; greet: a greeting
+    /// first; answerOnEOF: after the client's FIN, that many bytes (the pattern of
+    /// `InterceptionTests.pattern`), then FIN.
+    enum Mode: Sendable { case echo, greet(String), answerOnEOF(Int) }
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     var channel: Channel!
     var port: Int { channel.localAddress!.port! }
     let accepted = NIOLockedValueBox(0)
+    /// Bytes the server has read, over all its connections.
+    let received = NIOLockedValueBox(0)
 
     init(_ mode: Mode, host: String = "127.0.0.1") throws {
-        let count = accepted
+        let count = accepted, received = received
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { ch in
                 count.withLockedValue { $0 += 1 }
-                return ch.pipeline.addHandler(Handler(mode))
+                return ch.pipeline.addHandler(Handler(mode, received: received))
             }
             .bind(host: host, port: 0).wait()
     }
@@ -35,15 +40,28 @@ final class TCPTestServer: @unchecked Sendable {
         typealias InboundIn = ByteBuffer
         typealias OutboundOut = ByteBuffer
         let mode: Mode
-        init(_ m: Mode) { mode = m }
+        let received: NIOLockedValueBox<Int>
+        init(_ m: Mode, received: NIOLockedValueBox<Int>) { mode = m; self.received = received }
         func channelActive(context: ChannelHandlerContext) {
             if case .greet(let g) = mode { context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: g)), promise: nil) }
         }
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.writeAndFlush(data, promise: nil) }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let n = unwrapInboundIn(data).readableBytes
+            received.withLockedValue { $0 += n }
+            if case .answerOnEOF = mode { return }
+            context.writeAndFlush(data, promise: nil)
+        }
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if case ChannelEvent.inputClosed = event {
-                context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "|EOF")), promise: nil)
-                context.close(mode: .output, promise: nil)
+            if case ChannelEvent.inputClosed = event, case .answerOnEOF(let n) = mode {
+                let written = context.eventLoop.makePromise(of: Void.self)
+                context.writeAndFlush(wrapOutboundOut(ByteBuffer(bytes: InterceptionTests.pattern(n))), promise: written)
+                written.futureResult.whenComplete { _ in context.close(mode: .output, promise: nil) }
+            } else if case ChannelEvent.inputClosed = event {
+                // Closed once written: NIO makes a half-close with the input shut a full
+                // close, which would drop the echo still pending.
+                let written = context.eventLoop.makePromise(of: Void.self)
+                context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "|EOF")), promise: written)
+                written.futureResult.whenComplete { _ in context.close(mode: .output, promise: nil) }
             }
         }
         func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
@@ -75,13 +93,18 @@ extension RawClient {
     func shutdownWrite() { shutdown(fd, Int32(SHUT_WR)) }
 
     /// Every byte until the peer closes (or a read times out).
-    func readRawToEOF() -> [UInt8] {
+    func readRawToEOF() -> [UInt8] { readRawUntilEnd().bytes }
+
+    /// The bytes up to the end of the stream, and why reading stopped: "EOF", or the
+    /// error of the last recv (EAGAIN: the receive timeout ran out).
+    func readRawUntilEnd() -> (bytes: [UInt8], end: String) {
         var out = pending
         pending = []
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = recv(fd, &buf, buf.count, 0)
-            if n <= 0 { return out }
+            if n == 0 { return (out, "EOF") }
+            if n < 0 { return (out, String(cString: strerror(errno))) }
             out += buf[0..<n]
         }
     }
@@ -206,18 +229,43 @@ final class InterceptionTests: XCTestCase {
         return nil
     }
 
+    static func pattern(_ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) } }
+
+    func testAClientThatHalfClosesFirstGetsTheWholeAnswer_thoughItReadsOnlyAfterTheAppHasClosed() throws {
+        // The client's FIN comes first; the app answers 4 MB and closes. The proxy's
+        // writes to the client are still pending when the app's FIN arrives: shutting
+        // the client's output then must not drop them (NIO makes that half-close a full
+        // close, the client's input being shut already).
+        let size = 4 << 20
+        let app = try TCPTestServer(.answerOnEOF(size))
+        defer { app.stop() }
+        let p = try sidecar(["se.yaml": serviceEntry(port: 9000, portName: "tcp", endpointPort: app.port)], original: Self.vip, port: 9000)
+        defer { p.stop() }
+        let c = try RawClient(port: p.outbound, timeoutSeconds: 10)
+        c.send("go")
+        c.shutdownWrite()
+        Thread.sleep(forTimeInterval: 1)   // the app has answered and closed by now
+        let (back, end) = c.readRawUntilEnd()
+        XCTAssertEqual(end, "EOF")
+        XCTAssertEqual(back.count, size)
+        XCTAssertTrue(back.elementsEqual(Self.pattern(size)), "the bytes arrived in order, unchanged")
+    }
+
     func testEightMegabytesCrossTheTCPProxyBothWaysIntact_whileEachSideIsReadOnlyAsFastAsTheOtherTakesIt() throws {
         let app = try TCPTestServer(.echo)
         defer { app.stop() }
         let p = try sidecar(["se.yaml": serviceEntry(port: 9000, portName: "tcp", endpointPort: app.port)], original: Self.vip, port: 9000)
         defer { p.stop() }
         let c = try RawClient(port: p.outbound, timeoutSeconds: 10)
-        let payload = (0..<(8 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        let payload = Self.pattern(8 << 20)
         // The sender blocks whenever the proxy stops reading (the echo's way back is full).
-        let sender = Thread { c.send(payload); c.shutdownWrite() }
+        let sent = NIOLockedValueBox(0)
+        let sender = Thread { sent.withLockedValue { $0 = c.sendCounting(payload) }; c.shutdownWrite() }
         sender.start()
-        let back = c.readRawToEOF()
-        XCTAssertEqual(back.count, payload.count + 4)
+        let (back, end) = c.readRawUntilEnd()
+        XCTAssertEqual(sent.withLockedValue { $0 }, payload.count, "the client sent everything")
+        XCTAssertEqual(app.received.withLockedValue { $0 }, payload.count, "the app received everything the client sent")
+        XCTAssertEqual(back.count, payload.count + 4, "reading stopped at: \(end)")
         XCTAssertTrue(back.prefix(payload.count).elementsEqual(payload), "the bytes arrived in order, unchanged")
         XCTAssertEqual(String(decoding: back.suffix(4), as: UTF8.self), "|EOF")
     }

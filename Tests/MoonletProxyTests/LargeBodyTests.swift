@@ -37,6 +37,24 @@ final class LargeBodyTests: XCTestCase {
         XCTAssertEqual(up.connections, 1, "the upstream connection was reused")
     }
 
+    func test_aLargeResponseOnAConnectionThatCloses_reachesAClientThatReadsLate_whole() throws {
+        // `connection: close`: the proxy closes after the response. The response is far
+        // larger than the socket buffers and the client reads only after it has all come
+        // from the upstream: the close must wait for the writes still pending.
+        let size = 8 << 20
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: String(repeating: "z", count: size)) }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send("GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        Thread.sleep(forTimeInterval: 1)
+        let r = c.read()
+        XCTAssertEqual(r?.status, 200)
+        XCTAssertEqual(r?.body.count, size)
+        XCTAssertTrue(c.isClosed())
+    }
+
     func test_100MBRequestBody_streamsThrough_withBoundedMemory() throws {
         let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.bodyBytes)") }
         up.keepBody = 0

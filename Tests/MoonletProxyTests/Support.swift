@@ -153,13 +153,18 @@ final class RawClient {
     deinit { close(fd) }
 
     func send(_ s: String) { send(Array(s.utf8)) }
-    func send(_ bytes: [UInt8]) {
+    func send(_ bytes: [UInt8]) { _ = sendCounting(bytes) }
+
+    /// Sends `bytes`, and says how many went out (fewer when the connection failed).
+    func sendCounting(_ bytes: [UInt8]) -> Int {
         var off = 0
         while off < bytes.count {
             let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n <= 0 { return }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return off }
             off += n
         }
+        return off
     }
 
     func fill() -> Bool {
