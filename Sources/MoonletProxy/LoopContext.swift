@@ -259,17 +259,16 @@ public final class LoopContext: @unchecked Sendable {
         a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
         b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
         return String(unsafeUninitializedCapacity: 36) { out in
-            let hex: StaticString = "0123456789abcdef"
-            let h = hex.utf8Start
-            var pos = 0
-            // 32 hex digits of a then b, with dashes at 8, 13, 18 and 23 (no array of the
-            // two halves: it was a heap allocation per request).
-            for k in 0..<32 {
-                if pos == 8 || pos == 13 || pos == 18 || pos == 23 { out[pos] = 45; pos += 1 }
-                let v = k < 16 ? a : b
-                out[pos] = h[Int((v >> UInt64((15 - (k & 15)) * 4)) & 0xF)]
-                pos += 1
-            }
+            // 8-4-4-4-12 hex digits, eight at a time (no per-digit loop or table).
+            let p = UnsafeMutableRawPointer(out.baseAddress!)
+            let mid = Hex.eightDigits(UInt32(truncatingIfNeeded: a)), high = Hex.eightDigits(UInt32(truncatingIfNeeded: b >> 32))
+            p.storeBytes(of: Hex.eightDigits(UInt32(truncatingIfNeeded: a >> 32)), toByteOffset: 0, as: UInt64.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: mid), toByteOffset: 9, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: mid >> 32), toByteOffset: 14, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: high), toByteOffset: 19, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: high >> 32), toByteOffset: 24, as: UInt32.self)
+            p.storeBytes(of: Hex.eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
+            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
             return 36
         }
     }
