@@ -794,6 +794,12 @@ local function rule_matches(s, rule, workload)
   local matches = rule.matches
   local n = #matches
   if n == 0 then return true, nil end
+  if n == 1 then
+    local m = matches[1]
+    local ok = match_entry(s, m, workload)
+    if ok then return true, m end
+    return ok
+  end
   for i = 1, n do
     local m = matches[i]
     local ok = match_entry(s, m, workload)
@@ -889,16 +895,8 @@ local function origin_allowed(cors, origin)
 end
 
 -- The matched rule, applied in Envoy's order.
+-- (A rule marked `plain` is forwarded by on_request itself.)
 local function apply(s, vh, rule, m)
-  if rule.plain then
-    -- Weighted destinations and nothing else (no fault, CORS, redirect, direct
-    -- response, rewrite, header edits, mirrors or hashing): pick and forward.
-    local targets = rule.targets
-    local k = 1
-    if #targets > 1 then k = pick(rule.ref) end
-    if forward(s, targets[k], rule.ref, nil) then return nil end
-    return reply(s, 503, "no healthy upstream", "UH")
-  end
   local fault = rule.fault
   if fault and fault.abort_status and chance(fault.abort_percent) then
     return reply(s, fault.abort_status, "fault filter abort", "FI")
@@ -981,9 +979,21 @@ function router.on_request(s, conf)
   local workload = vh.workload
   for i = 1, #rules do
     local rule = rules[i]
-    local hit, m = rule_matches(s, rule, workload)
+    local hit, m = true, nil
+    if rule.matches[1] then hit, m = rule_matches(s, rule, workload) end
     if hit == nil then return reply(s, 500, MATCH_LIMIT) end
-    if hit then return apply(s, vh, rule, m) end
+    if hit then
+      if rule.plain then
+        -- Weighted destinations and nothing else (no fault, CORS, redirect, direct
+        -- response, rewrite, header edits, mirrors or hashing): pick and forward.
+        local targets = rule.targets
+        local k = 1
+        if targets[2] then k = pick(rule.ref) end
+        if forward(s, targets[k], rule.ref, nil) then return nil end
+        return reply(s, 503, "no healthy upstream", "UH")
+      end
+      return apply(s, vh, rule, m)
+    end
   end
   return reply(s, 404, "", "NR")                       -- no rule matched
 end
