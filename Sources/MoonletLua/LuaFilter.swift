@@ -84,7 +84,12 @@ public final class LuaPluginInstance: Filter {
         let loadingBefore = vm.timers.loading
         vm.timers.loading = (ObjectIdentifier(self), name, limits)
         defer { vm.timers.loading = loadingBefore }
-        moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: limits)
+        // Loading has a wall-clock budget of its own (LuaLimits.loadTimeoutMs); none for
+        // the builtins, which a configuration pushed to a busy sidecar must not lose to
+        // the scheduler (a NACK of the whole version).
+        var loadLimits = limits
+        loadLimits.timeoutMs = trusted ? 0 : max(limits.timeoutMs, limits.loadTimeoutMs)
+        moduleRef = try vm.loadModule(source: source.source, chunkName: source.spec.path, limits: loadLimits)
         ml_getregistry_ref(L, moduleRef)
         for (i, n) in Self.phaseNames.enumerated() {
             LuaVM.pushRawField(L, n)
@@ -99,7 +104,7 @@ public final class LuaPluginInstance: Filter {
         if hasConfigure {
             lua_xmove(L, co.L, 1)
             Self.push(co.L, source.spec.pluginConfig)
-            let out = vm.resume(co.L, nargs: 1, limits: limits, plugin: name, keepResults: true)
+            let out = vm.resume(co.L, nargs: 1, limits: loadLimits, plugin: name, keepResults: true)
             guard out.ok else {
                 vm.releaseThread(co, healthy: false); ml_pop(L, 1)
                 throw LuaError.runtime("configure: \(out.error ?? "error")")

@@ -16,6 +16,13 @@ public struct LuaLimits: Sendable {
     public var maxInstructions = 10_000_000
     /// Wall-clock budget of one phase call, milliseconds.
     public var timeoutMs = 100
+    /// Wall-clock budget of loading a plugin (compiling it, running its file and
+    /// `configure`), milliseconds; at least `timeoutMs`. Loading happens at
+    /// configuration time, where a busy machine may not schedule the loop for a while:
+    /// a phase's 100 ms would refuse a configuration for reasons that have nothing to do
+    /// with the plugin. Moonlet's builtin filters load without a wall-clock budget (their
+    /// instruction budget holds).
+    public var loadTimeoutMs = 1000
     /// Memory of one VM (all plugins of one event loop), bytes.
     public var maxMemoryBytes = 64 << 20
     /// Bytes one `moonlet.shared` dict holds (process-wide, outside the VM caps).

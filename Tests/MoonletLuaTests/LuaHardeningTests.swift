@@ -51,6 +51,19 @@ extension LuaFilterTests {
         finish(s, c)
     }
 
+    func test_loadingAPlugin_hasAWallClockBudgetOfItsOwn_longerThanAPhases() throws {
+        // configure spins 300 ms of wall clock: past a phase's budget (200 ms in setUp),
+        // inside the load budget (1 s), so the plugin loads; the same spin in a phase is
+        // still aborted.
+        let spin = "local t = moonlet.now() while moonlet.now() - t < 0.3 do end"
+        let c = try chain([spec("slow-load", "return { configure = function(c) \(spin) return c end, on_request = function(s) \(spin) end }",
+                                maxInstructions: 1_000_000_000)])
+        let s = stream()
+        XCTAssertEqual(c.runRequest(s), .respond)
+        finish(s, c)
+        XCTAssertEqual(LuaLimits().loadTimeoutMs, 1000)
+    }
+
     // MARK: 2. budgets inside C functions
 
     /// Each snippet spends its time inside one C library call; every one must end with

@@ -217,7 +217,8 @@ extension LuaFilterTests {
         finishes(within: 60, "quadratic plugin file") {
             let t0 = Date()
             XCTAssertThrowsError(try self.chain([self.spec("quadratic", "local x = " + String(repeating: "a or ", count: 100_000) + "a\nreturn {}")]))
-            XCTAssertLessThan(Date().timeIntervalSince(t0), 0.4)
+            // Loading has a wall-clock budget of its own (LuaLimits.loadTimeoutMs, 1 s).
+            XCTAssertLessThan(Date().timeIntervalSince(t0), 2)
             XCTAssertTrue(self.host.statuses().first { $0.name == "quadratic" }?.lastError?.contains("budget") ?? true)
         }
     }

@@ -291,7 +291,7 @@ final class PilotTests: XCTestCase {
         group.wait()
         let slowest = firstV2.withLockedValue { $0.values.map { $0.timeIntervalSince(changed) }.max() ?? -1 }
         print("pilot push under load: applied on all 3 sidecars within \(String(format: "%.3f", applied)) s; last first-v2 answer at \(String(format: "%.3f", slowest)) s; \(total.withLockedValue { $0 }) requests, \(failures.withLockedValue { $0 }) failed")
-        XCTAssertTrue(everywhere, "applied within 5 s on every sidecar")
+        XCTAssertTrue(everywhere, "applied within 5 s on every sidecar; pilot serves version \(pilot.server.current?.version ?? 0); pilot log: \(pilot.lines.withLockedValue { $0 }); sidecars: \(sidecars.map { $0.client.status })")
         XCTAssertEqual(failures.withLockedValue { $0 }, 0)
         XCTAssertEqual(lateV1.withLockedValue { $0 }, 0, "no v1 answer once a sidecar applied the change")
         XCTAssertGreaterThan(total.withLockedValue { $0 }, 30)
