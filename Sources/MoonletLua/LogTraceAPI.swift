@@ -512,18 +512,21 @@ final class LogTraceLoopState {
         if !h.added.isEmpty {
             // Headers added by earlier filters (lowercase): their bytes compared with the
             // trace names of the same length only.
-            for k in 0..<h.added.count {
-                var name = h.added[k].name
-                name.withUTF8 { a in
-                    switch a.count {
-                    case 2: if bytesAre(a, "b3") { trace = true }
-                    case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
-                    case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
-                    case 12:
-                        if bytesAre(a, "x-request-id") { rid = true }
-                        else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
-                    case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
-                    default: break
+            h.added.withUnsafeBufferPointer { added in
+                for k in 0..<added.count {
+                    let len = added[k].name.utf8.count
+                    guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { continue }
+                    _ = added[k].name.utf8.withContiguousStorageIfAvailable { a in
+                        switch a.count {
+                        case 2: if bytesAre(a, "b3") { trace = true }
+                        case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+                        case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+                        case 12:
+                            if bytesAre(a, "x-request-id") { rid = true }
+                            else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+                        case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+                        default: break
+                        }
                     }
                 }
             }
@@ -788,24 +791,27 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    // Each added name's bytes once; the names still missing compared to
-                    // it when their lengths agree. The first added line of a name wins.
-                    for k in 0..<h.added.count {
-                        var name = h.added[k].name
-                        let found = name.withUTF8 { a -> Bool in
-                            guard mask & (1 << UInt64(a.count & 63)) != 0 else { return false }
-                            var hit = false
-                            for j in 0..<n where spans[j].start == -1 && names.length(j) == a.count && names.pseudo(j) == .none {
-                                let want = names.bytes(j)
-                                if a.count == 0 || memcmp(a.baseAddress!, want.baseAddress!, a.count) == 0 {
-                                    spans[j] = h.added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                                    left -= 1
-                                    hit = true
+                    // Each added name's length first (no copy of the String), its bytes
+                    // only when a missing name has that length. The first added line of
+                    // a name wins.
+                    h.added.withUnsafeBufferPointer { added in
+                        for k in 0..<added.count {
+                            let len = added[k].name.utf8.count
+                            guard mask & (1 << UInt64(len & 63)) != 0 else { continue }
+                            let hit = added[k].name.utf8.withContiguousStorageIfAvailable { a -> Bool in
+                                var hit = false
+                                for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
+                                    let want = names.bytes(j)
+                                    if len == 0 || memcmp(a.baseAddress!, want.baseAddress!, len) == 0 {
+                                        spans[j] = added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        left -= 1
+                                        hit = true
+                                    }
                                 }
-                            }
-                            return hit
+                                return hit
+                            } ?? false
+                            if hit && left == 0 { break }
                         }
-                        if found && left == 0 { break }
                     }
                     // An empty added value: absent (the marker above keeps later lines of
                     // that name from matching; it is turned into `.absent` here).
