@@ -423,7 +423,13 @@ struct TelemetryOutputError: Error, CustomStringConvertible {
 /// One loop's side of access logs and tracing: its buffers per output, its cache of
 /// outputs and tracers, and the spans its streams have open. Used only on the loop.
 final class LogTraceLoopState {
-    struct Output { let format: AccessLogFormat; let buffer: LogBuffer }
+    /// A class: handing one out per line retains it once (a struct copy retained the
+    /// format's parts and the buffer each).
+    final class Output {
+        let format: AccessLogFormat
+        let buffer: LogBuffer
+        init(format: AccessLogFormat, buffer: LogBuffer) { self.format = format; self.buffer = buffer }
+    }
     struct Pending { let tracer: Tracer; let ctx: TraceContext; let startMicros: UInt64 }
     var outputs: [Output?] = []
     var tracers: [Tracer?] = []
@@ -791,18 +797,19 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    // Each added name's length first (no copy of the String), its bytes
-                    // only when a missing name has that length. The first added line of
-                    // a name wins.
+                    // Each added name's length first (no copy of the String), checked
+                    // against the lengths of the names still missing; its bytes only when
+                    // one has that length. The first added line of a name wins.
+                    var missing: UInt64 = 0
+                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
                     h.added.withUnsafeBufferPointer { added in
                         for k in 0..<added.count {
                             let len = added[k].name.utf8.count
-                            guard mask & (1 << UInt64(len & 63)) != 0 else { continue }
+                            guard missing & (1 << UInt64(len & 63)) != 0 else { continue }
                             let hit = added[k].name.utf8.withContiguousStorageIfAvailable { a -> Bool in
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
-                                    let want = names.bytes(j)
-                                    if len == 0 || memcmp(a.baseAddress!, want.baseAddress!, len) == 0 {
+                                    if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
                                         spans[j] = added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
                                         left -= 1
                                         hit = true
@@ -810,7 +817,11 @@ struct StreamLogRecord: AccessLogRecord {
                                 }
                                 return hit
                             } ?? false
-                            if hit && left == 0 { break }
+                            if hit {
+                                if left == 0 { break }
+                                missing = 0
+                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                            }
                         }
                     }
                     // An empty added value: absent (the marker above keeps later lines of
@@ -819,6 +830,26 @@ struct StreamLogRecord: AccessLogRecord {
                 }
             }
         }
+    }
+
+    /// Whether `n` bytes at `a` and `b` are equal: eight at a time (the last word
+    /// overlapping), bytes under eight.
+    @inline(__always)
+    static func same(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ n: Int) -> Bool {
+        if n >= 8 {
+            var i = 0
+            while i &+ 8 <= n {
+                if a.loadUnaligned(fromByteOffset: i, as: UInt64.self) != b.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+                i &+= 8
+            }
+            return i == n || a.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self) == b.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+        }
+        var i = 0
+        while i < n {
+            if a.load(fromByteOffset: i, as: UInt8.self) != b.load(fromByteOffset: i, as: UInt8.self) { return false }
+            i &+= 1
+        }
+        return true
     }
 
     func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {

@@ -386,8 +386,11 @@ struct LineWriter {
     @inlinable @inline(__always)
     mutating func put(_ s: String, escape: Bool) -> Bool {
         if s.isEmpty { return false }
-        var v = s
-        v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
+        // Read in place (a native String: no copy of it); otherwise through a copy.
+        if s.utf8.withContiguousStorageIfAvailable({ put(UnsafeRawBufferPointer($0), escape: escape) }) == nil {
+            var v = s
+            v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
+        }
         return true
     }
 
