@@ -869,44 +869,56 @@ struct StreamLogRecord: AccessLogRecord {
     }
 
     func withResponseHeader(lowercased name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
-        if s.response != nil {
-            // The buffer and the field array only (a copy of the head would retain each of its parts).
-            let bytes = s.response!.bytes, fields = s.response!.fields
-            var at = -1, len = 0
-            bytes.withUnsafeReadableBytes { raw in
-                fields.withUnsafeBufferPointer { fs in
-                    for f in fs where !f.removed && Int(f.nameLength) == name.count {
-                        let base = Int(f.nameStart)
-                        var k = 0
-                        while k < name.count {
-                            var c = raw[base + k]
-                            if c >= 65 && c <= 90 { c |= 0x20 }
-                            if c != name[k] { break }
-                            k += 1
-                        }
-                        if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
-                    }
-                }
-            }
-            if at >= 0 {
-                if len == 0 { return false }
-                bytes.withUnsafeReadableBytes { raw in body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
-                return true
-            }
-            if !s.response!.added.isEmpty {
-                for a in s.response!.added where AccessLogHeaderNames.equals(a.name, name) {
-                    if a.value.isEmpty { return false }
-                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
-                }
-            }
+        // The stream's heads are read in place through inout access: reading `s.response`
+        // (or `s.localReply`) as a value copies it, retaining each of its parts.
+        switch Self.responseHeader(&s.response, name, body) {
+        case .written: return true
+        case .empty: return false
+        case .absent: break
         }
-        if let l = s.localReply {
+        if Self.isSome(&s.localReply), let l = s.localReply {
             for x in l.headers where x.name.lowercased().utf8.elementsEqual(name) {
                 if x.value.isEmpty { return false }
                 var v = x.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
             }
         }
         return false
+    }
+
+    enum Lookup { case written, empty, absent }
+
+    /// `v != nil` without copying `v` (an inout access of the stream's property).
+    @inline(__always)
+    static func isSome<T>(_ v: inout T?) -> Bool { v != nil }
+
+    /// The first value of response header `name` (lowercase ASCII) handed to `body`.
+    static func responseHeader(_ head: inout HTTPHead?, _ name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Lookup {
+        guard head != nil else { return .absent }
+        var at = -1, len = 0
+        head!.bytes.withUnsafeReadableBytes { raw in
+            head!.fields.withUnsafeBufferPointer { fs in
+                for f in fs where !f.removed && Int(f.nameLength) == name.count {
+                    let base = Int(f.nameStart)
+                    var k = 0
+                    while k < name.count {
+                        var c = raw[base + k]
+                        if c >= 65 && c <= 90 { c |= 0x20 }
+                        if c != name[k] { break }
+                        k += 1
+                    }
+                    if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
+                }
+            }
+            if at >= 0 && len > 0 { body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
+        }
+        if at >= 0 { return len == 0 ? .empty : .written }
+        if !head!.added.isEmpty {
+            for a in head!.added where AccessLogHeaderNames.equals(a.name, name) {
+                if a.value.isEmpty { return .empty }
+                var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return .written
+            }
+        }
+        return .absent
     }
 
     func responseHeader(_ name: String) -> String? {
@@ -922,8 +934,8 @@ struct StreamLogRecord: AccessLogRecord {
     var responseFlags: String { s.responseFlags.envoyString }
     var responseCodeDetails: String {
         if !s.vars.isEmpty, let d = s.vars["response_code_details"] { return d }
-        if s.localReply != nil { return s.responseFlags.isEmpty ? "direct_response" : "" }
-        return s.response != nil ? "via_upstream" : ""
+        if Self.isSome(&s.localReply) { return s.responseFlags.isEmpty ? "direct_response" : "" }
+        return Self.isSome(&s.response) ? "via_upstream" : ""
     }
     var connectionTerminationDetails: String { "" }
     var upstreamTransportFailureReason: String { "" }
