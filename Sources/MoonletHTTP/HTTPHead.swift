@@ -225,8 +225,9 @@ public struct HTTPHead: Sendable {
         added.append((name.lowercased(), value))
     }
 
-    /// Adds a value whose name is already lowercase (no folding).
-    @inline(__always)
+    /// Adds a value whose name is already lowercase (no folding). Inlinable: the
+    /// proxy and the tracing filter add lines per request.
+    @inlinable @inline(__always)
     public mutating func addLowercased(_ name: String, _ value: String) {
         added.append((name, value))
     }

@@ -148,7 +148,56 @@ public enum HeadWriter {
             runEnd = Int(f.lineEnd)
         }
         if runStart >= 0 { out.writeBytes(view[runStart..<runEnd]) }
-        for a in head.added { writeField(a.name, a.value, into: &out) }
+        if !head.added.isEmpty { writeAdded(head.added, into: &out) }
+    }
+
+    /// The added lines (`name: value` CRLF each) in one write of the buffer: their size
+    /// summed first, then every name and value copied in place (read where they are, no
+    /// String copies). Line by line cost about 340 instructions a line; this under 100.
+    @inline(__always)
+    static func writeAdded(_ added: [(name: String, value: String)], into out: inout ByteBuffer) {
+        var total = 0
+        for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].value.utf8.count &+ 4 }
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+            var at = p.baseAddress!
+            added.withUnsafeBufferPointer { a in
+                for i in 0..<a.count {
+                    at = copyUTF8(a[i].name, to: at)
+                    at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
+                    at = copyUTF8(a[i].value, to: at + 2)
+                    at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
+                    at += 2
+                }
+            }
+            return total
+        }
+    }
+
+    /// Copies `s`'s UTF-8 to `to`; returns the byte after it.
+    @inline(__always)
+    static func copyUTF8(_ s: String, to: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+        let n = s.utf8.count
+        if n == 0 { return to }
+        if s.utf8.withContiguousStorageIfAvailable({ copyBytes(to, UnsafeRawPointer($0.baseAddress!), n) }) == nil {
+            var c = s
+            c.withUTF8 { copyBytes(to, UnsafeRawPointer($0.baseAddress!), n) }
+        }
+        return to + n
+    }
+
+    /// `n` bytes from `src` to `dst`: up to 16 with two (overlapping) word moves, longer
+    /// ones with copyMemory (header names and short values are mostly under 16 bytes).
+    @inline(__always)
+    static func copyBytes(_ dst: UnsafeMutableRawPointer, _ src: UnsafeRawPointer, _ n: Int) {
+        if n >= 8 && n <= 16 {
+            let a = src.loadUnaligned(as: UInt64.self), b = src.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+            dst.storeBytes(of: a, as: UInt64.self); dst.storeBytes(of: b, toByteOffset: n &- 8, as: UInt64.self)
+        } else if n >= 4 && n < 8 {
+            let a = src.loadUnaligned(as: UInt32.self), b = src.loadUnaligned(fromByteOffset: n &- 4, as: UInt32.self)
+            dst.storeBytes(of: a, as: UInt32.self); dst.storeBytes(of: b, toByteOffset: n &- 4, as: UInt32.self)
+        } else {
+            dst.copyMemory(from: src, byteCount: n)
+        }
     }
 
     /// `name: value` CRLF, in one write of the buffer (four writes cost about 450

@@ -423,7 +423,13 @@ struct TelemetryOutputError: Error, CustomStringConvertible {
 /// One loop's side of access logs and tracing: its buffers per output, its cache of
 /// outputs and tracers, and the spans its streams have open. Used only on the loop.
 final class LogTraceLoopState {
-    struct Output { let format: AccessLogFormat; let buffer: LogBuffer }
+    /// A class: handing one out per line retains it once (a struct copy retained the
+    /// format's parts and the buffer each).
+    final class Output {
+        let format: AccessLogFormat
+        let buffer: LogBuffer
+        init(format: AccessLogFormat, buffer: LogBuffer) { self.format = format; self.buffer = buffer }
+    }
     struct Pending { let tracer: Tracer; let ctx: TraceContext; let startMicros: UInt64 }
     var outputs: [Output?] = []
     var tracers: [Tracer?] = []
@@ -512,18 +518,21 @@ final class LogTraceLoopState {
         if !h.added.isEmpty {
             // Headers added by earlier filters (lowercase): their bytes compared with the
             // trace names of the same length only.
-            for k in 0..<h.added.count {
-                var name = h.added[k].name
-                name.withUTF8 { a in
-                    switch a.count {
-                    case 2: if bytesAre(a, "b3") { trace = true }
-                    case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
-                    case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
-                    case 12:
-                        if bytesAre(a, "x-request-id") { rid = true }
-                        else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
-                    case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
-                    default: break
+            h.added.withUnsafeBufferPointer { added in
+                for k in 0..<added.count {
+                    let len = added[k].name.utf8.count
+                    guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { continue }
+                    _ = added[k].name.utf8.withContiguousStorageIfAvailable { a in
+                        switch a.count {
+                        case 2: if bytesAre(a, "b3") { trace = true }
+                        case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+                        case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+                        case 12:
+                            if bytesAre(a, "x-request-id") { rid = true }
+                            else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+                        case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+                        default: break
+                        }
                     }
                 }
             }
@@ -788,24 +797,32 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    // Each added name's bytes once; the names still missing compared to
-                    // it when their lengths agree. The first added line of a name wins.
-                    for k in 0..<h.added.count {
-                        var name = h.added[k].name
-                        let found = name.withUTF8 { a -> Bool in
-                            guard mask & (1 << UInt64(a.count & 63)) != 0 else { return false }
-                            var hit = false
-                            for j in 0..<n where spans[j].start == -1 && names.length(j) == a.count && names.pseudo(j) == .none {
-                                let want = names.bytes(j)
-                                if a.count == 0 || memcmp(a.baseAddress!, want.baseAddress!, a.count) == 0 {
-                                    spans[j] = h.added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                                    left -= 1
-                                    hit = true
+                    // Each added name's length first (no copy of the String), checked
+                    // against the lengths of the names still missing; its bytes only when
+                    // one has that length. The first added line of a name wins.
+                    var missing: UInt64 = 0
+                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                    h.added.withUnsafeBufferPointer { added in
+                        for k in 0..<added.count {
+                            let len = added[k].name.utf8.count
+                            guard missing & (1 << UInt64(len & 63)) != 0 else { continue }
+                            let hit = added[k].name.utf8.withContiguousStorageIfAvailable { a -> Bool in
+                                var hit = false
+                                for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
+                                    if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
+                                        spans[j] = added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        left -= 1
+                                        hit = true
+                                    }
                                 }
+                                return hit
+                            } ?? false
+                            if hit {
+                                if left == 0 { break }
+                                missing = 0
+                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
                             }
-                            return hit
                         }
-                        if found && left == 0 { break }
                     }
                     // An empty added value: absent (the marker above keeps later lines of
                     // that name from matching; it is turned into `.absent` here).
@@ -813,6 +830,26 @@ struct StreamLogRecord: AccessLogRecord {
                 }
             }
         }
+    }
+
+    /// Whether `n` bytes at `a` and `b` are equal: eight at a time (the last word
+    /// overlapping), bytes under eight.
+    @inline(__always)
+    static func same(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ n: Int) -> Bool {
+        if n >= 8 {
+            var i = 0
+            while i &+ 8 <= n {
+                if a.loadUnaligned(fromByteOffset: i, as: UInt64.self) != b.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+                i &+= 8
+            }
+            return i == n || a.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self) == b.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+        }
+        var i = 0
+        while i < n {
+            if a.load(fromByteOffset: i, as: UInt8.self) != b.load(fromByteOffset: i, as: UInt8.self) { return false }
+            i &+= 1
+        }
+        return true
     }
 
     func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
@@ -832,44 +869,56 @@ struct StreamLogRecord: AccessLogRecord {
     }
 
     func withResponseHeader(lowercased name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
-        if s.response != nil {
-            // The buffer and the field array only (a copy of the head would retain each of its parts).
-            let bytes = s.response!.bytes, fields = s.response!.fields
-            var at = -1, len = 0
-            bytes.withUnsafeReadableBytes { raw in
-                fields.withUnsafeBufferPointer { fs in
-                    for f in fs where !f.removed && Int(f.nameLength) == name.count {
-                        let base = Int(f.nameStart)
-                        var k = 0
-                        while k < name.count {
-                            var c = raw[base + k]
-                            if c >= 65 && c <= 90 { c |= 0x20 }
-                            if c != name[k] { break }
-                            k += 1
-                        }
-                        if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
-                    }
-                }
-            }
-            if at >= 0 {
-                if len == 0 { return false }
-                bytes.withUnsafeReadableBytes { raw in body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
-                return true
-            }
-            if !s.response!.added.isEmpty {
-                for a in s.response!.added where AccessLogHeaderNames.equals(a.name, name) {
-                    if a.value.isEmpty { return false }
-                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
-                }
-            }
+        // The stream's heads are read in place through inout access: reading `s.response`
+        // (or `s.localReply`) as a value copies it, retaining each of its parts.
+        switch Self.responseHeader(&s.response, name, body) {
+        case .written: return true
+        case .empty: return false
+        case .absent: break
         }
-        if let l = s.localReply {
+        if Self.isSome(&s.localReply), let l = s.localReply {
             for x in l.headers where x.name.lowercased().utf8.elementsEqual(name) {
                 if x.value.isEmpty { return false }
                 var v = x.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
             }
         }
         return false
+    }
+
+    enum Lookup { case written, empty, absent }
+
+    /// `v != nil` without copying `v` (an inout access of the stream's property).
+    @inline(__always)
+    static func isSome<T>(_ v: inout T?) -> Bool { v != nil }
+
+    /// The first value of response header `name` (lowercase ASCII) handed to `body`.
+    static func responseHeader(_ head: inout HTTPHead?, _ name: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> Void) -> Lookup {
+        guard head != nil else { return .absent }
+        var at = -1, len = 0
+        head!.bytes.withUnsafeReadableBytes { raw in
+            head!.fields.withUnsafeBufferPointer { fs in
+                for f in fs where !f.removed && Int(f.nameLength) == name.count {
+                    let base = Int(f.nameStart)
+                    var k = 0
+                    while k < name.count {
+                        var c = raw[base + k]
+                        if c >= 65 && c <= 90 { c |= 0x20 }
+                        if c != name[k] { break }
+                        k += 1
+                    }
+                    if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
+                }
+            }
+            if at >= 0 && len > 0 { body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
+        }
+        if at >= 0 { return len == 0 ? .empty : .written }
+        if !head!.added.isEmpty {
+            for a in head!.added where AccessLogHeaderNames.equals(a.name, name) {
+                if a.value.isEmpty { return .empty }
+                var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return .written
+            }
+        }
+        return .absent
     }
 
     func responseHeader(_ name: String) -> String? {
@@ -885,8 +934,8 @@ struct StreamLogRecord: AccessLogRecord {
     var responseFlags: String { s.responseFlags.envoyString }
     var responseCodeDetails: String {
         if !s.vars.isEmpty, let d = s.vars["response_code_details"] { return d }
-        if s.localReply != nil { return s.responseFlags.isEmpty ? "direct_response" : "" }
-        return s.response != nil ? "via_upstream" : ""
+        if Self.isSome(&s.localReply) { return s.responseFlags.isEmpty ? "direct_response" : "" }
+        return Self.isSome(&s.response) ? "via_upstream" : ""
     }
     var connectionTerminationDetails: String { "" }
     var upstreamTransportFailureReason: String { "" }

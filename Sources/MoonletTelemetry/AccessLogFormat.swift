@@ -179,10 +179,11 @@ public final class AccessLogClock {
     var second: Int64 = .min
     /// "YYYY-MM-DDTHH:MM:SS." (20 bytes).
     let prefix = UnsafeMutablePointer<UInt8>.allocate(capacity: 20)
-    var line: UnsafeMutablePointer<UInt8>
-    var lineCapacity: Int
-    var spans: UnsafeMutablePointer<AccessLogValueSpan>
-    var spanCapacity: Int
+    // Read by the inlinable `AccessLogFormat.render` (specialised in the caller's module).
+    @usableFromInline var line: UnsafeMutablePointer<UInt8>
+    @usableFromInline var lineCapacity: Int
+    @usableFromInline var spans: UnsafeMutablePointer<AccessLogValueSpan>
+    @usableFromInline var spanCapacity: Int
     public init() {
         lineCapacity = 2048
         line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
@@ -196,9 +197,15 @@ public final class AccessLogClock {
         spans.deallocate()
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     func spans(_ n: Int) -> UnsafeMutablePointer<AccessLogValueSpan> {
-        if n > spanCapacity {
+        if _slowPath(n > spanCapacity) { return growSpans(n) }
+        return spans
+    }
+
+    @usableFromInline @inline(never)
+    func growSpans(_ n: Int) -> UnsafeMutablePointer<AccessLogValueSpan> {
+        do {
             spans.deallocate()
             spanCapacity = n
             spans = UnsafeMutablePointer<AccessLogValueSpan>.allocate(capacity: n)
@@ -207,7 +214,7 @@ public final class AccessLogClock {
     }
 
     /// Writes START_TIME for `ms` (24 bytes; the writer has room).
-    @inline(__always)
+    @usableFromInline
     func write(_ ms: Int64, _ w: inout LineWriter) {
         let sec = ms >= 0 ? ms / 1000 : (ms - 999) / 1000
         if sec != second {
@@ -226,17 +233,25 @@ public final class AccessLogClock {
 }
 
 /// A growable byte buffer written through a pointer (the loop's line scratch).
+@usableFromInline
 struct LineWriter {
-    var base: UnsafeMutablePointer<UInt8>
-    var count: Int
-    var capacity: Int
+    @usableFromInline var base: UnsafeMutablePointer<UInt8>
+    @usableFromInline var count: Int
+    @usableFromInline var capacity: Int
 
-    @inline(__always)
-    mutating func reserve(_ n: Int) {
-        if _slowPath(count + n > capacity) { grow(count + n) }
+    @inlinable @inline(__always)
+    init(base: UnsafeMutablePointer<UInt8>, count: Int, capacity: Int) {
+        self.base = base; self.count = count; self.capacity = capacity
     }
 
-    @inline(never)
+    // Counts and sizes stay far below Int.max (a line is bounded by its values), so
+    // the arithmetic below wraps instead of checking for overflow.
+    @inlinable @inline(__always)
+    mutating func reserve(_ n: Int) {
+        if _slowPath(count &+ n > capacity) { grow(count &+ n) }
+    }
+
+    @usableFromInline @inline(never)
     mutating func grow(_ need: Int) {
         var c = capacity * 2
         while c < need { c *= 2 }
@@ -247,60 +262,107 @@ struct LineWriter {
         capacity = c
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     mutating func byte(_ b: UInt8) {
         reserve(1)
-        base[count] = b
-        count += 1
+        (base + count).initialize(to: b)
+        count &+= 1
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     mutating func bytes(_ p: UnsafeRawPointer, _ n: Int) {
         reserve(n)
-        memcpy(base + count, p, n)
-        count += n
+        Self.copy(UnsafeMutableRawPointer(base + count), p, n)
+        count &+= n
     }
 
-    @inline(__always)
+    /// Copies `n` bytes: up to 32 with (overlapping) word loads and stores, longer
+    /// ones with memcpy. Literals and values are mostly short: a call costs more.
+    @inlinable @inline(__always)
+    static func copy(_ dst: UnsafeMutableRawPointer, _ src: UnsafeRawPointer, _ n: Int) {
+        if n >= 8 {
+            if n <= 16 {
+                let a = src.loadUnaligned(as: UInt64.self), b = src.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+                dst.storeBytes(of: a, as: UInt64.self); dst.storeBytes(of: b, toByteOffset: n &- 8, as: UInt64.self)
+            } else if n <= 32 {
+                let a = src.loadUnaligned(as: UInt64.self), b = src.loadUnaligned(fromByteOffset: 8, as: UInt64.self)
+                let c = src.loadUnaligned(fromByteOffset: n &- 16, as: UInt64.self), d = src.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+                dst.storeBytes(of: a, as: UInt64.self); dst.storeBytes(of: b, toByteOffset: 8, as: UInt64.self)
+                dst.storeBytes(of: c, toByteOffset: n &- 16, as: UInt64.self); dst.storeBytes(of: d, toByteOffset: n &- 8, as: UInt64.self)
+            } else {
+                memcpy(dst, src, n)
+            }
+        } else if n >= 4 {
+            let a = src.loadUnaligned(as: UInt32.self), b = src.loadUnaligned(fromByteOffset: n &- 4, as: UInt32.self)
+            dst.storeBytes(of: a, as: UInt32.self); dst.storeBytes(of: b, toByteOffset: n &- 4, as: UInt32.self)
+        } else {
+            var i = 0
+            while i < n { dst.storeBytes(of: src.load(fromByteOffset: i, as: UInt8.self), toByteOffset: i, as: UInt8.self); i &+= 1 }
+        }
+    }
+
+    @inlinable @inline(__always)
     mutating func bytes(_ b: UnsafeRawBufferPointer) {
         if let p = b.baseAddress { bytes(p, b.count) }
     }
 
-    /// Whether any of `n` bytes at `p` needs escaping in JSON (a control character, `"`
-    /// or `\`): eight bytes at a time.
-    @inline(__always)
-    static func needsEscape(_ p: UnsafeRawPointer, _ n: Int) -> Bool {
-        var i = 0
-        let ones: UInt64 = 0x0101_0101_0101_0101, highs: UInt64 = 0x8080_8080_8080_8080
-        while i + 8 <= n {
-            let x = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-            let q = x ^ (ones &* 34), bs = x ^ (ones &* 92)
-            // A zero byte in q or bs, or a byte under 0x20 in x (x - 0x20 borrows with the high bit clear).
-            let t = ((q &- ones) & ~q) | ((bs &- ones) & ~bs) | ((x &- ones &* 0x20) & ~x)
-            if t & highs != 0 { return true }
-            i += 8
-        }
-        while i < n {
-            let c = p.load(fromByteOffset: i, as: UInt8.self)
-            if c < 0x20 || c == 34 || c == 92 { return true }
-            i += 1
-        }
-        return false
+    /// The high bit of every byte of `x` that is a control character, `"` or `\`
+    /// (and possibly of bytes above such a byte: a hint, exact when it is zero).
+    @inlinable @inline(__always)
+    static func special(_ x: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let q = x ^ (ones &* 34), bs = x ^ (ones &* 92)
+        // A zero byte in q or bs, or a byte under 0x20 in x (x - 0x20 borrows with the high bit clear).
+        return (((q &- ones) & ~q) | ((bs &- ones) & ~bs) | ((x &- ones &* 0x20) & ~x)) & 0x8080_8080_8080_8080
     }
 
     /// Appends bytes, JSON-escaped when `escape` (as `JSON.quote` escapes, without quotes).
-    @inline(__always)
+    /// Escaped values are copied eight bytes at a time while they are checked (the last
+    /// word overlapping the one before); only a value with a byte to escape is written
+    /// again, byte by byte.
+    @inlinable @inline(__always)
     mutating func put(_ p: UnsafeRawPointer, _ n: Int, escape: Bool) {
-        if escape && Self.needsEscape(p, n) { putEscaped(UnsafeRawBufferPointer(start: p, count: n)); return }
-        bytes(p, n)
+        guard escape else { bytes(p, n); return }
+        reserve(n)
+        let dst = UnsafeMutableRawPointer(base + count)
+        var t: UInt64 = 0
+        if n >= 8 {
+            var i = 0
+            while i &+ 8 <= n {
+                let x = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+                t |= Self.special(x)
+                dst.storeBytes(of: x, toByteOffset: i, as: UInt64.self)
+                i &+= 8
+            }
+            if i < n {
+                let x = p.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+                t |= Self.special(x)
+                dst.storeBytes(of: x, toByteOffset: n &- 8, as: UInt64.self)
+            }
+        } else if n >= 4 {
+            let x = UInt64(p.loadUnaligned(as: UInt32.self)) | UInt64(p.loadUnaligned(fromByteOffset: n &- 4, as: UInt32.self)) << 32
+            t = Self.special(x)
+            dst.storeBytes(of: UInt32(truncatingIfNeeded: x), as: UInt32.self)
+            dst.storeBytes(of: UInt32(truncatingIfNeeded: x >> 32), toByteOffset: n &- 4, as: UInt32.self)
+        } else {
+            var i = 0
+            while i < n {
+                let c = p.load(fromByteOffset: i, as: UInt8.self)
+                if c < 0x20 || c == 34 || c == 92 { t = 1 }
+                dst.storeBytes(of: c, toByteOffset: i, as: UInt8.self)
+                i &+= 1
+            }
+        }
+        if _slowPath(t != 0) { putEscaped(UnsafeRawBufferPointer(start: p, count: n)); return }
+        count &+= n
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     mutating func put(_ b: UnsafeRawBufferPointer, escape: Bool) {
         if let p = b.baseAddress { put(p, b.count, escape: escape) }
     }
 
-    @inline(never)
+    @usableFromInline @inline(never)
     mutating func putEscaped(_ b: UnsafeRawBufferPointer) {
         reserve(b.count * 6)
         let hex: StaticString = "0123456789abcdef"
@@ -321,15 +383,18 @@ struct LineWriter {
     }
 
     /// Appends a String value; false (nothing written) when it is empty.
-    @inline(__always)
+    @inlinable @inline(__always)
     mutating func put(_ s: String, escape: Bool) -> Bool {
         if s.isEmpty { return false }
-        var v = s
-        v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
+        // Read in place (a native String: no copy of it); otherwise through a copy.
+        if s.utf8.withContiguousStorageIfAvailable({ put(UnsafeRawBufferPointer($0), escape: escape) }) == nil {
+            var v = s
+            v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
+        }
         return true
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     mutating func int(_ v: Int64) {
         reserve(20)
         if v < 0 { base[count] = 45; count += 1 }
@@ -371,7 +436,7 @@ public struct AccessLogFormat: Sendable {
     let shape: Shape
 
     /// The format compiled for byte output (see `Program`), built once with the format.
-    let program: Program
+    @usableFromInline let program: Program
     var isJSON: Bool { program.isJSON }
 
     /// Compiles a text format; throws naming the first unsupported operator.
@@ -390,7 +455,9 @@ public struct AccessLogFormat: Sendable {
 
     /// One instruction of a compiled format. Trivial (no reference counted payload), so
     /// the per-line loop reads them through a pointer without retaining anything.
+    @usableFromInline
     struct Instr {
+        @usableFromInline
         enum Code: UInt8 {
             /// `a`: offset, `b`: length of bytes in the side table, written as they are.
             case literal
@@ -409,10 +476,16 @@ public struct AccessLogFormat: Sendable {
         /// How a value is written: as it is, "-" when missing (text); JSON-escaped, "-"
         /// when missing (part of a JSON string); JSON-escaped in quotes, `null` when
         /// missing (a JSON value of one operator). Numbers are written as they are.
+        @usableFromInline
         enum Mode: UInt8 { case text, jsonPart, jsonValue }
-        var code: Code
-        var mode: Mode
-        var a: Int32 = 0, b: Int32 = 0, c: Int32 = 0, d: Int32 = 0
+        @usableFromInline var code: Code
+        @usableFromInline var mode: Mode
+        @usableFromInline var a: Int32 = 0, b: Int32 = 0, c: Int32 = 0, d: Int32 = 0
+        /// Literal bytes written before the value (offset and length in the side
+        /// table): the literal before an operator is folded into it, with the opening
+        /// quote of a `jsonValue`; a literal the format ends with stays a `.literal`
+        /// instruction with only these.
+        @usableFromInline var pa: Int32 = 0, pl: Int32 = 0
     }
 
     /// A format as a flat instruction array, with every literal, JSON key and response
@@ -420,11 +493,12 @@ public struct AccessLogFormat: Sendable {
     /// literals merged), and the request header names it reads in an
     /// `AccessLogHeaderNames` (found in one pass over the head per line). Made at config
     /// load; read per line through pointers.
+    @usableFromInline
     final class Program: @unchecked Sendable {
         let isJSON: Bool
-        let code: UnsafeMutableBufferPointer<Instr>
-        let table: UnsafeMutableRawBufferPointer
-        let names: AccessLogHeaderNames
+        @usableFromInline let code: UnsafeMutableBufferPointer<Instr>
+        @usableFromInline let table: UnsafeMutableRawBufferPointer
+        @usableFromInline let names: AccessLogHeaderNames
         /// Operators of `.slow` instructions (rare: read only for them).
         let slow: [Op]
 
@@ -507,6 +581,22 @@ public struct AccessLogFormat: Sendable {
                 }
                 lit(Array("}\n".utf8))
             }
+            // Each literal folded into the operator after it (one dispatch for both).
+            var fused: [Instr] = []
+            var k = 0
+            while k < instrs.count {
+                var i = instrs[k]
+                var lit: [UInt8] = []
+                if i.code == .literal {
+                    lit = Array(bytes[Int(i.a)..<Int(i.a + i.b)])
+                    if k + 1 < instrs.count, instrs[k + 1].code != .literal { k += 1; i = instrs[k] }
+                }
+                if i.code != .literal && i.mode == .jsonValue { lit.append(34) }
+                if !lit.isEmpty { i.pa = Int32(bytes.count); i.pl = Int32(lit.count); bytes.append(contentsOf: lit) }
+                fused.append(i)
+                k += 1
+            }
+            instrs = fused
             code = .allocate(capacity: max(1, instrs.count))
             _ = code.initialize(from: instrs)
             let table = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 8)
@@ -518,7 +608,7 @@ public struct AccessLogFormat: Sendable {
         }
 
         /// Instructions in use (`code` may have one slot more when empty).
-        let count: Int
+        @usableFromInline let count: Int
 
         deinit {
             code.deallocate()
@@ -594,7 +684,9 @@ public struct AccessLogFormat: Sendable {
     /// Appends the line for `r` to `out` (the per-request path: the compiled format read
     /// through pointers, request headers found in one pass over the head, numbers and
     /// the time written as digits into the loop's line buffer, which is appended whole).
-    /// Same text as `renderString`.
+    /// Same text as `renderString`. Inlinable: specialised for the caller's record type
+    /// (the record's fields read directly, not through its witness table).
+    @inlinable
     public func render<R: AccessLogRecord>(_ r: R, into out: inout [UInt8], clock: AccessLogClock) {
         let p = program
         var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity)
@@ -607,7 +699,7 @@ public struct AccessLogFormat: Sendable {
         out.append(contentsOf: UnsafeRawBufferPointer(start: w.base, count: w.count))
     }
 
-    static let null: StaticString = "null"
+    @usableFromInline static let null: StaticString = "null"
 
     /// `s` JSON-escaped as a line's values are (no quotes).
     static func escaped(_ s: String) -> [UInt8] {
@@ -619,7 +711,7 @@ public struct AccessLogFormat: Sendable {
         return out
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     static func run<R: AccessLogRecord>(_ p: Program, _ r: R, head: UnsafeRawBufferPointer, spans: UnsafeMutablePointer<AccessLogValueSpan>,
                                         _ w: inout LineWriter, _ clock: AccessLogClock) {
         let code = p.code.baseAddress!
@@ -629,14 +721,14 @@ public struct AccessLogFormat: Sendable {
         let end = p.count
         while pc < end {
             let ins = code[pc]
-            pc += 1
+            pc &+= 1
+            w.bytes(table + Int(ins.pa), Int(ins.pl))
             let found: Bool
             let escape = ins.mode != .text
-            let mark = w.count
-            if ins.mode == .jsonValue { w.byte(34) }
+            // Where a missing jsonValue's `null` goes: over its opening quote.
+            let mark = ins.mode == .jsonValue ? w.count &- 1 : w.count
             switch ins.code {
             case .literal:
-                w.bytes(table + Int(ins.a), Int(ins.b))
                 continue
             case .startTime: clock.write(r.startTimeMillis, &w); found = true
             case .code: w.int(Int64(r.responseCode)); continue
@@ -666,7 +758,7 @@ public struct AccessLogFormat: Sendable {
                 }
                 found = ok
             case .slow:
-                found = w.put(value(p.slow[Int(ins.a)], r) ?? "", escape: escape)
+                found = w.put(slowValue(p, Int(ins.a), r) ?? "", escape: escape)
             }
             if found {
                 if ins.mode == .jsonValue { w.byte(34) }
@@ -681,7 +773,7 @@ public struct AccessLogFormat: Sendable {
 
     /// Writes request header `i` of the format's names as `withRequestHead` located it;
     /// false (nothing written) when absent or empty.
-    @inline(__always)
+    @inlinable @inline(__always)
     static func header<R: AccessLogRecord>(_ i: Int, _ r: R, _ head: UnsafeRawBufferPointer, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
                                            _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
         let s = spans[i]
@@ -717,6 +809,10 @@ public struct AccessLogFormat: Sendable {
             return out + "}\n"
         }
     }
+
+    /// The String value of `.slow` instruction `i`'s operator (not inlined: rare).
+    @usableFromInline
+    static func slowValue(_ p: Program, _ i: Int, _ r: AccessLogRecord) -> String? { value(p.slow[i], r) }
 
     static func isNumeric(_ o: Op) -> Bool {
         switch o { case .code, .bytesIn, .bytesOut, .duration: return true; default: return false }

@@ -156,6 +156,22 @@ final class ParserTests: XCTestCase {
         XCTAssertTrue(String(buffer: out).hasPrefix("GET /y HTTP/1.1\r\n"))
     }
 
+    func test_addedLinesOfEveryLength_areWrittenWholeAfterTheKeptLines() throws {
+        // Added names and values are copied by words when short, by copyMemory when long,
+        // and read in place from small (inline) and heap Strings alike.
+        for len in 0...40 {
+            var h = try XCTUnwrap(head("GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+            let value = String((0..<len).map { Character(UnicodeScalar(UInt8(97 + $0 % 26))) })
+            let name = "x-" + String(repeating: "n", count: len)
+            h.addLowercased(name, value)
+            h.addLowercased("x-empty", "")
+            h.add("X-Utf8", "é" + value)
+            var out = ByteBuffer()
+            HeadWriter.writeRequest(h, into: &out) { $0.writeString("x-extra: 1\r\n") }
+            XCTAssertEqual(String(buffer: out), "GET / HTTP/1.1\r\nHost: h\r\n\(name): \(value)\r\nx-empty: \r\nx-utf8: é\(value)\r\nx-extra: 1\r\n\r\n", "length \(len)")
+        }
+    }
+
     func test_responseFraming_followsRFC9112() throws {
         func resp(_ s: String, head: Bool = false) -> HTTPHead? {
             var p = HTTPHeadParser()

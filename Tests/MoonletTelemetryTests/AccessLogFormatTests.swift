@@ -92,7 +92,7 @@ final class AccessLogFormatTests: XCTestCase {
         // word and in the tail, next to bytes just above and below the control range.
         let f = try AccessLogFormat(json: [("ua", "%REQ(USER-AGENT)%"), ("t", "%REQ(USER-AGENT)% x")])
         for special in ["\"", "\\", "\n", "\u{1f}", "\u{0}", "\t"] {
-            for len in 1...19 {
+            for len in 1...40 {
                 for at in 0..<len {
                     var chars = Array(repeating: "a", count: len)
                     if len > 2 { chars[(at + 1) % len] = " " ; chars[(at + 2) % len] = "é" }
@@ -101,6 +101,22 @@ final class AccessLogFormatTests: XCTestCase {
                     r.req["user-agent"] = chars.joined()
                     XCTAssertEqual(f.render(r), f.renderString(r), "\(special.unicodeScalars.first!.value) at \(at) of \(len)")
                 }
+            }
+        }
+    }
+
+    func test_literalsOfEveryLength_areWrittenWhole_beforeAndAfterValues() throws {
+        // Literals are folded into the operator after them and copied by words when short.
+        var r = Record()
+        r.req["user-agent"] = "ua"
+        for len in 0...40 {
+            let lit = String((0..<len).map { Character(UnicodeScalar(UInt8(65 + $0 % 26))) })
+            let formats = [try AccessLogFormat(text: lit + "%REQ(USER-AGENT)%" + lit + "%RESPONSE_CODE%" + lit),
+                           try AccessLogFormat(text: lit),
+                           try AccessLogFormat(json: [(lit + "k", "%REQ(USER-AGENT)%"), ("m" + lit, "%REQ(X-MISSING)%"), ("n", lit + "%RESPONSE_CODE%" + lit)])]
+            for f in formats {
+                XCTAssertEqual(f.render(r), f.renderString(r), "length \(len)")
+                XCTAssertEqual(f.render(Record()), f.renderString(Record()), "length \(len)")
             }
         }
     }
