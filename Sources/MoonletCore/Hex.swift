@@ -2,7 +2,8 @@
 /// and span ids): no per-digit loop or table load.
 public enum Hex {
     /// The eight lowercase hex digits of `v`, most significant first, as the bytes of a
-    /// UInt64 to store as is (the first digit at the lowest address).
+    /// UInt64 to store as is on a little-endian machine (the first digit at the lowest
+    /// address).
     @inlinable @inline(__always)
     public static func eightDigits(_ v: UInt32) -> UInt64 {
         var x = UInt64(v)
@@ -14,5 +15,31 @@ public enum Hex {
         let letters = ((x &+ 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101
         x = x &+ 0x3030_3030_3030_3030 &+ letters &* 39
         return x.byteSwapped.littleEndian
+    }
+
+    /// Writes the 16 lowercase hex digits of `v` at `p`.
+    @inlinable @inline(__always)
+    public static func write16(_ v: UInt64, to p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: v >> 32)), as: UInt64.self)
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: v)), toByteOffset: 8, as: UInt64.self)
+    }
+
+    /// The text of a version 4 UUID (8-4-4-4-12 lowercase hex digits, as Envoy makes
+    /// x-request-id) from 128 random bits.
+    public static func uuidV4(_ random1: UInt64, _ random2: UInt64) -> String {
+        let a = (random1 & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
+        let b = (random2 & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        return String(unsafeUninitializedCapacity: 36) { out in
+            let p = UnsafeMutableRawPointer(out.baseAddress!)
+            let mid = eightDigits(UInt32(truncatingIfNeeded: a)), high = eightDigits(UInt32(truncatingIfNeeded: b >> 32))
+            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a >> 32)), as: UInt64.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: mid), toByteOffset: 9, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: mid >> 32), toByteOffset: 14, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: high), toByteOffset: 19, as: UInt32.self)
+            p.storeBytes(of: UInt32(truncatingIfNeeded: high >> 32), toByteOffset: 24, as: UInt32.self)
+            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
+            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
+            return 36
+        }
     }
 }

@@ -611,22 +611,7 @@ final class LogTraceLoopState {
     }
 
     /// A UUID v4 (x-request-id), from the loop's generator.
-    static func uuid(_ r: inout Xoshiro256) -> String {
-        let a = r.next(), b = r.next()
-        let hi = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
-        let lo = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return String(unsafeUninitializedCapacity: 36) { out in
-            // 8-4-4-4-12 hex digits: hi's 16 written at 0 and lo's at 20 (a byte pair at a
-            // time), then moved apart for the dashes.
-            TraceHex.write(hi, into: out, at: 0)
-            TraceHex.write(lo, into: out, at: 20)
-            out[17] = out[15]; out[16] = out[14]; out[15] = out[13]; out[14] = out[12]
-            out[12] = out[11]; out[11] = out[10]; out[10] = out[9]; out[9] = out[8]
-            out[19] = out[20]; out[20] = out[21]; out[21] = out[22]; out[22] = out[23]
-            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
-            return 36
-        }
-    }
+    static func uuid(_ r: inout Xoshiro256) -> String { Hex.uuidV4(r.next(), r.next()) }
 
     /// See `trace.finish`.
     func finish(_ s: ProxyStream) -> Bool {

@@ -253,25 +253,7 @@ public final class LoopContext: @unchecked Sendable {
     }
 
     /// A new x-request-id (UUID v4 text).
-    func requestID() -> String {
-        var a = rng.next()
-        var b = rng.next()
-        a = (a & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
-        b = (b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return String(unsafeUninitializedCapacity: 36) { out in
-            // 8-4-4-4-12 hex digits, eight at a time (no per-digit loop or table).
-            let p = UnsafeMutableRawPointer(out.baseAddress!)
-            let mid = Hex.eightDigits(UInt32(truncatingIfNeeded: a)), high = Hex.eightDigits(UInt32(truncatingIfNeeded: b >> 32))
-            p.storeBytes(of: Hex.eightDigits(UInt32(truncatingIfNeeded: a >> 32)), toByteOffset: 0, as: UInt64.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: mid), toByteOffset: 9, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: mid >> 32), toByteOffset: 14, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: high), toByteOffset: 19, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: high >> 32), toByteOffset: 24, as: UInt32.self)
-            p.storeBytes(of: Hex.eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
-            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
-            return 36
-        }
-    }
+    func requestID() -> String { Hex.uuidV4(rng.next(), rng.next()) }
 }
 
 /// Settings of a running proxy (from flags and environment).

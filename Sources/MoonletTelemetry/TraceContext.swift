@@ -215,18 +215,10 @@ public enum TraceHex {
         return d < 10 ? 48 + d : 87 + d
     }
 
-    /// Every byte as two lowercase hex digits ("00" ... "ff"): a byte at a time.
-    static let pairs: StaticString = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
-
     /// Writes `v` as 16 hex digits at `at`.
     @inline(__always)
     public static func write(_ v: UInt64, into out: UnsafeMutableBufferPointer<UInt8>, at: Int) {
-        let t = UnsafeRawPointer(pairs.utf8Start)
-        let o = UnsafeMutableRawPointer(out.baseAddress! + at)
-        for i in 0..<8 {
-            let b = Int(truncatingIfNeeded: (v >> UInt64((7 - i) * 8)) & 0xFF)
-            o.storeBytes(of: t.loadUnaligned(fromByteOffset: 2 * b, as: UInt16.self), toByteOffset: 2 * i, as: UInt16.self)
-        }
+        Hex.write16(v, to: UnsafeMutableRawPointer(out.baseAddress! + at))
     }
 
     /// Parses 1 to 16 hex digits (either case); nil for anything else.
