@@ -29,7 +29,8 @@ protocol DownstreamStream: AnyObject {
     /// Flushes what was written, then closes the connection (HTTP/1.1) or ends the stream
     /// (HTTP/2: after a complete response, or with a reset).
     func reset()
-    /// Closes without a flush first.
+    /// Closes the connection once what was written is out, reading no more (HTTP/1.1),
+    /// or ends the stream (HTTP/2).
     func closeTransport()
     /// Pauses or resumes reading from the client; a no-op when already in that state.
     func setReading(_ on: Bool)
@@ -270,12 +271,18 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
         flush()
     }
 
-    func reset() {
-        flush()
-        closeTransport()
-    }
+    func reset() { closeTransport() }
 
-    func closeTransport() { context!.close(promise: nil) }
+    /// Closes once everything written is out, reading no more meanwhile. Not at once:
+    /// NIO's full close drops the writes still pending, which cut the end of a large
+    /// response to a client reading slower than the upstream answered (connection:
+    /// close), or a local reply.
+    func closeTransport() {
+        guard let c = context else { return }
+        setReading(false)
+        flush()
+        c.writeAndFlush(NIOAny(ByteBuffer())).whenComplete { _ in c.close(promise: nil) }
+    }
 
     func setReading(_ on: Bool) {
         guard readPaused == on else { return }
