@@ -126,6 +126,32 @@ extension HTTP2Wire {
         } while block.readableBytes > 0
     }
 
+    /// Writes a header block straight behind its HEADERS frame header in `b` (`encode`
+    /// appends the block to `b`): no block is built apart and copied. The frame header's
+    /// 9 bytes are reserved first and filled in once the block's length is known; a
+    /// block longer than `maxFrameSize` (rare: a head of more than 16 KB by default) is
+    /// moved out and framed as HEADERS and CONTINUATION frames (writeHeaderBlock).
+    @inline(__always)
+    static func writeHeaderBlock(stream: UInt32, endStream: Bool, maxFrameSize: Int, into b: inout ByteBuffer,
+                                 _ encode: (inout ByteBuffer) -> Void) {
+        let start = b.writerIndex
+        b.writeRepeatingByte(0, count: 9)
+        encode(&b)
+        let n = b.writerIndex - start - 9
+        if n <= maxFrameSize {
+            let flags: UInt8 = endStream ? 0x5 : 0x4 // END_HEADERS, END_STREAM
+            b.setInteger(UInt8(truncatingIfNeeded: n >> 16), at: start)
+            b.setInteger(UInt16(truncatingIfNeeded: n), at: start + 1)
+            b.setInteger(headers, at: start + 3)
+            b.setInteger(flags, at: start + 4)
+            b.setInteger(stream, at: start + 5)
+            return
+        }
+        var block = ByteBuffer(bytes: b.getBytes(at: start + 9, length: n)!)
+        b.moveWriterIndex(to: start)
+        writeHeaderBlock(&block, stream: stream, endStream: endStream, maxFrameSize: maxFrameSize, into: &b)
+    }
+
     /// Reads a SETTINGS frame's payload (not an ACK), checking what RFC 9113 §6.5.2 bounds
     /// (ENABLE_PUSH 0 or 1, INITIAL_WINDOW_SIZE at most 2^31-1, MAX_FRAME_SIZE in
     /// 16384...16777215), and hands each pair to `apply`.
