@@ -509,8 +509,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 
     // Request side.
     var sendWindow: Int
-    /// DATA waiting for the peer's windows: rarely any, so room for one to start with.
-    var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>(initialCapacity: 1)
+    /// DATA waiting for the peer's windows: rarely any, so a stream starts with the
+    /// shared empty queue (no allocation; copied on its first append).
+    var pending = HTTP2Wire.noneQueued
     var pendingBytes = 0
     var pendingTrailers: HTTPTrailers?
     var writable = true
