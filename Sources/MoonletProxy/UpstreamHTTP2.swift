@@ -180,7 +180,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     /// acknowledgements, WINDOW_UPDATE, RST_STREAM) leaves; with nothing written, no
     /// flush goes through the pipeline (the TLS handler) for nothing.
     func channelReadComplete(context: ChannelHandlerContext) {
-        if out != nil || wroteDirectly { flush() }
+        flushIfWritten()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -438,6 +438,14 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         out = b
     }
 
+    /// Flushes when frames were written since the last flush: the streams of one
+    /// connection that wrote in the same batch each ask (DeferredFlush), the first one
+    /// sends them all.
+    @inline(__always)
+    func flushIfWritten() {
+        if out != nil || wroteDirectly { flush() }
+    }
+
     /// Writes the frames gathered and flushes.
     func flush() {
         guard let c = context else { out = nil; return }
@@ -651,8 +659,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         delegate?.upstreamWritabilityChanged(now)
     }
 
-    /// The end of the loop's batch: the connection writes and flushes its frames.
-    override func flushNow() { connection.flush() }
+    /// The end of the loop's batch: the connection writes and flushes its frames (once
+    /// for all its streams that wrote in the batch).
+    override func flushNow() { connection.flushIfWritten() }
 
     // MARK: response
 
