@@ -68,9 +68,22 @@ struct HPACKRawWriter {
         guard n > 0 else { return }
         let dst = p + count
         if lowercase {
-            for j in 0..<n {
+            // Eight bytes at a time: bit 7 of a lane is set where its byte is an ASCII
+            // uppercase letter (0x41...0x5a, computed on the low 7 bits with no carry
+            // between lanes, then bytes from 0x80 up left out), and 0x20 is or-ed there.
+            let src = bytes.baseAddress!
+            var j = 0
+            while j + 8 <= n {
+                let w = src.loadUnaligned(fromByteOffset: j, as: UInt64.self)
+                let low = w & 0x7f7f_7f7f_7f7f_7f7f
+                let upper = (low &+ 0x3f3f_3f3f_3f3f_3f3f) & ~(low &+ 0x2525_2525_2525_2525) & ~w & 0x8080_8080_8080_8080
+                dst.storeBytes(of: w | (upper >> 2), toByteOffset: j, as: UInt64.self)
+                j += 8
+            }
+            while j < n {
                 let c = bytes[j]
                 dst.storeBytes(of: c &- 65 < 26 ? c | 0x20 : c, toByteOffset: j, as: UInt8.self)
+                j += 1
             }
         } else {
             dst.copyMemory(from: bytes.baseAddress!, byteCount: n)

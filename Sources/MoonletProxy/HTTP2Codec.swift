@@ -47,12 +47,27 @@ enum HTTP2Wire {
         return f
     }
 
+    /// A frame header (9 bytes), written in one reservation of the buffer.
+    @inline(__always)
     static func writeFrameHeader(length: Int, type: UInt8, flags: UInt8, stream: UInt32, into b: inout ByteBuffer) {
-        b.writeInteger(UInt8(truncatingIfNeeded: length >> 16))
-        b.writeInteger(UInt16(truncatingIfNeeded: length))
-        b.writeInteger(type)
-        b.writeInteger(flags)
-        b.writeInteger(stream)
+        b.writeWithUnsafeMutableBytes(minimumWritableBytes: 9) { raw in
+            fillFrameHeader(raw, at: 0, length: length, type: type, flags: flags, stream: stream)
+            return 9
+        }
+    }
+
+    /// Stores a frame header's 9 bytes at `at` in `raw`.
+    @inline(__always)
+    static func fillFrameHeader(_ raw: UnsafeMutableRawBufferPointer, at: Int, length: Int, type: UInt8, flags: UInt8, stream: UInt32) {
+        raw[at] = UInt8(truncatingIfNeeded: length >> 16)
+        raw[at + 1] = UInt8(truncatingIfNeeded: length >> 8)
+        raw[at + 2] = UInt8(truncatingIfNeeded: length)
+        raw[at + 3] = type
+        raw[at + 4] = flags
+        raw[at + 5] = UInt8(truncatingIfNeeded: stream >> 24)
+        raw[at + 6] = UInt8(truncatingIfNeeded: stream >> 16)
+        raw[at + 7] = UInt8(truncatingIfNeeded: stream >> 8)
+        raw[at + 8] = UInt8(truncatingIfNeeded: stream)
     }
 
     /// Strips the padding of a DATA or HEADERS frame (flag PADDED).
@@ -74,6 +89,9 @@ extension HTTP2Wire {
     /// SETTINGS identifiers (RFC 9113 §6.5.2).
     static let settingHeaderTableSize: UInt16 = 1, settingEnablePush: UInt16 = 2, settingMaxConcurrentStreams: UInt16 = 3,
                settingInitialWindowSize: UInt16 = 4, settingMaxFrameSize: UInt16 = 5, settingMaxHeaderListSize: UInt16 = 6
+    /// The empty DATA queue every stream starts with: shared, so opening a stream
+    /// allocates none (CircularBuffer copies its storage on the first append).
+    static let noneQueued = CircularBuffer<(data: ByteBuffer, end: Bool)>(initialCapacity: 1)
     /// The window every stream and the connection start with, and the largest one.
     static let defaultWindow = 65_535, maxWindow = 0x7fff_ffff
 
@@ -124,6 +142,30 @@ extension HTTP2Wire {
             b.writeBuffer(&part)
             type = continuation
         } while block.readableBytes > 0
+    }
+
+    /// Writes a header block straight behind its HEADERS frame header in `b` (`encode`
+    /// appends the block to `b`): no block is built apart and copied. The frame header's
+    /// 9 bytes are reserved first and filled in once the block's length is known; a
+    /// block longer than `maxFrameSize` (rare: a head of more than 16 KB by default) is
+    /// moved out and framed as HEADERS and CONTINUATION frames (writeHeaderBlock).
+    @inline(__always)
+    static func writeHeaderBlock(stream: UInt32, endStream: Bool, maxFrameSize: Int, into b: inout ByteBuffer,
+                                 _ encode: (inout ByteBuffer) -> Void) {
+        let start = b.writerIndex
+        b.writeWithUnsafeMutableBytes(minimumWritableBytes: 9) { _ in 9 } // filled in below
+        encode(&b)
+        let n = b.writerIndex - start - 9
+        if n <= maxFrameSize {
+            // The frame header in one pass over the bytes (one uniqueness check).
+            let at = start - b.readerIndex
+            let flags: UInt8 = endStream ? 0x5 : 0x4 // END_HEADERS, END_STREAM
+            b.withUnsafeMutableReadableBytes { fillFrameHeader($0, at: at, length: n, type: headers, flags: flags, stream: stream) }
+            return
+        }
+        var block = ByteBuffer(bytes: b.getBytes(at: start + 9, length: n)!)
+        b.moveWriterIndex(to: start)
+        writeHeaderBlock(&block, stream: stream, endStream: endStream, maxFrameSize: maxFrameSize, into: &b)
     }
 
     /// Reads a SETTINGS frame's payload (not an ACK), checking what RFC 9113 §6.5.2 bounds

@@ -80,13 +80,14 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     // Output.
     var encoder = HPACKResponseWriter()
     var out: ByteBuffer?
-    var scratch: ByteBuffer
     var sendWindow = 65_535
     var peerInitialWindow = 65_535
     var peerMaxFrameSize = 16_384
     /// Streams whose both sides ended, closed at the end of the batch (not from inside
     /// their handler's write).
     var ending: [HTTP2ServerStream] = []
+    /// The streams being finished by flushNow (kept empty between batches).
+    var endingDone: [HTTP2ServerStream] = []
     var closed = false
     var goAwaySent = false
     var peerGoingAway = false
@@ -106,7 +107,6 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         lastStreamEnd = NIODeadline.now().uptimeNanoseconds
         decoder = HPACKBlockDecoder(maxHeaderListSize: Self.maxHeaderBlock(limits))
         requestScratch.reserveCapacity(256)
-        scratch = ctx.allocator.buffer(capacity: 1024)
         ctx.metrics.count("moonlet_downstream_cx_http2_total")
         // The server's connection preface: SETTINGS, then the connection window raised.
         var b = output(capacity: 64)
@@ -400,31 +400,29 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
 
     /// Trailers as a HEADERS frame (and CONTINUATION) that ends the stream.
     func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
-        scratch.clear()
-        encoder.writeTrailers(trailers, into: &scratch)
-        writeHeaderBlock(stream: stream, endStream: true)
+        writeHeaderBlock(stream: stream, endStream: true, capacity: 256) { e, b in e.writeTrailers(trailers, into: &b) }
     }
 
     /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
     /// a `server` field added when given.
     func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
-        scratch.clear()
-        encoder.write(head, server: server, headerOnly: endStream, into: &scratch)
-        writeHeaderBlock(stream: stream, endStream: endStream)
+        writeHeaderBlock(stream: stream, endStream: endStream, capacity: head.bytes.readableBytes + 64) { e, b in
+            e.write(head, server: server, headerOnly: endStream, into: &b)
+        }
     }
 
     /// An interim response (HEADERS with `:status` 100, not ending the stream).
     func writeContinue(stream: UInt32) {
-        scratch.clear()
-        encoder.writeStatus(100, into: &scratch)
-        writeHeaderBlock(stream: stream, endStream: false)
+        writeHeaderBlock(stream: stream, endStream: false, capacity: 16) { e, b in e.writeStatus(100, into: &b) }
     }
 
-    /// Frames the header block in `scratch`: HEADERS, then CONTINUATION frames past the
-    /// peer's maximum frame size.
-    func writeHeaderBlock(stream: UInt32, endStream: Bool) {
-        var b = output(capacity: scratch.readableBytes + 9)
-        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b)
+    /// Appends the header block `encode` writes to the output, framed as HEADERS (then
+    /// CONTINUATION frames past the peer's maximum frame size), written in place behind
+    /// the frame header (HTTP2Wire.writeHeaderBlock).
+    @inline(__always)
+    func writeHeaderBlock(stream: UInt32, endStream: Bool, capacity: Int, _ encode: (inout HPACKResponseWriter, inout ByteBuffer) -> Void) {
+        var b = output(capacity: capacity + 9)
+        HTTP2Wire.writeHeaderBlock(stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b) { encode(&encoder, &$0) }
         out = b
         markUnflushed()
     }
@@ -434,7 +432,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     func writeData(stream: UInt32, _ payload: ByteBuffer, endStream: Bool) {
         let flags: UInt8 = endStream ? 1 : 0
         if payload.readableBytes <= 8192 {
-            writeFrame(type: 0, flags: flags, stream: stream, length: payload.readableBytes) { b in var p = payload; b.writeBuffer(&p) }
+            writeFrame(type: 0, flags: flags, stream: stream, length: payload.readableBytes) { b in b.writeImmutableBuffer(payload) }
         } else {
             markUnflushed()
             var b = output(capacity: 9)
@@ -455,9 +453,11 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     func flushNow() {
         guard let c = context else { out = nil; return }
         if !ending.isEmpty {
-            let done = ending
-            ending.removeAll()
-            for s in done { s.finish() }
+            // Swapped with a kept empty array: no array is allocated per batch (a
+            // stream's finish may queue another into `ending`, served next batch).
+            swap(&ending, &endingDone)
+            for s in endingDone { s.finish() }
+            endingDone.removeAll(keepingCapacity: true)
         }
         if let b = out {
             out = nil
@@ -556,7 +556,9 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     // Response side.
     var requestIsHead = false
     var sendWindow: Int
-    var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>()
+    /// DATA waiting for the peer's windows: rarely any, so a stream starts with the
+    /// shared empty queue (no allocation; copied on its first append).
+    var pending = HTTP2Wire.noneQueued
     var pendingBytes = 0
     /// END_STREAM was written or queued.
     var endQueued = false
@@ -724,13 +726,11 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// when nothing is held).
     func releaseHeld(end: Bool) {
         guard !finished else { return }
-        if let h = heldHead {
-            heldHead = nil
+        if let h = heldHead.take() {
             connection.writeHeaders(stream: id, h, server: "moonlet", endStream: end && heldData == nil)
             if end && heldData == nil { endQueued = true; sent(); return }
         }
-        if let d = heldData {
-            heldData = nil
+        if let d = heldData.take() {
             send(d, end: end)
         } else if end {
             send(ByteBuffer(), end: true)
@@ -791,7 +791,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     func resetByPeer() {
         guard !finished else { return }
         finished = true
-        pending.removeAll()
+        if !pending.isEmpty { pending.removeAll() }
         pendingTrailers = nil
         pendingBytes = 0
         end()
@@ -858,6 +858,20 @@ enum HTTP2FieldCheck {
     static func isName(_ n: UnsafeRawBufferPointer) -> Bool {
         guard !n.isEmpty else { return false }
         for c in n where !HeaderValidation.isTchar(c) || c &- 65 < 26 { return false }
+        return true
+    }
+
+    /// The same, in the same pass setting `underscore` when the name has a "_" (the
+    /// headersWithUnderscoresAction check).
+    @inline(__always)
+    static func isName(_ n: UnsafeRawBufferPointer, underscore: inout Bool) -> Bool {
+        guard !n.isEmpty else { return false }
+        var seen = false
+        for c in n {
+            if !HeaderValidation.isTchar(c) || c &- 65 < 26 { return false }
+            if c == 95 { seen = true }
+        }
+        if seen { underscore = true }
         return true
     }
 
@@ -965,7 +979,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
             endOfPseudoHeaders()
             guard !malformed else { return }
         }
-        guard HTTP2FieldCheck.isName(name) else { malformed = true; return }
+        guard HTTP2FieldCheck.isName(name, underscore: &underscore) else { malformed = true; return }
         let kind = KnownHeader(name: name)
         switch kind {
         case .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: malformed = true; return
@@ -1008,7 +1022,6 @@ struct HTTP2RequestHead: HPACKFieldSink {
             }
         default: break
         }
-        if !underscore && name.contains(95) { underscore = true }
         builder!.add(name: name, value: value, kind: kind)
     }
 
@@ -1061,8 +1074,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
         if !regular && !malformed { endOfPseudoHeaders() }
         if malformed { return nil }
         if let refusal { return HTTP2DecodedRequest(head: .failure(refusal), contentLength: contentLength, isHead: isHead) }
-        var b = builder!
-        builder = nil
+        var b = builder.take()!
         if let c = cookie {
             let crumbs = saved
             crumbs.withUnsafeBytes { raw in

@@ -66,18 +66,25 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
 
     // Output.
     var out: ByteBuffer?
-    var scratch: ByteBuffer
+    /// The last output buffer written, cleared and reused for the next frames once the
+    /// channel has let go of it (one allocation per connection, not per flush).
+    var spare: ByteBuffer?
+    /// Frames were written to the channel apart from `out` (a large DATA payload) since
+    /// the last flush.
+    var wroteDirectly = false
     var sendWindow = HTTP2Wire.defaultWindow
     var peerInitialWindow = HTTP2Wire.defaultWindow
     var peerMaxFrameSize = 16_384
     var peerMaxStreams = Int.max
     var goAwaySent = false
 
+    let allocator: ByteBufferAllocator
+
     init(key: String, limits: ProxyLimits, allocator: ByteBufferAllocator) {
         self.key = key
         self.limits = limits
         decoder = HPACKBlockDecoder(maxHeaderListSize: HTTP2ServerConnection.maxHeaderBlock(limits))
-        scratch = allocator.buffer(capacity: 1024)
+        self.allocator = allocator
     }
 
     var openStreams: Int { streams.count }
@@ -169,8 +176,11 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         }
     }
 
+    /// The end of a read: what the frames read made us write (SETTINGS and PING
+    /// acknowledgements, WINDOW_UPDATE, RST_STREAM) leaves; with nothing written, no
+    /// flush goes through the pipeline (the TLS handler) for nothing.
     func channelReadComplete(context: ChannelHandlerContext) {
-        flush()
+        flushIfWritten()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -305,7 +315,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
             try decode(stream: id, block, into: &t)
             s.receiveTrailers(t, endStream: endStream)
         } else {
-            let allocator = context?.channel.allocator ?? ByteBufferAllocator()
+            let allocator = self.allocator
             var head = UpstreamH2ResponseHead(allocator: allocator, capacity: max(256, min(2 * block.readableBytes, limits.maxHeadBytes) + 64))
             try decode(stream: id, block, into: &head)
             s.receiveHead(&head, endStream: endStream)
@@ -372,25 +382,31 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     @inline(__always)
     func output(capacity: Int) -> ByteBuffer {
         if let b = out { out = nil; return b }
-        return (context?.channel.allocator ?? ByteBufferAllocator()).buffer(capacity: max(capacity, 4096))
+        if var b = spare {
+            spare = nil
+            b.clear(minimumCapacity: max(capacity, 4096))
+            return b
+        }
+        return allocator.buffer(capacity: max(capacity, 4096))
     }
 
-    /// A request head as HEADERS (and CONTINUATION frames past the peer's frame size).
+    /// A request head as HEADERS (and CONTINUATION frames past the peer's frame size),
+    /// the HPACK block written in place behind the frame header.
     func writeRequestHeaders(stream: UInt32, _ head: HTTPHead, contentLength: Int64, endStream: Bool) {
-        scratch.clear()
-        HPACKRequestWriter.write(head, scheme: scheme, contentLength: contentLength, into: &scratch)
-        var b = output(capacity: scratch.readableBytes + 9)
-        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b)
+        var b = output(capacity: head.bytes.readableBytes + 64)
+        HTTP2Wire.writeHeaderBlock(stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b) {
+            HPACKRequestWriter.write(head, scheme: scheme, contentLength: contentLength, into: &$0)
+        }
         out = b
     }
 
     func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
-        scratch.clear()
-        HPACKRawWriter.write(into: &scratch, bound: HPACKRawWriter.bound(trailers.fields)) { w in
-            HPACKResponseWriter.writeLiterals(trailers.fields, lowercase: true, &w)
+        var b = output(capacity: 256)
+        HTTP2Wire.writeHeaderBlock(stream: stream, endStream: true, maxFrameSize: peerMaxFrameSize, into: &b) {
+            HPACKRawWriter.write(into: &$0, bound: HPACKRawWriter.bound(trailers.fields)) { w in
+                HPACKResponseWriter.writeLiterals(trailers.fields, lowercase: true, &w)
+            }
         }
-        var b = output(capacity: scratch.readableBytes + 9)
-        HTTP2Wire.writeHeaderBlock(&scratch, stream: stream, endStream: true, maxFrameSize: peerMaxFrameSize, into: &b)
         out = b
     }
 
@@ -401,12 +417,12 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         var b = output(capacity: 9 + min(payload.readableBytes, 8192))
         HTTP2Wire.writeFrameHeader(length: payload.readableBytes, type: HTTP2Wire.data, flags: flags, stream: stream, into: &b)
         if payload.readableBytes <= 8192 {
-            var p = payload
-            b.writeBuffer(&p)
+            b.writeImmutableBuffer(payload)
             out = b
         } else {
             context?.write(NIOAny(b), promise: nil)
             context?.write(NIOAny(payload), promise: nil)
+            wroteDirectly = true
         }
     }
 
@@ -422,14 +438,29 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         out = b
     }
 
+    /// Flushes when frames were written since the last flush: the streams of one
+    /// connection that wrote in the same batch each ask (DeferredFlush), the first one
+    /// sends them all.
+    @inline(__always)
+    func flushIfWritten() {
+        if out != nil || wroteDirectly { flush() }
+    }
+
     /// Writes the frames gathered and flushes.
     func flush() {
         guard let c = context else { out = nil; return }
+        wroteDirectly = false
         if let b = out {
             out = nil
             c.write(NIOAny(b), promise: nil)
+            c.flush()
+            // Written (the TLS handler has encrypted it, or the socket took it): reused
+            // by the next frames; a buffer the channel still holds is copied on clear,
+            // never overwritten. Large ones are let go.
+            if b.capacity <= 16 * 1024 + 4096 { spare = b }
+        } else {
+            c.flush()
         }
-        c.flush()
     }
 
     var connectionWritable: Bool { context?.channel.isWritable ?? false }
@@ -486,7 +517,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 
     // Request side.
     var sendWindow: Int
-    var pending = CircularBuffer<(data: ByteBuffer, end: Bool)>()
+    /// DATA waiting for the peer's windows: rarely any, so a stream starts with the
+    /// shared empty queue (no allocation; copied on its first append).
+    var pending = HTTP2Wire.noneQueued
     var pendingBytes = 0
     var pendingTrailers: HTTPTrailers?
     var writable = true
@@ -626,8 +659,9 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         delegate?.upstreamWritabilityChanged(now)
     }
 
-    /// The end of the loop's batch: the connection writes and flushes its frames.
-    override func flushNow() { connection.flush() }
+    /// The end of the loop's batch: the connection writes and flushes its frames (once
+    /// for all its streams that wrote in the batch).
+    override func flushNow() { connection.flushIfWritten() }
 
     // MARK: response
 
@@ -663,8 +697,7 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
     func responseHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) -> HTTPHead? {
         if decoded.error == nil && decoded.builder == nil { decoded.error = "response without :status" }
         if let e = decoded.error { reset(.protocolError); fail(.protocolError(e)); return nil }
-        var b = decoded.builder!
-        decoded.builder = nil
+        var b = decoded.builder.take()!
         let status = b.head.status
         if status < 200 { return b.finish() }
         let bodyless = requestWasHead || status == 204 || status == 304
@@ -736,7 +769,7 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
         guard !ended else { return }
         ended = true
         if !quietly { connection.writeRSTStream(id, .cancel); connection.flush() }
-        pending.removeAll()
+        if !pending.isEmpty { pending.removeAll() }
         pendingBytes = 0
         connection.streamEnded(self)
     }

@@ -340,4 +340,44 @@ final class HPACKDecoderTests: XCTestCase {
         XCTAssertTrue(sink.fields.contains(["authorization", "Bearer t"]), "\(sink.fields)")
         XCTAssertTrue(sink.fields.contains(["cookie", "s=1"]), "\(sink.fields)")
     }
+
+    // MARK: header blocks written in place, names lowercased
+
+    /// A block written behind its reserved frame header is the same bytes as the block
+    /// built apart and framed: one HEADERS frame (END_HEADERS, END_STREAM when asked)
+    /// within the frame size, HEADERS and CONTINUATION frames past it.
+    func testHeaderBlockWrittenInPlaceFramesAsTheBlockBuiltApart() {
+        for (size, maxFrame, end) in [(0, 16_384, true), (30, 16_384, false), (16_384, 16_384, true), (16_385, 16_384, false), (40_000, 16_384, true)] {
+            let block = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+            var apart = ByteBuffer(bytes: [0xaa, 0xbb]) // frames already queued before it
+            var copy = ByteBuffer(bytes: block)
+            HTTP2Wire.writeHeaderBlock(&copy, stream: 5, endStream: end, maxFrameSize: maxFrame, into: &apart)
+            var inPlace = ByteBuffer(bytes: [0xaa, 0xbb])
+            HTTP2Wire.writeHeaderBlock(stream: 5, endStream: end, maxFrameSize: maxFrame, into: &inPlace) { $0.writeBytes(block) }
+            XCTAssertEqual(Array(inPlace.readableBytesView), Array(apart.readableBytesView), "block of \(size) bytes")
+            // The first frame: HEADERS, its flags.
+            let flags = inPlace.getInteger(at: 2 + 4, as: UInt8.self)!
+            XCTAssertEqual(inPlace.getInteger(at: 2 + 3, as: UInt8.self), HTTP2Wire.headers)
+            XCTAssertEqual(flags & 0x1 != 0, end)
+            XCTAssertEqual(flags & 0x4 != 0, size <= maxFrame, "END_HEADERS on the HEADERS frame only when the block fits it")
+        }
+    }
+
+    /// Names are lowercased eight bytes at a time: the same bytes as one at a time, for
+    /// every byte value (bytes from 0x80 up and non-letters unchanged) and every length.
+    func testLiteralNamesAreLowercasedLikeByteByByte() {
+        var bytes = (0...255).map { UInt8($0) }
+        bytes += Array("X-Envoy-Peer-Metadata-ID@[`{AZaz".utf8)
+        for start in stride(from: 0, to: bytes.count, by: 5) {
+            for length in [0, 1, 7, 8, 9, 15, 16, 17, 33] where start + length <= bytes.count {
+                let name = Array(bytes[start..<(start + length)])
+                var out = ByteBuffer()
+                name.withUnsafeBytes { n in
+                    HPACKRawWriter.write(into: &out, bound: HPACKRawWriter.bound(n.count)) { w in w.string(n, lowercase: true) }
+                }
+                let expected = name.map { $0 &- 65 < 26 ? $0 | 0x20 : $0 }
+                XCTAssertEqual(Array(out.readableBytesView.dropFirst()), expected, "bytes \(start)..<\(start + length)")
+            }
+        }
+    }
 }
