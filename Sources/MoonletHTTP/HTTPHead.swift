@@ -23,6 +23,16 @@ public enum KnownHeader: UInt8, Sendable {
          trailer, server, xForwardedProto, xForwardedClientCert
 }
 
+/// A header line an edit added to a head, or a trailer field (name lowercase). A struct,
+/// not a `(name, value)` tuple: an array of tuples is destroyed element by element
+/// through the generic tuple witness (about 250 instructions a line on every request).
+public struct HeaderLine: Sendable, Equatable {
+    public var name: String
+    public var value: String
+    @inlinable public init(name: String, value: String) { self.name = name; self.value = value }
+    @inlinable public init(_ name: String, _ value: String) { self.name = name; self.value = value }
+}
+
 /// The form of a request target (RFC 9112 §3.2).
 public enum RequestTargetForm: UInt8, Sendable {
     /// `/path?query`: the only form sent upstream.
@@ -71,7 +81,7 @@ public struct HTTPHead: Sendable {
     public var fields: [HTTPField] = []
     /// Lines added by edits, written after the kept original lines. Names are stored
     /// lowercased (HTTP/2 style), so lookups compare without folding.
-    public var added: [(name: String, value: String)] = []
+    public var added: [HeaderLine] = []
     /// How many lines and bytes (names and values) `added` held when the filter chain
     /// started: the proxy's own lines (x-forwarded-for, the XFCC chain, sized by the
     /// client) do not count against what filters may add.
@@ -217,19 +227,19 @@ public struct HTTPHead: Sendable {
     public mutating func set(_ name: String, _ value: String) {
         let lower = name.lowercased()
         removeLowercased(lower)
-        added.append((lower, value))
+        added.append(HeaderLine(lower, value))
     }
 
     /// Adds a value, keeping existing ones. Caller validated name/value.
     public mutating func add(_ name: String, _ value: String) {
-        added.append((name.lowercased(), value))
+        added.append(HeaderLine(name.lowercased(), value))
     }
 
     /// Adds a value whose name is already lowercase (no folding). Inlinable: the
     /// proxy and the tracing filter add lines per request.
     @inlinable @inline(__always)
     public mutating func addLowercased(_ name: String, _ value: String) {
-        added.append((name, value))
+        added.append(HeaderLine(name, value))
     }
 
     /// Replaces Host (every Host line) with one value, which the caller validated: the
@@ -252,7 +262,7 @@ public struct HTTPHead: Sendable {
     public func allFields() -> [(name: String, value: String)] {
         var out: [(String, String)] = []
         for i in 0..<fields.count where !fields[i].removed { out.append((name(at: i), value(at: i))) }
-        out.append(contentsOf: added)
+        for a in added { out.append((a.name, a.value)) }
         return out
     }
 

@@ -9,7 +9,7 @@ import NIOCore
 /// A message without trailers has none of this (the stream's `requestTrailers` and
 /// `responseTrailers` stay nil): nothing is allocated on the common path.
 public struct HTTPTrailers: Sendable {
-    public private(set) var fields: [(name: String, value: String)] = []
+    public private(set) var fields: [HeaderLine] = []
 
     public init() {}
 
@@ -34,7 +34,7 @@ public struct HTTPTrailers: Sendable {
     public func all(_ name: String) -> [String] { fields.filter { $0.name == name }.map(\.value) }
 
     /// Appends a field (the caller checked it: `add(checking:)` for input from the wire).
-    public mutating func append(_ name: String, _ value: String) { fields.append((name, value)) }
+    public mutating func append(_ name: String, _ value: String) { fields.append(HeaderLine(name, value)) }
 
     /// Replaces every field named `name` with one of `value` (appended when absent).
     public mutating func set(_ name: String, _ value: String) {
@@ -43,7 +43,7 @@ public struct HTTPTrailers: Sendable {
             var j = i + 1
             while j < fields.count { if fields[j].name == name { fields.remove(at: j) } else { j += 1 } }
         } else {
-            fields.append((name, value))
+            fields.append(HeaderLine(name, value))
         }
     }
 
@@ -57,7 +57,7 @@ public struct HTTPTrailers: Sendable {
     public mutating func add(checking name: String, _ value: String) -> Bool {
         guard !name.isEmpty, name.utf8.allSatisfy({ HeaderValidation.isTchar($0) }), HeaderValidation.isFieldValue(value) else { return false }
         let lower = name.lowercased()
-        if Self.isAllowed(lower) { fields.append((lower, value)) }
+        if Self.isAllowed(lower) { fields.append(HeaderLine(lower, value)) }
         return true
     }
 

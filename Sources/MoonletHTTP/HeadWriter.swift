@@ -155,7 +155,7 @@ public enum HeadWriter {
     /// summed first, then every name and value copied in place (read where they are, no
     /// String copies). Line by line cost about 340 instructions a line; this under 100.
     @inline(__always)
-    static func writeAdded(_ added: [(name: String, value: String)], into out: inout ByteBuffer) {
+    static func writeAdded(_ added: [HeaderLine], into out: inout ByteBuffer) {
         var total = 0
         for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].value.utf8.count &+ 4 }
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in

@@ -122,7 +122,7 @@ struct HPACKRawWriter {
     }
 
     /// What the fields filters added take at most.
-    static func bound(_ added: [(name: String, value: String)]) -> Int {
+    static func bound(_ added: [HeaderLine]) -> Int {
         var n = 0
         for a in added { n += a.name.utf8.count + a.value.utf8.count + 11 }
         return n
@@ -209,7 +209,7 @@ struct HPACKResponseWriter {
 
     /// Literal fields without indexing, new names (`lowercase`: names folded).
     @inline(__always)
-    static func writeLiterals(_ fields: [(name: String, value: String)], lowercase: Bool, _ w: inout HPACKRawWriter) {
+    static func writeLiterals(_ fields: [HeaderLine], lowercase: Bool, _ w: inout HPACKRawWriter) {
         for f in fields {
             w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: lowercase)
