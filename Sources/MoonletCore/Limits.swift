@@ -37,6 +37,11 @@ public struct ProxyLimits: Sendable {
     public var highWaterMarkBytes = 256 * 1024
     /// Time a draining proxy waits for in-flight streams (SIGTERM).
     public var drainTimeoutMs = 5_000
+    /// Time a connection that is closing waits for its peer to take the bytes still
+    /// queued (an HTTP/1.1 response before `connection: close`, the rest of a TCP relay
+    /// once the other side closed); beyond, it is closed with them unsent. A peer that
+    /// does not read cannot hold the connection longer.
+    public var closeFlushTimeoutMs = 30_000
     /// Most concurrent downstream connections per event loop (beyond: accept then close).
     public var maxConnectionsPerLoop = 16_384
     /// Request header names with an underscore (Envoy's headers_with_underscores_action):

@@ -273,15 +273,18 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
 
     func reset() { closeTransport() }
 
-    /// Closes once everything written is out, reading no more meanwhile. Not at once:
-    /// NIO's full close drops the writes still pending, which cut the end of a large
-    /// response to a client reading slower than the upstream answered (connection:
-    /// close), or a local reply.
+    /// Closes once everything written is out, or after closeFlushTimeoutMs when the
+    /// client does not take it. Not at once: NIO's full close drops the writes still
+    /// pending, which cut the end of a large response to a client reading slower than
+    /// the upstream answered (connection: close), or a local reply. Reading goes on
+    /// meanwhile and what arrives is dropped (the handler is closed): a client still
+    /// sending a body it was answered early is not blocked into never reading.
     func closeTransport() {
         guard let c = context else { return }
-        setReading(false)
+        setReading(true)
         flush()
-        c.writeAndFlush(NIOAny(ByteBuffer())).whenComplete { _ in c.close(promise: nil) }
+        let force = c.eventLoop.scheduleTask(in: .milliseconds(Int64(ctx.settings.limits.closeFlushTimeoutMs))) { c.close(promise: nil) }
+        c.writeAndFlush(NIOAny(ByteBuffer())).whenComplete { _ in force.cancel(); c.close(promise: nil) }
     }
 
     func setReading(_ on: Bool) {

@@ -291,6 +291,10 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
     /// most one read more: reading waits for the partner).
     var pending: [ByteBuffer] = []
     var pendingEOF = false
+    /// The other side is gone: this one is read on and what comes is dropped, while the
+    /// bytes queued to it go out (closeAfterWrites). A peer blocked writing to us would
+    /// otherwise never read what we still owe it.
+    var draining = false
 
     init(downstream: Bool) { self.downstream = downstream }
 
@@ -329,6 +333,7 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if draining { return }
         let b = unwrapInboundIn(data)
         session?.activity(b.readableBytes, fromClient: downstream)
         if let p = partner { p.partnerWrite(data) } else { pending.append(b) }
@@ -364,6 +369,7 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func read(context: ChannelHandlerContext) {
+        if draining { context.read(); return }
         if let p = partner, p.partnerWritable { context.read() } else { pendingRead = true }
     }
 
@@ -383,9 +389,15 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// Closes this side once every byte written to it is out.
+    /// Closes this side once every byte written to it is out (its partner is gone), or
+    /// after closeFlushTimeoutMs; meanwhile it is read and what comes is dropped.
     func closeAfterWrites() {
-        afterWrites { $0.close(promise: nil) }
+        guard let context, !draining else { return }
+        draining = true
+        if pendingRead { pendingRead = false; context.read() }
+        let ms = session?.ctx.settings.limits.closeFlushTimeoutMs ?? 30_000
+        let force = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in self?.context?.close(promise: nil) }
+        afterWrites { force.cancel(); $0.close(promise: nil) }
     }
 
     /// Runs `then` once the writes made so far are out: an empty write's promise is

@@ -66,6 +66,22 @@ final class LargeBodyTests: XCTestCase {
         XCTAssertEqual(r?.body.count, size)
     }
 
+    func test_aClientThatNeverReads_cannotHoldAClosingConnection_pastTheCloseFlushTimeout() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(body: String(repeating: "z", count: 8 << 20)) }
+        defer { up.stop() }
+        // A high-water mark above the response: the proxy reads all of it and queues it,
+        // so the response ends (and the close begins) with megabytes still to send.
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1) { $0.limits.closeFlushTimeoutMs = 300; $0.limits.highWaterMarkBytes = 32 << 20 }
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        var small: Int32 = 16 * 1024
+        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        c.send("GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        // The response never drains: the proxy's close waits 300 ms for it, then closes.
+        Thread.sleep(forTimeInterval: 1.5)
+        XCTAssertEqual(try px.liveHandlersOnceSettled(), 0, "the connection was closed though the client never read")
+    }
+
     func test_100MBRequestBody_streamsThrough_withBoundedMemory() throws {
         let up = try TestUpstream { r in TestUpstream.Reply(body: "got \(r.bodyBytes)") }
         up.keepBody = 0
