@@ -30,13 +30,14 @@ public enum Hex {
         let a = (random1 & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
         let b = (random2 & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
         return String(unsafeUninitializedCapacity: 36) { out in
+            // Eight digits a store, the middle groups then moved apart for their dashes
+            // (byte moves: right on either byte order).
             let p = UnsafeMutableRawPointer(out.baseAddress!)
-            let mid = eightDigits(UInt32(truncatingIfNeeded: a)), high = eightDigits(UInt32(truncatingIfNeeded: b >> 32))
             p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a >> 32)), as: UInt64.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: mid), toByteOffset: 9, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: mid >> 32), toByteOffset: 14, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: high), toByteOffset: 19, as: UInt32.self)
-            p.storeBytes(of: UInt32(truncatingIfNeeded: high >> 32), toByteOffset: 24, as: UInt32.self)
+            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a)), toByteOffset: 9, as: UInt64.self)
+            out[17] = out[16]; out[16] = out[15]; out[15] = out[14]; out[14] = out[13]
+            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b >> 32)), toByteOffset: 19, as: UInt64.self)
+            out[27] = out[26]; out[26] = out[25]; out[25] = out[24]; out[24] = out[23]
             p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
             out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
             return 36
