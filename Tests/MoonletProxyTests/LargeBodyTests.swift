@@ -2,6 +2,14 @@ import XCTest
 import NIOConcurrencyHelpers
 @testable import MoonletProxy
 
+extension RawClient {
+    /// A small kernel receive buffer: with slow reads the proxy sees a client that is behind.
+    func setReceiveBuffer(_ bytes: Int32) {
+        var v = bytes
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, socklen_t(MemoryLayout<Int32>.size))
+    }
+}
+
 final class LargeBodyTests: XCTestCase {
     static func rssBytes() -> Int {
         guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
@@ -17,8 +25,7 @@ final class LargeBodyTests: XCTestCase {
         let c = try RawClient(port: px.inbound)
         // A small receive buffer and slow reads make the downstream unwritable, so the
         // proxy pauses reading the upstream while the response is relayed.
-        var small: Int32 = 16 * 1024
-        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        c.setReceiveBuffer(16 * 1024)
         c.send("GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
         var head = [UInt8]()
         var buf = [UInt8](repeating: 0, count: 16 * 1024)
@@ -48,8 +55,7 @@ final class LargeBodyTests: XCTestCase {
         defer { px.stop() }
         let c = try RawClient(port: px.inbound)
         // A small receive buffer and slow reads: the client is behind until the end.
-        var small: Int32 = 16 * 1024
-        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        c.setReceiveBuffer(16 * 1024)
         c.send("GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         Thread.sleep(forTimeInterval: 1)
         var got = [UInt8]()
@@ -74,8 +80,7 @@ final class LargeBodyTests: XCTestCase {
         let px = try ProxyFixture(appPort: up.port, concurrency: 1) { $0.limits.closeFlushTimeoutMs = 300; $0.limits.highWaterMarkBytes = 32 << 20 }
         defer { px.stop() }
         let c = try RawClient(port: px.inbound)
-        var small: Int32 = 16 * 1024
-        setsockopt(c.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        c.setReceiveBuffer(16 * 1024)
         c.send("GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         // The response never drains: the proxy's close waits 300 ms for it, then closes.
         Thread.sleep(forTimeInterval: 1.5)
