@@ -161,16 +161,20 @@ public enum HeadWriter {
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
             var at = p.baseAddress!
             added.withUnsafeBufferPointer { a in
-                for i in 0..<a.count {
-                    at = copyUTF8(a[i].name, to: at)
-                    at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
-                    at = copyUTF8(a[i].value, to: at + 2)
-                    at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
-                    at += 2
-                }
+                for i in 0..<a.count { at = putLine(a[i].name, a[i].value, at: at) }
             }
             return total
         }
+    }
+
+    /// `name: value` CRLF at `at` (room made by the caller); returns the byte after it.
+    @inline(__always)
+    static func putLine(_ name: String, _ value: String, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+        var at = copyUTF8(name, to: at)
+        at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
+        at = copyUTF8(value, to: at + 2)
+        at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
+        return at + 2
     }
 
     /// Copies `s`'s UTF-8 to `to`; returns the byte after it.
@@ -204,21 +208,10 @@ public enum HeadWriter {
     /// instructions a line; this about a quarter of that).
     @inline(__always)
     public static func writeField(_ name: String, _ value: String, into out: inout ByteBuffer) {
-        var name = name, value = value
-        name.withUTF8 { n in
-            value.withUTF8 { v in
-                let total = n.count + v.count + 4
-                out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
-                    let base = p.baseAddress!
-                    if n.count > 0 { base.copyMemory(from: n.baseAddress!, byteCount: n.count) }
-                    base.storeBytes(of: 0x3A, toByteOffset: n.count, as: UInt8.self)
-                    base.storeBytes(of: 0x20, toByteOffset: n.count + 1, as: UInt8.self)
-                    if v.count > 0 { (base + n.count + 2).copyMemory(from: v.baseAddress!, byteCount: v.count) }
-                    base.storeBytes(of: 0x0D, toByteOffset: total - 2, as: UInt8.self)
-                    base.storeBytes(of: 0x0A, toByteOffset: total - 1, as: UInt8.self)
-                    return total
-                }
-            }
+        let total = name.utf8.count + value.utf8.count + 4
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+            _ = putLine(name, value, at: p.baseAddress!)
+            return total
         }
     }
 }

@@ -106,7 +106,10 @@ public enum SpanEncoding {
     }
 
     static func putHex(_ out: inout [UInt8], _ v: UInt64) {
-        for shift in stride(from: 60, through: 0, by: -4) { out.append(TraceHex.digit(v >> UInt64(shift))) }
+        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { b in
+            Hex.write16(v, to: b.baseAddress!)
+            out.append(contentsOf: UnsafeRawBufferPointer(b))
+        }
     }
 
     static func putDecimal(_ out: inout [UInt8], _ v: UInt64) {

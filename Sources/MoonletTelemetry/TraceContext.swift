@@ -190,8 +190,6 @@ public enum TracePropagation {
 
 /// Lowercase fixed-width hex for trace and span ids.
 public enum TraceHex {
-    static let digits: [UInt8] = Array("0123456789abcdef".utf8)
-
     /// 16 lowercase hex digits.
     public static func hex(_ v: UInt64) -> String {
         String(unsafeUninitializedCapacity: 16) { out in
@@ -206,13 +204,6 @@ public enum TraceHex {
             write(hi, into: out, at: 0); write(lo, into: out, at: 16)
             return 32
         }
-    }
-
-    /// The hex digit of `v`'s low 4 bits.
-    @inline(__always)
-    public static func digit(_ v: UInt64) -> UInt8 {
-        let d = UInt8(truncatingIfNeeded: v & 0xF)
-        return d < 10 ? 48 + d : 87 + d
     }
 
     /// Writes `v` as 16 hex digits at `at`.
