@@ -283,8 +283,7 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
         guard let c = context else { return }
         setReading(true)
         flush()
-        let force = c.eventLoop.scheduleTask(in: .milliseconds(Int64(ctx.settings.limits.closeFlushTimeoutMs))) { c.close(promise: nil) }
-        c.writeAndFlush(NIOAny(ByteBuffer())).whenComplete { _ in force.cancel(); c.close(promise: nil) }
+        c.closeWhenWritesAreOut(timeoutMs: ctx.settings.limits.closeFlushTimeoutMs)
     }
 
     func setReading(_ on: Bool) {

@@ -381,7 +381,9 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
     /// channel's input is shut already (the client half-closed first), and a full close
     /// drops the writes still pending (the tail of the answer).
     func partnerWriteEOF() {
-        afterWrites { context in
+        context?.whenWritesAreOut { [weak self] result in
+            guard let context = self?.context else { return }
+            if case .failure = result { context.close(promise: nil); return }
             let p = context.eventLoop.makePromise(of: Void.self)
             // A transport that cannot half-close closes fully.
             p.futureResult.whenFailure { [weak self] _ in self?.context?.close(promise: nil) }
@@ -395,22 +397,9 @@ final class TCPGlue: ChannelDuplexHandler, RemovableChannelHandler {
         guard let context, !draining else { return }
         draining = true
         if pendingRead { pendingRead = false; context.read() }
-        let ms = session?.ctx.settings.limits.closeFlushTimeoutMs ?? 30_000
-        let force = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { [weak self] in self?.context?.close(promise: nil) }
-        afterWrites { force.cancel(); $0.close(promise: nil) }
+        context.closeWhenWritesAreOut(timeoutMs: session?.ctx.settings.limits.closeFlushTimeoutMs ?? 30_000)
     }
 
-    /// Runs `then` once the writes made so far are out: an empty write's promise is
-    /// completed in order, after them (through TLS too). A failed write closes.
-    private func afterWrites(_ then: @escaping (ChannelHandlerContext) -> Void) {
-        guard let context else { return }
-        let written = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(NIOAny(ByteBuffer()), promise: written)
-        written.futureResult.whenComplete { [weak self] result in
-            guard let context = self?.context else { return }
-            if case .failure = result { context.close(promise: nil) } else { then(context) }
-        }
-    }
     func partnerBecameWritable() {
         if pendingRead { pendingRead = false; context?.read() }
     }
