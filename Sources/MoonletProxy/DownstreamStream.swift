@@ -302,7 +302,8 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
         out.writeString("content-length: \(body.utf8.count)\r\ncontent-type: text/plain\r\nserver: moonlet\r\nconnection: close\r\n\r\n")
         out.writeString(body)
         let c = context!
-        c.writeAndFlush(NIOAny(out)).whenComplete { _ in c.close(promise: nil) }
+        c.write(NIOAny(out), promise: nil)
+        c.closeWhenWritesAreOut(timeoutMs: ctx.settings.limits.closeFlushTimeoutMs)
     }
 }
 
