@@ -54,6 +54,11 @@ final class UpstreamDispatcher {
     /// and the body's length after it (-1: chunk-framed).
     var requestHeadBytes = 0
     var requestBodyLength: Int64 = 0
+    /// The HTTP/1.1 head is not in `pending` yet: the request was dispatched for an
+    /// HTTP/2 upstream (start), and attach writes it only for an HTTP/1.1 connection.
+    var headDeferred = false
+    /// Whether the body goes chunk-framed, as it was when the head was deferred.
+    var deferredChunked = false
 
     init(ctx: LoopContext) {
         self.ctx = ctx
@@ -72,6 +77,7 @@ final class UpstreamDispatcher {
         h = nil
         state = .idle
         pending = nil
+        headDeferred = false
         perTryTimer?.cancel(); perTryTimer = nil
         attempt = 0
         replay = nil
@@ -169,31 +175,46 @@ final class UpstreamDispatcher {
             s.upstreamMeshMTLS = true
             if h.role == .outbound { s.withRequest { PeerExchange.addOwn(&$0, ctx: ctx) } }
         }
-        let out = upstreamRequestBytes(s)
         attempt = 0
-        replay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.exec.wantsUpstreamFailure ? out : nil
-        replayHeadLength = out.readableBytes
-        if !s.route.mirrors.isEmpty { prepareMirrors(s) }
-        pending = out
+        let keepsReplay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.exec.wantsUpstreamFailure
+        // A retry of a request without body rebuilds it from the head (rebuiltRequest);
+        // mirrors take their body from the replay copy.
+        let replayNeeded = !s.route.mirrors.isEmpty || (keepsReplay && s.request.framing != .none)
+        if !replayNeeded && !h.requestState.isBuffered && asksForHTTP2(s) {
+            // An HTTP/2 upstream writes HEADERS from the parsed head: the HTTP/1.1 head is
+            // written only if the connection turns out to speak HTTP/1.1 (attach).
+            headDeferred = true
+            deferredChunked = h.requestChunked
+            requestHeadBytes = 0
+            requestBodyLength = Self.bodyLength(s.request.framing)
+            replay = nil
+            replayHeadLength = 0
+            // Body bytes that come while connecting are gathered here (requestBodyChunk).
+            pending = ctx.outputBuffer(capacity: 0)
+        } else {
+            let out = upstreamRequestBytes(s)
+            replay = keepsReplay ? out : nil
+            replayHeadLength = out.readableBytes
+            if !s.route.mirrors.isEmpty { prepareMirrors(s) }
+            pending = out
+        }
         dispatch(host: host, port: port, key: key)
+    }
+
+    /// The body's length a request head announces (-1: chunk-framed or until close).
+    @inline(__always)
+    static func bodyLength(_ framing: BodyFraming) -> Int64 {
+        switch framing {
+        case .contentLength(let n): return n
+        case .chunked, .untilClose: return -1
+        case .none: return 0
+        }
     }
 
     /// The upstream request as it is first sent: the head with the filters' edits
     /// spliced in, and a body buffered for a filter (with its content-length).
     func upstreamRequestBytes(_ s: ProxyStream) -> ByteBuffer {
-        var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
-        let chunked = h.requestChunked
-        s.withRequest { head in
-            HeadWriter.writeRequest(head, into: &out) { o in
-                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
-            }
-        }
-        requestHeadBytes = out.readableBytes
-        switch s.request.framing {
-        case .contentLength(let n): requestBodyLength = n
-        case .chunked, .untilClose: requestBodyLength = -1
-        case .none: requestBodyLength = 0
-        }
+        var out = requestHead(s, chunked: h.requestChunked)
         if h.requestState.isBuffered, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
             if h.requestChunked {
@@ -208,6 +229,20 @@ final class UpstreamDispatcher {
             out.writeBuffer(&body)
             h.requestChunked = false
         }
+        return out
+    }
+
+    /// The request head as HTTP/1.1 (`chunked`: the body is sent chunk-framed).
+    func requestHead(_ s: ProxyStream, chunked: Bool) -> ByteBuffer {
+        var out = ctx.outputBuffer(capacity: s.request.bytes.readableBytes + 256)
+        s.withRequest { head in
+            HeadWriter.writeRequest(head, into: &out) { o in
+                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+            }
+        }
+        requestHeadBytes = out.readableBytes
+        headDeferred = false
+        requestBodyLength = Self.bodyLength(s.request.framing)
         return out
     }
 
@@ -497,6 +532,12 @@ final class UpstreamDispatcher {
             unsafeDowncast(c, to: UpstreamH2Stream.self).startRequest(
                 s.request, headBytes: requestHeadBytes, bodyLength: requestBodyLength,
                 complete: h.requestState.isComplete, trailers: s.requestTrailers)
+        } else if headDeferred {
+            // Asked for HTTP/2, got an HTTP/1.1 connection: the head goes first after all.
+            // (The body gathered meanwhile is framed as it was when the head was deferred.)
+            var head = requestHead(s, chunked: deferredChunked)
+            if var p = pending { head.writeBuffer(&p); ctx.recycle(p) }
+            pending = head
         }
         if var p = pending {
             pending = nil

@@ -392,6 +392,67 @@ final class MTLSTests: XCTestCase {
         XCTAssertFalse(serverStats.contains("response_flags=\"DC\""), "streams that ended normally are not downstream disconnects:\n\(serverStats)")
     }
 
+    /// The upgrade asks for HTTP/2, but the mesh endpoint's TLS offers only http/1.1 (an
+    /// older sidecar): the request goes as HTTP/1.1 after all, its head written once the
+    /// connection's protocol is known, with the body that came meanwhile behind it.
+    func test_anUpgradeToAnEndpointThatOnlySpeaksHTTP1_sendsEachRequestWholeAsHTTP1() throws {
+        let certs = try pki.issue("production", "orders")
+        var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: try NIOSSLCertificate.fromPEMFile(certs + "/cert-chain.pem").map { .certificate($0) },
+                                                           privateKey: .privateKey(try NIOSSLPrivateKey(file: certs + "/key.pem", format: .pem)))
+        cfg.applicationProtocols = ["http/1.1"]
+        let sctx = try NIOSSLContext(configuration: cfg)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let h1 = try ServerBootstrap(group: group).childChannelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                try ch.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sctx))
+                try ch.pipeline.syncOperations.configureHTTPServerPipeline()
+                try ch.pipeline.syncOperations.addHandler(HTTP1RequestEcho())
+            }
+        }.bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? h1.close().wait() }
+        // Under /nr retries are off: no request keeps a replay copy there.
+        let vs = """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: orders, namespace: production}
+        spec:
+          hosts: [orders.production.svc.cluster.local]
+          http:
+          - match: [{uri: {prefix: /nr}}]
+            route: [{destination: {host: orders.production.svc.cluster.local}}]
+            retries: {attempts: 0}
+          - route: [{destination: {host: orders.production.svc.cluster.local}}]
+        """
+        let client = try ProxyFixture(appPort: 1, files: [
+            "se.yaml": Self.ordersEntry(port: h1.localAddress!.port!, serviceAccount: "orders", trafficPolicy: "{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}"),
+            "vs.yaml": vs,
+        ], concurrency: 1) { s in
+            s.certsDirectory = try? self.pki.issue("default", "frontend")
+            s.identity = WorkloadIdentity(namespace: "default", serviceAccount: "frontend", labels: ["app": "frontend"])
+        }
+        defer { client.stop() }
+        let host = "Host: orders.production.svc.cluster.local\r\n"
+        // Each request on a new client connection, so that some come while the upstream
+        // connection is still being made (their bodies wait with the deferred head).
+        let requests = ["", "/nr"].flatMap { p in [
+            ("GET \(p)/g HTTP/1.1\r\n\(host)\r\n", "GET \(p)/g 0 -"),
+            ("POST \(p)/p HTTP/1.1\r\n\(host)content-length: 5\r\n\r\nhello", "POST \(p)/p 5 -"),
+            ("POST \(p)/c HTTP/1.1\r\n\(host)transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n", "POST \(p)/c 7 chunked"),
+        ] }
+        for round in 0..<2 {
+            for (request, expected) in requests {
+                let c = try RawClient(port: client.outbound)
+                c.send(request)
+                let r = c.read()
+                XCTAssertEqual(r?.status, 200, "round \(round): \(request)")
+                XCTAssertEqual(r?.body, expected, "round \(round)")
+            }
+        }
+        let stats = try XCTUnwrap(adminGet(client.admin, "/stats/prometheus")).body
+        XCTAssertFalse(stats.contains("moonlet_upstream_cx_http2_total 1"), stats)
+    }
+
     func test_sidecarToSidecar_destinationRuleIstioMutual_works() throws {
         let (client, server) = try twoSidecars(clientFiles: {
             ["se.yaml": Self.ordersEntry(port: $0, serviceAccount: "orders", trafficPolicy: "{tls: {mode: ISTIO_MUTUAL}}")]
@@ -1184,5 +1245,25 @@ extension MTLSTests {
         let second = try opensslRequest(port: server.inbound, certDir: client, session: session, resume: true)
         XCTAssertTrue(second.contains("Reused"), second)
         XCTAssertTrue(second.lowercased().contains("x-peer: cluster.local/ns/default/sa/frontend"), second)
+    }
+}
+
+/// An HTTP/1.1 server's handler answering "METHOD URI BODY-BYTES TRANSFER-ENCODING" (or "-").
+final class HTTP1RequestEcho: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+    var head: HTTPRequestHead?
+    var bytes = 0
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h; bytes = 0
+        case .body(let b): bytes += b.readableBytes
+        case .end:
+            guard let h = head else { return }
+            let body = "\(h.method) \(h.uri) \(bytes) \(h.headers["transfer-encoding"].first ?? "-")"
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: ["content-length": "\(body.utf8.count)"]))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
     }
 }
