@@ -1,5 +1,6 @@
 import NIOCore
 import MoonletHTTP
+import MoonletTelemetry
 
 /// Writes an HPACK header block into bytes reserved beforehand (ByteBuffer's
 /// writeWithUnsafeMutableBytes): the caller bounds the block's size from the head, so
@@ -129,16 +130,95 @@ struct HPACKRawWriter {
     }
 }
 
+/// The HPACK encoder's dynamic table (RFC 7541 §2.3.2, §4) for the two fields a sidecar
+/// repeats on every request and response between mesh sidecars: Istio's metadata
+/// exchange headers, `x-envoy-peer-metadata` (about 700 bytes) and its `-id`. The first
+/// one on a connection is a literal with incremental indexing, every later one a one-byte
+/// index, so the bytes encrypted, sent and decoded per request shrink by that much (as
+/// Envoy's encoder indexes them; HTTP/1.1 cannot). Every other field stays a literal
+/// without indexing. The table follows the peer's SETTINGS_HEADER_TABLE_SIZE (4096 until
+/// it says otherwise): it only ever shrinks, the next block starting with the size update
+/// (§4.2, §6.3), and an entry that does not fit goes as a literal without indexing.
+struct HPACKEncoderTable {
+    /// The table's maximum size, as the peer's decoder knows it.
+    private(set) var maxSize = 4096
+    /// A smaller maximum is due at the start of the next block.
+    private var sizeUpdateDue = false
+    /// A field in the table, with its §4.1 size.
+    struct Entry {
+        let name: String
+        let value: String
+        let size: Int
+    }
+    /// The entries, newest first (dynamic-table index 62 + position).
+    private var entries: [Entry] = []
+    private var used = 0
+
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE.
+    mutating func peerTableSize(_ limit: Int) {
+        guard limit < maxSize else { return }
+        maxSize = limit
+        sizeUpdateDue = true
+        evict(toFit: 0)
+    }
+
+    /// Starts a header block: the size update a smaller SETTINGS_HEADER_TABLE_SIZE made
+    /// due (at most 4 bytes).
+    @inline(__always)
+    mutating func startBlock(_ w: inout HPACKRawWriter) {
+        if sizeUpdateDue { sizeUpdateDue = false; w.integer(maxSize, prefix: 5, flags: 0x20) }
+    }
+
+    /// Whether a field with this (lowercase) name is kept in the table.
+    @inline(__always)
+    static func indexes(_ name: String) -> Bool {
+        switch name.utf8.count {
+        case 21: return name == PeerMetadata.header
+        case 24: return name == PeerMetadata.idHeader
+        default: return false
+        }
+    }
+
+    /// Writes a field `indexes` accepts: its index when the table has it, else a literal
+    /// with incremental indexing (the table takes it, evicting the oldest entries), else
+    /// (larger than the table) a literal without indexing.
+    mutating func write(name: String, value: String, _ w: inout HPACKRawWriter) {
+        var i = 0
+        while i < entries.count {
+            if entries[i].value == value && entries[i].name == name {
+                w.integer(62 + i, prefix: 7, flags: 0x80)
+                return
+            }
+            i += 1
+        }
+        let size = name.utf8.count + value.utf8.count + 32
+        if size > maxSize {
+            w.byte(0)
+        } else {
+            w.byte(0x40)
+            evict(toFit: size)
+            entries.insert(Entry(name: name, value: value, size: size), at: 0)
+            used += size
+        }
+        w.string(name, lowercase: true)
+        w.string(value, lowercase: false)
+    }
+
+    /// Drops the oldest entries until `size` more bytes fit (§4.4).
+    private mutating func evict(toFit size: Int) {
+        while used + size > maxSize, let last = entries.popLast() { used -= last.size }
+    }
+}
+
 /// Writes response header blocks straight from a parsed head, the way HAProxy's HPACK
 /// encoder does: a static-table index where the table has the field, otherwise a
-/// literal without indexing, no Huffman coding and no dynamic table. The first block
-/// sets the dynamic table's size to 0, so the peer's SETTINGS_HEADER_TABLE_SIZE never
-/// matters. Nothing is copied into Strings on the way (NIOHPACK's encoder wanted an
+/// literal without indexing, no Huffman coding, and the dynamic table only for Istio's
+/// metadata exchange headers (HPACKEncoderTable). Nothing is copied into Strings on the way (NIOHPACK's encoder wanted an
 /// HPACKHeaders of Strings and searched its tables per field: a seventh of an HTTP/2
 /// request's user CPU), and the block is written into bytes reserved once
 /// (HPACKRawWriter).
 struct HPACKResponseWriter {
-    var sentTableSize = false
+    var table = HPACKEncoderTable()
 
     /// Static-table indexes (RFC 7541 Appendix A) of `:status` values.
     static func statusIndex(_ status: Int) -> UInt8? {
@@ -171,18 +251,11 @@ struct HPACKResponseWriter {
         }
     }
 
-    /// The table-size update that starts the connection's first block.
-    @inline(__always)
-    mutating func writeTableSize(_ w: inout HPACKRawWriter) {
-        if !sentTableSize { sentTableSize = true; w.byte(0x20) } // table size 0
-    }
-
     /// `:status` (a static-table index when the table has the code, else a literal
-    /// without indexing), after the table-size update that starts the first block:
-    /// at most 6 bytes.
+    /// without indexing), after a table-size update that is due: at most 9 bytes.
     @inline(__always)
     mutating func writeStatus(_ status: Int, _ w: inout HPACKRawWriter) {
-        writeTableSize(&w)
+        table.startBlock(&w)
         if let index = Self.statusIndex(status) {
             w.byte(0x80 | index)
         } else {
@@ -196,14 +269,17 @@ struct HPACKResponseWriter {
         HPACKRawWriter.write(into: &b, bound: 32) { w in writeStatus(status, &w) }
     }
 
-    /// A trailers block: literal fields without indexing (credentials never indexed) (after the table-size update
-    /// when it is the connection's first block).
+    /// A trailers block: literal fields without indexing (credentials never indexed),
+    /// after a table-size update that is due.
     mutating func writeTrailers(_ t: HTTPTrailers, into b: inout ByteBuffer) {
-        var bound = 1
-        for f in t.fields { bound += f.name.utf8.count + f.value.utf8.count + 11 }
-        HPACKRawWriter.write(into: &b, bound: bound) { w in
-            writeTableSize(&w)
-            Self.writeLiterals(t.fields, lowercase: true, &w)
+        Self.writeTrailers(t, table: &table, into: &b)
+    }
+
+    /// A trailers block (of a response or, from the upstream client, a request).
+    static func writeTrailers(_ t: HTTPTrailers, table: inout HPACKEncoderTable, into b: inout ByteBuffer) {
+        HPACKRawWriter.write(into: &b, bound: 5 + HPACKRawWriter.bound(t.fields)) { w in
+            table.startBlock(&w)
+            writeLiterals(t.fields, lowercase: true, &w)
         }
     }
 
@@ -213,6 +289,18 @@ struct HPACKResponseWriter {
         for f in fields {
             w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: lowercase)
+            w.string(f.value, lowercase: false)
+        }
+    }
+
+    /// The fields filters and the proxy added (lowercase names): the metadata exchange
+    /// headers through the dynamic table, the others as literals without indexing.
+    @inline(__always)
+    static func writeAdded(_ fields: [HeaderLine], table: inout HPACKEncoderTable, _ w: inout HPACKRawWriter) {
+        for f in fields {
+            if HPACKEncoderTable.indexes(f.name) { table.write(name: f.name, value: f.value, &w); continue }
+            w.byte(HPACKRawWriter.literalFlag(f.name))
+            w.string(f.name, lowercase: true)
             w.string(f.value, lowercase: false)
         }
     }
@@ -243,7 +331,7 @@ struct HPACKResponseWriter {
                     w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
                 }
             }
-            Self.writeLiterals(head.added, lowercase: true, &w)
+            Self.writeAdded(head.added, table: &table, &w)
             if let server {
                 w.integer(54, prefix: 4, flags: 0)
                 w.string(server, lowercase: false)

@@ -318,9 +318,9 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         }
         settingsSeen = true
         var windowGrew = false
-        // HEADER_TABLE_SIZE does not matter: responses use no dynamic table.
         try HTTP2Wire.readSettings(stream: stream, payload) { id, v in
             switch id {
+            case HTTP2Wire.settingHeaderTableSize: encoder.table.peerTableSize(Int(v))
             case HTTP2Wire.settingInitialWindowSize:
                 windowGrew = try initialWindowChanged(to: v) || windowGrew
             case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)

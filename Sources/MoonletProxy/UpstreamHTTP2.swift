@@ -50,6 +50,8 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     var scheme = "https"
 
     var streams: [UInt32: UpstreamH2Stream] = [:]
+    /// The stream opened last while it is open (see `stream(_:)`).
+    var lastStream: UpstreamH2Stream?
     var nextStreamID: UInt32 = 1
     /// Requests waiting for a stream (the peer's concurrency limit is reached): each gets
     /// its stream, or `otherwise` runs when this connection will not take it.
@@ -75,6 +77,8 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     var sendWindow = HTTP2Wire.defaultWindow
     var peerInitialWindow = HTTP2Wire.defaultWindow
     var peerMaxFrameSize = 16_384
+    /// The request blocks' dynamic table (the metadata exchange headers).
+    var encoderTable = HPACKEncoderTable()
     var peerMaxStreams = Int.max
     var goAwaySent = false
 
@@ -130,13 +134,23 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         nextStreamID += 2
         let s = UpstreamH2Stream(id: id, connection: self, sendWindow: peerInitialWindow)
         streams[id] = s
+        lastStream = s
         return s
+    }
+
+    /// The open stream `id`: the newest one without a hash lookup (with requests one at a
+    /// time, every frame of a response is for it).
+    @inline(__always)
+    func stream(_ id: UInt32) -> UpstreamH2Stream? {
+        if let s = lastStream, s.id == id { return s }
+        return streams[id]
     }
 
     /// A stream ended (both sides, reset, or abandoned): a waiting request takes its place.
     func streamEnded(_ s: UpstreamH2Stream) {
-        guard streams[s.id] === s else { return }
-        streams[s.id] = nil
+        if lastStream === s { lastStream = nil }
+        guard let removed = streams.removeValue(forKey: s.id) else { return }
+        guard removed === s else { streams[s.id] = removed; return }
         idleSince = NIODeadline.now().uptimeNanoseconds
         while !waiting.isEmpty, streams.count < peerMaxStreams, !closed, !retiring {
             let w = waiting.removeFirst()
@@ -220,7 +234,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
             guard f.stream != 0 else { throw HTTP2ConnectionError(.protocolError, "RST_STREAM on stream 0") }
             guard f.payload.readableBytes == 4 else { throw HTTP2ConnectionError(.frameSizeError, "RST_STREAM of \(f.payload.readableBytes) bytes") }
             let code = f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)!
-            streams[f.stream]?.resetByPeer(code)
+            stream(f.stream)?.resetByPeer(code)
         case HTTP2Wire.settings: try settings(f)
         case HTTP2Wire.pushPromise: throw HTTP2ConnectionError(.protocolError, "PUSH_PROMISE with server push disabled")
         case HTTP2Wire.ping:
@@ -253,7 +267,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
             recvWindow += recvUnacked
             recvUnacked = 0
         }
-        guard let s = streams[f.stream] else {
+        guard let s = stream(f.stream) else {
             guard f.stream < nextStreamID, f.stream & 1 == 1 else { throw HTTP2ConnectionError(.protocolError, "DATA on idle stream \(f.stream)") }
             return // a stream we reset or finished: its late frames are dropped
         }
@@ -302,7 +316,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     /// Decoded whatever becomes of the stream (HPACK's table depends on it), straight
     /// into the response's HTTPHead (UpstreamH2ResponseHead) or its trailers.
     func headerBlock(stream id: UInt32, endStream: Bool, block: ByteBuffer) throws {
-        guard let s = streams[id], !s.ended else {
+        guard let s = stream(id), !s.ended else {
             var none = HPACKDiscardingSink()
             try decode(stream: id, block, into: &none)
             if streams[id] == nil {
@@ -343,7 +357,8 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
                 windowGrew = try initialWindowChanged(to: v) || windowGrew
             case HTTP2Wire.settingMaxFrameSize: peerMaxFrameSize = Int(v)
             case HTTP2Wire.settingMaxConcurrentStreams: peerMaxStreams = Int(v)
-            default: break // HEADER_TABLE_SIZE does not matter: requests use no dynamic table
+            case HTTP2Wire.settingHeaderTableSize: encoderTable.peerTableSize(Int(v))
+            default: break
             }
         }
         var b = output(capacity: 9)
@@ -370,7 +385,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         let increment = try HTTP2Wire.windowIncrement(f.payload)
         if f.stream == 0 {
             try connectionWindowUpdated(by: increment)
-        } else if let s = streams[f.stream] {
+        } else if let s = stream(f.stream) {
             s.windowUpdated(by: increment)
         }
     }
@@ -395,7 +410,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     func writeRequestHeaders(stream: UInt32, _ head: HTTPHead, contentLength: Int64, endStream: Bool) {
         var b = output(capacity: head.bytes.readableBytes + 64)
         HTTP2Wire.writeHeaderBlock(stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b) {
-            HPACKRequestWriter.write(head, scheme: scheme, contentLength: contentLength, into: &$0)
+            HPACKRequestWriter.write(head, scheme: scheme, contentLength: contentLength, table: &encoderTable, into: &$0)
         }
         out = b
     }
@@ -403,9 +418,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     func writeTrailers(stream: UInt32, _ trailers: HTTPTrailers) {
         var b = output(capacity: 256)
         HTTP2Wire.writeHeaderBlock(stream: stream, endStream: true, maxFrameSize: peerMaxFrameSize, into: &b) {
-            HPACKRawWriter.write(into: &$0, bound: HPACKRawWriter.bound(trailers.fields)) { w in
-                HPACKResponseWriter.writeLiterals(trailers.fields, lowercase: true, &w)
-            }
+            HPACKResponseWriter.writeTrailers(trailers, table: &encoderTable, into: &$0)
         }
         out = b
     }
@@ -497,6 +510,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         inbound = nil
         let open = streams.values
         streams = [:]
+        lastStream = nil
         for s in open { s.connectionLost() }
         let w = waiting
         waiting.removeAll()
@@ -823,13 +837,14 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 
 /// Writes request header blocks straight from a parsed head (as HPACKResponseWriter
 /// does responses): static-table indexes for the pseudo-headers' common values,
-/// otherwise literals without indexing, no Huffman coding, no dynamic table.
+/// otherwise literals without indexing, no Huffman coding, the dynamic table only for
+/// Istio's metadata exchange headers (HPACKEncoderTable).
 enum HPACKRequestWriter {
     /// `:method`, `:scheme`, `:authority` (Host, or the one a filter set), `:path`, then
     /// the fields HTTP/2 allows (see HTTPHead.isHTTP2Forbidden). `contentLength` >= 0:
     /// the body's length, written when the head had a content-length (canonical). The
     /// block is written into bytes reserved once, bounded from the head (HPACKRawWriter).
-    static func write(_ head: HTTPHead, scheme: String, contentLength: Int64, into b: inout ByteBuffer) {
+    static func write(_ head: HTTPHead, scheme: String, contentLength: Int64, table: inout HPACKEncoderTable, into b: inout ByteBuffer) {
         // The head's bytes hold the method, target and every field (see HPACKRawWriter
         // for the 8 more per field); then the filters' additions.
         var hostAdded: String?
@@ -837,6 +852,7 @@ enum HPACKRequestWriter {
         let bound = 64 + head.bytes.readableBytes + 8 * head.fields.count + HPACKRawWriter.bound(head.added)
             + (head.targetOverride?.utf8.count ?? 0) + (hostAdded?.utf8.count ?? 0)
         HPACKRawWriter.write(into: &b, bound: bound) { w in
+            table.startBlock(&w)
             head.bytes.withUnsafeReadableBytes { raw in
                 let method = UnsafeRawBufferPointer(rebasing: raw[head.methodRange])
                 if HTTP2FieldCheck.equals(method, "GET") {
@@ -893,6 +909,8 @@ enum HPACKRequestWriter {
                     case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
                     default: break
                     }
+                case 21, 24:
+                    if HPACKEncoderTable.indexes(a.name) { table.write(name: a.name, value: a.value, &w); continue }
                 default: break
                 }
                 w.byte(HPACKRawWriter.literalFlag(a.name))

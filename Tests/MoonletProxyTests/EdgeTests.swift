@@ -84,8 +84,8 @@ final class EdgeTests: XCTestCase {
 
     /// HTTP/2: a request with neither :authority nor host, or an absolute-form :path, gets 400.
     /// Sends the connection preface, SETTINGS and `frames`; returns the first `bytes`
-    /// bytes of stream 1's response HEADERS block (0x20, a table-size update, then
-    /// :status) and the frames seen, for messages.
+    /// bytes of stream 1's response HEADERS block (:status first) and the frames seen,
+    /// for messages.
     static func h2ResponseStart(_ c: RawClient, _ frames: [UInt8], bytes: Int) -> (start: [UInt8]?, seen: String) {
         c.send(HTTP2Tests.preface + HTTP2Tests.frame(4, 0, 0) + frames)
         let got = HTTP2Tests.readFrames(c) { fs in fs.contains { $0.stream == 1 && ($0.type == 3 || $0.type == 1) } }
@@ -94,9 +94,9 @@ final class EdgeTests: XCTestCase {
     }
 
     /// :status 400 is static-table index 12.
-    static let status400: [UInt8] = [0x20, 0x8c]
+    static let status400: [UInt8] = [0x8c]
     /// A :status not in the static table: literal without indexing, name index 8.
-    static func literalStatus(_ code: String) -> [UInt8] { [0x20, 0x08, 3] + Array(code.utf8) }
+    static func literalStatus(_ code: String) -> [UInt8] { [0x08, 3] + Array(code.utf8) }
 
     func test_http2RequestWithoutAuthority_withAnAbsolutePath_orWithAFragment_gets400() throws {
         let px = try ProxyFixture(appPort: up.port)
@@ -109,7 +109,7 @@ final class EdgeTests: XCTestCase {
         ]
         for (what, block) in cases {
             let c = try RawClient(port: px.inbound)
-            let r = Self.h2ResponseStart(c, HTTP2Tests.frame(1, 0x5, 1, block), bytes: 2)
+            let r = Self.h2ResponseStart(c, HTTP2Tests.frame(1, 0x5, 1, block), bytes: 1)
             XCTAssertEqual(r.start, Self.status400, "\(what): \(r.seen)")
         }
         XCTAssertEqual(up.seen.count, 0)
@@ -128,7 +128,7 @@ final class EdgeTests: XCTestCase {
         let authority = Array("internal.secret:443".utf8)
         let r = Self.h2ResponseStart(try RawClient(port: px.inbound),
                                      HTTP2Tests.frame(1, 0x4, 1, [0x02, 7] + Array("CONNECT".utf8) + [0x01, UInt8(authority.count)] + authority)
-                                     + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)), bytes: 6)
+                                     + HTTP2Tests.frame(0, 0, 1, Array("GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n".utf8)), bytes: 5)
         XCTAssertEqual(r.start, Self.literalStatus("403"), "HTTP/2: \(r.seen)")
         usleep(200_000)
         XCTAssertEqual(up.seen.count, 0)
@@ -475,7 +475,7 @@ final class EdgeTests: XCTestCase {
         let start2 = Date()
         let end2 = trickle(h2) { HTTP2Tests.frame(0, 0, 1, $0) } // its first byte after the HEADERS below
         let r2 = Self.h2ResponseStart(h2, HTTP2Tests.frame(1, 0x4, 1, [0x83, 0x86, 0x84, 0x41, 1, UInt8(ascii: "a")]
-                                                           + HTTP2Tests.literal("content-length", "20")), bytes: 6)
+                                                           + HTTP2Tests.literal("content-length", "20")), bytes: 5)
         end2()
         XCTAssertEqual(r2.start, Self.literalStatus("408"), "HTTP/2: \(r2.seen)")
         XCTAssertGreaterThan(Date().timeIntervalSince(start2), 1.0)
@@ -533,7 +533,7 @@ final class EdgeTests: XCTestCase {
         ]
         for (what, frames) in cases {
             let start = Date()
-            let r = Self.h2ResponseStart(try RawClient(port: px.inbound), frames, bytes: 6)
+            let r = Self.h2ResponseStart(try RawClient(port: px.inbound), frames, bytes: 5)
             XCTAssertEqual(r.start, Self.literalStatus("408"), "\(what): \(r.seen)")
             XCTAssertLessThan(Date().timeIntervalSince(start), 3, what)
         }
