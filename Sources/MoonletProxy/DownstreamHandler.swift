@@ -561,6 +561,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
         if s.route.delayMs > 0 {
             // Fault injection delay (DI): the request waits on this loop, nothing blocks.
             s.responseFlags.insert(.delayInjected)
+            dispatcher.holdBody()
             let sid = s.id
             ctx.loop.scheduleTask(in: .milliseconds(Int64(s.route.delayMs))) {
                 guard let cur = self.stream, cur.id == sid, !self.closed else { return }

@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 import MoonletHTTP
 import MoonletTelemetry
 
@@ -185,7 +188,7 @@ struct HPACKEncoderTable {
     mutating func write(name: String, value: String, _ w: inout HPACKRawWriter) {
         var i = 0
         while i < entries.count {
-            if entries[i].value == value && entries[i].name == name {
+            if Self.sameBytes(entries[i].value, value) && Self.sameBytes(entries[i].name, name) {
                 w.integer(62 + i, prefix: 7, flags: 0x80)
                 return
             }
@@ -202,6 +205,14 @@ struct HPACKEncoderTable {
         }
         w.string(name, lowercase: true)
         w.string(value, lowercase: false)
+    }
+
+    /// Whether two strings have the same UTF-8 bytes (String's == compares canonical
+    /// equivalence: two different byte strings may be equal).
+    @inline(__always)
+    static func sameBytes(_ a: String, _ b: String) -> Bool {
+        var a = a, b = b
+        return a.withUTF8 { x in b.withUTF8 { y in x.count == y.count && (x.count == 0 || memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0) } }
     }
 
     /// Drops the oldest entries until `size` more bytes fit (§4.4).

@@ -54,11 +54,12 @@ final class UpstreamDispatcher {
     /// and the body's length after it (-1: chunk-framed).
     var requestHeadBytes = 0
     var requestBodyLength: Int64 = 0
-    /// The HTTP/1.1 head is not in `pending` yet: the request was dispatched for an
-    /// HTTP/2 upstream (start), and attach writes it only for an HTTP/1.1 connection.
+    /// The HTTP/1.1 head of a request without body is not in `pending`: the request was
+    /// dispatched for an HTTP/2 upstream (start), and attach writes it only for an
+    /// HTTP/1.1 connection.
     var headDeferred = false
-    /// Whether the body goes chunk-framed, as it was when the head was deferred.
-    var deferredChunked = false
+    /// Whether the body gathered during a fault-injection delay is chunk-framed (holdBody).
+    var earlyChunked = false
 
     init(ctx: LoopContext) {
         self.ctx = ctx
@@ -176,29 +177,41 @@ final class UpstreamDispatcher {
             if h.role == .outbound { s.withRequest { PeerExchange.addOwn(&$0, ctx: ctx) } }
         }
         attempt = 0
+        // Body bytes gathered during a fault-injection delay (holdBody), framed as the
+        // request was then.
+        let early = pending
+        pending = nil
+        let chunked = early != nil ? earlyChunked : h.requestChunked
         let keepsReplay = (s.route.retry != nil && s.route.retry!.attempts > 0) || !s.route.mirrors.isEmpty || h.exec.wantsUpstreamFailure
-        // A retry of a request without body rebuilds it from the head (rebuiltRequest);
-        // mirrors take their body from the replay copy.
-        let replayNeeded = !s.route.mirrors.isEmpty || (keepsReplay && s.request.framing != .none)
-        if !replayNeeded && !h.requestState.isBuffered && asksForHTTP2(s) {
-            // An HTTP/2 upstream writes HEADERS from the parsed head: the HTTP/1.1 head is
-            // written only if the connection turns out to speak HTTP/1.1 (attach).
+        if s.request.framing == .none && s.route.mirrors.isEmpty && !h.requestState.isBuffered && asksForHTTP2(s) {
+            // A request without body to an HTTP/2 upstream, which writes HEADERS from the
+            // parsed head: the HTTP/1.1 head is written only if the connection turns out to
+            // speak HTTP/1.1 (attach). A retry rebuilds it from the head (rebuiltRequest).
+            // A request with a body is written whole now: its bytes are what a retry
+            // replays (Istio's router filter asks for on_upstream_failure on every route).
             headDeferred = true
-            deferredChunked = h.requestChunked
             requestHeadBytes = 0
-            requestBodyLength = Self.bodyLength(s.request.framing)
+            requestBodyLength = 0
             replay = nil
             replayHeadLength = 0
-            // Body bytes that come while connecting are gathered here (requestBodyChunk).
-            pending = ctx.outputBuffer(capacity: 0)
+            pending = early ?? ctx.outputBuffer(capacity: 0)
         } else {
-            let out = upstreamRequestBytes(s)
-            replay = keepsReplay ? out : nil
+            var out = upstreamRequestBytes(s, chunked: chunked)
             replayHeadLength = out.readableBytes
-            if !s.route.mirrors.isEmpty { prepareMirrors(s) }
+            if var e = early { out.writeBuffer(&e); ctx.recycle(e) }
+            replay = keepsReplay ? out : nil
+            if !s.route.mirrors.isEmpty { prepareMirrors(s, chunked: chunked) }
             pending = out
         }
         dispatch(host: host, port: port, key: key)
+    }
+
+    /// The request waits (a fault-injection delay) before `start`: body bytes that come
+    /// meanwhile are gathered in `pending` (requestBodyChunk, requestBodyEnd), framed as
+    /// the request is now, and go after the head.
+    func holdBody() {
+        pending = ctx.outputBuffer(capacity: 0)
+        earlyChunked = h.requestChunked
     }
 
     /// The body's length a request head announces (-1: chunk-framed or until close).
@@ -213,8 +226,8 @@ final class UpstreamDispatcher {
 
     /// The upstream request as it is first sent: the head with the filters' edits
     /// spliced in, and a body buffered for a filter (with its content-length).
-    func upstreamRequestBytes(_ s: ProxyStream) -> ByteBuffer {
-        var out = requestHead(s, chunked: h.requestChunked)
+    func upstreamRequestBytes(_ s: ProxyStream, chunked: Bool? = nil) -> ByteBuffer {
+        var out = requestHead(s, chunked: chunked ?? h.requestChunked)
         if h.requestState.isBuffered, var body = s.bufferedRequestBody {
             // The whole body was buffered for a filter: send it with a content-length.
             if h.requestChunked {
@@ -314,8 +327,10 @@ final class UpstreamDispatcher {
     /// name lookup, an HTTP/2 connection being set up), if the stream is still current.
     func redispatch(_ sid: UInt64, host: String, port: Int, key: String) -> () -> Void {
         let h: DownstreamHandler = self.h
+        let try_ = attempt
         return {
-            guard h.stream?.id == sid, !h.closed else { return }
+            // A retry (after a per-try timeout) moved on meanwhile: this wait is over.
+            guard h.stream?.id == sid, self.attempt == try_, !h.closed else { return }
             self.state = .idle
             self.dispatch(host: host, port: port, key: key)
         }
@@ -324,11 +339,11 @@ final class UpstreamDispatcher {
     /// Waits for a connection: one released on this loop for the same host, or a
     /// free slot (checked every 10 ms, since slots free up on other loops too).
     func startWaiting(_ s: ProxyStream, _ cc: CircuitCounters, _ cl: UpstreamCluster, host: String, port: Int, key: String, address: SocketAddress) {
-        let sid = s.id
+        let sid = s.id, try_ = attempt
         let h: DownstreamHandler = self.h
         waitingCircuit = cc
         let w = PoolWaiter(key: key) { c in
-            guard let cur = h.stream, cur.id == sid, self.waiter != nil, !h.closed else { return false }
+            guard let cur = h.stream, cur.id == sid, self.attempt == try_, self.waiter != nil, !h.closed else { return false }
             self.stopWaiting()
             self.attach(c)
             return true
@@ -416,13 +431,12 @@ final class UpstreamDispatcher {
 
     /// Builds the head of each mirror copy: the same request with the shadow authority,
     /// closing its connection after the (ignored) response.
-    func prepareMirrors(_ s: ProxyStream) {
+    func prepareMirrors(_ s: ProxyStream, chunked: Bool) {
         mirrorHeads = s.route.mirrors.map { m in
             var head = s.request
             head.set("host", m.authority)
             head.hostIndex = -1
             var b = ctx.allocator.buffer(capacity: head.bytes.readableBytes + 64)
-            let chunked = self.h.requestChunked
             HeadWriter.writeRequest(head, into: &b) { o in
                 if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
                 o.writeStaticString("connection: close\r\n")
@@ -491,6 +505,7 @@ final class UpstreamDispatcher {
         ctx.metrics.count("moonlet_upstream_retries_total")
         perTryTimer?.cancel(); perTryTimer = nil
         if let u = upstream { u.abandon(); upstream = nil }
+        if waiter != nil { stopWaiting() }
         let avoid = s.route.endpointIndex
         if avoid >= 0, let c = s.route.upstreamCluster { ctx.balancer.done(c, avoid) }
         if s.route.upstreamCluster != nil { s.route.endpoint = ""; s.route.endpointIndex = -1 }
@@ -533,11 +548,9 @@ final class UpstreamDispatcher {
                 s.request, headBytes: requestHeadBytes, bodyLength: requestBodyLength,
                 complete: h.requestState.isComplete, trailers: s.requestTrailers)
         } else if headDeferred {
-            // Asked for HTTP/2, got an HTTP/1.1 connection: the head goes first after all.
-            // (The body gathered meanwhile is framed as it was when the head was deferred.)
-            var head = requestHead(s, chunked: deferredChunked)
-            if var p = pending { head.writeBuffer(&p); ctx.recycle(p) }
-            pending = head
+            // Asked for HTTP/2, got an HTTP/1.1 connection: the head goes after all.
+            if let p = pending { ctx.recycle(p) }
+            pending = requestHead(s, chunked: false)
         }
         if var p = pending {
             pending = nil

@@ -375,10 +375,13 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     func goAway(_ f: HTTP2Wire.Frame) throws {
         guard f.stream == 0, f.payload.readableBytes >= 8 else { throw HTTP2ConnectionError(.protocolError, "malformed GOAWAY") }
         let last = f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)! & 0x7fff_ffff
+        // Retired first: the streams' ends below must not hand waiting requests new
+        // streams here (above `last`, the server would never answer them), and their
+        // retries go elsewhere.
+        retire()
         // Streams above the last one the server took were never processed: refused
         // (retryable, as REFUSED_STREAM).
         for s in streams.values where s.id > last { s.resetByPeer(HTTP2ErrorCode.refusedStream.rawValue) }
-        retire()
     }
 
     func windowUpdate(_ f: HTTP2Wire.Frame) throws {
