@@ -41,8 +41,10 @@ enum HTTP2FieldCheck {
     /// A value's verdict, in one pass: `.malformed` for CR, LF or NUL, or a space or tab
     /// at either end (RFC 9113 §8.2.1: the message is malformed); `.control` for another
     /// control byte or DEL (which the HTTP/1.1 parser's field-value rule refuses); else
-    /// `.valid` (bytes from 0x80 up are obs-text, allowed). Eight bytes at a time, the
-    /// tail as one word; a word with a control byte or DEL goes byte by byte.
+    /// `.valid` (bytes from 0x80 up are obs-text, allowed). Sixteen bytes at a time
+    /// (SSE2 compares: a third of the word loop's instructions on a long value such as
+    /// x-envoy-peer-metadata), then eight, the tail as one word; a block with a control
+    /// byte or DEL goes byte by byte.
     @inline(__always)
     static func value(_ v: UnsafeRawBufferPointer) -> Value {
         let n = v.count
@@ -50,6 +52,12 @@ enum HTTP2FieldCheck {
         let first = p.load(as: UInt8.self), last = p.load(fromByteOffset: n - 1, as: UInt8.self)
         if first == 32 || first == 9 || last == 32 || last == 9 { return .malformed }
         var i = 0
+        let space = SIMD16<UInt8>(repeating: 0x20), del = SIMD16<UInt8>(repeating: 0x7f)
+        while i + 16 <= n {
+            let w = p.loadUnaligned(fromByteOffset: i, as: SIMD16<UInt8>.self)
+            if any((w .< space) .| (w .== del)) { return valueBytes(p, from: i, n) }
+            i += 16
+        }
         while i + 8 <= n {
             if controlLanes(p.loadUnaligned(fromByteOffset: i, as: UInt64.self)) != 0 { return valueBytes(p, from: i, n) }
             i += 8
