@@ -286,6 +286,13 @@ final class UpstreamDispatcher {
             return
         }
         if asksForHTTP2(s) {
+            // A stream of an open HTTP/2 connection with room for it is attached at once,
+            // without the callbacks the other cases need (two allocations per request).
+            if let session = ctx.pool.session(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0),
+               session.opensAtOnce {
+                attach(session.newStream())
+                return
+            }
             // A stream of an open HTTP/2 connection is attached at once (before openStream returns).
             state = .connecting
             if ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,

@@ -117,6 +117,10 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         if streams.isEmpty { closeConnection() }
     }
 
+    /// Whether `openStream` would open a stream at once (not closed or retiring, below
+    /// the peer's concurrency limit): the caller may take `newStream()` itself.
+    var opensAtOnce: Bool { !closed && !retiring && streams.count < peerMaxStreams }
+
     /// Opens a stream for a request, at once (`done` is called before this returns), or
     /// once a stream of this connection ends when the peer's concurrency limit is reached.
     func openStream(_ done: @escaping (Result<UpstreamConnection, Error>) -> Void, otherwise: @escaping () -> Void) {
