@@ -26,11 +26,105 @@ public enum KnownHeader: UInt8, Sendable {
 /// A header line an edit added to a head, or a trailer field (name lowercase). A struct,
 /// not a `(name, value)` tuple: an array of tuples is destroyed element by element
 /// through the generic tuple witness (about 250 instructions a line on every request).
+///
+/// The value is a String, or ids kept as numbers and written as lowercase hex where the
+/// line is written (`init(_:hex:)`, `init(_:hex:_:)`, `init(_:traceparent:_:span:sampled:)`):
+/// the trace headers the tracing filter adds per request cost no String (allocation, UTF-8
+/// check, release). Hot paths read a value with `valueByteCount` and `withValueBytes`;
+/// `value` makes a String of an id form when asked.
 public struct HeaderLine: Sendable, Equatable {
     public var name: String
-    public var value: String
-    @inlinable public init(name: String, value: String) { self.name = name; self.value = value }
-    @inlinable public init(_ name: String, _ value: String) { self.name = name; self.value = value }
+    @usableFromInline enum Storage: Sendable {
+        case text(String)
+        /// 16 hex digits.
+        case hex64(UInt64)
+        /// 32 hex digits (high, low).
+        case hex128(UInt64, UInt64)
+        /// W3C traceparent version 00: `00-` 32 digits `-` 16 digits `-0X` (55 bytes).
+        case traceparent(UInt64, UInt64, UInt64, Bool)
+    }
+    @usableFromInline var storage: Storage
+
+    @inlinable public init(name: String, value: String) { self.name = name; storage = .text(value) }
+    @inlinable public init(_ name: String, _ value: String) { self.name = name; storage = .text(value) }
+    /// A line whose value is the 16 lowercase hex digits of `v` (a B3 span id).
+    @inlinable public init(_ name: String, hex v: UInt64) { self.name = name; storage = .hex64(v) }
+    /// A line whose value is the 32 lowercase hex digits of `high` and `low` (a 128-bit trace id).
+    @inlinable public init(_ name: String, hex high: UInt64, _ low: UInt64) { self.name = name; storage = .hex128(high, low) }
+    /// A W3C traceparent line (version 00): `00-TRACEID-SPANID-FLAGS`, flags 01 when sampled.
+    @inlinable public init(_ name: String, traceparent high: UInt64, _ low: UInt64, span: UInt64, sampled: Bool) {
+        self.name = name; storage = .traceparent(high, low, span, sampled)
+    }
+
+    /// The value as a String (an id form is written out into one).
+    public var value: String {
+        @inlinable get {
+            if case .text(let s) = storage { return s }
+            return String(unsafeUninitializedCapacity: valueByteCount) { out in
+                writeValue(to: UnsafeMutableRawPointer(out.baseAddress!))
+            }
+        }
+        @inlinable set { storage = .text(newValue) }
+    }
+
+    /// The value's length in UTF-8 bytes (no copy).
+    @inlinable public var valueByteCount: Int {
+        switch storage {
+        case .text(let s): return s.utf8.count
+        case .hex64: return 16
+        case .hex128: return 32
+        case .traceparent: return 55
+        }
+    }
+
+    @inlinable public var valueIsEmpty: Bool {
+        if case .text(let s) = storage { return s.isEmpty }
+        return false
+    }
+
+    /// Writes an id form's bytes at `p` (room for `valueByteCount`); returns how many.
+    /// A text value is not written (0).
+    @inlinable @inline(__always)
+    public func writeValue(to p: UnsafeMutableRawPointer) -> Int {
+        switch storage {
+        case .text: return 0
+        case .hex64(let v): Hex.write16(v, to: p); return 16
+        case .hex128(let hi, let lo): Hex.write16(hi, to: p); Hex.write16(lo, to: p + 16); return 32
+        case .traceparent(let hi, let lo, let span, let sampled):
+            p.storeBytes(of: 0x30, as: UInt8.self); p.storeBytes(of: 0x30, toByteOffset: 1, as: UInt8.self)
+            p.storeBytes(of: 0x2D, toByteOffset: 2, as: UInt8.self)
+            Hex.write16(hi, to: p + 3); Hex.write16(lo, to: p + 19)
+            p.storeBytes(of: 0x2D, toByteOffset: 35, as: UInt8.self)
+            Hex.write16(span, to: p + 36)
+            p.storeBytes(of: 0x2D, toByteOffset: 52, as: UInt8.self); p.storeBytes(of: 0x30, toByteOffset: 53, as: UInt8.self)
+            p.storeBytes(of: sampled ? 0x31 : 0x30, toByteOffset: 54, as: UInt8.self)
+            return 55
+        }
+    }
+
+    /// Calls `body` with the value's UTF-8 bytes: a text value read in place when the
+    /// String is native, an id form written on the stack.
+    @inlinable @inline(__always)
+    public func withValueBytes(_ body: (UnsafeRawBufferPointer) -> Void) {
+        if case .text(let s) = storage {
+            if s.utf8.withContiguousStorageIfAvailable({ body(UnsafeRawBufferPointer($0)) }) != nil { return }
+            var copy = s
+            copy.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+            return
+        }
+        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buf in
+            let n = writeValue(to: buf.baseAddress!)
+            body(UnsafeRawBufferPointer(start: buf.baseAddress!, count: n))
+        }
+    }
+
+    public static func == (a: HeaderLine, b: HeaderLine) -> Bool {
+        guard a.name == b.name else { return false }
+        if case .text(let x) = a.storage, case .text(let y) = b.storage { return x == y }
+        var same = false
+        a.withValueBytes { x in b.withValueBytes { y in same = x.elementsEqual(y) } }
+        return same
+    }
 }
 
 /// The form of a request target (RFC 9112 §3.2).
@@ -254,7 +348,7 @@ public struct HTTPHead: Sendable {
     public mutating func markFiltersStart() {
         addedBeforeFilters = added.count
         var n = 0
-        for a in added { n += a.name.utf8.count + a.value.utf8.count }
+        for a in added { n += a.name.utf8.count + a.valueByteCount }
         addedBytesBeforeFilters = n
     }
 

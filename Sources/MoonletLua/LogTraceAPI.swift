@@ -556,21 +556,14 @@ final class LogTraceLoopState {
             if hi == 0 && lo == 0 { lo = 1 }
             if span == 0 { span = 1 }
             let sampled = t.sample(&rng)
-            // The ids are written as hex once, into traceparent; the B3 values are copies of
-            // its bytes.
-            let tp = TracePropagation.traceparent(hi, lo, span, sampled: sampled)
-            var traceID = "", spanID = ""
-            var tpBytes = tp
-            tpBytes.withUTF8 { b in
-                traceID = String(unsafeUninitializedCapacity: 32) { _ = $0.initialize(from: b[3..<35]); return 32 }
-                spanID = String(unsafeUninitializedCapacity: 16) { _ = $0.initialize(from: b[36..<52]); return 16 }
-            }
+            // The ids stay numbers in the lines: written as hex where the head is written
+            // (no String to make, check and free per request).
             s.withRequest { h in
                 h.added.reserveCapacity(h.added.count + 5)
-                h.addLowercased("x-b3-traceid", traceID)
-                h.addLowercased("x-b3-spanid", spanID)
+                h.added.append(HeaderLine("x-b3-traceid", hex: hi, lo))
+                h.added.append(HeaderLine("x-b3-spanid", hex: span))
                 h.addLowercased("x-b3-sampled", sampled ? "1" : "0")
-                h.addLowercased("traceparent", tp)
+                h.added.append(HeaderLine("traceparent", traceparent: hi, lo, span: span, sampled: sampled))
             }
             if !hasID { let id = Self.uuid(&rng); s.withRequest { $0.addLowercased("x-request-id", id) } }
             guard sampled && t.report else { return false }
@@ -713,8 +706,8 @@ struct StreamLogRecord: AccessLogRecord {
             } else {
                 guard !h.added.isEmpty else { return false }
                 for a in h.added where a.name == name {
-                    if a.value.isEmpty { return false }
-                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+                    if a.valueIsEmpty { return false }
+                    a.withValueBytes(body); return true
                 }
                 return false
             }
@@ -795,7 +788,7 @@ struct StreamLogRecord: AccessLogRecord {
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
                                     if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
-                                        spans[j] = added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        spans[j] = added[k].valueIsEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
                                         left -= 1
                                         hit = true
                                     }
@@ -844,9 +837,16 @@ struct StreamLogRecord: AccessLogRecord {
         case -3: v = s.request.first("host") ?? ""
         case -4: Self.http.withUnsafeBytes(body); return true
         default:
+            // An added line, read in place through inout access (no copy of the head or
+            // of the value).
             let k = Int(-5 - span.start)
-            guard k >= 0 && k < s.request.added.count else { return false }
-            v = s.request.added[k].value
+            return s.withRequest { h in
+                h.added.withUnsafeBufferPointer { a in
+                    guard k >= 0 && k < a.count, !a[k].valueIsEmpty else { return false }
+                    a[k].withValueBytes(body)
+                    return true
+                }
+            }
         }
         if v.isEmpty { return false }
         v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
@@ -899,8 +899,8 @@ struct StreamLogRecord: AccessLogRecord {
         if at >= 0 { return len == 0 ? .empty : .written }
         if !head!.added.isEmpty {
             for a in head!.added where AccessLogHeaderNames.equals(a.name, name) {
-                if a.value.isEmpty { return .empty }
-                var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return .written
+                if a.valueIsEmpty { return .empty }
+                a.withValueBytes(body); return .written
             }
         }
         return .absent

@@ -124,7 +124,7 @@ struct HPACKRawWriter {
     /// What the fields filters added take at most.
     static func bound(_ added: [HeaderLine]) -> Int {
         var n = 0
-        for a in added { n += a.name.utf8.count + a.value.utf8.count + 11 }
+        for a in added { n += a.name.utf8.count + a.valueByteCount + 11 }
         return n
     }
 }
@@ -200,7 +200,7 @@ struct HPACKResponseWriter {
     /// when it is the connection's first block).
     mutating func writeTrailers(_ t: HTTPTrailers, into b: inout ByteBuffer) {
         var bound = 1
-        for f in t.fields { bound += f.name.utf8.count + f.value.utf8.count + 11 }
+        for f in t.fields { bound += f.name.utf8.count + f.valueByteCount + 11 }
         HPACKRawWriter.write(into: &b, bound: bound) { w in
             writeTableSize(&w)
             Self.writeLiterals(t.fields, lowercase: true, &w)
@@ -213,7 +213,7 @@ struct HPACKResponseWriter {
         for f in fields {
             w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: lowercase)
-            w.string(f.value, lowercase: false)
+            f.withValueBytes { w.string($0, lowercase: false) }
         }
     }
 

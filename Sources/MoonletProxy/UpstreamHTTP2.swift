@@ -897,7 +897,7 @@ enum HPACKRequestWriter {
                 }
                 w.byte(HPACKRawWriter.literalFlag(a.name))
                 w.string(a.name, lowercase: true)
-                w.string(a.value, lowercase: false)
+                a.withValueBytes { w.string($0, lowercase: false) }
             }
         }
     }
