@@ -28,9 +28,9 @@ public enum KnownHeader: UInt8, Sendable {
 /// through the generic tuple witness (about 250 instructions a line on every request).
 ///
 /// The value is a String, or ids kept as numbers and written as lowercase hex where the
-/// line is written (`init(_:hex:)`, `init(_:hex:_:)`, `init(_:traceparent:_:span:sampled:)`):
-/// the trace headers the tracing filter adds per request cost no String (allocation, UTF-8
-/// check, release). Hot paths read a value with `valueByteCount` and `withValueBytes`;
+/// line is written (`init(_:hex:)`, `init(_:hex:_:)`, `init(_:traceparent:_:span:sampled:)`,
+/// `init(_:uuid:_:)`): the x-request-id the proxy makes and the trace headers the tracing
+/// filter adds per request cost no String (allocation, UTF-8 check, release). Hot paths read a value with `valueByteCount` and `withValueBytes`;
 /// `value` makes a String of an id form when asked.
 public struct HeaderLine: Sendable, Equatable {
     public var name: String
@@ -42,6 +42,8 @@ public struct HeaderLine: Sendable, Equatable {
         case hex128(UInt64, UInt64)
         /// W3C traceparent version 00: `00-` 32 digits `-` 16 digits `-0X` (55 bytes).
         case traceparent(UInt64, UInt64, UInt64, Bool)
+        /// A version 4 UUID from 128 random bits (`Hex.uuidV4`, 36 bytes).
+        case uuid(UInt64, UInt64)
     }
     @usableFromInline var storage: Storage
 
@@ -55,6 +57,9 @@ public struct HeaderLine: Sendable, Equatable {
     @inlinable public init(_ name: String, traceparent high: UInt64, _ low: UInt64, span: UInt64, sampled: Bool) {
         self.name = name; storage = .traceparent(high, low, span, sampled)
     }
+
+    /// A line whose value is the version 4 UUID `Hex.uuidV4(random1, random2)` (x-request-id).
+    @inlinable public init(_ name: String, uuid random1: UInt64, _ random2: UInt64) { self.name = name; storage = .uuid(random1, random2) }
 
     /// The value as a String (an id form is written out into one).
     public var value: String {
@@ -74,6 +79,7 @@ public struct HeaderLine: Sendable, Equatable {
         case .hex64: return 16
         case .hex128: return 32
         case .traceparent: return 55
+        case .uuid: return 36
         }
     }
 
@@ -99,6 +105,7 @@ public struct HeaderLine: Sendable, Equatable {
             p.storeBytes(of: 0x2D, toByteOffset: 52, as: UInt8.self); p.storeBytes(of: 0x30, toByteOffset: 53, as: UInt8.self)
             p.storeBytes(of: sampled ? 0x31 : 0x30, toByteOffset: 54, as: UInt8.self)
             return 55
+        case .uuid(let a, let b): Hex.writeUUIDv4(a, b, to: p); return 36
         }
     }
 

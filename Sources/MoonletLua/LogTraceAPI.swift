@@ -99,8 +99,8 @@ extension LuaAPI {
         guard let (vm, s, kind) = resolve(L, 1, "write"), kind == .stream else { return fail(L, outside) }
         let h = Int(ml_tointeger(L, 2))
         guard let out = vm.logTrace.output(h, vm.host.telemetry) else { return fail(L, "accesslog.write(s, handle): not an access log handle") }
-        let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos())
         let clock = vm.logTrace.clock
+        let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch)
         out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) }
         return 0
     }
@@ -215,12 +215,12 @@ enum NativeAction: Equatable {
     func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
         switch self {
         case .accessLog(let handles):
-            let telemetry = vm.host.telemetry
+            let logTrace = vm.logTrace, clock = logTrace.clock
             var rec: StreamLogRecord? = nil
             for h in handles {
-                guard let out = vm.logTrace.output(h, telemetry) else { continue }
-                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos()) }
-                let r = rec!, clock = vm.logTrace.clock
+                guard let out = logTrace.output(h, vm.host.telemetry) else { continue }
+                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch) }
+                let r = rec!
                 out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
             }
             return true
@@ -439,19 +439,19 @@ final class LogTraceLoopState {
     let clock = AccessLogClock()
 
     @inline(__always)
-    func output(_ i: Int, _ registry: TelemetryOutputs) -> Output? {
+    func output(_ i: Int, _ registry: @autoclosure () -> TelemetryOutputs) -> Output? {
         if i >= 0 && i < outputs.count, let o = outputs[i] { return o }
-        guard let o = registry.output(i) else { return nil }
+        guard let o = registry().output(i) else { return nil }
         while outputs.count <= i { outputs.append(nil) }
-        let out = Output(format: o.format, buffer: LogBuffer(sink: o.sink))
+        let out = Output(format: o.format.folding(alwaysEmpty: StreamLogRecord.alwaysEmpty), buffer: LogBuffer(sink: o.sink))
         outputs[i] = out
         return out
     }
 
     @inline(__always)
-    func tracer(_ i: Int, _ registry: TelemetryOutputs) -> Tracer? {
+    func tracer(_ i: Int, _ registry: @autoclosure () -> TelemetryOutputs) -> Tracer? {
         if i >= 0 && i < tracers.count, let t = tracers[i] { return t }
-        guard let t = registry.tracer(at: i) else { return nil }
+        guard let t = registry().tracer(at: i) else { return nil }
         while tracers.count <= i { tracers.append(nil) }
         tracers[i] = t
         return t
@@ -565,7 +565,7 @@ final class LogTraceLoopState {
                 h.addLowercased("x-b3-sampled", sampled ? "1" : "0")
                 h.added.append(HeaderLine("traceparent", traceparent: hi, lo, span: span, sampled: sampled))
             }
-            if !hasID { let id = Self.uuid(&rng); s.withRequest { $0.addLowercased("x-request-id", id) } }
+            if !hasID { let a = rng.next(), b = rng.next(); s.withRequest { $0.added.append(HeaderLine("x-request-id", uuid: a, b)) } }
             guard sampled && t.report else { return false }
             let ctx = TraceContext(traceIDHigh: hi, traceIDLow: lo, is128Bit: true, spanID: span, sampled: true)
             if pending.count >= Self.maxPending { pending.removeAll() }
@@ -671,7 +671,13 @@ final class LogTraceLoopState {
 struct StreamLogRecord: AccessLogRecord {
     let s: ProxyStream
     let now: UInt64
-    init(_ s: ProxyStream, now: UInt64) { self.s = s; self.now = now }
+    /// Where `locate` copies the values of lines added by filters (x-request-id,
+    /// x-forwarded-for at the first sidecar): the line reads them there like the head's
+    /// bytes, without going back to the head. Empty: they are read from the head.
+    let scratch: UnsafeMutableRawBufferPointer
+    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0)) {
+        self.s = s; self.now = now; self.scratch = scratch
+    }
     static let http: [UInt8] = Array("http".utf8)
 
     func requestHeader(_ name: String) -> String? {
@@ -727,12 +733,14 @@ struct StreamLogRecord: AccessLogRecord {
         // runs after that access ended, as it reads the stream again.
         let bytes = s.request.bytes
         bytes.withUnsafeReadableBytes { raw in
-            s.withRequest { Self.locate(&$0, raw, names, spans) }
+            s.withRequest { Self.locate(&$0, raw, names, spans, scratch) }
             body(raw)
         }
     }
 
-    static func locate(_ h: inout HTTPHead, _ raw: UnsafeRawBufferPointer, _ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>) {
+    static func locate(_ h: inout HTTPHead, _ raw: UnsafeRawBufferPointer, _ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                       _ scratch: UnsafeMutableRawBufferPointer) {
+        var used = 0
         let n = names.count
         for i in 0..<n {
             switch names.pseudo(i) {
@@ -788,7 +796,18 @@ struct StreamLogRecord: AccessLogRecord {
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
                                     if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
-                                        spans[j] = added[k].valueIsEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        let n = added[k].valueByteCount
+                                        if n == 0 {
+                                            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
+                                        } else if n <= scratch.count &- used {
+                                            // Copied now, while the line is in hand.
+                                            let at = used
+                                            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
+                                            spans[j] = .scratch(at: at, length: n)
+                                            used &+= n
+                                        } else {
+                                            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        }
                                         left -= 1
                                         hit = true
                                     }
@@ -831,6 +850,10 @@ struct StreamLogRecord: AccessLogRecord {
     }
 
     func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        if let at = span.scratchOffset {
+            body(UnsafeRawBufferPointer(start: scratch.baseAddress! + at, count: Int(span.length)))
+            return true
+        }
         var v: String
         switch span.start {
         case -2: v = s.request.targetOverride ?? ""
@@ -922,6 +945,9 @@ struct StreamLogRecord: AccessLogRecord {
         if Self.isSome(&s.localReply) { return s.responseFlags.isEmpty ? "direct_response" : "" }
         return Self.isSome(&s.response) ? "via_upstream" : ""
     }
+    /// The operators whose values below are constant "" (the format is folded for them
+    /// once per loop: `LogTraceLoopState.output`).
+    static let alwaysEmpty: AccessLogFormat.AlwaysEmpty = [.connectionTerminationDetails, .upstreamTransportFailureReason, .upstreamLocalAddress]
     var connectionTerminationDetails: String { "" }
     var upstreamTransportFailureReason: String { "" }
     var bytesReceived: Int64 { s.requestBodyBytes }

@@ -200,6 +200,16 @@ final class ParserTests: XCTestCase {
         h.added[1].value = "1"
         XCTAssertEqual(h.first("x-b3-spanid"), "1")
         XCTAssertNotEqual(HeaderLine("x-b3-spanid", hex: 1), HeaderLine("x-b3-spanid", hex: 2))
+        for (a, b) in [(UInt64(0), UInt64(0)), (.max, .max), (0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210)] {
+            let id = HeaderLine("x-request-id", uuid: a, b)
+            XCTAssertEqual(id.value, Hex.uuidV4(a, b))
+            XCTAssertEqual(id.valueByteCount, 36)
+            var out = ByteBuffer()
+            var h = try XCTUnwrap(head("GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+            h.added.append(id)
+            HeadWriter.writeRequest(h, into: &out) { _ in }
+            XCTAssertEqual(String(buffer: out), "GET / HTTP/1.1\r\nHost: h\r\nx-request-id: \(Hex.uuidV4(a, b))\r\n\r\n")
+        }
     }
 
     func test_responseFraming_followsRFC9112() throws {
