@@ -134,6 +134,41 @@ public struct HeaderLine: Sendable, Equatable {
     }
 }
 
+/// ASCII case folding eight bytes at a time.
+public enum ASCIIWords {
+    /// `w` with every ASCII uppercase letter lowercased: bit 7 of a lane is set where
+    /// its byte is 0x41...0x5a (computed on the low 7 bits with no carry between lanes,
+    /// bytes from 0x80 up left out), and 0x20 is or-ed there.
+    @inlinable @inline(__always)
+    public static func lowercased(_ w: UInt64) -> UInt64 {
+        let low = w & 0x7f7f_7f7f_7f7f_7f7f
+        let upper = (low &+ 0x3f3f_3f3f_3f3f_3f3f) & ~(low &+ 0x2525_2525_2525_2525) & ~w & 0x8080_8080_8080_8080
+        return w | (upper >> 2)
+    }
+
+    /// Whether the `n` bytes at `a`, ASCII-lowercased, are the `n` bytes at `lower`
+    /// (already lowercase): a word at a time, the last one overlapping.
+    @inlinable @inline(__always)
+    public static func equalLowercased(_ a: UnsafeRawPointer, _ lower: UnsafeRawPointer, _ n: Int) -> Bool {
+        if n >= 8 {
+            var i = 0
+            while i &+ 8 <= n {
+                if lowercased(a.loadUnaligned(fromByteOffset: i, as: UInt64.self)) != lower.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+                i &+= 8
+            }
+            return i == n || lowercased(a.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)) == lower.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+        }
+        var i = 0
+        while i < n {
+            var c = a.load(fromByteOffset: i, as: UInt8.self)
+            if c &- 65 < 26 { c |= 0x20 }
+            if c != lower.load(fromByteOffset: i, as: UInt8.self) { return false }
+            i &+= 1
+        }
+        return true
+    }
+}
+
 /// The form of a request target (RFC 9112 §3.2).
 public enum RequestTargetForm: UInt8, Sendable {
     /// `/path?query`: the only form sent upstream.

@@ -483,14 +483,7 @@ final class LogTraceLoopState {
     static func nameIs(_ raw: UnsafeRawBufferPointer, _ f: HTTPField, _ name: StaticString) -> Bool {
         let n = name.utf8CodeUnitCount
         guard Int(f.nameLength) == n else { return false }
-        let p = name.utf8Start
-        let base = Int(f.nameStart)
-        for k in 0..<n {
-            var c = raw[base + k]
-            if c >= 65 && c <= 90 { c |= 0x20 }
-            if c != p[k] { return false }
-        }
-        return true
+        return ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), UnsafeRawPointer(name.utf8Start), n)
     }
 
     /// Whether the request carries a trace header (original or added), and whether it
@@ -764,16 +757,7 @@ struct StreamLogRecord: AccessLogRecord {
                     for f in fields where !f.removed && mask & (1 << UInt64(f.nameLength & 63)) != 0 {
                         let len = Int(f.nameLength)
                         for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none && names.length(j) == len {
-                            let want = names.bytes(j)
-                            let base = Int(f.nameStart)
-                            var k = 0
-                            while k < len {
-                                var c = raw[base + k]
-                                if c >= 65 && c <= 90 { c |= 0x20 }
-                                if c != want[k] { break }
-                                k += 1
-                            }
-                            guard k == len else { continue }
+                            guard ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), names.bytes(j).baseAddress!, len) else { continue }
                             // The first live field wins (present but empty: length 0).
                             spans[j] = f.valueLength == 0 ? AccessLogValueSpan(start: 0, length: 0) : AccessLogValueSpan(start: f.valueStart, length: f.valueLength)
                             left -= 1
@@ -906,15 +890,9 @@ struct StreamLogRecord: AccessLogRecord {
         head!.bytes.withUnsafeReadableBytes { raw in
             head!.fields.withUnsafeBufferPointer { fs in
                 for f in fs where !f.removed && Int(f.nameLength) == name.count {
-                    let base = Int(f.nameStart)
-                    var k = 0
-                    while k < name.count {
-                        var c = raw[base + k]
-                        if c >= 65 && c <= 90 { c |= 0x20 }
-                        if c != name[k] { break }
-                        k += 1
+                    if name.isEmpty || ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), name.baseAddress!, name.count) {
+                        at = Int(f.valueStart); len = Int(f.valueLength); return
                     }
-                    if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
                 }
             }
             if at >= 0 && len > 0 { body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }

@@ -87,8 +87,8 @@ extension AccessLogRecord {
 public struct AccessLogValueSpan: Sendable {
     public var start: Int32
     public var length: Int32
-    @inline(__always) public init(start: Int32, length: Int32) { self.start = start; self.length = length }
-    public static let absent = AccessLogValueSpan(start: -1, length: 0)
+    @inlinable @inline(__always) public init(start: Int32, length: Int32) { self.start = start; self.length = length }
+    @inlinable public static var absent: AccessLogValueSpan { AccessLogValueSpan(start: -1, length: 0) }
     /// `length` bytes at `offset` in a scratch buffer (a code below every other).
     @inlinable @inline(__always)
     public static func scratch(at offset: Int, length: Int) -> AccessLogValueSpan {
