@@ -26,11 +26,147 @@ public enum KnownHeader: UInt8, Sendable {
 /// A header line an edit added to a head, or a trailer field (name lowercase). A struct,
 /// not a `(name, value)` tuple: an array of tuples is destroyed element by element
 /// through the generic tuple witness (about 250 instructions a line on every request).
+///
+/// The value is a String, or ids kept as numbers and written as lowercase hex where the
+/// line is written (`init(_:hex:)`, `init(_:hex:_:)`, `init(_:traceparent:_:span:sampled:)`,
+/// `init(_:uuid:_:)`): the x-request-id the proxy makes and the trace headers the tracing
+/// filter adds per request cost no String (allocation, UTF-8 check, release). Hot paths read a value with `valueByteCount` and `withValueBytes`;
+/// `value` makes a String of an id form when asked.
 public struct HeaderLine: Sendable, Equatable {
     public var name: String
-    public var value: String
-    @inlinable public init(name: String, value: String) { self.name = name; self.value = value }
-    @inlinable public init(_ name: String, _ value: String) { self.name = name; self.value = value }
+    @usableFromInline enum Storage: Sendable {
+        case text(String)
+        /// 16 hex digits.
+        case hex64(UInt64)
+        /// 32 hex digits (high, low).
+        case hex128(UInt64, UInt64)
+        /// W3C traceparent version 00: `00-` 32 digits `-` 16 digits `-0X` (55 bytes).
+        case traceparent(UInt64, UInt64, UInt64, Bool)
+        /// A version 4 UUID from 128 random bits (`Hex.uuidV4`, 36 bytes).
+        case uuid(UInt64, UInt64)
+    }
+    @usableFromInline var storage: Storage
+
+    @inlinable public init(name: String, value: String) { self.name = name; storage = .text(value) }
+    @inlinable public init(_ name: String, _ value: String) { self.name = name; storage = .text(value) }
+    /// A line whose value is the 16 lowercase hex digits of `v` (a B3 span id).
+    @inlinable public init(_ name: String, hex v: UInt64) { self.name = name; storage = .hex64(v) }
+    /// A line whose value is the 32 lowercase hex digits of `high` and `low` (a 128-bit trace id).
+    @inlinable public init(_ name: String, hex high: UInt64, _ low: UInt64) { self.name = name; storage = .hex128(high, low) }
+    /// A W3C traceparent line (version 00): `00-TRACEID-SPANID-FLAGS`, flags 01 when sampled.
+    @inlinable public init(_ name: String, traceparent high: UInt64, _ low: UInt64, span: UInt64, sampled: Bool) {
+        self.name = name; storage = .traceparent(high, low, span, sampled)
+    }
+
+    /// A line whose value is the version 4 UUID `Hex.uuidV4(random1, random2)` (x-request-id).
+    @inlinable public init(_ name: String, uuid random1: UInt64, _ random2: UInt64) { self.name = name; storage = .uuid(random1, random2) }
+
+    /// The value as a String (an id form is written out into one).
+    public var value: String {
+        @inlinable get {
+            if case .text(let s) = storage { return s }
+            return String(unsafeUninitializedCapacity: valueByteCount) { out in
+                writeValue(to: UnsafeMutableRawPointer(out.baseAddress!))
+            }
+        }
+        @inlinable set { storage = .text(newValue) }
+    }
+
+    /// The value's length in UTF-8 bytes (no copy).
+    @inlinable public var valueByteCount: Int {
+        switch storage {
+        case .text(let s): return s.utf8.count
+        case .hex64: return 16
+        case .hex128: return 32
+        case .traceparent: return 55
+        case .uuid: return 36
+        }
+    }
+
+    @inlinable public var valueIsEmpty: Bool {
+        if case .text(let s) = storage { return s.isEmpty }
+        return false
+    }
+
+    /// Writes an id form's bytes at `p` (room for `valueByteCount`); returns how many.
+    /// A text value is not written (0).
+    @inlinable @inline(__always)
+    public func writeValue(to p: UnsafeMutableRawPointer) -> Int {
+        switch storage {
+        case .text: return 0
+        case .hex64(let v): Hex.write16(v, to: p); return 16
+        case .hex128(let hi, let lo): Hex.write16(hi, to: p); Hex.write16(lo, to: p + 16); return 32
+        case .traceparent(let hi, let lo, let span, let sampled):
+            p.storeBytes(of: 0x30, as: UInt8.self); p.storeBytes(of: 0x30, toByteOffset: 1, as: UInt8.self)
+            p.storeBytes(of: 0x2D, toByteOffset: 2, as: UInt8.self)
+            Hex.write16(hi, to: p + 3); Hex.write16(lo, to: p + 19)
+            p.storeBytes(of: 0x2D, toByteOffset: 35, as: UInt8.self)
+            Hex.write16(span, to: p + 36)
+            p.storeBytes(of: 0x2D, toByteOffset: 52, as: UInt8.self); p.storeBytes(of: 0x30, toByteOffset: 53, as: UInt8.self)
+            p.storeBytes(of: sampled ? 0x31 : 0x30, toByteOffset: 54, as: UInt8.self)
+            return 55
+        case .uuid(let a, let b): Hex.writeUUIDv4(a, b, to: p); return 36
+        }
+    }
+
+    /// Calls `body` with the value's UTF-8 bytes: a text value read in place when the
+    /// String is native, an id form written on the stack.
+    @inlinable @inline(__always)
+    public func withValueBytes(_ body: (UnsafeRawBufferPointer) -> Void) {
+        if case .text(let s) = storage {
+            if s.utf8.withContiguousStorageIfAvailable({ body(UnsafeRawBufferPointer($0)) }) != nil { return }
+            var copy = s
+            copy.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+            return
+        }
+        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buf in
+            let n = writeValue(to: buf.baseAddress!)
+            body(UnsafeRawBufferPointer(start: buf.baseAddress!, count: n))
+        }
+    }
+
+    public static func == (a: HeaderLine, b: HeaderLine) -> Bool {
+        guard a.name == b.name else { return false }
+        if case .text(let x) = a.storage, case .text(let y) = b.storage { return x == y }
+        var same = false
+        a.withValueBytes { x in b.withValueBytes { y in same = x.elementsEqual(y) } }
+        return same
+    }
+}
+
+/// ASCII case folding eight bytes at a time.
+public enum ASCIIWords {
+    /// `w` with every ASCII uppercase letter lowercased: bit 7 of a lane is set where
+    /// its byte is 0x41...0x5a (computed on the low 7 bits with no carry between lanes,
+    /// bytes from 0x80 up left out), and 0x20 is or-ed there.
+    @inlinable @inline(__always)
+    public static func lowercased(_ w: UInt64) -> UInt64 {
+        let low = w & 0x7f7f_7f7f_7f7f_7f7f
+        let upper = (low &+ 0x3f3f_3f3f_3f3f_3f3f) & ~(low &+ 0x2525_2525_2525_2525) & ~w & 0x8080_8080_8080_8080
+        return w | (upper >> 2)
+    }
+
+    /// Whether the `n` bytes at `a`, ASCII-lowercased, are the `n` bytes at `lower`
+    /// (already lowercase): a word at a time, the last one overlapping.
+    @inlinable @inline(__always)
+    public static func equalLowercased(_ a: UnsafeRawPointer, _ lower: UnsafeRawPointer, _ n: Int) -> Bool {
+        if n >= 8 {
+            var i = 0
+            while i &+ 8 <= n {
+                if lowercased(a.loadUnaligned(fromByteOffset: i, as: UInt64.self)) != lower.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+                i &+= 8
+            }
+            return i == n || lowercased(a.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)) == lower.loadUnaligned(fromByteOffset: n &- 8, as: UInt64.self)
+        }
+        var i = 0
+        while i < n {
+            var c = a.load(fromByteOffset: i, as: UInt8.self)
+            if c &- 65 < 26 { c |= 0x20 }
+            if c != lower.load(fromByteOffset: i, as: UInt8.self) { return false }
+            i &+= 1
+        }
+        return true
+    }
 }
 
 /// The form of a request target (RFC 9112 §3.2).
@@ -254,7 +390,7 @@ public struct HTTPHead: Sendable {
     public mutating func markFiltersStart() {
         addedBeforeFilters = added.count
         var n = 0
-        for a in added { n += a.name.utf8.count + a.value.utf8.count }
+        for a in added { n += a.name.utf8.count + a.valueByteCount }
         addedBytesBeforeFilters = n
     }
 

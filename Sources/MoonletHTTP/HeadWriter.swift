@@ -157,11 +157,11 @@ public enum HeadWriter {
     @inline(__always)
     static func writeAdded(_ added: [HeaderLine], into out: inout ByteBuffer) {
         var total = 0
-        for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].value.utf8.count &+ 4 }
+        for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].valueByteCount &+ 4 }
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
             var at = p.baseAddress!
             added.withUnsafeBufferPointer { a in
-                for i in 0..<a.count { at = putLine(a[i].name, a[i].value, at: at) }
+                for i in 0..<a.count { at = putLine(a[i], at: at) }
             }
             return total
         }
@@ -173,6 +173,18 @@ public enum HeadWriter {
         var at = copyUTF8(name, to: at)
         at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
         at = copyUTF8(value, to: at + 2)
+        at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
+        return at + 2
+    }
+
+    /// `name: value` CRLF of an added line at `at` (its value read in place, a shared run
+    /// too); returns the byte after it.
+    @inline(__always)
+    static func putLine(_ line: HeaderLine, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+        var at = copyUTF8(line.name, to: at)
+        at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
+        at += 2
+        if case .text(let v) = line.storage { at = copyUTF8(v, to: at) } else { at += line.writeValue(to: at) }
         at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
         return at + 2
     }

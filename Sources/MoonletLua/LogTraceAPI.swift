@@ -99,8 +99,8 @@ extension LuaAPI {
         guard let (vm, s, kind) = resolve(L, 1, "write"), kind == .stream else { return fail(L, outside) }
         let h = Int(ml_tointeger(L, 2))
         guard let out = vm.logTrace.output(h, vm.host.telemetry) else { return fail(L, "accesslog.write(s, handle): not an access log handle") }
-        let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos())
         let clock = vm.logTrace.clock
+        let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch)
         out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) }
         return 0
     }
@@ -215,12 +215,12 @@ enum NativeAction: Equatable {
     func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
         switch self {
         case .accessLog(let handles):
-            let telemetry = vm.host.telemetry
+            let logTrace = vm.logTrace, clock = logTrace.clock
             var rec: StreamLogRecord? = nil
             for h in handles {
-                guard let out = vm.logTrace.output(h, telemetry) else { continue }
-                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos()) }
-                let r = rec!, clock = vm.logTrace.clock
+                guard let out = logTrace.output(h, vm.host.telemetry) else { continue }
+                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch) }
+                let r = rec!
                 out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
             }
             return true
@@ -439,19 +439,19 @@ final class LogTraceLoopState {
     let clock = AccessLogClock()
 
     @inline(__always)
-    func output(_ i: Int, _ registry: TelemetryOutputs) -> Output? {
+    func output(_ i: Int, _ registry: @autoclosure () -> TelemetryOutputs) -> Output? {
         if i >= 0 && i < outputs.count, let o = outputs[i] { return o }
-        guard let o = registry.output(i) else { return nil }
+        guard let o = registry().output(i) else { return nil }
         while outputs.count <= i { outputs.append(nil) }
-        let out = Output(format: o.format, buffer: LogBuffer(sink: o.sink))
+        let out = Output(format: o.format.folding(alwaysEmpty: StreamLogRecord.alwaysEmpty), buffer: LogBuffer(sink: o.sink))
         outputs[i] = out
         return out
     }
 
     @inline(__always)
-    func tracer(_ i: Int, _ registry: TelemetryOutputs) -> Tracer? {
+    func tracer(_ i: Int, _ registry: @autoclosure () -> TelemetryOutputs) -> Tracer? {
         if i >= 0 && i < tracers.count, let t = tracers[i] { return t }
-        guard let t = registry.tracer(at: i) else { return nil }
+        guard let t = registry().tracer(at: i) else { return nil }
         while tracers.count <= i { tracers.append(nil) }
         tracers[i] = t
         return t
@@ -483,14 +483,7 @@ final class LogTraceLoopState {
     static func nameIs(_ raw: UnsafeRawBufferPointer, _ f: HTTPField, _ name: StaticString) -> Bool {
         let n = name.utf8CodeUnitCount
         guard Int(f.nameLength) == n else { return false }
-        let p = name.utf8Start
-        let base = Int(f.nameStart)
-        for k in 0..<n {
-            var c = raw[base + k]
-            if c >= 65 && c <= 90 { c |= 0x20 }
-            if c != p[k] { return false }
-        }
-        return true
+        return ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), UnsafeRawPointer(name.utf8Start), n)
     }
 
     /// Whether the request carries a trace header (original or added), and whether it
@@ -556,23 +549,16 @@ final class LogTraceLoopState {
             if hi == 0 && lo == 0 { lo = 1 }
             if span == 0 { span = 1 }
             let sampled = t.sample(&rng)
-            // The ids are written as hex once, into traceparent; the B3 values are copies of
-            // its bytes.
-            let tp = TracePropagation.traceparent(hi, lo, span, sampled: sampled)
-            var traceID = "", spanID = ""
-            var tpBytes = tp
-            tpBytes.withUTF8 { b in
-                traceID = String(unsafeUninitializedCapacity: 32) { _ = $0.initialize(from: b[3..<35]); return 32 }
-                spanID = String(unsafeUninitializedCapacity: 16) { _ = $0.initialize(from: b[36..<52]); return 16 }
-            }
+            // The ids stay numbers in the lines: written as hex where the head is written
+            // (no String to make, check and free per request).
             s.withRequest { h in
                 h.added.reserveCapacity(h.added.count + 5)
-                h.addLowercased("x-b3-traceid", traceID)
-                h.addLowercased("x-b3-spanid", spanID)
+                h.added.append(HeaderLine("x-b3-traceid", hex: hi, lo))
+                h.added.append(HeaderLine("x-b3-spanid", hex: span))
                 h.addLowercased("x-b3-sampled", sampled ? "1" : "0")
-                h.addLowercased("traceparent", tp)
+                h.added.append(HeaderLine("traceparent", traceparent: hi, lo, span: span, sampled: sampled))
             }
-            if !hasID { let id = Self.uuid(&rng); s.withRequest { $0.addLowercased("x-request-id", id) } }
+            if !hasID { let a = rng.next(), b = rng.next(); s.withRequest { $0.added.append(HeaderLine("x-request-id", uuid: a, b)) } }
             guard sampled && t.report else { return false }
             let ctx = TraceContext(traceIDHigh: hi, traceIDLow: lo, is128Bit: true, spanID: span, sampled: true)
             if pending.count >= Self.maxPending { pending.removeAll() }
@@ -678,7 +664,13 @@ final class LogTraceLoopState {
 struct StreamLogRecord: AccessLogRecord {
     let s: ProxyStream
     let now: UInt64
-    init(_ s: ProxyStream, now: UInt64) { self.s = s; self.now = now }
+    /// Where `locate` copies the values of lines added by filters (x-request-id,
+    /// x-forwarded-for at the first sidecar): the line reads them there like the head's
+    /// bytes, without going back to the head. Empty: they are read from the head.
+    let scratch: UnsafeMutableRawBufferPointer
+    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0)) {
+        self.s = s; self.now = now; self.scratch = scratch
+    }
     static let http: [UInt8] = Array("http".utf8)
 
     func requestHeader(_ name: String) -> String? {
@@ -713,8 +705,8 @@ struct StreamLogRecord: AccessLogRecord {
             } else {
                 guard !h.added.isEmpty else { return false }
                 for a in h.added where a.name == name {
-                    if a.value.isEmpty { return false }
-                    var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return true
+                    if a.valueIsEmpty { return false }
+                    a.withValueBytes(body); return true
                 }
                 return false
             }
@@ -734,12 +726,14 @@ struct StreamLogRecord: AccessLogRecord {
         // runs after that access ended, as it reads the stream again.
         let bytes = s.request.bytes
         bytes.withUnsafeReadableBytes { raw in
-            s.withRequest { Self.locate(&$0, raw, names, spans) }
+            s.withRequest { Self.locate(&$0, raw, names, spans, scratch) }
             body(raw)
         }
     }
 
-    static func locate(_ h: inout HTTPHead, _ raw: UnsafeRawBufferPointer, _ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>) {
+    static func locate(_ h: inout HTTPHead, _ raw: UnsafeRawBufferPointer, _ names: AccessLogHeaderNames, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                       _ scratch: UnsafeMutableRawBufferPointer) {
+        var used = 0
         let n = names.count
         for i in 0..<n {
             switch names.pseudo(i) {
@@ -763,16 +757,7 @@ struct StreamLogRecord: AccessLogRecord {
                     for f in fields where !f.removed && mask & (1 << UInt64(f.nameLength & 63)) != 0 {
                         let len = Int(f.nameLength)
                         for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none && names.length(j) == len {
-                            let want = names.bytes(j)
-                            let base = Int(f.nameStart)
-                            var k = 0
-                            while k < len {
-                                var c = raw[base + k]
-                                if c >= 65 && c <= 90 { c |= 0x20 }
-                                if c != want[k] { break }
-                                k += 1
-                            }
-                            guard k == len else { continue }
+                            guard ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), names.bytes(j).baseAddress!, len) else { continue }
                             // The first live field wins (present but empty: length 0).
                             spans[j] = f.valueLength == 0 ? AccessLogValueSpan(start: 0, length: 0) : AccessLogValueSpan(start: f.valueStart, length: f.valueLength)
                             left -= 1
@@ -795,7 +780,18 @@ struct StreamLogRecord: AccessLogRecord {
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
                                     if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
-                                        spans[j] = added[k].value.isEmpty ? AccessLogValueSpan(start: -6 - Int32(k), length: -1) : AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        let n = added[k].valueByteCount
+                                        if n == 0 {
+                                            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
+                                        } else if n <= scratch.count &- used {
+                                            // Copied now, while the line is in hand.
+                                            let at = used
+                                            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
+                                            spans[j] = .scratch(at: at, length: n)
+                                            used &+= n
+                                        } else {
+                                            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
+                                        }
                                         left -= 1
                                         hit = true
                                     }
@@ -838,15 +834,26 @@ struct StreamLogRecord: AccessLogRecord {
     }
 
     func withOtherRequestHeader(_ span: AccessLogValueSpan, index: Int, _ names: AccessLogHeaderNames, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
+        if let at = span.scratchOffset {
+            body(UnsafeRawBufferPointer(start: scratch.baseAddress! + at, count: Int(span.length)))
+            return true
+        }
         var v: String
         switch span.start {
         case -2: v = s.request.targetOverride ?? ""
         case -3: v = s.request.first("host") ?? ""
         case -4: Self.http.withUnsafeBytes(body); return true
         default:
+            // An added line, read in place through inout access (no copy of the head or
+            // of the value).
             let k = Int(-5 - span.start)
-            guard k >= 0 && k < s.request.added.count else { return false }
-            v = s.request.added[k].value
+            return s.withRequest { h in
+                h.added.withUnsafeBufferPointer { a in
+                    guard k >= 0 && k < a.count, !a[k].valueIsEmpty else { return false }
+                    a[k].withValueBytes(body)
+                    return true
+                }
+            }
         }
         if v.isEmpty { return false }
         v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
@@ -883,15 +890,9 @@ struct StreamLogRecord: AccessLogRecord {
         head!.bytes.withUnsafeReadableBytes { raw in
             head!.fields.withUnsafeBufferPointer { fs in
                 for f in fs where !f.removed && Int(f.nameLength) == name.count {
-                    let base = Int(f.nameStart)
-                    var k = 0
-                    while k < name.count {
-                        var c = raw[base + k]
-                        if c >= 65 && c <= 90 { c |= 0x20 }
-                        if c != name[k] { break }
-                        k += 1
+                    if name.isEmpty || ASCIIWords.equalLowercased(raw.baseAddress! + Int(f.nameStart), name.baseAddress!, name.count) {
+                        at = Int(f.valueStart); len = Int(f.valueLength); return
                     }
-                    if k == name.count { at = Int(f.valueStart); len = Int(f.valueLength); return }
                 }
             }
             if at >= 0 && len > 0 { body(UnsafeRawBufferPointer(rebasing: raw[at..<(at + len)])) }
@@ -899,8 +900,8 @@ struct StreamLogRecord: AccessLogRecord {
         if at >= 0 { return len == 0 ? .empty : .written }
         if !head!.added.isEmpty {
             for a in head!.added where AccessLogHeaderNames.equals(a.name, name) {
-                if a.value.isEmpty { return .empty }
-                var v = a.value; v.withUTF8 { body(UnsafeRawBufferPointer($0)) }; return .written
+                if a.valueIsEmpty { return .empty }
+                a.withValueBytes(body); return .written
             }
         }
         return .absent
@@ -922,6 +923,9 @@ struct StreamLogRecord: AccessLogRecord {
         if Self.isSome(&s.localReply) { return s.responseFlags.isEmpty ? "direct_response" : "" }
         return Self.isSome(&s.response) ? "via_upstream" : ""
     }
+    /// The operators whose values below are constant "" (the format is folded for them
+    /// once per loop: `LogTraceLoopState.output`).
+    static let alwaysEmpty: AccessLogFormat.AlwaysEmpty = [.connectionTerminationDetails, .upstreamTransportFailureReason, .upstreamLocalAddress]
     var connectionTerminationDetails: String { "" }
     var upstreamTransportFailureReason: String { "" }
     var bytesReceived: Int64 { s.requestBodyBytes }

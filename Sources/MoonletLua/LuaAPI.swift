@@ -437,7 +437,12 @@ enum LuaAPI {
             }
             if !head.added.isEmpty {
                 let ln = String(decoding: lower, as: UTF8.self)
-                for a in head.added where a.name == ln { push(L, a.value); return true }
+                for a in head.added where a.name == ln {
+                    a.withValueBytes { v in
+                        if let b = v.baseAddress { lua_pushlstring(L, b.assumingMemoryBound(to: CChar.self), v.count) } else { lua_pushstring(L, "") }
+                    }
+                    return true
+                }
             }
             return false
         }

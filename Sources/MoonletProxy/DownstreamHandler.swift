@@ -482,7 +482,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             default: break
             }
         }
-        if requestID < 0 { head.addLowercased("x-request-id", ctx.requestID()) }
+        if requestID < 0 { head.added.append(ctx.requestIDLine()) }
         if forwardedFor >= 0 {
             let v = head.value(at: forwardedFor)
             head.fields[forwardedFor].removed = true

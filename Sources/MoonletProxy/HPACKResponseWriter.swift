@@ -128,7 +128,7 @@ struct HPACKRawWriter {
     /// What the fields filters added take at most.
     static func bound(_ added: [HeaderLine]) -> Int {
         var n = 0
-        for a in added { n += a.name.utf8.count + a.value.utf8.count + 11 }
+        for a in added { n += a.name.utf8.count + a.valueByteCount + 11 }
         return n
     }
 }
@@ -300,7 +300,7 @@ struct HPACKResponseWriter {
         for f in fields {
             w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: lowercase)
-            w.string(f.value, lowercase: false)
+            f.withValueBytes { w.string($0, lowercase: false) }
         }
     }
 
@@ -312,7 +312,7 @@ struct HPACKResponseWriter {
             if HPACKEncoderTable.indexes(f.name) { table.write(name: f.name, value: f.value, &w); continue }
             w.byte(HPACKRawWriter.literalFlag(f.name))
             w.string(f.name, lowercase: true)
-            w.string(f.value, lowercase: false)
+            f.withValueBytes { w.string($0, lowercase: false) }
         }
     }
 

@@ -252,8 +252,8 @@ public final class LoopContext: @unchecked Sendable {
         return true
     }
 
-    /// A new x-request-id (UUID v4 text).
-    func requestID() -> String { Hex.uuidV4(rng.next(), rng.next()) }
+    /// A new x-request-id line (UUID v4, written as text where the head is written).
+    func requestIDLine() -> HeaderLine { HeaderLine("x-request-id", uuid: rng.next(), rng.next()) }
 }
 
 /// Settings of a running proxy (from flags and environment).

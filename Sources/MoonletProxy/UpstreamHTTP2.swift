@@ -922,7 +922,7 @@ enum HPACKRequestWriter {
                 }
                 w.byte(HPACKRawWriter.literalFlag(a.name))
                 w.string(a.name, lowercase: true)
-                w.string(a.value, lowercase: false)
+                a.withValueBytes { w.string($0, lowercase: false) }
             }
         }
     }

@@ -82,12 +82,21 @@ extension AccessLogRecord {
 /// `start >= 0`: `length` bytes at `start` in the head's bytes (length 0: present but
 /// empty, printed as missing); `start == -1`: absent; `start <= -2`: a value the record
 /// hands out through `withOtherRequestHeader` (a header added by a filter, a rewritten
-/// path), the code being the record's own.
+/// path), the code being the record's own; `scratch(at:length:)` codes are the record's
+/// for values it copied into the clock's `scratch`.
 public struct AccessLogValueSpan: Sendable {
     public var start: Int32
     public var length: Int32
-    @inline(__always) public init(start: Int32, length: Int32) { self.start = start; self.length = length }
-    public static let absent = AccessLogValueSpan(start: -1, length: 0)
+    @inlinable @inline(__always) public init(start: Int32, length: Int32) { self.start = start; self.length = length }
+    @inlinable public static var absent: AccessLogValueSpan { AccessLogValueSpan(start: -1, length: 0) }
+    /// `length` bytes at `offset` in a scratch buffer (a code below every other).
+    @inlinable @inline(__always)
+    public static func scratch(at offset: Int, length: Int) -> AccessLogValueSpan {
+        AccessLogValueSpan(start: Int32.min + Int32(offset), length: Int32(length))
+    }
+    /// The scratch offset of a `scratch(at:length:)` span, nil for any other.
+    @inlinable @inline(__always)
+    public var scratchOffset: Int? { start < -(1 << 30) ? Int(start - Int32.min) : nil }
 }
 
 /// The request header names a format reads (its `REQ()` operators), lowercase and
@@ -184,6 +193,10 @@ public final class AccessLogClock {
     @usableFromInline var lineCapacity: Int
     @usableFromInline var spans: UnsafeMutablePointer<AccessLogValueSpan>
     @usableFromInline var spanCapacity: Int
+    /// Bytes a record may copy request header values into while it locates them (values
+    /// it cannot point at in the head: lines added by filters), for the line being
+    /// written; see `AccessLogValueSpan.scratch`.
+    public let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
     public init() {
         lineCapacity = 2048
         line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
@@ -195,6 +208,7 @@ public final class AccessLogClock {
         prefix.deallocate()
         line.deallocate()
         spans.deallocate()
+        scratch.deallocate()
     }
 
     @inlinable @inline(__always)
@@ -453,6 +467,28 @@ public struct AccessLogFormat: Sendable {
         program = Program(shape)
     }
 
+    init(_ shape: Shape, empty: AlwaysEmpty) {
+        self.shape = shape
+        program = Program(shape, empty: empty)
+    }
+
+    /// Operators a record type always leaves empty (its values are constants).
+    public struct AlwaysEmpty: OptionSet, Sendable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        public static let connectionTerminationDetails = AlwaysEmpty(rawValue: 1)
+        public static let upstreamTransportFailureReason = AlwaysEmpty(rawValue: 2)
+        public static let upstreamLocalAddress = AlwaysEmpty(rawValue: 4)
+    }
+
+    /// The same format for a record type that always leaves `empty` empty: those
+    /// operators are written as missing (`-`, or `null` for a JSON value) when the format
+    /// is compiled, folded into the literals around them (no dispatch per line). Same
+    /// lines for such a record.
+    public func folding(alwaysEmpty empty: AlwaysEmpty) -> AccessLogFormat {
+        empty.isEmpty ? self : AccessLogFormat(shape, empty: empty)
+    }
+
     /// One instruction of a compiled format. Trivial (no reference counted payload), so
     /// the per-line loop reads them through a pointer without retaining anything.
     @usableFromInline
@@ -502,7 +538,7 @@ public struct AccessLogFormat: Sendable {
         /// Operators of `.slow` instructions (rare: read only for them).
         let slow: [Op]
 
-        init(_ shape: Shape) {
+        init(_ shape: Shape, empty: AlwaysEmpty = []) {
             var instrs: [Instr] = []
             var bytes: [UInt8] = []
             var names: [String] = []
@@ -525,6 +561,12 @@ public struct AccessLogFormat: Sendable {
             func op(_ o: Op, _ mode: Instr.Mode) {
                 var i = Instr(code: .literal, mode: mode)
                 switch o {
+                case .termination where empty.contains(.connectionTerminationDetails),
+                     .transportFailure where empty.contains(.upstreamTransportFailureReason),
+                     .upstreamLocal where empty.contains(.upstreamLocalAddress):
+                    // Missing on every line: what `run` writes for a missing value.
+                    lit(Array((mode == .jsonValue ? "null" : "-").utf8))
+                    return
                 case .literal(let l):
                     lit(mode == .text ? Array(l.utf8) : AccessLogFormat.escaped(l))
                     return

@@ -53,16 +53,11 @@ public enum TracePropagation {
     /// `headerNames` as bytes (for comparing with a parsed head's names).
     public static let headerNameBytes: [[UInt8]] = headerNames.map { Array($0.utf8) }
 
-    /// `00-TRACEID-SPANID-FLAGS` for a 128-bit trace id (the first sidecar's new trace).
+    /// `00-TRACEID-SPANID-FLAGS` for a 128-bit trace id (the first sidecar's new trace;
+    /// the tracing filter adds it as `HeaderLine(_:traceparent:_:span:sampled:)`, written
+    /// out where the head is).
     public static func traceparent(_ hi: UInt64, _ lo: UInt64, _ span: UInt64, sampled: Bool) -> String {
-        String(unsafeUninitializedCapacity: 55) { out in
-            out[0] = 48; out[1] = 48; out[2] = 45
-            TraceHex.write(hi, into: out, at: 3); TraceHex.write(lo, into: out, at: 19)
-            out[35] = 45
-            TraceHex.write(span, into: out, at: 36)
-            out[52] = 45; out[53] = 48; out[54] = sampled ? 49 : 48
-            return 55
-        }
+        HeaderLine("traceparent", traceparent: hi, lo, span: span, sampled: sampled).value
     }
 
     /// The context the headers carry, looked up with `header` (lowercase names, first

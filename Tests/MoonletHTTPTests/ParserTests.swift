@@ -172,6 +172,46 @@ final class ParserTests: XCTestCase {
         }
     }
 
+    func test_traceIDLines_areWrittenAsLowercaseHexAndReadAsTheSameText() throws {
+        var h = try XCTUnwrap(head("GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        let hi: UInt64 = 0x0123_4567_89AB_CDEF, lo: UInt64 = 0xFEDC_BA98_7654_3210, span: UInt64 = 0x00F0_67AA_0BA9_02B7
+        h.added.append(HeaderLine("x-b3-traceid", hex: hi, lo))
+        h.added.append(HeaderLine("x-b3-spanid", hex: span))
+        h.added.append(HeaderLine("traceparent", traceparent: hi, lo, span: span, sampled: true))
+        h.added.append(HeaderLine("traceparent", traceparent: 0, 1, span: 2, sampled: false))
+        let want = ["0123456789abcdeffedcba9876543210", "00f067aa0ba902b7", "00-0123456789abcdeffedcba9876543210-00f067aa0ba902b7-01",
+                    "00-00000000000000000000000000000001-0000000000000002-00"]
+        var out = ByteBuffer()
+        HeadWriter.writeRequest(h, into: &out) { _ in }
+        XCTAssertEqual(String(buffer: out), "GET / HTTP/1.1\r\nHost: h\r\nx-b3-traceid: \(want[0])\r\nx-b3-spanid: \(want[1])\r\n"
+                       + "traceparent: \(want[2])\r\ntraceparent: \(want[3])\r\n\r\n")
+        for (line, text) in zip(h.added, want) {
+            XCTAssertEqual(line.value, text)
+            XCTAssertEqual(line.valueByteCount, text.utf8.count)
+            XCTAssertFalse(line.valueIsEmpty)
+            var bytes: [UInt8] = []
+            line.withValueBytes { bytes = Array($0) }
+            XCTAssertEqual(bytes, Array(text.utf8))
+            XCTAssertEqual(line, HeaderLine(line.name, text))
+        }
+        XCTAssertEqual(h.first("x-b3-traceid"), want[0])
+        XCTAssertEqual(h.all("traceparent"), [want[2], want[3]])
+        // Setting a value makes it text again.
+        h.added[1].value = "1"
+        XCTAssertEqual(h.first("x-b3-spanid"), "1")
+        XCTAssertNotEqual(HeaderLine("x-b3-spanid", hex: 1), HeaderLine("x-b3-spanid", hex: 2))
+        for (a, b) in [(UInt64(0), UInt64(0)), (.max, .max), (0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210)] {
+            let id = HeaderLine("x-request-id", uuid: a, b)
+            XCTAssertEqual(id.value, Hex.uuidV4(a, b))
+            XCTAssertEqual(id.valueByteCount, 36)
+            var out = ByteBuffer()
+            var h = try XCTUnwrap(head("GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+            h.added.append(id)
+            HeadWriter.writeRequest(h, into: &out) { _ in }
+            XCTAssertEqual(String(buffer: out), "GET / HTTP/1.1\r\nHost: h\r\nx-request-id: \(Hex.uuidV4(a, b))\r\n\r\n")
+        }
+    }
+
     func test_responseFraming_followsRFC9112() throws {
         func resp(_ s: String, head: Bool = false) -> HTTPHead? {
             var p = HTTPHeadParser()

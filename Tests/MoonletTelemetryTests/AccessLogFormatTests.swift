@@ -87,6 +87,23 @@ final class AccessLogFormatTests: XCTestCase {
         }
     }
 
+    func test_aFormatFoldedForOperatorsARecordAlwaysLeavesEmpty_writesTheSameLines() throws {
+        var r = Record()
+        r.upstreamLocalAddress = ""
+        let all: AccessLogFormat.AlwaysEmpty = [.connectionTerminationDetails, .upstreamTransportFailureReason, .upstreamLocalAddress]
+        let formats = [try AccessLogFormat(text: AccessLogFormat.istioText), try AccessLogFormat(json: AccessLogFormat.istioJSONLabels),
+                       try AccessLogFormat(json: [("t", "%CONNECTION_TERMINATION_DETAILS%"), ("mixed", "a %UPSTREAM_LOCAL_ADDRESS% b"),
+                                                  ("f", "%UPSTREAM_TRANSPORT_FAILURE_REASON%")]),
+                       try AccessLogFormat(text: "%UPSTREAM_LOCAL_ADDRESS%%CONNECTION_TERMINATION_DETAILS%|%UPSTREAM_TRANSPORT_FAILURE_REASON%")]
+        for f in formats {
+            let folded = f.folding(alwaysEmpty: all)
+            XCTAssertEqual(folded.render(r), f.render(r))
+            XCTAssertEqual(folded.render(r), f.renderString(r))
+            XCTAssertLessThan(folded.program.count, f.program.count)
+        }
+        XCTAssertEqual(try AccessLogFormat(json: [("t", "%CONNECTION_TERMINATION_DETAILS%")]).folding(alwaysEmpty: all).render(r), "{\"t\":null}\n")
+    }
+
     func test_jsonEscaping_findsEverySpecialByte_atEveryPositionOfShortAndLongValues() throws {
         // The escape check reads eight bytes at a time: a special byte in every lane of a
         // word and in the tail, next to bytes just above and below the control range.

@@ -27,20 +27,27 @@ public enum Hex {
     /// The text of a version 4 UUID (8-4-4-4-12 lowercase hex digits, as Envoy makes
     /// x-request-id) from 128 random bits.
     public static func uuidV4(_ random1: UInt64, _ random2: UInt64) -> String {
-        let a = (random1 & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
-        let b = (random2 & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return String(unsafeUninitializedCapacity: 36) { out in
-            // Eight digits a store, the middle groups then moved apart for their dashes
-            // (byte moves: right on either byte order).
-            let p = UnsafeMutableRawPointer(out.baseAddress!)
-            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a >> 32)), as: UInt64.self)
-            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a)), toByteOffset: 9, as: UInt64.self)
-            out[17] = out[16]; out[16] = out[15]; out[15] = out[14]; out[14] = out[13]
-            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b >> 32)), toByteOffset: 19, as: UInt64.self)
-            out[27] = out[26]; out[26] = out[25]; out[25] = out[24]; out[24] = out[23]
-            p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
-            out[8] = 45; out[13] = 45; out[18] = 45; out[23] = 45
+        String(unsafeUninitializedCapacity: 36) { out in
+            writeUUIDv4(random1, random2, to: UnsafeMutableRawPointer(out.baseAddress!))
             return 36
         }
+    }
+
+    /// Writes the 36 bytes of `uuidV4(random1, random2)` at `p`.
+    @inlinable @inline(__always)
+    public static func writeUUIDv4(_ random1: UInt64, _ random2: UInt64, to p: UnsafeMutableRawPointer) {
+        let a = (random1 & 0xFFFF_FFFF_FFFF_0FFF) | 0x4000
+        let b = (random2 & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+        // Eight digits a store, the middle groups then moved apart for their dashes
+        // (byte moves: right on either byte order).
+        func move(_ from: Int, _ to: Int) { p.storeBytes(of: p.load(fromByteOffset: from, as: UInt8.self), toByteOffset: to, as: UInt8.self) }
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a >> 32)), as: UInt64.self)
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: a)), toByteOffset: 9, as: UInt64.self)
+        move(16, 17); move(15, 16); move(14, 15); move(13, 14)
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b >> 32)), toByteOffset: 19, as: UInt64.self)
+        move(26, 27); move(25, 26); move(24, 25); move(23, 24)
+        p.storeBytes(of: eightDigits(UInt32(truncatingIfNeeded: b)), toByteOffset: 28, as: UInt64.self)
+        p.storeBytes(of: 45, toByteOffset: 8, as: UInt8.self); p.storeBytes(of: 45, toByteOffset: 13, as: UInt8.self)
+        p.storeBytes(of: 45, toByteOffset: 18, as: UInt8.self); p.storeBytes(of: 45, toByteOffset: 23, as: UInt8.self)
     }
 }
