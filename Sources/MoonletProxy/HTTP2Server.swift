@@ -289,9 +289,17 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             writeRSTStream(id, .protocolError)
             return
         }
-        let s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
+        // A finished stream's handler and stream object serve this one (recycle), else new ones.
+        let spare = spareHandlers.popLast()
+        let s: HTTP2ServerStream
+        if let old = spare?.h2 {
+            old.reopen(id: id, sendWindow: peerInitialWindow)
+            s = old
+        } else {
+            s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
+        }
         streams[id] = s
-        s.open(head, endStream: endStream)
+        s.open(head, endStream: endStream, handler: spare)
     }
 
     /// Decodes a header block into `sink`; a malformed one is a connection error.
@@ -549,7 +557,8 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
 /// gives (a parsed head and body chunks) leaves as HEADERS and DATA frames, DATA within
 /// the peer's windows (queued here until WINDOW_UPDATE opens them).
 final class HTTP2ServerStream: HTTP2FlowControlledSender {
-    let id: UInt32
+    /// The stream id (a reused stream object takes the next stream's: reopen).
+    private(set) var id: UInt32
     let connection: HTTP2ServerConnection
     var handler: DownstreamHandler?
 
@@ -592,12 +601,46 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         self.sendWindow = sendWindow
     }
 
+    /// This stream object, finished and held by nothing but its handler (a spare of the
+    /// connection's), becomes stream `id`: every field back to its initial value except
+    /// `flushQueued` (the loop's deferred-flush queue may still list the object; that
+    /// entry then serves the new stream, which is not queued twice).
+    func reopen(id: UInt32, sendWindow: Int) {
+        self.id = id
+        handler = nil
+        remoteClosed = false
+        recvWindow = HTTP2ServerConnection.streamWindow
+        recvUnacked = 0
+        readPaused = false
+        // The optionals are tested first: storing nil destroys the old value, not free
+        // even when it is nil already.
+        if pendingHead != nil { pendingHead = nil }
+        contentLength = -1
+        bodyReceived = 0
+        bodyEndDelivered = false
+        requestIsHead = false
+        self.sendWindow = sendWindow
+        if !pending.isEmpty { pending = HTTP2Wire.noneQueued }
+        pendingBytes = 0
+        endQueued = false
+        localClosed = false
+        writable = true
+        closeWhenDrained = false
+        finished = false
+        unflushed = false
+        if heldHead != nil { heldHead = nil }
+        if heldData != nil { heldData = nil }
+        if pendingTrailers != nil { pendingTrailers = nil }
+    }
+
     // MARK: request: frames -> head and body chunks
 
-    func open(_ head: HTTP2DecodedRequest, endStream: Bool) {
+    /// The stream's request head arrived: `spare`, a finished stream's handler, serves
+    /// it (h2StreamReused), else a new one.
+    func open(_ head: HTTP2DecodedRequest, endStream: Bool, handler spare: DownstreamHandler?) {
         let c = connection
         let h: DownstreamHandler
-        if let spare = c.spareHandlers.popLast() {
+        if let spare {
             h = spare
             h.h2StreamReused(self)
         } else {
