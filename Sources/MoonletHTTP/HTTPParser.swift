@@ -461,24 +461,31 @@ public struct HTTPHeadParser: Sendable {
     @inline(__always)
     static func classify(_ raw: UnsafeRawBufferPointer, _ s: Int, _ len: Int) -> KnownHeader {
         var c0 = raw[s]; if c0 >= 65 && c0 <= 90 { c0 |= 0x20 }
+        return classify(length: len, first: c0) { lowerEquals(raw, s, $0) }
+    }
+
+    /// The known names by length and first byte (lowercase); `equals` compares the name
+    /// with one (folding case or not, as the caller's bytes need).
+    @inline(__always)
+    static func classify(length len: Int, first c0: UInt8, _ equals: (StaticString) -> Bool) -> KnownHeader {
         switch (len, c0) {
-        case (2, 116): return lowerEquals(raw, s, "te") ? .te : .other
-        case (4, 104): return lowerEquals(raw, s, "host") ? .host : .other
-        case (6, 101): return lowerEquals(raw, s, "expect") ? .expect : .other
-        case (6, 115): return lowerEquals(raw, s, "server") ? .server : .other
-        case (7, 117): return lowerEquals(raw, s, "upgrade") ? .upgrade : .other
-        case (7, 116): return lowerEquals(raw, s, "trailer") ? .trailer : .other
-        case (10, 99): return lowerEquals(raw, s, "connection") ? .connection : .other
-        case (10, 107): return lowerEquals(raw, s, "keep-alive") ? .keepAlive : .other
-        case (12, 120): return lowerEquals(raw, s, "x-request-id") ? .xRequestID : .other
-        case (14, 99): return lowerEquals(raw, s, "content-length") ? .contentLength : .other
-        case (15, 120): return lowerEquals(raw, s, "x-forwarded-for") ? .xForwardedFor : .other
-        case (16, 112): return lowerEquals(raw, s, "proxy-connection") ? .proxyConnection : .other
-        case (17, 116): return lowerEquals(raw, s, "transfer-encoding") ? .transferEncoding : .other
-        case (17, 120): return lowerEquals(raw, s, "x-forwarded-proto") ? .xForwardedProto : .other
-        case (23, 120): return lowerEquals(raw, s, "x-forwarded-client-cert") ? .xForwardedClientCert : .other
-        case (18, 112): return lowerEquals(raw, s, "proxy-authenticate") ? .proxyAuthenticate : .other
-        case (19, 112): return lowerEquals(raw, s, "proxy-authorization") ? .proxyAuthorization : .other
+        case (2, 116): return equals("te") ? .te : .other
+        case (4, 104): return equals("host") ? .host : .other
+        case (6, 101): return equals("expect") ? .expect : .other
+        case (6, 115): return equals("server") ? .server : .other
+        case (7, 117): return equals("upgrade") ? .upgrade : .other
+        case (7, 116): return equals("trailer") ? .trailer : .other
+        case (10, 99): return equals("connection") ? .connection : .other
+        case (10, 107): return equals("keep-alive") ? .keepAlive : .other
+        case (12, 120): return equals("x-request-id") ? .xRequestID : .other
+        case (14, 99): return equals("content-length") ? .contentLength : .other
+        case (15, 120): return equals("x-forwarded-for") ? .xForwardedFor : .other
+        case (16, 112): return equals("proxy-connection") ? .proxyConnection : .other
+        case (17, 116): return equals("transfer-encoding") ? .transferEncoding : .other
+        case (17, 120): return equals("x-forwarded-proto") ? .xForwardedProto : .other
+        case (23, 120): return equals("x-forwarded-client-cert") ? .xForwardedClientCert : .other
+        case (18, 112): return equals("proxy-authenticate") ? .proxyAuthenticate : .other
+        case (19, 112): return equals("proxy-authorization") ? .proxyAuthorization : .other
         default: return .other
         }
     }

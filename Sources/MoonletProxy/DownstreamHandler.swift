@@ -91,8 +91,9 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// Where the responses go (DownstreamStream.swift): the connection's HTTP/1.1 writer,
     /// or the HTTP/2 stream this handler serves (its bytes come from and go to the
-    /// stream, not a channel: `context` stays nil).
-    let downstream: Downstream
+    /// stream, not a channel: `context` stays nil). An HTTP/2 connection reuses a
+    /// finished stream's handler for its next stream (h2StreamReused).
+    private(set) var downstream: Downstream
     /// The HTTP/2 stream this handler serves, if it serves one.
     var h2: HTTP2ServerStream? { downstream.http2 }
     /// Whether this handler serves one HTTP/2 stream.
@@ -163,12 +164,33 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
     /// An HTTP/2 stream opened (its request head arrives next): the counterpart of
     /// channelActive for a handler that serves one stream. The stream takes its
     /// connection's peer (the address is not formatted again).
-    func h2StreamOpened() {
-        guard let p = h2?.connection.peer else { return }
-        peer = p.info
-        peerIP = p.ip
+    func h2StreamOpened(_ c: HTTP2ServerConnection) {
+        peer = c.peer.info
+        peerIP = c.peer.ip
         // The body idle timeout counts from here while the head waits for a DATA frame.
         lastActivity = NIODeadline.now().uptimeNanoseconds
+    }
+
+    /// This handler, whose HTTP/2 stream ended with nothing left holding it
+    /// (HTTP2ServerConnection.recycle), serves `s`, the connection's next stream: the
+    /// counterpart of h2StreamOpened. What belongs to the connection (peer, accepted
+    /// address, client certificate element, interception, the executor and the
+    /// dispatcher) stays; the per-stream state was reset when the last stream finished
+    /// (finishStream), and the handler is open again.
+    func h2StreamReused(_ s: HTTP2ServerStream) {
+        downstream = .http2(s)
+        connection = .open
+        requestState = .head
+        responseState = .none
+        requestChunked = false
+        upstreamPaused = false
+        lastActivity = NIODeadline.now().uptimeNanoseconds
+    }
+
+    /// Whether this handler, its HTTP/2 stream ended, holds nothing of it any more
+    /// (no stream, upstream or paused filter): it can serve another stream.
+    var h2Reusable: Bool {
+        stream == nil && upstream == nil && filterPauseState == nil && responsePauseState == nil && closed
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -88,6 +88,12 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     var ending: [HTTP2ServerStream] = []
     /// The streams being finished by flushNow (kept empty between batches).
     var endingDone: [HTTP2ServerStream] = []
+    /// Handlers of finished streams that nothing else holds, for the next streams: a
+    /// handler (with its executor and dispatcher) is made once per concurrent stream, not
+    /// per request. Emptied when the connection closes (a spare refers to its last
+    /// stream, which refers to the connection).
+    var spareHandlers: [DownstreamHandler] = []
+    static let maxSpareHandlers = 16
     var closed = false
     var goAwaySent = false
     var peerGoingAway = false
@@ -283,9 +289,17 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             writeRSTStream(id, .protocolError)
             return
         }
-        let s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
+        // A finished stream's handler and stream object serve this one (recycle), else new ones.
+        let spare = spareHandlers.popLast()
+        let s: HTTP2ServerStream
+        if let old = spare?.h2 {
+            old.reopen(id: id, sendWindow: peerInitialWindow)
+            s = old
+        } else {
+            s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
+        }
         streams[id] = s
-        s.open(head, endStream: endStream)
+        s.open(head, endStream: endStream, handler: spare)
     }
 
     /// Decodes a header block into `sink`; a malformed one is a connection error.
@@ -457,7 +471,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             // stream's finish may queue another into `ending`, served next batch).
             swap(&ending, &endingDone)
             for s in endingDone { s.finish() }
-            endingDone.removeAll(keepingCapacity: true)
+            while endingDone.popLast() != nil {} // keeps the capacity, no generic removal
         }
         if let b = out {
             out = nil
@@ -466,6 +480,13 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         }
         c.flush()
         if (peerGoingAway || goAwaySent) && streams.isEmpty { closeConnection() }
+    }
+
+    /// Keeps a finished stream's handler for a later stream (h2StreamReused), unless the
+    /// connection is closing or has enough spares.
+    func recycle(_ h: DownstreamHandler) {
+        guard !closed, !goAwaySent, !peerGoingAway, spareHandlers.count < Self.maxSpareHandlers, h.h2Reusable else { return }
+        spareHandlers.append(h)
     }
 
     /// The proxy drains: GOAWAY with NO_ERROR and the last stream opened; later streams
@@ -518,6 +539,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         for s in open { s.resetByPeer() }
         for s in ending { s.finish() }
         ending = []
+        spareHandlers = []
     }
 
     /// The connection's writability changed: every stream's handler hears of it.
@@ -535,7 +557,8 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
 /// gives (a parsed head and body chunks) leaves as HEADERS and DATA frames, DATA within
 /// the peer's windows (queued here until WINDOW_UPDATE opens them).
 final class HTTP2ServerStream: HTTP2FlowControlledSender {
-    let id: UInt32
+    /// The stream id (a reused stream object takes the next stream's: reopen).
+    private(set) var id: UInt32
     let connection: HTTP2ServerConnection
     var handler: DownstreamHandler?
 
@@ -578,16 +601,56 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         self.sendWindow = sendWindow
     }
 
+    /// This stream object, finished and held by nothing but its handler (a spare of the
+    /// connection's), becomes stream `id`: every field back to its initial value except
+    /// `flushQueued` (the loop's deferred-flush queue may still list the object; that
+    /// entry then serves the new stream, which is not queued twice).
+    func reopen(id: UInt32, sendWindow: Int) {
+        self.id = id
+        handler = nil
+        remoteClosed = false
+        recvWindow = HTTP2ServerConnection.streamWindow
+        recvUnacked = 0
+        readPaused = false
+        // The optionals are tested first: storing nil destroys the old value, not free
+        // even when it is nil already.
+        if pendingHead != nil { pendingHead = nil }
+        contentLength = -1
+        bodyReceived = 0
+        bodyEndDelivered = false
+        requestIsHead = false
+        self.sendWindow = sendWindow
+        if !pending.isEmpty { pending = HTTP2Wire.noneQueued }
+        pendingBytes = 0
+        endQueued = false
+        localClosed = false
+        writable = true
+        closeWhenDrained = false
+        finished = false
+        unflushed = false
+        if heldHead != nil { heldHead = nil }
+        if heldData != nil { heldData = nil }
+        if pendingTrailers != nil { pendingTrailers = nil }
+    }
+
     // MARK: request: frames -> head and body chunks
 
-    func open(_ head: HTTP2DecodedRequest, endStream: Bool) {
+    /// The stream's request head arrived: `spare`, a finished stream's handler, serves
+    /// it (h2StreamReused), else a new one.
+    func open(_ head: HTTP2DecodedRequest, endStream: Bool, handler spare: DownstreamHandler?) {
         let c = connection
-        let h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
-        h.interception = c.interception
-        if c.localAddress.isEmpty { c.localAddress = h.acceptedAddress() } else { h.localAddress = c.localAddress }
+        let h: DownstreamHandler
+        if let spare {
+            h = spare
+            h.h2StreamReused(self)
+        } else {
+            h = DownstreamHandler(ctx: c.ctx, role: c.role, stream: self)
+            h.interception = c.interception
+            if c.localAddress.isEmpty { c.localAddress = h.acceptedAddress() } else { h.localAddress = c.localAddress }
+            h.h2StreamOpened(c)
+        }
         h.peerExchange = c.peerExchange
         handler = h
-        h.h2StreamOpened()
         requestIsHead = head.isHead
         contentLength = head.contentLength
         if endStream {
@@ -601,8 +664,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         }
     }
 
-    /// Builds the request's HTTPHead from its fields and hands it to the handler (or the
-    /// error a malformed one gets).
+    /// Hands the request's HTTPHead to the handler (or the error a malformed one gets).
     func deliverHead(_ request: HTTP2DecodedRequest, chunked: Bool, to h: DownstreamHandler) {
         switch request.head {
         case .success(var head):
@@ -618,9 +680,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// handler, then the body ends.
     func receiveTrailers(_ t: HTTPTrailers) {
         guard !finished, let h = handler else { return }
-        if let head = pendingHead {
+        if let head = pendingHead.take() {
             // HEADERS, then trailers with no DATA: a body of length 0 that has trailers.
-            pendingHead = nil
             deliverHead(head, chunked: true, to: h)
         }
         if !t.isEmpty { h.h2Trailers(t) }
@@ -637,8 +698,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         }
         if end { remoteClosed = true }
         var chunked = false
-        if let head = pendingHead {
-            pendingHead = nil
+        if let head = pendingHead.take() {
             chunked = !(end && data.readableBytes == 0)
             // A body of unknown length follows; without one the request is complete.
             deliverHead(head, chunked: chunked, to: h)
@@ -797,20 +857,28 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         end()
     }
 
-    /// Both sides ended (or close asked for it): the stream leaves the connection.
+    /// Both sides ended (or close asked for it): the stream leaves the connection, and
+    /// its handler serves the connection's next stream when nothing else holds it.
     func finish() {
         finished = true
-        end()
+        end(recycling: true)
     }
 
-    func end() {
-        if connection.streams[id] === self {
-            connection.streams[id] = nil
-            connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
+    /// `recycling`: called from the end of the loop's batch (HTTP2ServerConnection.flushNow),
+    /// with no frame of the handler's own on the stack.
+    func end(recycling: Bool = false) {
+        // One lookup: removed, and put back in the rare case the id is another stream's.
+        if let s = connection.streams.removeValue(forKey: id) {
+            if s === self {
+                connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
+            } else {
+                connection.streams[id] = s
+            }
         }
-        if let h = handler {
-            handler = nil
+        if var h = handler.take() {
             h.h2StreamClosed()
+            // Only this reference left: no timer, callback or upstream holds the handler.
+            if recycling && isKnownUniquelyReferenced(&h) { connection.recycle(h) }
         }
     }
 }
@@ -906,7 +974,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
             guard !malformed else { return }
         }
         guard HTTP2FieldCheck.isName(name, underscore: &underscore) else { malformed = true; return }
-        let kind = KnownHeader(name: name)
+        let kind = KnownHeader(lowercaseName: name)
         switch kind {
         case .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: malformed = true; return
         case .te: guard HTTP2FieldCheck.equals(value, "trailers") else { malformed = true; return }

@@ -1025,7 +1025,7 @@ struct UpstreamH2ResponseHead: HPACKFieldSink {
         guard HTTP2FieldCheck.value(value) == .valid else { error = "control character in a response header value"; return }
         // RFC 9113 §8.2.1: lowercase token characters only (an uppercase name is malformed).
         guard HTTP2FieldCheck.isName(name) else { error = "malformed response header block"; return }
-        let kind = KnownHeader(name: name)
+        let kind = KnownHeader(lowercaseName: name)
         switch kind {
         case .connection, .transferEncoding, .keepAlive, .upgrade, .proxyConnection: return
         case .contentLength:

@@ -381,4 +381,28 @@ final class HPACKDecoderTests: XCTestCase {
             }
         }
     }
+
+    /// The value check reads 16 and 8 bytes at a time: a forbidden byte is found at every
+    /// position of a long value, with the same verdict as one byte at a time (CR, LF, NUL:
+    /// malformed; another control byte or DEL: refused; obs-text and tabs inside: valid).
+    func testFieldValueVerdictIsTheSameAtEveryPositionOfALongValue() {
+        func verdict(_ v: [UInt8]) -> HTTP2FieldCheck.Value { v.withUnsafeBytes { HTTP2FieldCheck.value($0) } }
+        for length in [1, 7, 8, 15, 16, 17, 31, 33, 700] {
+            let clean = (0..<length).map { UInt8(33 + $0 % 90) }
+            XCTAssertEqual(verdict(clean), .valid, "length \(length)")
+            for at in 0..<length {
+                for (byte, expected) in [(UInt8(0), HTTP2FieldCheck.Value.malformed), (10, .malformed), (13, .malformed), (1, .control),
+                                         (31, .control), (127, .control), (0x80, .valid), (0xff, .valid)] {
+                    var v = clean
+                    v[at] = byte
+                    XCTAssertEqual(verdict(v), expected, "byte \(byte) at \(at) of \(length)")
+                }
+                if at > 0 && at < length - 1 {
+                    var v = clean
+                    v[at] = 9 // a tab inside a value is allowed
+                    XCTAssertEqual(verdict(v), .valid, "tab at \(at) of \(length)")
+                }
+            }
+        }
+    }
 }

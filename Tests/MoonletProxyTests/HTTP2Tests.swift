@@ -281,6 +281,48 @@ final class HTTP2Tests: XCTestCase {
         XCTAssertEqual(up.seen.map(\.uri).filter { $0 != "/ok" }, [], "a malformed request reached the app")
     }
 
+    /// A connection's streams one after another (each handler is reused for the next
+    /// stream once its stream ended): each request is served from its own head only,
+    /// whatever the stream before it was (refused, with a body, with its own request id).
+    func test_streamsOneAfterAnother_onOneConnection_eachGetTheirOwnAnswer_afterRefusedAndBodyStreams() throws {
+        let up = try TestUpstream { r in
+            TestUpstream.Reply(body: "\(r.method) \(r.uri) id=\(r.headers["x-request-id"].joined(separator: ",")) xff=\(r.headers["x-forwarded-for"].count) body=\(r.body)")
+        }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port, concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.inbound)
+        c.send(Self.preface + Self.frame(4, 0, 0))
+        func exchange(_ stream: UInt32, _ block: [UInt8], body: [UInt8]? = nil) -> (status: String, body: String) {
+            var bytes = Self.frame(1, body == nil ? 0x5 : 0x4, stream, block)
+            if let body { bytes += Self.frame(0, 1, stream, body) }
+            c.send(bytes)
+            let frames = Self.readFrames(c) { fs in fs.contains { $0.stream == stream && ($0.type == 3 || ($0.type <= 1 && $0.flags & 1 != 0)) } }
+            var head: [UInt8] = frames.first(where: { $0.type == 1 && $0.stream == stream })?.payload ?? []
+            if head.first == 0x20 { head.removeFirst() } // the connection's first block: table size 0
+            // The status is the first field: indexed from the static table (0x88...0x8e)
+            // or a literal with an indexed name (0x08, length 3, three digits).
+            let indexed: [UInt8: String] = [0x88: "200", 0x89: "204", 0x8a: "206", 0x8b: "304", 0x8c: "400", 0x8d: "404", 0x8e: "500"]
+            let status = head.first.flatMap { indexed[$0] } ?? (head.count >= 5 ? String(decoding: head[2..<5], as: UTF8.self) : "none")
+            let data = frames.filter { $0.type == 0 && $0.stream == stream }.flatMap(\.payload)
+            return (status, String(decoding: data, as: UTF8.self))
+        }
+        let path: (String) -> [UInt8] = { [0x04, UInt8($0.utf8.count)] + Array($0.utf8) }
+        let one = exchange(1, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a")] + path("/one") + Self.literal("x-request-id", "r1"))
+        XCTAssertEqual(one.status, "200", one.body)
+        XCTAssertEqual(one.body, "GET /one id=r1 xff=1 body=")
+        let refused = exchange(3, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a")] + path("*"))
+        XCTAssertEqual(refused.status, "400", refused.body)
+        let post = exchange(5, [0x83, 0x86, 0x41, 1, UInt8(ascii: "a")] + path("/three") + Self.literal("content-length", "3"), body: Array("abc".utf8))
+        XCTAssertEqual(post.status, "200")
+        XCTAssertTrue(post.body.hasPrefix("POST /three id=") && post.body.hasSuffix(" xff=1 body=abc"), post.body)
+        XCTAssertFalse(post.body.contains("id=r1"), post.body)
+        let four = exchange(7, [0x82, 0x86, 0x41, 1, UInt8(ascii: "a")] + path("/four"))
+        XCTAssertTrue(four.body.hasPrefix("GET /four id="), four.body)
+        XCTAssertFalse(four.body.contains("id=r1") || four.body.contains("body=abc"), four.body)
+        XCTAssertEqual(up.seen.map(\.uri), ["/one", "/three", "/four"])
+    }
+
     /// Request smuggling class: Int(_:) took "+5" and "-0", and the value went to the
     /// HTTP/1.1 upstream as sent. Every content-length value must be what the HTTP/1.1
     /// parser accepts (digits only, bounded, all values agreeing); otherwise the stream is
