@@ -188,7 +188,7 @@ struct HPACKEncoderTable {
     mutating func write(name: String, value: String, _ w: inout HPACKRawWriter) {
         var i = 0
         while i < entries.count {
-            if Self.sameBytes(entries[i].value, value) && Self.sameBytes(entries[i].name, name) {
+            if Self.sameBytes(entries[i].name, name) && Self.sameBytes(entries[i].value, value) {
                 w.integer(62 + i, prefix: 7, flags: 0x80)
                 return
             }
@@ -211,6 +211,7 @@ struct HPACKEncoderTable {
     /// equivalence: two different byte strings may be equal).
     @inline(__always)
     static func sameBytes(_ a: String, _ b: String) -> Bool {
+        guard a.utf8.count == b.utf8.count else { return false }
         var a = a, b = b
         return a.withUTF8 { x in b.withUTF8 { y in x.count == y.count && (x.count == 0 || memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0) } }
     }
