@@ -135,7 +135,7 @@ struct HPACKRawWriter {
 
 /// The HPACK encoder's dynamic table (RFC 7541 §2.3.2, §4) for the two fields a sidecar
 /// repeats on every request and response between mesh sidecars: Istio's metadata
-/// exchange headers, `x-envoy-peer-metadata` (about 700 bytes) and its `-id`. The first
+/// exchange headers, `x-envoy-peer-metadata` (a few hundred bytes) and its `-id`. The first
 /// one on a connection is a literal with incremental indexing, every later one a one-byte
 /// index, so the bytes encrypted, sent and decoded per request shrink by that much (as
 /// Envoy's encoder indexes them; HTTP/1.1 cannot). Every other field stays a literal
