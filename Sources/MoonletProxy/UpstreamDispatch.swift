@@ -197,10 +197,14 @@ final class UpstreamDispatcher {
             pending = early ?? ctx.outputBuffer(capacity: 0)
         } else {
             var out = upstreamRequestBytes(s, chunked: chunked)
-            replayHeadLength = out.readableBytes
+            // Where the body starts in the replay copy (a body buffered for a filter is
+            // already in `out`, after the head).
+            replayHeadLength = requestHeadBytes
             if var e = early { out.writeBuffer(&e); ctx.recycle(e) }
             replay = keepsReplay ? out : nil
-            if !s.route.mirrors.isEmpty { prepareMirrors(s, chunked: chunked) }
+            if !s.route.mirrors.isEmpty {
+                prepareMirrors(s, chunked: chunked, bufferedLength: h.requestState.isBuffered ? Int(requestBodyLength) : nil)
+            }
             pending = out
         }
         dispatch(host: host, port: port, key: key)
@@ -438,14 +442,17 @@ final class UpstreamDispatcher {
 
     /// Builds the head of each mirror copy: the same request with the shadow authority,
     /// closing its connection after the (ignored) response.
-    func prepareMirrors(_ s: ProxyStream, chunked: Bool) {
+    func prepareMirrors(_ s: ProxyStream, chunked: Bool, bufferedLength: Int? = nil) {
         mirrorHeads = s.route.mirrors.map { m in
             var head = s.request
             head.set("host", m.authority)
             head.hostIndex = -1
+            // A body buffered for a filter goes whole, with its (possibly new) length.
+            if bufferedLength != nil { head.removeAll(of: .contentLength) }
             var b = ctx.allocator.buffer(capacity: head.bytes.readableBytes + 64)
             HeadWriter.writeRequest(head, into: &b) { o in
-                if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
+                if let n = bufferedLength { HeadWriter.writeField("content-length", String(n), into: &o) }
+                else if chunked { o.writeStaticString("transfer-encoding: chunked\r\n") }
                 o.writeStaticString("connection: close\r\n")
             }
             return (m.cluster, b)

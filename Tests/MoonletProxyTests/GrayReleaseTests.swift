@@ -547,4 +547,28 @@ final class MirrorTests: XCTestCase {
         XCTAssertEqual(copy.body, "data")
         XCTAssertEqual(copy.uri, "/m")
     }
+
+    /// A filter buffers the whole request body (STOP_AND_BUFFER): the upstream gets it with
+    /// a content-length, and so does the mirror, whether the client sent a length or chunks.
+    func test_mirror_ofABufferedRequest_carriesItsWholeBody_withAContentLength() throws {
+        let primary = try TestUpstream { r in TestUpstream.Reply(body: "primary \(r.body)") }
+        let shadow = try TestUpstream { _ in TestUpstream.Reply(body: "shadow") }
+        defer { primary.stop(); shadow.stop() }
+        let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: mr}\nspec:\n  hosts: [mr]\n  http:\n  - route: [{destination: {host: mr}}]\n    mirror: {host: mr-shadow}\n    mirrorPercentage: {value: 100}\n"
+        let yaml = meshService("mr", ports: [primary.port], extra: meshService("mr-shadow", ports: [shadow.port]) + "---\n" + vs)
+        let buffer = "return { on_request = function(s) return moonlet.STOP_AND_BUFFER end, on_request_body = function(s, conf, chunk, eos) end }"
+        let px = try ProxyFixture(appPort: 1, files: ["mr.yaml": yaml, "buf.lua": buffer, "buf.yaml": ProxyFixture.plugin("buf")], concurrency: 1)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        c.send("POST /len HTTP/1.1\r\nHost: mr\r\nContent-Length: 4\r\n\r\ndata")
+        XCTAssertEqual(c.read()?.body, "primary data")
+        c.send("POST /chunks HTTP/1.1\r\nHost: mr\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        XCTAssertEqual(c.read()?.body, "primary abcdefg")
+        for _ in 0..<100 where shadow.seen.count < 2 { usleep(20_000) }
+        let copies = shadow.seen.sorted { $0.uri < $1.uri }
+        XCTAssertEqual(copies.map(\.uri), ["/chunks", "/len"])
+        XCTAssertEqual(copies.map(\.body), ["abcdefg", "data"])
+        XCTAssertEqual(copies.map { $0.headers["transfer-encoding"] }, [[], []])
+        XCTAssertEqual(copies.map { $0.headers["content-length"] }, [["7"], ["4"]])
+    }
 }
