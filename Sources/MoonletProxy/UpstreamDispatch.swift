@@ -297,7 +297,8 @@ final class UpstreamDispatcher {
                 attach(session.newStream())
                 return
             }
-            // A stream of an open HTTP/2 connection is attached at once (before openStream returns).
+            // A full connection, or one being set up, gives the request a stream once it
+            // can (connected); `otherwise` dispatches it again.
             state = .connecting
             if ctx.pool.openStream(key, maxRequests: cl?.maxRequestsPerConnection ?? 0, maxDurationMs: cl?.maxConnectionDurationMs ?? 0,
                                    connected(stream: s.id, attempt: attempt),
