@@ -861,6 +861,11 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// its handler serves the connection's next stream when nothing else holds it.
     func finish() {
         finished = true
+        // A spare stream object keeps nothing of its request (a head still waiting for
+        // its body, a head or DATA held after a reset) until its next stream.
+        if pendingHead != nil { pendingHead = nil }
+        if heldHead != nil { heldHead = nil }
+        if heldData != nil { heldData = nil }
         end(recycling: true)
     }
 
@@ -878,6 +883,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         if var h = handler.take() {
             h.h2StreamClosed()
             // Only this reference left: no timer, callback or upstream holds the handler.
+            // (This relies on every callback holding the handler strongly; one holding it
+            // weakly or unowned must check the stream id it was made for.)
             if recycling && isKnownUniquelyReferenced(&h) { connection.recycle(h) }
         }
     }
