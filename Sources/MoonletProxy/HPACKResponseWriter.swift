@@ -298,23 +298,29 @@ struct HPACKResponseWriter {
     /// Literal fields without indexing, new names (`lowercase`: names folded).
     @inline(__always)
     static func writeLiterals(_ fields: [HeaderLine], lowercase: Bool, _ w: inout HPACKRawWriter) {
-        for f in fields {
-            w.byte(HPACKRawWriter.literalFlag(f.name))
-            w.string(f.name, lowercase: lowercase)
-            f.withValueBytes { w.string($0, lowercase: false) }
-        }
+        for f in fields { writeLiteral(f, lowercase: lowercase, &w) }
+    }
+
+    /// One field as a literal without indexing, new name (credentials never indexed).
+    @inline(__always)
+    static func writeLiteral(_ f: HeaderLine, lowercase: Bool, _ w: inout HPACKRawWriter) {
+        w.byte(HPACKRawWriter.literalFlag(f.name))
+        w.string(f.name, lowercase: lowercase)
+        f.withValueBytes { w.string($0, lowercase: false) }
+    }
+
+    /// One field a filter or the proxy added (lowercase name): a metadata exchange
+    /// header through the dynamic table, any other as a literal without indexing.
+    @inline(__always)
+    static func writeAdded(_ f: HeaderLine, table: inout HPACKEncoderTable, _ w: inout HPACKRawWriter) {
+        if HPACKEncoderTable.indexes(f.name) { table.write(name: f.name, value: f.value, &w) } else { writeLiteral(f, lowercase: true, &w) }
     }
 
     /// The fields filters and the proxy added (lowercase names): the metadata exchange
     /// headers through the dynamic table, the others as literals without indexing.
     @inline(__always)
     static func writeAdded(_ fields: [HeaderLine], table: inout HPACKEncoderTable, _ w: inout HPACKRawWriter) {
-        for f in fields {
-            if HPACKEncoderTable.indexes(f.name) { table.write(name: f.name, value: f.value, &w); continue }
-            w.byte(HPACKRawWriter.literalFlag(f.name))
-            w.string(f.name, lowercase: true)
-            f.withValueBytes { w.string($0, lowercase: false) }
-        }
+        for f in fields { writeAdded(f, table: &table, &w) }
     }
 
     /// Writes `:status` and the head's fields as HTTP/2 allows them (see

@@ -916,13 +916,9 @@ enum HPACKRequestWriter {
                     case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
                     default: break
                     }
-                case 21, 24:
-                    if HPACKEncoderTable.indexes(a.name) { table.write(name: a.name, value: a.value, &w); continue }
                 default: break
                 }
-                w.byte(HPACKRawWriter.literalFlag(a.name))
-                w.string(a.name, lowercase: true)
-                a.withValueBytes { w.string($0, lowercase: false) }
+                HPACKResponseWriter.writeAdded(a, table: &table, &w)
             }
         }
     }
