@@ -699,28 +699,28 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
     /// The response head (or an interim one), decoded.
     func receiveHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) {
         guard !ended else { return }
-        guard let head = responseHead(&decoded, endStream: endStream) else { return }
-        if head.status < 200 {
+        if decoded.error == nil && decoded.builder == nil { decoded.error = "response without :status" }
+        if let e = decoded.error { reset(.protocolError); fail(.protocolError(e)); return }
+        let status = decoded.builder!.head.status
+        if status < 200 {
             // Interim responses are consumed here (the proxy answers 100-continue itself).
-            if head.status == 101 || endStream { reset(.protocolError); fail(.protocolError("interim response \(head.status)")) }
+            if status == 101 || endStream { reset(.protocolError); fail(.protocolError("interim response \(status)")) }
             return
         }
         responseStarted = true
         if endStream { remoteEnded = true }
         guard let d = delegate else { return }
-        d.upstreamResponseHead(head)
+        // The head moves from the decoder's builder to the delegate (no copy).
+        d.upstreamResponseHead(responseHead(&decoded, endStream: endStream))
         guard delegate != nil, !ended else { return } // abandoned
         if endStream { responseEnd() }
     }
 
-    /// The response's HTTPHead with its framing; nil (the stream reset, the delegate
-    /// told) when the block was malformed.
-    func responseHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) -> HTTPHead? {
-        if decoded.error == nil && decoded.builder == nil { decoded.error = "response without :status" }
-        if let e = decoded.error { reset(.protocolError); fail(.protocolError(e)); return nil }
+    /// The final response's HTTPHead with its framing, taken from a well-formed block's
+    /// builder (`receiveHead` checked it).
+    func responseHead(_ decoded: inout UpstreamH2ResponseHead, endStream: Bool) -> HTTPHead {
         var b = decoded.builder.take()!
         let status = b.head.status
-        if status < 200 { return b.finish() }
         let bodyless = requestWasHead || status == 204 || status == 304
         let length = decoded.length
         if bodyless {
@@ -847,6 +847,29 @@ final class UpstreamH2Stream: UpstreamConnection, HTTP2FlowControlledSender {
 /// otherwise literals without indexing, no Huffman coding, the dynamic table only for
 /// Istio's metadata exchange headers (HPACKEncoderTable).
 enum HPACKRequestWriter {
+    /// Whether a field a filter added is left out of an HTTP/2 request: Host (written as
+    /// `:authority`) and the connection-specific fields HTTP/2 forbids (RFC 9113 §8.2.2).
+    /// The length, then the one candidate of that length, compared from its first byte
+    /// (`x-forwarded-proto`, as long as `transfer-encoding`, differs at once).
+    @inline(__always)
+    static func dropsAdded(_ name: String) -> Bool {
+        switch name.utf8.count {
+        case 4, 7, 10, 16, 17: break
+        default: return false
+        }
+        var n = name
+        return n.withUTF8 { p in
+            let r = UnsafeRawBufferPointer(p)
+            switch r.count {
+            case 4: return HTTP2FieldCheck.equals(r, "host", foldingCase: true)
+            case 7: return HTTP2FieldCheck.equals(r, "upgrade", foldingCase: true)
+            case 10: return HTTP2FieldCheck.equals(r, "connection", foldingCase: true) || HTTP2FieldCheck.equals(r, "keep-alive", foldingCase: true)
+            case 16: return HTTP2FieldCheck.equals(r, "proxy-connection", foldingCase: true)
+            default: return HTTP2FieldCheck.equals(r, "transfer-encoding", foldingCase: true)
+            }
+        }
+    }
+
     /// `:method`, `:scheme`, `:authority` (Host, or the one a filter set), `:path`, then
     /// the fields HTTP/2 allows (see HTTPHead.isHTTP2Forbidden). `contentLength` >= 0:
     /// the body's length, written when the head had a content-length (canonical). The
@@ -908,16 +931,7 @@ enum HPACKRequestWriter {
                     w.string(UnsafeRawBufferPointer(rebasing: raw[Int(f.valueStart)..<Int(f.valueStart + f.valueLength)]), lowercase: false)
                 }
             }
-            for a in head.added {
-                // Only names of these lengths can be connection-specific or Host.
-                switch a.name.utf8.count {
-                case 4, 7, 10, 16, 17:
-                    switch KnownHeader(name: a.name) {
-                    case .host, .connection, .keepAlive, .proxyConnection, .transferEncoding, .upgrade: continue
-                    default: break
-                    }
-                default: break
-                }
+            for a in head.added where !dropsAdded(a.name) {
                 HPACKResponseWriter.writeAdded(a, table: &table, &w)
             }
         }

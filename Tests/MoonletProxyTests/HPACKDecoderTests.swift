@@ -321,6 +321,23 @@ final class HPACKDecoderTests: XCTestCase {
         XCTAssertNotNil(responseHead([(":status", "200"), ("X-Foo", "1")]).error, "an uppercase name is malformed in HTTP/2")
     }
 
+    func testFieldsAFilterAdded_thatHTTP2Forbids_areLeftOutOfTheRequestBlock_andTheRestKept() throws {
+        var p = HTTPHeadParser()
+        guard case .complete(var head, _) = p.parseRequest(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")) else { return XCTFail("no head") }
+        for n in ["Connection", "keep-alive", "Upgrade", "Proxy-Connection", "Transfer-Encoding", "HOST",
+                  "x-forwarded-proto", "x-connection", "upgrades", "keep-alivf", "transfer-encodinx"] {
+            head.added.append(HeaderLine(n, "v"))
+        }
+        var b = ByteBuffer()
+        var table = HPACKEncoderTable()
+        HPACKRequestWriter.write(head, scheme: "http", contentLength: 0, table: &table, into: &b)
+        var sink = Collect()
+        try Array(b.readableBytesView).withUnsafeBytes { try HPACKBlockDecoder(maxTableSize: 4096, maxHeaderListSize: 65536).decode($0, into: &sink) }
+        let names = sink.fields.map { $0[0] }
+        XCTAssertEqual(names, [":method", ":scheme", ":authority", ":path", "x-forwarded-proto", "x-connection", "upgrades", "keep-alivf", "transfer-encodinx"])
+        XCTAssertTrue(sink.fields.contains([":authority", "v"]), "a Host a filter set is the authority: \(sink.fields)")
+    }
+
     func testCredentialsAreWrittenAsNeverIndexedLiterals_andTheBlockDecodesBack() throws {
         var p = HTTPHeadParser()
         let req = "GET /a HTTP/1.1\r\nHost: svc\r\nAuthorization: Bearer t\r\nCookie: s=1\r\nProxy-Authorization: b\r\nX-Other: y\r\n\r\n"

@@ -25,6 +25,8 @@ final class ScriptedH2App: @unchecked Sendable {
         case goAwayOnSecond
         /// 200 with a body of `n` bytes (byte i is i % 251), content-length set.
         case big(Int)
+        /// A 103 (Early Hints) HEADERS first, then as `echo`.
+        case earlyHints
     }
 
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -167,6 +169,9 @@ final class ScriptedH2App: @unchecked Sendable {
                 context.flush()
                 return
             }
+            if case .earlyHints = owner.behaviour {
+                context.write(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .headers(.init(headers: [":status": "103", "link": "</style.css>; rel=preload"])))), promise: nil)
+            }
             context.write(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .headers(.init(headers: [":status": "200", "content-type": "text/plain"])))), promise: nil)
             context.write(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(ByteBuffer(string: line)))))), promise: nil)
             var t: HPACKHeaders = ["grpc-status": "0"]
@@ -216,6 +221,23 @@ final class UpstreamH2ClientTests: XCTestCase {
         Thread.sleep(forTimeInterval: 0.2)
         XCTAssertEqual(app.resets, 0, "a stream both sides ended needs no RST_STREAM (one more frame and wake-up per request)")
         XCTAssertEqual(app.connections, 1)
+    }
+
+    func test_anInterim103FromTheUpstream_isConsumed_andTheFinalResponseReachesTheClient() throws {
+        let app = try ScriptedH2App(.earlyHints)
+        defer { app.stop() }
+        let px = try outbound(to: app)
+        defer { px.stop() }
+        let c = try RawClient(port: px.outbound)
+        for i in 0..<2 {
+            c.send("GET /hints\(i) HTTP/1.1\r\nHost: legacy.example.com:9000\r\n\r\n")
+            let r = try XCTUnwrap(c.read())
+            XCTAssertEqual(r.status, 200, r.body)
+            XCTAssertEqual(r.body, "GET /hints\(i) 0 trailer=-")
+            XCTAssertEqual(r.trailer("grpc-status"), "0")
+        }
+        XCTAssertEqual(app.connections, 1)
+        XCTAssertEqual(app.resets, 0, "an interim response is no protocol error")
     }
 
     func test_aStreamRefusedWithREFUSED_STREAM_isRetried_onTheSameConnection() throws {
