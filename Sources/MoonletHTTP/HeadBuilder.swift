@@ -103,6 +103,13 @@ public struct HTTPHeadBuilder {
         head.bytes.writeInteger(UInt16(0x0D0A))
         return head
     }
+
+    /// The same, the builder consumed: its head is moved out, not copied (an HTTP/2
+    /// request's head on its way to the stream's handler).
+    public consuming func finished() -> HTTPHead {
+        head.bytes.writeInteger(UInt16(0x0D0A))
+        return head
+    }
 }
 
 extension KnownHeader {

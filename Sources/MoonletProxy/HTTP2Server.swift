@@ -70,7 +70,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     /// requestHeaderTimeoutMs from its HEADERS frame, however many CONTINUATION frames
     /// trickle in (DownstreamHandler.checkDeadlines sends GOAWAY).
     var continuationDeadline: UInt64 = 0
-    var streams: [UInt32: HTTP2ServerStream] = [:]
+    var streams = HTTP2StreamTable()
     /// The highest stream id the client opened (streams below it are closed or open).
     var lastStreamID: UInt32 = 0
     /// Receive window of the connection, and bytes received since the last WINDOW_UPDATE.
@@ -279,12 +279,15 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             writeRSTStream(id, selfDependent ? .protocolError : .refusedStream)
             return
         }
-        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: requestScratch, blockSize: block.readableBytes)
-        requestScratch = []
-        defer { requestScratch = request.saved }
+        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: [], blockSize: block.readableBytes)
+        // The connection's scratch bytes, swapped in and out: never shared, so emptying
+        // them keeps their storage (no allocation per block).
+        swap(&request.saved, &requestScratch)
+        request.saved.removeAll(keepingCapacity: true)
+        defer { swap(&request.saved, &requestScratch) }
         try decode(stream: id, block, into: &request)
         lastStreamID = id
-        guard let head = request.finish() else {
+        guard request.complete() else {
             ctx.metrics.count("moonlet_downstream_protocol_errors_total")
             writeRSTStream(id, .protocolError)
             return
@@ -298,8 +301,8 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         } else {
             s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
         }
-        streams[id] = s
-        s.open(head, endStream: endStream, handler: spare)
+        streams.append(s)
+        s.open(&request, endStream: endStream, handler: spare)
     }
 
     /// Decodes a header block into `sink`; a malformed one is a connection error.
@@ -535,7 +538,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         out = nil
         inbound = nil
         let open = streams.values
-        streams = [:]
+        streams.removeAll()
         for s in open { s.resetByPeer() }
         for s in ending { s.finish() }
         ending = []
@@ -635,9 +638,10 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
 
     // MARK: request: frames -> head and body chunks
 
-    /// The stream's request head arrived: `spare`, a finished stream's handler, serves
-    /// it (h2StreamReused), else a new one.
-    func open(_ head: HTTP2DecodedRequest, endStream: Bool, handler spare: DownstreamHandler?) {
+    /// The stream's request head arrived (`request`, complete: its head is moved out to
+    /// the handler, not copied): `spare`, a finished stream's handler, serves it
+    /// (h2StreamReused), else a new one.
+    func open(_ request: inout HTTP2RequestHead, endStream: Bool, handler spare: DownstreamHandler?) {
         let c = connection
         let h: DownstreamHandler
         if let spare {
@@ -651,27 +655,36 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         }
         h.peerExchange = c.peerExchange
         handler = h
-        requestIsHead = head.isHead
-        contentLength = head.contentLength
+        requestIsHead = request.isHead
+        contentLength = request.contentLength
         if endStream {
             remoteClosed = true
             guard contentLength <= 0 else { reset(.protocolError); return }
-            deliverHead(head, chunked: false, to: h)
+            deliverHead(&request.head, refusal: request.refusal, chunked: false, to: h)
         } else if contentLength >= 0 {
-            deliverHead(head, chunked: false, to: h)
+            deliverHead(&request.head, refusal: request.refusal, chunked: false, to: h)
         } else {
-            pendingHead = head
+            pendingHead = request.decoded()
         }
     }
 
-    /// Hands the request's HTTPHead to the handler (or the error a malformed one gets).
+    /// Hands the request's HTTPHead to the handler, moved out of `head` (or the error a
+    /// refused one gets).
+    @inline(__always)
+    func deliverHead(_ head: inout HTTPHead?, refusal: HTTPParseError?, chunked: Bool, to h: DownstreamHandler) {
+        guard head != nil else { h.h2RequestRefused(refusal!); return }
+        let length = contentLength
+        head!.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
+        h.h2Request(head.take()!)
+        connection.peerExchange = h.peerExchange // the peer it read, for the next streams
+    }
+
+    /// The same for a head held until the next frame (pendingHead).
     func deliverHead(_ request: HTTP2DecodedRequest, chunked: Bool, to h: DownstreamHandler) {
         switch request.head {
-        case .success(var head):
-            let length = request.contentLength
-            head.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
-            h.h2Request(head)
-            connection.peerExchange = h.peerExchange // the peer it read, for the next streams
+        case .success(let head):
+            var held: HTTPHead? = head
+            deliverHead(&held, refusal: nil, chunked: chunked, to: h)
         case .failure(let e): h.h2RequestRefused(e)
         }
     }
@@ -872,13 +885,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// `recycling`: called from the end of the loop's batch (HTTP2ServerConnection.flushNow),
     /// with no frame of the handler's own on the stack.
     func end(recycling: Bool = false) {
-        // One lookup: removed, and put back in the rare case the id is another stream's.
-        if let s = connection.streams.removeValue(forKey: id) {
-            if s === self {
-                connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
-            } else {
-                connection.streams[id] = s
-            }
+        if connection.streams.remove(self) {
+            connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
         }
         if var h = handler.take() {
             h.h2StreamClosed()
@@ -935,6 +943,8 @@ struct HTTP2RequestHead: HPACKFieldSink {
     var isHead = false
     var hasHost = false, lengthWritten = false, underscore = false, expectContinue = false
     var cookie: Range<Int>?
+    /// The request's head once `complete` found the block well-formed and not refused.
+    var head: HTTPHead?
 
     init(limits: ProxyLimits, allocator: ByteBufferAllocator, scratch: [UInt8], blockSize: Int) {
         self.limits = limits
@@ -1070,32 +1080,43 @@ struct HTTP2RequestHead: HPACKFieldSink {
     static let hostName: StaticString = "host"
     static let cookieName: StaticString = "cookie"
 
-    /// The request once its block is decoded; nil when the block is malformed.
-    mutating func finish() -> HTTP2DecodedRequest? {
+    /// The block is decoded: false when it is malformed; otherwise `head` holds the
+    /// request, or `refusal` the answer it gets. (The head is built in place and moved
+    /// into `head`: the stream moves it on to its handler, no copy is made.)
+    mutating func complete() -> Bool {
         if !regular && !malformed { endOfPseudoHeaders() }
-        if malformed { return nil }
-        if let refusal { return HTTP2DecodedRequest(head: .failure(refusal), contentLength: contentLength, isHead: isHead) }
-        var b = builder.take()!
+        if malformed { return false }
+        if refusal != nil { return true }
         if let c = cookie {
             let crumbs = saved
             crumbs.withUnsafeBytes { raw in
-                _ = b.add(name: UnsafeRawBufferPointer(start: Self.cookieName.utf8Start, count: 6), value: UnsafeRawBufferPointer(rebasing: raw[c]), kind: .other)
+                _ = builder!.add(name: UnsafeRawBufferPointer(start: Self.cookieName.utf8Start, count: 6), value: UnsafeRawBufferPointer(rebasing: raw[c]), kind: .other)
             }
         }
-        let refused: HTTPParseError?
-        if b.head.fields.count > limits.maxHeaderCount {
-            refused = HTTPParseError(431, "more than \(limits.maxHeaderCount) headers")
-        } else {
-            b.set(underscoreInName: underscore)
-            b.set(expectContinue: expectContinue)
-            let head = b.finish()
-            if head.bytes.readableBytes > limits.maxHeadBytes {
-                refused = HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes")
-            } else {
-                return HTTP2DecodedRequest(head: .success(head), contentLength: contentLength, isHead: isHead)
-            }
+        if builder!.head.fields.count > limits.maxHeaderCount {
+            refusal = HTTPParseError(431, "more than \(limits.maxHeaderCount) headers")
+            return true
         }
-        return HTTP2DecodedRequest(head: .failure(refused!), contentLength: contentLength, isHead: isHead)
+        builder!.set(underscoreInName: underscore)
+        builder!.set(expectContinue: expectContinue)
+        let h = builder.take()!.finished()
+        if h.bytes.readableBytes > limits.maxHeadBytes {
+            refusal = HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes")
+            return true
+        }
+        head = consume h
+        return true
+    }
+
+    /// What `complete` found, as one value (the head moved out of `head`).
+    mutating func decoded() -> HTTP2DecodedRequest {
+        if let h = head.take() { return HTTP2DecodedRequest(head: .success(h), contentLength: contentLength, isHead: isHead) }
+        return HTTP2DecodedRequest(head: .failure(refusal!), contentLength: contentLength, isHead: isHead)
+    }
+
+    /// The request once its block is decoded; nil when the block is malformed.
+    mutating func finish() -> HTTP2DecodedRequest? {
+        complete() ? decoded() : nil
     }
 }
 
@@ -1114,4 +1135,53 @@ struct HTTP2TrailersSink: HPACKFieldSink {
             return
         }
     }
+}
+
+/// The open streams of an HTTP2ServerConnection, by id: an array in the order the
+/// client opened them (stream ids only grow, so it stays sorted by id), searched from
+/// the newest. A connection between sidecars has a few streams open at a time (at most
+/// 100): no hashing, no dictionary entry made and dropped per stream.
+struct HTTP2StreamTable: HTTP2StreamSet {
+    private(set) var values: [HTTP2ServerStream] = []
+
+    var count: Int { values.count }
+    var isEmpty: Bool { values.isEmpty }
+
+    /// The open stream `id`, if any.
+    @inline(__always)
+    subscript(id: UInt32) -> HTTP2ServerStream? {
+        var i = values.count - 1
+        while i >= 0 {
+            let s = values[i]
+            if s.id == id { return s }
+            if s.id < id { return nil } // sorted: no older stream has it
+            i -= 1
+        }
+        return nil
+    }
+
+    /// A new stream, its id above every open one's.
+    @inline(__always)
+    mutating func append(_ s: HTTP2ServerStream) {
+        assert(values.last.map { $0.id < s.id } ?? true, "stream ids grow")
+        if values.capacity == 0 { values.reserveCapacity(8) }
+        values.append(s)
+    }
+
+    /// Removes `s` (this object, not another stream with its id); false when not open.
+    @inline(__always)
+    mutating func remove(_ s: HTTP2ServerStream) -> Bool {
+        var i = values.count - 1
+        while i >= 0 {
+            if values[i] === s {
+                if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
+                return true
+            }
+            i -= 1
+        }
+        return false
+    }
+
+    /// Forgets every stream (keeping the storage).
+    mutating func removeAll() { values.removeAll(keepingCapacity: true) }
 }
