@@ -247,7 +247,8 @@ struct HPACKResponseWriter {
     }
 
     /// Static-table name index of a response field (`name`: its bytes), for the names
-    /// responses carry most.
+    /// responses carry most (RFC 7541 Appendix A): the name then costs one or two bytes,
+    /// not a lowercased copy. Credentials (set-cookie) are left to the never-indexed literal.
     @inline(__always)
     static func nameIndex(_ kind: KnownHeader, _ name: UnsafeRawBufferPointer) -> Int {
         switch kind {
@@ -255,8 +256,18 @@ struct HPACKResponseWriter {
         case .server: return 54
         case .other:
             switch name.count {
-            case 4: return HTTP2FieldCheck.equals(name, "date", foldingCase: true) ? 33 : 0
+            case 4:
+                if HTTP2FieldCheck.equals(name, "date", foldingCase: true) { return 33 }
+                if HTTP2FieldCheck.equals(name, "etag", foldingCase: true) { return 34 }
+                return HTTP2FieldCheck.equals(name, "vary", foldingCase: true) ? 59 : 0
+            case 7: return HTTP2FieldCheck.equals(name, "expires", foldingCase: true) ? 36 : 0
+            case 8: return HTTP2FieldCheck.equals(name, "location", foldingCase: true) ? 46 : 0
             case 12: return HTTP2FieldCheck.equals(name, "content-type", foldingCase: true) ? 31 : 0
+            case 13:
+                if HTTP2FieldCheck.equals(name, "last-modified", foldingCase: true) { return 44 }
+                if HTTP2FieldCheck.equals(name, "accept-ranges", foldingCase: true) { return 18 }
+                return HTTP2FieldCheck.equals(name, "cache-control", foldingCase: true) ? 24 : 0
+            case 16: return HTTP2FieldCheck.equals(name, "content-encoding", foldingCase: true) ? 26 : 0
             default: return 0
             }
         default: return 0

@@ -80,6 +80,9 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     // Output.
     var encoder = HPACKResponseWriter()
     var out: ByteBuffer?
+    /// Counts the output buffers started: an offset into `out` is valid while it stays
+    /// the same (and `out` is not nil), i.e. until those frames are handed to the channel.
+    var outputEpoch = 0
     var sendWindow = 65_535
     var peerInitialWindow = 65_535
     var peerMaxFrameSize = 16_384
@@ -386,6 +389,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     @inline(__always)
     func output(capacity: Int) -> ByteBuffer {
         if let b = out { out = nil; return b }
+        outputEpoch &+= 1
         return ctx.outputBuffer(capacity: max(capacity, 4096))
     }
 
@@ -421,11 +425,21 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     }
 
     /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
-    /// a `server` field added when given.
-    func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
+    /// a `server` field added when given. Returns where the HEADERS frame starts in the
+    /// output (valid while `outputEpoch` stays the same: setEndStream).
+    @discardableResult
+    func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) -> Int {
         writeHeaderBlock(stream: stream, endStream: endStream, capacity: head.bytes.readableBytes + 64) { e, b in
             e.write(head, server: server, headerOnly: endStream, into: &b)
         }
+    }
+
+    /// Sets END_STREAM on the frame (HEADERS) written at `at` in the output, if that
+    /// output is still unsent (`epoch`, the outputEpoch it was written in); false if not.
+    func setEndStream(onFrameAt at: Int, epoch: Int) -> Bool {
+        guard epoch == outputEpoch, out != nil, let flags = out!.getInteger(at: at + 4, as: UInt8.self) else { return false }
+        out!.setInteger(flags | 1, at: at + 4)
+        return true
     }
 
     /// An interim response (HEADERS with `:status` 100, not ending the stream).
@@ -436,12 +450,14 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     /// Appends the header block `encode` writes to the output, framed as HEADERS (then
     /// CONTINUATION frames past the peer's maximum frame size), written in place behind
     /// the frame header (HTTP2Wire.writeHeaderBlock).
-    @inline(__always)
-    func writeHeaderBlock(stream: UInt32, endStream: Bool, capacity: Int, _ encode: (inout HPACKResponseWriter, inout ByteBuffer) -> Void) {
+    @discardableResult @inline(__always)
+    func writeHeaderBlock(stream: UInt32, endStream: Bool, capacity: Int, _ encode: (inout HPACKResponseWriter, inout ByteBuffer) -> Void) -> Int {
         var b = output(capacity: capacity + 9)
+        let at = b.writerIndex
         HTTP2Wire.writeHeaderBlock(stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b) { encode(&encoder, &$0) }
         out = b
         markUnflushed()
+        return at
     }
 
     /// One DATA frame (the windows already taken). Small payloads are copied behind the
@@ -634,6 +650,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         if heldHead != nil { heldHead = nil }
         if heldData != nil { heldData = nil }
         if pendingTrailers != nil { pendingTrailers = nil }
+        headersAt = -1
+        responseHeadWritten = false
     }
 
     // MARK: request: frames -> head and body chunks
@@ -751,28 +769,55 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     // MARK: response: head and body chunks -> frames
 
     // A response (proxied or local) comes as its parsed head and raw body chunks (the
-    // handler writes no HTTP/1.1 bytes for it, so nothing is parsed twice). The head and
-    // the latest chunk are held until the next chunk, the end of the response or the end of
-    // the loop's batch: END_STREAM then rides on the last frame, as a small response
-    // leaves in one HEADERS and one DATA frame.
+    // handler writes no HTTP/1.1 bytes for it, so nothing is parsed twice). The latest
+    // chunk is held until the next chunk, the end of the response or the end of the loop's
+    // batch: END_STREAM then rides on the last frame, as a small response leaves in one
+    // HEADERS and one DATA frame. A head whose framing announces a body is written as
+    // HEADERS at once (into the connection's output, unsent until the end of the batch):
+    // should the response end with no DATA after all, END_STREAM is set on that frame
+    // while it is still unsent (`headersAt`). A head announcing no body is held like a
+    // chunk (the block it gets depends on whether it ends the stream: headerOnly).
     var heldHead: HTTPHead?
     var heldData: ByteBuffer?
+    /// The response's HEADERS frame written at once: its offset in the connection's
+    /// output while that output is unsent (connection.outputEpoch == headersEpoch) and no
+    /// DATA of the stream follows it; -1 otherwise.
+    var headersAt = -1
+    var headersEpoch = 0
+    /// The final response head was written (no interim 100 may follow it).
+    var responseHeadWritten = false
 
     /// `expect: 100-continue`: the client may send the body (an interim HEADERS).
     func writeContinue() {
-        guard !finished, !endQueued, heldHead == nil else { return }
+        guard !finished, !endQueued, heldHead == nil, !responseHeadWritten else { return }
         connection.writeContinue(stream: id)
     }
 
-    /// The response head (from the upstream after the filters, or a local reply's).
-    func holdResponseHead(_ head: HTTPHead) {
-        guard !finished else { return }
-        heldHead = head
+    /// The response head (from the upstream after the filters, or a local reply's):
+    /// written as HEADERS now when a body follows, else held (true: held, to be released
+    /// by the end of the batch).
+    @discardableResult
+    func holdResponseHead(_ head: HTTPHead) -> Bool {
+        guard !finished else { return false }
+        switch head.framing {
+        case .contentLength(let n) where n > 0:
+            break
+        case .chunked, .untilClose:
+            break
+        case .none, .contentLength:
+            heldHead = head
+            return true
+        }
+        responseHeadWritten = true
+        headersAt = connection.writeHeaders(stream: id, head, server: "moonlet", endStream: false)
+        headersEpoch = connection.outputEpoch
+        return false
     }
 
     /// A chunk of the response body.
     func responseBody(_ chunk: ByteBuffer) {
         guard !finished, chunk.readableBytes > 0 else { return }
+        headersAt = -1 // DATA follows the HEADERS
         if heldData != nil { releaseHeld(end: false) }
         heldData = chunk
     }
@@ -800,12 +845,19 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     func releaseHeld(end: Bool) {
         guard !finished else { return }
         if let h = heldHead.take() {
+            responseHeadWritten = true
             connection.writeHeaders(stream: id, h, server: "moonlet", endStream: end && heldData == nil)
             if end && heldData == nil { endQueued = true; sent(); return }
         }
         if let d = heldData.take() {
             send(d, end: end)
         } else if end {
+            // The HEADERS written at once still unsent, nothing after it: END_STREAM on it.
+            if headersAt >= 0 {
+                let at = headersAt
+                headersAt = -1
+                if connection.setEndStream(onFrameAt: at, epoch: headersEpoch) { endQueued = true; sent(); return }
+            }
             send(ByteBuffer(), end: true)
         }
     }
