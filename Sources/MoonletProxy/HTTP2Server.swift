@@ -1008,7 +1008,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
 
     mutating func save(_ v: UnsafeRawBufferPointer) -> Range<Int> {
         let start = saved.count
-        saved.append(contentsOf: v)
+        v.withMemoryRebound(to: UInt8.self) { saved.append(contentsOf: $0) } // typed: one copy, not a byte loop
         return start..<saved.count
     }
 
@@ -1076,7 +1076,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
             if HTTP2FieldCheck.equals(name, "cookie") {
                 if let c = cookie {
                     saved.append(contentsOf: "; ".utf8)
-                    saved.append(contentsOf: value)
+                    value.withMemoryRebound(to: UInt8.self) { saved.append(contentsOf: $0) }
                     cookie = c.lowerBound..<saved.count
                 } else {
                     cookie = save(value)
