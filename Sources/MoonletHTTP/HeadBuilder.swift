@@ -20,7 +20,9 @@ public struct HTTPHeadBuilder {
     /// The same from bytes (an HTTP/2 request's `:method` and `:path` as HPACK decoded them).
     /// (`buffer` is consumed: written in place, never copied on write.)
     public init(method: UnsafeRawBufferPointer, target: UnsafeRawBufferPointer, buffer: consuming ByteBuffer) {
-        var b = buffer
+        // Moved, not copied: a copy would share the storage with `buffer` (alive to the end
+        // of the scope) and the first write would copy it.
+        var b = consume buffer
         // The request line in one reservation (method SP target " HTTP/1.1" CRLF).
         let m = method.count, t = target.count
         let version: StaticString = " HTTP/1.1\r\n"
@@ -43,7 +45,7 @@ public struct HTTPHeadBuilder {
     /// A response head: `HTTP/1.1 NNN reason CRLF` with the status's standard reason
     /// (`status` is 100...999); `buffer` is empty (reader index 0).
     public init(status: Int, buffer: consuming ByteBuffer) {
-        var b = buffer
+        var b = consume buffer
         if status == 200 {
             b.writeStaticString("HTTP/1.1 200 OK\r\n")
         } else {
@@ -101,6 +103,16 @@ public struct HTTPHeadBuilder {
     /// Ends the header section (the empty line) and returns the head.
     public mutating func finish() -> HTTPHead {
         head.bytes.writeInteger(UInt16(0x0D0A))
+        return head
+    }
+
+    /// The same, the builder consumed: its head is moved out, not copied (an HTTP/2
+    /// request's head on its way to the stream's handler).
+    public consuming func finished() -> HTTPHead {
+        head.bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: 2) { p in
+            p.storeBytes(of: 0x0A0D, as: UInt16.self) // CRLF (little-endian)
+            return 2
+        }
         return head
     }
 }

@@ -312,10 +312,10 @@ final class HTTP1Downstream: DownstreamStream, DeferredFlush {
 /// the end of the loop's batch, so END_STREAM rides on the last frame).
 extension HTTP2ServerStream: DownstreamStream, DeferredFlush {
     func sendHead(_ head: HTTPHead, clientMinor: Int, requestComplete: Bool, draining: Bool, closeAfter: inout Bool) {
-        // HTTP/2 frames the body itself: the head goes to the stream as it is.
+        // HTTP/2 frames the body itself: the head goes to the stream as it is (written
+        // as HEADERS at once, or held: then released by the end of the batch).
         if !requestComplete { closeAfter = true }
-        holdResponseHead(head)
-        markHeld()
+        if holdResponseHead(head) { markHeld() }
     }
 
     func sendBody(_ chunk: ByteBuffer) {

@@ -176,8 +176,8 @@ struct HPACKEncoderTable {
     @inline(__always)
     static func indexes(_ name: String) -> Bool {
         switch name.utf8.count {
-        case 21: return name == PeerMetadata.header
-        case 24: return name == PeerMetadata.idHeader
+        case 21: return identical(name, PeerMetadata.header) || sameBytes(name, PeerMetadata.header)
+        case 24: return identical(name, PeerMetadata.idHeader) || sameBytes(name, PeerMetadata.idHeader)
         default: return false
         }
     }
@@ -188,7 +188,10 @@ struct HPACKEncoderTable {
     mutating func write(name: String, value: String, _ w: inout HPACKRawWriter) {
         var i = 0
         while i < entries.count {
-            if Self.sameBytes(entries[i].name, name) && Self.sameBytes(entries[i].value, value) {
+            // The proxy's own metadata is one String object per sidecar (and the names
+            // are literals): the same representation is the same bytes, with no compare.
+            if (Self.identical(entries[i].value, value) || Self.sameBytes(entries[i].value, value))
+                && (Self.identical(entries[i].name, name) || Self.sameBytes(entries[i].name, name)) {
                 w.integer(62 + i, prefix: 7, flags: 0x80)
                 return
             }
@@ -205,6 +208,13 @@ struct HPACKEncoderTable {
         }
         w.string(name, lowercase: true)
         w.string(value, lowercase: false)
+    }
+
+    /// Whether two strings have the same representation (the same storage, or the same
+    /// small-string bits): then they have the same bytes. False says nothing.
+    @inline(__always)
+    static func identical(_ a: String, _ b: String) -> Bool {
+        unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
     }
 
     /// Whether two strings have the same UTF-8 bytes (String's == compares canonical
@@ -247,18 +257,41 @@ struct HPACKResponseWriter {
     }
 
     /// Static-table name index of a response field (`name`: its bytes), for the names
-    /// responses carry most.
+    /// responses carry most (RFC 7541 Appendix A): the name then costs one or two bytes,
+    /// not a lowercased copy. Credentials (set-cookie) are left to the never-indexed literal.
+    /// The name is compared a word at a time with its letters folded to lowercase (or-ing
+    /// 0x20 into every byte is exact for token names: no other byte of a name folds onto a
+    /// letter or "-").
     @inline(__always)
     static func nameIndex(_ kind: KnownHeader, _ name: UnsafeRawBufferPointer) -> Int {
         switch kind {
         case .contentLength: return 28
         case .server: return 54
-        case .other:
-            switch name.count {
-            case 4: return HTTP2FieldCheck.equals(name, "date", foldingCase: true) ? 33 : 0
-            case 12: return HTTP2FieldCheck.equals(name, "content-type", foldingCase: true) ? 31 : 0
+        case .other: break
+        default: return 0
+        }
+        @inline(__always) func w32(_ at: Int) -> UInt32 { name.loadUnaligned(fromByteOffset: at, as: UInt32.self) | 0x2020_2020 }
+        @inline(__always) func w64(_ at: Int) -> UInt64 { name.loadUnaligned(fromByteOffset: at, as: UInt64.self) | 0x2020_2020_2020_2020 }
+        // Little-endian words of the lowercase names.
+        switch name.count {
+        case 4:
+            switch w32(0) {
+            case 0x6574_6164: return 33 // date
+            case 0x6761_7465: return 34 // etag
+            case 0x7972_6176: return 59 // vary
             default: return 0
             }
+        case 7: return w32(0) == 0x6970_7865 && w32(3) == 0x7365_7269 ? 36 : 0 // expires
+        case 8: return w64(0) == 0x6e6f_6974_6163_6f6c ? 46 : 0 // location
+        case 12: return w64(0) == 0x2d74_6e65_746e_6f63 && w32(8) == 0x6570_7974 ? 31 : 0 // content-type
+        case 13:
+            switch (w64(0), w64(5)) {
+            case (0x646f_6d2d_7473_616c, 0x6465_6966_6964_6f6d): return 44 // last-modified
+            case (0x722d_7470_6563_6361, 0x7365_676e_6172_2d74): return 18 // accept-ranges
+            case (0x6f63_2d65_6863_6163, 0x6c6f_7274_6e6f_632d): return 24 // cache-control
+            default: return 0
+            }
+        case 16: return w64(0) == 0x2d74_6e65_746e_6f63 && w64(8) == 0x676e_6964_6f63_6e65 ? 26 : 0 // content-encoding
         default: return 0
         }
     }

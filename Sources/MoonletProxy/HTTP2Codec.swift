@@ -303,11 +303,12 @@ extension HTTP2FlowControlledSender {
 /// and the send windows (the peer's SETTINGS_INITIAL_WINDOW_SIZE, the connection's
 /// WINDOW_UPDATE).
 protocol HTTP2ConnectionCore: HTTP2DataWriter {
-    associatedtype Stream: HTTP2FlowControlledSender
+    associatedtype Streams: HTTP2StreamSet
     /// What the last read left of an incomplete frame.
     var inbound: ByteBuffer? { get set }
     var closed: Bool { get }
-    var streams: [UInt32: Stream] { get }
+    /// The open streams (a dictionary by id, or the server's HTTP2StreamTable).
+    var streams: Streams { get }
     var peerInitialWindow: Int { get set }
     /// A connection error: GOAWAY with its code, and the connection closes.
     func fail(_ e: HTTP2ConnectionError)
@@ -366,7 +367,18 @@ extension HTTP2ConnectionCore {
     }
 }
 
-extension Dictionary where Value: HTTP2FlowControlledSender {
+/// A connection's open streams, as HTTP2ConnectionCore walks them.
+protocol HTTP2StreamSet {
+    associatedtype Stream: HTTP2FlowControlledSender
+    associatedtype Values: Sequence where Values.Element == Stream
+    var values: Values { get }
+}
+
+extension Dictionary: HTTP2StreamSet where Value: HTTP2FlowControlledSender {
+    typealias Stream = Value
+}
+
+extension HTTP2StreamSet {
     /// The connection's window reopened: each stream with queued DATA sends what it can,
     /// as long as `open()` says the connection's window has room.
     func drainQueued(while open: () -> Bool) {

@@ -70,7 +70,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     /// requestHeaderTimeoutMs from its HEADERS frame, however many CONTINUATION frames
     /// trickle in (DownstreamHandler.checkDeadlines sends GOAWAY).
     var continuationDeadline: UInt64 = 0
-    var streams: [UInt32: HTTP2ServerStream] = [:]
+    var streams = HTTP2StreamTable()
     /// The highest stream id the client opened (streams below it are closed or open).
     var lastStreamID: UInt32 = 0
     /// Receive window of the connection, and bytes received since the last WINDOW_UPDATE.
@@ -80,6 +80,9 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     // Output.
     var encoder = HPACKResponseWriter()
     var out: ByteBuffer?
+    /// Counts the output buffers started: an offset into `out` is valid while it stays
+    /// the same (and `out` is not nil), i.e. until those frames are handed to the channel.
+    var outputEpoch = 0
     var sendWindow = 65_535
     var peerInitialWindow = 65_535
     var peerMaxFrameSize = 16_384
@@ -279,12 +282,15 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             writeRSTStream(id, selfDependent ? .protocolError : .refusedStream)
             return
         }
-        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: requestScratch, blockSize: block.readableBytes)
-        requestScratch = []
-        defer { requestScratch = request.saved }
+        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: [], blockSize: block.readableBytes)
+        // The connection's scratch bytes, swapped in and out: never shared, so emptying
+        // them keeps their storage (no allocation per block).
+        swap(&request.saved, &requestScratch)
+        request.saved.removeAll(keepingCapacity: true)
+        defer { swap(&request.saved, &requestScratch) }
         try decode(stream: id, block, into: &request)
         lastStreamID = id
-        guard let head = request.finish() else {
+        guard request.complete() else {
             ctx.metrics.count("moonlet_downstream_protocol_errors_total")
             writeRSTStream(id, .protocolError)
             return
@@ -298,8 +304,8 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         } else {
             s = HTTP2ServerStream(id: id, connection: self, sendWindow: peerInitialWindow)
         }
-        streams[id] = s
-        s.open(head, endStream: endStream, handler: spare)
+        streams.append(s)
+        s.open(&request, endStream: endStream, handler: spare)
     }
 
     /// Decodes a header block into `sink`; a malformed one is a connection error.
@@ -383,6 +389,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     @inline(__always)
     func output(capacity: Int) -> ByteBuffer {
         if let b = out { out = nil; return b }
+        outputEpoch &+= 1
         return ctx.outputBuffer(capacity: max(capacity, 4096))
     }
 
@@ -418,11 +425,21 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     }
 
     /// A response head as HEADERS (and CONTINUATION past the peer's frame size), with
-    /// a `server` field added when given.
-    func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) {
+    /// a `server` field added when given. Returns where the HEADERS frame starts in the
+    /// output (valid while `outputEpoch` stays the same: setEndStream).
+    @discardableResult
+    func writeHeaders(stream: UInt32, _ head: HTTPHead, server: String?, endStream: Bool) -> Int {
         writeHeaderBlock(stream: stream, endStream: endStream, capacity: head.bytes.readableBytes + 64) { e, b in
             e.write(head, server: server, headerOnly: endStream, into: &b)
         }
+    }
+
+    /// Sets END_STREAM on the frame (HEADERS) written at `at` in the output, if that
+    /// output is still unsent (`epoch`, the outputEpoch it was written in); false if not.
+    func setEndStream(onFrameAt at: Int, epoch: Int) -> Bool {
+        guard epoch == outputEpoch, out != nil, let flags = out!.getInteger(at: at + 4, as: UInt8.self) else { return false }
+        out!.setInteger(flags | 1, at: at + 4)
+        return true
     }
 
     /// An interim response (HEADERS with `:status` 100, not ending the stream).
@@ -433,12 +450,14 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     /// Appends the header block `encode` writes to the output, framed as HEADERS (then
     /// CONTINUATION frames past the peer's maximum frame size), written in place behind
     /// the frame header (HTTP2Wire.writeHeaderBlock).
-    @inline(__always)
-    func writeHeaderBlock(stream: UInt32, endStream: Bool, capacity: Int, _ encode: (inout HPACKResponseWriter, inout ByteBuffer) -> Void) {
+    @discardableResult @inline(__always)
+    func writeHeaderBlock(stream: UInt32, endStream: Bool, capacity: Int, _ encode: (inout HPACKResponseWriter, inout ByteBuffer) -> Void) -> Int {
         var b = output(capacity: capacity + 9)
+        let at = b.writerIndex
         HTTP2Wire.writeHeaderBlock(stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize, into: &b) { encode(&encoder, &$0) }
         out = b
         markUnflushed()
+        return at
     }
 
     /// One DATA frame (the windows already taken). Small payloads are copied behind the
@@ -535,7 +554,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
         out = nil
         inbound = nil
         let open = streams.values
-        streams = [:]
+        streams.removeAll()
         for s in open { s.resetByPeer() }
         for s in ending { s.finish() }
         ending = []
@@ -631,13 +650,16 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         if heldHead != nil { heldHead = nil }
         if heldData != nil { heldData = nil }
         if pendingTrailers != nil { pendingTrailers = nil }
+        headersAt = -1
+        responseHeadWritten = false
     }
 
     // MARK: request: frames -> head and body chunks
 
-    /// The stream's request head arrived: `spare`, a finished stream's handler, serves
-    /// it (h2StreamReused), else a new one.
-    func open(_ head: HTTP2DecodedRequest, endStream: Bool, handler spare: DownstreamHandler?) {
+    /// The stream's request head arrived (`request`, complete: its head is moved out to
+    /// the handler, not copied): `spare`, a finished stream's handler, serves it
+    /// (h2StreamReused), else a new one.
+    func open(_ request: inout HTTP2RequestHead, endStream: Bool, handler spare: DownstreamHandler?) {
         let c = connection
         let h: DownstreamHandler
         if let spare {
@@ -651,27 +673,36 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         }
         h.peerExchange = c.peerExchange
         handler = h
-        requestIsHead = head.isHead
-        contentLength = head.contentLength
+        requestIsHead = request.isHead
+        contentLength = request.contentLength
         if endStream {
             remoteClosed = true
             guard contentLength <= 0 else { reset(.protocolError); return }
-            deliverHead(head, chunked: false, to: h)
+            deliverHead(&request.head, refusal: request.refusal, chunked: false, to: h)
         } else if contentLength >= 0 {
-            deliverHead(head, chunked: false, to: h)
+            deliverHead(&request.head, refusal: request.refusal, chunked: false, to: h)
         } else {
-            pendingHead = head
+            pendingHead = request.decoded()
         }
     }
 
-    /// Hands the request's HTTPHead to the handler (or the error a malformed one gets).
+    /// Hands the request's HTTPHead to the handler, moved out of `head` (or the error a
+    /// refused one gets).
+    @inline(__always)
+    func deliverHead(_ head: inout HTTPHead?, refusal: HTTPParseError?, chunked: Bool, to h: DownstreamHandler) {
+        guard head != nil else { h.h2RequestRefused(refusal!); return }
+        let length = contentLength
+        head!.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
+        h.h2Request(head.take()!)
+        connection.peerExchange = h.peerExchange // the peer it read, for the next streams
+    }
+
+    /// The same for a head held until the next frame (pendingHead).
     func deliverHead(_ request: HTTP2DecodedRequest, chunked: Bool, to h: DownstreamHandler) {
         switch request.head {
-        case .success(var head):
-            let length = request.contentLength
-            head.framing = length > 0 ? .contentLength(Int64(length)) : length == 0 ? .none : chunked ? .chunked : .none
-            h.h2Request(head)
-            connection.peerExchange = h.peerExchange // the peer it read, for the next streams
+        case .success(let head):
+            var held: HTTPHead? = head
+            deliverHead(&held, refusal: nil, chunked: chunked, to: h)
         case .failure(let e): h.h2RequestRefused(e)
         }
     }
@@ -738,28 +769,55 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     // MARK: response: head and body chunks -> frames
 
     // A response (proxied or local) comes as its parsed head and raw body chunks (the
-    // handler writes no HTTP/1.1 bytes for it, so nothing is parsed twice). The head and
-    // the latest chunk are held until the next chunk, the end of the response or the end of
-    // the loop's batch: END_STREAM then rides on the last frame, as a small response
-    // leaves in one HEADERS and one DATA frame.
+    // handler writes no HTTP/1.1 bytes for it, so nothing is parsed twice). The latest
+    // chunk is held until the next chunk, the end of the response or the end of the loop's
+    // batch: END_STREAM then rides on the last frame, as a small response leaves in one
+    // HEADERS and one DATA frame. A head whose framing announces a body is written as
+    // HEADERS at once (into the connection's output, unsent until the end of the batch):
+    // should the response end with no DATA after all, END_STREAM is set on that frame
+    // while it is still unsent (`headersAt`). A head announcing no body is held like a
+    // chunk (the block it gets depends on whether it ends the stream: headerOnly).
     var heldHead: HTTPHead?
     var heldData: ByteBuffer?
+    /// The response's HEADERS frame written at once: its offset in the connection's
+    /// output while that output is unsent (connection.outputEpoch == headersEpoch) and no
+    /// DATA of the stream follows it; -1 otherwise.
+    var headersAt = -1
+    var headersEpoch = 0
+    /// The final response head was written (no interim 100 may follow it).
+    var responseHeadWritten = false
 
     /// `expect: 100-continue`: the client may send the body (an interim HEADERS).
     func writeContinue() {
-        guard !finished, !endQueued, heldHead == nil else { return }
+        guard !finished, !endQueued, heldHead == nil, !responseHeadWritten else { return }
         connection.writeContinue(stream: id)
     }
 
-    /// The response head (from the upstream after the filters, or a local reply's).
-    func holdResponseHead(_ head: HTTPHead) {
-        guard !finished else { return }
-        heldHead = head
+    /// The response head (from the upstream after the filters, or a local reply's):
+    /// written as HEADERS now when a body follows, else held (true: held, to be released
+    /// by the end of the batch).
+    @discardableResult
+    func holdResponseHead(_ head: HTTPHead) -> Bool {
+        guard !finished else { return false }
+        switch head.framing {
+        case .contentLength(let n) where n > 0:
+            break
+        case .chunked, .untilClose:
+            break
+        case .none, .contentLength:
+            heldHead = head
+            return true
+        }
+        responseHeadWritten = true
+        headersAt = connection.writeHeaders(stream: id, head, server: "moonlet", endStream: false)
+        headersEpoch = connection.outputEpoch
+        return false
     }
 
     /// A chunk of the response body.
     func responseBody(_ chunk: ByteBuffer) {
         guard !finished, chunk.readableBytes > 0 else { return }
+        headersAt = -1 // DATA follows the HEADERS
         if heldData != nil { releaseHeld(end: false) }
         heldData = chunk
     }
@@ -787,12 +845,19 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     func releaseHeld(end: Bool) {
         guard !finished else { return }
         if let h = heldHead.take() {
+            responseHeadWritten = true
             connection.writeHeaders(stream: id, h, server: "moonlet", endStream: end && heldData == nil)
             if end && heldData == nil { endQueued = true; sent(); return }
         }
         if let d = heldData.take() {
             send(d, end: end)
         } else if end {
+            // The HEADERS written at once still unsent, nothing after it: END_STREAM on it.
+            if headersAt >= 0 {
+                let at = headersAt
+                headersAt = -1
+                if connection.setEndStream(onFrameAt: at, epoch: headersEpoch) { endQueued = true; sent(); return }
+            }
             send(ByteBuffer(), end: true)
         }
     }
@@ -872,13 +937,8 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// `recycling`: called from the end of the loop's batch (HTTP2ServerConnection.flushNow),
     /// with no frame of the handler's own on the stack.
     func end(recycling: Bool = false) {
-        // One lookup: removed, and put back in the rare case the id is another stream's.
-        if let s = connection.streams.removeValue(forKey: id) {
-            if s === self {
-                connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
-            } else {
-                connection.streams[id] = s
-            }
+        if connection.streams.remove(self) {
+            connection.lastStreamEnd = NIODeadline.now().uptimeNanoseconds
         }
         if var h = handler.take() {
             h.h2StreamClosed()
@@ -935,6 +995,8 @@ struct HTTP2RequestHead: HPACKFieldSink {
     var isHead = false
     var hasHost = false, lengthWritten = false, underscore = false, expectContinue = false
     var cookie: Range<Int>?
+    /// The request's head once `complete` found the block well-formed and not refused.
+    var head: HTTPHead?
 
     init(limits: ProxyLimits, allocator: ByteBufferAllocator, scratch: [UInt8], blockSize: Int) {
         self.limits = limits
@@ -946,7 +1008,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
 
     mutating func save(_ v: UnsafeRawBufferPointer) -> Range<Int> {
         let start = saved.count
-        saved.append(contentsOf: v)
+        v.withMemoryRebound(to: UInt8.self) { saved.append(contentsOf: $0) } // typed: one copy, not a byte loop
         return start..<saved.count
     }
 
@@ -1014,7 +1076,7 @@ struct HTTP2RequestHead: HPACKFieldSink {
             if HTTP2FieldCheck.equals(name, "cookie") {
                 if let c = cookie {
                     saved.append(contentsOf: "; ".utf8)
-                    saved.append(contentsOf: value)
+                    value.withMemoryRebound(to: UInt8.self) { saved.append(contentsOf: $0) }
                     cookie = c.lowerBound..<saved.count
                 } else {
                     cookie = save(value)
@@ -1070,32 +1132,43 @@ struct HTTP2RequestHead: HPACKFieldSink {
     static let hostName: StaticString = "host"
     static let cookieName: StaticString = "cookie"
 
-    /// The request once its block is decoded; nil when the block is malformed.
-    mutating func finish() -> HTTP2DecodedRequest? {
+    /// The block is decoded: false when it is malformed; otherwise `head` holds the
+    /// request, or `refusal` the answer it gets. (The head is built in place and moved
+    /// into `head`: the stream moves it on to its handler, no copy is made.)
+    mutating func complete() -> Bool {
         if !regular && !malformed { endOfPseudoHeaders() }
-        if malformed { return nil }
-        if let refusal { return HTTP2DecodedRequest(head: .failure(refusal), contentLength: contentLength, isHead: isHead) }
-        var b = builder.take()!
+        if malformed { return false }
+        if refusal != nil { return true }
         if let c = cookie {
             let crumbs = saved
             crumbs.withUnsafeBytes { raw in
-                _ = b.add(name: UnsafeRawBufferPointer(start: Self.cookieName.utf8Start, count: 6), value: UnsafeRawBufferPointer(rebasing: raw[c]), kind: .other)
+                _ = builder!.add(name: UnsafeRawBufferPointer(start: Self.cookieName.utf8Start, count: 6), value: UnsafeRawBufferPointer(rebasing: raw[c]), kind: .other)
             }
         }
-        let refused: HTTPParseError?
-        if b.head.fields.count > limits.maxHeaderCount {
-            refused = HTTPParseError(431, "more than \(limits.maxHeaderCount) headers")
-        } else {
-            b.set(underscoreInName: underscore)
-            b.set(expectContinue: expectContinue)
-            let head = b.finish()
-            if head.bytes.readableBytes > limits.maxHeadBytes {
-                refused = HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes")
-            } else {
-                return HTTP2DecodedRequest(head: .success(head), contentLength: contentLength, isHead: isHead)
-            }
+        if builder!.head.fields.count > limits.maxHeaderCount {
+            refusal = HTTPParseError(431, "more than \(limits.maxHeaderCount) headers")
+            return true
         }
-        return HTTP2DecodedRequest(head: .failure(refused!), contentLength: contentLength, isHead: isHead)
+        builder!.set(underscoreInName: underscore)
+        builder!.set(expectContinue: expectContinue)
+        let h = builder.take()!.finished()
+        if h.bytes.readableBytes > limits.maxHeadBytes {
+            refusal = HTTPParseError(431, "request head larger than \(limits.maxHeadBytes) bytes")
+            return true
+        }
+        head = consume h
+        return true
+    }
+
+    /// What `complete` found, as one value (the head moved out of `head`).
+    mutating func decoded() -> HTTP2DecodedRequest {
+        if let h = head.take() { return HTTP2DecodedRequest(head: .success(h), contentLength: contentLength, isHead: isHead) }
+        return HTTP2DecodedRequest(head: .failure(refusal!), contentLength: contentLength, isHead: isHead)
+    }
+
+    /// The request once its block is decoded; nil when the block is malformed.
+    mutating func finish() -> HTTP2DecodedRequest? {
+        complete() ? decoded() : nil
     }
 }
 
@@ -1114,4 +1187,53 @@ struct HTTP2TrailersSink: HPACKFieldSink {
             return
         }
     }
+}
+
+/// The open streams of an HTTP2ServerConnection, by id: an array in the order the
+/// client opened them (stream ids only grow, so it stays sorted by id), searched from
+/// the newest. A connection between sidecars has a few streams open at a time (at most
+/// 100): no hashing, no dictionary entry made and dropped per stream.
+struct HTTP2StreamTable: HTTP2StreamSet {
+    private(set) var values: [HTTP2ServerStream] = []
+
+    var count: Int { values.count }
+    var isEmpty: Bool { values.isEmpty }
+
+    /// The open stream `id`, if any.
+    @inline(__always)
+    subscript(id: UInt32) -> HTTP2ServerStream? {
+        var i = values.count - 1
+        while i >= 0 {
+            let s = values[i]
+            if s.id == id { return s }
+            if s.id < id { return nil } // sorted: no older stream has it
+            i -= 1
+        }
+        return nil
+    }
+
+    /// A new stream, its id above every open one's.
+    @inline(__always)
+    mutating func append(_ s: HTTP2ServerStream) {
+        assert(values.last.map { $0.id < s.id } ?? true, "stream ids grow")
+        if values.capacity == 0 { values.reserveCapacity(8) }
+        values.append(s)
+    }
+
+    /// Removes `s` (this object, not another stream with its id); false when not open.
+    @inline(__always)
+    mutating func remove(_ s: HTTP2ServerStream) -> Bool {
+        var i = values.count - 1
+        while i >= 0 {
+            if values[i] === s {
+                if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
+                return true
+            }
+            i -= 1
+        }
+        return false
+    }
+
+    /// Forgets every stream (keeping the storage).
+    mutating func removeAll() { values.removeAll(keepingCapacity: true) }
 }

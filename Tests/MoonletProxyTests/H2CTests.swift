@@ -166,6 +166,37 @@ final class H2CTests: XCTestCase {
         XCTAssertFalse(out.contains("recv DATA frame"), out)
     }
 
+    /// A response with a body: its HEADERS frame (written as the head arrives) does not
+    /// end the stream; the one DATA frame does. Last-Modified, ETag and Accept-Ranges
+    /// arrive under their static-table names, lowercase.
+    func test_aResponseWithABody_toAnHTTP2Client_isHeadersThenOneDataFrameEndingTheStream() throws {
+        let up = try TestUpstream { _ in
+            TestUpstream.Reply(headers: [("Last-Modified", "Sun, 06 Dec 2026 10:00:00 GMT"), ("ETag", "\"5-a\""), ("Accept-Ranges", "bytes")], body: "hello")
+        }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let out = try runTool("nghttp", ["-v", "-t", "10", "http://127.0.0.1:\(px.inbound)/x"])
+        XCTAssertTrue(out.range(of: "recv HEADERS frame <length=[0-9]+, flags=0x04", options: .regularExpression) != nil, "HEADERS without END_STREAM: \(out)")
+        XCTAssertTrue(out.range(of: "recv DATA frame <length=5, flags=0x01", options: .regularExpression) != nil, "one DATA frame ends the stream: \(out)")
+        XCTAssertTrue(out.contains("last-modified: Sun, 06 Dec 2026 10:00:00 GMT"), out)
+        XCTAssertTrue(out.contains("etag: \"5-a\""), out)
+        XCTAssertTrue(out.contains("accept-ranges: bytes"), out)
+    }
+
+    /// A chunked response whose body turns out empty: its HEADERS frame, written before
+    /// the end was known and still unsent, takes END_STREAM; no DATA frame follows.
+    func test_anEmptyChunkedResponse_toAnHTTP2Client_endsTheStreamOnItsHeadersFrame() throws {
+        let up = try TestUpstream { _ in TestUpstream.Reply(headers: [("x-kind", "empty")], body: "", chunked: true) }
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let out = try runTool("nghttp", ["-v", "-t", "10", "http://127.0.0.1:\(px.inbound)/x"])
+        XCTAssertTrue(out.contains("x-kind: empty"), out)
+        XCTAssertTrue(out.range(of: "recv HEADERS frame <length=[0-9]+, flags=0x05", options: .regularExpression) != nil, "one HEADERS frame ends the stream: \(out)")
+        XCTAssertFalse(out.contains("recv DATA frame"), out)
+    }
+
     func test_outbound_toAPlaintextGRPCPort_speaksH2C() throws {
         let app = try H2CApp()
         defer { app.stop() }

@@ -107,4 +107,33 @@ final class HPACKEncoderTableTests: XCTestCase {
         }
         XCTAssertLessThan(sizes[1], 10, "\(sizes)")
     }
+
+    func testResponseFieldNamesInTheStaticTableAreWrittenByIndexInAnyCaseAndReadBackLowercase() throws {
+        let names: [(String, Int)] = [("date", 33), ("etag", 34), ("vary", 59), ("expires", 36), ("location", 46), ("content-type", 31),
+                                      ("last-modified", 44), ("accept-ranges", 18), ("cache-control", 24), ("content-encoding", 26)]
+        for (name, index) in names {
+            for spelled in [name, name.uppercased(), name.prefix(1).uppercased() + name.dropFirst()] {
+                var n = spelled
+                XCTAssertEqual(n.withUTF8 { HPACKResponseWriter.nameIndex(.other, UnsafeRawBufferPointer($0)) }, index, spelled)
+            }
+        }
+        // Near misses: one byte off at either end, another length, a byte that folds onto no letter.
+        for miss in ["datf", "eate", "vars", "expirer", "locatioo", "content-typ_", "Content-Types", "last-modifieD2", "accept-rangez",
+                     "cache_control", "content-encodinf", "x-date", "dat@", "set-cookie", "server-timing"] {
+            var n = miss
+            XCTAssertEqual(n.withUTF8 { HPACKResponseWriter.nameIndex(.other, UnsafeRawBufferPointer($0)) }, 0, miss)
+        }
+        // A whole block: the names leave as indexes and are read back lowercase.
+        var writer = HPACKResponseWriter()
+        let decoder = HPACKBlockDecoder(maxTableSize: 4096, maxHeaderListSize: 65536)
+        var p = HTTPHeadParser()
+        let response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nLast-Modified: Sun, 06 Dec 2026 10:00:00 GMT\r\nETag: \"5-a\"\r\nAccept-Ranges: bytes\r\nX-Other: 1\r\n\r\n"
+        guard case .complete(let head, _) = p.parseResponse(ByteBuffer(string: response), requestWasHead: false) else { return XCTFail("no head") }
+        var b = ByteBuffer()
+        writer.write(head, server: "moonlet", into: &b)
+        XCTAssertEqual(try decode(Array(b.readableBytesView), decoder),
+                       [[":status", "200"], ["content-length", "2"], ["last-modified", "Sun, 06 Dec 2026 10:00:00 GMT"], ["etag", "\"5-a\""],
+                        ["accept-ranges", "bytes"], ["x-other", "1"], ["server", "moonlet"]])
+        XCTAssertEqual(Array(b.readableBytesView.prefix(3)), [0x88, 0x0f, 0x0d], "status 200, then content-length by index 28")
+    }
 }
