@@ -307,7 +307,7 @@ protocol HTTP2ConnectionCore: HTTP2DataWriter {
     /// What the last read left of an incomplete frame.
     var inbound: ByteBuffer? { get set }
     var closed: Bool { get }
-    /// The open streams (a dictionary by id, or the server's HTTP2StreamTable).
+    /// The open streams (HTTP2StreamTable).
     var streams: Streams { get }
     var peerInitialWindow: Int { get set }
     /// A connection error: GOAWAY with its code, and the connection closes.
@@ -374,9 +374,55 @@ protocol HTTP2StreamSet {
     var values: Values { get }
 }
 
-extension Dictionary: HTTP2StreamSet where Value: HTTP2FlowControlledSender {
-    typealias Stream = Value
+/// The open streams of an HTTP/2 connection, by id: an array in the order they were
+/// opened (stream ids only grow, so it stays sorted by id), searched from the newest.
+/// A connection between sidecars has a few streams open at a time (at most 100): no
+/// hashing, no dictionary entry made and dropped per stream.
+struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender>: HTTP2StreamSet {
+    private(set) var values: [Stream] = []
+
+    var count: Int { values.count }
+    var isEmpty: Bool { values.isEmpty }
+
+    /// The open stream `id`, if any.
+    @inline(__always)
+    subscript(id: UInt32) -> Stream? {
+        var i = values.count - 1
+        while i >= 0 {
+            let s = values[i]
+            if s.id == id { return s }
+            if s.id < id { return nil } // sorted: no older stream has it
+            i -= 1
+        }
+        return nil
+    }
+
+    /// A new stream, its id above every open one's.
+    @inline(__always)
+    mutating func append(_ s: Stream) {
+        assert(values.last.map { $0.id < s.id } ?? true, "stream ids grow")
+        if values.capacity == 0 { values.reserveCapacity(8) }
+        values.append(s)
+    }
+
+    /// Removes `s` (this object, not another stream with its id); false when not open.
+    @inline(__always)
+    mutating func remove(_ s: Stream) -> Bool {
+        var i = values.count - 1
+        while i >= 0 {
+            if values[i] === s {
+                if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
+                return true
+            }
+            i -= 1
+        }
+        return false
+    }
+
+    /// Forgets every stream (keeping the storage).
+    mutating func removeAll() { values.removeAll(keepingCapacity: true) }
 }
+
 
 extension HTTP2StreamSet {
     /// The connection's window reopened: each stream with queued DATA sends what it can,

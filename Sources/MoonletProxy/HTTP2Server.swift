@@ -70,7 +70,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
     /// requestHeaderTimeoutMs from its HEADERS frame, however many CONTINUATION frames
     /// trickle in (DownstreamHandler.checkDeadlines sends GOAWAY).
     var continuationDeadline: UInt64 = 0
-    var streams = HTTP2StreamTable()
+    var streams = HTTP2StreamTable<HTTP2ServerStream>()
     /// The highest stream id the client opened (streams below it are closed or open).
     var lastStreamID: UInt32 = 0
     /// Receive window of the connection, and bytes received since the last WINDOW_UPDATE.
@@ -1187,53 +1187,4 @@ struct HTTP2TrailersSink: HPACKFieldSink {
             return
         }
     }
-}
-
-/// The open streams of an HTTP2ServerConnection, by id: an array in the order the
-/// client opened them (stream ids only grow, so it stays sorted by id), searched from
-/// the newest. A connection between sidecars has a few streams open at a time (at most
-/// 100): no hashing, no dictionary entry made and dropped per stream.
-struct HTTP2StreamTable: HTTP2StreamSet {
-    private(set) var values: [HTTP2ServerStream] = []
-
-    var count: Int { values.count }
-    var isEmpty: Bool { values.isEmpty }
-
-    /// The open stream `id`, if any.
-    @inline(__always)
-    subscript(id: UInt32) -> HTTP2ServerStream? {
-        var i = values.count - 1
-        while i >= 0 {
-            let s = values[i]
-            if s.id == id { return s }
-            if s.id < id { return nil } // sorted: no older stream has it
-            i -= 1
-        }
-        return nil
-    }
-
-    /// A new stream, its id above every open one's.
-    @inline(__always)
-    mutating func append(_ s: HTTP2ServerStream) {
-        assert(values.last.map { $0.id < s.id } ?? true, "stream ids grow")
-        if values.capacity == 0 { values.reserveCapacity(8) }
-        values.append(s)
-    }
-
-    /// Removes `s` (this object, not another stream with its id); false when not open.
-    @inline(__always)
-    mutating func remove(_ s: HTTP2ServerStream) -> Bool {
-        var i = values.count - 1
-        while i >= 0 {
-            if values[i] === s {
-                if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
-                return true
-            }
-            i -= 1
-        }
-        return false
-    }
-
-    /// Forgets every stream (keeping the storage).
-    mutating func removeAll() { values.removeAll(keepingCapacity: true) }
 }

@@ -49,7 +49,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     /// `:scheme` of the requests: "https" over TLS, "http" over h2c.
     var scheme = "https"
 
-    var streams: [UInt32: UpstreamH2Stream] = [:]
+    var streams = HTTP2StreamTable<UpstreamH2Stream>()
     /// The stream opened last while it is open (see `stream(_:)`).
     var lastStream: UpstreamH2Stream?
     var nextStreamID: UInt32 = 1
@@ -137,7 +137,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         let id = nextStreamID
         nextStreamID += 2
         let s = UpstreamH2Stream(id: id, connection: self, sendWindow: peerInitialWindow)
-        streams[id] = s
+        streams.append(s)
         lastStream = s
         return s
     }
@@ -153,8 +153,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
     /// A stream ended (both sides, reset, or abandoned): a waiting request takes its place.
     func streamEnded(_ s: UpstreamH2Stream) {
         if lastStream === s { lastStream = nil }
-        guard let removed = streams.removeValue(forKey: s.id) else { return }
-        guard removed === s else { streams[s.id] = removed; return }
+        guard streams.remove(s) else { return }
         idleSince = NIODeadline.now().uptimeNanoseconds
         while !waiting.isEmpty, streams.count < peerMaxStreams, !closed, !retiring {
             let w = waiting.removeFirst()
@@ -516,7 +515,7 @@ final class UpstreamH2Connection: ChannelInboundHandler, HTTP2ConnectionCore {
         out = nil
         inbound = nil
         let open = streams.values
-        streams = [:]
+        streams.removeAll()
         lastStream = nil
         for s in open { s.connectionLost() }
         let w = waiting
