@@ -110,7 +110,7 @@ public struct HTTPHeadBuilder {
     /// request's head on its way to the stream's handler).
     public consuming func finished() -> HTTPHead {
         head.bytes.writeWithUnsafeMutableBytes(minimumWritableBytes: 2) { p in
-            p.storeBytes(of: 0x0A0D, as: UInt16.self) // CRLF (little-endian)
+            p.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self) // CR LF in memory on any byte order
             return 2
         }
         return head

@@ -214,7 +214,12 @@ struct HPACKEncoderTable {
     /// small-string bits): then they have the same bytes. False says nothing.
     @inline(__always)
     static func identical(_ a: String, _ b: String) -> Bool {
-        unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
+        #if arch(x86_64) || arch(arm64)
+        // A String is two 64-bit words on these targets.
+        return unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
+        #else
+        return false
+        #endif
     }
 
     /// Whether two strings have the same UTF-8 bytes (String's == compares canonical

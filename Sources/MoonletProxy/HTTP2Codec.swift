@@ -375,32 +375,48 @@ protocol HTTP2StreamSet {
 }
 
 /// The open streams of an HTTP/2 connection, by id: an array in the order they were
-/// opened (stream ids only grow, so it stays sorted by id), searched from the newest.
-/// A connection between sidecars has a few streams open at a time (at most 100): no
-/// hashing, no dictionary entry made and dropped per stream.
+/// opened (stream ids only grow, so it stays sorted by id). The newest stream, which
+/// nearly every frame between sidecars is for, is checked first; any other is found by
+/// binary search, so a connection with thousands of open streams (an upstream that
+/// allows them, long-lived gRPC calls) costs a lookup per frame of O(log n). No hashing,
+/// no dictionary entry made and dropped per stream.
 struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender>: HTTP2StreamSet {
     private(set) var values: [Stream] = []
 
     var count: Int { values.count }
     var isEmpty: Bool { values.isEmpty }
 
-    /// The open stream `id`, if any.
+    /// The position of the open stream `id`, if any.
     @inline(__always)
-    subscript(id: UInt32) -> Stream? {
-        var i = values.count - 1
-        while i >= 0 {
-            let s = values[i]
-            if s.id == id { return s }
-            if s.id < id { return nil } // sorted: no older stream has it
-            i -= 1
+    func index(of id: UInt32) -> Int? {
+        var hi = values.count
+        guard hi > 0 else { return nil }
+        let newest = values[hi - 1].id
+        if newest == id { return hi - 1 }
+        if newest < id { return nil }
+        hi -= 1
+        var lo = 0
+        while lo < hi {
+            let mid = (lo + hi) >> 1
+            let m = values[mid].id
+            if m == id { return mid }
+            if m < id { lo = mid + 1 } else { hi = mid }
         }
         return nil
     }
 
-    /// A new stream, its id above every open one's.
+    /// The open stream `id`, if any.
+    @inline(__always)
+    subscript(id: UInt32) -> Stream? {
+        guard let i = index(of: id) else { return nil }
+        return values[i]
+    }
+
+    /// A new stream, its id above every open one's (a lower one would break the search:
+    /// both connection kinds only ever open streams with growing ids).
     @inline(__always)
     mutating func append(_ s: Stream) {
-        assert(values.last.map { $0.id < s.id } ?? true, "stream ids grow")
+        precondition(values.last.map { $0.id < s.id } ?? true, "HTTP/2 stream ids must grow")
         if values.capacity == 0 { values.reserveCapacity(8) }
         values.append(s)
     }
@@ -408,15 +424,9 @@ struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender>: HTTP2StreamSet {
     /// Removes `s` (this object, not another stream with its id); false when not open.
     @inline(__always)
     mutating func remove(_ s: Stream) -> Bool {
-        var i = values.count - 1
-        while i >= 0 {
-            if values[i] === s {
-                if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
-                return true
-            }
-            i -= 1
-        }
-        return false
+        guard let i = index(of: s.id), values[i] === s else { return false }
+        if i == values.count - 1 { _ = values.popLast() } else { values.remove(at: i) }
+        return true
     }
 
     /// Forgets every stream (keeping the storage).

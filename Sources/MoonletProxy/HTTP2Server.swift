@@ -831,6 +831,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
         guard !finished else { return }
         guard let t = trailers, !t.isEmpty, !requestIsHead else { releaseHeld(end: true); return }
         releaseHeld(end: false)
+        headersAt = -1 // the trailers' HEADERS end the stream, not the head's
         endQueued = true
         if pending.isEmpty {
             connection.writeTrailers(stream: id, t)
@@ -843,7 +844,7 @@ final class HTTP2ServerStream: HTTP2FlowControlledSender {
     /// Sends what is held; `end` puts END_STREAM on the last frame (an empty DATA frame
     /// when nothing is held).
     func releaseHeld(end: Bool) {
-        guard !finished else { return }
+        guard !finished, !(end && endQueued) else { return }
         if let h = heldHead.take() {
             responseHeadWritten = true
             connection.writeHeaders(stream: id, h, server: "moonlet", endStream: end && heldData == nil)

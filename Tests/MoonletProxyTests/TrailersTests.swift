@@ -127,6 +127,25 @@ final class TrailersTests: XCTestCase {
         XCTAssertTrue(seen.contains("0123456789"), seen)
     }
 
+    /// A chunked response with no body but trailers (gRPC's trailers after an empty
+    /// message stream): its HEADERS frame, written as soon as the head came, does not
+    /// take END_STREAM; the trailers' HEADERS frame does, and it is the only one.
+    func test_http2Client_getsAnEmptyChunkedBodyWithTrailers_endedOnceByTheTrailers() throws {
+        let up = try ScriptedUpstream(response: "HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n0\r\ngrpc-status: 0\r\n\r\n")
+        defer { up.stop() }
+        let px = try ProxyFixture(appPort: up.port)
+        defer { px.stop() }
+        let out = try runTool("nghttp", ["-v", "-t", "10", "http://127.0.0.1:\(px.inbound)/grpc.Svc/Empty"])
+        XCTAssertTrue(out.contains(":status: 200"), out)
+        XCTAssertTrue(out.contains("grpc-status: 0"), out)
+        let headers = out.components(separatedBy: "\n").filter { $0.contains("recv HEADERS frame") }
+        XCTAssertEqual(headers.count, 2, "the head and the trailers: \(out)")
+        let ending = headers.filter { $0.range(of: "flags=0x0[15]", options: .regularExpression) != nil }
+        XCTAssertEqual(ending.count, 1, "exactly one END_STREAM: \(out)")
+        XCTAssertTrue(headers.last.map { $0.contains("flags=0x05") } ?? false, "on the trailers: \(out)")
+        XCTAssertFalse(out.contains("RST_STREAM"), out)
+    }
+
     func test_filters_readRequestTrailers_andEditResponseTrailers() throws {
         let up = try ScriptedUpstream(response: Self.trailedResponse)
         defer { up.stop() }
