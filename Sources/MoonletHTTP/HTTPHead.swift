@@ -125,6 +125,10 @@ public struct HeaderLine: Sendable, Equatable {
         }
     }
 
+    /// Whether a line's name can be read in place as `InlineUTF8` words from the line's
+    /// address (the name is the struct's first field and Strings have that layout).
+    public static let inlineNames: Bool = InlineUTF8.isAvailable && MemoryLayout<HeaderLine>.offset(of: \HeaderLine.name) == 0
+
     public static func == (a: HeaderLine, b: HeaderLine) -> Bool {
         guard a.name == b.name else { return false }
         if case .text(let x) = a.storage, case .text(let y) = b.storage { return x == y }

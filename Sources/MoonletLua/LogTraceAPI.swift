@@ -209,36 +209,67 @@ enum NativeAction: Equatable {
     case statsLog
 
     /// Runs the action for `s` on `vm`'s loop; `data` is the registry ref of the
-    /// instance's `conf.shortcuts.data`. False: the action declined, the Lua phase runs.
-    /// Handles were checked when the action was made; one that is gone (never, as
-    /// outputs and tracers are not removed) is skipped.
-    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
+    /// instance's `conf.shortcuts.data`; `state` the instance's (what the action resolved
+    /// on first use, and istio-stats' last key). False: the action declined, the Lua
+    /// phase runs. Handles were checked when the action was made; one that is gone
+    /// (never, as outputs and tracers are not removed) is skipped.
+    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32, _ state: inout NativeActionState) -> Bool {
         switch self {
         case .accessLog(let handles):
-            let logTrace = vm.logTrace, clock = logTrace.clock
-            var rec: StreamLogRecord? = nil
-            for h in handles {
-                guard let out = logTrace.output(h, vm.host.telemetry) else { continue }
-                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch) }
-                let r = rec!
-                out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
+            let logTrace = vm.logTrace
+            if _slowPath(state.outputs == nil) {
+                // Outputs are never removed: this loop's are resolved once.
+                state.outputs = handles.compactMap { logTrace.output($0, vm.host.telemetry) }
+            }
+            let clock = logTrace.clock
+            let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch)
+            state.outputs!.withUnsafeBufferPointer { outs in
+                for out in outs { out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) } }
             }
             return true
         case .traceStart(let h):
-            guard let t = vm.logTrace.tracer(h, vm.host.telemetry) else { return true }
+            if _slowPath(state.tracer == nil) { state.tracer = vm.logTrace.tracer(h, vm.host.telemetry) }
+            guard let t = state.tracer else { return true }
             _ = vm.logTrace.start(s, t, rng: &vm.rng)
             return true
         case .statsLog:
+            // The label set of the last stream recorded through the cache: recorded
+            // again without reading the Lua table (the table changes only in the Lua
+            // on_log, which runs when this declines: the instance forgets the key then).
+            let (k1, k2) = LuaAPI.streamKey(vm, s)
+            if k1 == state.statsK1 && k2 == state.statsK2 && state.statsSeries >= 0 {
+                LuaAPI.record(vm, state.statsSeries, s)
+                return true
+            }
             // On the main state, between calls (nothing runs on it): the cache is read
             // raw, as stats.log reads it.
             let L = vm.L
             let top = lua_gettop(L)
             ml_getregistry_ref(L, data)
-            let done = LuaAPI.logCached(L, top + 1, vm, s) == nil
+            let found = LuaAPI.cachedSeries(L, top + 1, k1, k2, vm)
             lua_settop(L, top)
-            return done
+            switch found {
+            case .series(let index):
+                LuaAPI.record(vm, index, s)
+                state.statsK1 = k1; state.statsK2 = k2; state.statsSeries = index
+                return true
+            case .refused: return true
+            case .none: return false
+            }
         }
     }
+}
+
+/// What a builtin instance's native actions keep between streams (on its loop only):
+/// the access log outputs and the tracer their handles name, resolved on first use;
+/// istio-stats' last cached key and its series (`statsSeries` -1: none).
+struct NativeActionState {
+    var outputs: [LogTraceLoopState.Output]? = nil
+    var tracer: Tracer? = nil
+    var statsK1 = -1, statsK2 = -1, statsSeries = -1
+
+    /// Forgets istio-stats' last key (its Lua on_log ran: the cache may have changed).
+    mutating func forgetStatsKey() { statsSeries = -1 }
 }
 
 /// The native actions of one VM: made at config load, never removed (an action made
@@ -767,31 +798,48 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    // Each added name's length first (no copy of the String), checked
-                    // against the lengths of the names still missing; its bytes only when
-                    // one has that length. The first added line of a name wins.
-                    var missing: UInt64 = 0
-                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                    // The names still missing, as bits (formats of up to 64 names; more
+                    // take the byte compare below for every line).
+                    var missing: UInt64 = 0, lengths: UInt64 = 0
+                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none {
+                        if j < 64 { missing |= 1 &<< UInt64(j) }
+                        lengths |= 1 &<< UInt64(names.length(j) & 63)
+                    }
+                    let inline = n <= 64 && HeaderLine.inlineNames
                     h.added.withUnsafeBufferPointer { added in
                         for k in 0..<added.count {
+                            if inline {
+                                // A small name (every name the proxy and the filters add
+                                // per request) against the names' keys: two compares each.
+                                let w = InlineUTF8.words(at: UnsafeRawPointer(added.baseAddress! + k))
+                                if InlineUTF8.count(w.1) >= 0 {
+                                    var m = missing
+                                    var hit = false
+                                    while m != 0 {
+                                        let j = m.trailingZeroBitCount
+                                        m &= m &- 1
+                                        let key = names.keys[j]
+                                        guard key.0 == w.0 && key.1 == w.1 else { continue }
+                                        Self.take(added, k, j, spans, scratch, &used)
+                                        missing &= ~(1 &<< UInt64(j))
+                                        left -= 1
+                                        hit = true
+                                    }
+                                    if hit && left == 0 { break }
+                                    continue
+                                }
+                            }
+                            // Each added name's length first (no copy of the String), checked
+                            // against the lengths of the names still missing; its bytes only
+                            // when one has that length. The first added line of a name wins.
                             let len = added[k].name.utf8.count
-                            guard missing & (1 << UInt64(len & 63)) != 0 else { continue }
+                            guard lengths & (1 &<< UInt64(len & 63)) != 0 else { continue }
                             let hit = added[k].name.utf8.withContiguousStorageIfAvailable { a -> Bool in
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
                                     if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
-                                        let n = added[k].valueByteCount
-                                        if n == 0 {
-                                            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
-                                        } else if n <= scratch.count &- used {
-                                            // Copied now, while the line is in hand.
-                                            let at = used
-                                            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
-                                            spans[j] = .scratch(at: at, length: n)
-                                            used &+= n
-                                        } else {
-                                            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                                        }
+                                        Self.take(added, k, j, spans, scratch, &used)
+                                        if j < 64 { missing &= ~(1 &<< UInt64(j)) }
                                         left -= 1
                                         hit = true
                                     }
@@ -800,8 +848,8 @@ struct StreamLogRecord: AccessLogRecord {
                             } ?? false
                             if hit {
                                 if left == 0 { break }
-                                missing = 0
-                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                                lengths = 0
+                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { lengths |= 1 &<< UInt64(names.length(j) & 63) }
                             }
                         }
                     }
@@ -810,6 +858,26 @@ struct StreamLogRecord: AccessLogRecord {
                     for j in 0..<n where spans[j].length == -1 { spans[j] = .absent }
                 }
             }
+        }
+    }
+
+    /// Points span `j` at added line `k`'s value: an empty value marks the span (turned
+    /// into `.absent` after the pass; the mark keeps later lines of the name from
+    /// matching); a value that fits is copied into `scratch` now, while the line is in
+    /// hand; a longer one is read from the line later (`withOtherRequestHeader`).
+    @inline(__always)
+    static func take(_ added: UnsafeBufferPointer<HeaderLine>, _ k: Int, _ j: Int, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                     _ scratch: UnsafeMutableRawBufferPointer, _ used: inout Int) {
+        let n = added[k].valueByteCount
+        if n == 0 {
+            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
+        } else if n <= scratch.count &- used {
+            let at = used
+            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
+            spans[j] = .scratch(at: at, length: n)
+            used &+= n
+        } else {
+            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
         }
     }
 

@@ -44,6 +44,8 @@ public final class LuaPluginInstance: Filter {
     var nativeLog: NativeAction?
     /// Registry ref of `conf.shortcuts.data` (what the action reads, e.g. istio-stats' cache).
     var nativeData: Int32 = LUA_NOREF
+    /// What the native actions resolved on first use and istio-stats' last key.
+    var nativeState = NativeActionState()
     static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log", "on_upstream_failure"]
     static let upstreamFailurePhase = 5
 
@@ -76,6 +78,7 @@ public final class LuaPluginInstance: Filter {
         fn = fn.map { _ in LUA_NOREF }
         moduleRef = LUA_NOREF; confRef = LUA_NOREF
         nativeRequest = nil; nativeLog = nil; nativeData = LUA_NOREF
+        nativeState = NativeActionState()
     }
 
     func load() throws {
@@ -143,7 +146,7 @@ public final class LuaPluginInstance: Filter {
     /// (and counts the call).
     @inline(__always)
     func runNative(_ a: NativeAction, _ s: ProxyStream) -> Bool {
-        guard a.run(vm, s, data: nativeData) else { return false }
+        guard a.run(vm, s, data: nativeData, &nativeState) else { return false }
         if let cell { cell.stats.calls &+= 1 }
         return true
     }
@@ -249,6 +252,8 @@ public final class LuaPluginInstance: Filter {
     /// native shortcut when it takes the stream, else the Lua function; nothing to return.
     public func onLog(_ stream: ProxyStream) {
         if let a = nativeLog, runNative(a, stream) { return }
+        // The Lua on_log may change what the native action read (istio-stats' cache).
+        nativeState.forgetStatsKey()
         _ = call(4, stream)
     }
 

@@ -82,7 +82,8 @@ extension LuaAPI {
 
     @inline(__always)
     static func isGRPC(_ s: ProxyStream) -> Bool {
-        guard s.protocolName == "HTTP/2", let i = s.request.firstIndex(lowercased: "content-type") else { return false }
+        // The length first: "HTTP/1.1" is told apart without a String comparison.
+        guard s.protocolName.utf8.count == 6, s.protocolName == "HTTP/2", let i = s.request.firstIndex(lowercased: "content-type") else { return false }
         return s.request.value(at: i).hasPrefix("application/grpc")
     }
 
@@ -158,14 +159,27 @@ extension LuaAPI {
     @inline(__always)
     static func logCached(_ L: OpaquePointer?, _ idx: Int32, _ vm: LuaVM, _ s: ProxyStream) -> (Int, Int)? {
         let (k1, k2) = streamKey(vm, s)
+        switch cachedSeries(L, idx, k1, k2, vm) {
+        case .series(let index): record(vm, index, s); return nil
+        case .refused: return nil
+        case .none: return (k1, k2)
+        }
+    }
+
+    enum CachedSeries { case series(Int), refused, none }
+
+    /// What `cache[k1][k2]` holds (the cache table at `idx`, read raw): a series handle's
+    /// index, `false` (refused), or nothing usable. Leaves what it pushed on the stack.
+    @inline(__always)
+    static func cachedSeries(_ L: OpaquePointer?, _ idx: Int32, _ k1: Int, _ k2: Int, _ vm: LuaVM) -> CachedSeries {
         if lua_type(L, idx) == LUA_TTABLE {
             if lua_rawgeti(L, idx, lua_Integer(k1)) == LUA_TTABLE {
                 let t = lua_rawgeti(L, -1, lua_Integer(k2))
-                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return nil }
-                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { record(vm, index, s); return nil }
+                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return .refused }
+                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { return .series(index) }
             }
         }
-        return (k1, k2)
+        return .none
     }
 
     /// `stats.logger()`: the native action of istio-stats' on_log (`conf.shortcuts.on_log`,

@@ -121,6 +121,10 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     // Inlinable accessors below: a record (MoonletLua) reads them per header and line.
     @usableFromInline let entries: UnsafeMutablePointer<Entry>
     @usableFromInline let storage: UnsafeMutableRawPointer
+    /// Per name, the two words of its small String form (`InlineUTF8.key`), or (0, 0)
+    /// (no String has those: a pseudo-header, a name over 15 bytes): a header line
+    /// added with a small name is matched by two compares.
+    public let keys: UnsafeMutablePointer<(UInt64, UInt64)>
 
     init(_ names: [String]) {
         self.names = names
@@ -130,6 +134,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
         let entries = UnsafeMutablePointer<Entry>.allocate(capacity: max(1, names.count))
         self.storage = storage
         self.entries = entries
+        keys = .allocate(capacity: max(1, names.count))
         var off = 0, mask: UInt64 = 0, regular = 0
         for (i, n) in names.enumerated() {
             let b = Array(n.utf8)
@@ -143,6 +148,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
             default: p = .none; mask |= 1 << UInt64(b.count & 63); regular += 1
             }
             entries[i] = Entry(offset: Int32(off), length: Int32(b.count), pseudo: p)
+            keys[i] = p == .none ? (InlineUTF8.key(n) ?? (0, 0)) : (0, 0)
             off += b.count
         }
         lengthMask = mask
@@ -152,6 +158,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     deinit {
         storage.deallocate()
         entries.deallocate()
+        keys.deallocate()
     }
 
     /// Name `i`'s bytes (lowercase ASCII).
@@ -197,6 +204,8 @@ public final class AccessLogClock {
     /// it cannot point at in the head: lines added by filters), for the line being
     /// written; see `AccessLogValueSpan.scratch`.
     public let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+    /// `InlineUTF8.isAvailable`, read once.
+    @usableFromInline let inlineStrings = InlineUTF8.isAvailable
     public init() {
         lineCapacity = 2048
         line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
@@ -252,10 +261,12 @@ struct LineWriter {
     @usableFromInline var base: UnsafeMutablePointer<UInt8>
     @usableFromInline var count: Int
     @usableFromInline var capacity: Int
+    /// Whether small String values are read from their words (`InlineUTF8.isAvailable`).
+    @usableFromInline var inline: Bool
 
     @inlinable @inline(__always)
-    init(base: UnsafeMutablePointer<UInt8>, count: Int, capacity: Int) {
-        self.base = base; self.count = count; self.capacity = capacity
+    init(base: UnsafeMutablePointer<UInt8>, count: Int, capacity: Int, inline: Bool = false) {
+        self.base = base; self.count = count; self.capacity = capacity; self.inline = inline
     }
 
     // Counts and sizes stay far below Int.max (a line is bounded by its values), so
@@ -396,9 +407,35 @@ struct LineWriter {
         }
     }
 
-    /// Appends a String value; false (nothing written) when it is empty.
+    /// Appends a String value; false (nothing written) when it is empty. A small ASCII
+    /// String (`InlineUTF8`: the protocol, flags, details, addresses, route names) is
+    /// checked for bytes to escape and stored as its two words, with no stack copy.
     @inlinable @inline(__always)
     mutating func put(_ s: String, escape: Bool) -> Bool {
+        if inline {
+            let w = InlineUTF8.words(s)
+            let n = InlineUTF8.count(w.1)
+            if n >= 0 {
+                if n == 0 { return false }
+                if escape {
+                    // Only the lanes of the n bytes: the zero bytes past them (and the
+                    // discriminator) would read as control characters.
+                    let m0: UInt64 = n >= 8 ? ~0 : (1 &<< UInt64(n &* 8)) &- 1
+                    let m1: UInt64 = n > 8 ? (1 &<< UInt64((n &- 8) &* 8)) &- 1 : 0
+                    if _slowPath((Self.special(w.0) & m0) | (Self.special(w.1) & m1) != 0) {
+                        var c = w
+                        withUnsafeBytes(of: &c) { putEscaped(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                        return true
+                    }
+                }
+                reserve(16)
+                let dst = UnsafeMutableRawPointer(base + count)
+                dst.storeBytes(of: w.0, as: UInt64.self)
+                dst.storeBytes(of: w.1, toByteOffset: 8, as: UInt64.self)
+                count &+= n
+                return true
+            }
+        }
         if s.isEmpty { return false }
         // Read in place (a native String: no copy of it); otherwise through a copy.
         if s.utf8.withContiguousStorageIfAvailable({ put(UnsafeRawBufferPointer($0), escape: escape) }) == nil {
@@ -406,6 +443,17 @@ struct LineWriter {
             v.withUTF8 { put(UnsafeRawBufferPointer($0), escape: escape) }
         }
         return true
+    }
+
+    /// Appends a literal (its length a constant where inlined).
+    @inlinable @inline(__always)
+    mutating func lit(_ s: StaticString) { bytes(UnsafeRawPointer(s.utf8Start), s.utf8CodeUnitCount) }
+
+    /// Ends a JSON string value whose opening quote is written: its closing quote when
+    /// `found`, else `null` over the opening quote.
+    @inlinable @inline(__always)
+    mutating func close(_ found: Bool) {
+        if found { byte(34) } else { count &-= 1; lit("null") }
     }
 
     @inlinable @inline(__always)
@@ -472,6 +520,17 @@ public struct AccessLogFormat: Sendable {
         program = Program(shape, empty: empty)
     }
 
+    /// A JSON format that always runs the instruction loop (`straightLine: false`), to
+    /// hold `runIstioJSON`'s lines equal to the loop's.
+    init(json labels: [(String, String)], straightLine: Bool) throws {
+        let fields = try labels.map { ($0.0, try Self.compile($0.1)) }
+        shape = .json(fields)
+        program = Program(shape, straightLine: straightLine)
+    }
+
+    /// Whether lines of this format are written by the straight-line path.
+    var isStraightLine: Bool { program.istio != nil }
+
     /// Operators a record type always leaves empty (its values are constants).
     public struct AlwaysEmpty: OptionSet, Sendable {
         public let rawValue: UInt8
@@ -537,8 +596,12 @@ public struct AccessLogFormat: Sendable {
         @usableFromInline let names: AccessLogHeaderNames
         /// Operators of `.slow` instructions (rare: read only for them).
         let slow: [Op]
+        /// Set when the format is Istio's default JSON (`istioJSONLabels`, the
+        /// `accessLogEncoding: JSON` default): lines are written by `runIstioJSON`,
+        /// straight-line code, instead of the instruction loop.
+        @usableFromInline let istio: IstioJSONSlots?
 
-        init(_ shape: Shape, empty: AlwaysEmpty = []) {
+        init(_ shape: Shape, empty: AlwaysEmpty = [], straightLine: Bool = true) {
             var instrs: [Instr] = []
             var bytes: [UInt8] = []
             var names: [String] = []
@@ -647,6 +710,7 @@ public struct AccessLogFormat: Sendable {
             self.names = AccessLogHeaderNames(names)
             self.slow = slow
             count = instrs.count
+            istio = straightLine ? IstioJSONSlots(shape, names: names) : nil
         }
 
         /// Instructions in use (`code` may have one slot more when empty).
@@ -731,10 +795,11 @@ public struct AccessLogFormat: Sendable {
     @inlinable
     public func render<R: AccessLogRecord>(_ r: R, into out: inout [UInt8], clock: AccessLogClock) {
         let p = program
-        var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity)
+        var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity, inline: clock.inlineStrings)
         let spans = clock.spans(p.names.count)
         r.withRequestHead(p.names, spans) { head in
-            Self.run(p, r, head: head, spans: spans, &w, clock)
+            if let x = p.istio { Self.runIstioJSON(x, r, head: head, spans: spans, names: p.names, &w, clock) }
+            else { Self.run(p, r, head: head, spans: spans, &w, clock) }
         }
         clock.line = w.base
         clock.lineCapacity = w.capacity
@@ -790,8 +855,8 @@ public struct AccessLogFormat: Sendable {
             case .sni: found = w.put(r.requestedServerName, escape: escape)
             case .routeName: found = w.put(r.routeName, escape: escape)
             case .req:
-                var ok = header(Int(ins.a), r, head, spans, names, &w, escape)
-                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape) }
+                var ok = header(Int(ins.a), r, head, spans, names, &w, escape, clock)
+                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape, clock) }
                 found = ok
             case .resp:
                 var ok = r.withResponseHeader(lowercased: UnsafeRawBufferPointer(start: table + Int(ins.a), count: Int(ins.b))) { w.put($0, escape: escape) }
@@ -813,11 +878,55 @@ public struct AccessLogFormat: Sendable {
         }
     }
 
+    /// Istio's default JSON line (`istioJSONLabels`, keys in that order) for `r`, written
+    /// by straight-line code: every key with its quotes is a literal of known length, every
+    /// value written by its own kind (number, String, request or response header); no
+    /// instruction to fetch and dispatch per field. The same bytes as `run` for that
+    /// format (a test holds them equal).
+    @inlinable @inline(__always)
+    static func runIstioJSON<R: AccessLogRecord>(_ x: IstioJSONSlots, _ r: R, head: UnsafeRawBufferPointer, spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                                                 names: AccessLogHeaderNames, _ w: inout LineWriter, _ clock: AccessLogClock) {
+        w.lit("{\"authority\":\"")
+        w.close(header(x.authority, r, head, spans, names, &w, true, clock))
+        w.lit(",\"bytes_received\":"); w.int(r.bytesReceived)
+        w.lit(",\"bytes_sent\":"); w.int(r.bytesSent)
+        w.lit(",\"connection_termination_details\":\""); w.close(w.put(r.connectionTerminationDetails, escape: true))
+        w.lit(",\"downstream_local_address\":\""); w.close(w.put(r.downstreamLocalAddress, escape: true))
+        w.lit(",\"downstream_remote_address\":\""); w.close(w.put(r.downstreamRemoteAddress, escape: true))
+        w.lit(",\"duration\":"); w.int(r.durationMillis)
+        w.lit(",\"method\":\"")
+        w.close(header(x.method, r, head, spans, names, &w, true, clock))
+        w.lit(",\"path\":\"")
+        var ok = header(x.originalPath, r, head, spans, names, &w, true, clock)
+        if !ok { ok = header(x.path, r, head, spans, names, &w, true, clock) }
+        w.close(ok)
+        w.lit(",\"protocol\":\""); w.close(w.put(r.protocolName, escape: true))
+        w.lit(",\"request_id\":\"")
+        w.close(header(x.requestID, r, head, spans, names, &w, true, clock))
+        w.lit(",\"requested_server_name\":\""); w.close(w.put(r.requestedServerName, escape: true))
+        w.lit(",\"response_code\":"); w.int(Int64(r.responseCode))
+        w.lit(",\"response_code_details\":\""); w.close(w.put(r.responseCodeDetails, escape: true))
+        w.lit(",\"response_flags\":\""); w.close(w.put(r.responseFlags, escape: true))
+        w.lit(",\"route_name\":\""); w.close(w.put(r.routeName, escape: true))
+        w.lit(",\"start_time\":\""); clock.write(r.startTimeMillis, &w); w.byte(34)
+        w.lit(",\"upstream_cluster\":\""); w.close(w.put(r.upstreamCluster, escape: true))
+        w.lit(",\"upstream_host\":\""); w.close(w.put(r.upstreamHost, escape: true))
+        w.lit(",\"upstream_local_address\":\""); w.close(w.put(r.upstreamLocalAddress, escape: true))
+        w.lit(",\"upstream_service_time\":\"")
+        w.close(r.withResponseHeader(lowercased: x.serviceTime) { w.put($0, escape: true) })
+        w.lit(",\"upstream_transport_failure_reason\":\""); w.close(w.put(r.upstreamTransportFailureReason, escape: true))
+        w.lit(",\"user_agent\":\"")
+        w.close(header(x.userAgent, r, head, spans, names, &w, true, clock))
+        w.lit(",\"x_forwarded_for\":\"")
+        w.close(header(x.forwardedFor, r, head, spans, names, &w, true, clock))
+        w.lit("}\n")
+    }
+
     /// Writes request header `i` of the format's names as `withRequestHead` located it;
     /// false (nothing written) when absent or empty.
     @inlinable @inline(__always)
     static func header<R: AccessLogRecord>(_ i: Int, _ r: R, _ head: UnsafeRawBufferPointer, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
-                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
+                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool, _ clock: AccessLogClock) -> Bool {
         let s = spans[i]
         if s.start >= 0 {
             if s.length == 0 { return false }
@@ -825,6 +934,11 @@ public struct AccessLogFormat: Sendable {
             return true
         }
         if s.start == -1 { return false }
+        if let at = s.scratchOffset {
+            // A value the record copied into the loop's scratch (`AccessLogValueSpan.scratch`).
+            w.put(UnsafeRawPointer(clock.scratch.baseAddress! + at), Int(s.length), escape: escape)
+            return true
+        }
         return r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
     }
 
@@ -907,6 +1021,30 @@ public struct AccessLogFormat: Sendable {
         func d(_ v: Int32, _ w: Int) -> String { let s = String(v); return String(repeating: "0", count: max(0, w - s.count)) + s }
         return "\(d(tm.tm_year + 1900, 4))-\(d(tm.tm_mon + 1, 2))-\(d(tm.tm_mday, 2))T\(d(tm.tm_hour, 2)):\(d(tm.tm_min, 2)):\(d(tm.tm_sec, 2)).\(d(Int32(ms % 1000), 3))Z"
     }
+}
+
+/// Where `AccessLogFormat.runIstioJSON` finds what Istio's default JSON format reads:
+/// the indexes of its request header names in the format's `AccessLogHeaderNames`, and
+/// the response header name of `upstream_service_time`. Made only for that format.
+@usableFromInline
+struct IstioJSONSlots: @unchecked Sendable {
+    @usableFromInline let authority: Int, method: Int, originalPath: Int, path: Int, requestID: Int, userAgent: Int, forwardedFor: Int
+    @usableFromInline let serviceTime: UnsafeRawBufferPointer
+    static let serviceTimeName: StaticString = "x-envoy-upstream-service-time"
+
+    /// nil unless `shape` is exactly Istio's default JSON format (keys, order, operators).
+    init?(_ shape: AccessLogFormat.Shape, names: [String]) {
+        guard case .json(let fields) = shape, let istio = Self.istioFields, fields.count == istio.count else { return nil }
+        for (a, b) in zip(fields, istio) where a.0 != b.0 || a.1 != b.1 { return nil }
+        func at(_ n: String) -> Int? { names.firstIndex(of: n) }
+        guard let a = at(":authority"), let m = at(":method"), let o = at("x-envoy-original-path"), let p = at(":path"),
+              let r = at("x-request-id"), let u = at("user-agent"), let f = at("x-forwarded-for") else { return nil }
+        authority = a; method = m; originalPath = o; path = p; requestID = r; userAgent = u; forwardedFor = f
+        serviceTime = UnsafeRawBufferPointer(start: Self.serviceTimeName.utf8Start, count: Self.serviceTimeName.utf8CodeUnitCount)
+    }
+
+    /// Istio's default JSON format compiled (what a format is compared with).
+    static let istioFields: [(String, [AccessLogFormat.Op])]? = try? AccessLogFormat.istioJSONLabels.map { ($0.0, try AccessLogFormat.compile($0.1)) }
 }
 
 public struct AccessLogFormatError: Error, CustomStringConvertible, Sendable {
