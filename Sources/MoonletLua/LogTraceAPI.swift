@@ -222,7 +222,8 @@ enum NativeAction: Equatable {
                 state.outputs = handles.compactMap { logTrace.output($0, vm.host.telemetry) }
             }
             let clock = logTrace.clock
-            let rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch)
+            let now = Self.endNanos(vm, s)
+            let rec = StreamLogRecord(s, now: now, scratch: clock.scratch, wallMinusMono: clock.wallMinusMono(mono: now))
             state.outputs!.withUnsafeBufferPointer { outs in
                 for out in outs { out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) } }
             }
@@ -238,7 +239,7 @@ enum NativeAction: Equatable {
             // on_log, which runs when this declines: the instance forgets the key then).
             let (k1, k2) = LuaAPI.streamKey(vm, s)
             if k1 == state.statsK1 && k2 == state.statsK2 && state.statsSeries >= 0 {
-                LuaAPI.record(vm, state.statsSeries, s)
+                LuaAPI.record(vm, state.statsSeries, s, now: Self.endNanos(vm, s))
                 return true
             }
             // On the main state, between calls (nothing runs on it): the cache is read
@@ -250,13 +251,28 @@ enum NativeAction: Equatable {
             lua_settop(L, top)
             switch found {
             case .series(let index):
-                LuaAPI.record(vm, index, s)
+                LuaAPI.record(vm, index, s, now: Self.endNanos(vm, s))
                 state.statsK1 = k1; state.statsK2 = k2; state.statsSeries = index
                 return true
             case .refused: return true
             case .none: return false
             }
         }
+    }
+}
+
+extension NativeAction {
+    /// The monotonic end of `s` for the native on_log actions (the access log line's
+    /// DURATION, istio-stats' duration): read once per stream on its loop, so both see
+    /// the same end and the clock is read once. Only on_log actions use it (nothing of
+    /// the stream runs after them).
+    @inline(__always)
+    static func endNanos(_ vm: LuaVM, _ s: ProxyStream) -> UInt64 {
+        if vm.endNanosStream == s.id { return vm.endNanosValue }
+        let now = LogTraceLoopState.monotonicNanos()
+        vm.endNanosStream = s.id
+        vm.endNanosValue = now
+        return now
     }
 }
 
@@ -540,10 +556,28 @@ final class LogTraceLoopState {
             }
         }
         if !h.added.isEmpty {
-            // Headers added by earlier filters (lowercase): their bytes compared with the
-            // trace names of the same length only.
+            // Headers added by earlier filters (lowercase): a small name's two words
+            // compared with the names' (literals, small Strings: constants); others by
+            // their bytes, against the trace names of the same length only.
+            let inline = HeaderLine.inlineNames
             h.added.withUnsafeBufferPointer { added in
                 for k in 0..<added.count {
+                    if inline {
+                        let w = InlineUTF8.words(at: UnsafeRawPointer(added.baseAddress! + k))
+                        let n = InlineUTF8.count(w.1)
+                        if n >= 0 {
+                            switch n {
+                            case 2: if w == InlineUTF8.words("b3") { trace = true }
+                            case 10: if w == InlineUTF8.words("tracestate") || w == InlineUTF8.words("x-b3-flags") { trace = true }
+                            case 11: if w == InlineUTF8.words("traceparent") || w == InlineUTF8.words("x-b3-spanid") { trace = true }
+                            case 12:
+                                if w == InlineUTF8.words("x-request-id") { rid = true }
+                                else if w == InlineUTF8.words("x-b3-traceid") || w == InlineUTF8.words("x-b3-sampled") { trace = true }
+                            default: break
+                            }
+                            continue
+                        }
+                    }
                     let len = added[k].name.utf8.count
                     guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { continue }
                     _ = added[k].name.utf8.withContiguousStorageIfAvailable { a in
@@ -699,8 +733,11 @@ struct StreamLogRecord: AccessLogRecord {
     /// x-forwarded-for at the first sidecar): the line reads them there like the head's
     /// bytes, without going back to the head. Empty: they are read from the head.
     let scratch: UnsafeMutableRawBufferPointer
-    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0)) {
-        self.s = s; self.now = now; self.scratch = scratch
+    /// Wall clock minus monotonic clock (nanoseconds) for START_TIME, as the loop's
+    /// `AccessLogClock` keeps it; 0: read the wall clock.
+    let wallMinusMono: UInt64
+    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0), wallMinusMono: UInt64 = 0) {
+        self.s = s; self.now = now; self.scratch = scratch; self.wallMinusMono = wallMinusMono
     }
     static let http: [UInt8] = Array("http".utf8)
 
@@ -873,7 +910,10 @@ struct StreamLogRecord: AccessLogRecord {
             spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
         } else if n <= scratch.count &- used {
             let at = used
-            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
+            let dst = scratch.baseAddress!.advanced(by: at)
+            // An id form (x-request-id made by the proxy) is written there as hex; a text
+            // value is copied.
+            if added[k].writeValue(to: dst) == 0 { added[k].withValueBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: n) } }
             spans[j] = .scratch(at: at, length: n)
             used &+= n
         } else {
@@ -982,7 +1022,10 @@ struct StreamLogRecord: AccessLogRecord {
         return nil
     }
 
-    var startTimeMillis: Int64 { Int64((LogTraceLoopState.wallNanos() &- (now &- s.startNanos)) / 1_000_000) }
+    var startTimeMillis: Int64 {
+        if wallMinusMono != 0 { return Int64((s.startNanos &+ wallMinusMono) / 1_000_000) }
+        return Int64((LogTraceLoopState.wallNanos() &- (now &- s.startNanos)) / 1_000_000)
+    }
     var protocolName: String { s.protocolName }
     var responseCode: Int { s.status }
     var responseFlags: String { s.responseFlags.envoyString }

@@ -98,6 +98,11 @@ public final class LuaVM {
     var logTrace = LogTraceLoopState()
     /// Native phases of builtin filters (`accesslog.writer`, `trace.starter`).
     var nativeActions = NativeActions()
+    /// The end of the stream whose native on_log actions run (`NativeAction.endNanos`):
+    /// the access log line and istio-stats read one clock for it. Stream ids are unique
+    /// on a loop; `UInt64.max` is none.
+    var endNanosStream: UInt64 = .max
+    var endNanosValue: UInt64 = 0
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]

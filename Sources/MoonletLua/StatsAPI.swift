@@ -134,9 +134,14 @@ extension LuaAPI {
     /// Records `s` in the series at `index` (istio_requests_total and the three histograms).
     @inline(__always)
     static func record(_ vm: LuaVM, _ index: Int, _ s: ProxyStream) {
-        guard index >= 0 && index < vm.stats.series.count else { return }
         var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
-        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        record(vm, index, s, now: UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec))
+    }
+
+    /// `record` with the stream's end (monotonic nanoseconds) read by the caller.
+    @inline(__always)
+    static func record(_ vm: LuaVM, _ index: Int, _ s: ProxyStream, now: UInt64) {
+        guard index >= 0 && index < vm.stats.series.count else { return }
         vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
     }
 

@@ -206,6 +206,25 @@ public final class AccessLogClock {
     public let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
     /// `InlineUTF8.isAvailable`, read once.
     @usableFromInline let inlineStrings = InlineUTF8.isAvailable
+    var offsetSecond: UInt64 = .max
+    var offset: UInt64 = 0
+
+    /// The wall clock minus the monotonic clock (nanoseconds), read again when `mono`
+    /// (the monotonic time of the line) is in another second than the last reading: a
+    /// line's START_TIME is its monotonic start shifted by it, without reading the wall
+    /// clock per line (a change of the wall clock shows within a second). Never 0.
+    public func wallMinusMono(mono: UInt64) -> UInt64 {
+        let sec = mono / 1_000_000_000
+        if sec != offsetSecond {
+            offsetSecond = sec
+            var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+            var m = timespec(); clock_gettime(CLOCK_MONOTONIC, &m)
+            let wall = UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+            let now = UInt64(m.tv_sec) &* 1_000_000_000 &+ UInt64(m.tv_nsec)
+            offset = max(1, wall &- now)
+        }
+        return offset
+    }
     public init() {
         lineCapacity = 2048
         line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
@@ -409,7 +428,8 @@ struct LineWriter {
 
     /// Appends a String value; false (nothing written) when it is empty. A small ASCII
     /// String (`InlineUTF8`: the protocol, flags, details, addresses, route names) is
-    /// checked for bytes to escape and stored as its two words, with no stack copy.
+    /// checked for bytes to escape and stored as its two words, inline; any other goes
+    /// through `putString`.
     @inlinable @inline(__always)
     mutating func put(_ s: String, escape: Bool) -> Bool {
         if inline {
@@ -422,11 +442,7 @@ struct LineWriter {
                     // discriminator) would read as control characters.
                     let m0: UInt64 = n >= 8 ? ~0 : (1 &<< UInt64(n &* 8)) &- 1
                     let m1: UInt64 = n > 8 ? (1 &<< UInt64((n &- 8) &* 8)) &- 1 : 0
-                    if _slowPath((Self.special(w.0) & m0) | (Self.special(w.1) & m1) != 0) {
-                        var c = w
-                        withUnsafeBytes(of: &c) { putEscaped(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-                        return true
-                    }
+                    if _slowPath((Self.special(w.0) & m0) | (Self.special(w.1) & m1) != 0) { putEscaped(w, n); return true }
                 }
                 reserve(16)
                 let dst = UnsafeMutableRawPointer(base + count)
@@ -436,6 +452,19 @@ struct LineWriter {
                 return true
             }
         }
+        return putString(s, escape: escape)
+    }
+
+    /// The first `n` bytes of `w` (a small String's words), escaped.
+    @usableFromInline @inline(never)
+    mutating func putEscaped(_ w: (UInt64, UInt64), _ n: Int) {
+        var c = w
+        withUnsafeBytes(of: &c) { putEscaped(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+    }
+
+    /// `put(_:escape:)` for a String that is not small ASCII.
+    @usableFromInline @inline(never)
+    mutating func putString(_ s: String, escape: Bool) -> Bool {
         if s.isEmpty { return false }
         // Read in place (a native String: no copy of it); otherwise through a copy.
         if s.utf8.withContiguousStorageIfAvailable({ put(UnsafeRawBufferPointer($0), escape: escape) }) == nil {
@@ -462,6 +491,20 @@ struct LineWriter {
         if v < 0 { base[count] = 45; count += 1 }
         var m = v.magnitude
         if m < 10 { base[count] = UInt8(48 + m); count += 1; return }
+        // Up to four digits (status codes, small sizes and durations): no loop.
+        if m < 10_000 {
+            let p = base + count
+            if m < 100 {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 10); p[1] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 2
+            } else if m < 1000 {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 100); p[1] = UInt8(truncatingIfNeeded: 48 &+ m / 10 % 10)
+                p[2] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 3
+            } else {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 1000); p[1] = UInt8(truncatingIfNeeded: 48 &+ m / 100 % 10)
+                p[2] = UInt8(truncatingIfNeeded: 48 &+ m / 10 % 10); p[3] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 4
+            }
+            return
+        }
         var n = 0
         var t = m
         while t > 0 { n += 1; t /= 10 }
@@ -939,7 +982,13 @@ public struct AccessLogFormat: Sendable {
             w.put(UnsafeRawPointer(clock.scratch.baseAddress! + at), Int(s.length), escape: escape)
             return true
         }
-        return r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
+        return otherHeader(s, i, r, names, &w, escape)
+    }
+
+    /// A value the record hands out itself (`withOtherRequestHeader`: rare per line).
+    @usableFromInline @inline(never)
+    static func otherHeader<R: AccessLogRecord>(_ s: AccessLogValueSpan, _ i: Int, _ r: R, _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
+        r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
     }
 
     /// The line for `r` as a String, by the String path (reference for `render(_:into:)`).

@@ -103,6 +103,12 @@ final class AccessLogFormatTests: XCTestCase {
         r.upstreamLocalAddress = ""; r.downstreamLocalAddress = ""; r.downstreamRemoteAddress = ""; r.routeName = ""
         r.responseCode = 0; r.bytesSent = -12; r.durationMillis = 1_234_567_890_123
         records.append(r)
+        // Numbers of every digit count (the short ones are written without a loop).
+        for v: Int64 in [0, 7, 10, 42, 99, 100, 404, 999, 1000, 1024, 9999, 10_000, 123_456, -1, -99, -1000, -10_000, .max] {
+            var x = Record()
+            x.bytesReceived = v; x.bytesSent = v / 3; x.durationMillis = v; x.responseCode = Int(v % 1000)
+            records.append(x)
+        }
         // Short String values (stored inline by Swift) of every length, with a byte to
         // escape at every position, and non-ASCII ones; header values likewise.
         for n in 1...16 {
