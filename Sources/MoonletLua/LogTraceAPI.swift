@@ -119,7 +119,7 @@ extension LuaAPI {
             handles.append(h)
         }
         // Past the bound, nil: no shortcut, the Lua phase runs.
-        if let id = vm.nativeActions.register(.accessLog(handles)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
+        if let id = vm.nativeActions.register(accessLog: handles) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
         return 1
     }
 
@@ -201,8 +201,10 @@ extension LuaAPI {
 /// nothing to decide in Lua, without the cost of entering Lua (about 1.5k instructions
 /// a call).
 enum NativeAction: Equatable {
-    /// `accesslog.write(s, h)` for each handle, in order (on_log).
-    case accessLog([Int])
+    /// `accesslog.write(s, h)` for each handle of list `i` of `NativeActions.handleLists`,
+    /// in order (on_log). An index, not the list: the action is copied per call without
+    /// retaining anything.
+    case accessLog(Int)
     /// `trace.start(s, tracer)` (on_request).
     case traceStart(Int)
     /// `stats.log(data, s)` (on_log); declines when it gives a key back.
@@ -215,11 +217,11 @@ enum NativeAction: Equatable {
     /// (never, as outputs and tracers are not removed) is skipped.
     func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32, _ state: inout NativeActionState) -> Bool {
         switch self {
-        case .accessLog(let handles):
+        case .accessLog(let list):
             let logTrace = vm.logTrace
             if _slowPath(state.outputs == nil) {
                 // Outputs are never removed: this loop's are resolved once.
-                state.outputs = handles.compactMap { logTrace.output($0, vm.host.telemetry) }
+                state.outputs = vm.nativeActions.handleLists[list].compactMap { logTrace.output($0, vm.host.telemetry) }
             }
             let clock = logTrace.clock
             let now = Self.endNanos(vm, s)
@@ -293,7 +295,19 @@ struct NativeActionState {
 /// actions the makers return nil: the phase then runs in Lua.
 struct NativeActions {
     private(set) var actions: [NativeAction] = []
+    /// The handle lists of `.accessLog` actions (a list made again gives the same index).
+    private(set) var handleLists: [[Int]] = []
     static let max = 1024
+
+    mutating func register(accessLog handles: [Int]) -> Int? {
+        let i: Int
+        if let k = handleLists.firstIndex(of: handles) { i = k } else {
+            guard handleLists.count < Self.max else { return nil }
+            handleLists.append(handles)
+            i = handleLists.count - 1
+        }
+        return register(.accessLog(i))
+    }
 
     mutating func register(_ a: NativeAction) -> Int? {
         if let i = actions.firstIndex(of: a) { return i }
@@ -578,21 +592,32 @@ final class LogTraceLoopState {
                             continue
                         }
                     }
-                    let len = added[k].name.utf8.count
-                    guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { continue }
-                    _ = added[k].name.utf8.withContiguousStorageIfAvailable { a in
-                        switch a.count {
-                        case 2: if bytesAre(a, "b3") { trace = true }
-                        case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
-                        case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
-                        case 12:
-                            if bytesAre(a, "x-request-id") { rid = true }
-                            else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
-                        case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
-                        default: break
-                        }
-                    }
+                    let (t, r) = Self.traceNames(added[k].name)
+                    if t { trace = true }
+                    if r { rid = true }
                 }
+            }
+        }
+        return (trace, rid)
+    }
+
+    /// Whether an added name (lowercase) is a trace header's, or x-request-id, by its
+    /// bytes (names that are not small Strings: out of line, rare).
+    @inline(never)
+    static func traceNames(_ name: String) -> (trace: Bool, requestID: Bool) {
+        let len = name.utf8.count
+        guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { return (false, false) }
+        var trace = false, rid = false
+        _ = name.utf8.withContiguousStorageIfAvailable { a in
+            switch a.count {
+            case 2: if bytesAre(a, "b3") { trace = true }
+            case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+            case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+            case 12:
+                if bytesAre(a, "x-request-id") { rid = true }
+                else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+            case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+            default: break
             }
         }
         return (trace, rid)

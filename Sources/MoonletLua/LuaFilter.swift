@@ -25,7 +25,16 @@ public final class LuaPluginInstance: Filter {
     var moduleRef: Int32 = LUA_NOREF
     var confRef: Int32 = LUA_NOREF
     /// on_request, on_request_body, on_response, on_response_body, on_log, on_upstream_failure
-    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
+    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF] { didSet { phases = Self.mask(fn) } }
+    /// Bit `i` set when `fn[i]` is a function: a phase the module does not define
+    /// returns without reading the array.
+    var phases: UInt8 = 0
+
+    static func mask(_ fn: [Int32]) -> UInt8 {
+        var m: UInt8 = 0
+        for (i, r) in fn.enumerated() where r != LUA_NOREF { m |= 1 << UInt8(i) }
+        return m
+    }
     let failStrategy: FailStrategy
     let cell: PluginCell?
     /// A builtin filter shipped with Moonlet (`builtin://` source, not a LuaPlugin that
@@ -172,6 +181,7 @@ public final class LuaPluginInstance: Filter {
 
     @inline(__always)
     func call(_ which: Int, _ s: ProxyStream, chunk: ByteBuffer? = nil, eos: Bool = false, retried: Bool = false) -> FilterAction {
+        if phases & (1 &<< UInt8(truncatingIfNeeded: which)) == 0 { return .continue }
         let ref = fn[which]
         if ref == LUA_NOREF { return .continue }
         // Phase calls run to completion (no yields yet), so they share the VM's runner
