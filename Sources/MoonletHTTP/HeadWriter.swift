@@ -160,20 +160,40 @@ public enum HeadWriter {
     /// write does not cover lies past the written count).
     @inline(__always)
     static func writeAdded(_ added: [HeaderLine], into out: inout ByteBuffer) {
-        var total = 0
-        for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].valueByteCount &+ 4 }
-        let inline = HeaderLine.inlineNames
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: total &+ 16) { p in
-            var at = p.baseAddress!
-            added.withUnsafeBufferPointer { a in
-                if inline {
-                    let base = UnsafeRawPointer(a.baseAddress!)
-                    for i in 0..<a.count { at = putLine(a[i], nameAt: base + i &* MemoryLayout<HeaderLine>.stride, at: at) }
-                } else {
-                    for i in 0..<a.count { at = putLine(a[i], at: at) }
-                }
+        let textAt = HeaderLine.inlineTextOffset
+        if textAt < 0 {
+            var total = 0
+            for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].valueByteCount &+ 4 }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+                var at = p.baseAddress!
+                added.withUnsafeBufferPointer { a in for i in 0..<a.count { at = putLine(a[i], at: at) } }
+                return total
             }
-            return total
+            return
+        }
+        added.withUnsafeBufferPointer { a in
+            // Read where the lines are (no copy of a line: a copy retains its Strings).
+            let base = UnsafeRawPointer(a.baseAddress!)
+            let stride = MemoryLayout<HeaderLine>.stride
+            var total = 0
+            for i in 0..<a.count {
+                let line = base + i &* stride
+                var n = InlineUTF8.count(InlineUTF8.words(at: line).1)
+                if n < 0 { n = a[i].name.utf8.count }
+                if a[i].isText {
+                    var v = InlineUTF8.count(InlineUTF8.words(at: line + textAt).1)
+                    if v < 0 { v = a[i].valueByteCount }
+                    n &+= v
+                } else {
+                    n &+= a[i].valueByteCount
+                }
+                total &+= n &+ 4
+            }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: total &+ 16) { p in
+                var at = p.baseAddress!
+                for i in 0..<a.count { at = putLine(a, i, base + i &* stride, textAt: textAt, at: at) }
+                return total
+            }
         }
     }
 
@@ -199,34 +219,34 @@ public enum HeadWriter {
         return at + 2
     }
 
-    /// `putLine(_:at:)` for a line stored at `nameAt` (`HeaderLine.inlineNames`: its name
-    /// is its first field), with 16 bytes of room past the line: a small name, and a
-    /// small text value, stored as two words.
+    /// `putLine(_:at:)` for line `i` of `a`, stored at `line` (`HeaderLine.inlineNames`:
+    /// its name is its first field; a text value's String at `textAt`), with 16 bytes of
+    /// room past the line: a small name, and a small text value, stored as two words,
+    /// read in place (the line is not copied).
     @inline(__always)
-    static func putLine(_ line: HeaderLine, nameAt: UnsafeRawPointer, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+    static func putLine(_ a: UnsafeBufferPointer<HeaderLine>, _ i: Int, _ line: UnsafeRawPointer, textAt: Int, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
         var at = at
-        let w = InlineUTF8.words(at: nameAt)
+        let w = InlineUTF8.words(at: line)
         let n = InlineUTF8.count(w.1)
         if n >= 0 {
             at.storeBytes(of: w.0, as: UInt64.self); at.storeBytes(of: w.1, toByteOffset: 8, as: UInt64.self)
             at += n
         } else {
-            at = copyUTF8(line.name, to: at)
+            at = copyUTF8(a[i].name, to: at)
         }
         at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
         at += 2
-        switch line.storage {
-        case .text(let v):
-            let vw = InlineUTF8.words(v)
+        if a[i].isText {
+            let vw = InlineUTF8.words(at: line + textAt)
             let vn = InlineUTF8.count(vw.1)
             if vn >= 0 {
                 at.storeBytes(of: vw.0, as: UInt64.self); at.storeBytes(of: vw.1, toByteOffset: 8, as: UInt64.self)
                 at += vn
             } else {
-                at = copyUTF8(v, to: at)
+                at = copyUTF8(a[i].value, to: at)
             }
-        default:
-            at += line.writeValue(to: at)
+        } else {
+            at += a[i].writeValue(to: at)
         }
         at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
         return at + 2

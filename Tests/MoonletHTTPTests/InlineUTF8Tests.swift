@@ -7,6 +7,7 @@ final class InlineUTF8Tests: XCTestCase {
     func test_smallASCIIStrings_areReadFromTheirWords_andOthersAreToldApart() {
         XCTAssertTrue(InlineUTF8.isAvailable, "64-bit little-endian Swift: the layout is expected")
         XCTAssertTrue(HeaderLine.inlineNames)
+        XCTAssertGreaterThanOrEqual(HeaderLine.inlineTextOffset, 16, "a text value's String found in the line")
         for n in 0...15 {
             let s = String(decoding: (0..<n).map { UInt8(97 + $0) }, as: UTF8.self)
             let w = InlineUTF8.words(s)
