@@ -485,6 +485,13 @@ struct LineWriter {
         if found { byte(34) } else { count &-= 1; lit("null") }
     }
 
+    /// `close(found)` followed by a literal: `quoted` (the closing quote and what
+    /// follows) when found, else `null` over the opening quote and `bare` (what follows).
+    @inlinable @inline(__always)
+    mutating func close(_ found: Bool, _ quoted: StaticString, _ bare: StaticString) {
+        if found { lit(quoted) } else { count &-= 1; lit("null"); lit(bare) }
+    }
+
     @inlinable @inline(__always)
     mutating func int(_ v: Int64) {
         reserve(20)
@@ -929,40 +936,40 @@ public struct AccessLogFormat: Sendable {
     @inlinable @inline(__always)
     static func runIstioJSON<R: AccessLogRecord>(_ x: IstioJSONSlots, _ r: R, head: UnsafeRawBufferPointer, spans: UnsafeMutablePointer<AccessLogValueSpan>,
                                                  names: AccessLogHeaderNames, _ w: inout LineWriter, _ clock: AccessLogClock) {
+        // A string value's closing quote and the next key are one literal (`null` and the
+        // key without the quote when the value is missing).
         w.lit("{\"authority\":\"")
-        w.close(header(x.authority, r, head, spans, names, &w, true, clock))
-        w.lit(",\"bytes_received\":"); w.int(r.bytesReceived)
+        w.close(header(x.authority, r, head, spans, names, &w, true, clock), "\",\"bytes_received\":", ",\"bytes_received\":")
+        w.int(r.bytesReceived)
         w.lit(",\"bytes_sent\":"); w.int(r.bytesSent)
-        w.lit(",\"connection_termination_details\":\""); w.close(w.put(r.connectionTerminationDetails, escape: true))
-        w.lit(",\"downstream_local_address\":\""); w.close(w.put(r.downstreamLocalAddress, escape: true))
-        w.lit(",\"downstream_remote_address\":\""); w.close(w.put(r.downstreamRemoteAddress, escape: true))
-        w.lit(",\"duration\":"); w.int(r.durationMillis)
+        w.lit(",\"connection_termination_details\":\"")
+        w.close(w.put(r.connectionTerminationDetails, escape: true), "\",\"downstream_local_address\":\"", ",\"downstream_local_address\":\"")
+        w.close(w.put(r.downstreamLocalAddress, escape: true), "\",\"downstream_remote_address\":\"", ",\"downstream_remote_address\":\"")
+        w.close(w.put(r.downstreamRemoteAddress, escape: true), "\",\"duration\":", ",\"duration\":")
+        w.int(r.durationMillis)
         w.lit(",\"method\":\"")
-        w.close(header(x.method, r, head, spans, names, &w, true, clock))
-        w.lit(",\"path\":\"")
+        w.close(header(x.method, r, head, spans, names, &w, true, clock), "\",\"path\":\"", ",\"path\":\"")
         var ok = header(x.originalPath, r, head, spans, names, &w, true, clock)
         if !ok { ok = header(x.path, r, head, spans, names, &w, true, clock) }
-        w.close(ok)
-        w.lit(",\"protocol\":\""); w.close(w.put(r.protocolName, escape: true))
-        w.lit(",\"request_id\":\"")
-        w.close(header(x.requestID, r, head, spans, names, &w, true, clock))
-        w.lit(",\"requested_server_name\":\""); w.close(w.put(r.requestedServerName, escape: true))
-        w.lit(",\"response_code\":"); w.int(Int64(r.responseCode))
-        w.lit(",\"response_code_details\":\""); w.close(w.put(r.responseCodeDetails, escape: true))
-        w.lit(",\"response_flags\":\""); w.close(w.put(r.responseFlags, escape: true))
-        w.lit(",\"route_name\":\""); w.close(w.put(r.routeName, escape: true))
-        w.lit(",\"start_time\":\""); clock.write(r.startTimeMillis, &w); w.byte(34)
-        w.lit(",\"upstream_cluster\":\""); w.close(w.put(r.upstreamCluster, escape: true))
-        w.lit(",\"upstream_host\":\""); w.close(w.put(r.upstreamHost, escape: true))
-        w.lit(",\"upstream_local_address\":\""); w.close(w.put(r.upstreamLocalAddress, escape: true))
-        w.lit(",\"upstream_service_time\":\"")
-        w.close(r.withResponseHeader(lowercased: x.serviceTime) { w.put($0, escape: true) })
-        w.lit(",\"upstream_transport_failure_reason\":\""); w.close(w.put(r.upstreamTransportFailureReason, escape: true))
-        w.lit(",\"user_agent\":\"")
-        w.close(header(x.userAgent, r, head, spans, names, &w, true, clock))
-        w.lit(",\"x_forwarded_for\":\"")
-        w.close(header(x.forwardedFor, r, head, spans, names, &w, true, clock))
-        w.lit("}\n")
+        w.close(ok, "\",\"protocol\":\"", ",\"protocol\":\"")
+        w.close(w.put(r.protocolName, escape: true), "\",\"request_id\":\"", ",\"request_id\":\"")
+        w.close(header(x.requestID, r, head, spans, names, &w, true, clock), "\",\"requested_server_name\":\"", ",\"requested_server_name\":\"")
+        w.close(w.put(r.requestedServerName, escape: true), "\",\"response_code\":", ",\"response_code\":")
+        w.int(Int64(r.responseCode))
+        w.lit(",\"response_code_details\":\"")
+        w.close(w.put(r.responseCodeDetails, escape: true), "\",\"response_flags\":\"", ",\"response_flags\":\"")
+        w.close(w.put(r.responseFlags, escape: true), "\",\"route_name\":\"", ",\"route_name\":\"")
+        w.close(w.put(r.routeName, escape: true), "\",\"start_time\":\"", ",\"start_time\":\"")
+        clock.write(r.startTimeMillis, &w)
+        w.lit("\",\"upstream_cluster\":\"")
+        w.close(w.put(r.upstreamCluster, escape: true), "\",\"upstream_host\":\"", ",\"upstream_host\":\"")
+        w.close(w.put(r.upstreamHost, escape: true), "\",\"upstream_local_address\":\"", ",\"upstream_local_address\":\"")
+        w.close(w.put(r.upstreamLocalAddress, escape: true), "\",\"upstream_service_time\":\"", ",\"upstream_service_time\":\"")
+        w.close(r.withResponseHeader(lowercased: x.serviceTime) { w.put($0, escape: true) },
+                "\",\"upstream_transport_failure_reason\":\"", ",\"upstream_transport_failure_reason\":\"")
+        w.close(w.put(r.upstreamTransportFailureReason, escape: true), "\",\"user_agent\":\"", ",\"user_agent\":\"")
+        w.close(header(x.userAgent, r, head, spans, names, &w, true, clock), "\",\"x_forwarded_for\":\"", ",\"x_forwarded_for\":\"")
+        w.close(header(x.forwardedFor, r, head, spans, names, &w, true, clock), "\"}\n", "}\n")
     }
 
     /// Writes request header `i` of the format's names as `withRequestHead` located it;
