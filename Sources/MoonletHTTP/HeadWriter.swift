@@ -225,26 +225,11 @@ public enum HeadWriter {
     /// read in place (the line is not copied).
     @inline(__always)
     static func putLine(_ a: UnsafeBufferPointer<HeaderLine>, _ i: Int, _ line: UnsafeRawPointer, textAt: Int, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
-        var at = at
-        let w = InlineUTF8.words(at: line)
-        let n = InlineUTF8.count(w.1)
-        if n >= 0 {
-            at.storeBytes(of: w.0, as: UInt64.self); at.storeBytes(of: w.1, toByteOffset: 8, as: UInt64.self)
-            at += n
-        } else {
-            at = copyUTF8(a[i].name, to: at)
-        }
+        var at = InlineUTF8.store(from: line, to: at) ?? copyUTF8(a[i].name, to: at)
         at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
         at += 2
         if a[i].isText {
-            let vw = InlineUTF8.words(at: line + textAt)
-            let vn = InlineUTF8.count(vw.1)
-            if vn >= 0 {
-                at.storeBytes(of: vw.0, as: UInt64.self); at.storeBytes(of: vw.1, toByteOffset: 8, as: UInt64.self)
-                at += vn
-            } else {
-                at = copyUTF8(a[i].value, to: at)
-            }
+            at = InlineUTF8.store(from: line + textAt, to: at) ?? copyUTF8(a[i].value, to: at)
         } else {
             at += a[i].writeValue(to: at)
         }

@@ -37,6 +37,19 @@ public enum InlineUTF8 {
     @inlinable @inline(__always)
     public static func count(_ w1: UInt64) -> Int { w1 >> 61 == 7 ? Int(truncatingIfNeeded: (w1 >> 56) & 0xF) : -1 }
 
+    /// Stores the String at `p` (a String field in memory) at `to` as its two words when
+    /// it is small ASCII (16 bytes written whatever its count: the caller has room);
+    /// returns the byte after its count, nil (nothing written) for any other String.
+    @inlinable @inline(__always)
+    public static func store(from p: UnsafeRawPointer, to: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer? {
+        let w = words(at: p)
+        let n = count(w.1)
+        guard n >= 0 else { return nil }
+        to.storeBytes(of: w.0, as: UInt64.self)
+        to.storeBytes(of: w.1, toByteOffset: 8, as: UInt64.self)
+        return to + n
+    }
+
     /// The words `s` has when it is small ASCII (the key to compare a stored name with),
     /// nil when it is not (longer than 15 bytes, non-ASCII) or the layout is not available.
     public static func key(_ s: String) -> (UInt64, UInt64)? {
