@@ -223,12 +223,8 @@ enum NativeAction: Equatable {
                 // Outputs are never removed: this loop's are resolved once.
                 state.outputs = vm.nativeActions.handleLists[list].compactMap { logTrace.output($0, vm.host.telemetry) }
             }
-            let clock = logTrace.clock
             let now = Self.endNanos(vm, s)
-            let rec = StreamLogRecord(s, now: now, scratch: clock.scratch, wallMinusMono: clock.wallMinusMono(mono: now))
-            state.outputs!.withUnsafeBufferPointer { outs in
-                for out in outs { out.buffer.appendLine { out.format.render(rec, into: &$0, clock: clock) } }
-            }
+            state.outputs!.withUnsafeBufferPointer { logTrace.writeLines($0, s, now: now) }
             return true
         case .traceStart(let h):
             if _slowPath(state.tracer == nil) { state.tracer = vm.logTrace.tracer(h, vm.host.telemetry) }
@@ -490,6 +486,20 @@ final class LogTraceLoopState {
         let format: AccessLogFormat
         let buffer: LogBuffer
         init(format: AccessLogFormat, buffer: LogBuffer) { self.format = format; self.buffer = buffer }
+
+        /// Appends the line for `rec` to this output's buffer.
+        @inline(__always)
+        func write(_ rec: StreamLogRecord, _ clock: AccessLogClock) {
+            buffer.appendLine { format.render(rec, into: &$0, clock: clock) }
+        }
+    }
+
+    /// The access log lines of `s` (ended at `now`, monotonic) for `outputs`, on this
+    /// loop (the native on_log action; methods of the loop's objects, which hold what
+    /// they read).
+    func writeLines(_ outputs: UnsafeBufferPointer<Output>, _ s: ProxyStream, now: UInt64) {
+        let rec = StreamLogRecord(s, now: now, scratch: clock.scratch, wallMinusMono: clock.wallMinusMono(mono: now))
+        for out in outputs { out.write(rec, clock) }
     }
     struct Pending { let tracer: Tracer; let ctx: TraceContext; let startMicros: UInt64 }
     var outputs: [Output?] = []

@@ -95,7 +95,7 @@ public final class LuaVM {
     /// The metatable of moonlet.stats.series handles (StatsAPI.swift), compared by pointer.
     var statsSeriesMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
-    var logTrace = LogTraceLoopState()
+    let logTrace = LogTraceLoopState()
     /// Native phases of builtin filters (`accesslog.writer`, `trace.starter`).
     var nativeActions = NativeActions()
     /// The end of the stream whose native on_log actions run (`NativeAction.endNanos`):
