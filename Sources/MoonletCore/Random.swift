@@ -1,13 +1,14 @@
 /// Fast per-loop randomness for the hot path (weights, request ids); seeded from the system.
 /// xoshiro256** (Blackman and Vigna): fast, good-quality, not for secrets.
 public struct Xoshiro256: RandomNumberGenerator, Sendable {
-    var s: (UInt64, UInt64, UInt64, UInt64)
+    @usableFromInline var s: (UInt64, UInt64, UInt64, UInt64)
     public init<G: RandomNumberGenerator>(seed: G) {
         var g = seed
         s = (g.next(), g.next(), g.next(), g.next())
         if s == (0, 0, 0, 0) { s.0 = 0x9E3779B97F4A7C15 }
     }
-    @inline(__always)
+    /// Inlinable: the proxy and the tracing filter draw several per request (ids).
+    @inlinable @inline(__always)
     public mutating func next() -> UInt64 {
         let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
         let t = s.1 << 17

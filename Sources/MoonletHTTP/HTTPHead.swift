@@ -125,6 +125,28 @@ public struct HeaderLine: Sendable, Equatable {
         }
     }
 
+    /// Whether a line's name can be read in place as `InlineUTF8` words from the line's
+    /// address (the name is the struct's first field and Strings have that layout).
+    public static let inlineNames: Bool = InlineUTF8.isAvailable && MemoryLayout<HeaderLine>.offset(of: \HeaderLine.name) == 0
+
+    /// Where a text value's String lies in a line (the storage's payload, at the start
+    /// of the enum), checked on a line made at run time; -1 when it is not found there
+    /// (callers then read the value through the enum).
+    @usableFromInline static let inlineTextOffset: Int = {
+        guard inlineNames, let at = MemoryLayout<HeaderLine>.offset(of: \HeaderLine.storage) else { return -1 }
+        var line = HeaderLine("a", String(decoding: [0x78, 0x79, 0x7A] as [UInt8], as: UTF8.self))
+        let ok = withUnsafeBytes(of: &line) { raw -> Bool in
+            guard at + 16 <= raw.count else { return false }
+            let w = InlineUTF8.words(at: raw.baseAddress! + at)
+            return w.0 == 0x7A_7978 && w.1 == 0xE3 << 56
+        }
+        return ok ? at : -1
+    }()
+
+    /// Whether this line's value is text (no copy of the value).
+    @inlinable @inline(__always)
+    public var isText: Bool { if case .text = storage { return true } else { return false } }
+
     public static func == (a: HeaderLine, b: HeaderLine) -> Bool {
         guard a.name == b.name else { return false }
         if case .text(let x) = a.storage, case .text(let y) = b.storage { return x == y }

@@ -154,16 +154,46 @@ public enum HeadWriter {
     /// The added lines (`name: value` CRLF each) in one write of the buffer: their size
     /// summed first, then every name and value copied in place (read where they are, no
     /// String copies). Line by line cost about 340 instructions a line; this under 100.
+    /// Names and text values that are small ASCII Strings (`InlineUTF8`: all the names
+    /// the proxy and the telemetry filters add) are stored as their two words, 16 bytes
+    /// whatever their length (the room asked for has 16 bytes to spare; what a later
+    /// write does not cover lies past the written count).
     @inline(__always)
     static func writeAdded(_ added: [HeaderLine], into out: inout ByteBuffer) {
-        var total = 0
-        for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].valueByteCount &+ 4 }
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
-            var at = p.baseAddress!
-            added.withUnsafeBufferPointer { a in
-                for i in 0..<a.count { at = putLine(a[i], at: at) }
+        let textAt = HeaderLine.inlineTextOffset
+        if textAt < 0 {
+            var total = 0
+            for i in added.indices { total &+= added[i].name.utf8.count &+ added[i].valueByteCount &+ 4 }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+                var at = p.baseAddress!
+                added.withUnsafeBufferPointer { a in for i in 0..<a.count { at = putLine(a[i], at: at) } }
+                return total
             }
-            return total
+            return
+        }
+        added.withUnsafeBufferPointer { a in
+            // Read where the lines are (no copy of a line: a copy retains its Strings).
+            let base = UnsafeRawPointer(a.baseAddress!)
+            let stride = MemoryLayout<HeaderLine>.stride
+            var total = 0
+            for i in 0..<a.count {
+                let line = base + i &* stride
+                var n = InlineUTF8.count(InlineUTF8.words(at: line).1)
+                if n < 0 { n = a[i].name.utf8.count }
+                if a[i].isText {
+                    var v = InlineUTF8.count(InlineUTF8.words(at: line + textAt).1)
+                    if v < 0 { v = a[i].valueByteCount }
+                    n &+= v
+                } else {
+                    n &+= a[i].valueByteCount
+                }
+                total &+= n &+ 4
+            }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: total &+ 16) { p in
+                var at = p.baseAddress!
+                for i in 0..<a.count { at = putLine(a, i, base + i &* stride, textAt: textAt, at: at) }
+                return total
+            }
         }
     }
 
@@ -185,6 +215,24 @@ public enum HeadWriter {
         at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
         at += 2
         if case .text(let v) = line.storage { at = copyUTF8(v, to: at) } else { at += line.writeValue(to: at) }
+        at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
+        return at + 2
+    }
+
+    /// `putLine(_:at:)` for line `i` of `a`, stored at `line` (`HeaderLine.inlineNames`:
+    /// its name is its first field; a text value's String at `textAt`), with 16 bytes of
+    /// room past the line: a small name, and a small text value, stored as two words,
+    /// read in place (the line is not copied).
+    @inline(__always)
+    static func putLine(_ a: UnsafeBufferPointer<HeaderLine>, _ i: Int, _ line: UnsafeRawPointer, textAt: Int, at: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+        var at = InlineUTF8.store(from: line, to: at) ?? copyUTF8(a[i].name, to: at)
+        at.storeBytes(of: UInt16(0x203A).littleEndian, as: UInt16.self)   // ": "
+        at += 2
+        if a[i].isText {
+            at = InlineUTF8.store(from: line + textAt, to: at) ?? copyUTF8(a[i].value, to: at)
+        } else {
+            at += a[i].writeValue(to: at)
+        }
         at.storeBytes(of: UInt16(0x0A0D).littleEndian, as: UInt16.self)   // CRLF
         return at + 2
     }

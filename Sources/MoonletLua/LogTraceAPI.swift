@@ -119,7 +119,7 @@ extension LuaAPI {
             handles.append(h)
         }
         // Past the bound, nil: no shortcut, the Lua phase runs.
-        if let id = vm.nativeActions.register(.accessLog(handles)) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
+        if let id = vm.nativeActions.register(accessLog: handles) { lua_pushinteger(L, lua_Integer(id)) } else { lua_pushnil(L) }
         return 1
     }
 
@@ -201,44 +201,89 @@ extension LuaAPI {
 /// nothing to decide in Lua, without the cost of entering Lua (about 1.5k instructions
 /// a call).
 enum NativeAction: Equatable {
-    /// `accesslog.write(s, h)` for each handle, in order (on_log).
-    case accessLog([Int])
+    /// `accesslog.write(s, h)` for each handle of list `i` of `NativeActions.handleLists`,
+    /// in order (on_log). An index, not the list: the action is copied per call without
+    /// retaining anything.
+    case accessLog(Int)
     /// `trace.start(s, tracer)` (on_request).
     case traceStart(Int)
     /// `stats.log(data, s)` (on_log); declines when it gives a key back.
     case statsLog
 
     /// Runs the action for `s` on `vm`'s loop; `data` is the registry ref of the
-    /// instance's `conf.shortcuts.data`. False: the action declined, the Lua phase runs.
-    /// Handles were checked when the action was made; one that is gone (never, as
-    /// outputs and tracers are not removed) is skipped.
-    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32) -> Bool {
+    /// instance's `conf.shortcuts.data`; `state` the instance's (what the action resolved
+    /// on first use, and istio-stats' last key). False: the action declined, the Lua
+    /// phase runs. Handles were checked when the action was made; one that is gone
+    /// (never, as outputs and tracers are not removed) is skipped.
+    func run(_ vm: LuaVM, _ s: ProxyStream, data: Int32, _ state: inout NativeActionState) -> Bool {
         switch self {
-        case .accessLog(let handles):
-            let logTrace = vm.logTrace, clock = logTrace.clock
-            var rec: StreamLogRecord? = nil
-            for h in handles {
-                guard let out = logTrace.output(h, vm.host.telemetry) else { continue }
-                if rec == nil { rec = StreamLogRecord(s, now: LogTraceLoopState.monotonicNanos(), scratch: clock.scratch) }
-                let r = rec!
-                out.buffer.appendLine { out.format.render(r, into: &$0, clock: clock) }
+        case .accessLog(let list):
+            let logTrace = vm.logTrace
+            if _slowPath(state.outputs == nil) {
+                // Outputs are never removed: this loop's are resolved once.
+                state.outputs = vm.nativeActions.handleLists[list].compactMap { logTrace.output($0, vm.host.telemetry) }
             }
+            let now = Self.endNanos(vm, s)
+            state.outputs!.withUnsafeBufferPointer { logTrace.writeLines($0, s, now: now) }
             return true
         case .traceStart(let h):
-            guard let t = vm.logTrace.tracer(h, vm.host.telemetry) else { return true }
+            if _slowPath(state.tracer == nil) { state.tracer = vm.logTrace.tracer(h, vm.host.telemetry) }
+            guard let t = state.tracer else { return true }
             _ = vm.logTrace.start(s, t, rng: &vm.rng)
             return true
         case .statsLog:
+            // The label set of the last stream recorded through the cache: recorded
+            // again without reading the Lua table (the table changes only in the Lua
+            // on_log, which runs when this declines: the instance forgets the key then).
+            let (k1, k2) = LuaAPI.streamKey(vm, s)
+            if k1 == state.statsK1 && k2 == state.statsK2 && state.statsSeries >= 0 {
+                LuaAPI.record(vm, state.statsSeries, s, now: Self.endNanos(vm, s))
+                return true
+            }
             // On the main state, between calls (nothing runs on it): the cache is read
             // raw, as stats.log reads it.
             let L = vm.L
             let top = lua_gettop(L)
             ml_getregistry_ref(L, data)
-            let done = LuaAPI.logCached(L, top + 1, vm, s) == nil
+            let found = LuaAPI.cachedSeries(L, top + 1, k1, k2, vm)
             lua_settop(L, top)
-            return done
+            switch found {
+            case .series(let index):
+                LuaAPI.record(vm, index, s, now: Self.endNanos(vm, s))
+                state.statsK1 = k1; state.statsK2 = k2; state.statsSeries = index
+                return true
+            case .refused: return true
+            case .none: return false
+            }
         }
     }
+}
+
+extension NativeAction {
+    /// The monotonic end of `s` for the native on_log actions (the access log line's
+    /// DURATION, istio-stats' duration): read once per stream on its loop, so both see
+    /// the same end and the clock is read once. Only on_log actions use it (nothing of
+    /// the stream runs after them).
+    @inline(__always)
+    static func endNanos(_ vm: LuaVM, _ s: ProxyStream) -> UInt64 {
+        if vm.endNanosStream == s.id { return vm.endNanosValue }
+        let now = LogTraceLoopState.monotonicNanos()
+        vm.endNanosStream = s.id
+        vm.endNanosValue = now
+        return now
+    }
+}
+
+/// What a builtin instance's native actions keep between streams (on its loop only):
+/// the access log outputs and the tracer their handles name, resolved on first use;
+/// istio-stats' last cached key and its series (`statsSeries` -1: none).
+struct NativeActionState {
+    var outputs: [LogTraceLoopState.Output]? = nil
+    var tracer: Tracer? = nil
+    var statsK1 = -1, statsK2 = -1, statsSeries = -1
+
+    /// Forgets istio-stats' last key (its Lua on_log ran: the cache may have changed).
+    mutating func forgetStatsKey() { statsSeries = -1 }
 }
 
 /// The native actions of one VM: made at config load, never removed (an action made
@@ -246,7 +291,19 @@ enum NativeAction: Equatable {
 /// actions the makers return nil: the phase then runs in Lua.
 struct NativeActions {
     private(set) var actions: [NativeAction] = []
+    /// The handle lists of `.accessLog` actions (a list made again gives the same index).
+    private(set) var handleLists: [[Int]] = []
     static let max = 1024
+
+    mutating func register(accessLog handles: [Int]) -> Int? {
+        let i: Int
+        if let k = handleLists.firstIndex(of: handles) { i = k } else {
+            guard handleLists.count < Self.max else { return nil }
+            handleLists.append(handles)
+            i = handleLists.count - 1
+        }
+        return register(.accessLog(i))
+    }
 
     mutating func register(_ a: NativeAction) -> Int? {
         if let i = actions.firstIndex(of: a) { return i }
@@ -429,6 +486,20 @@ final class LogTraceLoopState {
         let format: AccessLogFormat
         let buffer: LogBuffer
         init(format: AccessLogFormat, buffer: LogBuffer) { self.format = format; self.buffer = buffer }
+
+        /// Appends the line for `rec` to this output's buffer.
+        @inline(__always)
+        func write(_ rec: StreamLogRecord, _ clock: AccessLogClock) {
+            buffer.appendLine { format.render(rec, into: &$0, clock: clock) }
+        }
+    }
+
+    /// The access log lines of `s` (ended at `now`, monotonic) for `outputs`, on this
+    /// loop (the native on_log action; methods of the loop's objects, which hold what
+    /// they read).
+    func writeLines(_ outputs: UnsafeBufferPointer<Output>, _ s: ProxyStream, now: UInt64) {
+        let rec = StreamLogRecord(s, now: now, scratch: clock.scratch, wallMinusMono: clock.wallMinusMono(mono: now))
+        for out in outputs { out.write(rec, clock) }
     }
     struct Pending { let tracer: Tracer; let ctx: TraceContext; let startMicros: UInt64 }
     var outputs: [Output?] = []
@@ -509,25 +580,54 @@ final class LogTraceLoopState {
             }
         }
         if !h.added.isEmpty {
-            // Headers added by earlier filters (lowercase): their bytes compared with the
-            // trace names of the same length only.
+            // Headers added by earlier filters (lowercase): a small name's two words
+            // compared with the names' (literals, small Strings: constants); others by
+            // their bytes, against the trace names of the same length only.
+            let inline = HeaderLine.inlineNames
             h.added.withUnsafeBufferPointer { added in
                 for k in 0..<added.count {
-                    let len = added[k].name.utf8.count
-                    guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { continue }
-                    _ = added[k].name.utf8.withContiguousStorageIfAvailable { a in
-                        switch a.count {
-                        case 2: if bytesAre(a, "b3") { trace = true }
-                        case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
-                        case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
-                        case 12:
-                            if bytesAre(a, "x-request-id") { rid = true }
-                            else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
-                        case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
-                        default: break
+                    if inline {
+                        let w = InlineUTF8.words(at: UnsafeRawPointer(added.baseAddress! + k))
+                        let n = InlineUTF8.count(w.1)
+                        if n >= 0 {
+                            switch n {
+                            case 2: if w == InlineUTF8.words("b3") { trace = true }
+                            case 10: if w == InlineUTF8.words("tracestate") || w == InlineUTF8.words("x-b3-flags") { trace = true }
+                            case 11: if w == InlineUTF8.words("traceparent") || w == InlineUTF8.words("x-b3-spanid") { trace = true }
+                            case 12:
+                                if w == InlineUTF8.words("x-request-id") { rid = true }
+                                else if w == InlineUTF8.words("x-b3-traceid") || w == InlineUTF8.words("x-b3-sampled") { trace = true }
+                            default: break
+                            }
+                            continue
                         }
                     }
+                    let (t, r) = Self.traceNames(added[k].name)
+                    if t { trace = true }
+                    if r { rid = true }
                 }
+            }
+        }
+        return (trace, rid)
+    }
+
+    /// Whether an added name (lowercase) is a trace header's, or x-request-id, by its
+    /// bytes (names that are not small Strings: out of line, rare).
+    @inline(never)
+    static func traceNames(_ name: String) -> (trace: Bool, requestID: Bool) {
+        let len = name.utf8.count
+        guard len == 2 || len == 10 || len == 11 || len == 12 || len == 17 else { return (false, false) }
+        var trace = false, rid = false
+        _ = name.utf8.withContiguousStorageIfAvailable { a in
+            switch a.count {
+            case 2: if bytesAre(a, "b3") { trace = true }
+            case 10: if bytesAre(a, "tracestate") || bytesAre(a, "x-b3-flags") { trace = true }
+            case 11: if bytesAre(a, "traceparent") || bytesAre(a, "x-b3-spanid") { trace = true }
+            case 12:
+                if bytesAre(a, "x-request-id") { rid = true }
+                else if bytesAre(a, "x-b3-traceid") || bytesAre(a, "x-b3-sampled") { trace = true }
+            case 17: if bytesAre(a, "x-b3-parentspanid") { trace = true }
+            default: break
             }
         }
         return (trace, rid)
@@ -668,8 +768,11 @@ struct StreamLogRecord: AccessLogRecord {
     /// x-forwarded-for at the first sidecar): the line reads them there like the head's
     /// bytes, without going back to the head. Empty: they are read from the head.
     let scratch: UnsafeMutableRawBufferPointer
-    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0)) {
-        self.s = s; self.now = now; self.scratch = scratch
+    /// Wall clock minus monotonic clock (nanoseconds) for START_TIME, as the loop's
+    /// `AccessLogClock` keeps it; 0: read the wall clock.
+    let wallMinusMono: UInt64
+    init(_ s: ProxyStream, now: UInt64, scratch: UnsafeMutableRawBufferPointer = UnsafeMutableRawBufferPointer(start: nil, count: 0), wallMinusMono: UInt64 = 0) {
+        self.s = s; self.now = now; self.scratch = scratch; self.wallMinusMono = wallMinusMono
     }
     static let http: [UInt8] = Array("http".utf8)
 
@@ -767,31 +870,48 @@ struct StreamLogRecord: AccessLogRecord {
                     }
                 }
                 if left > 0 && !h.added.isEmpty {
-                    // Each added name's length first (no copy of the String), checked
-                    // against the lengths of the names still missing; its bytes only when
-                    // one has that length. The first added line of a name wins.
-                    var missing: UInt64 = 0
-                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                    // The names still missing, as bits (formats of up to 64 names; more
+                    // take the byte compare below for every line).
+                    var missing: UInt64 = 0, lengths: UInt64 = 0
+                    for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none {
+                        if j < 64 { missing |= 1 &<< UInt64(j) }
+                        lengths |= 1 &<< UInt64(names.length(j) & 63)
+                    }
+                    let inline = n <= 64 && HeaderLine.inlineNames
                     h.added.withUnsafeBufferPointer { added in
                         for k in 0..<added.count {
+                            if inline {
+                                // A small name (every name the proxy and the filters add
+                                // per request) against the names' keys: two compares each.
+                                let w = InlineUTF8.words(at: UnsafeRawPointer(added.baseAddress! + k))
+                                if InlineUTF8.count(w.1) >= 0 {
+                                    var m = missing
+                                    var hit = false
+                                    while m != 0 {
+                                        let j = m.trailingZeroBitCount
+                                        m &= m &- 1
+                                        let key = names.keys[j]
+                                        guard key.0 == w.0 && key.1 == w.1 else { continue }
+                                        Self.take(added, k, j, spans, scratch, &used)
+                                        missing &= ~(1 &<< UInt64(j))
+                                        left -= 1
+                                        hit = true
+                                    }
+                                    if hit && left == 0 { break }
+                                    continue
+                                }
+                            }
+                            // Each added name's length first (no copy of the String), checked
+                            // against the lengths of the names still missing; its bytes only
+                            // when one has that length. The first added line of a name wins.
                             let len = added[k].name.utf8.count
-                            guard missing & (1 << UInt64(len & 63)) != 0 else { continue }
+                            guard lengths & (1 &<< UInt64(len & 63)) != 0 else { continue }
                             let hit = added[k].name.utf8.withContiguousStorageIfAvailable { a -> Bool in
                                 var hit = false
                                 for j in 0..<n where spans[j].start == -1 && names.length(j) == len && names.pseudo(j) == .none {
                                     if len == 0 || Self.same(UnsafeRawPointer(a.baseAddress!), names.bytes(j).baseAddress!, len) {
-                                        let n = added[k].valueByteCount
-                                        if n == 0 {
-                                            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
-                                        } else if n <= scratch.count &- used {
-                                            // Copied now, while the line is in hand.
-                                            let at = used
-                                            added[k].withValueBytes { scratch.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress!, byteCount: n) }
-                                            spans[j] = .scratch(at: at, length: n)
-                                            used &+= n
-                                        } else {
-                                            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
-                                        }
+                                        Self.take(added, k, j, spans, scratch, &used)
+                                        if j < 64 { missing &= ~(1 &<< UInt64(j)) }
                                         left -= 1
                                         hit = true
                                     }
@@ -800,8 +920,8 @@ struct StreamLogRecord: AccessLogRecord {
                             } ?? false
                             if hit {
                                 if left == 0 { break }
-                                missing = 0
-                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { missing |= 1 << UInt64(names.length(j) & 63) }
+                                lengths = 0
+                                for j in 0..<n where spans[j].start == -1 && names.pseudo(j) == .none { lengths |= 1 &<< UInt64(names.length(j) & 63) }
                             }
                         }
                     }
@@ -810,6 +930,29 @@ struct StreamLogRecord: AccessLogRecord {
                     for j in 0..<n where spans[j].length == -1 { spans[j] = .absent }
                 }
             }
+        }
+    }
+
+    /// Points span `j` at added line `k`'s value: an empty value marks the span (turned
+    /// into `.absent` after the pass; the mark keeps later lines of the name from
+    /// matching); a value that fits is copied into `scratch` now, while the line is in
+    /// hand; a longer one is read from the line later (`withOtherRequestHeader`).
+    @inline(__always)
+    static func take(_ added: UnsafeBufferPointer<HeaderLine>, _ k: Int, _ j: Int, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                     _ scratch: UnsafeMutableRawBufferPointer, _ used: inout Int) {
+        let n = added[k].valueByteCount
+        if n == 0 {
+            spans[j] = AccessLogValueSpan(start: -6 - Int32(k), length: -1)
+        } else if n <= scratch.count &- used {
+            let at = used
+            let dst = scratch.baseAddress!.advanced(by: at)
+            // An id form (x-request-id made by the proxy) is written there as hex; a text
+            // value is copied.
+            if added[k].writeValue(to: dst) == 0 { added[k].withValueBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: n) } }
+            spans[j] = .scratch(at: at, length: n)
+            used &+= n
+        } else {
+            spans[j] = AccessLogValueSpan(start: Int32(-5 - k), length: 0)
         }
     }
 
@@ -914,7 +1057,10 @@ struct StreamLogRecord: AccessLogRecord {
         return nil
     }
 
-    var startTimeMillis: Int64 { Int64((LogTraceLoopState.wallNanos() &- (now &- s.startNanos)) / 1_000_000) }
+    var startTimeMillis: Int64 {
+        if wallMinusMono != 0 { return Int64((s.startNanos &+ wallMinusMono) / 1_000_000) }
+        return Int64((LogTraceLoopState.wallNanos() &- (now &- s.startNanos)) / 1_000_000)
+    }
     var protocolName: String { s.protocolName }
     var responseCode: Int { s.status }
     var responseFlags: String { s.responseFlags.envoyString }

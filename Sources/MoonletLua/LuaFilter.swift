@@ -25,7 +25,16 @@ public final class LuaPluginInstance: Filter {
     var moduleRef: Int32 = LUA_NOREF
     var confRef: Int32 = LUA_NOREF
     /// on_request, on_request_body, on_response, on_response_body, on_log, on_upstream_failure
-    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF]
+    var fn: [Int32] = [LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF, LUA_NOREF] { didSet { phases = Self.mask(fn) } }
+    /// Bit `i` set when `fn[i]` is a function: a phase the module does not define
+    /// returns without reading the array.
+    var phases: UInt8 = 0
+
+    static func mask(_ fn: [Int32]) -> UInt8 {
+        var m: UInt8 = 0
+        for (i, r) in fn.enumerated() where r != LUA_NOREF { m |= 1 << UInt8(i) }
+        return m
+    }
     let failStrategy: FailStrategy
     let cell: PluginCell?
     /// A builtin filter shipped with Moonlet (`builtin://` source, not a LuaPlugin that
@@ -44,6 +53,8 @@ public final class LuaPluginInstance: Filter {
     var nativeLog: NativeAction?
     /// Registry ref of `conf.shortcuts.data` (what the action reads, e.g. istio-stats' cache).
     var nativeData: Int32 = LUA_NOREF
+    /// What the native actions resolved on first use and istio-stats' last key.
+    var nativeState = NativeActionState()
     static let phaseNames = ["on_request", "on_request_body", "on_response", "on_response_body", "on_log", "on_upstream_failure"]
     static let upstreamFailurePhase = 5
 
@@ -76,6 +87,7 @@ public final class LuaPluginInstance: Filter {
         fn = fn.map { _ in LUA_NOREF }
         moduleRef = LUA_NOREF; confRef = LUA_NOREF
         nativeRequest = nil; nativeLog = nil; nativeData = LUA_NOREF
+        nativeState = NativeActionState()
     }
 
     func load() throws {
@@ -143,7 +155,7 @@ public final class LuaPluginInstance: Filter {
     /// (and counts the call).
     @inline(__always)
     func runNative(_ a: NativeAction, _ s: ProxyStream) -> Bool {
-        guard a.run(vm, s, data: nativeData) else { return false }
+        guard a.run(vm, s, data: nativeData, &nativeState) else { return false }
         if let cell { cell.stats.calls &+= 1 }
         return true
     }
@@ -169,6 +181,7 @@ public final class LuaPluginInstance: Filter {
 
     @inline(__always)
     func call(_ which: Int, _ s: ProxyStream, chunk: ByteBuffer? = nil, eos: Bool = false, retried: Bool = false) -> FilterAction {
+        if phases & (1 &<< UInt8(truncatingIfNeeded: which)) == 0 { return .continue }
         let ref = fn[which]
         if ref == LUA_NOREF { return .continue }
         // Phase calls run to completion (no yields yet), so they share the VM's runner
@@ -249,6 +262,8 @@ public final class LuaPluginInstance: Filter {
     /// native shortcut when it takes the stream, else the Lua function; nothing to return.
     public func onLog(_ stream: ProxyStream) {
         if let a = nativeLog, runNative(a, stream) { return }
+        // The Lua on_log may change what the native action read (istio-stats' cache).
+        nativeState.forgetStatsKey()
         _ = call(4, stream)
     }
 

@@ -95,9 +95,14 @@ public final class LuaVM {
     /// The metatable of moonlet.stats.series handles (StatsAPI.swift), compared by pointer.
     var statsSeriesMetatable: UnsafeRawPointer?
     /// Access log buffers and open spans of this loop (LogTraceAPI.swift).
-    var logTrace = LogTraceLoopState()
+    let logTrace = LogTraceLoopState()
     /// Native phases of builtin filters (`accesslog.writer`, `trace.starter`).
     var nativeActions = NativeActions()
+    /// The end of the stream whose native on_log actions run (`NativeAction.endNanos`):
+    /// the access log line and istio-stats read one clock for it. Stream ids are unique
+    /// on a loop; `UInt64.max` is none.
+    var endNanosStream: UInt64 = .max
+    var endNanosValue: UInt64 = 0
     let logger: Logger
     /// Metric names this VM has had admitted by the host, with their full series name.
     var admittedSeries: [String: String] = [:]

@@ -25,7 +25,7 @@ struct StatsState {
     /// The number of a destination service (1...2^24-1); the last one is remembered, so a
     /// connection's repeated host costs one string comparison.
     mutating func serviceID(_ host: String) -> Int {
-        if host == lastHost && lastHostID != 0 { return lastHostID }
+        if lastHostID != 0 && Self.sameBytes(host, lastHost) { return lastHostID }
         var id = services[host] ?? 0
         if id == 0 {
             // Bounded: a VM that has seen 2^20 hosts starts over (numbers are not reused
@@ -38,6 +38,23 @@ struct StatsState {
         }
         lastHost = host; lastHostID = id
         return id
+    }
+}
+
+extension StatsState {
+    /// Whether `a` and `b` have the same UTF-8 bytes: their words when equal (the same
+    /// small String, or the same storage), else the lengths, then one memcmp. The route
+    /// host is a new String per stream (set by the router), so `==` would compare it
+    /// through the Unicode-aware path every time.
+    @inline(__always)
+    static func sameBytes(_ a: String, _ b: String) -> Bool {
+        if InlineUTF8.words(a) == InlineUTF8.words(b) { return true }
+        let n = a.utf8.count
+        guard n == b.utf8.count else { return false }
+        if n == 0 { return true }
+        return a.utf8.withContiguousStorageIfAvailable { x in
+            b.utf8.withContiguousStorageIfAvailable { y in memcmp(x.baseAddress!, y.baseAddress!, n) == 0 }
+        }.flatMap { $0 } ?? (a == b)
     }
 }
 
@@ -82,7 +99,8 @@ extension LuaAPI {
 
     @inline(__always)
     static func isGRPC(_ s: ProxyStream) -> Bool {
-        guard s.protocolName == "HTTP/2", let i = s.request.firstIndex(lowercased: "content-type") else { return false }
+        // The length first: "HTTP/1.1" is told apart without a String comparison.
+        guard s.protocolName.utf8.count == 6, s.protocolName == "HTTP/2", let i = s.request.firstIndex(lowercased: "content-type") else { return false }
         return s.request.value(at: i).hasPrefix("application/grpc")
     }
 
@@ -133,9 +151,14 @@ extension LuaAPI {
     /// Records `s` in the series at `index` (istio_requests_total and the three histograms).
     @inline(__always)
     static func record(_ vm: LuaVM, _ index: Int, _ s: ProxyStream) {
-        guard index >= 0 && index < vm.stats.series.count else { return }
         var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
-        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        record(vm, index, s, now: UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec))
+    }
+
+    /// `record` with the stream's end (monotonic nanoseconds) read by the caller.
+    @inline(__always)
+    static func record(_ vm: LuaVM, _ index: Int, _ s: ProxyStream, now: UInt64) {
+        guard index >= 0 && index < vm.stats.series.count else { return }
         vm.stats.series[index].record(durationMs: Double(now &- s.startNanos) / 1e6, requestBytes: s.requestBodyBytes, responseBytes: s.responseBodyBytes)
     }
 
@@ -158,14 +181,27 @@ extension LuaAPI {
     @inline(__always)
     static func logCached(_ L: OpaquePointer?, _ idx: Int32, _ vm: LuaVM, _ s: ProxyStream) -> (Int, Int)? {
         let (k1, k2) = streamKey(vm, s)
+        switch cachedSeries(L, idx, k1, k2, vm) {
+        case .series(let index): record(vm, index, s); return nil
+        case .refused: return nil
+        case .none: return (k1, k2)
+        }
+    }
+
+    enum CachedSeries { case series(Int), refused, none }
+
+    /// What `cache[k1][k2]` holds (the cache table at `idx`, read raw): a series handle's
+    /// index, `false` (refused), or nothing usable. Leaves what it pushed on the stack.
+    @inline(__always)
+    static func cachedSeries(_ L: OpaquePointer?, _ idx: Int32, _ k1: Int, _ k2: Int, _ vm: LuaVM) -> CachedSeries {
         if lua_type(L, idx) == LUA_TTABLE {
             if lua_rawgeti(L, idx, lua_Integer(k1)) == LUA_TTABLE {
                 let t = lua_rawgeti(L, -1, lua_Integer(k2))
-                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return nil }
-                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { record(vm, index, s); return nil }
+                if t == LUA_TBOOLEAN && lua_toboolean(L, -1) == 0 { return .refused }
+                if t == LUA_TUSERDATA, let index = seriesIndex(L, -1, vm) { return .series(index) }
             }
         }
-        return (k1, k2)
+        return .none
     }
 
     /// `stats.logger()`: the native action of istio-stats' on_log (`conf.shortcuts.on_log`,

@@ -121,6 +121,10 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     // Inlinable accessors below: a record (MoonletLua) reads them per header and line.
     @usableFromInline let entries: UnsafeMutablePointer<Entry>
     @usableFromInline let storage: UnsafeMutableRawPointer
+    /// Per name, the two words of its small String form (`InlineUTF8.key`), or (0, 0)
+    /// (no String has those: a pseudo-header, a name over 15 bytes): a header line
+    /// added with a small name is matched by two compares.
+    public let keys: UnsafeMutablePointer<(UInt64, UInt64)>
 
     init(_ names: [String]) {
         self.names = names
@@ -130,6 +134,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
         let entries = UnsafeMutablePointer<Entry>.allocate(capacity: max(1, names.count))
         self.storage = storage
         self.entries = entries
+        keys = .allocate(capacity: max(1, names.count))
         var off = 0, mask: UInt64 = 0, regular = 0
         for (i, n) in names.enumerated() {
             let b = Array(n.utf8)
@@ -143,6 +148,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
             default: p = .none; mask |= 1 << UInt64(b.count & 63); regular += 1
             }
             entries[i] = Entry(offset: Int32(off), length: Int32(b.count), pseudo: p)
+            keys[i] = p == .none ? (InlineUTF8.key(n) ?? (0, 0)) : (0, 0)
             off += b.count
         }
         lengthMask = mask
@@ -152,6 +158,7 @@ public final class AccessLogHeaderNames: @unchecked Sendable {
     deinit {
         storage.deallocate()
         entries.deallocate()
+        keys.deallocate()
     }
 
     /// Name `i`'s bytes (lowercase ASCII).
@@ -197,6 +204,27 @@ public final class AccessLogClock {
     /// it cannot point at in the head: lines added by filters), for the line being
     /// written; see `AccessLogValueSpan.scratch`.
     public let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 8)
+    /// `InlineUTF8.isAvailable`, read once.
+    @usableFromInline let inlineStrings = InlineUTF8.isAvailable
+    var offsetSecond: UInt64 = .max
+    var offset: UInt64 = 0
+
+    /// The wall clock minus the monotonic clock (nanoseconds), read again when `mono`
+    /// (the monotonic time of the line) is in another second than the last reading: a
+    /// line's START_TIME is its monotonic start shifted by it, without reading the wall
+    /// clock per line (a change of the wall clock shows within a second). Never 0.
+    public func wallMinusMono(mono: UInt64) -> UInt64 {
+        let sec = mono / 1_000_000_000
+        if sec != offsetSecond {
+            offsetSecond = sec
+            var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+            var m = timespec(); clock_gettime(CLOCK_MONOTONIC, &m)
+            let wall = UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+            let now = UInt64(m.tv_sec) &* 1_000_000_000 &+ UInt64(m.tv_nsec)
+            offset = max(1, wall &- now)
+        }
+        return offset
+    }
     public init() {
         lineCapacity = 2048
         line = UnsafeMutablePointer<UInt8>.allocate(capacity: lineCapacity)
@@ -252,10 +280,12 @@ struct LineWriter {
     @usableFromInline var base: UnsafeMutablePointer<UInt8>
     @usableFromInline var count: Int
     @usableFromInline var capacity: Int
+    /// Whether small String values are read from their words (`InlineUTF8.isAvailable`).
+    @usableFromInline var inline: Bool
 
     @inlinable @inline(__always)
-    init(base: UnsafeMutablePointer<UInt8>, count: Int, capacity: Int) {
-        self.base = base; self.count = count; self.capacity = capacity
+    init(base: UnsafeMutablePointer<UInt8>, count: Int, capacity: Int, inline: Bool = false) {
+        self.base = base; self.count = count; self.capacity = capacity; self.inline = inline
     }
 
     // Counts and sizes stay far below Int.max (a line is bounded by its values), so
@@ -396,9 +426,45 @@ struct LineWriter {
         }
     }
 
-    /// Appends a String value; false (nothing written) when it is empty.
+    /// Appends a String value; false (nothing written) when it is empty. A small ASCII
+    /// String (`InlineUTF8`: the protocol, flags, details, addresses, route names) is
+    /// checked for bytes to escape and stored as its two words, inline; any other goes
+    /// through `putString`.
     @inlinable @inline(__always)
     mutating func put(_ s: String, escape: Bool) -> Bool {
+        if inline {
+            let w = InlineUTF8.words(s)
+            let n = InlineUTF8.count(w.1)
+            if n >= 0 {
+                if n == 0 { return false }
+                if escape {
+                    // Only the lanes of the n bytes: the zero bytes past them (and the
+                    // discriminator) would read as control characters.
+                    let m0: UInt64 = n >= 8 ? ~0 : (1 &<< UInt64(n &* 8)) &- 1
+                    let m1: UInt64 = n > 8 ? (1 &<< UInt64((n &- 8) &* 8)) &- 1 : 0
+                    if _slowPath((Self.special(w.0) & m0) | (Self.special(w.1) & m1) != 0) { putEscaped(w, n); return true }
+                }
+                reserve(16)
+                let dst = UnsafeMutableRawPointer(base + count)
+                dst.storeBytes(of: w.0, as: UInt64.self)
+                dst.storeBytes(of: w.1, toByteOffset: 8, as: UInt64.self)
+                count &+= n
+                return true
+            }
+        }
+        return putString(s, escape: escape)
+    }
+
+    /// The first `n` bytes of `w` (a small String's words), escaped.
+    @usableFromInline @inline(never)
+    mutating func putEscaped(_ w: (UInt64, UInt64), _ n: Int) {
+        var c = w
+        withUnsafeBytes(of: &c) { putEscaped(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+    }
+
+    /// `put(_:escape:)` for a String that is not small ASCII.
+    @usableFromInline @inline(never)
+    mutating func putString(_ s: String, escape: Bool) -> Bool {
         if s.isEmpty { return false }
         // Read in place (a native String: no copy of it); otherwise through a copy.
         if s.utf8.withContiguousStorageIfAvailable({ put(UnsafeRawBufferPointer($0), escape: escape) }) == nil {
@@ -408,12 +474,44 @@ struct LineWriter {
         return true
     }
 
+    /// Appends a literal (its length a constant where inlined).
+    @inlinable @inline(__always)
+    mutating func lit(_ s: StaticString) { bytes(UnsafeRawPointer(s.utf8Start), s.utf8CodeUnitCount) }
+
+    /// Ends a JSON string value whose opening quote is written: its closing quote when
+    /// `found`, else `null` over the opening quote.
+    @inlinable @inline(__always)
+    mutating func close(_ found: Bool) {
+        if found { byte(34) } else { count &-= 1; lit("null") }
+    }
+
+    /// `close(found)` followed by a literal: `quoted` (the closing quote and what
+    /// follows) when found, else `null` over the opening quote and `bare` (what follows).
+    @inlinable @inline(__always)
+    mutating func close(_ found: Bool, _ quoted: StaticString, _ bare: StaticString) {
+        if found { lit(quoted) } else { count &-= 1; lit("null"); lit(bare) }
+    }
+
     @inlinable @inline(__always)
     mutating func int(_ v: Int64) {
         reserve(20)
         if v < 0 { base[count] = 45; count += 1 }
         var m = v.magnitude
         if m < 10 { base[count] = UInt8(48 + m); count += 1; return }
+        // Up to four digits (status codes, small sizes and durations): no loop.
+        if m < 10_000 {
+            let p = base + count
+            if m < 100 {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 10); p[1] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 2
+            } else if m < 1000 {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 100); p[1] = UInt8(truncatingIfNeeded: 48 &+ m / 10 % 10)
+                p[2] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 3
+            } else {
+                p[0] = UInt8(truncatingIfNeeded: 48 &+ m / 1000); p[1] = UInt8(truncatingIfNeeded: 48 &+ m / 100 % 10)
+                p[2] = UInt8(truncatingIfNeeded: 48 &+ m / 10 % 10); p[3] = UInt8(truncatingIfNeeded: 48 &+ m % 10); count &+= 4
+            }
+            return
+        }
         var n = 0
         var t = m
         while t > 0 { n += 1; t /= 10 }
@@ -471,6 +569,17 @@ public struct AccessLogFormat: Sendable {
         self.shape = shape
         program = Program(shape, empty: empty)
     }
+
+    /// A JSON format that always runs the instruction loop (`straightLine: false`), to
+    /// hold `runIstioJSON`'s lines equal to the loop's.
+    init(json labels: [(String, String)], straightLine: Bool) throws {
+        let fields = try labels.map { ($0.0, try Self.compile($0.1)) }
+        shape = .json(fields)
+        program = Program(shape, straightLine: straightLine)
+    }
+
+    /// Whether lines of this format are written by the straight-line path.
+    var isStraightLine: Bool { program.istio != nil }
 
     /// Operators a record type always leaves empty (its values are constants).
     public struct AlwaysEmpty: OptionSet, Sendable {
@@ -537,8 +646,12 @@ public struct AccessLogFormat: Sendable {
         @usableFromInline let names: AccessLogHeaderNames
         /// Operators of `.slow` instructions (rare: read only for them).
         let slow: [Op]
+        /// Set when the format is Istio's default JSON (`istioJSONLabels`, the
+        /// `accessLogEncoding: JSON` default): lines are written by `runIstioJSON`,
+        /// straight-line code, instead of the instruction loop.
+        @usableFromInline let istio: IstioJSONSlots?
 
-        init(_ shape: Shape, empty: AlwaysEmpty = []) {
+        init(_ shape: Shape, empty: AlwaysEmpty = [], straightLine: Bool = true) {
             var instrs: [Instr] = []
             var bytes: [UInt8] = []
             var names: [String] = []
@@ -647,6 +760,7 @@ public struct AccessLogFormat: Sendable {
             self.names = AccessLogHeaderNames(names)
             self.slow = slow
             count = instrs.count
+            istio = straightLine ? IstioJSONSlots(shape, names: names) : nil
         }
 
         /// Instructions in use (`code` may have one slot more when empty).
@@ -731,10 +845,11 @@ public struct AccessLogFormat: Sendable {
     @inlinable
     public func render<R: AccessLogRecord>(_ r: R, into out: inout [UInt8], clock: AccessLogClock) {
         let p = program
-        var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity)
+        var w = LineWriter(base: clock.line, count: 0, capacity: clock.lineCapacity, inline: clock.inlineStrings)
         let spans = clock.spans(p.names.count)
         r.withRequestHead(p.names, spans) { head in
-            Self.run(p, r, head: head, spans: spans, &w, clock)
+            if let x = p.istio { Self.runIstioJSON(x, r, head: head, spans: spans, names: p.names, &w, clock) }
+            else { Self.run(p, r, head: head, spans: spans, &w, clock) }
         }
         clock.line = w.base
         clock.lineCapacity = w.capacity
@@ -790,8 +905,8 @@ public struct AccessLogFormat: Sendable {
             case .sni: found = w.put(r.requestedServerName, escape: escape)
             case .routeName: found = w.put(r.routeName, escape: escape)
             case .req:
-                var ok = header(Int(ins.a), r, head, spans, names, &w, escape)
-                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape) }
+                var ok = header(Int(ins.a), r, head, spans, names, &w, escape, clock)
+                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape, clock) }
                 found = ok
             case .resp:
                 var ok = r.withResponseHeader(lowercased: UnsafeRawBufferPointer(start: table + Int(ins.a), count: Int(ins.b))) { w.put($0, escape: escape) }
@@ -813,11 +928,55 @@ public struct AccessLogFormat: Sendable {
         }
     }
 
+    /// Istio's default JSON line (`istioJSONLabels`, keys in that order) for `r`, written
+    /// by straight-line code: every key with its quotes is a literal of known length, every
+    /// value written by its own kind (number, String, request or response header); no
+    /// instruction to fetch and dispatch per field. The same bytes as `run` for that
+    /// format (a test holds them equal).
+    @inlinable @inline(__always)
+    static func runIstioJSON<R: AccessLogRecord>(_ x: IstioJSONSlots, _ r: R, head: UnsafeRawBufferPointer, spans: UnsafeMutablePointer<AccessLogValueSpan>,
+                                                 names: AccessLogHeaderNames, _ w: inout LineWriter, _ clock: AccessLogClock) {
+        // A string value's closing quote and the next key are one literal (`null` and the
+        // key without the quote when the value is missing).
+        w.lit("{\"authority\":\"")
+        w.close(header(x.authority, r, head, spans, names, &w, true, clock), "\",\"bytes_received\":", ",\"bytes_received\":")
+        w.int(r.bytesReceived)
+        w.lit(",\"bytes_sent\":"); w.int(r.bytesSent)
+        w.lit(",\"connection_termination_details\":\"")
+        w.close(w.put(r.connectionTerminationDetails, escape: true), "\",\"downstream_local_address\":\"", ",\"downstream_local_address\":\"")
+        w.close(w.put(r.downstreamLocalAddress, escape: true), "\",\"downstream_remote_address\":\"", ",\"downstream_remote_address\":\"")
+        w.close(w.put(r.downstreamRemoteAddress, escape: true), "\",\"duration\":", ",\"duration\":")
+        w.int(r.durationMillis)
+        w.lit(",\"method\":\"")
+        w.close(header(x.method, r, head, spans, names, &w, true, clock), "\",\"path\":\"", ",\"path\":\"")
+        var ok = header(x.originalPath, r, head, spans, names, &w, true, clock)
+        if !ok { ok = header(x.path, r, head, spans, names, &w, true, clock) }
+        w.close(ok, "\",\"protocol\":\"", ",\"protocol\":\"")
+        w.close(w.put(r.protocolName, escape: true), "\",\"request_id\":\"", ",\"request_id\":\"")
+        w.close(header(x.requestID, r, head, spans, names, &w, true, clock), "\",\"requested_server_name\":\"", ",\"requested_server_name\":\"")
+        w.close(w.put(r.requestedServerName, escape: true), "\",\"response_code\":", ",\"response_code\":")
+        w.int(Int64(r.responseCode))
+        w.lit(",\"response_code_details\":\"")
+        w.close(w.put(r.responseCodeDetails, escape: true), "\",\"response_flags\":\"", ",\"response_flags\":\"")
+        w.close(w.put(r.responseFlags, escape: true), "\",\"route_name\":\"", ",\"route_name\":\"")
+        w.close(w.put(r.routeName, escape: true), "\",\"start_time\":\"", ",\"start_time\":\"")
+        clock.write(r.startTimeMillis, &w)
+        w.lit("\",\"upstream_cluster\":\"")
+        w.close(w.put(r.upstreamCluster, escape: true), "\",\"upstream_host\":\"", ",\"upstream_host\":\"")
+        w.close(w.put(r.upstreamHost, escape: true), "\",\"upstream_local_address\":\"", ",\"upstream_local_address\":\"")
+        w.close(w.put(r.upstreamLocalAddress, escape: true), "\",\"upstream_service_time\":\"", ",\"upstream_service_time\":\"")
+        w.close(r.withResponseHeader(lowercased: x.serviceTime) { w.put($0, escape: true) },
+                "\",\"upstream_transport_failure_reason\":\"", ",\"upstream_transport_failure_reason\":\"")
+        w.close(w.put(r.upstreamTransportFailureReason, escape: true), "\",\"user_agent\":\"", ",\"user_agent\":\"")
+        w.close(header(x.userAgent, r, head, spans, names, &w, true, clock), "\",\"x_forwarded_for\":\"", ",\"x_forwarded_for\":\"")
+        w.close(header(x.forwardedFor, r, head, spans, names, &w, true, clock), "\"}\n", "}\n")
+    }
+
     /// Writes request header `i` of the format's names as `withRequestHead` located it;
     /// false (nothing written) when absent or empty.
     @inlinable @inline(__always)
     static func header<R: AccessLogRecord>(_ i: Int, _ r: R, _ head: UnsafeRawBufferPointer, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
-                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
+                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool, _ clock: AccessLogClock) -> Bool {
         let s = spans[i]
         if s.start >= 0 {
             if s.length == 0 { return false }
@@ -825,7 +984,18 @@ public struct AccessLogFormat: Sendable {
             return true
         }
         if s.start == -1 { return false }
-        return r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
+        if let at = s.scratchOffset {
+            // A value the record copied into the loop's scratch (`AccessLogValueSpan.scratch`).
+            w.put(UnsafeRawPointer(clock.scratch.baseAddress! + at), Int(s.length), escape: escape)
+            return true
+        }
+        return otherHeader(s, i, r, names, &w, escape)
+    }
+
+    /// A value the record hands out itself (`withOtherRequestHeader`: rare per line).
+    @usableFromInline @inline(never)
+    static func otherHeader<R: AccessLogRecord>(_ s: AccessLogValueSpan, _ i: Int, _ r: R, _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
+        r.withOtherRequestHeader(s, index: i, names) { w.put($0, escape: escape) }
     }
 
     /// The line for `r` as a String, by the String path (reference for `render(_:into:)`).
@@ -907,6 +1077,30 @@ public struct AccessLogFormat: Sendable {
         func d(_ v: Int32, _ w: Int) -> String { let s = String(v); return String(repeating: "0", count: max(0, w - s.count)) + s }
         return "\(d(tm.tm_year + 1900, 4))-\(d(tm.tm_mon + 1, 2))-\(d(tm.tm_mday, 2))T\(d(tm.tm_hour, 2)):\(d(tm.tm_min, 2)):\(d(tm.tm_sec, 2)).\(d(Int32(ms % 1000), 3))Z"
     }
+}
+
+/// Where `AccessLogFormat.runIstioJSON` finds what Istio's default JSON format reads:
+/// the indexes of its request header names in the format's `AccessLogHeaderNames`, and
+/// the response header name of `upstream_service_time`. Made only for that format.
+@usableFromInline
+struct IstioJSONSlots: @unchecked Sendable {
+    @usableFromInline let authority: Int, method: Int, originalPath: Int, path: Int, requestID: Int, userAgent: Int, forwardedFor: Int
+    @usableFromInline let serviceTime: UnsafeRawBufferPointer
+    static let serviceTimeName: StaticString = "x-envoy-upstream-service-time"
+
+    /// nil unless `shape` is exactly Istio's default JSON format (keys, order, operators).
+    init?(_ shape: AccessLogFormat.Shape, names: [String]) {
+        guard case .json(let fields) = shape, let istio = Self.istioFields, fields.count == istio.count else { return nil }
+        for (a, b) in zip(fields, istio) where a.0 != b.0 || a.1 != b.1 { return nil }
+        func at(_ n: String) -> Int? { names.firstIndex(of: n) }
+        guard let a = at(":authority"), let m = at(":method"), let o = at("x-envoy-original-path"), let p = at(":path"),
+              let r = at("x-request-id"), let u = at("user-agent"), let f = at("x-forwarded-for") else { return nil }
+        authority = a; method = m; originalPath = o; path = p; requestID = r; userAgent = u; forwardedFor = f
+        serviceTime = UnsafeRawBufferPointer(start: Self.serviceTimeName.utf8Start, count: Self.serviceTimeName.utf8CodeUnitCount)
+    }
+
+    /// Istio's default JSON format compiled (what a format is compared with).
+    static let istioFields: [(String, [AccessLogFormat.Op])]? = try? AccessLogFormat.istioJSONLabels.map { ($0.0, try AccessLogFormat.compile($0.1)) }
 }
 
 public struct AccessLogFormatError: Error, CustomStringConvertible, Sendable {

@@ -111,6 +111,27 @@ final class StreamLogRecordTests: XCTestCase {
         XCTAssertEqual(line, "added-id new /rewritten other-host 7")
     }
 
+    func test_theTraceHeaderScan_findsTraceNamesAndXRequestIDAddedByFilters_smallOrNot() throws {
+        func scan(_ added: [(String, String)]) -> (Bool, Bool) {
+            let s = stream("GET / HTTP/1.1\r\nHost: h\r\n\r\n", response: nil)
+            for (n, v) in added { s.request.addLowercased(n, v) }
+            let r = s.withRequest { LogTraceLoopState.scanTraceHeaders(&$0) }
+            return (r.trace, r.requestID)
+        }
+        XCTAssertTrue(scan([]) == (false, false))
+        XCTAssertTrue(scan([("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "http")]) == (false, false))
+        XCTAssertTrue(scan([("x-request-id", "1")]) == (false, true))
+        for n in ["b3", "tracestate", "x-b3-flags", "traceparent", "x-b3-spanid", "x-b3-traceid", "x-b3-sampled", "x-b3-parentspanid"] {
+            XCTAssertTrue(scan([("x-forwarded-for", "1"), (n, "1")]) == (true, false), n)
+            // The same name as a heap String (not small): found by its bytes.
+            var big = String(repeating: "n", count: 40)
+            big.removeAll()
+            big += n
+            XCTAssertTrue(scan([(big, "1"), ("x-request-id", "2")]) == (true, true), n)
+        }
+        XCTAssertTrue(scan([("x-b3-traceix", "1"), ("é", "1"), ("x-request-ie", "1")]) == (false, false))
+    }
+
     func test_aNameAddedTwice_readsItsFirstAddedLine_andAnEmptyFirstLineIsAbsent() throws {
         let s = stream("GET /a HTTP/1.1\r\nHost: h\r\n\r\n", response: nil)
         s.request.addLowercased("x-forwarded-proto", "http")

@@ -87,6 +87,52 @@ final class AccessLogFormatTests: XCTestCase {
         }
     }
 
+    func test_IstiosDefaultJSON_isWrittenStraightLine_withTheInstructionLoopsBytes_forEveryValueShape() throws {
+        let fast = try AccessLogFormat(json: AccessLogFormat.istioJSONLabels)
+        let loop = try AccessLogFormat(json: AccessLogFormat.istioJSONLabels, straightLine: false)
+        XCTAssertTrue(fast.isStraightLine)
+        XCTAssertFalse(loop.isStraightLine)
+        XCTAssertFalse(try AccessLogFormat(json: Array(AccessLogFormat.istioJSONLabels.dropLast())).isStraightLine)
+        XCTAssertFalse(try AccessLogFormat(json: AccessLogFormat.istioJSONLabels.map { ($0.0, $0.0 == "method" ? "%PROTOCOL%" : $0.1) }).isStraightLine)
+        let folded = fast.folding(alwaysEmpty: [.connectionTerminationDetails, .upstreamTransportFailureReason, .upstreamLocalAddress])
+        XCTAssertTrue(folded.isStraightLine)
+        var records = [Record()]
+        var r = Record()
+        r.req = [:]; r.resp = [:]
+        r.protocolName = ""; r.responseFlags = ""; r.responseCodeDetails = ""; r.upstreamHost = ""; r.upstreamCluster = ""
+        r.upstreamLocalAddress = ""; r.downstreamLocalAddress = ""; r.downstreamRemoteAddress = ""; r.routeName = ""
+        r.responseCode = 0; r.bytesSent = -12; r.durationMillis = 1_234_567_890_123
+        records.append(r)
+        // Numbers of every digit count (the short ones are written without a loop).
+        for v: Int64 in [0, 7, 10, 42, 99, 100, 404, 999, 1000, 1024, 9999, 10_000, 123_456, -1, -99, -1000, -10_000, .max] {
+            var x = Record()
+            x.bytesReceived = v; x.bytesSent = v / 3; x.durationMillis = v; x.responseCode = Int(v % 1000)
+            records.append(x)
+        }
+        // Short String values (stored inline by Swift) of every length, with a byte to
+        // escape at every position, and non-ASCII ones; header values likewise.
+        for n in 1...16 {
+            for at in 0..<n {
+                var x = Record()
+                var b = Array(repeating: UInt8(ascii: "a"), count: n)
+                b[at] = [34, 92, 10, 1, 0x1f][at % 5]
+                let v = String(decoding: b, as: UTF8.self)
+                x.protocolName = v; x.routeName = v; x.upstreamHost = String(v.reversed())
+                x.req["user-agent"] = v; x.req["x-envoy-original-path"] = v
+                x.requestedServerName = String(repeating: "é", count: n / 2)
+                x.resp["x-envoy-upstream-service-time"] = v
+                records.append(x)
+            }
+        }
+        for rec in records {
+            XCTAssertEqual(fast.render(rec), loop.render(rec))
+            var e = rec   // what the folding is for: a record that leaves these empty
+            e.upstreamLocalAddress = ""; e.connectionTerminationDetails = ""; e.upstreamTransportFailureReason = ""
+            XCTAssertEqual(folded.render(e), loop.render(e))
+            XCTAssertEqual(fast.render(rec), fast.renderString(rec))
+        }
+    }
+
     func test_aFormatFoldedForOperatorsARecordAlwaysLeavesEmpty_writesTheSameLines() throws {
         var r = Record()
         r.upstreamLocalAddress = ""
