@@ -25,6 +25,12 @@ public enum InlineUTF8 {
     @inlinable @inline(__always)
     public static func words(_ s: String) -> (UInt64, UInt64) { unsafeBitCast(s, to: (UInt64, UInt64).self) }
 
+    /// Whether two Strings have the same representation (the same storage object, or the
+    /// same small-string bits): then they have the same bytes. False says nothing (and is
+    /// all it says where `isAvailable` is false: `words` is only read where it is true).
+    @inlinable @inline(__always)
+    public static func identical(_ a: String, _ b: String) -> Bool { isAvailable && words(a) == words(b) }
+
     /// The two words of the String stored at `p` (a String field in memory), read
     /// without touching its reference count.
     @inlinable @inline(__always)

@@ -768,6 +768,7 @@ struct StreamLogRecord: AccessLogRecord {
     /// x-forwarded-for at the first sidecar): the line reads them there like the head's
     /// bytes, without going back to the head. Empty: they are read from the head.
     let scratch: UnsafeMutableRawBufferPointer
+    var valueScratch: UnsafeRawPointer? { UnsafeRawPointer(scratch.baseAddress) }
     /// Wall clock minus monotonic clock (nanoseconds) for START_TIME, as the loop's
     /// `AccessLogClock` keeps it; 0: read the wall clock.
     let wallMinusMono: UInt64

@@ -48,7 +48,7 @@ extension StatsState {
     /// through the Unicode-aware path every time.
     @inline(__always)
     static func sameBytes(_ a: String, _ b: String) -> Bool {
-        if InlineUTF8.words(a) == InlineUTF8.words(b) { return true }
+        if InlineUTF8.identical(a, b) { return true }
         let n = a.utf8.count
         guard n == b.utf8.count else { return false }
         if n == 0 { return true }

@@ -213,14 +213,7 @@ struct HPACKEncoderTable {
     /// Whether two strings have the same representation (the same storage, or the same
     /// small-string bits): then they have the same bytes. False says nothing.
     @inline(__always)
-    static func identical(_ a: String, _ b: String) -> Bool {
-        #if arch(x86_64) || arch(arm64)
-        // A String is two 64-bit words on these targets.
-        return unsafeBitCast(a, to: (UInt64, UInt64).self) == unsafeBitCast(b, to: (UInt64, UInt64).self)
-        #else
-        return false
-        #endif
-    }
+    static func identical(_ a: String, _ b: String) -> Bool { InlineUTF8.identical(a, b) }
 
     /// Whether two strings have the same UTF-8 bytes (String's == compares canonical
     /// equivalence: two different byte strings may be equal).

@@ -15,6 +15,9 @@ import MoonletCore
 /// uses in one pass and points at the head's bytes; the defaults answer through
 /// `requestHeader`/`responseHeader` (Strings), which is enough for tests and tools.
 public protocol AccessLogRecord {
+    /// Where the record copied request header values that `withRequestHead` marked as
+    /// `AccessLogValueSpan.scratch` spans; nil when it copies none.
+    var valueScratch: UnsafeRawPointer? { get }
     func requestHeader(_ name: String) -> String?
     func responseHeader(_ name: String) -> String?
     /// Start of the request, milliseconds since the Unix epoch.
@@ -56,6 +59,8 @@ public protocol AccessLogRecord {
 }
 
 extension AccessLogRecord {
+    public var valueScratch: UnsafeRawPointer? { nil }
+
     public func withRequestHeader(_ name: String, _ body: (UnsafeRawBufferPointer) -> Void) -> Bool {
         guard var v = requestHeader(name), !v.isEmpty else { return false }
         v.withUTF8 { body(UnsafeRawBufferPointer($0)) }
@@ -905,8 +910,8 @@ public struct AccessLogFormat: Sendable {
             case .sni: found = w.put(r.requestedServerName, escape: escape)
             case .routeName: found = w.put(r.routeName, escape: escape)
             case .req:
-                var ok = header(Int(ins.a), r, head, spans, names, &w, escape, clock)
-                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape, clock) }
+                var ok = header(Int(ins.a), r, head, spans, names, &w, escape)
+                if !ok && ins.b >= 0 { ok = header(Int(ins.b), r, head, spans, names, &w, escape) }
                 found = ok
             case .resp:
                 var ok = r.withResponseHeader(lowercased: UnsafeRawBufferPointer(start: table + Int(ins.a), count: Int(ins.b))) { w.put($0, escape: escape) }
@@ -939,7 +944,7 @@ public struct AccessLogFormat: Sendable {
         // A string value's closing quote and the next key are one literal (`null` and the
         // key without the quote when the value is missing).
         w.lit("{\"authority\":\"")
-        w.close(header(x.authority, r, head, spans, names, &w, true, clock), "\",\"bytes_received\":", ",\"bytes_received\":")
+        w.close(header(x.authority, r, head, spans, names, &w, true), "\",\"bytes_received\":", ",\"bytes_received\":")
         w.int(r.bytesReceived)
         w.lit(",\"bytes_sent\":"); w.int(r.bytesSent)
         w.lit(",\"connection_termination_details\":\"")
@@ -948,12 +953,12 @@ public struct AccessLogFormat: Sendable {
         w.close(w.put(r.downstreamRemoteAddress, escape: true), "\",\"duration\":", ",\"duration\":")
         w.int(r.durationMillis)
         w.lit(",\"method\":\"")
-        w.close(header(x.method, r, head, spans, names, &w, true, clock), "\",\"path\":\"", ",\"path\":\"")
-        var ok = header(x.originalPath, r, head, spans, names, &w, true, clock)
-        if !ok { ok = header(x.path, r, head, spans, names, &w, true, clock) }
+        w.close(header(x.method, r, head, spans, names, &w, true), "\",\"path\":\"", ",\"path\":\"")
+        var ok = header(x.originalPath, r, head, spans, names, &w, true)
+        if !ok { ok = header(x.path, r, head, spans, names, &w, true) }
         w.close(ok, "\",\"protocol\":\"", ",\"protocol\":\"")
         w.close(w.put(r.protocolName, escape: true), "\",\"request_id\":\"", ",\"request_id\":\"")
-        w.close(header(x.requestID, r, head, spans, names, &w, true, clock), "\",\"requested_server_name\":\"", ",\"requested_server_name\":\"")
+        w.close(header(x.requestID, r, head, spans, names, &w, true), "\",\"requested_server_name\":\"", ",\"requested_server_name\":\"")
         w.close(w.put(r.requestedServerName, escape: true), "\",\"response_code\":", ",\"response_code\":")
         w.int(Int64(r.responseCode))
         w.lit(",\"response_code_details\":\"")
@@ -968,15 +973,15 @@ public struct AccessLogFormat: Sendable {
         w.close(r.withResponseHeader(lowercased: x.serviceTime) { w.put($0, escape: true) },
                 "\",\"upstream_transport_failure_reason\":\"", ",\"upstream_transport_failure_reason\":\"")
         w.close(w.put(r.upstreamTransportFailureReason, escape: true), "\",\"user_agent\":\"", ",\"user_agent\":\"")
-        w.close(header(x.userAgent, r, head, spans, names, &w, true, clock), "\",\"x_forwarded_for\":\"", ",\"x_forwarded_for\":\"")
-        w.close(header(x.forwardedFor, r, head, spans, names, &w, true, clock), "\"}\n", "}\n")
+        w.close(header(x.userAgent, r, head, spans, names, &w, true), "\",\"x_forwarded_for\":\"", ",\"x_forwarded_for\":\"")
+        w.close(header(x.forwardedFor, r, head, spans, names, &w, true), "\"}\n", "}\n")
     }
 
     /// Writes request header `i` of the format's names as `withRequestHead` located it;
     /// false (nothing written) when absent or empty.
     @inlinable @inline(__always)
     static func header<R: AccessLogRecord>(_ i: Int, _ r: R, _ head: UnsafeRawBufferPointer, _ spans: UnsafeMutablePointer<AccessLogValueSpan>,
-                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool, _ clock: AccessLogClock) -> Bool {
+                                           _ names: AccessLogHeaderNames, _ w: inout LineWriter, _ escape: Bool) -> Bool {
         let s = spans[i]
         if s.start >= 0 {
             if s.length == 0 { return false }
@@ -984,9 +989,9 @@ public struct AccessLogFormat: Sendable {
             return true
         }
         if s.start == -1 { return false }
-        if let at = s.scratchOffset {
-            // A value the record copied into the loop's scratch (`AccessLogValueSpan.scratch`).
-            w.put(UnsafeRawPointer(clock.scratch.baseAddress! + at), Int(s.length), escape: escape)
+        if let at = s.scratchOffset, let base = r.valueScratch {
+            // A value the record copied into its scratch (`AccessLogValueSpan.scratch`).
+            w.put(base + at, Int(s.length), escape: escape)
             return true
         }
         return otherHeader(s, i, r, names, &w, escape)
