@@ -19,6 +19,11 @@ public final class LogSink: @unchecked Sendable {
     let cond = ConditionLock(value: 0)   // 0: nothing to do, 1: work or stop
     var queue: [[UInt8]] = []
     var queuedBytes = 0
+    /// Written batches' buffers, emptied, for the loops' next batches: a loop's line
+    /// buffer is allocated once, not once per batch (a fresh 128 KB one is mapped and
+    /// faulted in page by page, then unmapped again by the writer). At most `maxSpares`.
+    var spares: [[UInt8]] = []
+    static let maxSpares = 8
     var dropped: UInt64 = 0
     var written: UInt64 = 0
     var reopenRequested = false
@@ -35,7 +40,9 @@ public final class LogSink: @unchecked Sendable {
         self.path = path
         self.maxQueuedBytes = max(64 << 10, maxQueuedBytes)
         fd = try Self.open(path)
-        let t = Thread { [unowned self] in self.run() }
+        // The writer holds the sink until `close()` stops it (a sink dropped without
+        // closing keeps writing what it was given rather than reading freed memory).
+        let t = Thread { self.run() }
         t.name = "moonlet-log-writer"
         t.qualityOfService = .utility
         thread = t
@@ -57,7 +64,16 @@ public final class LogSink: @unchecked Sendable {
     /// queue is full. Called from event loops: it holds the lock only for an append.
     @discardableResult
     public func submit(_ bytes: [UInt8], lines: Int) -> Bool {
+        var spare: [UInt8]? = nil
+        return submit(bytes, lines: lines, spare: &spare)
+    }
+
+    /// The same, taking an emptied buffer of a written batch into `spare` (if there is
+    /// one) under the same lock: the loop's next batch is written into it.
+    @discardableResult
+    public func submit(_ bytes: [UInt8], lines: Int, spare: inout [UInt8]?) -> Bool {
         cond.lock()
+        spare = spares.popLast()
         guard !stopping, queuedBytes + bytes.count <= maxQueuedBytes else {
             dropped &+= UInt64(lines)
             cond.unlock()
@@ -96,7 +112,7 @@ public final class LogSink: @unchecked Sendable {
     func run() {
         while true {
             cond.lock(whenValue: 1)
-            let batch = queue
+            var batch = queue
             queue.removeAll(keepingCapacity: true)
             queuedBytes = 0
             let reopenNow = reopenRequested
@@ -112,6 +128,17 @@ public final class LogSink: @unchecked Sendable {
                 } catch { lastError = "\(error)" }
             }
             for chunk in batch { write(chunk) }
+            // The buffers go back emptied (each uniquely held once popped: its storage kept).
+            var emptied: [[UInt8]] = []
+            while emptied.count < Self.maxSpares, var chunk = batch.popLast() {
+                chunk.removeAll(keepingCapacity: true)
+                emptied.append(chunk)
+            }
+            if !emptied.isEmpty {
+                cond.lock()
+                while spares.count < Self.maxSpares, let c = emptied.popLast() { spares.append(c) }
+                cond.unlock()
+            }
             if stop {
                 if fd >= 0 { Glibc.close(fd); fd = -1 }
                 return
@@ -142,16 +169,18 @@ public struct LogSinkError: Error, CustomStringConvertible, Sendable {
 }
 
 /// One event loop's pending access log lines: appended per request on the loop (no lock),
-/// handed to the sink as one batch when 32 KB have gathered or `flush()` is called (the
-/// owner calls it from a timer, e.g. every 100 ms, and at shutdown).
+/// handed to the sink as one batch when 128 KB have gathered (at most a quarter of the
+/// sink's queue) or `flush()` is called (the owner calls it from a timer, e.g. every
+/// 100 ms, and at shutdown). Large batches mean few wake-ups of the writer and few
+/// write(2) calls; the buffers are reused (`LogSink.spares`).
 public final class LogBuffer {
     public let sink: LogSink
     var bytes: [UInt8] = []
     var lines = 0
     public let flushBytes: Int
-    public init(sink: LogSink, flushBytes: Int = 32 << 10) {
+    public init(sink: LogSink, flushBytes: Int = 128 << 10) {
         self.sink = sink
-        self.flushBytes = flushBytes
+        self.flushBytes = min(flushBytes, sink.maxQueuedBytes / 4)
         bytes.reserveCapacity(flushBytes + 1024)
     }
 
@@ -188,11 +217,14 @@ public final class LogBuffer {
     /// Hands the pending lines to the sink.
     public func flush() {
         guard lines > 0 else { return }
-        // The array itself goes to the writer (no copy); the loop starts a fresh one.
+        // The array itself goes to the writer (no copy); the loop goes on in the emptied
+        // buffer of a batch written earlier, or a new one.
         let batch = bytes
         bytes = []
+        var spare: [UInt8]? = nil
+        sink.submit(batch, lines: lines, spare: &spare)
+        bytes = spare ?? []
         bytes.reserveCapacity(flushBytes + 1024)
-        sink.submit(batch, lines: lines)
         lines = 0
     }
 }

@@ -170,6 +170,41 @@ final class LogSinkTests: XCTestCase {
         XCTAssertFalse(sink.submit(Array("late\n".utf8), lines: 1), "a closed sink takes nothing")
     }
 
+    func test_aWrittenBatchsBuffer_isHandedBackForTheNextBatch_andEveryLineReachesTheFileInOrder() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("moonlet-logsink-reuse-\(getpid()).log").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let sink = try LogSink(path: path)
+        let buf = LogBuffer(sink: sink, flushBytes: 4096)
+        var reused = false
+        for i in 0..<2000 {
+            buf.append("line \(i) " + String(repeating: "x", count: 40))
+            if i % 200 == 199 {
+                // Give the writer the time to write and hand the buffers back.
+                Thread.sleep(forTimeInterval: 0.02)
+                var spare: [UInt8]? = nil
+                XCTAssertTrue(sink.submit(Array("marker \(i)\n".utf8), lines: 1, spare: &spare))
+                if let s = spare { reused = true; XCTAssertTrue(s.isEmpty, "a spare is emptied"); XCTAssertGreaterThanOrEqual(s.capacity, 4096) }
+            }
+        }
+        buf.flush()
+        sink.close()
+        XCTAssertTrue(reused, "written buffers come back to be reused")
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").filter { $0.hasPrefix("line ") }
+        XCTAssertEqual(lines.map { Int($0.split(separator: " ")[1])! }, Array(0..<2000), "every line, in order")
+        XCTAssertEqual(sink.droppedLines, 0)
+    }
+
+    func test_aLoopBuffersBatch_isAtMostAQuarterOfTheSinksQueue() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("moonlet-logsink-quarter-\(getpid()).log").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let sink = try LogSink(path: path, maxQueuedBytes: 64 << 10)
+        XCTAssertEqual(LogBuffer(sink: sink).flushBytes, 16 << 10)
+        let big = try LogSink(path: path)
+        XCTAssertEqual(LogBuffer(sink: big).flushBytes, 128 << 10)
+        sink.close()
+        big.close()
+    }
+
     func test_anUnwritablePath_isAnErrorNamingIt() {
         XCTAssertThrowsError(try LogSink(path: "/nonexistent-dir/access.log")) { e in
             XCTAssertTrue("\(e)".contains("/nonexistent-dir/access.log"), "\(e)")
