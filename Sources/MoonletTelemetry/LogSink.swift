@@ -181,7 +181,7 @@ public final class LogBuffer {
     public init(sink: LogSink, flushBytes: Int = 128 << 10) {
         self.sink = sink
         self.flushBytes = min(flushBytes, sink.maxQueuedBytes / 4)
-        bytes.reserveCapacity(flushBytes + 1024)
+        bytes.reserveCapacity(self.flushBytes + 1024)
     }
 
     /// Appends one line (a newline is added).
