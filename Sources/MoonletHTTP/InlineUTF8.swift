@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Strings of at most 15 ASCII bytes read where they are stored: Swift keeps such a
 /// String ("small") inside its own two words, the bytes in memory order followed by a
 /// discriminator byte (bit 63: immortal, 62: ASCII, 61: small; bits 56-59: the count),
@@ -30,6 +36,19 @@ public enum InlineUTF8 {
     /// all it says where `isAvailable` is false: `words` is only read where it is true).
     @inlinable @inline(__always)
     public static func identical(_ a: String, _ b: String) -> Bool { isAvailable && words(a) == words(b) }
+
+    /// Whether two Strings have the same UTF-8 bytes (String's `==` compares canonical
+    /// equivalence, through the Unicode-aware path): the same representation at once,
+    /// else the lengths, then the bytes.
+    @inlinable @inline(__always)
+    public static func sameBytes(_ a: String, _ b: String) -> Bool {
+        if identical(a, b) { return true }
+        let n = a.utf8.count
+        guard n == b.utf8.count else { return false }
+        if n == 0 { return true }
+        var a = a, b = b
+        return a.withUTF8 { x in b.withUTF8 { y in memcmp(x.baseAddress!, y.baseAddress!, n) == 0 } }
+    }
 
     /// The two words of the String stored at `p` (a String field in memory), read
     /// without touching its reference count.

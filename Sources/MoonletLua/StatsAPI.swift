@@ -25,7 +25,8 @@ struct StatsState {
     /// The number of a destination service (1...2^24-1); the last one is remembered, so a
     /// connection's repeated host costs one string comparison.
     mutating func serviceID(_ host: String) -> Int {
-        if lastHostID != 0 && Self.sameBytes(host, lastHost) { return lastHostID }
+        // The route host is a new String per stream: compared by its bytes, not by `==`.
+        if lastHostID != 0 && InlineUTF8.sameBytes(host, lastHost) { return lastHostID }
         var id = services[host] ?? 0
         if id == 0 {
             // Bounded: a VM that has seen 2^20 hosts starts over (numbers are not reused
@@ -41,22 +42,6 @@ struct StatsState {
     }
 }
 
-extension StatsState {
-    /// Whether `a` and `b` have the same UTF-8 bytes: their words when equal (the same
-    /// small String, or the same storage), else the lengths, then one memcmp. The route
-    /// host is a new String per stream (set by the router), so `==` would compare it
-    /// through the Unicode-aware path every time.
-    @inline(__always)
-    static func sameBytes(_ a: String, _ b: String) -> Bool {
-        if InlineUTF8.identical(a, b) { return true }
-        let n = a.utf8.count
-        guard n == b.utf8.count else { return false }
-        if n == 0 { return true }
-        return a.utf8.withContiguousStorageIfAvailable { x in
-            b.utf8.withContiguousStorageIfAvailable { y in memcmp(x.baseAddress!, y.baseAddress!, n) == 0 }
-        }.flatMap { $0 } ?? (a == b)
-    }
-}
 
 /// `moonlet.stats`: the native primitives of the builtin `istio-stats` filter
 /// (plugins/istio-stats.lua). The filter decides the labels; these keep the cost native.

@@ -176,8 +176,8 @@ struct HPACKEncoderTable {
     @inline(__always)
     static func indexes(_ name: String) -> Bool {
         switch name.utf8.count {
-        case 21: return identical(name, PeerMetadata.header) || sameBytes(name, PeerMetadata.header)
-        case 24: return identical(name, PeerMetadata.idHeader) || sameBytes(name, PeerMetadata.idHeader)
+        case 21: return InlineUTF8.sameBytes(name, PeerMetadata.header)
+        case 24: return InlineUTF8.sameBytes(name, PeerMetadata.idHeader)
         default: return false
         }
     }
@@ -190,8 +190,7 @@ struct HPACKEncoderTable {
         while i < entries.count {
             // The proxy's own metadata is one String object per sidecar (and the names
             // are literals): the same representation is the same bytes, with no compare.
-            if (Self.identical(entries[i].value, value) || Self.sameBytes(entries[i].value, value))
-                && (Self.identical(entries[i].name, name) || Self.sameBytes(entries[i].name, name)) {
+            if InlineUTF8.sameBytes(entries[i].value, value) && InlineUTF8.sameBytes(entries[i].name, name) {
                 w.integer(62 + i, prefix: 7, flags: 0x80)
                 return
             }
@@ -208,20 +207,6 @@ struct HPACKEncoderTable {
         }
         w.string(name, lowercase: true)
         w.string(value, lowercase: false)
-    }
-
-    /// Whether two strings have the same representation (the same storage, or the same
-    /// small-string bits): then they have the same bytes. False says nothing.
-    @inline(__always)
-    static func identical(_ a: String, _ b: String) -> Bool { InlineUTF8.identical(a, b) }
-
-    /// Whether two strings have the same UTF-8 bytes (String's == compares canonical
-    /// equivalence: two different byte strings may be equal).
-    @inline(__always)
-    static func sameBytes(_ a: String, _ b: String) -> Bool {
-        guard a.utf8.count == b.utf8.count else { return false }
-        var a = a, b = b
-        return a.withUTF8 { x in b.withUTF8 { y in x.count == y.count && (x.count == 0 || memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0) } }
     }
 
     /// Drops the oldest entries until `size` more bytes fit (§4.4).
