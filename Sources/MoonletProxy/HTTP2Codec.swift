@@ -303,12 +303,12 @@ extension HTTP2FlowControlledSender {
 /// and the send windows (the peer's SETTINGS_INITIAL_WINDOW_SIZE, the connection's
 /// WINDOW_UPDATE).
 protocol HTTP2ConnectionCore: HTTP2DataWriter {
-    associatedtype Streams: HTTP2StreamSet
+    associatedtype Stream: HTTP2FlowControlledSender
     /// What the last read left of an incomplete frame.
     var inbound: ByteBuffer? { get set }
     var closed: Bool { get }
-    /// The open streams (HTTP2StreamTable).
-    var streams: Streams { get }
+    /// The open streams.
+    var streams: HTTP2StreamTable<Stream> { get }
     var peerInitialWindow: Int { get set }
     /// A connection error: GOAWAY with its code, and the connection closes.
     func fail(_ e: HTTP2ConnectionError)
@@ -367,20 +367,13 @@ extension HTTP2ConnectionCore {
     }
 }
 
-/// A connection's open streams, as HTTP2ConnectionCore walks them.
-protocol HTTP2StreamSet {
-    associatedtype Stream: HTTP2FlowControlledSender
-    associatedtype Values: Sequence where Values.Element == Stream
-    var values: Values { get }
-}
-
 /// The open streams of an HTTP/2 connection, by id: an array in the order they were
 /// opened (stream ids only grow, so it stays sorted by id). The newest stream, which
 /// nearly every frame between sidecars is for, is checked first; any other is found by
 /// binary search, so a connection with thousands of open streams (an upstream that
 /// allows them, long-lived gRPC calls) costs a lookup per frame of O(log n). No hashing,
 /// no dictionary entry made and dropped per stream.
-struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender>: HTTP2StreamSet {
+struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender> {
     private(set) var values: [Stream] = []
 
     var count: Int { values.count }
@@ -433,8 +426,7 @@ struct HTTP2StreamTable<Stream: HTTP2FlowControlledSender>: HTTP2StreamSet {
     mutating func removeAll() { values.removeAll(keepingCapacity: true) }
 }
 
-
-extension HTTP2StreamSet {
+extension HTTP2StreamTable {
     /// The connection's window reopened: each stream with queued DATA sends what it can,
     /// as long as `open()` says the connection's window has room.
     func drainQueued(while open: () -> Bool) {
