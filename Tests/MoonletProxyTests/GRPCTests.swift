@@ -216,6 +216,23 @@ final class GRPCTests: XCTestCase {
         XCTAssertTrue(lines.contains { $0.contains("request_protocol=\"grpc\"") && $0.contains("grpc_response_status=\"12\"") && $0.contains("response_flags=\"NR\"") }, lines.joined(separator: "\n"))
     }
 
+    func test_aGRPCWebRequestOverHTTP2_isCountedAsHTTP_notGRPC_andGetsAPlainReply() throws {
+        let app = try TestUpstream()
+        defer { app.stop() }
+        let px = try outbound([app.port], http: """
+          - route: [{destination: {host: svc}}]
+
+        """)
+        defer { px.stop() }
+        let r = try runTool("curl", ["-s", "--max-time", "10", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "-H", "host: nowhere.example",
+                                     "-H", "content-type: application/grpc-web+proto", "-X", "POST", "http://127.0.0.1:\(px.outbound)/moonlet.test.Echo/Echo"])
+        XCTAssertTrue(r.hasPrefix("HTTP/2 404"), r)
+        XCTAssertFalse(r.contains("grpc-status"), r)
+        let lines = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body.split(separator: "\n").filter { $0.hasPrefix("istio_requests_total{") }
+        XCTAssertTrue(lines.contains { $0.contains("request_protocol=\"http\"") && $0.contains("response_code=\"404\"") && $0.contains("grpc_response_status=\"\"") }, lines.joined(separator: "\n"))
+        XCTAssertFalse(lines.contains { $0.contains("request_protocol=\"grpc\"") }, lines.joined(separator: "\n"))
+    }
+
     func test_aGRPCClientSeesTheMappedStatus_forAnRBACDenialAndANoRouteReply() throws {
         try GRPCFixtures.requireGRPC()
         let app = try TestUpstream()
