@@ -217,6 +217,12 @@ final class HPACKBlockDecoder {
         return k
     }
 
+    /// The ring slot of position `i` (below 2 * entryCapacity: `oldest` is a slot and
+    /// `count` is below entryCapacity, as every entry takes 32 bytes of the table's size),
+    /// by a compare, not a division (a divide per indexed field, some 25 cycles).
+    @inline(__always)
+    private func slot(_ i: Int) -> Int { i >= entryCapacity ? i - entryCapacity : i }
+
     /// Field `index` of the static table (1...61) or the dynamic table (62..., newest first).
     @inline(__always)
     func entry(_ index: Int) throws -> (name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) {
@@ -228,7 +234,7 @@ final class HPACKBlockDecoder {
         let d = index - HPACKTables.staticCount - 1
         guard index > 0 else { throw HPACKDecodingError("index 0") }
         guard d < count else { throw HPACKDecodingError("index \(index) beyond the tables") }
-        let e = entries[(oldest + count - 1 - d) % entryCapacity]
+        let e = entries[slot(oldest + count - 1 - d)]
         let s = UnsafeRawPointer(store) + Int(e.start)
         return (UnsafeRawBufferPointer(start: s, count: Int(e.nameLength)), UnsafeRawBufferPointer(start: s + Int(e.nameLength), count: Int(e.valueLength)))
     }
@@ -256,8 +262,7 @@ final class HPACKBlockDecoder {
             let live = liveEnd - liveStart
             if live > 0 { store.copyMemory(from: store + liveStart, byteCount: live) }
             for j in 0..<count {
-                let slot = (oldest + j) % entryCapacity
-                entries[slot].start -= Int32(liveStart)
+                entries[slot(oldest + j)].start -= Int32(liveStart)
             }
             liveStart = 0
             liveEnd = live
@@ -265,7 +270,7 @@ final class HPACKBlockDecoder {
         let s = store + liveEnd
         if n > 0, let nb = nameBytes { s.copyMemory(from: nb, byteCount: n) }
         if v > 0, let vb = value.baseAddress { (s + n).copyMemory(from: vb, byteCount: v) }
-        entries[(oldest + count) % entryCapacity] = (Int32(liveEnd), Int32(n), Int32(v))
+        entries[slot(oldest + count)] = (Int32(liveEnd), Int32(n), Int32(v))
         count += 1
         size += need
         liveEnd += n + v
@@ -275,7 +280,7 @@ final class HPACKBlockDecoder {
     func evictOldest() {
         let e = entries[oldest]
         size -= 32 + Int(e.nameLength) + Int(e.valueLength)
-        oldest = (oldest + 1) % entryCapacity
+        oldest = slot(oldest + 1)
         count -= 1
         if count == 0 {
             liveStart = 0
