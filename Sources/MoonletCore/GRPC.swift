@@ -27,22 +27,22 @@ public enum GRPC {
 
     /// Whether a content-type value is gRPC's: `application/grpc` exactly or followed by
     /// `+` (`application/grpc+proto`), as Envoy's `Grpc::Common::hasGrpcContentType` reads
-    /// it (the prefix's letters in any case). `application/grpc-web` is not gRPC.
+    /// it: the prefix compared as is (`Application/grpc` is not gRPC to Envoy either), and
+    /// `application/grpc-web` is not gRPC.
     public static func isGRPCContentType(_ value: String) -> Bool {
         var v = value
         return v.withUTF8 { p in
             let prefix: StaticString = "application/grpc"
             let n = prefix.utf8CodeUnitCount
-            guard p.count >= n else { return false }
-            let pp = prefix.utf8Start
-            for i in 0..<n where p[i] | (p[i] &- 65 < 26 ? 0x20 : 0) != pp[i] { return false }
+            guard p.count >= n, UnsafeBufferPointer(rebasing: p[..<n]).elementsEqual(UnsafeBufferPointer(start: prefix.utf8Start, count: n)) else { return false }
             return p.count == n || p[n] == UInt8(ascii: "+")
         }
     }
 
     /// Whether a request head is a gRPC request (its content-type).
     public static func isGRPCRequest(_ head: HTTPHead) -> Bool {
-        guard let v = head.first("content-type") else { return false }
+        let name: StaticString = "content-type"
+        guard let v = head.first(lowercasedASCII: UnsafeRawBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount)) else { return false }
         return isGRPCContentType(v)
     }
 

@@ -82,18 +82,15 @@ extension LuaAPI {
         lua_setfield(L, -2, "stats")
     }
 
-    /// Whether the stream is a gRPC call: HTTP/2 with gRPC's content-type, read as the
-    /// proxy reads it everywhere else (`GRPC.isGRPCContentType`: `application/grpc-web` is not gRPC).
+    /// Whether the stream is a gRPC call, as Istio's stats filter decides it
+    /// (`Grpc::Common::isGrpcRequestHeaders`): the request's content-type, on any HTTP
+    /// version, by the rule the proxy uses everywhere (`GRPC.isGRPCRequest`: headers a
+    /// filter set count; `application/grpc-web` is not gRPC).
     @inline(__always)
     static func isGRPC(_ s: ProxyStream) -> Bool {
-        // The length first: "HTTP/1.1" is told apart without a String comparison.
-        guard s.protocolName.utf8.count == 6, s.protocolName == "HTTP/2" else { return false }
         // Read in place: `s.request` would copy the head (its buffer and fields retained,
-        // then released) on every HTTP/2 stream.
-        return s.withRequest { h in
-            guard let i = h.firstIndex(lowercased: "content-type") else { return false }
-            return GRPC.isGRPCContentType(h.value(at: i))
-        }
+        // then released).
+        s.withRequest { GRPC.isGRPCRequest($0) }
     }
 
     /// The response's grpc-status (0-16), or -1: from its trailers (where a gRPC server

@@ -138,6 +138,9 @@ final class GRPCTests: XCTestCase {
         XCTAssertTrue(GRPC.isGRPCContentType("application/grpc"))
         XCTAssertTrue(GRPC.isGRPCContentType("application/grpc+proto"))
         XCTAssertFalse(GRPC.isGRPCContentType("application/grpc-web"))
+        XCTAssertTrue(GRPC.isGRPCContentType("application/grpc"))
+        // Envoy compares the prefix as is.
+        XCTAssertFalse(GRPC.isGRPCContentType("Application/gRPC"))
         XCTAssertFalse(GRPC.isGRPCContentType("application/json"))
     }
 
@@ -213,7 +216,9 @@ final class GRPCTests: XCTestCase {
         let stats = try XCTUnwrap(adminGet(px.admin, "/stats/prometheus")).body
         let lines = stats.split(separator: "\n").filter { $0.hasPrefix("istio_requests_total{") }
         XCTAssertTrue(lines.contains { $0.contains("request_protocol=\"grpc\"") && $0.contains("response_code=\"200\"") && $0.contains("grpc_response_status=\"14\"") && $0.contains("response_flags=\"FI\"") }, lines.joined(separator: "\n"))
-        XCTAssertTrue(lines.contains { $0.contains("request_protocol=\"grpc\"") && $0.contains("grpc_response_status=\"12\"") && $0.contains("response_flags=\"NR\"") }, lines.joined(separator: "\n"))
+        // The HTTP/2 and the HTTP/1.1 request alike: Istio's request_protocol is the
+        // content-type's, on any HTTP version.
+        XCTAssertTrue(lines.contains { $0.contains("request_protocol=\"grpc\"") && $0.contains("grpc_response_status=\"12\"") && $0.contains("response_flags=\"NR\"") && $0.hasSuffix("} 2") }, lines.joined(separator: "\n"))
     }
 
     func test_aGRPCWebRequestOverHTTP2_isCountedAsHTTP_notGRPC_andGetsAPlainReply() throws {
