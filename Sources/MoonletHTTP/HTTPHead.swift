@@ -336,9 +336,8 @@ public struct HTTPHead: Sendable {
     /// bytes: no String is made for the name unless headers were added by filters.
     public func first(lowercasedASCII name: UnsafeRawBufferPointer) -> String? {
         for i in 0..<fields.count where !fields[i].removed && nameEquals(i, lowercased: name) { return value(at: i) }
-        if added.isEmpty { return nil }
-        let n = String(decoding: name, as: UTF8.self)
-        for a in added where a.name == n { return a.value }
+        // Added names are lowercase: compared by length, then bytes (no String made).
+        for a in added where a.name.utf8.count == name.count && a.name.utf8.elementsEqual(name) { return a.value }
         return nil
     }
 
