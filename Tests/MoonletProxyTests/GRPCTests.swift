@@ -138,7 +138,6 @@ final class GRPCTests: XCTestCase {
         XCTAssertTrue(GRPC.isGRPCContentType("application/grpc"))
         XCTAssertTrue(GRPC.isGRPCContentType("application/grpc+proto"))
         XCTAssertFalse(GRPC.isGRPCContentType("application/grpc-web"))
-        XCTAssertTrue(GRPC.isGRPCContentType("application/grpc"))
         // Envoy compares the prefix as is.
         XCTAssertFalse(GRPC.isGRPCContentType("Application/gRPC"))
         XCTAssertFalse(GRPC.isGRPCContentType("application/json"))
