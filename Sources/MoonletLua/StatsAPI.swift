@@ -42,7 +42,6 @@ struct StatsState {
     }
 }
 
-
 /// `moonlet.stats`: the native primitives of the builtin `istio-stats` filter
 /// (plugins/istio-stats.lua). The filter decides the labels; these keep the cost native.
 ///

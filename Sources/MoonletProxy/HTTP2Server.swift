@@ -282,7 +282,7 @@ final class HTTP2ServerConnection: DeferredFlush, HTTP2ConnectionCore {
             writeRSTStream(id, selfDependent ? .protocolError : .refusedStream)
             return
         }
-        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, scratch: [], blockSize: block.readableBytes)
+        var request = HTTP2RequestHead(limits: limits, allocator: ctx.allocator, blockSize: block.readableBytes)
         // The connection's scratch bytes, swapped in and out: never shared, so emptying
         // them keeps their storage (no allocation per block).
         swap(&request.saved, &requestScratch)
@@ -982,8 +982,9 @@ struct HTTP2RequestHead: HPACKFieldSink {
     let limits: ProxyLimits
     let allocator: ByteBufferAllocator
     let blockSize: Int
-    /// The pseudo-header values (they must outlive their field call), then the cookie crumbs.
-    var saved: [UInt8]
+    /// The pseudo-header values (they must outlive their field call), then the cookie
+    /// crumbs. Empty at first: the connection swaps its scratch bytes in and out.
+    var saved: [UInt8] = []
     var method = 0..<0, path = 0..<0
     var scheme: Range<Int>?, authority: Range<Int>?
     var seenMethod = false, seenPath = false
@@ -999,12 +1000,10 @@ struct HTTP2RequestHead: HPACKFieldSink {
     /// The request's head once `complete` found the block well-formed and not refused.
     var head: HTTPHead?
 
-    init(limits: ProxyLimits, allocator: ByteBufferAllocator, scratch: [UInt8], blockSize: Int) {
+    init(limits: ProxyLimits, allocator: ByteBufferAllocator, blockSize: Int) {
         self.limits = limits
         self.allocator = allocator
         self.blockSize = blockSize
-        saved = scratch
-        saved.removeAll(keepingCapacity: true)
     }
 
     mutating func save(_ v: UnsafeRawBufferPointer) -> Range<Int> {

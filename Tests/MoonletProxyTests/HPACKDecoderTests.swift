@@ -232,7 +232,7 @@ final class HPACKDecoderTests: XCTestCase {
     // MARK: heads built from the fields
 
     func requestHead(_ fields: [(String, String)], limits: ProxyLimits = ProxyLimits()) -> HTTP2DecodedRequest? {
-        var sink = HTTP2RequestHead(limits: limits, allocator: ByteBufferAllocator(), scratch: [], blockSize: 64)
+        var sink = HTTP2RequestHead(limits: limits, allocator: ByteBufferAllocator(), blockSize: 64)
         for (n, v) in fields {
             var n = n, v = v
             n.withUTF8 { np in v.withUTF8 { vp in sink.field(name: UnsafeRawBufferPointer(np), value: UnsafeRawBufferPointer(vp)) } }
