@@ -516,7 +516,7 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
             // Every client value: a second x-forwarded-proto would sit next to the proxy's.
             if forwardedProto >= 0 { head.removeAll(of: .xForwardedProto) }
             head.addLowercased("x-forwarded-proto", "https")
-            appendClientCert(&head)
+            appendClientCert(&head, clientSent: clientCert)
         } else {
             if forwardedProto < 0 { head.addLowercased("x-forwarded-proto", "http") }
             if clientCert { head.removeAll(of: .xForwardedClientCert) }
@@ -651,10 +651,13 @@ final class DownstreamHandler: ChannelInboundHandler, UpstreamDelegate {
 
     /// Appends the verified mTLS peer's X-Forwarded-Client-Cert element to what the
     /// client sent (Envoy's APPEND_FORWARD): one field, elements separated by commas.
-    func appendClientCert(_ head: inout HTTPHead) {
+    /// `clientSent`: the head has an x-forwarded-client-cert field of the client's.
+    func appendClientCert(_ head: inout HTTPHead, clientSent: Bool) {
         // No element of our own (e.g. a peer certificate with a control byte in a name):
         // the client's values go too, or its last (forged) one would read as verified.
         guard let element = clientCertElement() else { head.removeAll(of: .xForwardedClientCert); return }
+        // The usual case, a peer sidecar's request: the element alone (no list to join).
+        guard clientSent else { head.addLowercased("x-forwarded-client-cert", element); return }
         var values: [String] = []
         for i in 0..<head.fields.count where !head.fields[i].removed && head.fields[i].kind == .xForwardedClientCert {
             let v = head.value(at: i)

@@ -505,17 +505,20 @@ final class EdgeTests: XCTestCase {
             .replacingOccurrences(of: ":", with: "").lowercased()
         XCTAssertEqual(hash.count, 64, fingerprint)
         let element = "By=spiffe://cluster.local/ns/production/sa/orders;Hash=\(hash);Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/frontend"
-        // HTTP/1.1 and HTTP/2 (ALPN h2), each with a forged element of the client's own.
+        // HTTP/1.1 and HTTP/2 (ALPN h2), each with a forged element of the client's own
+        // (the peer's is appended to it) and without one (the peer's alone).
+        let forged = "By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin"
         for proto in ["--http1.1", "--http2"] {
-            let out = try runTool("curl", ["-s", "-k", proto, "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem",
-                                           "-H", "X-Forwarded-Client-Cert: By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin",
-                                           "-H", "X-Forwarded-Proto: http", "https://127.0.0.1:\(px.inbound)/xfcc"])
-            XCTAssertEqual(out, "ok /xfcc", proto)
+            for sent in [forged, nil] {
+                let xfcc = sent.map { ["-H", "X-Forwarded-Client-Cert: " + $0] } ?? []
+                let out = try runTool("curl", ["-s", "-k", proto, "--max-time", "10", "--cert", client + "/cert-chain.pem", "--key", client + "/key.pem"]
+                                      + xfcc + ["-H", "X-Forwarded-Proto: http", "https://127.0.0.1:\(px.inbound)/xfcc"])
+                XCTAssertEqual(out, "ok /xfcc", proto)
+            }
         }
-        XCTAssertEqual(up.seen.count, 2)
-        for r in up.seen {
-            XCTAssertEqual(r.headers["x-forwarded-client-cert"],
-                           ["By=spiffe://forged;URI=spiffe://cluster.local/ns/istio-system/sa/admin," + element])
+        XCTAssertEqual(up.seen.count, 4)
+        for (i, r) in up.seen.enumerated() {
+            XCTAssertEqual(r.headers["x-forwarded-client-cert"], [i % 2 == 0 ? forged + "," + element : element], "request \(i)")
             XCTAssertEqual(r.headers["x-forwarded-proto"], ["https"])
         }
     }
